@@ -1,0 +1,219 @@
+"""Python API: the same steps as the CLI (quantize, compile, parity, eval, bench) on a run directory.
+
+A run directory holds every artifact of one quantized model::
+
+    run.json            what was quantized (model spec, data, bits, accuracy so far)
+    fp32.pt             the FP32 model (zoo name + state_dict, or a pickled module)
+    fakequant.pt        the fake-quant model (QuantModel.save)
+    model.qgraph.npz    the integer graph (the exact arithmetic)
+    model.so, model.json  the compiled library and its sidecar
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .backend.compile import CompileResult, compile_graph
+from .backend.runtime import CompiledModel
+from .errors import ArtifactError, QuantConfigError
+from .fold.fold import fold_to_integer
+from .frontend.calibrate import quantize_rtn
+from .frontend.qmodel import QuantConfig, QuantModel, atomic_torch_save
+from .ir.graph import IntegerGraph
+
+METHODS = ("rtn",)
+
+
+@dataclass
+class ModelSpec:
+    """How to rebuild the FP32 model: a zoo name (+ kwargs) or 'file.py:factory'."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+class RunDir:
+    """Paths of the artifacts of one run (see module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def fp32(self) -> Path:
+        return self.path / "fp32.pt"
+
+    @property
+    def fakequant(self) -> Path:
+        return self.path / "fakequant.pt"
+
+    @property
+    def qgraph(self) -> Path:
+        return self.path / "model.qgraph.npz"
+
+    @property
+    def so(self) -> Path:
+        return self.path / "model.so"
+
+    def info(self) -> dict[str, Any]:
+        if not self.info_path.is_file():
+            raise ArtifactError(f"{self.path} is not a ptq2tvm run directory (no run.json); create one with "
+                                "`ptq2tvm quantize --out DIR`")
+        try:
+            return json.loads(self.info_path.read_text())
+        except ValueError as e:
+            raise ArtifactError(f"{self.info_path}: corrupted: {e}") from e
+
+    def update_info(self, **kv: Any) -> dict[str, Any]:
+        info = self.info() if self.info_path.is_file() else {}
+        info.update(kv)
+        write_json(self.info_path, info)
+        return info
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Atomic JSON write (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Instantiate the FP32 model of ``spec`` and load its checkpoint (strict)."""
+    if ":" in spec.name and spec.name.split(":")[0].endswith(".py"):
+        file, attr = spec.name.rsplit(":", 1)
+        if not Path(file).is_file():
+            raise ArtifactError(f"model file not found: {file}")
+        mod_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        if not hasattr(module, attr):
+            raise ArtifactError(f"{file} has no attribute {attr!r}")
+        model = getattr(module, attr)(**spec.kwargs)
+    else:
+        from .models import create_model
+
+        model = create_model(spec.name, **spec.kwargs)
+    if spec.checkpoint:
+        load_checkpoint(model, spec.checkpoint)
+    return model.eval()
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ArtifactError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"checkpoint {path} does not fit the model: {e}") from e
+    return model
+
+
+def save_fp32(path: Path, model: nn.Module, spec: ModelSpec | None) -> None:
+    if spec is not None:
+        atomic_torch_save({"spec": spec.__dict__, "state_dict": model.state_dict()}, path)
+    else:
+        atomic_torch_save({"spec": None, "module": model}, path)
+
+
+def load_fp32(path: str | Path) -> nn.Module:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"FP32 model not found: {path}")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if blob.get("spec") is None:
+        return blob["module"].eval()
+    spec = ModelSpec(**{**blob["spec"], "checkpoint": None})
+    model = build_model(spec)
+    model.load_state_dict(blob["state_dict"], strict=True)
+    return model.eval()
+
+
+# ---- pipeline steps -----------------------------------------------------------------------------------------
+def quantize(model: nn.Module, calib_images: np.ndarray, config: QuantConfig | None = None, method: str = "rtn",
+             progress: bool = True, **kwargs: Any) -> QuantModel:
+    """Post-training quantization of ``model`` on unlabeled ``calib_images`` (float NCHW) -> fake-quant model."""
+    if method not in METHODS:
+        raise QuantConfigError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    return quantize_rtn(model, calib_images, config, progress=progress, **kwargs)
+
+
+def to_integer(qm: QuantModel) -> IntegerGraph:
+    """Fold the fake-quant model into the integer graph."""
+    return fold_to_integer(qm)
+
+
+def compile_so(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
+               target: dict[str, Any] | None = None) -> CompileResult:
+    """Compile the integer graph to ``so_path`` (+ sidecar)."""
+    return compile_graph(graph, so_path, batch=batch, target=target)
+
+
+def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantModel, graph: IntegerGraph,
+             **info: Any) -> RunDir:
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_fp32(run.fp32, model, spec)
+    qm.save(run.fakequant)
+    graph.save(run.qgraph)
+    run.update_info(ptq2tvm_version=__version__, model=spec.__dict__ if spec else None,
+                    input_shape=list(graph.input.shape), w_bits=qm.config.w_bits, a_bits=qm.config.a_bits,
+                    first_last_8bit=qm.config.first_last_8bit, **info)
+    return run
+
+
+@torch.no_grad()
+def top1_torch(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        out = model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])))
+        correct += int((out.argmax(1).numpy() == labels[i:i + batch_size]).sum())
+    return correct / max(len(images), 1)
+
+
+def top1_so(compiled: CompiledModel, images: np.ndarray, labels: np.ndarray) -> float:
+    out = compiled.run_int(compiled.input.quantize(images))
+    return float((out.argmax(1) == labels).mean())

@@ -1,0 +1,129 @@
+"""Compile an integer graph to a shared library (.so) plus a JSON sidecar describing its interface."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from .. import __version__
+from ..errors import ArtifactError
+from ..ir.graph import IntegerGraph, _tensor_json
+from .relax_builder import build_relax_module
+
+ARTIFACT_FORMAT = "ptq2tvm-so"
+ARTIFACT_VERSION = 1
+
+
+def host_target(num_cores: int | None = None) -> dict[str, Any]:
+    """LLVM target dict for this CPU (mcpu detected by LLVM, e.g. znver4)."""
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    return {"kind": "llvm", "mcpu": str(llvm_get_system_cpu()), "num-cores": int(num_cores or os.cpu_count() or 1)}
+
+
+def sidecar_path(so_path: str | Path) -> Path:
+    return Path(so_path).with_suffix(".json")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class CompileResult:
+    so_path: Path
+    meta_path: Path
+    seconds: float
+    meta: dict[str, Any]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
+                  target: dict[str, Any] | None = None) -> CompileResult:
+    """Build ``graph`` for ``target`` (default: this CPU) at a fixed ``batch`` and export ``so_path`` + sidecar.
+
+    Nothing is left at ``so_path`` if any step fails.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    so_path = Path(so_path)
+    so_path.parent.mkdir(parents=True, exist_ok=True)
+    target = target or host_target()
+    t0 = time.perf_counter()
+    mod = build_relax_module(graph, batch)
+    ex = tvm.compile(mod, target=tvm.target.Target(target))
+    fd, tmp = tempfile.mkstemp(prefix=so_path.stem + ".", suffix=".tmp.so", dir=so_path.parent)
+    os.close(fd)
+    try:
+        ex.export_library(tmp)
+        seconds = time.perf_counter() - t0
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            "version": ARTIFACT_VERSION,
+            "ptq2tvm_version": __version__,
+            "tvm_version": tvm.__version__,
+            "target": target,
+            "batch": batch,
+            "input": _tensor_json(graph.input),
+            "output": _tensor_json(graph.output),
+            "graph_sha256": graph.digest(),
+            "so_sha256": file_sha256(tmp),
+            "weight_bytes": graph.weight_bytes(),
+            "graph_meta": graph.meta,
+            "build_seconds": round(seconds, 3),
+        }
+        os.replace(tmp, so_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        _atomic_write_text(sidecar_path(so_path), json.dumps(meta, indent=2))
+    except BaseException:
+        so_path.unlink(missing_ok=True)
+        raise
+    return CompileResult(so_path, sidecar_path(so_path), seconds, meta)
+
+
+def read_sidecar(so_path: str | Path) -> dict[str, Any]:
+    """Read and validate the sidecar of ``so_path`` (format, version, checksum of the .so)."""
+    so_path = Path(so_path)
+    meta_path = sidecar_path(so_path)
+    if not so_path.is_file():
+        raise ArtifactError(f"compiled library not found: {so_path}")
+    if not meta_path.is_file():
+        raise ArtifactError(f"metadata sidecar not found: {meta_path} (compile with `ptq2tvm compile`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{meta_path}: corrupted metadata: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{meta_path} is not ptq2tvm metadata")
+    if meta.get("version") != ARTIFACT_VERSION:
+        raise ArtifactError(f"{meta_path}: artifact version {meta.get('version')} not supported "
+                            f"(expected {ARTIFACT_VERSION})")
+    if file_sha256(so_path) != meta.get("so_sha256"):
+        raise ArtifactError(f"{so_path} does not match its metadata {meta_path} (checksum differs: the library was "
+                            "rebuilt, replaced or corrupted)")
+    return meta

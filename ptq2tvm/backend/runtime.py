@@ -1,0 +1,96 @@
+"""Load a compiled .so and run it: uint8 in/out, or float in (quantized here) and float out (dequantized)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtifactError, InputShapeError
+from ..ir.graph import IntegerGraph, QTensor, _tensor_from_json
+from .compile import read_sidecar
+
+
+def set_num_threads(threads: int | None) -> None:
+    """TVM's runtime thread pool reads TVM_NUM_THREADS when it starts: call before the first run."""
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(int(threads))
+
+
+def _content_addressed_copy(so_path: Path, sha256: str) -> Path:
+    """dlopen caches libraries by path: a rebuilt .so at the same path would silently run the old code in this
+    process. Loading a copy named by its checksum makes every distinct library a distinct path."""
+    cache = Path(tempfile.gettempdir()) / f"ptq2tvm-so-{os.getuid()}"
+    cache.mkdir(parents=True, exist_ok=True)
+    dst = cache / f"{sha256}.so"
+    if not dst.exists():
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        shutil.copyfile(so_path, tmp)
+        os.replace(tmp, dst)
+    return dst
+
+
+class CompiledModel:
+    """A ptq2tvm .so with its sidecar metadata."""
+
+    def __init__(self, so_path: str | Path, threads: int | None = None):
+        import tvm
+        from tvm import relax
+
+        set_num_threads(threads)
+        self.so_path = Path(so_path)
+        self.meta: dict[str, Any] = read_sidecar(self.so_path)
+        self.input: QTensor = _tensor_from_json(self.meta["input"])
+        self.output: QTensor = _tensor_from_json(self.meta["output"])
+        self.batch: int = int(self.meta["batch"])
+        try:
+            lib = tvm.runtime.load_module(str(_content_addressed_copy(self.so_path, self.meta["so_sha256"])))
+            self._vm = relax.VirtualMachine(lib, tvm.cpu())
+        except Exception as e:
+            raise ArtifactError(f"cannot load {self.so_path}: {type(e).__name__}: {e}") from e
+        self._fn = self._vm["main"]
+        self._tensor = tvm.runtime.tensor
+
+    def check_graph(self, graph: IntegerGraph) -> None:
+        """Raise if ``graph`` is not the integer graph this library was compiled from."""
+        if graph.digest() != self.meta["graph_sha256"]:
+            raise ArtifactError(f"{self.so_path} was not compiled from this integer graph (digest differs)")
+
+    def _check(self, q: np.ndarray, dtype: Any) -> np.ndarray:
+        q = np.asarray(q)
+        if q.ndim != len(self.input.shape) + 1 or tuple(q.shape[1:]) != tuple(self.input.shape):
+            raise InputShapeError(f"{self.so_path.name} expects input (N, {', '.join(map(str, self.input.shape))}), "
+                                  f"got {tuple(q.shape)}")
+        if q.shape[0] == 0:
+            raise InputShapeError("empty input batch")
+        if dtype is not None and q.dtype != dtype:
+            raise InputShapeError(f"expected {np.dtype(dtype).name} input, got {q.dtype}")
+        return q
+
+    def run_batch(self, q: np.ndarray) -> np.ndarray:
+        """One call of the compiled function: uint8 input of exactly (batch, *input_shape)."""
+        return self._fn(self._tensor(np.ascontiguousarray(q))).numpy()
+
+    def run_int(self, q: np.ndarray) -> np.ndarray:
+        """uint8 (N, ...) -> uint8 output (N, ...), any N (chunked into the compiled batch, last chunk padded)."""
+        q = self._check(q, np.uint8)
+        outs = []
+        for i in range(0, q.shape[0], self.batch):
+            chunk = q[i:i + self.batch]
+            n = chunk.shape[0]
+            if n < self.batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
+            outs.append(self.run_batch(chunk)[:n])
+        return np.concatenate(outs)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """float input -> quantize with the model's input scale/zero point -> run -> dequantized float output."""
+        x = self._check(x, None)
+        if not np.all(np.isfinite(x)):
+            raise InputShapeError("input contains NaN or Inf")
+        return self.output.dequantize(self.run_int(self.input.quantize(x)))

@@ -1,0 +1,254 @@
+"""Command line: ptq2tvm {quantize, compile, parity, eval, bench, train, demo}. Each has --help and --json PATH."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .errors import Ptq2TvmError
+
+DEFAULT_MODEL = "resnet_small"
+DEFAULT_DATA = "fashion-mnist"
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if getattr(args, "json", None):
+        from .api import write_json
+
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+
+
+# ---- quantize -----------------------------------------------------------------------------------------------
+def _resolve_model(args: argparse.Namespace):
+    """The FP32 model and its spec: zoo name / file.py:factory, checkpoint, or the cached built-in training."""
+    from .api import ModelSpec, build_model
+
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    spec = ModelSpec(args.model, kwargs, args.checkpoint)
+    if args.checkpoint is None and _is_builtin_data(args.data) and ":" not in args.model:
+        from .train import train_builtin
+
+        model, info = train_builtin(args.model, dataset=args.data, progress=not args.no_progress)
+        return model.eval(), ModelSpec(args.model, _builtin_kwargs(args.model, args.data, kwargs),
+                                       info.get("checkpoint"))
+    return build_model(spec), spec
+
+
+def _is_builtin_data(data: str) -> bool:
+    return data in ("fashion-mnist", "digits")
+
+
+def _builtin_kwargs(model: str, data: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"num_classes": 10, "in_channels": 1, **kwargs}
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import RunDir, quantize, save_run, to_integer
+    from .data import calibration_set
+    from .frontend.qmodel import QuantConfig
+
+    t0 = time.perf_counter()
+    config = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, first_last_8bit=not args.no_first_last_8bit)
+    config.validate()
+    model, spec = _resolve_model(args)
+    calib = calibration_set(args.data, args.calib_size, seed=args.seed)
+    qm = quantize(model, calib, config, method=args.method, progress=not args.no_progress)
+    graph = to_integer(qm)
+    out = Path(args.out or f"runs/{Path(args.model).stem}_w{args.w_bits}a{args.a_bits}")
+    run = save_run(RunDir(out), model, spec, qm, graph, data=args.data, calib_size=int(len(calib)),
+                   method=args.method, seed=args.seed)
+    result = dict(run_dir=str(run.path), fakequant=str(run.fakequant), qgraph=str(run.qgraph),
+                  w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, calib_size=int(len(calib)),
+                  n_layers=sum(1 for n in graph.nodes if n.op in ("conv2d", "dense")),
+                  weight_bytes=graph.weight_bytes(), seconds=round(time.perf_counter() - t0, 2))
+    print(f"quantized {args.model} W{args.w_bits}A{args.a_bits} ({args.method}, {len(calib)} calibration images) "
+          f"-> {run.path}  [{result['seconds']} s]")
+    return result
+
+
+def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import RunDir, compile_so
+    from .ir.graph import IntegerGraph
+
+    run = RunDir(args.run)
+    graph = IntegerGraph.load(args.qgraph or run.qgraph)
+    target = json.loads(args.target) if args.target else None
+    so = Path(args.out) if args.out else run.so
+    res = compile_so(graph, so, batch=args.batch, target=target)
+    print(f"compiled {so} (batch {args.batch}, target {res.meta['target']}) in {res.seconds:.1f} s")
+    return dict(so=str(res.so_path), meta=str(res.meta_path), seconds=round(res.seconds, 2), target=res.meta["target"],
+                batch=args.batch, weight_bytes=res.meta["weight_bytes"])
+
+
+def _eval_data(args: argparse.Namespace, info: dict[str, Any]):
+    from .data import load_dataset
+
+    spec = args.data or info.get("data") or DEFAULT_DATA
+    return load_dataset(spec, split="test", limit=args.n, seed=getattr(args, "seed", 0))
+
+
+def cmd_parity(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import RunDir
+    from .backend.runtime import CompiledModel
+    from .frontend.qmodel import QuantModel
+    from .ir.graph import IntegerGraph
+    from .parity import run_parity
+
+    run = RunDir(args.run)
+    info = run.info()
+    graph = IntegerGraph.load(run.qgraph)
+    compiled = CompiledModel(args.so or run.so)
+    qm = QuantModel.load(run.fakequant)
+    ds = _eval_data(args, info)
+    rep = run_parity(graph, compiled, qm, ds.images, ds.labels, per_layer_inputs=args.per_layer_inputs,
+                     progress=not args.no_progress)
+    print(rep.summary())
+    return rep.to_dict()
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import RunDir, load_fp32, top1_so, top1_torch
+    from .backend.runtime import CompiledModel
+    from .frontend.qmodel import QuantModel
+
+    run = RunDir(args.run)
+    info = run.info()
+    ds = _eval_data(args, info)
+    if ds.labels is None:
+        raise Ptq2TvmError(f"dataset {ds.name} has no labels: cannot compute accuracy")
+    res: dict[str, Any] = dict(data=ds.name, n=int(len(ds.images)))
+    res["fp32_top1"] = top1_torch(load_fp32(run.fp32), ds.images, ds.labels)
+    res["fakequant_top1"] = top1_torch(QuantModel.load(run.fakequant), ds.images, ds.labels)
+    so = Path(args.so) if args.so else run.so
+    res["so_top1"] = top1_so(CompiledModel(so), ds.images, ds.labels) if so.exists() else None
+    print(f"top-1 on {ds.name} ({res['n']} images): FP32 {100 * res['fp32_top1']:.2f}%  fake-quant "
+          f"{100 * res['fakequant_top1']:.2f}%" + (f"  .so {100 * res['so_top1']:.2f}%" if res["so_top1"] is not None
+                                                 else "  (.so not compiled)"))
+    run.update_info(**{k: v for k, v in res.items() if k.endswith("_top1")})
+    return res
+
+
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from .bench.runner import bench_run
+
+    return bench_run(args.run, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
+                     ort_int8=not args.no_ort_int8, progress=not args.no_progress, out_dir=args.out_dir)
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from .train import train_builtin
+
+    _, info = train_builtin(args.model, dataset=args.data, epochs=args.epochs, seed=args.seed,
+                            progress=not args.no_progress)
+    print(json.dumps(info, indent=2))
+    return info
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from .demo import run_demo
+
+    return run_demo(out=args.out, model=args.model, data=args.data, bits=args.bits, calib_size=args.calib_size,
+                    threads=args.threads, repeats=args.repeats, progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptq2tvm", description=__doc__)
+    p.add_argument("--version", action="version", version=f"ptq2tvm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model post-training into a run directory")
+    q.add_argument("--model", default=DEFAULT_MODEL, help="zoo name (see ptq2tvm.models.list_models()) or "
+                   "path/to/file.py:factory")
+    q.add_argument("--model-kwargs", help="JSON kwargs for the model constructor, e.g. '{\"width_mult\": 0.5}'")
+    q.add_argument("--checkpoint", help="state_dict to load (strict); default for built-in data: train and cache")
+    q.add_argument("--data", default=DEFAULT_DATA, help="calibration data: fashion-mnist, digits, an image folder "
+                   "or a .npy/.npz file (labels not needed)")
+    q.add_argument("--calib-size", type=int, default=512, help="number of calibration images")
+    q.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8")
+    q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
+    q.add_argument("--no-first-last-8bit", action="store_true", help="quantize first conv / last layer at the "
+                   "requested bits too (default keeps them at 8 bit)")
+    q.add_argument("--method", default="rtn", choices=["rtn"], help="PTQ method")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", help="run directory (default runs/<model>_w<W>a<A>)")
+    _add_json(q)
+    q.set_defaults(func=cmd_quantize)
+
+    c = sub.add_parser("compile", help="compile the integer graph of a run to a .so")
+    c.add_argument("run", help="run directory")
+    c.add_argument("--qgraph", help="integer graph file (default RUN/model.qgraph.npz)")
+    c.add_argument("--out", help="output .so (default RUN/model.so); the sidecar is written next to it (.json)")
+    c.add_argument("--batch", type=int, default=1, help="compiled batch size (inputs are chunked to it)")
+    c.add_argument("--target", help="TVM target as a JSON dict (default: this CPU, detected)")
+    _add_json(c)
+    c.set_defaults(func=cmd_compile)
+
+    for name, fn, helptext in (("parity", cmd_parity, "prove the .so equals the reference executor and compare "
+                                "with fake-quant"), ("eval", cmd_eval, "top-1 of FP32, fake-quant and .so")):
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("run", help="run directory")
+        e.add_argument("--data", help="evaluation data (default: the run's dataset, test split)")
+        e.add_argument("--n", type=int, help="use only the first N images")
+        e.add_argument("--so", help="library to check (default RUN/model.so)")
+        if name == "parity":
+            e.add_argument("--per-layer-inputs", type=int, default=256, help="inputs for the per-layer comparison "
+                           "(0 = skip)")
+        _add_json(e)
+        e.set_defaults(func=fn)
+
+    b = sub.add_parser("bench", help="latency of the .so vs PyTorch FP32 and ONNX Runtime FP32/INT8")
+    b.add_argument("run", help="run directory (compiled)")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--repeats", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--no-ort-int8", action="store_true", help="skip the ONNX Runtime INT8 baseline")
+    b.add_argument("--out-dir", help="where to write the markdown table and PNG chart (default RUN)")
+    _add_json(b)
+    b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train", help="train (or load from cache) a small zoo model on a built-in dataset")
+    t.add_argument("--model", default=DEFAULT_MODEL)
+    t.add_argument("--data", default=DEFAULT_DATA, choices=["fashion-mnist", "digits"])
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--seed", type=int, default=0)
+    _add_json(t)
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="the main job on the built-in default: train/load, quantize W8A8 and W4A4, "
+                       "compile, eval, parity, bench -> runs/demo/summary.json")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--model", default=DEFAULT_MODEL)
+    d.add_argument("--data", default=DEFAULT_DATA, choices=["fashion-mnist", "digits"])
+    d.add_argument("--bits", nargs="+", default=["8/8", "4/4"], help="W/A settings, e.g. 8/8 4/4 2/4")
+    d.add_argument("--calib-size", type=int, default=512)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--repeats", type=int, default=100)
+    _add_json(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except Ptq2TvmError as e:
+        print(f"ptq2tvm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    _emit(args, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

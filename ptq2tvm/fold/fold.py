@@ -1,0 +1,128 @@
+"""Fold a fake-quant :class:`QuantModel` into an :class:`IntegerGraph`.
+
+conv/dense:  acc_c = bias_c + sum q_x * q_w   (q_x padded with z_x, so padding is a real zero)
+             bias_c = round((b_c) / (s_w,c * s_x)) - z_x * sum(q_w,c)
+             q_out = clamp(z_out + RHU(acc_c * m_c [+ (q_r - z_r) * mr_c], n_c), lo, hi)
+with (m_c, mr_c, n_c) the dyadic form of (s_w,c * s_x / s_out, s_r / s_out). RHU(v, n) = (v + 2^(n-1)) >> n.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import QuantConfigError
+from ..frontend.qmodel import QuantModel
+from ..ir.graph import IntegerGraph, IntNode, QTensor
+from .dyadic import dyadic_multipliers
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+@torch.no_grad()
+def _shapes(qm: QuantModel) -> dict[str, tuple[int, ...]]:
+    was = [(q.enabled, q.observing) for q in qm.act_quant.values()]
+    qm.set_observing(False)
+    env = qm(torch.zeros(1, *qm.graph.input_shape), return_all=True)
+    for q, (e, o) in zip(qm.act_quant.values(), was):
+        q.enabled, q.observing = e, o
+    return {k: tuple(v.shape[1:]) for k, v in env.items()}
+
+
+def _qtensor(qm: QuantModel, name: str, shape: tuple[int, ...]) -> QTensor:
+    q = qm.act_quant[name.replace(".", "__")]
+    return QTensor(name, shape, float(q.scale.detach()), int(q.zero_point), q.bits)
+
+
+def _clamp_bounds(qm: QuantModel, node_name: str, act: tuple[float, float] | None) -> tuple[int, int]:
+    q = qm.act_quant[node_name.replace(".", "__")]
+    return q.grid_bounds(*act) if act else (0, q.qmax)
+
+
+def _fold_weighted(qm: QuantModel, n: Any, tin: QTensor, tres: QTensor | None, tout: QTensor) -> IntNode:
+    layer = qm.layer(n.name)
+    w = layer.weight.detach().double()
+    s_w = layer.wq.scale.detach().double().numpy()
+    q_w = layer.wq.integer(layer.weight.detach()).detach().numpy().astype(np.int64)
+    acc_scale = s_w * tin.scale
+    if np.any(acc_scale <= 0):
+        raise QuantConfigError(f"layer '{n.name}': non-positive weight scale")
+    bias = np.rint(layer.bias.detach().double().numpy() / acc_scale)
+    bias = bias - tin.zero_point * q_w.reshape(q_w.shape[0], -1).sum(axis=1)
+    if np.abs(bias).max(initial=0) > INT32_MAX // 2:
+        raise QuantConfigError(f"layer '{n.name}': the int32 bias overflows ({np.abs(bias).max():.3g}); the bias is "
+                               f"far larger than the weight scale allows")
+    terms = [acc_scale / tout.scale]
+    if tres is not None:
+        terms.append(np.full_like(acc_scale, tres.scale / tout.scale))
+    mant, shift = dyadic_multipliers(np.stack(terms), f"layer '{n.name}'")
+    lo, hi = _clamp_bounds(qm, n.name, n.act)
+    arrays = dict(weight=q_w.astype(np.int8), bias=bias.astype(np.int32), multiplier=mant[0], shift=shift)
+    attrs: dict[str, Any] = dict(input_zero_point=tin.zero_point, output_zero_point=tout.zero_point, lo=lo, hi=hi,
+                                 w_bits=layer.wq.bits)
+    if tres is not None:
+        arrays["residual_multiplier"] = mant[1]
+        attrs["residual_zero_point"] = tres.zero_point
+    if n.op == "conv":
+        a = n.attrs
+        attrs.update(stride=list(a["stride"]), padding=list(a["padding"]), dilation=list(a["dilation"]),
+                     groups=int(a["groups"]))
+    inputs = [n.inputs[0]] + ([n.residual] if n.residual else [])
+    return IntNode(n.name, "conv2d" if n.op == "conv" else "dense", inputs, tout, attrs, arrays)
+
+
+def fold_to_integer(qm: QuantModel) -> IntegerGraph:
+    """Build the integer graph from a calibrated (or reconstructed) fake-quant model."""
+    g = qm.graph
+    shapes = _shapes(qm)
+    tensors: dict[str, QTensor] = {g.input_name: _qtensor(qm, g.input_name, shapes[g.input_name])}
+    nodes: list[IntNode] = []
+    for n in g.nodes:
+        if n.op == "input":
+            continue
+        tin = tensors[n.inputs[0]]
+        if n.op in ("conv", "linear"):
+            tout = _qtensor(qm, n.name, shapes[n.name])
+            node = _fold_weighted(qm, n, tin, tensors[n.residual] if n.residual else None, tout)
+        elif n.op == "add":
+            tb = tensors[n.inputs[1]]
+            tout = _qtensor(qm, n.name, shapes[n.name])
+            c = shapes[n.name][0]
+            mant, shift = dyadic_multipliers(
+                np.stack([np.full(c, tin.scale / tout.scale), np.full(c, tb.scale / tout.scale)]), f"add '{n.name}'")
+            lo, hi = _clamp_bounds(qm, n.name, n.act)
+            node = IntNode(n.name, "add", list(n.inputs), tout,
+                           dict(zero_points=[tin.zero_point, tb.zero_point], output_zero_point=tout.zero_point,
+                                lo=lo, hi=hi),
+                           dict(multiplier_a=mant[0], multiplier_b=mant[1], shift=shift))
+        elif n.op == "avgpool":
+            tout = _qtensor(qm, n.name, shapes[n.name])
+            kh, kw = n.attrs["kernel"]
+            c = shapes[n.name][0]
+            mant, shift = dyadic_multipliers(np.full((1, c), tin.scale / (tout.scale * kh * kw)),
+                                             f"avgpool '{n.name}'")
+            node = IntNode(n.name, "avgpool2d", list(n.inputs), tout,
+                           dict(kernel=[kh, kw], stride=list(n.attrs["stride"]), padding=list(n.attrs["padding"]),
+                                input_zero_point=tin.zero_point, output_zero_point=tout.zero_point,
+                                lo=0, hi=tout.qmax),
+                           dict(multiplier=mant[0], shift=shift))
+        elif n.op in ("maxpool", "flatten", "clamp"):
+            tout = QTensor(n.name, shapes[n.name], tin.scale, tin.zero_point, tin.bits)
+            attrs: dict[str, Any] = {}
+            if n.op == "maxpool":
+                attrs = {k: list(n.attrs[k]) for k in ("kernel", "stride", "padding", "dilation")}
+            elif n.op == "clamp":
+                lo, hi = qm.act_quantizer(n.inputs[0]).grid_bounds(*n.act)
+                attrs = dict(lo=lo, hi=hi)
+            node = IntNode(n.name, {"maxpool": "maxpool2d"}.get(n.op, n.op), list(n.inputs), tout, attrs)
+        else:
+            raise QuantConfigError(f"cannot fold op {n.op!r} at '{n.name}'")
+        tensors[n.name] = node.out
+        nodes.append(node)
+    cfg = qm.config
+    meta = dict(ptq2tvm_version=__version__, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
+                first_last_8bit=cfg.first_last_8bit)
+    return IntegerGraph(tensors[g.input_name], nodes, g.output_name, meta)

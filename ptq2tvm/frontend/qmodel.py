@@ -1,0 +1,291 @@
+"""The fake-quant model: an nn.Module interpreting a :class:`FloatGraph` with quantizers at the integer points."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import __version__
+from ..errors import ArtifactError, QuantConfigError
+from .graph import GRID_PRESERVING_OPS, OPS_WITH_WEIGHTS, FloatGraph, FloatNode
+from .quantizers import ActQuantizer, WeightQuantizer, check_bits
+
+FAKEQUANT_FORMAT = "ptq2tvm-fakequant"
+FAKEQUANT_VERSION = 1
+QUANT_POINT_OPS = ("conv", "linear", "add", "avgpool")
+
+
+@dataclass
+class QuantConfig:
+    """Bit widths and calibration settings.
+
+    ``first_last_8bit``: the first conv (weights and its input) and the last layer (weights, its input and the network
+    output) stay at 8 bit, as BRECQ/QDrop deploy them.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    first_last_8bit: bool = True
+    weight_lp: float = 2.0
+    act_lp: float = 2.0
+    layer_w_bits: dict[str, int] = field(default_factory=dict)
+
+    def validate(self) -> "QuantConfig":
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        for k, v in self.layer_w_bits.items():
+            check_bits(v, f"weight bits of layer '{k}'")
+        for name in ("weight_lp", "act_lp"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 1.0 <= v <= 8.0):
+                raise QuantConfigError(f"{name} must be in [1, 8], got {v!r}")
+        return self
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class QLayer(nn.Module):
+    """A conv or linear layer with folded BN, a weight quantizer and an optional fused residual + clamp."""
+
+    def __init__(self, node: FloatNode, w_bits: int):
+        super().__init__()
+        self.op = node.op
+        self.attrs = dict(node.attrs)
+        self.weight = nn.Parameter(node.weight.clone())
+        self.bias = nn.Parameter(node.bias.clone())
+        self.wq = WeightQuantizer(w_bits, node.weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.wq(self.weight)
+        if self.op == "linear":
+            return F.linear(x, w, self.bias)
+        a = self.attrs
+        return F.conv2d(x, w, self.bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+
+
+class QuantModel(nn.Module):
+    """Fake-quant network. ``set_quant(weights=..., acts=...)`` toggles quantization (both off = folded FP model)."""
+
+    def __init__(self, graph: FloatGraph, config: QuantConfig):
+        super().__init__()
+        self.graph = graph
+        self.config = config.validate()
+        self.layers = nn.ModuleDict()
+        self.act_quant = nn.ModuleDict()
+        first, last = self._first_and_last()
+        for n in graph.nodes:
+            if n.op in OPS_WITH_WEIGHTS:
+                bits = config.layer_w_bits.get(n.name, config.w_bits)
+                if config.first_last_8bit and (n.name in first or n.name in last):
+                    bits = 8
+                self.layers[_key(n.name)] = QLayer(n, bits)
+        nonneg = self._nonneg()
+        eight = self._eight_bit_points(first, last) if config.first_last_8bit else set()
+        for v in self.quant_points():
+            bits = 8 if v in eight else config.a_bits
+            self.act_quant[_key(v)] = ActQuantizer(bits, nonneg[v])
+
+    # ---- structure -------------------------------------------------------------------------------------------
+    def quant_points(self) -> list[str]:
+        """Names of the tensors carrying an activation quantizer (the integer points)."""
+        return [self.graph.input_name] + [n.name for n in self.graph.nodes if n.op in QUANT_POINT_OPS]
+
+    def grid_source(self, name: str) -> str:
+        """The quant point whose integer grid the tensor ``name`` lies on."""
+        g = self.graph
+        while name != g.input_name and g.node(name).op in GRID_PRESERVING_OPS:
+            name = g.node(name).inputs[0]
+        return name
+
+    def act_quantizer(self, name: str) -> ActQuantizer:
+        return self.act_quant[_key(self.grid_source(name))]
+
+    def layer(self, name: str) -> QLayer:
+        return self.layers[_key(name)]
+
+    def _first_and_last(self) -> tuple[set[str], set[str]]:
+        first = {n.name for n in self.graph.nodes if n.op in OPS_WITH_WEIGHTS
+                 and any(self.grid_source(i) == self.graph.input_name for i in n.inputs)}
+        last_src = self.graph.output_name
+        while self.graph.node(last_src).op in GRID_PRESERVING_OPS:
+            last_src = self.graph.node(last_src).inputs[0]
+        last = {last_src} if self.graph.node(last_src).op in OPS_WITH_WEIGHTS else set()
+        return first, last
+
+    def _eight_bit_points(self, first: set[str], last: set[str]) -> set[str]:
+        pts = {self.graph.input_name}
+        for n in self.graph.nodes:
+            if n.name in first or n.name in last:
+                pts.update(self.grid_source(i) for i in n.inputs)
+        if last:
+            pts.add(next(iter(last)))
+        return pts
+
+    def _nonneg(self) -> dict[str, bool]:
+        nn_: dict[str, bool] = {self.graph.input_name: False}
+        for n in self.graph.nodes:
+            if n.op == "input":
+                continue
+            if n.op in ("conv", "linear", "add"):
+                nn_[n.name] = n.act is not None and n.act[0] >= 0
+            elif n.op == "clamp":
+                nn_[n.name] = n.act[0] >= 0 or nn_[n.inputs[0]]
+            else:
+                nn_[n.name] = nn_[n.inputs[0]]
+        return nn_
+
+    # ---- switches --------------------------------------------------------------------------------------------
+    def set_quant(self, weights: bool, acts: bool) -> "QuantModel":
+        for layer in self.layers.values():
+            layer.wq.enabled = weights
+        for q in self.act_quant.values():
+            q.enabled = acts
+        return self
+
+    def set_observing(self, on: bool) -> None:
+        for q in self.act_quant.values():
+            q.observing = on
+
+    # ---- execution -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, return_all: bool = False) -> Any:
+        g = self.graph
+        env: dict[str, torch.Tensor] = {g.input_name: self.act_quant[_key(g.input_name)](x)}
+        for n in g.nodes:
+            if n.op == "input":
+                continue
+            env[n.name] = self._run_node(n, env)
+        return env if return_all else env[g.output_name]
+
+    def _run_node(self, n: FloatNode, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = env[n.inputs[0]]
+        if n.op in OPS_WITH_WEIGHTS:
+            y = self.layer(n.name)(x)
+            if n.residual:
+                y = y + env[n.residual]
+        elif n.op == "add":
+            y = x + env[n.inputs[1]]
+        elif n.op == "maxpool":
+            a = n.attrs
+            return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a["dilation"])
+        elif n.op == "avgpool":
+            a = n.attrs
+            y = F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], count_include_pad=True)
+        elif n.op == "flatten":
+            return torch.flatten(x, 1)
+        elif n.op == "clamp":
+            q = self.act_quantizer(n.inputs[0])
+            if not q.enabled:
+                return torch.clamp(x, n.act[0], n.act[1])
+            qlo, qhi = q.grid_bounds(*n.act)
+            z, s = float(q.zero_point), q.scale
+            return torch.maximum(torch.minimum(x, (qhi - z) * s), (qlo - z) * s)
+        else:
+            raise ValueError(f"unknown op {n.op} at {n.name}")
+        if n.act is not None:
+            y = torch.clamp(y, n.act[0], n.act[1])
+        return self.act_quant[_key(n.name)](y)
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Save graph structure, config and all parameters to one file (atomic write)."""
+        path = Path(path)
+        blob = {
+            "format": FAKEQUANT_FORMAT,
+            "version": FAKEQUANT_VERSION,
+            "ptq2tvm_version": __version__,
+            "graph": graph_to_json(self.graph),
+            "config": asdict(self.config),
+            "state_dict": self.state_dict(),
+            "act_enabled": {k: q.enabled for k, q in self.act_quant.items()},
+        }
+        atomic_torch_save(blob, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantModel":
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"fake-quant model file not found: {path}")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ArtifactError(f"cannot read fake-quant model {path}: {type(e).__name__}: {e}") from e
+        if not isinstance(blob, dict) or blob.get("format") != FAKEQUANT_FORMAT:
+            raise ArtifactError(f"{path} is not a ptq2tvm fake-quant model")
+        if blob.get("version") != FAKEQUANT_VERSION:
+            raise ArtifactError(f"{path}: fake-quant format version {blob.get('version')} is not supported "
+                                f"(expected {FAKEQUANT_VERSION})")
+        sd = blob["state_dict"]
+        graph = graph_from_json(blob["graph"], sd)
+        model = cls(graph, QuantConfig(**blob["config"]))
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise ArtifactError(f"{path}: parameters do not match the stored graph: {e}") from e
+        for k, on in blob["act_enabled"].items():
+            model.act_quant[k].enabled = on
+        return model
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+def _unjson(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_unjson(x) for x in v)
+    if v in ("inf", "-inf"):
+        return float(v)
+    return v
+
+
+def graph_to_json(graph: FloatGraph) -> dict[str, Any]:
+    nodes = [
+        dict(name=n.name, op=n.op, inputs=n.inputs, attrs={k: _jsonable(v) for k, v in n.attrs.items()},
+             act=_jsonable(n.act) if n.act else None, residual=n.residual)
+        for n in graph.nodes
+    ]
+    return dict(nodes=nodes, input_name=graph.input_name, output_name=graph.output_name,
+                input_shape=list(graph.input_shape))
+
+
+def graph_from_json(d: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> FloatGraph:
+    nodes = []
+    for nd in d["nodes"]:
+        w = state_dict.get(f"layers.{_key(nd['name'])}.weight")
+        b = state_dict.get(f"layers.{_key(nd['name'])}.bias")
+        nodes.append(FloatNode(nd["name"], nd["op"], list(nd["inputs"]),
+                               {k: _unjson(v) for k, v in nd["attrs"].items()}, w, b,
+                               _unjson(nd["act"]) if nd["act"] else None, nd["residual"]))
+    return FloatGraph(nodes, d["input_name"], d["output_name"], tuple(d["input_shape"]))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

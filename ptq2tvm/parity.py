@@ -1,0 +1,127 @@
+"""Parity: the .so against the reference executor (bit for bit) and the integer network against fake-quant."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backend.runtime import CompiledModel
+from .frontend.qmodel import QuantModel
+from .ir.graph import IntegerGraph, QTensor
+from .ir.reference import run_reference
+
+
+@dataclass
+class LayerParity:
+    name: str
+    op: str
+    exact_fraction: float
+    max_abs_lsb: int
+    mean_abs_lsb: float
+    lsb_histogram: dict[str, int]
+
+
+@dataclass
+class ParityReport:
+    n_inputs: int
+    bit_exact_vs_reference: bool
+    mismatched_elements: int
+    n_elements: int
+    exact_fraction_vs_fakequant: float
+    max_abs_lsb_vs_fakequant: int
+    top1_agreement_vs_fakequant: float
+    top1_agreement_vs_reference: float
+    so_top1: float | None = None
+    fakequant_top1: float | None = None
+    reference_top1: float | None = None
+    per_layer: list[LayerParity] = field(default_factory=list)
+    per_layer_inputs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"inputs: {self.n_inputs}",
+            f".so vs reference executor: {'BIT-EXACT' if self.bit_exact_vs_reference else 'MISMATCH'} "
+            f"({self.mismatched_elements} of {self.n_elements} elements differ)",
+            f"integer vs fake-quant output: {100 * self.exact_fraction_vs_fakequant:.2f}% exact, "
+            f"max |diff| {self.max_abs_lsb_vs_fakequant} LSB, top-1 agreement "
+            f"{100 * self.top1_agreement_vs_fakequant:.2f}%",
+        ]
+        if self.so_top1 is not None:
+            lines.append(f"top-1: .so {100 * self.so_top1:.2f}%  fake-quant {100 * self.fakequant_top1:.2f}%")
+        if self.per_layer:
+            lines.append(f"per layer (integer reference vs fake-quant, first {self.per_layer_inputs} inputs):")
+            w = max(len(p.name) for p in self.per_layer)
+            for p in self.per_layer:
+                lines.append(f"  {p.name:<{w}} {p.op:<10} exact {100 * p.exact_fraction:6.2f}%  "
+                             f"max {p.max_abs_lsb:3d} LSB  mean {p.mean_abs_lsb:.4f}")
+        return "\n".join(lines)
+
+
+def to_grid(x: np.ndarray, t: QTensor) -> np.ndarray:
+    """Float values of a fake-quant tensor -> their integers on the grid of ``t``."""
+    return np.rint(np.asarray(x, dtype=np.float64) / t.scale).astype(np.int64) + t.zero_point
+
+
+def _lsb_stats(a: np.ndarray, b: np.ndarray) -> tuple[float, int, float, dict[str, int]]:
+    d = np.abs(a.astype(np.int64) - b.astype(np.int64))
+    vals, counts = np.unique(np.minimum(d, 4), return_counts=True)
+    hist = {("4+" if v == 4 else str(int(v))): int(c) for v, c in zip(vals, counts)}
+    return float((d == 0).mean()), int(d.max(initial=0)), float(d.mean()), hist
+
+
+@torch.no_grad()
+def fakequant_outputs(qm: QuantModel, images: np.ndarray, batch_size: int = 256, return_all: bool = False,
+                      progress: bool = False) -> Any:
+    qm.eval()
+    outs: list[Any] = []
+    for i in tqdm(range(0, len(images), batch_size), desc="fake-quant", disable=not progress, leave=False):
+        r = qm(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), return_all=return_all)
+        outs.append({k: v.numpy() for k, v in r.items()} if return_all else r.numpy())
+    if return_all:
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    return np.concatenate(outs)
+
+
+def run_parity(graph: IntegerGraph, compiled: CompiledModel, qm: QuantModel, images: np.ndarray,
+               labels: np.ndarray | None = None, per_layer_inputs: int = 256, batch_size: int = 256,
+               progress: bool = True) -> ParityReport:
+    """Compare the .so with the reference executor and with the fake-quant model on ``images`` (float NCHW)."""
+    compiled.check_graph(graph)
+    q_in = graph.input.quantize(images)
+    so_out, ref_out = [], []
+    for i in tqdm(range(0, len(q_in), batch_size), desc="parity", disable=not progress, leave=False):
+        chunk = q_in[i:i + batch_size]
+        so_out.append(compiled.run_int(chunk))
+        ref_out.append(run_reference(graph, chunk))
+    so, ref = np.concatenate(so_out), np.concatenate(ref_out)
+    fq = fakequant_outputs(qm, images, batch_size)
+    out_t = graph.output
+    fq_int = to_grid(fq, out_t)
+    exact, max_lsb, _, _ = _lsb_stats(so, fq_int)
+    mism = int((so != ref).sum())
+    report = ParityReport(
+        n_inputs=int(len(images)), bit_exact_vs_reference=mism == 0, mismatched_elements=mism,
+        n_elements=int(so.size), exact_fraction_vs_fakequant=exact, max_abs_lsb_vs_fakequant=max_lsb,
+        top1_agreement_vs_fakequant=float((so.argmax(1) == fq.argmax(1)).mean()) if so.ndim == 2 else exact,
+        top1_agreement_vs_reference=float((so.argmax(1) == ref.argmax(1)).mean()) if so.ndim == 2 else 1.0,
+    )
+    if labels is not None and so.ndim == 2:
+        report.so_top1 = float((so.argmax(1) == labels).mean())
+        report.fakequant_top1 = float((fq.argmax(1) == labels).mean())
+        report.reference_top1 = float((ref.argmax(1) == labels).mean())
+    if per_layer_inputs:
+        sub = images[:per_layer_inputs]
+        ref_env = run_reference(graph, graph.input.quantize(sub), return_all=True)
+        fq_env = fakequant_outputs(qm, sub, batch_size, return_all=True)
+        for node in graph.nodes:
+            e, m, mean, hist = _lsb_stats(ref_env[node.name], to_grid(fq_env[node.name], node.out))
+            report.per_layer.append(LayerParity(node.name, node.op, e, m, mean, hist))
+        report.per_layer_inputs = int(len(sub))
+    return report

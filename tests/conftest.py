@@ -1,0 +1,92 @@
+"""Shared fixtures: small seeded models exercising every supported layer kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+
+class Block(nn.Module):
+    """torchvision-style BasicBlock (in-place add, downsample)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class InvRes(nn.Module):
+    """MobileNetV2-style inverted residual: signed block output, depthwise conv, ReLU6, add without ReLU."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU6(),
+                                  nn.Conv2d(2 * c, 2 * c, 3, 1, 1, groups=2 * c, bias=False), nn.BatchNorm2d(2 * c),
+                                  nn.ReLU6(), nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class TinyNet(nn.Module):
+    """Every supported layer kind in ~10k parameters: 1x12x12 input."""
+
+    def __init__(self, in_ch: int = 1, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, 8, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.block1 = Block(8, 8, 1)
+        self.block2 = Block(8, 16, 2)
+        self.ir = InvRes(16)
+        self.grouped = nn.Conv2d(16, 16, 3, 1, 1, groups=4)
+        self.ht = nn.Hardtanh(-1.0, 2.0)
+        self.avg = nn.AvgPool2d(2, 1, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn(self.stem(x))))
+        x = self.ir(self.block2(self.block1(x)))
+        x = self.avg(self.ht(self.grouped(x)))
+        x = torch.flatten(self.gap(x), 1)
+        return self.fc(self.drop(x))
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=g) - 0.5)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(TinyNet())
+
+
+@pytest.fixture
+def tiny_data() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((64, 1, 12, 12)).astype(np.float32)

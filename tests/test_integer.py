@@ -1,0 +1,88 @@
+"""Fold, dyadic multipliers, the reference executor, and the .so: exact integers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ptq2tvm.backend.compile import compile_graph
+from ptq2tvm.backend.runtime import CompiledModel
+from ptq2tvm.fold.dyadic import dyadic_multipliers
+from ptq2tvm.fold.fold import fold_to_integer
+from ptq2tvm.frontend.calibrate import quantize_rtn
+from ptq2tvm.frontend.qmodel import QuantConfig
+from ptq2tvm.ir.graph import IntegerGraph
+from ptq2tvm.ir.reference import conv_accumulate, requantize, run_reference
+from ptq2tvm.parity import run_parity
+
+
+def test_dyadic_multipliers_are_accurate_and_share_a_shift():
+    M = np.array([[0.5, 1e-4, 3.7e-3, 0.9999999], [0.25, 2e-5, 1e-9, 0.1]])
+    m, n = dyadic_multipliers(M, "t")
+    assert m.dtype == np.int32 and n.dtype == np.int32
+    assert m[0, 0] == 1 << 30 and n[0] == 31                   # 0.5 = 2^30 * 2^-31
+    top = m.max(axis=0)
+    assert np.all((top >= 1 << 30) & (top < 1 << 31))         # the larger term keeps 31 bits
+    approx = m.astype(np.float64) * np.ldexp(1.0, -n.astype(np.int64))[None, :]
+    assert np.all(np.abs(approx[0] - M[0]) <= M[0] * 2.0 ** -30)
+    assert np.all((n >= 1) & (n <= 62))
+
+
+def test_requantize_rounds_half_up_and_clamps():
+    acc = np.array([[3, -3, 5, -5, 1000, -1000]], dtype=np.int64).reshape(1, 6)
+    # multiplier 2^30, shift 31 -> acc / 2: 1.5 -> 2, -1.5 -> -1, 2.5 -> 3, -2.5 -> -2
+    m = np.full(6, 1 << 30, np.int32)
+    out = requantize([(acc, m)], np.full(6, 31, np.int32), zero_point=10, lo=0, hi=255)
+    assert out.tolist() == [[12, 9, 13, 8, 255, 0]]
+
+
+def test_conv_accumulate_matches_torch_exactly():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (2, 8, 9, 9)).astype(np.uint8)
+    w = rng.integers(-128, 128, (8, 2, 3, 3)).astype(np.int8)
+    acc = conv_accumulate(x, w, np.zeros(8, np.int32), [2, 2], [1, 1], [1, 1], 4, pad_value=37)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=37)
+    want = torch.nn.functional.conv2d(torch.from_numpy(xp), torch.from_numpy(w.astype(np.float64)), stride=2,
+                                      groups=4).numpy()
+    assert np.array_equal(acc, want.astype(np.int64))
+
+
+@pytest.mark.parametrize("w_bits,a_bits,first_last", [(8, 8, True), (4, 4, True), (2, 2, False), (3, 5, True)])
+def test_so_is_bit_exact_with_the_reference(tmp_path, tiny_model, tiny_data, w_bits, a_bits, first_last):
+    qm = quantize_rtn(tiny_model, tiny_data, QuantConfig(w_bits, a_bits, first_last), progress=False)
+    graph = fold_to_integer(qm)
+    if first_last:
+        assert graph.nodes[0].attrs["w_bits"] == 8 and graph.nodes[-1].attrs["w_bits"] == 8
+    assert all(int(n.arrays["weight"].min()) >= -(1 << (w_bits - 1)) for n in graph.nodes[1:-1] if "weight" in n.arrays)
+    graph = IntegerGraph.load(graph.save(tmp_path / "g.npz"))
+    compile_graph(graph, tmp_path / "m.so", batch=3)
+    cm = CompiledModel(tmp_path / "m.so")
+    x = np.random.default_rng(5).standard_normal((10, 1, 12, 12)).astype(np.float32) * 2  # beyond the calib range
+    q = graph.input.quantize(x)
+    assert np.array_equal(cm.run_int(q), run_reference(graph, q))
+    rep = run_parity(graph, cm, qm, x, per_layer_inputs=10, progress=False)
+    assert rep.bit_exact_vs_reference and rep.mismatched_elements == 0
+    assert len(rep.per_layer) == len(graph.nodes)
+
+
+def test_integer_graph_tracks_fakequant(tiny_model, tiny_data):
+    qm = quantize_rtn(tiny_model, tiny_data, QuantConfig(8, 8), progress=False)
+    graph = fold_to_integer(qm)
+    ref = run_reference(graph, graph.input.quantize(tiny_data))
+    with torch.no_grad():
+        fq = qm(torch.from_numpy(tiny_data)).numpy()
+    fq_int = np.rint(fq / graph.output.scale) + graph.output.zero_point
+    diff = np.abs(ref.astype(np.int64) - fq_int)
+    assert (diff == 0).mean() > 0.9 and diff.max() <= 3
+
+
+def test_fakequant_save_load_roundtrip(tmp_path, tiny_model, tiny_data):
+    from ptq2tvm.frontend.qmodel import QuantModel
+
+    qm = quantize_rtn(tiny_model, tiny_data, QuantConfig(4, 4), progress=False)
+    q2 = QuantModel.load(qm.save(tmp_path / "fq.pt"))
+    x = torch.from_numpy(tiny_data)
+    with torch.no_grad():
+        assert torch.equal(qm(x), q2(x))
+    assert fold_to_integer(q2).digest() == fold_to_integer(qm).digest()
