@@ -83,7 +83,7 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
 
     run = RunDir(args.run)
     graph = IntegerGraph.load(args.qgraph or run.qgraph)
-    target = json.loads(args.target) if args.target else None
+    target = json.loads(args.target) if args.target and args.target.lstrip().startswith("{") else args.target
     so = Path(args.out) if args.out else run.so
     res = compile_so(graph, so, batch=args.batch, target=target)
     print(f"compiled {so} (batch {args.batch}, target {res.meta['target']}) in {res.seconds:.1f} s")
@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--qgraph", help="integer graph file (default RUN/model.qgraph.npz)")
     c.add_argument("--out", help="output .so (default RUN/model.so); the sidecar is written next to it (.json)")
     c.add_argument("--batch", type=int, default=1, help="compiled batch size (inputs are chunked to it)")
-    c.add_argument("--target", help="TVM target as a JSON dict (default: this CPU, detected)")
+    c.add_argument("--target", help="'host' (default: this CPU, mcpu detected), 'cuda' / 'cuda:sm_90', "
+                   "or a TVM target as a JSON dict")
     _add_json(c)
     c.set_defaults(func=cmd_compile)
 

@@ -74,7 +74,7 @@ def test_integer_graph_tracks_fakequant(tiny_model, tiny_data):
         fq = qm(torch.from_numpy(tiny_data)).numpy()
     fq_int = np.rint(fq / graph.output.scale) + graph.output.zero_point
     diff = np.abs(ref.astype(np.int64) - fq_int)
-    assert (diff == 0).mean() > 0.9 and diff.max() <= 3
+    assert (diff == 0).mean() > 0.999 and diff.max() <= 1   # int32 bias simulated: only tie-rounding differs
 
 
 def test_fakequant_save_load_roundtrip(tmp_path, tiny_model, tiny_data):
@@ -86,3 +86,17 @@ def test_fakequant_save_load_roundtrip(tmp_path, tiny_model, tiny_data):
     with torch.no_grad():
         assert torch.equal(qm(x), q2(x))
     assert fold_to_integer(q2).digest() == fold_to_integer(qm).digest()
+
+
+def test_cuda_build_compiles_here(tmp_path, tiny_model, tiny_data):
+    """The integer graph builds for CUDA on this GPU-less machine (run and timing need a GPU machine)."""
+    import shutil
+
+    import tvm
+
+    if shutil.which("nvcc") is None and not tvm.get_global_func("tvm_callback_cuda_compile", allow_missing=True):
+        pytest.skip("no CUDA compiler on this machine")
+    qm = quantize_rtn(tiny_model, tiny_data, QuantConfig(8, 8), progress=False)
+    res = compile_graph(fold_to_integer(qm), tmp_path / "cuda.so", batch=2, target="cuda")
+    assert res.so_path.stat().st_size > 0 and res.meta["target"]["kind"] == "cuda"
+    assert res.meta["target"]["host"]["kind"] == "llvm"

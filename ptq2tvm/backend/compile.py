@@ -29,6 +29,19 @@ def host_target(num_cores: int | None = None) -> dict[str, Any]:
     return {"kind": "llvm", "mcpu": str(llvm_get_system_cpu()), "num-cores": int(num_cores or os.cpu_count() or 1)}
 
 
+def resolve_target(target: str | dict[str, Any] | None) -> dict[str, Any]:
+    """None/'host' -> this CPU; 'cuda' or 'cuda:sm_XX' -> a CUDA target (sm_80 by default) with this CPU as host;
+    a dict is used as given (TVM JSON target)."""
+    if target is None or target in ("host", "cpu", "llvm"):
+        return host_target()
+    if isinstance(target, str) and target.startswith("cuda"):
+        arch = target.split(":", 1)[1] if ":" in target else "sm_80"
+        return {"kind": "cuda", "arch": arch, "host": host_target()}
+    if isinstance(target, dict):
+        return target
+    raise ValueError(f"unknown target {target!r}: use 'host', 'cuda', 'cuda:sm_90' or a TVM JSON target dict")
+
+
 def sidecar_path(so_path: str | Path) -> Path:
     return Path(so_path).with_suffix(".json")
 
@@ -61,7 +74,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
-                  target: dict[str, Any] | None = None) -> CompileResult:
+                  target: str | dict[str, Any] | None = None) -> CompileResult:
     """Build ``graph`` for ``target`` (default: this CPU) at a fixed ``batch`` and export ``so_path`` + sidecar.
 
     Nothing is left at ``so_path`` if any step fails.
@@ -70,7 +83,7 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
         raise ValueError(f"batch must be >= 1, got {batch}")
     so_path = Path(so_path)
     so_path.parent.mkdir(parents=True, exist_ok=True)
-    target = target or host_target()
+    target = resolve_target(target)
     t0 = time.perf_counter()
     mod = build_relax_module(graph, batch)
     ex = tvm.compile(mod, target=tvm.target.Target(target))

@@ -50,7 +50,9 @@ class CompiledModel:
         self.batch: int = int(self.meta["batch"])
         try:
             lib = tvm.runtime.load_module(str(_content_addressed_copy(self.so_path, self.meta["so_sha256"])))
-            self._vm = relax.VirtualMachine(lib, tvm.cpu())
+            kind = self.meta["target"].get("kind", "llvm")
+            self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu()
+            self._vm = relax.VirtualMachine(lib, self.device)
         except Exception as e:
             raise ArtifactError(f"cannot load {self.so_path}: {type(e).__name__}: {e}") from e
         self._fn = self._vm["main"]
@@ -74,7 +76,7 @@ class CompiledModel:
 
     def run_batch(self, q: np.ndarray) -> np.ndarray:
         """One call of the compiled function: uint8 input of exactly (batch, *input_shape)."""
-        return self._fn(self._tensor(np.ascontiguousarray(q))).numpy()
+        return self._fn(self._tensor(np.ascontiguousarray(q), self.device)).numpy()
 
     def run_int(self, q: np.ndarray) -> np.ndarray:
         """uint8 (N, ...) -> uint8 output (N, ...), any N (chunked into the compiled batch, last chunk padded)."""

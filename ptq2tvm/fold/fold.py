@@ -4,6 +4,12 @@ conv/dense:  acc_c = bias_c + sum q_x * q_w   (q_x padded with z_x, so padding i
              bias_c = round((b_c) / (s_w,c * s_x)) - z_x * sum(q_w,c)
              q_out = clamp(z_out + RHU(acc_c * m_c [+ (q_r - z_r) * mr_c], n_c), lo, hi)
 with (m_c, mr_c, n_c) the dyadic form of (s_w,c * s_x / s_out, s_r / s_out). RHU(v, n) = (v + 2^(n-1)) >> n.
+
+AdaQTransform layers (y = xi_c * (W_hat * x_hat) + b_c + eta_c) cost nothing extra (Eq. 9): xi_c goes into the
+requant multiplier, eta_c into the int32 bias:
+             bias_c = round((b_c + eta_c) / (xi_c * s_w,c * s_x)) - z_x * sum(q_w,c),  m_c ~ xi_c * s_w,c * s_x / s_out
+A channel with xi_c < 0 gets its integer weights negated (and so its bias and zero-point correction), which keeps the
+multiplier positive; at 8 bit a negated -128 does not fit int8 and is clipped to 127 (counted in graph meta).
 """
 
 from __future__ import annotations
@@ -42,15 +48,31 @@ def _clamp_bounds(qm: QuantModel, node_name: str, act: tuple[float, float] | Non
     return q.grid_bounds(*act) if act else (0, q.qmax)
 
 
-def _fold_weighted(qm: QuantModel, n: Any, tin: QTensor, tres: QTensor | None, tout: QTensor) -> IntNode:
+def _fold_weighted(qm: QuantModel, n: Any, tin: QTensor, tres: QTensor | None, tout: QTensor,
+                   stats: dict[str, int]) -> IntNode:
     layer = qm.layer(n.name)
     w = layer.weight.detach().double()
     s_w = layer.wq.scale.detach().double().numpy()
     q_w = layer.wq.integer(layer.weight.detach()).detach().numpy().astype(np.int64)
-    acc_scale = s_w * tin.scale
-    if np.any(acc_scale <= 0):
+    if np.any(s_w <= 0):
         raise QuantConfigError(f"layer '{n.name}': non-positive weight scale")
-    bias = np.rint(layer.bias.detach().double().numpy() / acc_scale)
+    b = layer.bias.detach().double().numpy()
+    acc_scale = s_w * tin.scale
+    if getattr(layer, "adaq", False):
+        xi = layer.xi.detach().double().numpy()
+        if np.any(xi == 0) or not np.all(np.isfinite(xi)):
+            raise QuantConfigError(f"layer '{n.name}': AdaQTransform scale xi must be finite and non-zero")
+        b = b + layer.eta.detach().double().numpy()
+        neg = xi < 0
+        if neg.any():
+            q_w = np.where(neg.reshape((-1,) + (1,) * (q_w.ndim - 1)), -q_w, q_w)
+            over = q_w > 127
+            if over.any():
+                stats["clipped_weights"] = stats.get("clipped_weights", 0) + int(over.sum())
+                q_w = np.minimum(q_w, 127)
+            stats["negative_xi_channels"] = stats.get("negative_xi_channels", 0) + int(neg.sum())
+        acc_scale = acc_scale * np.abs(xi)
+    bias = np.rint(b / acc_scale)
     bias = bias - tin.zero_point * q_w.reshape(q_w.shape[0], -1).sum(axis=1)
     if np.abs(bias).max(initial=0) > INT32_MAX // 2:
         raise QuantConfigError(f"layer '{n.name}': the int32 bias overflows ({np.abs(bias).max():.3g}); the bias is "
@@ -80,13 +102,14 @@ def fold_to_integer(qm: QuantModel) -> IntegerGraph:
     shapes = _shapes(qm)
     tensors: dict[str, QTensor] = {g.input_name: _qtensor(qm, g.input_name, shapes[g.input_name])}
     nodes: list[IntNode] = []
+    stats: dict[str, int] = {}
     for n in g.nodes:
         if n.op == "input":
             continue
         tin = tensors[n.inputs[0]]
         if n.op in ("conv", "linear"):
             tout = _qtensor(qm, n.name, shapes[n.name])
-            node = _fold_weighted(qm, n, tin, tensors[n.residual] if n.residual else None, tout)
+            node = _fold_weighted(qm, n, tin, tensors[n.residual] if n.residual else None, tout, stats)
         elif n.op == "add":
             tb = tensors[n.inputs[1]]
             tout = _qtensor(qm, n.name, shapes[n.name])
@@ -125,4 +148,7 @@ def fold_to_integer(qm: QuantModel) -> IntegerGraph:
     cfg = qm.config
     meta = dict(ptq2tvm_version=__version__, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
                 first_last_8bit=cfg.first_last_8bit)
+    if any(getattr(layer, "adaq", False) for layer in qm.layers.values()):
+        meta["adaqtransform"] = True
+        meta.update(stats)
     return IntegerGraph(tensors[g.input_name], nodes, g.output_name, meta)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..errors import ArtifactError, QuantConfigError
 from .graph import GRID_PRESERVING_OPS, OPS_WITH_WEIGHTS, FloatGraph, FloatNode
-from .quantizers import ActQuantizer, WeightQuantizer, check_bits
+from .quantizers import ActQuantizer, WeightQuantizer, check_bits, round_ste
 
 FAKEQUANT_FORMAT = "ptq2tvm-fakequant"
 FAKEQUANT_VERSION = 1
@@ -65,13 +65,36 @@ class QLayer(nn.Module):
         self.weight = nn.Parameter(node.weight.clone())
         self.bias = nn.Parameter(node.bias.clone())
         self.wq = WeightQuantizer(w_bits, node.weight.shape[0])
+        self.adaq = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def enable_adaq(self) -> "QLayer":
+        """AdaQTransform (Case 2.2 + shift): y = xi * (W_hat * x_hat) + b + eta, xi (de-quant step s_w' / s_w) and
+        eta per output channel, initialised to the identity (xi = 1, eta = 0). The fold merges both (Eq. 9)."""
+        if not self.adaq:
+            c = self.weight.shape[0]
+            self.xi = nn.Parameter(torch.ones(c))
+            self.eta = nn.Parameter(torch.zeros(c))
+            self.adaq = True
+        return self
+
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``in_scale``: the input's quantization step. When given (and weights are quantized), the bias is rounded
+        to the int32 accumulator grid |xi| * s_w * s_x exactly as the fold does, so the fake-quant model and the
+        integer graph agree bit for bit (up to half-even vs half-up ties)."""
         w = self.wq(self.weight)
+        b = self.bias
+        if self.adaq:
+            w = w * self.xi.view((-1,) + (1,) * (w.dim() - 1))
+            b = b + self.eta
+        if in_scale is not None and self.wq.enabled:
+            acc = self.wq.scale * in_scale
+            if self.adaq:
+                acc = acc * self.xi.abs()
+            b = round_ste(b / acc) * acc
         if self.op == "linear":
-            return F.linear(x, w, self.bias)
+            return F.linear(x, w, b)
         a = self.attrs
-        return F.conv2d(x, w, self.bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+        return F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
 
 
 class QuantModel(nn.Module):
@@ -153,6 +176,12 @@ class QuantModel(nn.Module):
             q.enabled = acts
         return self
 
+    def enable_adaq(self) -> "QuantModel":
+        """Turn AdaQTransform (xi, eta) on for every conv/linear layer."""
+        for layer in self.layers.values():
+            layer.enable_adaq()
+        return self
+
     def set_observing(self, on: bool) -> None:
         for q in self.act_quant.values():
             q.observing = on
@@ -170,7 +199,8 @@ class QuantModel(nn.Module):
     def _run_node(self, n: FloatNode, env: dict[str, torch.Tensor]) -> torch.Tensor:
         x = env[n.inputs[0]]
         if n.op in OPS_WITH_WEIGHTS:
-            y = self.layer(n.name)(x)
+            q_in = self.act_quantizer(n.inputs[0])
+            y = self.layer(n.name)(x, q_in.scale if q_in.enabled else None)
             if n.residual:
                 y = y + env[n.residual]
         elif n.op == "add":
@@ -208,6 +238,7 @@ class QuantModel(nn.Module):
             "config": asdict(self.config),
             "state_dict": self.state_dict(),
             "act_enabled": {k: q.enabled for k, q in self.act_quant.items()},
+            "adaq_layers": [k for k, layer in self.layers.items() if layer.adaq],
         }
         atomic_torch_save(blob, path)
         return path
@@ -229,6 +260,8 @@ class QuantModel(nn.Module):
         sd = blob["state_dict"]
         graph = graph_from_json(blob["graph"], sd)
         model = cls(graph, QuantConfig(**blob["config"]))
+        for k in blob.get("adaq_layers", []):
+            model.layers[k].enable_adaq()
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:

@@ -2,9 +2,21 @@
 
 Rounding in the fake-quant model is torch.round (half to even); the integer graph's requantize rounds half up
 (see docs/integer_arithmetic.md). Ranges are searched by minimizing the L_p error (p=2: MSE) over candidates.
+
+Reconstruction state (ptq2tvm.reconstruct), all off by default so calibration-only models behave as before:
+
+- ``WeightQuantizer``: AdaRound. ``init_adaround(w)`` adds the continuous rounding variable V (``alpha``) with the
+  rectified sigmoid h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1, initialised so
+  h(V) = frac(w / s). While ``soft`` the forward uses floor(w/s) + h(V); ``harden(w)`` returns the hard integers
+  floor(w/s) + [V >= 0] (callers bake them into the weight and drop V, so the fold needs nothing new).
+- ``ActQuantizer``: LSQ-style learnable step (``scale`` is an nn.Parameter; with ``lsq_grad_scale`` its gradient is
+  scaled by 1/sqrt(numel * Qp)) and QDrop (``drop_prob`` = probability of KEEPING quantization, per element;
+  None = always quantize).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -12,7 +24,7 @@ import torch.nn as nn
 from ..errors import QuantConfigError
 
 N_CANDIDATES = 100
-MAX_OBSERVED = 1 << 18
+MAX_OBSERVED = 1 << 17
 
 
 def check_bits(bits: int, what: str) -> int:
@@ -26,9 +38,27 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Identity in the forward pass, gradient multiplied by ``g`` (LSQ)."""
+    return (x - x * g).detach() + x * g
+
+
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
+
+
 def lp_error(x: torch.Tensor, y: torch.Tensor, p: float, dim: int | None = None) -> torch.Tensor:
-    d = (x - y).abs().pow(p)
+    d = (x - y).square() if p == 2 else (x - y).abs().pow(p)
     return d.sum() if dim is None else d.sum(dim=dim)
+
+
+def _candidate_chunks(elements: int, budget: int = 1 << 23) -> list[range]:
+    """Split the N_CANDIDATES shrink factors into chunks whose broadcast tensors stay under ``budget`` elements."""
+    step = max(1, min(N_CANDIDATES, budget // max(elements, 1)))
+    return [range(i, min(i + step, N_CANDIDATES)) for i in range(0, N_CANDIDATES, step)]
+
+
+def _shrink(idx: range) -> torch.Tensor:
+    return 1.0 - torch.tensor(list(idx), dtype=torch.float32) / N_CANDIDATES
 
 
 class WeightQuantizer(nn.Module):
@@ -39,6 +69,9 @@ class WeightQuantizer(nn.Module):
         self.bits = check_bits(bits, "weight bits")
         self.scale = nn.Parameter(torch.ones(channels))
         self.enabled = True
+        #: AdaRound rounding variable V (same shape as the weight), None when rounding to nearest.
+        self.alpha: nn.Parameter | None = None
+        self.soft = True
 
     @property
     def qmin(self) -> int:
@@ -54,29 +87,65 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def init_scale(self, w: torch.Tensor, p: float = 2.0) -> None:
         """Search the per-channel clipping range minimizing the L_p weight error."""
-        flat = w.detach().reshape(w.shape[0], -1).double()
+        flat = w.detach().reshape(w.shape[0], -1).float()
         absmax = flat.abs().amax(dim=1).clamp_min(1e-12)
         best_err = torch.full_like(absmax, float("inf"))
         best = absmax.clone()
-        for i in range(N_CANDIDATES):
-            clip = absmax * (1.0 - i / N_CANDIDATES)
-            s = (clip / max(self.qmax, 1)).unsqueeze(1)
+        for idx in _candidate_chunks(flat.numel()):
+            clip = _shrink(idx)[:, None] * absmax[None, :]                       # (k, C)
+            s = (clip / max(self.qmax, 1)).unsqueeze(2)                         # (k, C, 1)
             q = torch.clamp(torch.round(flat / s), self.qmin, self.qmax) * s
-            err = lp_error(flat, q, p, dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, clip, best)
-        self.scale.copy_((best / max(self.qmax, 1)).float())
+            err = lp_error(flat[None], q, p, dim=2)                             # (k, C)
+            e, k = err.min(dim=0)
+            better = e < best_err
+            best_err = torch.where(better, e, best_err)
+            best = torch.where(better, clip.gather(0, k[None])[0], best)
+        self.scale.copy_(best / max(self.qmax, 1))
 
     def integer(self, w: torch.Tensor) -> torch.Tensor:
         """The integer weights (as a float tensor of integral values)."""
+        if self.alpha is not None:
+            return self.harden(w)
         s = self.scale.view(self._shape(w))
         return torch.clamp(torch.round(w / s), self.qmin, self.qmax)
+
+    # ---- AdaRound ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_adaround(self, w: torch.Tensor) -> nn.Parameter:
+        """Start AdaRound: V such that h(V) = frac(w / s) (soft rounding reproduces w inside the range)."""
+        s = self.scale.detach().view(self._shape(w))
+        x = w.detach() / s
+        rest = (x - torch.floor(x)).clamp(1e-6, 1 - 1e-6)
+        v = -torch.log((ADAROUND_ZETA - ADAROUND_GAMMA) / (rest - ADAROUND_GAMMA) - 1)
+        self.alpha = nn.Parameter(v.float())
+        self.soft = True
+        return self.alpha
+
+    def h(self) -> torch.Tensor:
+        """Rectified sigmoid h(V) in [0, 1]."""
+        return torch.clamp(torch.sigmoid(self.alpha) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0, 1)
+
+    def round_reg(self, beta: float) -> torch.Tensor:
+        """AdaRound regulariser without lambda: SUM(1 - |2 h(V) - 1|^beta) (summed, not averaged)."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def harden(self, w: torch.Tensor) -> torch.Tensor:
+        """The hard AdaRound integers floor(w / s) + [V >= 0], clamped to the range."""
+        s = self.scale.view(self._shape(w))
+        return torch.clamp(torch.floor(w / s) + (self.alpha >= 0).to(w.dtype), self.qmin, self.qmax)
+
+    def clear_adaround(self) -> None:
+        self.alpha = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
         s = self.scale.view(self._shape(w))
+        if self.alpha is not None:
+            base = torch.floor(w.detach() / s.detach())
+            r = self.h() if self.soft else (self.alpha >= 0).to(w.dtype)
+            return torch.clamp(base + r, self.qmin, self.qmax) * s.detach()
         return torch.clamp(round_ste(w / s), self.qmin, self.qmax) * s
 
 
@@ -95,6 +164,11 @@ class ActQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int64))
         self.enabled = False
         self.observing = False
+        #: QDrop: probability of keeping quantization per element (None: always quantize).
+        self.drop_prob: float | None = None
+        self.drop_generator: torch.Generator | None = None
+        #: LSQ: scale the gradient of ``scale`` by 1/sqrt(numel(x) * qmax) (off: plain gradient).
+        self.lsq_grad_scale = False
         self._samples: list[torch.Tensor] = []
         self._min = float("inf")
         self._max = float("-inf")
@@ -132,19 +206,19 @@ class ActQuantizer(nn.Module):
         """Pick (scale, zero point) minimizing the L_p error over the observed samples."""
         if not self._samples:
             raise QuantConfigError("activation quantizer saw no calibration data")
-        x = torch.cat(self._samples).double()
+        x = torch.cat(self._samples).float()
         if x.numel() > MAX_OBSERVED:
             x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:MAX_OBSERVED]]
         lo, hi = (0.0 if self.nonneg else self._min), self._max
-        best, best_err = None, float("inf")
-        for i in range(N_CANDIDATES):
-            t = 1.0 - i / N_CANDIDATES
-            s, z = self._params_for(lo * t, hi * t)
-            q = (torch.clamp(torch.round(x / s) + z, 0, self.qmax) - z) * s
-            err = float(lp_error(x, q, p))
-            if err < best_err:
-                best, best_err = (s, z), err
-        s, z = best
+        params = [self._params_for(lo * (1.0 - i / N_CANDIDATES), hi * (1.0 - i / N_CANDIDATES))
+                  for i in range(N_CANDIDATES)]
+        errs = []
+        for idx in _candidate_chunks(x.numel()):
+            s = torch.tensor([params[i][0] for i in idx], dtype=torch.float32)[:, None]
+            z = torch.tensor([params[i][1] for i in idx], dtype=torch.float32)[:, None]
+            q = (torch.clamp(torch.round(x[None] / s) + z, 0, self.qmax) - z) * s
+            errs.append(lp_error(x[None], q, p, dim=1))
+        s, z = params[int(torch.cat(errs).argmin())]
         self.scale.data.fill_(s)
         self.zero_point.fill_(z)
         self._samples = []
@@ -155,8 +229,13 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         z = self.zero_point.to(x.dtype)
-        q = torch.clamp(round_ste(x / self.scale) + z, 0, self.qmax)
-        return (q - z) * self.scale
+        s = grad_scale(self.scale, 1.0 / math.sqrt(x.numel() * self.qmax)) if self.lsq_grad_scale else self.scale
+        q = torch.clamp(round_ste(x / s) + z, 0, self.qmax)
+        out = (q - z) * s
+        if self.drop_prob is not None and self.drop_prob < 1.0:
+            keep = torch.rand(x.shape, generator=self.drop_generator, device=x.device) < self.drop_prob
+            out = torch.where(keep, out, x)
+        return out
 
     def grid_bounds(self, lo: float, hi: float) -> tuple[int, int]:
         """Integer clamp bounds for a float clamp [lo, hi] applied before this quantizer."""

@@ -1,0 +1,230 @@
+"""Time the hand-scheduled int8 kernels on ResNet-18's layer shapes (224x224, batch 1) and estimate the network time.
+
+    .venv/bin/python benchmarks/kernel_bench.py [--threads 2] [--rounds 9] [--number 10] [--no-int4] [--quick]
+                                              [--explore] [--out benchmarks/results/kernel_bench.json]
+
+Every distinct conv shape is built once as a standalone .so with the hand schedule (no tuning); variants (int8,
+int8 + fused residual, int4 weights) are timed interleaved, round-robin, so that machine noise hits them alike; the
+table reports the median over rounds (and the best round). GMAC/s counts real MACs (the stem's 3 input channels, not
+the 4 it is padded to) and is compared with the VNNI peak: 64 MAC/cycle/core x 3.63 GHz x threads (467 GMAC/s on 2).
+The network estimate sums conv times x multiplicity (the second conv of each basic block with its residual fused)
+plus the ops between convs (input layout, max-pool, global average pool, fc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import kernels as K  # noqa: E402
+
+PEAK_MAC_PER_CYCLE_CORE = 64
+CLOCK_GHZ = 3.63
+
+# name, C, H(=W), O, k, stride, pad, ic_block, count without residual, count with fused residual
+RESNET18_CONVS = [
+    ("stem 7x7/2 3->64 @224", 3, 224, 64, 7, 2, 3, 4, 1, 0),
+    ("3x3 64->64 @56", 64, 56, 64, 3, 1, 1, 16, 2, 2),
+    ("3x3/2 64->128 @56", 64, 56, 128, 3, 2, 1, 16, 1, 0),
+    ("1x1/2 64->128 @56 (ds)", 64, 56, 128, 1, 2, 0, 16, 1, 0),
+    ("3x3 128->128 @28", 128, 28, 128, 3, 1, 1, 16, 1, 2),
+    ("3x3/2 128->256 @28", 128, 28, 256, 3, 2, 1, 16, 1, 0),
+    ("1x1/2 128->256 @28 (ds)", 128, 28, 256, 1, 2, 0, 16, 1, 0),
+    ("3x3 256->256 @14", 256, 14, 256, 3, 1, 1, 16, 1, 2),
+    ("3x3/2 256->512 @14", 256, 14, 512, 3, 2, 1, 16, 1, 0),
+    ("1x1/2 256->512 @14 (ds)", 256, 14, 512, 1, 2, 0, 16, 1, 0),
+    ("3x3 512->512 @7", 512, 7, 512, 3, 1, 1, 16, 1, 2),
+]
+
+
+def _conv_arrays(rng, c, h, o, k, s, p, icb, int4=False, residual=False, isa="vnni"):
+    x = rng.integers(0, 256, (1, c, h, h), dtype=np.uint8)
+    w = rng.integers(-8 if int4 else -128, 8 if int4 else 128, (o, c, k, k), dtype=np.int8)
+    oh = (h + 2 * p - k) // s + 1
+    bias = rng.integers(-(1 << 16), 1 << 16, o).astype(np.int32)
+    m = rng.integers(1 << 29, 1 << 31, o, dtype=np.int64).astype(np.int32)
+    sh = np.full(o, 40, np.int32)
+    params = K.pack_channel_params(bias, m, sh, m)
+    arrays = [K.nchw_to_nchwc(x, icb, 3), K.pack_conv_weight(w, 1, icb, isa=isa, int4=int4), *params[:3]]
+    if residual:
+        arrays += [rng.integers(0, 256, (1, -(-o // 16), oh, oh, 16), dtype=np.uint8), params[3]]
+    return arrays, oh
+
+
+def build_conv(rng, spec, target, isa, int4=False, residual=False, tile=None, rows=False):
+    """One conv kernel; ``rows=True``: the first conv in the interleaved row layout (conv2d_rows_requant)."""
+    name, c, h, o, k, s, p, icb, _, _ = spec
+    opts = {"tile": tile} if tile is not None else None
+    if rows:
+        x = rng.integers(0, 256, (1, c, h, h), dtype=np.uint8)
+        w = rng.integers(-8 if int4 else -128, 8 if int4 else 128, (o, c, k, k), dtype=np.int8)
+        params = K.pack_channel_params(rng.integers(-(1 << 16), 1 << 16, o).astype(np.int32),
+                                       rng.integers(1 << 29, 1 << 31, o, dtype=np.int64).astype(np.int32),
+                                       np.full(o, 40, np.int32))
+        arrays = [K.nchw_to_rows(x, k, s, p, 3), K.pack_rows_weight(w, isa=isa, int4=int4), *params]
+        kern = K.build_standalone(K.conv2d_rows_requant, arrays, target, options=opts, in_channels=c, in_width=h,
+                                  kernel=k, stride=s, padding=p, output_zero_point=5, isa=isa)
+        oh = (h + 2 * p - k) // s + 1
+    else:
+        arrays, oh = _conv_arrays(rng, c, h, o, k, s, p, icb, int4, residual, isa)
+        kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, options=opts, stride=s, padding=p,
+                                  input_zero_point=3, output_zero_point=5, isa=isa)
+    macs = oh * oh * o * c * k * k
+    return kern, arrays, macs
+
+
+def other_ops(rng, target, isa):
+    """The non-conv ops of ResNet-18 at batch 1, as (name, kernel, arrays)."""
+    ops = []
+    x = rng.integers(0, 256, (1, 3, 224, 224), dtype=np.uint8)
+    ops.append(("input NCHW -> rows", K.build_standalone(K.te_nchw_to_rows, [x], target, kernel=7, stride=2,
+                                                         padding=3, pad_value=3), [x]))
+    ops.append(("input NCHW -> NCHW4c", K.build_standalone(K.te_nchw_to_nchwc, [x], target, block=4, pad_value=3),
+                [x]))
+    y = rng.integers(0, 256, (1, 4, 112, 112, 16), dtype=np.uint8)
+    ops.append(("maxpool 3x3/2 64 @112", K.build_standalone(K.maxpool2d_nchwc, [y], target, kernel=3, stride=2,
+                                                             padding=1), [y]))
+    g = rng.integers(0, 256, (1, 32, 7, 7, 16), dtype=np.uint8)
+    mg, sg = K.pack_channel_params(np.full(512, 1 << 30, np.int32), np.full(512, 36, np.int32), kinds="ms")
+    ops.append(("global avgpool 512 @7", K.build_standalone(K.global_avgpool_nchwc_requant, [g, mg, sg], target),
+                [g, mg, sg]))
+    f = rng.integers(0, 256, (1, 512), dtype=np.uint8)
+    wd = rng.integers(-128, 128, (1000, 512), dtype=np.int8)
+    bd, md, sd = K.pack_channel_params(np.zeros(1000, np.int32), np.full(1000, 1 << 30, np.int32),
+                                       np.full(1000, 40, np.int32))
+    arr = [f, K.pack_dense_weight(wd, isa=isa), bd, md, sd]
+    ops.append(("fc 512->1000", K.build_standalone(K.dense_requant, arr, target, out_features=1000, isa=isa), arr))
+    return ops
+
+
+def interleaved(timers: dict, rounds: int) -> dict:
+    res = {k: [] for k in timers}
+    for t in timers.values():
+        t()                                    # warm-up
+    for _ in range(rounds):
+        for k, t in timers.items():
+            res[k].append(t())
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--number", type=int, default=10, help="runs per timing round")
+    ap.add_argument("--no-int4", action="store_true")
+    ap.add_argument("--isa", default=None, help="vnni | avx2 (default: from this CPU)")
+    ap.add_argument("--mcpu", default=None, help="LLVM mcpu (default: this CPU)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernel_bench.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.number = 3, 3
+    mcpu = args.mcpu or ("haswell" if args.isa == "avx2" else None)
+    target = K.host_target(args.threads, mcpu)
+    isa = args.isa or K.target_isa(target)
+    peak = PEAK_MAC_PER_CYCLE_CORE * CLOCK_GHZ * args.threads if isa == "vnni" else None
+    rng = np.random.default_rng(0)
+
+    timers, meta = {}, {}
+    t0 = time.perf_counter()
+    for spec in RESNET18_CONVS:
+        name, *_, n_plain, n_res = spec
+        first = spec[7] == 4
+        variants = [("int8", False, False, first)]
+        if first:
+            variants.append(("int8 4c", False, False, False))        # NCHW4c stem, for comparison
+        if n_res:
+            variants.append(("int8+res", False, True, False))
+        if not args.no_int4:
+            variants.append(("int4w", True, False, first))
+        for vname, int4, res, rows in variants:
+            kern, arrays, macs = build_conv(rng, spec, target, isa, int4=int4, residual=res, rows=rows)
+            timers[(name, vname)] = kern.timer(*arrays, number=args.number)
+            oh = (spec[2] + 2 * spec[6] - spec[4]) // spec[5] + 1
+            tile = K.choose_conv_tile(1, -(-spec[3] // 16), oh, oh, isa=isa, threads=args.threads, int4=int4)
+            meta[(name, vname)] = dict(macs=macs, tile=tile.as_list())
+    for oname, kern, arrays in other_ops(rng, target, isa):
+        timers[(oname, "op")] = kern.timer(*arrays, number=args.number)
+        meta[(oname, "op")] = dict(macs=0)
+    build_s = time.perf_counter() - t0
+    res = interleaved(timers, args.rounds)
+
+    rows = []
+    for key, ts in res.items():
+        med, best = float(np.median(ts)), float(min(ts))
+        macs = meta[key]["macs"]
+        row = dict(layer=key[0], variant=key[1], median_us=med * 1e6, best_us=best * 1e6, macs=macs,
+                   tile=meta[key].get("tile"))
+        if macs:
+            row["gmacs"] = macs / med / 1e9
+            row["gmacs_best"] = macs / best / 1e9
+            if peak:
+                row["pct_peak"] = 100 * row["gmacs"] / peak
+        rows.append(row)
+
+    by = {(r["layer"], r["variant"]): r for r in rows}
+    total = {"int8": 0.0, "int4w": 0.0}
+    total_best = {"int8": 0.0, "int4w": 0.0}
+    conv_macs = 0
+    for spec in RESNET18_CONVS:
+        name, *_, n_plain, n_res = spec
+        plain = by[(name, "int8")]
+        resr = by.get((name, "int8+res"), plain)
+        conv_macs += plain["macs"] * (n_plain + n_res)
+        for kind in total:
+            src_plain = by.get((name, kind), plain) if kind == "int4w" else plain
+            src_res = by.get((name, kind), resr) if kind == "int4w" else resr
+            total[kind] += n_plain * src_plain["median_us"] + n_res * src_res["median_us"]
+            total_best[kind] += n_plain * src_plain["best_us"] + n_res * src_res["best_us"]
+    # the network uses the row-layout stem, so its input op is "NCHW -> rows" (the NCHW4c op is only for comparison)
+    others = sum(r["median_us"] for r in rows if r["variant"] == "op" and "NCHW4c" not in r["layer"])
+    others_best = sum(r["best_us"] for r in rows if r["variant"] == "op" and "NCHW4c" not in r["layer"])
+
+    hdr = f"{'layer':28s} {'variant':9s} {'tile P,Q,R':11s} {'median us':>10s} {'best us':>9s} {'GMAC/s':>7s} " \
+          f"{'%peak':>6s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        tile = ",".join(map(str, r["tile"])) if r.get("tile") else ""
+        g = f"{r['gmacs']:7.1f}" if "gmacs" in r else " " * 7
+        pp = f"{r['pct_peak']:6.1f}" if "pct_peak" in r else " " * 6
+        print(f"{r['layer']:28s} {r['variant']:9s} {tile:11s} {r['median_us']:10.1f} {r['best_us']:9.1f} {g} {pp}")
+    print()
+    print(f"ResNet-18 convs: {conv_macs / 1e9:.3f} GMAC; peak {peak or float('nan'):.0f} GMAC/s -> "
+          f"{(conv_macs / peak / 1e6) if peak else float('nan'):.2f} ms at 100% of peak")
+    for kind in total:
+        est = (total[kind] + others) / 1e3
+        est_b = (total_best[kind] + others_best) / 1e3
+        print(f"estimated network ({kind} weights): convs {total[kind] / 1e3:.2f} ms + other ops {others / 1e3:.2f} ms"
+              f" = {est:.2f} ms median ({est_b:.2f} ms from best rounds)")
+
+    out = dict(
+        machine=dict(cpu=platform.processor() or platform.machine(), mcpu=str(target.attrs.get("mcpu")),
+                     threads=args.threads, cpu_count=os.cpu_count(), isa=isa),
+        peak_gmacs=peak, rounds=args.rounds, number=args.number, build_seconds=round(build_s, 1),
+        rows=rows,
+        resnet18=dict(conv_gmac=conv_macs / 1e9, conv_ms_int8=total["int8"] / 1e3,
+                      conv_ms_int4w=total["int4w"] / 1e3, other_ops_ms=others / 1e3,
+                      est_total_ms_int8=(total["int8"] + others) / 1e3,
+                      est_total_ms_int4w=(total["int4w"] + others) / 1e3,
+                      est_total_ms_int8_best=(total_best["int8"] + others_best) / 1e3),
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""Exact int8 (and packed-int4-weight) CPU kernels for ptq2tvm: TE computes in a blocked NCHW[16]c layout,
+tensor intrinsics (AVX-512 VNNI vpdpbusd, exact AVX2 vpmaddwd) and hand schedules that need no tuning.
+
+Typical use in a Relax build (see :mod:`kernels.schedule` for the loop structure)::
+
+    import kernels as K
+    isa = K.target_isa(target)                                  # 'vnni' or 'avx2'
+    wp = K.pack_conv_weight(w_oihw, groups, ic_block=16, isa=isa)
+    b, m, s = K.pack_channel_params(bias, mult, shift)
+    y = bb.emit_te(K.conv2d_nchwc_requant, x_blocked, relax.const(wp), relax.const(b), relax.const(m),
+                   relax.const(s), stride=(1, 1), padding=(1, 1), input_zero_point=zx, output_zero_point=zo,
+                   lo=0, hi=255, isa=isa)
+    ...
+    mod = K.schedule_module(bb.get(), target)
+    ex = tvm.compile(mod, target)
+
+Layouts and packing: :mod:`kernels.layout`. Arithmetic: :mod:`kernels.ops` (and :mod:`kernels.reference`, the numpy
+truth).
+"""
+
+from .intrin import (AVX2_INTRIN, VNNI_INTRIN, patch_tvm_vnni_intrinsic, register_avx2_intrinsic,
+                     register_vnni_intrinsic)
+from .layout import (BLOCK, FIRST_BLOCK, conv_weight_mode, nchw_to_nchwc, nchw_to_rows, nchwc_to_nchw,
+                     pack_channel_params, pack_conv_weight, pack_dense_weight, pack_rows_weight, rows_weight,
+                     unpack_int4)
+from .ops import (KERNEL_ATTR, add_requant_nchwc, avgpool2d_nchwc_requant, clamp_nchwc, conv2d_nchwc_requant,
+                  conv2d_rows_requant, dense_requant, global_avgpool_nchwc_requant, maxpool2d_nchwc, nchwc_flatten,
+                  requant_expr, rows_layout)
+from .ops import nchw_to_rows as te_nchw_to_rows
+from .ops import nchw_to_nchwc as te_nchw_to_nchwc
+from .ops import nchwc_to_nchw as te_nchwc_to_nchw
+from .standalone import StandaloneKernel, build_standalone, host_target
+from .schedule import (ConvTile, choose_conv_tile, kernel_kind, schedule_conv2d_nchwc, schedule_module,
+                       schedule_primfunc, target_isa)
+
+__all__ = [
+    "AVX2_INTRIN", "VNNI_INTRIN", "patch_tvm_vnni_intrinsic", "register_avx2_intrinsic", "register_vnni_intrinsic",
+    "BLOCK", "FIRST_BLOCK", "conv_weight_mode", "nchw_to_rows", "pack_rows_weight", "rows_weight",
+    "conv2d_rows_requant", "rows_layout", "te_nchw_to_rows", "nchw_to_nchwc", "nchwc_to_nchw", "pack_channel_params",
+    "pack_conv_weight", "pack_dense_weight", "unpack_int4",
+    "KERNEL_ATTR", "add_requant_nchwc", "avgpool2d_nchwc_requant", "clamp_nchwc", "conv2d_nchwc_requant",
+    "dense_requant", "global_avgpool_nchwc_requant", "maxpool2d_nchwc", "nchwc_flatten", "requant_expr",
+    "te_nchw_to_nchwc", "te_nchwc_to_nchw",
+    "ConvTile", "choose_conv_tile", "kernel_kind", "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc",
+    "target_isa", "StandaloneKernel", "build_standalone", "host_target",
+]

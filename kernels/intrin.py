@@ -1,0 +1,154 @@
+"""Tensor intrinsics for exact u8 x s8 -> s32 dot products on x86.
+
+Both intrinsics compute the same thing (their TIR "description"): for one 16-lane output-channel vector C and one
+group of 4 input channels,
+
+    C[i] += int32(A[k]) * int32(B[i, k])      i in 0..15 (output channels), k in 0..3 (input channels)
+
+with A uint8 (activations) and B int8 (weights). Both are exact for every uint8 x int8 input:
+
+* ``vnni``: one ``vpdpbusd zmm`` (AVX-512 VNNI). vpdpbusd multiplies unsigned bytes by signed bytes, adds the four
+  16-bit products of each lane into the int32 accumulator without saturation (``vpdpbusds`` would saturate; it is not
+  used). LLVM 22 declares ``llvm.x86.avx512.vpdpbusd.512`` with ``<64 x i8>`` multiplicands, so the operands are
+  passed as uint8x64 / int8x64 (the intrinsic TVM 0.27 ships passes int32x16 and fails LLVM verification).
+  Weight block layout: ``B[16, 4]`` = 64 contiguous bytes, output channel major.
+* ``avx2``: no VNNI. Bytes are widened to int16 (zero-extend activations, sign-extend weights) and multiplied with
+  ``vpmaddwd`` (int16 x int16 pairs summed into int32). Every product is at most 255 * 128 = 32640 in magnitude and the
+  pair sum at most 65280, so nothing saturates (``vpmaddubsw``, which the shipped ``dot_16x4_avx512`` uses, saturates
+  to int16 and is wrong for large values; it is never used here). Weight block layout: ``B[2, 16, 2]`` =
+  [input-channel pair, output channel, channel within pair], so one ``vpmaddwd`` yields 8 output channels.
+
+The accumulator buffer C is declared with scope ``"local"`` (the hand schedules keep the accumulator tile in a
+``local`` buffer that LLVM promotes to registers) or ``"global"`` (for MetaSchedule / other callers).
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+VNNI_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_vnni"
+AVX2_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_avx2"
+_SCOPES = ("global", "local")
+_registered: set[str] = set()
+
+
+def _vnni_pair(scope: str):
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a32, 16), dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16",
+            )
+
+    return desc, impl
+
+
+def _avx2_pair(scope: str):
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((2, 16, 2), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:2, 0:16, 0:2])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vk // 2, vi, vk % 2], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((2, 16, 2), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:2, 0:16, 0:2])
+            T.writes(C[0:16])
+            # activation pairs (a0, a1) and (a2, a3), zero-extended to int16 and broadcast as one int32 per lane
+            a01 = T.broadcast(T.reinterpret(T.cast(A.vload([0], "uint8x2"), "int16x2"), dtype="int32"), 8)
+            a23 = T.broadcast(T.reinterpret(T.cast(A.vload([2], "uint8x2"), "int16x2"), dtype="int32"), 8)
+            a01w = T.reinterpret(a01, dtype="int16x16")
+            a23w = T.reinterpret(a23, dtype="int16x16")
+            # weights of input-channel pair p for output channels 0-7 / 8-15, sign-extended to int16
+            w0lo = T.cast(B.vload([0, 0, 0], "int8x16"), "int16x16")
+            w1lo = T.cast(B.vload([1, 0, 0], "int8x16"), "int16x16")
+            w0hi = T.cast(B.vload([0, 8, 0], "int8x16"), "int16x16")
+            w1hi = T.cast(B.vload([1, 8, 0], "int8x16"), "int16x16")
+            lo = (T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a01w, w0lo,
+                                          dtype="int32x8")
+                  + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a23w, w1lo,
+                                            dtype="int32x8"))
+            hi = (T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a01w, w0hi,
+                                          dtype="int32x8")
+                  + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a23w, w1hi,
+                                            dtype="int32x8"))
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + lo
+            C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + hi
+
+    return desc, impl
+
+
+def _name(base: str, scope: str) -> str:
+    return base if scope == "global" else f"{base}_{scope}"
+
+
+def _register(base: str, maker, scope: str) -> str:
+    if scope not in _SCOPES:
+        raise ValueError(f"accumulator scope must be one of {_SCOPES}, got {scope!r}")
+    name = _name(base, scope)
+    if name not in _registered:
+        desc, impl = maker(scope)
+        TensorIntrin.register(name, desc, impl, override=True)
+        _registered.add(name)
+    return name
+
+
+def register_vnni_intrinsic(scope: str = "global") -> str:
+    """Register (idempotently) the AVX-512 VNNI u8 x s8 16x4 dot product; return its name.
+
+    ``scope`` is the storage scope of the int32 accumulator buffer the intrinsic may be tensorized onto.
+    """
+    return _register(VNNI_INTRIN, _vnni_pair, scope)
+
+
+def register_avx2_intrinsic(scope: str = "global") -> str:
+    """Register (idempotently) the exact AVX2 (vpmaddwd) u8 x s8 16x4 dot product; return its name.
+
+    Its weight operand is laid out ``[2, 16, 2]`` (see the module docstring), i.e. packed with ``isa="avx2"``.
+    """
+    return _register(AVX2_INTRIN, _avx2_pair, scope)
+
+
+def patch_tvm_vnni_intrinsic() -> str:
+    """Re-register TVM's own ``dot_16x4_vnni`` with the LLVM-22-compatible implementation (override=True).
+
+    MetaSchedule's x86 "vnni" rules tensorize with that name; after this call the code they produce verifies and
+    uses vpdpbusd. Returns the name. Idempotent.
+    """
+    from tvm.s_tir.tensor_intrin import x86  # noqa: F401  (registers the originals first, so ours wins)
+
+    name = "dot_16x4_vnni"
+    if name not in _registered:
+        desc, impl = _vnni_pair("global")
+        TensorIntrin.register(name, desc, impl, override=True)
+        _registered.add(name)
+    return name

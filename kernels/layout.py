@@ -1,0 +1,212 @@
+"""Blocked layouts and compile-time (numpy) weight packing.
+
+Activation layout ``NCHW[c]c`` ("blocked"): a uint8 tensor ``(N, C/c, H, W, c)`` holding channel ``k`` of pixel
+``(h, w)`` at ``[n, k // c, h, w, k % c]``. Channels are padded up to a multiple of ``c``; the padding channels hold
+the tensor's zero point (or anything: every weight that reads them is zero). The network uses ``c = 16``
+(:data:`BLOCK`) everywhere except the network input, which uses ``c = 4`` (:data:`FIRST_BLOCK`, e.g. RGB 3 -> 4).
+
+Conv weights (OIHW int8, groups ``g``) are packed once, at compile time, for the 16-output-channel x 4-input-channel
+dot product of :mod:`kernels.intrin`:
+
+* ``isa="vnni"``:  ``(O/16, Cg/icb, KH, KW, icb/4, 16, 4)``  -- ``[ob, icb, kh, kw, cf, oci, ics]`` holds
+  ``w[ob*16 + oci, icb*icb_size + cf*4 + ics, kh, kw]``.
+* ``isa="avx2"``:  ``(O/16, Cg/icb, KH, KW, icb/4, 2, 16, 2)`` -- ``[..., cf, p, oci, j]`` holds input channel
+  ``cf*4 + 2p + j`` (pairs for ``vpmaddwd``).
+* ``int4=True`` (values must lie in [-8, 7]): the 64 weights of each ``[16, 4]`` (vnni) or ``[2, 16, 2]`` (avx2)
+  block, flattened in that order to ``e[0..63]``, are stored in 32 bytes: ``byte[j] = (e[j] & 15) | (e[j+32] << 4)``,
+  shape ``(O/16, Cg/icb, KH, KW, icb/4, 32)`` uint8. The kernel unpacks them (sign-extending each nibble) into a
+  small int8 tile right before use.
+* depthwise (``groups == C == O``): ``(C/16, KH, KW, 16)`` int8, ``[cb, kh, kw, ci]`` = ``w[cb*16 + ci, 0, kh, kw]``.
+* grouped convs whose per-group channel counts are multiples of the blocks (``O/g % 16 == 0``, ``C/g % icb == 0``)
+  keep the group structure (``Cg/icb`` input blocks per output block, offset by the group); every other grouping
+  (e.g. depthwise with a channel multiplier) is expanded to an equivalent dense block-diagonal weight (exact, slower).
+
+Output channels are padded to a multiple of 16 with zero weights; :func:`pack_channel_params` pads the per-channel
+int32 arrays to match (bias 0, multiplier 0, shift 1: the padding channels output ``clamp(z_out, lo, hi)``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 16        # channel block of activations inside the network (= output-channel lanes of the dot product)
+FIRST_BLOCK = 4   # channel block of the network input (3 -> 4 channels)
+ISAS = ("vnni", "avx2")
+
+
+def _ceil_to(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def conv_weight_mode(out_channels: int, in_channels: int, groups: int, ic_block: int = BLOCK,
+                     oc_block: int = BLOCK) -> str:
+    """How a conv with these channel counts is packed: 'dense', 'grouped', 'depthwise' or 'expanded'."""
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"channels ({in_channels}, {out_channels}) not divisible by groups={groups}")
+    if groups == 1:
+        return "dense"
+    if groups == in_channels == out_channels and ic_block == oc_block:
+        return "depthwise"
+    if (out_channels // groups) % oc_block == 0 and (in_channels // groups) % ic_block == 0:
+        return "grouped"
+    return "expanded"
+
+
+def _check_blocks(ic_block: int, oc_block: int, isa: str) -> None:
+    if oc_block != BLOCK:
+        raise ValueError(f"oc_block must be {BLOCK} (the 16 int32 lanes of one zmm accumulator), got {oc_block}")
+    if ic_block % 4 or ic_block <= 0:
+        raise ValueError(f"ic_block must be a positive multiple of 4, got {ic_block}")
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+
+
+def _check_range(w: np.ndarray, int4: bool) -> None:
+    lo, hi = (-8, 7) if int4 else (-128, 127)
+    if w.size and (w.min() < lo or w.max() > hi):
+        raise ValueError(f"weights outside [{lo}, {hi}] cannot be packed as {'int4' if int4 else 'int8'}")
+
+
+def _pack_nibbles(blocks: np.ndarray) -> np.ndarray:
+    """(..., 64) int8 in [-8, 7] -> (..., 32) uint8, byte j = e[j] & 15 | e[j+32] << 4."""
+    e = blocks.astype(np.int16) & 15
+    return (e[..., :32] | (e[..., 32:] << 4)).astype(np.uint8)
+
+
+def _pack_dense_core(w: np.ndarray, ic_block: int, isa: str, int4: bool) -> np.ndarray:
+    """w: (Opad, Cpad, KH, KW) int8 with Opad % 16 == 0 and Cpad % ic_block == 0."""
+    o, c, kh, kw = w.shape
+    ob, cb, cf = o // BLOCK, c // ic_block, ic_block // 4
+    t = w.reshape(ob, BLOCK, cb, cf, 4, kh, kw)
+    if isa == "vnni":
+        p = t.transpose(0, 2, 5, 6, 3, 1, 4)                      # ob, cb, kh, kw, cf, oci, ics
+    else:
+        p = t.reshape(ob, BLOCK, cb, cf, 2, 2, kh, kw).transpose(0, 2, 6, 7, 3, 4, 1, 5)  # ..., cf, p, oci, j
+    p = np.ascontiguousarray(p, dtype=np.int8)
+    if int4:
+        p = _pack_nibbles(p.reshape(ob, cb, kh, kw, cf, 64))
+    return np.ascontiguousarray(p)
+
+
+def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, ic_block: int = BLOCK, oc_block: int = BLOCK,
+                     isa: str = "vnni", int4: bool = False) -> np.ndarray:
+    """Pack an OIHW int8 conv weight for :func:`kernels.conv2d_nchwc_requant` (see the module docstring).
+
+    ``ic_block`` is the channel block of the conv's *input* activation (16 inside the network, 4 for the first conv);
+    the input channels are zero-padded up to a multiple of it. Values must be int8 (or int4 with ``int4=True``).
+    """
+    _check_blocks(ic_block, oc_block, isa)
+    w = np.asarray(w_oihw)
+    if w.ndim != 4:
+        raise ValueError(f"expected an OIHW weight, got shape {w.shape}")
+    _check_range(w, int4)
+    o, cg, kh, kw = w.shape
+    c = cg * groups
+    mode = conv_weight_mode(o, c, groups, ic_block, oc_block)
+    if mode == "depthwise":
+        if int4:
+            raise ValueError("int4 packing is not supported for depthwise convs (they do not use the dot product)")
+        cpad = _ceil_to(c, BLOCK)
+        full = np.zeros((cpad, kh, kw), np.int8)
+        full[:c] = w[:, 0]
+        return np.ascontiguousarray(full.reshape(cpad // BLOCK, BLOCK, kh, kw).transpose(0, 2, 3, 1))
+    if mode == "expanded":
+        og = o // groups
+        full = np.zeros((o, c, kh, kw), np.int8)
+        for g in range(groups):
+            full[g * og:(g + 1) * og, g * cg:(g + 1) * cg] = w[g * og:(g + 1) * og]
+        w, cg = full, c
+    opad, cpad = _ceil_to(o, BLOCK), _ceil_to(cg, ic_block)
+    padded = np.zeros((opad, cpad, kh, kw), np.int8)
+    padded[:o, :cg] = w
+    return _pack_dense_core(padded, ic_block, isa, int4)
+
+
+def pack_dense_weight(w_ok: np.ndarray, isa: str = "vnni", int4: bool = False) -> np.ndarray:
+    """Pack a (O, K) int8 linear weight: ``(O/16, K/4, 16, 4)`` (vnni), ``(O/16, K/4, 2, 16, 2)`` (avx2) or
+    ``(O/16, K/4, 32)`` uint8 (int4). O is zero-padded to a multiple of 16 and K to a multiple of 4."""
+    _check_blocks(4, BLOCK, isa)
+    w = np.asarray(w_ok)
+    if w.ndim != 2:
+        raise ValueError(f"expected an (O, K) weight, got shape {w.shape}")
+    _check_range(w, int4)
+    o, k = w.shape
+    padded = np.zeros((_ceil_to(o, BLOCK), _ceil_to(k, 4), 1, 1), np.int8)
+    padded[:o, :k, 0, 0] = w
+    p = _pack_dense_core(padded, 4, isa, int4)        # (ob, k/4, 1, 1, 1, ...)
+    return np.ascontiguousarray(p.reshape(p.shape[0], p.shape[1], *p.shape[5:]))
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """Inverse of the nibble packing: (..., 32) uint8 -> (..., 64) int8 in [-8, 7] (block element order)."""
+    p = np.asarray(packed).astype(np.int16)
+    lo, hi = p & 15, p >> 4
+    e = np.concatenate([lo, hi], axis=-1)
+    return ((e ^ 8) - 8).astype(np.int8)
+
+
+def pack_channel_params(*arrays: np.ndarray, channels: int | None = None, kinds: str | None = None,
+                        block: int = BLOCK) -> list[np.ndarray]:
+    """Pad per-output-channel int32 arrays to a multiple of ``block``.
+
+    ``kinds`` names each array's role, one letter each: 'b' bias (pad 0), 'm' multiplier (pad 0), 's' shift (pad 1).
+    Default: "bms" for three arrays, "bmsm" for four (bias, mult, shift, residual mult), else all zeros.
+    """
+    if kinds is None:
+        kinds = {3: "bms", 4: "bmsm"}.get(len(arrays), "b" * len(arrays))
+    out = []
+    for a, k in zip(arrays, kinds):
+        a = np.asarray(a, dtype=np.int32).reshape(-1)
+        n = _ceil_to(channels or a.size, block)
+        p = np.full(n, 1 if k == "s" else 0, np.int32)
+        p[:a.size] = a
+        out.append(p)
+    return out
+
+
+def nchw_to_nchwc(x: np.ndarray, block: int = BLOCK, pad_value: int = 0) -> np.ndarray:
+    """numpy: (N, C, H, W) -> (N, ceil(C/block), H, W, block), padding channels filled with ``pad_value``."""
+    n, c, h, w = x.shape
+    cpad = _ceil_to(c, block)
+    full = np.full((n, cpad, h, w), pad_value, dtype=x.dtype)
+    full[:, :c] = x
+    return np.ascontiguousarray(full.reshape(n, cpad // block, block, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def nchwc_to_nchw(x: np.ndarray, channels: int | None = None) -> np.ndarray:
+    """numpy: (N, CB, H, W, c) -> (N, channels, H, W)."""
+    n, cb, h, w, c = x.shape
+    out = x.transpose(0, 1, 4, 2, 3).reshape(n, cb * c, h, w)
+    return np.ascontiguousarray(out[:, :channels] if channels is not None else out)
+
+
+
+def rows_weight(w_oihw: np.ndarray) -> np.ndarray:
+    """OIHW (O, C, KH, KW) -> the equivalent (O, 4G, KH, 1) weight of the row-layout first conv
+    (:func:`kernels.conv2d_rows_requant`): input "channel" ``kw*C + c`` (G = ceil(KW*C/4), zero past KW*C)."""
+    w = np.asarray(w_oihw)
+    o, c, kh, kw = w.shape
+    g = -(-(kw * c) // 4)
+    out = np.zeros((o, 4 * g, kh, 1), np.int8)
+    out[:, :kw * c, :, 0] = w.transpose(0, 3, 1, 2).reshape(o, kw * c, kh)
+    return out
+
+
+def pack_rows_weight(w_oihw: np.ndarray, isa: str = "vnni", int4: bool = False) -> np.ndarray:
+    """Pack the first conv's OIHW weight for :func:`kernels.conv2d_rows_requant`: (O/16, 1, KH, 1, G, 16, 4) (vnni),
+    the avx2 / int4 variants as in :func:`pack_conv_weight`."""
+    wr = rows_weight(w_oihw)
+    return pack_conv_weight(wr, 1, ic_block=wr.shape[1], isa=isa, int4=int4)
+
+
+def nchw_to_rows(x: np.ndarray, kernel=(7, 7), stride=(2, 2), padding=(3, 3), pad_value: int = 0,
+                 left: int = 16) -> np.ndarray:
+    """numpy twin of :func:`kernels.ops.nchw_to_rows`."""
+    from .ops import rows_layout
+
+    n, c, h, w = x.shape
+    g = rows_layout(c, h, w, kernel, stride, padding, left)
+    ph = padding[0] if not isinstance(padding, int) else padding
+    out = np.full((n, g["rows"], g["row_pixels"], c), pad_value, x.dtype)
+    out[:, ph:ph + h, left:left + w, :] = x.transpose(0, 2, 3, 1)
+    return out.reshape(n, g["rows"], g["row_pixels"] * c)

@@ -1,0 +1,475 @@
+"""TE compute definitions of the integer ops in the blocked ``NCHW[c]c`` layout (see :mod:`kernels.layout`).
+
+Every function takes ``te.Tensor`` arguments plus python-int attributes, so it can be passed to
+``relax.BlockBuilder.emit_te`` as is. The final compute of each op carries the block annotation
+``ptq2tvm_kernel = <kind>``; :func:`kernels.schedule_module` finds the PrimFuncs by it and applies the hand schedule.
+
+Arithmetic (exactly the project's integer contract; all ints):
+
+    x_pad  = pad(x, padding, value=z_x)                                             uint8
+    acc    = bias[o] + sum_{c in group(o), kh, kw} int32(x_pad[..]) * int32(w[o, c, kh, kw])   int32
+    v      = int64(acc) * int64(m[o])  [+ (int64(r) - z_r) * int64(mr[o])]          int64
+    out    = clamp(z_out + ((v + (1 << (sh[o] - 1))) >> sh[o]), lo, hi)              uint8 (arithmetic shift)
+
+Intermediate names used by the schedules: ``pad`` (zero-point padded input), ``w_unpack`` (int4 -> int8 tile),
+``acc`` (int32 reduction, bias not included) and the annotated output block.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import tvm.tirx as tir
+from tvm import te
+
+from .layout import BLOCK
+
+KERNEL_ATTR = "ptq2tvm_kernel"
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+def _shape(t: te.Tensor) -> tuple[int, ...]:
+    return tuple(int(v) for v in t.shape)
+
+
+def _i64(v: tir.PrimExpr) -> tir.PrimExpr:
+    return v.astype("int64")
+
+
+def requant_expr(terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]], shift: tir.PrimExpr, zero_point: int, lo: int,
+                 hi: int) -> tir.PrimExpr:
+    """clamp(zero_point + ((sum_k int64(t_k) * int64(m_k)) + 2^(shift-1)) >> shift, lo, hi) as uint8."""
+    v = _i64(terms[0][0]) * _i64(terms[0][1])
+    for t, m in terms[1:]:
+        v = v + _i64(t) * _i64(m)
+    n = _i64(shift)
+    one = tir.const(1, "int64")
+    r = tir.shift_right(v + tir.shift_left(one, n - one), n) + tir.const(int(zero_point), "int64")
+    r = tir.max(tir.min(r, tir.const(int(hi), "int64")), tir.const(int(lo), "int64"))
+    return r.astype("uint8")
+
+
+def _pad_nchwc(x: te.Tensor, ph: int, pw: int, value: int, name: str = "pad") -> te.Tensor:
+    if ph == 0 and pw == 0:
+        return x
+    n, cb, h, w, c = _shape(x)
+
+    def f(b, k, i, j, ci):
+        inside = tir.all(i >= ph, i < h + ph, j >= pw, j < w + pw)
+        return tir.if_then_else(inside, x[b, k, i - ph, j - pw, ci], tir.const(int(value), x.dtype))
+
+    return te.compute((n, cb, h + 2 * ph, w + 2 * pw, c), f, name=name)
+
+
+def _out_hw(h, w, k, s, p, d):
+    return ((h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1, (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1)
+
+
+def _weight_format(w: te.Tensor, isa: str) -> tuple[str, bool]:
+    """-> (layout, int4) of a packed conv/dense weight."""
+    nd = len(w.shape)
+    if w.dtype == "uint8":
+        return isa, True
+    if w.dtype != "int8":
+        raise ValueError(f"packed weights must be int8 (or uint8 for int4), got {w.dtype}")
+    return ("avx2" if nd in (5, 8) else "vnni"), False
+
+
+def _unpack_int4(wp: te.Tensor, isa: str, lead: tuple[int, ...]) -> te.Tensor:
+    """uint8 (*lead, 32) nibbles -> int8 weight tile (*lead, 16, 4) [vnni] or (*lead, 2, 16, 2) [avx2].
+
+    Element e of the flattened 64-weight block is nibble ``e // 32`` of byte ``e % 32``; it is sign-extended as
+    ``int8(nibble ^ 8) - 8`` (no overflow anywhere: 0..15 -> -8..7).
+    """
+
+    def nib(byte, high):
+        v = tir.bitwise_and(tir.shift_right(byte, (high * 4).astype("uint8")), tir.const(15, "uint8"))
+        return tir.bitwise_xor(v, tir.const(8, "uint8")).astype("int8") - tir.const(8, "int8")
+
+    if isa == "vnni":
+        def f(*idx):
+            *lo, oci, ics = idx
+            return nib(wp[(*lo, (oci % 8) * 4 + ics)], oci // 8)
+        shape = (*lead, BLOCK, 4)
+    else:
+        def f(*idx):
+            *lo, p, oci, j = idx
+            return nib(wp[(*lo, oci * 2 + j)], p)
+        shape = (*lead, 2, BLOCK, 2)
+    return te.compute(shape, f, name="w_unpack")
+
+
+def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,
+                         *residual: te.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
+                         input_zero_point: int = 0, output_zero_point: int = 0, lo: int = 0, hi: int = 255,
+                         residual_zero_point: int = 0, isa: str = "vnni") -> te.Tensor:
+    """Fused conv + bias + requant (+ residual) in the blocked layout.
+
+    x        uint8 (N, CB, H, W, icb)            blocked input (icb = 16 inside the net, 4 for the first conv)
+    w        packed weight from :func:`kernels.pack_conv_weight` (its shape selects dense/grouped/depthwise,
+             int8 vs int4; for int4 pass the same ``isa`` it was packed for)
+    bias, mult, shift   int32 (OB*16,)           per output channel, padded with :func:`kernels.pack_channel_params`
+    residual (optional) r uint8 (N, OB, OH, OW, 16) and mr int32 (OB*16,)
+    returns  uint8 (N, OB, OH, OW, 16)
+
+    ``groups`` is only used to validate depthwise weights; grouping is read from the packed weight.
+    """
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    n, cb, h, wd, icb = _shape(x)
+    if x.dtype != "uint8":
+        raise ValueError(f"activations must be uint8, got {x.dtype}")
+    if len(residual) not in (0, 2):
+        raise ValueError("residual must be given as (r, mr)")
+    z_x = int(input_zero_point)
+    if len(w.shape) == 4:                           # depthwise (CB, KH, KW, 16)
+        return _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x, output_zero_point, lo,
+                          hi, residual_zero_point)
+    layout, int4 = _weight_format(w, isa)
+    ws = _shape(w)
+    ob, cbg, kh, kw, cf = ws[:5]
+    if cf * 4 != icb:
+        raise ValueError(f"weight packed for input block {cf * 4}, activation block is {icb}")
+    if cb % cbg:
+        raise ValueError(f"weight has {cbg} input blocks per group, input has {cb}")
+    ngroups = cb // cbg
+    if ob % ngroups:
+        raise ValueError(f"{ob} output blocks not divisible into {ngroups} groups")
+    obg = ob // ngroups
+    oh, ow = _out_hw(h, wd, (kh, kw), stride, padding, dilation)
+    (sh_, sw_), (dh, dw) = stride, dilation
+    xp = _pad_nchwc(x, padding[0], padding[1], z_x)
+    wt = _unpack_int4(w, layout, ws[:5]) if int4 else w
+    ric = te.reduce_axis((0, cbg), "ric")
+    rkh = te.reduce_axis((0, kh), "rkh")
+    rkw = te.reduce_axis((0, kw), "rkw")
+    rcf = te.reduce_axis((0, cf), "rcf")
+    rcs = te.reduce_axis((0, 4), "rcs")
+
+    def xin(b, o, i, j):
+        ic = ric if ngroups == 1 else (o // obg) * cbg + ric
+        return xp[b, ic, i * sh_ + rkh * dh, j * sw_ + rkw * dw, rcf * 4 + rcs].astype("int32")
+
+    if layout == "vnni":
+        def wv(o, oc):
+            return wt[o, ric, rkh, rkw, rcf, oc, rcs].astype("int32")
+    else:
+        def wv(o, oc):
+            return wt[o, ric, rkh, rkw, rcf, rcs // 2, oc, rcs % 2].astype("int32")
+
+    acc = te.compute((n, ob, oh, ow, BLOCK),
+                     lambda b, o, i, j, oc: te.sum(xin(b, o, i, j) * wv(o, oc), axis=[ric, rkh, rkw, rcf, rcs]),
+                     name="acc")
+    kind = f"conv2d_nchwc_{layout}"
+    return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point, kind,
+                        {"int4": int(int4)})
+
+
+def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, extra=None) -> te.Tensor:
+    def out(b, o, i, j, oc):
+        c = o * BLOCK + oc
+        terms = [(acc[b, o, i, j, oc] + bias[c], mult[c])]
+        if residual:
+            r, rm = residual
+            terms.append((r[b, o, i, j, oc].astype("int32") - int(z_r), rm[c]))
+        return requant_expr(terms, shift[c], z_out, lo, hi)
+
+    attrs = {KERNEL_ATTR: kind, **(extra or {})}
+    return te.compute(_shape(acc), out, name="out", attrs=attrs)
+
+
+def _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x, z_out, lo, hi, z_r) -> te.Tensor:
+    n, cb, h, wd, c = _shape(x)
+    wcb, kh, kw, wc = _shape(w)
+    if c != BLOCK or wc != BLOCK or wcb != cb:
+        raise ValueError(f"depthwise weight {_shape(w)} does not match input {_shape(x)}")
+    oh, ow = _out_hw(h, wd, (kh, kw), stride, padding, dilation)
+    (sh_, sw_), (dh, dw) = stride, dilation
+    xp = _pad_nchwc(x, padding[0], padding[1], z_x)
+    rkh = te.reduce_axis((0, kh), "rkh")
+    rkw = te.reduce_axis((0, kw), "rkw")
+    acc = te.compute(
+        (n, cb, oh, ow, c),
+        lambda b, o, i, j, ci: te.sum(xp[b, o, i * sh_ + rkh * dh, j * sw_ + rkw * dw, ci].astype("int32")
+                                      * w[o, rkh, rkw, ci].astype("int32"), axis=[rkh, rkw]), name="acc")
+    return _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, "conv2d_nchwc_depthwise")
+
+
+def dense_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,
+                  *residual: te.Tensor, out_features: int | None = None, input_zero_point: int = 0,
+                  output_zero_point: int = 0, lo: int = 0, hi: int = 255, residual_zero_point: int = 0,
+                  isa: str = "vnni") -> te.Tensor:
+    """uint8 (N, K) x packed weight (:func:`kernels.pack_dense_weight`) -> requant -> uint8 (N, out_features).
+
+    ``input_zero_point`` is only informational: it must already be folded into ``bias`` (-z_x * sum_k w[o, k]).
+    K is zero-extended to the packed multiple of 4 (those weights are zero). residual: (r uint8 (N, O), mr).
+    """
+    del input_zero_point
+    n, k = _shape(x)
+    layout, int4 = _weight_format(w, isa)
+    ws = _shape(w)
+    ob, kf = ws[:2]
+    o_out = int(out_features) if out_features is not None else ob * BLOCK
+    if kf * 4 < k:
+        raise ValueError(f"weight packed for K={kf * 4}, input has K={k}")
+    xk = x
+    if kf * 4 != k:
+        xk = te.compute((n, kf * 4), lambda b, i: tir.if_then_else(i < k, x[b, i], tir.const(0, "uint8")),
+                        name="pad")
+    wt = _unpack_int4(w, layout, ws[:2]) if int4 else w
+    rkf = te.reduce_axis((0, kf), "rkf")
+    rks = te.reduce_axis((0, 4), "rks")
+    if layout == "vnni":
+        def wv(o, oc):
+            return wt[o, rkf, oc, rks].astype("int32")
+    else:
+        def wv(o, oc):
+            return wt[o, rkf, rks // 2, oc, rks % 2].astype("int32")
+    acc = te.compute((n, ob, BLOCK), lambda b, o, oc: te.sum(xk[b, rkf * 4 + rks].astype("int32") * wv(o, oc),
+                                                             axis=[rkf, rks]), name="acc")
+
+    def out(b, c):
+        terms = [(acc[b, c // BLOCK, c % BLOCK] + bias[c], mult[c])]
+        if residual:
+            r, rm = residual
+            terms.append((r[b, c].astype("int32") - int(residual_zero_point), rm[c]))
+        return requant_expr(terms, shift[c], output_zero_point, lo, hi)
+
+    return te.compute((n, o_out), out, name="out", attrs={KERNEL_ATTR: f"dense_{layout}", "int4": int(int4)})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ops between convs, same blocked layout
+
+
+def maxpool2d_nchwc(x: te.Tensor, kernel=(3, 3), stride=(2, 2), padding=(0, 0), dilation=(1, 1)) -> te.Tensor:
+    """Max pool over uint8 blocked activations; padding value 0 (below every uint8 value)."""
+    kernel, stride, padding, dilation = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+    n, cb, h, wd, c = _shape(x)
+    oh, ow = _out_hw(h, wd, kernel, stride, padding, dilation)
+    ph, pw = padding
+    rkh = te.reduce_axis((0, kernel[0]), "rkh")
+    rkw = te.reduce_axis((0, kernel[1]), "rkw")
+
+    def f(b, k, i, j, ci):
+        y = i * stride[0] + rkh * dilation[0] - ph
+        xx = j * stride[1] + rkw * dilation[1] - pw
+        inside = tir.all(y >= 0, y < h, xx >= 0, xx < wd)
+        return te.max(tir.if_then_else(inside, x[b, k, y, xx, ci], tir.const(0, "uint8")), axis=[rkh, rkw])
+
+    return te.compute((n, cb, oh, ow, c), f, name="out", attrs={KERNEL_ATTR: "pool_nchwc"})
+
+
+def avgpool2d_nchwc_requant(x: te.Tensor, mult: te.Tensor, shift: te.Tensor, kernel=(2, 2), stride=(2, 2),
+                            padding=(0, 0), input_zero_point: int = 0, output_zero_point: int = 0, lo: int = 0,
+                            hi: int = 255) -> te.Tensor:
+    """Average pool: acc = sum_window(x_pad) - z_in*KH*KW (x_pad padded with z_in, int32), then requant with the
+    per-channel (mult, shift) (1/(KH*KW) folded into mult)."""
+    kernel, stride, padding = _pair(kernel), _pair(stride), _pair(padding)
+    n, cb, h, wd, c = _shape(x)
+    oh, ow = _out_hw(h, wd, kernel, stride, padding, (1, 1))
+    ph, pw = padding
+    z = int(input_zero_point)
+    rkh = te.reduce_axis((0, kernel[0]), "rkh")
+    rkw = te.reduce_axis((0, kernel[1]), "rkw")
+
+    def f(b, k, i, j, ci):
+        y, xx = i * stride[0] + rkh - ph, j * stride[1] + rkw - pw
+        inside = tir.all(y >= 0, y < h, xx >= 0, xx < wd)
+        return te.sum(tir.if_then_else(inside, x[b, k, y, xx, ci], tir.const(z, "uint8")).astype("int32"),
+                      axis=[rkh, rkw])
+
+    acc = te.compute((n, cb, oh, ow, c), f, name="acc")
+    kk = z * kernel[0] * kernel[1]
+    return te.compute(
+        (n, cb, oh, ow, c),
+        lambda b, k, i, j, ci: requant_expr([(acc[b, k, i, j, ci] - kk, mult[k * c + ci])], shift[k * c + ci],
+                                            output_zero_point, lo, hi),
+        name="out", attrs={KERNEL_ATTR: "pool_nchwc"})
+
+
+def global_avgpool_nchwc_requant(x: te.Tensor, mult: te.Tensor, shift: te.Tensor, input_zero_point: int = 0,
+                                 output_zero_point: int = 0, lo: int = 0, hi: int = 255) -> te.Tensor:
+    """(N, CB, H, W, c) -> (N, CB, 1, 1, c): acc = sum_{h,w} (x - z_in) (int32), then requant per channel."""
+    n, cb, h, wd, c = _shape(x)
+    z = int(input_zero_point)
+    rh = te.reduce_axis((0, h), "rh")
+    rw = te.reduce_axis((0, wd), "rw")
+    acc = te.compute((n, cb, c), lambda b, k, ci: te.sum(x[b, k, rh, rw, ci].astype("int32"), axis=[rh, rw]),
+                     name="acc")
+    return te.compute(
+        (n, cb, 1, 1, c),
+        lambda b, k, i, j, ci: requant_expr([(acc[b, k, ci] - z * h * wd, mult[k * c + ci])], shift[k * c + ci],
+                                            output_zero_point, lo, hi),
+        name="out", attrs={KERNEL_ATTR: "gap_nchwc"})
+
+
+def add_requant_nchwc(a: te.Tensor, b: te.Tensor, ma: te.Tensor, mb: te.Tensor, shift: te.Tensor,
+                      zero_points=(0, 0), output_zero_point: int = 0, lo: int = 0, hi: int = 255) -> te.Tensor:
+    """out = clamp(z + ((int64(a-za)*ma + int64(b-zb)*mb + (1 << (sh-1))) >> sh), lo, hi), per channel."""
+    za, zb = (int(v) for v in zero_points)
+    c = _shape(a)[-1]
+
+    def f(bb, k, i, j, ci):
+        ch = k * c + ci
+        return requant_expr([(a[bb, k, i, j, ci].astype("int32") - za, ma[ch]),
+                             (b[bb, k, i, j, ci].astype("int32") - zb, mb[ch])], shift[ch], output_zero_point, lo, hi)
+
+    return te.compute(_shape(a), f, name="out", attrs={KERNEL_ATTR: "eltwise_nchwc"})
+
+
+def clamp_nchwc(x: te.Tensor, lo: int = 0, hi: int = 255) -> te.Tensor:
+    return te.compute(_shape(x), lambda *i: tir.max(tir.min(x[i], tir.const(int(hi), "uint8")),
+                                                    tir.const(int(lo), "uint8")),
+                      name="out", attrs={KERNEL_ATTR: "eltwise_nchwc"})
+
+
+def nchw_to_nchwc(x: te.Tensor, block: int = BLOCK, pad_value: int = 0) -> te.Tensor:
+    """(N, C, H, W) -> (N, ceil(C/block), H, W, block); padding channels = ``pad_value``."""
+    n, c, h, w = _shape(x)
+    cb = -(-c // block)
+
+    def f(b, k, i, j, ci):
+        ch = k * block + ci
+        if cb * block == c:
+            return x[b, ch, i, j]
+        return tir.if_then_else(ch < c, x[b, tir.min(ch, c - 1), i, j], tir.const(int(pad_value), x.dtype))
+
+    return te.compute((n, cb, h, w, block), f, name="out", attrs={KERNEL_ATTR: "to_nchwc"})
+
+
+def nchwc_to_nchw(x: te.Tensor, channels: int | None = None) -> te.Tensor:
+    """(N, CB, H, W, c) -> (N, channels, H, W)."""
+    n, cb, h, w, c = _shape(x)
+    ch = channels or cb * c
+    return te.compute((n, ch, h, w), lambda b, k, i, j: x[b, k // c, i, j, k % c], name="out",
+                      attrs={KERNEL_ATTR: "to_nchw"})
+
+
+def nchwc_flatten(x: te.Tensor, channels: int | None = None) -> te.Tensor:
+    """(N, CB, 1, 1, c) -> (N, channels): the dense input after global pooling (channels default CB*c)."""
+    n, cb, h, w, c = _shape(x)
+    if h != 1 or w != 1:
+        raise ValueError(f"nchwc_flatten needs H = W = 1, got {h}x{w}")
+    ch = channels or cb * c
+    return te.compute((n, ch), lambda b, k: x[b, k // c, 0, 0, k % c], name="out",
+                      attrs={KERNEL_ATTR: "to_nchw"})
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# first conv on few-channel input: "rows" layout
+
+
+def rows_layout(in_channels: int, height: int, width: int, kernel=(7, 7), stride=(2, 2), padding=(3, 3),
+                left: int = 16) -> dict:
+    """Geometry of the row layout used by the first conv (see :func:`nchw_to_rows`)."""
+    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel), _pair(stride), _pair(padding)
+    c = int(in_channels)
+    if left < pw or left % 16:
+        raise ValueError(f"left margin must be a multiple of 16 >= padding ({pw}), got {left}")
+    groups = -(-(kw * c) // 4)
+    ow = (width + 2 * pw - kw) // sw + 1
+    last = (ow - 1) * sw + left - pw + -(-(groups * 4) // c)       # one past the last pixel column read
+    wa = -(-max(left + width + pw, last) // 16) * 16
+    return dict(channels=c, height=height, width=width, rows=height + 2 * ph, row_pixels=wa, left=left,
+                groups=groups, out_width=ow)
+
+
+def nchw_to_rows(x: te.Tensor, kernel=(7, 7), stride=(2, 2), padding=(3, 3), pad_value: int = 0,
+                 left: int = 16) -> te.Tensor:
+    """Network input NCHW uint8 (N, C, H, W) with few channels (1-4) -> padded interleaved rows
+    (N, H + 2ph, Wa * C): row ``r``, byte ``k`` holds channel ``k % C`` of pixel column ``k // C - left`` of input row
+    ``r - ph`` (``pad_value`` outside the image). The interior starts at pixel column ``left`` (a multiple of 16), so
+    with W % 16 == 0 every 16-pixel chunk is all image or all padding and the copy vectorizes.
+
+    In this layout the ``KW * C`` input bytes under one kernel row are contiguous, so the first conv reduces over
+    ceil(KW*C/4) groups of 4 bytes per kernel row (:func:`conv2d_rows_requant`): 7 x 6 = 42 vpdpbusd per 16 outputs
+    for ResNet's 7x7 RGB stem instead of 7 x 7 = 49 in NCHW4c (3 channels padded to 4).
+    """
+    n, c, h, w = _shape(x)
+    g = rows_layout(c, h, w, kernel, stride, padding, left)
+    ph = _pair(padding)[0]
+    zero = tir.const(int(pad_value), x.dtype)
+    if w % 16 == 0:
+        # per-16-pixel-chunk column mask in a buffer: the test stays uniform over a vectorized chunk (a closed-form
+        # test on the byte index would be simplified into a per-lane comparison and scalarize the copy)
+        nch = g["row_pixels"] // 16
+        mask = te.compute((nch,), lambda q: tir.if_then_else(tir.all(q >= left // 16, q < (left + w) // 16),
+                                                              tir.const(1, "uint8"), tir.const(0, "uint8")),
+                          name="colmask")
+
+        def cols(j):
+            return mask[j // 16] != tir.const(0, "uint8")
+    else:
+        def cols(j):
+            return tir.all(j >= left, j < left + w)
+
+    def f(b, r, k):
+        j = k // c
+        inside = tir.all(r >= ph, r < h + ph, cols(j))
+        return tir.if_then_else(inside, x[b, k % c, r - ph, j - left], zero)
+
+    return te.compute((n, g["rows"], g["row_pixels"] * c), f, name="out",
+                      attrs={KERNEL_ATTR: "to_rows", "channels": c})
+
+
+def conv2d_rows_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,
+                        *residual: te.Tensor, in_channels: int, in_width: int, kernel=(7, 7), stride=(2, 2),
+                        padding=(3, 3), dilation=(1, 1), input_zero_point: int = 0, output_zero_point: int = 0,
+                        lo: int = 0, hi: int = 255, residual_zero_point: int = 0, left: int = 16,
+                        isa: str = "vnni") -> te.Tensor:
+    """First conv, reading the row layout of :func:`nchw_to_rows` (padding already applied there).
+
+    x      uint8 (N, H + 2ph, Wa * C)
+    w      :func:`kernels.pack_rows_weight` output, i.e. (O/16, 1, KH, 1, G, 16, 4) int8 with G = ceil(KW*C/4)
+    returns uint8 (N, O/16, OH, OW, 16), same epilogue as :func:`conv2d_nchwc_requant`.
+
+    acc[n, o, oh, ow] = sum_{kh, g, e} x[n, oh*sh + kh*dh, (ow*sw + left - pw)*C + 4g + e] * w_rows[o, kh, 4g + e]
+    where byte ``4g + e`` of the kernel row is (kw, c) = divmod(4g + e, C) (zero weight past KW*C).
+    ``input_zero_point`` is informational here (the row layout carries the padding).
+    """
+    del input_zero_point
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+    if dw != 1:
+        raise ValueError("conv2d_rows_requant does not support width dilation")
+    n, rows, rowbytes = _shape(x)
+    c = int(in_channels)
+    g = rows_layout(c, rows - 2 * ph, in_width, kernel, stride, padding, left)
+    if rowbytes != g["row_pixels"] * c or rows != g["rows"]:
+        raise ValueError(f"row tensor {_shape(x)} does not match the layout {g}")
+    layout, int4 = _weight_format(w, isa)
+    ws = _shape(w)
+    ob = ws[0]
+    if ws[1:5] != (1, kh, 1, g["groups"]):
+        raise ValueError(f"weight {ws} is not packed for rows (expect (O/16, 1, {kh}, 1, {g['groups']}, ...))")
+    oh = (rows - dh * (kh - 1) - 1) // sh + 1
+    ow = g["out_width"]
+    wt = _unpack_int4(w, layout, ws[:5]) if int4 else w
+    ric = te.reduce_axis((0, 1), "ric")
+    rkh = te.reduce_axis((0, kh), "rkh")
+    rkw = te.reduce_axis((0, 1), "rkw")
+    rcf = te.reduce_axis((0, g["groups"]), "rcf")
+    rcs = te.reduce_axis((0, 4), "rcs")
+    off = (left - pw) * c
+
+    def xin(b, i, j):
+        return x[b, i * sh + rkh * dh + ric, (j * sw) * c + off + (rkw + rcf) * 4 + rcs].astype("int32")
+
+    if layout == "vnni":
+        def wv(o, oc):
+            return wt[o, ric, rkh, rkw, rcf, oc, rcs].astype("int32")
+    else:
+        def wv(o, oc):
+            return wt[o, ric, rkh, rkw, rcf, rcs // 2, oc, rcs % 2].astype("int32")
+
+    acc = te.compute((n, ob, oh, ow, BLOCK),
+                     lambda b, o, i, j, oc: te.sum(xin(b, i, j) * wv(o, oc), axis=[ric, rkh, rkw, rcf, rcs]),
+                     name="acc")
+    return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point,
+                        f"conv2d_nchwc_{layout}", {"int4": int(int4)})

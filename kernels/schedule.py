@@ -1,0 +1,454 @@
+"""Hand schedules for the kernels of :mod:`kernels.ops` (no tuning needed), and the IRModule walker that applies them.
+
+Convolution (``conv2d_nchwc_vnni`` / ``conv2d_nchwc_avx2``), for an output tile of Q output blocks (16 channels
+each) x R rows x P columns (chosen by :func:`choose_conv_tile` from the shape):
+
+    pad (own parallel loop, zero point border, written once)           -- not inlined: tensorize needs plain loads
+    parallel for (n, ob/Q, oh/R):                                       -- weights of Q blocks stay in L1/L2
+      for ow/P:
+        acc[Q, R, P, 16] = 0                                             -- int32, "local": LLVM keeps it in zmm regs
+        for ic_block, kh, kw, ic/4:
+          [unpack the Q int4 weight vectors into an int8 tile]          -- int4 only
+          for q, r, p (unrolled): acc[q, r, p, :] = vpdpbusd(acc[q, r, p, :], bcast(x[4 bytes]), w[q][64 bytes])
+        for q, r, p (unrolled), 16 lanes (vectorized): requant epilogue (+ residual), uint8 store
+
+The epilogue is fused: the int32 accumulators never reach memory. Everything else (pools, adds, layout changes) is
+parallelized over the outer loops and vectorized over the 16 channels of a block.
+
+Use inside a Relax build::
+
+    mod = bb.get()                                   # PrimFuncs emitted with bb.emit_te(kernels.conv2d_nchwc_requant..)
+    mod = kernels.schedule_module(mod, target)       # schedules every PrimFunc with a ptq2tvm_kernel block
+    ex = tvm.compile(mod, target)                    # default CPU pipeline; scheduled funcs are left alone
+
+Scheduled PrimFuncs get ``tir.is_scheduled = True`` (dlight / MetaSchedule skip them) and ``op_pattern = kOpaque``
+so that Relax FuseOps (run by both the default CPU pipeline and ``relax.get_pipeline("zero")``) does not merge
+other ops into them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import tvm
+from tvm.s_tir import Schedule
+from tvm.target import codegen
+
+from .intrin import register_avx2_intrinsic, register_vnni_intrinsic
+from .ops import KERNEL_ATTR
+
+OP_PATTERN_OPAQUE = 8
+_MIN_PARALLEL_ELEMS = 1 << 14
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# target helpers
+
+
+def _as_target(target) -> tvm.target.Target | None:
+    if target is None:
+        t = tvm.target.Target.current(allow_none=True)
+        return t
+    if isinstance(target, tvm.target.Target):
+        return target
+    return tvm.target.Target(target)
+
+
+def target_isa(target=None) -> str:
+    """'vnni' if the (LLVM x86) target has AVX-512 VNNI, 'avx2' if it has AVX2; raises otherwise.
+
+    ``target=None``: the current target scope, else this machine's CPU.
+    """
+    t = _as_target(target)
+    if t is None:
+        t = tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+    if t.kind.name != "llvm":
+        raise ValueError(f"x86 int8 kernels need an llvm target, got {t.kind.name}")
+    if codegen.llvm_cpu_has_features(["avx512vnni"], t) and codegen.llvm_cpu_has_features(["avx512bw"], t):
+        return "vnni"
+    if codegen.llvm_cpu_has_features(["avx2"], t):
+        return "avx2"
+    raise ValueError(f"target {t} has neither AVX-512 VNNI nor AVX2 (set mcpu, e.g. 'znver4' or 'haswell')")
+
+
+def _num_threads(target) -> int:
+    t = _as_target(target)
+    if t is not None and "num-cores" in t.attrs:
+        return int(t.attrs["num-cores"])
+    return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tile choice
+
+
+@dataclass(frozen=True)
+class ConvTile:
+    """Register tile of one conv kernel invocation: Q output blocks (x16 channels) x R rows x P columns."""
+    P: int
+    Q: int
+    R: int = 1
+
+    def as_list(self) -> list[int]:
+        return [self.P, self.Q, self.R]
+
+
+def _divisors(v: int) -> list[int]:
+    return [d for d in range(1, v + 1) if v % d == 0]
+
+
+def choose_conv_tile(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", threads: int = 2,
+                     int4: bool = False) -> ConvTile:
+    """Pick the register tile from the output shape (N, OB blocks of 16, OH, OW).
+
+    VNNI: tiles of up to 16 zmm accumulators (measured on Zen 4/5: 12-16 accumulators run as fast as 28 and leave
+    registers for the Q weight vectors and the broadcasts; 28 + Q spills), Q <= 4 output blocks (Q = 1 with int4
+    weights: each weight vector is unpacked once per tile step); among those the fewest loads per vpdpbusd
+    ((P*R + Q) / (P*Q*R)), keeping >= 2 parallel iterations per thread when the shape allows it.
+    AVX2: 16 ymm registers and an accumulator takes 2 -> at most 4 accumulators.
+    """
+    if isa == "vnni":
+        max_acc, max_q = (28, 1) if int4 else (16, 4)
+    else:
+        max_acc, max_q = 4, 2
+    best, best_key = None, None
+    for q in _divisors(ob):
+        if q > max_q:
+            continue
+        for r in _divisors(oh):
+            for p in _divisors(ow):
+                t = p * q * r
+                if t > max_acc or (r > 1 and p != ow):      # multi-row tiles only when a row fits entirely
+                    continue
+                par = n * (ob // q) * (oh // r)
+                loads = (p * r + q) / t
+                key = (par >= min(2 * threads, n * ob * oh), t >= 12 or t == max_acc, -loads, t, -r)
+                if best_key is None or key > best_key:
+                    best, best_key = ConvTile(p, q, r), key
+    assert best is not None
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# per-kernel schedules
+
+
+def _try_block(sch: Schedule, name: str):
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - no such block
+        return None
+
+
+def _vectorize_inner(sch: Schedule, loops, width_max: int = 64) -> None:
+    """Vectorize the innermost loop, unroll the rest of ``loops`` (all small, constant extents)."""
+    if not loops:
+        return
+    sch.vectorize(loops[-1])
+    for lp in loops[:-1]:
+        sch.unroll(lp)
+
+
+def _schedule_pad(sch: Schedule, block, threads: int) -> None:
+    loops = sch.get_loops(block)
+    *outer, w, c = loops
+    fused = sch.fuse(*outer)
+    if threads > 1:
+        sch.parallel(fused)
+    sch.vectorize(c)
+
+
+def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, isa: str | None = None,
+                          threads: int = 2) -> Schedule:
+    """Schedule a PrimFunc made by :func:`kernels.conv2d_nchwc_requant` (vnni / avx2 layouts)."""
+    out = sch.get_sblock("out")
+    kind = str(sch.get(out).annotations[KERNEL_ATTR])
+    if kind.endswith("depthwise"):
+        return schedule_depthwise(sch, threads=threads)
+    layout = kind.rsplit("_", 1)[1]
+    isa = isa or layout
+    intrin = register_vnni_intrinsic("local") if layout == "vnni" else register_avx2_intrinsic("local")
+    acc = sch.get_sblock("acc")
+    pad = _try_block(sch, "pad")
+    unpack = _try_block(sch, "w_unpack")
+    n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
+    ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
+    if tile is None:
+        tile = choose_conv_tile(*ext, isa=layout, threads=threads, int4=unpack is not None)
+    obo, obi = sch.split(ob, [None, tile.Q])
+    oho, ohi = sch.split(oh, [None, tile.R])
+    owo, owi = sch.split(ow, [None, tile.P])
+    sch.reorder(n, obo, oho, owo, ric, rkh, rkw, rcf, ohi, owi, obi, oc, rcs)
+    sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+    par = sch.fuse(n, obo, oho)
+    if threads > 1:
+        sch.parallel(par)
+    sch.set_scope(acc, 0, "local")
+    if unpack is not None:
+        sch.compute_at(unpack, rcf, preserve_unit_loops=True)
+        _schedule_unpack(sch, unpack, layout, 7 if layout == "vnni" else 8)
+    init = sch.decompose_reduction(acc, ric)
+    iloops = sch.get_loops(init)
+    _vectorize_inner(sch, iloops[-4:])
+    sch.tensorize(oc, intrin)
+    for lp in (obi, ohi, owi):
+        sch.unroll(lp)
+    oloops = sch.get_loops(out)
+    _vectorize_inner(sch, oloops[-5:])
+    if pad is not None:
+        _schedule_pad(sch, pad, threads)
+    return sch
+
+
+def _schedule_unpack(sch: Schedule, block, layout: str, ndim: int) -> None:
+    """int4 -> int8 tile: unroll the outer block loops, vectorize 32 bytes (one nibble half) at a time."""
+    loops = sch.get_loops(block)[-ndim:]
+    if layout == "vnni":
+        *outer, oci, ics = loops
+        hi_, lo_ = sch.split(oci, [2, 8])
+        v = sch.fuse(lo_, ics)
+    else:
+        *outer, hi_, oci, j = loops
+        v = sch.fuse(oci, j)
+    sch.vectorize(v)
+    sch.unroll(hi_)
+    for lp in outer:
+        sch.unroll(lp)
+
+
+def schedule_depthwise(sch: Schedule, threads: int = 2, p_max: int = 8) -> Schedule:
+    """Depthwise conv (no dot product): int32 multiply-adds vectorized over the 16 channels of a block."""
+    out = sch.get_sblock("out")
+    acc = sch.get_sblock("acc")
+    pad = _try_block(sch, "pad")
+    n, cb, oh, ow, ci, rkh, rkw = sch.get_loops(acc)
+    owx = int(sch.get(ow).extent)
+    p = max(d for d in _divisors(owx) if d <= p_max)
+    owo, owi = sch.split(ow, [None, p])
+    sch.reorder(n, cb, oh, owo, rkh, rkw, owi, ci)
+    sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+    par = sch.fuse(n, cb, oh)
+    if threads > 1:
+        sch.parallel(par)
+    sch.set_scope(acc, 0, "local")
+    sch.vectorize(ci)
+    sch.unroll(owi)
+    init = sch.decompose_reduction(acc, rkh)
+    _vectorize_inner(sch, sch.get_loops(init)[-2:])
+    _vectorize_inner(sch, sch.get_loops(out)[-5:])
+    if pad is not None:
+        _schedule_pad(sch, pad, threads)
+    return sch
+
+
+def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2) -> Schedule:
+    """Dense: Q output blocks per parallel task, batch rows unrolled, vpdpbusd (or vpmaddwd) over K/4 steps."""
+    out = sch.get_sblock("out")
+    layout = str(sch.get(out).annotations[KERNEL_ATTR]).rsplit("_", 1)[1]
+    intrin = register_vnni_intrinsic("local") if layout == "vnni" else register_avx2_intrinsic("local")
+    acc = sch.get_sblock("acc")
+    pad = _try_block(sch, "pad")
+    unpack = _try_block(sch, "w_unpack")
+    n, ob, oc, rkf, rks = sch.get_loops(acc)
+    nx, obx = int(sch.get(n).extent), int(sch.get(ob).extent)
+    max_acc = 24 if layout == "vnni" else 4
+    pn = max(d for d in _divisors(nx) if d <= max(1, max_acc // 2))
+    if q is None:
+        cands = [d for d in _divisors(obx) if d * pn <= max_acc]
+        good = [d for d in cands if (nx // pn) * (obx // d) >= 2 * threads]
+        q = max(good) if good else max(cands)
+    no, ni = sch.split(n, [None, pn])
+    obo, obi = sch.split(ob, [None, q])
+    sch.reorder(no, obo, rkf, obi, ni, oc, rks)
+    sch.reverse_compute_at(out, obo, preserve_unit_loops=True)
+    par = sch.fuse(no, obo)
+    if threads > 1:
+        sch.parallel(par)
+    sch.set_scope(acc, 0, "local")
+    if unpack is not None:
+        sch.compute_at(unpack, rkf, preserve_unit_loops=True)
+        _schedule_unpack(sch, unpack, layout, 4 if layout == "vnni" else 5)
+    init = sch.decompose_reduction(acc, rkf)
+    _vectorize_inner(sch, sch.get_loops(init)[-3:])
+    sch.tensorize(oc, intrin)
+    sch.unroll(obi)
+    sch.unroll(ni)
+    oloops = sch.get_loops(out)
+    c = oloops[-1]
+    co, ci = sch.split(c, [None, 16])
+    sch.vectorize(ci)
+    if pad is not None:
+        ploops = sch.get_loops(pad)
+        sch.vectorize(ploops[-1])
+    return sch
+
+
+def _elems(sch: Schedule, block) -> int:
+    total = 1
+    for lp in sch.get_loops(block):
+        total *= int(sch.get(lp).extent)
+    return total
+
+
+def schedule_pool(sch: Schedule, threads: int = 2) -> Schedule:
+    """maxpool / avgpool in the blocked layout: parallel over (n, cb, oh), vectorized over the 16 channels."""
+    out = sch.get_sblock("out")
+    acc = _try_block(sch, "acc")
+    red = acc if acc is not None else out
+    n, cb, oh, ow, c, rkh, rkw = sch.get_loops(red)
+    sch.reorder(n, cb, oh, ow, rkh, rkw, c)
+    if acc is not None:
+        sch.reverse_compute_at(out, ow, preserve_unit_loops=True)
+        sch.set_scope(acc, 0, "local")
+    par = sch.fuse(n, cb, oh)
+    if threads > 1 and _elems(sch, out) >= _MIN_PARALLEL_ELEMS:
+        sch.parallel(par)
+    sch.vectorize(c)
+    init = sch.decompose_reduction(red, rkh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if acc is not None:
+        sch.vectorize(sch.get_loops(out)[-1])
+    return sch
+
+
+def schedule_gap(sch: Schedule, threads: int = 2) -> Schedule:
+    """Global average pool: per (n, cb), sum H*W pixel vectors of 16 channels into int32 lanes, then requant."""
+    out = sch.get_sblock("out")
+    acc = sch.get_sblock("acc")
+    n, cb, c, rh, rw = sch.get_loops(acc)
+    sch.reorder(n, cb, rh, rw, c)
+    sch.reverse_compute_at(out, cb, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    par = sch.fuse(n, cb)
+    if threads > 1 and _elems(sch, acc) >= _MIN_PARALLEL_ELEMS:
+        sch.parallel(par)
+    sch.vectorize(c)
+    init = sch.decompose_reduction(acc, rh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(out)[-1])
+    return sch
+
+
+def schedule_elementwise(sch: Schedule, threads: int = 2) -> Schedule:
+    """Elementwise / layout ops: fuse, parallelize the outer part, vectorize the innermost 16-64 elements."""
+    out = sch.get_sblock("out")
+    loops = sch.get_loops(out)
+    total = _elems(sch, out)
+    fused = sch.fuse(*loops)
+    inner = 16
+    for cand in (64, 32, 16, 8, 4, 2, 1):
+        if total % cand == 0:
+            inner = cand
+            break
+    outer, vec = sch.split(fused, [None, inner])
+    if threads > 1 and total >= _MIN_PARALLEL_ELEMS:
+        sch.parallel(outer)
+    if inner > 1:
+        sch.vectorize(vec)
+    return sch
+
+
+def schedule_to_nchwc(sch: Schedule, threads: int = 2) -> Schedule:
+    """NCHW -> NCHW[c]c: per row, for each channel of the block (unrolled) copy 16-pixel vectors (a 3x faster
+    interleave than vectorizing over the channel block)."""
+    out = sch.get_sblock("out")
+    n, cb, h, w, ci = sch.get_loops(out)
+    wx = int(sch.get(w).extent)
+    wv = max(d for d in _divisors(wx) if d <= 16)
+    wo, wi = sch.split(w, [None, wv])
+    sch.reorder(n, cb, h, wo, ci, wi)
+    par = sch.fuse(n, cb, h)
+    if threads > 1 and _elems(sch, out) >= _MIN_PARALLEL_ELEMS:
+        sch.parallel(par)
+    sch.unroll(ci)
+    sch.vectorize(wi)
+    return sch
+
+
+def schedule_to_rows(sch: Schedule, threads: int = 2, vec: int = 16) -> Schedule:
+    """NCHW -> padded interleaved rows: rows in parallel, per 16-pixel chunk one vector per channel, stored
+    interleaved (stride C)."""
+    out = sch.get_sblock("out")
+    c = int(sch.get(out).annotations["channels"])
+    n, r, k = sch.get_loops(out)
+    par = sch.fuse(n, r)
+    if threads > 1 and _elems(sch, out) >= _MIN_PARALLEL_ELEMS:
+        sch.parallel(par)
+    j, ci = sch.split(k, [None, c])
+    jo, ji = sch.split(j, [None, vec])
+    sch.reorder(jo, ci, ji)
+    sch.unroll(ci)
+    sch.vectorize(ji)
+    return sch
+
+
+_SCHEDULES = {
+    "conv2d_nchwc_vnni": schedule_conv2d_nchwc,
+    "conv2d_nchwc_avx2": schedule_conv2d_nchwc,
+    "conv2d_nchwc_depthwise": schedule_conv2d_nchwc,
+    "dense_vnni": schedule_dense,
+    "dense_avx2": schedule_dense,
+    "pool_nchwc": schedule_pool,
+    "gap_nchwc": schedule_gap,
+    "eltwise_nchwc": schedule_elementwise,
+    "to_nchwc": schedule_to_nchwc,
+    "to_nchw": schedule_elementwise,
+    "to_rows": schedule_to_rows,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PrimFunc / IRModule entry points
+
+
+def kernel_kind(func: tvm.tirx.PrimFunc) -> str | None:
+    """The ``ptq2tvm_kernel`` annotation of a PrimFunc's output block, or None if it is not one of ours."""
+    if not isinstance(func, tvm.tirx.PrimFunc):
+        return None
+    if func.attrs is not None and "tir.is_scheduled" in func.attrs and bool(func.attrs["tir.is_scheduled"]):
+        return None
+    try:
+        sch = Schedule(func)
+        blk = sch.get_sblock("out")
+    except Exception:  # noqa: BLE001
+        return None
+    ann = sch.get(blk).annotations
+    return str(ann[KERNEL_ATTR]) if KERNEL_ATTR in ann else None
+
+
+def schedule_primfunc(func: tvm.tirx.PrimFunc, target=None, **options) -> tvm.tirx.PrimFunc:
+    """Apply the hand schedule matching ``func``'s kernel annotation; return the scheduled PrimFunc.
+
+    ``options`` go to the schedule (e.g. ``tile=ConvTile(P, Q, R)`` for convs). Raises ValueError for a VNNI
+    kernel on a target without VNNI (pack the weights with ``isa=target_isa(target)`` instead).
+    """
+    kind = kernel_kind(func)
+    if kind is None:
+        raise ValueError("not an unscheduled ptq2tvm kernel (no 'ptq2tvm_kernel' block annotation)")
+    if kind.endswith("_vnni"):
+        t = _as_target(target)
+        if t is not None and target_isa(t) != "vnni":
+            raise ValueError(f"kernel {kind} needs AVX-512 VNNI, target {t} lacks it; pack with isa='avx2'")
+    sch = Schedule(func)
+    sch = _SCHEDULES[kind](sch, threads=_num_threads(target), **options)
+    f = sch.mod["main"]
+    return f.with_attr("tir.is_scheduled", True).with_attr("op_pattern", OP_PATTERN_OPAQUE)
+
+
+def schedule_module(mod: tvm.IRModule, target=None) -> tvm.IRModule:
+    """Return ``mod`` with every ptq2tvm kernel PrimFunc replaced by its hand-scheduled version.
+
+    Call it on the Relax IRModule right after building it with ``emit_te`` (before ``tvm.compile``); other functions
+    are left untouched.
+    """
+    updates = {}
+    for gv, func in mod.functions.items():
+        if kernel_kind(func) is not None:
+            updates[gv] = schedule_primfunc(func, target)
+    if not updates:
+        return mod
+    new = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    for gv, f in updates.items():
+        new[gv] = f
+    return new

@@ -1,0 +1,82 @@
+"""Build one kernel on its own (a single scheduled PrimFunc -> .so): used by the tests and the benchmark."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import tvm
+from tvm import te
+
+from .schedule import _SCHEDULES, kernel_kind, schedule_primfunc
+
+
+def host_target(num_cores: int | None = None, mcpu: str | None = None) -> tvm.target.Target:
+    """LLVM target for this CPU (or ``mcpu``), with ``num-cores`` threads."""
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu or str(llvm_get_system_cpu()),
+                              "num-cores": int(num_cores or os.cpu_count() or 1)})
+
+
+@dataclass
+class StandaloneKernel:
+    lib: object                 # tvm Executable
+    out_shape: tuple[int, ...]
+    out_dtype: str
+    func: tvm.tirx.PrimFunc     # the scheduled PrimFunc
+
+    def _args(self, arrays: Sequence[np.ndarray]):
+        dev = tvm.cpu()
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
+        args.append(tvm.runtime.tensor(np.zeros(self.out_shape, self.out_dtype), dev))
+        return args
+
+    def run(self, *arrays: np.ndarray) -> np.ndarray:
+        args = self._args(arrays)
+        self.lib.mod["main"](*args)
+        return args[-1].numpy()
+
+    def timer(self, *arrays: np.ndarray, number: int = 10):
+        """-> a function returning the mean seconds of ``number`` back-to-back runs (inputs bound once)."""
+        args = self._args(arrays)
+        ev = self.lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=1)
+        return lambda: float(ev(*args).mean)
+
+    def export(self, path: str) -> str:
+        self.lib.export_library(path)
+        return path
+
+    def count_instructions(self, mnemonic: str) -> int:
+        """How many times ``mnemonic`` (e.g. 'vpdpbusd') occurs in the disassembled .so (objdump -d)."""
+        with tempfile.TemporaryDirectory() as d:
+            so = self.export(os.path.join(d, "k.so"))
+            dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", so], capture_output=True, text=True,
+                                 check=True).stdout
+        return sum(1 for line in dis.splitlines() if f"\t{mnemonic} " in line or line.rstrip().endswith(mnemonic))
+
+
+def build_standalone(fn: Callable[..., te.Tensor], arrays: Sequence[np.ndarray], target=None, schedule: bool = True,
+                     options: dict | None = None, **attrs) -> StandaloneKernel:
+    """TE function ``fn(*placeholders, **attrs)`` over inputs shaped like ``arrays`` -> scheduled, compiled kernel.
+
+    ``options`` are passed to the schedule (e.g. ``{"tile": ConvTile(7, 2)}``); ``schedule=False`` compiles the
+    unscheduled PrimFunc (naive loops, for comparison).
+    """
+    target = target or host_target()
+    phs = [te.placeholder(tuple(a.shape), str(a.dtype), name=f"in{i}") for i, a in enumerate(arrays)]
+    out = fn(*phs, **attrs)
+    func = te.create_prim_func([*phs, out])
+    if schedule:
+        if kernel_kind(func) not in _SCHEDULES:
+            raise ValueError(f"no schedule for {fn.__name__}")
+        func = schedule_primfunc(func, target, **(options or {}))
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    return StandaloneKernel(lib, tuple(int(v) for v in out.shape), str(out.dtype), func)
+
+
+__all__ = ["StandaloneKernel", "build_standalone", "host_target"]

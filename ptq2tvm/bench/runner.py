@@ -1,0 +1,67 @@
+"""`ptq2tvm bench`: the compiled .so against PyTorch FP32 and ONNX Runtime FP32 / INT8 in one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch.nn as nn
+
+from ..backend.runtime import CompiledModel, set_num_threads
+from .baselines import export_onnx, ort_fp32_runner, ort_int8_runner, torch_fp32_runner
+from .timing import TimingStats, time_interleaved
+
+
+def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, example: np.ndarray,
+                    calib: np.ndarray, threads: int = 2, repeats: int = 50, warmup: int = 10,
+                    ort_int8: bool = True, work_dir: str | Path = "runs/onnx", progress: bool = True
+                    ) -> dict[str, TimingStats]:
+    """Median latencies of each .so (float in, float out: quantize + run + dequantize) and the FP32 baselines on the
+    same ``example`` batch, same thread count, interleaved."""
+    set_num_threads(threads)
+    work_dir = Path(work_dir)
+    runners: dict[str, Callable[[np.ndarray], Any]] = {name: cm for name, cm in compiled.items()}
+    runners["torch_fp32"] = torch_fp32_runner(fp32_model, threads)
+    onnx_path = export_onnx(fp32_model, example, work_dir / "fp32.onnx")
+    runners["ort_fp32"] = ort_fp32_runner(onnx_path, threads)
+    if ort_int8:
+        runners["ort_int8"] = ort_int8_runner(onnx_path, calib, threads)
+    return time_interleaved(runners, example, warmup=warmup, repeats=repeats, threads=threads, progress=progress)
+
+
+def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 50, warmup: int = 10, ort_int8: bool = True,
+              progress: bool = True, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Benchmark the run's .so at its compiled batch against the baselines; write JSON, markdown and PNG."""
+    from ..api import RunDir, load_fp32
+    from ..data import calibration_set
+    from .disasm import count_instructions
+    from .report import print_table, write_chart, write_markdown, write_rows
+
+    run = RunDir(run_dir)
+    info = run.info()
+    cm = CompiledModel(run.so, threads=threads)
+    fp32 = load_fp32(run.fp32)
+    calib = calibration_set(info["data"], min(int(info.get("calib_size", 256)), 256), seed=0)
+    example = calib[: cm.batch]
+    if len(example) < cm.batch:
+        example = np.resize(example, (cm.batch, *example.shape[1:])).astype(np.float32)
+    stats = compare_latency({"ptq2tvm": cm}, fp32, example, calib, threads=threads, repeats=repeats,
+                            warmup=warmup, ort_int8=ort_int8, work_dir=run.path / "onnx", progress=progress)
+    vnni = count_instructions(run.so, ("vpdpbusd",)).get("vpdpbusd")
+    model_name = (info.get("model") or {}).get("name", "model")
+    rows = [dict(model=model_name, input="x".join(map(str, info["input_shape"])), batch=cm.batch,
+                 w_bits=info["w_bits"], a_bits=info["a_bits"], runtime=name, median_ms=st.median_ms,
+                 p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=threads,
+                 vpdpbusd_count=vnni if name == "ptq2tvm" else None) for name, st in stats.items()]
+    out = Path(out_dir) if out_dir else run.path
+    write_rows(rows, out / "latency.json")
+    write_markdown(rows, out / "latency.md")
+    write_chart(rows, out / "latency.png")
+    print_table(rows)
+    base = {r["runtime"]: r["median_ms"] for r in rows}
+    for other in ("torch_fp32", "ort_fp32", "ort_int8"):
+        if other in base:
+            print(f"ptq2tvm / {other}: {base['ptq2tvm'] / base[other]:.2f}x")
+    return dict(rows=rows, json=str(out / "latency.json"), markdown=str(out / "latency.md"),
+                chart=str(out / "latency.png"))

@@ -1,0 +1,165 @@
+"""Image folders: ImageFolder layout (``root/<class>/<image>``, labels from sorted class names) or a flat folder of
+unlabeled images, with ImageNet evaluation preprocessing implemented in PIL + numpy (no torchvision):
+
+    Resize(256) (shorter side, bilinear, PIL) -> CenterCrop(224) -> RGB -> /255 -> normalize(mean, std)
+
+This matches torchvision's ``Resize(256)`` + ``CenterCrop(224)`` + ``ToTensor()`` + ``Normalize(...)`` on PIL images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLIT_DIRS = {"train": ("train",), "test": ("val", "test"), "val": ("val", "test")}
+
+
+def is_image_file(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
+
+
+@dataclass
+class FolderIndex:
+    """The files of an image folder in deterministic order; ``labels``/``classes`` are None for a flat folder."""
+
+    root: Path
+    files: list[Path]
+    labels: np.ndarray | None
+    classes: list[str] | None
+
+
+def _split_root(root: Path, split: str | None) -> Path:
+    """``root/train`` or ``root/val`` (``root/test``) when ``root`` holds only split folders, else ``root``."""
+    if split is None:
+        return root
+    subdirs = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if not subdirs or not subdirs <= {"train", "val", "test"}:
+        return root
+    for name in SPLIT_DIRS.get(split, (split,)):
+        if name in subdirs:
+            return root / name
+    raise DataError(f"{root} has split folders {sorted(subdirs)} but none for split {split!r}")
+
+
+def index_folder(root: str | Path, split: str | None = None) -> FolderIndex:
+    """List the images of ``root``: ImageFolder layout if it has class sub-folders with images, else flat.
+
+    Classes are sorted by name (label = position); files are sorted within each class (recursively, like
+    torchvision's ImageFolder). If ``root`` contains only ``train``/``val``/``test`` folders, ``split`` picks one.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    root = _split_root(root, split)
+    class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    files: list[Path] = []
+    labels: list[int] = []
+    classes: list[str] = []
+    for d in class_dirs:
+        imgs = sorted((p for p in d.rglob("*") if is_image_file(p)), key=lambda p: p.relative_to(d).as_posix())
+        if not imgs:
+            continue  # an empty class folder is an error, as in torchvision's ImageFolder: checked below
+        classes.append(d.name)
+        files += imgs
+        labels += [len(classes) - 1] * len(imgs)
+    if classes:
+        empty = [d.name for d in class_dirs if d.name not in classes]
+        if empty:
+            raise DataError(f"{root}: class folder(s) without images: {', '.join(empty[:5])}"
+                            f"{' ...' if len(empty) > 5 else ''} (extensions: {', '.join(IMG_EXTENSIONS)})")
+        return FolderIndex(root, files, np.asarray(labels, dtype=np.int64), classes)
+    flat = sorted((p for p in root.iterdir() if is_image_file(p)), key=lambda p: p.name)
+    if not flat:
+        raise DataError(f"{root} contains no images (looked for {', '.join(IMG_EXTENSIONS)} files, directly or in "
+                        f"class sub-folders)")
+    return FolderIndex(root, flat, None, None)
+
+
+def _resize_shorter(img, size: int):
+    """torchvision ``Resize(size)`` for PIL: shorter side -> ``size``, longer side -> int(size * long / short)."""
+    from PIL import Image
+
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short == size:
+        return img
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return img.resize((new_w, new_h), Image.BILINEAR)
+
+
+def center_crop(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """torchvision ``CenterCrop`` on an (H, W, ...) array: top = round((H - h) / 2), zero padding if too small."""
+    ch, cw = (size, size) if isinstance(size, int) else size
+    h, w = arr.shape[:2]
+    if h < ch or w < cw:
+        pad_t, pad_l = (ch - h) // 2 if h < ch else 0, (cw - w) // 2 if w < cw else 0
+        pad = [(pad_t, max(ch - h - pad_t, 0)), (pad_l, max(cw - w - pad_l, 0))] + [(0, 0)] * (arr.ndim - 2)
+        arr = np.pad(arr, pad)
+        h, w = arr.shape[:2]
+    top = int(round((h - ch) / 2.0))
+    left = int(round((w - cw) / 2.0))
+    return arr[top:top + ch, left:left + cw]
+
+
+def preprocess_image(path: str | Path, resize: int | None = 256, crop: int | None = 224,
+                     mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> np.ndarray:
+    """One image file -> float32 (3, crop, crop): RGB, Resize(resize), CenterCrop(crop), /255, normalize."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    if resize:
+        img = _resize_shorter(img, int(resize))
+    arr = np.asarray(img, dtype=np.uint8)
+    if crop:
+        arr = center_crop(arr, int(crop))
+    x = arr.astype(np.float32) * np.float32(1 / 255)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_image_folder(root: str | Path, split: str | None = None, limit: int | None = None, seed: int = 0,
+                      resize: int | None = 256, crop: int | None = 224, mean: tuple[float, ...] = IMAGENET_MEAN,
+                      std: tuple[float, ...] = IMAGENET_STD, progress: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray | None, FolderIndex]:
+    """Load (a seeded subsample of ``limit``) images of a folder -> (float32 NCHW, labels or None, index).
+
+    The subsample keeps the folder order. Without ``crop`` all images must end up the same size.
+    """
+    index = index_folder(root, split)
+    idx = subsample_indices(len(index.files), limit, seed)
+    files = [index.files[i] for i in idx]
+    it = files
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(files, desc=f"loading {index.root.name}", unit="img", leave=False)
+    arrays = [preprocess_image(p, resize, crop, mean, std) for p in it]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DataError(f"{index.root}: images have different sizes after preprocessing {sorted(shapes)[:3]}; "
+                        f"give a crop size")
+    images = np.stack(arrays) if arrays else np.zeros((0, 3, crop or 0, crop or 0), np.float32)
+    labels = index.labels[idx] if index.labels is not None else None
+    return images, labels, index
+
+
+def subsample_indices(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
+    """All of ``range(n)``, or ``limit`` of them drawn without replacement (seeded), in increasing order."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit < 0:
+        raise DataError(f"limit must be >= 0, got {limit}")
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(limit), replace=False))

@@ -1,0 +1,96 @@
+"""Checkpoints for interruptible, resumable reconstruction.
+
+After every finished unit the directory holds ``model-<n>.pt`` (the QuantModel with every finished unit hardened,
+learned activation steps and AdaQTransform parameters) and ``state.json`` (the fingerprint of the run, the finished
+"stage/unit" keys, the loss curves so far, the MRECG plan, the model file name). ``state.json`` is written last and
+atomically, so a run killed at any moment resumes from a consistent pair. A resumed run recomputes the cached unit
+inputs by replaying the finished units and continues with the same per-unit seeds, so it reproduces an uninterrupted
+run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactError
+from ..frontend.qmodel import QuantModel
+
+STATE = "state.json"
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Atomic JSON write (temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=_default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+class Checkpoint:
+    def __init__(self, directory: Path, fingerprint: dict[str, Any]):
+        self.dir = Path(directory)
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.count = 0
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE
+
+    def load(self) -> tuple[QuantModel, dict[str, Any]] | None:
+        if not self.state_path.is_file():
+            return None
+        try:
+            state = json.loads(self.state_path.read_text())
+        except ValueError as e:
+            raise ArtifactError(f"{self.state_path}: corrupted reconstruction checkpoint: {e}") from e
+        if state.get("fingerprint") != self.fingerprint:
+            raise ArtifactError(f"{self.dir} holds a reconstruction checkpoint of a different run (settings, bits or "
+                                f"calibration data differ); use another checkpoint directory or delete it")
+        qm = QuantModel.load(self.dir / state["model"])
+        self.count = int(state.get("count", 0))
+        return qm, state
+
+    def save(self, qm: QuantModel, report: Any, done: set[str], finished: bool = False) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.count += 1
+        name = f"model-{self.count:04d}.pt"
+        qm.save(self.dir / name)
+        old = None
+        if self.state_path.is_file():
+            try:
+                old = json.loads(self.state_path.read_text()).get("model")
+            except ValueError:
+                old = None
+        state = dict(fingerprint=self.fingerprint, model=name, count=self.count, done=sorted(done),
+                     curves=report.curves, mrecg=report.mrecg, iterations=report.iterations,
+                     optim_seconds=report.optim_seconds, finished=finished,
+                     units=report.units, report=_light(report))
+        write_json(self.state_path, state)
+        if old and old != name:
+            (self.dir / old).unlink(missing_ok=True)
+
+
+def _light(report: Any) -> dict[str, Any]:
+    d = asdict(report)
+    d.pop("curves", None)
+    return d

@@ -1,0 +1,491 @@
+"""The reconstruction driver: per-unit optimisation over cached unit inputs/targets (AdaRound, BRECQ, QDrop, NWQ-style
+network-wise), optionally with MRECG merges and AdaQTransform.
+
+Per unit (see docs/reconstruction.md):
+
+- inputs come from the partly quantized model (every earlier unit already reconstructed and hardened), targets from
+  the FP32 (BN-folded) model; both are computed once per unit for all calibration images and kept in memory;
+- each iteration samples ``batch_size`` cached rows, runs the unit's nodes and minimises
+  rec = SUM over the unit's outputs of mean_over_(N,H,W) SUM_c (y_hat - y)^2  (+ AdaRound's regulariser);
+- QDrop: each unit input element is the quantized one with probability p (else the FP one) and every activation
+  quantizer of the unit keeps quantization per element with probability p; reset to always-quantize afterwards;
+- at the end of the unit the rounding is hardened and baked into the weights, and (with a checkpoint directory) the
+  model and the loss curves are saved, so an interrupted run resumes after the last finished unit.
+
+Schedules (``method``):
+
+- ``adaround``: V only (Adam lr_w), activation quantizers on with their calibrated steps (frozen). Layer units.
+- ``brecq``: two passes over the network: (1) V with activations unquantized, (2) activation steps only (Adam lr_a =
+  4e-4, cosine, ``iters_act`` iterations) with hardened weights. Block units.
+- ``qdrop``: one joint pass: V (1e-3) + activation steps (4e-5, cosine, LSQ gradient scale) with drop p = 0.5.
+- ``network``: the QDrop joint schedule on one unit: the whole network (NWQ-style).
+With AdaQTransform on, xi and eta (Adam ``lr_adaq``) are learned in every pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import QuantConfigError
+from ..frontend.calibrate import quantize_rtn, validate_calibration
+from ..frontend.graph import FloatNode
+from ..frontend.qmodel import QUANT_POINT_OPS, QuantConfig, QuantModel, _key
+from .adaq import adaq_params, adaq_summary
+from .adaround import beta_at, harden_layer, reg_active, round_loss
+from .units import Unit, discover_units
+
+METHODS = ("rtn", "adaround", "brecq", "qdrop", "network")
+GRANULARITIES = ("layer", "block", "mrecg-modcap", "mrecg-loss", "network")
+DEFAULT_GRANULARITY = {"rtn": "layer", "adaround": "layer", "brecq": "block", "qdrop": "block", "network": "network"}
+DEFAULT_LR_A = {"brecq": 4e-4, "qdrop": 4e-5, "network": 4e-5}
+
+
+@dataclass
+class ReconSettings:
+    """Reconstruction settings. ``None`` fields take the documented per-method default."""
+
+    method: str = "qdrop"                 # rtn | adaround | brecq | qdrop | network
+    granularity: str | None = None        # layer | block | mrecg-modcap | mrecg-loss | network (None: method's)
+    adaqtransform: bool = False
+    iters: int = 20000                    # per unit (per pass)
+    iters_act: int | None = None          # BRECQ activation pass (None: iters // 4, i.e. 5k for 20k)
+    batch_size: int = 32
+    expand_batch: int = 1                 # MRECG's expanded calibration batch: batch_size * expand_batch
+    lr_w: float = 1e-3                    # AdaRound V
+    lr_a: float | None = None             # activation steps (None: brecq 4e-4, qdrop/network 4e-5)
+    lr_adaq: float = 1e-3                 # AdaQTransform xi, eta
+    lam: float | None = None              # rounding regulariser weight (None: 0.1 with depthwise convs, else 0.01)
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    drop_prob: float = 0.5                # QDrop: probability of KEEPING quantization
+    lsq_grad_scale: bool | None = None    # None: on for qdrop/network (QDrop), off for brecq
+    mrecg_k: int | None = None            # number of adjacent merges (None: round((L - 1) / 4), at least 1)
+    mrecg_alpha: float = 1.6              # ModCap factor of stride-2 layers
+    mrecg_probe_iters: int | None = None  # loss metric: iterations of the probe reconstruction (None: iters)
+    seed: int = 0
+    chunk: int = 256                      # rows per forward when caching / evaluating
+    log_every: int | None = None          # loss-curve sampling period (None: ~200 points per unit)
+    calib_batch_size: int = 64            # RTN calibration batch
+
+    def validate(self) -> "ReconSettings":
+        if self.method not in METHODS:
+            raise QuantConfigError(f"unknown reconstruction method {self.method!r}; available: {', '.join(METHODS)}")
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise QuantConfigError(f"unknown granularity {self.granularity!r}; available: {', '.join(GRANULARITIES)}")
+        if self.method == "network" and self.granularity not in (None, "network"):
+            raise QuantConfigError("method 'network' reconstructs the whole network as one unit (granularity "
+                                   f"'network'), got granularity {self.granularity!r}")
+        for name in ("iters", "batch_size", "expand_batch", "chunk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise QuantConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.iters_act is not None and self.iters_act < 1:
+            raise QuantConfigError(f"iters_act must be >= 1, got {self.iters_act!r}")
+        if not 0.0 < self.drop_prob <= 1.0:
+            raise QuantConfigError(f"drop_prob (probability of keeping quantization) must be in (0, 1], "
+                                   f"got {self.drop_prob!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise QuantConfigError(f"warmup must be in [0, 1), got {self.warmup!r}")
+        if self.mrecg_k is not None and self.mrecg_k < 0:
+            raise QuantConfigError(f"mrecg_k must be >= 0, got {self.mrecg_k!r}")
+        for name in ("lr_w", "lr_adaq"):
+            if not getattr(self, name) > 0:
+                raise QuantConfigError(f"{name} must be > 0")
+        return self
+
+    @property
+    def resolved_granularity(self) -> str:
+        return self.granularity or DEFAULT_GRANULARITY[self.method]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Stage:
+    """One pass over the units."""
+
+    name: str
+    learn_w: bool
+    learn_a: bool
+    acts_on: bool
+    drop: float | None
+    iters: int
+    lr_a: float
+    lsq: bool
+
+
+def stages_for(s: ReconSettings) -> list[Stage]:
+    lr_a = s.lr_a if s.lr_a is not None else DEFAULT_LR_A.get(s.method, 4e-5)
+    if s.method == "adaround":
+        return [Stage("adaround", True, False, True, None, s.iters, lr_a, False)]
+    if s.method == "brecq":
+        lsq = bool(s.lsq_grad_scale)
+        return [Stage("weights", True, False, False, None, s.iters, lr_a, lsq),
+                Stage("acts", False, True, True, None, s.iters_act or max(1, s.iters // 4), lr_a, lsq)]
+    if s.method in ("qdrop", "network"):
+        lsq = True if s.lsq_grad_scale is None else s.lsq_grad_scale
+        drop = s.drop_prob if s.drop_prob < 1.0 else None
+        return [Stage("joint", True, True, True, drop, s.iters, lr_a, lsq)]
+    return []
+
+
+@dataclass
+class ReconReport:
+    """What a reconstruction did: units, per-unit loss curves, timings."""
+
+    method: str
+    granularity: str
+    adaqtransform: bool
+    settings: dict[str, Any]
+    lam: float = 0.0
+    units: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+    #: key "stage/unit" -> dict(unit, stage, index, it, rec, reg, beta, initial_loss, final_loss, seconds,
+    #: iters, iters_per_s, changed_roundings)
+    curves: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mrecg: dict[str, Any] | None = None
+    seconds: float = 0.0
+    rtn_seconds: float = 0.0
+    iterations: int = 0
+    optim_seconds: float = 0.0
+    resumed_units: int = 0
+    adaq: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def iters_per_s(self) -> float:
+        return self.iterations / self.optim_seconds if self.optim_seconds > 0 else 0.0
+
+    def final_losses(self, stage: str | None = None) -> dict[str, float]:
+        """unit -> final (hardened, full calibration set) loss of ``stage`` (default: the last stage)."""
+        stage = stage or (self.stages[-1] if self.stages else None)
+        return {c["unit"]: c["final_loss"] for c in self.curves.values() if c["stage"] == stage}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["iters_per_s"] = self.iters_per_s
+        return d
+
+    def save(self, directory: str | Path, stem: str = "recon_loss") -> tuple[Path, Path | None]:
+        """Write ``<stem>.json`` and ``<stem>.png`` (per-unit loss curves) into ``directory``."""
+        from .losscurve import save_loss_json, plot_losses
+
+        directory = Path(directory)
+        j = save_loss_json(self, directory / f"{stem}.json")
+        p = plot_losses(self, directory / f"{stem}.png")
+        return j, p
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+def default_lambda(qm: QuantModel) -> float:
+    """0.1 for MobileNet-like models (any depthwise conv), 0.01 otherwise (ResNet-like)."""
+    for n in qm.graph.nodes:
+        if n.op == "conv" and n.attrs["groups"] > 1 and n.attrs["groups"] == n.weight.shape[0] \
+                and n.weight.shape[1] == 1:
+            return 0.1
+    return 0.01
+
+
+def lp_loss(pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels (dim 1), averaged over the batch and spatial positions."""
+    d = (pred - tgt).pow(2)
+    return d.sum(1).mean() if d.dim() > 1 else d.mean()
+
+
+def _seed_for(seed: int, *parts: Any) -> int:
+    h = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+class UnitRunner:
+    """Executes unit node ranges of a QuantModel on dicts of tensors."""
+
+    def __init__(self, qm: QuantModel):
+        self.qm = qm
+        self.nodes: dict[str, FloatNode] = {n.name: n for n in qm.graph.nodes}
+
+    def run(self, unit: Unit, env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        env = dict(env)
+        for name in unit.nodes:
+            env[name] = self.qm._run_node(self.nodes[name], env)
+        return env
+
+    @torch.no_grad()
+    def run_all(self, unit: Unit, live: dict[str, torch.Tensor], chunk: int, keep: list[str]
+                ) -> dict[str, torch.Tensor]:
+        n = next(iter(live.values())).shape[0]
+        outs: dict[str, list[torch.Tensor]] = {k: [] for k in keep}
+        for i in range(0, n, chunk):
+            env = self.run(unit, {t: live[t][i:i + chunk] for t in unit.inputs})
+            for k in keep:
+                outs[k].append(env[k])
+        return {k: torch.cat(v) for k, v in outs.items()}
+
+
+class Stream:
+    """The live tensors at a unit boundary, for the quantized model (``q``) and the FP model (``f``)."""
+
+    def __init__(self, qm: QuantModel, fp: QuantModel, images: torch.Tensor, acts_on: bool, chunk: int):
+        self.q_run, self.f_run = UnitRunner(qm), UnitRunner(fp)
+        self.qm, self.chunk = qm, chunk
+        g = qm.graph
+        xq = qm.act_quant[_key(g.input_name)]
+        with torch.no_grad():
+            self.q = {g.input_name: xq(images) if acts_on else images.clone()}
+        self.f = {g.input_name: images}
+
+    def targets(self, unit: Unit) -> dict[str, torch.Tensor]:
+        return self.f_run.run_all(unit, self.f, self.chunk, unit.outputs)
+
+    def advance(self, unit: Unit, later_inputs: set[str], fp_out: dict[str, torch.Tensor] | None = None) -> None:
+        """Run ``unit`` on the live tensors (quantized model in its current state, FP model) and move past it."""
+        q_out = self.q_run.run_all(unit, self.q, self.chunk, unit.outputs)
+        f_out = fp_out if fp_out is not None else self.f_run.run_all(unit, self.f, self.chunk, unit.outputs)
+        self.q.update(q_out)
+        self.f.update(f_out)
+        for d in (self.q, self.f):
+            for k in list(d):
+                if k not in later_inputs:
+                    del d[k]
+
+
+def _later_inputs(units: list[Unit], i: int) -> set[str]:
+    return {t for u in units[i + 1:] for t in u.inputs}
+
+
+def _unit_act_quantizers(qm: QuantModel, unit: Unit) -> list:
+    pts = set(qm.quant_points()) - {qm.graph.input_name}
+    return [qm.act_quant[_key(n)] for n in unit.nodes if n in pts]
+
+
+# ---- one unit --------------------------------------------------------------------------------------------------
+def _eval_loss(runner: UnitRunner, unit: Unit, live: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
+               chunk: int) -> float:
+    out = runner.run_all(unit, live, chunk, unit.targets)
+    n = next(iter(tgt.values())).shape[0]
+    return float(sum(lp_loss(out[t], tgt[t]) for t in unit.targets)) if n else 0.0
+
+
+def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSettings, lam: float,
+                  q_in: dict[str, torch.Tensor], f_in: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
+                  seed: int, progress: bool = False, desc: str = "") -> dict[str, Any]:
+    """Reconstruct one unit in place (hardening its weights at the end). Returns its loss curve and timings."""
+    runner = UnitRunner(qm)
+    layers = [qm.layer(name) for name in unit.layers]
+    aqs = [q for q in _unit_act_quantizers(qm, unit) if q.enabled] if stage.learn_a else []
+    t_start = time.perf_counter()
+    initial = _eval_loss(runner, unit, q_in, tgt, settings.chunk)
+
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    if stage.learn_w:
+        vs = [layer.wq.init_adaround(layer.weight) for layer in layers]
+        if vs:
+            groups.append(dict(params=vs, lr=settings.lr_w))
+    ad = adaq_params(layers)
+    for p in ad:
+        p.requires_grad_(True)
+    if ad:
+        groups.append(dict(params=ad, lr=settings.lr_adaq))
+    opt = torch.optim.Adam(groups) if groups else None
+    opt_a = sched_a = None
+    if aqs:
+        for q in aqs:
+            q.scale.requires_grad_(True)
+        opt_a = torch.optim.Adam([q.scale for q in aqs], lr=stage.lr_a)
+        sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=stage.iters, eta_min=0.0)
+    all_aqs = _unit_act_quantizers(qm, unit)
+    for q in all_aqs:
+        q.lsq_grad_scale = stage.lsq and stage.learn_a
+        if stage.drop is not None:
+            q.drop_prob, q.drop_generator = stage.drop, gen
+
+    n_rows = next(iter(q_in.values())).shape[0]
+    bs = min(settings.batch_size * settings.expand_batch, n_rows)
+    log_every = settings.log_every or max(1, stage.iters // 200)
+    curve: dict[str, list] = dict(it=[], rec=[], reg=[], beta=[])
+    t_opt = time.perf_counter()
+    try:
+        for it in tqdm(range(stage.iters), desc=desc, disable=not progress, leave=False):
+            idx = torch.randperm(n_rows, generator=gen)[:bs]
+            env = {}
+            for t in unit.inputs:
+                x = q_in[t][idx]
+                if stage.drop is not None:
+                    keep = torch.rand(x.shape, generator=gen) < stage.drop
+                    x = torch.where(keep, x, f_in[t][idx])
+                env[t] = x
+            env = runner.run(unit, env)
+            rec = sum(lp_loss(env[t], tgt[t][idx]) for t in unit.targets)
+            reg = (round_loss(layers, it, stage.iters, lam, settings.warmup, settings.beta_start, settings.beta_end)
+                   if stage.learn_w else torch.zeros(()))
+            loss = rec + reg
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            if opt_a is not None:
+                opt_a.zero_grad(set_to_none=True)
+            if loss.requires_grad:
+                loss.backward()
+            if opt is not None:
+                opt.step()
+            if opt_a is not None:
+                opt_a.step()
+                sched_a.step()
+                with torch.no_grad():
+                    for q in aqs:
+                        q.scale.clamp_(min=1e-8)
+            if it % log_every == 0 or it == stage.iters - 1:
+                curve["it"].append(it)
+                curve["rec"].append(float(rec))
+                curve["reg"].append(float(reg))
+                curve["beta"].append(beta_at(it, stage.iters, settings.warmup, settings.beta_start,
+                                             settings.beta_end) if reg_active(it, stage.iters, settings.warmup)
+                                     else None)
+    finally:
+        t_opt = time.perf_counter() - t_opt
+        for q in all_aqs:            # QDrop reset: always quantize again
+            q.drop_prob, q.drop_generator, q.lsq_grad_scale = None, None, False
+        for q in aqs:
+            q.scale.requires_grad_(False)
+        for p in ad:
+            p.requires_grad_(False)
+    changed = sum(harden_layer(layer) for layer in layers)
+    final = _eval_loss(runner, unit, q_in, tgt, settings.chunk)
+    return dict(unit=unit.name, stage=stage.name, **curve, initial_loss=initial, final_loss=final,
+                iters=stage.iters, optim_seconds=t_opt, seconds=time.perf_counter() - t_start,
+                iters_per_s=stage.iters / t_opt if t_opt > 0 else 0.0, changed_roundings=changed,
+                batch_size=bs)
+
+
+# ---- driver ----------------------------------------------------------------------------------------------------
+def _set_quant_stage(qm: QuantModel, acts_on: bool) -> None:
+    qm.set_quant(weights=True, acts=acts_on)
+
+
+def run_stages(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list[Unit], settings: ReconSettings,
+               lam: float, report: ReconReport, progress: bool, stage_list: list[Stage],
+               done: set[str] | None = None, on_unit_end: Callable[[str, dict], None] | None = None,
+               key_prefix: str = "") -> None:
+    """Run every stage over ``units``; skip the "stage/unit" keys in ``done`` (resume)."""
+    done = done or set()
+    for si, stage in enumerate(stage_list):
+        _set_quant_stage(qm, stage.acts_on)
+        stream = Stream(qm, fp, images, stage.acts_on, settings.chunk)
+        bar = tqdm(units, desc=f"{key_prefix}{stage.name}", disable=not progress, leave=False)
+        for ui, unit in enumerate(bar):
+            key = f"{key_prefix}{stage.name}/{unit.name}"
+            later = _later_inputs(units, ui)
+            if key in done:
+                stream.advance(unit, later)
+                continue
+            tgt = stream.targets(unit)
+            res = optimize_unit(qm, unit, stage, settings, lam, stream.q, stream.f, tgt,
+                                _seed_for(settings.seed, key_prefix, si, ui, unit.name), progress=False,
+                                desc=unit.name)
+            res["index"] = ui
+            report.curves[key] = res
+            report.iterations += res["iters"]
+            report.optim_seconds += res["optim_seconds"]
+            stream.advance(unit, later, fp_out=tgt)
+            if on_unit_end is not None:
+                on_unit_end(key, res)
+    qm.set_quant(weights=True, acts=True)
+
+
+def _images_digest(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+
+
+def reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: QuantConfig | None = None,
+                settings: ReconSettings | None = None, progress: bool = True,
+                checkpoint_dir: str | Path | None = None) -> tuple[QuantModel, ReconReport]:
+    """RTN calibration, then reconstruction per ``settings``. Returns the fake-quant model (weights hardened,
+    foldable by ``fold_to_integer``) and a :class:`ReconReport`.
+
+    With ``checkpoint_dir`` the model and report are saved after every unit; calling again with the same arguments
+    resumes after the last finished unit and gives the same result as an uninterrupted run.
+    """
+    from .checkpoint import Checkpoint
+    from .mrecg import plan_mrecg
+
+    settings = (settings or ReconSettings()).validate()
+    config = (config or QuantConfig()).validate()
+    t0 = time.perf_counter()
+    images_np = validate_calibration(calib_images)
+    torch.manual_seed(settings.seed)
+    qm = quantize_rtn(model, images_np, config, batch_size=settings.calib_batch_size, progress=progress)
+    rtn_seconds = time.perf_counter() - t0
+    gran = settings.resolved_granularity
+    report = ReconReport(settings.method, gran, settings.adaqtransform, settings.to_dict(), rtn_seconds=rtn_seconds)
+    if settings.method == "rtn":
+        report.seconds = time.perf_counter() - t0
+        return qm, report
+    fp = copy.deepcopy(qm).set_quant(weights=False, acts=False)
+    for p in list(qm.parameters()) + list(fp.parameters()):
+        p.requires_grad_(False)
+    if settings.adaqtransform:
+        qm.enable_adaq()
+        for p in qm.parameters():
+            p.requires_grad_(False)
+    lam = settings.lam if settings.lam is not None else default_lambda(qm)
+    report.lam = lam
+    images = torch.from_numpy(np.ascontiguousarray(images_np))
+    stage_list = stages_for(settings)
+    report.stages = [s.name for s in stage_list]
+
+    ckpt = None
+    done: set[str] = set()
+    if checkpoint_dir is not None:
+        fingerprint = dict(settings=settings.to_dict(), config=asdict(config), images=_images_digest(images_np),
+                           n_images=int(images_np.shape[0]))
+        ckpt = Checkpoint(Path(checkpoint_dir), fingerprint)
+        state = ckpt.load()
+        if state is not None:
+            qm, saved = state
+            for p in qm.parameters():
+                p.requires_grad_(False)
+            done = set(saved["done"])
+            report.curves = saved["curves"]
+            report.mrecg = saved.get("mrecg")
+            report.iterations = saved.get("iterations", 0)
+            report.optim_seconds = saved.get("optim_seconds", 0.0)
+            report.resumed_units = len(done)
+
+    # ---- units ----
+    if gran.startswith("mrecg"):
+        if report.mrecg is None:
+            report.mrecg = plan_mrecg(qm, fp, images, settings, lam, gran, stage_list, progress)
+            if ckpt is not None:
+                ckpt.save(qm, report, done)
+        from .units import block_units, merge_units
+
+        units = merge_units(qm.graph, block_units(qm.graph), report.mrecg["merged_pairs"])
+    else:
+        units = discover_units(qm.graph, gran)
+    report.units = [u.to_dict() for u in units]
+
+    def on_unit_end(key: str, res: dict) -> None:
+        done.add(key)
+        if ckpt is not None:
+            ckpt.save(qm, report, done)
+
+    run_stages(qm, fp, images, units, settings, lam, report, progress, stage_list, done, on_unit_end)
+    report.adaq = adaq_summary(qm)
+    report.seconds = time.perf_counter() - t0
+    if ckpt is not None:
+        ckpt.save(qm, report, done, finished=True)
+    for p in qm.parameters():
+        p.requires_grad_(True)
+    return qm.eval(), report

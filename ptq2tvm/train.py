@@ -1,0 +1,330 @@
+"""Train (once, then cache) the small zoo models on the built-in datasets.
+
+    python -m ptq2tvm.train --model resnet_small --dataset fashion-mnist
+
+The recipe is deterministic for a given seed and thread count (2 threads): SGD with Nesterov momentum, a one-cycle
+learning-rate schedule, and light augmentation on Fashion-MNIST (random crop with 2-pixel padding, horizontal flip).
+The checkpoint (a plain state_dict, loadable with ``load_state_dict(strict=True)``) and a JSON description are
+cached under ``$PTQ2TVM_CACHE/checkpoints`` (default ``~/.cache/ptq2tvm/checkpoints``), keyed by model, dataset,
+epochs, seed and :data:`RECIPE_VERSION`; a cached checkpoint is loaded instead of retraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import Dataset, builtin_name, load_dataset
+from .errors import DataError, Ptq2TvmError
+
+RECIPE_VERSION = "r1"
+TRAIN_THREADS = 2
+CACHE_ENV = "PTQ2TVM_CACHE"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    batch_size: int = 128
+    max_lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    pct_start: float = 0.25
+    label_smoothing: float = 0.0
+    crop_pad: int = 0  # random crop with this much zero padding (0: off)
+    hflip: bool = False
+
+
+_FMNIST = dict(batch_size=128, max_lr=0.1, weight_decay=5e-4, crop_pad=2, hflip=True)
+_DIGITS = dict(batch_size=64, max_lr=0.05, weight_decay=5e-4, crop_pad=0, hflip=False)
+DEFAULT_EPOCHS = {
+    ("resnet_small", "fashion-mnist"): 6,
+    ("mobilenet_v2_small", "fashion-mnist"): 6,
+    ("resnet_small", "digits"): 15,
+    ("mobilenet_v2_small", "digits"): 20,
+}
+
+
+def recipe_for(model_name: str, dataset: str, epochs: int | None = None) -> Recipe:
+    base = _FMNIST if dataset == "fashion-mnist" else _DIGITS
+    if epochs is None:
+        epochs = DEFAULT_EPOCHS.get((model_name, dataset), 6 if dataset == "fashion-mnist" else 20)
+    if int(epochs) < 1:
+        raise Ptq2TvmError(f"epochs must be >= 1, got {epochs}")
+    return Recipe(epochs=int(epochs), **base)
+
+
+def default_cache_dir() -> Path:
+    """``$PTQ2TVM_CACHE/checkpoints``, else ``$XDG_CACHE_HOME/ptq2tvm/checkpoints`` (``~/.cache/...``)."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / "checkpoints"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ptq2tvm" / "checkpoints"
+
+
+def checkpoint_key(model_name: str, dataset: str, epochs: int, seed: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
+    return f"{safe}__{dataset}__e{epochs}__s{seed}__{RECIPE_VERSION}"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(file_object)`` into a temp file next to ``path``, then ``os.replace`` it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _build(model_name: str, in_channels: int, num_classes: int) -> nn.Module:
+    from .models import create_model
+
+    try:
+        return create_model(model_name, num_classes=num_classes, in_channels=in_channels)
+    except ValueError as e:
+        raise Ptq2TvmError(str(e)) from e
+
+
+# ---- augmentation -------------------------------------------------------------------------------------------
+def _augment(x: torch.Tensor, recipe: Recipe, g: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding ``crop_pad``, per sample) and horizontal flip, on a batch (B, C, H, W)."""
+    b, _, h, w = x.shape
+    if recipe.crop_pad:
+        p = recipe.crop_pad
+        xp = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=g)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=g)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
+        bidx = torch.arange(b)[:, None, None, None]
+        cidx = torch.arange(x.shape[1])[None, :, None, None]
+        x = xp[bidx, cidx, rows, cols]
+    if recipe.hflip:
+        flip = torch.rand(b, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_top1(model: nn.Module, dataset: Dataset | str, batch_size: int = 256) -> float:
+    """Top-1 accuracy (0..1) of ``model`` on ``dataset`` (a :class:`Dataset`, or a spec: its test split)."""
+    ds = load_dataset(dataset, split="test") if isinstance(dataset, (str, Path)) else dataset
+    if ds.labels is None:
+        raise DataError(f"dataset {ds.name} has no labels: cannot compute accuracy")
+    if len(ds.images) == 0:
+        raise DataError(f"dataset {ds.name} is empty")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for i in range(0, len(ds.images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(ds.images[i:i + batch_size]))
+            correct += int((model(x).argmax(1).numpy() == ds.labels[i:i + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(ds.images)
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+def _fit(model: nn.Module, train: Dataset, recipe: Recipe, seed: int, progress: bool, desc: str,
+         test: Dataset | None = None) -> list[dict[str, float]]:
+    """Train ``model`` in place; returns per-epoch history (loss, train accuracy[, test accuracy])."""
+    g = torch.Generator().manual_seed(seed)
+    x_all = torch.from_numpy(train.images)
+    y_all = torch.from_numpy(train.labels)
+    n = len(x_all)
+    bs = min(recipe.batch_size, n)
+    steps = n // bs  # drop_last: no tiny BatchNorm batches
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=recipe.max_lr, momentum=recipe.momentum, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.max_lr, total_steps=recipe.epochs * steps,
+                                                pct_start=recipe.pct_start, div_factor=20.0,
+                                                final_div_factor=200.0)
+    channels_last = train.images.shape[-1] >= 16  # faster on CPU for 28x28; no gain for 8x8
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=recipe.epochs * steps, desc=desc, unit="batch", dynamic_ncols=True, file=sys.stderr)
+    history: list[dict[str, float]] = []
+    try:
+        for epoch in range(recipe.epochs):
+            model.train()
+            perm = torch.randperm(n, generator=g)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for s in range(steps):
+                idx = perm[s * bs:(s + 1) * bs]
+                x, y = x_all[idx], y_all[idx]
+                x = _augment(x, recipe, g)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = model(x)
+                loss = F.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise Ptq2TvmError(f"training diverged: loss {lv} at epoch {epoch + 1}, step {s + 1}")
+                loss_sum += lv * len(y)
+                correct += int((out.detach().argmax(1) == y).sum())
+                seen += len(y)
+                if bar is not None:
+                    bar.update(1)
+                    if s % 10 == 0 or s == steps - 1:
+                        bar.set_postfix(epoch=f"{epoch + 1}/{recipe.epochs}", loss=f"{loss_sum / seen:.4f}",
+                                        acc=f"{100 * correct / seen:.2f}%", refresh=False)
+            rec = dict(epoch=epoch + 1, loss=loss_sum / seen, train_top1=correct / seen)
+            if test is not None:
+                rec["test_top1"] = evaluate_top1(model, test)
+            history.append(rec)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.to(memory_format=torch.contiguous_format)
+    model.eval()
+    return history
+
+
+def _load_cached(model: nn.Module, pt: Path, js: Path) -> dict[str, Any] | None:
+    if not (pt.is_file() and js.is_file()):
+        return None
+    try:
+        info = json.loads(js.read_text())
+        sd = torch.load(pt, map_location="cpu", weights_only=True)
+        model.load_state_dict(sd, strict=True)
+    except Exception as e:  # noqa: BLE001 - a broken cache entry is retrained, not fatal
+        warnings.warn(f"ignoring unreadable cached checkpoint {pt} ({type(e).__name__}: {e}); retraining",
+                      stacklevel=3)
+        return None
+    return info
+
+
+def train_builtin(model_name: str, dataset: str = "fashion-mnist", epochs: int | None = None, seed: int = 0,
+                  cache_dir: str | Path | None = None, progress: bool = True, *, force: bool = False,
+                  threads: int = TRAIN_THREADS) -> tuple[nn.Module, dict[str, Any]]:
+    """Train zoo model ``model_name`` on built-in ``dataset`` ("fashion-mnist" or "digits"), or load it from cache.
+
+    Returns the model (eval mode, FP32) and an info dict: model_name, dataset, epochs, seed, recipe,
+    recipe_version, test_top1, train_seconds, torch_version, checkpoint (the state_dict path), cached (True when
+    loaded from the cache, False when trained by this call), ... ``force`` retrains and overwrites the cache.
+    Training uses ``threads`` intra-op threads (restored afterwards); results are reproducible for the same seed and
+    thread count.
+    """
+    ds_name = builtin_name(dataset)
+    if ds_name is None:
+        raise DataError(f"train_builtin needs a built-in dataset (fashion-mnist, digits), got {dataset!r}")
+    recipe = recipe_for(model_name, ds_name, epochs)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    key = checkpoint_key(model_name, ds_name, recipe.epochs, seed)
+    pt, js = cache / f"{key}.pt", cache / f"{key}.json"
+
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        test = load_dataset(ds_name, split="test")
+        in_channels, num_classes = int(test.images.shape[1]), 10
+        torch.manual_seed(seed)
+        model = _build(model_name, in_channels, num_classes)
+        if not force:
+            info = _load_cached(model, pt, js)
+            if info is not None:
+                info.update(cached=True, checkpoint=str(pt))
+                if progress:
+                    print(f"loaded cached {model_name} ({ds_name}, {recipe.epochs} epochs, seed {seed}): "
+                          f"test top-1 {100 * info.get('test_top1', float('nan')):.2f}%  [{pt}]", file=sys.stderr)
+                return model.eval(), info
+        train = load_dataset(ds_name, split="train")
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        history = _fit(model, train, recipe, seed, progress, desc=f"train {model_name} on {ds_name}")
+        train_seconds = time.perf_counter() - t0
+        top1 = evaluate_top1(model, test)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+    info: dict[str, Any] = dict(
+        model_name=model_name, dataset=ds_name, epochs=recipe.epochs, seed=seed, recipe_version=RECIPE_VERSION,
+        recipe=asdict(recipe), test_top1=top1, n_test=len(test), n_train=len(train),
+        train_seconds=round(train_seconds, 2), threads=int(threads), torch_version=torch.__version__,
+        num_classes=num_classes, in_channels=in_channels, input_shape=list(test.input_shape),
+        mean=list(test.mean), std=list(test.std), history=history,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(pt, lambda f: torch.save(state, f))
+    _atomic_write(js, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
+    info.update(cached=False, checkpoint=str(pt))
+    if progress:
+        print(f"trained {model_name} on {ds_name} in {train_seconds:.1f} s: test top-1 {100 * top1:.2f}%  [{pt}]",
+              file=sys.stderr)
+    return model, info
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ptq2tvm.train",
+                                description="Train (or load from cache) a small zoo model on a built-in dataset.")
+    p.add_argument("--model", default="resnet_small", help="zoo model name (default: resnet_small; "
+                                                            "also mobilenet_v2_small)")
+    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"],
+                   help="built-in dataset (default: fashion-mnist)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's, e.g. 6 on Fashion-MNIST)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"checkpoint cache (default: ${CACHE_ENV}/checkpoints or ~/.cache/ptq2tvm/checkpoints)")
+    p.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", metavar="PATH", help="also write the info dict as JSON to PATH")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _, info = train_builtin(args.model, dataset=args.dataset, epochs=args.epochs, seed=args.seed,
+                                cache_dir=args.cache_dir, progress=not args.no_progress, force=args.force)
+    except Ptq2TvmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps({k: v for k, v in info.items() if k != "history"}, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

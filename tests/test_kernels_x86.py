@@ -1,0 +1,363 @@
+"""kernels/: every x86 int8 kernel against the numpy integer contract (kernels.reference), bit for bit.
+
+Seeded, small shapes; the whole file runs in well under two minutes on 2 cores. VNNI cases run when this CPU has
+AVX-512 VNNI, AVX2 cases when it has AVX2 (the AVX2 code is built for mcpu=haswell, so it never contains VNNI).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import kernels as K  # noqa: E402
+from kernels import reference as R  # noqa: E402
+from tvm.target import codegen  # noqa: E402
+
+HOST = K.host_target(num_cores=2)
+HAS_VNNI = codegen.llvm_cpu_has_features(["avx512vnni"], HOST) and codegen.llvm_cpu_has_features(["avx512bw"], HOST)
+HAS_AVX2 = codegen.llvm_cpu_has_features(["avx2"], HOST)
+AVX2_TARGET = K.host_target(num_cores=2, mcpu="haswell")
+ISAS = [pytest.param("vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this CPU")),
+        pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU"))]
+
+
+def _target(isa):
+    return HOST if isa == "vnni" else AVX2_TARGET
+
+
+def _requant_params(rng, acc, out_channels, spread=48.0, per_channel=True):
+    """Per-channel (mult, shift) that map the accumulator's spread to about +-spread output steps, plus edge
+    channels: the largest multiplier, shift 1 and shift 62."""
+    m = rng.integers(1 << 29, 1 << 31, out_channels, dtype=np.int64)
+    axes = tuple(i for i in range(acc.ndim) if i != 1)
+    std = (acc.astype(np.float64).std(axis=axes) if per_channel else np.abs(acc).astype(np.float64).mean()) + 1.0
+    sh = np.clip(np.round(np.log2(std * m / spread)), 1, 62).astype(np.int64)
+    m[0] = (1 << 31) - 1
+    if out_channels > 2:
+        m[1], sh[1] = 3, 1
+        sh[2] = 62
+    return m.astype(np.int32), sh.astype(np.int32)
+
+
+def _conv_case(rng, n, c, h, w, o, k, s, p, d=1, g=1, residual=False, int4=False, zx=3, zo=5, zr=7, lo=0, hi=255,
+               extremes=True):
+    x = rng.integers(0, 256, (n, c, h, w), dtype=np.uint8)
+    wlo, whi = (-8, 7) if int4 else (-128, 127)
+    wt = rng.integers(wlo, whi + 1, (o, c // g, k, k), dtype=np.int8)
+    if extremes:   # saturating values at both ends: uint8 0/255 activations, int8 (int4) min/max weights
+        x.reshape(-1)[::7] = 255
+        x.reshape(-1)[3::11] = 0
+        wt.reshape(-1)[::5] = wlo
+        wt.reshape(-1)[2::6] = whi
+        x[0, :, : max(1, h // 3), : max(1, w // 3)] = 255          # a corner of all-255 pixels
+        wt[0] = wlo                                                 # a channel of all-min weights
+        if o > 1:
+            wt[-1] = whi
+    bias = rng.integers(-(1 << 16), 1 << 16, o).astype(np.int32)
+    acc = R.conv_acc(x, wt, bias, s, p, d, g, zx)
+    m, sh = _requant_params(rng, acc, o)
+    oh, ow = acc.shape[2:]
+    r = rng.integers(0, 256, (n, o, oh, ow), dtype=np.uint8) if residual else None
+    mr = (np.minimum(np.exp2(sh.astype(np.float64)) / 600.0, 2 ** 31 - 1)).astype(np.int64).astype(np.int32)
+    ref = R.conv2d_requant(x, wt, bias, m, sh, r, mr, stride=s, padding=p, dilation=d, groups=g, input_zero_point=zx,
+                           output_zero_point=zo, lo=lo, hi=hi, residual_zero_point=zr)
+    return dict(x=x, w=wt, bias=bias, m=m, sh=sh, r=r, mr=mr, ref=ref)
+
+
+CONV_CASES = {
+    # name: (n, c, h, w, o, k, s, p, d, g, ic_block, residual, int4, extra)
+    "3x3_s1": (1, 32, 12, 12, 32, 3, 1, 1, 1, 1, 16, False, False, {}),
+    "3x3_s2_odd": (1, 16, 13, 13, 32, 3, 2, 1, 1, 1, 16, False, False, {}),
+    "3x3_s1_batch2_clamp": (2, 16, 9, 9, 16, 3, 1, 1, 1, 1, 16, False, False, dict(lo=10, hi=200, zo=100)),
+    "1x1_s1": (1, 48, 9, 9, 16, 1, 1, 0, 1, 1, 16, False, False, {}),
+    "1x1_s2_downsample": (1, 32, 14, 14, 64, 1, 2, 0, 1, 1, 16, False, False, {}),
+    "depthwise_3x3_s1": (1, 32, 10, 10, 32, 3, 1, 1, 1, 32, 16, False, False, {}),
+    "depthwise_3x3_s2_res": (1, 48, 11, 11, 48, 3, 2, 1, 1, 48, 16, True, False, {}),
+    "grouped_blocks": (1, 64, 8, 8, 64, 3, 1, 1, 1, 2, 16, False, False, {}),
+    "grouped_expanded": (1, 24, 8, 8, 36, 3, 1, 1, 1, 3, 16, False, False, {}),
+    "first_3ch_7x7_s2": (1, 3, 23, 23, 24, 7, 2, 3, 1, 1, 4, False, False, dict(zx=128)),
+    "first_3ch_3x3": (1, 3, 16, 16, 16, 3, 1, 1, 1, 1, 4, False, False, {}),
+    "dilated_3x3": (1, 16, 12, 12, 16, 3, 1, 2, 2, 1, 16, False, False, {}),
+    "residual_3x3": (1, 32, 10, 10, 40, 3, 1, 1, 1, 1, 16, True, False, dict(zr=200)),
+    "residual_1x1": (1, 16, 8, 8, 32, 1, 1, 0, 1, 1, 16, True, False, {}),
+    "int4_3x3": (1, 32, 12, 12, 32, 3, 1, 1, 1, 1, 16, False, True, {}),
+    "int4_3x3_s2_res": (1, 32, 12, 12, 48, 3, 2, 1, 1, 1, 16, True, True, {}),
+    "int4_first_3ch": (1, 3, 16, 16, 16, 7, 2, 3, 1, 1, 4, False, True, {}),
+}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv_bit_exact(name, isa):
+    n, c, h, w, o, k, s, p, d, g, icb, res, int4, extra = CONV_CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    cs = _conv_case(rng, n, c, h, w, o, k, s, p, d, g, res, int4, **extra)
+    zx = extra.get("zx", 3)
+    xb = K.nchw_to_nchwc(cs["x"], icb, zx)
+    wp = K.pack_conv_weight(cs["w"], g, ic_block=icb, isa=isa, int4=int4)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [xb, wp, *params[:3]]
+    if res:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, _target(isa), stride=s, padding=p, dilation=d,
+                              groups=g, input_zero_point=zx, output_zero_point=extra.get("zo", 5),
+                              lo=extra.get("lo", 0), hi=extra.get("hi", 255), residual_zero_point=extra.get("zr", 7),
+                              isa=isa)
+    got = K.nchwc_to_nchw(kern.run(*arrays), o)
+    ref = cs["ref"]
+    assert got.shape == ref.shape
+    assert len(np.unique(ref)) > 16, "test data too degenerate"
+    assert int((got != ref).sum()) == 0, f"{int((got != ref).sum())} mismatches of {ref.size}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c,h,w,o,k,s,p,int4", [(3, 32, 32, 32, 7, 2, 3, False), (3, 23, 21, 16, 7, 2, 3, False),
+                                                (1, 16, 16, 16, 3, 1, 1, False), (3, 18, 32, 24, 3, 2, 1, True),
+                                                (4, 12, 12, 16, 5, 1, 2, False)])
+def test_first_conv_rows_bit_exact(isa, c, h, w, o, k, s, p, int4):
+    """First conv on 1-4 channel input via the interleaved row layout (nchw_to_rows + conv2d_rows_requant)."""
+    rng = np.random.default_rng(100 * c + 10 * k + h)
+    cs = _conv_case(rng, 1, c, h, w, o, k, s, p, int4=int4, zx=29)
+    target = _target(isa)
+    lay = K.build_standalone(K.te_nchw_to_rows, [cs["x"]], target, kernel=k, stride=s, padding=p, pad_value=29)
+    xr = lay.run(cs["x"])
+    assert np.array_equal(xr, K.nchw_to_rows(cs["x"], k, s, p, 29))
+    arrays = [xr, K.pack_rows_weight(cs["w"], isa=isa, int4=int4),
+              *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
+    kern = K.build_standalone(K.conv2d_rows_requant, arrays, target, in_channels=c, in_width=w, kernel=k, stride=s,
+                              padding=p, input_zero_point=29, output_zero_point=5, isa=isa)
+    got = K.nchwc_to_nchw(kern.run(*arrays), o)
+    assert len(np.unique(cs["ref"])) > 16
+    assert int((got != cs["ref"]).sum()) == 0
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n,k,o,residual,int4", [(1, 64, 37, False, False), (3, 100, 16, True, False),
+                                                 (2, 30, 20, False, False), (1, 48, 40, False, True),
+                                                 (2, 64, 24, True, True)])
+def test_dense_bit_exact(isa, n, k, o, residual, int4):
+    rng = np.random.default_rng(1000 + n * k + o)
+    x = rng.integers(0, 256, (n, k), dtype=np.uint8)
+    wlo, whi = (-8, 7) if int4 else (-128, 127)
+    wt = rng.integers(wlo, whi + 1, (o, k), dtype=np.int8)
+    x[0, :5] = 255
+    x[-1, -3:] = 0
+    wt[0] = wlo
+    wt[-1] = whi
+    zx = 9
+    bias = (rng.integers(-1000, 1000, o) - zx * wt.astype(np.int64).sum(1)).astype(np.int32)
+    acc = x.astype(np.int64) @ wt.astype(np.int64).T + bias
+    m, sh = _requant_params(rng, acc, o, per_channel=False)
+    r = rng.integers(0, 256, (n, o), dtype=np.uint8) if residual else None
+    mr = np.full(o, 1 << 25, np.int32)
+    ref = R.dense_requant(x, wt, bias, m, sh, r, mr, output_zero_point=128, residual_zero_point=3)
+    params = K.pack_channel_params(bias, m, sh, mr)
+    arrays = [x, K.pack_dense_weight(wt, isa=isa, int4=int4), *params[:3]]
+    if residual:
+        arrays += [r, params[3]]
+    kern = K.build_standalone(K.dense_requant, arrays, _target(isa), out_features=o, input_zero_point=zx,
+                              output_zero_point=128, residual_zero_point=3, isa=isa)
+    got = kern.run(*arrays)
+    assert len(np.unique(ref)) > 8
+    assert int((got != ref).sum()) == 0
+
+
+def _blocked(x, z=0):
+    return K.nchw_to_nchwc(x, 16, z)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), (2, 2, 0), (3, 1, 1)])
+def test_maxpool(kernel, stride, padding):
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (2, 24, 11, 11), dtype=np.uint8)
+    x[:, :, :4, :4] = 0                                         # pad value 0 must never win wrongly
+    ref = R.maxpool2d(x, kernel, stride, padding)
+    kern = K.build_standalone(K.maxpool2d_nchwc, [_blocked(x)], HOST, kernel=kernel, stride=stride, padding=padding)
+    assert int((K.nchwc_to_nchw(kern.run(_blocked(x)), 24) != ref).sum()) == 0
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (3, 1, 1)])
+def test_avgpool_requant(kernel, stride, padding):
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 256, (1, 20, 10, 10), dtype=np.uint8)
+    z = 17
+    m = rng.integers(1 << 29, 1 << 31, 20).astype(np.int32)
+    sh = np.full(20, 33, np.int32)
+    ref = R.avgpool2d_requant(x, m, sh, kernel, stride, padding, z, 4, 0, 255)
+    mp, sp = K.pack_channel_params(m, sh, kinds="ms")
+    arrays = [_blocked(x, z), mp, sp]
+    kern = K.build_standalone(K.avgpool2d_nchwc_requant, arrays, HOST, kernel=kernel, stride=stride, padding=padding,
+                              input_zero_point=z, output_zero_point=4)
+    assert int((K.nchwc_to_nchw(kern.run(*arrays), 20) != ref).sum()) == 0
+
+
+def test_global_avgpool_requant():
+    rng = np.random.default_rng(9)
+    x = rng.integers(0, 256, (2, 40, 7, 7), dtype=np.uint8)
+    x[0, 0] = 255
+    x[1, 1] = 0
+    m = rng.integers(1 << 29, 1 << 31, 40).astype(np.int32)
+    sh = np.full(40, 36, np.int32)
+    ref = R.global_avgpool_requant(x, m, sh, 100, 3, 0, 255)
+    mp, sp = K.pack_channel_params(m, sh, kinds="ms")
+    arrays = [_blocked(x, 100), mp, sp]
+    kern = K.build_standalone(K.global_avgpool_nchwc_requant, arrays, HOST, input_zero_point=100,
+                              output_zero_point=3)
+    assert int((K.nchwc_to_nchw(kern.run(*arrays), 40) != ref).sum()) == 0
+
+
+def test_add_requant_and_clamp():
+    rng = np.random.default_rng(10)
+    a = rng.integers(0, 256, (1, 32, 9, 9), dtype=np.uint8)
+    b = rng.integers(0, 256, (1, 32, 9, 9), dtype=np.uint8)
+    ma = rng.integers(1 << 29, 1 << 31, 32).astype(np.int32)
+    mb = rng.integers(1 << 29, 1 << 31, 32).astype(np.int32)
+    sh = np.full(32, 31, np.int32)
+    ref = R.add_requant(a, b, ma, mb, sh, (5, 250), 128, 2, 253)
+    mpa, mpb, sp = K.pack_channel_params(ma, mb, sh, kinds="mms")
+    arrays = [_blocked(a), _blocked(b), mpa, mpb, sp]
+    kern = K.build_standalone(K.add_requant_nchwc, arrays, HOST, zero_points=(5, 250), output_zero_point=128, lo=2,
+                              hi=253)
+    got = K.nchwc_to_nchw(kern.run(*arrays), 32)
+    assert int((got != ref).sum()) == 0
+    kern = K.build_standalone(K.clamp_nchwc, [_blocked(a)], HOST, lo=20, hi=99)
+    assert np.array_equal(K.nchwc_to_nchw(kern.run(_blocked(a)), 32), np.clip(a, 20, 99))
+
+
+def test_layout_ops_roundtrip():
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (2, 3, 10, 10), dtype=np.uint8)
+    to = K.build_standalone(K.te_nchw_to_nchwc, [x], HOST, block=4, pad_value=77)
+    xb = to.run(x)
+    assert np.array_equal(xb, K.nchw_to_nchwc(x, 4, 77))
+    y = rng.integers(0, 256, (2, 2, 5, 5, 16), dtype=np.uint8)
+    back = K.build_standalone(K.te_nchwc_to_nchw, [y], HOST, channels=20)
+    assert np.array_equal(back.run(y), K.nchwc_to_nchw(y, 20))
+    g = rng.integers(0, 256, (2, 3, 1, 1, 16), dtype=np.uint8)
+    flat = K.build_standalone(K.nchwc_flatten, [g], HOST, channels=40)
+    assert np.array_equal(flat.run(g), K.nchwc_to_nchw(g, 40).reshape(2, 40))
+
+
+def test_packing_roundtrip():
+    rng = np.random.default_rng(12)
+    w = rng.integers(-8, 8, (32, 16, 3, 3), dtype=np.int8)
+    p8 = K.pack_conv_weight(w, 1, 16, isa="vnni")
+    p4 = K.pack_conv_weight(w, 1, 16, isa="vnni", int4=True)
+    assert p4.dtype == np.uint8 and p4.nbytes * 2 == p8.nbytes
+    assert np.array_equal(K.unpack_int4(p4), p8.reshape(*p8.shape[:5], 64))
+    with pytest.raises(ValueError):
+        K.pack_conv_weight(w * 2, 1, 16, int4=True)
+    assert K.conv_weight_mode(64, 64, 64) == "depthwise"
+    assert K.conv_weight_mode(64, 64, 2) == "grouped"
+    assert K.conv_weight_mode(36, 24, 3) == "expanded"
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this CPU")
+def test_vnni_kernel_uses_vpdpbusd():
+    rng = np.random.default_rng(13)
+    cs = _conv_case(rng, 1, 32, 8, 8, 32, 3, 1, 1)
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, 3), K.pack_conv_weight(cs["w"]),
+              *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, HOST, padding=1, input_zero_point=3, output_zero_point=5)
+    assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 32), cs["ref"])
+    assert kern.count_instructions("vpdpbusd") > 0
+    assert kern.count_instructions("vpmaddubsw") == 0        # the saturating fallback must never appear
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")
+def test_avx2_kernel_uses_vpmaddwd_only():
+    rng = np.random.default_rng(14)
+    cs = _conv_case(rng, 1, 32, 8, 8, 32, 3, 1, 1)
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, 3), K.pack_conv_weight(cs["w"], isa="avx2"),
+              *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, padding=1, input_zero_point=3,
+                              output_zero_point=5, isa="avx2")
+    assert kern.count_instructions("vpmaddwd") > 0
+    assert kern.count_instructions("vpdpbusd") == 0
+    assert kern.count_instructions("vpmaddubsw") == 0
+    assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 32), cs["ref"])
+
+
+def test_vnni_kernel_rejected_on_avx2_target():
+    rng = np.random.default_rng(15)
+    cs = _conv_case(rng, 1, 16, 6, 6, 16, 3, 1, 1)
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, 3), K.pack_conv_weight(cs["w"], isa="vnni"),
+              *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
+    with pytest.raises(ValueError, match="VNNI"):
+        K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, padding=1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_relax_network_schedule_module(isa, tmp_path):
+    """A tiny network built with BlockBuilder.emit_te, scheduled by schedule_module, compiled by tvm.compile's
+    default pipeline and run in the Relax VM: bit-exact, and the .so contains vpdpbusd (VNNI)."""
+    from tvm import relax
+
+    target = _target(isa)
+    rng = np.random.default_rng(16)
+    n, h = 1, 32
+    x = rng.integers(0, 256, (n, 3, h, h), dtype=np.uint8)
+
+    def qp(o, shift):
+        return (rng.integers(-(1 << 16), 1 << 16, o).astype(np.int32),
+                rng.integers(1 << 28, 1 << 31, o, dtype=np.int64).astype(np.int32), np.full(o, shift, np.int32))
+
+    w1 = rng.integers(-128, 128, (24, 3, 7, 7), dtype=np.int8)
+    b1, m1, s1 = qp(24, 44)
+    w2 = rng.integers(-128, 128, (24, 24, 3, 3), dtype=np.int8)
+    b2, m2, s2 = qp(24, 44)
+    mr2 = np.full(24, 1 << 30, np.int32)
+    wd = rng.integers(-128, 128, (10, 24), dtype=np.int8)
+    bd, md, sd = qp(10, 42)
+    mg, sg = np.full(24, 1 << 30, np.int32), np.full(24, 36, np.int32)
+    y = R.conv2d_requant(x, w1, b1, m1, s1, stride=2, padding=3, input_zero_point=7, output_zero_point=3, lo=3)
+    y = R.maxpool2d(y, 3, 2, 1)
+    y = R.conv2d_requant(y, w2, b2, m2, s2, y, mr2, padding=1, input_zero_point=3, output_zero_point=0,
+                         residual_zero_point=3)
+    y = R.global_avgpool_requant(y, mg, sg, 0, 2)
+    ref = R.dense_requant(y.reshape(n, 24), wd, bd, md, sd, output_zero_point=1)
+
+    def c(a):
+        return relax.const(np.ascontiguousarray(a))
+
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((n, 3, h, h), "uint8"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            t = bb.emit_te(K.te_nchw_to_nchwc, xv, block=K.FIRST_BLOCK, pad_value=7)
+            t = bb.emit_te(K.conv2d_nchwc_requant, t, c(K.pack_conv_weight(w1, 1, K.FIRST_BLOCK, isa=isa)),
+                           *map(c, K.pack_channel_params(b1, m1, s1)), stride=2, padding=3, input_zero_point=7,
+                           output_zero_point=3, lo=3, isa=isa)
+            t = bb.emit_te(K.maxpool2d_nchwc, t, kernel=3, stride=2, padding=1)
+            p2 = K.pack_channel_params(b2, m2, s2, mr2)
+            t = bb.emit_te(K.conv2d_nchwc_requant, t, c(K.pack_conv_weight(w2, isa=isa)), *map(c, p2[:3]), t,
+                           c(p2[3]), padding=1, input_zero_point=3, output_zero_point=0, residual_zero_point=3,
+                           isa=isa)
+            t = bb.emit_te(K.global_avgpool_nchwc_requant, t, *map(c, K.pack_channel_params(mg, sg, kinds="ms")),
+                           output_zero_point=2)
+            t = bb.emit_te(K.nchwc_flatten, t, channels=24)
+            t = bb.emit_te(K.dense_requant, t, c(K.pack_dense_weight(wd, isa=isa)),
+                           *map(c, K.pack_channel_params(bd, md, sd)), out_features=10, output_zero_point=1, isa=isa)
+            out = bb.emit_output(t)
+        bb.emit_func_output(out)
+    mod = K.schedule_module(bb.get(), target)
+    scheduled = [gv.name_hint for gv, f in mod.functions.items()
+                 if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tir.is_scheduled" in f.attrs]
+    assert len(scheduled) == 7
+    ex = tvm.compile(mod, target)
+    so = str(tmp_path / "net.so")
+    ex.export_library(so)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(so), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    assert np.array_equal(got, ref)
+    import subprocess
+
+    dis = subprocess.run(["objdump", "-d", so], capture_output=True, text=True, check=True).stdout
+    n_vnni = dis.count("vpdpbusd")
+    if isa == "vnni":
+        assert n_vnni > 0
+    else:
+        assert n_vnni == 0
+    assert "vpmaddubsw" not in dis
