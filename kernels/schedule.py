@@ -106,12 +106,12 @@ def choose_conv_tile(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", threa
     registers for the Q weight vectors and the broadcasts; 28 + Q spills), Q <= 4 output blocks (Q = 1 with int4
     weights: each weight vector is unpacked once per tile step); among those the fewest loads per vpdpbusd
     ((P*R + Q) / (P*Q*R)), keeping >= 2 parallel iterations per thread when the shape allows it.
-    AVX2: 16 ymm registers and an accumulator takes 2 -> at most 4 accumulators.
+    AVX2: 16 ymm registers, an accumulator takes 2 and one weight step 4 (sign-extended pairs) -> P <= 4, Q = 1.
     """
     if isa == "vnni":
         max_acc, max_q = (28, 1) if int4 else (16, 4)
     else:
-        max_acc, max_q = 4, 2
+        max_acc, max_q = 4, 1
     best, best_key = None, None
     for q in _divisors(ob):
         if q > max_q:
@@ -159,15 +159,14 @@ def _schedule_pad(sch: Schedule, block, threads: int) -> None:
     sch.vectorize(c)
 
 
-def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, isa: str | None = None,
-                          threads: int = 2) -> Schedule:
-    """Schedule a PrimFunc made by :func:`kernels.conv2d_nchwc_requant` (vnni / avx2 layouts)."""
+def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: int = 2) -> Schedule:
+    """Schedule a PrimFunc made by :func:`kernels.conv2d_nchwc_requant` / :func:`kernels.conv2d_rows_requant`
+    (the dot-product flavour, vnni or avx2, is read from the kernel annotation)."""
     out = sch.get_sblock("out")
     kind = str(sch.get(out).annotations[KERNEL_ATTR])
     if kind.endswith("depthwise"):
         return schedule_depthwise(sch, threads=threads)
     layout = kind.rsplit("_", 1)[1]
-    isa = isa or layout
     intrin = register_vnni_intrinsic("local") if layout == "vnni" else register_avx2_intrinsic("local")
     acc = sch.get_sblock("acc")
     pad = _try_block(sch, "pad")
@@ -448,7 +447,7 @@ def schedule_module(mod: tvm.IRModule, target=None) -> tvm.IRModule:
             updates[gv] = schedule_primfunc(func, target)
     if not updates:
         return mod
-    new = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+    new = mod.clone()
     for gv, f in updates.items():
-        new[gv] = f
+        new.update_func(gv, f)
     return new

@@ -187,9 +187,9 @@ def to_integer(qm: QuantModel) -> IntegerGraph:
 
 
 def compile_so(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
-               target: dict[str, Any] | None = None) -> CompileResult:
-    """Compile the integer graph to ``so_path`` (+ sidecar)."""
-    return compile_graph(graph, so_path, batch=batch, target=target)
+               target: str | dict[str, Any] | None = None, schedule: str = "auto") -> CompileResult:
+    """Compile the integer graph to ``so_path`` (+ sidecar). ``schedule``: auto | x86 | plain."""
+    return compile_graph(graph, so_path, batch=batch, target=target, schedule=schedule)
 
 
 def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantModel, graph: IntegerGraph,

@@ -85,9 +85,11 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
     graph = IntegerGraph.load(args.qgraph or run.qgraph)
     target = json.loads(args.target) if args.target and args.target.lstrip().startswith("{") else args.target
     so = Path(args.out) if args.out else run.so
-    res = compile_so(graph, so, batch=args.batch, target=target)
-    print(f"compiled {so} (batch {args.batch}, target {res.meta['target']}) in {res.seconds:.1f} s")
+    res = compile_so(graph, so, batch=args.batch, target=target, schedule=args.schedule)
+    print(f"compiled {so} (batch {args.batch}, {res.meta['backend']}, target {res.meta['target']}) "
+          f"in {res.seconds:.1f} s")
     return dict(so=str(res.so_path), meta=str(res.meta_path), seconds=round(res.seconds, 2), target=res.meta["target"],
+                backend=res.meta["backend"],
                 batch=args.batch, weight_bytes=res.meta["weight_bytes"])
 
 
@@ -190,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--qgraph", help="integer graph file (default RUN/model.qgraph.npz)")
     c.add_argument("--out", help="output .so (default RUN/model.so); the sidecar is written next to it (.json)")
     c.add_argument("--batch", type=int, default=1, help="compiled batch size (inputs are chunked to it)")
+    c.add_argument("--schedule", default="auto", choices=["auto", "x86", "plain"],
+                   help="auto: hand-scheduled x86 kernels (AVX-512 VNNI / exact AVX2) when the target has them, "
+                   "else plain (TVM's default lowering of the NCHW definitions; portable)")
     c.add_argument("--target", help="'host' (default: this CPU, mcpu detected), 'cuda' / 'cuda:sm_90', "
                    "or a TVM target as a JSON dict")
     _add_json(c)

@@ -30,7 +30,7 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
              progress: bool = True) -> dict[str, Any]:
     """Train (or load the cached) model, then for each bit setting quantize, compile, evaluate on the whole test
     set, check parity and time it against PyTorch / ONNX Runtime. Writes ``out/summary.json``."""
-    from .bench.runner import compare_latency
+    from .bench.runner import compare_latency, machine_load
     from .data import calibration_set, load_dataset
     from .train import train_builtin
 
@@ -88,7 +88,7 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
                    calib_size=int(len(calib)), train=train_info, settings=per_setting,
                    latency=[dict(runtime=k, median_ms=s.median_ms, p10_ms=s.p10_ms, p90_ms=s.p90_ms, n=s.n)
                             for k, s in stats.items()],
-                   seconds=round(time.perf_counter() - t_start, 1))
+                   machine=machine_load(warn=False), seconds=round(time.perf_counter() - t_start, 1))
     write_json(out / "summary.json", summary)
     print_summary(summary)
     print(f"\nwrote {out / 'summary.json'}")

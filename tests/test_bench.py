@@ -77,7 +77,7 @@ def test_time_interleaved_rotates_and_summarises():
 
     names = ["a", "b", "c"]
     runners = {"a": make("a", 0.0), "b": make("b", 0.003), "c": make("c", 0.0)}
-    stats = time_interleaved(runners, np.zeros(3, np.float32), warmup=2, repeats=7, progress=False)
+    stats = time_interleaved(runners, np.zeros(3, np.float32), warmup=2, repeats=7, progress=False, gap_s=0)
     assert set(stats) == set(names)
     assert len(calls) == 3 * 9
     rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
@@ -91,6 +91,18 @@ def test_time_interleaved_rotates_and_summarises():
     assert stats["b"].median_ms > 2.5 > stats["a"].median_ms
     assert ratio(stats["b"], stats["a"]) > 1 and speedup(stats["a"], stats["b"]) > 1
     assert ratios(stats, "b")["b"] == 1.0
+
+
+def test_gap_is_not_timed():
+    stamps: list[float] = []
+
+    def run(x):
+        stamps.append(time.perf_counter())
+        return x
+
+    stats = time_interleaved({"a": run, "b": run}, np.zeros(1), warmup=0, repeats=3, progress=False, gap_s=0.02)
+    assert min(np.diff(stamps)) >= 0.019  # the runners were called at least gap_s apart ...
+    assert max(st.median_ms for st in stats.values()) < 10  # ... but the sleep is not in the samples
 
 
 def test_timing_stats_percentiles():

@@ -48,15 +48,18 @@ def test_conv_accumulate_matches_torch_exactly():
     assert np.array_equal(acc, want.astype(np.int64))
 
 
-@pytest.mark.parametrize("w_bits,a_bits,first_last", [(8, 8, True), (4, 4, True), (2, 2, False), (3, 5, True)])
-def test_so_is_bit_exact_with_the_reference(tmp_path, tiny_model, tiny_data, w_bits, a_bits, first_last):
+@pytest.mark.parametrize("w_bits,a_bits,first_last,schedule", [
+    (8, 8, True, "auto"), (4, 4, True, "auto"), (2, 2, False, "auto"), (3, 5, True, "auto"), (8, 8, True, "plain"),
+    (4, 4, False, "plain")])
+def test_so_is_bit_exact_with_the_reference(tmp_path, tiny_model, tiny_data, w_bits, a_bits, first_last, schedule):
     qm = quantize_rtn(tiny_model, tiny_data, QuantConfig(w_bits, a_bits, first_last), progress=False)
     graph = fold_to_integer(qm)
     if first_last:
         assert graph.nodes[0].attrs["w_bits"] == 8 and graph.nodes[-1].attrs["w_bits"] == 8
     assert all(int(n.arrays["weight"].min()) >= -(1 << (w_bits - 1)) for n in graph.nodes[1:-1] if "weight" in n.arrays)
     graph = IntegerGraph.load(graph.save(tmp_path / "g.npz"))
-    compile_graph(graph, tmp_path / "m.so", batch=3)
+    res = compile_graph(graph, tmp_path / "m.so", batch=3, schedule=schedule)
+    assert res.meta["backend"].startswith("plain" if schedule == "plain" else "x86")
     cm = CompiledModel(tmp_path / "m.so")
     x = np.random.default_rng(5).standard_normal((10, 1, 12, 12)).astype(np.float32) * 2  # beyond the calib range
     q = graph.input.quantize(x)

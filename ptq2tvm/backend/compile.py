@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,33 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+SCHEDULES = ("auto", "x86", "plain")
+
+
+def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedule: str = "auto"
+                 ) -> tuple[tvm.IRModule, str]:
+    """The Relax module and the name of the backend that made it.
+
+    ``auto``: the hand-scheduled x86 kernels (kernels/, VNNI or exact AVX2) when the target is an x86 CPU that has
+    them, else ``plain`` (our NCHW TE definitions through TVM's default lowering; portable, CUDA included).
+    """
+    from .x86_builder import build_x86_module, x86_isa
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    isa, why = x86_isa(target)
+    if schedule == "x86" and isa is None:
+        raise ValueError(f"schedule 'x86' needs an x86 target with AVX2 or AVX-512 VNNI: {why}")
+    if schedule in ("auto", "x86") and isa is not None:
+        return build_x86_module(graph, batch, target), f"x86-nchw16c-{isa}"
+    if schedule == "auto" and target.get("kind") == "llvm":
+        warnings.warn(f"hand-scheduled x86 kernels unavailable ({why}); using the plain (slow) schedule",
+                      stacklevel=3)
+    return build_relax_module(graph, batch), "plain-nchw"
+
+
 def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
-                  target: str | dict[str, Any] | None = None) -> CompileResult:
+                  target: str | dict[str, Any] | None = None, schedule: str = "auto") -> CompileResult:
     """Build ``graph`` for ``target`` (default: this CPU) at a fixed ``batch`` and export ``so_path`` + sidecar.
 
     Nothing is left at ``so_path`` if any step fails.
@@ -85,7 +111,7 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
     so_path.parent.mkdir(parents=True, exist_ok=True)
     target = resolve_target(target)
     t0 = time.perf_counter()
-    mod = build_relax_module(graph, batch)
+    mod, backend = build_module(graph, batch, target, schedule)
     ex = tvm.compile(mod, target=tvm.target.Target(target))
     fd, tmp = tempfile.mkstemp(prefix=so_path.stem + ".", suffix=".tmp.so", dir=so_path.parent)
     os.close(fd)
@@ -98,6 +124,7 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
             "ptq2tvm_version": __version__,
             "tvm_version": tvm.__version__,
             "target": target,
+            "backend": backend,
             "batch": batch,
             "input": _tensor_json(graph.input),
             "output": _tensor_json(graph.output),

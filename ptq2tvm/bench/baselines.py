@@ -139,7 +139,7 @@ def _calibration_reader(name: str, calib: np.ndarray, batch: int | None) -> Any:
     calib = np.ascontiguousarray(calib, dtype=np.float32)
     b = batch or min(len(calib), 32)
     n = -(-len(calib) // b) * b  # round up to whole batches, wrapping around the data
-    data = np.resize(calib, (max(n, b), *calib.shape[1:])).astype(np.float32)
+    data = calib if n == len(calib) else np.resize(calib, (max(n, b), *calib.shape[1:]))
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -151,6 +151,9 @@ def _calibration_reader(name: str, calib: np.ndarray, batch: int | None) -> Any:
 
         def rewind(self) -> None:
             self._it = iter(range(0, len(data), b))
+
+        def __len__(self) -> int:
+            return len(data) // b
 
     return _Reader()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,6 +15,16 @@ from .baselines import export_onnx, ort_fp32_runner, ort_int8_runner, torch_fp32
 from .timing import TimingStats, time_interleaved
 
 
+def machine_load(warn: bool = True) -> dict[str, float]:
+    """1-minute load average and core count; warns when other work competes for the cores (timings then mislead:
+    e.g. PyTorch with 2 OpenMP threads slows down ~100x on an oversubscribed machine)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if warn and load > 0.5 * cores:
+        print(f"WARNING: load average {load:.1f} on {cores} cores: other processes compete for the CPU, latencies "
+              "below are not representative", file=sys.stderr)
+    return {"loadavg_1min": round(load, 2), "cores": cores}
+
+
 def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, example: np.ndarray,
                     calib: np.ndarray, threads: int = 2, repeats: int = 50, warmup: int = 10,
                     ort_int8: bool = True, work_dir: str | Path = "runs/onnx", progress: bool = True
@@ -20,6 +32,7 @@ def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, e
     """Median latencies of each .so (float in, float out: quantize + run + dequantize) and the FP32 baselines on the
     same ``example`` batch, same thread count, interleaved."""
     set_num_threads(threads)
+    machine_load()
     work_dir = Path(work_dir)
     runners: dict[str, Callable[[np.ndarray], Any]] = {name: cm for name, cm in compiled.items()}
     runners["torch_fp32"] = torch_fp32_runner(fp32_model, threads)
@@ -63,5 +76,5 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 50, warmup: 
     for other in ("torch_fp32", "ort_fp32", "ort_int8"):
         if other in base:
             print(f"ptq2tvm / {other}: {base['ptq2tvm'] / base[other]:.2f}x")
-    return dict(rows=rows, json=str(out / "latency.json"), markdown=str(out / "latency.md"),
+    return dict(rows=rows, machine=machine_load(warn=False), json=str(out / "latency.json"), markdown=str(out / "latency.md"),
                 chart=str(out / "latency.png"))

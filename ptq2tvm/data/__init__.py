@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import DataError
 from .arrays import load_array_file, save_array_file
 from .builtin import (DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
-                      load_digits_split, load_fashion_mnist, read_idx)
+                      load_digits_split, load_fashion_mnist, load_fashion_mnist_raw, read_idx)
 from .image_folder import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, preprocess_image, subsample_indices
 
 BUILTIN_DATASETS = ("fashion-mnist", "digits")
@@ -105,14 +105,16 @@ def load_dataset(spec: str | Path, split: str = "test", limit: int | None = None
         if split not in ("train", "test"):
             raise DataError(f"{name}: split must be 'train' or 'test', got {split!r}")
         if name == "fashion-mnist":
-            images, labels = load_fashion_mnist(split)
+            n_all = len(load_fashion_mnist_raw(split)[1])
+            idx = subsample_indices(n_all, limit, seed)
+            images, labels = load_fashion_mnist(split, indices=idx if len(idx) != n_all else None)
             mean, std, classes = FASHION_MNIST_MEAN, FASHION_MNIST_STD, list(FASHION_MNIST_CLASSES)
         else:
             images, labels = load_digits_split(split)
             mean, std, classes = DIGITS_MEAN, DIGITS_STD, [str(i) for i in range(10)]
-        idx = subsample_indices(len(images), limit, seed)
-        if len(idx) != len(images):
-            images, labels = images[idx], labels[idx]
+            idx = subsample_indices(len(images), limit, seed)
+            if len(idx) != len(images):
+                images, labels = images[idx], labels[idx]
         ds = Dataset(images, labels, name, tuple(images.shape[1:]), mean, std, classes, split, name)
     else:
         path = Path(spec)
@@ -156,6 +158,6 @@ def calibration_set(spec: str | Path, n: int = 512, seed: int = 0, **kwargs) -> 
 __all__ = [
     "BUILTIN_DATASETS", "DIGITS_MEAN", "DIGITS_STD", "Dataset", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "builtin_name", "calibration_set", "is_builtin",
-    "load_array_file", "load_dataset", "load_digits_split", "load_fashion_mnist", "load_image_folder",
-    "preprocess_image", "read_idx", "save_array_file", "subsample_indices", "validate_images",
+    "load_array_file", "load_dataset", "load_digits_split", "load_fashion_mnist", "load_fashion_mnist_raw",
+    "load_image_folder", "preprocess_image", "read_idx", "save_array_file", "subsample_indices", "validate_images",
 ]

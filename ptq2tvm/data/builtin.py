@@ -127,9 +127,13 @@ def load_fashion_mnist_raw(split: str = "test", root: str | Path | None = None) 
     return result
 
 
-def load_fashion_mnist(split: str = "test", root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST ``split`` as normalized float32 (N, 1, 28, 28) images and int64 labels."""
+def load_fashion_mnist(split: str = "test", root: str | Path | None = None,
+                       indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST ``split`` (or its rows ``indices``) as normalized float32 (N, 1, 28, 28) images and int64
+    labels."""
     images, labels = load_fashion_mnist_raw(split, root)
+    if indices is not None:
+        images, labels = images[indices], labels[indices]
     x = images.astype(np.float32)[:, None] * np.float32(1 / 255)
     x -= np.float32(FASHION_MNIST_MEAN[0])
     x *= np.float32(1 / FASHION_MNIST_STD[0])

@@ -78,6 +78,8 @@ class ReconSettings:
     chunk: int = 256                      # rows per forward when caching / evaluating
     log_every: int | None = None          # loss-curve sampling period (None: ~200 points per unit)
     calib_batch_size: int = 64            # RTN calibration batch
+    threads: int | None = None            # torch intra-op threads during reconstruction (None: leave as is). On a
+    #                                       loaded machine 1 thread can be 10x faster than 2 (spinning OpenMP).
 
     def validate(self) -> "ReconSettings":
         if self.method not in METHODS:
@@ -204,6 +206,12 @@ def lp_loss(pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     return d.sum(1).mean() if d.dim() > 1 else d.mean()
 
 
+def qdrop_mix(xq: torch.Tensor, xf: torch.Tensor, p: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """QDrop at the unit input: each element is the quantized one with probability ``p``, else the FP one."""
+    keep = torch.rand(xq.shape, generator=gen) < p
+    return torch.where(keep, xq, xf)
+
+
 def _seed_for(seed: int, *parts: Any) -> int:
     h = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
     return int.from_bytes(h[:7], "little")
@@ -323,10 +331,7 @@ def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSetti
             env = {}
             for t in unit.inputs:
                 x = q_in[t][idx]
-                if stage.drop is not None:
-                    keep = torch.rand(x.shape, generator=gen) < stage.drop
-                    x = torch.where(keep, x, f_in[t][idx])
-                env[t] = x
+                env[t] = x if stage.drop is None else qdrop_mix(x, f_in[t][idx], stage.drop, gen)
             env = runner.run(unit, env)
             rec = sum(lp_loss(env[t], tgt[t][idx]) for t in unit.targets)
             reg = (round_loss(layers, it, stage.iters, lam, settings.warmup, settings.beta_start, settings.beta_end)
@@ -348,8 +353,8 @@ def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSetti
                         q.scale.clamp_(min=1e-8)
             if it % log_every == 0 or it == stage.iters - 1:
                 curve["it"].append(it)
-                curve["rec"].append(float(rec))
-                curve["reg"].append(float(reg))
+                curve["rec"].append(float(rec.detach()))
+                curve["reg"].append(float(reg.detach()))
                 curve["beta"].append(beta_at(it, stage.iters, settings.warmup, settings.beta_start,
                                              settings.beta_end) if reg_active(it, stage.iters, settings.warmup)
                                      else None)
@@ -392,7 +397,7 @@ def run_stages(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list
                 continue
             tgt = stream.targets(unit)
             res = optimize_unit(qm, unit, stage, settings, lam, stream.q, stream.f, tgt,
-                                _seed_for(settings.seed, key_prefix, si, ui, unit.name), progress=False,
+                                _seed_for(settings.seed, key_prefix, si, ui, unit.name), progress=progress,
                                 desc=unit.name)
             res["index"] = ui
             report.curves[key] = res
@@ -406,6 +411,14 @@ def run_stages(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list
 
 def _images_digest(images: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+
+
+def _model_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: QuantConfig | None = None,
@@ -422,6 +435,20 @@ def reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: QuantC
 
     settings = (settings or ReconSettings()).validate()
     config = (config or QuantConfig()).validate()
+    old_threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _reconstruct(model, calib_images, config, settings, progress, checkpoint_dir)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: QuantConfig, settings: ReconSettings,
+                 progress: bool, checkpoint_dir: str | Path | None) -> tuple[QuantModel, ReconReport]:
+    from .checkpoint import Checkpoint
+    from .mrecg import plan_mrecg
+
     t0 = time.perf_counter()
     images_np = validate_calibration(calib_images)
     torch.manual_seed(settings.seed)
@@ -448,8 +475,9 @@ def reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: QuantC
     ckpt = None
     done: set[str] = set()
     if checkpoint_dir is not None:
-        fingerprint = dict(settings=settings.to_dict(), config=asdict(config), images=_images_digest(images_np),
-                           n_images=int(images_np.shape[0]))
+        fingerprint = dict(settings={k: v for k, v in settings.to_dict().items() if k not in ("threads",)},
+                           config=asdict(config), images=_images_digest(images_np), n_images=int(images_np.shape[0]),
+                           model=_model_digest(model))
         ckpt = Checkpoint(Path(checkpoint_dir), fingerprint)
         state = ckpt.load()
         if state is not None:
