@@ -106,7 +106,7 @@ def run_row(model: torch.nn.Module, calib: np.ndarray, test_x: np.ndarray, test_
     from ptq2tvm.backend.runtime import CompiledModel
 
     settings = ReconSettings(method=row["method"], granularity=row["granularity"],
-                             adaqtransform=row["adaqtransform"], iters=row["iters"], seed=row["seed"],
+                             adaqtransform=row["adaqtransform"], iters=max(1, row["iters"]), seed=row["seed"],
                              batch_size=args.batch_size, threads=args.threads)
     t0 = time.perf_counter()
     qm, rep = reconstruct(model, calib, QuantConfig(row["w_bits"], row["a_bits"]), settings,

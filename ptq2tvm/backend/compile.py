@@ -78,8 +78,8 @@ SCHEDULES = ("auto", "x86", "plain")
 
 
 def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedule: str = "auto"
-                 ) -> tuple[tvm.IRModule, str]:
-    """The Relax module and the name of the backend that made it.
+                 ) -> tuple[tvm.IRModule, str, int]:
+    """The Relax module, the name of the backend that made it, and the bytes of the weights stored in it.
 
     ``auto``: the hand-scheduled x86 kernels (kernels/, VNNI or exact AVX2) when the target is an x86 CPU that has
     them, else ``plain`` (our NCHW TE definitions through TVM's default lowering; portable, CUDA included).
@@ -92,11 +92,12 @@ def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedu
     if schedule == "x86" and isa is None:
         raise ValueError(f"schedule 'x86' needs an x86 target with AVX2 or AVX-512 VNNI: {why}")
     if schedule in ("auto", "x86") and isa is not None:
-        return build_x86_module(graph, batch, target), f"x86-nchw16c-{isa}"
+        mod, weight_bytes = build_x86_module(graph, batch, target)
+        return mod, f"x86-nchw16c-{isa}", weight_bytes
     if schedule == "auto" and target.get("kind") == "llvm":
         warnings.warn(f"hand-scheduled x86 kernels unavailable ({why}); using the plain (slow) schedule",
                       stacklevel=3)
-    return build_relax_module(graph, batch), "plain-nchw"
+    return build_relax_module(graph, batch), "plain-nchw", graph.weight_bytes()
 
 
 def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
@@ -111,7 +112,7 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
     so_path.parent.mkdir(parents=True, exist_ok=True)
     target = resolve_target(target)
     t0 = time.perf_counter()
-    mod, backend = build_module(graph, batch, target, schedule)
+    mod, backend, stored_weight_bytes = build_module(graph, batch, target, schedule)
     ex = tvm.compile(mod, target=tvm.target.Target(target))
     fd, tmp = tempfile.mkstemp(prefix=so_path.stem + ".", suffix=".tmp.so", dir=so_path.parent)
     os.close(fd)
@@ -131,6 +132,7 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
             "graph_sha256": graph.digest(),
             "so_sha256": file_sha256(tmp),
             "weight_bytes": graph.weight_bytes(),
+            "stored_weight_bytes": stored_weight_bytes,
             "graph_meta": graph.meta,
             "build_seconds": round(seconds, 3),
         }

@@ -36,7 +36,17 @@ class _X86Builder:
         self.isa = isa
         self.bb = relax.BlockBuilder()
         self.env: dict[str, tuple[relax.Expr, str]] = {}
+        self.weight_bytes = 0
 
+    def weight(self, packed: np.ndarray) -> relax.Constant:
+        self.weight_bytes += int(packed.nbytes)
+        return _c(packed)
+
+    @staticmethod
+    def int4(node: IntNode) -> bool:
+        """Weights of <= 4 bits are stored two per byte and unpacked inside the kernel (not for depthwise)."""
+        return int(node.attrs.get("w_bits", 8)) <= 4 and int(node.arrays["weight"].min(initial=0)) >= -8 \
+            and int(node.arrays["weight"].max(initial=0)) <= 7
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)
 
@@ -68,7 +78,8 @@ class _X86Builder:
         if layout == NCHW and a["groups"] == 1 and cin <= 4 and a["dilation"][1] == 1:
             rows = self.emit(K.te_nchw_to_rows, xin, kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
                              padding=tuple(a["padding"]), pad_value=a["input_zero_point"], name="to_rows")
-            out = self.emit(K.conv2d_rows_requant, rows, _c(K.pack_rows_weight(w, isa=self.isa)), *consts, *extra,
+            wp = self.weight(K.pack_rows_weight(w, isa=self.isa, int4=self.int4(node)))
+            out = self.emit(K.conv2d_rows_requant, rows, wp, *consts, *extra,
                             in_channels=cin, in_width=self.graph.tensor(node.inputs[0]).shape[2],
                             kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
                             dilation=tuple(a["dilation"]), name=_hint(node), **kw)
@@ -77,8 +88,10 @@ class _X86Builder:
             xb, icb = self.emit(K.te_nchw_to_nchwc, xin, block=4, pad_value=a["input_zero_point"], name="to_nchw4c"), 4
         else:
             xb, icb = self.blocked(node.inputs[0]), 16
-        wp = K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=self.isa)
-        out = self.emit(K.conv2d_nchwc_requant, xb, _c(wp), *consts, *extra, stride=tuple(a["stride"]),
+        depthwise = K.conv_weight_mode(w.shape[0], cin, a["groups"], icb) == "depthwise"
+        wp = self.weight(K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=self.isa,
+                                            int4=self.int4(node) and not depthwise))
+        out = self.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
                         padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), groups=a["groups"],
                         name=_hint(node), **kw)
         return out, NCHWC
@@ -96,7 +109,8 @@ class _X86Builder:
         consts = [_c(p) for p in K.pack_channel_params(*params)]
         if extra:
             extra.append(consts.pop())
-        out = self.emit(K.dense_requant, xin, _c(K.pack_dense_weight(arr["weight"], isa=self.isa)), *consts, *extra,
+        wp = self.weight(K.pack_dense_weight(arr["weight"], isa=self.isa, int4=self.int4(node)))
+        out = self.emit(K.dense_requant, xin, wp, *consts, *extra,
                         out_features=int(arr["weight"].shape[0]), input_zero_point=a["input_zero_point"],
                         output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"],
                         residual_zero_point=a.get("residual_zero_point", 0), isa=self.isa, name=_hint(node))
@@ -180,10 +194,12 @@ def x86_isa(target: dict[str, Any]) -> tuple[str | None, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any]) -> tvm.IRModule:
-    """The scheduled Relax module for ``target`` (pass it to ``tvm.compile`` unchanged)."""
+def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any]) -> tuple[tvm.IRModule, int]:
+    """The scheduled Relax module for ``target`` (pass it to ``tvm.compile`` unchanged) and the bytes of its packed
+    weights (int4 layers two values per byte)."""
     isa, why = x86_isa(target)
     if isa is None:
         raise ValueError(f"the x86 kernels do not support target {target}: {why}")
-    mod = _X86Builder(graph, isa).build(batch)
-    return K.schedule_module(mod, tvm.target.Target(target))
+    builder = _X86Builder(graph, isa)
+    mod = builder.build(batch)
+    return K.schedule_module(mod, tvm.target.Target(target)), builder.weight_bytes

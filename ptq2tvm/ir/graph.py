@@ -41,9 +41,13 @@ class QTensor:
         return (1 << self.bits) - 1
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
-        """Float -> uint8 (round half to even, clamp to [0, qmax])."""
-        q = np.rint(np.asarray(x, dtype=np.float64) / self.scale) + self.zero_point
-        return np.clip(q, 0, self.qmax).astype(np.uint8)
+        """Float -> uint8: rint(x / scale) + zero_point in float32 (the fake-quant model's arithmetic: round half to
+        even), clamped to [0, qmax]."""
+        q = np.divide(np.asarray(x, dtype=np.float32), np.float32(self.scale), dtype=np.float32)
+        np.rint(q, out=q)
+        q += np.float32(self.zero_point)
+        np.clip(q, 0, self.qmax, out=q)
+        return q.astype(np.uint8)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         return ((q.astype(np.float64) - self.zero_point) * self.scale).astype(np.float32)

@@ -1,0 +1,107 @@
+"""CPU latency: the ptq2tvm .so (W8A8, W4A4 with packed int4 weights) vs PyTorch FP32, ONNX Runtime FP32 and ONNX
+Runtime INT8 (static QDQ, per-channel), ResNet-18 and MobileNetV2 1.0 at 224x224, batch 1 and 8.
+
+    .venv/bin/python benchmarks/latency_cpu.py [--threads 2] [--repeats 50] [--models resnet18 mobilenet_v2]
+
+Every runtime of one (model, batch) group runs in this process on the same input, same threads, interleaved
+round-robin after warm-up; medians and p10/p90. Float in, float out for every runtime (the .so time includes the
+wrapper's input quantization and output dequantization). Writes benchmarks/results/latency_cpu.json (rows
+{model, input, batch, w_bits, a_bits, runtime, median_ms, p10_ms, p90_ms, threads, vpdpbusd_count}),
+latency_cpu.md, latency_cpu.png and latency_cpu_builds.json (build seconds, weight bytes). Latency does not depend on
+the weights' values, so the models have seeded random weights and random calibration images.
+Run it on a quiet machine: it prints a warning when the load average says other work competes for the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptq2tvm.api import compile_so, quantize, to_integer, write_json  # noqa: E402
+from ptq2tvm.backend.runtime import CompiledModel, set_num_threads  # noqa: E402
+from ptq2tvm.bench.disasm import count_instructions  # noqa: E402
+from ptq2tvm.bench.report import print_table, write_chart, write_markdown, write_rows  # noqa: E402
+from ptq2tvm.bench.runner import compare_latency, machine_load  # noqa: E402
+from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
+from ptq2tvm.models import create_model  # noqa: E402
+
+VNNI_LIMIT_MS = {"resnet18": 3.9}   # 1.814 GMAC at 64 MAC/cycle/core, 3.63 GHz, 2 cores
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--bits", nargs="+", default=["8/8", "4/4"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--work", default=str(ROOT / "runs" / "latency_cpu"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    set_num_threads(args.threads)
+    out, work = Path(args.out), Path(args.work)
+    rows, builds = [], []
+    load_before = machine_load()
+    for name in args.models:
+        torch.manual_seed(0)
+        model = create_model(name).eval()
+        rng = np.random.default_rng(0)
+        calib = rng.standard_normal((16, 3, 224, 224)).astype(np.float32)
+        graphs = {}
+        for setting in args.bits:
+            w, a = (int(v) for v in setting.split("/"))
+            graphs[(w, a)] = to_integer(quantize(model, calib[:8], QuantConfig(w, a), progress=False))
+        for batch in args.batches:
+            compiled = {}
+            for (w, a), graph in graphs.items():
+                so = work / f"{name}_b{batch}_w{w}a{a}.so"
+                res = compile_so(graph, so, batch=batch)
+                compiled[(w, a)] = CompiledModel(so, threads=args.threads)
+                vnni = count_instructions(so, ("vpdpbusd",))["vpdpbusd"]
+                builds.append(dict(model=name, batch=batch, w_bits=w, a_bits=a, backend=res.meta["backend"],
+                                   build_seconds=round(res.seconds, 2), weight_bytes_int8=res.meta["weight_bytes"],
+                                   stored_weight_bytes=res.meta["stored_weight_bytes"], vpdpbusd_count=vnni))
+                print(f"built {so.name}: {res.meta['backend']}, {res.seconds:.1f} s, "
+                      f"{res.meta['stored_weight_bytes'] / 1e6:.2f} MB weights, {vnni} vpdpbusd", flush=True)
+            example = calib[:batch] if batch <= len(calib) else np.resize(calib, (batch, *calib.shape[1:]))
+            names = {f"ptq2tvm_w{w}a{a}": cm for (w, a), cm in compiled.items()}
+            stats = compare_latency(names, model, example, calib, threads=args.threads, repeats=args.repeats,
+                                    warmup=args.warmup, work_dir=work / f"onnx_{name}_b{batch}", progress=False)
+            vnni_of = {f"ptq2tvm_w{b['w_bits']}a{b['a_bits']}": b["vpdpbusd_count"] for b in builds
+                       if b["model"] == name and b["batch"] == batch}
+            for rt, st in stats.items():
+                w, a = (int(rt[9]), int(rt[11])) if rt.startswith("ptq2tvm_") else (32, 32)
+                rows.append(dict(model=name, input="3x224x224", batch=batch, w_bits=w, a_bits=a,
+                                 runtime="ptq2tvm" if rt.startswith("ptq2tvm_") else rt, median_ms=st.median_ms,
+                                 p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=args.threads,
+                                 vpdpbusd_count=vnni_of.get(rt)))
+            group = [r for r in rows if r["model"] == name and r["batch"] == batch]
+            ort8 = next(r["median_ms"] for r in group if r["runtime"] == "ort_int8")
+            for r in group:
+                if r["runtime"] == "ptq2tvm":
+                    extra = (f", {r['median_ms'] / VNNI_LIMIT_MS[name] / batch:.2f}x the VNNI limit"
+                             if name in VNNI_LIMIT_MS else "")
+                    print(f"{name} batch {batch} W{r['w_bits']}A{r['a_bits']}: {r['median_ms']:.2f} ms = "
+                          f"{r['median_ms'] / ort8:.2f}x ONNX Runtime INT8 ({ort8:.2f} ms){extra}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(rows, out / "latency_cpu.json")
+    write_json(out / "latency_cpu_builds.json", dict(builds=builds, machine_before=load_before,
+                                                      machine_after=machine_load(warn=False),
+                                                      command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d")))
+    write_markdown(rows, out / "latency_cpu.md", title="CPU latency (ms), 2 threads, interleaved medians")
+    write_chart(rows, out / "latency_cpu.png")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
