@@ -32,7 +32,7 @@ from .frontend.calibrate import quantize_rtn
 from .frontend.qmodel import QuantConfig, QuantModel, atomic_torch_save
 from .ir.graph import IntegerGraph
 
-METHODS = ("rtn",)
+from .reconstruct import METHODS, ReconReport, ReconSettings, reconstruct
 
 
 @dataclass
@@ -174,11 +174,30 @@ def load_fp32(path: str | Path) -> nn.Module:
 
 # ---- pipeline steps -----------------------------------------------------------------------------------------
 def quantize(model: nn.Module, calib_images: np.ndarray, config: QuantConfig | None = None, method: str = "rtn",
-             progress: bool = True, **kwargs: Any) -> QuantModel:
-    """Post-training quantization of ``model`` on unlabeled ``calib_images`` (float NCHW) -> fake-quant model."""
+             progress: bool = True, settings: ReconSettings | None = None,
+             checkpoint_dir: str | Path | None = None) -> QuantModel:
+    """Post-training quantization of ``model`` on unlabeled ``calib_images`` (float NCHW) -> fake-quant model.
+
+    ``method``: rtn (calibration only) or a reconstruction method (adaround, brecq, qdrop, network; see
+    :class:`ReconSettings` for granularity / MRECG / AdaQTransform). Use :func:`quantize_with_report` for the per-unit
+    reconstruction losses."""
+    return quantize_with_report(model, calib_images, config, method, progress, settings, checkpoint_dir)[0]
+
+
+def quantize_with_report(model: nn.Module, calib_images: np.ndarray, config: QuantConfig | None = None,
+                         method: str = "rtn", progress: bool = True, settings: ReconSettings | None = None,
+                         checkpoint_dir: str | Path | None = None) -> tuple[QuantModel, ReconReport | None]:
+    """:func:`quantize`, also returning the reconstruction report (None for rtn). A reconstruction with a
+    ``checkpoint_dir`` resumes from the units already finished there."""
     if method not in METHODS:
         raise QuantConfigError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    return quantize_rtn(model, calib_images, config, progress=progress, **kwargs)
+    config = (config or QuantConfig()).validate()
+    if method == "rtn" and settings is None:
+        return quantize_rtn(model, calib_images, config, progress=progress), None
+    settings = settings or ReconSettings(method=method)
+    settings.method = method
+    return reconstruct(model, calib_images, config, settings.validate(), progress=progress,
+                       checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None)
 
 
 def to_integer(qm: QuantModel) -> IntegerGraph:

@@ -54,26 +54,43 @@ def _builtin_kwargs(model: str, data: str, kwargs: dict[str, Any]) -> dict[str, 
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from .api import RunDir, quantize, save_run, to_integer
+    from .api import RunDir, quantize_with_report, save_run, to_integer
     from .data import calibration_set
     from .frontend.qmodel import QuantConfig
+    from .reconstruct import ReconSettings
 
     t0 = time.perf_counter()
     config = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, first_last_8bit=not args.no_first_last_8bit)
     config.validate()
+    settings = None
+    if args.method != "rtn":
+        settings = ReconSettings(method=args.method, granularity=args.granularity, adaqtransform=args.adaqtransform,
+                                 iters=args.iters, batch_size=args.batch_size, mrecg_k=args.mrecg_k,
+                                 expand_batch=args.expand_batch, seed=args.seed, threads=args.recon_threads)
+        settings.validate()
+    out = Path(args.out or f"runs/{Path(args.model).stem}_w{args.w_bits}a{args.a_bits}")
     model, spec = _resolve_model(args)
     calib = calibration_set(args.data, args.calib_size, seed=args.seed)
-    qm = quantize(model, calib, config, method=args.method, progress=not args.no_progress)
+    qm, report = quantize_with_report(model, calib, config, method=args.method, progress=not args.no_progress,
+                                      settings=settings, checkpoint_dir=out / "recon_checkpoint" if settings else None)
     graph = to_integer(qm)
-    out = Path(args.out or f"runs/{Path(args.model).stem}_w{args.w_bits}a{args.a_bits}")
+    recon: dict[str, Any] = {}
+    if report is not None:
+        report.save(out)
+        recon = dict(granularity=report.granularity, adaqtransform=args.adaqtransform, iters=args.iters,
+                     recon_seconds=round(report.seconds, 1), loss_curve=str(out / "recon_loss.png"))
     run = save_run(RunDir(out), model, spec, qm, graph, data=args.data, calib_size=int(len(calib)),
-                   method=args.method, seed=args.seed)
+                   method=args.method, seed=args.seed, **recon)
     result = dict(run_dir=str(run.path), fakequant=str(run.fakequant), qgraph=str(run.qgraph),
                   w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, calib_size=int(len(calib)),
                   n_layers=sum(1 for n in graph.nodes if n.op in ("conv2d", "dense")),
-                  weight_bytes=graph.weight_bytes(), seconds=round(time.perf_counter() - t0, 2))
-    print(f"quantized {args.model} W{args.w_bits}A{args.a_bits} ({args.method}, {len(calib)} calibration images) "
-          f"-> {run.path}  [{result['seconds']} s]")
+                  weight_bytes=graph.weight_bytes(), seconds=round(time.perf_counter() - t0, 2), **recon)
+    print(f"quantized {args.model} W{args.w_bits}A{args.a_bits} ({args.method}"
+          f"{', AdaQTransform' if args.adaqtransform else ''}, {len(calib)} calibration images) -> {run.path}  "
+          f"[{result['seconds']} s]")
+    if report is not None:
+        print(f"reconstruction ({report.granularity}): {len(report.units)} units in {report.seconds:.0f} s; loss "
+              f"curves {out / 'recon_loss.png'} (interrupted? re-run the same command to resume)")
     return result
 
 
@@ -181,7 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
     q.add_argument("--no-first-last-8bit", action="store_true", help="quantize first conv / last layer at the "
                    "requested bits too (default keeps them at 8 bit)")
-    q.add_argument("--method", default="rtn", choices=["rtn"], help="PTQ method")
+    q.add_argument("--method", default="rtn", choices=["rtn", "adaround", "brecq", "qdrop", "network"],
+                   help="rtn: calibration only; adaround (layer-wise), brecq (block, two-stage), qdrop (block, joint, "
+                   "drop), network (one unit): reconstruction (see docs/reconstruction.md)")
+    q.add_argument("--granularity", choices=["layer", "block", "mrecg-modcap", "mrecg-loss", "network"],
+                   help="reconstruction units (default: the method's own); mrecg-*: MRECG mixed granularity")
+    q.add_argument("--adaqtransform", action="store_true", help="learn per-channel output scale xi and shift eta "
+                   "(folded into the requant multiplier and int32 bias: free at inference)")
+    q.add_argument("--iters", type=int, default=20000, help="reconstruction iterations per unit (papers: 20000; "
+                   "about 1.2 h for resnet_small on 2 cores, scale down for a quick run)")
+    q.add_argument("--batch-size", type=int, default=32, help="reconstruction batch size")
+    q.add_argument("--expand-batch", type=int, default=1, help="MRECG expanded calibration batch factor")
+    q.add_argument("--mrecg-k", type=int, help="MRECG: number of adjacent merges (default round((units-1)/4))")
+    q.add_argument("--recon-threads", type=int, default=1, help="torch threads during reconstruction (1 is often "
+                   "fastest on 2 cores)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", help="run directory (default runs/<model>_w<W>a<A>)")
     _add_json(q)

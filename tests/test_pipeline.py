@@ -101,3 +101,31 @@ def test_cli_errors_are_clear_and_leave_nothing(tmp_path):
              "--data", str(bad), "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and "NaN" in r.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_cli_reconstruction_and_resume(tmp_path, digits):
+    run = tmp_path / "rq"
+    args = ("quantize", "--data", "digits", "--w-bits", "2", "--a-bits", "4", "--method", "qdrop", "--adaqtransform",
+            "--iters", "200", "--calib-size", "256", "--out", str(run), "--json", str(tmp_path / "q.json"),
+            "--no-progress")
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["method"] == "qdrop" and q["adaqtransform"] is True and q["granularity"] == "block"
+    assert (run / "recon_loss.png").stat().st_size > 0 and (run / "recon_loss.json").is_file()
+    digest = (run / "model.qgraph.npz").read_bytes()
+    r = _cli(*args)                                   # everything checkpointed: resumes to the same integer graph
+    assert r.returncode == 0, r.stderr
+    from ptq2tvm.ir.graph import IntegerGraph
+
+    assert IntegerGraph.load(run / "model.qgraph.npz").digest() == IntegerGraph.load(
+        _write(tmp_path / "first.npz", digest)).digest()
+    assert _cli("compile", str(run)).returncode == 0
+    r = _cli("parity", str(run), "--json", str(tmp_path / "p.json"), "--per-layer-inputs", "0", "--no-progress")
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["bit_exact_vs_reference"] and p["so_top1"] > 0.85 and abs(p["so_top1"] - p["fakequant_top1"]) <= 0.003
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path

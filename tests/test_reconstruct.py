@@ -422,6 +422,10 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_model, calib, tmp_
     assert fold_to_integer(qm).digest() == fold_to_integer(qm_ref).digest()
     for k in rep_ref.curves:
         assert rep.curves[k]["final_loss"] == pytest.approx(rep_ref.curves[k]["final_loss"], rel=1e-6)
+    # a finished checkpoint only replays
+    qm3, rep3 = reconstruct(tiny_model, calib, QuantConfig(4, 4), s, progress=False, checkpoint_dir=tmp_path / "ck")
+    assert rep3.resumed_units == len(rep_ref.curves) and rep3.iterations == rep_ref.iterations
+    assert fold_to_integer(qm3).digest() == fold_to_integer(qm_ref).digest()
     # a checkpoint of other settings is refused
     from ptq2tvm.errors import ArtifactError
 

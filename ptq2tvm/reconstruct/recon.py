@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,10 +39,12 @@ from tqdm.auto import tqdm
 from ..errors import QuantConfigError
 from ..frontend.calibrate import quantize_rtn, validate_calibration
 from ..frontend.graph import FloatNode
-from ..frontend.qmodel import QUANT_POINT_OPS, QuantConfig, QuantModel, _key
+from ..frontend.qmodel import QuantConfig, QuantModel, _key
 from .adaq import adaq_params, adaq_summary
 from .adaround import beta_at, harden_layer, reg_active, round_loss
-from .units import Unit, discover_units
+from .checkpoint import Checkpoint
+from .mrecg import plan_mrecg
+from .units import Unit, block_units, discover_units, merge_units
 
 METHODS = ("rtn", "adaround", "brecq", "qdrop", "network")
 GRANULARITIES = ("layer", "block", "mrecg-modcap", "mrecg-loss", "network")
@@ -430,9 +431,6 @@ def reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: QuantC
     With ``checkpoint_dir`` the model and report are saved after every unit; calling again with the same arguments
     resumes after the last finished unit and gives the same result as an uninterrupted run.
     """
-    from .checkpoint import Checkpoint
-    from .mrecg import plan_mrecg
-
     settings = (settings or ReconSettings()).validate()
     config = (config or QuantConfig()).validate()
     old_threads = torch.get_num_threads()
@@ -446,9 +444,6 @@ def reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: QuantC
 
 def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: QuantConfig, settings: ReconSettings,
                  progress: bool, checkpoint_dir: str | Path | None) -> tuple[QuantModel, ReconReport]:
-    from .checkpoint import Checkpoint
-    from .mrecg import plan_mrecg
-
     t0 = time.perf_counter()
     images_np = validate_calibration(calib_images)
     torch.manual_seed(settings.seed)
@@ -497,8 +492,6 @@ def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: Quant
             report.mrecg = plan_mrecg(qm, fp, images, settings, lam, gran, stage_list, progress)
             if ckpt is not None:
                 ckpt.save(qm, report, done)
-        from .units import block_units, merge_units
-
         units = merge_units(qm.graph, block_units(qm.graph), report.mrecg["merged_pairs"])
     else:
         units = discover_units(qm.graph, gran)
