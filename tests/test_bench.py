@@ -101,8 +101,11 @@ def test_gap_is_not_timed():
         return x
 
     stats = time_interleaved({"a": run, "b": run}, np.zeros(1), warmup=0, repeats=3, progress=False, gap_s=0.02)
-    assert min(np.diff(stamps)) >= 0.019  # the runners were called at least gap_s apart ...
-    assert max(st.median_ms for st in stats.values()) < 10  # ... but the sleep is not in the samples
+    assert len(stamps) == 12                       # each timed call is preceded by one untimed priming call
+    primes, timed = np.array(stamps[0::2]), np.array(stamps[1::2])
+    assert min(primes[1:] - timed[:-1]) >= 0.019   # a gap of gap_s before every (prime, timed) pair ...
+    assert max(timed - primes) < 0.01              # ... the timed call right after its prime
+    assert max(st.median_ms for st in stats.values()) < 10  # ... and the sleep is not in the samples
 
 
 def test_timing_stats_percentiles():
