@@ -1,7 +1,7 @@
 """TE compute definitions of the integer ops, NCHW layout, one fused function per integer-graph node.
 
 Each function is the TVM twin of :mod:`ptq2tvm.ir.reference`: same integers, same rounding (half up by an arithmetic
-right shift in int64).
+right shift in int64, :func:`kernels.ops.requant_expr`).
 """
 
 from __future__ import annotations
@@ -11,22 +11,7 @@ from typing import Sequence
 import tvm.tirx as tir
 from tvm import te, topi
 
-
-def _i64(v: tir.PrimExpr) -> tir.PrimExpr:
-    return v.astype("int64")
-
-
-def requant_expr(terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]], shift: tir.PrimExpr, zero_point: int, lo: int,
-                 hi: int) -> tir.PrimExpr:
-    """clamp(zero_point + ((sum t*m) + 2^(n-1)) >> n, lo, hi) as uint8."""
-    v = _i64(terms[0][0]) * _i64(terms[0][1])
-    for t, m in terms[1:]:
-        v = v + _i64(t) * _i64(m)
-    n = _i64(shift)
-    one = tir.const(1, "int64")
-    r = tir.shift_right(v + tir.shift_left(one, n - one), n) + tir.const(zero_point, "int64")
-    r = tir.max(tir.min(r, tir.const(hi, "int64")), tir.const(lo, "int64"))
-    return r.astype("uint8")
+from kernels.ops import requant_expr  # the one TE definition of requantization, shared with the x86 kernels
 
 
 def _pad(x: te.Tensor, padding: Sequence[int], value: int) -> te.Tensor:
