@@ -51,7 +51,6 @@ def _clamp_bounds(qm: QuantModel, node_name: str, act: tuple[float, float] | Non
 def _fold_weighted(qm: QuantModel, n: Any, tin: QTensor, tres: QTensor | None, tout: QTensor,
                    stats: dict[str, int]) -> IntNode:
     layer = qm.layer(n.name)
-    w = layer.weight.detach().double()
     s_w = layer.wq.scale.detach().double().numpy()
     q_w = layer.wq.integer(layer.weight.detach()).detach().numpy().astype(np.int64)
     if np.any(s_w <= 0):
