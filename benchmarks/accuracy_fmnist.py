@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ptq2tvm.atomic import write_text  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
 from ptq2tvm.reconstruct import ReconSettings, reconstruct  # noqa: E402
 
@@ -57,14 +57,6 @@ def parse_bits(spec: str) -> tuple[int, int]:
 def row_key(r: dict[str, Any]) -> str:
     return (f"{r['model']}|{r['method']}|{r['granularity']}|{'adaq' if r['adaqtransform'] else '-'}|"
             f"W{r['w_bits']}A{r['a_bits']}|s{r['seed']}|i{r['iters']}|c{r['n_calib']}|e{r['eval_images']}")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -184,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr, flush=True)
                     rows.append(res)
                     done.add(key)
-                    atomic_write(jpath, json.dumps(dict(rows=rows, torch=torch.__version__), indent=1))
-                    atomic_write(mpath, markdown(rows))
+                    write_text(jpath, json.dumps(dict(rows=rows, torch=torch.__version__), indent=1))
+                    write_text(mpath, markdown(rows))
     if rows:
-        atomic_write(mpath, markdown(rows))
+        write_text(mpath, markdown(rows))
     print(markdown(rows))
     return 0
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import torch.nn as nn
 
 from . import __version__
 from .backend.compile import CompileResult, compile_graph
+from .atomic import write_json  # noqa: F401  (re-exported: ptq2tvm.api.write_json)
 from .backend.runtime import CompiledModel
 from .errors import ArtifactError, QuantConfigError
 from .fold.fold import fold_to_integer
@@ -84,33 +83,6 @@ class RunDir:
         info.update(kv)
         write_json(self.info_path, info)
         return info
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Atomic JSON write (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 # ---- models -------------------------------------------------------------------------------------------------

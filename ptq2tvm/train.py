@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .atomic import atomic_path, write_text
 from .data import Dataset, builtin_name, load_dataset
 from .errors import DataError, Ptq2TvmError
 
@@ -87,31 +87,6 @@ def checkpoint_key(model_name: str, dataset: str, recipe: Recipe, seed: int) -> 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
     digest = hashlib.sha1(json.dumps(asdict(recipe), sort_keys=True).encode()).hexdigest()[:8]
     return f"{safe}__{dataset}__e{recipe.epochs}__s{seed}__{RECIPE_VERSION}-{digest}"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(file_object)`` into a temp file next to ``path``, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _build(model_name: str, in_channels: int, num_classes: int) -> nn.Module:
@@ -297,8 +272,9 @@ def train_builtin(model_name: str, dataset: str = "fashion-mnist", epochs: int |
         mean=list(test.mean), std=list(test.std), history=history,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(pt, lambda f: torch.save(state, f))
-    _atomic_write(js, lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
+    with atomic_path(pt) as tmp:
+        torch.save(state, tmp)
+    write_text(js, json.dumps(info, indent=2) + "\n")
     info.update(cached=False, checkpoint=str(pt))
     if progress:
         print(f"trained {model_name} on {ds_name} in {train_seconds:.1f} s: test top-1 {100 * top1:.2f}%  [{pt}]",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 import tvm
 
 from .. import __version__
+from ..atomic import atomic_path, write_json
 from ..errors import ArtifactError
 from ..ir.graph import IntegerGraph, _tensor_json
 from .relax_builder import build_relax_module
@@ -63,17 +63,6 @@ class CompileResult:
     meta: dict[str, Any]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 SCHEDULES = ("auto", "x86", "plain")
 
 
@@ -114,10 +103,8 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
     t0 = time.perf_counter()
     mod, backend, stored_weight_bytes = build_module(graph, batch, target, schedule)
     ex = tvm.compile(mod, target=tvm.target.Target(target))
-    fd, tmp = tempfile.mkstemp(prefix=so_path.stem + ".", suffix=".tmp.so", dir=so_path.parent)
-    os.close(fd)
-    try:
-        ex.export_library(tmp)
+    with atomic_path(so_path, suffix=".tmp.so") as tmp:
+        ex.export_library(str(tmp))
         seconds = time.perf_counter() - t0
         meta = {
             "format": ARTIFACT_FORMAT,
@@ -136,12 +123,8 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
             "graph_meta": graph.meta,
             "build_seconds": round(seconds, 3),
         }
-        os.replace(tmp, so_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     try:
-        _atomic_write_text(sidecar_path(so_path), json.dumps(meta, indent=2))
+        write_json(sidecar_path(so_path), meta)
     except BaseException:
         so_path.unlink(missing_ok=True)
         raise

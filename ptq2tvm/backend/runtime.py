@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import ArtifactError, InputShapeError
 from ..ir.graph import IntegerGraph, QTensor, _tensor_from_json
 from .compile import read_sidecar
@@ -28,10 +29,8 @@ def _content_addressed_copy(so_path: Path, sha256: str) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     dst = cache / f"{sha256}.so"
     if not dst.exists():
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        shutil.copyfile(so_path, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst, suffix=".so") as tmp:
+            shutil.copyfile(so_path, tmp)
     return dst
 
 

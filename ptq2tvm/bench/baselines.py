@@ -7,10 +7,9 @@ its own thread count fixed when it is built (ORT: session options; torch: ``torc
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..atomic import atomic_path
 from ..errors import DataError
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -25,21 +25,6 @@ Runner = Callable[[np.ndarray], np.ndarray]
 OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path next to ``path``; ``os.replace`` it onto ``path`` on success, delete it on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def export_onnx(model: nn.Module, example: np.ndarray, path: str | Path, opset: int = OPSET) -> Path:
@@ -54,7 +39,7 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: str | Path, opset: 
     was_training = model.training
     model.eval()
     try:
-        with _atomic_path(path, suffix=".onnx") as tmp, torch.no_grad():
+        with atomic_path(path, suffix=".onnx") as tmp, torch.no_grad():
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -174,7 +159,7 @@ def quantize_onnx_int8(onnx_path: str | Path, calib: np.ndarray, out_path: str |
     if not np.isfinite(calib).all():
         raise DataError("ORT INT8 calibration data contains NaN/Inf")
     name, batch = _fixed_batch(onnx_path)
-    with tempfile.TemporaryDirectory(prefix="ort_int8_") as td, _atomic_path(out_path, ".onnx") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ort_int8_") as td, atomic_path(out_path, ".onnx") as tmp:
         src: Path = onnx_path
         if preprocess:  # shape inference + ORT graph optimisation (Conv+BN fold etc.) before quantization
             from onnxruntime.quantization.shape_inference import quant_pre_process

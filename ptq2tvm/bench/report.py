@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from ..atomic import atomic_path, write_text
 
 RUNTIMES = ("ptq2tvm", "torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32")
 ROW_KEYS = ("model", "input", "batch", "w_bits", "a_bits", "runtime", "median_ms", "p10_ms", "p90_ms", "threads",
@@ -49,26 +49,11 @@ def validate_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_rows(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Validate ``rows`` and write them as a JSON list; the file is replaced atomically (no partial file)."""
     path = Path(path)
     text = json.dumps([validate_row(r) for r in rows], indent=2, allow_nan=False) + "\n"
-    _atomic_write_text(path, text)
+    write_text(path, text)
     return path
 
 
@@ -136,7 +121,7 @@ def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path, title: str 
     text = (f"# {title}\n\n" if title else "") + markdown_table(rows)
     text += "\nLatency in ms per batch (median, p10, p90 of interleaved runs in one process on the same input). " \
             "`vs ptq2tvm` = runtime median / ptq2tvm median.\n"
-    _atomic_write_text(path, text)
+    write_text(path, text)
     return path
 
 
@@ -215,15 +200,8 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str | Path, title: str | N
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import __version__
+from ..atomic import atomic_path
 from ..errors import ArtifactError, QuantConfigError
 from .graph import GRID_PRESERVING_OPS, OPS_WITH_WEIGHTS, FloatGraph, FloatNode
 from .quantizers import ActQuantizer, WeightQuantizer, check_bits, round_ste
@@ -309,15 +308,8 @@ def graph_from_json(d: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> F
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def json_dumps(obj: Any) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..atomic import atomic_path
 from ..errors import ArtifactError
 
 IR_FORMAT = "ptq2tvm-integer-graph"
@@ -117,16 +116,8 @@ class IntegerGraph:
         header["sha256"] = self.digest()
         payload = self._array_items()
         payload["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.npz", dir=path.parent)
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path, suffix=".tmp.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **payload)
         return path
 
     @classmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import write_json
+from ..atomic import write_json
 
 
 def loss_table(report: Any) -> dict[str, Any]:
