@@ -105,6 +105,14 @@ def _unpack_int4(wp: te.Tensor, isa: str, lead: tuple[int, ...]) -> te.Tensor:
     return te.compute(shape, f, name="w_unpack")
 
 
+def _packed_weight(wt: te.Tensor, layout: str, ric, rkh, rkw, rcf, rcs):
+    """``wv(o, oc)``: the int32 weight of output block ``o``, lane ``oc`` at the reduction point (ric, rkh, rkw,
+    rcf, rcs) of a packed weight: 'vnni' ``[..., 16, 4]`` or 'avx2' ``[..., 2, 16, 2]`` (see layout.pack_conv_weight)."""
+    if layout == "vnni":
+        return lambda o, oc: wt[o, ric, rkh, rkw, rcf, oc, rcs].astype("int32")
+    return lambda o, oc: wt[o, ric, rkh, rkw, rcf, rcs // 2, oc, rcs % 2].astype("int32")
+
+
 def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,
                          *residual: te.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
                          input_zero_point: int = 0, output_zero_point: int = 0, lo: int = 0, hi: int = 255,
@@ -155,12 +163,7 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
         ic = ric if ngroups == 1 else (o // obg) * cbg + ric
         return xp[b, ic, i * sh_ + rkh * dh, j * sw_ + rkw * dw, rcf * 4 + rcs].astype("int32")
 
-    if layout == "vnni":
-        def wv(o, oc):
-            return wt[o, ric, rkh, rkw, rcf, oc, rcs].astype("int32")
-    else:
-        def wv(o, oc):
-            return wt[o, ric, rkh, rkw, rcf, rcs // 2, oc, rcs % 2].astype("int32")
+    wv = _packed_weight(wt, layout, ric, rkh, rkw, rcf, rcs)
 
     acc = te.compute((n, ob, oh, ow, BLOCK),
                      lambda b, o, i, j, oc: te.sum(xin(b, o, i, j) * wv(o, oc), axis=[ric, rkh, rkw, rcf, rcs]),
@@ -461,12 +464,7 @@ def conv2d_rows_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Te
     def xin(b, i, j):
         return x[b, i * sh + rkh * dh + ric, (j * sw) * c + off + (rkw + rcf) * 4 + rcs].astype("int32")
 
-    if layout == "vnni":
-        def wv(o, oc):
-            return wt[o, ric, rkh, rkw, rcf, oc, rcs].astype("int32")
-    else:
-        def wv(o, oc):
-            return wt[o, ric, rkh, rkw, rcf, rcs // 2, oc, rcs % 2].astype("int32")
+    wv = _packed_weight(wt, layout, ric, rkh, rkw, rcf, rcs)
 
     acc = te.compute((n, ob, oh, ow, BLOCK),
                      lambda b, o, i, j, oc: te.sum(xin(b, i, j) * wv(o, oc), axis=[ric, rkh, rkw, rcf, rcs]),
