@@ -122,6 +122,8 @@ class _Builder:
         self.errors: list[str] = []
         self.input_name: str | None = None
         self.output_name: str | None = None
+        #: fx name -> the node that stands for it (``x.mean([2, 3])`` becomes avgpool + flatten)
+        self.alias: dict[str, str] = {}
         self.names: dict[fx.Node, str] = {}
         taken: set[str] = set()
         for node in gm.graph.nodes:  # module path for layers; a module called twice gets '#k' on later calls
@@ -251,8 +253,7 @@ class _Builder:
                                                                      dilation=(1, 1))))
             if not keep:
                 self.prims.append(FloatNode(name + ".flatten", "flatten", [name]))
-                self._alias_later = getattr(self, "_alias_later", {})
-                self._alias_later[name] = name + ".flatten"
+                self.alias[name] = name + ".flatten"
         elif t is F.adaptive_avg_pool2d:
             self.prims.append(_adaptive_avg_node(name, inp, _arg(node, 1, "output_size", None), shape))
         elif t is F.max_pool2d:
@@ -385,7 +386,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
         raise UnsupportedModelError(
             f"{len(b.errors)} unsupported node(s) in the model:\n  " + "\n  ".join(b.errors)
             + f"\nSupported: {SUPPORTED_LAYERS}.")
-    alias = getattr(b, "_alias_later", {})
+    alias = b.alias
     for old, new in alias.items():
         for n in b.prims:
             if n.name != new:
