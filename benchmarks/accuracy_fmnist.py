@@ -6,8 +6,13 @@
 
 Rows {model, method, granularity, adaqtransform, w_bits, a_bits, seed, iters, fp32_top1, fakequant_top1, so_top1,
 seconds, ...} go to ``<out>.json`` (rewritten atomically after every row) and a markdown table ``<out>.md`` (mean
-+- std over seeds). The run is resumable at two levels: finished rows are skipped, and an interrupted row resumes
-after its last finished reconstruction unit (``<out>_ckpt/<row key>``).
++- std over seeds). All seeds run at the ``--multi-seed-bits`` settings, the first seed elsewhere. The run is
+resumable at two levels: finished rows are skipped, and an interrupted row resumes after its last finished
+reconstruction unit (``<out>_ckpt/<row key>``).
+
+Several workers may share one ``--out`` (e.g. one per core, each with ``--threads 1``): a worker claims a row before
+running it (``<out>_ckpt/<row key>.claim``, taken over when its owner process is gone) and merges its result into the
+JSON under a file lock, so rows are neither run twice nor lost.
 
 Methods are ``method[:granularity][+adaq]``, e.g. ``rtn``, ``adaround``, ``brecq``, ``qdrop``, ``qdrop:mrecg-modcap``,
 ``qdrop:mrecg-loss``, ``network+adaq``. First and last layers stay at 8 bit (QuantConfig default).
@@ -16,7 +21,10 @@ Methods are ``method[:granularity][+adaq]``, e.g. ``rtn``, ``adaround``, ``brecq
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -35,8 +43,9 @@ from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
 from ptq2tvm.reconstruct import ReconSettings, reconstruct  # noqa: E402
 
 DEFAULT_METHODS = ["rtn", "adaround", "brecq", "qdrop", "qdrop:mrecg-modcap", "qdrop:mrecg-loss", "qdrop+adaq",
-                   "network+adaq"]
-DEFAULT_BITS = ["W4A4", "W2A4", "W3A3"]
+                   "qdrop:mrecg-modcap+adaq", "network+adaq"]
+DEFAULT_BITS = ["W4A4", "W3A3", "W2A4", "W2A2"]
+DEFAULT_MULTI_SEED_BITS = ["W2A4", "W2A2"]
 
 
 def parse_method(spec: str) -> tuple[str, str | None, bool]:
@@ -59,11 +68,76 @@ def row_key(r: dict[str, Any]) -> str:
             f"W{r['w_bits']}A{r['a_bits']}|s{r['seed']}|i{r['iters']}|c{r['n_calib']}|e{r['eval_images']}")
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def claim_row(claim: Path) -> bool:
+    """Take ``claim`` for this process (False when a live process holds it)."""
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            owner = int(claim.read_text() or "0")
+            os.kill(owner, 0)
+            return False                       # a live worker has it
+        except (ValueError, ProcessLookupError):
+            claim.unlink(missing_ok=True)      # stale claim of a dead worker: take it over
+            return claim_row(claim)
+        except PermissionError:
+            return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on ``path``.lock for read-modify-write of the results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lf:
+        fcntl.flock(lf, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lf, fcntl.LOCK_UN)
+
+
+def read_rows(jpath: Path) -> list[dict[str, Any]]:
+    return json.loads(jpath.read_text())["rows"] if jpath.is_file() else []
+
+
+def merge_row(jpath: Path, mpath: Path, res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add ``res`` to the results file (re-read under the lock, so concurrent workers do not drop rows)."""
+    with locked(jpath):
+        rows = [r for r in read_rows(jpath) if row_key(r) != row_key(res)] + [res]
+        write_text(jpath, json.dumps(dict(rows=rows, torch=torch.__version__), indent=1))
+        write_text(mpath, markdown(rows))
+    return rows
+
+
+METHOD_ORDER = ["rtn", "adaround", "brecq", "qdrop", "qdrop:mrecg-modcap", "qdrop:mrecg-loss", "qdrop+adaq",
+                "qdrop:mrecg-modcap+adaq", "qdrop:mrecg-loss+adaq", "network", "network+adaq"]
+
+
+def method_spec(r: dict[str, Any]) -> str:
+    """The ``--methods`` spelling of a row (``qdrop`` for QDrop at its default block granularity)."""
+    default = ReconSettings(method=r["method"]).resolved_granularity
+    gran = "" if r["granularity"] == default else f":{r['granularity']}"
+    return f"{r['method']}{gran}{'+adaq' if r['adaqtransform'] else ''}"
+
+
+def _order(spec: str) -> int:
+    return METHOD_ORDER.index(spec) if spec in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        k = (r["model"], r["method"], r["granularity"], r["adaqtransform"], r["w_bits"], r["a_bits"], r["iters"])
-        groups.setdefault(k, []).append(r)
+        groups.setdefault((r["model"], r["w_bits"], r["a_bits"], r["iters"] or None, method_spec(r)), []).append(r)
+    return groups
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table (mean ± std over seeds, in points) and the ordering checks of :func:`ordering`."""
+    groups = _groups(rows)
 
     def ms(vals: list[float]) -> str:
         vals = [v for v in vals if v is not None]
@@ -72,15 +146,61 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         m = 100 * statistics.mean(vals)
         return f"{m:.2f}" if len(vals) == 1 else f"{m:.2f} ± {100 * statistics.stdev(vals):.2f}"
 
-    lines = ["| model | method | granularity | AdaQ | W/A | iters | seeds | FP32 | fake-quant | .so | s/run | it/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k in sorted(groups, key=lambda k: (k[0], -k[4], -k[5], k[1], k[2] or "", k[3])):
+    lines = ["| model | W/A | method | iters/unit | seeds | FP32 | fake-quant | .so | max abs(.so - fq) | s/run | it/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in sorted(groups, key=lambda k: (k[0], -k[1], -k[2], k[3] or 0, _order(k[4]))):
         g = groups[k]
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {'yes' if k[3] else 'no'} | W{k[4]}A{k[5]} | {k[6]} | {len(g)} | "
+        gap = max(abs(r["so_top1"] - r["fakequant_top1"]) for r in g)
+        lines.append(f"| {k[0]} | W{k[1]}A{k[2]} | {k[4]} | {k[3] or '-'} | {len(g)} | "
                      f"{ms([r['fp32_top1'] for r in g])} | {ms([r['fakequant_top1'] for r in g])} | "
-                     f"{ms([r['so_top1'] for r in g])} | {statistics.mean(r['seconds'] for r in g):.0f} | "
+                     f"{ms([r['so_top1'] for r in g])} | {100 * gap:.2f} | "
+                     f"{statistics.mean(r['seconds'] for r in g):.0f} | "
                      f"{statistics.mean(r.get('iters_per_s', 0.0) for r in g):.1f} |")
+    checks = ordering(rows)
+    if checks:
+        lines += ["", "Ordering checks (fake-quant top-1, mean over seeds; 'within spread' = the difference is "
+                  "smaller than the larger std of the two, or than 0.3 points with one seed):", "",
+                  "| model | W/A | iters/unit | claim | a | b | a - b | verdict |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['model']} | W{c['w_bits']}A{c['a_bits']} | {c['iters']} | {c['claim']} | {c['a']:.2f} | "
+                  f"{c['b']:.2f} | {c['diff']:+.2f} | {c['verdict']} |" for c in checks]
     return "\n".join(lines) + "\n"
+
+
+CLAIMS = [("reconstruction >> RTN (best reconstruction - RTN >= 10; 2-bit weights)", "best", "rtn", 10.0),
+          ("QDrop >= BRECQ", "qdrop", "brecq", 0.0), ("BRECQ >= AdaRound", "brecq", "adaround", 0.0),
+          ("QDrop+MRECG(ModCap) >= QDrop", "qdrop:mrecg-modcap", "qdrop", 0.0),
+          ("QDrop+MRECG(loss) >= QDrop", "qdrop:mrecg-loss", "qdrop", 0.0),
+          ("QDrop+AdaQ >= QDrop", "qdrop+adaq", "qdrop", 0.0),
+          ("QDrop+MRECG+AdaQ >= QDrop+AdaQ", "qdrop:mrecg-modcap+adaq", "qdrop+adaq", 0.0),
+          ("QDrop+MRECG+AdaQ >= QDrop+MRECG", "qdrop:mrecg-modcap+adaq", "qdrop:mrecg-modcap", 0.0)]
+
+
+def ordering(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The papers' claims checked on every (model, bits, iterations) block of the table that has both sides."""
+    stats: dict[tuple, dict[str, tuple[float, float]]] = {}
+    for (model, w, a, iters, spec), g in _groups(rows).items():
+        v = [100 * r["fakequant_top1"] for r in g]
+        stats.setdefault((model, w, a), {})[f"{spec}@{iters}"] = (statistics.mean(v),
+                                                                   statistics.stdev(v) if len(v) > 1 else 0.0)
+    out = []
+    for (model, w, a), st in sorted(stats.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[0][2])):
+        for iters in sorted({int(k.split("@")[1]) for k in st if k.split("@")[1] not in ("None", "0")}):
+            block = {k.split("@")[0]: v for k, v in st.items() if k.endswith(f"@{iters}")}
+            block.setdefault("rtn", st.get("rtn@None", st.get("rtn@0")))
+            recon = [v for k, v in block.items() if k != "rtn" and v is not None]
+            if recon:
+                block["best"] = max(recon)
+            for claim, a_key, b_key, margin in CLAIMS:
+                if block.get(a_key) is None or block.get(b_key) is None or (a_key == "best" and w > 2):
+                    continue
+                (ma, sa), (mb, sb) = block[a_key], block[b_key]
+                diff = ma - mb
+                noise = max(sa, sb, 0.3)
+                verdict = ("holds" if diff >= margin else "within spread" if margin == 0 and diff > -noise
+                           else "does not hold")
+                out.append(dict(model=model, w_bits=w, a_bits=a, iters=iters, claim=claim, a=ma, b=mb, diff=diff,
+                                verdict=verdict))
+    return out
 
 
 @torch.no_grad()
@@ -126,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--bits", default=",".join(DEFAULT_BITS))
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--multi-seed-bits", default=",".join(DEFAULT_MULTI_SEED_BITS),
+                   help="settings that run every seed; the others run the first seed only ('all' for every setting)")
     p.add_argument("--iters", type=int, default=20000)
     p.add_argument("--calib", type=int, default=1024, help="calibration images (train split)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -141,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     from ptq2tvm.data import calibration_set, load_dataset
     from ptq2tvm.train import train_builtin
 
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     jpath, mpath = out.with_suffix(".json"), out.with_suffix(".md")
-    rows: list[dict[str, Any]] = json.loads(jpath.read_text())["rows"] if jpath.is_file() else []
-    done = {row_key(r) for r in rows}
+    rows = read_rows(jpath)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    multi = {b.upper() for b in args.multi_seed_bits.split(",") if b}
     test = load_dataset(args.dataset, split="test", limit=args.eval_limit)
     calib = calibration_set(args.dataset, args.calib, seed=0)
     models = [m for m in args.models.split(",") if m]
@@ -157,29 +281,34 @@ def main(argv: list[str] | None = None) -> int:
             w, a = parse_bits(bits)
             for mspec in args.methods.split(","):
                 method, gran, adaq = parse_method(mspec)
-                for seed in [int(s) for s in args.seeds.split(",")]:
+                for seed in (seeds if "ALL" in multi or bits.upper() in multi else seeds[:1]):
                     row = dict(model=name, dataset=args.dataset, method=method,
                                granularity=gran or ReconSettings(method=method).resolved_granularity,
                                adaqtransform=adaq, w_bits=w, a_bits=a, seed=seed,
                                iters=0 if method == "rtn" else args.iters, n_calib=len(calib),
                                eval_images=len(test), fp32_top1=fp32, model_epochs=info.get("epochs"))
                     key = row_key(row)
-                    if key in done:
+                    if key in {row_key(r) for r in read_rows(jpath)}:
                         continue
                     safe = key.replace("|", "_").replace(":", "-")
                     ckpt = out.parent / f"{out.name}_ckpt" / safe
+                    claim = ckpt.with_name(safe + ".claim")
+                    if not claim_row(claim):
+                        continue
+                    if key in {row_key(r) for r in read_rows(jpath)}:   # finished between the check and the claim
+                        claim.unlink(missing_ok=True)
+                        continue
                     print(f"[row] {key}", file=sys.stderr, flush=True)
-                    with tempfile.TemporaryDirectory() as td:
-                        res = run_row(model, calib, test.images, test.labels, row, args, ckpt, Path(td))
+                    try:
+                        with tempfile.TemporaryDirectory() as td:
+                            res = run_row(model, calib, test.images, test.labels, row, args, ckpt, Path(td))
+                    finally:
+                        claim.unlink(missing_ok=True)
                     print(f"      fp32 {100 * fp32:.2f}  fake-quant {100 * res['fakequant_top1']:.2f}  "
                           f".so {100 * res['so_top1']:.2f}  {res['seconds']:.0f}s  {res['iters_per_s']:.1f} it/s",
                           file=sys.stderr, flush=True)
-                    rows.append(res)
-                    done.add(key)
-                    write_text(jpath, json.dumps(dict(rows=rows, torch=torch.__version__), indent=1))
-                    write_text(mpath, markdown(rows))
-    if rows:
-        write_text(mpath, markdown(rows))
+                    rows = merge_row(jpath, mpath, res)
+    rows = read_rows(jpath)
     print(markdown(rows))
     return 0
 

@@ -2,6 +2,7 @@
 Runtime INT8 (static QDQ, per-channel), ResNet-18 and MobileNetV2 1.0 at 224x224, batch 1 and 8.
 
     .venv/bin/python benchmarks/latency_cpu.py [--threads 2] [--repeats 50] [--models resnet18 mobilenet_v2]
+        [--tune-trials 16 [--tune-bits 8/8]]
 
 Every runtime of one (model, batch) group runs in this process on the same input, same threads, interleaved
 round-robin after warm-up; medians and p10/p90. Float in, float out for every runtime (the .so time includes the
@@ -10,6 +11,10 @@ wrapper's input quantization and output dequantization). Writes benchmarks/resul
 latency_cpu.md, latency_cpu.png and latency_cpu_builds.json (build seconds, weight bytes). Latency does not depend on
 the weights' values, so the models have seeded random weights and random calibration images.
 Run it on a quiet machine: it prints a warning when the load average says other work competes for the cores.
+
+With ``--tune-trials N`` the ``--tune-bits`` settings are also built tuned (``ptq2tvm compile --tune-trials N``,
+records under ``<work>/tuning/``) and timed as extra ``ptq2tvm`` rows with ``schedule: tuned``; the builds file then
+has the tuning time, the candidates measured and the time of a rebuild from the records.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--work", default=str(ROOT / "runs" / "latency_cpu"))
+    p.add_argument("--tune-trials", type=int, default=0, help="also build tuned .so files (schedules per kernel)")
+    p.add_argument("--tune-bits", nargs="+", default=["8/8"], help="settings built tuned too")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     set_num_threads(args.threads)
@@ -62,36 +69,52 @@ def main() -> None:
             w, a = (int(v) for v in setting.split("/"))
             graphs[(w, a)] = to_integer(quantize(model, calib[:8], QuantConfig(w, a), progress=False))
         for batch in args.batches:
-            compiled = {}
+            names = {}
             for (w, a), graph in graphs.items():
-                so = work / f"{name}_b{batch}_w{w}a{a}.so"
-                res = compile_so(graph, so, batch=batch)
-                compiled[(w, a)] = CompiledModel(so, threads=args.threads)
-                vnni = count_instructions(so, ("vpdpbusd",))["vpdpbusd"]
-                builds.append(dict(model=name, batch=batch, w_bits=w, a_bits=a, backend=res.meta["backend"],
-                                   build_seconds=round(res.seconds, 2), weight_bytes_int8=res.meta["weight_bytes"],
-                                   stored_weight_bytes=res.meta["stored_weight_bytes"], vpdpbusd_count=vnni))
-                print(f"built {so.name}: {res.meta['backend']}, {res.seconds:.1f} s, "
-                      f"{res.meta['stored_weight_bytes'] / 1e6:.2f} MB weights, {vnni} vpdpbusd", flush=True)
+                tuned = [False] + ([True] if args.tune_trials and f"{w}/{a}" in args.tune_bits else [])
+                for tune in tuned:
+                    stem = f"{name}_b{batch}_w{w}a{a}" + ("_tuned" if tune else "")
+                    so = work / f"{stem}.so"
+                    kw = dict(tune_trials=args.tune_trials, tune_db=work / "tuning" / stem, progress=True) if tune \
+                        else {}
+                    res = compile_so(graph, so, batch=batch, **kw)
+                    names[f"ptq2tvm_w{w}a{a}" + ("_tuned" if tune else "")] = CompiledModel(so, threads=args.threads)
+                    vnni = count_instructions(so, ("vpdpbusd",))["vpdpbusd"]
+                    b = dict(model=name, batch=batch, w_bits=w, a_bits=a, backend=res.meta["backend"],
+                             schedule="tuned" if tune else "hand", build_seconds=round(res.seconds, 2),
+                             weight_bytes_int8=res.meta["weight_bytes"],
+                             stored_weight_bytes=res.meta["stored_weight_bytes"], vpdpbusd_count=vnni)
+                    if tune:
+                        t = res.meta["tuning"]
+                        again = compile_so(graph, work / f"{stem}_rebuilt.so", batch=batch,
+                                           tune_db=work / "tuning" / stem)
+                        b.update(tune_trials=args.tune_trials, tune_candidates_measured=t["measured"],
+                                 tune_seconds=t["seconds"], rebuild_from_records_seconds=round(again.seconds, 2),
+                                 tasks=t["tasks"])
+                    builds.append(b)
+                    print(f"built {so.name}: {res.meta['backend']}, {res.seconds:.1f} s"
+                          + (f" (rebuild from records {b['rebuild_from_records_seconds']:.1f} s)" if tune else "")
+                          + f", {res.meta['stored_weight_bytes'] / 1e6:.2f} MB weights, {vnni} vpdpbusd", flush=True)
             example = calib[:batch] if batch <= len(calib) else np.resize(calib, (batch, *calib.shape[1:]))
-            names = {f"ptq2tvm_w{w}a{a}": cm for (w, a), cm in compiled.items()}
             stats = compare_latency(names, model, example, calib, threads=args.threads, repeats=args.repeats,
                                     warmup=args.warmup, work_dir=work / f"onnx_{name}_b{batch}", progress=False)
-            vnni_of = {f"ptq2tvm_w{b['w_bits']}a{b['a_bits']}": b["vpdpbusd_count"] for b in builds
-                       if b["model"] == name and b["batch"] == batch}
+            vnni_of = {f"ptq2tvm_w{b['w_bits']}a{b['a_bits']}" + ("_tuned" if b["schedule"] == "tuned" else ""):
+                       b["vpdpbusd_count"] for b in builds if b["model"] == name and b["batch"] == batch}
             for rt, st in stats.items():
-                w, a = (int(rt[9]), int(rt[11])) if rt.startswith("ptq2tvm_") else (32, 32)
+                ours = rt.startswith("ptq2tvm_")
+                w, a = (int(rt[9]), int(rt[11])) if ours else (32, 32)
                 rows.append(dict(model=name, input="3x224x224", batch=batch, w_bits=w, a_bits=a,
-                                 runtime="ptq2tvm" if rt.startswith("ptq2tvm_") else rt, median_ms=st.median_ms,
+                                 runtime="ptq2tvm" if ours else rt, median_ms=st.median_ms,
                                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=args.threads,
-                                 vpdpbusd_count=vnni_of.get(rt)))
+                                 vpdpbusd_count=vnni_of.get(rt),
+                                 schedule=("tuned" if rt.endswith("_tuned") else "hand") if ours else None))
             group = [r for r in rows if r["model"] == name and r["batch"] == batch]
             ort8 = next(r["median_ms"] for r in group if r["runtime"] == "ort_int8")
             for r in group:
                 if r["runtime"] == "ptq2tvm":
                     extra = (f", {r['median_ms'] / VNNI_LIMIT_MS[name] / batch:.2f}x the VNNI limit"
                              if name in VNNI_LIMIT_MS else "")
-                    print(f"{name} batch {batch} W{r['w_bits']}A{r['a_bits']}: {r['median_ms']:.2f} ms = "
+                    print(f"{name} batch {batch} W{r['w_bits']}A{r['a_bits']} {r['schedule']}: {r['median_ms']:.2f} ms = "
                           f"{r['median_ms'] / ort8:.2f}x ONNX Runtime INT8 ({ort8:.2f} ms){extra}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out / "latency_cpu.json")

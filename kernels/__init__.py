@@ -25,13 +25,13 @@ from .layout import (BLOCK, FIRST_BLOCK, conv_weight_mode, nchw_to_nchwc, nchw_t
                      unpack_int4)
 from .ops import (KERNEL_ATTR, add_requant_nchwc, avgpool2d_nchwc_requant, clamp_nchwc, conv2d_nchwc_requant,
                   conv2d_rows_requant, dense_requant, global_avgpool_nchwc_requant, maxpool2d_nchwc, nchwc_flatten,
-                  requant_expr, rows_layout)
+                  quantize_input, requant_expr, rows_layout)
 from .ops import nchw_to_rows as te_nchw_to_rows
 from .ops import nchw_to_nchwc as te_nchw_to_nchwc
 from .ops import nchwc_to_nchw as te_nchwc_to_nchw
 from .standalone import StandaloneKernel, build_standalone, host_target
-from .schedule import (ConvTile, choose_conv_tile, kernel_kind, schedule_conv2d_nchwc, schedule_module,
-                       schedule_primfunc, target_isa)
+from .schedule import (ConvTile, apply_schedule, choose_conv_tile, conv_tile_candidates, finish_scheduled, kernel_kind,
+                       schedule_conv2d_nchwc, schedule_module, schedule_primfunc, target_isa, tuning_space)
 
 __all__ = [
     "AVX2_INTRIN", "VNNI_INTRIN", "patch_tvm_vnni_intrinsic", "register_avx2_intrinsic", "register_vnni_intrinsic",
@@ -39,8 +39,9 @@ __all__ = [
     "conv2d_rows_requant", "rows_layout", "te_nchw_to_rows", "nchw_to_nchwc", "nchwc_to_nchw", "pack_channel_params",
     "pack_conv_weight", "pack_dense_weight", "unpack_int4",
     "KERNEL_ATTR", "add_requant_nchwc", "avgpool2d_nchwc_requant", "clamp_nchwc", "conv2d_nchwc_requant",
-    "dense_requant", "global_avgpool_nchwc_requant", "maxpool2d_nchwc", "nchwc_flatten", "requant_expr",
+    "dense_requant", "global_avgpool_nchwc_requant", "maxpool2d_nchwc", "nchwc_flatten", "quantize_input",
+    "requant_expr",
     "te_nchw_to_nchwc", "te_nchwc_to_nchw",
-    "ConvTile", "choose_conv_tile", "kernel_kind", "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc",
-    "target_isa", "StandaloneKernel", "build_standalone", "host_target",
+    "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind", "schedule_conv2d_nchwc", "schedule_module",
+    "schedule_primfunc", "target_isa", "tuning_space", "StandaloneKernel", "build_standalone", "host_target",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import tvm.tirx as tir
 from tvm import te
 
@@ -329,6 +330,16 @@ def add_requant_nchwc(a: te.Tensor, b: te.Tensor, ma: te.Tensor, mb: te.Tensor, 
 def clamp_nchwc(x: te.Tensor, lo: int = 0, hi: int = 255) -> te.Tensor:
     return te.compute(_shape(x), lambda *i: tir.max(tir.min(x[i], tir.const(int(hi), "uint8")),
                                                     tir.const(int(lo), "uint8")),
+                      name="out", attrs={KERNEL_ATTR: "eltwise_nchwc"})
+
+
+def quantize_input(x: te.Tensor, scale: float, zero_point: int, qmax: int = 255) -> te.Tensor:
+    """float32 -> uint8 exactly as ``QTensor.quantize`` in numpy: ``clip(rint(x / scale) + zero_point, 0, qmax)``,
+    IEEE float32 division (not a reciprocal multiply) and round half to even (``nearbyint``)."""
+    s = tir.const(float(np.float32(scale)), "float32")
+    z = tir.const(float(zero_point), "float32")
+    lo, hi = tir.const(0.0, "float32"), tir.const(float(qmax), "float32")
+    return te.compute(_shape(x), lambda *i: tir.max(tir.min(tir.nearbyint(x[i] / s) + z, hi), lo).astype("uint8"),
                       name="out", attrs={KERNEL_ATTR: "eltwise_nchwc"})
 
 

@@ -98,9 +98,10 @@ def _divisors(v: int) -> list[int]:
     return [d for d in range(1, v + 1) if v % d == 0]
 
 
-def choose_conv_tile(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", threads: int = 2,
-                     int4: bool = False) -> ConvTile:
-    """Pick the register tile from the output shape (N, OB blocks of 16, OH, OW).
+def conv_tile_candidates(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", threads: int = 2,
+                         int4: bool = False) -> list[ConvTile]:
+    """Every valid register tile for the output shape (N, OB blocks of 16, OH, OW), best first by the heuristic of
+    :func:`choose_conv_tile` (the tuning space of the conv kernels).
 
     VNNI: tiles of up to 16 zmm accumulators (measured on Zen 4/5: 12-16 accumulators run as fast as 28 and leave
     registers for the Q weight vectors and the broadcasts; 28 + Q spills), Q <= 4 output blocks (Q = 1 with int4
@@ -112,7 +113,7 @@ def choose_conv_tile(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", threa
         max_acc, max_q = (28, 1) if int4 else (16, 4)
     else:
         max_acc, max_q = 4, 1
-    best, best_key = None, None
+    scored = []
     for q in _divisors(ob):
         if q > max_q:
             continue
@@ -124,10 +125,16 @@ def choose_conv_tile(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", threa
                 par = n * (ob // q) * (oh // r)
                 loads = (p * r + q) / t
                 key = (par >= min(2 * threads, n * ob * oh), t >= 12 or t == max_acc, -loads, t, -r)
-                if best_key is None or key > best_key:
-                    best, best_key = ConvTile(p, q, r), key
-    assert best is not None
-    return best
+                scored.append((key, ConvTile(p, q, r)))
+    assert scored
+    scored.sort(key=lambda kt: kt[0], reverse=True)
+    return [t for _, t in scored]
+
+
+def choose_conv_tile(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", threads: int = 2,
+                     int4: bool = False) -> ConvTile:
+    """The register tile the hand schedule uses: the first of :func:`conv_tile_candidates`."""
+    return conv_tile_candidates(n, ob, oh, ow, isa, threads, int4)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -159,13 +166,14 @@ def _schedule_pad(sch: Schedule, block, threads: int) -> None:
     sch.vectorize(c)
 
 
-def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: int = 2) -> Schedule:
+def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: int = 2,
+                          p_max: int = 8) -> Schedule:
     """Schedule a PrimFunc made by :func:`kernels.conv2d_nchwc_requant` / :func:`kernels.conv2d_rows_requant`
-    (the dot-product flavour, vnni or avx2, is read from the kernel annotation)."""
+    (the dot-product flavour, vnni or avx2, is read from the kernel annotation; ``p_max`` is for depthwise)."""
     out = sch.get_sblock("out")
     kind = str(sch.get(out).annotations[KERNEL_ATTR])
     if kind.endswith("depthwise"):
-        return schedule_depthwise(sch, threads=threads)
+        return schedule_depthwise(sch, threads=threads, p_max=p_max)
     layout = kind.rsplit("_", 1)[1]
     intrin = register_vnni_intrinsic("local") if layout == "vnni" else register_avx2_intrinsic("local")
     acc = sch.get_sblock("acc")
@@ -416,12 +424,11 @@ def kernel_kind(func: tvm.tirx.PrimFunc) -> str | None:
     return str(ann[KERNEL_ATTR]) if KERNEL_ATTR in ann else None
 
 
-def schedule_primfunc(func: tvm.tirx.PrimFunc, target=None, **options) -> tvm.tirx.PrimFunc:
-    """Apply the hand schedule matching ``func``'s kernel annotation; return the scheduled PrimFunc.
-
-    ``options`` go to the schedule (e.g. ``tile=ConvTile(P, Q, R)`` for convs). Raises ValueError for a VNNI
-    kernel on a target without VNNI (pack the weights with ``isa=target_isa(target)`` instead).
-    """
+def apply_schedule(sch: Schedule, target=None, **options) -> Schedule:
+    """Apply the hand schedule matching the kernel annotation of ``sch``'s PrimFunc to ``sch`` (in place; the
+    schedule's trace then records it, which is what MetaSchedule's database stores). ``options`` as in
+    :func:`schedule_primfunc`."""
+    func = sch.mod["main"]
     kind = kernel_kind(func)
     if kind is None:
         raise ValueError("not an unscheduled ptq2tvm kernel (no 'ptq2tvm_kernel' block annotation)")
@@ -429,10 +436,51 @@ def schedule_primfunc(func: tvm.tirx.PrimFunc, target=None, **options) -> tvm.ti
         t = _as_target(target)
         if t is not None and target_isa(t) != "vnni":
             raise ValueError(f"kernel {kind} needs AVX-512 VNNI, target {t} lacks it; pack with isa='avx2'")
+    return _SCHEDULES[kind](sch, threads=_num_threads(target), **options)
+
+
+def finish_scheduled(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """Mark a scheduled kernel so dlight/MetaSchedule skip it and FuseOps leaves it alone (kOpaque)."""
+    return func.with_attr("tir.is_scheduled", True).with_attr("op_pattern", OP_PATTERN_OPAQUE)
+
+
+def schedule_primfunc(func: tvm.tirx.PrimFunc, target=None, **options) -> tvm.tirx.PrimFunc:
+    """Apply the hand schedule matching ``func``'s kernel annotation; return the scheduled PrimFunc.
+
+    ``options`` go to the schedule (e.g. ``tile=ConvTile(P, Q, R)`` for convs, ``p_max`` for depthwise, ``q`` for
+    dense; :func:`tuning_space` lists them). Raises ValueError for a VNNI kernel on a target without VNNI (pack the
+    weights with ``isa=target_isa(target)`` instead).
+    """
+    sch = apply_schedule(Schedule(func), target, **options)
+    return finish_scheduled(sch.mod["main"])
+
+
+def tuning_space(func: tvm.tirx.PrimFunc, target=None, limit: int | None = None) -> list[dict]:
+    """The schedule options worth measuring for one kernel PrimFunc, the hand schedule's choice first (``{}``).
+
+    Convs: the register tiles of :func:`conv_tile_candidates`; depthwise: the column tile ``p_max``; dense: the output
+    blocks per task ``q``. Other kernels (layout changes, pools, element-wise) have one schedule: ``[{}]``.
+    """
+    kind = kernel_kind(func)
+    if kind is None:
+        raise ValueError("not an unscheduled ptq2tvm kernel (no 'ptq2tvm_kernel' block annotation)")
+    threads = _num_threads(target)
     sch = Schedule(func)
-    sch = _SCHEDULES[kind](sch, threads=_num_threads(target), **options)
-    f = sch.mod["main"]
-    return f.with_attr("tir.is_scheduled", True).with_attr("op_pattern", OP_PATTERN_OPAQUE)
+    space: list[dict] = [{}]
+    if kind.startswith("conv2d") and kind.endswith("depthwise"):
+        ow = int(sch.get(sch.get_loops(sch.get_sblock("acc"))[3]).extent)
+        default = max(d for d in _divisors(ow) if d <= 8)
+        space += [{"p_max": d} for d in sorted(_divisors(ow), key=lambda d: abs(d - default))
+                  if d <= 16 and d != default]
+    elif kind.startswith("conv2d"):
+        n, ob, oh, ow = (int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("acc"))[:4])
+        int4 = _try_block(sch, "w_unpack") is not None
+        tiles = conv_tile_candidates(n, ob, oh, ow, isa=kind.rsplit("_", 1)[1], threads=threads, int4=int4)
+        space += [{"tile": t} for t in tiles[1:]]
+    elif kind.startswith("dense"):
+        obx = int(sch.get(sch.get_loops(sch.get_sblock("acc"))[1]).extent)
+        space += [{"q": d} for d in _divisors(obx) if d <= 24]
+    return space[:limit] if limit else space
 
 
 def schedule_module(mod: tvm.IRModule, target=None) -> tvm.IRModule:

@@ -178,9 +178,12 @@ def to_integer(qm: QuantModel) -> IntegerGraph:
 
 
 def compile_so(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
-               target: str | dict[str, Any] | None = None, schedule: str = "auto") -> CompileResult:
-    """Compile the integer graph to ``so_path`` (+ sidecar). ``schedule``: auto | x86 | plain."""
-    return compile_graph(graph, so_path, batch=batch, target=target, schedule=schedule)
+               target: str | dict[str, Any] | None = None, schedule: str = "auto", tune_trials: int = 0,
+               tune_db: str | Path | None = None, progress: bool = False) -> CompileResult:
+    """Compile the integer graph to ``so_path`` (+ sidecar). ``schedule``: auto | x86 | plain; ``tune_trials`` /
+    ``tune_db``: measured kernel schedules (see :func:`ptq2tvm.backend.compile.compile_graph`)."""
+    return compile_graph(graph, so_path, batch=batch, target=target, schedule=schedule, tune_trials=tune_trials,
+                         tune_db=tune_db, progress=progress)
 
 
 def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantModel, graph: IntegerGraph,

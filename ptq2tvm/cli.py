@@ -102,12 +102,20 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
     graph = IntegerGraph.load(args.qgraph or run.qgraph)
     target = json.loads(args.target) if args.target and args.target.lstrip().startswith("{") else args.target
     so = Path(args.out) if args.out else run.so
-    res = compile_so(graph, so, batch=args.batch, target=target, schedule=args.schedule)
+    res = compile_so(graph, so, batch=args.batch, target=target, schedule=args.schedule, tune_trials=args.tune_trials,
+                     tune_db=args.tune_db, progress=not args.no_progress)
     print(f"compiled {so} (batch {args.batch}, {res.meta['backend']}, target {res.meta['target']}) "
           f"in {res.seconds:.1f} s")
-    return dict(so=str(res.so_path), meta=str(res.meta_path), seconds=round(res.seconds, 2), target=res.meta["target"],
-                backend=res.meta["backend"],
-                batch=args.batch, weight_bytes=res.meta["weight_bytes"])
+    out = dict(so=str(res.so_path), meta=str(res.meta_path), seconds=round(res.seconds, 2), target=res.meta["target"],
+               backend=res.meta["backend"], batch=args.batch, weight_bytes=res.meta["weight_bytes"])
+    if "tuning" in res.meta:
+        from .backend.tune import TuneReport
+
+        t = res.meta["tuning"]
+        rep = TuneReport(t["db_dir"], t["trials"], t["tasks"], t["measured"], t["seconds"])
+        print(f"tuning records {t['db_dir']}: {rep.summary()}")
+        out["tuning"] = dict(db_dir=t["db_dir"], measured=t["measured"], seconds=t["seconds"])
+    return out
 
 
 def _eval_data(args: argparse.Namespace, info: dict[str, Any]):
@@ -181,6 +189,19 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
                     threads=args.threads, repeats=args.repeats, progress=not args.no_progress)
 
 
+def cmd_bundle(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import RunDir
+    from .bundle import make_bundle
+
+    so = Path(args.so) if args.so else RunDir(args.run).so
+    out = Path(args.out) if args.out else so.parent / "bundle"
+    b = make_bundle(so, out, overwrite=args.force)
+    print(f"bundle {b.path}: {len(b.files)} files, {b.bytes / 1e6:.1f} MB (no torch, no ptq2tvm, no TVM compiler)\n"
+          f"  on the target: pip install -r {b.path / 'requirements.txt'} && "
+          f"python {b.path / 'run_model.py'} --random 1 --bench 20")
+    return dict(bundle=str(b.path), files=b.files, bytes=b.bytes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptq2tvm", description=__doc__)
     p.add_argument("--version", action="version", version=f"ptq2tvm {__version__}")
@@ -227,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "else plain (TVM's default lowering of the NCHW definitions; portable)")
     c.add_argument("--target", help="'host' (default: this CPU, mcpu detected), 'cuda' / 'cuda:sm_90', "
                    "or a TVM target as a JSON dict")
+    c.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="measure up to N schedules per kernel (MetaSchedule runner; ~2 s each) and keep the fastest; "
+                   "records are kept in --tune-db and reused, so a rebuild measures only what is new (default 0: "
+                   "the hand schedules, no measuring)")
+    c.add_argument("--tune-db", metavar="DIR", help="tuning records (MetaSchedule JSON database; default "
+                   "<out>.tuning/ next to the .so); given without --tune-trials, rebuilds from the records")
     _add_json(c)
     c.set_defaults(func=cmd_compile)
 
@@ -252,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out-dir", help="where to write the markdown table and PNG chart (default RUN)")
     _add_json(b)
     b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("bundle", help="runtime-only deployment bundle of a compiled .so (TVM runtime libraries, "
+                       "a numpy + apache-tvm-ffi runner; no compiler)")
+    d.add_argument("run", help="run directory (compiled)")
+    d.add_argument("--so", help="the .so to bundle (default RUN/model.so)")
+    d.add_argument("--out", help="bundle directory (default next to the .so: bundle/)")
+    d.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    _add_json(d)
+    d.set_defaults(func=cmd_bundle)
 
     t = sub.add_parser("train", help="train (or load from cache) a small zoo model on a built-in dataset")
     t.add_argument("--model", default=DEFAULT_MODEL)

@@ -272,6 +272,19 @@ def test_units_on_zoo_graphs(name, kinds, block_layers):
         assert caps[7] == pytest.approx((512 * 256 * 9 + 512 * 256) * 2 * 1.6 + 512 * 512 * 9 * 2)
         _, pairs = top_k_pairs(caps, 2)
         assert pairs == [6, 8]
+    if name == "mobilenet_v2":
+        # W2A4: features.1 = dw 32x9 + 1x1 32->16 = 800 params x 2 bit; features.17 = 160x960 + 960x9 + 960x320;
+        # head 320x1280 x 2 bit; classifier 1280x1000 at 8 bit (last layer). Default k = round(19 / 4) = 5 merges:
+        # the capacity jumps sit at the deep end, so features.11|12, 14|15 and 16|17|18.0|classifier are merged.
+        qm = QuantModel(g, QuantConfig(2, 4))
+        caps = [modcap(qm, u) for u in units]
+        assert caps[1] == 800 * 2 and caps[17] == (160 * 960 + 960 * 9 + 960 * 320) * 2
+        assert caps[18] == 320 * 1280 * 2 and caps[19] == 1280 * 1000 * 8
+        _, pairs = top_k_pairs(caps, default_k(len(units)))
+        assert pairs == [11, 14, 16, 17, 18]
+        groups = groups_from_pairs([u.name for u in units], pairs)
+        assert groups[-1] == ["features.16.conv", "features.17.conv", "features.18.0", "classifier.1"]
+        assert len(groups) == len(units) - 5
 
 
 # ---- MRECG -------------------------------------------------------------------------------------------------------

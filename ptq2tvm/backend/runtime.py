@@ -55,6 +55,8 @@ class CompiledModel:
         except Exception as e:
             raise ArtifactError(f"cannot load {self.so_path}: {type(e).__name__}: {e}") from e
         self._fn = self._vm["main"]
+        # builds since the float entry was added quantize the input inside the .so (same arithmetic as numpy's)
+        self._fn_float = self._vm["main_float"] if "main_float" in self.meta.get("entries", {}) else None
         self._tensor = tvm.runtime.tensor
 
     def check_graph(self, graph: IntegerGraph) -> None:
@@ -77,21 +79,27 @@ class CompiledModel:
         """One call of the compiled function: uint8 input of exactly (batch, *input_shape)."""
         return self._fn(self._tensor(np.ascontiguousarray(q), self.device)).numpy()
 
-    def run_int(self, q: np.ndarray) -> np.ndarray:
-        """uint8 (N, ...) -> uint8 output (N, ...), any N (chunked into the compiled batch, last chunk padded)."""
-        q = self._check(q, np.uint8)
+    def _chunked(self, fn: Any, x: np.ndarray) -> np.ndarray:
+        """Run ``fn`` over ``x`` in chunks of the compiled batch (the last chunk padded by repeating its last row)."""
         outs = []
-        for i in range(0, q.shape[0], self.batch):
-            chunk = q[i:i + self.batch]
+        for i in range(0, x.shape[0], self.batch):
+            chunk = x[i:i + self.batch]
             n = chunk.shape[0]
             if n < self.batch:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
-            outs.append(self.run_batch(chunk)[:n])
+            outs.append(fn(self._tensor(np.ascontiguousarray(chunk), self.device)).numpy()[:n])
         return np.concatenate(outs)
 
+    def run_int(self, q: np.ndarray) -> np.ndarray:
+        """uint8 (N, ...) -> uint8 output (N, ...), any N (chunked into the compiled batch, last chunk padded)."""
+        return self._chunked(self._fn, self._check(q, np.uint8))
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """float input -> quantize with the model's input scale/zero point -> run -> dequantized float output."""
+        """float input -> quantize with the model's input scale/zero point (inside the .so when it has the float
+        entry, else in numpy; the same arithmetic) -> run -> dequantized float output."""
         x = self._check(x, None)
-        if not np.all(np.isfinite(x)):
+        if not (np.isfinite(x.max()) and np.isfinite(x.min())):
             raise InputShapeError("input contains NaN or Inf")
+        if self._fn_float is not None:
+            return self.output.dequantize(self._chunked(self._fn_float, x.astype(np.float32, copy=False)))
         return self.output.dequantize(self.run_int(self.input.quantize(x)))

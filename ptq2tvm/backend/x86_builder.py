@@ -8,7 +8,7 @@ compile time, and every conv carries its requantize (+ residual add) epilogue. S
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tvm
@@ -194,12 +194,16 @@ def x86_isa(target: dict[str, Any]) -> tuple[str | None, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any]) -> tuple[tvm.IRModule, int]:
+def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
+                     scheduler: Callable[[tvm.IRModule], tvm.IRModule] | None = None) -> tuple[tvm.IRModule, int]:
     """The scheduled Relax module for ``target`` (pass it to ``tvm.compile`` unchanged) and the bytes of its packed
-    weights (int4 layers two values per byte)."""
+    weights (int4 layers two values per byte). ``scheduler`` schedules the kernels (default: the hand schedules,
+    ``kernels.schedule_module``; ``backend.tune.KernelTuner`` measures and replays records)."""
     isa, why = x86_isa(target)
     if isa is None:
         raise ValueError(f"the x86 kernels do not support target {target}: {why}")
     builder = _X86Builder(graph, isa)
     mod = builder.build(batch)
-    return K.schedule_module(mod, tvm.target.Target(target)), builder.weight_bytes
+    if scheduler is None:
+        return K.schedule_module(mod, tvm.target.Target(target)), builder.weight_bytes
+    return scheduler(mod), builder.weight_bytes

@@ -2,7 +2,8 @@
 
 A row is ``{model, input, batch, w_bits, a_bits, runtime, median_ms, p10_ms, p90_ms, threads, vpdpbusd_count}``;
 ``runtime`` is one of :data:`RUNTIMES` (or ``ptq2tvm_<tag>`` for several compiled variants); ``vpdpbusd_count`` is
-``None`` except for the ptq2tvm .so.
+``None`` except for the ptq2tvm .so. An optional ``schedule`` (``hand`` | ``tuned``) tells two builds of the same .so
+apart; tables and charts label tuned rows ``ptq2tvm tuned`` and compare every row with the hand-scheduled build.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ RUNTIMES = ("ptq2tvm", "torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32")
 ROW_KEYS = ("model", "input", "batch", "w_bits", "a_bits", "runtime", "median_ms", "p10_ms", "p90_ms", "threads",
             "vpdpbusd_count")
 # Rows with equal identity describe the same measurement; merge_rows keeps the newest.
-ROW_IDENTITY = ("model", "input", "batch", "w_bits", "a_bits", "runtime", "threads")
+ROW_IDENTITY = ("model", "input", "batch", "w_bits", "a_bits", "runtime", "threads", "schedule")
+
+
+def _label(r: dict[str, Any]) -> str:
+    return f"{r['runtime']} tuned" if r.get("schedule") == "tuned" else str(r["runtime"])
 
 
 def _is_ptq2tvm(runtime: str) -> bool:
@@ -70,7 +75,7 @@ def merge_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> list[dict[st
     path = Path(path)
     merged: dict[tuple, dict[str, Any]] = {}
     for r in (read_rows(path) if path.exists() else []) + [validate_row(r) for r in rows]:
-        merged[tuple(r[k] for k in ROW_IDENTITY)] = r
+        merged[tuple(r.get(k) for k in ROW_IDENTITY)] = r
     out = list(merged.values())
     write_rows(out, path)
     return out
@@ -92,7 +97,8 @@ def _table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     rows = [validate_row(r) for r in rows]
     ref = {}
     for r in rows:
-        if r["runtime"] == "ptq2tvm" or (_is_ptq2tvm(r["runtime"]) and _group_key(r) not in ref):
+        hand = r.get("schedule") != "tuned"
+        if (r["runtime"] == "ptq2tvm" and hand) or (_is_ptq2tvm(r["runtime"]) and _group_key(r) not in ref):
             ref[_group_key(r)] = r["median_ms"]
     header = ["model", "input", "batch", "W/A bits", "runtime", "median ms", "p10 ms", "p90 ms", "threads",
               "vpdpbusd", "vs ptq2tvm"]
@@ -101,7 +107,7 @@ def _table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         base = ref.get(_group_key(r))
         rel = (f"{r['median_ms'] / base:.2f}x" if base and r["median_ms"] is not None else "-")
         cells.append([str(r["model"]), str(r["input"]), str(r["batch"]), f"W{r['w_bits']}A{r['a_bits']}",
-                      str(r["runtime"]), _fmt_ms(r["median_ms"]), _fmt_ms(r["p10_ms"]), _fmt_ms(r["p90_ms"]),
+                      _label(r), _fmt_ms(r["median_ms"]), _fmt_ms(r["p10_ms"]), _fmt_ms(r["p90_ms"]),
                       str(r["threads"]), "-" if r["vpdpbusd_count"] is None else str(r["vpdpbusd_count"]), rel])
     return header, cells
 
@@ -163,8 +169,8 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str | Path, title: str | N
         g = groups.setdefault((r["model"], r["batch"]), {})
         bits = {(x["w_bits"], x["a_bits"]) for x in rows
                 if (x["model"], x["batch"]) == (r["model"], r["batch"]) and _is_ptq2tvm(x["runtime"])}
-        label = r["runtime"]
-        if _is_ptq2tvm(label) and len(bits) > 1:
+        label = _label(r)
+        if _is_ptq2tvm(r["runtime"]) and len(bits) > 1:
             label = f"{label} W{r['w_bits']}A{r['a_bits']}"
         g[label] = r
     n = len(groups)

@@ -1,0 +1,70 @@
+"""A runtime-only deployment bundle of a compiled model: the .so, its sidecar, TVM's runtime libraries (not the
+250 MB compiler library), a standalone runner (numpy + apache-tvm-ffi only) and its requirements.
+
+    DIR/model.so, model.json          the artifact (checksum-verified before copying)
+    DIR/lib/libtvm_runtime.so         (+ libtvm_runtime_cuda.so for a CUDA build)
+    DIR/run_model.py                  ptq2tvm/bundle_runner.py
+    DIR/requirements.txt              numpy, apache-tvm-ffi (pinned to the version that built the .so)
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backend.compile import read_sidecar
+from .errors import ArtifactError
+
+RUNNER = Path(__file__).with_name("bundle_runner.py")
+
+
+@dataclass
+class Bundle:
+    path: Path
+    files: list[str]
+    bytes: int
+
+
+def tvm_runtime_libs(cuda: bool) -> list[Path]:
+    """The TVM runtime libraries a .so needs at run time (found next to the installed apache-tvm package)."""
+    import tvm
+
+    lib_dir = Path(tvm.__file__).parent / "lib"
+    names = ["libtvm_runtime.so"] + (["libtvm_runtime_cuda.so"] if cuda else [])
+    missing = [n for n in names if not (lib_dir / n).is_file()]
+    if missing:
+        raise ArtifactError(f"TVM runtime libraries {missing} not found in {lib_dir}")
+    return [lib_dir / n for n in names]
+
+
+def make_bundle(so_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Bundle:
+    """Write the bundle of ``so_path`` into ``out_dir`` (built in a temporary directory, then renamed into place)."""
+    import tvm_ffi
+
+    so_path, out_dir = Path(so_path), Path(out_dir)
+    meta = read_sidecar(so_path)
+    if out_dir.exists() and not overwrite:
+        raise ArtifactError(f"bundle directory {out_dir} already exists (pass overwrite=True / --force)")
+    cuda = meta["target"].get("kind") == "cuda"
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "lib").mkdir(parents=True)
+        shutil.copy2(so_path, tmp / "model.so")
+        shutil.copy2(so_path.with_suffix(".json"), tmp / "model.json")
+        for lib in tvm_runtime_libs(cuda):
+            shutil.copy2(lib, tmp / "lib" / lib.name)
+        shutil.copy2(RUNNER, tmp / "run_model.py")
+        (tmp / "requirements.txt").write_text(f"numpy\napache-tvm-ffi=={tvm_ffi.__version__}\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
+    return Bundle(out_dir, files, sum((out_dir / f).stat().st_size for f in files))
+
+
+__all__ = ["Bundle", "make_bundle", "tvm_runtime_libs"]

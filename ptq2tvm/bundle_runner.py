@@ -1,0 +1,135 @@
+"""Run a ptq2tvm .so with numpy, the apache-tvm-ffi wheel and TVM's runtime libraries only: no torch, no ptq2tvm, no
+`tvm` Python package and no 250 MB compiler library. `ptq2tvm bundle` copies this file into a bundle as run_model.py:
+
+    pip install -r requirements.txt              # numpy + apache-tvm-ffi (a few MB)
+    python run_model.py --input images.npy       # float (N, C, H, W), preprocessed like the training data
+    python run_model.py --random 8 --bench 50    # random uint8 inputs; median latency of 50 runs
+
+The sidecar model.json gives the compiled batch, the target and the input/output scale and zero point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm_ffi
+
+HERE = Path(__file__).resolve().parent
+KDL_CPU, KDL_CUDA = 1, 2
+POOLED_ALLOCATOR = 2
+
+
+class BundleModel:
+    """A compiled ptq2tvm model loaded through tvm_ffi + libtvm_runtime (see the module docstring)."""
+
+    def __init__(self, so_path: str | Path, lib_dir: str | Path | None = None):
+        so_path = Path(so_path)
+        self.meta: dict[str, Any] = json.loads(so_path.with_suffix(".json").read_text())
+        self.cuda = self.meta["target"].get("kind") == "cuda"
+        lib_dir = Path(lib_dir) if lib_dir is not None else so_path.parent / "lib"
+        ffi_lib = Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so"
+        ctypes.CDLL(str(ffi_lib), ctypes.RTLD_GLOBAL)        # libtvm_runtime links against it
+        ctypes.CDLL(str(lib_dir / "libtvm_runtime.so"), ctypes.RTLD_GLOBAL)
+        if self.cuda:
+            ctypes.CDLL(str(lib_dir / "libtvm_runtime_cuda.so"), ctypes.RTLD_GLOBAL)
+        self._alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+        self._copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+        self.dev = tvm_ffi.device("cuda" if self.cuda else "cpu", 0)
+        self.vm = tvm_ffi.load_module(str(so_path))["vm_load_executable"]()
+        if self.cuda:   # device list: the GPU, then the CPU host
+            self.vm["vm_initialization"](KDL_CUDA, 0, POOLED_ALLOCATOR, KDL_CPU, 0, POOLED_ALLOCATOR)
+        else:
+            self.vm["vm_initialization"](KDL_CPU, 0, POOLED_ALLOCATOR)
+        self.main = self.vm["main"]
+        self.main_float = self.vm["main_float"] if "main_float" in self.meta.get("entries", {}) else None
+        self.batch = int(self.meta["batch"])
+
+    def run_batch(self, q: np.ndarray) -> np.ndarray:
+        """One compiled batch -> the integer output: uint8 inputs, or float32 ones when the .so quantizes them."""
+        fn = self.main if q.dtype == np.uint8 else self.main_float
+        q = np.ascontiguousarray(q)
+        # always copy into a runtime-allocated tensor: the kernels assume TVM's 64-byte alignment (vector loads), which
+        # a numpy buffer wrapped by from_dlpack does not have
+        x = self._alloc(tvm_ffi.Shape(q.shape), str(q.dtype), self.dev, None)
+        self._copy(tvm_ffi.from_dlpack(q), x)
+        out = fn(x)
+        if self.cuda:
+            host = np.empty(tuple(out.shape), dtype=str(out.dtype))
+            self._copy(out, tvm_ffi.from_dlpack(host))
+            return host
+        return np.from_dlpack(out).copy()
+
+    def run_int(self, q: np.ndarray) -> np.ndarray:
+        """Any number of inputs (uint8, or float32 for a .so with the float entry), chunked into the compiled batch
+        (the last chunk padded)."""
+        outs = []
+        for i in range(0, len(q), self.batch):
+            chunk = q[i:i + self.batch]
+            n = len(chunk)
+            if n < self.batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
+            outs.append(self.run_batch(chunk)[:n])
+        return np.concatenate(outs)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Float -> uint8 like ptq2tvm's QTensor.quantize (float32 division, round half to even, clamp)."""
+        inp = self.meta["input"]
+        q = np.divide(np.asarray(x, dtype=np.float32), np.float32(inp["scale"]), dtype=np.float32)
+        q = np.rint(q) + np.float32(inp["zero_point"])
+        return np.clip(q, 0, (1 << int(inp["bits"])) - 1).astype(np.uint8)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Float in, float (dequantized) out."""
+        out = self.meta["output"]
+        x = np.asarray(x, dtype=np.float32)
+        y = self.run_int(x if self.main_float is not None else self.quantize(x)).astype(np.float64)
+        return ((y - out["zero_point"]) * out["scale"]).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--so", default=str(HERE / "model.so"))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="float32 .npy (N, C, H, W), preprocessed like the training data")
+    src.add_argument("--input-int", help="uint8 .npy of already quantized inputs")
+    src.add_argument("--random", type=int, metavar="N", help="N random uint8 inputs")
+    p.add_argument("--output", help="write the integer outputs to this .npy")
+    p.add_argument("--bench", type=int, default=0, metavar="RUNS", help="time RUNS runs of one compiled batch")
+    args = p.parse_args(argv)
+    model = BundleModel(args.so)
+    if args.input:
+        x = np.load(args.input).astype(np.float32)
+        q = x if model.main_float is not None else model.quantize(x)
+    elif args.input_int:
+        q = np.load(args.input_int).astype(np.uint8)
+    else:
+        q = np.random.default_rng(0).integers(0, 256, (args.random, *model.meta["input"]["shape"]), dtype=np.uint8)
+    y = model.run_int(q)
+    if args.output:
+        np.save(args.output, y)
+    print("top-1:", y.argmax(1).tolist()[:32], "..." if len(y) > 32 else "")
+    if args.bench:
+        batch = np.resize(q, (model.batch, *q.shape[1:]))
+        model.run_batch(batch)
+        times = []
+        for _ in range(args.bench):
+            t0 = time.perf_counter()
+            model.run_batch(batch)
+            times.append((time.perf_counter() - t0) * 1e3)
+        print(f"latency (batch {model.batch}, {'cuda' if model.cuda else 'cpu'}): median "
+              f"{statistics.median(times):.3f} ms over {args.bench} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""`ptq2tvm bundle`: a runtime-only bundle runs the .so without the `tvm` package or its compiler library, bit-exact."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from conftest import TinyNet, randomize_bn  # noqa: E402
+from ptq2tvm.api import compile_so, quantize, to_integer  # noqa: E402
+from ptq2tvm.backend.runtime import CompiledModel  # noqa: E402
+from ptq2tvm.bundle import make_bundle  # noqa: E402
+from ptq2tvm.errors import ArtifactError, InputShapeError  # noqa: E402
+from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
+from ptq2tvm.ir.reference import run_reference  # noqa: E402
+
+NO_TVM = "import sys, runpy; sys.modules['tvm'] = None; sys.argv = sys.argv[1:]; " \
+         "runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def test_bundle_runs_without_tvm_and_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_bn(TinyNet()).eval()
+    rng = np.random.default_rng(0)
+    graph = to_integer(quantize(model, rng.standard_normal((8, 1, 12, 12)).astype(np.float32), QuantConfig(8, 8),
+                                progress=False))
+    compile_so(graph, tmp_path / "m.so", batch=2)
+    b = make_bundle(tmp_path / "m.so", tmp_path / "bundle")
+    assert b.files == ["lib/libtvm_runtime.so", "model.json", "model.so", "requirements.txt", "run_model.py"]
+    assert b.bytes < 8e6, "the bundle must not carry the TVM compiler library"
+    q = rng.integers(0, 256, (5, 1, 12, 12), dtype=np.uint8)     # 5 inputs: chunks of the compiled batch 2
+    np.save(tmp_path / "q.npy", q)
+    r = subprocess.run([sys.executable, "-c", NO_TVM, str(b.path / "run_model.py"), "--input-int",
+                        str(tmp_path / "q.npy"), "--output", str(tmp_path / "y.npy"), "--bench", "3"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "median" in r.stdout
+    assert np.array_equal(np.load(tmp_path / "y.npy"), run_reference(graph, q))
+
+    # float input: quantized inside the .so (main_float), the same integers as numpy's QTensor.quantize, ties included
+    x = rng.standard_normal((5, 1, 12, 12)).astype(np.float32)
+    k = rng.integers(-100, 100, x.shape)
+    x.reshape(-1)[::2] = ((k + 0.5) * np.float64(graph.input.scale)).astype(np.float32).reshape(-1)[::2]
+    np.save(tmp_path / "x.npy", x)
+    r = subprocess.run([sys.executable, "-c", NO_TVM, str(b.path / "run_model.py"), "--input", str(tmp_path / "x.npy"),
+                        "--output", str(tmp_path / "yf.npy")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = run_reference(graph, graph.input.quantize(x))
+    assert np.array_equal(np.load(tmp_path / "yf.npy"), want)
+    cm = CompiledModel(tmp_path / "m.so")
+    assert cm.meta["entries"] == {"main": "uint8", "main_float": "float32"}
+    assert np.array_equal(cm(x), graph.output.dequantize(want))
+    with pytest.raises(InputShapeError, match="NaN"):
+        cm(np.full_like(x, np.nan))
+
+    with pytest.raises(ArtifactError, match="already exists"):
+        make_bundle(tmp_path / "m.so", tmp_path / "bundle")
+    (tmp_path / "m.so").write_bytes(b"not a library")
+    with pytest.raises(ArtifactError, match="checksum"):
+        make_bundle(tmp_path / "m.so", tmp_path / "bundle2")
+    assert not (tmp_path / "bundle2").exists()

@@ -1,0 +1,86 @@
+"""Tuning (`ptq2tvm compile --tune-trials`): every schedule in the tuning space is bit-exact, a tuned build equals the
+reference executor, and a rebuild from the records measures nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+import kernels as K  # noqa: E402
+from tvm import te  # noqa: E402
+
+from test_kernels_x86 import CONV_CASES, HAS_VNNI, ISAS, _conv_case, _target  # noqa: E402
+
+
+def _unscheduled(fn, arrays, **attrs):
+    phs = [te.placeholder(tuple(a.shape), str(a.dtype), name=f"in{i}") for i, a in enumerate(arrays)]
+    return te.create_prim_func([*phs, fn(*phs, **attrs)])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", ["3x3_s1", "1x1_s2_downsample", "depthwise_3x3_s1", "int4_3x3_s2_res",
+                                  "3x3_s1_batch2_clamp"])
+def test_every_schedule_in_the_tuning_space_is_bit_exact(name, isa):
+    n, c, h, w, o, k, s, p, d, g, icb, res, int4, extra = CONV_CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    cs = _conv_case(rng, n, c, h, w, o, k, s, p, d, g, res, int4, **extra)
+    zx = extra.get("zx", 3)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], icb, zx), K.pack_conv_weight(cs["w"], g, ic_block=icb, isa=isa, int4=int4),
+              *params[:3]]
+    if res:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    attrs = dict(stride=s, padding=p, dilation=d, groups=g, input_zero_point=zx, output_zero_point=extra.get("zo", 5),
+                 lo=extra.get("lo", 0), hi=extra.get("hi", 255), residual_zero_point=extra.get("zr", 7), isa=isa)
+    space = K.tuning_space(_unscheduled(K.conv2d_nchwc_requant, arrays, **attrs), _target(isa))
+    assert space[0] == {} and len(space) >= (2 if isa == "vnni" else 1), space
+    assert len({json.dumps({k: str(v) for k, v in o.items()}) for o in space}) == len(space), "duplicate options"
+    for opt in space:
+        kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, _target(isa), options=opt, **attrs)
+        got = K.nchwc_to_nchw(kern.run(*arrays), o)
+        assert np.array_equal(got, cs["ref"]), f"{name} {opt}: {int((got != cs['ref']).sum())} mismatches"
+
+
+def test_conv_space_starts_with_the_hand_choice():
+    tiles = K.conv_tile_candidates(1, 4, 56, 56, isa="vnni", threads=2)
+    assert tiles[0] == K.choose_conv_tile(1, 4, 56, 56, isa="vnni", threads=2)
+    assert all(t.P * t.Q * t.R <= 16 and t.Q <= 4 for t in tiles)
+    assert len(set(tiles)) == len(tiles) > 5
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="tuning records are checked on the VNNI kernels")
+def test_tuned_build_is_exact_and_a_rebuild_reuses_the_records(tmp_path):
+    from conftest import TinyNet, randomize_bn
+    from ptq2tvm.api import compile_so, quantize, to_integer
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.ir.reference import run_reference
+
+    torch.manual_seed(0)
+    model = randomize_bn(TinyNet()).eval()
+    rng = np.random.default_rng(0)
+    graph = to_integer(quantize(model, rng.standard_normal((8, 1, 12, 12)).astype(np.float32), QuantConfig(8, 4),
+                                progress=False))
+    first = compile_so(graph, tmp_path / "a.so", batch=2, tune_trials=2)
+    tuning = first.meta["tuning"]
+    assert first.meta["backend"].endswith("-tuned")
+    assert (tmp_path / "a.tuning" / "database_tuning_record.json").is_file()
+    assert tuning["measured"] >= 10
+    convs = [t for t in tuning["tasks"] if t["kind"].startswith("conv2d")]
+    assert convs and all(t["candidates"] == 2 and t["hand_ms"] and t["best_ms"] <= t["hand_ms"] for t in convs)
+    q = graph.input.quantize(rng.standard_normal((2, 1, 12, 12)).astype(np.float32))
+    assert np.array_equal(CompiledModel(tmp_path / "a.so").run_int(q), run_reference(graph, q))
+
+    again = compile_so(graph, tmp_path / "b.so", batch=2, tune_trials=2, tune_db=tmp_path / "a.tuning")
+    assert again.meta["tuning"]["measured"] == 0
+    assert all(t["from_records"] for t in again.meta["tuning"]["tasks"] if t["kind"].startswith("conv2d"))
+    assert np.array_equal(CompiledModel(tmp_path / "b.so").run_int(q), run_reference(graph, q))
+
+    with pytest.raises(ValueError, match="tune trials must be >= 0"):
+        compile_so(graph, tmp_path / "c.so", tune_trials=-1)
+    assert not (tmp_path / "c.so").exists()
