@@ -2,7 +2,7 @@
 Runtime INT8 (static QDQ, per-channel), ResNet-18 and MobileNetV2 1.0 at 224x224, batch 1 and 8.
 
     .venv/bin/python benchmarks/latency_cpu.py [--threads 2] [--repeats 50] [--models resnet18 mobilenet_v2]
-        [--tune-trials 16 [--tune-bits 8/8]]
+        [--tune-trials 16 [--tune-bits 8/8] [--tune-batches 1]]
 
 Every runtime of one (model, batch) group runs in this process on the same input, same threads, interleaved
 round-robin after warm-up; medians and p10/p90. Float in, float out for every runtime (the .so time includes the
@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "runs" / "latency_cpu"))
     p.add_argument("--tune-trials", type=int, default=0, help="also build tuned .so files (schedules per kernel)")
     p.add_argument("--tune-bits", nargs="+", default=["8/8"], help="settings built tuned too")
+    p.add_argument("--tune-batches", nargs="+", type=int, default=None, help="batches built tuned too (default all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     set_num_threads(args.threads)
@@ -71,7 +72,9 @@ def main() -> None:
         for batch in args.batches:
             names = {}
             for (w, a), graph in graphs.items():
-                tuned = [False] + ([True] if args.tune_trials and f"{w}/{a}" in args.tune_bits else [])
+                tune_this = args.tune_trials and f"{w}/{a}" in args.tune_bits and \
+                    (args.tune_batches is None or batch in args.tune_batches)
+                tuned = [False] + ([True] if tune_this else [])
                 for tune in tuned:
                     stem = f"{name}_b{batch}_w{w}a{a}" + ("_tuned" if tune else "")
                     so = work / f"{stem}.so"
