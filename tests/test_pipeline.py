@@ -84,7 +84,16 @@ def test_cli_end_to_end(tmp_path, digits):
     r = _cli("eval", str(run), "--json", str(tmp_path / "e.json"))
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["so_top1"] > 0.9 and e["n"] == 360
-    for cmd in ("quantize", "compile", "parity", "eval", "bench", "train", "demo"):
+    r = _cli("compile", str(run), "--batch", "8", "--out", str(tmp_path / "tuned.so"), "--tune-trials", "2",
+             "--no-progress", "--json", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["tuning"]["measured"] > 0 and (tmp_path / "tuned.tuning" / "database_tuning_record.json").is_file()
+    assert "tuning records" in r.stdout
+    r = _cli("bundle", str(run), "--json", str(tmp_path / "b.json"))
+    assert r.returncode == 0, r.stderr
+    assert "lib/libtvm_runtime.so" in json.loads((tmp_path / "b.json").read_text())["files"]
+    for cmd in ("quantize", "compile", "parity", "eval", "bench", "bundle", "train", "demo"):
         h = _cli(cmd, "--help")
         assert h.returncode == 0 and "--json" in h.stdout
 
