@@ -128,7 +128,12 @@ def conv_tile_candidates(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", t
                 scored.append((key, ConvTile(p, q, r)))
     assert scored
     scored.sort(key=lambda kt: kt[0], reverse=True)
-    return [t for _, t in scored]
+    tiles = [t for _, t in scored]
+    if int4 and isa == "vnni":
+        # the hand choice keeps Q = 1 for int4; tuning may also try tiles over several output blocks (the unpack then
+        # produces Q weight vectors per reduction step)
+        tiles += [t for t in conv_tile_candidates(n, ob, oh, ow, isa, threads, int4=False) if t.Q > 1]
+    return tiles
 
 
 def choose_conv_tile(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", threads: int = 2,

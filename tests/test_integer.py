@@ -103,3 +103,41 @@ def test_cuda_build_compiles_here(tmp_path, tiny_model, tiny_data):
     res = compile_graph(fold_to_integer(qm), tmp_path / "cuda.so", batch=2, target="cuda")
     assert res.so_path.stat().st_size > 0 and res.meta["target"]["kind"] == "cuda"
     assert res.meta["target"]["host"]["kind"] == "llvm"
+
+
+def test_fakequant_bias_rounds_like_the_fold_at_float32_ties(tiny_model, tiny_data):
+    """A bias whose b / (s_w * s_x) is just below k + 0.5 in float64 but exactly k + 0.5 in float32 (learned scales
+    drift onto such boundaries): the fake-quant model must pick the fold's integer, not float32's."""
+    qm = quantize_rtn(tiny_model, tiny_data, QuantConfig(8, 8), progress=False)
+    node = next(n for n in qm.graph.nodes if n.op == "conv")
+    layer, s_x = qm.layer(node.name), qm.act_quantizer(node.inputs[0]).scale.detach()
+    s_w = layer.wq.scale.detach()
+    acc32 = (s_w * s_x).numpy()
+    acc64 = s_w.double().numpy() * float(s_x)
+    bias = layer.bias.detach().numpy().copy()
+    found = []
+    for c in range(len(bias)):
+        for k in range(1, 400):
+            b = np.float32((k + 0.5) * acc64[c])
+            for _ in range(40):
+                if np.float32(b / acc32[c]) == np.float32(k + 0.5) and np.float64(b) / acc64[c] < k + 0.5:
+                    bias[c] = b
+                    found.append((c, k))
+                    break
+                b = np.nextafter(b, np.float32(-np.inf))
+            if found and found[-1][0] == c:
+                break
+    assert len(found) >= 2, "no float32 tie found for this seed"
+    with torch.no_grad():
+        layer.bias.copy_(torch.from_numpy(bias))
+    graph = fold_to_integer(qm)
+    inode = next(n for n in graph.nodes if n.name == node.name)
+    z_x = int(inode.attrs["input_zero_point"])
+    for c, k in found:      # the fold's bias (plus back its zero-point term): float64 says just below the tie -> k
+        assert int(inode.arrays["bias"][c]) + z_x * int(inode.arrays["weight"][c].astype(np.int64).sum()) == k
+    x = torch.zeros((1, *node.weight.shape[1:2], 8, 8))
+    with torch.no_grad():
+        y = layer(x, s_x)
+    for c, k in found:
+        assert float(y[0, c, 4, 4] / torch.from_numpy(acc32)[c]) == pytest.approx(k, abs=1e-3)
+

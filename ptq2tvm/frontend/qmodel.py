@@ -89,7 +89,17 @@ class QLayer(nn.Module):
             acc = self.wq.scale * in_scale
             if self.adaq:
                 acc = acc * self.xi.abs()
-            b = round_ste(b / acc) * acc
+            # The integer bias is decided in float64 exactly as the fold computes it: learned scales drift onto rounding
+            # boundaries (b / acc = -15.4999998 in float64 is -15.5 in float32 and rounds the other way), which made
+            # whole channels differ from the integer network by one accumulator step.
+            with torch.no_grad():
+                b64 = self.bias.double() + (self.eta.double() if self.adaq else 0.0)
+                acc64 = self.wq.scale.double() * in_scale.double()
+                if self.adaq:
+                    acc64 = acc64 * self.xi.double().abs()
+                b_int = torch.round(b64 / acc64).to(b.dtype)
+            ratio = b / acc
+            b = ((b_int - ratio).detach() + ratio) * acc             # straight-through gradient, like round_ste
         if self.op == "linear":
             return F.linear(x, w, b)
         a = self.attrs
