@@ -90,3 +90,14 @@ def tiny_model() -> nn.Module:
 @pytest.fixture
 def tiny_data() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((64, 1, 12, 12)).astype(np.float32)
+
+
+def tiny_integer_graph(w_bits: int, a_bits: int):
+    """The seeded TinyNet, calibrated on 8 seeded images and folded to an integer graph (w_bits/a_bits)."""
+    from ptq2tvm.api import quantize, to_integer
+    from ptq2tvm.frontend.qmodel import QuantConfig
+
+    torch.manual_seed(0)
+    model = randomize_bn(TinyNet()).eval()
+    calib = np.random.default_rng(0).standard_normal((8, 1, 12, 12)).astype(np.float32)
+    return to_integer(quantize(model, calib, QuantConfig(w_bits, a_bits), progress=False))

@@ -7,16 +7,14 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("tvm")
 
-from conftest import TinyNet, randomize_bn  # noqa: E402
-from ptq2tvm.api import compile_so, quantize, to_integer  # noqa: E402
+from conftest import tiny_integer_graph  # noqa: E402
+from ptq2tvm.api import compile_so  # noqa: E402
 from ptq2tvm.backend.runtime import CompiledModel  # noqa: E402
 from ptq2tvm.bundle import make_bundle  # noqa: E402
 from ptq2tvm.errors import ArtifactError, InputShapeError  # noqa: E402
-from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
 from ptq2tvm.ir.reference import run_reference  # noqa: E402
 
 NO_TVM = "import sys, runpy; sys.modules['tvm'] = None; sys.argv = sys.argv[1:]; " \
@@ -24,11 +22,8 @@ NO_TVM = "import sys, runpy; sys.modules['tvm'] = None; sys.argv = sys.argv[1:];
 
 
 def test_bundle_runs_without_tvm_and_is_bit_exact(tmp_path):
-    torch.manual_seed(0)
-    model = randomize_bn(TinyNet()).eval()
-    rng = np.random.default_rng(0)
-    graph = to_integer(quantize(model, rng.standard_normal((8, 1, 12, 12)).astype(np.float32), QuantConfig(8, 8),
-                                progress=False))
+    graph = tiny_integer_graph(8, 8)
+    rng = np.random.default_rng(1)
     compile_so(graph, tmp_path / "m.so", batch=2)
     b = make_bundle(tmp_path / "m.so", tmp_path / "bundle")
     assert b.files == ["lib/libtvm_runtime.so", "model.json", "model.so", "requirements.txt", "run_model.py"]

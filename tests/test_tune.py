@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 tvm = pytest.importorskip("tvm")
 
@@ -55,17 +54,13 @@ def test_conv_space_starts_with_the_hand_choice():
 
 @pytest.mark.skipif(not HAS_VNNI, reason="tuning records are checked on the VNNI kernels")
 def test_tuned_build_is_exact_and_a_rebuild_reuses_the_records(tmp_path):
-    from conftest import TinyNet, randomize_bn
-    from ptq2tvm.api import compile_so, quantize, to_integer
+    from conftest import tiny_integer_graph
+    from ptq2tvm.api import compile_so
     from ptq2tvm.backend.runtime import CompiledModel
-    from ptq2tvm.frontend.qmodel import QuantConfig
     from ptq2tvm.ir.reference import run_reference
 
-    torch.manual_seed(0)
-    model = randomize_bn(TinyNet()).eval()
-    rng = np.random.default_rng(0)
-    graph = to_integer(quantize(model, rng.standard_normal((8, 1, 12, 12)).astype(np.float32), QuantConfig(8, 4),
-                                progress=False))
+    graph = tiny_integer_graph(8, 4)
+    rng = np.random.default_rng(1)
     first = compile_so(graph, tmp_path / "a.so", batch=2, tune_trials=2)
     tuning = first.meta["tuning"]
     assert first.meta["backend"].endswith("-tuned")
