@@ -157,6 +157,17 @@ def merge_row(jpath: Path, mpath: Path, res: dict[str, Any]) -> list[dict[str, A
     return rows
 
 
+MD_HEADER = """# Fashion-MNIST: reconstruction methods, fake-quant and compiled .so top-1
+
+Full 10,000-image test set, 1024 calibration images (train split, seed 0), batch 32, first/last layer 8 bit, one torch
+thread per worker. Made by `benchmarks/accuracy_fmnist.py --threads 1 --iters 250` (two workers sharing the output)
+plus the 2000- and 20000-iteration rows of docs/reconstruction.md. mean ± std over seeds (0, 1, 2 at W2A4 / W2A2);
+`s/run` is the reconstruction wall time on the shared 2 cores (inflated for rows that ran while other jobs shared
+them or the workers were paused), `it/s` its iterations per second. Rows made before the float64 bias-rounding fix
+were re-evaluated from their checkpoints with `--refresh-fakequant` (the old value is kept in the JSON as
+`fakequant_top1_float32_bias`).
+"""
+
 METHOD_ORDER = ["rtn", "adaround", "brecq", "qdrop", "qdrop:mrecg-modcap", "qdrop:mrecg-loss", "qdrop+adaq",
                 "qdrop:mrecg-modcap+adaq", "qdrop:mrecg-loss+adaq", "network", "network+adaq"]
 
@@ -190,7 +201,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         m = 100 * statistics.mean(vals)
         return f"{m:.2f}" if len(vals) == 1 else f"{m:.2f} ± {100 * statistics.stdev(vals):.2f}"
 
-    lines = ["| model | W/A | method | iters/unit | seeds | FP32 | fake-quant | .so | max abs(.so - fq) | s/run | it/s |",
+    lines = [MD_HEADER,
+             "| model | W/A | method | iters/unit | seeds | FP32 | fake-quant | .so | max abs(.so - fq) | s/run | it/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(groups, key=lambda k: (k[0], -k[1], -k[2], k[3] or 0, _order(k[4]))):
         g = groups[k]
