@@ -42,6 +42,7 @@ __all__ = [
     "dense_requant", "global_avgpool_nchwc_requant", "maxpool2d_nchwc", "nchwc_flatten", "quantize_input",
     "requant_expr",
     "te_nchw_to_nchwc", "te_nchwc_to_nchw",
-    "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind", "schedule_conv2d_nchwc", "schedule_module",
-    "schedule_primfunc", "target_isa", "tuning_space", "StandaloneKernel", "build_standalone", "host_target",
+    "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind",
+    "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc", "target_isa", "tuning_space",
+    "StandaloneKernel", "build_standalone", "host_target",
 ]

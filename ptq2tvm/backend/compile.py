@@ -13,13 +13,11 @@ from typing import Any
 
 import tvm
 
-import kernels as K
-
 from .. import __version__
 from ..atomic import atomic_path, write_json
 from ..errors import ArtifactError
 from ..ir.graph import IntegerGraph, _tensor_json
-from .relax_builder import build_relax_module
+from .relax_builder import FLOAT_ENTRY, add_float_entry, build_relax_module
 
 ARTIFACT_FORMAT = "ptq2tvm-so"
 ARTIFACT_VERSION = 1
@@ -85,9 +83,7 @@ def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedu
         raise ValueError(f"schedule 'x86' needs an x86 target with AVX2 or AVX-512 VNNI: {why}")
     if schedule in ("auto", "x86") and isa is not None:
         mod, weight_bytes = build_x86_module(graph, batch, target, scheduler=tuner)
-        mod = add_float_entry(mod, graph, batch)
-        return K.schedule_module(mod, tvm.target.Target(target)), \
-            f"x86-nchw16c-{isa}" + ("-tuned" if tuner is not None else ""), weight_bytes
+        return mod, f"x86-nchw16c-{isa}" + ("-tuned" if tuner is not None else ""), weight_bytes
     if tuner is not None:
         raise ValueError(f"tuning applies to the hand-scheduled x86 kernels, which target {target} does not use "
                          f"({why or 'schedule ' + repr(schedule)})")
@@ -95,26 +91,6 @@ def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedu
         warnings.warn(f"hand-scheduled x86 kernels unavailable ({why}); using the plain (slow) schedule",
                       stacklevel=3)
     return add_float_entry(build_relax_module(graph, batch), graph, batch), "plain-nchw", graph.weight_bytes()
-
-
-FLOAT_ENTRY = "main_float"
-
-
-def add_float_entry(mod: tvm.IRModule, graph: IntegerGraph, batch: int) -> tvm.IRModule:
-    """Add ``main_float``: float32 input -> the input quantization (``kernels.quantize_input``, bit-identical to
-    ``QTensor.quantize``) -> ``main``. Saves the numpy quantization pass (about 2% of ResNet-18 at batch 1)."""
-    from tvm import relax
-
-    bb = relax.BlockBuilder(mod)
-    main = mod.get_global_var("main")
-    xf = relax.Var("x", relax.TensorType((batch, *graph.input.shape), "float32"))
-    with bb.function(FLOAT_ENTRY, [xf]):
-        with bb.dataflow():
-            q = bb.emit_output(bb.emit_te(K.quantize_input, xf, scale=graph.input.scale,
-                                          zero_point=graph.input.zero_point, qmax=graph.input.qmax,
-                                          primfunc_name_hint="quantize_input"))
-        bb.emit_func_output(bb.emit(relax.Call(main, [q])))
-    return bb.get()
 
 
 def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,

@@ -14,6 +14,7 @@ from ..atomic import atomic_path
 from ..errors import ArtifactError, InputShapeError
 from ..ir.graph import IntegerGraph, QTensor, _tensor_from_json
 from .compile import read_sidecar
+from .relax_builder import FLOAT_ENTRY
 
 
 def set_num_threads(threads: int | None) -> None:
@@ -56,7 +57,7 @@ class CompiledModel:
             raise ArtifactError(f"cannot load {self.so_path}: {type(e).__name__}: {e}") from e
         self._fn = self._vm["main"]
         # builds since the float entry was added quantize the input inside the .so (same arithmetic as numpy's)
-        self._fn_float = self._vm["main_float"] if "main_float" in self.meta.get("entries", {}) else None
+        self._fn_float = self._vm[FLOAT_ENTRY] if FLOAT_ENTRY in self.meta.get("entries", {}) else None
         self._tensor = tvm.runtime.tensor
 
     def check_graph(self, graph: IntegerGraph) -> None:
@@ -77,7 +78,10 @@ class CompiledModel:
 
     def run_batch(self, q: np.ndarray) -> np.ndarray:
         """One call of the compiled function: uint8 input of exactly (batch, *input_shape)."""
-        return self._fn(self._tensor(np.ascontiguousarray(q), self.device)).numpy()
+        return self._call(self._fn, q)
+
+    def _call(self, fn: Any, batch: np.ndarray) -> np.ndarray:
+        return fn(self._tensor(np.ascontiguousarray(batch), self.device)).numpy()
 
     def _chunked(self, fn: Any, x: np.ndarray) -> np.ndarray:
         """Run ``fn`` over ``x`` in chunks of the compiled batch (the last chunk padded by repeating its last row)."""
@@ -87,7 +91,7 @@ class CompiledModel:
             n = chunk.shape[0]
             if n < self.batch:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
-            outs.append(fn(self._tensor(np.ascontiguousarray(chunk), self.device)).numpy()[:n])
+            outs.append(self._call(fn, chunk)[:n])
         return np.concatenate(outs)
 
     def run_int(self, q: np.ndarray) -> np.ndarray:

@@ -103,13 +103,11 @@ class KernelTuner:
         index = json.loads(idx_path.read_text()) if idx_path.is_file() else {}
         return db, index
 
-    def _measure(self, func: tvm.tirx.PrimFunc, options: list[dict[str, Any]]) -> list[tuple[Any, float]]:
+    def _measure(self, mod: tvm.IRModule, args_info: list, options: list[dict[str, Any]]) -> list[tuple[Any, float]]:
         """Build every option (in this process: MetaSchedule's LocalBuilder starts a fresh interpreter per build,
         ~50 s each on 2 busy cores, against 0.2 s here), then time them all with one MetaSchedule LocalRunner call
         (a separate process, random inputs, ``repeat`` runs of at least ``number_ms`` each); -> [(trace or None,
         median seconds)]."""
-        mod = _task_module(func)
-        args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
         traces: list[Any] = []
         inputs: list[ms.runner.RunnerInput] = []
         slots: list[int | None] = []
@@ -149,8 +147,9 @@ class KernelTuner:
             kind = K.kernel_kind(func)
             if kind is None:
                 continue
-            h = tvm_ffi.structural_hash(_task_module(func))
-            tasks.setdefault(h, dict(kind=kind, func=func, gvs=[]))["gvs"].append(gv)
+            task_mod = _task_module(func)
+            h = tvm_ffi.structural_hash(task_mod)
+            tasks.setdefault(h, dict(kind=kind, func=func, mod=task_mod, gvs=[]))["gvs"].append(gv)
         todo: list[tuple[int, list[dict[str, Any]]]] = []
         for h, t in tasks.items():
             space = K.tuning_space(t["func"], self.target, limit=self.trials or None) if self.trials else []
@@ -166,12 +165,12 @@ class KernelTuner:
                 entry = index.setdefault(str(h), dict(kind=t["kind"], kernels=name, measured=[]))
                 if space:
                     bar.set_postfix_str(f"{name[:40]} ({len(space)})")
-                    workload = db.commit_workload(_task_module(t["func"]))
-                    for opt, (trace, sec) in zip(space, self._measure(t["func"], space)):
+                    workload = db.commit_workload(t["mod"])
+                    args_info = ms.arg_info.ArgInfo.from_prim_func(t["mod"]["main"])
+                    for opt, (trace, sec) in zip(space, self._measure(t["mod"], args_info, space)):
                         if trace is not None:
-                            db.commit_tuning_record(ms.database.TuningRecord(
-                                trace, workload, [sec], self.target,
-                                ms.arg_info.ArgInfo.from_prim_func(_task_module(t["func"])["main"])))
+                            db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [sec], self.target,
+                                                                             args_info))
                         entry["measured"].append(dict(options=_options_key(opt), ms=round(sec * 1e3, 5)))
                         self.report.measured += 1
                         bar.update(1)
@@ -179,13 +178,10 @@ class KernelTuner:
                 meas = [m for m in entry["measured"] if m["ms"] < FAILED_SECONDS * 1e3]
                 best = min(meas, key=lambda m: m["ms"]) if meas else None
                 # the fastest record; the hand schedule when nothing was measured or every candidate failed
-                sch = db.query_schedule(_task_module(t["func"]), self.target, "main") if best else None
-                if sch is None:
-                    new = K.schedule_primfunc(t["func"], self.target)
-                else:
-                    new = _restore_name(sch.mod["main"], t["func"])
+                sch = db.query_schedule(t["mod"], self.target, "main") if best else None
+                scheduled = (sch or K.apply_schedule(Schedule(t["mod"]), self.target)).mod["main"]
                 for gv in t["gvs"]:
-                    updates[gv] = new if len(t["gvs"]) == 1 else _restore_name(new, mod[gv])
+                    updates[gv] = _restore_name(scheduled, mod[gv])
                 self.report.tasks.append(dict(
                     kernels=name, kind=t["kind"], candidates=len(entry["measured"]), from_records=sch is not None,
                     hand_ms=next((m["ms"] for m in entry["measured"] if m["options"] == "{}"), None),

@@ -18,6 +18,7 @@ import kernels as K
 
 from ..ir.graph import IntegerGraph, IntNode
 from . import te_ops
+from .relax_builder import add_float_entry
 
 NCHW, NCHWC, FLAT = "nchw", "nchwc", "flat"
 
@@ -203,7 +204,7 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
     if isa is None:
         raise ValueError(f"the x86 kernels do not support target {target}: {why}")
     builder = _X86Builder(graph, isa)
-    mod = builder.build(batch)
+    mod = add_float_entry(builder.build(batch), graph, batch)
     if scheduler is None:
         return K.schedule_module(mod, tvm.target.Target(target)), builder.weight_bytes
     return scheduler(mod), builder.weight_bytes
