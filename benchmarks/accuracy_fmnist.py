@@ -148,13 +148,12 @@ def read_rows(jpath: Path) -> list[dict[str, Any]]:
     return json.loads(jpath.read_text())["rows"] if jpath.is_file() else []
 
 
-def merge_row(jpath: Path, mpath: Path, res: dict[str, Any]) -> list[dict[str, Any]]:
+def merge_row(jpath: Path, mpath: Path, res: dict[str, Any]) -> None:
     """Add ``res`` to the results file (re-read under the lock, so concurrent workers do not drop rows)."""
     with locked(jpath):
         rows = [r for r in read_rows(jpath) if row_key(r) != row_key(res)] + [res]
         write_text(jpath, json.dumps(dict(rows=rows, torch=torch.__version__), indent=1))
         write_text(mpath, markdown(rows))
-    return rows
 
 
 MD_HEADER = """# Fashion-MNIST: reconstruction methods, fake-quant and compiled .so top-1
@@ -233,16 +232,17 @@ CLAIMS = [("reconstruction >> RTN (best reconstruction - RTN >= 10; 2-bit weight
 
 def ordering(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The papers' claims checked on every (model, bits, iterations) block of the table that has both sides."""
-    stats: dict[tuple, dict[str, tuple[float, float]]] = {}
+    stats: dict[tuple, dict[tuple, tuple[float, float]]] = {}
     for (model, w, a, iters, spec), g in _groups(rows).items():
         v = [100 * r["fakequant_top1"] for r in g]
-        stats.setdefault((model, w, a), {})[f"{spec}@{iters}"] = (statistics.mean(v),
-                                                                   statistics.stdev(v) if len(v) > 1 else 0.0)
+        stats.setdefault((model, w, a), {})[(spec, iters)] = (statistics.mean(v),
+                                                              statistics.stdev(v) if len(v) > 1 else 0.0)
     out = []
     for (model, w, a), st in sorted(stats.items(), key=lambda kv: (kv[0][0], -kv[0][1], -kv[0][2])):
-        for iters in sorted({int(k.split("@")[1]) for k in st if k.split("@")[1] not in ("None", "0")}):
-            block = {k.split("@")[0]: v for k, v in st.items() if k.endswith(f"@{iters}")}
-            block.setdefault("rtn", st.get("rtn@None", st.get("rtn@0")))
+        rtn = st.get(("rtn", None))                  # RTN rows have no iterations: they join every block
+        for iters in sorted({it for _, it in st if it}):
+            block = {spec: v for (spec, it), v in st.items() if it == iters}
+            block.setdefault("rtn", rtn)
             recon = [v for k, v in block.items() if k != "rtn" and v is not None]
             if recon:
                 block["best"] = max(recon)
@@ -322,7 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     jpath, mpath = out.with_suffix(".json"), out.with_suffix(".md")
-    rows = read_rows(jpath)
     seeds = [int(s) for s in args.seeds.split(",")]
     multi = {b.upper() for b in args.multi_seed_bits.split(",") if b}
     test = load_dataset(args.dataset, split="test", limit=args.eval_limit)
@@ -365,9 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"      fp32 {100 * fp32:.2f}  fake-quant {100 * res['fakequant_top1']:.2f}  "
                           f".so {100 * res['so_top1']:.2f}  {res['seconds']:.0f}s  {res['iters_per_s']:.1f} it/s",
                           file=sys.stderr, flush=True)
-                    rows = merge_row(jpath, mpath, res)
-    rows = read_rows(jpath)
-    print(markdown(rows))
+                    merge_row(jpath, mpath, res)
+    print(markdown(read_rows(jpath)))
     return 0
 
 
