@@ -18,13 +18,13 @@ Layouts and packing: :mod:`kernels.layout`. Arithmetic: :mod:`kernels.ops` (and 
 truth).
 """
 
-from .intrin import (AVX2_INTRIN, VNNI_INTRIN, patch_tvm_vnni_intrinsic, register_avx2_intrinsic,
-                     register_vnni_intrinsic)
+from .intrin import (AVX2_INTRIN, TAPS_INTRIN, VNNI_INTRIN, patch_tvm_vnni_intrinsic, register_avx2_intrinsic,
+                     register_taps_intrinsic, register_vnni_intrinsic)
 from .layout import (BLOCK, FIRST_BLOCK, conv_weight_mode, nchw_to_nchwc, nchw_to_rows, nchwc_to_nchw,
-                     pack_channel_params, pack_conv_weight, pack_dense_weight, pack_rows_weight, rows_weight,
-                     unpack_int4)
+                     pack_channel_params, pack_conv_weight, pack_dense_weight, pack_depthwise_taps, pack_rows_weight,
+                     rows_weight, unpack_int4)
 from .ops import (KERNEL_ATTR, add_requant_nchwc, avgpool2d_nchwc_requant, clamp_nchwc, conv2d_nchwc_requant,
-                  conv2d_rows_requant, dense_requant, global_avgpool_nchwc_requant, maxpool2d_nchwc, nchwc_flatten,
+                  conv2d_rows_requant, dense_requant, depthwise_taps_requant, global_avgpool_nchwc_requant, maxpool2d_nchwc, nchwc_flatten,
                   quantize_input, requant_expr, rows_layout)
 from .ops import nchw_to_rows as te_nchw_to_rows
 from .ops import nchw_to_nchwc as te_nchw_to_nchwc
@@ -34,12 +34,13 @@ from .schedule import (ConvTile, apply_schedule, choose_conv_tile, conv_tile_can
                        schedule_conv2d_nchwc, schedule_module, schedule_primfunc, target_isa, tuning_space)
 
 __all__ = [
-    "AVX2_INTRIN", "VNNI_INTRIN", "patch_tvm_vnni_intrinsic", "register_avx2_intrinsic", "register_vnni_intrinsic",
+    "AVX2_INTRIN", "TAPS_INTRIN", "VNNI_INTRIN", "patch_tvm_vnni_intrinsic", "register_avx2_intrinsic",
+    "register_taps_intrinsic", "register_vnni_intrinsic",
     "BLOCK", "FIRST_BLOCK", "conv_weight_mode", "nchw_to_rows", "pack_rows_weight", "rows_weight",
     "conv2d_rows_requant", "rows_layout", "te_nchw_to_rows", "nchw_to_nchwc", "nchwc_to_nchw", "pack_channel_params",
-    "pack_conv_weight", "pack_dense_weight", "unpack_int4",
+    "pack_conv_weight", "pack_dense_weight", "pack_depthwise_taps", "unpack_int4",
     "KERNEL_ATTR", "add_requant_nchwc", "avgpool2d_nchwc_requant", "clamp_nchwc", "conv2d_nchwc_requant",
-    "dense_requant", "global_avgpool_nchwc_requant", "maxpool2d_nchwc", "nchwc_flatten", "quantize_input",
+    "dense_requant", "depthwise_taps_requant", "global_avgpool_nchwc_requant", "maxpool2d_nchwc", "nchwc_flatten", "quantize_input",
     "requant_expr",
     "te_nchw_to_nchwc", "te_nchwc_to_nchw",
     "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind",

@@ -18,6 +18,14 @@ with A uint8 (activations) and B int8 (weights). Both are exact for every uint8 
   to int16 and is wrong for large values; it is never used here). Weight block layout: ``B[2, 16, 2]`` =
   [input-channel pair, output channel, channel within pair], so one ``vpmaddwd`` yields 8 output channels.
 
+A third intrinsic serves depthwise convs (``vnni_taps``): 16 channels x 4 horizontal taps,
+
+    C[i] += int32(A[t, i]) * int32(B[i, t])   i in 0..15 (channels), t in 0..3 (taps = 4 consecutive input pixels)
+
+A is the 4 x 16-byte input block of 4 consecutive pixels in NCHW16c (64 contiguous bytes); one byte shuffle
+(``vpermb`` with AVX512-VBMI, a constant LLVM shufflevector) transposes it to channel-major [i, t] so that one
+``vpdpbusd`` adds 4 taps of 16 channels (3 real taps of a 3x3 kernel row + a zero weight).
+
 The accumulator buffer C is declared with scope ``"local"`` (the hand schedules keep the accumulator tile in a
 ``local`` buffer that LLVM promotes to registers) or ``"global"`` (for MetaSchedule / other callers).
 """
@@ -28,6 +36,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 VNNI_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_vnni"
+TAPS_INTRIN = "ptq2tvm_depthwise_16x4taps_u8i8i32_vnni"
 AVX2_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_avx2"
 _SCOPES = ("global", "local")
 _registered: set[str] = set()
@@ -62,6 +71,40 @@ def _vnni_pair(scope: str):
             )
 
     return desc, impl
+
+
+def _taps_pair(scope: str):
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4, 16), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4, 0:16], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for t in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vt = T.axis.remap("SR", [i, t])
+                        C[vi] = C[vi] + T.cast(A[vt, vi], "int32") * T.cast(B[vi, vt], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4, 16), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4, 0:16], B[0:16, 0:4])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.Shuffle([A.vload([0, 0], dtype="uint8x64")], _TAPS_TRANSPOSE),
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16",
+            )
+
+    return desc, impl
+
+
+# byte 4*i + t of the shuffled vector = byte 16*t + i of the loaded pixels (channel i of pixel t)
+_TAPS_TRANSPOSE = [16 * (k % 4) + k // 4 for k in range(64)]
 
 
 def _avx2_pair(scope: str):
@@ -128,6 +171,12 @@ def register_vnni_intrinsic(scope: str = "global") -> str:
     ``scope`` is the storage scope of the int32 accumulator buffer the intrinsic may be tensorized onto.
     """
     return _register(VNNI_INTRIN, _vnni_pair, scope)
+
+
+def register_taps_intrinsic(scope: str = "global") -> str:
+    """Register (idempotently) the AVX-512 VNNI depthwise intrinsic (16 channels x 4 taps, see the module
+    docstring); return its name. Its weight operand is laid out ``[16, 4]`` = (channel, tap)."""
+    return _register(TAPS_INTRIN, _taps_pair, scope)
 
 
 def register_avx2_intrinsic(scope: str = "global") -> str:

@@ -122,6 +122,21 @@ def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, ic_block: int = BLOCK,
     return _pack_dense_core(padded, ic_block, isa, int4)
 
 
+def pack_depthwise_taps(w_oihw: np.ndarray) -> np.ndarray:
+    """Depthwise weight (C, 1, KH, KW) int8 -> (ceil(C/16), KH, ceil(KW/4), 16, 4) int8 for
+    :func:`kernels.depthwise_taps_requant`: ``[cb, kh, g, i, t]`` = ``w[cb*16 + i, 0, kh, 4g + t]``, zero for
+    padding channels and for taps beyond KW."""
+    w = np.asarray(w_oihw)
+    if w.ndim != 4 or w.shape[1] != 1:
+        raise ValueError(f"depthwise weight must be (C, 1, KH, KW), got {w.shape}")
+    _check_range(w, False)
+    c, _, kh, kw = w.shape
+    cpad, g = _ceil_to(c, BLOCK), -(-kw // 4)
+    full = np.zeros((cpad, kh, 4 * g), np.int8)
+    full[:c, :, :kw] = w[:, 0]
+    return np.ascontiguousarray(full.reshape(cpad // BLOCK, BLOCK, kh, g, 4).transpose(0, 2, 3, 1, 4))
+
+
 def pack_dense_weight(w_ok: np.ndarray, isa: str = "vnni", int4: bool = False) -> np.ndarray:
     """Pack a (O, K) int8 linear weight: ``(O/16, K/4, 16, 4)`` (vnni), ``(O/16, K/4, 2, 16, 2)`` (avx2) or
     ``(O/16, K/4, 32)`` uint8 (int4). O is zero-padded to a multiple of 16 and K to a multiple of 4."""

@@ -204,6 +204,50 @@ def _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x
     return _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, "conv2d_nchwc_depthwise")
 
 
+def depthwise_taps_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,
+                           *residual: te.Tensor, kernel_width: int, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                           input_zero_point: int = 0, output_zero_point: int = 0, lo: int = 0, hi: int = 255,
+                           residual_zero_point: int = 0) -> te.Tensor:
+    """Depthwise conv on AVX-512 VNNI: per output pixel, kernel row and group of 4 horizontal taps one
+    ``vpdpbusd`` over 16 channels (intrinsic ``vnni_taps`` in :mod:`kernels.intrin`), then requant (+ residual).
+
+    x   uint8 (N, CB, H, W, 16); w int8 (CB, KH, G, 16, 4) from :func:`kernels.pack_depthwise_taps` (tap
+    ``4g + t`` of channel ``cb*16 + i`` at ``[cb, kh, g, i, t]``, zero beyond ``kernel_width``). The 4th tap reads
+    one pixel past the kernel; the padded input gets that column on the right (zero point; weight 0). Horizontal
+    dilation must be 1 (the 4 taps are 4 consecutive pixels).
+    """
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    n, cb, h, wd, c = _shape(x)
+    wcb, kh, g, wc, four = _shape(w)
+    kw = int(kernel_width)
+    if c != BLOCK or wc != BLOCK or four != 4 or wcb != cb or not 4 * (g - 1) < kw <= 4 * g:
+        raise ValueError(f"depthwise tap weight {_shape(w)} (kernel width {kw}) does not match input {_shape(x)}")
+    if dilation[1] != 1:
+        raise ValueError(f"depthwise taps need horizontal dilation 1, got {dilation[1]}")
+    if len(residual) not in (0, 2):
+        raise ValueError("residual must be given as (r, mr)")
+    oh, ow = _out_hw(h, wd, (kh, kw), stride, padding, dilation)
+    (sh_, sw_), dh = stride, dilation[0]
+    z_x = int(input_zero_point)
+    ph, pw = padding
+    width = max(wd + 2 * pw, (ow - 1) * sw_ + 4 * g)             # room for the 4th tap of the last group
+
+    def pad(b, k, i, j, ci):
+        inside = tir.all(i >= ph, i < h + ph, j >= pw, j < wd + pw)
+        return tir.if_then_else(inside, x[b, k, i - ph, j - pw, ci], tir.const(z_x, x.dtype))
+
+    xp = te.compute((n, cb, h + 2 * ph, width, c), pad, name="pad")
+    rkh = te.reduce_axis((0, kh), "rkh")
+    rg = te.reduce_axis((0, g), "rg")
+    rt = te.reduce_axis((0, 4), "rt")
+    acc = te.compute(
+        (n, cb, oh, ow, c),
+        lambda b, o, i, j, ci: te.sum(xp[b, o, i * sh_ + rkh * dh, j * sw_ + rg * 4 + rt, ci].astype("int32")
+                                      * w[o, rkh, rg, ci, rt].astype("int32"), axis=[rkh, rg, rt]), name="acc")
+    return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point,
+                        "depthwise_taps_vnni")
+
+
 def dense_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,
                   *residual: te.Tensor, out_features: int | None = None, input_zero_point: int = 0,
                   output_zero_point: int = 0, lo: int = 0, hi: int = 255, residual_zero_point: int = 0,

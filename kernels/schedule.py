@@ -8,9 +8,13 @@ each) x R rows x P columns (chosen by :func:`choose_conv_tile` from the shape):
       for ow/P:
         acc[Q, R, P, 16] = 0                                             -- int32, "local": LLVM keeps it in zmm regs
         for ic_block, kh, kw, ic/4:
-          [unpack the Q int4 weight vectors into an int8 tile]          -- int4 only
           for q, r, p (unrolled): acc[q, r, p, :] = vpdpbusd(acc[q, r, p, :], bcast(x[4 bytes]), w[q][64 bytes])
         for q, r, p (unrolled), 16 lanes (vectorized): requant epilogue (+ residual), uint8 store
+
+int4 weights (two per byte) are unpacked to int8 once per parallel task, which then covers Q output blocks x a
+chunk of the rows of all images (``unpack_at="task"``: the same inner loop as int8, the unpack costs one pass over
+the packed weights per chunk); ``unpack_at="step"`` unpacks the weight vector inside the reduction instead (Q = 1,
+up to 28 accumulators; a tuning option).
 
 The epilogue is fused: the int32 accumulators never reach memory. Everything else (pools, adds, layout changes) is
 parallelized over the outer loops and vectorized over the 16 channels of a block.
@@ -35,7 +39,7 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.target import codegen
 
-from .intrin import register_avx2_intrinsic, register_vnni_intrinsic
+from .intrin import register_avx2_intrinsic, register_taps_intrinsic, register_vnni_intrinsic
 from .ops import KERNEL_ATTR
 
 OP_PATTERN_OPAQUE = 8
@@ -104,9 +108,11 @@ def conv_tile_candidates(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", t
     :func:`choose_conv_tile` (the tuning space of the conv kernels).
 
     VNNI: tiles of up to 16 zmm accumulators (measured on Zen 4/5: 12-16 accumulators run as fast as 28 and leave
-    registers for the Q weight vectors and the broadcasts; 28 + Q spills), Q <= 4 output blocks (Q = 1 with int4
-    weights: each weight vector is unpacked once per tile step); among those the fewest loads per vpdpbusd
-    ((P*R + Q) / (P*Q*R)), keeping >= 2 parallel iterations per thread when the shape allows it.
+    registers for the Q weight vectors and the broadcasts; 28 + Q spills), Q <= 4 output blocks; among those the
+    fewest loads per vpdpbusd ((P*R + Q) / (P*Q*R)), keeping >= 2 parallel iterations per thread when the shape
+    allows it. ``int4=True``: tiles for int4 weights unpacked inside the reduction (``unpack_at="step"``): Q = 1 and
+    up to 28 accumulators, so that each unpacked weight vector serves many vpdpbusd. (The default int4 schedule
+    unpacks a task's weights once, ``unpack_at="task"``, and uses the int8 tiles.)
     AVX2: 16 ymm registers, an accumulator takes 2 and one weight step 4 (sign-extended pairs) -> P <= 4, Q = 1.
     """
     if isa == "vnni":
@@ -128,12 +134,7 @@ def conv_tile_candidates(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", t
                 scored.append((key, ConvTile(p, q, r)))
     assert scored
     scored.sort(key=lambda kt: kt[0], reverse=True)
-    tiles = [t for _, t in scored]
-    if int4 and isa == "vnni":
-        # the hand choice keeps Q = 1 for int4; tuning may also try tiles over several output blocks (the unpack then
-        # produces Q weight vectors per reduction step)
-        tiles += [t for t in conv_tile_candidates(n, ob, oh, ow, isa, threads, int4=False) if t.Q > 1]
-    return tiles
+    return [t for _, t in scored]
 
 
 def choose_conv_tile(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", threads: int = 2,
@@ -172,9 +173,12 @@ def _schedule_pad(sch: Schedule, block, threads: int) -> None:
 
 
 def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: int = 2,
-                          p_max: int = 8) -> Schedule:
+                          p_max: int = 8, unpack_at: str = "task") -> Schedule:
     """Schedule a PrimFunc made by :func:`kernels.conv2d_nchwc_requant` / :func:`kernels.conv2d_rows_requant`
-    (the dot-product flavour, vnni or avx2, is read from the kernel annotation; ``p_max`` is for depthwise)."""
+    (the dot-product flavour, vnni or avx2, is read from the kernel annotation; ``p_max`` is for depthwise;
+    ``unpack_at`` ("task" or "step") only matters for int4 weights)."""
+    if unpack_at not in ("task", "step"):
+        raise ValueError(f"unpack_at must be 'task' or 'step', got {unpack_at!r}")
     out = sch.get_sblock("out")
     kind = str(sch.get(out).annotations[KERNEL_ATTR])
     if kind.endswith("depthwise"):
@@ -187,19 +191,32 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
     ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
     if tile is None:
-        tile = choose_conv_tile(*ext, isa=layout, threads=threads, int4=unpack is not None)
-    obo, obi = sch.split(ob, [None, tile.Q])
-    oho, ohi = sch.split(oh, [None, tile.R])
-    owo, owi = sch.split(ow, [None, tile.P])
-    sch.reorder(n, obo, oho, owo, ric, rkh, rkw, rcf, ohi, owi, obi, oc, rcs)
-    sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
-    par = sch.fuse(n, obo, oho)
+        tile = choose_conv_tile(*ext, isa=layout, threads=threads, int4=unpack is not None and unpack_at == "step")
+    obo, obi = _split(sch, ob, [None, tile.Q])
+    oho, ohi = _split(sch, oh, [None, tile.R])
+    owo, owi = _split(sch, ow, [None, tile.P])
+    ndim = 7 if layout == "vnni" else 8
+    if unpack is not None and unpack_at == "task":
+        # parallel over (output block group, images chunk, rows chunk): each task unpacks its Q blocks' weights once
+        # and reuses them for every row of every image in its chunk
+        nc, rc = _task_chunks(ext[1] // tile.Q, ext[0], ext[2] // tile.R, threads, ext[0] * ext[2] * ext[3])
+        nco, n = _split(sch, n, [nc, None])
+        rco, oho = _split(sch, oho, [rc, None])
+        sch.reorder(obo, nco, rco, n, oho, owo, ric, rkh, rkw, rcf, ohi, owi, obi, oc, rcs)
+        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+        par = sch.fuse(obo, nco, rco)
+        sch.compute_at(unpack, par, preserve_unit_loops=True)
+        _schedule_unpack(sch, unpack, layout, ndim, unroll_outer=False)
+    else:
+        sch.reorder(n, obo, oho, owo, ric, rkh, rkw, rcf, ohi, owi, obi, oc, rcs)
+        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+        par = sch.fuse(n, obo, oho)
+        if unpack is not None:
+            sch.compute_at(unpack, rcf, preserve_unit_loops=True)
+            _schedule_unpack(sch, unpack, layout, ndim)
     if threads > 1:
         sch.parallel(par)
     sch.set_scope(acc, 0, "local")
-    if unpack is not None:
-        sch.compute_at(unpack, rcf, preserve_unit_loops=True)
-        _schedule_unpack(sch, unpack, layout, 7 if layout == "vnni" else 8)
     init = sch.decompose_reduction(acc, ric)
     iloops = sch.get_loops(init)
     _vectorize_inner(sch, iloops[-4:])
@@ -213,8 +230,33 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     return sch
 
 
-def _schedule_unpack(sch: Schedule, block, layout: str, ndim: int) -> None:
-    """int4 -> int8 tile: unroll the outer block loops, vectorize 32 bytes (one nibble half) at a time."""
+def _split(sch: Schedule, loop, factors: list[int | None]):
+    """``sch.split`` with the factors typed like the loop (Relax gives int64 loops; int32 factors then break
+    tensorize after a fuse)."""
+    ty = str(sch.get(loop).extent.ty)
+    return sch.split(loop, [None if f is None else tvm.tirx.const(int(f), ty) for f in factors])
+
+
+def _task_chunks(groups: int, n: int, row_tiles: int, threads: int, pixels: int) -> tuple[int, int]:
+    """Into how many chunks (images, rows) to cut one output-block group of an int4 conv for its parallel tasks.
+
+    Each task unpacks the group's weights once: per output pixel that costs chunks / pixels unpack steps per
+    vpdpbusd step, so the chunks stay <= pixels / 64 (< 2 % of the work); within that budget aim at 8 tasks per
+    thread (load balance), and never fewer than 2 per thread when the shape allows it.
+    """
+    options = sorted(((nc * rc, nc, rc) for nc in _divisors(n) for rc in _divisors(row_tiles)), reverse=True)
+    budget = max(1, pixels // 64)
+    for want in (8 * threads, 2 * threads):
+        fit = [o for o in options if groups * o[0] >= want and o[0] <= budget]
+        if fit:
+            return fit[-1][1:]
+    enough = [o for o in options if groups * o[0] >= 2 * threads]
+    return (enough[-1] if enough else options[0])[1:]
+
+
+def _schedule_unpack(sch: Schedule, block, layout: str, ndim: int, unroll_outer: bool = True) -> None:
+    """int4 -> int8 weights: vectorize 32 bytes (one nibble half) at a time; unroll the outer block loops when the
+    unpack sits inside the reduction (one register tile step), else leave them as loops (a whole task's weights)."""
     loops = sch.get_loops(block)[-ndim:]
     if layout == "vnni":
         *outer, oci, ics = loops
@@ -225,8 +267,9 @@ def _schedule_unpack(sch: Schedule, block, layout: str, ndim: int) -> None:
         v = sch.fuse(oci, j)
     sch.vectorize(v)
     sch.unroll(hi_)
-    for lp in outer:
-        sch.unroll(lp)
+    if unroll_outer:
+        for lp in outer:
+            sch.unroll(lp)
 
 
 def schedule_depthwise(sch: Schedule, threads: int = 2, p_max: int = 8) -> Schedule:
@@ -248,6 +291,32 @@ def schedule_depthwise(sch: Schedule, threads: int = 2, p_max: int = 8) -> Sched
     sch.unroll(owi)
     init = sch.decompose_reduction(acc, rkh)
     _vectorize_inner(sch, sch.get_loops(init)[-2:])
+    _vectorize_inner(sch, sch.get_loops(out)[-5:])
+    if pad is not None:
+        _schedule_pad(sch, pad, threads)
+    return sch
+
+
+def schedule_depthwise_taps(sch: Schedule, threads: int = 2, p_max: int = 8) -> Schedule:
+    """Depthwise conv with the VNNI tap intrinsic: parallel over (n, channel block, row), a tile of P output columns
+    (P zmm accumulators), per kernel row and tap group one shuffled 64-byte load + vpdpbusd per column."""
+    out = sch.get_sblock("out")
+    acc = sch.get_sblock("acc")
+    pad = _try_block(sch, "pad")
+    n, cb, oh, ow, ci, rkh, rg, rt = sch.get_loops(acc)
+    owx = int(sch.get(ow).extent)
+    p = max(d for d in _divisors(owx) if d <= p_max)
+    owo, owi = _split(sch, ow, [None, p])
+    sch.reorder(n, cb, oh, owo, rkh, rg, owi, ci, rt)
+    sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+    par = sch.fuse(n, cb, oh)
+    if threads > 1:
+        sch.parallel(par)
+    sch.set_scope(acc, 0, "local")
+    init = sch.decompose_reduction(acc, rkh)
+    _vectorize_inner(sch, sch.get_loops(init)[-2:])
+    sch.tensorize(ci, register_taps_intrinsic("local"))
+    sch.unroll(owi)
     _vectorize_inner(sch, sch.get_loops(out)[-5:])
     if pad is not None:
         _schedule_pad(sch, pad, threads)
@@ -343,17 +412,21 @@ def schedule_gap(sch: Schedule, threads: int = 2) -> Schedule:
 
 
 def schedule_elementwise(sch: Schedule, threads: int = 2) -> Schedule:
-    """Elementwise / layout ops: fuse, parallelize the outer part, vectorize the innermost 16-64 elements."""
+    """Elementwise / layout ops: vectors of 16-64 elements inside the trailing dimensions (a vector never crosses a
+    row, so its loads and stores stay contiguous: a 64-wide vector over a fused index that wraps a 224-pixel row
+    becomes a gather and 16 single-byte stores), the outer dimensions fused and parallelized."""
     out = sch.get_sblock("out")
     loops = sch.get_loops(out)
+    extents = [int(sch.get(lp).extent) for lp in loops]
     total = _elems(sch, out)
-    fused = sch.fuse(*loops)
-    inner = 16
-    for cand in (64, 32, 16, 8, 4, 2, 1):
-        if total % cand == 0:
-            inner = cand
-            break
-    outer, vec = sch.split(fused, [None, inner])
+    k, row = len(loops), 1
+    while k > 0 and row < 64:
+        k -= 1
+        row *= extents[k]
+    inner = next(c for c in (64, 32, 16, 8, 4, 2, 1) if row % c == 0)
+    row_loop = sch.fuse(*loops[k:]) if len(loops) - k > 1 else loops[k]
+    chunk, vec = sch.split(row_loop, [None, inner])
+    outer = sch.fuse(*loops[:k], chunk) if k > 0 else chunk
     if threads > 1 and total >= _MIN_PARALLEL_ELEMS:
         sch.parallel(outer)
     if inner > 1:
@@ -399,6 +472,7 @@ _SCHEDULES = {
     "conv2d_nchwc_vnni": schedule_conv2d_nchwc,
     "conv2d_nchwc_avx2": schedule_conv2d_nchwc,
     "conv2d_nchwc_depthwise": schedule_conv2d_nchwc,
+    "depthwise_taps_vnni": schedule_depthwise_taps,
     "dense_vnni": schedule_dense,
     "dense_avx2": schedule_dense,
     "pool_nchwc": schedule_pool,
@@ -463,7 +537,8 @@ def schedule_primfunc(func: tvm.tirx.PrimFunc, target=None, **options) -> tvm.ti
 def tuning_space(func: tvm.tirx.PrimFunc, target=None, limit: int | None = None) -> list[dict]:
     """The schedule options worth measuring for one kernel PrimFunc, the hand schedule's choice first (``{}``).
 
-    Convs: the register tiles of :func:`conv_tile_candidates`; depthwise: the column tile ``p_max``; dense: the output
+    Convs: the register tiles of :func:`conv_tile_candidates` (int4 weights: also unpacked per reduction step with
+    their own tiles); depthwise: the column tile ``p_max``; dense: the output
     blocks per task ``q``. Other kernels (layout changes, pools, element-wise) have one schedule: ``[{}]``.
     """
     kind = kernel_kind(func)
@@ -472,16 +547,19 @@ def tuning_space(func: tvm.tirx.PrimFunc, target=None, limit: int | None = None)
     threads = _num_threads(target)
     sch = Schedule(func)
     space: list[dict] = [{}]
-    if kind.startswith("conv2d") and kind.endswith("depthwise"):
+    if kind.endswith("depthwise") or kind == "depthwise_taps_vnni":
         ow = int(sch.get(sch.get_loops(sch.get_sblock("acc"))[3]).extent)
         default = max(d for d in _divisors(ow) if d <= 8)
         space += [{"p_max": d} for d in sorted(_divisors(ow), key=lambda d: abs(d - default))
                   if d <= 16 and d != default]
     elif kind.startswith("conv2d"):
         n, ob, oh, ow = (int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("acc"))[:4])
-        int4 = _try_block(sch, "w_unpack") is not None
-        tiles = conv_tile_candidates(n, ob, oh, ow, isa=kind.rsplit("_", 1)[1], threads=threads, int4=int4)
+        isa = kind.rsplit("_", 1)[1]
+        tiles = conv_tile_candidates(n, ob, oh, ow, isa=isa, threads=threads)
         space += [{"tile": t} for t in tiles[1:]]
+        if _try_block(sch, "w_unpack") is not None:     # int4: also unpack inside the reduction, with its own tiles
+            step = conv_tile_candidates(n, ob, oh, ow, isa=isa, threads=threads, int4=True)
+            space += [{"unpack_at": "step", "tile": t} for t in step[:3]]
     elif kind.startswith("dense"):
         obx = int(sch.get(sch.get_loops(sch.get_sblock("acc"))[1]).extent)
         space += [{"q": d} for d in _divisors(obx) if d <= 24]

@@ -65,12 +65,13 @@ def build_standalone(fn: Callable[..., te.Tensor], arrays: Sequence[np.ndarray],
     """TE function ``fn(*placeholders, **attrs)`` over inputs shaped like ``arrays`` -> scheduled, compiled kernel.
 
     ``options`` are passed to the schedule (e.g. ``{"tile": ConvTile(7, 2)}``); ``schedule=False`` compiles the
-    unscheduled PrimFunc (naive loops, for comparison).
+    unscheduled PrimFunc (naive loops, for comparison). Indices are int64, as in the PrimFuncs Relax's ``emit_te``
+    makes (so the schedules are tested on what the network build schedules).
     """
     target = target or host_target()
     phs = [te.placeholder(tuple(a.shape), str(a.dtype), name=f"in{i}") for i, a in enumerate(arrays)]
     out = fn(*phs, **attrs)
-    func = te.create_prim_func([*phs, out])
+    func = te.create_prim_func([*phs, out], index_dtype_override="int64")
     if schedule:
         if kernel_kind(func) not in _SCHEDULES:
             raise ValueError(f"no schedule for {fn.__name__}")

@@ -85,6 +85,8 @@ CONV_CASES = {
     "int4_3x3": (1, 32, 12, 12, 32, 3, 1, 1, 1, 1, 16, False, True, {}),
     "int4_3x3_s2_res": (1, 32, 12, 12, 48, 3, 2, 1, 1, 1, 16, True, True, {}),
     "int4_first_3ch": (1, 3, 16, 16, 16, 7, 2, 3, 1, 1, 4, False, True, {}),
+    # int4 weights unpacked once per task of (output blocks, chunk of rows over all images): chunks cross images
+    "int4_3x3_batch3_clamp": (3, 32, 7, 7, 48, 3, 1, 1, 1, 1, 16, False, True, dict(lo=3, hi=250, zo=90)),
 }
 
 
@@ -131,6 +133,53 @@ def test_first_conv_rows_bit_exact(isa, c, h, w, o, k, s, p, int4):
     got = K.nchwc_to_nchw(kern.run(*arrays), o)
     assert len(np.unique(cs["ref"])) > 16
     assert int((got != cs["ref"]).sum()) == 0
+
+
+DEPTHWISE_TAPS_CASES = {
+    # name: (n, c, h, w, k, s, p, dh, residual, extra)
+    "3x3_s1": (1, 32, 10, 10, 3, 1, 1, 1, False, {}),
+    "3x3_s2_odd_res": (1, 48, 11, 13, 3, 2, 1, 1, True, dict(zr=200)),
+    "5x5_batch2_clamp": (2, 24, 9, 9, 5, 1, 2, 1, False, dict(lo=10, hi=200, zo=100)),
+    "7x7_s2_vdilated": (1, 16, 15, 15, 7, 2, 3, 2, False, dict(zx=128)),
+    "3x3_no_pad_1px_right": (1, 16, 6, 5, 3, 1, 0, 1, False, {}),
+}
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this CPU")
+@pytest.mark.parametrize("name", list(DEPTHWISE_TAPS_CASES))
+def test_depthwise_taps_bit_exact(name):
+    """Depthwise convs on the VNNI tap intrinsic (4 horizontal taps x 16 channels per vpdpbusd, vpermb transpose)."""
+    n, c, h, w, k, s, p, dh, res, extra = DEPTHWISE_TAPS_CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    cs = _conv_case(rng, n, c, h, w, c, k, s, p, (dh, 1), c, res, **extra)
+    zx = extra.get("zx", 3)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, zx), K.pack_depthwise_taps(cs["w"]), *params[:3]]
+    if res:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    kern = K.build_standalone(K.depthwise_taps_requant, arrays, HOST, kernel_width=k, stride=s, padding=p,
+                              dilation=(dh, 1), input_zero_point=zx, output_zero_point=extra.get("zo", 5),
+                              lo=extra.get("lo", 0), hi=extra.get("hi", 255), residual_zero_point=extra.get("zr", 7))
+    got = K.nchwc_to_nchw(kern.run(*arrays), c)
+    assert got.shape == cs["ref"].shape
+    assert len(np.unique(cs["ref"])) > 16, "test data too degenerate"
+    assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {cs['ref'].size}"
+    assert kern.count_instructions("vpdpbusd") > 0 and kern.count_instructions("vpermb") > 0
+
+
+def test_depthwise_taps_rejects_bad_input():
+    w = np.ones((16, 1, 3, 3), np.int8)
+    with pytest.raises(ValueError, match=r"\(C, 1, KH, KW\)"):
+        K.pack_depthwise_taps(np.ones((16, 2, 3, 3), np.int8))
+    with pytest.raises(ValueError, match="outside"):
+        K.pack_depthwise_taps(w.astype(np.int16) * 200)
+    x = np.zeros((1, 1, 8, 8, 16), np.uint8)
+    params = K.pack_channel_params(np.zeros(16, np.int32), np.ones(16, np.int32), np.ones(16, np.int32))
+    with pytest.raises(ValueError, match="horizontal dilation"):
+        K.build_standalone(K.depthwise_taps_requant, [x, K.pack_depthwise_taps(w), *params], HOST, kernel_width=3,
+                           dilation=(1, 2))
+    with pytest.raises(ValueError, match="kernel width 5"):
+        K.build_standalone(K.depthwise_taps_requant, [x, K.pack_depthwise_taps(w), *params], HOST, kernel_width=5)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -18,12 +18,12 @@ from test_kernels_x86 import CONV_CASES, HAS_VNNI, ISAS, _conv_case, _target  # 
 
 def _unscheduled(fn, arrays, **attrs):
     phs = [te.placeholder(tuple(a.shape), str(a.dtype), name=f"in{i}") for i, a in enumerate(arrays)]
-    return te.create_prim_func([*phs, fn(*phs, **attrs)])
+    return te.create_prim_func([*phs, fn(*phs, **attrs)], index_dtype_override="int64")   # as Relax emit_te
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", ["3x3_s1", "1x1_s2_downsample", "depthwise_3x3_s1", "int4_3x3_s2_res",
-                                  "3x3_s1_batch2_clamp"])
+                                  "3x3_s1_batch2_clamp", "int4_3x3_batch3_clamp"])
 def test_every_schedule_in_the_tuning_space_is_bit_exact(name, isa):
     n, c, h, w, o, k, s, p, d, g, icb, res, int4, extra = CONV_CASES[name]
     rng = np.random.default_rng(sum(map(ord, name)))
@@ -43,6 +43,21 @@ def test_every_schedule_in_the_tuning_space_is_bit_exact(name, isa):
         kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, _target(isa), options=opt, **attrs)
         got = K.nchwc_to_nchw(kern.run(*arrays), o)
         assert np.array_equal(got, cs["ref"]), f"{name} {opt}: {int((got != cs['ref']).sum())} mismatches"
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="the tap kernel is VNNI-only")
+def test_depthwise_taps_tuning_space_is_bit_exact():
+    rng = np.random.default_rng(7)
+    cs = _conv_case(rng, 1, 32, 12, 12, 32, 3, 2, 1, 1, 32, True)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, 3), K.pack_depthwise_taps(cs["w"]), *params[:3],
+              K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    attrs = dict(kernel_width=3, stride=2, padding=1, input_zero_point=3, output_zero_point=5, residual_zero_point=7)
+    space = K.tuning_space(_unscheduled(K.depthwise_taps_requant, arrays, **attrs), _target("vnni"))
+    assert space[0] == {} and len(space) >= 2, space
+    for opt in space:
+        kern = K.build_standalone(K.depthwise_taps_requant, arrays, _target("vnni"), options=opt, **attrs)
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 32), cs["ref"]), opt
 
 
 def test_conv_space_starts_with_the_hand_choice():

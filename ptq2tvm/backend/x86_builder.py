@@ -90,6 +90,12 @@ class _X86Builder:
         else:
             xb, icb = self.blocked(node.inputs[0]), 16
         depthwise = K.conv_weight_mode(w.shape[0], cin, a["groups"], icb) == "depthwise"
+        if depthwise and self.isa == "vnni" and a["dilation"][1] == 1:
+            # 4 horizontal taps x 16 channels per vpdpbusd (kernels.depthwise_taps_requant)
+            kw.pop("isa")
+            return self.emit(K.depthwise_taps_requant, xb, self.weight(K.pack_depthwise_taps(w)), *consts, *extra,
+                             kernel_width=int(w.shape[3]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
+                             dilation=tuple(a["dilation"]), name=_hint(node), **kw), NCHWC
         wp = self.weight(K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=self.isa,
                                             int4=self.int4(node) and not depthwise))
         out = self.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
