@@ -1,11 +1,13 @@
 """CPU latency: the ptq2tvm .so (W8A8, W4A4 with packed int4 weights) vs PyTorch FP32, ONNX Runtime FP32 and ONNX
 Runtime INT8 (static QDQ, per-channel), ResNet-18 and MobileNetV2 1.0 at 224x224, batch 1 and 8.
 
-    .venv/bin/python benchmarks/latency_cpu.py [--threads 2] [--repeats 50] [--models resnet18 mobilenet_v2]
-        [--tune-trials 16 [--tune-bits 8/8] [--tune-batches 1]]
+    .venv/bin/python benchmarks/latency_cpu.py [--threads 2] [--repeats 20] [--calls-per-turn 5]
+        [--models resnet18 mobilenet_v2] [--tune-trials 16 [--tune-bits 8/8] [--tune-batches 1]]
 
 Every runtime of one (model, batch) group runs in this process on the same input, same threads, interleaved
-round-robin after warm-up; medians and p10/p90. Float in, float out for every runtime (the .so time includes the
+turn by turn with a rotated order after warm-up: per turn a 0.1 s idle gap (other runtimes' spinning workers go to
+sleep), one untimed call, then ``--calls-per-turn`` timed calls back to back (steady-state latency; 1 gives the
+latency right after an idle gap instead); medians and p10/p90 over all timed calls. Float in, float out for every runtime (the .so time includes the
 wrapper's input quantization and output dequantization). Writes benchmarks/results/latency_cpu.json (rows
 {model, input, batch, w_bits, a_bits, runtime, median_ms, p10_ms, p90_ms, threads, vpdpbusd_count}),
 latency_cpu.md, latency_cpu.png and latency_cpu_builds.json (build seconds, weight bytes). Latency does not depend on
@@ -41,14 +43,23 @@ from ptq2tvm.models import create_model  # noqa: E402
 VNNI_LIMIT_MS = {"resnet18": 3.9}   # 1.814 GMAC at 64 MAC/cycle/core, 3.63 GHz, 2 cores
 
 
+def markdown_footer(args: argparse.Namespace) -> str:
+    """The command and the timing protocol, under the markdown table."""
+    return (f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')}). Per turn: 0.1 s idle, "
+            f"one untimed call, {args.calls_per_turn} timed calls back to back; {args.warmup} warm-up and "
+            f"{args.repeats} timed turns per runtime, rotated order. Builds and tuning: latency_cpu_builds.json.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--bits", nargs="+", default=["8/8", "4/4"])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=20, help="timed turns per runtime")
+    p.add_argument("--warmup", type=int, default=3, help="untimed turns first")
+    p.add_argument("--calls-per-turn", type=int, default=5,
+                   help="timed calls back to back per turn (1: the latency right after an idle gap)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--work", default=str(ROOT / "runs" / "latency_cpu"))
     p.add_argument("--tune-trials", type=int, default=0, help="also build tuned .so files (schedules per kernel)")
@@ -100,7 +111,8 @@ def main() -> None:
                           + f", {res.meta['stored_weight_bytes'] / 1e6:.2f} MB weights, {vnni} vpdpbusd", flush=True)
             example = calib[:batch] if batch <= len(calib) else np.resize(calib, (batch, *calib.shape[1:]))
             stats = compare_latency(names, model, example, calib, threads=args.threads, repeats=args.repeats,
-                                    warmup=args.warmup, work_dir=work / f"onnx_{name}_b{batch}", progress=False)
+                                    warmup=args.warmup, work_dir=work / f"onnx_{name}_b{batch}", progress=False,
+                                    calls_per_turn=args.calls_per_turn)
             vnni_of = {f"ptq2tvm_w{b['w_bits']}a{b['a_bits']}" + ("_tuned" if b["schedule"] == "tuned" else ""):
                        b["vpdpbusd_count"] for b in builds if b["model"] == name and b["batch"] == batch}
             for rt, st in stats.items():
@@ -124,7 +136,8 @@ def main() -> None:
     write_json(out / "latency_cpu_builds.json", dict(builds=builds, machine_before=load_before,
                                                       machine_after=machine_load(warn=False),
                                                       command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d")))
-    write_markdown(rows, out / "latency_cpu.md", title="CPU latency (ms), 2 threads, interleaved medians")
+    write_markdown(rows, out / "latency_cpu.md", title=f"CPU latency (ms), {args.threads} threads, interleaved medians",
+                   footer=markdown_footer(args))
     write_chart(rows, out / "latency_cpu.png")
     print_table(rows)
 

@@ -197,14 +197,15 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     owo, owi = _split(sch, ow, [None, tile.P])
     ndim = 7 if layout == "vnni" else 8
     if unpack is not None and unpack_at == "task":
-        # parallel over (output block group, images chunk, rows chunk): each task unpacks its Q blocks' weights once
-        # and reuses them for every row of every image in its chunk
+        # parallel over (images chunk, rows chunk, output block group): each task unpacks its Q blocks' weights once
+        # and reuses them for every row of every image in its chunk; the groups of one chunk run back to back on one
+        # thread (static partition), so the chunk's input stays in cache across them
         nc, rc = _task_chunks(ext[1] // tile.Q, ext[0], ext[2] // tile.R, threads, ext[0] * ext[2] * ext[3])
         nco, n = _split(sch, n, [nc, None])
         rco, oho = _split(sch, oho, [rc, None])
-        sch.reorder(obo, nco, rco, n, oho, owo, ric, rkh, rkw, rcf, ohi, owi, obi, oc, rcs)
+        sch.reorder(nco, rco, obo, n, oho, owo, ric, rkh, rkw, rcf, ohi, owi, obi, oc, rcs)
         sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
-        par = sch.fuse(obo, nco, rco)
+        par = sch.fuse(nco, rco, obo)
         sch.compute_at(unpack, par, preserve_unit_loops=True)
         _schedule_unpack(sch, unpack, layout, ndim, unroll_outer=False)
     else:

@@ -170,7 +170,8 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from .bench.runner import bench_run
 
     return bench_run(args.run, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
-                     ort_int8=not args.no_ort_int8, progress=not args.no_progress, out_dir=args.out_dir)
+                     ort_int8=not args.no_ort_int8, progress=not args.no_progress, out_dir=args.out_dir,
+                     calls_per_turn=args.calls_per_turn)
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -273,8 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="latency of the .so vs PyTorch FP32 and ONNX Runtime FP32/INT8")
     b.add_argument("run", help="run directory (compiled)")
     b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--repeats", type=int, default=50)
-    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--repeats", type=int, default=20, help="timed turns per runtime")
+    b.add_argument("--warmup", type=int, default=3, help="untimed turns first")
+    b.add_argument("--calls-per-turn", type=int, default=5,
+                   help="timed calls back to back per turn (1: latency right after an idle gap)")
     b.add_argument("--no-ort-int8", action="store_true", help="skip the ONNX Runtime INT8 baseline")
     b.add_argument("--out-dir", help="where to write the markdown table and PNG chart (default RUN)")
     _add_json(b)
@@ -305,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bits", nargs="+", default=["8/8", "4/4"], help="W/A settings, e.g. 8/8 4/4 2/4")
     d.add_argument("--calib-size", type=int, default=512)
     d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--repeats", type=int, default=100)
+    d.add_argument("--repeats", type=int, default=30)
     _add_json(d)
     d.set_defaults(func=cmd_demo)
     return p

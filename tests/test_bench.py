@@ -108,6 +108,25 @@ def test_gap_is_not_timed():
     assert max(st.median_ms for st in stats.values()) < 10  # ... and the sleep is not in the samples
 
 
+def test_calls_per_turn_are_back_to_back_samples():
+    calls: list[str] = []
+
+    def make(name: str):
+        def run(x):
+            calls.append(name)
+            return x
+
+        return run
+
+    stats = time_interleaved({"a": make("a"), "b": make("b")}, np.zeros(1), warmup=1, repeats=2, progress=False,
+                             gap_s=0.001, calls_per_turn=3)
+    assert all(st.n == 2 * 3 for st in stats.values())
+    # per turn: one priming call + 3 timed calls of the same runner, turns rotate a/b, b/a, a/b
+    assert "".join(calls) == "aaaa" "bbbb" "bbbb" "aaaa" "aaaa" "bbbb"
+    with pytest.raises(ValueError, match="calls_per_turn"):
+        time_interleaved({"a": make("a")}, np.zeros(1), calls_per_turn=0)
+
+
 def test_timing_stats_percentiles():
     st = TimingStats.from_ns([i * 1_000_000 for i in range(1, 101)])
     assert st.n == 100 and st.min_ms == 1.0 and st.median_ms == 50.5

@@ -121,12 +121,16 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Write :func:`markdown_table` (with an optional ``# title``) atomically."""
+def write_markdown(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None,
+                   footer: str | None = None) -> Path:
+    """Write :func:`markdown_table` (with an optional ``# title`` and a ``footer`` paragraph, e.g. the command that
+    made it) atomically."""
     path = Path(path)
     text = (f"# {title}\n\n" if title else "") + markdown_table(rows)
     text += "\nLatency in ms per batch (median, p10, p90 of interleaved runs in one process on the same input). " \
             "`vs ptq2tvm` = runtime median / ptq2tvm median.\n"
+    if footer:
+        text += f"\n{footer}\n"
     write_text(path, text)
     return path
 

@@ -27,10 +27,11 @@ def machine_load(warn: bool = True) -> dict[str, float]:
 
 def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, example: np.ndarray,
                     calib: np.ndarray, threads: int = 2, repeats: int = 50, warmup: int = 10,
-                    ort_int8: bool = True, work_dir: str | Path = "runs/onnx", progress: bool = True
-                    ) -> dict[str, TimingStats]:
+                    ort_int8: bool = True, work_dir: str | Path = "runs/onnx", progress: bool = True,
+                    calls_per_turn: int = 5) -> dict[str, TimingStats]:
     """Median latencies of each .so (float in, float out: quantize + run + dequantize) and the FP32 baselines on the
-    same ``example`` batch, same thread count, interleaved."""
+    same ``example`` batch, same thread count, interleaved turn by turn (``calls_per_turn`` timed calls back to back
+    per turn; see :func:`time_interleaved`)."""
     set_num_threads(threads)
     machine_load()
     work_dir = Path(work_dir)
@@ -40,11 +41,12 @@ def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, e
     runners["ort_fp32"] = ort_fp32_runner(onnx_path, threads)
     if ort_int8:
         runners["ort_int8"] = ort_int8_runner(onnx_path, calib, threads)
-    return time_interleaved(runners, example, warmup=warmup, repeats=repeats, threads=threads, progress=progress)
+    return time_interleaved(runners, example, warmup=warmup, repeats=repeats, threads=threads, progress=progress,
+                            calls_per_turn=calls_per_turn)
 
 
-def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 50, warmup: int = 10, ort_int8: bool = True,
-              progress: bool = True, out_dir: str | Path | None = None) -> dict[str, Any]:
+def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: int = 3, ort_int8: bool = True,
+              progress: bool = True, out_dir: str | Path | None = None, calls_per_turn: int = 5) -> dict[str, Any]:
     """Benchmark the run's .so at its compiled batch against the baselines; write JSON, markdown and PNG."""
     from ..api import RunDir, load_fp32
     from ..data import calibration_set
@@ -60,7 +62,8 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 50, warmup: 
     if len(example) < cm.batch:
         example = np.resize(example, (cm.batch, *example.shape[1:])).astype(np.float32)
     stats = compare_latency({"ptq2tvm": cm}, fp32, example, calib, threads=threads, repeats=repeats,
-                            warmup=warmup, ort_int8=ort_int8, work_dir=run.path / "onnx", progress=progress)
+                            warmup=warmup, ort_int8=ort_int8, work_dir=run.path / "onnx", progress=progress,
+                            calls_per_turn=calls_per_turn)
     vnni = count_instructions(run.so, ("vpdpbusd",)).get("vpdpbusd")
     model_name = (info.get("model") or {}).get("name", "model")
     rows = [dict(model=model_name, input="x".join(map(str, info["input_shape"])), batch=cm.batch,

@@ -74,7 +74,7 @@ def rotated_order(names: list[str], round_index: int) -> list[str]:
 
 def time_interleaved(runners: Mapping[str, Callable[[np.ndarray], Any]], inputs: np.ndarray, warmup: int = 10,
                      repeats: int = 50, threads: int | None = None, progress: bool = True,
-                     gap_s: float = DEFAULT_GAP_S) -> dict[str, TimingStats]:
+                     gap_s: float = DEFAULT_GAP_S, calls_per_turn: int = 1) -> dict[str, TimingStats]:
     """Time every runner on the same ``inputs``: ``warmup`` untimed then ``repeats`` timed rounds.
 
     Each round calls each runner once; the order is rotated every round so no runner always follows the same
@@ -86,11 +86,17 @@ def time_interleaved(runners: Mapping[str, Callable[[np.ndarray], Any]], inputs:
     back to back. After the gap, one untimed call wakes the runner's own parked workers (OpenMP threads that went
     to sleep during the gap cost PyTorch ~10 ms to wake here), so the timed call starts with its own pool awake and
     every other pool idle. The garbage collector is paused during the timed rounds.
+
+    ``calls_per_turn`` timed calls run back to back in each turn (each one a sample): 1 measures the latency of a
+    call that follows an idle period, more measure steady-state latency (a serving loop), still interleaved with the
+    other runtimes turn by turn. Small networks (~1 ms) are much slower right after an idle gap on this VM (CPU
+    clock and caches wake up): MobileNetV2 took ~2 ms as the first call after 0.1 s idle and ~0.9 ms back to back.
     """
     if not runners:
         raise ValueError("no runners to time")
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if repeats < 1 or warmup < 0 or calls_per_turn < 1:
+        raise ValueError(f"repeats and calls_per_turn must be >= 1 and warmup >= 0, got repeats={repeats}, "
+                         f"calls_per_turn={calls_per_turn}, warmup={warmup}")
     if threads:
         import torch
 
@@ -119,12 +125,13 @@ def time_interleaved(runners: Mapping[str, Callable[[np.ndarray], Any]], inputs:
                 if gap_s > 0:
                     time.sleep(gap_s)
                     fn(inputs)  # prime: wake this runtime's own (parked) worker threads, untimed
-                t0 = clock()
-                out = fn(inputs)
-                t1 = clock()
-                if timed:
-                    samples[name].append(t1 - t0)
-                del out
+                for _ in range(calls_per_turn):
+                    t0 = clock()
+                    out = fn(inputs)
+                    t1 = clock()
+                    if timed:
+                        samples[name].append(t1 - t0)
+                    del out
             if bar is not None:
                 bar.update(1)
     finally:
