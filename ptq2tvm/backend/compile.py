@@ -117,10 +117,10 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
                             progress=progress)
     mod, backend, stored_weight_bytes = build_module(graph, batch, target, schedule, tuner=tuner)
     ex = tvm.compile(mod, target=tvm.target.Target(target))
-    if tuner is not None:
-        _check_exact(ex, graph, batch)
     with atomic_path(so_path, suffix=".tmp.so") as tmp:
         ex.export_library(str(tmp))
+        if tuner is not None:     # the exported file itself (running ``ex`` in place would alter what it exports)
+            _check_exact(tvm.runtime.load_module(str(tmp)), graph, batch)
         seconds = time.perf_counter() - t0
         meta = {
             "format": ARTIFACT_FORMAT,
