@@ -56,16 +56,19 @@ def requant_expr(terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]], shift: tir.
     return r.astype("uint8")
 
 
-def _pad_nchwc(x: te.Tensor, ph: int, pw: int, value: int, name: str = "pad") -> te.Tensor:
-    if ph == 0 and pw == 0:
-        return x
+def _pad_nchwc(x: te.Tensor, ph: int, pw: int, value: int, name: str = "pad", width: int | None = None) -> te.Tensor:
+    """Pad H by ``ph`` and W by ``pw`` on both sides with ``value``; ``width`` (>= W + 2pw) widens the right border
+    further (the depthwise tap kernel reads past the last kernel column)."""
     n, cb, h, w, c = _shape(x)
+    width = w + 2 * pw if width is None else width
+    if ph == 0 and pw == 0 and width == w:
+        return x
 
     def f(b, k, i, j, ci):
         inside = tir.all(i >= ph, i < h + ph, j >= pw, j < w + pw)
         return tir.if_then_else(inside, x[b, k, i - ph, j - pw, ci], tir.const(int(value), x.dtype))
 
-    return te.compute((n, cb, h + 2 * ph, w + 2 * pw, c), f, name=name)
+    return te.compute((n, cb, h + 2 * ph, width, c), f, name=name)
 
 
 def _out_hw(h, w, k, s, p, d):
@@ -228,15 +231,8 @@ def depthwise_taps_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te
         raise ValueError("residual must be given as (r, mr)")
     oh, ow = _out_hw(h, wd, (kh, kw), stride, padding, dilation)
     (sh_, sw_), dh = stride, dilation[0]
-    z_x = int(input_zero_point)
-    ph, pw = padding
-    width = max(wd + 2 * pw, (ow - 1) * sw_ + 4 * g)             # room for the 4th tap of the last group
-
-    def pad(b, k, i, j, ci):
-        inside = tir.all(i >= ph, i < h + ph, j >= pw, j < wd + pw)
-        return tir.if_then_else(inside, x[b, k, i - ph, j - pw, ci], tir.const(z_x, x.dtype))
-
-    xp = te.compute((n, cb, h + 2 * ph, width, c), pad, name="pad")
+    width = max(wd + 2 * padding[1], (ow - 1) * sw_ + 4 * g)     # room for the 4th tap of the last group
+    xp = _pad_nchwc(x, padding[0], padding[1], int(input_zero_point), width=width)
     rkh = te.reduce_axis((0, kh), "rkh")
     rg = te.reduce_axis((0, g), "rg")
     rt = te.reduce_axis((0, 4), "rt")

@@ -274,50 +274,34 @@ def _schedule_unpack(sch: Schedule, block, layout: str, ndim: int, unroll_outer:
 
 
 def schedule_depthwise(sch: Schedule, threads: int = 2, p_max: int = 8) -> Schedule:
-    """Depthwise conv (no dot product): int32 multiply-adds vectorized over the 16 channels of a block."""
+    """Depthwise conv, parallel over (n, channel block, row), a tile of P output columns (P accumulators).
+
+    ``conv2d_nchwc_depthwise``: int32 multiply-adds vectorized over the 16 channels of a block (no dot product).
+    ``depthwise_taps_vnni``: per column, kernel row and group of 4 taps one shuffled 64-byte load + vpdpbusd
+    (:func:`kernels.intrin.register_taps_intrinsic`).
+    """
     out = sch.get_sblock("out")
     acc = sch.get_sblock("acc")
     pad = _try_block(sch, "pad")
-    n, cb, oh, ow, ci, rkh, rkw = sch.get_loops(acc)
-    owx = int(sch.get(ow).extent)
-    p = max(d for d in _divisors(owx) if d <= p_max)
-    owo, owi = sch.split(ow, [None, p])
-    sch.reorder(n, cb, oh, owo, rkh, rkw, owi, ci)
-    sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
-    par = sch.fuse(n, cb, oh)
-    if threads > 1:
-        sch.parallel(par)
-    sch.set_scope(acc, 0, "local")
-    sch.vectorize(ci)
-    sch.unroll(owi)
-    init = sch.decompose_reduction(acc, rkh)
-    _vectorize_inner(sch, sch.get_loops(init)[-2:])
-    _vectorize_inner(sch, sch.get_loops(out)[-5:])
-    if pad is not None:
-        _schedule_pad(sch, pad, threads)
-    return sch
-
-
-def schedule_depthwise_taps(sch: Schedule, threads: int = 2, p_max: int = 8) -> Schedule:
-    """Depthwise conv with the VNNI tap intrinsic: parallel over (n, channel block, row), a tile of P output columns
-    (P zmm accumulators), per kernel row and tap group one shuffled 64-byte load + vpdpbusd per column."""
-    out = sch.get_sblock("out")
-    acc = sch.get_sblock("acc")
-    pad = _try_block(sch, "pad")
-    n, cb, oh, ow, ci, rkh, rg, rt = sch.get_loops(acc)
+    taps = str(sch.get(out).annotations[KERNEL_ATTR]) == "depthwise_taps_vnni"
+    n, cb, oh, ow, ci, rkh, rkw, *tap = sch.get_loops(acc)      # taps: rkw = tap group, tap = [tap in group]
     owx = int(sch.get(ow).extent)
     p = max(d for d in _divisors(owx) if d <= p_max)
     owo, owi = _split(sch, ow, [None, p])
-    sch.reorder(n, cb, oh, owo, rkh, rg, owi, ci, rt)
+    sch.reorder(n, cb, oh, owo, rkh, rkw, owi, ci, *tap)
     sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
     par = sch.fuse(n, cb, oh)
     if threads > 1:
         sch.parallel(par)
     sch.set_scope(acc, 0, "local")
-    init = sch.decompose_reduction(acc, rkh)
-    _vectorize_inner(sch, sch.get_loops(init)[-2:])
-    sch.tensorize(ci, register_taps_intrinsic("local"))
+    if taps:
+        init = sch.decompose_reduction(acc, rkh)
+        sch.tensorize(ci, register_taps_intrinsic("local"))
+    else:
+        sch.vectorize(ci)
+        init = sch.decompose_reduction(acc, rkh)
     sch.unroll(owi)
+    _vectorize_inner(sch, sch.get_loops(init)[-2:])
     _vectorize_inner(sch, sch.get_loops(out)[-5:])
     if pad is not None:
         _schedule_pad(sch, pad, threads)
@@ -473,7 +457,7 @@ _SCHEDULES = {
     "conv2d_nchwc_vnni": schedule_conv2d_nchwc,
     "conv2d_nchwc_avx2": schedule_conv2d_nchwc,
     "conv2d_nchwc_depthwise": schedule_conv2d_nchwc,
-    "depthwise_taps_vnni": schedule_depthwise_taps,
+    "depthwise_taps_vnni": schedule_depthwise,
     "dense_vnni": schedule_dense,
     "dense_avx2": schedule_dense,
     "pool_nchwc": schedule_pool,
