@@ -1,5 +1,5 @@
-"""Exact int8 (and packed-int4-weight) CPU kernels for ptq2tvm: TE computes in a blocked NCHW[16]c layout,
-tensor intrinsics (AVX-512 VNNI vpdpbusd, exact AVX2 vpmaddwd) and hand schedules that need no tuning.
+"""Exact int8 (and packed-int4-weight) kernels for ptq2tvm: TE computes in a blocked NCHW[16]c layout, tensor
+intrinsics (AVX-512 VNNI vpdpbusd, exact AVX2 vpmaddwd; CUDA dp4a) and hand schedules that need no tuning.
 
 Typical use in a Relax build (see :mod:`kernels.schedule` for the loop structure)::
 
@@ -18,8 +18,8 @@ Layouts and packing: :mod:`kernels.layout`. Arithmetic: :mod:`kernels.ops` (and 
 truth).
 """
 
-from .intrin import (AVX2_INTRIN, TAPS_INTRIN, VNNI_INTRIN, patch_tvm_vnni_intrinsic, register_avx2_intrinsic,
-                     register_taps_intrinsic, register_vnni_intrinsic)
+from .intrin import (AVX2_INTRIN, DP4A_INTRIN, TAPS_INTRIN, VNNI_INTRIN, patch_tvm_vnni_intrinsic,
+                     register_avx2_intrinsic, register_dp4a_intrinsic, register_taps_intrinsic, register_vnni_intrinsic)
 from .layout import (BLOCK, FIRST_BLOCK, conv_weight_mode, nchw_to_nchwc, nchw_to_rows, nchwc_to_nchw,
                      pack_channel_params, pack_conv_weight, pack_dense_weight, pack_depthwise_taps, pack_rows_weight,
                      rows_weight, unpack_int4)
@@ -30,12 +30,13 @@ from .ops import nchw_to_rows as te_nchw_to_rows
 from .ops import nchw_to_nchwc as te_nchw_to_nchwc
 from .ops import nchwc_to_nchw as te_nchwc_to_nchw
 from .standalone import StandaloneKernel, build_standalone, host_target
+from .cuda import CudaConvTile, choose_cuda_conv_tile, schedule_conv2d_dp4a, schedule_module_cuda
 from .schedule import (ConvTile, apply_schedule, choose_conv_tile, conv_tile_candidates, finish_scheduled, kernel_kind,
                        schedule_conv2d_nchwc, schedule_module, schedule_primfunc, target_isa, tuning_space)
 
 __all__ = [
-    "AVX2_INTRIN", "TAPS_INTRIN", "VNNI_INTRIN", "patch_tvm_vnni_intrinsic", "register_avx2_intrinsic",
-    "register_taps_intrinsic", "register_vnni_intrinsic",
+    "AVX2_INTRIN", "DP4A_INTRIN", "TAPS_INTRIN", "VNNI_INTRIN", "patch_tvm_vnni_intrinsic", "register_avx2_intrinsic",
+    "register_dp4a_intrinsic", "register_taps_intrinsic", "register_vnni_intrinsic",
     "BLOCK", "FIRST_BLOCK", "conv_weight_mode", "nchw_to_rows", "pack_rows_weight", "rows_weight",
     "conv2d_rows_requant", "rows_layout", "te_nchw_to_rows", "nchw_to_nchwc", "nchwc_to_nchw", "pack_channel_params",
     "pack_conv_weight", "pack_dense_weight", "pack_depthwise_taps", "unpack_int4",
@@ -46,4 +47,5 @@ __all__ = [
     "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind",
     "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc", "target_isa", "tuning_space",
     "StandaloneKernel", "build_standalone", "host_target",
+    "CudaConvTile", "choose_cuda_conv_tile", "schedule_conv2d_dp4a", "schedule_module_cuda",
 ]

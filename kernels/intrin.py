@@ -26,7 +26,16 @@ A is the 4 x 16-byte input block of 4 consecutive pixels in NCHW16c (64 contiguo
 (``vpermb`` with AVX512-VBMI, a constant LLVM shufflevector) transposes it to channel-major [i, t] so that one
 ``vpdpbusd`` adds 4 taps of 16 channels (3 real taps of a 3x3 kernel row + a zero weight).
 
-The accumulator buffer C is declared with scope ``"local"`` (the hand schedules keep the accumulator tile in a
+And one for CUDA (``dp4a``, sm_61+), a single output channel:
+
+    C[0] += int32(A[k]) * int32(B[k])          k in 0..3
+
+one ``__dp4a(uint, int, int)``, i.e. the PTX ``dp4a.u32.s32`` (unsigned activations x signed weights, exact int32
+accumulation; the overload is declared by TVM's CUDA codegen header). A and B are staged in shared memory, C is a
+register. The 4 bytes of A and of B must be 4-byte aligned: they are 4 consecutive channels of one pixel / one
+output channel in the packed layouts, at offsets that are multiples of 4.
+
+The accumulator buffer C of the x86 intrinsics is declared with scope ``"local"`` (the hand schedules keep the accumulator tile in a
 ``local`` buffer that LLVM promotes to registers) or ``"global"`` (for MetaSchedule / other callers).
 """
 
@@ -38,6 +47,7 @@ from tvm.script import tirx as T
 VNNI_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_vnni"
 TAPS_INTRIN = "ptq2tvm_depthwise_16x4taps_u8i8i32_vnni"
 AVX2_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_avx2"
+DP4A_INTRIN = "ptq2tvm_dp4a_u8i8i32"
 _SCOPES = ("global", "local")
 _registered: set[str] = set()
 
@@ -150,6 +160,32 @@ def _avx2_pair(scope: str):
     return desc, impl
 
 
+def _dp4a_pair(scope: str):
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=4, scope="shared"),
+             B: T.Buffer((4,), "int8", offset_factor=4, scope="shared"),
+             C: T.Buffer((1,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vk = T.axis.remap("R", [k])
+                    C[0] = C[0] + T.cast(A[vk], "int32") * T.cast(B[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=4, scope="shared"),
+             B: T.Buffer((4,), "int8", offset_factor=4, scope="shared"),
+             C: T.Buffer((1,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0], A[0:4], B[0:4])
+            T.writes(C[0])
+            C[0] = T.call_pure_extern("__dp4a", A.vload([0], "uint8x4"), B.vload([0], "int8x4"), C[0],
+                                      dtype="int32")
+
+    return desc, impl
+
+
 def _name(base: str, scope: str) -> str:
     return base if scope == "global" else f"{base}_{scope}"
 
@@ -185,6 +221,12 @@ def register_avx2_intrinsic(scope: str = "global") -> str:
     Its weight operand is laid out ``[2, 16, 2]`` (see the module docstring), i.e. packed with ``isa="avx2"``.
     """
     return _register(AVX2_INTRIN, _avx2_pair, scope)
+
+
+def register_dp4a_intrinsic(scope: str = "local") -> str:
+    """Register (idempotently) the CUDA dp4a u8 x s8 dot product of 4 (shared-memory operands, accumulator in
+    ``scope``); return its name."""
+    return _register(DP4A_INTRIN, _dp4a_pair, scope)
 
 
 def patch_tvm_vnni_intrinsic() -> str:

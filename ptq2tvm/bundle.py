@@ -5,6 +5,9 @@
     DIR/lib/libtvm_runtime.so         (+ libtvm_runtime_cuda.so for a CUDA build)
     DIR/run_model.py                  ptq2tvm/bundle_runner.py
     DIR/requirements.txt              numpy, apache-tvm-ffi (pinned to the version that built the .so)
+    DIR/check_input.npy, check_output.npy   (with the integer graph) seeded uint8 inputs and the reference
+                                      executor's outputs: `python run_model.py --check` proves the .so bit-exact on
+                                      the deployment host itself
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .backend.compile import read_sidecar
 from .errors import ArtifactError
+from .ir.graph import IntegerGraph
 
 RUNNER = Path(__file__).with_name("bundle_runner.py")
 
@@ -38,12 +44,17 @@ def tvm_runtime_libs(cuda: bool) -> list[Path]:
     return [lib_dir / n for n in names]
 
 
-def make_bundle(so_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Bundle:
-    """Write the bundle of ``so_path`` into ``out_dir`` (built in a temporary directory, then renamed into place)."""
+def make_bundle(so_path: str | Path, out_dir: str | Path, overwrite: bool = False, graph: IntegerGraph | None = None,
+                check_inputs: int = 8, seed: int = 0) -> Bundle:
+    """Write the bundle of ``so_path`` into ``out_dir`` (built in a temporary directory, then renamed into place).
+    With ``graph`` (the integer graph the .so was compiled from) it also carries ``check_inputs`` seeded inputs and
+    the reference executor's outputs for ``run_model.py --check``."""
     import tvm_ffi
 
     so_path, out_dir = Path(so_path), Path(out_dir)
     meta = read_sidecar(so_path)
+    if graph is not None and graph.digest() != meta["graph_sha256"]:
+        raise ArtifactError(f"{so_path} was not compiled from this integer graph (digest differs)")
     if out_dir.exists() and not overwrite:
         raise ArtifactError(f"bundle directory {out_dir} already exists (pass overwrite=True / --force)")
     cuda = meta["target"].get("kind") == "cuda"
@@ -57,6 +68,13 @@ def make_bundle(so_path: str | Path, out_dir: str | Path, overwrite: bool = Fals
             shutil.copy2(lib, tmp / "lib" / lib.name)
         shutil.copy2(RUNNER, tmp / "run_model.py")
         (tmp / "requirements.txt").write_text(f"numpy\napache-tvm-ffi=={tvm_ffi.__version__}\n")
+        if graph is not None:
+            from .ir.reference import run_reference
+
+            q = np.random.default_rng(seed).integers(0, graph.input.qmax + 1, (check_inputs, *graph.input.shape))
+            q = q.astype(np.uint8)
+            np.save(tmp / "check_input.npy", q)
+            np.save(tmp / "check_output.npy", run_reference(graph, q))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -4,6 +4,7 @@
     pip install -r requirements.txt              # numpy + apache-tvm-ffi (a few MB)
     python run_model.py --input images.npy       # float (N, C, H, W), preprocessed like the training data
     python run_model.py --random 8 --bench 50    # random uint8 inputs; median latency of 50 runs
+    python run_model.py --check                  # bit-exact against the reference outputs shipped in the bundle
 
 The sidecar model.json gives the compiled batch, the target and the input/output scale and zero point.
 """
@@ -11,7 +12,9 @@ The sidecar model.json gives the compiled batch, the target and the input/output
 from __future__ import annotations
 
 import argparse
+import base64
 import ctypes
+import hashlib
 import json
 import os
 import statistics
@@ -26,6 +29,43 @@ import tvm_ffi
 HERE = Path(__file__).resolve().parent
 KDL_CPU, KDL_CUDA = 1, 2
 POOLED_ALLOCATOR = 2
+
+
+CUDA_COMPILE_CALLBACK = "tvm_callback_cuda_compile"
+_cuda_binaries: dict[str, bytes] = {}
+_cuda_callback_registered = False
+
+
+def register_cuda_binaries(meta: dict[str, Any]) -> None:
+    """Make the CUDA kernels compiled at build time (``meta["cuda_binaries"]``) what TVM's CUDA runtime gets when it
+    asks ``tvm_callback_cuda_compile`` to compile a .so's kernel source at load time: no compiler runs on this host.
+    A source this process has no binary for goes to the callback registered before (``tvm``'s NVRTC one, when the
+    ``tvm`` package is imported), else raises."""
+    entries = meta.get("cuda_binaries")
+    if not entries:
+        raise RuntimeError("this CUDA build carries no compiled kernels (built by ptq2tvm < 0.2?): rebuild it with "
+                           "`ptq2tvm compile --target cuda`")
+    for e in entries:
+        data = base64.b64decode(e["data_b64"])
+        if hashlib.sha256(data).hexdigest() != e["sha256"]:
+            raise RuntimeError(f"CUDA binary for source {e['source_sha256'][:12]} is corrupted (checksum differs)")
+        _cuda_binaries[e["source_sha256"]] = data
+    global _cuda_callback_registered
+    if _cuda_callback_registered:
+        return
+    fallback = tvm_ffi.get_global_func(CUDA_COMPILE_CALLBACK, allow_missing=True)
+
+    def compile_from_table(code: str) -> bytes:
+        key = hashlib.sha256(code.encode()).hexdigest()
+        if key in _cuda_binaries:
+            return _cuda_binaries[key]
+        if fallback is not None:
+            return fallback(code)
+        raise RuntimeError(f"no compiled CUDA binary for kernel source {key[:12]} (the .so and its model.json do "
+                           "not belong together, or the .so was not built by ptq2tvm)")
+
+    tvm_ffi.register_global_func(CUDA_COMPILE_CALLBACK, compile_from_table, override=True)
+    _cuda_callback_registered = True
 
 
 class BundleModel:
@@ -44,6 +84,8 @@ class BundleModel:
         self._alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")
         self.dev = tvm_ffi.device("cuda" if self.cuda else "cpu", 0)
+        if self.cuda:
+            register_cuda_binaries(self.meta)
         self.vm = tvm_ffi.load_module(str(so_path))["vm_load_executable"]()
         if self.cuda:   # device list: the GPU, then the CPU host
             self.vm["vm_initialization"](KDL_CUDA, 0, POOLED_ALLOCATOR, KDL_CPU, 0, POOLED_ALLOCATOR)
@@ -99,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--so", default=str(HERE / "model.so"))
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--check", action="store_true", help="run check_input.npy, compare with check_output.npy (the "
+                     "reference executor's integers); exit 1 if any element differs")
     src.add_argument("--input", help="float32 .npy (N, C, H, W), preprocessed like the training data")
     src.add_argument("--input-int", help="uint8 .npy of already quantized inputs")
     src.add_argument("--random", type=int, metavar="N", help="N random uint8 inputs")
@@ -106,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bench", type=int, default=0, metavar="RUNS", help="time RUNS runs of one compiled batch")
     args = p.parse_args(argv)
     model = BundleModel(args.so)
+    if args.check:
+        here = Path(args.so).resolve().parent
+        want = np.load(here / "check_output.npy")
+        got = model.run_int(np.load(here / "check_input.npy"))
+        bad = int((got != want).sum()) if got.shape == want.shape else want.size
+        print(f"check on {'cuda' if model.cuda else 'cpu'}: {'bit-exact' if bad == 0 else 'MISMATCH'} "
+              f"({bad} of {want.size} output elements differ, {len(want)} inputs)")
+        return 0 if bad == 0 else 1
     if args.input:
         x = np.load(args.input).astype(np.float32)
         q = x if model.main_float is not None else model.quantize(x)

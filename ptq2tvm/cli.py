@@ -194,12 +194,17 @@ def cmd_bundle(args: argparse.Namespace) -> dict[str, Any]:
     from .api import RunDir
     from .bundle import make_bundle
 
-    so = Path(args.so) if args.so else RunDir(args.run).so
+    from .ir.graph import IntegerGraph
+
+    run = RunDir(args.run)
+    so = Path(args.so) if args.so else run.so
     out = Path(args.out) if args.out else so.parent / "bundle"
-    b = make_bundle(so, out, overwrite=args.force)
+    graph = IntegerGraph.load(run.qgraph) if run.qgraph.is_file() else None
+    b = make_bundle(so, out, overwrite=args.force, graph=graph)
     print(f"bundle {b.path}: {len(b.files)} files, {b.bytes / 1e6:.1f} MB (no torch, no ptq2tvm, no TVM compiler)\n"
           f"  on the target: pip install -r {b.path / 'requirements.txt'} && "
-          f"python {b.path / 'run_model.py'} --random 1 --bench 20")
+          + (f"python {b.path / 'run_model.py'} --check && " if graph is not None else "")
+          + f"python {b.path / 'run_model.py'} --random 1 --bench 20")
     return dict(bundle=str(b.path), files=b.files, bytes=b.bytes)
 
 

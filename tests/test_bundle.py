@@ -53,6 +53,20 @@ def test_bundle_runs_without_tvm_and_is_bit_exact(tmp_path):
     with pytest.raises(InputShapeError, match="NaN"):
         cm(np.full_like(x, np.nan))
 
+    # with the integer graph: seeded inputs + reference outputs, checked on the host by the runner alone
+    bc = make_bundle(tmp_path / "m.so", tmp_path / "bundle_check", graph=graph)
+    assert {"check_input.npy", "check_output.npy"} <= set(bc.files)
+    r = subprocess.run([sys.executable, "-c", NO_TVM, str(bc.path / "run_model.py"), "--check"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "bit-exact (0 of 80 output elements differ, 8 inputs)" in r.stdout, r.stdout + r.stderr
+    np.save(bc.path / "check_output.npy", np.load(bc.path / "check_output.npy") ^ np.uint8(1))
+    r = subprocess.run([sys.executable, "-c", NO_TVM, str(bc.path / "run_model.py"), "--check"], capture_output=True,
+                       text=True, cwd=tmp_path)
+    assert r.returncode == 1 and "MISMATCH (80 of 80" in r.stdout, r.stdout + r.stderr
+    with pytest.raises(ArtifactError, match="not compiled from this integer graph"):
+        make_bundle(tmp_path / "m.so", tmp_path / "bundle_other", graph=tiny_integer_graph(4, 4))
+    assert not (tmp_path / "bundle_other").exists()
+
     with pytest.raises(ArtifactError, match="already exists"):
         make_bundle(tmp_path / "m.so", tmp_path / "bundle")
     (tmp_path / "m.so").write_bytes(b"not a library")

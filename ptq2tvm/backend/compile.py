@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,7 +38,11 @@ def resolve_target(target: str | dict[str, Any] | None) -> dict[str, Any]:
         return host_target()
     if isinstance(target, str) and target.startswith("cuda"):
         arch = target.split(":", 1)[1] if ":" in target else "sm_80"
-        return {"kind": "cuda", "arch": arch, "host": host_target()}
+        if target.split(":", 1)[0] != "cuda" or not re.fullmatch(r"sm_\d+a?", arch):
+            raise ValueError(f"unknown CUDA target {target!r}: use 'cuda' (sm_80) or 'cuda:sm_XX', e.g. 'cuda:sm_90'")
+        # limits every sm_6x+ GPU has (48 KB static shared memory per block): stated, so that no schedule guesses
+        return {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                "thread_warp_size": 32, "registers_per_block": 65536, "host": host_target()}
     if isinstance(target, dict):
         return target
     raise ValueError(f"unknown target {target!r}: use 'host', 'cuda', 'cuda:sm_90' or a TVM JSON target dict")
@@ -63,7 +68,7 @@ class CompileResult:
     meta: dict[str, Any]
 
 
-SCHEDULES = ("auto", "x86", "plain")
+SCHEDULES = ("auto", "x86", "cuda", "plain")
 
 
 def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedule: str = "auto",
@@ -71,22 +76,29 @@ def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedu
     """The Relax module, the name of the backend that made it, and the bytes of the weights stored in it.
 
     ``auto``: the hand-scheduled x86 kernels (kernels/, VNNI or exact AVX2) when the target is an x86 CPU that has
-    them, else ``plain`` (our NCHW TE definitions through TVM's default lowering; portable, CUDA included).
-    ``tuner`` (a :class:`~ptq2tvm.backend.tune.KernelTuner`) schedules the x86 kernels from tuning records.
+    them, the dp4a kernels (``cuda``) for a CUDA target, else ``plain`` (our NCHW TE definitions through TVM's default
+    lowering; portable). ``tuner`` (a :class:`~ptq2tvm.backend.tune.KernelTuner`) schedules the x86 kernels from
+    tuning records.
     """
-    from .x86_builder import build_x86_module, x86_isa
+    from .blocked_builder import build_cuda_module, build_x86_module, x86_isa
 
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    is_cuda = target.get("kind") == "cuda"
+    if schedule == "cuda" and not is_cuda:
+        raise ValueError(f"schedule 'cuda' needs a CUDA target, got kind {target.get('kind')!r}")
     isa, why = x86_isa(target)
     if schedule == "x86" and isa is None:
         raise ValueError(f"schedule 'x86' needs an x86 target with AVX2 or AVX-512 VNNI: {why}")
+    if tuner is not None and (isa is None or schedule not in ("auto", "x86")):
+        raise ValueError(f"tuning applies to the hand-scheduled x86 kernels, which target {target} does not use "
+                         f"({why or 'schedule ' + repr(schedule)})")
     if schedule in ("auto", "x86") and isa is not None:
         mod, weight_bytes = build_x86_module(graph, batch, target, scheduler=tuner)
         return mod, f"x86-nchw16c-{isa}" + ("-tuned" if tuner is not None else ""), weight_bytes
-    if tuner is not None:
-        raise ValueError(f"tuning applies to the hand-scheduled x86 kernels, which target {target} does not use "
-                         f"({why or 'schedule ' + repr(schedule)})")
+    if schedule in ("auto", "cuda") and is_cuda:
+        mod, weight_bytes = build_cuda_module(graph, batch)
+        return mod, "cuda-nchw16c-dp4a", weight_bytes
     if schedule == "auto" and target.get("kind") == "llvm":
         warnings.warn(f"hand-scheduled x86 kernels unavailable ({why}); using the plain (slow) schedule",
                       stacklevel=3)
@@ -117,6 +129,11 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
                             progress=progress)
     mod, backend, stored_weight_bytes = build_module(graph, batch, target, schedule, tuner=tuner)
     ex = tvm.compile(mod, target=tvm.target.Target(target))
+    cuda_binaries = None
+    if target.get("kind") == "cuda":      # kernels compiled now, not by the runtime at every load (cuda_binary.py)
+        from .cuda_binary import build_cuda_binaries
+
+        cuda_binaries = build_cuda_binaries(ex.mod, str(target.get("arch", "sm_80")))
     with atomic_path(so_path, suffix=".tmp.so") as tmp:
         ex.export_library(str(tmp))
         if tuner is not None:     # the exported file itself (running ``ex`` in place would alter what it exports)
@@ -142,6 +159,9 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
         }
         if tuner is not None:
             meta["tuning"] = tuner.report.to_dict()
+        if cuda_binaries is not None:
+            meta["cuda_dp4a_count"] = sum(b["dp4a_count"] for b in cuda_binaries)
+            meta["cuda_binaries"] = cuda_binaries
     try:
         write_json(sidecar_path(so_path), meta)
     except BaseException:

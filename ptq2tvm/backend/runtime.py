@@ -48,9 +48,13 @@ class CompiledModel:
         self.input: QTensor = _tensor_from_json(self.meta["input"])
         self.output: QTensor = _tensor_from_json(self.meta["output"])
         self.batch: int = int(self.meta["batch"])
+        kind = self.meta["target"].get("kind", "llvm")
         try:
+            if kind == "cuda":
+                from ..bundle_runner import register_cuda_binaries
+
+                register_cuda_binaries(self.meta)
             lib = tvm.runtime.load_module(str(_content_addressed_copy(self.so_path, self.meta["so_sha256"])))
-            kind = self.meta["target"].get("kind", "llvm")
             self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu()
             self._vm = relax.VirtualMachine(lib, self.device)
         except Exception as e:

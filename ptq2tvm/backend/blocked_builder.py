@@ -1,9 +1,11 @@
-"""Relax module for x86 CPUs from the hand-scheduled kernels in ``kernels/`` (AVX-512 VNNI, or exact AVX2).
+"""Relax module from the blocked kernels in ``kernels/``: x86 CPUs (AVX-512 VNNI, or exact AVX2) and CUDA (dp4a).
 
 The network runs in the blocked NCHW16c layout from the first conv to the classifier: the first conv reads the
-uint8 NCHW input through the "rows" layout (1-4 channels) or NCHW4c/16c, every weight is pre-packed in numpy at
+uint8 NCHW input through the "rows" layout (1-4 channels; x86) or NCHW4c/16c, every weight is pre-packed in numpy at
 compile time, and every conv carries its requantize (+ residual add) epilogue. Same integers as
-:mod:`ptq2tvm.ir.reference` (tests check bit-exactness).
+:mod:`ptq2tvm.ir.reference` (tests check bit-exactness). The CUDA build uses the same computes and the VNNI weight
+packing (4 input channels of a dot product are 4 consecutive bytes: one dp4a operand), with the x86-only variants
+(rows layout, depthwise taps) switched off.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ def _hint(node: IntNode) -> str:
     return "k_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
 
 
-class _X86Builder:
-    def __init__(self, graph: IntegerGraph, isa: str):
+class _BlockedBuilder:
+    def __init__(self, graph: IntegerGraph, isa: str, cuda: bool = False):
         self.graph = graph
         self.isa = isa
+        self.cuda = cuda
         self.bb = relax.BlockBuilder()
         self.env: dict[str, tuple[relax.Expr, str]] = {}
         self.weight_bytes = 0
@@ -76,7 +79,7 @@ class _X86Builder:
                   hi=a["hi"], residual_zero_point=a.get("residual_zero_point", 0), isa=self.isa)
         xin, layout = self.env[node.inputs[0]]
         cin = w.shape[1] * a["groups"]
-        if layout == NCHW and a["groups"] == 1 and cin <= 4 and a["dilation"][1] == 1:
+        if not self.cuda and layout == NCHW and a["groups"] == 1 and cin <= 4 and a["dilation"][1] == 1:
             rows = self.emit(K.te_nchw_to_rows, xin, kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
                              padding=tuple(a["padding"]), pad_value=a["input_zero_point"], name="to_rows")
             wp = self.weight(K.pack_rows_weight(w, isa=self.isa, int4=self.int4(node)))
@@ -90,7 +93,7 @@ class _X86Builder:
         else:
             xb, icb = self.blocked(node.inputs[0]), 16
         depthwise = K.conv_weight_mode(w.shape[0], cin, a["groups"], icb) == "depthwise"
-        if depthwise and self.isa == "vnni" and a["dilation"][1] == 1:
+        if depthwise and self.isa == "vnni" and not self.cuda and a["dilation"][1] == 1:
             # 4 horizontal taps x 16 channels per vpdpbusd (kernels.depthwise_taps_requant)
             kw.pop("isa")
             return self.emit(K.depthwise_taps_requant, xb, self.weight(K.pack_depthwise_taps(w)), *consts, *extra,
@@ -209,8 +212,23 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
     isa, why = x86_isa(target)
     if isa is None:
         raise ValueError(f"the x86 kernels do not support target {target}: {why}")
-    builder = _X86Builder(graph, isa)
-    mod = add_float_entry(builder.build(batch), graph, batch)
+    mod, weight_bytes = build_blocked_module(graph, batch, isa)
     if scheduler is None:
-        return K.schedule_module(mod, tvm.target.Target(target)), builder.weight_bytes
-    return scheduler(mod), builder.weight_bytes
+        return K.schedule_module(mod, tvm.target.Target(target)), weight_bytes
+    return scheduler(mod), weight_bytes
+
+
+def build_blocked_module(graph: IntegerGraph, batch: int, isa: str, cuda: bool = False) -> tuple[tvm.IRModule, int]:
+    """The unscheduled blocked Relax module (with the float entry) and the bytes of its packed weights. ``cuda``
+    switches off the x86-only kernels (rows layout, depthwise taps): what the CUDA build schedules."""
+    builder = _BlockedBuilder(graph, isa, cuda=cuda)
+    return add_float_entry(builder.build(batch), graph, batch), builder.weight_bytes
+
+
+def build_cuda_module(graph: IntegerGraph, batch: int) -> tuple[tvm.IRModule, int]:
+    """The Relax module for a CUDA target: convs scheduled for dp4a (:mod:`kernels.cuda`), every other kernel left
+    to TVM's default GPU schedules; and the bytes of its packed weights (int4 layers two values per byte)."""
+    from kernels.cuda import schedule_module_cuda
+
+    mod, weight_bytes = build_blocked_module(graph, batch, "vnni", cuda=True)
+    return schedule_module_cuda(mod), weight_bytes

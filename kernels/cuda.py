@@ -1,0 +1,132 @@
+"""CUDA schedules of the blocked int8 kernels: ``dp4a`` (u8 x s8 -> s32, sm_61+) convolutions.
+
+The convs use the same TE computes and the same packed weights as the x86 VNNI kernels (:mod:`kernels.ops`,
+``isa="vnni"`` packing ``[ob, icb, kh, kw, cf, 16 oc, 4 ic]``): the 4 input channels of one dot product are 4
+consecutive bytes of both the NCHW16c activation and the weight, i.e. one 32-bit ``dp4a.u32.s32`` operand each. So the
+CUDA build is exact by construction of the same compute (tests run it on the CPU), and the schedule only decides loop
+order, thread binding and staging:
+
+    grid:   one block per (image, Q output blocks, R rows, P columns) tile
+    block:  threads (Q*4 channel groups) x R rows x P/W columns; each thread owns 4 channels x W pixels
+    for each 16-channel input block:
+        stage the input window (zero-point padding inlined) and the Q blocks' weights in shared memory
+        for kh, kw, 4-channel group:  acc[4][W] += dp4a(x[4 bytes], w[4 bytes])   (kernels.intrin dp4a)
+    requant (+ residual) epilogue from registers, uint8 store
+
+int4 weights stay packed (two per byte) in global memory and are unpacked while staging them in shared memory.
+Depthwise convs, pools, adds and layout changes are left to TVM's default GPU schedules (dlight), which
+``tvm.compile`` applies to every PrimFunc not marked scheduled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.s_tir import Schedule
+
+from .intrin import register_dp4a_intrinsic
+from .ops import KERNEL_ATTR
+from .schedule import _split, _try_block, finish_scheduled, kernel_kind
+
+CUDA_KINDS = ("conv2d_nchwc_vnni",)
+
+
+@dataclass(frozen=True)
+class CudaConvTile:
+    """Q output blocks x R rows x P columns per thread block; each thread computes 4 channels x W columns."""
+
+    Q: int
+    R: int
+    P: int
+    W: int
+
+    @property
+    def threads(self) -> int:
+        return self.Q * 4 * self.R * (self.P // self.W)
+
+
+def _largest_divisor(v: int, options: tuple[int, ...]) -> int:
+    return next((d for d in options if v % d == 0), 1)
+
+
+def choose_cuda_conv_tile(ob: int, oh: int, ow: int) -> CudaConvTile:
+    """A tile whose factors divide the output (no predicated tails) with 32-256 threads."""
+    q = 2 if ob % 2 == 0 else 1
+    p = _largest_divisor(ow, (8, 7, 4, 2))
+    w = 2 if p % 2 == 0 else 1
+    r = _largest_divisor(oh, (4, 2))
+    return CudaConvTile(q, r, p, w)
+
+
+def _bind_copy(sch: Schedule, block, tile: CudaConvTile, vector: int) -> None:
+    """Spread a shared-memory staging copy over the block's threads (``vector`` bytes per thread and step)."""
+    loops = sch.get_loops(block)[5:]          # below blockIdx.x, threadIdx.z/y/x and the input-block loop
+    fused = sch.fuse(*loops)
+    fused, vec = _split(sch, fused, [None, vector])
+    _, tz, ty, tx = _split(sch, fused, [None, tile.Q * 4, tile.R, tile.P // tile.W])
+    sch.bind(tz, "threadIdx.z")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(vec)
+
+
+def schedule_conv2d_dp4a(sch: Schedule, tile: CudaConvTile | None = None) -> Schedule:
+    """Schedule a :func:`kernels.conv2d_nchwc_requant` PrimFunc (vnni packing, int8 or int4) for CUDA dp4a."""
+    intrin = register_dp4a_intrinsic("local")
+    out = sch.get_sblock("out")
+    kind = str(sch.get(out).annotations[KERNEL_ATTR])
+    if kind not in CUDA_KINDS:
+        raise ValueError(f"no CUDA dp4a schedule for kernel {kind!r} (only {', '.join(CUDA_KINDS)})")
+    acc = sch.get_sblock("acc")
+    pad = _try_block(sch, "pad")
+    unpack = _try_block(sch, "w_unpack")
+    n, ob, oh, ow, oc = sch.get_loops(out)
+    ext = [int(sch.get(lp).extent) for lp in (ob, oh, ow)]
+    tile = tile or choose_cuda_conv_tile(*ext)
+    if ext[0] % tile.Q or ext[1] % tile.R or ext[2] % tile.P or tile.P % tile.W:
+        raise ValueError(f"tile {tile} does not divide the output ({ext[0]} blocks, {ext[1]}x{ext[2]})")
+    obo, obi = _split(sch, ob, [None, tile.Q])
+    oho, ohi = _split(sch, oh, [None, tile.R])
+    owo, owt, owr = _split(sch, ow, [None, tile.P // tile.W, tile.W])
+    oct_, ocr = _split(sch, oc, [None, 4])
+    sch.reorder(n, obo, oho, owo, obi, oct_, ohi, owt, ocr, owr)
+    bx = sch.fuse(n, obo, oho, owo)
+    tz = sch.fuse(obi, oct_)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tz, "threadIdx.z")
+    sch.bind(ohi, "threadIdx.y")
+    sch.bind(owt, "threadIdx.x")
+    sch.set_scope(acc, 0, "local")
+    sch.compute_at(acc, owt, preserve_unit_loops=True)
+    *_, an, aob, aoh, aow, aoc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
+    sch.reorder(ric, rkh, rkw, rcf, an, aob, aoh, aoc, aow, rcs)
+    x_shared = sch.cache_read(acc, 0, "shared")
+    w_shared = sch.cache_read(acc, 1, "shared")
+    sch.compute_at(x_shared, ric)
+    sch.compute_at(w_shared, ric)
+    if pad is not None:
+        sch.compute_inline(pad)
+    if unpack is not None:
+        sch.compute_inline(unpack)
+    _bind_copy(sch, x_shared, tile, 4)
+    _bind_copy(sch, w_shared, tile, 1 if unpack is not None else 4)
+    sch.decompose_reduction(acc, ric)
+    sch.tensorize(rcs, intrin)
+    for lp in (an, aob, aoh, aoc, aow):
+        sch.unroll(lp)
+    return sch
+
+
+def schedule_module_cuda(mod: tvm.IRModule) -> tvm.IRModule:
+    """Return ``mod`` with every dp4a-able conv PrimFunc scheduled (and marked so dlight leaves it alone); the other
+    kernels stay unscheduled for TVM's default GPU schedules."""
+    new = mod.clone()
+    for gv, func in mod.functions.items():
+        if kernel_kind(func) in CUDA_KINDS:
+            new.update_func(gv, finish_scheduled(schedule_conv2d_dp4a(Schedule(func)).mod["main"]))
+    return new
+
+
+__all__ = ["CUDA_KINDS", "CudaConvTile", "choose_cuda_conv_tile", "schedule_conv2d_dp4a",
+           "schedule_module_cuda"]
