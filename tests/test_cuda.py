@@ -19,11 +19,13 @@ pytest.importorskip("tvm")
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
+import cuda_emulator  # noqa: E402
 from conftest import tiny_integer_graph  # noqa: E402
 from ptq2tvm.backend.blocked_builder import build_blocked_module  # noqa: E402
-from ptq2tvm.backend.compile import compile_graph, host_target  # noqa: E402
-from ptq2tvm.backend.cuda_binary import find_nvcc  # noqa: E402
+from ptq2tvm.backend.compile import compile_graph, host_target, resolve_target  # noqa: E402
+from ptq2tvm.backend.cuda_binary import cuda_sources, find_nvcc  # noqa: E402
 from ptq2tvm.bundle import make_bundle, tvm_runtime_libs  # noqa: E402
+from ptq2tvm.errors import ArtifactError  # noqa: E402
 from ptq2tvm.ir.reference import run_reference  # noqa: E402
 
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="no CUDA toolkit (nvcc) on this machine")
@@ -121,3 +123,69 @@ def test_cuda_bundle_loads_with_the_runtime_only(tmp_path):
     assert r.returncode != 0 and "no compiled CUDA binary" in r.stderr, r.stderr[-3000:]
     meta = json.loads((b.path / "model.json").read_text())
     assert meta["cuda_binaries"][0]["arch"] == "sm_80"
+
+
+def test_cuda_build_without_nvcc_fails_cleanly(tmp_path, monkeypatch):
+    """No CUDA toolkit: a clear error naming nvcc, and no half-written artifact."""
+    import ptq2tvm.backend.cuda_binary as cb
+
+    monkeypatch.setattr(cb, "find_nvcc", lambda: None)
+    with pytest.raises(ArtifactError, match="nvcc") as err:
+        compile_graph(tiny_integer_graph(8, 8), tmp_path / "m.so", batch=1, target="cuda")
+    assert "CUDA_HOME" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _dp4a_kernel_source(arrays: list[np.ndarray], **attrs) -> tuple[str, tuple[int, int, int], int]:
+    """The CUDA source of one dp4a-scheduled conv, its grid size and block shape (threadIdx x, y, z)."""
+    import kernels as K
+    from kernels.cuda import choose_cuda_conv_tile, schedule_conv2d_dp4a
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    phs = [te.placeholder(a.shape, str(a.dtype), name=f"in{i}") for i, a in enumerate(arrays)]
+    out = K.conv2d_nchwc_requant(*phs, **attrs)
+    func = te.create_prim_func([*phs, out], index_dtype_override="int64")
+    n, ob, oh, ow, _ = (int(v) for v in out.shape)
+    tile = choose_cuda_conv_tile(ob, oh, ow)
+    func = schedule_conv2d_dp4a(Schedule(func), tile).mod["main"]
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(resolve_target("cuda")))
+    (src,) = cuda_sources(ex.mod)
+    grid = n * (ob // tile.Q) * (oh // tile.R) * (ow // tile.P)
+    return src, (tile.P // tile.W, tile.R, tile.Q * 4), grid
+
+
+DP4A_CASES = ["3x3_s1", "3x3_s2_odd", "3x3_s1_batch2_clamp", "1x1_s2_downsample", "grouped_blocks", "grouped_expanded",
+              "first_3ch_7x7_s2", "dilated_3x3", "residual_3x3", "int4_3x3", "int4_3x3_s2_res", "int4_first_3ch",
+              "3x3_16x16_full_tile"]
+# the largest tile choose_cuda_conv_tile makes (2 output blocks x 4 rows x 8 columns, 128 threads, 2 pixels each)
+EXTRA_CASES = {"3x3_16x16_full_tile": (1, 32, 16, 16, 64, 3, 1, 1, 1, 1, 16, True, False, {})}
+
+
+@pytest.mark.skipif(not cuda_emulator.available(), reason="no g++ to run the CUDA emulation")
+@pytest.mark.parametrize("name", DP4A_CASES)
+def test_dp4a_cuda_kernels_bit_exact_in_emulation(name):
+    """The CUDA C++ of the dp4a conv schedule, run by a CPU emulation of the CUDA thread model (threads, shared
+    memory, barriers; dp4a.u32.s32 by its definition), equals the numpy integer contract bit for bit."""
+    import kernels as K
+    from test_kernels_x86 import CONV_CASES, _conv_case
+
+    n, c, h, w, o, k, s, p, d, g, icb, res, int4, extra = {**CONV_CASES, **EXTRA_CASES}[name]
+    cs = _conv_case(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, k, s, p, d, g, res, int4, **extra)
+    zx = extra.get("zx", 3)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], icb, zx), K.pack_conv_weight(cs["w"], g, ic_block=icb, isa="vnni", int4=int4),
+              *params[:3]]
+    if res:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    src, block, grid = _dp4a_kernel_source(arrays, stride=s, padding=p, dilation=d, groups=g, input_zero_point=zx,
+                                           output_zero_point=extra.get("zo", 5), lo=extra.get("lo", 0),
+                                           hi=extra.get("hi", 255), residual_zero_point=extra.get("zr", 7))
+    assert "__dp4a(" in src
+    if name in EXTRA_CASES:
+        assert block == (4, 4, 8) and grid == 16
+    oh, ow = cs["ref"].shape[2:]
+    out = np.zeros((n, -(-o // 16), oh, ow, 16), np.uint8)
+    cuda_emulator.EmulatedKernel(src)(grid, block, out=out, **{f"in{i}": a for i, a in enumerate(arrays)})
+    got = K.nchwc_to_nchw(out, o)
+    assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {got.size}"
