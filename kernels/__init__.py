@@ -30,7 +30,8 @@ from .ops import nchw_to_rows as te_nchw_to_rows
 from .ops import nchw_to_nchwc as te_nchw_to_nchwc
 from .ops import nchwc_to_nchw as te_nchwc_to_nchw
 from .standalone import StandaloneKernel, build_standalone, host_target
-from .cuda import CudaConvTile, choose_cuda_conv_tile, schedule_conv2d_dp4a, schedule_module_cuda
+from .cuda import (CudaConvTile, choose_cuda_conv_tile, launch_shape, schedule_conv2d_dp4a, schedule_depthwise_cuda,
+                   schedule_module_cuda, schedule_simple_cuda)
 from .schedule import (ConvTile, apply_schedule, choose_conv_tile, conv_tile_candidates, finish_scheduled, kernel_kind,
                        schedule_conv2d_nchwc, schedule_module, schedule_primfunc, target_isa, tuning_space)
 
@@ -47,5 +48,6 @@ __all__ = [
     "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind",
     "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc", "target_isa", "tuning_space",
     "StandaloneKernel", "build_standalone", "host_target",
-    "CudaConvTile", "choose_cuda_conv_tile", "schedule_conv2d_dp4a", "schedule_module_cuda",
+    "CudaConvTile", "choose_cuda_conv_tile", "launch_shape", "schedule_conv2d_dp4a", "schedule_depthwise_cuda",
+    "schedule_module_cuda", "schedule_simple_cuda",
 ]

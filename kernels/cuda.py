@@ -1,10 +1,10 @@
-"""CUDA schedules of the blocked int8 kernels: ``dp4a`` (u8 x s8 -> s32, sm_61+) convolutions.
+"""CUDA schedules for every kernel of a blocked int8 build; convolutions use ``dp4a`` (u8 x s8 -> s32, sm_61+).
 
 The convs use the same TE computes and the same packed weights as the x86 VNNI kernels (:mod:`kernels.ops`,
 ``isa="vnni"`` packing ``[ob, icb, kh, kw, cf, 16 oc, 4 ic]``): the 4 input channels of one dot product are 4
-consecutive bytes of both the NCHW16c activation and the weight, i.e. one 32-bit ``dp4a.u32.s32`` operand each. So the
-CUDA build is exact by construction of the same compute (tests run it on the CPU), and the schedule only decides loop
-order, thread binding and staging:
+consecutive bytes of both the NCHW16c activation and the weight, i.e. one 32-bit ``dp4a.u32.s32`` operand each. The
+computes are the tested x86 ones; the schedules decide loop order, thread binding and staging (the tests run the
+generated CUDA C++ in a CPU emulation of the CUDA thread model, bit-exact):
 
     grid:   one block per (image, Q output blocks, R rows, P columns) tile
     block:  threads (Q*4 channel groups) x R rows x P/W columns; each thread owns 4 channels x W pixels
@@ -14,8 +14,11 @@ order, thread binding and staging:
     requant (+ residual) epilogue from registers, uint8 store
 
 int4 weights stay packed (two per byte) in global memory and are unpacked while staging them in shared memory.
-Depthwise convs, pools, adds and layout changes are left to TVM's default GPU schedules (dlight), which
-``tvm.compile`` applies to every PrimFunc not marked scheduled.
+Depthwise convs: one thread per output element (channel lanes adjacent, so a warp's loads and stores coalesce), the
+KHxKW taps in registers (TVM's default schedule made one thread block per output element there, 9 of its threads
+busy). Every other kernel (pools, adds, the classifier, layout changes, input quantization): one thread per output
+element, element-wise producers inlined, reductions run in the thread (:func:`schedule_simple_cuda`). So every
+kernel of a CUDA build is scheduled here, with launch shapes the tests know, and can be run in emulation.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .intrin import register_dp4a_intrinsic
 from .ops import KERNEL_ATTR
 from .schedule import _split, _try_block, finish_scheduled, kernel_kind
 
-CUDA_KINDS = ("conv2d_nchwc_vnni",)
+THREADS_PER_BLOCK = 256      # the one-thread-per-output kernels (depthwise and the rest)
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,8 @@ def schedule_conv2d_dp4a(sch: Schedule, tile: CudaConvTile | None = None) -> Sch
     intrin = register_dp4a_intrinsic("local")
     out = sch.get_sblock("out")
     kind = str(sch.get(out).annotations[KERNEL_ATTR])
-    if kind not in CUDA_KINDS:
-        raise ValueError(f"no CUDA dp4a schedule for kernel {kind!r} (only {', '.join(CUDA_KINDS)})")
+    if kind != "conv2d_nchwc_vnni":
+        raise ValueError(f"no CUDA dp4a schedule for kernel {kind!r} (only conv2d_nchwc_vnni)")
     acc = sch.get_sblock("acc")
     pad = _try_block(sch, "pad")
     unpack = _try_block(sch, "w_unpack")
@@ -118,15 +121,77 @@ def schedule_conv2d_dp4a(sch: Schedule, tile: CudaConvTile | None = None) -> Sch
     return sch
 
 
+def schedule_depthwise_cuda(sch: Schedule, threads: int = THREADS_PER_BLOCK) -> Schedule:
+    """Schedule a depthwise :func:`kernels.conv2d_nchwc_requant` PrimFunc: one output element per thread."""
+    out = sch.get_sblock("out")
+    if str(sch.get(out).annotations[KERNEL_ATTR]) != "conv2d_nchwc_depthwise":
+        raise ValueError("not a depthwise conv kernel")
+    acc = sch.get_sblock("acc")
+    pad = _try_block(sch, "pad")
+    bx, tx = _split(sch, sch.fuse(*sch.get_loops(out)), [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    sch.set_scope(acc, 0, "local")
+    sch.compute_at(acc, tx, preserve_unit_loops=True)
+    if pad is not None:
+        sch.compute_inline(pad)
+    for lp in sch.get_loops(acc)[2:]:
+        sch.unroll(lp)
+    return sch
+
+
+def schedule_simple_cuda(sch: Schedule, threads: int = THREADS_PER_BLOCK) -> Schedule:
+    """Any PrimFunc with one output block: one thread per output element (``threads`` per block), element-wise
+    producers inlined, reduction producers computed per thread in registers, the output's own reduction (max pool)
+    in the thread."""
+    *producers, out = sch.get_child_blocks(sch.get_sblock("root"))
+    kept = []
+    for b in reversed(producers):
+        try:
+            sch.compute_inline(b)
+        except Exception:  # noqa: BLE001 - a reduction (or a block read twice with a reduction in between)
+            kept.append(b)
+    n_spatial = sum(1 for iv in sch.get(out).iter_vars if int(iv.iter_type) == 0)
+    loops = sch.get_loops(out)
+    bx, tx = _split(sch, sch.fuse(*loops[:n_spatial]), [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    for b in kept:                # consumers first: each producer lands inside the loops of what reads it
+        sch.set_scope(b, 0, "local")
+        sch.compute_at(b, tx, preserve_unit_loops=True)
+    return sch
+
+
+def launch_shape(func: tvm.tirx.PrimFunc) -> tuple[int, tuple[int, int, int]]:
+    """(grid size, (threadIdx x, y, z)) of a PrimFunc scheduled by this module (one kernel, 1-D grid)."""
+    ext = {"blockIdx.x": 1, "threadIdx.x": 1, "threadIdx.y": 1, "threadIdx.z": 1}
+    sch = Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        for lp in sch.get_loops(block):
+            loop = sch.get(lp)
+            if loop.thread_binding is not None:
+                ext[str(loop.thread_binding.thread_tag)] = int(loop.extent)
+    return ext["blockIdx.x"], (ext["threadIdx.x"], ext["threadIdx.y"], ext["threadIdx.z"])
+
+
 def schedule_module_cuda(mod: tvm.IRModule) -> tvm.IRModule:
-    """Return ``mod`` with every dp4a-able conv PrimFunc scheduled (and marked so dlight leaves it alone); the other
-    kernels stay unscheduled for TVM's default GPU schedules."""
+    """Return ``mod`` with every PrimFunc scheduled for CUDA (dp4a convs, depthwise convs, everything else one thread
+    per output) and marked so that dlight leaves it alone."""
     new = mod.clone()
     for gv, func in mod.functions.items():
-        if kernel_kind(func) in CUDA_KINDS:
-            new.update_func(gv, finish_scheduled(schedule_conv2d_dp4a(Schedule(func)).mod["main"]))
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        kind = kernel_kind(func)
+        sch = Schedule(func)
+        if kind == "conv2d_nchwc_vnni":
+            schedule_conv2d_dp4a(sch)
+        elif kind == "conv2d_nchwc_depthwise":
+            schedule_depthwise_cuda(sch)
+        else:
+            schedule_simple_cuda(sch)
+        new.update_func(gv, finish_scheduled(sch.mod["main"]))
     return new
 
 
-__all__ = ["CUDA_KINDS", "CudaConvTile", "choose_cuda_conv_tile", "schedule_conv2d_dp4a",
-           "schedule_module_cuda"]
+__all__ = ["THREADS_PER_BLOCK", "CudaConvTile", "choose_cuda_conv_tile", "launch_shape", "schedule_conv2d_dp4a",
+           "schedule_depthwise_cuda", "schedule_module_cuda", "schedule_simple_cuda"]

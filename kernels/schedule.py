@@ -25,7 +25,7 @@ Use inside a Relax build::
     mod = kernels.schedule_module(mod, target)       # schedules every PrimFunc with a ptq2tvm_kernel block
     ex = tvm.compile(mod, target)                    # default CPU pipeline; scheduled funcs are left alone
 
-Scheduled PrimFuncs get ``tir.is_scheduled = True`` (dlight / MetaSchedule skip them) and ``op_pattern = kOpaque``
+Scheduled PrimFuncs get ``tirx.is_scheduled = True`` (dlight / MetaSchedule skip them) and ``op_pattern = kOpaque``
 so that Relax FuseOps (run by both the default CPU pipeline and ``relax.get_pipeline("zero")``) does not merge
 other ops into them.
 """
@@ -43,6 +43,7 @@ from .intrin import register_avx2_intrinsic, register_taps_intrinsic, register_v
 from .ops import KERNEL_ATTR
 
 OP_PATTERN_OPAQUE = 8
+SCHEDULED_ATTR = "tirx.is_scheduled"     # TVM 0.27's name (dlight skips these); "tir.is_scheduled" is ignored now
 _MIN_PARALLEL_ELEMS = 1 << 14
 
 
@@ -477,7 +478,7 @@ def kernel_kind(func: tvm.tirx.PrimFunc) -> str | None:
     """The ``ptq2tvm_kernel`` annotation of a PrimFunc's output block, or None if it is not one of ours."""
     if not isinstance(func, tvm.tirx.PrimFunc):
         return None
-    if func.attrs is not None and "tir.is_scheduled" in func.attrs and bool(func.attrs["tir.is_scheduled"]):
+    if func.attrs is not None and SCHEDULED_ATTR in func.attrs and bool(func.attrs[SCHEDULED_ATTR]):
         return None
     try:
         sch = Schedule(func)
@@ -505,7 +506,7 @@ def apply_schedule(sch: Schedule, target=None, **options) -> Schedule:
 
 def finish_scheduled(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     """Mark a scheduled kernel so dlight/MetaSchedule skip it and FuseOps leaves it alone (kOpaque)."""
-    return func.with_attr("tir.is_scheduled", True).with_attr("op_pattern", OP_PATTERN_OPAQUE)
+    return func.with_attr(SCHEDULED_ATTR, True).with_attr("op_pattern", OP_PATTERN_OPAQUE)
 
 
 def schedule_primfunc(func: tvm.tirx.PrimFunc, target=None, **options) -> tvm.tirx.PrimFunc:

@@ -1,8 +1,12 @@
 """Run one generated CUDA kernel on the CPU: the CUDA C++ that TVM emits for a scheduled PrimFunc, compiled with g++
 against a small emulation of the CUDA thread model (each thread of a block is a std::thread, ``__shared__`` arrays
 are shared by the block's threads, ``__syncthreads()`` is a barrier, blocks run one after another, ``__dp4a`` is
-the PTX ``dp4a.u32.s32`` definition). It executes exactly the code a GPU would get, so the tests can check the dp4a
-schedules bit for bit on a machine without a GPU. Test helper only: slow, one kernel, no streams or atomics."""
+the PTX ``dp4a.u32.s32`` definition, float ops IEEE like nvcc's defaults). It executes exactly the code a GPU would
+get, so the tests can check the CUDA schedules bit for bit on a machine without a GPU. What it cannot see: timing,
+warp-level behaviour (no shuffles or warp-synchronous code are emitted by kernels/cuda.py), memory-model effects
+beyond __syncthreads, and driver/hardware faults (misaligned multi-byte accesses through cast pointers are counted
+and raise). Test helper only: slow, one kernel,
+no streams or atomics."""
 
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ import numpy as np
 
 PRELUDE = r"""
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cstdint>
+#include <math.h>
 #include <thread>
 #include <vector>
 using std::max; using std::min;
@@ -32,12 +38,18 @@ static inline int __dp4a(unsigned int a, int b, int c) {     // PTX dp4a.u32.s32
     c += (int)((a >> (8 * i)) & 0xFFu) * (int)(int8_t)((unsigned)b >> (8 * i));
   return c;
 }
+static std::atomic<int> emu_misaligned{0};
+template <class T> static inline T* emu_aligned(const void* p) {   // a GPU faults on a misaligned vector access
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(T)) emu_misaligned++;
+  return (T*)p;
+}
 #define __global__
 #define __launch_bounds__(n)
 """
 
 LAUNCHER = r"""
-extern "C" void emu_launch(void** args, int grid, int bx, int by, int bz) {
+extern "C" int emu_launch(void** args, int grid, int bx, int by, int bz) {
+  emu_misaligned = 0;
   for (int b = 0; b < grid; ++b) {
     blockIdx.x = b;
     std::barrier<> bar(bx * by * bz);
@@ -47,6 +59,7 @@ extern "C" void emu_launch(void** args, int grid, int bx, int by, int bz) {
       threads.emplace_back([=] { threadIdx.x = x; threadIdx.y = y; threadIdx.z = z; KERNEL_CALL; });
     for (auto& t : threads) t.join();
   }
+  return emu_misaligned;
 }
 """
 
@@ -92,7 +105,9 @@ class EmulatedKernel:
             if not arr.flags["C_CONTIGUOUS"]:
                 raise ValueError(f"{pname}: array must be C-contiguous")
             ptrs[i] = arr.ctypes.data
-        self._lib.emu_launch(ptrs, int(grid), *(int(v) for v in block))
+        misaligned = self._lib.emu_launch(ptrs, int(grid), *(int(v) for v in block))
+        if misaligned:
+            raise RuntimeError(f"{misaligned} misaligned multi-byte accesses (a GPU would fault)")
 
 
 def _strip_header(source: str) -> str:
@@ -100,4 +115,6 @@ def _strip_header(source: str) -> str:
     start = source.index('extern "C"')
     body = re.sub(r"__shared__\s+(alignas\(\d+\))\s+", r"\1 static ", source[start:])   # one copy per block
     body = body.replace("__shared__", "static")
+    # every multi-byte access through a cast pointer, e.g. *(uint*)(p + i), is checked for alignment
+    body = re.sub(r"\*\((\w+)\*\)\(", r"*emu_aligned<\1>(", body)
     return "#define uint unsigned int\n#define uchar unsigned char\n#define ushort unsigned short\n" + body

@@ -393,7 +393,7 @@ def test_relax_network_schedule_module(isa, tmp_path):
         bb.emit_func_output(out)
     mod = K.schedule_module(bb.get(), target)
     scheduled = [gv.name_hint for gv, f in mod.functions.items()
-                 if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tir.is_scheduled" in f.attrs]
+                 if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs]
     assert len(scheduled) == 7
     ex = tvm.compile(mod, target)
     so = str(tmp_path / "net.so")
