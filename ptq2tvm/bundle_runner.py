@@ -43,8 +43,8 @@ def register_cuda_binaries(meta: dict[str, Any]) -> None:
     ``tvm`` package is imported), else raises."""
     entries = meta.get("cuda_binaries")
     if not entries:
-        raise RuntimeError("this CUDA build carries no compiled kernels (built by ptq2tvm < 0.2?): rebuild it with "
-                           "`ptq2tvm compile --target cuda`")
+        raise RuntimeError("this CUDA build carries no compiled kernels in its model.json (built before ptq2tvm "
+                           "stored them): rebuild it with `ptq2tvm compile --target cuda`")
     for e in entries:
         data = base64.b64decode(e["data_b64"])
         if hashlib.sha256(data).hexdigest() != e["sha256"]:

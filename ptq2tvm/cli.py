@@ -193,7 +193,6 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_bundle(args: argparse.Namespace) -> dict[str, Any]:
     from .api import RunDir
     from .bundle import make_bundle
-
     from .ir.graph import IntegerGraph
 
     run = RunDir(args.run)
