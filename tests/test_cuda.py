@@ -57,6 +57,11 @@ def test_cuda_build_uses_dp4a_and_carries_its_binaries(tmp_path):
         assert b["format"] == "fatbin" and hashlib.sha256(data).hexdigest() == b["sha256"] and len(data) > 10_000
         sizes[bits] = meta["stored_weight_bytes"]
     assert sizes[4] <= 0.6 * sizes[8], sizes       # int4 weights stay packed two per byte on the GPU too
+    from ptq2tvm.backend.runtime import CompiledModel, _cuda_device_present
+
+    if not _cuda_device_present():                 # here: a clear error instead of TVM's loader message
+        with pytest.raises(ArtifactError, match="CUDA build and this machine has no usable CUDA device"):
+            CompiledModel(tmp_path / "w8.so")
     with pytest.raises(ValueError, match="sm_80"):
         compile_graph(tiny_integer_graph(8, 8), tmp_path / "bad.so", target="cuda:80")
     assert not (tmp_path / "bad.so").exists()

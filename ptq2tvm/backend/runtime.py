@@ -35,6 +35,15 @@ def _content_addressed_copy(so_path: Path, sha256: str) -> Path:
     return dst
 
 
+def _cuda_device_present() -> bool:
+    import tvm
+
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - TVM's CUDA runtime cannot load without the driver
+        return False
+
+
 class CompiledModel:
     """A ptq2tvm .so with its sidecar metadata."""
 
@@ -49,6 +58,9 @@ class CompiledModel:
         self.output: QTensor = _tensor_from_json(self.meta["output"])
         self.batch: int = int(self.meta["batch"])
         kind = self.meta["target"].get("kind", "llvm")
+        if kind == "cuda" and not _cuda_device_present():
+            raise ArtifactError(f"{self.so_path} is a CUDA build and this machine has no usable CUDA device (no NVIDIA "
+                                "driver or GPU): run it on a GPU host, e.g. from `ptq2tvm bundle` (runtime only)")
         try:
             if kind == "cuda":
                 from ..bundle_runner import register_cuda_binaries
