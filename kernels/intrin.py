@@ -35,8 +35,9 @@ accumulation; the overload is declared by TVM's CUDA codegen header). A and B ar
 register. The 4 bytes of A and of B must be 4-byte aligned: they are 4 consecutive channels of one pixel / one
 output channel in the packed layouts, at offsets that are multiples of 4.
 
-The accumulator buffer C of the x86 intrinsics is declared with scope ``"local"`` (the hand schedules keep the accumulator tile in a
-``local`` buffer that LLVM promotes to registers) or ``"global"`` (for MetaSchedule / other callers).
+The accumulator buffer C of the x86 intrinsics is declared with scope ``"local"`` (the hand schedules keep the
+accumulator tile in a ``local`` buffer that LLVM promotes to registers) or ``"global"`` (for MetaSchedule / other
+callers).
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ pytest.importorskip("tvm")
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
-import cuda_emulator  # noqa: E402
 from conftest import tiny_integer_graph  # noqa: E402
+from kernels import cuda_emulator  # noqa: E402
 from ptq2tvm.backend.blocked_builder import build_blocked_module  # noqa: E402
 from ptq2tvm.backend.compile import compile_graph, host_target, resolve_target  # noqa: E402
 from ptq2tvm.backend.cuda_binary import cuda_sources, find_nvcc  # noqa: E402
@@ -197,66 +197,14 @@ def test_cuda_conv_kernels_bit_exact_in_emulation(name):
     assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {got.size}"
 
 
-def _call_args(mod: tvm.IRModule, entry: str = "main") -> dict[str, list]:
-    """For each PrimFunc called by the Relax function ``entry``: its call_tir arguments (numpy for constants, the
-    (shape, dtype) of activations)."""
-    calls: dict[str, list] = {}
-    for binding in mod[entry].body.blocks[0].bindings:
-        call = binding.value
-        if isinstance(call, relax.Call) and call.op.name == "relax.call_tir":
-            gv, args = call.args[0], call.args[1]
-            calls[gv.name_hint] = [a.value.numpy() if isinstance(a, tvm.ir.expr.Constant)
-                                   else ([int(v) for v in a.ty.shape.values], str(a.ty.dtype)) for a in args.fields]
-    return calls
-
-
-def emulate_every_kernel(graph, batch: int, seed: int = 0) -> list[str]:
-    """Run every kernel of ``graph``'s CUDA build in the CUDA emulation, on the network's own weights and random
-    activations, against the same PrimFunc compiled unscheduled for this CPU; return the kernel names checked."""
-    from kernels.cuda import launch_shape, schedule_module_cuda
-
-    plain, _ = build_blocked_module(graph, batch, "vnni", cuda=True)
-    scheduled = schedule_module_cuda(plain)
-    calls = {**_call_args(plain, "main"), **_call_args(plain, "main_float")}
-    rng = np.random.default_rng(seed)
-    # the CPU reference at -O0: LLVM 22 at -O3 for AVX2/AVX-512 miscompiles the naive int4 unpack loop of larger
-    # weights (high nibbles wrong; see kernels/README.md), which the hand schedules never produce
-    host = tvm.target.Target({"kind": "llvm", "opt-level": 0})
-    cuda = tvm.target.Target(resolve_target("cuda"))
-    checked = []
-    for gv, func in plain.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        inputs = []
-        for a in calls[gv.name_hint]:
-            if isinstance(a, np.ndarray):
-                inputs.append(a)
-            else:
-                shape, dtype = a
-                inputs.append(rng.standard_normal(shape).astype(dtype) * 3 if dtype == "float32"
-                              else rng.integers(0, 256, shape).astype(dtype))
-        bufs = list(func.params)           # TVM 0.27: buffer-typed Vars (name, shape, dtype)
-        outs = [np.zeros([int(v) for v in b.shape], b.dtype) for b in bufs[len(inputs):]]
-        want = [tvm.runtime.tensor(a) for a in (*inputs, *outs)]
-        func = func.with_attr("global_symbol", "main")
-        tvm.compile(tvm.IRModule({"main": func}), target=host)["main"](*want)
-        gpu_func = scheduled[gv].with_attr("global_symbol", "main")
-        ex = tvm.compile(tvm.IRModule({"main": gpu_func}), target=cuda)
-        (src,) = cuda_sources(ex.mod)
-        grid, block = launch_shape(gpu_func)
-        cuda_emulator.EmulatedKernel(src)(grid, block, **{b.name: a for b, a in zip(bufs, (*inputs, *outs))})
-        for o, w in zip(outs, want[len(inputs):]):
-            assert np.array_equal(o, w.numpy()), f"{gv.name_hint}: {int((o != w.numpy()).sum())} of {o.size} differ"
-        checked.append(gv.name_hint)
-    return checked
-
-
 @pytest.mark.skipif(not cuda_emulator.available(), reason="no g++ to run the CUDA emulation")
 @pytest.mark.parametrize("bits", [8, 4])
 def test_every_kernel_of_a_cuda_build_bit_exact_in_emulation(bits):
     """Every kernel of TinyNet's CUDA build (dp4a, grouped and depthwise convs, pools, the classifier, layout
     changes, input quantization) run in the CUDA emulation on the network's own weights and random activations
     equals the same PrimFunc compiled unscheduled for this CPU."""
+    from ptq2tvm.backend.cuda_emulation import emulate_every_kernel
+
     checked = emulate_every_kernel(tiny_integer_graph(bits, bits), batch=2, seed=bits)
     assert len(checked) == 17 and {"k_stem", "k_ir_conv_3", "k_fc", "k_gap", "quantize_input"} <= set(checked)
 

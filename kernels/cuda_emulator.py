@@ -5,8 +5,8 @@ the PTX ``dp4a.u32.s32`` definition, float ops IEEE like nvcc's defaults). It ex
 get, so the tests can check the CUDA schedules bit for bit on a machine without a GPU. What it cannot see: timing,
 warp-level behaviour (no shuffles or warp-synchronous code are emitted by kernels/cuda.py), memory-model effects
 beyond __syncthreads, and driver/hardware faults (misaligned multi-byte accesses through cast pointers are counted
-and raise). Test helper only: slow, one kernel,
-no streams or atomics."""
+and raise). A development tool (``ptq2tvm.backend.cuda_emulation`` checks whole builds with it): slow, one kernel
+at a time, no streams or atomics, needs g++ (C++20)."""
 
 from __future__ import annotations
 
