@@ -122,6 +122,15 @@ class BundleModel:
             outs.append(self.run_batch(chunk)[:n])
         return np.concatenate(outs)
 
+    def check(self, directory: str | Path) -> tuple[int, int, int]:
+        """Run ``directory``'s check_input.npy and compare with check_output.npy (the reference executor's integers,
+        written by ``ptq2tvm bundle``): -> (output elements that differ, output elements, inputs)."""
+        directory = Path(directory)
+        want = np.load(directory / "check_output.npy")
+        got = self.run_int(np.load(directory / "check_input.npy"))
+        bad = int((got != want).sum()) if got.shape == want.shape else want.size
+        return bad, int(want.size), len(want)
+
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Float -> uint8 like ptq2tvm's QTensor.quantize (float32 division, round half to even, clamp)."""
         inp = self.meta["input"]
@@ -151,12 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model = BundleModel(args.so)
     if args.check:
-        here = Path(args.so).resolve().parent
-        want = np.load(here / "check_output.npy")
-        got = model.run_int(np.load(here / "check_input.npy"))
-        bad = int((got != want).sum()) if got.shape == want.shape else want.size
+        bad, size, n = model.check(Path(args.so).resolve().parent)
         print(f"check on {'cuda' if model.cuda else 'cpu'}: {'bit-exact' if bad == 0 else 'MISMATCH'} "
-              f"({bad} of {want.size} output elements differ, {len(want)} inputs)")
+              f"({bad} of {size} output elements differ, {n} inputs)")
         return 0 if bad == 0 else 1
     if args.input:
         x = np.load(args.input).astype(np.float32)
