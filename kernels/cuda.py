@@ -44,10 +44,6 @@ class CudaConvTile:
     P: int
     W: int
 
-    @property
-    def threads(self) -> int:
-        return self.Q * 4 * self.R * (self.P // self.W)
-
 
 def _largest_divisor(v: int, options: tuple[int, ...]) -> int:
     return next((d for d in options if v % d == 0), 1)
@@ -122,20 +118,12 @@ def schedule_conv2d_dp4a(sch: Schedule, tile: CudaConvTile | None = None) -> Sch
 
 
 def schedule_depthwise_cuda(sch: Schedule, threads: int = THREADS_PER_BLOCK) -> Schedule:
-    """Schedule a depthwise :func:`kernels.conv2d_nchwc_requant` PrimFunc: one output element per thread."""
-    out = sch.get_sblock("out")
-    if str(sch.get(out).annotations[KERNEL_ATTR]) != "conv2d_nchwc_depthwise":
+    """Schedule a depthwise :func:`kernels.conv2d_nchwc_requant` PrimFunc: one output element per thread
+    (:func:`schedule_simple_cuda`), its KHxKW taps unrolled."""
+    if str(sch.get(sch.get_sblock("out")).annotations[KERNEL_ATTR]) != "conv2d_nchwc_depthwise":
         raise ValueError("not a depthwise conv kernel")
-    acc = sch.get_sblock("acc")
-    pad = _try_block(sch, "pad")
-    bx, tx = _split(sch, sch.fuse(*sch.get_loops(out)), [None, threads])
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(tx, "threadIdx.x")
-    sch.set_scope(acc, 0, "local")
-    sch.compute_at(acc, tx, preserve_unit_loops=True)
-    if pad is not None:
-        sch.compute_inline(pad)
-    for lp in sch.get_loops(acc)[2:]:
+    schedule_simple_cuda(sch, threads)
+    for lp in sch.get_loops(sch.get_sblock("acc"))[2:]:      # below blockIdx.x, threadIdx.x
         sch.unroll(lp)
     return sch
 

@@ -22,8 +22,8 @@ from tvm import relax  # noqa: E402
 from conftest import tiny_integer_graph  # noqa: E402
 from kernels import cuda_emulator  # noqa: E402
 from ptq2tvm.backend.blocked_builder import build_blocked_module  # noqa: E402
-from ptq2tvm.backend.compile import compile_graph, host_target, resolve_target  # noqa: E402
-from ptq2tvm.backend.cuda_binary import cuda_sources, find_nvcc  # noqa: E402
+from ptq2tvm.backend.compile import compile_graph, host_target  # noqa: E402
+from ptq2tvm.backend.cuda_binary import find_nvcc  # noqa: E402
 from ptq2tvm.bundle import make_bundle, tvm_runtime_libs  # noqa: E402
 from ptq2tvm.errors import ArtifactError  # noqa: E402
 from ptq2tvm.ir.reference import run_reference  # noqa: E402
@@ -145,7 +145,8 @@ def _cuda_conv_source(arrays: list[np.ndarray], **attrs) -> tuple[str, tuple[int
     """The CUDA source of one conv scheduled by kernels.cuda (dp4a, or depthwise), its block shape (threadIdx x, y,
     z) and grid size."""
     import kernels as K
-    from kernels.cuda import launch_shape, schedule_conv2d_dp4a, schedule_depthwise_cuda
+    from kernels.cuda import schedule_conv2d_dp4a, schedule_depthwise_cuda
+    from ptq2tvm.backend.cuda_emulation import cuda_kernel
     from tvm import te
     from tvm.s_tir import Schedule
 
@@ -153,10 +154,8 @@ def _cuda_conv_source(arrays: list[np.ndarray], **attrs) -> tuple[str, tuple[int
     out = K.conv2d_nchwc_requant(*phs, **attrs)
     sch = Schedule(te.create_prim_func([*phs, out], index_dtype_override="int64"))
     depthwise = len(arrays[1].shape) == 4          # depthwise weight (CB, KH, KW, 16)
-    func = (schedule_depthwise_cuda(sch) if depthwise else schedule_conv2d_dp4a(sch)).mod["main"]
-    ex = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(resolve_target("cuda")))
-    (src,) = cuda_sources(ex.mod)
-    grid, block = launch_shape(func)
+    scheduled = schedule_depthwise_cuda(sch) if depthwise else schedule_conv2d_dp4a(sch)
+    src, grid, block = cuda_kernel(scheduled.mod["main"])
     return src, block, grid
 
 

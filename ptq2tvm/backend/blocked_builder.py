@@ -51,6 +51,7 @@ class _BlockedBuilder:
         """Weights of <= 4 bits are stored two per byte and unpacked inside the kernel (not for depthwise)."""
         return int(node.attrs.get("w_bits", 8)) <= 4 and int(node.arrays["weight"].min(initial=0)) >= -8 \
             and int(node.arrays["weight"].max(initial=0)) <= 7
+
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)
 
@@ -228,7 +229,5 @@ def build_blocked_module(graph: IntegerGraph, batch: int, isa: str, cuda: bool =
 def build_cuda_module(graph: IntegerGraph, batch: int) -> tuple[tvm.IRModule, int]:
     """The Relax module for a CUDA target: convs scheduled for dp4a (:mod:`kernels.cuda`), every other kernel left
     to TVM's default GPU schedules; and the bytes of its packed weights (int4 layers two values per byte)."""
-    from kernels.cuda import schedule_module_cuda
-
     mod, weight_bytes = build_blocked_module(graph, batch, "vnni", cuda=True)
-    return schedule_module_cuda(mod), weight_bytes
+    return K.schedule_module_cuda(mod), weight_bytes

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from .. import __version__
 from ..atomic import atomic_path, write_json
 from ..errors import ArtifactError
 from ..ir.graph import IntegerGraph, _tensor_json
+from .cuda_binary import build_cuda_binaries, is_cuda_arch
 from .relax_builder import FLOAT_ENTRY, add_float_entry, build_relax_module
 
 ARTIFACT_FORMAT = "ptq2tvm-so"
@@ -38,7 +38,7 @@ def resolve_target(target: str | dict[str, Any] | None) -> dict[str, Any]:
         return host_target()
     if isinstance(target, str) and target.startswith("cuda"):
         arch = target.split(":", 1)[1] if ":" in target else "sm_80"
-        if target.split(":", 1)[0] != "cuda" or not re.fullmatch(r"sm_\d+a?", arch):
+        if target.split(":", 1)[0] != "cuda" or not is_cuda_arch(arch):
             raise ValueError(f"unknown CUDA target {target!r}: use 'cuda' (sm_80) or 'cuda:sm_XX', e.g. 'cuda:sm_90'")
         # limits every sm_6x+ GPU has (48 KB static shared memory per block): stated, so that no schedule guesses
         return {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
@@ -131,8 +131,6 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
     ex = tvm.compile(mod, target=tvm.target.Target(target))
     cuda_binaries = None
     if target.get("kind") == "cuda":      # kernels compiled now, not by the runtime at every load (cuda_binary.py)
-        from .cuda_binary import build_cuda_binaries
-
         cuda_binaries = build_cuda_binaries(ex.mod, str(target.get("arch", "sm_80")))
     with atomic_path(so_path, suffix=".tmp.so") as tmp:
         ex.export_library(str(tmp))

@@ -31,6 +31,15 @@ def _call_args(mod: tvm.IRModule, entry: str = "main") -> dict[str, list]:
     return calls
 
 
+def cuda_kernel(func: tvm.tirx.PrimFunc) -> tuple[str, int, tuple[int, int, int]]:
+    """A PrimFunc scheduled by :mod:`kernels.cuda` -> (its CUDA C++ source, grid size, (threadIdx x, y, z))."""
+    func = func.with_attr("global_symbol", "main")
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(resolve_target("cuda")))
+    (src,) = cuda_sources(ex.mod)
+    grid, block = launch_shape(func)
+    return src, grid, block
+
+
 def emulate_every_kernel(graph: IntegerGraph, batch: int, seed: int = 0) -> list[str]:
     """Run every kernel of ``graph``'s CUDA build in the CUDA emulation, on the network's own weights and random
     activations, against the same PrimFunc compiled unscheduled for this CPU; return the kernel names checked.
@@ -42,7 +51,6 @@ def emulate_every_kernel(graph: IntegerGraph, batch: int, seed: int = 0) -> list
     # the CPU reference at -O0: LLVM 22 at -O3 for AVX2/AVX-512 miscompiles the naive int4 unpack loop of larger
     # weights (high nibbles wrong; see kernels/README.md), which the hand schedules never produce
     host = tvm.target.Target({"kind": "llvm", "opt-level": 0})
-    cuda = tvm.target.Target(resolve_target("cuda"))
     checked = []
     for gv, func in plain.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc):
@@ -60,10 +68,7 @@ def emulate_every_kernel(graph: IntegerGraph, batch: int, seed: int = 0) -> list
         want = [tvm.runtime.tensor(a) for a in (*inputs, *outs)]
         func = func.with_attr("global_symbol", "main")
         tvm.compile(tvm.IRModule({"main": func}), target=host)["main"](*want)
-        gpu_func = scheduled[gv].with_attr("global_symbol", "main")
-        ex = tvm.compile(tvm.IRModule({"main": gpu_func}), target=cuda)
-        (src,) = cuda_sources(ex.mod)
-        grid, block = launch_shape(gpu_func)
+        src, grid, block = cuda_kernel(scheduled[gv])
         cuda_emulator.EmulatedKernel(src)(grid, block, **{b.name: a for b, a in zip(bufs, (*inputs, *outs))})
         for o, w in zip(outs, want[len(inputs):]):
             bad = int((o != w.numpy()).sum())
@@ -74,4 +79,4 @@ def emulate_every_kernel(graph: IntegerGraph, batch: int, seed: int = 0) -> list
     return checked
 
 
-__all__ = ["emulate_every_kernel"]
+__all__ = ["cuda_kernel", "emulate_every_kernel"]
