@@ -143,12 +143,26 @@ def _calibration_reader(name: str, calib: np.ndarray, batch: int | None) -> Any:
     return _Reader()
 
 
+def host_has_vnni() -> bool:
+    """True when this x86 host has a u8 x s8 dot-product instruction (AVX-512 VNNI or AVX-VNNI), read from
+    /proc/cpuinfo (False where it cannot be read)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def quantize_onnx_int8(onnx_path: str | Path, calib: np.ndarray, out_path: str | Path | None = None,
-                       per_channel: bool = True, preprocess: bool = True) -> Path:
+                       per_channel: bool = True, preprocess: bool = True, reduce_range: bool | None = None) -> Path:
     """Static QDQ quantization with ORT: QInt8 per-channel weights, QUInt8 activations, MinMax over ``calib``.
 
+    ``reduce_range`` (default: on hosts without VNNI) quantizes weights to 7 bits, as ORT's documentation advises
+    for non-VNNI x86: there its u8 x s8 kernels use the saturating ``vpmaddubsw`` and lose accuracy otherwise.
     Writes ``<stem>.int8.onnx`` next to ``onnx_path`` unless ``out_path`` is given (atomic write).
     """
+    if reduce_range is None:
+        reduce_range = not host_has_vnni()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     onnx_path = Path(onnx_path)
@@ -175,7 +189,7 @@ def quantize_onnx_int8(onnx_path: str | Path, calib: np.ndarray, out_path: str |
         quantize_static(str(src), str(tmp), _calibration_reader(name, calib, batch),
                         quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
     return out_path
 
 
