@@ -1,0 +1,344 @@
+"""Export the integer graph as an ONNX QDQ model: a second, independent executor of the same integers.
+
+Every IR tensor ``t`` (real = s * (q - z), q in [0, 2^b - 1]) becomes the uint8 output of a ``QuantizeLinear`` with
+scale ``s`` and zero point ``z``; every consumer reads it through its own ``DequantizeLinear`` (the QDQ format of the
+ONNX spec, https://onnx.ai/onnx/operators/onnx__QuantizeLinear.html, as ONNX Runtime's quantizer writes it). Per op
+(one exporter function per IR op, registered in :data:`EXPORTERS`):
+
+conv2d / dense
+    ``DQ(q_x) -> Conv|Gemm(DQ(q_w), DQ(bias)) [-> Add(DQ(q_r))] [-> Clip] -> Q(s_out, z_out)``. The weights are the
+    graph's exact int8 integers (per output channel, axis 0; a channel with AdaQTransform xi < 0 already has negated
+    integers in the IR, so every scale is positive). The per-channel weight scale is chosen so that the float
+    requantization multiplier equals the graph's dyadic one: ``s_w,c = m_c * 2^-n_c * s_out / s_x`` (this carries
+    xi: the fold merged |xi_c| into m_c). The bias is int32 at scale ``s_x * s_w,c`` (float32 product, as consumers
+    compute it): the IR bias plus ``z_x * sum(q_w,c)`` (the IR keeps the zero-point correction inside its bias; the
+    QDQ Conv subtracts the zero point itself). A fused residual is a float Add of ``DQ(q_r)`` before the Q.
+add, avgpool2d
+    ``DQ -> Add | AveragePool(count_include_pad=1) | GlobalAveragePool -> [Clip] -> Q``.
+maxpool2d, flatten, clamp
+    ``DQ -> MaxPool | Flatten | Clip -> Q`` with the input's scale and zero point (Q(DQ(q)) == q exactly).
+
+Clamps: ``[lo, hi]`` of the IR become the Q's own saturation when they are the container's range ([0, 255] for
+uint8), otherwise a float ``Clip((lo - z) * s, (hi - z) * s)`` before the Q (exact: Q is monotone and maps the
+bounds to lo and hi). Activations below 8 bits are uint8 containers with that Clip. With ``int4=True`` (opset 21)
+tensors of <= 4 bits use UINT4 zero points and weights of <= 4 bits (that fit [-8, 7]) INT4 initializers; ONNX
+Runtime runs those as float DQ + float Conv (it has no int4 QLinearConv), so the default is 8-bit containers.
+
+The network input is float32 (N, C, H, W), quantized by the first Q; the output ``output`` is the float32
+dequantized network output. The integer codes of IR tensor ``t`` are the ONNX tensor ``q:t``;
+``per_layer_outputs=True`` also exposes them all as uint8 graph outputs ``codes:t``, for layer-by-layer parity (:mod:`ptq2tvm.onnx_parity`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_path
+from .errors import ArtifactError
+from .ir.graph import IntegerGraph, IntNode, QTensor
+
+DEFAULT_OPSET = 17
+INT4_OPSET = 21
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote: path, opset, node counts by op type, the containers used."""
+
+    path: str
+    opset: int
+    int4: bool
+    node_counts: dict[str, int] = field(default_factory=dict)
+    clips: list[str] = field(default_factory=list)            # IR tensors whose clamp is an explicit Clip
+    int4_weights: list[str] = field(default_factory=list)     # layers whose weights are INT4 initializers
+    int8_fallback: list[str] = field(default_factory=list)    # <= 4-bit layers kept int8 (a weight outside [-8, 7])
+    per_layer_outputs: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+class _Builder:
+    """Accumulates ONNX nodes and initializers; knows the quantized ONNX name of every IR tensor."""
+
+    def __init__(self, graph: IntegerGraph, int4: bool, uint8_weights: bool = False, int4_acts: bool = False):
+        from onnx import TensorProto
+
+        self.TP = TensorProto
+        self.graph = graph
+        self.int4 = int4
+        self.uint8_weights = uint8_weights
+        self.int4_acts = int4_acts
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.q_name: dict[str, str] = {}          # IR tensor -> ONNX name of its integer codes (Q output)
+        self.qt: dict[str, QTensor] = {}
+        self._uid = 0
+        self.report_clips: list[str] = []
+        self.int4_weights: list[str] = []
+        self.int8_fallback: list[str] = []
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+    def uid(self, base: str) -> str:
+        self._uid += 1
+        return f"{base}#{self._uid}"
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs: Any) -> None:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
+
+    def const(self, name: str, value: np.ndarray, dtype: int | None = None) -> str:
+        from onnx import helper, numpy_helper
+
+        if dtype is None:
+            self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        else:  # INT4 / UINT4: helper.make_tensor packs two per byte
+            v = np.asarray(value)
+            self.inits.append(helper.make_tensor(name, dtype, list(v.shape), v.astype(np.int64).ravel().tolist()))
+        return name
+
+    def act_type(self, t: QTensor) -> int:
+        return self.TP.UINT4 if self.int4_acts and t.bits <= 4 else self.TP.UINT8
+
+    def act_qmax(self, t: QTensor) -> int:
+        return 15 if self.act_type(t) == self.TP.UINT4 else 255
+
+    def qparams(self, t: QTensor, tag: str) -> tuple[str, str]:
+        """(scale, zero point) initializers of an activation tensor."""
+        s = self.const(self.uid(f"{tag}/scale"), np.array(t.scale, dtype=np.float32))
+        typ = self.act_type(t)
+        if typ == self.TP.UINT8:
+            z = self.const(self.uid(f"{tag}/zero_point"), np.array(t.zero_point, dtype=np.uint8))
+        else:
+            z = self.const(self.uid(f"{tag}/zero_point"), np.array(t.zero_point), typ)
+        return s, z
+
+    def dq(self, ir_name: str, consumer: str) -> str:
+        """A DequantizeLinear of IR tensor ``ir_name`` for one consumer (one DQ per consumer, as QDQ wants)."""
+        t = self.qt[ir_name]
+        s, z = self.qparams(t, f"{consumer}/dq_{ir_name}")
+        out = self.uid(f"{consumer}/dq_{ir_name}")
+        self.node("DequantizeLinear", [self.q_name[ir_name], s, z], [out], name=self.uid(f"{consumer}/DQ"))
+        return out
+
+    def clamp_and_quantize(self, y: str, t: QTensor, lo: int, hi: int, tag: str) -> None:
+        """Float ``y`` -> Clip (unless [lo, hi] is the container's range) -> Q(t): the codes of IR tensor ``t``."""
+        if lo > 0 or hi < self.act_qmax(t):
+            s = np.float64(np.float32(t.scale))
+            cmin = self.const(self.uid(f"{tag}/clip_min"), np.array((lo - t.zero_point) * s, dtype=np.float32))
+            cmax = self.const(self.uid(f"{tag}/clip_max"), np.array((hi - t.zero_point) * s, dtype=np.float32))
+            clipped = self.uid(f"{tag}/clipped")
+            self.node("Clip", [y, cmin, cmax], [clipped], name=self.uid(f"{tag}/Clip"))
+            y = clipped
+            self.report_clips.append(t.name)
+        s, z = self.qparams(t, tag)
+        self.node("QuantizeLinear", [y, s, z], [f"q:{t.name}"], name=self.uid(f"{tag}/Q"))
+        self.q_name[t.name] = f"q:{t.name}"
+        self.qt[t.name] = t
+
+
+Exporter = Callable[[_Builder, IntNode], None]
+
+
+# ---- one exporter per IR op ----------------------------------------------------------------------------------
+def _weights_and_bias(b: _Builder, node: IntNode, tin: QTensor, axis_len: int) -> tuple[str, str]:
+    """DQ'd weight and bias of a conv2d / dense node (see the module docstring for the scales)."""
+    arr, a = node.arrays, node.attrs
+    q_w = arr["weight"].astype(np.int64)
+    mult = arr["multiplier"].astype(np.float64) * np.ldexp(1.0, -arr["shift"].astype(np.int64))
+    w_scale = (mult * node.out.scale / tin.scale).astype(np.float32)
+    if np.any(w_scale <= 0) or not np.all(np.isfinite(w_scale)):
+        raise ArtifactError(f"layer '{node.name}': cannot export a zero or non-finite requantization multiplier "
+                            "as a positive ONNX weight scale")
+    bias = arr["bias"].astype(np.int64) + int(a["input_zero_point"]) * q_w.reshape(len(q_w), -1).sum(axis=1)
+    if bias.max(initial=0) > INT32_MAX or bias.min(initial=0) < INT32_MIN:
+        raise ArtifactError(f"layer '{node.name}': the QDQ bias (IR bias + z_x * sum(q_w)) overflows int32")
+    b_scale = (np.float32(tin.scale) * w_scale).astype(np.float32)
+    w_bits = int(a.get("w_bits", 8))
+    use_int4 = b.int4 and w_bits <= 4
+    if use_int4 and (q_w.min() < -8 or q_w.max() > 7):
+        use_int4 = False  # a negated -8 (AdaQTransform xi < 0) is +8: keep this layer in int8 containers
+        b.int8_fallback.append(node.name)
+    tag = node.name
+    if use_int4:
+        w = b.const(f"{tag}/weight", q_w, b.TP.INT4)
+        wz = b.const(f"{tag}/weight_zero_point", np.zeros(axis_len, dtype=np.int64), b.TP.INT4)
+        b.int4_weights.append(node.name)
+    elif b.uint8_weights:  # the same integers as uint8 codes around zero point 128 (exact for q_w in [-128, 127])
+        w = b.const(f"{tag}/weight", (q_w + 128).astype(np.uint8))
+        wz = b.const(f"{tag}/weight_zero_point", np.full(axis_len, 128, dtype=np.uint8))
+    else:
+        w = b.const(f"{tag}/weight", q_w.astype(np.int8))
+        wz = b.const(f"{tag}/weight_zero_point", np.zeros(axis_len, dtype=np.int8))
+    ws = b.const(f"{tag}/weight_scale", w_scale)
+    w_dq = f"{tag}/weight_dq"
+    b.node("DequantizeLinear", [w, ws, wz], [w_dq], name=f"{tag}/weight/DQ", axis=0)
+    bq = b.const(f"{tag}/bias", bias.astype(np.int32))
+    bs = b.const(f"{tag}/bias_scale", b_scale)
+    bz = b.const(f"{tag}/bias_zero_point", np.zeros(axis_len, dtype=np.int32))
+    b_dq = f"{tag}/bias_dq"
+    b.node("DequantizeLinear", [bq, bs, bz], [b_dq], name=f"{tag}/bias/DQ", axis=0)
+    return w_dq, b_dq
+
+
+def _weighted(b: _Builder, node: IntNode) -> None:
+    a = node.attrs
+    tin = b.qt[node.inputs[0]]
+    o = node.arrays["weight"].shape[0]
+    x = b.dq(node.inputs[0], node.name)
+    w_dq, b_dq = _weights_and_bias(b, node, tin, o)
+    y = f"{node.name}/acc"
+    if node.op == "conv2d":
+        ph, pw = a["padding"]
+        b.node("Conv", [x, w_dq, b_dq], [y], name=f"{node.name}/Conv", strides=list(a["stride"]),
+               pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=int(a["groups"]),
+               kernel_shape=list(node.arrays["weight"].shape[2:]))
+    else:
+        b.node("Gemm", [x, w_dq, b_dq], [y], name=f"{node.name}/Gemm", transB=1)
+    if len(node.inputs) > 1:  # fused residual: one rounding of conv + residual, as the IR
+        r = b.dq(node.inputs[1], node.name)
+        y2 = f"{node.name}/sum"
+        b.node("Add", [y, r], [y2], name=f"{node.name}/Add")
+        y = y2
+    b.clamp_and_quantize(y, node.out, a["lo"], a["hi"], node.name)
+
+
+def _add(b: _Builder, node: IntNode) -> None:
+    xa, xb = b.dq(node.inputs[0], node.name), b.dq(node.inputs[1], node.name)
+    y = f"{node.name}/sum"
+    b.node("Add", [xa, xb], [y], name=f"{node.name}/Add")
+    b.clamp_and_quantize(y, node.out, node.attrs["lo"], node.attrs["hi"], node.name)
+
+
+def _avgpool(b: _Builder, node: IntNode) -> None:
+    a = node.attrs
+    tin = b.qt[node.inputs[0]]
+    x = b.dq(node.inputs[0], node.name)
+    y = f"{node.name}/avg"
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    if (kh, kw) == tuple(tin.shape[1:]) and (ph, pw) == (0, 0):
+        b.node("GlobalAveragePool", [x], [y], name=f"{node.name}/GlobalAveragePool")
+    else:
+        b.node("AveragePool", [x], [y], name=f"{node.name}/AveragePool", kernel_shape=[kh, kw], strides=[sh, sw],
+               pads=[ph, pw, ph, pw], count_include_pad=1)
+    b.clamp_and_quantize(y, node.out, a["lo"], a["hi"], node.name)
+
+
+def _same_grid(op: str, **fixed: Any) -> Exporter:
+    """DQ -> ``op`` -> Q on the input's own grid (maxpool2d, flatten, clamp)."""
+
+    def export(b: _Builder, node: IntNode) -> None:
+        x = b.dq(node.inputs[0], node.name)
+        y = f"{node.name}/{op.lower()}"
+        attrs = dict(fixed)
+        lo, hi = 0, node.out.qmax
+        if op == "MaxPool":
+            a = node.attrs
+            ph, pw = a["padding"]
+            attrs.update(kernel_shape=list(a["kernel"]), strides=list(a["stride"]), pads=[ph, pw, ph, pw],
+                         dilations=list(a["dilation"]))
+        if op == "Identity":  # clamp: the Clip of clamp_and_quantize is the op
+            lo, hi = node.attrs["lo"], node.attrs["hi"]
+        b.node(op, [x], [y], name=f"{node.name}/{op}", **attrs)
+        b.clamp_and_quantize(y, node.out, lo, hi, node.name)
+
+    return export
+
+
+#: IR op -> exporter. A new IR op is one entry here (and a case in the parity tests).
+EXPORTERS: dict[str, Exporter] = {
+    "conv2d": _weighted,
+    "dense": _weighted,
+    "add": _add,
+    "avgpool2d": _avgpool,
+    "maxpool2d": _same_grid("MaxPool"),
+    "flatten": _same_grid("Flatten", axis=1),
+    "clamp": _same_grid("Identity"),
+}
+
+
+def build_onnx(graph: IntegerGraph, int4: bool = False, per_layer_outputs: bool = False,
+               opset: int | None = None, uint8_weights: bool = False, int4_activations: bool = False) -> tuple[Any, ExportReport]:
+    """The ONNX ModelProto of ``graph`` (not written) and its :class:`ExportReport`; see :func:`export_onnx`."""
+    import onnx
+    from onnx import helper
+
+    opset = opset or (INT4_OPSET if int4 else DEFAULT_OPSET)
+    if int4 and opset < INT4_OPSET:
+        raise ArtifactError(f"INT4/UINT4 tensors need ONNX opset >= {INT4_OPSET}, got {opset}")
+    unknown = sorted({n.op for n in graph.nodes if n.op not in EXPORTERS})
+    if unknown:
+        bad = [f"'{n.name}' ({n.op})" for n in graph.nodes if n.op in unknown]
+        raise ArtifactError(f"no ONNX exporter for IR op(s) {', '.join(unknown)}: layers {', '.join(bad[:8])}")
+    b = _Builder(graph, int4, uint8_weights, int4_activations)
+    tin = graph.input
+    # network input: float -> [Clip to the input's range when < 8 bit] -> Q
+    b.clamp_and_quantize(INPUT_NAME, tin, 0, tin.qmax, "input")
+    for node in graph.nodes:
+        EXPORTERS[node.op](b, node)
+    out_t = graph.output
+    s, z = b.qparams(out_t, "output")
+    b.node("DequantizeLinear", [b.q_name[out_t.name], s, z], [OUTPUT_NAME], name="output/DQ")
+
+    f32 = onnx.TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, f32, ["batch", *tin.shape])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, f32, ["batch", *out_t.shape])]
+    if per_layer_outputs:
+        for name in [tin.name] + [n.name for n in graph.nodes]:
+            t = b.qt[name]
+            src = b.q_name[name]
+            if b.act_type(t) != onnx.TensorProto.UINT8:  # uint4 codes: widen for numpy
+                src = b.uid(f"{name}/codes")
+                b.node("Cast", [b.q_name[name]], [src], name=b.uid(f"{name}/Cast"), to=onnx.TensorProto.UINT8)
+            out_name = f"codes:{name}"
+            b.node("Identity", [src], [out_name], name=b.uid(f"{name}/out"))
+            outputs.append(helper.make_tensor_value_info(out_name, onnx.TensorProto.UINT8, ["batch", *t.shape]))
+    g = helper.make_graph(b.nodes, "ptq2tvm_integer_graph", inputs, outputs, initializer=b.inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="ptq2tvm",
+                              producer_version=__version__)
+    model.ir_version = min(model.ir_version, 10)  # readable by ONNX Runtime >= 1.18 and OpenVINO
+    helper.set_model_props(model, {"ptq2tvm_graph_sha256": graph.digest(), "ptq2tvm_input_tensor": tin.name,
+                                   "ptq2tvm_output_tensor": out_t.name,
+                                   "ptq2tvm_int4": str(bool(int4)).lower()})
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ArtifactError(f"the exported ONNX model fails onnx.checker: {e}") from e
+    counts: dict[str, int] = {}
+    for n in b.nodes:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    rep = ExportReport("", opset, bool(int4), counts, b.report_clips, b.int4_weights, b.int8_fallback,
+                       per_layer_outputs)
+    return model, rep
+
+
+def export_onnx(graph: IntegerGraph, path: str | Path, int4: bool = False, per_layer_outputs: bool = False,
+                opset: int | None = None) -> ExportReport:
+    """Write ``graph`` as an ONNX QDQ model to ``path`` (atomic: nothing is written if anything fails).
+
+    ``int4``: opset 21 INT4 weights / UINT4 activations for tensors of <= 4 bits (default: uint8/int8 containers
+    with the exact clamp, opset 17). ``per_layer_outputs``: every IR tensor's uint8 codes become graph outputs
+    ``codes:<tensor>``. The model's input ``input`` is float32 (batch, C, H, W); output ``output`` is float32.
+
+    Raises :class:`ArtifactError` for an IR op without an exporter, an int32 bias overflow, or a model that fails
+    ``onnx.checker`` (full check, with shape inference)."""
+    import onnx
+
+    model, rep = build_onnx(graph, int4=int4, per_layer_outputs=per_layer_outputs, opset=opset)
+    path = Path(path)
+    with atomic_path(path, suffix=".onnx") as tmp:
+        onnx.save(model, str(tmp))
+    rep.path = str(path)
+    return rep
