@@ -88,6 +88,12 @@ class RunDir:
 # ---- models -------------------------------------------------------------------------------------------------
 def build_model(spec: ModelSpec) -> nn.Module:
     """Instantiate the FP32 model of ``spec`` and load its checkpoint (strict)."""
+    if spec.name.lower().endswith(".onnx"):  # an FP32 ONNX file, through onnx2torch (ptq2tvm/onnx_import.py)
+        from .onnx_import import onnx_to_torch
+
+        if spec.checkpoint:
+            raise ArtifactError(f"--checkpoint does not apply to an ONNX model ({spec.name} holds its weights)")
+        return onnx_to_torch(spec.name)
     if ":" in spec.name and spec.name.split(":")[0].endswith(".py"):
         file, attr = spec.name.rsplit(":", 1)
         if not Path(file).is_file():

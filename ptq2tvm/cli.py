@@ -36,7 +36,9 @@ def _resolve_model(args: argparse.Namespace):
 
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     spec = ModelSpec(args.model, kwargs, args.checkpoint)
-    if args.checkpoint is None and _is_builtin_data(args.data) and ":" not in args.model:
+    if args.model.lower().endswith(".onnx"):
+        spec.name = str(Path(args.model).resolve())
+    elif args.checkpoint is None and _is_builtin_data(args.data) and ":" not in args.model:
         from .train import train_builtin
 
         model, info = train_builtin(args.model, dataset=args.data, progress=not args.no_progress)
@@ -134,6 +136,11 @@ def cmd_parity(args: argparse.Namespace) -> dict[str, Any]:
 
     run = RunDir(args.run)
     info = run.info()
+    if args.onnx:  # ONNX Runtime on the QDQ export instead of the .so (ptq2tvm/onnx_cli.py)
+        from .onnx_cli import cmd_parity_onnx
+
+        ds = _eval_data(args, info)
+        return cmd_parity_onnx(args, ds.images, ds.labels)
     graph = IntegerGraph.load(run.qgraph)
     compiled = CompiledModel(args.so or run.so)
     qm = QuantModel.load(run.fakequant)
@@ -213,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model post-training into a run directory")
-    q.add_argument("--model", default=DEFAULT_MODEL, help="zoo name (see ptq2tvm.models.list_models()) or "
-                   "path/to/file.py:factory")
+    q.add_argument("--model", default=DEFAULT_MODEL, help="zoo name (see ptq2tvm.models.list_models()), "
+                   "path/to/file.py:factory or an FP32 model.onnx")
     q.add_argument("--model-kwargs", help="JSON kwargs for the model constructor, e.g. '{\"width_mult\": 0.5}'")
     q.add_argument("--checkpoint", help="state_dict to load (strict); default for built-in data: train and cache")
     q.add_argument("--data", default=DEFAULT_DATA, help="calibration data: fashion-mnist, digits, an image folder "
@@ -272,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "parity":
             e.add_argument("--per-layer-inputs", type=int, default=256, help="inputs for the per-layer comparison "
                            "(0 = skip)")
+            from .onnx_cli import add_parity_args
+
+            add_parity_args(e)
         _add_json(e)
         e.set_defaults(func=fn)
 
@@ -295,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     _add_json(d)
     d.set_defaults(func=cmd_bundle)
+
+    from .onnx_cli import register_export
+
+    register_export(sub, _add_json)
 
     t = sub.add_parser("train", help="train (or load from cache) a small zoo model on a built-in dataset")
     t.add_argument("--model", default=DEFAULT_MODEL)

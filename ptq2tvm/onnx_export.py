@@ -56,7 +56,9 @@ class ExportReport:
 
     path: str
     opset: int
+    weights: str                                              # int8 (zero point 0) | uint8 (zero point 128)
     int4: bool
+    int4_activations: bool
     node_counts: dict[str, int] = field(default_factory=dict)
     clips: list[str] = field(default_factory=list)            # IR tensors whose clamp is an explicit Clip
     int4_weights: list[str] = field(default_factory=list)     # layers whose weights are INT4 initializers
@@ -269,12 +271,18 @@ EXPORTERS: dict[str, Exporter] = {
 }
 
 
-def build_onnx(graph: IntegerGraph, int4: bool = False, per_layer_outputs: bool = False,
-               opset: int | None = None, uint8_weights: bool = False, int4_activations: bool = False) -> tuple[Any, ExportReport]:
+WEIGHT_CONTAINERS = ("int8", "uint8")
+
+
+def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False, int4_activations: bool = False,
+               per_layer_outputs: bool = False, opset: int | None = None) -> tuple[Any, ExportReport]:
     """The ONNX ModelProto of ``graph`` (not written) and its :class:`ExportReport`; see :func:`export_onnx`."""
     import onnx
     from onnx import helper
 
+    if weights not in WEIGHT_CONTAINERS:
+        raise ArtifactError(f"ONNX weight container must be one of {WEIGHT_CONTAINERS}, got {weights!r}")
+    int4 = int4 or int4_activations
     opset = opset or (INT4_OPSET if int4 else DEFAULT_OPSET)
     if int4 and opset < INT4_OPSET:
         raise ArtifactError(f"INT4/UINT4 tensors need ONNX opset >= {INT4_OPSET}, got {opset}")
@@ -282,7 +290,7 @@ def build_onnx(graph: IntegerGraph, int4: bool = False, per_layer_outputs: bool 
     if unknown:
         bad = [f"'{n.name}' ({n.op})" for n in graph.nodes if n.op in unknown]
         raise ArtifactError(f"no ONNX exporter for IR op(s) {', '.join(unknown)}: layers {', '.join(bad[:8])}")
-    b = _Builder(graph, int4, uint8_weights, int4_activations)
+    b = _Builder(graph, int4, weights == "uint8", int4_activations)
     tin = graph.input
     # network input: float -> [Clip to the input's range when < 8 bit] -> Q
     b.clamp_and_quantize(INPUT_NAME, tin, 0, tin.qmax, "input")
@@ -311,7 +319,8 @@ def build_onnx(graph: IntegerGraph, int4: bool = False, per_layer_outputs: bool 
     model.ir_version = min(model.ir_version, 10)  # readable by ONNX Runtime >= 1.18 and OpenVINO
     helper.set_model_props(model, {"ptq2tvm_graph_sha256": graph.digest(), "ptq2tvm_input_tensor": tin.name,
                                    "ptq2tvm_output_tensor": out_t.name,
-                                   "ptq2tvm_int4": str(bool(int4)).lower()})
+                                   "ptq2tvm_weights": weights, "ptq2tvm_int4": str(bool(int4)).lower(),
+                                   "ptq2tvm_int4_activations": str(bool(int4_activations)).lower()})
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -319,24 +328,30 @@ def build_onnx(graph: IntegerGraph, int4: bool = False, per_layer_outputs: bool 
     counts: dict[str, int] = {}
     for n in b.nodes:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    rep = ExportReport("", opset, bool(int4), counts, b.report_clips, b.int4_weights, b.int8_fallback,
-                       per_layer_outputs)
+    rep = ExportReport("", opset, weights, bool(int4), bool(int4_activations), counts, b.report_clips,
+                       b.int4_weights, b.int8_fallback, per_layer_outputs)
     return model, rep
 
 
-def export_onnx(graph: IntegerGraph, path: str | Path, int4: bool = False, per_layer_outputs: bool = False,
+def export_onnx(graph: IntegerGraph, path: str | Path, *, weights: str = "int8", int4: bool = False,
+                int4_activations: bool = False, per_layer_outputs: bool = False,
                 opset: int | None = None) -> ExportReport:
     """Write ``graph`` as an ONNX QDQ model to ``path`` (atomic: nothing is written if anything fails).
 
-    ``int4``: opset 21 INT4 weights / UINT4 activations for tensors of <= 4 bits (default: uint8/int8 containers
-    with the exact clamp, opset 17). ``per_layer_outputs``: every IR tensor's uint8 codes become graph outputs
-    ``codes:<tensor>``. The model's input ``input`` is float32 (batch, C, H, W); output ``output`` is float32.
+    ``weights``: ``int8`` (symmetric, zero point 0: what TensorRT / OpenVINO expect; ONNX Runtime's u8 x s8 kernels
+    saturate on x86 CPUs without VNNI, see docs/onnx.md) or ``uint8`` (the same integers + 128, zero point 128:
+    ONNX Runtime's exact u8 x u8 kernels everywhere). ``int4``: opset 21 INT4 initializers for weights of <= 4
+    bits; ``int4_activations``: UINT4 zero points for activations of <= 4 bits (ONNX Runtime 1.32 rejects those at
+    its full graph optimisation). Default: 8-bit containers with the exact clamp, opset 17.
+    ``per_layer_outputs``: every IR tensor's uint8 codes become graph outputs ``codes:<tensor>``.
+    The model's input ``input`` is float32 (batch, C, H, W); its output ``output`` is float32 (dequantized).
 
     Raises :class:`ArtifactError` for an IR op without an exporter, an int32 bias overflow, or a model that fails
     ``onnx.checker`` (full check, with shape inference)."""
     import onnx
 
-    model, rep = build_onnx(graph, int4=int4, per_layer_outputs=per_layer_outputs, opset=opset)
+    model, rep = build_onnx(graph, weights=weights, int4=int4, int4_activations=int4_activations,
+                            per_layer_outputs=per_layer_outputs, opset=opset)
     path = Path(path)
     with atomic_path(path, suffix=".onnx") as tmp:
         onnx.save(model, str(tmp))

@@ -1,0 +1,233 @@
+"""ONNX in: an FP32 ONNX classifier or backbone -> a plain-torch ``fx.GraphModule`` the tracer
+(:func:`ptq2tvm.frontend.trace.trace_model`) accepts, through onnx2torch (https://github.com/ENOT-AutoDL/onnx2torch).
+
+Steps: load + ``onnx.checker`` (clear error for a missing, truncated or corrupted file) -> fold ``Constant`` and
+``Identity``-of-initializer nodes into initializers (torch's exporter writes those for shared parameters, and
+onnx2torch cannot read a Conv bias through an Identity) -> check every node against the ONNX ops ptq2tvm handles
+(one error naming every unsupported ONNX node and its op type) -> onnx2torch -> rewrite onnx2torch's own modules into
+the plain torch ops the tracer knows (``Add`` -> ``operator.add``, ``GlobalAveragePool`` -> ``AdaptiveAvgPool2d(1)``,
+``Clip(min, max)`` -> ``Hardtanh``). Layers are named after their ONNX nodes (``/layer1/layer1.0/conv1/Conv`` ->
+``layer1_layer1_0_conv1``).
+
+onnx2torch 1.5.15 declares torchvision as a dependency and imports it at import time, only for its NonMaxSuppression
+and RoiAlign converters (neither op is accepted here). It is installed with ``--no-deps``; if torchvision cannot be
+imported, a stand-in ``torchvision.ops`` (whose functions raise) is put in ``sys.modules`` for the duration of the
+import only and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import ArtifactError, UnsupportedModelError
+
+#: ONNX op types the importer accepts (what the tracer can quantize after onnx2torch); anything else is rejected by
+#: name before conversion.
+SUPPORTED_ONNX_OPS = ("Conv", "BatchNormalization", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
+                      "Flatten", "Gemm", "Add", "Identity", "Dropout")
+
+
+def _import_onnx2torch() -> Any:
+    try:
+        import onnx2torch
+
+        return onnx2torch
+    except ModuleNotFoundError as e:
+        if e.name == "onnx2torch":
+            raise UnsupportedModelError("ONNX models need onnx2torch: pip install --no-deps 'onnx2torch==1.5.15'") from e
+        if e.name not in ("torchvision", "torchvision.ops"):
+            raise
+    stub, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+
+    def _unavailable(*_: Any, **__: Any) -> Any:
+        raise UnsupportedModelError("torchvision ops (NonMaxSuppression, RoiAlign) are not available")
+
+    ops.roi_align = ops.nms = ops.box_convert = _unavailable  # type: ignore[attr-defined]
+    stub.ops = ops  # type: ignore[attr-defined]
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "onnx2torch" or k.startswith("onnx2torch.")}
+    del saved  # a half-imported onnx2torch from the failed attempt is dropped
+    sys.modules["torchvision"], sys.modules["torchvision.ops"] = stub, ops
+    try:
+        import onnx2torch
+    finally:
+        sys.modules.pop("torchvision", None)
+        sys.modules.pop("torchvision.ops", None)
+    return onnx2torch
+
+
+def load_onnx(path: str | Path) -> Any:
+    """Read and check an ONNX file; :class:`ArtifactError` naming the file if it is missing or unreadable."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX model not found: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ArtifactError(f"{path} is not a readable ONNX model (corrupted or truncated?): {type(e).__name__}: "
+                            f"{e}") from e
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise ArtifactError(f"{path} fails onnx.checker: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                            ) from e
+    if not model.graph.node:
+        raise ArtifactError(f"{path}: the ONNX graph has no nodes")
+    return model
+
+
+def _module_path(name: str, op_type: str) -> str:
+    """'/layer1/layer1.0/conv1/Conv' -> 'layer1.0.conv1' (torch's exporter writes cumulative scope names)."""
+    parts = [p for p in name.strip("/").split("/") if p]
+    if len(parts) > 1 and (parts[-1] == op_type or parts[-1].startswith(op_type + "_")):
+        parts = parts[:-1]
+    path: list[str] = []
+    for p in parts:
+        if path and p.startswith(path[-1] + "."):
+            path[-1] = p
+        else:
+            path.append(p)
+    return re.sub(r"[^\w.]", "_", ".".join(path)).strip(".")
+
+
+def _layer_names(nodes: list[Any]) -> list[str]:
+    """A unique layer name per ONNX node: its torch module path when it has one, else op type + index; a name that
+    would also be a parent of another is flattened with '_'."""
+    raw = []
+    for i, n in enumerate(nodes):
+        p = _module_path(n.name, n.op_type) if n.name else ""
+        ok = p and all(part.isidentifier() or part.isdigit() for part in p.split("."))
+        raw.append(p if ok else f"{n.op_type.lower()}_{i}")
+    parents = {".".join(r.split(".")[:k]) for r in raw for k in range(1, r.count(".") + 1)}
+    out, taken = [], set()
+    for r in raw:
+        base = r.replace(".", "_") if r in parents else r
+        name, k = base, 1
+        while name in taken or name in parents:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str, tuple[str, str]]]:
+    """Fold Constant / Identity-of-initializer nodes, check the op types, give every node a clean unique name.
+
+    Returns the model (modified in place) and ``onnx2torch module name -> (ONNX node name, op type, layer name)``. Raises
+    :class:`UnsupportedModelError` listing every unsupported ONNX node, and for a model that is not single-input
+    (besides initializers) or not single-output."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    real_inputs = [i for i in g.input if i.name not in inits]
+    if len(real_inputs) != 1 or len(g.output) != 1:
+        raise UnsupportedModelError(f"{path}: ptq2tvm takes single-input, single-output models; this ONNX graph has "
+                                    f"inputs {[i.name for i in real_inputs]} and outputs {[o.name for o in g.output]}")
+    rename: dict[str, str] = {}
+    keep = []
+    for n in g.node:
+        ins = [rename.get(i, i) for i in n.input]
+        del n.input[:]
+        n.input.extend(ins)
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.attribute and n.attribute[0].name == "value":
+            g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(n.attribute[0].t), n.output[0]))
+            inits.add(n.output[0])
+            continue
+        if n.op_type == "Identity" and n.input and n.input[0] in inits and n.output[0] not in {o.name for o in g.output}:
+            rename[n.output[0]] = n.input[0]
+            continue
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    bad = [f"'{n.name or '(unnamed)'}' ({n.op_type}{'' if n.domain in ('', 'ai.onnx') else ', domain ' + n.domain})"
+           for n in g.node if n.op_type not in SUPPORTED_ONNX_OPS or n.domain not in ("", "ai.onnx")]
+    if bad:
+        raise UnsupportedModelError(f"{len(bad)} unsupported ONNX node(s) in {path}:\n  " + "\n  ".join(bad)
+                                    + f"\nSupported ONNX ops: {', '.join(SUPPORTED_ONNX_OPS)}.")
+    names: dict[str, tuple[str, str, str]] = {}
+    for n, layer in zip(g.node, _layer_names(list(g.node))):
+        ident = layer.replace(".", "__")  # onnx2torch's module names cannot contain dots
+        names[ident] = (n.name, n.op_type, layer)
+        n.name = ident
+    return model, names
+
+
+def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: str | Path) -> fx.GraphModule:
+    """onnx2torch modules -> plain torch modules / functions; every remaining module must be a torch.nn layer."""
+    import torch
+    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
+    from onnx2torch.node_converters.clip import OnnxClip
+    from onnx2torch.node_converters.global_average_pool import (OnnxGlobalAveragePool,
+                                                                 OnnxGlobalAveragePoolWithKnownInputShape)
+
+    root: dict[str, Any] = {}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    errors: list[str] = []
+    for node in gm.graph.nodes:
+        args = fx.node.map_arg(node.args, lambda a: env[a])
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+        if node.op != "call_module":
+            new = graph.node_copy(node, lambda a: env[a])
+            if node.op == "get_attr":
+                errors.append(f"constant tensor {node.target!r} used as an operand (only weights inside Conv / "
+                              "Gemm / BatchNormalization are supported)")
+            env[node] = new
+            continue
+        m = gm.get_submodule(node.target)
+        onnx_name, op_type, layer = names.get(str(node.target), (str(node.target), type(m).__name__,
+                                                                  str(node.target)))
+        where = f"ONNX node '{onnx_name}' ({op_type})"
+        if isinstance(m, OnnxBinaryMathOperation):
+            if getattr(m, "math_op_function", None) is not torch.add or len(args) != 2:
+                errors.append(f"{where}: only Add of two tensors is supported")
+            env[node] = graph.call_function(operator.add, tuple(args))
+            continue
+        if isinstance(m, (OnnxGlobalAveragePool, OnnxGlobalAveragePoolWithKnownInputShape)):
+            m = nn.AdaptiveAvgPool2d(1)
+        elif isinstance(m, OnnxClip):
+            if m.min_val is None or m.max_val is None:
+                errors.append(f"{where}: Clip with only one bound (min {m.min_val}, max {m.max_val})")
+            else:
+                m = nn.Hardtanh(float(m.min_val), float(m.max_val))
+        elif type(m).__module__.startswith("onnx2torch"):
+            errors.append(f"{where}: onnx2torch module {type(m).__name__} has no plain torch equivalent here")
+        root[layer] = m
+        env[node] = graph.call_module(layer, tuple(args), kwargs)
+    if errors:
+        raise UnsupportedModelError(f"cannot import {path}:\n  " + "\n  ".join(errors))
+    return fx.GraphModule(root, graph)
+
+
+def onnx_to_torch(path: str | Path) -> fx.GraphModule:
+    """An FP32 ONNX model file -> ``fx.GraphModule`` of plain torch layers (eval mode) for the tracer.
+
+    Raises :class:`ArtifactError` (missing, corrupted, fails onnx.checker) or :class:`UnsupportedModelError` (naming
+    every unsupported ONNX node)."""
+    model, names = prepare_onnx(load_onnx(path), path)
+    o2t = _import_onnx2torch()
+    try:
+        gm = o2t.convert(model)
+    except Exception as e:  # onnx2torch raises NotImplementedError / KeyError / RuntimeError
+        raise UnsupportedModelError(f"onnx2torch cannot convert {path}: {type(e).__name__}: {e}") from e
+    return _rewrite(gm, names, path).eval()
+
+
+def onnx_input_shape(path: str | Path) -> tuple[int, ...] | None:
+    """(C, H, W) of the ONNX model's input when fixed, else None."""
+    model = load_onnx(path)
+    inits = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    dims = inp.type.tensor_type.shape.dim
+    vals = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return tuple(vals[1:]) if len(vals) == 4 and all(v for v in vals[1:]) else None

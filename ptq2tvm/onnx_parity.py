@@ -1,0 +1,216 @@
+"""ONNX Runtime as a second, independent executor of the integer graph: the QDQ export run on ORT's CPU execution
+provider against the reference executor, per layer and at the output.
+
+Where the two may differ, and by how much (docs/onnx.md derives it):
+
+* ORT fuses ``DQ -> Conv/Gemm -> Q`` into QLinearConv / QGemm: int32 accumulation (exact), then requantization as
+  ``rint_half_even(float32(acc) * float32(s_x * s_w / s_out)) + z``. The reference computes
+  ``(acc * m + 2^(n-1)) >> n`` with the 31-bit dyadic ``m * 2^-n``. Both round a value within ~2^-22 relative of the
+  other, so they differ by at most 1 LSB, and only when the exact product lies within that distance of a
+  half-integer (or exactly on a tie, which ORT rounds to even and the reference up).
+* Nodes ORT leaves in float (a residual add before the Q, a Clip that is not the Q's own range, average pools it
+  does not fuse) compute the same real numbers in float32 and round once at the Q: again at most 1 LSB, near ties.
+* On x86 CPUs without VNNI, ORT's u8 x s8 kernels (int8 weights) use ``vpmaddubsw``, which adds pairs of u8*s8
+  products in saturating int16: those layers can be off by many LSB. The uint8-weight export (same integers + 128,
+  zero point 128) runs ORT's exact u8 x u8 kernels; ``weights="auto"`` picks it on such hosts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import ArtifactError
+from .ir.graph import IntegerGraph
+from .ir.reference import run_reference
+from .onnx_export import INPUT_NAME, OUTPUT_NAME, build_onnx
+
+INTEGER_KERNELS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul",
+                   "MatMulIntegerToFloat")
+FLOAT_CONVS = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm", "FusedMatMul")
+
+
+@dataclass
+class OnnxLayerParity:
+    name: str
+    op: str
+    exact_fraction: float
+    max_abs_lsb: int
+    lsb_histogram: dict[str, int]
+    ort_kernel: str | None = None
+
+
+@dataclass
+class OnnxParityReport:
+    onnx_weights: str
+    int4: bool
+    ort_version: str
+    host_vnni: bool
+    n_inputs: int
+    n_elements: int
+    exact_fraction: float
+    mismatched_elements: int
+    max_abs_lsb: int
+    lsb_histogram: dict[str, int]
+    top1_agreement_vs_reference: float
+    input_codes_exact_fraction: float
+    ort_kernels: dict[str, int]
+    integer_kernels: int
+    float_kernels: int
+    ort_top1: float | None = None
+    reference_top1: float | None = None
+    per_layer: list[OnnxLayerParity] = field(default_factory=list)
+    per_layer_inputs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"ONNX Runtime {self.ort_version} (CPU EP), QDQ export with {self.onnx_weights} weights"
+            f"{' + INT4' if self.int4 else ''}; host VNNI: {'yes' if self.host_vnni else 'no'}; "
+            f"{self.n_inputs} inputs",
+            f"ORT vs reference executor at the output: {100 * self.exact_fraction:.4f}% exact "
+            f"({self.mismatched_elements} of {self.n_elements} elements differ), max |diff| {self.max_abs_lsb} LSB, "
+            f"histogram {self.lsb_histogram}; top-1 agreement {100 * self.top1_agreement_vs_reference:.2f}%",
+            f"input quantization (ORT QuantizeLinear vs numpy): {100 * self.input_codes_exact_fraction:.4f}% exact",
+            f"ORT kernels after graph optimisation: {self.integer_kernels} integer "
+            f"({', '.join(f'{k} {v}' for k, v in self.ort_kernels.items() if k in INTEGER_KERNELS) or 'none'}), "
+            f"{self.float_kernels} float conv/gemm",
+        ]
+        if self.ort_top1 is not None:
+            lines.append(f"top-1: ORT {100 * self.ort_top1:.2f}%  reference (= .so) {100 * self.reference_top1:.2f}%")
+        if self.per_layer:
+            lines.append(f"per layer (ORT vs reference, first {self.per_layer_inputs} inputs; kernel: what ORT ran after optimisation):")
+            w = max(len(p.name) for p in self.per_layer)
+            for p in self.per_layer:
+                lines.append(f"  {p.name:<{w}} {p.op:<10} {str(p.ort_kernel):<24} exact {100 * p.exact_fraction:8.4f}%"
+                             f"  max {p.max_abs_lsb:3d} LSB  {p.lsb_histogram}")
+        return "\n".join(lines)
+
+
+def resolve_weights(weights: str) -> str:
+    """``auto`` -> ``int8`` on hosts with VNNI, else ``uint8`` (ORT's u8 x s8 kernels saturate without VNNI)."""
+    from .bench.baselines import host_has_vnni
+
+    if weights == "auto":
+        return "int8" if host_has_vnni() else "uint8"
+    return weights
+
+
+def ort_session(path: str | Path, threads: int = 2, optimized_path: str | Path | None = None) -> Any:
+    """An ORT CPU session at full graph optimisation (``optimized_path``: where ORT saves the optimised graph)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own pybind exception types
+        raise ArtifactError(f"ONNX Runtime cannot load {path}: {type(e).__name__}: {e}") from e
+
+
+def optimized_kernels(optimized_path: str | Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Op-type counts of ORT's optimised graph, and for each ``q:<tensor>`` the op type that produces it (through
+    layout Transposes / reorders)."""
+    import onnx
+
+    m = onnx.load(str(optimized_path), load_external_data=False)
+    counts: dict[str, int] = {}
+    producer: dict[str, Any] = {}
+    for n in m.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+        for o in n.output:
+            producer[o] = n
+    kernels: dict[str, str] = {}
+    for t, n in producer.items():
+        if not t.startswith("q:"):
+            continue
+        seen = 0
+        while n.op_type in ("Transpose", "ReorderOutput", "ReorderInput", "Identity") and seen < 4 and n.input:
+            n = producer.get(n.input[0], n)
+            seen += 1
+        kernels[t[2:]] = n.op_type
+    return dict(sorted(counts.items())), kernels
+
+
+def _lsb(a: np.ndarray, b: np.ndarray) -> tuple[float, int, dict[str, int]]:
+    d = np.abs(a.astype(np.int64) - b.astype(np.int64))
+    vals, counts = np.unique(np.minimum(d, 4), return_counts=True)
+    return (float((d == 0).mean()) if d.size else 1.0, int(d.max(initial=0)),
+            {("4+" if v == 4 else str(int(v))): int(c) for v, c in zip(vals, counts)})
+
+
+def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray | None = None, *,
+                    weights: str = "auto", int4: bool = False, per_layer_inputs: int = 256, batch_size: int = 256,
+                    threads: int = 2, work_dir: str | Path | None = None, progress: bool = True) -> OnnxParityReport:
+    """Export ``graph`` (QDQ, see :mod:`ptq2tvm.onnx_export`), run it in ONNX Runtime on ``images`` (float32 NCHW) and
+    compare with the reference executor: the output codes on every image, every IR tensor on the first
+    ``per_layer_inputs`` images (a second export with per-layer outputs), ORT's kernels after optimisation.
+
+    ``weights``: int8 | uint8 | auto (:func:`resolve_weights`). Raises :class:`ArtifactError` if ORT cannot load the
+    export."""
+    import onnx
+    import onnxruntime as ort
+
+    from .bench.baselines import host_has_vnni
+
+    weights = resolve_weights(weights)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="ptq2tvm_onnx_", dir=work_dir) as td:
+        plain, _ = build_onnx(graph, weights=weights, int4=int4)
+        onnx.save(plain, f"{td}/model.onnx")
+        sess = ort_session(f"{td}/model.onnx", threads, optimized_path=f"{td}/model.opt.onnx")
+        counts, _ = optimized_kernels(f"{td}/model.opt.onnx")
+        ort_out, ref_out = [], []
+        out_t = graph.output
+        for i in tqdm(range(0, len(images), batch_size), desc="ORT parity", disable=not progress, leave=False):
+            x = images[i:i + batch_size]
+            y = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+            ort_out.append(np.rint(y.astype(np.float64) / np.float32(out_t.scale)).astype(np.int64) + out_t.zero_point)
+            ref_out.append(run_reference(graph, graph.input.quantize(x)))
+        del sess
+        ort_q, ref_q = np.concatenate(ort_out), np.concatenate(ref_out)
+        exact, max_lsb, hist = _lsb(ort_q, ref_q)
+        rep = OnnxParityReport(
+            onnx_weights=weights, int4=bool(int4), ort_version=ort.__version__, host_vnni=host_has_vnni(),
+            n_inputs=int(len(images)), n_elements=int(ref_q.size), exact_fraction=exact,
+            mismatched_elements=int((ort_q != ref_q).sum()), max_abs_lsb=max_lsb, lsb_histogram=hist,
+            top1_agreement_vs_reference=(float((ort_q.argmax(1) == ref_q.argmax(1)).mean()) if ref_q.ndim == 2
+                                         else exact),
+            input_codes_exact_fraction=1.0, ort_kernels=counts,
+            integer_kernels=sum(v for k, v in counts.items() if k in INTEGER_KERNELS),
+            float_kernels=sum(v for k, v in counts.items() if k in FLOAT_CONVS))
+        if labels is not None and ref_q.ndim == 2:
+            rep.ort_top1 = float((ort_q.argmax(1) == labels).mean())
+            rep.reference_top1 = float((ref_q.argmax(1) == labels).mean())
+        if per_layer_inputs:
+            sub = images[:per_layer_inputs]
+            dbg, _ = build_onnx(graph, weights=weights, int4=int4, per_layer_outputs=True)
+            onnx.save(dbg, f"{td}/debug.onnx")
+            s2 = ort_session(f"{td}/debug.onnx", threads, optimized_path=f"{td}/debug.opt.onnx")
+            _, kernels = optimized_kernels(f"{td}/debug.opt.onnx")
+            names = [o.name for o in s2.get_outputs()]
+            got: dict[str, list[np.ndarray]] = {n: [] for n in names}
+            for i in range(0, len(sub), batch_size):
+                for n, v in zip(names, s2.run(None, {INPUT_NAME: sub[i:i + batch_size]})):
+                    got[n].append(v)
+            env = run_reference(graph, graph.input.quantize(sub), return_all=True)
+            ops = {n.name: n.op for n in graph.nodes}
+            rep.input_codes_exact_fraction = _lsb(np.concatenate(got[f"codes:{graph.input.name}"]),
+                                                  env[graph.input.name])[0]
+            for node in graph.nodes:
+                e, m, h = _lsb(np.concatenate(got[f"codes:{node.name}"]), env[node.name])
+                rep.per_layer.append(OnnxLayerParity(node.name, ops[node.name], e, m, h, kernels.get(node.name)))
+            rep.per_layer_inputs = int(len(sub))
+    return rep

@@ -1,0 +1,208 @@
+"""ONNX interop: the QDQ export run by ONNX Runtime against the reference executor, and ONNX models coming in."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TinyNet, randomize_bn
+from conftest import tiny_integer_graph as _tiny_integer_graph
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from ptq2tvm.errors import ArtifactError, UnsupportedModelError  # noqa: E402
+from ptq2tvm.ir.reference import run_reference  # noqa: E402
+from ptq2tvm.onnx_export import EXPORTERS, export_onnx  # noqa: E402
+from ptq2tvm.onnx_parity import INTEGER_KERNELS, optimized_kernels, ort_session, resolve_weights  # noqa: E402
+
+_GRAPHS: dict = {}
+
+
+def tiny_integer_graph(w: int, a: int):
+    """conftest's seeded TinyNet graph, built once per bit setting (a deep copy each call: tests modify it)."""
+    if (w, a) not in _GRAPHS:
+        _GRAPHS[(w, a)] = _tiny_integer_graph(w, a)
+    return copy.deepcopy(_GRAPHS[(w, a)])
+
+
+X = np.random.default_rng(1).standard_normal((32, 1, 12, 12)).astype(np.float32) * 1.3
+
+
+def _ort_codes(path, x, tmp_path):
+    sess = ort_session(path, threads=1, optimized_path=tmp_path / "opt.onnx")
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, {"input": x}))), optimized_kernels(tmp_path / "opt.onnx")
+
+
+def _compare_every_layer(graph, outs, max_lsb=1, min_exact=0.999):
+    env = run_reference(graph, graph.input.quantize(X), return_all=True)
+    assert set(env) == {k[len("codes:"):] for k in outs if k.startswith("codes:")}
+    for name, ref in env.items():
+        d = np.abs(outs[f"codes:{name}"].astype(np.int64) - ref)
+        assert d.max() <= max_lsb and (d == 0).mean() >= min_exact, (name, (d == 0).mean(), d.max())
+    out_t = graph.output
+    deq = np.rint(outs["output"].astype(np.float64) / np.float32(out_t.scale)) + out_t.zero_point
+    assert np.array_equal(deq.astype(np.int64), env[graph.output_name].astype(np.int64))
+
+
+@pytest.mark.parametrize("w,a,weights,int4", [(8, 8, "auto", False), (8, 8, "uint8", False),
+                                              (4, 4, "auto", False), (4, 4, "uint8", True)])
+def test_export_checker_ort_matches_reference_every_op(tmp_path, w, a, weights, int4):
+    graph = tiny_integer_graph(w, a)
+    assert {n.op for n in graph.nodes} <= set(EXPORTERS)
+    path = tmp_path / "m.onnx"
+    rep = export_onnx(graph, path, weights=resolve_weights(weights), int4=int4, per_layer_outputs=True)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert rep.opset == (21 if int4 else 17) and model.opset_import[0].version == rep.opset
+    ops_used = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "Add", "MaxPool", "AveragePool",
+            "GlobalAveragePool", "Flatten"} <= ops_used
+    # the exact integers: weights of the first conv are the IR's, bias = IR bias + z_x * sum(q_w)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    stem = graph.nodes[0]
+    wq = inits[f"{stem.name}/weight"].astype(np.int64) - (128 if rep.weights == "uint8" else 0)
+    assert np.array_equal(wq, stem.arrays["weight"])
+    corr = stem.attrs["input_zero_point"] * stem.arrays["weight"].astype(np.int64).reshape(len(wq), -1).sum(1)
+    assert np.array_equal(inits[f"{stem.name}/bias"], stem.arrays["bias"] + corr)
+    if int4:
+        four_bit = [n.name for n in graph.nodes if n.attrs.get("w_bits") == 4]
+        assert four_bit and set(rep.int4_weights) | set(rep.int8_fallback) == set(four_bit)
+        assert any(i.data_type == onnx.TensorProto.INT4 for i in model.graph.initializer)
+    if a < 8:
+        assert rep.clips  # 4-bit activations in uint8 containers: an explicit Clip to [0, 15]
+    outs, (counts, kernels) = _ort_codes(path, X, tmp_path)
+    _compare_every_layer(graph, outs)
+    if w == 8:  # ORT runs integer kernels on the W8A8 export
+        assert counts.get("QLinearConv", 0) >= 5 and kernels["stem"] == "QLinearConv"
+        assert sum(v for k, v in counts.items() if k in INTEGER_KERNELS) >= 6
+
+
+def test_negative_xi_adaq_layer_int4(tmp_path, tiny_model, tiny_data):
+    from ptq2tvm.fold.fold import fold_to_integer
+    from ptq2tvm.frontend.calibrate import quantize_rtn
+    from ptq2tvm.frontend.qmodel import QuantConfig
+
+    qm = quantize_rtn(tiny_model, tiny_data, QuantConfig(4, 4), progress=False).enable_adaq()
+    g = torch.Generator().manual_seed(3)
+    for name, layer in qm.layers.items():
+        c = layer.xi.numel()
+        with torch.no_grad():
+            layer.xi.copy_(0.7 + 0.6 * torch.rand(c, generator=g))
+            layer.eta.copy_(0.05 * torch.randn(c, generator=g))
+            if layer.wq.bits == 4:  # flip channels without a -8 (their negation fits INT4) ...
+                q = layer.wq.integer(layer.weight.detach()).reshape(c, -1)
+                fits = torch.nonzero(q.min(1).values > -8).flatten()
+                layer.xi[fits[::2]] *= -1
+                if name == "grouped":  # ... and in one layer every third channel: a -8 becomes +8
+                    layer.xi[::3] = -layer.xi[::3].abs()
+    graph = fold_to_integer(qm)
+    assert graph.meta["negative_xi_channels"] > 0
+    rep = export_onnx(graph, tmp_path / "m.onnx", weights="uint8", int4=True, per_layer_outputs=True)
+    # a negated -8 is +8: that layer stays int8, the others (with negative-xi channels too) are INT4; all exact
+    assert rep.int8_fallback == ["grouped"]
+    assert len(rep.int4_weights) >= 6
+    outs, _ = _ort_codes(tmp_path / "m.onnx", X, tmp_path)
+    _compare_every_layer(graph, outs)
+
+
+def test_export_errors_write_nothing(tmp_path):
+    graph = tiny_integer_graph(8, 8)
+    graph.nodes[3].op = "frobnicate"
+    with pytest.raises(ArtifactError, match=r"frobnicate.*'block1.conv2'"):
+        export_onnx(graph, tmp_path / "m.onnx")
+    graph = tiny_integer_graph(8, 8)
+    graph.nodes[0].arrays["bias"] = np.full_like(graph.nodes[0].arrays["bias"], 2**31 - 1)
+    with pytest.raises(ArtifactError, match="'stem'.*overflows int32"):
+        export_onnx(graph, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- ONNX in --------------------------------------------------------------------------------------------------
+def _torch_to_onnx(model, path, shape=(1, 1, 12, 12)):
+    from ptq2tvm.bench.baselines import export_onnx as torch_export
+
+    return torch_export(model, np.zeros(shape, np.float32), path)
+
+
+def test_onnx_model_in_matches_torch_and_folds_to_the_same_integers(tmp_path, tiny_model, tiny_data):
+    from ptq2tvm.api import ModelSpec, build_model, quantize, to_integer
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.onnx_import import onnx_to_torch
+
+    path = _torch_to_onnx(tiny_model, tmp_path / "tiny.onnx")
+    gm = onnx_to_torch(path)
+    assert "torchvision" not in sys.modules
+    x = torch.from_numpy(tiny_data)
+    with torch.no_grad():
+        np.testing.assert_allclose(gm(x).numpy(), tiny_model(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert type(build_model(ModelSpec(str(path)))).__name__ == "GraphModule"
+    g_onnx = to_integer(quantize(gm, tiny_data[:8], QuantConfig(8, 8), progress=False))
+    g_torch = to_integer(quantize(tiny_model, tiny_data[:8], QuantConfig(8, 8), progress=False))
+    assert [n.op for n in g_onnx.nodes] == [n.op for n in g_torch.nodes]
+    assert [n.name for n in g_onnx.nodes][:4] == ["stem", "pool", "block1.conv1", "block1.conv2"]
+    for a, b in zip(g_onnx.nodes, g_torch.nodes):  # BN folded by torch's exporter vs by ptq2tvm: same integers
+        if "weight" in a.arrays:
+            assert (a.arrays["weight"] != b.arrays["weight"]).mean() < 0.01
+    q = g_onnx.input.quantize(tiny_data)
+    agree = (run_reference(g_onnx, q).argmax(1) == run_reference(g_torch, q).argmax(1)).mean()
+    assert agree >= 0.95
+
+
+def test_onnx_in_errors_name_the_node_or_file(tmp_path):
+    from ptq2tvm.onnx_import import onnx_to_torch
+
+    class Bad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.sigmoid(self.conv(x)).mean((2, 3)))
+
+    path = _torch_to_onnx(Bad().eval(), tmp_path / "bad.onnx")
+    with pytest.raises(UnsupportedModelError, match=r"'/Sigmoid' \(Sigmoid\)"):
+        onnx_to_torch(path)
+    good = _torch_to_onnx(randomize_bn(TinyNet()), tmp_path / "good.onnx").read_bytes()
+    (tmp_path / "trunc.onnx").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ArtifactError, match="trunc.onnx"):
+        onnx_to_torch(tmp_path / "trunc.onnx")
+    with pytest.raises(ArtifactError, match="not found"):
+        onnx_to_torch(tmp_path / "missing.onnx")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ptq2tvm", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_export_parity_and_onnx_model_errors(tmp_path, tiny_model, tiny_data):
+    from ptq2tvm.api import ModelSpec, RunDir, quantize, save_run, to_integer
+    from ptq2tvm.frontend.qmodel import QuantConfig
+
+    np.save(tmp_path / "data.npy", tiny_data)
+    qm = quantize(tiny_model, tiny_data[:16], QuantConfig(8, 8), progress=False)
+    run = save_run(RunDir(tmp_path / "run"), tiny_model, None, qm, to_integer(qm), data=str(tmp_path / "data.npy"))
+    r = _cli("export", str(run.path), "--out", str(tmp_path / "m.onnx"), "--json", str(tmp_path / "x.json"))
+    assert r.returncode == 0, r.stderr
+    assert "onnx.checker passed" in r.stdout and (tmp_path / "m.onnx").is_file()
+    r = _cli("parity", str(run.path), "--onnx", "--per-layer-inputs", "16", "--no-progress",
+             "--json", str(tmp_path / "p.json"))
+    assert r.returncode == 0, r.stderr
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["n_inputs"] == 64 and p["exact_fraction"] >= 0.999 and p["max_abs_lsb"] <= 1
+    assert p["integer_kernels"] >= 6 and len(p["per_layer"]) == 15
+    # a corrupted ONNX model: one clear line, no run directory
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    out = tmp_path / "never"
+    r = _cli("quantize", "--model", str(tmp_path / "bad.onnx"), "--data", str(tmp_path / "data.npy"),
+             "--out", str(out), "--no-progress")
+    assert r.returncode == 2 and "bad.onnx" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
