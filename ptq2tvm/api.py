@@ -192,6 +192,14 @@ def compile_so(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
                          tune_db=tune_db, progress=progress)
 
 
+def export_onnx(graph: IntegerGraph, path: str | Path, **kwargs: Any) -> Any:
+    """The integer graph as an ONNX QDQ model at ``path`` (atomic; onnx.checker). Keyword arguments (``weights``,
+    ``int4``, ``per_layer_outputs``, ...) and the returned report: :func:`ptq2tvm.onnx_export.export_onnx`."""
+    from .onnx_export import export_onnx as _export
+
+    return _export(graph, path, **kwargs)
+
+
 def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantModel, graph: IntegerGraph,
              **info: Any) -> RunDir:
     run.path.mkdir(parents=True, exist_ok=True)

@@ -153,12 +153,14 @@ def _lsb(a: np.ndarray, b: np.ndarray) -> tuple[float, int, dict[str, int]]:
 
 def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray | None = None, *,
                     weights: str = "auto", int4: bool = False, per_layer_inputs: int = 256, batch_size: int = 256,
-                    threads: int = 2, work_dir: str | Path | None = None, progress: bool = True) -> OnnxParityReport:
+                    threads: int = 2, work_dir: str | Path | None = None, progress: bool = True,
+                    reference: np.ndarray | None = None) -> OnnxParityReport:
     """Export ``graph`` (QDQ, see :mod:`ptq2tvm.onnx_export`), run it in ONNX Runtime on ``images`` (float32 NCHW) and
     compare with the reference executor: the output codes on every image, every IR tensor on the first
     ``per_layer_inputs`` images (a second export with per-layer outputs), ORT's kernels after optimisation.
 
-    ``weights``: int8 | uint8 | auto (:func:`resolve_weights`). Raises :class:`ArtifactError` if ORT cannot load the
+    ``weights``: int8 | uint8 | auto (:func:`resolve_weights`). ``reference``: the reference executor's output codes
+    on ``images`` when already computed (:func:`ptq2tvm.ir.reference.run_reference`). Raises :class:`ArtifactError` if ORT cannot load the
     export."""
     import onnx
     import onnxruntime as ort
@@ -178,9 +180,13 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
             x = images[i:i + batch_size]
             y = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
             ort_out.append(np.rint(y.astype(np.float64) / np.float32(out_t.scale)).astype(np.int64) + out_t.zero_point)
-            ref_out.append(run_reference(graph, graph.input.quantize(x)))
+            if reference is None:
+                ref_out.append(run_reference(graph, graph.input.quantize(x)))
         del sess
-        ort_q, ref_q = np.concatenate(ort_out), np.concatenate(ref_out)
+        ort_q = np.concatenate(ort_out)
+        ref_q = np.concatenate(ref_out) if reference is None else np.asarray(reference)
+        if ref_q.shape != ort_q.shape:
+            raise ArtifactError(f"reference outputs {ref_q.shape} do not match ORT's {ort_q.shape}")
         exact, max_lsb, hist = _lsb(ort_q, ref_q)
         rep = OnnxParityReport(
             onnx_weights=weights, int4=bool(int4), ort_version=ort.__version__, host_vnni=host_has_vnni(),
@@ -214,3 +220,22 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
                 rep.per_layer.append(OnnxLayerParity(node.name, ops[node.name], e, m, h, kernels.get(node.name)))
             rep.per_layer_inputs = int(len(sub))
     return rep
+
+
+def ort_qdq_runner(graph: IntegerGraph, onnx_path: str | Path, threads: int, weights: str = "auto") -> Any:
+    """ONNX Runtime on ptq2tvm's own QDQ export of ``graph`` (written to ``onnx_path``) for `ptq2tvm bench`: a
+    ``Callable[[np.ndarray], np.ndarray]`` (float32 NCHW in, float32 out) with the bench's ORT session options.
+    ``runner.kernels``: op counts of ORT's optimised graph; ``runner.weights``: the weight container used."""
+    from .bench.baselines import _ort_runner
+    from .onnx_export import export_onnx
+
+    weights = resolve_weights(weights)
+    export_onnx(graph, onnx_path, weights=weights)
+    run = _ort_runner(onnx_path, threads)
+    with tempfile.TemporaryDirectory(prefix="ptq2tvm_onnx_") as td:
+        ort_session(onnx_path, threads, optimized_path=f"{td}/opt.onnx")
+        counts, _ = optimized_kernels(f"{td}/opt.onnx")
+    run.kernels = {k: v for k, v in counts.items() if k in INTEGER_KERNELS + FLOAT_CONVS}  # type: ignore[attr-defined]
+    run.weights = weights  # type: ignore[attr-defined]
+    run.isa = None  # type: ignore[attr-defined]
+    return run

@@ -206,3 +206,34 @@ def test_cli_export_parity_and_onnx_model_errors(tmp_path, tiny_model, tiny_data
              "--out", str(out), "--no-progress")
     assert r.returncode == 2 and "bad.onnx" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_bench_row_runs_our_export_in_ort(tmp_path):
+    from ptq2tvm.onnx_parity import ort_qdq_runner
+
+    graph = tiny_integer_graph(8, 8)
+    run = ort_qdq_runner(graph, tmp_path / "q.onnx", threads=1)
+    ref = graph.output.dequantize(run_reference(graph, graph.input.quantize(X)))
+    assert np.array_equal(run(X), ref) and run.kernels["QLinearConv"] >= 5
+    assert run.weights == resolve_weights("auto")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_zoo_model_through_onnx_compiles_bit_exact(tmp_path, name):
+    from ptq2tvm.api import ModelSpec, build_model, compile_so, quantize, to_integer
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.models import create_model
+
+    torch.manual_seed(0)
+    model = randomize_bn(create_model(name, num_classes=10))
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    gm = build_model(ModelSpec(str(_torch_to_onnx(model, tmp_path / "m.onnx", (1, 3, 32, 32)))))
+    with torch.no_grad():
+        a, b = gm(torch.from_numpy(x)), model(torch.from_numpy(x))
+    assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(b.abs().max()))
+    graph = to_integer(quantize(gm, x, QuantConfig(8, 8), progress=False))
+    assert graph.nodes[0].name in ("conv1", "features.0.0")
+    compile_so(graph, tmp_path / "m.so", batch=1)
+    q = graph.input.quantize(x[:2])
+    assert np.array_equal(CompiledModel(tmp_path / "m.so").run_int(q), run_reference(graph, q))

@@ -61,7 +61,14 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
     example = calib[: cm.batch]
     if len(example) < cm.batch:
         example = np.resize(example, (cm.batch, *example.shape[1:])).astype(np.float32)
-    stats = compare_latency({"ptq2tvm": cm}, fp32, example, calib, threads=threads, repeats=repeats,
+    runs: dict[str, Any] = {"ptq2tvm": cm}
+    if ort_int8 and run.qgraph.is_file():  # ONNX Runtime on ptq2tvm's own QDQ export (ptq2tvm/onnx_export.py)
+        from ..ir.graph import IntegerGraph
+        from ..onnx_parity import ort_qdq_runner
+
+        runs["ort_ptq2tvm_qdq"] = ort_qdq_runner(IntegerGraph.load(run.qgraph), run.path / "onnx" / "ptq2tvm_qdq.onnx",
+                                                 threads)
+    stats = compare_latency(runs, fp32, example, calib, threads=threads, repeats=repeats,
                             warmup=warmup, ort_int8=ort_int8, work_dir=run.path / "onnx", progress=progress,
                             calls_per_turn=calls_per_turn)
     vnni = count_instructions(run.so, ("vpdpbusd",)).get("vpdpbusd")
@@ -70,13 +77,16 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
                  w_bits=info["w_bits"], a_bits=info["a_bits"], runtime=name, median_ms=st.median_ms,
                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=threads,
                  vpdpbusd_count=vnni if name == "ptq2tvm" else None) for name, st in stats.items()]
+    for r in rows:
+        if r["runtime"] == "ort_ptq2tvm_qdq":
+            r.update(onnx_weights=runs[r["runtime"]].weights, ort_kernels=runs[r["runtime"]].kernels)
     out = Path(out_dir) if out_dir else run.path
     write_rows(rows, out / "latency.json")
     write_markdown(rows, out / "latency.md")
     write_chart(rows, out / "latency.png")
     print_table(rows)
     base = {r["runtime"]: r["median_ms"] for r in rows}
-    for other in ("torch_fp32", "ort_fp32", "ort_int8"):
+    for other in ("torch_fp32", "ort_fp32", "ort_int8", "ort_ptq2tvm_qdq"):
         if other in base:
             print(f"ptq2tvm / {other}: {base['ptq2tvm'] / base[other]:.2f}x")
     return dict(rows=rows, machine=machine_load(warn=False), json=str(out / "latency.json"), markdown=str(out / "latency.md"),

@@ -1,0 +1,204 @@
+"""ONNX interop acceptance numbers: ONNX Runtime on ptq2tvm's QDQ export vs the reference executor and the .so, and
+zoo models coming back in through ONNX.
+
+    .venv/bin/python benchmarks/onnx_parity.py                      # demo runs (W8A8, W4A4 resnet_small, F-MNIST)
+    .venv/bin/python benchmarks/onnx_parity.py --runs runs/x runs/y # any run directories as well
+    .venv/bin/python benchmarks/onnx_parity.py --zoo-size 224       # + ResNet-18 / MobileNetV2 via ONNX at 224
+
+Per run (full 10k Fashion-MNIST test set): the .so top-1 (compiled if missing; it equals the reference executor bit
+for bit, `ptq2tvm parity`), ORT top-1, ORT-vs-reference exact fraction / max LSB / histogram at the output and per
+layer (first 512 images), for the int8-weight export and the uint8-weight export, and which kernels ORT ran after its
+graph optimisation. Zoo: torch.onnx.export -> `--model x.onnx` path (onnx2torch) -> FP32 max |diff| vs torch ->
+W8A8 quantize (seeded random calibration images) -> .so bit-exact vs the reference executor.
+Writes benchmarks/results/onnx_parity.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptq2tvm.atomic import write_json, write_text  # noqa: E402
+
+
+def ensure_demo_run(out: Path, w: int, a: int) -> Path:
+    """The demo's quantization (resnet_small, Fashion-MNIST, 512 calibration images, rtn) as a run directory."""
+    if (out / "model.qgraph.npz").is_file():
+        return out
+    from ptq2tvm.cli import main
+
+    rc = main(["quantize", "--model", "resnet_small", "--data", "fashion-mnist", "--w-bits", str(w), "--a-bits",
+               str(a), "--out", str(out), "--no-progress"])
+    if rc:
+        raise SystemExit(f"quantize failed for {out}")
+    return out
+
+
+def run_row(run_dir: Path, per_layer_inputs: int, limit: int | None) -> dict[str, Any]:
+    from ptq2tvm.api import RunDir, compile_so
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.data import load_dataset
+    from ptq2tvm.ir.graph import IntegerGraph
+    from ptq2tvm.ir.reference import run_reference
+    from ptq2tvm.onnx_parity import run_onnx_parity
+
+    run = RunDir(run_dir)
+    info = run.info()
+    graph = IntegerGraph.load(run.qgraph)
+    ds = load_dataset(info["data"], split="test", limit=limit)
+    if not run.so.is_file():
+        compile_so(graph, run.so, batch=32)
+    cm = CompiledModel(run.so)
+    q = graph.input.quantize(ds.images)
+    t0 = time.perf_counter()
+    ref = np.concatenate([run_reference(graph, q[i:i + 500]) for i in range(0, len(q), 500)])
+    t_ref = time.perf_counter() - t0
+    so_out = cm.run_int(q)
+    row: dict[str, Any] = dict(run=str(run_dir), model=(info.get("model") or {}).get("name"), w_bits=info["w_bits"],
+                               a_bits=info["a_bits"], method=info.get("method"), n=int(len(q)),
+                               so_top1=float((so_out.argmax(1) == ds.labels).mean()),
+                               so_bit_exact_vs_reference=bool(np.array_equal(so_out, ref)),
+                               reference_seconds=round(t_ref, 1), ort={})
+    for weights in ("int8", "uint8"):
+        t0 = time.perf_counter()
+        rep = run_onnx_parity(graph, ds.images, ds.labels, weights=weights, per_layer_inputs=per_layer_inputs,
+                              progress=False, reference=ref)
+        d = rep.to_dict()
+        d["seconds"] = round(time.perf_counter() - t0, 1)
+        d["top1_gap_points"] = round(100 * (rep.ort_top1 - row["so_top1"]), 3)
+        row["ort"][weights] = d
+        print(f"{run_dir} {weights}: ORT top-1 {100 * rep.ort_top1:.2f} (.so {100 * row['so_top1']:.2f}), "
+              f"exact {100 * rep.exact_fraction:.4f}%, max {rep.max_abs_lsb} LSB, {rep.integer_kernels} integer "
+              f"kernels {rep.ort_kernels}", flush=True)
+    return row
+
+
+def zoo_row(name: str, size: int, work: Path) -> dict[str, Any]:
+    """torch -> ONNX -> ``--model x.onnx`` -> W8A8 -> .so, bit-exact against the reference executor."""
+    from ptq2tvm.api import ModelSpec, build_model, compile_so, quantize, to_integer
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.bench.baselines import export_onnx as torch_to_onnx
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.ir.reference import run_reference
+    from ptq2tvm.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 3, size, size)).astype(np.float32)
+    path = torch_to_onnx(model, x[:1], work / f"{name}_{size}.onnx")
+    t0 = time.perf_counter()
+    gm = build_model(ModelSpec(str(path)))
+    t_import = time.perf_counter() - t0
+    with torch.no_grad():
+        diff = float((gm(torch.from_numpy(x)) - model(torch.from_numpy(x))).abs().max())
+        scale = float(model(torch.from_numpy(x)).abs().max())
+    qm = quantize(gm, x, QuantConfig(8, 8), progress=False)
+    graph = to_integer(qm)
+    res = compile_so(graph, work / f"{name}_{size}.so", batch=1)
+    cm = CompiledModel(res.so_path)
+    q = graph.input.quantize(x[:4])
+    exact = bool(np.array_equal(cm.run_int(q), run_reference(graph, q)))
+    names = [n.name for n in graph.nodes][:3]
+    print(f"{name} {size}x{size} via ONNX: FP32 max |diff| {diff:.2e} (max |out| {scale:.2f}), "
+          f"{len(graph.nodes)} integer nodes ({names} ...), .so bit-exact: {exact}", flush=True)
+    return dict(model=name, size=size, fp32_max_abs_diff=diff, fp32_max_abs_out=scale, import_seconds=round(t_import, 2),
+                integer_nodes=len(graph.nodes), first_layers=names, compile_seconds=round(res.seconds, 1),
+                so_bit_exact_vs_reference=exact)
+
+
+def markdown(result: dict[str, Any], cmd: str) -> str:
+    m = result["machine"]
+    lines = [
+        "# ONNX interop: ONNX Runtime on ptq2tvm's QDQ export, and ONNX models in",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, VNNI: {m['vnni']}, ONNX Runtime {m['ort']}; load average "
+        f"{m['loadavg_start']} at the start, {m['loadavg_end']} at the end (shared, loaded machine: timings are "
+        "not latencies, see `ptq2tvm bench`).",
+        "",
+        "## ORT vs the reference executor and the .so (full test set)",
+        "",
+        "| run | weights in ONNX | ORT top-1 | .so top-1 | gap (points) | output exact | max LSB | histogram "
+        "| integer kernels (ORT optimised graph) | float convs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        for w, d in r["ort"].items():
+            kern = ", ".join(f"{k} {v}" for k, v in d["ort_kernels"].items()
+                             if k in ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger"))
+            lines.append(f"| {Path(r['run']).name} (W{r['w_bits']}A{r['a_bits']}) | {w} | {100 * d['ort_top1']:.2f} | "
+                         f"{100 * r['so_top1']:.2f} | {d['top1_gap_points']:+.2f} | {100 * d['exact_fraction']:.4f}% | "
+                         f"{d['max_abs_lsb']} | {d['lsb_histogram']} | {kern or 'none'} | {d['float_kernels']} |")
+    lines += ["", "Per layer (ORT vs reference, first images; kernel = what ORT ran after optimisation):", ""]
+    for r in result["runs"]:
+        for w, d in r["ort"].items():
+            lines += [f"### {Path(r['run']).name}, {w} weights ({d['per_layer_inputs']} images)", "",
+                      "| layer | op | ORT kernel | exact | max LSB | histogram |", "|---|---|---|---|---|---|"]
+            for p in d["per_layer"]:
+                lines.append(f"| {p['name']} | {p['op']} | {p['ort_kernel']} | {100 * p['exact_fraction']:.4f}% | "
+                             f"{p['max_abs_lsb']} | {p['lsb_histogram']} |")
+            lines.append("")
+    if result.get("zoo"):
+        lines += ["## Zoo models through ONNX (`--model x.onnx`, W8A8, seeded random calibration images)", "",
+                  "| model | input | FP32 max abs diff vs torch | integer nodes | first layers | .so bit-exact |",
+                  "|---|---|---|---|---|---|"]
+        for z in result["zoo"]:
+            lines.append(f"| {z['model']} | {z['size']}x{z['size']} | {z['fp32_max_abs_diff']:.2e} (max abs out "
+                         f"{z['fp32_max_abs_out']:.2f}) | {z['integer_nodes']} | {', '.join(z['first_layers'])} | "
+                         f"{z['so_bit_exact_vs_reference']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="*", default=[], help="extra run directories")
+    ap.add_argument("--no-demo", action="store_true", help="skip the demo W8A8 / W4A4 runs")
+    ap.add_argument("--demo-dir", default="runs/onnx_parity", help="where the demo runs are (created if absent)")
+    ap.add_argument("--limit", type=int, help="first N test images only")
+    ap.add_argument("--per-layer-inputs", type=int, default=512)
+    ap.add_argument("--zoo-size", type=int, nargs="*", default=[], help="ResNet-18 / MobileNetV2 through ONNX at "
+                    "these input sizes")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_parity"))
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    from ptq2tvm.bench.baselines import host_has_vnni
+    from ptq2tvm.bench.disasm import cpu_features
+
+    machine = dict(cpu=cpu_features(llvm=False).get("model_name"), cores=os.cpu_count(), vnni=host_has_vnni(),
+                   ort=ort.__version__, loadavg_start=round(os.getloadavg()[0], 1))
+    runs = [Path(r) for r in args.runs]
+    if not args.no_demo:
+        runs = [ensure_demo_run(Path(args.demo_dir) / f"w{w}a{a}", w, a) for w, a in ((8, 8), (4, 4))] + runs
+    result: dict[str, Any] = dict(machine=machine, runs=[], zoo=[])
+    for r in runs:
+        result["runs"].append(run_row(r, args.per_layer_inputs, args.limit))
+    work = Path(args.demo_dir) / "zoo"
+    work.mkdir(parents=True, exist_ok=True)
+    for size in args.zoo_size:
+        for name in ("resnet18", "mobilenet_v2"):
+            result["zoo"].append(zoo_row(name, size, work))
+    machine["loadavg_end"] = round(os.getloadavg()[0], 1)
+    cmd = "python benchmarks/onnx_parity.py " + " ".join(sys.argv[1:])
+    write_json(args.out + ".json", result)
+    write_text(args.out + ".md", markdown(result, cmd.strip()))
+    print(f"wrote {args.out}.json, {args.out}.md")
+    print(json.dumps({Path(r["run"]).name: {w: (d["ort_top1"], r["so_top1"], d["exact_fraction"], d["max_abs_lsb"])
+                                             for w, d in r["ort"].items()} for r in result["runs"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
