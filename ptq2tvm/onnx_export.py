@@ -14,7 +14,8 @@ conv2d / dense
     compute it): the IR bias plus ``z_x * sum(q_w,c)`` (the IR keeps the zero-point correction inside its bias; the
     QDQ Conv subtracts the zero point itself). A fused residual is a float Add of ``DQ(q_r)`` before the Q.
 add, avgpool2d
-    ``DQ -> Add | AveragePool(count_include_pad=1) | GlobalAveragePool -> [Clip] -> Q``.
+    ``DQ -> Add | AveragePool | GlobalAveragePool -> [Clip] -> Q``; a padded average pool first pads the uint8 codes
+    with the zero point (``Pad``: a real 0, as count_include_pad=1 counts it).
 maxpool2d, flatten, clamp
     ``DQ -> MaxPool | Flatten | Clip -> Q`` with the input's scale and zero point (Q(DQ(q)) == q exactly).
 
@@ -227,14 +228,23 @@ def _add(b: _Builder, node: IntNode) -> None:
 def _avgpool(b: _Builder, node: IntNode) -> None:
     a = node.attrs
     tin = b.qt[node.inputs[0]]
-    x = b.dq(node.inputs[0], node.name)
-    y = f"{node.name}/avg"
     (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    if (ph, pw) == (0, 0):
+        x = b.dq(node.inputs[0], node.name)
+    else:  # explicit Pad of the codes with the zero point (a real 0), then an unpadded AveragePool: OpenVINO
+        # 2026.4 miscounts count_include_pad=1 with pads (25% exact on a 2x2/stride 1/pad 1 pool), ORT is fine either way
+        z_code = b.qparams(tin, f"{node.name}/pad")[1]
+        pads = b.const(f"{node.name}/pads", np.array([0, 0, ph, pw, 0, 0, ph, pw], dtype=np.int64))
+        padded = f"{node.name}/padded"
+        b.node("Pad", [b.q_name[node.inputs[0]], pads, z_code], [padded], name=f"{node.name}/Pad", mode="constant")
+        s_, z_ = b.qparams(tin, f"{node.name}/dq_padded")
+        x = f"{node.name}/padded_dq"
+        b.node("DequantizeLinear", [padded, s_, z_], [x], name=f"{node.name}/DQ")
+    y = f"{node.name}/avg"
     if (kh, kw) == tuple(tin.shape[1:]) and (ph, pw) == (0, 0):
         b.node("GlobalAveragePool", [x], [y], name=f"{node.name}/GlobalAveragePool")
     else:
-        b.node("AveragePool", [x], [y], name=f"{node.name}/AveragePool", kernel_shape=[kh, kw], strides=[sh, sw],
-               pads=[ph, pw, ph, pw], count_include_pad=1)
+        b.node("AveragePool", [x], [y], name=f"{node.name}/AveragePool", kernel_shape=[kh, kw], strides=[sh, sw])
     b.clamp_and_quantize(y, node.out, a["lo"], a["hi"], node.name)
 
 
