@@ -83,6 +83,8 @@ class _Builder:
         self.int4 = int4
         self.uint8_weights = uint8_weights
         self.int4_acts = int4_acts
+        self.cut = False
+        self.cut_inputs: dict[str, QTensor] = {}
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.q_name: dict[str, str] = {}          # IR tensor -> ONNX name of its integer codes (Q output)
@@ -128,12 +130,20 @@ class _Builder:
             z = self.const(self.uid(f"{tag}/zero_point"), np.array(t.zero_point), typ)
         return s, z
 
+    def src(self, ir_name: str) -> str:
+        """The ONNX name a consumer reads IR tensor ``ir_name``'s codes from (a graph input ``in:<tensor>`` when
+        layers are cut apart)."""
+        if self.cut:
+            self.cut_inputs.setdefault(ir_name, self.qt[ir_name])
+            return f"in:{ir_name}"
+        return self.q_name[ir_name]
+
     def dq(self, ir_name: str, consumer: str) -> str:
         """A DequantizeLinear of IR tensor ``ir_name`` for one consumer (one DQ per consumer, as QDQ wants)."""
         t = self.qt[ir_name]
         s, z = self.qparams(t, f"{consumer}/dq_{ir_name}")
         out = self.uid(f"{consumer}/dq_{ir_name}")
-        self.node("DequantizeLinear", [self.q_name[ir_name], s, z], [out], name=self.uid(f"{consumer}/DQ"))
+        self.node("DequantizeLinear", [self.src(ir_name), s, z], [out], name=self.uid(f"{consumer}/DQ"))
         return out
 
     def clamp_and_quantize(self, y: str, t: QTensor, lo: int, hi: int, tag: str) -> None:
@@ -236,7 +246,7 @@ def _avgpool(b: _Builder, node: IntNode) -> None:
         z_code = b.qparams(tin, f"{node.name}/pad")[1]
         pads = b.const(f"{node.name}/pads", np.array([0, 0, ph, pw, 0, 0, ph, pw], dtype=np.int64))
         padded = f"{node.name}/padded"
-        b.node("Pad", [b.q_name[node.inputs[0]], pads, z_code], [padded], name=f"{node.name}/Pad", mode="constant")
+        b.node("Pad", [b.src(node.inputs[0]), pads, z_code], [padded], name=f"{node.name}/Pad", mode="constant")
         s_, z_ = b.qparams(tin, f"{node.name}/dq_padded")
         x = f"{node.name}/padded_dq"
         b.node("DequantizeLinear", [padded, s_, z_], [x], name=f"{node.name}/DQ")
@@ -285,8 +295,13 @@ WEIGHT_CONTAINERS = ("int8", "uint8")
 
 
 def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False, int4_activations: bool = False,
-               per_layer_outputs: bool = False, opset: int | None = None) -> tuple[Any, ExportReport]:
-    """The ONNX ModelProto of ``graph`` (not written) and its :class:`ExportReport`; see :func:`export_onnx`."""
+               per_layer_outputs: bool = False, opset: int | None = None,
+               cut_layers: bool = False) -> tuple[Any, ExportReport]:
+    """The ONNX ModelProto of ``graph`` (not written) and its :class:`ExportReport`; see :func:`export_onnx`.
+
+    ``cut_layers`` (for parity): every op reads its inputs' codes from uint8 graph inputs ``in:<tensor>`` instead of
+    from the ops before it, so one run measures each layer on the same inputs as the reference (its local error,
+    not the drift it inherits); implies ``per_layer_outputs``."""
     import onnx
     from onnx import helper
 
@@ -300,7 +315,11 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
     if unknown:
         bad = [f"'{n.name}' ({n.op})" for n in graph.nodes if n.op in unknown]
         raise ArtifactError(f"no ONNX exporter for IR op(s) {', '.join(unknown)}: layers {', '.join(bad[:8])}")
+    if cut_layers and int4_activations:
+        raise ArtifactError("cut_layers needs uint8 activation containers (not int4_activations)")
+    per_layer_outputs = per_layer_outputs or cut_layers
     b = _Builder(graph, int4, weights == "uint8", int4_activations)
+    b.cut = cut_layers
     tin = graph.input
     # network input: float -> [Clip to the input's range when < 8 bit] -> Q
     b.clamp_and_quantize(INPUT_NAME, tin, 0, tin.qmax, "input")
@@ -312,6 +331,8 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
 
     f32 = onnx.TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(INPUT_NAME, f32, ["batch", *tin.shape])]
+    inputs += [helper.make_tensor_value_info(f"in:{k}", onnx.TensorProto.UINT8, ["batch", *t.shape])
+               for k, t in b.cut_inputs.items()]
     outputs = [helper.make_tensor_value_info(OUTPUT_NAME, f32, ["batch", *out_t.shape])]
     if per_layer_outputs:
         for name in [tin.name] + [n.name for n in graph.nodes]:

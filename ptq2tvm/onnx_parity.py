@@ -43,6 +43,9 @@ class OnnxLayerParity:
     max_abs_lsb: int
     lsb_histogram: dict[str, int]
     ort_kernel: str | None = None
+    local_exact_fraction: float = 1.0     # this layer alone, on the reference's input codes
+    local_max_abs_lsb: int = 0
+    local_lsb_histogram: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,11 +89,14 @@ class OnnxParityReport:
         if self.ort_top1 is not None:
             lines.append(f"top-1: ORT {100 * self.ort_top1:.2f}%  reference (= .so) {100 * self.reference_top1:.2f}%")
         if self.per_layer:
-            lines.append(f"per layer (ORT vs reference, first {self.per_layer_inputs} inputs; kernel: what ORT ran after optimisation):")
+            lines.append(f"per layer (ORT vs reference, first {self.per_layer_inputs} inputs; kernel: what ORT ran after "
+                         "optimisation; local: the layer alone on the reference's inputs; chained: ORT end to end, "
+                         "inheriting earlier layers' differences):")
             w = max(len(p.name) for p in self.per_layer)
             for p in self.per_layer:
-                lines.append(f"  {p.name:<{w}} {p.op:<10} {str(p.ort_kernel):<24} exact {100 * p.exact_fraction:8.4f}%"
-                             f"  max {p.max_abs_lsb:3d} LSB  {p.lsb_histogram}")
+                lines.append(f"  {p.name:<{w}} {p.op:<10} {str(p.ort_kernel):<24} local {100 * p.local_exact_fraction:8.4f}%"
+                             f" max {p.local_max_abs_lsb} LSB | chained {100 * p.exact_fraction:8.4f}% "
+                             f"max {p.max_abs_lsb:3d} LSB {p.lsb_histogram}")
         return "\n".join(lines)
 
 
@@ -136,12 +142,18 @@ def optimized_kernels(optimized_path: str | Path) -> tuple[dict[str, int], dict[
     for t, n in producer.items():
         if not t.startswith("q:"):
             continue
-        seen = 0
-        while n.op_type in ("Transpose", "ReorderOutput", "ReorderInput", "Identity") and seen < 4 and n.input:
-            n = producer.get(n.input[0], n)
-            seen += 1
-        kernels[t[2:]] = n.op_type
+        kernels[t[2:]] = _kernel_of(n, producer)
     return dict(sorted(counts.items())), kernels
+
+
+def _kernel_of(n: Any, producer: dict[str, Any], depth: int = 0) -> str:
+    """The op that computes node ``n``'s value, looking through layout changes; ``X -> Q`` when a float X feeds a
+    QuantizeLinear (ORT did not fuse it into an integer kernel)."""
+    while n.op_type in ("Transpose", "ReorderOutput", "ReorderInput", "Identity") and n.input and depth < 6:
+        n, depth = producer.get(n.input[0], n), depth + 1
+    if n.op_type == "QuantizeLinear" and n.input and n.input[0] in producer and depth < 6:
+        return f"{_kernel_of(producer[n.input[0]], producer, depth + 1)}->Q"
+    return n.op_type
 
 
 def _lsb(a: np.ndarray, b: np.ndarray) -> tuple[float, int, dict[str, int]]:
@@ -149,6 +161,25 @@ def _lsb(a: np.ndarray, b: np.ndarray) -> tuple[float, int, dict[str, int]]:
     vals, counts = np.unique(np.minimum(d, 4), return_counts=True)
     return (float((d == 0).mean()) if d.size else 1.0, int(d.max(initial=0)),
             {("4+" if v == 4 else str(int(v))): int(c) for v, c in zip(vals, counts)})
+
+
+def _run_cut(graph: IntegerGraph, images: np.ndarray, env: dict[str, np.ndarray], weights: str, int4: bool,
+             threads: int, batch_size: int, td: str) -> dict[str, np.ndarray]:
+    """Every layer run by ORT on the reference executor's input codes (``build_onnx(cut_layers=True)``)."""
+    import onnx
+
+    cut, _ = build_onnx(graph, weights=weights, int4=int4, cut_layers=True)
+    onnx.save(cut, f"{td}/cut.onnx")
+    sess = ort_session(f"{td}/cut.onnx", threads)
+    names = [o.name for o in sess.get_outputs()]
+    feeds = [i.name for i in sess.get_inputs()]
+    got: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i in range(0, len(images), batch_size):
+        feed = {f: (images[i:i + batch_size] if f == INPUT_NAME else env[f[len("in:"):]][i:i + batch_size])
+                for f in feeds}
+        for n, v in zip(names, sess.run(None, feed)):
+            got[n].append(v)
+    return {n[len("codes:"):]: np.concatenate(v) for n, v in got.items() if n.startswith("codes:")}
 
 
 def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray | None = None, *,
@@ -215,9 +246,12 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
             ops = {n.name: n.op for n in graph.nodes}
             rep.input_codes_exact_fraction = _lsb(np.concatenate(got[f"codes:{graph.input.name}"]),
                                                   env[graph.input.name])[0]
+            local = _run_cut(graph, sub, env, weights, int4, threads, batch_size, td)
             for node in graph.nodes:
                 e, m, h = _lsb(np.concatenate(got[f"codes:{node.name}"]), env[node.name])
-                rep.per_layer.append(OnnxLayerParity(node.name, ops[node.name], e, m, h, kernels.get(node.name)))
+                le, lm, lh = _lsb(local[node.name], env[node.name])
+                rep.per_layer.append(OnnxLayerParity(node.name, ops[node.name], e, m, h, kernels.get(node.name),
+                                                     le, lm, lh))
             rep.per_layer_inputs = int(len(sub))
     return rep
 

@@ -199,6 +199,9 @@ def test_cli_export_parity_and_onnx_model_errors(tmp_path, tiny_model, tiny_data
     p = json.loads((tmp_path / "p.json").read_text())
     assert p["n_inputs"] == 64 and p["exact_fraction"] >= 0.999 and p["max_abs_lsb"] <= 1
     assert p["integer_kernels"] >= 6 and len(p["per_layer"]) == 15
+    for layer in p["per_layer"]:  # each layer alone on the reference's inputs: within 1 LSB (docs/onnx.md)
+        assert layer["local_max_abs_lsb"] <= 1 and layer["local_exact_fraction"] >= 0.999, layer
+    assert {layer["ort_kernel"] for layer in p["per_layer"]} >= {"QLinearConv", "FusedConv->Q"}
     # a corrupted ONNX model: one clear line, no run directory
     (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage" * 10)
     out = tmp_path / "never"
