@@ -32,13 +32,13 @@ sys.path.insert(0, str(ROOT))
 from ptq2tvm.atomic import write_json, write_text  # noqa: E402
 
 
-def ensure_demo_run(out: Path, w: int, a: int) -> Path:
+def ensure_demo_run(out: Path, w: int, a: int, data: str = "fashion-mnist") -> Path:
     """The demo's quantization (resnet_small, Fashion-MNIST, 512 calibration images, rtn) as a run directory."""
     if (out / "model.qgraph.npz").is_file():
         return out
     from ptq2tvm.cli import main
 
-    rc = main(["quantize", "--model", "resnet_small", "--data", "fashion-mnist", "--w-bits", str(w), "--a-bits",
+    rc = main(["quantize", "--model", "resnet_small", "--data", data, "--w-bits", str(w), "--a-bits",
                str(a), "--out", str(out), "--no-progress"])
     if rc:
         raise SystemExit(f"quantize failed for {out}")
@@ -118,6 +118,13 @@ def zoo_row(name: str, size: int, work: Path) -> dict[str, Any]:
                 so_bit_exact_vs_reference=exact)
 
 
+def _worst(d: dict[str, Any]) -> str:
+    if not d["per_layer"]:
+        return "-"
+    p = min(d["per_layer"], key=lambda p: (p["local_exact_fraction"], -p["local_max_abs_lsb"]))
+    return f"{p['name']}: {100 * p['local_exact_fraction']:.4f}%, max {p['local_max_abs_lsb']}"
+
+
 def markdown(result: dict[str, Any], cmd: str) -> str:
     m = result["machine"]
     lines = [
@@ -132,8 +139,8 @@ def markdown(result: dict[str, Any], cmd: str) -> str:
         "## ORT vs the reference executor and the .so (full test set)",
         "",
         "| run | weights in ONNX | ORT top-1 | .so top-1 | gap (points) | output exact | max LSB | histogram "
-        "| integer kernels (ORT optimised graph) | float convs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| worst layer, local | integer kernels (ORT optimised graph) | float convs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         for w, d in r["ort"].items():
@@ -141,15 +148,20 @@ def markdown(result: dict[str, Any], cmd: str) -> str:
                              if k in ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger"))
             lines.append(f"| {Path(r['run']).name} (W{r['w_bits']}A{r['a_bits']}) | {w} | {100 * d['ort_top1']:.2f} | "
                          f"{100 * r['so_top1']:.2f} | {d['top1_gap_points']:+.2f} | {100 * d['exact_fraction']:.4f}% | "
-                         f"{d['max_abs_lsb']} | {d['lsb_histogram']} | {kern or 'none'} | {d['float_kernels']} |")
-    lines += ["", "Per layer (ORT vs reference, first images; kernel = what ORT ran after optimisation):", ""]
+                         f"{d['max_abs_lsb']} | {d['lsb_histogram']} | {_worst(d)} | {kern or 'none'} | "
+                         f"{d['float_kernels']} |")
+    lines += ["", "Per layer (ORT vs reference on the first images; kernel = what ORT ran after optimisation, "
+              "`X->Q` = a float X then a QuantizeLinear; local = the layer alone on the reference executor's input "
+              "codes, chained = ORT end to end; docs/onnx.md explains both):", ""]
     for r in result["runs"]:
         for w, d in r["ort"].items():
             lines += [f"### {Path(r['run']).name}, {w} weights ({d['per_layer_inputs']} images)", "",
-                      "| layer | op | ORT kernel | exact | max LSB | histogram |", "|---|---|---|---|---|---|"]
+                      "| layer | op | ORT kernel | local exact | local max LSB | chained exact | chained max LSB "
+                      "| chained histogram |", "|---|---|---|---|---|---|---|---|"]
             for p in d["per_layer"]:
-                lines.append(f"| {p['name']} | {p['op']} | {p['ort_kernel']} | {100 * p['exact_fraction']:.4f}% | "
-                             f"{p['max_abs_lsb']} | {p['lsb_histogram']} |")
+                lines.append(f"| {p['name']} | {p['op']} | {p['ort_kernel']} | {100 * p['local_exact_fraction']:.4f}% | "
+                             f"{p['local_max_abs_lsb']} | {100 * p['exact_fraction']:.4f}% | {p['max_abs_lsb']} | "
+                             f"{p['lsb_histogram']} |")
             lines.append("")
     if result.get("zoo"):
         lines += ["## Zoo models through ONNX (`--model x.onnx`, W8A8, seeded random calibration images)", "",
@@ -167,6 +179,8 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=[], help="extra run directories")
     ap.add_argument("--no-demo", action="store_true", help="skip the demo W8A8 / W4A4 runs")
     ap.add_argument("--demo-dir", default="runs/onnx_parity", help="where the demo runs are (created if absent)")
+    ap.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"],
+                    help="dataset of the demo runs")
     ap.add_argument("--limit", type=int, help="first N test images only")
     ap.add_argument("--per-layer-inputs", type=int, default=512)
     ap.add_argument("--zoo-size", type=int, nargs="*", default=[], help="ResNet-18 / MobileNetV2 through ONNX at "
@@ -182,7 +196,8 @@ def main() -> None:
                    ort=ort.__version__, loadavg_start=round(os.getloadavg()[0], 1))
     runs = [Path(r) for r in args.runs]
     if not args.no_demo:
-        runs = [ensure_demo_run(Path(args.demo_dir) / f"w{w}a{a}", w, a) for w, a in ((8, 8), (4, 4))] + runs
+        runs = [ensure_demo_run(Path(args.demo_dir) / f"{args.data}_w{w}a{a}", w, a, args.data)
+                for w, a in ((8, 8), (4, 4))] + runs
     result: dict[str, Any] = dict(machine=machine, runs=[], zoo=[])
     for r in runs:
         result["runs"].append(run_row(r, args.per_layer_inputs, args.limit))
