@@ -26,7 +26,7 @@ tensors of <= 4 bits use UINT4 zero points and weights of <= 4 bits (that fit [-
 Runtime runs those as float DQ + float Conv (it has no int4 QLinearConv), so the default is 8-bit containers.
 
 The network input is float32 (N, C, H, W), quantized by the first Q; the output ``output`` is the float32
-dequantized network output. The integer codes of IR tensor ``t`` are the ONNX tensor ``q:t``;
+dequantized network output (``output_0``, ``output_1``, ... for a graph with several outputs). The integer codes of IR tensor ``t`` are the ONNX tensor ``q:t``;
 ``per_layer_outputs=True`` also exposes them all as uint8 graph outputs ``codes:t``, for layer-by-layer parity (:mod:`ptq2tvm.onnx_parity`).
 """
 
@@ -266,10 +266,11 @@ def _same_grid(op: str, **fixed: Any) -> Exporter:
         y = f"{node.name}/{op.lower()}"
         attrs = dict(fixed)
         lo, hi = 0, node.out.qmax
-        if op == "MaxPool":
+        if op == "MaxPool":  # ceil_mode is the extra end padding (code 0 = the smallest value = ONNX's -inf)
             a = node.attrs
             ph, pw = a["padding"]
-            attrs.update(kernel_shape=list(a["kernel"]), strides=list(a["stride"]), pads=[ph, pw, ph, pw],
+            eh, ew = a.get("padding_end", (0, 0))
+            attrs.update(kernel_shape=list(a["kernel"]), strides=list(a["stride"]), pads=[ph, pw, ph + eh, pw + ew],
                          dilations=list(a["dilation"]))
         if op == "Identity":  # clamp: the Clip of clamp_and_quantize is the op
             lo, hi = node.attrs["lo"], node.attrs["hi"]
@@ -277,6 +278,98 @@ def _same_grid(op: str, **fixed: Any) -> Exporter:
         b.clamp_and_quantize(y, node.out, lo, hi, node.name)
 
     return export
+
+
+def _mul(b: _Builder, node: IntNode) -> None:
+    """Broadcast multiply (squeeze-excitation gate): ``DQ(a) * DQ(b) -> [Clip] -> Q``."""
+    xa, xb = b.dq(node.inputs[0], node.name), b.dq(node.inputs[1], node.name)
+    y = f"{node.name}/prod"
+    b.node("Mul", [xa, xb], [y], name=f"{node.name}/Mul")
+    b.clamp_and_quantize(y, node.out, node.attrs["lo"], node.attrs["hi"], node.name)
+
+
+def _concat(b: _Builder, node: IntNode) -> None:
+    """``Concat(DQ(x_i), axis=1) -> [Clip] -> Q``: each input requantized onto the output grid with one rounding."""
+    xs = [b.dq(i, node.name) for i in node.inputs]
+    y = f"{node.name}/cat"
+    b.node("Concat", xs, [y], name=f"{node.name}/Concat", axis=1)
+    b.clamp_and_quantize(y, node.out, node.attrs["lo"], node.attrs["hi"], node.name)
+
+
+def _lut(b: _Builder, node: IntNode) -> None:
+    """Lookup table on the codes: ``Gather(table, int64(q_x))``, the fold's exact uint8 table (no float function)."""
+    table = b.const(f"{node.name}/table", np.asarray(node.arrays["table"]).astype(np.uint8))
+    idx = f"{node.name}/index"
+    b.node("Cast", [b.src(node.inputs[0])], [idx], name=f"{node.name}/Cast", to=b.TP.INT64)
+    codes = f"{node.name}/codes"
+    b.node("Gather", [table, idx], [codes], name=f"{node.name}/Gather", axis=0)
+    t = node.out
+    if b.act_type(t) == b.TP.UINT8:
+        b.node("Identity", [codes], [f"q:{t.name}"], name=f"{node.name}/Identity")
+        b.q_name[t.name], b.qt[t.name] = f"q:{t.name}", t
+    else:  # a UINT4 container: re-quantize the (exact) uint8 codes into it
+        b.qt[t.name] = QTensor(t.name, t.shape, t.scale, t.zero_point, 8)
+        b.q_name[t.name] = codes
+        b.clamp_and_quantize(b.dq(t.name, f"{node.name}/u4"), t, 0, b.act_qmax(t), f"{node.name}/u4")
+
+
+def _reshape_chain(b: _Builder, node: IntNode, x: str, shapes: list[list[int]], perm: list[int]) -> str:
+    """Reshape(shapes[0]) -> Transpose(perm) -> Reshape(shapes[1]); 0 keeps the (dynamic) batch dim."""
+    r1, t1, r2 = (f"{node.name}/{k}" for k in ("split", "transposed", "merged"))
+    b.node("Reshape", [x, b.const(f"{node.name}/shape0", np.array(shapes[0], dtype=np.int64))], [r1],
+           name=f"{node.name}/Reshape0")
+    b.node("Transpose", [r1], [t1], name=f"{node.name}/Transpose", perm=perm)
+    b.node("Reshape", [t1, b.const(f"{node.name}/shape1", np.array(shapes[1], dtype=np.int64))], [r2],
+           name=f"{node.name}/Reshape1")
+    return r2
+
+
+def _grid_op(emit: Callable[[_Builder, IntNode, str], str]) -> Exporter:
+    """A data-movement op between a DQ and a Q on the input's own grid (exact: Q(DQ(q)) == q)."""
+
+    def export(b: _Builder, node: IntNode) -> None:
+        y = emit(b, node, b.dq(node.inputs[0], node.name))
+        b.clamp_and_quantize(y, node.out, 0, node.out.qmax, node.name)
+
+    return export
+
+
+def _upsample(b: _Builder, node: IntNode, x: str) -> str:
+    sh, sw = node.attrs["scale"]
+    y = f"{node.name}/resized"
+    scales = b.const(f"{node.name}/scales", np.array([1, 1, sh, sw], dtype=np.float32))
+    b.node("Resize", [x, "", scales], [y], name=f"{node.name}/Resize", mode="nearest",
+           coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    return y
+
+
+def _pixel_shuffle(b: _Builder, node: IntNode, x: str) -> str:
+    y = f"{node.name}/d2s"  # torch's pixel_shuffle is DepthToSpace in CRD order
+    b.node("DepthToSpace", [x], [y], name=f"{node.name}/DepthToSpace", blocksize=int(node.attrs["factor"]),
+           mode="CRD")
+    return y
+
+
+def _pixel_unshuffle(b: _Builder, node: IntNode, x: str) -> str:
+    r = int(node.attrs["factor"])  # SpaceToDepth is DCR-ordered only; torch's order as reshape/transpose/reshape
+    c, h, w = b.qt[node.inputs[0]].shape
+    return _reshape_chain(b, node, x, [[0, c, h // r, r, w // r, r], [0, c * r * r, h // r, w // r]],
+                          [0, 1, 3, 5, 2, 4])
+
+
+def _channel_shuffle(b: _Builder, node: IntNode, x: str) -> str:
+    g = int(node.attrs["groups"])
+    c, h, w = b.qt[node.inputs[0]].shape
+    return _reshape_chain(b, node, x, [[0, g, c // g, h, w], [0, c, h, w]], [0, 2, 1, 3, 4])
+
+
+def _slice(b: _Builder, node: IntNode, x: str) -> str:
+    y = f"{node.name}/sliced"
+    a = node.attrs
+    b.node("Slice", [x, b.const(f"{node.name}/starts", np.array([a["start"]], dtype=np.int64)),
+                     b.const(f"{node.name}/ends", np.array([a["stop"]], dtype=np.int64)),
+                     b.const(f"{node.name}/axes", np.array([1], dtype=np.int64))], [y], name=f"{node.name}/Slice")
+    return y
 
 
 #: IR op -> exporter. A new IR op is one entry here (and a case in the parity tests).
@@ -288,10 +381,30 @@ EXPORTERS: dict[str, Exporter] = {
     "maxpool2d": _same_grid("MaxPool"),
     "flatten": _same_grid("Flatten", axis=1),
     "clamp": _same_grid("Identity"),
+    "mul": _mul,
+    "concat": _concat,
+    "lut": _lut,
+    "upsample": _grid_op(_upsample),
+    "pixel_shuffle": _grid_op(_pixel_shuffle),
+    "pixel_unshuffle": _grid_op(_pixel_unshuffle),
+    "channel_shuffle": _grid_op(_channel_shuffle),
+    "slice": _grid_op(_slice),
 }
 
 
 WEIGHT_CONTAINERS = ("int8", "uint8")
+
+
+def graph_output_names(graph: IntegerGraph) -> list[str]:
+    """The IR tensors the graph outputs (``output_names`` of multi-output graphs, else ``[output_name]``)."""
+    names = getattr(graph, "output_names", None)
+    return list(names) if names else [graph.output_name]
+
+
+def onnx_output_names(graph: IntegerGraph) -> list[str]:
+    """The float outputs of the exported model: ``output`` for one output, ``output_0``, ``output_1``, ... else."""
+    n = len(graph_output_names(graph))
+    return [OUTPUT_NAME] if n == 1 else [f"{OUTPUT_NAME}_{i}" for i in range(n)]
 
 
 def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False, int4_activations: bool = False,
@@ -325,15 +438,15 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
     b.clamp_and_quantize(INPUT_NAME, tin, 0, tin.qmax, "input")
     for node in graph.nodes:
         EXPORTERS[node.op](b, node)
-    out_t = graph.output
-    s, z = b.qparams(out_t, "output")
-    b.node("DequantizeLinear", [b.q_name[out_t.name], s, z], [OUTPUT_NAME], name="output/DQ")
-
     f32 = onnx.TensorProto.FLOAT
+    outputs = []
+    for oname, t in zip(onnx_output_names(graph), [graph.tensor(n) for n in graph_output_names(graph)]):
+        s, z = b.qparams(t, oname)
+        b.node("DequantizeLinear", [b.q_name[t.name], s, z], [oname], name=f"{oname}/DQ")
+        outputs.append(helper.make_tensor_value_info(oname, f32, ["batch", *t.shape]))
     inputs = [helper.make_tensor_value_info(INPUT_NAME, f32, ["batch", *tin.shape])]
     inputs += [helper.make_tensor_value_info(f"in:{k}", onnx.TensorProto.UINT8, ["batch", *t.shape])
                for k, t in b.cut_inputs.items()]
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, f32, ["batch", *out_t.shape])]
     if per_layer_outputs:
         for name in [tin.name] + [n.name for n in graph.nodes]:
             t = b.qt[name]
@@ -349,7 +462,7 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
                               producer_version=__version__)
     model.ir_version = min(model.ir_version, 10)  # readable by ONNX Runtime >= 1.18 and OpenVINO
     helper.set_model_props(model, {"ptq2tvm_graph_sha256": graph.digest(), "ptq2tvm_input_tensor": tin.name,
-                                   "ptq2tvm_output_tensor": out_t.name,
+                                   "ptq2tvm_output_tensors": ",".join(graph_output_names(graph)),
                                    "ptq2tvm_weights": weights, "ptq2tvm_int4": str(bool(int4)).lower(),
                                    "ptq2tvm_int4_activations": str(bool(int4_activations)).lower()})
     try:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .errors import ArtifactError
 from .ir.graph import IntegerGraph
 from .ir.reference import run_reference
-from .onnx_export import INPUT_NAME, OUTPUT_NAME, build_onnx
+from .onnx_export import INPUT_NAME, build_onnx, graph_output_names, onnx_output_names
 
 INTEGER_KERNELS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul",
                    "MatMulIntegerToFloat")
@@ -146,6 +146,17 @@ def optimized_kernels(optimized_path: str | Path) -> tuple[dict[str, int], dict[
     return dict(sorted(counts.items())), kernels
 
 
+def _as_list(v: Any) -> list[np.ndarray]:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _flat(outs: list[np.ndarray]) -> np.ndarray:
+    """One output: as is (N, ...); several: each flattened per sample and concatenated (N, sum of sizes)."""
+    if len(outs) == 1:
+        return np.asarray(outs[0])
+    return np.concatenate([np.asarray(o).reshape(len(o), -1) for o in outs], axis=1)
+
+
 def _kernel_of(n: Any, producer: dict[str, Any], depth: int = 0) -> str:
     """The op that computes node ``n``'s value, looking through layout changes; ``X -> Q`` when a float X feeds a
     QuantizeLinear (ORT did not fuse it into an integer kernel)."""
@@ -206,16 +217,18 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
         sess = ort_session(f"{td}/model.onnx", threads, optimized_path=f"{td}/model.opt.onnx")
         counts, _ = optimized_kernels(f"{td}/model.opt.onnx")
         ort_out, ref_out = [], []
-        out_t = graph.output
+        out_ts = [graph.tensor(n) for n in graph_output_names(graph)]
         for i in tqdm(range(0, len(images), batch_size), desc="ORT parity", disable=not progress, leave=False):
             x = images[i:i + batch_size]
-            y = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-            ort_out.append(np.rint(y.astype(np.float64) / np.float32(out_t.scale)).astype(np.int64) + out_t.zero_point)
+            ys = sess.run(onnx_output_names(graph), {INPUT_NAME: x})
+            ort_out.append(_flat([np.rint(y.astype(np.float64) / np.float32(t.scale)).astype(np.int64) + t.zero_point
+                                  for y, t in zip(ys, out_ts)]))
             if reference is None:
-                ref_out.append(run_reference(graph, graph.input.quantize(x)))
+                env = run_reference(graph, graph.input.quantize(x), return_all=True)
+                ref_out.append(_flat([env[t.name] for t in out_ts]))
         del sess
         ort_q = np.concatenate(ort_out)
-        ref_q = np.concatenate(ref_out) if reference is None else np.asarray(reference)
+        ref_q = np.concatenate(ref_out) if reference is None else _flat(_as_list(reference))
         if ref_q.shape != ort_q.shape:
             raise ArtifactError(f"reference outputs {ref_q.shape} do not match ORT's {ort_q.shape}")
         exact, max_lsb, hist = _lsb(ort_q, ref_q)
@@ -223,12 +236,12 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
             onnx_weights=weights, int4=bool(int4), ort_version=ort.__version__, host_vnni=host_has_vnni(),
             n_inputs=int(len(images)), n_elements=int(ref_q.size), exact_fraction=exact,
             mismatched_elements=int((ort_q != ref_q).sum()), max_abs_lsb=max_lsb, lsb_histogram=hist,
-            top1_agreement_vs_reference=(float((ort_q.argmax(1) == ref_q.argmax(1)).mean()) if ref_q.ndim == 2
-                                         else exact),
+            top1_agreement_vs_reference=(float((ort_q.argmax(1) == ref_q.argmax(1)).mean())
+                                         if ref_q.ndim == 2 and len(out_ts) == 1 else exact),
             input_codes_exact_fraction=1.0, ort_kernels=counts,
             integer_kernels=sum(v for k, v in counts.items() if k in INTEGER_KERNELS),
             float_kernels=sum(v for k, v in counts.items() if k in FLOAT_CONVS))
-        if labels is not None and ref_q.ndim == 2:
+        if labels is not None and ref_q.ndim == 2 and len(out_ts) == 1:
             rep.ort_top1 = float((ort_q.argmax(1) == labels).mean())
             rep.reference_top1 = float((ref_q.argmax(1) == labels).mean())
         if per_layer_inputs:

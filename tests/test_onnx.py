@@ -247,3 +247,23 @@ def test_zoo_model_through_onnx_compiles_bit_exact(tmp_path, name):
     q = graph.input.quantize(x[:2])
     compile_so(graph, tmp_path / "m.so", batch=1)  # ReLU6 from Clip, depthwise, adds without ReLU
     assert np.array_equal(CompiledModel(tmp_path / "m.so").run_int(q), run_reference(graph, q))
+
+
+def test_registry_ops_export_exact(tmp_path):
+    """Every op of the op registry's test models (lut, mul, concat, slice, channel shuffle, upsample, pixel
+    (un)shuffle, several outputs) through ORT: each layer within 1 LSB of the reference, the outputs exact."""
+    t = pytest.importorskip("test_ops", reason="the op registry (tests/test_ops.py) is not in this checkout")
+    from ptq2tvm.fold.fold import fold_to_integer
+    from ptq2tvm.onnx_parity import run_onnx_parity
+
+    seen: set[str] = set()
+    for name in t.OP_MODELS:
+        _, qm = t._quantize(name, 4, 4)
+        graph = fold_to_integer(qm)
+        seen |= {n.op for n in graph.nodes}
+        rep = run_onnx_parity(graph, t._images(2, 16), None, weights="uint8", per_layer_inputs=16, threads=1,
+                              progress=False)
+        assert rep.max_abs_lsb <= 1 and rep.exact_fraction >= 0.99, name
+        assert all(p.local_max_abs_lsb <= 1 and p.local_exact_fraction >= 0.99 for p in rep.per_layer), name
+    assert seen >= {"lut", "mul", "concat", "slice", "channel_shuffle", "upsample", "pixel_shuffle",
+                    "pixel_unshuffle"} and seen <= set(EXPORTERS)
