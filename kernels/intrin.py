@@ -18,6 +18,19 @@ with A uint8 (activations) and B int8 (weights). Both are exact for every uint8 
   to int16 and is wrong for large values; it is never used here). Weight block layout: ``B[2, 16, 2]`` =
   [input-channel pair, output channel, channel within pair], so one ``vpmaddwd`` yields 8 output channels.
 
+Two more use the VNNI weight layout ``B[16, 4]`` on 256-bit registers (two halves of 8 output channels):
+
+* ``avxvnni``: AVX-VNNI, the VEX-encoded ``{vex} vpdpbusd ymm`` (Alder Lake and newer Intel client cores, Zen 5
+  client parts without AVX-512 VNNI); same exact arithmetic as ``vnni``.
+* ``ubsw`` (AVX2, no VNNI): ``vpmaddubsw`` (u8 x s8, adjacent pairs summed into *saturating* int16) then ``vpmaddwd``
+  with ones (int16 pairs -> int32) and ``vpaddd``: three instructions per 8 lanes x 4 channels instead of the int16
+  path's widening + two ``vpmaddwd``. It is exact only when no pair sum ``a0*w0 + a1*w1`` can leave int16, i.e.
+  ``amax * (max(w0,0) + max(w1,0)) <= 32767`` and ``amax * (min(w0,0) + min(w1,0)) >= -32768`` for every weight
+  pair and the activation maximum ``amax`` (the input's qmax). The compiler proves it per layer from the integer
+  weights (:func:`kernels.layout.u8s8_pairs_exact`: always for int4 weights or <= 7-bit activations, and for 8-bit
+  weights whose same-sign pairs stay within 128 when amax = 255) and uses the ``avx2`` intrinsic otherwise; the
+  schedule refuses a kernel that is not marked exact.
+
 A third intrinsic serves depthwise convs (``vnni_taps``): 16 channels x 4 horizontal taps,
 
     C[i] += int32(A[t, i]) * int32(B[i, t])   i in 0..15 (channels), t in 0..3 (taps = 4 consecutive input pixels)
@@ -48,6 +61,8 @@ from tvm.script import tirx as T
 VNNI_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_vnni"
 TAPS_INTRIN = "ptq2tvm_depthwise_16x4taps_u8i8i32_vnni"
 AVX2_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_avx2"
+AVXVNNI_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_avxvnni"
+UBSW_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_ubsw"
 DP4A_INTRIN = "ptq2tvm_dp4a_u8i8i32"
 _SCOPES = ("global", "local")
 _registered: set[str] = set()
@@ -161,6 +176,47 @@ def _avx2_pair(scope: str):
     return desc, impl
 
 
+def _ymm_pair(scope: str, kind: str):
+    """VNNI-layout 16x4 dot product on two 256-bit halves: AVX-VNNI ``vpdpbusd ymm`` or AVX2 ``vpmaddubsw`` +
+    ``vpmaddwd`` (ones) + ``vpaddd`` (exact only for bounded weight pairs, see the module docstring)."""
+    desc, _ = _vnni_pair(scope)
+
+    @T.prim_func(s_tir=True)
+    def impl_avxvnni(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+                     C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
+                              dtype="uint8x32")
+            C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"), C.vload([0], dtype="int32x8"), a,
+                B.vload([0, 0], dtype="int8x32"), dtype="int32x8")
+            C[T.ramp(T.int32(8), 1, 8)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"), C.vload([8], dtype="int32x8"), a,
+                B.vload([8, 0], dtype="int8x32"), dtype="int32x8")
+
+    @T.prim_func(s_tir=True)
+    def impl_ubsw(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+                  C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
+                              dtype="uint8x32")
+            ones = T.broadcast(T.int16(1), 16)
+            lo = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a,
+                                         B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
+            hi = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a,
+                                         B.vload([8, 0], dtype="int8x32"), dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), lo, ones, dtype="int32x8")
+            C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), hi, ones, dtype="int32x8")
+
+    return desc, (impl_avxvnni if kind == "avxvnni" else impl_ubsw)
+
+
 def _dp4a_pair(scope: str):
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((4,), "uint8", offset_factor=4, scope="shared"),
@@ -222,6 +278,18 @@ def register_avx2_intrinsic(scope: str = "global") -> str:
     Its weight operand is laid out ``[2, 16, 2]`` (see the module docstring), i.e. packed with ``isa="avx2"``.
     """
     return _register(AVX2_INTRIN, _avx2_pair, scope)
+
+
+def register_avxvnni_intrinsic(scope: str = "global") -> str:
+    """Register (idempotently) the AVX-VNNI (256-bit VEX ``vpdpbusd``) u8 x s8 16x4 dot product (VNNI weight layout);
+    return its name."""
+    return _register(AVXVNNI_INTRIN, lambda sc: _ymm_pair(sc, "avxvnni"), scope)
+
+
+def register_ubsw_intrinsic(scope: str = "global") -> str:
+    """Register (idempotently) the AVX2 ``vpmaddubsw`` u8 x s8 16x4 dot product (VNNI weight layout; exact only for
+    weights that pass :func:`kernels.layout.u8s8_pairs_exact`); return its name."""
+    return _register(UBSW_INTRIN, lambda sc: _ymm_pair(sc, "ubsw"), scope)
 
 
 def register_dp4a_intrinsic(scope: str = "local") -> str:

@@ -122,6 +122,25 @@ def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, ic_block: int = BLOCK,
     return _pack_dense_core(padded, ic_block, isa, int4)
 
 
+def u8s8_pairs_exact(packed: np.ndarray, amax: int = 255) -> bool:
+    """True when ``vpmaddubsw`` is exact for a VNNI-layout packed weight (``[..., 16, 4]`` int8, or its int4 form
+    ``[..., 32]`` uint8) and uint8 activations in ``[0, amax]``: for every pair of adjacent input channels (the
+    pairs vpmaddubsw sums, ``(0, 1)`` and ``(2, 3)`` of each 4) ``amax * (max(w0,0) + max(w1,0)) <= 32767`` and
+    ``amax * (min(w0,0) + min(w1,0)) >= -32768``, so no int16 pair sum saturates. (Intel SDM, PMADDUBSW.)"""
+    p = np.asarray(packed)
+    if p.dtype == np.uint8:
+        p = unpack_int4(p)
+    if p.dtype != np.int8 or p.shape[-1] not in (4, 64):
+        raise ValueError(f"expected a VNNI-layout int8 weight [..., 16, 4] or int4 [..., 32], got {p.dtype} "
+                         f"{p.shape}")
+    pairs = p.reshape(-1, 2).astype(np.int32)
+    if pairs.size == 0:
+        return True
+    pos = np.maximum(pairs, 0).sum(axis=1).max()
+    neg = np.minimum(pairs, 0).sum(axis=1).min()
+    return int(amax) * int(pos) <= 32767 and int(amax) * int(neg) >= -32768
+
+
 def pack_depthwise_taps(w_oihw: np.ndarray) -> np.ndarray:
     """Depthwise weight (C, 1, KH, KW) int8 -> (ceil(C/16), KH, ceil(KW/4), 16, 4) int8 for
     :func:`kernels.depthwise_taps_requant`: ``[cb, kh, g, i, t]`` = ``w[cb*16 + i, 0, kh, 4g + t]``, zero for

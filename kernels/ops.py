@@ -120,7 +120,7 @@ def _packed_weight(wt: te.Tensor, layout: str, ric, rkh, rkw, rcf, rcs):
 def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,
                          *residual: te.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
                          input_zero_point: int = 0, output_zero_point: int = 0, lo: int = 0, hi: int = 255,
-                         residual_zero_point: int = 0, isa: str = "vnni") -> te.Tensor:
+                         residual_zero_point: int = 0, isa: str = "vnni", ubsw_exact: bool = False) -> te.Tensor:
     """Fused conv + bias + requant (+ residual) in the blocked layout.
 
     x        uint8 (N, CB, H, W, icb)            blocked input (icb = 16 inside the net, 4 for the first conv)
@@ -131,6 +131,9 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     returns  uint8 (N, OB, OH, OW, 16)
 
     ``groups`` is only used to validate depthwise weights; grouping is read from the packed weight.
+    ``ubsw_exact``: the caller proved (:func:`kernels.layout.u8s8_pairs_exact`) that AVX2's saturating
+    ``vpmaddubsw`` is exact for these VNNI-packed weights and this input's range; the AVX2 schedule may then use it
+    (recorded as the output block's ``ubsw_exact`` annotation).
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, cb, h, wd, icb = _shape(x)
@@ -174,7 +177,7 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
                      name="acc")
     kind = f"conv2d_nchwc_{layout}"
     return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point, kind,
-                        {"int4": int(int4)})
+                        {"int4": int(int4), "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")})
 
 
 def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, extra=None) -> te.Tensor:
@@ -247,11 +250,12 @@ def depthwise_taps_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te
 def dense_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,
                   *residual: te.Tensor, out_features: int | None = None, input_zero_point: int = 0,
                   output_zero_point: int = 0, lo: int = 0, hi: int = 255, residual_zero_point: int = 0,
-                  isa: str = "vnni") -> te.Tensor:
+                  isa: str = "vnni", ubsw_exact: bool = False) -> te.Tensor:
     """uint8 (N, K) x packed weight (:func:`kernels.pack_dense_weight`) -> requant -> uint8 (N, out_features).
 
     ``input_zero_point`` is only informational: it must already be folded into ``bias`` (-z_x * sum_k w[o, k]).
     K is zero-extended to the packed multiple of 4 (those weights are zero). residual: (r uint8 (N, O), mr).
+    ``ubsw_exact`` as in :func:`conv2d_nchwc_requant`.
     """
     del input_zero_point
     n, k = _shape(x)
@@ -284,7 +288,8 @@ def dense_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, 
             terms.append((r[b, c].astype("int32") - int(residual_zero_point), rm[c]))
         return requant_expr(terms, shift[c], output_zero_point, lo, hi)
 
-    return te.compute((n, o_out), out, name="out", attrs={KERNEL_ATTR: f"dense_{layout}", "int4": int(int4)})
+    return te.compute((n, o_out), out, name="out", attrs={KERNEL_ATTR: f"dense_{layout}", "int4": int(int4),
+                                                          "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -477,7 +482,7 @@ def conv2d_rows_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Te
                         *residual: te.Tensor, in_channels: int, in_width: int, kernel=(7, 7), stride=(2, 2),
                         padding=(3, 3), dilation=(1, 1), input_zero_point: int = 0, output_zero_point: int = 0,
                         lo: int = 0, hi: int = 255, residual_zero_point: int = 0, left: int = 16,
-                        isa: str = "vnni") -> te.Tensor:
+                        isa: str = "vnni", ubsw_exact: bool = False) -> te.Tensor:
     """First conv, reading the row layout of :func:`nchw_to_rows` (padding already applied there).
 
     x      uint8 (N, H + 2ph, Wa * C)
@@ -486,7 +491,8 @@ def conv2d_rows_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Te
 
     acc[n, o, oh, ow] = sum_{kh, g, e} x[n, oh*sh + kh*dh, (ow*sw + left - pw)*C + 4g + e] * w_rows[o, kh, 4g + e]
     where byte ``4g + e`` of the kernel row is (kw, c) = divmod(4g + e, C) (zero weight past KW*C).
-    ``input_zero_point`` is informational here (the row layout carries the padding).
+    ``input_zero_point`` is informational here (the row layout carries the padding). ``ubsw_exact`` as in
+    :func:`conv2d_nchwc_requant`.
     """
     del input_zero_point
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
@@ -521,4 +527,5 @@ def conv2d_rows_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Te
                      lambda b, o, i, j, oc: te.sum(xin(b, i, j) * wv(o, oc), axis=[ric, rkh, rkw, rcf, rcs]),
                      name="acc")
     return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point,
-                        f"conv2d_nchwc_{layout}", {"int4": int(int4)})
+                        f"conv2d_nchwc_{layout}",
+                        {"int4": int(int4), "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")})

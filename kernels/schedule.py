@@ -39,7 +39,8 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.target import codegen
 
-from .intrin import register_avx2_intrinsic, register_taps_intrinsic, register_vnni_intrinsic
+from .intrin import (register_avx2_intrinsic, register_avxvnni_intrinsic, register_taps_intrinsic,
+                     register_ubsw_intrinsic, register_vnni_intrinsic)
 from .ops import KERNEL_ATTR
 
 OP_PATTERN_OPAQUE = 8
@@ -61,7 +62,8 @@ def _as_target(target) -> tvm.target.Target | None:
 
 
 def target_isa(target=None) -> str:
-    """'vnni' if the (LLVM x86) target has AVX-512 VNNI, 'avx2' if it has AVX2; raises otherwise.
+    """The int8 dot product of an LLVM x86 target: 'vnni' (AVX-512 VNNI + BW), 'avxvnni' (256-bit AVX-VNNI, no
+    AVX-512 VNNI), 'avx2'; raises ValueError otherwise.
 
     ``target=None``: the current target scope, else this machine's CPU.
     """
@@ -72,9 +74,34 @@ def target_isa(target=None) -> str:
         raise ValueError(f"x86 int8 kernels need an llvm target, got {t.kind.name}")
     if codegen.llvm_cpu_has_features(["avx512vnni"], t) and codegen.llvm_cpu_has_features(["avx512bw"], t):
         return "vnni"
+    if codegen.llvm_cpu_has_features(["avxvnni"], t) and codegen.llvm_cpu_has_features(["avx2"], t):
+        return "avxvnni"
     if codegen.llvm_cpu_has_features(["avx2"], t):
         return "avx2"
     raise ValueError(f"target {t} has neither AVX-512 VNNI nor AVX2 (set mcpu, e.g. 'znver4' or 'haswell')")
+
+
+def pack_isa(isa: str) -> str:
+    """The weight layout (:func:`kernels.pack_conv_weight` ``isa``) of a target ISA: 'vnni' for both VNNI flavours,
+    'avx2' for the int16 path (an AVX2 layer proven exact for vpmaddubsw is packed 'vnni' instead)."""
+    return "vnni" if isa in ("vnni", "avxvnni") else "avx2"
+
+
+def dot_product(layout: str, isa: str, ubsw_exact: bool = False) -> tuple[str, str]:
+    """(intrinsic name, tile class) for a kernel whose weights are packed ``layout`` on a target of ISA ``isa``
+    (:func:`target_isa`). Tile classes: 'vnni' (zmm), 'ymm' (AVX-VNNI / vpmaddubsw), 'avx2' (vpmaddwd).
+
+    Raises ValueError for VNNI-packed weights on an AVX2 target unless the kernel is marked ``ubsw_exact``."""
+    if layout == "avx2":
+        return register_avx2_intrinsic("local"), "avx2"
+    if isa == "vnni":
+        return register_vnni_intrinsic("local"), "vnni"
+    if isa == "avxvnni":
+        return register_avxvnni_intrinsic("local"), "ymm"
+    if ubsw_exact:
+        return register_ubsw_intrinsic("local"), "ymm"
+    raise ValueError("VNNI-packed weights on an AVX2 target need a u8 x s8 dot product: this kernel is not marked "
+                     "ubsw_exact (vpmaddubsw could saturate); pack the weights with isa='avx2'")
 
 
 def _num_threads(target) -> int:
@@ -115,9 +142,13 @@ def conv_tile_candidates(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", t
     up to 28 accumulators, so that each unpacked weight vector serves many vpdpbusd. (The default int4 schedule
     unpacks a task's weights once, ``unpack_at="task"``, and uses the int8 tiles.)
     AVX2: 16 ymm registers, an accumulator takes 2 and one weight step 4 (sign-extended pairs) -> P <= 4, Q = 1.
+    'ymm' (AVX-VNNI, vpmaddubsw): an accumulator takes 2 ymm, a weight block 2, the broadcast 1 (+ the ones vector
+    and 2 products for vpmaddubsw) -> up to 6 accumulators, Q <= 2.
     """
     if isa == "vnni":
         max_acc, max_q = (28, 1) if int4 else (16, 4)
+    elif isa == "ymm":
+        max_acc, max_q = 6, 2
     else:
         max_acc, max_q = 4, 1
     scored = []
@@ -174,9 +205,10 @@ def _schedule_pad(sch: Schedule, block, threads: int) -> None:
 
 
 def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: int = 2,
-                          p_max: int = 8, unpack_at: str = "task") -> Schedule:
+                          p_max: int = 8, unpack_at: str = "task", isa: str | None = None) -> Schedule:
     """Schedule a PrimFunc made by :func:`kernels.conv2d_nchwc_requant` / :func:`kernels.conv2d_rows_requant`
-    (the dot-product flavour, vnni or avx2, is read from the kernel annotation; ``p_max`` is for depthwise;
+    (the weight layout, vnni or avx2, is read from the kernel annotation, the dot product from it and the target's
+    ``isa`` (:func:`target_isa`; None: the layout's own ISA), see :func:`dot_product`; ``p_max`` is for depthwise;
     ``unpack_at`` ("task" or "step") only matters for int4 weights)."""
     if unpack_at not in ("task", "step"):
         raise ValueError(f"unpack_at must be 'task' or 'step', got {unpack_at!r}")
@@ -185,14 +217,15 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     if kind.endswith("depthwise"):
         return schedule_depthwise(sch, threads=threads, p_max=p_max)
     layout = kind.rsplit("_", 1)[1]
-    intrin = register_vnni_intrinsic("local") if layout == "vnni" else register_avx2_intrinsic("local")
+    intrin, tiles = dot_product(layout, isa or layout, _ubsw_exact(sch, out))
     acc = sch.get_sblock("acc")
     pad = _try_block(sch, "pad")
     unpack = _try_block(sch, "w_unpack")
     n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
     ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
     if tile is None:
-        tile = choose_conv_tile(*ext, isa=layout, threads=threads, int4=unpack is not None and unpack_at == "step")
+        tile = choose_conv_tile(*ext, isa=tiles, threads=threads,
+                                int4=unpack is not None and unpack_at == "step" and tiles == "vnni")
     obo, obi = _split(sch, ob, [None, tile.Q])
     oho, ohi = _split(sch, oh, [None, tile.R])
     owo, owi = _split(sch, ow, [None, tile.P])
@@ -230,6 +263,11 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     if pad is not None:
         _schedule_pad(sch, pad, threads)
     return sch
+
+
+def _ubsw_exact(sch: Schedule, out) -> bool:
+    ann = sch.get(out).annotations
+    return "ubsw_exact" in ann and int(ann["ubsw_exact"]) == 1
 
 
 def _split(sch: Schedule, loop, factors: list[int | None]):
@@ -274,7 +312,7 @@ def _schedule_unpack(sch: Schedule, block, layout: str, ndim: int, unroll_outer:
             sch.unroll(lp)
 
 
-def schedule_depthwise(sch: Schedule, threads: int = 2, p_max: int = 8) -> Schedule:
+def schedule_depthwise(sch: Schedule, threads: int = 2, p_max: int = 8, isa: str | None = None) -> Schedule:
     """Depthwise conv, parallel over (n, channel block, row), a tile of P output columns (P accumulators).
 
     ``conv2d_nchwc_depthwise``: int32 multiply-adds vectorized over the 16 channels of a block (no dot product).
@@ -309,17 +347,18 @@ def schedule_depthwise(sch: Schedule, threads: int = 2, p_max: int = 8) -> Sched
     return sch
 
 
-def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2) -> Schedule:
-    """Dense: Q output blocks per parallel task, batch rows unrolled, vpdpbusd (or vpmaddwd) over K/4 steps."""
+def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: str | None = None) -> Schedule:
+    """Dense: Q output blocks per parallel task, batch rows unrolled, vpdpbusd (or vpmaddubsw / vpmaddwd, see
+    :func:`dot_product`) over K/4 steps."""
     out = sch.get_sblock("out")
     layout = str(sch.get(out).annotations[KERNEL_ATTR]).rsplit("_", 1)[1]
-    intrin = register_vnni_intrinsic("local") if layout == "vnni" else register_avx2_intrinsic("local")
+    intrin, tiles = dot_product(layout, isa or layout, _ubsw_exact(sch, out))
     acc = sch.get_sblock("acc")
     pad = _try_block(sch, "pad")
     unpack = _try_block(sch, "w_unpack")
     n, ob, oc, rkf, rks = sch.get_loops(acc)
     nx, obx = int(sch.get(n).extent), int(sch.get(ob).extent)
-    max_acc = 24 if layout == "vnni" else 4
+    max_acc = {"vnni": 24, "ymm": 6}.get(tiles, 4)
     pn = max(d for d in _divisors(nx) if d <= max(1, max_acc // 2))
     if q is None:
         cands = [d for d in _divisors(obx) if d * pn <= max_acc]
@@ -497,10 +536,18 @@ def apply_schedule(sch: Schedule, target=None, **options) -> Schedule:
     kind = kernel_kind(func)
     if kind is None:
         raise ValueError("not an unscheduled ptq2tvm kernel (no 'ptq2tvm_kernel' block annotation)")
-    if kind.endswith("_vnni"):
+    if kind.startswith(("conv2d_nchwc", "dense")):
+        t = _as_target(target)
+        isa = target_isa(t) if t is not None else None
+        if kind.endswith("_vnni") and isa is not None and isa not in ("vnni", "avxvnni") and \
+                not _ubsw_exact(sch, sch.get_sblock("out")):
+            raise ValueError(f"kernel {kind} needs AVX-512 VNNI or AVX-VNNI (or weights proven exact for vpmaddubsw, "
+                             f"ubsw_exact), target {t} lacks them; pack with isa='avx2'")
+        options.setdefault("isa", isa)
+    elif kind == "depthwise_taps_vnni":
         t = _as_target(target)
         if t is not None and target_isa(t) != "vnni":
-            raise ValueError(f"kernel {kind} needs AVX-512 VNNI, target {t} lacks it; pack with isa='avx2'")
+            raise ValueError(f"kernel {kind} needs AVX-512 VNNI and VBMI, target {t} lacks them")
     return _SCHEDULES[kind](sch, threads=_num_threads(target), **options)
 
 
@@ -540,7 +587,10 @@ def tuning_space(func: tvm.tirx.PrimFunc, target=None, limit: int | None = None)
                   if d <= 16 and d != default]
     elif kind.startswith("conv2d"):
         n, ob, oh, ow = (int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("acc"))[:4])
-        isa = kind.rsplit("_", 1)[1]
+        layout = kind.rsplit("_", 1)[1]
+        t = _as_target(target)
+        isa = dot_product(layout, target_isa(t) if t is not None else layout,
+                          _ubsw_exact(sch, sch.get_sblock("out")))[1]
         tiles = conv_tile_candidates(n, ob, oh, ow, isa=isa, threads=threads)
         space += [{"tile": t} for t in tiles[1:]]
         if _try_block(sch, "w_unpack") is not None:     # int4: also unpack inside the reduction, with its own tiles

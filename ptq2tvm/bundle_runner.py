@@ -68,6 +68,42 @@ def register_cuda_binaries(meta: dict[str, Any]) -> None:
     _cuda_callback_registered = True
 
 
+class CpuFeatureError(RuntimeError):
+    """The build needs CPU instructions this host does not have."""
+
+
+def host_cpu_flags() -> set[str] | None:
+    """The CPU feature flags of this host from /proc/cpuinfo (Linux names: avx2, avx512_vnni, amx_int8, ...), or None
+    where they cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() == "flags":
+            return set(val.split())
+    return None
+
+
+def missing_cpu_features(meta: dict[str, Any], flags: set[str] | None = None) -> list[str]:
+    """The CPU features an x86 build needs (``meta["cpu_features"]``, /proc/cpuinfo names) that this host lacks;
+    [] when none are recorded or the host's flags cannot be read."""
+    need = meta.get("cpu_features") or []
+    flags = host_cpu_flags() if flags is None else flags
+    if flags is None:
+        return []
+    return sorted(f for f in need if f not in flags)
+
+
+def cpu_feature_error(so_path: str | Path, meta: dict[str, Any], missing: list[str]) -> str:
+    """The one-line message for a build this CPU cannot run."""
+    t = meta.get("target", {})
+    return (f"{Path(so_path).name} was built for {t.get('mcpu', 'another CPU')} and needs CPU features this host lacks: "
+            f"{', '.join(missing)} (it would crash with an illegal instruction); rebuild it here (--target host) or "
+            "build a portable one (--target x86-64-v3: AVX2 kernels that run on every AVX2 CPU)")
+
+
 class BundleModel:
     """A compiled ptq2tvm model loaded through tvm_ffi + libtvm_runtime (see the module docstring)."""
 
@@ -75,6 +111,9 @@ class BundleModel:
         so_path = Path(so_path)
         self.meta: dict[str, Any] = json.loads(so_path.with_suffix(".json").read_text())
         self.cuda = self.meta["target"].get("kind") == "cuda"
+        missing = [] if self.cuda else missing_cpu_features(self.meta)
+        if missing:
+            raise CpuFeatureError(cpu_feature_error(so_path, self.meta, missing))
         lib_dir = Path(lib_dir) if lib_dir is not None else so_path.parent / "lib"
         ffi_lib = Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so"
         ctypes.CDLL(str(ffi_lib), ctypes.RTLD_GLOBAL)        # libtvm_runtime links against it
@@ -158,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="write the integer outputs to this .npy")
     p.add_argument("--bench", type=int, default=0, metavar="RUNS", help="time RUNS runs of one compiled batch")
     args = p.parse_args(argv)
-    model = BundleModel(args.so)
+    try:
+        model = BundleModel(args.so)
+    except CpuFeatureError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.check:
         bad, size, n = model.check(Path(args.so).resolve().parent)
         print(f"check on {'cuda' if model.cuda else 'cpu'}: {'bit-exact' if bad == 0 else 'MISMATCH'} "

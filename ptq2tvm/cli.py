@@ -102,7 +102,7 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
 
     run = RunDir(args.run)
     graph = IntegerGraph.load(args.qgraph or run.qgraph)
-    target = json.loads(args.target) if args.target and args.target.lstrip().startswith("{") else args.target
+    target = args.target      # resolved (host / x86-64-v3 / CPU name / TVM string / JSON) by backend.compile
     so = Path(args.out) if args.out else run.so
     res = compile_so(graph, so, batch=args.batch, target=target, schedule=args.schedule, tune_trials=args.tune_trials,
                      tune_db=args.tune_db, progress=not args.no_progress)
@@ -258,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--schedule", default="auto", choices=["auto", "x86", "plain"],
                    help="auto: hand-scheduled x86 kernels (AVX-512 VNNI / exact AVX2) when the target has them, "
                    "else plain (TVM's default lowering of the NCHW definitions; portable)")
-    c.add_argument("--target", help="'host' (default: this CPU, mcpu detected), 'cuda' / 'cuda:sm_90', "
-                   "or a TVM target as a JSON dict")
+    c.add_argument("--target", help="'host' (default: this CPU's best kernels), 'x86-64-v3' (portable: AVX2 "
+                   "kernels for any AVX2 CPU), an LLVM CPU name (znver4, sapphirerapids, alderlake), 'cuda' / "
+                   "'cuda:sm_90', a TVM target string ('llvm -mcpu=znver4') or a JSON target dict")
     c.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="measure up to N schedules per kernel (MetaSchedule runner; ~2 s each) and keep the fastest; "
                    "records are kept in --tune-db and reused, so a rebuild measures only what is new (default 0: "

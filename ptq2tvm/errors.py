@@ -23,3 +23,7 @@ class ArtifactError(Ptq2TvmError):
 
 class InputShapeError(Ptq2TvmError):
     """Run-time input does not match the compiled shape."""
+
+
+class TargetError(Ptq2TvmError, ValueError):
+    """A ``--target`` that names no known CPU/GPU target, or a build whose CPU features this host lacks."""

@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ]; then
   echo "[setup] installing dependencies into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,bench]"
   # ONNX models in (ptq2tvm/onnx_import.py): onnx2torch without its torchvision dependency (only its NMS/RoiAlign
   # converters use torchvision; a torchvision wheel would pull another torch)
   "$VENV/bin/python" -m pip install -q --no-deps "onnx2torch==1.5.15"

@@ -52,6 +52,19 @@ class _BlockedBuilder:
         return int(node.attrs.get("w_bits", 8)) <= 4 and int(node.arrays["weight"].min(initial=0)) >= -8 \
             and int(node.arrays["weight"].max(initial=0)) <= 7
 
+    def layout(self, node: IntNode, pack: Callable[[str], np.ndarray]) -> tuple[str, bool, np.ndarray]:
+        """(weight layout, ubsw_exact, packed weight) of a conv/dense: VNNI targets (and CUDA) pack 'vnni'; on AVX2 a
+        layer whose weights keep every vpmaddubsw pair sum inside int16 for its input's range (proved here from the
+        integers, :func:`kernels.layout.u8s8_pairs_exact`) is packed 'vnni' for the vpmaddubsw kernel, any other
+        layer 'avx2' (the int16 vpmaddwd kernel)."""
+        isa = K.pack_isa(self.isa)
+        if isa == "vnni" or self.cuda:
+            return "vnni", False, pack("vnni")
+        packed = pack("vnni")
+        if K.u8s8_pairs_exact(packed, self.graph.tensor(node.inputs[0]).qmax):
+            return "vnni", True, packed
+        return "avx2", False, pack("avx2")
+
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)
 
@@ -77,13 +90,15 @@ class _BlockedBuilder:
         if extra:
             extra.append(consts.pop())
         kw = dict(input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"], lo=a["lo"],
-                  hi=a["hi"], residual_zero_point=a.get("residual_zero_point", 0), isa=self.isa)
+                  hi=a["hi"], residual_zero_point=a.get("residual_zero_point", 0), isa=K.pack_isa(self.isa))
         xin, layout = self.env[node.inputs[0]]
         cin = w.shape[1] * a["groups"]
         if not self.cuda and layout == NCHW and a["groups"] == 1 and cin <= 4 and a["dilation"][1] == 1:
             rows = self.emit(K.te_nchw_to_rows, xin, kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
                              padding=tuple(a["padding"]), pad_value=a["input_zero_point"], name="to_rows")
-            wp = self.weight(K.pack_rows_weight(w, isa=self.isa, int4=self.int4(node)))
+            kw["isa"], kw["ubsw_exact"], wp = self.layout(
+                node, lambda isa: K.pack_rows_weight(w, isa=isa, int4=self.int4(node)))
+            wp = self.weight(wp)
             out = self.emit(K.conv2d_rows_requant, rows, wp, *consts, *extra,
                             in_channels=cin, in_width=self.graph.tensor(node.inputs[0]).shape[2],
                             kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
@@ -100,8 +115,13 @@ class _BlockedBuilder:
             return self.emit(K.depthwise_taps_requant, xb, self.weight(K.pack_depthwise_taps(w)), *consts, *extra,
                              kernel_width=int(w.shape[3]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
                              dilation=tuple(a["dilation"]), name=_hint(node), **kw), NCHWC
-        wp = self.weight(K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=self.isa,
-                                            int4=self.int4(node) and not depthwise))
+        if depthwise:
+            wp = self.weight(K.pack_conv_weight(w, groups=a["groups"], ic_block=icb))
+        else:
+            kw["isa"], kw["ubsw_exact"], wp = self.layout(
+                node, lambda isa: K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=isa,
+                                                     int4=self.int4(node)))
+            wp = self.weight(wp)
         out = self.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
                         padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), groups=a["groups"],
                         name=_hint(node), **kw)
@@ -120,11 +140,13 @@ class _BlockedBuilder:
         consts = [_c(p) for p in K.pack_channel_params(*params)]
         if extra:
             extra.append(consts.pop())
-        wp = self.weight(K.pack_dense_weight(arr["weight"], isa=self.isa, int4=self.int4(node)))
-        out = self.emit(K.dense_requant, xin, wp, *consts, *extra,
+        isa, exact, wp = self.layout(node, lambda isa: K.pack_dense_weight(arr["weight"], isa=isa,
+                                                                             int4=self.int4(node)))
+        out = self.emit(K.dense_requant, xin, self.weight(wp), *consts, *extra,
                         out_features=int(arr["weight"].shape[0]), input_zero_point=a["input_zero_point"],
                         output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"],
-                        residual_zero_point=a.get("residual_zero_point", 0), isa=self.isa, name=_hint(node))
+                        residual_zero_point=a.get("residual_zero_point", 0), isa=isa, ubsw_exact=exact,
+                        name=_hint(node))
         return out, FLAT
 
     def node(self, node: IntNode) -> tuple[relax.Expr, str]:
@@ -196,7 +218,7 @@ class _BlockedBuilder:
 
 
 def x86_isa(target: dict[str, Any]) -> tuple[str | None, str]:
-    """('vnni' | 'avx2', '') when the kernels can serve ``target``, else (None, the reason)."""
+    """('vnni' | 'avxvnni' | 'avx2', '') when the kernels can serve ``target``, else (None, the reason)."""
     if target.get("kind") != "llvm":
         return None, f"target kind {target.get('kind')!r} is not an x86 CPU"
     try:

@@ -15,9 +15,10 @@ import tvm
 
 from .. import __version__
 from ..atomic import atomic_path, write_json
-from ..errors import ArtifactError
+from ..errors import ArtifactError, TargetError
 from ..ir.graph import IntegerGraph, _tensor_json
 from .cuda_binary import build_cuda_binaries, is_cuda_arch
+from .isa import required_cpu_features
 from .relax_builder import FLOAT_ENTRY, add_float_entry, build_relax_module
 
 ARTIFACT_FORMAT = "ptq2tvm-so"
@@ -32,20 +33,55 @@ def host_target(num_cores: int | None = None) -> dict[str, Any]:
 
 
 def resolve_target(target: str | dict[str, Any] | None) -> dict[str, Any]:
-    """None/'host' -> this CPU; 'cuda' or 'cuda:sm_XX' -> a CUDA target (sm_80 by default) with this CPU as host;
-    a dict is used as given (TVM JSON target)."""
+    """The TVM JSON target dict of a ``--target`` value:
+
+    * None / 'host' / 'cpu' / 'llvm': this CPU (mcpu detected by LLVM: its best kernels, e.g. AVX-512 VNNI);
+    * 'x86-64-v3' (AVX2) / 'x86-64-v4' (AVX-512): portable artifacts for any CPU of that level (AVX2 kernels);
+    * an LLVM CPU name ('znver4', 'sapphirerapids', 'alderlake', ...): that CPU's kernels (cross-compiling);
+    * 'cuda' or 'cuda:sm_XX': a CUDA target (sm_80 by default) with this CPU as host;
+    * a TVM target string ('llvm -mcpu=znver4 -num-cores=2'), JSON text ('{"kind": "llvm", ...}') or a dict.
+
+    Raises TargetError naming the value when it is none of these.
+    """
+    from .isa import PORTABLE_TARGETS, llvm_cpu_target, parse_target_string
+
     if target is None or target in ("host", "cpu", "llvm"):
         return host_target()
-    if isinstance(target, str) and target.startswith("cuda"):
-        arch = target.split(":", 1)[1] if ":" in target else "sm_80"
-        if target.split(":", 1)[0] != "cuda" or not is_cuda_arch(arch):
-            raise ValueError(f"unknown CUDA target {target!r}: use 'cuda' (sm_80) or 'cuda:sm_XX', e.g. 'cuda:sm_90'")
+    if isinstance(target, dict):
+        return target
+    if not isinstance(target, str):
+        raise TargetError(f"unknown target {target!r}: use 'host', 'x86-64-v3', 'cuda', a TVM target string or dict")
+    text = target.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError as e:
+            raise TargetError(f"target {text!r} is not valid JSON: {e}") from e
+        if not isinstance(parsed, dict) or "kind" not in parsed:
+            raise TargetError(f"JSON target {text!r} must be an object with a 'kind'")
+        return parsed
+    if text.startswith("cuda"):
+        arch = text.split(":", 1)[1] if ":" in text else "sm_80"
+        if text.split(":", 1)[0] != "cuda" or not is_cuda_arch(arch):
+            raise TargetError(f"unknown CUDA target {text!r}: use 'cuda' (sm_80) or 'cuda:sm_XX', e.g. 'cuda:sm_90'")
         # limits every sm_6x+ GPU has (48 KB static shared memory per block): stated, so that no schedule guesses
         return {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
                 "thread_warp_size": 32, "registers_per_block": 65536, "host": host_target()}
-    if isinstance(target, dict):
-        return target
-    raise ValueError(f"unknown target {target!r}: use 'host', 'cuda', 'cuda:sm_90' or a TVM JSON target dict")
+    if " " in text or text.startswith("llvm"):
+        t = parse_target_string(text)
+        if t["kind"] == "llvm":
+            t.setdefault("num-cores", int(os.cpu_count() or 1))
+        return t
+    if text in PORTABLE_TARGETS:
+        return llvm_cpu_target(text)
+    return llvm_cpu_target(text)
+
+
+def backend_isa(backend: str) -> str:
+    """The kernels' ISA from a backend name ('x86-nchw16c-avx2' -> 'avx2', 'cuda-nchw16c-dp4a' -> 'dp4a',
+    'plain-nchw' -> 'generic')."""
+    parts = backend.split("-")
+    return parts[2] if len(parts) > 2 and parts[0] in ("x86", "cuda") else "generic"
 
 
 def sidecar_path(so_path: str | Path) -> Path:
@@ -144,6 +180,8 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
             "tvm_version": tvm.__version__,
             "target": target,
             "backend": backend,
+            "isa": backend_isa(backend),
+            "cpu_features": required_cpu_features(target if target.get("kind") == "llvm" else target.get("host", {})),
             "batch": batch,
             "input": _tensor_json(graph.input),
             "entries": {"main": "uint8", FLOAT_ENTRY: "float32"},

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_path
-from ..errors import ArtifactError, InputShapeError
+from ..errors import ArtifactError, InputShapeError, TargetError
 from ..ir.graph import IntegerGraph, QTensor, _tensor_from_json
 from .compile import read_sidecar
 from .relax_builder import FLOAT_ENTRY
@@ -44,6 +44,16 @@ def _cuda_device_present() -> bool:
         return False
 
 
+def _check_cpu_features(so_path: Path, meta: dict[str, Any]) -> None:
+    """Raise TargetError when the build needs CPU features (sidecar ``cpu_features``) this host lacks: running it
+    would die of SIGILL inside a kernel."""
+    from ..bundle_runner import cpu_feature_error, missing_cpu_features
+
+    missing = missing_cpu_features(meta)
+    if missing:
+        raise TargetError(cpu_feature_error(so_path, meta, missing))
+
+
 class CompiledModel:
     """A ptq2tvm .so with its sidecar metadata."""
 
@@ -58,6 +68,9 @@ class CompiledModel:
         self.output: QTensor = _tensor_from_json(self.meta["output"])
         self.batch: int = int(self.meta["batch"])
         kind = self.meta["target"].get("kind", "llvm")
+        self.isa: str = str(self.meta.get("isa") or self.meta.get("backend", "unknown"))
+        if kind != "cuda":
+            _check_cpu_features(self.so_path, self.meta)
         if kind == "cuda" and not _cuda_device_present():
             raise ArtifactError(f"{self.so_path} is a CUDA build and this machine has no usable CUDA device (no NVIDIA "
                                 "driver or GPU): run it on a GPU host, e.g. from `ptq2tvm bundle` (runtime only)")

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from ..atomic import atomic_path, write_text
 
-RUNTIMES = ("ptq2tvm", "torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32",
+RUNTIMES = ("ptq2tvm", "torch_fp32", "ort_fp32", "ort_int8", "tvm_fp32", "openvino_fp32", "openvino_int8",
             "ort_ptq2tvm_qdq")  # ONNX Runtime running ptq2tvm's QDQ export of the same integer graph
 ROW_KEYS = ("model", "input", "batch", "w_bits", "a_bits", "runtime", "median_ms", "p10_ms", "p90_ms", "threads",
             "vpdpbusd_count")
@@ -155,7 +155,8 @@ def print_table(rows: Sequence[dict[str, Any]], file: TextIO | None = None) -> N
 
 
 _COLORS = {"ptq2tvm": "#d62728", "torch_fp32": "#7f7f7f", "ort_fp32": "#1f77b4", "ort_int8": "#2ca02c",
-           "tvm_fp32": "#ff7f0e", "ort_ptq2tvm_qdq": "#bcbd22"}
+           "tvm_fp32": "#ff7f0e", "ort_ptq2tvm_qdq": "#bcbd22",
+           "openvino_fp32": "#17becf", "openvino_int8": "#9467bd"}
 
 
 def write_chart(rows: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:

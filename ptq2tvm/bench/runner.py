@@ -1,4 +1,5 @@
-"""`ptq2tvm bench`: the compiled .so against PyTorch FP32 and ONNX Runtime FP32 / INT8 in one process."""
+"""`ptq2tvm bench`: the compiled .so against PyTorch FP32, ONNX Runtime FP32 / INT8 and (when installed) OpenVINO
+FP32 / INT8 in one process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import torch.nn as nn
 
 from ..backend.runtime import CompiledModel, set_num_threads
-from .baselines import export_onnx, ort_fp32_runner, ort_int8_runner, torch_fp32_runner
+from .baselines import export_onnx, ort_fp32_runner, quantize_onnx_int8, torch_fp32_runner
+from .openvino_rt import openvino_available, openvino_runner, openvino_version
 from .timing import TimingStats, time_interleaved
 
 
@@ -25,22 +27,54 @@ def machine_load(warn: bool = True) -> dict[str, float]:
     return {"loadavg_1min": round(load, 2), "cores": cores}
 
 
+def host_isa_label() -> str:
+    """The best int8 vector ISA of this host ('amx', 'avx512_vnni', 'avx_vnni', 'avx512', 'avx2' or 'none'): what
+    ONNX Runtime's MLAS kernels dispatch on at run time (by CPUID)."""
+    from ..backend.isa import host_isa
+
+    return host_isa() or "none"
+
+
 def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, example: np.ndarray,
                     calib: np.ndarray, threads: int = 2, repeats: int = 50, warmup: int = 10,
                     ort_int8: bool = True, work_dir: str | Path = "runs/onnx", progress: bool = True,
-                    calls_per_turn: int = 5) -> dict[str, TimingStats]:
+                    calls_per_turn: int = 5, openvino: bool | None = None,
+                    info: dict[str, dict[str, Any]] | None = None) -> dict[str, TimingStats]:
     """Median latencies of each .so (float in, float out: quantize + run + dequantize) and the FP32 baselines on the
     same ``example`` batch, same thread count, interleaved turn by turn (``calls_per_turn`` timed calls back to back
-    per turn; see :func:`time_interleaved`)."""
+    per turn; see :func:`time_interleaved`).
+
+    ``openvino`` (default: when the package is installed) adds ``openvino_fp32`` (the FP32 ONNX model) and
+    ``openvino_int8`` (the QDQ model ORT INT8 runs; with ``ort_int8``). ``info``, when given, receives per runtime
+    ``{"isa": ..., "kernels": {...}}``: the ISA each runtime ran (the .so: its sidecar's kernels; OpenVINO: the oneDNN
+    primitives of its runtime model; ORT / torch: the host's best ISA, which their libraries dispatch on)."""
     set_num_threads(threads)
     machine_load()
     work_dir = Path(work_dir)
+    host = host_isa_label()
     runners: dict[str, Callable[[np.ndarray], Any]] = {name: cm for name, cm in compiled.items()}
+    details: dict[str, dict[str, Any]] = {name: {"isa": getattr(cm, "isa", host)} for name, cm in compiled.items()}
     runners["torch_fp32"] = torch_fp32_runner(fp32_model, threads)
     onnx_path = export_onnx(fp32_model, example, work_dir / "fp32.onnx")
     runners["ort_fp32"] = ort_fp32_runner(onnx_path, threads)
+    details["torch_fp32"] = {"isa": host}
+    details["ort_fp32"] = {"isa": host}
+    if openvino is None:
+        openvino = openvino_available()
+    if openvino:
+        runners["openvino_fp32"] = openvino_runner(onnx_path, threads)
     if ort_int8:
-        runners["ort_int8"] = ort_int8_runner(onnx_path, calib, threads)
+        q_path = quantize_onnx_int8(onnx_path, calib)
+        runners["ort_int8"] = ort_fp32_runner(q_path, threads)   # same session options; the QDQ model runs in int8
+        details["ort_int8"] = {"isa": host}
+        if openvino:
+            runners["openvino_int8"] = openvino_runner(q_path, threads)
+    for name in ("openvino_fp32", "openvino_int8"):
+        if name in runners:
+            r = runners[name]
+            details[name] = {"isa": r.isa, "kernels": r.kernels, "version": openvino_version()}  # type: ignore
+    if info is not None:
+        info.update(details)
     return time_interleaved(runners, example, warmup=warmup, repeats=repeats, threads=threads, progress=progress,
                             calls_per_turn=calls_per_turn)
 
@@ -50,7 +84,7 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
     """Benchmark the run's .so at its compiled batch against the baselines; write JSON, markdown and PNG."""
     from ..api import RunDir, load_fp32
     from ..data import calibration_set
-    from .disasm import count_instructions
+    from .disasm import count_instructions, cpu_features
     from .report import print_table, write_chart, write_markdown, write_rows
 
     run = RunDir(run_dir)
@@ -68,15 +102,18 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
 
         runs["ort_ptq2tvm_qdq"] = ort_qdq_runner(IntegerGraph.load(run.qgraph), run.path / "onnx" / "ptq2tvm_qdq.onnx",
                                                  threads)
+    rt_info: dict[str, dict[str, Any]] = {}
     stats = compare_latency(runs, fp32, example, calib, threads=threads, repeats=repeats,
                             warmup=warmup, ort_int8=ort_int8, work_dir=run.path / "onnx", progress=progress,
-                            calls_per_turn=calls_per_turn)
+                            calls_per_turn=calls_per_turn, info=rt_info)
+    cpu = cpu_features(llvm=False)["model_name"]
     vnni = count_instructions(run.so, ("vpdpbusd",)).get("vpdpbusd")
     model_name = (info.get("model") or {}).get("name", "model")
     rows = [dict(model=model_name, input="x".join(map(str, info["input_shape"])), batch=cm.batch,
                  w_bits=info["w_bits"], a_bits=info["a_bits"], runtime=name, median_ms=st.median_ms,
                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=threads,
-                 vpdpbusd_count=vnni if name == "ptq2tvm" else None) for name, st in stats.items()]
+                 vpdpbusd_count=vnni if name == "ptq2tvm" else None, cpu=cpu, **rt_info.get(name, {}))
+            for name, st in stats.items()]
     for r in rows:
         if r["runtime"] == "ort_ptq2tvm_qdq":
             r.update(onnx_weights=runs[r["runtime"]].weights, ort_kernels=runs[r["runtime"]].kernels)
@@ -86,7 +123,7 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
     write_chart(rows, out / "latency.png")
     print_table(rows)
     base = {r["runtime"]: r["median_ms"] for r in rows}
-    for other in ("torch_fp32", "ort_fp32", "ort_int8", "ort_ptq2tvm_qdq"):
+    for other in ("torch_fp32", "ort_fp32", "ort_int8", "ort_ptq2tvm_qdq", "openvino_fp32", "openvino_int8"):
         if other in base:
             print(f"ptq2tvm / {other}: {base['ptq2tvm'] / base[other]:.2f}x")
     return dict(rows=rows, machine=machine_load(warn=False), json=str(out / "latency.json"), markdown=str(out / "latency.md"),

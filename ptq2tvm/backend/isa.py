@@ -1,0 +1,102 @@
+"""Which x86 instructions a build uses and which this host has: kernel ISA choice, the CPU features recorded in a
+build's sidecar (checked when it is loaded) and the ``--target`` strings.
+
+Kernel ISAs (``kernels.target_isa``): ``vnni`` (AVX-512 VNNI ``vpdpbusd zmm``), ``avxvnni`` (AVX-VNNI, the 256-bit VEX
+``vpdpbusd ymm`` of Alder Lake+ / Zen 5 client parts without AVX-512), ``avx2`` (``vpmaddubsw`` where a layer's weights
+make it exact, else the int16 ``vpmaddwd`` path). AMX-INT8 is detected (:func:`host_isa`) but has no kernels yet.
+
+Feature names are Linux's /proc/cpuinfo flags (``avx512_vnni``, ``avx_vnni``, ``amx_int8``); :data:`LLVM_TO_CPUINFO`
+maps LLVM's names to them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Any
+
+from ..bundle_runner import host_cpu_flags, missing_cpu_features
+from ..errors import TargetError
+
+# LLVM feature -> /proc/cpuinfo flag, for the features a compiled kernel may contain (ISA extensions, not tuning
+# flags such as 'fast-variable-crosslane-shuffle')
+LLVM_TO_CPUINFO = {
+    "sse4.1": "sse4_1", "sse4.2": "sse4_2", "ssse3": "ssse3", "popcnt": "popcnt", "avx": "avx", "avx2": "avx2",
+    "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "lzcnt": "abm", "movbe": "movbe",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512dq": "avx512dq",
+    "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni", "avx512vbmi": "avx512vbmi",
+    "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg", "avx512vpopcntdq": "avx512_vpopcntdq",
+    "avx512ifma": "avx512ifma", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16", "gfni": "gfni",
+    "vaes": "vaes", "vpclmulqdq": "vpclmulqdq", "amx-tile": "amx_tile", "amx-int8": "amx_int8",
+    "amx-bf16": "amx_bf16",
+}
+
+# --target names for artifacts built on one machine and run on another (LLVM's x86-64 micro-architecture levels)
+PORTABLE_TARGETS = {
+    "x86-64-v3": "AVX2 + FMA + BMI2 (Haswell / Zen 1 and newer): the exact AVX2 kernels",
+    "x86-64-v4": "AVX-512 F/BW/DQ/VL (Skylake-SP / Zen 4 and newer, no VNNI): the exact AVX2 kernels, AVX-512 code",
+}
+
+
+def host_isa(flags: set[str] | None = None) -> str | None:
+    """The best int8 dot-product ISA of this host: 'amx', 'avx512_vnni', 'avx_vnni', 'avx512' (AVX-512BW without
+    VNNI), 'avx2', or None (no AVX2, or the flags cannot be read)."""
+    flags = host_cpu_flags() if flags is None else flags
+    if not flags:
+        return None
+    if {"amx_int8", "amx_tile"} <= flags:
+        return "amx"
+    if "avx512_vnni" in flags:
+        return "avx512_vnni"
+    if "avx_vnni" in flags:
+        return "avx_vnni"
+    if "avx512bw" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else None
+
+
+def required_cpu_features(target: dict[str, Any]) -> list[str]:
+    """The /proc/cpuinfo flags of every ISA extension LLVM may use for an llvm ``target`` (its mcpu and mattr);
+    [] for other kinds."""
+    if target.get("kind") != "llvm":
+        return []
+    import tvm
+    from tvm.target import codegen
+
+    feats = set(codegen.llvm_get_cpu_features(tvm.target.Target(target)))
+    return sorted(LLVM_TO_CPUINFO[f] for f in feats if f in LLVM_TO_CPUINFO)
+
+
+def parse_target_string(text: str) -> dict[str, Any]:
+    """TVM's classic target string (``"llvm -mcpu=znver4 -num-cores=2 -mattr=+avx2,+fma"``) as the JSON dict TVM 0.27
+    takes (it no longer parses strings). Raises TargetError on anything else."""
+    toks = shlex.split(text)
+    if not toks or toks[0].startswith("-"):
+        raise TargetError(f"target string {text!r} does not start with a kind (e.g. 'llvm -mcpu=znver4')")
+    out: dict[str, Any] = {"kind": toks[0]}
+    for tok in toks[1:]:
+        if not tok.startswith("-") or "=" not in tok:
+            raise TargetError(f"target string {text!r}: expected -key=value options, got {tok!r}")
+        key, val = tok.lstrip("-").split("=", 1)
+        if key in ("mattr", "libs", "keys"):
+            out[key] = [v for v in val.split(",") if v]
+        elif key in ("num-cores", "max_num_threads", "opt-level") or val.lstrip("-").isdigit():
+            out[key] = int(val)
+        else:
+            out[key] = val
+    return out
+
+
+def llvm_cpu_target(mcpu: str, num_cores: int | None = None) -> dict[str, Any]:
+    """``{"kind": "llvm", "mcpu": mcpu, "num-cores": ...}`` after checking that LLVM knows ``mcpu`` (x86-64)."""
+    from tvm.target import codegen
+
+    if not codegen.llvm_is_valid_cpu(mcpu, "x86_64-unknown-linux-gnu"):
+        raise TargetError(f"unknown target or CPU {mcpu!r}: use 'host', one of {', '.join(PORTABLE_TARGETS)}, an LLVM "
+                         "CPU name (znver4, sapphirerapids, alderlake, haswell, ...), a TVM target string "
+                         "('llvm -mcpu=znver4') or a JSON target dict")
+    return {"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores or os.cpu_count() or 1)}
+
+
+__all__ = ["LLVM_TO_CPUINFO", "PORTABLE_TARGETS", "host_cpu_flags", "host_isa", "llvm_cpu_target",
+           "missing_cpu_features", "parse_target_string", "required_cpu_features"]

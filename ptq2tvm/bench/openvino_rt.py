@@ -1,0 +1,116 @@
+"""OpenVINO CPU baselines for `ptq2tvm bench`: FP32 (the FP32 ONNX model) and INT8 (the same static QDQ ONNX model
+that the ONNX Runtime INT8 baseline runs; OpenVINO's low-precision transformations turn its QuantizeLinear /
+DequantizeLinear pairs into int8 convolutions).
+
+Every runner is a ``Callable[[np.ndarray], np.ndarray]`` (float32 NCHW batch in, float32 output out), compiled with
+the settings of a latency benchmark: ``PERFORMANCE_HINT=LATENCY``, one stream, ``INFERENCE_NUM_THREADS=threads`` and
+``INFERENCE_PRECISION_HINT=f32`` (on CPUs with bf16/AMX-BF16 OpenVINO would otherwise run FP32 models in bf16).
+``runner.kernels`` tells which oneDNN primitives the compiled model uses, read from its runtime ("exec") graph
+(e.g. ``{'brgconv_avx2_I8': 20, 'jit_avx2_I8': 1}``), and ``runner.isa`` the vector ISA named by them.
+OpenVINO is optional (``pip install openvino``): :func:`openvino_available` says whether it can be imported.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .baselines import Runner
+
+# oneDNN primitive names carry the ISA: brgconv_avx512_amx_I8, jit_avx512_core_vnni_I8, brgconv_avx2_vnni_I8, ...
+_ISA_PATTERNS = (("amx", "amx"), ("avx512_core_vnni", "avx512_vnni"), ("avx2_vnni", "avx_vnni"),
+                 ("avx512", "avx512"), ("avx2", "avx2"), ("sse41", "sse41"), ("ref", "reference"))
+
+
+def openvino_available() -> bool:
+    """True when the ``openvino`` package imports."""
+    try:
+        import openvino  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or a broken install: no OpenVINO rows either way
+        return False
+    return True
+
+
+def openvino_version() -> str | None:
+    try:
+        import openvino as ov
+
+        return str(ov.__version__)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def primitive_isa(primitive: str) -> str:
+    """The vector ISA a oneDNN primitive name names, e.g. 'brgconv_avx512_amx_I8' -> 'amx', 'jit_avx2_I8' -> 'avx2';
+    'unknown' when it names none."""
+    p = primitive.lower()
+    for key, isa in _ISA_PATTERNS:
+        if key in p:
+            return isa
+    return "unknown"
+
+
+def runtime_kernels(compiled: Any, layer_types: tuple[str, ...] = ("Convolution", "FullyConnected", "MatMul",
+                                                                    "GroupConvolution")) -> dict[str, int]:
+    """How many layers of ``layer_types`` run each primitive, from ``compiled.get_runtime_model()`` (each node's
+    rt_info ``layerType`` / ``primitiveType``)."""
+    counts: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = _rt_str(info, "layerType") or op.get_type_name()
+        if layer not in layer_types:
+            continue
+        counts[_rt_str(info, "primitiveType") or "unknown"] += 1
+    return dict(counts.most_common())
+
+
+def _rt_str(info: Any, key: str) -> str | None:
+    """A runtime-model rt_info entry as text (``str()`` of an OVAny is its class name; ``astype(str)`` its value)."""
+    if key not in info:
+        return None
+    v = info[key]
+    return str(v.astype(str)) if hasattr(v, "astype") else str(v)
+
+
+def _main_isa(kernels: dict[str, int]) -> str:
+    """The ISA of the primitive that runs the most conv/dense layers."""
+    if not kernels:
+        return "unknown"
+    return primitive_isa(max(kernels.items(), key=lambda kv: kv[1])[0])
+
+
+def _prop_str(v: Any) -> str:
+    name = getattr(v, "get_type_name", None)       # element types (INFERENCE_PRECISION_HINT) print as <Type: ..>
+    return str(name()) if callable(name) else str(getattr(v, "name", v))
+
+
+def openvino_runner(onnx_path: str | Path, threads: int) -> Runner:
+    """Compile ``onnx_path`` for OpenVINO's CPU plugin (latency hint, 1 stream, ``threads`` threads, f32 precision
+    hint); an INT8 QDQ model runs in int8, an FP32 model in FP32. Raises ImportError without openvino."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(onnx_path))
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": int(threads),
+              "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    out_port = compiled.output(0)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.array(request.get_tensor(out_port).data, dtype=np.float32, copy=True)
+
+    kernels = runtime_kernels(compiled)
+    run.compiled = compiled            # type: ignore[attr-defined]
+    run.kernels = kernels              # type: ignore[attr-defined]
+    run.isa = _main_isa(kernels)       # type: ignore[attr-defined]
+    run.config = {k: _prop_str(compiled.get_property(k)) for k in config}  # type: ignore[attr-defined]
+    return run
+
+
+__all__ = ["openvino_available", "openvino_runner", "openvino_version", "primitive_isa", "runtime_kernels"]

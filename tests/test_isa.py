@@ -1,0 +1,203 @@
+"""ISA dispatch and the AVX2 vpmaddubsw kernels: the exactness proof, bit-exact kernels and networks, the
+instructions in the binaries, --target strings, and the CPU-feature check when a build is loaded.
+
+AVX2 kernels run on any AVX2 host; the AVX-VNNI build is only compiled and disassembled here unless the host has
+avx_vnni; AMX has no kernels (not tested).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import kernels as K  # noqa: E402
+from kernels import reference as R  # noqa: E402
+from tvm.target import codegen  # noqa: E402
+
+from ptq2tvm.backend.isa import host_isa, parse_target_string, required_cpu_features  # noqa: E402
+from ptq2tvm.bundle_runner import host_cpu_flags  # noqa: E402
+from ptq2tvm.errors import TargetError  # noqa: E402
+
+AVX2_TARGET = K.host_target(num_cores=2, mcpu="haswell")
+HAS_AVX2 = codegen.llvm_cpu_has_features(["avx2"], K.host_target(num_cores=2))
+needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")
+
+
+def test_u8s8_pairs_exact_bounds():
+    """vpmaddubsw saturates a pair sum outside int16: 255 * (64 + 64) = 32640 fits, 255 * (65 + 64) does not."""
+    def packed(w0, w1):
+        w = np.zeros((16, 4, 1, 1), np.int8)
+        w[3, 0], w[3, 1] = w0, w1
+        return K.pack_conv_weight(w, 1, ic_block=4)
+
+    assert K.u8s8_pairs_exact(packed(64, 64), 255)
+    assert not K.u8s8_pairs_exact(packed(65, 64), 255)
+    assert K.u8s8_pairs_exact(packed(-128, 0), 255)               # -32640
+    assert not K.u8s8_pairs_exact(packed(-128, -1), 255)          # -32895 < -32768
+    assert K.u8s8_pairs_exact(packed(127, -128), 255)             # opposite signs never saturate
+    assert K.u8s8_pairs_exact(packed(127, 127), 127)              # 7-bit activations: any int8 pair
+    assert not K.u8s8_pairs_exact(packed(127, 127), 255)
+    w4 = np.random.default_rng(0).integers(-8, 8, (32, 16, 3, 3)).astype(np.int8)
+    assert K.u8s8_pairs_exact(K.pack_conv_weight(w4, 1, 16, int4=True), 255)   # int4: always
+
+
+def _conv_arrays(rng, w, c=32, h=10, o=32, k=3):
+    x = rng.integers(0, 256, (1, c, h, h), dtype=np.uint8)
+    x.reshape(-1)[::5] = 255
+    bias = rng.integers(-(1 << 14), 1 << 14, o).astype(np.int32)
+    m = rng.integers(1 << 29, 1 << 31, o, dtype=np.int64).astype(np.int32)
+    sh = np.full(o, 38, np.int32)
+    ref = R.conv2d_requant(x, w, bias, m, sh, None, None, stride=1, padding=1, dilation=1, groups=1,
+                           input_zero_point=3, output_zero_point=5, lo=0, hi=255, residual_zero_point=0)
+    return x, bias, m, sh, ref
+
+
+@needs_avx2
+@pytest.mark.parametrize("kind", ["int4", "w7", "w8_saturating"])
+def test_ubsw_conv(kind):
+    """Bit-exact when the weights are proved exact (int4; 7-bit); with int8 weights that can saturate, the same
+    kernel forced onto vpmaddubsw is wrong: the proof is what keeps the AVX2 fast path exact."""
+    rng = np.random.default_rng(1)
+    lo, hi = {"int4": (-8, 7), "w7": (-64, 64), "w8_saturating": (-128, 127)}[kind]
+    w = rng.integers(lo, hi + 1, (32, 32, 3, 3)).astype(np.int8)
+    w.reshape(-1)[::7] = hi
+    x, bias, m, sh, ref = _conv_arrays(rng, w)
+    wp = K.pack_conv_weight(w, 1, 16, isa="vnni", int4=kind == "int4")
+    assert K.u8s8_pairs_exact(wp, 255) == (kind != "w8_saturating")
+    arrays = [K.nchw_to_nchwc(x, 16, 3), wp, *K.pack_channel_params(bias, m, sh)]
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, stride=1, padding=1, input_zero_point=3,
+                              output_zero_point=5, isa="vnni", ubsw_exact=True)
+    got = K.nchwc_to_nchw(kern.run(*arrays), 32)
+    bad = int((got != ref).sum())
+    if kind == "w8_saturating":
+        assert bad > 0
+    else:
+        assert bad == 0, f"{bad} mismatches"
+    assert kern.count_instructions("vpmaddubsw") > 0 and kern.count_instructions("vpdpbusd") == 0
+
+
+@needs_avx2
+def test_ubsw_dense_and_rows_bit_exact():
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (3, 70), dtype=np.uint8)
+    w = rng.integers(-64, 65, (40, 70)).astype(np.int8)
+    bias = rng.integers(-999, 999, 40).astype(np.int32)
+    m = rng.integers(1 << 29, 1 << 31, 40, dtype=np.int64).astype(np.int32)
+    sh = np.full(40, 36, np.int32)
+    ref = R.dense_requant(x, w, bias, m, sh, output_zero_point=7)
+    wp = K.pack_dense_weight(w, isa="vnni")
+    assert K.u8s8_pairs_exact(wp, 255)
+    arrays = [x, wp, *K.pack_channel_params(bias, m, sh)]
+    kern = K.build_standalone(K.dense_requant, arrays, AVX2_TARGET, out_features=40, output_zero_point=7,
+                              isa="vnni", ubsw_exact=True)
+    assert np.array_equal(kern.run(*arrays), ref)
+    # the first conv on the row layout (3 channels, 7x7/2)
+    xi = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
+    wi = rng.integers(-64, 65, (16, 3, 7, 7)).astype(np.int8)
+    b, mm, s = K.pack_channel_params(np.zeros(16, np.int32), np.full(16, 1 << 30, np.int32), np.full(16, 40, np.int32))
+    ref = R.conv2d_requant(xi, wi, b[:16], mm[:16], s[:16], None, None, stride=2, padding=3, dilation=1, groups=1,
+                           input_zero_point=9, output_zero_point=5, lo=0, hi=255, residual_zero_point=0)
+    arrays = [K.nchw_to_rows(xi, 7, 2, 3, 9), K.pack_rows_weight(wi, isa="vnni"), b, mm, s]
+    kern = K.build_standalone(K.conv2d_rows_requant, arrays, AVX2_TARGET, in_channels=3, in_width=32, kernel=7,
+                              stride=2, padding=3, output_zero_point=5, isa="vnni", ubsw_exact=True)
+    assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 16), ref)
+
+
+def test_unproved_vnni_kernel_refused_on_avx2():
+    rng = np.random.default_rng(3)
+    w = rng.integers(-128, 128, (16, 16, 1, 1)).astype(np.int8)
+    arrays = [rng.integers(0, 256, (1, 1, 4, 4, 16), dtype=np.uint8), K.pack_conv_weight(w, 1, 16),
+              *K.pack_channel_params(np.zeros(16, np.int32), np.ones(16, np.int32), np.ones(16, np.int32))]
+    with pytest.raises(ValueError, match="ubsw_exact"):
+        K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, isa="vnni")
+
+
+@pytest.mark.parametrize("w,a", [(4, 4)])
+def test_network_isa_dispatch_bit_exact(tmp_path, w, a):
+    """TinyNet on this host: every conv/dense on vpmaddubsw where proved exact (W4A4: all), vpmaddwd otherwise;
+    bit-exact against the reference executor; the sidecar names the kernels' ISA and the CPU features."""
+    from conftest import tiny_integer_graph
+
+    from ptq2tvm.api import compile_so
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.bench.disasm import count_instructions
+    from ptq2tvm.ir.reference import run_reference
+
+    graph = tiny_integer_graph(w, a)
+    res = compile_so(graph, tmp_path / "m.so", batch=2)
+    isa = K.target_isa(K.host_target())
+    assert res.meta["isa"] == isa and res.meta["backend"] == f"x86-nchw16c-{isa}"
+    assert set(res.meta["cpu_features"]) <= (host_cpu_flags() or set(res.meta["cpu_features"]))
+    q = np.random.default_rng(0).integers(0, graph.input.qmax + 1, (3, *graph.input.shape)).astype(np.uint8)
+    cm = CompiledModel(res.so_path)
+    assert cm.isa == isa
+    assert np.array_equal(cm.run_int(q), run_reference(graph, q))
+    if isa == "avx2":
+        n = count_instructions(res.so_path, ("vpmaddubsw", "vpmaddwd", "vpdpbusd"))
+        assert n["vpdpbusd"] == 0 and n["vpmaddwd"] > 0 and (n["vpmaddubsw"] > 0) == (w <= 4)
+        from ptq2tvm.backend.blocked_builder import build_blocked_module
+
+        kinds = [K.kernel_kind(f) for f in build_blocked_module(graph, 2, "avx2")[0].functions.values()]
+        dots = [k for k in kinds if k and k.startswith(("conv2d_nchwc_v", "conv2d_nchwc_a", "dense"))]
+        low = [nd for nd in graph.nodes if nd.op in ("conv2d", "dense") and int(nd.attrs.get("w_bits", 8)) <= 4
+               and not (nd.op == "conv2d" and nd.attrs["groups"] > 1)]
+        # every <= 4-bit layer is proved exact (the 8-bit first/last layers of W4A4 may not be)
+        assert sum(k.endswith("_vnni") for k in dots) >= len(low)
+
+
+def test_target_strings():
+    from ptq2tvm.backend.compile import resolve_target
+
+    assert parse_target_string("llvm -mcpu=znver4 -num-cores=2 -mattr=+avx2,+fma") == {
+        "kind": "llvm", "mcpu": "znver4", "num-cores": 2, "mattr": ["+avx2", "+fma"]}
+    assert resolve_target("llvm -mcpu=znver4 -num-cores=2")["mcpu"] == "znver4"
+    assert resolve_target("x86-64-v3")["mcpu"] == "x86-64-v3"
+    assert resolve_target("sapphirerapids")["mcpu"] == "sapphirerapids"
+    assert resolve_target('{"kind": "llvm", "mcpu": "haswell"}') == {"kind": "llvm", "mcpu": "haswell"}
+    for bad in ("nosuchcpu", "{not json", "llvm mcpu=znver4"):
+        with pytest.raises(TargetError, match="target"):
+            resolve_target(bad)
+    v3 = set(required_cpu_features(resolve_target("x86-64-v3")))
+    assert {"avx2", "fma", "bmi2"} <= v3 and not any(f.startswith(("avx512", "amx")) for f in v3)
+    spr = set(required_cpu_features(resolve_target("sapphirerapids")))
+    assert {"amx_int8", "amx_tile", "avx512_vnni", "avx_vnni"} <= spr
+    assert K.target_isa(tvm.target.Target(resolve_target("alderlake"))) == "avxvnni"
+    assert K.target_isa(tvm.target.Target(resolve_target("x86-64-v3"))) == "avx2"
+    assert host_isa({"avx2", "avx_vnni"}) == "avx_vnni" and host_isa({"avx2", "amx_int8", "amx_tile"}) == "amx"
+
+
+def test_portable_and_foreign_builds(tmp_path, capsys):
+    """--target x86-64-v3 runs on any AVX2 host (here, bit-exact); a build for a CPU with features this host lacks
+    (AVX-VNNI: alderlake) contains {vex} vpdpbusd on ymm and is refused at load, by CompiledModel and by the bundle
+    runner, with the missing features named (instead of dying of SIGILL)."""
+    from conftest import tiny_integer_graph
+
+    from ptq2tvm.api import compile_so
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.bench.disasm import count_by_width
+    from ptq2tvm.bundle_runner import main as bundle_main
+    from ptq2tvm.ir.reference import run_reference
+
+    graph = tiny_integer_graph(8, 8)
+    q = np.random.default_rng(1).integers(0, 256, (1, *graph.input.shape)).astype(np.uint8)
+    flags = host_cpu_flags() or set()
+    if "avx2" in flags:
+        v3 = compile_so(graph, tmp_path / "v3.so", batch=1, target="x86-64-v3")
+        assert v3.meta["isa"] == "avx2" and "avx512f" not in v3.meta["cpu_features"]
+        assert np.array_equal(CompiledModel(v3.so_path).run_int(q), run_reference(graph, q))
+    adl = compile_so(graph, tmp_path / "adl.so", batch=1, target="alderlake")
+    assert adl.meta["isa"] == "avxvnni" and "avx_vnni" in adl.meta["cpu_features"]
+    widths = count_by_width(adl.so_path, "vpdpbusd")
+    assert widths.get("ymm", 0) > 0 and widths.get("zmm", 0) == 0
+    if "avx_vnni" in flags:
+        pytest.skip("this host has AVX-VNNI: the alderlake build is runnable here (bit-exact check elsewhere)")
+    with pytest.raises(TargetError, match="avx_vnni"):
+        CompiledModel(adl.so_path)
+    assert bundle_main(["--so", str(adl.so_path), "--random", "1"]) == 2
+    assert "avx_vnni" in capsys.readouterr().err
+    meta = json.loads(adl.meta_path.read_text())
+    assert meta["target"]["mcpu"] == "alderlake"
