@@ -1,8 +1,15 @@
 """CPU latency: the ptq2tvm .so (W8A8, W4A4 with packed int4 weights) vs PyTorch FP32, ONNX Runtime FP32 and ONNX
-Runtime INT8 (static QDQ, per-channel), ResNet-18 and MobileNetV2 1.0 at 224x224, batch 1 and 8.
+Runtime INT8 (static QDQ, per-channel) and, when the openvino package is installed, OpenVINO FP32 and OpenVINO INT8
+(the same QDQ model; latency hint, one stream, same threads), ResNet-18 and MobileNetV2 1.0 at 224x224, batch 1 and 8.
 
     .venv/bin/python benchmarks/latency_cpu.py [--threads 2] [--repeats 20] [--calls-per-turn 5]
         [--models resnet18 mobilenet_v2] [--tune-trials 16 [--tune-bits 8/8] [--tune-batches 1]]
+        [--name latency_cpu_avx2_host]
+
+Rows record the host CPU (``cpu``), the vector ISA each runtime ran (``isa``: the .so's kernels from its sidecar,
+OpenVINO's from the oneDNN primitives of its runtime model, in ``kernels``; ORT / torch: the host's best ISA, which
+they dispatch on) and the load average. ``--name`` sets the output file stem (results of different hosts side by
+side: latency_cpu.* is the Zen 5 AVX-512 VNNI host, latency_cpu_avx2_host.* an AVX2-only Zen 3).
 
 Every runtime of one (model, batch) group runs in this process on the same input, same threads, interleaved
 turn by turn with a rotated order after warm-up: per turn a 0.1 s idle gap (other runtimes' spinning workers go to
@@ -22,6 +29,8 @@ has the tuning time, the candidates measured and the time of a rebuild from the 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq2tvm.api import compile_so, quantize, to_integer, write_json  # noqa: E402
+from ptq2tvm.backend.isa import host_isa  # noqa: E402
 from ptq2tvm.backend.runtime import CompiledModel, set_num_threads  # noqa: E402
-from ptq2tvm.bench.disasm import count_instructions  # noqa: E402
+from ptq2tvm.bench.disasm import count_instructions, cpu_features  # noqa: E402
 from ptq2tvm.bench.report import print_table, write_chart, write_markdown, write_rows  # noqa: E402
 from ptq2tvm.bench.runner import compare_latency, machine_load  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
@@ -43,11 +53,40 @@ from ptq2tvm.models import create_model  # noqa: E402
 VNNI_LIMIT_MS = {"resnet18": 3.9}   # 1.814 GMAC at 64 MAC/cycle/core, 3.63 GHz, 2 cores
 
 
-def markdown_footer(args: argparse.Namespace) -> str:
-    """The command and the timing protocol, under the markdown table."""
-    return (f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')}). Per turn: 0.1 s idle, "
+def ratio_table(rows: list[dict]) -> str:
+    """Markdown: per (model, batch, bits) the .so's median over ORT INT8's and OpenVINO INT8's (< 1: .so faster)."""
+    lines = ["| model | batch | W/A | ptq2tvm ms | ORT INT8 ms | OpenVINO INT8 ms | ptq2tvm / ORT INT8 | "
+             "ptq2tvm / OpenVINO INT8 |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["runtime"] != "ptq2tvm":
+            continue
+        group = [x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"]]
+        base = {x["runtime"]: x["median_ms"] for x in group}
+        ort, ov, ms = base.get("ort_int8"), base.get("openvino_int8"), r["median_ms"]
+
+        def cell(v, fmt):
+            return "-" if v is None else fmt.format(v)
+
+        tuned = " tuned" if r.get("schedule") == "tuned" else ""
+        lines.append(f"| {r['model']} | {r['batch']} | W{r['w_bits']}A{r['a_bits']}{tuned} | {ms:.2f} | "
+                     f"{cell(ort, '{:.2f}')} | {cell(ov, '{:.2f}')} | {cell(ort and ms / ort, '{:.2f}x')} | "
+                     f"{cell(ov and ms / ov, '{:.2f}x')} |")
+    return "\n".join(lines)
+
+
+def markdown_footer(args: argparse.Namespace, host: dict, loads: list[float], rows: list[dict]) -> str:
+    """The host, the command, the ratios and the timing protocol, under the markdown table."""
+    kernels = sorted({(r["runtime"], json.dumps(r.get("kernels"))) for r in rows if r.get("kernels")})
+    ov = "; ".join(f"{rt}: {k}" for rt, k in kernels) or "OpenVINO not installed"
+    return (f"Host: {host['model_name']} ({host['logical_cpus']} logical CPUs, LLVM cpu {host['llvm_cpu']}, int8 ISA "
+            f"{host['isa']}). 1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run (sampled per "
+            f"group): the machine was shared with other jobs, so absolute times are inflated and noisy; the runtimes "
+            f"of one group run interleaved in one process, so their ratios are the comparable numbers.\n\n"
+            f"{ratio_table(rows)}\n\nOpenVINO kernels (oneDNN primitives of the runtime model, conv/dense layers): "
+            f"{ov}.\n\n"
+            f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')}). Per turn: 0.1 s idle, "
             f"one untimed call, {args.calls_per_turn} timed calls back to back; {args.warmup} warm-up and "
-            f"{args.repeats} timed turns per runtime, rotated order. Builds and tuning: latency_cpu_builds.json.")
+            f"{args.repeats} timed turns per runtime, rotated order. Builds and tuning: {args.name}_builds.json.")
 
 
 def main() -> None:
@@ -65,12 +104,16 @@ def main() -> None:
     p.add_argument("--tune-trials", type=int, default=0, help="also build tuned .so files (schedules per kernel)")
     p.add_argument("--tune-bits", nargs="+", default=["8/8"], help="settings built tuned too")
     p.add_argument("--tune-batches", nargs="+", type=int, default=None, help="batches built tuned too (default all)")
+    p.add_argument("--name", default="latency_cpu", help="output file stem under --out")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     set_num_threads(args.threads)
     out, work = Path(args.out), Path(args.work)
     rows, builds = [], []
     load_before = machine_load()
+    host = cpu_features()
+    host["isa"] = host_isa() or "none"
+    loads = [load_before["loadavg_1min"]]
     for name in args.models:
         torch.manual_seed(0)
         model = create_model(name).eval()
@@ -110,9 +153,11 @@ def main() -> None:
                           + (f" (rebuild from records {b['rebuild_from_records_seconds']:.1f} s)" if tune else "")
                           + f", {res.meta['stored_weight_bytes'] / 1e6:.2f} MB weights, {vnni} vpdpbusd", flush=True)
             example = calib[:batch] if batch <= len(calib) else np.resize(calib, (batch, *calib.shape[1:]))
+            info: dict = {}
             stats = compare_latency(names, model, example, calib, threads=args.threads, repeats=args.repeats,
                                     warmup=args.warmup, work_dir=work / f"onnx_{name}_b{batch}", progress=False,
-                                    calls_per_turn=args.calls_per_turn)
+                                    calls_per_turn=args.calls_per_turn, info=info)
+            loads.append(round(os.getloadavg()[0], 2))
             vnni_of = {f"ptq2tvm_w{b['w_bits']}a{b['a_bits']}" + ("_tuned" if b["schedule"] == "tuned" else ""):
                        b["vpdpbusd_count"] for b in builds if b["model"] == name and b["batch"] == batch}
             for rt, st in stats.items():
@@ -122,23 +167,28 @@ def main() -> None:
                                  runtime="ptq2tvm" if ours else rt, median_ms=st.median_ms,
                                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=args.threads,
                                  vpdpbusd_count=vnni_of.get(rt),
-                                 schedule=("tuned" if rt.endswith("_tuned") else "hand") if ours else None))
+                                 schedule=("tuned" if rt.endswith("_tuned") else "hand") if ours else None,
+                                 cpu=host["model_name"], loadavg_1min=loads[-1], **info.get(rt, {})))
             group = [r for r in rows if r["model"] == name and r["batch"] == batch]
             ort8 = next(r["median_ms"] for r in group if r["runtime"] == "ort_int8")
+            ov8 = next((r["median_ms"] for r in group if r["runtime"] == "openvino_int8"), None)
             for r in group:
                 if r["runtime"] == "ptq2tvm":
                     extra = (f", {r['median_ms'] / VNNI_LIMIT_MS[name] / batch:.2f}x the VNNI limit"
-                             if name in VNNI_LIMIT_MS else "")
+                             if name in VNNI_LIMIT_MS and r.get("isa") == "vnni" else "")
+                    if ov8:
+                        extra += f", {r['median_ms'] / ov8:.2f}x OpenVINO INT8 ({ov8:.2f} ms)"
                     print(f"{name} batch {batch} W{r['w_bits']}A{r['a_bits']} {r['schedule']}: {r['median_ms']:.2f} ms = "
                           f"{r['median_ms'] / ort8:.2f}x ONNX Runtime INT8 ({ort8:.2f} ms){extra}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    write_rows(rows, out / "latency_cpu.json")
-    write_json(out / "latency_cpu_builds.json", dict(builds=builds, machine_before=load_before,
-                                                      machine_after=machine_load(warn=False),
-                                                      command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d")))
-    write_markdown(rows, out / "latency_cpu.md", title=f"CPU latency (ms), {args.threads} threads, interleaved medians",
-                   footer=markdown_footer(args))
-    write_chart(rows, out / "latency_cpu.png")
+    stem = args.name
+    write_rows(rows, out / f"{stem}.json")
+    write_json(out / f"{stem}_builds.json", dict(builds=builds, machine_before=load_before, host=host,
+                                                 machine_after=machine_load(warn=False), loadavg_samples=loads,
+                                                 command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d")))
+    write_markdown(rows, out / f"{stem}.md", title=f"CPU latency (ms), {args.threads} threads, interleaved medians, "
+                   f"{host['model_name']} ({host['isa']})", footer=markdown_footer(args, host, loads, rows))
+    write_chart(rows, out / f"{stem}.png")
     print_table(rows)
 
 

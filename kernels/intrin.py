@@ -133,9 +133,17 @@ def _taps_pair(scope: str):
 _TAPS_TRANSPOSE = [16 * (k % 4) + k // 4 for k in range(64)]
 
 
-def _avx2_pair(scope: str):
+# byte k of the zero-extended activation pair vector: per dword j, [a[4j + 2h], 0, a[4j + 2h + 1], 0] (h = 0: channels
+# 0, 1; h = 1: channels 2, 3) from the 4 broadcast bytes (index 32 = the zero vector's first byte)
+_PAIR_LO = [v for j in range(8) for v in (4 * j, 32, 4 * j + 1, 32)]
+_PAIR_HI = [v for j in range(8) for v in (4 * j + 2, 32, 4 * j + 3, 32)]
+
+
+def _avx2_pair(scope: str, wdt: str = "int8"):
+    """vpmaddwd 16x4 dot product on int8 weights ``[2, 16, 2]`` (sign-extended in the kernel; ``wdt="int16"``, weights
+    widened at compile time, measured no faster: twice the weight bytes)."""
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((2, 16, 2), "int8", offset_factor=1),
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((2, 16, 2), wdt, offset_factor=1),
              C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:2, 0:16, 0:2])
@@ -146,30 +154,32 @@ def _avx2_pair(scope: str):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vk // 2, vi, vk % 2], "int32")
 
+    def wload(B, p, o):
+        v = B.vload([p, o, 0], f"{wdt}x16")
+        return v if wdt == "int16" else T.cast(v, "int16x16")
+
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((2, 16, 2), "int8", offset_factor=1),
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((2, 16, 2), wdt, offset_factor=1),
              C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:2, 0:16, 0:2])
             T.writes(C[0:16])
-            # activation pairs (a0, a1) and (a2, a3), zero-extended to int16 and broadcast as one int32 per lane
-            a01 = T.broadcast(T.reinterpret(T.cast(A.vload([0], "uint8x2"), "int16x2"), dtype="int32"), 8)
-            a23 = T.broadcast(T.reinterpret(T.cast(A.vload([2], "uint8x2"), "int16x2"), dtype="int32"), 8)
-            a01w = T.reinterpret(a01, dtype="int16x16")
-            a23w = T.reinterpret(a23, dtype="int16x16")
-            # weights of input-channel pair p for output channels 0-7 / 8-15, sign-extended to int16
-            w0lo = T.cast(B.vload([0, 0, 0], "int8x16"), "int16x16")
-            w1lo = T.cast(B.vload([1, 0, 0], "int8x16"), "int16x16")
-            w0hi = T.cast(B.vload([0, 8, 0], "int8x16"), "int16x16")
-            w1hi = T.cast(B.vload([1, 8, 0], "int8x16"), "int16x16")
-            lo = (T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a01w, w0lo,
-                                          dtype="int32x8")
-                  + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a23w, w1lo,
-                                            dtype="int32x8"))
-            hi = (T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a01w, w0hi,
-                                          dtype="int32x8")
-                  + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a23w, w1hi,
-                                            dtype="int32x8"))
+            # the 4 activation bytes broadcast to every dword, then one byte shuffle each (vpshufb, zeroing) gives
+            # the zero-extended int16 pairs (a0, a1) and (a2, a3) in every dword
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
+                              dtype="uint8x32")
+            zero = T.broadcast(T.uint8(0), 32)
+            a01w = T.reinterpret(T.Shuffle([a, zero], _PAIR_LO), dtype="int16x16")
+            a23w = T.reinterpret(T.Shuffle([a, zero], _PAIR_HI), dtype="int16x16")
+            # weights of input-channel pair p for output channels 0-7 / 8-15, as int16
+            lo = (T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a01w,
+                                          wload(B, 0, 0), dtype="int32x8")
+                  + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a23w,
+                                            wload(B, 1, 0), dtype="int32x8"))
+            hi = (T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a01w,
+                                          wload(B, 0, 8), dtype="int32x8")
+                  + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a23w,
+                                            wload(B, 1, 8), dtype="int32x8"))
             C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + lo
             C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + hi
 

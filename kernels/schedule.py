@@ -270,6 +270,7 @@ def _ubsw_exact(sch: Schedule, out) -> bool:
     return "ubsw_exact" in ann and int(ann["ubsw_exact"]) == 1
 
 
+
 def _split(sch: Schedule, loop, factors: list[int | None]):
     """``sch.split`` with the factors typed like the loop (Relax gives int64 loops; int32 factors then break
     tensorize after a fuse)."""

@@ -2,7 +2,8 @@
 
 A row is ``{model, input, batch, w_bits, a_bits, runtime, median_ms, p10_ms, p90_ms, threads, vpdpbusd_count}``;
 ``runtime`` is one of :data:`RUNTIMES` (or ``ptq2tvm_<tag>`` for several compiled variants); ``vpdpbusd_count`` is
-``None`` except for the ptq2tvm .so. An optional ``schedule`` (``hand`` | ``tuned``) tells two builds of the same .so
+``None`` except for the ptq2tvm .so. Optional ``isa`` (the vector ISA the runtime's kernels used: the .so's
+sidecar, OpenVINO's oneDNN primitives, the host's for ORT / torch) shows as a column; ``cpu`` names the host. An optional ``schedule`` (``hand`` | ``tuned``) tells two builds of the same .so
 apart; tables and charts label tuned rows ``ptq2tvm tuned`` and compare every row with the hand-scheduled build.
 """
 
@@ -101,22 +102,22 @@ def _table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         hand = r.get("schedule") != "tuned"
         if (r["runtime"] == "ptq2tvm" and hand) or (_is_ptq2tvm(r["runtime"]) and _group_key(r) not in ref):
             ref[_group_key(r)] = r["median_ms"]
-    header = ["model", "input", "batch", "W/A bits", "runtime", "median ms", "p10 ms", "p90 ms", "threads",
+    header = ["model", "input", "batch", "W/A bits", "runtime", "isa", "median ms", "p10 ms", "p90 ms", "threads",
               "vpdpbusd", "vs ptq2tvm"]
     cells = []
     for r in rows:
         base = ref.get(_group_key(r))
         rel = (f"{r['median_ms'] / base:.2f}x" if base and r["median_ms"] is not None else "-")
         cells.append([str(r["model"]), str(r["input"]), str(r["batch"]), f"W{r['w_bits']}A{r['a_bits']}",
-                      _label(r), _fmt_ms(r["median_ms"]), _fmt_ms(r["p10_ms"]), _fmt_ms(r["p90_ms"]),
-                      str(r["threads"]), "-" if r["vpdpbusd_count"] is None else str(r["vpdpbusd_count"]), rel])
+                      _label(r), str(r.get("isa") or "-"), _fmt_ms(r["median_ms"]), _fmt_ms(r["p10_ms"]),
+                      _fmt_ms(r["p90_ms"]), str(r["threads"]), "-" if r["vpdpbusd_count"] is None else str(r["vpdpbusd_count"]), rel])
     return header, cells
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of ``rows``; ``vs ptq2tvm`` > 1 means the ptq2tvm .so is that many times faster."""
     header, cells = _table(rows)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 5 else "---:" for i in
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 6 else "---:" for i in
                                                                range(len(header))) + "|"]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join(lines) + "\n"
@@ -141,7 +142,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header, cells = _table(rows)
     widths = [max(len(header[i]), *(len(c[i]) for c in cells)) if cells else len(header[i])
               for i in range(len(header))]
-    right = set(range(5, len(header)))
+    right = set(range(6, len(header)))
 
     def line(c: list[str]) -> str:
         return "  ".join(s.rjust(w) if i in right else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths)))
