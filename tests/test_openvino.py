@@ -53,3 +53,16 @@ def test_primitive_isa_names():
     assert primitive_isa("brgconv_avx2_vnni_I8") == "avx_vnni"
     assert primitive_isa("jit_avx2_I8") == "avx2"
     assert primitive_isa("gemm_mlas_f32") == "unknown"
+
+
+def test_compare_latency_rows_name_isa(tiny_onnx, tmp_path):
+    """compare_latency times the OpenVINO rows next to ORT and reports the ISA / kernels of every runtime."""
+    from ptq2tvm.bench.runner import compare_latency
+
+    model, data, _, _ = tiny_onnx
+    info: dict = {}
+    stats = compare_latency({}, model, data[:8], data, threads=1, repeats=1, warmup=0, work_dir=tmp_path,
+                            progress=False, calls_per_turn=1, info=info)
+    assert {"torch_fp32", "ort_fp32", "ort_int8", "openvino_fp32", "openvino_int8"} <= set(stats)
+    assert all(info[k]["isa"] for k in stats)
+    assert info["openvino_int8"]["kernels"] and info["openvino_int8"]["version"]
