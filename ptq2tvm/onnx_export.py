@@ -166,12 +166,28 @@ Exporter = Callable[[_Builder, IntNode], None]
 
 
 # ---- one exporter per IR op ----------------------------------------------------------------------------------
+def _closest_weight_scale(mult: np.ndarray, s_x: float, s_out: float, ulps: int = 8) -> np.ndarray:
+    """float32 weight scales whose float32 requantization multiplier ``(s_x * s_w) / s_out`` (as ONNX Runtime's
+    QLinearConv computes it) is the float32 closest to the dyadic ``mult``: the nearest float32 of
+    ``mult * s_out / s_x`` and its neighbours within ``ulps``, the best per channel."""
+    base = (mult * s_out / s_x).astype(np.float32)
+    cands = [base]
+    up, down = base.copy(), base.copy()
+    for _ in range(ulps):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
+        cands += [up, down]
+    c = np.stack(cands)                                                     # (2 * ulps + 1, C)
+    eff = (np.float32(s_x) * c) / np.float32(s_out)                         # float32 arithmetic
+    best = np.argmin(np.abs(eff.astype(np.float64) - mult[None, :]), axis=0)
+    return c[best, np.arange(c.shape[1])].astype(np.float32)
+
+
 def _weights_and_bias(b: _Builder, node: IntNode, tin: QTensor, axis_len: int) -> tuple[str, str]:
     """DQ'd weight and bias of a conv2d / dense node (see the module docstring for the scales)."""
     arr, a = node.arrays, node.attrs
     q_w = arr["weight"].astype(np.int64)
     mult = arr["multiplier"].astype(np.float64) * np.ldexp(1.0, -arr["shift"].astype(np.int64))
-    w_scale = (mult * node.out.scale / tin.scale).astype(np.float32)
+    w_scale = _closest_weight_scale(mult, tin.scale, node.out.scale)
     if np.any(w_scale <= 0) or not np.all(np.isfinite(w_scale)):
         raise ArtifactError(f"layer '{node.name}': cannot export a zero or non-finite requantization multiplier "
                             "as a positive ONNX weight scale")
