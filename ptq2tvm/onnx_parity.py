@@ -284,5 +284,4 @@ def ort_qdq_runner(graph: IntegerGraph, onnx_path: str | Path, threads: int, wei
         counts, _ = optimized_kernels(f"{td}/opt.onnx")
     run.kernels = {k: v for k, v in counts.items() if k in INTEGER_KERNELS + FLOAT_CONVS}  # type: ignore[attr-defined]
     run.weights = weights  # type: ignore[attr-defined]
-    run.isa = None  # type: ignore[attr-defined]
     return run
