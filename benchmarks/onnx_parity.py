@@ -136,6 +136,15 @@ def markdown(result: dict[str, Any], cmd: str) -> str:
         f"{m['loadavg_start']} at the start, {m['loadavg_end']} at the end (shared, loaded machine: timings are "
         "not latencies, see `ptq2tvm bench`).",
         "",
+    ]
+    if result["runs"]:
+        lines += _runs_markdown(result)
+    lines += _zoo_markdown(result)
+    return "\n".join(lines) + "\n"
+
+
+def _runs_markdown(result: dict[str, Any]) -> list[str]:
+    lines = [
         "## ORT vs the reference executor and the .so (full test set)",
         "",
         "| run | weights in ONNX | ORT top-1 | .so top-1 | gap (points) | output exact | max LSB | histogram "
@@ -163,6 +172,11 @@ def markdown(result: dict[str, Any], cmd: str) -> str:
                              f"{p['local_max_abs_lsb']} | {100 * p['exact_fraction']:.4f}% | {p['max_abs_lsb']} | "
                              f"{p['lsb_histogram']} |")
             lines.append("")
+    return lines
+
+
+def _zoo_markdown(result: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if result.get("zoo"):
         lines += ["## Zoo models through ONNX (`--model x.onnx`, W8A8, seeded random calibration images)", "",
                   "| model | input | FP32 max abs diff vs torch | integer nodes | first layers | .so bit-exact |",
@@ -171,7 +185,7 @@ def markdown(result: dict[str, Any], cmd: str) -> str:
             lines.append(f"| {z['model']} | {z['size']}x{z['size']} | {z['fp32_max_abs_diff']:.2e} (max abs out "
                          f"{z['fp32_max_abs_out']:.2f}) | {z['integer_nodes']} | {', '.join(z['first_layers'])} | "
                          f"{z['so_bit_exact_vs_reference']} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
