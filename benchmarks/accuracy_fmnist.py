@@ -14,8 +14,12 @@ Several workers may share one ``--out`` (e.g. one per core, each with ``--thread
 running it (``<out>_ckpt/<row key>.claim``, taken over when its owner process is gone) and merges its result into the
 JSON under a file lock, so rows are neither run twice nor lost.
 
-Methods are ``method[:granularity][+adaq]``, e.g. ``rtn``, ``adaround``, ``brecq``, ``qdrop``, ``qdrop:mrecg-modcap``,
-``qdrop:mrecg-loss``, ``network+adaq``. First and last layers stay at 8 bit (QuantConfig default).
+Methods are ``method[:granularity][+xb][+adaq]``, e.g. ``rtn``, ``adaround``, ``brecq``, ``qdrop``,
+``qdrop:mrecg-modcap``, ``qdrop:mrecg-loss``, ``qdrop:mrecg-authors+xb+adaq``, ``network+adaq``, ``nwq``, ``nwq+adaq``.
+``+xb``: MRECG's expanded calibration batch, ``--batch-size`` x ``--expand-batch`` rows per iteration (the paper: 256).
+For ``nwq`` / ``network`` (one unit) ``--iters`` counts network iterations: the same compute as ``--iters`` per unit of
+a block-wise method (the papers: NWQ 20k network iterations, QDrop/MRECG 20k per block). First and last layers stay
+at 8 bit (QuantConfig default).
 """
 
 from __future__ import annotations
@@ -49,10 +53,18 @@ DEFAULT_MULTI_SEED_BITS = ["W2A4", "W2A2"]
 
 
 def parse_method(spec: str) -> tuple[str, str | None, bool]:
-    adaq = spec.endswith("+adaq")
-    spec = spec[:-5] if adaq else spec
-    method, _, gran = spec.partition(":")
-    return method, (gran or None), adaq
+    method, gran, adaq, _ = parse_method_flags(spec)
+    return method, gran, adaq
+
+
+def parse_method_flags(spec: str) -> tuple[str, str | None, bool, bool]:
+    """``method[:granularity][+xb][+adaq]`` -> (method, granularity, adaq, expanded batch)."""
+    base, *flags = spec.split("+")
+    unknown = set(flags) - {"adaq", "xb"}
+    if unknown:
+        raise ValueError(f"method {spec!r}: unknown flag(s) {sorted(unknown)} (known: +xb, +adaq)")
+    method, _, gran = base.partition(":")
+    return method, (gran or None), "adaq" in flags, "xb" in flags
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
@@ -64,8 +76,10 @@ def parse_bits(spec: str) -> tuple[int, int]:
 
 
 def row_key(r: dict[str, Any]) -> str:
+    xb = f"|x{r['expand_batch']}" if r.get("expand_batch", 1) > 1 else ""
+    lr = f"|lr{r['lr_adaq']:g}" if r.get("lr_adaq") is not None else ""
     return (f"{r['model']}|{r['method']}|{r['granularity']}|{'adaq' if r['adaqtransform'] else '-'}|"
-            f"W{r['w_bits']}A{r['a_bits']}|s{r['seed']}|i{r['iters']}|c{r['n_calib']}|e{r['eval_images']}")
+            f"W{r['w_bits']}A{r['a_bits']}|s{r['seed']}|i{r['iters']}|c{r['n_calib']}|e{r['eval_images']}{xb}{lr}")
 
 
 def row_ckpt(out: Path, row: dict[str, Any]) -> Path:
@@ -74,9 +88,10 @@ def row_ckpt(out: Path, row: dict[str, Any]) -> Path:
 
 
 def recon_settings(row: dict[str, Any], args: argparse.Namespace) -> ReconSettings:
+    extra = {} if row.get("lr_adaq") is None else dict(lr_adaq=row["lr_adaq"])
     return ReconSettings(method=row["method"], granularity=row["granularity"], adaqtransform=row["adaqtransform"],
                          iters=max(1, row["iters"]), seed=row["seed"], batch_size=args.batch_size,
-                         threads=args.threads)
+                         expand_batch=row.get("expand_batch", 1), threads=args.threads, **extra)
 
 
 def refresh_fakequant(jpath: Path, mpath: Path, out: Path, args: argparse.Namespace, test: Any,
@@ -167,15 +182,19 @@ were re-evaluated from their checkpoints with `--refresh-fakequant` (the old val
 `fakequant_top1_float32_bias`).
 """
 
-METHOD_ORDER = ["rtn", "adaround", "brecq", "qdrop", "qdrop:mrecg-modcap", "qdrop:mrecg-loss", "qdrop+adaq",
-                "qdrop:mrecg-modcap+adaq", "qdrop:mrecg-loss+adaq", "network", "network+adaq"]
+METHOD_ORDER = ["rtn", "adaround", "brecq", "qdrop", "qdrop:mrecg-modcap", "qdrop:mrecg-loss", "qdrop:mrecg-authors",
+                "qdrop:mrecg-authors+xb", "qdrop+adaq", "qdrop:mrecg-modcap+adaq", "qdrop:mrecg-loss+adaq",
+                "qdrop:mrecg-authors+adaq", "qdrop:mrecg-authors+xb+adaq", "network", "network+adaq", "nwq",
+                "nwq+adaq"]
 
 
 def method_spec(r: dict[str, Any]) -> str:
     """The ``--methods`` spelling of a row (``qdrop`` for QDrop at its default block granularity)."""
     default = ReconSettings(method=r["method"]).resolved_granularity
     gran = "" if r["granularity"] == default else f":{r['granularity']}"
-    return f"{r['method']}{gran}{'+adaq' if r['adaqtransform'] else ''}"
+    xb = "+xb" if r.get("expand_batch", 1) > 1 else ""
+    lr = f"(lr_adaq {r['lr_adaq']:g})" if r.get("lr_adaq") is not None else ""
+    return f"{r['method']}{gran}{xb}{'+adaq' if r['adaqtransform'] else ''}{lr}"
 
 
 def _order(spec: str) -> int:
@@ -227,7 +246,15 @@ CLAIMS = [("reconstruction >> RTN (best reconstruction - RTN >= 10; 2-bit weight
           ("QDrop+MRECG(loss) >= QDrop", "qdrop:mrecg-loss", "qdrop", 0.0),
           ("QDrop+AdaQ >= QDrop", "qdrop+adaq", "qdrop", 0.0),
           ("QDrop+MRECG+AdaQ >= QDrop+AdaQ", "qdrop:mrecg-modcap+adaq", "qdrop+adaq", 0.0),
-          ("QDrop+MRECG+AdaQ >= QDrop+MRECG", "qdrop:mrecg-modcap+adaq", "qdrop:mrecg-modcap", 0.0)]
+          ("QDrop+MRECG+AdaQ >= QDrop+MRECG", "qdrop:mrecg-modcap+adaq", "qdrop:mrecg-modcap", 0.0),
+          ("QDrop+MRECG(authors, xb) >= QDrop (MRECG Tab. 1)", "qdrop:mrecg-authors+xb", "qdrop", 0.0),
+          ("QDrop+MRECG(authors, xb)+AdaQ >= QDrop+MRECG(authors, xb) (AdaQ Tab. 3)", "qdrop:mrecg-authors+xb+adaq",
+           "qdrop:mrecg-authors+xb", 0.0),
+          ("NWQ >= QDrop (NWQ Tab.)", "nwq", "qdrop", 0.0),
+          ("NWQ >= QDrop+MRECG(authors, xb) (AdaQ Tab. 3)", "nwq", "qdrop:mrecg-authors+xb", 0.0),
+          ("NWQ+AdaQ >= NWQ (AdaQ Tab. 3)", "nwq+adaq", "nwq", 0.0),
+          ("NWQ+AdaQ >= QDrop+MRECG(authors, xb)+AdaQ (AdaQ Tab. 3)", "nwq+adaq", "qdrop:mrecg-authors+xb+adaq", 0.0),
+          ("NWQ >= network (logits only)", "nwq", "network", 0.0)]
 
 
 def ordering(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -305,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20000)
     p.add_argument("--calib", type=int, default=1024, help="calibration images (train split)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--expand-batch", type=int, default=8, help="rows per iteration of '+xb' methods: batch-size x "
+                   "this (MRECG's expanded calibration batch; 32 x 8 = the paper's 256)")
+    p.add_argument("--lr-adaq", type=float, default=None, help="AdaQTransform xi/eta learning rate (default: "
+                   "ReconSettings'); recorded in the row")
     p.add_argument("--eval-limit", type=int, default=None, help="test images (default: the whole test split)")
     p.add_argument("--so-batch", type=int, default=250)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -338,13 +369,17 @@ def main(argv: list[str] | None = None) -> int:
         for bits in args.bits.split(","):
             w, a = parse_bits(bits)
             for mspec in args.methods.split(","):
-                method, gran, adaq = parse_method(mspec)
+                method, gran, adaq, xb = parse_method_flags(mspec)
                 for seed in (seeds if "ALL" in multi or bits.upper() in multi else seeds[:1]):
                     row = dict(model=name, dataset=args.dataset, method=method,
                                granularity=gran or ReconSettings(method=method).resolved_granularity,
                                adaqtransform=adaq, w_bits=w, a_bits=a, seed=seed,
                                iters=0 if method == "rtn" else args.iters, n_calib=len(calib),
                                eval_images=len(test), fp32_top1=fp32, model_epochs=info.get("epochs"))
+                    if xb:
+                        row["expand_batch"] = args.expand_batch
+                    if adaq and args.lr_adaq is not None:
+                        row["lr_adaq"] = args.lr_adaq
                     key = row_key(row)
                     if key in {row_key(r) for r in read_rows(jpath)}:
                         continue

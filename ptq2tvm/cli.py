@@ -231,18 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
     q.add_argument("--no-first-last-8bit", action="store_true", help="quantize first conv / last layer at the "
                    "requested bits too (default keeps them at 8 bit)")
-    q.add_argument("--method", default="rtn", choices=["rtn", "adaround", "brecq", "qdrop", "network"],
+    q.add_argument("--method", default="rtn", choices=["rtn", "adaround", "brecq", "qdrop", "network", "nwq"],
                    help="rtn: calibration only; adaround (layer-wise), brecq (block, two-stage), qdrop (block, joint, "
-                   "drop), network (one unit): reconstruction (see docs/reconstruction.md)")
-    q.add_argument("--granularity", choices=["layer", "block", "mrecg-modcap", "mrecg-loss", "network"],
-                   help="reconstruction units (default: the method's own); mrecg-*: MRECG mixed granularity")
+                   "drop), network (one unit, logits loss), nwq (NWQ: one unit, activation regularisation, annealing "
+                   "softmax and mixup): reconstruction (see docs/reconstruction.md)")
+    q.add_argument("--granularity", choices=["layer", "block", "mrecg-modcap", "mrecg-loss", "mrecg-authors",
+                                              "network"],
+                   help="reconstruction units (default: the method's own); mrecg-*: MRECG mixed granularity "
+                   "(mrecg-authors: the MRECG authors' released merge lists, or their structural rule)")
     q.add_argument("--adaqtransform", action="store_true", help="learn per-channel output scale xi and shift eta "
                    "(folded into the requant multiplier and int32 bias: free at inference)")
     q.add_argument("--iters", type=int, default=20000, help="reconstruction iterations per unit (papers: 20000; "
                    "about 1.2 h for resnet_small on 2 cores, scale down for a quick run)")
     q.add_argument("--batch-size", type=int, default=32, help="reconstruction batch size")
     q.add_argument("--expand-batch", type=int, default=1, help="MRECG expanded calibration batch factor")
-    q.add_argument("--mrecg-k", type=int, help="MRECG: number of adjacent merges (default round((units-1)/4))")
+    q.add_argument("--mrecg-k", type=int, help="MRECG: number of adjacent merges (default: the paper's "
+                   "2/4/7 for ResNet-18/50/MobileNetV2, see docs/reconstruction.md)")
     q.add_argument("--recon-threads", type=int, default=1, help="torch threads during reconstruction (1 is often "
                    "fastest on 2 cores)")
     q.add_argument("--seed", type=int, default=0)

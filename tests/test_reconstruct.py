@@ -21,7 +21,8 @@ from ptq2tvm.frontend.trace import trace_model
 from ptq2tvm.ir.reference import run_reference
 from ptq2tvm.reconstruct import ReconSettings, block_units, discover_units, layer_units, reconstruct
 from ptq2tvm.reconstruct.adaround import beta_at, harden_layer, reg_active, round_loss
-from ptq2tvm.reconstruct.mrecg import default_k, groups_from_pairs, modcap, top_k_pairs
+from ptq2tvm.reconstruct.mrecg import (default_k, groups_from_pairs, log_diffs, modcap, mrecg_base_units, plan_mrecg,
+                                       top_k_pairs)
 from ptq2tvm.reconstruct.units import cut_positions
 
 from conftest import randomize_bn
@@ -263,28 +264,37 @@ def test_units_on_zoo_graphs(name, kinds, block_layers):
     assert [u.kind for u in units] == kinds
     assert [len(u.layers) for u in units if u.kind == "block"] == block_layers
     assert all(len(u.inputs) == 1 and len(u.outputs) == 1 for u in units)
+    # MRECG (tests/test_fidelity.py has the rest): the authors' base units, their released merge lists, and ModCap
+    qm = QuantModel(g, QuantConfig(2, 4))
+    base = mrecg_base_units(g)
+    settings = ReconSettings(method="qdrop")
+    authors = plan_mrecg(qm, None, None, settings, 0.01, "mrecg-authors", [], False)
+    mc = plan_mrecg(qm, None, None, settings, 0.01, "mrecg-modcap", [], False)
+    merged = [grp for grp in authors["groups"] if len(grp) > 1]
+    assert authors["groups"][-1] == [base[-1].name] and mc["groups"][-1] == [base[-1].name]   # never the last unit
+    assert all(len(grp) <= 2 for grp in mc["groups"])                                        # ModCap: pairs only
     if name == "resnet18":
-        # ModCap at W2A4 (8-bit stem and fc): the deep stride-2 blocks and the 8-bit fc dominate; k = 2 merges
-        # layer3.1 + layer4.0 and layer4.1 + fc
-        qm = QuantModel(g, QuantConfig(2, 4))
-        caps = [modcap(qm, u) for u in units]
+        # configs/qdrop/r18_2_4.yaml scheme [1, 2, (3, 3), (4, 4), 5, 6, 7, 8]
+        assert [u.name for u in base] == [u.name for u in units] and authors["kinds"] == "SRRTRTRTRH"
+        assert merged == [["layer1.1", "layer2.0"], ["layer2.1", "layer3.0"]] and authors["k"] == 2
+        assert mc["groups"] == authors["groups"] and mc["k"] == 2                # log-ModCap reproduces them
+        caps = mc["capacities"]
         assert caps[0] == pytest.approx(64 * 3 * 49 * 8 * 1.6) and caps[-1] == 512 * 1000 * 8   # stem: stride 2
         assert caps[7] == pytest.approx((512 * 256 * 9 + 512 * 256) * 2 * 1.6 + 512 * 512 * 9 * 2)
-        _, pairs = top_k_pairs(caps, 2)
-        assert pairs == [6, 8]
+    if name == "resnet50":
+        # configs/qdrop/r50_2_4.yaml scheme [1, 2, 3, (4, 4), 5, 6, (7, 7, 7), 8, 9, 10, (11, 11), 12, 13, 14]
+        assert merged == [["layer1.2", "layer2.0"], ["layer2.3", "layer3.0", "layer3.1"], ["layer3.5", "layer4.0"]]
+        assert authors["k"] == mc["k"] == 4
+        assert [grp for grp in mc["groups"] if len(grp) > 1] == [["conv1", "layer1.0"], ["layer1.2", "layer2.0"],
+                                                                 ["layer2.3", "layer3.0"], ["layer3.5", "layer4.0"]]
     if name == "mobilenet_v2":
-        # W2A4: features.1 = dw 32x9 + 1x1 32->16 = 800 params x 2 bit; features.17 = 160x960 + 960x9 + 960x320;
-        # head 320x1280 x 2 bit; classifier 1280x1000 at 8 bit (last layer). Default k = round(19 / 4) = 5 merges:
-        # the capacity jumps sit at the deep end, so features.11|12, 14|15 and 16|17|18.0|classifier are merged.
-        qm = QuantModel(g, QuantConfig(2, 4))
-        caps = [modcap(qm, u) for u in units]
-        assert caps[1] == 800 * 2 and caps[17] == (160 * 960 + 960 * 9 + 960 * 320) * 2
-        assert caps[18] == 320 * 1280 * 2 and caps[19] == 1280 * 1000 * 8
-        _, pairs = top_k_pairs(caps, default_k(len(units)))
-        assert pairs == [11, 14, 16, 17, 18]
-        groups = groups_from_pairs([u.name for u in units], pairs)
-        assert groups[-1] == ["features.16.conv", "features.17.conv", "features.18.0", "classifier.1"]
-        assert len(groups) == len(units) - 5
+        # base units fuse stem + features.1 and head + classifier (MQBench extract_block stacks <= 3 chain layers);
+        # configs/qdrop/mbv2_2_4.yaml scheme [1, 2, (3, 3), 4, (5, 5), 6, (7, 7, 7), (8, 8, 8), 9, (10, 10), 11]
+        assert len(base) == 18 and base[0].name == "features.0.0+features.1.conv"
+        assert base[-1].name == "features.18.0+classifier.1"
+        f = [[f"features.{i}.conv" for i in grp] for grp in [(3, 4), (6, 7), (9, 10, 11), (12, 13, 14), (16, 17)]]
+        assert merged == f and authors["k"] == mc["k"] == 7
+        assert sum(len(grp) - 1 for grp in mc["groups"]) == 7
 
 
 # ---- MRECG -------------------------------------------------------------------------------------------------------
@@ -296,16 +306,21 @@ def test_modcap_numbers_and_topk(tiny_model, calib):
     # alpha = 1.6, 3x3 s1 2304; inverted residual 512 + 288 + 512; grouped 576; fc 160 at 8 bit (last layer)
     want = [72 * 8, 2 * 576 * 4, (128 + 1152) * 4 * 1.6 + 2304 * 4, (512 + 288 + 512) * 4, 576 * 4, 160 * 8]
     assert caps == pytest.approx(want)
-    diffs, pairs = top_k_pairs(caps, 2)
-    assert diffs == pytest.approx([(a - b) ** 2 for a, b in zip(want, want[1:])])
-    assert pairs == [1, 2]                                    # block1|block2 and block2|ir: chained
+    diffs = log_diffs(caps)
+    assert diffs == pytest.approx([math.log(a / b) ** 2 for a, b in zip(want, want[1:])])
+    # ranked by log-ratio jumps: stem|block1 (x8), block1|block2, block2|ir; never the last pair (grouped|fc)
+    assert top_k_pairs(diffs, 2) == [0, 1] and top_k_pairs(diffs, 2, disjoint=True) == [0, 2]
+    assert top_k_pairs(diffs, 3) == [0, 1, 2] and top_k_pairs(diffs, 3, disjoint=True) == [0, 2]
+    assert top_k_pairs(diffs, 5, exclude_last=False)[-1] == 4 and 4 not in top_k_pairs(diffs, 5)
     names = [u.name for u in units]
-    assert groups_from_pairs(names, pairs) == [["stem"], ["block1", "block2", "ir.conv"], ["grouped"], ["fc"]]
-    assert default_k(len(units)) == 1 and default_k(10) == 2 and default_k(18) == 4
+    assert groups_from_pairs(names, [0, 1, 2]) == [["stem", "block1", "block2", "ir.conv"], ["grouped"], ["fc"]]
+    assert default_k(10) == 2 and default_k(18) == 4 and default_k(18, depthwise=True) == 7
+    # MRECG base units: the two single layers at the end fuse (as MobileNetV2's head + classifier); k = round(0.4 x 4)
     _, rep = reconstruct(tiny_model, calib, QuantConfig(4, 4),
                          fast(method="qdrop", granularity="mrecg-modcap", iters=8), progress=False)
-    assert rep.mrecg["groups"] == [["stem"], ["block1", "block2"], ["ir.conv"], ["grouped"], ["fc"]]
-    assert [u["kind"] for u in rep.units] == ["layer", "merged", "block", "layer", "layer"]
+    assert rep.mrecg["base_units"] == ["stem", "block1", "block2", "ir.conv", "grouped+fc"] and rep.mrecg["k"] == 2
+    assert rep.mrecg["groups"] == [["stem", "block1"], ["block2", "ir.conv"], ["grouped+fc"]]
+    assert [u["kind"] for u in rep.units] == ["merged", "merged", "block"]
 
 
 def test_mrecg_loss_metric_probe(tiny_model, calib):
@@ -313,15 +328,15 @@ def test_mrecg_loss_metric_probe(tiny_model, calib):
                          fast(method="qdrop", granularity="mrecg-loss", iters=10, mrecg_probe_iters=5, mrecg_k=1),
                          progress=False)
     m = rep.mrecg
-    assert m["metric"] == "loss" and m["probe_iters"] == 5 and len(m["capacities"]) == 6
+    assert m["metric"] == "loss" and m["probe_iters"] == 5 and len(m["capacities"]) == 5
     assert len(m["merged_pairs"]) == 1
     i = m["merged_pairs"][0]
-    assert m["diffs"][i] == max(m["diffs"])
+    assert m["diffs"][i] == max(m["diffs"][:-1])          # the pair holding the last unit is never a candidate
     assert not any(k.startswith("probe:") for k in rep.curves)
 
 
 # ---- AdaQTransform fold -------------------------------------------------------------------------------------------
-def test_adaq_fold_negative_xi_is_bit_exact(tmp_path, tiny_model, tiny_data):
+def test_adaq_fold_random_xi_is_bit_exact(tmp_path, tiny_model, tiny_data):
     from ptq2tvm.backend.compile import compile_graph
     from ptq2tvm.backend.runtime import CompiledModel
 
@@ -332,14 +347,11 @@ def test_adaq_fold_negative_xi_is_bit_exact(tmp_path, tiny_model, tiny_data):
         with torch.no_grad():
             layer.xi.copy_(0.7 + 0.6 * torch.rand(c, generator=g))
             layer.eta.copy_(0.05 * torch.randn(c, generator=g))
-            if layer.wq.bits == 4:                            # flip some channels of the 4-bit layers
-                layer.xi[::3] *= -1
     x = torch.from_numpy(tiny_data)
     with torch.no_grad():
         fq = qm(x).numpy()
     graph = fold_to_integer(qm)
-    assert graph.meta["adaqtransform"] and graph.meta["negative_xi_channels"] > 0
-    assert graph.meta.get("clipped_weights", 0) == 0
+    assert graph.meta["adaqtransform"]
     ref = run_reference(graph, graph.input.quantize(tiny_data))
     fq_int = np.rint(fq / graph.output.scale) + graph.output.zero_point
     diff = np.abs(ref.astype(np.int64) - fq_int)

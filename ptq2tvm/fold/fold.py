@@ -8,8 +8,8 @@ with (m_c, mr_c, n_c) the dyadic form of (s_w,c * s_x / s_out, s_r / s_out). RHU
 AdaQTransform layers (y = xi_c * (W_hat * x_hat) + b_c + eta_c) cost nothing extra (Eq. 9): xi_c goes into the
 requant multiplier, eta_c into the int32 bias:
              bias_c = round((b_c + eta_c) / (xi_c * s_w,c * s_x)) - z_x * sum(q_w,c),  m_c ~ xi_c * s_w,c * s_x / s_out
-A channel with xi_c < 0 gets its integer weights negated (and so its bias and zero-point correction), which keeps the
-multiplier positive; at 8 bit a negated -128 does not fit int8 and is clipped to 127 (counted in graph meta).
+xi_c must be > 0 (reconstruction projects it onto [1e-3, inf)): the integer weights are never negated, so b-bit weights
+keep their range (and <= 4-bit layers their packed storage); a model with xi_c <= 0 is rejected with the layer name.
 """
 
 from __future__ import annotations
@@ -59,18 +59,14 @@ def _fold_weighted(qm: QuantModel, n: Any, tin: QTensor, tres: QTensor | None, t
     acc_scale = s_w * tin.scale
     if getattr(layer, "adaq", False):
         xi = layer.xi.detach().double().numpy()
-        if np.any(xi == 0) or not np.all(np.isfinite(xi)):
-            raise QuantConfigError(f"layer '{n.name}': AdaQTransform scale xi must be finite and non-zero")
+        if not np.all(np.isfinite(xi)) or np.any(xi <= 0):
+            bad = np.flatnonzero(~(np.isfinite(xi) & (xi > 0)))
+            raise QuantConfigError(f"layer '{n.name}': AdaQTransform scale xi must be finite and > 0 (channels "
+                                   f"{bad[:8].tolist()}{'...' if bad.size > 8 else ''}: {xi[bad[:3]].tolist()}); a "
+                                   f"negative xi would negate integer weights out of their range (reconstruction keeps "
+                                   f"xi >= ptq2tvm.reconstruct.adaq.XI_MIN)")
         b = b + layer.eta.detach().double().numpy()
-        neg = xi < 0
-        if neg.any():
-            q_w = np.where(neg.reshape((-1,) + (1,) * (q_w.ndim - 1)), -q_w, q_w)
-            over = q_w > 127
-            if over.any():
-                stats["clipped_weights"] = stats.get("clipped_weights", 0) + int(over.sum())
-                q_w = np.minimum(q_w, 127)
-            stats["negative_xi_channels"] = stats.get("negative_xi_channels", 0) + int(neg.sum())
-        acc_scale = acc_scale * np.abs(xi)
+        acc_scale = acc_scale * xi
     bias = np.rint(b / acc_scale)
     bias = bias - tin.zero_point * q_w.reshape(q_w.shape[0], -1).sum(axis=1)
     if np.abs(bias).max(initial=0) > INT32_MAX // 2:

@@ -72,6 +72,9 @@ class WeightQuantizer(nn.Module):
         #: AdaRound rounding variable V (same shape as the weight), None when rounding to nearest.
         self.alpha: nn.Parameter | None = None
         self.soft = True
+        #: NWQ's annealing softmax (ASoftmax): with a temperature ``tau`` the soft rounding is sigmoid(V / tau) (the
+        #: softmax over {floor, ceil} with logits {0, V}) instead of AdaRound's rectified sigmoid; None: AdaRound.
+        self.tau: float | None = None
 
     @property
     def qmin(self) -> int:
@@ -122,7 +125,9 @@ class WeightQuantizer(nn.Module):
         return self.alpha
 
     def h(self) -> torch.Tensor:
-        """Rectified sigmoid h(V) in [0, 1]."""
+        """Rectified sigmoid h(V) in [0, 1] (AdaRound), or sigmoid(V / tau) with an ASoftmax temperature (NWQ)."""
+        if self.tau is not None:
+            return torch.sigmoid(self.alpha / self.tau)
         return torch.clamp(torch.sigmoid(self.alpha) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0, 1)
 
     def round_reg(self, beta: float) -> torch.Tensor:
@@ -137,6 +142,7 @@ class WeightQuantizer(nn.Module):
 
     def clear_adaround(self) -> None:
         self.alpha = None
+        self.tau = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

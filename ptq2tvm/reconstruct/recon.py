@@ -18,7 +18,9 @@ Schedules (``method``):
 - ``brecq``: two passes over the network: (1) V with activations unquantized, (2) activation steps only (Adam lr_a =
   4e-4, cosine, ``iters_act`` iterations) with hardened weights. Block units.
 - ``qdrop``: one joint pass: V (1e-3) + activation steps (4e-5, cosine, LSQ gradient scale) with drop p = 0.5.
-- ``network``: the QDrop joint schedule on one unit: the whole network (NWQ-style).
+- ``network``: the QDrop joint schedule on one unit: the whole network, loss on the logits only.
+- ``nwq``: NWQ (Wang et al. 2022, ``nwq.py``): the whole network with activation regularisation, annealing softmax
+  rounding and annealing mixup.
 With AdaQTransform on, xi and eta (Adam ``lr_adaq``) are learned in every pass.
 """
 
@@ -40,24 +42,25 @@ from ..errors import QuantConfigError
 from ..frontend.calibrate import quantize_rtn, validate_calibration
 from ..frontend.graph import FloatNode
 from ..frontend.qmodel import QuantConfig, QuantModel, _key
-from .adaq import adaq_params, adaq_summary
+from .adaq import adaq_params, adaq_summary, project_xi
 from .adaround import beta_at, harden_layer, reg_active, round_loss
 from .checkpoint import Checkpoint
-from .mrecg import plan_mrecg
+from .mrecg import mrecg_base_units, plan_mrecg
 from .units import Unit, block_units, discover_units, merge_units
 
-METHODS = ("rtn", "adaround", "brecq", "qdrop", "network")
-GRANULARITIES = ("layer", "block", "mrecg-modcap", "mrecg-loss", "network")
-DEFAULT_GRANULARITY = {"rtn": "layer", "adaround": "layer", "brecq": "block", "qdrop": "block", "network": "network"}
-DEFAULT_LR_A = {"brecq": 4e-4, "qdrop": 4e-5, "network": 4e-5}
+METHODS = ("rtn", "adaround", "brecq", "qdrop", "network", "nwq")
+GRANULARITIES = ("layer", "block", "mrecg-modcap", "mrecg-loss", "mrecg-authors", "network")
+DEFAULT_GRANULARITY = {"rtn": "layer", "adaround": "layer", "brecq": "block", "qdrop": "block", "network": "network",
+                       "nwq": "network"}
+DEFAULT_LR_A = {"brecq": 4e-4, "qdrop": 4e-5, "network": 4e-5, "nwq": 4e-5}
 
 
 @dataclass
 class ReconSettings:
     """Reconstruction settings. ``None`` fields take the documented per-method default."""
 
-    method: str = "qdrop"                 # rtn | adaround | brecq | qdrop | network
-    granularity: str | None = None        # layer | block | mrecg-modcap | mrecg-loss | network (None: method's)
+    method: str = "qdrop"                 # rtn | adaround | brecq | qdrop | network | nwq
+    granularity: str | None = None        # layer | block | mrecg-modcap | mrecg-loss | mrecg-authors | network
     adaqtransform: bool = False
     iters: int = 20000                    # per unit (per pass)
     iters_act: int | None = None          # BRECQ activation pass (None: iters // 4, i.e. 5k for 20k)
@@ -72,9 +75,13 @@ class ReconSettings:
     beta_end: float = 2.0
     drop_prob: float = 0.5                # QDrop: probability of KEEPING quantization
     lsq_grad_scale: bool | None = None    # None: on for qdrop/network (QDrop), off for brecq
-    mrecg_k: int | None = None            # number of adjacent merges (None: round((L - 1) / 4), at least 1)
+    mrecg_k: int | None = None            # number of adjacent merges (None: mrecg.default_k, the paper's 2/4/7)
     mrecg_alpha: float = 1.6              # ModCap factor of stride-2 layers
     mrecg_probe_iters: int | None = None  # loss metric: iterations of the probe reconstruction (None: iters)
+    nwq_ar_weight: float = 1.0            # NWQ: activation regularisation weight (nwq.py)
+    nwq_tau_start: float = 1.0            # NWQ: ASoftmax temperature, geometric from start to end
+    nwq_tau_end: float = 0.01
+    nwq_mix_start: float = 0.5            # NWQ: AMixup keep-quantized probability, linear from this to 1
     seed: int = 0
     chunk: int = 256                      # rows per forward when caching / evaluating
     log_every: int | None = None          # loss-curve sampling period (None: ~200 points per unit)
@@ -87,8 +94,8 @@ class ReconSettings:
             raise QuantConfigError(f"unknown reconstruction method {self.method!r}; available: {', '.join(METHODS)}")
         if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise QuantConfigError(f"unknown granularity {self.granularity!r}; available: {', '.join(GRANULARITIES)}")
-        if self.method == "network" and self.granularity not in (None, "network"):
-            raise QuantConfigError("method 'network' reconstructs the whole network as one unit (granularity "
+        if self.method in ("network", "nwq") and self.granularity not in (None, "network"):
+            raise QuantConfigError(f"method '{self.method}' reconstructs the whole network as one unit (granularity "
                                    f"'network'), got granularity {self.granularity!r}")
         for name in ("iters", "batch_size", "expand_batch", "chunk"):
             v = getattr(self, name)
@@ -103,6 +110,11 @@ class ReconSettings:
             raise QuantConfigError(f"warmup must be in [0, 1), got {self.warmup!r}")
         if self.mrecg_k is not None and self.mrecg_k < 0:
             raise QuantConfigError(f"mrecg_k must be >= 0, got {self.mrecg_k!r}")
+        if not 0.0 < self.nwq_tau_end <= self.nwq_tau_start or not 0.0 <= self.nwq_mix_start <= 1.0 \
+                or self.nwq_ar_weight < 0:
+            raise QuantConfigError(f"NWQ settings: need 0 < nwq_tau_end <= nwq_tau_start, nwq_mix_start in [0, 1], "
+                                   f"nwq_ar_weight >= 0; got {self.nwq_tau_start!r}, {self.nwq_tau_end!r}, "
+                                   f"{self.nwq_mix_start!r}, {self.nwq_ar_weight!r}")
         for name in ("lr_w", "lr_adaq"):
             if not getattr(self, name) > 0:
                 raise QuantConfigError(f"{name} must be > 0")
@@ -142,6 +154,9 @@ def stages_for(s: ReconSettings) -> list[Stage]:
         lsq = True if s.lsq_grad_scale is None else s.lsq_grad_scale
         drop = s.drop_prob if s.drop_prob < 1.0 else None
         return [Stage("joint", True, True, True, drop, s.iters, lr_a, lsq)]
+    if s.method == "nwq":
+        lsq = True if s.lsq_grad_scale is None else s.lsq_grad_scale
+        return [Stage("nwq", True, True, True, None, s.iters, lr_a, lsq)]
     return []
 
 
@@ -346,6 +361,7 @@ def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSetti
                 loss.backward()
             if opt is not None:
                 opt.step()
+                project_xi(layers)
             if opt_a is not None:
                 opt_a.step()
                 sched_a.step()
@@ -492,7 +508,7 @@ def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: Quant
             report.mrecg = plan_mrecg(qm, fp, images, settings, lam, gran, stage_list, progress)
             if ckpt is not None:
                 ckpt.save(qm, report, done)
-        units = merge_units(qm.graph, block_units(qm.graph), report.mrecg["merged_pairs"])
+        units = merge_units(qm.graph, mrecg_base_units(qm.graph), report.mrecg["merged_pairs"])
     else:
         units = discover_units(qm.graph, gran)
     report.units = [u.to_dict() for u in units]
@@ -502,7 +518,12 @@ def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: Quant
         if ckpt is not None:
             ckpt.save(qm, report, done)
 
-    run_stages(qm, fp, images, units, settings, lam, report, progress, stage_list, done, on_unit_end)
+    if settings.method == "nwq":
+        from .nwq import run_nwq
+
+        run_nwq(qm, fp, images, settings, report, progress, done, on_unit_end)
+    else:
+        run_stages(qm, fp, images, units, settings, lam, report, progress, stage_list, done, on_unit_end)
     report.adaq = adaq_summary(qm)
     report.seconds = time.perf_counter() - t0
     if ckpt is not None:
