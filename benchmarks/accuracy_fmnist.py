@@ -315,7 +315,7 @@ def run_row(model: torch.nn.Module, calib: np.ndarray, test_x: np.ndarray, test_
     return dict(row, fakequant_top1=fq, so_top1=so_top1, seconds=round(seconds, 2), bias_rounding="float64",
                 rtn_seconds=round(rep.rtn_seconds, 2), iterations=rep.iterations,
                 iters_per_s=round(rep.iters_per_s, 2), units=len(rep.units), lam=rep.lam,
-                mrecg_groups=(rep.mrecg or {}).get("groups"), resumed_units=rep.resumed_units,
+                mrecg_groups=(rep.mrecg or {}).get("groups"), resumed_units=rep.resumed_units, adaq=rep.adaq,
                 loss_json=str(ckpt / "recon_loss.json"))
 
 
