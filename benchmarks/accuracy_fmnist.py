@@ -188,12 +188,17 @@ METHOD_ORDER = ["rtn", "adaround", "brecq", "qdrop", "qdrop:mrecg-modcap", "qdro
                 "nwq+adaq"]
 
 
+LEGACY_LR_ADAQ = 1e-3
+
+
 def method_spec(r: dict[str, Any]) -> str:
     """The ``--methods`` spelling of a row (``qdrop`` for QDrop at its default block granularity)."""
     default = ReconSettings(method=r["method"]).resolved_granularity
     gran = "" if r["granularity"] == default else f":{r['granularity']}"
     xb = "+xb" if r.get("expand_batch", 1) > 1 else ""
-    lr = f"(lr_adaq {r['lr_adaq']:g})" if r.get("lr_adaq") is not None else ""
+    # rows made before the default became 1e-2 carry no lr_adaq: they ran with 1e-3
+    lr_adaq = r.get("lr_adaq", LEGACY_LR_ADAQ)
+    lr = f"(lr_adaq {lr_adaq:g})" if r["adaqtransform"] and lr_adaq != ReconSettings().lr_adaq else ""
     return f"{r['method']}{gran}{xb}{'+adaq' if r['adaqtransform'] else ''}{lr}"
 
 
@@ -269,6 +274,10 @@ def ordering(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rtn = st.get(("rtn", None))                  # RTN rows have no iterations: they join every block
         for iters in sorted({it for _, it in st if it}):
             block = {spec: v for (spec, it), v in st.items() if it == iters}
+            for spec in list(block):          # legacy lr_adaq rows stand in where no row at the default exists
+                plain = spec.replace(f"(lr_adaq {LEGACY_LR_ADAQ:g})", "")
+                if plain != spec and plain not in block:
+                    block[plain] = block[spec]
             block.setdefault("rtn", rtn)
             recon = [v for k, v in block.items() if k != "rtn" and v is not None]
             if recon:
@@ -378,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                                eval_images=len(test), fp32_top1=fp32, model_epochs=info.get("epochs"))
                     if xb:
                         row["expand_batch"] = args.expand_batch
-                    if adaq and args.lr_adaq is not None:
-                        row["lr_adaq"] = args.lr_adaq
+                    if adaq:
+                        row["lr_adaq"] = args.lr_adaq if args.lr_adaq is not None else ReconSettings().lr_adaq
                     key = row_key(row)
                     if key in {row_key(r) for r in read_rows(jpath)}:
                         continue

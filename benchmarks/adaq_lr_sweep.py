@@ -31,6 +31,8 @@ from ptq2tvm.atomic import write_text  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet_small")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or digits (8x8, trains in seconds)")
+    p.add_argument("--calib", type=int, default=1024)
     p.add_argument("--bits", default="W2A4")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2")
     p.add_argument("--iters", type=int, default=250)
@@ -41,16 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     for lr in args.lrs.split(","):
-        acc.main(["--models", args.models, "--bits", args.bits, "--methods", args.method, "--seeds", args.seeds,
+        acc.main(["--models", args.models, "--dataset", args.dataset, "--calib", str(args.calib), "--bits", args.bits,
+                  "--methods", args.method, "--seeds", args.seeds,
                   "--multi-seed-bits", "all", "--iters", str(args.iters), "--eval-limit", str(args.eval_limit),
                   "--lr-adaq", lr, "--out", str(out), "--quiet"])
         print(f"lr_adaq {lr} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     rows = acc.read_rows(out.with_suffix(".json"))
     lines = ["# AdaQTransform xi / eta learning rate sweep", "",
-             f"`nice .venv/bin/python benchmarks/adaq_lr_sweep.py --models {args.models} --bits {args.bits} "
+             f"`nice .venv/bin/python benchmarks/adaq_lr_sweep.py --models {args.models} --dataset {args.dataset} "
+             f"--calib {args.calib} --bits {args.bits} "
              f"--lrs {args.lrs} --iters {args.iters} --seeds {args.seeds} --method {args.method} --eval-limit "
              f"{args.eval_limit}`", "",
-             "Fake-quant top-1 on the first eval-limit Fashion-MNIST test images (.so within 0.1 points), mean over "
+             f"Fake-quant top-1 on the first eval-limit {args.dataset} test images (.so within 0.1 points), mean over "
              "seeds; xi range and the reconstruction time (shared 2-core machine, heavily loaded: times are "
              "indicative only).", "",
              "| model | W/A | method | it/unit | lr_adaq | seeds | fake-quant | .so | xi min | xi max | |eta| max | s/run |",

@@ -68,7 +68,7 @@ class ReconSettings:
     expand_batch: int = 1                 # MRECG's expanded calibration batch: batch_size * expand_batch
     lr_w: float = 1e-3                    # AdaRound V
     lr_a: float | None = None             # activation steps (None: brecq 4e-4, qdrop/network 4e-5)
-    lr_adaq: float = 1e-3                 # AdaQTransform xi, eta
+    lr_adaq: float = 1e-2                 # AdaQTransform xi, eta (benchmarks/results/adaq_lr_sweep*.md)
     lam: float | None = None              # rounding regulariser weight (None: 0.1 with depthwise convs, else 0.01)
     warmup: float = 0.2
     beta_start: float = 20.0
