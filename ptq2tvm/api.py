@@ -3,7 +3,7 @@
 A run directory holds every artifact of one quantized model::
 
     run.json            what was quantized (model spec, data, bits, accuracy so far)
-    fp32.pt             the FP32 model (zoo name + state_dict, or a pickled module)
+    fp32.pt             the FP32 model (zoo name + state_dict; torch.load(weights_only=True) reads it)
     fakequant.pt        the fake-quant model (QuantModel.save)
     model.qgraph.npz    the integer graph (the exact arithmetic)
     model.so, model.json  the compiled library and its sidecar
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,23 +131,68 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def save_fp32(path: Path, model: nn.Module, spec: ModelSpec | None) -> None:
+FP32_FORMAT = "ptq2tvm-fp32"
+
+
+def _names_code_file(spec: dict[str, Any]) -> bool:
+    name = str(spec.get("name", ""))
+    return ":" in name and name.split(":")[0].endswith(".py")
+
+
+def save_fp32(path: Path, model: nn.Module, spec: ModelSpec | None, trust_code: bool = False) -> None:
+    """Write ``fp32.pt``: tensors + JSON only (the model spec and its state_dict), readable with
+    ``torch.load(weights_only=True)``. Without a spec the module itself can only be stored as a pickle, which is code
+    when loaded: that needs ``trust_code=True`` (else only the state_dict is stored and :func:`load_fp32` says so)."""
     if spec is not None:
-        atomic_torch_save({"spec": spec.__dict__, "state_dict": model.state_dict()}, path)
+        atomic_torch_save({"format": FP32_FORMAT, "spec": json.loads(json.dumps(spec.__dict__)),
+                           "state_dict": model.state_dict()}, path)
+    elif trust_code:
+        atomic_torch_save({"format": FP32_FORMAT, "spec": None, "module": model}, path)
     else:
-        atomic_torch_save({"spec": None, "module": model}, path)
+        atomic_torch_save({"format": FP32_FORMAT, "spec": None, "state_dict": model.state_dict()}, path)
 
 
-def load_fp32(path: str | Path) -> nn.Module:
+def safe_torch_load(path: Path, what: str, trust_code: bool = False) -> Any:
+    """``torch.load`` of a ptq2tvm artifact: tensors and plain containers only (``weights_only=True``), so a crafted
+    file cannot run code. A file that needs more (a pickled module) is refused with :class:`ArtifactError` unless
+    ``trust_code`` (only for files you made yourself)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_code)
+    except Exception as e:
+        if not trust_code and isinstance(e, pickle.UnpicklingError):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{path}: refusing to load the {what}: the file contains pickled Python objects, "
+                                f"which run code when loaded ({first[:160]}). Load it with trust_code=True "
+                                "(CLI: --trust-code) only if you made it yourself") from None
+        raise ArtifactError(f"cannot read the {what} {path}: {type(e).__name__}: {e}") from e
+
+
+def load_fp32(path: str | Path, trust_code: bool = False) -> nn.Module:
+    """Rebuild the FP32 model of a run directory. Safe by default: tensors + JSON only; a model whose code is a
+    pickled module or a ``file.py:factory`` (code executed on load) needs ``trust_code=True``.
+
+    Raises :class:`ArtifactError` (missing or unreadable file, code refused, state_dict mismatch)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"FP32 model not found: {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if blob.get("spec") is None:
-        return blob["module"].eval()
+    blob = safe_torch_load(path, "FP32 model", trust_code)
+    if not isinstance(blob, dict) or ("spec" not in blob):
+        raise ArtifactError(f"{path} is not a ptq2tvm FP32 model file")
+    if blob["spec"] is None:
+        if "module" in blob:
+            return blob["module"].eval()
+        raise ArtifactError(f"{path} holds only a state_dict (the model was quantized from Python without a "
+                            "ModelSpec): build the model yourself and load_state_dict(torch.load(path, "
+                            "weights_only=True)['state_dict'])")
+    if _names_code_file(blob["spec"]) and not trust_code:
+        raise ArtifactError(f"{path}: the model is built by the Python file {blob['spec']['name']!r}, which would run "
+                            "as code; pass trust_code=True (CLI: --trust-code) if you trust it")
     spec = ModelSpec(**{**blob["spec"], "checkpoint": None})
     model = build_model(spec)
-    model.load_state_dict(blob["state_dict"], strict=True)
+    try:
+        model.load_state_dict(blob["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: the state_dict does not fit the model {spec.name!r}: {e}") from e
     return model.eval()
 
 
@@ -201,9 +247,12 @@ def export_onnx(graph: IntegerGraph, path: str | Path, **kwargs: Any) -> Any:
 
 
 def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantModel, graph: IntegerGraph,
-             **info: Any) -> RunDir:
+             trust_code: bool = False, **info: Any) -> RunDir:
     run.path.mkdir(parents=True, exist_ok=True)
-    save_fp32(run.fp32, model, spec)
+    # run.json is written last: until then the directory is not a run, so an interrupted save (kill, full disk)
+    # never leaves a run.json describing a mix of old and new files
+    run.info_path.unlink(missing_ok=True)
+    save_fp32(run.fp32, model, spec, trust_code=trust_code)
     qm.save(run.fakequant)
     graph.save(run.qgraph)
     run.update_info(ptq2tvm_version=__version__, model=spec.__dict__ if spec else None,

@@ -4,11 +4,15 @@ so a failure (or an interrupt) never leaves a half-written file behind."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import ArtifactError
 
 
 def _umask() -> int:
@@ -31,8 +35,41 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_path, path)
+    except Exception as e:
+        reason = _disk_full(e, path.parent)
+        if reason:
+            raise ArtifactError(f"cannot write {path}: {reason} ({_free(path.parent)} free in {path.parent}); nothing "
+                                f"was written, {path.name} is unchanged") from None
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _free(d: Path) -> str:
+    try:
+        free = shutil.disk_usage(d).free
+    except OSError:
+        return "unknown"
+    return f"{free / 2 ** 20:.1f} MiB" if free >= 2 ** 20 else f"{free} bytes"
+
+
+def _disk_full(e: BaseException, d: Path) -> str | None:
+    """Why a write failed if the file system is full (ENOSPC / EDQUOT / EFBIG), also when a library (torch's zip
+    writer, TVM's exporter) reports it as a RuntimeError without an errno; None for any other failure."""
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}.get(
+                err.errno, "file too large (file system or RLIMIT_FSIZE limit)")
+    text = str(e).lower()
+    if "no space left" in text:
+        return "no space left on device"
+    if "write" in text and "fail" in text:
+        try:
+            if shutil.disk_usage(d).free < (1 << 22):
+                return "no space left on device"
+        except OSError:
+            return None
+    return None
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import _disk_full
 from .backend.compile import read_sidecar
 from .errors import ArtifactError
 from .ir.graph import IntegerGraph
@@ -78,8 +79,12 @@ def make_bundle(so_path: str | Path, out_dir: str | Path, overwrite: bool = Fals
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = _disk_full(e, out_dir.parent) if isinstance(e, Exception) else None
+        if reason:
+            raise ArtifactError(f"cannot write the bundle {out_dir}: {reason}; nothing was written"
+                                + (f", the existing {out_dir} is unchanged" if out_dir.exists() else "")) from None
         raise
     files = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
     return Bundle(out_dir, files, sum((out_dir / f).stat().st_size for f in files))

@@ -162,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if ds.labels is None:
         raise Ptq2TvmError(f"dataset {ds.name} has no labels: cannot compute accuracy")
     res: dict[str, Any] = dict(data=ds.name, n=int(len(ds.images)))
-    res["fp32_top1"] = top1_torch(load_fp32(run.fp32), ds.images, ds.labels)
+    res["fp32_top1"] = top1_torch(load_fp32(run.fp32, trust_code=args.trust_code), ds.images, ds.labels)
     res["fakequant_top1"] = top1_torch(QuantModel.load(run.fakequant), ds.images, ds.labels)
     so = Path(args.so) if args.so else run.so
     res["so_top1"] = top1_so(CompiledModel(so), ds.images, ds.labels) if so.exists() else None
@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--data", help="evaluation data (default: the run's dataset, test split)")
         e.add_argument("--n", type=int, help="use only the first N images")
         e.add_argument("--so", help="library to check (default RUN/model.so)")
+        if name == "eval":
+            e.add_argument("--trust-code", action="store_true", help="allow an fp32.pt that runs code when loaded (a "
+                           "pickled module or a file.py:factory model): only for run directories you made yourself")
         if name == "parity":
             e.add_argument("--per-layer-inputs", type=int, default=256, help="inputs for the per-layer comparison "
                            "(0 = skip)")

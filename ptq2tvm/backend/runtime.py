@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ class CompiledModel:
         self._fn_float = self._vm[FLOAT_ENTRY] if FLOAT_ENTRY in self.meta.get("entries", {}) else None
         self._tensor = tvm.runtime.tensor
         self._inputs: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
 
     def check_graph(self, graph: IntegerGraph) -> None:
         """Raise if ``graph`` is not the integer graph this library was compiled from."""
@@ -111,12 +113,15 @@ class CompiledModel:
         return self._call(self._fn, q)
 
     def _call(self, fn: Any, batch: np.ndarray) -> np.ndarray:
-        return fn(self._input_tensor(batch)).numpy()
+        # One Relax VM (and the reused input tensor) per CompiledModel: calls from several Python threads are
+        # serialized (each call still runs on TVM's own thread pool). benchmarks/robustness.py measures it.
+        with self._lock:
+            return fn(self._input_tensor(batch)).numpy()
 
     def _input_tensor(self, batch: np.ndarray) -> Any:
         """The device tensor holding ``batch``: one per (shape, dtype), allocated at the first call and refilled by a
         copy afterwards (allocating a fresh TVM tensor per call cost 40-700 us here, the copy ~10-20 us: most of the
-        per-call overhead of a small model). Not thread-safe: use one CompiledModel per thread."""
+        per-call overhead of a small model). Called under the model's lock (see ``_call``)."""
         batch = np.ascontiguousarray(batch)
         key = (batch.shape, batch.dtype.str)
         t = self._inputs.get(key)

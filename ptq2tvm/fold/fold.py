@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import QuantConfigError
 from ..frontend.qmodel import QuantModel
 from ..ir.graph import IntegerGraph, IntNode, QTensor
+from .bounds import check_accumulator
 from .dyadic import dyadic_multipliers
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -69,9 +70,10 @@ def _fold_weighted(qm: QuantModel, n: Any, tin: QTensor, tres: QTensor | None, t
         acc_scale = acc_scale * xi
     bias = np.rint(b / acc_scale)
     bias = bias - tin.zero_point * q_w.reshape(q_w.shape[0], -1).sum(axis=1)
-    if np.abs(bias).max(initial=0) > INT32_MAX // 2:
-        raise QuantConfigError(f"layer '{n.name}': the int32 bias overflows ({np.abs(bias).max():.3g}); the bias is "
-                               f"far larger than the weight scale allows")
+    if not np.all(np.isfinite(bias)) or np.abs(bias).max(initial=0) > 1 << 62:
+        raise QuantConfigError(f"layer '{n.name}': the int32 bias is not representable ({np.abs(bias).max():.3g} "
+                               f"accumulator steps); ptq2tvm.fold.bounds.fit_integer_bounds(model) fits it")
+    check_accumulator(n.name, q_w, bias.astype(np.int64), tin.qmax)  # proves every input fits int32, or raises
     terms = [acc_scale / tout.scale]
     if tres is not None:
         terms.append(np.full_like(acc_scale, tres.scale / tout.scale))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..fold.bounds import fit_integer_bounds
 from .qmodel import QuantConfig, QuantModel
+from .quantizers import NonFiniteActivation
 from .trace import trace_model
 
 
@@ -41,12 +45,64 @@ def calibrate(qm: QuantModel, images: np.ndarray, batch_size: int = 64, progress
     qm.set_observing(True)
     try:
         for i in tqdm(range(0, len(images), batch_size), desc="calibrate", disable=not progress, leave=False):
-            qm(torch.from_numpy(images[i:i + batch_size]))
+            batch = torch.from_numpy(images[i:i + batch_size])
+            try:
+                qm(batch)
+            except NonFiniteActivation:
+                qm.set_observing(False)
+                raise NonFiniteActivation(describe_nonfinite(qm, batch, first_image=i)) from None
     finally:
         qm.set_observing(False)
-    for q in qm.act_quant.values():
+    for key, q in qm.act_quant.items():
+        lo, hi = (0.0 if q.nonneg else min(q._min, 0.0)), max(q._max, 0.0)
+        if hi - lo <= 0.0:
+            warnings.warn(f"calibration: the range of tensor '{key.replace('__', '.')}' collapsed to [0, 0] on the "
+                          f"{len(images)} calibration images (observed min {q._min:.3g}, max {q._max:.3g}"
+                          f"{', after a ReLU' if q.nonneg else ''}): it is quantized as the constant 0 on a 1e-8 "
+                          "range; any other value at run time saturates", RuntimeWarning, stacklevel=2)
         q.compute_range(qm.config.act_lp)
-    return qm.set_quant(weights=True, acts=True)
+    qm.set_quant(weights=True, acts=True)
+    fit_integer_bounds(qm)
+    return qm
+
+
+@torch.no_grad()
+def describe_nonfinite(qm: QuantModel, batch: torch.Tensor, first_image: int = 0) -> str:
+    """The message for a NaN/Inf activation: the first node (in graph order) whose float output is non-finite, and
+    why (non-finite parameters, or float32 overflow of finite ones)."""
+    was = [(q.enabled, q.observing) for q in qm.act_quant.values()]
+    try:
+        qm.set_observing(False)
+        for q in qm.act_quant.values():
+            q.enabled = False
+        env = qm(batch, return_all=True)
+    finally:
+        for q, (e, o) in zip(qm.act_quant.values(), was):
+            q.enabled, q.observing = e, o
+    for n in qm.graph.nodes:
+        y = env.get(n.name)
+        if y is None or bool(torch.isfinite(y).all()):
+            continue
+        bad = ~torch.isfinite(y)
+        imgs = torch.nonzero(bad.reshape(bad.shape[0], -1).any(dim=1)).flatten()
+        where = f"node '{n.name}' ({n.op}) is the first whose output is NaN/Inf (image {first_image + int(imgs[0])}"
+        if y.dim() > 1:
+            chans = torch.nonzero(bad.transpose(0, 1).reshape(y.shape[1], -1).any(dim=1)).flatten().tolist()
+            where += f", channel(s) {chans[:8]}"
+        where += ")"
+        if n.op in ("conv", "linear"):
+            layer = qm.layer(n.name)
+            for pname in ("weight", "bias"):
+                p = getattr(layer, pname).detach()
+                pb = ~torch.isfinite(p)
+                if pb.any():
+                    ch = torch.nonzero(pb.reshape(p.shape[0], -1).any(dim=1)).flatten().tolist()
+                    return (f"non-finite activation seen during calibration: {where}: its {pname} (BatchNorm folded "
+                            f"in) has {int(pb.sum())} NaN/Inf value(s) in output channel(s) {ch[:8]}")
+            return (f"non-finite activation seen during calibration: {where}: its parameters are finite (max |weight| "
+                    f"{float(layer.weight.detach().abs().max()):.3g}), the float32 result overflows")
+        return f"non-finite activation seen during calibration: {where}"
+    return "non-finite activation seen during calibration (no node reproduces it in float)"
 
 
 def quantize_rtn(model: nn.Module, calib_images: np.ndarray, config: QuantConfig | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -257,8 +258,12 @@ class QuantModel(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"fake-quant model file not found: {path}")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # tensors + JSON only: a crafted file cannot run code (pickled objects are refused)
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{path}: refusing to load the fake-quant model: the file contains pickled Python "
+                                f"objects, which run code when loaded ({first[:160]})") from None
         except Exception as e:
             raise ArtifactError(f"cannot read fake-quant model {path}: {type(e).__name__}: {e}") from e
         if not isinstance(blob, dict) or blob.get("format") != FAKEQUANT_FORMAT:

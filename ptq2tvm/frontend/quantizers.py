@@ -27,6 +27,10 @@ N_CANDIDATES = 100
 MAX_OBSERVED = 1 << 17
 
 
+class NonFiniteActivation(QuantConfigError):
+    """A NaN/Inf reached an activation quantizer during calibration (calibrate() names the node and the cause)."""
+
+
 def check_bits(bits: int, what: str) -> int:
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise QuantConfigError(f"{what} must be an integer in 2..8, got {bits!r}")
@@ -190,7 +194,7 @@ class ActQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1).float()
         if not torch.isfinite(flat).all():
-            raise QuantConfigError("non-finite activation seen during calibration")
+            raise NonFiniteActivation("non-finite activation seen during calibration")
         self._min = min(self._min, float(flat.min()))
         self._max = max(self._max, float(flat.max()))
         if flat.numel() > MAX_OBSERVED // 4:

@@ -281,6 +281,25 @@ def _users(nodes: list[FloatNode], name: str, output_name: str) -> int:
     return sum(n.data_inputs.count(name) for n in nodes) + (1 if name == output_name else 0)
 
 
+def _check_bn(name: str, bn: nn.BatchNorm2d, conv: str) -> None:
+    """Refuse a BatchNorm whose 1 / sqrt(running_var + eps) or parameters are not finite: the FP32 model itself
+    outputs NaN/Inf there. The message names the BN, the conv it folds into, the channels and the cause."""
+    var = bn.running_var.detach().double()
+    params = {"running_var": bn.running_var, "running_mean": bn.running_mean, "weight": bn.weight, "bias": bn.bias}
+    for pname, p in params.items():
+        if p is not None and not bool(torch.isfinite(p.detach()).all()):
+            ch = torch.nonzero(~torch.isfinite(p.detach())).flatten().tolist()
+            raise UnsupportedModelError(f"BatchNorm2d '{name}' (folded into conv '{conv}'): {pname} is NaN/Inf in "
+                                        f"channel(s) {ch[:8]}")
+    bad = ~torch.isfinite(1.0 / torch.sqrt(var + bn.eps))
+    if bad.any():
+        ch = torch.nonzero(bad).flatten().tolist()
+        raise UnsupportedModelError(
+            f"BatchNorm2d '{name}' (folded into conv '{conv}'): running_var + eps <= 0 in channel(s) {ch[:8]} "
+            f"(eps={bn.eps:g}, running_var={float(var[ch[0]]):g}): 1/sqrt(running_var + eps) is not finite, so the "
+            "model's own FP32 output is NaN/Inf there (set eps > 0 or fix the running statistics)")
+
+
 def _fold_bn(conv: FloatNode, bn: nn.BatchNorm2d) -> None:
     var = bn.running_var.detach().double()
     mean = bn.running_mean.detach().double()
@@ -325,6 +344,7 @@ def _fuse(prims: list[FloatNode], output_name: str) -> tuple[list[FloatNode], st
                               "it cannot be folded")
                 i += 1
                 continue
+            _check_bn(n.name, n.attrs["module"], prod.name)
             _fold_bn(prod, n.attrs["module"])
             nodes.pop(i)
             replace(n.name, prod.name)

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import QuantConfigError
+from ..fold.bounds import fit_integer_bounds
 from ..frontend.calibrate import quantize_rtn, validate_calibration
 from ..frontend.graph import FloatNode
 from ..frontend.qmodel import QuantConfig, QuantModel, _key
@@ -453,7 +454,9 @@ def reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: QuantC
     if settings.threads:
         torch.set_num_threads(settings.threads)
     try:
-        return _reconstruct(model, calib_images, config, settings, progress, checkpoint_dir)
+        qm, report = _reconstruct(model, calib_images, config, settings, progress, checkpoint_dir)
+        fit_integer_bounds(qm)  # learned act scales / xi / eta may have moved a channel out of int32 (a no-op else)
+        return qm, report
     finally:
         torch.set_num_threads(old_threads)
 
