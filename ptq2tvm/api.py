@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from .backend.runtime import CompiledModel
 from .errors import ArtifactError, QuantConfigError
 from .fold.fold import fold_to_integer
 from .frontend.calibrate import quantize_rtn
-from .frontend.qmodel import QuantConfig, QuantModel, atomic_torch_save
+from .frontend.qmodel import QuantConfig, QuantModel, atomic_torch_save, pickled_code
 from .ir.graph import IntegerGraph
 
 from .reconstruct import METHODS, ReconReport, ReconSettings, reconstruct
@@ -159,10 +158,10 @@ def safe_torch_load(path: Path, what: str, trust_code: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_code)
     except Exception as e:
-        if not trust_code and isinstance(e, pickle.UnpicklingError):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        code = None if trust_code else pickled_code(e)
+        if code:
             raise ArtifactError(f"{path}: refusing to load the {what}: the file contains pickled Python objects, "
-                                f"which run code when loaded ({first[:160]}). Load it with trust_code=True "
+                                f"which run code when loaded ({code}). Load it with trust_code=True "
                                 "(CLI: --trust-code) only if you made it yourself") from None
         raise ArtifactError(f"cannot read the {what} {path}: {type(e).__name__}: {e}") from e
 

@@ -240,7 +240,7 @@ def test_malicious_pickles_are_refused(tmp_path, tiny_model, tiny_data):
     evil = tmp_path / "evil.pt"
     torch.save({"format": "ptq2tvm-fakequant", "version": 1, "state_dict": {}, "x": _Payload(marker)}, evil)
     with pytest.raises(ArtifactError, match=r"evil\.pt: refusing to load the fake-quant model: the file contains "
-                                            r"pickled Python objects"):
+                                            r"pickled Python objects, which run code when loaded \(global \w+\)"):
         QuantModel.load(evil)
     with pytest.raises(ArtifactError, match=r"evil\.pt: refusing to load the FP32 model.*--trust-code"):
         load_fp32(evil)

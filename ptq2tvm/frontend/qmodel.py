@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -260,11 +261,11 @@ class QuantModel(nn.Module):
             raise ArtifactError(f"fake-quant model file not found: {path}")
         try:  # tensors + JSON only: a crafted file cannot run code (pickled objects are refused)
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{path}: refusing to load the fake-quant model: the file contains pickled Python "
-                                f"objects, which run code when loaded ({first[:160]})") from None
         except Exception as e:
+            code = pickled_code(e)
+            if code:
+                raise ArtifactError(f"{path}: refusing to load the fake-quant model: the file contains pickled Python "
+                                    f"objects, which run code when loaded ({code})") from None
             raise ArtifactError(f"cannot read fake-quant model {path}: {type(e).__name__}: {e}") from e
         if not isinstance(blob, dict) or blob.get("format") != FAKEQUANT_FORMAT:
             raise ArtifactError(f"{path} is not a ptq2tvm fake-quant model")
@@ -320,6 +321,16 @@ def graph_from_json(d: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> F
                                {k: _unjson(v) for k, v in nd["attrs"].items()}, w, b,
                                _unjson(nd["act"]) if nd["act"] else None, nd["residual"]))
     return FloatGraph(nodes, d["input_name"], d["output_name"], tuple(d["input_shape"]))
+
+
+def pickled_code(e: BaseException) -> str | None:
+    """If ``torch.load(weights_only=True)`` failed because the file is a valid pickle that references code (a class
+    or function, i.e. something that would run on unpickling), the global it names; else None (not a pickle)."""
+    text = str(e)
+    if not isinstance(e, pickle.UnpicklingError) or "can still be loaded" not in text:
+        return None
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    return f"global {m.group(1)}" if m else "a global the safe loader does not allow"
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
