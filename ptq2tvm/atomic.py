@@ -28,7 +28,8 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     ``suffix`` matters to writers that pick a format from the file name (e.g. ``.so``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -43,6 +44,24 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporaries of ``path`` left by a writer that was killed (SIGKILL, power loss: its ``finally`` never
+    ran): ``.{name}.{pid}.*`` whose process no longer exists. Returns what was removed."""
+    removed = []
+    for p in path.parent.glob(f".{path.name}.*"):
+        parts = p.name[len(path.name) + 2:].split(".", 1)
+        if not parts[0].isdigit():
+            continue
+        try:
+            os.kill(int(parts[0]), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        except (PermissionError, OverflowError):
+            pass
+    return removed
 
 
 def _free(d: Path) -> str:

@@ -256,7 +256,7 @@ def graph_specs(max_ops: int = 6, ops: tuple[str, ...] | None = None):
         w = draw(st.sampled_from([h, h, 1, 4, 9]))
         shape: Shape = (c, h, w)
         chain: list[dict[str, Any]] = []
-        for i in range(draw(st.integers(1, max_ops))):
+        for i in range(draw(st.sampled_from([k for k in range(1, max_ops + 1) for _ in range(min(k, 3))]))):
             ok = [n for n in names if OPS[n].applies(shape)]
             if i == 0:
                 ok = [n for n in ok if n in WEIGHTED] or ok

@@ -326,3 +326,25 @@ def test_compiled_model_from_several_threads(tmp_path):
     assert not errors
     for i in range(6):
         assert np.array_equal(got[i], want[i::6])
+
+
+def test_a_killed_writer_leaves_no_artifact_and_the_next_write_cleans_up(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from ptq2tvm.atomic import write_json
+
+    target = tmp_path / "model.json"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ptq2tvm.atomic import atomic_path\n"
+        f"with atomic_path({str(target)!r}) as tmp:\n"
+        "    open(tmp, 'w').write('{half')\n    print('writing', flush=True)\n    time.sleep(600)\n")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert not target.exists() and len(left) == 1 and left[0].startswith(f".model.json.{child.pid}.")
+    write_json(target, {"ok": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]
