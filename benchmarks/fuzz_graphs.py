@@ -35,6 +35,10 @@ FOUND_AND_FIXED = [
     "bias overflowed and it was blamed -> folds (constant tensor), a warning names the collapsed tensor",
     "Conv2d(1400, 4, 7) with every weight code +127 on an 8-bit input: silent int32 accumulator overflow in the .so -> "
     "the fold proves the bound per channel, calibration coarsens those channels' weight grid until it holds",
+    "(found by this fuzzer) a fused residual sum whose ReLU output is 0 on every calibration image: its scale "
+    "collapsed to 1e-8 and the residual's requantization multiplier s_r / s_out reached 1e9-2.5e9 "
+    "('requantization multiplier too large') -> fit_requant_scales raises a collapsed tensor's scale until every "
+    "multiplier feeding it is < 2^29 (tests/test_reliability.py::test_residual_sum_dead_on_every_image_folds)",
 ]
 
 
@@ -89,6 +93,7 @@ def summarize(rows: list[dict], args: argparse.Namespace, seconds: float, load: 
                                               if r["exact_fraction_vs_fakequant"] is not None)
                                           / max(1, sum(r["exact_fraction_vs_fakequant"] is not None for r in rows))),
         named_errors=dict(named), failures=[r for r in rows if r["status"] == "failure"],
+        named_error_specs=[r for r in rows if r["status"] == "named_error"],
         degenerate_graphs=sum(1 for r in rows if any(b.get("degenerate", "none") != "none" for b in r["spec"]["chain"])
                               or r["spec"]["data"] in ("zeros", "const_channel")),
         seconds=round(seconds, 1), jobs=args.jobs, seed=args.seed, loadavg=load, host=platform.node(),
@@ -114,6 +119,13 @@ def write_md(s: dict, path: Path) -> None:
     lines += [f"- {k}: {v}" for k, v in s["named_errors"].items()] or ["- none"]
     lines += ["", "## Failures (a raw exception, a mismatch, or more than 1 LSB)", ""]
     lines += [f"- stage {f['stage']}: {f['message'].splitlines()[0][:200]}" for f in s["failures"]] or ["- none"]
+    if "replayed_after_fixes" in s:
+        rp = s["replayed_after_fixes"]
+        lines += ["", "## Failures and named errors replayed after the fixes", "",
+                  f"`{rp['command']}`: " + ", ".join(f"{k} {v}" for k, v in sorted(rp["status"].items()))
+                  + " (every replayed graph compiled on both backends when it got through)"]
+        lines += [f"- {a['status']} {a['stage']}: {a['message'].splitlines()[0][:160] if a['message'] else ''}"
+                  for a in rp["results"] if a["status"] != "ok"]
     lines += ["", "## Found and fixed", ""] + [f"- {x}" for x in s["found_and_fixed"]]
     path.write_text("\n".join(lines) + "\n")
 
@@ -131,10 +143,20 @@ def main() -> None:
         from ptq2tvm.fuzz import check_spec
 
         data = json.loads(Path(args.replay).read_text())
-        specs = [f["spec"] for f in data["failures"]] if isinstance(data, dict) and "failures" in data else [data]
+        if isinstance(data, dict) and "failures" in data:     # a summary: re-check its failures and named errors
+            specs = [f["spec"] for f in data["failures"] + data.get("named_error_specs", [])]
+        else:
+            specs = [data]
+        after = []
         for spec in specs:
             r = check_spec(spec, Path(tempfile.mkdtemp()))
-            print(r.status, r.stage, r.message)
+            after.append(dict(status=r.status, stage=r.stage, message=r.message[:300], schedules=r.schedules))
+            print(r.status, r.stage, r.message[:200], flush=True)
+        if isinstance(data, dict) and "failures" in data:
+            data["replayed_after_fixes"] = dict(command=" ".join(sys.argv), results=after,
+                                                status=dict(Counter(a["status"] for a in after)))
+            Path(args.replay).write_text(json.dumps(data, indent=1))
+            write_md(data, Path(args.replay).with_suffix(".md"))
         return
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="fuzzrun-"))

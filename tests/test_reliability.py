@@ -196,6 +196,19 @@ def test_relu_dead_on_every_image_folds_and_is_named():
     assert np.abs(out - fp).max() <= 2 * graph.output.scale
 
 
+def test_residual_sum_dead_on_every_image_folds():
+    """Found by the fuzzer: relu(shortcut(x) + f(x)) is 0 on every calibration image, so its scale collapsed to
+    1e-8 / qmax and the fused residual's multiplier s_r / s_out was 2.5e9 ("requantization multiplier too large")."""
+    from ptq2tvm.fuzz import check_spec
+
+    spec = {"input_shape": [1, 12, 9], "chain": [
+        {"op": "residual", "two": False, "shortcut": True, "depthwise": True, "act": "relu", "lo": 0.25, "hi": 1.25,
+         "degenerate": "none", "channels": []}, {"op": "maxpool", "k": 3, "stride": 1, "padding": 1}],
+        "seed": 2, "a_bits": 2, "w_bits": [2, 4, 3], "first_last_8bit": True, "data": "const_channel"}
+    r = check_spec(spec, Path("."), schedules=())
+    assert r.status == "ok" and r.max_local_lsb <= 1, r.message
+
+
 # ---- 5. non-finite activations name their cause -----------------------------------------------------------------
 def test_batchnorm_eps0_zero_var_is_named():
     m = _dead_channel_net(True)

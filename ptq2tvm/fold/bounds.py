@@ -104,12 +104,58 @@ def layer_integers(qm, name: str) -> tuple[np.ndarray, np.ndarray, int]:
     return q_w, bias, q_in.qmax
 
 
+#: the largest requantization multiplier the fit leaves (dyadic_multipliers accepts up to 2^30)
+MAX_MULTIPLIER = float(1 << 29)
+
+
+@torch.no_grad()
+def fit_requant_scales(qm, warn: bool = True) -> list[str]:
+    """Raise the scale of every quantized tensor whose requantization multipliers would exceed 2^29 (the dyadic
+    form allows < 2^30): the tensor's range collapsed (a ReLU output that is 0 on every calibration image, a
+    residual sum that cancels) while its inputs' did not, so ``s_in / s_out`` is ~1e9. The multiplier bound used is
+    generic: max over the node's data inputs of ``s_in / s_out`` (times ``max_c |xi_c| s_w,c`` for conv / linear).
+    Raising ``s_out`` (zero point kept, so the observed range stays covered) changes nothing on the calibration
+    data: the tensor is (nearly) constant there. Returns the tensors changed (and warns naming them)."""
+    changed = []
+    for n in qm.graph.nodes:
+        key = n.name.replace(".", "__")
+        if n.op == "input" or key not in qm.act_quant:
+            continue
+        q_out = qm.act_quant[key]
+        s_out = float(q_out.scale.detach())
+        m = 0.0
+        for i in n.data_inputs:
+            s_i = float(qm.act_quantizer(i).scale.detach())
+            if n.op in ("conv", "linear") and i == n.inputs[0] and qm.layer(n.name).wq.enabled:
+                layer = qm.layer(n.name)
+                w = layer.wq.scale.detach().double()
+                if getattr(layer, "adaq", False):
+                    w = w * layer.xi.detach().double().abs()
+                s_i *= float(w.max())
+            m = max(m, s_i / s_out)
+        if m > MAX_MULTIPLIER:
+            q_out.scale.data.mul_(m / MAX_MULTIPLIER * (1 + 1e-6))
+            changed.append(f"'{n.name}' (multiplier {m:.3g}, scale {s_out:.3g} -> {float(q_out.scale):.3g})")
+    if changed and warn:
+        warnings.warn("requantization: raised the scale of the (nearly constant) tensor(s) " + ", ".join(changed),
+                      RuntimeWarning, stacklevel=2)
+    return changed
+
+
 @torch.no_grad()
 def fit_integer_bounds(qm, max_rounds: int = 12, warn: bool = True) -> list[LayerFit]:
-    """Raise the per-channel weight scale of every conv/linear channel whose int32 accumulator could overflow (see
-    the module docstring) until :func:`check_accumulator` holds. Changes ``qm`` in place (its weight quantizers'
-    ``scale``); the fake-quant model then computes what the integer graph will. Returns what changed (and warns
-    naming the layers, unless ``warn=False``)."""
+    """Make ``qm`` foldable without overflow: :func:`fit_requant_scales`, then raise the per-channel weight scale of
+    every conv/linear channel whose int32 accumulator could overflow (see the module docstring) until
+    :func:`check_accumulator` holds, then the requant scales once more (a raised weight scale raises a multiplier).
+    Changes ``qm`` in place (activation and weight quantizers' ``scale``); the fake-quant model then computes what
+    the integer graph will. Returns the weight fits (and warns naming the layers / tensors, unless ``warn=False``)."""
+    fit_requant_scales(qm, warn)
+    fits = _fit_weights(qm, max_rounds, warn)
+    fit_requant_scales(qm, warn)
+    return fits
+
+
+def _fit_weights(qm, max_rounds: int, warn: bool) -> list[LayerFit]:
     fits: list[LayerFit] = []
     for key, layer in qm.layers.items():
         name = next(n.name for n in qm.graph.nodes if n.name.replace(".", "__") == key)
