@@ -209,6 +209,19 @@ def test_residual_sum_dead_on_every_image_folds():
     assert r.status == "ok" and r.max_local_lsb <= 1, r.message
 
 
+#: found by the fuzzer: a tiny-weight channel (weights x 1e-9, bias 0.5) in a conv with a fused residual
+_RESIDUAL_TINY = {'input_shape': [1, 5, 9], 'chain': [{'op': 'residual', 'two': True, 'shortcut': True, 'depthwise': False, 'act': 'none', 'lo': -1.0, 'hi': 1.0, 'degenerate': 'none', 'channels': []}, {'op': 'residual', 'two': False, 'shortcut': False, 'depthwise': False, 'act': 'none', 'lo': 0.25, 'hi': 1.25, 'degenerate': 'tiny', 'channels': [0], 'const': 0.5}, {'op': 'maxpool', 'k': 3, 'stride': 2, 'padding': 0}, {'op': 'residual', 'two': False, 'shortcut': False, 'depthwise': False, 'act': 'hardtanh', 'lo': 0.0, 'hi': 0.5, 'degenerate': 'none', 'channels': []}], 'seed': 35919, 'a_bits': 5, 'w_bits': [8, 2, 8, 6, 3, 5, 8, 5, 7], 'first_last_8bit': True, 'data': 'normal'}
+
+
+def test_constant_channel_with_fused_residual_stays_within_one_lsb():
+    """The bias floor had put that channel's bias near 2^31 steps; the conv term then shared the residual's shift with
+    a mantissa of 3 (2 LSB off fake-quant). The floor now keeps |bias| <= 2^27 / M_res there."""
+    from ptq2tvm.fuzz import check_spec
+
+    r = check_spec(_RESIDUAL_TINY, Path("."), schedules=())
+    assert r.status == "ok" and r.max_local_lsb <= 1, r.message
+
+
 # ---- 5. non-finite activations name their cause -----------------------------------------------------------------
 def test_batchnorm_eps0_zero_var_is_named():
     m = _dead_channel_net(True)

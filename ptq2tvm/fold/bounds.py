@@ -155,6 +155,20 @@ def fit_integer_bounds(qm, max_rounds: int = 12, warn: bool = True) -> list[Laye
     return fits
 
 
+def _bias_limit(qm, name: str) -> float:
+    """The largest |round(b / acc_scale)| worth keeping for layer ``name``. With a fused residual the two requant
+    terms share one shift, set by the larger multiplier: the conv term's mantissa then has only
+    ~31 - log2(M_res / M_conv) bits, and its rounding error is about |acc| * M_res * 2^-32 output LSBs. A constant
+    channel whose bias sits near 2^31 (M_conv tiny) was 2-4 LSB off (found by the fuzzer); keeping
+    |bias| <= 2^27 / M_res bounds that error by 1/32 LSB. Without a residual the mantissa has all 31 bits."""
+    n = qm.graph.node(name)
+    if not n.residual:
+        return float(FIT_LIMIT)
+    key = name.replace(".", "__")
+    m_res = float(qm.act_quantizer(n.residual).scale.detach()) / float(qm.act_quant[key].scale.detach())
+    return float(min(FIT_LIMIT, (1 << 27) / max(m_res, 1e-30)))
+
+
 def _fit_weights(qm, max_rounds: int, warn: bool) -> list[LayerFit]:
     fits: list[LayerFit] = []
     for key, layer in qm.layers.items():
@@ -164,10 +178,13 @@ def _fit_weights(qm, max_rounds: int, warn: bool) -> list[LayerFit]:
         scale = layer.wq.scale
         old = scale.detach().double().clone()
         changed = np.zeros(scale.numel(), dtype=bool)
+        bias_limit = _bias_limit(qm, name)
         for _ in range(max_rounds):
             q_w, bias, qmax_in = layer_integers(qm, name)
             lo, hi = accumulator_range(q_w, bias, qmax_in)
-            need = np.maximum(hi / FIT_LIMIT, lo / -FIT_LIMIT)
+            const = np.abs(bias + qm.act_quantizer(qm.graph.node(name).inputs[0]).zero_point.item()
+                           * q_w.sum(axis=1))
+            need = np.maximum(np.maximum(hi / FIT_LIMIT, lo / -FIT_LIMIT), const / bias_limit)
             bad = need > 1.0
             if not bad.any():
                 break
