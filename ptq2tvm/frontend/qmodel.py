@@ -31,6 +31,14 @@ class QuantConfig:
 
     ``first_last_8bit``: the first conv (weights and its input) and the last layer (weights, its input and the network
     output) stay at 8 bit, as BRECQ/QDrop deploy them.
+
+    Per-layer bits (mixed precision), keyed by conv/linear layer name (the model's module path, e.g.
+    ``layer1.0.conv1``; :func:`ptq2tvm.mixed.layerbits.resolve_layer_bits` expands globs): ``layer_w_bits`` the
+    layer's weight bits, ``layer_a_bits`` the bits of the layer's INPUT quantization point (the activation tensor it
+    reads). An explicit per-layer entry wins over ``first_last_8bit``. Layers reading the same tensor (a residual
+    block's conv1 and its downsample) share that tensor's bits: conflicting entries are an error. Names are checked
+    against the model when the :class:`QuantModel` is built (an unknown name raises QuantConfigError listing the valid
+    ones).
     """
 
     w_bits: int = 8
@@ -39,12 +47,15 @@ class QuantConfig:
     weight_lp: float = 2.0
     act_lp: float = 2.0
     layer_w_bits: dict[str, int] = field(default_factory=dict)
+    layer_a_bits: dict[str, int] = field(default_factory=dict)
 
     def validate(self) -> "QuantConfig":
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         for k, v in self.layer_w_bits.items():
             check_bits(v, f"weight bits of layer '{k}'")
+        for k, v in self.layer_a_bits.items():
+            check_bits(v, f"input activation bits of layer '{k}'")
         for name in ("weight_lp", "act_lp"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 1.0 <= v <= 8.0):
@@ -118,16 +129,16 @@ class QuantModel(nn.Module):
         self.layers = nn.ModuleDict()
         self.act_quant = nn.ModuleDict()
         first, last = self._first_and_last()
+        self._check_layer_names()
         for n in graph.nodes:
             if n.op in OPS_WITH_WEIGHTS:
-                bits = config.layer_w_bits.get(n.name, config.w_bits)
-                if config.first_last_8bit and (n.name in first or n.name in last):
-                    bits = 8
-                self.layers[_key(n.name)] = QLayer(n, bits)
+                bits = 8 if config.first_last_8bit and (n.name in first or n.name in last) else config.w_bits
+                self.layers[_key(n.name)] = QLayer(n, config.layer_w_bits.get(n.name, bits))
         nonneg = self._nonneg()
         eight = self._eight_bit_points(first, last) if config.first_last_8bit else set()
+        explicit = self._explicit_point_bits()
         for v in self.quant_points():
-            bits = 8 if v in eight else config.a_bits
+            bits = explicit.get(v, 8 if v in eight else config.a_bits)
             self.act_quant[_key(v)] = ActQuantizer(bits, nonneg[v])
 
     # ---- structure -------------------------------------------------------------------------------------------
@@ -147,6 +158,30 @@ class QuantModel(nn.Module):
 
     def layer(self, name: str) -> QLayer:
         return self.layers[_key(name)]
+
+    def layer_names(self) -> list[str]:
+        """Names of the conv/linear layers, in graph order (the keys of per-layer bits)."""
+        return [n.name for n in self.graph.nodes if n.op in OPS_WITH_WEIGHTS]
+
+    def _check_layer_names(self) -> None:
+        valid = self.layer_names()
+        for what, d in (("layer_w_bits", self.config.layer_w_bits), ("layer_a_bits", self.config.layer_a_bits)):
+            bad = sorted(set(d) - set(valid))
+            if bad:
+                raise QuantConfigError(f"{what}: no conv/linear layer named {', '.join(map(repr, bad))} in this model; "
+                                       f"valid layer names: {', '.join(valid)}")
+
+    def _explicit_point_bits(self) -> dict[str, int]:
+        """Quant point -> bits requested through ``layer_a_bits`` by the layers reading it (they must agree)."""
+        out: dict[str, tuple[int, str]] = {}
+        for name, bits in self.config.layer_a_bits.items():
+            point = self.grid_source(self.graph.node(name).inputs[0])
+            if point in out and out[point][0] != bits:
+                raise QuantConfigError(
+                    f"layers '{out[point][1]}' and '{name}' read the same tensor '{point}' but ask for "
+                    f"{out[point][0]} and {bits} input activation bits; give them the same bits")
+            out[point] = (bits, name)
+        return {p: b for p, (b, _) in out.items()}
 
     def _first_and_last(self) -> tuple[set[str], set[str]]:
         first = {n.name for n in self.graph.nodes if n.op in OPS_WITH_WEIGHTS

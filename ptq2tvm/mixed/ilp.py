@@ -1,0 +1,96 @@
+"""Bit allocation as an integer linear program (HAWQ-V3, Yao et al. 2021, Sec. 3.4 / Eq. 10-13).
+
+One binary variable x[i, c] per layer i and candidate setting c (e.g. W4A8); exactly one candidate per layer:
+
+    minimise    sum_i sum_c  sens[i, c] * x[i, c]
+    subject to  sum_c x[i, c] = 1                                   for every layer i
+                sum_i sum_c  cost_k[i, c] * x[i, c] <= budget_k     for every budget k (latency, size, BOPs)
+                sum_{c: a_c = a} x[i, c] = sum_{c: a_c = a} x[j, c]  for layers i, j reading the same tensor, every a
+                x[i, c] = 0                                          where sens[i, c] is NaN (candidate not allowed)
+
+solved exactly with ``scipy.optimize.milp`` (HiGHS branch and bound). Costs are additive per layer; a constant part
+(kernels that are not conv/linear layers) is subtracted from the budget by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from ..errors import QuantConfigError
+
+
+@dataclass
+class Allocation:
+    """The solution: ``choice[i]`` is the candidate index of layer i; ``totals[k]`` the summed cost of budget k."""
+
+    choice: list[int]
+    objective: float
+    totals: dict[str, float] = field(default_factory=dict)
+    budgets: dict[str, float] = field(default_factory=dict)
+
+
+def _min_cost(cost: np.ndarray, allowed: np.ndarray) -> float:
+    """The smallest total a budget can reach (every layer at its cheapest allowed candidate; ties ignored)."""
+    return float(np.where(allowed, cost, np.inf).min(axis=1).sum())
+
+
+def solve_allocation(sens: np.ndarray, costs: dict[str, np.ndarray], budgets: dict[str, float],
+                     a_bits: Sequence[int] | None = None, tied: Sequence[Sequence[int]] = (),
+                     layer_names: Sequence[str] | None = None) -> Allocation:
+    """Solve the allocation ILP (module docstring).
+
+    ``sens``: (L, C) float, NaN = candidate not allowed for that layer. ``costs[k]``: (L, C) float, same units as
+    ``budgets[k]`` (only the budgets given are constrained). ``a_bits``: (C,) activation bits of each candidate;
+    ``tied``: groups of layer indices that must get the same activation bits (they read the same tensor).
+    Raises QuantConfigError when no allocation fits, naming the budget and the smallest total it could reach.
+    """
+    sens = np.asarray(sens, dtype=np.float64)
+    n_layers, n_cand = sens.shape
+    names = list(layer_names) if layer_names is not None else [str(i) for i in range(n_layers)]
+    allowed = np.isfinite(sens)
+    empty = [names[i] for i in np.nonzero(~allowed.any(axis=1))[0]]
+    if empty:
+        raise QuantConfigError(f"no allowed candidate for layer(s) {', '.join(empty)}")
+    n = n_layers * n_cand
+    c = np.where(allowed, sens, 0.0).reshape(n)
+    rows, lo, hi = [], [], []
+    for i in range(n_layers):                                   # one-hot per layer
+        r = np.zeros(n)
+        r[i * n_cand:(i + 1) * n_cand] = 1
+        rows.append(r), lo.append(1.0), hi.append(1.0)
+    for k, budget in budgets.items():
+        cost = np.asarray(costs[k], dtype=np.float64)
+        if cost.shape != sens.shape:
+            raise ValueError(f"cost {k!r} has shape {cost.shape}, expected {sens.shape}")
+        if _min_cost(cost, allowed) > budget * (1 + 1e-9):
+            raise QuantConfigError(f"no bit allocation fits the {k} budget {budget:.6g}: the smallest reachable "
+                                   f"total is {_min_cost(cost, allowed):.6g}")
+        rows.append(np.where(allowed, cost, 0.0).reshape(n)), lo.append(-np.inf), hi.append(float(budget))
+    if tied:
+        if a_bits is None:
+            raise ValueError("tied layers need the candidates' a_bits")
+        a_bits = np.asarray(a_bits)
+        for group in tied:
+            for i, j in zip(group[:-1], group[1:]):
+                for a in np.unique(a_bits)[:-1]:                # the last value follows from the one-hot rows
+                    r = np.zeros(n)
+                    r[i * n_cand:(i + 1) * n_cand] = a_bits == a
+                    r[j * n_cand:(j + 1) * n_cand] -= a_bits == a
+                    rows.append(r), lo.append(0.0), hi.append(0.0)
+    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(n),
+               bounds=Bounds(np.zeros(n), allowed.reshape(n).astype(float)))
+    if res.x is None:
+        raise QuantConfigError(f"no bit allocation satisfies the budgets {budgets} together "
+                               f"(with layers that read the same tensor sharing activation bits): {res.message}")
+    x = np.rint(res.x).reshape(n_layers, n_cand)
+    choice = [int(v) for v in x.argmax(axis=1)]
+    totals = {k: float(sum(np.asarray(costs[k])[i, ch] for i, ch in enumerate(choice))) for k in budgets}
+    obj = float(sum(sens[i, ch] for i, ch in enumerate(choice)))
+    return Allocation(choice, obj, totals, dict(budgets))
+
+
+__all__ = ["Allocation", "solve_allocation"]

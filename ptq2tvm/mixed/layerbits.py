@@ -1,0 +1,80 @@
+"""Per-layer bits from the user: ``--layer-bits 'layer1.0.conv1=4/8,layer2.*=4/4'`` (fnmatch globs), and the bits
+each layer of an integer graph actually got (for run.json, the sidecar and parity)."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from ..errors import QuantConfigError
+from ..frontend.quantizers import check_bits
+from ..ir.graph import IntegerGraph
+
+#: candidate (weight bits, input activation bits) settings of the sensitivity analysis and the ILP
+CANDIDATES: tuple[tuple[int, int], ...] = ((8, 8), (8, 4), (4, 8), (4, 4), (2, 8), (2, 4))
+
+
+def candidate_name(wa: tuple[int, int]) -> str:
+    return f"W{wa[0]}A{wa[1]}"
+
+
+def parse_layer_bits(spec: str) -> list[tuple[str, int, int | None]]:
+    """'name=W/A,glob=W,...' -> [(pattern, w_bits, a_bits or None)]. Raises QuantConfigError on malformed items."""
+    items = []
+    for raw in (s.strip() for s in spec.split(",")):
+        if not raw:
+            continue
+        pat, eq, bits = raw.partition("=")
+        parts = bits.split("/")
+        if not eq or not pat.strip() or len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            raise QuantConfigError(f"--layer-bits item {raw!r} is not LAYER=W/A or LAYER=W (e.g. "
+                                   "'layer1.0.conv1=4/8' or 'layer2.*=4')")
+        w = check_bits(int(parts[0]), f"weight bits in --layer-bits item {raw!r}")
+        a = check_bits(int(parts[1]), f"activation bits in --layer-bits item {raw!r}") if len(parts) == 2 else None
+        items.append((pat.strip(), w, a))
+    if not items:
+        raise QuantConfigError(f"--layer-bits {spec!r} names no layer")
+    return items
+
+
+def resolve_layer_bits(items: list[tuple[str, int, int | None]] | str,
+                       layer_names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Expand the patterns over ``layer_names`` -> (layer_w_bits, layer_a_bits); later items win. A pattern that
+    matches no layer raises QuantConfigError listing the valid layer names."""
+    if isinstance(items, str):
+        items = parse_layer_bits(items)
+    w_bits: dict[str, int] = {}
+    a_bits: dict[str, int] = {}
+    for pat, w, a in items:
+        hit = [n for n in layer_names if fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            raise QuantConfigError(f"--layer-bits: {pat!r} matches no conv/linear layer of this model; valid layer "
+                                   f"names: {', '.join(layer_names)}")
+        for n in hit:
+            w_bits[n] = w
+            if a is not None:
+                a_bits[n] = a
+    return w_bits, a_bits
+
+
+def graph_layer_bits(graph: IntegerGraph) -> dict[str, dict[str, int]]:
+    """{layer: {w_bits, a_bits (its input tensor's bits), out_bits}} for every conv2d/dense node of ``graph``."""
+    out: dict[str, dict[str, int]] = {}
+    for n in graph.nodes:
+        if n.op in ("conv2d", "dense"):
+            out[n.name] = dict(w_bits=int(n.attrs.get("w_bits", 8)), a_bits=int(graph.tensor(n.inputs[0]).bits),
+                               out_bits=int(n.out.bits))
+    return out
+
+
+def bits_summary(bits: dict[str, dict[str, Any]]) -> str:
+    """'W8A8 x3, W4A8 x10, ...' over the layers."""
+    counts: dict[str, int] = {}
+    for b in bits.values():
+        k = f"W{b['w_bits']}A{b['a_bits']}"
+        counts[k] = counts.get(k, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+__all__ = ["CANDIDATES", "bits_summary", "candidate_name", "graph_layer_bits", "parse_layer_bits",
+           "resolve_layer_bits"]

@@ -1,0 +1,265 @@
+"""Per-layer, per-candidate sensitivity to quantization, label-free, on calibration images.
+
+Two measures for every conv/linear layer i and candidate (w, a) = (weight bits, bits of the layer's input tensor):
+
+1. HAWQ-V2/V3 (Dong et al. 2020, Eq. 3-4; Yao et al. 2021, Eq. 12): the Hessian-trace-weighted perturbation
+       Omega_i(w, a) = Tr(H_W_i) / n_W_i * ||Q_w(W_i) - W_i||^2  +  Tr(H_x_i) / n_x_i * ||Q_a(x_i) - x_i||^2 / k_i
+   H is the Hessian of the label-free loss L = KL(softmax(f32(x)) || softmax(f(x))) (batch mean, nats) with respect
+   to the layer's weight W_i (n_W_i elements) and to its input activation tensor x_i on the batch (n_x_i elements;
+   HAWQ-V3 weights only; the activation term is the same estimate for the input quantizer). At the FP32 point L's
+   gradient is zero and its Hessian is the Gauss-Newton / Fisher matrix of the output distribution: positive
+   semi-definite, no labels needed. Traces by Hutchinson's estimator Tr(H) = E[v^T H v], v Rademacher (seeded),
+   H v by double backward (``torch.autograd.grad`` with ``create_graph=True``); every layer's traces come from the
+   same vectors. k_i = the number of layers reading tensor x_i (they share its bits, so its term is split).
+   Q_w / Q_a are the calibrated quantizers of ptq2tvm (MSE-searched ranges), the ones the pipeline deploys.
+2. The FP32-output error when only that layer (its weights at w bits and its input tensor at a bits) is quantized:
+   MSE of the logits against FP32 and SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) dB.
+
+Torch's autograd is the Hessian-vector product (PyHessian, the HAWQ authors' library, is the same double backward
+with labels and is unmaintained since 2021).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..atomic import atomic_path, write_json
+from ..frontend.calibrate import calibrate, validate_calibration
+from ..frontend.graph import FloatGraph
+from ..frontend.qmodel import QuantConfig, QuantModel, _key
+from ..frontend.quantizers import WeightQuantizer
+from ..frontend.trace import trace_model
+from .layerbits import CANDIDATES, candidate_name
+
+LOSS = "KL(softmax(fp32 logits) || softmax(logits)), batch mean, nats"
+
+
+@dataclass
+class LayerSensitivity:
+    name: str
+    op: str
+    n_weights: int
+    input_tensor: str
+    input_numel: int
+    readers: int                       # layers reading the same input tensor (share its bits)
+    trace_w: float
+    trace_w_stderr: float
+    trace_x: float
+    trace_x_stderr: float
+    #: candidate name (W4A8) -> {omega_w, omega_x, omega, output_mse, output_sqnr_db}
+    candidates: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class SensitivityReport:
+    layers: list[LayerSensitivity]
+    candidates: list[list[int]]
+    loss: str
+    n_images: int
+    hutchinson_samples: int
+    seed: int
+    key: str
+    seconds: float = 0.0
+
+    def layer_names(self) -> list[str]:
+        return [lay.name for lay in self.layers]
+
+    def matrix(self, measure: str = "hessian") -> np.ndarray:
+        """(L, C) objective for the ILP: ``hessian`` -> Omega; ``output`` -> the FP32-output MSE."""
+        k = {"hessian": "omega", "output": "output_mse"}[measure]
+        return np.array([[lay.candidates[candidate_name(tuple(c))][k] for c in self.candidates]
+                         for lay in self.layers])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SensitivityReport":
+        d = dict(d)
+        d["layers"] = [LayerSensitivity(**lay) for lay in d["layers"]]
+        return cls(**d)
+
+    def save(self, path: str | Path) -> Path:
+        write_json(path, self.to_dict())
+        return Path(path)
+
+    def summary(self) -> str:
+        names = [candidate_name(tuple(c)) for c in self.candidates]
+        w = max(len(lay.name) for lay in self.layers)
+        lines = [f"sensitivity ({self.n_images} images, {self.hutchinson_samples} Hutchinson samples, loss {self.loss})",
+                 f"{'layer':<{w}}  {'Tr(H_W)/n':>10} {'Tr(H_x)/n':>10}  " + " ".join(f"{n:>16}" for n in names),
+                 f"{'':<{w}}  {'':>10} {'':>10}  " + " ".join(f"{'Omega / SQNR dB':>16}" for _ in names)]
+        for lay in self.layers:
+            cells = " ".join(f"{lay.candidates[n]['omega']:9.2e}/{lay.candidates[n]['output_sqnr_db']:5.1f}"
+                             for n in names)
+            lines.append(f"{lay.name:<{w}}  {lay.trace_w / lay.n_weights:10.3e} "
+                         f"{lay.trace_x / max(lay.input_numel, 1):10.3e}  {cells}")
+        return "\n".join(lines)
+
+
+def sensitivity_key(model: nn.Module, images: np.ndarray, settings: dict[str, Any]) -> str:
+    """SHA-256 over the FP32 parameters, the images and the settings: identifies one sensitivity analysis."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    h.update(np.ascontiguousarray(images).tobytes())
+    return h.hexdigest()
+
+
+def _hutchinson(qm: QuantModel, x: torch.Tensor, layers: list[str], points: list[str], samples: int,
+                seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hutchinson traces (mean, stderr) of the loss Hessian w.r.t. each layer's weight, then each point's tensor."""
+    qm.set_quant(False, False)
+    with torch.no_grad():
+        target = F.softmax(qm(x), dim=1)
+    x = x.clone().requires_grad_(True)
+    env = qm(x, return_all=True)
+    loss = F.kl_div(F.log_softmax(env[qm.graph.output_name], dim=1), target, reduction="batchmean")
+    params = [qm.layer(n).weight for n in layers] + [x if p == qm.graph.input_name else env[p] for p in points]
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    gen = torch.Generator().manual_seed(seed)
+    est = np.zeros((samples, len(params)))
+    for s in range(samples):
+        vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
+        hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=s < samples - 1)
+        est[s] = [float((v * h).sum()) for v, h in zip(vs, hv)]
+    return est.mean(axis=0), est.std(axis=0, ddof=1) / np.sqrt(samples) if samples > 1 else np.zeros(len(params))
+
+
+@torch.no_grad()
+def _point_values(qm: QuantModel, x: torch.Tensor, points: list[str]) -> dict[str, torch.Tensor]:
+    qm.set_quant(False, False)
+    env = qm(x, return_all=True)
+    return {p: (x if p == qm.graph.input_name else env[p]).detach() for p in points}
+
+
+def analyze_sensitivity(model: nn.Module, images: np.ndarray, candidates: Sequence[tuple[int, int]] = CANDIDATES,
+                        hutchinson_samples: int = 32, seed: int = 0, max_images: int = 256,
+                        config: QuantConfig | None = None, progress: bool = True,
+                        threads: int = 1) -> SensitivityReport:
+    """Sensitivity of every conv/linear layer of ``model`` for every candidate (module docstring).
+
+    ``images``: float (N, C, H, W) calibration images (no labels); the quantizers are calibrated on all of them, the
+    traces and output errors use the first ``max_images``. ``config`` supplies the range-search norms
+    (``weight_lp``, ``act_lp``). Deterministic for a given seed and thread count. Raises DataError on bad images.
+    """
+    t0 = time.perf_counter()
+    images = validate_calibration(images)
+    base = config or QuantConfig()
+    settings = dict(candidates=[list(c) for c in candidates], samples=hutchinson_samples, seed=seed,
+                    max_images=max_images, weight_lp=base.weight_lp, act_lp=base.act_lp, loss=LOSS)
+    key = sensitivity_key(model, images, settings)
+    graph: FloatGraph = trace_model(model, tuple(images.shape[1:]))
+    a_set = sorted({a for _, a in candidates}, reverse=True)
+    w_set = sorted({w for w, _ in candidates}, reverse=True)
+    models = {a: calibrate(QuantModel(graph, QuantConfig(w_bits=8, a_bits=a, first_last_8bit=False,
+                                                         weight_lp=base.weight_lp, act_lp=base.act_lp)),
+                           images, progress=progress) for a in a_set}
+    qm = models[a_set[0]]
+    layers = qm.layer_names()
+    point_of = {n: qm.grid_source(graph.node(n).inputs[0]) for n in layers}
+    points = list(dict.fromkeys(point_of.values()))
+    readers = {p: sum(1 for n in layers if point_of[n] == p) for p in points}
+    x = torch.from_numpy(np.ascontiguousarray(images[:max_images]))
+    tr, se = _hutchinson(qm, x, layers, points, hutchinson_samples, seed)
+    tr_w, se_w = dict(zip(layers, tr[:len(layers)])), dict(zip(layers, se[:len(layers)]))
+    tr_x, se_x = dict(zip(points, tr[len(layers):])), dict(zip(points, se[len(layers):]))
+    xs = _point_values(qm, x, points)
+    with torch.no_grad():
+        y_fp = qm.set_quant(False, False)(x)
+        wq: dict[tuple[str, int], WeightQuantizer] = {}
+        for n in layers:
+            for w in w_set:
+                q = WeightQuantizer(w, qm.layer(n).weight.shape[0])
+                q.init_scale(qm.layer(n).weight, base.weight_lp)
+                wq[n, w] = q
+        x_err = {(p, a): float((models[a].act_quant[_key(p)](xs[p]) - xs[p]).square().sum())
+                 for p in points for a in a_set}
+        for m in models.values():
+            m.set_quant(False, False)
+        out: list[LayerSensitivity] = []
+        for n in layers:
+            node = graph.node(n)
+            weight = qm.layer(n).weight
+            p = point_of[n]
+            lay = LayerSensitivity(n, node.op, int(weight.numel()), p, int(xs[p].numel()), readers[p],
+                                   float(tr_w[n]), float(se_w[n]), float(tr_x[p]), float(se_x[p]))
+            for w, a in candidates:
+                om_w = tr_w[n] / weight.numel() * float((wq[n, w](weight) - weight).square().sum())
+                om_x = tr_x[p] / xs[p].numel() * x_err[p, a] / readers[p]
+                m = models[a]
+                layer = m.layer(n)
+                saved = layer.wq
+                layer.wq = wq[n, w]
+                layer.wq.enabled = True
+                m.act_quant[_key(p)].enabled = True
+                try:
+                    y = m(x)
+                finally:
+                    layer.wq = saved
+                    m.act_quant[_key(p)].enabled = False
+                err = float((y - y_fp).square().sum())
+                lay.candidates[candidate_name((w, a))] = dict(
+                    omega_w=float(om_w), omega_x=float(om_x), omega=float(om_w + om_x),
+                    output_mse=err / y.numel(),
+                    output_sqnr_db=float(10 * np.log10(float(y_fp.square().sum()) / max(err, 1e-30))))
+            out.append(lay)
+    return SensitivityReport(out, [list(c) for c in candidates], LOSS, int(len(x)), hutchinson_samples, seed, key,
+                             round(time.perf_counter() - t0, 2))
+
+
+def plot_sensitivity(report: SensitivityReport, path: str | Path) -> Path:
+    """Bar chart (PNG): per layer, Omega (log scale) and the FP32-output SQNR of each candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [candidate_name(tuple(c)) for c in report.candidates if tuple(c) != (8, 8)] or \
+        [candidate_name(tuple(c)) for c in report.candidates]
+    layers = report.layer_names()
+    xpos = np.arange(len(layers))
+    width = 0.8 / len(names)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.45 * len(layers) + 3), 8), sharex=True)
+    for k, cand in enumerate(names):
+        om = [max(lay.candidates[cand]["omega"], 1e-12) for lay in report.layers]
+        sq = [lay.candidates[cand]["output_sqnr_db"] for lay in report.layers]
+        axes[0].bar(xpos + k * width - 0.4 + width / 2, om, width, label=cand)
+        axes[1].bar(xpos + k * width - 0.4 + width / 2, sq, width, label=cand)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("Omega = Tr(H)/n ||Q(W)-W||^2 (+ input term)")
+    axes[0].set_title(f"HAWQ sensitivity per layer ({report.hutchinson_samples} Hutchinson samples, "
+                      f"{report.n_images} images; loss: KL to FP32 output)")
+    axes[1].set_ylabel("FP32-output SQNR, only this layer quantized (dB)")
+    axes[1].set_xticks(xpos)
+    axes[1].set_xticklabels(layers, rotation=70, ha="right", fontsize=8)
+    axes[0].legend(ncol=len(names), fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def load_sensitivity(path: str | Path) -> SensitivityReport | None:
+    """A saved report, or None if the file is missing or unreadable (it is then recomputed)."""
+    try:
+        return SensitivityReport.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+__all__ = ["LOSS", "LayerSensitivity", "SensitivityReport", "analyze_sensitivity", "load_sensitivity",
+           "plot_sensitivity", "sensitivity_key"]
