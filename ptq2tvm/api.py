@@ -224,8 +224,13 @@ def quantize_with_report(model: nn.Module, calib_images: np.ndarray, config: Qua
 
 
 def to_integer(qm: QuantModel) -> IntegerGraph:
-    """Fold the fake-quant model into the integer graph."""
-    return fold_to_integer(qm)
+    """Fold the fake-quant model into the integer graph; ``meta['layer_bits']`` lists every conv/linear layer's
+    weight bits and input/output tensor bits (copied into the .so's sidecar as ``graph_meta``)."""
+    from .mixed.layerbits import graph_layer_bits
+
+    graph = fold_to_integer(qm)
+    graph.meta["layer_bits"] = graph_layer_bits(graph)
+    return graph
 
 
 def compile_so(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
@@ -256,7 +261,7 @@ def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantMod
     graph.save(run.qgraph)
     run.update_info(ptq2tvm_version=__version__, model=spec.__dict__ if spec else None,
                     input_shape=list(graph.input.shape), w_bits=qm.config.w_bits, a_bits=qm.config.a_bits,
-                    first_last_8bit=qm.config.first_last_8bit, **info)
+                    first_last_8bit=qm.config.first_last_8bit, layer_bits=graph.meta.get("layer_bits"), **info)
     return run
 
 

@@ -1,4 +1,4 @@
-"""Command line: ptq2tvm {quantize, compile, parity, eval, bench, train, demo}. Each has --help and --json PATH."""
+"""Command line: ptq2tvm {quantize, sensitivity, compile, parity, eval, bench, train, demo}. Each has --help and --json PATH."""
 
 from __future__ import annotations
 
@@ -73,6 +73,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out or f"runs/{Path(args.model).stem}_w{args.w_bits}a{args.a_bits}")
     model, spec = _resolve_model(args)
     calib = calibration_set(args.data, args.calib_size, seed=args.seed)
+    from .mixed.cli import mixed_config
+
+    config, mixed = mixed_config(args, model, calib, config, out)
     qm, report = quantize_with_report(model, calib, config, method=args.method, progress=not args.no_progress,
                                       settings=settings, checkpoint_dir=out / "recon_checkpoint" if settings else None)
     graph = to_integer(qm)
@@ -82,14 +85,19 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         recon = dict(granularity=report.granularity, adaqtransform=args.adaqtransform, iters=args.iters,
                      recon_seconds=round(report.seconds, 1), loss_curve=str(out / "recon_loss.png"))
     run = save_run(RunDir(out), model, spec, qm, graph, data=args.data, calib_size=int(len(calib)),
-                   method=args.method, seed=args.seed, **recon)
+                   method=args.method, seed=args.seed, **recon, **mixed)
     result = dict(run_dir=str(run.path), fakequant=str(run.fakequant), qgraph=str(run.qgraph),
                   w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, calib_size=int(len(calib)),
                   n_layers=sum(1 for n in graph.nodes if n.op in ("conv2d", "dense")),
-                  weight_bytes=graph.weight_bytes(), seconds=round(time.perf_counter() - t0, 2), **recon)
+                  weight_bytes=graph.weight_bytes(), seconds=round(time.perf_counter() - t0, 2), **recon,
+                  layer_bits=graph.meta.get("layer_bits"))
     print(f"quantized {args.model} W{args.w_bits}A{args.a_bits} ({args.method}"
           f"{', AdaQTransform' if args.adaqtransform else ''}, {len(calib)} calibration images) -> {run.path}  "
           f"[{result['seconds']} s]")
+    if qm.config.layer_w_bits or qm.config.layer_a_bits:
+        from .mixed.layerbits import bits_summary
+
+        print(f"bits per layer (W/A of the input): {bits_summary(graph.meta['layer_bits'])}")
     if report is not None:
         print(f"reconstruction ({report.granularity}): {len(report.units)} units in {report.seconds:.0f} s; loss "
               f"curves {out / 'recon_loss.png'} (interrupted? re-run the same command to resume)")
@@ -251,8 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "fastest on 2 cores)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", help="run directory (default runs/<model>_w<W>a<A>)")
+    from .mixed.cli import add_quantize_args, register as register_sensitivity
+
+    add_quantize_args(q)
     _add_json(q)
     q.set_defaults(func=cmd_quantize)
+    register_sensitivity(sub)
 
     c = sub.add_parser("compile", help="compile the integer graph of a run to a .so")
     c.add_argument("run", help="run directory")

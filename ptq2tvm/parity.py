@@ -23,6 +23,7 @@ class LayerParity:
     max_abs_lsb: int
     mean_abs_lsb: float
     lsb_histogram: dict[str, int]
+    bits: str = ""               # 'W4 A8->A4' for conv/linear (weight, input, output bits), 'A8->A8' otherwise
 
 
 @dataclass
@@ -59,7 +60,7 @@ class ParityReport:
             lines.append(f"per layer (integer reference vs fake-quant, first {self.per_layer_inputs} inputs):")
             w = max(len(p.name) for p in self.per_layer)
             for p in self.per_layer:
-                lines.append(f"  {p.name:<{w}} {p.op:<10} exact {100 * p.exact_fraction:6.2f}%  "
+                lines.append(f"  {p.name:<{w}} {p.op:<10} {p.bits:<10} exact {100 * p.exact_fraction:6.2f}%  "
                              f"max {p.max_abs_lsb:3d} LSB  mean {p.mean_abs_lsb:.4f}")
         return "\n".join(lines)
 
@@ -122,6 +123,9 @@ def run_parity(graph: IntegerGraph, compiled: CompiledModel, qm: QuantModel, ima
         fq_env = fakequant_outputs(qm, sub, batch_size, return_all=True)
         for node in graph.nodes:
             e, m, mean, hist = _lsb_stats(ref_env[node.name], to_grid(fq_env[node.name], node.out))
-            report.per_layer.append(LayerParity(node.name, node.op, e, m, mean, hist))
+            bits = f"A{graph.tensor(node.inputs[0]).bits}->A{node.out.bits}"
+            if "w_bits" in node.attrs:
+                bits = f"W{node.attrs['w_bits']} {bits}"
+            report.per_layer.append(LayerParity(node.name, node.op, e, m, mean, hist, bits))
         report.per_layer_inputs = int(len(sub))
     return report

@@ -132,12 +132,13 @@ def _read_cache(path: Path | None) -> dict[str, float]:
 
 def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[str, Any] | None = None,
                         cache: str | Path | None = None, repeat: int = 5, min_repeat_ms: int = 40,
-                        progress: bool = True) -> LayerCosts:
+                        progress: bool = True, timed: bool = True) -> LayerCosts:
     """Time every kernel of ``graph``'s x86 build with int8 and with packed int4 weights (module docstring).
 
     ``cache``: a JSON file (e.g. ``RUN/latency_cache.json``) of kernel times keyed by target, batch and the
     structural hash of the scheduled PrimFunc; kernels found there are not measured again. Raises ValueError when
-    the target has no hand-scheduled x86 kernels (AVX2 or AVX-512 VNNI).
+    the target has no hand-scheduled x86 kernels (AVX2 or AVX-512 VNNI). ``timed=False``: stored bytes only
+    (nothing compiled; ``seconds`` stay empty).
     """
     from ..backend.blocked_builder import build_x86_module, x86_isa
 
@@ -167,6 +168,11 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
             if cls == "int4" and gv.name_hint not in names:
                 continue                           # non-layer kernels are the same in both builds
             jobs.append((cls, gv.name_hint, func, calls[gv.name_hint]))
+    if not timed:
+        for cls, name, _, args in jobs:
+            if name in names:
+                sizes[names[name]][cls] = int(args[1].nbytes)
+        return LayerCosts(seconds, sizes, layer_macs(graph), 0.0, {}, batch, tdict, isa)
     bar = tqdm(jobs, desc="kernel latency", unit="kernel", disable=not progress)
     try:
         for cls, name, func, args in bar:

@@ -147,7 +147,7 @@ def _point_values(qm: QuantModel, x: torch.Tensor, points: list[str]) -> dict[st
 def analyze_sensitivity(model: nn.Module, images: np.ndarray, candidates: Sequence[tuple[int, int]] = CANDIDATES,
                         hutchinson_samples: int = 32, seed: int = 0, max_images: int = 256,
                         config: QuantConfig | None = None, progress: bool = True,
-                        threads: int = 1) -> SensitivityReport:
+                        threads: int = 1, cache: str | Path | None = None) -> SensitivityReport:
     """Sensitivity of every conv/linear layer of ``model`` for every candidate (module docstring).
 
     ``images``: float (N, C, H, W) calibration images (no labels); the quantizers are calibrated on all of them, the
@@ -160,6 +160,9 @@ def analyze_sensitivity(model: nn.Module, images: np.ndarray, candidates: Sequen
     settings = dict(candidates=[list(c) for c in candidates], samples=hutchinson_samples, seed=seed,
                     max_images=max_images, weight_lp=base.weight_lp, act_lp=base.act_lp, loss=LOSS)
     key = sensitivity_key(model, images, settings)
+    cached = load_sensitivity(cache) if cache is not None else None
+    if cached is not None and cached.key == key:
+        return cached
     graph: FloatGraph = trace_model(model, tuple(images.shape[1:]))
     a_set = sorted({a for _, a in candidates}, reverse=True)
     w_set = sorted({w for w, _ in candidates}, reverse=True)

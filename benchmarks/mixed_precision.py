@@ -1,0 +1,270 @@
+"""Mixed precision (HAWQ-V3-style ILP) vs uniform W8A8 / W4A8 / W4A4: accuracy against measured .so latency and
+stored weight size, and the ILP's predicted latency against the measured latency of each compiled .so.
+
+    nice .venv/bin/python benchmarks/mixed_precision.py                     # both Fashion-MNIST models + ResNet-18
+    nice .venv/bin/python benchmarks/mixed_precision.py --models resnet_small --n 2000 --rounds 3
+
+Fashion-MNIST models: trained and cached by the project (``ptq2tvm train``), 512 calibration images, RTN
+(calibration-only) PTQ, fake-quant top-1 on the first ``--n`` test images (the .so equals the integer reference bit
+for bit: checked on 64 images per point, and the integer network equals fake-quant on > 99.9% of top-1 decisions,
+see ``ptq2tvm parity``). ResNet-18 at 224x224: random weights, latency only (its ILP uses the weight-only proxy
+||Q(W)-W||^2 / n as sensitivity: a Hessian of random weights means nothing).
+
+Writes benchmarks/results/mixed_precision.{json,md,png}. Latency: every .so compiled at batch 1, timed round robin
+(``--rounds`` rounds; per round each .so: TVM time_evaluator, median of 3 x >= 50 ms), medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptq2tvm.api import quantize, to_integer, top1_torch  # noqa: E402
+from ptq2tvm.atomic import write_json, write_text  # noqa: E402
+from ptq2tvm.backend.compile import compile_graph  # noqa: E402
+from ptq2tvm.backend.runtime import CompiledModel  # noqa: E402
+from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
+from ptq2tvm.ir.reference import run_reference  # noqa: E402
+from ptq2tvm.mixed.allocate import allocate  # noqa: E402
+from ptq2tvm.mixed.latency import time_so  # noqa: E402
+from ptq2tvm.mixed.layerbits import bits_summary  # noqa: E402
+from ptq2tvm.mixed.pipeline import run_layer_costs, run_sensitivity  # noqa: E402
+from ptq2tvm.mixed.sensitivity import LayerSensitivity, SensitivityReport  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+UNIFORM = [(8, 8), (4, 8), (4, 4)]
+
+
+def _sqnr(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(10 * np.log10((ref.astype(np.float64) ** 2).sum() / max(((y - ref) ** 2).sum(), 1e-30)))
+
+
+def _proxy_report(model: torch.nn.Module, graph8, candidates) -> SensitivityReport:
+    """Weight-only ||Q(W)-W||^2 / n per layer and candidate (random-weight ResNet-18: no meaningful Hessian)."""
+    from ptq2tvm.frontend.quantizers import WeightQuantizer
+    from ptq2tvm.frontend.trace import trace_model
+
+    g = trace_model(model, tuple(graph8.input.shape))
+    layers = []
+    for n in g.nodes:
+        if n.op not in ("conv", "linear"):
+            continue
+        lay = LayerSensitivity(n.name, n.op, int(n.weight.numel()), n.inputs[0], 0, 1, 1.0, 0.0, 0.0, 0.0)
+        for w, a in candidates:
+            q = WeightQuantizer(w, n.weight.shape[0])
+            q.init_scale(n.weight)
+            with torch.no_grad():
+                e = float((q(n.weight) - n.weight).square().mean())
+            lay.candidates[f"W{w}A{a}"] = dict(omega_w=e, omega_x=0.0, omega=e, output_mse=e, output_sqnr_db=0.0)
+        layers.append(lay)
+    return SensitivityReport(layers, [list(c) for c in candidates], "proxy ||Q(W)-W||^2/n", 0, 0, 0, "proxy")
+
+
+def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    from ptq2tvm.data import calibration_set, load_dataset
+
+    work = out_dir / name
+    work.mkdir(parents=True, exist_ok=True)
+    latency_only = name == "resnet18"
+    if latency_only:
+        from ptq2tvm.models import create_model
+
+        torch.manual_seed(0)
+        model = create_model("resnet18").eval()
+        calib = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
+        test = None
+    else:
+        from ptq2tvm.train import train_builtin
+
+        model, _ = train_builtin(name, dataset="fashion-mnist", progress=False)
+        calib = calibration_set("fashion-mnist", 512, seed=0)
+        test = load_dataset("fashion-mnist", split="test", limit=args.n)
+    t0 = time.perf_counter()
+    qm8 = quantize(model, calib, QuantConfig(8, 8), progress=False)
+    graph8 = to_integer(qm8)
+    costs = run_layer_costs(graph8, work, batch=1, progress=not args.quiet)
+    print(f"[{name}] per-layer costs: {costs.measured} kernels measured, {costs.cached} cached "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    from ptq2tvm.mixed.layerbits import CANDIDATES
+
+    if latency_only:
+        rep = _proxy_report(model, graph8, CANDIDATES)
+    else:
+        rep = run_sensitivity(model, calib, work, samples=args.samples, progress=not args.quiet)
+        print(f"[{name}] sensitivity in {rep.seconds} s", flush=True)
+    fp_out = None if test is None else model(torch.from_numpy(test.images[:512])).detach().numpy()
+    fp_top1 = None if test is None else top1_torch(model, test.images, test.labels)
+
+    points: list[dict[str, Any]] = []
+    for w, a in UNIFORM:
+        cfg = QuantConfig(w, a)
+        points.append(dict(label=f"uniform W{w}A{a}", kind="uniform", config=cfg))
+    # budgets: the uniform W4A4 figures (size, BOPs) and fractions of W8A8
+    w4a4 = to_integer(quantize(model, calib, QuantConfig(4, 4), progress=False))
+    lb = {n: b["w_bits"] for n, b in w4a4.meta["layer_bits"].items()}
+    size_w4a4 = costs.predict_bytes(lb)
+    bops_w4a4 = sum(costs.macs[n] * b["w_bits"] * b["a_bits"] for n, b in w4a4.meta["layer_bits"].items())
+    plans = []
+    specs = ([("size = W4A4", {"size": f"{size_w4a4}b"}),
+              ("size + BOPs = W4A4", {"size": f"{size_w4a4}b", "bops": f"{bops_w4a4}"}),
+              ("BOPs = 0.5 W8A8", {"bops": "0.5"}),
+              ("size 0.75 W8A8", {"size": "0.75"}),
+              ("latency 0.97 W8A8", {"latency": "0.97"})] if not latency_only else
+             [("size 0.75 W8A8", {"size": "0.75"}), ("size 0.6 W8A8", {"size": "0.6"}),
+              ("latency 0.97 W8A8", {"latency": "0.97"})])
+    measures = ["hessian"] if latency_only else ["hessian", "output"]
+    for label, budgets in specs:
+        for measure in measures:
+            if measure == "output" and label not in ("size + BOPs = W4A4", "BOPs = 0.5 W8A8"):
+                continue
+            try:
+                plan = allocate(rep, costs, graph8, budgets, measure)
+            except Exception as e:  # noqa: BLE001 - an infeasible budget is a result
+                points.append(dict(label=f"ILP {label} ({measure})", kind="ilp", error=str(e)))
+                continue
+            plans.append(plan)
+            points.append(dict(label=f"ILP {label} ({measure})", kind="ilp", config=plan.config(QuantConfig()),
+                               plan=plan.to_dict()))
+    # quantize, compile, check, evaluate every point
+    for i, p in enumerate(points):
+        if "config" not in p:
+            continue
+        cfg = p.pop("config")
+        qm = quantize(model, calib, cfg, progress=False)
+        graph = to_integer(qm)
+        bits = graph.meta["layer_bits"]
+        so = work / f"point{i}.so"
+        res = compile_graph(graph, so, batch=1)
+        cm = CompiledModel(so)
+        q = graph.input.quantize(calib[:64] if test is None else test.images[:64])
+        p["bit_exact_vs_reference"] = bool(np.array_equal(cm.run_int(q), run_reference(graph, q)))
+        p["bits"] = {n: [b["w_bits"], b["a_bits"]] for n, b in bits.items()}
+        p["bits_summary"] = bits_summary(bits)
+        p["stored_weight_bytes"] = int(res.meta["stored_weight_bytes"])
+        p["bops"] = int(sum(costs.macs[n] * b["w_bits"] * b["a_bits"] for n, b in bits.items()))
+        p["predicted_ms"] = 1e3 * costs.predict_seconds({n: b["w_bits"] for n, b in bits.items()})
+        p["so"] = str(so)
+        if test is not None:
+            p["top1"] = top1_torch(qm, test.images, test.labels)
+            with torch.no_grad():
+                p["sqnr_db"] = _sqnr(qm(torch.from_numpy(test.images[:512])).numpy(), fp_out)
+        print(f"[{name}] {p['label']}: {p['bits_summary']}; {p['stored_weight_bytes']} B"
+              + (f", top-1 {100 * p['top1']:.2f}%" if test is not None else ""), flush=True)
+    # latency, round robin
+    live = [p for p in points if "so" in p]
+    samples: dict[str, list[float]] = {p["label"]: [] for p in live}
+    for r in range(args.rounds):
+        order = live[r % len(live):] + live[:r % len(live)]
+        for p in order:
+            samples[p["label"]].append(time_so(p["so"], repeat=3, min_repeat_ms=50))
+    for p in live:
+        p["measured_ms"] = 1e3 * float(np.median(samples[p["label"]]))
+        p["measured_ms_rounds"] = [round(1e3 * v, 4) for v in samples[p["label"]]]
+        p["predicted_over_measured"] = p["predicted_ms"] / p["measured_ms"]
+        Path(p.pop("so")).unlink(missing_ok=True)
+    for f in work.glob("point*.json"):
+        f.unlink()
+    return dict(model=name, fp32_top1=fp_top1, n_test=None if test is None else int(len(test.images)),
+                latency_only=latency_only, points=points,
+                sensitivity_loss=rep.loss, hutchinson_samples=rep.hutchinson_samples,
+                other_kernels_ms=1e3 * costs.other_seconds, isa=costs.isa, load_average_costs=costs.load_average)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4.2 * len(results)), squeeze=False)
+    for row, res in zip(axes, results):
+        ykey = "top1" if not res["latency_only"] else None
+        for ax, xkey, xlabel in ((row[0], "measured_ms", "measured .so latency, batch 1 (ms)"),
+                                 (row[1], "stored_weight_bytes", "stored weight bytes (.so)")):
+            for p in res["points"]:
+                if xkey not in p:
+                    continue
+                y = 100 * p[ykey] if ykey else p["predicted_ms"]
+                uni = p["kind"] == "uniform"
+                ax.scatter(p[xkey], y, marker="s" if uni else "o", s=60 if uni else 40,
+                           color="tab:red" if uni else "tab:blue")
+                ax.annotate(p["label"].replace("ILP ", ""), (p[xkey], y), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("fake-quant top-1 (%)" if ykey else "ILP-predicted latency (ms)")
+            ax.set_title(f"{res['model']}: uniform (red squares) vs ILP (blue)", fontsize=9)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with open(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+
+
+def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"# Mixed precision vs uniform bits\n", f"Command: `{meta['command']}`\n",
+             f"Host: {meta['cpu']} ({meta['isa']}), load average at start {meta['load_start']}, at end "
+             f"{meta['load_end']} (a shared 2-core VM loaded by other agents: absolute times are inflated and noisy; "
+             f"compare points of one model, timed round robin).\n"]
+    for res in results:
+        lines.append(f"## {res['model']}" + (" (random weights, latency only)" if res["latency_only"] else
+                                             f" (FP32 top-1 {100 * res['fp32_top1']:.2f}% on {res['n_test']} test "
+                                             "images)"))
+        lines.append("")
+        lines.append("| point | bits | stored KB | GBOPs | top-1 % | SQNR dB | predicted ms | measured ms | "
+                     "pred/meas | .so exact |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for p in res["points"]:
+            if "error" in p:
+                lines.append(f"| {p['label']} | infeasible: {p['error']} | | | | | | | | |")
+                continue
+            lines.append(f"| {p['label']} | {p['bits_summary']} | {p['stored_weight_bytes'] / 1e3:.1f} | "
+                         f"{p['bops'] / 1e9:.3f} | {100 * p['top1']:.2f} | {p['sqnr_db']:.1f} | "
+                         if "top1" in p else
+                         f"| {p['label']} | {p['bits_summary']} | {p['stored_weight_bytes'] / 1e3:.1f} | "
+                         f"{p['bops'] / 1e9:.3f} | - | - | ")
+            lines[-1] += (f"{p['predicted_ms']:.3f} | {p['measured_ms']:.3f} | {p['predicted_over_measured']:.2f} | "
+                          f"{'yes' if p['bit_exact_vs_reference'] else 'NO'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet_small,mobilenet_v2_small,resnet18")
+    ap.add_argument("--n", type=int, default=10000, help="test images for top-1")
+    ap.add_argument("--samples", type=int, default=32, help="Hutchinson samples")
+    ap.add_argument("--rounds", type=int, default=5, help="round-robin latency rounds")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "mixed_precision_bench"))
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    meta = dict(command="nice .venv/bin/python benchmarks/mixed_precision.py " + " ".join(sys.argv[1:]),
+                cpu=platform.processor() or platform.machine(), load_start=[round(v, 1) for v in os.getloadavg()],
+                started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    results = []
+    for name in args.models.split(","):
+        results.append(run_model(name, args, Path(args.work)))
+        meta["isa"] = results[-1]["isa"]
+    meta["load_end"] = [round(v, 1) for v in os.getloadavg()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / "mixed_precision.json", dict(meta=meta, results=results))
+    md = markdown(results, meta)
+    write_text(RESULTS / "mixed_precision.md", md)
+    plot(results, RESULTS / "mixed_precision.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

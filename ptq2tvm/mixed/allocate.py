@@ -1,0 +1,152 @@
+"""From sensitivities and measured costs to bits per layer: budgets, the ILP's inputs, the plan.
+
+Budgets (``--latency-budget``, ``--size-budget``, ``--bops-budget``): a bare number is a fraction of the uniform
+W8A8 figure of the same model (first/last layers included), a number with a unit is absolute: ``ms`` / ``s`` for
+latency (predicted .so latency of one batch), ``B`` / ``KB`` / ``MB`` for stored weight bytes (what the .so stores:
+<= 4-bit weights two per byte), ``G`` / ``M`` for BOPs (per image: sum of MACs x weight bits x activation bits).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import QuantConfigError
+from ..frontend.qmodel import QuantConfig
+from ..ir.graph import IntegerGraph
+from .ilp import solve_allocation
+from .latency import LayerCosts, storage_class
+from .layerbits import candidate_name
+from .sensitivity import SensitivityReport
+
+UNITS = {"latency": {"ms": 1e-3, "s": 1.0, "us": 1e-6},
+         "size": {"b": 1.0, "kb": 1e3, "mb": 1e6},
+         "bops": {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}}
+
+
+def parse_budget(kind: str, spec: str | float, w8a8: float) -> float:
+    """``'0.8'`` -> 0.8 * w8a8; ``'3.5ms'`` / ``'0.6MB'`` / ``'1.2G'`` -> absolute (seconds, bytes, BOPs)."""
+    text = str(spec).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)([a-z]*)", text)
+    if not m:
+        raise QuantConfigError(f"--{kind}-budget {spec!r}: expected a fraction of W8A8 (e.g. 0.8) or a value with "
+                               f"a unit ({', '.join(u for u in UNITS[kind] if u)})")
+    value, unit = float(m.group(1)), m.group(2)
+    if not unit:
+        if not 0 < value <= 4:
+            raise QuantConfigError(f"--{kind}-budget {spec!r}: a fraction of W8A8 must be in (0, 4]")
+        return value * w8a8
+    if unit not in UNITS[kind]:
+        raise QuantConfigError(f"--{kind}-budget {spec!r}: unknown unit {unit!r}; use one of "
+                               f"{', '.join(u for u in UNITS[kind] if u)}")
+    return value * UNITS[kind][unit]
+
+
+def fixed_layers(graph: IntegerGraph) -> tuple[set[str], set[str]]:
+    """(first layers: reading the network input, last layer: producing the output through pools/flatten/clamp)."""
+    first = {n.name for n in graph.nodes if n.op in ("conv2d", "dense") and n.inputs[0] == graph.input.name}
+    name = graph.output_name
+    by_name = {n.name: n for n in graph.nodes}
+    while name in by_name and by_name[name].op in ("maxpool2d", "flatten", "clamp"):
+        name = by_name[name].inputs[0]
+    last = {name} if name in by_name and by_name[name].op in ("conv2d", "dense") else set()
+    return first, last
+
+
+@dataclass
+class MixedPlan:
+    """The chosen bits and what the ILP predicted for them (and for uniform W8A8)."""
+
+    bits: dict[str, list[int]]                 # layer -> [w_bits, a_bits]
+    measure: str
+    objective: float
+    budgets: dict[str, float]
+    predicted: dict[str, float]
+    w8a8: dict[str, float]
+    fixed: list[str] = field(default_factory=list)
+
+    def config(self, base: QuantConfig) -> QuantConfig:
+        """``base`` with the plan's per-layer bits (every layer explicit)."""
+        d = asdict(base)
+        d["layer_w_bits"] = {n: int(b[0]) for n, b in self.bits.items()}
+        d["layer_a_bits"] = {n: int(b[1]) for n, b in self.bits.items()}
+        return QuantConfig(**d).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for w, a in self.bits.values():
+            counts[f"W{w}A{a}"] = counts.get(f"W{w}A{a}", 0) + 1
+        parts = [f"{k} x{v}" for k, v in sorted(counts.items())]
+        pred = ", ".join(f"{k} {v:.4g} ({v / self.w8a8[k]:.2f} of W8A8)" for k, v in self.predicted.items()
+                         if self.w8a8.get(k))
+        return f"mixed precision ({self.measure} sensitivity): {', '.join(parts)}; predicted {pred}"
+
+
+def cost_matrices(costs: LayerCosts, layers: list[str], candidates: list[tuple[int, int]],
+                  timed: bool) -> dict[str, np.ndarray]:
+    """(L, C) cost per budget kind: latency seconds (only if ``timed``), stored bytes, BOPs per image."""
+    out = {"size": np.array([[costs.stored_bytes[n][storage_class(w)] for w, _ in candidates] for n in layers],
+                            dtype=np.float64),
+           "bops": np.array([[costs.macs[n] * w * a for w, a in candidates] for n in layers], dtype=np.float64)}
+    if timed:
+        out["latency"] = np.array([[costs.seconds[n][storage_class(w)] for w, _ in candidates] for n in layers])
+    return out
+
+
+def allocate(report: SensitivityReport, costs: LayerCosts, graph: IntegerGraph, budgets: dict[str, str | float],
+             measure: str = "hessian", first_last_8bit: bool = True) -> MixedPlan:
+    """Solve the ILP (:mod:`ptq2tvm.mixed.ilp`) for ``budgets`` (kind -> spec, see the module docstring).
+
+    ``graph``: any integer graph of the model (gives the first/last layers). With ``first_last_8bit`` those layers
+    are fixed at W8A8. Layers reading the same tensor get the same activation bits. Raises QuantConfigError for an
+    unknown budget kind, a budget no allocation meets, or a latency budget without measured latencies.
+    """
+    if measure not in ("hessian", "output"):
+        raise QuantConfigError(f"sensitivity measure must be 'hessian' or 'output', got {measure!r}")
+    bad = set(budgets) - set(UNITS)
+    if bad or not budgets:
+        raise QuantConfigError(f"budgets must be some of {', '.join(UNITS)}; got {sorted(budgets) or 'none'}")
+    layers = report.layer_names()
+    cands = [tuple(c) for c in report.candidates]
+    if (8, 8) not in cands:
+        raise QuantConfigError("the candidates must include W8A8 (the reference of the budgets)")
+    timed = all(costs.seconds[n] for n in layers)
+    if "latency" in budgets and not timed:
+        raise QuantConfigError("a latency budget needs measured per-layer latencies (measure_layer_costs)")
+    mats = cost_matrices(costs, layers, cands, timed)
+    ref = cands.index((8, 8))
+    w8a8 = {k: float(m[:, ref].sum()) for k, m in mats.items()}
+    if "latency" in mats:
+        w8a8["latency"] += costs.other_seconds
+    sens = report.matrix(measure).astype(np.float64)
+    sens = np.maximum(sens, 0.0)                 # a Hutchinson estimate below zero is noise around a PSD trace
+    first, last = fixed_layers(graph)
+    fixed = sorted((first | last) & set(layers)) if first_last_8bit else []
+    for n in fixed:
+        i = layers.index(n)
+        sens[i, :] = np.nan
+        sens[i, ref] = 0.0
+    limits = {k: parse_budget(k, v, w8a8[k]) for k, v in budgets.items()}
+    if "latency" in limits:
+        limits["latency"] -= costs.other_seconds
+    groups: dict[str, list[int]] = {}
+    for i, lay in enumerate(report.layers):
+        groups.setdefault(lay.input_tensor, []).append(i)
+    tied = [g for g in groups.values() if len(g) > 1]
+    sol = solve_allocation(sens, {k: mats[k] for k in limits}, limits, a_bits=[a for _, a in cands], tied=tied,
+                           layer_names=layers)
+    bits = {n: list(cands[c]) for n, c in zip(layers, sol.choice)}
+    predicted = {k: float(sum(m[i, c] for i, c in enumerate(sol.choice))) for k, m in mats.items()}
+    if "latency" in predicted:
+        predicted["latency"] += costs.other_seconds
+    shown = {k: (v + costs.other_seconds if k == "latency" else v) for k, v in limits.items()}
+    return MixedPlan(bits, measure, sol.objective, shown, predicted, w8a8, fixed)
+
+
+__all__ = ["MixedPlan", "allocate", "cost_matrices", "fixed_layers", "parse_budget"]

@@ -1,0 +1,65 @@
+"""The mixed-precision pipeline behind ``ptq2tvm quantize --mixed-precision`` and ``ptq2tvm sensitivity``:
+sensitivity (cached), per-layer costs of a W8A8 fold (kernel times cached), the ILP, the plan - all kept in the run
+directory: ``sensitivity.json`` + ``sensitivity.png``, ``layer_costs.json``, ``latency_cache.json``,
+``mixed_precision.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch.nn as nn
+
+from ..atomic import write_json
+from ..fold.fold import fold_to_integer
+from ..frontend.calibrate import quantize_rtn
+from ..frontend.qmodel import QuantConfig
+from ..ir.graph import IntegerGraph
+from .allocate import MixedPlan, allocate
+from .latency import LayerCosts, measure_layer_costs
+from .sensitivity import SensitivityReport, analyze_sensitivity, plot_sensitivity
+
+SENSITIVITY_FILE, COSTS_FILE, KERNEL_CACHE, PLAN_FILE = ("sensitivity.json", "layer_costs.json",
+                                                         "latency_cache.json", "mixed_precision.json")
+
+
+def run_sensitivity(model: nn.Module, images: np.ndarray, run_dir: str | Path, samples: int = 32,
+                    max_images: int = 256, seed: int = 0, config: QuantConfig | None = None,
+                    progress: bool = True) -> SensitivityReport:
+    """Sensitivity of every layer (reused from ``run_dir/sensitivity.json`` when its key matches) + the PNG."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rep = analyze_sensitivity(model, images, hutchinson_samples=samples, seed=seed, max_images=max_images,
+                              config=config, progress=progress, cache=run_dir / SENSITIVITY_FILE)
+    rep.save(run_dir / SENSITIVITY_FILE)
+    plot_sensitivity(rep, run_dir / "sensitivity.png")
+    return rep
+
+
+def run_layer_costs(graph: IntegerGraph, run_dir: str | Path, batch: int = 1, timed: bool = True,
+                    progress: bool = True) -> LayerCosts:
+    """Per-layer costs of ``graph`` (kernel times cached in ``run_dir/latency_cache.json``), saved as
+    ``run_dir/layer_costs.json``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    costs = measure_layer_costs(graph, batch=batch, cache=run_dir / KERNEL_CACHE, progress=progress, timed=timed)
+    write_json(run_dir / COSTS_FILE, costs.to_dict())
+    return costs
+
+
+def plan_mixed_precision(model: nn.Module, images: np.ndarray, config: QuantConfig, budgets: dict[str, str],
+                         run_dir: str | Path, measure: str = "hessian", samples: int = 32, max_images: int = 256,
+                         batch: int = 1, seed: int = 0, progress: bool = True) -> MixedPlan:
+    """Sensitivity, costs of the W8A8 fold, ILP -> the plan (also saved as ``run_dir/mixed_precision.json``).
+    Latencies are measured only for a latency budget. Raises QuantConfigError when no allocation fits."""
+    rep = run_sensitivity(model, images, run_dir, samples, max_images, seed, config, progress)
+    ref = QuantConfig(w_bits=8, a_bits=8, first_last_8bit=config.first_last_8bit, weight_lp=config.weight_lp,
+                      act_lp=config.act_lp)
+    graph = fold_to_integer(quantize_rtn(model, images, ref, progress=progress))
+    costs = run_layer_costs(graph, run_dir, batch, timed="latency" in budgets, progress=progress)
+    plan = allocate(rep, costs, graph, budgets, measure, config.first_last_8bit)
+    write_json(Path(run_dir) / PLAN_FILE, plan.to_dict())
+    return plan
+
+
+__all__ = ["plan_mixed_precision", "run_layer_costs", "run_sensitivity"]
