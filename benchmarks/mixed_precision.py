@@ -30,6 +30,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":          # TVM's thread pool reads this when it starts (before the first kernel runs)
+    _t = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--threads"), "1")
+    os.environ["TVM_NUM_THREADS"] = _t
 
 from ptq2tvm.api import quantize, to_integer, top1_torch  # noqa: E402
 from ptq2tvm.atomic import write_json, write_text  # noqa: E402
@@ -216,7 +219,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"# Mixed precision vs uniform bits\n", f"Command: `{meta['command']}`\n",
              f"Host: {meta['cpu']} ({meta['isa']}), load average at start {meta['load_start']}, at end "
              f"{meta['load_end']} (a shared 2-core VM loaded by other agents: absolute times are inflated and noisy; "
-             f"compare points of one model, timed round robin).\n"]
+             f"compare points of one model, timed round robin); TVM threads {meta['tvm_threads']}.\n"]
     for res in results:
         lines.append(f"## {res['model']}" + (" (random weights, latency only)" if res["latency_only"] else
                                              f" (FP32 top-1 {100 * res['fp32_top1']:.2f}% on {res['n_test']} test "
@@ -248,9 +251,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="round-robin latency rounds")
     ap.add_argument("--work", default=str(ROOT / "runs" / "mixed_precision_bench"))
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="TVM threads for every timing (1: a loaded shared host "
+                    "makes a 2-thread pool wait on the OS scheduler at every parallel region)")
     args = ap.parse_args()
     torch.manual_seed(0)
     meta = dict(command="nice .venv/bin/python benchmarks/mixed_precision.py " + " ".join(sys.argv[1:]),
+                tvm_threads=args.threads,
                 cpu=platform.processor() or platform.machine(), load_start=[round(v, 1) for v in os.getloadavg()],
                 started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     results = []

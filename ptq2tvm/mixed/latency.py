@@ -4,10 +4,11 @@ own kernels, cached next to the run.
 The integer graph is built twice with the hand-scheduled blocked kernels (``ptq2tvm.backend.blocked_builder``, the
 ``--schedule auto`` x86 build): every conv/linear layer with int8 weights, then with <= 4-bit weights (the builder
 stores those two per byte and unpacks them in the kernel; depthwise convs stay int8). Every kernel PrimFunc of the
-Relax ``main`` is compiled on its own and timed with TVM's ``time_evaluator`` on its real packed weights and
+Relax ``main`` is timed with TVM's ``time_evaluator`` on its real packed weights and
 parameters (random activations) - the per-kernel protocol of ``backend.tune`` (median of ``repeat`` runs of at least
-``min_repeat_ms`` each) but in this process. A network's predicted latency = the sum of its layer kernels at their
-chosen weight bits + every other kernel (layout changes, pools, adds, measured once).
+``min_repeat_ms`` each) but in this process, every kernel taken by name from one compiled library per build (one
+``tvm.compile`` per build instead of one per kernel). A network's predicted latency = the sum of its layer kernels
+at their chosen weight bits + every other kernel (layout changes, pools, adds, measured once).
 
 Activation bits do not change a kernel's code here (activations are uint8 containers at any bits; only the clamp
 constants differ), so WxA4 costs what WxA8 costs; 2-bit weights use the int4 kernel (same storage, same speed).
@@ -26,8 +27,6 @@ import numpy as np
 import tvm
 import tvm_ffi
 from tqdm.auto import tqdm
-
-import kernels as K
 
 from ..atomic import write_json
 from ..backend.compile import resolve_target
@@ -103,22 +102,28 @@ class LayerCosts:
         return cls(**d)
 
 
-def _time_kernel(func: tvm.tirx.PrimFunc, args: list, target: tvm.target.Target, rng: np.random.Generator,
-                 repeat: int, min_repeat_ms: int) -> float:
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+def _time_kernel(lib: Any, name: str, func: tvm.tirx.PrimFunc, args: list, rng: np.random.Generator, repeat: int,
+                 min_repeat_ms: int) -> float:
+    """Median seconds of kernel ``name`` of the compiled library ``lib`` on ``args`` (numpy constants as given,
+    random uint8 activations), outputs zeroed."""
     dev = tvm.cpu()
-    arrays = []
-    for a in args:
-        if isinstance(a, np.ndarray):
-            arrays.append(a)
-        else:
-            shape, dtype = a
-            arrays.append(rng.integers(0, 256, shape).astype(dtype))
-    bufs = list(func.params)
-    outs = [np.zeros([int(v) for v in b.shape], b.dtype) for b in bufs[len(arrays):]]
+    arrays = [a if isinstance(a, np.ndarray) else rng.integers(0, 256, a[0]).astype(a[1]) for a in args]
+    outs = [np.zeros([int(v) for v in b.shape], b.dtype) for b in list(func.params)[len(arrays):]]
     tv = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (*arrays, *outs)]
-    ev = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+    ev = lib.time_evaluator(name, dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
     return float(np.median(ev(*tv).results))
+
+
+def _kernel_library(mod: tvm.IRModule, target: tvm.target.Target) -> Any:
+    """Compile the whole scheduled module once; -> the runtime module holding every kernel by name."""
+    ex = tvm.compile(mod, target=target)
+    for m in (ex.mod, *ex.mod.imports):
+        try:
+            m.get_function(next(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)))
+            return m
+        except (AttributeError, RuntimeError, StopIteration):
+            continue
+    raise RuntimeError("compiled module exposes no kernel by name")
 
 
 def _read_cache(path: Path | None) -> dict[str, float]:
@@ -173,15 +178,17 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
             if name in names:
                 sizes[names[name]][cls] = int(args[1].nbytes)
         return LayerCosts(seconds, sizes, layer_macs(graph), 0.0, {}, batch, tdict, isa)
-    bar = tqdm(jobs, desc="kernel latency", unit="kernel", disable=not progress)
+    keys = [prefix + str(tvm_ffi.structural_hash(func)) for _, _, func, _ in jobs]
+    libs = {cls: _kernel_library(mods[cls], tgt) for cls in mods
+            if any(k not in known for k, (c, *_) in zip(keys, jobs) if c == cls)}
+    bar = tqdm(list(zip(keys, jobs)), desc="kernel latency", unit="kernel", disable=not progress)
     try:
-        for cls, name, func, args in bar:
-            key = prefix + str(tvm_ffi.structural_hash(func))
+        for key, (cls, name, func, args) in bar:
             if key in known:
                 t = known[key]
                 cached += 1
             else:
-                t = _time_kernel(func, args, tgt, rng, repeat, min_repeat_ms)
+                t = _time_kernel(libs[cls], name, func, args, rng, repeat, min_repeat_ms)
                 known[key] = t
                 measured += 1
             if name in names:
