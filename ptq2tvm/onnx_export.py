@@ -7,10 +7,9 @@ ONNX spec, https://onnx.ai/onnx/operators/onnx__QuantizeLinear.html, as ONNX Run
 
 conv2d / dense
     ``DQ(q_x) -> Conv|Gemm(DQ(q_w), DQ(bias)) [-> Add(DQ(q_r))] [-> Clip] -> Q(s_out, z_out)``. The weights are the
-    graph's exact int8 integers (per output channel, axis 0; a channel with AdaQTransform xi < 0 already has negated
-    integers in the IR, so every scale is positive). The per-channel weight scale is chosen so that the float
+    graph's exact int8 integers (per output channel, axis 0). The per-channel weight scale is chosen so that the float
     requantization multiplier equals the graph's dyadic one: ``s_w,c = m_c * 2^-n_c * s_out / s_x`` (this carries
-    xi: the fold merged |xi_c| into m_c). The bias is int32 at scale ``s_x * s_w,c`` (float32 product, as consumers
+    AdaQTransform's xi: the fold merged xi_c > 0 into m_c, and its eta into the bias). The bias is int32 at scale ``s_x * s_w,c`` (float32 product, as consumers
     compute it): the IR bias plus ``z_x * sum(q_w,c)`` (the IR keeps the zero-point correction inside its bias; the
     QDQ Conv subtracts the zero point itself). A fused residual is a float Add of ``DQ(q_r)`` before the Q.
 add, avgpool2d
@@ -198,7 +197,7 @@ def _weights_and_bias(b: _Builder, node: IntNode, tin: QTensor, axis_len: int) -
     w_bits = int(a.get("w_bits", 8))
     use_int4 = b.int4 and w_bits <= 4
     if use_int4 and (q_w.min() < -8 or q_w.max() > 7):
-        use_int4 = False  # a negated -8 (AdaQTransform xi < 0) is +8: keep this layer in int8 containers
+        use_int4 = False  # integers outside INT4 (not produced by the fold today): keep this layer in int8
         b.int8_fallback.append(node.name)
     tag = node.name
     if use_int4:
