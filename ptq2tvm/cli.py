@@ -52,7 +52,10 @@ def _is_builtin_data(data: str) -> bool:
 
 
 def _builtin_kwargs(model: str, data: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {"num_classes": 10, "in_channels": 1, **kwargs}
+    from .models import model_task
+
+    classes = {"num_classes": 10} if model_task(model) == "classification" else {}
+    return {**classes, "in_channels": 1, **kwargs}
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,6 +11,11 @@ retraining. Both files are written atomically (temp file, then ``os.replace``).
 
 Measured on 2 CPU threads (see ``DEFAULT_EPOCHS``): resnet_small 6 epochs -> 92.3 % Fashion-MNIST test top-1,
 mobilenet_v2_small (width 0.5) 6 epochs -> 90.7 %; on digits both reach > 98 % in seconds.
+
+Super-resolution models (``models.model_task(name) == "super_resolution"``, e.g. ``edsr_small_fm``) train on the
+x2 task of :mod:`ptq2tvm.superres` (input: the 2x2 average-pooled image, target: the image) with an L1 loss, Adam
+and a one-cycle schedule (:class:`SRRecipe`); their info reports ``test_psnr_db`` (and the bilinear baseline)
+instead of ``test_top1``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,20 @@ CACHE_ENV = "PTQ2TVM_CACHE"
 
 
 @dataclass(frozen=True)
+class SRRecipe:
+    """Super-resolution recipe: L1 loss, Adam with a one-cycle schedule peaking at ``max_lr``, horizontal flips."""
+
+    epochs: int
+    scale: int = 2
+    batch_size: int = 64
+    max_lr: float = 2e-3
+    weight_decay: float = 0.0
+    pct_start: float = 0.15
+    hflip: bool = True
+    loss: str = "l1"
+
+
+@dataclass(frozen=True)
 class Recipe:
     epochs: int
     batch_size: int = 128
@@ -61,10 +80,29 @@ DEFAULT_EPOCHS = {
     ("mobilenet_v2_small", "fashion-mnist"): 6,
     ("resnet_small", "digits"): 8,
     ("mobilenet_v2_small", "digits"): 10,
+    ("mobilenet_v3_small_fm", "fashion-mnist"): 3,
+    ("efficientnet_small_fm", "fashion-mnist"): 2,
+    ("edsr_small_fm", "fashion-mnist"): 1,
 }
 
 
-def recipe_for(model_name: str, dataset: str, epochs: int | None = None) -> Recipe:
+def _task(model_name: str) -> str:
+    from .models import model_task
+
+    return model_task(model_name)
+
+
+def recipe_for(model_name: str, dataset: str, epochs: int | None = None) -> Recipe | SRRecipe:
+    task = _task(model_name)
+    if task == "super_resolution":
+        if epochs is None:
+            epochs = DEFAULT_EPOCHS.get((model_name, dataset), 1 if dataset == "fashion-mnist" else 20)
+        if int(epochs) < 1:
+            raise Ptq2TvmError(f"epochs must be >= 1, got {epochs}")
+        return SRRecipe(epochs=int(epochs))
+    if task != "classification":
+        raise Ptq2TvmError(f"model {model_name!r} is a {task} model: the built-in training covers classifiers and "
+                           f"super-resolution models only")
     base = _FMNIST if dataset == "fashion-mnist" else _DIGITS
     if epochs is None:
         epochs = DEFAULT_EPOCHS.get((model_name, dataset), 6 if dataset == "fashion-mnist" else 10)
@@ -82,7 +120,7 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "ptq2tvm" / "checkpoints"
 
 
-def checkpoint_key(model_name: str, dataset: str, recipe: Recipe, seed: int) -> str:
+def checkpoint_key(model_name: str, dataset: str, recipe: Recipe | SRRecipe, seed: int) -> str:
     """Cache key: model, dataset, epochs, seed, :data:`RECIPE_VERSION` and a digest of every recipe setting."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)
     digest = hashlib.sha1(json.dumps(asdict(recipe), sort_keys=True).encode()).hexdigest()[:8]
@@ -93,6 +131,8 @@ def _build(model_name: str, in_channels: int, num_classes: int) -> nn.Module:
     from .models import create_model
 
     try:
+        if _task(model_name) != "classification":
+            return create_model(model_name, in_channels=in_channels)
         return create_model(model_name, num_classes=num_classes, in_channels=in_channels)
     except ValueError as e:
         raise Ptq2TvmError(str(e)) from e
@@ -207,6 +247,60 @@ def _fit(model: nn.Module, train: Dataset, recipe: Recipe, seed: int, progress: 
     return history
 
 
+def _fit_sr(model: nn.Module, train: Dataset, recipe: SRRecipe, seed: int, progress: bool,
+            desc: str) -> list[dict[str, float]]:
+    """Train super-resolution ``model`` in place on (downsample(x), x) pairs; per-epoch history (mean L1 loss)."""
+    from .superres import downsample
+
+    g = torch.Generator().manual_seed(seed)
+    hr_all = torch.from_numpy(train.images)
+    n = len(hr_all)
+    bs = min(recipe.batch_size, n)
+    steps = n // bs
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.max_lr,
+                           weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.max_lr, total_steps=recipe.epochs * steps,
+                                                pct_start=recipe.pct_start, div_factor=10.0,
+                                                final_div_factor=100.0)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=recipe.epochs * steps, desc=desc, unit="batch", dynamic_ncols=True, file=sys.stderr)
+    history: list[dict[str, float]] = []
+    try:
+        for epoch in range(recipe.epochs):
+            model.train()
+            perm = torch.randperm(n, generator=g)
+            loss_sum, seen = 0.0, 0
+            for s in range(steps):
+                hr = hr_all[perm[s * bs:(s + 1) * bs]]
+                if recipe.hflip:
+                    flip = torch.rand(len(hr), generator=g) < 0.5
+                    hr = torch.where(flip[:, None, None, None], hr.flip(3), hr)
+                loss = F.l1_loss(model(downsample(hr, recipe.scale)), hr)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise Ptq2TvmError(f"training diverged: loss {lv} at epoch {epoch + 1}, step {s + 1}")
+                loss_sum += lv * len(hr)
+                seen += len(hr)
+                if bar is not None:
+                    bar.update(1)
+                    if s % 10 == 0 or s == steps - 1:
+                        bar.set_postfix(epoch=f"{epoch + 1}/{recipe.epochs}", l1=f"{loss_sum / seen:.4f}",
+                                        refresh=False)
+            history.append(dict(epoch=epoch + 1, loss=loss_sum / seen))
+    finally:
+        if bar is not None:
+            bar.close()
+    model.eval()
+    return history
+
+
 def _load_cached(model: nn.Module, pt: Path, js: Path) -> dict[str, Any] | None:
     if not (pt.is_file() and js.is_file()):
         return None
@@ -227,8 +321,9 @@ def train_builtin(model_name: str, dataset: str = "fashion-mnist", epochs: int |
     """Train zoo model ``model_name`` on built-in ``dataset`` ("fashion-mnist" or "digits"), or load it from cache.
 
     Returns the model (eval mode, FP32) and an info dict: model_name, dataset, epochs, seed, recipe,
-    recipe_version, test_top1, train_seconds, torch_version, checkpoint (the state_dict path), cached (True when
-    loaded from the cache, False when trained by this call), ... ``force`` retrains and overwrites the cache.
+    recipe_version, test_top1 (classifiers) or test_psnr_db / bilinear_psnr_db / scale (super-resolution models),
+    train_seconds, torch_version, checkpoint (the state_dict path), cached (True when loaded from the cache, False
+    when trained by this call), ... ``force`` retrains and overwrites the cache.
     Training uses ``threads`` intra-op threads (restored afterwards); results are reproducible for the same seed and
     thread count.
     """
@@ -253,23 +348,36 @@ def train_builtin(model_name: str, dataset: str = "fashion-mnist", epochs: int |
                 info.update(cached=True, checkpoint=str(pt))
                 if progress:
                     print(f"loaded cached {model_name} ({ds_name}, {recipe.epochs} epochs, seed {seed}): "
-                          f"test top-1 {100 * info.get('test_top1', float('nan')):.2f}%  [{pt}]", file=sys.stderr)
+                          f"{_metric_text(info)}  [{pt}]", file=sys.stderr)
                 return model.eval(), info
         train = load_dataset(ds_name, split="train")
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        history = _fit(model, train, recipe, seed, progress, desc=f"train {model_name} on {ds_name}")
-        train_seconds = time.perf_counter() - t0
-        top1 = evaluate_top1(model, test)
+        desc = f"train {model_name} on {ds_name}"
+        metrics: dict[str, Any]
+        if isinstance(recipe, SRRecipe):
+            from .superres import bilinear_baseline, evaluate_psnr
+
+            history = _fit_sr(model, train, recipe, seed, progress, desc=desc)
+            train_seconds = time.perf_counter() - t0
+            metrics = dict(test_psnr_db=evaluate_psnr(model, test, recipe.scale),
+                           bilinear_psnr_db=evaluate_psnr(bilinear_baseline(recipe.scale), test, recipe.scale),
+                           scale=recipe.scale,
+                           input_shape=[in_channels] + [d // recipe.scale for d in test.input_shape[1:]],
+                           output_shape=list(test.input_shape))
+        else:
+            history = _fit(model, train, recipe, seed, progress, desc=desc)
+            train_seconds = time.perf_counter() - t0
+            metrics = dict(test_top1=evaluate_top1(model, test), num_classes=num_classes,
+                           input_shape=list(test.input_shape))
     finally:
         torch.set_num_threads(prev_threads)
 
     info: dict[str, Any] = dict(
         model_name=model_name, dataset=ds_name, epochs=recipe.epochs, seed=seed, recipe_version=RECIPE_VERSION,
-        recipe=asdict(recipe), test_top1=top1, n_test=len(test), n_train=len(train),
+        recipe=asdict(recipe), **metrics, n_test=len(test), n_train=len(train),
         train_seconds=round(train_seconds, 2), threads=int(threads), torch_version=torch.__version__,
-        num_classes=num_classes, in_channels=in_channels, input_shape=list(test.input_shape),
-        mean=list(test.mean), std=list(test.std), history=history,
+        in_channels=in_channels, mean=list(test.mean), std=list(test.std), history=history,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(pt) as tmp:
@@ -277,17 +385,24 @@ def train_builtin(model_name: str, dataset: str = "fashion-mnist", epochs: int |
     write_text(js, json.dumps(info, indent=2) + "\n")
     info.update(cached=False, checkpoint=str(pt))
     if progress:
-        print(f"trained {model_name} on {ds_name} in {train_seconds:.1f} s: test top-1 {100 * top1:.2f}%  [{pt}]",
+        print(f"trained {model_name} on {ds_name} in {train_seconds:.1f} s: {_metric_text(info)}  [{pt}]",
               file=sys.stderr)
     return model, info
+
+
+def _metric_text(info: dict[str, Any]) -> str:
+    if "test_psnr_db" in info:
+        return (f"test PSNR {info['test_psnr_db']:.2f} dB (bilinear {info.get('bilinear_psnr_db', float('nan')):.2f}"
+                f" dB)")
+    return f"test top-1 {100 * info.get('test_top1', float('nan')):.2f}%"
 
 
 # ---- command line -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ptq2tvm.train",
                                 description="Train (or load from cache) a small zoo model on a built-in dataset.")
-    p.add_argument("--model", default="resnet_small", help="zoo model name (default: resnet_small; "
-                                                            "also mobilenet_v2_small)")
+    p.add_argument("--model", default="resnet_small", help="zoo model name (default: resnet_small; also "
+                   "mobilenet_v2_small, mobilenet_v3_small_fm, efficientnet_small_fm, edsr_small_fm)")
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"],
                    help="built-in dataset (default: fashion-mnist)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's, e.g. 6 on Fashion-MNIST)")
@@ -297,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", metavar="PATH", help="also write the info dict as JSON to PATH")
+    p.add_argument("--threads", type=int, default=TRAIN_THREADS,
+                   help=f"intra-op threads (default {TRAIN_THREADS}; results are reproducible per thread count)")
     return p
 
 
@@ -304,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _, info = train_builtin(args.model, dataset=args.dataset, epochs=args.epochs, seed=args.seed,
-                                cache_dir=args.cache_dir, progress=not args.no_progress, force=args.force)
+                                cache_dir=args.cache_dir, progress=not args.no_progress, force=args.force,
+                                threads=args.threads)
     except Ptq2TvmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

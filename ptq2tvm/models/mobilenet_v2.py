@@ -41,13 +41,19 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
 
 
 class ConvBNAct(nn.Sequential):
-    """``Conv2d`` (no bias, "same" padding) -> ``BatchNorm2d`` -> optional activation, children named 0, 1, 2."""
+    """``Conv2d`` (no bias, "same" padding) -> ``BatchNorm2d`` -> optional activation, children named 0, 1, 2.
+
+    torchvision's ``Conv2dNormActivation`` with a BatchNorm; ``norm_eps`` / ``norm_momentum`` are the BN's settings
+    (MobileNetV3 uses 1e-3 / 0.01).
+    """
 
     def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
-                 activation: type[nn.Module] | None = nn.ReLU) -> None:
+                 activation: type[nn.Module] | None = nn.ReLU, dilation: int = 1, norm_eps: float = 1e-5,
+                 norm_momentum: float = 0.1) -> None:
+        padding = (kernel_size - 1) // 2 * dilation
         layers: list[nn.Module] = [
-            nn.Conv2d(cin, cout, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout),
+            nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation=dilation, groups=groups, bias=False),
+            nn.BatchNorm2d(cout, eps=norm_eps, momentum=norm_momentum),
         ]
         if activation is not None:
             layers.append(activation(inplace=True))

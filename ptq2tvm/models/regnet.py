@@ -1,8 +1,9 @@
-"""RegNetX whose parameter names and shapes match torchvision's ``regnet_x_400mf``.
+"""RegNetX / RegNetY whose parameter names and shapes match torchvision's ``regnet_x_400mf`` / ``regnet_y_400mf``.
 
-Layout: ``stem`` (conv/BN/ReLU), ``trunk_output.block{s}.block{s}-{i}`` with ``proj`` (1x1 conv + BN, where the
-shape changes) and ``f.a`` / ``f.b`` (grouped 3x3) / ``f.c``, then ``avgpool`` and ``fc``. RegNetY (squeeze-
-excitation, which needs sigmoid) is deliberately absent.
+Radosavovic et al., "Designing Network Design Spaces" (CVPR 2020). Layout: ``stem`` (conv/BN/ReLU),
+``trunk_output.block{s}.block{s}-{i}`` with ``proj`` (1x1 conv + BN, where the shape changes) and ``f.a`` /
+``f.b`` (grouped 3x3) / [``f.se``: squeeze-excitation (ReLU, Sigmoid) of width round(se_ratio * block input width),
+RegNetY only] / ``f.c``, then ``avgpool`` and ``fc``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .layers import SqueezeExcitation
 from .mobilenet_v2 import ConvBNAct, make_divisible
 
 
@@ -23,7 +25,7 @@ def regnet_stages(depth: int, w_0: int, w_a: float, w_m: float, group_width: int
     if w_a < 0 or w_0 <= 0 or w_m <= 1 or w_0 % 8 != 0:
         raise ValueError("invalid RegNet parameters")
     # Same float32 torch arithmetic as the reference, so the rounding of every block width is identical.
-    cont = torch.arange(depth) * w_a + w_0
+    cont = torch.arange(depth, device="cpu") * w_a + w_0  # CPU even under a `with torch.device("meta")`
     steps = torch.round(torch.log(cont / w_0) / math.log(w_m))
     block_widths = (torch.round(w_0 * torch.pow(w_m, steps) / 8) * 8).int().tolist()
     widths, depths = [], []
@@ -39,24 +41,30 @@ def regnet_stages(depth: int, w_0: int, w_a: float, w_m: float, group_width: int
 
 
 class BottleneckTransform(nn.Sequential):
-    """``a`` 1x1 -> ``b`` grouped 3x3 (carries the stride) -> ``c`` 1x1 without activation."""
+    """``a`` 1x1 -> ``b`` grouped 3x3 (carries the stride) -> [``se``] -> ``c`` 1x1 without activation."""
 
-    def __init__(self, cin: int, cout: int, stride: int, group_width: int, bottleneck_multiplier: float) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, group_width: int, bottleneck_multiplier: float,
+                 se_ratio: float | None = None) -> None:
         w_b = int(round(cout * bottleneck_multiplier))
-        super().__init__(OrderedDict([
+        layers: OrderedDict[str, nn.Module] = OrderedDict([
             ("a", ConvBNAct(cin, w_b, 1)),
             ("b", ConvBNAct(w_b, w_b, 3, stride, groups=w_b // group_width)),
-            ("c", ConvBNAct(w_b, cout, 1, activation=None)),
-        ]))
+        ])
+        if se_ratio:
+            # The SE width is relative to the block's input width, as in the paper / torchvision.
+            layers["se"] = SqueezeExcitation(w_b, int(round(se_ratio * cin)), activation=nn.ReLU)
+        layers["c"] = ConvBNAct(w_b, cout, 1, activation=None)
+        super().__init__(layers)
 
 
 class ResBottleneckBlock(nn.Module):
     """``relu(shortcut(x) + f(x))`` with a 1x1 conv + BN shortcut (``proj``) when the shape changes."""
 
-    def __init__(self, cin: int, cout: int, stride: int, group_width: int, bottleneck_multiplier: float) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, group_width: int, bottleneck_multiplier: float,
+                 se_ratio: float | None = None) -> None:
         super().__init__()
         self.proj = ConvBNAct(cin, cout, 1, stride, activation=None) if cin != cout or stride != 1 else None
-        self.f = BottleneckTransform(cin, cout, stride, group_width, bottleneck_multiplier)
+        self.f = BottleneckTransform(cin, cout, stride, group_width, bottleneck_multiplier, se_ratio)
         self.activation = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,25 +79,27 @@ class AnyStage(nn.Sequential):
     """``depth`` blocks named ``block{index}-{i}``; only the first one changes width / resolution."""
 
     def __init__(self, cin: int, cout: int, stride: int, depth: int, group_width: int,
-                 bottleneck_multiplier: float, index: int) -> None:
+                 bottleneck_multiplier: float, index: int, se_ratio: float | None = None) -> None:
         super().__init__()
         for i in range(depth):
             block = ResBottleneckBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, group_width,
-                                       bottleneck_multiplier)
+                                       bottleneck_multiplier, se_ratio)
             self.add_module(f"block{index}-{i}", block)
 
 
 class RegNet(nn.Module):
-    """RegNetX: 3x3 stride-2 stem, stride-2 stages of residual bottleneck blocks, average pool, linear."""
+    """RegNet: 3x3 stride-2 stem, stride-2 stages of residual bottleneck blocks (with squeeze-excitation when
+    ``se_ratio`` is set: RegNetY), average pool, linear."""
 
     def __init__(self, depths: list[int], widths: list[int], group_widths: list[int],
                  bottleneck_multiplier: float = 1.0, num_classes: int = 1000, in_channels: int = 3,
-                 stem_width: int = 32) -> None:
+                 stem_width: int = 32, se_ratio: float | None = None) -> None:
         super().__init__()
         self.stem = ConvBNAct(in_channels, stem_width, 3, 2)
         stages, cin = [], stem_width
         for i, (depth, width, gw) in enumerate(zip(depths, widths, group_widths)):
-            stages.append((f"block{i + 1}", AnyStage(cin, width, 2, depth, gw, bottleneck_multiplier, i + 1)))
+            stages.append((f"block{i + 1}", AnyStage(cin, width, 2, depth, gw, bottleneck_multiplier, i + 1,
+                                                     se_ratio)))
             cin = width
         self.trunk_output = nn.Sequential(OrderedDict(stages))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -118,3 +128,11 @@ def regnet_x_400mf(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> R
     """torchvision ``regnet_x_400mf`` (5,495,976 parameters with 1000 classes; stages 1/2/7/12 x 32/64/160/400)."""
     depths, widths, groups = regnet_stages(depth=22, w_0=24, w_a=24.48, w_m=2.54, group_width=16)
     return RegNet(depths, widths, groups, num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def regnet_y_400mf(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> RegNet:
+    """torchvision ``regnet_y_400mf`` (4,344,144 parameters with 1000 classes; stages 1/3/6/6 x 48/104/208/440,
+    group width 8, squeeze-excitation ratio 0.25)."""
+    depths, widths, groups = regnet_stages(depth=16, w_0=48, w_a=27.89, w_m=2.09, group_width=8)
+    return RegNet(depths, widths, groups, num_classes=num_classes, in_channels=in_channels, se_ratio=0.25,
+                  **kwargs)

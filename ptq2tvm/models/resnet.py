@@ -1,4 +1,5 @@
-"""ResNet whose parameter names and shapes match torchvision's ``resnet18`` / ``resnet50``.
+"""ResNet / ResNeXt whose parameter names and shapes match torchvision's ``resnet18`` / ``resnet34`` / ``resnet50`` /
+``resnext50_32x4d``.
 
 Stages are attributes ``layer1..layerN``; a block's shortcut projection is ``downsample`` (``0`` conv, ``1`` BN).
 ``small_input=True`` gives the CIFAR-style stem (3x3 stride-1 conv, no max-pool) used by ``resnet_small``.
@@ -25,8 +26,11 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64) -> None:
         super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError(f"BasicBlock supports only groups=1 and base_width=64, got {groups}, {base_width}")
         self.conv1 = _conv3x3(cin, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -43,17 +47,20 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce -> 3x3 (stride here, as torchvision "ResNet v1.5") -> 1x1 expand (x4), plus shortcut."""
+    """1x1 reduce -> 3x3 (stride here, as torchvision "ResNet v1.5"; ``groups`` for ResNeXt) -> 1x1 expand (x4),
+    plus shortcut. The inner width is ``int(planes * base_width / 64) * groups``."""
 
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64) -> None:
         super().__init__()
-        self.conv1 = _conv1x1(cin, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = _conv1x1(cin, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = _conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -72,8 +79,9 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], num_classes: int = 1000,
                  in_channels: int = 3, widths: Sequence[int] = (64, 128, 256, 512), small_input: bool = False,
-                 zero_init_residual: bool = False) -> None:
+                 zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64) -> None:
         super().__init__()
+        self.groups, self.base_width = groups, width_per_group
         if len(layers) != len(widths) or not layers:
             raise ValueError(f"layers {tuple(layers)} and widths {tuple(widths)} must be non-empty, equal length")
         self.num_stages = len(layers)
@@ -97,9 +105,10 @@ class ResNet(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != out:
             downsample = nn.Sequential(_conv1x1(self.inplanes, out, stride), nn.BatchNorm2d(out))
-        stage = [block(self.inplanes, planes, stride, downsample)]
+        kw = dict(groups=self.groups, base_width=self.base_width)
+        stage = [block(self.inplanes, planes, stride, downsample, **kw)]
         self.inplanes = out
-        stage += [block(out, planes) for _ in range(1, blocks)]
+        stage += [block(out, planes, **kw) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
@@ -129,6 +138,18 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> ResNet:
     return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
+def resnet34(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> ResNet:
+    """torchvision ``resnet34`` (21,797,672 parameters with 1000 classes)."""
+    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
 def resnet50(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> ResNet:
     """torchvision ``resnet50`` (25,557,032 parameters with 1000 classes)."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def resnext50_32x4d(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> ResNet:
+    """torchvision ``resnext50_32x4d`` (25,028,904 parameters with 1000 classes; 32 groups of width 4)."""
+    kwargs.setdefault("groups", 32)
+    kwargs.setdefault("width_per_group", 4)
     return ResNet(Bottleneck, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, **kwargs)
