@@ -58,6 +58,17 @@ def _builtin_kwargs(model: str, data: str, kwargs: dict[str, Any]) -> dict[str, 
     return {**classes, "in_channels": 1, **kwargs}
 
 
+def _sr_calibration(model: Any, args: argparse.Namespace, calib: Any) -> Any:
+    """A built-in super-resolution model calibrates on the low-resolution inputs it was trained on."""
+    from .models import model_task
+
+    if _is_builtin_data(args.data) and ":" not in args.model and model_task(args.model) == "super_resolution":
+        from .superres import downsample
+
+        return downsample(calib, int(getattr(model, "scale", 2)))
+    return calib
+
+
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .api import RunDir, quantize_with_report, save_run, to_integer
     from .data import calibration_set
@@ -75,7 +86,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         settings.validate()
     out = Path(args.out or f"runs/{Path(args.model).stem}_w{args.w_bits}a{args.a_bits}")
     model, spec = _resolve_model(args)
-    calib = calibration_set(args.data, args.calib_size, seed=args.seed)
+    calib = _sr_calibration(model, args, calibration_set(args.data, args.calib_size, seed=args.seed))
     from .mixed.cli import mixed_config
 
     config, mixed = mixed_config(args, model, calib, config, out)

@@ -61,3 +61,16 @@ def test_train_sr_on_digits_beats_bilinear_and_caches(tmp_path):
     again, info2 = train_builtin("edsr_small_fm", "digits", epochs=2, cache_dir=tmp_path, progress=False, threads=1)
     assert info2["cached"] is True and info2["test_psnr_db"] == info["test_psnr_db"]
     assert evaluate_psnr(again, "digits") == pytest.approx(info["test_psnr_db"], abs=1e-9)
+
+
+def test_cli_calibrates_builtin_sr_models_on_low_resolution():
+    from argparse import Namespace
+
+    from ptq2tvm.cli import _sr_calibration
+    from ptq2tvm.models import create_model
+
+    x = np.zeros((3, 1, 28, 28), np.float32)
+    sr = create_model("edsr_small_fm")
+    assert _sr_calibration(sr, Namespace(data="fashion-mnist", model="edsr_small_fm"), x).shape == (3, 1, 14, 14)
+    assert _sr_calibration(sr, Namespace(data="my.npz", model="edsr_small_fm"), x) is x  # user data: as given
+    assert _sr_calibration(None, Namespace(data="fashion-mnist", model="resnet_small"), x) is x
