@@ -7,12 +7,18 @@ A run directory holds every artifact of one quantized model::
     fakequant.pt        the fake-quant model (QuantModel.save)
     model.qgraph.npz    the integer graph (the exact arithmetic)
     model.so, model.json  the compiled library and its sidecar
+    model_src/          a copy of the model's .py file (file.py:factory models), used if the original moves
+
+``run.json`` records the integer graph's digest and the SHA-256 of ``fp32.pt`` / ``fakequant.pt``: every command
+checks an artifact against them (:meth:`RunDir.check`, :meth:`RunDir.load_compiled`) before using it, and
+``quantize`` into an existing run directory first removes what the new graph supersedes (:meth:`RunDir.invalidate`).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +28,18 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .backend.compile import CompileResult, compile_graph
+from .backend.compile import CompileResult, compile_graph, file_sha256
 from .atomic import write_json  # noqa: F401  (re-exported: ptq2tvm.api.write_json)
 from .backend.runtime import CompiledModel
-from .errors import ArtifactError, QuantConfigError
+from .errors import ArtifactError, DataError, QuantConfigError
 from .fold.fold import fold_to_integer
 from .frontend.calibrate import quantize_rtn
 from .frontend.qmodel import QuantConfig, QuantModel, atomic_torch_save, pickled_code
 from .ir.graph import IntegerGraph
 
+from .data.checks import check_input_channels, input_scale_notes
+from .data.transform import CalibrationData, as_images
+from .fidelity_report import FidelityReport, fidelity_report
 from .reconstruct import METHODS, ReconReport, ReconSettings, reconstruct
 
 
@@ -48,6 +57,7 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.superseded: list[str] = []   # what the last save_run removed (RunDir.invalidate)
 
     @property
     def info_path(self) -> Path:
@@ -84,10 +94,82 @@ class RunDir:
         write_json(self.info_path, info)
         return info
 
+    # ---- artifact integrity --------------------------------------------------------------------------------
+    def graph_digest(self, info: dict[str, Any] | None = None) -> str:
+        """The digest of this run's integer graph (recorded in run.json; older runs: computed from the file)."""
+        info = self.info() if info is None else info
+        digest = info.get("graph_sha256")
+        if digest:
+            return str(digest)
+        return IntegerGraph.load(self.qgraph).digest()
+
+    def check(self, path: str | Path, info: dict[str, Any] | None = None) -> Path:
+        """Raise :class:`ArtifactError` unless ``path`` (fp32.pt / fakequant.pt) is the file ``quantize`` wrote for
+        this run's integer graph (SHA-256 recorded in run.json; runs without the record pass)."""
+        path = Path(path)
+        info = self.info() if info is None else info
+        want = (info.get("artifacts") or {}).get(path.name)
+        if not path.is_file():
+            raise ArtifactError(f"{path} not found: re-run `ptq2tvm quantize --out {self.path}`")
+        if want and path.parent.resolve() == self.path.resolve() and file_sha256(path) != want:
+            raise ArtifactError(f"{path} is not the file `quantize` wrote with this run's integer graph (checksum "
+                                f"differs: replaced or corrupted); re-run `ptq2tvm quantize --out {self.path}`")
+        return path
+
+    def load_compiled(self, so: str | Path | None = None, threads: int | None = None) -> CompiledModel:
+        """The run's .so (default ``model.so``), loaded only if it was compiled from this run's integer graph."""
+        so = Path(so) if so else self.so
+        if not so.is_file():
+            raise ArtifactError(f"{so} not found: compile it with `ptq2tvm compile {self.path}`"
+                                + (f" --out {so}" if so != self.so else ""))
+        cm = CompiledModel(so, threads=threads)
+        if cm.meta.get("graph_sha256") != self.graph_digest():
+            raise ArtifactError(f"{so} was compiled from another integer graph than {self.qgraph} (the run was "
+                                f"quantized again after compiling): re-run `ptq2tvm compile {self.path}`")
+        return cm
+
+    def invalidate(self, new_digest: str) -> list[str]:
+        """Remove what a new integer graph (``new_digest``) supersedes: compiled libraries (+ sidecars) and bundles
+        built from another graph, benchmark and parity results. Each library goes before its sidecar, a bundle is
+        renamed away before it is deleted, so no half-removed artifact can be mistaken for a current one.
+        Returns the names removed."""
+        removed: list[str] = []
+        if not self.path.is_dir():
+            return removed
+        for so in sorted(self.path.glob("*.so")):
+            meta = so.with_suffix(".json")
+            try:
+                digest = json.loads(meta.read_text()).get("graph_sha256") if meta.is_file() else None
+            except (ValueError, OSError):
+                digest = None
+            if digest != new_digest:
+                so.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+                shutil.rmtree(so.with_name(so.name + ".tuning"), ignore_errors=True)
+                removed.append(so.name)
+        for d in sorted(p for p in self.path.iterdir() if p.is_dir() and (p / "run_model.py").is_file()):
+            try:
+                digest = json.loads((d / "model.json").read_text()).get("graph_sha256")
+            except (ValueError, OSError):
+                digest = None
+            if digest != new_digest:
+                trash = d.with_name(f".{d.name}.removed")
+                shutil.rmtree(trash, ignore_errors=True)
+                d.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+                removed.append(d.name + "/")
+        for name in ("parity.json", "latency.json", "latency.md", "latency.png"):
+            if (self.path / name).is_file():
+                (self.path / name).unlink()
+                removed.append(name)
+        return removed
+
 
 # ---- models -------------------------------------------------------------------------------------------------
-def build_model(spec: ModelSpec) -> nn.Module:
-    """Instantiate the FP32 model of ``spec`` and load its checkpoint (strict)."""
+def build_model(spec: ModelSpec, fallback_dir: str | Path | None = None) -> nn.Module:
+    """Instantiate the FP32 model of ``spec`` and load its checkpoint (strict). A ``file.py:factory`` model whose
+    file is gone is looked up in ``fallback_dir`` (a run directory's ``model_src/``). Raises :class:`ArtifactError`
+    for a missing file / attribute or an unknown zoo name."""
     if spec.name.lower().endswith(".onnx"):  # an FP32 ONNX file, through onnx2torch (ptq2tvm/onnx_import.py)
         from .onnx_import import onnx_to_torch
 
@@ -96,6 +178,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         return onnx_to_torch(spec.name)
     if ":" in spec.name and spec.name.split(":")[0].endswith(".py"):
         file, attr = spec.name.rsplit(":", 1)
+        if not Path(file).is_file() and fallback_dir is not None and (Path(fallback_dir) / Path(file).name).is_file():
+            file = str(Path(fallback_dir) / Path(file).name)
         if not Path(file).is_file():
             raise ArtifactError(f"model file not found: {file}")
         mod_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
@@ -105,8 +189,14 @@ def build_model(spec: ModelSpec) -> nn.Module:
             raise ArtifactError(f"{file} has no attribute {attr!r}")
         model = getattr(module, attr)(**spec.kwargs)
     else:
-        from .models import create_model
+        from .models import create_model, list_models
 
+        if spec.name not in list_models():
+            import difflib
+
+            close = difflib.get_close_matches(spec.name, list_models(), n=1)
+            raise ArtifactError(f"unknown model {spec.name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                + f"; available: {', '.join(list_models())}, or path/to/file.py:factory")
         model = create_model(spec.name, **spec.kwargs)
     if spec.checkpoint:
         load_checkpoint(model, spec.checkpoint)
@@ -117,6 +207,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):   # torch.save: zip archive, or legacy pickle
+        raise ArtifactError(f"checkpoint {path} is not a PyTorch file written by torch.save (it starts with "
+                            f"{head!r}); give the model's state_dict saved with torch.save(model.state_dict(), path)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -187,7 +282,7 @@ def load_fp32(path: str | Path, trust_code: bool = False) -> nn.Module:
         raise ArtifactError(f"{path}: the model is built by the Python file {blob['spec']['name']!r}, which would run "
                             "as code; pass trust_code=True (CLI: --trust-code) if you trust it")
     spec = ModelSpec(**{**blob["spec"], "checkpoint": None})
-    model = build_model(spec)
+    model = build_model(spec, fallback_dir=path.parent / "model_src")
     try:
         model.load_state_dict(blob["state_dict"], strict=True)
     except RuntimeError as e:
@@ -196,10 +291,14 @@ def load_fp32(path: str | Path, trust_code: bool = False) -> nn.Module:
 
 
 # ---- pipeline steps -----------------------------------------------------------------------------------------
-def quantize(model: nn.Module, calib_images: np.ndarray, config: QuantConfig | None = None, method: str = "rtn",
-             progress: bool = True, settings: ReconSettings | None = None,
+def quantize(model: nn.Module, calib_images: np.ndarray | CalibrationData, config: QuantConfig | None = None,
+             method: str = "rtn", progress: bool = True, settings: ReconSettings | None = None,
              checkpoint_dir: str | Path | None = None) -> QuantModel:
-    """Post-training quantization of ``model`` on unlabeled ``calib_images`` (float NCHW) -> fake-quant model.
+    """Post-training quantization of ``model`` on unlabeled ``calib_images`` -> fake-quant model.
+
+    ``calib_images``: float32 (N, C, H, W) numpy array or tensor, preprocessed like the training data, or a
+    :class:`ptq2tvm.data.CalibrationData` (any iterable + ``transform_fn``), or an iterable of images / batches /
+    (image, label) pairs. Raises :class:`DataError` when the channels differ from the model's first conv.
 
     ``method``: rtn (calibration only) or a reconstruction method (adaround, brecq, qdrop, network; see
     :class:`ReconSettings` for granularity / MRECG / AdaQTransform). Use :func:`quantize_with_report` for the per-unit
@@ -215,6 +314,8 @@ def quantize_with_report(model: nn.Module, calib_images: np.ndarray, config: Qua
     if method not in METHODS:
         raise QuantConfigError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     config = (config or QuantConfig()).validate()
+    calib_images = as_images(calib_images)
+    check_input_channels(model, calib_images)
     if method == "rtn" and settings is None:
         return quantize_rtn(model, calib_images, config, progress=progress), None
     settings = settings or ReconSettings(method=method)
@@ -250,18 +351,59 @@ def export_onnx(graph: IntegerGraph, path: str | Path, **kwargs: Any) -> Any:
     return _export(graph, path, **kwargs)
 
 
+def check_calibration(model: nn.Module, images: np.ndarray) -> list[str]:
+    """Before quantizing: raise :class:`DataError` if the channels do not fit the model; return warnings when the
+    data's scale is far from what the model saw in training (see :mod:`ptq2tvm.data.checks`)."""
+    check_input_channels(model, images)
+    return input_scale_notes(model, images)
+
+
+def fidelity(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool = True,
+             per_layer: bool = False) -> FidelityReport:
+    """Label-free fidelity of the fake-quant model against FP32 on ``images`` (ideally held-out calibration
+    images): output SQNR, top-1 agreement, per-layer SQNR on request (:mod:`ptq2tvm.fidelity_report`)."""
+    return fidelity_report(model, qm, images, held_out=held_out, per_layer=per_layer)
+
+
+def stored_weight_bytes(graph: IntegerGraph) -> int:
+    """Bytes the compiled x86 / CUDA kernels store the weights in (before channel padding): one byte per weight at
+    5..8 bits, two weights per byte at <= 4 bits (2-bit weights are stored like 4-bit ones: no four-per-byte
+    packing yet; depthwise convs keep one byte per weight)."""
+    total = 0
+    for n in graph.nodes:
+        w = n.arrays.get("weight")
+        if w is None:
+            continue
+        bits = int(n.attrs.get("w_bits", 8))
+        depthwise = n.op == "conv2d" and int(n.attrs.get("groups", 1)) > 1 and w.shape[1] == 1
+        total += (w.size + 1) // 2 if bits <= 4 and not depthwise else w.size
+    return int(total)
+
+
 def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantModel, graph: IntegerGraph,
              trust_code: bool = False, **info: Any) -> RunDir:
+    """Write the run's artifacts (see the module docstring). An existing run directory is first cleared of what
+    the new graph supersedes (:meth:`RunDir.invalidate`); run.json is written anew and last (no accuracy of an
+    older graph survives; until then the directory is not a run, so an interrupted save never leaves a run.json
+    describing a mix of old and new files), with the graph digest and the checksums of fp32.pt / fakequant.pt."""
     run.path.mkdir(parents=True, exist_ok=True)
-    # run.json is written last: until then the directory is not a run, so an interrupted save (kill, full disk)
-    # never leaves a run.json describing a mix of old and new files
+    digest = graph.digest()
     run.info_path.unlink(missing_ok=True)
+    run.superseded = run.invalidate(digest)
+    if spec is not None and ":" in spec.name and spec.name.split(":")[0].endswith(".py"):
+        src = Path(spec.name.rsplit(":", 1)[0])
+        if src.is_file():
+            (run.path / "model_src").mkdir(exist_ok=True)
+            shutil.copyfile(src, run.path / "model_src" / src.name)
     save_fp32(run.fp32, model, spec, trust_code=trust_code)
     qm.save(run.fakequant)
     graph.save(run.qgraph)
     run.update_info(ptq2tvm_version=__version__, model=spec.__dict__ if spec else None,
                     input_shape=list(graph.input.shape), w_bits=qm.config.w_bits, a_bits=qm.config.a_bits,
-                    first_last_8bit=qm.config.first_last_8bit, layer_bits=graph.meta.get("layer_bits"), **info)
+                    first_last_8bit=qm.config.first_last_8bit, layer_bits=graph.meta.get("layer_bits"),
+                    graph_sha256=digest,
+                    artifacts={run.fp32.name: file_sha256(run.fp32), run.fakequant.name: file_sha256(run.fakequant)},
+                    **info)
     return run
 
 

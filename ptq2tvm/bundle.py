@@ -55,7 +55,8 @@ def make_bundle(so_path: str | Path, out_dir: str | Path, overwrite: bool = Fals
     so_path, out_dir = Path(so_path), Path(out_dir)
     meta = read_sidecar(so_path)
     if graph is not None and graph.digest() != meta["graph_sha256"]:
-        raise ArtifactError(f"{so_path} was not compiled from this integer graph (digest differs)")
+        raise ArtifactError(f"{so_path} was not compiled from this integer graph (digest differs: the run was "
+                            "quantized again after compiling): compile it again")
     if out_dir.exists() and not overwrite:
         raise ArtifactError(f"bundle directory {out_dir} already exists (pass overwrite=True / --force)")
     cuda = meta["target"].get("kind") == "cuda"

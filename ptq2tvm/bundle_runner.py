@@ -5,6 +5,7 @@
     python run_model.py --input images.npy       # float (N, C, H, W), preprocessed like the training data
     python run_model.py --random 8 --bench 50    # random uint8 inputs; median latency of 50 runs
     python run_model.py --check                  # bit-exact against the reference outputs shipped in the bundle
+    python run_model.py --input x.npy --output y.npy       # y: float outputs (logits); --output-int: integer codes
 
 The sidecar model.json gives the compiled batch, the target and the input/output scale and zero point.
 """
@@ -104,12 +105,38 @@ def cpu_feature_error(so_path: str | Path, meta: dict[str, Any], missing: list[s
             "build a portable one (--target x86-64-v3: AVX2 kernels that run on every AVX2 CPU)")
 
 
+class BundleError(RuntimeError):
+    """The bundle cannot run here: a file is missing or corrupted, or the host lacks what the build needs."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class BundleModel:
-    """A compiled ptq2tvm model loaded through tvm_ffi + libtvm_runtime (see the module docstring)."""
+    """A compiled ptq2tvm model loaded through tvm_ffi + libtvm_runtime (see the module docstring).
+
+    The .so is checked against the SHA-256 in its sidecar before it is loaded (a truncated or replaced library
+    would otherwise crash the process with a bus error); raises :class:`BundleError` with one clear line."""
 
     def __init__(self, so_path: str | Path, lib_dir: str | Path | None = None):
         so_path = Path(so_path)
-        self.meta: dict[str, Any] = json.loads(so_path.with_suffix(".json").read_text())
+        meta_path = so_path.with_suffix(".json")
+        for p in (so_path, meta_path):
+            if not p.is_file():
+                raise BundleError(f"{p} not found")
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise BundleError(f"{meta_path} is corrupted: {e}") from None
+        want = self.meta.get("so_sha256")
+        if want and _sha256(so_path) != want:
+            raise BundleError(f"{so_path} does not match the checksum in {meta_path.name} ({so_path.stat().st_size} "
+                              "bytes: truncated, corrupted or replaced); copy the bundle again")
         self.cuda = self.meta["target"].get("kind") == "cuda"
         missing = [] if self.cuda else missing_cpu_features(self.meta)
         if missing:
@@ -117,9 +144,17 @@ class BundleModel:
         lib_dir = Path(lib_dir) if lib_dir is not None else so_path.parent / "lib"
         ffi_lib = Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so"
         ctypes.CDLL(str(ffi_lib), ctypes.RTLD_GLOBAL)        # libtvm_runtime links against it
+        for name in ["libtvm_runtime.so"] + (["libtvm_runtime_cuda.so"] if self.cuda else []):
+            if not (lib_dir / name).is_file():
+                raise BundleError(f"{lib_dir / name} not found (the bundle is incomplete)")
         ctypes.CDLL(str(lib_dir / "libtvm_runtime.so"), ctypes.RTLD_GLOBAL)
         if self.cuda:
-            ctypes.CDLL(str(lib_dir / "libtvm_runtime_cuda.so"), ctypes.RTLD_GLOBAL)
+            try:
+                ctypes.CDLL(str(lib_dir / "libtvm_runtime_cuda.so"), ctypes.RTLD_GLOBAL)
+            except OSError as e:
+                raise BundleError(f"this bundle is a CUDA build and this host cannot load the CUDA runtime ({e}): run "
+                                  "it on a host with an NVIDIA GPU, its driver (libcuda.so.1) and libcudart.so.13, "
+                                  "or bundle a CPU build (ptq2tvm compile without --target cuda)") from None
         self._alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")
         self.dev = tvm_ffi.device("cuda" if self.cuda else "cpu", 0)
@@ -127,7 +162,11 @@ class BundleModel:
             register_cuda_binaries(self.meta)
         self.vm = tvm_ffi.load_module(str(so_path))["vm_load_executable"]()
         if self.cuda:   # device list: the GPU, then the CPU host
-            self.vm["vm_initialization"](KDL_CUDA, 0, POOLED_ALLOCATOR, KDL_CPU, 0, POOLED_ALLOCATOR)
+            try:
+                self.vm["vm_initialization"](KDL_CUDA, 0, POOLED_ALLOCATOR, KDL_CPU, 0, POOLED_ALLOCATOR)
+            except Exception as e:  # noqa: BLE001 - no device / driver: say so on one line
+                raise BundleError(f"no usable CUDA device on this host ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''})") from None
         else:
             self.vm["vm_initialization"](KDL_CPU, 0, POOLED_ALLOCATOR)
         self.main = self.vm["main"]
@@ -170,6 +209,11 @@ class BundleModel:
         bad = int((got != want).sum()) if got.shape == want.shape else want.size
         return bad, int(want.size), len(want)
 
+    def dequantize(self, y: np.ndarray) -> np.ndarray:
+        """Integer output codes -> float32 (scale * (q - zero_point)), like ptq2tvm's QTensor.dequantize."""
+        out = self.meta["output"]
+        return ((np.asarray(y).astype(np.float64) - out["zero_point"]) * out["scale"]).astype(np.float32)
+
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Float -> uint8 like ptq2tvm's QTensor.quantize (float32 division, round half to even, clamp)."""
         inp = self.meta["input"]
@@ -194,14 +238,22 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--input", help="float32 .npy (N, C, H, W), preprocessed like the training data")
     src.add_argument("--input-int", help="uint8 .npy of already quantized inputs")
     src.add_argument("--random", type=int, metavar="N", help="N random uint8 inputs")
-    p.add_argument("--output", help="write the integer outputs to this .npy")
+    p.add_argument("--output", help="write the outputs (float32, dequantized: the logits) to this .npy")
+    p.add_argument("--output-int", action="store_true", help="with --output: write the integer output codes instead")
     p.add_argument("--bench", type=int, default=0, metavar="RUNS", help="time RUNS runs of one compiled batch")
     args = p.parse_args(argv)
     try:
-        model = BundleModel(args.so)
+        return _run(args)
     except CpuFeatureError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (BundleError, OSError, ValueError) as e:
+        print(f"run_model.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    model = BundleModel(args.so)
     if args.check:
         bad, size, n = model.check(Path(args.so).resolve().parent)
         print(f"check on {'cuda' if model.cuda else 'cpu'}: {'bit-exact' if bad == 0 else 'MISMATCH'} "
@@ -216,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         q = np.random.default_rng(0).integers(0, 256, (args.random, *model.meta["input"]["shape"]), dtype=np.uint8)
     y = model.run_int(q)
     if args.output:
-        np.save(args.output, y)
+        np.save(args.output, y if args.output_int else model.dequantize(y))
     print("top-1:", y.argmax(1).tolist()[:32], "..." if len(y) > 32 else "")
     if args.bench:
         batch = np.resize(q, (model.batch, *q.shape[1:]))

@@ -1,4 +1,5 @@
-"""Command line: ptq2tvm {quantize, sensitivity, compile, parity, eval, bench, train, demo}. Each has --help and --json PATH."""
+"""Command line of ptq2tvm: post-training quantization of a PyTorch CNN to a true-integer TVM .so. Every command has
+--help (defaults shown) and --json PATH."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ DEFAULT_MODEL = "resnet_small"
 DEFAULT_DATA = "fashion-mnist"
 
 
+class HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default (unless the text already says it, or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -31,20 +42,48 @@ def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 # ---- quantize -----------------------------------------------------------------------------------------------
 def _resolve_model(args: argparse.Namespace):
-    """The FP32 model and its spec: zoo name / file.py:factory, checkpoint, or the cached built-in training."""
+    """The FP32 model, its spec (paths resolved, so the run directory works from anywhere) and where its weights
+    come from: zoo name / file.py:factory, checkpoint, or the cached built-in training."""
     from .api import ModelSpec, build_model
+    from .demo import training_notice
 
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    spec = ModelSpec(args.model, kwargs, args.checkpoint)
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except ValueError as e:
+        raise Ptq2TvmError(f"--model-kwargs is not JSON: {e}") from None
+    name = args.model
+    if ":" in name and name.split(":")[0].endswith(".py"):
+        file, attr = name.rsplit(":", 1)
+        name = f"{Path(file).resolve()}:{attr}"
+    checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
+    spec = ModelSpec(name, kwargs, checkpoint)
     if args.model.lower().endswith(".onnx"):
         spec.name = str(Path(args.model).resolve())
-    elif args.checkpoint is None and _is_builtin_data(args.data) and ":" not in args.model:
+        return build_model(spec), spec, f"ONNX file {spec.name}"
+    if args.checkpoint is None and _is_builtin_data(args.data) and ":" not in args.model:
+        from .models import list_models
         from .train import train_builtin
 
+        if args.model not in list_models():
+            build_model(spec)  # the unknown-name error (with a suggestion)
+        notice = training_notice(args.model, args.data)
+        if notice:
+            print(notice, file=sys.stderr)
         model, info = train_builtin(args.model, dataset=args.data, progress=not args.no_progress)
         return model.eval(), ModelSpec(args.model, _builtin_kwargs(args.model, args.data, kwargs),
-                                       info.get("checkpoint"))
-    return build_model(spec), spec
+                                       info.get("checkpoint")), f"trained on {args.data} (cached {info.get('checkpoint')})"
+    model = build_model(spec)
+    if checkpoint:
+        weights = f"checkpoint {checkpoint}"
+    elif ":" in args.model:
+        weights = f"as returned by {args.model} (no --checkpoint: random unless the factory loads weights)"
+        print(f"note: no --checkpoint: the weights are whatever {args.model} returns (random unless it loads them)",
+              file=sys.stderr)
+    else:
+        weights = "random (no --checkpoint)"
+        print(f"warning: no --checkpoint: quantizing {args.model} with RANDOM weights (pass --checkpoint "
+              "state_dict.pt)", file=sys.stderr)
+    return model, spec, weights
 
 
 def _is_builtin_data(data: str) -> bool:
@@ -69,11 +108,77 @@ def _sr_calibration(model: Any, args: argparse.Namespace, calib: Any) -> Any:
     return calib
 
 
+def _resolve_data(data: str) -> str:
+    """Built-in names as given; an existing path resolved (run.json then works from any directory)."""
+    return data if _is_builtin_data(data) or not Path(data).exists() else str(Path(data).resolve())
+
+
+def _preprocess(args: argparse.Namespace, model: Any, data: str) -> dict[str, Any]:
+    """Image-folder preprocessing from --channels/--input-size/--resize/--mean/--std/--preprocess (the channels
+    inferred from the model's first conv); {} for other data (where those options are an error)."""
+    from .data.checks import expected_channels
+
+    given = [f"--{k.replace('_', '-')}" for k in ("channels", "input_size", "resize", "mean", "std", "preprocess")
+             if getattr(args, k, None) is not None]
+    if not Path(data).is_dir():
+        if given and not _is_builtin_data(data) and not Path(data).exists():
+            raise Ptq2TvmError(f"--data {data}: no such folder or file")
+        if given:
+            raise Ptq2TvmError(f"{', '.join(given)} apply to image folders only; {data} is not one (arrays are used "
+                               "as they are: preprocess them before saving)")
+        return {}
+    if args.preprocess:
+        file, fn = args.preprocess.rsplit(":", 1) if ":" in args.preprocess else (args.preprocess, "")
+        hook = f"{Path(file).resolve()}:{fn}"
+        print(f"image folder {data}: preprocessing by {args.preprocess}", file=sys.stderr)
+        return dict(transform=hook)
+    inferred = expected_channels(model)
+    channels = args.channels or (inferred if inferred in (1, 3) else 3)
+    size = _parse_size(args.input_size) if args.input_size else (224, 224)
+    resize = args.resize if args.resize is not None else round(min(size) * 256 / 224)
+    prep: dict[str, Any] = dict(channels=channels, crop=list(size), resize=resize)
+    if args.mean is not None:
+        prep["mean"] = list(args.mean)
+    if args.std is not None:
+        prep["std"] = list(args.std)
+    from .data import IMAGENET_MEAN, IMAGENET_STD
+
+    import numpy as np
+
+    m = prep.get("mean") or (list(IMAGENET_MEAN) if channels == 3 else [round(float(np.mean(IMAGENET_MEAN)), 4)])
+    sd = prep.get("std") or (list(IMAGENET_STD) if channels == 3 else [round(float(np.mean(IMAGENET_STD)), 4)])
+    how = f"resize shorter side to {resize}, center crop" if resize else "resize to"
+    print(f"image folder {data}: {channels} channel(s) "
+          f"({'--channels' if args.channels else 'from the model' if inferred in (1, 3) else 'default'}), "
+          f"{how} {size[0]}x{size[1]}, /255, mean {tuple(m)}, std {tuple(sd)} "
+          "(change with --channels/--input-size/--resize/--mean/--std, or --preprocess file.py:fn)", file=sys.stderr)
+    return prep
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in str(text).lower().replace(",", "x").split("x")]
+    except ValueError:
+        raise Ptq2TvmError(f"--input-size must be N or HxW (e.g. 224 or 28x28), got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise Ptq2TvmError(f"--input-size must be N or HxW (e.g. 224 or 28x28), got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def _data_kwargs(info: dict[str, Any]) -> dict[str, Any]:
+    """load_dataset keyword arguments of a run's recorded preprocessing."""
+    from .data import run_data_kwargs
+
+    return run_data_kwargs(info)
+
+
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from .api import RunDir, quantize_with_report, save_run, to_integer
-    from .data import calibration_set
+    from .api import (RunDir, check_calibration, fidelity, quantize_with_report, save_run, stored_weight_bytes,
+                      to_integer)
+    from .data import calibration_dataset, holdout_set
     from .frontend.qmodel import QuantConfig
     from .reconstruct import ReconSettings
+    from .reconstruct.checkpoint import Checkpoint
 
     t0 = time.perf_counter()
     config = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, first_last_8bit=not args.no_first_last_8bit)
@@ -84,38 +189,92 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                                  iters=args.iters, batch_size=args.batch_size, mrecg_k=args.mrecg_k,
                                  expand_batch=args.expand_batch, seed=args.seed, threads=args.recon_threads)
         settings.validate()
-    out = Path(args.out or f"runs/{Path(args.model).stem}_w{args.w_bits}a{args.a_bits}")
-    model, spec = _resolve_model(args)
-    calib = _sr_calibration(model, args, calibration_set(args.data, args.calib_size, seed=args.seed))
+    out = Path(args.out or f"runs/{Path(args.model.split(':')[0]).stem}_w{args.w_bits}a{args.a_bits}")
+    ckpt_dir = out / "recon_checkpoint"
+    if args.force and Checkpoint.remove(ckpt_dir):
+        print(f"--force: removed the reconstruction checkpoint {ckpt_dir}", file=sys.stderr)
+    model, spec, weights = _resolve_model(args)
+    data = _resolve_data(args.data)
+    prep = _preprocess(args, model, data)
+    ds = calibration_dataset(data, args.calib_size, seed=args.seed, **_data_kwargs(dict(preprocess=prep)))
+    calib = _sr_calibration(model, args, ds.images)
+    notes = list(ds.extra.get("notes", [])) + check_calibration(model, calib)
+    for n in notes:
+        print(f"warning: {n}", file=sys.stderr)
     from .mixed.cli import mixed_config
 
     config, mixed = mixed_config(args, model, calib, config, out)
+    if settings is not None:
+        print(f"reconstruction ({args.method}, {args.iters} iterations per unit, batch {args.batch_size}): about "
+              f"{args.iters / 30 / 60:.1f} min per unit on 2 CPU cores for the 28x28 resnet_small (~30 it/s), "
+              "far longer at 224x224; checkpointed after every unit (Ctrl-C, then re-run the same command "
+              "to resume; --force starts over)", file=sys.stderr)
     qm, report = quantize_with_report(model, calib, config, method=args.method, progress=not args.no_progress,
-                                      settings=settings, checkpoint_dir=out / "recon_checkpoint" if settings else None)
+                                      settings=settings, checkpoint_dir=ckpt_dir if settings else None)
     graph = to_integer(qm)
+    fid = None
+    if args.fidelity_images > 0:
+        hold = holdout_set(data, args.calib_size, args.fidelity_images, seed=args.seed,
+                           **_data_kwargs(dict(preprocess=prep)))
+        hold = _sr_calibration(model, args, hold) if hold is not None else None
+        fid = fidelity(model, qm, hold if hold is not None else calib[:args.fidelity_images],
+                       held_out=hold is not None, per_layer=args.per_layer)
     recon: dict[str, Any] = {}
     if report is not None:
         report.save(out)
         recon = dict(granularity=report.granularity, adaqtransform=args.adaqtransform, iters=args.iters,
                      recon_seconds=round(report.seconds, 1), loss_curve=str(out / "recon_loss.png"))
-    run = save_run(RunDir(out), model, spec, qm, graph, data=args.data, calib_size=int(len(calib)),
-                   method=args.method, seed=args.seed, **recon, **mixed)
+    run = save_run(RunDir(out), model, spec, qm, graph, data=data, preprocess=prep, calib_size=int(len(calib)),
+                   method=args.method, seed=args.seed, weights=weights, data_warnings=notes,
+                   fidelity=fid.to_dict() if fid else None, **recon, **mixed)
+    if report is not None:
+        Checkpoint.remove(ckpt_dir)
+    if run.superseded:
+        print(f"removed what the new integer graph supersedes in {run.path}: {', '.join(run.superseded)} (compile "
+              "again)", file=sys.stderr)
     result = dict(run_dir=str(run.path), fakequant=str(run.fakequant), qgraph=str(run.qgraph),
                   w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, calib_size=int(len(calib)),
-                  n_layers=sum(1 for n in graph.nodes if n.op in ("conv2d", "dense")),
-                  weight_bytes=graph.weight_bytes(), seconds=round(time.perf_counter() - t0, 2), **recon,
+                  weights=weights, n_layers=sum(1 for n in graph.nodes if n.op in ("conv2d", "dense")),
+                  weight_bytes=stored_weight_bytes(graph), weight_count=graph.weight_bytes(),
+                  fidelity=fid.to_dict() if fid else None, data_warnings=notes,
+                  seconds=round(time.perf_counter() - t0, 2), **recon,
                   layer_bits=graph.meta.get("layer_bits"))
     print(f"quantized {args.model} W{args.w_bits}A{args.a_bits} ({args.method}"
           f"{', AdaQTransform' if args.adaqtransform else ''}, {len(calib)} calibration images) -> {run.path}  "
-          f"[{result['seconds']} s]")
+          f"[{result['seconds']} s]\n  weights: {weights}; stored weights {result['weight_bytes'] / 1e3:.1f} kB "
+          f"({result['weight_count']} values)")
     if qm.config.layer_w_bits or qm.config.layer_a_bits:
         from .mixed.layerbits import bits_summary
 
         print(f"bits per layer (W/A of the input): {bits_summary(graph.meta['layer_bits'])}")
+    if fid is not None:
+        print("  " + fid.summary().replace("\n", "\n  "))
     if report is not None:
         print(f"reconstruction ({report.granularity}): {len(report.units)} units in {report.seconds:.0f} s; loss "
-              f"curves {out / 'recon_loss.png'} (interrupted? re-run the same command to resume)")
+              f"curves {out / 'recon_loss.png'}")
     return result
+
+
+def _check_target(target: Any) -> dict[str, Any]:
+    """The resolved target, or one clear error: an unknown name, or a CPU of another architecture (the .so is
+    linked by this host's compiler: no cross toolchain)."""
+    import platform
+
+    from .backend.compile import resolve_target
+
+    try:
+        resolved = resolve_target(target)
+    except ValueError as e:
+        raise Ptq2TvmError(str(e)) from None
+    triple = str(resolved.get("mtriple") or (resolved.get("host") or {}).get("mtriple") or "")
+    arch = triple.split("-", 1)[0].lower()
+    host = platform.machine().lower()
+    same = {"x86_64": {"x86_64", "amd64"}, "aarch64": {"aarch64", "arm64"}}.get(host, {host})
+    if arch and arch not in same:
+        raise Ptq2TvmError(f"cannot build for {triple} on this {host} host: ptq2tvm links the .so with the host's "
+                           f"C compiler and has no cross toolchain; run `ptq2tvm compile` on a {arch} machine (the "
+                           "run directory, or just its model.qgraph.npz, is portable)")
+    return resolved
 
 
 def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,14 +283,23 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
 
     run = RunDir(args.run)
     graph = IntegerGraph.load(args.qgraph or run.qgraph)
-    target = args.target      # resolved (host / x86-64-v3 / CPU name / TVM string / JSON) by backend.compile
+    target = _check_target(args.target)   # host / x86-64-v3 / CPU name / TVM string / JSON, or one clear error
     so = Path(args.out) if args.out else run.so
-    res = compile_so(graph, so, batch=args.batch, target=target, schedule=args.schedule, tune_trials=args.tune_trials,
-                     tune_db=args.tune_db, progress=not args.no_progress)
+    print(f"compiling {args.qgraph or run.qgraph} for {target.get('kind')} {target.get('mcpu', target.get('arch', ''))}"
+          f" (batch {args.batch}; a few seconds per MB of weights"
+          + (f", plus ~2 s per measured schedule, up to {args.tune_trials} per kernel" if args.tune_trials else "")
+          + ")", file=sys.stderr)
+    try:
+        res = compile_so(graph, so, batch=args.batch, target=target, schedule=args.schedule,
+                         tune_trials=args.tune_trials, tune_db=args.tune_db, progress=not args.no_progress)
+    except ValueError as e:
+        raise Ptq2TvmError(str(e)) from None
     print(f"compiled {so} (batch {args.batch}, {res.meta['backend']}, target {res.meta['target']}) "
           f"in {res.seconds:.1f} s")
     out = dict(so=str(res.so_path), meta=str(res.meta_path), seconds=round(res.seconds, 2), target=res.meta["target"],
-               backend=res.meta["backend"], batch=args.batch, weight_bytes=res.meta["weight_bytes"])
+               backend=res.meta["backend"], batch=args.batch,
+               weight_bytes=res.meta.get("stored_weight_bytes", res.meta["weight_bytes"]),
+               weight_count=res.meta["weight_bytes"])
     if "tuning" in res.meta:
         from .backend.tune import TuneReport
 
@@ -146,12 +314,14 @@ def _eval_data(args: argparse.Namespace, info: dict[str, Any]):
     from .data import load_dataset
 
     spec = args.data or info.get("data") or DEFAULT_DATA
-    return load_dataset(spec, split="test", limit=args.n, seed=getattr(args, "seed", 0))
+    kwargs = _data_kwargs(info) if not args.data or args.data == info.get("data") else {}
+    if args.data and Path(args.data).is_dir() and not kwargs:
+        kwargs = _data_kwargs(info)   # another folder: the run's preprocessing
+    return load_dataset(spec, split="test", limit=args.n, seed=getattr(args, "seed", 0), **kwargs)
 
 
 def cmd_parity(args: argparse.Namespace) -> dict[str, Any]:
     from .api import RunDir
-    from .backend.runtime import CompiledModel
     from .frontend.qmodel import QuantModel
     from .ir.graph import IntegerGraph
     from .parity import run_parity
@@ -164,8 +334,8 @@ def cmd_parity(args: argparse.Namespace) -> dict[str, Any]:
         ds = _eval_data(args, info)
         return cmd_parity_onnx(args, ds.images, ds.labels)
     graph = IntegerGraph.load(run.qgraph)
-    compiled = CompiledModel(args.so or run.so)
-    qm = QuantModel.load(run.fakequant)
+    compiled = run.load_compiled(args.so)
+    qm = QuantModel.load(run.check(run.fakequant, info))
     ds = _eval_data(args, info)
     rep = run_parity(graph, compiled, qm, ds.images, ds.labels, per_layer_inputs=args.per_layer_inputs,
                      progress=not args.no_progress)
@@ -175,7 +345,6 @@ def cmd_parity(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .api import RunDir, load_fp32, top1_so, top1_torch
-    from .backend.runtime import CompiledModel
     from .frontend.qmodel import QuantModel
 
     run = RunDir(args.run)
@@ -183,14 +352,18 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     ds = _eval_data(args, info)
     if ds.labels is None:
         raise Ptq2TvmError(f"dataset {ds.name} has no labels: cannot compute accuracy")
-    res: dict[str, Any] = dict(data=ds.name, n=int(len(ds.images)))
-    res["fp32_top1"] = top1_torch(load_fp32(run.fp32, trust_code=args.trust_code), ds.images, ds.labels)
-    res["fakequant_top1"] = top1_torch(QuantModel.load(run.fakequant), ds.images, ds.labels)
     so = Path(args.so) if args.so else run.so
-    res["so_top1"] = top1_so(CompiledModel(so), ds.images, ds.labels) if so.exists() else None
+    compiled = run.load_compiled(so) if so.exists() else None    # a stale .so fails here, before any work
+    res: dict[str, Any] = dict(data=ds.name, n=int(len(ds.images)))
+    res["fp32_top1"] = top1_torch(load_fp32(run.check(run.fp32, info), trust_code=args.trust_code), ds.images,
+                                  ds.labels)
+    res["fakequant_top1"] = top1_torch(QuantModel.load(run.check(run.fakequant, info)), ds.images, ds.labels)
+    res["so_top1"] = top1_so(compiled, ds.images, ds.labels) if compiled is not None else None
     print(f"top-1 on {ds.name} ({res['n']} images): FP32 {100 * res['fp32_top1']:.2f}%  fake-quant "
           f"{100 * res['fakequant_top1']:.2f}%" + (f"  .so {100 * res['so_top1']:.2f}%" if res["so_top1"] is not None
                                                  else "  (.so not compiled)"))
+    if info.get("weights", "").startswith("random"):
+        print("note: this run quantized RANDOM weights (no --checkpoint)", file=sys.stderr)
     run.update_info(**{k: v for k, v in res.items() if k.endswith("_top1")})
     return res
 
@@ -200,7 +373,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     return bench_run(args.run, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
                      ort_int8=not args.no_ort_int8, progress=not args.no_progress, out_dir=args.out_dir,
-                     calls_per_turn=args.calls_per_turn)
+                     calls_per_turn=args.calls_per_turn, trust_code=args.trust_code)
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -237,7 +410,7 @@ def cmd_bundle(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ptq2tvm", description=__doc__)
+    p = argparse.ArgumentParser(prog="ptq2tvm", description=__doc__, formatter_class=HELP)
     p.add_argument("--version", action="version", version=f"ptq2tvm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -245,10 +418,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=DEFAULT_MODEL, help="zoo name (see ptq2tvm.models.list_models()), "
                    "path/to/file.py:factory or an FP32 model.onnx")
     q.add_argument("--model-kwargs", help="JSON kwargs for the model constructor, e.g. '{\"width_mult\": 0.5}'")
-    q.add_argument("--checkpoint", help="state_dict to load (strict); default for built-in data: train and cache")
+    q.add_argument("--checkpoint", help="state_dict to load (strict); without it: built-in zoo model + built-in data "
+                   "-> trained once and cached (minutes; announced), otherwise the weights are RANDOM")
     q.add_argument("--data", default=DEFAULT_DATA, help="calibration data: fashion-mnist, digits, an image folder "
-                   "or a .npy/.npz file (labels not needed)")
+                   "(class sub-folders or flat) or a .npy/.npz file of float (N, C, H, W) ('images' or 'arr_0'; "
+                   "labels not needed)")
     q.add_argument("--calib-size", type=int, default=512, help="number of calibration images")
+    g = q.add_argument_group("image-folder preprocessing (default: RGB, resize 256, center crop 224, ImageNet "
+                             "mean/std; channels follow the model's first conv)")
+    g.add_argument("--channels", type=int, choices=[1, 3], help="1: grayscale, 3: RGB (default: the model's first "
+                   "conv in_channels)")
+    g.add_argument("--input-size", metavar="N|HxW", help="model input size (default 224)")
+    g.add_argument("--resize", type=int, help="shorter side before the center crop (default: input size x 256/224); "
+                   "0: resize the whole image to the input size (nothing cut off)")
+    g.add_argument("--mean", type=float, nargs="+", help="per-channel mean after /255 (default ImageNet's)")
+    g.add_argument("--std", type=float, nargs="+", help="per-channel std after /255 (default ImageNet's)")
+    g.add_argument("--preprocess", metavar="FILE.py:FN", help="your own preprocessing: FN(PIL.Image) -> float "
+                   "(C, H, W) array or tensor; replaces the options above")
+    q.add_argument("--fidelity-images", type=int, default=128, metavar="N",
+                   help="after quantizing, compare fake-quant with FP32 (output SQNR, top-1 agreement; no labels) on "
+                   "N calibration-split images not used for calibration (0: skip)")
+    q.add_argument("--per-layer", action="store_true", help="also report the SQNR of every layer")
     q.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8")
     q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
     q.add_argument("--no-first-last-8bit", action="store_true", help="quantize first conv / last layer at the "
@@ -263,16 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(mrecg-authors: the MRECG authors' released merge lists, or their structural rule)")
     q.add_argument("--adaqtransform", action="store_true", help="learn per-channel output scale xi and shift eta "
                    "(folded into the requant multiplier and int32 bias: free at inference)")
-    q.add_argument("--iters", type=int, default=20000, help="reconstruction iterations per unit (papers: 20000; "
-                   "about 1.2 h for resnet_small on 2 cores, scale down for a quick run)")
+    q.add_argument("--iters", type=int, default=2000, help="reconstruction iterations per unit: a CPU budget "
+                   "(resnet_small W2A4 QDrop: ~7 min on 2 cores, 90.6%% top-1); the papers use --iters 20000 "
+                   "(~1.2 h there, 91.7%%; hours to days at 224x224 on a CPU)")
     q.add_argument("--batch-size", type=int, default=32, help="reconstruction batch size")
     q.add_argument("--expand-batch", type=int, default=1, help="MRECG expanded calibration batch factor")
     q.add_argument("--mrecg-k", type=int, help="MRECG: number of adjacent merges (default: the paper's "
                    "2/4/7 for ResNet-18/50/MobileNetV2, see docs/reconstruction.md)")
     q.add_argument("--recon-threads", type=int, default=1, help="torch threads during reconstruction (1 is often "
                    "fastest on 2 cores)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration subsample and reconstruction")
     q.add_argument("--out", help="run directory (default runs/<model>_w<W>a<A>)")
+    q.add_argument("--force", action="store_true", help="start a reconstruction over (delete its checkpoint) "
+                   "instead of resuming it")
     from .mixed.cli import add_quantize_args, register as register_sensitivity
 
     add_quantize_args(q)
@@ -327,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calls-per-turn", type=int, default=5,
                    help="timed calls back to back per turn (1: latency right after an idle gap)")
     b.add_argument("--no-ort-int8", action="store_true", help="skip the ONNX Runtime INT8 baseline")
-    b.add_argument("--out-dir", help="where to write the markdown table and PNG chart (default RUN)")
+    b.add_argument("--out-dir", help="where to write the table, PNG chart and ONNX exports (default RUN)")
+    b.add_argument("--trust-code", action="store_true", help="allow an fp32.pt that runs code when loaded (a "
+                   "pickled module or a file.py:factory model): only for run directories you made yourself")
     _add_json(b)
     b.set_defaults(func=cmd_bench)
 
@@ -363,7 +558,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=30)
     _add_json(d)
     d.set_defaults(func=cmd_demo)
+    finish_parser(p, sub)
     return p
+
+
+def finish_parser(p: argparse.ArgumentParser, sub: Any) -> None:
+    """Defaults in every --help, and the top-level help naming every command (also those added elsewhere)."""
+    for sp in sub.choices.values():
+        sp.formatter_class = HELP
+    p.description = (__doc__ or "") + "\n\ncommands: " + ", ".join(sub.choices)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,8 +576,25 @@ def main(argv: list[str] | None = None) -> int:
     except Ptq2TvmError as e:
         print(f"ptq2tvm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nptq2tvm {args.command}: {interrupt_message(args)}", file=sys.stderr)
+        return 130
     _emit(args, result)
     return 0
+
+
+def interrupt_message(args: argparse.Namespace) -> str:
+    """One line for Ctrl-C: how far a reconstruction got (its checkpoint resumes it), else that nothing is half
+    written (every artifact is written atomically)."""
+    from .reconstruct.checkpoint import Checkpoint
+
+    if args.command == "quantize" and getattr(args, "method", "rtn") != "rtn":
+        ck = Checkpoint.last
+        if ck is not None:
+            done, total = ck.progress()
+            return f"interrupted after unit {done}/{total if total else '?'}; re-run the same command to resume"
+        return "interrupted before the first reconstruction unit finished; re-run the same command to start again"
+    return "interrupted; no artifact was left half-written (re-run the command)"
 
 
 if __name__ == "__main__":

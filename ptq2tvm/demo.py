@@ -15,6 +15,32 @@ from .frontend.qmodel import QuantConfig
 from .parity import run_parity
 
 
+#: measured training time per epoch on 2 CPU threads (benchmarks/results/demo_fmnist_*.json: 582 s / 6 epochs and
+#: 404 s / 6 epochs); other models and datasets: unknown, the notice says so
+TRAIN_SECONDS_PER_EPOCH = {("resnet_small", "fashion-mnist"): 97.0, ("mobilenet_v2_small", "fashion-mnist"): 67.0,
+                           ("resnet_small", "digits"): 1.0, ("mobilenet_v2_small", "digits"): 1.0}
+
+
+def training_notice(model: str, data: str, epochs: int | None = None, seed: int = 0) -> str | None:
+    """What :func:`ptq2tvm.train.train_builtin` is about to do when ``model`` is not cached yet (training, how
+    long on 2 cores, where it is cached); None when the cached checkpoint will be loaded."""
+    from .data import builtin_name
+    from .train import checkpoint_key, default_cache_dir, recipe_for
+
+    ds = builtin_name(data)
+    if ds is None:
+        return None
+    recipe = recipe_for(model, ds, epochs)
+    cache = default_cache_dir()
+    if (cache / f"{checkpoint_key(model, ds, recipe, seed)}.pt").is_file():
+        return None
+    per_epoch = TRAIN_SECONDS_PER_EPOCH.get((model, ds))
+    how_long = (f"about {per_epoch * recipe.epochs / 60:.0f} min on 2 CPU cores" if per_epoch and per_epoch > 30
+                else "under a minute" if per_epoch else "time unknown for this model")
+    return (f"no --checkpoint and no cached {model} for {ds}: training it first ({recipe.epochs} epochs, {how_long}; "
+            f"once: cached in {cache})")
+
+
 def parse_bits(setting: str) -> tuple[int, int]:
     """'4/4' or 'W4A4' -> (4, 4)."""
     s = setting.upper().replace("W", "").replace("A", "/")
@@ -41,6 +67,9 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
     out = Path(out)
     torch.set_num_threads(threads)
     set_num_threads(threads)
+    notice = training_notice(model, data)
+    if notice:
+        print(notice, flush=True)
     fp_model, train_info = train_builtin(model, dataset=data, progress=progress)
     fp_model.eval()
     test = load_dataset(data, split="test")
@@ -72,7 +101,8 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
             n_test=rep.n_inputs, exact_fraction_vs_fakequant=rep.exact_fraction_vs_fakequant,
             max_abs_lsb_vs_fakequant=rep.max_abs_lsb_vs_fakequant,
             top1_agreement_vs_fakequant=rep.top1_agreement_vs_fakequant, so_path=str(run.so),
-            build_seconds=round(res.seconds, 2), weight_bytes=graph.weight_bytes())
+            build_seconds=round(res.seconds, 2), weight_bytes=res.meta.get("stored_weight_bytes"),
+            weight_count=graph.weight_bytes())
 
     print(f"\n=== latency: batch 1, {threads} threads, interleaved, {repeats} rounds ===")
     example = test.images[:1]

@@ -31,7 +31,7 @@ def test_bundle_runs_without_tvm_and_is_bit_exact(tmp_path):
     q = rng.integers(0, 256, (5, 1, 12, 12), dtype=np.uint8)     # 5 inputs: chunks of the compiled batch 2
     np.save(tmp_path / "q.npy", q)
     r = subprocess.run([sys.executable, "-c", NO_TVM, str(b.path / "run_model.py"), "--input-int",
-                        str(tmp_path / "q.npy"), "--output", str(tmp_path / "y.npy"), "--bench", "3"],
+                        str(tmp_path / "q.npy"), "--output", str(tmp_path / "y.npy"), "--output-int", "--bench", "3"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "median" in r.stdout
@@ -43,7 +43,8 @@ def test_bundle_runs_without_tvm_and_is_bit_exact(tmp_path):
     x.reshape(-1)[::2] = ((k + 0.5) * np.float64(graph.input.scale)).astype(np.float32).reshape(-1)[::2]
     np.save(tmp_path / "x.npy", x)
     r = subprocess.run([sys.executable, "-c", NO_TVM, str(b.path / "run_model.py"), "--input", str(tmp_path / "x.npy"),
-                        "--output", str(tmp_path / "yf.npy")], capture_output=True, text=True, cwd=tmp_path)
+                        "--output", str(tmp_path / "yf.npy"), "--output-int"], capture_output=True, text=True,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     want = run_reference(graph, graph.input.quantize(x))
     assert np.array_equal(np.load(tmp_path / "yf.npy"), want)

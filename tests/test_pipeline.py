@@ -122,19 +122,9 @@ def test_cli_reconstruction_and_resume(tmp_path, digits):
     q = json.loads((tmp_path / "q.json").read_text())
     assert q["method"] == "qdrop" and q["adaqtransform"] is True and q["granularity"] == "block"
     assert (run / "recon_loss.png").stat().st_size > 0 and (run / "recon_loss.json").is_file()
-    digest = (run / "model.qgraph.npz").read_bytes()
-    r = _cli(*args)                                   # everything checkpointed: resumes to the same integer graph
-    assert r.returncode == 0, r.stderr
-    from ptq2tvm.ir.graph import IntegerGraph
-
-    assert IntegerGraph.load(run / "model.qgraph.npz").digest() == IntegerGraph.load(
-        _write(tmp_path / "first.npz", digest)).digest()
+    assert "interrupted" not in r.stdout + r.stderr
+    assert not (run / "recon_checkpoint").exists()    # checkpoints go once the run succeeded (resume: test_firsthour)
     assert _cli("compile", str(run)).returncode == 0
     r = _cli("parity", str(run), "--json", str(tmp_path / "p.json"), "--per-layer-inputs", "0", "--no-progress")
     p = json.loads((tmp_path / "p.json").read_text())
     assert p["bit_exact_vs_reference"] and p["so_top1"] > 0.85 and abs(p["so_top1"] - p["fakequant_top1"]) <= 0.003
-
-
-def _write(path, data: bytes):
-    path.write_bytes(data)
-    return path

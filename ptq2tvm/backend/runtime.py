@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -24,16 +25,33 @@ def set_num_threads(threads: int | None) -> None:
         os.environ["TVM_NUM_THREADS"] = str(int(threads))
 
 
+_copy_dir: Path | None = None
+
+
+def _private_copy_dir() -> Path:
+    """A temporary directory of this process for the copies of loaded libraries, removed at exit. (Versions before
+    this one kept every copy in a shared ``ptq2tvm-so-<uid>`` folder of the temp dir; it may be deleted.)"""
+    global _copy_dir
+    if _copy_dir is None or not _copy_dir.is_dir():
+        _copy_dir = Path(tempfile.mkdtemp(prefix="ptq2tvm-so-"))
+        atexit.register(shutil.rmtree, _copy_dir, True)
+    return _copy_dir
+
+
 def _content_addressed_copy(so_path: Path, sha256: str) -> Path:
     """dlopen caches libraries by path: a rebuilt .so at the same path would silently run the old code in this
-    process. Loading a copy named by its checksum makes every distinct library a distinct path."""
-    cache = Path(tempfile.gettempdir()) / f"ptq2tvm-so-{os.getuid()}"
-    cache.mkdir(parents=True, exist_ok=True)
-    dst = cache / f"{sha256}.so"
+    process. Loading a copy named by its checksum makes every distinct library a distinct path. The copy lives in a
+    per-process temporary directory; the caller deletes it once loaded (:func:`_release_copy`: the mapping stays
+    valid), and the directory goes at exit."""
+    dst = _private_copy_dir() / f"{sha256}.so"
     if not dst.exists():
         with atomic_path(dst, suffix=".so") as tmp:
             shutil.copyfile(so_path, tmp)
     return dst
+
+
+def _release_copy(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _cuda_device_present() -> bool:
@@ -80,7 +98,11 @@ class CompiledModel:
                 from ..bundle_runner import register_cuda_binaries
 
                 register_cuda_binaries(self.meta)
-            lib = tvm.runtime.load_module(str(_content_addressed_copy(self.so_path, self.meta["so_sha256"])))
+            copy = _content_addressed_copy(self.so_path, self.meta["so_sha256"])
+            try:
+                lib = tvm.runtime.load_module(str(copy))
+            finally:
+                _release_copy(copy)
             self.device = tvm.cuda(0) if kind == "cuda" else tvm.cpu()
             self._vm = relax.VirtualMachine(lib, self.device)
         except Exception as e:
@@ -95,7 +117,8 @@ class CompiledModel:
     def check_graph(self, graph: IntegerGraph) -> None:
         """Raise if ``graph`` is not the integer graph this library was compiled from."""
         if graph.digest() != self.meta["graph_sha256"]:
-            raise ArtifactError(f"{self.so_path} was not compiled from this integer graph (digest differs)")
+            raise ArtifactError(f"{self.so_path} was not compiled from this integer graph (digest differs): "
+                                "compile it again")
 
     def _check(self, q: np.ndarray, dtype: Any) -> np.ndarray:
         q = np.asarray(q)

@@ -155,6 +155,14 @@ def print_table(rows: Sequence[dict[str, Any]], file: TextIO | None = None) -> N
     print(format_table(rows), file=file or sys.stdout)
 
 
+def chart_top(medians: Sequence[float], upper: Sequence[float], spread: float = 2.0) -> float:
+    """The y-axis top of a latency panel: the tallest error bar, but at most ``spread`` times the largest median, so
+    one runtime's p90 outlier does not squash every bar (a clipped bar is labelled with its p90); 15% headroom."""
+    peak = max(medians, default=0.0) or 1.0
+    tallest = max((m + h for m, h in zip(medians, upper)), default=peak)
+    return min(tallest, spread * peak) * 1.15
+
+
 _COLORS = {"ptq2tvm": "#d62728", "torch_fp32": "#7f7f7f", "ort_fp32": "#1f77b4", "ort_int8": "#2ca02c",
            "tvm_fp32": "#ff7f0e", "ort_ptq2tvm_qdq": "#bcbd22",
            "openvino_fp32": "#17becf", "openvino_int8": "#9467bd"}
@@ -198,14 +206,17 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str | Path, title: str | N
                               else "#9467bd") for k in labels]
         xs = range(len(labels))
         ax.bar(xs, med, yerr=[lo, hi], color=colors, capsize=3, ecolor="black", error_kw={"elinewidth": 0.8})
-        top = max(m + h for m, h in zip(med, hi)) or 1.0
+        top = chart_top(med, hi)
         for x, m, h in zip(xs, med, hi):
-            ax.text(x, m + h + 0.02 * top, _fmt_ms(m), ha="center", va="bottom", fontsize=7)
+            clipped = m + h > top / 1.15
+            y = min(m + h, top / 1.15) + 0.02 * top
+            ax.text(x, y, _fmt_ms(m) + (f"\n(p90 {_fmt_ms(m + h)})" if clipped else ""), ha="center", va="bottom",
+                    fontsize=7)
         ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
         threads = sorted({series[k]["threads"] for k in labels})
         ax.set_title(f"{model}  batch {batch}  ({'/'.join(map(str, threads))} thr)", fontsize=9)
         ax.set_ylabel("latency ms (median, p10-p90)", fontsize=8)
-        ax.set_ylim(0, top * 1.15)
+        ax.set_ylim(0, top)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -218,5 +229,5 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str | Path, title: str | N
     return path
 
 
-__all__ = ["RUNTIMES", "ROW_KEYS", "format_table", "markdown_table", "merge_rows", "print_table", "read_rows",
+__all__ = ["RUNTIMES", "ROW_KEYS", "chart_top", "format_table", "markdown_table", "merge_rows", "print_table", "read_rows",
            "validate_row", "write_chart", "write_markdown", "write_rows"]

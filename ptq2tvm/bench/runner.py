@@ -80,31 +80,34 @@ def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, e
 
 
 def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: int = 3, ort_int8: bool = True,
-              progress: bool = True, out_dir: str | Path | None = None, calls_per_turn: int = 5) -> dict[str, Any]:
-    """Benchmark the run's .so at its compiled batch against the baselines; write JSON, markdown and PNG."""
+              progress: bool = True, out_dir: str | Path | None = None, calls_per_turn: int = 5,
+              trust_code: bool = False) -> dict[str, Any]:
+    """Benchmark the run's .so at its compiled batch against the baselines; write JSON, markdown and PNG (and the
+    ONNX exports) into ``out_dir`` (default: the run directory). ``trust_code``: see :func:`ptq2tvm.api.load_fp32`."""
     from ..api import RunDir, load_fp32
-    from ..data import calibration_set
+    from ..data import calibration_set, run_data_kwargs
     from .disasm import count_instructions, cpu_features
     from .report import print_table, write_chart, write_markdown, write_rows
 
     run = RunDir(run_dir)
     info = run.info()
-    cm = CompiledModel(run.so, threads=threads)
-    fp32 = load_fp32(run.fp32)
-    calib = calibration_set(info["data"], min(int(info.get("calib_size", 256)), 256), seed=0)
+    cm = run.load_compiled(threads=threads)
+    fp32 = load_fp32(run.check(run.fp32, info), trust_code=trust_code)
+    calib = calibration_set(info["data"], min(int(info.get("calib_size", 256)), 256), seed=0, **run_data_kwargs(info))
     example = calib[: cm.batch]
     if len(example) < cm.batch:
         example = np.resize(example, (cm.batch, *example.shape[1:])).astype(np.float32)
+    out = Path(out_dir) if out_dir else run.path
     runs: dict[str, Any] = {"ptq2tvm": cm}
     if ort_int8 and run.qgraph.is_file():  # ONNX Runtime on ptq2tvm's own QDQ export (ptq2tvm/onnx_export.py)
         from ..ir.graph import IntegerGraph
         from ..onnx_parity import ort_qdq_runner
 
-        runs["ort_ptq2tvm_qdq"] = ort_qdq_runner(IntegerGraph.load(run.qgraph), run.path / "onnx" / "ptq2tvm_qdq.onnx",
+        runs["ort_ptq2tvm_qdq"] = ort_qdq_runner(IntegerGraph.load(run.qgraph), out / "onnx" / "ptq2tvm_qdq.onnx",
                                                  threads)
     rt_info: dict[str, dict[str, Any]] = {}
     stats = compare_latency(runs, fp32, example, calib, threads=threads, repeats=repeats,
-                            warmup=warmup, ort_int8=ort_int8, work_dir=run.path / "onnx", progress=progress,
+                            warmup=warmup, ort_int8=ort_int8, work_dir=out / "onnx", progress=progress,
                             calls_per_turn=calls_per_turn, info=rt_info)
     cpu = cpu_features(llvm=False)["model_name"]
     vnni = count_instructions(run.so, ("vpdpbusd",)).get("vpdpbusd")
@@ -117,7 +120,6 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
     for r in rows:
         if r["runtime"] == "ort_ptq2tvm_qdq":
             r.update(onnx_weights=runs[r["runtime"]].weights, ort_kernels=runs[r["runtime"]].kernels)
-    out = Path(out_dir) if out_dir else run.path
     write_rows(rows, out / "latency.json")
     write_markdown(rows, out / "latency.md")
     write_chart(rows, out / "latency.png")

@@ -3,8 +3,11 @@
     load_dataset("fashion-mnist", split="test")          # (10000, 1, 28, 28), labels 0..9
     load_dataset("digits", split="train")                # (1437, 1, 8, 8)
     load_dataset("path/to/imagenet/val", limit=1000)     # ImageFolder or flat folder -> (N, 3, 224, 224)
-    load_dataset("calib.npz")                            # 'images' (N, C, H, W) [+ 'labels']
+    load_dataset("my_images/", channels=1, crop=28, resize=0, mean=(0.286,), std=(0.353,))   # -> (N, 1, 28, 28)
+    load_dataset("my_images/", transform="prep.py:fn")   # fn(PIL.Image) -> (C, H, W): your own preprocessing
+    load_dataset("calib.npz")                            # 'images' (or numpy's default 'arr_0') (N, C, H, W) [+ 'labels']
     calibration_set("fashion-mnist", 512, seed=0)        # 512 unlabeled TRAIN images (np.ndarray)
+    CalibrationData(loader, transform_fn)                # the API's dataset + transform form (see transform.py)
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .arrays import load_array_file, save_array_file
+from .arrays import array_notes, load_array_file, looks_nhwc, read_array_file, save_array_file
 from .builtin import (DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
                       load_digits_split, load_fashion_mnist, load_fashion_mnist_raw, read_idx)
-from .image_folder import IMAGENET_MEAN, IMAGENET_STD, load_image_folder, preprocess_image, subsample_indices
+from .image_folder import (IMAGENET_MEAN, IMAGENET_STD, index_folder, load_image_folder, preprocess_image,
+                           subsample_indices)
+from .transform import CalibrationData, as_images, load_callable
 
 BUILTIN_DATASETS = ("fashion-mnist", "digits")
 _ALIASES = {"fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
@@ -90,47 +95,70 @@ def validate_images(arr, what: str = "images") -> np.ndarray:
     return arr
 
 
+def _pick(n: int, limit: int | None, seed: int, indices: np.ndarray | None) -> np.ndarray:
+    return subsample_indices(n, limit, seed) if indices is None else np.asarray(indices, dtype=np.int64)
+
+
 def load_dataset(spec: str | Path, split: str = "test", limit: int | None = None, seed: int = 0, *,
-                 resize: int | None = 256, crop: int | None = 224, progress: bool = False) -> Dataset:
+                 resize: int | None = 256, crop: int | tuple[int, int] | None = 224, progress: bool = False,
+                 channels: int = 3, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 transform=None, indices: np.ndarray | None = None) -> Dataset:
     """Load a dataset by ``spec``: "fashion-mnist", "digits", an image folder, or a .npy/.npz file.
 
     ``split`` ("train"/"test") selects the split of a built-in dataset, or ``train``/``val`` (``test``) sub-folders
     of an image folder that has them; an array file is one set whatever the split. ``limit`` keeps a seeded
-    random subsample (in the original order). ``resize``/``crop`` are the image-folder preprocessing sizes.
+    random subsample (in the original order); ``indices`` picks exact rows instead. Image folders only:
+    ``resize``/``crop`` (sizes; ``resize=0``: straight to the crop size), ``channels`` (1: grayscale, 3: RGB),
+    ``mean``/``std`` (default ImageNet's, averaged for 1 channel) and ``transform`` (a callable or
+    ``"file.py:fn"``, ``fn(PIL image) -> (C, H, W)``, replacing the rest). ``Dataset.extra["notes"]`` lists what
+    looks wrong about array data (integer dtype, raw pixels, NHWC).
     """
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
     name = builtin_name(str(spec))
+    if name is None and transform is not None and not Path(spec).is_dir():
+        raise DataError(f"a preprocess function applies to image folders only, not to {spec}")
     if name is not None:
         if split not in ("train", "test"):
             raise DataError(f"{name}: split must be 'train' or 'test', got {split!r}")
         if name == "fashion-mnist":
             n_all = len(load_fashion_mnist_raw(split)[1])
-            idx = subsample_indices(n_all, limit, seed)
+            idx = _pick(n_all, limit, seed, indices)
             images, labels = load_fashion_mnist(split, indices=idx if len(idx) != n_all else None)
             mean, std, classes = FASHION_MNIST_MEAN, FASHION_MNIST_STD, list(FASHION_MNIST_CLASSES)
         else:
             images, labels = load_digits_split(split)
             mean, std, classes = DIGITS_MEAN, DIGITS_STD, [str(i) for i in range(10)]
-            idx = subsample_indices(len(images), limit, seed)
-            if len(idx) != len(images):
+            idx = _pick(len(images), limit, seed, indices)
+            if len(idx) != len(images) or indices is not None:
                 images, labels = images[idx], labels[idx]
         ds = Dataset(images, labels, name, tuple(images.shape[1:]), mean, std, classes, split, name)
     else:
         path = Path(spec)
         if path.is_dir():
+            if isinstance(transform, str):
+                transform = load_callable(transform)
+            m = tuple(mean) if mean is not None else (
+                IMAGENET_MEAN if channels == 3 else (round(float(np.mean(IMAGENET_MEAN)), 4),))
+            s = tuple(std) if std is not None else (
+                IMAGENET_STD if channels == 3 else (round(float(np.mean(IMAGENET_STD)), 4),))
             images, labels, index = load_image_folder(path, split, limit, seed, resize=resize, crop=crop,
-                                                      progress=progress)
-            ds = Dataset(images, labels, str(path), tuple(images.shape[1:]), IMAGENET_MEAN, IMAGENET_STD,
-                         index.classes, split if index.root != path else None, str(index.root),
-                         extra=dict(resize=resize, crop=crop, layout="imagefolder" if index.classes else "flat"))
+                                                      progress=progress, channels=channels, mean=m, std=s,
+                                                      transform=transform, indices=indices)
+            ds = Dataset(images, labels, str(path), tuple(images.shape[1:]), None if transform else m,
+                         None if transform else s, index.classes, split if index.root != path else None,
+                         str(index.root), extra=dict(resize=resize, crop=crop, channels=channels,
+                                                     layout="imagefolder" if index.classes else "flat"))
         elif path.suffix.lower() in (".npy", ".npz"):
-            images, labels = load_array_file(path)
-            idx = subsample_indices(len(images), limit, seed)
-            if len(idx) != len(images):
-                images = images[idx]
+            raw, labels = read_array_file(path)
+            idx = _pick(len(raw), limit, seed, indices)
+            if len(idx) != len(raw) or indices is not None:
+                raw = raw[idx]
                 labels = labels[idx] if labels is not None else None
-            ds = Dataset(images, labels, str(path), tuple(images.shape[1:]), None, None, None, None, str(path))
+            notes = array_notes(raw, str(path))
+            images = np.ascontiguousarray(raw, dtype=np.float32)
+            ds = Dataset(images, labels, str(path), tuple(images.shape[1:]), None, None, None, None, str(path),
+                         extra=dict(notes=notes, dtype=str(raw.dtype)))
         elif path.exists():
             raise DataError(f"{spec}: not a dataset (expected {', '.join(BUILTIN_DATASETS)}, an image folder, "
                             f"or a .npy/.npz file)")
@@ -142,6 +170,42 @@ def load_dataset(spec: str | Path, split: str = "test", limit: int | None = None
     return ds
 
 
+def dataset_size(spec: str | Path, split: str = "train") -> int:
+    """How many images ``load_dataset(spec, split)`` has (without decoding image files)."""
+    name = builtin_name(str(spec))
+    if name == "fashion-mnist":
+        return len(load_fashion_mnist_raw(split)[1])
+    if name == "digits":
+        return len(load_digits_split(split)[1])
+    path = Path(spec)
+    if path.is_dir():
+        return len(index_folder(path, split).files)
+    return len(read_array_file(path)[0])
+
+
+def holdout_set(spec: str | Path, n_calib: int, n: int, seed: int = 0, **kwargs) -> np.ndarray | None:
+    """Up to ``n`` images of the calibration split that :func:`calibration_set` (``n_calib``, ``seed``) did NOT
+    draw (seeded), for judging the quantized model on images it was not calibrated on; None when calibration used
+    every image. ``kwargs`` as for :func:`load_dataset`."""
+    total = dataset_size(spec, "train")
+    used = subsample_indices(total, int(n_calib), seed)
+    rest = np.setdiff1d(np.arange(total), used)
+    if len(rest) == 0 or n <= 0:
+        return None
+    pick = np.sort(np.random.default_rng(seed + 1).choice(rest, size=min(int(n), len(rest)), replace=False))
+    ds = load_dataset(spec, split="train", indices=pick, **kwargs)
+    return validate_images(ds.images, f"held-out data from {ds.name}")
+
+
+def run_data_kwargs(info: dict) -> dict:
+    """The :func:`load_dataset` keyword arguments of a run directory's recorded image-folder preprocessing
+    (``run.json`` ``preprocess``; {} for built-in and array data)."""
+    prep = dict(info.get("preprocess") or {})
+    if isinstance(prep.get("crop"), list):
+        prep["crop"] = tuple(prep["crop"])
+    return prep
+
+
 def calibration_set(spec: str | Path, n: int = 512, seed: int = 0, **kwargs) -> np.ndarray:
     """``n`` unlabeled images (seeded subsample) for calibration, float32 NCHW.
 
@@ -149,14 +213,22 @@ def calibration_set(spec: str | Path, n: int = 512, seed: int = 0, **kwargs) -> 
     sub-folders uses ``train``; other folders and array files are used as a whole. Fewer than ``n`` available
     images gives all of them.
     """
+    return calibration_dataset(spec, n, seed, **kwargs).images
+
+
+def calibration_dataset(spec: str | Path, n: int = 512, seed: int = 0, **kwargs) -> Dataset:
+    """:func:`calibration_set` as a :class:`Dataset` (its ``extra["notes"]`` say what looks wrong about array
+    data)."""
     if n is None or int(n) <= 0:
         raise DataError(f"calibration size must be a positive number of images, got {n}")
     ds = load_dataset(spec, split="train", limit=int(n), seed=seed, **kwargs)
-    return validate_images(ds.images, f"calibration data from {ds.name}")
+    ds.images = validate_images(ds.images, f"calibration data from {ds.name}")
+    return ds
 
 
 __all__ = [
-    "BUILTIN_DATASETS", "DIGITS_MEAN", "DIGITS_STD", "Dataset", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
+    "BUILTIN_DATASETS", "CalibrationData", "calibration_dataset", "DIGITS_MEAN", "DIGITS_STD", "Dataset", "array_notes", "as_images",
+    "dataset_size", "holdout_set", "run_data_kwargs", "load_callable", "looks_nhwc", "read_array_file", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "builtin_name", "calibration_set", "is_builtin",
     "load_array_file", "load_dataset", "load_digits_split", "load_fashion_mnist", "load_fashion_mnist_raw",
     "load_image_folder", "preprocess_image", "read_idx", "save_array_file", "subsample_indices", "validate_images",

@@ -1,9 +1,13 @@
 """Image folders: ImageFolder layout (``root/<class>/<image>``, labels from sorted class names) or a flat folder of
-unlabeled images, with ImageNet evaluation preprocessing implemented in PIL + numpy (no torchvision):
+unlabeled images, with evaluation preprocessing implemented in PIL + numpy (no torchvision):
 
-    Resize(256) (shorter side, bilinear, PIL) -> CenterCrop(224) -> RGB -> /255 -> normalize(mean, std)
+    RGB (channels=3) or grayscale "L" (channels=1) -> Resize(resize) (shorter side, bilinear, PIL)
+    -> CenterCrop(crop) -> /255 -> normalize(mean, std)
 
-This matches torchvision's ``Resize(256)`` + ``CenterCrop(224)`` + ``ToTensor()`` + ``Normalize(...)`` on PIL images.
+The default (resize 256, crop 224, ImageNet mean/std, RGB) matches torchvision's ``Resize(256)`` +
+``CenterCrop(224)`` + ``ToTensor()`` + ``Normalize(...)`` on PIL images. ``resize=0`` resizes the whole image straight
+to the crop size (aspect ratio not kept, nothing cut off: for images framed like the training images, e.g. 28x28
+digits). A ``transform`` (``fn(PIL.Image.Image) -> (C, H, W)`` array or tensor) replaces all of it.
 """
 
 from __future__ import annotations
@@ -109,49 +113,100 @@ def center_crop(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return arr[top:top + ch, left:left + cw]
 
 
-def preprocess_image(path: str | Path, resize: int | None = 256, crop: int | None = 224,
-                     mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> np.ndarray:
-    """One image file -> float32 (3, crop, crop): RGB, Resize(resize), CenterCrop(crop), /255, normalize."""
+def _size2(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+
+
+def check_norm(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """mean/std as float32 arrays of ``channels`` values (one value is used for every channel)."""
+    out = []
+    for what, v in (("mean", mean), ("std", std)):
+        v = tuple(float(x) for x in v)
+        if len(v) not in (1, channels):
+            raise DataError(f"{what} has {len(v)} values {v}, the images have {channels} channel(s): give "
+                            f"{channels} value(s) or one")
+        out.append(np.asarray(v * channels if len(v) == 1 else v, np.float32))
+    if (out[1] <= 0).any():
+        raise DataError(f"std must be positive, got {tuple(float(x) for x in std)}")
+    return out[0], out[1]
+
+
+def apply_transform(transform, img, where: str) -> np.ndarray:
+    """``transform(img)`` as a float32 (C, H, W) array; DataError naming ``where`` when it fails or is not 3-D."""
+    try:
+        x = transform(img)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code: report it on one line
+        raise DataError(f"preprocess function {getattr(transform, '__name__', transform)!r} failed on {where}: "
+                        f"{type(e).__name__}: {e}") from e
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 3:
+        raise DataError(f"preprocess function {getattr(transform, '__name__', transform)!r} returned shape "
+                        f"{x.shape} for {where}; expected one (C, H, W) image")
+    return np.ascontiguousarray(x)
+
+
+def preprocess_image(path: str | Path, resize: int | None = 256, crop: int | tuple[int, int] | None = 224,
+                     mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                     channels: int = 3, transform=None) -> np.ndarray:
+    """One image file -> float32 (channels, crop_h, crop_w): RGB (or grayscale for ``channels=1``),
+    Resize(resize) (``0``: straight to the crop size), CenterCrop(crop), /255, normalize with ``mean``/``std``.
+    ``transform(PIL image) -> (C, H, W)`` replaces the whole pipeline. Raises :class:`DataError` naming the file."""
     from PIL import Image, UnidentifiedImageError
 
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     path = Path(path)
     try:
         with Image.open(path) as im:
-            img = im.convert("RGB")
+            img = im.convert("RGB" if channels == 3 else "L")
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    if resize:
+    if transform is not None:
+        return apply_transform(transform, img, str(path))
+    m, s = check_norm(mean, std, channels)
+    if resize == 0 and crop:
+        ch, cw = _size2(crop)
+        img = img.resize((cw, ch), Image.BILINEAR)
+    elif resize:
         img = _resize_shorter(img, int(resize))
     arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
     if crop:
-        arr = center_crop(arr, int(crop))
+        arr = center_crop(arr, _size2(crop))
     x = arr.astype(np.float32) * np.float32(1 / 255)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    x = (x - m) / s
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def load_image_folder(root: str | Path, split: str | None = None, limit: int | None = None, seed: int = 0,
-                      resize: int | None = 256, crop: int | None = 224, mean: tuple[float, ...] = IMAGENET_MEAN,
-                      std: tuple[float, ...] = IMAGENET_STD, progress: bool = False
+                      resize: int | None = 256, crop: int | tuple[int, int] | None = 224,
+                      mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                      progress: bool = False, channels: int = 3, transform=None, indices: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray | None, FolderIndex]:
-    """Load (a seeded subsample of ``limit``) images of a folder -> (float32 NCHW, labels or None, index).
+    """Load (a seeded subsample of ``limit``, or the rows ``indices``) images of a folder -> (float32 NCHW, labels or
+    None, index). ``channels``/``transform``: see :func:`preprocess_image`.
 
     The subsample keeps the folder order. Without ``crop`` all images must end up the same size.
     """
     index = index_folder(root, split)
-    idx = subsample_indices(len(index.files), limit, seed)
+    idx = subsample_indices(len(index.files), limit, seed) if indices is None else np.asarray(indices)
     files = [index.files[i] for i in idx]
     it = files
     if progress:
         from tqdm import tqdm
 
         it = tqdm(files, desc=f"loading {index.root.name}", unit="img", leave=False)
-    arrays = [preprocess_image(p, resize, crop, mean, std) for p in it]
+    arrays = [preprocess_image(p, resize, crop, mean, std, channels, transform) for p in it]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise DataError(f"{index.root}: images have different sizes after preprocessing {sorted(shapes)[:3]}; "
                         f"give a crop size")
-    images = np.stack(arrays) if arrays else np.zeros((0, 3, crop or 0, crop or 0), np.float32)
+    images = np.stack(arrays) if arrays else np.zeros((0, channels, *_size2(crop or 0)), np.float32)
     labels = index.labels[idx] if index.labels is not None else None
     return images, labels, index
 

@@ -71,14 +71,15 @@ def mixed_config(args: argparse.Namespace, model: nn.Module, calib: np.ndarray, 
 
 def cmd_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
     from ..api import RunDir, load_fp32
-    from ..data import calibration_set
+    from ..data import calibration_set, run_data_kwargs
     from ..ir.graph import IntegerGraph
     from .pipeline import run_layer_costs, run_sensitivity
 
     run = RunDir(args.run)
     info = run.info()
     model = load_fp32(run.fp32)
-    images = calibration_set(info["data"], int(info["calib_size"]), seed=int(info.get("seed", 0)))
+    images = calibration_set(info["data"], int(info["calib_size"]), seed=int(info.get("seed", 0)),
+                             **run_data_kwargs(info))
     rep = run_sensitivity(model, images, run.path, samples=args.samples, max_images=args.images,
                           seed=args.seed, progress=not args.no_progress)
     print(rep.summary())

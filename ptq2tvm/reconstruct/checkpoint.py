@@ -6,11 +6,17 @@ learned activation steps and AdaQTransform parameters) and ``state.json`` (the f
 atomically, so a run killed at any moment resumes from a consistent pair. A resumed run recomputes the cached unit
 inputs by replaying the finished units and continues with the same per-unit seeds, so it reproduces an uninterrupted
 run exactly.
+
+:data:`Checkpoint.last` is the checkpoint this process touched last, and :meth:`Checkpoint.progress` says how far it
+got: the command line reports "interrupted after unit k/N; re-run to resume" from it on Ctrl-C, and a resumed run
+prints "resuming: k/N units done". The command line deletes the directory after a successful run.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,10 +29,34 @@ STATE = "state.json"
 
 
 class Checkpoint:
+    #: the checkpoint this process loaded or saved last (for the command line's interrupt message)
+    last: "Checkpoint | None" = None
+
     def __init__(self, directory: Path, fingerprint: dict[str, Any]):
         self.dir = Path(directory)
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.count = 0
+        self.done = 0           # finished "stage/unit" steps
+        self.total: int | None = None   # all steps (units x stages), once the units are known
+
+    def progress(self) -> tuple[int, int | None]:
+        """(finished units, all units or None while not known yet); a unit is one stage of one reconstruction
+        unit."""
+        return self.done, self.total
+
+    def _note(self, done: int, units: list[Any] | None, stages: list[Any] | None) -> None:
+        self.done = int(done)
+        self.total = len(units) * max(len(stages or []), 1) if units else None
+        Checkpoint.last = self
+
+    @staticmethod
+    def remove(directory: str | Path) -> bool:
+        """Delete a checkpoint directory (after a successful run, or to start over); True if there was one."""
+        directory = Path(directory)
+        if not directory.exists():
+            return False
+        shutil.rmtree(directory)
+        return True
 
     @property
     def state_path(self) -> Path:
@@ -44,6 +74,9 @@ class Checkpoint:
                                 f"calibration data differ); use another checkpoint directory or delete it")
         qm = QuantModel.load(self.dir / state["model"])
         self.count = int(state.get("count", 0))
+        self._note(len(state.get("done", [])), state.get("units"), (state.get("report") or {}).get("stages"))
+        total = f"/{self.total}" if self.total else ""
+        print(f"resuming: {self.done}{total} units done (checkpoint {self.dir})", file=sys.stderr)
         return qm, state
 
     def save(self, qm: QuantModel, report: Any, done: set[str], finished: bool = False) -> None:
@@ -62,6 +95,7 @@ class Checkpoint:
                      optim_seconds=report.optim_seconds, finished=finished,
                      units=report.units, report=_light(report))
         write_json(self.state_path, state)
+        self._note(len(done), report.units, getattr(report, "stages", None))
         if old and old != name:
             (self.dir / old).unlink(missing_ok=True)
 

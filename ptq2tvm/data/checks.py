@@ -1,0 +1,81 @@
+"""Does the calibration data fit the model? Checks run before tracing, so a mismatch gets one clear line.
+
+- :func:`check_input_channels`: the images' channel count against the model's first ``Conv2d`` (``in_channels``),
+  with a hint when the array looks channels-last.
+- :func:`input_scale_notes`: the scale of the first conv's output on the data against the running statistics of
+  the ``BatchNorm2d`` after it, i.e. against the inputs the model saw in training. Raw 0..255 pixels given to a model
+  trained on normalized inputs come out ~100x off.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import DataError
+from .arrays import looks_nhwc
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The first ``nn.Conv2d`` of ``model`` in registration order (the stem of a usual CNN), or None."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return name, m
+    return None
+
+
+def expected_channels(model: nn.Module) -> int | None:
+    """Input channels the model expects: ``in_channels`` of its first Conv2d (None if it has none)."""
+    fc = first_conv(model)
+    return int(fc[1].in_channels) if fc is not None else None
+
+
+def check_input_channels(model: nn.Module, images: np.ndarray, what: str = "calibration data") -> None:
+    """Raise :class:`DataError` when ``images`` (N, C, H, W) do not have the channels of the model's first conv."""
+    fc = first_conv(model)
+    if fc is None or images.ndim != 4:
+        return
+    name, conv = fc
+    if images.shape[1] != conv.in_channels:
+        hint = ("; the array looks channels-last (N, H, W, C): use x.transpose(0, 3, 1, 2)"
+                if looks_nhwc(images.shape) and images.shape[3] == conv.in_channels else
+                "; for an image folder pass --channels" if conv.in_channels in (1, 3) else "")
+        raise DataError(f"the model expects {conv.in_channels}-channel input (its first conv '{name}' has "
+                        f"in_channels={conv.in_channels}), the {what} has {images.shape[1]} channel(s) "
+                        f"(shape {tuple(images.shape)}){hint}")
+
+
+@torch.no_grad()
+def input_scale_notes(model: nn.Module, images: np.ndarray, max_images: int = 64, factor: float = 4.0) -> list[str]:
+    """A warning when the data's scale differs by more than ``factor`` from what the model saw in training, judged
+    at the first conv: the RMS of its output on the data (minus the BN running mean) against the BN's running std.
+    Empty when the model has no Conv2d followed by a BatchNorm2d, or when the scales agree."""
+    mods = list(model.named_modules())
+    conv_i = next((i for i, (_, m) in enumerate(mods) if isinstance(m, nn.Conv2d)), None)
+    if conv_i is None:
+        return []
+    cname, conv = mods[conv_i]
+    bn = next((m for _, m in mods[conv_i + 1:] if isinstance(m, nn.BatchNorm2d)), None)
+    if bn is None or bn.num_features != conv.out_channels or bn.running_var is None:
+        return []
+    x = torch.from_numpy(np.ascontiguousarray(images[:max_images], dtype=np.float32))
+    if x.ndim != 4 or x.shape[1] != conv.in_channels:
+        return []
+    try:
+        y = conv(x)
+    except Exception:  # noqa: BLE001 - a shape problem is reported by the trace, not here
+        return []
+    dev = (y - bn.running_mean.view(1, -1, 1, 1)).pow(2).mean((0, 2, 3))
+    var = bn.running_var.clamp_min(1e-12)
+    ratio = math.sqrt(float((dev / var).mean()))
+    if 1 / factor <= ratio <= factor:
+        return []
+    return [f"the first conv '{cname}' sees inputs about {ratio:.3g}x {'larger' if ratio > 1 else 'smaller'} than "
+            "in training (its output against the running statistics of the BatchNorm after it): the data is probably "
+            "not preprocessed like the training data (raw 0..255 pixels? other mean/std?)"]
+
+
+__all__ = ["check_input_channels", "expected_channels", "first_conv", "input_scale_notes"]
