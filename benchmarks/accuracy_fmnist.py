@@ -10,9 +10,9 @@ seconds, ...} go to ``<out>.json`` (rewritten atomically after every row) and a 
 resumable at two levels: finished rows are skipped, and an interrupted row resumes after its last finished
 reconstruction unit (``<out>_ckpt/<row key>``).
 
-Several workers may share one ``--out`` (e.g. one per core, each with ``--threads 1``): a worker claims a row before
-running it (``<out>_ckpt/<row key>.claim``, taken over when its owner process is gone) and merges its result into the
-JSON under a file lock, so rows are neither run twice nor lost.
+The rows run as Ray tasks through ``ptq2tvm.sweep.run_sweep`` (``--threads`` CPUs each; a local Ray instance with
+``--num-cpus``, or ``--address ray://...``); the driver alone writes the results file, after every finished row.
+``--no-ray`` runs the rows one after the other in this process.
 
 Methods are ``method[:granularity][+xb][+adaq]``, e.g. ``rtn``, ``adaround``, ``brecq``, ``qdrop``,
 ``qdrop:mrecg-modcap``, ``qdrop:mrecg-loss``, ``qdrop:mrecg-authors+xb+adaq``, ``network+adaq``, ``nwq``, ``nwq+adaq``.
@@ -25,10 +25,7 @@ at 8 bit (QuantConfig default).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -45,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from ptq2tvm.atomic import write_text  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig, QuantModel  # noqa: E402
 from ptq2tvm.reconstruct import ReconSettings, reconstruct  # noqa: E402
+from ptq2tvm.sweep import ResultsStore, key_dir, run_sweep  # noqa: E402
 
 DEFAULT_METHODS = ["rtn", "adaround", "brecq", "qdrop", "qdrop:mrecg-modcap", "qdrop:mrecg-loss", "qdrop+adaq",
                    "qdrop:mrecg-modcap+adaq", "network+adaq"]
@@ -84,14 +82,15 @@ def row_key(r: dict[str, Any]) -> str:
 
 def row_ckpt(out: Path, row: dict[str, Any]) -> Path:
     """The per-row checkpoint directory (reconstruction state after every unit, loss curves)."""
-    return out.parent / f"{out.name}_ckpt" / row_key(row).replace("|", "_").replace(":", "-")
+    return out.parent / f"{out.name}_ckpt" / key_dir(row_key(row))
 
 
 def recon_settings(row: dict[str, Any], args: argparse.Namespace) -> ReconSettings:
     extra = {} if row.get("lr_adaq") is None else dict(lr_adaq=row["lr_adaq"])
     return ReconSettings(method=row["method"], granularity=row["granularity"], adaqtransform=row["adaqtransform"],
                          iters=max(1, row["iters"]), seed=row["seed"], batch_size=args.batch_size,
-                         expand_batch=row.get("expand_batch", 1), threads=args.threads, **extra)
+                         expand_batch=row.get("expand_batch", 1), threads=args.threads,
+                         device=getattr(args, "device", "cpu"), **extra)
 
 
 def refresh_fakequant(jpath: Path, mpath: Path, out: Path, args: argparse.Namespace, test: Any,
@@ -127,48 +126,19 @@ def refresh_fakequant(jpath: Path, mpath: Path, out: Path, args: argparse.Namesp
               f"(.so {100 * r['so_top1']:.2f})", file=sys.stderr, flush=True)
 
 
-def claim_row(claim: Path) -> bool:
-    """Take ``claim`` for this process (False when a live process holds it)."""
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            owner = int(claim.read_text() or "0")
-            os.kill(owner, 0)
-            return False                       # a live worker has it
-        except (ValueError, ProcessLookupError):
-            claim.unlink(missing_ok=True)      # stale claim of a dead worker: take it over
-            return claim_row(claim)
-        except PermissionError:
-            return False
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    return True
-
-
-@contextlib.contextmanager
-def locked(path: Path):
-    """An exclusive lock on ``path``.lock for read-modify-write of the results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "w") as lf:
-        fcntl.flock(lf, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lf, fcntl.LOCK_UN)
-
-
 def read_rows(jpath: Path) -> list[dict[str, Any]]:
     return json.loads(jpath.read_text())["rows"] if jpath.is_file() else []
 
 
+def store_for(jpath: Path) -> ResultsStore:
+    """The results file: rows keyed by :func:`row_key`, the markdown table rewritten with it."""
+    return ResultsStore(jpath, key=row_key, markdown=markdown, extra=dict(torch=torch.__version__))
+
+
 def merge_row(jpath: Path, mpath: Path, res: dict[str, Any]) -> None:
-    """Add ``res`` to the results file (re-read under the lock, so concurrent workers do not drop rows)."""
-    with locked(jpath):
-        rows = [r for r in read_rows(jpath) if row_key(r) != row_key(res)] + [res]
-        write_text(jpath, json.dumps(dict(rows=rows, torch=torch.__version__), indent=1))
-        write_text(mpath, markdown(rows))
+    """Add ``res`` to the results file (and its markdown ``mpath``, which is ``jpath`` with .md)."""
+    assert mpath == jpath.with_suffix(".md")
+    store_for(jpath).add(res)
 
 
 MD_HEADER = """# Fashion-MNIST: reconstruction methods, fake-quant and compiled .so top-1
@@ -328,6 +298,29 @@ def run_row(model: torch.nn.Module, calib: np.ndarray, test_x: np.ndarray, test_
                 loss_json=str(ckpt / "recon_loss.json"))
 
 
+def sweep_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One row in a Ray worker (or in-process with --no-ray): load the cached model, calibrate, reconstruct with the
+    row's checkpoint, evaluate fake-quant and .so."""
+    from ptq2tvm.data import calibration_set, load_dataset
+    from ptq2tvm.train import train_builtin
+
+    args = argparse.Namespace(**row.pop("_args"))
+    torch.set_num_threads(args.threads)
+    test = load_dataset(args.dataset, split="test", limit=args.eval_limit)
+    calib = calibration_set(args.dataset, args.calib, seed=0)
+    model = train_builtin(row["model"], dataset=args.dataset, epochs=args.epochs, progress=False)[0].eval()
+    out = Path(args.out)
+    ckpt = row_ckpt(out, row)
+    with tempfile.TemporaryDirectory() as td:
+        return run_row(model, calib, test.images, test.labels, row, args, ckpt, Path(td))
+
+
+def _print_row(res: dict[str, Any]) -> None:
+    print(f"[row] {row_key(res)}: fp32 {100 * res['fp32_top1']:.2f}  fake-quant {100 * res['fakequant_top1']:.2f}  "
+          f".so {100 * res['so_top1']:.2f}  {res['seconds']:.0f}s  {res['iters_per_s']:.1f} it/s",
+          file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet_small,mobilenet_v2_small")
@@ -352,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: ptq2tvm.train's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy_fmnist"))
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-ray", action="store_true", help="run the rows one after the other in this process")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all); rows run "
+                   "--threads CPUs each, so --num-cpus 2 --threads 1 runs two rows at a time")
+    p.add_argument("--address", help="Ray cluster address (ray://host:10001); default: a local instance")
+    p.add_argument("--device", default="cpu", help="reconstruction device: cpu, cuda, auto")
     p.add_argument("--refresh-fakequant", action="store_true", help="only re-evaluate the fake-quant top-1 of the "
                    "finished rows made before the float64 bias-rounding fix (from their checkpoints)")
     args = p.parse_args(argv)
@@ -370,11 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         refresh_fakequant(jpath, mpath, out, args, test, calib)
         return 0
     models = [m for m in args.models.split(",") if m]
-    for name in models:
+    rows = []
+    for name in models:      # train (or load) each model here once, so the workers find it in the cache
         kw = {} if args.train_threads is None else dict(threads=args.train_threads)
         model, info = train_builtin(name, dataset=args.dataset, epochs=args.epochs, progress=not args.quiet, **kw)
-        model.eval()
-        fp32 = top1_torch(model, test.images, test.labels)
+        fp32 = top1_torch(model.eval(), test.images, test.labels)
         for bits in args.bits.split(","):
             w, a = parse_bits(bits)
             for mspec in args.methods.split(","):
@@ -389,26 +387,22 @@ def main(argv: list[str] | None = None) -> int:
                         row["expand_batch"] = args.expand_batch
                     if adaq:
                         row["lr_adaq"] = args.lr_adaq if args.lr_adaq is not None else ReconSettings().lr_adaq
-                    key = row_key(row)
-                    if key in {row_key(r) for r in read_rows(jpath)}:
-                        continue
-                    ckpt = row_ckpt(out, row)
-                    claim = ckpt.with_name(ckpt.name + ".claim")
-                    if not claim_row(claim):
-                        continue
-                    if key in {row_key(r) for r in read_rows(jpath)}:   # finished between the check and the claim
-                        claim.unlink(missing_ok=True)
-                        continue
-                    print(f"[row] {key}", file=sys.stderr, flush=True)
-                    try:
-                        with tempfile.TemporaryDirectory() as td:
-                            res = run_row(model, calib, test.images, test.labels, row, args, ckpt, Path(td))
-                    finally:
-                        claim.unlink(missing_ok=True)
-                    print(f"      fp32 {100 * fp32:.2f}  fake-quant {100 * res['fakequant_top1']:.2f}  "
-                          f".so {100 * res['so_top1']:.2f}  {res['seconds']:.0f}s  {res['iters_per_s']:.1f} it/s",
-                          file=sys.stderr, flush=True)
-                    merge_row(jpath, mpath, res)
+                    rows.append(row)
+    store = store_for(jpath)
+    todo = [r for r in rows if row_key(r) not in store.keys()]
+    print(f"{len(todo)} of {len(rows)} rows to run -> {jpath}", file=sys.stderr, flush=True)
+    if args.no_ray:
+        for row in todo:
+            res = sweep_row(dict(row, _args=vars(args)))
+            store.add(res)
+            _print_row(res)
+    else:
+        for row in todo:
+            row["_args"] = vars(args)
+        summary = run_sweep(todo, sweep_row, store, cpus_per_task=args.threads, address=args.address,
+                            num_cpus=args.num_cpus, progress=not args.quiet, on_row=_print_row)
+        if summary.failed:
+            print(f"{len(summary.failed)} row(s) failed; re-run to retry: {summary.failed}", file=sys.stderr)
     print(markdown(read_rows(jpath)))
     return 0
 

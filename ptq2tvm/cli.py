@@ -179,6 +179,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .frontend.qmodel import QuantConfig
     from .reconstruct import ReconSettings
     from .reconstruct.checkpoint import Checkpoint
+    from .reconstruct import cliargs as recon_cliargs
 
     t0 = time.perf_counter()
     config = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, first_last_8bit=not args.no_first_last_8bit)
@@ -187,7 +188,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     if args.method != "rtn":
         settings = ReconSettings(method=args.method, granularity=args.granularity, adaqtransform=args.adaqtransform,
                                  iters=args.iters, batch_size=args.batch_size, mrecg_k=args.mrecg_k,
-                                 expand_batch=args.expand_batch, seed=args.seed, threads=args.recon_threads)
+                                 expand_batch=args.expand_batch, seed=args.seed, threads=args.recon_threads,
+                                 **recon_cliargs.settings_kwargs(args))
         settings.validate()
     out = Path(args.out or f"runs/{Path(args.model.split(':')[0]).stem}_w{args.w_bits}a{args.a_bits}")
     ckpt_dir = out / "recon_checkpoint"
@@ -463,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recon-threads", type=int, default=1, help="torch threads during reconstruction (1 is often "
                    "fastest on 2 cores)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration subsample and reconstruction")
+    from .reconstruct.cliargs import add_args as add_recon_runtime_args
+
+    add_recon_runtime_args(q)
     q.add_argument("--out", help="run directory (default runs/<model>_w<W>a<A>)")
     q.add_argument("--force", action="store_true", help="start a reconstruction over (delete its checkpoint) "
                    "instead of resuming it")
@@ -558,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=30)
     _add_json(d)
     d.set_defaults(func=cmd_demo)
+    from .sweep import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
     finish_parser(p, sub)
     return p
 

@@ -36,16 +36,21 @@ def validate_calibration(images: np.ndarray, input_shape: tuple[int, ...] | None
 
 
 @torch.no_grad()
-def calibrate(qm: QuantModel, images: np.ndarray, batch_size: int = 64, progress: bool = True) -> QuantModel:
-    """Set weight scales (per channel, L_p search) and activation ranges (per tensor, L_p search on FP activations)."""
+def calibrate(qm: QuantModel, images: np.ndarray, batch_size: int = 64, progress: bool = True,
+              device: torch.device | str | None = None) -> QuantModel:
+    """Set weight scales (per channel, L_p search) and activation ranges (per tensor, L_p search on FP activations).
+    ``device``: where the model and the batches run (default: where the model is); the model stays there."""
     images = validate_calibration(images, qm.graph.input_shape)
+    if device is not None:
+        qm.to(device)
+    device = next(qm.parameters()).device
     for layer in qm.layers.values():
         layer.wq.init_scale(layer.weight, qm.config.weight_lp)
     qm.eval().set_quant(weights=False, acts=False)
     qm.set_observing(True)
     try:
         for i in tqdm(range(0, len(images), batch_size), desc="calibrate", disable=not progress, leave=False):
-            batch = torch.from_numpy(images[i:i + batch_size])
+            batch = torch.from_numpy(images[i:i + batch_size]).to(device)
             try:
                 qm(batch)
             except NonFiniteActivation:
@@ -106,9 +111,10 @@ def describe_nonfinite(qm: QuantModel, batch: torch.Tensor, first_image: int = 0
 
 
 def quantize_rtn(model: nn.Module, calib_images: np.ndarray, config: QuantConfig | None = None,
-                 batch_size: int = 64, progress: bool = True) -> QuantModel:
-    """Trace, fold BN, and calibrate ``model`` into a fake-quant :class:`QuantModel`."""
+                 batch_size: int = 64, progress: bool = True,
+                 device: torch.device | str | None = None) -> QuantModel:
+    """Trace, fold BN, and calibrate ``model`` into a fake-quant :class:`QuantModel` (on ``device``, default CPU)."""
     config = (config or QuantConfig()).validate()
     calib_images = validate_calibration(calib_images)
     graph = trace_model(model, tuple(calib_images.shape[1:]))
-    return calibrate(QuantModel(graph, config), calib_images, batch_size, progress)
+    return calibrate(QuantModel(graph, config), calib_images, batch_size, progress, device)

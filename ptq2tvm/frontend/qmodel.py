@@ -18,6 +18,7 @@ from .. import __version__
 from ..atomic import atomic_path
 from ..errors import ArtifactError, QuantConfigError
 from .graph import GRID_PRESERVING_OPS, OPS_WITH_WEIGHTS, FloatGraph, FloatNode
+from .fused_quant import act_clamp
 from .quantizers import ActQuantizer, WeightQuantizer, check_bits, round_ste
 
 FAKEQUANT_FORMAT = "ptq2tvm-fakequant"
@@ -269,7 +270,7 @@ class QuantModel(nn.Module):
         else:
             raise ValueError(f"unknown op {n.op} at {n.name}")
         if n.act is not None:
-            y = torch.clamp(y, n.act[0], n.act[1])
+            y = act_clamp(y, n.act[0], n.act[1])
         return self.act_quant[_key(n.name)](y)
 
     # ---- persistence -----------------------------------------------------------------------------------------

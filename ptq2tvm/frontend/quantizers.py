@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import QuantConfigError
+from . import fused_quant
+from .fused_quant import DropMasks, fake_quant_act
 
 N_CANDIDATES = 100
 MAX_OBSERVED = 1 << 17
@@ -99,7 +101,7 @@ class WeightQuantizer(nn.Module):
         best_err = torch.full_like(absmax, float("inf"))
         best = absmax.clone()
         for idx in _candidate_chunks(flat.numel()):
-            clip = _shrink(idx)[:, None] * absmax[None, :]                       # (k, C)
+            clip = _shrink(idx).to(absmax.device)[:, None] * absmax[None, :]     # (k, C)
             s = (clip / max(self.qmax, 1)).unsqueeze(2)                         # (k, C, 1)
             q = torch.clamp(torch.round(flat / s), self.qmin, self.qmax) * s
             err = lp_error(flat[None], q, p, dim=2)                             # (k, C)
@@ -176,7 +178,7 @@ class ActQuantizer(nn.Module):
         self.observing = False
         #: QDrop: probability of keeping quantization per element (None: always quantize).
         self.drop_prob: float | None = None
-        self.drop_generator: torch.Generator | None = None
+        self.drop_generator: torch.Generator | DropMasks | None = None
         #: LSQ: scale the gradient of ``scale`` by 1/sqrt(numel(x) * qmax) (off: plain gradient).
         self.lsq_grad_scale = False
         self._samples: list[torch.Tensor] = []
@@ -199,7 +201,7 @@ class ActQuantizer(nn.Module):
         self._max = max(self._max, float(flat.max()))
         if flat.numel() > MAX_OBSERVED // 4:
             idx = torch.randint(0, flat.numel(), (MAX_OBSERVED // 4,), generator=torch.Generator().manual_seed(
-                len(self._samples)))
+                len(self._samples))).to(flat.device)
             flat = flat[idx]
         self._samples.append(flat)
 
@@ -218,14 +220,14 @@ class ActQuantizer(nn.Module):
             raise QuantConfigError("activation quantizer saw no calibration data")
         x = torch.cat(self._samples).float()
         if x.numel() > MAX_OBSERVED:
-            x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:MAX_OBSERVED]]
+            x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:MAX_OBSERVED].to(x.device)]
         lo, hi = (0.0 if self.nonneg else self._min), self._max
         params = [self._params_for(lo * (1.0 - i / N_CANDIDATES), hi * (1.0 - i / N_CANDIDATES))
                   for i in range(N_CANDIDATES)]
         errs = []
         for idx in _candidate_chunks(x.numel()):
-            s = torch.tensor([params[i][0] for i in idx], dtype=torch.float32)[:, None]
-            z = torch.tensor([params[i][1] for i in idx], dtype=torch.float32)[:, None]
+            s = torch.tensor([params[i][0] for i in idx], dtype=torch.float32, device=x.device)[:, None]
+            z = torch.tensor([params[i][1] for i in idx], dtype=torch.float32, device=x.device)[:, None]
             q = (torch.clamp(torch.round(x[None] / s) + z, 0, self.qmax) - z) * s
             errs.append(lp_error(x[None], q, p, dim=1))
         s, z = params[int(torch.cat(errs).argmin())]
@@ -238,6 +240,29 @@ class ActQuantizer(nn.Module):
             self.observe(x)
         if not self.enabled:
             return x
+        if not fused_quant.ENABLED:
+            return self.forward_reference(x)
+        keep = drop = None
+        if self.drop_prob is not None and self.drop_prob < 1.0:
+            src = self.drop_generator
+            if isinstance(src, DropMasks):
+                keep, drop = src.masks(x.shape, self.drop_prob, x)
+            else:
+                keep = (torch.rand(x.shape, generator=src, device=x.device) < self.drop_prob).to(x.dtype)
+                drop = 1.0 - keep
+        gscale = 1.0 / math.sqrt(x.numel() * self.qmax) if self.lsq_grad_scale else 1.0
+        return fake_quant_act(x, self.scale, self._zero_point_float(), self.qmax, keep, drop, gscale)
+
+    def _zero_point_float(self) -> float:
+        """The zero point as a Python float, re-read only when the buffer changed (no device sync per call)."""
+        zp = self.zero_point
+        key = (zp.data_ptr(), zp._version, zp.device)
+        if getattr(self, "_zp_key", None) != key:
+            self._zp_key, self._zp = key, float(zp)
+        return self._zp
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain autograd expression (the specification of the fused forward; used when ``fused_quant.ENABLED`` is False)."""
         z = self.zero_point.to(x.dtype)
         s = grad_scale(self.scale, 1.0 / math.sqrt(x.numel() * self.qmax)) if self.lsq_grad_scale else self.scale
         q = torch.clamp(round_ste(x / s) + z, 0, self.qmax)

@@ -26,7 +26,9 @@ With AdaQTransform on, xi and eta (Adam ``lr_adaq``) are learned in every pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import time
@@ -36,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import QuantConfigError
@@ -43,9 +46,13 @@ from ..fold.bounds import fit_integer_bounds
 from ..frontend.calibrate import quantize_rtn, validate_calibration
 from ..frontend.graph import FloatNode
 from ..frontend.qmodel import QuantConfig, QuantModel, _key
+from ..frontend import fused_quant as _fused
+from ..frontend.fused_quant import DropMasks
 from .adaq import adaq_params, adaq_summary, project_xi
 from .adaround import beta_at, harden_layer, reg_active, round_loss
+from .budget import BudgetPlanner, EarlyStop, parse_duration
 from .checkpoint import Checkpoint
+from .device import CachePlan, PeakMemory, plan_caches, resolve_device
 from .mrecg import mrecg_base_units, plan_mrecg
 from .units import Unit, block_units, discover_units, merge_units
 
@@ -89,6 +96,12 @@ class ReconSettings:
     calib_batch_size: int = 64            # RTN calibration batch
     threads: int | None = None            # torch intra-op threads during reconstruction (None: leave as is). On a
     #                                       loaded machine 1 thread can be 10x faster than 2 (spinning OpenMP).
+    device: str = "auto"                  # auto (cuda if available) | cpu | cuda | cuda:N (reconstruct/device.py)
+    time_budget: float | None = None      # seconds for the whole reconstruction: iterations per unit chosen from
+    #                                       measured rates, capped at ``iters`` (reconstruct/budget.py)
+    min_iters: int = 50                   # floor of the per-unit iterations a time budget may choose
+    early_stop: bool = False              # a unit whose loss converged finishes its schedule in a short tail
+    #                                       (or stops when its rounding is already decided); reconstruct/budget.py
 
     def validate(self) -> "ReconSettings":
         if self.method not in METHODS:
@@ -98,7 +111,7 @@ class ReconSettings:
         if self.method in ("network", "nwq") and self.granularity not in (None, "network"):
             raise QuantConfigError(f"method '{self.method}' reconstructs the whole network as one unit (granularity "
                                    f"'network'), got granularity {self.granularity!r}")
-        for name in ("iters", "batch_size", "expand_batch", "chunk"):
+        for name in ("iters", "batch_size", "expand_batch", "chunk", "min_iters"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise QuantConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -119,6 +132,9 @@ class ReconSettings:
         for name in ("lr_w", "lr_adaq"):
             if not getattr(self, name) > 0:
                 raise QuantConfigError(f"{name} must be > 0")
+        resolve_device(self.device)
+        if self.time_budget is not None:
+            self.time_budget = parse_duration(self.time_budget)
         return self
 
     @property
@@ -182,6 +198,11 @@ class ReconReport:
     optim_seconds: float = 0.0
     resumed_units: int = 0
     adaq: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    #: reconstruct/device.py CachePlan: bytes per unit, peak, where the caches live
+    cache_plan: dict[str, Any] = field(default_factory=dict)
+    #: time budget: probed seconds per iteration, per-unit decisions (reconstruct/budget.py)
+    budget: dict[str, Any] | None = None
 
     @property
     def iters_per_s(self) -> float:
@@ -217,15 +238,39 @@ def default_lambda(qm: QuantModel) -> float:
     return 0.01
 
 
+_LEGACY = False
+
+
+@contextlib.contextmanager
+def legacy_code_path(on: bool = True):
+    """Run the reconstruction loop as before the speed work (plain autograd activation quantizers, torch.clamp
+    activations, torch.rand + torch.where QDrop masks, pow loss): what ``benchmarks/recon_speed.py`` compares against, in one process."""
+    global _LEGACY
+    old = (_LEGACY, _fused.ENABLED)
+    _LEGACY, _fused.ENABLED = on, not on
+    try:
+        yield
+    finally:
+        _LEGACY, _fused.ENABLED = old
+
+
 def lp_loss(pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """Squared error summed over channels (dim 1), averaged over the batch and spatial positions."""
+    if not _LEGACY:      # the same quantity through one native op (fewer passes forward and backward)
+        return F.mse_loss(pred, tgt, reduction="sum") / (pred.numel() // pred.shape[1] if pred.dim() > 1
+                                                         else pred.numel())
     d = (pred - tgt).pow(2)
     return d.sum(1).mean() if d.dim() > 1 else d.mean()
 
 
-def qdrop_mix(xq: torch.Tensor, xf: torch.Tensor, p: float, gen: torch.Generator | None = None) -> torch.Tensor:
-    """QDrop at the unit input: each element is the quantized one with probability ``p``, else the FP one."""
-    keep = torch.rand(xq.shape, generator=gen) < p
+def qdrop_mix(xq: torch.Tensor, xf: torch.Tensor, p: float, gen: torch.Generator | DropMasks | None = None
+              ) -> torch.Tensor:
+    """QDrop at the unit input: each element is the quantized one with probability ``p``, else the FP one.
+    ``gen``: a :class:`DropMasks` (fast path: exact float select, no torch.where) or a torch.Generator."""
+    if isinstance(gen, DropMasks):
+        keep, drop = gen.masks(xq.shape, p, xq)
+        return torch.addcmul(xq * keep, xf, drop)
+    keep = torch.rand(xq.shape, generator=gen, device=xq.device) < p
     return torch.where(keep, xq, xf)
 
 
@@ -235,11 +280,14 @@ def _seed_for(seed: int, *parts: Any) -> int:
 
 
 class UnitRunner:
-    """Executes unit node ranges of a QuantModel on dicts of tensors."""
+    """Executes unit node ranges of a QuantModel on dicts of tensors. ``run_all`` moves each chunk of the (cached)
+    tensors to ``device`` and the results to ``out_device`` (pinned when ``pin``)."""
 
-    def __init__(self, qm: QuantModel):
+    def __init__(self, qm: QuantModel, device: torch.device | None = None, out_device: torch.device | None = None,
+                 pin: bool = False):
         self.qm = qm
         self.nodes: dict[str, FloatNode] = {n.name: n for n in qm.graph.nodes}
+        self.device, self.out_device, self.pin = device, out_device, pin
 
     def run(self, unit: Unit, env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         env = dict(env)
@@ -253,22 +301,45 @@ class UnitRunner:
         n = next(iter(live.values())).shape[0]
         outs: dict[str, list[torch.Tensor]] = {k: [] for k in keep}
         for i in range(0, n, chunk):
-            env = self.run(unit, {t: live[t][i:i + chunk] for t in unit.inputs})
+            env = self.run(unit, {t: _to(live[t][i:i + chunk], self.device) for t in unit.inputs})
             for k in keep:
-                outs[k].append(env[k])
-        return {k: torch.cat(v) for k, v in outs.items()}
+                outs[k].append(_to(env[k], self.out_device))
+        res = {k: torch.cat(v) for k, v in outs.items()}
+        return {k: v.pin_memory() for k, v in res.items()} if self.pin else res
+
+
+def _rows(cache: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``cache[idx]`` (index_select: ~3x faster than advanced indexing on the CPU) gathered where the cache lives,
+    then moved to ``device``. Legacy path: advanced indexing, as before."""
+    if _LEGACY:
+        return _to(cache[idx], device)
+    if idx.device != cache.device:
+        idx = idx.to(cache.device, non_blocking=True)
+    return _to(cache.index_select(0, idx), device)
+
+
+def _to(x: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return x if device is None or x.device == device else x.to(device, non_blocking=True)
 
 
 class Stream:
     """The live tensors at a unit boundary, for the quantized model (``q``) and the FP model (``f``)."""
 
-    def __init__(self, qm: QuantModel, fp: QuantModel, images: torch.Tensor, acts_on: bool, chunk: int):
-        self.q_run, self.f_run = UnitRunner(qm), UnitRunner(fp)
+    def __init__(self, qm: QuantModel, fp: QuantModel, images: torch.Tensor, acts_on: bool, chunk: int,
+                 device: torch.device | None = None, cache_device: torch.device | None = None, pin: bool = False):
+        self.q_run = UnitRunner(qm, device, cache_device, pin)
+        self.f_run = UnitRunner(fp, device, cache_device, pin)
         self.qm, self.chunk = qm, chunk
         g = qm.graph
         xq = qm.act_quant[_key(g.input_name)]
         with torch.no_grad():
-            self.q = {g.input_name: xq(images) if acts_on else images.clone()}
+            if acts_on:
+                parts = [_to(xq(_to(images[i:i + chunk], device)), cache_device)
+                         for i in range(0, images.shape[0], chunk)]
+                q_img = torch.cat(parts)
+                self.q = {g.input_name: q_img.pin_memory() if pin else q_img}
+            else:
+                self.q = {g.input_name: images.clone().pin_memory() if pin else images.clone()}
         self.f = {g.input_name: images}
 
     def targets(self, unit: Unit) -> dict[str, torch.Tensor]:
@@ -303,17 +374,37 @@ def _eval_loss(runner: UnitRunner, unit: Unit, live: dict[str, torch.Tensor], tg
     return float(sum(lp_loss(out[t], tgt[t]) for t in unit.targets)) if n else 0.0
 
 
+def _soft_fraction(layers: list) -> float:
+    """Fraction of AdaRound variables whose h(V) is strictly between 0 and 1 (not yet decided)."""
+    soft = total = 0
+    with torch.no_grad():
+        for layer in layers:
+            if layer.wq.alpha is not None:
+                h = layer.wq.h()
+                soft += int(((h > 0) & (h < 1)).sum())
+                total += h.numel()
+    return soft / total if total else 0.0
+
+
 def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSettings, lam: float,
                   q_in: dict[str, torch.Tensor], f_in: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
-                  seed: int, progress: bool = False, desc: str = "") -> dict[str, Any]:
-    """Reconstruct one unit in place (hardening its weights at the end). Returns its loss curve and timings."""
-    runner = UnitRunner(qm)
+                  seed: int, progress: bool = False, desc: str = "", device: torch.device | None = None
+                  ) -> dict[str, Any]:
+    """Reconstruct one unit in place (hardening its weights at the end). Returns its loss curve and timings.
+
+    ``q_in``/``f_in``/``tgt`` may live on another device than ``device`` (pinned host caches): each iteration's
+    rows are gathered where they live and copied to ``device``."""
+    device = device or torch.device("cpu")
+    runner = UnitRunner(qm, device, device)
     layers = [qm.layer(name) for name in unit.layers]
     aqs = [q for q in _unit_act_quantizers(qm, unit) if q.enabled] if stage.learn_a else []
+    peak = PeakMemory(device)
+    peak.reset()
     t_start = time.perf_counter()
     initial = _eval_loss(runner, unit, q_in, tgt, settings.chunk)
 
     gen = torch.Generator().manual_seed(seed)
+    masks: torch.Generator | DropMasks = gen if _LEGACY else DropMasks(seed)
     groups = []
     if stage.learn_w:
         vs = [layer.wq.init_adaround(layer.weight) for layer in layers]
@@ -335,23 +426,30 @@ def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSetti
     for q in all_aqs:
         q.lsq_grad_scale = stage.lsq and stage.learn_a
         if stage.drop is not None:
-            q.drop_prob, q.drop_generator = stage.drop, gen
+            q.drop_prob, q.drop_generator = stage.drop, masks
 
     n_rows = next(iter(q_in.values())).shape[0]
     bs = min(settings.batch_size * settings.expand_batch, n_rows)
     log_every = settings.log_every or max(1, stage.iters // 200)
     curve: dict[str, list] = dict(it=[], rec=[], reg=[], beta=[])
+    stopper = EarlyStop(stage.iters, settings.warmup) if settings.early_stop else None
+    T = stage.iters
+    pos, rate, lr_debt = 0.0, 1.0, 0.0          # schedule position (rate > 1 after an early-stop compression)
+    ran = 0
     t_opt = time.perf_counter()
+    bar = tqdm(total=T, desc=desc, disable=not progress, leave=False)
     try:
-        for it in tqdm(range(stage.iters), desc=desc, disable=not progress, leave=False):
+        while pos <= T - 1 + 1e-9:
+            it = ran
+            sp = min(pos, T - 1)
             idx = torch.randperm(n_rows, generator=gen)[:bs]
             env = {}
             for t in unit.inputs:
-                x = q_in[t][idx]
-                env[t] = x if stage.drop is None else qdrop_mix(x, f_in[t][idx], stage.drop, gen)
+                x = _rows(q_in[t], idx, device)
+                env[t] = x if stage.drop is None else qdrop_mix(x, _rows(f_in[t], idx, device), stage.drop, masks)
             env = runner.run(unit, env)
-            rec = sum(lp_loss(env[t], tgt[t][idx]) for t in unit.targets)
-            reg = (round_loss(layers, it, stage.iters, lam, settings.warmup, settings.beta_start, settings.beta_end)
+            rec = sum(lp_loss(env[t], _rows(tgt[t], idx, device)) for t in unit.targets)
+            reg = (round_loss(layers, sp, T, lam, settings.warmup, settings.beta_start, settings.beta_end)
                    if stage.learn_w else torch.zeros(()))
             loss = rec + reg
             if opt is not None:
@@ -365,18 +463,36 @@ def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSetti
                 project_xi(layers)
             if opt_a is not None:
                 opt_a.step()
-                sched_a.step()
+                lr_debt += rate
+                while lr_debt >= 1.0 - 1e-9:       # the cosine schedule follows the (possibly compressed) position
+                    sched_a.step()
+                    lr_debt -= 1.0
                 with torch.no_grad():
                     for q in aqs:
                         q.scale.clamp_(min=1e-8)
-            if it % log_every == 0 or it == stage.iters - 1:
+            ran = it + 1
+            pos += rate
+            bar.update(1)
+            last = pos > T - 1 + 1e-9
+            action = (stopper.update(it, float(rec.detach()), lambda: _soft_fraction(layers))
+                      if stopper is not None and rate == 1.0 else None)
+            if action == "compress":
+                tail = stopper.tail(T)
+                if T - 1 - pos > tail:
+                    rate = (T - 1 - pos) / tail
+                    stopper.reason += f"; annealing compressed into the next {tail} iterations"
+                else:
+                    stopper.reason = ""
+            if it % log_every == 0 or last or action == "stop":
                 curve["it"].append(it)
                 curve["rec"].append(float(rec.detach()))
                 curve["reg"].append(float(reg.detach()))
-                curve["beta"].append(beta_at(it, stage.iters, settings.warmup, settings.beta_start,
-                                             settings.beta_end) if reg_active(it, stage.iters, settings.warmup)
-                                     else None)
+                curve["beta"].append(beta_at(sp, T, settings.warmup, settings.beta_start, settings.beta_end)
+                                     if reg_active(sp, T, settings.warmup) else None)
+            if action == "stop":
+                break
     finally:
+        bar.close()
         t_opt = time.perf_counter() - t_opt
         for q in all_aqs:            # QDrop reset: always quantize again
             q.drop_prob, q.drop_generator, q.lsq_grad_scale = None, None, False
@@ -386,10 +502,13 @@ def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSetti
             p.requires_grad_(False)
     changed = sum(harden_layer(layer) for layer in layers)
     final = _eval_loss(runner, unit, q_in, tgt, settings.chunk)
-    return dict(unit=unit.name, stage=stage.name, **curve, initial_loss=initial, final_loss=final,
-                iters=stage.iters, optim_seconds=t_opt, seconds=time.perf_counter() - t_start,
-                iters_per_s=stage.iters / t_opt if t_opt > 0 else 0.0, changed_roundings=changed,
-                batch_size=bs)
+    res = dict(unit=unit.name, stage=stage.name, **curve, initial_loss=initial, final_loss=final,
+               iters=ran, planned_iters=stage.iters, optim_seconds=t_opt, seconds=time.perf_counter() - t_start,
+               iters_per_s=ran / t_opt if t_opt > 0 else 0.0, changed_roundings=changed, batch_size=bs,
+               device=str(device), **peak.read())
+    if stopper is not None and stopper.reason:
+        res["early_stop"] = stopper.reason
+    return res
 
 
 # ---- driver ----------------------------------------------------------------------------------------------------
@@ -400,12 +519,21 @@ def _set_quant_stage(qm: QuantModel, acts_on: bool) -> None:
 def run_stages(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list[Unit], settings: ReconSettings,
                lam: float, report: ReconReport, progress: bool, stage_list: list[Stage],
                done: set[str] | None = None, on_unit_end: Callable[[str, dict], None] | None = None,
-               key_prefix: str = "") -> None:
-    """Run every stage over ``units``; skip the "stage/unit" keys in ``done`` (resume)."""
+               key_prefix: str = "", planner: BudgetPlanner | None = None) -> None:
+    """Run every stage over ``units``; skip the "stage/unit" keys in ``done`` (resume).
+
+    The compute device is the model's; the caches live where ``images`` lives (pinned host memory when
+    ``images`` is pinned and the model is on a GPU). With a ``planner`` (time budget) each unit's iterations are
+    chosen just before it starts."""
     done = done or set()
+    device = next(qm.parameters()).device
+    cache_device, pin = images.device, bool(images.device.type == "cpu" and device.type != "cpu"
+                                           and images.is_pinned())
+    todo = [(stage.name, u.name, stage.iters / max(1, settings.iters)) for stage in stage_list for u in units
+            if f"{key_prefix}{stage.name}/{u.name}" not in done]
     for si, stage in enumerate(stage_list):
         _set_quant_stage(qm, stage.acts_on)
-        stream = Stream(qm, fp, images, stage.acts_on, settings.chunk)
+        stream = Stream(qm, fp, images, stage.acts_on, settings.chunk, device, cache_device, pin)
         bar = tqdm(units, desc=f"{key_prefix}{stage.name}", disable=not progress, leave=False)
         for ui, unit in enumerate(bar):
             key = f"{key_prefix}{stage.name}/{unit.name}"
@@ -414,9 +542,15 @@ def run_stages(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list
                 stream.advance(unit, later)
                 continue
             tgt = stream.targets(unit)
-            res = optimize_unit(qm, unit, stage, settings, lam, stream.q, stream.f, tgt,
+            unit_stage = stage
+            if planner is not None:
+                unit_stage = dataclasses.replace(stage, iters=planner.iters_for(key, [(u, sh) for _, u, sh in todo]))
+            res = optimize_unit(qm, unit, unit_stage, settings, lam, stream.q, stream.f, tgt,
                                 _seed_for(settings.seed, key_prefix, si, ui, unit.name), progress=progress,
-                                desc=unit.name)
+                                desc=unit.name, device=device)
+            todo.pop(0)
+            if planner is not None:
+                planner.record(unit.name, res["iters"], res["optim_seconds"], res["seconds"])
             res["index"] = ui
             report.curves[key] = res
             report.iterations += res["iters"]
@@ -425,6 +559,29 @@ def run_stages(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list
             if on_unit_end is not None:
                 on_unit_end(key, res)
     qm.set_quant(weights=True, acts=True)
+
+
+def probe_rates(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list[Unit], settings: ReconSettings,
+                lam: float, stage_list: list[Stage], steps: int = 5) -> tuple[dict[str, float], float]:
+    """Seconds per iteration of every unit (``steps`` iterations of each pass on one batch of ``images``, on a copy
+    of ``qm``; the first pass's rates, weighted like the passes) and the estimated caching/evaluation seconds per
+    unit for all of ``images``."""
+    probe = copy.deepcopy(qm)
+    bs = min(settings.batch_size * settings.expand_batch, images.shape[0])
+    rep = ReconReport(settings.method, "probe", settings.adaqtransform, {})
+    stages = [dataclasses.replace(s, iters=steps) for s in stage_list[:1]]
+    run_stages(probe, fp, images[:bs], units, dataclasses.replace(settings, early_stop=False), lam, rep, False,
+               stages, key_prefix="rate:")
+    rates = {c["unit"]: c["optim_seconds"] / max(1, c["iters"]) for c in rep.curves.values()}
+    over = [(c["seconds"] - c["optim_seconds"]) * images.shape[0] / bs for c in rep.curves.values()]
+    return rates, (sum(over) / len(over) if over else 0.0)
+
+
+def _place_images(images: torch.Tensor, device: torch.device, plan: CachePlan) -> torch.Tensor:
+    """The calibration images where the caches live (device, or pinned host memory)."""
+    if plan.pinned:
+        return images.pin_memory()
+    return images.to(plan.cache_device)
 
 
 def _images_digest(images: np.ndarray) -> str:
@@ -465,14 +622,17 @@ def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: Quant
                  progress: bool, checkpoint_dir: str | Path | None) -> tuple[QuantModel, ReconReport]:
     t0 = time.perf_counter()
     images_np = validate_calibration(calib_images)
+    device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
-    qm = quantize_rtn(model, images_np, config, batch_size=settings.calib_batch_size, progress=progress)
+    qm = quantize_rtn(model, images_np, config, batch_size=settings.calib_batch_size, progress=progress,
+                      device=device)
     rtn_seconds = time.perf_counter() - t0
     gran = settings.resolved_granularity
-    report = ReconReport(settings.method, gran, settings.adaqtransform, settings.to_dict(), rtn_seconds=rtn_seconds)
+    report = ReconReport(settings.method, gran, settings.adaqtransform, settings.to_dict(), rtn_seconds=rtn_seconds,
+                         device=str(device))
     if settings.method == "rtn":
         report.seconds = time.perf_counter() - t0
-        return qm, report
+        return qm.cpu(), report
     fp = copy.deepcopy(qm).set_quant(weights=False, acts=False)
     for p in list(qm.parameters()) + list(fp.parameters()):
         p.requires_grad_(False)
@@ -485,17 +645,24 @@ def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: Quant
     images = torch.from_numpy(np.ascontiguousarray(images_np))
     stage_list = stages_for(settings)
     report.stages = [s.name for s in stage_list]
+    plan = plan_caches(fp, images, discover_units(qm.graph, gran if gran in ("layer", "network") else "block"),
+                       device)
+    report.cache_plan = plan.to_dict()
+    if progress:
+        tqdm.write(plan.summary())
+    images = _place_images(images, device, plan)
 
     ckpt = None
     done: set[str] = set()
     if checkpoint_dir is not None:
-        fingerprint = dict(settings={k: v for k, v in settings.to_dict().items() if k not in ("threads",)},
+        fingerprint = dict(settings={k: v for k, v in settings.to_dict().items() if k not in ("threads", "device")},
                            config=asdict(config), images=_images_digest(images_np), n_images=int(images_np.shape[0]),
                            model=_model_digest(model))
         ckpt = Checkpoint(Path(checkpoint_dir), fingerprint)
         state = ckpt.load()
         if state is not None:
             qm, saved = state
+            qm.to(device)
             for p in qm.parameters():
                 p.requires_grad_(False)
             done = set(saved["done"])
@@ -521,16 +688,28 @@ def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: Quant
         if ckpt is not None:
             ckpt.save(qm, report, done)
 
+    planner = None
+    if settings.time_budget is not None and settings.method != "nwq":
+        rates, overhead = probe_rates(qm, fp, images, units, settings, lam, stage_list)
+        planner = BudgetPlanner(t0 + settings.time_budget, settings.iters, min(settings.min_iters, settings.iters),
+                                rates, overhead)
+        report.budget = dict(seconds=settings.time_budget, probed_sec_per_iter=rates, overhead_estimate=overhead,
+                             decisions=planner.decisions)
+        if progress:
+            tqdm.write(f"time budget {settings.time_budget:.0f} s: probed {len(rates)} units, "
+                       f"{sum(rates.values()):.3f} s per iteration of all units; "
+                       f"{time.perf_counter() - t0:.0f} s used so far")
     if settings.method == "nwq":
         from .nwq import run_nwq
 
         run_nwq(qm, fp, images, settings, report, progress, done, on_unit_end)
     else:
-        run_stages(qm, fp, images, units, settings, lam, report, progress, stage_list, done, on_unit_end)
+        run_stages(qm, fp, images, units, settings, lam, report, progress, stage_list, done, on_unit_end,
+                   planner=planner)
     report.adaq = adaq_summary(qm)
     report.seconds = time.perf_counter() - t0
     if ckpt is not None:
         ckpt.save(qm, report, done, finished=True)
     for p in qm.parameters():
         p.requires_grad_(True)
-    return qm.eval(), report
+    return qm.cpu().eval(), report
