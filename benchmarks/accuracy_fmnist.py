@@ -39,7 +39,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ptq2tvm.atomic import write_text  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig, QuantModel  # noqa: E402
 from ptq2tvm.reconstruct import ReconSettings, reconstruct  # noqa: E402
 from ptq2tvm.sweep import ResultsStore, key_dir, run_sweep  # noqa: E402

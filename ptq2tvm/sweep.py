@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .atomic import write_text
 from .errors import Ptq2TvmError
@@ -460,7 +460,3 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
         raise SweepError(f"{len(summary.failed)} row(s) failed (first: {summary.failed[0]['key']}: "
                          f"{summary.failed[0]['error'][:200]}); re-run the same command to retry them")
     return summary.to_dict()
-
-
-def iter_keys(rows: Iterable[dict[str, Any]]) -> list[str]:
-    return [row_key(r) for r in rows]
