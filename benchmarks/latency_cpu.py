@@ -78,12 +78,20 @@ def ratio_table(rows: list[dict]) -> str:
 
 def markdown_footer(args: argparse.Namespace, host: dict, loads: list[float], rows: list[dict]) -> str:
     """The host, the command, the ratios and the timing protocol, under the markdown table."""
-    kernels = sorted({(r["runtime"], json.dumps(r.get("kernels"))) for r in rows if r.get("kernels")})
-    ov = "; ".join(f"{rt}: {k}" for rt, k in kernels) or "OpenVINO not installed"
+    kernels = [(r["model"], r["batch"], r["runtime"], json.dumps(r["kernels"])) for r in rows if r.get("kernels")]
+    ov = "; ".join(f"{m} b{b} {rt}: {k}" for m, b, rt, k in kernels) or "OpenVINO not installed"
     return (f"Host: {host['model_name']} ({host['logical_cpus']} logical CPUs, LLVM cpu {host['llvm_cpu']}, int8 ISA "
             f"{host['isa']}). 1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run (sampled per "
             f"group): the machine was shared with other jobs, so absolute times are inflated and noisy; the runtimes "
-            f"of one group run interleaved in one process, so their ratios are the comparable numbers.\n\n"
+            f"of one group run interleaved in one process, so their ratios are the comparable numbers."
+            + (" One thread per runtime: on a host this oversubscribed, every runtime's parallel regions wait for "
+               "descheduled workers (here the 28x28 .so took 0.7 s per call with 2 threads, 1 ms with 1)."
+               if args.threads == 1 and max(loads) > 2 * (host["logical_cpus"] or 1) else "")
+            + (" Without VNNI the ORT INT8 / OpenVINO INT8 model has 7-bit weights (quantize_onnx_int8's reduce_range, "
+               "ORT's advice for non-VNNI x86, whose vpmaddubsw would saturate otherwise): the like-for-like .so row "
+               "is W7A8 (every layer on exact vpmaddubsw); W8A8 keeps full 8-bit weights, and its layers that "
+               "vpmaddubsw could saturate run the int16 vpmaddwd kernel." if host["isa"] in ("avx2", "avx512") else "")
+            + " The Zen 5 (AVX-512 VNNI) results are latency_cpu.{json,md}, measured on another host.\n\n"
             f"{ratio_table(rows)}\n\nOpenVINO kernels (oneDNN primitives of the runtime model, conv/dense layers): "
             f"{ov}.\n\n"
             f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')}). Per turn: 0.1 s idle, "
