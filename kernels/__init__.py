@@ -23,7 +23,8 @@ from .intrin import (AVX2_INTRIN, DP4A_INTRIN, TAPS_INTRIN, VNNI_INTRIN, patch_t
 from .layout import (BLOCK, FIRST_BLOCK, conv_weight_mode, nchw_to_nchwc, nchw_to_rows, nchwc_to_nchw,
                      pack_channel_params, pack_conv_weight, pack_dense_weight, pack_depthwise_taps, pack_rows_weight,
                      rows_weight, u8s8_pairs_exact, unpack_int4)
-from .ops import (KERNEL_ATTR, add_requant_nchwc, avgpool2d_nchwc_requant, clamp_nchwc, conv2d_nchwc_requant,
+from .ops import (KERNEL_ATTR, add_requant_nchwc, concat_requant_nchwc, lut_nchwc, mul_requant_nchwc,
+                  upsample_nearest_nchwc, avgpool2d_nchwc_requant, clamp_nchwc, conv2d_nchwc_requant,
                   conv2d_rows_requant, dense_requant, depthwise_taps_requant, global_avgpool_nchwc_requant, maxpool2d_nchwc, nchwc_flatten,
                   quantize_input, requant_expr, rows_layout)
 from .ops import nchw_to_rows as te_nchw_to_rows
@@ -43,7 +44,8 @@ __all__ = [
     "BLOCK", "FIRST_BLOCK", "conv_weight_mode", "nchw_to_rows", "pack_rows_weight", "rows_weight",
     "conv2d_rows_requant", "rows_layout", "te_nchw_to_rows", "nchw_to_nchwc", "nchwc_to_nchw", "pack_channel_params",
     "pack_conv_weight", "pack_dense_weight", "pack_depthwise_taps", "unpack_int4",
-    "KERNEL_ATTR", "add_requant_nchwc", "avgpool2d_nchwc_requant", "clamp_nchwc", "conv2d_nchwc_requant",
+    "KERNEL_ATTR", "add_requant_nchwc", "concat_requant_nchwc", "lut_nchwc", "mul_requant_nchwc",
+    "upsample_nearest_nchwc", "avgpool2d_nchwc_requant", "clamp_nchwc", "conv2d_nchwc_requant",
     "dense_requant", "depthwise_taps_requant", "global_avgpool_nchwc_requant", "maxpool2d_nchwc", "nchwc_flatten", "quantize_input",
     "requant_expr",
     "te_nchw_to_nchwc", "te_nchwc_to_nchw",

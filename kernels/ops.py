@@ -296,11 +296,14 @@ def dense_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, 
 # ops between convs, same blocked layout
 
 
-def maxpool2d_nchwc(x: te.Tensor, kernel=(3, 3), stride=(2, 2), padding=(0, 0), dilation=(1, 1)) -> te.Tensor:
-    """Max pool over uint8 blocked activations; padding value 0 (below every uint8 value)."""
+def maxpool2d_nchwc(x: te.Tensor, kernel=(3, 3), stride=(2, 2), padding=(0, 0), dilation=(1, 1),
+                    padding_end=(0, 0)) -> te.Tensor:
+    """Max pool over uint8 blocked activations; padding value 0 (below every uint8 value); ``padding_end`` extra
+    rows/columns at the bottom/right (PyTorch's ceil_mode)."""
     kernel, stride, padding, dilation = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
     n, cb, h, wd, c = _shape(x)
-    oh, ow = _out_hw(h, wd, kernel, stride, padding, dilation)
+    eh, ew = _pair(padding_end)
+    oh, ow = _out_hw(h + eh, wd + ew, kernel, stride, padding, dilation)
     ph, pw = padding
     rkh = te.reduce_axis((0, kernel[0]), "rkh")
     rkw = te.reduce_axis((0, kernel[1]), "rkw")
@@ -376,6 +379,67 @@ def clamp_nchwc(x: te.Tensor, lo: int = 0, hi: int = 255) -> te.Tensor:
     return te.compute(_shape(x), lambda *i: tir.max(tir.min(x[i], tir.const(int(hi), "uint8")),
                                                     tir.const(int(lo), "uint8")),
                       name="out", attrs={KERNEL_ATTR: "eltwise_nchwc"})
+
+
+def mul_requant_nchwc(a: te.Tensor, b: te.Tensor, mult: te.Tensor, shift: te.Tensor, zero_points=(0, 0),
+                      output_zero_point: int = 0, lo: int = 0, hi: int = 255) -> te.Tensor:
+    """out = clamp(z + RHU((a - za) * (b - zb) * m, sh), lo, hi) per channel; a size-1 H or W broadcasts
+    (squeeze-excitation: (N, CB, 1, 1, c) x (N, CB, H, W, c))."""
+    za, zb = (int(v) for v in zero_points)
+    sa, sb = _shape(a), _shape(b)
+    shape = tuple(max(u, v) for u, v in zip(sa, sb))
+    c = shape[-1]
+
+    def at(t, st, i):
+        return t[tuple(0 if st[d] == 1 and shape[d] != 1 else i[d] for d in range(5))]
+
+    def f(*i):
+        ch = i[1] * c + i[4]
+        prod = (at(a, sa, i).astype("int32") - za) * (at(b, sb, i).astype("int32") - zb)
+        return requant_expr([(prod, mult[ch])], shift[ch], output_zero_point, lo, hi)
+
+    return te.compute(shape, f, name="out", attrs={KERNEL_ATTR: "eltwise_nchwc"})
+
+
+def lut_nchwc(x: te.Tensor, table: te.Tensor) -> te.Tensor:
+    """out = table[x] (uint8 table of 2^bits entries; codes of padding channels are clamped into it)."""
+    size = int(table.shape[0])
+    return te.compute(_shape(x), lambda *i: table[tir.min(x[i].astype("int32"), size - 1)], name="out",
+                      attrs={KERNEL_ATTR: "eltwise_nchwc"})
+
+
+def concat_requant_nchwc(xs, channels, multipliers, shifts, zero_points, output_zero_point: int = 0, lo: int = 0,
+                         hi: int = 255) -> te.Tensor:
+    """Channel concatenation of blocked tensors holding ``channels[i]`` real channels each; input i requantized by
+    (multipliers[i], shifts[i]) onto the output grid. Output padding channels repeat the last input's last
+    channel."""
+    n, _, h, wd, c = _shape(xs[0])
+    total = sum(int(v) for v in channels)
+    cb = -(-total // c)
+
+    def f(b, k, i, j, ci):
+        ch = k * c + ci
+        val = None
+        off = 0
+        for idx in range(len(xs)):    # nested selects: the last input whose first channel <= ch wins
+            ck = int(channels[idx])
+            cc = tir.min(tir.max(ch - off, 0), ck - 1)
+            term = requant_expr([(xs[idx][b, cc // c, i, j, cc % c].astype("int32") - int(zero_points[idx]),
+                                  tir.const(int(multipliers[idx]), "int32"))], tir.const(int(shifts[idx]), "int32"),
+                                output_zero_point, lo, hi)
+            val = term if val is None else tir.if_then_else(ch >= off, term, val)
+            off += ck
+        return val
+
+    return te.compute((n, cb, h, wd, c), f, name="out", attrs={KERNEL_ATTR: "eltwise_nchwc"})
+
+
+def upsample_nearest_nchwc(x: te.Tensor, scale=(2, 2)) -> te.Tensor:
+    """Nearest upsampling by integer factors in the blocked layout."""
+    sh, sw = _pair(scale)
+    n, cb, h, wd, c = _shape(x)
+    return te.compute((n, cb, h * sh, wd * sw, c), lambda b, k, i, j, ci: x[b, k, i // sh, j // sw, ci], name="out",
+                      attrs={KERNEL_ATTR: "eltwise_nchwc"})
 
 
 def quantize_input(x: te.Tensor, scale: float, zero_point: int, qmax: int = 255) -> te.Tensor:

@@ -80,14 +80,30 @@ def _lsb_stats(a: np.ndarray, b: np.ndarray) -> tuple[float, int, float, dict[st
 @torch.no_grad()
 def fakequant_outputs(qm: QuantModel, images: np.ndarray, batch_size: int = 256, return_all: bool = False,
                       progress: bool = False) -> Any:
+    """Fake-quant outputs on float ``images``: one array (a list in ``output_names`` order for several outputs; every
+    tensor by name with ``return_all``)."""
     qm.eval()
     outs: list[Any] = []
+    names = qm.graph.output_names
     for i in tqdm(range(0, len(images), batch_size), desc="fake-quant", disable=not progress, leave=False):
-        r = qm(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), return_all=return_all)
-        outs.append({k: v.numpy() for k, v in r.items()} if return_all else r.numpy())
+        r = qm(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), return_all=True)
+        outs.append({k: v.detach().numpy() for k, v in r.items()} if return_all else
+                    [r[n].detach().numpy() for n in names])
     if return_all:
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    return np.concatenate(outs)
+    cat = [np.concatenate([o[j] for o in outs]) for j in range(len(names))]
+    return cat[0] if len(cat) == 1 else cat
+
+
+def _as_list(v: Any) -> list[np.ndarray]:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _flat_outputs(arrays: list[np.ndarray]) -> np.ndarray:
+    """One output as it is; several as (N, total elements) in output order."""
+    if len(arrays) == 1:
+        return arrays[0]
+    return np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
 
 
 def run_parity(graph: IntegerGraph, compiled: CompiledModel, qm: QuantModel, images: np.ndarray,
@@ -99,21 +115,23 @@ def run_parity(graph: IntegerGraph, compiled: CompiledModel, qm: QuantModel, ima
     so_out, ref_out = [], []
     for i in tqdm(range(0, len(q_in), batch_size), desc="parity", disable=not progress, leave=False):
         chunk = q_in[i:i + batch_size]
-        so_out.append(compiled.run_int(chunk))
-        ref_out.append(run_reference(graph, chunk))
-    so, ref = np.concatenate(so_out), np.concatenate(ref_out)
-    fq = fakequant_outputs(qm, images, batch_size)
-    out_t = graph.output
-    fq_int = to_grid(fq, out_t)
+        so_out.append(_as_list(compiled.run_int(chunk)))
+        ref_out.append(_as_list(run_reference(graph, chunk)))
+    fq_all = _as_list(fakequant_outputs(qm, images, batch_size))
+    # several outputs (FPN levels, ...): compared as one flat vector per input, in output order
+    so = _flat_outputs([np.concatenate([o[j] for o in so_out]) for j in range(len(graph.output_names))])
+    ref = _flat_outputs([np.concatenate([o[j] for o in ref_out]) for j in range(len(graph.output_names))])
+    fq = _flat_outputs(fq_all)
+    fq_int = _flat_outputs([to_grid(f, t) for f, t in zip(fq_all, graph.outputs)])
     exact, max_lsb, _, _ = _lsb_stats(so, fq_int)
     mism = int((so != ref).sum())
     report = ParityReport(
         n_inputs=int(len(images)), bit_exact_vs_reference=mism == 0, mismatched_elements=mism,
         n_elements=int(so.size), exact_fraction_vs_fakequant=exact, max_abs_lsb_vs_fakequant=max_lsb,
-        top1_agreement_vs_fakequant=float((so.argmax(1) == fq.argmax(1)).mean()) if so.ndim == 2 else exact,
-        top1_agreement_vs_reference=float((so.argmax(1) == ref.argmax(1)).mean()) if so.ndim == 2 else 1.0,
+        top1_agreement_vs_fakequant=float((so.argmax(1) == fq.argmax(1)).mean()) if so.ndim == 2 and len(graph.output_names) == 1 else exact,
+        top1_agreement_vs_reference=float((so.argmax(1) == ref.argmax(1)).mean()) if so.ndim == 2 and len(graph.output_names) == 1 else float(mism == 0),
     )
-    if labels is not None and so.ndim == 2:
+    if labels is not None and so.ndim == 2 and len(graph.output_names) == 1:
         report.so_top1 = float((so.argmax(1) == labels).mean())
         report.fakequant_top1 = float((fq.argmax(1) == labels).mean())
         report.reference_top1 = float((ref.argmax(1) == labels).mean())

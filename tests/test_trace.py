@@ -42,13 +42,13 @@ class Unsupported(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3)
-        self.act = nn.SiLU()
-        self.up = nn.Upsample(scale_factor=2)
+        self.act = nn.PReLU()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear")
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
         x = self.up(self.act(self.conv(x)))
-        x = torch.sigmoid(x)
+        x = torch.softmax(x, 1)
         return self.fc(x.mean([2, 3]))
 
 
@@ -57,7 +57,7 @@ def test_unsupported_layers_are_all_listed_by_name():
         trace_model(Unsupported(), (1, 8, 8))
     msg = str(e.value)
     assert "3 unsupported" in msg
-    for name in ("act (SiLU)", "up (Upsample)", "sigmoid"):
+    for name in ("act (PReLU)", "up (Upsample): upsampling mode 'bilinear'", "softmax"):
         assert name in msg
 
 

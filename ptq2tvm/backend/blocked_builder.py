@@ -19,8 +19,8 @@ from tvm import relax
 import kernels as K
 
 from ..ir.graph import IntegerGraph, IntNode
-from . import te_ops
-from .relax_builder import add_float_entry
+from ..ops import ir_op
+from .relax_builder import PlainEmitter, add_float_entry
 
 NCHW, NCHWC, FLAT = "nchw", "nchwc", "flat"
 
@@ -34,6 +34,9 @@ def _hint(node: IntNode) -> str:
 
 
 class _BlockedBuilder:
+    """Emits every node through its op family (:meth:`ptq2tvm.ops.OpDef.emit_blocked`) and tracks each tensor's
+    layout (NCHW, blocked NCHW16c or 2-D); ops ask for their inputs in the layout they need."""
+
     def __init__(self, graph: IntegerGraph, isa: str, cuda: bool = False):
         self.graph = graph
         self.isa = isa
@@ -42,9 +45,18 @@ class _BlockedBuilder:
         self.env: dict[str, tuple[relax.Expr, str]] = {}
         self.weight_bytes = 0
 
+    # ---- the API op families use ------------------------------------------------------------------------------
     def weight(self, packed: np.ndarray) -> relax.Constant:
         self.weight_bytes += int(packed.nbytes)
         return _c(packed)
+
+    @staticmethod
+    def const(a: np.ndarray) -> relax.Constant:
+        return _c(a)
+
+    @staticmethod
+    def hint(node: IntNode) -> str:
+        return _hint(node)
 
     @staticmethod
     def int4(node: IntNode) -> bool:
@@ -52,7 +64,7 @@ class _BlockedBuilder:
         return int(node.attrs.get("w_bits", 8)) <= 4 and int(node.arrays["weight"].min(initial=0)) >= -8 \
             and int(node.arrays["weight"].max(initial=0)) <= 7
 
-    def layout(self, node: IntNode, pack: Callable[[str], np.ndarray]) -> tuple[str, bool, np.ndarray]:
+    def weight_layout(self, node: IntNode, pack: Callable[[str], np.ndarray]) -> tuple[str, bool, np.ndarray]:
         """(weight layout, ubsw_exact, packed weight) of a conv/dense: VNNI targets (and CUDA) pack 'vnni'; on AVX2 a
         layer whose weights keep every vpmaddubsw pair sum inside int16 for its input's range (proved here from the
         integers, :func:`kernels.layout.u8s8_pairs_exact`) is packed 'vnni' for the vpmaddubsw kernel, any other
@@ -68,138 +80,41 @@ class _BlockedBuilder:
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)
 
+    def layout(self, name: str) -> str:
+        return self.env[name][1]
+
     def blocked(self, name: str) -> relax.Expr:
+        """Tensor ``name`` in the blocked NCHW16c layout (converted once if it is NCHW; the conversion is cached)."""
         expr, layout = self.env[name]
         if layout == NCHWC:
             return expr
         if layout == NCHW:
             t = self.graph.tensor(name)
-            return self.emit(K.te_nchw_to_nchwc, expr, block=16, pad_value=t.zero_point, name="to_nchwc")
+            out = self.emit(K.te_nchw_to_nchwc, expr, block=16, pad_value=t.zero_point, name="to_nchwc")
+            self.env[name] = (out, NCHWC)
+            return out
         raise ValueError(f"tensor '{name}' is 2-D; a conv/pool cannot consume it")
 
-    def conv(self, node: IntNode) -> tuple[relax.Expr, str]:
-        a, arr = node.attrs, node.arrays
-        w = arr["weight"]
-        extra: list[relax.Expr] = []
-        params = [arr["bias"], arr["multiplier"], arr["shift"]]
-        if len(node.inputs) > 1:
-            params.append(arr["residual_multiplier"])
-            extra = [self.blocked(node.inputs[1])]
-        packed = K.pack_channel_params(*params)
-        consts = [_c(p) for p in packed]
-        if extra:
-            extra.append(consts.pop())
-        kw = dict(input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"], lo=a["lo"],
-                  hi=a["hi"], residual_zero_point=a.get("residual_zero_point", 0), isa=K.pack_isa(self.isa))
-        xin, layout = self.env[node.inputs[0]]
-        cin = w.shape[1] * a["groups"]
-        if not self.cuda and layout == NCHW and a["groups"] == 1 and cin <= 4 and a["dilation"][1] == 1:
-            rows = self.emit(K.te_nchw_to_rows, xin, kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
-                             padding=tuple(a["padding"]), pad_value=a["input_zero_point"], name="to_rows")
-            kw["isa"], kw["ubsw_exact"], wp = self.layout(
-                node, lambda isa: K.pack_rows_weight(w, isa=isa, int4=self.int4(node)))
-            wp = self.weight(wp)
-            out = self.emit(K.conv2d_rows_requant, rows, wp, *consts, *extra,
-                            in_channels=cin, in_width=self.graph.tensor(node.inputs[0]).shape[2],
-                            kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
-                            dilation=tuple(a["dilation"]), name=_hint(node), **kw)
-            return out, NCHWC
-        if layout == NCHW and cin <= 4 and a["groups"] == 1:
-            xb, icb = self.emit(K.te_nchw_to_nchwc, xin, block=4, pad_value=a["input_zero_point"], name="to_nchw4c"), 4
-        else:
-            xb, icb = self.blocked(node.inputs[0]), 16
-        depthwise = K.conv_weight_mode(w.shape[0], cin, a["groups"], icb) == "depthwise"
-        if depthwise and self.isa == "vnni" and not self.cuda and a["dilation"][1] == 1:
-            # 4 horizontal taps x 16 channels per vpdpbusd (kernels.depthwise_taps_requant)
-            kw.pop("isa")
-            return self.emit(K.depthwise_taps_requant, xb, self.weight(K.pack_depthwise_taps(w)), *consts, *extra,
-                             kernel_width=int(w.shape[3]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
-                             dilation=tuple(a["dilation"]), name=_hint(node), **kw), NCHWC
-        if depthwise:
-            wp = self.weight(K.pack_conv_weight(w, groups=a["groups"], ic_block=icb))
-        else:
-            kw["isa"], kw["ubsw_exact"], wp = self.layout(
-                node, lambda isa: K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=isa,
-                                                     int4=self.int4(node)))
-            wp = self.weight(wp)
-        out = self.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
-                        padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), groups=a["groups"],
-                        name=_hint(node), **kw)
-        return out, NCHWC
+    def nchw(self, name: str) -> relax.Expr:
+        """Tensor ``name`` in plain NCHW (2-D tensors as they are)."""
+        expr, layout = self.env[name]
+        if layout == NCHWC:
+            return self.emit(K.te_nchwc_to_nchw, expr, channels=self.graph.tensor(name).shape[0], name="to_nchw")
+        return expr
 
-    def dense(self, node: IntNode) -> tuple[relax.Expr, str]:
-        a, arr = node.attrs, node.arrays
-        xin, layout = self.env[node.inputs[0]]
+    def flat(self, name: str) -> relax.Expr:
+        expr, layout = self.env[name]
         if layout != FLAT:
-            raise ValueError(f"dense '{node.name}' needs a 2-D input")
-        params = [arr["bias"], arr["multiplier"], arr["shift"]]
-        extra: list[relax.Expr] = []
-        if len(node.inputs) > 1:
-            params.append(arr["residual_multiplier"])
-            extra = [self.env[node.inputs[1]][0]]
-        consts = [_c(p) for p in K.pack_channel_params(*params)]
-        if extra:
-            extra.append(consts.pop())
-        isa, exact, wp = self.layout(node, lambda isa: K.pack_dense_weight(arr["weight"], isa=isa,
-                                                                             int4=self.int4(node)))
-        out = self.emit(K.dense_requant, xin, self.weight(wp), *consts, *extra,
-                        out_features=int(arr["weight"].shape[0]), input_zero_point=a["input_zero_point"],
-                        output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"],
-                        residual_zero_point=a.get("residual_zero_point", 0), isa=isa, ubsw_exact=exact,
-                        name=_hint(node))
-        return out, FLAT
+            raise ValueError(f"tensor '{name}' is not 2-D; a dense layer cannot consume it")
+        return expr
+
+    def generic(self, opdef: Any, node: IntNode) -> tuple[relax.Expr, str]:
+        """The op's plain NCHW compute on NCHW (or 2-D) inputs; the output stays NCHW (or 2-D)."""
+        em = PlainEmitter(self.bb, node, [self.nchw(i) for i in node.inputs], prefix="k_")
+        return opdef.emit_plain(em, node), (FLAT if len(node.out.shape) == 1 else NCHW)
 
     def node(self, node: IntNode) -> tuple[relax.Expr, str]:
-        a, arr = node.attrs, node.arrays
-        if node.op == "conv2d":
-            return self.conv(node)
-        if node.op == "dense":
-            return self.dense(node)
-        xin, layout = self.env[node.inputs[0]]
-        if node.op == "flatten":
-            if layout == FLAT:
-                return xin, FLAT
-            c, h, w = self.graph.tensor(node.inputs[0]).shape
-            if layout == NCHWC and h == w == 1:
-                return self.emit(K.nchwc_flatten, xin, channels=c, name=_hint(node)), FLAT
-            if layout == NCHWC:
-                xin = self.emit(K.te_nchwc_to_nchw, xin, channels=c, name="to_nchw")
-            return self.emit(te_ops.flatten, xin, name=_hint(node)), FLAT
-        if layout == FLAT:   # elementwise ops on 2-D tensors: the generic NCHW definitions handle any rank
-            return self._generic(node), FLAT
-        x = self.blocked(node.inputs[0])
-        if node.op == "maxpool2d":
-            return self.emit(K.maxpool2d_nchwc, x, kernel=tuple(a["kernel"]), stride=tuple(a["stride"]),
-                             padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), name=_hint(node)), NCHWC
-        if node.op == "avgpool2d":
-            m, s = (_c(p) for p in K.pack_channel_params(arr["multiplier"], arr["shift"], kinds="ms"))
-            _, h, w = self.graph.tensor(node.inputs[0]).shape
-            kw = dict(input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"], lo=a["lo"],
-                      hi=a["hi"], name=_hint(node))
-            if list(a["kernel"]) == [h, w] and list(a["padding"]) == [0, 0]:
-                return self.emit(K.global_avgpool_nchwc_requant, x, m, s, **kw), NCHWC
-            return self.emit(K.avgpool2d_nchwc_requant, x, m, s, kernel=tuple(a["kernel"]),
-                             stride=tuple(a["stride"]), padding=tuple(a["padding"]), **kw), NCHWC
-        if node.op == "add":
-            ma, mb, s = (_c(p) for p in K.pack_channel_params(arr["multiplier_a"], arr["multiplier_b"],
-                                                              arr["shift"], kinds="mms"))
-            return self.emit(K.add_requant_nchwc, x, self.blocked(node.inputs[1]), ma, mb, s,
-                             zero_points=tuple(a["zero_points"]), output_zero_point=a["output_zero_point"],
-                             lo=a["lo"], hi=a["hi"], name=_hint(node)), NCHWC
-        if node.op == "clamp":
-            return self.emit(K.clamp_nchwc, x, lo=a["lo"], hi=a["hi"], name=_hint(node)), NCHWC
-        raise ValueError(f"unknown op {node.op!r} at '{node.name}'")
-
-    def _generic(self, node: IntNode) -> relax.Expr:
-        a, arr = node.attrs, node.arrays
-        x = self.env[node.inputs[0]][0]
-        if node.op == "add":
-            return self.emit(te_ops.add_requant, x, self.env[node.inputs[1]][0], _c(arr["multiplier_a"]),
-                             _c(arr["multiplier_b"]), _c(arr["shift"]), zero_points=a["zero_points"],
-                             output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"], name=_hint(node))
-        if node.op == "clamp":
-            return self.emit(te_ops.clamp, x, lo=a["lo"], hi=a["hi"], name=_hint(node))
-        raise ValueError(f"op {node.op!r} at '{node.name}' cannot take a 2-D input")
+        return ir_op(node.op).emit_blocked(self, node)
 
     def build(self, batch: int) -> tvm.IRModule:
         g = self.graph
@@ -209,10 +124,8 @@ class _BlockedBuilder:
                 self.env[g.input.name] = (x, NCHW if len(g.input.shape) == 3 else FLAT)
                 for node in g.nodes:
                     self.env[node.name] = self.node(node)
-                out, layout = self.env[g.output_name]
-                if layout == NCHWC:
-                    out = self.emit(K.te_nchwc_to_nchw, out, channels=g.output.shape[0], name="to_nchw")
-                res = self.bb.emit_output(out)
+                outs = [self.nchw(name) for name in g.output_names]
+                res = self.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
             self.bb.emit_func_output(res)
         return self.bb.get()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -9,58 +11,45 @@ from tvm import relax
 import kernels as K
 
 from ..ir.graph import IntegerGraph, IntNode
-from . import te_ops
-
-_WEIGHTED = ("conv2d", "dense")
-
+from ..ops import ir_op
 
 def _const(a: np.ndarray) -> relax.Constant:
     return relax.const(np.ascontiguousarray(a))
-
-
-def _emit_node(bb: relax.BlockBuilder, node: IntNode, env: dict[str, relax.Expr]) -> relax.Expr:
-    a, arr = node.attrs, node.arrays
-    x = env[node.inputs[0]]
-    if node.op in _WEIGHTED:
-        args = [x, _const(arr["weight"]), _const(arr["bias"]), _const(arr["multiplier"]), _const(arr["shift"])]
-        kw = dict(input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"], lo=a["lo"],
-                  hi=a["hi"])
-        if len(node.inputs) > 1:
-            args += [env[node.inputs[1]], _const(arr["residual_multiplier"])]
-            kw["residual_zero_point"] = a["residual_zero_point"]
-        if node.op == "conv2d":
-            kw.update(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"])
-            return bb.emit_te(te_ops.conv2d_requant, *args, **kw, primfunc_name_hint=_hint(node))
-        return bb.emit_te(te_ops.dense_requant, *args, **kw, primfunc_name_hint=_hint(node))
-    if node.op == "add":
-        return bb.emit_te(te_ops.add_requant, x, env[node.inputs[1]], _const(arr["multiplier_a"]),
-                          _const(arr["multiplier_b"]), _const(arr["shift"]), zero_points=a["zero_points"],
-                          output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"],
-                          primfunc_name_hint=_hint(node))
-    if node.op == "avgpool2d":
-        return bb.emit_te(te_ops.avgpool_requant, x, _const(arr["multiplier"]), _const(arr["shift"]),
-                          kernel=a["kernel"], stride=a["stride"], padding=a["padding"],
-                          input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"],
-                          lo=a["lo"], hi=a["hi"], primfunc_name_hint=_hint(node))
-    if node.op == "maxpool2d":
-        return bb.emit_te(te_ops.maxpool, x, kernel=a["kernel"], stride=a["stride"], padding=a["padding"],
-                          dilation=a["dilation"], primfunc_name_hint=_hint(node))
-    if node.op == "flatten":
-        return bb.emit_te(te_ops.flatten, x, primfunc_name_hint=_hint(node))
-    if node.op == "clamp":
-        return bb.emit_te(te_ops.clamp, x, lo=a["lo"], hi=a["hi"], primfunc_name_hint=_hint(node))
-    raise ValueError(f"unknown op {node.op!r} at '{node.name}'")
 
 
 def _hint(node: IntNode) -> str:
     return "q_" + "".join(ch if ch.isalnum() else "_" for ch in node.name)
 
 
+class PlainEmitter:
+    """What :meth:`ptq2tvm.ops.OpDef.emit_plain` sees: the node's inputs (``x(i)``), constants and ``emit`` (a
+    TE compute emitted as one PrimFunc named after the node)."""
+
+    def __init__(self, bb: relax.BlockBuilder, node: IntNode, inputs: list[relax.Expr], prefix: str = "q_"):
+        self.bb, self.node, self.inputs, self.prefix = bb, node, inputs, prefix
+
+    def x(self, i: int) -> relax.Expr:
+        return self.inputs[i]
+
+    @staticmethod
+    def const(a: np.ndarray) -> relax.Constant:
+        return _const(a)
+
+    def emit(self, fn: Any, *args: Any, **kw: Any) -> relax.Expr:
+        name = self.prefix + "".join(ch if ch.isalnum() else "_" for ch in self.node.name)
+        return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)
+
+
+def _emit_node(bb: relax.BlockBuilder, node: IntNode, env: dict[str, relax.Expr]) -> relax.Expr:
+    return ir_op(node.op).emit_plain(PlainEmitter(bb, node, [env[i] for i in node.inputs]), node)
+
+
 def build_relax_module(graph: IntegerGraph, batch: int = 1, outputs: list[str] | None = None) -> tvm.IRModule:
-    """Relax module ``main(x: uint8[batch, *input_shape]) -> uint8 output`` (a tuple if several ``outputs``)."""
+    """Relax module ``main(x: uint8[batch, *input_shape])`` returning the graph output (a tuple for several
+    outputs, or for several ``outputs`` asked for)."""
     x = relax.Var("x", relax.TensorType((batch, *graph.input.shape), "uint8"))
     bb = relax.BlockBuilder()
-    wanted = outputs or [graph.output_name]
+    wanted = outputs or list(graph.output_names)
     with bb.function("main", [x]):
         with bb.dataflow():
             env: dict[str, relax.Expr] = {graph.input.name: x}

@@ -85,6 +85,8 @@ class CompiledModel:
         self.meta: dict[str, Any] = read_sidecar(self.so_path)
         self.input: QTensor = _tensor_from_json(self.meta["input"])
         self.output: QTensor = _tensor_from_json(self.meta["output"])
+        #: every output, in the order of the graph's ``output_names`` (one for most classifiers)
+        self.outputs: list[QTensor] = [_tensor_from_json(t) for t in self.meta.get("outputs", [self.meta["output"]])]
         self.batch: int = int(self.meta["batch"])
         kind = self.meta["target"].get("kind", "llvm")
         self.isa: str = str(self.meta.get("isa") or self.meta.get("backend", "unknown"))
@@ -131,15 +133,20 @@ class CompiledModel:
             raise InputShapeError(f"expected {np.dtype(dtype).name} input, got {q.dtype}")
         return q
 
-    def run_batch(self, q: np.ndarray) -> np.ndarray:
+    def run_batch(self, q: np.ndarray) -> np.ndarray | list[np.ndarray]:
         """One call of the compiled function: uint8 input of exactly (batch, *input_shape)."""
-        return self._call(self._fn, q)
+        return self._single(self._call(self._fn, q))
 
-    def _call(self, fn: Any, batch: np.ndarray) -> np.ndarray:
-        # One Relax VM (and the reused input tensor) per CompiledModel: calls from several Python threads are
-        # serialized (each call still runs on TVM's own thread pool). benchmarks/robustness.py measures it.
+    def _single(self, outs: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        return outs[0] if len(self.outputs) == 1 else outs
+
+    def _call(self, fn: Any, batch: np.ndarray) -> list[np.ndarray]:
+        """One call; one array per output. One Relax VM (and the reused input tensor) per CompiledModel: calls from
+        several Python threads are serialized (each call still runs on TVM's own thread pool).
+        benchmarks/robustness.py measures it."""
         with self._lock:
-            return fn(self._input_tensor(batch)).numpy()
+            res = fn(self._input_tensor(batch))
+            return [res.numpy()] if hasattr(res, "numpy") else [r.numpy() for r in res]
 
     def _input_tensor(self, batch: np.ndarray) -> Any:
         """The device tensor holding ``batch``: one per (shape, dtype), allocated at the first call and refilled by a
@@ -154,22 +161,24 @@ class CompiledModel:
             t.copyfrom(batch)
         return t
 
-    def _chunked(self, fn: Any, x: np.ndarray) -> np.ndarray:
-        """Run ``fn`` over ``x`` in chunks of the compiled batch (the last chunk padded by repeating its last row)."""
+    def _chunked(self, fn: Any, x: np.ndarray) -> list[np.ndarray]:
+        """Run ``fn`` over ``x`` in chunks of the compiled batch (the last chunk padded by repeating its last row);
+        one array per output."""
         if x.shape[0] == self.batch:
             return self._call(fn, x)
-        outs = []
+        outs: list[list[np.ndarray]] = []
         for i in range(0, x.shape[0], self.batch):
             chunk = x[i:i + self.batch]
             n = chunk.shape[0]
             if n < self.batch:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
-            outs.append(self._call(fn, chunk)[:n])
-        return np.concatenate(outs)
+            outs.append([o[:n] for o in self._call(fn, chunk)])
+        return [np.concatenate(parts) for parts in zip(*outs)]
 
-    def run_int(self, q: np.ndarray) -> np.ndarray:
-        """uint8 (N, ...) -> uint8 output (N, ...), any N (chunked into the compiled batch, last chunk padded)."""
-        return self._chunked(self._fn, self._check(q, np.uint8))
+    def run_int(self, q: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """uint8 (N, ...) -> uint8 output (N, ...), any N (chunked into the compiled batch, last chunk padded); a
+        list of arrays for a model with several outputs."""
+        return self._single(self._chunked(self._fn, self._check(q, np.uint8)))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float input -> quantize with the model's input scale/zero point (inside the .so when it has the float
@@ -178,5 +187,7 @@ class CompiledModel:
         if not (np.isfinite(x.max()) and np.isfinite(x.min())):
             raise InputShapeError("input contains NaN or Inf")
         if self._fn_float is not None:
-            return self.output.dequantize(self._chunked(self._fn_float, x.astype(np.float32, copy=False)))
-        return self.output.dequantize(self.run_int(self.input.quantize(x)))
+            outs = self._chunked(self._fn_float, x.astype(np.float32, copy=False))
+        else:
+            outs = self._chunked(self._fn, self.input.quantize(x))
+        return self._single([t.dequantize(o) for t, o in zip(self.outputs, outs)])

@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import QuantConfigError
 from ..frontend.qmodel import QuantModel
 from ..ir.graph import IntegerGraph, IntNode, QTensor
+from ..ops import float_op
 from .bounds import check_accumulator
 from .dyadic import dyadic_multipliers
 
@@ -49,8 +50,37 @@ def _clamp_bounds(qm: QuantModel, node_name: str, act: tuple[float, float] | Non
     return q.grid_bounds(*act) if act else (0, q.qmax)
 
 
-def _fold_weighted(qm: QuantModel, n: Any, tin: QTensor, tres: QTensor | None, tout: QTensor,
-                   stats: dict[str, int]) -> IntNode:
+class FoldContext:
+    """What an op's fold (:meth:`ptq2tvm.ops.OpDef.fold`) needs: the fake-quant model, every tensor's shape (batch
+    dim dropped), the integer tensors folded so far (``tensors``) and counters for the graph meta (``stats``)."""
+
+    def __init__(self, qm: QuantModel):
+        self.qm = qm
+        self.shapes = _shapes(qm)
+        g = qm.graph
+        self.tensors: dict[str, QTensor] = {g.input_name: _qtensor(qm, g.input_name, self.shapes[g.input_name])}
+        self.stats: dict[str, int] = {}
+
+    def qtensor(self, name: str) -> QTensor:
+        """The output tensor of the quant point ``name`` (its own activation quantizer)."""
+        return _qtensor(self.qm, name, self.shapes[name])
+
+    def clamp_bounds(self, name: str, act: tuple[float, float] | None) -> tuple[int, int]:
+        return _clamp_bounds(self.qm, name, act)
+
+    def grid_node(self, n: Any, ir_op: str, attrs: dict[str, Any]) -> IntNode:
+        """An integer node whose output keeps the grid of its first input."""
+        tin = self.tensors[n.inputs[0]]
+        tout = QTensor(n.name, self.shapes[n.name], tin.scale, tin.zero_point, tin.bits)
+        return IntNode(n.name, ir_op, list(n.inputs), tout, attrs)
+
+
+def fold_weighted(f: FoldContext, n: Any) -> IntNode:
+    """conv / linear -> ``conv2d`` / ``dense`` integer node (module docstring)."""
+    qm, stats = f.qm, f.stats
+    tin = f.tensors[n.inputs[0]]
+    tres = f.tensors[n.residual] if n.residual else None
+    tout = f.qtensor(n.name)
     layer = qm.layer(n.name)
     s_w = layer.wq.scale.detach().double().numpy()
     q_w = layer.wq.integer(layer.weight.detach()).detach().numpy().astype(np.int64)
@@ -94,58 +124,26 @@ def _fold_weighted(qm: QuantModel, n: Any, tin: QTensor, tres: QTensor | None, t
 
 
 def fold_to_integer(qm: QuantModel) -> IntegerGraph:
-    """Build the integer graph from a calibrated (or reconstructed) fake-quant model."""
+    """Build the integer graph from a calibrated (or reconstructed) fake-quant model: each node folded by its op
+    family (:meth:`ptq2tvm.ops.OpDef.fold`)."""
     g = qm.graph
-    shapes = _shapes(qm)
-    tensors: dict[str, QTensor] = {g.input_name: _qtensor(qm, g.input_name, shapes[g.input_name])}
+    f = FoldContext(qm)
     nodes: list[IntNode] = []
-    stats: dict[str, int] = {}
     for n in g.nodes:
         if n.op == "input":
             continue
-        tin = tensors[n.inputs[0]]
-        if n.op in ("conv", "linear"):
-            tout = _qtensor(qm, n.name, shapes[n.name])
-            node = _fold_weighted(qm, n, tin, tensors[n.residual] if n.residual else None, tout, stats)
-        elif n.op == "add":
-            tb = tensors[n.inputs[1]]
-            tout = _qtensor(qm, n.name, shapes[n.name])
-            c = shapes[n.name][0]
-            mant, shift = dyadic_multipliers(
-                np.stack([np.full(c, tin.scale / tout.scale), np.full(c, tb.scale / tout.scale)]), f"add '{n.name}'")
-            lo, hi = _clamp_bounds(qm, n.name, n.act)
-            node = IntNode(n.name, "add", list(n.inputs), tout,
-                           dict(zero_points=[tin.zero_point, tb.zero_point], output_zero_point=tout.zero_point,
-                                lo=lo, hi=hi),
-                           dict(multiplier_a=mant[0], multiplier_b=mant[1], shift=shift))
-        elif n.op == "avgpool":
-            tout = _qtensor(qm, n.name, shapes[n.name])
-            kh, kw = n.attrs["kernel"]
-            c = shapes[n.name][0]
-            mant, shift = dyadic_multipliers(np.full((1, c), tin.scale / (tout.scale * kh * kw)),
-                                             f"avgpool '{n.name}'")
-            node = IntNode(n.name, "avgpool2d", list(n.inputs), tout,
-                           dict(kernel=[kh, kw], stride=list(n.attrs["stride"]), padding=list(n.attrs["padding"]),
-                                input_zero_point=tin.zero_point, output_zero_point=tout.zero_point,
-                                lo=0, hi=tout.qmax),
-                           dict(multiplier=mant[0], shift=shift))
-        elif n.op in ("maxpool", "flatten", "clamp"):
-            tout = QTensor(n.name, shapes[n.name], tin.scale, tin.zero_point, tin.bits)
-            attrs: dict[str, Any] = {}
-            if n.op == "maxpool":
-                attrs = {k: list(n.attrs[k]) for k in ("kernel", "stride", "padding", "dilation")}
-            elif n.op == "clamp":
-                lo, hi = qm.act_quantizer(n.inputs[0]).grid_bounds(*n.act)
-                attrs = dict(lo=lo, hi=hi)
-            node = IntNode(n.name, {"maxpool": "maxpool2d"}.get(n.op, n.op), list(n.inputs), tout, attrs)
-        else:
+        opdef = float_op(n.op)
+        if not opdef.ir_op:
             raise QuantConfigError(f"cannot fold op {n.op!r} at '{n.name}'")
-        tensors[n.name] = node.out
+        node = opdef.fold(f, n)
+        f.tensors[n.name] = node.out
         nodes.append(node)
     cfg = qm.config
     meta = dict(ptq2tvm_version=__version__, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
                 first_last_8bit=cfg.first_last_8bit)
+    if g.output_structure is not None:
+        meta["output_structure"] = g.output_structure
     if any(getattr(layer, "adaq", False) for layer in qm.layers.values()):
         meta["adaqtransform"] = True
-        meta.update(stats)
-    return IntegerGraph(tensors[g.input_name], nodes, g.output_name, meta)
+        meta.update(f.stats)
+    return IntegerGraph(f.tensors[g.input_name], nodes, list(g.output_names), meta)

@@ -1,14 +1,14 @@
 """The canonical float graph: what a traced model becomes before quantization.
 
-Every node is one future integer operation. Fusion is decided here, once, so the fake-quant model and the integer
-graph agree on where the quantization points are:
+Every node is one future integer operation (or a data movement on integer codes). Which ops exist and what they
+mean is defined by the op registry (:mod:`ptq2tvm.ops`, one module per op family). Fusion is decided here, once, so
+the fake-quant model and the integer graph agree on where the quantization points are:
 
-- ``conv`` / ``linear``: weight (BN folded in), bias, an optional fused residual input (``residual``) and an optional
-  clamp ``act`` = (lo, hi) applied after the residual add (ReLU = (0, inf), ReLU6 = (0, 6)).
-- ``add``: standalone residual add of two tensors, with optional ``act``.
-- ``maxpool`` / ``avgpool``: 2-D pooling (global average pooling is an ``avgpool`` whose kernel is the input size).
-- ``flatten``: (N, C, H, W) -> (N, C*H*W).
-- ``clamp``: a standalone activation that could not be fused into its producer.
+- weighted ops (``conv`` / ``linear``): weight (BN folded in), bias, an optional fused residual input
+  (``residual``) and an optional clamp ``act`` = (lo, hi) applied after the residual add (ReLU = (0, inf)).
+- requantizing ops (``add``, ``mul``, ``concat``, ``avgpool``, ``lut``): a new quantization point, optional ``act``.
+- grid-preserving ops (``maxpool``, ``clamp``, ``flatten``, ``upsample``, shuffles, ``slice``): same grid as the
+  input.
 """
 
 from __future__ import annotations
@@ -19,8 +19,14 @@ from typing import Any
 import torch
 
 OPS_WITH_WEIGHTS = ("conv", "linear")
-#: ops whose output lies on the same integer grid as their (first) input: no new quantizer.
-GRID_PRESERVING_OPS = ("maxpool", "flatten", "clamp")
+
+
+def __getattr__(name: str) -> Any:  # derived from the op registry (imported lazily: ops import this module)
+    from ..ops import ops_of_kind
+
+    if name == "GRID_PRESERVING_OPS":
+        return ops_of_kind("grid")
+    raise AttributeError(name)
 
 
 @dataclass
@@ -44,12 +50,27 @@ class FloatNode:
 
 @dataclass
 class FloatGraph:
-    """Topologically ordered float nodes; ``input_name`` is the graph input, ``output_name`` its output."""
+    """Topologically ordered float nodes; ``input_name`` is the graph input, ``output_names`` its outputs in the
+    order the model returns them (``output_structure``: None for one tensor, ``["tuple", n]`` / ``["list", n]`` /
+    ``["dict", keys]`` for several)."""
 
     nodes: list[FloatNode]
     input_name: str
-    output_name: str
+    output_names: list[str] | str
     input_shape: tuple[int, ...] | None = None
+    output_structure: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.output_names, str):
+            self.output_names = [self.output_names]
+        self.output_names = list(self.output_names)
+
+    @property
+    def output_name(self) -> str:
+        """The output of a single-output graph (ValueError for several: use ``output_names``)."""
+        if len(self.output_names) != 1:
+            raise ValueError(f"the graph has {len(self.output_names)} outputs; use output_names")
+        return self.output_names[0]
 
     def node(self, name: str) -> FloatNode:
         for n in self.nodes:

@@ -17,13 +17,15 @@ import torch.nn.functional as F
 from .. import __version__
 from ..atomic import atomic_path
 from ..errors import ArtifactError, QuantConfigError
-from .graph import GRID_PRESERVING_OPS, OPS_WITH_WEIGHTS, FloatGraph, FloatNode
+from ..ops import float_op, ops_of_kind
 from .fused_quant import act_clamp
+from .graph import OPS_WITH_WEIGHTS, FloatGraph, FloatNode
 from .quantizers import ActQuantizer, WeightQuantizer, check_bits, round_ste
 
 FAKEQUANT_FORMAT = "ptq2tvm-fakequant"
 FAKEQUANT_VERSION = 1
-QUANT_POINT_OPS = ("conv", "linear", "add", "avgpool")
+#: ops whose output carries an activation quantizer (from the op registry: weighted and requantizing ops)
+QUANT_POINT_OPS = ops_of_kind("weighted", "requant")
 
 
 @dataclass
@@ -49,10 +51,14 @@ class QuantConfig:
     act_lp: float = 2.0
     layer_w_bits: dict[str, int] = field(default_factory=dict)
     layer_a_bits: dict[str, int] = field(default_factory=dict)
+    #: bits of a tensor read by a lookup-table nonlinearity (SiLU, Sigmoid, ...); None: a_bits (ptq2tvm.ops.lut)
+    lut_input_bits: int | None = 8
 
     def validate(self) -> "QuantConfig":
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
+        if self.lut_input_bits is not None:
+            check_bits(self.lut_input_bits, "lut_input_bits")
         for k, v in self.layer_w_bits.items():
             check_bits(v, f"weight bits of layer '{k}'")
         for k, v in self.layer_a_bits.items():
@@ -138,11 +144,18 @@ class QuantModel(nn.Module):
         nonneg = self._nonneg()
         eight = self._eight_bit_points(first, last) if config.first_last_8bit else set()
         explicit = self._explicit_point_bits()
+        wanted = self._wanted_input_bits()
         for v in self.quant_points():
             bits = explicit.get(v, 8 if v in eight else config.a_bits)
+            bits = max(bits, wanted.get(v, 0))
             self.act_quant[_key(v)] = ActQuantizer(bits, nonneg[v])
 
     # ---- structure -------------------------------------------------------------------------------------------
+    @staticmethod
+    def key(name: str) -> str:
+        """The ModuleDict key of a tensor / layer name."""
+        return _key(name)
+
     def quant_points(self) -> list[str]:
         """Names of the tensors carrying an activation quantizer (the integer points)."""
         return [self.graph.input_name] + [n.name for n in self.graph.nodes if n.op in QUANT_POINT_OPS]
@@ -150,9 +163,22 @@ class QuantModel(nn.Module):
     def grid_source(self, name: str) -> str:
         """The quant point whose integer grid the tensor ``name`` lies on."""
         g = self.graph
-        while name != g.input_name and g.node(name).op in GRID_PRESERVING_OPS:
+        while name != g.input_name and float_op(g.node(name).op).kind == "grid":
             name = g.node(name).inputs[0]
         return name
+
+    def _wanted_input_bits(self) -> dict[str, int]:
+        """Quant points read by an op that asks for more bits on its input (lookup tables: ``lut_input_bits``)."""
+        out: dict[str, int] = {}
+        for n in self.graph.nodes:
+            if n.op == "input":
+                continue
+            bits = float_op(n.op).input_bits(self.config)
+            if bits:
+                for i in n.inputs:
+                    src = self.grid_source(i)
+                    out[src] = max(out.get(src, 0), bits)
+        return out
 
     def act_quantizer(self, name: str) -> ActQuantizer:
         return self.act_quant[_key(self.grid_source(name))]
@@ -187,10 +213,11 @@ class QuantModel(nn.Module):
     def _first_and_last(self) -> tuple[set[str], set[str]]:
         first = {n.name for n in self.graph.nodes if n.op in OPS_WITH_WEIGHTS
                  and any(self.grid_source(i) == self.graph.input_name for i in n.inputs)}
-        last_src = self.graph.output_name
-        while self.graph.node(last_src).op in GRID_PRESERVING_OPS:
-            last_src = self.graph.node(last_src).inputs[0]
-        last = {last_src} if self.graph.node(last_src).op in OPS_WITH_WEIGHTS else set()
+        last = set()
+        for out in self.graph.output_names:
+            src = self.grid_source(out)
+            if src != self.graph.input_name and self.graph.node(src).op in OPS_WITH_WEIGHTS:
+                last.add(src)
         return first, last
 
     def _eight_bit_points(self, first: set[str], last: set[str]) -> set[str]:
@@ -198,8 +225,7 @@ class QuantModel(nn.Module):
         for n in self.graph.nodes:
             if n.name in first or n.name in last:
                 pts.update(self.grid_source(i) for i in n.inputs)
-        if last:
-            pts.add(next(iter(last)))
+        pts.update(last)
         return pts
 
     def _nonneg(self) -> dict[str, bool]:
@@ -207,12 +233,11 @@ class QuantModel(nn.Module):
         for n in self.graph.nodes:
             if n.op == "input":
                 continue
-            if n.op in ("conv", "linear", "add"):
+            opdef = float_op(n.op)
+            if opdef.kind == "weighted" or n.op == "add":
                 nn_[n.name] = n.act is not None and n.act[0] >= 0
-            elif n.op == "clamp":
-                nn_[n.name] = n.act[0] >= 0 or nn_[n.inputs[0]]
             else:
-                nn_[n.name] = nn_[n.inputs[0]]
+                nn_[n.name] = opdef.nonneg(n, [nn_[i] for i in n.inputs])
         return nn_
 
     # ---- switches --------------------------------------------------------------------------------------------
@@ -235,43 +260,26 @@ class QuantModel(nn.Module):
 
     # ---- execution -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, return_all: bool = False) -> Any:
+        """The network output(s) in the model's own structure (a tensor, or a tuple / list / dict of tensors);
+        ``return_all``: every tensor by name."""
         g = self.graph
         env: dict[str, torch.Tensor] = {g.input_name: self.act_quant[_key(g.input_name)](x)}
         for n in g.nodes:
             if n.op == "input":
                 continue
             env[n.name] = self._run_node(n, env)
-        return env if return_all else env[g.output_name]
+        if return_all:
+            return env
+        return structure_outputs(g, [env[o] for o in g.output_names])
 
     def _run_node(self, n: FloatNode, env: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = env[n.inputs[0]]
-        if n.op in OPS_WITH_WEIGHTS:
-            q_in = self.act_quantizer(n.inputs[0])
-            y = self.layer(n.name)(x, q_in.scale if q_in.enabled else None)
-            if n.residual:
-                y = y + env[n.residual]
-        elif n.op == "add":
-            y = x + env[n.inputs[1]]
-        elif n.op == "maxpool":
-            a = n.attrs
-            return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a["dilation"])
-        elif n.op == "avgpool":
-            a = n.attrs
-            y = F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], count_include_pad=True)
-        elif n.op == "flatten":
-            return torch.flatten(x, 1)
-        elif n.op == "clamp":
-            q = self.act_quantizer(n.inputs[0])
-            if not q.enabled:
-                return torch.clamp(x, n.act[0], n.act[1])
-            qlo, qhi = q.grid_bounds(*n.act)
-            z, s = float(q.zero_point), q.scale
-            return torch.maximum(torch.minimum(x, (qhi - z) * s), (qlo - z) * s)
-        else:
-            raise ValueError(f"unknown op {n.op} at {n.name}")
-        if n.act is not None:
-            y = act_clamp(y, n.act[0], n.act[1])
-        return self.act_quant[_key(n.name)](y)
+        opdef = float_op(n.op)
+        y = opdef.forward(self, n, env)
+        if opdef.kind in ("weighted", "requant") and not opdef.quantizes_itself:
+            if n.act is not None:
+                y = act_clamp(y, n.act[0], n.act[1])
+            y = self.act_quant[_key(n.name)](y)
+        return y
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -344,8 +352,8 @@ def graph_to_json(graph: FloatGraph) -> dict[str, Any]:
              act=_jsonable(n.act) if n.act else None, residual=n.residual)
         for n in graph.nodes
     ]
-    return dict(nodes=nodes, input_name=graph.input_name, output_name=graph.output_name,
-                input_shape=list(graph.input_shape))
+    return dict(nodes=nodes, input_name=graph.input_name, output_names=list(graph.output_names),
+                output_structure=graph.output_structure, input_shape=list(graph.input_shape))
 
 
 def graph_from_json(d: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> FloatGraph:
@@ -356,7 +364,18 @@ def graph_from_json(d: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> F
         nodes.append(FloatNode(nd["name"], nd["op"], list(nd["inputs"]),
                                {k: _unjson(v) for k, v in nd["attrs"].items()}, w, b,
                                _unjson(nd["act"]) if nd["act"] else None, nd["residual"]))
-    return FloatGraph(nodes, d["input_name"], d["output_name"], tuple(d["input_shape"]))
+    outputs = d["output_names"] if "output_names" in d else [d["output_name"]]
+    return FloatGraph(nodes, d["input_name"], outputs, tuple(d["input_shape"]), d.get("output_structure"))
+
+
+def structure_outputs(graph: FloatGraph, values: list[Any]) -> Any:
+    """Arrange per-output ``values`` like the traced model returned them (one value, tuple, list or dict)."""
+    st = graph.output_structure
+    if st is None:
+        return values[0]
+    if st[0] == "dict":
+        return dict(zip(st[1], values))
+    return list(values) if st[0] == "list" else tuple(values)
 
 
 def pickled_code(e: BaseException) -> str | None:

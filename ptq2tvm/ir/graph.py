@@ -1,8 +1,10 @@
 """The integer graph: the one definition of the deployed arithmetic (see docs/integer_arithmetic.md).
 
 Every tensor is a uint8 container holding values in [0, 2^bits - 1] with a real value scale * (q - zero_point).
-Ops: ``conv2d``, ``dense``, ``add``, ``avgpool2d``, ``maxpool2d``, ``flatten``, ``clamp``. Serialized to one ``.npz``
-file: integer arrays plus a versioned JSON header with a SHA-256 of the arrays.
+The ops and their exact semantics are those of the op registry (:mod:`ptq2tvm.ops`, ``OpDef.reference``): conv2d,
+dense, add, mul, concat, lut, avgpool2d, maxpool2d, clamp, flatten, upsample, pixel_shuffle, pixel_unshuffle,
+channel_shuffle, slice. A graph has one or more outputs (``output_names``). Serialized to one ``.npz`` file: integer
+arrays plus a versioned JSON header with a SHA-256 of the arrays.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from ..atomic import atomic_path
 from ..errors import ArtifactError
 
 IR_FORMAT = "ptq2tvm-integer-graph"
-IR_VERSION = 1
-OPS = ("conv2d", "dense", "add", "avgpool2d", "maxpool2d", "flatten", "clamp")
+IR_VERSION = 2           # 2: several outputs (``output_names``); version 1 files (one ``output_name``) still load
 
 
 @dataclass
@@ -66,12 +67,28 @@ class IntNode:
 class IntegerGraph:
     input: QTensor
     nodes: list[IntNode]
-    output_name: str
+    output_names: list[str] | str
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.output_names, str):
+            self.output_names = [self.output_names]
+        self.output_names = list(self.output_names)
+
+    @property
+    def output_name(self) -> str:
+        """The output of a single-output graph (ValueError for several: use ``output_names``)."""
+        if len(self.output_names) != 1:
+            raise ValueError(f"the integer graph has {len(self.output_names)} outputs; use output_names")
+        return self.output_names[0]
 
     @property
     def output(self) -> QTensor:
         return self.tensor(self.output_name)
+
+    @property
+    def outputs(self) -> list[QTensor]:
+        return [self.tensor(n) for n in self.output_names]
 
     def tensor(self, name: str) -> QTensor:
         if name == self.input.name:
@@ -85,24 +102,30 @@ class IntegerGraph:
         return int(sum(n.arrays["weight"].size for n in self.nodes if "weight" in n.arrays))
 
     # ---- persistence -----------------------------------------------------------------------------------------
-    def _header(self) -> dict[str, Any]:
-        return {
+    def _header(self, version: int = IR_VERSION) -> dict[str, Any]:
+        h = {
             "format": IR_FORMAT,
-            "version": IR_VERSION,
+            "version": version,
             "ptq2tvm_version": __version__,
             "input": _tensor_json(self.input),
-            "output_name": self.output_name,
+            "output_names": list(self.output_names),
             "meta": self.meta,
             "nodes": [dict(name=n.name, op=n.op, inputs=n.inputs, out=_tensor_json(n.out), attrs=n.attrs,
                            arrays=sorted(n.arrays)) for n in self.nodes],
         }
+        if version == 1:
+            h["output_name"] = h.pop("output_names")[0]
+        return h
 
     def _array_items(self) -> dict[str, np.ndarray]:
         return {f"{i}/{k}": v for i, n in enumerate(self.nodes) for k, v in sorted(n.arrays.items())}
 
     def digest(self) -> str:
         """SHA-256 over the header (minus the digest) and every array: identifies this exact integer graph."""
-        h = hashlib.sha256(json.dumps(self._header(), sort_keys=True).encode())
+        return self._digest(IR_VERSION)
+
+    def _digest(self, version: int) -> str:
+        h = hashlib.sha256(json.dumps(self._header(version), sort_keys=True).encode())
         for k, v in self._array_items().items():
             h.update(k.encode())
             h.update(str(v.dtype).encode() + str(v.shape).encode())
@@ -138,7 +161,9 @@ class IntegerGraph:
             raise ArtifactError(f"{path}: corrupted header: {e}") from e
         if header.get("format") != IR_FORMAT:
             raise ArtifactError(f"{path}: format {header.get('format')!r} is not {IR_FORMAT!r}")
-        if header.get("version") != IR_VERSION:
+        if header.get("version") == 1:           # one output: same arrays, same digest recipe with the old key
+            header["output_names"] = [header.get("output_name")]
+        elif header.get("version") != IR_VERSION:
             raise ArtifactError(f"{path}: integer graph version {header.get('version')} is not supported by "
                                 f"ptq2tvm {__version__} (expected {IR_VERSION})")
         nodes = []
@@ -149,8 +174,8 @@ class IntegerGraph:
                 raise ArtifactError(f"{path}: array {e} of node {nd['name']!r} is missing") from e
             nodes.append(IntNode(nd["name"], nd["op"], list(nd["inputs"]), _tensor_from_json(nd["out"]),
                                  nd["attrs"], arrays))
-        g = cls(_tensor_from_json(header["input"]), nodes, header["output_name"], header.get("meta", {}))
-        if g.digest() != header.get("sha256"):
+        g = cls(_tensor_from_json(header["input"]), nodes, header["output_names"], header.get("meta", {}))
+        if g._digest(header.get("version")) != header.get("sha256"):
             raise ArtifactError(f"{path}: checksum mismatch: the file was modified or corrupted")
         return g
 

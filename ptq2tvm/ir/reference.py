@@ -15,14 +15,16 @@ from .graph import IntegerGraph, IntNode
 _EXACT_LIMIT = 1 << 53
 
 
-def _pad(x: np.ndarray, padding: list[int], value: int) -> np.ndarray:
+def pad(x: np.ndarray, padding: list[int], value: int, padding_end: list[int] | None = None) -> np.ndarray:
+    """Pad H and W of (N, C, H, W) by ``padding`` on both sides (plus ``padding_end`` at the bottom/right)."""
     ph, pw = padding
-    if ph == 0 and pw == 0:
+    eh, ew = padding_end or (0, 0)
+    if ph == pw == eh == ew == 0:
         return x
-    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph + eh), (pw, pw + ew)), constant_values=value)
 
 
-def _windows(x: np.ndarray, kernel: list[int], stride: list[int], dilation: list[int]) -> np.ndarray:
+def windows(x: np.ndarray, kernel: list[int], stride: list[int], dilation: list[int]) -> np.ndarray:
     """(N, C, H, W) -> (N, C, OH, OW, kh, kw) view of the sliding windows."""
     kh, kw = kernel
     dh, dw = dilation
@@ -51,7 +53,7 @@ def conv_accumulate(x: np.ndarray, w: np.ndarray, bias: np.ndarray, stride: list
     og = o // groups
     if cg * kh * kw * 255 * 128 >= _EXACT_LIMIT:
         raise ArtifactError("convolution too large for the exact float64 reference accumulation")
-    win = _windows(_pad(x, padding, pad_value), [kh, kw], stride, dilation)
+    win = windows(pad(x, padding, pad_value), [kh, kw], stride, dilation)
     oh, ow = win.shape[2], win.shape[3]
     win = win.reshape(n_, groups, cg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
     win = win.reshape(groups, n_ * oh * ow, cg * kh * kw).astype(np.float64)
@@ -60,51 +62,26 @@ def conv_accumulate(x: np.ndarray, w: np.ndarray, bias: np.ndarray, stride: list
     return np.rint(acc).astype(np.int64) + bias.astype(np.int64).reshape(1, -1, 1, 1)
 
 
-def _check_int32(acc: np.ndarray, node: IntNode) -> np.ndarray:
+def check_int32(acc: np.ndarray, node: IntNode) -> np.ndarray:
     if acc.size and (acc.max() >= (1 << 31) or acc.min() < -(1 << 31)):
         raise ArtifactError(f"layer '{node.name}': int32 accumulator overflow")
     return acc
 
 
 def run_node(node: IntNode, env: dict[str, np.ndarray]) -> np.ndarray:
-    """Execute one integer node on uint8 inputs from ``env``."""
-    a, arr = node.attrs, node.arrays
-    x = env[node.inputs[0]]
-    if node.op in ("conv2d", "dense"):
-        if node.op == "conv2d":
-            acc = conv_accumulate(x, arr["weight"], arr["bias"], a["stride"], a["padding"], a["dilation"],
-                                  a["groups"], a["input_zero_point"])
-        else:
-            acc = np.rint(x.astype(np.float64) @ arr["weight"].astype(np.float64).T).astype(np.int64)
-            acc += arr["bias"].astype(np.int64)[None, :]
-        terms = [(_check_int32(acc, node), arr["multiplier"])]
-        if len(node.inputs) > 1:
-            r = env[node.inputs[1]].astype(np.int64) - a["residual_zero_point"]
-            terms.append((r, arr["residual_multiplier"]))
-        return requantize(terms, arr["shift"], a["output_zero_point"], a["lo"], a["hi"])
-    if node.op == "add":
-        za, zb = a["zero_points"]
-        b = env[node.inputs[1]]
-        terms = [(x.astype(np.int64) - za, arr["multiplier_a"]), (b.astype(np.int64) - zb, arr["multiplier_b"])]
-        return requantize(terms, arr["shift"], a["output_zero_point"], a["lo"], a["hi"])
-    if node.op == "avgpool2d":
-        z = a["input_zero_point"]
-        win = _windows(_pad(x, a["padding"], z), a["kernel"], a["stride"], [1, 1])
-        acc = win.astype(np.int64).sum(axis=(4, 5)) - z * a["kernel"][0] * a["kernel"][1]
-        return requantize([(acc, arr["multiplier"])], arr["shift"], a["output_zero_point"], a["lo"], a["hi"])
-    if node.op == "maxpool2d":
-        win = _windows(_pad(x, a["padding"], 0), a["kernel"], a["stride"], a["dilation"])
-        return win.max(axis=(4, 5))
-    if node.op == "flatten":
-        return x.reshape(x.shape[0], -1)
-    if node.op == "clamp":
-        return np.clip(x, a["lo"], a["hi"]).astype(np.uint8)
-    raise ArtifactError(f"unknown op {node.op!r} at '{node.name}'")
+    """Execute one integer node on uint8 inputs from ``env`` (the op's definition: ``ptq2tvm.ops``)."""
+    from ..ops import IR_OPS
+
+    opdef = IR_OPS.get(node.op)
+    if opdef is None:
+        raise ArtifactError(f"unknown op {node.op!r} at '{node.name}'")
+    return opdef.reference(node, env)
 
 
 def run_reference(graph: IntegerGraph, q_input: np.ndarray, return_all: bool = False
-                  ) -> np.ndarray | dict[str, np.ndarray]:
-    """Run the integer graph on a uint8 input batch (N, *input.shape)."""
+                  ) -> np.ndarray | list[np.ndarray] | dict[str, np.ndarray]:
+    """Run the integer graph on a uint8 input batch (N, *input.shape): the output array (a list of arrays, in
+    ``graph.output_names`` order, for a graph with several outputs; every tensor by name with ``return_all``)."""
     q_input = np.asarray(q_input)
     if q_input.dtype != np.uint8:
         raise InputShapeError(f"reference executor expects uint8 input, got {q_input.dtype}")
@@ -114,4 +91,7 @@ def run_reference(graph: IntegerGraph, q_input: np.ndarray, return_all: bool = F
     env = {graph.input.name: q_input}
     for node in graph.nodes:
         env[node.name] = run_node(node, env)
-    return env if return_all else env[graph.output_name]
+    if return_all:
+        return env
+    outs = [env[o] for o in graph.output_names]
+    return outs[0] if len(outs) == 1 else outs

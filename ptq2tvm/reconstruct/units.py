@@ -24,9 +24,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..frontend.graph import OPS_WITH_WEIGHTS, FloatGraph, FloatNode
+from ..ops import float_op, ops_of_kind
 
-#: ops carrying learnable state (weights and/or an activation quantizer)
-PARAM_OPS = ("conv", "linear", "add", "avgpool")
+#: ops carrying learnable state (weights and/or an activation quantizer): from the op registry
+PARAM_OPS = ops_of_kind("weighted", "requant")
 
 
 @dataclass
@@ -99,7 +100,7 @@ def unit_from_range(graph: FloatGraph, start: int, end: int, kind: str, name: st
             if t not in inside and t not in inputs:
                 inputs.append(t)
     later = {t for n in body[end + 1:] for t in n.data_inputs}
-    outputs = [n.name for n in rng if n.name in later or n.name == graph.output_name]
+    outputs = [n.name for n in rng if n.name in later or n.name in graph.output_names]
     layers = [n.name for n in rng if _is_weighted(n)]
     dependent: set[str] = set()
     for n in rng:
@@ -198,7 +199,7 @@ def _reads_input_only(graph: FloatGraph, n: FloatNode) -> bool:
     t = n.inputs[0]
     while t != graph.input_name:
         p = graph.node(t)
-        if _is_weighted(p) or p.op in ("add",):
+        if float_op(p.op).kind != "grid":
             return False
         t = p.inputs[0]
     return True

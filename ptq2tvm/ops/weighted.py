@@ -1,0 +1,228 @@
+"""conv / linear: weights (BN folded in), int32 bias, per-channel dyadic requantize, fused residual add and clamp.
+
+Integer contract (docs/integer_arithmetic.md)::
+
+    acc_c = bias_c + sum q_x * q_w          (q_x padded with z_x: padding is a real zero)
+    q_out = clamp(z_out + RHU(acc_c * m_c [+ (q_r - z_r) * mr_c], n_c), lo, hi)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+from .base import OpDef, Unsupported, register
+from .common import FLAT, NCHWC, pair, requantize
+
+
+def _conv_node(name: str, inp: str, m: nn.Conv2d):
+    from ..frontend.graph import FloatNode
+
+    if m.padding_mode != "zeros":
+        raise Unsupported(f"padding_mode={m.padding_mode!r} (only 'zeros')")
+    k = pair(m.kernel_size)
+    d = pair(m.dilation)
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            pad = (0, 0)
+        elif all((d[i] * (k[i] - 1)) % 2 == 0 for i in range(2)):
+            pad = tuple(d[i] * (k[i] - 1) // 2 for i in range(2))
+        else:
+            raise Unsupported("padding='same' with an even kernel (asymmetric padding)")
+    else:
+        pad = pair(m.padding)
+    w = m.weight.detach().clone().float()
+    b = m.bias.detach().clone().float() if m.bias is not None else torch.zeros(w.shape[0])
+    attrs = dict(stride=pair(m.stride), padding=tuple(pad), dilation=d, groups=int(m.groups))
+    return FloatNode(name, "conv", [inp], attrs, weight=w, bias=b)
+
+
+class _Weighted(OpDef):
+    kind = "weighted"
+
+    def forward(self, qm: Any, n: Any, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        q_in = qm.act_quantizer(n.inputs[0])
+        y = qm.layer(n.name)(env[n.inputs[0]], q_in.scale if q_in.enabled else None)
+        if n.residual:
+            y = y + env[n.residual]
+        return y
+
+    def fold(self, f: Any, n: Any):
+        from ..fold.fold import fold_weighted
+
+        return fold_weighted(f, n)
+
+    def _terms(self, node: Any, env: dict[str, np.ndarray], acc: np.ndarray) -> list:
+        a, arr = node.attrs, node.arrays
+        from ..ir.reference import check_int32
+
+        terms = [(check_int32(acc, node), arr["multiplier"])]
+        if len(node.inputs) > 1:
+            r = env[node.inputs[1]].astype(np.int64) - a["residual_zero_point"]
+            terms.append((r, arr["residual_multiplier"]))
+        return terms
+
+    def _plain_args(self, e: Any, node: Any) -> tuple[list, dict]:
+        a, arr = node.attrs, node.arrays
+        args = [e.x(0), e.const(arr["weight"]), e.const(arr["bias"]), e.const(arr["multiplier"]),
+                e.const(arr["shift"])]
+        kw = dict(input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"], lo=a["lo"],
+                  hi=a["hi"])
+        if len(node.inputs) > 1:
+            args += [e.x(1), e.const(arr["residual_multiplier"])]
+            kw["residual_zero_point"] = a["residual_zero_point"]
+        return args, kw
+
+    @staticmethod
+    def _channel_consts(b: Any, node: Any, residual: Any | None) -> tuple[list, list]:
+        import kernels as K
+
+        arr = node.arrays
+        params = [arr["bias"], arr["multiplier"], arr["shift"]]
+        if residual is not None:
+            params.append(arr["residual_multiplier"])
+        consts = [b.const(p) for p in K.pack_channel_params(*params)]
+        extra: list = []
+        if residual is not None:
+            extra = [residual, consts.pop()]
+        return consts, extra
+
+
+@register
+class Conv(_Weighted):
+    op, ir_op = "conv", "conv2d"
+    modules = (nn.Conv2d,)
+    summary = "Conv2d (any groups, depthwise included, zero padding)"
+
+    def trace(self, b: Any, node: Any, name: str, module: Any | None) -> None:
+        b.add(_conv_node(name, b.inp(node), module))
+
+    def reference(self, node: Any, env: dict[str, np.ndarray]) -> np.ndarray:
+        from ..ir.reference import conv_accumulate
+
+        a, arr = node.attrs, node.arrays
+        acc = conv_accumulate(env[node.inputs[0]], arr["weight"], arr["bias"], a["stride"], a["padding"],
+                              a["dilation"], a["groups"], a["input_zero_point"])
+        return requantize(self._terms(node, env, acc), arr["shift"], a["output_zero_point"], a["lo"], a["hi"])
+
+    def emit_plain(self, e: Any, node: Any) -> Any:
+        from ..backend import te_ops
+
+        a = node.attrs
+        args, kw = self._plain_args(e, node)
+        kw.update(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"])
+        return e.emit(te_ops.conv2d_requant, *args, **kw)
+
+    def emit_blocked(self, b: Any, node: Any) -> tuple[Any, str]:
+        import kernels as K
+
+        a, arr = node.attrs, node.arrays
+        w = arr["weight"]
+        residual = b.blocked(node.inputs[1]) if len(node.inputs) > 1 else None
+        consts, extra = self._channel_consts(b, node, residual)
+        kw = dict(input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"], lo=a["lo"],
+                  hi=a["hi"], residual_zero_point=a.get("residual_zero_point", 0), isa=K.pack_isa(b.isa))
+        xin, layout = b.env[node.inputs[0]]
+        cin = w.shape[1] * a["groups"]
+        name = b.hint(node)
+        if not b.cuda and layout == "nchw" and a["groups"] == 1 and cin <= 4 and a["dilation"][1] == 1:
+            rows = b.emit(K.te_nchw_to_rows, xin, kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
+                          padding=tuple(a["padding"]), pad_value=a["input_zero_point"], name="to_rows")
+            kw["isa"], kw["ubsw_exact"], wp = b.weight_layout(
+                node, lambda isa: K.pack_rows_weight(w, isa=isa, int4=b.int4(node)))
+            wp = b.weight(wp)
+            out = b.emit(K.conv2d_rows_requant, rows, wp, *consts, *extra,
+                         in_channels=cin, in_width=b.graph.tensor(node.inputs[0]).shape[2],
+                         kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
+                         dilation=tuple(a["dilation"]), name=name, **kw)
+            return out, NCHWC
+        if layout == "nchw" and cin <= 4 and a["groups"] == 1:
+            xb, icb = b.emit(K.te_nchw_to_nchwc, xin, block=4, pad_value=a["input_zero_point"], name="to_nchw4c"), 4
+        else:
+            xb, icb = b.blocked(node.inputs[0]), 16
+        depthwise = K.conv_weight_mode(w.shape[0], cin, a["groups"], icb) == "depthwise"
+        if depthwise and b.isa == "vnni" and not b.cuda and a["dilation"][1] == 1:
+            # 4 horizontal taps x 16 channels per vpdpbusd (kernels.depthwise_taps_requant)
+            kw.pop("isa")
+            return b.emit(K.depthwise_taps_requant, xb, b.weight(K.pack_depthwise_taps(w)), *consts, *extra,
+                          kernel_width=int(w.shape[3]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
+                          dilation=tuple(a["dilation"]), name=name, **kw), NCHWC
+        if depthwise:
+            wp = b.weight(K.pack_conv_weight(w, groups=a["groups"], ic_block=icb))
+        else:
+            kw["isa"], kw["ubsw_exact"], wp = b.weight_layout(
+                node, lambda isa: K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=isa,
+                                                     int4=b.int4(node)))
+            wp = b.weight(wp)
+        out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
+                     padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), groups=a["groups"], name=name, **kw)
+        return out, NCHWC
+
+
+@register
+class Linear(_Weighted):
+    op, ir_op = "linear", "dense"
+    modules = (nn.Linear,)
+    summary = "Linear (on (N, features))"
+
+    def trace(self, b: Any, node: Any, name: str, module: Any | None) -> None:
+        from ..frontend.graph import FloatNode
+
+        shape = b.shape(node.args[0])
+        if len(shape) != 2:
+            raise Unsupported(f"Linear on a {len(shape)}-D input (only 2-D (N, features))")
+        w = module.weight.detach().clone().float()
+        bias = module.bias.detach().clone().float() if module.bias is not None else torch.zeros(w.shape[0])
+        b.add(FloatNode(name, "linear", [b.inp(node)], {}, weight=w, bias=bias))
+
+    def reference(self, node: Any, env: dict[str, np.ndarray]) -> np.ndarray:
+        a, arr = node.attrs, node.arrays
+        x = env[node.inputs[0]]
+        acc = np.rint(x.astype(np.float64) @ arr["weight"].astype(np.float64).T).astype(np.int64)
+        acc += arr["bias"].astype(np.int64)[None, :]
+        return requantize(self._terms(node, env, acc), arr["shift"], a["output_zero_point"], a["lo"], a["hi"])
+
+    def emit_plain(self, e: Any, node: Any) -> Any:
+        from ..backend import te_ops
+
+        args, kw = self._plain_args(e, node)
+        return e.emit(te_ops.dense_requant, *args, **kw)
+
+    def emit_blocked(self, b: Any, node: Any) -> tuple[Any, str]:
+        import kernels as K
+
+        a, arr = node.attrs, node.arrays
+        xin = b.flat(node.inputs[0])
+        residual = b.flat(node.inputs[1]) if len(node.inputs) > 1 else None
+        consts, extra = self._channel_consts(b, node, residual)
+        isa, exact, wp = b.weight_layout(node, lambda isa: K.pack_dense_weight(arr["weight"], isa=isa,
+                                                                               int4=b.int4(node)))
+        out = b.emit(K.dense_requant, xin, b.weight(wp), *consts, *extra,
+                     out_features=int(arr["weight"].shape[0]), input_zero_point=a["input_zero_point"],
+                     output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"],
+                     residual_zero_point=a.get("residual_zero_point", 0), isa=isa, ubsw_exact=exact,
+                     name=b.hint(node))
+        return out, FLAT
+
+
+@register
+class BatchNorm(OpDef):
+    """BatchNorm2d: folded into the preceding conv by the tracer's fusion pass (never reaches the fake-quant model)."""
+
+    op, kind = "bn", "trace"
+    modules = (nn.BatchNorm2d,)
+    summary = "BatchNorm2d (after a conv)"
+
+    def trace(self, b: Any, node: Any, name: str, module: Any | None) -> None:
+        from ..frontend.graph import FloatNode
+
+        if not module.track_running_stats or module.running_mean is None:
+            raise Unsupported("BatchNorm2d without running statistics")
+        b.add(FloatNode(name, "bn", [b.inp(node)], dict(module=module)))
+
+
+
