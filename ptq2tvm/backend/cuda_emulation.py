@@ -4,6 +4,8 @@ a 224x224 network) and needs g++; used by the tests and ``benchmarks/cuda_build.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -40,9 +42,11 @@ def cuda_kernel(func: tvm.tirx.PrimFunc) -> tuple[str, int, tuple[int, int, int]
     return src, grid, block
 
 
-def emulate_every_kernel(graph: IntegerGraph, batch: int, seed: int = 0) -> list[str]:
+def emulate_every_kernel(graph: IntegerGraph, batch: int, seed: int = 0,
+                         only: Callable[[str], bool] | None = None) -> list[str]:
     """Run every kernel of ``graph``'s CUDA build in the CUDA emulation, on the network's own weights and random
-    activations, against the same PrimFunc compiled unscheduled for this CPU; return the kernel names checked.
+    activations, against the same PrimFunc compiled unscheduled for this CPU; return the kernel names checked
+    (``only``: a filter on the kernel names, e.g. to check the kernels of some ops).
     Raises ArtifactError at the first kernel whose output differs, RuntimeError on a misaligned access."""
     plain, _ = build_blocked_module(graph, batch, "vnni", cuda=True)
     scheduled = schedule_module_cuda(plain)
@@ -53,7 +57,7 @@ def emulate_every_kernel(graph: IntegerGraph, batch: int, seed: int = 0) -> list
     host = tvm.target.Target({"kind": "llvm", "opt-level": 0})
     checked = []
     for gv, func in plain.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc):
+        if not isinstance(func, tvm.tirx.PrimFunc) or (only is not None and not only(gv.name_hint)):
             continue
         inputs = []
         for a in calls[gv.name_hint]:

@@ -67,7 +67,21 @@ class _Builder:
         a = node.args[idx]
         if not isinstance(a, fx.Node) or "tensor_meta" not in a.meta:
             raise Unsupported(f"argument {idx} is not a tensor ({a!r})")
+        if a.op == "get_attr":
+            raise Unsupported(f"a constant tensor attribute ({a.target}) as an activation input")
         return self.names[a]
+
+    def constant(self, node: Any) -> torch.Tensor | None:
+        """The tensor behind a ``get_attr`` fx node (a parameter or buffer read in forward), None for None;
+        raises Unsupported for anything computed."""
+        if node is None:
+            return None
+        if not isinstance(node, fx.Node) or node.op != "get_attr":
+            raise Unsupported(f"{node!r} is not a constant parameter (computed weights are not supported)")
+        obj: Any = self.gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj.detach().clone().float()
 
     @staticmethod
     def shape(node: Any) -> torch.Size:
@@ -105,12 +119,10 @@ class _Builder:
         if node.op == "output":
             self.outputs = node.args[0]
             return
-        if "tensor_meta" not in node.meta:    # shape arithmetic (x.size(), getitem of a size, ints): not a tensor op
-            if node.op == "get_attr":
-                raise Unsupported("constant tensor attribute used in forward")
+        if node.op == "get_attr":         # a parameter/buffer read in forward: only conv weights may use it
             return
-        if node.op == "get_attr":
-            raise Unsupported("constant tensor attribute used in forward")
+        if "tensor_meta" not in node.meta:    # shape arithmetic (x.size(), getitem of a size, ints): not a tensor op
+            return
         module = self.modules[node.target] if node.op == "call_module" else None
         if module is not None:
             opdef = module_handler(module)
@@ -191,6 +203,17 @@ def _fold_bn(conv: FloatNode, bn: nn.BatchNorm2d) -> None:
     conv.bias = ((conv.bias.double() - mean) * k + beta).float()
 
 
+def _bn_as_depthwise_conv(n: FloatNode) -> None:
+    """Turn a BatchNorm2d node that follows no foldable conv into the equivalent depthwise 1x1 conv (in place)."""
+    bn = n.attrs["module"]
+    c = bn.running_mean.numel()
+    n.op = "conv"
+    n.attrs = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=int(c))
+    n.weight = torch.ones(c, 1, 1, 1)
+    n.bias = torch.zeros(c)
+    _fold_bn(n, bn)
+
+
 def _depths(nodes: list[FloatNode]) -> dict[str, int]:
     depth: dict[str, int] = {}
     for n in nodes:
@@ -219,8 +242,9 @@ def _fuse(prims: list[FloatNode], outputs: list[str]) -> tuple[list[FloatNode], 
         if n.op == "bn":
             prod = by_name.get(n.inputs[0])
             if prod is None or prod.op != "conv" or prod.act or prod.residual or _users(nodes, prod.name, out) != 1:
-                errors.append(f"{n.name} (BatchNorm2d): does not directly follow a Conv2d whose only user it is; "
-                              "it cannot be folded")
+                # pre-activation BN (DenseNet, on a concat or a block input): a per-channel affine map, i.e. a
+                # depthwise 1x1 conv (each weight is one value per channel: exact at any weight bits)
+                _bn_as_depthwise_conv(n)
                 i += 1
                 continue
             _check_bn(n.name, n.attrs["module"], prod.name)

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 from .base import OpDef, Unsupported, register
-from .common import FLAT, NCHWC, pair, requantize
+from .common import FLAT, NCHWC, arg, pair, requantize
 
 
 def _conv_node(name: str, inp: str, m: nn.Conv2d):
@@ -96,9 +97,20 @@ class _Weighted(OpDef):
 class Conv(_Weighted):
     op, ir_op = "conv", "conv2d"
     modules = (nn.Conv2d,)
-    summary = "Conv2d (any groups, depthwise included, zero padding)"
+    functions = (F.conv2d,)
+    summary = "Conv2d (any groups, depthwise included, zero padding; F.conv2d with constant weights)"
 
     def trace(self, b: Any, node: Any, name: str, module: Any | None) -> None:
+        if module is None:      # F.conv2d(x, weight, bias, stride, padding, dilation, groups), weights constant
+            w = b.constant(arg(node, 1, "weight", None))
+            bias = b.constant(arg(node, 2, "bias", None))
+            module = nn.Conv2d(w.shape[1] * int(arg(node, 6, "groups", 1)), w.shape[0], tuple(w.shape[2:]),
+                               arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1),
+                               int(arg(node, 6, "groups", 1)), bias=bias is not None)
+            with torch.no_grad():
+                module.weight.copy_(w)
+                if bias is not None:
+                    module.bias.copy_(bias)
         b.add(_conv_node(name, b.inp(node), module))
 
     def reference(self, node: Any, env: dict[str, np.ndarray]) -> np.ndarray:
