@@ -72,6 +72,10 @@ class FloatGraph:
             raise ValueError(f"the graph has {len(self.output_names)} outputs; use output_names")
         return self.output_names[0]
 
+    @output_name.setter
+    def output_name(self, name: str) -> None:
+        self.output_names = [name]
+
     def node(self, name: str) -> FloatNode:
         for n in self.nodes:
             if n.name == name:
