@@ -21,14 +21,6 @@ import torch
 OPS_WITH_WEIGHTS = ("conv", "linear")
 
 
-def __getattr__(name: str) -> Any:  # derived from the op registry (imported lazily: ops import this module)
-    from ..ops import ops_of_kind
-
-    if name == "GRID_PRESERVING_OPS":
-        return ops_of_kind("grid")
-    raise AttributeError(name)
-
-
 @dataclass
 class FloatNode:
     """One operation of the canonical float graph."""

@@ -24,12 +24,6 @@ def supported_layers() -> str:
     return ", ".join(d.summary for d in FLOAT_OPS.values() if d.summary)
 
 
-def __getattr__(name: str) -> Any:  # SUPPORTED_LAYERS stays importable; it is built from the registry
-    if name == "SUPPORTED_LAYERS":
-        return supported_layers()
-    raise AttributeError(name)
-
-
 class _Builder:
     """Turns fx nodes into primitive FloatNodes through the op registry (:mod:`ptq2tvm.ops`); op handlers call
     :meth:`add`, :meth:`inp`, :meth:`name`, :meth:`shape` and may set ``alias`` / ``chunks`` entries."""
