@@ -61,10 +61,21 @@ def test_unsupported_layers_are_all_listed_by_name():
         assert name in msg
 
 
-def test_batchnorm_that_cannot_be_folded():
+def test_batchnorm_that_cannot_be_folded_becomes_a_depthwise_conv():
+    """A BN that follows no conv it could fold into (after a ReLU, DenseNet's pre-activation BN) is the per-channel
+    affine map it is: a depthwise 1x1 conv, same float output."""
+    torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2)).eval()
-    with pytest.raises(UnsupportedModelError, match=r"2 \(BatchNorm2d\).*cannot be folded"):
-        trace_model(m, (1, 8, 8))
+    m[2].running_mean.uniform_(-1, 1)
+    m[2].running_var.uniform_(0.5, 2)
+    g = trace_model(m, (1, 8, 8))
+    bn = g.node("2")
+    assert bn.op == "conv" and bn.attrs["groups"] == 4 and tuple(bn.weight.shape) == (4, 1, 1, 1)
+    x = torch.randn(3, 1, 8, 8)
+    from ptq2tvm.frontend.qmodel import QuantConfig, QuantModel
+
+    qm = QuantModel(g, QuantConfig()).set_quant(weights=False, acts=False)
+    torch.testing.assert_close(qm(x), m(x), rtol=1e-5, atol=1e-5)
 
 
 def test_untraceable_model():
