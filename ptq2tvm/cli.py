@@ -251,6 +251,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         print(f"bits per layer (W/A of the input): {bits_summary(graph.meta['layer_bits'])}")
     if fid is not None:
         print("  " + fid.summary().replace("\n", "\n  "))
+        if notes:
+            print(f"  warning: {len(notes)} data warning(s) above: this fidelity is measured on images like the "
+                  "calibration images, so it cannot show that they are preprocessed differently from what the model "
+                  "expects (raw pixels calibrate a model that then fails on normalized inputs)")
     if report is not None:
         print(f"reconstruction ({report.granularity}): {len(report.units)} units in {report.seconds:.0f} s; loss "
               f"curves {out / 'recon_loss.png'}")
