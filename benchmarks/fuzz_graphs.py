@@ -43,6 +43,10 @@ FOUND_AND_FIXED = [
     "bias near 2^31 steps, so the conv term shared the residual's shift with a 2-5 bit mantissa: 2-3 LSB from "
     "fake-quant -> the floor keeps |bias| <= 2^27 / M_res there "
     "(test_constant_channel_with_fused_residual_stays_within_one_lsb)",
+    "(found by this fuzzer, second run) Linear -> Hardtanh(-0.5, 0) -> Hardtanh(0.25, 1.25): the trace fused the two "
+    "clamps as (max lo, min hi) = (0.25, 0.0), lo > hi, which numpy and the blocked kernels resolve differently "
+    "(every output wrong on 'auto') -> clamps compose as clamp(x, clamp(lo1, lo2, hi2), clamp(hi1, lo2, hi2)) "
+    "(test_disjoint_clamps_compose_like_torch)",
 ]
 
 
@@ -109,6 +113,7 @@ def write_md(s: dict, path: Path) -> None:
         "# Fuzzing random graphs (issue 11)", "",
         f"Command: `{s['command']}` ({s['seconds']} s, {s['jobs']} job(s), load average at the end "
         f"{', '.join(f'{x:.1f}' for x in s['loadavg'])} on 2 cores shared with other agents).", "",
+        *([s["note"], ""] if s.get("note") else []),
         f"- graphs tried: **{s['graphs']}**; outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["status"].items())),
         f"- compiled on both CPU backends ('auto' blocked AVX2 kernels, 'plain') and bit-exact vs the reference: "
         f"**{s['compiled_bit_exact']} of {s['compiled_both_backends']}** compiled graphs",

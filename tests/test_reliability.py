@@ -374,3 +374,18 @@ def test_a_killed_writer_leaves_no_artifact_and_the_next_write_cleans_up(tmp_pat
     assert not target.exists() and len(left) == 1 and left[0].startswith(f".model.json.{child.pid}.")
     write_json(target, {"ok": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]
+
+
+def test_disjoint_clamps_compose_like_torch():
+    """Found by the fuzzer: Hardtanh(-0.5, 0) then Hardtanh(0.25, 1.25) fused as (max lo, min hi) = (0.25, 0.0), a
+    clamp with lo > hi that numpy and the blocked kernels resolved differently (every output wrong on 'auto')."""
+    from ptq2tvm.frontend.trace import trace_model
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(8, 5), nn.Hardtanh(-0.5, 0.0), nn.Hardtanh(0.25, 1.25), nn.ReLU(),
+                      nn.Hardtanh(0.0, 0.5)).eval()
+    g = trace_model(m, (2, 2, 2))
+    assert g.node(g.output_name).act == (0.25, 0.25)
+    x = torch.randn(4, 2, 2, 2)
+    qm = QuantModel(g, QuantConfig(8, 8)).set_quant(weights=False, acts=False)
+    assert torch.equal(qm(x), m(x))

@@ -270,7 +270,9 @@ def _fuse(prims: list[FloatNode], outputs: list[str]) -> tuple[list[FloatNode], 
             if (p is not None and (FLOAT_OPS[p.op].kind in ("weighted", "requant") or p.op == "clamp")
                     and _users(nodes, p.name, out) == 1):
                 plo, phi = p.act if p.act else (-INF, INF)
-                p.act = (max(lo, plo), min(hi, phi))
+                # clamp(clamp(x, plo, phi), lo, hi) = clamp(x, clamp(plo, lo, hi), clamp(phi, lo, hi)); (max, min)
+                # only when the intervals overlap (disjoint ones gave lo > hi: found by the fuzzer)
+                p.act = (min(max(plo, lo), hi), max(min(phi, hi), lo))
                 nodes.pop(i)
                 replace(n.name, p.name)
                 continue
