@@ -323,7 +323,7 @@ def write_md(r: dict, path: Path) -> None:
     lines += ["", "'incomplete-detected': some files of the set are missing (no run.json, or a .so without its "
               "sidecar / with a stale one), and every command refuses it with a clear error; never a half-written "
               "file. Temporaries of a killed writer are removed by the next write of the same artifact.", "",
-              "## Full disk (1 MiB tmpfs, 16 kB free)", ""]
+              "## Full disk (1 MiB tmpfs)", ""]
     fd = r["full_disk"]
     if "skipped" in fd:
         lines.append(f"skipped: {fd['skipped']}")
