@@ -84,7 +84,7 @@ def test_device_cpu_explicit_and_cache_plan(tiny_model, calib, capsys):
             resolve_device("cuda")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     s = ReconSettings(method="qdrop", adaqtransform=True, iters=5, batch_size=8, seed=0, chunk=16, device="cpu")
-    qm, rep = reconstruct(tiny_model, calib, QuantConfig(4, 4), s, progress=True)
+    qm, rep = reconstruct(tiny_model, calib, QuantConfig(4, 4), s, progress=False)
     cap = capsys.readouterr()
     err = cap.out + cap.err
     assert "reconstruction caches for 32 images" in err and "-> caches in cpu memory" in err

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -71,6 +72,7 @@ class BudgetPlanner:
     correction: list[float] = field(default_factory=list)   # measured / probed, per finished unit
     overheads: list[float] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    warned: bool = False
 
     def iters_for(self, key: str, remaining: list[tuple[str, float]]) -> int:
         """Iterations for the unit ``remaining[0]``; ``remaining``: (unit name, stage share) of it and every later
@@ -82,7 +84,14 @@ class BudgetPlanner:
         x = (left - ov * len(remaining)) / cost if cost > 0 else self.max_iters
         share = remaining[0][1]
         n = int(max(self.min_iters, min(self.max_iters * share, math.floor(x * share))))
-        self.decisions.append(dict(unit=key, iters=n, seconds_left=round(left, 1), correction=round(corr, 3)))
+        floored = x * share < self.min_iters
+        self.decisions.append(dict(unit=key, iters=n, seconds_left=round(left, 1), correction=round(corr, 3),
+                                   floored=floored))
+        if floored and not self.warned:
+            self.warned = True
+            print(f"time budget: {max(left, 0):.0f} s left for {len(remaining)} unit pass(es) buys fewer than "
+                  f"min_iters = {self.min_iters} iterations each (caching/evaluation alone ~{ov:.1f} s per unit); "
+                  f"running {self.min_iters}: the budget will be exceeded", file=sys.stderr)
         return max(1, n)
 
     def record(self, unit: str, iters: int, optim_seconds: float, seconds: float) -> None:

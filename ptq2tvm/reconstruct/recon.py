@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -541,6 +542,7 @@ def run_stages(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list
             if key in done:
                 stream.advance(unit, later)
                 continue
+            t_unit = time.perf_counter()
             tgt = stream.targets(unit)
             unit_stage = stage
             if planner is not None:
@@ -549,8 +551,6 @@ def run_stages(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list
                                 _seed_for(settings.seed, key_prefix, si, ui, unit.name), progress=progress,
                                 desc=unit.name, device=device)
             todo.pop(0)
-            if planner is not None:
-                planner.record(unit.name, res["iters"], res["optim_seconds"], res["seconds"])
             res["index"] = ui
             report.curves[key] = res
             report.iterations += res["iters"]
@@ -558,6 +558,8 @@ def run_stages(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list
             stream.advance(unit, later, fp_out=tgt)
             if on_unit_end is not None:
                 on_unit_end(key, res)
+            if planner is not None:     # overhead = the unit's whole wall time (caching, eval, checkpoint) - loop
+                planner.record(unit.name, res["iters"], res["optim_seconds"], time.perf_counter() - t_unit)
     qm.set_quant(weights=True, acts=True)
 
 
@@ -648,8 +650,7 @@ def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: Quant
     plan = plan_caches(fp, images, discover_units(qm.graph, gran if gran in ("layer", "network") else "block"),
                        device)
     report.cache_plan = plan.to_dict()
-    if progress:
-        tqdm.write(plan.summary())
+    tqdm.write(plan.summary(), file=sys.stderr)          # always: the memory the run will need, before it starts
     images = _place_images(images, device, plan)
 
     ckpt = None
@@ -695,10 +696,9 @@ def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: Quant
                                 rates, overhead)
         report.budget = dict(seconds=settings.time_budget, probed_sec_per_iter=rates, overhead_estimate=overhead,
                              decisions=planner.decisions)
-        if progress:
-            tqdm.write(f"time budget {settings.time_budget:.0f} s: probed {len(rates)} units, "
-                       f"{sum(rates.values()):.3f} s per iteration of all units; "
-                       f"{time.perf_counter() - t0:.0f} s used so far")
+        tqdm.write(f"time budget {settings.time_budget:.0f} s: probed {len(rates)} units, "
+                   f"{sum(rates.values()):.3f} s per iteration of all units; "
+                   f"{time.perf_counter() - t0:.0f} s used so far", file=sys.stderr)
     if settings.method == "nwq":
         from .nwq import run_nwq
 
