@@ -6,7 +6,7 @@ stored weight size, and the ILP's predicted latency against the measured latency
 
 Fashion-MNIST models: trained and cached by the project (``ptq2tvm train``), 512 calibration images, RTN
 (calibration-only) PTQ, fake-quant top-1 on the first ``--n`` test images (the .so equals the integer reference bit
-for bit: checked on 64 images per point, and the integer network equals fake-quant on > 99.9% of top-1 decisions,
+for bit: checked on 64 images per point (2 for ResNet-18), and the integer network equals fake-quant on > 99.9% of top-1 decisions,
 see ``ptq2tvm parity``). ResNet-18 at 224x224: random weights, latency only (its ILP uses the weight-only proxy
 ||Q(W)-W||^2 / n as sensitivity: a Hessian of random weights means nothing).
 
@@ -78,7 +78,7 @@ def _proxy_report(model: torch.nn.Module, graph8, candidates) -> SensitivityRepo
 def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     from ptq2tvm.data import calibration_set, load_dataset
 
-    work = out_dir / name
+    work = out_dir / (name if name == "resnet18" else f"{name}_{args.data}")
     work.mkdir(parents=True, exist_ok=True)
     latency_only = name == "resnet18"
     if latency_only:
@@ -91,9 +91,9 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
     else:
         from ptq2tvm.train import train_builtin
 
-        model, _ = train_builtin(name, dataset="fashion-mnist", progress=False)
-        calib = calibration_set("fashion-mnist", 512, seed=0)
-        test = load_dataset("fashion-mnist", split="test", limit=args.n)
+        model, _ = train_builtin(name, dataset=args.data, progress=False)
+        calib = calibration_set(args.data, 512, seed=0)
+        test = load_dataset(args.data, split="test", limit=args.n)
     t0 = time.perf_counter()
     qm8 = quantize(model, calib, QuantConfig(8, 8), progress=False)
     graph8 = to_integer(qm8)
@@ -151,7 +151,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         so = work / f"point{i}.so"
         res = compile_graph(graph, so, batch=1)
         cm = CompiledModel(so)
-        q = graph.input.quantize(calib[:64] if test is None else test.images[:64])
+        q = graph.input.quantize(calib[:2] if test is None else test.images[:64])
         p["bit_exact_vs_reference"] = bool(np.array_equal(cm.run_int(q), run_reference(graph, q)))
         p["bits"] = {n: [b["w_bits"], b["a_bits"]] for n, b in bits.items()}
         p["bits_summary"] = bits_summary(bits)
@@ -179,7 +179,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         Path(p.pop("so")).unlink(missing_ok=True)
     for f in work.glob("point*.json"):
         f.unlink()
-    return dict(model=name, fp32_top1=fp_top1, n_test=None if test is None else int(len(test.images)),
+    return dict(model=name if latency_only else f"{name} ({args.data})", fp32_top1=fp_top1, n_test=None if test is None else int(len(test.images)),
                 latency_only=latency_only, points=points,
                 sensitivity_loss=rep.loss, hutchinson_samples=rep.hutchinson_samples,
                 other_kernels_ms=1e3 * costs.other_seconds, isa=costs.isa, load_average_costs=costs.load_average)
@@ -216,11 +216,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [f"# Mixed precision vs uniform bits\n", f"Command: `{meta['command']}`\n",
-             f"Host: {meta['cpu']} ({meta['isa']}), load average at start {meta['load_start']}, at end "
-             f"{meta['load_end']} (a shared 2-core VM loaded by other agents: absolute times are inflated and noisy; "
-             f"compare points of one model, timed round robin); TVM threads {meta['tvm_threads']}.\n"]
+    lines = ["# Mixed precision vs uniform bits\n"]
     for res in results:
+        m = res["meta"]
+        lines.append(f"Command: `{m['command']}` ({m['started']}); host: {m['cpu']} ({m.get('isa')}), load average "
+                     f"at start {m['load_start']}, at end {m.get('load_end')} (a shared 2-core VM loaded by other "
+                     f"agents: absolute times are inflated and noisy; compare points of one model, timed round "
+                     f"robin); TVM threads {m['tvm_threads']}.\n")
         lines.append(f"## {res['model']}" + (" (random weights, latency only)" if res["latency_only"] else
                                              f" (FP32 top-1 {100 * res['fp32_top1']:.2f}% on {res['n_test']} test "
                                              "images)"))
@@ -247,6 +249,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet_small,mobilenet_v2_small,resnet18")
     ap.add_argument("--n", type=int, default=10000, help="test images for top-1")
+    ap.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "digits"],
+                    help="dataset of the small models (trained and cached by ptq2tvm train)")
     ap.add_argument("--samples", type=int, default=32, help="Hutchinson samples")
     ap.add_argument("--rounds", type=int, default=5, help="round-robin latency rounds")
     ap.add_argument("--work", default=str(ROOT / "runs" / "mixed_precision_bench"))
@@ -265,6 +269,14 @@ def main() -> None:
         meta["isa"] = results[-1]["isa"]
     meta["load_end"] = [round(v, 1) for v in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
+    old = RESULTS / "mixed_precision.json"          # models not run this time keep their earlier results
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        done = {r["model"] for r in results}
+        kept = [dict(r, meta=r.get("meta", prev["meta"])) for r in prev["results"] if r["model"] not in done]
+        results = kept + results
+    for r in results:
+        r.setdefault("meta", meta)
     write_json(RESULTS / "mixed_precision.json", dict(meta=meta, results=results))
     md = markdown(results, meta)
     write_text(RESULTS / "mixed_precision.md", md)
