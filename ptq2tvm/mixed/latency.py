@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_json
 from ..backend.compile import resolve_target
-from ..backend.cuda_emulation import _call_args
 from ..ir.graph import IntegerGraph
 
 LAYER_OPS = ("conv2d", "dense")
@@ -126,6 +125,22 @@ def _kernel_library(mod: tvm.IRModule, target: tvm.target.Target) -> Any:
     raise RuntimeError("compiled module exposes no kernel by name")
 
 
+def _calls(mod: tvm.IRModule) -> list[tuple[str, list]]:
+    """Every call_tir of the Relax ``main``, in order: (PrimFunc name, its arguments: numpy for constants,
+    (shape, dtype) for activations)."""
+    from tvm import relax
+
+    out = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if isinstance(call, relax.Call) and getattr(call.op, "name", "") == "relax.call_tir":
+                out.append((call.args[0].name_hint,
+                            [a.value.numpy() if isinstance(a, tvm.ir.expr.Constant)
+                             else ([int(v) for v in a.ty.shape.values], str(a.ty.dtype)) for a in call.args[1].fields]))
+    return out
+
+
 def _read_cache(path: Path | None) -> dict[str, float]:
     if path is None or not path.is_file():
         return {}
@@ -163,27 +178,29 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
     measured = cached = 0
     mods = {cls: build_x86_module(variant_graph(graph, bits), batch, tdict)[0] for cls, bits in
             (("int8", 8), ("int4", 4))}
-    names = {kernel_name(n): n for n in layers}
+    names = {kernel_name(n) for n in layers}
     jobs = []
     for cls, mod in mods.items():
-        calls = _call_args(mod, "main")
-        for gv, func in mod.functions.items():
-            if not isinstance(func, tvm.tirx.PrimFunc) or gv.name_hint not in calls:
-                continue
-            if cls == "int4" and gv.name_hint not in names:
+        funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+        order = iter(layers)
+        for name, args in _calls(mod):
+            # Relax reuses one PrimFunc for layers of identical shape and attributes (layer1.1.conv1 calls
+            # k_layer1_0_conv1): the layer kernels are the calls of a layer kernel name, in graph order
+            layer = next(order) if name in names else None
+            if cls == "int4" and layer is None:
                 continue                           # non-layer kernels are the same in both builds
-            jobs.append((cls, gv.name_hint, func, calls[gv.name_hint]))
+            jobs.append((cls, layer, name, funcs[name], args))
     if not timed:
-        for cls, name, _, args in jobs:
-            if name in names:
-                sizes[names[name]][cls] = int(args[1].nbytes)
+        for cls, layer, _, _, args in jobs:
+            if layer is not None:
+                sizes[layer][cls] = int(args[1].nbytes)
         return LayerCosts(seconds, sizes, layer_macs(graph), 0.0, {}, batch, tdict, isa)
-    keys = [prefix + str(tvm_ffi.structural_hash(func)) for _, _, func, _ in jobs]
+    keys = [prefix + str(tvm_ffi.structural_hash(func)) for _, _, _, func, _ in jobs]
     libs = {cls: _kernel_library(mods[cls], tgt) for cls in mods
             if any(k not in known for k, (c, *_) in zip(keys, jobs) if c == cls)}
     bar = tqdm(list(zip(keys, jobs)), desc="kernel latency", unit="kernel", disable=not progress)
     try:
-        for key, (cls, name, func, args) in bar:
+        for key, (cls, layer, name, func, args) in bar:
             if key in known:
                 t = known[key]
                 cached += 1
@@ -191,11 +208,11 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
                 t = _time_kernel(libs[cls], name, func, args, rng, repeat, min_repeat_ms)
                 known[key] = t
                 measured += 1
-            if name in names:
-                seconds[names[name]][cls] = t
-                sizes[names[name]][cls] = int(args[1].nbytes)
+            if layer is not None:
+                seconds[layer][cls] = t
+                sizes[layer][cls] = int(args[1].nbytes)
             else:
-                other[name] = t
+                other[f"{len(other)}:{name}"] = t
     finally:
         bar.close()
         if cache_path is not None and measured:
