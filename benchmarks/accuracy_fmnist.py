@@ -151,6 +151,15 @@ were re-evaluated from their checkpoints with `--refresh-fakequant` (the old val
 `fakequant_top1_float32_bias`).
 """
 
+DIGITS_HEADER = """# sklearn digits (8x8): reconstruction methods, fake-quant and compiled .so top-1
+
+The small models trained on sklearn's digits (1437 train / 360 test images, 8x8, `--dataset digits`), 1024 calibration
+images from the train split, batch 32, first/last layer 8 bit, one torch thread. A cheap stand-in where the
+Fashion-MNIST rows did not fit the CPU budget: 360 test images, so one image is 0.28 points. Rows made with
+`benchmarks/accuracy_fmnist.py --dataset digits --out benchmarks/results/accuracy_digits ...` (the command is in
+docs/reconstruction.md) on the shared 2 cores at load average ~30 (`s/run` is inflated ~10x).
+"""
+
 METHOD_ORDER = ["rtn", "adaround", "brecq", "qdrop", "qdrop:mrecg-modcap", "qdrop:mrecg-loss", "qdrop:mrecg-authors",
                 "qdrop:mrecg-authors+xb", "qdrop+adaq", "qdrop:mrecg-modcap+adaq", "qdrop:mrecg-loss+adaq",
                 "qdrop:mrecg-authors+adaq", "qdrop:mrecg-authors+xb+adaq", "network", "network+adaq", "nwq",
@@ -193,7 +202,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         m = 100 * statistics.mean(vals)
         return f"{m:.2f}" if len(vals) == 1 else f"{m:.2f} ± {100 * statistics.stdev(vals):.2f}"
 
-    lines = [MD_HEADER,
+    header = MD_HEADER if {r.get("dataset", "fashion-mnist") for r in rows} != {"digits"} else DIGITS_HEADER
+    lines = [header,
              "| model | W/A | method | iters/unit | seeds | FP32 | fake-quant | .so | max abs(.so - fq) | s/run | it/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(groups, key=lambda k: (k[0], -k[1], -k[2], k[3] or 0, _order(k[4]))):
