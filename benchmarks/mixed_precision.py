@@ -121,7 +121,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
     bops_w4a4 = sum(costs.macs[n] * b["w_bits"] * b["a_bits"] for n, b in w4a4.meta["layer_bits"].items())
     plans = []
     specs = ([("size = W4A4", {"size": f"{size_w4a4}b"}),
-              ("size + BOPs = W4A4", {"size": f"{size_w4a4}b", "bops": f"{bops_w4a4}"}),
+              ("size + BOPs = W4A4", {"size": f"{size_w4a4}b", "bops": f"{bops_w4a4 / 1e9}G"}),
               ("BOPs = 0.5 W8A8", {"bops": "0.5"}),
               ("size 0.75 W8A8", {"size": "0.75"}),
               ("latency 0.97 W8A8", {"latency": "0.97"})] if not latency_only else
