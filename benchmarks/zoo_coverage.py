@@ -106,7 +106,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Zoo coverage (W8A8, seeded random weights, .so vs reference executor)", "",
+    lines = ["# Zoo coverage (W8A8, seeded random weights, .so vs reference executor)", "",
              f"Command: `{meta['command']}`; host: {meta['cpu_model']}; load average at the end "
              f"{tuple(round(v, 1) for v in meta['load_average'])} (builds ran on a shared machine).", "",
              "| model | input | nodes | outputs | ops | build s | status |", "|---|---|---|---|---|---|---|"]

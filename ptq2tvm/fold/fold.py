@@ -52,14 +52,13 @@ def _clamp_bounds(qm: QuantModel, node_name: str, act: tuple[float, float] | Non
 
 class FoldContext:
     """What an op's fold (:meth:`ptq2tvm.ops.OpDef.fold`) needs: the fake-quant model, every tensor's shape (batch
-    dim dropped), the integer tensors folded so far (``tensors``) and counters for the graph meta (``stats``)."""
+    dim dropped) and the integer tensors folded so far (``tensors``)."""
 
     def __init__(self, qm: QuantModel):
         self.qm = qm
         self.shapes = _shapes(qm)
         g = qm.graph
         self.tensors: dict[str, QTensor] = {g.input_name: _qtensor(qm, g.input_name, self.shapes[g.input_name])}
-        self.stats: dict[str, int] = {}
 
     def qtensor(self, name: str) -> QTensor:
         """The output tensor of the quant point ``name`` (its own activation quantizer)."""
@@ -77,7 +76,7 @@ class FoldContext:
 
 def fold_weighted(f: FoldContext, n: Any) -> IntNode:
     """conv / linear -> ``conv2d`` / ``dense`` integer node (module docstring)."""
-    qm, stats = f.qm, f.stats
+    qm = f.qm
     tin = f.tensors[n.inputs[0]]
     tres = f.tensors[n.residual] if n.residual else None
     tout = f.qtensor(n.name)
@@ -145,5 +144,4 @@ def fold_to_integer(qm: QuantModel) -> IntegerGraph:
         meta["output_structure"] = g.output_structure
     if any(getattr(layer, "adaq", False) for layer in qm.layers.values()):
         meta["adaqtransform"] = True
-        meta.update(f.stats)
     return IntegerGraph(f.tensors[g.input_name], nodes, list(g.output_names), meta)

@@ -20,7 +20,7 @@ from ..errors import ArtifactError, QuantConfigError
 from ..ops import float_op, ops_of_kind
 from .fused_quant import act_clamp
 from .graph import OPS_WITH_WEIGHTS, FloatGraph, FloatNode
-from .quantizers import ActQuantizer, WeightQuantizer, check_bits, round_ste
+from .quantizers import ActQuantizer, WeightQuantizer, check_bits
 
 FAKEQUANT_FORMAT = "ptq2tvm-fakequant"
 FAKEQUANT_VERSION = 1

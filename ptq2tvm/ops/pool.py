@@ -110,8 +110,8 @@ def _adaptive(b: Any, node: Any, name: str, output_size: Any) -> None:
 
     shape = b.shape(node.args[0])
     h, w = int(shape[-2]), int(shape[-1])
-    oh, ow = pair(output_size) if isinstance(output_size, int) or None not in tuple(output_size) else (
-        output_size[0] if output_size[0] is not None else h, output_size[1] if output_size[1] is not None else w)
+    size = (None, None) if output_size is None else (output_size,) * 2 if isinstance(output_size, int) else output_size
+    oh, ow = (h if size[0] is None else int(size[0])), (w if size[1] is None else int(size[1]))
     if h % oh or w % ow:
         raise Unsupported(f"AdaptiveAvgPool2d to {(oh, ow)} from {(h, w)} (input size must be a multiple)")
     k = (h // oh, w // ow)
