@@ -45,6 +45,30 @@ from .errors import DataError, Ptq2TvmError
 
 RECIPE_VERSION = "r1"
 TRAIN_THREADS = 2
+
+
+def auto_train_threads(preferred: int = TRAIN_THREADS, *, announce: bool = True) -> int:
+    """Intra-op threads for training when the caller did not choose: ``preferred`` (capped at the core count) on a
+    quiet machine, 1 when the 1-minute load average says other processes already use the cores.
+
+    Why: PyTorch's OpenMP workers spin-wait for each other; with 2 threads on 2 cores and one competing process, a
+    training step slows down by one to two orders of magnitude (measured here: 0.1 s -> 3-4 s per batch of
+    resnet_small at load ~8), while 1 thread only loses the second core. Returns an int >= 1; prints the choice to
+    stderr when it differs from ``preferred`` and ``announce``.
+    """
+    cores = os.cpu_count() or 1
+    want = max(1, min(int(preferred), cores))
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return want
+    if want > 1 and load > cores - want + 0.5:
+        if announce:
+            print(f"note: load average {load:.1f} on {cores} cores: training with 1 thread instead of {want} (OpenMP "
+                  "threads slow down badly when other processes compete; pass --threads to override)",
+                  file=sys.stderr)
+        return 1
+    return want
 CACHE_ENV = "PTQ2TVM_CACHE"
 
 
@@ -319,15 +343,15 @@ def _load_cached(model: nn.Module, pt: Path, js: Path) -> dict[str, Any] | None:
 
 def train_builtin(model_name: str, dataset: str = "fashion-mnist", epochs: int | None = None, seed: int = 0,
                   cache_dir: str | Path | None = None, progress: bool = True, *, force: bool = False,
-                  threads: int = TRAIN_THREADS) -> tuple[nn.Module, dict[str, Any]]:
+                  threads: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train zoo model ``model_name`` on built-in ``dataset`` ("fashion-mnist" or "digits"), or load it from cache.
 
     Returns the model (eval mode, FP32) and an info dict: model_name, dataset, epochs, seed, recipe,
     recipe_version, test_top1 (classifiers) or test_psnr_db / bilinear_psnr_db / scale (super-resolution models),
     train_seconds, torch_version, checkpoint (the state_dict path), cached (True when loaded from the cache, False
     when trained by this call), ... ``force`` retrains and overwrites the cache.
-    Training uses ``threads`` intra-op threads (restored afterwards); results are reproducible for the same seed and
-    thread count.
+    Training uses ``threads`` intra-op threads (restored afterwards; None: :func:`auto_train_threads`, 2 on a quiet
+    machine, 1 on a busy one); results are reproducible for the same seed and thread count.
     """
     ds_name = builtin_name(dataset)
     if ds_name is None:
@@ -338,6 +362,8 @@ def train_builtin(model_name: str, dataset: str = "fashion-mnist", epochs: int |
     pt, js = cache / f"{key}.pt", cache / f"{key}.json"
 
     prev_threads = torch.get_num_threads()
+    if threads is None:
+        threads = auto_train_threads(announce=progress and not (pt.is_file() and not force))
     torch.set_num_threads(int(threads))
     try:
         test = load_dataset(ds_name, split="test")
@@ -414,8 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", metavar="PATH", help="also write the info dict as JSON to PATH")
-    p.add_argument("--threads", type=int, default=TRAIN_THREADS,
-                   help=f"intra-op threads (default {TRAIN_THREADS}; results are reproducible per thread count)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"intra-op threads (default: {TRAIN_THREADS}, or 1 when the machine is busy; results are "
+                   "reproducible per thread count)")
     return p
 
 

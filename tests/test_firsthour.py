@@ -437,3 +437,20 @@ def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch):
     ns: dict = {}
     exec(compile(textwrap.dedent(snippet), "README.md", "exec"), ns)  # noqa: S102 - the README's own code
     assert ns["logits"].shape[1] == 10 and (tmp_path / "m.so").is_file()
+
+
+def test_training_threads_drop_to_one_on_a_busy_machine(monkeypatch, capsys):
+    """The README's first command trains; 2 OpenMP threads on 2 busy cores crawl (3-4 s per batch measured), so the
+    default thread count must fall back to 1 when the load average says the cores are taken, and say so."""
+    from ptq2tvm import train
+
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert train.auto_train_threads(2) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (6.0, 5.0, 4.0))
+    assert train.auto_train_threads(2) == 1
+    assert "load average 6.0" in capsys.readouterr().err
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert train.auto_train_threads(2) == 1  # never more threads than cores
