@@ -207,10 +207,14 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
     config, mixed = mixed_config(args, model, calib, config, out)
     if settings is not None:
-        print(f"reconstruction ({args.method}, {args.iters} iterations per unit, batch {args.batch_size}): about "
-              f"{args.iters / 30 / 60:.1f} min per unit on 2 CPU cores for the 28x28 resnet_small (~30 it/s), "
-              "far longer at 224x224; checkpointed after every unit (Ctrl-C, then re-run the same command "
-              "to resume; --force starts over)", file=sys.stderr)
+        if getattr(args, "time_budget", None):
+            cost = (f"at most {args.iters} iterations per unit, as many as --time-budget {args.time_budget} "
+                    "buys at the measured rates")
+        else:
+            cost = (f"{args.iters} iterations per unit: about {args.iters / 30 / 60:.1f} min per unit on 2 CPU cores "
+                    "for the 28x28 resnet_small (~30 it/s), far longer at 224x224")
+        print(f"reconstruction ({args.method}, batch {args.batch_size}, {cost}); checkpointed after every unit "
+              "(Ctrl-C, then re-run the same command to resume; --force starts over)", file=sys.stderr)
     qm, report = quantize_with_report(model, calib, config, method=args.method, progress=not args.no_progress,
                                       settings=settings, checkpoint_dir=ckpt_dir if settings else None)
     graph = to_integer(qm)
