@@ -8,6 +8,10 @@ unit, the remaining wall time (deadline minus now, minus the caching/evaluation 
 the finished units) is split into the same number of iterations ``x`` for every remaining unit (as the papers give
 every unit the same count): ``x = remaining / SUM_remaining(cost_per_iter * stage_share)``, corrected by the ratio
 of measured to probed rate of the finished units (the machine's load changes), clamped to ``[min_iters, iters]``.
+Each unit also gets a deadline: its cost share of the remaining time (:meth:`BudgetPlanner.unit_deadline`). When the
+rate drops inside a unit (the load rises: measured here, a unit ran at 4.5 it/s against 15 probed and left the last
+two units 50 iterations each), the unit compresses the rest of its schedule so that it ends by its deadline
+(:func:`deadline_rate`) instead of taking the later units' time; the annealing still ends in hard 0/1 roundings.
 
 Early stopping (``ReconSettings.early_stop``): every ``window`` iterations (window = max(50, iters // 20)) after the
 warm-up fraction, the loss has *converged* when the mean batch loss of the last window is no more than ``tol``
@@ -94,10 +98,32 @@ class BudgetPlanner:
                   f"running {self.min_iters}: the budget will be exceeded", file=sys.stderr)
         return max(1, n)
 
+    def unit_deadline(self, remaining: list[tuple[str, float]]) -> float:
+        """``time.perf_counter()`` value by which the unit ``remaining[0]`` should end: now + its share of the
+        remaining time (net of the per-unit overhead) in proportion to its probed cost."""
+        now = time.perf_counter()
+        ov = (sum(self.overheads) / len(self.overheads)) if self.overheads else self.overhead
+        costs = [self.sec_per_iter[u] * share for u, share in remaining]
+        frac = costs[0] / sum(costs) if sum(costs) > 0 else 1.0 / len(remaining)
+        return now + max(0.0, self.deadline - now - ov * len(remaining)) * frac
+
     def record(self, unit: str, iters: int, optim_seconds: float, seconds: float) -> None:
         if iters > 0 and unit in self.sec_per_iter and self.sec_per_iter[unit] > 0:
             self.correction.append((optim_seconds / iters) / self.sec_per_iter[unit])
         self.overheads.append(max(0.0, seconds - optim_seconds))
+
+
+def deadline_rate(steps_left: float, sec_per_step: float, seconds_left: float, min_steps: int) -> float | None:
+    """Schedule rate (> 1: schedule positions advanced per iteration) that ends a unit's remaining
+    ``steps_left`` schedule positions within ``seconds_left`` at ``sec_per_step`` seconds per iteration, never in
+    fewer than ``min(min_steps, steps_left)`` iterations; None when the unit already ends in time."""
+    if steps_left <= 0 or sec_per_step <= 0:
+        return None
+    affordable = seconds_left / sec_per_step
+    if affordable >= steps_left:
+        return None
+    r = steps_left / max(1.0, affordable, float(min(min_steps, steps_left)))
+    return r if r > 1.0 + 1e-9 else None
 
 
 class EarlyStop:

@@ -51,7 +51,7 @@ from ..frontend import fused_quant as _fused
 from ..frontend.fused_quant import DropMasks
 from .adaq import adaq_params, adaq_summary, project_xi
 from .adaround import beta_at, harden_layer, reg_active, round_loss
-from .budget import BudgetPlanner, EarlyStop, parse_duration
+from .budget import BudgetPlanner, EarlyStop, deadline_rate, parse_duration
 from .checkpoint import Checkpoint
 from .device import CachePlan, PeakMemory, plan_caches, resolve_device
 from .mrecg import mrecg_base_units, plan_mrecg
@@ -62,6 +62,7 @@ GRANULARITIES = ("layer", "block", "mrecg-modcap", "mrecg-loss", "mrecg-authors"
 DEFAULT_GRANULARITY = {"rtn": "layer", "adaround": "layer", "brecq": "block", "qdrop": "block", "network": "network",
                        "nwq": "network"}
 DEFAULT_LR_A = {"brecq": 4e-4, "qdrop": 4e-5, "network": 4e-5, "nwq": 4e-5}
+DEADLINE_CHECK_EVERY = 10                 # iterations between two checks of a unit's time-budget deadline
 
 
 @dataclass
@@ -389,9 +390,13 @@ def _soft_fraction(layers: list) -> float:
 
 def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSettings, lam: float,
                   q_in: dict[str, torch.Tensor], f_in: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor],
-                  seed: int, progress: bool = False, desc: str = "", device: torch.device | None = None
-                  ) -> dict[str, Any]:
+                  seed: int, progress: bool = False, desc: str = "", device: torch.device | None = None,
+                  deadline: float | None = None) -> dict[str, Any]:
     """Reconstruct one unit in place (hardening its weights at the end). Returns its loss curve and timings.
+
+    ``deadline`` (a ``time.perf_counter()`` value; time budget): when the measured rate says the unit would end
+    later, the rest of its schedule is compressed to end by then (:func:`budget.deadline_rate`; at least
+    ``settings.min_iters`` more iterations), so a slowdown inside one unit does not eat the later units' time.
 
     ``q_in``/``f_in``/``tgt`` may live on another device than ``device`` (pinned host caches): each iteration's
     rows are gathered where they live and copied to ``device``."""
@@ -436,6 +441,7 @@ def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSetti
     stopper = EarlyStop(stage.iters, settings.warmup) if settings.early_stop else None
     T = stage.iters
     pos, rate, lr_debt = 0.0, 1.0, 0.0          # schedule position (rate > 1 after an early-stop compression)
+    deadline_note = ""
     ran = 0
     t_opt = time.perf_counter()
     bar = tqdm(total=T, desc=desc, disable=not progress, leave=False)
@@ -490,6 +496,13 @@ def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSetti
                 curve["reg"].append(float(reg.detach()))
                 curve["beta"].append(beta_at(sp, T, settings.warmup, settings.beta_start, settings.beta_end)
                                      if reg_active(sp, T, settings.warmup) else None)
+            if deadline is not None and not last and ran % DEADLINE_CHECK_EVERY == 0:
+                now = time.perf_counter()
+                r = deadline_rate((T - 1 - pos) / rate, (now - t_opt) / ran, deadline - now, settings.min_iters)
+                if r is not None:
+                    rate *= r
+                    deadline_note = (f"time budget: schedule compressed {rate:.2f}x at iteration {ran} to end by the "
+                                     "unit's deadline")
             if action == "stop":
                 break
     finally:
@@ -509,6 +522,8 @@ def optimize_unit(qm: QuantModel, unit: Unit, stage: Stage, settings: ReconSetti
                device=str(device), **peak.read())
     if stopper is not None and stopper.reason:
         res["early_stop"] = stopper.reason
+    if deadline_note:
+        res["deadline"] = deadline_note
     return res
 
 
@@ -544,12 +559,14 @@ def run_stages(qm: QuantModel, fp: QuantModel, images: torch.Tensor, units: list
                 continue
             t_unit = time.perf_counter()
             tgt = stream.targets(unit)
-            unit_stage = stage
+            unit_stage, deadline = stage, None
             if planner is not None:
-                unit_stage = dataclasses.replace(stage, iters=planner.iters_for(key, [(u, sh) for _, u, sh in todo]))
+                remaining = [(u, sh) for _, u, sh in todo]
+                unit_stage = dataclasses.replace(stage, iters=planner.iters_for(key, remaining))
+                deadline = planner.unit_deadline(remaining)
             res = optimize_unit(qm, unit, unit_stage, settings, lam, stream.q, stream.f, tgt,
                                 _seed_for(settings.seed, key_prefix, si, ui, unit.name), progress=progress,
-                                desc=unit.name, device=device)
+                                desc=unit.name, device=device, deadline=deadline)
             todo.pop(0)
             res["index"] = ui
             report.curves[key] = res
