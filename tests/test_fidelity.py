@@ -91,6 +91,21 @@ def test_nwq_reconstructs_with_and_without_adaq(tiny_model, calib):
         ReconSettings(method="nwq", nwq_tau_end=2.0).validate()
 
 
+def test_nwq_honours_the_time_budget(tiny_model, calib):
+    """NWQ used to ignore --time-budget (one network-wise unit, its length fixed up front). A budget already spent
+    shortens the run to the floor and the schedules still end annealed."""
+    from ptq2tvm.reconstruct.recon import DEADLINE_CHECK_EVERY
+
+    s = fast(method="nwq", iters=400, time_budget=1e-3, min_iters=15)
+    qm, rep = reconstruct(tiny_model, calib, QuantConfig(4, 4), s, progress=False)
+    c = rep.curves["nwq/network"]
+    assert c["planned_iters"] == 400 and c["iters"] == DEADLINE_CHECK_EVERY + 15 and "shortened" in c["deadline"]
+    assert c["it"][-1] == c["iters"] - 1 and c["beta"][-1] == pytest.approx(0.01)      # tau annealed to its end
+    assert all(layer.wq.alpha is None and layer.wq.tau is None for layer in qm.layers.values())
+    free = reconstruct(tiny_model, calib, QuantConfig(4, 4), fast(method="nwq", iters=30), progress=False)[1]
+    assert free.curves["nwq/network"]["iters"] == 30 and "deadline" not in free.curves["nwq/network"]
+
+
 # ---- MRECG on the Fashion-MNIST models ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name,kinds,merged", [
     ("resnet_small", "SRRTRTRH", [["layer1.1", "layer2.0"], ["layer2.1", "layer3.0"]]),

@@ -28,6 +28,7 @@ reproduced constants. See docs/reconstruction.md.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -91,9 +92,16 @@ def ar_points(qm: QuantModel) -> list[str]:
 
 
 def run_nwq(qm: QuantModel, fp: QuantModel, images: torch.Tensor, settings: Any, report: Any, progress: bool,
-            done: set[str], on_unit_end: Callable[[str, dict], None] | None = None) -> Unit:
-    """Reconstruct ``qm`` network-wise in place (NWQ). Appends the curve to ``report`` under "nwq/network"."""
-    from .recon import DEFAULT_LR_A, UnitRunner, _eval_loss, _unit_act_quantizers, _seed_for, qdrop_mix
+            done: set[str], on_unit_end: Callable[[str, dict], None] | None = None,
+            deadline: float | None = None) -> Unit:
+    """Reconstruct ``qm`` network-wise in place (NWQ). Appends the curve to ``report`` under "nwq/network".
+
+    ``deadline`` (``time.perf_counter()`` value; ``--time-budget``): every ``DEADLINE_CHECK_EVERY`` iterations the
+    measured rate decides how many iterations still fit (minus the final evaluation, timed like the initial one); the
+    run's length only shrinks (at least ``settings.min_iters`` more), and the schedules (tau, mixup, cosine LR, all
+    functions of it / iters) follow the new length, so they still end annealed."""
+    from .recon import DEADLINE_CHECK_EVERY, DEFAULT_LR_A, UnitRunner, _eval_loss, _unit_act_quantizers, _seed_for, \
+        qdrop_mix
 
     unit = network_unit(qm.graph)[0]
     key = "nwq/network"
@@ -109,7 +117,9 @@ def run_nwq(qm: QuantModel, fp: QuantModel, images: torch.Tensor, settings: Any,
         x_q = qm.act_quant[_key(g.input_name)](images)
     fp_all = fp_runner.run_all(unit, {g.input_name: images}, settings.chunk, keep)
     tgt = {g.output_name: fp_all[g.output_name]}
+    t_eval = time.perf_counter()
     initial = _eval_loss(runner, unit, {g.input_name: x_q}, tgt, settings.chunk)
+    t_eval = time.perf_counter() - t_eval
 
     layers = [qm.layer(n) for n in unit.layers]
     tau0, tau1 = settings.nwq_tau_start, settings.nwq_tau_end
@@ -127,7 +137,6 @@ def run_nwq(qm: QuantModel, fp: QuantModel, images: torch.Tensor, settings: Any,
     for q in aqs:
         q.scale.requires_grad_(True)
     opt_a = torch.optim.Adam([q.scale for q in aqs], lr=lr_a) if aqs else None
-    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=settings.iters, eta_min=0.0) if aqs else None
     lsq = True if settings.lsq_grad_scale is None else settings.lsq_grad_scale
     gen = torch.Generator().manual_seed(_seed_for(settings.seed, "nwq", unit.name))
     for q in aqs_all:
@@ -136,12 +145,18 @@ def run_nwq(qm: QuantModel, fp: QuantModel, images: torch.Tensor, settings: Any,
 
     n_rows = images.shape[0]
     bs = min(settings.batch_size * settings.expand_batch, n_rows)
-    iters = settings.iters
+    iters = planned = settings.iters
     log_every = settings.log_every or max(1, iters // 200)
     curve: dict[str, list] = dict(it=[], rec=[], reg=[], beta=[])
+    deadline_note = ""
     t_opt = time.perf_counter()
+    bar = tqdm(total=iters, desc="nwq", disable=not progress, leave=False)
+    it = 0
     try:
-        for it in tqdm(range(iters), desc="nwq", disable=not progress, leave=False):
+        while it < iters:
+            if opt_a is not None:      # cosine annealing to 0 over the (possibly shortened) run
+                for group in opt_a.param_groups:
+                    group["lr"] = lr_a * 0.5 * (1.0 + math.cos(math.pi * it / iters))
             tau = tau_at(it, iters, tau0, tau1)
             p = mix_at(it, iters, settings.nwq_mix_start)
             for layer in layers:
@@ -162,7 +177,6 @@ def run_nwq(qm: QuantModel, fp: QuantModel, images: torch.Tensor, settings: Any,
             project_xi(layers)
             if opt_a is not None:
                 opt_a.step()
-                sched_a.step()
                 with torch.no_grad():
                     for q in aqs:
                         q.scale.clamp_(min=1e-8)
@@ -171,7 +185,17 @@ def run_nwq(qm: QuantModel, fp: QuantModel, images: torch.Tensor, settings: Any,
                 curve["rec"].append(float(rec.detach()))
                 curve["reg"].append(float(ar.detach()))
                 curve["beta"].append(tau)
+            it += 1
+            bar.update(1)
+            if deadline is not None and it % DEADLINE_CHECK_EVERY == 0 and it < iters:
+                now = time.perf_counter()
+                fit = int((deadline - now - t_eval) / ((now - t_opt) / it))
+                shorter = max(it + min(settings.min_iters, iters - it), it + fit)
+                if shorter < iters:
+                    iters = shorter
+                    deadline_note = f"time budget: run shortened to {iters} of {planned} iterations at iteration {it}"
     finally:
+        bar.close()
         t_opt = time.perf_counter() - t_opt
         for q in aqs_all:
             q.drop_prob, q.drop_generator, q.lsq_grad_scale = None, None, False
@@ -182,9 +206,9 @@ def run_nwq(qm: QuantModel, fp: QuantModel, images: torch.Tensor, settings: Any,
     changed = sum(harden_layer(layer) for layer in layers)     # floor + [V >= 0]: the tau -> 0 limit; drops tau
     final = _eval_loss(runner, unit, {g.input_name: x_q}, tgt, settings.chunk)
     res = dict(unit=unit.name, stage="nwq", **curve, initial_loss=initial, final_loss=final, iters=iters,
-               optim_seconds=t_opt, seconds=time.perf_counter() - t_start,
+               planned_iters=planned, optim_seconds=t_opt, seconds=time.perf_counter() - t_start,
                iters_per_s=iters / t_opt if t_opt > 0 else 0.0, changed_roundings=changed, batch_size=bs,
-               ar_points=points, index=0)
+               ar_points=points, index=0, **({"deadline": deadline_note} if deadline_note else {}))
     report.curves[key] = res
     report.iterations += iters
     report.optim_seconds += t_opt

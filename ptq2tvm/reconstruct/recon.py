@@ -719,7 +719,8 @@ def _reconstruct(model: torch.nn.Module, calib_images: np.ndarray, config: Quant
     if settings.method == "nwq":
         from .nwq import run_nwq
 
-        run_nwq(qm, fp, images, settings, report, progress, done, on_unit_end)
+        run_nwq(qm, fp, images, settings, report, progress, done, on_unit_end,
+                deadline=None if settings.time_budget is None else t0 + settings.time_budget)
     else:
         run_stages(qm, fp, images, units, settings, lam, report, progress, stage_list, done, on_unit_end,
                    planner=planner)
