@@ -25,6 +25,11 @@ def register_export(sub: Any, add_json: Any) -> None:
     x.add_argument("--int4-activations", action="store_true",
                    help="opset 21: activations of <= 4 bits as UINT4 (ONNX Runtime 1.32 rejects these at full "
                    "optimisation)")
+    x.add_argument("--integer-requant", default="residual", choices=["none", "residual", "inexact"],
+                   help="conv/dense written as ConvInteger/MatMulInteger + the exact int64 requantization instead of "
+                   "QDQ: none (pure QDQ), residual (convs with a fused residual add, which QDQ consumers run in "
+                   "float; default), inexact (also every layer whose float32 requant multiplier is not provably "
+                   "exact: ONNX Runtime then equals the reference bit for bit; docs/onnx.md)")
     x.add_argument("--per-layer-outputs", action="store_true",
                    help="also output every IR tensor's integer codes (uint8 'codes:<tensor>')")
     add_json(x)
@@ -45,11 +50,15 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     if out.exists() and out.is_dir():
         raise ArtifactError(f"--out {out} is a directory")
     rep = export_onnx(graph, out, weights=args.weights, int4=args.int4, int4_activations=args.int4_activations,
-                      per_layer_outputs=args.per_layer_outputs)
+                      per_layer_outputs=args.per_layer_outputs, integer_requant=args.integer_requant)
     n = sum(rep.node_counts.values())
+    fit = rep.requant_fit
     print(f"exported {out} (ONNX QDQ, opset {rep.opset}, {n} nodes, {args.weights} weights"
           + (f", INT4 weights in {len(rep.int4_weights)} layers" if rep.int4 else "")
           + (f", {len(rep.clips)} explicit Clip(s)" if rep.clips else "") + "); onnx.checker passed")
+    print(f"  {len(rep.integer_layers)} conv/dense as integer ops (--integer-requant {args.integer_requant}); "
+          f"QLinearConv/QGemm float32 multipliers exact on every accumulator value in "
+          f"{sum(f['exact_channels'] for f in fit.values())} of {sum(f['channels'] for f in fit.values())} channels")
     if rep.int8_fallback:
         print(f"  kept int8 (a weight outside [-8, 7] after AdaQTransform's sign flip): {', '.join(rep.int8_fallback)}")
     return rep.to_dict()
@@ -62,6 +71,8 @@ def add_parity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-weights", default="auto", choices=["auto", "int8", "uint8"],
                    help="weight container of the export ORT runs (auto: int8 on hosts with VNNI, else uint8)")
     p.add_argument("--onnx-int4", action="store_true", help="INT4 weights (opset 21) in the export ORT runs")
+    p.add_argument("--onnx-integer-requant", default="residual", choices=["none", "residual", "inexact"],
+                   help="which conv/dense the export ORT runs writes as integer ops (see `export --integer-requant`)")
 
 
 def cmd_parity_onnx(args: argparse.Namespace, images: Any, labels: Any) -> dict[str, Any]:
@@ -72,6 +83,7 @@ def cmd_parity_onnx(args: argparse.Namespace, images: Any, labels: Any) -> dict[
     run = RunDir(args.run)
     graph = IntegerGraph.load(run.qgraph)
     rep = run_onnx_parity(graph, images, labels, weights=args.onnx_weights, int4=args.onnx_int4,
-                          per_layer_inputs=args.per_layer_inputs, progress=not args.no_progress)
+                          per_layer_inputs=args.per_layer_inputs, progress=not args.no_progress,
+                          integer_requant=args.onnx_integer_requant)
     print(rep.summary())
     return rep.to_dict()

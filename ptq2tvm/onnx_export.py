@@ -42,6 +42,7 @@ from . import __version__
 from .atomic import atomic_path
 from .errors import ArtifactError
 from .ir.graph import IntegerGraph, IntNode, QTensor
+from .onnx_requant import RequantFit, accumulator_range, fit_weight_scales
 
 DEFAULT_OPSET = 17
 INT4_OPSET = 21
@@ -64,6 +65,11 @@ class ExportReport:
     int4_weights: list[str] = field(default_factory=list)     # layers whose weights are INT4 initializers
     int8_fallback: list[str] = field(default_factory=list)    # <= 4-bit layers kept int8 (a weight outside [-8, 7])
     per_layer_outputs: bool = False
+    # layers ORT requantizes in its integer kernels: channels, channels whose float32 multiplier reproduces the dyadic
+    # one on every accumulator value the layer can produce, and the count of accumulator values where it cannot
+    requant_fit: dict[str, dict[str, int]] = field(default_factory=dict)
+    integer_requant: str = "residual"                         # which conv2d / dense are written as integer ops
+    integer_layers: list[str] = field(default_factory=list)   # layers written as ConvInteger/MatMulInteger + int64
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -92,6 +98,10 @@ class _Builder:
         self.report_clips: list[str] = []
         self.int4_weights: list[str] = []
         self.int8_fallback: list[str] = []
+        self.requant_fit: dict[str, dict[str, int]] = {}
+        self.integer_requant = "residual"
+        self.fits: dict[str, RequantFit] = {}
+        self.integer_layers: list[str] = []
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def uid(self, base: str) -> str:
@@ -181,12 +191,35 @@ def _closest_weight_scale(mult: np.ndarray, s_x: float, s_out: float, ulps: int 
     return c[best, np.arange(c.shape[1])].astype(np.float32)
 
 
+def _fit(b: _Builder, node: IntNode) -> RequantFit | None:
+    """The fitted float32 weight scales (:mod:`ptq2tvm.onnx_requant`) of a conv2d / dense that ORT fuses into
+    QLinearConv / QGemm (no residual, clamp = the container's range), else None (memoized per layer)."""
+    a, arr = node.attrs, node.arrays
+    if not (len(node.inputs) == 1 and (_split_clamp(b, node) or (a["lo"] == 0 and a["hi"] == b.act_qmax(node.out)))):
+        return None
+    if node.name not in b.fits:
+        tin = b.qt[node.inputs[0]]
+        acc_lo, acc_hi = accumulator_range(arr["weight"], arr["bias"], 0, tin.qmax)
+        b.fits[node.name] = fit_weight_scales(arr["multiplier"], arr["shift"], tin.scale, node.out.scale, acc_lo,
+                                              acc_hi, int(node.out.zero_point), a["lo"], a["hi"],
+                                              b.act_qmax(node.out))
+    return b.fits[node.name]
+
+
 def _weights_and_bias(b: _Builder, node: IntNode, tin: QTensor, axis_len: int) -> tuple[str, str]:
     """DQ'd weight and bias of a conv2d / dense node (see the module docstring for the scales)."""
     arr, a = node.arrays, node.attrs
     q_w = arr["weight"].astype(np.int64)
     mult = arr["multiplier"].astype(np.float64) * np.ldexp(1.0, -arr["shift"].astype(np.int64))
-    w_scale = _closest_weight_scale(mult, tin.scale, node.out.scale)
+    fit = _fit(b, node)
+    if fit is not None:
+        w_scale = fit.scale
+        b.requant_fit[node.name] = dict(channels=int(len(fit.scale)), exact_channels=fit.exact_channels,
+                                        mismatching_accumulators=int(fit.mismatches.sum()),
+                                        checked_accumulators=int(fit.checked.sum()),
+                                        max_ulps_from_nearest=int(fit.ulps_from_nearest.max(initial=0)))
+    else:  # a float path in ORT (residual Add, Clip): the float32 scale nearest the dyadic multiplier
+        w_scale = _closest_weight_scale(mult, tin.scale, node.out.scale)
     if np.any(w_scale <= 0) or not np.all(np.isfinite(w_scale)):
         raise ArtifactError(f"layer '{node.name}': cannot export a zero or non-finite requantization multiplier "
                             "as a positive ONNX weight scale")
@@ -221,7 +254,119 @@ def _weights_and_bias(b: _Builder, node: IntNode, tin: QTensor, axis_len: int) -
     return w_dq, b_dq
 
 
+def _integer_fits(b: _Builder, node: IntNode) -> bool:
+    """Whether the int64 requantization of :func:`_integer_weighted` fits int64 for every input of the layer."""
+    return _integer_offsets(b, node) is not None
+
+
+def _integer_offsets(b: _Builder, node: IntNode) -> np.ndarray | None:
+    """Per channel ``OFF`` that keeps the dividend of :func:`_integer_weighted` >= 0, or None on int64 overflow."""
+    a, arr = node.attrs, node.arrays
+    q_w = arr["weight"].astype(np.int64)
+    m, n = arr["multiplier"].astype(np.int64), arr["shift"].astype(np.int64)
+    acc_lo, acc_hi = accumulator_range(q_w, arr["bias"], 0, b.qt[node.inputs[0]].qmax)
+    lo_sum = np.minimum(acc_lo * m, acc_hi * m) + (np.int64(1) << (n - 1))
+    hi_sum = np.maximum(acc_lo * m, acc_hi * m) + (np.int64(1) << (n - 1))
+    if len(node.inputs) > 1:
+        mr = arr["residual_multiplier"].astype(np.int64)
+        r_lo = -int(a["residual_zero_point"])
+        r_hi = b.qt[node.inputs[1]].qmax + r_lo
+        lo_sum = lo_sum + np.minimum(r_lo * mr, r_hi * mr)
+        hi_sum = hi_sum + np.maximum(r_lo * mr, r_hi * mr)
+    off = np.maximum(0, -(lo_sum >> n)) + 1
+    if float(np.max(hi_sum.astype(np.float64) + off.astype(np.float64) * np.ldexp(1.0, n))) >= 2.0 ** 62:
+        return None
+    return off
+
+
+def _integer_weighted(b: _Builder, node: IntNode) -> None:
+    """conv2d / dense as ONNX integer ops: ``ConvInteger`` / ``MatMulInteger`` (exact int32 accumulator) + the int32
+    bias, then the reference executor's own requantization in int64 (``Mul``, ``Add``, ``Div``: exact integers)::
+
+        q = Clip((acc * m [+ (q_r - z_r) * m_r] + 2^(n-1) + OFF 2^n) / 2^n - OFF + z, lo, hi) -> Cast(uint8)
+
+    (``OFF``, per channel, keeps the dividend >= 0, so ``Div``'s truncation is the floor, i.e. the arithmetic
+    shift). Bit-exact by construction in any executor with exact int64 ``Mul``/``Add``/``Div``."""
+    a, arr = node.attrs, node.arrays
+    tin = b.qt[node.inputs[0]]
+    q_w = arr["weight"].astype(np.int64)
+    o = len(q_w)
+    tag = node.name
+    m, n = arr["multiplier"].astype(np.int64), arr["shift"].astype(np.int64)
+    bias = arr["bias"].astype(np.int64) + int(a["input_zero_point"]) * q_w.reshape(o, -1).sum(axis=1)
+    off = _integer_offsets(b, node)
+    if off is None:
+        raise ArtifactError(f"layer '{node.name}': its int64 requantization would overflow; export it with "
+                            "integer_requant='none'")
+    wq = q_w if node.op == "conv2d" else np.ascontiguousarray(q_w.T)   # MatMulInteger: (K, O)
+    if b.uint8_weights:
+        w = b.const(f"{tag}/weight", (wq + 128).astype(np.uint8))
+        wz = b.const(f"{tag}/weight_zero_point", np.array(128, dtype=np.uint8))
+    else:
+        w = b.const(f"{tag}/weight", wq.astype(np.int8))
+        wz = b.const(f"{tag}/weight_zero_point", np.array(0, dtype=np.int8))
+    xz = b.const(f"{tag}/input_zero_point", np.array(tin.zero_point, dtype=np.uint8))
+    acc = f"{tag}/acc"
+    chan = (o, 1, 1) if node.op == "conv2d" else (o,)
+    if node.op == "conv2d":
+        ph, pw = a["padding"]
+        b.node("ConvInteger", [b.src(node.inputs[0]), w, xz, wz], [acc], name=f"{tag}/ConvInteger",
+               strides=list(a["stride"]), pads=[ph, pw, ph, pw], dilations=list(a["dilation"]),
+               group=int(a["groups"]), kernel_shape=list(q_w.shape[2:]))
+    else:
+        b.node("MatMulInteger", [b.src(node.inputs[0]), w, xz, wz], [acc], name=f"{tag}/MatMulInteger")
+
+    def i64(name: str, v: np.ndarray) -> str:
+        return b.const(f"{tag}/{name}", np.asarray(v, dtype=np.int64).reshape(chan))
+
+    b.node("Add", [acc, b.const(f"{tag}/bias", bias.astype(np.int32).reshape(chan))], [f"{tag}/acc_b"],
+           name=f"{tag}/AddBias")
+    b.node("Cast", [f"{tag}/acc_b"], [f"{tag}/acc64"], name=f"{tag}/CastAcc", to=b.TP.INT64)
+    b.node("Mul", [f"{tag}/acc64", i64("m", m)], [f"{tag}/t_acc"], name=f"{tag}/MulM")
+    t_sum = f"{tag}/t_acc"
+    if len(node.inputs) > 1:
+        zr = np.array(a["residual_zero_point"], np.int64)
+        b.node("Cast", [b.src(node.inputs[1])], [f"{tag}/r64"], name=f"{tag}/CastResidual", to=b.TP.INT64)
+        b.node("Sub", [f"{tag}/r64", b.const(f"{tag}/residual_zero_point", zr)], [f"{tag}/r_c"], name=f"{tag}/SubZr")
+        b.node("Mul", [f"{tag}/r_c", i64("m_r", arr["residual_multiplier"])], [f"{tag}/t_r"], name=f"{tag}/MulMr")
+        b.node("Add", [f"{tag}/t_acc", f"{tag}/t_r"], [f"{tag}/t"], name=f"{tag}/AddTerms")
+        t_sum = f"{tag}/t"
+    b.node("Add", [t_sum, i64("round_offset", (1 << (n - 1)) + (off << n))], [f"{tag}/t_off"],
+           name=f"{tag}/AddRound")
+    b.node("Div", [f"{tag}/t_off", i64("two_pow_n", np.int64(1) << n)], [f"{tag}/shifted"], name=f"{tag}/Shift")
+    b.node("Add", [f"{tag}/shifted", i64("zero_point_minus_off", int(a["output_zero_point"]) - off)],
+           [f"{tag}/q64"], name=f"{tag}/AddZ")
+    b.node("Clip", [f"{tag}/q64", b.const(f"{tag}/lo", np.array(a["lo"], np.int64)),
+                    b.const(f"{tag}/hi", np.array(a["hi"], np.int64))], [f"{tag}/q64c"], name=f"{tag}/Clip")
+    t = node.out
+    b.node("Cast", [f"{tag}/q64c"], [f"q:{t.name}"], name=f"{tag}/CastOut", to=b.TP.UINT8)
+    b.q_name[t.name], b.qt[t.name] = f"q:{t.name}", t
+    b.integer_layers.append(node.name)
+
+
+def _wants_integer(b: _Builder, node: IntNode) -> bool:
+    """Whether ``integer_requant`` writes this conv2d / dense as integer ops (:func:`_integer_weighted`): never
+    with INT4 weights or UINT4 activations (ConvInteger takes 8-bit only) or when int64 would overflow;
+    ``residual``: the layers with a fused residual (ORT has no integer kernel for them, it would run them in float);
+    ``inexact``: those and every layer whose fitted float32 multiplier is not exact on every accumulator value."""
+    if b.integer_requant == "none" or b.int4_acts or (b.int4 and int(node.attrs.get("w_bits", 8)) <= 4):
+        return False
+    if len(node.inputs) > 1 or b.integer_requant == "inexact":
+        return _integer_fits(b, node)
+    return False
+
+
 def _weighted(b: _Builder, node: IntNode) -> None:
+    if _wants_integer(b, node):
+        if len(node.inputs) == 1 and b.integer_requant == "inexact":
+            fit = _fit(b, node)  # keep the QDQ form where ORT's float multiplier is provably exact
+            if fit is not None and int(fit.mismatches.sum()) == 0:
+                return _qdq_weighted(b, node)
+        return _integer_weighted(b, node)
+    return _qdq_weighted(b, node)
+
+
+def _qdq_weighted(b: _Builder, node: IntNode) -> None:
     a = node.attrs
     tin = b.qt[node.inputs[0]]
     o = node.arrays["weight"].shape[0]
@@ -240,7 +385,23 @@ def _weighted(b: _Builder, node: IntNode) -> None:
         y2 = f"{node.name}/sum"
         b.node("Add", [y, r], [y2], name=f"{node.name}/Add")
         y = y2
+    elif _split_clamp(b, node):
+        # Q onto the whole container first (ORT fuses DQ -> Conv/Gemm -> Q into QLinearConv / QGemm), then clamp
+        # the codes: DQ -> Clip -> Q on the same grid (exact: clamp(round(v)) == round(clamp(v)) for integer bounds)
+        t = node.out
+        full = QTensor(f"{t.name}/unclamped", t.shape, t.scale, t.zero_point, 8)
+        b.clamp_and_quantize(y, full, 0, 255, node.name)
+        s_, z_ = b.qparams(full, f"{node.name}/clamp")
+        y = f"{node.name}/unclamped_dq"
+        b.node("DequantizeLinear", [b.q_name[full.name], s_, z_], [y], name=f"{node.name}/clamp/DQ")
     b.clamp_and_quantize(y, node.out, a["lo"], a["hi"], node.name)
+
+
+def _split_clamp(b: _Builder, node: IntNode) -> bool:
+    """A conv2d / dense without residual whose clamp is narrower than its uint8 container (ReLU6, sub-8-bit)."""
+    a = node.attrs
+    return (len(node.inputs) == 1 and not b.int4_acts and b.act_type(node.out) == b.TP.UINT8
+            and (a["lo"] > 0 or a["hi"] < 255))
 
 
 def _add(b: _Builder, node: IntNode) -> None:
@@ -408,6 +569,7 @@ EXPORTERS: dict[str, Exporter] = {
 
 
 WEIGHT_CONTAINERS = ("int8", "uint8")
+INTEGER_REQUANT = ("none", "residual", "inexact")
 
 
 def graph_output_names(graph: IntegerGraph) -> list[str]:
@@ -424,9 +586,11 @@ def onnx_output_names(graph: IntegerGraph) -> list[str]:
 
 def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False, int4_activations: bool = False,
                per_layer_outputs: bool = False, opset: int | None = None,
-               cut_layers: bool = False) -> tuple[Any, ExportReport]:
+               cut_layers: bool = False, integer_requant: str = "residual",
+               output_codes: bool = False) -> tuple[Any, ExportReport]:
     """The ONNX ModelProto of ``graph`` (not written) and its :class:`ExportReport`; see :func:`export_onnx`.
 
+    ``output_codes``: the output tensors' integer codes as uint8 outputs ``codes:<tensor>`` too.
     ``cut_layers`` (for parity): every op reads its inputs' codes from uint8 graph inputs ``in:<tensor>`` instead of
     from the ops before it, so one run measures each layer on the same inputs as the reference (its local error,
     not the drift it inherits); implies ``per_layer_outputs``."""
@@ -435,6 +599,8 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
 
     if weights not in WEIGHT_CONTAINERS:
         raise ArtifactError(f"ONNX weight container must be one of {WEIGHT_CONTAINERS}, got {weights!r}")
+    if integer_requant not in INTEGER_REQUANT:
+        raise ArtifactError(f"integer_requant must be one of {INTEGER_REQUANT}, got {integer_requant!r}")
     int4 = int4 or int4_activations
     opset = opset or (INT4_OPSET if int4 else DEFAULT_OPSET)
     if int4 and opset < INT4_OPSET:
@@ -448,6 +614,7 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
     per_layer_outputs = per_layer_outputs or cut_layers
     b = _Builder(graph, int4, weights == "uint8", int4_activations)
     b.cut = cut_layers
+    b.integer_requant = integer_requant
     tin = graph.input
     # network input: float -> [Clip to the input's range when < 8 bit] -> Q
     b.clamp_and_quantize(INPUT_NAME, tin, 0, tin.qmax, "input")
@@ -462,8 +629,10 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
     inputs = [helper.make_tensor_value_info(INPUT_NAME, f32, ["batch", *tin.shape])]
     inputs += [helper.make_tensor_value_info(f"in:{k}", onnx.TensorProto.UINT8, ["batch", *t.shape])
                for k, t in b.cut_inputs.items()]
-    if per_layer_outputs:
-        for name in [tin.name] + [n.name for n in graph.nodes]:
+    code_names = ([tin.name] + [n.name for n in graph.nodes] if per_layer_outputs
+                  else graph_output_names(graph) if output_codes else [])
+    if code_names:
+        for name in code_names:
             t = b.qt[name]
             src = b.q_name[name]
             if b.act_type(t) != onnx.TensorProto.UINT8:  # uint4 codes: widen for numpy
@@ -488,13 +657,14 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
     for n in b.nodes:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     rep = ExportReport("", opset, weights, bool(int4), bool(int4_activations), counts, b.report_clips,
-                       b.int4_weights, b.int8_fallback, per_layer_outputs)
+                       b.int4_weights, b.int8_fallback, per_layer_outputs, b.requant_fit, integer_requant,
+                       b.integer_layers)
     return model, rep
 
 
 def export_onnx(graph: IntegerGraph, path: str | Path, *, weights: str = "int8", int4: bool = False,
                 int4_activations: bool = False, per_layer_outputs: bool = False,
-                opset: int | None = None) -> ExportReport:
+                opset: int | None = None, integer_requant: str = "residual") -> ExportReport:
     """Write ``graph`` as an ONNX QDQ model to ``path`` (atomic: nothing is written if anything fails).
 
     ``weights``: ``int8`` (symmetric, zero point 0: what TensorRT / OpenVINO expect; ONNX Runtime's u8 x s8 kernels
@@ -510,7 +680,7 @@ def export_onnx(graph: IntegerGraph, path: str | Path, *, weights: str = "int8",
     import onnx
 
     model, rep = build_onnx(graph, weights=weights, int4=int4, int4_activations=int4_activations,
-                            per_layer_outputs=per_layer_outputs, opset=opset)
+                            per_layer_outputs=per_layer_outputs, opset=opset, integer_requant=integer_requant)
     path = Path(path)
     with atomic_path(path, suffix=".onnx") as tmp:
         onnx.save(model, str(tmp))

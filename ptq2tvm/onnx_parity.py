@@ -69,6 +69,10 @@ class OnnxParityReport:
     reference_top1: float | None = None
     per_layer: list[OnnxLayerParity] = field(default_factory=list)
     per_layer_inputs: int = 0
+    output_float_exact_fraction: float = 1.0   # ORT's float32 output == float32(q_ref - z) * float32(s), bitwise
+    integer_requant: str = "residual"
+    integer_requant_layers: list[str] = field(default_factory=list)
+    requant_fit: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,9 +82,15 @@ class OnnxParityReport:
             f"ONNX Runtime {self.ort_version} (CPU EP), QDQ export with {self.onnx_weights} weights"
             f"{' + INT4' if self.int4 else ''}; host VNNI: {'yes' if self.host_vnni else 'no'}; "
             f"{self.n_inputs} inputs",
-            f"ORT vs reference executor at the output: {100 * self.exact_fraction:.4f}% exact "
+            f"export: {len(self.integer_requant_layers)} conv/dense as ConvInteger/MatMulInteger + int64 requant "
+            f"(integer_requant={self.integer_requant}); QLinearConv/QGemm float32 multiplier exact on every "
+            f"accumulator value in {sum(f['exact_channels'] for f in self.requant_fit.values())} of "
+            f"{sum(f['channels'] for f in self.requant_fit.values())} channels "
+            f"({sum(f['mismatching_accumulators'] for f in self.requant_fit.values())} accumulator values differ)",
+            f"ORT vs reference executor at the output codes: {100 * self.exact_fraction:.4f}% exact "
             f"({self.mismatched_elements} of {self.n_elements} elements differ), max |diff| {self.max_abs_lsb} LSB, "
-            f"histogram {self.lsb_histogram}; top-1 agreement {100 * self.top1_agreement_vs_reference:.2f}%",
+            f"histogram {self.lsb_histogram}; float32 output bitwise equal on {100 * self.output_float_exact_fraction:.4f}%; "
+            f"top-1 agreement {100 * self.top1_agreement_vs_reference:.2f}%",
             f"input quantization (ORT QuantizeLinear vs numpy): {100 * self.input_codes_exact_fraction:.4f}% exact",
             f"ORT kernels after graph optimisation: {self.integer_kernels} integer "
             f"({', '.join(f'{k} {v}' for k, v in self.ort_kernels.items() if k in INTEGER_KERNELS) or 'none'}), "
@@ -162,9 +172,26 @@ def _kernel_of(n: Any, producer: dict[str, Any], depth: int = 0) -> str:
     QuantizeLinear (ORT did not fuse it into an integer kernel)."""
     while n.op_type in ("Transpose", "ReorderOutput", "ReorderInput", "Identity") and n.input and depth < 6:
         n, depth = producer.get(n.input[0], n), depth + 1
+    if n.op_type == "Cast":  # an integer-requant layer (onnx_export._integer_weighted): find its integer kernel
+        k = n
+        for _ in range(16):
+            if k.op_type in ("ConvInteger", "MatMulInteger"):
+                return f"{k.op_type}->int64"
+            if not k.input or k.input[0] not in producer:
+                break
+            k = producer[k.input[0]]
     if n.op_type == "QuantizeLinear" and n.input and n.input[0] in producer and depth < 6:
+        c = producer[n.input[0]]   # an exact clamp on the codes (onnx_export._split_clamp): Q(Clip(DQ(codes)))
+        if c.op_type == "Clip" and c.input[0] in producer and producer[c.input[0]].op_type == "DequantizeLinear" \
+                and producer[c.input[0]].input[0] in producer:
+            return f"{_kernel_of(producer[producer[c.input[0]].input[0]], producer, depth + 1)}+Clip"
         return f"{_kernel_of(producer[n.input[0]], producer, depth + 1)}->Q"
     return n.op_type
+
+
+def _dequant(q: np.ndarray, t: Any) -> np.ndarray:
+    """The reference's codes as DequantizeLinear computes them: ``float32(q - z) * float32(s)`` (one rounding)."""
+    return (np.asarray(q, dtype=np.int64) - int(t.zero_point)).astype(np.float32) * np.float32(t.scale)
 
 
 def _lsb(a: np.ndarray, b: np.ndarray) -> tuple[float, int, dict[str, int]]:
@@ -175,11 +202,11 @@ def _lsb(a: np.ndarray, b: np.ndarray) -> tuple[float, int, dict[str, int]]:
 
 
 def _run_cut(graph: IntegerGraph, images: np.ndarray, env: dict[str, np.ndarray], weights: str, int4: bool,
-             threads: int, batch_size: int, td: str) -> dict[str, np.ndarray]:
+             threads: int, batch_size: int, td: str, integer_requant: str = "residual") -> dict[str, np.ndarray]:
     """Every layer run by ORT on the reference executor's input codes (``build_onnx(cut_layers=True)``)."""
     import onnx
 
-    cut, _ = build_onnx(graph, weights=weights, int4=int4, cut_layers=True)
+    cut, _ = build_onnx(graph, weights=weights, int4=int4, cut_layers=True, integer_requant=integer_requant)
     onnx.save(cut, f"{td}/cut.onnx")
     sess = ort_session(f"{td}/cut.onnx", threads)
     names = [o.name for o in sess.get_outputs()]
@@ -196,12 +223,15 @@ def _run_cut(graph: IntegerGraph, images: np.ndarray, env: dict[str, np.ndarray]
 def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray | None = None, *,
                     weights: str = "auto", int4: bool = False, per_layer_inputs: int = 256, batch_size: int = 256,
                     threads: int = 2, work_dir: str | Path | None = None, progress: bool = True,
-                    reference: np.ndarray | None = None) -> OnnxParityReport:
+                    reference: np.ndarray | None = None, integer_requant: str = "residual") -> OnnxParityReport:
     """Export ``graph`` (QDQ, see :mod:`ptq2tvm.onnx_export`), run it in ONNX Runtime on ``images`` (float32 NCHW) and
     compare with the reference executor: the output codes on every image, every IR tensor on the first
     ``per_layer_inputs`` images (a second export with per-layer outputs), ORT's kernels after optimisation.
 
-    ``weights``: int8 | uint8 | auto (:func:`resolve_weights`). ``reference``: the reference executor's output codes
+    ``weights``: int8 | uint8 | auto (:func:`resolve_weights`); ``integer_requant``: none | residual | inexact
+    (:func:`ptq2tvm.onnx_export.build_onnx`). Compared at the output: the integer codes (``codes:<tensor>``) and the
+    float32 output against the reference's codes dequantized the same way (``float32(q - z) * float32(s)``,
+    bitwise). ``reference``: the reference executor's output codes
     on ``images`` when already computed (:func:`ptq2tvm.ir.reference.run_reference`). Raises :class:`ArtifactError` if ORT cannot load the
     export."""
     import onnx
@@ -212,20 +242,27 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
     weights = resolve_weights(weights)
     images = np.ascontiguousarray(images, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="ptq2tvm_onnx_", dir=work_dir) as td:
-        plain, _ = build_onnx(graph, weights=weights, int4=int4)
+        plain, xrep = build_onnx(graph, weights=weights, int4=int4, integer_requant=integer_requant,
+                                 output_codes=True)
         onnx.save(plain, f"{td}/model.onnx")
         sess = ort_session(f"{td}/model.onnx", threads, optimized_path=f"{td}/model.opt.onnx")
         counts, _ = optimized_kernels(f"{td}/model.opt.onnx")
-        ort_out, ref_out = [], []
+        ort_out, ref_out, float_eq = [], [], []
         out_ts = [graph.tensor(n) for n in graph_output_names(graph)]
+        fetch = onnx_output_names(graph) + [f"codes:{t.name}" for t in out_ts]
         for i in tqdm(range(0, len(images), batch_size), desc="ORT parity", disable=not progress, leave=False):
             x = images[i:i + batch_size]
-            ys = sess.run(onnx_output_names(graph), {INPUT_NAME: x})
-            ort_out.append(_flat([np.rint(y.astype(np.float64) / np.float32(t.scale)).astype(np.int64) + t.zero_point
-                                  for y, t in zip(ys, out_ts)]))
+            ys = sess.run(fetch, {INPUT_NAME: x})
+            floats, codes = ys[:len(out_ts)], ys[len(out_ts):]
+            ort_out.append(_flat(codes).astype(np.int64))
             if reference is None:
                 env = run_reference(graph, graph.input.quantize(x), return_all=True)
                 ref_out.append(_flat([env[t.name] for t in out_ts]))
+                ref_b = [env[t.name] for t in out_ts]
+            else:
+                ref_b = [r[i:i + batch_size] for r in _as_list(reference)]
+            float_eq.append(_flat([(np.asarray(f, dtype=np.float32) == _dequant(r, t)).astype(np.uint8)
+                                   for f, r, t in zip(floats, ref_b, out_ts)]))
         del sess
         ort_q = np.concatenate(ort_out)
         ref_q = np.concatenate(ref_out) if reference is None else _flat(_as_list(reference))
@@ -239,6 +276,9 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
             top1_agreement_vs_reference=(float((ort_q.argmax(1) == ref_q.argmax(1)).mean())
                                          if ref_q.ndim == 2 and len(out_ts) == 1 else exact),
             input_codes_exact_fraction=1.0, ort_kernels=counts,
+            output_float_exact_fraction=float(np.concatenate(float_eq).mean()),
+            integer_requant=integer_requant, integer_requant_layers=list(xrep.integer_layers),
+            requant_fit=dict(xrep.requant_fit),
             integer_kernels=sum(v for k, v in counts.items() if k in INTEGER_KERNELS),
             float_kernels=sum(v for k, v in counts.items() if k in FLOAT_CONVS))
         if labels is not None and ref_q.ndim == 2 and len(out_ts) == 1:
@@ -246,7 +286,8 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
             rep.reference_top1 = float((ref_q.argmax(1) == labels).mean())
         if per_layer_inputs:
             sub = images[:per_layer_inputs]
-            dbg, _ = build_onnx(graph, weights=weights, int4=int4, per_layer_outputs=True)
+            dbg, _ = build_onnx(graph, weights=weights, int4=int4, per_layer_outputs=True,
+                                integer_requant=integer_requant)
             onnx.save(dbg, f"{td}/debug.onnx")
             s2 = ort_session(f"{td}/debug.onnx", threads, optimized_path=f"{td}/debug.opt.onnx")
             _, kernels = optimized_kernels(f"{td}/debug.opt.onnx")
@@ -259,7 +300,7 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
             ops = {n.name: n.op for n in graph.nodes}
             rep.input_codes_exact_fraction = _lsb(np.concatenate(got[f"codes:{graph.input.name}"]),
                                                   env[graph.input.name])[0]
-            local = _run_cut(graph, sub, env, weights, int4, threads, batch_size, td)
+            local = _run_cut(graph, sub, env, weights, int4, threads, batch_size, td, integer_requant)
             for node in graph.nodes:
                 e, m, h = _lsb(np.concatenate(got[f"codes:{node.name}"]), env[node.name])
                 le, lm, lh = _lsb(local[node.name], env[node.name])

@@ -208,7 +208,9 @@ def test_cli_export_parity_and_onnx_model_errors(tmp_path, tiny_model, tiny_data
     assert p["integer_kernels"] >= 6 and len(p["per_layer"]) == 15
     for layer in p["per_layer"]:  # each layer alone on the reference's inputs: within 1 LSB (docs/onnx.md)
         assert layer["local_max_abs_lsb"] <= 1 and layer["local_exact_fraction"] >= 0.999, layer
-    assert {layer["ort_kernel"] for layer in p["per_layer"]} >= {"QLinearConv", "FusedConv->Q"}
+    # no float conv left: plain convs fuse into QLinearConv, those with a residual add are ConvInteger + int64
+    assert {layer["ort_kernel"] for layer in p["per_layer"]} >= {"QLinearConv", "ConvInteger->int64"}
+    assert p["float_kernels"] == 0 and p["integer_requant_layers"] and p["output_float_exact_fraction"] >= 0.999
     # a corrupted ONNX model: one clear line, no run directory
     (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage" * 10)
     out = tmp_path / "never"
