@@ -25,11 +25,13 @@ def register_export(sub: Any, add_json: Any) -> None:
     x.add_argument("--int4-activations", action="store_true",
                    help="opset 21: activations of <= 4 bits as UINT4 (ONNX Runtime 1.32 rejects these at full "
                    "optimisation)")
-    x.add_argument("--integer-requant", default="residual", choices=["none", "residual", "inexact"],
-                   help="conv/dense written as ConvInteger/MatMulInteger + the exact int64 requantization instead of "
-                   "QDQ: none (pure QDQ), residual (convs with a fused residual add, which QDQ consumers run in "
-                   "float; default), inexact (also every layer whose float32 requant multiplier is not provably "
-                   "exact: ONNX Runtime then equals the reference bit for bit; docs/onnx.md)")
+    x.add_argument("--integer-requant", default="none", choices=["none", "residual", "inexact"],
+                   help="conv/dense written as ConvInteger/MatMulInteger + the exact int64 requantization instead "
+                   "of QDQ, for executors with exact int64 arithmetic (ONNX Runtime; not OpenVINO, which narrows "
+                   "int64): none (pure QDQ, any QDQ consumer; default), residual (the convs with a fused residual "
+                   "add, which QDQ runs in float), inexact (those and every layer whose float32 requantization "
+                   "multiplier is not provably exact: ONNX Runtime then equals the reference bit for bit); "
+                   "docs/onnx.md")
     x.add_argument("--per-layer-outputs", action="store_true",
                    help="also output every IR tensor's integer codes (uint8 'codes:<tensor>')")
     add_json(x)
@@ -71,7 +73,7 @@ def add_parity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-weights", default="auto", choices=["auto", "int8", "uint8"],
                    help="weight container of the export ORT runs (auto: int8 on hosts with VNNI, else uint8)")
     p.add_argument("--onnx-int4", action="store_true", help="INT4 weights (opset 21) in the export ORT runs")
-    p.add_argument("--onnx-integer-requant", default="residual", choices=["none", "residual", "inexact"],
+    p.add_argument("--onnx-integer-requant", default="none", choices=["none", "residual", "inexact"],
                    help="which conv/dense the export ORT runs writes as integer ops (see `export --integer-requant`)")
 
 

@@ -68,7 +68,7 @@ class ExportReport:
     # layers ORT requantizes in its integer kernels: channels, channels whose float32 multiplier reproduces the dyadic
     # one on every accumulator value the layer can produce, and the count of accumulator values where it cannot
     requant_fit: dict[str, dict[str, int]] = field(default_factory=dict)
-    integer_requant: str = "residual"                         # which conv2d / dense are written as integer ops
+    integer_requant: str = "none"                         # which conv2d / dense are written as integer ops
     integer_layers: list[str] = field(default_factory=list)   # layers written as ConvInteger/MatMulInteger + int64
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,7 +99,7 @@ class _Builder:
         self.int4_weights: list[str] = []
         self.int8_fallback: list[str] = []
         self.requant_fit: dict[str, dict[str, int]] = {}
-        self.integer_requant = "residual"
+        self.integer_requant = "none"
         self.fits: dict[str, RequantFit] = {}
         self.integer_layers: list[str] = []
 
@@ -586,7 +586,7 @@ def onnx_output_names(graph: IntegerGraph) -> list[str]:
 
 def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False, int4_activations: bool = False,
                per_layer_outputs: bool = False, opset: int | None = None,
-               cut_layers: bool = False, integer_requant: str = "residual",
+               cut_layers: bool = False, integer_requant: str = "none",
                output_codes: bool = False) -> tuple[Any, ExportReport]:
     """The ONNX ModelProto of ``graph`` (not written) and its :class:`ExportReport`; see :func:`export_onnx`.
 
@@ -664,7 +664,7 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
 
 def export_onnx(graph: IntegerGraph, path: str | Path, *, weights: str = "int8", int4: bool = False,
                 int4_activations: bool = False, per_layer_outputs: bool = False,
-                opset: int | None = None, integer_requant: str = "residual") -> ExportReport:
+                opset: int | None = None, integer_requant: str = "none") -> ExportReport:
     """Write ``graph`` as an ONNX QDQ model to ``path`` (atomic: nothing is written if anything fails).
 
     ``weights``: ``int8`` (symmetric, zero point 0: what TensorRT / OpenVINO expect; ONNX Runtime's u8 x s8 kernels

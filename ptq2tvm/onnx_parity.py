@@ -70,7 +70,7 @@ class OnnxParityReport:
     per_layer: list[OnnxLayerParity] = field(default_factory=list)
     per_layer_inputs: int = 0
     output_float_exact_fraction: float = 1.0   # ORT's float32 output == float32(q_ref - z) * float32(s), bitwise
-    integer_requant: str = "residual"
+    integer_requant: str = "none"
     integer_requant_layers: list[str] = field(default_factory=list)
     requant_fit: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -202,7 +202,7 @@ def _lsb(a: np.ndarray, b: np.ndarray) -> tuple[float, int, dict[str, int]]:
 
 
 def _run_cut(graph: IntegerGraph, images: np.ndarray, env: dict[str, np.ndarray], weights: str, int4: bool,
-             threads: int, batch_size: int, td: str, integer_requant: str = "residual") -> dict[str, np.ndarray]:
+             threads: int, batch_size: int, td: str, integer_requant: str = "none") -> dict[str, np.ndarray]:
     """Every layer run by ORT on the reference executor's input codes (``build_onnx(cut_layers=True)``)."""
     import onnx
 
@@ -223,7 +223,7 @@ def _run_cut(graph: IntegerGraph, images: np.ndarray, env: dict[str, np.ndarray]
 def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray | None = None, *,
                     weights: str = "auto", int4: bool = False, per_layer_inputs: int = 256, batch_size: int = 256,
                     threads: int = 2, work_dir: str | Path | None = None, progress: bool = True,
-                    reference: np.ndarray | None = None, integer_requant: str = "residual") -> OnnxParityReport:
+                    reference: np.ndarray | None = None, integer_requant: str = "none") -> OnnxParityReport:
     """Export ``graph`` (QDQ, see :mod:`ptq2tvm.onnx_export`), run it in ONNX Runtime on ``images`` (float32 NCHW) and
     compare with the reference executor: the output codes on every image, every IR tensor on the first
     ``per_layer_inputs`` images (a second export with per-layer outputs), ORT's kernels after optimisation.

@@ -44,8 +44,8 @@ def test_integer_requant_inexact_is_bit_exact_in_ort(w, a):
     ConvInteger/MatMulInteger + the int64 requantization; ORT equals the reference on every element of every layer,
     and its float32 output equals the reference's dequantized codes bit for bit."""
     graph = tiny_integer_graph(w, a)
-    x = np.random.default_rng(2).standard_normal((48, 1, 12, 12)).astype(np.float32) * 1.3
-    rep = run_onnx_parity(graph, x, None, weights="uint8", per_layer_inputs=48, threads=1, progress=False,
+    x = np.random.default_rng(2).standard_normal((16, 1, 12, 12)).astype(np.float32) * 1.3
+    rep = run_onnx_parity(graph, x, None, weights="uint8", per_layer_inputs=16, threads=1, progress=False,
                           integer_requant="inexact")
     assert rep.exact_fraction == 1.0 and rep.output_float_exact_fraction == 1.0
     assert all(p.exact_fraction == 1.0 and p.local_exact_fraction == 1.0 for p in rep.per_layer)
@@ -65,9 +65,10 @@ def test_integer_requant_handles_negative_residual_terms():
     res.attrs["residual_zero_point"] = 200
     res.attrs["output_zero_point"] = 90
     res.arrays["bias"] = (res.arrays["bias"].astype(np.int64) - 5000).astype(np.int32)
-    x = np.random.default_rng(4).standard_normal((32, 1, 12, 12)).astype(np.float32) * 1.3
+    x = np.random.default_rng(4).standard_normal((16, 1, 12, 12)).astype(np.float32) * 1.3
     env = run_reference(graph, graph.input.quantize(x), return_all=True)
     assert (env[res.name] == 0).any()  # the lower clamp is reached: negative sums
-    rep = run_onnx_parity(graph, x, None, weights="uint8", per_layer_inputs=32, threads=1, progress=False)
+    rep = run_onnx_parity(graph, x, None, weights="uint8", per_layer_inputs=16, threads=1, progress=False,
+                          integer_requant="residual")
     layer = next(p for p in rep.per_layer if p.name == res.name)
     assert layer.local_exact_fraction == 1.0 and layer.ort_kernel == "ConvInteger->int64"
