@@ -123,7 +123,7 @@ def allocate(report: SensitivityReport, costs: LayerCosts, graph: IntegerGraph, 
     ref = cands.index((8, 8))
     w8a8 = {k: float(m[:, ref].sum()) for k, m in mats.items()}
     if "latency" in mats:
-        w8a8["latency"] += costs.other_seconds
+        w8a8["latency"] += costs.constant_seconds
     sens = report.matrix(measure).astype(np.float64)
     sens = np.maximum(sens, 0.0)                 # a Hutchinson estimate below zero is noise around a PSD trace
     first, last = fixed_layers(graph)
@@ -134,7 +134,7 @@ def allocate(report: SensitivityReport, costs: LayerCosts, graph: IntegerGraph, 
         sens[i, ref] = 0.0
     limits = {k: parse_budget(k, v, w8a8[k]) for k, v in budgets.items()}
     if "latency" in limits:
-        limits["latency"] -= costs.other_seconds
+        limits["latency"] -= costs.constant_seconds
     groups: dict[str, list[int]] = {}
     for i, lay in enumerate(report.layers):
         groups.setdefault(lay.input_tensor, []).append(i)
@@ -144,8 +144,8 @@ def allocate(report: SensitivityReport, costs: LayerCosts, graph: IntegerGraph, 
     bits = {n: list(cands[c]) for n, c in zip(layers, sol.choice)}
     predicted = {k: float(sum(m[i, c] for i, c in enumerate(sol.choice))) for k, m in mats.items()}
     if "latency" in predicted:
-        predicted["latency"] += costs.other_seconds
-    shown = {k: (v + costs.other_seconds if k == "latency" else v) for k, v in limits.items()}
+        predicted["latency"] += costs.constant_seconds
+    shown = {k: (v + costs.constant_seconds if k == "latency" else v) for k, v in limits.items()}
     return MixedPlan(bits, measure, sol.objective, shown, predicted, w8a8, fixed)
 
 

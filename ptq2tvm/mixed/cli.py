@@ -95,7 +95,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
         for n, t in costs.seconds.items():
             print(f"  {n:<{w}}  int8 {1e3 * t['int8']:8.4f}  int4-packed {1e3 * t['int4']:8.4f}  "
                   f"bytes {costs.stored_bytes[n]['int8']}/{costs.stored_bytes[n]['int4']}")
-        print(f"  other kernels {1e3 * costs.other_seconds:.4f} ms")
+        print(f"  other kernels {1e3 * costs.other_seconds:.4f} ms; whole W8A8 network {1e3 * costs.reference_seconds:.4f}"
+              f" ms (overhead over its kernels {1e3 * costs.overhead_seconds:.4f} ms; kernel cache {costs.cache_status})")
         out["layer_costs"] = costs.to_dict()
     return out
 

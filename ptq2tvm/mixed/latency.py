@@ -5,10 +5,22 @@ The integer graph is built twice with the hand-scheduled blocked kernels (``ptq2
 ``--schedule auto`` x86 build): every conv/linear layer with int8 weights, then with <= 4-bit weights (the builder
 stores those two per byte and unpacks them in the kernel; depthwise convs stay int8). Every kernel PrimFunc of the
 Relax ``main`` is timed with TVM's ``time_evaluator`` on its real packed weights and
-parameters (random activations) - the per-kernel protocol of ``backend.tune`` (median of ``repeat`` runs of at least
-``min_repeat_ms`` each) but in this process, every kernel taken by name from one compiled library per build (one
-``tvm.compile`` per build instead of one per kernel). A network's predicted latency = the sum of its layer kernels
-at their chosen weight bits + every other kernel (layout changes, pools, adds, measured once).
+parameters (random activations), every kernel taken by name from one compiled library per build (one
+``tvm.compile`` per build instead of one per kernel).
+
+Calibration against the whole network (a shared, loaded host changes every time by the same factor, and a network
+call costs more than its kernels: the VM's per-call dispatch, allocations, cold caches): the W8A8 build's whole
+Relax ``main`` (what the W8A8 .so runs) is timed in the same process, interleaved with the kernels - ``rounds``
+rounds, each timing the whole network once and then every kernel once (``time_evaluator``, ``number=1``,
+``min_repeat_ms``), medians over the rounds. The difference whole network - sum of its kernels is the fitted
+per-network overhead (``overhead_seconds``). A plan's predicted latency is
+
+    T(plan) = T(W8A8 network) + sum over layers of (t_layer(chosen weight storage) - t_layer(int8))
+
+(= other kernels + overhead + the chosen layer kernels). Cached kernel times are reused only while the whole W8A8
+network, re-timed at every use, stays within ``drift`` (10 %) of the time it had when they were measured; otherwise
+the cache is dropped and every kernel measured again (the host's load changed). :meth:`LayerCosts.predict_seconds`
+also takes a W8A8 .so time measured later (next to the plan's .so) and scales the prediction to it.
 
 Activation bits do not change a kernel's code here (activations are uint8 containers at any bits; only the clamp
 constants differ), so WxA4 costs what WxA8 costs; 2-bit weights use the int4 kernel (same storage, same speed).
@@ -33,6 +45,16 @@ from ..backend.compile import resolve_target
 from ..ir.graph import IntegerGraph
 
 LAYER_OPS = ("conv2d", "dense")
+#: time_evaluator repeats per round (each at least ``min_repeat_ms`` of back-to-back calls)
+REPEATS_PER_ROUND = 20
+
+
+def robust_time(samples: list[float], statistic: str = "min") -> float:
+    """One figure from repeated timings: ``min`` (default: the least-disturbed window, what the code costs when
+    the shared host lets it run; other processes only ever add time) or ``median``."""
+    if statistic not in ("min", "median"):
+        raise ValueError(f"statistic must be 'min' or 'median', got {statistic!r}")
+    return float(np.min(samples) if statistic == "min" else np.median(samples))
 
 
 def storage_class(w_bits: int) -> str:
@@ -86,9 +108,29 @@ class LayerCosts:
     measured: int = 0
     cached: int = 0
     load_average: list[float] = field(default_factory=list)
+    #: the whole W8A8 network (Relax ``main``), timed interleaved with the kernels; 0 when not measured
+    reference_seconds: float = 0.0
+    #: reference_seconds - (other_seconds + every layer's int8 kernel): per-call dispatch and the like
+    overhead_seconds: float = 0.0
+    #: "measured", "cached" (reference within drift) or "remeasured (reference drifted x.xx)"
+    cache_status: str = ""
+    #: how the repeated timings became one figure (:func:`robust_time`)
+    statistic: str = "median"
 
-    def predict_seconds(self, w_bits: dict[str, int]) -> float:
-        return self.other_seconds + sum(self.seconds[n][storage_class(b)] for n, b in w_bits.items())
+    @property
+    def constant_seconds(self) -> float:
+        """The part of a network's latency no bit choice changes: non-layer kernels + fitted overhead."""
+        return self.other_seconds + self.overhead_seconds
+
+    def predict_seconds(self, w_bits: dict[str, int], reference_seconds: float | None = None) -> float:
+        """Predicted latency (s) of one network call with ``w_bits[layer]`` weight bits (every layer given):
+        T(W8A8) + sum of per-layer deltas. ``reference_seconds``: the W8A8 network timed again now (e.g. its .so,
+        interleaved with the plan's .so); the prediction is scaled by its ratio to ``reference_seconds`` of the
+        cost measurement (a changed load slows every kernel alike)."""
+        t = self.constant_seconds + sum(self.seconds[n][storage_class(b)] for n, b in w_bits.items())
+        if reference_seconds is not None and self.reference_seconds > 0:
+            t *= reference_seconds / self.reference_seconds
+        return t
 
     def predict_bytes(self, w_bits: dict[str, int]) -> int:
         return sum(self.stored_bytes[n][storage_class(b)] for n, b in w_bits.items())
@@ -98,28 +140,42 @@ class LayerCosts:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerCosts":
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def _time_kernel(lib: Any, name: str, func: tvm.tirx.PrimFunc, args: list, rng: np.random.Generator, repeat: int,
-                 min_repeat_ms: int) -> float:
-    """Median seconds of kernel ``name`` of the compiled library ``lib`` on ``args`` (numpy constants as given,
-    random uint8 activations), outputs zeroed."""
+def _kernel_timer(lib: Any, name: str, func: tvm.tirx.PrimFunc, args: list, rng: np.random.Generator,
+                  min_repeat_ms: int) -> Any:
+    """A zero-argument callable -> seconds of ``REPEATS_PER_ROUND`` timings of kernel ``name`` of the compiled library ``lib`` on
+    ``args`` (numpy constants as given, random uint8 activations), outputs zeroed."""
     dev = tvm.cpu()
     arrays = [a if isinstance(a, np.ndarray) else rng.integers(0, 256, a[0]).astype(a[1]) for a in args]
     outs = [np.zeros([int(v) for v in b.shape], b.dtype) for b in list(func.params)[len(arrays):]]
     tv = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (*arrays, *outs)]
-    ev = lib.time_evaluator(name, dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
-    return float(np.median(ev(*tv).results))
+    ev = lib.time_evaluator(name, dev, number=1, repeat=REPEATS_PER_ROUND, min_repeat_ms=min_repeat_ms)
+    return lambda: [float(v) for v in ev(*tv).results]
 
 
-def _kernel_library(mod: tvm.IRModule, target: tvm.target.Target) -> Any:
-    """Compile the whole scheduled module once; -> the runtime module holding every kernel by name."""
+def _network_timer(ex: Any, mod: tvm.IRModule, rng: np.random.Generator, min_repeat_ms: int) -> Any:
+    """A zero-argument callable -> seconds per call of ``REPEATS_PER_ROUND`` timings of the compiled module's Relax ``main`` (random integer
+    input), the protocol of :func:`time_so` (the same VM entry point a .so runs)."""
+    from tvm import relax
+
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(ex, dev)
+    p = mod["main"].params[0].ty
+    x = tvm.runtime.tensor(rng.integers(0, 16, [int(v) for v in p.shape.values]).astype(str(p.dtype)), dev)
+    ev = vm.time_evaluator("main", dev, number=1, repeat=REPEATS_PER_ROUND, min_repeat_ms=min_repeat_ms)
+    return lambda: [float(v) for v in ev(x).results]
+
+
+def _kernel_library(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[Any, Any]:
+    """Compile the whole scheduled module once; -> (the executable, the runtime module holding every kernel by
+    name)."""
     ex = tvm.compile(mod, target=target)
     for m in (ex.mod, *ex.mod.imports):
         try:
             m.get_function(next(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)))
-            return m
+            return ex, m
         except (AttributeError, RuntimeError, StopIteration):
             continue
     raise RuntimeError("compiled module exposes no kernel by name")
@@ -141,24 +197,31 @@ def _calls(mod: tvm.IRModule) -> list[tuple[str, list]]:
     return out
 
 
-def _read_cache(path: Path | None) -> dict[str, float]:
+def _read_cache(path: Path | None) -> tuple[dict[str, float], dict[str, float]]:
+    """(kernel times, whole-network reference times) of a cache file; empty when missing or unreadable."""
     if path is None or not path.is_file():
-        return {}
+        return {}, {}
     try:
-        return {str(k): float(v) for k, v in json.loads(path.read_text()).get("kernels", {}).items()}
+        d = json.loads(path.read_text())
+        return ({str(k): float(v) for k, v in d.get("kernels", {}).items()},
+                {str(k): float(v) for k, v in d.get("references", {}).items()})
     except (OSError, ValueError, AttributeError):
-        return {}
+        return {}, {}
 
 
 def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[str, Any] | None = None,
-                        cache: str | Path | None = None, repeat: int = 5, min_repeat_ms: int = 40,
-                        progress: bool = True, timed: bool = True) -> LayerCosts:
-    """Time every kernel of ``graph``'s x86 build with int8 and with packed int4 weights (module docstring).
+                        cache: str | Path | None = None, rounds: int = 7, min_repeat_ms: int = 1,
+                        progress: bool = True, timed: bool = True, drift: float = 0.10,
+                        statistic: str = "min") -> LayerCosts:
+    """Time every kernel of ``graph``'s x86 build with int8 and with packed int4 weights, interleaved with the whole
+    W8A8 network (module docstring).
 
     ``cache``: a JSON file (e.g. ``RUN/latency_cache.json``) of kernel times keyed by target, batch and the
-    structural hash of the scheduled PrimFunc; kernels found there are not measured again. Raises ValueError when
-    the target has no hand-scheduled x86 kernels (AVX2 or AVX-512 VNNI). ``timed=False``: stored bytes only
-    (nothing compiled; ``seconds`` stay empty).
+    structural hash of the scheduled PrimFunc, with the whole-network reference time they were measured against;
+    they are reused only while the reference, timed again now, is within ``drift`` (relative) of that time.
+    ``rounds``: interleaved timing rounds, each ``REPEATS_PER_ROUND`` windows of >= ``min_repeat_ms`` per kernel;
+    ``statistic`` (:func:`robust_time`) over all windows. Raises ValueError when the target has no hand-scheduled x86
+    kernels (AVX2 or AVX-512 VNNI). ``timed=False``: stored bytes only (nothing compiled; ``seconds`` stay empty).
     """
     from ..backend.blocked_builder import build_x86_module, x86_isa
 
@@ -168,14 +231,14 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
         raise ValueError(f"per-layer latency needs the hand-scheduled x86 kernels: {why}")
     tgt = tvm.target.Target(tdict)
     cache_path = Path(cache) if cache is not None else None
-    known = _read_cache(cache_path)
-    prefix = f"{json.dumps(tdict, sort_keys=True)}|b{batch}|r{repeat}|m{min_repeat_ms}|"
+    known, refs = _read_cache(cache_path)
+    robust_time([1.0], statistic)                 # checks the name
+    prefix = f"{json.dumps(tdict, sort_keys=True)}|b{batch}|m{min_repeat_ms}|{statistic}|"
     layers = [n.name for n in graph.nodes if n.op in LAYER_OPS]
     rng = np.random.default_rng(0)
     seconds: dict[str, dict[str, float]] = {n: {} for n in layers}
     sizes: dict[str, dict[str, int]] = {n: {} for n in layers}
     other: dict[str, float] = {}
-    measured = cached = 0
     mods = {cls: build_x86_module(variant_graph(graph, bits), batch, tdict)[0] for cls, bits in
             (("int8", 8), ("int4", 4))}
     names = {kernel_name(n) for n in layers}
@@ -196,42 +259,74 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
                 sizes[layer][cls] = int(args[1].nbytes)
         return LayerCosts(seconds, sizes, layer_macs(graph), 0.0, {}, batch, tdict, isa)
     keys = [prefix + str(tvm_ffi.structural_hash(func)) for _, _, _, func, _ in jobs]
-    libs = {cls: _kernel_library(mods[cls], tgt) for cls in mods
-            if any(k not in known for k, (c, *_) in zip(keys, jobs) if c == cls)}
-    bar = tqdm(list(zip(keys, jobs)), desc="kernel latency", unit="kernel", disable=not progress)
-    try:
-        for key, (cls, layer, name, func, args) in bar:
-            if key in known:
-                t = known[key]
-                cached += 1
-            else:
-                t = _time_kernel(libs[cls], name, func, args, rng, repeat, min_repeat_ms)
-                known[key] = t
-                measured += 1
-            if layer is not None:
-                seconds[layer][cls] = t
-                sizes[layer][cls] = int(args[1].nbytes)
-            else:
-                other[f"{len(other)}:{name}"] = t
-    finally:
-        bar.close()
-        if cache_path is not None and measured:
-            write_json(cache_path, dict(format="ptq2tvm-kernel-latency", kernels=known))
-    return LayerCosts(seconds, sizes, layer_macs(graph), float(sum(other.values())), other, batch, tdict, isa,
-                      measured, cached, [round(v, 2) for v in os.getloadavg()])
+    ref_key = prefix + "network:" + str(tvm_ffi.structural_hash(mods["int8"]))
+    libs = {"int8": _kernel_library(mods["int8"], tgt)}
+    net = _network_timer(libs["int8"][0], mods["int8"], rng, min_repeat_ms)
+    status = "measured"
+    if ref_key in refs:
+        now = robust_time([t for _ in range(3) for t in net()], statistic)
+        ratio = now / refs[ref_key]
+        if abs(ratio - 1) <= drift:
+            status = "cached"
+        else:
+            status = f"remeasured (reference drifted x{ratio:.2f})"
+            known, refs = {}, {}
+    else:
+        known = {}                                 # kernel times without their reference cannot be trusted
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    if any(jobs[i][0] == "int4" for i in todo):
+        libs["int4"] = _kernel_library(mods["int4"], tgt)
+    timers = {i: _kernel_timer(libs[jobs[i][0]][1], jobs[i][2], jobs[i][3], jobs[i][4], rng, min_repeat_ms)
+              for i in todo}
+    if todo:
+        samples: dict[int, list[float]] = {i: [] for i in todo}
+        ref_samples = []
+        bar = tqdm(total=rounds * (len(todo) + 1), desc="kernel latency", unit="timing", disable=not progress)
+        try:
+            for r in range(max(1, rounds)):
+                ref_samples += net()
+                bar.update()
+                for i in (todo if r % 2 == 0 else todo[::-1]):      # alternate the order: no position bias
+                    samples[i] += timers[i]()
+                    bar.update()
+        finally:
+            bar.close()
+        for i in todo:
+            known[keys[i]] = robust_time(samples[i], statistic)
+        refs[ref_key] = robust_time(ref_samples, statistic)
+        if cache_path is not None:
+            write_json(cache_path, dict(format="ptq2tvm-kernel-latency", kernels=known, references=refs))
+    for key, (cls, layer, name, func, args) in zip(keys, jobs):
+        t = known[key]
+        if layer is not None:
+            seconds[layer][cls] = t
+            sizes[layer][cls] = int(args[1].nbytes)
+        else:
+            other[f"{len(other)}:{name}"] = t
+    other_s = float(sum(other.values()))
+    reference = refs[ref_key]
+    overhead = reference - other_s - sum(seconds[n]["int8"] for n in layers)
+    return LayerCosts(seconds, sizes, layer_macs(graph), other_s, other, batch, tdict, isa, len(todo),
+                      len(keys) - len(todo), [round(v, 2) for v in os.getloadavg()], reference, overhead, status,
+                      statistic)
 
 
-def time_so(so_path: str | Path, repeat: int = 10, min_repeat_ms: int = 100) -> float:
-    """Median seconds of one call of a compiled .so's ``main`` (uint8 input, back to back, warm), the protocol of
-    :func:`measure_layer_costs` applied to the whole network."""
+def time_so(so_path: str | Path, repeat: int = 10, min_repeat_ms: int = 100, statistic: str = "median",
+            samples: list[float] | None = None) -> float:
+    """Seconds of one call of a compiled .so's ``main`` (uint8 input, back to back, warm): ``statistic``
+    (:func:`robust_time`) over ``repeat`` windows of >= ``min_repeat_ms``; every window's time is also appended to
+    ``samples`` when given. The protocol of :func:`measure_layer_costs` applied to the whole network."""
     from ..backend.runtime import CompiledModel
 
     cm = CompiledModel(so_path)
     rng = np.random.default_rng(0)
     x = tvm.runtime.tensor(rng.integers(0, cm.input.qmax + 1, (cm.batch, *cm.input.shape)).astype(np.uint8))
     ev = cm._vm.time_evaluator("main", cm.device, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
-    return float(np.median(ev(x).results))
+    res = [float(v) for v in ev(x).results]
+    if samples is not None:
+        samples += res
+    return robust_time(res, statistic)
 
 
-__all__ = ["LayerCosts", "kernel_name", "layer_macs", "measure_layer_costs", "storage_class", "time_so",
+__all__ = ["LayerCosts", "REPEATS_PER_ROUND", "kernel_name", "robust_time", "layer_macs", "measure_layer_costs", "storage_class", "time_so",
            "variant_graph"]
