@@ -125,7 +125,7 @@ def allocate(report: SensitivityReport, costs: LayerCosts, graph: IntegerGraph, 
     if "latency" in mats:
         w8a8["latency"] += costs.constant_seconds
     sens = report.matrix(measure).astype(np.float64)
-    sens = np.maximum(sens, 0.0)                 # a Hutchinson estimate below zero is noise around a PSD trace
+    sens = np.maximum(sens, 0.0)         # a Hutchinson estimate below zero is noise around a PSD trace (Gauss-Newton: >= 0)
     first, last = fixed_layers(graph)
     fixed = sorted((first | last) & set(layers)) if first_last_8bit else []
     for n in fixed:

@@ -29,7 +29,10 @@ def add_quantize_args(q: argparse.ArgumentParser) -> None:
     g.add_argument("--sensitivity", dest="sensitivity_measure", default="hessian", choices=["hessian", "output"],
                    help="ILP objective: HAWQ Hessian-trace-weighted perturbation, or FP32-output MSE of each layer "
                    "quantized alone")
-    g.add_argument("--hutchinson-samples", type=int, default=32, help="Rademacher vectors of the trace estimate")
+    g.add_argument("--hutchinson-samples", type=int, default=32, help="random draws of the Hessian-trace estimate")
+    g.add_argument("--trace-estimator", default="gauss-newton", choices=["gauss-newton", "hutchinson"],
+                   help="Hessian-trace estimator: Gauss-Newton/Fisher with sampled labels (never negative; default) "
+                   "or Hutchinson's (Rademacher vectors, double backward)")
     g.add_argument("--latency-batch", type=int, default=1, help="batch size the latencies are measured at")
 
 
@@ -64,7 +67,7 @@ def mixed_config(args: argparse.Namespace, model: nn.Module, calib: np.ndarray, 
 
     plan = plan_mixed_precision(model, calib, config, budgets, out, measure=args.sensitivity_measure,
                                 samples=args.hutchinson_samples, batch=args.latency_batch, seed=args.seed,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, estimator=args.trace_estimator)
     print(plan.summary())
     return plan.config(config), dict(mixed_precision=plan.to_dict())
 
@@ -81,7 +84,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
     images = calibration_set(info["data"], int(info["calib_size"]), seed=int(info.get("seed", 0)),
                              **run_data_kwargs(info))
     rep = run_sensitivity(model, images, run.path, samples=args.samples, max_images=args.images,
-                          seed=args.seed, progress=not args.no_progress)
+                          seed=args.seed, progress=not args.no_progress, estimator=args.estimator)
     print(rep.summary())
     print(f"wrote {run.path / 'sensitivity.json'} and {run.path / 'sensitivity.png'}  [{rep.seconds} s]")
     out: dict[str, Any] = dict(sensitivity=str(run.path / "sensitivity.json"), png=str(run.path / "sensitivity.png"),
@@ -105,7 +108,10 @@ def register(sub: Any) -> None:
     s = sub.add_parser("sensitivity", help="per-layer sensitivity to 2/4/8-bit weights and 4/8-bit inputs "
                        "(HAWQ Hessian trace, FP32-output error), optionally per-layer kernel latency")
     s.add_argument("run", help="run directory (its FP32 model and calibration data are used)")
-    s.add_argument("--samples", type=int, default=32, help="Hutchinson samples (Rademacher vectors)")
+    s.add_argument("--samples", type=int, default=32, help="random draws of the Hessian-trace estimate")
+    s.add_argument("--estimator", default="gauss-newton", choices=["gauss-newton", "hutchinson"],
+                   help="Hessian-trace estimator: Gauss-Newton/Fisher with sampled labels (never negative; default) "
+                   "or Hutchinson's (Rademacher vectors, double backward)")
     s.add_argument("--images", type=int, default=256, help="calibration images used for the traces / errors")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--latency", action="store_true", help="also time every layer's kernel (int8 and packed int4) "

@@ -25,12 +25,13 @@ SENSITIVITY_FILE, COSTS_FILE, KERNEL_CACHE, PLAN_FILE = ("sensitivity.json", "la
 
 def run_sensitivity(model: nn.Module, images: np.ndarray, run_dir: str | Path, samples: int = 32,
                     max_images: int = 256, seed: int = 0, config: QuantConfig | None = None,
-                    progress: bool = True) -> SensitivityReport:
+                    progress: bool = True, estimator: str = "gauss-newton") -> SensitivityReport:
     """Sensitivity of every layer (reused from ``run_dir/sensitivity.json`` when its key matches) + the PNG."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rep = analyze_sensitivity(model, images, hutchinson_samples=samples, seed=seed, max_images=max_images,
-                              config=config, progress=progress, cache=run_dir / SENSITIVITY_FILE)
+                              config=config, progress=progress, cache=run_dir / SENSITIVITY_FILE,
+                              estimator=estimator)
     rep.save(run_dir / SENSITIVITY_FILE)
     plot_sensitivity(rep, run_dir / "sensitivity.png")
     return rep
@@ -49,10 +50,11 @@ def run_layer_costs(graph: IntegerGraph, run_dir: str | Path, batch: int = 1, ti
 
 def plan_mixed_precision(model: nn.Module, images: np.ndarray, config: QuantConfig, budgets: dict[str, str],
                          run_dir: str | Path, measure: str = "hessian", samples: int = 32, max_images: int = 256,
-                         batch: int = 1, seed: int = 0, progress: bool = True) -> MixedPlan:
+                         batch: int = 1, seed: int = 0, progress: bool = True,
+                         estimator: str = "gauss-newton") -> MixedPlan:
     """Sensitivity, costs of the W8A8 fold, ILP -> the plan (also saved as ``run_dir/mixed_precision.json``).
     Latencies are measured only for a latency budget. Raises QuantConfigError when no allocation fits."""
-    rep = run_sensitivity(model, images, run_dir, samples, max_images, seed, config, progress)
+    rep = run_sensitivity(model, images, run_dir, samples, max_images, seed, config, progress, estimator)
     ref = QuantConfig(w_bits=8, a_bits=8, first_last_8bit=config.first_last_8bit, weight_lp=config.weight_lp,
                       act_lp=config.act_lp)
     graph = fold_to_integer(quantize_rtn(model, images, ref, progress=progress))

@@ -8,9 +8,19 @@ Two measures for every conv/linear layer i and candidate (w, a) = (weight bits, 
    to the layer's weight W_i (n_W_i elements) and to its input activation tensor x_i on the batch (n_x_i elements;
    HAWQ-V3 weights only; the activation term is the same estimate for the input quantizer). At the FP32 point L's
    gradient is zero and its Hessian is the Gauss-Newton / Fisher matrix of the output distribution: positive
-   semi-definite, no labels needed. Traces by Hutchinson's estimator Tr(H) = E[v^T H v], v Rademacher (seeded),
-   H v by double backward (``torch.autograd.grad`` with ``create_graph=True``); every layer's traces come from the
-   same vectors. k_i = the number of layers reading tensor x_i (they share its bits, so its term is split).
+   semi-definite, no labels needed. Two trace estimators (``estimator``), both unbiased, every layer's traces from
+   the same random draws:
+   - ``gauss-newton`` (default): H = (1/B) sum_b J_b^T S_b J_b (J_b: Jacobian of image b's logits z_b, S_b =
+     diag(p_b) - p_b p_b^T the softmax Hessian at its FP32 output p_b; the Gauss-Newton matrix, equal to the Hessian
+     at this point; Martens 2020, "New insights and perspectives on the natural gradient method", Sec. 8-9).
+     S_b = A_b A_b^T with A_b = diag(sqrt p_b) - p_b sqrt(p_b)^T; with r_b Rademacher, u_b = A_b r_b has mean 0 and
+     covariance S_b, independent over images, so one backward of sum_b <z_b, u_b> gives g = sum_b J_b^T u_b with
+     E||g||^2 = B Tr(H): Tr(H) ~ ||g||^2 / B, a sum of squares (never negative), one backward per sample. (Sampled
+     labels, u_b = onehot(y_b) - p_b, have the same covariance but on a confident model almost every draw is the
+     argmax and a rare other label dominates the estimate.)
+   - ``hutchinson``: Tr(H) = E[v^T H v], v Rademacher, H v by double backward (``torch.autograd.grad`` with
+     ``create_graph=True``; HAWQ-V2's estimator). Single estimates can fall below zero (float noise around a
+     positive semi-definite H); the ILP clips them at zero. k_i = the number of layers reading tensor x_i (they share its bits, so its term is split).
    Q_w / Q_a are the calibrated quantizers of ptq2tvm (MSE-searched ranges), the ones the pipeline deploys.
 2. The FP32-output error when only that layer (its weights at w bits and its input tensor at a bits) is quantized:
    MSE of the logits against FP32 and SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) dB.
@@ -70,6 +80,8 @@ class SensitivityReport:
     seed: int
     key: str
     seconds: float = 0.0
+    #: trace estimator: "gauss-newton" or "hutchinson" (module docstring)
+    estimator: str = "hutchinson"
 
     def layer_names(self) -> list[str]:
         return [lay.name for lay in self.layers]
@@ -96,7 +108,8 @@ class SensitivityReport:
     def summary(self) -> str:
         names = [candidate_name(tuple(c)) for c in self.candidates]
         w = max(len(lay.name) for lay in self.layers)
-        lines = [f"sensitivity ({self.n_images} images, {self.hutchinson_samples} Hutchinson samples, loss {self.loss})",
+        lines = [f"sensitivity ({self.n_images} images, {self.hutchinson_samples} {self.estimator} samples, "
+                 f"loss {self.loss})",
                  f"{'layer':<{w}}  {'Tr(H_W)/n':>10} {'Tr(H_x)/n':>10}  " + " ".join(f"{n:>16}" for n in names),
                  f"{'':<{w}}  {'':>10} {'':>10}  " + " ".join(f"{'Omega / SQNR dB':>16}" for _ in names)]
         for lay in self.layers:
@@ -117,23 +130,39 @@ def sensitivity_key(model: nn.Module, images: np.ndarray, settings: dict[str, An
     return h.hexdigest()
 
 
-def _hutchinson(qm: QuantModel, x: torch.Tensor, layers: list[str], points: list[str], samples: int,
-                seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hutchinson traces (mean, stderr) of the loss Hessian w.r.t. each layer's weight, then each point's tensor."""
+ESTIMATORS = ("gauss-newton", "hutchinson")
+
+
+def _traces(qm: QuantModel, x: torch.Tensor, layers: list[str], points: list[str], samples: int,
+            seed: int, estimator: str = "gauss-newton") -> tuple[np.ndarray, np.ndarray]:
+    """Trace estimates (mean, stderr over samples) of the loss Hessian w.r.t. each layer's weight, then each
+    point's tensor (module docstring, ``estimator``)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     qm.set_quant(False, False)
-    with torch.no_grad():
-        target = F.softmax(qm(x), dim=1)
     x = x.clone().requires_grad_(True)
     env = qm(x, return_all=True)
-    loss = F.kl_div(F.log_softmax(env[qm.graph.output_name], dim=1), target, reduction="batchmean")
+    logits = env[qm.graph.output_name]
     params = [qm.layer(n).weight for n in layers] + [x if p == qm.graph.input_name else env[p] for p in points]
-    grads = torch.autograd.grad(loss, params, create_graph=True)
     gen = torch.Generator().manual_seed(seed)
     est = np.zeros((samples, len(params)))
-    for s in range(samples):
-        vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
-        hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=s < samples - 1)
-        est[s] = [float((v * h).sum()) for v, h in zip(vs, hv)]
+    if estimator == "gauss-newton":
+        p_fp = F.softmax(logits.detach().double(), dim=1)
+        sq = p_fp.sqrt()
+        for s in range(samples):
+            r = torch.randint(0, 2, p_fp.shape, generator=gen).double() * 2 - 1
+            u = (sq * r - p_fp * (sq * r).sum(dim=1, keepdim=True)).to(logits.dtype)      # A_b r_b
+            g = torch.autograd.grad(logits, params, grad_outputs=u, retain_graph=s < samples - 1)
+            est[s] = [float(t.double().square().sum()) / len(x) for t in g]
+    else:
+        with torch.no_grad():
+            target = F.softmax(logits.detach(), dim=1)
+        loss = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        for s in range(samples):
+            vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
+            hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=s < samples - 1)
+            est[s] = [float((v * h).sum()) for v, h in zip(vs, hv)]
     return est.mean(axis=0), est.std(axis=0, ddof=1) / np.sqrt(samples) if samples > 1 else np.zeros(len(params))
 
 
@@ -147,18 +176,21 @@ def _point_values(qm: QuantModel, x: torch.Tensor, points: list[str]) -> dict[st
 def analyze_sensitivity(model: nn.Module, images: np.ndarray, candidates: Sequence[tuple[int, int]] = CANDIDATES,
                         hutchinson_samples: int = 32, seed: int = 0, max_images: int = 256,
                         config: QuantConfig | None = None, progress: bool = True,
-                        threads: int = 1, cache: str | Path | None = None) -> SensitivityReport:
+                        threads: int = 1, cache: str | Path | None = None,
+                        estimator: str = "gauss-newton") -> SensitivityReport:
     """Sensitivity of every conv/linear layer of ``model`` for every candidate (module docstring).
 
     ``images``: float (N, C, H, W) calibration images (no labels); the quantizers are calibrated on all of them, the
     traces and output errors use the first ``max_images``. ``config`` supplies the range-search norms
-    (``weight_lp``, ``act_lp``). Deterministic for a given seed and thread count. Raises DataError on bad images.
+    (``weight_lp``, ``act_lp``). ``estimator``: the trace estimator (module docstring), ``hutchinson_samples``
+    random draws. Deterministic for a given seed and thread count. Raises DataError on bad images.
     """
     t0 = time.perf_counter()
     images = validate_calibration(images)
     base = config or QuantConfig()
     settings = dict(candidates=[list(c) for c in candidates], samples=hutchinson_samples, seed=seed,
-                    max_images=max_images, weight_lp=base.weight_lp, act_lp=base.act_lp, loss=LOSS)
+                    max_images=max_images, weight_lp=base.weight_lp, act_lp=base.act_lp, loss=LOSS,
+                    estimator=estimator)
     key = sensitivity_key(model, images, settings)
     cached = load_sensitivity(cache) if cache is not None else None
     if cached is not None and cached.key == key:
@@ -175,7 +207,7 @@ def analyze_sensitivity(model: nn.Module, images: np.ndarray, candidates: Sequen
     points = list(dict.fromkeys(point_of.values()))
     readers = {p: sum(1 for n in layers if point_of[n] == p) for p in points}
     x = torch.from_numpy(np.ascontiguousarray(images[:max_images]))
-    tr, se = _hutchinson(qm, x, layers, points, hutchinson_samples, seed)
+    tr, se = _traces(qm, x, layers, points, hutchinson_samples, seed, estimator)
     tr_w, se_w = dict(zip(layers, tr[:len(layers)])), dict(zip(layers, se[:len(layers)]))
     tr_x, se_x = dict(zip(points, tr[len(layers):])), dict(zip(points, se[len(layers):]))
     xs = _point_values(qm, x, points)
@@ -219,7 +251,7 @@ def analyze_sensitivity(model: nn.Module, images: np.ndarray, candidates: Sequen
                     output_sqnr_db=float(10 * np.log10(float(y_fp.square().sum()) / max(err, 1e-30))))
             out.append(lay)
     return SensitivityReport(out, [list(c) for c in candidates], LOSS, int(len(x)), hutchinson_samples, seed, key,
-                             round(time.perf_counter() - t0, 2))
+                             round(time.perf_counter() - t0, 2), estimator)
 
 
 def plot_sensitivity(report: SensitivityReport, path: str | Path) -> Path:
@@ -242,7 +274,7 @@ def plot_sensitivity(report: SensitivityReport, path: str | Path) -> Path:
         axes[1].bar(xpos + k * width - 0.4 + width / 2, sq, width, label=cand)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("Omega = Tr(H)/n ||Q(W)-W||^2 (+ input term)")
-    axes[0].set_title(f"HAWQ sensitivity per layer ({report.hutchinson_samples} Hutchinson samples, "
+    axes[0].set_title(f"HAWQ sensitivity per layer ({report.hutchinson_samples} {report.estimator} samples, "
                       f"{report.n_images} images; loss: KL to FP32 output)")
     axes[1].set_ylabel("FP32-output SQNR, only this layer quantized (dB)")
     axes[1].set_xticks(xpos)
@@ -264,5 +296,5 @@ def load_sensitivity(path: str | Path) -> SensitivityReport | None:
         return None
 
 
-__all__ = ["LOSS", "LayerSensitivity", "SensitivityReport", "analyze_sensitivity", "load_sensitivity",
+__all__ = ["ESTIMATORS", "LOSS", "LayerSensitivity", "SensitivityReport", "analyze_sensitivity", "load_sensitivity",
            "plot_sensitivity", "sensitivity_key"]
