@@ -135,6 +135,9 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
              [("size 0.75 W8A8", {"size": "0.75"}), ("size 0.6 W8A8", {"size": "0.6"}),
               ("latency 0.8 W8A8", {"latency": "0.8"}), ("latency 0.9 W8A8", {"latency": "0.9"})])
     measures = ["hessian"] if latency_only else ["hessian", "output"]
+    if args.specs:
+        keep = set(args.specs.split(";"))
+        specs = [sp for sp in specs if sp[0] in keep]
     for label, budgets in specs:
         for measure in measures:
             if measure == "output" and label not in ("size + BOPs = W4A4", "BOPs = 0.5 W8A8"):
@@ -291,6 +294,8 @@ def main() -> None:
                     help="dataset of the small models (trained and cached by ptq2tvm train)")
     ap.add_argument("--samples", type=int, default=32, help="random draws of the Hessian-trace estimate")
     ap.add_argument("--estimator", default="gauss-newton", choices=["gauss-newton", "hutchinson"])
+    ap.add_argument("--specs", default="", help="only these ILP budgets, ';'-separated labels (e.g. 'size = W4A4;"
+                    "BOPs = 0.5 W8A8')")
     ap.add_argument("--rounds", type=int, default=5, help="round-robin latency rounds")
     ap.add_argument("--work", default=str(ROOT / "runs" / "mixed_precision_bench"))
     ap.add_argument("--quiet", action="store_true")
