@@ -102,7 +102,8 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = ["# Mixed precision: predicted vs measured .so latency (one process)\n",
-             f"Command: `{meta['command']}` ({meta['started']}); host {meta['cpu']}, TVM threads {meta['threads']}; "
+             f"Command: `{meta['command']}` ({meta['started']}); host {meta['cpu']}, TVM threads {meta['threads']}, "
+             f"every time the {meta.get('statistic', 'min')} over 1 ms timing windows; "
              f"load average at start {meta['load_start']}, at end {meta['load_end']} (a shared 2-core VM with "
              "other engineers' jobs: absolute times are inflated; what matters is predicted / measured).\n",
              "predicted = T(W8A8 network, timed interleaved with the per-layer kernels) + sum of per-layer "
