@@ -15,6 +15,9 @@ import argparse
 import json
 import os
 import platform
+import resource
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,9 +78,19 @@ def run_one(name: str, size: int | None, workdir: Path) -> dict:
         row["build_s"] = round(time.perf_counter() - t1, 1)
         row["stored_weight_bytes"] = res.meta.get("stored_weight_bytes")
         cm = CompiledModel(workdir / f"{name}.so")
-        q = np.concatenate([graph.input.quantize(calib[:1]),
-                            rng.integers(0, 256, (1, 3, hw, hw)).astype(np.uint8)])
-        got, ref = _as_list(cm.run_int(q)), _as_list(run_reference(graph, q))
+        # a few inputs: two calibration images (the quantized activations' usual range) and two uniform random codes
+        # (saturating every layer), run one at a time through the batch-1 .so
+        q = np.concatenate([graph.input.quantize(calib[:2]),
+                            rng.integers(0, 256, (2, 3, hw, hw)).astype(np.uint8)])
+        t1 = time.perf_counter()
+        got = [_as_list(cm.run_int(q[i:i + 1])) for i in range(len(q))]
+        row["so_run_s"] = round(time.perf_counter() - t1, 2)
+        t1 = time.perf_counter()
+        ref = [_as_list(run_reference(graph, q[i:i + 1])) for i in range(len(q))]
+        row["reference_s"] = round(time.perf_counter() - t1, 1)
+        got = [np.concatenate(v) for v in zip(*got)]
+        ref = [np.concatenate(v) for v in zip(*ref)]
+        row["inputs"] = len(q)
         bad = sum(int((g != r).sum()) for g, r in zip(got, ref))
         row["elements"] = sum(int(r.size) for r in ref)
         row["mismatches"] = bad
@@ -89,19 +102,74 @@ def run_one(name: str, size: int | None, workdir: Path) -> dict:
     return row
 
 
+def _run_isolated(name: str, size: int | None, timeout: float, workdir: Path) -> dict:
+    """Run one family in a child process (its own memory, killed after ``timeout`` seconds)."""
+    row_file = workdir / f"{name}.row.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--row-file", str(row_file),
+           "--workdir", str(workdir)] + (["--size", str(size)] if size else [])
+    t0 = time.perf_counter()
+    cpu0 = _children_cpu()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and the compilers it started
+        proc.communicate()
+        return {"model": name, "input": "", "status": f"TIMEOUT after {timeout:.0f} s (wall)",
+                "total_s": round(time.perf_counter() - t0, 1), "cpu_s": round(_children_cpu() - cpu0, 1)}
+    if row_file.exists():
+        row = json.loads(row_file.read_text())
+        row["total_s"], row["cpu_s"] = round(time.perf_counter() - t0, 1), round(_children_cpu() - cpu0, 1)
+        return row
+    tail = (err or "").strip().splitlines()[-1:] or ["no output"]
+    return {"model": name, "input": "", "status": f"FAIL: child exited {proc.returncode}: {tail[0][:200]}",
+            "total_s": round(time.perf_counter() - t0, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(FAMILIES))
     ap.add_argument("--size", type=int, default=None, help="input H=W for every model (default: 224, EDSR 64)")
     ap.add_argument("--out", default="benchmarks/results/zoo_coverage")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per family (each runs in a child process)")
+    ap.add_argument("--merge", action="store_true",
+                    help="update the rows of these models in an existing <out>.json (a rerun of some families)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--row-file", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    rows = []
+    if args.one:
+        row = run_one(args.one, args.size, Path(args.workdir))
+        Path(args.row_file).write_text(json.dumps(row))
+        return
+    rows: list[dict] = []
+    old: list[dict] = []
+    if args.merge and Path(args.out).with_suffix(".json").exists():
+        old = json.loads(Path(args.out).with_suffix(".json").read_text())["rows"]
     with tempfile.TemporaryDirectory(prefix="zoo_cov_") as td:
         for name in args.models.split(","):
-            row = run_one(name, args.size, Path(td))
+            row = _run_isolated(name, args.size, args.timeout, Path(td))
+            row["load_average"] = [round(v, 1) for v in os.getloadavg()]
             rows.append(row)
+            if old:
+                row["command"] = "python " + " ".join(sys.argv)
             print(f"{name:22s} {row['input']:>10s} {row['status']} ({row['total_s']} s)", flush=True)
-    meta = {"command": "python " + " ".join(sys.argv), "cpu": platform.processor() or platform.machine(),
+            _write(args, _merged(old, rows))  # partial results after every family
+    print(Path(args.out).with_suffix(".md").read_text())
+
+
+def _merged(old: list[dict], new: list[dict]) -> list[dict]:
+    by_name = {r["model"]: r for r in new}
+    out = [by_name.pop(r["model"], r) for r in old]
+    return out + list(by_name.values())
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
+    prev = {}
+    if args.merge and Path(args.out).with_suffix(".json").exists():
+        prev = json.loads(Path(args.out).with_suffix(".json").read_text())["meta"]
+    meta = {"command": prev.get("command", "python " + " ".join(sys.argv)),
+            "cpu": platform.processor() or platform.machine(),
             "cpu_model": _cpu_model(), "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,12 +177,23 @@ def main() -> None:
     lines = ["# Zoo coverage (W8A8, seeded random weights, .so vs reference executor)", "",
              f"Command: `{meta['command']}`; host: {meta['cpu_model']}; load average at the end "
              f"{tuple(round(v, 1) for v in meta['load_average'])} (builds ran on a shared machine).", "",
-             "| model | input | nodes | outputs | ops | build s | status |", "|---|---|---|---|---|---|---|"]
+             "| model | input | nodes | outputs | ops | build s | reference s | inputs | output elements | "
+             "cpu s | total s | load avg | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['input']} | {r.get('nodes', '')} | {r.get('outputs', '')} | "
-                     f"{' '.join(r.get('ops', []))} | {r.get('build_s', '')} | {r['status']} |")
+                     f"{' '.join(r.get('ops', []))} | {r.get('build_s', '')} | {r.get('reference_s', '')} | "
+                     f"{r.get('inputs', '')} | {r.get('elements', '')} | {r.get('cpu_s', '')} | {r.get('total_s', '')} | "
+                     f"{r.get('load_average', [''])[0]} | "
+                     f"{r['status']} |")
+    lines += ["", "cpu s: CPU seconds of the family's process and the compilers it ran; total s: wall seconds (the load "
+              "average column shows how far the machine was shared)."]
+    lines += [f"- {r['model']} rerun: `{r['command']}`" for r in rows if r.get("command")]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _cpu_model() -> str:

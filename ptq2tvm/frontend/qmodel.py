@@ -33,7 +33,14 @@ class QuantConfig:
     """Bit widths and calibration settings.
 
     ``first_last_8bit``: the first conv (weights and its input) and the last layer (weights, its input and the network
-    output) stay at 8 bit, as BRECQ/QDrop deploy them.
+    output) stay at 8 bit, as BRECQ/QDrop deploy them. With it, ``first_layer_output_bits`` (default 8) is the bits of
+    the first layer's output: the first conv's quant point and the outputs of the single-input ops that follow it
+    (its ReLU/table nonlinearity, a max-pool), i.e. what the second layer reads. 8 is BRECQ's convention
+    (``set_first_last_layer_to_8bit`` sets ``module_list[0].act_quantizer``, the quantizer after the first module's
+    activation, to 8 bits); None gives it ``a_bits`` (QDrop's code keeps only the last layer's input at 8 bits). The
+    stem's output is where a per-tensor 4-bit grid hurts most: its few channels have very different ranges (no later
+    layer has mixed them yet) and a depthwise conv reads each channel alone (measured: benchmarks/results/
+    first_layer_output_fmnist.md).
 
     Per-layer bits (mixed precision), keyed by conv/linear layer name (the model's module path, e.g.
     ``layer1.0.conv1``; :func:`ptq2tvm.mixed.layerbits.resolve_layer_bits` expands globs): ``layer_w_bits`` the
@@ -53,12 +60,16 @@ class QuantConfig:
     layer_a_bits: dict[str, int] = field(default_factory=dict)
     #: bits of a tensor read by a lookup-table nonlinearity (SiLU, Sigmoid, ...); None: a_bits (ptq2tvm.ops.lut)
     lut_input_bits: int | None = 8
+    #: bits of the first layer's output when ``first_last_8bit`` (BRECQ's convention); None: a_bits
+    first_layer_output_bits: int | None = 8
 
     def validate(self) -> "QuantConfig":
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         if self.lut_input_bits is not None:
             check_bits(self.lut_input_bits, "lut_input_bits")
+        if self.first_layer_output_bits is not None:
+            check_bits(self.first_layer_output_bits, "first_layer_output_bits")
         for k, v in self.layer_w_bits.items():
             check_bits(v, f"weight bits of layer '{k}'")
         for k, v in self.layer_a_bits.items():
@@ -145,8 +156,13 @@ class QuantModel(nn.Module):
         eight = self._eight_bit_points(first, last) if config.first_last_8bit else set()
         explicit = self._explicit_point_bits()
         wanted = self._wanted_input_bits()
+        first_out = (self._first_layer_outputs(first) if config.first_last_8bit
+                     and config.first_layer_output_bits is not None else set())
         for v in self.quant_points():
-            bits = explicit.get(v, 8 if v in eight else config.a_bits)
+            default = 8 if v in eight else config.a_bits
+            if v in first_out:
+                default = max(default, config.first_layer_output_bits)
+            bits = explicit.get(v, default)
             bits = max(bits, wanted.get(v, 0))
             self.act_quant[_key(v)] = ActQuantizer(bits, nonneg[v])
 
@@ -219,6 +235,15 @@ class QuantModel(nn.Module):
             if src != self.graph.input_name and self.graph.node(src).op in OPS_WITH_WEIGHTS:
                 last.add(src)
         return first, last
+
+    def _first_layer_outputs(self, first: set[str]) -> set[str]:
+        """Quant points of the first layer's output: the first conv(s) and the single-input non-weighted ops (ReLU /
+        table nonlinearity, pooling) that follow them, up to the next weighted layer or a multi-input op."""
+        front = set(first)
+        for n in self.graph.nodes:
+            if n.op not in OPS_WITH_WEIGHTS and len(n.inputs) == 1 and n.inputs[0] in front:
+                front.add(n.name)
+        return front & set(self.quant_points())
 
     def _eight_bit_points(self, first: set[str], last: set[str]) -> set[str]:
         pts = {self.graph.input_name}
@@ -318,7 +343,9 @@ class QuantModel(nn.Module):
                                 f"(expected {FAKEQUANT_VERSION})")
         sd = blob["state_dict"]
         graph = graph_from_json(blob["graph"], sd)
-        model = cls(graph, QuantConfig(**blob["config"]))
+        config = dict(blob["config"])
+        config.setdefault("first_layer_output_bits", None)  # saved before the field existed: the first output had a_bits
+        model = cls(graph, QuantConfig(**config))
         for k in blob.get("adaq_layers", []):
             model.layers[k].enable_adaq()
         try:
