@@ -40,7 +40,7 @@ class QuantConfig:
     activation, to 8 bits); None gives it ``a_bits`` (QDrop's code keeps only the last layer's input at 8 bits). The
     stem's output is where a per-tensor 4-bit grid hurts most: its few channels have very different ranges (no later
     layer has mixed them yet) and a depthwise conv reads each channel alone (measured: benchmarks/results/
-    first_layer_output_fmnist.md).
+    coverage_fmnist_first8.md).
 
     Per-layer bits (mixed precision), keyed by conv/linear layer name (the model's module path, e.g.
     ``layer1.0.conv1``; :func:`ptq2tvm.mixed.layerbits.resolve_layer_bits` expands globs): ``layer_w_bits`` the
