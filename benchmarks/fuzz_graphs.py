@@ -1,11 +1,12 @@
 """Fuzz the pipeline on >= 500 random graphs (Hypothesis; ptq2tvm/fuzz.py) and commit a summary.
 
-    nice .venv/bin/python benchmarks/fuzz_graphs.py --graphs 500 --compile-every 4 --jobs 2
+    nice .venv/bin/python benchmarks/fuzz_graphs.py --graphs 500 --compile-every 4 --cuda-every 25 --jobs 2
 
 Every graph: quantize + fold (success, or a ptq2tvm error naming its layer/tensor), the int32 accumulator bound,
 the reference executor, integer vs fake-quant per node (<= 1 LSB from the same integer inputs). Every
 ``--compile-every``-th graph also: the compiled .so on both CPU backends ('auto' = blocked x86 kernels, AVX2 here;
-'plain') bit for bit against the reference. Writes benchmarks/results/fuzz_graphs.{json,md} (failures with their
+'plain') bit for bit against the reference; every ``--cuda-every``-th: every kernel of the CUDA build in the CPU
+emulation of the CUDA thread model. Each graph is an independent seeded draw (:func:`ptq2tvm.fuzz.fresh_specs`). Writes benchmarks/results/fuzz_graphs.{json,md} (failures with their
 specs, so each can be replayed with ``--replay FILE``).
 """
 
@@ -47,55 +48,58 @@ FOUND_AND_FIXED = [
     "clamps as (max lo, min hi) = (0.25, 0.0), lo > hi, which numpy and the blocked kernels resolve differently "
     "(every output wrong on 'auto') -> clamps compose as clamp(x, clamp(lo1, lo2, hi2), clamp(hi1, lo2, hi2)) "
     "(test_disjoint_clamps_compose_like_torch)",
+    "(found by this fuzzer's new mul entry, session 3) relu(f(x)) * relu(-f(x)) with a range of ~1e3 per factor: the "
+    "product is 0 on every image, its scale collapses, and fit_requant_scales bounded the mul multiplier by "
+    "max(s_a, s_b) / s_out instead of s_a s_b / s_out: 'requantization multiplier 2.5e+09 is too large' -> each op "
+    "states its multiplier (OpDef.multiplier_numerator; mul: the product) "
+    "(tests/test_bounds.py::test_mul_whose_product_collapses_folds_exactly)",
 ]
 
 
-def _job(args: tuple[int, int, int, str, int]) -> str:
-    job, seed, n, out, compile_every = args
+def _job(args: tuple[int, int, int, str, int, int]) -> str:
+    job, seed, n, out, compile_every, cuda_every = args
     import warnings
 
     warnings.simplefilter("ignore")
     os.environ.setdefault("TVM_NUM_THREADS", "1")
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis import seed as hseed
-
-    from ptq2tvm.fuzz import check_spec, graph_specs
+    from ptq2tvm.fuzz import check_spec, fresh_specs
 
     work = Path(tempfile.mkdtemp(prefix=f"fuzz{job}-"))
-    counter = [0]
     path = Path(out) / f"job{job}.jsonl"
-
-    @hseed(seed)
-    @settings(max_examples=n, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @given(graph_specs())
-    def run(spec):
-        i = counter[0]
-        counter[0] += 1
-        sched = ("auto", "plain") if (i * 1 + job) % compile_every == 0 else ()
-        r = check_spec(spec, work, schedules=sched)
+    for i, spec in enumerate(fresh_specs(seed, n)):
+        sched = ("auto", "plain") if compile_every and i % compile_every == 0 else ()
+        cuda = bool(cuda_every) and i % cuda_every == cuda_every // 2
+        r = check_spec(spec, work, schedules=sched, cuda=cuda)
         with open(path, "a") as f:
             f.write(json.dumps(r.to_dict()) + "\n")
         print(f"[job {job}] {i + 1}/{n} {r.status:<11} {r.stage:<12} {r.seconds:6.1f}s {','.join(r.ops)}"
               + (f"  {r.message.splitlines()[0][:150]}" if r.status != "ok" else ""), flush=True)
-
-    run()
     return str(path)
 
 
 def summarize(rows: list[dict], args: argparse.Namespace, seconds: float, load: tuple) -> dict:
     from ptq2tvm.fuzz import OPS
+    from ptq2tvm.ops import FLOAT_OPS, LUT_FUNCTIONS
 
     status = Counter(r["status"] for r in rows)
-    compiled = [r for r in rows if r["schedules"]]
+    compiled = [r for r in rows if r["schedules"] or r["status"] != "ok" and r["stage"].startswith(("compile", "run"))]
     ops = Counter(o for r in rows for o in r["ops"])
+    float_ops = Counter(o for r in rows for o in r.get("float_ops", []))
     int_ops = Counter(o for r in rows for o in r["int_ops"])
+    luts = Counter(o for r in rows for o in r.get("lut_functions", []))
+    registered = sorted(n for n, d in FLOAT_OPS.items() if d.kind != "trace")
     named = Counter(r["message"].split(":")[0][:80] for r in rows if r["status"] == "named_error")
     return dict(
         command=" ".join(sys.argv), graphs=len(rows), status=dict(status),
         compiled_both_backends=len(compiled),
         compiled_bit_exact=sum(1 for r in compiled if len(r["schedules"]) == 2),
-        ops_covered=dict(ops), ops_registered=sorted(OPS), integer_ops_covered=dict(int_ops),
+        cuda_emulated=sum(1 for r in rows if r.get("cuda_kernels")),
+        cuda_kernels_bit_exact=sum(r.get("cuda_kernels", 0) for r in rows),
+        multi_output_graphs=sum(1 for r in rows if r.get("outputs", 1) > 1),
+        fuzzer_entries_drawn=dict(ops), fuzzer_entries=sorted(OPS), registered_ops=registered,
+        registered_ops_traced=dict(float_ops), registered_ops_never_traced=[o for o in registered if not float_ops[o]],
+        lut_functions=dict(luts), lut_functions_never_drawn=[f for f in LUT_FUNCTIONS if not luts[f]],
+        integer_ops_covered=dict(int_ops),
         max_local_lsb=max((r["max_local_lsb"] for r in rows if r["status"] == "ok"), default=0),
         exact_fraction_vs_fakequant_mean=(sum(r["exact_fraction_vs_fakequant"] for r in rows
                                               if r["exact_fraction_vs_fakequant"] is not None)
@@ -120,9 +124,18 @@ def write_md(s: dict, path: Path) -> None:
         f"- integer vs fake-quant, per node from the same integer inputs: max {s['max_local_lsb']} LSB "
         f"(tolerance 1); end-to-end exact fraction of output elements (mean) "
         f"{100 * s['exact_fraction_vs_fakequant_mean']:.2f}%",
+        f"- CUDA build in the CPU emulation of the CUDA thread model (a sample): {s.get('cuda_emulated', 0)} graphs, "
+        f"{s.get('cuda_kernels_bit_exact', 0)} kernels bit-exact vs the same PrimFunc on this CPU",
         f"- graphs with degenerate channels or calibration data (zero / tiny / dead channels, all-zero or "
-        f"constant-channel images): {s['degenerate_graphs']}",
-        f"- ops drawn (graphs containing each): " + ", ".join(f"{k} {v}" for k, v in sorted(s["ops_covered"].items())),
+        f"constant-channel images): {s['degenerate_graphs']}; graphs with several outputs: "
+        f"{s.get('multi_output_graphs', 0)}",
+        f"- registered op families (ptq2tvm.ops, not trace-only) traced in the graphs (graphs containing each): "
+        + ", ".join(f"{k} {s['registered_ops_traced'].get(k, 0)}" for k in s.get("registered_ops", []))
+        + f"; never: {s.get('registered_ops_never_traced') or 'none'}",
+        f"- lookup-table functions: " + ", ".join(f"{k} {v}" for k, v in sorted(s.get("lut_functions", {}).items()))
+        + f"; never: {s.get('lut_functions_never_drawn') or 'none'}",
+        f"- fuzzer entries drawn: " + ", ".join(f"{k} {v}" for k, v in
+                                               sorted(s.get("fuzzer_entries_drawn", s.get("ops_covered", {})).items())),
         f"- integer ops produced: " + ", ".join(f"{k} {v}" for k, v in sorted(s["integer_ops_covered"].items())),
         "", "## Named errors (the fold refused with a message naming the layer/tensor)", ""]
     lines += [f"- {k}: {v}" for k, v in s["named_errors"].items()] or ["- none"]
@@ -143,6 +156,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--graphs", type=int, default=500)
     p.add_argument("--compile-every", type=int, default=1, help="compile every k-th graph on both backends")
+    p.add_argument("--cuda-every", type=int, default=0,
+                   help="also run every kernel of the CUDA build in the CPU emulation for every k-th graph")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--out", default=str(RESULTS / "fuzz_graphs"), help="output prefix (.json, .md)")
@@ -170,7 +185,8 @@ def main() -> None:
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="fuzzrun-"))
     per = [args.graphs // args.jobs + (1 if j < args.graphs % args.jobs else 0) for j in range(args.jobs)]
-    jobs = [(j, args.seed * 1000 + j, per[j], str(tmp), args.compile_every) for j in range(args.jobs)]
+    jobs = [(j, args.seed * 1000 + j, per[j], str(tmp), args.compile_every, args.cuda_every)
+            for j in range(args.jobs)]
     if args.jobs == 1:
         files = [_job(jobs[0])]
     else:

@@ -153,6 +153,9 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    from ..fold.bounds import check_graph_bounds
+
+    check_graph_bounds(graph)      # a graph read from a file: no kernel may overflow or index outside its table
     so_path = Path(so_path)
     so_path.parent.mkdir(parents=True, exist_ok=True)
     target = resolve_target(target)

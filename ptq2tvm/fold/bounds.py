@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import QuantConfigError
+from ..ops import float_op
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 #: fit_integer_bounds aims this far inside int32, so that float64 rounding of the bias can never tip it over.
@@ -112,8 +113,11 @@ MAX_MULTIPLIER = float(1 << 29)
 def fit_requant_scales(qm, warn: bool = True) -> list[str]:
     """Raise the scale of every quantized tensor whose requantization multipliers would exceed 2^29 (the dyadic
     form allows < 2^30): the tensor's range collapsed (a ReLU output that is 0 on every calibration image, a
-    residual sum that cancels) while its inputs' did not, so ``s_in / s_out`` is ~1e9. The multiplier bound used is
-    generic: max over the node's data inputs of ``s_in / s_out`` (times ``max_c |xi_c| s_w,c`` for conv / linear).
+    residual sum that cancels) while its inputs' did not, so ``s_in / s_out`` is ~1e9. The multiplier is the op's
+    own (:meth:`ptq2tvm.ops.OpDef.multiplier_numerator` / s_out): by default the largest data-input scale over
+    ``s_out`` (conv / linear: that input's scale times ``max_c |xi_c| s_w,c``), for ``mul`` the product
+    ``s_a s_b / s_out`` (the larger input scale alone under-estimated it: two ReLU branches of opposite sign, each
+    with a range of ~1e3, have a product that is 0 on every image, and the fit left 2.5e9 > 2^30).
     Raising ``s_out`` (zero point kept, so the observed range stays covered) changes nothing on the calibration
     data: the tensor is (nearly) constant there. Returns the tensors changed (and warns naming them)."""
     changed = []
@@ -123,7 +127,7 @@ def fit_requant_scales(qm, warn: bool = True) -> list[str]:
             continue
         q_out = qm.act_quant[key]
         s_out = float(q_out.scale.detach())
-        m = 0.0
+        scales = []
         for i in n.data_inputs:
             s_i = float(qm.act_quantizer(i).scale.detach())
             if n.op in ("conv", "linear") and i == n.inputs[0] and qm.layer(n.name).wq.enabled:
@@ -132,7 +136,8 @@ def fit_requant_scales(qm, warn: bool = True) -> list[str]:
                 if getattr(layer, "adaq", False):
                     w = w * layer.xi.detach().double().abs()
                 s_i *= float(w.max())
-            m = max(m, s_i / s_out)
+            scales.append(s_i)
+        m = float_op(n.op).multiplier_numerator(n, scales) / s_out
         if m > MAX_MULTIPLIER:
             q_out.scale.data.mul_(m / MAX_MULTIPLIER * (1 + 1e-6))
             changed.append(f"'{n.name}' (multiplier {m:.3g}, scale {s_out:.3g} -> {float(q_out.scale):.3g})")
@@ -202,3 +207,134 @@ def _fit_weights(qm, max_rounds: int, warn: bool) -> list[LayerFit]:
             f"{f', {f.zero_weight_channels} all-zero weight channel(s) with a bias' if f.zero_weight_channels else ''})"
             for f in fits), RuntimeWarning, stacklevel=2)
     return fits
+
+
+# ---- every integer op of a graph --------------------------------------------------------------------------------
+#: an int64 requantization value (sum of terms, plus the rounding 2^(n-1)) must stay below this
+INT64_LIMIT = 1 << 63
+
+
+def _span(t) -> int:
+    """max |q - z| over the codes q in [0, qmax] of QTensor ``t``."""
+    return max(int(t.zero_point), t.qmax - int(t.zero_point))
+
+
+def _int64(node, what: str, terms: list[tuple[int, np.ndarray]], shift: np.ndarray) -> int:
+    """Prove sum_k |t_k| * m_k + 2^(n-1) < 2^63 per channel for the requantization of ``node``."""
+    total = np.zeros(np.asarray(shift).shape, dtype=object)
+    for t, m in terms:
+        total = total + int(t) * np.abs(np.asarray(m, dtype=np.int64)).astype(object)
+    total = total + (np.ones_like(total) << (np.asarray(shift, dtype=np.int64).astype(object) - 1))
+    worst = int(np.max(total)) if np.size(total) else 0
+    if worst >= INT64_LIMIT:
+        raise QuantConfigError(f"{node.op} '{node.name}': the int64 requantization of {what} can reach {worst:.4g} "
+                               f">= 2^63")
+    return worst
+
+
+def _bound_weighted(node, tensors) -> dict:
+    tin = tensors[node.inputs[0]]
+    lo, hi = check_accumulator(node.name, node.arrays["weight"], node.arrays["bias"], tin.qmax)
+    terms = [(max(-lo, hi), node.arrays["multiplier"])]
+    if len(node.inputs) > 1:
+        tr = tensors[node.inputs[1]]
+        terms.append((_span(tr), node.arrays["residual_multiplier"]))
+    return dict(int32=(lo, hi), int64=_int64(node, "the accumulator", terms, node.arrays["shift"]))
+
+
+def _bound_add(node, tensors) -> dict:
+    ta, tb = (tensors[i] for i in node.inputs)
+    terms = [(_span(ta), node.arrays["multiplier_a"]), (_span(tb), node.arrays["multiplier_b"])]
+    return dict(int64=_int64(node, "the two inputs", terms, node.arrays["shift"]))
+
+
+def _bound_mul(node, tensors) -> dict:
+    """(q_a - z_a)(q_b - z_b) is formed in int32 by every kernel, then times the mantissa in int64."""
+    ta, tb = (tensors[i] for i in node.inputs)
+    prod = _span(ta) * _span(tb)
+    if prod > INT32_MAX:
+        raise QuantConfigError(f"mul '{node.name}': the int32 product of the two inputs' codes can reach {prod} "
+                               f"(|q_a - z_a| <= {_span(ta)}, |q_b - z_b| <= {_span(tb)}), outside int32")
+    return dict(int32=(-prod, prod), int64=_int64(node, "the product", [(prod, node.arrays["multiplier"])],
+                                                  node.arrays["shift"]))
+
+
+def _bound_avgpool(node, tensors) -> dict:
+    """The window sum sum(q_pad) (q_pad in [0, qmax_in], padding z_in) is formed in int32, then z_in * KH * KW is
+    subtracted and the result multiplied in int64."""
+    tin = tensors[node.inputs[0]]
+    kh, kw = node.attrs["kernel"]
+    window = int(kh) * int(kw)
+    total = window * tin.qmax
+    if total > INT32_MAX:
+        raise QuantConfigError(
+            f"avgpool '{node.name}': the int32 window sum of a {kh}x{kw} window ({window} codes of up to {tin.qmax}) "
+            f"can reach {total}, outside int32; the largest window at {tin.bits}-bit input is "
+            f"{INT32_MAX // tin.qmax} elements: pool in two steps (e.g. AvgPool2d(k) then AdaptiveAvgPool2d) or "
+            f"give the input fewer bits")
+    return dict(int32=(0, total), int64=_int64(node, "the window sum", [(window * _span(tin), node.arrays["multiplier"])],
+                                               node.arrays["shift"]))
+
+
+def _bound_concat(node, tensors) -> dict:
+    worst = 0
+    for i, name in enumerate(node.inputs):
+        t = tensors[name]
+        worst = max(worst, _int64(node, f"input '{name}'", [(_span(t), np.array([node.arrays["multiplier"][i]]))],
+                                  np.array([node.arrays["shift"][i]])))
+    return dict(int64=worst)
+
+
+def _bound_lut(node, tensors) -> dict:
+    """Every input code indexes the table: codes lie in [0, qmax_in] (each producer clamps to its tensor's qmax), so
+    the table needs qmax_in + 1 entries."""
+    tin = tensors[node.inputs[0]]
+    size = int(np.asarray(node.arrays["table"]).size)
+    if tin.qmax >= size:
+        raise QuantConfigError(
+            f"lut '{node.name}': its input '{node.inputs[0]}' has {tin.bits}-bit codes (up to {tin.qmax}) but the "
+            f"table has {size} entries; the table must be built on the input's grid (ptq2tvm.ops.lut_table with "
+            f"bits_in = {tin.bits})")
+    return dict(index=(0, tin.qmax))
+
+
+#: integer op -> its bound rule; every op that computes (kind weighted / requant) needs one (tests/test_fuzz.py
+#: checks this against the registry), ops that only move codes (kind grid) need none
+BOUND_RULES = {"conv2d": _bound_weighted, "dense": _bound_weighted, "add": _bound_add, "mul": _bound_mul,
+               "avgpool2d": _bound_avgpool, "concat": _bound_concat, "lut": _bound_lut}
+
+
+def check_graph_bounds(graph) -> dict[str, dict]:
+    """Prove, for every node of an :class:`~ptq2tvm.ir.graph.IntegerGraph`, that no input can leave the integer
+    ranges its kernels compute in (docs/integer_arithmetic.md, "No overflow, proven at fold time"):
+
+    - every tensor's codes lie in [0, qmax] of its QTensor: each node's clamp ``[lo, hi]`` is inside it, and an op
+      that moves codes (kind ``grid``) has an output grid at least as wide as its input's;
+    - conv2d / dense: the int32 accumulator (:func:`check_accumulator`), and the int64 requantization
+      ``|acc| * m + |q_r - z_r| * m_r + 2^(n-1) < 2^63``;
+    - mul: the int32 product ``|q_a - z_a| * |q_b - z_b|`` and its int64 requantization;
+    - avgpool2d: the int32 window sum ``KH * KW * qmax_in`` (a refusal names the largest window) and int64;
+    - add, concat: the int64 requantization of each input;
+    - lut: every input code is an index inside the table (``qmax_in < len(table)``).
+
+    Returns {node name: the bounds proven}. Raises :class:`QuantConfigError` naming the node, the quantity and its
+    bound."""
+    from ..ops import IR_OPS
+
+    tensors = {graph.input.name: graph.input, **{n.name: n.out for n in graph.nodes}}
+    proven: dict[str, dict] = {}
+    for node in graph.nodes:
+        hi = node.attrs.get("hi")
+        if hi is not None and not 0 <= int(node.attrs.get("lo", 0)) <= int(hi) <= node.out.qmax:
+            raise QuantConfigError(f"{node.op} '{node.name}': output clamp [{node.attrs.get('lo', 0)}, {hi}] is not "
+                                   f"inside the {node.out.bits}-bit grid [0, {node.out.qmax}]")
+        rule = BOUND_RULES.get(node.op)
+        if rule is not None:
+            proven[node.name] = rule(node, tensors)
+        elif getattr(IR_OPS.get(node.op), "kind", "grid") == "grid":
+            wide = max((tensors[i].qmax for i in node.inputs), default=0)
+            if wide > node.out.qmax:
+                raise QuantConfigError(f"{node.op} '{node.name}': moves codes up to {wide} onto a {node.out.bits}-bit "
+                                       f"grid")
+            proven[node.name] = dict(codes=(0, wide))
+    return proven

@@ -24,7 +24,7 @@ from ..errors import QuantConfigError
 from ..frontend.qmodel import QuantModel
 from ..ir.graph import IntegerGraph, IntNode, QTensor
 from ..ops import float_op
-from .bounds import check_accumulator
+from .bounds import check_accumulator, check_graph_bounds
 from .dyadic import dyadic_multipliers
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -144,4 +144,6 @@ def fold_to_integer(qm: QuantModel) -> IntegerGraph:
         meta["output_structure"] = g.output_structure
     if any(getattr(layer, "adaq", False) for layer in qm.layers.values()):
         meta["adaqtransform"] = True
-    return IntegerGraph(f.tensors[g.input_name], nodes, list(g.output_names), meta)
+    graph = IntegerGraph(f.tensors[g.input_name], nodes, list(g.output_names), meta)
+    check_graph_bounds(graph)        # every int32 / int64 / table-index bound, or a refusal naming the node
+    return graph

@@ -81,6 +81,12 @@ class OpDef:
     #: True when :meth:`forward` applies the output quantizer itself (lookup tables: exact table values)
     quantizes_itself: ClassVar[bool] = False
 
+    def multiplier_numerator(self, n: "FloatNode", input_scales: list[float]) -> float:
+        """The largest requantization multiplier of a ``requant`` node times its output scale, from the scales of its
+        data inputs (``n.data_inputs`` order): ``ptq2tvm.fold.bounds.fit_requant_scales`` keeps it below 2^29 s_out.
+        Default: the largest input scale (add, concat: s_i / s_out exactly; avgpool: an upper bound)."""
+        return max(input_scales, default=0.0)
+
     def input_bits(self, config: Any) -> int | None:
         """Bits this op wants on the quantization points it reads (None: whatever the config says)."""
         return None

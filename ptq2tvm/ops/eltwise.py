@@ -199,6 +199,10 @@ class Mul(OpDef):
             return True
         return all(inputs_nonneg)
 
+    def multiplier_numerator(self, n: Any, input_scales: list[float]) -> float:
+        """The multiplier is s_a s_b / s_out: the product of the input scales (not the larger one)."""
+        return float(input_scales[0]) * float(input_scales[1])
+
     def fold(self, f: Any, n: Any):
         from ..fold.dyadic import dyadic_multipliers
         from ..ir.graph import IntNode
