@@ -1,16 +1,17 @@
 """Serving and artifact robustness (issue 11): threads, a 100,000-call soak, SIGKILL in the middle of quantize /
 compile / bundle, and a full disk.
 
-    nice .venv/bin/python benchmarks/robustness.py [--soak 100000] [--kills 4] [--no-tmpfs]
+    nice .venv/bin/python benchmarks/robustness.py [--soak 100000] [--kills 4] [--tune-trials 2] [--no-tmpfs]
 
 1. threads: one CompiledModel called from 8 Python threads at once (200 calls each) -> every output equals the
    reference executor's; the same without the wrapper's lock in a child process (what the lock prevents);
 2. soak: N calls of a tiny model (batch 1, uint8 in/out and float in/out), RSS sampled along the way;
-3. kill: `ptq2tvm quantize / compile / bundle` started in a subprocess and SIGKILLed at several fractions of its
-   uninterrupted duration; afterwards every artifact present is complete (loads / checksum matches) or detected
+3. kill: `ptq2tvm quantize / compile / bundle / compile --tune-trials` started in a subprocess and SIGKILLed at
+   several fractions of its uninterrupted duration and once the moment its first file appears (mid-write); afterwards every artifact present is complete (loads / checksum matches) or detected
    (a stale .so/.json pair is refused), and the rerun succeeds;
-4. full disk: a 1 MiB tmpfs (root only; skipped otherwise) as the output of each command -> exit code 2, one clear
-   line, nothing partial left.
+4. full disk: a 1 MiB tmpfs filled to 16 kB free (root only; skipped otherwise) as the output of each command ->
+   exit code 2, one clear line, nothing partial left.
+Phases run in the order threads, soak, full disk, kill; the results are written after each.
 Writes benchmarks/results/robustness.{json,md}.
 """
 
@@ -211,10 +212,37 @@ def hidden(d: Path) -> list[str]:
     return sorted(p.name for p in d.glob(".*")) if d.exists() else []
 
 
-def bench_kill(work: Path, model: Path, data: Path, fractions: list[float]) -> dict:
+def _tuning_state(db: Path) -> str:
+    """'absent' | 'complete' (every JSON-lines record parses) | 'truncated line' (repaired by the next run)."""
+    if not db.exists():
+        return "absent"
+    bad = 0
+    for f in db.glob("*.json"):
+        for line in f.read_text(errors="replace").splitlines():
+            try:
+                json.loads(line)
+            except ValueError:
+                bad += 1
+    return "complete" if not bad else f"{bad} truncated line(s) (the next run drops them)"
+
+
+def _first_write(watch: list[Path], before: set[str], p: subprocess.Popen, limit: float) -> float | None:
+    """Poll (every 1 ms) until a new entry appears in one of the ``watch`` directories (a temporary being written, or
+    the artifact itself); return the seconds waited, or None if the process ended or ``limit`` passed first."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit and p.poll() is None:
+        now = {str(q) for d in watch if d.exists() for q in d.iterdir()}
+        if now - before:
+            return time.perf_counter() - t0
+        time.sleep(0.001)
+    return None
+
+
+def bench_kill(work: Path, model: Path, data: Path, fractions: list[float], tune_trials: int = 2,
+               log=print) -> dict:
+    """SIGKILL each command at ``fractions`` of its uninterrupted duration and once at its first file write."""
     out: dict[str, list] = {}
     base = work / "base"
-    # uninterrupted durations
     dur = {}
     t0 = time.perf_counter()
     assert _cli(quantize_args(model, data, base)).wait() == 0
@@ -225,42 +253,66 @@ def bench_kill(work: Path, model: Path, data: Path, fractions: list[float]) -> d
     t0 = time.perf_counter()
     assert _cli(["bundle", str(base), "--out", str(work / "base_bundle")]).wait() == 0
     dur["bundle"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tune_args = ["compile", str(base), "--out", str(work / "base_tuned" / "model.so"), "--tune-trials",
+                 str(tune_trials), "--no-progress"]
+    assert _cli(tune_args).wait() == 0
+    dur["tune"] = time.perf_counter() - t0
+    log(f"uninterrupted durations (s): {dur}")
     bundle_files = sorted(str(p.relative_to(work / "base_bundle")) for p in (work / "base_bundle").rglob("*")
                           if p.is_file())
-    for cmd in ("quantize", "compile", "bundle"):
+    points: list[float | str] = [*fractions, "first write"]
+    for cmd in ("quantize", "compile", "bundle", "tune"):
         rows = []
-        for k, f in enumerate(fractions):
+        for k, f in enumerate(points):
             run = work / f"k_{cmd}_{k}"
             if cmd == "quantize":
-                args = quantize_args(model, data, run)
+                args, watch = quantize_args(model, data, run), [run, run.parent]
             else:
                 subprocess.run(["cp", "-r", str(base), str(run)], check=True)
-                for stale in ("model.so", "model.json", "bundle"):
+                for stale in ("model.so", "model.json", "bundle", "model.so.tuning", "tuned"):
                     subprocess.run(["rm", "-rf", str(run / stale)], check=True)
                 if cmd == "compile":
-                    args = ["compile", str(run), "--no-progress"]
-                else:
+                    args, watch = ["compile", str(run), "--no-progress"], [run]
+                elif cmd == "bundle":
                     subprocess.run(["cp", str(base / "model.so"), str(base / "model.json"), str(run)], check=True)
-                    args = ["bundle", str(run), "--out", str(run / "bundle")]
+                    args, watch = ["bundle", str(run), "--out", str(run / "bundle")], [run, run / "bundle"]
+                else:
+                    (run / "tuned").mkdir()
+                    args = ["compile", str(run), "--out", str(run / "tuned" / "model.so"), "--tune-trials",
+                            str(tune_trials), "--no-progress"]
+                    watch = [run / "tuned", run / "tuned" / "model.so.tuning"]
+            before = {str(q) for d in watch if d.exists() for q in d.iterdir()}
             p = _cli(args)
-            time.sleep(f * dur[cmd])
+            if f == "first write":
+                waited = _first_write(watch, before, p, 3 * dur[cmd])
+                at = f"first write ({waited:.2f} s)" if waited is not None else "first write (not seen)"
+            else:
+                time.sleep(f * dur[cmd])
+                at = round(f * dur[cmd], 2)
             killed = p.poll() is None
             if killed:
                 p.send_signal(signal.SIGKILL)
             p.wait()
-            if cmd == "quantize":
-                state = check_run_dir(run)
-            elif cmd == "compile":
-                state = check_so(run / "model.so")
-            else:
-                state = check_bundle(run / "bundle", bundle_files)
-            left = hidden(run) + (hidden(run.parent) if cmd == "bundle" else [])
+
+            def state() -> str:
+                if cmd == "quantize":
+                    return check_run_dir(run)
+                if cmd == "compile":
+                    return check_so(run / "model.so")
+                if cmd == "bundle":
+                    return check_bundle(run / "bundle", bundle_files)
+                return f"so: {check_so(run / 'tuned' / 'model.so')}; records: " \
+                       f"{_tuning_state(run / 'tuned' / 'model.so.tuning')}"
+
+            st = state()
+            left = sorted({x for d in watch for x in hidden(d)})
             r2 = _cli(args + (["--force"] if cmd == "bundle" and (run / "bundle").exists() else [])).wait()
-            after = (check_run_dir(run) if cmd == "quantize" else check_so(run / "model.so") if cmd == "compile"
-                     else check_bundle(run / "bundle", bundle_files))
-            rows.append(dict(kill_after_s=round(f * dur[cmd], 2), killed=killed, state_after_kill=state,
-                             temporaries_left=left, temporaries_after_rerun=hidden(run), rerun_exit=r2,
+            after = state()
+            rows.append(dict(kill_at_s=at, killed=killed, state_after_kill=st, temporaries_left=left,
+                             temporaries_after_rerun=sorted({x for d in watch for x in hidden(d)}), rerun_exit=r2,
                              state_after_rerun=after))
+            log(f"kill {cmd} at {at}: {rows[-1]}")
         out[cmd] = rows
     return dict(durations_s={k: round(v, 2) for k, v in dur.items()}, runs=out)
 
@@ -298,46 +350,61 @@ def bench_full_disk(work: Path, model: Path, data: Path) -> dict:
 
 
 def write_md(r: dict, path: Path) -> None:
-    t, s, k = r["threads"], r["soak"], r["kill"]
+    la = ", ".join(f"{x:.1f}" for x in r["loadavg"])
     lines = ["# Serving and artifact robustness (issue 11)", "",
-             f"Command: `{r['command']}`; load average {', '.join(f'{x:.1f}' for x in r['loadavg'])} on 2 cores "
-             "shared with other agents (timings are slow and noisy; the properties are what counts).", "",
-             "## Threads", "",
-             f"One CompiledModel, {t['threads']} Python threads, {t['calls']} calls in all: **{t['wrong']} wrong "
-             f"outputs, {len(t['errors'])} errors** ({t['seconds_threaded']} s threaded vs {t['seconds_serial']} s "
-             "serial: the wrapper serializes calls on one Relax VM). Without the wrapper's lock (child process): "
-             f"{t['without_lock']}.", "",
-             "## Soak", "",
-             f"{s['calls']} calls (uint8 and float entry alternating) in {s['seconds']} s ({s['us_per_call']} us per "
-             f"call); RSS after 1,000 calls -> end: **{s['rss_growth_after_1000_calls_mb']:+.2f} MB**; samples "
-             f"(calls, MB): {s['rss_mb']}", "",
-             "## SIGKILL in the middle", "",
-             f"Uninterrupted durations (s): {k['durations_s']}. Each row: killed after t s, what the artifact was "
-             "afterwards, hidden temporaries left, the rerun's exit code and result.", "",
-             "| command | kill at (s) | killed | after the kill | temporaries left | rerun exit | after the rerun |",
-             "|---|---|---|---|---|---|---|"]
-    for cmd, rows in k["runs"].items():
-        for x in rows:
-            lines.append(f"| {cmd} | {x['kill_after_s']} | {x['killed']} | {x['state_after_kill']} | "
-                         f"{len(x['temporaries_left'])} | {x['rerun_exit']} | {x['state_after_rerun']} |")
-    lines += ["", "'incomplete-detected': some files of the set are missing (no run.json, or a .so without its "
-              "sidecar / with a stale one), and every command refuses it with a clear error; never a half-written "
-              "file. Temporaries of a killed writer are removed by the next write of the same artifact.", "",
-              "## Full disk (1 MiB tmpfs)", ""]
-    fd = r["full_disk"]
-    if "skipped" in fd:
-        lines.append(f"skipped: {fd['skipped']}")
-    else:
-        lines += ["| command | exit | stderr lines | message | left on the disk |", "|---|---|---|---|---|"]
-        lines += [f"| {c} | {x['exit']} | {x['stderr_lines']} | {x['message']} | {x['left_on_disk'] or 'nothing'} |"
-                  for c, x in fd.items()]
+             f"Command: `nice .venv/bin/python {r['command']}`; load average at the start "
+             f"{', '.join(f'{x:.1f}' for x in r.get('loadavg_start', r['loadavg']))}, at the last write {la} on 2 "
+             "cores shared with other agents (timings are slow and noisy; the properties are what counts).", ""]
+    t = r.get("threads")
+    if t:
+        lines += ["## Threads", "",
+                  f"One CompiledModel, {t['threads']} Python threads, {t['calls']} calls in all: **{t['wrong']} wrong "
+                  f"outputs, {len(t['errors'])} errors** ({t['seconds_threaded']} s threaded vs {t['seconds_serial']} "
+                  "s serial: the wrapper serializes calls on one Relax VM). Without the wrapper's lock (child "
+                  f"process): {t['without_lock']}.", ""]
+    s = r.get("soak")
+    if s:
+        lines += ["## Soak", "",
+                  f"{s['calls']} calls (uint8 and float entry alternating, every uint8 output compared with the first) "
+                  f"in {s['seconds']} s ({s['us_per_call']} us per call); RSS after 1,000 calls -> end: "
+                  f"**{s['rss_growth_after_1000_calls_mb']:+.2f} MB**; samples (calls, MB): {s['rss_mb']}", ""]
+    fd = r.get("full_disk")
+    if fd is not None:
+        lines += ["## Full disk (a 1 MiB tmpfs filled to 16 kB free)", ""]
+        if "skipped" in fd:
+            lines.append(f"skipped: {fd['skipped']}")
+        else:
+            lines += ["| command | exit | stderr lines | message | left on the disk |", "|---|---|---|---|---|"]
+            lines += [f"| {c} | {x['exit']} | {x['stderr_lines']} | {x['message']} | {x['left_on_disk'] or 'nothing'} |"
+                      for c, x in fd.items()]
+        lines.append("")
+    k = r.get("kill")
+    if k and k.get("runs"):
+        lines += ["## SIGKILL in the middle", "",
+                  f"Uninterrupted durations (s): {k['durations_s']}. Each row: killed at t s (or the moment the first "
+                  "file of the command appeared: a temporary being written), what the artifact was afterwards, hidden "
+                  "temporaries left, the rerun's exit code and result. 'tune' is `compile --tune-trials`: its .so and "
+                  "its MetaSchedule records.", "",
+                  "| command | kill at (s) | killed | after the kill | temporaries left | rerun exit | after the rerun |",
+                  "|---|---|---|---|---|---|---|"]
+        for cmd, rows in k["runs"].items():
+            for x in rows:
+                lines.append(f"| {cmd} | {x['kill_at_s']} | {x['killed']} | {x['state_after_kill']} | "
+                             f"{len(x['temporaries_left'])} | {x['rerun_exit']} | {x['state_after_rerun']} |")
+        lines += ["", "'incomplete-detected': some files of the set are missing (no run.json, or a .so without its "
+                  "sidecar / with a stale one), and every command refuses it with a clear error; never a half-written "
+                  "file. Temporaries of a killed writer are removed by the next write of the same artifact.", ""]
+    elif k is not None:
+        lines += ["## SIGKILL in the middle", "", "not finished in this run", ""]
     path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--soak", type=int, default=100_000)
-    p.add_argument("--kills", type=int, default=4, help="kill points per command")
+    p.add_argument("--kills", type=int, default=4, help="kill points per command (at fractions of its duration; "
+                   "plus one at its first file write)")
+    p.add_argument("--tune-trials", type=int, default=2)
     p.add_argument("--no-tmpfs", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "robustness"))
     args = p.parse_args()
@@ -345,20 +412,31 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="robust-"))
     model, data = setup(work)
     fractions = [0.3 + 0.6 * i / max(1, args.kills - 1) for i in range(args.kills)]
-    res: dict = dict(command=" ".join(["benchmarks/robustness.py"] + sys.argv[1:]), host=platform.node())
-    res["kill"] = bench_kill(work, model, data, fractions)
-    print(json.dumps(res["kill"], indent=1), flush=True)
-    res["threads"] = bench_threads(work / "base")
-    print(res["threads"], flush=True)
-    res["soak"] = bench_soak(work / "base", args.soak)
-    print({k: v for k, v in res["soak"].items() if k != "rss_mb"}, flush=True)
-    res["full_disk"] = dict(skipped="--no-tmpfs") if args.no_tmpfs else bench_full_disk(work, model, data)
-    print(res["full_disk"], flush=True)
-    res["loadavg"] = os.getloadavg()
+    res: dict = dict(command=" ".join(["benchmarks/robustness.py"] + sys.argv[1:]), host=platform.node(),
+                     loadavg_start=os.getloadavg())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    write_md(res, out.with_suffix(".md"))
+
+    def save() -> None:          # after every phase: a partial run still leaves its results
+        res["loadavg"] = os.getloadavg()
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        write_md(res, out.with_suffix(".md"))
+
+    assert _cli(quantize_args(model, data, work / "base")).wait() == 0
+    assert _cli(["compile", str(work / "base"), "--no-progress"]).wait() == 0
+    res["threads"] = bench_threads(work / "base")
+    print(res["threads"], flush=True)
+    save()
+    res["soak"] = bench_soak(work / "base", args.soak)
+    print({k: v for k, v in res["soak"].items() if k != "rss_mb"}, flush=True)
+    save()
+    res["full_disk"] = dict(skipped="--no-tmpfs") if args.no_tmpfs else bench_full_disk(work, model, data)
+    print(res["full_disk"], flush=True)
+    save()
+    res["kill"] = dict(runs={})
+    res["kill"] = bench_kill(work / "kill", model, data, fractions, args.tune_trials,
+                             log=lambda m: print(m, flush=True))
+    save()
     print(out.with_suffix(".md").read_text())
 
 

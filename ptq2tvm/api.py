@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from . import __version__
 from .backend.compile import CompileResult, compile_graph, file_sha256
-from .atomic import write_json  # noqa: F401  (re-exported: ptq2tvm.api.write_json)
+from .atomic import copy_file, write_json  # noqa: F401  (write_json re-exported: ptq2tvm.api.write_json)
 from .backend.runtime import CompiledModel
 from .errors import ArtifactError, DataError, QuantConfigError
 from .fold.fold import fold_to_integer
@@ -386,24 +386,30 @@ def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantMod
     the new graph supersedes (:meth:`RunDir.invalidate`); run.json is written anew and last (no accuracy of an
     older graph survives; until then the directory is not a run, so an interrupted save never leaves a run.json
     describing a mix of old and new files), with the graph digest and the checksums of fp32.pt / fakequant.pt."""
+    created = not run.path.exists()
     run.path.mkdir(parents=True, exist_ok=True)
     digest = graph.digest()
     run.info_path.unlink(missing_ok=True)
     run.superseded = run.invalidate(digest)
-    if spec is not None and ":" in spec.name and spec.name.split(":")[0].endswith(".py"):
-        src = Path(spec.name.rsplit(":", 1)[0])
-        if src.is_file():
-            (run.path / "model_src").mkdir(exist_ok=True)
-            shutil.copyfile(src, run.path / "model_src" / src.name)
-    save_fp32(run.fp32, model, spec, trust_code=trust_code)
-    qm.save(run.fakequant)
-    graph.save(run.qgraph)
-    run.update_info(ptq2tvm_version=__version__, model=spec.__dict__ if spec else None,
-                    input_shape=list(graph.input.shape), w_bits=qm.config.w_bits, a_bits=qm.config.a_bits,
-                    first_last_8bit=qm.config.first_last_8bit, layer_bits=graph.meta.get("layer_bits"),
-                    graph_sha256=digest,
-                    artifacts={run.fp32.name: file_sha256(run.fp32), run.fakequant.name: file_sha256(run.fakequant)},
-                    **info)
+    try:
+        if spec is not None and ":" in spec.name and spec.name.split(":")[0].endswith(".py"):
+            src = Path(spec.name.rsplit(":", 1)[0])
+            if src.is_file():
+                copy_file(src, run.path / "model_src" / src.name)
+        save_fp32(run.fp32, model, spec, trust_code=trust_code)
+        qm.save(run.fakequant)
+        graph.save(run.qgraph)
+        run.update_info(ptq2tvm_version=__version__, model=spec.__dict__ if spec else None,
+                        input_shape=list(graph.input.shape), w_bits=qm.config.w_bits, a_bits=qm.config.a_bits,
+                        first_last_8bit=qm.config.first_last_8bit, layer_bits=graph.meta.get("layer_bits"),
+                        graph_sha256=digest,
+                        artifacts={run.fp32.name: file_sha256(run.fp32),
+                                   run.fakequant.name: file_sha256(run.fakequant)},
+                        **info)
+    except BaseException:
+        if created:      # a failed save (a full disk) leaves no directory behind; an existing one has no run.json
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     return run
 
 

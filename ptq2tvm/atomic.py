@@ -82,13 +82,34 @@ def _disk_full(e: BaseException, d: Path) -> str | None:
     text = str(e).lower()
     if "no space left" in text:
         return "no space left on device"
-    if "write" in text and "fail" in text:
+    # torch's zip writer on a full disk (tmpfs, torch 2.13): "[enforce fail at inline_container.cc:672] . unexpected
+    # pos 8128 vs 8016" (a short write; the errno is lost); other libraries say "... write failed"
+    if ("write" in text and "fail" in text) or "unexpected pos" in text or "inline_container" in text:
         try:
             if shutil.disk_usage(d).free < (1 << 22):
                 return "no space left on device"
         except OSError:
             return None
+        if _fsize_limited():
+            return "file too large (file system or RLIMIT_FSIZE limit)"
     return None
+
+
+def _fsize_limited() -> bool:
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):
+        return False
+
+
+def copy_file(src: str | Path, dst: str | Path) -> Path:
+    """Atomic copy of ``src`` to ``dst`` (same rules as every other artifact write)."""
+    dst = Path(dst)
+    with atomic_path(dst, suffix=Path(dst).suffix or ".tmp") as tmp:
+        shutil.copyfile(src, tmp)
+    return dst
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -35,6 +35,7 @@ from tvm.s_tir import meta_schedule as ms
 import kernels as K
 
 from ..atomic import write_json
+from ..errors import ArtifactError
 
 TASKS_FILE = "ptq2tvm_tasks.json"
 FAILED_SECONDS = 1e9     # run time committed for a candidate that failed to build or run
@@ -98,9 +99,14 @@ class KernelTuner:
     # ---- database ----------------------------------------------------------------------------------------------
     def _open(self) -> tuple[ms.database.JSONDatabase, dict[str, Any]]:
         self.db_dir.mkdir(parents=True, exist_ok=True)
+        for name in DB_FILES:
+            repair_json_lines(self.db_dir / name)
         db = ms.database.JSONDatabase(work_dir=str(self.db_dir))
         idx_path = self.db_dir / TASKS_FILE
-        index = json.loads(idx_path.read_text()) if idx_path.is_file() else {}
+        try:
+            index = json.loads(idx_path.read_text()) if idx_path.is_file() else {}
+        except ValueError as e:
+            raise ArtifactError(f"tuning index {idx_path} is not valid JSON ({e}); delete it to re-measure") from None
         return db, index
 
     def _measure(self, mod: tvm.IRModule, args_info: list, options: list[dict[str, Any]]) -> list[tuple[Any, float]]:
@@ -193,6 +199,37 @@ class KernelTuner:
             new_mod.update_func(gv, f)
         self.report.seconds = time.perf_counter() - t0
         return new_mod
+
+
+#: MetaSchedule's JSON-lines files in a tuning directory (appended one record per line by TVM)
+DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def repair_json_lines(path: Path) -> int:
+    """Drop the lines of a MetaSchedule JSON-lines file that do not parse (a writer killed or out of disk space in
+    the middle of an append leaves a truncated last line, and TVM then refuses the whole database with
+    "parallel_for_dynamic error with Unexpected token"). The file is rewritten atomically, with a warning; returns
+    the number of lines dropped (0: the file is left untouched)."""
+    import warnings
+
+    from ..atomic import write_text
+
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+            keep.append(line)
+        except ValueError:
+            dropped += 1
+    if dropped:
+        write_text(path, "".join(x + "\n" for x in keep))
+        warnings.warn(f"tuning records: dropped {dropped} unreadable line(s) of {path} (a write was interrupted); "
+                      "those candidates will be measured again", RuntimeWarning, stacklevel=2)
+    return dropped
 
 
 def default_db_dir(so_path: str | Path) -> Path:
