@@ -239,9 +239,11 @@ def _first_write(watch: list[Path], before: set[str], p: subprocess.Popen, limit
 
 
 def bench_kill(work: Path, model: Path, data: Path, fractions: list[float], tune_trials: int = 2,
-               log=print) -> dict:
-    """SIGKILL each command at ``fractions`` of its uninterrupted duration and once at its first file write."""
-    out: dict[str, list] = {}
+               log=print, result: dict | None = None, save=lambda: None) -> dict:
+    """SIGKILL each command at ``fractions`` of its uninterrupted duration and once at its first file write.
+    ``result`` is filled as rows come in and ``save`` called after each (a partial run keeps what it measured)."""
+    res = result if result is not None else {}
+    out: dict[str, list] = res.setdefault("runs", {})
     base = work / "base"
     dur = {}
     t0 = time.perf_counter()
@@ -259,11 +261,12 @@ def bench_kill(work: Path, model: Path, data: Path, fractions: list[float], tune
     assert _cli(tune_args).wait() == 0
     dur["tune"] = time.perf_counter() - t0
     log(f"uninterrupted durations (s): {dur}")
+    res["durations_s"] = {k: round(v, 2) for k, v in dur.items()}
     bundle_files = sorted(str(p.relative_to(work / "base_bundle")) for p in (work / "base_bundle").rglob("*")
                           if p.is_file())
     points: list[float | str] = [*fractions, "first write"]
     for cmd in ("quantize", "compile", "bundle", "tune"):
-        rows = []
+        rows = out.setdefault(cmd, [])
         for k, f in enumerate(points):
             run = work / f"k_{cmd}_{k}"
             if cmd == "quantize":
@@ -313,8 +316,8 @@ def bench_kill(work: Path, model: Path, data: Path, fractions: list[float], tune
                              temporaries_after_rerun=sorted({x for d in watch for x in hidden(d)}), rerun_exit=r2,
                              state_after_rerun=after))
             log(f"kill {cmd} at {at}: {rows[-1]}")
-        out[cmd] = rows
-    return dict(durations_s={k: round(v, 2) for k, v in dur.items()}, runs=out)
+            save()
+    return res
 
 
 # ---- 4. full disk -----------------------------------------------------------------------------------------------
@@ -352,7 +355,9 @@ def bench_full_disk(work: Path, model: Path, data: Path) -> dict:
 def write_md(r: dict, path: Path) -> None:
     la = ", ".join(f"{x:.1f}" for x in r["loadavg"])
     lines = ["# Serving and artifact robustness (issue 11)", "",
-             f"Command: `nice .venv/bin/python {r['command']}`; load average at the start "
+             f"Command: `nice .venv/bin/python {r['command']}`"
+             + (f" (earlier phases: {'; '.join(f'`{c}`' for c in r['commands'][:-1])})" if r.get("commands") else "")
+             + "; load average at the start "
              f"{', '.join(f'{x:.1f}' for x in r.get('loadavg_start', r['loadavg']))}, at the last write {la} on 2 "
              "cores shared with other agents (timings are slow and noisy; the properties are what counts).", ""]
     t = r.get("threads")
@@ -379,7 +384,7 @@ def write_md(r: dict, path: Path) -> None:
                       for c, x in fd.items()]
         lines.append("")
     k = r.get("kill")
-    if k and k.get("runs"):
+    if k and any(k.get("runs", {}).values()):
         lines += ["## SIGKILL in the middle", "",
                   f"Uninterrupted durations (s): {k['durations_s']}. Each row: killed at t s (or the moment the first "
                   "file of the command appeared: a temporary being written), what the artifact was afterwards, hidden "
@@ -407,14 +412,21 @@ def main() -> None:
     p.add_argument("--tune-trials", type=int, default=2)
     p.add_argument("--no-tmpfs", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "robustness"))
+    p.add_argument("--phases", default="threads,soak,disk,kill",
+                   help="which phases to run; the others' results are kept from an existing --out JSON")
     args = p.parse_args()
+    phases = set(args.phases.split(","))
     os.environ["TVM_NUM_THREADS"] = "1"
     work = Path(tempfile.mkdtemp(prefix="robust-"))
     model, data = setup(work)
     fractions = [0.3 + 0.6 * i / max(1, args.kills - 1) for i in range(args.kills)]
-    res: dict = dict(command=" ".join(["benchmarks/robustness.py"] + sys.argv[1:]), host=platform.node(),
-                     loadavg_start=os.getloadavg())
     out = Path(args.out)
+    res: dict = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() and \
+        phases != {"threads", "soak", "disk", "kill"} else {}
+    cmd = " ".join(["benchmarks/robustness.py"] + sys.argv[1:])
+    if res:
+        res.setdefault("commands", [res.get("command")]).append(cmd)
+    res.update(command=cmd, host=platform.node(), loadavg_start=os.getloadavg())
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:          # after every phase: a partial run still leaves its results
@@ -424,19 +436,23 @@ def main() -> None:
 
     assert _cli(quantize_args(model, data, work / "base")).wait() == 0
     assert _cli(["compile", str(work / "base"), "--no-progress"]).wait() == 0
-    res["threads"] = bench_threads(work / "base")
-    print(res["threads"], flush=True)
-    save()
-    res["soak"] = bench_soak(work / "base", args.soak)
-    print({k: v for k, v in res["soak"].items() if k != "rss_mb"}, flush=True)
-    save()
-    res["full_disk"] = dict(skipped="--no-tmpfs") if args.no_tmpfs else bench_full_disk(work, model, data)
-    print(res["full_disk"], flush=True)
-    save()
-    res["kill"] = dict(runs={})
-    res["kill"] = bench_kill(work / "kill", model, data, fractions, args.tune_trials,
-                             log=lambda m: print(m, flush=True))
-    save()
+    if "threads" in phases:
+        res["threads"] = bench_threads(work / "base")
+        print(res["threads"], flush=True)
+        save()
+    if "soak" in phases:
+        res["soak"] = bench_soak(work / "base", args.soak)
+        print({k: v for k, v in res["soak"].items() if k != "rss_mb"}, flush=True)
+        save()
+    if "disk" in phases:
+        res["full_disk"] = dict(skipped="--no-tmpfs") if args.no_tmpfs else bench_full_disk(work, model, data)
+        print(res["full_disk"], flush=True)
+        save()
+    if "kill" in phases:
+        res["kill"] = dict(runs={}, durations_s={})
+        bench_kill(work / "kill", model, data, fractions, args.tune_trials, log=lambda m: print(m, flush=True),
+                   result=res["kill"], save=save)
+        save()
     print(out.with_suffix(".md").read_text())
 
 
