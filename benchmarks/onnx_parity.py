@@ -32,6 +32,11 @@ sys.path.insert(0, str(ROOT))
 from ptq2tvm.atomic import write_json, write_text  # noqa: E402
 
 
+# (weight container, integer_requant): uint8 = ORT's exact u8 x u8 kernels on any x86; int8 shows the non-VNNI
+# saturation; none = pure QDQ (default), residual, inexact = ORT bit-exact by construction
+POLICIES = (("uint8", "none"), ("uint8", "residual"), ("uint8", "inexact"), ("int8", "none"))
+
+
 def ensure_demo_run(out: Path, w: int, a: int, data: str = "fashion-mnist") -> Path:
     """The demo's quantization (resnet_small, Fashion-MNIST, 512 calibration images, rtn) as a run directory."""
     if (out / "model.qgraph.npz").is_file():
@@ -45,7 +50,8 @@ def ensure_demo_run(out: Path, w: int, a: int, data: str = "fashion-mnist") -> P
     return out
 
 
-def run_row(run_dir: Path, per_layer_inputs: int, limit: int | None) -> dict[str, Any]:
+def run_row(run_dir: Path, per_layer_inputs: int, limit: int | None, reference_images: int | None = None,
+            policies: tuple[tuple[str, str], ...] = POLICIES) -> dict[str, Any]:
     from ptq2tvm.api import RunDir, compile_so
     from ptq2tvm.backend.runtime import CompiledModel
     from ptq2tvm.data import load_dataset
@@ -61,18 +67,22 @@ def run_row(run_dir: Path, per_layer_inputs: int, limit: int | None) -> dict[str
         compile_so(graph, run.so, batch=32)
     cm = CompiledModel(run.so)
     q = graph.input.quantize(ds.images)
-    t0 = time.perf_counter()
-    ref = np.concatenate([run_reference(graph, q[i:i + 500]) for i in range(0, len(q), 500)])
-    t_ref = time.perf_counter() - t0
     so_out = cm.run_int(q)
+    n_ref = len(q) if reference_images is None else min(len(q), reference_images)
+    t0 = time.perf_counter()
+    ref = np.concatenate([run_reference(graph, q[i:min(i + 500, n_ref)]) for i in range(0, n_ref, 500)])
+    t_ref = time.perf_counter() - t0
+    if n_ref < len(q):  # the .so is the compiled integer graph: checked bit-exact on the first n_ref images, it is
+        if not np.array_equal(so_out[:n_ref], ref):  # the reference on the rest (saves the numpy reference's time)
+            raise SystemExit(f"{run_dir}: the .so differs from the reference executor")
+        ref = so_out
     row: dict[str, Any] = dict(run=str(run_dir), model=(info.get("model") or {}).get("name"), w_bits=info["w_bits"],
                                a_bits=info["a_bits"], method=info.get("method"), n=int(len(q)),
                                so_top1=float((so_out.argmax(1) == ds.labels).mean()),
-                               so_bit_exact_vs_reference=bool(np.array_equal(so_out, ref)),
+                               so_bit_exact_vs_reference=bool(np.array_equal(so_out[:n_ref], ref[:n_ref])),
+                               reference_images=int(n_ref),
                                reference_seconds=round(t_ref, 1), ort={})
-    # (weight container, integer_requant): uint8 = ORT's exact u8 x u8 kernels on any x86; int8 shows the non-VNNI
-    # saturation; none = pure QDQ, residual = default, inexact = ORT bit-exact by construction
-    for weights, policy in (("uint8", "none"), ("uint8", "residual"), ("uint8", "inexact"), ("int8", "none")):
+    for weights, policy in policies:
         t0 = time.perf_counter()
         rep = run_onnx_parity(graph, ds.images, ds.labels, weights=weights, per_layer_inputs=per_layer_inputs,
                               progress=False, reference=ref, integer_requant=policy)
@@ -156,7 +166,13 @@ def _runs_markdown(result: dict[str, Any]) -> list[str]:
         "channels with a provably exact multiplier | integer kernels (ORT optimised graph) | float convs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    notes: list[str] = []
     for r in result["runs"]:
+        if r.get("reference_images", r["n"]) < r["n"]:
+            notes.append(f"{Path(r['run']).name}: the numpy reference executor ran on the first "
+                         f"{r['reference_images']} of {r['n']} test images, where the .so equals it bit for bit "
+                         f"({r['so_bit_exact_vs_reference']}); ORT is compared with the .so's output codes on all "
+                         f"{r['n']}.")
         for w, d in r["ort"].items():
             kern = ", ".join(f"{k} {v}" for k, v in d["ort_kernels"].items()
                              if k in ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger"))
@@ -167,6 +183,7 @@ def _runs_markdown(result: dict[str, Any]) -> list[str]:
                          f"{100 * r['so_top1']:.2f} | {d['top1_gap_points']:+.2f} | {100 * d['exact_fraction']:.4f}% | "
                          f"{100 * d['output_float_exact_fraction']:.4f}% | {d['max_abs_lsb']} | {d['lsb_histogram']} | "
                          f"{_first(d)} | {fits} | {kern or 'none'} | {d['float_kernels']} |")
+    lines += [""] + [f"- {n}" for n in notes]
     lines += ["", "Per layer (ORT vs reference on the first images; kernel = what ORT ran after optimisation, "
               "`X->Q` = a float X then a QuantizeLinear; local = the layer alone on the reference executor's input "
               "codes, chained = ORT end to end; docs/onnx.md explains both):", ""]
@@ -205,9 +222,15 @@ def main() -> None:
                     help="dataset of the demo runs")
     ap.add_argument("--limit", type=int, help="first N test images only")
     ap.add_argument("--per-layer-inputs", type=int, default=512)
+    ap.add_argument("--reference-images", type=int, help="run the numpy reference executor on the first N test images "
+                    "only, check the .so bit-exact there, and compare ORT with the .so's outputs on the rest")
+    ap.add_argument("--policies", nargs="*", default=[f"{w}:{p}" for w, p in POLICIES],
+                    help="weights:integer_requant pairs to run (default: %(default)s)")
     ap.add_argument("--zoo-size", type=int, nargs="*", default=[], help="ResNet-18 / MobileNetV2 through ONNX at "
                     "these input sizes")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_parity"))
+    ap.add_argument("--append", action="store_true", help="keep the runs already in OUT.json (same machine fields "
+                    "are not re-measured) and add these; a run measured again replaces its old row")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -221,17 +244,27 @@ def main() -> None:
         runs = [ensure_demo_run(Path(args.demo_dir) / f"{args.data}_w{w}a{a}", w, a, args.data)
                 for w, a in ((8, 8), (4, 4))] + runs
     result: dict[str, Any] = dict(machine=machine, runs=[], zoo=[])
+    if args.append and Path(args.out + ".json").is_file():
+        old = json.loads(Path(args.out + ".json").read_text())
+        keep = {str(r) for r in runs}
+        result["runs"] = [r for r in old.get("runs", []) if r["run"] not in keep]
+        result["zoo"] = old.get("zoo", [])
+        machine["loadavg_start"] = f"{old['machine']['loadavg_start']} / {machine['loadavg_start']}"
+        result.setdefault("commands", old.get("commands", []))
     for r in runs:
-        result["runs"].append(run_row(r, args.per_layer_inputs, args.limit))
+        result["runs"].append(run_row(r, args.per_layer_inputs, args.limit, args.reference_images,
+                                      tuple(tuple(p.split(":")) for p in args.policies)))
     work = Path(args.demo_dir) / "zoo"
     work.mkdir(parents=True, exist_ok=True)
     for size in args.zoo_size:
         for name in ("resnet18", "mobilenet_v2"):
             result["zoo"].append(zoo_row(name, size, work))
     machine["loadavg_end"] = round(os.getloadavg()[0], 1)
-    cmd = "python benchmarks/onnx_parity.py " + " ".join(sys.argv[1:])
+    cmd = ("python benchmarks/onnx_parity.py " + " ".join(sys.argv[1:])).strip()
+    result["commands"] = result.get("commands", []) + [cmd]
+    cmd = "`, then `".join(result["commands"])
     write_json(args.out + ".json", result)
-    write_text(args.out + ".md", markdown(result, cmd.strip()))
+    write_text(args.out + ".md", markdown(result, cmd))
     print(f"wrote {args.out}.json, {args.out}.md")
     print(json.dumps({Path(r["run"]).name: {w: (d["ort_top1"], r["so_top1"], d["exact_fraction"], d["max_abs_lsb"])
                                              for w, d in r["ort"].items()} for r in result["runs"]}, indent=1))
