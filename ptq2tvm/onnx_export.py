@@ -42,7 +42,7 @@ from . import __version__
 from .atomic import atomic_path
 from .errors import ArtifactError
 from .ir.graph import IntegerGraph, IntNode, QTensor
-from .onnx_requant import RequantFit, accumulator_range, fit_weight_scales
+from .onnx_requant import RequantFit, accumulator_range, fit_channel, fit_weight_scales
 
 DEFAULT_OPSET = 17
 INT4_OPSET = 21
@@ -415,7 +415,25 @@ def _avgpool(b: _Builder, node: IntNode) -> None:
     a = node.attrs
     tin = b.qt[node.inputs[0]]
     (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-    if (ph, pw) == (0, 0):
+    n_win = kh * kw
+    glob = (kh, kw) == tuple(tin.shape[1:]) and (ph, pw) == (0, 0)
+    mult = np.asarray(node.arrays.get("multiplier", [0]))
+    if glob and a["lo"] == 0 and a["hi"] == b.act_qmax(node.out) and mult.min() == mult.max() > 0 \
+            and b.act_type(tin) == b.TP.UINT8:
+        # ORT fuses this into QLinearGlobalAveragePool: M = f32(s_dq / f32(s_out * N)), as MLAS computes it; fit the
+        # DQ's scale (only the codes pass between layers) so M requantizes every window sum as the dyadic one does
+        sy, m, shift = np.float32(node.out.scale), int(mult[0]), int(node.arrays["shift"][0])
+        z = int(tin.zero_point)
+        s_dq, _, bad, checked, ulps = fit_channel(
+            m, shift, m * 2.0 ** -shift * float(sy) * n_win, lambda c: c / (sy * np.float32(n_win)), -z * n_win,
+            (tin.qmax - z) * n_win, int(node.out.zero_point), a["lo"], a["hi"], b.act_qmax(node.out))
+        b.requant_fit[node.name] = dict(channels=1, exact_channels=int(bad == 0), mismatching_accumulators=int(bad),
+                                        checked_accumulators=int(checked), max_ulps_from_nearest=int(ulps))
+        sc = b.const(b.uid(f"{node.name}/dq_scale"), np.array(s_dq, dtype=np.float32))
+        zc = b.qparams(tin, f"{node.name}/dq")[1]
+        x = b.uid(f"{node.name}/dq_{node.inputs[0]}")
+        b.node("DequantizeLinear", [b.src(node.inputs[0]), sc, zc], [x], name=b.uid(f"{node.name}/DQ"))
+    elif (ph, pw) == (0, 0):
         x = b.dq(node.inputs[0], node.name)
     else:  # explicit Pad of the codes with the zero point (a real 0), then an unpadded AveragePool: OpenVINO
         # 2026.4 miscounts count_include_pad=1 with pads (25% exact on a 2x2/stride 1/pad 1 pool), ORT is fine either way
@@ -427,7 +445,7 @@ def _avgpool(b: _Builder, node: IntNode) -> None:
         x = f"{node.name}/padded_dq"
         b.node("DequantizeLinear", [padded, s_, z_], [x], name=f"{node.name}/DQ")
     y = f"{node.name}/avg"
-    if (kh, kw) == tuple(tin.shape[1:]) and (ph, pw) == (0, 0):
+    if glob:
         b.node("GlobalAveragePool", [x], [y], name=f"{node.name}/GlobalAveragePool")
     else:
         b.node("AveragePool", [x], [y], name=f"{node.name}/AveragePool", kernel_shape=[kh, kw], strides=[sh, sw])
