@@ -44,14 +44,33 @@ def _i64(v: tir.PrimExpr) -> tir.PrimExpr:
 
 
 def requant_expr(terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]], shift: tir.PrimExpr, zero_point: int, lo: int,
-                 hi: int) -> tir.PrimExpr:
-    """clamp(zero_point + ((sum_k int64(t_k) * int64(m_k)) + 2^(shift-1)) >> shift, lo, hi) as uint8."""
+                 hi: int, const_terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]] = ()) -> tir.PrimExpr:
+    """clamp(zero_point + ((sum_k int64(t_k) * int64(m_k)) + 2^(shift-1)) >> shift, lo, hi) as uint8.
+
+    ``const_terms`` are more (t, m) pairs of the same sum whose values do not depend on the pixel (the bias, a
+    residual's zero point): they are summed with the rounding constant into one per-channel int64 that LLVM hoists
+    out of the pixel loops, and ``int64(t) * int64(m)`` of the remaining terms stays a 32 x 32 -> 64-bit multiply
+    (``vpmuldq``; with the bias added first in int32 it was a full 64 x 64 multiply, 3 ``vpmuludq`` + 5 ops on AVX2).
+    The multipliers of ``const_terms`` must be >= 0 (every requant multiplier is: a dyadic mantissa in [0, 2^31)):
+    they are widened by zero extension, a different value for LLVM than the sign extension of the other terms, so
+    that its reassociation does not factor ``t*m + bias*m`` back into the 64 x 64 multiply ``(t + bias) * m``.
+
+    The arithmetic right shift is written as a logical one: ``w >> n == ((w ^ 2^63) >>> n) - 2^(63-n)`` for any
+    int64 ``w`` and 1 <= n <= 62 (w ^ 2^63 read as uint64 is w + 2^63, and 2^n divides 2^63), with ``2^(63-n)`` and
+    the zero point one per-channel constant; AVX2 has no 64-bit arithmetic shift (LLVM emulated it with 2 shifts,
+    a xor and a subtract). Bit-identical to :func:`ptq2tvm.ir.reference.requantize`.
+    """
+    n = _i64(shift)
+    one = tir.const(1, "int64")
+    c = tir.shift_left(one, n - one)
+    for t, m in const_terms:     # multipliers are >= 0 (dyadic mantissas): zext == sext, see the docstring
+        c = _i64(t) * m.astype("uint32").astype("int64") + c
     v = _i64(terms[0][0]) * _i64(terms[0][1])
     for t, m in terms[1:]:
         v = v + _i64(t) * _i64(m)
-    n = _i64(shift)
-    one = tir.const(1, "int64")
-    r = tir.shift_right(v + tir.shift_left(one, n - one), n) + tir.const(int(zero_point), "int64")
+    w = tir.bitwise_xor(v + c, tir.const(-(1 << 63), "int64"))
+    u = tir.shift_right(tir.reinterpret("uint64", w), n.astype("uint64"))
+    r = tir.reinterpret("int64", u) - (tir.shift_left(one, tir.const(63, "int64") - n) - tir.const(int(zero_point), "int64"))
     r = tir.max(tir.min(r, tir.const(int(hi), "int64")), tir.const(int(lo), "int64"))
     return r.astype("uint8")
 
@@ -183,11 +202,12 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
 def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, extra=None) -> te.Tensor:
     def out(b, o, i, j, oc):
         c = o * BLOCK + oc
-        terms = [(acc[b, o, i, j, oc] + bias[c], mult[c])]
+        terms, consts = [(acc[b, o, i, j, oc], mult[c])], [(bias[c], mult[c])]
         if residual:
             r, rm = residual
-            terms.append((r[b, o, i, j, oc].astype("int32") - int(z_r), rm[c]))
-        return requant_expr(terms, shift[c], z_out, lo, hi)
+            terms.append((r[b, o, i, j, oc].astype("int32"), rm[c]))
+            consts.append((tir.const(-int(z_r), "int32"), rm[c]))
+        return requant_expr(terms, shift[c], z_out, lo, hi, const_terms=consts)
 
     attrs = {KERNEL_ATTR: kind, **(extra or {})}
     return te.compute(_shape(acc), out, name="out", attrs=attrs)
@@ -282,11 +302,12 @@ def dense_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, 
                                                              axis=[rkf, rks]), name="acc")
 
     def out(b, c):
-        terms = [(acc[b, c // BLOCK, c % BLOCK] + bias[c], mult[c])]
+        terms, consts = [(acc[b, c // BLOCK, c % BLOCK], mult[c])], [(bias[c], mult[c])]
         if residual:
             r, rm = residual
-            terms.append((r[b, c].astype("int32") - int(residual_zero_point), rm[c]))
-        return requant_expr(terms, shift[c], output_zero_point, lo, hi)
+            terms.append((r[b, c].astype("int32"), rm[c]))
+            consts.append((tir.const(-int(residual_zero_point), "int32"), rm[c]))
+        return requant_expr(terms, shift[c], output_zero_point, lo, hi, const_terms=consts)
 
     return te.compute((n, o_out), out, name="out", attrs={KERNEL_ATTR: f"dense_{layout}", "int4": int(int4),
                                                           "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")})
