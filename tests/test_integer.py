@@ -63,7 +63,13 @@ def test_so_is_bit_exact_with_the_reference(tmp_path, tiny_model, tiny_data, w_b
     cm = CompiledModel(tmp_path / "m.so")
     x = np.random.default_rng(5).standard_normal((10, 1, 12, 12)).astype(np.float32) * 2  # beyond the calib range
     q = graph.input.quantize(x)
-    assert np.array_equal(cm.run_int(q), run_reference(graph, q))
+    want = run_reference(graph, q)
+    assert np.array_equal(cm.run_int(q), want)
+    # the reused input tensor and the DLPack output views: every call's arrays are its own (a later call with other
+    # inputs leaves them unchanged), float in -> the same integers dequantized
+    first = cm.run_batch(q[:3])
+    y = cm(x[3:6])
+    assert np.array_equal(first, want[:3]) and np.array_equal(y, graph.output.dequantize(want[3:6]))
     rep = run_parity(graph, cm, qm, x, per_layer_inputs=10, progress=False)
     assert rep.bit_exact_vs_reference and rep.mismatched_elements == 0
     assert len(rep.per_layer) == len(graph.nodes)
