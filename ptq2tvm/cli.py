@@ -567,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default=DEFAULT_DATA, choices=["fashion-mnist", "digits"])
     d.add_argument("--bits", nargs="+", default=["8/8", "4/4"], help="W/A settings, e.g. 8/8 4/4 2/4")
     d.add_argument("--calib-size", type=int, default=512)
-    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--threads", type=int, default=None,
+                   help="threads of every runtime (default: 2, or 1 when the machine is busy)")
     d.add_argument("--repeats", type=int, default=30)
     _add_json(d)
     d.set_defaults(func=cmd_demo)

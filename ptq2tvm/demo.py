@@ -52,7 +52,7 @@ def parse_bits(setting: str) -> tuple[int, int]:
 
 
 def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: str = "fashion-mnist",
-             bits: list[str] | None = None, calib_size: int = 512, threads: int = 2, repeats: int = 100,
+             bits: list[str] | None = None, calib_size: int = 512, threads: int | None = None, repeats: int = 100,
              progress: bool = True) -> dict[str, Any]:
     """Train (or load the cached) model, then for each bit setting quantize, compile, evaluate on the whole test
     set, check parity and time it against PyTorch / ONNX Runtime. Writes ``out/summary.json``."""
@@ -65,6 +65,10 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
     for w, a in settings:
         QuantConfig(w, a).validate()
     out = Path(out)
+    if threads is None:    # 2 on a quiet machine, 1 on a busy one (spinning thread pools collapse there)
+        from .threads import auto_threads
+
+        threads = auto_threads(2, what="the demo (PyTorch, the .so, ONNX Runtime, OpenVINO) runs")
     torch.set_num_threads(threads)
     set_num_threads(threads)
     notice = training_notice(model, data)

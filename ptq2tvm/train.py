@@ -42,34 +42,17 @@ import torch.nn.functional as F
 from .atomic import atomic_path, write_text
 from .data import Dataset, builtin_name, load_dataset
 from .errors import DataError, Ptq2TvmError
+from .threads import auto_threads
 
 RECIPE_VERSION = "r1"
 TRAIN_THREADS = 2
 
 
 def auto_train_threads(preferred: int = TRAIN_THREADS, *, announce: bool = True) -> int:
-    """Intra-op threads for training when the caller did not choose: ``preferred`` (capped at the core count) on a
-    quiet machine, 1 when the 1-minute load average says other processes already use the cores.
-
-    Why: PyTorch's OpenMP workers spin-wait for each other; with 2 threads on 2 cores and one competing process, a
-    training step slows down by one to two orders of magnitude (measured here: 0.1 s -> 3-4 s per batch of
-    resnet_small at load ~8), while 1 thread only loses the second core. Returns an int >= 1; prints the choice to
-    stderr when it differs from ``preferred`` and ``announce``.
-    """
-    cores = os.cpu_count() or 1
-    want = max(1, min(int(preferred), cores))
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return want
-    if want > 1 and load > cores - want + 0.5:
-        if announce:
-            print(f"note: load average {load:.1f} on {cores} cores: training with 1 thread instead of {want} (OpenMP "
-                  "threads slow down badly when other processes compete; pass --threads to override)",
-                  file=sys.stderr)
-        return 1
-    return want
-CACHE_ENV = "PTQ2TVM_CACHE"
+    """Intra-op threads for training when the caller did not choose: ``preferred`` on a quiet machine, 1 when the
+    load average says other processes use the cores (:func:`ptq2tvm.threads.auto_threads`: 2 OpenMP threads on 2
+    busy cores crawled at 3-4 s per resnet_small batch instead of ~0.1 s)."""
+    return auto_threads(preferred, what="training", announce=announce)
 
 
 @dataclass(frozen=True)
