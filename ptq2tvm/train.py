@@ -46,6 +46,7 @@ from .threads import auto_threads
 
 RECIPE_VERSION = "r1"
 TRAIN_THREADS = 2
+CACHE_ENV = "PTQ2TVM_CACHE"
 
 
 def auto_train_threads(preferred: int = TRAIN_THREADS, *, announce: bool = True) -> int:
