@@ -35,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
+from ptq2tvm.backend.tune import default_db_dir  # noqa: E402  (where compile --tune-trials keeps its records)
 
 MODEL_PY = textwrap.dedent('''
     import torch, torch.nn as nn
@@ -213,16 +214,22 @@ def hidden(d: Path) -> list[str]:
 
 
 def _tuning_state(db: Path) -> str:
-    """'absent' | 'complete' (every JSON-lines record parses) | 'truncated line' (repaired by the next run)."""
+    """'absent' | 'complete' (every JSON-lines record of MetaSchedule's database_*.json parses, and ptq2tvm's own
+    task index, one JSON document, parses) | 'truncated line' (repaired by the next run)."""
     if not db.exists():
         return "absent"
     bad = 0
-    for f in db.glob("*.json"):
+    for f in db.glob("database_*.json"):
         for line in f.read_text(errors="replace").splitlines():
             try:
                 json.loads(line)
             except ValueError:
                 bad += 1
+    for f in db.glob("ptq2tvm_*.json"):
+        try:
+            json.loads(f.read_text(errors="replace"))
+        except ValueError:
+            bad += 1
     return "complete" if not bad else f"{bad} truncated line(s) (the next run drops them)"
 
 
@@ -273,7 +280,7 @@ def bench_kill(work: Path, model: Path, data: Path, fractions: list[float], tune
                 args, watch = quantize_args(model, data, run), [run, run.parent]
             else:
                 subprocess.run(["cp", "-r", str(base), str(run)], check=True)
-                for stale in ("model.so", "model.json", "bundle", "model.so.tuning", "tuned"):
+                for stale in ("model.so", "model.json", "bundle", "model.tuning", "tuned"):
                     subprocess.run(["rm", "-rf", str(run / stale)], check=True)
                 if cmd == "compile":
                     args, watch = ["compile", str(run), "--no-progress"], [run]
@@ -284,7 +291,7 @@ def bench_kill(work: Path, model: Path, data: Path, fractions: list[float], tune
                     (run / "tuned").mkdir()
                     args = ["compile", str(run), "--out", str(run / "tuned" / "model.so"), "--tune-trials",
                             str(tune_trials), "--no-progress"]
-                    watch = [run / "tuned", run / "tuned" / "model.so.tuning"]
+                    watch = [run / "tuned", default_db_dir(run / "tuned" / "model.so")]
             before = {str(q) for d in watch if d.exists() for q in d.iterdir()}
             p = _cli(args)
             if f == "first write":
@@ -306,7 +313,7 @@ def bench_kill(work: Path, model: Path, data: Path, fractions: list[float], tune
                 if cmd == "bundle":
                     return check_bundle(run / "bundle", bundle_files)
                 return f"so: {check_so(run / 'tuned' / 'model.so')}; records: " \
-                       f"{_tuning_state(run / 'tuned' / 'model.so.tuning')}"
+                       f"{_tuning_state(default_db_dir(run / 'tuned' / 'model.so'))}"
 
             st = state()
             left = sorted({x for d in watch for x in hidden(d)})
