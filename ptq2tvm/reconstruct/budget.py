@@ -78,12 +78,16 @@ class BudgetPlanner:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     warned: bool = False
 
+    def unit_overhead(self) -> float:
+        """Seconds of caching/evaluation per unit: the mean over the finished units, else the probe's estimate."""
+        return (sum(self.overheads) / len(self.overheads)) if self.overheads else self.overhead
+
     def iters_for(self, key: str, remaining: list[tuple[str, float]]) -> int:
         """Iterations for the unit ``remaining[0]``; ``remaining``: (unit name, stage share) of it and every later
         unit-pass. Stage share: the pass's iterations relative to ``max_iters`` (BRECQ's activation pass: 1/4)."""
         left = self.deadline - time.perf_counter()
         corr = sorted(self.correction)[len(self.correction) // 2] if self.correction else 1.0
-        ov = (sum(self.overheads) / len(self.overheads)) if self.overheads else self.overhead
+        ov = self.unit_overhead()
         cost = sum(self.sec_per_iter[u] * share for u, share in remaining) * corr
         x = (left - ov * len(remaining)) / cost if cost > 0 else self.max_iters
         share = remaining[0][1]
@@ -102,7 +106,7 @@ class BudgetPlanner:
         """``time.perf_counter()`` value by which the unit ``remaining[0]`` should end: now + its share of the
         remaining time (net of the per-unit overhead) in proportion to its probed cost."""
         now = time.perf_counter()
-        ov = (sum(self.overheads) / len(self.overheads)) if self.overheads else self.overhead
+        ov = self.unit_overhead()
         costs = [self.sec_per_iter[u] * share for u, share in remaining]
         frac = costs[0] / sum(costs) if sum(costs) > 0 else 1.0 / len(remaining)
         return now + max(0.0, self.deadline - now - ov * len(remaining)) * frac

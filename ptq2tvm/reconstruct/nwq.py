@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..frontend.qmodel import QuantModel, _key
 from .adaq import adaq_params, project_xi
 from .adaround import harden_layer
+from .budget import deadline_rate
 from .units import Unit, block_units, network_unit
 
 
@@ -189,10 +190,9 @@ def run_nwq(qm: QuantModel, fp: QuantModel, images: torch.Tensor, settings: Any,
             bar.update(1)
             if deadline is not None and it % DEADLINE_CHECK_EVERY == 0 and it < iters:
                 now = time.perf_counter()
-                fit = int((deadline - now - t_eval) / ((now - t_opt) / it))
-                shorter = max(it + min(settings.min_iters, iters - it), it + fit)
-                if shorter < iters:
-                    iters = shorter
+                r = deadline_rate(iters - it, (now - t_opt) / it, deadline - now - t_eval, settings.min_iters)
+                if r is not None:
+                    iters = it + round((iters - it) / r)
                     deadline_note = f"time budget: run shortened to {iters} of {planned} iterations at iteration {it}"
     finally:
         bar.close()
