@@ -49,13 +49,6 @@ TRAIN_THREADS = 2
 CACHE_ENV = "PTQ2TVM_CACHE"
 
 
-def auto_train_threads(preferred: int = TRAIN_THREADS, *, announce: bool = True) -> int:
-    """Intra-op threads for training when the caller did not choose: ``preferred`` on a quiet machine, 1 when the
-    load average says other processes use the cores (:func:`ptq2tvm.threads.auto_threads`: 2 OpenMP threads on 2
-    busy cores crawled at 3-4 s per resnet_small batch instead of ~0.1 s)."""
-    return auto_threads(preferred, what="training", announce=announce)
-
-
 @dataclass(frozen=True)
 class SRRecipe:
     """Super-resolution recipe: L1 loss, Adam with a one-cycle schedule peaking at ``max_lr``, horizontal flips."""
@@ -334,8 +327,8 @@ def train_builtin(model_name: str, dataset: str = "fashion-mnist", epochs: int |
     recipe_version, test_top1 (classifiers) or test_psnr_db / bilinear_psnr_db / scale (super-resolution models),
     train_seconds, torch_version, checkpoint (the state_dict path), cached (True when loaded from the cache, False
     when trained by this call), ... ``force`` retrains and overwrites the cache.
-    Training uses ``threads`` intra-op threads (restored afterwards; None: :func:`auto_train_threads`, 2 on a quiet
-    machine, 1 on a busy one); results are reproducible for the same seed and thread count.
+    Training uses ``threads`` intra-op threads (restored afterwards; None: :func:`ptq2tvm.threads.auto_threads`,
+    2 on a quiet machine, 1 on a busy one); results are reproducible for the same seed and thread count.
     """
     ds_name = builtin_name(dataset)
     if ds_name is None:
@@ -347,7 +340,8 @@ def train_builtin(model_name: str, dataset: str = "fashion-mnist", epochs: int |
 
     prev_threads = torch.get_num_threads()
     if threads is None:
-        threads = auto_train_threads(announce=progress and not (pt.is_file() and not force))
+        threads = auto_threads(TRAIN_THREADS, what="training",
+                               announce=progress and not (pt.is_file() and not force))
     torch.set_num_threads(int(threads))
     try:
         test = load_dataset(ds_name, split="test")

@@ -443,16 +443,16 @@ def test_training_threads_drop_to_one_on_a_busy_machine(monkeypatch, capsys):
     """The README's first command trains, evaluates and times a .so; 2 spinning threads on 2 busy cores crawl (a
     training batch 3-4 s instead of ~0.1 s; the .so 100-145 ms per call instead of 0.85 ms), so thread counts the user
     did not choose fall back to 1 when the load average says the cores are taken, and say so once."""
-    from ptq2tvm import threads, train
+    from ptq2tvm import threads
     from ptq2tvm.backend import runtime
 
     monkeypatch.setattr(threads, "_announced", set())
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
-    assert train.auto_train_threads(2) == 2
+    assert threads.auto_threads(2, what="training") == 2
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.0, 5.0, 4.0))
-    assert train.auto_train_threads(2) == 1 and train.auto_train_threads(2) == 1
+    assert threads.auto_threads(2, what="training") == 1 and threads.auto_threads(2, what="training") == 1
     assert capsys.readouterr().err.count("load average 6.0") == 1
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
     runtime.set_num_threads(None)                      # the .so: 1 TVM thread on the busy machine
@@ -462,4 +462,4 @@ def test_training_threads_drop_to_one_on_a_busy_machine(monkeypatch, capsys):
     assert threads.os.environ["TVM_NUM_THREADS"] == "2"
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 1)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert train.auto_train_threads(2) == 1  # never more threads than cores
+    assert threads.auto_threads(2, what="training") == 1  # never more threads than cores
