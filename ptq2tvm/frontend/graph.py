@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..ir.outputs import GraphOutputs
+
 OPS_WITH_WEIGHTS = ("conv", "linear")
 
 
@@ -41,7 +43,7 @@ class FloatNode:
 
 
 @dataclass
-class FloatGraph:
+class FloatGraph(GraphOutputs):
     """Topologically ordered float nodes; ``input_name`` is the graph input, ``output_names`` its outputs in the
     order the model returns them (``output_structure``: None for one tensor, ``["tuple", n]`` / ``["list", n]`` /
     ``["dict", keys]`` for several)."""
@@ -51,22 +53,6 @@ class FloatGraph:
     output_names: list[str] | str
     input_shape: tuple[int, ...] | None = None
     output_structure: Any = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.output_names, str):
-            self.output_names = [self.output_names]
-        self.output_names = list(self.output_names)
-
-    @property
-    def output_name(self) -> str:
-        """The output of a single-output graph (ValueError for several: use ``output_names``)."""
-        if len(self.output_names) != 1:
-            raise ValueError(f"the graph has {len(self.output_names)} outputs; use output_names")
-        return self.output_names[0]
-
-    @output_name.setter
-    def output_name(self, name: str) -> None:
-        self.output_names = [name]
 
     def node(self, name: str) -> FloatNode:
         for n in self.nodes:

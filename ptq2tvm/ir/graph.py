@@ -21,6 +21,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import atomic_path
 from ..errors import ArtifactError
+from .outputs import GraphOutputs
 
 IR_FORMAT = "ptq2tvm-integer-graph"
 IR_VERSION = 2           # 2: several outputs (``output_names``); version 1 files (one ``output_name``) still load
@@ -64,23 +65,13 @@ class IntNode:
 
 
 @dataclass
-class IntegerGraph:
+class IntegerGraph(GraphOutputs):
+    _noun = "integer graph"
+
     input: QTensor
     nodes: list[IntNode]
     output_names: list[str] | str
     meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.output_names, str):
-            self.output_names = [self.output_names]
-        self.output_names = list(self.output_names)
-
-    @property
-    def output_name(self) -> str:
-        """The output of a single-output graph (ValueError for several: use ``output_names``)."""
-        if len(self.output_names) != 1:
-            raise ValueError(f"the integer graph has {len(self.output_names)} outputs; use output_names")
-        return self.output_names[0]
 
     @property
     def output(self) -> QTensor:
