@@ -92,6 +92,31 @@ def tiny_data() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((64, 1, 12, 12)).astype(np.float32)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test (restored after): reconstruction tests are deterministic per thread
+    count and faster with one thread on the shared 2 cores. Use as ``pytestmark = pytest.mark.usefixtures(...)``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def calib() -> np.ndarray:
+    """32 seeded N(0, 1) calibration images of the TinyNet's 1x12x12 input."""
+    return np.random.default_rng(0).standard_normal((32, 1, 12, 12)).astype(np.float32)
+
+
+def fast_recon(**kw):
+    """ReconSettings for a seconds-long reconstruction in a test (40 iterations, batch 16, seed 0, 1 thread)."""
+    from ptq2tvm.reconstruct import ReconSettings
+
+    base = dict(iters=40, batch_size=16, seed=0, threads=1, chunk=64)
+    base.update(kw)
+    return ReconSettings(**base)
+
+
 def tiny_integer_graph(w_bits: int, a_bits: int):
     """The seeded TinyNet, calibrated on 8 seeded images and folded to an integer graph (w_bits/a_bits)."""
     from ptq2tvm.api import quantize, to_integer

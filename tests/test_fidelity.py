@@ -24,24 +24,10 @@ from ptq2tvm.reconstruct.adaq import XI_MIN
 from ptq2tvm.reconstruct.mrecg import mrecg_base_units, plan_mrecg, unit_kinds
 from ptq2tvm.reconstruct.nwq import ar_points, mix_at, nwq_loss, tau_at
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from conftest import fast_recon as fast
 
 
-@pytest.fixture
-def calib() -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((32, 1, 12, 12)).astype(np.float32)
-
-
-def fast(**kw) -> ReconSettings:
-    base = dict(iters=40, batch_size=16, seed=0, threads=1, chunk=64)
-    base.update(kw)
-    return ReconSettings(**base)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- NWQ ---------------------------------------------------------------------------------------------------------
@@ -163,7 +149,7 @@ def test_formerly_negative_xi_keeps_int4_bytes_and_exactness(tmp_path, tiny_mode
                 n4 += 1
     assert n4 >= 5
     r1 = compile_so(graph, tmp_path / "xi.so", batch=4)
-    r2 = compile_so(plain, tmp_path / "plain.so", batch=4)
+    compile_so(plain, tmp_path / "plain.so", batch=4)
     side1 = json.loads((tmp_path / "xi.json").read_text())
     side2 = json.loads((tmp_path / "plain.json").read_text())
     assert side1["stored_weight_bytes"] == side2["stored_weight_bytes"]

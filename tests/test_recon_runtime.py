@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,17 +18,7 @@ from ptq2tvm.reconstruct.budget import BudgetPlanner, EarlyStop, deadline_rate, 
 from ptq2tvm.reconstruct.device import resolve_device
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def calib() -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((32, 1, 12, 12)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("nonneg,z,lsq,drop", [(True, 0, False, None), (False, 3, True, None),

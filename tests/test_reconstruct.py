@@ -25,26 +25,10 @@ from ptq2tvm.reconstruct.mrecg import (default_k, groups_from_pairs, log_diffs, 
                                        top_k_pairs)
 from ptq2tvm.reconstruct.units import cut_positions
 
-from conftest import randomize_bn
+from conftest import fast_recon as fast, randomize_bn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def calib() -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((32, 1, 12, 12)).astype(np.float32)
-
-
-def fast(**kw) -> ReconSettings:
-    base = dict(iters=40, batch_size=16, seed=0, threads=1, chunk=64)
-    base.update(kw)
-    return ReconSettings(**base)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- AdaRound ----------------------------------------------------------------------------------------------------
