@@ -22,7 +22,7 @@ from .intrin import (AVX2_INTRIN, DP4A_INTRIN, TAPS_INTRIN, VNNI_INTRIN, patch_t
                      register_avx2_intrinsic, register_dp4a_intrinsic, register_taps_intrinsic, register_vnni_intrinsic)
 from .layout import (BLOCK, FIRST_BLOCK, conv_weight_mode, nchw_to_nchwc, nchw_to_rows, nchwc_to_nchw,
                      pack_channel_params, pack_conv_weight, pack_dense_weight, pack_depthwise_taps, pack_rows_weight,
-                     rows_weight, u8s8_pairs_exact, unpack_int4)
+                     rows_weight, u8s8_pairs_exact, unpack_int2, unpack_int4)
 from .ops import (KERNEL_ATTR, add_requant_nchwc, concat_requant_nchwc, lut_nchwc, mul_requant_nchwc,
                   upsample_nearest_nchwc, avgpool2d_nchwc_requant, clamp_nchwc, conv2d_nchwc_requant,
                   conv2d_rows_requant, dense_requant, depthwise_taps_requant, global_avgpool_nchwc_requant, maxpool2d_nchwc, nchwc_flatten,
@@ -43,7 +43,7 @@ __all__ = [
     "register_dp4a_intrinsic", "register_taps_intrinsic", "register_vnni_intrinsic",
     "BLOCK", "FIRST_BLOCK", "conv_weight_mode", "nchw_to_rows", "pack_rows_weight", "rows_weight",
     "conv2d_rows_requant", "rows_layout", "te_nchw_to_rows", "nchw_to_nchwc", "nchwc_to_nchw", "pack_channel_params",
-    "pack_conv_weight", "pack_dense_weight", "pack_depthwise_taps", "unpack_int4",
+    "pack_conv_weight", "pack_dense_weight", "pack_depthwise_taps", "unpack_int2", "unpack_int4",
     "KERNEL_ATTR", "add_requant_nchwc", "concat_requant_nchwc", "lut_nchwc", "mul_requant_nchwc",
     "upsample_nearest_nchwc", "avgpool2d_nchwc_requant", "clamp_nchwc", "conv2d_nchwc_requant",
     "dense_requant", "depthwise_taps_requant", "global_avgpool_nchwc_requant", "maxpool2d_nchwc", "nchwc_flatten", "quantize_input",

@@ -16,6 +16,10 @@ dot product of :mod:`kernels.intrin`:
   block, flattened in that order to ``e[0..63]``, are stored in 32 bytes: ``byte[j] = (e[j] & 15) | (e[j+32] << 4)``,
   shape ``(O/16, Cg/icb, KH, KW, icb/4, 32)`` uint8. The kernel unpacks them (sign-extending each nibble) into a
   small int8 tile right before use.
+* ``int2=True`` (values must lie in [-2, 1]): the same 64 weights in 16 bytes, four 2-bit fields per byte:
+  ``byte[j] = sum_k (e[j + 16k] & 3) << 2k`` (k = 0..3), shape ``(O/16, Cg/icb, KH, KW, icb/4, 16)`` uint8; the kernel
+  sign-extends each field (``(f ^ 2) - 2``). The x86 backend uses it only on AVX2 targets and for CUDA (the paths
+  tested bit-exact on an AVX2 host, CUDA in emulation); AVX-512 VNNI / AVX-VNNI targets keep 2-bit weights in int4.
 * depthwise (``groups == C == O``): ``(C/16, KH, KW, 16)`` int8, ``[cb, kh, kw, ci]`` = ``w[cb*16 + ci, 0, kh, kw]``.
 * grouped convs whose per-group channel counts are multiples of the blocks (``O/g % 16 == 0``, ``C/g % icb == 0``)
   keep the group structure (``Cg/icb`` input blocks per output block, offset by the group); every other grouping
@@ -61,10 +65,21 @@ def _check_blocks(ic_block: int, oc_block: int, isa: str) -> None:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
 
 
-def _check_range(w: np.ndarray, int4: bool) -> None:
-    lo, hi = (-8, 7) if int4 else (-128, 127)
+#: (lowest, highest) integer weight of each storage: int8, int4 (two per byte), int2 (four per byte)
+WEIGHT_RANGES = {8: (-128, 127), 4: (-8, 7), 2: (-2, 1)}
+
+
+def _storage_bits(int4: bool, int2: bool) -> int:
+    if int4 and int2:
+        raise ValueError("int4 and int2 packing are exclusive: pass one of them")
+    return 2 if int2 else 4 if int4 else 8
+
+
+def _check_range(w: np.ndarray, bits: int, what: str = "weights") -> None:
+    lo, hi = WEIGHT_RANGES[bits]
     if w.size and (w.min() < lo or w.max() > hi):
-        raise ValueError(f"weights outside [{lo}, {hi}] cannot be packed as {'int4' if int4 else 'int8'}")
+        bad = int(w.min()) if w.min() < lo else int(w.max())
+        raise ValueError(f"{what} hold {bad}, outside [{lo}, {hi}]: they cannot be packed as int{bits}")
 
 
 def _pack_nibbles(blocks: np.ndarray) -> np.ndarray:
@@ -73,7 +88,13 @@ def _pack_nibbles(blocks: np.ndarray) -> np.ndarray:
     return (e[..., :32] | (e[..., 32:] << 4)).astype(np.uint8)
 
 
-def _pack_dense_core(w: np.ndarray, ic_block: int, isa: str, int4: bool) -> np.ndarray:
+def _pack_crumbs(blocks: np.ndarray) -> np.ndarray:
+    """(..., 64) int8 in [-2, 1] -> (..., 16) uint8, byte j = sum_k (e[j + 16k] & 3) << 2k."""
+    e = blocks.astype(np.int16) & 3
+    return (e[..., :16] | (e[..., 16:32] << 2) | (e[..., 32:48] << 4) | (e[..., 48:] << 6)).astype(np.uint8)
+
+
+def _pack_dense_core(w: np.ndarray, ic_block: int, isa: str, bits: int) -> np.ndarray:
     """w: (Opad, Cpad, KH, KW) int8 with Opad % 16 == 0 and Cpad % ic_block == 0."""
     o, c, kh, kw = w.shape
     ob, cb, cf = o // BLOCK, c // ic_block, ic_block // 4
@@ -83,29 +104,34 @@ def _pack_dense_core(w: np.ndarray, ic_block: int, isa: str, int4: bool) -> np.n
     else:
         p = t.reshape(ob, BLOCK, cb, cf, 2, 2, kh, kw).transpose(0, 2, 6, 7, 3, 4, 1, 5)  # ..., cf, p, oci, j
     p = np.ascontiguousarray(p, dtype=np.int8)
-    if int4:
+    if bits == 4:
         p = _pack_nibbles(p.reshape(ob, cb, kh, kw, cf, 64))
+    elif bits == 2:
+        p = _pack_crumbs(p.reshape(ob, cb, kh, kw, cf, 64))
     return np.ascontiguousarray(p)
 
 
 def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, ic_block: int = BLOCK, oc_block: int = BLOCK,
-                     isa: str = "vnni", int4: bool = False) -> np.ndarray:
+                     isa: str = "vnni", int4: bool = False, int2: bool = False) -> np.ndarray:
     """Pack an OIHW int8 conv weight for :func:`kernels.conv2d_nchwc_requant` (see the module docstring).
 
     ``ic_block`` is the channel block of the conv's *input* activation (16 inside the network, 4 for the first conv);
-    the input channels are zero-padded up to a multiple of it. Values must be int8 (or int4 with ``int4=True``).
+    the input channels are zero-padded up to a multiple of it. Values must be int8, in [-8, 7] with ``int4=True``
+    (two per byte) or in [-2, 1] with ``int2=True`` (four per byte); ValueError names the offending value otherwise.
     """
     _check_blocks(ic_block, oc_block, isa)
+    bits = _storage_bits(int4, int2)
     w = np.asarray(w_oihw)
     if w.ndim != 4:
         raise ValueError(f"expected an OIHW weight, got shape {w.shape}")
-    _check_range(w, int4)
+    _check_range(w, bits, f"conv weights {tuple(w.shape)}")
     o, cg, kh, kw = w.shape
     c = cg * groups
     mode = conv_weight_mode(o, c, groups, ic_block, oc_block)
     if mode == "depthwise":
-        if int4:
-            raise ValueError("int4 packing is not supported for depthwise convs (they do not use the dot product)")
+        if bits < 8:
+            raise ValueError(f"int{bits} packing is not supported for depthwise convs (they do not use the dot "
+                             "product)")
         cpad = _ceil_to(c, BLOCK)
         full = np.zeros((cpad, kh, kw), np.int8)
         full[:c] = w[:, 0]
@@ -119,20 +145,20 @@ def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, ic_block: int = BLOCK,
     opad, cpad = _ceil_to(o, BLOCK), _ceil_to(cg, ic_block)
     padded = np.zeros((opad, cpad, kh, kw), np.int8)
     padded[:o, :cg] = w
-    return _pack_dense_core(padded, ic_block, isa, int4)
+    return _pack_dense_core(padded, ic_block, isa, bits)
 
 
 def u8s8_pairs_exact(packed: np.ndarray, amax: int = 255) -> bool:
-    """True when ``vpmaddubsw`` is exact for a VNNI-layout packed weight (``[..., 16, 4]`` int8, or its int4 form
-    ``[..., 32]`` uint8) and uint8 activations in ``[0, amax]``: for every pair of adjacent input channels (the
+    """True when ``vpmaddubsw`` is exact for a VNNI-layout packed weight (``[..., 16, 4]`` int8, or its int4 /
+    int2 forms ``[..., 32]`` / ``[..., 16]`` uint8) and uint8 activations in ``[0, amax]``: for every pair of adjacent input channels (the
     pairs vpmaddubsw sums, ``(0, 1)`` and ``(2, 3)`` of each 4) ``amax * (max(w0,0) + max(w1,0)) <= 32767`` and
     ``amax * (min(w0,0) + min(w1,0)) >= -32768``, so no int16 pair sum saturates. (Intel SDM, PMADDUBSW.)"""
     p = np.asarray(packed)
     if p.dtype == np.uint8:
-        p = unpack_int4(p)
+        p = unpack_int4(p) if p.shape[-1] == 32 else unpack_int2(p) if p.shape[-1] == 16 else p
     if p.dtype != np.int8 or p.shape[-1] not in (4, 64):
-        raise ValueError(f"expected a VNNI-layout int8 weight [..., 16, 4] or int4 [..., 32], got {p.dtype} "
-                         f"{p.shape}")
+        raise ValueError(f"expected a VNNI-layout int8 weight [..., 16, 4], int4 [..., 32] or int2 [..., 16], got "
+                         f"{p.dtype} {p.shape}")
     pairs = p.reshape(-1, 2).astype(np.int32)
     if pairs.size == 0:
         return True
@@ -148,7 +174,7 @@ def pack_depthwise_taps(w_oihw: np.ndarray) -> np.ndarray:
     w = np.asarray(w_oihw)
     if w.ndim != 4 or w.shape[1] != 1:
         raise ValueError(f"depthwise weight must be (C, 1, KH, KW), got {w.shape}")
-    _check_range(w, False)
+    _check_range(w, 8, f"depthwise weights {tuple(w.shape)}")
     c, _, kh, kw = w.shape
     cpad, g = _ceil_to(c, BLOCK), -(-kw // 4)
     full = np.zeros((cpad, kh, 4 * g), np.int8)
@@ -156,18 +182,20 @@ def pack_depthwise_taps(w_oihw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(full.reshape(cpad // BLOCK, BLOCK, kh, g, 4).transpose(0, 2, 3, 1, 4))
 
 
-def pack_dense_weight(w_ok: np.ndarray, isa: str = "vnni", int4: bool = False) -> np.ndarray:
-    """Pack a (O, K) int8 linear weight: ``(O/16, K/4, 16, 4)`` (vnni), ``(O/16, K/4, 2, 16, 2)`` (avx2) or
-    ``(O/16, K/4, 32)`` uint8 (int4). O is zero-padded to a multiple of 16 and K to a multiple of 4."""
+def pack_dense_weight(w_ok: np.ndarray, isa: str = "vnni", int4: bool = False, int2: bool = False) -> np.ndarray:
+    """Pack a (O, K) int8 linear weight: ``(O/16, K/4, 16, 4)`` (vnni), ``(O/16, K/4, 2, 16, 2)`` (avx2),
+    ``(O/16, K/4, 32)`` uint8 (int4: values in [-8, 7]) or ``(O/16, K/4, 16)`` uint8 (int2: values in [-2, 1]).
+    O is zero-padded to a multiple of 16 and K to a multiple of 4."""
     _check_blocks(4, BLOCK, isa)
+    bits = _storage_bits(int4, int2)
     w = np.asarray(w_ok)
     if w.ndim != 2:
         raise ValueError(f"expected an (O, K) weight, got shape {w.shape}")
-    _check_range(w, int4)
+    _check_range(w, bits, f"linear weights {tuple(w.shape)}")
     o, k = w.shape
     padded = np.zeros((_ceil_to(o, BLOCK), _ceil_to(k, 4), 1, 1), np.int8)
     padded[:o, :k, 0, 0] = w
-    p = _pack_dense_core(padded, 4, isa, int4)        # (ob, k/4, 1, 1, 1, ...)
+    p = _pack_dense_core(padded, 4, isa, bits)        # (ob, k/4, 1, 1, 1, ...)
     return np.ascontiguousarray(p.reshape(p.shape[0], p.shape[1], *p.shape[5:]))
 
 
@@ -177,6 +205,14 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     lo, hi = p & 15, p >> 4
     e = np.concatenate([lo, hi], axis=-1)
     return ((e ^ 8) - 8).astype(np.int8)
+
+
+def unpack_int2(packed: np.ndarray) -> np.ndarray:
+    """Inverse of the four-per-byte packing: (..., 16) uint8 -> (..., 64) int8 in [-2, 1] (block element order):
+    element ``16k + j`` is bits ``2k..2k+1`` of byte j, sign-extended as ``(f ^ 2) - 2``."""
+    p = np.asarray(packed).astype(np.int16)
+    e = np.concatenate([(p >> (2 * k)) & 3 for k in range(4)], axis=-1)
+    return ((e ^ 2) - 2).astype(np.int8)
 
 
 def pack_channel_params(*arrays: np.ndarray, channels: int | None = None, kinds: str | None = None,
@@ -226,11 +262,11 @@ def rows_weight(w_oihw: np.ndarray) -> np.ndarray:
     return out
 
 
-def pack_rows_weight(w_oihw: np.ndarray, isa: str = "vnni", int4: bool = False) -> np.ndarray:
+def pack_rows_weight(w_oihw: np.ndarray, isa: str = "vnni", int4: bool = False, int2: bool = False) -> np.ndarray:
     """Pack the first conv's OIHW weight for :func:`kernels.conv2d_rows_requant`: (O/16, 1, KH, 1, G, 16, 4) (vnni),
-    the avx2 / int4 variants as in :func:`pack_conv_weight`."""
+    the avx2 / int4 / int2 variants as in :func:`pack_conv_weight`."""
     wr = rows_weight(w_oihw)
-    return pack_conv_weight(wr, 1, ic_block=wr.shape[1], isa=isa, int4=int4)
+    return pack_conv_weight(wr, 1, ic_block=wr.shape[1], isa=isa, int4=int4, int2=int2)
 
 
 def nchw_to_rows(x: np.ndarray, kernel=(7, 7), stride=(2, 2), padding=(3, 3), pad_value: int = 0,

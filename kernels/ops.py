@@ -11,7 +11,7 @@ Arithmetic (exactly the project's integer contract; all ints):
     v      = int64(acc) * int64(m[o])  [+ (int64(r) - z_r) * int64(mr[o])]          int64
     out    = clamp(z_out + ((v + (1 << (sh[o] - 1))) >> sh[o]), lo, hi)              uint8 (arithmetic shift)
 
-Intermediate names used by the schedules: ``pad`` (zero-point padded input), ``w_unpack`` (int4 -> int8 tile),
+Intermediate names used by the schedules: ``pad`` (zero-point padded input), ``w_unpack`` (int4 / int2 -> int8 tile),
 ``acc`` (int32 reduction, bias not included) and the annotated output block.
 """
 
@@ -94,38 +94,52 @@ def _out_hw(h, w, k, s, p, d):
     return ((h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1, (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1)
 
 
-def _weight_format(w: te.Tensor, isa: str) -> tuple[str, bool]:
-    """-> (layout, int4) of a packed conv/dense weight."""
+def _weight_format(w: te.Tensor, isa: str) -> tuple[str, int]:
+    """-> (layout, storage bits) of a packed conv/dense weight: 8 (int8), 4 (uint8 ``[..., 32]``, two per byte) or
+    2 (uint8 ``[..., 16]``, four per byte); the packed layouts take their layout from ``isa``."""
     nd = len(w.shape)
     if w.dtype == "uint8":
-        return isa, True
+        last = int(w.shape[-1])
+        if last not in (32, 16):
+            raise ValueError(f"packed sub-byte weights end in 32 (int4) or 16 (int2) bytes per block, got {last}")
+        return isa, 4 if last == 32 else 2
     if w.dtype != "int8":
-        raise ValueError(f"packed weights must be int8 (or uint8 for int4), got {w.dtype}")
-    return ("avx2" if nd in (5, 8) else "vnni"), False
+        raise ValueError(f"packed weights must be int8 (or uint8 for int4 / int2), got {w.dtype}")
+    return ("avx2" if nd in (5, 8) else "vnni"), 8
 
 
-def _unpack_int4(wp: te.Tensor, isa: str, lead: tuple[int, ...]) -> te.Tensor:
-    """uint8 (*lead, 32) nibbles -> int8 weight tile (*lead, 16, 4) [vnni] or (*lead, 2, 16, 2) [avx2].
+def _unpack_weight(wp: te.Tensor, isa: str, lead: tuple[int, ...], bits: int) -> te.Tensor:
+    """uint8 sub-byte weights -> int8 weight tile (*lead, 16, 4) [vnni] or (*lead, 2, 16, 2) [avx2].
 
-    Element e of the flattened 64-weight block is nibble ``e // 32`` of byte ``e % 32``; it is sign-extended as
-    ``int8(nibble ^ 8) - 8`` (no overflow anywhere: 0..15 -> -8..7).
+    int4, wp (*lead, 32): element e of the flattened 64-weight block is nibble ``e // 32`` of byte ``e % 32``,
+    sign-extended as ``int8(nibble ^ 8) - 8`` (no overflow anywhere: 0..15 -> -8..7).
+    int2, wp (*lead, 16): element e is the 2-bit field ``e // 16`` (bits 2k..2k+1) of byte ``e % 16``, sign-extended
+    as ``int8(field ^ 2) - 2`` (0..3 -> 0, 1, -2, -1). uint8 shifts and masks only (TVM 0.27's int4 dtype is broken
+    on CPU). The int2 block is annotated ``weight_bits = 2`` for the schedules (the int4 block has no annotation, so
+    its structural hash, the key of tuning records and latency caches, is what it was before int2 existed).
     """
+    per_byte = 8 // bits                 # fields per byte: 2 (int4) or 4 (int2)
+    nbytes = 64 // per_byte
+    mask, sign = (1 << bits) - 1, 1 << (bits - 1)
 
-    def nib(byte, high):
-        v = tir.bitwise_and(tir.shift_right(byte, (high * 4).astype("uint8")), tir.const(15, "uint8"))
-        return tir.bitwise_xor(v, tir.const(8, "uint8")).astype("int8") - tir.const(8, "int8")
+    def field(byte, k):
+        v = tir.bitwise_and(tir.shift_right(byte, (k * bits).astype("uint8")), tir.const(mask, "uint8"))
+        return tir.bitwise_xor(v, tir.const(sign, "uint8")).astype("int8") - tir.const(sign, "int8")
 
     if isa == "vnni":
         def f(*idx):
-            *lo, oci, ics = idx
-            return nib(wp[(*lo, (oci % 8) * 4 + ics)], oci // 8)
+            *lo, oci, ics = idx                 # e = oci*4 + ics
+            per = nbytes // 4                   # output lanes per field: 8 (int4), 4 (int2)
+            return field(wp[(*lo, (oci % per) * 4 + ics)], oci // per)
         shape = (*lead, BLOCK, 4)
     else:
         def f(*idx):
-            *lo, p, oci, j = idx
-            return nib(wp[(*lo, oci * 2 + j)], p)
+            *lo, p, oci, j = idx                # e = p*32 + oci*2 + j
+            if bits == 4:
+                return field(wp[(*lo, oci * 2 + j)], p)
+            return field(wp[(*lo, (oci % 8) * 2 + j)], p * 2 + oci // 8)
         shape = (*lead, 2, BLOCK, 2)
-    return te.compute(shape, f, name="w_unpack")
+    return te.compute(shape, f, name="w_unpack", attrs={"weight_bits": 2} if bits == 2 else None)
 
 
 def _packed_weight(wt: te.Tensor, layout: str, ric, rkh, rkw, rcf, rcs):
@@ -144,7 +158,7 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
 
     x        uint8 (N, CB, H, W, icb)            blocked input (icb = 16 inside the net, 4 for the first conv)
     w        packed weight from :func:`kernels.pack_conv_weight` (its shape selects dense/grouped/depthwise,
-             int8 vs int4; for int4 pass the same ``isa`` it was packed for)
+             int8 vs int4 / int2; for int4 / int2 pass the same ``isa`` it was packed for)
     bias, mult, shift   int32 (OB*16,)           per output channel, padded with :func:`kernels.pack_channel_params`
     residual (optional) r uint8 (N, OB, OH, OW, 16) and mr int32 (OB*16,)
     returns  uint8 (N, OB, OH, OW, 16)
@@ -164,7 +178,7 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     if len(w.shape) == 4:                           # depthwise (CB, KH, KW, 16)
         return _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x, output_zero_point, lo,
                           hi, residual_zero_point)
-    layout, int4 = _weight_format(w, isa)
+    layout, bits = _weight_format(w, isa)
     ws = _shape(w)
     ob, cbg, kh, kw, cf = ws[:5]
     if cf * 4 != icb:
@@ -178,7 +192,7 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     oh, ow = _out_hw(h, wd, (kh, kw), stride, padding, dilation)
     (sh_, sw_), (dh, dw) = stride, dilation
     xp = _pad_nchwc(x, padding[0], padding[1], z_x)
-    wt = _unpack_int4(w, layout, ws[:5]) if int4 else w
+    wt = _unpack_weight(w, layout, ws[:5], bits) if bits < 8 else w
     ric = te.reduce_axis((0, cbg), "ric")
     rkh = te.reduce_axis((0, kh), "rkh")
     rkw = te.reduce_axis((0, kw), "rkw")
@@ -196,7 +210,13 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
                      name="acc")
     kind = f"conv2d_nchwc_{layout}"
     return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point, kind,
-                        {"int4": int(int4), "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")})
+                        _packed_attrs(bits, ubsw_exact, layout))
+
+
+def _packed_attrs(bits: int, ubsw_exact: bool, layout: str) -> dict:
+    """Output-block annotations of a conv/dense kernel: ``int4`` = sub-byte packed weights (int4 or int2; the
+    storage is the weight buffer's dtype and shape), ``ubsw_exact`` (see :func:`conv2d_nchwc_requant`)."""
+    return {"int4": int(bits < 8), "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")}
 
 
 def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, extra=None) -> te.Tensor:
@@ -279,7 +299,7 @@ def dense_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, 
     """
     del input_zero_point
     n, k = _shape(x)
-    layout, int4 = _weight_format(w, isa)
+    layout, bits = _weight_format(w, isa)
     ws = _shape(w)
     ob, kf = ws[:2]
     o_out = int(out_features) if out_features is not None else ob * BLOCK
@@ -289,7 +309,7 @@ def dense_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, 
     if kf * 4 != k:
         xk = te.compute((n, kf * 4), lambda b, i: tir.if_then_else(i < k, x[b, i], tir.const(0, "uint8")),
                         name="pad")
-    wt = _unpack_int4(w, layout, ws[:2]) if int4 else w
+    wt = _unpack_weight(w, layout, ws[:2], bits) if bits < 8 else w
     rkf = te.reduce_axis((0, kf), "rkf")
     rks = te.reduce_axis((0, 4), "rks")
     if layout == "vnni":
@@ -309,8 +329,8 @@ def dense_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, 
             consts.append((tir.const(-int(residual_zero_point), "int32"), rm[c]))
         return requant_expr(terms, shift[c], output_zero_point, lo, hi, const_terms=consts)
 
-    return te.compute((n, o_out), out, name="out", attrs={KERNEL_ATTR: f"dense_{layout}", "int4": int(int4),
-                                                          "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")})
+    return te.compute((n, o_out), out, name="out",
+                      attrs={KERNEL_ATTR: f"dense_{layout}", **_packed_attrs(bits, ubsw_exact, layout)})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -588,14 +608,14 @@ def conv2d_rows_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Te
     g = rows_layout(c, rows - 2 * ph, in_width, kernel, stride, padding, left)
     if rowbytes != g["row_pixels"] * c or rows != g["rows"]:
         raise ValueError(f"row tensor {_shape(x)} does not match the layout {g}")
-    layout, int4 = _weight_format(w, isa)
+    layout, bits = _weight_format(w, isa)
     ws = _shape(w)
     ob = ws[0]
     if ws[1:5] != (1, kh, 1, g["groups"]):
         raise ValueError(f"weight {ws} is not packed for rows (expect (O/16, 1, {kh}, 1, {g['groups']}, ...))")
     oh = (rows - dh * (kh - 1) - 1) // sh + 1
     ow = g["out_width"]
-    wt = _unpack_int4(w, layout, ws[:5]) if int4 else w
+    wt = _unpack_weight(w, layout, ws[:5], bits) if bits < 8 else w
     ric = te.reduce_axis((0, 1), "ric")
     rkh = te.reduce_axis((0, kh), "rkh")
     rkw = te.reduce_axis((0, 1), "rkw")
@@ -613,4 +633,4 @@ def conv2d_rows_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Te
                      name="acc")
     return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point,
                         f"conv2d_nchwc_{layout}",
-                        {"int4": int(int4), "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")})
+                        _packed_attrs(bits, ubsw_exact, layout))

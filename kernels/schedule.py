@@ -11,9 +11,9 @@ each) x R rows x P columns (chosen by :func:`choose_conv_tile` from the shape):
           for q, r, p (unrolled): acc[q, r, p, :] = vpdpbusd(acc[q, r, p, :], bcast(x[4 bytes]), w[q][64 bytes])
         for q, r, p (unrolled), 16 lanes (vectorized): requant epilogue (+ residual), uint8 store
 
-int4 weights (two per byte) are unpacked to int8 once per parallel task, which then covers Q output blocks x a
-chunk of the rows of all images (``unpack_at="task"``: the same inner loop as int8, the unpack costs one pass over
-the packed weights per chunk); ``unpack_at="step"`` unpacks the weight vector inside the reduction instead (Q = 1,
+int4 weights (two per byte) and int2 weights (four per byte) are unpacked to int8 once per parallel task, which
+then covers Q output blocks x a chunk of the rows of all images (``unpack_at="task"``: the same inner loop as int8,
+the unpack costs one pass over the packed weights per chunk); ``unpack_at="step"`` unpacks the weight vector inside the reduction instead (Q = 1,
 up to 28 accumulators; a tuning option).
 
 The epilogue is fused: the int32 accumulators never reach memory. Everything else (pools, adds, layout changes) is
@@ -223,6 +223,7 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     acc = sch.get_sblock("acc")
     pad = _try_block(sch, "pad")
     unpack = _try_block(sch, "w_unpack")
+    _refuse_untested_int2(sch, unpack, layout, isa or layout)
     n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
     ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
     if tile is None:
@@ -297,19 +298,44 @@ def _task_chunks(groups: int, n: int, row_tiles: int, threads: int, pixels: int)
     return (enough[-1] if enough else options[0])[1:]
 
 
+def _refuse_untested_int2(sch: Schedule, unpack, layout: str, isa: str) -> None:
+    """int2 weights run only where they were tested bit-exact: AVX2 (vpmaddubsw / vpmaddwd) and CUDA (emulated).
+    The AVX-512 VNNI / AVX-VNNI dot products were never run with them (no such host was available); the x86
+    backend keeps 2-bit weights two per byte there (:func:`ptq2tvm.backend.blocked_builder.packs_int2`)."""
+    if unpack is not None and layout == "vnni" and isa in ("vnni", "avxvnni") and _unpack_fields(sch, unpack) == 4:
+        raise ValueError(f"int2 (four per byte) weights are not scheduled for the {isa} dot product (untested on "
+                         "such a CPU): pack them with int4=True for this target")
+
+
+def _unpack_fields(sch: Schedule, block) -> int:
+    """Weights per packed byte read by a ``w_unpack`` block: 4 when it is annotated ``weight_bits = 2`` (int2), else
+    2 (int4)."""
+    ann = sch.get(block).annotations
+    return 4 if "weight_bits" in ann and int(ann["weight_bits"]) == 2 else 2
+
+
 def _schedule_unpack(sch: Schedule, block, layout: str, ndim: int, unroll_outer: bool = True) -> None:
-    """int4 -> int8 weights: vectorize 32 bytes (one nibble half) at a time; unroll the outer block loops when the
-    unpack sits inside the reduction (one register tile step), else leave them as loops (a whole task's weights)."""
+    """int4 / int2 -> int8 weights: vectorize over the bytes of one field position (32 bytes for int4, 16 for int2)
+    and unroll the field index, so every shift amount is a constant (LLVM 22 at -O3 miscompiles the int4 unpack with
+    a variable shift, kernels/README.md); unroll the outer block loops when the unpack sits inside the reduction
+    (one register tile step), else leave them as loops (a whole task's weights)."""
+    fields = _unpack_fields(sch, block)
     loops = sch.get_loops(block)[-ndim:]
     if layout == "vnni":
         *outer, oci, ics = loops
-        hi_, lo_ = sch.split(oci, [2, 8])
+        hi_, lo_ = sch.split(oci, [fields, 16 // fields])
         v = sch.fuse(lo_, ics)
+        unroll = [hi_]
     else:
-        *outer, hi_, oci, j = loops
-        v = sch.fuse(oci, j)
+        *outer, p, oci, j = loops
+        if fields == 2:
+            v, unroll = sch.fuse(oci, j), [p]
+        else:
+            hi_, lo_ = sch.split(oci, [2, 8])
+            v, unroll = sch.fuse(lo_, j), [p, hi_]
     sch.vectorize(v)
-    sch.unroll(hi_)
+    for lp in unroll:
+        sch.unroll(lp)
     if unroll_outer:
         for lp in outer:
             sch.unroll(lp)
@@ -359,6 +385,7 @@ def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: s
     acc = sch.get_sblock("acc")
     pad = _try_block(sch, "pad")
     unpack = _try_block(sch, "w_unpack")
+    _refuse_untested_int2(sch, unpack, layout, isa or layout)
     n, ob, oc, rkf, rks = sch.get_loops(acc)
     nx, obx = int(sch.get(n).extent), int(sch.get(ob).extent)
     max_acc = {"vnni": 24, "ymm": 6}.get(tiles, 4)

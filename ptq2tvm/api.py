@@ -365,18 +365,36 @@ def fidelity(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: boo
     return fidelity_report(model, qm, images, held_out=held_out, per_layer=per_layer)
 
 
-def stored_weight_bytes(graph: IntegerGraph) -> int:
-    """Bytes the compiled x86 / CUDA kernels store the weights in (before channel padding): one byte per weight at
-    5..8 bits, two weights per byte at <= 4 bits (2-bit weights are stored like 4-bit ones: no four-per-byte
-    packing yet; depthwise convs keep one byte per weight)."""
+def stored_weight_bytes(graph: IntegerGraph, target: str | dict[str, Any] | None = None) -> int:
+    """Bytes the compiled kernels for ``target`` (:func:`ptq2tvm.backend.compile.resolve_target`; default this CPU)
+    store the weights in, before channel padding: one byte per weight at 5..8 bits, two weights per byte at <= 4 bits
+    (values in [-8, 7]), four per byte at <= 2 bits (values in [-2, 1]) on targets whose kernels unpack them
+    (AVX2 x86 and CUDA, :func:`ptq2tvm.backend.blocked_builder.packs_int2`; AVX-512 VNNI / AVX-VNNI keep them two per
+    byte); depthwise convs keep one byte per weight, and so does the plain backend (targets without the hand-written
+    kernels). The same rules as the blocked builder, which counts the padded bytes it stores."""
+    from .backend.blocked_builder import packs_int2, x86_isa
+    from .backend.compile import resolve_target
+
+    tdict = resolve_target(target)
+    cuda = tdict.get("kind") == "cuda"
+    isa = None if cuda else x86_isa(tdict)[0]
+    if not cuda and isa is None:
+        return int(graph.weight_bytes())
+    int2 = packs_int2(isa, cuda)
     total = 0
     for n in graph.nodes:
         w = n.arrays.get("weight")
         if w is None:
             continue
         bits = int(n.attrs.get("w_bits", 8))
+        lo, hi = (int(w.min(initial=0)), int(w.max(initial=0)))
         depthwise = n.op == "conv2d" and int(n.attrs.get("groups", 1)) > 1 and w.shape[1] == 1
-        total += (w.size + 1) // 2 if bits <= 4 and not depthwise else w.size
+        if depthwise or bits > 4 or lo < -8 or hi > 7:
+            total += w.size
+        elif int2 and bits <= 2 and lo >= -2 and hi <= 1:
+            total += (w.size + 3) // 4
+        else:
+            total += (w.size + 1) // 2
     return int(total)
 
 

@@ -42,9 +42,9 @@ def _requant_params(rng, acc, out_channels, spread=48.0, per_channel=True):
 
 
 def _conv_case(rng, n, c, h, w, o, k, s, p, d=1, g=1, residual=False, int4=False, zx=3, zo=5, zr=7, lo=0, hi=255,
-               extremes=True):
+               extremes=True, w_bits=None):
     x = rng.integers(0, 256, (n, c, h, w), dtype=np.uint8)
-    wlo, whi = (-8, 7) if int4 else (-128, 127)
+    wlo, whi = K.layout.WEIGHT_RANGES[w_bits or (4 if int4 else 8)]
     wt = rng.integers(wlo, whi + 1, (o, c // g, k, k), dtype=np.int8)
     if extremes:   # saturating values at both ends: uint8 0/255 activations, int8 (int4) min/max weights
         x.reshape(-1)[::7] = 255
@@ -301,6 +301,127 @@ def test_packing_roundtrip():
     assert K.conv_weight_mode(64, 64, 64) == "depthwise"
     assert K.conv_weight_mode(64, 64, 2) == "grouped"
     assert K.conv_weight_mode(36, 24, 3) == "expanded"
+
+
+# ---- int2: 2-bit weights four per byte (AVX2 here; VNNI / AVX-VNNI targets keep them two per byte, untested) ----
+def test_int2_packing_roundtrip_and_range():
+    rng = np.random.default_rng(21)
+    for o, c in ((32, 16), (37, 5), (3, 7)):                   # odd output / input channel counts are zero-padded
+        w = rng.integers(-2, 2, (o, c, 3, 3), dtype=np.int8)
+        w[0] = -2
+        w[-1] = 1
+        for isa in ("vnni", "avx2"):
+            p8 = K.pack_conv_weight(w, 1, 16, isa=isa)
+            p2 = K.pack_conv_weight(w, 1, 16, isa=isa, int2=True)
+            p4 = K.pack_conv_weight(w, 1, 16, isa=isa, int4=True)
+            assert p2.dtype == np.uint8 and p2.shape[-1] == 16 and p2.nbytes * 4 == p8.nbytes == p4.nbytes * 2
+            blocks = p8.reshape(*p8.shape[:5], 64)
+            assert np.array_equal(K.unpack_int2(p2), blocks) and np.array_equal(K.unpack_int4(p4), blocks)
+    # byte j holds elements j, j+16, j+32, j+48 in bits 0-1, 2-3, 4-5, 6-7 (two's complement fields)
+    e = np.tile(np.array([-2, -1, 0, 1], np.int8).repeat(16), 1)
+    assert K.layout._pack_crumbs(e).tolist() == [0b01001110] * 16
+    wd = rng.integers(-2, 2, (20, 30), dtype=np.int8)           # K = 30: padded to 32
+    pd = K.pack_dense_weight(wd, isa="vnni", int2=True)
+    assert pd.shape == (2, 8, 16)
+    assert np.array_equal(K.unpack_int2(pd), K.pack_dense_weight(wd, isa="vnni").reshape(2, 8, 64))
+    pr = K.pack_rows_weight(rng.integers(-2, 2, (16, 3, 7, 7), dtype=np.int8), isa="vnni", int2=True)
+    assert pr.shape == (1, 1, 7, 1, 6, 16)
+    assert K.u8s8_pairs_exact(pr, 255)
+    bad = w.copy()
+    bad[1, 2, 0, 1] = 2
+    with pytest.raises(ValueError, match=r"conv weights \(3, 7, 3, 3\) hold 2, outside \[-2, 1\]: they cannot be "
+                                         r"packed as int2"):
+        K.pack_conv_weight(bad, 1, 16, int2=True)
+    with pytest.raises(ValueError, match=r"linear weights \(20, 30\) hold -3, outside \[-2, 1\]"):
+        K.pack_dense_weight(np.where(wd == -2, -3, wd).astype(np.int8), int2=True)
+    with pytest.raises(ValueError, match="exclusive"):
+        K.pack_conv_weight(w, 1, 16, int4=True, int2=True)
+    with pytest.raises(ValueError, match="int2 packing is not supported for depthwise"):
+        K.pack_conv_weight(rng.integers(-2, 2, (32, 1, 3, 3), dtype=np.int8), 32, 16, int2=True)
+
+
+INT2_CONV_CASES = {
+    # name: (n, c, h, w, o, k, s, p, d, g, ic_block, residual, extra)
+    "int2_3x3": (1, 32, 12, 12, 32, 3, 1, 1, 1, 1, 16, False, {}),
+    "int2_3x3_s2_res_odd_out": (1, 32, 11, 11, 40, 3, 2, 1, 1, 1, 16, True, {}),
+    "int2_grouped_blocks": (1, 64, 8, 8, 64, 3, 1, 1, 1, 2, 16, False, {}),
+    "int2_grouped_expanded": (1, 24, 8, 8, 36, 3, 1, 1, 1, 3, 16, False, {}),
+    "int2_first_3ch": (1, 3, 16, 16, 16, 7, 2, 3, 1, 1, 4, False, dict(zx=128)),
+    "int2_batch3_clamp": (3, 32, 7, 7, 48, 3, 1, 1, 1, 1, 16, False, dict(lo=3, hi=250, zo=90)),
+}
+
+
+def _int2_conv(name, layout, options=None):
+    n, c, h, w, o, k, s, p, d, g, icb, res, extra = INT2_CONV_CASES[name]
+    cs = _conv_case(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, k, s, p, d, g, res, w_bits=2, **extra)
+    zx = extra.get("zx", 3)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    wp = K.pack_conv_weight(cs["w"], g, ic_block=icb, isa="vnni" if layout == "ubsw" else "avx2", int2=True)
+    arrays = [K.nchw_to_nchwc(cs["x"], icb, zx), wp, *params[:3]]
+    if res:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, options=options, stride=s, padding=p,
+                              dilation=d, groups=g, input_zero_point=zx, output_zero_point=extra.get("zo", 5),
+                              lo=extra.get("lo", 0), hi=extra.get("hi", 255), residual_zero_point=extra.get("zr", 7),
+                              isa="vnni" if layout == "ubsw" else "avx2", ubsw_exact=layout == "ubsw")
+    return cs, K.nchwc_to_nchw(kern.run(*arrays), o), kern
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("layout", ["ubsw", "avx2"])
+@pytest.mark.parametrize("name", list(INT2_CONV_CASES))
+def test_int2_conv_bit_exact_avx2(name, layout):
+    """Four weights per byte, unpacked in the kernel (2-bit sign extension) on both AVX2 dot products: vpmaddubsw
+    on the VNNI layout (what the network build uses: int2 weights are always proved exact) and vpmaddwd."""
+    cs, got, kern = _int2_conv(name, layout)
+    assert len(np.unique(cs["w"])) == 4 and len(np.unique(cs["ref"])) > 16, "test data too degenerate"
+    assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {got.size}"
+    if name == "int2_3x3":
+        assert kern.count_instructions("vpmaddubsw" if layout == "ubsw" else "vpmaddwd") > 0
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")
+def test_int2_conv_unpacked_per_step_bit_exact():
+    """The tuning option that unpacks each weight vector inside the reduction (unpack_at='step')."""
+    cs, got, _ = _int2_conv("int2_3x3_s2_res_odd_out", "ubsw", dict(unpack_at="step"))
+    assert int((got != cs["ref"]).sum()) == 0
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("layout", ["ubsw", "avx2"])
+def test_int2_dense_and_rows_bit_exact_avx2(layout):
+    rng = np.random.default_rng(22)
+    isa = "vnni" if layout == "ubsw" else "avx2"
+    for n, k, o in ((1, 30, 20), (3, 64, 37)):
+        x = rng.integers(0, 256, (n, k), dtype=np.uint8)
+        wt = rng.integers(-2, 2, (o, k), dtype=np.int8)
+        x[0, :5], wt[0], wt[-1] = 255, -2, 1
+        bias = rng.integers(-1000, 1000, o).astype(np.int32)
+        acc = x.astype(np.int64) @ wt.astype(np.int64).T + bias
+        m, sh = _requant_params(rng, acc, o, per_channel=False)
+        ref = R.dense_requant(x, wt, bias, m, sh, output_zero_point=128)
+        arrays = [x, K.pack_dense_weight(wt, isa=isa, int2=True), *K.pack_channel_params(bias, m, sh)]
+        kern = K.build_standalone(K.dense_requant, arrays, AVX2_TARGET, out_features=o, output_zero_point=128,
+                                  isa=isa, ubsw_exact=layout == "ubsw")
+        assert len(np.unique(ref)) > 8 and np.array_equal(kern.run(*arrays), ref), (n, k, o)
+    cs = _conv_case(rng, 1, 3, 18, 32, 24, 3, 2, 1, w_bits=2, zx=29)       # first conv, row layout
+    xr = K.nchw_to_rows(cs["x"], 3, 2, 1, 29)
+    arrays = [xr, K.pack_rows_weight(cs["w"], isa=isa, int2=True), *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
+    kern = K.build_standalone(K.conv2d_rows_requant, arrays, AVX2_TARGET, in_channels=3, in_width=32, kernel=3,
+                              stride=2, padding=1, input_zero_point=29, output_zero_point=5, isa=isa,
+                              ubsw_exact=layout == "ubsw")
+    assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 24), cs["ref"])
+
+
+def test_int2_refused_for_the_untested_vnni_dot_products():
+    """AVX-512 VNNI / AVX-VNNI never ran int2 weights: the schedule refuses them (the x86 backend packs 2-bit
+    weights two per byte for those targets, ptq2tvm.backend.blocked_builder.packs_int2)."""
+    w = np.random.default_rng(23).integers(-2, 2, (16, 16, 3, 3), dtype=np.int8)
+    arrays = [np.zeros((1, 1, 6, 6, 16), np.uint8), K.pack_conv_weight(w, int2=True),
+              *K.pack_channel_params(np.zeros(16), np.ones(16), np.ones(16))]
+    for mcpu in ("znver4", "alderlake"):               # AVX-512 VNNI, AVX-VNNI: compiled here, never run
+        with pytest.raises(ValueError, match="int2 .* not scheduled for the (vnni|avxvnni) dot product"):
+            K.build_standalone(K.conv2d_nchwc_requant, arrays, K.host_target(num_cores=2, mcpu=mcpu), padding=1)
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this CPU")

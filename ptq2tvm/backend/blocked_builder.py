@@ -25,6 +25,13 @@ from .relax_builder import PlainEmitter, add_float_entry
 NCHW, NCHWC, FLAT = "nchw", "nchwc", "flat"
 
 
+def packs_int2(isa: str | None, cuda: bool = False) -> bool:
+    """Whether a build stores 2-bit weights four per byte (:func:`kernels.pack_conv_weight` ``int2``): CUDA (dp4a;
+    checked bit-exact in the CPU emulation) and AVX2 x86 targets (``isa`` = :func:`kernels.target_isa`). AVX-512
+    VNNI and AVX-VNNI targets keep them two per byte (int4): those paths could not be run where int2 was written."""
+    return bool(cuda) or isa == "avx2"
+
+
 def _c(a: np.ndarray) -> relax.Constant:
     return relax.const(np.ascontiguousarray(a))
 
@@ -60,9 +67,23 @@ class _BlockedBuilder:
 
     @staticmethod
     def int4(node: IntNode) -> bool:
-        """Weights of <= 4 bits are stored two per byte and unpacked inside the kernel (not for depthwise)."""
+        """Weights of <= 4 bits (values in [-8, 7]) are stored packed and unpacked inside the kernel (not for
+        depthwise): two per byte, or four per byte where :meth:`int2` holds."""
         return int(node.attrs.get("w_bits", 8)) <= 4 and int(node.arrays["weight"].min(initial=0)) >= -8 \
             and int(node.arrays["weight"].max(initial=0)) <= 7
+
+    def int2(self, node: IntNode) -> bool:
+        """Weights of <= 2 bits (values in [-2, 1]) are stored four per byte when this build's kernels take them
+        (:func:`packs_int2`: AVX2 x86 and CUDA); on AVX-512 VNNI / AVX-VNNI targets they stay two per byte."""
+        return packs_int2(self.isa, self.cuda) and int(node.attrs.get("w_bits", 8)) <= 2 \
+            and int(node.arrays["weight"].min(initial=0)) >= -2 and int(node.arrays["weight"].max(initial=0)) <= 1
+
+    def packing(self, node: IntNode) -> dict[str, bool]:
+        """The sub-byte storage of a conv/dense weight as keyword arguments of :func:`kernels.pack_conv_weight`,
+        :func:`kernels.pack_dense_weight` and :func:`kernels.pack_rows_weight`: ``int2`` (four per byte), else
+        ``int4`` (two per byte), else neither (int8)."""
+        two = self.int2(node)
+        return {"int4": self.int4(node) and not two, "int2": two}
 
     def weight_layout(self, node: IntNode, pack: Callable[[str], np.ndarray]) -> tuple[str, bool, np.ndarray]:
         """(weight layout, ubsw_exact, packed weight) of a conv/dense: VNNI targets (and CUDA) pack 'vnni'; on AVX2 a
@@ -143,7 +164,7 @@ def x86_isa(target: dict[str, Any]) -> tuple[str | None, str]:
 def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
                      scheduler: Callable[[tvm.IRModule], tvm.IRModule] | None = None) -> tuple[tvm.IRModule, int]:
     """The scheduled Relax module for ``target`` (pass it to ``tvm.compile`` unchanged) and the bytes of its packed
-    weights (int4 layers two values per byte). ``scheduler`` schedules the kernels (default: the hand schedules,
+    weights (int4 layers two values per byte, int2 layers four per byte on AVX2, :func:`packs_int2`). ``scheduler`` schedules the kernels (default: the hand schedules,
     ``kernels.schedule_module``; ``backend.tune.KernelTuner`` measures and replays records)."""
     isa, why = x86_isa(target)
     if isa is None:
@@ -163,6 +184,7 @@ def build_blocked_module(graph: IntegerGraph, batch: int, isa: str, cuda: bool =
 
 def build_cuda_module(graph: IntegerGraph, batch: int) -> tuple[tvm.IRModule, int]:
     """The Relax module for a CUDA target: convs scheduled for dp4a (:mod:`kernels.cuda`), every other kernel left
-    to TVM's default GPU schedules; and the bytes of its packed weights (int4 layers two values per byte)."""
+    to TVM's default GPU schedules; and the bytes of its packed weights (int4 layers two values per byte, int2 layers
+    four per byte)."""
     mod, weight_bytes = build_blocked_module(graph, batch, "vnni", cuda=True)
     return K.schedule_module_cuda(mod), weight_bytes

@@ -145,7 +145,7 @@ class Conv(_Weighted):
             rows = b.emit(K.te_nchw_to_rows, xin, kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
                           padding=tuple(a["padding"]), pad_value=a["input_zero_point"], name="to_rows")
             kw["isa"], kw["ubsw_exact"], wp = b.weight_layout(
-                node, lambda isa: K.pack_rows_weight(w, isa=isa, int4=b.int4(node)))
+                node, lambda isa: K.pack_rows_weight(w, isa=isa, **b.packing(node)))
             wp = b.weight(wp)
             out = b.emit(K.conv2d_rows_requant, rows, wp, *consts, *extra,
                          in_channels=cin, in_width=b.graph.tensor(node.inputs[0]).shape[2],
@@ -168,7 +168,7 @@ class Conv(_Weighted):
         else:
             kw["isa"], kw["ubsw_exact"], wp = b.weight_layout(
                 node, lambda isa: K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=isa,
-                                                     int4=b.int4(node)))
+                                                     **b.packing(node)))
             wp = b.weight(wp)
         out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
                      padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), groups=a["groups"], name=name, **kw)
@@ -212,7 +212,7 @@ class Linear(_Weighted):
         residual = b.flat(node.inputs[1]) if len(node.inputs) > 1 else None
         consts, extra = self._channel_consts(b, node, residual)
         isa, exact, wp = b.weight_layout(node, lambda isa: K.pack_dense_weight(arr["weight"], isa=isa,
-                                                                               int4=b.int4(node)))
+                                                                               **b.packing(node)))
         out = b.emit(K.dense_requant, xin, b.weight(wp), *consts, *extra,
                      out_features=int(arr["weight"].shape[0]), input_zero_point=a["input_zero_point"],
                      output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"],
