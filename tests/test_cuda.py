@@ -31,12 +31,22 @@ from ptq2tvm.ir.reference import run_reference  # noqa: E402
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="no CUDA toolkit (nvcc) on this machine")
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_cuda_computes_are_exact_on_the_cpu(bits):
     """The very computes and packed weights the CUDA build schedules (no rows layout, no depthwise taps; the first
-    conv through NCHW4c), compiled unscheduled for this CPU: bit-exact with the reference executor."""
+    conv through NCHW4c), compiled unscheduled for this CPU: bit-exact with the reference executor. 2-bit weights
+    are stored four per byte: the packed layers take half the bytes of the W4 build's."""
     graph = tiny_integer_graph(bits, bits)
-    mod, _ = build_blocked_module(graph, 3, "vnni", cuda=True)
+    mod, stored = build_blocked_module(graph, 3, "vnni", cuda=True)
+    if bits == 2:
+        import kernels as K
+
+        stored4 = build_blocked_module(tiny_integer_graph(4, 4), 3, "vnni", cuda=True)[1]
+        packed = [n for n in graph.nodes if n.op in ("conv2d", "dense") and int(n.attrs["w_bits"]) == 2
+                  and not (n.op == "conv2d" and n.arrays["weight"].shape[1] == 1 and n.attrs["groups"] > 1)]
+        int4_bytes = sum(K.pack_conv_weight(n.arrays["weight"], n.attrs["groups"], 16, int4=True).nbytes
+                         for n in packed)
+        assert len(packed) == 8 and stored4 - stored == int4_bytes // 2, (stored, stored4)
     ex = tvm.compile(mod, target=tvm.target.Target(host_target()))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     q = np.random.default_rng(bits).integers(0, graph.input.qmax + 1, (3, *graph.input.shape)).astype(np.uint8)
@@ -193,6 +203,34 @@ def test_cuda_conv_kernels_bit_exact_in_emulation(name):
     out = np.zeros((n, -(-o // 16), oh, ow, 16), np.uint8)
     cuda_emulator.EmulatedKernel(src)(grid, block, out=out, **{f"in{i}": a for i, a in enumerate(arrays)})
     got = K.nchwc_to_nchw(out, o)
+    assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {got.size}"
+
+
+@pytest.mark.skipif(not cuda_emulator.available(), reason="no g++ to run the CUDA emulation")
+@pytest.mark.parametrize("name", ["int2_3x3_s2_res_odd_out", "int2_grouped_blocks", "int2_first_3ch"])
+def test_cuda_int2_conv_kernels_bit_exact_in_emulation(name):
+    """2-bit weights stay packed four per byte in global memory and are unpacked (2-bit sign extension) while the
+    dp4a conv stages them in shared memory: bit-exact in the CUDA emulation."""
+    import kernels as K
+    from test_kernels_x86 import INT2_CONV_CASES, _conv_case
+
+    n, c, h, w, o, k, s, p, d, g, icb, res, extra = INT2_CONV_CASES[name]
+    cs = _conv_case(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, k, s, p, d, g, res, w_bits=2, **extra)
+    zx = extra.get("zx", 3)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], icb, zx), K.pack_conv_weight(cs["w"], g, ic_block=icb, isa="vnni", int2=True),
+              *params[:3]]
+    assert arrays[1].shape[-1] == 16
+    if res:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    src, block, grid = _cuda_conv_source(arrays, stride=s, padding=p, dilation=d, groups=g, input_zero_point=zx,
+                                           output_zero_point=extra.get("zo", 5), residual_zero_point=extra.get("zr", 7))
+    assert "__dp4a(" in src
+    oh, ow = cs["ref"].shape[2:]
+    out = np.zeros((n, -(-o // 16), oh, ow, 16), np.uint8)
+    cuda_emulator.EmulatedKernel(src)(grid, block, out=out, **{f"in{i}": a for i, a in enumerate(arrays)})
+    got = K.nchwc_to_nchw(out, o)
+    assert len(np.unique(cs["ref"])) > 16
     assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {got.size}"
 
 

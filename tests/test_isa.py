@@ -151,6 +151,40 @@ def test_network_isa_dispatch_bit_exact(tmp_path, w, a):
         assert sum(k.endswith("_vnni") for k in dots) >= len(low)
 
 
+@needs_avx2
+def test_w2_network_four_per_byte_bit_exact_on_avx2(tmp_path):
+    """TinyNet W2A4 for the portable AVX2 target: every 2-bit conv/dense (3x3, 1x1 stride 2, the grouped conv
+    expanded block-diagonally) stores four weights per byte and is bit-exact against the reference executor; the
+    stored bytes of its packed layers are exactly half those of the W4A4 build (int8 layers unchanged), and the
+    size the quantize summary reports (api.stored_weight_bytes) follows the target: AVX-512 VNNI keeps two per byte."""
+    from conftest import tiny_integer_graph
+
+    from ptq2tvm.api import compile_so, stored_weight_bytes
+    from ptq2tvm.backend.blocked_builder import build_blocked_module
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.ir.reference import run_reference
+
+    g2, g4 = tiny_integer_graph(2, 4), tiny_integer_graph(4, 4)
+    res = compile_so(g2, tmp_path / "w2.so", batch=2, target="x86-64-v3")
+    assert res.meta["isa"] == "avx2"
+    q = np.random.default_rng(3).integers(0, g2.input.qmax + 1, (2, *g2.input.shape)).astype(np.uint8)
+    assert np.array_equal(CompiledModel(res.so_path).run_int(q), run_reference(g2, q))
+    mod, stored2 = build_blocked_module(g2, 2, "avx2")
+    assert stored2 == res.meta["stored_weight_bytes"]
+    packed = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+              and any(p.dtype == "uint8" and len(p.shape) in (3, 6) and int(p.shape[-1]) == 16 for p in f.params)}
+    low = [n for n in g2.nodes if n.op in ("conv2d", "dense") and int(n.attrs["w_bits"]) <= 2
+           and not (n.op == "conv2d" and n.arrays["weight"].shape[1] == 1 and n.attrs["groups"] > 1)]
+    assert len(low) == 8 and {f"k_{n.name.replace('.', '_')}" for n in low} <= set(packed), packed.keys()
+    _, stored4 = build_blocked_module(g4, 2, "avx2")
+    int4_bytes = sum(K.pack_conv_weight(n.arrays["weight"], n.attrs["groups"], 16, int4=True).nbytes for n in low)
+    assert stored4 - stored2 == int4_bytes // 2 and stored2 < 0.6 * stored4, (stored2, stored4)
+    a2, a4 = (stored_weight_bytes(g, "x86-64-v3") for g in (g2, g4))
+    assert a4 - a2 == sum(n.arrays["weight"].size for n in low) // 4          # 1/2 -> 1/4 byte per weight
+    assert stored_weight_bytes(g2, "znver4") == stored_weight_bytes(g4, "znver4") == a4
+    assert build_blocked_module(g2, 2, "vnni")[1] == build_blocked_module(g4, 2, "vnni")[1]    # VNNI: two per byte
+
+
 def test_target_strings():
     from ptq2tvm.backend.compile import resolve_target
 

@@ -222,7 +222,9 @@ def test_layer_latency_calibrated_to_whole_network_and_cache_drift(tmp_path):
     graph = to_integer(quantize(model, calib, QuantConfig(), progress=False))
     cache = tmp_path / "latency_cache.json"
     c1 = measure_layer_costs(graph, cache=cache, rounds=1, progress=False)
-    n_kernels = 6 + len(c1.other_kernels)              # 3 layers x (int8, int4) + the pool/flatten kernels once
+    classes = 3 if c1.packs_int2 else 2                # int8, int4 and, where 2-bit weights are four per byte, int2
+    assert c1.packs_int2 == (c1.isa == "avx2")
+    n_kernels = 3 * classes + len(c1.other_kernels)    # 3 layers x classes + the pool/flatten kernels once
     assert c1.cache_status == "measured" and c1.measured == n_kernels and c1.cached == 0 and c1.other_kernels
     assert set(c1.seconds) == {"0", "2", "6"} and all(t > 0 for v in c1.seconds.values() for t in v.values())
     assert c1.reference_seconds > 0 and c1.statistic == "min"

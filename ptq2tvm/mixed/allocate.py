@@ -18,7 +18,7 @@ from ..errors import QuantConfigError
 from ..frontend.qmodel import QuantConfig
 from ..ir.graph import IntegerGraph
 from .ilp import solve_allocation
-from .latency import LayerCosts, storage_class
+from .latency import LayerCosts
 from .layerbits import candidate_name
 from .sensitivity import SensitivityReport
 
@@ -91,11 +91,11 @@ class MixedPlan:
 def cost_matrices(costs: LayerCosts, layers: list[str], candidates: list[tuple[int, int]],
                   timed: bool) -> dict[str, np.ndarray]:
     """(L, C) cost per budget kind: latency seconds (only if ``timed``), stored bytes, BOPs per image."""
-    out = {"size": np.array([[costs.stored_bytes[n][storage_class(w)] for w, _ in candidates] for n in layers],
+    out = {"size": np.array([[costs.stored_bytes[n][costs.storage(w)] for w, _ in candidates] for n in layers],
                             dtype=np.float64),
            "bops": np.array([[costs.macs[n] * w * a for w, a in candidates] for n in layers], dtype=np.float64)}
     if timed:
-        out["latency"] = np.array([[costs.seconds[n][storage_class(w)] for w, _ in candidates] for n in layers])
+        out["latency"] = np.array([[costs.seconds[n][costs.storage(w)] for w, _ in candidates] for n in layers])
     return out
 
 

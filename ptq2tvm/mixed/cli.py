@@ -95,9 +95,10 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
         w = max(len(n) for n in costs.seconds)
         print(f"per-layer kernel latency (ms, batch {costs.batch}, {costs.isa}; {costs.measured} kernels measured, "
               f"{costs.cached} from {run.path / 'latency_cache.json'}; load average {costs.load_average}):")
+        classes = ("int8", "int4", "int2") if costs.packs_int2 else ("int8", "int4")
         for n, t in costs.seconds.items():
-            print(f"  {n:<{w}}  int8 {1e3 * t['int8']:8.4f}  int4-packed {1e3 * t['int4']:8.4f}  "
-                  f"bytes {costs.stored_bytes[n]['int8']}/{costs.stored_bytes[n]['int4']}")
+            times = "  ".join(f"{c}{'-packed' if c != 'int8' else ''} {1e3 * t[c]:8.4f}" for c in classes)
+            print(f"  {n:<{w}}  {times}  bytes {'/'.join(str(costs.stored_bytes[n][c]) for c in classes)}")
         print(f"  other kernels {1e3 * costs.other_seconds:.4f} ms; whole W8A8 network {1e3 * costs.reference_seconds:.4f}"
               f" ms (overhead over its kernels {1e3 * costs.overhead_seconds:.4f} ms; kernel cache {costs.cache_status})")
         out["layer_costs"] = costs.to_dict()

@@ -3,7 +3,9 @@ own kernels, cached next to the run.
 
 The integer graph is built twice with the hand-scheduled blocked kernels (``ptq2tvm.backend.blocked_builder``, the
 ``--schedule auto`` x86 build): every conv/linear layer with int8 weights, then with <= 4-bit weights (the builder
-stores those two per byte and unpacks them in the kernel; depthwise convs stay int8). Every kernel PrimFunc of the
+stores those two per byte and unpacks them in the kernel; depthwise convs stay int8), and on targets whose kernels
+store 2-bit weights four per byte (AVX2, :func:`ptq2tvm.backend.blocked_builder.packs_int2`) a third time with
+<= 2-bit weights. Every kernel PrimFunc of the
 Relax ``main`` is timed with TVM's ``time_evaluator`` on its real packed weights and
 parameters (random activations), every kernel taken by name from one compiled library per build (one
 ``tvm.compile`` per build instead of one per kernel).
@@ -23,7 +25,8 @@ the cache is dropped and every kernel measured again (the host's load changed). 
 also takes a W8A8 .so time measured later (next to the plan's .so) and scales the prediction to it.
 
 Activation bits do not change a kernel's code here (activations are uint8 containers at any bits; only the clamp
-constants differ), so WxA4 costs what WxA8 costs; 2-bit weights use the int4 kernel (same storage, same speed).
+constants differ), so WxA4 costs what WxA8 costs. 2-bit weights are the storage class 'int2' (four per byte, their
+own kernels) where the target packs them so, else they use the int4 kernels (same storage, same speed).
 """
 
 from __future__ import annotations
@@ -57,9 +60,10 @@ def robust_time(samples: list[float], statistic: str = "min") -> float:
     return float(np.min(samples) if statistic == "min" else np.median(samples))
 
 
-def storage_class(w_bits: int) -> str:
-    """'int4' (packed two per byte where the kernels can) for <= 4-bit weights, else 'int8'."""
-    return "int4" if w_bits <= 4 else "int8"
+def storage_class(w_bits: int, int2: bool = False) -> str:
+    """'int2' (four per byte) for <= 2-bit weights when ``int2`` (the target packs them so), 'int4' (packed two per
+    byte where the kernels can) for <= 4-bit weights, else 'int8'."""
+    return "int2" if int2 and w_bits <= 2 else "int4" if w_bits <= 4 else "int8"
 
 
 def variant_graph(graph: IntegerGraph, w_bits: int) -> IntegerGraph:
@@ -94,8 +98,8 @@ def layer_macs(graph: IntegerGraph) -> dict[str, int]:
 
 @dataclass
 class LayerCosts:
-    """Measured costs: ``seconds[layer][cls]`` and ``stored_bytes[layer][cls]`` for cls in ('int8', 'int4');
-    ``other_seconds`` = every non-layer kernel; ``macs[layer]`` per image."""
+    """Measured costs: ``seconds[layer][cls]`` and ``stored_bytes[layer][cls]`` for cls in ('int8', 'int4') and
+    'int2' on targets that store 2-bit weights four per byte; ``other_seconds`` = every non-layer kernel; ``macs[layer]`` per image."""
 
     seconds: dict[str, dict[str, float]]
     stored_bytes: dict[str, dict[str, int]]
@@ -118,6 +122,15 @@ class LayerCosts:
     statistic: str = "median"
 
     @property
+    def packs_int2(self) -> bool:
+        """Whether these costs have the 'int2' storage class (the target stores 2-bit weights four per byte)."""
+        return any("int2" in v for v in self.stored_bytes.values())
+
+    def storage(self, w_bits: int) -> str:
+        """The storage class (:func:`storage_class`) of ``w_bits``-bit weights on the measured target."""
+        return storage_class(w_bits, self.packs_int2)
+
+    @property
     def constant_seconds(self) -> float:
         """The part of a network's latency no bit choice changes: non-layer kernels + fitted overhead."""
         return self.other_seconds + self.overhead_seconds
@@ -127,13 +140,13 @@ class LayerCosts:
         T(W8A8) + sum of per-layer deltas. ``reference_seconds``: the W8A8 network timed again now (e.g. its .so,
         interleaved with the plan's .so); the prediction is scaled by its ratio to ``reference_seconds`` of the
         cost measurement (a changed load slows every kernel alike)."""
-        t = self.constant_seconds + sum(self.seconds[n][storage_class(b)] for n, b in w_bits.items())
+        t = self.constant_seconds + sum(self.seconds[n][self.storage(b)] for n, b in w_bits.items())
         if reference_seconds is not None and self.reference_seconds > 0:
             t *= reference_seconds / self.reference_seconds
         return t
 
     def predict_bytes(self, w_bits: dict[str, int]) -> int:
-        return sum(self.stored_bytes[n][storage_class(b)] for n, b in w_bits.items())
+        return sum(self.stored_bytes[n][self.storage(b)] for n, b in w_bits.items())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,8 +235,8 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
                         cache: str | Path | None = None, rounds: int = 7, min_repeat_ms: int = 1,
                         progress: bool = True, timed: bool = True, drift: float = 0.10,
                         statistic: str = "min") -> LayerCosts:
-    """Time every kernel of ``graph``'s x86 build with int8 and with packed int4 weights, interleaved with the whole
-    W8A8 network (module docstring).
+    """Time every kernel of ``graph``'s x86 build with int8, packed int4 and (where the target packs them, AVX2)
+    packed int2 weights, interleaved with the whole W8A8 network (module docstring).
 
     ``cache``: a JSON file (e.g. ``RUN/latency_cache.json``) of kernel times keyed by target, batch and the
     structural hash of the scheduled PrimFunc, with the whole-network reference time they were measured against;
@@ -232,7 +245,7 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
     ``statistic`` (:func:`robust_time`) over all windows. Raises ValueError when the target has no hand-scheduled x86
     kernels (AVX2 or AVX-512 VNNI). ``timed=False``: stored bytes only (nothing compiled; ``seconds`` stay empty).
     """
-    from ..backend.blocked_builder import build_x86_module, x86_isa
+    from ..backend.blocked_builder import build_x86_module, packs_int2, x86_isa
 
     tdict = resolve_target(target)
     isa, why = x86_isa(tdict)
@@ -248,8 +261,8 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
     seconds: dict[str, dict[str, float]] = {n: {} for n in layers}
     sizes: dict[str, dict[str, int]] = {n: {} for n in layers}
     other: dict[str, float] = {}
-    mods = {cls: build_x86_module(variant_graph(graph, bits), batch, tdict)[0] for cls, bits in
-            (("int8", 8), ("int4", 4))}
+    classes = (("int8", 8), ("int4", 4)) + ((("int2", 2),) if packs_int2(isa) else ())
+    mods = {cls: build_x86_module(variant_graph(graph, bits), batch, tdict)[0] for cls, bits in classes}
     names = {kernel_name(n) for n in layers}
     jobs = []
     for cls, mod in mods.items():
@@ -259,8 +272,8 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
             # Relax reuses one PrimFunc for layers of identical shape and attributes (layer1.1.conv1 calls
             # k_layer1_0_conv1): the layer kernels are the calls of a layer kernel name, in graph order
             layer = next(order) if name in names else None
-            if cls == "int4" and layer is None:
-                continue                           # non-layer kernels are the same in both builds
+            if cls != "int8" and layer is None:
+                continue                           # non-layer kernels are the same in every build
             jobs.append((cls, layer, name, funcs[name], args))
     if not timed:
         for cls, layer, _, _, args in jobs:
@@ -283,8 +296,9 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
     else:
         known = {}                                 # kernel times without their reference cannot be trusted
     todo = [i for i, k in enumerate(keys) if k not in known]
-    if any(jobs[i][0] == "int4" for i in todo):
-        libs["int4"] = _kernel_library(mods["int4"], tgt)
+    for cls in mods:
+        if cls != "int8" and any(jobs[i][0] == cls for i in todo):
+            libs[cls] = _kernel_library(mods[cls], tgt)
     timers = {i: _kernel_timer(libs[jobs[i][0]][1], jobs[i][2], jobs[i][3], jobs[i][4], rng, min_repeat_ms)
               for i in todo}
     if todo:
