@@ -13,7 +13,8 @@ generated CUDA C++ in a CPU emulation of the CUDA thread model, bit-exact):
         for kh, kw, 4-channel group:  acc[4][W] += dp4a(x[4 bytes], w[4 bytes])   (kernels.intrin dp4a)
     requant (+ residual) epilogue from registers, uint8 store
 
-int4 weights stay packed (two per byte) in global memory and are unpacked while staging them in shared memory.
+int4 (two per byte) and int2 (four per byte) weights stay packed in global memory and are unpacked while staging them
+in shared memory.
 Depthwise convs: one thread per output element (channel lanes adjacent, so a warp's loads and stores coalesce), the
 KHxKW taps in registers (TVM's default schedule made one thread block per output element there, 9 of its threads
 busy). Every other kernel (pools, adds, the classifier, layout changes, input quantization): one thread per output
@@ -71,7 +72,7 @@ def _bind_copy(sch: Schedule, block, tile: CudaConvTile, vector: int) -> None:
 
 
 def schedule_conv2d_dp4a(sch: Schedule, tile: CudaConvTile | None = None) -> Schedule:
-    """Schedule a :func:`kernels.conv2d_nchwc_requant` PrimFunc (vnni packing, int8 or int4) for CUDA dp4a."""
+    """Schedule a :func:`kernels.conv2d_nchwc_requant` PrimFunc (vnni packing, int8, int4 or int2) for CUDA dp4a."""
     intrin = register_dp4a_intrinsic("local")
     out = sch.get_sblock("out")
     kind = str(sch.get(out).annotations[KERNEL_ATTR])

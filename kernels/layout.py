@@ -150,8 +150,8 @@ def pack_conv_weight(w_oihw: np.ndarray, groups: int = 1, ic_block: int = BLOCK,
 
 def u8s8_pairs_exact(packed: np.ndarray, amax: int = 255) -> bool:
     """True when ``vpmaddubsw`` is exact for a VNNI-layout packed weight (``[..., 16, 4]`` int8, or its int4 /
-    int2 forms ``[..., 32]`` / ``[..., 16]`` uint8) and uint8 activations in ``[0, amax]``: for every pair of adjacent input channels (the
-    pairs vpmaddubsw sums, ``(0, 1)`` and ``(2, 3)`` of each 4) ``amax * (max(w0,0) + max(w1,0)) <= 32767`` and
+    int2 forms ``[..., 32]`` / ``[..., 16]`` uint8) and uint8 activations in ``[0, amax]``: for every pair of
+    adjacent input channels (the pairs vpmaddubsw sums, ``(0, 1)`` and ``(2, 3)`` of each 4) ``amax * (max(w0,0) + max(w1,0)) <= 32767`` and
     ``amax * (min(w0,0) + min(w1,0)) >= -32768``, so no int16 pair sum saturates. (Intel SDM, PMADDUBSW.)"""
     p = np.asarray(packed)
     if p.dtype == np.uint8:

@@ -13,8 +13,8 @@ each) x R rows x P columns (chosen by :func:`choose_conv_tile` from the shape):
 
 int4 weights (two per byte) and int2 weights (four per byte) are unpacked to int8 once per parallel task, which
 then covers Q output blocks x a chunk of the rows of all images (``unpack_at="task"``: the same inner loop as int8,
-the unpack costs one pass over the packed weights per chunk); ``unpack_at="step"`` unpacks the weight vector inside the reduction instead (Q = 1,
-up to 28 accumulators; a tuning option).
+the unpack costs one pass over the packed weights per chunk); ``unpack_at="step"`` unpacks the weight vector inside
+the reduction instead (Q = 1, up to 28 accumulators; a tuning option).
 
 The epilogue is fused: the int32 accumulators never reach memory. Everything else (pools, adds, layout changes) is
 parallelized over the outer loops and vectorized over the 16 channels of a block.

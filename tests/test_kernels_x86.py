@@ -406,7 +406,8 @@ def test_int2_dense_and_rows_bit_exact_avx2(layout):
         assert len(np.unique(ref)) > 8 and np.array_equal(kern.run(*arrays), ref), (n, k, o)
     cs = _conv_case(rng, 1, 3, 18, 32, 24, 3, 2, 1, w_bits=2, zx=29)       # first conv, row layout
     xr = K.nchw_to_rows(cs["x"], 3, 2, 1, 29)
-    arrays = [xr, K.pack_rows_weight(cs["w"], isa=isa, int2=True), *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
+    arrays = [xr, K.pack_rows_weight(cs["w"], isa=isa, int2=True),
+              *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
     kern = K.build_standalone(K.conv2d_rows_requant, arrays, AVX2_TARGET, in_channels=3, in_width=32, kernel=3,
                               stride=2, padding=1, input_zero_point=29, output_zero_point=5, isa=isa,
                               ubsw_exact=layout == "ubsw")

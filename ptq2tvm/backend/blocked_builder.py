@@ -164,8 +164,8 @@ def x86_isa(target: dict[str, Any]) -> tuple[str | None, str]:
 def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
                      scheduler: Callable[[tvm.IRModule], tvm.IRModule] | None = None) -> tuple[tvm.IRModule, int]:
     """The scheduled Relax module for ``target`` (pass it to ``tvm.compile`` unchanged) and the bytes of its packed
-    weights (int4 layers two values per byte, int2 layers four per byte on AVX2, :func:`packs_int2`). ``scheduler`` schedules the kernels (default: the hand schedules,
-    ``kernels.schedule_module``; ``backend.tune.KernelTuner`` measures and replays records)."""
+    weights (int4 layers two values per byte, int2 layers four per byte on AVX2, :func:`packs_int2`). ``scheduler``
+    schedules the kernels (default: the hand schedules, ``kernels.schedule_module``; ``backend.tune.KernelTuner`` measures and replays records)."""
     isa, why = x86_isa(target)
     if isa is None:
         raise ValueError(f"the x86 kernels do not support target {target}: {why}")

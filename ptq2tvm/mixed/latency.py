@@ -99,7 +99,8 @@ def layer_macs(graph: IntegerGraph) -> dict[str, int]:
 @dataclass
 class LayerCosts:
     """Measured costs: ``seconds[layer][cls]`` and ``stored_bytes[layer][cls]`` for cls in ('int8', 'int4') and
-    'int2' on targets that store 2-bit weights four per byte; ``other_seconds`` = every non-layer kernel; ``macs[layer]`` per image."""
+    'int2' on targets that store 2-bit weights four per byte; ``other_seconds`` = every non-layer kernel;
+    ``macs[layer]`` per image."""
 
     seconds: dict[str, dict[str, float]]
     stored_bytes: dict[str, dict[str, int]]
