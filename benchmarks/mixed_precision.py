@@ -51,7 +51,7 @@ from ptq2tvm.mixed.pipeline import run_layer_costs, run_sensitivity  # noqa: E40
 from ptq2tvm.mixed.sensitivity import LayerSensitivity, SensitivityReport  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-UNIFORM = [(8, 8), (4, 8), (4, 4)]
+UNIFORM = [(8, 8), (4, 8), (4, 4), (2, 4)]
 
 
 def _sqnr(y: np.ndarray, ref: np.ndarray) -> float:
@@ -130,6 +130,8 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
               ("BOPs = 0.5 W8A8", {"bops": "0.5"}),
               ("size 0.6 W8A8", {"size": "0.6"}),
               ("size 0.75 W8A8", {"size": "0.75"}),
+              ("size 0.3 W8A8", {"size": "0.3"}),
+              ("size 0.4 W8A8", {"size": "0.4"}),
               ("latency 0.8 W8A8", {"latency": "0.8"}),
               ("latency 0.9 W8A8", {"latency": "0.9"})] if not latency_only else
              [("size 0.75 W8A8", {"size": "0.75"}), ("size 0.6 W8A8", {"size": "0.6"}),
@@ -247,6 +249,18 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def dominated_by(p: dict[str, Any], points: list[dict[str, Any]]) -> str:
+    """Uniform points at most as large (stored bytes) and as slow (measured ms) as ``p`` that are strictly more
+    accurate (top-1; FP32-output SQNR breaks no ties), i.e. that put ``p`` below the uniform Pareto front; 'no' when
+    none does, '-' for uniform points and latency-only models."""
+    if p["kind"] == "uniform" or "top1" not in p:
+        return "-"
+    worse = [u["label"].replace("uniform ", "") for u in points
+             if u["kind"] == "uniform" and "top1" in u and u["stored_weight_bytes"] <= p["stored_weight_bytes"]
+             and u["measured_ms"] <= p["measured_ms"] and u["top1"] > p["top1"]]
+    return "no" if not worse else "yes: " + ", ".join(worse)
+
+
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = ["# Mixed precision vs uniform bits\n"]
     for res in results:
@@ -268,8 +282,8 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                          f"(fitted overhead over its kernels {res['overhead_ms']:.3f} ms), load {res['load_average_costs']}.")
         lines.append("")
         lines.append("| point | bits | stored KB | GBOPs | top-1 % | SQNR dB | predicted ms | measured ms | "
-                     "pred/meas | re-anchored/meas | .so exact |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                     "pred/meas | re-anchored/meas | .so exact | dominated by a uniform point |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for p in res["points"]:
             if "error" in p:
                 lines.append(f"| {p['label']} | infeasible: {p['error']} | | | | | | | | | |")
@@ -281,7 +295,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                          f"{p['bops'] / 1e9:.3f} | - | - | ")
             lines[-1] += (f"{p['predicted_ms']:.3f} | {p['measured_ms']:.3f} | {p['predicted_over_measured']:.3f} | "
                           + (f"{p['reanchored_over_measured']:.3f}" if "reanchored_over_measured" in p else "-")
-                          + f" | {'yes' if p['bit_exact_vs_reference'] else 'NO'} |")
+                          + f" | {'yes' if p['bit_exact_vs_reference'] else 'NO'} | {dominated_by(p, res['points'])} |")
         lines.append("")
     return "\n".join(lines)
 

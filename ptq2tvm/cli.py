@@ -248,7 +248,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     print(f"quantized {args.model} W{args.w_bits}A{args.a_bits} ({args.method}"
           f"{', AdaQTransform' if args.adaqtransform else ''}, {len(calib)} calibration images) -> {run.path}  "
           f"[{result['seconds']} s]\n  weights: {weights}; stored weights {result['weight_bytes'] / 1e3:.1f} kB "
-          f"({result['weight_count']} values)")
+          f"in this CPU's default build ({_stored_bytes_target()}; {result['weight_count']} values)")
     if qm.config.layer_w_bits or qm.config.layer_a_bits:
         from .mixed.layerbits import bits_summary
 
@@ -263,6 +263,17 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         print(f"reconstruction ({report.granularity}): {len(report.units)} units in {report.seconds:.0f} s; loss "
               f"curves {out / 'recon_loss.png'}")
     return result
+
+
+def _stored_bytes_target() -> str:
+    """The kernel family the default build of this host uses, for the stored-size line of ``quantize``."""
+    from .backend.blocked_builder import packs_int2, x86_isa
+    from .backend.compile import resolve_target
+
+    isa = x86_isa(resolve_target(None))[0]
+    if isa is None:
+        return "plain kernels: one byte per weight"
+    return f"{isa} kernels: W<=4 two per byte" + (", W<=2 four per byte" if packs_int2(isa, False) else "")
 
 
 def _check_target(target: Any) -> dict[str, Any]:
