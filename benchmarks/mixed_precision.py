@@ -269,6 +269,11 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                      f"at start {m['load_start']}, at end {m.get('load_end')} (a shared 2-core VM loaded by other "
                      f"agents: absolute times are inflated; every latency is the minimum over 1 ms windows, points "
                      f"of one model timed round robin); TVM threads {m['tvm_threads']}.\n")
+        if res.get("retimed"):
+            t = res["retimed"]
+            lines.append(f"Latencies re-timed with `--retime --rounds {t['rounds']}` at {t['at']} (load average "
+                         f"{t['load_start']} -> {t['load_end']}): every point rebuilt (same bits and stored bytes) "
+                         "and timed round robin again; accuracy and predictions from the sweep above.\n")
         lines.append(f"## {res['model']}" + (" (random weights, latency only)" if res["latency_only"] else
                                              f" (FP32 top-1 {100 * res['fp32_top1']:.2f}% on {res['n_test']} test "
                                              "images)"))
@@ -300,6 +305,72 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _point_config(p: dict[str, Any]) -> QuantConfig:
+    """The QuantConfig a stored point was quantized with: uniform ``QuantConfig(w, a)``; ILP points every layer
+    explicit (``MixedPlan.config``)."""
+    if p["kind"] == "uniform":
+        w, a = (int(v) for v in p["label"].split("W")[1].split("A"))
+        return QuantConfig(w, a)
+    bits = p["plan"]["bits"]
+    return QuantConfig(layer_w_bits={n: int(b[0]) for n, b in bits.items()},
+                       layer_a_bits={n: int(b[1]) for n, b in bits.items()}).validate()
+
+
+def retime(res: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Rebuild every point of a stored result (RTN quantization is deterministic: the same integer graph, checked by
+    its per-layer bits and stored bytes) and time the .so files again round robin (``--rounds``): for a quieter
+    moment of a shared host than the one the sweep ran in. Accuracy columns are kept."""
+    from ptq2tvm.data import calibration_set
+    from ptq2tvm.train import train_builtin
+
+    name = res["model"].split(" ")[0]
+    data = res["model"].split("(")[1].rstrip(")") if "(" in res["model"] else args.data
+    if res["latency_only"]:
+        from ptq2tvm.models import create_model
+
+        torch.manual_seed(0)
+        model = create_model("resnet18").eval()
+        calib = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
+    else:
+        model, _ = train_builtin(name, dataset=data, progress=False)
+        calib = calibration_set(data, 512, seed=0)
+    work.mkdir(parents=True, exist_ok=True)
+    live = [p for p in res["points"] if "measured_ms" in p]
+    for i, p in enumerate(live):
+        graph = to_integer(quantize(model, calib, _point_config(p), progress=False))
+        got = {n: [b["w_bits"], b["a_bits"]] for n, b in graph.meta["layer_bits"].items()}
+        if got != p["bits"]:
+            raise SystemExit(f"{res['model']} {p['label']}: rebuilt bits {bits_summary(graph.meta['layer_bits'])} "
+                             f"differ from the stored {p['bits_summary']}")
+        so = work / f"retime{i}.so"
+        meta = compile_graph(graph, so, batch=1).meta
+        if int(meta["stored_weight_bytes"]) != p["stored_weight_bytes"]:
+            raise SystemExit(f"{res['model']} {p['label']}: rebuilt .so stores {meta['stored_weight_bytes']} B, "
+                             f"the sweep's {p['stored_weight_bytes']} B")
+        p["_so"] = str(so)
+    samples: dict[str, list[float]] = {p["label"]: [] for p in live}
+    load0 = [round(v, 1) for v in os.getloadavg()]
+    for r in range(args.rounds):
+        order = live[r % len(live):] + live[:r % len(live)]
+        for p in order:
+            time_so(p["_so"], repeat=20, min_repeat_ms=1, samples=samples[p["label"]])
+    ref = next(p for p in live if p["label"] == "uniform W8A8")
+    ref_now = robust_time(samples[ref["label"]])
+    for p in live:
+        p["measured_ms"] = 1e3 * robust_time(samples[p["label"]])
+        p["measured_ms_median"] = 1e3 * float(np.median(samples[p["label"]]))
+        p["predicted_over_measured"] = p["predicted_ms"] / p["measured_ms"]
+        p["reanchored_ms"] = p["predicted_ms"] - res["w8a8_network_ms"] + 1e3 * ref_now
+        p["reanchored_over_measured"] = p["reanchored_ms"] / p["measured_ms"]
+        Path(p.pop("_so")).unlink(missing_ok=True)
+    res["retimed"] = dict(rounds=args.rounds, at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                          load_start=load0, load_end=[round(v, 1) for v in os.getloadavg()])
+    print(f"[{res['model']}] re-timed {len(live)} points, {args.rounds} rounds; pred/meas "
+          f"{min(p['predicted_over_measured'] for p in live):.3f}..{max(p['predicted_over_measured'] for p in live):.3f}",
+          flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet_small,mobilenet_v2_small,resnet18")
@@ -315,8 +386,21 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="TVM threads for every timing (1: a loaded shared host "
                     "makes a 2-thread pool wait on the OS scheduler at every parallel region)")
+    ap.add_argument("--retime", action="store_true", help="rebuild the stored points of --models (names as in the "
+                    "JSON, e.g. resnet_small) and time them again round robin; sensitivity and accuracy are kept")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.retime:
+        stored = json.loads((RESULTS / "mixed_precision.json").read_text())
+        for res in stored["results"]:
+            if res["model"].split(" ")[0] in args.models.split(","):
+                retime(res, args, Path(args.work) / "retime")
+        write_json(RESULTS / "mixed_precision.json", stored)
+        md = markdown(stored["results"], stored["meta"])
+        write_text(RESULTS / "mixed_precision.md", md)
+        plot(stored["results"], RESULTS / "mixed_precision.png")
+        print(md)
+        return
     meta = dict(command="nice .venv/bin/python benchmarks/mixed_precision.py " + " ".join(sys.argv[1:]),
                 tvm_threads=args.threads,
                 cpu=platform.processor() or platform.machine(), load_start=[round(v, 1) for v in os.getloadavg()],
