@@ -170,7 +170,8 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         p["stored_weight_bytes"] = int(res.meta["stored_weight_bytes"])
         p["bops"] = int(sum(costs.macs[n] * b["w_bits"] * b["a_bits"] for n, b in bits.items()))
         p["w_bits"] = {n: b["w_bits"] for n, b in bits.items()}
-        p["predicted_ms"] = 1e3 * costs.predict_seconds(p["w_bits"])
+        p["a_bits"] = {n: b["a_bits"] for n, b in bits.items()}
+        p["predicted_ms"] = 1e3 * costs.predict_seconds(p["w_bits"], a_bits=p["a_bits"])
         p["so"] = str(so)
         if test is not None:
             p["top1"] = top1_torch(qm, test.images, test.labels)
@@ -190,7 +191,8 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
         p["measured_ms"] = 1e3 * robust_time(samples[p["label"]])
         p["measured_ms_median"] = 1e3 * float(np.median(samples[p["label"]]))
         p["predicted_over_measured"] = p["predicted_ms"] / p["measured_ms"]
-        p["reanchored_ms"] = 1e3 * costs.predict_seconds(p.pop("w_bits"), reference_seconds=ref_now)
+        p["reanchored_ms"] = 1e3 * costs.predict_seconds(p.pop("w_bits"), reference_seconds=ref_now,
+                                                         a_bits=p.pop("a_bits"))
         p["reanchored_over_measured"] = p["reanchored_ms"] / p["measured_ms"]
         Path(p.pop("so")).unlink(missing_ok=True)
     for f in work.glob("point*.json"):

@@ -48,6 +48,25 @@ def test_ilp_toy_problem_hand_checked():
         solve_allocation(sens, {"size": size}, {"size": 5.0}, layer_names=["a", "b", "c"])
 
 
+def test_kernel_class_follows_the_dot_product_the_builder_proves_exact():
+    """The latency model times a W8 layer as the kernel the AVX2 build really runs: vpmaddubsw when the pair sums
+    provably fit int16 (<= 7-bit weights or <= 7-bit inputs, checked with the builder's own proof), else vpmaddwd."""
+    from kernels.layout import pack_conv_weight, u8s8_pairs_exact
+    from ptq2tvm.mixed.latency import kernel_class
+
+    assert kernel_class(8, 8, "avx2") == "int8" and kernel_class(8, 4, "avx2") == "int8ubsw"
+    assert kernel_class(7, 8, "avx2") == "int8ubsw" and kernel_class(5, 8, "avx2") == "int8ubsw"
+    assert kernel_class(8, 4, "vnni") == "int8" and kernel_class(7, 8, "avxvnni") == "int8"
+    assert kernel_class(4, 4, "avx2") == "int4" and kernel_class(2, 8, "avx2", int2=True) == "int2"
+    assert kernel_class(2, 8, "avx2") == "int4"
+    rng = np.random.default_rng(0)
+    w7 = rng.integers(-64, 64, (32, 16, 3, 3)).astype(np.int8)
+    w8 = np.full((32, 16, 3, 3), -128, np.int8)
+    assert u8s8_pairs_exact(pack_conv_weight(w7, isa="vnni"), 255)       # W7A8: exact
+    assert u8s8_pairs_exact(pack_conv_weight(w8, isa="vnni"), 127)       # W8A7: exact
+    assert not u8s8_pairs_exact(pack_conv_weight(w8, isa="vnni"), 255)   # W8A8: not
+
+
 def test_layer_bits_spec_and_names_checked():
     assert parse_layer_bits("a=4/8, b.*=2") == [("a", 4, 8), ("b.*", 2, None)]
     w, a = resolve_layer_bits(MIXED_SPEC, TINY_LAYERS)
@@ -222,8 +241,10 @@ def test_layer_latency_calibrated_to_whole_network_and_cache_drift(tmp_path):
     graph = to_integer(quantize(model, calib, QuantConfig(), progress=False))
     cache = tmp_path / "latency_cache.json"
     c1 = measure_layer_costs(graph, cache=cache, rounds=1, progress=False)
-    classes = 3 if c1.packs_int2 else 2                # int8, int4 and, where 2-bit weights are four per byte, int2
+    # int8, int4 and on AVX2 int2 (2-bit weights four per byte) and int8ubsw (int8 weights on vpmaddubsw)
+    classes = 4 if c1.isa == "avx2" else 2
     assert c1.packs_int2 == (c1.isa == "avx2")
+    assert all(("int8ubsw" in v) == (c1.isa == "avx2") for v in c1.seconds.values())
     n_kernels = 3 * classes + len(c1.other_kernels)    # 3 layers x classes + the pool/flatten kernels once
     assert c1.cache_status == "measured" and c1.measured == n_kernels and c1.cached == 0 and c1.other_kernels
     assert set(c1.seconds) == {"0", "2", "6"} and all(t > 0 for v in c1.seconds.values() for t in v.values())
@@ -233,6 +254,10 @@ def test_layer_latency_calibrated_to_whole_network_and_cache_drift(tmp_path):
     mixed = {**all8, "2": 4}
     assert c1.predict_seconds(mixed) == pytest.approx(
         c1.reference_seconds + c1.seconds["2"]["int4"] - c1.seconds["2"]["int8"], rel=1e-12)
+    # a W8 layer reading 4-bit activations is timed as the kernel the AVX2 build runs for it (vpmaddubsw, exact)
+    low = {**all8, "6": 8}
+    want = c1.seconds["2"]["int8ubsw" if c1.isa == "avx2" else "int8"] - c1.seconds["2"]["int8"]
+    assert c1.predict_seconds(low, a_bits={"2": 4}) == pytest.approx(c1.reference_seconds + want, rel=1e-12)
     # re-anchored on a W8A8 time measured later: scaled by its ratio
     assert c1.predict_seconds(mixed, reference_seconds=2 * c1.reference_seconds) == \
         pytest.approx(2 * c1.predict_seconds(mixed), rel=1e-12)

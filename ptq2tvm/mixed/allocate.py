@@ -96,7 +96,7 @@ def cost_matrices(costs: LayerCosts, layers: list[str], candidates: list[tuple[i
                             dtype=np.float64),
            "bops": np.array([[costs.macs[n] * w * a for w, a in candidates] for n in layers], dtype=np.float64)}
     if timed:
-        out["latency"] = np.array([[costs.seconds[n][costs.storage(w)] for w, _ in candidates] for n in layers])
+        out["latency"] = np.array([[costs.seconds[n][costs.timing(w, a)] for w, a in candidates] for n in layers])
     return out
 
 

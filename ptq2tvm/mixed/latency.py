@@ -24,9 +24,15 @@ network, re-timed at every use, stays within ``drift`` (10 %) of the time it had
 the cache is dropped and every kernel measured again (the host's load changed). :meth:`LayerCosts.predict_seconds`
 also takes a W8A8 .so time measured later (next to the plan's .so) and scales the prediction to it.
 
-Activation bits do not change a kernel's code here (activations are uint8 containers at any bits; only the clamp
-constants differ), so WxA4 costs what WxA8 costs. 2-bit weights are the storage class 'int2' (four per byte, their
-own kernels) where the target packs them so, else they use the int4 kernels (same storage, same speed).
+Activation bits change a kernel only through the dot product the builder can prove exact: on AVX2 (no VNNI) a
+layer with int8 weights runs the int16 ``vpmaddwd`` kernel unless every ``vpmaddubsw`` pair sum provably fits int16
+for its input's range (:func:`kernels.layout.u8s8_pairs_exact`), which always holds for <= 7-bit weights or <= 7-bit
+input activations. So on AVX2 the W8A8 build's kernels are timed a fourth time with 7-bit weights (the timing class
+'int8ubsw': int8 storage on ``vpmaddubsw``), and :func:`kernel_class` picks it for W5..7 layers and for W8 layers
+reading <= 7-bit activations (measured: a plan of ten W8A4 layers ran 0.78x the latency the vpmaddwd times
+predicted). Elsewhere (VNNI's ``vpdpbusd`` is exact for any uint8 x int8) WxA4 costs what WxA8 costs. 2-bit weights
+are the storage class 'int2' (four per byte, their own kernels) where the target packs them so, else they use the
+int4 kernels (same storage, same speed).
 """
 
 from __future__ import annotations
@@ -66,6 +72,17 @@ def storage_class(w_bits: int, int2: bool = False) -> str:
     return "int2" if int2 and w_bits <= 2 else "int4" if w_bits <= 4 else "int8"
 
 
+def kernel_class(w_bits: int, a_bits: int, isa: str, int2: bool = False) -> str:
+    """The timing class of a layer with ``w_bits`` weights reading ``a_bits`` activations on ``isa``: its storage
+    class (:func:`storage_class`), except on AVX2 int8-stored layers that the builder runs on ``vpmaddubsw`` because
+    the pair sums provably fit int16 (<= 7-bit weights: |w| <= 64, 255 * 128 < 2^15; or <= 7-bit inputs: 127 * 256 <
+    2^15): 'int8ubsw'."""
+    cls = storage_class(w_bits, int2)
+    if cls == "int8" and isa == "avx2" and (w_bits <= 7 or a_bits <= 7):
+        return "int8ubsw"
+    return cls
+
+
 def variant_graph(graph: IntegerGraph, w_bits: int) -> IntegerGraph:
     """``graph`` with every conv/linear layer's integer weights clipped to the ``w_bits`` range and marked so: the
     same kernels (shapes, zero points, layouts) as a real ``w_bits`` fold, for timing and sizing only."""
@@ -98,8 +115,8 @@ def layer_macs(graph: IntegerGraph) -> dict[str, int]:
 
 @dataclass
 class LayerCosts:
-    """Measured costs: ``seconds[layer][cls]`` and ``stored_bytes[layer][cls]`` for cls in ('int8', 'int4') and
-    'int2' on targets that store 2-bit weights four per byte; ``other_seconds`` = every non-layer kernel;
+    """Measured costs: ``seconds[layer][cls]`` and ``stored_bytes[layer][cls]`` for cls in ('int8', 'int4'), 'int2'
+    on targets that store 2-bit weights four per byte and 'int8ubsw' on AVX2 (:func:`kernel_class`); ``other_seconds`` = every non-layer kernel;
     ``macs[layer]`` per image."""
 
     seconds: dict[str, dict[str, float]]
@@ -136,12 +153,23 @@ class LayerCosts:
         """The part of a network's latency no bit choice changes: non-layer kernels + fitted overhead."""
         return self.other_seconds + self.overhead_seconds
 
-    def predict_seconds(self, w_bits: dict[str, int], reference_seconds: float | None = None) -> float:
-        """Predicted latency (s) of one network call with ``w_bits[layer]`` weight bits (every layer given):
-        T(W8A8) + sum of per-layer deltas. ``reference_seconds``: the W8A8 network timed again now (e.g. its .so,
-        interleaved with the plan's .so); the prediction is scaled by its ratio to ``reference_seconds`` of the
-        cost measurement (a changed load slows every kernel alike)."""
-        t = self.constant_seconds + sum(self.seconds[n][self.storage(b)] for n, b in w_bits.items())
+    def timing(self, w_bits: int, a_bits: int = 8) -> str:
+        """The timing class (:func:`kernel_class`) of a ``w_bits`` x ``a_bits`` layer on the measured target; costs
+        measured before the 'int8ubsw' class existed (a cache of an older version) fall back to 'int8'."""
+        cls = kernel_class(w_bits, a_bits, self.isa, self.packs_int2)
+        if cls == "int8ubsw" and not all("int8ubsw" in v for v in self.seconds.values()):
+            return "int8"
+        return cls
+
+    def predict_seconds(self, w_bits: dict[str, int], reference_seconds: float | None = None,
+                        a_bits: dict[str, int] | None = None) -> float:
+        """Predicted latency (s) of one network call with ``w_bits[layer]`` weight bits (every layer given) and
+        ``a_bits[layer]`` input-activation bits (default 8): T(W8A8) + sum of per-layer deltas.
+        ``reference_seconds``: the W8A8 network timed again now (e.g. its .so, interleaved with the plan's .so);
+        the prediction is scaled by its ratio to ``reference_seconds`` of the cost measurement (a changed load slows
+        every kernel alike)."""
+        a_bits = a_bits or {}
+        t = self.constant_seconds + sum(self.seconds[n][self.timing(b, a_bits.get(n, 8))] for n, b in w_bits.items())
         if reference_seconds is not None and self.reference_seconds > 0:
             t *= reference_seconds / self.reference_seconds
         return t
@@ -237,7 +265,8 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
                         progress: bool = True, timed: bool = True, drift: float = 0.10,
                         statistic: str = "min") -> LayerCosts:
     """Time every kernel of ``graph``'s x86 build with int8, packed int4 and (where the target packs them, AVX2)
-    packed int2 weights, interleaved with the whole W8A8 network (module docstring).
+    packed int2 weights, and on AVX2 with 7-bit weights (the 'int8ubsw' class, :func:`kernel_class`), interleaved
+    with the whole W8A8 network (module docstring).
 
     ``cache``: a JSON file (e.g. ``RUN/latency_cache.json``) of kernel times keyed by target, batch and the
     structural hash of the scheduled PrimFunc, with the whole-network reference time they were measured against;
@@ -262,7 +291,8 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
     seconds: dict[str, dict[str, float]] = {n: {} for n in layers}
     sizes: dict[str, dict[str, int]] = {n: {} for n in layers}
     other: dict[str, float] = {}
-    classes = (("int8", 8), ("int4", 4)) + ((("int2", 2),) if packs_int2(isa) else ())
+    classes = ((("int8", 8), ("int4", 4)) + ((("int2", 2),) if packs_int2(isa) else ())
+               + ((("int8ubsw", 7),) if isa == "avx2" else ()))
     mods = {cls: build_x86_module(variant_graph(graph, bits), batch, tdict)[0] for cls, bits in classes}
     names = {kernel_name(n) for n in layers}
     jobs = []
@@ -352,5 +382,5 @@ def time_so(so_path: str | Path, repeat: int = 10, min_repeat_ms: int = 100, sta
     return robust_time(res, statistic)
 
 
-__all__ = ["LayerCosts", "REPEATS_PER_ROUND", "kernel_name", "robust_time", "layer_macs", "measure_layer_costs", "storage_class", "time_so",
+__all__ = ["LayerCosts", "REPEATS_PER_ROUND", "kernel_name", "robust_time", "layer_macs", "measure_layer_costs", "kernel_class", "storage_class", "time_so",
            "variant_graph"]
