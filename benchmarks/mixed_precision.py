@@ -228,15 +228,24 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                       (row[2], "stored_weight_bytes", "stored weight bytes (.so)", "sqnr_db",
                        "FP32-output SQNR (dB)")]
         for ax, xkey, xlabel, ykey, ylabel in panels:
+            # top-1 panels zoom on the useful range (FP32 - 8 .. FP32 + 1); points below sit on the lower edge as
+            # down-triangles labelled with their top-1 (2-bit RTN points collapse to ~10-80%)
+            floor = 100 * res["fp32_top1"] - 8 if ykey == "top1" and res.get("fp32_top1") else None
             for p in res["points"]:
                 if xkey not in p or ykey not in p:
                     continue
                 y = 100 * p[ykey] if ykey == "top1" else p[ykey]
                 uni = p["kind"] == "uniform"
-                ax.scatter(p[xkey], y, marker="s" if uni else "o", s=60 if uni else 40,
+                label = p["label"].replace("ILP ", "")
+                clipped = floor is not None and y < floor
+                if clipped:
+                    label, y = f"{label}: {y:.1f}%", floor
+                ax.scatter(p[xkey], y, marker="v" if clipped else "s" if uni else "o", s=60 if uni else 40,
                            color="tab:red" if uni else "tab:blue")
-                ax.annotate(p["label"].replace("ILP ", ""), (p[xkey], y), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
+                ax.annotate(label, (p[xkey], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            if floor is not None:
+                ax.set_ylim(floor - 0.5, floor + 9.5)
+                ax.axhline(floor + 8, color="gray", lw=0.8, ls=":")
             if xkey == "predicted_ms":
                 lim = [min(p["measured_ms"] for p in res["points"] if "measured_ms" in p) * 0.9,
                        max(p["measured_ms"] for p in res["points"] if "measured_ms" in p) * 1.1]
@@ -390,8 +399,13 @@ def main() -> None:
                     "makes a 2-thread pool wait on the OS scheduler at every parallel region)")
     ap.add_argument("--retime", action="store_true", help="rebuild the stored points of --models (names as in the "
                     "JSON, e.g. resnet_small) and time them again round robin; sensitivity and accuracy are kept")
+    ap.add_argument("--replot", action="store_true", help="only redraw mixed_precision.png from the stored JSON")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.replot:
+        stored = json.loads((RESULTS / "mixed_precision.json").read_text())
+        plot(stored["results"], RESULTS / "mixed_precision.png")
+        return
     if args.retime:
         stored = json.loads((RESULTS / "mixed_precision.json").read_text())
         for res in stored["results"]:
