@@ -263,14 +263,16 @@ def test_layer_latency_calibrated_to_whole_network_and_cache_drift(tmp_path):
         pytest.approx(2 * c1.predict_seconds(mixed), rel=1e-12)
     saved = _json.loads(cache.read_text())
     assert len(saved["kernels"]) == n_kernels and len(saved["references"]) == 1
-    # a reference 50x off what the network takes now: every kernel measured again, the cache rewritten
-    saved["references"] = {k: 50 * v for k, v in saved["references"].items()}
+    # a reference 1e6x off what the network takes now: every kernel measured again, the cache rewritten (so far
+    # off that no load on the test host can bring the re-timed network within the default 10% drift)
+    saved["references"] = {k: 1e6 * v for k, v in saved["references"].items()}
     cache.write_text(_json.dumps(saved))
     c2 = measure_layer_costs(graph, cache=cache, rounds=1, progress=False)
     assert c2.cache_status.startswith("remeasured (reference drifted x0.0") and c2.measured == n_kernels, \
         c2.cache_status
     ref2 = _json.loads(cache.read_text())["references"]
     assert list(ref2.values()) == [c2.reference_seconds]
-    # within the drift tolerance (a generous one: the test host is shared): reused as they are
-    c3 = measure_layer_costs(graph, cache=cache, rounds=1, progress=False, drift=10.0)
+    # within the drift tolerance (an unbounded one: on a busy 2-core host TVM's spinning 2-thread pool has timed this
+    # tiny network 180x slower than a moment before, and the reuse logic is what is tested here): reused as they are
+    c3 = measure_layer_costs(graph, cache=cache, rounds=1, progress=False, drift=1e12)
     assert c3.cache_status == "cached" and c3.measured == 0 and c3.cached == n_kernels and c3.seconds == c2.seconds
