@@ -96,8 +96,11 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
         print(f"per-layer kernel latency (ms, batch {costs.batch}, {costs.isa}; {costs.measured} kernels measured, "
               f"{costs.cached} from {run.path / 'latency_cache.json'}; load average {costs.load_average}):")
         classes = ("int8", "int4", "int2") if costs.packs_int2 else ("int8", "int4")
+        ubsw = all("int8ubsw" in t for t in costs.seconds.values())
         for n, t in costs.seconds.items():
             times = "  ".join(f"{c}{'-packed' if c != 'int8' else ''} {1e3 * t[c]:8.4f}" for c in classes)
+            if ubsw:      # AVX2: int8 weights on the exact vpmaddubsw kernel (W8 reading <= 7-bit inputs, W5..7)
+                times += f"  int8-ubsw {1e3 * t['int8ubsw']:8.4f}"
             print(f"  {n:<{w}}  {times}  bytes {'/'.join(str(costs.stored_bytes[n][c]) for c in classes)}")
         print(f"  other kernels {1e3 * costs.other_seconds:.4f} ms; whole W8A8 network {1e3 * costs.reference_seconds:.4f}"
               f" ms (overhead over its kernels {1e3 * costs.overhead_seconds:.4f} ms; kernel cache {costs.cache_status})")
@@ -115,8 +118,8 @@ def register(sub: Any) -> None:
                    "or Hutchinson's (Rademacher vectors, double backward)")
     s.add_argument("--images", type=int, default=256, help="calibration images used for the traces / errors")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--latency", action="store_true", help="also time every layer's kernel (int8 and packed int4) "
-                   "on this host (cached in RUN/latency_cache.json)")
+    s.add_argument("--latency", action="store_true", help="also time every layer's kernel (int8, packed int4; on AVX2 "
+                   "also packed int2 and int8 on vpmaddubsw) on this host (cached in RUN/latency_cache.json)")
     s.add_argument("--batch", type=int, default=1, help="batch size of the latency measurement")
     s.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
