@@ -44,7 +44,7 @@ from ptq2tvm.backend.compile import compile_graph  # noqa: E402
 from ptq2tvm.backend.runtime import CompiledModel  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
 from ptq2tvm.ir.reference import run_reference  # noqa: E402
-from ptq2tvm.mixed.allocate import allocate  # noqa: E402
+from ptq2tvm.mixed.allocate import MixedPlan, allocate  # noqa: E402
 from ptq2tvm.mixed.latency import robust_time, time_so  # noqa: E402
 from ptq2tvm.mixed.layerbits import bits_summary  # noqa: E402
 from ptq2tvm.mixed.pipeline import run_layer_costs, run_sensitivity  # noqa: E402
@@ -79,25 +79,40 @@ def _proxy_report(model: torch.nn.Module, graph8, candidates) -> SensitivityRepo
     return SensitivityReport(layers, [list(c) for c in candidates], "proxy ||Q(W)-W||^2/n", 0, 0, 0, "proxy")
 
 
+def _model_and_calibration(name: str, data: str) -> tuple[torch.nn.Module, np.ndarray]:
+    """ResNet-18 at 224: seeded random weights and 8 random images (latency only); the small models: the cached
+    trained checkpoint and 512 calibration images (seed 0)."""
+    if name == "resnet18":
+        from ptq2tvm.models import create_model
+
+        torch.manual_seed(0)
+        return (create_model("resnet18").eval(),
+                np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32))
+    from ptq2tvm.data import calibration_set
+    from ptq2tvm.train import train_builtin
+
+    return train_builtin(name, dataset=data, progress=False)[0], calibration_set(data, 512, seed=0)
+
+
+def _time_round_robin(live: list[dict[str, Any]], so_key: str, rounds: int) -> dict[str, list[float]]:
+    """Every point's .so (``p[so_key]``) timed ``rounds`` times round robin (the start rotating), 20 windows of
+    >= 1 ms each: label -> every window's seconds."""
+    samples: dict[str, list[float]] = {p["label"]: [] for p in live}
+    for r in range(rounds):
+        order = live[r % len(live):] + live[:r % len(live)]
+        for p in order:
+            time_so(p[so_key], repeat=20, min_repeat_ms=1, samples=samples[p["label"]])
+    return samples
+
+
 def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    from ptq2tvm.data import calibration_set, load_dataset
+    from ptq2tvm.data import load_dataset
 
     work = out_dir / (name if name == "resnet18" else f"{name}_{args.data}")
     work.mkdir(parents=True, exist_ok=True)
     latency_only = name == "resnet18"
-    if latency_only:
-        from ptq2tvm.models import create_model
-
-        torch.manual_seed(0)
-        model = create_model("resnet18").eval()
-        calib = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
-        test = None
-    else:
-        from ptq2tvm.train import train_builtin
-
-        model, _ = train_builtin(name, dataset=args.data, progress=False)
-        calib = calibration_set(args.data, 512, seed=0)
-        test = load_dataset(args.data, split="test", limit=args.n)
+    model, calib = _model_and_calibration(name, args.data)
+    test = None if latency_only else load_dataset(args.data, split="test", limit=args.n)
     t0 = time.perf_counter()
     qm8 = quantize(model, calib, QuantConfig(8, 8), progress=False)
     graph8 = to_integer(qm8)
@@ -181,11 +196,7 @@ def run_model(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, A
               + (f", top-1 {100 * p['top1']:.2f}%" if test is not None else ""), flush=True)
     # latency, round robin
     live = [p for p in points if "so" in p]
-    samples: dict[str, list[float]] = {p["label"]: [] for p in live}
-    for r in range(args.rounds):
-        order = live[r % len(live):] + live[:r % len(live)]
-        for p in order:
-            time_so(p["so"], repeat=20, min_repeat_ms=1, samples=samples[p["label"]])
+    samples = _time_round_robin(live, "so", args.rounds)
     ref_now = robust_time(samples["uniform W8A8"])
     for p in live:
         p["measured_ms"] = 1e3 * robust_time(samples[p["label"]])
@@ -317,34 +328,21 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def _point_config(p: dict[str, Any]) -> QuantConfig:
-    """The QuantConfig a stored point was quantized with: uniform ``QuantConfig(w, a)``; ILP points every layer
-    explicit (``MixedPlan.config``)."""
+    """The QuantConfig a stored point was quantized with: uniform ``QuantConfig(w, a)``; ILP points their stored
+    plan's :meth:`MixedPlan.config` (every layer explicit), as in the sweep."""
     if p["kind"] == "uniform":
         w, a = (int(v) for v in p["label"].split("W")[1].split("A"))
         return QuantConfig(w, a)
-    bits = p["plan"]["bits"]
-    return QuantConfig(layer_w_bits={n: int(b[0]) for n, b in bits.items()},
-                       layer_a_bits={n: int(b[1]) for n, b in bits.items()}).validate()
+    return MixedPlan(**p["plan"]).config(QuantConfig())
 
 
 def retime(res: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Rebuild every point of a stored result (RTN quantization is deterministic: the same integer graph, checked by
     its per-layer bits and stored bytes) and time the .so files again round robin (``--rounds``): for a quieter
     moment of a shared host than the one the sweep ran in. Accuracy columns are kept."""
-    from ptq2tvm.data import calibration_set
-    from ptq2tvm.train import train_builtin
-
     name = res["model"].split(" ")[0]
     data = res["model"].split("(")[1].rstrip(")") if "(" in res["model"] else args.data
-    if res["latency_only"]:
-        from ptq2tvm.models import create_model
-
-        torch.manual_seed(0)
-        model = create_model("resnet18").eval()
-        calib = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
-    else:
-        model, _ = train_builtin(name, dataset=data, progress=False)
-        calib = calibration_set(data, 512, seed=0)
+    model, calib = _model_and_calibration(name, data)
     work.mkdir(parents=True, exist_ok=True)
     live = [p for p in res["points"] if "measured_ms" in p]
     for i, p in enumerate(live):
@@ -359,12 +357,8 @@ def retime(res: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[st
             raise SystemExit(f"{res['model']} {p['label']}: rebuilt .so stores {meta['stored_weight_bytes']} B, "
                              f"the sweep's {p['stored_weight_bytes']} B")
         p["_so"] = str(so)
-    samples: dict[str, list[float]] = {p["label"]: [] for p in live}
     load0 = [round(v, 1) for v in os.getloadavg()]
-    for r in range(args.rounds):
-        order = live[r % len(live):] + live[:r % len(live)]
-        for p in order:
-            time_so(p["_so"], repeat=20, min_repeat_ms=1, samples=samples[p["label"]])
+    samples = _time_round_robin(live, "_so", args.rounds)
     ref = next(p for p in live if p["label"] == "uniform W8A8")
     ref_now = robust_time(samples[ref["label"]])
     for p in live:
