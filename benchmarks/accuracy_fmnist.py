@@ -208,10 +208,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(groups, key=lambda k: (k[0], -k[1], -k[2], k[3] or 0, _order(k[4]))):
         g = groups[k]
-        gap = max(abs(r["so_top1"] - r["fakequant_top1"]) for r in g)
+        gaps = [abs(r["so_top1"] - r["fakequant_top1"]) for r in g if r.get("so_top1") is not None]
+        gap = f"{100 * max(gaps):.2f}" if gaps else "-"
         lines.append(f"| {k[0]} | W{k[1]}A{k[2]} | {k[4]} | {k[3] or '-'} | {len(g)} | "
                      f"{ms([r['fp32_top1'] for r in g])} | {ms([r['fakequant_top1'] for r in g])} | "
-                     f"{ms([r['so_top1'] for r in g])} | {100 * gap:.2f} | "
+                     f"{ms([r.get('so_top1') for r in g])} | {gap} | "
                      f"{statistics.mean(r['seconds'] for r in g):.0f} | "
                      f"{statistics.mean(r.get('iters_per_s', 0.0) for r in g):.1f} |")
     checks = ordering(rows)
@@ -283,11 +284,36 @@ def top1_torch(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, b
     return correct / len(images)
 
 
-def run_row(model: torch.nn.Module, calib: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, row: dict[str, Any],
-            args: argparse.Namespace, ckpt: Path, work: Path) -> dict[str, Any]:
+def so_top1_of(qm: torch.nn.Module, test_x: np.ndarray, test_y: np.ndarray, work: Path, batch: int) -> float:
+    """Top-1 of the compiled .so of a reconstructed model (fold, compile for this CPU, run the test set)."""
     from ptq2tvm.api import compile_so, to_integer, top1_so
     from ptq2tvm.backend.runtime import CompiledModel
 
+    so = work / "model.so"
+    compile_so(to_integer(qm), so, batch=batch)
+    return top1_so(CompiledModel(so), test_x, test_y)
+
+
+def fill_so(jpath: Path, out: Path, args: argparse.Namespace, test: Any) -> None:
+    """Compile and evaluate the .so of every row that has none (rows made with ``--no-so``, e.g. on a GPU host
+    without TVM), from the row's finished reconstruction checkpoint."""
+    for r in read_rows(jpath):
+        if r.get("so_top1") is not None:
+            continue
+        state_path = row_ckpt(out, r) / "state.json"
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        if not state.get("finished"):
+            raise RuntimeError(f"{row_key(r)}: no finished checkpoint in {state_path.parent}; re-run the row")
+        qm = QuantModel.load(state_path.parent / state["model"]).eval()
+        with tempfile.TemporaryDirectory() as td:
+            so = so_top1_of(qm, test.images, test.labels, Path(td), args.so_batch)
+        store_for(jpath).add(dict(r, so_top1=so))
+        print(f"filled {row_key(r)}: fake-quant {100 * r['fakequant_top1']:.2f}  .so {100 * so:.2f}",
+              file=sys.stderr, flush=True)
+
+
+def run_row(model: torch.nn.Module, calib: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, row: dict[str, Any],
+            args: argparse.Namespace, ckpt: Path, work: Path) -> dict[str, Any]:
     settings = recon_settings(row, args)
     t0 = time.perf_counter()
     qm, rep = reconstruct(model, calib, QuantConfig(row["w_bits"], row["a_bits"]), settings,
@@ -295,12 +321,14 @@ def run_row(model: torch.nn.Module, calib: np.ndarray, test_x: np.ndarray, test_
     seconds = time.perf_counter() - t0
     qm.eval()
     fq = top1_torch(qm, test_x, test_y)
-    graph = to_integer(qm)
-    so = work / "model.so"
-    compile_so(graph, so, batch=args.so_batch)
-    so_top1 = top1_so(CompiledModel(so), test_x, test_y)
+    so_top1 = None if getattr(args, "no_so", False) else so_top1_of(qm, test_x, test_y, work, args.so_batch)
     rep.save(ckpt, stem="recon_loss")
-    return dict(row, fakequant_top1=fq, so_top1=so_top1, seconds=round(seconds, 2), bias_rounding="float64",
+    device = torch.device(settings.device if settings.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    where = dict(device=device.type)
+    if device.type == "cuda":
+        where["gpu"] = torch.cuda.get_device_name(device)
+    return dict(row, **where, fakequant_top1=fq, so_top1=so_top1, seconds=round(seconds, 2), bias_rounding="float64",
                 rtn_seconds=round(rep.rtn_seconds, 2), iterations=rep.iterations,
                 iters_per_s=round(rep.iters_per_s, 2), units=len(rep.units), lam=rep.lam,
                 mrecg_groups=(rep.mrecg or {}).get("groups"), resumed_units=rep.resumed_units, adaq=rep.adaq,
@@ -325,9 +353,9 @@ def sweep_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_row(res: dict[str, Any]) -> None:
+    so = "-" if res.get("so_top1") is None else f"{100 * res['so_top1']:.2f}"
     print(f"[row] {row_key(res)}: fp32 {100 * res['fp32_top1']:.2f}  fake-quant {100 * res['fakequant_top1']:.2f}  "
-          f".so {100 * res['so_top1']:.2f}  {res['seconds']:.0f}s  {res['iters_per_s']:.1f} it/s",
-          file=sys.stderr, flush=True)
+          f".so {so}  {res['seconds']:.0f}s  {res['iters_per_s']:.1f} it/s", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
                    "--threads CPUs each, so --num-cpus 2 --threads 1 runs two rows at a time")
     p.add_argument("--address", help="Ray cluster address (ray://host:10001); default: a local instance")
     p.add_argument("--device", default="cpu", help="reconstruction device: cpu, cuda, auto")
+    p.add_argument("--no-so", action="store_true", help="skip compiling and evaluating the .so (a host without "
+                   "TVM, e.g. a GPU machine): the row keeps its checkpoint, --fill-so adds the .so top-1 later")
+    p.add_argument("--fill-so", action="store_true", help="only compile and evaluate the .so of the rows that have "
+                   "none (made with --no-so), from their checkpoints")
     p.add_argument("--refresh-fakequant", action="store_true", help="only re-evaluate the fake-quant top-1 of the "
                    "finished rows made before the float64 bias-rounding fix (from their checkpoints)")
     args = p.parse_args(argv)
@@ -375,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_set(args.dataset, args.calib, seed=0)
     if args.refresh_fakequant:
         refresh_fakequant(jpath, mpath, out, args, test, calib)
+        return 0
+    if args.fill_so:
+        fill_so(jpath, out, args, test)
         return 0
     models = [m for m in args.models.split(",") if m]
     rows = []

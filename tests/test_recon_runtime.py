@@ -165,3 +165,26 @@ def test_unit_deadline_compresses_the_schedule_instead_of_taking_later_units_tim
         if c["beta"][-1] is not None:            # the rounding regulariser still reached its last beta
             assert c["beta"][-1] == pytest.approx(2.0, abs=0.1)
     assert all(layer.wq.alpha is None for layer in qm.layers.values())   # roundings hardened
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU reconstruction path runs on GPU "
+                    "hosts only (scripts/device/gpu_check.sh ran it on an H200)")
+@pytest.mark.parametrize("method,gran,adaq", [("qdrop", None, True), ("nwq", None, True),
+                                              ("qdrop", "mrecg-authors", False)])
+def test_cuda_reconstruction_runs_and_matches_cpu(tiny_model, calib, method, gran, adaq):
+    """Every tensor of the loop on the GPU (AdaQTransform's xi/eta made after the model moved, NWQ's QDrop masks from
+    a CPU generator, the integer-bound fit reading CUDA weights): the three faults the first H200 run found. The
+    result comes back on the CPU, folds, and computes what the CPU run computes up to float nondeterminism."""
+    from ptq2tvm.api import to_integer
+
+    outs = []
+    for device in ("cuda", "cpu"):
+        s = ReconSettings(method=method, granularity=gran, adaqtransform=adaq, iters=20, batch_size=8, seed=0,
+                          chunk=16, device=device)
+        qm, rep = reconstruct(tiny_model, calib, QuantConfig(4, 4), s, progress=False)
+        assert rep.device == device and next(qm.parameters()).device.type == "cpu"
+        to_integer(qm)                                                  # folds without a device error
+        with torch.no_grad():
+            outs.append(qm.eval()(torch.from_numpy(calib[:16])))
+    gpu, cpu = outs
+    assert float((gpu - cpu).norm() / cpu.norm()) < 0.1

@@ -90,12 +90,12 @@ def layer_integers(qm, name: str) -> tuple[np.ndarray, np.ndarray, int]:
     q_in = _input_quantizer(qm, name)
     s_in, z_in = float(q_in.scale.detach()), int(q_in.zero_point)
     w = layer.weight.detach()
-    q_w = layer.wq.integer(w).detach().double().numpy().reshape(w.shape[0], -1).astype(np.int64)
-    b = layer.bias.detach().double().numpy()
-    acc = layer.wq.scale.detach().double().numpy() * s_in
+    q_w = layer.wq.integer(w).detach().double().cpu().numpy().reshape(w.shape[0], -1).astype(np.int64)
+    b = layer.bias.detach().double().cpu().numpy()
+    acc = layer.wq.scale.detach().double().cpu().numpy() * s_in
     if getattr(layer, "adaq", False):
-        xi = layer.xi.detach().double().numpy()
-        b = b + layer.eta.detach().double().numpy()
+        xi = layer.xi.detach().double().cpu().numpy()
+        b = b + layer.eta.detach().double().cpu().numpy()
         acc = acc * np.abs(xi)
         q_w = np.where((xi < 0)[:, None], -q_w, q_w)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -194,7 +194,7 @@ def _fit_weights(qm, max_rounds: int, warn: bool) -> list[LayerFit]:
             if not bad.any():
                 break
             changed |= bad
-            grow = torch.from_numpy(np.where(bad, need * (1.0 + 1e-6), 1.0)).to(scale.dtype)
+            grow = torch.from_numpy(np.where(bad, need * (1.0 + 1e-6), 1.0)).to(scale.device, scale.dtype)
             scale.data.mul_(grow)
         if changed.any():
             q_w, _, _ = layer_integers(qm, name)

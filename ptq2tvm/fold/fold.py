@@ -81,21 +81,21 @@ def fold_weighted(f: FoldContext, n: Any) -> IntNode:
     tres = f.tensors[n.residual] if n.residual else None
     tout = f.qtensor(n.name)
     layer = qm.layer(n.name)
-    s_w = layer.wq.scale.detach().double().numpy()
-    q_w = layer.wq.integer(layer.weight.detach()).detach().numpy().astype(np.int64)
+    s_w = layer.wq.scale.detach().double().cpu().numpy()
+    q_w = layer.wq.integer(layer.weight.detach()).detach().cpu().numpy().astype(np.int64)
     if np.any(s_w <= 0):
         raise QuantConfigError(f"layer '{n.name}': non-positive weight scale")
-    b = layer.bias.detach().double().numpy()
+    b = layer.bias.detach().double().cpu().numpy()
     acc_scale = s_w * tin.scale
     if getattr(layer, "adaq", False):
-        xi = layer.xi.detach().double().numpy()
+        xi = layer.xi.detach().double().cpu().numpy()
         if not np.all(np.isfinite(xi)) or np.any(xi <= 0):
             bad = np.flatnonzero(~(np.isfinite(xi) & (xi > 0)))
             raise QuantConfigError(f"layer '{n.name}': AdaQTransform scale xi must be finite and > 0 (channels "
                                    f"{bad[:8].tolist()}{'...' if bad.size > 8 else ''}: {xi[bad[:3]].tolist()}); a "
                                    f"negative xi would negate integer weights out of their range (reconstruction keeps "
                                    f"xi >= ptq2tvm.reconstruct.adaq.XI_MIN)")
-        b = b + layer.eta.detach().double().numpy()
+        b = b + layer.eta.detach().double().cpu().numpy()
         acc_scale = acc_scale * xi
     bias = np.rint(b / acc_scale)
     bias = bias - tin.zero_point * q_w.reshape(q_w.shape[0], -1).sum(axis=1)

@@ -101,9 +101,9 @@ class QLayer(nn.Module):
         """AdaQTransform (Case 2.2 + shift): y = xi * (W_hat * x_hat) + b + eta, xi (de-quant step s_w' / s_w) and
         eta per output channel, initialised to the identity (xi = 1, eta = 0). The fold merges both (Eq. 9)."""
         if not self.adaq:
-            c = self.weight.shape[0]
-            self.xi = nn.Parameter(torch.ones(c))
-            self.eta = nn.Parameter(torch.zeros(c))
+            c, dev = self.weight.shape[0], self.weight.device       # on the layer's device (reconstruction on a GPU)
+            self.xi = nn.Parameter(torch.ones(c, device=dev))
+            self.eta = nn.Parameter(torch.zeros(c, device=dev))
             self.adaq = True
         return self
 

@@ -272,7 +272,9 @@ def qdrop_mix(xq: torch.Tensor, xf: torch.Tensor, p: float, gen: torch.Generator
     if isinstance(gen, DropMasks):
         keep, drop = gen.masks(xq.shape, p, xq)
         return torch.addcmul(xq * keep, xf, drop)
-    keep = torch.rand(xq.shape, generator=gen, device=xq.device) < p
+    # drawn where the generator lives (a CPU generator gives the same masks whatever device the unit runs on)
+    where = gen.device if gen is not None else xq.device
+    keep = torch.rand(xq.shape, generator=gen, device=where).to(xq.device) < p
     return torch.where(keep, xq, xf)
 
 
