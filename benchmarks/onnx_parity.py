@@ -4,13 +4,19 @@ zoo models coming back in through ONNX.
     .venv/bin/python benchmarks/onnx_parity.py                      # demo runs (W8A8, W4A4 resnet_small, F-MNIST)
     .venv/bin/python benchmarks/onnx_parity.py --runs runs/x runs/y # any run directories as well
     .venv/bin/python benchmarks/onnx_parity.py --zoo-size 224       # + ResNet-18 / MobileNetV2 via ONNX at 224
+    .venv/bin/python benchmarks/onnx_parity.py --recon-results benchmarks/results/accuracy_fmnist_fidelity.json \
+        [--recon-ckpt DIR] [--append]   # every finished reconstruction row of an accuracy table (onnx_parity_recon)
 
 Per run (full 10k Fashion-MNIST test set): the .so top-1 (compiled if missing; it equals the reference executor bit
 for bit, `ptq2tvm parity`), ORT top-1, ORT-vs-reference exact fraction / max LSB / histogram at the output and per
 layer (first 512 images), for the int8-weight export and the uint8-weight export, and which kernels ORT ran after its
 graph optimisation. Zoo: torch.onnx.export -> `--model x.onnx` path (onnx2torch) -> FP32 max |diff| vs torch ->
 W8A8 quantize (seeded random calibration images) -> .so bit-exact vs the reference executor.
-Writes benchmarks/results/onnx_parity.json and .md.
+Writes benchmarks/results/onnx_parity.json and .md. ``--recon-results``: per finished row of the accuracy table
+(its reconstruction checkpoint folded and exported with the default policy), ORT top-1 on the full test set vs the
+row's .so top-1, output codes vs the reference executor on the first 512 images, the kernels ORT ran; writes
+benchmarks/results/onnx_parity_recon.json and .md (rows without a .so top-1 or a finished checkpoint are listed as
+skipped).
 """
 
 from __future__ import annotations
@@ -131,6 +137,228 @@ def zoo_row(name: str, size: int, work: Path) -> dict[str, Any]:
                 so_bit_exact_vs_reference=exact)
 
 
+# ---- the reconstruction rows of an accuracy table (benchmarks/accuracy_fmnist.py) --------------------------------
+def _accuracy_module() -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accuracy_fmnist
+
+    return accuracy_fmnist
+
+
+def recon_checkpoint(row: dict[str, Any], ckpt_root: Path) -> tuple[Path | None, str]:
+    """The finished reconstruction checkpoint (fake-quant model file) of an accuracy-table row, or (None, why not).
+    ``ckpt_root``: the table's ``<out>_ckpt`` folder (one sub-folder per row key, ``state.json`` with ``finished``
+    and ``model``, as :func:`accuracy_fmnist.row_ckpt` writes it)."""
+    from ptq2tvm.sweep import key_dir
+
+    key = _accuracy_module().row_key(row)
+    if row.get("so_top1") is None:
+        return None, "no .so top-1 in the table (made with --no-so, not filled yet)"
+    state_path = ckpt_root / key_dir(key) / "state.json"
+    if not state_path.is_file():
+        return None, f"no checkpoint ({state_path.parent.name} is not in {ckpt_root})"
+    state = json.loads(state_path.read_text())
+    if not state.get("finished") or not state.get("model"):
+        return None, f"checkpoint {state_path.parent.name} is not finished"
+    return state_path.parent / state["model"], ""
+
+
+def _weight_containers(graph: Any, export: Any) -> dict[str, Any]:
+    """How the export stores the graph's sub-8-bit weights and activations (for the W2 statement)."""
+    import onnx
+
+    wb: dict[str, list[int]] = {}
+    for n in graph.nodes:
+        if "weight" in n.arrays and "w_bits" in n.attrs:
+            r = wb.setdefault(str(int(n.attrs["w_bits"])), [0, 127, -128])
+            q = n.arrays["weight"]
+            r[0] += 1
+            r[1], r[2] = min(r[1], int(q.min())), max(r[2], int(q.max()))
+    a_bits = sorted({int(n.out.bits) for n in graph.nodes})
+    return dict(weight_bits={b: dict(layers=v[0], min=v[1], max=v[2]) for b, v in sorted(wb.items())},
+                weight_container=("uint8 (zero point 128)" if export.weights == "uint8" else "int8 (zero point 0)"),
+                activation_bits=a_bits, activation_container="uint8", opset=export.opset,
+                int4_initializers=len(export.int4_weights), clips=len(export.clips),
+                onnx_version=onnx.__version__)
+
+
+def recon_row(row: dict[str, Any], model_path: Path, images: np.ndarray, labels: np.ndarray, *,
+              compare_images: int = 512, per_layer_inputs: int = 512, weights: str = "auto",
+              integer_requant: str = "none", threads: int = 1) -> dict[str, Any]:
+    """One reconstruction row: load its fake-quant checkpoint, fold (``to_integer``), export QDQ (``weights`` /
+    ``integer_requant``: the export policy), ORT top-1 on all ``images`` against the row's ``so_top1``, ORT's
+    output codes against the reference executor on the first ``compare_images`` (exact fraction, max LSB, per layer
+    on the first ``per_layer_inputs``), and the kernels ORT ran after its graph optimisation."""
+    from ptq2tvm.api import to_integer
+    from ptq2tvm.frontend.qmodel import QuantModel
+    from ptq2tvm.ir.reference import run_reference
+    from ptq2tvm.onnx_parity import INTEGER_KERNELS, ort_output_codes, resolve_weights, run_onnx_parity
+
+    acc = _accuracy_module()
+    t0 = time.perf_counter()
+    graph = to_integer(QuantModel.load(model_path).eval())
+    weights = resolve_weights(weights)
+    codes, kernels, export = ort_output_codes(graph, images, weights=weights, integer_requant=integer_requant,
+                                              threads=threads)
+    correct = int((codes.argmax(1) == labels).sum())
+    ort_top1 = correct / len(images)
+    correct_so = int(round(float(row["so_top1"]) * len(images)))
+    n = min(int(compare_images), len(images))
+    q = graph.input.quantize(images[:n])
+    ref = np.concatenate([run_reference(graph, q[i:i + 256]) for i in range(0, n, 256)])
+    rep = run_onnx_parity(graph, images[:n], labels[:n], weights=weights, per_layer_inputs=min(per_layer_inputs, n),
+                          threads=threads, progress=False, reference=ref, integer_requant=integer_requant)
+    d = rep.to_dict()
+    so = float(row["so_top1"])
+    res = dict(key=acc.row_key(row), checkpoint=str(model_path), model=row["model"], w_bits=row["w_bits"],
+               a_bits=row["a_bits"], method=acc.method_spec(row), seed=row["seed"], iters=row.get("iters"),
+               n=int(len(images)), so_top1=so, fakequant_top1=row.get("fakequant_top1"), ort_top1=ort_top1,
+               diff_points=round(100 * (ort_top1 - so), 4), correct_ort=correct, correct_so=correct_so,
+               within_0_1=(bool(1000 * abs(correct - correct_so) <= len(images))
+                           if row.get("eval_images", len(images)) == len(images) else None),
+               compared_images=n, exact_fraction=rep.exact_fraction, max_abs_lsb=rep.max_abs_lsb,
+               lsb_histogram=rep.lsb_histogram, top1_agreement_vs_reference=rep.top1_agreement_vs_reference,
+               exact_fraction_full_run=float((codes[:n] == ref).mean()),
+               images_differing=int((codes[:n] != ref).reshape(n, -1).any(1).sum()),
+               reference_top1_compared=rep.reference_top1, ort_top1_compared=rep.ort_top1,
+               weights=weights, integer_requant=integer_requant, ort_kernels=kernels,
+               integer_kernels={k: v for k, v in kernels.items() if k in INTEGER_KERNELS},
+               float_convs=rep.float_kernels, containers=_weight_containers(graph, export),
+               requant_fit=d["requant_fit"], per_layer=d["per_layer"], per_layer_inputs=d["per_layer_inputs"],
+               seconds=round(time.perf_counter() - t0, 1))
+    print(f"{res['key']}: ORT top-1 {100 * ort_top1:.2f} (.so {100 * so:.2f}, {res['diff_points']:+.2f}), codes "
+          f"exact {100 * rep.exact_fraction:.4f}% on {n}, max {rep.max_abs_lsb} LSB, integer kernels "
+          f"{res['integer_kernels']}, {res['seconds']} s", flush=True)
+    return res
+
+
+def recon_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    rows = sorted(result["rows"], key=lambda r: (r["model"], -r["w_bits"], -r["a_bits"], r["method"], r["seed"]))
+    ok = sum(bool(r["within_0_1"]) for r in rows)
+    partial = [r for r in rows if r["within_0_1"] is None]
+    cont = dict(rows[0]["containers"]) if rows else {}
+    if rows:
+        cont["activation_bits"] = sorted({b for r in rows for b in r["containers"]["activation_bits"]})
+        wbits = {}
+        for r in rows:
+            for b, v in r["containers"]["weight_bits"].items():
+                o = wbits.setdefault(b, dict(v))
+                o["min"], o["max"] = min(o["min"], v["min"]), max(o["max"], v["max"])
+        cont["weight_bits"] = wbits
+    lines = [
+        "# ONNX Runtime on the QDQ export of the accuracy table's reconstruction rows (Fashion-MNIST)",
+        "",
+        "Command: `" + "`, then `".join(result["commands"]) + "`",
+        "",
+        f"Table: `{result['results']}`; checkpoints: `{result['ckpt_root']}`. Machine: {m['cpu']}, {m['cores']} "
+        f"cores, VNNI: {m['vnni']}, ONNX Runtime {m['ort']}, load average {m['loadavg']} at the start, {m.get('loadavg_end', '-')} at the end (shared with a running "
+        "reconstruction sweep; no timings here). Per row: the row's finished reconstruction checkpoint, folded "
+        "(`ptq2tvm.api.to_integer`), exported with the default policy "
+        f"(weights `{result['policy']['weights']}`, integer_requant `{result['policy']['integer_requant']}`), "
+        f"ORT (CPU EP, full graph optimisation) top-1 on the full {rows[0]['n'] if rows else '-'}-image test set "
+        "against the table's `.so` top-1 (the compiled .so equals the reference executor bit for bit), and ORT's "
+        f"output codes against the reference executor on the first {rows[0]['compared_images'] if rows else '-'} "
+        "test images.",
+        "",
+        f"**{ok} of {len(rows)} rows within 0.1 point** of the .so top-1."
+        + (f" ({len(partial)} rows ran on fewer test images than the table's .so top-1 (--limit): not comparable.)"
+           if partial else ""),
+        "",
+        "| model | W/A | method | seed | .so top-1 | ORT top-1 | ORT - .so (points) | output codes exact | max LSB "
+        "| integer kernels ORT ran | float convs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kern = ", ".join(f"{k} {v}" for k, v in r["integer_kernels"].items()) or "none"
+        lines.append(f"| {r['model']} | W{r['w_bits']}A{r['a_bits']} | {r['method']} | {r['seed']} | "
+                     f"{100 * r['so_top1']:.2f} | {100 * r['ort_top1']:.2f} | {r['diff_points']:+.2f} | "
+                     f"{100 * r['exact_fraction']:.3f}% | {r['max_abs_lsb']} | {kern} | {r['float_convs']} |")
+    if result.get("skipped"):
+        lines += ["", "Rows not measured:", ""]
+        lines += [f"- `{s['key']}`: {s['reason']}" for s in result["skipped"]]
+    if cont:
+        wb = "; ".join(f"{b}-bit: {v['layers']} layers, integers in [{v['min']}, {v['max']}]"
+                       for b, v in cont["weight_bits"].items())
+        lines += ["", f"Containers: weights ({wb}) are {cont['weight_container']} initializers (opset "
+                  f"{cont['opset']}, {cont['int4_initializers']} INT4 initializers): the 2-bit integers are stored "
+                  "exactly in the 8-bit container, no clamp needed (constants). Activations of "
+                  f"{', '.join(map(str, cont['activation_bits']))} bits are {cont['activation_container']} codes; "
+                  "a range narrower than [0, 255] (2/4-bit activations) is the exact Q -> DQ -> Clip -> Q of "
+                  "`onnx_export._split_clamp` (the conv still fuses into QLinearConv)."]
+    off = [r for r in rows if r["within_0_1"] is False or r["exact_fraction"] < 1.0]
+    if off:
+        lines += ["", "Rows whose output codes are not all exact: the first layers that differ (local = the layer "
+                  "alone on the reference's input codes; chained = ORT end to end):", ""]
+        for r in off:
+            diffs = [p for p in r["per_layer"] if p["local_exact_fraction"] < 1.0]
+            desc = "; ".join(f"{p['name']} ({p['ort_kernel']}) {p['local_lsb_histogram'].get('1', 0)} element(s) off "
+                             f"by 1 of {sum(p['local_lsb_histogram'].values())}, max {p['local_max_abs_lsb']}; its "
+                             f"float32 multipliers: {_fit_note(r, p['name'])}" for p in diffs[:4]) \
+                or "no layer differs alone"
+            grow = ", ".join(f"{p['name']} {p['max_abs_lsb']}" for p in r["per_layer"] if p["max_abs_lsb"] > 1)
+            lines.append(f"- {r['method']} W{r['w_bits']}A{r['a_bits']} seed {r['seed']}: output codes of "
+                         f"{r.get('images_differing', '-')} of {r['compared_images']} images differ (top-1 agreement "
+                         f"{100 * r['top1_agreement_vs_reference']:.2f}%); {len(diffs)} layer(s) differ alone: {desc}. "
+                         f"Chained, the flip spreads (max LSB: {grow or 'none above 1'}).")
+    return "\n".join(lines) + "\n"
+
+
+def _fit_note(r: dict[str, Any], layer: str) -> str:
+    f = r["requant_fit"].get(layer)
+    if not f:
+        return "not a fitted QLinearConv/QGemm"
+    return (f"exact on every accumulator value in {f['exact_channels']} of {f['channels']} channels, "
+            f"{f['mismatching_accumulators']} of {f['checked_accumulators']} reachable accumulator values round "
+            "differently from the dyadic multiplier")
+
+
+def recon_main(args: argparse.Namespace, machine: dict[str, Any]) -> None:
+    """``--recon-results``: every finished row of an accuracy table through ORT (see :func:`recon_row`)."""
+    from ptq2tvm.data import load_dataset
+
+    acc = _accuracy_module()
+    table = Path(args.recon_results)
+    if not table.is_file():
+        raise SystemExit(f"--recon-results: {table} not found")
+    ckpt_root = Path(args.recon_ckpt) if args.recon_ckpt else table.parent / f"{table.stem}_ckpt"
+    out = Path(args.recon_out)
+    result: dict[str, Any] = dict(results=str(table), ckpt_root=str(ckpt_root), machine=machine, rows=[],
+                                  skipped=[], commands=[],
+                                  policy=dict(weights=args.recon_weights, integer_requant=args.recon_requant))
+    if args.append and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        result["rows"], result["commands"] = old["rows"], old.get("commands", [])
+        machine["loadavg"] = f"{old['machine']['loadavg']} / {machine['loadavg']}"
+    done = {r["key"] for r in result["rows"]}
+    cmd = ("python benchmarks/onnx_parity.py " + " ".join(sys.argv[1:])).strip()
+    result["commands"].append(cmd)
+    data: dict[str, Any] = {}
+    for row in json.loads(table.read_text())["rows"]:
+        key = acc.row_key(row)
+        if key in done:
+            continue
+        path, why = recon_checkpoint(row, ckpt_root)
+        if path is None:
+            result["skipped"].append(dict(key=key, reason=why))
+            print(f"skipped {key}: {why}", flush=True)
+            continue
+        name = row.get("dataset", "fashion-mnist")
+        if name not in data:
+            data[name] = load_dataset(name, split="test", limit=args.limit)
+        ds = data[name]
+        result["rows"].append(recon_row(row, path, ds.images, ds.labels, compare_images=args.recon_compare,
+                                        per_layer_inputs=args.per_layer_inputs, weights=args.recon_weights,
+                                        integer_requant=args.recon_requant, threads=args.threads))
+        write_json(out.with_suffix(".json"), result)     # after every row: an interrupted run keeps its rows
+    machine["loadavg_end"] = round(os.getloadavg()[0], 1)
+    write_json(out.with_suffix(".json"), result)
+    md = recon_markdown(result)
+    write_text(out.with_suffix(".md"), md)
+    print(md)
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+
+
 def _first(d: dict[str, Any]) -> str:
     """The first layer (graph order) whose ORT result, alone on the reference's inputs, differs."""
     for p in d["per_layer"]:
@@ -230,7 +458,18 @@ def main() -> None:
                     "these input sizes")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_parity"))
     ap.add_argument("--append", action="store_true", help="keep the runs already in OUT.json (same machine fields "
-                    "are not re-measured) and add these; a run measured again replaces its old row")
+                    "are not re-measured) and add these; a run measured again replaces its old row (with "
+                    "--recon-results: keep the rows already in RECON_OUT.json and measure only the others)")
+    ap.add_argument("--recon-results", help="an accuracy table JSON (benchmarks/accuracy_fmnist.py, e.g. "
+                    "benchmarks/results/accuracy_fmnist_fidelity.json): export every finished row's reconstruction "
+                    "checkpoint and run ORT on the full test set (only this; no demo runs)")
+    ap.add_argument("--recon-ckpt", help="the table's checkpoint folder (default: <table>_ckpt beside it)")
+    ap.add_argument("--recon-out", default=str(ROOT / "benchmarks" / "results" / "onnx_parity_recon"))
+    ap.add_argument("--recon-compare", type=int, default=512, help="test images on which ORT's output codes are "
+                    "compared with the reference executor (default: %(default)s)")
+    ap.add_argument("--recon-weights", default="auto", choices=["auto", "int8", "uint8"])
+    ap.add_argument("--recon-requant", default="none", choices=["none", "residual", "inexact"])
+    ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (--recon-results)")
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -239,6 +478,10 @@ def main() -> None:
 
     machine = dict(cpu=cpu_features(llvm=False).get("model_name"), cores=os.cpu_count(), vnni=host_has_vnni(),
                    ort=ort.__version__, loadavg_start=round(os.getloadavg()[0], 1))
+    if args.recon_results:
+        machine["loadavg"] = machine.pop("loadavg_start")
+        recon_main(args, machine)
+        return
     runs = [Path(r) for r in args.runs]
     if not args.no_demo:
         runs = [ensure_demo_run(Path(args.demo_dir) / f"{args.data}_w{w}a{a}", w, a, args.data)

@@ -310,6 +310,32 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
     return rep
 
 
+def ort_output_codes(graph: IntegerGraph, images: np.ndarray, *, weights: str = "auto", integer_requant: str = "none",
+                     threads: int = 2, batch_size: int = 256, work_dir: str | Path | None = None
+                     ) -> tuple[np.ndarray, dict[str, int], Any]:
+    """ONNX Runtime's integer output codes of the QDQ export of ``graph`` on ``images`` (float32 NCHW), without the
+    reference executor (for a large evaluation set, e.g. ORT top-1 on a full test split).
+
+    Returns ``(codes, kernels, export)``: int64 codes (N, ...) of the output tensor (several outputs: each flattened
+    per sample and concatenated), op-type counts of ORT's optimised graph, and the export's
+    :class:`ptq2tvm.onnx_export.ExportReport` (containers, clips, requant fit). ``weights`` / ``integer_requant`` as in
+    :func:`run_onnx_parity`. Raises :class:`ArtifactError` if ORT cannot load the export."""
+    import onnx
+
+    weights = resolve_weights(weights)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    with tempfile.TemporaryDirectory(prefix="ptq2tvm_onnx_", dir=work_dir) as td:
+        model, xrep = build_onnx(graph, weights=weights, integer_requant=integer_requant, output_codes=True)
+        onnx.save(model, f"{td}/model.onnx")
+        sess = ort_session(f"{td}/model.onnx", threads, optimized_path=f"{td}/model.opt.onnx")
+        counts, _ = optimized_kernels(f"{td}/model.opt.onnx")
+        fetch = [f"codes:{n}" for n in graph_output_names(graph)]
+        outs = [_flat(sess.run(fetch, {INPUT_NAME: images[i:i + batch_size]})).astype(np.int64)
+                for i in range(0, len(images), batch_size)]
+        del sess
+    return np.concatenate(outs), counts, xrep
+
+
 def ort_qdq_runner(graph: IntegerGraph, onnx_path: str | Path, threads: int, weights: str = "auto") -> Any:
     """ONNX Runtime on ptq2tvm's own QDQ export of ``graph`` (written to ``onnx_path``) for `ptq2tvm bench`: a
     ``Callable[[np.ndarray], np.ndarray]`` (float32 NCHW in, float32 out) with the bench's ORT session options.

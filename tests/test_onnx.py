@@ -276,3 +276,55 @@ def test_registry_ops_export_exact(tmp_path):
         assert all(p.local_max_abs_lsb <= 1 and p.local_exact_fraction >= 0.99 for p in rep.per_layer), name
     assert seen >= {"lut", "mul", "concat", "slice", "channel_shuffle", "upsample", "pixel_shuffle",
                     "pixel_unshuffle"} and seen <= set(EXPORTERS)
+
+
+def test_recon_rows_of_an_accuracy_table_w2a2(tmp_path, tiny_model, tiny_data):
+    """benchmarks/onnx_parity.py --recon-results, on one fake accuracy-table row: its checkpoint (a W2A2 fake-quant
+    model: 2-bit weights in 8-bit containers, 2-bit activations as exact clamps) is found, folded, exported and run by
+    ORT, whose top-1 equals the reference executor's; rows without a .so top-1 or a finished checkpoint are skipped
+    with the reason."""
+    import importlib.util
+    from pathlib import Path
+
+    from ptq2tvm.api import quantize, to_integer
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.sweep import key_dir
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("onnx_parity_bench", root / "onnx_parity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    acc = bench._accuracy_module()
+
+    qm = quantize(tiny_model, tiny_data, QuantConfig(2, 2), progress=False)
+    graph = to_integer(qm)
+    labels = np.random.default_rng(2).integers(0, 10, len(X))
+    ref = run_reference(graph, graph.input.quantize(X))
+    ref_top1 = float((ref.argmax(1) == labels).mean())
+    row = dict(model="tinynet", method="qdrop", granularity="block", adaqtransform=False, w_bits=2, a_bits=2, seed=0,
+               iters=10, n_calib=len(tiny_data), eval_images=len(X), so_top1=ref_top1)
+    ckpt_root = tmp_path / "table_ckpt"
+    d = ckpt_root / key_dir(acc.row_key(row))
+    d.mkdir(parents=True)
+    assert bench.recon_checkpoint(row, ckpt_root)[1].startswith("no checkpoint")
+    (d / "state.json").write_text(json.dumps(dict(finished=False, model="model-0001.pt")))
+    assert "not finished" in bench.recon_checkpoint(row, ckpt_root)[1]
+    assert "no .so top-1" in bench.recon_checkpoint(dict(row, so_top1=None), ckpt_root)[1]
+    qm.save(d / "model-0001.pt")
+    (d / "state.json").write_text(json.dumps(dict(finished=True, model="model-0001.pt")))
+    path, why = bench.recon_checkpoint(row, ckpt_root)
+    assert why == "" and path == d / "model-0001.pt"
+
+    res = bench.recon_row(row, path, X, labels, compare_images=16, per_layer_inputs=8, weights="uint8")
+    assert res["method"] == "qdrop" and res["compared_images"] == 16 and res["per_layer_inputs"] == 8
+    assert res["max_abs_lsb"] <= 1 and res["exact_fraction"] >= 0.99
+    assert res["correct_so"] == round(ref_top1 * len(X)) and res["within_0_1"] is (res["correct_ort"] == res["correct_so"])
+    assert res["ort_top1"] == float((ref.argmax(1) == labels).mean()) or res["exact_fraction"] < 1.0
+    two = res["containers"]["weight_bits"]["2"]
+    assert two["layers"] >= 5 and -2 <= two["min"] and two["max"] <= 1 and res["containers"]["int4_initializers"] == 0
+    assert 2 in res["containers"]["activation_bits"] and res["integer_kernels"].get("QLinearConv", 0) >= 1
+    md = bench.recon_markdown(dict(results="t.json", ckpt_root=str(ckpt_root), commands=["cmd"],
+                                   machine=dict(cpu="x", cores=2, vnni=False, ort="1", loadavg=0.0),
+                                   policy=dict(weights="uint8", integer_requant="none"), rows=[res],
+                                   skipped=[dict(key="k", reason="no checkpoint")]))
+    assert "| tinynet | W2A2 | qdrop | 0 |" in md and "`k`: no checkpoint" in md
