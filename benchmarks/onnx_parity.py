@@ -255,7 +255,10 @@ def recon_markdown(result: dict[str, Any]) -> str:
         f"cores, VNNI: {m['vnni']}, ONNX Runtime {m['ort']}, load average {m['loadavg']} at the start, {m.get('loadavg_end', '-')} at the end (shared with a running "
         "reconstruction sweep; no timings here). Per row: the row's finished reconstruction checkpoint, folded "
         "(`ptq2tvm.api.to_integer`), exported with the default policy "
-        f"(weights `{result['policy']['weights']}`, integer_requant `{result['policy']['integer_requant']}`), "
+        f"(weights `{result['policy']['weights']}`"
+        + (f" = `{rows[0]['weights']}` on this host" if rows and rows[0]["weights"] != result["policy"]["weights"]
+           else "")
+        + f", integer_requant `{result['policy']['integer_requant']}`), "
         f"ORT (CPU EP, full graph optimisation) top-1 on the full {rows[0]['n'] if rows else '-'}-image test set "
         "against the table's `.so` top-1 (the compiled .so equals the reference executor bit for bit), and ORT's "
         f"output codes against the reference executor on the first {rows[0]['compared_images'] if rows else '-'} "
@@ -289,7 +292,10 @@ def recon_markdown(result: dict[str, Any]) -> str:
     off = [r for r in rows if r["within_0_1"] is False or r["exact_fraction"] < 1.0]
     if off:
         lines += ["", "Rows whose output codes are not all exact: the first layers that differ (local = the layer "
-                  "alone on the reference's input codes; chained = ORT end to end):", ""]
+                  "alone on the reference's input codes; chained = ORT end to end). A layer that differs alone is "
+                  "one whose float32 requantization multiplier cannot round every accumulator value like the dyadic "
+                  "one (docs/onnx.md); `--recon-requant inexact` writes such layers as ConvInteger/MatMulInteger + "
+                  "the reference's int64 requantization, which ORT runs bit-exactly:", ""]
         for r in off:
             diffs = [p for p in r["per_layer"] if p["local_exact_fraction"] < 1.0]
             desc = "; ".join(f"{p['name']} ({p['ort_kernel']}) {p['local_lsb_histogram'].get('1', 0)} element(s) off "
