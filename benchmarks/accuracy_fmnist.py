@@ -130,8 +130,15 @@ def read_rows(jpath: Path) -> list[dict[str, Any]]:
 
 
 def store_for(jpath: Path) -> ResultsStore:
-    """The results file: rows keyed by :func:`row_key`, the markdown table rewritten with it."""
-    return ResultsStore(jpath, key=row_key, markdown=markdown, extra=dict(torch=torch.__version__))
+    """The results file: rows keyed by :func:`row_key`, the markdown table rewritten with it. Hand-written commentary
+    lives in ``<out>.notes.md`` (put at the top of every rewrite of ``<out>.md``, which is generated)."""
+    notes = jpath.with_suffix(".notes.md")
+
+    def with_notes(rows: list[dict[str, Any]]) -> str:
+        head = notes.read_text().rstrip() + "\n\n" if notes.is_file() else ""
+        return head + markdown(rows)
+
+    return ResultsStore(jpath, key=row_key, markdown=with_notes, extra=dict(torch=torch.__version__))
 
 
 def merge_row(jpath: Path, mpath: Path, res: dict[str, Any]) -> None:
@@ -232,6 +239,11 @@ CLAIMS = [("reconstruction >> RTN (best reconstruction - RTN >= 10; 2-bit weight
           ("QDrop+AdaQ >= QDrop", "qdrop+adaq", "qdrop", 0.0),
           ("QDrop+MRECG+AdaQ >= QDrop+AdaQ", "qdrop:mrecg-modcap+adaq", "qdrop+adaq", 0.0),
           ("QDrop+MRECG+AdaQ >= QDrop+MRECG", "qdrop:mrecg-modcap+adaq", "qdrop:mrecg-modcap", 0.0),
+          ("QDrop+MRECG(authors) >= QDrop", "qdrop:mrecg-authors", "qdrop", 0.0),
+          ("QDrop+MRECG(authors)+AdaQ >= QDrop+AdaQ", "qdrop:mrecg-authors+adaq", "qdrop+adaq", 0.0),
+          ("QDrop+MRECG(authors)+AdaQ >= QDrop+MRECG(authors)", "qdrop:mrecg-authors+adaq", "qdrop:mrecg-authors",
+           0.0),
+          ("NWQ+AdaQ >= QDrop+AdaQ (AdaQ Tab. 3)", "nwq+adaq", "qdrop+adaq", 0.0),
           ("QDrop+MRECG(authors, xb) >= QDrop (MRECG Tab. 1)", "qdrop:mrecg-authors+xb", "qdrop", 0.0),
           ("QDrop+MRECG(authors, xb)+AdaQ >= QDrop+MRECG(authors, xb) (AdaQ Tab. 3)", "qdrop:mrecg-authors+xb+adaq",
            "qdrop:mrecg-authors+xb", 0.0),
