@@ -240,12 +240,13 @@ def recon_markdown(result: dict[str, Any]) -> str:
     cont = dict(rows[0]["containers"]) if rows else {}
     if rows:
         cont["activation_bits"] = sorted({b for r in rows for b in r["containers"]["activation_bits"]})
-        wbits = {}
+        per_model: dict[str, dict[str, dict[str, int]]] = {}
         for r in rows:
+            wbits = per_model.setdefault(r["model"], {})
             for b, v in r["containers"]["weight_bits"].items():
                 o = wbits.setdefault(b, dict(v))
                 o["min"], o["max"] = min(o["min"], v["min"]), max(o["max"], v["max"])
-        cont["weight_bits"] = wbits
+        cont["weight_bits"] = per_model
     lines = [
         "# ONNX Runtime on the QDQ export of the accuracy table's reconstruction rows (Fashion-MNIST)",
         "",
@@ -281,8 +282,9 @@ def recon_markdown(result: dict[str, Any]) -> str:
         lines += ["", "Rows not measured:", ""]
         lines += [f"- `{s['key']}`: {s['reason']}" for s in result["skipped"]]
     if cont:
-        wb = "; ".join(f"{b}-bit: {v['layers']} layers, integers in [{v['min']}, {v['max']}]"
-                       for b, v in cont["weight_bits"].items())
+        wb = "; ".join(f"{m}: " + ", ".join(f"{b}-bit {v['layers']} layers, integers in [{v['min']}, {v['max']}]"
+                                            for b, v in sorted(wbits.items(), key=lambda kv: int(kv[0])))
+                       for m, wbits in cont["weight_bits"].items())
         lines += ["", f"Containers: weights ({wb}) are {cont['weight_container']} initializers (opset "
                   f"{cont['opset']}, {cont['int4_initializers']} INT4 initializers): the 2-bit integers are stored "
                   "exactly in the 8-bit container, no clamp needed (constants). Activations of "
