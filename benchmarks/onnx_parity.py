@@ -182,13 +182,47 @@ def _weight_containers(graph: Any, export: Any) -> dict[str, Any]:
                 onnx_version=onnx.__version__)
 
 
+def full_check(graph: Any, images: np.ndarray, labels: np.ndarray, codes: np.ndarray, *, weights: str,
+               threads: int = 1, explain: int = 64) -> dict[str, Any]:
+    """ORT's output codes of the export on every image against the same graph exported with
+    ``integer_requant='inexact'`` (every layer whose float32 multiplier is not provably exact as ConvInteger /
+    MatMulInteger + the reference's int64 requantization: ORT runs it bit-exactly, checked here against the
+    reference executor on the first ``explain`` images and on every image that differs), so the full test set is
+    compared without the slow numpy reference. The first ``explain`` differing images get the per-layer view of
+    :func:`run_onnx_parity` (which layers differ alone, and their requantization fit)."""
+    from ptq2tvm.ir.reference import run_reference
+    from ptq2tvm.onnx_parity import ort_output_codes, run_onnx_parity
+
+    exact, _, _ = ort_output_codes(graph, images, weights=weights, integer_requant="inexact", threads=threads)
+    idx = np.nonzero((codes != exact).reshape(len(codes), -1).any(1))[0]
+    check = np.unique(np.concatenate([np.arange(min(explain, len(images))), idx[:explain]])).astype(np.int64)
+    ref = run_reference(graph, graph.input.quantize(images[check]))
+    res: dict[str, Any] = dict(
+        policy="inexact", inexact_equals_reference_on=int(len(check)),
+        inexact_equals_reference=bool(np.array_equal(exact[check], ref)),
+        inexact_top1=float((exact.argmax(1) == labels).mean()), images_differing=int(len(idx)),
+        differing_images=idx[:explain].tolist(),
+        top1_changed=int((codes[idx].argmax(1) != exact[idx].argmax(1)).sum()),
+        max_abs_lsb=int(np.abs(codes[idx] - exact[idx]).max(initial=0)), local_layers=[])
+    if len(idx):
+        sub = idx[:explain]
+        rep = run_onnx_parity(graph, images[sub], labels[sub], weights=weights, per_layer_inputs=len(sub),
+                              threads=threads, progress=False)
+        res["local_layers"] = [dict(name=p.name, kernel=p.ort_kernel, off=int(len(sub) and sum(
+            v for k, v in p.local_lsb_histogram.items() if k != "0")), of=int(sum(p.local_lsb_histogram.values())),
+            max_abs_lsb=p.local_max_abs_lsb, fit=rep.requant_fit.get(p.name))
+            for p in rep.per_layer if p.local_exact_fraction < 1.0]
+    return res
+
+
 def recon_row(row: dict[str, Any], model_path: Path, images: np.ndarray, labels: np.ndarray, *,
               compare_images: int = 512, per_layer_inputs: int = 512, weights: str = "auto",
-              integer_requant: str = "none", threads: int = 1) -> dict[str, Any]:
+              integer_requant: str = "none", threads: int = 1, full: bool = True) -> dict[str, Any]:
     """One reconstruction row: load its fake-quant checkpoint, fold (``to_integer``), export QDQ (``weights`` /
     ``integer_requant``: the export policy), ORT top-1 on all ``images`` against the row's ``so_top1``, ORT's
     output codes against the reference executor on the first ``compare_images`` (exact fraction, max LSB, per layer
-    on the first ``per_layer_inputs``), and the kernels ORT ran after its graph optimisation."""
+    on the first ``per_layer_inputs``), and the kernels ORT ran after its graph optimisation. ``full``: also
+    :func:`full_check` (every image, against the bit-exact ``inexact`` export)."""
     from ptq2tvm.api import to_integer
     from ptq2tvm.frontend.qmodel import QuantModel
     from ptq2tvm.ir.reference import run_reference
@@ -226,6 +260,9 @@ def recon_row(row: dict[str, Any], model_path: Path, images: np.ndarray, labels:
                float_convs=rep.float_kernels, containers=_weight_containers(graph, export),
                requant_fit=d["requant_fit"], per_layer=d["per_layer"], per_layer_inputs=d["per_layer_inputs"],
                seconds=round(time.perf_counter() - t0, 1))
+    if full and integer_requant != "inexact":
+        res["full_check"] = full_check(graph, images, labels, codes, weights=weights, threads=threads)
+        res["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"{res['key']}: ORT top-1 {100 * ort_top1:.2f} (.so {100 * so:.2f}, {res['diff_points']:+.2f}), codes "
           f"exact {100 * rep.exact_fraction:.4f}% on {n}, max {rep.max_abs_lsb} LSB, integer kernels "
           f"{res['integer_kernels']}, {res['seconds']} s", flush=True)
@@ -237,6 +274,7 @@ def recon_markdown(result: dict[str, Any]) -> str:
     rows = sorted(result["rows"], key=lambda r: (r["model"], -r["w_bits"], -r["a_bits"], r["method"], r["seed"]))
     ok = sum(bool(r["within_0_1"]) for r in rows)
     partial = [r for r in rows if r["within_0_1"] is None]
+    fulls = [r for r in rows if r.get("full_check")]
     cont = dict(rows[0]["containers"]) if rows else {}
     if rows:
         cont["activation_bits"] = sorted({b for r in rows for b in r["containers"]["activation_bits"]})
@@ -265,19 +303,37 @@ def recon_markdown(result: dict[str, Any]) -> str:
         f"output codes against the reference executor on the first {rows[0]['compared_images'] if rows else '-'} "
         "test images.",
         "",
-        f"**{ok} of {len(rows)} rows within 0.1 point** of the .so top-1."
+        f"**{ok} of {len(rows)} rows within 0.1 point** of the .so top-1"
+        f" ({sum(r['correct_ort'] == r['correct_so'] for r in rows)} identical)."
+        + (f" Whole test set: ORT's output codes equal the bit-exact `inexact` export's on every image in "
+           f"{sum(r['full_check']['images_differing'] == 0 for r in fulls)} of {len(fulls)} rows; "
+           f"{sum(r['full_check']['images_differing'] for r in fulls)} images differ in all "
+           f"(at most {max(r['full_check']['images_differing'] for r in fulls)} in a row), the argmax on "
+           f"{sum(r['full_check']['top1_changed'] for r in fulls)}; the `inexact` export's top-1 equals the .so's "
+           f"in {sum(abs(r['full_check']['inexact_top1'] - r['so_top1']) < 1e-9 for r in fulls)} of {len(fulls)}."
+           if fulls else "")
         + (f" ({len(partial)} rows ran on fewer test images than the table's .so top-1 (--limit): not comparable.)"
            if partial else ""),
         "",
         "| model | W/A | method | seed | .so top-1 | ORT top-1 | ORT - .so (points) | output codes exact | max LSB "
-        "| integer kernels ORT ran | float convs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| images differing, all (top-1 changed) | integer kernels ORT ran | float convs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kern = ", ".join(f"{k} {v}" for k, v in r["integer_kernels"].items()) or "none"
+        fc = r.get("full_check")
+        full = "-" if fc is None else (f"{fc['images_differing']} ({fc['top1_changed']})"
+                                       + ("" if fc["inexact_equals_reference"] else " inexact != reference!"))
         lines.append(f"| {r['model']} | W{r['w_bits']}A{r['a_bits']} | {r['method']} | {r['seed']} | "
                      f"{100 * r['so_top1']:.2f} | {100 * r['ort_top1']:.2f} | {r['diff_points']:+.2f} | "
-                     f"{100 * r['exact_fraction']:.3f}% | {r['max_abs_lsb']} | {kern} | {r['float_convs']} |")
+                     f"{100 * r['exact_fraction']:.3f}% | {r['max_abs_lsb']} | {full} | {kern} | {r['float_convs']} |")
+    lines += ["", f"`output codes exact` / `max LSB`: ORT vs the numpy reference executor on the first "
+              f"{rows[0]['compared_images'] if rows else '-'} test images. `images differing, all`: over the whole "
+              "test set, the images whose ORT output codes differ from the same graph exported with "
+              "`integer_requant='inexact'` (ConvInteger/MatMulInteger + the reference's int64 requantization "
+              "wherever a float32 multiplier is not provably exact; ORT runs it bit-exactly: checked against the "
+              "reference executor on the first 64 images and on every differing image), and on how many of them "
+              "the argmax changes."]
     if result.get("skipped"):
         lines += ["", "Rows not measured:", ""]
         lines += [f"- `{s['key']}`: {s['reason']}" for s in result["skipped"]]
@@ -305,10 +361,27 @@ def recon_markdown(result: dict[str, Any]) -> str:
                              f"float32 multipliers: {_fit_note(r, p['name'])}" for p in diffs[:4]) \
                 or "no layer differs alone"
             grow = ", ".join(f"{p['name']} {p['max_abs_lsb']}" for p in r["per_layer"] if p["max_abs_lsb"] > 1)
-            lines.append(f"- {r['method']} W{r['w_bits']}A{r['a_bits']} seed {r['seed']}: output codes of "
+            lines.append(f"- {r['model']} {r['method']} W{r['w_bits']}A{r['a_bits']} seed {r['seed']}: output codes of "
                          f"{r.get('images_differing', '-')} of {r['compared_images']} images differ (top-1 agreement "
                          f"{100 * r['top1_agreement_vs_reference']:.2f}%); {len(diffs)} layer(s) differ alone: {desc}. "
                          f"Chained, the flip spreads (max LSB: {grow or 'none above 1'}).")
+    full_off = [r for r in rows if (r.get("full_check") or {}).get("images_differing")]
+    if full_off:
+        lines += ["", "Whole test set: rows where some images' output codes differ (per layer on those images: the "
+                  "layers that differ alone, on the reference's input codes):", ""]
+        for r in full_off:
+            fc = r["full_check"]
+            desc = "; ".join(f"{p['name']} ({p['kernel']}) {p['off']} of {p['of']} elements, max {p['max_abs_lsb']}"
+                             + (f" LSB (float32 multiplier exact on every accumulator value in "
+                                f"{p['fit']['exact_channels']} of {p['fit']['channels']} channels, "
+                                f"{p['fit']['mismatching_accumulators']} accumulator values differ)" if p["fit"]
+                                else " LSB (a float conv + Q in ORT: rounds once in float32)")
+                             for p in fc["local_layers"][:4]) or "none alone"
+            lines.append(f"- {r['model']} {r['method']} W{r['w_bits']}A{r['a_bits']} seed {r['seed']}: "
+                         f"{fc['images_differing']} of {r['n']} images differ (max {fc['max_abs_lsb']} LSB at the "
+                         f"output), argmax changed on {fc['top1_changed']}: ORT top-1 {100 * r['ort_top1']:.2f} vs "
+                         f".so {100 * r['so_top1']:.2f} (`inexact` export: {100 * fc['inexact_top1']:.2f}). "
+                         f"Layers that differ alone: {desc}.")
     return "\n".join(lines) + "\n"
 
 
@@ -338,6 +411,24 @@ def recon_main(args: argparse.Namespace, machine: dict[str, Any]) -> None:
         old = json.loads(out.with_suffix(".json").read_text())
         result["rows"], result["commands"] = old["rows"], old.get("commands", [])
         machine["loadavg"] = f"{old['machine']['loadavg']} / {machine['loadavg']}"
+    if args.recon_full_check:   # rows measured before full_check existed: add it (export + 2 ORT runs each)
+        from ptq2tvm.api import to_integer
+        from ptq2tvm.data import load_dataset as _load
+        from ptq2tvm.frontend.qmodel import QuantModel
+        from ptq2tvm.onnx_parity import ort_output_codes
+
+        todo = [r for r in result["rows"] if "full_check" not in r and r["integer_requant"] != "inexact"]
+        ds = _load("fashion-mnist", split="test", limit=args.limit) if todo else None
+        for r in todo:
+            graph = to_integer(QuantModel.load(r["checkpoint"]).eval())
+            codes, _, _ = ort_output_codes(graph, ds.images, weights=r["weights"], integer_requant=r["integer_requant"],
+                                           threads=args.threads)
+            if int((codes.argmax(1) == ds.labels).sum()) != r["correct_ort"]:
+                raise SystemExit(f"{r['key']}: ORT's top-1 changed since the row was measured")
+            r["full_check"] = full_check(graph, ds.images, ds.labels, codes, weights=r["weights"],
+                                         threads=args.threads)
+            print(f"{r['key']}: full check {r['full_check']['images_differing']} images differ", flush=True)
+            write_json(out.with_suffix(".json"), result)
     done = {r["key"] for r in result["rows"]}
     cmd = ("python benchmarks/onnx_parity.py " + " ".join(sys.argv[1:])).strip()
     result["commands"].append(cmd)
@@ -478,6 +569,8 @@ def main() -> None:
     ap.add_argument("--recon-weights", default="auto", choices=["auto", "int8", "uint8"])
     ap.add_argument("--recon-requant", default="none", choices=["none", "residual", "inexact"])
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (--recon-results)")
+    ap.add_argument("--recon-full-check", action="store_true", help="with --append: add the full-test-set check "
+                    "against the bit-exact 'inexact' export to rows measured without it")
     args = ap.parse_args()
     import onnxruntime as ort
 

@@ -320,6 +320,11 @@ def test_recon_rows_of_an_accuracy_table_w2a2(tmp_path, tiny_model, tiny_data):
     assert res["max_abs_lsb"] <= 1 and res["exact_fraction"] >= 0.99
     assert res["correct_so"] == round(ref_top1 * len(X)) and res["within_0_1"] is (res["correct_ort"] == res["correct_so"])
     assert res["ort_top1"] == float((ref.argmax(1) == labels).mean()) or res["exact_fraction"] < 1.0
+    fc = res["full_check"]   # every image against the bit-exact integer_requant='inexact' export
+    assert fc["inexact_equals_reference"] and fc["inexact_top1"] == ref_top1 and fc["inexact_equals_reference_on"] >= 32
+    assert fc["top1_changed"] <= fc["images_differing"] == len(fc["differing_images"])
+    if res["exact_fraction"] == 1.0:  # the first 16 images equal the reference: only the others can differ
+        assert all(i >= 16 for i in fc["differing_images"])
     two = res["containers"]["weight_bits"]["2"]
     assert two["layers"] >= 5 and -2 <= two["min"] and two["max"] <= 1 and res["containers"]["int4_initializers"] == 0
     assert 2 in res["containers"]["activation_bits"] and res["integer_kernels"].get("QLinearConv", 0) >= 1
