@@ -258,7 +258,10 @@ def recon_row(row: dict[str, Any], model_path: Path, images: np.ndarray, labels:
                weights=weights, integer_requant=integer_requant, ort_kernels=kernels,
                integer_kernels={k: v for k, v in kernels.items() if k in INTEGER_KERNELS},
                float_convs=rep.float_kernels, containers=_weight_containers(graph, export),
-               requant_fit=d["requant_fit"], per_layer=d["per_layer"], per_layer_inputs=d["per_layer_inputs"],
+               requant_fit=d["requant_fit"], per_layer_layers=len(d["per_layer"]),
+               per_layer=[_compact(p) for p in d["per_layer"]
+                          if p["local_exact_fraction"] < 1.0 or p["exact_fraction"] < 1.0],
+               per_layer_inputs=d["per_layer_inputs"],
                seconds=round(time.perf_counter() - t0, 1))
     if full and integer_requant != "inexact":
         res["full_check"] = full_check(graph, images, labels, codes, weights=weights, threads=threads)
@@ -383,6 +386,11 @@ def recon_markdown(result: dict[str, Any]) -> str:
                          f".so {100 * r['so_top1']:.2f} (`inexact` export: {100 * fc['inexact_top1']:.2f}). "
                          f"Layers that differ alone: {desc}.")
     return "\n".join(lines) + "\n"
+
+
+def _compact(p: dict[str, Any]) -> dict[str, Any]:
+    """A per-layer entry without its all-zero histograms (the results file keeps only the layers that differ)."""
+    return {k: v for k, v in p.items() if not (k.endswith("lsb_histogram") and set(v) <= {"0"})}
 
 
 def _fit_note(r: dict[str, Any], layer: str) -> str:

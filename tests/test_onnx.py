@@ -317,6 +317,7 @@ def test_recon_rows_of_an_accuracy_table_w2a2(tmp_path, tiny_model, tiny_data):
 
     res = bench.recon_row(row, path, X, labels, compare_images=16, per_layer_inputs=8, weights="uint8")
     assert res["method"] == "qdrop" and res["compared_images"] == 16 and res["per_layer_inputs"] == 8
+    assert res["per_layer_layers"] == len(graph.nodes) and len(res["per_layer"]) <= len(graph.nodes)
     assert res["max_abs_lsb"] <= 1 and res["exact_fraction"] >= 0.99
     assert res["correct_so"] == round(ref_top1 * len(X)) and res["within_0_1"] is (res["correct_ort"] == res["correct_so"])
     assert res["ort_top1"] == float((ref.argmax(1) == labels).mean()) or res["exact_fraction"] < 1.0
