@@ -84,6 +84,27 @@ def row_ckpt(out: Path, row: dict[str, Any]) -> Path:
     return out.parent / f"{out.name}_ckpt" / key_dir(row_key(row))
 
 
+def finished_model_file(ckpt: Path) -> tuple[Path | None, str]:
+    """The fake-quant model file of the finished reconstruction checkpoint in folder ``ckpt`` (``state.json`` with
+    ``finished`` and ``model``, as :func:`reconstruct` writes it), or (None, why not)."""
+    state_path = ckpt / "state.json"
+    if not state_path.is_file():
+        return None, f"no checkpoint ({ckpt.name} is not in {ckpt.parent})"
+    state = json.loads(state_path.read_text())
+    if not state.get("finished") or not state.get("model"):
+        return None, f"checkpoint {ckpt.name} is not finished"
+    return ckpt / state["model"], ""
+
+
+def load_row_model(out: Path, row: dict[str, Any]) -> QuantModel:
+    """The reconstructed fake-quant model of a finished row, from its checkpoint under ``<out>_ckpt``. Raises
+    RuntimeError naming the row when it has no finished checkpoint."""
+    path, _ = finished_model_file(row_ckpt(out, row))
+    if path is None:
+        raise RuntimeError(f"{row_key(row)}: no finished checkpoint in {row_ckpt(out, row)}; re-run the row")
+    return QuantModel.load(path)
+
+
 def recon_settings(row: dict[str, Any], args: argparse.Namespace) -> ReconSettings:
     extra = {} if row.get("lr_adaq") is None else dict(lr_adaq=row["lr_adaq"])
     return ReconSettings(method=row["method"], granularity=row["granularity"], adaqtransform=row["adaqtransform"],
@@ -111,11 +132,7 @@ def refresh_fakequant(jpath: Path, mpath: Path, out: Path, args: argparse.Namesp
             qm, _ = reconstruct(models[r["model"]], calib, QuantConfig(r["w_bits"], r["a_bits"]),
                                 recon_settings(r, args), progress=False)
         else:
-            state_path = row_ckpt(out, r) / "state.json"
-            state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-            if not state.get("finished"):
-                raise RuntimeError(f"{row_key(r)}: no finished checkpoint in {state_path.parent}; re-run the row")
-            qm = QuantModel.load(state_path.parent / state["model"])
+            qm = load_row_model(out, r)
         fq = top1_torch(qm.eval(), test.images, test.labels)
         upd = dict(r, fakequant_top1=fq, bias_rounding="float64")
         if fq != r["fakequant_top1"]:
@@ -312,11 +329,7 @@ def fill_so(jpath: Path, out: Path, args: argparse.Namespace, test: Any) -> None
     for r in read_rows(jpath):
         if r.get("so_top1") is not None:
             continue
-        state_path = row_ckpt(out, r) / "state.json"
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-        if not state.get("finished"):
-            raise RuntimeError(f"{row_key(r)}: no finished checkpoint in {state_path.parent}; re-run the row")
-        qm = QuantModel.load(state_path.parent / state["model"]).eval()
+        qm = load_row_model(out, r).eval()
         with tempfile.TemporaryDirectory() as td:
             so = so_top1_of(qm, test.images, test.labels, Path(td), args.so_batch)
         store_for(jpath).add(dict(r, so_top1=so))
@@ -335,8 +348,7 @@ def run_row(model: torch.nn.Module, calib: np.ndarray, test_x: np.ndarray, test_
     fq = top1_torch(qm, test_x, test_y)
     so_top1 = None if getattr(args, "no_so", False) else so_top1_of(qm, test_x, test_y, work, args.so_batch)
     rep.save(ckpt, stem="recon_loss")
-    device = torch.device(settings.device if settings.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(rep.device)
     where = dict(device=device.type)
     if device.type == "cuda":
         where["gpu"] = torch.cuda.get_device_name(device)

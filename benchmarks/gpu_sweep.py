@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 def merge(args: argparse.Namespace) -> int:
     """Add the finished rows of a ``run`` folder (and their checkpoints) to the results file ``--into``."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from accuracy_fmnist import read_rows as read_results, row_ckpt, row_key, store_for
+    from accuracy_fmnist import finished_model_file, read_rows as read_results, row_ckpt, row_key, store_for
 
     src, into = Path(args.src), Path(args.into)
     store = store_for(into.with_suffix(".json"))
@@ -119,8 +119,9 @@ def merge(args: argparse.Namespace) -> int:
                       file=sys.stderr)
                 continue
             ckpt_src, ckpt_dst = row_ckpt(jpath.with_suffix(""), r), row_ckpt(into, r)
-            if not (ckpt_src / "state.json").is_file():
-                print(f"{jpath}: {row_key(r)} has no checkpoint in {ckpt_src}; skipped", file=sys.stderr)
+            model_file, why = finished_model_file(ckpt_src)
+            if model_file is None:
+                print(f"{jpath}: {row_key(r)}: {why}; skipped", file=sys.stderr)
                 continue
             if ckpt_dst.exists():
                 shutil.rmtree(ckpt_dst)

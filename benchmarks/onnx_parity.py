@@ -151,16 +151,10 @@ def recon_checkpoint(row: dict[str, Any], ckpt_root: Path) -> tuple[Path | None,
     and ``model``, as :func:`accuracy_fmnist.row_ckpt` writes it)."""
     from ptq2tvm.sweep import key_dir
 
-    key = _accuracy_module().row_key(row)
+    acc = _accuracy_module()
     if row.get("so_top1") is None:
         return None, "no .so top-1 in the table (made with --no-so, not filled yet)"
-    state_path = ckpt_root / key_dir(key) / "state.json"
-    if not state_path.is_file():
-        return None, f"no checkpoint ({state_path.parent.name} is not in {ckpt_root})"
-    state = json.loads(state_path.read_text())
-    if not state.get("finished") or not state.get("model"):
-        return None, f"checkpoint {state_path.parent.name} is not finished"
-    return state_path.parent / state["model"], ""
+    return acc.finished_model_file(ckpt_root / key_dir(acc.row_key(row)))
 
 
 def _weight_containers(graph: Any, export: Any) -> dict[str, Any]:
