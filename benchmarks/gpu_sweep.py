@@ -80,10 +80,6 @@ def run(args: argparse.Namespace) -> int:
                 status[i] = "stopped at the deadline"
                 note(f"row {i} {' '.join(map(str, rows[i]))}: stopped at the deadline after {now - start:.0f}s")
                 del running[i]
-        if now > args.deadline:
-            for i, _ in queue:
-                status[i] = "not started"
-            queue = []
         while queue and len(running) < args.jobs and now < args.deadline - args.min_left:
             i, row = queue.pop(0)
             stem = out / "rows" / f"row{i:03d}"
@@ -91,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 running[i] = (subprocess.Popen(row_command(row, stem, args), stdout=f, stderr=subprocess.STDOUT,
                                                cwd=ROOT), now)
             note(f"row {i} {' '.join(map(str, row))}: started")
-        if not running and queue and now >= args.deadline - args.min_left:
+        if not running and queue and now >= args.deadline - args.min_left:   # (at the deadline all were stopped)
             for i, _ in queue:
                 status[i] = "not started"
             queue = []

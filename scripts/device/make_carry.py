@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import shutil
 import subprocess
 import sys
@@ -48,8 +49,6 @@ def write_fmnist(dst: Path, n_calib: int = 1024) -> None:
     kept = np.where(keep[:, None, None], images, 0).astype(np.uint8)
     (dst / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[:header] + kept.tobytes(), 9))
     # the check: the calibration set read from the new folder is the one read from Debian's
-    import os
-
     want = calibration_set("fashion-mnist", n_calib, seed=0)
     os.environ["PTQ2TVM_FASHION_MNIST_DIR"] = str(dst)
     try:                                     # (the per-process cache is keyed by the folder)
