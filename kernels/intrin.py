@@ -31,7 +31,13 @@ Two more use the VNNI weight layout ``B[16, 4]`` on 256-bit registers (two halve
   weights whose same-sign pairs stay within 128 when amax = 255) and uses the ``avx2`` intrinsic otherwise; the
   schedule refuses a kernel that is not marked exact.
 
-A third intrinsic serves depthwise convs (``vnni_taps``): 16 channels x 4 horizontal taps,
+Two more run an AVX2 conv whose weights prove that a whole group of steps fits int16
+(:func:`kernels.layout.u8s8_int16_group`): ``ubsw16`` adds the ``vpmaddubsw`` pair sums into an int16 accumulator
+``C[32]`` (element ``2*i + p`` = lane i, pair p: the order vpmaddubsw produces) with ``vpaddw``, no widening per
+step; ``widen16`` flushes it into the int32 accumulator (``C[i] += A[2i] + A[2i+1]``, one ``vpmaddwd`` with ones per 8
+lanes) once per group. ``vpaddw`` wraps; the proof bounds every partial sum, so the result is exact.
+
+Another serves depthwise convs (``vnni_taps``): 16 channels x 4 horizontal taps,
 
     C[i] += int32(A[t, i]) * int32(B[i, t])   i in 0..15 (channels), t in 0..3 (taps = 4 consecutive input pixels)
 
@@ -63,6 +69,8 @@ TAPS_INTRIN = "ptq2tvm_depthwise_16x4taps_u8i8i32_vnni"
 AVX2_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_avx2"
 AVXVNNI_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_avxvnni"
 UBSW_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_ubsw"
+UBSW16_INTRIN = "ptq2tvm_dot_16x4_u8i8i16_ubsw"
+WIDEN16_INTRIN = "ptq2tvm_widen_16x2_i16i32"
 DP4A_INTRIN = "ptq2tvm_dp4a_u8i8i32"
 _SCOPES = ("global", "local")
 _registered: set[str] = set()
@@ -227,6 +235,73 @@ def _ymm_pair(scope: str, kind: str):
     return desc, (impl_avxvnni if kind == "avxvnni" else impl_ubsw)
 
 
+def _ubsw16_pair(scope: str):
+    """AVX2 ``vpmaddubsw`` into an *int16* accumulator (no widening per step, see the module docstring): C holds
+    ``[16 output channels x 2 channel pairs]`` int16 (element ``2*i + p`` = lane ``i``, pair ``p``: exactly the lane
+    order ``vpmaddubsw`` produces from a VNNI weight block), two ``vpmaddubsw`` + two ``vpaddw`` per call."""
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((32,), "int16", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:32], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:32])
+            for e in T.serial(0, 32):
+                for j in T.serial(0, 2):
+                    with T.sblock("update"):
+                        ve, vj = T.axis.remap("SR", [e, j])
+                        C[ve] = C[ve] + T.cast(A[ve % 2 * 2 + vj], "int16") * T.cast(B[ve // 2, ve % 2 * 2 + vj],
+                                                                                       "int16")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((32,), "int16", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:32], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:32])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
+                              dtype="uint8x32")
+            C[T.ramp(T.int32(0), 1, 16)] = C.vload([0], dtype="int16x16") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a, B.vload([0, 0], dtype="int8x32"),
+                dtype="int16x16")
+            C[T.ramp(T.int32(16), 1, 16)] = C.vload([16], dtype="int16x16") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a, B.vload([8, 0], dtype="int8x32"),
+                dtype="int16x16")
+
+    return desc, impl
+
+
+def _widen16_pair(scope: str):
+    """``C[i] += int32(A[2i]) + int32(A[2i+1])`` for 16 int32 lanes: the flush of an int16 accumulator of
+    :func:`_ubsw16_pair` into the int32 one, two ``vpmaddwd`` with ones + two ``vpaddd``."""
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((32,), "int16", offset_factor=1, scope=scope),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:32])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for p in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vp = T.axis.remap("SR", [i, p])
+                        C[vi] = C[vi] + T.cast(A[vi * 2 + vp], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((32,), "int16", offset_factor=1, scope=scope),
+             C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:32])
+            T.writes(C[0:16])
+            ones = T.broadcast(T.int16(1), 16)
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), A.vload([0], dtype="int16x16"), ones,
+                dtype="int32x8")
+            C[T.ramp(T.int32(8), 1, 8)] = C.vload([8], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), A.vload([16], dtype="int16x16"), ones,
+                dtype="int32x8")
+
+    return desc, impl
+
+
 def _dp4a_pair(scope: str):
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((4,), "uint8", offset_factor=4, scope="shared"),
@@ -300,6 +375,18 @@ def register_ubsw_intrinsic(scope: str = "global") -> str:
     """Register (idempotently) the AVX2 ``vpmaddubsw`` u8 x s8 16x4 dot product (VNNI weight layout; exact only for
     weights that pass :func:`kernels.layout.u8s8_pairs_exact`); return its name."""
     return _register(UBSW_INTRIN, lambda sc: _ymm_pair(sc, "ubsw"), scope)
+
+
+def register_ubsw16_intrinsic(scope: str = "local") -> str:
+    """Register (idempotently) the AVX2 ``vpmaddubsw`` 16x4 dot product into an int16 ``[16 x 2]`` accumulator
+    (exact only for weights and input range that pass :func:`kernels.layout.u8s8_int16_group`); return its name."""
+    return _register(UBSW16_INTRIN, _ubsw16_pair, scope)
+
+
+def register_widen16_intrinsic(scope: str = "local") -> str:
+    """Register (idempotently) the int16 ``[16 x 2]`` -> int32 ``[16]`` accumulator flush (``vpmaddwd`` with ones);
+    return its name."""
+    return _register(WIDEN16_INTRIN, _widen16_pair, scope)
 
 
 def register_dp4a_intrinsic(scope: str = "local") -> str:

@@ -167,6 +167,36 @@ def u8s8_pairs_exact(packed: np.ndarray, amax: int = 255) -> bool:
     return int(amax) * int(pos) <= 32767 and int(amax) * int(neg) >= -32768
 
 
+def u8s8_int16_group(packed: np.ndarray, amax: int = 255) -> int:
+    """How many input blocks of a VNNI-packed conv weight an int16 ``vpmaddubsw`` accumulator may sum before it is
+    widened to int32 (:func:`kernels.conv2d_nchwc_requant` ``i16_group``), or 0 when not even one block is safe.
+
+    ``packed``: ``[OB, CBG, KH, KW, CF, 16, 4]`` int8 (or its int4 / int2 forms ending in 32 / 16 uint8). For a
+    group of ``g`` consecutive input blocks (of ``4*CF`` channels) and every output channel, the accumulated value
+    lies in ``[-amax * N, amax * P]`` with ``P`` / ``N`` the sums of the channel's positive / negative weights over
+    the group (activations are in ``[0, amax]``), and so does every pair sum ``vpmaddubsw`` forms. When
+    ``amax * P <= 32767`` and ``amax * N <= 32768`` nothing saturates and the wrapping int16 adds (``vpaddw``) give
+    the exact sum. Returns the largest ``g`` dividing ``CBG`` that holds for every group and channel. (Intel SDM,
+    PMADDUBSW / PADDW.)
+    Raises ValueError for another shape."""
+    p = np.asarray(packed)
+    if p.dtype == np.uint8:
+        p = unpack_int4(p) if p.shape[-1] == 32 else unpack_int2(p) if p.shape[-1] == 16 else p
+        p = p.reshape(*p.shape[:-1], BLOCK, 4) if p.shape[-1] == 4 * BLOCK else p
+    if p.dtype != np.int8 or p.ndim != 7 or p.shape[-2:] != (BLOCK, 4):
+        raise ValueError(f"expected a VNNI-layout conv weight [OB, CBG, KH, KW, CF, 16, 4] int8 (or int4 / int2 "
+                         f"packed), got {p.dtype} {p.shape}")
+    ob, cbg = p.shape[:2]
+    w = p.astype(np.int64)
+    for g in sorted((d for d in range(1, cbg + 1) if cbg % d == 0), reverse=True):
+        grouped = w.reshape(ob, cbg // g, -1, BLOCK, 4)           # [ob, group, (g, kh, kw, cf), lane, 4]
+        pos = np.maximum(grouped, 0).sum(axis=(2, 4)).max(initial=0)
+        neg = -np.minimum(grouped, 0).sum(axis=(2, 4)).min(initial=0)
+        if int(amax) * int(pos) <= 32767 and int(amax) * int(neg) <= 32768:
+            return g
+    return 0
+
+
 def pack_depthwise_taps(w_oihw: np.ndarray) -> np.ndarray:
     """Depthwise weight (C, 1, KH, KW) int8 -> (ceil(C/16), KH, ceil(KW/4), 16, 4) int8 for
     :func:`kernels.depthwise_taps_requant`: ``[cb, kh, g, i, t]`` = ``w[cb*16 + i, 0, kh, 4g + t]``, zero for

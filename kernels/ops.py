@@ -153,7 +153,8 @@ def _packed_weight(wt: te.Tensor, layout: str, ric, rkh, rkw, rcf, rcs):
 def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,
                          *residual: te.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
                          input_zero_point: int = 0, output_zero_point: int = 0, lo: int = 0, hi: int = 255,
-                         residual_zero_point: int = 0, isa: str = "vnni", ubsw_exact: bool = False) -> te.Tensor:
+                         residual_zero_point: int = 0, isa: str = "vnni", ubsw_exact: bool = False,
+                         i16_group: int = 0) -> te.Tensor:
     """Fused conv + bias + requant (+ residual) in the blocked layout.
 
     x        uint8 (N, CB, H, W, icb)            blocked input (icb = 16 inside the net, 4 for the first conv)
@@ -167,6 +168,12 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     ``ubsw_exact``: the caller proved (:func:`kernels.layout.u8s8_pairs_exact`) that AVX2's saturating
     ``vpmaddubsw`` is exact for these VNNI-packed weights and this input's range; the AVX2 schedule may then use it
     (recorded as the output block's ``ubsw_exact`` annotation).
+    ``i16_group`` (> 0, with ``ubsw_exact`` and VNNI-packed weights): the caller proved
+    (:func:`kernels.layout.u8s8_int16_group`) that the sum over any ``i16_group`` consecutive input blocks fits int16;
+    the reduction is then written as int16 partial sums per group of input blocks (``acc16``, ``[.., 16 x 2]``: lane
+    x vpmaddubsw pair) widened into the int32 ``acc``, which the AVX2 schedule runs as ``vpmaddubsw`` + ``vpaddw``
+    per step and one ``vpmaddwd`` flush per group.
+    Raises ValueError for inconsistent shapes, dtypes or an ``i16_group`` the weights do not allow.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, cb, h, wd, icb = _shape(x)
@@ -205,12 +212,51 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
 
     wv = _packed_weight(wt, layout, ric, rkh, rkw, rcf, rcs)
 
-    acc = te.compute((n, ob, oh, ow, BLOCK),
-                     lambda b, o, i, j, oc: te.sum(xin(b, o, i, j) * wv(o, oc), axis=[ric, rkh, rkw, rcf, rcs]),
-                     name="acc")
+    extra = _packed_attrs(bits, ubsw_exact, layout)
+    if i16_group:
+        if layout != "vnni" or not ubsw_exact or cbg % int(i16_group):
+            raise ValueError(f"i16_group={i16_group} needs VNNI-packed weights proved exact (ubsw_exact) and a divisor "
+                             f"of the {cbg} input blocks per group")
+        acc = _acc_int16_groups(xp, wt, (n, ob, oh, ow), cbg, int(i16_group), (kh, kw, cf), ngroups, obg,
+                                (sh_, sw_), (dh, dw))
+        extra["i16_group"] = int(i16_group)
+    else:
+        acc = te.compute((n, ob, oh, ow, BLOCK),
+                         lambda b, o, i, j, oc: te.sum(xin(b, o, i, j) * wv(o, oc), axis=[ric, rkh, rkw, rcf, rcs]),
+                         name="acc")
     kind = f"conv2d_nchwc_{layout}"
     return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point, kind,
-                        _packed_attrs(bits, ubsw_exact, layout))
+                        extra)
+
+
+def _acc_int16_groups(xp, wt, out_shape, cbg, g, taps, ngroups, obg, stride, dilation) -> te.Tensor:
+    """The int32 accumulator of a conv as int16 partial sums over ``g`` input blocks (``acc16``, element
+    ``2*lane + pair`` = one ``vpmaddubsw`` output lane) widened and summed (``acc``). Exact when the weights pass
+    :func:`kernels.layout.u8s8_int16_group` for the input range (no int16 sum leaves its range)."""
+    n, ob, oh, ow = out_shape
+    kh, kw, cf = taps
+    (sh_, sw_), (dh, dw) = stride, dilation
+    rici = te.reduce_axis((0, g), "rici")
+    rkh = te.reduce_axis((0, kh), "rkh")
+    rkw = te.reduce_axis((0, kw), "rkw")
+    rcf = te.reduce_axis((0, cf), "rcf")
+    rj = te.reduce_axis((0, 2), "rj")
+
+    def term(b, o, gg, i, j, e):
+        icr = gg * g + rici
+        ic = icr if ngroups == 1 else (o // obg) * cbg + icr
+        k = e % 2 * 2 + rj
+        return (xp[b, ic, i * sh_ + rkh * dh, j * sw_ + rkw * dw, rcf * 4 + k].astype("int16")
+                * wt[o, icr, rkh, rkw, rcf, e // 2, k].astype("int16"))
+
+    acc16 = te.compute((n, ob, cbg // g, oh, ow, 2 * BLOCK),
+                       lambda b, o, gg, i, j, e: te.sum(term(b, o, gg, i, j, e), axis=[rici, rkh, rkw, rcf, rj]),
+                       name="acc16")
+    rg = te.reduce_axis((0, cbg // g), "rg")
+    rp = te.reduce_axis((0, 2), "rp")
+    return te.compute((n, ob, oh, ow, BLOCK),
+                      lambda b, o, i, j, oc: te.sum(acc16[b, o, rg, i, j, oc * 2 + rp].astype("int32"), axis=[rg, rp]),
+                      name="acc")
 
 
 def _packed_attrs(bits: int, ubsw_exact: bool, layout: str) -> dict:

@@ -40,7 +40,8 @@ from tvm.s_tir import Schedule
 from tvm.target import codegen
 
 from .intrin import (register_avx2_intrinsic, register_avxvnni_intrinsic, register_taps_intrinsic,
-                     register_ubsw_intrinsic, register_vnni_intrinsic)
+                     register_ubsw16_intrinsic, register_ubsw_intrinsic, register_vnni_intrinsic,
+                     register_widen16_intrinsic)
 from .ops import KERNEL_ATTR
 
 OP_PATTERN_OPAQUE = 8
@@ -224,6 +225,12 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     pad = _try_block(sch, "pad")
     unpack = _try_block(sch, "w_unpack")
     _refuse_untested_int2(sch, unpack, layout, isa or layout)
+    acc16 = _try_block(sch, "acc16")
+    if acc16 is not None:
+        if tiles != "ymm" or intrin != register_ubsw_intrinsic("local"):
+            raise ValueError(f"int16-accumulator conv kernels (i16_group) run only on AVX2 (vpmaddubsw); target ISA "
+                             f"{isa or layout}")
+        return _schedule_conv_int16(sch, out, acc, acc16, pad, unpack, tile, threads)
     n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
     ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
     if tile is None:
@@ -263,6 +270,59 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
         sch.unroll(lp)
     oloops = sch.get_loops(out)
     _vectorize_inner(sch, oloops[-5:])
+    if pad is not None:
+        _schedule_pad(sch, pad, threads)
+    return sch
+
+
+def _schedule_conv_int16(sch: Schedule, out, acc, acc16, pad, unpack, tile: ConvTile | None,
+                         threads: int) -> Schedule:
+    """AVX2 conv with int16 accumulation (:func:`kernels.conv2d_nchwc_requant` ``i16_group``): the int32 register
+    tile ``acc`` (Q x R x P pixels x 16 lanes) is zeroed per task; for each group of input blocks ``rg`` the int16
+    tile ``acc16`` is zeroed, accumulated with ``vpmaddubsw`` + ``vpaddw`` over the group's (block, kh, kw, 4-channel)
+    steps, and flushed into ``acc`` with one ``vpmaddwd`` per 8 lanes. Tiles as the 'ymm' class (an int16 tile takes
+    2 ymm per pixel, like the int32 one it replaces in the inner loop). Sub-byte weights are unpacked once per task
+    (``unpack_at="task"``)."""
+    n, ob, oh, ow, oc, rg, rp = sch.get_loops(acc)
+    ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
+    if tile is None:
+        tile = choose_conv_tile(*ext, isa="ymm", threads=threads)
+    obo, obi = _split(sch, ob, [None, tile.Q])
+    oho, ohi = _split(sch, oh, [None, tile.R])
+    owo, owi = _split(sch, ow, [None, tile.P])
+    if unpack is not None:
+        nc, rc = _task_chunks(ext[1] // tile.Q, ext[0], ext[2] // tile.R, threads, ext[0] * ext[2] * ext[3])
+        nco, n = _split(sch, n, [nc, None])
+        rco, oho = _split(sch, oho, [rc, None])
+        sch.reorder(nco, rco, obo, n, oho, owo, rg, ohi, owi, obi, oc, rp)
+        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+        par = sch.fuse(nco, rco, obo)
+    else:
+        sch.reorder(n, obo, oho, owo, rg, ohi, owi, obi, oc, rp)
+        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+        par = sch.fuse(n, obo, oho)
+    sch.compute_at(acc16, rg, preserve_unit_loops=True)
+    if unpack is not None:
+        sch.compute_at(unpack, par, preserve_unit_loops=True)
+        _schedule_unpack(sch, unpack, "vnni", 7, unroll_outer=False)
+    if threads > 1:
+        sch.parallel(par)
+    # acc16 under rg: spatial (b, o, gg, i, j, e) then reduction (rici, rkh, rkw, rcf, rj)
+    b16, o16, g16, i16, j16, e16, rici, rkh, rkw, rcf, rj = sch.get_loops(acc16)[-11:]
+    sch.reorder(rici, rkh, rkw, rcf, b16, g16, i16, j16, o16, e16, rj)
+    sch.set_scope(acc16, 0, "local")
+    sch.set_scope(acc, 0, "local")
+    init16 = sch.decompose_reduction(acc16, rici)
+    _vectorize_inner(sch, sch.get_loops(init16)[-6:])
+    sch.tensorize(e16, register_ubsw16_intrinsic("local"))
+    for lp in (b16, g16, i16, j16, o16):
+        sch.unroll(lp)
+    init = sch.decompose_reduction(acc, rg)
+    _vectorize_inner(sch, sch.get_loops(init)[-4:])
+    sch.tensorize(oc, register_widen16_intrinsic("local"))
+    for lp in (obi, ohi, owi):
+        sch.unroll(lp)
+    _vectorize_inner(sch, sch.get_loops(out)[-5:])
     if pad is not None:
         _schedule_pad(sch, pad, threads)
     return sch

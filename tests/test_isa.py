@@ -80,6 +80,90 @@ def test_ubsw_conv(kind):
     assert kern.count_instructions("vpmaddubsw") > 0 and kern.count_instructions("vpdpbusd") == 0
 
 
+def test_u8s8_int16_group_bounds():
+    """The int16 accumulator holds a group's sum when amax * (sum of a lane's positive weights) <= 32767 and
+    amax * (sum of its negative ones) <= 32768 over the group; the largest dividing group is chosen, 0 when none."""
+    def packed(cin, pos_per_block, neg_per_block=0, lane=5):
+        w = np.zeros((16, cin, 1, 1), np.int8)
+        for blk in range(cin // 16):
+            w[lane, 16 * blk, 0, 0] = pos_per_block
+            w[lane, 16 * blk + 1, 0, 0] = -neg_per_block
+        return K.pack_conv_weight(w, 1, ic_block=16)
+
+    assert K.u8s8_int16_group(packed(16, 127), 255) == 1 and K.u8s8_int16_group(packed(16, 127), 258) == 1
+    assert K.u8s8_int16_group(packed(16, 127), 259) == 0              # 259 * 127 = 32893 > 32767
+    assert K.u8s8_int16_group(packed(16, 0, 128), 256) == 1           # -32768 fits exactly
+    assert K.u8s8_int16_group(packed(16, 0, 128), 257) == 0
+    assert K.u8s8_int16_group(packed(64, 64), 255) == 2               # 2 blocks: 255 * 128 = 32640; 4: too much
+    assert K.u8s8_int16_group(packed(64, 64, 64), 127) == 4           # 127 * 256 = 32512 on each side
+    assert K.u8s8_int16_group(packed(48, 100), 127) == 1              # 3 blocks: only g = 1 divides and fits
+    w4 = np.random.default_rng(0).integers(-8, 8, (32, 64, 3, 3)).astype(np.int8)
+    g8 = K.u8s8_int16_group(K.pack_conv_weight(w4, 1, 16), 15)
+    assert g8 == 4 and K.u8s8_int16_group(K.pack_conv_weight(w4, 1, 16, int4=True), 15) == g8
+    with pytest.raises(ValueError, match="VNNI-layout conv weight"):
+        K.u8s8_int16_group(K.pack_conv_weight(w4, 1, 16, isa="avx2"), 15)
+
+
+@needs_avx2
+@pytest.mark.parametrize("case", ["int8_w4", "int4", "int2_stride2", "residual", "grouped_flush", "overflow"])
+def test_int16_accumulator_conv(case):
+    """The int16-accumulator conv (vpmaddubsw + vpaddw, one vpmaddwd flush per group of input blocks) is bit-exact
+    against the reference for every storage (int8, int4, int2 four per byte), stride 2, a fused residual and a
+    group smaller than the reduction (flushes in the middle); forced onto weights the proof rejects it is wrong."""
+    rng = np.random.default_rng(7)
+    c, o, amax = 64, 32, 15
+    lo, hi = {"int2_stride2": (-2, 1), "overflow": (100, 127), "grouped_flush": (3, 7)}.get(case, (-8, 7))
+    w = rng.integers(lo, hi + 1, (o, c, 3, 3)).astype(np.int8)
+    if case == "grouped_flush":
+        w[:, ::5] *= -1           # mostly positive: a lane's sum over 4 blocks exceeds int16, over 2 it does not
+    x = rng.integers(0, amax + 1, (2, c, 9, 9), dtype=np.uint8)
+    x.reshape(-1)[::3] = amax
+    stride = 2 if case == "int2_stride2" else 1
+    bias = rng.integers(-(1 << 12), 1 << 12, o).astype(np.int32)
+    m = rng.integers(1 << 29, 1 << 31, o, dtype=np.int64).astype(np.int32)
+    sh = np.full(o, 32, np.int32)
+    oh = (9 + 2 - 3) // stride + 1
+    r = rng.integers(0, 256, (2, o, oh, oh), dtype=np.uint8) if case == "residual" else None
+    mr = rng.integers(1 << 28, 1 << 30, o, dtype=np.int64).astype(np.int32) if case == "residual" else None
+    ref = R.conv2d_requant(x, w, bias, m, sh, r, mr, stride=stride, padding=1, dilation=1, groups=1,
+                           input_zero_point=2, output_zero_point=5, lo=0, hi=255, residual_zero_point=9)
+    wp = K.pack_conv_weight(w, 1, 16, isa="vnni", int4=case == "int4", int2=case == "int2_stride2")
+    group = K.u8s8_int16_group(wp, amax)
+    if case == "overflow":
+        assert group == 0
+        group = 4
+    elif case == "grouped_flush":
+        assert group == 2
+    else:
+        assert group == 4
+    arrays = [K.nchw_to_nchwc(x, 16, 2), wp, *K.pack_channel_params(bias, m, sh)]
+    if r is not None:
+        arrays += [K.nchw_to_nchwc(r, 16, 0), K.pack_channel_params(mr, kinds="m")[0]]
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, stride=stride, padding=1,
+                              input_zero_point=2, output_zero_point=5, residual_zero_point=9, isa="vnni",
+                              ubsw_exact=True, i16_group=group)
+    bad = int((K.nchwc_to_nchw(kern.run(*arrays), o) != ref).sum())
+    if case == "overflow":
+        assert bad > 0
+    else:
+        assert bad == 0, f"{bad} mismatches"
+    assert kern.count_instructions("vpaddw") > 0 and kern.count_instructions("vpmaddubsw") > 0
+
+
+def test_int16_accumulator_needs_the_proof_and_avx2():
+    rng = np.random.default_rng(4)
+    w = rng.integers(-8, 8, (16, 32, 3, 3)).astype(np.int8)
+    arrays = [rng.integers(0, 16, (1, 2, 6, 6, 16), dtype=np.uint8), K.pack_conv_weight(w, 1, 16),
+              *K.pack_channel_params(np.zeros(16, np.int32), np.ones(16, np.int32), np.ones(16, np.int32))]
+    with pytest.raises(ValueError, match="i16_group"):           # not marked ubsw_exact
+        K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, isa="vnni", i16_group=2)
+    with pytest.raises(ValueError, match="i16_group"):           # 3 does not divide the 2 input blocks
+        K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, isa="vnni", ubsw_exact=True, i16_group=3)
+    vnni = K.host_target(num_cores=2, mcpu="icelake-server")
+    with pytest.raises(ValueError, match="only on AVX2"):
+        K.build_standalone(K.conv2d_nchwc_requant, arrays, vnni, isa="vnni", ubsw_exact=True, i16_group=2)
+
+
 @needs_avx2
 def test_ubsw_dense_and_rows_bit_exact():
     rng = np.random.default_rng(2)
@@ -149,6 +233,23 @@ def test_network_isa_dispatch_bit_exact(tmp_path, w, a):
                and not (nd.op == "conv2d" and nd.attrs["groups"] > 1)]
         # every <= 4-bit layer is proved exact (the 8-bit first/last layers of W4A4 may not be)
         assert sum(k.endswith("_vnni") for k in dots) >= len(low)
+        # and the 3x3 / 1x1 convs with 4-bit inputs accumulate in int16 (kernels.u8s8_int16_group)
+        assert _int16_accumulator_kernels(build_blocked_module(graph, 2, "avx2")[0]) >= 1
+
+
+def _int16_accumulator_kernels(mod) -> int:
+    """How many PrimFuncs of a blocked module carry the int16-accumulator stage (block ``acc16``)."""
+    from tvm.s_tir import Schedule
+
+    n = 0
+    for f in mod.functions.values():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            try:
+                Schedule(f).get_sblock("acc16")
+                n += 1
+            except Exception:  # noqa: BLE001 - no such block
+                pass
+    return n
 
 
 @needs_avx2

@@ -10,6 +10,7 @@ packing (4 input channels of a dot product are 4 consecutive bytes: one dp4a ope
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -97,6 +98,14 @@ class _BlockedBuilder:
         if K.u8s8_pairs_exact(packed, self.graph.tensor(node.inputs[0]).qmax):
             return "vnni", True, packed
         return "avx2", False, pack("avx2")
+
+    def int16_group(self, node: IntNode, packed: np.ndarray) -> int:
+        """Input blocks per int16 accumulator flush of an AVX2 ``vpmaddubsw`` conv (proved from the integer weights
+        and the input's range, :func:`kernels.layout.u8s8_int16_group`; 0: the int32 kernel). ``PTQ2TVM_NO_INT16_ACC=1``
+        turns it off (A/B timing)."""
+        if os.environ.get("PTQ2TVM_NO_INT16_ACC") == "1":
+            return 0
+        return K.u8s8_int16_group(packed, self.graph.tensor(node.inputs[0]).qmax)
 
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)

@@ -169,6 +169,7 @@ class Conv(_Weighted):
             kw["isa"], kw["ubsw_exact"], wp = b.weight_layout(
                 node, lambda isa: K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=isa,
                                                      **b.packing(node)))
+            kw["i16_group"] = b.int16_group(node, wp) if kw["ubsw_exact"] else 0
             wp = b.weight(wp)
         out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
                      padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), groups=a["groups"], name=name, **kw)
