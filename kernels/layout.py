@@ -197,6 +197,21 @@ def u8s8_int16_group(packed: np.ndarray, amax: int = 255) -> int:
     return 0
 
 
+def depthwise_int16_exact(packed: np.ndarray, amax: int = 255) -> bool:
+    """True when a depthwise conv (packed ``(CB, KH, KW, 16)`` int8, :func:`pack_conv_weight`) can multiply and sum
+    its taps in int16 for uint8 inputs in ``[0, amax]``: every product fits (``|a * w| <= 255 * 128``) and, per
+    channel, ``amax * P <= 32767`` and ``amax * N <= 32768`` with ``P`` / ``N`` the sums of its positive / negative
+    tap weights (so every partial sum does too). Always true for <= 4-bit inputs with 3x3 int8 weights
+    (15 * 9 * 128 < 32767). Raises ValueError for another shape."""
+    w = np.asarray(packed)
+    if w.dtype != np.int8 or w.ndim != 4 or w.shape[-1] != BLOCK:
+        raise ValueError(f"expected a packed depthwise weight (CB, KH, KW, 16) int8, got {w.dtype} {w.shape}")
+    w = w.astype(np.int64)
+    pos = np.maximum(w, 0).sum(axis=(1, 2)).max(initial=0)
+    neg = -np.minimum(w, 0).sum(axis=(1, 2)).min(initial=0)
+    return int(amax) * int(pos) <= 32767 and int(amax) * int(neg) <= 32768
+
+
 def pack_depthwise_taps(w_oihw: np.ndarray) -> np.ndarray:
     """Depthwise weight (C, 1, KH, KW) int8 -> (ceil(C/16), KH, ceil(KW/4), 16, 4) int8 for
     :func:`kernels.depthwise_taps_requant`: ``[cb, kh, g, i, t]`` = ``w[cb*16 + i, 0, kh, 4g + t]``, zero for

@@ -168,7 +168,8 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     ``ubsw_exact``: the caller proved (:func:`kernels.layout.u8s8_pairs_exact`) that AVX2's saturating
     ``vpmaddubsw`` is exact for these VNNI-packed weights and this input's range; the AVX2 schedule may then use it
     (recorded as the output block's ``ubsw_exact`` annotation).
-    ``i16_group`` (> 0, with ``ubsw_exact`` and VNNI-packed weights): the caller proved
+    ``i16_group`` (> 0, with ``ubsw_exact`` and VNNI-packed weights; for a depthwise weight: any value > 0, proved by
+    :func:`kernels.layout.depthwise_int16_exact`, sums the taps in int16): the caller proved
     (:func:`kernels.layout.u8s8_int16_group`) that the sum over any ``i16_group`` consecutive input blocks fits int16;
     the reduction is then written as int16 partial sums per group of input blocks (``acc16``, ``[.., 16 x 2]``: lane
     x vpmaddubsw pair) widened into the int32 ``acc``, which the AVX2 schedule runs as ``vpmaddubsw`` + ``vpaddw``
@@ -184,7 +185,7 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     z_x = int(input_zero_point)
     if len(w.shape) == 4:                           # depthwise (CB, KH, KW, 16)
         return _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x, output_zero_point, lo,
-                          hi, residual_zero_point)
+                          hi, residual_zero_point, int16=bool(i16_group))
     layout, bits = _weight_format(w, isa)
     ws = _shape(w)
     ob, cbg, kh, kw, cf = ws[:5]
@@ -279,7 +280,11 @@ def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, ext
     return te.compute(_shape(acc), out, name="out", attrs=attrs)
 
 
-def _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x, z_out, lo, hi, z_r) -> te.Tensor:
+def _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x, z_out, lo, hi, z_r,
+               int16: bool = False) -> te.Tensor:
+    """Depthwise conv with int32 multiply-adds vectorized over the 16 channels of a block; ``int16``: the products and
+    their sum in int16 (``vpmullw`` + ``vpaddw``, 16 lanes per ymm instead of 8 and no ``vpmulld``), valid when
+    :func:`kernels.layout.depthwise_int16_exact` proved that no channel's sum can leave int16."""
     n, cb, h, wd, c = _shape(x)
     wcb, kh, kw, wc = _shape(w)
     if c != BLOCK or wc != BLOCK or wcb != cb:
@@ -289,11 +294,13 @@ def _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x
     xp = _pad_nchwc(x, padding[0], padding[1], z_x)
     rkh = te.reduce_axis((0, kh), "rkh")
     rkw = te.reduce_axis((0, kw), "rkw")
+    dt = "int16" if int16 else "int32"
     acc = te.compute(
         (n, cb, oh, ow, c),
-        lambda b, o, i, j, ci: te.sum(xp[b, o, i * sh_ + rkh * dh, j * sw_ + rkw * dw, ci].astype("int32")
-                                      * w[o, rkh, rkw, ci].astype("int32"), axis=[rkh, rkw]), name="acc")
-    return _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, "conv2d_nchwc_depthwise")
+        lambda b, o, i, j, ci: te.sum(xp[b, o, i * sh_ + rkh * dh, j * sw_ + rkw * dw, ci].astype(dt)
+                                      * w[o, rkh, rkw, ci].astype(dt), axis=[rkh, rkw]), name="acc")
+    return _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, "conv2d_nchwc_depthwise",
+                        {"i16_group": 1} if int16 else None)
 
 
 def depthwise_taps_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,

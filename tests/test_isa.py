@@ -150,6 +150,38 @@ def test_int16_accumulator_conv(case):
     assert kern.count_instructions("vpaddw") > 0 and kern.count_instructions("vpmaddubsw") > 0
 
 
+@needs_avx2
+@pytest.mark.parametrize("amax,stride", [(15, 1), (15, 2), (255, 1)])
+def test_depthwise_int16_bit_exact(amax, stride):
+    """Depthwise taps multiplied and summed in int16 (vpmullw + vpaddw) where depthwise_int16_exact proves it: always
+    for 4-bit inputs with 3x3 int8 weights; with 8-bit inputs only for small weights (a channel of large weights
+    makes the proof fail). Bit-exact against the reference."""
+    rng = np.random.default_rng(11)
+    c, h = 48, 11
+    w = rng.integers(-128, 128, (c, 1, 3, 3)).astype(np.int8) if amax == 15 else \
+        rng.integers(-14, 15, (c, 1, 3, 3)).astype(np.int8)
+    w[0, 0] = 127 if amax == 15 else 14                   # the extremes the proof must cover
+    w[1, 0] = -128 if amax == 15 else -14
+    x = rng.integers(0, amax + 1, (2, c, h, h), dtype=np.uint8)
+    x.reshape(-1)[::4] = amax
+    bias = rng.integers(-(1 << 10), 1 << 10, c).astype(np.int32)
+    m = rng.integers(1 << 29, 1 << 31, c, dtype=np.int64).astype(np.int32)
+    sh = np.full(c, 28 if amax == 15 else 31, np.int32)
+    ref = R.conv2d_requant(x, w, bias, m, sh, None, None, stride=stride, padding=1, dilation=1, groups=c,
+                           input_zero_point=amax // 3, output_zero_point=5, lo=0, hi=255, residual_zero_point=0)
+    assert len(np.unique(ref)) > 16
+    wp = K.pack_conv_weight(w, c, 16)
+    assert K.depthwise_int16_exact(wp, amax)
+    big = wp.copy()
+    big[0, 0, 0, 3] = big[0, 0, 1, 3] = 127
+    assert not K.depthwise_int16_exact(big, 255)            # 255 * (127 + 127 + ...) leaves int16
+    arrays = [K.nchw_to_nchwc(x, 16, amax // 3), wp, *K.pack_channel_params(bias, m, sh)]
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, stride=stride, padding=1, groups=c,
+                              input_zero_point=amax // 3, output_zero_point=5, i16_group=1)
+    assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), c), ref)
+    assert kern.count_instructions("vpmullw") > 0 and kern.count_instructions("vpmulld") == 0
+
+
 def test_int16_accumulator_needs_the_proof_and_avx2():
     rng = np.random.default_rng(4)
     w = rng.integers(-8, 8, (16, 32, 3, 3)).astype(np.int8)

@@ -107,6 +107,13 @@ class _BlockedBuilder:
             return 0
         return K.u8s8_int16_group(packed, self.graph.tensor(node.inputs[0]).qmax)
 
+    def depthwise_int16(self, node: IntNode, packed: np.ndarray) -> bool:
+        """Whether a depthwise conv of the x86 build sums its taps in int16 (proved from the integer weights and the
+        input's range, :func:`kernels.layout.depthwise_int16_exact`; not on CUDA; ``PTQ2TVM_NO_INT16_ACC=1``: off)."""
+        if self.cuda or os.environ.get("PTQ2TVM_NO_INT16_ACC") == "1":
+            return False
+        return K.depthwise_int16_exact(packed, self.graph.tensor(node.inputs[0]).qmax)
+
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)
 

@@ -164,7 +164,9 @@ class Conv(_Weighted):
                           kernel_width=int(w.shape[3]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
                           dilation=tuple(a["dilation"]), name=name, **kw), NCHWC
         if depthwise:
-            wp = b.weight(K.pack_conv_weight(w, groups=a["groups"], ic_block=icb))
+            wp = K.pack_conv_weight(w, groups=a["groups"], ic_block=icb)
+            kw["i16_group"] = int(b.depthwise_int16(node, wp))
+            wp = b.weight(wp)
         else:
             kw["isa"], kw["ubsw_exact"], wp = b.weight_layout(
                 node, lambda isa: K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=isa,
