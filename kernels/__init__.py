@@ -27,7 +27,7 @@ from .layout import (BLOCK, FIRST_BLOCK, conv_weight_mode, nchw_to_nchwc, nchw_t
 from .ops import (KERNEL_ATTR, add_requant_nchwc, concat_requant_nchwc, lut_nchwc, mul_requant_nchwc,
                   upsample_nearest_nchwc, avgpool2d_nchwc_requant, clamp_nchwc, conv2d_nchwc_requant,
                   conv2d_rows_requant, dense_requant, depthwise_taps_requant, global_avgpool_nchwc_requant, maxpool2d_nchwc, nchwc_flatten,
-                  quantize_input, requant_expr, rows_layout)
+                  quantize_input, requant_expr, rows_layout, shifts_allow_int32_epilogue)
 from .ops import nchw_to_rows as te_nchw_to_rows
 from .ops import nchw_to_nchwc as te_nchw_to_nchwc
 from .ops import nchwc_to_nchw as te_nchwc_to_nchw
@@ -49,7 +49,7 @@ __all__ = [
     "KERNEL_ATTR", "add_requant_nchwc", "concat_requant_nchwc", "lut_nchwc", "mul_requant_nchwc",
     "upsample_nearest_nchwc", "avgpool2d_nchwc_requant", "clamp_nchwc", "conv2d_nchwc_requant",
     "dense_requant", "depthwise_taps_requant", "global_avgpool_nchwc_requant", "maxpool2d_nchwc", "nchwc_flatten", "quantize_input",
-    "requant_expr",
+    "requant_expr", "shifts_allow_int32_epilogue",
     "te_nchw_to_nchwc", "te_nchwc_to_nchw",
     "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind",
     "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc", "target_isa", "tuning_space",

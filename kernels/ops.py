@@ -44,7 +44,8 @@ def _i64(v: tir.PrimExpr) -> tir.PrimExpr:
 
 
 def requant_expr(terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]], shift: tir.PrimExpr, zero_point: int, lo: int,
-                 hi: int, const_terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]] = ()) -> tir.PrimExpr:
+                 hi: int, const_terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]] = (),
+                 shift_ge32: bool = False) -> tir.PrimExpr:
     """clamp(zero_point + ((sum_k int64(t_k) * int64(m_k)) + 2^(shift-1)) >> shift, lo, hi) as uint8.
 
     ``const_terms`` are more (t, m) pairs of the same sum whose values do not depend on the pixel (the bias, a
@@ -59,6 +60,14 @@ def requant_expr(terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]], shift: tir.
     int64 ``w`` and 1 <= n <= 62 (w ^ 2^63 read as uint64 is w + 2^63, and 2^n divides 2^63), with ``2^(63-n)`` and
     the zero point one per-channel constant; AVX2 has no 64-bit arithmetic shift (LLVM emulated it with 2 shifts,
     a xor and a subtract). Bit-identical to :func:`ptq2tvm.ir.reference.requantize`.
+
+    ``shift_ge32=True`` (the caller proved every channel's shift >= 32, e.g. :func:`shifts_allow_int32_epilogue`):
+    the sum ``v`` (|v| < 2^63) is shifted as ``floor(v / 2^n) = floor(floor(v / 2^32) / 2^(n-32))``: the high 32-bit
+    half of every int64 lane (a shuffle) then an int32 arithmetic shift (``vpsravd``), so the clamp runs on int32 lanes
+    (``vpminsd`` / ``vpmaxsd``, eight per ymm) instead of the emulated int64 compares: the same value, about half the
+    epilogue's instructions. The result is in [-2^31, 2^31) for n >= 32, and it is clamped to [lo - z, hi - z] before
+    the zero point is added, so nothing overflows. (Padded channels, whose shift is 1, give garbage that is never
+    read; the shift amount is kept >= 0.)
     """
     n = _i64(shift)
     one = tir.const(1, "int64")
@@ -68,6 +77,13 @@ def requant_expr(terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]], shift: tir.
     v = _i64(terms[0][0]) * _i64(terms[0][1])
     for t, m in terms[1:]:
         v = v + _i64(t) * _i64(m)
+    if shift_ge32:
+        high = tir.shift_right(v + c, tir.const(32, "int64")).astype("int32")
+        amount = tir.max(shift.astype("int32") - tir.const(32, "int32"), tir.const(0, "int32"))
+        q = tir.shift_right(high, amount)
+        z = int(zero_point)
+        q = tir.max(tir.min(q, tir.const(int(hi) - z, "int32")), tir.const(int(lo) - z, "int32"))
+        return (q + tir.const(z, "int32")).astype("uint8")
     w = tir.bitwise_xor(v + c, tir.const(-(1 << 63), "int64"))
     u = tir.shift_right(tir.reinterpret("uint64", w), n.astype("uint64"))
     r = tir.reinterpret("int64", u) - (tir.shift_left(one, tir.const(63, "int64") - n) - tir.const(int(zero_point), "int64"))
@@ -154,7 +170,7 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
                          *residual: te.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
                          input_zero_point: int = 0, output_zero_point: int = 0, lo: int = 0, hi: int = 255,
                          residual_zero_point: int = 0, isa: str = "vnni", ubsw_exact: bool = False,
-                         i16_group: int = 0) -> te.Tensor:
+                         i16_group: int = 0, shift_ge32: bool = False) -> te.Tensor:
     """Fused conv + bias + requant (+ residual) in the blocked layout.
 
     x        uint8 (N, CB, H, W, icb)            blocked input (icb = 16 inside the net, 4 for the first conv)
@@ -174,6 +190,8 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     the reduction is then written as int16 partial sums per group of input blocks (``acc16``, ``[.., 16 x 2]``: lane
     x vpmaddubsw pair) widened into the int32 ``acc``, which the AVX2 schedule runs as ``vpmaddubsw`` + ``vpaddw``
     per step and one ``vpmaddwd`` flush per group.
+    ``shift_ge32``: the caller proved every channel's shift >= 32 (:func:`shifts_allow_int32_epilogue`): the cheaper
+    exact epilogue of :func:`requant_expr`.
     Raises ValueError for inconsistent shapes, dtypes or an ``i16_group`` the weights do not allow.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
@@ -185,7 +203,7 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     z_x = int(input_zero_point)
     if len(w.shape) == 4:                           # depthwise (CB, KH, KW, 16)
         return _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x, output_zero_point, lo,
-                          hi, residual_zero_point, int16=bool(i16_group))
+                          hi, residual_zero_point, int16=bool(i16_group), shift_ge32=shift_ge32)
     layout, bits = _weight_format(w, isa)
     ws = _shape(w)
     ob, cbg, kh, kw, cf = ws[:5]
@@ -227,7 +245,7 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
                          name="acc")
     kind = f"conv2d_nchwc_{layout}"
     return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point, kind,
-                        extra)
+                        extra, shift_ge32=shift_ge32)
 
 
 def _acc_int16_groups(xp, wt, out_shape, cbg, g, taps, ngroups, obg, stride, dilation) -> te.Tensor:
@@ -266,7 +284,16 @@ def _packed_attrs(bits: int, ubsw_exact: bool, layout: str) -> dict:
     return {"int4": int(bits < 8), "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")}
 
 
-def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, extra=None) -> te.Tensor:
+def shifts_allow_int32_epilogue(shift: "np.ndarray") -> bool:
+    """True when every requant shift of a layer is >= 32, so its kernel may use ``requant_expr(shift_ge32=True)``."""
+    import numpy as np
+
+    s = np.asarray(shift)
+    return s.size > 0 and int(s.min()) >= 32
+
+
+def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, extra=None,
+                 shift_ge32: bool = False) -> te.Tensor:
     def out(b, o, i, j, oc):
         c = o * BLOCK + oc
         terms, consts = [(acc[b, o, i, j, oc], mult[c])], [(bias[c], mult[c])]
@@ -274,14 +301,14 @@ def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, ext
             r, rm = residual
             terms.append((r[b, o, i, j, oc].astype("int32"), rm[c]))
             consts.append((tir.const(-int(z_r), "int32"), rm[c]))
-        return requant_expr(terms, shift[c], z_out, lo, hi, const_terms=consts)
+        return requant_expr(terms, shift[c], z_out, lo, hi, const_terms=consts, shift_ge32=shift_ge32)
 
     attrs = {KERNEL_ATTR: kind, **(extra or {})}
     return te.compute(_shape(acc), out, name="out", attrs=attrs)
 
 
 def _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x, z_out, lo, hi, z_r,
-               int16: bool = False) -> te.Tensor:
+               int16: bool = False, shift_ge32: bool = False) -> te.Tensor:
     """Depthwise conv with int32 multiply-adds vectorized over the 16 channels of a block; ``int16``: the products and
     their sum in int16 (``vpmullw`` + ``vpaddw``, 16 lanes per ymm instead of 8 and no ``vpmulld``), valid when
     :func:`kernels.layout.depthwise_int16_exact` proved that no channel's sum can leave int16."""
@@ -300,7 +327,7 @@ def _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x
         lambda b, o, i, j, ci: te.sum(xp[b, o, i * sh_ + rkh * dh, j * sw_ + rkw * dw, ci].astype(dt)
                                       * w[o, rkh, rkw, ci].astype(dt), axis=[rkh, rkw]), name="acc")
     return _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, "conv2d_nchwc_depthwise",
-                        {"i16_group": 1} if int16 else None)
+                        {"i16_group": 1} if int16 else None, shift_ge32=shift_ge32)
 
 
 def depthwise_taps_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,

@@ -182,6 +182,46 @@ def test_depthwise_int16_bit_exact(amax, stride):
     assert kern.count_instructions("vpmullw") > 0 and kern.count_instructions("vpmulld") == 0
 
 
+def test_shifts_allow_int32_epilogue():
+    assert K.shifts_allow_int32_epilogue(np.array([32, 40, 62], np.int32))
+    assert not K.shifts_allow_int32_epilogue(np.array([31, 40], np.int32))
+    assert not K.shifts_allow_int32_epilogue(np.array([], np.int32))
+
+
+@needs_avx2
+@pytest.mark.parametrize("kind", ["dense_residual", "depthwise"])
+def test_int32_epilogue_bit_exact(kind):
+    """requant_expr(shift_ge32=True): high half of the int64 sum, int32 arithmetic shift and clamp. Bit-exact against
+    the reference over outputs spread across [lo, hi] (shifts 32-40, multipliers in [2^29, 2^31), zero points, a
+    fused residual) and at the extremes (shift 62, biases near +-2^30: every output clamped to lo or hi)."""
+    rng = np.random.default_rng(13)
+    c, h = 32, 9
+    groups = c if kind == "depthwise" else 1
+    w = rng.integers(-128, 128, (c, c // groups, 3, 3)).astype(np.int8)
+    x = rng.integers(0, 256, (2, c, h, h), dtype=np.uint8)
+    acc_scale = 128 * 100 * 3 * (np.sqrt(c // groups))
+    m = rng.integers(1 << 29, 1 << 31, c, dtype=np.int64).astype(np.int32)
+    sh = np.clip(np.round(np.log2(acc_scale * m / 100.0)), 32, 40).astype(np.int32)
+    bias = rng.integers(-(1 << 12), 1 << 12, c).astype(np.int32)
+    sh[:3], bias[:3] = 62, [(1 << 30) - 1, -(1 << 30), 0]        # extremes: the whole int64 range, clamped
+    res = kind == "dense_residual"
+    r = rng.integers(0, 256, (2, c, h, h), dtype=np.uint8) if res else None
+    mr = (m // 2).astype(np.int32) if res else None
+    ref = R.conv2d_requant(x, w, bias, m, sh, r, mr, stride=1, padding=1, dilation=1, groups=groups,
+                           input_zero_point=7, output_zero_point=100, lo=3, hi=250, residual_zero_point=9)
+    assert len(np.unique(ref)) > 64 and {3, 250} <= set(np.unique(ref).tolist())
+    assert K.shifts_allow_int32_epilogue(sh)
+    wp = K.pack_conv_weight(w, groups, 16, isa="avx2")
+    arrays = [K.nchw_to_nchwc(x, 16, 7), wp, *K.pack_channel_params(bias, m, sh)]
+    if res:
+        arrays += [K.nchw_to_nchwc(r, 16, 9), K.pack_channel_params(mr, kinds="m")[0]]
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, stride=1, padding=1, groups=groups,
+                              input_zero_point=7, output_zero_point=100, lo=3, hi=250, residual_zero_point=9,
+                              isa="avx2", shift_ge32=True)
+    assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), c), ref)
+    assert kern.count_instructions("vpsravd") > 0
+
+
 def test_int16_accumulator_needs_the_proof_and_avx2():
     rng = np.random.default_rng(4)
     w = rng.integers(-8, 8, (16, 32, 3, 3)).astype(np.int8)

@@ -24,6 +24,8 @@ from ..ops import ir_op
 from .relax_builder import PlainEmitter, add_float_entry
 
 NCHW, NCHWC, FLAT = "nchw", "nchwc", "flat"
+#: set to "1" at compile time: no per-layer arithmetic shortcuts (BlockedBuilder.shortcuts)
+BASELINE_KERNELS_ENV = "PTQ2TVM_BASELINE_KERNELS"
 
 
 def packs_int2(isa: str | None, cuda: bool = False) -> bool:
@@ -99,20 +101,30 @@ class _BlockedBuilder:
             return "vnni", True, packed
         return "avx2", False, pack("avx2")
 
+    def shortcuts(self) -> bool:
+        """Whether this x86 build may use the arithmetic shortcuts each proved per layer below (int16 accumulators,
+        the int32-clamp epilogue); not on CUDA. ``PTQ2TVM_BASELINE_KERNELS=1`` at compile time turns them off (A/B
+        timing of the same graph; the outputs are the same integers)."""
+        return not self.cuda and os.environ.get(BASELINE_KERNELS_ENV) != "1"
+
     def int16_group(self, node: IntNode, packed: np.ndarray) -> int:
-        """Input blocks per int16 accumulator flush of an AVX2 ``vpmaddubsw`` conv (proved from the integer weights
-        and the input's range, :func:`kernels.layout.u8s8_int16_group`; 0: the int32 kernel). ``PTQ2TVM_NO_INT16_ACC=1``
-        turns it off (A/B timing)."""
-        if os.environ.get("PTQ2TVM_NO_INT16_ACC") == "1":
+        """Input blocks per int16 accumulator flush of an AVX2 ``vpmaddubsw`` conv, proved from the integer weights
+        and the input's range (:func:`kernels.layout.u8s8_int16_group`); 0: the int32 kernel."""
+        if not self.shortcuts():
             return 0
         return K.u8s8_int16_group(packed, self.graph.tensor(node.inputs[0]).qmax)
 
     def depthwise_int16(self, node: IntNode, packed: np.ndarray) -> bool:
-        """Whether a depthwise conv of the x86 build sums its taps in int16 (proved from the integer weights and the
-        input's range, :func:`kernels.layout.depthwise_int16_exact`; not on CUDA; ``PTQ2TVM_NO_INT16_ACC=1``: off)."""
-        if self.cuda or os.environ.get("PTQ2TVM_NO_INT16_ACC") == "1":
-            return False
-        return K.depthwise_int16_exact(packed, self.graph.tensor(node.inputs[0]).qmax)
+        """Whether a depthwise conv sums its taps in int16, proved from the integer weights and the input's range
+        (:func:`kernels.layout.depthwise_int16_exact`)."""
+        return self.shortcuts() and K.depthwise_int16_exact(packed, self.graph.tensor(node.inputs[0]).qmax)
+
+    def int32_epilogue(self, node: IntNode) -> bool:
+        """Whether a conv requantizes with the int32-clamp epilogue: every shift of the layer >= 32
+        (:func:`kernels.ops.shifts_allow_int32_epilogue`), on 256-bit targets (AVX2, AVX-VNNI), which lack the
+        AVX-512 int64 shift / min / max the default epilogue uses (measured there; AVX-512 builds keep theirs)."""
+        return self.shortcuts() and self.isa in ("avx2", "avxvnni") \
+            and K.shifts_allow_int32_epilogue(node.arrays["shift"])
 
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)

@@ -173,6 +173,7 @@ class Conv(_Weighted):
                                                      **b.packing(node)))
             kw["i16_group"] = b.int16_group(node, wp) if kw["ubsw_exact"] else 0
             wp = b.weight(wp)
+        kw["shift_ge32"] = b.int32_epilogue(node)
         out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
                      padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), groups=a["groups"], name=name, **kw)
         return out, NCHWC
