@@ -667,8 +667,9 @@ def conv2d_rows_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Te
                         *residual: te.Tensor, in_channels: int, in_width: int, kernel=(7, 7), stride=(2, 2),
                         padding=(3, 3), dilation=(1, 1), input_zero_point: int = 0, output_zero_point: int = 0,
                         lo: int = 0, hi: int = 255, residual_zero_point: int = 0, left: int = 16,
-                        isa: str = "vnni", ubsw_exact: bool = False) -> te.Tensor:
-    """First conv, reading the row layout of :func:`nchw_to_rows` (padding already applied there).
+                        isa: str = "vnni", ubsw_exact: bool = False, shift_ge32: bool = False) -> te.Tensor:
+    """First conv, reading the row layout of :func:`nchw_to_rows` (padding already applied there). ``shift_ge32``
+    as in :func:`conv2d_nchwc_requant`.
 
     x      uint8 (N, H + 2ph, Wa * C)
     w      :func:`kernels.pack_rows_weight` output, i.e. (O/16, 1, KH, 1, G, 16, 4) int8 with G = ceil(KW*C/4)
@@ -713,4 +714,4 @@ def conv2d_rows_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Te
                      name="acc")
     return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point,
                         f"conv2d_nchwc_{layout}",
-                        _packed_attrs(bits, ubsw_exact, layout))
+                        _packed_attrs(bits, ubsw_exact, layout), shift_ge32=shift_ge32)

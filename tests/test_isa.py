@@ -222,6 +222,27 @@ def test_int32_epilogue_bit_exact(kind):
     assert kern.count_instructions("vpsravd") > 0
 
 
+@needs_avx2
+def test_int32_epilogue_first_conv_rows_bit_exact():
+    """The first conv on the row layout (3 channels, 7x7/2) with the int32-clamp epilogue."""
+    rng = np.random.default_rng(17)
+    x = rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
+    w = rng.integers(-128, 128, (16, 3, 7, 7)).astype(np.int8)
+    m = rng.integers(1 << 29, 1 << 31, 16, dtype=np.int64).astype(np.int32)
+    xp = np.pad(x.astype(np.int64) - 9, ((0, 0), (0, 0), (3, 3), (3, 3)))
+    acc_std = np.array([np.std([(xp[0, :, i:i + 7, j:j + 7] * w[o]).sum() for i in range(0, 32, 4)
+                                for j in range(0, 32, 4)]) for o in range(16)])
+    sh = np.clip(np.round(np.log2(acc_std * m / 60.0)), 32, 40).astype(np.int32)    # outputs spread over ~+-120
+    bias = rng.integers(-(1 << 12), 1 << 12, 16).astype(np.int32)
+    ref = R.conv2d_requant(x, w, bias, m, sh, None, None, stride=2, padding=3, dilation=1, groups=1,
+                           input_zero_point=9, output_zero_point=5, lo=0, hi=255, residual_zero_point=0)
+    assert len(np.unique(ref)) > 64
+    arrays = [K.nchw_to_rows(x, 7, 2, 3, 9), K.pack_rows_weight(w, isa="avx2"), *K.pack_channel_params(bias, m, sh)]
+    kern = K.build_standalone(K.conv2d_rows_requant, arrays, AVX2_TARGET, in_channels=3, in_width=32, kernel=7,
+                              stride=2, padding=3, output_zero_point=5, isa="avx2", shift_ge32=True)
+    assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 16), ref)
+
+
 def test_int16_accumulator_needs_the_proof_and_avx2():
     rng = np.random.default_rng(4)
     w = rng.integers(-8, 8, (16, 32, 3, 3)).astype(np.int8)

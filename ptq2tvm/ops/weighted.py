@@ -147,6 +147,7 @@ class Conv(_Weighted):
             kw["isa"], kw["ubsw_exact"], wp = b.weight_layout(
                 node, lambda isa: K.pack_rows_weight(w, isa=isa, **b.packing(node)))
             wp = b.weight(wp)
+            kw["shift_ge32"] = b.int32_epilogue(node)
             out = b.emit(K.conv2d_rows_requant, rows, wp, *consts, *extra,
                          in_channels=cin, in_width=b.graph.tensor(node.inputs[0]).shape[2],
                          kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
