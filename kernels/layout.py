@@ -212,6 +212,13 @@ def depthwise_int16_exact(packed: np.ndarray, amax: int = 255) -> bool:
     return int(amax) * int(pos) <= 32767 and int(amax) * int(neg) <= 32768
 
 
+def shifts_allow_int32_epilogue(shift: np.ndarray) -> bool:
+    """True when every requant shift of a layer (int32 per output channel, unpadded) is >= 32, so its kernel may use
+    the int32-clamp epilogue (:func:`kernels.ops.requant_expr` ``shift_ge32=True``)."""
+    s = np.asarray(shift)
+    return s.size > 0 and int(s.min()) >= 32
+
+
 def pack_depthwise_taps(w_oihw: np.ndarray) -> np.ndarray:
     """Depthwise weight (C, 1, KH, KW) int8 -> (ceil(C/16), KH, ceil(KW/4), 16, 4) int8 for
     :func:`kernels.depthwise_taps_requant`: ``[cb, kh, g, i, t]`` = ``w[cb*16 + i, 0, kh, 4g + t]``, zero for

@@ -61,9 +61,10 @@ def requant_expr(terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]], shift: tir.
     the zero point one per-channel constant; AVX2 has no 64-bit arithmetic shift (LLVM emulated it with 2 shifts,
     a xor and a subtract). Bit-identical to :func:`ptq2tvm.ir.reference.requantize`.
 
-    ``shift_ge32=True`` (the caller proved every channel's shift >= 32, e.g. :func:`shifts_allow_int32_epilogue`):
-    the sum ``v`` (|v| < 2^63) is shifted as ``floor(v / 2^n) = floor(floor(v / 2^32) / 2^(n-32))``: the high 32-bit
-    half of every int64 lane (a shuffle) then an int32 arithmetic shift (``vpsravd``), so the clamp runs on int32 lanes
+    ``shift_ge32=True`` (the caller proved every channel's shift >= 32,
+    :func:`kernels.layout.shifts_allow_int32_epilogue`): the sum ``v`` (|v| < 2^63) is shifted as
+    ``floor(v / 2^n) = floor(floor(v / 2^32) / 2^(n-32))``: the high 32-bit half of every int64 lane (a shuffle)
+    then an int32 arithmetic shift (``vpsravd``), so the clamp runs on int32 lanes
     (``vpminsd`` / ``vpmaxsd``, eight per ymm) instead of the emulated int64 compares: the same value, about half the
     epilogue's instructions. The result is in [-2^31, 2^31) for n >= 32, and it is clamped to [lo - z, hi - z] before
     the zero point is added, so nothing overflows. (Padded channels, whose shift is 1, give garbage that is never
@@ -190,8 +191,8 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     the reduction is then written as int16 partial sums per group of input blocks (``acc16``, ``[.., 16 x 2]``: lane
     x vpmaddubsw pair) widened into the int32 ``acc``, which the AVX2 schedule runs as ``vpmaddubsw`` + ``vpaddw``
     per step and one ``vpmaddwd`` flush per group.
-    ``shift_ge32``: the caller proved every channel's shift >= 32 (:func:`shifts_allow_int32_epilogue`): the cheaper
-    exact epilogue of :func:`requant_expr`.
+    ``shift_ge32``: the caller proved every channel's shift >= 32
+    (:func:`kernels.layout.shifts_allow_int32_epilogue`): the cheaper exact epilogue of :func:`requant_expr`.
     Raises ValueError for inconsistent shapes, dtypes or an ``i16_group`` the weights do not allow.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
@@ -282,14 +283,6 @@ def _packed_attrs(bits: int, ubsw_exact: bool, layout: str) -> dict:
     """Output-block annotations of a conv/dense kernel: ``int4`` = sub-byte packed weights (int4 or int2; the
     storage is the weight buffer's dtype and shape), ``ubsw_exact`` (see :func:`conv2d_nchwc_requant`)."""
     return {"int4": int(bits < 8), "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")}
-
-
-def shifts_allow_int32_epilogue(shift: "np.ndarray") -> bool:
-    """True when every requant shift of a layer is >= 32, so its kernel may use ``requant_expr(shift_ge32=True)``."""
-    import numpy as np
-
-    s = np.asarray(shift)
-    return s.size > 0 and int(s.min()) >= 32
 
 
 def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, extra=None,

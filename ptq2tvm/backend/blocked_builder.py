@@ -121,7 +121,7 @@ class _BlockedBuilder:
 
     def int32_epilogue(self, node: IntNode) -> bool:
         """Whether a conv requantizes with the int32-clamp epilogue: every shift of the layer >= 32
-        (:func:`kernels.ops.shifts_allow_int32_epilogue`), on 256-bit targets (AVX2, AVX-VNNI), which lack the
+        (:func:`kernels.layout.shifts_allow_int32_epilogue`), on 256-bit targets (AVX2, AVX-VNNI), which lack the
         AVX-512 int64 shift / min / max the default epilogue uses (measured there; AVX-512 builds keep theirs)."""
         return self.shortcuts() and self.isa in ("avx2", "avxvnni") \
             and K.shifts_allow_int32_epilogue(node.arrays["shift"])
