@@ -431,3 +431,47 @@ def test_portable_and_foreign_builds(tmp_path, capsys):
     assert "avx_vnni" in capsys.readouterr().err
     meta = json.loads(adl.meta_path.read_text())
     assert meta["target"]["mcpu"] == "alderlake"
+
+
+@needs_avx2
+def test_int16_accumulator_fuzz():
+    """Hypothesis (derandomized) over conv shapes, strides, dilations, groups, residuals, weight storage (int8 with
+    small values, int4, int2) and input ranges: whenever the proofs allow the int16 accumulator (and the int32
+    epilogue), the kernel equals the reference."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None)
+    @given(seed=st.integers(0, 2 ** 31 - 1), groups=st.sampled_from([1, 2]), cin=st.sampled_from([16, 32, 48]),
+           cout=st.sampled_from([16, 32]), k=st.sampled_from([1, 3, 5]), s=st.sampled_from([1, 2]),
+           d=st.sampled_from([1, 2]), amax=st.sampled_from([3, 15, 63]), bits=st.sampled_from([2, 4, 8]),
+           res=st.booleans(), shift=st.integers(28, 38))
+    def check(seed, groups, cin, cout, k, s, d, amax, bits, res, shift):
+        rng = np.random.default_rng(seed)
+        d = d if k > 1 else 1
+        cin, cout, p = cin * groups, cout * groups, k // 2
+        lo, hi = {2: (-2, 1), 4: (-8, 7), 8: (-32, 31)}[bits]
+        w = rng.integers(lo, hi + 1, (cout, cin // groups, k, k)).astype(np.int8)
+        h = int(rng.integers(d * (k - 1) + 1, 14))
+        x = rng.integers(0, amax + 1, (2, cin, h, h), dtype=np.uint8)
+        zx, oh = int(rng.integers(0, amax + 1)), (h + 2 * p - d * (k - 1) - 1) // s + 1
+        bias = rng.integers(-(1 << 12), 1 << 12, cout).astype(np.int32)
+        m = rng.integers(1 << 29, 1 << 31, cout, dtype=np.int64).astype(np.int32)
+        sh = np.full(cout, shift, np.int32)
+        r = rng.integers(0, 256, (2, cout, oh, oh), dtype=np.uint8) if res else None
+        mr = rng.integers(1 << 28, 1 << 30, cout, dtype=np.int64).astype(np.int32) if res else None
+        ref = R.conv2d_requant(x, w, bias, m, sh, r, mr, stride=s, padding=p, dilation=d, groups=groups,
+                               input_zero_point=zx, output_zero_point=7, lo=0, hi=255, residual_zero_point=3)
+        wp = K.pack_conv_weight(w, groups, 16, isa="vnni", int4=bits == 4, int2=bits == 2)
+        g = K.u8s8_int16_group(wp, amax)
+        hypothesis.assume(g > 0 and K.u8s8_pairs_exact(wp, amax))
+        arrays = [K.nchw_to_nchwc(x, 16, zx), wp, *K.pack_channel_params(bias, m, sh)]
+        if res:
+            arrays += [K.nchw_to_nchwc(r, 16, 0), K.pack_channel_params(mr, kinds="m")[0]]
+        kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, stride=s, padding=p, dilation=d,
+                                  groups=groups, input_zero_point=zx, output_zero_point=7, residual_zero_point=3,
+                                  isa="vnni", ubsw_exact=True, i16_group=g,
+                                  shift_ge32=K.shifts_allow_int32_epilogue(sh))
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), cout), ref)
+
+    check()
