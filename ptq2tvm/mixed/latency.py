@@ -30,7 +30,11 @@ for its input's range (:func:`kernels.layout.u8s8_pairs_exact`), which always ho
 input activations. So on AVX2 the W8A8 build's kernels are timed a fourth time with 7-bit weights (the timing class
 'int8ubsw': int8 storage on ``vpmaddubsw``), and :func:`kernel_class` picks it for W5..7 layers and for W8 layers
 reading <= 7-bit activations (measured: a plan of ten W8A4 layers ran 0.78x the latency the vpmaddwd times
-predicted). Elsewhere (VNNI's ``vpdpbusd`` is exact for any uint8 x int8) WxA4 costs what WxA8 costs. 2-bit weights
+predicted). On AVX2 the input range also decides whether a ``vpmaddubsw`` layer may accumulate in int16
+(:func:`kernels.layout.u8s8_int16_group`, typically <= 5-bit inputs: 1.2-1.45x faster 3x3 convs) and whether a
+depthwise conv sums in int16 (:func:`kernels.layout.depthwise_int16_exact`); every build here keeps the graph's
+activation ranges and real weights, so the measured times include whichever kernel the builder proves.
+Elsewhere (VNNI's ``vpdpbusd`` is exact for any uint8 x int8) WxA4 costs what WxA8 costs. 2-bit weights
 are the storage class 'int2' (four per byte, their own kernels) where the target packs them so, else they use the
 int4 kernels (same storage, same speed).
 """
