@@ -36,7 +36,7 @@ from .cuda import (CudaConvTile, choose_cuda_conv_tile, launch_shape, schedule_c
                    schedule_module_cuda, schedule_simple_cuda)
 from .schedule import (ConvTile, apply_schedule, choose_conv_tile, conv_tile_candidates, finish_scheduled, kernel_kind,
                        schedule_conv2d_nchwc, schedule_module, schedule_primfunc, target_isa, tuning_space)
-from .schedule import dot_product, pack_isa
+from .schedule import arithmetic_shortcuts, dot_product, pack_isa
 from .intrin import (AVXVNNI_INTRIN, UBSW16_INTRIN, UBSW_INTRIN, WIDEN16_INTRIN, register_avxvnni_intrinsic,
                      register_ubsw16_intrinsic, register_ubsw_intrinsic, register_widen16_intrinsic)
 
@@ -54,7 +54,7 @@ __all__ = [
     "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind",
     "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc", "target_isa", "tuning_space",
     "StandaloneKernel", "build_standalone", "host_target",
-    "dot_product", "pack_isa", "u8s8_pairs_exact", "AVXVNNI_INTRIN", "UBSW_INTRIN", "register_avxvnni_intrinsic",
+    "arithmetic_shortcuts", "dot_product", "pack_isa", "u8s8_pairs_exact", "AVXVNNI_INTRIN", "UBSW_INTRIN", "register_avxvnni_intrinsic",
     "register_ubsw_intrinsic", "u8s8_int16_group", "depthwise_int16_exact", "UBSW16_INTRIN", "WIDEN16_INTRIN",
     "register_ubsw16_intrinsic", "register_widen16_intrinsic",
     "CudaConvTile", "choose_cuda_conv_tile", "launch_shape", "schedule_conv2d_dp4a", "schedule_depthwise_cuda",

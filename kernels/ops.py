@@ -296,7 +296,7 @@ def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, ext
             consts.append((tir.const(-int(z_r), "int32"), rm[c]))
         return requant_expr(terms, shift[c], z_out, lo, hi, const_terms=consts, shift_ge32=shift_ge32)
 
-    attrs = {KERNEL_ATTR: kind, **(extra or {})}
+    attrs = {KERNEL_ATTR: kind, **(extra or {}), **({"int32_epilogue": 1} if shift_ge32 else {})}
     return te.compute(_shape(acc), out, name="out", attrs=attrs)
 
 

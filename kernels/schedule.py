@@ -618,6 +618,29 @@ def kernel_kind(func: tvm.tirx.PrimFunc) -> str | None:
     return str(ann[KERNEL_ATTR]) if KERNEL_ATTR in ann else None
 
 
+def arithmetic_shortcuts(mod: tvm.IRModule) -> dict[str, int]:
+    """How many kernels (PrimFuncs; Relax shares one between layers of identical shape) of a blocked module use each
+    proved arithmetic shortcut: ``int16_accumulator`` (vpmaddubsw convs, ``i16_group``), ``int16_depthwise`` and
+    ``int32_epilogue`` (:func:`kernels.ops.requant_expr` ``shift_ge32``), read from the output blocks' annotations
+    (scheduled or not)."""
+    counts = {"int16_accumulator": 0, "int16_depthwise": 0, "int32_epilogue": 0}
+    for func in mod.functions.values():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        try:
+            sch = Schedule(func)
+            ann = sch.get(sch.get_sblock("out")).annotations
+        except Exception:  # noqa: BLE001 - not one of ours
+            continue
+        if KERNEL_ATTR not in ann:
+            continue
+        if "i16_group" in ann and int(ann["i16_group"]) > 0:
+            counts["int16_depthwise" if "depthwise" in str(ann[KERNEL_ATTR]) else "int16_accumulator"] += 1
+        if "int32_epilogue" in ann and int(ann["int32_epilogue"]) == 1:
+            counts["int32_epilogue"] += 1
+    return counts
+
+
 def apply_schedule(sch: Schedule, target=None, **options) -> Schedule:
     """Apply the hand schedule matching the kernel annotation of ``sch``'s PrimFunc to ``sch`` (in place; the
     schedule's trace then records it, which is what MetaSchedule's database stores). ``options`` as in

@@ -317,10 +317,14 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
         raise Ptq2TvmError(str(e)) from None
     print(f"compiled {so} (batch {args.batch}, {res.meta['backend']}, target {res.meta['target']}) "
           f"in {res.seconds:.1f} s")
+    shortcuts = res.meta.get("arithmetic_shortcuts") or {}
+    if any(shortcuts.values()):
+        print("proved arithmetic shortcuts (kernels): " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                                                    for k, v in shortcuts.items()))
     out = dict(so=str(res.so_path), meta=str(res.meta_path), seconds=round(res.seconds, 2), target=res.meta["target"],
                backend=res.meta["backend"], batch=args.batch,
                weight_bytes=res.meta.get("stored_weight_bytes", res.meta["weight_bytes"]),
-               weight_count=res.meta["weight_bytes"])
+               weight_count=res.meta["weight_bytes"], arithmetic_shortcuts=shortcuts)
     if "tuning" in res.meta:
         from .backend.tune import TuneReport
 

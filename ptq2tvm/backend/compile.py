@@ -198,6 +198,10 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
             "graph_meta": graph.meta,
             "build_seconds": round(seconds, 3),
         }
+        if backend.startswith("x86-nchw16c"):
+            import kernels as K
+
+            meta["arithmetic_shortcuts"] = K.arithmetic_shortcuts(mod)
         if tuner is not None:
             meta["tuning"] = tuner.report.to_dict()
         if cuda_binaries is not None:
