@@ -153,17 +153,29 @@ def u8s8_pairs_exact(packed: np.ndarray, amax: int = 255) -> bool:
     int2 forms ``[..., 32]`` / ``[..., 16]`` uint8) and uint8 activations in ``[0, amax]``: for every pair of
     adjacent input channels (the pairs vpmaddubsw sums, ``(0, 1)`` and ``(2, 3)`` of each 4) ``amax * (max(w0,0) + max(w1,0)) <= 32767`` and
     ``amax * (min(w0,0) + min(w1,0)) >= -32768``, so no int16 pair sum saturates. (Intel SDM, PMADDUBSW.)"""
-    p = np.asarray(packed)
-    if p.dtype == np.uint8:
-        p = unpack_int4(p) if p.shape[-1] == 32 else unpack_int2(p) if p.shape[-1] == 16 else p
+    p = _vnni_int8(packed)
     if p.dtype != np.int8 or p.shape[-1] not in (4, 64):
         raise ValueError(f"expected a VNNI-layout int8 weight [..., 16, 4], int4 [..., 32] or int2 [..., 16], got "
                          f"{p.dtype} {p.shape}")
-    pairs = p.reshape(-1, 2).astype(np.int32)
-    if pairs.size == 0:
-        return True
-    pos = np.maximum(pairs, 0).sum(axis=1).max()
-    neg = np.minimum(pairs, 0).sum(axis=1).min()
+    return _sums_fit_int16(p.reshape(-1, 2), (1,), amax)
+
+
+def _vnni_int8(packed: np.ndarray) -> np.ndarray:
+    """A VNNI-layout packed weight as int8 values: int4 (``[..., 32]`` uint8) and int2 (``[..., 16]`` uint8)
+    storage unpacked to ``[..., 64]``; anything else returned as it is (the callers check the shape)."""
+    p = np.asarray(packed)
+    if p.dtype == np.uint8:
+        p = unpack_int4(p) if p.shape[-1] == 32 else unpack_int2(p) if p.shape[-1] == 16 else p
+    return p
+
+
+def _sums_fit_int16(w: np.ndarray, axes: tuple[int, ...], amax: int) -> bool:
+    """True when, for inputs in ``[0, amax]``, every sum of ``w`` over ``axes`` (one per index of the other axes)
+    stays inside int16: ``amax * (sum of its positive weights) <= 32767`` and ``amax * (sum of its negative weights)
+    >= -32768``; every partial sum of the same terms then does too. True for an empty ``w``."""
+    w = np.asarray(w, dtype=np.int64)
+    pos = np.maximum(w, 0).sum(axis=axes).max(initial=0)
+    neg = np.minimum(w, 0).sum(axis=axes).min(initial=0)
     return int(amax) * int(pos) <= 32767 and int(amax) * int(neg) >= -32768
 
 
@@ -179,20 +191,16 @@ def u8s8_int16_group(packed: np.ndarray, amax: int = 255) -> int:
     the exact sum. Returns the largest ``g`` dividing ``CBG`` that holds for every group and channel. (Intel SDM,
     PMADDUBSW / PADDW.)
     Raises ValueError for another shape."""
-    p = np.asarray(packed)
-    if p.dtype == np.uint8:
-        p = unpack_int4(p) if p.shape[-1] == 32 else unpack_int2(p) if p.shape[-1] == 16 else p
-        p = p.reshape(*p.shape[:-1], BLOCK, 4) if p.shape[-1] == 4 * BLOCK else p
+    p = _vnni_int8(packed)
+    if np.asarray(packed).dtype == np.uint8 and p.shape[-1] == 4 * BLOCK:      # unpacked int4 / int2 storage
+        p = p.reshape(*p.shape[:-1], BLOCK, 4)
     if p.dtype != np.int8 or p.ndim != 7 or p.shape[-2:] != (BLOCK, 4):
         raise ValueError(f"expected a VNNI-layout conv weight [OB, CBG, KH, KW, CF, 16, 4] int8 (or int4 / int2 "
                          f"packed), got {p.dtype} {p.shape}")
     ob, cbg = p.shape[:2]
-    w = p.astype(np.int64)
     for g in sorted((d for d in range(1, cbg + 1) if cbg % d == 0), reverse=True):
-        grouped = w.reshape(ob, cbg // g, -1, BLOCK, 4)           # [ob, group, (g, kh, kw, cf), lane, 4]
-        pos = np.maximum(grouped, 0).sum(axis=(2, 4)).max(initial=0)
-        neg = -np.minimum(grouped, 0).sum(axis=(2, 4)).min(initial=0)
-        if int(amax) * int(pos) <= 32767 and int(amax) * int(neg) <= 32768:
+        # [ob, group, (g, kh, kw, cf), lane, 4]: one sum per (ob, group, lane)
+        if _sums_fit_int16(p.reshape(ob, cbg // g, -1, BLOCK, 4), (2, 4), amax):
             return g
     return 0
 
@@ -206,10 +214,7 @@ def depthwise_int16_exact(packed: np.ndarray, amax: int = 255) -> bool:
     w = np.asarray(packed)
     if w.dtype != np.int8 or w.ndim != 4 or w.shape[-1] != BLOCK:
         raise ValueError(f"expected a packed depthwise weight (CB, KH, KW, 16) int8, got {w.dtype} {w.shape}")
-    w = w.astype(np.int64)
-    pos = np.maximum(w, 0).sum(axis=(1, 2)).max(initial=0)
-    neg = -np.minimum(w, 0).sum(axis=(1, 2)).min(initial=0)
-    return int(amax) * int(pos) <= 32767 and int(amax) * int(neg) <= 32768
+    return _sums_fit_int16(w, (1, 2), amax)
 
 
 def shifts_allow_int32_epilogue(shift: np.ndarray) -> bool:

@@ -226,9 +226,14 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     rcf = te.reduce_axis((0, cf), "rcf")
     rcs = te.reduce_axis((0, 4), "rcs")
 
+    def x_at(b, o, i, j, icb_in_group, kh_, kw_, ch):
+        """The padded input under output pixel (i, j) of block o at tap (kh_, kw_), input block icb_in_group of o's
+        group, channel ch of the block (uint8)."""
+        ic = icb_in_group if ngroups == 1 else (o // obg) * cbg + icb_in_group
+        return xp[b, ic, i * sh_ + kh_ * dh, j * sw_ + kw_ * dw, ch]
+
     def xin(b, o, i, j):
-        ic = ric if ngroups == 1 else (o // obg) * cbg + ric
-        return xp[b, ic, i * sh_ + rkh * dh, j * sw_ + rkw * dw, rcf * 4 + rcs].astype("int32")
+        return x_at(b, o, i, j, ric, rkh, rkw, rcf * 4 + rcs).astype("int32")
 
     wv = _packed_weight(wt, layout, ric, rkh, rkw, rcf, rcs)
 
@@ -237,8 +242,7 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
         if layout != "vnni" or not ubsw_exact or cbg % int(i16_group):
             raise ValueError(f"i16_group={i16_group} needs VNNI-packed weights proved exact (ubsw_exact) and a divisor "
                              f"of the {cbg} input blocks per group")
-        acc = _acc_int16_groups(xp, wt, (n, ob, oh, ow), cbg, int(i16_group), (kh, kw, cf), ngroups, obg,
-                                (sh_, sw_), (dh, dw))
+        acc = _acc_int16_groups(x_at, wt, (n, ob, oh, ow), cbg, int(i16_group), (kh, kw, cf))
         extra["i16_group"] = int(i16_group)
     else:
         acc = te.compute((n, ob, oh, ow, BLOCK),
@@ -249,13 +253,13 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
                         extra, shift_ge32=shift_ge32)
 
 
-def _acc_int16_groups(xp, wt, out_shape, cbg, g, taps, ngroups, obg, stride, dilation) -> te.Tensor:
+def _acc_int16_groups(x_at, wt, out_shape, cbg, g, taps) -> te.Tensor:
     """The int32 accumulator of a conv as int16 partial sums over ``g`` input blocks (``acc16``, element
-    ``2*lane + pair`` = one ``vpmaddubsw`` output lane) widened and summed (``acc``). Exact when the weights pass
-    :func:`kernels.layout.u8s8_int16_group` for the input range (no int16 sum leaves its range)."""
+    ``2*lane + pair`` = one ``vpmaddubsw`` output lane) widened and summed (``acc``). ``x_at`` reads the padded input
+    as in :func:`conv2d_nchwc_requant`. Exact when the weights pass :func:`kernels.layout.u8s8_int16_group` for the
+    input range (no int16 sum leaves its range)."""
     n, ob, oh, ow = out_shape
     kh, kw, cf = taps
-    (sh_, sw_), (dh, dw) = stride, dilation
     rici = te.reduce_axis((0, g), "rici")
     rkh = te.reduce_axis((0, kh), "rkh")
     rkw = te.reduce_axis((0, kw), "rkw")
@@ -264,9 +268,8 @@ def _acc_int16_groups(xp, wt, out_shape, cbg, g, taps, ngroups, obg, stride, dil
 
     def term(b, o, gg, i, j, e):
         icr = gg * g + rici
-        ic = icr if ngroups == 1 else (o // obg) * cbg + icr
         k = e % 2 * 2 + rj
-        return (xp[b, ic, i * sh_ + rkh * dh, j * sw_ + rkw * dw, rcf * 4 + k].astype("int16")
+        return (x_at(b, o, i, j, icr, rkh, rkw, rcf * 4 + k).astype("int16")
                 * wt[o, icr, rkh, rkw, rcf, e // 2, k].astype("int16"))
 
     acc16 = te.compute((n, ob, cbg // g, oh, ow, 2 * BLOCK),

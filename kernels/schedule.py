@@ -232,33 +232,20 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
                              f"{isa or layout}")
         return _schedule_conv_int16(sch, out, acc, acc16, pad, unpack, tile, threads)
     n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
-    ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
     if tile is None:
+        ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
         tile = choose_conv_tile(*ext, isa=tiles, threads=threads,
                                 int4=unpack is not None and unpack_at == "step" and tiles == "vnni")
-    obo, obi = _split(sch, ob, [None, tile.Q])
-    oho, ohi = _split(sch, oh, [None, tile.R])
-    owo, owi = _split(sch, ow, [None, tile.P])
+    per_task = unpack is not None and unpack_at == "task"
+    par, (obi, ohi, owi) = _tile_conv(sch, out, (n, ob, oh, ow), tile, [ric, rkh, rkw, rcf], [oc, rcs], per_task,
+                                      threads)
     ndim = 7 if layout == "vnni" else 8
-    if unpack is not None and unpack_at == "task":
-        # parallel over (images chunk, rows chunk, output block group): each task unpacks its Q blocks' weights once
-        # and reuses them for every row of every image in its chunk; the groups of one chunk run back to back on one
-        # thread (static partition), so the chunk's input stays in cache across them
-        nc, rc = _task_chunks(ext[1] // tile.Q, ext[0], ext[2] // tile.R, threads, ext[0] * ext[2] * ext[3])
-        nco, n = _split(sch, n, [nc, None])
-        rco, oho = _split(sch, oho, [rc, None])
-        sch.reorder(nco, rco, obo, n, oho, owo, ric, rkh, rkw, rcf, ohi, owi, obi, oc, rcs)
-        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
-        par = sch.fuse(nco, rco, obo)
+    if per_task:
         sch.compute_at(unpack, par, preserve_unit_loops=True)
         _schedule_unpack(sch, unpack, layout, ndim, unroll_outer=False)
-    else:
-        sch.reorder(n, obo, oho, owo, ric, rkh, rkw, rcf, ohi, owi, obi, oc, rcs)
-        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
-        par = sch.fuse(n, obo, oho)
-        if unpack is not None:
-            sch.compute_at(unpack, rcf, preserve_unit_loops=True)
-            _schedule_unpack(sch, unpack, layout, ndim)
+    elif unpack is not None:
+        sch.compute_at(unpack, rcf, preserve_unit_loops=True)
+        _schedule_unpack(sch, unpack, layout, ndim)
     if threads > 1:
         sch.parallel(par)
     sch.set_scope(acc, 0, "local")
@@ -284,23 +271,9 @@ def _schedule_conv_int16(sch: Schedule, out, acc, acc16, pad, unpack, tile: Conv
     2 ymm per pixel, like the int32 one it replaces in the inner loop). Sub-byte weights are unpacked once per task
     (``unpack_at="task"``)."""
     n, ob, oh, ow, oc, rg, rp = sch.get_loops(acc)
-    ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
     if tile is None:
-        tile = choose_conv_tile(*ext, isa="ymm", threads=threads)
-    obo, obi = _split(sch, ob, [None, tile.Q])
-    oho, ohi = _split(sch, oh, [None, tile.R])
-    owo, owi = _split(sch, ow, [None, tile.P])
-    if unpack is not None:
-        nc, rc = _task_chunks(ext[1] // tile.Q, ext[0], ext[2] // tile.R, threads, ext[0] * ext[2] * ext[3])
-        nco, n = _split(sch, n, [nc, None])
-        rco, oho = _split(sch, oho, [rc, None])
-        sch.reorder(nco, rco, obo, n, oho, owo, rg, ohi, owi, obi, oc, rp)
-        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
-        par = sch.fuse(nco, rco, obo)
-    else:
-        sch.reorder(n, obo, oho, owo, rg, ohi, owi, obi, oc, rp)
-        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
-        par = sch.fuse(n, obo, oho)
+        tile = choose_conv_tile(*[int(sch.get(lp).extent) for lp in (n, ob, oh, ow)], isa="ymm", threads=threads)
+    par, (obi, ohi, owi) = _tile_conv(sch, out, (n, ob, oh, ow), tile, [rg], [oc, rp], unpack is not None, threads)
     sch.compute_at(acc16, rg, preserve_unit_loops=True)
     if unpack is not None:
         sch.compute_at(unpack, par, preserve_unit_loops=True)
@@ -326,6 +299,36 @@ def _schedule_conv_int16(sch: Schedule, out, acc, acc16, pad, unpack, tile: Conv
     if pad is not None:
         _schedule_pad(sch, pad, threads)
     return sch
+
+
+def _tile_conv(sch: Schedule, out, spatial, tile: ConvTile, reduction: list, inner: list, per_task: bool,
+               threads: int):
+    """The register tiling shared by the conv schedules: split (N, OB, OH, OW) into tiles of Q blocks x R rows x P
+    columns, order ``outer tiles, reduction, tile pixels, inner`` (the tensorized loops last), compute the output
+    block at each tile, and fuse the parallel loop; -> (parallel loop, (Q, R, P tile loops)).
+
+    ``per_task`` (sub-byte weights unpacked once per parallel task): parallel over (images chunk, rows chunk, output
+    block group), so each task unpacks its Q blocks' weights once and reuses them for every row of every image in
+    its chunk; the groups of one chunk run back to back on one thread (static partition), so the chunk's input stays
+    in cache across them. Otherwise parallel over (image, output block group, row tile)."""
+    n, ob, oh, ow = spatial
+    ext = [int(sch.get(lp).extent) for lp in spatial]
+    obo, obi = _split(sch, ob, [None, tile.Q])
+    oho, ohi = _split(sch, oh, [None, tile.R])
+    owo, owi = _split(sch, ow, [None, tile.P])
+    tile_loops = [ohi, owi, obi]
+    if per_task:
+        nc, rc = _task_chunks(ext[1] // tile.Q, ext[0], ext[2] // tile.R, threads, ext[0] * ext[2] * ext[3])
+        nco, n = _split(sch, n, [nc, None])
+        rco, oho = _split(sch, oho, [rc, None])
+        sch.reorder(nco, rco, obo, n, oho, owo, *reduction, *tile_loops, *inner)
+        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+        par = sch.fuse(nco, rco, obo)
+    else:
+        sch.reorder(n, obo, oho, owo, *reduction, *tile_loops, *inner)
+        sch.reverse_compute_at(out, owo, preserve_unit_loops=True)
+        par = sch.fuse(n, obo, oho)
+    return par, (obi, ohi, owi)
 
 
 def _ubsw_exact(sch: Schedule, out) -> bool:
