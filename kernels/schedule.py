@@ -6,7 +6,7 @@ each) x R rows x P columns (chosen by :func:`choose_conv_tile` from the shape):
     pad (own parallel loop, zero point border, written once)           -- not inlined: tensorize needs plain loads
     parallel for (n, ob/Q, oh/R):                                       -- weights of Q blocks stay in L1/L2
       for ow/P:
-        acc[Q, R, P, 16] = 0                                             -- int32, "local": LLVM keeps it in zmm regs
+        acc[Q, R, P, 16] = 0                                             -- int32, a stack tile: LLVM keeps it in regs
         for ic_block, kh, kw, ic/4:
           for q, r, p (unrolled): acc[q, r, p, :] = vpdpbusd(acc[q, r, p, :], bcast(x[4 bytes]), w[q][64 bytes])
         for q, r, p (unrolled), 16 lanes (vectorized): requant epilogue (+ residual), uint8 store
@@ -47,6 +47,16 @@ from .ops import KERNEL_ATTR
 OP_PATTERN_OPAQUE = 8
 SCHEDULED_ATTR = "tirx.is_scheduled"     # TVM 0.27's name (dlight skips these); "tir.is_scheduled" is ignored now
 _MIN_PARALLEL_ELEMS = 1 << 14
+
+
+# Storage scope of every accumulator tile (and of the tensor intrinsics' accumulator operand). "global", not
+# "local": TVM 0.27's LowerTVMBuiltin keeps a constant-size allocation under 1 KiB on the stack only when its scope is
+# "global"; a "local" one becomes a TVMBackendAllocWorkspace / FreeWorkspace pair, placed at the top of the enclosing
+# parallel-loop body, i.e. paid once per parallel iteration (~0.3 us each on Zen 3). Compaction shrinks the
+# block-level buffer to the tile (Q x R x P x 16 int32), so LLVM promotes it to registers as before. A 16-accumulator
+# zmm tile (exactly 1 KiB) still goes to the workspace, as it did with "local" (benchmarks/results/alloc_fix_ab.md;
+# tests/test_kernels_x86.py::test_kernels_make_no_workspace_allocations).
+ACC_SCOPE = "global"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,13 +104,13 @@ def dot_product(layout: str, isa: str, ubsw_exact: bool = False) -> tuple[str, s
 
     Raises ValueError for VNNI-packed weights on an AVX2 target unless the kernel is marked ``ubsw_exact``."""
     if layout == "avx2":
-        return register_avx2_intrinsic("local"), "avx2"
+        return register_avx2_intrinsic(ACC_SCOPE), "avx2"
     if isa == "vnni":
-        return register_vnni_intrinsic("local"), "vnni"
+        return register_vnni_intrinsic(ACC_SCOPE), "vnni"
     if isa == "avxvnni":
-        return register_avxvnni_intrinsic("local"), "ymm"
+        return register_avxvnni_intrinsic(ACC_SCOPE), "ymm"
     if ubsw_exact:
-        return register_ubsw_intrinsic("local"), "ymm"
+        return register_ubsw_intrinsic(ACC_SCOPE), "ymm"
     raise ValueError("VNNI-packed weights on an AVX2 target need a u8 x s8 dot product: this kernel is not marked "
                      "ubsw_exact (vpmaddubsw could saturate); pack the weights with isa='avx2'")
 
@@ -227,7 +237,7 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     _refuse_untested_int2(sch, unpack, layout, isa or layout)
     acc16 = _try_block(sch, "acc16")
     if acc16 is not None:
-        if tiles != "ymm" or intrin != register_ubsw_intrinsic("local"):
+        if tiles != "ymm" or intrin != register_ubsw_intrinsic(ACC_SCOPE):
             raise ValueError(f"int16-accumulator conv kernels (i16_group) run only on AVX2 (vpmaddubsw); target ISA "
                              f"{isa or layout}")
         return _schedule_conv_int16(sch, out, acc, acc16, pad, unpack, tile, threads)
@@ -248,7 +258,7 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
         _schedule_unpack(sch, unpack, layout, ndim)
     if threads > 1:
         sch.parallel(par)
-    sch.set_scope(acc, 0, "local")
+    sch.set_scope(acc, 0, ACC_SCOPE)
     init = sch.decompose_reduction(acc, ric)
     iloops = sch.get_loops(init)
     _vectorize_inner(sch, iloops[-4:])
@@ -283,16 +293,16 @@ def _schedule_conv_int16(sch: Schedule, out, acc, acc16, pad, unpack, tile: Conv
     # acc16 under rg: spatial (b, o, gg, i, j, e) then reduction (rici, rkh, rkw, rcf, rj)
     b16, o16, g16, i16, j16, e16, rici, rkh, rkw, rcf, rj = sch.get_loops(acc16)[-11:]
     sch.reorder(rici, rkh, rkw, rcf, b16, g16, i16, j16, o16, e16, rj)
-    sch.set_scope(acc16, 0, "local")
-    sch.set_scope(acc, 0, "local")
+    sch.set_scope(acc16, 0, ACC_SCOPE)
+    sch.set_scope(acc, 0, ACC_SCOPE)
     init16 = sch.decompose_reduction(acc16, rici)
     _vectorize_inner(sch, sch.get_loops(init16)[-6:])
-    sch.tensorize(e16, register_ubsw16_intrinsic("local"))
+    sch.tensorize(e16, register_ubsw16_intrinsic(ACC_SCOPE))
     for lp in (b16, g16, i16, j16, o16):
         sch.unroll(lp)
     init = sch.decompose_reduction(acc, rg)
     _vectorize_inner(sch, sch.get_loops(init)[-4:])
-    sch.tensorize(oc, register_widen16_intrinsic("local"))
+    sch.tensorize(oc, register_widen16_intrinsic(ACC_SCOPE))
     for lp in (obi, ohi, owi):
         sch.unroll(lp)
     _vectorize_inner(sch, sch.get_loops(out)[-5:])
@@ -424,10 +434,10 @@ def schedule_depthwise(sch: Schedule, threads: int = 2, p_max: int = 8, isa: str
     par = sch.fuse(n, cb, oh)
     if threads > 1:
         sch.parallel(par)
-    sch.set_scope(acc, 0, "local")
+    sch.set_scope(acc, 0, ACC_SCOPE)
     if taps:
         init = sch.decompose_reduction(acc, rkh)
-        sch.tensorize(ci, register_taps_intrinsic("local"))
+        sch.tensorize(ci, register_taps_intrinsic(ACC_SCOPE))
     else:
         sch.vectorize(ci)
         init = sch.decompose_reduction(acc, rkh)
@@ -464,7 +474,7 @@ def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: s
     par = sch.fuse(no, obo)
     if threads > 1:
         sch.parallel(par)
-    sch.set_scope(acc, 0, "local")
+    sch.set_scope(acc, 0, ACC_SCOPE)
     if unpack is not None:
         sch.compute_at(unpack, rkf, preserve_unit_loops=True)
         _schedule_unpack(sch, unpack, layout, 4 if layout == "vnni" else 5)
@@ -499,7 +509,7 @@ def schedule_pool(sch: Schedule, threads: int = 2) -> Schedule:
     sch.reorder(n, cb, oh, ow, rkh, rkw, c)
     if acc is not None:
         sch.reverse_compute_at(out, ow, preserve_unit_loops=True)
-        sch.set_scope(acc, 0, "local")
+        sch.set_scope(acc, 0, ACC_SCOPE)
     par = sch.fuse(n, cb, oh)
     if threads > 1 and _elems(sch, out) >= _MIN_PARALLEL_ELEMS:
         sch.parallel(par)
@@ -518,7 +528,7 @@ def schedule_gap(sch: Schedule, threads: int = 2) -> Schedule:
     n, cb, c, rh, rw = sch.get_loops(acc)
     sch.reorder(n, cb, rh, rw, c)
     sch.reverse_compute_at(out, cb, preserve_unit_loops=True)
-    sch.set_scope(acc, 0, "local")
+    sch.set_scope(acc, 0, ACC_SCOPE)
     par = sch.fuse(n, cb)
     if threads > 1 and _elems(sch, acc) >= _MIN_PARALLEL_ELEMS:
         sch.parallel(par)

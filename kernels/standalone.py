@@ -51,6 +51,23 @@ class StandaloneKernel:
         self.lib.export_library(path)
         return path
 
+    def llvm_ir(self) -> str:
+        """The kernel's LLVM IR as TVM generated it (before LLVM's own optimisation pipeline)."""
+        return self.lib.mod.inspect_source("ll")
+
+    def parallel_workspace_allocations(self) -> int:
+        """How many ``TVMBackendAllocWorkspace`` calls the kernel's parallel-loop bodies (``__tvm_parallel_lambda*``
+        in its LLVM IR) make: heap allocations repeated for every parallel iteration (0 for every hand-scheduled x86
+        kernel, see :data:`kernels.schedule.ACC_SCOPE`; a per-call buffer such as the padded input is allocated
+        once, outside them, and not counted)."""
+        count, in_lambda = 0, False
+        for line in self.llvm_ir().splitlines():
+            if line.startswith("define"):
+                in_lambda = "@__tvm_parallel_lambda" in line
+            elif in_lambda and "@__TVMBackendAllocWorkspace" in line:
+                count += 1
+        return count
+
     def count_instructions(self, mnemonic: str) -> int:
         """How many times ``mnemonic`` (e.g. 'vpdpbusd') occurs in the disassembled .so (objdump -d)."""
         with tempfile.TemporaryDirectory() as d:

@@ -532,3 +532,48 @@ def test_relax_network_schedule_module(isa, tmp_path):
     else:
         assert n_vnni == 0
     assert "vpmaddubsw" not in dis
+
+
+def _no_workspace_cases():
+    """(name, TE function, arrays, mcpu, attrs) of one kernel of every x86 schedule family, each with parallel loops
+    (num_cores=2); the values do not matter (compiled, never run). Sub-byte weights are left out: their unpacked
+    copy (kilobytes) is allocated once per parallel task on purpose (``unpack_at="task"``), a few per call."""
+    z = np.zeros
+    x16 = z((1, 2, 14, 14, 16), np.uint8)
+    w8 = z((32, 32, 3, 3), np.int8)
+    params = K.pack_channel_params(z(32, np.int32), np.ones(32, np.int32), np.full(32, 40, np.int32))
+    dw = K.pack_conv_weight(z((32, 1, 3, 3), np.int8), groups=32)
+    dense = [z((2, 64), np.uint8), None, *params]
+    conv = K.conv2d_nchwc_requant
+    cases = [
+        ("conv vpmaddwd", conv, [x16, K.pack_conv_weight(w8, isa="avx2"), *params], "haswell", dict(padding=1)),
+        ("conv vpmaddubsw", conv, [x16, K.pack_conv_weight(w8, isa="vnni"), *params], "haswell",
+         dict(padding=1, isa="vnni", ubsw_exact=True, shift_ge32=True)),
+        ("conv int16 accumulator", conv, [x16, K.pack_conv_weight(w8, isa="vnni"), *params], "haswell",
+         dict(padding=1, isa="vnni", ubsw_exact=True, i16_group=1)),
+        ("depthwise int16", conv, [x16, dw, *params], "haswell", dict(padding=1, i16_group=1)),
+        ("depthwise int32", conv, [x16, dw, *params], "haswell", dict(padding=1)),
+        ("conv vpdpbusd zmm", conv, [x16, K.pack_conv_weight(w8), *params], "znver4", dict(padding=1)),
+        ("conv vpdpbusd ymm", conv, [x16, K.pack_conv_weight(w8), *params], "alderlake", dict(padding=1)),
+        ("depthwise taps", K.depthwise_taps_requant, [x16, K.pack_depthwise_taps(z((32, 1, 3, 3), np.int8)),
+                                                     *params], "znver4", dict(kernel_width=3, padding=1)),
+        ("dense vpmaddwd", K.dense_requant, [dense[0], K.pack_dense_weight(z((32, 64), np.int8), isa="avx2"),
+                                             *params], "haswell", dict(out_features=32, isa="avx2")),
+        ("dense vpdpbusd", K.dense_requant, [dense[0], K.pack_dense_weight(z((32, 64), np.int8)), *params],
+         "znver4", dict(out_features=32)),
+        ("avgpool", K.avgpool2d_nchwc_requant, [x16, *params[1:]], "haswell", dict(kernel=2, stride=2)),
+        ("global avgpool", K.global_avgpool_nchwc_requant, [x16, *params[1:]], "haswell", {}),
+        ("maxpool", K.maxpool2d_nchwc, [x16], "haswell", dict(kernel=3, stride=2, padding=1)),
+    ]
+    return [pytest.param(fn, arrays, mcpu, attrs, id=name) for name, fn, arrays, mcpu, attrs in cases]
+
+
+@pytest.mark.parametrize("fn,arrays,mcpu,attrs", _no_workspace_cases())
+def test_kernels_make_no_workspace_allocations(fn, arrays, mcpu, attrs):
+    """Accumulator tiles and the dot-product intrinsics' temporaries live on the stack (LLVM keeps them in
+    registers), never in TVMBackendAllocWorkspace memory allocated inside a parallel loop. TVM 0.27 lowers every "local"-scope buffer, and every named
+    value inside a tensorized intrinsic body, to a workspace alloc/free pair at the top of the enclosing parallel-loop
+    body: once per parallel iteration (~0.3 us each; 1x1 convs ran 1.3-1.9x slower for it, benchmarks/results/
+    alloc_fix_ab.md). Compiled for each ISA here, run nowhere."""
+    kern = K.build_standalone(fn, arrays, K.host_target(num_cores=2, mcpu=mcpu), **attrs)
+    assert kern.parallel_workspace_allocations() == 0

@@ -93,8 +93,11 @@ class KernelTuner:
         self.number_ms = number_ms
         self.repeat = repeat
         self.report = TuneReport(str(self.db_dir), trials)
-        K.register_vnni_intrinsic("local")      # the traces replay `tensorize` with these names
-        K.register_avx2_intrinsic("local")
+        for scope in ("global", "local"):       # the traces replay `tensorize` with these names ("local": records
+            for register in (K.register_vnni_intrinsic, K.register_avx2_intrinsic,        # written before ACC_SCOPE)
+                             K.register_avxvnni_intrinsic, K.register_ubsw_intrinsic,
+                             K.register_ubsw16_intrinsic, K.register_widen16_intrinsic):
+                register(scope)
 
     # ---- database ----------------------------------------------------------------------------------------------
     def _open(self) -> tuple[ms.database.JSONDatabase, dict[str, Any]]:

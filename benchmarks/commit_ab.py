@@ -1,0 +1,145 @@
+"""A/B of two versions of the compiler: the same integer graph compiled by an earlier git revision and by this tree,
+both .so timed in one process.
+
+    .venv/bin/python benchmarks/commit_ab.py --before REV [--models resnet_small resnet18 mobilenet_v2]
+                                             [--bits 7/8 8/8 4/4] [--threads 1 2] [--repeats 30]
+                                             [--out benchmarks/results/commit_ab]
+
+For a kernel or schedule change whose old path is not worth keeping behind a switch. ``git archive REV`` of
+``kernels/`` and ``ptq2tvm/`` goes to a temporary folder; for every (model, bits) the graph is made once by this
+tree (seeded random weights and calibration images, as in benchmarks/latency_cpu.py; latency does not depend on the
+weights' values), saved, and compiled twice: by REV's code in a subprocess (its folder first on ``sys.path``; the
+module path it imported is checked) and by this tree, both for this host (batch 1). Both are checked bit-exact
+against the reference executor on random uint8 inputs and timed interleaved
+(``ptq2tvm.bench.timing.time_interleaved``: same input, rotated order, 3 calls back to back per turn) at each thread
+count. Writes ``<out>.json`` (rows with the CPU model, ISA, load) and ``<out>.md`` and prints the table. Exit status 1
+when a build is not bit-exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from latency_cpu import MODEL_INPUTS  # noqa: E402
+
+from ptq2tvm.api import compile_so, quantize, to_integer  # noqa: E402
+from ptq2tvm.atomic import write_json, write_text  # noqa: E402
+from ptq2tvm.backend.isa import host_isa  # noqa: E402
+from ptq2tvm.backend.runtime import CompiledModel  # noqa: E402
+from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
+from ptq2tvm.bench.timing import time_interleaved  # noqa: E402
+from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
+from ptq2tvm.ir.reference import run_reference  # noqa: E402
+from ptq2tvm.models import create_model  # noqa: E402
+
+_COMPILE_BEFORE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import kernels, ptq2tvm
+for mod in (kernels, ptq2tvm):
+    assert mod.__file__.startswith(sys.argv[1]), f"imported {mod.__file__}, not the archived revision"
+from ptq2tvm.api import compile_so
+from ptq2tvm.ir.graph import IntegerGraph
+compile_so(IntegerGraph.load(sys.argv[2]), sys.argv[3], batch=1)
+"""
+
+
+def archive(rev: str, dest: Path) -> str:
+    """Extract ``kernels/`` and ``ptq2tvm/`` of git revision ``rev`` into ``dest``; -> the full commit hash."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "kernels", "ptq2tvm"], check=True,
+                         capture_output=True).stdout
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    return commit
+
+
+def compile_before(tree: Path, graph_path: Path, so: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run([sys.executable, "-c", _COMPILE_BEFORE, str(tree), str(graph_path), str(so)], check=True,
+                   env=env, cwd=str(tree))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", required=True, help="git revision to compare against (e.g. a commit hash, HEAD~1)")
+    p.add_argument("--models", nargs="+", default=["resnet_small", "resnet18", "mobilenet_v2"])
+    p.add_argument("--bits", nargs="+", default=["7/8", "8/8", "4/4"])
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--repeats", type=int, default=30, help="timed turns per build and thread count")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "commit_ab"))
+    args = p.parse_args(argv)
+    host = cpu_features()
+    isa = host_isa() or "none"
+    after = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                           text=True).stdout.strip()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        before = archive(args.before, tmp / "before")
+        for name in args.models:
+            torch.manual_seed(0)
+            model = create_model(name).eval()
+            shape = MODEL_INPUTS.get(name, (3, 224, 224))
+            calib = np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32)
+            for setting in args.bits:
+                w, a = (int(v) for v in setting.split("/"))
+                graph = to_integer(quantize(model, calib, QuantConfig(w, a), progress=False))
+                stem = f"{name}_w{w}a{a}"
+                graph_path = graph.save(tmp / f"{stem}.qgraph")
+                sos = {"before": tmp / f"{stem}_before.so", "after": tmp / f"{stem}_after.so"}
+                compile_before(tmp / "before", graph_path, sos["before"])
+                compile_so(graph, sos["after"], batch=1)
+                q = np.random.default_rng(1).integers(0, 256, (2, *shape), dtype=np.uint8)
+                ref = np.asarray(run_reference(graph, q))
+                for threads in args.threads:
+                    builds = {k: CompiledModel(so, threads=threads) for k, so in sos.items()}
+                    exact = {k: bool(np.array_equal(np.asarray(m.run_int(q)), ref)) for k, m in builds.items()}
+                    load = os.getloadavg()[0]
+                    stats = time_interleaved({k: m.run_int for k, m in builds.items()}, q[:1], warmup=5,
+                                             repeats=args.repeats, threads=threads, progress=False,
+                                             calls_per_turn=3)
+                    row = dict(model=name, input="x".join(map(str, shape)), batch=1, w_bits=w, a_bits=a,
+                               threads=threads, before_ms=round(stats["before"].median_ms, 4),
+                               after_ms=round(stats["after"].median_ms, 4),
+                               speedup=round(stats["before"].median_ms / stats["after"].median_ms, 3),
+                               bit_exact=exact, loadavg_1min=round(load, 2), cpu=host.get("model_name"), isa=isa)
+                    rows.append(row)
+                    print(f"{name:14s} W{w}A{a} {threads}T  before {row['before_ms']:8.3f} ms  after "
+                          f"{row['after_ms']:8.3f} ms  x{row['speedup']:.2f}  bit-exact {exact}  load {load:.2f}",
+                          flush=True)
+    command = " ".join(["benchmarks/commit_ab.py", *(argv if argv is not None else sys.argv[1:])])
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), dict(command=command, before=before, after=after,
+                                              created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), rows=rows))
+    lines = [f"# Compiler A/B: {before[:10]} (before) vs {after} (after), batch 1, {host.get('model_name')} ({isa})",
+             "", f"Command: `.venv/bin/python {command}`", "",
+             "| model | W/A | threads | before ms | after ms | speedup | bit-exact (both) | load |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | W{r['w_bits']}A{r['a_bits']} | {r['threads']} | {r['before_ms']:.3f} | "
+                     f"{r['after_ms']:.3f} | {r['speedup']:.2f}x | {all(r['bit_exact'].values())} | "
+                     f"{r['loadavg_1min']} |")
+    lines += ["", "Medians of interleaved runs in one process (3 calls back to back per turn); the ratio is the "
+              "comparable number on a shared host. Random weights (benchmarks/latency_cpu.py's models); both "
+              "builds compile the same saved integer graph."]
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    return 0 if all(all(r["bit_exact"].values()) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
