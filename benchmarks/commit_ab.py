@@ -7,8 +7,7 @@ both .so timed in one process.
 
 For a kernel or schedule change whose old path is not worth keeping behind a switch. ``git archive REV`` of
 ``kernels/`` and ``ptq2tvm/`` goes to a temporary folder; for every (model, bits) the graph is made once by this
-tree (seeded random weights and calibration images, as in benchmarks/latency_cpu.py; latency does not depend on the
-weights' values), saved, and compiled twice: by REV's code in a subprocess (its folder first on ``sys.path``; the
+tree (``latency_cpu.seeded_graphs``: seeded random weights and calibration images), saved, and compiled twice: by REV's code in a subprocess (its folder first on ``sys.path``; the
 module path it imported is checked) and by this tree, both for this host (batch 1). Both are checked bit-exact
 against the reference executor on random uint8 inputs and timed interleaved
 (``ptq2tvm.bench.timing.time_interleaved``: same input, rotated order, 3 calls back to back per turn) at each thread
@@ -27,23 +26,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from latency_cpu import MODEL_INPUTS  # noqa: E402
+from latency_cpu import seeded_graphs  # noqa: E402
 
-from ptq2tvm.api import compile_so, quantize, to_integer  # noqa: E402
+from ptq2tvm.api import compile_so  # noqa: E402
 from ptq2tvm.atomic import write_json, write_text  # noqa: E402
 from ptq2tvm.backend.isa import host_isa  # noqa: E402
 from ptq2tvm.backend.runtime import CompiledModel  # noqa: E402
 from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
 from ptq2tvm.bench.timing import time_interleaved  # noqa: E402
-from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
 from ptq2tvm.ir.reference import run_reference  # noqa: E402
-from ptq2tvm.models import create_model  # noqa: E402
 
 _COMPILE_BEFORE = """
 import sys
@@ -92,13 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         before = archive(args.before, tmp / "before")
         for name in args.models:
-            torch.manual_seed(0)
-            model = create_model(name).eval()
-            shape = MODEL_INPUTS.get(name, (3, 224, 224))
-            calib = np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32)
-            for setting in args.bits:
-                w, a = (int(v) for v in setting.split("/"))
-                graph = to_integer(quantize(model, calib, QuantConfig(w, a), progress=False))
+            _, images, graphs = seeded_graphs(name, args.bits)
+            shape = images.shape[1:]
+            for (w, a), graph in graphs.items():
                 stem = f"{name}_w{w}a{a}"
                 graph_path = graph.save(tmp / f"{stem}.qgraph")
                 sos = {"before": tmp / f"{stem}_before.so", "after": tmp / f"{stem}_after.so"}

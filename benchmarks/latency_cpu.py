@@ -55,6 +55,21 @@ VNNI_LIMIT_MS = {"resnet18": 3.9}
 MODEL_INPUTS = {"resnet_small": (1, 28, 28), "mobilenet_v2_small": (1, 28, 28)}   # 1.814 GMAC at 64 MAC/cycle/core, 3.63 GHz, 2 cores
 
 
+def seeded_graphs(name: str, settings: list[str]) -> tuple[torch.nn.Module, np.ndarray, dict[tuple[int, int], object]]:
+    """The benchmark's model ``name`` with seeded random weights (torch seed 0), 16 seeded random images (float32,
+    (16, C, H, W)) and its integer graph for each ``"W/A"`` setting, quantized with the first 8 of them;
+    -> (model, images, {(w_bits, a_bits): graph}). Latency does not depend on the weights' values (which layers the
+    per-layer proofs admit does, a little)."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    images = np.random.default_rng(0).standard_normal((16, *MODEL_INPUTS.get(name, (3, 224, 224)))).astype(np.float32)
+    graphs = {}
+    for setting in settings:
+        w, a = (int(v) for v in setting.split("/"))
+        graphs[(w, a)] = to_integer(quantize(model, images[:8], QuantConfig(w, a), progress=False))
+    return model, images, graphs
+
+
 def ratio_table(rows: list[dict]) -> str:
     """Markdown: per (model, batch, bits) the .so's median over ORT INT8's and OpenVINO INT8's (< 1: .so faster)."""
     lines = ["| model | batch | W/A | ptq2tvm ms | ORT INT8 ms | OpenVINO INT8 ms | ptq2tvm / ORT INT8 | "
@@ -125,15 +140,8 @@ def main() -> None:
     host["isa"] = host_isa() or "none"
     loads = [load_before["loadavg_1min"]]
     for name in args.models:
-        torch.manual_seed(0)
-        model = create_model(name).eval()
-        rng = np.random.default_rng(0)
-        shape = MODEL_INPUTS.get(name, (3, 224, 224))
-        calib = rng.standard_normal((16, *shape)).astype(np.float32)
-        graphs = {}
-        for setting in args.bits:
-            w, a = (int(v) for v in setting.split("/"))
-            graphs[(w, a)] = to_integer(quantize(model, calib[:8], QuantConfig(w, a), progress=False))
+        model, calib, graphs = seeded_graphs(name, args.bits)
+        shape = calib.shape[1:]
         for batch in args.batches:
             names = {}
             for (w, a), graph in graphs.items():

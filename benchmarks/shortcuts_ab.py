@@ -30,18 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from latency_cpu import MODEL_INPUTS  # noqa: E402
+from latency_cpu import seeded_graphs  # noqa: E402
 
-from ptq2tvm.api import compile_so, quantize, to_integer  # noqa: E402
+from ptq2tvm.api import compile_so  # noqa: E402
 from ptq2tvm.atomic import write_json, write_text  # noqa: E402
 from ptq2tvm.backend.blocked_builder import BASELINE_KERNELS_ENV  # noqa: E402
 from ptq2tvm.backend.isa import host_isa  # noqa: E402
 from ptq2tvm.backend.runtime import CompiledModel, set_num_threads  # noqa: E402
 from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
 from ptq2tvm.bench.timing import time_interleaved  # noqa: E402
-from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
 from ptq2tvm.ir.reference import run_reference  # noqa: E402
-from ptq2tvm.models import create_model  # noqa: E402
 
 
 def build(graph, so: Path, baseline: bool, threads: int) -> CompiledModel:
@@ -73,13 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            torch.manual_seed(0)
-            model = create_model(name).eval()
-            shape = MODEL_INPUTS.get(name, (3, 224, 224))
-            calib = np.random.default_rng(0).standard_normal((8, *shape)).astype(np.float32)
-            for setting in args.bits:
-                w, a = (int(v) for v in setting.split("/"))
-                graph = to_integer(quantize(model, calib, QuantConfig(w, a), progress=False))
+            _, images, graphs = seeded_graphs(name, args.bits)
+            shape = images.shape[1:]
+            for (w, a), graph in graphs.items():
                 builds = {k: build(graph, Path(tmp) / f"{name}_w{w}a{a}_{k}.so", k == "baseline", args.threads)
                           for k in ("baseline", "shortcuts")}
                 q = np.random.default_rng(1).integers(0, 256, (2, *shape), dtype=np.uint8)
