@@ -37,8 +37,9 @@ from .cuda import (CudaConvTile, choose_cuda_conv_tile, launch_shape, schedule_c
 from .schedule import (ConvTile, apply_schedule, choose_conv_tile, conv_tile_candidates, finish_scheduled, kernel_kind,
                        schedule_conv2d_nchwc, schedule_module, schedule_primfunc, target_isa, tuning_space)
 from .schedule import arithmetic_shortcuts, dot_product, pack_isa
-from .intrin import (AVXVNNI_INTRIN, UBSW16_INTRIN, UBSW_INTRIN, WIDEN16_INTRIN, register_avxvnni_intrinsic,
-                     register_ubsw16_intrinsic, register_ubsw_intrinsic, register_widen16_intrinsic)
+from .intrin import (AVX2W_INTRIN, AVXVNNI_INTRIN, UBSW16_INTRIN, UBSW_INTRIN, WIDEN16_INTRIN, register_avx2w_intrinsic,
+                     register_avxvnni_intrinsic, register_ubsw16_intrinsic, register_ubsw_intrinsic,
+                     register_widen16_intrinsic)
 
 __all__ = [
     "AVX2_INTRIN", "DP4A_INTRIN", "TAPS_INTRIN", "VNNI_INTRIN", "patch_tvm_vnni_intrinsic", "register_avx2_intrinsic",
@@ -55,6 +56,7 @@ __all__ = [
     "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc", "target_isa", "tuning_space",
     "StandaloneKernel", "build_standalone", "host_target",
     "arithmetic_shortcuts", "dot_product", "pack_isa", "u8s8_pairs_exact", "AVXVNNI_INTRIN", "UBSW_INTRIN", "register_avxvnni_intrinsic",
+    "AVX2W_INTRIN", "register_avx2w_intrinsic",
     "register_ubsw_intrinsic", "u8s8_int16_group", "depthwise_int16_exact", "UBSW16_INTRIN", "WIDEN16_INTRIN",
     "register_ubsw16_intrinsic", "register_widen16_intrinsic",
     "CudaConvTile", "choose_cuda_conv_tile", "launch_shape", "schedule_conv2d_dp4a", "schedule_depthwise_cuda",

@@ -67,6 +67,7 @@ from tvm.script import tirx as T
 VNNI_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_vnni"
 TAPS_INTRIN = "ptq2tvm_depthwise_16x4taps_u8i8i32_vnni"
 AVX2_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_avx2"
+AVX2W_INTRIN = "ptq2tvm_dot_16x4_u16i8i32_avx2"
 AVXVNNI_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_avxvnni"
 UBSW_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_ubsw"
 UBSW16_INTRIN = "ptq2tvm_dot_16x4_u8i8i16_ubsw"
@@ -172,11 +173,13 @@ _PAIR_LO = [v for j in range(8) for v in (4 * j, 32, 4 * j + 1, 32)]
 _PAIR_HI = [v for j in range(8) for v in (4 * j + 2, 32, 4 * j + 3, 32)]
 
 
-def _avx2_pair(scope: str, wdt: str = "int8"):
+def _avx2_pair(scope: str, wdt: str = "int8", adt: str = "uint8"):
     """vpmaddwd 16x4 dot product on int8 weights ``[2, 16, 2]`` (sign-extended in the kernel; ``wdt="int16"``, weights
-    widened at compile time, measured no faster: twice the weight bytes)."""
+    widened at compile time, measured no faster: twice the weight bytes). ``adt="uint16"``: the 4 activations come
+    already zero-extended to 16 bits (the kernel's pad stage widens them), so each pair (a0, a1) / (a2, a3) is one
+    ``vpbroadcastd`` from memory instead of a broadcast + a ``vpshufb`` per pair."""
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((2, 16, 2), wdt, offset_factor=1),
+    def desc(A: T.Buffer((4,), adt, offset_factor=1), B: T.Buffer((2, 16, 2), wdt, offset_factor=1),
              C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:2, 0:16, 0:2])
@@ -192,16 +195,20 @@ def _avx2_pair(scope: str, wdt: str = "int8"):
         return v if wdt == "int16" else T.cast(v, "int16x16")
 
     def apairs(A, order):
+        if adt == "uint16":     # pair p = (A[2p], A[2p+1]) as one dword, broadcast to the 8 dwords
+            p = 0 if order is _PAIR_LO else 2
+            return T.reinterpret(T.broadcast(T.reinterpret(A.vload([p], "uint16x2"), dtype="int32"), 8),
+                                 dtype="int16x16")
         return T.reinterpret(T.Shuffle([_bcast4(A, 32), T.broadcast(T.uint8(0), 32)], order), dtype="int16x16")
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((2, 16, 2), wdt, offset_factor=1),
+    def impl(A: T.Buffer((4,), adt, offset_factor=1), B: T.Buffer((2, 16, 2), wdt, offset_factor=1),
              C: T.Buffer((16,), "int32", offset_factor=1, scope=scope)) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:2, 0:16, 0:2])
             T.writes(C[0:16])
-            # the 4 activation bytes broadcast to every dword, then one byte shuffle each (vpshufb, zeroing) gives
-            # the zero-extended int16 pairs (a0, a1) and (a2, a3) in every dword; weights of input-channel pair p
+            # the zero-extended int16 activation pairs (a0, a1) and (a2, a3) in every dword (uint8 input: the 4
+            # bytes broadcast, then one zeroing byte shuffle each, vpshufb); weights of input-channel pair p
             # for output channels 0-7 / 8-15, as int16
             C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + (
                 _madd_wd(apairs(A, _PAIR_LO), wload(B, 0, 0)) + _madd_wd(apairs(A, _PAIR_HI), wload(B, 1, 0)))
@@ -364,6 +371,12 @@ def register_avx2_intrinsic(scope: str = "global") -> str:
     Its weight operand is laid out ``[2, 16, 2]`` (see the module docstring), i.e. packed with ``isa="avx2"``.
     """
     return _register(AVX2_INTRIN, _avx2_pair, scope)
+
+
+def register_avx2w_intrinsic(scope: str = "global") -> str:
+    """Register (idempotently) the AVX2 (vpmaddwd) 16x4 dot product whose activations are uint16 (zero-extended by
+    the kernel's pad stage); weights ``[2, 16, 2]`` as for :func:`register_avx2_intrinsic`; return its name."""
+    return _register(AVX2W_INTRIN, lambda sc: _avx2_pair(sc, adt="uint16"), scope)
 
 
 def register_avxvnni_intrinsic(scope: str = "global") -> str:

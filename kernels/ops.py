@@ -26,6 +26,10 @@ from tvm import te
 from .layout import BLOCK
 
 KERNEL_ATTR = "ptq2tvm_kernel"
+#: the vpmaddwd (avx2-packed weights) conv kernels widen their input to uint16 in the pad stage, so that the inner
+#: loop broadcasts ready int16 pairs (benchmarks/results/avx2_dot_throughput.md). False: the uint8 input is widened
+#: in the inner loop (broadcast + vpshufb per pair), as before.
+WIDEN_AVX2_INPUT = True
 
 
 def _pair(v) -> tuple[int, int]:
@@ -92,17 +96,20 @@ def requant_expr(terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]], shift: tir.
     return r.astype("uint8")
 
 
-def _pad_nchwc(x: te.Tensor, ph: int, pw: int, value: int, name: str = "pad", width: int | None = None) -> te.Tensor:
+def _pad_nchwc(x: te.Tensor, ph: int, pw: int, value: int, name: str = "pad", width: int | None = None,
+               dtype: str | None = None) -> te.Tensor:
     """Pad H by ``ph`` and W by ``pw`` on both sides with ``value``; ``width`` (>= W + 2pw) widens the right border
-    further (the depthwise tap kernel reads past the last kernel column)."""
+    further (the depthwise tap kernel reads past the last kernel column); ``dtype`` (e.g. "uint16"): the padded copy
+    is converted to it (a stage is then made even without padding)."""
     n, cb, h, w, c = _shape(x)
     width = w + 2 * pw if width is None else width
-    if ph == 0 and pw == 0 and width == w:
+    dtype = dtype or x.dtype
+    if ph == 0 and pw == 0 and width == w and dtype == x.dtype:
         return x
 
     def f(b, k, i, j, ci):
         inside = tir.all(i >= ph, i < h + ph, j >= pw, j < w + pw)
-        return tir.if_then_else(inside, x[b, k, i - ph, j - pw, ci], tir.const(int(value), x.dtype))
+        return tir.if_then_else(inside, x[b, k, i - ph, j - pw, ci].astype(dtype), tir.const(int(value), dtype))
 
     return te.compute((n, cb, h + 2 * ph, width, c), f, name=name)
 
@@ -218,7 +225,10 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     obg = ob // ngroups
     oh, ow = _out_hw(h, wd, (kh, kw), stride, padding, dilation)
     (sh_, sw_), (dh, dw) = stride, dilation
-    xp = _pad_nchwc(x, padding[0], padding[1], z_x)
+    # the vpmaddwd (avx2-packed) kernel reads its activations as int16 pairs: the pad stage writes them widened
+    # (not for a strided 1x1 conv, which reads a quarter of its input: widening all of it costs more than it saves)
+    widen = layout == "avx2" and WIDEN_AVX2_INPUT and not (kh == kw == 1 and (sh_, sw_) != (1, 1))
+    xp = _pad_nchwc(x, padding[0], padding[1], z_x, dtype="uint16" if widen else None)
     wt = _unpack_weight(w, layout, ws[:5], bits) if bits < 8 else w
     ric = te.reduce_axis((0, cbg), "ric")
     rkh = te.reduce_axis((0, kh), "rkh")

@@ -39,9 +39,9 @@ import tvm
 from tvm.s_tir import Schedule
 from tvm.target import codegen
 
-from .intrin import (register_avx2_intrinsic, register_avxvnni_intrinsic, register_taps_intrinsic,
-                     register_ubsw16_intrinsic, register_ubsw_intrinsic, register_vnni_intrinsic,
-                     register_widen16_intrinsic)
+from .intrin import (register_avx2_intrinsic, register_avx2w_intrinsic, register_avxvnni_intrinsic,
+                     register_taps_intrinsic, register_ubsw16_intrinsic, register_ubsw_intrinsic,
+                     register_vnni_intrinsic, register_widen16_intrinsic)
 from .ops import KERNEL_ATTR
 
 OP_PATTERN_OPAQUE = 8
@@ -98,12 +98,15 @@ def pack_isa(isa: str) -> str:
     return "vnni" if isa in ("vnni", "avxvnni") else "avx2"
 
 
-def dot_product(layout: str, isa: str, ubsw_exact: bool = False) -> tuple[str, str]:
+def dot_product(layout: str, isa: str, ubsw_exact: bool = False, input_dtype: str = "uint8") -> tuple[str, str]:
     """(intrinsic name, tile class) for a kernel whose weights are packed ``layout`` on a target of ISA ``isa``
-    (:func:`target_isa`). Tile classes: 'vnni' (zmm), 'ymm' (AVX-VNNI / vpmaddubsw), 'avx2' (vpmaddwd).
+    (:func:`target_isa`) and whose reduction reads activations of ``input_dtype`` (uint16: widened by the pad
+    stage, avx2 layout only). Tile classes: 'vnni' (zmm), 'ymm' (AVX-VNNI / vpmaddubsw), 'avx2' (vpmaddwd).
 
     Raises ValueError for VNNI-packed weights on an AVX2 target unless the kernel is marked ``ubsw_exact``."""
     if layout == "avx2":
+        if input_dtype == "uint16":
+            return register_avx2w_intrinsic(ACC_SCOPE), "avx2"
         return register_avx2_intrinsic(ACC_SCOPE), "avx2"
     if isa == "vnni":
         return register_vnni_intrinsic(ACC_SCOPE), "vnni"
@@ -152,7 +155,9 @@ def conv_tile_candidates(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", t
     allows it. ``int4=True``: tiles for int4 weights unpacked inside the reduction (``unpack_at="step"``): Q = 1 and
     up to 28 accumulators, so that each unpacked weight vector serves many vpdpbusd. (The default int4 schedule
     unpacks a task's weights once, ``unpack_at="task"``, and uses the int8 tiles.)
-    AVX2: 16 ymm registers, an accumulator takes 2 and one weight step 4 (sign-extended pairs) -> P <= 4, Q = 1.
+    AVX2 (vpmaddwd): 16 ymm registers, an accumulator takes 2 and one weight step 4 (sign-extended pairs) -> P <= 4,
+    Q = 1, or the whole row when it has <= 7 pixels (LLVM spills some of the 14 accumulators, and still: 3x3 512->512
+    at 7x7 (7,1) 1.65x faster than (1,1), interleaved on the loaded Zen 3 with uint16 inputs).
     'ymm' (AVX-VNNI, vpmaddubsw): an accumulator takes 2 ymm, a weight block 2, the broadcast 1 (+ the ones vector
     and 2 products for vpmaddubsw): Q = 1 and up to 4 columns, or the whole row when it has <= 7 pixels (measured on
     Zen 3, 3x3 convs interleaved: 56x56 (4,1) 1.1x faster than (2,2), 14x14 (2,1) 3x faster than (2,2) or (7,1),
@@ -160,10 +165,8 @@ def conv_tile_candidates(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", t
     """
     if isa == "vnni":
         max_acc, max_q = (28, 1) if int4 else (16, 4)
-    elif isa == "ymm":
+    else:       # 'ymm' and 'avx2': a whole row of <= 7 pixels, else <= 4 (measured on Zen 3, see the docstring)
         max_acc, max_q = (ow if ow <= 7 else 4), 1
-    else:
-        max_acc, max_q = 4, 1
     scored = []
     for q in _divisors(ob):
         if q > max_q:
@@ -230,9 +233,10 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     if kind.endswith("depthwise"):
         return schedule_depthwise(sch, threads=threads, p_max=p_max)
     layout = kind.rsplit("_", 1)[1]
-    intrin, tiles = dot_product(layout, isa or layout, _ubsw_exact(sch, out))
-    acc = sch.get_sblock("acc")
     pad = _try_block(sch, "pad")
+    input_dtype = str(sch.get(pad).writes[0].source.dtype) if pad is not None else "uint8"
+    intrin, tiles = dot_product(layout, isa or layout, _ubsw_exact(sch, out), input_dtype)
+    acc = sch.get_sblock("acc")
     unpack = _try_block(sch, "w_unpack")
     _refuse_untested_int2(sch, unpack, layout, isa or layout)
     acc16 = _try_block(sch, "acc16")

@@ -95,6 +95,7 @@ class KernelTuner:
         self.report = TuneReport(str(self.db_dir), trials)
         for scope in ("global", "local"):       # the traces replay `tensorize` with these names ("local": records
             for register in (K.register_vnni_intrinsic, K.register_avx2_intrinsic,        # written before ACC_SCOPE)
+                             K.register_avx2w_intrinsic,
                              K.register_avxvnni_intrinsic, K.register_ubsw_intrinsic,
                              K.register_ubsw16_intrinsic, K.register_widen16_intrinsic):
                 register(scope)
