@@ -118,8 +118,11 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
             "ptq2tvm": latency[f"ptq2tvm_{key.lower()}"],
             **{k: v for k, v in latency.items() if not k.startswith("ptq2tvm_")}}
 
+    from .bench.baselines import host_has_vnni
+
     summary = dict(model=model, data=data, n_test=int(len(test.images)), fp32_top1=fp32_top1, threads=threads,
                    calib_size=int(len(calib)), train=train_info, settings=per_setting,
+                   baseline_int8_weight_bits=8 if host_has_vnni() else 7,
                    latency=[dict(runtime=k, median_ms=s.median_ms, p10_ms=s.p10_ms, p90_ms=s.p90_ms, n=s.n)
                             for k, s in stats.items()],
                    machine=machine_load(warn=False), seconds=round(time.perf_counter() - t_start, 1))
@@ -139,3 +142,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"\n{'runtime (batch 1)':<20} {'median ms':>10} {'p10':>8} {'p90':>8}")
     for row in summary["latency"]:
         print(f"{row['runtime']:<20} {row['median_ms']:10.3f} {row['p10_ms']:8.3f} {row['p90_ms']:8.3f}")
+    if summary.get("baseline_int8_weight_bits") == 7:
+        print("note: this CPU has no VNNI, so the ORT INT8 / OpenVINO INT8 models use 7-bit weights (ORT's "
+              "reduce_range, against vpmaddubsw saturation); the .so W8A8 keeps full 8-bit weights. "
+              "The like-for-like .so setting here is W7A8: `bash scripts/demo.sh --bits 7/8 8/8 4/4`.")

@@ -234,6 +234,19 @@ def test_help_shows_defaults_and_training_is_announced(tmp_path, monkeypatch):
     assert note and "training it first (6 epochs, about 10 min on 2 CPU cores" in note and str(tmp_path) in note
 
 
+def test_demo_summary_says_when_the_int8_baselines_have_7_bit_weights(capsys):
+    from ptq2tvm.demo import print_summary
+
+    row = dict(fp32_top1=0.92, fakequant_top1=0.92, so_top1=0.92, bit_exact_vs_reference=True, mismatched_elements=0,
+               top1_agreement_vs_fakequant=1.0)
+    base = dict(model="m", data="d", n_test=10, settings={"W8A8": row},
+                latency=[dict(runtime="ort_int8", median_ms=1.0, p10_ms=0.9, p90_ms=1.1)])
+    for bits, expected in ((7, True), (8, False)):
+        print_summary(dict(base, baseline_int8_weight_bits=bits))
+        out = capsys.readouterr().out
+        assert ("7-bit weights" in out and "--bits 7/8" in out) == expected, out
+
+
 # ---- 5: Ctrl-C during reconstruction; resume; cleanup --------------------------------------------------------
 def test_interrupt_resume_and_cleanup(project, capsys, monkeypatch):
     from ptq2tvm.reconstruct.checkpoint import Checkpoint
