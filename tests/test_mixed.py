@@ -276,3 +276,54 @@ def test_layer_latency_calibrated_to_whole_network_and_cache_drift(tmp_path):
     # tiny network 180x slower than a moment before, and the reuse logic is what is tested here): reused as they are
     c3 = measure_layer_costs(graph, cache=cache, rounds=1, progress=False, drift=1e12)
     assert c3.cache_status == "cached" and c3.measured == 0 and c3.cached == n_kernels and c3.seconds == c2.seconds
+
+
+class _TwoHeads(torch.nn.Module):
+    """logits + a feature map (``outputs="both"``), or logits only with the feature head computed and dropped
+    (``outputs="logits"``: a dead layer, as in ``return self.forward_both(x)[0]``)."""
+
+    def __init__(self, outputs: str):
+        super().__init__()
+        self.outputs = outputs
+        self.stem = torch.nn.Conv2d(1, 8, 3, 1, 1)
+        self.body = torch.nn.Conv2d(8, 16, 3, 2, 1)
+        self.aux = torch.nn.Conv2d(16, 4, 1)
+        self.gap = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        f = torch.relu(self.body(torch.relu(self.stem(x))))
+        logits = self.fc(torch.flatten(self.gap(f), 1))
+        aux = self.aux(f)
+        return (logits, aux) if self.outputs == "both" else logits
+
+
+def test_dead_layers_are_removed_and_mixed_precision_runs_on_them_and_on_two_outputs():
+    from ptq2tvm.api import quantize, to_integer
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.frontend.trace import trace_model
+    from ptq2tvm.mixed.allocate import allocate
+    from ptq2tvm.mixed.latency import measure_layer_costs
+    from ptq2tvm.mixed.sensitivity import analyze_sensitivity
+
+    torch.manual_seed(0)
+    calib = np.random.default_rng(1).standard_normal((16, 1, 12, 12)).astype(np.float32)
+    one = _TwoHeads("logits").eval()
+    graph = trace_model(one, (1, 12, 12))
+    assert graph.dead_layers == ["aux"] and "aux" not in [n.name for n in graph.nodes]
+    with pytest.warns(UserWarning, match="reach no output .*: aux"):
+        graph8 = to_integer(quantize(one, calib, QuantConfig(), progress=False))
+    assert "aux" not in [n.name for n in graph8.nodes]
+    rep = analyze_sensitivity(one, calib, hutchinson_samples=2, progress=False)      # crashed on the dead layer
+    assert sorted(rep.layer_names()) == ["body", "fc", "stem"]
+
+    both = _TwoHeads("both").eval()
+    both.load_state_dict(one.state_dict())
+    for estimator in ("gauss-newton", "hutchinson"):
+        rep2 = analyze_sensitivity(both, calib, hutchinson_samples=2, progress=False, estimator=estimator)
+        lay = {x.name: x for x in rep2.layers}
+        assert lay["aux"].trace_w > 0 and lay["fc"].trace_w > 0 and lay["body"].trace_w > 0
+        assert all(np.isfinite(c["output_sqnr_db"]) for x in rep2.layers for c in x.candidates.values())
+    graph2 = to_integer(quantize(both, calib, QuantConfig(), progress=False))
+    plan = allocate(rep2, measure_layer_costs(graph2, timed=False, progress=False), graph2, {"size": "0.8"})
+    assert sorted(plan.fixed) == ["aux", "fc", "stem"]       # first layer + the last layer of each output

@@ -117,4 +117,8 @@ def quantize_rtn(model: nn.Module, calib_images: np.ndarray, config: QuantConfig
     config = (config or QuantConfig()).validate()
     calib_images = validate_calibration(calib_images)
     graph = trace_model(model, tuple(calib_images.shape[1:]))
+    if graph.dead_layers:
+        warnings.warn(f"{len(graph.dead_layers)} layer(s) of the model compute results that reach no output and are "
+                      f"left out of the quantized model: {', '.join(graph.dead_layers[:8])}"
+                      + (" ..." if len(graph.dead_layers) > 8 else ""), stacklevel=2)
     return calibrate(QuantModel(graph, config), calib_images, batch_size, progress, device)

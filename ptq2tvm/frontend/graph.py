@@ -53,6 +53,8 @@ class FloatGraph(GraphOutputs):
     output_names: list[str] | str
     input_shape: tuple[int, ...] | None = None
     output_structure: Any = None
+    #: layers of the model whose results reach no output, removed by the tracer (frontend/trace.remove_dead_layers)
+    dead_layers: list[str] = field(default_factory=list)
 
     def node(self, name: str) -> FloatNode:
         for n in self.nodes:

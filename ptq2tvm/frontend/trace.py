@@ -295,6 +295,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # fx raises many exception types
         raise UnsupportedModelError(f"torch.fx cannot trace the model: {type(e).__name__}: {e}") from e
+    dead = remove_dead_layers(gm)
     try:
         ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
     except Exception as e:
@@ -317,8 +318,31 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
     if len(nodes) < 2:
         raise UnsupportedModelError("the model has no operations to quantize")
     graph = FloatGraph(nodes, b.input_name, outs, tuple(input_shape), b.output_structure())
+    graph.dead_layers = dead
     _check_final(graph)
     return graph
+
+
+def remove_dead_layers(gm: fx.GraphModule) -> list[str]:
+    """Delete the fx nodes whose results reach no model output (e.g. an auxiliary head that ``forward`` computes and
+    then drops: ``return self.head(x)[0]``), so that they are neither quantized nor compiled nor counted; -> the
+    names of the removed layers (module paths, or fx node names for functions), in graph order.
+
+    In-place tensor methods (``x.add_(y)``) are kept: their effect reaches the output through the mutated tensor.
+    """
+    removed: list[str] = []
+    for node in reversed(list(gm.graph.nodes)):
+        if node.users or node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__"):
+            continue
+        if node.is_impure():
+            continue
+        removed.append(str(node.target) if node.op == "call_module" else node.name)
+        gm.graph.erase_node(node)
+    if removed:
+        gm.recompile()
+    return removed[::-1]
 
 
 def _check_final(graph: FloatGraph) -> None:

@@ -47,13 +47,16 @@ def parse_budget(kind: str, spec: str | float, w8a8: float) -> float:
 
 
 def fixed_layers(graph: IntegerGraph) -> tuple[set[str], set[str]]:
-    """(first layers: reading the network input, last layer: producing the output through pools/flatten/clamp)."""
+    """(first layers: reading the network input, last layers: producing an output through pools/flatten/clamp; one
+    per output of a multi-output model)."""
     first = {n.name for n in graph.nodes if n.op in ("conv2d", "dense") and n.inputs[0] == graph.input.name}
-    name = graph.output_name
     by_name = {n.name: n for n in graph.nodes}
-    while name in by_name and by_name[name].op in ("maxpool2d", "flatten", "clamp"):
-        name = by_name[name].inputs[0]
-    last = {name} if name in by_name and by_name[name].op in ("conv2d", "dense") else set()
+    last: set[str] = set()
+    for name in graph.output_names:
+        while name in by_name and by_name[name].op in ("maxpool2d", "flatten", "clamp"):
+            name = by_name[name].inputs[0]
+        if name in by_name and by_name[name].op in ("conv2d", "dense"):
+            last.add(name)
     return first, last
 
 

@@ -4,7 +4,9 @@ Two measures for every conv/linear layer i and candidate (w, a) = (weight bits, 
 
 1. HAWQ-V2/V3 (Dong et al. 2020, Eq. 3-4; Yao et al. 2021, Eq. 12): the Hessian-trace-weighted perturbation
        Omega_i(w, a) = Tr(H_W_i) / n_W_i * ||Q_w(W_i) - W_i||^2  +  Tr(H_x_i) / n_x_i * ||Q_a(x_i) - x_i||^2 / k_i
-   H is the Hessian of the label-free loss L = KL(softmax(f32(x)) || softmax(f(x))) (batch mean, nats) with respect
+   H is the Hessian of the label-free loss L = KL(softmax(f32(x)) || softmax(f(x))) (batch mean, nats; a model with
+   several outputs: the sum over its outputs, half the mean squared error per element for an output that is not
+   (N, classes) logits, e.g. a feature map) with respect
    to the layer's weight W_i (n_W_i elements) and to its input activation tensor x_i on the batch (n_x_i elements;
    HAWQ-V3 weights only; the activation term is the same estimate for the input quantizer). At the FP32 point L's
    gradient is zero and its Hessian is the Gauss-Newton / Fisher matrix of the output distribution: positive
@@ -23,7 +25,7 @@ Two measures for every conv/linear layer i and candidate (w, a) = (weight bits, 
      positive semi-definite H); the ILP clips them at zero. k_i = the number of layers reading tensor x_i (they share its bits, so its term is split).
    Q_w / Q_a are the calibrated quantizers of ptq2tvm (MSE-searched ranges), the ones the pipeline deploys.
 2. The FP32-output error when only that layer (its weights at w bits and its input tensor at a bits) is quantized:
-   MSE of the logits against FP32 and SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) dB.
+   MSE of the logits (all outputs, concatenated) against FP32 and SQNR = 10 log10(sum y^2 / sum (y - y_q)^2) dB.
 
 Torch's autograd is the Hessian-vector product (PyHessian, the HAWQ authors' library, is the same double backward
 with labels and is unmaintained since 2021).
@@ -142,28 +144,59 @@ def _traces(qm: QuantModel, x: torch.Tensor, layers: list[str], points: list[str
     qm.set_quant(False, False)
     x = x.clone().requires_grad_(True)
     env = qm(x, return_all=True)
-    logits = env[qm.graph.output_name]
+    outs = [env[o] for o in qm.graph.output_names]
     params = [qm.layer(n).weight for n in layers] + [x if p == qm.graph.input_name else env[p] for p in points]
     gen = torch.Generator().manual_seed(seed)
     est = np.zeros((samples, len(params)))
     if estimator == "gauss-newton":
-        p_fp = F.softmax(logits.detach().double(), dim=1)
-        sq = p_fp.sqrt()
         for s in range(samples):
-            r = torch.randint(0, 2, p_fp.shape, generator=gen).double() * 2 - 1
-            u = (sq * r - p_fp * (sq * r).sum(dim=1, keepdim=True)).to(logits.dtype)      # A_b r_b
-            g = torch.autograd.grad(logits, params, grad_outputs=u, retain_graph=s < samples - 1)
+            # one backward of sum over outputs of <y_k, u_k>, u_k independent with covariance S_k: the cross terms
+            # vanish in expectation, so E||g||^2 = B * sum_k Tr(J_k^T S_k J_k)
+            us = [_gauss_newton_draw(y, gen) for y in outs]
+            g = torch.autograd.grad(outs, params, grad_outputs=us, retain_graph=s < samples - 1)
             est[s] = [float(t.double().square().sum()) / len(x) for t in g]
     else:
-        with torch.no_grad():
-            target = F.softmax(logits.detach(), dim=1)
-        loss = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+        loss = sum(_output_loss(y) for y in outs)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         for s in range(samples):
             vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
             hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=s < samples - 1)
             est[s] = [float((v * h).sum()) for v, h in zip(vs, hv)]
     return est.mean(axis=0), est.std(axis=0, ddof=1) / np.sqrt(samples) if samples > 1 else np.zeros(len(params))
+
+
+def _is_logits(y: torch.Tensor) -> bool:
+    """A classification output: (N, classes) with at least 2 classes."""
+    return y.dim() == 2 and y.shape[1] > 1
+
+
+def _gauss_newton_draw(y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """u with mean 0 and covariance S, the Hessian of the output's loss at its FP32 value (per image): for logits
+    S_b = diag(p_b) - p_b p_b^T of the softmax (KL loss), u_b = A_b r_b as in the module docstring; for any other
+    output (a feature map, a regression) the mean-squared error per element, S_b = I / n_b (n_b elements per image),
+    u_b = r_b / sqrt(n_b)."""
+    if _is_logits(y):
+        p_fp = F.softmax(y.detach().double(), dim=1)
+        sq = p_fp.sqrt()
+        r = torch.randint(0, 2, p_fp.shape, generator=gen).double() * 2 - 1
+        return (sq * r - p_fp * (sq * r).sum(dim=1, keepdim=True)).to(y.dtype)      # A_b r_b
+    r = torch.randint(0, 2, y.shape, generator=gen).to(y.dtype) * 2 - 1
+    return r / float(np.sqrt(y[0].numel()))
+
+
+def _output_loss(y: torch.Tensor) -> torch.Tensor:
+    """The label-free loss of one output against its own FP32 value (batch mean): KL of the softmax for logits,
+    half the squared error per element otherwise (its Hessian at the FP32 point is the S of _gauss_newton_draw)."""
+    target = y.detach()
+    if _is_logits(y):
+        return F.kl_div(F.log_softmax(y, dim=1), F.softmax(target, dim=1), reduction="batchmean")
+    return 0.5 * (y - target).square().sum() / (len(y) * y[0].numel())
+
+
+def _outputs(qm: QuantModel, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every output of the model, in graph order (a multi-output model returns a tuple / list / dict)."""
+    env = qm(x, return_all=True)
+    return [env[o] for o in qm.graph.output_names]
 
 
 @torch.no_grad()
@@ -212,7 +245,8 @@ def analyze_sensitivity(model: nn.Module, images: np.ndarray, candidates: Sequen
     tr_x, se_x = dict(zip(points, tr[len(layers):])), dict(zip(points, se[len(layers):]))
     xs = _point_values(qm, x, points)
     with torch.no_grad():
-        y_fp = qm.set_quant(False, False)(x)
+        qm.set_quant(False, False)
+        y_fp = torch.cat([y.flatten() for y in _outputs(qm, x)])
         wq: dict[tuple[str, int], WeightQuantizer] = {}
         for n in layers:
             for w in w_set:
@@ -240,7 +274,7 @@ def analyze_sensitivity(model: nn.Module, images: np.ndarray, candidates: Sequen
                 layer.wq.enabled = True
                 m.act_quant[_key(p)].enabled = True
                 try:
-                    y = m(x)
+                    y = torch.cat([t.flatten() for t in _outputs(m, x)])
                 finally:
                     layer.wq = saved
                     m.act_quant[_key(p)].enabled = False
