@@ -3,7 +3,8 @@
 
 Steps: load + ``onnx.checker`` (clear error for a missing, truncated or corrupted file) -> fold ``Constant`` and
 ``Identity``-of-initializer nodes into initializers (torch's exporter writes those for shared parameters, and
-onnx2torch cannot read a Conv bias through an Identity) -> check every node against the ONNX ops ptq2tvm handles
+onnx2torch cannot read a Conv bias through an Identity) -> the dynamo exporter's ``ReduceMean`` (spatial) / ``Reshape`` (to (N, features)) rewritten as
+``GlobalAveragePool`` / ``Flatten`` -> check every node against the ONNX ops ptq2tvm handles
 (one error naming every unsupported ONNX node and its op type) -> onnx2torch -> rewrite onnx2torch's own modules into
 the plain torch ops the tracer knows (``Add`` -> ``operator.add``, ``GlobalAveragePool`` -> ``AdaptiveAvgPool2d(1)``,
 ``Clip(min, max)`` -> ``Hardtanh``). Layers are named after their ONNX nodes (``/layer1/layer1.0/conv1/Conv`` ->
@@ -17,6 +18,7 @@ import only and removed afterwards.
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 import sys
@@ -149,6 +151,7 @@ def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str,
         keep.append(n)
     del g.node[:]
     g.node.extend(keep)
+    _pool_and_flatten_as_ops(model)
     bad = [f"'{n.name or '(unnamed)'}' ({n.op_type}{'' if n.domain in ('', 'ai.onnx') else ', domain ' + n.domain})"
            for n in g.node if n.op_type not in SUPPORTED_ONNX_OPS or n.domain not in ("", "ai.onnx")]
     if bad:
@@ -160,6 +163,60 @@ def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str,
         names[ident] = (n.name, n.op_type, layer)
         n.name = ident
     return model, names
+
+
+def _pool_and_flatten_as_ops(model: Any) -> None:
+    """Rewrite, in place, the spellings of global average pooling and flattening that torch's dynamo exporter (the
+    default of ``torch.onnx.export`` since torch 2.9) writes into the ops the importer handles: ``ReduceMean`` over
+    the two spatial axes of a 4-D tensor -> ``GlobalAveragePool`` (+ ``Flatten`` when ``keepdims=0``), and
+    ``Reshape`` of an (N, C, 1, 1) or (N, F) tensor to a constant 2-D shape that keeps the features together
+    ((1, F), (-1, F), (0, -1), (N, -1): the exporter bakes the example's batch size in) -> ``Flatten(axis=1)``
+    (any batch size). Any other ReduceMean / Reshape is left alone and rejected by name afterwards."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - shape inference is best effort; without it nothing is rewritten
+        return
+    shapes: dict[str, list[int | None]] = {}
+    for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
+        dims = v.type.tensor_type.shape.dim
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+
+    def attr(n: Any, name: str, default: Any) -> Any:
+        return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
+
+    out = []
+    for n in g.node:
+        if n.domain not in ("", "ai.onnx"):
+            out.append(n)
+            continue
+        shape = shapes.get(n.input[0]) if n.input else None
+        if n.op_type == "ReduceMean" and shape is not None and len(shape) == 4:
+            axes = consts.get(n.input[1]) if len(n.input) > 1 and n.input[1] else attr(n, "axes", None)
+            if axes is not None and sorted(int(a) % 4 for a in list(axes)) == [2, 3]:
+                if attr(n, "keepdims", 1):
+                    out.append(helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output), name=n.name))
+                else:
+                    mid = n.output[0] + "__gap"
+                    out.append(helper.make_node("GlobalAveragePool", [n.input[0]], [mid], name=n.name))
+                    out.append(helper.make_node("Flatten", [mid], list(n.output), name=n.name + "__flatten", axis=1))
+                continue
+        if n.op_type == "Reshape" and shape is not None and len(n.input) > 1 and n.input[1] in consts:
+            target = [int(v) for v in consts[n.input[1]].reshape(-1)]
+            features = shape[1:]
+            flat = int(math.prod(features)) if features and all(features) else None
+            spatial_ones = len(shape) == 2 or (len(shape) == 4 and shape[2:] == [1, 1])
+            if (len(target) == 2 and spatial_ones and flat is not None and target[1] in (flat, -1)
+                    and (target[0] in (-1, 0, 1) or target[0] == shape[0]) and not (target[0] == -1 == target[1])):
+                out.append(helper.make_node("Flatten", [n.input[0]], list(n.output), name=n.name, axis=1))
+                continue
+        out.append(n)
+    del g.node[:]
+    g.node.extend(out)
 
 
 def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: str | Path) -> fx.GraphModule:

@@ -334,3 +334,51 @@ def test_recon_rows_of_an_accuracy_table_w2a2(tmp_path, tiny_model, tiny_data):
                                    policy=dict(weights="uint8", integer_requant="none"), rows=[res],
                                    skipped=[dict(key="k", reason="no checkpoint")]))
     assert "| tinynet | W2A2 | qdrop | 0 |" in md and "`k`: no checkpoint" in md
+
+
+def _dynamo_export(model, path, shape):
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):       # the exporter prints its progress
+        torch.onnx.export(model.eval(), (torch.zeros(shape),), str(path), dynamo=True)
+    return path
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_dynamo_exported_models_come_back_in(tmp_path, name):
+    """torch.onnx.export's default (dynamo) exporter writes global average pooling as ReduceMean over (H, W) and the
+    flatten as a Reshape to (1, features) with the example's batch baked in: both import as the pool / flatten the
+    tracer knows, and the model runs at any batch size."""
+    from ptq2tvm.frontend.trace import trace_model
+    from ptq2tvm.models import create_model
+    from ptq2tvm.onnx_import import onnx_to_torch
+
+    torch.manual_seed(0)
+    model = randomize_bn(create_model(name, num_classes=10)).eval()
+    path = _dynamo_export(model, tmp_path / "m.onnx", (1, 3, 32, 32))
+    import onnx
+
+    assert {"ReduceMean", "Reshape"} <= {n.op_type for n in onnx.load(str(path)).graph.node}
+    gm = onnx_to_torch(path)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        a, b = gm(x), model(x)
+    assert a.shape == (4, 10) and float((a - b).abs().max()) <= 1e-4 * max(1.0, float(b.abs().max()))
+    assert [n.op for n in trace_model(gm, (3, 32, 32)).nodes] == [n.op for n in trace_model(model, (3, 32, 32)).nodes]
+
+
+def test_dynamo_reduce_mean_over_channels_is_still_rejected_by_name(tmp_path):
+    from ptq2tvm.onnx_import import onnx_to_torch
+
+    class ChannelMean(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).mean(1, keepdim=True)
+
+    path = _dynamo_export(ChannelMean(), tmp_path / "c.onnx", (1, 1, 8, 8))
+    with pytest.raises(UnsupportedModelError, match=r"(?s)unsupported ONNX node.*\(ReduceMean\)"):
+        onnx_to_torch(path)
