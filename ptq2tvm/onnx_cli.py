@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ def register_export(sub: Any, add_json: Any) -> None:
     x.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
     x.add_argument("--out", help="output file (default RUN/model.onnx)")
     x.add_argument("--qgraph", help="integer graph file (default RUN/model.qgraph.npz)")
-    x.add_argument("--weights", default="int8", choices=["int8", "uint8"],
-                   help="weight container: int8 (symmetric, zero point 0; default) or uint8 (the same integers + 128, "
-                   "zero point 128: exact in ONNX Runtime on x86 CPUs without VNNI)")
+    x.add_argument("--weights", default="auto", choices=["auto", "int8", "uint8"],
+                   help="weight container: int8 (symmetric, zero point 0: what TensorRT / OpenVINO expect; ONNX "
+                   "Runtime's int8-weight kernels saturate on x86 CPUs without VNNI), uint8 (the same integers + 128, "
+                   "zero point 128: exact in ONNX Runtime on every CPU), or auto: int8 on CPUs with VNNI, else uint8 "
+                   "(what parity --onnx and bench use)")
     x.add_argument("--int4", action="store_true", help="opset 21: weights of <= 4 bits as INT4 initializers")
     x.add_argument("--int4-activations", action="store_true",
                    help="opset 21: activations of <= 4 bits as UINT4 (ONNX Runtime 1.32 rejects these at full "
@@ -41,7 +44,8 @@ def register_export(sub: Any, add_json: Any) -> None:
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from .api import RunDir
     from .ir.graph import IntegerGraph
-    from .onnx_export import export_onnx
+    from .bench.baselines import host_has_vnni
+    from .onnx_export import choose_weights, export_onnx
 
     run = RunDir(args.run)
     qgraph = Path(args.qgraph) if args.qgraph else run.qgraph
@@ -51,13 +55,20 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else run.path / "model.onnx"
     if out.exists() and out.is_dir():
         raise ArtifactError(f"--out {out} is a directory")
-    rep = export_onnx(graph, out, weights=args.weights, int4=args.int4, int4_activations=args.int4_activations,
+    weights, why = choose_weights(args.weights)
+    if args.weights == "int8" and not host_has_vnni():
+        print("warning: --weights int8 on a CPU without VNNI: ONNX Runtime on this CPU may saturate (its u8 x s8 "
+              "kernels use vpmaddubsw) and compute far from the .so; --weights uint8 is exact here",
+              file=sys.stderr)
+    rep = export_onnx(graph, out, weights=weights, int4=args.int4, int4_activations=args.int4_activations,
                       per_layer_outputs=args.per_layer_outputs, integer_requant=args.integer_requant)
     n = sum(rep.node_counts.values())
     fit = rep.requant_fit
-    print(f"exported {out} (ONNX QDQ, opset {rep.opset}, {n} nodes, {args.weights} weights"
+    print(f"exported {out} (ONNX QDQ, opset {rep.opset}, {n} nodes, {weights} weights"
           + (f", INT4 weights in {len(rep.int4_weights)} layers" if rep.int4 else "")
           + (f", {len(rep.clips)} explicit Clip(s)" if rep.clips else "") + "); onnx.checker passed")
+    if args.weights == "auto":
+        print(f"  {weights} weights: {why}")
     print(f"  {len(rep.integer_layers)} conv/dense as integer ops (--integer-requant {args.integer_requant}); "
           f"QLinearConv/QGemm float32 multipliers exact on every accumulator value in "
           f"{sum(f['exact_channels'] for f in fit.values())} of {sum(f['channels'] for f in fit.values())} channels")
@@ -86,6 +97,6 @@ def cmd_parity_onnx(args: argparse.Namespace, images: Any, labels: Any) -> dict[
     graph = IntegerGraph.load(run.qgraph)
     rep = run_onnx_parity(graph, images, labels, weights=args.onnx_weights, int4=args.onnx_int4,
                           per_layer_inputs=args.per_layer_inputs, progress=not args.no_progress,
-                          integer_requant=args.onnx_integer_requant)
+                          integer_requant=args.onnx_integer_requant, threads=getattr(args, "threads", None) or 2)
     print(rep.summary())
     return rep.to_dict()

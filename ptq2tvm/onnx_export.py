@@ -686,8 +686,9 @@ def export_onnx(graph: IntegerGraph, path: str | Path, *, weights: str = "int8",
     """Write ``graph`` as an ONNX QDQ model to ``path`` (atomic: nothing is written if anything fails).
 
     ``weights``: ``int8`` (symmetric, zero point 0: what TensorRT / OpenVINO expect; ONNX Runtime's u8 x s8 kernels
-    saturate on x86 CPUs without VNNI, see docs/onnx.md) or ``uint8`` (the same integers + 128, zero point 128:
-    ONNX Runtime's exact u8 x u8 kernels everywhere). ``int4``: opset 21 INT4 initializers for weights of <= 4
+    saturate on x86 CPUs without VNNI, see docs/onnx.md), ``uint8`` (the same integers + 128, zero point 128:
+    ONNX Runtime's exact u8 x u8 kernels everywhere) or ``auto`` (:func:`choose_weights`: int8 on hosts with VNNI,
+    else uint8; ``ExportReport.weights`` says which). ``int4``: opset 21 INT4 initializers for weights of <= 4
     bits; ``int4_activations``: UINT4 zero points for activations of <= 4 bits (ONNX Runtime 1.32 rejects those at
     its full graph optimisation). Default: 8-bit containers with the exact clamp, opset 17.
     ``per_layer_outputs``: every IR tensor's uint8 codes become graph outputs ``codes:<tensor>``.
@@ -697,6 +698,7 @@ def export_onnx(graph: IntegerGraph, path: str | Path, *, weights: str = "int8",
     ``onnx.checker`` (full check, with shape inference)."""
     import onnx
 
+    weights = choose_weights(weights)[0]
     model, rep = build_onnx(graph, weights=weights, int4=int4, int4_activations=int4_activations,
                             per_layer_outputs=per_layer_outputs, opset=opset, integer_requant=integer_requant)
     path = Path(path)
@@ -704,3 +706,54 @@ def export_onnx(graph: IntegerGraph, path: str | Path, *, weights: str = "int8",
         onnx.save(model, str(tmp))
     rep.path = str(path)
     return rep
+
+
+def choose_weights(weights: str) -> tuple[str, str]:
+    """(container, why) for ``weights`` = ``int8`` | ``uint8`` | ``auto``. ``auto``: int8 where ONNX Runtime's u8 x s8
+    kernels are exact (x86 with AVX-512 VNNI or AVX-VNNI: ``vpdpbusd``), else uint8 (without VNNI they use the
+    saturating ``vpmaddubsw``; docs/onnx.md); the rule of ``parity --onnx`` and ``bench``
+    (:func:`ptq2tvm.onnx_parity.resolve_weights`). Raises :class:`ArtifactError` for another value."""
+    from .bench.baselines import host_has_vnni
+
+    if weights not in ("auto", *WEIGHT_CONTAINERS):
+        raise ArtifactError(f"weights must be auto, {' or '.join(WEIGHT_CONTAINERS)}, got {weights!r}")
+    vnni = host_has_vnni()
+    if weights != "auto":
+        return weights, "chosen"
+    if vnni:
+        return "int8", "auto: this CPU has VNNI, so ONNX Runtime's u8 x s8 kernels are exact"
+    return "uint8", ("auto: this CPU has no VNNI, where ONNX Runtime's u8 x s8 (int8-weight) kernels saturate; uint8 "
+                     "weights run its exact u8 x u8 kernels (--weights int8 for TensorRT / OpenVINO)")
+
+
+# ONNX files a run directory holds besides ptq2tvm's own exports: bench's FP32 baseline and ORT's INT8 model of it
+BENCH_BASELINES = ("onnx/fp32.onnx", "onnx/fp32.int8.onnx")
+
+
+def remove_stale_exports(run_dir: str | Path, digest: str) -> list[str]:
+    """Before a new integer graph (``digest``) is saved into ``run_dir``: remove the ONNX exports of another graph
+    (``RUN/*.onnx``, ``RUN/onnx/*.onnx`` whose ``ptq2tvm_graph_sha256`` differs: ``export``, ``bench``'s
+    ``onnx/ptq2tvm_qdq.onnx``) and bench's FP32 / INT8 baselines (built from the old model and calibration images;
+    every bench writes them anew). ONNX files ptq2tvm did not write are kept. Returns the names removed (relative to ``run_dir``)."""
+    import onnx
+
+    run = Path(run_dir)
+    removed: list[str] = []
+    if not run.is_dir():
+        return removed
+    for f in sorted([*run.glob("*.onnx"), *(run / "onnx").glob("*.onnx")]):
+        name = f.relative_to(run).as_posix()
+        if name in BENCH_BASELINES:
+            stale = True
+        else:
+            try:
+                props = {p.key: p.value for p in onnx.load(str(f), load_external_data=False).metadata_props}
+            except Exception:  # noqa: BLE001 - not an ONNX file ptq2tvm wrote: not ours to remove
+                continue
+            stale = "ptq2tvm_graph_sha256" in props and props["ptq2tvm_graph_sha256"] != digest
+        if stale:
+            f.unlink()
+            removed.append(name)
+    if (run / "onnx").is_dir() and not any((run / "onnx").iterdir()):
+        (run / "onnx").rmdir()
+    return removed
