@@ -734,7 +734,8 @@ def remove_stale_exports(run_dir: str | Path, digest: str) -> list[str]:
     """Before a new integer graph (``digest``) is saved into ``run_dir``: remove the ONNX exports of another graph
     (``RUN/*.onnx``, ``RUN/onnx/*.onnx`` whose ``ptq2tvm_graph_sha256`` differs: ``export``, ``bench``'s
     ``onnx/ptq2tvm_qdq.onnx``) and bench's FP32 / INT8 baselines (built from the old model and calibration images;
-    every bench writes them anew). ONNX files ptq2tvm did not write are kept. Returns the names removed (relative to ``run_dir``)."""
+    every bench writes them anew). ONNX files ptq2tvm did not write are kept. Returns the names removed (relative
+    to ``run_dir``)."""
     import onnx
 
     run = Path(run_dir)
