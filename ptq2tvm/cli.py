@@ -22,7 +22,8 @@ class HELP(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in text or action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS:   # identity: a default of 0 is shown (0 == False)
             return text
         return super()._get_help_string(action)
 
@@ -124,8 +125,8 @@ def _preprocess(args: argparse.Namespace, model: Any, data: str) -> dict[str, An
         if given and not _is_builtin_data(data) and not Path(data).exists():
             raise Ptq2TvmError(f"--data {data}: no such folder or file")
         if given:
-            raise Ptq2TvmError(f"{', '.join(given)} apply to image folders only; {data} is not one (arrays are used "
-                               "as they are: preprocess them before saving)")
+            raise Ptq2TvmError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to image folders only; "
+                               f"{data} is not one (arrays are used as they are: preprocess them before saving)")
         return {}
     if args.preprocess:
         file, fn = args.preprocess.rsplit(":", 1) if ":" in args.preprocess else (args.preprocess, "")
@@ -135,6 +136,8 @@ def _preprocess(args: argparse.Namespace, model: Any, data: str) -> dict[str, An
     inferred = expected_channels(model)
     channels = args.channels or (inferred if inferred in (1, 3) else 3)
     size = _parse_size(args.input_size) if args.input_size else (224, 224)
+    if not args.input_size:
+        _warn_small_images(data, model, channels, size)
     resize = args.resize if args.resize is not None else round(min(size) * 256 / 224)
     prep: dict[str, Any] = dict(channels=channels, crop=list(size), resize=resize)
     if args.mean is not None:
@@ -153,6 +156,38 @@ def _preprocess(args: argparse.Namespace, model: Any, data: str) -> dict[str, An
           f"{how} {size[0]}x{size[1]}, /255, mean {tuple(m)}, std {tuple(sd)} "
           "(change with --channels/--input-size/--resize/--mean/--std, or --preprocess file.py:fn)", file=sys.stderr)
     return prep
+
+
+def _warn_small_images(data: str, model: Any, channels: int, size: tuple[int, int]) -> None:
+    """One line when the folder's images are much smaller (median shorter side < half) than the default input size
+    they would be upscaled to; says whether the model runs at their own size and not at the default."""
+    from .data.image_folder import median_shorter_side
+
+    side = median_shorter_side(data)
+    if side is None or side >= min(size) / 2:
+        return
+    runs = {s: _runs_at(model, channels, s) for s in (side, size)}
+    fits = ""
+    if runs[side] and not runs[size]:
+        fits = f"; the model runs at {side}x{side} and not at {size[0]}x{size[1]}"
+    elif not runs[side] and runs[size]:
+        fits = f"; the model does not run at {side}x{side}"
+    print(f"warning: the images of {data} are small (median shorter side {side} px): without --input-size they are "
+          f"upscaled {min(size) / side:.0f}x to {size[0]}x{size[1]}; pass --input-size {side} (and --resize 0 for "
+          f"images framed like the training images) if the model was trained at that size{fits}", file=sys.stderr)
+
+
+def _runs_at(model: Any, channels: int, size: int | tuple[int, int]) -> bool:
+    """Whether ``model`` accepts a (1, channels, H, W) input (one forward on zeros; False on any error)."""
+    import torch
+
+    h, w = (size, size) if isinstance(size, int) else size
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, h, w))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "does not run at this size"
+        return False
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -185,6 +220,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     config = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, first_last_8bit=not args.no_first_last_8bit)
     config.validate()
     settings = None
+    ignored = _recon_only_given(args)
+    if ignored and args.method == "rtn":
+        print(f"warning: {', '.join(ignored)} only affect reconstruction: ignored with --method rtn (calibration "
+              "only; pick --method adaround/brecq/qdrop/network/nwq)", file=sys.stderr)
     if args.method != "rtn":
         settings = ReconSettings(method=args.method, granularity=args.granularity, adaqtransform=args.adaqtransform,
                                  iters=args.iters, batch_size=args.batch_size, mrecg_k=args.mrecg_k,
@@ -192,6 +231,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                                  **recon_cliargs.settings_kwargs(args))
         settings.validate()
     out = Path(args.out or f"runs/{Path(args.model.split(':')[0]).stem}_w{args.w_bits}a{args.a_bits}")
+    from .outpaths import check_output_path
+
+    check_output_path(out, "dir", "--out")
     ckpt_dir = out / "recon_checkpoint"
     if args.force and Checkpoint.remove(ckpt_dir):
         print(f"--force: removed the reconstruction checkpoint {ckpt_dir}", file=sys.stderr)
@@ -226,6 +268,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         fid = fidelity(model, qm, hold if hold is not None else calib[:args.fidelity_images],
                        held_out=hold is not None, per_layer=args.per_layer)
     recon: dict[str, Any] = {}
+    stale = _remove_stale(out, graph.digest())   # what RunDir.invalidate does not cover (ONNX, loss curves)
     if report is not None:
         report.save(out)
         recon = dict(granularity=report.granularity, adaqtransform=args.adaqtransform, iters=args.iters,
@@ -235,8 +278,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                    fidelity=fid.to_dict() if fid else None, **recon, **mixed)
     if report is not None:
         Checkpoint.remove(ckpt_dir)
-    if run.superseded:
-        print(f"removed what the new integer graph supersedes in {run.path}: {', '.join(run.superseded)} (compile "
+    superseded = run.superseded + [n for n in stale if n not in run.superseded]
+    if superseded:
+        print(f"removed what the new integer graph supersedes in {run.path}: {', '.join(superseded)} (compile "
               "again)", file=sys.stderr)
     result = dict(run_dir=str(run.path), fakequant=str(run.fakequant), qgraph=str(run.qgraph),
                   w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, calib_size=int(len(calib)),
@@ -245,9 +289,14 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                   fidelity=fid.to_dict() if fid else None, data_warnings=notes,
                   seconds=round(time.perf_counter() - t0, 2), **recon,
                   layer_bits=graph.meta.get("layer_bits"))
-    print(f"quantized {args.model} W{args.w_bits}A{args.a_bits} ({args.method}"
-          f"{', AdaQTransform' if args.adaqtransform else ''}, {len(calib)} calibration images) -> {run.path}  "
-          f"[{result['seconds']} s]\n  weights: {weights}; stored weights {result['weight_bytes'] / 1e3:.1f} kB "
+    bits = f"W{args.w_bits}A{args.a_bits}"
+    if qm.config.layer_w_bits or qm.config.layer_a_bits:
+        bits = ("mixed precision (bits per layer below)" if "mixed_precision" in mixed
+                else f"{bits} with --layer-bits (bits per layer below)")
+    print(f"quantized {args.model} {bits} ({args.method}"
+          f"{', AdaQTransform' if args.adaqtransform and args.method != 'rtn' else ''}, {len(calib)} calibration "
+          f"images) -> {run.path}  [{result['seconds']} s]\n  weights: {weights}; stored weights "
+          f"{_size_text(result['weight_bytes'])} "
           f"in this CPU's default build ({_stored_bytes_target()}; {result['weight_count']} values)")
     if qm.config.layer_w_bits or qm.config.layer_a_bits:
         from .mixed.layerbits import bits_summary
@@ -263,6 +312,36 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         print(f"reconstruction ({report.granularity}): {len(report.units)} units in {report.seconds:.0f} s; loss "
               f"curves {out / 'recon_loss.png'}")
     return result
+
+
+def _remove_stale(run_dir: Path, digest: str) -> list[str]:
+    """Artifacts of a run directory that a new integer graph supersedes beyond :meth:`ptq2tvm.api.RunDir.invalidate`
+    (.so, bundles, parity / latency results): the ONNX exports of another graph and bench's ONNX baselines
+    (:func:`ptq2tvm.onnx_export.remove_stale_exports`), and the old reconstruction loss curves. Names removed."""
+    from .onnx_export import remove_stale_exports
+
+    removed = remove_stale_exports(run_dir, digest)
+    for name in ("recon_loss.png", "recon_loss.json"):
+        if (run_dir / name).is_file():
+            (run_dir / name).unlink()
+            removed.append(name)
+    return removed
+
+
+def _size_text(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.1f} kB"
+
+
+# reconstruction-only options of quantize: (dest, option) pairs; given with --method rtn they do nothing
+RECON_ONLY = (("granularity", "--granularity"), ("adaqtransform", "--adaqtransform"), ("iters", "--iters"),
+              ("batch_size", "--batch-size"), ("expand_batch", "--expand-batch"), ("mrecg_k", "--mrecg-k"),
+              ("recon_threads", "--recon-threads"), ("time_budget", "--time-budget"), ("early_stop", "--early-stop"))
+
+
+def _recon_only_given(args: argparse.Namespace) -> list[str]:
+    """The reconstruction-only options whose value differs from the parser's default (``args._defaults``)."""
+    defaults = getattr(args, "_defaults", {})
+    return [opt for dest, opt in RECON_ONLY if dest in defaults and getattr(args, dest, None) != defaults[dest]]
 
 
 def _stored_bytes_target() -> str:
@@ -336,13 +415,51 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _eval_data(args: argparse.Namespace, info: dict[str, Any]):
-    from .data import load_dataset
+    """The evaluation set of ``eval`` / ``parity``: ``--data`` or the run's data (test split), with the run's
+    preprocessing. Data without a test split of its own (an array file, a folder without train/val) is the set the
+    run was calibrated on: its calibration images are left out (all of them calibrated it: kept, and said).
+    ``--n``: a seeded random subset (``--seed``), said."""
+    import numpy as np
+
+    from .data import calibration_rows_in_test, load_dataset
 
     spec = args.data or info.get("data") or DEFAULT_DATA
-    kwargs = _data_kwargs(info) if not args.data or args.data == info.get("data") else {}
+    same = not args.data or _resolve_data(args.data) == info.get("data")
+    kwargs = _data_kwargs(info) if same else {}
     if args.data and Path(args.data).is_dir() and not kwargs:
         kwargs = _data_kwargs(info)   # another folder: the run's preprocessing
-    return load_dataset(spec, split="test", limit=args.n, seed=getattr(args, "seed", 0), **kwargs)
+    seed = getattr(args, "seed", 0)
+    shared = calibration_rows_in_test(spec, int(info["calib_size"]), int(info.get("seed", 0))) \
+        if same and info.get("calib_size") else None
+    if shared is None:
+        ds = load_dataset(spec, split="test", limit=args.n, seed=seed, **kwargs)
+        total = None
+    else:
+        used, total = shared
+        rest = np.setdiff1d(np.arange(total), used)
+        if len(rest) == 0:
+            print(f"note: {spec} has no test split of its own and all {total} of its images calibrated this run: the "
+                  "accuracy below is on the calibration images (pass --data held-out images)", file=sys.stderr)
+            ds = load_dataset(spec, split="test", limit=args.n, seed=seed, **kwargs)
+        else:
+            pick = rest if args.n is None or args.n >= len(rest) else \
+                np.sort(np.random.default_rng(seed).choice(rest, size=int(args.n), replace=False))
+            print(f"note: {spec} has no test split of its own: evaluating on its {len(rest)} images not used for "
+                  f"calibration (the run's {len(used)} calibration images left out)", file=sys.stderr)
+            ds = load_dataset(spec, split="test", indices=pick, **kwargs)
+            total = len(rest)
+    if args.n is not None and len(ds.images) == args.n:
+        print(f"note: --n {args.n}: a seeded random subset (--seed {seed}) of the "
+              f"{f'{total} ' if total is not None else ''}evaluation images, not the first {args.n}", file=sys.stderr)
+    return ds
+
+
+def _torch_threads(args: argparse.Namespace) -> None:
+    """``--threads N`` of eval / parity: PyTorch's intra-op threads too (the .so's go to load_compiled)."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(int(args.threads))
 
 
 def cmd_parity(args: argparse.Namespace) -> dict[str, Any]:
@@ -353,13 +470,14 @@ def cmd_parity(args: argparse.Namespace) -> dict[str, Any]:
 
     run = RunDir(args.run)
     info = run.info()
+    _torch_threads(args)
     if args.onnx:  # ONNX Runtime on the QDQ export instead of the .so (ptq2tvm/onnx_cli.py)
         from .onnx_cli import cmd_parity_onnx
 
         ds = _eval_data(args, info)
         return cmd_parity_onnx(args, ds.images, ds.labels)
     graph = IntegerGraph.load(run.qgraph)
-    compiled = run.load_compiled(args.so)
+    compiled = run.load_compiled(args.so, threads=args.threads)
     qm = QuantModel.load(run.check(run.fakequant, info))
     ds = _eval_data(args, info)
     rep = run_parity(graph, compiled, qm, ds.images, ds.labels, per_layer_inputs=args.per_layer_inputs,
@@ -378,7 +496,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if ds.labels is None:
         raise Ptq2TvmError(f"dataset {ds.name} has no labels: cannot compute accuracy")
     so = Path(args.so) if args.so else run.so
-    compiled = run.load_compiled(so) if so.exists() else None    # a stale .so fails here, before any work
+    _torch_threads(args)
+    compiled = run.load_compiled(so, threads=args.threads) if so.exists() else None   # a stale .so fails here
     res: dict[str, Any] = dict(data=ds.name, n=int(len(ds.images)))
     res["fp32_top1"] = top1_torch(load_fp32(run.check(run.fp32, info), trust_code=args.trust_code), ds.images,
                                   ds.labels)
@@ -405,7 +524,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from .train import train_builtin
 
     _, info = train_builtin(args.model, dataset=args.data, epochs=args.epochs, seed=args.seed,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, threads=args.threads, force=args.force)
     print(json.dumps(info, indent=2))
     return info
 
@@ -499,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_args(q)
     _add_json(q)
     q.set_defaults(func=cmd_quantize)
+    q.set_defaults(_defaults={dest: q.get_default(dest) for dest, _ in RECON_ONLY})
     register_sensitivity(sub)
 
     c = sub.add_parser("compile", help="compile the integer graph of a run to a .so")
@@ -526,11 +646,14 @@ def build_parser() -> argparse.ArgumentParser:
         e = sub.add_parser(name, help=helptext)
         e.add_argument("run", help="run directory")
         e.add_argument("--data", help="evaluation data (default: the run's dataset, test split)")
-        e.add_argument("--n", type=int, help="use only the first N images")
+        e.add_argument("--n", type=int, help="use N images: a seeded random subset (--seed; classes in proportion, "
+                       "in expectation) of the evaluation set")
+        e.add_argument("--seed", type=int, default=0, help="seed of the --n subset")
         e.add_argument("--so", help="library to check (default RUN/model.so)")
+        e.add_argument("--threads", type=int, help="threads of the .so and PyTorch (default: all cores, or 1 when "
+                       "the machine is busy)")
         if name == "eval":
-            e.add_argument("--trust-code", action="store_true", help="allow an fp32.pt that runs code when loaded (a "
-                           "pickled module or a file.py:factory model): only for run directories you made yourself")
+            _add_trust_code(e)
         if name == "parity":
             e.add_argument("--per-layer-inputs", type=int, default=256, help="inputs for the per-layer comparison "
                            "(0 = skip)")
@@ -542,15 +665,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency of the .so vs PyTorch FP32 and ONNX Runtime FP32/INT8")
     b.add_argument("run", help="run directory (compiled)")
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--threads", type=int, default=2, help="threads of every runtime (the .so, PyTorch, ONNX "
+                   "Runtime, OpenVINO)")
     b.add_argument("--repeats", type=int, default=20, help="timed turns per runtime")
     b.add_argument("--warmup", type=int, default=3, help="untimed turns first")
     b.add_argument("--calls-per-turn", type=int, default=5,
                    help="timed calls back to back per turn (1: latency right after an idle gap)")
     b.add_argument("--no-ort-int8", action="store_true", help="skip the ONNX Runtime INT8 baseline")
     b.add_argument("--out-dir", help="where to write the table, PNG chart and ONNX exports (default RUN)")
-    b.add_argument("--trust-code", action="store_true", help="allow an fp32.pt that runs code when loaded (a "
-                   "pickled module or a file.py:factory model): only for run directories you made yourself")
+    _add_trust_code(b)
     _add_json(b)
     b.set_defaults(func=cmd_bench)
 
@@ -568,42 +691,111 @@ def build_parser() -> argparse.ArgumentParser:
     register_export(sub, _add_json)
 
     t = sub.add_parser("train", help="train (or load from cache) a small zoo model on a built-in dataset")
-    t.add_argument("--model", default=DEFAULT_MODEL)
-    t.add_argument("--data", default=DEFAULT_DATA, choices=["fashion-mnist", "digits"])
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--model", default=DEFAULT_MODEL, help="zoo model (resnet_small, mobilenet_v2_small, "
+                   "mobilenet_v3_small_fm, efficientnet_small_fm, edsr_small_fm)")
+    t.add_argument("--data", default=DEFAULT_DATA, choices=["fashion-mnist", "digits"], help="built-in dataset")
+    t.add_argument("--epochs", type=int, help="epochs (default: the recipe's, e.g. 6 on Fashion-MNIST)")
+    t.add_argument("--seed", type=int, default=0, help="training seed")
+    t.add_argument("--threads", type=int, help="intra-op threads (default: 2, or 1 when the machine is busy; results "
+                   "are reproducible per thread count)")
+    t.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
     _add_json(t)
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="the main job on the built-in default: train/load, quantize W8A8 and W4A4, "
                        "compile, eval, parity, bench -> runs/demo/summary.json")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--model", default=DEFAULT_MODEL)
-    d.add_argument("--data", default=DEFAULT_DATA, choices=["fashion-mnist", "digits"])
+    d.add_argument("--out", default="runs/demo", help="output folder (a run directory per setting + summary.json)")
+    d.add_argument("--model", default=DEFAULT_MODEL, help="built-in zoo model (e.g. mobilenet_v2_small)")
+    d.add_argument("--data", default=DEFAULT_DATA, choices=["fashion-mnist", "digits"], help="built-in dataset")
     d.add_argument("--bits", nargs="+", default=["8/8", "4/4"], help="W/A settings, e.g. 8/8 4/4 2/4")
-    d.add_argument("--calib-size", type=int, default=512)
+    d.add_argument("--calib-size", type=int, default=512, help="calibration images (from the training split)")
     d.add_argument("--threads", type=int, default=None,
                    help="threads of every runtime (default: 2, or 1 when the machine is busy)")
-    d.add_argument("--repeats", type=int, default=30)
+    d.add_argument("--repeats", type=int, default=30, help="timed turns per runtime in the latency benchmark")
     _add_json(d)
     d.set_defaults(func=cmd_demo)
     from .sweep import add_parser as add_sweep_parser
 
     add_sweep_parser(sub)
+    _add_sensitivity_trust_code(sub)
     finish_parser(p, sub)
     return p
+
+
+def _add_trust_code(p: argparse.ArgumentParser) -> None:
+    """``--trust-code``: every command that loads a run's fp32.pt (eval, bench, sensitivity) has it, since
+    :func:`ptq2tvm.api.load_fp32` names it when the model is a pickled module or a file.py:factory."""
+    p.add_argument("--trust-code", action="store_true", help="allow an fp32.pt that runs code when loaded (a "
+                   "pickled module or a file.py:factory model): only for run directories you made yourself")
+
+
+def _add_sensitivity_trust_code(sub: Any) -> None:
+    """``sensitivity`` (registered by ptq2tvm/mixed/cli.py) loads fp32.pt too: give it ``--trust-code``. Its command
+    calls ``ptq2tvm.api.load_fp32(run.fp32)``; with the option, that call is made with ``trust_code=True``."""
+    s = sub.choices.get("sensitivity")
+    if s is None or any("--trust-code" in a.option_strings for a in s._actions):
+        return
+    _add_trust_code(s)
+    s.set_defaults(func=_trusting(s.get_default("func")))
+
+
+def _trusting(fn: Any) -> Any:
+    """``fn(args)`` with :func:`ptq2tvm.api.load_fp32` defaulting to ``trust_code=args.trust_code`` meanwhile (for
+    commands whose code does not pass the option on itself)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> Any:
+        if not getattr(args, "trust_code", False):
+            return fn(args)
+        from . import api
+
+        original = api.load_fp32
+        api.load_fp32 = functools.partial(original, trust_code=True)
+        try:
+            return fn(args)
+        finally:
+            api.load_fp32 = original
+    return run
 
 
 def finish_parser(p: argparse.ArgumentParser, sub: Any) -> None:
     """Defaults in every --help, and the top-level help naming every command (also those added elsewhere)."""
     for sp in sub.choices.values():
         sp.formatter_class = HELP
+        for a in sp._actions:   # an option without help text still shows its default (argparse hides it)
+            if a.option_strings and a.help is None and a.default is not None and a.default is not False:
+                a.help = "(default: %(default)s)"
     p.description = (__doc__ or "") + "\n\ncommands: " + ", ".join(sub.choices)
 
 
+# Where each command writes: option dest -> "file" / "dir" (checked before any work by check_output_path).
+OUTPUTS: dict[str, dict[str, str]] = {
+    "quantize": {"out": "dir"}, "compile": {"out": "file"}, "export": {"out": "file"}, "bench": {"out_dir": "dir"},
+    "bundle": {"out": "dir"}, "demo": {"out": "dir"},
+}
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """One-line error (exit 2, nothing written) for an output path of this command that cannot be written: an
+    existing file where a folder goes, a folder where a file goes, a file among its parent folders."""
+    from .outpaths import check_output_path
+
+    for dest, kind in {**OUTPUTS.get(args.command, {}), "json": "file"}.items():
+        value = getattr(args, dest, None)
+        if value:
+            check_output_path(value, kind, "--" + dest.replace("_", "-"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from . import threads
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # the load-average note of ptq2tvm.threads names this command's own option where it has one
+    threads.set_override_hint("pass --threads N" if hasattr(args, "threads") else None)
     try:
+        check_outputs(args)
         result = args.func(args)
     except Ptq2TvmError as e:
         print(f"ptq2tvm {args.command}: error: {e}", file=sys.stderr)

@@ -14,12 +14,22 @@ import os
 import sys
 
 _announced: set[str] = set()
+# How the user overrides the choice, named in the note: the command line sets it to its own option when the running
+# command has one (``ptq2tvm eval --threads``); callers give their own fallback (``hint``), else the API's.
+_cli_hint: str | None = None
 
 
-def auto_threads(preferred: int, *, what: str = "running", announce: bool = True) -> int:
+def set_override_hint(text: str | None) -> None:
+    """What the note of :func:`auto_threads` tells the user to do to override it (None: each caller's own hint)."""
+    global _cli_hint
+    _cli_hint = text
+
+
+def auto_threads(preferred: int, *, what: str = "running", announce: bool = True, hint: str | None = None) -> int:
     """``preferred`` threads (capped at the core count) when the 1-minute load average leaves that many cores idle,
     else 1. Returns an int >= 1; when it returns fewer than asked and ``announce``, one line on stderr says why
-    (``what``: e.g. "training", "the .so")."""
+    (``what``: e.g. "training", "the .so") and how to override it: the running command's option
+    (:func:`set_override_hint`), else ``hint``, else "pass threads=N"."""
     cores = os.cpu_count() or 1
     want = max(1, min(int(preferred), cores))
     try:
@@ -30,7 +40,8 @@ def auto_threads(preferred: int, *, what: str = "running", announce: bool = True
         if announce and what not in _announced:     # once per process and purpose
             _announced.add(what)
             print(f"note: load average {load:.1f} on {cores} cores: {what} with 1 thread instead of {want} (thread "
-                  "pools that spin-wait slow down 10-100x when other processes compete; pass --threads to override)",
+                  f"pools that spin-wait slow down 10-100x when other processes compete; to override: "
+                  f"{_cli_hint or hint or 'pass threads=N'})",
                   file=sys.stderr)
         return 1
     return want

@@ -341,7 +341,8 @@ def train_builtin(model_name: str, dataset: str = "fashion-mnist", epochs: int |
     prev_threads = torch.get_num_threads()
     if threads is None:
         threads = auto_threads(TRAIN_THREADS, what="training",
-                               announce=progress and not (pt.is_file() and not force))
+                               announce=progress and not (pt.is_file() and not force),
+                               hint=f"train it first: ptq2tvm train --model {model_name} --data {ds_name} --threads N")
     torch.set_num_threads(int(threads))
     try:
         test = load_dataset(ds_name, split="test")

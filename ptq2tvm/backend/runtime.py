@@ -27,7 +27,8 @@ def set_num_threads(threads: int | None) -> None:
     ran a 28x28 ResNet at 100-145 ms per call against 0.85 ms with 1)."""
     if threads:
         os.environ["TVM_NUM_THREADS"] = str(int(threads))
-    elif "TVM_NUM_THREADS" not in os.environ and auto_threads(os.cpu_count() or 1, what="the .so runs") == 1:
+    elif "TVM_NUM_THREADS" not in os.environ and auto_threads(os.cpu_count() or 1, what="the .so runs",
+                                                                   hint="set TVM_NUM_THREADS=N") == 1:
         os.environ["TVM_NUM_THREADS"] = "1"
 
 
