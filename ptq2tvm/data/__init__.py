@@ -197,6 +197,23 @@ def holdout_set(spec: str | Path, n_calib: int, n: int, seed: int = 0, **kwargs)
     return validate_images(ds.images, f"held-out data from {ds.name}")
 
 
+def calibration_rows_in_test(spec: str | Path, n_calib: int, seed: int = 0) -> tuple[np.ndarray, int] | None:
+    """When the ``test`` split of ``spec`` is the same set of images as its ``train`` split (an array file, an image
+    folder without ``train``/``val`` sub-folders): (the rows :func:`calibration_set` (``n_calib``, ``seed``) drew,
+    the number of rows), so an evaluation can leave them out. None when the test split is a set of its own
+    (built-in datasets, folders with ``train``/``val``)."""
+    if is_builtin(str(spec)):
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        if index_folder(path, "train").root != index_folder(path, "test").root:
+            return None
+    elif path.suffix.lower() not in (".npy", ".npz") or not path.is_file():
+        return None
+    total = dataset_size(spec, "test")
+    return subsample_indices(total, int(n_calib), seed), total
+
+
 def run_data_kwargs(info: dict) -> dict:
     """The :func:`load_dataset` keyword arguments of a run directory's recorded image-folder preprocessing
     (``run.json`` ``preprocess``; {} for built-in and array data)."""
@@ -227,7 +244,7 @@ def calibration_dataset(spec: str | Path, n: int = 512, seed: int = 0, **kwargs)
 
 
 __all__ = [
-    "BUILTIN_DATASETS", "CalibrationData", "calibration_dataset", "DIGITS_MEAN", "DIGITS_STD", "Dataset", "array_notes", "as_images",
+    "BUILTIN_DATASETS", "CalibrationData", "calibration_dataset", "calibration_rows_in_test", "DIGITS_MEAN", "DIGITS_STD", "Dataset", "array_notes", "as_images",
     "dataset_size", "holdout_set", "run_data_kwargs", "load_callable", "looks_nhwc", "read_array_file", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "builtin_name", "calibration_set", "is_builtin",
     "load_array_file", "load_dataset", "load_digits_split", "load_fashion_mnist", "load_fashion_mnist_raw",

@@ -211,6 +211,22 @@ def load_image_folder(root: str | Path, split: str | None = None, limit: int | N
     return images, labels, index
 
 
+def median_shorter_side(root: str | Path, split: str | None = "train", sample: int = 64, seed: int = 0) -> int | None:
+    """Median shorter side (pixels) of up to ``sample`` images of the folder (seeded; image headers only, no
+    decoding), or None when none can be read."""
+    from PIL import Image
+
+    files = index_folder(root, split).files
+    sides = []
+    for i in subsample_indices(len(files), sample, seed):
+        try:
+            with Image.open(files[int(i)]) as im:
+                sides.append(min(im.size))
+        except Exception:  # noqa: BLE001 - an unreadable file is reported when the images are loaded
+            continue
+    return int(np.median(sides)) if sides else None
+
+
 def subsample_indices(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
     """All of ``range(n)``, or ``limit`` of them drawn without replacement (seeded), in increasing order."""
     if limit is None or limit >= n:
