@@ -71,7 +71,8 @@ class Checkpoint:
             raise ArtifactError(f"{self.state_path}: corrupted reconstruction checkpoint: {e}") from e
         if state.get("fingerprint") != self.fingerprint:
             raise ArtifactError(f"{self.dir} holds a reconstruction checkpoint of a different run (settings, bits or "
-                                f"calibration data differ); use another checkpoint directory or delete it")
+                                "calibration data differ): delete it, or re-run `ptq2tvm quantize` with --force to "
+                                "start the reconstruction over")
         qm = QuantModel.load(self.dir / state["model"])
         self.count = int(state.get("count", 0))
         self._note(len(state.get("done", [])), state.get("units"), (state.get("report") or {}).get("stages"))
