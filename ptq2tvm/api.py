@@ -40,6 +40,7 @@ from .ir.graph import IntegerGraph
 from .data.checks import check_input_channels, input_scale_notes
 from .data.transform import CalibrationData, as_images
 from .fidelity_report import FidelityReport, fidelity_report
+from .model_outputs import classification_index, flatten_outputs, structure_keys
 from .reconstruct import METHODS, ReconReport, ReconSettings, reconstruct
 
 
@@ -361,7 +362,8 @@ def check_calibration(model: nn.Module, images: np.ndarray) -> list[str]:
 def fidelity(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool = True,
              per_layer: bool = False) -> FidelityReport:
     """Label-free fidelity of the fake-quant model against FP32 on ``images`` (ideally held-out calibration
-    images): output SQNR, top-1 agreement, per-layer SQNR on request (:mod:`ptq2tvm.fidelity_report`)."""
+    images): output SQNR, top-1 agreement, per-layer SQNR on request (:mod:`ptq2tvm.fidelity_report`). A model
+    with several outputs (tuple / list / dict) gets them per output (``report.outputs``)."""
     return fidelity_report(model, qm, images, held_out=held_out, per_layer=per_layer)
 
 
@@ -433,14 +435,25 @@ def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantMod
 
 @torch.no_grad()
 def top1_torch(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
+    """Top-1 accuracy (fraction) of a torch model on float32 ``images`` (N, C, H, W) against int ``labels`` (N,).
+    A model with several outputs (tuple / list / dict) is scored on its first 2-D (N, classes) output (said once on
+    stderr); :class:`DataError` when it has none (:func:`ptq2tvm.model_outputs.classification_index`)."""
     model.eval()
     correct = 0
+    idx = None
     for i in range(0, len(images), batch_size):
-        out = model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])))
-        correct += int((out.argmax(1).numpy() == labels[i:i + batch_size]).sum())
+        outs, keys = flatten_outputs(model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))))
+        if idx is None:
+            idx = classification_index([tuple(o.shape) for o in outs], keys)
+        correct += int((outs[idx].argmax(1).numpy() == labels[i:i + batch_size]).sum())
     return correct / max(len(images), 1)
 
 
 def top1_so(compiled: CompiledModel, images: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of the compiled model (uint8 path: ``images`` quantized with its input scale). Several
+    outputs: the first 2-D (N, classes) one, as :func:`top1_torch`."""
+    shapes = [(len(images), *t.shape) for t in compiled.outputs]
+    idx = classification_index(shapes, structure_keys(compiled.meta.get("output_structure")))
     out = compiled.run_int(compiled.input.quantize(images))
+    out = out[idx] if isinstance(out, list) else out
     return float((out.argmax(1) == labels).mean())

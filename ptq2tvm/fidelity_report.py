@@ -1,9 +1,12 @@
-"""How faithful is the fake-quant model to FP32, without labels: SQNR of the output and top-1 agreement on images
+"""How faithful is the fake-quant model to FP32, without labels: SQNR of each output and top-1 agreement on images
 the model was not calibrated on, optionally per layer.
 
 SQNR (dB) = 10 log10( sum(y_fp32^2) / sum((y_q - y_fp32)^2) ) over all elements (signal-to-quantization-noise
 ratio, as in e.g. AIMET's and Brevitas' layer reports); top-1 agreement = fraction of images whose argmax is the
-same. Per layer, the fake-quant model's tensor is compared with the same tensor of its FP twin (BN folded,
+same, computed only for an output that is 2-D (N, classes). A model with several outputs (a tuple, list or dict of
+tensors) gets one SQNR (and agreement) per output, in the integer graph's order; the report's headline
+``sqnr_db`` is the worst output's, ``top1_agreement`` that of the first (N, classes) output (None without one). Per
+layer, the fake-quant model's tensor is compared with the same tensor of its FP twin (BN folded,
 quantizers off), each on its own inputs (errors accumulate through the network, as at inference).
 """
 
@@ -19,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .frontend.qmodel import QuantModel
+from .model_outputs import flatten_outputs, shape_text
 
 #: below this output SQNR (dB) or top-1 agreement the summary warns
 LOW_SQNR_DB = 10.0
@@ -43,31 +47,54 @@ class LayerFidelity:
 
 
 @dataclass
+class OutputFidelity:
+    """One network output: ``name`` (the dict key of a dict model, else 'output i'), its ``shape`` over the compared
+    images (N first), SQNR in dB, and the top-1 agreement (fraction of images) when it is 2-D (N, classes)."""
+
+    name: str
+    shape: list[int]
+    sqnr_db: float
+    top1_agreement: float | None
+
+
+@dataclass
 class FidelityReport:
     n_images: int
     held_out: bool               # False: measured on the calibration images themselves
-    sqnr_db: float               # network output, fake-quant vs FP32
-    top1_agreement: float
+    sqnr_db: float               # network output(s), fake-quant vs FP32: the worst output's
+    top1_agreement: float | None  # of the first (N, classes) output; None when no output is 2-D
     per_layer: list[LayerFidelity] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    outputs: list[OutputFidelity] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("sqnr_db",):
-            d[k] = None if not math.isfinite(d[k]) else round(d[k], 2)
-        for p in d["per_layer"]:
-            p["sqnr_db"] = None if not math.isfinite(p["sqnr_db"]) else round(p["sqnr_db"], 2)
+        d["sqnr_db"] = _db(d["sqnr_db"])
+        for p in d["per_layer"] + d["outputs"]:
+            p["sqnr_db"] = _db(p["sqnr_db"])
         return d
 
     @property
     def low(self) -> bool:
-        return self.sqnr_db < LOW_SQNR_DB or self.top1_agreement < LOW_AGREEMENT
+        agree = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
+        if self.top1_agreement is not None:
+            agree.append(self.top1_agreement)
+        return self.sqnr_db < LOW_SQNR_DB or any(a < LOW_AGREEMENT for a in agree)
 
     def summary(self) -> str:
         where = f"{self.n_images} held-out calibration images" if self.held_out else \
             f"{self.n_images} calibration images (no held-out images left)"
-        lines = [f"fidelity vs FP32 (no labels; {where}): output SQNR {self.sqnr_db:.1f} dB, "
-                 f"top-1 agreement {100 * self.top1_agreement:.1f}%"]
+        if len(self.outputs) > 1:
+            wn = max(len(o.name) for o in self.outputs)
+            ws = max(len(shape_text(o.shape)) for o in self.outputs)
+            lines = [f"fidelity vs FP32 (no labels; {where}): {len(self.outputs)} outputs"]
+            lines += [f"  {o.name:<{wn}}  {shape_text(o.shape):<{ws}}  SQNR {o.sqnr_db:5.1f} dB"
+                      + (f", top-1 agreement {100 * o.top1_agreement:.1f}%" if o.top1_agreement is not None else "")
+                      for o in self.outputs]
+        else:
+            lines = [f"fidelity vs FP32 (no labels; {where}): output SQNR {self.sqnr_db:.1f} dB"
+                     + (f", top-1 agreement {100 * self.top1_agreement:.1f}%" if self.top1_agreement is not None
+                        else "")]
         if self.low:
             lines.append(f"warning: low fidelity (SQNR < {LOW_SQNR_DB:g} dB or agreement < {100 * LOW_AGREEMENT:g}%): "
                          "check the calibration data's preprocessing, or use more bits / --method qdrop")
@@ -84,14 +111,26 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
     """Compare ``qm`` (fake-quant) with the FP32 ``model`` on ``images`` (float32 NCHW); see the module docstring."""
     model.eval()
     qm.eval()
-    ref, got = [], []
+    ref: list[list[np.ndarray]] = []
+    got: list[list[np.ndarray]] = []
+    keys = None
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))
-        ref.append(model(x).float().numpy())
-        got.append(qm(x).float().numpy())
-    ref_a, got_a = np.concatenate(ref), np.concatenate(got)
-    agree = float(np.mean(ref_a.reshape(len(ref_a), -1).argmax(1) == got_a.reshape(len(got_a), -1).argmax(1)))
-    rep = FidelityReport(int(len(images)), held_out, sqnr_db(ref_a, got_a), agree)
+        r, keys = flatten_outputs(model(x))
+        g, _ = flatten_outputs(qm(x))
+        if len(r) != len(g):
+            raise ValueError(f"the FP32 model returns {len(r)} outputs, the fake-quant model {len(g)}")
+        ref.append([t.float().numpy() for t in r])
+        got.append([t.float().numpy() for t in g])
+    outs: list[OutputFidelity] = []
+    for j in range(len(ref[0])):
+        ref_a = np.concatenate([b[j] for b in ref])
+        got_a = np.concatenate([b[j] for b in got])
+        agree = float(np.mean(ref_a.argmax(1) == got_a.argmax(1))) if ref_a.ndim == 2 else None
+        outs.append(OutputFidelity(keys[j] if keys else f"output {j}", list(ref_a.shape), sqnr_db(ref_a, got_a),
+                                   agree))
+    top1 = next((o.top1_agreement for o in outs if o.top1_agreement is not None), None)
+    rep = FidelityReport(int(len(images)), held_out, min(o.sqnr_db for o in outs), top1, outputs=outs)
     if per_layer:
         fp = copy.deepcopy(qm).set_quant(weights=False, acts=False)
         sub = torch.from_numpy(np.ascontiguousarray(images[:batch_size]))
@@ -103,4 +142,8 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
     return rep
 
 
-__all__ = ["FidelityReport", "LayerFidelity", "fidelity_report", "sqnr_db"]
+def _db(v: float) -> float | None:
+    return None if not math.isfinite(v) else round(v, 2)
+
+
+__all__ = ["FidelityReport", "LayerFidelity", "OutputFidelity", "fidelity_report", "sqnr_db"]

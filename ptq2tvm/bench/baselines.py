@@ -1,7 +1,9 @@
 """Baseline runtimes for `ptq2tvm bench`: PyTorch FP32, ONNX Runtime FP32 and ONNX Runtime INT8 (static QDQ).
 
-Every runner is a ``Callable[[np.ndarray], np.ndarray]``: float32 NCHW batch in, float32 numpy output out, with
-its own thread count fixed when it is built (ORT: session options; torch: ``torch.set_num_threads``).
+Every runner is a ``Callable[[np.ndarray], np.ndarray | list[np.ndarray]]``: float32 NCHW batch in, float32 numpy
+output out (a list of every output, in the integer graph's order, for a model with several outputs: a tuple / list
+or a dict's values; each runtime computes and returns all of them, as the .so does), with its own thread count fixed
+when it is built (ORT: session options; torch: ``torch.set_num_threads``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import torch.nn as nn
 
 from ..atomic import atomic_path
 from ..errors import DataError
+from ..model_outputs import flatten_outputs
 
-Runner = Callable[[np.ndarray], np.ndarray]
+Runner = Callable[[np.ndarray], Any]   # np.ndarray, or list[np.ndarray] for several outputs
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -32,24 +35,28 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: str | Path, opset: 
 
     Uses torch's TorchScript exporter (``dynamo=False``): in torch 2.13 it still exists (with a DeprecationWarning),
     honours opset 17 and folds BatchNorm into Conv. The default dynamo exporter cannot emit opset < 18 (its
-    down-conversion fails on ResNets) and is only used as a fallback, at opset 18.
+    down-conversion fails on ResNets) and is only used as a fallback, at opset 18. A model with several outputs
+    (tuple / list / dict) gets ONNX outputs ``output_0``, ``output_1``, ... in the integer graph's order.
     """
     path = Path(path)
     x = torch.from_numpy(np.ascontiguousarray(example, dtype=np.float32))
     was_training = model.training
     model.eval()
     try:
+        with torch.no_grad():
+            n_out = len(flatten_outputs(model(x))[0])
+        names = [OUTPUT_NAME] if n_out == 1 else [f"{OUTPUT_NAME}_{i}" for i in range(n_out)]
         with atomic_path(path, suffix=".onnx") as tmp, torch.no_grad():
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     torch.onnx.export(model, (x,), str(tmp), opset_version=opset, dynamo=False,
-                                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                      input_names=[INPUT_NAME], output_names=names,
                                       do_constant_folding=True)
             except Exception as legacy_err:  # legacy exporter gone or failed: fall back to torch.export
                 try:
                     torch.onnx.export(model, (x,), str(tmp), opset_version=max(opset, 18), dynamo=True,
-                                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                      input_names=[INPUT_NAME], output_names=names,
                                       external_data=False, verbose=False)
                 except Exception as dynamo_err:
                     raise RuntimeError(f"ONNX export of {type(model).__name__} failed: legacy exporter: "
@@ -60,7 +67,8 @@ def export_onnx(model: nn.Module, example: np.ndarray, path: str | Path, opset: 
 
 
 def torch_fp32_runner(model: nn.Module, threads: int) -> Runner:
-    """PyTorch eager FP32 under ``inference_mode`` with ``threads`` intra-op threads (a process-wide setting)."""
+    """PyTorch eager FP32 under ``inference_mode`` with ``threads`` intra-op threads (a process-wide setting); every
+    output as numpy (a list for several)."""
     model = model.eval()
     torch.set_num_threads(int(threads))
     with contextlib.suppress(RuntimeError):  # only settable before the first inter-op parallel work
@@ -68,8 +76,8 @@ def torch_fp32_runner(model: nn.Module, threads: int) -> Runner:
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-        return out.numpy()
+            outs = flatten_outputs(model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))))[0]
+        return outs[0].numpy() if len(outs) == 1 else [o.numpy() for o in outs]
 
     return run
 
@@ -91,10 +99,13 @@ def _session(onnx_path: str | Path, threads: int, allow_spinning: bool = True) -
 def _ort_runner(onnx_path: str | Path, threads: int, allow_spinning: bool = True) -> Runner:
     sess = _session(onnx_path, threads, allow_spinning)
     inp = sess.get_inputs()[0].name
-    out = sess.get_outputs()[0].name
+    outs = [o.name for o in sess.get_outputs()]      # every output: the whole forward, as the .so computes it
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return np.asarray(sess.run([out], {inp: np.ascontiguousarray(x, dtype=np.float32)})[0], dtype=np.float32)
+    def run(x: np.ndarray) -> Any:
+        res = sess.run(outs, {inp: np.ascontiguousarray(x, dtype=np.float32)})
+        if len(res) == 1:
+            return np.asarray(res[0], dtype=np.float32)
+        return [np.asarray(r, dtype=np.float32) for r in res]
 
     run.session = sess  # type: ignore[attr-defined]
     return run

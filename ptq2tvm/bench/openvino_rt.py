@@ -2,7 +2,8 @@
 that the ONNX Runtime INT8 baseline runs; OpenVINO's low-precision transformations turn its QuantizeLinear /
 DequantizeLinear pairs into int8 convolutions).
 
-Every runner is a ``Callable[[np.ndarray], np.ndarray]`` (float32 NCHW batch in, float32 output out), compiled with
+Every runner is a ``Callable[[np.ndarray], np.ndarray | list[np.ndarray]]`` (float32 NCHW batch in, float32 output
+out: a list of every output for a model with several), compiled with
 the settings of a latency benchmark: ``PERFORMANCE_HINT=LATENCY``, one stream, ``INFERENCE_NUM_THREADS=threads`` and
 ``INFERENCE_PRECISION_HINT=f32`` (on CPUs with bf16/AMX-BF16 OpenVINO would otherwise run FP32 models in bf16).
 ``runner.kernels`` tells which oneDNN primitives the compiled model uses, read from its runtime ("exec") graph
@@ -99,11 +100,12 @@ def openvino_runner(onnx_path: str | Path, threads: int) -> Runner:
               "INFERENCE_PRECISION_HINT": "f32"}
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
-    out_port = compiled.output(0)
+    ports = list(compiled.outputs)             # every output, in the ONNX model's order
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray) -> Any:
         request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
-        return np.array(request.get_tensor(out_port).data, dtype=np.float32, copy=True)
+        outs = [np.array(request.get_tensor(p).data, dtype=np.float32, copy=True) for p in ports]
+        return outs[0] if len(outs) == 1 else outs
 
     kernels = runtime_kernels(compiled)
     run.compiled = compiled            # type: ignore[attr-defined]

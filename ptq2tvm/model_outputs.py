@@ -1,0 +1,61 @@
+"""A model's outputs as one flat list, in the integer graph's order (one tensor; a tuple / list in order; a dict's
+values in insertion order: how :mod:`ptq2tvm.frontend.trace` flattens them), with labels for messages, and which
+output is the classification one (the first 2-D (N, classes) tensor)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+from .errors import DataError
+
+_printed: set[str] = set()
+
+
+def flatten_outputs(out: Any) -> tuple[list[Any], list[str] | None]:
+    """``out`` (a tensor / array, a tuple or list of them, or a dict of them) -> (the outputs in graph order, the dict
+    keys or None). Raises :class:`DataError` for anything else."""
+    if isinstance(out, dict):
+        return list(out.values()), [str(k) for k in out]
+    if isinstance(out, (tuple, list)):
+        return list(out), None
+    if hasattr(out, "shape"):
+        return [out], None
+    raise DataError(f"the model returned {type(out).__name__}, not a tensor or a tuple / list / dict of tensors")
+
+
+def structure_keys(structure: Any) -> list[str] | None:
+    """The dict keys of an ``output_structure`` (sidecar / graph meta: None, ["tuple", n], ["dict", keys])."""
+    return [str(k) for k in structure[1]] if structure and structure[0] == "dict" else None
+
+
+def output_label(i: int, keys: Sequence[str] | None) -> str:
+    """'output 0', or "output 1 'logits'" for a dict model."""
+    return f"output {i}" + (f" {keys[i]!r}" if keys else "")
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """(N, 4) for a batch of (4,) outputs."""
+    return "(N" + "".join(f", {int(d)}" for d in shape[1:]) + ")"
+
+
+def classification_index(shapes: Sequence[Sequence[int]], keys: Sequence[str] | None = None,
+                         note: bool = True) -> int:
+    """The first output that is 2-D (N, classes): what top-1 is computed on. With several outputs, says once on
+    stderr which one is scored (``note``). Raises :class:`DataError` (one line, listing every output's shape) when
+    no output is 2-D."""
+    idx = next((i for i, s in enumerate(shapes) if len(s) == 2), None)
+    listing = ", ".join(f"{output_label(i, keys)} {shape_text(s)}" for i, s in enumerate(shapes))
+    if idx is None:
+        raise DataError(f"no output of the model is (N, classes): {listing}; top-1 accuracy needs a classification "
+                        "output")
+    if len(shapes) > 1 and note:
+        msg = (f"note: the model has {len(shapes)} outputs ({listing}); top-1 of {output_label(idx, keys)} "
+               f"{shape_text(shapes[idx])}, the first (N, classes) one")
+        if msg not in _printed:
+            _printed.add(msg)
+            print(msg, file=sys.stderr)
+    return idx
+
+
+__all__ = ["classification_index", "flatten_outputs", "output_label", "shape_text", "structure_keys"]
