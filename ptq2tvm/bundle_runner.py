@@ -3,11 +3,17 @@
 
     pip install -r requirements.txt              # numpy + apache-tvm-ffi (a few MB)
     python run_model.py --input images.npy       # float (N, C, H, W), preprocessed like the training data
+    python run_model.py --input data.npz:images  # an array of an .npz (the key may be left out if it holds one)
     python run_model.py --random 8 --bench 50    # random uint8 inputs; median latency of 50 runs
     python run_model.py --check                  # bit-exact against the reference outputs shipped in the bundle
     python run_model.py --input x.npy --output y.npy       # y: float outputs (logits); --output-int: integer codes
+    python run_model.py --input x.npy --output y.npz       # a model with several outputs: one array per output
 
-The sidecar model.json gives the compiled batch, the target and the input/output scale and zero point.
+The sidecar model.json gives the compiled batch, the target, the input/output scale and zero point and, for a model
+with several outputs, each output (in the integer graph's order; ``output_structure`` holds a dict model's keys).
+Inputs are checked before they reach the library, like ptq2tvm's CompiledModel: shape (N, C, H, W) against the
+compiled input (with a hint for channels-last or a missing batch axis), dtype, NaN / Inf; a bad input is one line
+on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -125,6 +131,7 @@ class BundleModel:
 
     def __init__(self, so_path: str | Path, lib_dir: str | Path | None = None):
         so_path = Path(so_path)
+        self.so_name = so_path.name
         meta_path = so_path.with_suffix(".json")
         for p in (so_path, meta_path):
             if not p.is_file():
@@ -174,9 +181,24 @@ class BundleModel:
         self.batch = int(self.meta["batch"])
         self._inputs: dict[tuple, tuple[Any, np.ndarray | None]] = {}   # reused input tensors (and CPU views)
 
-    def run_batch(self, q: np.ndarray) -> np.ndarray:
-        """One compiled batch -> the integer output: uint8 inputs, or float32 ones when the .so quantizes them. Not
-        thread-safe (one VM and one reused input tensor per model): use one BundleModel per thread."""
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        """Every output's sidecar entry (name, shape without N, scale, zero_point, bits), in the graph's order."""
+        return self.meta.get("outputs") or [self.meta["output"]]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the outputs for people: a dict model's keys, else the integer graph's tensor names."""
+        st = self.meta.get("output_structure")
+        if st and st[0] == "dict" and len(st[1]) == len(self.outputs):
+            return [str(k) for k in st[1]]
+        return [str(o["name"]) for o in self.outputs]
+
+    def _single(self, outs: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        return outs[0] if len(self.outputs) == 1 else outs
+
+    def _run_batch(self, q: np.ndarray) -> list[np.ndarray]:
+        """One compiled batch -> one integer array per output."""
         fn = self.main if q.dtype == np.uint8 else self.main_float
         q = np.ascontiguousarray(q)
         # always copy into a runtime-allocated tensor: the kernels assume TVM's 64-byte alignment (vector loads), which
@@ -191,37 +213,67 @@ class BundleModel:
             np.copyto(view, q)
         else:
             self._copy(tvm_ffi.from_dlpack(q), x)
-        out = fn(x)
+        res = fn(x)
+        return [self._to_host(t) for t in ([res] if hasattr(res, "shape") else list(res))]
+
+    def _to_host(self, out: Any) -> np.ndarray:
         if self.cuda:
             host = np.empty(tuple(out.shape), dtype=str(out.dtype))
             self._copy(out, tvm_ffi.from_dlpack(host))
             return host
         return np.from_dlpack(out).copy()
 
-    def run_int(self, q: np.ndarray) -> np.ndarray:
-        """Any number of inputs (uint8, or float32 for a .so with the float entry), chunked into the compiled batch
-        (the last chunk padded)."""
-        outs = []
+    def run_batch(self, q: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """One compiled batch -> the integer output (a list, one per output, for a model with several): uint8 inputs,
+        or float32 ones when the .so quantizes them. Not thread-safe (one VM and one reused input tensor per model):
+        use one BundleModel per thread."""
+        return self._single(self._run_batch(q))
+
+    def _run_all(self, q: np.ndarray) -> list[np.ndarray]:
+        outs: list[list[np.ndarray]] = []
         for i in range(0, len(q), self.batch):
             chunk = q[i:i + self.batch]
             n = len(chunk)
             if n < self.batch:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
-            outs.append(self.run_batch(chunk)[:n])
-        return np.concatenate(outs)
+            outs.append([o[:n] for o in self._run_batch(chunk)])
+        return [np.concatenate(parts) for parts in zip(*outs)]
+
+    def run_int(self, q: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Any number of inputs (uint8, or float32 for a .so with the float entry), chunked into the compiled batch
+        (the last chunk padded); a list of arrays for a model with several outputs."""
+        return self._single(self._run_all(q))
+
+    def check_outputs(self, directory: str | Path) -> tuple[list[tuple[str, int, int]], int]:
+        """Run ``directory``'s check_input.npy and compare with the reference executor's integers written by
+        ``ptq2tvm bundle`` (check_output.npy, or check_output.npz with one array per output name for a model with
+        several outputs): -> ([(output name, elements that differ, elements)], inputs)."""
+        directory = Path(directory)
+        got = self._run_all(np.load(directory / "check_input.npy"))
+        names = [str(o["name"]) for o in self.outputs]
+        if (directory / "check_output.npz").is_file():
+            with np.load(directory / "check_output.npz") as z:
+                want = {k: z[k] for k in z.files}
+        else:
+            want = {names[0]: np.load(directory / "check_output.npy")} if len(names) == 1 else {}
+        missing = [n for n in names if n not in want]
+        if missing:
+            raise BundleError(f"the bundle's reference outputs lack {', '.join(missing)} (check_output.npz does not "
+                              "belong to this model.so): make the bundle again")
+        res = []
+        for name, g in zip(names, got):
+            w = want[name]
+            res.append((name, int((g != w).sum()) if g.shape == w.shape else int(w.size), int(w.size)))
+        return res, len(got[0])
 
     def check(self, directory: str | Path) -> tuple[int, int, int]:
-        """Run ``directory``'s check_input.npy and compare with check_output.npy (the reference executor's integers,
-        written by ``ptq2tvm bundle``): -> (output elements that differ, output elements, inputs)."""
-        directory = Path(directory)
-        want = np.load(directory / "check_output.npy")
-        got = self.run_int(np.load(directory / "check_input.npy"))
-        bad = int((got != want).sum()) if got.shape == want.shape else want.size
-        return bad, int(want.size), len(want)
+        """:meth:`check_outputs` summed over the outputs: -> (output elements that differ, output elements, inputs)."""
+        per, n = self.check_outputs(directory)
+        return sum(b for _, b, _ in per), sum(t for _, _, t in per), n
 
-    def dequantize(self, y: np.ndarray) -> np.ndarray:
-        """Integer output codes -> float32 (scale * (q - zero_point)), like ptq2tvm's QTensor.dequantize."""
-        out = self.meta["output"]
+    def dequantize(self, y: np.ndarray, i: int = 0) -> np.ndarray:
+        """Integer codes of output ``i`` -> float32 (scale * (q - zero_point)), like ptq2tvm's QTensor.dequantize."""
+        out = self.outputs[i]
         return ((np.asarray(y).astype(np.float64) - out["zero_point"]) * out["scale"]).astype(np.float32)
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
@@ -231,27 +283,111 @@ class BundleModel:
         q = np.rint(q) + np.float32(inp["zero_point"])
         return np.clip(q, 0, (1 << int(inp["bits"])) - 1).astype(np.uint8)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Float in, float (dequantized) out."""
-        out = self.meta["output"]
-        x = np.asarray(x, dtype=np.float32)
-        y = self.run_int(x if self.main_float is not None else self.quantize(x)).astype(np.float64)
-        return ((y - out["zero_point"]) * out["scale"]).astype(np.float32)
+    def check_input(self, x: np.ndarray, integer: bool = False) -> np.ndarray:
+        """The checks of ptq2tvm's CompiledModel, as one-line :class:`InputError`: shape (N, *input shape), a
+        non-empty batch, a float (or, ``integer``, integer codes within the input's bits) dtype, no NaN / Inf.
+        Returns the input as float32 (``integer``: uint8)."""
+        x = np.asarray(x)
+        want = tuple(int(d) for d in self.meta["input"]["shape"])
+        if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
+            hint = ""
+            if x.ndim == len(want) + 1 and len(want) == 3 and tuple(x.shape[1:]) == (want[1], want[2], want[0]):
+                hint = "; it looks channels-last (N, H, W, C): use x.transpose(0, 3, 1, 2)"
+            elif tuple(x.shape) == want:
+                hint = "; one image without the batch axis: use x[None]"
+            raise InputError(f"{self.so_name} expects input (N, {', '.join(map(str, want))}), got {tuple(x.shape)}"
+                             + hint)
+        if x.shape[0] == 0:
+            raise InputError("empty input batch (N = 0)")
+        if integer:
+            if x.dtype.kind not in "ui":
+                raise InputError(f"--input-int expects integer codes (uint8), got {x.dtype}; float images go to --input")
+            qmax = (1 << int(self.meta["input"]["bits"])) - 1
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi > qmax:
+                raise InputError(f"--input-int codes must lie in 0..{qmax} (the input's {self.meta['input']['bits']} "
+                                 f"bits), got {lo}..{hi}")
+            return x.astype(np.uint8)
+        if x.dtype.kind != "f":
+            raise InputError(f"expected float input (N, C, H, W) preprocessed like the training data, got {x.dtype}"
+                             + ("; already quantized codes go to --input-int" if x.dtype == np.uint8 else ""))
+        x = x.astype(np.float32, copy=False)
+        finite = np.isfinite(x).reshape(len(x), -1).all(1)
+        if not finite.all():
+            raise InputError(f"input contains NaN or Inf ({int((~finite).sum())} of {len(x)} images, first at index "
+                             f"{int(np.argmin(finite))})")
+        return x
+
+    def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Float in, float (dequantized) out (a list for several outputs); the input checked by :meth:`check_input`."""
+        x = self.check_input(x)
+        ys = self._run_all(x if self.main_float is not None else self.quantize(x))
+        return self._single([self.dequantize(y, i) for i, y in enumerate(ys)])
+
+
+class InputError(ValueError):
+    """An input array or file the model cannot run: wrong shape, dtype, NaN / Inf, unreadable file."""
+
+
+def load_input(spec: str) -> np.ndarray:
+    """The array of ``spec``: a .npy file, or an .npz file (``FILE.npz:KEY`` names its array; without a key an .npz
+    must hold one array, or one named ``images``). Raises :class:`InputError` with one line."""
+    path, key = spec, None
+    if not Path(spec).is_file() and ":" in spec and spec.rsplit(":", 1)[0].endswith(".npz"):
+        path, key = spec.rsplit(":", 1)
+    if not Path(path).is_file():
+        raise InputError(f"input file {path} not found")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a numpy .npy / .npz array file ({str(e).splitlines()[0] if str(e) else e!r})"
+                         ) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        if key is not None:
+            raise InputError(f"{path} is an .npy file: it has no named arrays (drop ':{key}')")
+        return data
+    with data:
+        files = list(data.files)
+        if key is None:
+            if len(files) == 1:
+                key = files[0]
+            elif "images" in files:
+                key = "images"
+            else:
+                raise InputError(f"{path} holds {len(files)} arrays ({', '.join(files)}): name the input, e.g. "
+                                 f"--input {path}:{files[0]}")
+        elif key not in files:
+            raise InputError(f"{path} has no array {key!r}; it holds {', '.join(files) or 'none'}")
+        try:
+            return data[key]
+        except ValueError as e:
+            raise InputError(f"{path}:{key}: {e}") from None
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "(N" + "".join(f", {d}" for d in shape[1:]) + ")"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--so", default=str(HERE / "model.so"))
+    p.add_argument("--so", default=str(HERE / "model.so"), help="the compiled library (default: %(default)s)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--check", action="store_true", help="run check_input.npy, compare with check_output.npy (the "
-                     "reference executor's integers); exit 1 if any element differs")
-    src.add_argument("--input", help="float32 .npy (N, C, H, W), preprocessed like the training data")
-    src.add_argument("--input-int", help="uint8 .npy of already quantized inputs")
+    src.add_argument("--check", action="store_true", help="run check_input.npy, compare with the reference "
+                     "executor's integers shipped in the bundle (every output); exit 1 if any element differs")
+    src.add_argument("--input", metavar="FILE", help="float32 .npy (N, C, H, W), preprocessed like the training data; "
+                     "FILE.npz:KEY for an array of an .npz")
+    src.add_argument("--input-int", metavar="FILE", help="integer codes (uint8) of already quantized inputs (.npy, or "
+                     "FILE.npz:KEY)")
     src.add_argument("--random", type=int, metavar="N", help="N random uint8 inputs")
-    p.add_argument("--output", help="write the outputs (float32, dequantized: the logits) to this .npy")
+    p.add_argument("--output", metavar="FILE", help="write the outputs (float32, dequantized: the logits) to this .npy; "
+                   "a model with several outputs needs an .npz (one array per output)")
     p.add_argument("--output-int", action="store_true", help="with --output: write the integer output codes instead")
     p.add_argument("--bench", type=int, default=0, metavar="RUNS", help="time RUNS runs of one compiled batch")
     args = p.parse_args(argv)
+    if args.output_int and not args.output:
+        p.error("--output-int needs --output FILE (it selects what --output writes)")
+    if args.random is not None and args.random < 1:
+        p.error(f"--random needs at least 1 input, got {args.random}")
     try:
         return _run(args)
     except CpuFeatureError as e:
@@ -264,22 +400,39 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     model = BundleModel(args.so)
+    names = model.output_names
+    if args.output and len(names) > 1 and not args.output.endswith(".npz"):
+        raise InputError(f"the model has several outputs ({', '.join(names)}): --output needs an .npz file (one "
+                         f"array per output), got {args.output}")
     if args.check:
-        bad, size, n = model.check(Path(args.so).resolve().parent)
+        per, n = model.check_outputs(Path(args.so).resolve().parent)
+        bad, size = sum(b for _, b, _ in per), sum(t for _, _, t in per)
         print(f"check on {'cuda' if model.cuda else 'cpu'}: {'bit-exact' if bad == 0 else 'MISMATCH'} "
               f"({bad} of {size} output elements differ, {n} inputs)")
+        if len(per) > 1:
+            for name, b, t in per:
+                print(f"  {name}: {b} of {t} differ")
         return 0 if bad == 0 else 1
     if args.input:
-        x = np.load(args.input).astype(np.float32)
+        x = model.check_input(load_input(args.input))
         q = x if model.main_float is not None else model.quantize(x)
     elif args.input_int:
-        q = np.load(args.input_int).astype(np.uint8)
+        q = model.check_input(load_input(args.input_int), integer=True)
     else:
         q = np.random.default_rng(0).integers(0, 256, (args.random, *model.meta["input"]["shape"]), dtype=np.uint8)
-    y = model.run_int(q)
+    ys = model._run_all(q)
     if args.output:
-        np.save(args.output, y if args.output_int else model.dequantize(y))
-    print("top-1:", y.argmax(1).tolist()[:32], "..." if len(y) > 32 else "")
+        vals = ys if args.output_int else [model.dequantize(y, i) for i, y in enumerate(ys)]
+        if args.output.endswith(".npz"):
+            save_npz(args.output, dict(zip(names, vals)))
+        else:
+            np.save(args.output, vals[0])
+    for name, y in zip(names, ys):
+        head = "" if len(ys) == 1 else f"{name} {_shape_text(y.shape)} "
+        if y.ndim == 2:
+            print(f"{head}top-1:", y.argmax(1).tolist()[:32], "..." if len(y) > 32 else "")
+        else:
+            print(f"{head or f'output {_shape_text(y.shape)} '}codes {int(y.min())}..{int(y.max())}")
     if args.bench:
         batch = np.resize(q, (model.batch, *q.shape[1:]))
         model.run_batch(batch)
@@ -291,6 +444,16 @@ def _run(args: argparse.Namespace) -> int:
         print(f"latency (batch {model.batch}, {'cuda' if model.cuda else 'cpu'}): median "
               f"{statistics.median(times):.3f} ms over {args.bench} runs")
     return 0
+
+
+def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz with one array per name, in order (what np.savez writes; any name, ``file`` included)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, a in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def test_bundle_runs_without_tvm_and_is_bit_exact(tmp_path):
     rng = np.random.default_rng(1)
     compile_so(graph, tmp_path / "m.so", batch=2)
     b = make_bundle(tmp_path / "m.so", tmp_path / "bundle")
-    assert b.files == ["lib/libtvm_runtime.so", "model.json", "model.so", "requirements.txt", "run_model.py"]
+    assert b.files == ["bundle.json", "lib/libtvm_runtime.so", "model.json", "model.so", "requirements.txt",
+                       "run_model.py"]
     assert b.bytes < 8e6, "the bundle must not carry the TVM compiler library"
     q = rng.integers(0, 256, (5, 1, 12, 12), dtype=np.uint8)     # 5 inputs: chunks of the compiled batch 2
     np.save(tmp_path / "q.npy", q)
@@ -68,7 +69,7 @@ def test_bundle_runs_without_tvm_and_is_bit_exact(tmp_path):
         make_bundle(tmp_path / "m.so", tmp_path / "bundle_other", graph=tiny_integer_graph(4, 4))
     assert not (tmp_path / "bundle_other").exists()
 
-    with pytest.raises(ArtifactError, match="already exists"):
+    with pytest.raises(ArtifactError, match="already holds a bundle: pass --force"):
         make_bundle(tmp_path / "m.so", tmp_path / "bundle")
     (tmp_path / "m.so").write_bytes(b"not a library")
     with pytest.raises(ArtifactError, match="checksum"):
