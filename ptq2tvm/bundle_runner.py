@@ -427,8 +427,10 @@ def _run(args: argparse.Namespace) -> int:
             save_npz(args.output, dict(zip(names, vals)))
         else:
             np.save(args.output, vals[0])
+    st = model.meta.get("output_structure")
     for name, y in zip(names, ys):
-        head = "" if len(ys) == 1 else f"{name} {_shape_text(y.shape)} "
+        label = repr(name) if st and st[0] == "dict" else name          # a dict model's keys quoted: '0', 'logits'
+        head = "" if len(ys) == 1 else f"{label} {_shape_text(y.shape)} "
         if y.ndim == 2:
             print(f"{head}top-1:", y.argmax(1).tolist()[:32], "..." if len(y) > 32 else "")
         else:

@@ -85,10 +85,11 @@ class FidelityReport:
         where = f"{self.n_images} held-out calibration images" if self.held_out else \
             f"{self.n_images} calibration images (no held-out images left)"
         if len(self.outputs) > 1:
-            wn = max(len(o.name) for o in self.outputs)
+            label = {o.name: o.name if o.name.startswith("output ") else repr(o.name) for o in self.outputs}
+            wn = max(len(v) for v in label.values())
             ws = max(len(shape_text(o.shape)) for o in self.outputs)
             lines = [f"fidelity vs FP32 (no labels; {where}): {len(self.outputs)} outputs"]
-            lines += [f"  {o.name:<{wn}}  {shape_text(o.shape):<{ws}}  SQNR {o.sqnr_db:5.1f} dB"
+            lines += [f"  {label[o.name]:<{wn}}  {shape_text(o.shape):<{ws}}  SQNR {o.sqnr_db:5.1f} dB"
                       + (f", top-1 agreement {100 * o.top1_agreement:.1f}%" if o.top1_agreement is not None else "")
                       for o in self.outputs]
         else:

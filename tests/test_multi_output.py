@@ -141,8 +141,9 @@ def test_fidelity_summary_prints_one_line_per_output(project):
     rep = fidelity(model, qm, x[32:])
     lines = rep.summary().splitlines()
     assert lines[0].startswith("fidelity vs FP32 (no labels; 16 held-out calibration images): 2 outputs")
-    assert lines[1].startswith("  feat    (N, 3, 6, 6)  SQNR ") and "top-1" not in lines[1]
-    assert lines[2].startswith("  logits  (N, 4)        SQNR ") and "top-1 agreement" in lines[2]
+    assert lines[1].startswith("  'feat'    (N, 3, 6, 6)  SQNR ") and "top-1" not in lines[1]
+    assert lines[2].startswith("  'logits'  (N, 4)        SQNR ") and "top-1 agreement" in lines[2]
+    assert len(lines) == 3 and not rep.low
 
 
 def test_eval_scores_the_first_classification_output(run, capsys):
@@ -244,6 +245,7 @@ def test_bundle_checks_and_writes_every_output(run, tmp_path):
     for t, name, w in zip(graph.outputs, names, ref):
         np.testing.assert_array_equal(y[name], t.dequantize(w))
     cls = [n for n, w in zip(names, ref) if w.ndim == 2][0]
-    assert f"{cls} (N, 4) top-1:" in r.stdout, r.stdout
+    line = f"{cls!r} (N, 4) top-1:" if kind == "dict" else f"{cls} (N, 4) top-1:"     # a dict model's keys quoted
+    assert line in r.stdout, r.stdout
     r = runner("--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
     assert r.returncode == 2 and "several outputs" in r.stderr and ".npz" in r.stderr, r.stderr
