@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                      "FILE.npz:KEY for an array of an .npz")
     src.add_argument("--input-int", metavar="FILE", help="integer codes (uint8) of already quantized inputs (.npy, or "
                      "FILE.npz:KEY)")
-    src.add_argument("--random", type=int, metavar="N", help="N random uint8 inputs")
+    src.add_argument("--random", type=int, metavar="N", help="N random integer inputs (codes of the input's bits)")
     p.add_argument("--output", metavar="FILE", help="write the outputs (float32, dequantized: the logits) to this .npy; "
                    "a model with several outputs needs an .npz (one array per output)")
     p.add_argument("--output-int", action="store_true", help="with --output: write the integer output codes instead")
@@ -419,7 +419,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.input_int:
         q = model.check_input(load_input(args.input_int), integer=True)
     else:
-        q = np.random.default_rng(0).integers(0, 256, (args.random, *model.meta["input"]["shape"]), dtype=np.uint8)
+        qmax = (1 << int(model.meta["input"]["bits"])) - 1      # codes the input's bits can hold (255 at 8 bits)
+        q = np.random.default_rng(0).integers(0, qmax + 1, (args.random, *model.meta["input"]["shape"]),
+                                              dtype=np.uint8)
     ys = model._run_all(q)
     if args.output:
         vals = ys if args.output_int else [model.dequantize(y, i) for i, y in enumerate(ys)]

@@ -123,6 +123,7 @@ def test_runner_checks_its_input(built, tmp_path):
         "missing": ["--input", f"{t}/nothere.npy"],
         "junk": ["--input", f"{t}/junk.npy"],
         "output_int_alone": ["--input", f"{t}/ok.npy", "--output-int"],
+        "random_zero": ["--random", "0"],
         "int_ok": ["--input-int", f"{t}/u8.npy", "--output", f"{t}/yi.npy", "--output-int"],
     }
     r = subprocess.run([sys.executable, "-c", DRIVER, str(b / "run_model.py"), json.dumps(list(cases.values()))],
@@ -155,6 +156,8 @@ def test_runner_checks_its_input(built, tmp_path):
         and len(err.splitlines()) == 1, err
     rc, out, err = res["output_int_alone"]
     assert rc == 2 and err.endswith("error: --output-int needs --output FILE (it selects what --output writes)\n")
+    rc, out, err = res["random_zero"]
+    assert rc == 2 and err.endswith("error: --random needs at least 1 input, got 0\n")
     for name in ("npz_one", "npz_key", "int_ok"):
         assert res[name][0] == 0 and res[name][1].startswith("top-1: ["), res[name]
     want = graph.output.dequantize(run_reference(graph, graph.input.quantize(x)))
