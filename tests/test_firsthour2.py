@@ -284,3 +284,17 @@ def test_help_defaults_and_demo_help_without_install(tmp_path):
     assert res.returncode == 0 and not (tmp_path / "installed").exists()
     demo_opts = {o for a in sub.choices["demo"]._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
     assert demo_opts and all(o in res.stdout for o in demo_opts), demo_opts - set(res.stdout.split())
+
+
+# ---- 13: a NaN in a subsampled array file is named by its row in the user's file ---------------------------------
+def test_nan_in_a_subsampled_array_names_the_row_of_the_file(tmp_path):
+    from ptq2tvm.data import calibration_set, subsample_indices
+    from ptq2tvm.errors import DataError
+
+    x = np.zeros((20, 1, 4, 4), np.float32)
+    row = int(subsample_indices(20, 10, 0)[-1])    # drawn by the seeded subsample, at position 9 of it
+    assert row > 9
+    x[row, 0, 1, 2] = np.nan
+    np.save(tmp_path / "calib_nan.npy", x)
+    with pytest.raises(DataError, match=rf"first at index {row} \(channel, row, col\) = \(0, 1, 2\); images: {row}$"):
+        calibration_set(str(tmp_path / "calib_nan.npy"), 10, seed=0)

@@ -64,10 +64,11 @@ def is_builtin(spec: str) -> bool:
     return builtin_name(spec) is not None
 
 
-def validate_images(arr, what: str = "images") -> np.ndarray:
+def validate_images(arr, what: str = "images", rows: np.ndarray | None = None) -> np.ndarray:
     """Check ``arr`` is a non-empty, finite (N, C, H, W) numeric array; return it as contiguous float32.
 
     Raises :class:`DataError` saying what is wrong (for NaN/Inf: how many values, in how many images, and where).
+    ``rows``: the row numbers of ``arr``'s images in the user's file (a subsample of it): messages name those.
     """
     if not isinstance(arr, np.ndarray):
         try:
@@ -89,6 +90,8 @@ def validate_images(arr, what: str = "images") -> np.ndarray:
         idx = np.flatnonzero(per_image)
         first = tuple(int(v) for v in np.argwhere(bad[idx[0]])[0])
         n_nan = int(np.isnan(arr).sum())
+        if rows is not None:     # the user's row numbers, not positions in the subsample
+            idx = np.asarray(rows)[idx]
         raise DataError(f"{what} has {n_bad} NaN/Inf values ({n_nan} NaN, {n_bad - n_nan} Inf) in {len(idx)} image(s), "
                         f"first at index {int(idx[0])} (channel, row, col) = {first}; images: "
                         f"{', '.join(str(int(i)) for i in idx[:10])}{' ...' if len(idx) > 10 else ''}")
@@ -158,7 +161,7 @@ def load_dataset(spec: str | Path, split: str = "test", limit: int | None = None
             notes = array_notes(raw, str(path))
             images = np.ascontiguousarray(raw, dtype=np.float32)
             ds = Dataset(images, labels, str(path), tuple(images.shape[1:]), None, None, None, None, str(path),
-                         extra=dict(notes=notes, dtype=str(raw.dtype)))
+                         extra=dict(notes=notes, dtype=str(raw.dtype), rows=idx))
         elif path.exists():
             raise DataError(f"{spec}: not a dataset (expected {', '.join(BUILTIN_DATASETS)}, an image folder, "
                             f"or a .npy/.npz file)")
@@ -166,7 +169,7 @@ def load_dataset(spec: str | Path, split: str = "test", limit: int | None = None
             raise DataError(f"dataset not found: {spec!r} is neither a built-in dataset "
                             f"({', '.join(BUILTIN_DATASETS)}) nor an existing folder or .npy/.npz file")
     if limit != 0:
-        ds.images = validate_images(ds.images, f"dataset {ds.name} ({split})")
+        ds.images = validate_images(ds.images, f"dataset {ds.name} ({split})", rows=ds.extra.get("rows"))
     return ds
 
 
