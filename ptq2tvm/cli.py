@@ -796,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     threads.set_override_hint("pass --threads N" if hasattr(args, "threads") else None)
     try:
         check_outputs(args)
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise Ptq2TvmError(f"--threads must be >= 1, got {args.threads}")
         result = args.func(args)
     except Ptq2TvmError as e:
         print(f"ptq2tvm {args.command}: error: {e}", file=sys.stderr)
@@ -803,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nptq2tvm {args.command}: {interrupt_message(args)}", file=sys.stderr)
         return 130
+    finally:
+        threads.set_override_hint(None)
     _emit(args, result)
     return 0
 

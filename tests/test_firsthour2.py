@@ -139,10 +139,17 @@ def test_trust_code_and_threads_exist_where_messages_name_them(run_dir, capsys, 
     monkeypatch.setattr(threads, "_announced", set())
     monkeypatch.setattr(threads, "_cli_hint", None)
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    hints: list = []
+    real_hint = threads.set_override_hint
+    monkeypatch.setattr(threads, "set_override_hint", lambda text: (hints.append(text), real_hint(text)))
     rc, out, err = _cli(capsys, "eval", run_dir, "--no-progress", "--trust-code", "--threads", 1)
     assert rc == 0, err
-    assert threads._cli_hint == "pass --threads N"          # set by main for a command with --threads
-    threads.set_override_hint(None)
+    assert hints == ["pass --threads N", None]        # set by main for a command with --threads, then reset
+    hints.clear()
+    rc, out, err = _cli(capsys, "compile", run_dir, "--qgraph", run_dir / "none.npz")
+    assert rc == 2 and hints == [None, None]         # compile has no --threads: each caller's own hint
+    rc, out, err = _cli(capsys, "eval", run_dir, "--threads", 0)
+    assert rc == 2 and "--threads must be >= 1, got 0" in err
     monkeypatch.setattr(threads, "_announced", set())
     threads.auto_threads(2, what="the .so runs", hint="set TVM_NUM_THREADS=N")
     assert "to override: set TVM_NUM_THREADS=N" in capsys.readouterr().err
@@ -212,6 +219,12 @@ def test_eval_on_the_calibration_file_and_random_subset(proj, run_dir, tmp_path,
     used, total = calibration_rows_in_test(str(proj / "data.npz"), 16, 0)
     full = load_dataset(str(proj / "data.npz"))
     assert total == 48 and np.array_equal(full.images[used], calib)
+    assert calibration_rows_in_test(str(proj / "imgs"), 8, 0)[1] == 48            # a folder without train/val
+    for split in ("train", "val"):
+        (tmp_path / "split" / split / "a").mkdir(parents=True)
+        shutil.copy(next((proj / "imgs" / "0_c").iterdir()), tmp_path / "split" / split / "a" / "x.png")
+    assert calibration_rows_in_test(str(tmp_path / "split"), 8, 0) is None        # val/ is a set of its own
+    assert calibration_rows_in_test("fashion-mnist", 8, 0) is None
     # a class-sorted folder: --n takes images of every class, not the first N
     ds = load_dataset(str(proj / "imgs"), split="test", limit=12, channels=1, crop=16, resize=0)
     assert len(set(ds.labels.tolist())) >= 3

@@ -21,8 +21,8 @@ from ..errors import DataError
 from .arrays import array_notes, load_array_file, looks_nhwc, read_array_file, save_array_file
 from .builtin import (DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
                       load_digits_split, load_fashion_mnist, load_fashion_mnist_raw, read_idx)
-from .image_folder import (IMAGENET_MEAN, IMAGENET_STD, index_folder, load_image_folder, preprocess_image,
-                           subsample_indices)
+from .image_folder import (IMAGENET_MEAN, IMAGENET_STD, _split_root, index_folder, load_image_folder,
+                           preprocess_image, subsample_indices)
 from .transform import CalibrationData, as_images, load_callable
 
 BUILTIN_DATASETS = ("fashion-mnist", "digits")
@@ -209,7 +209,7 @@ def calibration_rows_in_test(spec: str | Path, n_calib: int, seed: int = 0) -> t
         return None
     path = Path(spec)
     if path.is_dir():
-        if index_folder(path, "train").root != index_folder(path, "test").root:
+        if _split_root(path, "train") != _split_root(path, "test"):    # train/ and val/: no listing needed
             return None
     elif path.suffix.lower() not in (".npy", ".npz") or not path.is_file():
         return None
