@@ -74,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
           f"{sum(f['exact_channels'] for f in fit.values())} of {sum(f['channels'] for f in fit.values())} channels")
     if rep.int8_fallback:
         print(f"  kept int8 (a weight outside [-8, 7] after AdaQTransform's sign flip): {', '.join(rep.int8_fallback)}")
-    return rep.to_dict()
+    return {**rep.to_dict(), "weights_requested": args.weights, "weights_reason": why}
 
 
 def add_parity_args(p: argparse.ArgumentParser) -> None:

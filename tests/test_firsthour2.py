@@ -172,7 +172,8 @@ def test_export_weights_auto_by_host(run_dir, tmp_path, capsys, monkeypatch):
         rc, text, err = _cli(capsys, "export", run_dir, "--out", out, "--json", tmp_path / "x.json")
         assert rc == 0, err
         props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-        assert props["ptq2tvm_weights"] == want and json.loads((tmp_path / "x.json").read_text())["weights"] == want
+        res = json.loads((tmp_path / "x.json").read_text())
+        assert props["ptq2tvm_weights"] == want and res["weights"] == want and res["weights_requested"] == "auto"
         assert f"{want} weights: auto: this CPU has {'VNNI' if vnni else 'no VNNI'}" in text
         assert "warning" not in err
     monkeypatch.setattr(baselines, "host_has_vnni", lambda: False)
