@@ -447,6 +447,7 @@ def _eval_data(args: argparse.Namespace, info: dict[str, Any]):
             print(f"note: {spec} has no test split of its own: evaluating on its {len(rest)} images not used for "
                   f"calibration (the run's {len(used)} calibration images left out)", file=sys.stderr)
             ds = load_dataset(spec, split="test", indices=pick, **kwargs)
+            ds.extra["calibration_images_excluded"] = int(len(used))
             total = len(rest)
     if args.n is not None and len(ds.images) == args.n:
         print(f"note: --n {args.n}: a seeded random subset (--seed {seed}) of the "
@@ -498,7 +499,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     so = Path(args.so) if args.so else run.so
     _torch_threads(args)
     compiled = run.load_compiled(so, threads=args.threads) if so.exists() else None   # a stale .so fails here
-    res: dict[str, Any] = dict(data=ds.name, n=int(len(ds.images)))
+    res: dict[str, Any] = dict(data=ds.name, n=int(len(ds.images)),
+                               calibration_images_excluded=ds.extra.get("calibration_images_excluded", 0))
     res["fp32_top1"] = top1_torch(load_fp32(run.check(run.fp32, info), trust_code=args.trust_code), ds.images,
                                   ds.labels)
     res["fakequant_top1"] = top1_torch(QuantModel.load(run.check(run.fakequant, info)), ds.images, ds.labels)

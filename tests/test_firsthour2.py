@@ -207,7 +207,8 @@ def test_requantize_removes_stale_onnx_exports(proj, capsys, monkeypatch):
 def test_eval_on_the_calibration_file_and_random_subset(proj, run_dir, tmp_path, capsys):
     rc, out, err = _cli(capsys, "eval", run_dir, "--trust-code", "--no-progress", "--json", tmp_path / "e.json")
     assert rc == 0, err
-    assert json.loads((tmp_path / "e.json").read_text())["n"] == 32
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["n"] == 32 and e["calibration_images_excluded"] == 16
     assert "not used for calibration (the run's 16 calibration images left out)" in err
     from ptq2tvm.data import calibration_set, load_dataset
 
