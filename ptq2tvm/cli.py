@@ -719,7 +719,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .sweep import add_parser as add_sweep_parser
 
     add_sweep_parser(sub)
-    _add_sensitivity_trust_code(sub)
     finish_parser(p, sub)
     return p
 
@@ -729,36 +728,6 @@ def _add_trust_code(p: argparse.ArgumentParser) -> None:
     :func:`ptq2tvm.api.load_fp32` names it when the model is a pickled module or a file.py:factory."""
     p.add_argument("--trust-code", action="store_true", help="allow an fp32.pt that runs code when loaded (a "
                    "pickled module or a file.py:factory model): only for run directories you made yourself")
-
-
-def _add_sensitivity_trust_code(sub: Any) -> None:
-    """``sensitivity`` (registered by ptq2tvm/mixed/cli.py) loads fp32.pt too: give it ``--trust-code``. Its command
-    calls ``ptq2tvm.api.load_fp32(run.fp32)``; with the option, that call is made with ``trust_code=True``."""
-    s = sub.choices.get("sensitivity")
-    if s is None or any("--trust-code" in a.option_strings for a in s._actions):
-        return
-    _add_trust_code(s)
-    s.set_defaults(func=_trusting(s.get_default("func")))
-
-
-def _trusting(fn: Any) -> Any:
-    """``fn(args)`` with :func:`ptq2tvm.api.load_fp32` defaulting to ``trust_code=args.trust_code`` meanwhile (for
-    commands whose code does not pass the option on itself)."""
-    import functools
-
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> Any:
-        if not getattr(args, "trust_code", False):
-            return fn(args)
-        from . import api
-
-        original = api.load_fp32
-        api.load_fp32 = functools.partial(original, trust_code=True)
-        try:
-            return fn(args)
-        finally:
-            api.load_fp32 = original
-    return run
 
 
 def finish_parser(p: argparse.ArgumentParser, sub: Any) -> None:

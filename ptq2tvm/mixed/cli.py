@@ -80,7 +80,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
 
     run = RunDir(args.run)
     info = run.info()
-    model = load_fp32(run.fp32)
+    model = load_fp32(run.fp32, trust_code=args.trust_code)
     images = calibration_set(info["data"], int(info["calib_size"]), seed=int(info.get("seed", 0)),
                              **run_data_kwargs(info))
     rep = run_sensitivity(model, images, run.path, samples=args.samples, max_images=args.images,
@@ -123,6 +123,8 @@ def register(sub: Any) -> None:
     s.add_argument("--batch", type=int, default=1, help="batch size of the latency measurement")
     s.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--trust-code", action="store_true", help="allow an fp32.pt that runs code when loaded (a "
+                   "pickled module or a file.py:factory model): only for run directories you made yourself")
     s.set_defaults(func=cmd_sensitivity)
 
 
