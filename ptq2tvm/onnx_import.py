@@ -3,8 +3,9 @@
 
 Steps: load + ``onnx.checker`` (clear error for a missing, truncated or corrupted file) -> fold ``Constant`` and
 ``Identity``-of-initializer nodes into initializers (torch's exporter writes those for shared parameters, and
-onnx2torch cannot read a Conv bias through an Identity) -> the dynamo exporter's ``ReduceMean`` (spatial) / ``Reshape`` (to (N, features)) rewritten as
-``GlobalAveragePool`` / ``Flatten`` -> check every node against the ONNX ops ptq2tvm handles
+onnx2torch cannot read a Conv bias through an Identity) -> the dynamo exporter's ``ReduceMean`` (spatial) /
+``Reshape`` (to (N, features)) rewritten as ``GlobalAveragePool`` / ``Flatten`` -> check every node against the ONNX
+ops ptq2tvm handles
 (one error naming every unsupported ONNX node and its op type) -> onnx2torch -> rewrite onnx2torch's own modules into
 the plain torch ops the tracer knows (``Add`` -> ``operator.add``, ``GlobalAveragePool`` -> ``AdaptiveAvgPool2d(1)``,
 ``Clip(min, max)`` -> ``Hardtanh``). Layers are named after their ONNX nodes (``/layer1/layer1.0/conv1/Conv`` ->
