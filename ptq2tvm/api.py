@@ -131,7 +131,8 @@ class RunDir:
 
     def invalidate(self, new_digest: str) -> list[str]:
         """Remove what a new integer graph (``new_digest``) supersedes: compiled libraries (+ sidecars) and bundles
-        built from another graph, benchmark and parity results. Each library goes before its sidecar, a bundle is
+        built from another graph, benchmark and parity results, ONNX exports of another graph and bench's ONNX
+        baselines (:func:`ptq2tvm.onnx_export.remove_stale_exports`). Each library goes before its sidecar, a bundle is
         renamed away before it is deleted, so no half-removed artifact can be mistaken for a current one.
         Returns the names removed."""
         removed: list[str] = []
@@ -163,6 +164,9 @@ class RunDir:
             if (self.path / name).is_file():
                 (self.path / name).unlink()
                 removed.append(name)
+        from .onnx_export import remove_stale_exports     # ONNX exports of another graph, bench's ONNX baselines
+
+        removed += remove_stale_exports(self.path, new_digest)
         return removed
 
 

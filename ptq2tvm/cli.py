@@ -268,7 +268,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         fid = fidelity(model, qm, hold if hold is not None else calib[:args.fidelity_images],
                        held_out=hold is not None, per_layer=args.per_layer)
     recon: dict[str, Any] = {}
-    stale = _remove_stale(out, graph.digest())   # what RunDir.invalidate does not cover (ONNX, loss curves)
+    stale = _remove_stale(out)   # what RunDir.invalidate does not cover (old loss curves)
     if report is not None:
         report.save(out)
         recon = dict(granularity=report.granularity, adaqtransform=args.adaqtransform, iters=args.iters,
@@ -314,13 +314,11 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _remove_stale(run_dir: Path, digest: str) -> list[str]:
-    """Artifacts of a run directory that a new integer graph supersedes beyond :meth:`ptq2tvm.api.RunDir.invalidate`
-    (.so, bundles, parity / latency results): the ONNX exports of another graph and bench's ONNX baselines
-    (:func:`ptq2tvm.onnx_export.remove_stale_exports`), and the old reconstruction loss curves. Names removed."""
-    from .onnx_export import remove_stale_exports
-
-    removed = remove_stale_exports(run_dir, digest)
+def _remove_stale(run_dir: Path) -> list[str]:
+    """Artifacts of a run directory that a new quantize run supersedes beyond :meth:`ptq2tvm.api.RunDir.invalidate`
+    (.so, bundles, parity / latency results, ONNX exports of another graph): the old reconstruction loss curves,
+    removed before this run's report writes its own. Names removed."""
+    removed: list[str] = []
     for name in ("recon_loss.png", "recon_loss.json"):
         if (run_dir / name).is_file():
             (run_dir / name).unlink()

@@ -313,3 +313,27 @@ def test_nan_in_a_subsampled_array_names_the_row_of_the_file(tmp_path):
     np.save(tmp_path / "calib_nan.npy", x)
     with pytest.raises(DataError, match=rf"first at index {row} \(channel, row, col\) = \(0, 1, 2\); images: {row}$"):
         calibration_set(str(tmp_path / "calib_nan.npy"), 10, seed=0)
+
+
+def test_run_dir_invalidate_removes_onnx_exports_of_another_graph(tmp_path):
+    """The Python API's save_run (RunDir.invalidate) removes stale ONNX exports too, not only the CLI's quantize."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ptq2tvm.api import RunDir
+
+    def onnx_file(path, digest):
+        g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        m = helper.make_model(g)
+        if digest:
+            helper.set_model_props(m, {"ptq2tvm_graph_sha256": digest})
+        onnx.save(m, str(path))
+
+    onnx_file(tmp_path / "old.onnx", "aaaa")
+    onnx_file(tmp_path / "current.onnx", "bbbb")
+    onnx_file(tmp_path / "users.onnx", None)
+    removed = RunDir(tmp_path).invalidate("bbbb")
+    assert "old.onnx" in removed and not (tmp_path / "old.onnx").exists()
+    assert (tmp_path / "current.onnx").is_file() and (tmp_path / "users.onnx").is_file()
