@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq2tvm.atomic import write_json, write_text  # noqa: E402
+from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
 
 C_SOURCE = r"""
 #include <stdio.h>
@@ -119,23 +120,6 @@ int main(void) {
 """
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _has_avx2() -> bool:
-    try:
-        return " avx2" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def build(work: Path) -> Path:
     """Compile the loops; -> the executable. Raises RuntimeError naming the compiler and its message."""
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -194,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/avx2_dot_throughput"),
                     help="output path without extension (.json and .md are written)")
     args = ap.parse_args(argv)
-    if platform.machine() not in ("x86_64", "AMD64") or not _has_avx2():
+    cpu = cpu_features(llvm=False)
+    if platform.machine() not in ("x86_64", "AMD64") or not cpu["avx2"]:
         print("avx2_dot_throughput: needs an x86-64 CPU with AVX2", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"avx2_dot_throughput: {e}", file=sys.stderr)
             return 2
         rows = measure(exe, args.repeats)
-    meta = dict(cpu=_cpu_model(), loadavg=list(os.getloadavg()), repeats=args.repeats,
+    meta = dict(cpu=cpu["model_name"], loadavg=list(os.getloadavg()), repeats=args.repeats,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 command="python benchmarks/avx2_dot_throughput.py " + " ".join(argv if argv is not None
                                                                                  else sys.argv[1:]))

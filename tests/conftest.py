@@ -126,3 +126,13 @@ def tiny_integer_graph(w_bits: int, a_bits: int):
     model = randomize_bn(TinyNet()).eval()
     calib = np.random.default_rng(0).standard_normal((8, 1, 12, 12)).astype(np.float32)
     return to_integer(quantize(model, calib, QuantConfig(w_bits, a_bits), progress=False))
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``ptq2tvm.cli.main(argv)`` (arguments str()-ed) -> (exit status, stdout, stderr) of that call alone."""
+    from ptq2tvm import cli
+
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err

@@ -19,6 +19,7 @@ import torch
 
 pytest.importorskip("tvm")
 
+from conftest import run_cli as _cli  # noqa: E402
 from ptq2tvm import cli  # noqa: E402
 from ptq2tvm.api import RunDir, quantize, to_integer  # noqa: E402
 from ptq2tvm.errors import ArtifactError, DataError  # noqa: E402
@@ -89,11 +90,6 @@ def project(tmp_path_factory):
     return root
 
 
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def _quantize_folder(capsys, out, *extra):

@@ -18,6 +18,7 @@ import torch
 
 pytest.importorskip("tvm")
 
+from conftest import run_cli as _cli  # noqa: E402
 from ptq2tvm import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +59,6 @@ def proj(tmp_path_factory):
     return root
 
 
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def _quantize(capsys, out, *extra):

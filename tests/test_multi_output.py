@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("tvm")
 
+from conftest import run_cli as _cli  # noqa: E402
 from ptq2tvm import cli  # noqa: E402
 from ptq2tvm.errors import DataError  # noqa: E402
 
@@ -88,11 +89,6 @@ def project(tmp_path_factory):
     return root
 
 
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 @pytest.fixture(scope="module", params=["tuple", "dict"])
