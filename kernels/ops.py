@@ -23,6 +23,7 @@ import numpy as np
 import tvm.tirx as tir
 from tvm import te
 
+from .border import BORDER_ATTR, border_geometry
 from .layout import BLOCK
 
 KERNEL_ATTR = "ptq2tvm_kernel"
@@ -248,6 +249,9 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     wv = _packed_weight(wt, layout, ric, rkh, rkw, rcf, rcs)
 
     extra = _packed_attrs(bits, ubsw_exact, layout)
+    border = border_geometry(h, wd, padding, stride, dilation, z_x)
+    if border is not None:
+        extra[BORDER_ATTR] = border
     if i16_group:
         if layout != "vnni" or not ubsw_exact or cbg % int(i16_group):
             raise ValueError(f"i16_group={i16_group} needs VNNI-packed weights proved exact (ubsw_exact) and a divisor "

@@ -42,6 +42,7 @@ from tvm.target import codegen
 from .intrin import (register_avx2_intrinsic, register_avx2w_intrinsic, register_avxvnni_intrinsic,
                      register_taps_intrinsic, register_ubsw16_intrinsic, register_ubsw_intrinsic,
                      register_vnni_intrinsic, register_widen16_intrinsic)
+from .border import BORDER_ATTR, SKIP_ATTR, skip_zero_border
 from .ops import KERNEL_ATTR
 
 OP_PATTERN_OPAQUE = 8
@@ -246,10 +247,13 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
                              f"{isa or layout}")
         return _schedule_conv_int16(sch, out, acc, acc16, pad, unpack, tile, threads)
     n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
+    ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
     if tile is None:
-        ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
         tile = choose_conv_tile(*ext, isa=tiles, threads=threads,
                                 int4=unpack is not None and unpack_at == "step" and tiles == "vnni")
+    if BORDER_ATTR in sch.get(out).annotations and tile.P == ext[3]:
+        # a zero border and a register tile spanning the output row: skip the border taps (kernels.border)
+        sch.annotate(out, SKIP_ATTR, 1)
     per_task = unpack is not None and unpack_at == "task"
     par, (obi, ohi, owi) = _tile_conv(sch, out, (n, ob, oh, ow), tile, [ric, rkh, rkw, rcf], [oc, rcs], per_task,
                                       threads)
@@ -682,8 +686,10 @@ def apply_schedule(sch: Schedule, target=None, **options) -> Schedule:
 
 
 def finish_scheduled(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-    """Mark a scheduled kernel so dlight/MetaSchedule skip it and FuseOps leaves it alone (kOpaque)."""
-    return func.with_attr(SCHEDULED_ATTR, True).with_attr("op_pattern", OP_PATTERN_OPAQUE)
+    """Finish a scheduled kernel: skip the zero-point border taps where its schedule asked for it
+    (:func:`kernels.border.skip_zero_border`), and mark it so dlight/MetaSchedule skip it and FuseOps leaves it
+    alone (kOpaque)."""
+    return skip_zero_border(func).with_attr(SCHEDULED_ATTR, True).with_attr("op_pattern", OP_PATTERN_OPAQUE)
 
 
 def schedule_primfunc(func: tvm.tirx.PrimFunc, target=None, **options) -> tvm.tirx.PrimFunc:

@@ -1,0 +1,85 @@
+"""Skip the taps of a conv that read its zero-point border, where that border is 0.
+
+A conv's padded input holds the input zero point ``z_x`` on its border, and a tap that reads the border adds
+``z_x * w`` to the accumulator. When ``z_x = 0`` (every conv whose input comes from a ReLU / ReLU6 / clamp at 0) that
+term is exactly 0, so the tap can be skipped without changing a single integer. At 7x7 a 3x3 conv has 18% of its
+products on the border (9% at 14x14); oneDNN's int8 convs skip them, which is most of why OpenVINO's 7x7 layers ran
+faster than the dot-product loop's throughput allows (kernels/README.md, ``layer_gap``).
+
+How: :func:`kernels.ops.conv2d_nchwc_requant` records the geometry on its output block (:data:`BORDER_ATTR`: input
+height and width, padding, stride, dilation) when ``z_x = 0`` and the conv pads; the hand schedule marks the kernels
+where skipping pays (:data:`SKIP_ATTR`); after scheduling, :func:`skip_zero_border` gives the tensorized accumulation
+block (one output pixel x 16 output channels x 4 input channels of one tap) the predicate "this tap reads inside the
+image". TVM lowers a block predicate to a branch around the dot product; with the register tile spanning the whole
+output row the column tests are compile-time constants for all but the first and last pixel (the tile loops are
+unrolled), and the row test is the same for the whole tile.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.s_tir import SBlockRealize, Schedule
+from tvm_ffi.structural import structural_mutate
+
+BORDER_ATTR = "zero_border"       # [H, W, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w] (z_x = 0 only)
+SKIP_ATTR = "zero_border_skip"    # set by the schedule: 1 = skip the border taps in this kernel
+UPDATE_BLOCK = "acc_update_o"     # the tensorized accumulation block (decompose_reduction + tensorize name it so)
+_ITERS = ("v_i_o", "v_j_o", "v_rkh_o", "v_rkw_o")   # its output row / column and tap row / column block vars
+
+
+def border_geometry(height: int, width: int, padding: tuple[int, int], stride: tuple[int, int],
+                    dilation: tuple[int, int], input_zero_point: int) -> list[int] | None:
+    """The :data:`BORDER_ATTR` annotation for a conv (None when nothing can be skipped: no padding, or a border
+    value ``input_zero_point`` != 0, whose taps add ``z_x * w``)."""
+    if int(input_zero_point) != 0 or not any(padding):
+        return None
+    return [int(v) for v in (height, width, *padding, *stride, *dilation)]
+
+
+def _out_annotations(func: tirx.PrimFunc):
+    try:
+        sch = Schedule(func)
+        return sch.get(sch.get_sblock("out")).annotations
+    except Exception:  # noqa: BLE001 - not a ptq2tvm kernel (no "out" block)
+        return {}
+
+
+def skip_zero_border(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with its border taps skipped when its schedule asked for it (:data:`SKIP_ATTR`); else ``func``.
+
+    Adds to the tensorized accumulation block the predicate ``pad_h <= i*stride_h + kh*dilation_h < pad_h + H`` and
+    the same for the columns (coordinates in the padded input). Exact because every skipped tap reads a 0.
+    Raises ValueError when a kernel marked for skipping has no accumulation block of the expected form (a TVM change
+    in the block names that tensorize produces): the marked kernel would otherwise silently lose the optimisation.
+    """
+    ann = _out_annotations(func)
+    if SKIP_ATTR not in ann or int(ann[SKIP_ATTR]) != 1 or BORDER_ATTR not in ann:
+        return func
+    h, w, ph, pw, sh, sw, dh, dw = (int(v) for v in ann[BORDER_ATTR])
+    found = []
+
+    def predicate(realize, mutator):
+        block = realize.block
+        if block.name_hint != UPDATE_BLOCK:
+            return mutator.default_mutate(realize)
+        bound = {iv.var.name: value for iv, value in zip(block.iter_vars, realize.iter_values)}
+        if any(name not in bound for name in _ITERS):
+            raise ValueError(f"{UPDATE_BLOCK} has block vars {sorted(bound)}, expected {_ITERS}")
+        i, j, kh, kw = (bound[name] for name in _ITERS)
+        dtype = str(i.ty)
+        row, col = i * sh + kh * dh, j * sw + kw * dw
+
+        def inside(v, lo, n):
+            return tirx.And(v >= tirx.const(lo, dtype), v < tirx.const(lo + n, dtype))
+
+        cond = tirx.And(inside(row, ph, h), inside(col, pw, w))
+        found.append(block.name_hint)
+        return SBlockRealize(realize.iter_values, tirx.And(realize.predicate, cond), block)
+
+    out = structural_mutate(func, [(SBlockRealize, predicate)])
+    if not found:
+        raise ValueError(f"kernel marked {SKIP_ATTR} has no {UPDATE_BLOCK!r} block")
+    return out
+
+
+__all__ = ["BORDER_ATTR", "SKIP_ATTR", "border_geometry", "skip_zero_border"]
