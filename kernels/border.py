@@ -9,7 +9,8 @@ faster than the dot-product loop's throughput allows (kernels/README.md, ``layer
 How: :func:`kernels.ops.conv2d_nchwc_requant` records the geometry on its output block (:data:`BORDER_ATTR`: input
 height and width, padding, stride, dilation) when ``z_x = 0`` and the conv pads; the hand schedule marks the kernels
 where skipping pays (:data:`SKIP_ATTR`); after scheduling, :func:`skip_zero_border` gives the tensorized accumulation
-block (one output pixel x 16 output channels x 4 input channels of one tap) the predicate "this tap reads inside the
+block (dense convs: one output pixel x 16 output channels x 4 input channels of one tap; depthwise: one channel of
+one tap, vectorized over 16) the predicate "this tap reads inside the
 image". TVM lowers a block predicate to a branch around the dot product; with the register tile spanning the whole
 output row the column tests are compile-time constants for all but the first and last pixel (the tile loops are
 unrolled), and the row test is the same for the whole tile.
@@ -23,8 +24,10 @@ from tvm_ffi.structural import structural_mutate
 
 BORDER_ATTR = "zero_border"       # [H, W, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w] (z_x = 0 only)
 SKIP_ATTR = "zero_border_skip"    # set by the schedule: 1 = skip the border taps in this kernel
-UPDATE_BLOCK = "acc_update_o"     # the tensorized accumulation block (decompose_reduction + tensorize name it so)
-_ITERS = ("v_i_o", "v_j_o", "v_rkh_o", "v_rkw_o")   # its output row / column and tap row / column block vars
+# the accumulation block as decompose_reduction (+ tensorize: "_o") names it and its block vars of the output row /
+# column and the tap row / column
+UPDATE_BLOCKS = {"acc_update_o": ("v_i_o", "v_j_o", "v_rkh_o", "v_rkw_o"),     # dense / grouped convs (tensorized)
+                 "acc_update": ("v_i", "v_j", "v_rkh", "v_rkw")}               # depthwise (vectorized)
 
 
 def border_geometry(height: int, width: int, padding: tuple[int, int], stride: tuple[int, int],
@@ -60,12 +63,13 @@ def skip_zero_border(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
     def predicate(realize, mutator):
         block = realize.block
-        if block.name_hint != UPDATE_BLOCK:
+        names = UPDATE_BLOCKS.get(block.name_hint)
+        if names is None:
             return mutator.default_mutate(realize)
         bound = {iv.var.name: value for iv, value in zip(block.iter_vars, realize.iter_values)}
-        if any(name not in bound for name in _ITERS):
-            raise ValueError(f"{UPDATE_BLOCK} has block vars {sorted(bound)}, expected {_ITERS}")
-        i, j, kh, kw = (bound[name] for name in _ITERS)
+        if any(name not in bound for name in names):
+            raise ValueError(f"{block.name_hint} has block vars {sorted(bound)}, expected {names}")
+        i, j, kh, kw = (bound[name] for name in names)
         dtype = str(i.ty)
         row, col = i * sh + kh * dh, j * sw + kw * dw
 
@@ -77,8 +81,9 @@ def skip_zero_border(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return SBlockRealize(realize.iter_values, tirx.And(realize.predicate, cond), block)
 
     out = structural_mutate(func, [(SBlockRealize, predicate)])
-    if not found:
-        raise ValueError(f"kernel marked {SKIP_ATTR} has no {UPDATE_BLOCK!r} block")
+    if len(found) != 1:
+        raise ValueError(f"kernel marked {SKIP_ATTR} has {len(found)} accumulation blocks named "
+                         f"{sorted(UPDATE_BLOCKS)}, expected one")
     return out
 
 

@@ -336,8 +336,12 @@ def _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x
         (n, cb, oh, ow, c),
         lambda b, o, i, j, ci: te.sum(xp[b, o, i * sh_ + rkh * dh, j * sw_ + rkw * dw, ci].astype(dt)
                                       * w[o, rkh, rkw, ci].astype(dt), axis=[rkh, rkw]), name="acc")
-    return _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, "conv2d_nchwc_depthwise",
-                        {"i16_group": 1} if int16 else None, shift_ge32=shift_ge32)
+    extra = {"i16_group": 1} if int16 else {}
+    border = border_geometry(h, wd, padding, stride, dilation, z_x)
+    if border is not None:
+        extra[BORDER_ATTR] = border
+    return _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, "conv2d_nchwc_depthwise", extra,
+                        shift_ge32=shift_ge32)
 
 
 def depthwise_taps_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,

@@ -443,6 +443,8 @@ def schedule_depthwise(sch: Schedule, threads: int = 2, p_max: int = 8, isa: str
     if threads > 1:
         sch.parallel(par)
     sch.set_scope(acc, 0, ACC_SCOPE)
+    if not taps and p == owx and BORDER_ATTR in sch.get(out).annotations:
+        sch.annotate(out, SKIP_ATTR, 1)     # zero border, tile = the whole row: skip the border taps (kernels.border)
     if taps:
         init = sch.decompose_reduction(acc, rkh)
         sch.tensorize(ci, register_taps_intrinsic(ACC_SCOPE))

@@ -92,6 +92,8 @@ CONV_CASES = {
     "zp0_3x3_s2_res": (1, 16, 13, 13, 32, 3, 2, 1, 1, 1, 16, True, False, dict(zx=0, zr=200)),
     "zp0_int4_5x5_batch3": (3, 32, 6, 6, 48, 5, 1, 2, 1, 1, 16, False, True, dict(zx=0, lo=3, hi=250, zo=90)),
     "zp0_dilated_12x12": (1, 16, 12, 12, 16, 3, 1, 2, 2, 1, 16, False, False, dict(zx=0)),
+    "zp0_depthwise_3x3_7x7": (2, 32, 7, 7, 32, 3, 1, 1, 1, 32, 16, False, False, dict(zx=0)),
+    "zp0_depthwise_3x3_s2_res": (1, 48, 13, 13, 48, 3, 2, 1, 1, 48, 16, True, False, dict(zx=0)),
 }
 
 
@@ -459,20 +461,21 @@ def test_avx2_kernel_uses_vpmaddwd_only():
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")
-@pytest.mark.parametrize("layout", ["avx2", "ubsw"])
+@pytest.mark.parametrize("layout", ["avx2", "ubsw", "depthwise"])
 def test_zero_border_taps_skipped_only_where_exact(layout):
     """With input zero point 0 the padding border adds nothing, and the 7x7 kernel (tile = whole row) predicates
-    its dot products on the tap reading inside the image (kernels.border): bit-exact, for the vpmaddwd and the
-    vpmaddubsw kernels. With zero point 3 the border taps add 3 * w and stay; at 12x12 (tile narrower than the
-    row) nothing is skipped."""
+    its dot products on the tap reading inside the image (kernels.border): bit-exact, for the vpmaddwd, the
+    vpmaddubsw and the depthwise kernels. With zero point 3 the border taps add 3 * w and stay; at 12x12 (tile
+    narrower than the row) nothing is skipped."""
     def build(hw, zx):
         rng = np.random.default_rng(hw + zx)
-        cs = _conv_case(rng, 2, 32, hw, hw, 32, 3, 1, 1, zx=zx, w_bits=4 if layout == "ubsw" else None)
+        g = 32 if layout == "depthwise" else 1
+        cs = _conv_case(rng, 2, 32, hw, hw, 32, 3, 1, 1, g=g, zx=zx, w_bits=4 if layout == "ubsw" else None)
         isa = "vnni" if layout == "ubsw" else "avx2"
-        arrays = [K.nchw_to_nchwc(cs["x"], 16, zx), K.pack_conv_weight(cs["w"], isa=isa),
+        arrays = [K.nchw_to_nchwc(cs["x"], 16, zx), K.pack_conv_weight(cs["w"], g, isa=isa),
                   *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
         kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, padding=1, input_zero_point=zx,
-                                  output_zero_point=5, isa=isa, ubsw_exact=layout == "ubsw")
+                                  output_zero_point=5, groups=g, isa=isa, ubsw_exact=layout == "ubsw")
         assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 32), cs["ref"])
         return "T.where(" in kern.func.script()
 
