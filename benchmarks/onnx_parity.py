@@ -220,12 +220,13 @@ def recon_row(row: dict[str, Any], model_path: Path, images: np.ndarray, labels:
     from ptq2tvm.api import to_integer
     from ptq2tvm.frontend.qmodel import QuantModel
     from ptq2tvm.ir.reference import run_reference
-    from ptq2tvm.onnx_parity import INTEGER_KERNELS, ort_output_codes, resolve_weights, run_onnx_parity
+    from ptq2tvm.onnx_export import choose_weights
+    from ptq2tvm.onnx_parity import INTEGER_KERNELS, ort_output_codes, run_onnx_parity
 
     acc = _accuracy_module()
     t0 = time.perf_counter()
     graph = to_integer(QuantModel.load(model_path).eval())
-    weights = resolve_weights(weights)
+    weights = choose_weights(weights)[0]
     codes, kernels, export = ort_output_codes(graph, images, weights=weights, integer_requant=integer_requant,
                                               threads=threads)
     correct = int((codes.argmax(1) == labels).sum())

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq2tvm.atomic import write_text  # noqa: E402
+from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
 from ptq2tvm.frontend.calibrate import quantize_rtn  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
 from ptq2tvm.reconstruct.recon import (ReconSettings, Stream, UnitRunner, _later_inputs, _seed_for,  # noqa: E402
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                    speedup_overall=round(overall("new") / overall("old"), 2),
                    fp32_step_it_s_overall=round(len(rows) / sum(1.0 / r["fp32_step_it_s"] for r in rows), 2),
                    report_iters=args.report_iters, old_wall_s=round(total("old"), 1),
-                   new_wall_s=round(total("new"), 1), cpu=_cpu_name(), units=rows)
+                   new_wall_s=round(total("new"), 1), cpu=cpu_features(llvm=False)["model_name"], units=rows)
     out = Path(args.out)
     write_text(out.with_suffix(".json"), json.dumps(summary, indent=1))
     write_text(out.with_suffix(".md"), markdown(summary, argv if argv is not None else sys.argv[1:]))
@@ -169,16 +170,6 @@ def fp32_step_rate(fp: torch.nn.Module, unit, q_in: dict, tgt: dict, batch: int,
     for _ in range(iters):
         step()
     return iters / (time.perf_counter() - t0)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def markdown(s: dict, argv: list[str]) -> str:

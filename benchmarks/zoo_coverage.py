@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ptq2tvm.api import compile_so, to_integer  # noqa: E402
+from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
 from ptq2tvm.backend.runtime import CompiledModel  # noqa: E402
 from ptq2tvm.frontend.calibrate import quantize_rtn  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
@@ -168,9 +169,11 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     prev = {}
     if args.merge and Path(args.out).with_suffix(".json").exists():
         prev = json.loads(Path(args.out).with_suffix(".json").read_text())["meta"]
+    cpu_model = cpu_features(llvm=False)["model_name"]    # "unknown" without /proc/cpuinfo
     meta = {"command": prev.get("command", "python " + " ".join(sys.argv)),
             "cpu": platform.processor() or platform.machine(),
-            "cpu_model": _cpu_model(), "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            "cpu_model": cpu_model if cpu_model != "unknown" else platform.processor(),
+            "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -194,16 +197,6 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
 def _children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

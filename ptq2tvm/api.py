@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,11 +224,47 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         raise ArtifactError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
+    if isinstance(sd, dict):
+        problem = state_dict_mismatch(model, sd)
+        if problem:
+            raise ArtifactError(f"checkpoint {path} does not fit the model: {problem}")
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"checkpoint {path} does not fit the model: {e}") from e
+        raise ArtifactError(f"checkpoint {path} does not fit the model: {str(e).splitlines()[0]}") from e
     return model
+
+
+def state_dict_mismatch(model: nn.Module, sd: dict[str, Any], show: int = 3) -> str:
+    """'' when ``sd``'s keys and tensor shapes are those of ``model.state_dict()``; else one line: the counts of
+    missing keys, unexpected keys and shape mismatches with the first ``show`` of each (a model has hundreds), and a
+    hint when every key carries an extra or missing prefix (``module.`` of DataParallel, ``model.``)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(getattr(sd[k], 'shape', ()))} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:show]) + (f", ... ({len(names) - show} more)" if len(names) > show else "")
+
+    parts = [f"{len(v)} {what} ({first(v)})" for what, v in (("missing key(s)", missing),
+                                                             ("unexpected key(s)", unexpected),
+                                                             ("shape mismatch(es), checkpoint vs model", shapes)) if v]
+    if not parts:
+        return ""
+    text = "; ".join(parts)
+    if missing and unexpected:
+        pre = os.path.commonprefix(unexpected)
+        pre = pre[:pre.rfind(".") + 1]
+        if pre and {k[len(pre):] for k in unexpected} >= set(missing):
+            text += f"; every checkpoint key starts with {pre!r}: strip it ({{k.removeprefix({pre!r}): v ...}})"
+        else:
+            pre = os.path.commonprefix(missing)
+            pre = pre[:pre.rfind(".") + 1]
+            if pre and {k[len(pre):] for k in missing} <= set(unexpected):
+                text += f"; the model's keys start with {pre!r} and the checkpoint's do not"
+    return text
 
 
 FP32_FORMAT = "ptq2tvm-fp32"
@@ -356,10 +393,11 @@ def export_onnx(graph: IntegerGraph, path: str | Path, **kwargs: Any) -> Any:
     return _export(graph, path, **kwargs)
 
 
-def check_calibration(model: nn.Module, images: np.ndarray) -> list[str]:
-    """Before quantizing: raise :class:`DataError` if the channels do not fit the model; return warnings when the
-    data's scale is far from what the model saw in training (see :mod:`ptq2tvm.data.checks`)."""
-    check_input_channels(model, images)
+def check_calibration(model: nn.Module, images: np.ndarray, source: str | None = None) -> list[str]:
+    """Before quantizing: raise :class:`DataError` if the channels do not fit the model (the hint fits ``source``:
+    folder / preprocess / builtin / array, :func:`ptq2tvm.data.checks.check_input_channels`); return warnings when
+    the data's scale is far from what the model saw in training (see :mod:`ptq2tvm.data.checks`)."""
+    check_input_channels(model, images, source=source)
     return input_scale_notes(model, images)
 
 
@@ -451,6 +489,16 @@ def top1_torch(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_s
             idx = classification_index([tuple(o.shape) for o in outs], keys)
         correct += int((outs[idx].argmax(1).numpy() == labels[i:i + batch_size]).sum())
     return correct / max(len(images), 1)
+
+
+@torch.no_grad()
+def scored_output(model: nn.Module, images: np.ndarray) -> dict[str, Any]:
+    """Which output :func:`top1_torch` / :func:`top1_so` score (one forward of ``model`` on ``images[:1]``):
+    ``{"index": i, "name": dict key or None, "n_outputs": n}`` in the integer graph's output order
+    (:func:`ptq2tvm.model_outputs.classification_index`; :class:`DataError` when no output is (N, classes))."""
+    outs, keys = flatten_outputs(model.eval()(torch.from_numpy(np.ascontiguousarray(images[:1]))))
+    idx = classification_index([tuple(o.shape) for o in outs], keys, note=False)
+    return dict(index=idx, name=keys[idx] if keys else None, n_outputs=len(outs))
 
 
 def top1_so(compiled: CompiledModel, images: np.ndarray, labels: np.ndarray) -> float:

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__
 from .errors import Ptq2TvmError
+from .units import size_text
 
 DEFAULT_MODEL = "resnet_small"
 DEFAULT_DATA = "fashion-mnist"
@@ -242,7 +243,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     prep = _preprocess(args, model, data)
     ds = calibration_dataset(data, args.calib_size, seed=args.seed, **_data_kwargs(dict(preprocess=prep)))
     calib = _sr_calibration(model, args, ds.images)
-    notes = list(ds.extra.get("notes", [])) + check_calibration(model, calib)
+    source = ("builtin" if _is_builtin_data(data) else "preprocess" if prep.get("transform") else
+              "folder" if Path(data).is_dir() else "array")
+    notes = list(ds.extra.get("notes", [])) + check_calibration(model, calib, source)
     for n in notes:
         print(f"warning: {n}", file=sys.stderr)
     from .mixed.cli import mixed_config
@@ -252,9 +255,14 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, "time_budget", None):
             cost = (f"at most {args.iters} iterations per unit, as many as --time-budget {args.time_budget} "
                     "buys at the measured rates")
+        elif args.model == "resnet_small" and _is_builtin_data(args.data):   # the one model whose rate we know
+            cost = (f"{args.iters} iterations per unit; this 28x28 resnet_small runs ~30 it/s on 2 idle CPU cores "
+                    f"(measured), ~{args.iters / 30 / 60:.1f} min per unit")
         else:
-            cost = (f"{args.iters} iterations per unit (for scale: the built-in 28x28 resnet_small runs ~30 it/s on "
-                    f"2 CPU cores, {args.iters / 30 / 60:.1f} min per unit; larger models and inputs run slower)")
+            cost = (f"{args.iters} iterations per unit; the time per iteration depends on the model and input "
+                    "size: " + ("the progress bar shows this model's it/s" if not args.no_progress else
+                                "not estimated (without --no-progress a bar shows this model's it/s)")
+                    + "; --time-budget 10m caps the total")
         print(f"reconstruction ({args.method}, batch {args.batch_size}, {cost}); checkpointed after every unit "
               "(Ctrl-C, then re-run the same command to resume; --force starts over)", file=sys.stderr)
     qm, report = quantize_with_report(model, calib, config, method=args.method, progress=not args.no_progress,
@@ -290,20 +298,25 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                   seconds=round(time.perf_counter() - t0, 2), **recon,
                   layer_bits=graph.meta.get("layer_bits"))
     bits = f"W{args.w_bits}A{args.a_bits}"
-    if qm.config.layer_w_bits or qm.config.layer_a_bits:
-        bits = ("mixed precision (bits per layer below)" if "mixed_precision" in mixed
-                else f"{bits} with --layer-bits (bits per layer below)")
+    if qm.config.layer_w_bits or qm.config.layer_a_bits:   # layers per W/A pair (A: bits of the layer's input)
+        from .mixed.layerbits import bits_summary
+
+        per = bits_summary(graph.meta["layer_bits"])
+        bits = f"mixed {per}" if "mixed_precision" in mixed else f"{bits} with --layer-bits: {per}"
+    predicted = ((mixed.get("mixed_precision") or {}).get("predicted") or {}).get("size")
     print(f"quantized {args.model} {bits} ({args.method}"
           f"{', AdaQTransform' if args.adaqtransform and args.method != 'rtn' else ''}, {len(calib)} calibration "
           f"images) -> {run.path}  [{result['seconds']} s]\n  weights: {weights}; stored weights "
-          f"{_size_text(result['weight_bytes'])} "
-          f"in this CPU's default build ({_stored_bytes_target()}; {result['weight_count']} values)")
-    if qm.config.layer_w_bits or qm.config.layer_a_bits:
-        from .mixed.layerbits import bits_summary
-
-        print(f"bits per layer (W/A of the input): {bits_summary(graph.meta['layer_bits'])}")
+          f"{size_text(result['weight_bytes'])} before channel padding "
+          f"in this CPU's default build ({_stored_bytes_target()}; {result['weight_count']} values)"
+          + (f"; the plan's predicted {size_text(predicted)} counts the padding the kernels store, as compile "
+             "reports it" if predicted else ""))
     if fid is not None:
-        print("  " + fid.summary().replace("\n", "\n  "))
+        from .fidelity_report import low_fidelity_advice
+
+        advice = low_fidelity_advice(args.method, args.adaqtransform, args.iters, (args.w_bits, args.a_bits),
+                                     mixed=bool(qm.config.layer_w_bits or qm.config.layer_a_bits))
+        print("  " + fid.summary(advice).replace("\n", "\n  "))
         if notes:
             print(f"  warning: {len(notes)} data warning(s) above: this fidelity is measured on images like the "
                   "calibration images, so it cannot show that they are preprocessed differently from what the model "
@@ -324,10 +337,6 @@ def _remove_stale(run_dir: Path) -> list[str]:
             (run_dir / name).unlink()
             removed.append(name)
     return removed
-
-
-def _size_text(n_bytes: int) -> str:
-    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.1f} kB"
 
 
 # reconstruction-only options of quantize: (dest, option) pairs; given with --method rtn they do nothing
@@ -486,7 +495,7 @@ def cmd_parity(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from .api import RunDir, load_fp32, top1_so, top1_torch
+    from .api import RunDir, load_fp32, scored_output, top1_so, top1_torch
     from .frontend.qmodel import QuantModel
 
     run = RunDir(args.run)
@@ -499,8 +508,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     compiled = run.load_compiled(so, threads=args.threads) if so.exists() else None   # a stale .so fails here
     res: dict[str, Any] = dict(data=ds.name, n=int(len(ds.images)),
                                calibration_images_excluded=ds.extra.get("calibration_images_excluded", 0))
-    res["fp32_top1"] = top1_torch(load_fp32(run.check(run.fp32, info), trust_code=args.trust_code), ds.images,
-                                  ds.labels)
+    fp32 = load_fp32(run.check(run.fp32, info), trust_code=args.trust_code)
+    res["fp32_top1"] = top1_torch(fp32, ds.images, ds.labels)
+    res["scored_output"] = scored_output(fp32, ds.images)   # which output top-1 is computed on (several outputs)
     res["fakequant_top1"] = top1_torch(QuantModel.load(run.check(run.fakequant, info)), ds.images, ds.labels)
     res["so_top1"] = top1_so(compiled, ds.images, ds.labels) if compiled is not None else None
     print(f"top-1 on {ds.name} ({res['n']} images): FP32 {100 * res['fp32_top1']:.2f}%  fake-quant "
@@ -546,7 +556,7 @@ def cmd_bundle(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else so.parent / "bundle"
     graph = IntegerGraph.load(run.qgraph) if run.qgraph.is_file() else None
     b = make_bundle(so, out, overwrite=args.force, graph=graph)
-    print(f"bundle {b.path}: {len(b.files)} files, {b.bytes / 1e6:.1f} MB (no torch, no ptq2tvm, no TVM compiler)\n"
+    print(f"bundle {b.path}: {len(b.files)} files, {size_text(b.bytes)} (no torch, no ptq2tvm, no TVM compiler)\n"
           f"  on the target: pip install -r {b.path / 'requirements.txt'} && "
           + (f"python {b.path / 'run_model.py'} --check && " if graph is not None else "")
           + f"python {b.path / 'run_model.py'} --random 1 --bench 20")

@@ -81,7 +81,9 @@ class FidelityReport:
             agree.append(self.top1_agreement)
         return self.sqnr_db < LOW_SQNR_DB or any(a < LOW_AGREEMENT for a in agree)
 
-    def summary(self) -> str:
+    def summary(self, advice: str | None = None) -> str:
+        """The report in lines; a low-fidelity warning ends with ``advice`` (:func:`low_fidelity_advice` of what the
+        run already did; default: the advice for a calibration-only run)."""
         where = f"{self.n_images} held-out calibration images" if self.held_out else \
             f"{self.n_images} calibration images (no held-out images left)"
         if len(self.outputs) > 1:
@@ -98,12 +100,33 @@ class FidelityReport:
                         else "")]
         if self.low:
             lines.append(f"warning: low fidelity (SQNR < {LOW_SQNR_DB:g} dB or agreement < {100 * LOW_AGREEMENT:g}%): "
-                         "check the calibration data's preprocessing, or use more bits / --method qdrop")
+                         "check the calibration data's preprocessing, or "
+                         + (advice or low_fidelity_advice()))
         if self.per_layer:
             w = max(len(p.name) for p in self.per_layer)
             lines.append("per layer (fake-quant vs FP, SQNR dB):")
             lines += [f"  {p.name:<{w}}  {p.op:<7} {p.sqnr_db:6.1f}" for p in self.per_layer]
         return "\n".join(lines)
+
+
+def low_fidelity_advice(method: str = "rtn", adaqtransform: bool = False, iters: int | None = None,
+                        bits: tuple[int, int] | None = None, mixed: bool = False) -> str:
+    """What to try after low fidelity, given what the run already did: calibration only (``method`` rtn) -> a
+    reconstruction method; a reconstruction -> more ``iters``, AdaQTransform, more bits, mixed precision (only those
+    not used already; ``bits`` = (W, A) of the run, ``mixed``: bits chosen per layer)."""
+    more_bits = bits is None or min(bits) < 8
+    if method == "rtn":
+        return ("use more bits / " if more_bits else "") + "a reconstruction method (--method qdrop)"
+    tries = [f"more --iters (this run: {iters})" if iters else "more --iters"]
+    if not adaqtransform:
+        tries.append("--adaqtransform")
+    if method == "adaround":
+        tries.append("block-wise --method qdrop")
+    if more_bits:
+        tries.append("more bits (--w-bits / --a-bits)")
+    if not mixed and more_bits:
+        tries.append("--mixed-precision (8 bits where the model is sensitive)")
+    return f"--method {method} already reconstructed: try " + ", ".join(tries)
 
 
 @torch.no_grad()
@@ -147,4 +170,4 @@ def _db(v: float) -> float | None:
     return None if not math.isfinite(v) else round(v, 2)
 
 
-__all__ = ["FidelityReport", "LayerFidelity", "OutputFidelity", "fidelity_report", "sqnr_db"]
+__all__ = ["FidelityReport", "LayerFidelity", "OutputFidelity", "fidelity_report", "low_fidelity_advice", "sqnr_db"]

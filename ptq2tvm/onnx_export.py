@@ -711,8 +711,8 @@ def export_onnx(graph: IntegerGraph, path: str | Path, *, weights: str = "int8",
 def choose_weights(weights: str) -> tuple[str, str]:
     """(container, why) for ``weights`` = ``int8`` | ``uint8`` | ``auto``. ``auto``: int8 where ONNX Runtime's u8 x s8
     kernels are exact (x86 with AVX-512 VNNI or AVX-VNNI: ``vpdpbusd``), else uint8 (without VNNI they use the
-    saturating ``vpmaddubsw``; docs/onnx.md); the rule of ``parity --onnx`` and ``bench``
-    (:func:`ptq2tvm.onnx_parity.resolve_weights`). Raises :class:`ArtifactError` for another value."""
+    saturating ``vpmaddubsw``; docs/onnx.md): the one rule of ``export``, ``parity --onnx`` and ``bench``
+    (:mod:`ptq2tvm.onnx_parity`). Raises :class:`ArtifactError` for another value."""
     from .bench.baselines import host_has_vnni
 
     if weights not in ("auto", *WEIGHT_CONTAINERS):

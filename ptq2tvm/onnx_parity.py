@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from .errors import ArtifactError
 from .ir.graph import IntegerGraph
 from .ir.reference import run_reference
-from .onnx_export import INPUT_NAME, build_onnx, graph_output_names, onnx_output_names
+from .onnx_export import INPUT_NAME, build_onnx, choose_weights, graph_output_names, onnx_output_names
+from .units import percent
 
 INTEGER_KERNELS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul",
                    "MatMulIntegerToFloat")
@@ -87,11 +88,11 @@ class OnnxParityReport:
             f"accumulator value in {sum(f['exact_channels'] for f in self.requant_fit.values())} of "
             f"{sum(f['channels'] for f in self.requant_fit.values())} channels "
             f"({sum(f['mismatching_accumulators'] for f in self.requant_fit.values())} accumulator values differ)",
-            f"ORT vs reference executor at the output codes: {100 * self.exact_fraction:.4f}% exact "
+            f"ORT vs reference executor at the output codes: {percent(self.exact_fraction, 4)}% exact "
             f"({self.mismatched_elements} of {self.n_elements} elements differ), max |diff| {self.max_abs_lsb} LSB, "
-            f"histogram {self.lsb_histogram}; float32 output bitwise equal on {100 * self.output_float_exact_fraction:.4f}%; "
-            f"top-1 agreement {100 * self.top1_agreement_vs_reference:.2f}%",
-            f"input quantization (ORT QuantizeLinear vs numpy): {100 * self.input_codes_exact_fraction:.4f}% exact",
+            f"histogram {self.lsb_histogram}; float32 output bitwise equal on {percent(self.output_float_exact_fraction, 4)}%; "
+            f"top-1 agreement {percent(self.top1_agreement_vs_reference)}%",
+            f"input quantization (ORT QuantizeLinear vs numpy): {percent(self.input_codes_exact_fraction, 4)}% exact",
             f"ORT kernels after graph optimisation: {self.integer_kernels} integer "
             f"({', '.join(f'{k} {v}' for k, v in self.ort_kernels.items() if k in INTEGER_KERNELS) or 'none'}), "
             f"{self.float_kernels} float conv/gemm",
@@ -104,19 +105,10 @@ class OnnxParityReport:
                          "inheriting earlier layers' differences):")
             w = max(len(p.name) for p in self.per_layer)
             for p in self.per_layer:
-                lines.append(f"  {p.name:<{w}} {p.op:<10} {str(p.ort_kernel):<24} local {100 * p.local_exact_fraction:8.4f}%"
-                             f" max {p.local_max_abs_lsb} LSB | chained {100 * p.exact_fraction:8.4f}% "
+                lines.append(f"  {p.name:<{w}} {p.op:<10} {str(p.ort_kernel):<24} local {percent(p.local_exact_fraction, 4, 8)}%"
+                             f" max {p.local_max_abs_lsb} LSB | chained {percent(p.exact_fraction, 4, 8)}% "
                              f"max {p.max_abs_lsb:3d} LSB {p.lsb_histogram}")
         return "\n".join(lines)
-
-
-def resolve_weights(weights: str) -> str:
-    """``auto`` -> ``int8`` on hosts with VNNI, else ``uint8`` (ORT's u8 x s8 kernels saturate without VNNI)."""
-    from .bench.baselines import host_has_vnni
-
-    if weights == "auto":
-        return "int8" if host_has_vnni() else "uint8"
-    return weights
 
 
 def ort_session(path: str | Path, threads: int = 2, optimized_path: str | Path | None = None) -> Any:
@@ -228,7 +220,7 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
     compare with the reference executor: the output codes on every image, every IR tensor on the first
     ``per_layer_inputs`` images (a second export with per-layer outputs), ORT's kernels after optimisation.
 
-    ``weights``: int8 | uint8 | auto (:func:`resolve_weights`); ``integer_requant``: none | residual | inexact
+    ``weights``: int8 | uint8 | auto (:func:`ptq2tvm.onnx_export.choose_weights`); ``integer_requant``: none | residual | inexact
     (:func:`ptq2tvm.onnx_export.build_onnx`). Compared at the output: the integer codes (``codes:<tensor>``) and the
     float32 output against the reference's codes dequantized the same way (``float32(q - z) * float32(s)``,
     bitwise). ``reference``: the reference executor's output codes
@@ -239,7 +231,7 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
 
     from .bench.baselines import host_has_vnni
 
-    weights = resolve_weights(weights)
+    weights = choose_weights(weights)[0]
     images = np.ascontiguousarray(images, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="ptq2tvm_onnx_", dir=work_dir) as td:
         plain, xrep = build_onnx(graph, weights=weights, int4=int4, integer_requant=integer_requant,
@@ -322,7 +314,7 @@ def ort_output_codes(graph: IntegerGraph, images: np.ndarray, *, weights: str = 
     :func:`run_onnx_parity`. Raises :class:`ArtifactError` if ORT cannot load the export."""
     import onnx
 
-    weights = resolve_weights(weights)
+    weights = choose_weights(weights)[0]
     images = np.ascontiguousarray(images, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="ptq2tvm_onnx_", dir=work_dir) as td:
         model, xrep = build_onnx(graph, weights=weights, integer_requant=integer_requant, output_codes=True)
@@ -343,7 +335,7 @@ def ort_qdq_runner(graph: IntegerGraph, onnx_path: str | Path, threads: int, wei
     from .bench.baselines import _ort_runner
     from .onnx_export import export_onnx
 
-    weights = resolve_weights(weights)
+    weights = choose_weights(weights)[0]
     export_onnx(graph, onnx_path, weights=weights)
     run = _ort_runner(onnx_path, threads)
     with tempfile.TemporaryDirectory(prefix="ptq2tvm_onnx_") as td:

@@ -13,6 +13,7 @@ from .backend.runtime import CompiledModel
 from .frontend.qmodel import QuantModel
 from .ir.graph import IntegerGraph, QTensor
 from .ir.reference import run_reference
+from .units import percent
 
 
 @dataclass
@@ -50,9 +51,9 @@ class ParityReport:
             f"inputs: {self.n_inputs}",
             f".so vs reference executor: {'BIT-EXACT' if self.bit_exact_vs_reference else 'MISMATCH'} "
             f"({self.mismatched_elements} of {self.n_elements} elements differ)",
-            f"integer vs fake-quant output: {100 * self.exact_fraction_vs_fakequant:.2f}% exact, "
+            f"integer vs fake-quant output: {percent(self.exact_fraction_vs_fakequant)}% exact, "
             f"max |diff| {self.max_abs_lsb_vs_fakequant} LSB, top-1 agreement "
-            f"{100 * self.top1_agreement_vs_fakequant:.2f}%",
+            f"{percent(self.top1_agreement_vs_fakequant)}%",
         ]
         if self.so_top1 is not None:
             lines.append(f"top-1: .so {100 * self.so_top1:.2f}%  fake-quant {100 * self.fakequant_top1:.2f}%")
@@ -60,7 +61,7 @@ class ParityReport:
             lines.append(f"per layer (integer reference vs fake-quant, first {self.per_layer_inputs} inputs):")
             w = max(len(p.name) for p in self.per_layer)
             for p in self.per_layer:
-                lines.append(f"  {p.name:<{w}} {p.op:<10} {p.bits:<10} exact {100 * p.exact_fraction:6.2f}%  "
+                lines.append(f"  {p.name:<{w}} {p.op:<10} {p.bits:<10} exact {percent(p.exact_fraction, width=6)}%  "
                              f"max {p.max_abs_lsb:3d} LSB  mean {p.mean_abs_lsb:.4f}")
         return "\n".join(lines)
 

@@ -19,8 +19,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from ptq2tvm.errors import ArtifactError, UnsupportedModelError  # noqa: E402
 from ptq2tvm.ir.reference import run_reference  # noqa: E402
-from ptq2tvm.onnx_export import EXPORTERS, export_onnx  # noqa: E402
-from ptq2tvm.onnx_parity import INTEGER_KERNELS, optimized_kernels, ort_session, resolve_weights  # noqa: E402
+from ptq2tvm.onnx_export import EXPORTERS, choose_weights, export_onnx  # noqa: E402
+from ptq2tvm.onnx_parity import INTEGER_KERNELS, optimized_kernels, ort_session  # noqa: E402
 
 _GRAPHS: dict = {}
 
@@ -58,7 +58,7 @@ def test_export_checker_ort_matches_reference_every_op(tmp_path, w, a, weights, 
     graph = tiny_integer_graph(w, a)
     assert {n.op for n in graph.nodes} <= set(EXPORTERS)
     path = tmp_path / "m.onnx"
-    rep = export_onnx(graph, path, weights=resolve_weights(weights), int4=int4, per_layer_outputs=True)
+    rep = export_onnx(graph, path, weights=choose_weights(weights)[0], int4=int4, per_layer_outputs=True)
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     assert rep.opset == (21 if int4 else 17) and model.opset_import[0].version == rep.opset
@@ -227,7 +227,7 @@ def test_bench_row_runs_our_export_in_ort(tmp_path):
     run = ort_qdq_runner(graph, tmp_path / "q.onnx", threads=1)
     ref = graph.output.dequantize(run_reference(graph, graph.input.quantize(X)))
     assert np.array_equal(run(X), ref) and run.kernels["QLinearConv"] >= 5
-    assert run.weights == resolve_weights("auto")
+    assert run.weights == choose_weights("auto")[0]
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])

@@ -94,6 +94,18 @@ def _group_key(r: dict[str, Any]) -> tuple:
     return (r["model"], r["input"], r["batch"], r["w_bits"], r["a_bits"], r["threads"])
 
 
+def bits_label(r: dict[str, Any]) -> str:
+    """The W/A column of a row: 'FP32' for the float baselines (``*_fp32``), 'W8A8' for ONNX Runtime's and
+    OpenVINO's own INT8 quantization of the FP32 model (``ort_int8`` / ``openvino_int8``), else the run's bits.
+    The row's ``w_bits`` / ``a_bits`` stay the run's (they group the rows)."""
+    rt = str(r["runtime"])
+    if rt.endswith("_fp32"):
+        return "FP32"
+    if rt in ("ort_int8", "openvino_int8"):
+        return "W8A8"
+    return f"W{r['w_bits']}A{r['a_bits']}"
+
+
 def _table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and string cells; ``vs ptq2tvm`` is this row's median over the ptq2tvm median of its group."""
     rows = [validate_row(r) for r in rows]
@@ -108,7 +120,7 @@ def _table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     for r in rows:
         base = ref.get(_group_key(r))
         rel = (f"{r['median_ms'] / base:.2f}x" if base and r["median_ms"] is not None else "-")
-        cells.append([str(r["model"]), str(r["input"]), str(r["batch"]), f"W{r['w_bits']}A{r['a_bits']}",
+        cells.append([str(r["model"]), str(r["input"]), str(r["batch"]), bits_label(r),
                       _label(r), str(r.get("isa") or "-"), _fmt_ms(r["median_ms"]), _fmt_ms(r["p10_ms"]),
                       _fmt_ms(r["p90_ms"]), str(r["threads"]), "-" if r["vpdpbusd_count"] is None else str(r["vpdpbusd_count"]), rel])
     return header, cells

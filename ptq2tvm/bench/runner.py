@@ -79,6 +79,12 @@ def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, e
                             calls_per_turn=calls_per_turn)
 
 
+def model_label(name: str) -> str:
+    """The model column of the latency table: a zoo name as it is, a model file by its file name
+    ('/home/u/net.py:build' -> 'net.py:build', '/data/m.onnx' -> 'm.onnx')."""
+    return Path(name).name if ("/" in name or "\\" in name) else name
+
+
 def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: int = 3, ort_int8: bool = True,
               progress: bool = True, out_dir: str | Path | None = None, calls_per_turn: int = 5,
               trust_code: bool = False) -> dict[str, Any]:
@@ -111,7 +117,7 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
                             calls_per_turn=calls_per_turn, info=rt_info)
     cpu = cpu_features(llvm=False)["model_name"]
     vnni = count_instructions(run.so, ("vpdpbusd",)).get("vpdpbusd")
-    model_name = (info.get("model") or {}).get("name", "model")
+    model_name = model_label((info.get("model") or {}).get("name", "model"))
     rows = [dict(model=model_name, input="x".join(map(str, info["input_shape"])), batch=cm.batch,
                  w_bits=info["w_bits"], a_bits=info["a_bits"], runtime=name, median_ms=st.median_ms,
                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=threads,

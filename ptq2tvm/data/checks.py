@@ -33,19 +33,44 @@ def expected_channels(model: nn.Module) -> int | None:
     return int(fc[1].in_channels) if fc is not None else None
 
 
-def check_input_channels(model: nn.Module, images: np.ndarray, what: str = "calibration data") -> None:
-    """Raise :class:`DataError` when ``images`` (N, C, H, W) do not have the channels of the model's first conv."""
+def check_input_channels(model: nn.Module, images: np.ndarray, what: str = "calibration data",
+                         source: str | None = None) -> None:
+    """Raise :class:`DataError` when ``images`` (N, C, H, W) do not have the channels of the model's first conv.
+
+    The hint fits where the images came from (``source``): ``"folder"`` (an image folder: ``--channels``),
+    ``"preprocess"`` (a ``--preprocess`` function: what it must return), ``"builtin"`` (the 1-channel built-in
+    datasets), ``"array"`` or None (an array: convert its channels); an array that looks channels-last gets the
+    transpose whatever the source."""
     fc = first_conv(model)
     if fc is None or images.ndim != 4:
         return
     name, conv = fc
-    if images.shape[1] != conv.in_channels:
-        hint = ("; the array looks channels-last (N, H, W, C): use x.transpose(0, 3, 1, 2)"
-                if looks_nhwc(images.shape) and images.shape[3] == conv.in_channels else
-                "; for an image folder pass --channels" if conv.in_channels in (1, 3) else "")
-        raise DataError(f"the model expects {conv.in_channels}-channel input (its first conv '{name}' has "
-                        f"in_channels={conv.in_channels}), the {what} has {images.shape[1]} channel(s) "
-                        f"(shape {tuple(images.shape)}){hint}")
+    want, have = int(conv.in_channels), int(images.shape[1])
+    if have != want:
+        raise DataError(f"the model expects {want}-channel input (its first conv '{name}' has "
+                        f"in_channels={want}), the {what} has {have} channel(s) "
+                        f"(shape {tuple(images.shape)}){channel_hint(want, have, images.shape, source)}")
+
+
+def channel_hint(want: int, have: int, shape: tuple[int, ...], source: str | None) -> str:
+    """The '; ...' end of the channel-mismatch message for data from ``source`` (see :func:`check_input_channels`)."""
+    nhwc = looks_nhwc(shape) and shape[3] == want
+    if source == "preprocess":
+        return ("; the --preprocess function returns channels-last (H, W, C) arrays: return arr.transpose(2, 0, 1)"
+                if nhwc else f"; the --preprocess function must return ({want}, H, W) arrays (channels first), "
+                f"it returned {have} channel(s)")
+    if nhwc:
+        return "; the array looks channels-last (N, H, W, C): use x.transpose(0, 3, 1, 2)"
+    if source == "folder":
+        return f"; pass --channels {want}" if want in (1, 3) else \
+            f"; a {want}-channel model needs --preprocess file.py:fn returning ({want}, H, W) arrays"
+    if source == "builtin":
+        return f"; the built-in datasets are 1-channel: give {want}-channel data of your own (--data)"
+    how = ("x.mean(1, keepdims=True) for grayscale" if want == 1 else
+           "np.repeat(x, 3, axis=1) for grayscale images" if want == 3 and have == 1 else
+           f"keep the model's {want} channels")
+    return (f"; convert the array's channels before saving it (e.g. {how})" if source == "array" else
+            f"; convert the images' channels (e.g. {how})")
 
 
 @torch.no_grad()
@@ -78,4 +103,4 @@ def input_scale_notes(model: nn.Module, images: np.ndarray, max_images: int = 64
             "not preprocessed like the training data (raw 0..255 pixels? other mean/std?)"]
 
 
-__all__ = ["check_input_channels", "expected_channels", "first_conv", "input_scale_notes"]
+__all__ = ["channel_hint", "check_input_channels", "expected_channels", "first_conv", "input_scale_notes"]

@@ -87,9 +87,20 @@ class MixedPlan:
         for w, a in self.bits.values():
             counts[f"W{w}A{a}"] = counts.get(f"W{w}A{a}", 0) + 1
         parts = [f"{k} x{v}" for k, v in sorted(counts.items())]
-        pred = ", ".join(f"{k} {v:.4g} ({v / self.w8a8[k]:.2f} of W8A8)" for k, v in self.predicted.items()
-                         if self.w8a8.get(k))
+        pred = ", ".join(f"{k} {_value_text(k, v)} ({v / self.w8a8[k]:.2f} of W8A8)"
+                         for k, v in self.predicted.items() if self.w8a8.get(k))
         return f"mixed precision ({self.measure} sensitivity): {', '.join(parts)}; predicted {pred}"
+
+
+def _value_text(kind: str, v: float) -> str:
+    """A predicted budget figure: size in B / kB / MB with channel padding, latency in ms, BOPs as a number."""
+    from ..units import size_text
+
+    if kind == "size":
+        return f"{size_text(v)} with channel padding"
+    if kind == "latency":
+        return f"{1e3 * v:.4g} ms"
+    return f"{v:.4g}"
 
 
 def cost_matrices(costs: LayerCosts, layers: list[str], candidates: list[tuple[int, int]],

@@ -30,10 +30,18 @@ def add_quantize_args(q: argparse.ArgumentParser) -> None:
                    help="ILP objective: HAWQ Hessian-trace-weighted perturbation, or FP32-output MSE of each layer "
                    "quantized alone")
     g.add_argument("--hutchinson-samples", type=int, default=32, help="random draws of the Hessian-trace estimate")
-    g.add_argument("--trace-estimator", default="gauss-newton", choices=["gauss-newton", "hutchinson"],
+    _add_trace_estimator(g)
+    g.add_argument("--latency-batch", type=int, default=1, help="batch size the latencies are measured at")
+
+
+def _add_trace_estimator(p: Any) -> None:
+    """``--trace-estimator`` (quantize --mixed-precision and sensitivity: one name); ``--estimator``, sensitivity's
+    old name, stays as a hidden alias."""
+    p.add_argument("--trace-estimator", default="gauss-newton", choices=["gauss-newton", "hutchinson"],
                    help="Hessian-trace estimator: Gauss-Newton/Fisher with sampled labels (never negative; default) "
                    "or Hutchinson's (Rademacher vectors, double backward)")
-    g.add_argument("--latency-batch", type=int, default=1, help="batch size the latencies are measured at")
+    p.add_argument("--estimator", dest="trace_estimator", choices=["gauss-newton", "hutchinson"],
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _layer_names(model: nn.Module, images: np.ndarray) -> list[str]:
@@ -84,7 +92,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> dict[str, Any]:
     images = calibration_set(info["data"], int(info["calib_size"]), seed=int(info.get("seed", 0)),
                              **run_data_kwargs(info))
     rep = run_sensitivity(model, images, run.path, samples=args.samples, max_images=args.images,
-                          seed=args.seed, progress=not args.no_progress, estimator=args.estimator)
+                          seed=args.seed, progress=not args.no_progress, estimator=args.trace_estimator)
     print(rep.summary())
     print(f"wrote {run.path / 'sensitivity.json'} and {run.path / 'sensitivity.png'}  [{rep.seconds} s]")
     out: dict[str, Any] = dict(sensitivity=str(run.path / "sensitivity.json"), png=str(run.path / "sensitivity.png"),
@@ -113,9 +121,7 @@ def register(sub: Any) -> None:
                        "(HAWQ Hessian trace, FP32-output error), optionally per-layer kernel latency")
     s.add_argument("run", help="run directory (its FP32 model and calibration data are used)")
     s.add_argument("--samples", type=int, default=32, help="random draws of the Hessian-trace estimate")
-    s.add_argument("--estimator", default="gauss-newton", choices=["gauss-newton", "hutchinson"],
-                   help="Hessian-trace estimator: Gauss-Newton/Fisher with sampled labels (never negative; default) "
-                   "or Hutchinson's (Rademacher vectors, double backward)")
+    _add_trace_estimator(s)
     s.add_argument("--images", type=int, default=256, help="calibration images used for the traces / errors")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--latency", action="store_true", help="also time every layer's kernel (int8, packed int4; on AVX2 "
