@@ -111,6 +111,31 @@ def cpu_feature_error(so_path: str | Path, meta: dict[str, Any], missing: list[s
             "build a portable one (--target x86-64-v3: AVX2 kernels that run on every AVX2 CPU)")
 
 
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18    # x86-64 Linux
+_amx_state_granted = False
+
+
+def needs_amx_state(meta: dict[str, Any]) -> bool:
+    """Whether a build runs AMX tile instructions (its sidecar's ``cpu_features`` name ``amx_tile``)."""
+    return "amx_tile" in (meta.get("cpu_features") or [])
+
+
+def request_amx_state() -> None:
+    """Ask Linux for the AMX tile-data state for this process, once (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)``, Linux >= 5.16, Documentation/arch/x86/xstate.rst): without it the first tile instruction
+    kills the process with SIGILL. Raises :class:`CpuFeatureError` naming the errno when Linux refuses."""
+    global _amx_state_granted
+    if _amx_state_granted:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        err = ctypes.get_errno()
+        raise CpuFeatureError(f"Linux refused the AMX tile state this build needs (arch_prctl ARCH_REQ_XCOMP_PERM: "
+                              f"errno {err}, {os.strerror(err)}; Linux >= 5.16 required): rebuild without AMX "
+                              "(PTQ2TVM_AMX=0 ptq2tvm compile ..., or --target icelake-server)")
+    _amx_state_granted = True
+
+
 class BundleError(RuntimeError):
     """The bundle cannot run here: a file is missing or corrupted, or the host lacks what the build needs."""
 
@@ -148,6 +173,8 @@ class BundleModel:
         missing = [] if self.cuda else missing_cpu_features(self.meta)
         if missing:
             raise CpuFeatureError(cpu_feature_error(so_path, self.meta, missing))
+        if needs_amx_state(self.meta):
+            request_amx_state()
         lib_dir = Path(lib_dir) if lib_dir is not None else so_path.parent / "lib"
         ffi_lib = Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so"
         ctypes.CDLL(str(ffi_lib), ctypes.RTLD_GLOBAL)        # libtvm_runtime links against it

@@ -47,10 +47,11 @@ class _BlockedBuilder:
     """Emits every node through its op family (:meth:`ptq2tvm.ops.OpDef.emit_blocked`) and tracks each tensor's
     layout (NCHW, blocked NCHW16c or 2-D); ops ask for their inputs in the layout they need."""
 
-    def __init__(self, graph: IntegerGraph, isa: str, cuda: bool = False):
+    def __init__(self, graph: IntegerGraph, isa: str, cuda: bool = False, amx: bool = False):
         self.graph = graph
         self.isa = isa
         self.cuda = cuda
+        self.amx = amx and not cuda      # AMX-INT8 conv kernels where they apply (kernels/amx.py)
         self.bb = relax.BlockBuilder()
         self.env: dict[str, tuple[relax.Expr, str]] = {}
         self.weight_bytes = 0
@@ -129,6 +130,32 @@ class _BlockedBuilder:
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)
 
+    def uses_amx(self, packed: np.ndarray, x: relax.Expr, stride: tuple[int, int], dilation: tuple[int, int],
+                 ubsw_exact: bool) -> bool:
+        """Whether a conv with this packed weight runs the AMX kernel: AMX builds, convs the kernel supports
+        (:func:`kernels.amx_conv_supported`) with at least 2 horizontal taps (1x1 convs fill only 16 of a tile
+        row's 64 bytes in NCHW16c: measured slower than AVX-512 VNNI there, kernels/README.md)."""
+        return self.amx and not ubsw_exact and packed.ndim == 7 and int(packed.shape[3]) >= 2 \
+            and K.amx_conv_supported(packed.shape, self.shape(x), stride, dilation, str(packed.dtype))
+
+    @staticmethod
+    def shape(x: relax.Expr) -> tuple[int, ...]:
+        """The static shape of a tensor expression of the module being built."""
+        return tuple(int(v) for v in x.ty.shape.values)
+
+    def emit_amx_conv(self, x: relax.Expr, packed: np.ndarray, consts: list, extra: list, *, name: str,
+                      padding: tuple[int, int], input_zero_point: int, output_zero_point: int, lo: int, hi: int,
+                      residual_zero_point: int, shift_ge32: bool) -> relax.Expr:
+        """The AMX conv (:func:`kernels.amx_conv_primfunc`) as a ``call_tir`` on the blocked input ``x`` and the
+        VNNI-packed int8 weight ``packed``: same arguments and integers as :func:`kernels.conv2d_nchwc_requant`."""
+        x_shape = self.shape(x)
+        w_shape = tuple(int(v) for v in packed.shape)
+        prim = K.amx_conv_primfunc(name, x_shape, w_shape, padding, input_zero_point, output_zero_point, lo, hi,
+                                   residual_zero_point, residual=bool(extra), shift_ge32=shift_ge32)
+        gv = self.bb.add_func(prim, name)
+        out_ty = relax.TensorType(list(K.amx_conv_out_shape(x_shape, w_shape, padding)), "uint8")
+        return self.bb.emit(relax.call_tir(gv, relax.Tuple([x, self.weight(packed), *consts, *extra]), out_ty))
+
     def layout(self, name: str) -> str:
         return self.env[name][1]
 
@@ -197,16 +224,18 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
     isa, why = x86_isa(target)
     if isa is None:
         raise ValueError(f"the x86 kernels do not support target {target}: {why}")
-    mod, weight_bytes = build_blocked_module(graph, batch, isa)
+    mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tvm.target.Target(target)))
     if scheduler is None:
         return K.schedule_module(mod, tvm.target.Target(target)), weight_bytes
     return scheduler(mod), weight_bytes
 
 
-def build_blocked_module(graph: IntegerGraph, batch: int, isa: str, cuda: bool = False) -> tuple[tvm.IRModule, int]:
+def build_blocked_module(graph: IntegerGraph, batch: int, isa: str, cuda: bool = False,
+                         amx: bool = False) -> tuple[tvm.IRModule, int]:
     """The unscheduled blocked Relax module (with the float entry) and the bytes of its packed weights. ``cuda``
-    switches off the x86-only kernels (rows layout, depthwise taps): what the CUDA build schedules."""
-    builder = _BlockedBuilder(graph, isa, cuda=cuda)
+    switches off the x86-only kernels (rows layout, depthwise taps): what the CUDA build schedules. ``amx``: the
+    convs :meth:`_BlockedBuilder.uses_amx` selects are AMX kernels (already scheduled PrimFuncs)."""
+    builder = _BlockedBuilder(graph, isa, cuda=cuda, amx=amx)
     return add_float_entry(builder.build(batch), graph, batch), builder.weight_bytes
 
 

@@ -26,10 +26,21 @@ ARTIFACT_VERSION = 1
 
 
 def host_target(num_cores: int | None = None) -> dict[str, Any]:
-    """LLVM target dict for this CPU (mcpu detected by LLVM, e.g. znver4)."""
+    """LLVM target dict for this CPU (mcpu detected by LLVM, e.g. znver4), plus ``mattr`` ``+amx-tile,+amx-int8``
+    where /proc/cpuinfo has AMX-INT8 and LLVM's CPU name does not imply it (a virtualized Xeon may be detected as
+    'rocketlake'): the AMX conv kernels (kernels/amx.py) are then built."""
     from tvm.target.codegen import llvm_get_system_cpu
 
-    return {"kind": "llvm", "mcpu": str(llvm_get_system_cpu()), "num-cores": int(num_cores or os.cpu_count() or 1)}
+    from .isa import host_isa
+
+    target: dict[str, Any] = {"kind": "llvm", "mcpu": str(llvm_get_system_cpu()),
+                              "num-cores": int(num_cores or os.cpu_count() or 1)}
+    if host_isa() == "amx":
+        import kernels as K
+
+        if not K.target_has_amx(tvm.target.Target(target), honour_env=False):
+            target["mattr"] = ["+amx-tile", "+amx-int8"]
+    return target
 
 
 def resolve_target(target: str | dict[str, Any] | None) -> dict[str, Any]:
@@ -130,7 +141,10 @@ def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedu
         raise ValueError(f"tuning applies to the hand-scheduled x86 kernels, which target {target} does not use "
                          f"({why or 'schedule ' + repr(schedule)})")
     if schedule in ("auto", "x86") and isa is not None:
+        import kernels as K
+
         mod, weight_bytes = build_x86_module(graph, batch, target, scheduler=tuner)
+        isa = "amx" if K.amx_kernel_count(mod) else isa      # AMX convs, AVX-512 VNNI for the rest
         return mod, f"x86-nchw16c-{isa}" + ("-tuned" if tuner is not None else ""), weight_bytes
     if schedule in ("auto", "cuda") and is_cuda:
         mod, weight_bytes = build_cuda_module(graph, batch)
@@ -174,7 +188,7 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
     with atomic_path(so_path, suffix=".tmp.so") as tmp:
         ex.export_library(str(tmp))
         if tuner is not None:     # the exported file itself (running ``ex`` in place would alter what it exports)
-            _check_exact(tvm.runtime.load_module(str(tmp)), graph, batch)
+            _check_exact(tvm.runtime.load_module(str(tmp)), graph, batch, amx=backend.startswith("x86-nchw16c-amx"))
         seconds = time.perf_counter() - t0
         meta = {
             "format": ARTIFACT_FORMAT,
@@ -215,12 +229,17 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
     return CompileResult(so_path, sidecar_path(so_path), seconds, meta)
 
 
-def _check_exact(ex: Any, graph: IntegerGraph, batch: int, seed: int = 0) -> None:
-    """Run a freshly built (tuned) module on random inputs; raise unless it equals the reference executor."""
+def _check_exact(ex: Any, graph: IntegerGraph, batch: int, seed: int = 0, amx: bool = False) -> None:
+    """Run a freshly built (tuned) module on random inputs; raise unless it equals the reference executor
+    (``amx``: the build has AMX kernels, whose tile state this process must request first)."""
     import numpy as np
 
     from ..ir.reference import run_reference
 
+    from ..bundle_runner import request_amx_state
+
+    if amx:
+        request_amx_state()
     rng = np.random.default_rng(seed)
     q = rng.integers(0, graph.input.qmax + 1, size=(batch, *graph.input.shape)).astype(np.uint8)
     vm = tvm.runtime.vm.VirtualMachine(ex, tvm.cpu())

@@ -78,6 +78,13 @@ def _check_cpu_features(so_path: Path, meta: dict[str, Any]) -> None:
     missing = missing_cpu_features(meta)
     if missing:
         raise TargetError(cpu_feature_error(so_path, meta, missing))
+    from ..bundle_runner import CpuFeatureError, needs_amx_state, request_amx_state
+
+    if needs_amx_state(meta):
+        try:
+            request_amx_state()
+        except CpuFeatureError as e:
+            raise TargetError(f"{so_path}: {e}") from None
 
 
 class CompiledModel:

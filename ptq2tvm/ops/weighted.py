@@ -173,6 +173,11 @@ class Conv(_Weighted):
                 node, lambda isa: K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=isa,
                                                      **b.packing(node)))
             kw["i16_group"] = b.int16_group(node, wp) if kw["ubsw_exact"] else 0
+            if b.uses_amx(wp, xb, tuple(a["stride"]), tuple(a["dilation"]), kw["ubsw_exact"]):
+                return b.emit_amx_conv(xb, wp, consts, extra, name=name, padding=tuple(a["padding"]),
+                                       input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"],
+                                       lo=a["lo"], hi=a["hi"], residual_zero_point=a.get("residual_zero_point", 0),
+                                       shift_ge32=b.int32_epilogue(node)), NCHWC
             wp = b.weight(wp)
         kw["shift_ge32"] = b.int32_epilogue(node)
         out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),

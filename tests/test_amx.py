@@ -1,0 +1,184 @@
+"""AMX-INT8 conv kernels (kernels/amx.py): bit-exact against the numpy integer contract, their dispatch inside a
+network build, the per-process tile-state request and the refusal of AMX builds on hosts without AMX.
+
+Kernels and networks *run* only where this CPU has AMX-INT8 (amx_int8 + amx_tile in /proc/cpuinfo); everywhere else
+they are compiled for a Sapphire Rapids target and disassembled (tdpbusd, ldtilecfg), and the run is skipped with
+that reason.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import kernels as K  # noqa: E402
+from kernels import reference as R  # noqa: E402
+
+from ptq2tvm.backend.isa import host_isa  # noqa: E402
+
+HAS_AMX = host_isa() == "amx"
+needs_amx = pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX-INT8 (amx_int8/amx_tile): AMX kernels are "
+                               "compiled and disassembled here, not run")
+SPR_TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
+SPR = tvm.target.Target(SPR_TARGET)
+
+# name: (n, c, h, w, o, k, p, residual, extra)
+AMX_CASES = {
+    "3x3_12x12": (1, 32, 12, 12, 32, 3, 1, False, {}),
+    "3x3_7x7_wide": (1, 64, 7, 7, 64, 3, 1, False, {}),            # 4 M tiles over the flattened padded rows
+    "3x3_tiny_3x3": (1, 32, 3, 3, 32, 3, 1, False, {}),              # fewer than 16 rows: one short tile
+    "3x3_batch2_res_odd_ob": (2, 16, 9, 9, 48, 3, 1, True, {}),      # 3 output blocks: one N tile
+    "3x3_clamp": (1, 16, 10, 13, 32, 3, 1, False, dict(lo=10, hi=200, zo=100)),
+    "2x2_pad0": (1, 32, 20, 17, 48, 2, 0, False, {}),
+    "4x4_pad2": (1, 16, 11, 11, 32, 4, 2, False, {}),                # KW = 4: a full 64-byte tile row
+    "1x1": (1, 48, 9, 9, 48, 1, 0, False, {}),                       # supported (the builder keeps VNNI for 1x1)
+    "3x3_zx0": (1, 32, 14, 14, 32, 3, 1, True, dict(zx=0)),
+}
+
+
+def _case(name):
+    from test_kernels_x86 import _conv_case
+
+    n, c, h, w, o, k, p, residual, extra = AMX_CASES[name]
+    zx, zo = extra.get("zx", 3), extra.get("zo", 5)
+    lo, hi = extra.get("lo", 0), extra.get("hi", 255)
+    cs = _conv_case(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, k, 1, p, residual=residual, zx=zx,
+                    zo=zo, lo=lo, hi=hi)
+    wp = K.pack_conv_weight(cs["w"], groups=1, ic_block=16, isa="vnni")
+    b, m, s = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, pad_value=zx), wp, b, m, s]
+    if residual:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16), K.pack_channel_params(cs["bias"], cs["mr"], cs["sh"])[1]]
+    func = K.amx_conv_primfunc("main", arrays[0].shape, wp.shape, (p, p), zx, zo, lo, hi, 7, residual)
+    return cs, arrays, func, o
+
+
+def _build(func):
+    return tvm.compile(tvm.IRModule({"main": func}), target=SPR)
+
+
+@pytest.mark.parametrize("name", list(AMX_CASES))
+def test_amx_conv_bit_exact(name):
+    """Every case equals kernels.reference (the integer contract) bit for bit: border taps, tile tails that overlap,
+    short tiles, one or two N tiles, residual, clamp, zero point 0."""
+    cs, arrays, func, o = _case(name)
+    lib = _build(func)
+    if not HAS_AMX:
+        pytest.skip("no AMX-INT8 on this CPU: compiled only")
+    from ptq2tvm.bundle_runner import request_amx_state
+
+    request_amx_state()
+    kern = K.StandaloneKernel(lib, K.amx_conv_out_shape(arrays[0].shape, arrays[1].shape, (AMX_CASES[name][6],) * 2),
+                              "uint8", func)
+    got = K.nchwc_to_nchw(kern.run(*arrays), o)
+    assert np.array_equal(got, cs["ref"]), f"{int((got != cs['ref']).sum())} of {got.size} outputs differ"
+
+
+def test_amx_kernel_instructions_and_support_rules(tmp_path):
+    """The kernel is tile code (ldtilecfg, tileloadd, tdpbusd, tilestored) on any host that can compile it; the
+    support rule takes dense int8 stride-1 convs of <= 4 horizontal taps and nothing else."""
+    from ptq2tvm.bench.disasm import count_instructions
+
+    _, arrays, func, _ = _case("3x3_12x12")
+    so = tmp_path / "k.so"
+    _build(func).export_library(str(so))
+    n = count_instructions(so, ("ldtilecfg", "tileloadd", "tdpbusd", "tilestored", "tilerelease"))
+    assert n["ldtilecfg"] >= 1 and n["tdpbusd"] >= 4 and n["tileloadd"] >= 4 and n["tilestored"] >= 4, n
+    wp, xs = arrays[1].shape, arrays[0].shape
+    assert K.amx_conv_supported(wp, xs, (1, 1), (1, 1), "int8")
+    assert not K.amx_conv_supported(wp, xs, (2, 2), (1, 1), "int8")          # stride 2
+    assert not K.amx_conv_supported(wp, xs, (1, 1), (2, 2), "int8")          # dilated
+    assert not K.amx_conv_supported((2, 2, 3, 3, 32), xs, (1, 1), (1, 1), "uint8")   # packed int4
+    assert not K.amx_conv_supported((2, 1, 3, 3, 4, 16, 4), xs, (1, 1), (1, 1), "int8")  # grouped: 1 of 2 blocks
+    assert not K.amx_conv_supported((2, 2, 5, 5, 4, 16, 4), xs, (1, 1), (1, 1), "int8")  # KW 5 > 64 bytes
+    with pytest.raises(ValueError, match="AMX conv needs"):
+        K.amx_conv_primfunc("f", (1, 2, 8, 8, 16), (2, 2, 5, 5, 4, 16, 4), (2, 2), 0, 0, 0, 255, 0, False)
+
+
+def test_amx_target_detection(monkeypatch):
+    """A target has AMX from its mcpu or mattr; PTQ2TVM_AMX=0 turns the kernels off; the host target gets the AMX
+    mattr exactly where /proc/cpuinfo has AMX (a virtualized Xeon may be named 'rocketlake' by LLVM)."""
+    from ptq2tvm.backend import compile as C
+
+    assert K.target_has_amx(SPR)
+    assert K.target_has_amx(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server",
+                                               "mattr": ["+amx-tile", "+amx-int8"]}))
+    assert not K.target_has_amx(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"}))
+    assert not K.target_has_amx(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
+    monkeypatch.setenv(K.AMX_ENV, "0")
+    assert not K.target_has_amx(SPR) and K.target_has_amx(SPR, honour_env=False)
+    monkeypatch.delenv(K.AMX_ENV)
+    monkeypatch.setattr("ptq2tvm.backend.isa.host_cpu_flags", lambda: {"avx2", "avx512_vnni", "amx_int8",
+                                                                        "amx_tile"})
+    assert K.target_has_amx(tvm.target.Target(C.host_target()))
+    monkeypatch.setattr("ptq2tvm.backend.isa.host_cpu_flags", lambda: {"avx2", "avx512_vnni", "avx512bw"})
+    t = C.host_target()
+    assert "+amx-int8" not in t.get("mattr", [])
+
+
+def _packed_sub_byte(nd) -> bool:
+    """A layer whose weights the build stores packed (<= 4 bits in [-8, 7]): never AMX (int8 tiles only)."""
+    wt = nd.arrays["weight"]
+    return int(nd.attrs.get("w_bits", 8)) <= 4 and int(wt.min()) >= -8 and int(wt.max()) <= 7
+
+
+@pytest.mark.parametrize("w,a", [(8, 8), (4, 8)])
+def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
+    """TinyNet built for an AMX target: its int8 3x3 convs (stride 1) are AMX kernels, every other conv keeps AVX-512
+    VNNI; the sidecar says isa 'amx' and needs amx_tile/amx_int8; on an AMX host the .so is bit-exact against the
+    reference executor, PTQ2TVM_AMX=0 builds the same graph without AMX."""
+    from conftest import tiny_integer_graph
+
+    from ptq2tvm.api import compile_so
+    from ptq2tvm.backend.blocked_builder import build_blocked_module
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.ir.reference import run_reference
+
+    graph = tiny_integer_graph(w, a)
+    mod, _ = build_blocked_module(graph, 2, "vnni", amx=True)
+    def dense(nd):      # dense, or a grouping packed as a dense block-diagonal weight (kernels.conv_weight_mode)
+        o, cg = nd.arrays["weight"].shape[:2]
+        return K.conv_weight_mode(o, cg * nd.attrs["groups"], nd.attrs["groups"]) in ("dense", "expanded")
+
+    eligible = [nd for nd in graph.nodes if nd.op == "conv2d" and dense(nd) and nd.inputs[0] != graph.input.name
+                and tuple(nd.attrs["stride"]) == (1, 1) and tuple(nd.attrs["dilation"]) == (1, 1)
+                and nd.arrays["weight"].shape[3] >= 2 and not _packed_sub_byte(nd)]
+    assert K.amx_kernel_count(mod) == len(eligible)
+    res = compile_so(graph, tmp_path / "m.so", batch=2, target=SPR_TARGET)
+    want = "amx" if eligible else "vnni"
+    assert res.meta["isa"] == want and res.meta["backend"] == f"x86-nchw16c-{want}"
+    assert {"amx_tile", "amx_int8"} <= set(res.meta["cpu_features"])
+    if not HAS_AMX:
+        pytest.skip("no AMX-INT8 on this CPU: built only")
+    q = np.random.default_rng(0).integers(0, graph.input.qmax + 1, (2, *graph.input.shape)).astype(np.uint8)
+    assert np.array_equal(CompiledModel(res.so_path).run_int(q), run_reference(graph, q))
+
+
+def test_amx_build_refused_without_amx(tmp_path, capsys, monkeypatch):
+    """An AMX build on a host whose flags lack amx_tile / amx_int8 (simulated here by hiding them) is refused at load
+    by CompiledModel and by the bundle runner with the features named (not SIGILL); on an AMX host the process asks
+    Linux for the tile state once."""
+    from conftest import tiny_integer_graph
+
+    from ptq2tvm import bundle_runner
+    from ptq2tvm.api import compile_so
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.errors import TargetError
+
+    res = compile_so(tiny_integer_graph(8, 8), tmp_path / "m.so", batch=1, target=SPR_TARGET)
+    meta = json.loads(res.meta_path.read_text())
+    assert bundle_runner.needs_amx_state(meta)
+    if HAS_AMX:
+        bundle_runner.request_amx_state()        # granted once per process; a second call is free
+        bundle_runner.request_amx_state()
+    flags = (bundle_runner.host_cpu_flags() or set(meta["cpu_features"])) - {"amx_tile", "amx_int8"}
+    monkeypatch.setattr(bundle_runner, "host_cpu_flags", lambda: flags)
+    assert {"amx_int8", "amx_tile"} <= set(bundle_runner.missing_cpu_features(meta))
+    with pytest.raises(TargetError, match="amx_int8, amx_tile"):
+        CompiledModel(res.so_path)
+    assert bundle_runner.main(["--so", str(res.so_path), "--random", "1"]) == 2
+    assert "amx_int8, amx_tile" in capsys.readouterr().err
