@@ -49,6 +49,7 @@ _A_TILE = 4
 _B_TILE = 6
 _MAX_CHUNKS = 16                 # parallel tasks per call (each takes a contiguous run of tiles)
 
+
 def target_has_amx(target: tvm.target.Target | None, honour_env: bool = True) -> bool:
     """Whether an LLVM x86 ``target`` has AMX-INT8 (``amx-int8`` and ``amx-tile`` in its CPU features, from its
     ``mcpu`` or ``mattr``) and, with ``honour_env``, ``PTQ2TVM_AMX`` is not ``0``: the builds that use the AMX
@@ -101,7 +102,13 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
                       input_zero_point: int, output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
                       residual: bool, shift_ge32: bool = False) -> tir.PrimFunc:
     """The AMX conv + requant (+ residual) PrimFunc ``name(x, w, bias, mult, shift, [r, mr], out)``: the same
-    buffers and integers as :func:`kernels.conv2d_nchwc_requant` (stride 1, dilation 1, dense, int8 weights)."""
+    buffers and integers as :func:`kernels.conv2d_nchwc_requant` (stride 1, dilation 1, dense, int8 weights).
+
+    ``x_shape`` (N, CB, H, W, 16) uint8, ``w_shape`` (OB, CB, KH, KW, 4, 16, 4) int8 from
+    :func:`kernels.pack_conv_weight` (``ic_block=16``, ``isa="vnni"``); bias / mult / shift (and the residual's
+    multiplier) int32 (OB*16,); out (N, OB, OH, OW, 16) uint8. The padded input (when ``padding`` is not 0) and the
+    per-task accumulator tiles are allocated once per call. Raises ValueError for any other weight layout or a
+    kernel larger than the padded input."""
     from .ops import requant_expr
 
     n, cb, h, w, icb = (int(v) for v in x_shape)
@@ -172,19 +179,7 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
                         _llvm("tilezero", _u8(_C_TILE + t))
                     with T.serial(0, cb) as ic:
                         with T.serial(0, kh) as r_:
-                            for i in range(mt):
-                                m0 = tile_start(mg, i) + r_ * wp
-                                _llvm("tileloadd64", _u8(_A_TILE + i),
-                                      tir.address_of(xp[b, ic, m0 // wp, m0 % wp, 0]),
-                                      tir.const(BLOCK, "int64"))
-                            for j in range(nt):
-                                _llvm("tileloadd64", _u8(_B_TILE + j),
-                                      tir.address_of(wt[obp * nt + j, ic, r_, 0, 0, 0, 0]),
-                                      tir.const(64, "int64"))
-                            for i in range(mt):
-                                for j in range(nt):
-                                    _llvm("tdpbusd", _u8(_C_TILE + i * nt + j), _u8(_A_TILE + i),
-                                          _u8(_B_TILE + j))
+                            _tap_row_products(xp, wt, b, ic, r_, obp, mg, mt, nt, wp, tile_start)
                     for i in range(mt):
                         for j in range(nt):
                             _llvm("tilestored64", _u8(_C_TILE + i * nt + j),
@@ -202,6 +197,31 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
                                                   residual_zero_point, shift_ge32, requant_expr)
                 _llvm("tilerelease")
     return ib.get()
+
+
+def _tap_row_products(xp, wt, b, ic, kh, obp, mg, mt, nt, wp, tile_start) -> None:
+    """C[i, j] += A_i x B_j for one input block ``ic`` and tap row ``kh``: ``mt`` A tiles (16 pixels x KW*16 bytes
+    of the padded input), ``nt`` B tiles (the packed weight of output block obp*nt + j)."""
+    def load_a(i):
+        m0 = tile_start(mg, i) + kh * wp
+        _llvm("tileloadd64", _u8(_A_TILE + i), tir.address_of(xp[b, ic, m0 // wp, m0 % wp, 0]),
+              tir.const(BLOCK, "int64"))
+
+    def load_b(j):
+        _llvm("tileloadd64", _u8(_B_TILE + j), tir.address_of(wt[obp * nt + j, ic, kh, 0, 0, 0, 0]),
+              tir.const(64, "int64"))
+
+    def dot(i, j):
+        _llvm("tdpbusd", _u8(_C_TILE + i * nt + j), _u8(_A_TILE + i), _u8(_B_TILE + j))
+
+    # each product right after the loads it needs (tiles are not renamed: a load waits for the products of the
+    # previous step that read the same tile); the order "all loads, then all products" measured the same
+    for i in range(mt):
+        load_a(i)
+        for j in range(nt):
+            if i == 0:
+                load_b(j)
+            dot(i, j)
 
 
 def _pad_stage(x, xp, n, cb, h, w, ph, pw, z_x) -> None:

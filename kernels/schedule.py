@@ -239,7 +239,6 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     intrin, tiles = dot_product(layout, isa or layout, _ubsw_exact(sch, out), input_dtype)
     acc = sch.get_sblock("acc")
     unpack = _try_block(sch, "w_unpack")
-    _refuse_untested_int2(sch, unpack, layout, isa or layout)
     acc16 = _try_block(sch, "acc16")
     if acc16 is not None:
         if tiles != "ymm" or intrin != register_ubsw_intrinsic(ACC_SCOPE):
@@ -379,15 +378,6 @@ def _task_chunks(groups: int, n: int, row_tiles: int, threads: int, pixels: int)
     return (enough[-1] if enough else options[0])[1:]
 
 
-def _refuse_untested_int2(sch: Schedule, unpack, layout: str, isa: str) -> None:
-    """int2 weights run only where they were tested bit-exact: AVX2 (vpmaddubsw / vpmaddwd) and CUDA (emulated).
-    The AVX-512 VNNI / AVX-VNNI dot products were never run with them (no such host was available); the x86
-    backend keeps 2-bit weights two per byte there (:func:`ptq2tvm.backend.blocked_builder.packs_int2`)."""
-    if unpack is not None and layout == "vnni" and isa in ("vnni", "avxvnni") and _unpack_fields(sch, unpack) == 4:
-        raise ValueError(f"int2 (four per byte) weights are not scheduled for the {isa} dot product (untested on "
-                         "such a CPU): pack them with int4=True for this target")
-
-
 def _unpack_fields(sch: Schedule, block) -> int:
     """Weights per packed byte read by a ``w_unpack`` block: 4 when it is annotated ``weight_bits = 2`` (int2), else
     2 (int4)."""
@@ -468,7 +458,6 @@ def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: s
     acc = sch.get_sblock("acc")
     pad = _try_block(sch, "pad")
     unpack = _try_block(sch, "w_unpack")
-    _refuse_untested_int2(sch, unpack, layout, isa or layout)
     n, ob, oc, rkf, rks = sch.get_loops(acc)
     nx, obx = int(sch.get(n).extent), int(sch.get(ob).extent)
     max_acc = {"vnni": 24, "ymm": 6}.get(tiles, 4)

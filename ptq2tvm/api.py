@@ -413,8 +413,7 @@ def stored_weight_bytes(graph: IntegerGraph, target: str | dict[str, Any] | None
     """Bytes the compiled kernels for ``target`` (:func:`ptq2tvm.backend.compile.resolve_target`; default this CPU)
     store the weights in, before channel padding: one byte per weight at 5..8 bits, two weights per byte at <= 4 bits
     (values in [-8, 7]), four per byte at <= 2 bits (values in [-2, 1]) on targets whose kernels unpack them
-    (AVX2 x86 and CUDA, :func:`ptq2tvm.backend.blocked_builder.packs_int2`; AVX-512 VNNI / AVX-VNNI keep them two per
-    byte); depthwise convs keep one byte per weight, and so does the plain backend (targets without the hand-written
+    (every x86 kernel ISA and CUDA, :func:`ptq2tvm.backend.blocked_builder.packs_int2`); depthwise convs keep one byte per weight, and so does the plain backend (targets without the hand-written
     kernels). The same rules as the blocked builder, which counts the padded bytes it stores."""
     from .backend.blocked_builder import packs_int2, x86_isa
     from .backend.compile import resolve_target

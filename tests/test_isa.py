@@ -340,7 +340,8 @@ def test_w2_network_four_per_byte_bit_exact_on_avx2(tmp_path):
     """TinyNet W2A4 for the portable AVX2 target: every 2-bit conv/dense (3x3, 1x1 stride 2, the grouped conv
     expanded block-diagonally) stores four weights per byte and is bit-exact against the reference executor; the
     stored bytes of its packed layers are exactly half those of the W4A4 build (int8 layers unchanged), and the
-    size the quantize summary reports (api.stored_weight_bytes) follows the target: AVX-512 VNNI keeps two per byte."""
+    size the quantize summary reports (api.stored_weight_bytes) follows the target. The AVX-512 VNNI and AVX-VNNI
+    builds store the same bytes and run bit-exact where the host has those ISAs."""
     from conftest import tiny_integer_graph
 
     from ptq2tvm.api import compile_so, stored_weight_bytes
@@ -365,8 +366,17 @@ def test_w2_network_four_per_byte_bit_exact_on_avx2(tmp_path):
     assert stored4 - stored2 == int4_bytes // 2 and stored2 < 0.6 * stored4, (stored2, stored4)
     a2, a4 = (stored_weight_bytes(g, "x86-64-v3") for g in (g2, g4))
     assert a4 - a2 == sum(n.arrays["weight"].size for n in low) // 4          # 1/2 -> 1/4 byte per weight
-    assert stored_weight_bytes(g2, "znver4") == stored_weight_bytes(g4, "znver4") == a4
-    assert build_blocked_module(g2, 2, "vnni")[1] == build_blocked_module(g4, 2, "vnni")[1]    # VNNI: two per byte
+    assert stored_weight_bytes(g2, "znver4") == a2 and stored_weight_bytes(g4, "znver4") == a4
+    vnni2 = {}
+    for isa in ("vnni", "avxvnni"):          # the same four-per-byte packing on the VNNI dot products
+        vnni2[isa], v4 = (build_blocked_module(g, 2, isa)[1] for g in (g2, g4))
+        assert v4 - vnni2[isa] == int4_bytes // 2, isa
+    flags = host_cpu_flags() or set()
+    for mcpu, flag, isa in (("icelake-server", "avx512_vnni", "vnni"), ("alderlake", "avx_vnni", "avxvnni")):
+        if flag in flags:                    # run where the host can
+            built = compile_so(g2, tmp_path / f"w2_{mcpu}.so", batch=2, target=mcpu)
+            assert built.meta["isa"] == isa and built.meta["stored_weight_bytes"] == vnni2[isa]
+            assert np.array_equal(CompiledModel(built.so_path).run_int(q), run_reference(g2, q)), mcpu
 
 
 def test_target_strings():
@@ -413,8 +423,9 @@ def test_portable_and_foreign_builds(tmp_path, capsys):
     assert adl.meta["isa"] == "avxvnni" and "avx_vnni" in adl.meta["cpu_features"]
     widths = count_by_width(adl.so_path, "vpdpbusd")
     assert widths.get("ymm", 0) > 0 and widths.get("zmm", 0) == 0
-    if "avx_vnni" in flags:
-        pytest.skip("this host has AVX-VNNI: the alderlake build is runnable here (bit-exact check elsewhere)")
+    if "avx_vnni" in flags:     # runnable here: bit-exact instead of refused
+        assert np.array_equal(CompiledModel(adl.so_path).run_int(q), run_reference(graph, q))
+        return
     with pytest.raises(TargetError, match="avx_vnni"):
         CompiledModel(adl.so_path)
     assert bundle_main(["--so", str(adl.so_path), "--random", "1"]) == 2

@@ -15,10 +15,15 @@ import kernels as K  # noqa: E402
 from kernels import reference as R  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
+from ptq2tvm.bundle_runner import host_cpu_flags as _host_flags  # noqa: E402
+
 HOST = K.host_target(num_cores=2)
 HAS_VNNI = codegen.llvm_cpu_has_features(["avx512vnni"], HOST) and codegen.llvm_cpu_has_features(["avx512bw"], HOST)
 HAS_AVX2 = codegen.llvm_cpu_has_features(["avx2"], HOST)
 AVX2_TARGET = K.host_target(num_cores=2, mcpu="haswell")
+HAS_AVXVNNI = "avx_vnni" in (_host_flags() or set())
+VNNI_TARGETS = [pytest.param("vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this CPU")),
+                pytest.param("avxvnni", marks=pytest.mark.skipif(not HAS_AVXVNNI, reason="no AVX-VNNI on this CPU"))]
 ISAS = [pytest.param("vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this CPU")),
         pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU"))]
 
@@ -310,7 +315,7 @@ def test_packing_roundtrip():
     assert K.conv_weight_mode(36, 24, 3) == "expanded"
 
 
-# ---- int2: 2-bit weights four per byte (AVX2 here; VNNI / AVX-VNNI targets keep them two per byte, untested) ----
+# ---- int2: 2-bit weights four per byte, on every x86 dot product ----
 def test_int2_packing_roundtrip_and_range():
     rng = np.random.default_rng(21)
     for o, c in ((32, 16), (37, 5), (3, 7)):                   # odd output / input channel counts are zero-padded
@@ -358,7 +363,7 @@ INT2_CONV_CASES = {
 }
 
 
-def _int2_conv(name, layout, options=None):
+def _int2_conv(name, layout, options=None, target=None):
     n, c, h, w, o, k, s, p, d, g, icb, res, extra = INT2_CONV_CASES[name]
     cs = _conv_case(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, k, s, p, d, g, res, w_bits=2, **extra)
     zx = extra.get("zx", 3)
@@ -367,8 +372,8 @@ def _int2_conv(name, layout, options=None):
     arrays = [K.nchw_to_nchwc(cs["x"], icb, zx), wp, *params[:3]]
     if res:
         arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
-    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, AVX2_TARGET, options=options, stride=s, padding=p,
-                              dilation=d, groups=g, input_zero_point=zx, output_zero_point=extra.get("zo", 5),
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target or AVX2_TARGET, options=options, stride=s,
+                              padding=p, dilation=d, groups=g, input_zero_point=zx, output_zero_point=extra.get("zo", 5),
                               lo=extra.get("lo", 0), hi=extra.get("hi", 255), residual_zero_point=extra.get("zr", 7),
                               isa="vnni" if layout == "ubsw" else "avx2", ubsw_exact=layout == "ubsw")
     return cs, K.nchwc_to_nchw(kern.run(*arrays), o), kern
@@ -387,6 +392,21 @@ def test_int2_conv_bit_exact_avx2(name, layout):
         assert kern.count_instructions("vpmaddubsw" if layout == "ubsw" else "vpmaddwd") > 0
 
 
+@pytest.mark.parametrize("isa", VNNI_TARGETS)
+@pytest.mark.parametrize("name", list(INT2_CONV_CASES))
+def test_int2_conv_bit_exact_vnni(name, isa, tmp_path):
+    """Four weights per byte on the AVX-512 VNNI (zmm) and AVX-VNNI (ymm) dot products: the same unpack as on AVX2,
+    bit-exact (run where the CPU has that ISA)."""
+    target = HOST if isa == "vnni" else K.host_target(num_cores=2, mcpu="alderlake")
+    cs, got, kern = _int2_conv(name, "ubsw", target=target)
+    assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {got.size}"
+    if name == "int2_3x3":
+        from ptq2tvm.bench.disasm import count_by_width
+
+        widths = count_by_width(kern.export(str(tmp_path / "k.so")), "vpdpbusd")
+        assert widths.get("zmm" if isa == "vnni" else "ymm", 0) > 0, widths
+
+
 @pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")
 def test_int2_conv_unpacked_per_step_bit_exact():
     """The tuning option that unpacks each weight vector inside the reduction (unpack_at='step')."""
@@ -394,9 +414,18 @@ def test_int2_conv_unpacked_per_step_bit_exact():
     assert int((got != cs["ref"]).sum()) == 0
 
 
-@pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")
-@pytest.mark.parametrize("layout", ["ubsw", "avx2"])
-def test_int2_dense_and_rows_bit_exact_avx2(layout):
+INT2_DENSE_TARGETS = [
+    pytest.param("ubsw", "avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")),
+    pytest.param("avx2", "avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")),
+    pytest.param("ubsw", "vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this CPU")),
+    pytest.param("ubsw", "avxvnni", marks=pytest.mark.skipif(not HAS_AVXVNNI, reason="no AVX-VNNI on this CPU"))]
+
+
+@pytest.mark.parametrize("layout,target_isa", INT2_DENSE_TARGETS)
+def test_int2_dense_and_rows_bit_exact(layout, target_isa):
+    """int2 dense and first-conv (rows layout) kernels on each dot product: AVX2 (vpmaddubsw on the VNNI layout,
+    vpmaddwd), AVX-512 VNNI, AVX-VNNI."""
+    target = {"avx2": AVX2_TARGET, "vnni": HOST}.get(target_isa) or K.host_target(num_cores=2, mcpu="alderlake")
     rng = np.random.default_rng(22)
     isa = "vnni" if layout == "ubsw" else "avx2"
     for n, k, o in ((1, 30, 20), (3, 64, 37)):
@@ -408,28 +437,17 @@ def test_int2_dense_and_rows_bit_exact_avx2(layout):
         m, sh = _requant_params(rng, acc, o, per_channel=False)
         ref = R.dense_requant(x, wt, bias, m, sh, output_zero_point=128)
         arrays = [x, K.pack_dense_weight(wt, isa=isa, int2=True), *K.pack_channel_params(bias, m, sh)]
-        kern = K.build_standalone(K.dense_requant, arrays, AVX2_TARGET, out_features=o, output_zero_point=128,
-                                  isa=isa, ubsw_exact=layout == "ubsw")
+        kern = K.build_standalone(K.dense_requant, arrays, target, out_features=o, output_zero_point=128,
+                                  isa=isa, ubsw_exact=layout == "ubsw" and target_isa == "avx2")
         assert len(np.unique(ref)) > 8 and np.array_equal(kern.run(*arrays), ref), (n, k, o)
     cs = _conv_case(rng, 1, 3, 18, 32, 24, 3, 2, 1, w_bits=2, zx=29)       # first conv, row layout
     xr = K.nchw_to_rows(cs["x"], 3, 2, 1, 29)
     arrays = [xr, K.pack_rows_weight(cs["w"], isa=isa, int2=True),
               *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
-    kern = K.build_standalone(K.conv2d_rows_requant, arrays, AVX2_TARGET, in_channels=3, in_width=32, kernel=3,
+    kern = K.build_standalone(K.conv2d_rows_requant, arrays, target, in_channels=3, in_width=32, kernel=3,
                               stride=2, padding=1, input_zero_point=29, output_zero_point=5, isa=isa,
-                              ubsw_exact=layout == "ubsw")
+                              ubsw_exact=layout == "ubsw" and target_isa == "avx2")
     assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 24), cs["ref"])
-
-
-def test_int2_refused_for_the_untested_vnni_dot_products():
-    """AVX-512 VNNI / AVX-VNNI never ran int2 weights: the schedule refuses them (the x86 backend packs 2-bit
-    weights two per byte for those targets, ptq2tvm.backend.blocked_builder.packs_int2)."""
-    w = np.random.default_rng(23).integers(-2, 2, (16, 16, 3, 3), dtype=np.int8)
-    arrays = [np.zeros((1, 1, 6, 6, 16), np.uint8), K.pack_conv_weight(w, int2=True),
-              *K.pack_channel_params(np.zeros(16), np.ones(16), np.ones(16))]
-    for mcpu in ("znver4", "alderlake"):               # AVX-512 VNNI, AVX-VNNI: compiled here, never run
-        with pytest.raises(ValueError, match="int2 .* not scheduled for the (vnni|avxvnni) dot product"):
-            K.build_standalone(K.conv2d_nchwc_requant, arrays, K.host_target(num_cores=2, mcpu=mcpu), padding=1)
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this CPU")

@@ -30,9 +30,10 @@ BASELINE_KERNELS_ENV = "PTQ2TVM_BASELINE_KERNELS"
 
 def packs_int2(isa: str | None, cuda: bool = False) -> bool:
     """Whether a build stores 2-bit weights four per byte (:func:`kernels.pack_conv_weight` ``int2``): CUDA (dp4a;
-    checked bit-exact in the CPU emulation) and AVX2 x86 targets (``isa`` = :func:`kernels.target_isa`). AVX-512
-    VNNI and AVX-VNNI targets keep them two per byte (int4): those paths could not be run where int2 was written."""
-    return bool(cuda) or isa == "avx2"
+    bit-exact on an H200 and in the CPU emulation) and every x86 kernel ISA (``isa`` = :func:`kernels.target_isa`:
+    AVX2, AVX-512 VNNI, AVX-VNNI; each run bit-exact in tests/test_kernels_x86.py on a host that has it). Packed
+    weights never take the AMX kernels (int8 tiles), so AMX builds run those layers on AVX-512 VNNI."""
+    return bool(cuda) or isa in ("avx2", "vnni", "avxvnni")
 
 
 def _c(a: np.ndarray) -> relax.Constant:
@@ -78,7 +79,7 @@ class _BlockedBuilder:
 
     def int2(self, node: IntNode) -> bool:
         """Weights of <= 2 bits (values in [-2, 1]) are stored four per byte when this build's kernels take them
-        (:func:`packs_int2`: AVX2 x86 and CUDA); on AVX-512 VNNI / AVX-VNNI targets they stay two per byte."""
+        (:func:`packs_int2`: every x86 kernel ISA and CUDA)."""
         return packs_int2(self.isa, self.cuda) and int(node.attrs.get("w_bits", 8)) <= 2 \
             and int(node.arrays["weight"].min(initial=0)) >= -2 and int(node.arrays["weight"].max(initial=0)) <= 1
 
@@ -219,7 +220,7 @@ def x86_isa(target: dict[str, Any]) -> tuple[str | None, str]:
 def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
                      scheduler: Callable[[tvm.IRModule], tvm.IRModule] | None = None) -> tuple[tvm.IRModule, int]:
     """The scheduled Relax module for ``target`` (pass it to ``tvm.compile`` unchanged) and the bytes of its packed
-    weights (int4 layers two values per byte, int2 layers four per byte on AVX2, :func:`packs_int2`). ``scheduler``
+    weights (int4 layers two values per byte, int2 layers four per byte, :func:`packs_int2`). ``scheduler``
     schedules the kernels (default: the hand schedules, ``kernels.schedule_module``; ``backend.tune.KernelTuner`` measures and replays records)."""
     isa, why = x86_isa(target)
     if isa is None:

@@ -3,7 +3,7 @@
 Budgets (``--latency-budget``, ``--size-budget``, ``--bops-budget``): a bare number is a fraction of the uniform
 W8A8 figure of the same model (first/last layers included), a number with a unit is absolute: ``ms`` / ``s`` for
 latency (predicted .so latency of one batch), ``B`` / ``KB`` / ``MB`` for stored weight bytes (what the .so stores:
-<= 4-bit weights two per byte, 2-bit four per byte on AVX2), ``G`` / ``M`` for BOPs (per image: sum of MACs x
+<= 4-bit weights two per byte, 2-bit four per byte), ``G`` / ``M`` for BOPs (per image: sum of MACs x
 weight bits x activation bits).
 """
 

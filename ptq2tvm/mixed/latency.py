@@ -4,7 +4,7 @@ own kernels, cached next to the run.
 The integer graph is built twice with the hand-scheduled blocked kernels (``ptq2tvm.backend.blocked_builder``, the
 ``--schedule auto`` x86 build): every conv/linear layer with int8 weights, then with <= 4-bit weights (the builder
 stores those two per byte and unpacks them in the kernel; depthwise convs stay int8), and on targets whose kernels
-store 2-bit weights four per byte (AVX2, :func:`ptq2tvm.backend.blocked_builder.packs_int2`) a third time with
+store 2-bit weights four per byte (x86 and CUDA, :func:`ptq2tvm.backend.blocked_builder.packs_int2`) a third time with
 <= 2-bit weights. Every kernel PrimFunc of the
 Relax ``main`` is timed with TVM's ``time_evaluator`` on its real packed weights and
 parameters (random activations), every kernel taken by name from one compiled library per build (one
