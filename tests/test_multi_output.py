@@ -142,7 +142,10 @@ def test_fidelity_summary_prints_one_line_per_output(project):
     assert len(lines) == 3 and not rep.low
 
 
-def test_eval_scores_the_first_classification_output(run, capsys):
+def test_eval_scores_the_first_classification_output(run, capsys, monkeypatch):
+    from ptq2tvm import model_outputs
+
+    monkeypatch.setattr(model_outputs, "_printed", set())   # the note is said once per process; other tests ran eval
     kind, root, path = run
     rc, out, err = _cli(capsys, "eval", path, "--trust-code", "--no-progress")
     assert rc == 0, err
