@@ -23,8 +23,8 @@ How a conv maps onto it here, without changing the network's NCHW16c layout or t
   :func:`kernels.ops.requant_expr`, vectorized over 16 output channels: the same expression as every other conv
   kernel, so the outputs are the same integers.
 
-Supported (:func:`amx_conv_supported`): dense convs (groups 1), stride 1, dilation 1, ``KW <= 4``, int8 weights,
-input block 16. Every other conv keeps the AVX-512 VNNI kernel. Linux requires a per-process permission for the AMX
+Supported (:func:`amx_conv_supported`): dense int8 convs, dilation 1 ("taps": stride 1, ``KW <= 4``; "c64": any
+stride and kernel). Every other conv keeps the AVX-512 VNNI kernel. Linux requires a per-process permission for the AMX
 tile state before the first tile instruction: :func:`request_amx_permission` (``arch_prctl(ARCH_REQ_XCOMP_PERM,
 XFEATURE_XTILEDATA)``, :func:`ptq2tvm.bundle_runner.request_amx_state`, which loading a build does); without it the
 process dies of SIGILL at the first tile instruction.
@@ -42,7 +42,7 @@ from tvm.script.ir_builder import tirx as T
 from .layout import BLOCK
 
 AMX_ENV = "PTQ2TVM_AMX"          # "0": never use AMX kernels (A/B timing; the outputs are the same integers)
-AMX_ATTR = "ptq2tvm_amx_conv"    # function attribute of the AMX conv PrimFuncs
+AMX_ATTR = "ptq2tvm_amx_conv"    # function attribute of the AMX conv PrimFuncs: their scheme, "taps" or "c64"
 M_TILES, N_TILES = 2, 2          # register blocking: 2 x 16 pixels x 2 x 16 output channels
 _C_TILE = 0                      # tiles 0..3: accumulators; 4, 5: A (pixels x K); 6, 7: B (K/4 x 16 x 4)
 _A_TILE = 4
@@ -73,21 +73,24 @@ def amx_kernel_count(mod: tvm.IRModule) -> int:
 
 def amx_conv_supported(weight_shape: tuple[int, ...], input_shape: tuple[int, ...], stride: tuple[int, int],
                        dilation: tuple[int, int], weight_dtype: str) -> bool:
-    """Whether a conv with this packed weight (``(OB, CB, KH, KW, 4, 16, 4)`` int8, dense: every input block of the
-    blocked input ``(N, CB, H, W, 16)``) runs on AMX tiles."""
+    """Whether a conv with this packed int8 weight runs on AMX tiles (:func:`amx_conv_primfunc`): the input is the
+    blocked ``(N, CB, H, W, 16)``, dilation 1, and the weight is dense (every input block) and either
+    ``(OB, CB, KH, KW <= 4, 4, 16, 4)`` at stride 1 ("taps") or ``(OB, ceil(CB/4), KH, KW, 16, 16, 4)`` ("c64")."""
     if len(weight_shape) != 7 or weight_dtype != "int8" or len(input_shape) != 5 or int(input_shape[4]) != BLOCK \
-            or int(weight_shape[1]) != int(input_shape[1]):
+            or tuple(dilation) != (1, 1):
         return False
-    kw = int(weight_shape[3])
-    return tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and 1 <= kw <= 4
+    cb, (cbw, kw, cf) = int(input_shape[1]), (int(weight_shape[i]) for i in (1, 3, 4))
+    if cf == 16:
+        return cbw == -(-cb // 4)
+    return cf == 4 and cbw == cb and tuple(stride) == (1, 1) and 1 <= kw <= 4
 
 
-def amx_conv_out_shape(x_shape: tuple[int, ...], w_shape: tuple[int, ...],
-                       padding: tuple[int, int]) -> tuple[int, int, int, int, int]:
-    """(N, OB, OH, OW, 16) of the AMX conv (stride 1, dilation 1) of a blocked input and a packed weight."""
+def amx_conv_out_shape(x_shape: tuple[int, ...], w_shape: tuple[int, ...], padding: tuple[int, int],
+                       stride: tuple[int, int] = (1, 1)) -> tuple[int, int, int, int, int]:
+    """(N, OB, OH, OW, 16) of the AMX conv (dilation 1) of a blocked input and a packed weight."""
     n, _, h, w, _ = (int(v) for v in x_shape)
-    return (n, int(w_shape[0]), h + 2 * int(padding[0]) - int(w_shape[2]) + 1,
-            w + 2 * int(padding[1]) - int(w_shape[3]) + 1, BLOCK)
+    return (n, int(w_shape[0]), (h + 2 * int(padding[0]) - int(w_shape[2])) // int(stride[0]) + 1,
+            (w + 2 * int(padding[1]) - int(w_shape[3])) // int(stride[1]) + 1, BLOCK)
 
 
 def _llvm(name: str, *args) -> None:
@@ -98,49 +101,97 @@ def _u8(v: int) -> tir.PrimExpr:
     return tir.const(v, "uint8")
 
 
+class _TileGeometry:
+    """Which output pixels each 16-row A tile covers and where it reads the padded input.
+
+    Stride 1: pixels flattened over the padded width ``Wp`` (row ``m`` = output pixel ``(m // Wp, m % Wp)``, valid
+    when ``m % Wp < OW``; tap ``(kh, kw)`` reads padded pixel ``m + kh * Wp + kw``), so one tile may span output
+    rows. Other strides: tiles along one output row (``rows = min(16, OW)`` pixels, ``stride`` pixels apart in the
+    input). The last tile (of the image, resp. the row) is clamped to end at the last pixel (it overlaps the
+    previous one) instead of reading past the padded input; tile indices past the last repeat it."""
+
+    def __init__(self, oh: int, ow: int, wp: int, stride: tuple[int, int]):
+        self.stride = stride
+        self.flat = stride == (1, 1)
+        self.wp = wp
+        self.oh, self.ow = oh, ow
+        if self.flat:
+            self.m_valid = (oh - 1) * wp + ow
+            self.rows = min(16, self.m_valid)
+            self.tiles = -(-self.m_valid // self.rows)
+        else:
+            self.rows = min(16, ow)
+            self.per_row = -(-ow // self.rows)
+            self.tiles = oh * self.per_row
+
+    def tap(self, t, kh, kw) -> tuple[tir.PrimExpr, tir.PrimExpr]:
+        """(row, column) of the padded input that row 0 of tile ``t`` reads at tap (kh, kw)."""
+        if self.flat:
+            q = tir.min(t * self.rows, self.m_valid - self.rows) + kh * self.wp + kw
+            return q // self.wp, q % self.wp
+        t = tir.min(t, self.tiles - 1)        # the second tile of an odd count's last group: a repeat
+        y, x0 = t // self.per_row, tir.min(t % self.per_row * self.rows, self.ow - self.rows)
+        return y * self.stride[0] + kh, x0 * self.stride[1] + kw
+
+    def pixel(self, t, p) -> tuple[tir.PrimExpr | None, tir.PrimExpr, tir.PrimExpr]:
+        """(valid or None when always valid, output row, output column) of row ``p`` of tile ``t``."""
+        if self.flat:
+            m = tir.min(t * self.rows, self.m_valid - self.rows) + p
+            return m % self.wp < self.ow, m // self.wp, m % self.wp
+        t = tir.min(t, self.tiles - 1)
+        return None, t // self.per_row, tir.min(t % self.per_row * self.rows, self.ow - self.rows) + p
+
+
 def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], padding: tuple[int, int],
                       input_zero_point: int, output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
-                      residual: bool, shift_ge32: bool = False) -> tir.PrimFunc:
+                      residual: bool, shift_ge32: bool = False, stride: tuple[int, int] = (1, 1)) -> tir.PrimFunc:
     """The AMX conv + requant (+ residual) PrimFunc ``name(x, w, bias, mult, shift, [r, mr], out)``: the same
-    buffers and integers as :func:`kernels.conv2d_nchwc_requant` (stride 1, dilation 1, dense, int8 weights).
+    buffers and integers as :func:`kernels.conv2d_nchwc_requant` (dilation 1, dense, int8 weights).
 
-    ``x_shape`` (N, CB, H, W, 16) uint8, ``w_shape`` (OB, CB, KH, KW, 4, 16, 4) int8 from
-    :func:`kernels.pack_conv_weight` (``ic_block=16``, ``isa="vnni"``); bias / mult / shift (and the residual's
-    multiplier) int32 (OB*16,); out (N, OB, OH, OW, 16) uint8. The padded input (when ``padding`` is not 0) and the
-    per-task accumulator tiles are allocated once per call. Raises ValueError for any other weight layout or a
-    kernel larger than the padded input."""
-    from .ops import requant_expr
+    ``x_shape`` (N, CB, H, W, 16) uint8 (the network's NCHW16c); ``w_shape`` selects the scheme:
+
+    * ``(OB, CB, KH, KW, 4, 16, 4)`` (:func:`kernels.pack_conv_weight` ``ic_block=16``): "taps", K = the KW
+      horizontal taps x 16 channels of one input block (stride 1, KW <= 4); the pad stage copies NCHW16c.
+    * ``(OB, ceil(CB/4), KH, KW, 16, 16, 4)`` (``ic_block=64``): "c64", K = 64 channels of one tap; the pad stage
+      also regroups the input into 64-channel blocks (channels past C read as the zero point, their weights are 0);
+      any stride.
+
+    bias / mult / shift (and the residual's multiplier) int32 (OB*16,); out (N, OB, OH, OW, 16) uint8. The padded
+    input and the per-task accumulator tiles are allocated once per call. Raises ValueError for any other weight
+    layout or a kernel larger than the padded input."""
+    from .ops import requant_channel_constants
 
     n, cb, h, w, icb = (int(v) for v in x_shape)
     ob, cbw, kh, kw, cf, lanes, four = (int(v) for v in w_shape)
-    if icb != BLOCK or cf * 4 != icb or lanes != BLOCK or four != 4 or cbw != cb or not 1 <= kw <= 4:
-        raise ValueError(f"AMX conv needs a dense int8 weight packed (OB, {cb}, KH, KW<=4, 4, 16, 4) for a 16-channel "
-                         f"input block, got weight {w_shape} for input {x_shape}")
+    sh, sw = (int(v) for v in stride)
+    c64 = cf == 16
+    ok = icb == BLOCK and lanes == BLOCK and four == 4 and sh >= 1 and sw >= 1
+    ok = ok and ((c64 and cbw == -(-cb // 4)) or (cf == 4 and cbw == cb and 1 <= kw <= 4 and (sh, sw) == (1, 1)))
+    if not ok:
+        raise ValueError(f"AMX conv needs a dense int8 weight packed (OB, {cb}, KH, KW<=4, 4, 16, 4) (stride 1) or "
+                         f"(OB, {-(-cb // 4)}, KH, KW, 16, 16, 4) for a 16-channel input block, got weight {w_shape} "
+                         f"for input {x_shape}, stride {stride}")
     ph, pw = (int(v) for v in padding)
     hp, wp = h + 2 * ph, w + 2 * pw
-    oh, ow = hp - kh + 1, wp - kw + 1
-    if oh < 1 or ow < 1:
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    if hp < kh or wp < kw:
         raise ValueError(f"kernel {kh}x{kw} larger than the padded input {hp}x{wp}")
-    m_valid = (oh - 1) * wp + ow                   # flattened rows up to the last valid output pixel
-    rows = min(16, m_valid)                        # tile rows (a tiny image: fewer than 16)
-    m_tiles = -(-m_valid // rows)                  # 16-row tiles per image (the last one overlaps)
-    mt = M_TILES if m_tiles >= M_TILES else 1
-    groups_m = -(-m_tiles // mt)                   # M groups per image
+    geo = _TileGeometry(oh, ow, wp, (sh, sw))
+    rows = geo.rows
+    mt = M_TILES if geo.tiles >= M_TILES else 1
+    groups_m = -(-geo.tiles // mt)                 # M groups per image
     nt = N_TILES if ob % N_TILES == 0 else 1
     tasks = n * (ob // nt) * groups_m
     chunks = min(tasks, _MAX_CHUNKS)
     per = -(-tasks // chunks)
     z_x = int(input_zero_point)
-    kbytes = kw * BLOCK
-
-    def tile_start(mg, i):
-        """First flattened row of M tile ``i`` of M group ``mg``: 16 * tile, the last tile clamped to end at M."""
-        return tir.min((mg * mt + i) * rows, m_valid - rows)
-
+    kblock = 64 if c64 else BLOCK                  # bytes per pixel of the padded copy
+    abytes = 64 if c64 else kw * BLOCK             # K bytes of an A row
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True, AMX_ATTR: 1})
+            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
+                         AMX_ATTR: "c64" if c64 else "taps"})
             x = T.arg("x", T.buffer((n, cb, h, w, BLOCK), "uint8"))
             wt = T.arg("w", T.buffer(tuple(int(v) for v in w_shape), "int8"))
             bias = T.arg("bias", T.buffer((ob * BLOCK,), "int32"))
@@ -150,24 +201,16 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
                 r = T.arg("r", T.buffer((n, ob, oh, ow, BLOCK), "uint8"))
                 mr = T.arg("mr", T.buffer((ob * BLOCK,), "int32"))
             out = T.arg("out", T.buffer((n, ob, oh, ow, BLOCK), "uint8"))
-            padded = ph or pw
-            xp = T.alloc_buffer((n, cb, hp, wp, BLOCK), "uint8") if padded else x
+            copy = c64 or ph or pw
+            xp = T.alloc_buffer((n, cbw, hp, wp, kblock), "uint8") if copy else x
             acc = T.alloc_buffer((chunks, mt * rows, nt * BLOCK), "int32")
             cfg = T.alloc_buffer((64,), "uint8")
-            # tile configuration (palette 1): C tiles rows x 64 B, A rows x KW*16 B, B KW*4 x 64 B
-            with T.serial(0, 64) as i:
-                T.buffer_store(cfg, _u8(0), [i])
-            T.buffer_store(cfg, _u8(1), [0])
-            colsb = {**{_C_TILE + t: 64 for t in range(4)}, _A_TILE: kbytes, _A_TILE + 1: kbytes,
-                     _B_TILE: 64, _B_TILE + 1: 64}
-            nrows = {**{_C_TILE + t: rows for t in range(4)}, _A_TILE: rows, _A_TILE + 1: rows,
-                     _B_TILE: kw * 4, _B_TILE + 1: kw * 4}
-            for t in range(8):
-                T.buffer_store(cfg, _u8(colsb[t] & 255), [16 + 2 * t])
-                T.buffer_store(cfg, _u8(colsb[t] >> 8), [17 + 2 * t])
-                T.buffer_store(cfg, _u8(nrows[t]), [48 + t])
-            if padded:
-                _pad_stage(x, xp, n, cb, h, w, ph, pw, z_x)
+            kbuf = {"c": T.alloc_buffer((chunks, nt * BLOCK), "int64"),
+                    "n": T.alloc_buffer((chunks, nt * BLOCK), "int32" if shift_ge32 else "uint64"),
+                    "off": T.alloc_buffer((chunks, nt * BLOCK), "int64")}
+            _tile_config(cfg, rows, abytes, 16 if c64 else kw * 4)
+            if copy:
+                _pad_stage(x, xp, n, cb, cbw, h, w, ph, pw, z_x, kblock)
             with T.parallel(0, chunks) as c:
                 _llvm("ldtilecfg", tir.address_of(cfg[0]))
                 with T.serial(0, tir.min(per, tasks - c * per)) as k:
@@ -177,38 +220,70 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
                     b = task // (groups_m * (ob // nt))
                     for t in range(mt * nt):
                         _llvm("tilezero", _u8(_C_TILE + t))
-                    with T.serial(0, cb) as ic:
+                    with T.serial(0, cbw) as ic:
                         with T.serial(0, kh) as r_:
-                            _tap_row_products(xp, wt, b, ic, r_, obp, mg, mt, nt, wp, tile_start)
+                            if c64:
+                                with T.serial(0, kw) as s_:
+                                    _tile_products(xp, wt, b, ic, r_, s_, obp, mg, mt, nt, geo, kblock * sw)
+                            else:
+                                _tile_products(xp, wt, b, ic, r_, 0, obp, mg, mt, nt, geo, BLOCK)
                     for i in range(mt):
                         for j in range(nt):
                             _llvm("tilestored64", _u8(_C_TILE + i * nt + j),
                                   tir.address_of(acc[c, i * rows, j * BLOCK]),
                                   tir.const(nt * BLOCK * 4, "int64"))
-                    # epilogue: requantize the valid rows of each M tile
+                    # epilogue: the per-channel requant constants once per task (LLVM did not hoist them out
+                    # of the row loop: they were ~half of its instructions), then requantize each valid row
+                    for j in range(nt):
+                        with T.vectorized(0, BLOCK) as oc:
+                            ch = (obp * nt + j) * BLOCK + oc
+                            consts = [(bias[ch], mult[ch])]
+                            if residual:
+                                consts.append((tir.const(-int(residual_zero_point), "int32"), mr[ch]))
+                            kv = requant_channel_constants(shift[ch], output_zero_point, consts, shift_ge32)
+                            for key, buf in kbuf.items():
+                                T.buffer_store(buf, kv[key], [c, j * BLOCK + oc])
                     for i in range(mt):
                         with T.serial(0, rows) as p:
-                            m = tile_start(mg, i) + p
-                            with T.If(m % wp < ow):
-                                with T.Then():
-                                    _epilogue_row(acc, out, bias, mult, shift,
-                                                  (r, mr) if residual else None, c, i * rows + p, b,
-                                                  obp, nt, m // wp, m % wp, output_zero_point, lo, hi,
-                                                  residual_zero_point, shift_ge32, requant_expr)
+                            valid, oy, ox = geo.pixel(mg * mt + i, p)
+                            args = (acc, out, mult, kbuf, (r, mr) if residual else None, c, i * rows + p,
+                                    b, obp, nt, oy, ox, output_zero_point, lo, hi, shift_ge32)
+                            if valid is None:
+                                _epilogue_row(*args)
+                            else:
+                                with T.If(valid):
+                                    with T.Then():
+                                        _epilogue_row(*args)
                 _llvm("tilerelease")
     return ib.get()
 
 
-def _tap_row_products(xp, wt, b, ic, kh, obp, mg, mt, nt, wp, tile_start) -> None:
-    """C[i, j] += A_i x B_j for one input block ``ic`` and tap row ``kh``: ``mt`` A tiles (16 pixels x KW*16 bytes
-    of the padded input), ``nt`` B tiles (the packed weight of output block obp*nt + j)."""
+def _tile_config(cfg, rows: int, a_bytes: int, b_rows: int) -> None:
+    """The 64-byte tile configuration (palette 1): C tiles 0-3 ``rows`` x 64 B, A tiles 4-5 ``rows`` x ``a_bytes``,
+    B tiles 6-7 ``b_rows`` x 64 B (Intel SDM, LDTILECFG)."""
+    with T.serial(0, 64) as i:
+        T.buffer_store(cfg, _u8(0), [i])
+    T.buffer_store(cfg, _u8(1), [0])
+    colsb = {**{_C_TILE + t: 64 for t in range(4)}, _A_TILE: a_bytes, _A_TILE + 1: a_bytes, _B_TILE: 64,
+             _B_TILE + 1: 64}
+    nrows = {**{_C_TILE + t: rows for t in range(4)}, _A_TILE: rows, _A_TILE + 1: rows, _B_TILE: b_rows,
+             _B_TILE + 1: b_rows}
+    for t in range(8):
+        T.buffer_store(cfg, _u8(colsb[t] & 255), [16 + 2 * t])
+        T.buffer_store(cfg, _u8(colsb[t] >> 8), [17 + 2 * t])
+        T.buffer_store(cfg, _u8(nrows[t]), [48 + t])
+
+
+def _tile_products(xp, wt, b, ic, kh, kw, obp, mg, mt, nt, geo: _TileGeometry, a_stride: int) -> None:
+    """C[i, j] += A_i x B_j for one input block ``ic`` and tap (``kh``, ``kw``; "taps" scheme: kw = 0, the A row
+    holds every horizontal tap): ``mt`` A tiles of the padded input (row stride ``a_stride`` bytes), ``nt`` B
+    tiles (the packed weight of output block obp*nt + j)."""
     def load_a(i):
-        m0 = tile_start(mg, i) + kh * wp
-        _llvm("tileloadd64", _u8(_A_TILE + i), tir.address_of(xp[b, ic, m0 // wp, m0 % wp, 0]),
-              tir.const(BLOCK, "int64"))
+        row, col = geo.tap(mg * mt + i, kh, kw)
+        _llvm("tileloadd64", _u8(_A_TILE + i), tir.address_of(xp[b, ic, row, col, 0]), tir.const(a_stride, "int64"))
 
     def load_b(j):
-        _llvm("tileloadd64", _u8(_B_TILE + j), tir.address_of(wt[obp * nt + j, ic, kh, 0, 0, 0, 0]),
+        _llvm("tileloadd64", _u8(_B_TILE + j), tir.address_of(wt[obp * nt + j, ic, kh, kw, 0, 0, 0]),
               tir.const(64, "int64"))
 
     def dot(i, j):
@@ -224,34 +299,40 @@ def _tap_row_products(xp, wt, b, ic, kh, obp, mg, mt, nt, wp, tile_start) -> Non
             dot(i, j)
 
 
-def _pad_stage(x, xp, n, cb, h, w, ph, pw, z_x) -> None:
-    """xp = x padded with the input zero point (parallel over images x input blocks, 16 bytes per pixel)."""
+def _pad_stage(x, xp, n, cb, cbp, h, w, ph, pw, z_x, kblock) -> None:
+    """xp = x padded with the input zero point, regrouped from 16- into ``kblock``-channel blocks (16 or 64;
+    channels past the input's read as the zero point), parallel over images x blocks, 16 bytes per move."""
     hp, wp = h + 2 * ph, w + 2 * pw
-    with T.parallel(0, n * cb) as t:
-        b, ic = t // cb, t % cb
+    sub = kblock // BLOCK
+    with T.parallel(0, n * cbp) as t:
+        b, ic = t // cbp, t % cbp
         with T.serial(0, hp) as i:
             with T.serial(0, wp) as j:
-                inside = tir.all(i >= ph, i < h + ph, j >= pw, j < w + pw)
-                with T.vectorized(0, BLOCK) as ci:
-                    T.buffer_store(xp, tir.if_then_else(inside, x[b, ic, tir.min(tir.max(i - ph, 0), h - 1),
-                                                                  tir.min(tir.max(j - pw, 0), w - 1), ci],
-                                                        tir.const(z_x, "uint8")), [b, ic, i, j, ci])
+                for q in range(sub):
+                    blk = ic * sub + q
+                    inside = tir.all(i >= ph, i < h + ph, j >= pw, j < w + pw, blk < cb)
+                    with T.vectorized(0, BLOCK) as ci:
+                        src = x[b, tir.min(blk, cb - 1), tir.min(tir.max(i - ph, 0), h - 1),
+                                tir.min(tir.max(j - pw, 0), w - 1), ci]
+                        T.buffer_store(xp, tir.if_then_else(inside, src, tir.const(z_x, "uint8")),
+                                       [b, ic, i, j, q * BLOCK + ci])
 
 
-def _epilogue_row(acc, out, bias, mult, shift, residual, c, row, b, obp, nt, oy, ox, z_out, lo, hi, z_r, shift_ge32,
-                  requant_expr) -> None:
+def _epilogue_row(acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_out, lo, hi, shift_ge32) -> None:
+    """out[b, :, oy, ox, :] of the task's ``nt`` output blocks = requant of accumulator row ``row`` (+ residual),
+    with the per-channel constants ``kbuf`` (:func:`kernels.ops.requant_channel_constants`)."""
+    from .ops import requant_finish
+
     for j in range(nt):
         o = obp * nt + j
         with T.vectorized(0, BLOCK) as oc:
             ch = o * BLOCK + oc
-            terms = [(acc[c, row, j * BLOCK + oc], mult[ch])]
-            consts = [(bias[ch], mult[ch])]
+            v = acc[c, row, j * BLOCK + oc].astype("int64") * mult[ch].astype("int64")
             if residual is not None:
                 r, mr = residual
-                terms.append((r[b, o, oy, ox, oc].astype("int32"), mr[ch]))
-                consts.append((tir.const(-int(z_r), "int32"), mr[ch]))
-            T.buffer_store(out, requant_expr(terms, shift[ch], z_out, lo, hi, const_terms=consts,
-                                             shift_ge32=shift_ge32), [b, o, oy, ox, oc])
+                v = v + r[b, o, oy, ox, oc].astype("int64") * mr[ch].astype("int64")
+            k = {key: buf[c, j * BLOCK + oc] for key, buf in kbuf.items()}
+            T.buffer_store(out, requant_finish(v, k, z_out, lo, hi, shift_ge32), [b, o, oy, ox, oc])
 
 
 __all__ = ["AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_conv_supported", "amx_kernel_count", "target_has_amx"]

@@ -75,24 +75,45 @@ def requant_expr(terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]], shift: tir.
     the zero point is added, so nothing overflows. (Padded channels, whose shift is 1, give garbage that is never
     read; the shift amount is kept >= 0.)
     """
-    n = _i64(shift)
-    one = tir.const(1, "int64")
-    c = tir.shift_left(one, n - one)
-    for t, m in const_terms:     # multipliers are >= 0 (dyadic mantissas): zext == sext, see the docstring
-        c = _i64(t) * m.astype("uint32").astype("int64") + c
+    k = requant_channel_constants(shift, zero_point, const_terms, shift_ge32)
     v = _i64(terms[0][0]) * _i64(terms[0][1])
     for t, m in terms[1:]:
         v = v + _i64(t) * _i64(m)
+    return requant_finish(v, k, zero_point, lo, hi, shift_ge32)
+
+
+def requant_channel_constants(shift: tir.PrimExpr, zero_point: int,
+                              const_terms: Sequence[tuple[tir.PrimExpr, tir.PrimExpr]] = (),
+                              shift_ge32: bool = False) -> dict[str, tir.PrimExpr]:
+    """The per-channel part of :func:`requant_expr`: ``c`` (int64: the rounding constant plus every const term),
+    ``n`` (uint64 shift; int32 ``shift - 32`` with ``shift_ge32``) and ``off`` (int64 ``2^(63-n) - zero_point``; unused
+    with ``shift_ge32``). A kernel may compute them once per output channel and pass them (or loads of them) to
+    :func:`requant_finish`; the result is the same integer."""
+    n = _i64(shift)
+    one = tir.const(1, "int64")
+    c = tir.shift_left(one, n - one)
+    for t, m in const_terms:     # multipliers are >= 0 (dyadic mantissas): zext == sext, see requant_expr
+        c = _i64(t) * m.astype("uint32").astype("int64") + c
     if shift_ge32:
-        high = tir.shift_right(v + c, tir.const(32, "int64")).astype("int32")
-        amount = tir.max(shift.astype("int32") - tir.const(32, "int32"), tir.const(0, "int32"))
-        q = tir.shift_right(high, amount)
+        return {"c": c, "n": tir.max(shift.astype("int32") - tir.const(32, "int32"), tir.const(0, "int32")),
+                "off": tir.const(0, "int64")}
+    return {"c": c, "n": n.astype("uint64"),
+            "off": tir.shift_left(one, tir.const(63, "int64") - n) - tir.const(int(zero_point), "int64")}
+
+
+def requant_finish(v: tir.PrimExpr, k: dict[str, tir.PrimExpr], zero_point: int, lo: int, hi: int,
+                   shift_ge32: bool = False) -> tir.PrimExpr:
+    """The per-element part of :func:`requant_expr`: ``v`` = sum of int64 products, ``k`` from
+    :func:`requant_channel_constants` -> uint8."""
+    if shift_ge32:
+        high = tir.shift_right(v + k["c"], tir.const(32, "int64")).astype("int32")
+        q = tir.shift_right(high, k["n"])
         z = int(zero_point)
         q = tir.max(tir.min(q, tir.const(int(hi) - z, "int32")), tir.const(int(lo) - z, "int32"))
         return (q + tir.const(z, "int32")).astype("uint8")
-    w = tir.bitwise_xor(v + c, tir.const(-(1 << 63), "int64"))
-    u = tir.shift_right(tir.reinterpret("uint64", w), n.astype("uint64"))
-    r = tir.reinterpret("int64", u) - (tir.shift_left(one, tir.const(63, "int64") - n) - tir.const(int(zero_point), "int64"))
+    w = tir.bitwise_xor(v + k["c"], tir.const(-(1 << 63), "int64"))
+    u = tir.shift_right(tir.reinterpret("uint64", w), k["n"])
+    r = tir.reinterpret("int64", u) - k["off"]
     r = tir.max(tir.min(r, tir.const(int(hi), "int64")), tir.const(int(lo), "int64"))
     return r.astype("uint8")
 

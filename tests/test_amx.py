@@ -26,34 +26,49 @@ needs_amx = pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX-INT8 (am
 SPR_TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
 SPR = tvm.target.Target(SPR_TARGET)
 
-# name: (n, c, h, w, o, k, p, residual, extra)
+# name: (n, c, h, w, o, k, s, p, residual, extra); every case runs both schemes where it can: "taps" (ic_block 16,
+# stride 1, KW <= 4) and "c64" (ic_block 64, the pad stage regroups the input)
 AMX_CASES = {
-    "3x3_12x12": (1, 32, 12, 12, 32, 3, 1, False, {}),
-    "3x3_7x7_wide": (1, 64, 7, 7, 64, 3, 1, False, {}),            # 4 M tiles over the flattened padded rows
-    "3x3_tiny_3x3": (1, 32, 3, 3, 32, 3, 1, False, {}),              # fewer than 16 rows: one short tile
-    "3x3_batch2_res_odd_ob": (2, 16, 9, 9, 48, 3, 1, True, {}),      # 3 output blocks: one N tile
-    "3x3_clamp": (1, 16, 10, 13, 32, 3, 1, False, dict(lo=10, hi=200, zo=100)),
-    "2x2_pad0": (1, 32, 20, 17, 48, 2, 0, False, {}),
-    "4x4_pad2": (1, 16, 11, 11, 32, 4, 2, False, {}),                # KW = 4: a full 64-byte tile row
-    "1x1": (1, 48, 9, 9, 48, 1, 0, False, {}),                       # supported (the builder keeps VNNI for 1x1)
-    "3x3_zx0": (1, 32, 14, 14, 32, 3, 1, True, dict(zx=0)),
+    "3x3_12x12": (1, 32, 12, 12, 32, 3, 1, 1, False, {}),
+    "3x3_7x7_wide": (1, 64, 7, 7, 64, 3, 1, 1, False, {}),            # 4 M tiles over the flattened padded rows
+    "3x3_tiny_3x3": (1, 32, 3, 3, 32, 3, 1, 1, False, {}),              # fewer than 16 rows: one short tile
+    "3x3_batch2_res_odd_ob": (2, 16, 9, 9, 48, 3, 1, 1, True, {}),      # 3 output blocks: one N tile
+    "3x3_clamp": (1, 16, 10, 13, 32, 3, 1, 1, False, dict(lo=10, hi=200, zo=100)),
+    "2x2_pad0": (1, 32, 20, 17, 48, 2, 1, 0, False, {}),
+    "4x4_pad2": (1, 16, 11, 11, 32, 4, 1, 2, False, {}),                # KW = 4: a full 64-byte tile row (taps)
+    "1x1": (1, 48, 9, 9, 48, 1, 1, 0, False, {}),
+    "1x1_144ch": (1, 144, 10, 10, 32, 1, 1, 0, True, {}),               # 3 64-channel blocks, the last one part
+    "3x3_zx0": (1, 32, 14, 14, 32, 3, 1, 1, True, dict(zx=0)),
+    "3x3_s2_odd": (1, 80, 13, 13, 32, 3, 2, 1, False, {}),              # per-row tiles of 7 pixels, odd tile count
+    "3x3_s2_wide_res": (2, 96, 11, 40, 48, 3, 2, 1, True, {}),          # 20 output columns: 2 tiles per row, clamped
+    "1x1_s2": (1, 64, 14, 14, 64, 1, 2, 0, False, {}),
+    "5x5_s1": (1, 144, 10, 10, 32, 5, 1, 2, False, {}),                 # KW 5: c64 only
+    "7x7_s2": (1, 16, 23, 23, 32, 7, 2, 3, False, dict(zx=128)),
 }
 
 
-def _case(name):
+def _schemes(name):
+    _, _, _, _, _, k, s, _, _, _ = AMX_CASES[name]
+    return (["taps"] if s == 1 and k <= 4 else []) + ["c64"]
+
+
+PARAMS = [(name, scheme) for name in AMX_CASES for scheme in _schemes(name)]
+
+
+def _case(name, scheme="c64"):
     from test_kernels_x86 import _conv_case
 
-    n, c, h, w, o, k, p, residual, extra = AMX_CASES[name]
+    n, c, h, w, o, k, s, p, residual, extra = AMX_CASES[name]
     zx, zo = extra.get("zx", 3), extra.get("zo", 5)
     lo, hi = extra.get("lo", 0), extra.get("hi", 255)
-    cs = _conv_case(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, k, 1, p, residual=residual, zx=zx,
+    cs = _conv_case(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, k, s, p, residual=residual, zx=zx,
                     zo=zo, lo=lo, hi=hi)
-    wp = K.pack_conv_weight(cs["w"], groups=1, ic_block=16, isa="vnni")
-    b, m, s = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])
-    arrays = [K.nchw_to_nchwc(cs["x"], 16, pad_value=zx), wp, b, m, s]
+    wp = K.pack_conv_weight(cs["w"], groups=1, ic_block=64 if scheme == "c64" else 16, isa="vnni")
+    b, m, sh = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, pad_value=zx), wp, b, m, sh]
     if residual:
         arrays += [K.nchw_to_nchwc(cs["r"], 16), K.pack_channel_params(cs["bias"], cs["mr"], cs["sh"])[1]]
-    func = K.amx_conv_primfunc("main", arrays[0].shape, wp.shape, (p, p), zx, zo, lo, hi, 7, residual)
+    func = K.amx_conv_primfunc("main", arrays[0].shape, wp.shape, (p, p), zx, zo, lo, hi, 7, residual, stride=(s, s))
     return cs, arrays, func, o
 
 
@@ -61,19 +76,19 @@ def _build(func):
     return tvm.compile(tvm.IRModule({"main": func}), target=SPR)
 
 
-@pytest.mark.parametrize("name", list(AMX_CASES))
-def test_amx_conv_bit_exact(name):
+@pytest.mark.parametrize("name,scheme", PARAMS)
+def test_amx_conv_bit_exact(name, scheme):
     """Every case equals kernels.reference (the integer contract) bit for bit: border taps, tile tails that overlap,
-    short tiles, one or two N tiles, residual, clamp, zero point 0."""
-    cs, arrays, func, o = _case(name)
+    short tiles, odd tile counts, one or two N tiles, strides, partial 64-channel blocks, residual, clamp, zero
+    point 0."""
+    cs, arrays, func, o = _case(name, scheme)
     lib = _build(func)
     if not HAS_AMX:
         pytest.skip("no AMX-INT8 on this CPU: compiled only")
     from ptq2tvm.bundle_runner import request_amx_state
 
     request_amx_state()
-    kern = K.StandaloneKernel(lib, K.amx_conv_out_shape(arrays[0].shape, arrays[1].shape, (AMX_CASES[name][6],) * 2),
-                              "uint8", func)
+    kern = K.StandaloneKernel(lib, (cs["ref"].shape[0], arrays[1].shape[0], *cs["ref"].shape[2:], 16), "uint8", func)
     got = K.nchwc_to_nchw(kern.run(*arrays), o)
     assert np.array_equal(got, cs["ref"]), f"{int((got != cs['ref']).sum())} of {got.size} outputs differ"
 
@@ -83,18 +98,20 @@ def test_amx_kernel_instructions_and_support_rules(tmp_path):
     support rule takes dense int8 stride-1 convs of <= 4 horizontal taps and nothing else."""
     from ptq2tvm.bench.disasm import count_instructions
 
-    _, arrays, func, _ = _case("3x3_12x12")
+    _, arrays, func, _ = _case("3x3_12x12", "taps")
     so = tmp_path / "k.so"
     _build(func).export_library(str(so))
     n = count_instructions(so, ("ldtilecfg", "tileloadd", "tdpbusd", "tilestored", "tilerelease"))
     assert n["ldtilecfg"] >= 1 and n["tdpbusd"] >= 4 and n["tileloadd"] >= 4 and n["tilestored"] >= 4, n
     wp, xs = arrays[1].shape, arrays[0].shape
     assert K.amx_conv_supported(wp, xs, (1, 1), (1, 1), "int8")
-    assert not K.amx_conv_supported(wp, xs, (2, 2), (1, 1), "int8")          # stride 2
+    assert not K.amx_conv_supported(wp, xs, (2, 2), (1, 1), "int8")          # taps: stride 1 only
     assert not K.amx_conv_supported(wp, xs, (1, 1), (2, 2), "int8")          # dilated
     assert not K.amx_conv_supported((2, 2, 3, 3, 32), xs, (1, 1), (1, 1), "uint8")   # packed int4
     assert not K.amx_conv_supported((2, 1, 3, 3, 4, 16, 4), xs, (1, 1), (1, 1), "int8")  # grouped: 1 of 2 blocks
     assert not K.amx_conv_supported((2, 2, 5, 5, 4, 16, 4), xs, (1, 1), (1, 1), "int8")  # KW 5 > 64 bytes
+    assert K.amx_conv_supported((2, 1, 5, 5, 16, 16, 4), xs, (2, 2), (1, 1), "int8")     # c64: any stride / kernel
+    assert not K.amx_conv_supported((2, 2, 3, 3, 16, 16, 4), xs, (1, 1), (1, 1), "int8")  # c64 of 2 blocks: 128 ch
     with pytest.raises(ValueError, match="AMX conv needs"):
         K.amx_conv_primfunc("f", (1, 2, 8, 8, 16), (2, 2, 5, 5, 4, 16, 4), (2, 2), 0, 0, 0, 255, 0, False)
 
@@ -128,8 +145,8 @@ def _packed_sub_byte(nd) -> bool:
 
 @pytest.mark.parametrize("w,a", [(8, 8), (4, 8)])
 def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
-    """TinyNet built for an AMX target: its int8 3x3 convs (stride 1) are AMX kernels, every other conv keeps AVX-512
-    VNNI; the sidecar says isa 'amx' and needs amx_tile/amx_int8; on an AMX host the .so is bit-exact against the
+    """TinyNet built for an AMX target: its stride-1 int8 convs are AMX kernels ("taps": 8-32 channels), the strided
+    ones keep AVX-512 VNNI; the sidecar says isa 'amx' and needs amx_tile/amx_int8; on an AMX host the .so is bit-exact against the
     reference executor, PTQ2TVM_AMX=0 builds the same graph without AMX."""
     from conftest import tiny_integer_graph
 
@@ -146,7 +163,7 @@ def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
 
     eligible = [nd for nd in graph.nodes if nd.op == "conv2d" and dense(nd) and nd.inputs[0] != graph.input.name
                 and tuple(nd.attrs["stride"]) == (1, 1) and tuple(nd.attrs["dilation"]) == (1, 1)
-                and nd.arrays["weight"].shape[3] >= 2 and not _packed_sub_byte(nd)]
+                and not _packed_sub_byte(nd)]     # TinyNet's few channels: "taps" for every stride-1 conv
     assert K.amx_kernel_count(mod) == len(eligible)
     res = compile_so(graph, tmp_path / "m.so", batch=2, target=SPR_TARGET)
     want = "amx" if eligible else "vnni"
@@ -182,3 +199,33 @@ def test_amx_build_refused_without_amx(tmp_path, capsys, monkeypatch):
         CompiledModel(res.so_path)
     assert bundle_runner.main(["--so", str(res.so_path), "--random", "1"]) == 2
     assert "amx_int8, amx_tile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,c64,taps,vnni", [("resnet18", 17, 0, 3), ("mobilenet_v2", 11, 23, 1)])
+def test_amx_scheme_choice_on_zoo_models(name, c64, taps, vnni):
+    """The measured dispatch rule (blocked_builder._BlockedBuilder.amx_weight) on real architectures: ResNet-18's
+    3x3 convs (strided too) and layer4's 1x1/2 downsample (256 channels) run "c64", its stem and the other two
+    downsamples VNNI; MobileNetV2's 1x1 convs with >= 320 input channels (384, 576, 960 and the final 320) "c64",
+    its other 1x1 convs "taps", its 3-channel stem VNNI (depthwise convs have their own kernel). Build only."""
+    import torch
+
+    from ptq2tvm.api import to_integer
+    from ptq2tvm.backend.blocked_builder import build_blocked_module
+    from ptq2tvm.frontend.calibrate import quantize_rtn
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    calib = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    graph = to_integer(quantize_rtn(model, calib, QuantConfig(w_bits=8, a_bits=8), progress=False))
+    mod, _ = build_blocked_module(graph, 1, "vnni", amx=True)
+    schemes = {"c64": 0, "taps": 0}
+    kinds: dict[str, int] = {}
+    for _, f in mod.functions.items():
+        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and K.AMX_ATTR in f.attrs:
+            schemes[str(f.attrs[K.AMX_ATTR])] += 1
+        elif isinstance(f, tvm.tirx.PrimFunc) and (K.kernel_kind(f) or "").startswith(("conv2d_nchwc", "conv2d_rows")):
+            kinds[K.kernel_kind(f)] = kinds.get(K.kernel_kind(f), 0) + 1
+    assert schemes == {"c64": c64, "taps": taps}, schemes
+    assert sum(kinds.values()) == vnni, kinds

@@ -131,13 +131,32 @@ class _BlockedBuilder:
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)
 
-    def uses_amx(self, packed: np.ndarray, x: relax.Expr, stride: tuple[int, int], dilation: tuple[int, int],
-                 ubsw_exact: bool) -> bool:
-        """Whether a conv with this packed weight runs the AMX kernel: AMX builds, convs the kernel supports
-        (:func:`kernels.amx_conv_supported`) with at least 2 horizontal taps (1x1 convs fill only 16 of a tile
-        row's 64 bytes in NCHW16c: measured slower than AVX-512 VNNI there, kernels/README.md)."""
-        return self.amx and not ubsw_exact and packed.ndim == 7 and int(packed.shape[3]) >= 2 \
-            and K.amx_conv_supported(packed.shape, self.shape(x), stride, dilation, str(packed.dtype))
+    def amx_weight(self, node: IntNode, x: relax.Expr, packed16: np.ndarray, ubsw_exact: bool) -> np.ndarray | None:
+        """The packed weight of a conv that runs the AMX kernel (:func:`kernels.amx_conv_primfunc`), or None for the
+        AVX-512 VNNI kernel: int8 dense convs (or groupings packed dense), dilation 1, by a rule measured kernel by
+        kernel against VNNI on an Intel Xeon (2 threads; kernels/README.md "AMX-INT8"):
+
+        * "c64" (64-channel blocks, ``ic_block=64``; K = 64 per tap) where padding the input channels to 64 adds
+          <= 25%: kernels wider than 1 at any stride (1.7-3.4x), 1x1 convs with >= 320 input channels at stride 1
+          or >= 256 at stride 2 (1.0-1.3x);
+        * else "taps" (``packed16``, the 16-channel VNNI packing; K = KW x 16) at stride 1 with KW <= 4: small 3x3
+          and 1x1 convs (1.0-1.5x);
+        * else VNNI (e.g. strided convs with few channels, 1x1 stride 2 with < 256 channels)."""
+        a = node.attrs
+        stride, dilation = tuple(a["stride"]), tuple(a["dilation"])
+        if not self.amx or ubsw_exact or packed16.dtype != np.int8 or packed16.ndim != 7 or dilation != (1, 1):
+            return None
+        w = node.arrays["weight"]
+        cin, taps = int(w.shape[1]) * int(a["groups"]), int(w.shape[2]) * int(w.shape[3])
+        x_shape = self.shape(x)
+        c64 = -(-cin // 64) * 64 <= 1.25 * cin and (taps > 1 or cin >= (320 if stride == (1, 1) else 256))
+        if c64:
+            packed = K.pack_conv_weight(w, groups=a["groups"], ic_block=64, isa="vnni")
+            if K.amx_conv_supported(packed.shape, x_shape, stride, dilation, str(packed.dtype)):
+                return packed
+        if K.amx_conv_supported(packed16.shape, x_shape, stride, dilation, str(packed16.dtype)):
+            return packed16
+        return None
 
     @staticmethod
     def shape(x: relax.Expr) -> tuple[int, ...]:
@@ -145,16 +164,17 @@ class _BlockedBuilder:
         return tuple(int(v) for v in x.ty.shape.values)
 
     def emit_amx_conv(self, x: relax.Expr, packed: np.ndarray, consts: list, extra: list, *, name: str,
-                      padding: tuple[int, int], input_zero_point: int, output_zero_point: int, lo: int, hi: int,
-                      residual_zero_point: int, shift_ge32: bool) -> relax.Expr:
+                      stride: tuple[int, int], padding: tuple[int, int], input_zero_point: int,
+                      output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
+                      shift_ge32: bool) -> relax.Expr:
         """The AMX conv (:func:`kernels.amx_conv_primfunc`) as a ``call_tir`` on the blocked input ``x`` and the
-        VNNI-packed int8 weight ``packed``: same arguments and integers as :func:`kernels.conv2d_nchwc_requant`."""
+        weight from :meth:`amx_weight`: same arguments and integers as :func:`kernels.conv2d_nchwc_requant`."""
         x_shape = self.shape(x)
         w_shape = tuple(int(v) for v in packed.shape)
         prim = K.amx_conv_primfunc(name, x_shape, w_shape, padding, input_zero_point, output_zero_point, lo, hi,
-                                   residual_zero_point, residual=bool(extra), shift_ge32=shift_ge32)
+                                   residual_zero_point, residual=bool(extra), shift_ge32=shift_ge32, stride=stride)
         gv = self.bb.add_func(prim, name)
-        out_ty = relax.TensorType(list(K.amx_conv_out_shape(x_shape, w_shape, padding)), "uint8")
+        out_ty = relax.TensorType(list(K.amx_conv_out_shape(x_shape, w_shape, padding, stride)), "uint8")
         return self.bb.emit(relax.call_tir(gv, relax.Tuple([x, self.weight(packed), *consts, *extra]), out_ty))
 
     def layout(self, name: str) -> str:

@@ -173,8 +173,10 @@ class Conv(_Weighted):
                 node, lambda isa: K.pack_conv_weight(w, groups=a["groups"], ic_block=icb, isa=isa,
                                                      **b.packing(node)))
             kw["i16_group"] = b.int16_group(node, wp) if kw["ubsw_exact"] else 0
-            if b.uses_amx(wp, xb, tuple(a["stride"]), tuple(a["dilation"]), kw["ubsw_exact"]):
-                return b.emit_amx_conv(xb, wp, consts, extra, name=name, padding=tuple(a["padding"]),
+            amx = b.amx_weight(node, xb, wp, kw["ubsw_exact"])
+            if amx is not None:
+                return b.emit_amx_conv(xb, amx, consts, extra, name=name, stride=tuple(a["stride"]),
+                                       padding=tuple(a["padding"]),
                                        input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"],
                                        lo=a["lo"], hi=a["hi"], residual_zero_point=a.get("residual_zero_point", 0),
                                        shift_ge32=b.int32_epilogue(node)), NCHWC
