@@ -110,9 +110,9 @@ class _TileGeometry:
     input). The last tile (of the image, resp. the row) is clamped to end at the last pixel (it overlaps the
     previous one) instead of reading past the padded input; tile indices past the last repeat it."""
 
-    def __init__(self, oh: int, ow: int, wp: int, stride: tuple[int, int]):
+    def __init__(self, oh: int, ow: int, wp: int, stride: tuple[int, int], per_row: bool = False):
         self.stride = stride
-        self.flat = stride == (1, 1)
+        self.flat = stride == (1, 1) and not per_row
         self.wp = wp
         self.oh, self.ow = oh, ow
         if self.flat:
@@ -129,17 +129,21 @@ class _TileGeometry:
         if self.flat:
             q = tir.min(t * self.rows, self.m_valid - self.rows) + kh * self.wp + kw
             return q // self.wp, q % self.wp
-        t = tir.min(t, self.tiles - 1)        # the second tile of an odd count's last group: a repeat
-        y, x0 = t // self.per_row, tir.min(t % self.per_row * self.rows, self.ow - self.rows)
+        y, x0 = self.row_tile(t)
         return y * self.stride[0] + kh, x0 * self.stride[1] + kw
+
+    def row_tile(self, t) -> tuple[tir.PrimExpr, tir.PrimExpr]:
+        """(output row, first output column) of tile ``t`` (tiles along output rows)."""
+        t = tir.min(t, self.tiles - 1)        # the second tile of an odd count's last group: a repeat
+        return t // self.per_row, tir.min(t % self.per_row * self.rows, self.ow - self.rows)
 
     def pixel(self, t, p) -> tuple[tir.PrimExpr | None, tir.PrimExpr, tir.PrimExpr]:
         """(valid or None when always valid, output row, output column) of row ``p`` of tile ``t``."""
         if self.flat:
             m = tir.min(t * self.rows, self.m_valid - self.rows) + p
             return m % self.wp < self.ow, m // self.wp, m % self.wp
-        t = tir.min(t, self.tiles - 1)
-        return None, t // self.per_row, tir.min(t % self.per_row * self.rows, self.ow - self.rows) + p
+        y, x0 = self.row_tile(t)
+        return None, y, x0 + p
 
 
 def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], padding: tuple[int, int],
@@ -159,8 +163,6 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
     bias / mult / shift (and the residual's multiplier) int32 (OB*16,); out (N, OB, OH, OW, 16) uint8. The padded
     input and the per-task accumulator tiles are allocated once per call. Raises ValueError for any other weight
     layout or a kernel larger than the padded input."""
-    from .ops import requant_channel_constants
-
     n, cb, h, w, icb = (int(v) for v in x_shape)
     ob, cbw, kh, kw, cf, lanes, four = (int(v) for v in w_shape)
     sh, sw = (int(v) for v in stride)
@@ -173,26 +175,98 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
                          f"for input {x_shape}, stride {stride}")
     ph, pw = (int(v) for v in padding)
     hp, wp = h + 2 * ph, w + 2 * pw
-    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     if hp < kh or wp < kw:
         raise ValueError(f"kernel {kh}x{kw} larger than the padded input {hp}x{wp}")
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     geo = _TileGeometry(oh, ow, wp, (sh, sw))
-    rows = geo.rows
+    kblock = 64 if c64 else BLOCK                  # bytes per pixel of the padded copy
+
+    def prepare(x):
+        if not (c64 or ph or pw):
+            return x
+        xp = T.alloc_buffer((n, cbw, hp, wp, kblock), "uint8")
+        _pad_stage(x, xp, n, cb, cbw, h, w, ph, pw, int(input_zero_point), kblock)
+        return xp
+
+    def reduce(xp, wt, b, obp, first_tile, mt, nt):
+        def products(ic, r_, s_, a_stride):
+            def a_ptr(i):
+                row, col = geo.tap(first_tile + i, r_, s_)
+                return tir.address_of(xp[b, ic, row, col, 0])
+
+            _tile_products(a_ptr, a_stride, lambda j: tir.address_of(wt[obp * nt + j, ic, r_, s_, 0, 0, 0]), mt, nt)
+
+        with T.serial(0, cbw) as ic:
+            with T.serial(0, kh) as r_:
+                if c64:
+                    with T.serial(0, kw) as s_:
+                        products(ic, r_, s_, kblock * sw)
+                else:
+                    products(ic, r_, 0, BLOCK)
+
+    return _amx_kernel(name, "c64" if c64 else "taps", (n, cb, h, w, BLOCK), w_shape, geo, 64 if c64 else kw * BLOCK,
+                       16 if c64 else kw * 4, prepare, reduce, output_zero_point, lo, hi, residual_zero_point,
+                       residual, shift_ge32)
+
+
+def amx_rows_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], in_channels: int,
+                           in_width: int, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                           output_zero_point: int, lo: int, hi: int, residual_zero_point: int, residual: bool,
+                           shift_ge32: bool = False, left: int = 16) -> tir.PrimFunc:
+    """The first conv on AMX tiles, reading the row layout (:func:`kernels.ops.nchw_to_rows`; padding already
+    there): the same buffers and integers as :func:`kernels.conv2d_rows_requant` (int8 weights, dilation 1).
+
+    An A row is one output pixel's ``G*4`` bytes of one kernel row (``G = ceil(KW*C/4)``: 24 bytes for a 7x7 RGB
+    stem), consecutive pixels ``stride * C`` bytes apart (``tileloadd`` takes any row stride); B is the rows-packed
+    weight ``w[ob, 0, kh, 0]`` (``G`` rows of 64 bytes): one ``tdpbusd`` per kernel row and 16 x 16 outputs where
+    the VNNI kernel issues G ``vpdpbusd`` per pixel. Raises ValueError for another weight layout."""
+    from .ops import rows_layout
+
+    n, nrows, rowbytes = (int(v) for v in x_shape)
+    ob, one, kh, one2, groups, lanes, four = (int(v) for v in w_shape)
+    (sh, sw), (ph, pw) = (int(v) for v in stride), (int(v) for v in padding)
+    c = int(in_channels)
+    g = rows_layout(c, nrows - 2 * ph, in_width, kernel, (sh, sw), (ph, pw), left)
+    if (one, one2, lanes, four) != (1, 1, BLOCK, 4) or groups != g["groups"] or kh != int(kernel[0]) \
+            or rowbytes != g["row_pixels"] * c or nrows != g["rows"]:
+        raise ValueError(f"AMX rows conv needs an int8 weight packed (OB, 1, {kernel[0]}, 1, {g['groups']}, 16, 4) "
+                         f"for rows {x_shape} of layout {g}, got weight {w_shape}")
+    oh, ow = (nrows - kh) // sh + 1, g["out_width"]
+    geo = _TileGeometry(oh, ow, 0, (sh, sw), per_row=True)
+    off = (left - pw) * c
+
+    def reduce(x, wt, b, obp, first_tile, mt, nt):
+        with T.serial(0, kh) as r_:
+            def a_ptr(i):
+                y, x0 = geo.row_tile(first_tile + i)
+                return tir.address_of(x[b, y * sh + r_, x0 * sw * c + off])
+
+            _tile_products(a_ptr, sw * c, lambda j: tir.address_of(wt[obp * nt + j, 0, r_, 0, 0, 0, 0]), mt, nt)
+
+    return _amx_kernel(name, "rows", (n, nrows, rowbytes), w_shape, geo, groups * 4, groups, lambda x: x, reduce,
+                       output_zero_point, lo, hi, residual_zero_point, residual, shift_ge32)
+
+
+def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, reduce, z_out, lo, hi, z_r, residual,
+                shift_ge32) -> tir.PrimFunc:
+    """The PrimFunc every AMX conv shares: arguments, tile configuration, ``prepare(x)`` (the buffer A tiles read),
+    tasks of ``mt`` M tiles x ``nt`` output blocks split over parallel chunks, ``reduce`` (the tile products into
+    C tiles 0-3), tile stores and the requant epilogue."""
+    from .ops import requant_channel_constants
+
+    n, ob = int(x_shape[0]), int(w_shape[0])
+    oh, ow, rows = geo.oh, geo.ow, geo.rows
     mt = M_TILES if geo.tiles >= M_TILES else 1
     groups_m = -(-geo.tiles // mt)                 # M groups per image
     nt = N_TILES if ob % N_TILES == 0 else 1
     tasks = n * (ob // nt) * groups_m
     chunks = min(tasks, _MAX_CHUNKS)
     per = -(-tasks // chunks)
-    z_x = int(input_zero_point)
-    kblock = 64 if c64 else BLOCK                  # bytes per pixel of the padded copy
-    abytes = 64 if c64 else kw * BLOCK             # K bytes of an A row
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         AMX_ATTR: "c64" if c64 else "taps"})
-            x = T.arg("x", T.buffer((n, cb, h, w, BLOCK), "uint8"))
+            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True, AMX_ATTR: scheme})
+            x = T.arg("x", T.buffer(tuple(int(v) for v in x_shape), "uint8"))
             wt = T.arg("w", T.buffer(tuple(int(v) for v in w_shape), "int8"))
             bias = T.arg("bias", T.buffer((ob * BLOCK,), "int32"))
             mult = T.arg("mult", T.buffer((ob * BLOCK,), "int32"))
@@ -201,16 +275,13 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
                 r = T.arg("r", T.buffer((n, ob, oh, ow, BLOCK), "uint8"))
                 mr = T.arg("mr", T.buffer((ob * BLOCK,), "int32"))
             out = T.arg("out", T.buffer((n, ob, oh, ow, BLOCK), "uint8"))
-            copy = c64 or ph or pw
-            xp = T.alloc_buffer((n, cbw, hp, wp, kblock), "uint8") if copy else x
             acc = T.alloc_buffer((chunks, mt * rows, nt * BLOCK), "int32")
             cfg = T.alloc_buffer((64,), "uint8")
             kbuf = {"c": T.alloc_buffer((chunks, nt * BLOCK), "int64"),
                     "n": T.alloc_buffer((chunks, nt * BLOCK), "int32" if shift_ge32 else "uint64"),
                     "off": T.alloc_buffer((chunks, nt * BLOCK), "int64")}
-            _tile_config(cfg, rows, abytes, 16 if c64 else kw * 4)
-            if copy:
-                _pad_stage(x, xp, n, cb, cbw, h, w, ph, pw, z_x, kblock)
+            _tile_config(cfg, rows, a_bytes, b_rows)
+            src = prepare(x)
             with T.parallel(0, chunks) as c:
                 _llvm("ldtilecfg", tir.address_of(cfg[0]))
                 with T.serial(0, tir.min(per, tasks - c * per)) as k:
@@ -220,13 +291,7 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
                     b = task // (groups_m * (ob // nt))
                     for t in range(mt * nt):
                         _llvm("tilezero", _u8(_C_TILE + t))
-                    with T.serial(0, cbw) as ic:
-                        with T.serial(0, kh) as r_:
-                            if c64:
-                                with T.serial(0, kw) as s_:
-                                    _tile_products(xp, wt, b, ic, r_, s_, obp, mg, mt, nt, geo, kblock * sw)
-                            else:
-                                _tile_products(xp, wt, b, ic, r_, 0, obp, mg, mt, nt, geo, BLOCK)
+                    reduce(src, wt, b, obp, mg * mt, mt, nt)
                     for i in range(mt):
                         for j in range(nt):
                             _llvm("tilestored64", _u8(_C_TILE + i * nt + j),
@@ -239,15 +304,15 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
                             ch = (obp * nt + j) * BLOCK + oc
                             consts = [(bias[ch], mult[ch])]
                             if residual:
-                                consts.append((tir.const(-int(residual_zero_point), "int32"), mr[ch]))
-                            kv = requant_channel_constants(shift[ch], output_zero_point, consts, shift_ge32)
+                                consts.append((tir.const(-int(z_r), "int32"), mr[ch]))
+                            kv = requant_channel_constants(shift[ch], z_out, consts, shift_ge32)
                             for key, buf in kbuf.items():
                                 T.buffer_store(buf, kv[key], [c, j * BLOCK + oc])
                     for i in range(mt):
                         with T.serial(0, rows) as p:
                             valid, oy, ox = geo.pixel(mg * mt + i, p)
                             args = (acc, out, mult, kbuf, (r, mr) if residual else None, c, i * rows + p,
-                                    b, obp, nt, oy, ox, output_zero_point, lo, hi, shift_ge32)
+                                    b, obp, nt, oy, ox, z_out, lo, hi, shift_ge32)
                             if valid is None:
                                 _epilogue_row(*args)
                             else:
@@ -274,20 +339,14 @@ def _tile_config(cfg, rows: int, a_bytes: int, b_rows: int) -> None:
         T.buffer_store(cfg, _u8(nrows[t]), [48 + t])
 
 
-def _tile_products(xp, wt, b, ic, kh, kw, obp, mg, mt, nt, geo: _TileGeometry, a_stride: int) -> None:
-    """C[i, j] += A_i x B_j for one input block ``ic`` and tap (``kh``, ``kw``; "taps" scheme: kw = 0, the A row
-    holds every horizontal tap): ``mt`` A tiles of the padded input (row stride ``a_stride`` bytes), ``nt`` B
-    tiles (the packed weight of output block obp*nt + j)."""
+def _tile_products(a_ptr, a_stride: int, b_ptr, mt: int, nt: int) -> None:
+    """C[i, j] += A_i x B_j: ``mt`` A tiles loaded from ``a_ptr(i)`` (row stride ``a_stride`` bytes), ``nt`` B
+    tiles from ``b_ptr(j)`` (64-byte rows)."""
     def load_a(i):
-        row, col = geo.tap(mg * mt + i, kh, kw)
-        _llvm("tileloadd64", _u8(_A_TILE + i), tir.address_of(xp[b, ic, row, col, 0]), tir.const(a_stride, "int64"))
+        _llvm("tileloadd64", _u8(_A_TILE + i), a_ptr(i), tir.const(a_stride, "int64"))
 
     def load_b(j):
-        _llvm("tileloadd64", _u8(_B_TILE + j), tir.address_of(wt[obp * nt + j, ic, kh, kw, 0, 0, 0]),
-              tir.const(64, "int64"))
-
-    def dot(i, j):
-        _llvm("tdpbusd", _u8(_C_TILE + i * nt + j), _u8(_A_TILE + i), _u8(_B_TILE + j))
+        _llvm("tileloadd64", _u8(_B_TILE + j), b_ptr(j), tir.const(64, "int64"))
 
     # each product right after the loads it needs (tiles are not renamed: a load waits for the products of the
     # previous step that read the same tile); the order "all loads, then all products" measured the same
@@ -296,7 +355,7 @@ def _tile_products(xp, wt, b, ic, kh, kw, obp, mg, mt, nt, geo: _TileGeometry, a
         for j in range(nt):
             if i == 0:
                 load_b(j)
-            dot(i, j)
+            _llvm("tdpbusd", _u8(_C_TILE + i * nt + j), _u8(_A_TILE + i), _u8(_B_TILE + j))
 
 
 def _pad_stage(x, xp, n, cb, cbp, h, w, ph, pw, z_x, kblock) -> None:
@@ -335,4 +394,4 @@ def _epilogue_row(acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_
             T.buffer_store(out, requant_finish(v, k, z_out, lo, hi, shift_ge32), [b, o, oy, ox, oc])
 
 
-__all__ = ["AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_conv_supported", "amx_kernel_count", "target_has_amx"]
+__all__ = ["AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_rows_conv_primfunc", "amx_conv_supported", "amx_kernel_count", "target_has_amx"]

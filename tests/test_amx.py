@@ -161,9 +161,10 @@ def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
         o, cg = nd.arrays["weight"].shape[:2]
         return K.conv_weight_mode(o, cg * nd.attrs["groups"], nd.attrs["groups"]) in ("dense", "expanded")
 
-    eligible = [nd for nd in graph.nodes if nd.op == "conv2d" and dense(nd) and nd.inputs[0] != graph.input.name
-                and tuple(nd.attrs["stride"]) == (1, 1) and tuple(nd.attrs["dilation"]) == (1, 1)
-                and not _packed_sub_byte(nd)]     # TinyNet's few channels: "taps" for every stride-1 conv
+    # TinyNet's few channels: "taps" for every stride-1 conv, "rows" for its 1-channel stem (it reads the input)
+    eligible = [nd for nd in graph.nodes if nd.op == "conv2d" and dense(nd) and not _packed_sub_byte(nd)
+                and tuple(nd.attrs["dilation"]) == (1, 1)
+                and (tuple(nd.attrs["stride"]) == (1, 1) or nd.inputs[0] == graph.input.name)]
     assert K.amx_kernel_count(mod) == len(eligible)
     res = compile_so(graph, tmp_path / "m.so", batch=2, target=SPR_TARGET)
     want = "amx" if eligible else "vnni"
@@ -201,12 +202,12 @@ def test_amx_build_refused_without_amx(tmp_path, capsys, monkeypatch):
     assert "amx_int8, amx_tile" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name,c64,taps,vnni", [("resnet18", 17, 0, 3), ("mobilenet_v2", 11, 23, 1)])
+@pytest.mark.parametrize("name,c64,taps,vnni", [("resnet18", 17, 0, 2), ("mobilenet_v2", 11, 23, 0)])
 def test_amx_scheme_choice_on_zoo_models(name, c64, taps, vnni):
     """The measured dispatch rule (blocked_builder._BlockedBuilder.amx_weight) on real architectures: ResNet-18's
-    3x3 convs (strided too) and layer4's 1x1/2 downsample (256 channels) run "c64", its stem and the other two
-    downsamples VNNI; MobileNetV2's 1x1 convs with >= 320 input channels (384, 576, 960 and the final 320) "c64",
-    its other 1x1 convs "taps", its 3-channel stem VNNI (depthwise convs have their own kernel). Build only."""
+    3x3 convs (strided too) and layer4's 1x1/2 downsample (256 channels) run "c64", the other two downsamples
+    VNNI; MobileNetV2's 1x1 convs with >= 320 input channels (384, 576, 960 and the final 320) "c64",
+    its other 1x1 convs "taps"; both stems "rows" (depthwise convs have their own kernel). Build only."""
     import torch
 
     from ptq2tvm.api import to_integer
@@ -220,12 +221,44 @@ def test_amx_scheme_choice_on_zoo_models(name, c64, taps, vnni):
     calib = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     graph = to_integer(quantize_rtn(model, calib, QuantConfig(w_bits=8, a_bits=8), progress=False))
     mod, _ = build_blocked_module(graph, 1, "vnni", amx=True)
-    schemes = {"c64": 0, "taps": 0}
+    schemes = {"c64": 0, "taps": 0, "rows": 0}
     kinds: dict[str, int] = {}
     for _, f in mod.functions.items():
         if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and K.AMX_ATTR in f.attrs:
             schemes[str(f.attrs[K.AMX_ATTR])] += 1
         elif isinstance(f, tvm.tirx.PrimFunc) and (K.kernel_kind(f) or "").startswith(("conv2d_nchwc", "conv2d_rows")):
             kinds[K.kernel_kind(f)] = kinds.get(K.kernel_kind(f), 0) + 1
-    assert schemes == {"c64": c64, "taps": taps}, schemes
+    assert schemes == {"c64": c64, "taps": taps, "rows": 1}, schemes
     assert sum(kinds.values()) == vnni, kinds
+
+
+ROWS_CASES = [(1, 3, 32, 32, 32, 7, 2, 3, False), (1, 3, 23, 21, 16, 7, 2, 3, False), (2, 1, 16, 16, 16, 3, 1, 1, True),
+              (1, 3, 18, 32, 48, 3, 2, 1, False), (1, 4, 12, 12, 16, 5, 1, 2, False), (1, 3, 224, 224, 64, 7, 2, 3, False)]
+
+
+@pytest.mark.parametrize("n,c,h,w,o,k,s,p,residual", ROWS_CASES)
+def test_amx_rows_first_conv_bit_exact(n, c, h, w, o, k, s, p, residual):
+    """The first conv (1-4 input channels) on tiles reading the row layout: an A row = one output pixel's
+    ceil(KW*C/4)*4 bytes of a kernel row, rows stride*C bytes apart; bit-exact against kernels.reference (the
+    ResNet stem at 224x224 included: 112 output columns = 7 tiles per row)."""
+    from test_kernels_x86 import _conv_case
+
+    cs = _conv_case(np.random.default_rng(100 * c + 10 * k + h), n, c, h, w, o, k, s, p, residual=residual, zx=29)
+    xr = K.nchw_to_rows(cs["x"], k, s, p, 29)
+    wr = K.pack_rows_weight(cs["w"], isa="vnni")
+    b, m, sh = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])
+    arrays = [xr, wr, b, m, sh]
+    if residual:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16), K.pack_channel_params(cs["bias"], cs["mr"], cs["sh"])[1]]
+    func = K.amx_rows_conv_primfunc("main", xr.shape, wr.shape, c, w, (k, k), (s, s), (p, p), 5, 0, 255, 7, residual)
+    assert str(func.attrs[K.AMX_ATTR]) == "rows"
+    lib = _build(func)
+    if not HAS_AMX:
+        pytest.skip("no AMX-INT8 on this CPU: compiled only")
+    from ptq2tvm.bundle_runner import request_amx_state
+
+    request_amx_state()
+    ref = cs["ref"]
+    kern = K.StandaloneKernel(lib, (n, wr.shape[0], ref.shape[2], ref.shape[3], 16), "uint8", func)
+    got = K.nchwc_to_nchw(kern.run(*arrays), o)
+    assert np.array_equal(got, ref), f"{int((got != ref).sum())} of {got.size} outputs differ"

@@ -146,6 +146,14 @@ class Conv(_Weighted):
                           padding=tuple(a["padding"]), pad_value=a["input_zero_point"], name="to_rows")
             kw["isa"], kw["ubsw_exact"], wp = b.weight_layout(
                 node, lambda isa: K.pack_rows_weight(w, isa=isa, **b.packing(node)))
+            if b.amx_rows(node, wp, kw["ubsw_exact"]):
+                return b.emit_amx_rows_conv(rows, wp, consts, extra, name=name, in_channels=cin,
+                                            in_width=b.graph.tensor(node.inputs[0]).shape[2],
+                                            kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
+                                            padding=tuple(a["padding"]), output_zero_point=a["output_zero_point"],
+                                            lo=a["lo"], hi=a["hi"],
+                                            residual_zero_point=a.get("residual_zero_point", 0),
+                                            shift_ge32=b.int32_epilogue(node)), NCHWC
             wp = b.weight(wp)
             kw["shift_ge32"] = b.int32_epilogue(node)
             out = b.emit(K.conv2d_rows_requant, rows, wp, *consts, *extra,
