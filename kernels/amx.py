@@ -265,7 +265,8 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True, AMX_ATTR: scheme})
+            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True, AMX_ATTR: scheme,
+                         "int32_epilogue": int(bool(shift_ge32))})
             x = T.arg("x", T.buffer(tuple(int(v) for v in x_shape), "uint8"))
             wt = T.arg("w", T.buffer(tuple(int(v) for v in w_shape), "int8"))
             bias = T.arg("bias", T.buffer((ob * BLOCK,), "int32"))

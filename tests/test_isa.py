@@ -307,9 +307,8 @@ def test_network_isa_dispatch_bit_exact(tmp_path, w, a):
     graph = tiny_integer_graph(w, a)
     res = compile_so(graph, tmp_path / "m.so", batch=2)
     isa = K.target_isa(K.host_target())
-    if host_isa() == "amx":     # the stride-1 int8 3x3 convs run AMX tiles there (tests/test_amx.py)
-        isa = res.meta["isa"] if w > 4 else isa
-        assert isa == "amx" or w <= 4
+    if host_isa() == "amx":     # its 8-bit stem (and every int8 stride-1 conv) runs AMX tiles (tests/test_amx.py)
+        isa = "amx"
     assert res.meta["isa"] == isa and res.meta["backend"] == f"x86-nchw16c-{isa}"
     assert set(res.meta["cpu_features"]) <= (host_cpu_flags() or set(res.meta["cpu_features"]))
     q = np.random.default_rng(0).integers(0, graph.input.qmax + 1, (3, *graph.input.shape)).astype(np.uint8)

@@ -153,7 +153,7 @@ class Conv(_Weighted):
                                             padding=tuple(a["padding"]), output_zero_point=a["output_zero_point"],
                                             lo=a["lo"], hi=a["hi"],
                                             residual_zero_point=a.get("residual_zero_point", 0),
-                                            shift_ge32=b.int32_epilogue(node)), NCHWC
+                                            shift_ge32=b.amx_int32_epilogue(node)), NCHWC
             wp = b.weight(wp)
             kw["shift_ge32"] = b.int32_epilogue(node)
             out = b.emit(K.conv2d_rows_requant, rows, wp, *consts, *extra,
@@ -187,7 +187,7 @@ class Conv(_Weighted):
                                        padding=tuple(a["padding"]),
                                        input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"],
                                        lo=a["lo"], hi=a["hi"], residual_zero_point=a.get("residual_zero_point", 0),
-                                       shift_ge32=b.int32_epilogue(node)), NCHWC
+                                       shift_ge32=b.amx_int32_epilogue(node)), NCHWC
             wp = b.weight(wp)
         kw["shift_ge32"] = b.int32_epilogue(node)
         out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
