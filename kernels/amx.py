@@ -2,32 +2,28 @@
 
 What AMX computes: one ``tdpbusd`` multiplies an A tile (up to 16 rows x 64 bytes, uint8) by a B tile (K/4 rows x
 64 bytes: 16 int32 columns x 4 int8, the "VNNI" layout) into a C tile (16 rows x 16 int32), u8 x s8 -> s32 with no
-saturation: exactly the integer contract's accumulator (Intel SDM, "Intel AMX instruction set", TDPBUSD).
+saturation: exactly the integer contract's accumulator (Intel SDM, "Intel AMX instruction set", TDPBUSD). An A row
+is one output pixel; A tiles load with any row stride, so the input is never expanded im2col-style.
 
-How a conv maps onto it here, without changing the network's NCHW16c layout or the VNNI weight packing
-(:func:`kernels.pack_conv_weight`, ``ic_block=16``):
+Schemes (the network keeps NCHW16c between layers; kernels/README.md "AMX-INT8" has the measurements):
 
-* A row = one output pixel, its K = the ``KW`` horizontal taps x 16 channels of one input block at one tap row: in
-  NCHW16c those are ``KW * 16`` consecutive bytes of the padded input (stride 1, dilation 1), and the next output
-  pixel starts 16 bytes later. A tile load takes a row stride, so a 16-pixel A tile is one ``tileloadd`` from the
-  padded input with stride 16 bytes (rows overlap). ``KW <= 4`` (K <= 64 bytes).
-* B = the packed weight ``w[ob, icb, kh, :, :, :, :]`` of one output block, input block and tap row:
-  ``KW * 4`` rows of 64 bytes, exactly the layout ``tdpbusd`` wants.
-* Pixels are flattened over the *padded* width ``Wp``: row ``m`` of the M space is output pixel
-  ``(m // Wp, m % Wp)`` and reads the padded input at ``m + kh * Wp`` (pixels), so a tile may span output rows;
-  columns ``m % Wp >= OW`` are computed and dropped (``Wp - OW = KW - 1`` per output row). The last tile of an image
-  starts at ``M - 16`` (overlapping the previous one) so that no tile reads past the padded input.
-* Register blocking: 2 M tiles x 2 N tiles (32 pixels x 32 output channels) in the four C tiles, A in tiles 4-5, B in
-  6-7; per (input block, tap row) 2 + 2 tile loads feed 4 ``tdpbusd``.
-* Epilogue: the C tiles are stored to a per-task int32 buffer and requantized (+ residual) with
-  :func:`kernels.ops.requant_expr`, vectorized over 16 output channels: the same expression as every other conv
-  kernel, so the outputs are the same integers.
+* "c64" (:func:`amx_conv_primfunc`, weight packed with ``ic_block=64``): the pad stage regroups the input into
+  64-channel blocks; K = 64 channels of one tap; any stride and kernel size.
+* "taps" (:func:`amx_conv_primfunc`, the 16-channel VNNI packing): K = the ``KW <= 4`` horizontal taps x 16
+  channels, consecutive bytes in NCHW16c (A rows 16 bytes apart, overlapping); stride 1.
+* "rows" (:func:`amx_rows_conv_primfunc`): the first conv (1-4 channels) on the row layout of
+  :func:`kernels.ops.nchw_to_rows`; K = ``ceil(KW*C/4)*4`` bytes of one kernel row.
 
-Supported (:func:`amx_conv_supported`): dense int8 convs, dilation 1 ("taps": stride 1, ``KW <= 4``; "c64": any
-stride and kernel). Every other conv keeps the AVX-512 VNNI kernel. Linux requires a per-process permission for the AMX
-tile state before the first tile instruction: :func:`request_amx_permission` (``arch_prctl(ARCH_REQ_XCOMP_PERM,
-XFEATURE_XTILEDATA)``, :func:`ptq2tvm.bundle_runner.request_amx_state`, which loading a build does); without it the
-process dies of SIGILL at the first tile instruction.
+Stride 1 flattens pixels over the padded width (a tile may span output rows; junk columns are computed and dropped),
+other strides tile along output rows; the last tile is clamped to end at the last pixel instead of reading past the
+input. 2 x 2 C tiles (32 pixels x 32 output channels) per task; the C tiles go through a per-task buffer into the
+requant epilogue (:func:`kernels.ops.requant_channel_constants` once per task, :func:`kernels.ops.requant_finish`
+per row: the same integers as every other kernel).
+
+Supported (:func:`amx_conv_supported`): dense int8 convs, dilation 1. Linux requires a per-process permission for
+the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``,
+:func:`ptq2tvm.bundle_runner.request_amx_state`, which loading a build does); without it the process dies of SIGILL
+at the first tile instruction.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ build's sidecar (checked when it is loaded) and the ``--target`` strings.
 
 Kernel ISAs (``kernels.target_isa``): ``vnni`` (AVX-512 VNNI ``vpdpbusd zmm``), ``avxvnni`` (AVX-VNNI, the 256-bit VEX
 ``vpdpbusd ymm`` of Alder Lake+ / Zen 5 client parts without AVX-512), ``avx2`` (``vpmaddubsw`` where a layer's weights
-make it exact, else the int16 ``vpmaddwd`` path), ``amx`` (AMX-INT8 ``tdpbusd`` tiles for the stride-1 3x3-class convs,
+make it exact, else the int16 ``vpmaddwd`` path), ``amx`` (AMX-INT8 ``tdpbusd`` tiles for the int8 convs,
 AVX-512 VNNI for the rest: kernels/amx.py; detected by :func:`host_isa`, built where the target has amx-int8).
 
 Feature names are Linux's /proc/cpuinfo flags (``avx512_vnni``, ``avx_vnni``, ``amx_int8``); :data:`LLVM_TO_CPUINFO`

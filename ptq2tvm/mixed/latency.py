@@ -315,6 +315,12 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
             if layer is not None:
                 sizes[layer][cls] = int(args[1].nbytes)
         return LayerCosts(seconds, sizes, layer_macs(graph), 0.0, {}, batch, tdict, isa)
+    import kernels as K
+
+    if any(K.amx_kernel_count(m) for m in mods.values()):
+        from ..bundle_runner import request_amx_state
+
+        request_amx_state()       # the AMX kernels run in this process (torch's oneDNN may have asked already)
     keys = [prefix + str(tvm_ffi.structural_hash(func)) for _, _, _, func, _ in jobs]
     ref_key = prefix + "network:" + str(tvm_ffi.structural_hash(mods["int8"]))
     libs = {"int8": _kernel_library(mods["int8"], tgt)}
