@@ -37,7 +37,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
 
-AMX_ENV = "PTQ2TVM_AMX"          # "0": never use AMX kernels (A/B timing; the outputs are the same integers)
+AMX_ENV = "PTQ2TVM_AMX"          # 0 / false / no / off: never use AMX kernels (A/B timing; same integers)
 AMX_ATTR = "ptq2tvm_amx_conv"    # function attribute of the AMX conv PrimFuncs: their scheme, "taps" or "c64"
 M_TILES, N_TILES = 2, 2          # register blocking: 2 x 16 pixels x 2 x 16 output channels
 _C_TILE = 0                      # tiles 0..3: accumulators; 4, 5: A (pixels x K); 6, 7: B (K/4 x 16 x 4)
@@ -48,9 +48,10 @@ _MAX_CHUNKS = 16                 # parallel tasks per call (each takes a contigu
 
 def target_has_amx(target: tvm.target.Target | None, honour_env: bool = True) -> bool:
     """Whether an LLVM x86 ``target`` has AMX-INT8 (``amx-int8`` and ``amx-tile`` in its CPU features, from its
-    ``mcpu`` or ``mattr``) and, with ``honour_env``, ``PTQ2TVM_AMX`` is not ``0``: the builds that use the AMX
-    conv kernels."""
-    if (honour_env and os.environ.get(AMX_ENV) == "0") or target is None or target.kind.name != "llvm":
+    ``mcpu`` or ``mattr``) and, with ``honour_env``, ``PTQ2TVM_AMX`` is not ``0`` / ``false`` / ``no`` / ``off``: the
+    builds that use the AMX conv kernels."""
+    off = os.environ.get(AMX_ENV, "").strip().lower() in ("0", "false", "no", "off")
+    if (honour_env and off) or target is None or target.kind.name != "llvm":
         return False
     from tvm.target import codegen
 

@@ -126,8 +126,11 @@ def test_amx_target_detection(monkeypatch):
                                                "mattr": ["+amx-tile", "+amx-int8"]}))
     assert not K.target_has_amx(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"}))
     assert not K.target_has_amx(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"}))
-    monkeypatch.setenv(K.AMX_ENV, "0")
-    assert not K.target_has_amx(SPR) and K.target_has_amx(SPR, honour_env=False)
+    for off in ("0", "false", " OFF", "no"):
+        monkeypatch.setenv(K.AMX_ENV, off)
+        assert not K.target_has_amx(SPR) and K.target_has_amx(SPR, honour_env=False), off
+    monkeypatch.setenv(K.AMX_ENV, "1")
+    assert K.target_has_amx(SPR)
     monkeypatch.delenv(K.AMX_ENV)
     monkeypatch.setattr("ptq2tvm.backend.isa.host_cpu_flags", lambda: {"avx2", "avx512_vnni", "amx_int8",
                                                                         "amx_tile"})
