@@ -140,12 +140,6 @@ def test_amx_target_detection(monkeypatch):
     assert "+amx-int8" not in t.get("mattr", [])
 
 
-def _packed_sub_byte(nd) -> bool:
-    """A layer whose weights the build stores packed (<= 4 bits in [-8, 7]): never AMX (int8 tiles only)."""
-    wt = nd.arrays["weight"]
-    return int(nd.attrs.get("w_bits", 8)) <= 4 and int(wt.min()) >= -8 and int(wt.max()) <= 7
-
-
 @pytest.mark.parametrize("w,a", [(8, 8), (4, 8)])
 def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
     """TinyNet built for an AMX target: its stride-1 int8 convs are AMX kernels ("taps": 8-32 channels), the strided
@@ -165,10 +159,15 @@ def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
         return K.conv_weight_mode(o, cg * nd.attrs["groups"], nd.attrs["groups"]) in ("dense", "expanded")
 
     # TinyNet's few channels: "taps" for every stride-1 conv, "rows" for its 1-channel stem (it reads the input)
-    eligible = [nd for nd in graph.nodes if nd.op == "conv2d" and dense(nd) and not _packed_sub_byte(nd)
-                and tuple(nd.attrs["dilation"]) == (1, 1)
+    def packed(nd):     # <= 4-bit weights the build stores two per byte: VNNI (the tiles take int8 only)
+        wt = nd.arrays["weight"]
+        return int(nd.attrs.get("w_bits", 8)) <= 4 and int(wt.min()) >= -8 and int(wt.max()) <= 7
+
+    eligible = [nd for nd in graph.nodes if nd.op == "conv2d" and dense(nd) and tuple(nd.attrs["dilation"]) == (1, 1)
+                and not packed(nd)
                 and (tuple(nd.attrs["stride"]) == (1, 1) or nd.inputs[0] == graph.input.name)]
     assert K.amx_kernel_count(mod) == len(eligible)
+    assert build_blocked_module(graph, 2, "vnni")[1] == build_blocked_module(graph, 2, "vnni", amx=True)[1]
     res = compile_so(graph, tmp_path / "m.so", batch=2, target=SPR_TARGET)
     want = "amx" if eligible else "vnni"
     assert res.meta["isa"] == want and res.meta["backend"] == f"x86-nchw16c-{want}"

@@ -36,6 +36,39 @@ def packs_int2(isa: str | None, cuda: bool = False) -> bool:
     return bool(cuda) or isa in ("avx2", "vnni", "avxvnni")
 
 
+def amx_conv_scheme(weight_shape: tuple[int, ...], groups: int, stride: tuple[int, int], dilation: tuple[int, int],
+                    rows_input: bool) -> str | None:
+    """The AMX kernel an AMX build gives a conv with an OIHW weight of ``weight_shape`` (kernels/amx.py): "rows"
+    (the first conv, on the row layout: ``rows_input``), "c64", "taps", or None (AVX-512 VNNI). A rule measured kernel
+    by kernel against VNNI on an Intel Xeon (2 threads; kernels/README.md "AMX-INT8"):
+
+    * "c64" (64-channel blocks; K = 64 per tap) where padding the input channels to 64 adds <= 25%: kernels wider
+      than 1 at any stride (1.7-3.4x), 1x1 convs with >= 320 input channels at stride 1 or >= 256 at stride 2
+      (1.0-1.3x);
+    * else "taps" (the 16-channel VNNI packing; K = KW x 16) at stride 1 with KW <= 4: small 3x3 and 1x1 convs
+      (1.0-1.5x);
+    * else None (strided convs with few channels, 1x1 stride 2 with < 256 channels; depthwise convs: no reduction
+      over channels for a tile product).
+
+    Only int8-stored weights take the tiles: <= 4-bit layers stay packed (two / four per byte) on the VNNI kernels,
+    which keeps their size but makes W4A4 slower than W8A8 on AMX hosts (kernels/README.md "AMX-INT8")."""
+    o, cg, kh, kw = (int(v) for v in weight_shape)
+    stride, dilation, groups = tuple(int(v) for v in stride), tuple(int(v) for v in dilation), int(groups)
+    if dilation != (1, 1):
+        return None
+    if rows_input:
+        return "rows"
+    cin = cg * groups
+    if K.conv_weight_mode(o, cin, groups, 16) == "depthwise":
+        return None
+    dense64 = K.conv_weight_mode(o, cin, groups, 64) in ("dense", "expanded")
+    if dense64 and -(-cin // 64) * 64 <= 1.25 * cin and (kh * kw > 1 or cin >= (320 if stride == (1, 1) else 256)):
+        return "c64"
+    if K.conv_weight_mode(o, cin, groups, 16) in ("dense", "expanded") and stride == (1, 1) and kw <= 4:
+        return "taps"
+    return None
+
+
 def _c(a: np.ndarray) -> relax.Constant:
     return relax.const(np.ascontiguousarray(a))
 
@@ -136,39 +169,34 @@ class _BlockedBuilder:
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)
 
-    def amx_weight(self, node: IntNode, x: relax.Expr, packed16: np.ndarray, ubsw_exact: bool) -> np.ndarray | None:
-        """The packed weight of a conv that runs the AMX kernel (:func:`kernels.amx_conv_primfunc`), or None for the
-        AVX-512 VNNI kernel: int8 dense convs (or groupings packed dense), dilation 1, by a rule measured kernel by
-        kernel against VNNI on an Intel Xeon (2 threads; kernels/README.md "AMX-INT8"):
+    def amx_scheme(self, node: IntNode) -> str | None:
+        """:func:`amx_conv_scheme` of a conv node in this build (None unless AMX; "rows" where the builder takes the
+        row-layout path for the first conv)."""
+        if not self.amx or node.op != "conv2d":
+            return None
+        a, w = node.attrs, node.arrays["weight"]
+        rows_input = self.env[node.inputs[0]][1] == NCHW and int(w.shape[1]) * int(a["groups"]) <= 4 \
+            and int(a["groups"]) == 1
+        return amx_conv_scheme(w.shape, a["groups"], a["stride"], a["dilation"], rows_input)
 
-        * "c64" (64-channel blocks, ``ic_block=64``; K = 64 per tap) where padding the input channels to 64 adds
-          <= 25%: kernels wider than 1 at any stride (1.7-3.4x), 1x1 convs with >= 320 input channels at stride 1
-          or >= 256 at stride 2 (1.0-1.3x);
-        * else "taps" (``packed16``, the 16-channel VNNI packing; K = KW x 16) at stride 1 with KW <= 4: small 3x3
-          and 1x1 convs (1.0-1.5x);
-        * else VNNI (e.g. strided convs with few channels, 1x1 stride 2 with < 256 channels)."""
+    def amx_weight(self, node: IntNode, x: relax.Expr, packed16: np.ndarray, ubsw_exact: bool) -> np.ndarray | None:
+        """The packed weight of a conv that runs the AMX kernel (:func:`kernels.amx_conv_primfunc`) by
+        :meth:`amx_scheme` ("c64": repacked with ``ic_block=64``; "taps": ``packed16``), or None for VNNI."""
+        scheme = self.amx_scheme(node)
+        if scheme not in ("c64", "taps") or ubsw_exact or packed16.dtype != np.int8 or packed16.ndim != 7:
+            return None
         a = node.attrs
         stride, dilation = tuple(a["stride"]), tuple(a["dilation"])
-        if not self.amx or ubsw_exact or packed16.dtype != np.int8 or packed16.ndim != 7 or dilation != (1, 1):
-            return None
-        w = node.arrays["weight"]
-        cin, taps = int(w.shape[1]) * int(a["groups"]), int(w.shape[2]) * int(w.shape[3])
-        x_shape = self.shape(x)
-        c64 = -(-cin // 64) * 64 <= 1.25 * cin and (taps > 1 or cin >= (320 if stride == (1, 1) else 256))
-        if c64:
-            packed = K.pack_conv_weight(w, groups=a["groups"], ic_block=64, isa="vnni")
-            if K.amx_conv_supported(packed.shape, x_shape, stride, dilation, str(packed.dtype)):
-                return packed
-        if K.amx_conv_supported(packed16.shape, x_shape, stride, dilation, str(packed16.dtype)):
-            return packed16
-        return None
+        packed = K.pack_conv_weight(node.arrays["weight"], groups=a["groups"], ic_block=64, isa="vnni") \
+            if scheme == "c64" else packed16
+        ok = K.amx_conv_supported(packed.shape, self.shape(x), stride, dilation, str(packed.dtype))
+        return packed if ok else None
 
     def amx_rows(self, node: IntNode, packed: np.ndarray, ubsw_exact: bool) -> bool:
         """Whether the first conv (row layout, 1-4 input channels) runs on AMX tiles
-        (:func:`kernels.amx_rows_conv_primfunc`): AMX builds, int8 weights, dilation 1. Measured against the VNNI
-        rows kernel (Intel Xeon, 2 threads): ResNet's 7x7/2 RGB stem 1.62x, MobileNetV2's 3x3/2 stem 1.01x."""
-        return self.amx and not ubsw_exact and packed.dtype == np.int8 and packed.ndim == 7 \
-            and tuple(node.attrs["dilation"]) == (1, 1)
+        (:func:`kernels.amx_rows_conv_primfunc`; :meth:`amx_scheme` "rows", int8 storage). Measured against the
+        VNNI rows kernel (Intel Xeon, 2 threads): ResNet's 7x7/2 RGB stem 1.62x, MobileNetV2's 3x3/2 stem 1.01x."""
+        return self.amx_scheme(node) == "rows" and not ubsw_exact and packed.dtype == np.int8 and packed.ndim == 7
 
     def emit_amx_rows_conv(self, rows: relax.Expr, packed: np.ndarray, consts: list, extra: list, *, name: str,
                            in_channels: int, in_width: int, kernel: tuple[int, int], stride: tuple[int, int],
