@@ -60,6 +60,15 @@ def test_wrong_input_shape_at_run_time(compiled):
         cm.run_int(np.zeros((2, 1, 12, 12), np.float32))
     with pytest.raises(InputShapeError, match="NaN"):
         cm(np.full((1, 1, 12, 12), np.nan, np.float32))
+    x = np.random.default_rng(0).standard_normal((3, 1, 12, 12)).astype(np.float32)
+    for bad in (np.nan, np.inf, -np.inf):          # one value among finite ones, any image of the batch
+        y = x.copy()
+        y[2, 0, 11, 5] = bad
+        with pytest.raises(InputShapeError, match="NaN or Inf"):
+            cm(y)
+    y = x.copy()
+    y[0, 0, 0, :2] = 3e38                          # huge but finite: runs (the check is not a sum that overflows)
+    assert np.isfinite(cm(y)).all()
 
 
 def test_corrupted_and_mismatched_artifacts(compiled, tmp_path):
