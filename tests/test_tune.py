@@ -80,9 +80,10 @@ def test_tuned_build_is_exact_and_a_rebuild_reuses_the_records(tmp_path, capfd):
     tuning = first.meta["tuning"]
     assert first.meta["backend"].endswith("-tuned")
     assert (tmp_path / "a.tuning" / "database_tuning_record.json").is_file()
-    assert tuning["measured"] >= 10
     convs = [t for t in tuning["tasks"] if t["kind"].startswith("conv2d")]
     assert convs and all(t["candidates"] == 2 and t["hand_ms"] and t["best_ms"] <= t["hand_ms"] for t in convs)
+    # every conv task measured its 2 candidates (on an AMX host the int8 convs are AMX kernels, not tuned: fewer tasks)
+    assert tuning["measured"] >= 2 * len(convs)
     q = graph.input.quantize(rng.standard_normal((2, 1, 12, 12)).astype(np.float32))
     capfd.readouterr()
     assert np.array_equal(CompiledModel(tmp_path / "a.so").run_int(q), run_reference(graph, q))
