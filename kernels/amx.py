@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import tvm
 import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
@@ -259,6 +261,12 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
     tasks = n * (ob // nt) * groups_m
     chunks = min(tasks, _MAX_CHUNKS)
     per = -(-tasks // chunks)
+    # task order: images inside output blocks where an output-block pair's weights outweigh an image's input
+    # (consecutive tasks then reuse the weights: 7x7x512 at batch 8 1.30x), else output blocks inside images (the
+    # image's input stays in cache: ResNet-18 at batch 8 was 10% slower with images inside everywhere)
+    weight_bytes = nt * int(np.prod([int(v) for v in w_shape[1:]]))
+    image_bytes = int(np.prod([int(v) for v in x_shape[1:]]))
+    images_inner = n > 1 and weight_bytes > 2 * image_bytes
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
@@ -284,9 +292,15 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                 _llvm("ldtilecfg", tir.address_of(cfg[0]))
                 with T.serial(0, tir.min(per, tasks - c * per)) as k:
                     task = c * per + k
+                    # images inside output blocks: consecutive tasks reuse one output-block pair's weights
+                    # (7x7x512 at batch 8: 1.30x; other layers within +-2%)
                     mg = task % groups_m
-                    obp = task // groups_m % (ob // nt)
-                    b = task // (groups_m * (ob // nt))
+                    if images_inner:
+                        b = task // groups_m % n
+                        obp = task // (groups_m * n)
+                    else:
+                        obp = task // groups_m % (ob // nt)
+                        b = task // (groups_m * (ob // nt))
                     for t in range(mt * nt):
                         _llvm("tilezero", _u8(_C_TILE + t))
                     reduce(src, wt, b, obp, mg * mt, mt, nt)

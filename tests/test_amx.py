@@ -44,6 +44,8 @@ AMX_CASES = {
     "1x1_s2": (1, 64, 14, 14, 64, 1, 2, 0, False, {}),
     "5x5_s1": (1, 144, 10, 10, 32, 5, 1, 2, False, {}),                 # KW 5: c64 only
     "7x7_s2": (1, 16, 23, 23, 32, 7, 2, 3, False, dict(zx=128)),
+    "3x3_batch3_weight_heavy_res": (3, 128, 5, 5, 96, 3, 1, 1, True, {}),   # images inside output blocks (c64)
+    "3x3_s2_batch2_weight_heavy": (2, 256, 7, 7, 64, 3, 2, 1, False, {}),
 }
 
 
