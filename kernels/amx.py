@@ -92,6 +92,17 @@ def amx_conv_out_shape(x_shape: tuple[int, ...], w_shape: tuple[int, ...], paddi
             (w + 2 * int(padding[1]) - int(w_shape[3])) // int(stride[1]) + 1, BLOCK)
 
 
+def amx_rows_out_shape(x_shape: tuple[int, ...], w_shape: tuple[int, ...], in_channels: int, in_width: int,
+                       kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                       left: int = 16) -> tuple[int, int, int, int, int]:
+    """(N, OB, OH, OW, 16) of the AMX first conv (:func:`amx_rows_conv_primfunc`) on a row-layout input."""
+    from .ops import rows_layout
+
+    n, nrows = int(x_shape[0]), int(x_shape[1])
+    g = rows_layout(int(in_channels), nrows - 2 * int(padding[0]), in_width, kernel, stride, padding, left)
+    return (n, int(w_shape[0]), (nrows - int(kernel[0])) // int(stride[0]) + 1, g["out_width"], BLOCK)
+
+
 def _llvm(name: str, *args) -> None:
     T.evaluate(tir.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
@@ -176,7 +187,7 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
     hp, wp = h + 2 * ph, w + 2 * pw
     if hp < kh or wp < kw:
         raise ValueError(f"kernel {kh}x{kw} larger than the padded input {hp}x{wp}")
-    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    _, _, oh, ow, _ = amx_conv_out_shape(x_shape, w_shape, (ph, pw), (sh, sw))
     geo = _TileGeometry(oh, ow, wp, (sh, sw))
     kblock = 64 if c64 else BLOCK                  # bytes per pixel of the padded copy
 
@@ -230,7 +241,7 @@ def amx_rows_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[i
             or rowbytes != g["row_pixels"] * c or nrows != g["rows"]:
         raise ValueError(f"AMX rows conv needs an int8 weight packed (OB, 1, {kernel[0]}, 1, {g['groups']}, 16, 4) "
                          f"for rows {x_shape} of layout {g}, got weight {w_shape}")
-    oh, ow = (nrows - kh) // sh + 1, g["out_width"]
+    _, _, oh, ow, _ = amx_rows_out_shape(x_shape, w_shape, c, in_width, kernel, (sh, sw), (ph, pw), left)
     geo = _TileGeometry(oh, ow, 0, (sh, sw), per_row=True)
     off = (left - pw) * c
 
@@ -406,4 +417,5 @@ def _epilogue_row(acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_
             T.buffer_store(out, requant_finish(v, k, z_out, lo, hi, shift_ge32), [b, o, oy, ox, oc])
 
 
-__all__ = ["AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_rows_conv_primfunc", "amx_conv_supported", "amx_kernel_count", "target_has_amx"]
+__all__ = ["AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_rows_conv_primfunc",
+           "amx_rows_out_shape", "amx_conv_supported", "amx_kernel_count", "target_has_amx"]

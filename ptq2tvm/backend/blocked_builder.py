@@ -209,10 +209,8 @@ class _BlockedBuilder:
                                         output_zero_point, lo, hi, residual_zero_point, residual=bool(extra),
                                         shift_ge32=shift_ge32)
         gv = self.bb.add_func(prim, name)
-        kh, (sh, sw) = int(kernel[0]), stride
-        oh = (x_shape[1] - kh) // sh + 1
-        ow = (in_width + 2 * int(padding[1]) - int(kernel[1])) // sw + 1
-        out_ty = relax.TensorType([x_shape[0], int(packed.shape[0]), oh, ow, 16], "uint8")
+        out_ty = relax.TensorType(list(K.amx_rows_out_shape(x_shape, packed.shape, in_channels, in_width, kernel,
+                                                            stride, padding)), "uint8")
         return self.bb.emit(relax.call_tir(gv, relax.Tuple([rows, self.weight(packed), *consts, *extra]), out_ty))
 
     @staticmethod

@@ -234,9 +234,8 @@ def _check_exact(ex: Any, graph: IntegerGraph, batch: int, seed: int = 0, amx: b
     (``amx``: the build has AMX kernels, whose tile state this process must request first)."""
     import numpy as np
 
-    from ..ir.reference import run_reference
-
     from ..bundle_runner import request_amx_state
+    from ..ir.reference import run_reference
 
     if amx:
         request_amx_state()

@@ -93,6 +93,11 @@ class _Weighted(OpDef):
         return consts, extra
 
 
+def _requant_args(kw: dict[str, Any]) -> dict[str, Any]:
+    """The output requant arguments (zero point, clamp, residual zero point) of a conv's kernel keywords."""
+    return {k: kw[k] for k in ("output_zero_point", "lo", "hi", "residual_zero_point")}
+
+
 @register
 class Conv(_Weighted):
     op, ir_op = "conv", "conv2d"
@@ -150,10 +155,8 @@ class Conv(_Weighted):
                 return b.emit_amx_rows_conv(rows, wp, consts, extra, name=name, in_channels=cin,
                                             in_width=b.graph.tensor(node.inputs[0]).shape[2],
                                             kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
-                                            padding=tuple(a["padding"]), output_zero_point=a["output_zero_point"],
-                                            lo=a["lo"], hi=a["hi"],
-                                            residual_zero_point=a.get("residual_zero_point", 0),
-                                            shift_ge32=b.amx_int32_epilogue(node)), NCHWC
+                                            padding=tuple(a["padding"]), shift_ge32=b.amx_int32_epilogue(node),
+                                            **_requant_args(kw)), NCHWC
             wp = b.weight(wp)
             kw["shift_ge32"] = b.int32_epilogue(node)
             out = b.emit(K.conv2d_rows_requant, rows, wp, *consts, *extra,
@@ -184,10 +187,8 @@ class Conv(_Weighted):
             amx = b.amx_weight(node, xb, wp, kw["ubsw_exact"])
             if amx is not None:
                 return b.emit_amx_conv(xb, amx, consts, extra, name=name, stride=tuple(a["stride"]),
-                                       padding=tuple(a["padding"]),
-                                       input_zero_point=a["input_zero_point"], output_zero_point=a["output_zero_point"],
-                                       lo=a["lo"], hi=a["hi"], residual_zero_point=a.get("residual_zero_point", 0),
-                                       shift_ge32=b.amx_int32_epilogue(node)), NCHWC
+                                       padding=tuple(a["padding"]), input_zero_point=kw["input_zero_point"],
+                                       shift_ge32=b.amx_int32_epilogue(node), **_requant_args(kw)), NCHWC
             wp = b.weight(wp)
         kw["shift_ge32"] = b.int32_epilogue(node)
         out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
