@@ -33,7 +33,7 @@ from .ops import nchw_to_nchwc as te_nchw_to_nchwc
 from .ops import nchwc_to_nchw as te_nchwc_to_nchw
 from .standalone import StandaloneKernel, build_standalone, host_target
 from .amx import (AMX_ATTR, AMX_ENV, amx_conv_out_shape, amx_conv_primfunc, amx_conv_supported, amx_kernel_count,
-                  amx_rows_conv_primfunc, amx_rows_out_shape, target_has_amx)
+                  amx_rows_conv_primfunc, amx_rows_out_shape, pack_amx_int4, target_has_amx)
 from .cuda import (CudaConvTile, choose_cuda_conv_tile, launch_shape, schedule_conv2d_dp4a, schedule_depthwise_cuda,
                    schedule_module_cuda, schedule_simple_cuda)
 from .schedule import (ConvTile, apply_schedule, choose_conv_tile, conv_tile_candidates, finish_scheduled, kernel_kind,
@@ -64,5 +64,5 @@ __all__ = [
     "CudaConvTile", "choose_cuda_conv_tile", "launch_shape", "schedule_conv2d_dp4a", "schedule_depthwise_cuda",
     "schedule_module_cuda", "schedule_simple_cuda",
     "AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_conv_supported", "amx_kernel_count",
-    "amx_rows_conv_primfunc", "amx_rows_out_shape", "target_has_amx",
+    "amx_rows_conv_primfunc", "amx_rows_out_shape", "pack_amx_int4", "target_has_amx",
 ]

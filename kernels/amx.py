@@ -158,9 +158,11 @@ class _TileGeometry:
 
 def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], padding: tuple[int, int],
                       input_zero_point: int, output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
-                      residual: bool, shift_ge32: bool = False, stride: tuple[int, int] = (1, 1)) -> tir.PrimFunc:
+                      residual: bool, shift_ge32: bool = False, stride: tuple[int, int] = (1, 1),
+                      int4: bool = False, threads: int | None = None) -> tir.PrimFunc:
     """The AMX conv + requant (+ residual) PrimFunc ``name(x, w, bias, mult, shift, [r, mr], out)``: the same
-    buffers and integers as :func:`kernels.conv2d_nchwc_requant` (dilation 1, dense, int8 weights).
+    buffers and integers as :func:`kernels.conv2d_nchwc_requant` (dilation 1, dense weights in [-128, 127]; with
+    ``int4`` in [-8, 7], stored two per byte as :func:`pack_amx_int4` and unpacked in the kernel).
 
     ``x_shape`` (N, CB, H, W, 16) uint8 (the network's NCHW16c); ``w_shape`` selects the scheme:
 
@@ -169,6 +171,10 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
     * ``(OB, ceil(CB/4), KH, KW, 16, 16, 4)`` (``ic_block=64``): "c64", K = 64 channels of one tap; the pad stage
       also regroups the input into 64-channel blocks (channels past C read as the zero point, their weights are 0);
       any stride.
+
+    ``w_shape`` is the int8 layout; with ``int4`` the ``w`` buffer is its :func:`pack_amx_int4` form
+    ``(OB, prod(w_shape[1:]) / 2)`` uint8, unpacked once per output-block pair per parallel chunk (``threads``:
+    the threads the build runs on, default this machine's cores; there are >= 2 chunks per thread).
 
     bias / mult / shift (and the residual's multiplier) int32 (OB*16,); out (N, OB, OH, OW, 16) uint8. The padded
     input and the per-task accumulator tiles are allocated once per call. Raises ValueError for any other weight
@@ -198,13 +204,13 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
         _pad_stage(x, xp, n, cb, cbw, h, w, ph, pw, int(input_zero_point), kblock)
         return xp
 
-    def reduce(xp, wt, b, obp, first_tile, mt, nt):
+    def reduce(xp, b_ptr, b, first_tile, mt, nt):
         def products(ic, r_, s_, a_stride):
             def a_ptr(i):
                 row, col = geo.tap(first_tile + i, r_, s_)
                 return tir.address_of(xp[b, ic, row, col, 0])
 
-            _tile_products(a_ptr, a_stride, lambda j: tir.address_of(wt[obp * nt + j, ic, r_, s_, 0, 0, 0]), mt, nt)
+            _tile_products(a_ptr, a_stride, lambda j: b_ptr(j, ic, r_, s_), mt, nt)
 
         with T.serial(0, cbw) as ic:
             with T.serial(0, kh) as r_:
@@ -216,20 +222,22 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
 
     return _amx_kernel(name, "c64" if c64 else "taps", (n, cb, h, w, BLOCK), w_shape, geo, 64 if c64 else kw * BLOCK,
                        16 if c64 else kw * 4, prepare, reduce, output_zero_point, lo, hi, residual_zero_point,
-                       residual, shift_ge32)
+                       residual, shift_ge32, int4, threads)
 
 
 def amx_rows_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], in_channels: int,
                            in_width: int, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                            output_zero_point: int, lo: int, hi: int, residual_zero_point: int, residual: bool,
-                           shift_ge32: bool = False, left: int = 16) -> tir.PrimFunc:
+                           shift_ge32: bool = False, left: int = 16, int4: bool = False,
+                           threads: int | None = None) -> tir.PrimFunc:
     """The first conv on AMX tiles, reading the row layout (:func:`kernels.ops.nchw_to_rows`; padding already
     there): the same buffers and integers as :func:`kernels.conv2d_rows_requant` (int8 weights, dilation 1).
 
     An A row is one output pixel's ``G*4`` bytes of one kernel row (``G = ceil(KW*C/4)``: 24 bytes for a 7x7 RGB
     stem), consecutive pixels ``stride * C`` bytes apart (``tileloadd`` takes any row stride); B is the rows-packed
     weight ``w[ob, 0, kh, 0]`` (``G`` rows of 64 bytes): one ``tdpbusd`` per kernel row and 16 x 16 outputs where
-    the VNNI kernel issues G ``vpdpbusd`` per pixel. Raises ValueError for another weight layout."""
+    the VNNI kernel issues G ``vpdpbusd`` per pixel; ``int4``, ``threads`` as in :func:`amx_conv_primfunc`. Raises
+    ValueError for another weight layout."""
     from .ops import rows_layout
 
     n, nrows, rowbytes = (int(v) for v in x_shape)
@@ -245,23 +253,34 @@ def amx_rows_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[i
     geo = _TileGeometry(oh, ow, 0, (sh, sw), per_row=True)
     off = (left - pw) * c
 
-    def reduce(x, wt, b, obp, first_tile, mt, nt):
+    def reduce(x, b_ptr, b, first_tile, mt, nt):
         with T.serial(0, kh) as r_:
             def a_ptr(i):
                 y, x0 = geo.row_tile(first_tile + i)
                 return tir.address_of(x[b, y * sh + r_, x0 * sw * c + off])
 
-            _tile_products(a_ptr, sw * c, lambda j: tir.address_of(wt[obp * nt + j, 0, r_, 0, 0, 0, 0]), mt, nt)
+            _tile_products(a_ptr, sw * c, lambda j: b_ptr(j, 0, r_, 0), mt, nt)
 
     return _amx_kernel(name, "rows", (n, nrows, rowbytes), w_shape, geo, groups * 4, groups, lambda x: x, reduce,
-                       output_zero_point, lo, hi, residual_zero_point, residual, shift_ge32)
+                       output_zero_point, lo, hi, residual_zero_point, residual, shift_ge32, int4, threads)
 
 
 def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, reduce, z_out, lo, hi, z_r, residual,
-                shift_ge32) -> tir.PrimFunc:
+                shift_ge32, int4=False, threads=None) -> tir.PrimFunc:
     """The PrimFunc every AMX conv shares: arguments, tile configuration, ``prepare(x)`` (the buffer A tiles read),
-    tasks of ``mt`` M tiles x ``nt`` output blocks split over parallel chunks, ``reduce`` (the tile products into
-    C tiles 0-3), tile stores and the requant epilogue."""
+    tasks of ``mt`` M tiles x ``nt`` output blocks split over parallel chunks, ``reduce(src, b_ptr, image,
+    first_tile, mt, nt)`` (the tile products into C tiles 0-3; ``b_ptr(j, ic, kh, kw)`` the address of output block
+    ``j``'s B rows), tile stores and the requant epilogue.
+
+    ``int4``: the weight argument is :func:`pack_amx_int4`'s, unpacked (nibble -> int8) in one of two ways:
+
+    * one image, or images inside output-block pairs: each chunk holds tasks of one pair and unpacks that pair into
+      its own buffer first; a pair is split into as few chunks as give 2 per thread (an unpack costs about what the
+      products of a few tasks do: Xeon, 2 threads, 3x3 convs at 14x14 batch 1: 16 chunks 1.24x the int8 kernel,
+      8 chunks 1.08x, 4 chunks 1.03x);
+    * images outside: the whole weight is unpacked into one buffer (parallel over pairs) before the tasks run as for
+      int8 (ResNet-18 W4A4 at batch 8: 1.01x the unpack-on-pair-change alternative, 1.13x images inside
+      everywhere)."""
     from .ops import requant_channel_constants
 
     n, ob = int(x_shape[0]), int(w_shape[0])
@@ -269,22 +288,36 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
     mt = M_TILES if geo.tiles >= M_TILES else 1
     groups_m = -(-geo.tiles // mt)                 # M groups per image
     nt = N_TILES if ob % N_TILES == 0 else 1
-    tasks = n * (ob // nt) * groups_m
-    chunks = min(tasks, _MAX_CHUNKS)
-    per = -(-tasks // chunks)
+    pairs, per_pair = ob // nt, n * groups_m         # output-block pairs; tasks of one pair
+    tasks = pairs * per_pair
     # task order: images inside output blocks where an output-block pair's weights outweigh an image's input
     # (consecutive tasks then reuse the weights: 7x7x512 at batch 8 1.30x), else output blocks inside images (the
     # image's input stays in cache: ResNet-18 at batch 8 was 10% slower with images inside everywhere)
-    weight_bytes = nt * int(np.prod([int(v) for v in w_shape[1:]]))
+    per_block = int(np.prod([int(v) for v in w_shape[1:]]))     # int8 weights of one output block
+    weight_bytes = nt * per_block
     image_bytes = int(np.prod([int(v) for v in x_shape[1:]]))
     images_inner = n > 1 and weight_bytes > 2 * image_bytes
+    pair_chunks = int4 and (images_inner or n == 1)      # int4: each chunk unpacks its output-block pair
+    whole = int4 and not pair_chunks                      # int4: the whole weight unpacked before the tasks
+    if pair_chunks:     # chunks inside one pair each (it unpacks that pair once): >= 2 per thread, equal sizes
+        split = min(per_pair, -(-2 * int(threads or os.cpu_count() or 1) // pairs))
+        per = -(-per_pair // split)
+        split = -(-per_pair // per)
+        chunks = pairs * split
+    else:
+        chunks = min(tasks, _MAX_CHUNKS)
+        per = -(-tasks // chunks)
+    kh, kw, cf = (int(w_shape[i]) for i in (2, 3, 4))
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True, AMX_ATTR: scheme,
                          "int32_epilogue": int(bool(shift_ge32))})
             x = T.arg("x", T.buffer(tuple(int(v) for v in x_shape), "uint8"))
-            wt = T.arg("w", T.buffer(tuple(int(v) for v in w_shape), "int8"))
+            if int4:
+                wt = T.arg("w", T.buffer((ob, per_block // 2), "uint8"))
+            else:
+                wt = T.arg("w", T.buffer(tuple(int(v) for v in w_shape), "int8"))
             bias = T.arg("bias", T.buffer((ob * BLOCK,), "int32"))
             mult = T.arg("mult", T.buffer((ob * BLOCK,), "int32"))
             shift = T.arg("shift", T.buffer((ob * BLOCK,), "int32"))
@@ -299,10 +332,20 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                     "off": T.alloc_buffer((chunks, nt * BLOCK), "int64")}
             _tile_config(cfg, rows, a_bytes, b_rows)
             src = prepare(x)
+            if whole:
+                wfull = T.alloc_buffer((ob, per_block // 64, 64), "int8")
+                with T.parallel(0, pairs) as pp:
+                    _unpack_pair(wt, wfull, pp, nt, per_block, pp * nt)
             with T.parallel(0, chunks) as c:
                 _llvm("ldtilecfg", tir.address_of(cfg[0]))
-                with T.serial(0, tir.min(per, tasks - c * per)) as k:
-                    task = c * per + k
+                if pair_chunks:
+                    wbuf = T.alloc_buffer((nt, per_block // 64, 64), "int8")    # this chunk's pair, unpacked
+                    _unpack_pair(wt, wbuf, c // split, nt, per_block)
+                    first, count = (c // split) * per_pair + c % split * per, per_pair - c % split * per
+                else:
+                    first, count = c * per, tasks - c * per
+                with T.serial(0, tir.min(per, count)) as k:
+                    task = first + k
                     # images inside output blocks: consecutive tasks reuse one output-block pair's weights
                     # (7x7x512 at batch 8: 1.30x; other layers within +-2%)
                     mg = task % groups_m
@@ -314,7 +357,16 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                         b = task // (groups_m * (ob // nt))
                     for t in range(mt * nt):
                         _llvm("tilezero", _u8(_C_TILE + t))
-                    reduce(src, wt, b, obp, mg * mt, mt, nt)
+                    if whole:
+                        def b_ptr(j, ic, r_, s_):
+                            return tir.address_of(wfull[obp * nt + j, ((ic * kh + r_) * kw + s_) * cf, 0])
+                    elif pair_chunks:
+                        def b_ptr(j, ic, r_, s_):
+                            return tir.address_of(wbuf[j, ((ic * kh + r_) * kw + s_) * cf, 0])
+                    else:
+                        def b_ptr(j, ic, r_, s_):
+                            return tir.address_of(wt[obp * nt + j, ic, r_, s_, 0, 0, 0])
+                    reduce(src, b_ptr, b, mg * mt, mt, nt)
                     for i in range(mt):
                         for j in range(nt):
                             _llvm("tilestored64", _u8(_C_TILE + i * nt + j),
@@ -344,6 +396,35 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                                         _epilogue_row(*args)
                 _llvm("tilerelease")
     return ib.get()
+
+
+def _unpack_pair(wt, wbuf, obp, nt: int, per_block: int, first=0) -> None:
+    """wbuf[first + j] = the int8 weights of output block ``obp * nt + j`` from the nibbles of :func:`pack_amx_int4`
+    (byte ``i`` of a 64-weight row: weight ``i`` in the low nibble, ``i + 32`` in the high one; sign-extended as
+    ``int8(nibble ^ 8) - 8``, uint8 shifts and masks only, each half with a constant shift)."""
+    def field(byte, half):
+        v = tir.bitwise_and(tir.shift_right(byte, tir.const(4 * half, "uint8")), tir.const(15, "uint8"))
+        return tir.bitwise_xor(v, tir.const(8, "uint8")).astype("int8") - tir.const(8, "int8")
+
+    for j in range(nt):
+        with T.serial(0, per_block // 64) as q:
+            for half in range(2):
+                with T.vectorized(0, 32) as e:
+                    T.buffer_store(wbuf, field(wt[obp * nt + j, q * 32 + e], half), [first + j, q, half * 32 + e])
+
+
+def pack_amx_int4(packed: np.ndarray) -> np.ndarray:
+    """The int4 storage of an AMX weight: ``packed`` (OB, ..., 16, 4) int8 in [-8, 7] (the layouts of
+    :func:`amx_conv_primfunc` / :func:`amx_rows_conv_primfunc`) -> (OB, prod(shape[1:]) / 2) uint8, each 64-weight B
+    row in 32 bytes (:func:`kernels.layout.pack_conv_weight`'s nibble order). Raises ValueError naming a weight
+    outside [-8, 7]."""
+    from .layout import _check_range, _pack_nibbles
+
+    p = np.asarray(packed)
+    if p.ndim < 3 or p.shape[-2:] != (BLOCK, 4):
+        raise ValueError(f"an AMX weight ends in (16, 4), got shape {p.shape}")
+    _check_range(p, 4, "AMX conv weights")
+    return np.ascontiguousarray(_pack_nibbles(p.reshape(p.shape[0], -1, 64)).reshape(p.shape[0], -1))
 
 
 def _tile_config(cfg, rows: int, a_bytes: int, b_rows: int) -> None:
@@ -418,4 +499,4 @@ def _epilogue_row(acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_
 
 
 __all__ = ["AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_rows_conv_primfunc",
-           "amx_rows_out_shape", "amx_conv_supported", "amx_kernel_count", "target_has_amx"]
+           "amx_rows_out_shape", "amx_conv_supported", "amx_kernel_count", "pack_amx_int4", "target_has_amx"]

@@ -54,20 +54,29 @@ def _schemes(name):
 PARAMS = [(name, scheme) for name in AMX_CASES for scheme in _schemes(name)]
 
 
+# int4 weights (two per byte, unpacked per output-block pair and chunk): both schemes, odd output-block counts,
+# batches whose tasks cross chunk and pair boundaries, strides, residual
+INT4_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "1x1_144ch", "3x3_s2_wide_res", "5x5_s1",
+              "3x3_batch3_weight_heavy_res", "3x3_s2_batch2_weight_heavy", "3x3_7x7_wide"]
+PARAMS += [(name, scheme + "+int4") for name in INT4_CASES for scheme in _schemes(name)]
+
+
 def _case(name, scheme="c64"):
     from test_kernels_x86 import _conv_case
 
     n, c, h, w, o, k, s, p, residual, extra = AMX_CASES[name]
+    scheme, int4 = scheme.removesuffix("+int4"), scheme.endswith("+int4")
     zx, zo = extra.get("zx", 3), extra.get("zo", 5)
     lo, hi = extra.get("lo", 0), extra.get("hi", 255)
     cs = _conv_case(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, k, s, p, residual=residual, zx=zx,
-                    zo=zo, lo=lo, hi=hi)
+                    zo=zo, lo=lo, hi=hi, int4=int4)
     wp = K.pack_conv_weight(cs["w"], groups=1, ic_block=64 if scheme == "c64" else 16, isa="vnni")
     b, m, sh = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])
-    arrays = [K.nchw_to_nchwc(cs["x"], 16, pad_value=zx), wp, b, m, sh]
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, pad_value=zx), K.pack_amx_int4(wp) if int4 else wp, b, m, sh]
     if residual:
         arrays += [K.nchw_to_nchwc(cs["r"], 16), K.pack_channel_params(cs["bias"], cs["mr"], cs["sh"])[1]]
-    func = K.amx_conv_primfunc("main", arrays[0].shape, wp.shape, (p, p), zx, zo, lo, hi, 7, residual, stride=(s, s))
+    func = K.amx_conv_primfunc("main", arrays[0].shape, wp.shape, (p, p), zx, zo, lo, hi, 7, residual, stride=(s, s),
+                               int4=int4, threads=3 if int4 else None)    # int4: pairs split into >= 6 chunks
     return cs, arrays, func, o
 
 
@@ -79,7 +88,7 @@ def _build(func):
 def test_amx_conv_bit_exact(name, scheme):
     """Every case equals kernels.reference (the integer contract) bit for bit: border taps, tile tails that overlap,
     short tiles, odd tile counts, one or two N tiles, strides, partial 64-channel blocks, residual, clamp, zero
-    point 0."""
+    point 0; int4 weights (the extremes -8 and 7 in every case) unpacked in the kernel."""
     cs, arrays, func, o = _case(name, scheme)
     lib = _build(func)
     if not HAS_AMX:
@@ -139,11 +148,12 @@ def test_amx_target_detection(monkeypatch):
     assert "+amx-int8" not in t.get("mattr", [])
 
 
-@pytest.mark.parametrize("w,a", [(8, 8), (4, 8)])
+@pytest.mark.parametrize("w,a", [(8, 8), (4, 8), (4, 4), (2, 4)])
 def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
-    """TinyNet built for an AMX target: its stride-1 int8 convs are AMX kernels ("taps": 8-32 channels), the strided
-    ones keep AVX-512 VNNI; the sidecar says isa 'amx' and needs amx_tile/amx_int8; on an AMX host the .so is bit-exact against the
-    reference executor, PTQ2TVM_AMX=0 builds the same graph without AMX."""
+    """TinyNet built for an AMX target: its stride-1 convs with int8 or int4 weights are AMX kernels ("taps": 8-32
+    channels), the strided ones and 2-bit weights (four per byte) keep AVX-512 VNNI; int4 layers store the same
+    bytes as without AMX; the sidecar says isa 'amx' and needs amx_tile/amx_int8; on an AMX host the .so is
+    bit-exact against the reference executor."""
     from conftest import tiny_integer_graph
 
     from ptq2tvm.api import compile_so
@@ -158,9 +168,9 @@ def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
         return K.conv_weight_mode(o, cg * nd.attrs["groups"], nd.attrs["groups"]) in ("dense", "expanded")
 
     # TinyNet's few channels: "taps" for every stride-1 conv, "rows" for its 1-channel stem (it reads the input)
-    def packed(nd):     # <= 4-bit weights the build stores two per byte: VNNI (the tiles take int8 only)
+    def packed(nd):     # <= 2-bit weights the build stores four per byte: VNNI (the tiles unpack int4 only)
         wt = nd.arrays["weight"]
-        return int(nd.attrs.get("w_bits", 8)) <= 4 and int(wt.min()) >= -8 and int(wt.max()) <= 7
+        return int(nd.attrs.get("w_bits", 8)) <= 2 and int(wt.min()) >= -2 and int(wt.max()) <= 1
 
     eligible = [nd for nd in graph.nodes if nd.op == "conv2d" and dense(nd) and tuple(nd.attrs["dilation"]) == (1, 1)
                 and not packed(nd)
@@ -237,21 +247,24 @@ ROWS_CASES = [(1, 3, 32, 32, 32, 7, 2, 3, False), (1, 3, 23, 21, 16, 7, 2, 3, Fa
               (1, 3, 18, 32, 48, 3, 2, 1, False), (1, 4, 12, 12, 16, 5, 1, 2, False), (1, 3, 224, 224, 64, 7, 2, 3, False)]
 
 
-@pytest.mark.parametrize("n,c,h,w,o,k,s,p,residual", ROWS_CASES)
-def test_amx_rows_first_conv_bit_exact(n, c, h, w, o, k, s, p, residual):
+@pytest.mark.parametrize("n,c,h,w,o,k,s,p,residual,int4",
+                         [(*case, False) for case in ROWS_CASES] + [(*ROWS_CASES[i], True) for i in (0, 2, 4)])
+def test_amx_rows_first_conv_bit_exact(n, c, h, w, o, k, s, p, residual, int4):
     """The first conv (1-4 input channels) on tiles reading the row layout: an A row = one output pixel's
     ceil(KW*C/4)*4 bytes of a kernel row, rows stride*C bytes apart; bit-exact against kernels.reference (the
-    ResNet stem at 224x224 included: 112 output columns = 7 tiles per row)."""
+    ResNet stem at 224x224 included: 112 output columns = 7 tiles per row); int4 weights too."""
     from test_kernels_x86 import _conv_case
 
-    cs = _conv_case(np.random.default_rng(100 * c + 10 * k + h), n, c, h, w, o, k, s, p, residual=residual, zx=29)
+    cs = _conv_case(np.random.default_rng(100 * c + 10 * k + h), n, c, h, w, o, k, s, p, residual=residual, zx=29,
+                    int4=int4)
     xr = K.nchw_to_rows(cs["x"], k, s, p, 29)
     wr = K.pack_rows_weight(cs["w"], isa="vnni")
     b, m, sh = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])
-    arrays = [xr, wr, b, m, sh]
+    arrays = [xr, K.pack_amx_int4(wr) if int4 else wr, b, m, sh]
     if residual:
         arrays += [K.nchw_to_nchwc(cs["r"], 16), K.pack_channel_params(cs["bias"], cs["mr"], cs["sh"])[1]]
-    func = K.amx_rows_conv_primfunc("main", xr.shape, wr.shape, c, w, (k, k), (s, s), (p, p), 5, 0, 255, 7, residual)
+    func = K.amx_rows_conv_primfunc("main", xr.shape, wr.shape, c, w, (k, k), (s, s), (p, p), 5, 0, 255, 7, residual,
+                                    int4=int4)
     assert str(func.attrs[K.AMX_ATTR]) == "rows"
     lib = _build(func)
     if not HAS_AMX:

@@ -11,7 +11,7 @@ packing (4 input channels of a dot product are 4 consecutive bytes: one dp4a ope
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import tvm
@@ -50,8 +50,8 @@ def amx_conv_scheme(weight_shape: tuple[int, ...], groups: int, stride: tuple[in
     * else None (strided convs with few channels, 1x1 stride 2 with < 256 channels; depthwise convs: no reduction
       over channels for a tile product).
 
-    Only int8-stored weights take the tiles: <= 4-bit layers stay packed (two / four per byte) on the VNNI kernels,
-    which keeps their size but makes W4A4 slower than W8A8 on AMX hosts (kernels/README.md "AMX-INT8")."""
+    int8 and int4 (two per byte, unpacked in the kernel: :func:`kernels.pack_amx_int4`) weights take the tiles;
+    2-bit layers stored four per byte stay on the VNNI kernels."""
     o, cg, kh, kw = (int(v) for v in weight_shape)
     stride, dilation, groups = tuple(int(v) for v in stride), tuple(int(v) for v in dilation), int(groups)
     if dilation != (1, 1):
@@ -69,6 +69,14 @@ def amx_conv_scheme(weight_shape: tuple[int, ...], groups: int, stride: tuple[in
     return None
 
 
+class AmxWeight(NamedTuple):
+    """The weight of an AMX conv: ``stored`` (the constant the .so holds: the int8 layout, or with ``int4`` its
+    :func:`kernels.pack_amx_int4` nibbles) and ``shape``, the int8 layout's shape the kernel is built for."""
+    stored: np.ndarray
+    shape: tuple[int, ...]
+    int4: bool
+
+
 def _c(a: np.ndarray) -> relax.Constant:
     return relax.const(np.ascontiguousarray(a))
 
@@ -81,11 +89,13 @@ class _BlockedBuilder:
     """Emits every node through its op family (:meth:`ptq2tvm.ops.OpDef.emit_blocked`) and tracks each tensor's
     layout (NCHW, blocked NCHW16c or 2-D); ops ask for their inputs in the layout they need."""
 
-    def __init__(self, graph: IntegerGraph, isa: str, cuda: bool = False, amx: bool = False):
+    def __init__(self, graph: IntegerGraph, isa: str, cuda: bool = False, amx: bool = False,
+                 threads: int | None = None):
         self.graph = graph
         self.isa = isa
         self.cuda = cuda
         self.amx = amx and not cuda      # AMX-INT8 conv kernels where they apply (kernels/amx.py)
+        self.threads = threads           # the target's threads (the AMX int4 kernels' chunking); None: this host
         self.bb = relax.BlockBuilder()
         self.env: dict[str, tuple[relax.Expr, str]] = {}
         self.weight_bytes = 0
@@ -179,58 +189,79 @@ class _BlockedBuilder:
             and int(a["groups"]) == 1
         return amx_conv_scheme(w.shape, a["groups"], a["stride"], a["dilation"], rows_input)
 
-    def amx_weight(self, node: IntNode, x: relax.Expr, packed16: np.ndarray, ubsw_exact: bool) -> np.ndarray | None:
-        """The packed weight of a conv that runs the AMX kernel (:func:`kernels.amx_conv_primfunc`) by
-        :meth:`amx_scheme` ("c64": repacked with ``ic_block=64``; "taps": ``packed16``), or None for VNNI."""
+    def _amx_storage(self, node: IntNode, packed: np.ndarray, ubsw_exact: bool,
+                     int8_layout: Callable[[], np.ndarray]) -> AmxWeight | None:
+        """``packed`` (the VNNI kernels' weight) as an :class:`AmxWeight`: int8 as is, int4 (two per byte) from
+        ``int8_layout()`` packed by :func:`kernels.pack_amx_int4`; None for four-per-byte (int2) or AVX2 layouts."""
+        if ubsw_exact or packed.ndim not in (6, 7):
+            return None
+        if packed.dtype == np.int8 and packed.ndim == 7:
+            return AmxWeight(packed, tuple(int(v) for v in packed.shape), False)
+        if self.packing(node)["int4"]:
+            full = int8_layout()
+            return AmxWeight(K.pack_amx_int4(full), tuple(int(v) for v in full.shape), True)
+        return None
+
+    def amx_weight(self, node: IntNode, x: relax.Expr, packed16: np.ndarray, ubsw_exact: bool) -> AmxWeight | None:
+        """The weight of a conv that runs the AMX kernel (:func:`kernels.amx_conv_primfunc`) by :meth:`amx_scheme`
+        ("c64": repacked with ``ic_block=64``; "taps": the layout of ``packed16``), or None for VNNI."""
         scheme = self.amx_scheme(node)
-        if scheme not in ("c64", "taps") or ubsw_exact or packed16.dtype != np.int8 or packed16.ndim != 7:
+        if scheme not in ("c64", "taps"):
             return None
         a = node.attrs
         stride, dilation = tuple(a["stride"]), tuple(a["dilation"])
-        packed = K.pack_conv_weight(node.arrays["weight"], groups=a["groups"], ic_block=64, isa="vnni") \
-            if scheme == "c64" else packed16
-        ok = K.amx_conv_supported(packed.shape, self.shape(x), stride, dilation, str(packed.dtype))
-        return packed if ok else None
+        if scheme == "c64":
+            packed16 = K.pack_conv_weight(node.arrays["weight"], groups=a["groups"], ic_block=64, isa="vnni",
+                                          **self.packing(node))
+        amx = self._amx_storage(node, packed16, ubsw_exact, lambda: K.pack_conv_weight(
+            node.arrays["weight"], groups=a["groups"], ic_block=64 if scheme == "c64" else 16, isa="vnni"))
+        ok = amx is not None and K.amx_conv_supported(amx.shape, self.shape(x), stride, dilation, "int8")
+        return amx if ok else None
 
-    def amx_rows(self, node: IntNode, packed: np.ndarray, ubsw_exact: bool) -> bool:
-        """Whether the first conv (row layout, 1-4 input channels) runs on AMX tiles
-        (:func:`kernels.amx_rows_conv_primfunc`; :meth:`amx_scheme` "rows", int8 storage). Measured against the
-        VNNI rows kernel (Intel Xeon, 2 threads): ResNet's 7x7/2 RGB stem 1.62x, MobileNetV2's 3x3/2 stem 1.01x."""
-        return self.amx_scheme(node) == "rows" and not ubsw_exact and packed.dtype == np.int8 and packed.ndim == 7
+    def amx_rows(self, node: IntNode, packed: np.ndarray, ubsw_exact: bool) -> AmxWeight | None:
+        """The weight of a first conv (row layout, 1-4 input channels) that runs on AMX tiles
+        (:func:`kernels.amx_rows_conv_primfunc`; :meth:`amx_scheme` "rows", int8 or int4 storage), or None.
+        Measured against the VNNI rows kernel (Intel Xeon, 2 threads): ResNet's 7x7/2 RGB stem 1.62x, MobileNetV2's
+        3x3/2 stem 1.01x."""
+        if self.amx_scheme(node) != "rows":
+            return None
+        return self._amx_storage(node, packed, ubsw_exact,
+                                 lambda: K.pack_rows_weight(node.arrays["weight"], isa="vnni"))
 
-    def emit_amx_rows_conv(self, rows: relax.Expr, packed: np.ndarray, consts: list, extra: list, *, name: str,
+    def emit_amx_rows_conv(self, rows: relax.Expr, amx: AmxWeight, consts: list, extra: list, *, name: str,
                            in_channels: int, in_width: int, kernel: tuple[int, int], stride: tuple[int, int],
                            padding: tuple[int, int], output_zero_point: int, lo: int, hi: int,
                            residual_zero_point: int, shift_ge32: bool) -> relax.Expr:
         """The AMX first conv as a ``call_tir`` on the row-layout input: same arguments and integers as
         :func:`kernels.conv2d_rows_requant`."""
         x_shape = self.shape(rows)
-        prim = K.amx_rows_conv_primfunc(name, x_shape, packed.shape, in_channels, in_width, kernel, stride, padding,
+        prim = K.amx_rows_conv_primfunc(name, x_shape, amx.shape, in_channels, in_width, kernel, stride, padding,
                                         output_zero_point, lo, hi, residual_zero_point, residual=bool(extra),
-                                        shift_ge32=shift_ge32)
+                                        shift_ge32=shift_ge32, int4=amx.int4, threads=self.threads)
         gv = self.bb.add_func(prim, name)
-        out_ty = relax.TensorType(list(K.amx_rows_out_shape(x_shape, packed.shape, in_channels, in_width, kernel,
+        out_ty = relax.TensorType(list(K.amx_rows_out_shape(x_shape, amx.shape, in_channels, in_width, kernel,
                                                             stride, padding)), "uint8")
-        return self.bb.emit(relax.call_tir(gv, relax.Tuple([rows, self.weight(packed), *consts, *extra]), out_ty))
+        return self.bb.emit(relax.call_tir(gv, relax.Tuple([rows, self.weight(amx.stored), *consts, *extra]),
+                                           out_ty))
 
     @staticmethod
     def shape(x: relax.Expr) -> tuple[int, ...]:
         """The static shape of a tensor expression of the module being built."""
         return tuple(int(v) for v in x.ty.shape.values)
 
-    def emit_amx_conv(self, x: relax.Expr, packed: np.ndarray, consts: list, extra: list, *, name: str,
+    def emit_amx_conv(self, x: relax.Expr, amx: AmxWeight, consts: list, extra: list, *, name: str,
                       stride: tuple[int, int], padding: tuple[int, int], input_zero_point: int,
                       output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
                       shift_ge32: bool) -> relax.Expr:
         """The AMX conv (:func:`kernels.amx_conv_primfunc`) as a ``call_tir`` on the blocked input ``x`` and the
         weight from :meth:`amx_weight`: same arguments and integers as :func:`kernels.conv2d_nchwc_requant`."""
         x_shape = self.shape(x)
-        w_shape = tuple(int(v) for v in packed.shape)
-        prim = K.amx_conv_primfunc(name, x_shape, w_shape, padding, input_zero_point, output_zero_point, lo, hi,
-                                   residual_zero_point, residual=bool(extra), shift_ge32=shift_ge32, stride=stride)
+        prim = K.amx_conv_primfunc(name, x_shape, amx.shape, padding, input_zero_point, output_zero_point, lo, hi,
+                                   residual_zero_point, residual=bool(extra), shift_ge32=shift_ge32, stride=stride,
+                                   int4=amx.int4, threads=self.threads)
         gv = self.bb.add_func(prim, name)
-        out_ty = relax.TensorType(list(K.amx_conv_out_shape(x_shape, w_shape, padding, stride)), "uint8")
-        return self.bb.emit(relax.call_tir(gv, relax.Tuple([x, self.weight(packed), *consts, *extra]), out_ty))
+        out_ty = relax.TensorType(list(K.amx_conv_out_shape(x_shape, amx.shape, padding, stride)), "uint8")
+        return self.bb.emit(relax.call_tir(gv, relax.Tuple([x, self.weight(amx.stored), *consts, *extra]), out_ty))
 
     def layout(self, name: str) -> str:
         return self.env[name][1]
@@ -300,18 +331,21 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
     isa, why = x86_isa(target)
     if isa is None:
         raise ValueError(f"the x86 kernels do not support target {target}: {why}")
-    mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tvm.target.Target(target)))
+    tgt = tvm.target.Target(target)
+    threads = int(tgt.attrs["num-cores"]) if "num-cores" in tgt.attrs else None
+    mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tgt), threads=threads)
     if scheduler is None:
         return K.schedule_module(mod, tvm.target.Target(target)), weight_bytes
     return scheduler(mod), weight_bytes
 
 
 def build_blocked_module(graph: IntegerGraph, batch: int, isa: str, cuda: bool = False,
-                         amx: bool = False) -> tuple[tvm.IRModule, int]:
+                         amx: bool = False, threads: int | None = None) -> tuple[tvm.IRModule, int]:
     """The unscheduled blocked Relax module (with the float entry) and the bytes of its packed weights. ``cuda``
     switches off the x86-only kernels (rows layout, depthwise taps): what the CUDA build schedules. ``amx``: the
-    convs :meth:`_BlockedBuilder.uses_amx` selects are AMX kernels (already scheduled PrimFuncs)."""
-    builder = _BlockedBuilder(graph, isa, cuda=cuda, amx=amx)
+    convs :meth:`_BlockedBuilder.amx_scheme` selects are AMX kernels (already scheduled PrimFuncs), chunked for
+    ``threads`` (default: this machine's cores)."""
+    builder = _BlockedBuilder(graph, isa, cuda=cuda, amx=amx, threads=threads)
     return add_float_entry(builder.build(batch), graph, batch), builder.weight_bytes
 
 

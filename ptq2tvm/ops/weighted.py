@@ -151,8 +151,9 @@ class Conv(_Weighted):
                           padding=tuple(a["padding"]), pad_value=a["input_zero_point"], name="to_rows")
             kw["isa"], kw["ubsw_exact"], wp = b.weight_layout(
                 node, lambda isa: K.pack_rows_weight(w, isa=isa, **b.packing(node)))
-            if b.amx_rows(node, wp, kw["ubsw_exact"]):
-                return b.emit_amx_rows_conv(rows, wp, consts, extra, name=name, in_channels=cin,
+            amx = b.amx_rows(node, wp, kw["ubsw_exact"])
+            if amx is not None:
+                return b.emit_amx_rows_conv(rows, amx, consts, extra, name=name, in_channels=cin,
                                             in_width=b.graph.tensor(node.inputs[0]).shape[2],
                                             kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
                                             padding=tuple(a["padding"]), shift_ge32=b.amx_int32_epilogue(node),
