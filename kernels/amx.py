@@ -28,6 +28,7 @@ at the first tile instruction.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -327,6 +328,8 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
             out = T.arg("out", T.buffer((n, ob, oh, ow, BLOCK), "uint8"))
             acc = T.alloc_buffer((chunks, mt * rows, nt * BLOCK), "int32")
             cfg = T.alloc_buffer((64,), "uint8")
+            paired = bool(shift_ge32)      # the int32-clamp epilogue forms its int64 products in place
+            c_pairs = T.alloc_buffer((chunks, nt * BLOCK), "int64") if paired else None
             kbuf = {"c": T.alloc_buffer((chunks, nt * BLOCK), "int64"),
                     "n": T.alloc_buffer((chunks, nt * BLOCK), "int32" if shift_ge32 else "uint64"),
                     "off": T.alloc_buffer((chunks, nt * BLOCK), "int64")}
@@ -383,17 +386,23 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                             kv = requant_channel_constants(shift[ch], z_out, consts, shift_ge32)
                             for key, buf in kbuf.items():
                                 T.buffer_store(buf, kv[key], [c, j * BLOCK + oc])
+                        if paired:      # the rounding constants of the even, then the odd channels
+                            for half in range(2):
+                                with T.vectorized(0, BLOCK // 2) as e:
+                                    T.buffer_store(c_pairs, kbuf["c"][c, j * BLOCK + 2 * e + half],
+                                                   [c, j * BLOCK + half * (BLOCK // 2) + e])
                     for i in range(mt):
                         with T.serial(0, rows) as p:
                             valid, oy, ox = geo.pixel(mg * mt + i, p)
                             args = (acc, out, mult, kbuf, (r, mr) if residual else None, c, i * rows + p,
                                     b, obp, nt, oy, ox, z_out, lo, hi, shift_ge32)
+                            row_fn = functools.partial(_epilogue_row_paired, c_pairs) if paired else _epilogue_row
                             if valid is None:
-                                _epilogue_row(*args)
+                                row_fn(*args)
                             else:
                                 with T.If(valid):
                                     with T.Then():
-                                        _epilogue_row(*args)
+                                        row_fn(*args)
                 _llvm("tilerelease")
     return ib.get()
 
@@ -496,6 +505,52 @@ def _epilogue_row(acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_
                 v = v + r[b, o, oy, ox, oc].astype("int64") * mr[ch].astype("int64")
             k = {key: buf[c, j * BLOCK + oc] for key, buf in kbuf.items()}
             T.buffer_store(out, requant_finish(v, k, z_out, lo, hi, shift_ge32), [b, o, oy, ox, oc])
+
+
+def _epilogue_row_paired(c_pairs, acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_out, lo, hi,
+                         shift_ge32) -> None:
+    """:func:`_epilogue_row` for the int32-clamp epilogue (every shift >= 32) with the int64 products formed in
+    place: the 16 int32 accumulators of a row are 8 int64 lanes, the even channels' products ``vpmuldq`` of the low
+    halves, the odd ones' of the high halves (arithmetic shift), each plus its rounding constant (``c_pairs``: even
+    channels, then odd), and the high 32 bits of both interleaved back (one permute) into the int32 lanes. The same
+    integers as :func:`kernels.ops.requant_finish` (each lane is ``acc * mult [+ r * mr] + c`` in int64); about 10
+    vector instructions per 16 outputs instead of 15 (no sign extensions, narrowing moves or inserts): ResNet-18
+    W8A8 on the Xeon 1.02x at batch 1, 1.03x at batch 8."""
+    lanes = BLOCK // 2
+    s32 = tir.Broadcast(tir.const(32, "int64"), lanes)
+
+    def i64(v):
+        return tir.reinterpret(f"int64x{lanes}", v)
+
+    def even(v):        # the low int32 half, sign-extended (vpmuldq reads only the low half: free)
+        return tir.shift_right(tir.shift_left(v, s32), s32)
+
+    def odd(v):         # the high int32 half, sign-extended
+        return tir.shift_right(v, s32)
+
+    z = int(z_out)
+    for j in range(nt):
+        o = obp * nt + j
+        ch = tir.Ramp(o * BLOCK, 1, BLOCK)
+        a, m = i64(tir.BufferLoad(acc, [c, row, tir.Ramp(j * BLOCK, 1, BLOCK)])), i64(tir.BufferLoad(mult, [ch]))
+        ev = even(a) * even(m) + tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK, 1, lanes)])
+        od = odd(a) * odd(m) + tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK + lanes, 1, lanes)])
+        if residual is not None:
+            r, mr = residual
+            rv = i64(tir.BufferLoad(r, [b, o, oy, ox, tir.Ramp(0, 1, BLOCK)]).astype(f"int32x{BLOCK}"))
+            mrv = i64(tir.BufferLoad(mr, [ch]))
+            ev = ev + even(rv) * even(mrv)
+            od = od + odd(rv) * odd(mrv)
+        high = tir.bitwise_or(
+            tir.reinterpret(f"int64x{lanes}", tir.shift_right(tir.reinterpret(f"uint64x{lanes}", ev),
+                                                              tir.Broadcast(tir.const(32, "uint64"), lanes))),
+            tir.bitwise_and(od, tir.Broadcast(tir.const(-(1 << 32), "int64"), lanes)))
+        q = tir.shift_right(tir.reinterpret(f"int32x{BLOCK}", high),
+                            tir.BufferLoad(kbuf["n"], [c, tir.Ramp(j * BLOCK, 1, BLOCK)]))
+        q = tir.max(tir.min(q, tir.Broadcast(tir.const(int(hi) - z, "int32"), BLOCK)),
+                    tir.Broadcast(tir.const(int(lo) - z, "int32"), BLOCK))
+        q = q + tir.Broadcast(tir.const(z, "int32"), BLOCK)
+        T.buffer_store(out, q.astype(f"uint8x{BLOCK}"), [b, o, oy, ox, tir.Ramp(0, 1, BLOCK)])
 
 
 __all__ = ["AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_rows_conv_primfunc",

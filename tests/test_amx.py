@@ -59,24 +59,31 @@ PARAMS = [(name, scheme) for name in AMX_CASES for scheme in _schemes(name)]
 INT4_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "1x1_144ch", "3x3_s2_wide_res", "5x5_s1",
               "3x3_batch3_weight_heavy_res", "3x3_s2_batch2_weight_heavy", "3x3_7x7_wide"]
 PARAMS += [(name, scheme + "+int4") for name in INT4_CASES for scheme in _schemes(name)]
+# the int32-clamp epilogue (every shift >= 32; int64 products formed in place from the accumulators' lane pairs):
+# residual and not, clamp, odd output-block counts, int4
+GE32_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "3x3_clamp", "1x1_144ch", "3x3_s2_wide_res", "3x3_zx0"]
+PARAMS += [(name, scheme + "+ge32") for name in GE32_CASES for scheme in _schemes(name)]
+PARAMS += [("3x3_batch3_weight_heavy_res", "c64+int4+ge32")]
 
 
 def _case(name, scheme="c64"):
     from test_kernels_x86 import _conv_case
 
     n, c, h, w, o, k, s, p, residual, extra = AMX_CASES[name]
-    scheme, int4 = scheme.removesuffix("+int4"), scheme.endswith("+int4")
+    scheme, *flags = scheme.split("+")
+    int4, ge32 = "int4" in flags, "ge32" in flags
     zx, zo = extra.get("zx", 3), extra.get("zo", 5)
     lo, hi = extra.get("lo", 0), extra.get("hi", 255)
     cs = _conv_case(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, k, s, p, residual=residual, zx=zx,
-                    zo=zo, lo=lo, hi=hi, int4=int4)
+                    zo=zo, lo=lo, hi=hi, int4=int4, min_shift=32 if ge32 else 1)
     wp = K.pack_conv_weight(cs["w"], groups=1, ic_block=64 if scheme == "c64" else 16, isa="vnni")
     b, m, sh = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])
     arrays = [K.nchw_to_nchwc(cs["x"], 16, pad_value=zx), K.pack_amx_int4(wp) if int4 else wp, b, m, sh]
     if residual:
         arrays += [K.nchw_to_nchwc(cs["r"], 16), K.pack_channel_params(cs["bias"], cs["mr"], cs["sh"])[1]]
     func = K.amx_conv_primfunc("main", arrays[0].shape, wp.shape, (p, p), zx, zo, lo, hi, 7, residual, stride=(s, s),
-                               int4=int4, threads=3 if int4 else None)    # int4: pairs split into >= 6 chunks
+                               int4=int4, threads=3 if int4 else None,    # int4: pairs split into >= 6 chunks
+                               shift_ge32=ge32)
     return cs, arrays, func, o
 
 

@@ -47,7 +47,7 @@ def _requant_params(rng, acc, out_channels, spread=48.0, per_channel=True):
 
 
 def _conv_case(rng, n, c, h, w, o, k, s, p, d=1, g=1, residual=False, int4=False, zx=3, zo=5, zr=7, lo=0, hi=255,
-               extremes=True, w_bits=None):
+               extremes=True, w_bits=None, min_shift=1):
     x = rng.integers(0, 256, (n, c, h, w), dtype=np.uint8)
     wlo, whi = K.layout.WEIGHT_RANGES[w_bits or (4 if int4 else 8)]
     wt = rng.integers(wlo, whi + 1, (o, c // g, k, k), dtype=np.int8)
@@ -63,6 +63,7 @@ def _conv_case(rng, n, c, h, w, o, k, s, p, d=1, g=1, residual=False, int4=False
     bias = rng.integers(-(1 << 16), 1 << 16, o).astype(np.int32)
     acc = R.conv_acc(x, wt, bias, s, p, d, g, zx)
     m, sh = _requant_params(rng, acc, o)
+    sh = np.maximum(sh, min_shift).astype(np.int32)     # 32: every shift >= 32 (the int32-clamp epilogue)
     oh, ow = acc.shape[2:]
     r = rng.integers(0, 256, (n, o, oh, ow), dtype=np.uint8) if residual else None
     mr = (np.minimum(np.exp2(sh.astype(np.float64)) / 600.0, 2 ** 31 - 1)).astype(np.int64).astype(np.int32)
