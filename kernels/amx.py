@@ -51,16 +51,15 @@ _MAX_CHUNKS = 16                 # parallel tasks per call (each takes a contigu
 
 def target_has_amx(target: tvm.target.Target | None, honour_env: bool = True) -> bool:
     """Whether an LLVM x86 ``target`` has AMX-INT8 (``amx-int8`` and ``amx-tile`` in its CPU features, from its
-    ``mcpu`` or ``mattr``) and, with ``honour_env``, ``PTQ2TVM_AMX`` is not ``0`` / ``false`` / ``no`` / ``off``: the
-    builds that use the AMX conv kernels."""
+    ``mcpu`` or ``mattr``, with the GFNI and AVX-512 BW every AMX CPU has) and, with ``honour_env``, ``PTQ2TVM_AMX``
+    is not ``0`` / ``false`` / ``no`` / ``off``: the builds that use the AMX conv kernels."""
     off = os.environ.get(AMX_ENV, "").strip().lower() in ("0", "false", "no", "off")
     if (honour_env and off) or target is None or target.kind.name != "llvm":
         return False
     from tvm.target import codegen
 
-    try:
-        return bool(codegen.llvm_cpu_has_features(["amx-int8"], target)
-                    and codegen.llvm_cpu_has_features(["amx-tile"], target))
+    try:        # every AMX CPU also has GFNI and AVX-512 BW (the int4 unpack uses vgf2p8affineqb on zmm)
+        return all(codegen.llvm_cpu_has_features([f], target) for f in ("amx-int8", "amx-tile", "gfni", "avx512bw"))
     except Exception:   # a target LLVM cannot describe
         return False
 
@@ -407,19 +406,33 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
     return ib.get()
 
 
+def _gf2_qword(source_bits: list[int]) -> int:
+    """The ``vgf2p8affineqb`` matrix (one int64) whose output bit ``i`` is input bit ``source_bits[i]`` (row ``i`` of
+    the matrix is byte ``7 - i``: Intel SDM, GF2P8AFFINEQB), as a signed int64."""
+    v = sum((1 << s) << (8 * (7 - i)) for i, s in enumerate(source_bits))
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+#: nibble -> sign-extended int8 on the low / high nibble of each byte (bits 0-3 / 4-7, the top one repeated)
+_LOW_NIBBLE, _HIGH_NIBBLE = _gf2_qword([0, 1, 2, 3, 3, 3, 3, 3]), _gf2_qword([4, 5, 6, 7, 7, 7, 7, 7])
+
+
 def _unpack_pair(wt, wbuf, obp, nt: int, per_block: int, first=0) -> None:
     """wbuf[first + j] = the int8 weights of output block ``obp * nt + j`` from the nibbles of :func:`pack_amx_int4`
-    (byte ``i`` of a 64-weight row: weight ``i`` in the low nibble, ``i + 32`` in the high one; sign-extended as
-    ``int8(nibble ^ 8) - 8``, uint8 shifts and masks only, each half with a constant shift)."""
-    def field(byte, half):
-        v = tir.bitwise_and(tir.shift_right(byte, tir.const(4 * half, "uint8")), tir.const(15, "uint8"))
-        return tir.bitwise_xor(v, tir.const(8, "uint8")).astype("int8") - tir.const(8, "int8")
-
+    (byte ``i`` of a 64-weight row: weight ``i`` in the low nibble, ``i + 32`` in the high one). Per row: the 32
+    bytes broadcast to both halves of a zmm (``vbroadcasti64x4``), one ``vgf2p8affineqb`` whose matrix sign-extends
+    the low nibbles in the lower half and the high nibbles in the upper half, one 64-byte store (every AMX CPU has
+    GFNI and AVX-512: :func:`target_has_amx` requires them)."""
+    matrix = tir.reinterpret("int8x64", tir.Shuffle([tir.Broadcast(tir.const(_LOW_NIBBLE, "int64"), 4),
+                                                     tir.Broadcast(tir.const(_HIGH_NIBBLE, "int64"), 4)],
+                                                    list(range(8))))
     for j in range(nt):
         with T.serial(0, per_block // 64) as q:
-            for half in range(2):
-                with T.vectorized(0, 32) as e:
-                    T.buffer_store(wbuf, field(wt[obp * nt + j, q * 32 + e], half), [first + j, q, half * 32 + e])
+            p = tir.BufferLoad(wt, [obp * nt + j, tir.Ramp(q * 32, 1, 32)])
+            both = tir.reinterpret("int8x64", tir.Shuffle([p, p], list(range(64))))
+            T.buffer_store(wbuf, tir.call_llvm_pure_intrin("int8x64", "llvm.x86.vgf2p8affineqb.512", both, matrix,
+                                                           tir.const(0, "int8")),
+                           [first + j, q, tir.Ramp(0, 1, 64)])
 
 
 def pack_amx_int4(packed: np.ndarray) -> np.ndarray:
