@@ -39,6 +39,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
+from .vector_tir import pad_stage, paired_requant16, store_paired_constants
 
 AMX_ENV = "PTQ2TVM_AMX"          # 0 / false / no / off: never use AMX kernels (A/B timing; same integers)
 AMX_ATTR = "ptq2tvm_amx_conv"    # function attribute of the AMX conv PrimFuncs: their scheme, "taps" or "c64"
@@ -201,7 +202,7 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
         if not (c64 or ph or pw):
             return x
         xp = T.alloc_buffer((n, cbw, hp, wp, kblock), "uint8")
-        _pad_stage(x, xp, n, cb, cbw, h, w, ph, pw, int(input_zero_point), kblock)
+        pad_stage(x, xp, n, cb, cbw, h, w, ph, pw, int(input_zero_point), kblock)
         return xp
 
     def reduce(xp, b_ptr, b, first_tile, mt, nt):
@@ -386,10 +387,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                             for key, buf in kbuf.items():
                                 T.buffer_store(buf, kv[key], [c, j * BLOCK + oc])
                         if paired:      # the rounding constants of the even, then the odd channels
-                            for half in range(2):
-                                with T.vectorized(0, BLOCK // 2) as e:
-                                    T.buffer_store(c_pairs, kbuf["c"][c, j * BLOCK + 2 * e + half],
-                                                   [c, j * BLOCK + half * (BLOCK // 2) + e])
+                            store_paired_constants(c_pairs, kbuf["c"], j * BLOCK, lead=(c,))
                     for i in range(mt):
                         with T.serial(0, rows) as p:
                             valid, oy, ox = geo.pixel(mg * mt + i, p)
@@ -484,25 +482,6 @@ def _tile_products(a_ptr, a_stride: int, b_ptr, mt: int, nt: int) -> None:
             _llvm("tdpbusd", _u8(_C_TILE + i * nt + j), _u8(_A_TILE + i), _u8(_B_TILE + j))
 
 
-def _pad_stage(x, xp, n, cb, cbp, h, w, ph, pw, z_x, kblock) -> None:
-    """xp = x padded with the input zero point, regrouped from 16- into ``kblock``-channel blocks (16 or 64;
-    channels past the input's read as the zero point), parallel over images x blocks, 16 bytes per move."""
-    hp, wp = h + 2 * ph, w + 2 * pw
-    sub = kblock // BLOCK
-    with T.parallel(0, n * cbp) as t:
-        b, ic = t // cbp, t % cbp
-        with T.serial(0, hp) as i:
-            with T.serial(0, wp) as j:
-                for q in range(sub):
-                    blk = ic * sub + q
-                    inside = tir.all(i >= ph, i < h + ph, j >= pw, j < w + pw, blk < cb)
-                    with T.vectorized(0, BLOCK) as ci:
-                        src = x[b, tir.min(blk, cb - 1), tir.min(tir.max(i - ph, 0), h - 1),
-                                tir.min(tir.max(j - pw, 0), w - 1), ci]
-                        T.buffer_store(xp, tir.if_then_else(inside, src, tir.const(z_x, "uint8")),
-                                       [b, ic, i, j, q * BLOCK + ci])
-
-
 def _epilogue_row(acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_out, lo, hi, shift_ge32) -> None:
     """out[b, :, oy, ox, :] of the task's ``nt`` output blocks = requant of accumulator row ``row`` (+ residual),
     with the per-channel constants ``kbuf`` (:func:`kernels.ops.requant_channel_constants`)."""
@@ -522,48 +501,23 @@ def _epilogue_row(acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_
 
 def _epilogue_row_paired(c_pairs, acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_out, lo, hi,
                          shift_ge32) -> None:
-    """:func:`_epilogue_row` for the int32-clamp epilogue (every shift >= 32) with the int64 products formed in
-    place: the 16 int32 accumulators of a row are 8 int64 lanes, the even channels' products ``vpmuldq`` of the low
-    halves, the odd ones' of the high halves (arithmetic shift), each plus its rounding constant (``c_pairs``: even
-    channels, then odd), and the high 32 bits of both interleaved back (one permute) into the int32 lanes. The same
-    integers as :func:`kernels.ops.requant_finish` (each lane is ``acc * mult [+ r * mr] + c`` in int64); about 10
-    vector instructions per 16 outputs instead of 15 (no sign extensions, narrowing moves or inserts): ResNet-18
-    W8A8 on the Xeon 1.02x at batch 1, 1.03x at batch 8."""
-    lanes = BLOCK // 2
-    s32 = tir.Broadcast(tir.const(32, "int64"), lanes)
-
-    def i64(v):
-        return tir.reinterpret(f"int64x{lanes}", v)
-
-    def even(v):        # the low int32 half, sign-extended (vpmuldq reads only the low half: free)
-        return tir.shift_right(tir.shift_left(v, s32), s32)
-
-    def odd(v):         # the high int32 half, sign-extended
-        return tir.shift_right(v, s32)
-
-    z = int(z_out)
+    """:func:`_epilogue_row` for the int32-clamp epilogue (every shift >= 32): :func:`kernels.vector_tir.
+    paired_requant16` on the accumulator row (int64 products formed in place on lane pairs; ``c_pairs``: the rounding
+    constants of the even, then the odd channels). ResNet-18 W8A8 on the Xeon 1.02x at batch 1, 1.03x at batch 8."""
+    half = BLOCK // 2
     for j in range(nt):
         o = obp * nt + j
         ch = tir.Ramp(o * BLOCK, 1, BLOCK)
-        a, m = i64(tir.BufferLoad(acc, [c, row, tir.Ramp(j * BLOCK, 1, BLOCK)])), i64(tir.BufferLoad(mult, [ch]))
-        ev = even(a) * even(m) + tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK, 1, lanes)])
-        od = odd(a) * odd(m) + tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK + lanes, 1, lanes)])
+        res = None
         if residual is not None:
             r, mr = residual
-            rv = i64(tir.BufferLoad(r, [b, o, oy, ox, tir.Ramp(0, 1, BLOCK)]).astype(f"int32x{BLOCK}"))
-            mrv = i64(tir.BufferLoad(mr, [ch]))
-            ev = ev + even(rv) * even(mrv)
-            od = od + odd(rv) * odd(mrv)
-        high = tir.bitwise_or(
-            tir.reinterpret(f"int64x{lanes}", tir.shift_right(tir.reinterpret(f"uint64x{lanes}", ev),
-                                                              tir.Broadcast(tir.const(32, "uint64"), lanes))),
-            tir.bitwise_and(od, tir.Broadcast(tir.const(-(1 << 32), "int64"), lanes)))
-        q = tir.shift_right(tir.reinterpret(f"int32x{BLOCK}", high),
-                            tir.BufferLoad(kbuf["n"], [c, tir.Ramp(j * BLOCK, 1, BLOCK)]))
-        q = tir.max(tir.min(q, tir.Broadcast(tir.const(int(hi) - z, "int32"), BLOCK)),
-                    tir.Broadcast(tir.const(int(lo) - z, "int32"), BLOCK))
-        q = q + tir.Broadcast(tir.const(z, "int32"), BLOCK)
-        T.buffer_store(out, q.astype(f"uint8x{BLOCK}"), [b, o, oy, ox, tir.Ramp(0, 1, BLOCK)])
+            res = (tir.BufferLoad(r, [b, o, oy, ox, tir.Ramp(0, 1, BLOCK)]).astype(f"int32x{BLOCK}"),
+                   tir.BufferLoad(mr, [ch]))
+        v = paired_requant16(tir.BufferLoad(acc, [c, row, tir.Ramp(j * BLOCK, 1, BLOCK)]), tir.BufferLoad(mult, [ch]),
+                             tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK, 1, half)]),
+                             tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK + half, 1, half)]),
+                             tir.BufferLoad(kbuf["n"], [c, tir.Ramp(j * BLOCK, 1, BLOCK)]), z_out, lo, hi, res)
+        T.buffer_store(out, v, [b, o, oy, ox, tir.Ramp(0, 1, BLOCK)])
 
 
 __all__ = ["AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_rows_conv_primfunc",

@@ -639,7 +639,7 @@ def arithmetic_shortcuts(mod: tvm.IRModule) -> dict[str, int]:
     for func in mod.functions.values():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
-        if func.attrs is not None and "int32_epilogue" in func.attrs:     # AMX kernels (kernels/amx.py)
+        if func.attrs is not None and "int32_epilogue" in func.attrs:     # amx.py / depthwise_vnni.py kernels
             counts["int32_epilogue"] += int(func.attrs["int32_epilogue"])
             continue
         try:

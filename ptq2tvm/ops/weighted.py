@@ -171,7 +171,13 @@ class Conv(_Weighted):
             xb, icb = b.blocked(node.inputs[0]), 16
         depthwise = K.conv_weight_mode(w.shape[0], cin, a["groups"], icb) == "depthwise"
         if depthwise and b.isa == "vnni" and not b.cuda and a["dilation"][1] == 1:
-            # 4 horizontal taps x 16 channels per vpdpbusd (kernels.depthwise_taps_requant)
+            # 4 horizontal taps x 16 channels per vpdpbusd (kernels.depthwise_taps_requant); every shift >= 32:
+            # the explicit-vector kernel with the paired int32 epilogue (kernels.depthwise_vnni)
+            if b.paired_depthwise(node):
+                return b.emit_depthwise_vnni(xb, K.pack_depthwise_taps(w), consts, extra, name=name,
+                                             kernel_width=int(w.shape[3]), stride=tuple(a["stride"]),
+                                             padding=tuple(a["padding"]), dilation_h=int(a["dilation"][0]),
+                                             input_zero_point=kw["input_zero_point"], **_requant_args(kw)), NCHWC
             kw.pop("isa")
             return b.emit(K.depthwise_taps_requant, xb, b.weight(K.pack_depthwise_taps(w)), *consts, *extra,
                           kernel_width=int(w.shape[3]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),

@@ -1,0 +1,72 @@
+"""The explicit-vector depthwise kernel (kernels/depthwise_vnni.py): bit-exact against the numpy integer contract
+(kernels.reference) on the depthwise tap cases plus MobileNet shapes, every shift >= 32 (its int32-clamp epilogue).
+
+Runs where the CPU has AVX-512 VNNI (and VBMI for vpermb); elsewhere the kernel is compiled for an Ice Lake server
+target and disassembled, the run skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import kernels as K  # noqa: E402
+from kernels.depthwise_vnni import depthwise_vnni_out_shape, depthwise_vnni_primfunc  # noqa: E402
+from test_kernels_x86 import DEPTHWISE_TAPS_CASES, HAS_VNNI, HOST, _conv_case  # noqa: E402
+
+ICX = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
+CASES = {**DEPTHWISE_TAPS_CASES,
+         # name: (n, c, h, w, k, s, p, dh, residual, extra) -- MobileNetV2 shapes (scaled down), batch 2, odd widths
+         "mbv2_3x3_s1_batch2": (2, 96, 14, 14, 3, 1, 1, 1, False, {}),
+         "mbv2_3x3_s2_odd": (1, 144, 15, 15, 3, 2, 1, 1, False, dict(zo=0)),
+         "3x3_w11_groups_clamped": (1, 16, 9, 11, 3, 1, 1, 1, True, {}),     # 11 columns: 8-pixel groups, clamped
+         "3x3_one_column": (1, 16, 5, 1, 3, 1, 1, 1, False, {})}
+
+
+def _case(name, threads=5):
+    n, c, h, w, k, s, p, dh, res, extra = CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    cs = _conv_case(rng, n, c, h, w, c, k, s, p, (dh, 1), c, res, min_shift=32, **extra)
+    zx = extra.get("zx", 3)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, zx), K.pack_depthwise_taps(cs["w"]), *params[:3]]
+    if res:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    func = depthwise_vnni_primfunc("main", arrays[0].shape, arrays[1].shape, k, (s, s), (p, p), dh, zx,
+                                   extra.get("zo", 5), extra.get("lo", 0), extra.get("hi", 255), extra.get("zr", 7),
+                                   res, threads=threads)      # 5: row bands with short last bands
+    return cs, arrays, func, (k, s, p, dh)
+
+
+@pytest.mark.parametrize("name,threads", [(name, 5) for name in CASES] + [("mbv2_3x3_s2_odd", 1),
+                                                                          ("3x3_w11_groups_clamped", 2)])
+def test_depthwise_vnni_bit_exact(name, threads, tmp_path):
+    """Every case equals kernels.reference bit for bit: strides, vertical dilation, 5x5 / 7x7 kernels (two tap
+    groups), residual, clamp, zero point 0, pixel groups clamped at the row end, a one-column image; row bands
+    for 1, 2 and 5 threads."""
+    cs, arrays, func, (k, s, p, dh) = _case(name, threads)
+    c = cs["x"].shape[1]
+    if not HAS_VNNI:
+        from ptq2tvm.bench.disasm import count_instructions
+
+        so = tmp_path / "k.so"
+        tvm.compile(tvm.IRModule({"main": func}), target=ICX).export_library(str(so))
+        n = count_instructions(so, ("vpdpbusd", "vpermb", "vpmuldq"))
+        assert n["vpdpbusd"] > 0 and n["vpermb"] > 0 and n["vpmuldq"] > 0, n
+        pytest.skip("no AVX-512 VNNI on this CPU: compiled only")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=HOST)
+    out_shape = depthwise_vnni_out_shape(arrays[0].shape, (k, k), (s, s), (p, p), dh)
+    got = K.nchwc_to_nchw(K.StandaloneKernel(lib, out_shape, "uint8", func).run(*arrays), c)
+    assert got.shape == cs["ref"].shape
+    assert len(np.unique(cs["ref"])) > 16, "test data too degenerate"
+    assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {cs['ref'].size}"
+
+
+def test_depthwise_vnni_rejects_bad_weight():
+    """A weight that does not match the input or the kernel width is a ValueError naming both shapes."""
+    with pytest.raises(ValueError, match="does not match input"):
+        depthwise_vnni_primfunc("f", (1, 2, 8, 8, 16), (1, 3, 1, 16, 4), 3, (1, 1), (1, 1), 1, 0, 0, 0, 255, 0, False)
+    with pytest.raises(ValueError, match="kernel width 5"):
+        depthwise_vnni_primfunc("f", (1, 2, 8, 8, 16), (2, 3, 1, 16, 4), 5, (1, 1), (1, 1), 1, 0, 0, 0, 255, 0, False)
