@@ -39,6 +39,17 @@ def depthwise_vnni_out_shape(x_shape: tuple[int, ...], kernel: tuple[int, int], 
     return (n, cb, (h + 2 * ph - int(dilation_h) * (kh - 1) - 1) // sh + 1, (w + 2 * pw - kw) // sw + 1, BLOCK)
 
 
+def check_geometry(stride: tuple[int, int], padding: tuple[int, int], dilation_h: int):
+    """((sh, sw), (ph, pw), dh) as ints; ValueError naming the value unless strides and dilation are >= 1 and padding
+    >= 0."""
+    (sh, sw), (ph, pw) = (tuple(int(v) for v in p) for p in (stride, padding))
+    dh = int(dilation_h)
+    if min(sh, sw) < 1 or dh < 1 or min(ph, pw) < 0:
+        raise ValueError(f"depthwise conv needs strides >= 1, dilation >= 1 and padding >= 0, got stride "
+                         f"{(sh, sw)}, vertical dilation {dh}, padding {(ph, pw)}")
+    return (sh, sw), (ph, pw), dh
+
+
 def _group(ow: int) -> int:
     """Output pixels per group: a divisor of ``ow`` in 8..4 where there is one (no recomputed pixels), else 8."""
     return next((u for u in (8, 7, 6, 5, 4) if ow % u == 0), min(8, ow))
@@ -57,23 +68,18 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
     16). Horizontal dilation 1 (the 4 taps of a group are consecutive pixels), any stride, vertical dilation
     ``dilation_h``; ``threads``: the threads the build runs on (default this machine's cores). Raises ValueError
     for a weight that does not match the input or the kernel width."""
-    from .ops import requant_channel_constants
-
     n, cb, h, w, c = (int(v) for v in x_shape)
     wcb, kh, g, wc, four = (int(v) for v in w_shape)
     kw = int(kernel_width)
     if c != BLOCK or wc != BLOCK or four != 4 or wcb != cb or not 4 * (g - 1) < kw <= 4 * g:
         raise ValueError(f"depthwise tap weight {tuple(w_shape)} (kernel width {kw}) does not match input "
                          f"{tuple(x_shape)}")
-    (sh, sw), (ph, pw) = (tuple(int(v) for v in p) for p in (stride, padding))
-    dh = int(dilation_h)
+    (sh, sw), (ph, pw), dh = check_geometry(stride, padding, dilation_h)
     _, _, oh, ow, _ = depthwise_vnni_out_shape(x_shape, (kh, kw), (sh, sw), (ph, pw), dh)
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel {kh}x{kw} larger than the padded input {h + 2 * ph}x{w + 2 * pw}")
     width = max(w + 2 * pw, (ow - 1) * sw + 4 * g)      # room for the 4th tap of the last group
-    hp = h + 2 * ph
     u = _group(ow)
-    groups = -(-ow // u)
     # row bands: as few as give >= 2 parallel iterations per thread
     bands = min(oh, max(1, -(-2 * int(threads or os.cpu_count() or 1) // (n * cb))))
     band_rows = -(-oh // bands)
@@ -101,41 +107,65 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
                 # input went through memory and took 25-45% of the kernel)
                 xp = T.alloc_buffer((in_rows, width, BLOCK), "uint8")
                 _pad_band(x, xp, b, o, i0 * sh - ph, in_rows, h, w, pw, width, int(input_zero_point))
-                # the 16 channels' rounding constants (bias * mult [+ residual term] + 2^(shift-1)), even then odd
-                c_nat = T.alloc_buffer((BLOCK,), "int64")
-                c_pairs = T.alloc_buffer((BLOCK,), "int64")
-                with T.vectorized(0, BLOCK) as oc:
-                    ch = o * BLOCK + oc
-                    consts = [(bias[ch], mult[ch])] + ([(tir.const(-z_r, "int32"), mr[ch])] if residual else [])
-                    T.buffer_store(c_nat, requant_channel_constants(shift[ch], z_out, consts, True)["c"], [oc])
-                store_paired_constants(c_pairs, c_nat)
-                chans = tir.Ramp(o * BLOCK, 1, BLOCK)
-                shift_n = tir.max(tir.BufferLoad(shift, [chans]) - tir.Broadcast(tir.const(32, "int32"), BLOCK),
-                                  tir.Broadcast(tir.const(0, "int32"), BLOCK))
-                with T.serial(0, tir.min(band_rows, oh - i0)) as ii:
-                    i = i0 + ii
-                    with T.serial(0, groups) as jg:
-                        for ju in range(u):
-                            j = tir.min(jg * u + ju, ow - 1)
-                            acc = tir.Broadcast(tir.const(0, "int32"), BLOCK)
-                            for r_ in range(kh):
-                                for q in range(g):
-                                    a = tir.BufferLoad(xp, [ii * sh + r_ * dh, j * sw + 4 * q,
-                                                            tir.Ramp(0, 1, 64)])
-                                    acc = tir.call_llvm_pure_intrin(
-                                        f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", acc,
-                                        tir.Shuffle([a], _TAPS_TRANSPOSE),
-                                        tir.BufferLoad(wt, [o, r_, q, 0, tir.Ramp(0, 1, 64)]))
-                            res = None
-                            if residual:
-                                res = (tir.BufferLoad(r, [b, o, i, j, tir.Ramp(0, 1, BLOCK)]).astype(
-                                    f"int32x{BLOCK}"), tir.BufferLoad(mr, [chans]))
-                            v = paired_requant16(acc, tir.BufferLoad(mult, [chans]),
-                                                 tir.BufferLoad(c_pairs, [tir.Ramp(0, 1, BLOCK // 2)]),
-                                                 tir.BufferLoad(c_pairs, [tir.Ramp(BLOCK // 2, 1, BLOCK // 2)]),
-                                                 shift_n, z_out, lo, hi, res)
-                            T.buffer_store(out, v, [b, o, i, j, tir.Ramp(0, 1, BLOCK)])
+                c_pairs, shift_n = _channel_constants(bias, mult, shift, o, z_out, mr if residual else None, z_r)
+                _depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, tir.min(band_rows, oh - i0), ow,
+                                (kh, g), (sh, sw), dh, u, (z_out, lo, hi), (r, mr) if residual else None)
     return ib.get()
+
+
+def _channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int):
+    """(c_pairs, shift_n): block ``o``'s 16 rounding constants (bias * mult [+ the residual's -z_r * mr] +
+    2^(shift-1), :func:`kernels.ops.requant_channel_constants`) in a small buffer, even channels then odd, and its
+    ``max(shift - 32, 0)`` as an int32x16 expression."""
+    from .ops import requant_channel_constants
+
+    c_nat = T.alloc_buffer((BLOCK,), "int64")
+    c_pairs = T.alloc_buffer((BLOCK,), "int64")
+    with T.vectorized(0, BLOCK) as oc:
+        ch = o * BLOCK + oc
+        consts = [(bias[ch], mult[ch])] + ([(tir.const(-int(z_r), "int32"), mr[ch])] if mr is not None else [])
+        T.buffer_store(c_nat, requant_channel_constants(shift[ch], int(z_out), consts, True)["c"], [oc])
+    store_paired_constants(c_pairs, c_nat)
+    chans = tir.Ramp(o * BLOCK, 1, BLOCK)
+    shift_n = tir.max(tir.BufferLoad(shift, [chans]) - tir.Broadcast(tir.const(32, "int32"), BLOCK),
+                      tir.Broadcast(tir.const(0, "int32"), BLOCK))
+    return c_pairs, shift_n
+
+
+def _requant(acc, mult, c_pairs, shift_n, o, z_lo_hi, residual=None):
+    """uint8x16: :func:`kernels.vector_tir.paired_requant16` of block ``o``'s accumulator ``acc``."""
+    half = BLOCK // 2
+    return paired_requant16(acc, tir.BufferLoad(mult, [tir.Ramp(o * BLOCK, 1, BLOCK)]),
+                            tir.BufferLoad(c_pairs, [tir.Ramp(0, 1, half)]),
+                            tir.BufferLoad(c_pairs, [tir.Ramp(half, 1, half)]), shift_n, *z_lo_hi, residual)
+
+
+def _depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, rows, ow: int, kh_g: tuple[int, int],
+                    stride: tuple[int, int], dh: int, u: int, z_lo_hi: tuple[int, int, int], residual) -> None:
+    """Output rows ``i0 .. i0 + rows`` of image ``b``, block ``o`` from the band's padded input ``xp`` (row 0 =
+    padded input row ``i0 * stride``): per pixel and kernel row, one 64-byte load of 4 consecutive pixels, ``vpermb``
+    to channel-major and ``vpdpbusd`` per group of 4 taps; groups of ``u`` pixels, the last clamped to the row end."""
+    (kh, g), (sh, sw) = kh_g, stride
+    groups = -(-ow // u)
+    with T.serial(0, rows) as ii:
+        i = i0 + ii
+        with T.serial(0, groups) as jg:
+            for ju in range(u):
+                j = tir.min(jg * u + ju, ow - 1)
+                acc = tir.Broadcast(tir.const(0, "int32"), BLOCK)
+                for r_ in range(kh):
+                    for q in range(g):
+                        a = tir.BufferLoad(xp, [ii * sh + r_ * dh, j * sw + 4 * q, tir.Ramp(0, 1, 64)])
+                        acc = tir.call_llvm_pure_intrin(f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                                        tir.Shuffle([a], _TAPS_TRANSPOSE),
+                                                        tir.BufferLoad(wt, [o, r_, q, 0, tir.Ramp(0, 1, 64)]))
+                res = None
+                if residual is not None:
+                    r, mr = residual
+                    res = (tir.BufferLoad(r, [b, o, i, j, tir.Ramp(0, 1, BLOCK)]).astype(f"int32x{BLOCK}"),
+                           tir.BufferLoad(mr, [tir.Ramp(o * BLOCK, 1, BLOCK)]))
+                T.buffer_store(out, _requant(acc, mult, c_pairs, shift_n, o, z_lo_hi, res),
+                               [b, o, i, j, tir.Ramp(0, 1, BLOCK)])
 
 
 def _pad_band(x, xp, b, o, first_row, rows: int, h: int, w: int, pw: int, width: int, z_x: int) -> None:

@@ -164,7 +164,7 @@ def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
     from conftest import tiny_integer_graph
 
     from ptq2tvm.api import compile_so
-    from ptq2tvm.backend.blocked_builder import build_blocked_module
+    from ptq2tvm.backend.blocked_builder import _BlockedBuilder, build_blocked_module
     from ptq2tvm.backend.runtime import CompiledModel
     from ptq2tvm.ir.reference import run_reference
 
@@ -179,10 +179,15 @@ def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
         wt = nd.arrays["weight"]
         return int(nd.attrs.get("w_bits", 8)) <= 2 and int(wt.min()) >= -2 and int(wt.max()) <= 1
 
+    # a 1x1 conv from <= 16 channels whose only reader is a depthwise conv runs inside that conv's fused kernel
+    # (int8 weights, every shift >= 32: kernels.expand_depthwise), not as an AMX kernel
+    fused = {e.name for e in _BlockedBuilder(graph, "vnni", amx=True).expand_depthwise_pairs().values()}
     eligible = [nd for nd in graph.nodes if nd.op == "conv2d" and dense(nd) and tuple(nd.attrs["dilation"]) == (1, 1)
-                and not packed(nd)
+                and not packed(nd) and nd.name not in fused
                 and (tuple(nd.attrs["stride"]) == (1, 1) or nd.inputs[0] == graph.input.name)]
     assert K.amx_kernel_count(mod) == len(eligible)
+    assert sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+               and str(f.attrs.get("ptq2tvm_kernel", "")) == K.EXPAND_DEPTHWISE_KIND) == len(fused)
     assert build_blocked_module(graph, 2, "vnni")[1] == build_blocked_module(graph, 2, "vnni", amx=True)[1]
     res = compile_so(graph, tmp_path / "m.so", batch=2, target=SPR_TARGET)
     want = "amx" if eligible else "vnni"
@@ -220,12 +225,13 @@ def test_amx_build_refused_without_amx(tmp_path, capsys, monkeypatch):
     assert "amx_int8, amx_tile" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name,c64,taps,vnni", [("resnet18", 17, 0, 2), ("mobilenet_v2", 11, 23, 0)])
-def test_amx_scheme_choice_on_zoo_models(name, c64, taps, vnni):
+@pytest.mark.parametrize("name,c64,taps,vnni,fused", [("resnet18", 17, 0, 2, 0), ("mobilenet_v2", 11, 22, 0, 1)])
+def test_amx_scheme_choice_on_zoo_models(name, c64, taps, vnni, fused):
     """The measured dispatch rule (blocked_builder._BlockedBuilder.amx_weight) on real architectures: ResNet-18's
     3x3 convs (strided too) and layer4's 1x1/2 downsample (256 channels) run "c64", the other two downsamples
     VNNI; MobileNetV2's 1x1 convs with >= 320 input channels (384, 576, 960 and the final 320) "c64",
-    its other 1x1 convs "taps"; both stems "rows" (depthwise convs have their own kernel). Build only."""
+    its other 1x1 convs "taps" except features.2's 16 -> 96 expand, fused with its depthwise conv
+    (kernels.expand_depthwise); both stems "rows" (depthwise convs have their own kernel). Build only."""
     import torch
 
     from ptq2tvm.api import to_integer
@@ -248,6 +254,8 @@ def test_amx_scheme_choice_on_zoo_models(name, c64, taps, vnni):
             kinds[K.kernel_kind(f)] = kinds.get(K.kernel_kind(f), 0) + 1
     assert schemes == {"c64": c64, "taps": taps, "rows": 1}, schemes
     assert sum(kinds.values()) == vnni, kinds
+    assert sum(1 for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+               and str(f.attrs.get("ptq2tvm_kernel", "")) == K.EXPAND_DEPTHWISE_KIND) == fused
 
 
 ROWS_CASES = [(1, 3, 32, 32, 32, 7, 2, 3, False), (1, 3, 23, 21, 16, 7, 2, 3, False), (2, 1, 16, 16, 16, 3, 1, 1, True),

@@ -65,7 +65,13 @@ def test_depthwise_vnni_bit_exact(name, threads, tmp_path):
 
 
 def test_depthwise_vnni_rejects_bad_weight():
-    """A weight that does not match the input or the kernel width is a ValueError naming both shapes."""
+    """A weight that does not match the input or the kernel width is a ValueError naming both shapes; so are a stride
+    or dilation below 1 and negative padding (found by a fuzzing helper: stride 0 was a ZeroDivisionError, dilation 0
+    and padding -1 built)."""
+    for stride, pad, dil in [((0, 1), (1, 1), 1), ((1, 1), (1, 1), 0), ((1, 1), (-1, 0), 1)]:
+        with pytest.raises(ValueError, match="strides >= 1, dilation >= 1 and padding >= 0"):
+            depthwise_vnni_primfunc("f", (1, 2, 8, 8, 16), (2, 3, 1, 16, 4), 3, stride, pad, dil, 0, 0, 0, 255, 0,
+                                    False)
     with pytest.raises(ValueError, match="does not match input"):
         depthwise_vnni_primfunc("f", (1, 2, 8, 8, 16), (1, 3, 1, 16, 4), 3, (1, 1), (1, 1), 1, 0, 0, 0, 255, 0, False)
     with pytest.raises(ValueError, match="kernel width 5"):

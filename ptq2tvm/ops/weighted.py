@@ -146,6 +146,14 @@ class Conv(_Weighted):
         xin, layout = b.env[node.inputs[0]]
         cin = w.shape[1] * a["groups"]
         name = b.hint(node)
+        mid = b.expand_of.get(node.name)
+        if mid is not None:     # the 1x1 expand that produces this input runs inside the same kernel
+            consts1, _ = self._channel_consts(b, mid, None)
+            w1 = K.pack_conv_weight(mid.arrays["weight"], groups=1, ic_block=16, isa="vnni")
+            return b.emit_expand_depthwise(b.blocked(mid.inputs[0]), w1, consts1, K.pack_depthwise_taps(w),
+                                           consts, extra, name=name, kernel_width=int(w.shape[3]),
+                                           stride=tuple(a["stride"]), padding=tuple(a["padding"]),
+                                           dilation_h=int(a["dilation"][0]), mid=mid, **_requant_args(kw)), NCHWC
         if not b.cuda and layout == "nchw" and a["groups"] == 1 and cin <= 4 and a["dilation"][1] == 1:
             rows = b.emit(K.te_nchw_to_rows, xin, kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
                           padding=tuple(a["padding"]), pad_value=a["input_zero_point"], name="to_rows")

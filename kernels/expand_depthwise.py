@@ -1,0 +1,133 @@
+"""An inverted-residual pair in one kernel: 1x1 expand conv + requant, then depthwise conv + requant (+ residual),
+AVX-512 VNNI, for layers whose shifts are all >= 32 (MobileNetV2 / V3 and EfficientNet blocks).
+
+Unfused, the 1x1 writes the expanded tensor (at batch 8 MobileNetV2's features.2 writes 9.6 MB) and the depthwise
+conv reads it back through memory. Here each parallel iteration (image, expanded channel block, band of output rows)
+computes the band's expanded rows (with the depthwise conv's halo) straight into its padded buffer, where the
+depthwise part (:func:`kernels.depthwise_vnni.depthwise_vnni_primfunc`'s loops) reads them from cache. The expand
+per pixel: one ``vpdpbusd`` per 4 input channels against the VNNI-packed 1x1 weight (4 activation bytes broadcast),
+requantized by :func:`kernels.vector_tir.paired_requant16`. Halo rows are computed by both bands that need them.
+Same integers as the two kernels one after the other (tests/test_expand_depthwise.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import tvm.tirx as tir
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .depthwise_vnni import (_channel_constants, _depthwise_band, _group, _requant, check_geometry,
+                             depthwise_vnni_out_shape)
+from .layout import BLOCK
+
+EXPAND_DEPTHWISE_KIND = "expand_depthwise_vnni_paired"
+
+
+def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tuple[int, ...],
+                              w2_shape: tuple[int, ...], kernel_width: int, stride: tuple[int, int],
+                              padding: tuple[int, int], dilation_h: int, mid_zero_point: int, mid_lo: int,
+                              mid_hi: int, output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
+                              residual: bool, threads: int | None = None) -> tir.PrimFunc:
+    """``name(x, w1, bias1, mult1, shift1, w2, bias2, mult2, shift2, [r, mr], out)``: ``out`` = depthwise(requant(
+    conv1x1(x, w1))), the integers of :func:`kernels.conv2d_nchwc_requant` (1x1, stride 1, no residual) followed by
+    :func:`kernels.depthwise_taps_requant`, every shift of both >= 32.
+
+    x uint8 (N, CBin, H, W, 16); w1 int8 (CBmid, CBin, 1, 1, 4, 16, 4) (:func:`kernels.pack_conv_weight`, VNNI,
+    its input zero point folded into bias1 as for every conv); the expanded values are requantized to
+    ``mid_zero_point`` clamped to [mid_lo, mid_hi], which is also the depthwise conv's input zero point (its
+    padding value); w2 int8 (CBmid, KH, G, 16, 4) (:func:`kernels.pack_depthwise_taps`); bias / mult / shift int32
+    per channel; r, mr as in :func:`kernels.depthwise_vnni.depthwise_vnni_primfunc`; out uint8 (N, CBmid, OH, OW,
+    16). Raises ValueError for weights that do not match the input."""
+    n, cbin, h, w, c = (int(v) for v in x_shape)
+    cbm, cbin_w, one_h, one_w, four_g, lanes, four = (int(v) for v in w1_shape)
+    cbm2, kh, g, lanes2, four2 = (int(v) for v in w2_shape)
+    kw = int(kernel_width)
+    if (c, lanes, four, four_g, one_h, one_w, lanes2, four2) != (BLOCK, BLOCK, 4, 4, 1, 1, BLOCK, 4) \
+            or cbin_w != cbin or cbm2 != cbm or not 4 * (g - 1) < kw <= 4 * g:
+        raise ValueError(f"expand weight {tuple(w1_shape)} / depthwise weight {tuple(w2_shape)} (kernel width {kw}) "
+                         f"do not match input {tuple(x_shape)}")
+    (sh, sw), (ph, pw), dh = check_geometry(stride, padding, dilation_h)
+    mid_shape = (n, cbm, h, w, BLOCK)
+    _, _, oh, ow, _ = depthwise_vnni_out_shape(mid_shape, (kh, kw), (sh, sw), (ph, pw), dh)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"kernel {kh}x{kw} larger than the padded input {h + 2 * ph}x{w + 2 * pw}")
+    width = max(w + 2 * pw, (ow - 1) * sw + 4 * g)
+    u = _group(ow)
+    bands = min(oh, max(1, -(-2 * int(threads or os.cpu_count() or 1) // (n * cbm))))
+    band_rows = -(-oh // bands)
+    bands = -(-oh // band_rows)
+    in_rows = (band_rows - 1) * sh + (kh - 1) * dh + 1
+    z_mid, z_out, z_r = int(mid_zero_point), int(output_zero_point), int(residual_zero_point)
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(name)
+            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
+                         "ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND, "int32_epilogue": 2})
+            x = T.arg("x", T.buffer((n, cbin, h, w, BLOCK), "uint8"))
+            w1 = T.arg("w1", T.buffer((cbm, cbin, 1, 1, 4, BLOCK, 4), "int8"))
+            bias1 = T.arg("bias1", T.buffer((cbm * BLOCK,), "int32"))
+            mult1 = T.arg("mult1", T.buffer((cbm * BLOCK,), "int32"))
+            shift1 = T.arg("shift1", T.buffer((cbm * BLOCK,), "int32"))
+            w2 = T.arg("w2", T.buffer((cbm, kh, g, BLOCK, 4), "int8"))
+            bias2 = T.arg("bias2", T.buffer((cbm * BLOCK,), "int32"))
+            mult2 = T.arg("mult2", T.buffer((cbm * BLOCK,), "int32"))
+            shift2 = T.arg("shift2", T.buffer((cbm * BLOCK,), "int32"))
+            if residual:
+                r = T.arg("r", T.buffer((n, cbm, oh, ow, BLOCK), "uint8"))
+                mr = T.arg("mr", T.buffer((cbm * BLOCK,), "int32"))
+            out = T.arg("out", T.buffer((n, cbm, oh, ow, BLOCK), "uint8"))
+            with T.parallel(0, n * cbm * bands) as t:
+                b, o, band = t // (cbm * bands), t // bands % cbm, t % bands
+                i0 = band * band_rows
+                xp = T.alloc_buffer((in_rows, width, BLOCK), "uint8")
+                c1, n1 = _channel_constants(bias1, mult1, shift1, o, z_mid, None, 0)
+                _expand_band(x, w1, xp, mult1, c1, n1, b, o, i0 * sh - ph, in_rows, (cbin, h, w), pw, width,
+                             (z_mid, int(mid_lo), int(mid_hi)))
+                c2, n2 = _channel_constants(bias2, mult2, shift2, o, z_out, mr if residual else None, z_r)
+                _depthwise_band(xp, w2, out, mult2, c2, n2, b, o, i0, tir.min(band_rows, oh - i0), ow, (kh, g),
+                                (sh, sw), dh, u, (z_out, lo, hi), (r, mr) if residual else None)
+    return ib.get()
+
+
+def _expand_band(x, w1, xp, mult1, c1, n1, b, o, first_row, rows: int, chw: tuple[int, int, int], pw: int,
+                 width: int, z_lo_hi: tuple[int, int, int]) -> None:
+    """xp[rr] = expanded (1x1 conv + requant) row ``first_row + rr`` of block ``o``, padded with the mid zero
+    point (rows outside the image, columns outside ``[pw, pw + W)``); 8 pixels per group of independent
+    accumulators."""
+    cbin, h, w = chw
+    zero = tir.const(int(z_lo_hi[0]), "uint8")
+    right = width - w - pw
+    u = _group(w)
+
+    def fill(rr, first: int, count: int) -> None:
+        with T.serial(0, count) as j:
+            with T.vectorized(0, BLOCK) as ci:
+                T.buffer_store(xp, zero, [rr, first + j, ci])
+
+    with T.serial(0, rows) as rr:
+        src = first_row + rr
+        with T.If(tir.any(src < 0, src >= h)):
+            with T.Then():
+                fill(rr, 0, width)
+            with T.Else():
+                if pw:
+                    fill(rr, 0, pw)
+                with T.serial(0, -(-w // u)) as jg:
+                    for ju in range(u):
+                        j = tir.min(jg * u + ju, w - 1)
+                        acc = tir.Broadcast(tir.const(0, "int32"), BLOCK)
+                        for ic in range(cbin):
+                            for k in range(4):
+                                a4 = tir.reinterpret("int32", tir.BufferLoad(x, [b, ic, src, j, tir.Ramp(4 * k, 1, 4)]))
+                                a = tir.reinterpret("uint8x64", tir.Broadcast(a4, BLOCK))
+                                acc = tir.call_llvm_pure_intrin(
+                                    f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", acc, a,
+                                    tir.BufferLoad(w1, [o, ic, 0, 0, k, 0, tir.Ramp(0, 1, 64)]))
+                        T.buffer_store(xp, _requant(acc, mult1, c1, n1, o, z_lo_hi), [rr, pw + j, tir.Ramp(0, 1, BLOCK)])
+                if right:
+                    fill(rr, w + pw, right)
+
+
+__all__ = ["EXPAND_DEPTHWISE_KIND", "expand_depthwise_primfunc"]

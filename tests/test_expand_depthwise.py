@@ -1,0 +1,75 @@
+"""The fused inverted-residual kernel (kernels/expand_depthwise.py): 1x1 expand + requant + depthwise + requant in one
+kernel, bit-exact against the numpy integer contract (kernels.reference) of the two convs one after the other.
+
+Runs where the CPU has AVX-512 VNNI; elsewhere compiled for an Ice Lake server target, the run skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import kernels as K  # noqa: E402
+from kernels import reference as R  # noqa: E402
+from kernels.depthwise_vnni import depthwise_vnni_out_shape  # noqa: E402
+from kernels.expand_depthwise import expand_depthwise_primfunc  # noqa: E402
+from test_kernels_x86 import HAS_VNNI, HOST, _requant_params  # noqa: E402
+
+ICX = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
+# name: (n, cin, mid, h, w, k, s, p, residual, threads, extra)
+CASES = {
+    "mbv2_features2_like": (1, 16, 96, 12, 12, 3, 2, 1, False, 2, {}),
+    "mbv2_s1_residual_batch2": (2, 24, 144, 10, 10, 3, 1, 1, True, 5, {}),
+    "odd_sizes_5x5": (1, 20, 40, 9, 13, 5, 1, 2, False, 3, dict(z_mid=7)),
+    "relu6_clamp_s2_odd": (3, 32, 48, 11, 11, 3, 2, 1, False, 1, dict(mid_lo=3, mid_hi=200)),
+    "one_column": (1, 16, 48, 24, 1, 3, 1, 1, False, 2, {}),
+}
+
+
+def _case(name):
+    n, cin, mid, h, w, k, s, p, res, threads, extra = CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    z_mid, mid_lo, mid_hi = extra.get("z_mid", 0), extra.get("mid_lo", 0), extra.get("mid_hi", 255)
+    x = rng.integers(0, 256, (n, cin, h, w), dtype=np.uint8)
+    w1 = rng.integers(-128, 128, (mid, cin, 1, 1), dtype=np.int8)
+    b1 = rng.integers(-(1 << 14), 1 << 14, mid).astype(np.int32)
+    m1, s1 = _requant_params(rng, R.conv_acc(x, w1, b1), mid)
+    s1 = np.maximum(s1, 32).astype(np.int32)
+    y = R.conv2d_requant(x, w1, b1, m1, s1, output_zero_point=z_mid, lo=mid_lo, hi=mid_hi)
+    w2 = rng.integers(-128, 128, (mid, 1, k, k), dtype=np.int8)
+    b2 = rng.integers(-(1 << 14), 1 << 14, mid).astype(np.int32)
+    m2, s2 = _requant_params(rng, R.conv_acc(y, w2, b2, s, p, 1, mid, z_mid), mid)
+    s2 = np.maximum(s2, 32).astype(np.int32)
+    oh, ow = R.conv_acc(y, w2, b2, s, p, 1, mid, z_mid).shape[2:]
+    r = rng.integers(0, 256, (n, mid, oh, ow), dtype=np.uint8) if res else None
+    mr = (np.minimum(np.exp2(s2.astype(np.float64)) / 600.0, 2 ** 31 - 1)).astype(np.int64).astype(np.int32)
+    ref = R.conv2d_requant(y, w2, b2, m2, s2, r, mr if res else None, stride=s, padding=p, groups=mid,
+                           input_zero_point=z_mid, output_zero_point=5, lo=0, hi=255, residual_zero_point=7)
+    p1, p2 = K.pack_channel_params(b1, m1, s1), K.pack_channel_params(b2, m2, s2, mr)
+    w1p = K.pack_conv_weight(w1, groups=1, ic_block=16, isa="vnni")
+    w2p = K.pack_depthwise_taps(w2)
+    xb = K.nchw_to_nchwc(x, 16, 0)
+    arrays = [xb, w1p, *p1[:3], w2p, *p2[:3]]
+    if res:
+        arrays += [K.nchw_to_nchwc(r, 16, 0), p2[3]]
+    func = expand_depthwise_primfunc("main", xb.shape, w1p.shape, w2p.shape, k, (s, s), (p, p), 1, z_mid, mid_lo,
+                                     mid_hi, 5, 0, 255, 7, res, threads=threads)
+    out_shape = depthwise_vnni_out_shape((n, w1p.shape[0], h, w, 16), (k, k), (s, s), (p, p))
+    return ref, y, arrays, func, out_shape, mid
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_expand_depthwise_bit_exact(name, tmp_path):
+    """Fused 1x1 + depthwise equals the two reference convs: stride 1 / 2, 3x3 / 5x5, partial channel blocks (20 and
+    40 channels), residual, a mid clamp and zero point, batch 1-3, row bands for 1-5 threads, a one-column image."""
+    ref, mid, arrays, func, out_shape, c = _case(name)
+    assert len(np.unique(mid)) > 16 and len(np.unique(ref)) > 16, "test data too degenerate"
+    if not HAS_VNNI:
+        so = tmp_path / "k.so"
+        tvm.compile(tvm.IRModule({"main": func}), target=ICX).export_library(str(so))
+        pytest.skip("no AVX-512 VNNI on this CPU: compiled only")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=HOST)
+    got = K.nchwc_to_nchw(K.StandaloneKernel(lib, out_shape, "uint8", func).run(*arrays), c)
+    assert int((got != ref).sum()) == 0, f"{int((got != ref).sum())} mismatches of {ref.size}"
