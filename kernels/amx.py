@@ -39,7 +39,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
-from .vector_tir import pad_stage, paired_requant16, store_paired_constants
+from .vector_tir import pad_stage, paired_requant16, store_paired_constants, unpack_nibbles64
 
 AMX_ENV = "PTQ2TVM_AMX"          # 0 / false / no / off: never use AMX kernels (A/B timing; same integers)
 AMX_ATTR = "ptq2tvm_amx_conv"    # function attribute of the AMX conv PrimFuncs: their scheme, "taps" or "c64"
@@ -404,32 +404,13 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
     return ib.get()
 
 
-def _gf2_qword(source_bits: list[int]) -> int:
-    """The ``vgf2p8affineqb`` matrix (one int64) whose output bit ``i`` is input bit ``source_bits[i]`` (row ``i`` of
-    the matrix is byte ``7 - i``: Intel SDM, GF2P8AFFINEQB), as a signed int64."""
-    v = sum((1 << s) << (8 * (7 - i)) for i, s in enumerate(source_bits))
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-#: nibble -> sign-extended int8 on the low / high nibble of each byte (bits 0-3 / 4-7, the top one repeated)
-_LOW_NIBBLE, _HIGH_NIBBLE = _gf2_qword([0, 1, 2, 3, 3, 3, 3, 3]), _gf2_qword([4, 5, 6, 7, 7, 7, 7, 7])
-
-
 def _unpack_pair(wt, wbuf, obp, nt: int, per_block: int, first=0) -> None:
     """wbuf[first + j] = the int8 weights of output block ``obp * nt + j`` from the nibbles of :func:`pack_amx_int4`
-    (byte ``i`` of a 64-weight row: weight ``i`` in the low nibble, ``i + 32`` in the high one). Per row: the 32
-    bytes broadcast to both halves of a zmm (``vbroadcasti64x4``), one ``vgf2p8affineqb`` whose matrix sign-extends
-    the low nibbles in the lower half and the high nibbles in the upper half, one 64-byte store (every AMX CPU has
-    GFNI and AVX-512: :func:`target_has_amx` requires them)."""
-    matrix = tir.reinterpret("int8x64", tir.Shuffle([tir.Broadcast(tir.const(_LOW_NIBBLE, "int64"), 4),
-                                                     tir.Broadcast(tir.const(_HIGH_NIBBLE, "int64"), 4)],
-                                                    list(range(8))))
+    (:func:`kernels.vector_tir.unpack_nibbles64` per 64-weight row, one 64-byte store; every AMX CPU has GFNI and
+    AVX-512: :func:`target_has_amx` requires them)."""
     for j in range(nt):
         with T.serial(0, per_block // 64) as q:
-            p = tir.BufferLoad(wt, [obp * nt + j, tir.Ramp(q * 32, 1, 32)])
-            both = tir.reinterpret("int8x64", tir.Shuffle([p, p], list(range(64))))
-            T.buffer_store(wbuf, tir.call_llvm_pure_intrin("int8x64", "llvm.x86.vgf2p8affineqb.512", both, matrix,
-                                                           tir.const(0, "int8")),
+            T.buffer_store(wbuf, unpack_nibbles64(tir.BufferLoad(wt, [obp * nt + j, tir.Ramp(q * 32, 1, 32)])),
                            [first + j, q, tir.Ramp(0, 1, 64)])
 
 

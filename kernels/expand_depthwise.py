@@ -21,6 +21,7 @@ from tvm.script.ir_builder import tirx as T
 from .depthwise_vnni import (_channel_constants, _depthwise_band, _group, _requant, check_geometry,
                              depthwise_vnni_out_shape)
 from .layout import BLOCK
+from .vector_tir import unpack_nibbles64
 
 EXPAND_DEPTHWISE_KIND = "expand_depthwise_vnni_paired"
 
@@ -29,19 +30,23 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                               w2_shape: tuple[int, ...], kernel_width: int, stride: tuple[int, int],
                               padding: tuple[int, int], dilation_h: int, mid_zero_point: int, mid_lo: int,
                               mid_hi: int, output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
-                              residual: bool, threads: int | None = None) -> tir.PrimFunc:
+                              residual: bool, threads: int | None = None, int4: bool = False) -> tir.PrimFunc:
     """``name(x, w1, bias1, mult1, shift1, w2, bias2, mult2, shift2, [r, mr], out)``: ``out`` = depthwise(requant(
     conv1x1(x, w1))), the integers of :func:`kernels.conv2d_nchwc_requant` (1x1, stride 1, no residual) followed by
     :func:`kernels.depthwise_taps_requant`, every shift of both >= 32.
 
     x uint8 (N, CBin, H, W, 16); w1 int8 (CBmid, CBin, 1, 1, 4, 16, 4) (:func:`kernels.pack_conv_weight`, VNNI,
-    its input zero point folded into bias1 as for every conv); the expanded values are requantized to
+    its input zero point folded into bias1 as for every conv; with ``int4`` the two-per-byte form (CBmid, CBin, 1,
+    1, 4, 32) uint8, each iteration unpacking its block's 64-byte rows first); the expanded values are requantized to
     ``mid_zero_point`` clamped to [mid_lo, mid_hi], which is also the depthwise conv's input zero point (its
     padding value); w2 int8 (CBmid, KH, G, 16, 4) (:func:`kernels.pack_depthwise_taps`); bias / mult / shift int32
     per channel; r, mr as in :func:`kernels.depthwise_vnni.depthwise_vnni_primfunc`; out uint8 (N, CBmid, OH, OW,
     16). Raises ValueError for weights that do not match the input."""
     n, cbin, h, w, c = (int(v) for v in x_shape)
-    cbm, cbin_w, one_h, one_w, four_g, lanes, four = (int(v) for v in w1_shape)
+    w1_shape = tuple(int(v) for v in w1_shape)
+    if int4 and len(w1_shape) == 6 and w1_shape[-1] == 32:      # nibbles: the int8 layout is (..., 16, 4)
+        w1_shape = (*w1_shape[:-1], BLOCK, 4)
+    cbm, cbin_w, one_h, one_w, four_g, lanes, four = w1_shape
     cbm2, kh, g, lanes2, four2 = (int(v) for v in w2_shape)
     kw = int(kernel_width)
     if (c, lanes, four, four_g, one_h, one_w, lanes2, four2) != (BLOCK, BLOCK, 4, 4, 1, 1, BLOCK, 4) \
@@ -66,7 +71,10 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
                          "ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND, "int32_epilogue": 2})
             x = T.arg("x", T.buffer((n, cbin, h, w, BLOCK), "uint8"))
-            w1 = T.arg("w1", T.buffer((cbm, cbin, 1, 1, 4, BLOCK, 4), "int8"))
+            if int4:
+                w1 = T.arg("w1", T.buffer((cbm, cbin, 1, 1, 4, 32), "uint8"))
+            else:
+                w1 = T.arg("w1", T.buffer((cbm, cbin, 1, 1, 4, BLOCK, 4), "int8"))
             bias1 = T.arg("bias1", T.buffer((cbm * BLOCK,), "int32"))
             mult1 = T.arg("mult1", T.buffer((cbm * BLOCK,), "int32"))
             shift1 = T.arg("shift1", T.buffer((cbm * BLOCK,), "int32"))
@@ -83,7 +91,20 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                 i0 = band * band_rows
                 xp = T.alloc_buffer((in_rows, width, BLOCK), "uint8")
                 c1, n1 = _channel_constants(bias1, mult1, shift1, o, z_mid, None, 0)
-                _expand_band(x, w1, xp, mult1, c1, n1, b, o, i0 * sh - ph, in_rows, (cbin, h, w), pw, width,
+                if int4:    # block o's expand weights as int8 rows [ic * 4 + k] (a few hundred bytes)
+                    w1o = T.alloc_buffer((cbin * 4, 64), "int8")
+                    for ic in range(cbin):
+                        for k in range(4):
+                            T.buffer_store(w1o, unpack_nibbles64(tir.BufferLoad(w1, [o, ic, 0, 0, k,
+                                                                                   tir.Ramp(0, 1, 32)])),
+                                           [ic * 4 + k, tir.Ramp(0, 1, 64)])
+
+                    def w1_row(ic, k):
+                        return tir.BufferLoad(w1o, [ic * 4 + k, tir.Ramp(0, 1, 64)])
+                else:
+                    def w1_row(ic, k):
+                        return tir.BufferLoad(w1, [o, ic, 0, 0, k, 0, tir.Ramp(0, 1, 64)])
+                _expand_band(x, w1_row, xp, mult1, c1, n1, b, o, i0 * sh - ph, in_rows, (cbin, h, w), pw, width,
                              (z_mid, int(mid_lo), int(mid_hi)))
                 c2, n2 = _channel_constants(bias2, mult2, shift2, o, z_out, mr if residual else None, z_r)
                 _depthwise_band(xp, w2, out, mult2, c2, n2, b, o, i0, tir.min(band_rows, oh - i0), ow, (kh, g),
@@ -91,11 +112,11 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
     return ib.get()
 
 
-def _expand_band(x, w1, xp, mult1, c1, n1, b, o, first_row, rows: int, chw: tuple[int, int, int], pw: int,
+def _expand_band(x, w1_row, xp, mult1, c1, n1, b, o, first_row, rows: int, chw: tuple[int, int, int], pw: int,
                  width: int, z_lo_hi: tuple[int, int, int]) -> None:
     """xp[rr] = expanded (1x1 conv + requant) row ``first_row + rr`` of block ``o``, padded with the mid zero
-    point (rows outside the image, columns outside ``[pw, pw + W)``); 8 pixels per group of independent
-    accumulators."""
+    point (rows outside the image, columns outside ``[pw, pw + W)``); ``w1_row(ic, k)``: the int8x64 expand weights
+    of input block ``ic``, channel group ``k``; 8 pixels per group of independent accumulators."""
     cbin, h, w = chw
     zero = tir.const(int(z_lo_hi[0]), "uint8")
     right = width - w - pw
@@ -120,12 +141,13 @@ def _expand_band(x, w1, xp, mult1, c1, n1, b, o, first_row, rows: int, chw: tupl
                         acc = tir.Broadcast(tir.const(0, "int32"), BLOCK)
                         for ic in range(cbin):
                             for k in range(4):
-                                a4 = tir.reinterpret("int32", tir.BufferLoad(x, [b, ic, src, j, tir.Ramp(4 * k, 1, 4)]))
+                                a4 = tir.reinterpret("int32",
+                                                     tir.BufferLoad(x, [b, ic, src, j, tir.Ramp(4 * k, 1, 4)]))
                                 a = tir.reinterpret("uint8x64", tir.Broadcast(a4, BLOCK))
                                 acc = tir.call_llvm_pure_intrin(
-                                    f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", acc, a,
-                                    tir.BufferLoad(w1, [o, ic, 0, 0, k, 0, tir.Ramp(0, 1, 64)]))
-                        T.buffer_store(xp, _requant(acc, mult1, c1, n1, o, z_lo_hi), [rr, pw + j, tir.Ramp(0, 1, BLOCK)])
+                                    f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", acc, a, w1_row(ic, k))
+                        T.buffer_store(xp, _requant(acc, mult1, c1, n1, o, z_lo_hi),
+                                       [rr, pw + j, tir.Ramp(0, 1, BLOCK)])
                 if right:
                     fill(rr, w + pw, right)
 

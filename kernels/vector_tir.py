@@ -61,6 +61,30 @@ def paired_requant16(acc: tir.PrimExpr, mult: tir.PrimExpr, c_even: tir.PrimExpr
     return (q + tir.Broadcast(tir.const(z, "int32"), BLOCK)).astype(f"uint8x{BLOCK}")
 
 
+def _gf2_qword(source_bits: list[int]) -> int:
+    """The ``vgf2p8affineqb`` matrix (one int64) whose output bit ``i`` is input bit ``source_bits[i]`` (row ``i`` of
+    the matrix is byte ``7 - i``: Intel SDM, GF2P8AFFINEQB), as a signed int64."""
+    v = sum((1 << s) << (8 * (7 - i)) for i, s in enumerate(source_bits))
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+#: nibble -> sign-extended int8 on the low / high nibble of each byte (bits 0-3 / 4-7, the top one repeated)
+_LOW_NIBBLE, _HIGH_NIBBLE = _gf2_qword([0, 1, 2, 3, 3, 3, 3, 3]), _gf2_qword([4, 5, 6, 7, 7, 7, 7, 7])
+
+
+def unpack_nibbles64(packed: tir.PrimExpr) -> tir.PrimExpr:
+    """int8x64 = the 64 int4 weights of one 32-byte block (uint8x32; byte ``i``: weight ``i`` in the low nibble,
+    ``i + 32`` in the high one: :func:`kernels.layout.pack_conv_weight`'s and :func:`kernels.pack_amx_int4`'s
+    order), sign-extended: the 32 bytes broadcast to both halves of a zmm (``vbroadcasti64x4``) and one
+    ``vgf2p8affineqb`` whose matrix sign-extends the low nibbles in the lower half and the high ones in the upper
+    half (GFNI + AVX-512 BW)."""
+    matrix = tir.reinterpret("int8x64", tir.Shuffle([tir.Broadcast(tir.const(_LOW_NIBBLE, "int64"), 4),
+                                                     tir.Broadcast(tir.const(_HIGH_NIBBLE, "int64"), 4)],
+                                                    list(range(8))))
+    both = tir.reinterpret("int8x64", tir.Shuffle([packed, packed], list(range(64))))
+    return tir.call_llvm_pure_intrin("int8x64", "llvm.x86.vgf2p8affineqb.512", both, matrix, tir.const(0, "int8"))
+
+
 def store_paired_constants(dst, src, base: tir.PrimExpr | int = 0, lead: tuple = ()) -> None:
     """dst[*lead, base + 0:8] = src[*lead, base + 0, 2, .. 14], dst[*lead, base + 8:16] = src[*lead, base + 1, 3,
     .. 15]: the rounding constants of 16 channels in the order :func:`paired_requant16` loads them (two 8-lane
@@ -124,4 +148,4 @@ def _pad_rows16(x, xp, n: int, cb: int, h: int, w: int, ph: int, pw: int, z_x: i
                     fill(w + pw, right)
 
 
-__all__ = ["pad_stage", "paired_requant16", "store_paired_constants"]
+__all__ = ["pad_stage", "paired_requant16", "store_paired_constants", "unpack_nibbles64"]

@@ -25,6 +25,8 @@ CASES = {
     "odd_sizes_5x5": (1, 20, 40, 9, 13, 5, 1, 2, False, 3, dict(z_mid=7)),
     "relu6_clamp_s2_odd": (3, 32, 48, 11, 11, 3, 2, 1, False, 1, dict(mid_lo=3, mid_hi=200)),
     "one_column": (1, 16, 48, 24, 1, 3, 1, 1, False, 2, {}),
+    "int4_expand": (2, 16, 64, 14, 14, 3, 2, 1, False, 2, dict(int4=True)),
+    "int4_expand_two_blocks_res": (1, 32, 48, 9, 9, 3, 1, 1, True, 3, dict(int4=True)),
 }
 
 
@@ -33,7 +35,9 @@ def _case(name):
     rng = np.random.default_rng(sum(map(ord, name)))
     z_mid, mid_lo, mid_hi = extra.get("z_mid", 0), extra.get("mid_lo", 0), extra.get("mid_hi", 255)
     x = rng.integers(0, 256, (n, cin, h, w), dtype=np.uint8)
-    w1 = rng.integers(-128, 128, (mid, cin, 1, 1), dtype=np.int8)
+    int4 = extra.get("int4", False)
+    w1 = rng.integers(-8, 8, (mid, cin, 1, 1), dtype=np.int8) if int4 else \
+        rng.integers(-128, 128, (mid, cin, 1, 1), dtype=np.int8)
     b1 = rng.integers(-(1 << 14), 1 << 14, mid).astype(np.int32)
     m1, s1 = _requant_params(rng, R.conv_acc(x, w1, b1), mid)
     s1 = np.maximum(s1, 32).astype(np.int32)
@@ -48,14 +52,14 @@ def _case(name):
     ref = R.conv2d_requant(y, w2, b2, m2, s2, r, mr if res else None, stride=s, padding=p, groups=mid,
                            input_zero_point=z_mid, output_zero_point=5, lo=0, hi=255, residual_zero_point=7)
     p1, p2 = K.pack_channel_params(b1, m1, s1), K.pack_channel_params(b2, m2, s2, mr)
-    w1p = K.pack_conv_weight(w1, groups=1, ic_block=16, isa="vnni")
+    w1p = K.pack_conv_weight(w1, groups=1, ic_block=16, isa="vnni", int4=int4)
     w2p = K.pack_depthwise_taps(w2)
     xb = K.nchw_to_nchwc(x, 16, 0)
     arrays = [xb, w1p, *p1[:3], w2p, *p2[:3]]
     if res:
         arrays += [K.nchw_to_nchwc(r, 16, 0), p2[3]]
     func = expand_depthwise_primfunc("main", xb.shape, w1p.shape, w2p.shape, k, (s, s), (p, p), 1, z_mid, mid_lo,
-                                     mid_hi, 5, 0, 255, 7, res, threads=threads)
+                                     mid_hi, 5, 0, 255, 7, res, threads=threads, int4=int4)
     out_shape = depthwise_vnni_out_shape((n, w1p.shape[0], h, w, 16), (k, k), (s, s), (p, p))
     return ref, y, arrays, func, out_shape, mid
 
@@ -63,7 +67,8 @@ def _case(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_expand_depthwise_bit_exact(name, tmp_path):
     """Fused 1x1 + depthwise equals the two reference convs: stride 1 / 2, 3x3 / 5x5, partial channel blocks (20 and
-    40 channels), residual, a mid clamp and zero point, batch 1-3, row bands for 1-5 threads, a one-column image."""
+    40 channels), residual, a mid clamp and zero point, batch 1-3, row bands for 1-5 threads, a one-column image;
+    int4 expand weights (two per byte, unpacked per iteration)."""
     ref, mid, arrays, func, out_shape, c = _case(name)
     assert len(np.unique(mid)) > 16 and len(np.unique(ref)) > 16, "test data too degenerate"
     if not HAS_VNNI:

@@ -300,7 +300,7 @@ class _BlockedBuilder:
         prim = K.expand_depthwise_primfunc(name, x_shape, w1.shape, w2.shape, kernel_width, stride, padding,
                                            dilation_h, a1["output_zero_point"], a1["lo"], a1["hi"],
                                            output_zero_point, lo, hi, residual_zero_point, residual=bool(extra),
-                                           threads=self.threads)
+                                           threads=self.threads, int4=w1.dtype == np.uint8)
         gv = self.bb.add_func(prim, name)
         out_shape = K.depthwise_vnni_out_shape((x_shape[0], int(w1.shape[0]), *x_shape[2:]),
                                                (int(w2.shape[1]), kernel_width), stride, padding, dilation_h)
@@ -353,8 +353,8 @@ class _BlockedBuilder:
         graph output. Measured against the two kernels (Xeon, 2 threads, MobileNetV2's features.2, 16 -> 96
         channels at 112x112, stride 2): 1.13x at batch 1, 1.31-1.35x at batch 8 (the whole MobileNetV2 W8A8 1.02x /
         1.04x); with 24-64 input channels the fused VNNI expand mostly lost to the AMX 1x1 (0.78-0.99x, one shape
-        1.17x), so only single-block inputs are fused. int4 / int2 expand weights are not fused (the kernel takes
-        int8)."""
+        1.17x), so only single-block inputs are fused. int4 expand weights stay two per byte (unpacked in the
+        kernel); 2-bit ones (four per byte) are not fused."""
         if self.cuda or self.isa != "vnni" or not self.shortcuts():
             return {}
         g = self.graph
@@ -376,7 +376,7 @@ class _BlockedBuilder:
             ok = depthwise and a2["dilation"][1] == 1 and self.paired_depthwise(d) and readers.get(e.name) == 1 \
                 and e.name not in g.output_names and int(a1["groups"]) == 1 and tuple(w1.shape[2:]) == (1, 1) \
                 and tuple(a1["stride"]) == (1, 1) and tuple(a1["padding"]) == (0, 0) and int(w1.shape[1]) <= 16 \
-                and not any(self.packing(e).values()) and K.shifts_allow_int32_epilogue(e.arrays["shift"]) \
+                and not self.packing(e)["int2"] and K.shifts_allow_int32_epilogue(e.arrays["shift"]) \
                 and int(a2["input_zero_point"]) == int(a1["output_zero_point"])
             if ok:
                 pairs[d.name] = e

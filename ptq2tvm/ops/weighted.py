@@ -149,7 +149,7 @@ class Conv(_Weighted):
         mid = b.expand_of.get(node.name)
         if mid is not None:     # the 1x1 expand that produces this input runs inside the same kernel
             consts1, _ = self._channel_consts(b, mid, None)
-            w1 = K.pack_conv_weight(mid.arrays["weight"], groups=1, ic_block=16, isa="vnni")
+            w1 = K.pack_conv_weight(mid.arrays["weight"], groups=1, ic_block=16, isa="vnni", **b.packing(mid))
             return b.emit_expand_depthwise(b.blocked(mid.inputs[0]), w1, consts1, K.pack_depthwise_taps(w),
                                            consts, extra, name=name, kernel_width=int(w.shape[3]),
                                            stride=tuple(a["stride"]), padding=tuple(a["padding"]),
