@@ -91,12 +91,13 @@ class _BlockedBuilder:
     layout (NCHW, blocked NCHW16c or 2-D); ops ask for their inputs in the layout they need."""
 
     def __init__(self, graph: IntegerGraph, isa: str, cuda: bool = False, amx: bool = False,
-                 threads: int | None = None):
+                 threads: int | None = None, fuse: bool = True):
         self.graph = graph
         self.isa = isa
         self.cuda = cuda
         self.amx = amx and not cuda      # AMX-INT8 conv kernels where they apply (kernels/amx.py)
         self.threads = threads           # the target's threads (the AMX int4 kernels' chunking); None: this host
+        self.fuse = fuse                 # False: every layer its own kernel (per-layer latency measurement)
         self.expand_of: dict[str, IntNode] = {}     # depthwise node -> the 1x1 expand fused into its kernel
         self.fused_into: set[str] = set()
         self.bb = relax.BlockBuilder()
@@ -355,7 +356,7 @@ class _BlockedBuilder:
         1.04x); with 24-64 input channels the fused VNNI expand mostly lost to the AMX 1x1 (0.78-0.99x, one shape
         1.17x), so only single-block inputs are fused. int4 expand weights stay two per byte (unpacked in the
         kernel); 2-bit ones (four per byte) are not fused."""
-        if self.cuda or self.isa != "vnni" or not self.shortcuts():
+        if self.cuda or self.isa != "vnni" or not self.shortcuts() or not self.fuse:
             return {}
         g = self.graph
         producers = {n.name: n for n in g.nodes}
@@ -409,28 +410,33 @@ def x86_isa(target: dict[str, Any]) -> tuple[str | None, str]:
 
 
 def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
-                     scheduler: Callable[[tvm.IRModule], tvm.IRModule] | None = None) -> tuple[tvm.IRModule, int]:
+                     scheduler: Callable[[tvm.IRModule], tvm.IRModule] | None = None,
+                     fuse: bool = True) -> tuple[tvm.IRModule, int]:
     """The scheduled Relax module for ``target`` (pass it to ``tvm.compile`` unchanged) and the bytes of its packed
     weights (int4 layers two values per byte, int2 layers four per byte, :func:`packs_int2`). ``scheduler``
-    schedules the kernels (default: the hand schedules, ``kernels.schedule_module``; ``backend.tune.KernelTuner`` measures and replays records)."""
+    schedules the kernels (default: the hand schedules, ``kernels.schedule_module``; ``backend.tune.KernelTuner``
+    measures and replays records). ``fuse=False``: no layer runs inside another's kernel
+    (:meth:`_BlockedBuilder.expand_depthwise_pairs`; the per-layer latency measurement times each layer's own)."""
     isa, why = x86_isa(target)
     if isa is None:
         raise ValueError(f"the x86 kernels do not support target {target}: {why}")
     tgt = tvm.target.Target(target)
     threads = int(tgt.attrs["num-cores"]) if "num-cores" in tgt.attrs else None
-    mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tgt), threads=threads)
+    mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tgt), threads=threads,
+                                             fuse=fuse)
     if scheduler is None:
         return K.schedule_module(mod, tvm.target.Target(target)), weight_bytes
     return scheduler(mod), weight_bytes
 
 
 def build_blocked_module(graph: IntegerGraph, batch: int, isa: str, cuda: bool = False,
-                         amx: bool = False, threads: int | None = None) -> tuple[tvm.IRModule, int]:
+                         amx: bool = False, threads: int | None = None,
+                         fuse: bool = True) -> tuple[tvm.IRModule, int]:
     """The unscheduled blocked Relax module (with the float entry) and the bytes of its packed weights. ``cuda``
     switches off the x86-only kernels (rows layout, depthwise taps): what the CUDA build schedules. ``amx``: the
     convs :meth:`_BlockedBuilder.amx_scheme` selects are AMX kernels (already scheduled PrimFuncs), chunked for
-    ``threads`` (default: this machine's cores)."""
-    builder = _BlockedBuilder(graph, isa, cuda=cuda, amx=amx, threads=threads)
+    ``threads`` (default: this machine's cores); ``fuse``: as in :func:`build_x86_module`."""
+    builder = _BlockedBuilder(graph, isa, cuda=cuda, amx=amx, threads=threads, fuse=fuse)
     return add_float_entry(builder.build(batch), graph, batch), builder.weight_bytes
 
 
