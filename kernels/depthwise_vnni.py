@@ -12,7 +12,9 @@ iterations per thread. An iteration copies its band's input rows, padded with th
 (L2-resident; a padded copy of the whole input went through memory and took 25-45% of the kernel), forms the 16
 channels' requant constants, and runs output pixels in groups of ``U`` independent accumulators (the last group
 clamped to end at the last pixel: it recomputes, and rewrites the same values of, a few pixels). Standalone on the
-Xeon (2 threads, MobileNetV2's 3x3 shapes, interleaved medians): 1.24-1.58x the TE tap kernel.
+Xeon (2 threads, MobileNetV2's 3x3 shapes, interleaved medians): 1.24-1.58x the TE tap kernel. The building blocks
+(arguments, row bands, padded band rows, per-block constants, the band's depthwise loop) also make the fused
+expand + depthwise kernel of :mod:`kernels.expand_depthwise`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ def depthwise_vnni_out_shape(x_shape: tuple[int, ...], kernel: tuple[int, int], 
     return (n, cb, (h + 2 * ph - int(dilation_h) * (kh - 1) - 1) // sh + 1, (w + 2 * pw - kw) // sw + 1, BLOCK)
 
 
+def requant_args(blocks: int, suffix: str = "") -> tuple:
+    """The PrimFunc arguments ``bias``, ``mult``, ``shift`` (+ ``suffix``): int32 (blocks * 16,) each."""
+    return tuple(T.arg(f"{k}{suffix}", T.buffer((blocks * BLOCK,), "int32")) for k in ("bias", "mult", "shift"))
+
+
+def output_args(out_shape: tuple[int, ...], residual: bool) -> tuple:
+    """(r, mr, out): the residual's uint8 ``out_shape`` input and int32 multiplier (None, None without one), then the
+    uint8 output argument."""
+    r = mr = None
+    if residual:
+        r = T.arg("r", T.buffer(out_shape, "uint8"))
+        mr = T.arg("mr", T.buffer((int(out_shape[1]) * BLOCK,), "int32"))
+    return r, mr, T.arg("out", T.buffer(out_shape, "uint8"))
+
+
 def check_geometry(stride: tuple[int, int], padding: tuple[int, int], dilation_h: int):
     """((sh, sw), (ph, pw), dh) as ints; ValueError naming the value unless strides and dilation are >= 1 and padding
     >= 0."""
@@ -50,9 +67,17 @@ def check_geometry(stride: tuple[int, int], padding: tuple[int, int], dilation_h
     return (sh, sw), (ph, pw), dh
 
 
-def _group(ow: int) -> int:
+def pixel_group(ow: int) -> int:
     """Output pixels per group: a divisor of ``ow`` in 8..4 where there is one (no recomputed pixels), else 8."""
     return next((u for u in (8, 7, 6, 5, 4) if ow % u == 0), min(8, ow))
+
+
+def row_bands(oh: int, planes: int, sh: int, kh: int, dh: int, threads: int | None) -> tuple[int, int, int]:
+    """(bands, output rows per band, input rows per band) of ``planes`` (image, channel block) planes of ``oh``
+    output rows: as few bands per plane as give >= 2 parallel iterations per thread."""
+    bands = min(oh, max(1, -(-2 * int(threads or os.cpu_count() or 1) // planes)))
+    band_rows = -(-oh // bands)
+    return -(-oh // band_rows), band_rows, (band_rows - 1) * sh + (kh - 1) * dh + 1
 
 
 def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], kernel_width: int,
@@ -79,12 +104,8 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel {kh}x{kw} larger than the padded input {h + 2 * ph}x{w + 2 * pw}")
     width = max(w + 2 * pw, (ow - 1) * sw + 4 * g)      # room for the 4th tap of the last group
-    u = _group(ow)
-    # row bands: as few as give >= 2 parallel iterations per thread
-    bands = min(oh, max(1, -(-2 * int(threads or os.cpu_count() or 1) // (n * cb))))
-    band_rows = -(-oh // bands)
-    bands = -(-oh // band_rows)
-    in_rows = (band_rows - 1) * sh + (kh - 1) * dh + 1
+    u = pixel_group(ow)
+    bands, band_rows, in_rows = row_bands(oh, n * cb, sh, kh, dh, threads)
     z_out, z_r = int(output_zero_point), int(residual_zero_point)
     with IRBuilder() as ib:
         with T.prim_func():
@@ -93,13 +114,8 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
                          "ptq2tvm_kernel": DEPTHWISE_VNNI_KIND, "int32_epilogue": 1})
             x = T.arg("x", T.buffer((n, cb, h, w, BLOCK), "uint8"))
             wt = T.arg("w", T.buffer((cb, kh, g, BLOCK, 4), "int8"))
-            bias = T.arg("bias", T.buffer((cb * BLOCK,), "int32"))
-            mult = T.arg("mult", T.buffer((cb * BLOCK,), "int32"))
-            shift = T.arg("shift", T.buffer((cb * BLOCK,), "int32"))
-            if residual:
-                r = T.arg("r", T.buffer((n, cb, oh, ow, BLOCK), "uint8"))
-                mr = T.arg("mr", T.buffer((cb * BLOCK,), "int32"))
-            out = T.arg("out", T.buffer((n, cb, oh, ow, BLOCK), "uint8"))
+            bias, mult, shift = requant_args(cb)
+            r, mr, out = output_args((n, cb, oh, ow, BLOCK), residual)
             with T.parallel(0, n * cb * bands) as t:
                 b, o, band = t // (cb * bands), t // bands % cb, t % bands
                 i0 = band * band_rows
@@ -107,13 +123,13 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
                 # input went through memory and took 25-45% of the kernel)
                 xp = T.alloc_buffer((in_rows, width, BLOCK), "uint8")
                 _pad_band(x, xp, b, o, i0 * sh - ph, in_rows, h, w, pw, width, int(input_zero_point))
-                c_pairs, shift_n = _channel_constants(bias, mult, shift, o, z_out, mr if residual else None, z_r)
-                _depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, tir.min(band_rows, oh - i0), ow,
-                                (kh, g), (sh, sw), dh, u, (z_out, lo, hi), (r, mr) if residual else None)
+                c_pairs, shift_n = channel_constants(bias, mult, shift, o, z_out, mr, z_r)
+                depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, tir.min(band_rows, oh - i0), ow,
+                               (kh, g), (sh, sw), dh, u, (z_out, lo, hi), (r, mr) if residual else None)
     return ib.get()
 
 
-def _channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int):
+def channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int):
     """(c_pairs, shift_n): block ``o``'s 16 rounding constants (bias * mult [+ the residual's -z_r * mr] +
     2^(shift-1), :func:`kernels.ops.requant_channel_constants`) in a small buffer, even channels then odd, and its
     ``max(shift - 32, 0)`` as an int32x16 expression."""
@@ -132,7 +148,7 @@ def _channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int):
     return c_pairs, shift_n
 
 
-def _requant(acc, mult, c_pairs, shift_n, o, z_lo_hi, residual=None):
+def requant16(acc, mult, c_pairs, shift_n, o, z_lo_hi, residual=None):
     """uint8x16: :func:`kernels.vector_tir.paired_requant16` of block ``o``'s accumulator ``acc``."""
     half = BLOCK // 2
     return paired_requant16(acc, tir.BufferLoad(mult, [tir.Ramp(o * BLOCK, 1, BLOCK)]),
@@ -140,7 +156,7 @@ def _requant(acc, mult, c_pairs, shift_n, o, z_lo_hi, residual=None):
                             tir.BufferLoad(c_pairs, [tir.Ramp(half, 1, half)]), shift_n, *z_lo_hi, residual)
 
 
-def _depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, rows, ow: int, kh_g: tuple[int, int],
+def depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, rows, ow: int, kh_g: tuple[int, int],
                     stride: tuple[int, int], dh: int, u: int, z_lo_hi: tuple[int, int, int], residual) -> None:
     """Output rows ``i0 .. i0 + rows`` of image ``b``, block ``o`` from the band's padded input ``xp`` (row 0 =
     padded input row ``i0 * stride``): per pixel and kernel row, one 64-byte load of 4 consecutive pixels, ``vpermb``
@@ -164,14 +180,16 @@ def _depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, rows, ow: int
                     r, mr = residual
                     res = (tir.BufferLoad(r, [b, o, i, j, tir.Ramp(0, 1, BLOCK)]).astype(f"int32x{BLOCK}"),
                            tir.BufferLoad(mr, [tir.Ramp(o * BLOCK, 1, BLOCK)]))
-                T.buffer_store(out, _requant(acc, mult, c_pairs, shift_n, o, z_lo_hi, res),
+                T.buffer_store(out, requant16(acc, mult, c_pairs, shift_n, o, z_lo_hi, res),
                                [b, o, i, j, tir.Ramp(0, 1, BLOCK)])
 
 
-def _pad_band(x, xp, b, o, first_row, rows: int, h: int, w: int, pw: int, width: int, z_x: int) -> None:
-    """xp[r] = padded input row ``first_row + r`` of image ``b``, block ``o`` (rows outside the image and columns
-    outside ``[pw, pw + W)`` read as the zero point ``z_x``), 16 bytes per move, no per-element conditions."""
-    zero = tir.const(z_x, "uint8")
+def fill_band(xp, first_row, rows: int, h: int, w: int, pw: int, width: int, z: int, row_fn) -> None:
+    """xp[rr] for rr < ``rows``: padded row ``first_row + rr`` of a ``h`` x ``w`` plane, ``width`` columns with the
+    plane at column ``pw``: rows outside the plane and the columns around it hold the zero point ``z`` (16-byte
+    stores, no per-element conditions); ``row_fn(rr, src)`` writes the plane's row ``src`` into columns
+    ``[pw, pw + w)``."""
+    zero = tir.const(int(z), "uint8")
     right = width - w - pw
 
     def fill(rr, first: int, count: int) -> None:
@@ -187,11 +205,22 @@ def _pad_band(x, xp, b, o, first_row, rows: int, h: int, w: int, pw: int, width:
             with T.Else():
                 if pw:
                     fill(rr, 0, pw)
-                with T.serial(0, w) as j:
-                    with T.vectorized(0, BLOCK) as ci:
-                        T.buffer_store(xp, x[b, o, src, j, ci], [rr, pw + j, ci])
+                row_fn(rr, src)
                 if right:
                     fill(rr, w + pw, right)
 
 
-__all__ = ["DEPTHWISE_VNNI_KIND", "depthwise_vnni_out_shape", "depthwise_vnni_primfunc"]
+def _pad_band(x, xp, b, o, first_row, rows: int, h: int, w: int, pw: int, width: int, z_x: int) -> None:
+    """xp[r] = padded input row ``first_row + r`` of image ``b``, block ``o`` (:func:`fill_band` with a copy of the
+    input row)."""
+    def copy(rr, src):
+        with T.serial(0, w) as j:
+            with T.vectorized(0, BLOCK) as ci:
+                T.buffer_store(xp, x[b, o, src, j, ci], [rr, pw + j, ci])
+
+    fill_band(xp, first_row, rows, h, w, pw, width, z_x, copy)
+
+
+__all__ = ["DEPTHWISE_VNNI_KIND", "channel_constants", "check_geometry", "depthwise_band", "depthwise_vnni_out_shape",
+           "depthwise_vnni_primfunc", "fill_band", "output_args", "pixel_group", "requant16", "requant_args",
+           "row_bands"]

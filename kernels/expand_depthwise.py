@@ -12,14 +12,12 @@ Same integers as the two kernels one after the other (tests/test_expand_depthwis
 
 from __future__ import annotations
 
-import os
-
 import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .depthwise_vnni import (_channel_constants, _depthwise_band, _group, _requant, check_geometry,
-                             depthwise_vnni_out_shape)
+from .depthwise_vnni import (channel_constants, check_geometry, depthwise_band, depthwise_vnni_out_shape,
+                             fill_band, output_args, pixel_group, requant16, requant_args, row_bands)
 from .layout import BLOCK
 from .vector_tir import unpack_nibbles64
 
@@ -59,11 +57,8 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel {kh}x{kw} larger than the padded input {h + 2 * ph}x{w + 2 * pw}")
     width = max(w + 2 * pw, (ow - 1) * sw + 4 * g)
-    u = _group(ow)
-    bands = min(oh, max(1, -(-2 * int(threads or os.cpu_count() or 1) // (n * cbm))))
-    band_rows = -(-oh // bands)
-    bands = -(-oh // band_rows)
-    in_rows = (band_rows - 1) * sh + (kh - 1) * dh + 1
+    u = pixel_group(ow)
+    bands, band_rows, in_rows = row_bands(oh, n * cbm, sh, kh, dh, threads)
     z_mid, z_out, z_r = int(mid_zero_point), int(output_zero_point), int(residual_zero_point)
     with IRBuilder() as ib:
         with T.prim_func():
@@ -75,22 +70,15 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                 w1 = T.arg("w1", T.buffer((cbm, cbin, 1, 1, 4, 32), "uint8"))
             else:
                 w1 = T.arg("w1", T.buffer((cbm, cbin, 1, 1, 4, BLOCK, 4), "int8"))
-            bias1 = T.arg("bias1", T.buffer((cbm * BLOCK,), "int32"))
-            mult1 = T.arg("mult1", T.buffer((cbm * BLOCK,), "int32"))
-            shift1 = T.arg("shift1", T.buffer((cbm * BLOCK,), "int32"))
+            bias1, mult1, shift1 = requant_args(cbm, "1")
             w2 = T.arg("w2", T.buffer((cbm, kh, g, BLOCK, 4), "int8"))
-            bias2 = T.arg("bias2", T.buffer((cbm * BLOCK,), "int32"))
-            mult2 = T.arg("mult2", T.buffer((cbm * BLOCK,), "int32"))
-            shift2 = T.arg("shift2", T.buffer((cbm * BLOCK,), "int32"))
-            if residual:
-                r = T.arg("r", T.buffer((n, cbm, oh, ow, BLOCK), "uint8"))
-                mr = T.arg("mr", T.buffer((cbm * BLOCK,), "int32"))
-            out = T.arg("out", T.buffer((n, cbm, oh, ow, BLOCK), "uint8"))
+            bias2, mult2, shift2 = requant_args(cbm, "2")
+            r, mr, out = output_args((n, cbm, oh, ow, BLOCK), residual)
             with T.parallel(0, n * cbm * bands) as t:
                 b, o, band = t // (cbm * bands), t // bands % cbm, t % bands
                 i0 = band * band_rows
                 xp = T.alloc_buffer((in_rows, width, BLOCK), "uint8")
-                c1, n1 = _channel_constants(bias1, mult1, shift1, o, z_mid, None, 0)
+                c1, n1 = channel_constants(bias1, mult1, shift1, o, z_mid, None, 0)
                 if int4:    # block o's expand weights as int8 rows [ic * 4 + k] (a few hundred bytes)
                     w1o = T.alloc_buffer((cbin * 4, 64), "int8")
                     for ic in range(cbin):
@@ -106,8 +94,8 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                         return tir.BufferLoad(w1, [o, ic, 0, 0, k, 0, tir.Ramp(0, 1, 64)])
                 _expand_band(x, w1_row, xp, mult1, c1, n1, b, o, i0 * sh - ph, in_rows, (cbin, h, w), pw, width,
                              (z_mid, int(mid_lo), int(mid_hi)))
-                c2, n2 = _channel_constants(bias2, mult2, shift2, o, z_out, mr if residual else None, z_r)
-                _depthwise_band(xp, w2, out, mult2, c2, n2, b, o, i0, tir.min(band_rows, oh - i0), ow, (kh, g),
+                c2, n2 = channel_constants(bias2, mult2, shift2, o, z_out, mr, z_r)
+                depthwise_band(xp, w2, out, mult2, c2, n2, b, o, i0, tir.min(band_rows, oh - i0), ow, (kh, g),
                                 (sh, sw), dh, u, (z_out, lo, hi), (r, mr) if residual else None)
     return ib.get()
 
@@ -118,38 +106,22 @@ def _expand_band(x, w1_row, xp, mult1, c1, n1, b, o, first_row, rows: int, chw: 
     point (rows outside the image, columns outside ``[pw, pw + W)``); ``w1_row(ic, k)``: the int8x64 expand weights
     of input block ``ic``, channel group ``k``; 8 pixels per group of independent accumulators."""
     cbin, h, w = chw
-    zero = tir.const(int(z_lo_hi[0]), "uint8")
-    right = width - w - pw
-    u = _group(w)
+    u = pixel_group(w)
 
-    def fill(rr, first: int, count: int) -> None:
-        with T.serial(0, count) as j:
-            with T.vectorized(0, BLOCK) as ci:
-                T.buffer_store(xp, zero, [rr, first + j, ci])
+    def expand_row(rr, src):
+        with T.serial(0, -(-w // u)) as jg:
+            for ju in range(u):
+                j = tir.min(jg * u + ju, w - 1)
+                acc = tir.Broadcast(tir.const(0, "int32"), BLOCK)
+                for ic in range(cbin):
+                    for k in range(4):
+                        a4 = tir.reinterpret("int32", tir.BufferLoad(x, [b, ic, src, j, tir.Ramp(4 * k, 1, 4)]))
+                        acc = tir.call_llvm_pure_intrin(
+                            f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", acc,
+                            tir.reinterpret("uint8x64", tir.Broadcast(a4, BLOCK)), w1_row(ic, k))
+                T.buffer_store(xp, requant16(acc, mult1, c1, n1, o, z_lo_hi), [rr, pw + j, tir.Ramp(0, 1, BLOCK)])
 
-    with T.serial(0, rows) as rr:
-        src = first_row + rr
-        with T.If(tir.any(src < 0, src >= h)):
-            with T.Then():
-                fill(rr, 0, width)
-            with T.Else():
-                if pw:
-                    fill(rr, 0, pw)
-                with T.serial(0, -(-w // u)) as jg:
-                    for ju in range(u):
-                        j = tir.min(jg * u + ju, w - 1)
-                        acc = tir.Broadcast(tir.const(0, "int32"), BLOCK)
-                        for ic in range(cbin):
-                            for k in range(4):
-                                a4 = tir.reinterpret("int32",
-                                                     tir.BufferLoad(x, [b, ic, src, j, tir.Ramp(4 * k, 1, 4)]))
-                                a = tir.reinterpret("uint8x64", tir.Broadcast(a4, BLOCK))
-                                acc = tir.call_llvm_pure_intrin(
-                                    f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", acc, a, w1_row(ic, k))
-                        T.buffer_store(xp, _requant(acc, mult1, c1, n1, o, z_lo_hi),
-                                       [rr, pw + j, tir.Ramp(0, 1, BLOCK)])
-                if right:
-                    fill(rr, w + pw, right)
+    fill_band(xp, first_row, rows, h, w, pw, width, z_lo_hi[0], expand_row)
 
 
 __all__ = ["EXPAND_DEPTHWISE_KIND", "expand_depthwise_primfunc"]
