@@ -350,8 +350,8 @@ class _BlockedBuilder:
         """{depthwise node name: its 1x1 expand node} for the pairs this build fuses into one kernel
         (:func:`kernels.expand_depthwise_primfunc`): an AVX-512 VNNI x86 build with shortcuts; the depthwise conv
         takes :meth:`paired_depthwise`; its input is produced by a 1x1 conv (stride 1, no padding, no residual, int8
-        storage, every shift >= 32) from 16 or fewer channels of a blocked tensor, read by nothing else and not a
-        graph output. Measured against the two kernels (Xeon, 2 threads, MobileNetV2's features.2, 16 -> 96
+        or int4 storage, every shift >= 32) from 16 or fewer channels (not the network input), read by nothing else
+        and not a graph output. Measured against the two kernels (Xeon, 2 threads, MobileNetV2's features.2, 16 -> 96
         channels at 112x112, stride 2): 1.13x at batch 1, 1.31-1.35x at batch 8 (the whole MobileNetV2 W8A8 1.02x /
         1.04x); with 24-64 input channels the fused VNNI expand mostly lost to the AMX 1x1 (0.78-0.99x, one shape
         1.17x), so only single-block inputs are fused. int4 expand weights stay two per byte (unpacked in the
