@@ -39,7 +39,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
-from .vector_tir import pad_stage, paired_requant16, store_paired_constants, unpack_nibbles64
+from .vector_tir import (output_args, pad_stage, paired_requant16, requant_args, store_paired_constants,
+                         unpack_nibbles64)
 
 AMX_ENV = "PTQ2TVM_AMX"          # 0 / false / no / off: never use AMX kernels (A/B timing; same integers)
 AMX_ATTR = "ptq2tvm_amx_conv"    # function attribute of the AMX conv PrimFuncs: their scheme, "taps" or "c64"
@@ -319,13 +320,8 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                 wt = T.arg("w", T.buffer((ob, per_block // 2), "uint8"))
             else:
                 wt = T.arg("w", T.buffer(tuple(int(v) for v in w_shape), "int8"))
-            bias = T.arg("bias", T.buffer((ob * BLOCK,), "int32"))
-            mult = T.arg("mult", T.buffer((ob * BLOCK,), "int32"))
-            shift = T.arg("shift", T.buffer((ob * BLOCK,), "int32"))
-            if residual:
-                r = T.arg("r", T.buffer((n, ob, oh, ow, BLOCK), "uint8"))
-                mr = T.arg("mr", T.buffer((ob * BLOCK,), "int32"))
-            out = T.arg("out", T.buffer((n, ob, oh, ow, BLOCK), "uint8"))
+            bias, mult, shift = requant_args(ob)
+            r, mr, out = output_args((n, ob, oh, ow, BLOCK), residual)
             acc = T.alloc_buffer((chunks, mt * rows, nt * BLOCK), "int32")
             cfg = T.alloc_buffer((64,), "uint8")
             paired = bool(shift_ge32)      # the int32-clamp epilogue forms its int64 products in place

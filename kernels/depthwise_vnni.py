@@ -26,7 +26,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
-from .vector_tir import paired_requant16, store_paired_constants
+from .vector_tir import output_args, paired_requant16, requant_args, store_paired_constants
 
 DEPTHWISE_VNNI_KIND = "depthwise_vnni_paired"     # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 #: byte k of the channel-major [i, t] block = byte 16 t + i of the pixel-major [t, i] load (kernels.intrin too)
@@ -39,21 +39,6 @@ def depthwise_vnni_out_shape(x_shape: tuple[int, ...], kernel: tuple[int, int], 
     n, cb, h, w, _ = (int(v) for v in x_shape)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     return (n, cb, (h + 2 * ph - int(dilation_h) * (kh - 1) - 1) // sh + 1, (w + 2 * pw - kw) // sw + 1, BLOCK)
-
-
-def requant_args(blocks: int, suffix: str = "") -> tuple:
-    """The PrimFunc arguments ``bias``, ``mult``, ``shift`` (+ ``suffix``): int32 (blocks * 16,) each."""
-    return tuple(T.arg(f"{k}{suffix}", T.buffer((blocks * BLOCK,), "int32")) for k in ("bias", "mult", "shift"))
-
-
-def output_args(out_shape: tuple[int, ...], residual: bool) -> tuple:
-    """(r, mr, out): the residual's uint8 ``out_shape`` input and int32 multiplier (None, None without one), then the
-    uint8 output argument."""
-    r = mr = None
-    if residual:
-        r = T.arg("r", T.buffer(out_shape, "uint8"))
-        mr = T.arg("mr", T.buffer((int(out_shape[1]) * BLOCK,), "int32"))
-    return r, mr, T.arg("out", T.buffer(out_shape, "uint8"))
 
 
 def check_geometry(stride: tuple[int, int], padding: tuple[int, int], dilation_h: int):
@@ -222,5 +207,4 @@ def _pad_band(x, xp, b, o, first_row, rows: int, h: int, w: int, pw: int, width:
 
 
 __all__ = ["DEPTHWISE_VNNI_KIND", "channel_constants", "check_geometry", "depthwise_band", "depthwise_vnni_out_shape",
-           "depthwise_vnni_primfunc", "fill_band", "output_args", "pixel_group", "requant16", "requant_args",
-           "row_bands"]
+           "depthwise_vnni_primfunc", "fill_band", "pixel_group", "requant16", "row_bands"]

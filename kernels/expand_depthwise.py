@@ -17,9 +17,9 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .depthwise_vnni import (channel_constants, check_geometry, depthwise_band, depthwise_vnni_out_shape,
-                             fill_band, output_args, pixel_group, requant16, requant_args, row_bands)
+                             fill_band, pixel_group, requant16, row_bands)
 from .layout import BLOCK
-from .vector_tir import unpack_nibbles64
+from .vector_tir import output_args, requant_args, unpack_nibbles64
 
 EXPAND_DEPTHWISE_KIND = "expand_depthwise_vnni_paired"
 

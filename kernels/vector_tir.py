@@ -1,5 +1,6 @@
-"""Explicit-vector TIR shared by the hand-written kernels (kernels/amx.py, kernels/depthwise_vnni.py): the
-zero-point pad stage of an NCHW16c input and the int32-clamp requant of 16 channels formed on int64 lane pairs.
+"""Explicit-vector TIR shared by the hand-written kernels (kernels/amx.py, kernels/depthwise_vnni.py,
+kernels/expand_depthwise.py): their requant / output arguments, the zero-point pad stage of an NCHW16c input, the
+int32-clamp requant of 16 channels formed on int64 lane pairs and the int4 nibble unpack.
 
 Both build TIR with the IR builder (``tvm.script.ir_builder.tirx``) inside a kernel being written; the requant
 returns one ``uint8x16`` expression (no buffer), so a caller may keep the accumulator in a register.
@@ -85,6 +86,21 @@ def unpack_nibbles64(packed: tir.PrimExpr) -> tir.PrimExpr:
     return tir.call_llvm_pure_intrin("int8x64", "llvm.x86.vgf2p8affineqb.512", both, matrix, tir.const(0, "int8"))
 
 
+def requant_args(blocks: int, suffix: str = "") -> tuple:
+    """The PrimFunc arguments ``bias``, ``mult``, ``shift`` (+ ``suffix``): int32 (blocks * 16,) each."""
+    return tuple(T.arg(f"{k}{suffix}", T.buffer((blocks * BLOCK,), "int32")) for k in ("bias", "mult", "shift"))
+
+
+def output_args(out_shape: tuple[int, ...], residual: bool) -> tuple:
+    """(r, mr, out): the residual's uint8 ``out_shape`` input and int32 multiplier (None, None without one), then the
+    uint8 output argument."""
+    r = mr = None
+    if residual:
+        r = T.arg("r", T.buffer(out_shape, "uint8"))
+        mr = T.arg("mr", T.buffer((int(out_shape[1]) * BLOCK,), "int32"))
+    return r, mr, T.arg("out", T.buffer(out_shape, "uint8"))
+
+
 def store_paired_constants(dst, src, base: tir.PrimExpr | int = 0, lead: tuple = ()) -> None:
     """dst[*lead, base + 0:8] = src[*lead, base + 0, 2, .. 14], dst[*lead, base + 8:16] = src[*lead, base + 1, 3,
     .. 15]: the rounding constants of 16 channels in the order :func:`paired_requant16` loads them (two 8-lane
@@ -148,4 +164,5 @@ def _pad_rows16(x, xp, n: int, cb: int, h: int, w: int, ph: int, pw: int, z_x: i
                     fill(w + pw, right)
 
 
-__all__ = ["pad_stage", "paired_requant16", "store_paired_constants", "unpack_nibbles64"]
+__all__ = ["output_args", "pad_stage", "paired_requant16", "requant_args", "store_paired_constants",
+           "unpack_nibbles64"]
