@@ -39,8 +39,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
-from .vector_tir import (output_args, pad_stage, paired_requant16, requant_args, store_paired_constants,
-                         unpack_nibbles64)
+from .vector_tir import (output_args, pad_stage, paired_requant16, requant_args, residual16, split_for_threads,
+                         store_paired_constants, unpack_nibbles64)
 
 AMX_ENV = "PTQ2TVM_AMX"          # 0 / false / no / off: never use AMX kernels (A/B timing; same integers)
 AMX_ATTR = "ptq2tvm_amx_conv"    # function attribute of the AMX conv PrimFuncs: their scheme, "taps" or "c64"
@@ -302,9 +302,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
     pair_chunks = int4 and (images_inner or n == 1)      # int4: each chunk unpacks its output-block pair
     whole = int4 and not pair_chunks                      # int4: the whole weight unpacked before the tasks
     if pair_chunks:     # chunks inside one pair each (it unpacks that pair once): >= 2 per thread, equal sizes
-        split = min(per_pair, -(-2 * int(threads or os.cpu_count() or 1) // pairs))
-        per = -(-per_pair // split)
-        split = -(-per_pair // per)
+        split, per = split_for_threads(per_pair, pairs, threads)
         chunks = pairs * split
     else:
         chunks = min(tasks, _MAX_CHUNKS)
@@ -326,6 +324,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
             cfg = T.alloc_buffer((64,), "uint8")
             paired = bool(shift_ge32)      # the int32-clamp epilogue forms its int64 products in place
             c_pairs = T.alloc_buffer((chunks, nt * BLOCK), "int64") if paired else None
+            row_fn = functools.partial(_epilogue_row_paired, c_pairs) if paired else _epilogue_row
             kbuf = {"c": T.alloc_buffer((chunks, nt * BLOCK), "int64"),
                     "n": T.alloc_buffer((chunks, nt * BLOCK), "int32" if shift_ge32 else "uint64"),
                     "off": T.alloc_buffer((chunks, nt * BLOCK), "int64")}
@@ -389,7 +388,6 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                             valid, oy, ox = geo.pixel(mg * mt + i, p)
                             args = (acc, out, mult, kbuf, (r, mr) if residual else None, c, i * rows + p,
                                     b, obp, nt, oy, ox, z_out, lo, hi, shift_ge32)
-                            row_fn = functools.partial(_epilogue_row_paired, c_pairs) if paired else _epilogue_row
                             if valid is None:
                                 row_fn(*args)
                             else:
@@ -485,11 +483,7 @@ def _epilogue_row_paired(c_pairs, acc, out, mult, kbuf, residual, c, row, b, obp
     for j in range(nt):
         o = obp * nt + j
         ch = tir.Ramp(o * BLOCK, 1, BLOCK)
-        res = None
-        if residual is not None:
-            r, mr = residual
-            res = (tir.BufferLoad(r, [b, o, oy, ox, tir.Ramp(0, 1, BLOCK)]).astype(f"int32x{BLOCK}"),
-                   tir.BufferLoad(mr, [ch]))
+        res = None if residual is None else residual16(*residual, [b, o, oy, ox], o)
         v = paired_requant16(tir.BufferLoad(acc, [c, row, tir.Ramp(j * BLOCK, 1, BLOCK)]), tir.BufferLoad(mult, [ch]),
                              tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK, 1, half)]),
                              tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK + half, 1, half)]),

@@ -19,18 +19,16 @@ expand + depthwise kernel of :mod:`kernels.expand_depthwise`.
 
 from __future__ import annotations
 
-import os
-
 import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .intrin import TAPS_TRANSPOSE
 from .layout import BLOCK
-from .vector_tir import output_args, paired_requant16, requant_args, store_paired_constants
+from .vector_tir import (output_args, paired_requant16, requant_args, residual16, split_for_threads,
+                         store_paired_constants)
 
 DEPTHWISE_VNNI_KIND = "depthwise_vnni_paired"     # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
-#: byte k of the channel-major [i, t] block = byte 16 t + i of the pixel-major [t, i] load (kernels.intrin too)
-_TAPS_TRANSPOSE = [16 * (k % 4) + k // 4 for k in range(64)]
 
 
 def depthwise_vnni_out_shape(x_shape: tuple[int, ...], kernel: tuple[int, int], stride: tuple[int, int],
@@ -60,9 +58,8 @@ def pixel_group(ow: int) -> int:
 def row_bands(oh: int, planes: int, sh: int, kh: int, dh: int, threads: int | None) -> tuple[int, int, int]:
     """(bands, output rows per band, input rows per band) of ``planes`` (image, channel block) planes of ``oh``
     output rows: as few bands per plane as give >= 2 parallel iterations per thread."""
-    bands = min(oh, max(1, -(-2 * int(threads or os.cpu_count() or 1) // planes)))
-    band_rows = -(-oh // bands)
-    return -(-oh // band_rows), band_rows, (band_rows - 1) * sh + (kh - 1) * dh + 1
+    bands, band_rows = split_for_threads(oh, planes, threads)
+    return bands, band_rows, (band_rows - 1) * sh + (kh - 1) * dh + 1
 
 
 def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], kernel_width: int,
@@ -158,13 +155,9 @@ def depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, rows, ow: int,
                     for q in range(g):
                         a = tir.BufferLoad(xp, [ii * sh + r_ * dh, j * sw + 4 * q, tir.Ramp(0, 1, 64)])
                         acc = tir.call_llvm_pure_intrin(f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", acc,
-                                                        tir.Shuffle([a], _TAPS_TRANSPOSE),
+                                                        tir.Shuffle([a], TAPS_TRANSPOSE),
                                                         tir.BufferLoad(wt, [o, r_, q, 0, tir.Ramp(0, 1, 64)]))
-                res = None
-                if residual is not None:
-                    r, mr = residual
-                    res = (tir.BufferLoad(r, [b, o, i, j, tir.Ramp(0, 1, BLOCK)]).astype(f"int32x{BLOCK}"),
-                           tir.BufferLoad(mr, [tir.Ramp(o * BLOCK, 1, BLOCK)]))
+                res = None if residual is None else residual16(*residual, [b, o, i, j], o)
                 T.buffer_store(out, requant16(acc, mult, c_pairs, shift_n, o, z_lo_hi, res),
                                [b, o, i, j, tir.Ramp(0, 1, BLOCK)])
 

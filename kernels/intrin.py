@@ -155,7 +155,7 @@ def _taps_pair(scope: str):
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                 C.vload([0], dtype="int32x16"),
-                T.Shuffle([A.vload([0, 0], dtype="uint8x64")], _TAPS_TRANSPOSE),
+                T.Shuffle([A.vload([0, 0], dtype="uint8x64")], TAPS_TRANSPOSE),
                 B.vload([0, 0], dtype="int8x64"),
                 dtype="int32x16",
             )
@@ -163,8 +163,9 @@ def _taps_pair(scope: str):
     return desc, impl
 
 
-# byte 4*i + t of the shuffled vector = byte 16*t + i of the loaded pixels (channel i of pixel t)
-_TAPS_TRANSPOSE = [16 * (k % 4) + k // 4 for k in range(64)]
+# byte 4*i + t of the shuffled vector = byte 16*t + i of the loaded pixels (channel i of pixel t); also used by
+# kernels.depthwise_vnni
+TAPS_TRANSPOSE = [16 * (k % 4) + k // 4 for k in range(64)]
 
 
 # byte k of the zero-extended activation pair vector: per dword j, [a[4j + 2h], 0, a[4j + 2h + 1], 0] (h = 0: channels

@@ -8,6 +8,8 @@ returns one ``uint8x16`` expression (no buffer), so a caller may keep the accumu
 
 from __future__ import annotations
 
+import os
+
 import tvm.tirx as tir
 from tvm.script.ir_builder import tirx as T
 
@@ -84,6 +86,22 @@ def unpack_nibbles64(packed: tir.PrimExpr) -> tir.PrimExpr:
                                                     list(range(8))))
     both = tir.reinterpret("int8x64", tir.Shuffle([packed, packed], list(range(64))))
     return tir.call_llvm_pure_intrin("int8x64", "llvm.x86.vgf2p8affineqb.512", both, matrix, tir.const(0, "int8"))
+
+
+def split_for_threads(count: int, groups: int, threads: int | None) -> tuple[int, int]:
+    """(parts, per part): ``count`` items of each of ``groups`` groups split into as few equal parts as give >= 2
+    parallel iterations per thread (``threads``, default this machine's cores), no empty part. The hand-written
+    kernels' chunking: AMX int4 output-block pairs into chunks, depthwise planes into row bands."""
+    parts = min(count, max(1, -(-2 * int(threads or os.cpu_count() or 1) // groups)))
+    per = -(-count // parts)
+    return -(-count // per), per
+
+
+def residual16(r, mr, index: list, o) -> tuple[tir.PrimExpr, tir.PrimExpr]:
+    """(r, mr) of :func:`paired_requant16` for output block ``o``: the residual's 16 uint8 values at ``index`` (the
+    leading indices of ``r``) as int32x16 and their multipliers."""
+    return (tir.BufferLoad(r, [*index, tir.Ramp(0, 1, BLOCK)]).astype(f"int32x{BLOCK}"),
+            tir.BufferLoad(mr, [tir.Ramp(o * BLOCK, 1, BLOCK)]))
 
 
 def requant_args(blocks: int, suffix: str = "") -> tuple:
@@ -164,5 +182,5 @@ def _pad_rows16(x, xp, n: int, cb: int, h: int, w: int, ph: int, pw: int, z_x: i
                     fill(w + pw, right)
 
 
-__all__ = ["output_args", "pad_stage", "paired_requant16", "requant_args", "store_paired_constants",
-           "unpack_nibbles64"]
+__all__ = ["output_args", "pad_stage", "paired_requant16", "requant_args", "residual16", "split_for_threads",
+           "store_paired_constants", "unpack_nibbles64"]

@@ -242,11 +242,14 @@ class _BlockedBuilder:
         prim = K.amx_rows_conv_primfunc(name, x_shape, amx.shape, in_channels, in_width, kernel, stride, padding,
                                         output_zero_point, lo, hi, residual_zero_point, residual=bool(extra),
                                         shift_ge32=shift_ge32, int4=amx.int4, threads=self.threads)
-        gv = self.bb.add_func(prim, name)
-        out_ty = relax.TensorType(list(K.amx_rows_out_shape(x_shape, amx.shape, in_channels, in_width, kernel,
-                                                            stride, padding)), "uint8")
-        return self.bb.emit(relax.call_tir(gv, relax.Tuple([rows, self.weight(amx.stored), *consts, *extra]),
-                                           out_ty))
+        return self.call_prim(prim, [rows, self.weight(amx.stored), *consts, *extra],
+                              K.amx_rows_out_shape(x_shape, amx.shape, in_channels, in_width, kernel, stride, padding))
+
+    def call_prim(self, prim: tvm.tirx.PrimFunc, args: list, out_shape: tuple[int, ...]) -> relax.Expr:
+        """A hand-written (already scheduled) kernel ``prim`` added to the module under its own name and called on
+        ``args`` with one uint8 output of ``out_shape``: how the AMX, depthwise and fused kernels are emitted."""
+        gv = self.bb.add_func(prim, str(prim.attrs["global_symbol"]))
+        return self.bb.emit(relax.call_tir(gv, relax.Tuple(args), relax.TensorType(list(out_shape), "uint8")))
 
     @staticmethod
     def shape(x: relax.Expr) -> tuple[int, ...]:
@@ -263,9 +266,8 @@ class _BlockedBuilder:
         prim = K.amx_conv_primfunc(name, x_shape, amx.shape, padding, input_zero_point, output_zero_point, lo, hi,
                                    residual_zero_point, residual=bool(extra), shift_ge32=shift_ge32, stride=stride,
                                    int4=amx.int4, threads=self.threads)
-        gv = self.bb.add_func(prim, name)
-        out_ty = relax.TensorType(list(K.amx_conv_out_shape(x_shape, amx.shape, padding, stride)), "uint8")
-        return self.bb.emit(relax.call_tir(gv, relax.Tuple([x, self.weight(amx.stored), *consts, *extra]), out_ty))
+        return self.call_prim(prim, [x, self.weight(amx.stored), *consts, *extra],
+                              K.amx_conv_out_shape(x_shape, amx.shape, padding, stride))
 
     def paired_depthwise(self, node: IntNode) -> bool:
         """Whether a depthwise conv of this AVX-512 VNNI build runs :func:`kernels.depthwise_vnni_primfunc` (the
@@ -284,11 +286,9 @@ class _BlockedBuilder:
         prim = K.depthwise_vnni_primfunc(name, x_shape, packed.shape, kernel_width, stride, padding, dilation_h,
                                          input_zero_point, output_zero_point, lo, hi, residual_zero_point,
                                          residual=bool(extra), threads=self.threads)
-        gv = self.bb.add_func(prim, name)
-        out_shape = K.depthwise_vnni_out_shape(x_shape, (int(packed.shape[1]), kernel_width), stride, padding,
-                                               dilation_h)
-        return self.bb.emit(relax.call_tir(gv, relax.Tuple([x, self.weight(packed), *consts, *extra]),
-                                           relax.TensorType(list(out_shape), "uint8")))
+        return self.call_prim(prim, [x, self.weight(packed), *consts, *extra],
+                              K.depthwise_vnni_out_shape(x_shape, (int(packed.shape[1]), kernel_width), stride,
+                                                         padding, dilation_h))
 
     def emit_expand_depthwise(self, x: relax.Expr, w1: np.ndarray, consts1: list, w2: np.ndarray, consts2: list,
                               extra: list, *, name: str, kernel_width: int, stride: tuple[int, int],
@@ -302,11 +302,10 @@ class _BlockedBuilder:
                                            dilation_h, a1["output_zero_point"], a1["lo"], a1["hi"],
                                            output_zero_point, lo, hi, residual_zero_point, residual=bool(extra),
                                            threads=self.threads, int4=w1.dtype == np.uint8)
-        gv = self.bb.add_func(prim, name)
-        out_shape = K.depthwise_vnni_out_shape((x_shape[0], int(w1.shape[0]), *x_shape[2:]),
-                                               (int(w2.shape[1]), kernel_width), stride, padding, dilation_h)
-        args = [x, self.weight(w1), *consts1, self.weight(w2), *consts2, *extra]
-        return self.bb.emit(relax.call_tir(gv, relax.Tuple(args), relax.TensorType(list(out_shape), "uint8")))
+        return self.call_prim(prim, [x, self.weight(w1), *consts1, self.weight(w2), *consts2, *extra],
+                              K.depthwise_vnni_out_shape((x_shape[0], int(w1.shape[0]), *x_shape[2:]),
+                                                         (int(w2.shape[1]), kernel_width), stride, padding,
+                                                         dilation_h))
 
     def layout(self, name: str) -> str:
         return self.env[name][1]
