@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/layer_gap.py [--models resnet18 mobilenet_v2] [--bits 7/8 8/8] [--rounds 10]
         [--threads 1] [--name layer_gap_avx2_host]
 
-Where does the .so lose to OpenVINO INT8 (oneDNN)? For each model (seeded random weights, batch 1, 224x224) and
+Where does the .so lose to OpenVINO INT8 (oneDNN)? For each model (seeded random weights, batch 1 or `--batch`, 224x224) and
 W/A setting the .so is built as `ptq2tvm compile` builds it; its kernels are recorded with the Relax VM's
 instrument hook (arguments of one inference) and then called one by one, in network order, with those arguments.
 OpenVINO INT8 runs ORT's QDQ model (the `ort_int8` / `openvino_int8` baseline of benchmarks/latency_cpu.py) with
@@ -106,11 +106,13 @@ def so_kernels(so: Path, x: np.ndarray, graph) -> list[tuple[str, object, list, 
             for sym, args in calls]
 
 
-def openvino_request(onnx_path: Path, threads: int):
+def openvino_request(onnx_path: Path, threads: int, input_shape: tuple[int, ...]):
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", {
+    model = core.read_model(str(onnx_path))
+    model.reshape(list(input_shape))          # the batch-1 export, run at the .so's batch (static shapes)
+    compiled = core.compile_model(model, "CPU", {
         "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": int(threads),
         "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
     ops = {op.get_friendly_name(): op for op in compiled.get_runtime_model().get_ordered_ops()}
@@ -132,24 +134,24 @@ def ov_type(op, node_type: str, first: bool) -> str:
     return layer_type(x, tuple(w[-2:]), out, depthwise)
 
 
-def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path) -> dict:
+def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, batch: int = 1) -> dict:
     torch.manual_seed(0)
     model = create_model(model_name).eval()
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((16, 3, 224, 224)).astype(np.float32)
-    x = calib[:1]
+    x = calib[:batch]
     w, a = (int(v) for v in bits.split("/"))
     graph = to_integer(quantize(model, calib[:8], QuantConfig(w, a), progress=False))
-    so = work / f"{model_name}_w{w}a{a}.so"
+    so = work / f"{model_name}_w{w}a{a}_b{batch}.so"
     t0 = time.perf_counter()
-    compile_so(graph, so, batch=1)
+    compile_so(graph, so, batch=batch)
     build_s = time.perf_counter() - t0
     kernels = so_kernels(so, x, graph)
-    onnx = export_onnx(model, x, work / f"{model_name}.onnx")
+    onnx = export_onnx(model, x[:1], work / f"{model_name}.onnx")
     q = work / f"{model_name}.int8.onnx"
     if not q.is_file():
         q = quantize_onnx_int8(onnx, calib, out_path=q)
-    request, ops = openvino_request(q, threads)
+    request, ops = openvino_request(q, threads, x.shape)
     ours: dict[int, list[float]] = defaultdict(list)
     theirs: dict[str, list[float]] = defaultdict(list)
     kinds_ov: dict[str, str] = {}
@@ -189,7 +191,7 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path) -
         layers.append(dict(side="openvino_int8", name=name, type=kinds_ov[name], median_ms=ms))
     for v in by_type.values():
         v["ratio"] = v["so_ms"] / v["openvino_ms"] if v["openvino_ms"] > 0 else None
-    return dict(model=model_name, bits=f"W{w}A{a}", build_seconds=round(build_s, 1), rounds=rounds,
+    return dict(model=model_name, bits=f"W{w}A{a}", batch=batch, build_seconds=round(build_s, 1), rounds=rounds,
                 by_type=dict(sorted(by_type.items())), layers=layers, loadavg_1min=round(os.getloadavg()[0], 2))
 
 
@@ -198,6 +200,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
     p.add_argument("--bits", nargs="+", default=["7/8", "8/8"])
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--batch", type=int, default=1, help="images per call (<= 16)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default=str(ROOT / "runs" / "layer_gap"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -214,12 +217,12 @@ def main() -> None:
     results = []
     for m in args.models:
         for bits in args.bits:
-            res = measure(m, bits, args.rounds, args.threads, work)
+            res = measure(m, bits, args.rounds, args.threads, work, args.batch)
             loads.append(res["loadavg_1min"])
             results.append(res)
             print(f"{m} {res['bits']}: " + ", ".join(
                 f"{k} {v['so_ms']:.2f}/{v['openvino_ms']:.2f} ms" for k, v in res["by_type"].items()), flush=True)
-    lines = [f"# Per layer type: ptq2tvm .so kernels vs OpenVINO INT8 layers, batch 1, {args.threads} thread(s)", "",
+    lines = [f"# Per layer type: ptq2tvm .so kernels vs OpenVINO INT8 layers, batch {args.batch}, {args.threads} thread(s)", "",
              "| model | .so W/A | layer type | .so layers | .so ms | OpenVINO layers | OpenVINO INT8 ms | .so / OpenVINO |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for res in results:

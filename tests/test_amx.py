@@ -225,11 +225,10 @@ def test_amx_build_refused_without_amx(tmp_path, capsys, monkeypatch):
     assert "amx_int8, amx_tile" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name,c64,taps,vnni,fused", [("resnet18", 17, 0, 2, 0), ("mobilenet_v2", 11, 22, 0, 1)])
+@pytest.mark.parametrize("name,c64,taps,vnni,fused", [("resnet18", 19, 0, 0, 0), ("mobilenet_v2", 11, 22, 0, 1)])
 def test_amx_scheme_choice_on_zoo_models(name, c64, taps, vnni, fused):
     """The measured dispatch rule (blocked_builder._BlockedBuilder.amx_weight) on real architectures: ResNet-18's
-    3x3 convs (strided too) and layer4's 1x1/2 downsample (256 channels) run "c64", the other two downsamples
-    VNNI; MobileNetV2's 1x1 convs with >= 320 input channels (384, 576, 960 and the final 320) "c64",
+    3x3 convs (strided too) and all three 1x1/2 downsamples (64, 128, 256 channels) run "c64"; MobileNetV2's 1x1 convs with >= 320 input channels (384, 576, 960 and the final 320) "c64",
     its other 1x1 convs "taps" except features.2's 16 -> 96 expand, fused with its depthwise conv
     (kernels.expand_depthwise); both stems "rows" (depthwise convs have their own kernel). Build only."""
     import torch

@@ -50,7 +50,7 @@ def test_bundle_runs_without_tvm_and_is_bit_exact(tmp_path):
     want = run_reference(graph, graph.input.quantize(x))
     assert np.array_equal(np.load(tmp_path / "yf.npy"), want)
     cm = CompiledModel(tmp_path / "m.so")
-    assert cm.meta["entries"] == {"main": "uint8", "main_float": "float32"}
+    assert {"main": "uint8", "main_float": "float32"}.items() <= cm.meta["entries"].items()  # (+ the x86 checked one)
     assert np.array_equal(cm(x), graph.output.dequantize(want))
     with pytest.raises(InputShapeError, match="NaN"):
         cm(np.full_like(x, np.nan))

@@ -21,7 +21,7 @@ import kernels as K
 
 from ..ir.graph import IntegerGraph, IntNode
 from ..ops import ir_op
-from .relax_builder import PlainEmitter, add_float_entry
+from .relax_builder import PlainEmitter, add_checked_quantize_entry, add_float_entry
 
 NCHW, NCHWC, FLAT = "nchw", "nchwc", "flat"
 FUSED = "fused"     # a tensor never materialized: computed inside its only consumer's kernel
@@ -44,12 +44,13 @@ def amx_conv_scheme(weight_shape: tuple[int, ...], groups: int, stride: tuple[in
     by kernel against VNNI on an Intel Xeon (2 threads; kernels/README.md "AMX-INT8"):
 
     * "c64" (64-channel blocks; K = 64 per tap) where padding the input channels to 64 adds <= 25%: kernels wider
-      than 1 at any stride (1.7-3.4x), 1x1 convs with >= 320 input channels at stride 1 or >= 256 at stride 2
-      (1.0-1.3x);
+      than 1 at any stride (1.7-3.4x), 1x1 convs with >= 320 input channels at stride 1 (1.0-1.3x) or any at
+      stride 2 (ResNet-18's 64- and 128-channel downsamples: the network 0.99x at batch 1 and 8 with the pipelined
+      epilogue, interleaved A/B against VNNI for them);
     * else "taps" (the 16-channel VNNI packing; K = KW x 16) at stride 1 with KW <= 4: small 3x3 and 1x1 convs
       (1.0-1.5x);
-    * else None (strided convs with few channels, 1x1 stride 2 with < 256 channels; depthwise convs: no reduction
-      over channels for a tile product).
+    * else None (strided convs with few channels; depthwise convs: no reduction over channels for a tile
+      product).
 
     int8 and int4 (two per byte, unpacked in the kernel: :func:`kernels.pack_amx_int4`) weights take the tiles;
     2-bit layers stored four per byte stay on the VNNI kernels."""
@@ -63,7 +64,7 @@ def amx_conv_scheme(weight_shape: tuple[int, ...], groups: int, stride: tuple[in
     if K.conv_weight_mode(o, cin, groups, 16) == "depthwise":
         return None
     dense64 = K.conv_weight_mode(o, cin, groups, 64) in ("dense", "expanded")
-    if dense64 and -(-cin // 64) * 64 <= 1.25 * cin and (kh * kw > 1 or cin >= (320 if stride == (1, 1) else 256)):
+    if dense64 and -(-cin // 64) * 64 <= 1.25 * cin and (kh * kw > 1 or cin >= 320 or stride != (1, 1)):
         return "c64"
     if K.conv_weight_mode(o, cin, groups, 16) in ("dense", "expanded") and stride == (1, 1) and kw <= 4:
         return "taps"
@@ -423,6 +424,7 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
     threads = int(tgt.attrs["num-cores"]) if "num-cores" in tgt.attrs else None
     mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tgt), threads=threads,
                                              fuse=fuse)
+    mod = add_checked_quantize_entry(mod, graph, batch, threads)
     if scheduler is None:
         return K.schedule_module(mod, tvm.target.Target(target)), weight_bytes
     return scheduler(mod), weight_bytes
