@@ -196,14 +196,20 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
     if hp < kh or wp < kw:
         raise ValueError(f"kernel {kh}x{kw} larger than the padded input {hp}x{wp}")
     _, _, oh, ow, _ = amx_conv_out_shape(x_shape, w_shape, (ph, pw), (sh, sw))
-    geo = _TileGeometry(oh, ow, wp, (sh, sw))
     kblock = 64 if c64 else BLOCK                  # bytes per pixel of the padded copy
+    # a strided 1x1 conv without padding: the regrouping copy keeps only the pixels read (every sh-th row, sw-th
+    # column), and the conv runs at stride 1 on it
+    subsample = c64 and (kh, kw) == (1, 1) and (sh, sw) != (1, 1) and (ph, pw) == (0, 0)
+    if subsample:
+        hp, wp, (sh, sw), sub = oh, ow, (1, 1), (sh, sw)
+    geo = _TileGeometry(oh, ow, wp, (sh, sw))
 
     def prepare(x):
         if not (c64 or ph or pw):
             return x
         xp = T.alloc_buffer((n, cbw, hp, wp, kblock), "uint8")
-        pad_stage(x, xp, n, cb, cbw, h, w, ph, pw, int(input_zero_point), kblock)
+        pad_stage(x, xp, n, cb, cbw, h, w, ph, pw, int(input_zero_point), kblock,
+                  subsample=sub if subsample else (1, 1))
         return xp
 
     def reduce(xp, b_ptr, b, first_tile, mt, nt, hook):

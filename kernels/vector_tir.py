@@ -129,13 +129,21 @@ def store_paired_constants(dst, src, base: tir.PrimExpr | int = 0, lead: tuple =
 
 
 def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int, z_x: int, kblock: int,
-              width: int | None = None) -> None:
+              width: int | None = None, subsample: tuple[int, int] = (1, 1)) -> None:
     """xp = x (N, CB, H, W, 16) padded with the input zero point ``z_x`` to (N, CBP, H + 2ph, ``width``, kblock)
     (``width`` default W + 2pw; more columns on the right read as the zero point too), regrouped from 16- into
     ``kblock``-channel blocks (16 or 64; channels past the input's read as the zero point), parallel over images x
-    blocks, 16 bytes per move."""
+    blocks, 16 bytes per move.
+
+    ``subsample`` (sh, sw) with no padding: xp (N, CBP, ceil(H / sh), ceil(W / sw), kblock) holds every sh-th row
+    and sw-th column only (a strided 1x1 conv then reads it at stride 1: a quarter of the copy at stride 2)."""
+    sh, sw = (int(v) for v in subsample)
+    if (sh, sw) != (1, 1):
+        if ph or pw or width is not None:
+            raise ValueError(f"pad_stage subsamples only without padding, got padding ({ph}, {pw})")
+        h, w = -(-h // sh), -(-w // sw)
     hp, wp = h + 2 * ph, (w + 2 * pw if width is None else int(width))
-    if kblock == BLOCK and cbp == cb:
+    if kblock == BLOCK and cbp == cb and (sh, sw) == (1, 1):
         _pad_rows16(x, xp, n, cb, h, w, ph, pw, z_x, wp)
         return
     sub = kblock // BLOCK
@@ -147,8 +155,8 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
                     blk = ic * sub + q
                     inside = tir.all(i >= ph, i < h + ph, j >= pw, j < w + pw, blk < cb)
                     with T.vectorized(0, BLOCK) as ci:
-                        src = x[b, tir.min(blk, cb - 1), tir.min(tir.max(i - ph, 0), h - 1),
-                                tir.min(tir.max(j - pw, 0), w - 1), ci]
+                        src = x[b, tir.min(blk, cb - 1), tir.min(tir.max(i - ph, 0), h - 1) * sh,
+                                tir.min(tir.max(j - pw, 0), w - 1) * sw, ci]
                         T.buffer_store(xp, tir.if_then_else(inside, src, tir.const(z_x, "uint8")),
                                        [b, ic, i, j, q * BLOCK + ci])
 

@@ -39,6 +39,8 @@ AMX_CASES = {
     "3x3_s2_odd": (1, 80, 13, 13, 32, 3, 2, 1, False, {}),              # per-row tiles of 7 pixels, odd tile count
     "3x3_s2_wide_res": (2, 96, 11, 40, 48, 3, 2, 1, True, {}),          # 20 output columns: 2 tiles per row, clamped
     "1x1_s2": (1, 64, 14, 14, 64, 1, 2, 0, False, {}),
+    "1x1_s2_odd_part_res": (2, 80, 13, 11, 32, 1, 2, 0, True, {}),      # subsampled copy: 7x6, half a 64-block
+    "1x1_s3": (1, 128, 10, 10, 32, 1, 3, 0, False, {}),
     "5x5_s1": (1, 144, 10, 10, 32, 5, 1, 2, False, {}),                 # KW 5: c64 only
     "7x7_s2": (1, 16, 23, 23, 32, 7, 2, 3, False, dict(zx=128)),
     "3x3_batch3_weight_heavy_res": (3, 128, 5, 5, 96, 3, 1, 1, True, {}),   # images inside output blocks (c64)

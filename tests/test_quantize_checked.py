@@ -78,11 +78,11 @@ def test_compiled_model_reads_the_callers_array(tiny_so):
     """An x86 build records the checked entry; CompiledModel's outputs through it equal those of the copying path
     (copy + numpy check + main_float) for aligned, misaligned, read-only and non-contiguous inputs and other batch
     sizes; NaN / Inf anywhere raises InputShapeError."""
-    from ptq2tvm.backend.relax_builder import CHECKED_QUANTIZE_ENTRY
+    from ptq2tvm.backend.relax_builder import CHECKED_FLOAT_ENTRY
     from ptq2tvm.backend.runtime import CompiledModel
 
     fast, slow = CompiledModel(tiny_so), CompiledModel(tiny_so)
-    assert CHECKED_QUANTIZE_ENTRY in fast.meta["entries"] and fast._fn_checked is not None
+    assert CHECKED_FLOAT_ENTRY in fast.meta["entries"] and fast._fn_checked is not None
     slow._fn_checked = None
     rng = np.random.default_rng(1)
     buf = rng.standard_normal(4 * 144 + 8).astype(np.float32)

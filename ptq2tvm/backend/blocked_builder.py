@@ -21,7 +21,7 @@ import kernels as K
 
 from ..ir.graph import IntegerGraph, IntNode
 from ..ops import ir_op
-from .relax_builder import PlainEmitter, add_checked_quantize_entry, add_float_entry
+from .relax_builder import PlainEmitter, add_checked_float_entry, add_float_entry
 
 NCHW, NCHWC, FLAT = "nchw", "nchwc", "flat"
 FUSED = "fused"     # a tensor never materialized: computed inside its only consumer's kernel
@@ -424,7 +424,7 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
     threads = int(tgt.attrs["num-cores"]) if "num-cores" in tgt.attrs else None
     mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tgt), threads=threads,
                                              fuse=fuse)
-    mod = add_checked_quantize_entry(mod, graph, batch, threads)
+    mod = add_checked_float_entry(mod, graph, batch, threads)
     if scheduler is None:
         return K.schedule_module(mod, tvm.target.Target(target)), weight_bytes
     return scheduler(mod), weight_bytes

@@ -19,7 +19,7 @@ from ..errors import ArtifactError, TargetError
 from ..ir.graph import IntegerGraph, _tensor_json
 from .cuda_binary import build_cuda_binaries, is_cuda_arch
 from .isa import required_cpu_features
-from .relax_builder import CHECKED_QUANTIZE_ENTRY, FLOAT_ENTRY, add_float_entry, build_relax_module
+from .relax_builder import CHECKED_FLOAT_ENTRY, FLOAT_ENTRY, add_float_entry, build_relax_module
 
 ARTIFACT_FORMAT = "ptq2tvm-so"
 ARTIFACT_VERSION = 1
@@ -202,8 +202,8 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
             "batch": batch,
             "input": _tensor_json(graph.input),
             "entries": {"main": "uint8", FLOAT_ENTRY: "float32",
-                        **({CHECKED_QUANTIZE_ENTRY: "float32 -> (uint8, int32 flags)"}
-                           if CHECKED_QUANTIZE_ENTRY in {gv.name_hint for gv in mod.get_global_vars()} else {})},
+                        **({CHECKED_FLOAT_ENTRY: "float32 -> (outputs, int32 non-finite flags)"}
+                           if CHECKED_FLOAT_ENTRY in {gv.name_hint for gv in mod.get_global_vars()} else {})},
             "output": _tensor_json(graph.outputs[0]),
             "outputs": [_tensor_json(t) for t in graph.outputs],
             "output_structure": graph.meta.get("output_structure"),

@@ -79,29 +79,31 @@ def add_float_entry(mod: tvm.IRModule, graph: IntegerGraph, batch: int) -> tvm.I
     return bb.get()
 
 
-CHECKED_QUANTIZE_ENTRY = "quantize_input_checked"
+CHECKED_FLOAT_ENTRY = "main_float_checked"
 
 
-def add_checked_quantize_entry(mod: tvm.IRModule, graph: IntegerGraph, batch: int,
-                               threads: int | None = None) -> tvm.IRModule:
-    """Add ``quantize_input_checked``: float32 input (any 4-byte alignment) -> (uint8 codes for ``main``, int32
-    non-finite flags), one pass (:func:`kernels.quantize_checked_primfunc`; x86 builds). ``CompiledModel`` calls it
-    on the caller's array without copying it, raises on a flag, then calls ``main`` on the codes: the copy into an
-    aligned tensor and numpy's NaN / Inf check cost 8% of ResNet-18 at batch 8 on the 2-core Xeon."""
+def add_checked_float_entry(mod: tvm.IRModule, graph: IntegerGraph, batch: int,
+                            threads: int | None = None) -> tvm.IRModule:
+    """Add ``main_float_checked``: float32 input (any 4-byte alignment) -> (``main``'s output, int32 non-finite
+    flags): the input quantized and checked for NaN / Inf in one pass (:func:`kernels.quantize_checked_primfunc`;
+    x86 builds), then ``main`` on the codes, in one VM call. ``CompiledModel`` calls it on the caller's array without
+    copying it and raises when a flag is set (the output is then meaningless): the copy into an aligned tensor and
+    numpy's NaN / Inf check had cost 8% of ResNet-18 at batch 8 on the 2-core Xeon."""
     from kernels.quantize_checked import quantize_checked_chunks, quantize_checked_primfunc
 
     shape = (batch, *(int(v) for v in graph.input.shape))
-    name = "quantize_input_checked_kernel"
+    name = "quantize_input_checked"
     prim = quantize_checked_primfunc(name, shape, graph.input.scale, graph.input.zero_point, graph.input.qmax,
                                      threads)
     chunks = quantize_checked_chunks(int(np.prod(shape)), threads)
     bb = relax.BlockBuilder(mod)
     gv = bb.add_func(prim, name)
+    main = mod.get_global_var("main")
     xf = relax.Var("x", relax.TensorType(shape, "float32"))
-    with bb.function(CHECKED_QUANTIZE_ENTRY, [xf]):
+    with bb.function(CHECKED_FLOAT_ENTRY, [xf]):
         with bb.dataflow():
-            out = bb.emit_output(relax.call_tir(gv, relax.Tuple([xf]), [relax.TensorType(shape, "uint8"),
-                                                                          relax.TensorType((chunks,), "int32")]))
-        bb.emit_func_output(out)
+            qf = bb.emit_output(relax.call_tir(gv, relax.Tuple([xf]), [relax.TensorType(shape, "uint8"),
+                                                                        relax.TensorType((chunks,), "int32")]))
+        out = bb.emit(relax.Call(main, [bb.emit(relax.TupleGetItem(qf, 0))]))
+        bb.emit_func_output(bb.emit(relax.Tuple([out, bb.emit(relax.TupleGetItem(qf, 1))])))
     return bb.get()
-
