@@ -49,6 +49,9 @@ _C_TILE = 0                      # tiles 0..3: accumulators; 4, 5: A (pixels x K
 _A_TILE = 4
 _B_TILE = 6
 _MAX_CHUNKS = 16                 # parallel tasks per call (each takes a contiguous run of tiles)
+_SPATIAL_MAX_WEIGHT_BYTES = 2 << 20     # one image: pixel-order tasks up to this much weight (int8 bytes)
+_SPATIAL_MAX_INT4_BYTES = 160 << 10     # the same for int4 weights of convs wider than 1x1 (unpacked whole first)
+_SPATIAL_MIN_INT4_IMAGE_BYTES = 64 << 10   # ... whose input image has at least this many bytes
 
 
 def target_has_amx(target: tvm.target.Target | None, honour_env: bool = True) -> bool:
@@ -314,7 +317,22 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
     weight_bytes = nt * per_block
     image_bytes = int(np.prod([int(v) for v in x_shape[1:]]))
     images_inner = n > 1 and weight_bytes > 2 * image_bytes
-    pair_chunks = int4 and (images_inner or n == 1)      # int4: each chunk unpacks its output-block pair
+    # one image, convs wider than 1x1: tasks in pixel order (M groups outer, output-block pairs inner), so that each
+    # thread reads and writes its own band of rows (the pad stage splits rows the same way) instead of every thread
+    # reading the whole input the other core just wrote. Xeon, 2 threads, batch 1, standalone: 56x56x64 3x3
+    # 0.70-0.74x, 28x28x128 0.76x, 14x14x256 0.88-0.91x, 3x3/2 0.60-0.87x; ResNet-18 0.93-0.94x end to end
+    # (MobileNetV2, whose AMX convs are 1x1, within +-3% either way). Weights over 2 MiB (ResNet's 7x7x512 3x3
+    # convs, 2.4 MB: 1.45x in pixel order) keep pair order, each thread streaming half of them; int4 weights over
+    # 160 KiB too (in pixel order every chunk needs every pair, so the weight is unpacked whole first: all of
+    # ResNet-18's layers up to 2 MiB that way made W4A4 1.15x, MobileNetV2's 1x1 layers 1.18x) and inputs from
+    # 64 KiB (the extra parallel unpack made the 28x28 demo model's W4A4 1.4x)
+    wide = int(w_shape[2]) * int(w_shape[3]) > 1
+    if int4:
+        spatial = n == 1 and wide and ob * per_block <= _SPATIAL_MAX_INT4_BYTES \
+            and image_bytes >= _SPATIAL_MIN_INT4_IMAGE_BYTES
+    else:
+        spatial = n == 1 and wide and ob * per_block <= _SPATIAL_MAX_WEIGHT_BYTES
+    pair_chunks = int4 and (images_inner or (n == 1 and not spatial))  # int4: each chunk unpacks its pair
     whole = int4 and not pair_chunks                      # int4: the whole weight unpacked before the tasks
     if pair_chunks:     # chunks inside one pair each (it unpacks that pair once): >= 2 per thread, equal sizes
         split, per = split_for_threads(per_pair, pairs, threads)
@@ -357,6 +375,8 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                 mg = task % groups_m
                 if images_inner:        # consecutive tasks reuse one output-block pair's weights (7x7x512 at
                     return task // groups_m % n, task // (groups_m * n), mg     # batch 8: 1.30x)
+                if spatial:
+                    return task // (groups_m * pairs), task % pairs, task // pairs % groups_m
                 return task // (groups_m * (ob // nt)), task // groups_m % (ob // nt), mg
 
             def epilogue_rows(slot, task, first_row, count_rows):

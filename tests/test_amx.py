@@ -45,6 +45,9 @@ AMX_CASES = {
     "7x7_s2": (1, 16, 23, 23, 32, 7, 2, 3, False, dict(zx=128)),
     "3x3_batch3_weight_heavy_res": (3, 128, 5, 5, 96, 3, 1, 1, True, {}),   # images inside output blocks (c64)
     "3x3_s2_batch2_weight_heavy": (2, 256, 7, 7, 64, 3, 2, 1, False, {}),
+    "3x3_b1_weights_over_2mib": (1, 512, 5, 5, 512, 3, 1, 1, True, {}),  # one image, output-block pair order
+    "3x3_b1_odd_ob_res": (1, 16, 9, 9, 48, 3, 1, 1, True, {}),          # one image, pixel order, one N tile
+    "3x3_b1_64kib_input": (1, 64, 32, 32, 32, 3, 1, 1, True, {}),       # int4: pixel order, weight unpacked whole
 }
 
 
@@ -59,11 +62,12 @@ PARAMS = [(name, scheme) for name in AMX_CASES for scheme in _schemes(name)]
 # int4 weights (two per byte, unpacked per output-block pair and chunk): both schemes, odd output-block counts,
 # batches whose tasks cross chunk and pair boundaries, strides, residual
 INT4_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "1x1_144ch", "3x3_s2_wide_res", "5x5_s1",
-              "3x3_batch3_weight_heavy_res", "3x3_s2_batch2_weight_heavy", "3x3_7x7_wide"]
+              "3x3_batch3_weight_heavy_res", "3x3_s2_batch2_weight_heavy", "3x3_7x7_wide", "3x3_b1_weights_over_2mib",
+              "3x3_b1_odd_ob_res", "3x3_b1_64kib_input"]
 PARAMS += [(name, scheme + "+int4") for name in INT4_CASES for scheme in _schemes(name)]
 # the int32-clamp epilogue (every shift >= 32; int64 products formed in place from the accumulators' lane pairs):
 # residual and not, clamp, odd output-block counts, int4
-GE32_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "3x3_clamp", "1x1_144ch", "3x3_s2_wide_res", "3x3_zx0"]
+GE32_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "3x3_b1_odd_ob_res", "3x3_clamp", "1x1_144ch", "3x3_s2_wide_res", "3x3_zx0"]
 PARAMS += [(name, scheme + "+ge32") for name in GE32_CASES for scheme in _schemes(name)]
 PARAMS += [("3x3_batch3_weight_heavy_res", "c64+int4+ge32")]
 
