@@ -90,6 +90,10 @@ def test_compiled_model_reads_the_callers_array(tiny_so):
         x = buf[off:off + 4 * 144].reshape(4, 1, 12, 12)
         assert np.array_equal(fast(x), slow(x)), off
     assert not fast._inputs            # no copy into the .so's own input tensor was made
+    raw = np.zeros(4 * 144 * 4 + 8, np.uint8)        # a float32 view 1 byte off alignment: the copying path
+    odd = raw[1:1 + 4 * 144 * 4].view(np.float32).reshape(4, 1, 12, 12)
+    odd[...] = buf[:4 * 144].reshape(4, 1, 12, 12)
+    assert np.array_equal(fast(odd), slow(odd))
     ro = buf[:4 * 144].reshape(4, 1, 12, 12).copy()
     ro.flags.writeable = False
     assert np.array_equal(fast(ro), slow(ro))
