@@ -294,13 +294,13 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
 
     ``int4``: the weight argument is :func:`pack_amx_int4`'s, unpacked (nibble -> int8) in one of two ways:
 
-    * one image, or images inside output-block pairs: each chunk holds tasks of one pair and unpacks that pair into
-      its own buffer first; a pair is split into as few chunks as give 2 per thread (an unpack costs about what the
-      products of a few tasks do: Xeon, 2 threads, 3x3 convs at 14x14 batch 1: 16 chunks 1.24x the int8 kernel,
-      8 chunks 1.08x, 4 chunks 1.03x);
-    * images outside: the whole weight is unpacked into one buffer (parallel over pairs) before the tasks run as for
-      int8 (ResNet-18 W4A4 at batch 8: 1.01x the unpack-on-pair-change alternative, 1.13x images inside
-      everywhere)."""
+    * one image in pair order, or images inside output-block pairs: each chunk holds tasks of one pair and unpacks
+      that pair into its own buffer first; a pair is split into as few chunks as give 2 per thread (an unpack costs
+      about what the products of a few tasks do: Xeon, 2 threads, 3x3 convs at 14x14 batch 1: 16 chunks 1.24x the
+      int8 kernel, 8 chunks 1.08x, 4 chunks 1.03x);
+    * images outside, or one image in pixel order: the whole weight is unpacked into one buffer (parallel over
+      pairs) before the tasks run as for int8 (ResNet-18 W4A4 at batch 8: 1.01x the unpack-on-pair-change
+      alternative, 1.13x images inside everywhere)."""
     from .ops import requant_channel_constants
 
     n, ob = int(x_shape[0]), int(w_shape[0])
