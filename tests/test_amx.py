@@ -35,6 +35,7 @@ AMX_CASES = {
     "4x4_pad2": (1, 16, 11, 11, 32, 4, 1, 2, False, {}),                # KW = 4: a full 64-byte tile row (taps)
     "1x1": (1, 48, 9, 9, 48, 1, 1, 0, False, {}),
     "1x1_144ch": (1, 144, 10, 10, 32, 1, 1, 0, True, {}),               # 3 64-channel blocks, the last one part
+    "1x1_clamp_4rows": (2, 32, 6, 6, 48, 1, 1, 0, True, dict(lo=10, hi=200, zo=100)),   # four rows at a time
     "3x3_zx0": (1, 32, 14, 14, 32, 3, 1, 1, True, dict(zx=0)),
     "3x3_s2_odd": (1, 80, 13, 13, 32, 3, 2, 1, False, {}),              # per-row tiles of 7 pixels, odd tile count
     "3x3_s2_wide_res": (2, 96, 11, 40, 48, 3, 2, 1, True, {}),          # 20 output columns: 2 tiles per row, clamped
@@ -67,7 +68,7 @@ INT4_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "1x1_144ch", "3x3_s2_wide_re
 PARAMS += [(name, scheme + "+int4") for name in INT4_CASES for scheme in _schemes(name)]
 # the int32-clamp epilogue (every shift >= 32; int64 products formed in place from the accumulators' lane pairs):
 # residual and not, clamp, odd output-block counts, int4
-GE32_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "3x3_b1_odd_ob_res", "3x3_clamp", "1x1_144ch", "3x3_s2_wide_res", "3x3_zx0"]
+GE32_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "3x3_b1_odd_ob_res", "1x1_clamp_4rows", "3x3_s2_odd", "3x3_clamp", "1x1_144ch", "3x3_s2_wide_res", "3x3_zx0"]
 PARAMS += [(name, scheme + "+ge32") for name in GE32_CASES for scheme in _schemes(name)]
 PARAMS += [("3x3_batch3_weight_heavy_res", "c64+int4+ge32")]
 
