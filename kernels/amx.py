@@ -553,47 +553,49 @@ def _epilogue_row(acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_
             T.buffer_store(out, requant_finish(v, k, z_out, lo, hi, shift_ge32), [b, o, oy, ox, oc])
 
 
+def _paired_row(c_pairs, acc, mult, kbuf, c, row, j, o, z_out, lo, hi, res, unclamped=False) -> tir.PrimExpr:
+    """:func:`kernels.vector_tir.paired_requant16` of accumulator row ``row`` of block ``j`` (output block ``o``)
+    with the task's constants in slot ``c`` (``c_pairs``: the rounding constants of the even, then the odd
+    channels); ``res`` the residual's (values, multipliers) or None."""
+    half = BLOCK // 2
+    return paired_requant16(tir.BufferLoad(acc, [c, row, tir.Ramp(j * BLOCK, 1, BLOCK)]),
+                            tir.BufferLoad(mult, [tir.Ramp(o * BLOCK, 1, BLOCK)]),
+                            tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK, 1, half)]),
+                            tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK + half, 1, half)]),
+                            tir.BufferLoad(kbuf["n"], [c, tir.Ramp(j * BLOCK, 1, BLOCK)]), z_out, lo, hi, res,
+                            unclamped=unclamped)
+
+
 def _epilogue_row_paired(c_pairs, acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_out, lo, hi,
                          shift_ge32) -> None:
-    """:func:`_epilogue_row` for the int32-clamp epilogue (every shift >= 32): :func:`kernels.vector_tir.
-    paired_requant16` on the accumulator row (int64 products formed in place on lane pairs; ``c_pairs``: the rounding
-    constants of the even, then the odd channels). ResNet-18 W8A8 on the Xeon 1.02x at batch 1, 1.03x at batch 8."""
-    half = BLOCK // 2
+    """:func:`_epilogue_row` for the int32-clamp epilogue (every shift >= 32): :func:`_paired_row` (int64 products
+    formed in place on lane pairs) and one 16-byte store per block. ResNet-18 W8A8 on the Xeon 1.02x at batch 1,
+    1.03x at batch 8."""
     for j in range(nt):
         o = obp * nt + j
-        ch = tir.Ramp(o * BLOCK, 1, BLOCK)
         res = None if residual is None else residual16(*residual, [b, o, oy, ox], o)
-        v = paired_requant16(tir.BufferLoad(acc, [c, row, tir.Ramp(j * BLOCK, 1, BLOCK)]), tir.BufferLoad(mult, [ch]),
-                             tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK, 1, half)]),
-                             tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK + half, 1, half)]),
-                             tir.BufferLoad(kbuf["n"], [c, tir.Ramp(j * BLOCK, 1, BLOCK)]), z_out, lo, hi, res)
-        T.buffer_store(out, v, [b, o, oy, ox, tir.Ramp(0, 1, BLOCK)])
+        T.buffer_store(out, _paired_row(c_pairs, acc, mult, kbuf, c, row, j, o, z_out, lo, hi, res),
+                       [b, o, oy, ox, tir.Ramp(0, 1, BLOCK)])
 
 
 def _epilogue_rows4_paired(c_pairs, acc, outf, mult, kbuf, residual, c, q0, b, obp, nt, ob, plane, lin0, z_out, lo,
                            hi) -> None:
     """Accumulator rows q0..q0+3 (four consecutive output pixels from linear pixel ``lin0`` of the ``plane``-pixel
-    output planes) of the task's ``nt`` output blocks: :func:`kernels.vector_tir.paired_requant16` unclamped per row,
-    then :func:`kernels.vector_tir.pack4_clamp` and one 64-byte store per block. ``outf`` / ``residual[0]`` are flat
+    output planes) of the task's ``nt`` output blocks: :func:`_paired_row` unclamped per row, then
+    :func:`kernels.vector_tir.pack4_clamp` and one 64-byte store per block. ``outf`` / ``residual[0]`` are flat
     views of the NCHW16c output / residual."""
-    half = BLOCK // 2
     for j in range(nt):
         o = obp * nt + j
         base = (b * ob + o) * plane + lin0
-        vs = []
+        rows = []
         for k in range(4):
             res = None
             if residual is not None:
                 rf, mr = residual
                 res = (tir.BufferLoad(rf, [tir.Ramp((base + k) * BLOCK, 1, BLOCK)]).astype(f"int32x{BLOCK}"),
                        tir.BufferLoad(mr, [tir.Ramp(o * BLOCK, 1, BLOCK)]))
-            vs.append(paired_requant16(tir.BufferLoad(acc, [c, q0 + k, tir.Ramp(j * BLOCK, 1, BLOCK)]),
-                                       tir.BufferLoad(mult, [tir.Ramp(o * BLOCK, 1, BLOCK)]),
-                                       tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK, 1, half)]),
-                                       tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK + half, 1, half)]),
-                                       tir.BufferLoad(kbuf["n"], [c, tir.Ramp(j * BLOCK, 1, BLOCK)]), z_out, lo, hi,
-                                       res, unclamped=True))
-        T.buffer_store(outf, pack4_clamp(vs, lo, hi), [tir.Ramp(base * BLOCK, 1, 4 * BLOCK)])
+            rows.append(_paired_row(c_pairs, acc, mult, kbuf, c, q0 + k, j, o, z_out, lo, hi, res, unclamped=True))
+        T.buffer_store(outf, pack4_clamp(rows, lo, hi), [tir.Ramp(base * BLOCK, 1, 4 * BLOCK)])
 
 
 __all__ = ["AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_rows_conv_primfunc",

@@ -19,6 +19,8 @@ expand + depthwise kernel of :mod:`kernels.expand_depthwise`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
@@ -48,6 +50,32 @@ def check_geometry(stride: tuple[int, int], padding: tuple[int, int], dilation_h
         raise ValueError(f"depthwise conv needs strides >= 1, dilation >= 1 and padding >= 0, got stride "
                          f"{(sh, sw)}, vertical dilation {dh}, padding {(ph, pw)}")
     return (sh, sw), (ph, pw), dh
+
+
+class BandLayout(NamedTuple):
+    """How a depthwise kernel covers its output: size, the padded band buffer's width, pixels per group and the row
+    bands (:func:`band_layout`)."""
+    oh: int
+    ow: int
+    width: int
+    group: int
+    bands: int
+    band_rows: int
+    in_rows: int
+
+
+def band_layout(x_shape: tuple[int, ...], kernel: tuple[int, int], taps_groups: int, stride: tuple[int, int],
+                padding: tuple[int, int], dh: int, threads: int | None) -> BandLayout:
+    """The :class:`BandLayout` of a depthwise conv on the blocked ``x_shape`` (N, CB, H, W, 16) with ``taps_groups``
+    groups of 4 horizontal taps: the band buffer is wide enough for the 4th tap of the last group. Raises
+    ValueError for a kernel larger than the padded input."""
+    n, cb, h, w, _ = (int(v) for v in x_shape)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    _, _, oh, ow, _ = depthwise_vnni_out_shape(x_shape, (kh, kw), (sh, sw), (ph, pw), dh)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"kernel {kh}x{kw} larger than the padded input {h + 2 * ph}x{w + 2 * pw}")
+    width = max(w + 2 * pw, (ow - 1) * sw + 4 * taps_groups)
+    return BandLayout(oh, ow, width, pixel_group(ow), *row_bands(oh, n * cb, sh, kh, dh, threads))
 
 
 def pixel_group(ow: int) -> int:
@@ -82,12 +110,7 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
         raise ValueError(f"depthwise tap weight {tuple(w_shape)} (kernel width {kw}) does not match input "
                          f"{tuple(x_shape)}")
     (sh, sw), (ph, pw), dh = check_geometry(stride, padding, dilation_h)
-    _, _, oh, ow, _ = depthwise_vnni_out_shape(x_shape, (kh, kw), (sh, sw), (ph, pw), dh)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"kernel {kh}x{kw} larger than the padded input {h + 2 * ph}x{w + 2 * pw}")
-    width = max(w + 2 * pw, (ow - 1) * sw + 4 * g)      # room for the 4th tap of the last group
-    u = pixel_group(ow)
-    bands, band_rows, in_rows = row_bands(oh, n * cb, sh, kh, dh, threads)
+    oh, ow, width, u, bands, band_rows, in_rows = band_layout(x_shape, (kh, kw), g, (sh, sw), (ph, pw), dh, threads)
     z_out, z_r = int(output_zero_point), int(residual_zero_point)
     with IRBuilder() as ib:
         with T.prim_func():
@@ -199,5 +222,5 @@ def _pad_band(x, xp, b, o, first_row, rows: int, h: int, w: int, pw: int, width:
     fill_band(xp, first_row, rows, h, w, pw, width, z_x, copy)
 
 
-__all__ = ["DEPTHWISE_VNNI_KIND", "channel_constants", "check_geometry", "depthwise_band", "depthwise_vnni_out_shape",
+__all__ = ["DEPTHWISE_VNNI_KIND", "BandLayout", "band_layout", "channel_constants", "check_geometry", "depthwise_band", "depthwise_vnni_out_shape",
            "depthwise_vnni_primfunc", "fill_band", "pixel_group", "requant16", "row_bands"]

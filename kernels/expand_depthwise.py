@@ -16,8 +16,8 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .depthwise_vnni import (channel_constants, check_geometry, depthwise_band, depthwise_vnni_out_shape,
-                             fill_band, pixel_group, requant16, row_bands)
+from .depthwise_vnni import (band_layout, channel_constants, check_geometry, depthwise_band, fill_band, pixel_group,
+                             requant16)
 from .layout import BLOCK
 from .vector_tir import output_args, requant_args, unpack_nibbles64
 
@@ -52,13 +52,8 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
         raise ValueError(f"expand weight {tuple(w1_shape)} / depthwise weight {tuple(w2_shape)} (kernel width {kw}) "
                          f"do not match input {tuple(x_shape)}")
     (sh, sw), (ph, pw), dh = check_geometry(stride, padding, dilation_h)
-    mid_shape = (n, cbm, h, w, BLOCK)
-    _, _, oh, ow, _ = depthwise_vnni_out_shape(mid_shape, (kh, kw), (sh, sw), (ph, pw), dh)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"kernel {kh}x{kw} larger than the padded input {h + 2 * ph}x{w + 2 * pw}")
-    width = max(w + 2 * pw, (ow - 1) * sw + 4 * g)
-    u = pixel_group(ow)
-    bands, band_rows, in_rows = row_bands(oh, n * cbm, sh, kh, dh, threads)
+    oh, ow, width, u, bands, band_rows, in_rows = band_layout((n, cbm, h, w, BLOCK), (kh, kw), g, (sh, sw), (ph, pw),
+                                                              dh, threads)
     z_mid, z_out, z_r = int(mid_zero_point), int(output_zero_point), int(residual_zero_point)
     with IRBuilder() as ib:
         with T.prim_func():

@@ -598,14 +598,20 @@ def upsample_nearest_nchwc(x: te.Tensor, scale=(2, 2)) -> te.Tensor:
                       attrs={KERNEL_ATTR: "eltwise_nchwc"})
 
 
+def quantize_expr(v: tir.PrimExpr, scale: float, zero_point: int, qmax: int = 255, lanes: int = 1) -> tir.PrimExpr:
+    """uint8 (or uint8 x ``lanes``) of float32 ``v`` exactly as ``QTensor.quantize`` in numpy: ``clip(rint(v / scale)
+    + zero_point, 0, qmax)``, IEEE float32 division (not a reciprocal multiply) and round half to even
+    (``nearbyint``). Used by :func:`quantize_input` and :func:`kernels.quantize_checked.quantize_checked_primfunc`."""
+    consts = (tir.const(float(np.float32(scale)), "float32"), tir.const(float(zero_point), "float32"),
+              tir.const(0.0, "float32"), tir.const(float(qmax), "float32"))
+    s, z, lo, hi = (c if lanes == 1 else tir.Broadcast(c, lanes) for c in consts)
+    return tir.max(tir.min(tir.nearbyint(v / s) + z, hi), lo).astype("uint8" if lanes == 1 else f"uint8x{lanes}")
+
+
 def quantize_input(x: te.Tensor, scale: float, zero_point: int, qmax: int = 255) -> te.Tensor:
-    """float32 -> uint8 exactly as ``QTensor.quantize`` in numpy: ``clip(rint(x / scale) + zero_point, 0, qmax)``,
-    IEEE float32 division (not a reciprocal multiply) and round half to even (``nearbyint``)."""
-    s = tir.const(float(np.float32(scale)), "float32")
-    z = tir.const(float(zero_point), "float32")
-    lo, hi = tir.const(0.0, "float32"), tir.const(float(qmax), "float32")
-    return te.compute(_shape(x), lambda *i: tir.max(tir.min(tir.nearbyint(x[i] / s) + z, hi), lo).astype("uint8"),
-                      name="out", attrs={KERNEL_ATTR: "eltwise_nchwc"})
+    """float32 -> uint8 exactly as ``QTensor.quantize`` (:func:`quantize_expr`)."""
+    return te.compute(_shape(x), lambda *i: quantize_expr(x[i], scale, zero_point, qmax), name="out",
+                      attrs={KERNEL_ATTR: "eltwise_nchwc"})
 
 
 def nchw_to_nchwc(x: te.Tensor, block: int = BLOCK, pad_value: int = 0) -> te.Tensor:

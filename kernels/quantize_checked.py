@@ -7,7 +7,7 @@ numpy to reject NaN / Inf, and then let the .so quantize it: three passes over 4
 buffer is declared 4-byte aligned, so nothing assumes more) and writes the uint8 codes and one non-finite flag per
 parallel chunk: one pass, and the check costs a compare per 16 values.
 
-Arithmetic: exactly :func:`kernels.ops.quantize_input` / ``QTensor.quantize``: ``clip(rint(x / scale) + zero_point,
+Arithmetic: :func:`kernels.ops.quantize_expr`, exactly ``QTensor.quantize``: ``clip(rint(x / scale) + zero_point,
 0, qmax)`` in float32, IEEE division and round half to even.
 """
 
@@ -20,6 +20,8 @@ import numpy as np
 import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
+
+from .ops import quantize_expr
 
 _LANES = 16
 _MIN_CHUNK = 16384          # values per parallel chunk at least (below, one chunk: no thread-pool launch)
@@ -43,14 +45,8 @@ def quantize_checked_primfunc(name: str, shape: tuple[int, ...], scale: float, z
     chunks = quantize_checked_chunks(total, threads)
     full = total // _LANES                                  # whole vectors
     per = -(-full // chunks)                                # vectors per chunk
-    s = tir.const(float(np.float32(scale)), "float32")
-    z = tir.const(float(zero_point), "float32")
-    lo, hi = tir.const(0.0, "float32"), tir.const(float(qmax), "float32")
-
     def quantize(v: tir.PrimExpr, lanes: int) -> tir.PrimExpr:
-        bz, bs, blo, bhi = ((e if lanes == 1 else tir.Broadcast(e, lanes)) for e in (z, s, lo, hi))
-        return tir.max(tir.min(tir.nearbyint(v / bs) + bz, bhi), blo).astype("uint8" if lanes == 1 else
-                                                                               f"uint8x{lanes}")
+        return quantize_expr(v, scale, zero_point, qmax, lanes)
 
     def bad(v: tir.PrimExpr, lanes: int) -> tir.PrimExpr:
         """1 where ``v`` is NaN or +-Inf: ``|v| <= FLT_MAX`` is an ordered compare, false for NaN (TVM's

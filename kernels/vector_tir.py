@@ -165,8 +165,13 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
               width: int | None = None, subsample: tuple[int, int] = (1, 1)) -> None:
     """xp = x (N, CB, H, W, 16) padded with the input zero point ``z_x`` to (N, CBP, H + 2ph, ``width``, kblock)
     (``width`` default W + 2pw; more columns on the right read as the zero point too), regrouped from 16- into
-    ``kblock``-channel blocks (16 or 64; channels past the input's read as the zero point), row by row in parallel
-    (rows outer, so that each thread writes the band of rows its AMX tasks read), 16 bytes per move.
+    ``kblock``-channel blocks (16 or 64; channels past the input's read as the zero point).
+
+    Row by row in parallel, rows outer (each thread writes the band of rows its AMX tasks read): a border row is one
+    fill, an inner row a fill of the left columns, per pixel ``kblock / 16`` 16-byte moves (one per source block; a
+    block past the input's channels is a fill) and a fill of the right ones; explicit vector loads and stores, no
+    per-element conditions (the select-per-16-bytes form, parallel over images x blocks only, took a third of a
+    56x56x64 3x3 conv at batch 1, and ~45% of a 3x3/2 depthwise conv at 112x112).
 
     ``subsample`` (sh, sw) with no padding: xp (N, CBP, ceil(H / sh), ceil(W / sw), kblock) holds every sh-th row
     and sw-th column only (a strided 1x1 conv then reads it at stride 1: a quarter of the copy at stride 2)."""
@@ -176,24 +181,10 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
             raise ValueError(f"pad_stage subsamples only without padding, got padding ({ph}, {pw})")
         h, w = -(-h // sh), -(-w // sw)
     hp, wp = h + 2 * ph, (w + 2 * pw if width is None else int(width))
-    if kblock == BLOCK and cbp == cb and (sh, sw) == (1, 1):
-        _pad_rows16(x, xp, n, cb, h, w, ph, pw, z_x, wp)
-        return
-    _pad_rows_regroup(x, xp, n, cb, cbp, h, w, ph, pw, z_x, wp, kblock // BLOCK, (sh, sw))
-
-
-def _pad_rows_regroup(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int, z_x: int, wp: int,
-                      sub: int, subsample: tuple[int, int]) -> None:
-    """:func:`pad_stage` into ``sub * 16``-channel blocks, row by row in parallel over images x blocks x padded
-    rows: a border row is one fill, an inner row a fill of the left columns, per pixel ``sub`` 16-byte moves (one per
-    source block; a block past the input's channels is a fill) and a fill of the right ones. Explicit vector loads
-    and stores, no per-element conditions: the select-per-16-bytes form, parallel over images x blocks only, took a
-    third of a 56x56x64 3x3 conv at batch 1 (one thread did the whole copy)."""
-    sh, sw = subsample
-    hp, kblock = h + 2 * ph, sub * BLOCK
+    sub = kblock // BLOCK
     zero16 = tir.Broadcast(tir.const(z_x, "uint8"), BLOCK)
     right = wp - w - pw
-    with T.parallel(0, n * hp * cbp) as t:     # rows outer: each thread a band of rows (as the AMX tasks of one image)
+    with T.parallel(0, n * hp * cbp) as t:
         b, i, ic = t // (hp * cbp), t // cbp % hp, t % cbp
 
         def fill(first: int, count: int) -> None:
@@ -215,35 +206,6 @@ def _pad_rows_regroup(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int,
                         if cb % sub:        # the last block is part zero point
                             src = tir.Select(tir.Broadcast(blk < cb, BLOCK), src, zero16)
                         T.buffer_store(xp, src, [b, ic, i, pw + j, tir.Ramp(q * BLOCK, 1, BLOCK)])
-                if right:
-                    fill(w + pw, right)
-
-
-def _pad_rows16(x, xp, n: int, cb: int, h: int, w: int, ph: int, pw: int, z_x: int, wp: int) -> None:
-    """:func:`pad_stage` without regrouping, row by row (parallel over images x blocks x padded rows): a border row
-    is one fill, an inner row a fill of the left columns, one copy of the input row's ``W * 16`` contiguous bytes and
-    a fill of the right ones; no per-element conditions (the select-per-16-bytes form took ~45% of a 3x3/2
-    depthwise conv at 112x112)."""
-    hp = h + 2 * ph
-    zero = tir.const(z_x, "uint8")
-    right = wp - w - pw
-    with T.parallel(0, n * hp * cb) as t:      # rows outer: each thread a band of rows (as the AMX tasks of one image)
-        b, i, ic = t // (hp * cb), t // cb % hp, t % cb
-
-        def fill(first: int, count: int) -> None:
-            with T.serial(0, count) as j:
-                with T.vectorized(0, BLOCK) as ci:
-                    T.buffer_store(xp, zero, [b, ic, i, first + j, ci])
-
-        with T.If(tir.any(i < ph, i >= h + ph)):
-            with T.Then():
-                fill(0, wp)
-            with T.Else():
-                if pw:
-                    fill(0, pw)
-                with T.serial(0, w) as j:
-                    with T.vectorized(0, BLOCK) as ci:
-                        T.buffer_store(xp, x[b, ic, i - ph, j, ci], [b, ic, i, pw + j, ci])
                 if right:
                     fill(w + pw, right)
 

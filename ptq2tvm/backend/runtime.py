@@ -165,8 +165,11 @@ class CompiledModel:
         CompiledModel: calls from several Python threads are serialized (each call still runs on TVM's own thread
         pool). benchmarks/robustness.py measures it."""
         with self._lock:
-            res = fn(self._input_tensor(batch))
-            return [self._to_numpy(res)] if hasattr(res, "shape") else [self._to_numpy(r) for r in res]
+            return self._outputs(fn(self._input_tensor(batch)))
+
+    def _outputs(self, res: Any) -> list[np.ndarray]:
+        """A VM result (one tensor, or a tuple of them) as numpy copies, one per output."""
+        return [self._to_numpy(res)] if hasattr(res, "shape") else [self._to_numpy(r) for r in res]
 
     def _to_numpy(self, t: Any) -> np.ndarray:
         """A copy of an output tensor. On the CPU through a zero-copy DLPack view (``Tensor.numpy()`` cost ~9 us per
@@ -247,7 +250,7 @@ class CompiledModel:
             res, flags = self._fn_checked(view)
             if np.from_dlpack(flags).any():
                 raise InputShapeError("input contains NaN or Inf")
-            return [self._to_numpy(res)] if hasattr(res, "shape") else [self._to_numpy(r) for r in res]
+            return self._outputs(res)
 
     def _all_finite(self, x: np.ndarray) -> bool:
         """No NaN / +-Inf in float32 ``x``: one float32 sum (numpy's pairwise SIMD reduction, single-threaded); a NaN
