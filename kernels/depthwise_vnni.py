@@ -11,7 +11,8 @@ Work split: one parallel iteration per (image, channel block, band of output row
 iterations per thread. An iteration copies its band's input rows, padded with the zero point, into its own buffer
 (L2-resident; a padded copy of the whole input went through memory and took 25-45% of the kernel), forms the 16
 channels' requant constants, and runs output pixels in groups of ``U`` independent accumulators (the last group
-clamped to end at the last pixel: it recomputes, and rewrites the same values of, a few pixels). Standalone on the
+of 8, then 4, then the rest: no pixel computed twice) and clamps and narrows four pixels at a time
+(:func:`kernels.vector_tir.pack4_clamp`). Standalone on the
 Xeon (2 threads, MobileNetV2's 3x3 shapes, interleaved medians): 1.24-1.58x the TE tap kernel. The building blocks
 (arguments, row bands, padded band rows, per-block constants, the band's depthwise loop) also make the fused
 expand + depthwise kernel of :mod:`kernels.expand_depthwise`.
@@ -27,8 +28,8 @@ from tvm.script.ir_builder import tirx as T
 
 from .intrin import TAPS_TRANSPOSE
 from .layout import BLOCK
-from .vector_tir import (output_args, paired_requant16, requant_args, residual16, split_for_threads,
-                         store_paired_constants)
+from .vector_tir import (for_pixel_groups, output_args, paired_requant16, requant_args, residual16,
+                         split_for_threads, store_paired_constants, store_pixel_rows)
 
 DEPTHWISE_VNNI_KIND = "depthwise_vnni_paired"     # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -53,12 +54,11 @@ def check_geometry(stride: tuple[int, int], padding: tuple[int, int], dilation_h
 
 
 class BandLayout(NamedTuple):
-    """How a depthwise kernel covers its output: size, the padded band buffer's width, pixels per group and the row
-    bands (:func:`band_layout`)."""
+    """How a depthwise kernel covers its output: size, the padded band buffer's width and the row bands
+    (:func:`band_layout`)."""
     oh: int
     ow: int
     width: int
-    group: int
     bands: int
     band_rows: int
     in_rows: int
@@ -75,12 +75,7 @@ def band_layout(x_shape: tuple[int, ...], kernel: tuple[int, int], taps_groups: 
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel {kh}x{kw} larger than the padded input {h + 2 * ph}x{w + 2 * pw}")
     width = max(w + 2 * pw, (ow - 1) * sw + 4 * taps_groups)
-    return BandLayout(oh, ow, width, pixel_group(ow), *row_bands(oh, n * cb, sh, kh, dh, threads))
-
-
-def pixel_group(ow: int) -> int:
-    """Output pixels per group: a divisor of ``ow`` in 8..4 where there is one (no recomputed pixels), else 8."""
-    return next((u for u in (8, 7, 6, 5, 4) if ow % u == 0), min(8, ow))
+    return BandLayout(oh, ow, width, *row_bands(oh, n * cb, sh, kh, dh, threads))
 
 
 def row_bands(oh: int, planes: int, sh: int, kh: int, dh: int, threads: int | None) -> tuple[int, int, int]:
@@ -110,7 +105,7 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
         raise ValueError(f"depthwise tap weight {tuple(w_shape)} (kernel width {kw}) does not match input "
                          f"{tuple(x_shape)}")
     (sh, sw), (ph, pw), dh = check_geometry(stride, padding, dilation_h)
-    oh, ow, width, u, bands, band_rows, in_rows = band_layout(x_shape, (kh, kw), g, (sh, sw), (ph, pw), dh, threads)
+    oh, ow, width, bands, band_rows, in_rows = band_layout(x_shape, (kh, kw), g, (sh, sw), (ph, pw), dh, threads)
     z_out, z_r = int(output_zero_point), int(residual_zero_point)
     with IRBuilder() as ib:
         with T.prim_func():
@@ -130,7 +125,7 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
                 _pad_band(x, xp, b, o, i0 * sh - ph, in_rows, h, w, pw, width, int(input_zero_point))
                 c_pairs, shift_n = channel_constants(bias, mult, shift, o, z_out, mr, z_r)
                 depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, tir.min(band_rows, oh - i0), ow,
-                               (kh, g), (sh, sw), dh, u, (z_out, lo, hi), (r, mr) if residual else None)
+                               (kh, g), (sh, sw), dh, (z_out, lo, hi), (r, mr) if residual else None)
     return ib.get()
 
 
@@ -153,26 +148,30 @@ def channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int):
     return c_pairs, shift_n
 
 
-def requant16(acc, mult, c_pairs, shift_n, o, z_lo_hi, residual=None):
-    """uint8x16: :func:`kernels.vector_tir.paired_requant16` of block ``o``'s accumulator ``acc``."""
+def requant16(acc, mult, c_pairs, shift_n, o, z_lo_hi, residual=None, unclamped: bool = False):
+    """uint8x16 (int32x16 ``q + z`` with ``unclamped``): :func:`kernels.vector_tir.paired_requant16` of block
+    ``o``'s accumulator ``acc``."""
     half = BLOCK // 2
     return paired_requant16(acc, tir.BufferLoad(mult, [tir.Ramp(o * BLOCK, 1, BLOCK)]),
                             tir.BufferLoad(c_pairs, [tir.Ramp(0, 1, half)]),
-                            tir.BufferLoad(c_pairs, [tir.Ramp(half, 1, half)]), shift_n, *z_lo_hi, residual)
+                            tir.BufferLoad(c_pairs, [tir.Ramp(half, 1, half)]), shift_n, *z_lo_hi, residual,
+                            unclamped)
 
 
 def depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, rows, ow: int, kh_g: tuple[int, int],
-                    stride: tuple[int, int], dh: int, u: int, z_lo_hi: tuple[int, int, int], residual) -> None:
+                    stride: tuple[int, int], dh: int, z_lo_hi: tuple[int, int, int], residual) -> None:
     """Output rows ``i0 .. i0 + rows`` of image ``b``, block ``o`` from the band's padded input ``xp`` (row 0 =
     padded input row ``i0 * stride``): per pixel and kernel row, one 64-byte load of 4 consecutive pixels, ``vpermb``
-    to channel-major and ``vpdpbusd`` per group of 4 taps; groups of ``u`` pixels, the last clamped to the row end."""
+    to channel-major and ``vpdpbusd`` per group of 4 taps; groups of 8 / 4 independent pixels
+    (:func:`kernels.vector_tir.pixel_runs`), clamped and narrowed four pixels at a time."""
     (kh, g), (sh, sw) = kh_g, stride
-    groups = -(-ow // u)
     with T.serial(0, rows) as ii:
         i = i0 + ii
-        with T.serial(0, groups) as jg:
-            for ju in range(u):
-                j = tir.min(jg * u + ju, ow - 1)
+
+        def group(first, size: int) -> None:
+            accs = []
+            for ju in range(size):
+                j = first + ju
                 acc = tir.Broadcast(tir.const(0, "int32"), BLOCK)
                 for r_ in range(kh):
                     for q in range(g):
@@ -180,9 +179,15 @@ def depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, rows, ow: int,
                         acc = tir.call_llvm_pure_intrin(f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", acc,
                                                         tir.Shuffle([a], TAPS_TRANSPOSE),
                                                         tir.BufferLoad(wt, [o, r_, q, 0, tir.Ramp(0, 1, 64)]))
-                res = None if residual is None else residual16(*residual, [b, o, i, j], o)
-                T.buffer_store(out, requant16(acc, mult, c_pairs, shift_n, o, z_lo_hi, res),
-                               [b, o, i, j, tir.Ramp(0, 1, BLOCK)])
+                accs.append(acc)
+
+            def row(k: int, unclamped: bool):
+                res = None if residual is None else residual16(*residual, [b, o, i, first + k], o)
+                return requant16(accs[k], mult, c_pairs, shift_n, o, z_lo_hi, res, unclamped)
+
+            store_pixel_rows(out, [b, o, i], first, size, row, z_lo_hi[1], z_lo_hi[2])
+
+        for_pixel_groups(ow, group)
 
 
 def fill_band(xp, first_row, rows: int, h: int, w: int, pw: int, width: int, z: int, row_fn) -> None:
@@ -223,4 +228,4 @@ def _pad_band(x, xp, b, o, first_row, rows: int, h: int, w: int, pw: int, width:
 
 
 __all__ = ["DEPTHWISE_VNNI_KIND", "BandLayout", "band_layout", "channel_constants", "check_geometry", "depthwise_band", "depthwise_vnni_out_shape",
-           "depthwise_vnni_primfunc", "fill_band", "pixel_group", "requant16", "row_bands"]
+           "depthwise_vnni_primfunc", "fill_band", "requant16", "row_bands"]

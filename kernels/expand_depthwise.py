@@ -16,10 +16,9 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .depthwise_vnni import (band_layout, channel_constants, check_geometry, depthwise_band, fill_band, pixel_group,
-                             requant16)
+from .depthwise_vnni import band_layout, channel_constants, check_geometry, depthwise_band, fill_band, requant16
 from .layout import BLOCK
-from .vector_tir import output_args, requant_args, unpack_nibbles64
+from .vector_tir import for_pixel_groups, output_args, requant_args, store_pixel_rows, unpack_nibbles64
 
 EXPAND_DEPTHWISE_KIND = "expand_depthwise_vnni_paired"
 
@@ -52,7 +51,7 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
         raise ValueError(f"expand weight {tuple(w1_shape)} / depthwise weight {tuple(w2_shape)} (kernel width {kw}) "
                          f"do not match input {tuple(x_shape)}")
     (sh, sw), (ph, pw), dh = check_geometry(stride, padding, dilation_h)
-    oh, ow, width, u, bands, band_rows, in_rows = band_layout((n, cbm, h, w, BLOCK), (kh, kw), g, (sh, sw), (ph, pw),
+    oh, ow, width, bands, band_rows, in_rows = band_layout((n, cbm, h, w, BLOCK), (kh, kw), g, (sh, sw), (ph, pw),
                                                               dh, threads)
     z_mid, z_out, z_r = int(mid_zero_point), int(output_zero_point), int(residual_zero_point)
     with IRBuilder() as ib:
@@ -91,7 +90,7 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                              (z_mid, int(mid_lo), int(mid_hi)))
                 c2, n2 = channel_constants(bias2, mult2, shift2, o, z_out, mr, z_r)
                 depthwise_band(xp, w2, out, mult2, c2, n2, b, o, i0, tir.min(band_rows, oh - i0), ow, (kh, g),
-                                (sh, sw), dh, u, (z_out, lo, hi), (r, mr) if residual else None)
+                                (sh, sw), dh, (z_out, lo, hi), (r, mr) if residual else None)
     return ib.get()
 
 
@@ -99,22 +98,27 @@ def _expand_band(x, w1_row, xp, mult1, c1, n1, b, o, first_row, rows: int, chw: 
                  width: int, z_lo_hi: tuple[int, int, int]) -> None:
     """xp[rr] = expanded (1x1 conv + requant) row ``first_row + rr`` of block ``o``, padded with the mid zero
     point (rows outside the image, columns outside ``[pw, pw + W)``); ``w1_row(ic, k)``: the int8x64 expand weights
-    of input block ``ic``, channel group ``k``; 8 pixels per group of independent accumulators."""
+    of input block ``ic``, channel group ``k``; groups of 8 / 4 independent pixels, narrowed four at a time."""
     cbin, h, w = chw
-    u = pixel_group(w)
 
     def expand_row(rr, src):
-        with T.serial(0, -(-w // u)) as jg:
-            for ju in range(u):
-                j = tir.min(jg * u + ju, w - 1)
+        def group(first, size: int) -> None:
+            accs = []
+            for ju in range(size):
                 acc = tir.Broadcast(tir.const(0, "int32"), BLOCK)
                 for ic in range(cbin):
                     for k in range(4):
-                        a4 = tir.reinterpret("int32", tir.BufferLoad(x, [b, ic, src, j, tir.Ramp(4 * k, 1, 4)]))
+                        a4 = tir.reinterpret("int32", tir.BufferLoad(x, [b, ic, src, first + ju,
+                                                                         tir.Ramp(4 * k, 1, 4)]))
                         acc = tir.call_llvm_pure_intrin(
                             f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", acc,
                             tir.reinterpret("uint8x64", tir.Broadcast(a4, BLOCK)), w1_row(ic, k))
-                T.buffer_store(xp, requant16(acc, mult1, c1, n1, o, z_lo_hi), [rr, pw + j, tir.Ramp(0, 1, BLOCK)])
+                accs.append(acc)
+            store_pixel_rows(xp, [rr], pw + first, size,
+                             lambda k, unclamped: requant16(accs[k], mult1, c1, n1, o, z_lo_hi, None, unclamped),
+                             z_lo_hi[1], z_lo_hi[2])
+
+        for_pixel_groups(w, group)
 
     fill_band(xp, first_row, rows, h, w, pw, width, z_lo_hi[0], expand_row)
 

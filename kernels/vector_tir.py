@@ -90,6 +90,46 @@ def pack4_clamp(rows: list[tir.PrimExpr], lo: int, hi: int) -> tir.PrimExpr:
     return out
 
 
+def pixel_runs(count: int) -> list[tuple[int, int, int]]:
+    """(first pixel, groups, pixels per group): ``count`` consecutive pixels covered once, in groups of 8, then
+    one of 4, then one of the 1-3 left. Groups of 4 and 8 are narrowed four pixels at a time
+    (:func:`store_pixel_rows`); the pixels of a group are independent accumulators."""
+    runs, first = [], 0
+    for size in (8, 4):
+        groups = (int(count) - first) // size
+        if groups:
+            runs.append((first, groups, size))
+            first += groups * size
+    if first < count:
+        runs.append((first, 1, int(count) - first))
+    return runs
+
+
+def for_pixel_groups(count: int, body) -> None:
+    """``body(first, size)`` for every group of :func:`pixel_runs`: a serial loop over a run's groups (none for a
+    single group); ``first`` is an expression, ``size`` an int."""
+    for first, groups, size in pixel_runs(count):
+        if groups == 1:
+            body(tir.const(first, "int32"), size)
+        else:
+            with T.serial(0, groups) as jg:
+                body(first + jg * size, size)
+
+
+def store_pixel_rows(buf, lead: list, first, size: int, row, lo: int, hi: int) -> None:
+    """buf[*lead, first + k, 0:16] = ``row(k, False)`` (uint8x16: a requantized, clamped pixel) for k < ``size``;
+    where ``size`` is a multiple of 4, four pixels at a time: :func:`pack4_clamp` of ``row(k, True)`` (int32x16
+    ``q + z`` before the clamp: ``paired_requant16(..., unclamped=True)``) and one 64-byte store. ``buf``'s last
+    axis holds the 16 channels of a pixel, the one before it consecutive pixels."""
+    if size % 4 == 0:
+        for q in range(0, size, 4):
+            T.buffer_store(buf, pack4_clamp([row(q + k, True) for k in range(4)], lo, hi),
+                           [*lead, first + q, tir.Ramp(0, 1, 4 * BLOCK)])
+    else:
+        for k in range(size):
+            T.buffer_store(buf, row(k, False), [*lead, first + k, tir.Ramp(0, 1, BLOCK)])
+
+
 def _pack4_index() -> tir.PrimExpr:
     """The int32x16 constant :data:`_PACK4_ORDER`."""
     r = tir.Ramp(tir.const(0, "int32"), tir.const(1, "int32"), 16)
@@ -210,5 +250,6 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
                     fill(w + pw, right)
 
 
-__all__ = ["output_args", "pad_stage", "paired_requant16", "requant_args", "residual16", "split_for_threads",
-           "store_paired_constants", "unpack_nibbles64"]
+__all__ = ["for_pixel_groups", "output_args", "pack4_clamp", "pad_stage", "paired_requant16", "pixel_runs",
+           "requant_args", "residual16", "split_for_threads", "store_paired_constants", "store_pixel_rows",
+           "unpack_nibbles64"]

@@ -22,7 +22,10 @@ CASES = {**DEPTHWISE_TAPS_CASES,
          "mbv2_3x3_s1_batch2": (2, 96, 14, 14, 3, 1, 1, 1, False, {}),
          "mbv2_3x3_s2_odd": (1, 144, 15, 15, 3, 2, 1, 1, False, dict(zo=0)),
          "3x3_w11_groups_clamped": (1, 16, 9, 11, 3, 1, 1, 1, True, {}),     # 11 columns: 8-pixel groups, clamped
-         "3x3_one_column": (1, 16, 5, 1, 3, 1, 1, 1, False, {})}
+         "3x3_one_column": (1, 16, 5, 1, 3, 1, 1, 1, False, {}),
+         # 4-bit outputs narrowed four pixels at a time: 28 columns = 3 groups of 8 + one of 4 (residual), 7 = 4 + 3
+         "3x3_w28_4bit_residual": (1, 32, 6, 28, 3, 1, 1, 1, True, dict(lo=0, hi=15, zo=2)),
+         "3x3_w7_batch2_4bit_lo3": (2, 16, 7, 7, 3, 1, 1, 1, False, dict(lo=3, hi=15, zo=3))}
 
 
 def _case(name, threads=5):
@@ -44,8 +47,8 @@ def _case(name, threads=5):
                                                                           ("3x3_w11_groups_clamped", 2)])
 def test_depthwise_vnni_bit_exact(name, threads, tmp_path):
     """Every case equals kernels.reference bit for bit: strides, vertical dilation, 5x5 / 7x7 kernels (two tap
-    groups), residual, clamp, zero point 0, pixel groups clamped at the row end, a one-column image; row bands
-    for 1, 2 and 5 threads."""
+    groups), residual, clamp (4-bit ones too), zero point 0, widths that end in groups of 8, 4 and 1-3 pixels, a
+    one-column image; row bands for 1, 2 and 5 threads."""
     cs, arrays, func, (k, s, p, dh) = _case(name, threads)
     c = cs["x"].shape[1]
     if not HAS_VNNI:
@@ -60,7 +63,9 @@ def test_depthwise_vnni_bit_exact(name, threads, tmp_path):
     out_shape = depthwise_vnni_out_shape(arrays[0].shape, (k, k), (s, s), (p, p), dh)
     got = K.nchwc_to_nchw(K.StandaloneKernel(lib, out_shape, "uint8", func).run(*arrays), c)
     assert got.shape == cs["ref"].shape
-    assert len(np.unique(cs["ref"])) > 16, "test data too degenerate"
+    lo, hi = CASES[name][-1].get("lo", 0), CASES[name][-1].get("hi", 255)
+    values = np.unique(cs["ref"])      # not degenerate: more than 16 values, or every value of a 4-bit clamp
+    assert len(values) > 16 or (values.min(), values.max(), len(values)) == (lo, hi, hi - lo + 1), values
     assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {cs['ref'].size}"
 
 
