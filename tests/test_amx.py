@@ -49,6 +49,7 @@ AMX_CASES = {
     "3x3_b1_weights_over_2mib": (1, 512, 5, 5, 512, 3, 1, 1, True, {}),  # one image, output-block pair order
     "3x3_b1_odd_ob_res": (1, 16, 9, 9, 48, 3, 1, 1, True, {}),          # one image, pixel order, one N tile
     "3x3_b1_64kib_input": (1, 64, 32, 32, 32, 3, 1, 1, True, {}),       # int4: pixel order, weight unpacked whole
+    "1x1_batch4_pair_ranges": (4, 32, 8, 8, 320, 1, 1, 0, True, {}),    # int4: 10 pairs in 5 ranges x 2 image ranges
 }
 
 
@@ -64,13 +65,14 @@ PARAMS = [(name, scheme) for name in AMX_CASES for scheme in _schemes(name)]
 # batches whose tasks cross chunk and pair boundaries, strides, residual
 INT4_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "1x1_144ch", "3x3_s2_wide_res", "5x5_s1",
               "3x3_batch3_weight_heavy_res", "3x3_s2_batch2_weight_heavy", "3x3_7x7_wide", "3x3_b1_weights_over_2mib",
-              "3x3_b1_odd_ob_res", "3x3_b1_64kib_input"]
+              "3x3_b1_odd_ob_res", "3x3_b1_64kib_input", "1x1_batch4_pair_ranges"]
 PARAMS += [(name, scheme + "+int4") for name in INT4_CASES for scheme in _schemes(name)]
 # the int32-clamp epilogue (every shift >= 32; int64 products formed in place from the accumulators' lane pairs):
 # residual and not, clamp, odd output-block counts, int4
 GE32_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "3x3_b1_odd_ob_res", "1x1_clamp_4rows", "3x3_s2_odd", "3x3_clamp", "1x1_144ch", "3x3_s2_wide_res", "3x3_zx0"]
 PARAMS += [(name, scheme + "+ge32") for name in GE32_CASES for scheme in _schemes(name)]
-PARAMS += [("3x3_batch3_weight_heavy_res", "c64+int4+ge32")]
+PARAMS += [("3x3_batch3_weight_heavy_res", "c64+int4+ge32"), ("1x1_batch4_pair_ranges", "taps+int4+ge32"),
+           ("3x3_batch2_res_odd_ob", "taps+int4+ge32")]
 
 
 def _case(name, scheme="c64"):
