@@ -270,6 +270,25 @@ class _BlockedBuilder:
         return self.call_prim(prim, [x, self.weight(amx.stored), *consts, *extra],
                               K.amx_conv_out_shape(x_shape, amx.shape, padding, stride))
 
+    def vbmi_lut(self, x: relax.Expr) -> bool:
+        """Whether a table lookup on ``x`` runs :func:`kernels.lut_vbmi_primfunc` (``vpermi2b``; AVX-512 VNNI builds,
+        tensors of >= 64 bytes) instead of the TE gather. EfficientNet-B0 W8A8 on the Xeon (2 threads, batch 1):
+        its SiLU tables had taken more time than its convolutions."""
+        return self.shortcuts() and self.isa == "vnni" and K.lut_vbmi_supported(self.shape(x))
+
+    def paired_mul(self, node: IntNode, a: relax.Expr, b: relax.Expr) -> bool:
+        """Whether a requantized multiply of this AVX-512 VNNI build runs :func:`kernels.mul_vnni_primfunc`: every
+        shift >= 32, shortcuts allowed, blocked inputs equal or one broadcast over H and W (squeeze-excitation).
+        EfficientNet-B0 W8A8 on the Xeon (2 threads, batch 1): the TE multiply's int64 lanes had made its SE scaling
+        cost more than its 1x1 convs."""
+        if not (self.shortcuts() and self.isa == "vnni" and K.shifts_allow_int32_epilogue(node.arrays["shift"])):
+            return False
+        try:
+            K.mul_vnni_out_shape(self.shape(a), self.shape(b))
+        except ValueError:
+            return False
+        return True
+
     def paired_depthwise(self, node: IntNode) -> bool:
         """Whether a depthwise conv of this AVX-512 VNNI build runs :func:`kernels.depthwise_vnni_primfunc` (the
         int32-clamp epilogue on int64 lane pairs, the padded input per row band): every shift of the layer >= 32 and

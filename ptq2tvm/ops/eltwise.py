@@ -237,6 +237,10 @@ class Mul(OpDef):
             return b.generic(self, node)
         a, arr = node.attrs, node.arrays
         m, s = (b.const(p) for p in K.pack_channel_params(arr["multiplier"], arr["shift"], kinds="ms"))
-        return b.emit(K.mul_requant_nchwc, b.blocked(node.inputs[0]), b.blocked(node.inputs[1]), m, s,
-                      zero_points=tuple(a["zero_points"]), output_zero_point=a["output_zero_point"],
-                      lo=a["lo"], hi=a["hi"], name=b.hint(node)), NCHWC
+        x, y = b.blocked(node.inputs[0]), b.blocked(node.inputs[1])
+        if b.paired_mul(node, x, y):    # int32 products, the int32-clamp requant on lane pairs (kernels/mul_vnni.py)
+            prim = K.mul_vnni_primfunc(b.hint(node), b.shape(x), b.shape(y), tuple(a["zero_points"]),
+                                       a["output_zero_point"], a["lo"], a["hi"], threads=b.threads)
+            return b.call_prim(prim, [x, y, m, s], K.mul_vnni_out_shape(b.shape(x), b.shape(y))), NCHWC
+        return b.emit(K.mul_requant_nchwc, x, y, m, s, zero_points=tuple(a["zero_points"]),
+                      output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"], name=b.hint(node)), NCHWC

@@ -191,4 +191,8 @@ class Lut(OpDef):
 
         if b.layout(node.inputs[0]) != NCHWC:
             return b.generic(self, node)
-        return b.emit(K.lut_nchwc, b.blocked(node.inputs[0]), b.const(node.arrays["table"]), name=b.hint(node)), NCHWC
+        x, table = b.blocked(node.inputs[0]), node.arrays["table"]
+        if b.vbmi_lut(x):      # 64 lookups per 3 vector instructions (kernels/lut_vbmi.py)
+            return b.call_prim(K.lut_vbmi_primfunc(b.hint(node), b.shape(x)), [x, b.const(K.pad_lut_table(table))],
+                               b.shape(x)), NCHWC
+        return b.emit(K.lut_nchwc, x, b.const(table), name=b.hint(node)), NCHWC

@@ -1,0 +1,100 @@
+"""Requantized elementwise multiply (squeeze-excitation's channel scaling) as explicit-vector TIR for AVX-512, for
+layers whose requant shifts are all >= 32.
+
+``out = clamp(z + RHU((a - za) * (b - zb) * m, sh), lo, hi)`` per channel, either input broadcast over H and W
+(shape (N, CB, 1, 1, 16)): :func:`kernels.mul_requant_nchwc`'s integers. The product of two centred uint8 codes
+fits int32 (|p| <= 255 * 255), so per 16 channels it is one ``vpmulld`` and the int32-clamp requant on int64 lane
+pairs (:func:`kernels.vector_tir.paired_requant16`); four pixels are clamped and narrowed together
+(:func:`kernels.vector_tir.store_pixel_rows`). The TE kernel formed int64 products and shifted them with the
+emulated arithmetic shift, vectorized over int64 lanes: EfficientNet-B0's SE multiplies took more time than its
+1x1 convs. Same integers (tests/test_mul_vnni.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import tvm.tirx as tir
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .layout import BLOCK
+from .vector_tir import for_pixel_groups, paired_requant16, split_for_threads, store_paired_constants, store_pixel_rows
+
+MUL_VNNI_KIND = "mul_vnni_paired"   # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
+
+
+def mul_vnni_out_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The broadcast (N, CB, H, W, 16) of two blocked shapes; ValueError unless each is that shape or (N, CB, 1, 1,
+    16)."""
+    a, b = (tuple(int(v) for v in s) for s in (a_shape, b_shape))
+    out = tuple(max(u, v) for u, v in zip(a, b))
+    for s in (a, b):
+        if len(s) != 5 or s[-1] != BLOCK or s[:2] != out[:2] or s[2:4] not in (out[2:4], (1, 1)):
+            raise ValueError(f"mul_vnni needs blocked (N, CB, H, W, 16) inputs, equal or one of them (N, CB, 1, 1, "
+                             f"16), got {a} and {b}")
+    return out
+
+
+def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], zero_points: tuple[int, int],
+                      output_zero_point: int, lo: int, hi: int, threads: int | None = None) -> tir.PrimFunc:
+    """The PrimFunc ``name(a, b, mult, shift, out)``: a, b uint8 blocked (:func:`mul_vnni_out_shape`), mult / shift
+    int32 (CB * 16,) with every shift >= 32 (the caller checks it with
+    :func:`kernels.layout.shifts_allow_int32_epilogue`), out uint8 (N, CB, H, W, 16). Parallel over (image, channel
+    block, band of pixels), as few bands as give 2 iterations per thread (``threads``, default this machine's cores);
+    a band's pixels in groups of 8 / 4 (the last band ends at the last pixel and may rewrite a few of the band
+    before it with the same values)."""
+    out_shape = mul_vnni_out_shape(a_shape, b_shape)
+    n, cb, h, w, _ = out_shape
+    planes, pixels = n * cb, h * w
+    bands, per = split_for_threads(pixels, planes, threads)
+    za, zb, z = (int(v) for v in (*zero_points, output_zero_point))
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(name)
+            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
+                         "ptq2tvm_kernel": MUL_VNNI_KIND, "int32_epilogue": 1})
+            a = T.arg("a", T.buffer(tuple(int(v) for v in a_shape), "uint8"))
+            b = T.arg("b", T.buffer(tuple(int(v) for v in b_shape), "uint8"))
+            mult = T.arg("mult", T.buffer((cb * BLOCK,), "int32"))
+            shift = T.arg("shift", T.buffer((cb * BLOCK,), "int32"))
+            out = T.arg("out", T.buffer(out_shape, "uint8"))
+            flat = [T.decl_buffer((planes, int(s[2]) * int(s[3]), BLOCK), "uint8", data=t.data)
+                    for t, s in ((a, a_shape), (b, b_shape))]
+            of = T.decl_buffer((planes, pixels, BLOCK), "uint8", data=out.data)
+            with T.parallel(0, planes * bands) as t:
+                plane, band = t // bands, t % bands
+                o = plane % cb
+                start = tir.min(band * per, pixels - per)
+                c_nat = T.alloc_buffer((BLOCK,), "int64")
+                c_pairs = T.alloc_buffer((BLOCK,), "int64")
+                with T.vectorized(0, BLOCK) as oc:
+                    T.buffer_store(c_nat, tir.shift_left(tir.const(1, "int64"),
+                                                         shift[o * BLOCK + oc].astype("int64") - 1), [oc])
+                store_paired_constants(c_pairs, c_nat)
+                chans = tir.Ramp(o * BLOCK, 1, BLOCK)
+                m16 = tir.BufferLoad(mult, [chans])
+                shift_n = tir.max(tir.BufferLoad(shift, [chans]) - tir.Broadcast(tir.const(32, "int32"), BLOCK),
+                                  tir.Broadcast(tir.const(0, "int32"), BLOCK))
+                half = BLOCK // 2
+
+                def centred(buf, shape, j, zp):
+                    pix = j if int(shape[2]) * int(shape[3]) == pixels else 0
+                    return tir.BufferLoad(buf, [plane, pix, tir.Ramp(0, 1, BLOCK)]).astype(f"int32x{BLOCK}") - \
+                        tir.Broadcast(tir.const(zp, "int32"), BLOCK)
+
+                def group(first, size: int) -> None:
+                    def row(k: int, unclamped: bool):
+                        j = start + first + k
+                        prod = centred(flat[0], a_shape, j, za) * centred(flat[1], b_shape, j, zb)
+                        return paired_requant16(prod, m16, tir.BufferLoad(c_pairs, [tir.Ramp(0, 1, half)]),
+                                                tir.BufferLoad(c_pairs, [tir.Ramp(half, 1, half)]), shift_n, z, lo,
+                                                hi, None, unclamped)
+
+                    store_pixel_rows(of, [plane], start + first, size, row, lo, hi)
+
+                for_pixel_groups(per, group)
+    return ib.get()
+
+
+__all__ = ["MUL_VNNI_KIND", "mul_vnni_out_shape", "mul_vnni_primfunc"]

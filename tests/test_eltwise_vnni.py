@@ -1,0 +1,126 @@
+"""The explicit-vector elementwise kernels: the VBMI table lookup (kernels/lut_vbmi.py) and the requantized multiply
+(kernels/mul_vnni.py), bit-exact against numpy on the integer contract; the blocked builder picks them for SiLU /
+squeeze-excitation networks.
+
+Runs where the CPU has AVX-512 VNNI (every such CPU this project targets has VBMI); elsewhere the kernels are compiled
+for an Ice Lake server target and disassembled, the run skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import kernels as K  # noqa: E402
+from test_kernels_x86 import HAS_VNNI, HOST  # noqa: E402
+
+ICX = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
+
+
+def _run(func, arrays, out_shape, tmp_path, instructions):
+    """Output of ``func`` on ``arrays`` on this host; without AVX-512 VNNI: compiled for Ice Lake, its disassembly
+    checked for one of each group of ``instructions``, then skipped."""
+    if not HAS_VNNI:
+        from ptq2tvm.bench.disasm import count_instructions
+
+        so = tmp_path / "k.so"
+        tvm.compile(tvm.IRModule({"main": func}), target=ICX).export_library(str(so))
+        n = count_instructions(so, tuple(i for group in instructions for i in group))
+        assert all(sum(n[i] for i in group) > 0 for group in instructions), n
+        pytest.skip("no AVX-512 VNNI on this CPU: compiled only")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=HOST)
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.uint8))
+    lib["main"](*(tvm.runtime.tensor(a) for a in arrays), out)
+    return out.numpy()
+
+
+# shape, table entries: 1.2 MB (several 16 KiB parallel chunks; 98 x 64 + 16 bytes: the last vector overlaps),
+# an SE vector of 60 blocks, 4-bit and 200-entry tables (codes past the table read its last entry), exactly 64 bytes
+LUT_CASES = {"112x112x96": ((1, 6, 112, 112, 16), 256), "se_vector_4bit": ((1, 60, 1, 1, 16), 16),
+             "odd_200_entries": ((2, 3, 5, 7, 16), 200), "one_vector": ((1, 1, 2, 2, 16), 256)}
+
+
+@pytest.mark.parametrize("name", list(LUT_CASES))
+def test_lut_vbmi_bit_exact(name, tmp_path):
+    """out == table[min(x, entries - 1)] for every byte (every code 0..255 present, 0 and 255 often)."""
+    shape, entries = LUT_CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    x = rng.integers(0, 256, shape, dtype=np.uint8)
+    x.reshape(-1)[::5] = 255
+    x.reshape(-1)[1::7] = 0
+    x.reshape(-1)[:256 if x.size >= 256 else 0] = np.arange(256 if x.size >= 256 else 0, dtype=np.uint8)
+    table = rng.integers(0, 256, entries, dtype=np.uint8)
+    got = _run(K.lut_vbmi_primfunc("main", shape), [x, K.pad_lut_table(table)], shape, tmp_path,
+                   (("vpermi2b", "vpermt2b"), ("vpmovb2m", "vpblendmb")))
+    assert np.array_equal(got, table[np.minimum(x, entries - 1)])
+
+
+def test_lut_vbmi_refuses_bad_input():
+    """Fewer than 64 bytes, or a table that is empty, longer than 256 entries or not uint8: ValueError naming it."""
+    assert not K.lut_vbmi_supported((1, 2, 2))
+    with pytest.raises(ValueError, match="64 bytes"):
+        K.lut_vbmi_primfunc("main", (1, 4))
+    for bad in (np.zeros(0, np.uint8), np.zeros(257, np.uint8), np.zeros(16, np.int8)):
+        with pytest.raises(ValueError, match="lookup table"):
+            K.pad_lut_table(bad)
+
+
+# a_shape, b_shape, (za, zb), z_out, lo, hi, threads: SE gate broadcast over 28x28 (784 pixels: groups of 8); the
+# gate first and a 4-bit clamp at 7x9 (63 pixels: 8s, a 4, a 3); same shapes, a clamp, 25 pixels in 3 bands
+MUL_CASES = {"se_28x28": ((1, 6, 28, 28, 16), (1, 6, 1, 1, 16), (3, 0), 5, 0, 255, 2),
+             "gate_first_4bit": ((2, 3, 1, 1, 16), (2, 3, 7, 9, 16), (0, 128), 0, 0, 15, 3),
+             "same_shape_clamp": ((1, 2, 5, 5, 16), (1, 2, 5, 5, 16), (7, 9), 100, 10, 200, 3)}
+
+
+@pytest.mark.parametrize("name", list(MUL_CASES))
+def test_mul_vnni_bit_exact(name, tmp_path):
+    """out == clamp(z + ((a - za) * (b - zb) * m + 2^(s-1)) >> s, lo, hi) per channel (shifts 32..43, extreme
+    codes present)."""
+    a_shape, b_shape, zps, z, lo, hi, threads = MUL_CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    a, b = (rng.integers(0, 256, s, dtype=np.uint8) for s in (a_shape, b_shape))
+    a.reshape(-1)[::5] = 255
+    b.reshape(-1)[::3] = 0
+    out_shape = K.mul_vnni_out_shape(a_shape, b_shape)
+    cb = out_shape[1]
+    m = rng.integers(1 << 30, 1 << 31, cb * 16).astype(np.int32)
+    s = rng.integers(32, 44, cb * 16).astype(np.int32)
+    prod = (a.astype(np.int64) - zps[0]) * (b.astype(np.int64) - zps[1])
+    mm, ss = (v.astype(np.int64).reshape(1, cb, 1, 1, 16) for v in (m, s))
+    ref = np.clip(((prod * mm + (np.int64(1) << (ss - 1))) >> ss) + z, lo, hi).astype(np.uint8)
+    assert len(np.unique(ref)) >= min(hi - lo + 1, 64), "test data too degenerate"
+    func = K.mul_vnni_primfunc("main", a_shape, b_shape, zps, z, lo, hi, threads=threads)
+    got = _run(func, [a, b, m, s], out_shape, tmp_path, (("vpmuldq",), ("vpackssdw", "vpackuswb")))
+    assert np.array_equal(got, ref), int((got != ref).sum())
+
+
+def test_mul_vnni_refuses_other_shapes():
+    """Inputs that are not blocked, or broadcast other than over H and W together: ValueError naming both."""
+    for a, b in [((1, 2, 4, 4, 16), (1, 2, 4, 1, 16)), ((1, 2, 4, 4, 16), (1, 1, 4, 4, 16)),
+                 ((1, 2, 4, 4), (1, 2, 4, 4))]:
+        with pytest.raises(ValueError, match="mul_vnni needs blocked"):
+            K.mul_vnni_out_shape(a, b)
+
+
+def test_builder_picks_them_for_silu_and_se(tmp_path):
+    """An SE block with SiLU (tests/test_ops.py's "se" model) built for AVX-512 VNNI: its tables are VBMI lookups
+    and its gate multiply the paired kernel (the shifts are >= 32 there); PTQ2TVM_BASELINE_KERNELS=1 keeps the TE
+    ones. The network's bit-exactness is tests/test_ops.py::test_so_bit_exact_both_backends."""
+    from test_ops import _quantize
+
+    from ptq2tvm.backend.blocked_builder import build_blocked_module
+    from ptq2tvm.api import to_integer
+
+    graph = to_integer(_quantize("se", 8, 8)[1])
+
+    def kinds(mod):
+        return [str(f.attrs.get("ptq2tvm_kernel", "")) for _, f in mod.functions.items()
+                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None]
+
+    luts = sum(1 for n in graph.nodes if n.op == "lut")
+    muls = [n for n in graph.nodes if n.op == "mul"]
+    assert luts and muls and all(K.shifts_allow_int32_epilogue(n.arrays["shift"]) for n in muls)
+    got = kinds(build_blocked_module(graph, 2, "vnni")[0])
+    assert got.count(K.LUT_VBMI_KIND) >= 1 and got.count(K.MUL_VNNI_KIND) == len(muls), got
