@@ -4,7 +4,7 @@
 
 Every graph: quantize + fold (success, or a ptq2tvm error naming its layer/tensor), the int32 accumulator bound,
 the reference executor, integer vs fake-quant per node (<= 1 LSB from the same integer inputs). Every
-``--compile-every``-th graph also: the compiled .so on both CPU backends ('auto' = blocked x86 kernels, AVX2 here;
+``--compile-every``-th graph also: the compiled .so on both CPU backends ('auto' = blocked x86 kernels for this host's ISA;
 'plain') bit for bit against the reference; every ``--cuda-every``-th: every kernel of the CUDA build in the CPU
 emulation of the CUDA thread model. Each graph is an independent seeded draw (:func:`ptq2tvm.fuzz.fresh_specs`). Writes benchmarks/results/fuzz_graphs.{json,md} (failures with their
 specs, so each can be replayed with ``--replay FILE``).
@@ -27,6 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _host_isa() -> str:
+    """The kernel ISA the 'auto' builds get on this host (ptq2tvm.backend.isa.host_isa), for the summary."""
+    from ptq2tvm.backend.isa import host_isa
+
+    return host_isa() or "generic x86"
 
 #: faults the fuzzer (and the issue's inputs) found, and how each kind was fixed (kept by hand, newest last)
 FOUND_AND_FIXED = [
@@ -111,6 +118,7 @@ def summarize(rows: list[dict], args: argparse.Namespace, seconds: float, load: 
         degenerate_graphs=sum(1 for r in rows if any(b.get("degenerate", "none") != "none" for b in r["spec"]["chain"])
                               or r["spec"]["data"] in ("zeros", "const_channel")),
         seconds=round(seconds, 1), jobs=args.jobs, seed=args.seed, loadavg=load, host=platform.node(),
+        isa=_host_isa(),
         found_and_fixed=FOUND_AND_FIXED)
 
 
@@ -121,7 +129,8 @@ def write_md(s: dict, path: Path) -> None:
         f"{', '.join(f'{x:.1f}' for x in s['loadavg'])} on 2 cores shared with other agents).", "",
         *([s["note"], ""] if s.get("note") else []),
         f"- graphs tried: **{s['graphs']}**; outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["status"].items())),
-        f"- compiled on both CPU backends ('auto' blocked AVX2 kernels, 'plain') and bit-exact vs the reference: "
+        f"- compiled on both CPU backends ('auto' blocked {s.get('isa', 'x86')} kernels, 'plain') and bit-exact vs the "
+        f"reference: "
         f"**{s['compiled_bit_exact']} of {s['compiled_both_backends']}** compiled graphs",
         f"- integer vs fake-quant, per node from the same integer inputs: max {s['max_local_lsb']} LSB "
         f"(tolerance 1); end-to-end exact fraction of output elements (mean) "
