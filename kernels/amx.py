@@ -28,7 +28,6 @@ at the first tile instruction.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
@@ -364,12 +363,13 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
             # epilogue of task k - 1 (slot (k - 1) % 2) runs between task k's tile products
             acc = T.alloc_buffer((2 * chunks, mt * rows, nt * BLOCK), "int32")
             cfg = T.alloc_buffer((64,), "uint8")
-            paired = bool(shift_ge32)      # the int32-clamp epilogue forms its int64 products in place
-            c_pairs = T.alloc_buffer((2 * chunks, nt * BLOCK), "int64") if paired else None
-            row_fn = functools.partial(_epilogue_row_paired, c_pairs) if paired else _epilogue_row
+            # the requant constants per slot: "c" (int64) and "n" (int32 shift - 32 with shift_ge32, else the int64
+            # shift), both also in the even-then-odd channel order paired_requant16 loads ("c2", "n2")
             kbuf = {"c": T.alloc_buffer((2 * chunks, nt * BLOCK), "int64"),
-                    "n": T.alloc_buffer((2 * chunks, nt * BLOCK), "int32" if shift_ge32 else "uint64"),
-                    "off": T.alloc_buffer((2 * chunks, nt * BLOCK), "int64")}
+                    "n": T.alloc_buffer((2 * chunks, nt * BLOCK), "int32" if shift_ge32 else "int64"),
+                    "c2": T.alloc_buffer((2 * chunks, nt * BLOCK), "int64")}
+            if not shift_ge32:
+                kbuf["n2"] = T.alloc_buffer((2 * chunks, nt * BLOCK), "int64")
             _tile_config(cfg, rows, a_bytes, b_rows)
             src = prepare(x)
             if whole:
@@ -394,7 +394,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
             # and narrowed four at a time (vector_tir.pack4_clamp). Xeon, 2 threads, 1x1 convs at batch 8 / 1:
             # 0.75-0.82x, and a [0, 15] clamp now costs what [0, 255] does; ResNet-18 0.96x, MobileNetV2 0.97x at
             # batch 8, W4A4 0.95-0.96x
-            pack4 = paired and rows % 4 == 0 and (not geo.flat or geo.wp == geo.ow)
+            pack4 = rows % 4 == 0 and (not geo.flat or geo.wp == geo.ow)
             if pack4:
                 total_pix = n * ob * oh * ow
                 outf = T.decl_buffer((total_pix * BLOCK,), "uint8", data=out.data)
@@ -407,7 +407,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                     with T.serial(0, count_rows // 4) as g:
                         q0 = first_row + 4 * g
                         _, oy, ox = geo.pixel(mg * mt + q0 // rows, q0 % rows)
-                        _epilogue_rows4_paired(c_pairs, acc, outf, mult, kbuf, (rf, mr) if residual else None, slot,
+                        _epilogue_rows4(acc, outf, mult, kbuf, (rf, mr) if residual else None, slot,
                                                q0, b, obp, nt, ob, oh * ow, oy * ow + ox, z_out, lo, hi)
                     return
                 with T.serial(0, count_rows) as u:
@@ -415,13 +415,13 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                     i, p = q // rows, q % rows
                     valid, oy, ox = geo.pixel(mg * mt + i, p)
                     args = (acc, out, mult, kbuf, (r, mr) if residual else None, slot, q, b, obp, nt, oy, ox,
-                            z_out, lo, hi, shift_ge32)
+                            z_out, lo, hi)
                     if valid is None:
-                        row_fn(*args)
+                        _epilogue_row(*args)
                     else:
                         with T.If(valid):
                             with T.Then():
-                                row_fn(*args)
+                                _epilogue_row(*args)
 
             total_rows = mt * rows
             per_step = -(-total_rows // steps)      # epilogue rows of the previous task after each product step
@@ -488,11 +488,12 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                             consts = [(bias[ch], mult[ch])]
                             if residual:
                                 consts.append((tir.const(-int(z_r), "int32"), mr[ch]))
-                            kv = requant_channel_constants(shift[ch], z_out, consts, shift_ge32)
-                            for key, buf in kbuf.items():
-                                T.buffer_store(buf, kv[key], [slot, j * BLOCK + oc])
-                        if paired:      # the rounding constants of the even, then the odd channels
-                            store_paired_constants(c_pairs, kbuf["c"], j * BLOCK, lead=(slot,))
+                            kv = requant_channel_constants(shift[ch], z_out, consts, True)
+                            T.buffer_store(kbuf["c"], kv["c"], [slot, j * BLOCK + oc])
+                            T.buffer_store(kbuf["n"], kv["n"] if shift_ge32 else shift[ch].astype("int64"),
+                                           [slot, j * BLOCK + oc])
+                        for key in ("c", "n") if not shift_ge32 else ("c",):     # even channels, then odd
+                            store_paired_constants(kbuf[key + "2"], kbuf[key], j * BLOCK, lead=(slot,))
                 with T.If(local > 0):       # the last task's epilogue
                     with T.Then():
                         epilogue_rows(2 * c + (local - 1) % 2, first + local - 1, 0, total_rows)
@@ -579,50 +580,35 @@ def _tile_products(a_ptr, a_stride: int, b_ptr, mt: int, nt: int) -> None:
             _llvm("tdpbusd", _u8(_C_TILE + i * nt + j), _u8(_A_TILE + i), _u8(_B_TILE + j))
 
 
-def _epilogue_row(acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_out, lo, hi, shift_ge32) -> None:
-    """out[b, :, oy, ox, :] of the task's ``nt`` output blocks = requant of accumulator row ``row`` (+ residual),
-    with the per-channel constants ``kbuf`` (:func:`kernels.ops.requant_channel_constants`)."""
-    from .ops import requant_finish
-
-    for j in range(nt):
-        o = obp * nt + j
-        with T.vectorized(0, BLOCK) as oc:
-            ch = o * BLOCK + oc
-            v = acc[c, row, j * BLOCK + oc].astype("int64") * mult[ch].astype("int64")
-            if residual is not None:
-                r, mr = residual
-                v = v + r[b, o, oy, ox, oc].astype("int64") * mr[ch].astype("int64")
-            k = {key: buf[c, j * BLOCK + oc] for key, buf in kbuf.items()}
-            T.buffer_store(out, requant_finish(v, k, z_out, lo, hi, shift_ge32), [b, o, oy, ox, oc])
-
-
-def _paired_row(c_pairs, acc, mult, kbuf, c, row, j, o, z_out, lo, hi, res, unclamped=False) -> tir.PrimExpr:
+def _paired_row(acc, mult, kbuf, c, row, j, o, z_out, lo, hi, res, unclamped=False) -> tir.PrimExpr:
     """:func:`kernels.vector_tir.paired_requant16` of accumulator row ``row`` of block ``j`` (output block ``o``)
-    with the task's constants in slot ``c`` (``c_pairs``: the rounding constants of the even, then the odd
-    channels); ``res`` the residual's (values, multipliers) or None."""
+    with the task's constants in slot ``c`` (``kbuf``: "c2" the rounding constants of the even, then the odd
+    channels; "n" the int32 shifts - 32, or "n2" the int64 shifts in the same order as "c2"); ``res`` the
+    residual's (values, multipliers) or None."""
     half = BLOCK // 2
+
+    def pair(key):
+        return tuple(tir.BufferLoad(kbuf[key], [c, tir.Ramp(j * BLOCK + h * half, 1, half)]) for h in range(2))
+
+    shift = pair("n2") if "n2" in kbuf else tir.BufferLoad(kbuf["n"], [c, tir.Ramp(j * BLOCK, 1, BLOCK)])
     return paired_requant16(tir.BufferLoad(acc, [c, row, tir.Ramp(j * BLOCK, 1, BLOCK)]),
-                            tir.BufferLoad(mult, [tir.Ramp(o * BLOCK, 1, BLOCK)]),
-                            tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK, 1, half)]),
-                            tir.BufferLoad(c_pairs, [c, tir.Ramp(j * BLOCK + half, 1, half)]),
-                            tir.BufferLoad(kbuf["n"], [c, tir.Ramp(j * BLOCK, 1, BLOCK)]), z_out, lo, hi, res,
-                            unclamped=unclamped)
+                            tir.BufferLoad(mult, [tir.Ramp(o * BLOCK, 1, BLOCK)]), *pair("c2"), shift, z_out, lo,
+                            hi, res, unclamped=unclamped)
 
 
-def _epilogue_row_paired(c_pairs, acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_out, lo, hi,
-                         shift_ge32) -> None:
-    """:func:`_epilogue_row` for the int32-clamp epilogue (every shift >= 32): :func:`_paired_row` (int64 products
-    formed in place on lane pairs) and one 16-byte store per block. ResNet-18 W8A8 on the Xeon 1.02x at batch 1,
-    1.03x at batch 8."""
+def _epilogue_row(acc, out, mult, kbuf, residual, c, row, b, obp, nt, oy, ox, z_out, lo, hi) -> None:
+    """out[b, :, oy, ox, :] of the task's ``nt`` output blocks = requant of accumulator row ``row`` (+ residual):
+    :func:`_paired_row` (int64 products formed in place on lane pairs) and one 16-byte store per block. With the
+    int32-clamp epilogue (every shift >= 32) ResNet-18 W8A8 on the Xeon was 1.02x faster at batch 1, 1.03x at
+    batch 8 than with int64 lanes."""
     for j in range(nt):
         o = obp * nt + j
         res = None if residual is None else residual16(*residual, [b, o, oy, ox], o)
-        T.buffer_store(out, _paired_row(c_pairs, acc, mult, kbuf, c, row, j, o, z_out, lo, hi, res),
+        T.buffer_store(out, _paired_row(acc, mult, kbuf, c, row, j, o, z_out, lo, hi, res),
                        [b, o, oy, ox, tir.Ramp(0, 1, BLOCK)])
 
 
-def _epilogue_rows4_paired(c_pairs, acc, outf, mult, kbuf, residual, c, q0, b, obp, nt, ob, plane, lin0, z_out, lo,
-                           hi) -> None:
+def _epilogue_rows4(acc, outf, mult, kbuf, residual, c, q0, b, obp, nt, ob, plane, lin0, z_out, lo, hi) -> None:
     """Accumulator rows q0..q0+3 (four consecutive output pixels from linear pixel ``lin0`` of the ``plane``-pixel
     output planes) of the task's ``nt`` output blocks: :func:`_paired_row` unclamped per row, then
     :func:`kernels.vector_tir.pack4_clamp` and one 64-byte store per block. ``outf`` / ``residual[0]`` are flat
@@ -637,7 +623,7 @@ def _epilogue_rows4_paired(c_pairs, acc, outf, mult, kbuf, residual, c, q0, b, o
                 rf, mr = residual
                 res = (tir.BufferLoad(rf, [tir.Ramp((base + k) * BLOCK, 1, BLOCK)]).astype(f"int32x{BLOCK}"),
                        tir.BufferLoad(mr, [tir.Ramp(o * BLOCK, 1, BLOCK)]))
-            rows.append(_paired_row(c_pairs, acc, mult, kbuf, c, q0 + k, j, o, z_out, lo, hi, res, unclamped=True))
+            rows.append(_paired_row(acc, mult, kbuf, c, q0 + k, j, o, z_out, lo, hi, res, unclamped=True))
         T.buffer_store(outf, pack4_clamp(rows, lo, hi), [tir.Ramp(base * BLOCK, 1, 4 * BLOCK)])
 
 

@@ -28,7 +28,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .intrin import TAPS_TRANSPOSE
 from .layout import BLOCK
-from .vector_tir import (for_pixel_groups, output_args, paired_requant16, requant_args, residual16,
+from .vector_tir import (block_shift, for_pixel_groups, output_args, paired_requant16, requant_args, residual16,
                          split_for_threads, store_paired_constants, store_pixel_rows)
 
 DEPTHWISE_VNNI_KIND = "depthwise_vnni_paired"     # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
@@ -88,10 +88,12 @@ def row_bands(oh: int, planes: int, sh: int, kh: int, dh: int, threads: int | No
 def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], kernel_width: int,
                             stride: tuple[int, int], padding: tuple[int, int], dilation_h: int,
                             input_zero_point: int, output_zero_point: int, lo: int, hi: int,
-                            residual_zero_point: int, residual: bool, threads: int | None = None) -> tir.PrimFunc:
+                            residual_zero_point: int, residual: bool, threads: int | None = None,
+                            shift_ge32: bool = True) -> tir.PrimFunc:
     """The PrimFunc ``name(x, w, bias, mult, shift, [r, mr], out)``: the buffers and integers of
-    :func:`kernels.depthwise_taps_requant` with ``shift_ge32`` (every shift >= 32; the caller checks it with
-    :func:`kernels.layout.shifts_allow_int32_epilogue`).
+    :func:`kernels.depthwise_taps_requant`; ``shift_ge32``: every shift >= 32 (the caller checks it with
+    :func:`kernels.layout.shifts_allow_int32_epilogue`): the int32-clamp epilogue, else the int64 one of
+    :func:`kernels.vector_tir.paired_requant16` (any shift in [1, 62]).
 
     x uint8 (N, CB, H, W, 16); w int8 (CB, KH, G, 16, 4) (:func:`kernels.pack_depthwise_taps`); bias / mult / shift
     int32 (CB*16,); r uint8 (N, CB, OH, OW, 16) and mr int32 (CB*16,) with ``residual``; out uint8 (N, CB, OH, OW,
@@ -111,7 +113,7 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": DEPTHWISE_VNNI_KIND, "int32_epilogue": 1})
+                         "ptq2tvm_kernel": DEPTHWISE_VNNI_KIND, "int32_epilogue": int(bool(shift_ge32))})
             x = T.arg("x", T.buffer((n, cb, h, w, BLOCK), "uint8"))
             wt = T.arg("w", T.buffer((cb, kh, g, BLOCK, 4), "int8"))
             bias, mult, shift = requant_args(cb)
@@ -123,16 +125,16 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
                 # input went through memory and took 25-45% of the kernel)
                 xp = T.alloc_buffer((in_rows, width, BLOCK), "uint8")
                 _pad_band(x, xp, b, o, i0 * sh - ph, in_rows, h, w, pw, width, int(input_zero_point))
-                c_pairs, shift_n = channel_constants(bias, mult, shift, o, z_out, mr, z_r)
+                c_pairs, shift_n = channel_constants(bias, mult, shift, o, z_out, mr, z_r, shift_ge32)
                 depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, tir.min(band_rows, oh - i0), ow,
                                (kh, g), (sh, sw), dh, (z_out, lo, hi), (r, mr) if residual else None)
     return ib.get()
 
 
-def channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int):
+def channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int, shift_ge32: bool = True):
     """(c_pairs, shift_n): block ``o``'s 16 rounding constants (bias * mult [+ the residual's -z_r * mr] +
     2^(shift-1), :func:`kernels.ops.requant_channel_constants`) in a small buffer, even channels then odd, and its
-    ``max(shift - 32, 0)`` as an int32x16 expression."""
+    shifts as :func:`kernels.vector_tir.paired_requant16` takes them (:func:`kernels.vector_tir.block_shift`)."""
     from .ops import requant_channel_constants
 
     c_nat = T.alloc_buffer((BLOCK,), "int64")
@@ -142,10 +144,7 @@ def channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int):
         consts = [(bias[ch], mult[ch])] + ([(tir.const(-int(z_r), "int32"), mr[ch])] if mr is not None else [])
         T.buffer_store(c_nat, requant_channel_constants(shift[ch], int(z_out), consts, True)["c"], [oc])
     store_paired_constants(c_pairs, c_nat)
-    chans = tir.Ramp(o * BLOCK, 1, BLOCK)
-    shift_n = tir.max(tir.BufferLoad(shift, [chans]) - tir.Broadcast(tir.const(32, "int32"), BLOCK),
-                      tir.Broadcast(tir.const(0, "int32"), BLOCK))
-    return c_pairs, shift_n
+    return c_pairs, block_shift(shift, o, shift_ge32)
 
 
 def requant16(acc, mult, c_pairs, shift_n, o, z_lo_hi, residual=None, unclamped: bool = False):

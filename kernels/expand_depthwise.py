@@ -27,10 +27,12 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                               w2_shape: tuple[int, ...], kernel_width: int, stride: tuple[int, int],
                               padding: tuple[int, int], dilation_h: int, mid_zero_point: int, mid_lo: int,
                               mid_hi: int, output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
-                              residual: bool, threads: int | None = None, int4: bool = False) -> tir.PrimFunc:
+                              residual: bool, threads: int | None = None, int4: bool = False,
+                              shift_ge32: tuple[bool, bool] = (True, True)) -> tir.PrimFunc:
     """``name(x, w1, bias1, mult1, shift1, w2, bias2, mult2, shift2, [r, mr], out)``: ``out`` = depthwise(requant(
     conv1x1(x, w1))), the integers of :func:`kernels.conv2d_nchwc_requant` (1x1, stride 1, no residual) followed by
-    :func:`kernels.depthwise_taps_requant`, every shift of both >= 32.
+    :func:`kernels.depthwise_taps_requant`; ``shift_ge32``: per stage, whether every shift is >= 32 (the int32-clamp
+    epilogue of :func:`kernels.vector_tir.paired_requant16`, else its int64 one).
 
     x uint8 (N, CBin, H, W, 16); w1 int8 (CBmid, CBin, 1, 1, 4, 16, 4) (:func:`kernels.pack_conv_weight`, VNNI,
     its input zero point folded into bias1 as for every conv; with ``int4`` the two-per-byte form (CBmid, CBin, 1,
@@ -58,7 +60,7 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND, "int32_epilogue": 2})
+                         "ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND, "int32_epilogue": sum(map(bool, shift_ge32))})
             x = T.arg("x", T.buffer((n, cbin, h, w, BLOCK), "uint8"))
             if int4:
                 w1 = T.arg("w1", T.buffer((cbm, cbin, 1, 1, 4, 32), "uint8"))
@@ -72,7 +74,7 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                 b, o, band = t // (cbm * bands), t // bands % cbm, t % bands
                 i0 = band * band_rows
                 xp = T.alloc_buffer((in_rows, width, BLOCK), "uint8")
-                c1, n1 = channel_constants(bias1, mult1, shift1, o, z_mid, None, 0)
+                c1, n1 = channel_constants(bias1, mult1, shift1, o, z_mid, None, 0, shift_ge32[0])
                 if int4:    # block o's expand weights as int8 rows [ic * 4 + k] (a few hundred bytes)
                     w1o = T.alloc_buffer((cbin * 4, 64), "int8")
                     for ic in range(cbin):
@@ -88,7 +90,7 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                         return tir.BufferLoad(w1, [o, ic, 0, 0, k, 0, tir.Ramp(0, 1, 64)])
                 _expand_band(x, w1_row, xp, mult1, c1, n1, b, o, i0 * sh - ph, in_rows, (cbin, h, w), pw, width,
                              (z_mid, int(mid_lo), int(mid_hi)))
-                c2, n2 = channel_constants(bias2, mult2, shift2, o, z_out, mr, z_r)
+                c2, n2 = channel_constants(bias2, mult2, shift2, o, z_out, mr, z_r, shift_ge32[1])
                 depthwise_band(xp, w2, out, mult2, c2, n2, b, o, i0, tir.min(band_rows, oh - i0), ow, (kh, g),
                                 (sh, sw), dh, (z_out, lo, hi), (r, mr) if residual else None)
     return ib.get()

@@ -1,5 +1,5 @@
 """Requantized elementwise multiply (squeeze-excitation's channel scaling) as explicit-vector TIR for AVX-512, for
-layers whose requant shifts are all >= 32.
+any requant shifts (the int32-clamp epilogue where every shift is >= 32).
 
 ``out = clamp(z + RHU((a - za) * (b - zb) * m, sh), lo, hi)`` per channel, either input broadcast over H and W
 (shape (N, CB, 1, 1, 16)): :func:`kernels.mul_requant_nchwc`'s integers. The product of two centred uint8 codes
@@ -19,7 +19,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
-from .vector_tir import for_pixel_groups, paired_requant16, split_for_threads, store_paired_constants, store_pixel_rows
+from .vector_tir import (block_shift, for_pixel_groups, paired_requant16, split_for_threads, store_paired_constants,
+                         store_pixel_rows)
 
 MUL_VNNI_KIND = "mul_vnni_paired"   # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -37,10 +38,12 @@ def mul_vnni_out_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tu
 
 
 def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], zero_points: tuple[int, int],
-                      output_zero_point: int, lo: int, hi: int, threads: int | None = None) -> tir.PrimFunc:
+                      output_zero_point: int, lo: int, hi: int, threads: int | None = None,
+                      shift_ge32: bool = True) -> tir.PrimFunc:
     """The PrimFunc ``name(a, b, mult, shift, out)``: a, b uint8 blocked (:func:`mul_vnni_out_shape`), mult / shift
-    int32 (CB * 16,) with every shift >= 32 (the caller checks it with
-    :func:`kernels.layout.shifts_allow_int32_epilogue`), out uint8 (N, CB, H, W, 16). Parallel over (image, channel
+    int32 (CB * 16,); ``shift_ge32``: every shift >= 32 (the caller checks it with
+    :func:`kernels.layout.shifts_allow_int32_epilogue`; else the int64 epilogue of
+    :func:`kernels.vector_tir.paired_requant16`), out uint8 (N, CB, H, W, 16). Parallel over (image, channel
     block, band of pixels), as few bands as give 2 iterations per thread (``threads``, default this machine's cores);
     a band's pixels in groups of 8 / 4 (the last band ends at the last pixel and may rewrite a few of the band
     before it with the same values)."""
@@ -53,7 +56,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": MUL_VNNI_KIND, "int32_epilogue": 1})
+                         "ptq2tvm_kernel": MUL_VNNI_KIND, "int32_epilogue": int(bool(shift_ge32))})
             a = T.arg("a", T.buffer(tuple(int(v) for v in a_shape), "uint8"))
             b = T.arg("b", T.buffer(tuple(int(v) for v in b_shape), "uint8"))
             mult = T.arg("mult", T.buffer((cb * BLOCK,), "int32"))
@@ -72,10 +75,8 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
                     T.buffer_store(c_nat, tir.shift_left(tir.const(1, "int64"),
                                                          shift[o * BLOCK + oc].astype("int64") - 1), [oc])
                 store_paired_constants(c_pairs, c_nat)
-                chans = tir.Ramp(o * BLOCK, 1, BLOCK)
-                m16 = tir.BufferLoad(mult, [chans])
-                shift_n = tir.max(tir.BufferLoad(shift, [chans]) - tir.Broadcast(tir.const(32, "int32"), BLOCK),
-                                  tir.Broadcast(tir.const(0, "int32"), BLOCK))
+                m16 = tir.BufferLoad(mult, [tir.Ramp(o * BLOCK, 1, BLOCK)])
+                shift_n = block_shift(shift, o, shift_ge32)
                 half = BLOCK // 2
 
                 def centred(buf, shape, j, zp):

@@ -34,19 +34,26 @@ def _odd(v: tir.PrimExpr) -> tir.PrimExpr:
 
 
 def paired_requant16(acc: tir.PrimExpr, mult: tir.PrimExpr, c_even: tir.PrimExpr, c_odd: tir.PrimExpr,
-                     shift_minus_32: tir.PrimExpr, zero_point: int, lo: int, hi: int,
+                     shift: tir.PrimExpr | tuple[tir.PrimExpr, tir.PrimExpr], zero_point: int, lo: int, hi: int,
                      residual: tuple[tir.PrimExpr, tir.PrimExpr] | None = None,
                      unclamped: bool = False) -> tir.PrimExpr:
-    """uint8x16 = the int32-clamp requant (:func:`kernels.ops.requant_finish` with ``shift_ge32``) of 16 channels:
-    ``clamp(((acc * mult [+ r * mr] + c) >> 32) >> n, lo - z, hi - z) + z`` per channel.
+    """uint8x16 = the requant (:func:`kernels.ops.requant_finish`) of 16 channels: ``clamp((acc * mult [+ r * mr] +
+    c) >> shift, lo - z, hi - z) + z`` per channel.
 
     ``acc``, ``mult`` (and the residual's ``r``, ``mr``) int32x16; ``c_even`` / ``c_odd`` int64x8: the rounding
-    constants (:func:`kernels.ops.requant_channel_constants` ``"c"``) of channels 0, 2, .. 14 and 1, 3, .. 15;
-    ``shift_minus_32`` int32x16 (``"n"``). The 16 int32 lanes are read as 8 int64 lanes: the even channels'
-    products are ``vpmuldq`` of the low halves, the odd ones' of the high halves (arithmetic shift), and the high
-    words of both go back into the int32 lanes with one permute: about 10 vector instructions per 16 outputs instead
-    of the 15 of sign-extending to two int64 vectors and narrowing back. Each int64 lane holds exactly the integer
-    :func:`kernels.ops.requant_finish` computes."""
+    constants (:func:`kernels.ops.requant_channel_constants` ``"c"``) of channels 0, 2, .. 14 and 1, 3, .. 15.
+    The 16 int32 lanes are read as 8 int64 lanes: the even channels' products are ``vpmuldq`` of the low halves,
+    the odd ones' of the high halves (arithmetic shift). ``shift``:
+
+    * int32x16 ``shift - 32`` (every shift >= 32, the int32-clamp epilogue, ``"n"`` with ``shift_ge32``): the high
+      words of both go back into the int32 lanes with one permute, then an int32 shift and clamp: about 10 vector
+      instructions per 16 outputs instead of the 15 of sign-extending to two int64 vectors and narrowing back;
+    * a pair of int64x8, the shifts of the even and of the odd channels (any shift in [1, 62]): ``vpsravq``, the
+      clamp on int64 lanes (``vpminsq`` / ``vpmaxsq``) and the low words of both interleaved back: ~4 instructions
+      more.
+
+    Each int64 lane holds exactly the integer :func:`kernels.ops.requant_finish` computes. ``unclamped``: int32x16
+    ``q + z`` for :func:`pack4_clamp` (with a pair of shifts, already clamped: the same bytes)."""
     a, m = _i64x8(acc), _i64x8(mult)
     ev = _even(a) * _even(m) + c_even
     od = _odd(a) * _odd(m) + c_odd
@@ -54,12 +61,21 @@ def paired_requant16(acc: tir.PrimExpr, mult: tir.PrimExpr, c_even: tir.PrimExpr
         r, mr = (_i64x8(v) for v in residual)
         ev = ev + _even(r) * _even(mr)
         od = od + _odd(r) * _odd(mr)
+    z = int(zero_point)
+    if isinstance(shift, tuple):
+        bounds = [tir.Broadcast(tir.const(int(v) - z, "int64"), _HALF) for v in (lo, hi)]
+        qe, qo = (tir.max(tir.min(tir.shift_right(v, n), bounds[1]), bounds[0]) for v, n in zip((ev, od), shift))
+        q = tir.reinterpret(f"int32x{BLOCK}", tir.bitwise_or(
+            tir.bitwise_and(qe, tir.Broadcast(tir.const((1 << 32) - 1, "int64"), _HALF)),
+            tir.shift_left(qo, tir.Broadcast(tir.const(32, "int64"), _HALF))))
+        q = q + tir.Broadcast(tir.const(z, "int32"), BLOCK)
+        return q if unclamped else q.astype(f"uint8x{BLOCK}")
+    shift_minus_32 = shift
     high = tir.bitwise_or(
         tir.reinterpret(f"int64x{_HALF}", tir.shift_right(tir.reinterpret(f"uint64x{_HALF}", ev),
                                                           tir.Broadcast(tir.const(32, "uint64"), _HALF))),
         tir.bitwise_and(od, tir.Broadcast(tir.const(-(1 << 32), "int64"), _HALF)))
     q = tir.shift_right(tir.reinterpret(f"int32x{BLOCK}", high), shift_minus_32)
-    z = int(zero_point)
     if unclamped:       # q + z, before the clamp: for pack4_clamp
         return q + tir.Broadcast(tir.const(z, "int32"), BLOCK)
     q = tir.max(tir.min(q, tir.Broadcast(tir.const(int(hi) - z, "int32"), BLOCK)),
@@ -192,6 +208,22 @@ def output_args(out_shape: tuple[int, ...], residual: bool) -> tuple:
     return r, mr, T.arg("out", T.buffer(out_shape, "uint8"))
 
 
+def block_shift(shift, o, shift_ge32: bool):
+    """The ``shift`` argument of :func:`paired_requant16` for output block ``o`` of the int32 (CB * 16,) per-channel
+    shifts ``shift``: with ``shift_ge32`` the int32x16 ``max(shift - 32, 0)``, else the pair of int64x8 shifts of
+    the even and of the odd channels (two small buffers in the caller's scope, filled here)."""
+    chans = tir.Ramp(o * BLOCK, 1, BLOCK)
+    if shift_ge32:
+        return tir.max(tir.BufferLoad(shift, [chans]) - tir.Broadcast(tir.const(32, "int32"), BLOCK),
+                       tir.Broadcast(tir.const(0, "int32"), BLOCK))
+    n_nat = T.alloc_buffer((BLOCK,), "int64")
+    n_pairs = T.alloc_buffer((BLOCK,), "int64")
+    with T.vectorized(0, BLOCK) as oc:
+        T.buffer_store(n_nat, shift[o * BLOCK + oc].astype("int64"), [oc])
+    store_paired_constants(n_pairs, n_nat)
+    return tuple(tir.BufferLoad(n_pairs, [tir.Ramp(h * _HALF, 1, _HALF)]) for h in range(2))
+
+
 def store_paired_constants(dst, src, base: tir.PrimExpr | int = 0, lead: tuple = ()) -> None:
     """dst[*lead, base + 0:8] = src[*lead, base + 0, 2, .. 14], dst[*lead, base + 8:16] = src[*lead, base + 1, 3,
     .. 15]: the rounding constants of 16 channels in the order :func:`paired_requant16` loads them (two 8-lane
@@ -250,6 +282,6 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
                     fill(w + pw, right)
 
 
-__all__ = ["for_pixel_groups", "output_args", "pack4_clamp", "pad_stage", "paired_requant16", "pixel_runs",
+__all__ = ["block_shift", "for_pixel_groups", "output_args", "pack4_clamp", "pad_stage", "paired_requant16", "pixel_runs",
            "requant_args", "residual16", "split_for_threads", "store_paired_constants", "store_pixel_rows",
            "unpack_nibbles64"]

@@ -71,13 +71,15 @@ def test_lut_vbmi_refuses_bad_input():
 # gate first and a 4-bit clamp at 7x9 (63 pixels: 8s, a 4, a 3); same shapes, a clamp, 25 pixels in 3 bands
 MUL_CASES = {"se_28x28": ((1, 6, 28, 28, 16), (1, 6, 1, 1, 16), (3, 0), 5, 0, 255, 2),
              "gate_first_4bit": ((2, 3, 1, 1, 16), (2, 3, 7, 9, 16), (0, 128), 0, 0, 15, 3),
-             "same_shape_clamp": ((1, 2, 5, 5, 16), (1, 2, 5, 5, 16), (7, 9), 100, 10, 200, 3)}
+             "same_shape_clamp": ((1, 2, 5, 5, 16), (1, 2, 5, 5, 16), (7, 9), 100, 10, 200, 3),
+             # shifts 1..43: the int64 epilogue (W4A4 SE gates have shifts below 32)
+             "se_any_shift": ((1, 3, 9, 9, 16), (1, 3, 1, 1, 16), (5, 0), 8, 0, 15, 2)}
 
 
 @pytest.mark.parametrize("name", list(MUL_CASES))
 def test_mul_vnni_bit_exact(name, tmp_path):
-    """out == clamp(z + ((a - za) * (b - zb) * m + 2^(s-1)) >> s, lo, hi) per channel (shifts 32..43, extreme
-    codes present)."""
+    """out == clamp(z + ((a - za) * (b - zb) * m + 2^(s-1)) >> s, lo, hi) per channel (shifts 32..43, or 1..62:
+    the int64 epilogue; extreme codes present)."""
     a_shape, b_shape, zps, z, lo, hi, threads = MUL_CASES[name]
     rng = np.random.default_rng(sum(map(ord, name)))
     a, b = (rng.integers(0, 256, s, dtype=np.uint8) for s in (a_shape, b_shape))
@@ -87,11 +89,16 @@ def test_mul_vnni_bit_exact(name, tmp_path):
     cb = out_shape[1]
     m = rng.integers(1 << 30, 1 << 31, cb * 16).astype(np.int32)
     s = rng.integers(32, 44, cb * 16).astype(np.int32)
+    if "any_shift" in name:     # shifts 20..31 with small mantissas (outputs not all saturated), edges 1 and 62
+        m = rng.integers(1 << 8, 1 << 14, cb * 16).astype(np.int32)
+        s = rng.integers(20, 32, cb * 16).astype(np.int32)
+        s[:2], m[0] = (1, 62), 3
     prod = (a.astype(np.int64) - zps[0]) * (b.astype(np.int64) - zps[1])
     mm, ss = (v.astype(np.int64).reshape(1, cb, 1, 1, 16) for v in (m, s))
     ref = np.clip(((prod * mm + (np.int64(1) << (ss - 1))) >> ss) + z, lo, hi).astype(np.uint8)
-    assert len(np.unique(ref)) >= min(hi - lo + 1, 64), "test data too degenerate"
-    func = K.mul_vnni_primfunc("main", a_shape, b_shape, zps, z, lo, hi, threads=threads)
+    assert len(np.unique(ref)) >= min((hi - lo + 1) * 3 // 4, 64), "test data too degenerate"
+    func = K.mul_vnni_primfunc("main", a_shape, b_shape, zps, z, lo, hi, threads=threads,
+                               shift_ge32=int(s.min()) >= 32)
     got = _run(func, [a, b, m, s], out_shape, tmp_path, (("vpmuldq",), ("vpackssdw", "vpackuswb")))
     assert np.array_equal(got, ref), int((got != ref).sum())
 

@@ -29,6 +29,9 @@ CASES = {
     "int4_expand_two_blocks_res": (1, 32, 48, 9, 9, 3, 1, 1, True, 3, dict(int4=True)),
     # W4A4: a [0, 15] mid clamp narrowed four pixels at a time; 14 columns = 8 + 4 + 2
     "w4a4_mid_clamp_w14": (2, 16, 32, 6, 14, 3, 1, 1, True, 2, dict(int4=True, z_mid=1, mid_hi=15)),
+    # shifts from 1 (edge channels 1 and 62) in both stages: the int64 epilogue
+    "any_shift_res": (1, 16, 48, 8, 12, 3, 1, 1, True, 3, dict(min_shift=1, z_mid=4)),
+    "any_shift_int4_s2": (2, 16, 32, 9, 9, 3, 2, 1, False, 2, dict(min_shift=1, int4=True, mid_hi=15)),
 }
 
 
@@ -42,12 +45,13 @@ def _case(name):
         rng.integers(-128, 128, (mid, cin, 1, 1), dtype=np.int8)
     b1 = rng.integers(-(1 << 14), 1 << 14, mid).astype(np.int32)
     m1, s1 = _requant_params(rng, R.conv_acc(x, w1, b1), mid)
-    s1 = np.maximum(s1, 32).astype(np.int32)
+    min_shift = extra.get("min_shift", 32)       # below 32: the int64 epilogue (vector_tir.paired_requant16)
+    s1 = np.maximum(s1, min_shift).astype(np.int32)
     y = R.conv2d_requant(x, w1, b1, m1, s1, output_zero_point=z_mid, lo=mid_lo, hi=mid_hi)
     w2 = rng.integers(-128, 128, (mid, 1, k, k), dtype=np.int8)
     b2 = rng.integers(-(1 << 14), 1 << 14, mid).astype(np.int32)
     m2, s2 = _requant_params(rng, R.conv_acc(y, w2, b2, s, p, 1, mid, z_mid), mid)
-    s2 = np.maximum(s2, 32).astype(np.int32)
+    s2 = np.maximum(s2, min_shift).astype(np.int32)
     oh, ow = R.conv_acc(y, w2, b2, s, p, 1, mid, z_mid).shape[2:]
     r = rng.integers(0, 256, (n, mid, oh, ow), dtype=np.uint8) if res else None
     mr = (np.minimum(np.exp2(s2.astype(np.float64)) / 600.0, 2 ** 31 - 1)).astype(np.int64).astype(np.int32)
@@ -61,7 +65,8 @@ def _case(name):
     if res:
         arrays += [K.nchw_to_nchwc(r, 16, 0), p2[3]]
     func = expand_depthwise_primfunc("main", xb.shape, w1p.shape, w2p.shape, k, (s, s), (p, p), 1, z_mid, mid_lo,
-                                     mid_hi, 5, 0, 255, 7, res, threads=threads, int4=int4)
+                                     mid_hi, 5, 0, 255, 7, res, threads=threads, int4=int4,
+                                     shift_ge32=(int(s1.min()) >= 32, int(s2.min()) >= 32))
     out_shape = depthwise_vnni_out_shape((n, w1p.shape[0], h, w, 16), (k, k), (s, s), (p, p))
     return ref, y, arrays, func, out_shape, mid
 

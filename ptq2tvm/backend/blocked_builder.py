@@ -176,9 +176,11 @@ class _BlockedBuilder:
         return self.shortcuts() and self.isa in ("avx2", "avxvnni") \
             and K.shifts_allow_int32_epilogue(node.arrays["shift"])
 
-    def amx_int32_epilogue(self, node: IntNode) -> bool:
-        """The int32-clamp epilogue for an AMX conv: every shift of the layer >= 32 (measured 3-7% faster on the
-        AMX kernels, whose epilogue is a large part of their time)."""
+    def paired_int32_epilogue(self, node: IntNode) -> bool:
+        """The int32-clamp form of the paired epilogue (:func:`kernels.vector_tir.paired_requant16`) for a layer of
+        the hand-written AVX-512 kernels (AMX convs, depthwise, fused expand + depthwise, multiply): every shift of
+        the layer >= 32 (measured 3-7% faster on the AMX kernels, whose epilogue is a large part of their time);
+        else its int64 form, any shift."""
         return self.shortcuts() and K.shifts_allow_int32_epilogue(node.arrays["shift"])
 
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
@@ -276,12 +278,12 @@ class _BlockedBuilder:
         its SiLU tables had taken more time than its convolutions."""
         return self.shortcuts() and self.isa == "vnni" and K.lut_vbmi_supported(self.shape(x))
 
-    def paired_mul(self, node: IntNode, a: relax.Expr, b: relax.Expr) -> bool:
-        """Whether a requantized multiply of this AVX-512 VNNI build runs :func:`kernels.mul_vnni_primfunc`: every
-        shift >= 32, shortcuts allowed, blocked inputs equal or one broadcast over H and W (squeeze-excitation).
-        EfficientNet-B0 W8A8 on the Xeon (2 threads, batch 1): the TE multiply's int64 lanes had made its SE scaling
-        cost more than its 1x1 convs."""
-        if not (self.shortcuts() and self.isa == "vnni" and K.shifts_allow_int32_epilogue(node.arrays["shift"])):
+    def paired_mul(self, a: relax.Expr, b: relax.Expr) -> bool:
+        """Whether a requantized multiply of this AVX-512 VNNI build runs :func:`kernels.mul_vnni_primfunc`:
+        shortcuts allowed, blocked inputs equal or one broadcast over H and W (squeeze-excitation). EfficientNet-B0
+        W8A8 on the Xeon (2 threads, batch 1): the TE multiply's int64 lanes had made its SE scaling cost more than
+        its 1x1 convs."""
+        if not (self.shortcuts() and self.isa == "vnni"):
             return False
         try:
             K.mul_vnni_out_shape(self.shape(a), self.shape(b))
@@ -291,21 +293,22 @@ class _BlockedBuilder:
 
     def paired_depthwise(self, node: IntNode) -> bool:
         """Whether a depthwise conv of this AVX-512 VNNI build runs :func:`kernels.depthwise_vnni_primfunc` (the
-        int32-clamp epilogue on int64 lane pairs, the padded input per row band): every shift of the layer >= 32 and
-        shortcuts allowed. Measured against the TE tap kernel (Xeon, 2 threads): MobileNetV2's 3x3 shapes
-        1.24-1.58x; the whole MobileNetV2 W8A8 1.14x at batch 1, 1.23x at batch 8."""
-        return self.shortcuts() and self.isa == "vnni" and K.shifts_allow_int32_epilogue(node.arrays["shift"])
+        paired epilogue on int64 lane pairs, the padded input per row band): shortcuts allowed. Measured against the
+        TE tap kernel (Xeon, 2 threads, every shift >= 32): MobileNetV2's 3x3 shapes 1.24-1.58x; the whole
+        MobileNetV2 W8A8 1.14x at batch 1, 1.23x at batch 8."""
+        del node
+        return self.shortcuts() and self.isa == "vnni"
 
     def emit_depthwise_vnni(self, x: relax.Expr, packed: np.ndarray, consts: list, extra: list, *, name: str,
                             kernel_width: int, stride: tuple[int, int], padding: tuple[int, int], dilation_h: int,
                             input_zero_point: int, output_zero_point: int, lo: int, hi: int,
-                            residual_zero_point: int) -> relax.Expr:
+                            residual_zero_point: int, shift_ge32: bool) -> relax.Expr:
         """The depthwise conv (:func:`kernels.depthwise_vnni_primfunc`) as a ``call_tir`` on the blocked input and
         the tap-packed weight: same arguments and integers as :func:`kernels.depthwise_taps_requant`."""
         x_shape = self.shape(x)
         prim = K.depthwise_vnni_primfunc(name, x_shape, packed.shape, kernel_width, stride, padding, dilation_h,
                                          input_zero_point, output_zero_point, lo, hi, residual_zero_point,
-                                         residual=bool(extra), threads=self.threads)
+                                         residual=bool(extra), threads=self.threads, shift_ge32=shift_ge32)
         return self.call_prim(prim, [x, self.weight(packed), *consts, *extra],
                               K.depthwise_vnni_out_shape(x_shape, (int(packed.shape[1]), kernel_width), stride,
                                                          padding, dilation_h))
@@ -313,7 +316,8 @@ class _BlockedBuilder:
     def emit_expand_depthwise(self, x: relax.Expr, w1: np.ndarray, consts1: list, w2: np.ndarray, consts2: list,
                               extra: list, *, name: str, kernel_width: int, stride: tuple[int, int],
                               padding: tuple[int, int], dilation_h: int, mid: IntNode, output_zero_point: int,
-                              lo: int, hi: int, residual_zero_point: int) -> relax.Expr:
+                              lo: int, hi: int, residual_zero_point: int,
+                              shift_ge32: tuple[bool, bool]) -> relax.Expr:
         """The fused 1x1 expand ``mid`` + depthwise conv (:func:`kernels.expand_depthwise_primfunc`) as one
         ``call_tir``: the integers of the two kernels one after the other."""
         a1 = mid.attrs
@@ -321,7 +325,7 @@ class _BlockedBuilder:
         prim = K.expand_depthwise_primfunc(name, x_shape, w1.shape, w2.shape, kernel_width, stride, padding,
                                            dilation_h, a1["output_zero_point"], a1["lo"], a1["hi"],
                                            output_zero_point, lo, hi, residual_zero_point, residual=bool(extra),
-                                           threads=self.threads, int4=w1.dtype == np.uint8)
+                                           threads=self.threads, int4=w1.dtype == np.uint8, shift_ge32=shift_ge32)
         return self.call_prim(prim, [x, self.weight(w1), *consts1, self.weight(w2), *consts2, *extra],
                               K.depthwise_vnni_out_shape((x_shape[0], int(w1.shape[0]), *x_shape[2:]),
                                                          (int(w2.shape[1]), kernel_width), stride, padding,
@@ -369,7 +373,7 @@ class _BlockedBuilder:
         """{depthwise node name: its 1x1 expand node} for the pairs this build fuses into one kernel
         (:func:`kernels.expand_depthwise_primfunc`): an AVX-512 VNNI x86 build with shortcuts; the depthwise conv
         takes :meth:`paired_depthwise`; its input is produced by a 1x1 conv (stride 1, no padding, no residual, int8
-        or int4 storage, every shift >= 32) from 16 or fewer channels (not the network input), read by nothing else
+        or int4 storage, any shifts) from 16 or fewer channels (not the network input), read by nothing else
         and not a graph output. Measured against the two kernels (Xeon, 2 threads, MobileNetV2's features.2, 16 -> 96
         channels at 112x112, stride 2): 1.13x at batch 1, 1.31-1.35x at batch 8 (the whole MobileNetV2 W8A8 1.02x /
         1.04x); with 24-64 input channels the fused VNNI expand mostly lost to the AMX 1x1 (0.78-0.99x, one shape
@@ -396,7 +400,7 @@ class _BlockedBuilder:
             ok = depthwise and a2["dilation"][1] == 1 and self.paired_depthwise(d) and readers.get(e.name) == 1 \
                 and e.name not in g.output_names and int(a1["groups"]) == 1 and tuple(w1.shape[2:]) == (1, 1) \
                 and tuple(a1["stride"]) == (1, 1) and tuple(a1["padding"]) == (0, 0) and int(w1.shape[1]) <= 16 \
-                and not self.packing(e)["int2"] and K.shifts_allow_int32_epilogue(e.arrays["shift"]) \
+                and not self.packing(e)["int2"] \
                 and int(a2["input_zero_point"]) == int(a1["output_zero_point"])
             if ok:
                 pairs[d.name] = e

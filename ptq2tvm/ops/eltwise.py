@@ -238,9 +238,10 @@ class Mul(OpDef):
         a, arr = node.attrs, node.arrays
         m, s = (b.const(p) for p in K.pack_channel_params(arr["multiplier"], arr["shift"], kinds="ms"))
         x, y = b.blocked(node.inputs[0]), b.blocked(node.inputs[1])
-        if b.paired_mul(node, x, y):    # int32 products, the int32-clamp requant on lane pairs (kernels/mul_vnni.py)
+        if b.paired_mul(x, y):      # int32 products, the requant on int64 lane pairs (kernels/mul_vnni.py)
             prim = K.mul_vnni_primfunc(b.hint(node), b.shape(x), b.shape(y), tuple(a["zero_points"]),
-                                       a["output_zero_point"], a["lo"], a["hi"], threads=b.threads)
+                                       a["output_zero_point"], a["lo"], a["hi"], threads=b.threads,
+                                       shift_ge32=b.paired_int32_epilogue(node))
             return b.call_prim(prim, [x, y, m, s], K.mul_vnni_out_shape(b.shape(x), b.shape(y))), NCHWC
         return b.emit(K.mul_requant_nchwc, x, y, m, s, zero_points=tuple(a["zero_points"]),
                       output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"], name=b.hint(node)), NCHWC

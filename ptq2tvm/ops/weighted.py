@@ -152,6 +152,7 @@ class Conv(_Weighted):
             w1 = K.pack_conv_weight(mid.arrays["weight"], groups=1, ic_block=16, isa="vnni", **b.packing(mid))
             return b.emit_expand_depthwise(b.blocked(mid.inputs[0]), w1, consts1, K.pack_depthwise_taps(w),
                                            consts, extra, name=name, kernel_width=int(w.shape[3]),
+                                           shift_ge32=(b.paired_int32_epilogue(mid), b.paired_int32_epilogue(node)),
                                            stride=tuple(a["stride"]), padding=tuple(a["padding"]),
                                            dilation_h=int(a["dilation"][0]), mid=mid, **_requant_args(kw)), NCHWC
         if not b.cuda and layout == "nchw" and a["groups"] == 1 and cin <= 4 and a["dilation"][1] == 1:
@@ -164,7 +165,7 @@ class Conv(_Weighted):
                 return b.emit_amx_rows_conv(rows, amx, consts, extra, name=name, in_channels=cin,
                                             in_width=b.graph.tensor(node.inputs[0]).shape[2],
                                             kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
-                                            padding=tuple(a["padding"]), shift_ge32=b.amx_int32_epilogue(node),
+                                            padding=tuple(a["padding"]), shift_ge32=b.paired_int32_epilogue(node),
                                             **_requant_args(kw)), NCHWC
             wp = b.weight(wp)
             kw["shift_ge32"] = b.int32_epilogue(node)
@@ -179,10 +180,11 @@ class Conv(_Weighted):
             xb, icb = b.blocked(node.inputs[0]), 16
         depthwise = K.conv_weight_mode(w.shape[0], cin, a["groups"], icb) == "depthwise"
         if depthwise and b.isa == "vnni" and not b.cuda and a["dilation"][1] == 1:
-            # 4 horizontal taps x 16 channels per vpdpbusd (kernels.depthwise_taps_requant); every shift >= 32:
-            # the explicit-vector kernel with the paired int32 epilogue (kernels.depthwise_vnni)
+            # 4 horizontal taps x 16 channels per vpdpbusd (kernels.depthwise_taps_requant); with shortcuts the
+            # explicit-vector kernel with the paired epilogue (kernels.depthwise_vnni)
             if b.paired_depthwise(node):
                 return b.emit_depthwise_vnni(xb, K.pack_depthwise_taps(w), consts, extra, name=name,
+                                             shift_ge32=b.paired_int32_epilogue(node),
                                              kernel_width=int(w.shape[3]), stride=tuple(a["stride"]),
                                              padding=tuple(a["padding"]), dilation_h=int(a["dilation"][0]),
                                              input_zero_point=kw["input_zero_point"], **_requant_args(kw)), NCHWC
@@ -203,7 +205,7 @@ class Conv(_Weighted):
             if amx is not None:
                 return b.emit_amx_conv(xb, amx, consts, extra, name=name, stride=tuple(a["stride"]),
                                        padding=tuple(a["padding"]), input_zero_point=kw["input_zero_point"],
-                                       shift_ge32=b.amx_int32_epilogue(node), **_requant_args(kw)), NCHWC
+                                       shift_ge32=b.paired_int32_epilogue(node), **_requant_args(kw)), NCHWC
             wp = b.weight(wp)
         kw["shift_ge32"] = b.int32_epilogue(node)
         out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
