@@ -17,8 +17,9 @@ Schemes (the network keeps NCHW16c between layers; kernels/README.md "AMX-INT8" 
 Stride 1 flattens pixels over the padded width (a tile may span output rows; junk columns are computed and dropped),
 other strides tile along output rows; the last tile is clamped to end at the last pixel instead of reading past the
 input. 2 x 2 C tiles (32 pixels x 32 output channels) per task; the C tiles go through a per-task buffer into the
-requant epilogue (:func:`kernels.ops.requant_channel_constants` once per task, :func:`kernels.ops.requant_finish`
-per row: the same integers as every other kernel).
+requant epilogue (:func:`kernels.ops.requant_channel_constants` once per task,
+:func:`kernels.vector_tir.paired_requant16` per row or four rows: the integers of :func:`kernels.ops.requant_finish`,
+like every other kernel).
 
 Supported (:func:`amx_conv_supported`): dense int8 convs, dilation 1. Linux requires a per-process permission for
 the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``,
@@ -407,8 +408,8 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                     with T.serial(0, count_rows // 4) as g:
                         q0 = first_row + 4 * g
                         _, oy, ox = geo.pixel(mg * mt + q0 // rows, q0 % rows)
-                        _epilogue_rows4(acc, outf, mult, kbuf, (rf, mr) if residual else None, slot,
-                                               q0, b, obp, nt, ob, oh * ow, oy * ow + ox, z_out, lo, hi)
+                        _epilogue_rows4(acc, outf, mult, kbuf, (rf, mr) if residual else None, slot, q0, b, obp, nt,
+                                        ob, oh * ow, oy * ow + ox, z_out, lo, hi)
                     return
                 with T.serial(0, count_rows) as u:
                     q = first_row + u
@@ -427,7 +428,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
             per_step = -(-total_rows // steps)      # epilogue rows of the previous task after each product step
             if pack4:
                 per_step = -(-per_step // 4) * 4
-            chunk_ctx = {}
+            chunk_ctx = {}      # ranges: the chunk's first pair, first image and pair count (set in the chunk loop)
             with T.parallel(0, chunks) as c:
                 _llvm("ldtilecfg", tir.address_of(cfg[0]))
                 if pair_chunks:

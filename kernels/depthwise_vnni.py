@@ -226,5 +226,5 @@ def _pad_band(x, xp, b, o, first_row, rows: int, h: int, w: int, pw: int, width:
     fill_band(xp, first_row, rows, h, w, pw, width, z_x, copy)
 
 
-__all__ = ["DEPTHWISE_VNNI_KIND", "BandLayout", "band_layout", "channel_constants", "check_geometry", "depthwise_band", "depthwise_vnni_out_shape",
-           "depthwise_vnni_primfunc", "fill_band", "requant16", "row_bands"]
+__all__ = ["DEPTHWISE_VNNI_KIND", "BandLayout", "band_layout", "channel_constants", "check_geometry", "depthwise_band",
+           "depthwise_vnni_out_shape", "depthwise_vnni_primfunc", "fill_band", "requant16", "row_bands"]

@@ -282,6 +282,6 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
                     fill(w + pw, right)
 
 
-__all__ = ["block_shift", "for_pixel_groups", "output_args", "pack4_clamp", "pad_stage", "paired_requant16", "pixel_runs",
-           "requant_args", "residual16", "split_for_threads", "store_paired_constants", "store_pixel_rows",
-           "unpack_nibbles64"]
+__all__ = ["block_shift", "for_pixel_groups", "output_args", "pack4_clamp", "pad_stage", "paired_requant16",
+           "pixel_runs", "requant_args", "residual16", "split_for_threads", "store_paired_constants",
+           "store_pixel_rows", "unpack_nibbles64"]
