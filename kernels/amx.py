@@ -39,8 +39,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
-from .vector_tir import (output_args, pack4_clamp, pad_stage, paired_requant16, requant_args, residual16,
-                         split_for_threads, store_paired_constants, unpack_nibbles64)
+from .vector_tir import (check_kernel_args, output_args, pack4_clamp, pad_stage, paired_requant16, requant_args,
+                         residual16, split_for_threads, store_paired_constants, unpack_nibbles64)
 
 AMX_ENV = "PTQ2TVM_AMX"          # 0 / false / no / off: never use AMX kernels (A/B timing; same integers)
 AMX_ATTR = "ptq2tvm_amx_conv"    # function attribute of the AMX conv PrimFuncs: their scheme, "taps" or "c64"
@@ -183,7 +183,9 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
 
     bias / mult / shift (and the residual's multiplier) int32 (OB*16,); out (N, OB, OH, OW, 16) uint8. The padded
     input and the per-task accumulator tiles are allocated once per call. Raises ValueError for any other weight
-    layout or a kernel larger than the padded input."""
+    layout, a kernel larger than the padded input, negative padding, a dimension below 1, a zero point outside
+    [0, 255] or a clamp outside 0 <= lo <= hi <= 255."""
+    _check_amx_args(x_shape, w_shape, padding, input_zero_point, output_zero_point, residual_zero_point, lo, hi)
     n, cb, h, w, icb = (int(v) for v in x_shape)
     ob, cbw, kh, kw, cf, lanes, four = (int(v) for v in w_shape)
     sh, sw = (int(v) for v in stride)
@@ -276,6 +278,18 @@ def amx_rows_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[i
 
     return _amx_kernel(name, "rows", (n, nrows, rowbytes), w_shape, geo, groups * 4, groups, lambda x: x, reduce, kh,
                        output_zero_point, lo, hi, residual_zero_point, residual, shift_ge32, int4, threads)
+
+
+def _check_amx_args(x_shape, w_shape, padding, z_in: int, z_out: int, z_r: int, lo: int, hi: int) -> None:
+    """The AMX convs' common preconditions (:func:`kernels.vector_tir.check_kernel_args`), a 7-D packed weight and
+    padding >= 0: ValueError naming the argument."""
+    check_kernel_args("amx conv", {"input": x_shape, "weight": w_shape},
+                      {"input zero point": z_in, "output zero point": z_out, "residual zero point": z_r},
+                      {"out": (lo, hi)})
+    if len(tuple(w_shape)) != 7:
+        raise ValueError(f"amx conv: weight shape {tuple(w_shape)} is not a packed 7-D layout (OB, CB, KH, KW, ..)")
+    if min(int(v) for v in padding) < 0:
+        raise ValueError(f"amx conv: padding {tuple(padding)} must be >= 0")
 
 
 def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, reduce, steps, z_out, lo, hi, z_r,

@@ -28,7 +28,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .intrin import TAPS_TRANSPOSE
 from .layout import BLOCK
-from .vector_tir import (block_shift, for_pixel_groups, output_args, paired_requant16, requant_args, residual16,
+from .vector_tir import (block_shift, check_kernel_args, for_pixel_groups, output_args, paired_requant16, requant_args, residual16,
                          split_for_threads, store_paired_constants, store_pixel_rows)
 
 DEPTHWISE_VNNI_KIND = "depthwise_vnni_paired"     # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
@@ -99,7 +99,11 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
     int32 (CB*16,); r uint8 (N, CB, OH, OW, 16) and mr int32 (CB*16,) with ``residual``; out uint8 (N, CB, OH, OW,
     16). Horizontal dilation 1 (the 4 taps of a group are consecutive pixels), any stride, vertical dilation
     ``dilation_h``; ``threads``: the threads the build runs on (default this machine's cores). Raises ValueError
-    for a weight that does not match the input or the kernel width."""
+    for a weight that does not match the input or the kernel width, a dimension below 1, a zero point outside
+    [0, 255] or a clamp outside 0 <= lo <= hi <= 255 (:func:`kernels.vector_tir.check_kernel_args`)."""
+    check_kernel_args("depthwise_vnni", {"input": x_shape, "weight": w_shape, "kernel width": (kernel_width,)},
+                      {"input zero point": input_zero_point, "output zero point": output_zero_point,
+                       "residual zero point": residual_zero_point}, {"out": (lo, hi)})
     n, cb, h, w, c = (int(v) for v in x_shape)
     wcb, kh, g, wc, four = (int(v) for v in w_shape)
     kw = int(kernel_width)

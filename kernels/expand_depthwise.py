@@ -18,7 +18,8 @@ from tvm.script.ir_builder import tirx as T
 
 from .depthwise_vnni import band_layout, channel_constants, check_geometry, depthwise_band, fill_band, requant16
 from .layout import BLOCK
-from .vector_tir import for_pixel_groups, output_args, requant_args, store_pixel_rows, unpack_nibbles64
+from .vector_tir import (check_kernel_args, for_pixel_groups, output_args, requant_args, store_pixel_rows,
+                         unpack_nibbles64)
 
 EXPAND_DEPTHWISE_KIND = "expand_depthwise_vnni_paired"
 
@@ -40,11 +41,24 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
     ``mid_zero_point`` clamped to [mid_lo, mid_hi], which is also the depthwise conv's input zero point (its
     padding value); w2 int8 (CBmid, KH, G, 16, 4) (:func:`kernels.pack_depthwise_taps`); bias / mult / shift int32
     per channel; r, mr as in :func:`kernels.depthwise_vnni.depthwise_vnni_primfunc`; out uint8 (N, CBmid, OH, OW,
-    16). Raises ValueError for weights that do not match the input."""
+    16). Raises ValueError for weights that do not match the input (or an int8 weight with ``int4``), a dimension
+    below 1, a zero point outside [0, 255], a clamp outside 0 <= lo <= hi <= 255 or ``shift_ge32`` not a pair."""
+    check_kernel_args("expand_depthwise", {"input": x_shape, "expand weight": w1_shape, "depthwise weight": w2_shape,
+                                           "kernel width": (kernel_width,)},
+                      {"mid zero point": mid_zero_point, "output zero point": output_zero_point,
+                       "residual zero point": residual_zero_point}, {"mid": (mid_lo, mid_hi), "out": (lo, hi)})
+    if not (isinstance(shift_ge32, (tuple, list)) and len(shift_ge32) == 2):
+        raise ValueError(f"expand_depthwise: shift_ge32 must be a pair (expand, depthwise), got {shift_ge32!r}")
     n, cbin, h, w, c = (int(v) for v in x_shape)
     w1_shape = tuple(int(v) for v in w1_shape)
-    if int4 and len(w1_shape) == 6 and w1_shape[-1] == 32:      # nibbles: the int8 layout is (..., 16, 4)
+    if int4:        # nibbles (CBmid, CBin, 1, 1, 4, 32): the int8 layout is (..., 16, 4)
+        if len(w1_shape) != 6 or w1_shape[-1] != 32:
+            raise ValueError(f"expand_depthwise: int4 expand weight must be the two-per-byte (CBmid, CBin, 1, 1, 4, "
+                             f"32) uint8 form, got shape {w1_shape}")
         w1_shape = (*w1_shape[:-1], BLOCK, 4)
+    if len(w1_shape) != 7 or len(tuple(w2_shape)) != 5:
+        raise ValueError(f"expand_depthwise: expand weight {w1_shape} / depthwise weight {tuple(w2_shape)} do not "
+                         f"have the packed layouts (7 and 5 dimensions)")
     cbm, cbin_w, one_h, one_w, four_g, lanes, four = w1_shape
     cbm2, kh, g, lanes2, four2 = (int(v) for v in w2_shape)
     kw = int(kernel_width)

@@ -18,6 +18,8 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .vector_tir import check_kernel_args
+
 LUT_VBMI_KIND = "lut_vbmi"          # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 VECTOR = 64                         # bytes per lookup vector
 _CHUNK_VECTORS = 256                # vectors per parallel iteration (16 KiB)
@@ -44,8 +46,9 @@ def lut_vbmi_primfunc(name: str, shape: tuple[int, ...], threads: int | None = N
     table uint8 (256,) (:func:`pad_lut_table`). 64-byte vectors; the last one ends at the last byte (it may overlap
     the one before and rewrite the same values); 16 KiB per parallel iteration, serial below that (``threads`` is
     accepted for the builders' uniform call; the chunking does not depend on it). Raises ValueError for tensors of
-    fewer than 64 bytes."""
+    fewer than 64 bytes or a dimension below 1."""
     del threads
+    check_kernel_args("lut_vbmi", {"tensor": shape})
     size = int(np.prod([int(v) for v in shape]))
     if size < VECTOR:
         raise ValueError(f"lut_vbmi needs >= {VECTOR} bytes, got shape {tuple(shape)}")

@@ -19,8 +19,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
-from .vector_tir import (block_shift, for_pixel_groups, paired_requant16, split_for_threads, store_paired_constants,
-                         store_pixel_rows)
+from .vector_tir import (block_shift, check_kernel_args, for_pixel_groups, paired_requant16, split_for_threads,
+                         store_paired_constants, store_pixel_rows)
 
 MUL_VNNI_KIND = "mul_vnni_paired"   # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -46,7 +46,13 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
     :func:`kernels.vector_tir.paired_requant16`), out uint8 (N, CB, H, W, 16). Parallel over (image, channel
     block, band of pixels), as few bands as give 2 iterations per thread (``threads``, default this machine's cores);
     a band's pixels in groups of 8 / 4 (the last band ends at the last pixel and may rewrite a few of the band
-    before it with the same values)."""
+    before it with the same values). Raises ValueError for shapes that do not broadcast so, a dimension below 1, a
+    zero point outside [0, 255] or a clamp outside 0 <= lo <= hi <= 255."""
+    check_kernel_args("mul_vnni", {"a": a_shape, "b": b_shape})
+    if len(tuple(zero_points)) != 2:
+        raise ValueError(f"mul_vnni: zero_points must be (za, zb), got {zero_points!r}")
+    check_kernel_args("mul_vnni", zero_points={"za": zero_points[0], "zb": zero_points[1],
+                                               "output zero point": output_zero_point}, clamps={"out": (lo, hi)})
     out_shape = mul_vnni_out_shape(a_shape, b_shape)
     n, cb, h, w, _ = out_shape
     planes, pixels = n * cb, h * w

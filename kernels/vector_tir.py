@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import tvm.tirx as tir
 from tvm.script.ir_builder import tirx as T
 
@@ -193,6 +194,24 @@ def residual16(r, mr, index: list, o) -> tuple[tir.PrimExpr, tir.PrimExpr]:
             tir.BufferLoad(mr, [tir.Ramp(o * BLOCK, 1, BLOCK)]))
 
 
+def check_kernel_args(kernel: str, shapes: dict[str, tuple] = (), zero_points: dict[str, int] = (),
+                      clamps: dict[str, tuple[int, int]] = ()) -> None:
+    """Raise ValueError naming ``kernel`` and the argument unless every shape in ``shapes`` (name -> shape) has
+    integer dimensions >= 1, every zero point is an integer in [0, 255] and every clamp (name -> (lo, hi)) has
+    0 <= lo <= hi <= 255: the hand-written kernels' common preconditions (a zero-sized dimension was a
+    ZeroDivisionError, an out-of-range zero point TVM's own literal check, lo > hi silently built)."""
+    for name, shape in dict(shapes).items():
+        dims = tuple(shape)
+        if not dims or any(not isinstance(d, (int, np.integer)) or int(d) < 1 for d in dims):
+            raise ValueError(f"{kernel}: {name} shape {dims} needs integer dimensions >= 1")
+    for name, z in dict(zero_points).items():
+        if not isinstance(z, (int, np.integer)) or not 0 <= int(z) <= 255:
+            raise ValueError(f"{kernel}: {name} {z!r} is not a uint8 zero point (0..255)")
+    for name, (lo, hi) in dict(clamps).items():
+        if not 0 <= int(lo) <= int(hi) <= 255:
+            raise ValueError(f"{kernel}: clamp {name} [{lo}, {hi}] needs 0 <= lo <= hi <= 255")
+
+
 def requant_args(blocks: int, suffix: str = "") -> tuple:
     """The PrimFunc arguments ``bias``, ``mult``, ``shift`` (+ ``suffix``): int32 (blocks * 16,) each."""
     return tuple(T.arg(f"{k}{suffix}", T.buffer((blocks * BLOCK,), "int32")) for k in ("bias", "mult", "shift"))
@@ -282,6 +301,6 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
                     fill(w + pw, right)
 
 
-__all__ = ["block_shift", "for_pixel_groups", "output_args", "pack4_clamp", "pad_stage", "paired_requant16",
+__all__ = ["block_shift", "check_kernel_args", "for_pixel_groups", "output_args", "pack4_clamp", "pad_stage", "paired_requant16",
            "pixel_runs", "requant_args", "residual16", "split_for_threads", "store_paired_constants",
            "store_pixel_rows", "unpack_nibbles64"]

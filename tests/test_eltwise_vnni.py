@@ -131,3 +131,35 @@ def test_builder_picks_them_for_silu_and_se(tmp_path):
     assert luts and muls and all(K.shifts_allow_int32_epilogue(n.arrays["shift"]) for n in muls)
     got = kinds(build_blocked_module(graph, 2, "vnni")[0])
     assert got.count(K.LUT_VBMI_KIND) >= 1 and got.count(K.MUL_VNNI_KIND) == len(muls), got
+
+
+def test_hand_written_kernels_name_bad_arguments():
+    """Zero-sized dimensions, zero points outside [0, 255], clamps with lo > hi or outside [0, 255], negative AMX
+    padding, a non-7-D AMX weight, a bool where the fused kernel wants a pair of flags, an int8 weight passed as int4:
+    a ValueError naming the kernel and the argument (found by a break-it helper: ZeroDivisionError, TVM's literal
+    check, or a silently built kernel before)."""
+    from kernels.depthwise_vnni import depthwise_vnni_primfunc
+    from kernels.expand_depthwise import expand_depthwise_primfunc
+
+    ok = (1, 2, 4, 4, 16)
+    dw = ((1, 2, 8, 8, 16), (2, 3, 1, 16, 4), 3, (1, 1), (1, 1), 1)
+    ex = ((1, 1, 8, 8, 16), (2, 1, 1, 1, 4, 16, 4), (2, 3, 1, 16, 4), 3, (1, 1), (1, 1), 1)
+    wa = (2, 2, 3, 3, 4, 16, 4)
+    cases = [
+        (lambda: K.lut_vbmi_primfunc("m", (0, 64)), "lut_vbmi: tensor shape"),
+        (lambda: K.mul_vnni_primfunc("m", ok, ok, (256, 0), 0, 0, 255), "za 256"),
+        (lambda: K.mul_vnni_primfunc("m", ok, ok, (0, 0), 0, 200, 100), r"clamp out \[200, 100\]"),
+        (lambda: K.mul_vnni_primfunc("m", ok, ok, (0,), 0, 0, 255), "zero_points must be"),
+        (lambda: K.mul_vnni_primfunc("m", (1, 0, 4, 4, 16), (1, 0, 4, 4, 16), (0, 0), 0, 0, 255), "a shape"),
+        (lambda: depthwise_vnni_primfunc("f", (0, 2, 8, 8, 16), *dw[1:], 0, 0, 0, 255, 0, False), "input shape"),
+        (lambda: depthwise_vnni_primfunc("f", *dw, 300, 0, 0, 255, 0, False), "input zero point 300"),
+        (lambda: expand_depthwise_primfunc("f", *ex, 0, 0, 255, 0, 0, 255, 0, False, shift_ge32=False), "a pair"),
+        (lambda: expand_depthwise_primfunc("f", *ex, 0, 200, 100, 0, 0, 255, 0, False), r"clamp mid"),
+        (lambda: expand_depthwise_primfunc("f", *ex, 0, 0, 255, 0, 0, 255, 0, False, int4=True), "two-per-byte"),
+        (lambda: K.amx_conv_primfunc("m", (0, 2, 8, 8, 16), wa, (1, 1), 0, 0, 0, 255, 0, False), "input shape"),
+        (lambda: K.amx_conv_primfunc("m", (1, 2, 8, 8, 16), wa, (-1, -1), 0, 0, 0, 255, 0, False), "padding"),
+        (lambda: K.amx_conv_primfunc("m", (1, 2, 8, 8, 16), wa[:6], (1, 1), 0, 0, 0, 255, 0, False), "7-D"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build()
