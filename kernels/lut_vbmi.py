@@ -6,8 +6,9 @@ spent more time in its SiLU tables than in its convolutions. Here the table sits
 input bytes take two ``vpermi2b`` (``VPERMI2B``, Intel SDM: each selects 64 bytes out of a 128-byte two-register
 table by the low 7 bits of the index) and one byte blend on the index's top bit (``vpmovb2m`` + ``vpblendmb``).
 
-Every CPU with AVX-512 VNNI that this project builds for also has VBMI (Ice Lake and later, Zen 4 and later; the
-depthwise kernel's ``vpermb`` needs it too). Same bytes as :func:`kernels.lut_nchwc` (tests/test_lut_vbmi.py).
+Ice Lake and later and Zen 4 and later have VBMI; Cascade Lake has AVX-512 VNNI without it, so the builder takes
+this kernel only where :func:`target_has_vbmi` holds (LLVM aborts the process compiling ``vpermi2b`` for a target
+without VBMI). Same bytes as :func:`kernels.lut_nchwc` (tests/test_lut_vbmi.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ def pad_lut_table(table: np.ndarray) -> np.ndarray:
     if t.dtype != np.uint8 or t.ndim != 1 or not 1 <= t.size <= _TABLE:
         raise ValueError(f"lookup table must be uint8 with 1..{_TABLE} entries, got {t.dtype} shape {t.shape}")
     return np.concatenate([t, np.full(_TABLE - t.size, t[-1], np.uint8)])
+
+
+def target_has_vbmi(target) -> bool:
+    """Whether an LLVM ``target`` has AVX-512 VBMI (``vpermi2b``): Ice Lake and later, Zen 4 and later; not Cascade
+    Lake, whose AVX-512 VNNI comes without it (LLVM aborts the process compiling the intrinsic there)."""
+    from tvm.target import codegen
+
+    try:
+        return target.kind.name == "llvm" and bool(codegen.llvm_cpu_has_features(["avx512vbmi"], target))
+    except Exception:   # a target LLVM cannot describe
+        return False
 
 
 def lut_vbmi_supported(shape: tuple[int, ...]) -> bool:
@@ -80,4 +92,4 @@ def lut_vbmi_primfunc(name: str, shape: tuple[int, ...], threads: int | None = N
     return ib.get()
 
 
-__all__ = ["LUT_VBMI_KIND", "lut_vbmi_primfunc", "lut_vbmi_supported", "pad_lut_table"]
+__all__ = ["LUT_VBMI_KIND", "lut_vbmi_primfunc", "lut_vbmi_supported", "pad_lut_table", "target_has_vbmi"]

@@ -163,3 +163,22 @@ def test_hand_written_kernels_name_bad_arguments():
     for build, message in cases:
         with pytest.raises(ValueError, match=message):
             build()
+
+
+def test_cascade_lake_target_keeps_the_te_lookup():
+    """Cascade Lake has AVX-512 VNNI but not VBMI: an SE + SiLU graph built for it keeps the TE lookup (LLVM aborts
+    the whole process compiling ``vpermi2b`` for such a target) and still takes the paired multiply; the module
+    compiles."""
+    from test_ops import _quantize
+
+    from ptq2tvm.api import to_integer
+    from ptq2tvm.backend.blocked_builder import build_x86_module
+
+    clx = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}
+    assert not K.target_has_vbmi(tvm.target.Target(clx))
+    assert K.target_has_vbmi(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"}))
+    mod, _ = build_x86_module(to_integer(_quantize("se", 8, 8)[1]), 2, clx)
+    kinds = [str(f.attrs.get("ptq2tvm_kernel", "")) for _, f in mod.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None]
+    assert K.LUT_VBMI_KIND not in kinds and K.MUL_VNNI_KIND in kinds, kinds
+    tvm.compile(mod, target=tvm.target.Target(clx))

@@ -92,9 +92,10 @@ class _BlockedBuilder:
     layout (NCHW, blocked NCHW16c or 2-D); ops ask for their inputs in the layout they need."""
 
     def __init__(self, graph: IntegerGraph, isa: str, cuda: bool = False, amx: bool = False,
-                 threads: int | None = None, fuse: bool = True):
+                 threads: int | None = None, fuse: bool = True, vbmi: bool = True):
         self.graph = graph
         self.isa = isa
+        self.vbmi = vbmi                 # AVX-512 VBMI (kernels.lut_vbmi's vpermi2b): not on Cascade Lake
         self.cuda = cuda
         self.amx = amx and not cuda      # AMX-INT8 conv kernels where they apply (kernels/amx.py)
         self.threads = threads           # the target's threads (the AMX int4 kernels' chunking); None: this host
@@ -273,10 +274,10 @@ class _BlockedBuilder:
                               K.amx_conv_out_shape(x_shape, amx.shape, padding, stride))
 
     def vbmi_lut(self, x: relax.Expr) -> bool:
-        """Whether a table lookup on ``x`` runs :func:`kernels.lut_vbmi_primfunc` (``vpermi2b``; AVX-512 VNNI builds,
-        tensors of >= 64 bytes) instead of the TE gather. EfficientNet-B0 W8A8 on the Xeon (2 threads, batch 1):
-        its SiLU tables had taken more time than its convolutions."""
-        return self.shortcuts() and self.isa == "vnni" and K.lut_vbmi_supported(self.shape(x))
+        """Whether a table lookup on ``x`` runs :func:`kernels.lut_vbmi_primfunc` (``vpermi2b``; AVX-512 VNNI builds
+        whose target has VBMI, tensors of >= 64 bytes) instead of the TE gather. EfficientNet-B0 W8A8 on the Xeon
+        (2 threads, batch 1): its SiLU tables had taken more time than its convolutions."""
+        return self.shortcuts() and self.isa == "vnni" and self.vbmi and K.lut_vbmi_supported(self.shape(x))
 
     def paired_mul(self, a: relax.Expr, b: relax.Expr) -> bool:
         """Whether a requantized multiply of this AVX-512 VNNI build runs :func:`kernels.mul_vnni_primfunc`:
@@ -446,7 +447,7 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
     tgt = tvm.target.Target(target)
     threads = int(tgt.attrs["num-cores"]) if "num-cores" in tgt.attrs else None
     mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tgt), threads=threads,
-                                             fuse=fuse)
+                                             fuse=fuse, vbmi=K.target_has_vbmi(tgt))
     mod = add_checked_float_entry(mod, graph, batch, threads)
     if scheduler is None:
         return K.schedule_module(mod, tvm.target.Target(target)), weight_bytes
@@ -455,12 +456,13 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
 
 def build_blocked_module(graph: IntegerGraph, batch: int, isa: str, cuda: bool = False,
                          amx: bool = False, threads: int | None = None,
-                         fuse: bool = True) -> tuple[tvm.IRModule, int]:
+                         fuse: bool = True, vbmi: bool = True) -> tuple[tvm.IRModule, int]:
     """The unscheduled blocked Relax module (with the float entry) and the bytes of its packed weights. ``cuda``
     switches off the x86-only kernels (rows layout, depthwise taps): what the CUDA build schedules. ``amx``: the
     convs :meth:`_BlockedBuilder.amx_scheme` selects are AMX kernels (already scheduled PrimFuncs), chunked for
-    ``threads`` (default: this machine's cores); ``fuse``: as in :func:`build_x86_module`."""
-    builder = _BlockedBuilder(graph, isa, cuda=cuda, amx=amx, threads=threads, fuse=fuse)
+    ``threads`` (default: this machine's cores); ``fuse``: as in :func:`build_x86_module`; ``vbmi``: the target has
+    AVX-512 VBMI (the table lookups' ``vpermi2b``; Cascade Lake has VNNI without it)."""
+    builder = _BlockedBuilder(graph, isa, cuda=cuda, amx=amx, threads=threads, fuse=fuse, vbmi=vbmi)
     return add_float_entry(builder.build(batch), graph, batch), builder.weight_bytes
 
 
