@@ -28,8 +28,8 @@ from tvm.script.ir_builder import tirx as T
 
 from .intrin import TAPS_TRANSPOSE
 from .layout import BLOCK
-from .vector_tir import (block_shift, check_kernel_args, for_pixel_groups, output_args, paired_requant16, requant_args, residual16,
-                         split_for_threads, store_paired_constants, store_pixel_rows)
+from .vector_tir import (block_shift, check_kernel_args, for_pixel_groups, output_args, paired_requant16,
+                         requant_args, residual16, split_for_threads, store_paired_constants, store_pixel_rows)
 
 DEPTHWISE_VNNI_KIND = "depthwise_vnni_paired"     # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -136,16 +136,18 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
 
 
 def channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int, shift_ge32: bool = True):
-    """(c_pairs, shift_n): block ``o``'s 16 rounding constants (bias * mult [+ the residual's -z_r * mr] +
-    2^(shift-1), :func:`kernels.ops.requant_channel_constants`) in a small buffer, even channels then odd, and its
-    shifts as :func:`kernels.vector_tir.paired_requant16` takes them (:func:`kernels.vector_tir.block_shift`)."""
+    """(c_pairs, shift_n): block ``o``'s 16 rounding constants ([bias * mult] [+ the residual's -z_r * mr] +
+    2^(shift-1), :func:`kernels.ops.requant_channel_constants`; ``bias`` / ``mr`` None: no such term) in a small
+    buffer, even channels then odd, and its shifts as :func:`kernels.vector_tir.paired_requant16` takes them
+    (:func:`kernels.vector_tir.block_shift`)."""
     from .ops import requant_channel_constants
 
     c_nat = T.alloc_buffer((BLOCK,), "int64")
     c_pairs = T.alloc_buffer((BLOCK,), "int64")
     with T.vectorized(0, BLOCK) as oc:
         ch = o * BLOCK + oc
-        consts = [(bias[ch], mult[ch])] + ([(tir.const(-int(z_r), "int32"), mr[ch])] if mr is not None else [])
+        consts = ([(bias[ch], mult[ch])] if bias is not None else []) + \
+            ([(tir.const(-int(z_r), "int32"), mr[ch])] if mr is not None else [])
         T.buffer_store(c_nat, requant_channel_constants(shift[ch], int(z_out), consts, True)["c"], [oc])
     store_paired_constants(c_pairs, c_nat)
     return c_pairs, block_shift(shift, o, shift_ge32)

@@ -8,7 +8,7 @@ table by the low 7 bits of the index) and one byte blend on the index's top bit 
 
 Ice Lake and later and Zen 4 and later have VBMI; Cascade Lake has AVX-512 VNNI without it, so the builder takes
 this kernel only where :func:`target_has_vbmi` holds (LLVM aborts the process compiling ``vpermi2b`` for a target
-without VBMI). Same bytes as :func:`kernels.lut_nchwc` (tests/test_lut_vbmi.py).
+without VBMI). Same bytes as :func:`kernels.lut_nchwc` (tests/test_eltwise_vnni.py).
 """
 
 from __future__ import annotations
@@ -53,13 +53,11 @@ def lut_vbmi_supported(shape: tuple[int, ...]) -> bool:
     return int(np.prod([int(v) for v in shape])) >= VECTOR
 
 
-def lut_vbmi_primfunc(name: str, shape: tuple[int, ...], threads: int | None = None) -> tir.PrimFunc:
+def lut_vbmi_primfunc(name: str, shape: tuple[int, ...]) -> tir.PrimFunc:
     """The PrimFunc ``name(x, table, out)``: x and out uint8 of ``shape`` (any layout: the lookup is per byte),
     table uint8 (256,) (:func:`pad_lut_table`). 64-byte vectors; the last one ends at the last byte (it may overlap
-    the one before and rewrite the same values); 16 KiB per parallel iteration, serial below that (``threads`` is
-    accepted for the builders' uniform call; the chunking does not depend on it). Raises ValueError for tensors of
-    fewer than 64 bytes or a dimension below 1."""
-    del threads
+    the one before and rewrite the same values); 16 KiB per parallel iteration, serial below that. Raises ValueError
+    for tensors of fewer than 64 bytes or a dimension below 1."""
     check_kernel_args("lut_vbmi", {"tensor": shape})
     size = int(np.prod([int(v) for v in shape]))
     if size < VECTOR:

@@ -3,24 +3,23 @@ any requant shifts (the int32-clamp epilogue where every shift is >= 32).
 
 ``out = clamp(z + RHU((a - za) * (b - zb) * m, sh), lo, hi)`` per channel, either input broadcast over H and W
 (shape (N, CB, 1, 1, 16)): :func:`kernels.mul_requant_nchwc`'s integers. The product of two centred uint8 codes
-fits int32 (|p| <= 255 * 255), so per 16 channels it is one ``vpmulld`` and the int32-clamp requant on int64 lane
-pairs (:func:`kernels.vector_tir.paired_requant16`); four pixels are clamped and narrowed together
+fits int32 (|p| <= 255 * 255), so per 16 channels it is one int32 multiply and the requant on int64 lane pairs
+(:func:`kernels.vector_tir.paired_requant16`, with the depthwise kernel's per-block constants,
+:func:`kernels.depthwise_vnni.channel_constants` without a bias); four pixels are clamped and narrowed together
 (:func:`kernels.vector_tir.store_pixel_rows`). The TE kernel formed int64 products and shifted them with the
 emulated arithmetic shift, vectorized over int64 lanes: EfficientNet-B0's SE multiplies took more time than its
-1x1 convs. Same integers (tests/test_mul_vnni.py).
+1x1 convs. Same integers (tests/test_eltwise_vnni.py).
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .depthwise_vnni import channel_constants, requant16
 from .layout import BLOCK
-from .vector_tir import (block_shift, check_kernel_args, for_pixel_groups, paired_requant16, split_for_threads,
-                         store_paired_constants, store_pixel_rows)
+from .vector_tir import check_kernel_args, for_pixel_groups, split_for_threads, store_pixel_rows
 
 MUL_VNNI_KIND = "mul_vnni_paired"   # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -75,15 +74,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
                 plane, band = t // bands, t % bands
                 o = plane % cb
                 start = tir.min(band * per, pixels - per)
-                c_nat = T.alloc_buffer((BLOCK,), "int64")
-                c_pairs = T.alloc_buffer((BLOCK,), "int64")
-                with T.vectorized(0, BLOCK) as oc:
-                    T.buffer_store(c_nat, tir.shift_left(tir.const(1, "int64"),
-                                                         shift[o * BLOCK + oc].astype("int64") - 1), [oc])
-                store_paired_constants(c_pairs, c_nat)
-                m16 = tir.BufferLoad(mult, [tir.Ramp(o * BLOCK, 1, BLOCK)])
-                shift_n = block_shift(shift, o, shift_ge32)
-                half = BLOCK // 2
+                c_pairs, shift_n = channel_constants(None, mult, shift, o, z, None, 0, shift_ge32)   # no bias
 
                 def centred(buf, shape, j, zp):
                     pix = j if int(shape[2]) * int(shape[3]) == pixels else 0
@@ -94,9 +85,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
                     def row(k: int, unclamped: bool):
                         j = start + first + k
                         prod = centred(flat[0], a_shape, j, za) * centred(flat[1], b_shape, j, zb)
-                        return paired_requant16(prod, m16, tir.BufferLoad(c_pairs, [tir.Ramp(0, 1, half)]),
-                                                tir.BufferLoad(c_pairs, [tir.Ramp(half, 1, half)]), shift_n, z, lo,
-                                                hi, None, unclamped)
+                        return requant16(prod, mult, c_pairs, shift_n, o, (z, lo, hi), None, unclamped)
 
                     store_pixel_rows(of, [plane], start + first, size, row, lo, hi)
 

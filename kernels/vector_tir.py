@@ -84,10 +84,6 @@ def paired_requant16(acc: tir.PrimExpr, mult: tir.PrimExpr, c_even: tir.PrimExpr
     return (q + tir.Broadcast(tir.const(z, "int32"), BLOCK)).astype(f"uint8x{BLOCK}")
 
 
-#: dword d' = 4k + L of the packed rows takes dword 4L + k of packssdw / packuswb's lane-interleaved result
-_PACK4_ORDER = [4 * (d % 4) + d // 4 for d in range(16)]
-
-
 def pack4_clamp(rows: list[tir.PrimExpr], lo: int, hi: int) -> tir.PrimExpr:
     """uint8x64 = four int32x16 rows (``paired_requant16(..., unclamped=True)``: ``q + z``) clamped to [lo, hi] and
     narrowed, row k in bytes 16k..16k+15: ``vpackssdw`` (int32 -> int16, signed saturation) twice, ``vpackuswb``
@@ -148,7 +144,8 @@ def store_pixel_rows(buf, lead: list, first, size: int, row, lo: int, hi: int) -
 
 
 def _pack4_index() -> tir.PrimExpr:
-    """The int32x16 constant :data:`_PACK4_ORDER`."""
+    """The int32x16 ``vpermd`` index of :func:`pack4_clamp`: dword ``d' = 4k + L`` of the packed rows takes dword
+    ``4L + k`` of ``packssdw`` / ``packuswb``'s lane-interleaved result, i.e. index ``4 * (d' % 4) + d' // 4``."""
     r = tir.Ramp(tir.const(0, "int32"), tir.const(1, "int32"), 16)
     four = tir.Broadcast(tir.const(4, "int32"), 16)
     return tir.floormod(r, four) * four + tir.floordiv(r, four)     # LLVM folds it to a constant
@@ -301,6 +298,6 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
                     fill(w + pw, right)
 
 
-__all__ = ["block_shift", "check_kernel_args", "for_pixel_groups", "output_args", "pack4_clamp", "pad_stage", "paired_requant16",
-           "pixel_runs", "requant_args", "residual16", "split_for_threads", "store_paired_constants",
-           "store_pixel_rows", "unpack_nibbles64"]
+__all__ = ["block_shift", "check_kernel_args", "for_pixel_groups", "output_args", "pack4_clamp", "pad_stage",
+           "paired_requant16", "pixel_runs", "requant_args", "residual16", "split_for_threads",
+           "store_paired_constants", "store_pixel_rows", "unpack_nibbles64"]

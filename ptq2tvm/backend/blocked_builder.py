@@ -277,14 +277,14 @@ class _BlockedBuilder:
         """Whether a table lookup on ``x`` runs :func:`kernels.lut_vbmi_primfunc` (``vpermi2b``; AVX-512 VNNI builds
         whose target has VBMI, tensors of >= 64 bytes) instead of the TE gather. EfficientNet-B0 W8A8 on the Xeon
         (2 threads, batch 1): its SiLU tables had taken more time than its convolutions."""
-        return self.shortcuts() and self.isa == "vnni" and self.vbmi and K.lut_vbmi_supported(self.shape(x))
+        return self.vector_kernels() and self.vbmi and K.lut_vbmi_supported(self.shape(x))
 
     def paired_mul(self, a: relax.Expr, b: relax.Expr) -> bool:
         """Whether a requantized multiply of this AVX-512 VNNI build runs :func:`kernels.mul_vnni_primfunc`:
         shortcuts allowed, blocked inputs equal or one broadcast over H and W (squeeze-excitation). EfficientNet-B0
         W8A8 on the Xeon (2 threads, batch 1): the TE multiply's int64 lanes had made its SE scaling cost more than
         its 1x1 convs."""
-        if not (self.shortcuts() and self.isa == "vnni"):
+        if not self.vector_kernels():
             return False
         try:
             K.mul_vnni_out_shape(self.shape(a), self.shape(b))
@@ -292,12 +292,11 @@ class _BlockedBuilder:
             return False
         return True
 
-    def paired_depthwise(self, node: IntNode) -> bool:
-        """Whether a depthwise conv of this AVX-512 VNNI build runs :func:`kernels.depthwise_vnni_primfunc` (the
-        paired epilogue on int64 lane pairs, the padded input per row band): shortcuts allowed. Measured against the
-        TE tap kernel (Xeon, 2 threads, every shift >= 32): MobileNetV2's 3x3 shapes 1.24-1.58x; the whole
-        MobileNetV2 W8A8 1.14x at batch 1, 1.23x at batch 8."""
-        del node
+    def vector_kernels(self) -> bool:
+        """Whether this build runs the explicit-vector AVX-512 kernels (kernels/depthwise_vnni.py, expand_depthwise.py,
+        mul_vnni.py, lut_vbmi.py; the paired epilogue, any shift): an AVX-512 VNNI x86 build with shortcuts. The
+        depthwise one against the TE tap kernel (Xeon, 2 threads, every shift >= 32): MobileNetV2's 3x3 shapes
+        1.24-1.58x; the whole MobileNetV2 W8A8 1.14x at batch 1, 1.23x at batch 8."""
         return self.shortcuts() and self.isa == "vnni"
 
     def emit_depthwise_vnni(self, x: relax.Expr, packed: np.ndarray, consts: list, extra: list, *, name: str,
@@ -372,15 +371,15 @@ class _BlockedBuilder:
 
     def expand_depthwise_pairs(self) -> dict[str, IntNode]:
         """{depthwise node name: its 1x1 expand node} for the pairs this build fuses into one kernel
-        (:func:`kernels.expand_depthwise_primfunc`): an AVX-512 VNNI x86 build with shortcuts; the depthwise conv
-        takes :meth:`paired_depthwise`; its input is produced by a 1x1 conv (stride 1, no padding, no residual, int8
-        or int4 storage, any shifts) from 16 or fewer channels (not the network input), read by nothing else
-        and not a graph output. Measured against the two kernels (Xeon, 2 threads, MobileNetV2's features.2, 16 -> 96
+        (:func:`kernels.expand_depthwise_primfunc`): a build with :meth:`vector_kernels` and fusion on; a depthwise
+        conv (horizontal dilation 1) whose input is produced by a 1x1 conv (stride 1, no padding, no residual, int8
+        or int4 storage, any shifts) from 16 or fewer channels (not the network input), read by nothing else and not
+        a graph output. Measured against the two kernels (Xeon, 2 threads, MobileNetV2's features.2, 16 -> 96
         channels at 112x112, stride 2): 1.13x at batch 1, 1.31-1.35x at batch 8 (the whole MobileNetV2 W8A8 1.02x /
         1.04x); with 24-64 input channels the fused VNNI expand mostly lost to the AMX 1x1 (0.78-0.99x, one shape
         1.17x), so only single-block inputs are fused. int4 expand weights stay two per byte (unpacked in the
         kernel); 2-bit ones (four per byte) are not fused."""
-        if self.cuda or self.isa != "vnni" or not self.shortcuts() or not self.fuse:
+        if not (self.vector_kernels() and self.fuse):
             return {}
         g = self.graph
         producers = {n.name: n for n in g.nodes}
@@ -398,7 +397,7 @@ class _BlockedBuilder:
                 continue
             w1, a1 = e.arrays["weight"], e.attrs
             depthwise = K.conv_weight_mode(w2.shape[0], w2.shape[1] * a2["groups"], a2["groups"]) == "depthwise"
-            ok = depthwise and a2["dilation"][1] == 1 and self.paired_depthwise(d) and readers.get(e.name) == 1 \
+            ok = depthwise and a2["dilation"][1] == 1 and readers.get(e.name) == 1 \
                 and e.name not in g.output_names and int(a1["groups"]) == 1 and tuple(w1.shape[2:]) == (1, 1) \
                 and tuple(a1["stride"]) == (1, 1) and tuple(a1["padding"]) == (0, 0) and int(w1.shape[1]) <= 16 \
                 and not self.packing(e)["int2"] \

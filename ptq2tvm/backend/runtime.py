@@ -236,8 +236,8 @@ class CompiledModel:
     def _call_checked(self, x: np.ndarray) -> list[np.ndarray] | None:
         """One VM call of the checked float entry on ``x``'s own memory (float32, C-contiguous, one compiled batch):
         the .so quantizes it, flags NaN / Inf in the same pass and runs ``main`` on the codes. None where numpy cannot
-        export ``x`` or it is not 4-byte aligned (the caller takes the copying path). Raises InputShapeError on NaN / Inf. ResNet-18 W8A8 on the
-        2-core Xeon: the wrapper's cost over the VM call 0.66 -> ~0.1 ms at batch 8."""
+        export ``x`` or it is not 4-byte aligned (the caller takes the copying path). Raises InputShapeError on NaN /
+        Inf. ResNet-18 W8A8 on the 2-core Xeon: the wrapper's cost over the VM call 0.66 -> ~0.1 ms at batch 8."""
         import tvm_ffi
 
         if x.ctypes.data % 4:       # the entry declares 4-byte (float32) alignment; a byte-offset view is copied

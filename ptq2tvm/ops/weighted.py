@@ -182,7 +182,7 @@ class Conv(_Weighted):
         if depthwise and b.isa == "vnni" and not b.cuda and a["dilation"][1] == 1:
             # 4 horizontal taps x 16 channels per vpdpbusd (kernels.depthwise_taps_requant); with shortcuts the
             # explicit-vector kernel with the paired epilogue (kernels.depthwise_vnni)
-            if b.paired_depthwise(node):
+            if b.vector_kernels():
                 return b.emit_depthwise_vnni(xb, K.pack_depthwise_taps(w), consts, extra, name=name,
                                              shift_ge32=b.paired_int32_epilogue(node),
                                              kernel_width=int(w.shape[3]), stride=tuple(a["stride"]),
