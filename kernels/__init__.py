@@ -22,7 +22,7 @@ from .intrin import (AVX2_INTRIN, DP4A_INTRIN, TAPS_INTRIN, VNNI_INTRIN, patch_t
                      register_avx2_intrinsic, register_dp4a_intrinsic, register_taps_intrinsic, register_vnni_intrinsic)
 from .layout import (BLOCK, FIRST_BLOCK, conv_weight_mode, nchw_to_nchwc, nchw_to_rows, nchwc_to_nchw,
                      pack_channel_params, pack_conv_weight, pack_dense_weight, pack_depthwise_taps, pack_rows_weight,
-                     rows_weight, depthwise_int16_exact, shifts_allow_int32_epilogue, u8s8_int16_group,
+                     rows_weight, depthwise_int16_exact, lifted_epilogue_exact, shifts_allow_int32_epilogue, u8s8_int16_group,
                      u8s8_pairs_exact, unpack_int2, unpack_int4)
 from .ops import (KERNEL_ATTR, add_requant_nchwc, concat_requant_nchwc, lut_nchwc, mul_requant_nchwc,
                   upsample_nearest_nchwc, avgpool2d_nchwc_requant, clamp_nchwc, conv2d_nchwc_requant,
@@ -56,7 +56,7 @@ __all__ = [
     "KERNEL_ATTR", "add_requant_nchwc", "concat_requant_nchwc", "lut_nchwc", "mul_requant_nchwc",
     "upsample_nearest_nchwc", "avgpool2d_nchwc_requant", "clamp_nchwc", "conv2d_nchwc_requant",
     "dense_requant", "depthwise_taps_requant", "global_avgpool_nchwc_requant", "maxpool2d_nchwc", "nchwc_flatten", "quantize_input",
-    "requant_expr", "shifts_allow_int32_epilogue",
+    "requant_expr", "shifts_allow_int32_epilogue", "lifted_epilogue_exact",
     "te_nchw_to_nchwc", "te_nchwc_to_nchw",
     "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind",
     "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc", "target_isa", "tuning_space",

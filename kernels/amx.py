@@ -39,8 +39,10 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
-from .vector_tir import (check_kernel_args, output_args, pack4_clamp, pad_stage, paired_requant16, requant_args,
-                         residual16, split_for_threads, store_paired_constants, unpack_nibbles64)
+from .vector_tir import (EPILOGUE_INT64, LIFTED_EPILOGUES, LiftedShift, check_epilogue, check_kernel_args,
+                         epilogue_attrs, lift_amount, lift_constant, lifted_right_shift, output_args, pack4_clamp,
+                         pad_stage, paired_requant16, requant_args, residual16, split_for_threads,
+                         store_paired_constants, unpack_nibbles64)
 
 AMX_ENV = "PTQ2TVM_AMX"          # 0 / false / no / off: never use AMX kernels (A/B timing; same integers)
 AMX_ATTR = "ptq2tvm_amx_conv"    # function attribute of the AMX conv PrimFuncs: their scheme, "taps" or "c64"
@@ -163,7 +165,7 @@ class _TileGeometry:
 
 def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], padding: tuple[int, int],
                       input_zero_point: int, output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
-                      residual: bool, shift_ge32: bool = False, stride: tuple[int, int] = (1, 1),
+                      residual: bool, epilogue: str = EPILOGUE_INT64, stride: tuple[int, int] = (1, 1),
                       int4: bool = False, threads: int | None = None) -> tir.PrimFunc:
     """The AMX conv + requant (+ residual) PrimFunc ``name(x, w, bias, mult, shift, [r, mr], out)``: the same
     buffers and integers as :func:`kernels.conv2d_nchwc_requant` (dilation 1, dense weights in [-128, 127]; with
@@ -181,10 +183,12 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
     ``(OB, prod(w_shape[1:]) / 2)`` uint8, unpacked once per output-block pair per parallel chunk (``threads``:
     the threads the build runs on, default this machine's cores; there are >= 2 chunks per thread).
 
-    bias / mult / shift (and the residual's multiplier) int32 (OB*16,); out (N, OB, OH, OW, 16) uint8. The padded
-    input and the per-task accumulator tiles are allocated once per call. Raises ValueError for any other weight
-    layout, a kernel larger than the padded input, negative padding, a dimension below 1, a zero point outside
-    [0, 255] or a clamp outside 0 <= lo <= hi <= 255."""
+    bias / mult / shift (and the residual's multiplier) int32 (OB*16,); out (N, OB, OH, OW, 16) uint8; ``epilogue``:
+    the form of :func:`kernels.vector_tir.paired_requant16` the caller proved for the layer
+    (:data:`kernels.vector_tir.EPILOGUES`; "int64" takes any shift). The padded input and the per-task accumulator
+    tiles are allocated once per call. Raises ValueError for any other weight layout, a kernel larger than the padded
+    input, negative padding, a dimension below 1, a zero point outside [0, 255], a clamp outside
+    0 <= lo <= hi <= 255 or an unknown ``epilogue``."""
     _check_amx_args(x_shape, w_shape, padding, input_zero_point, output_zero_point, residual_zero_point, lo, hi)
     n, cb, h, w, icb = (int(v) for v in x_shape)
     ob, cbw, kh, kw, cf, lanes, four = (int(v) for v in w_shape)
@@ -236,13 +240,13 @@ def amx_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, .
 
     return _amx_kernel(name, "c64" if c64 else "taps", (n, cb, h, w, BLOCK), w_shape, geo, 64 if c64 else kw * BLOCK,
                        16 if c64 else kw * 4, prepare, reduce, cbw * kh * (kw if c64 else 1), output_zero_point, lo,
-                       hi, residual_zero_point, residual, shift_ge32, int4, threads)
+                       hi, residual_zero_point, residual, epilogue, int4, threads)
 
 
 def amx_rows_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[int, ...], in_channels: int,
                            in_width: int, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
                            output_zero_point: int, lo: int, hi: int, residual_zero_point: int, residual: bool,
-                           shift_ge32: bool = False, left: int = 16, int4: bool = False,
+                           epilogue: str = EPILOGUE_INT64, left: int = 16, int4: bool = False,
                            threads: int | None = None) -> tir.PrimFunc:
     """The first conv on AMX tiles, reading the row layout (:func:`kernels.ops.nchw_to_rows`; padding already
     there): the same buffers and integers as :func:`kernels.conv2d_rows_requant` (int8 weights, dilation 1).
@@ -277,7 +281,7 @@ def amx_rows_conv_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[i
             hook(r_)
 
     return _amx_kernel(name, "rows", (n, nrows, rowbytes), w_shape, geo, groups * 4, groups, lambda x: x, reduce, kh,
-                       output_zero_point, lo, hi, residual_zero_point, residual, shift_ge32, int4, threads)
+                       output_zero_point, lo, hi, residual_zero_point, residual, epilogue, int4, threads)
 
 
 def _check_amx_args(x_shape, w_shape, padding, z_in: int, z_out: int, z_r: int, lo: int, hi: int) -> None:
@@ -293,7 +297,7 @@ def _check_amx_args(x_shape, w_shape, padding, z_in: int, z_out: int, z_r: int, 
 
 
 def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, reduce, steps, z_out, lo, hi, z_r,
-                residual, shift_ge32, int4=False, threads=None) -> tir.PrimFunc:
+                residual, epilogue, int4=False, threads=None) -> tir.PrimFunc:
     """The PrimFunc every AMX conv shares: arguments, tile configuration, ``prepare(x)`` (the buffer A tiles read),
     tasks of ``mt`` M tiles x ``nt`` output blocks split over parallel chunks, ``reduce(src, b_ptr, image,
     first_tile, mt, nt, hook)`` (the ``steps`` tile-product steps into C tiles 0-3, ``hook(step)`` after each;
@@ -315,6 +319,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
     * images outside, or one image in pixel order: the whole weight is unpacked into one buffer (parallel over
       pairs) before the tasks run as for int8 (ResNet-18 W4A4 at batch 8: 1.01x the unpack-on-pair-change
       alternative, 1.13x images inside everywhere)."""
+    check_epilogue(name, epilogue)
     from .ops import requant_channel_constants
 
     n, ob = int(x_shape[0]), int(w_shape[0])
@@ -366,7 +371,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True, AMX_ATTR: scheme,
-                         "int32_epilogue": int(bool(shift_ge32))})
+                         **epilogue_attrs(epilogue)})
             x = T.arg("x", T.buffer(tuple(int(v) for v in x_shape), "uint8"))
             if int4:
                 wt = T.arg("w", T.buffer((ob, per_block // 2), "uint8"))
@@ -378,13 +383,19 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
             # epilogue of task k - 1 (slot (k - 1) % 2) runs between task k's tile products
             acc = T.alloc_buffer((2 * chunks, mt * rows, nt * BLOCK), "int32")
             cfg = T.alloc_buffer((64,), "uint8")
-            # the requant constants per slot: "c" (int64) and "n" (int32 shift - 32 with shift_ge32, else the int64
-            # shift), both also in the even-then-odd channel order paired_requant16 loads ("c2", "n2")
+            # the requant constants per slot: "c" (int64; lifted in the lifted forms), "n" (int32 max(shift - 32,
+            # 0); the int64 shift in the int64 form; none in the lifted form without a right shift), in the lifted
+            # forms "k" (int32 max(32 - shift, 0)); "c2" and "n2" (int64 form) in the even-then-odd channel order
+            # paired_requant16 loads
+            int64_form, lifted = epilogue == EPILOGUE_INT64, epilogue in LIFTED_EPILOGUES
             kbuf = {"c": T.alloc_buffer((2 * chunks, nt * BLOCK), "int64"),
-                    "n": T.alloc_buffer((2 * chunks, nt * BLOCK), "int32" if shift_ge32 else "int64"),
                     "c2": T.alloc_buffer((2 * chunks, nt * BLOCK), "int64")}
-            if not shift_ge32:
+            if lifted_right_shift(True, epilogue):
+                kbuf["n"] = T.alloc_buffer((2 * chunks, nt * BLOCK), "int64" if int64_form else "int32")
+            if int64_form:
                 kbuf["n2"] = T.alloc_buffer((2 * chunks, nt * BLOCK), "int64")
+            if lifted:
+                kbuf["k"] = T.alloc_buffer((2 * chunks, nt * BLOCK), "int32")
             _tile_config(cfg, rows, a_bytes, b_rows)
             src = prepare(x)
             if whole:
@@ -504,10 +515,14 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
                             if residual:
                                 consts.append((tir.const(-int(z_r), "int32"), mr[ch]))
                             kv = requant_channel_constants(shift[ch], z_out, consts, True)
-                            T.buffer_store(kbuf["c"], kv["c"], [slot, j * BLOCK + oc])
-                            T.buffer_store(kbuf["n"], kv["n"] if shift_ge32 else shift[ch].astype("int64"),
+                            T.buffer_store(kbuf["c"], lift_constant(kv["c"], shift[ch]) if lifted else kv["c"],
                                            [slot, j * BLOCK + oc])
-                        for key in ("c", "n") if not shift_ge32 else ("c",):     # even channels, then odd
+                            if "n" in kbuf:
+                                T.buffer_store(kbuf["n"], shift[ch].astype("int64") if int64_form else kv["n"],
+                                               [slot, j * BLOCK + oc])
+                            if lifted:
+                                T.buffer_store(kbuf["k"], lift_amount(shift[ch]), [slot, j * BLOCK + oc])
+                        for key in ("c", "n") if int64_form else ("c",):     # even channels, then odd
                             store_paired_constants(kbuf[key + "2"], kbuf[key], j * BLOCK, lead=(slot,))
                 with T.If(local > 0):       # the last task's epilogue
                     with T.Then():
@@ -598,14 +613,20 @@ def _tile_products(a_ptr, a_stride: int, b_ptr, mt: int, nt: int) -> None:
 def _paired_row(acc, mult, kbuf, c, row, j, o, z_out, lo, hi, res, unclamped=False) -> tir.PrimExpr:
     """:func:`kernels.vector_tir.paired_requant16` of accumulator row ``row`` of block ``j`` (output block ``o``)
     with the task's constants in slot ``c`` (``kbuf``: "c2" the rounding constants of the even, then the odd
-    channels; "n" the int32 shifts - 32, or "n2" the int64 shifts in the same order as "c2"); ``res`` the
-    residual's (values, multipliers) or None."""
+    channels; "n" the int32 max(shift - 32, 0), "k" the lifted forms' max(32 - shift, 0), or "n2" the int64
+    shifts in the order of "c2": which are there gives the form); ``res`` the residual's (values, multipliers) or
+    None."""
     half = BLOCK // 2
 
     def pair(key):
         return tuple(tir.BufferLoad(kbuf[key], [c, tir.Ramp(j * BLOCK + h * half, 1, half)]) for h in range(2))
 
-    shift = pair("n2") if "n2" in kbuf else tir.BufferLoad(kbuf["n"], [c, tir.Ramp(j * BLOCK, 1, BLOCK)])
+    def load(key):
+        return tir.BufferLoad(kbuf[key], [c, tir.Ramp(j * BLOCK, 1, BLOCK)]) if key in kbuf else None
+
+    shift = pair("n2") if "n2" in kbuf else load("n")
+    if "k" in kbuf:
+        shift = LiftedShift(shift, load("k"))
     return paired_requant16(tir.BufferLoad(acc, [c, row, tir.Ramp(j * BLOCK, 1, BLOCK)]),
                             tir.BufferLoad(mult, [tir.Ramp(o * BLOCK, 1, BLOCK)]), *pair("c2"), shift, z_out, lo,
                             hi, res, unclamped=unclamped)

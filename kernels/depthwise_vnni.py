@@ -28,8 +28,9 @@ from tvm.script.ir_builder import tirx as T
 
 from .intrin import TAPS_TRANSPOSE
 from .layout import BLOCK
-from .vector_tir import (block_shift, check_kernel_args, for_pixel_groups, output_args, paired_requant16,
-                         requant_args, residual16, split_for_threads, store_paired_constants, store_pixel_rows)
+from .vector_tir import (EPILOGUE_INT32, LIFTED_EPILOGUES, block_shift, check_epilogue, check_kernel_args,
+                         epilogue_attrs, for_pixel_groups, lift_constant, output_args, paired_requant16, requant_args,
+                         residual16, split_for_threads, store_paired_constants, store_pixel_rows)
 
 DEPTHWISE_VNNI_KIND = "depthwise_vnni_paired"     # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -89,18 +90,20 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
                             stride: tuple[int, int], padding: tuple[int, int], dilation_h: int,
                             input_zero_point: int, output_zero_point: int, lo: int, hi: int,
                             residual_zero_point: int, residual: bool, threads: int | None = None,
-                            shift_ge32: bool = True) -> tir.PrimFunc:
+                            epilogue: str = EPILOGUE_INT32) -> tir.PrimFunc:
     """The PrimFunc ``name(x, w, bias, mult, shift, [r, mr], out)``: the buffers and integers of
-    :func:`kernels.depthwise_taps_requant`; ``shift_ge32``: every shift >= 32 (the caller checks it with
-    :func:`kernels.layout.shifts_allow_int32_epilogue`): the int32-clamp epilogue, else the int64 one of
-    :func:`kernels.vector_tir.paired_requant16` (any shift in [1, 62]).
+    :func:`kernels.depthwise_taps_requant`; ``epilogue``: the form of :func:`kernels.vector_tir.paired_requant16`
+    the caller proved for the layer (:data:`kernels.vector_tir.EPILOGUES`: "int32" every shift >= 32, "lifted",
+    "int64" any shift in [1, 62]).
 
     x uint8 (N, CB, H, W, 16); w int8 (CB, KH, G, 16, 4) (:func:`kernels.pack_depthwise_taps`); bias / mult / shift
     int32 (CB*16,); r uint8 (N, CB, OH, OW, 16) and mr int32 (CB*16,) with ``residual``; out uint8 (N, CB, OH, OW,
     16). Horizontal dilation 1 (the 4 taps of a group are consecutive pixels), any stride, vertical dilation
     ``dilation_h``; ``threads``: the threads the build runs on (default this machine's cores). Raises ValueError
     for a weight that does not match the input or the kernel width, a dimension below 1, a zero point outside
-    [0, 255] or a clamp outside 0 <= lo <= hi <= 255 (:func:`kernels.vector_tir.check_kernel_args`)."""
+    [0, 255], a clamp outside 0 <= lo <= hi <= 255 (:func:`kernels.vector_tir.check_kernel_args`) or an unknown
+    ``epilogue``."""
+    check_epilogue("depthwise_vnni", epilogue)
     check_kernel_args("depthwise_vnni", {"input": x_shape, "weight": w_shape, "kernel width": (kernel_width,)},
                       {"input zero point": input_zero_point, "output zero point": output_zero_point,
                        "residual zero point": residual_zero_point}, {"out": (lo, hi)})
@@ -117,7 +120,7 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": DEPTHWISE_VNNI_KIND, "int32_epilogue": int(bool(shift_ge32))})
+                         "ptq2tvm_kernel": DEPTHWISE_VNNI_KIND, **epilogue_attrs(epilogue)})
             x = T.arg("x", T.buffer((n, cb, h, w, BLOCK), "uint8"))
             wt = T.arg("w", T.buffer((cb, kh, g, BLOCK, 4), "int8"))
             bias, mult, shift = requant_args(cb)
@@ -129,16 +132,17 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
                 # input went through memory and took 25-45% of the kernel)
                 xp = T.alloc_buffer((in_rows, width, BLOCK), "uint8")
                 _pad_band(x, xp, b, o, i0 * sh - ph, in_rows, h, w, pw, width, int(input_zero_point))
-                c_pairs, shift_n = channel_constants(bias, mult, shift, o, z_out, mr, z_r, shift_ge32)
+                c_pairs, shift_n = channel_constants(bias, mult, shift, o, z_out, mr, z_r, epilogue)
                 depthwise_band(xp, wt, out, mult, c_pairs, shift_n, b, o, i0, tir.min(band_rows, oh - i0), ow,
                                (kh, g), (sh, sw), dh, (z_out, lo, hi), (r, mr) if residual else None)
     return ib.get()
 
 
-def channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int, shift_ge32: bool = True):
+def channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int, epilogue: str = EPILOGUE_INT32):
     """(c_pairs, shift_n): block ``o``'s 16 rounding constants ([bias * mult] [+ the residual's -z_r * mr] +
-    2^(shift-1), :func:`kernels.ops.requant_channel_constants`; ``bias`` / ``mr`` None: no such term) in a small
-    buffer, even channels then odd, and its shifts as :func:`kernels.vector_tir.paired_requant16` takes them
+    2^(shift-1), :func:`kernels.ops.requant_channel_constants`; ``bias`` / ``mr`` None: no such term; lifted in
+    the lifted ``epilogue``, :func:`kernels.vector_tir.lift_constant`) in a small buffer, even channels then odd,
+    and its shifts as :func:`kernels.vector_tir.paired_requant16` takes them
     (:func:`kernels.vector_tir.block_shift`)."""
     from .ops import requant_channel_constants
 
@@ -148,9 +152,10 @@ def channel_constants(bias, mult, shift, o, z_out: int, mr, z_r: int, shift_ge32
         ch = o * BLOCK + oc
         consts = ([(bias[ch], mult[ch])] if bias is not None else []) + \
             ([(tir.const(-int(z_r), "int32"), mr[ch])] if mr is not None else [])
-        T.buffer_store(c_nat, requant_channel_constants(shift[ch], int(z_out), consts, True)["c"], [oc])
+        c = requant_channel_constants(shift[ch], int(z_out), consts, True)["c"]
+        T.buffer_store(c_nat, lift_constant(c, shift[ch]) if epilogue in LIFTED_EPILOGUES else c, [oc])
     store_paired_constants(c_pairs, c_nat)
-    return c_pairs, block_shift(shift, o, shift_ge32)
+    return c_pairs, block_shift(shift, o, epilogue)
 
 
 def requant16(acc, mult, c_pairs, shift_n, o, z_lo_hi, residual=None, unclamped: bool = False):

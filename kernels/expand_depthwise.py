@@ -18,8 +18,8 @@ from tvm.script.ir_builder import tirx as T
 
 from .depthwise_vnni import band_layout, channel_constants, check_geometry, depthwise_band, fill_band, requant16
 from .layout import BLOCK
-from .vector_tir import (check_kernel_args, for_pixel_groups, output_args, requant_args, store_pixel_rows,
-                         unpack_nibbles64)
+from .vector_tir import (EPILOGUE_INT32, EPILOGUE_INT64, check_epilogue, check_kernel_args, for_pixel_groups,
+                         output_args, requant_args, store_pixel_rows, unpack_nibbles64)
 
 EXPAND_DEPTHWISE_KIND = "expand_depthwise_vnni_paired"
 
@@ -29,11 +29,11 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                               padding: tuple[int, int], dilation_h: int, mid_zero_point: int, mid_lo: int,
                               mid_hi: int, output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
                               residual: bool, threads: int | None = None, int4: bool = False,
-                              shift_ge32: tuple[bool, bool] = (True, True)) -> tir.PrimFunc:
+                              epilogue: tuple[str, str] = (EPILOGUE_INT32, EPILOGUE_INT32)) -> tir.PrimFunc:
     """``name(x, w1, bias1, mult1, shift1, w2, bias2, mult2, shift2, [r, mr], out)``: ``out`` = depthwise(requant(
     conv1x1(x, w1))), the integers of :func:`kernels.conv2d_nchwc_requant` (1x1, stride 1, no residual) followed by
-    :func:`kernels.depthwise_taps_requant`; ``shift_ge32``: per stage, whether every shift is >= 32 (the int32-clamp
-    epilogue of :func:`kernels.vector_tir.paired_requant16`, else its int64 one).
+    :func:`kernels.depthwise_taps_requant`; ``epilogue``: per stage (expand, depthwise), the form of
+    :func:`kernels.vector_tir.paired_requant16` the caller proved for it (:data:`kernels.vector_tir.EPILOGUES`).
 
     x uint8 (N, CBin, H, W, 16); w1 int8 (CBmid, CBin, 1, 1, 4, 16, 4) (:func:`kernels.pack_conv_weight`, VNNI,
     its input zero point folded into bias1 as for every conv; with ``int4`` the two-per-byte form (CBmid, CBin, 1,
@@ -42,13 +42,15 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
     padding value); w2 int8 (CBmid, KH, G, 16, 4) (:func:`kernels.pack_depthwise_taps`); bias / mult / shift int32
     per channel; r, mr as in :func:`kernels.depthwise_vnni.depthwise_vnni_primfunc`; out uint8 (N, CBmid, OH, OW,
     16). Raises ValueError for weights that do not match the input (or an int8 weight with ``int4``), a dimension
-    below 1, a zero point outside [0, 255], a clamp outside 0 <= lo <= hi <= 255 or ``shift_ge32`` not a pair."""
+    below 1, a zero point outside [0, 255], a clamp outside 0 <= lo <= hi <= 255 or ``epilogue`` not a pair of forms."""
     check_kernel_args("expand_depthwise", {"input": x_shape, "expand weight": w1_shape, "depthwise weight": w2_shape,
                                            "kernel width": (kernel_width,)},
                       {"mid zero point": mid_zero_point, "output zero point": output_zero_point,
                        "residual zero point": residual_zero_point}, {"mid": (mid_lo, mid_hi), "out": (lo, hi)})
-    if not (isinstance(shift_ge32, (tuple, list)) and len(shift_ge32) == 2):
-        raise ValueError(f"expand_depthwise: shift_ge32 must be a pair (expand, depthwise), got {shift_ge32!r}")
+    if not (isinstance(epilogue, (tuple, list)) and len(epilogue) == 2):
+        raise ValueError(f"expand_depthwise: epilogue must be a pair (expand, depthwise), got {epilogue!r}")
+    for form in epilogue:
+        check_epilogue("expand_depthwise", form)
     n, cbin, h, w, c = (int(v) for v in x_shape)
     w1_shape = tuple(int(v) for v in w1_shape)
     if int4:        # nibbles (CBmid, CBin, 1, 1, 4, 32): the int8 layout is (..., 16, 4)
@@ -74,7 +76,8 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND, "int32_epilogue": sum(map(bool, shift_ge32))})
+                         "ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND, "int32_epilogue": sum(f != EPILOGUE_INT64 for f in epilogue),
+                         "epilogue": ",".join(epilogue)})
             x = T.arg("x", T.buffer((n, cbin, h, w, BLOCK), "uint8"))
             if int4:
                 w1 = T.arg("w1", T.buffer((cbm, cbin, 1, 1, 4, 32), "uint8"))
@@ -88,7 +91,7 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                 b, o, band = t // (cbm * bands), t // bands % cbm, t % bands
                 i0 = band * band_rows
                 xp = T.alloc_buffer((in_rows, width, BLOCK), "uint8")
-                c1, n1 = channel_constants(bias1, mult1, shift1, o, z_mid, None, 0, shift_ge32[0])
+                c1, n1 = channel_constants(bias1, mult1, shift1, o, z_mid, None, 0, epilogue[0])
                 if int4:    # block o's expand weights as int8 rows [ic * 4 + k] (a few hundred bytes)
                     w1o = T.alloc_buffer((cbin * 4, 64), "int8")
                     for ic in range(cbin):
@@ -104,7 +107,7 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
                         return tir.BufferLoad(w1, [o, ic, 0, 0, k, 0, tir.Ramp(0, 1, 64)])
                 _expand_band(x, w1_row, xp, mult1, c1, n1, b, o, i0 * sh - ph, in_rows, (cbin, h, w), pw, width,
                              (z_mid, int(mid_lo), int(mid_hi)))
-                c2, n2 = channel_constants(bias2, mult2, shift2, o, z_out, mr, z_r, shift_ge32[1])
+                c2, n2 = channel_constants(bias2, mult2, shift2, o, z_out, mr, z_r, epilogue[1])
                 depthwise_band(xp, w2, out, mult2, c2, n2, b, o, i0, tir.min(band_rows, oh - i0), ow, (kh, g),
                                 (sh, sw), dh, (z_out, lo, hi), (r, mr) if residual else None)
     return ib.get()

@@ -31,6 +31,8 @@ int32 arrays to match (bias 0, multiplier 0, shift 1: the padding channels outpu
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 BLOCK = 16        # channel block of activations inside the network (= output-channel lanes of the dot product)
@@ -222,6 +224,39 @@ def shifts_allow_int32_epilogue(shift: np.ndarray) -> bool:
     the int32-clamp epilogue (:func:`kernels.ops.requant_expr` ``shift_ge32=True``)."""
     s = np.asarray(shift)
     return s.size > 0 and int(s.min()) >= 32
+
+
+def lifted_epilogue_exact(shift: np.ndarray, lanes: list[tuple[Any, np.ndarray]], const: Any = 0) -> bool:
+    """True when the lifted form of the paired epilogue (:func:`kernels.vector_tir.paired_requant16` with a
+    :class:`kernels.vector_tir.LiftedShift`: every int32 lane value and the rounding constant shifted left by
+    ``k = max(32 - shift, 0)`` before the products) is exact for a layer: for every output channel c, each lane
+    value stays in int32 (``bound_t[c] * 2^k < 2^31``) and the lifted int64 sum cannot overflow
+    (``(sum_t bound_t[c] * |mult_t[c]| + const[c] + 2^(shift[c] - 1)) * 2^k < 2^63``).
+
+    ``shift``: int32 (C,) requant shifts in [1, 62]; ``lanes``: one (bound, mult) pair per int32 lane value the
+    kernel multiplies (:func:`kernels.ops.requant_expr`'s terms as the kernel forms them), ``bound`` (C,) or scalar
+    an upper bound on its magnitude over every input the layer can see (a conv's accumulator without its bias:
+    :func:`ptq2tvm.fold.bounds.accumulator_range` of a zero bias; a residual's uint8 code: 255), ``mult`` (C,) its
+    dyadic multipliers; ``const`` (C,) or scalar: a bound on the magnitude of the rest of the rounding constant
+    (``|bias * mult - z_r * mr|``). Exact integers (Python ints), no rounding."""
+    s = [int(v) for v in np.asarray(shift).reshape(-1)]
+    if not s:
+        return False
+
+    def column(v: Any) -> list[int]:
+        return [abs(int(x)) for x in np.broadcast_to(np.asarray(v, dtype=object), (len(s),))]
+
+    cols = [(column(b), column(m)) for b, m in lanes]
+    rest = column(const)
+    for c, sc in enumerate(s):
+        if not 1 <= sc <= 62:
+            return False
+        k = max(32 - sc, 0)
+        if any(b[c] << k >= 1 << 31 for b, _ in cols):
+            return False
+        if (sum(b[c] * m[c] for b, m in cols) + rest[c] + (1 << (sc - 1))) << k >= 1 << 63:
+            return False
+    return True
 
 
 def pack_depthwise_taps(w_oihw: np.ndarray) -> np.ndarray:

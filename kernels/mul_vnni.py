@@ -19,7 +19,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .depthwise_vnni import channel_constants, requant16
 from .layout import BLOCK
-from .vector_tir import check_kernel_args, for_pixel_groups, split_for_threads, store_pixel_rows
+from .vector_tir import EPILOGUE_INT32, check_epilogue, check_kernel_args, epilogue_attrs, for_pixel_groups, split_for_threads, store_pixel_rows
 
 MUL_VNNI_KIND = "mul_vnni_paired"   # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -38,15 +38,15 @@ def mul_vnni_out_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tu
 
 def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], zero_points: tuple[int, int],
                       output_zero_point: int, lo: int, hi: int, threads: int | None = None,
-                      shift_ge32: bool = True) -> tir.PrimFunc:
+                      epilogue: str = EPILOGUE_INT32) -> tir.PrimFunc:
     """The PrimFunc ``name(a, b, mult, shift, out)``: a, b uint8 blocked (:func:`mul_vnni_out_shape`), mult / shift
-    int32 (CB * 16,); ``shift_ge32``: every shift >= 32 (the caller checks it with
-    :func:`kernels.layout.shifts_allow_int32_epilogue`; else the int64 epilogue of
-    :func:`kernels.vector_tir.paired_requant16`), out uint8 (N, CB, H, W, 16). Parallel over (image, channel
+    int32 (CB * 16,); ``epilogue``: the form of :func:`kernels.vector_tir.paired_requant16` the caller proved for
+    the layer (:data:`kernels.vector_tir.EPILOGUES`), out uint8 (N, CB, H, W, 16). Parallel over (image, channel
     block, band of pixels), as few bands as give 2 iterations per thread (``threads``, default this machine's cores);
     a band's pixels in groups of 8 / 4 (the last band ends at the last pixel and may rewrite a few of the band
     before it with the same values). Raises ValueError for shapes that do not broadcast so, a dimension below 1, a
-    zero point outside [0, 255] or a clamp outside 0 <= lo <= hi <= 255."""
+    zero point outside [0, 255], a clamp outside 0 <= lo <= hi <= 255 or an unknown ``epilogue``."""
+    check_epilogue("mul_vnni", epilogue)
     check_kernel_args("mul_vnni", {"a": a_shape, "b": b_shape})
     if len(tuple(zero_points)) != 2:
         raise ValueError(f"mul_vnni: zero_points must be (za, zb), got {zero_points!r}")
@@ -61,7 +61,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": MUL_VNNI_KIND, "int32_epilogue": int(bool(shift_ge32))})
+                         "ptq2tvm_kernel": MUL_VNNI_KIND, **epilogue_attrs(epilogue)})
             a = T.arg("a", T.buffer(tuple(int(v) for v in a_shape), "uint8"))
             b = T.arg("b", T.buffer(tuple(int(v) for v in b_shape), "uint8"))
             mult = T.arg("mult", T.buffer((cb * BLOCK,), "int32"))
@@ -74,7 +74,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
                 plane, band = t // bands, t % bands
                 o = plane % cb
                 start = tir.min(band * per, pixels - per)
-                c_pairs, shift_n = channel_constants(None, mult, shift, o, z, None, 0, shift_ge32)   # no bias
+                c_pairs, shift_n = channel_constants(None, mult, shift, o, z, None, 0, epilogue)   # no bias
 
                 def centred(buf, shape, j, zp):
                     pix = j if int(shape[2]) * int(shape[3]) == pixels else 0

@@ -9,6 +9,7 @@ returns one ``uint8x16`` expression (no buffer), so a caller may keep the accumu
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 import tvm.tirx as tir
@@ -17,6 +18,13 @@ from tvm.script.ir_builder import tirx as T
 from .layout import BLOCK
 
 _HALF = BLOCK // 2
+
+#: The forms of the paired epilogue (:func:`paired_requant16`), fastest first. ``int32``: every shift of the layer
+#: >= 32; ``lifted``: every shift <= 32, ``lifted+shift``: shifts on both sides of 32, each proved exact for the
+#: layer (:func:`kernels.layout.lifted_epilogue_exact`); ``int64``: any shift in [1, 62].
+EPILOGUE_INT32, EPILOGUE_LIFTED, EPILOGUE_LIFTED_SHIFT, EPILOGUE_INT64 = "int32", "lifted", "lifted+shift", "int64"
+EPILOGUES = (EPILOGUE_INT32, EPILOGUE_LIFTED, EPILOGUE_LIFTED_SHIFT, EPILOGUE_INT64)
+LIFTED_EPILOGUES = (EPILOGUE_LIFTED, EPILOGUE_LIFTED_SHIFT)
 
 
 def _i64x8(v: tir.PrimExpr) -> tir.PrimExpr:
@@ -35,7 +43,8 @@ def _odd(v: tir.PrimExpr) -> tir.PrimExpr:
 
 
 def paired_requant16(acc: tir.PrimExpr, mult: tir.PrimExpr, c_even: tir.PrimExpr, c_odd: tir.PrimExpr,
-                     shift: tir.PrimExpr | tuple[tir.PrimExpr, tir.PrimExpr], zero_point: int, lo: int, hi: int,
+                     shift: tir.PrimExpr | tuple[tir.PrimExpr, tir.PrimExpr] | LiftedShift, zero_point: int,
+                     lo: int, hi: int,
                      residual: tuple[tir.PrimExpr, tir.PrimExpr] | None = None,
                      unclamped: bool = False) -> tir.PrimExpr:
     """uint8x16 = the requant (:func:`kernels.ops.requant_finish`) of 16 channels: ``clamp((acc * mult [+ r * mr] +
@@ -46,15 +55,28 @@ def paired_requant16(acc: tir.PrimExpr, mult: tir.PrimExpr, c_even: tir.PrimExpr
     The 16 int32 lanes are read as 8 int64 lanes: the even channels' products are ``vpmuldq`` of the low halves,
     the odd ones' of the high halves (arithmetic shift). ``shift``:
 
-    * int32x16 ``shift - 32`` (every shift >= 32, the int32-clamp epilogue, ``"n"`` with ``shift_ge32``): the high
+    * int32x16 ``shift - 32`` (every shift >= 32, the int32-clamp epilogue, :func:`block_shift`): the high
       words of both go back into the int32 lanes with one permute, then an int32 shift and clamp: about 10 vector
       instructions per 16 outputs instead of the 15 of sign-extending to two int64 vectors and narrowing back;
     * a pair of int64x8, the shifts of the even and of the odd channels (any shift in [1, 62]): ``vpsravq``, the
       clamp on int64 lanes (``vpminsq`` / ``vpmaxsq``) and the low words of both interleaved back: ~4 instructions
-      more.
+      more;
+    * a :class:`LiftedShift` (int32x16 ``n = max(shift - 32, 0)`` or None, int32x16 ``lift = max(32 - shift, 0)``): the
+      *lifted* form of the first, for shifts below 32 too: ``acc`` (and the residual's codes) shifted left by
+      ``lift`` (one ``vpsllvd``; the caller's rounding constants lifted alike, :func:`lift_constant`) make every
+      sum ``v * 2^lift``, whose high word is ``v >> shift`` where ``shift < 32``. Exact only where no lifted value
+      overflows (int32 lanes, int64 sums), which the builder proves per layer from the weights and the input
+      ranges (:func:`kernels.layout.lifted_epilogue_exact`). W4A4 convs that feed an 8-bit table input have shifts
+      of 28-31.
 
     Each int64 lane holds exactly the integer :func:`kernels.ops.requant_finish` computes. ``unclamped``: int32x16
     ``q + z`` for :func:`pack4_clamp` (with a pair of shifts, already clamped: the same bytes)."""
+    n32 = shift
+    if isinstance(shift, LiftedShift):      # acc (and the residual's codes) << lift: the products come out lifted
+        n32 = shift.n
+        acc = tir.shift_left(acc, shift.lift)
+        if residual is not None:
+            residual = (tir.shift_left(residual[0], shift.lift), residual[1])
     a, m = _i64x8(acc), _i64x8(mult)
     ev = _even(a) * _even(m) + c_even
     od = _odd(a) * _odd(m) + c_odd
@@ -63,7 +85,7 @@ def paired_requant16(acc: tir.PrimExpr, mult: tir.PrimExpr, c_even: tir.PrimExpr
         ev = ev + _even(r) * _even(mr)
         od = od + _odd(r) * _odd(mr)
     z = int(zero_point)
-    if isinstance(shift, tuple):
+    if isinstance(shift, tuple) and not isinstance(shift, LiftedShift):      # the int64 form
         bounds = [tir.Broadcast(tir.const(int(v) - z, "int64"), _HALF) for v in (lo, hi)]
         qe, qo = (tir.max(tir.min(tir.shift_right(v, n), bounds[1]), bounds[0]) for v, n in zip((ev, od), shift))
         q = tir.reinterpret(f"int32x{BLOCK}", tir.bitwise_or(
@@ -71,12 +93,13 @@ def paired_requant16(acc: tir.PrimExpr, mult: tir.PrimExpr, c_even: tir.PrimExpr
             tir.shift_left(qo, tir.Broadcast(tir.const(32, "int64"), _HALF))))
         q = q + tir.Broadcast(tir.const(z, "int32"), BLOCK)
         return q if unclamped else q.astype(f"uint8x{BLOCK}")
-    shift_minus_32 = shift
     high = tir.bitwise_or(
         tir.reinterpret(f"int64x{_HALF}", tir.shift_right(tir.reinterpret(f"uint64x{_HALF}", ev),
                                                           tir.Broadcast(tir.const(32, "uint64"), _HALF))),
         tir.bitwise_and(od, tir.Broadcast(tir.const(-(1 << 32), "int64"), _HALF)))
-    q = tir.shift_right(tir.reinterpret(f"int32x{BLOCK}", high), shift_minus_32)
+    q = tir.reinterpret(f"int32x{BLOCK}", high)
+    if n32 is not None:     # None: every shift of the layer <= 32 (lifted form)
+        q = tir.shift_right(q, n32)
     if unclamped:       # q + z, before the clamp: for pack4_clamp
         return q + tir.Broadcast(tir.const(z, "int32"), BLOCK)
     q = tir.max(tir.min(q, tir.Broadcast(tir.const(int(hi) - z, "int32"), BLOCK)),
@@ -224,20 +247,64 @@ def output_args(out_shape: tuple[int, ...], residual: bool) -> tuple:
     return r, mr, T.arg("out", T.buffer(out_shape, "uint8"))
 
 
-def block_shift(shift, o, shift_ge32: bool):
+def check_epilogue(kernel: str, epilogue: str) -> str:
+    """``epilogue`` if it names a form of :data:`EPILOGUES`, else ValueError naming ``kernel``."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"{kernel}: epilogue {epilogue!r} is not one of {EPILOGUES}")
+    return epilogue
+
+
+def epilogue_attrs(epilogue: str) -> dict[str, object]:
+    """A kernel's PrimFunc attributes naming its epilogue form: ``epilogue`` and ``int32_epilogue`` (1 for the int32
+    and lifted forms, which clamp and narrow int32 lanes, as :func:`kernels.schedule.arithmetic_shortcuts` counts them)."""
+    return {"epilogue": epilogue, "int32_epilogue": int(epilogue != EPILOGUE_INT64)}
+
+
+class LiftedShift(NamedTuple):
+    """The ``shift`` argument of :func:`paired_requant16`'s lifted form: int32x16 ``n = max(shift - 32, 0)`` (None
+    where every shift of the layer is <= 32: no right shift) and ``lift = max(32 - shift, 0)``."""
+
+    n: tir.PrimExpr | None
+    lift: tir.PrimExpr
+
+
+def lifted_right_shift(n: object, epilogue: str) -> object:
+    """``n`` (the right shift ``max(shift - 32, 0)``) unless ``epilogue`` is the lifted form without one (every
+    shift <= 32: ``n`` is 0), then None."""
+    return None if epilogue == EPILOGUE_LIFTED else n
+
+
+def lift_amount(s: tir.PrimExpr, lanes: int = 1) -> tir.PrimExpr:
+    """``max(32 - s, 0)`` of an int32 shift (``lanes`` 1) or of int32x``lanes`` shifts: the lifted form's left
+    shift."""
+    def const(v: int) -> tir.PrimExpr:
+        return tir.const(v, "int32") if lanes == 1 else tir.Broadcast(tir.const(v, "int32"), lanes)
+    return tir.max(const(32) - s, const(0))
+
+
+def lift_constant(c: tir.PrimExpr, s: tir.PrimExpr) -> tir.PrimExpr:
+    """The int64 rounding constant ``c`` of a channel with int32 shift ``s`` in the lifted form: ``c << max(32 - s,
+    0)``."""
+    return tir.shift_left(c, lift_amount(s).astype("int64"))
+
+
+def block_shift(shift, o, epilogue: str):
     """The ``shift`` argument of :func:`paired_requant16` for output block ``o`` of the int32 (CB * 16,) per-channel
-    shifts ``shift``: with ``shift_ge32`` the int32x16 ``max(shift - 32, 0)``, else the pair of int64x8 shifts of
-    the even and of the odd channels (two small buffers in the caller's scope, filled here)."""
-    chans = tir.Ramp(o * BLOCK, 1, BLOCK)
-    if shift_ge32:
-        return tir.max(tir.BufferLoad(shift, [chans]) - tir.Broadcast(tir.const(32, "int32"), BLOCK),
-                       tir.Broadcast(tir.const(0, "int32"), BLOCK))
-    n_nat = T.alloc_buffer((BLOCK,), "int64")
-    n_pairs = T.alloc_buffer((BLOCK,), "int64")
+    shifts ``shift`` in form ``epilogue`` (:data:`EPILOGUES`): the int32x16 ``max(shift - 32, 0)``; the
+    :class:`LiftedShift` (the lifted forms); or the pair of int64x8 shifts of the even and of the odd channels (``int64``,
+    small buffers in the caller's scope, filled here)."""
+    s = tir.BufferLoad(shift, [tir.Ramp(o * BLOCK, 1, BLOCK)])
+    n32 = tir.max(s - tir.Broadcast(tir.const(32, "int32"), BLOCK), tir.Broadcast(tir.const(0, "int32"), BLOCK))
+    if epilogue == EPILOGUE_INT32:
+        return n32
+    if epilogue in LIFTED_EPILOGUES:
+        return LiftedShift(lifted_right_shift(n32, epilogue), lift_amount(s, BLOCK))
+    nat = T.alloc_buffer((BLOCK,), "int64")
+    pairs = T.alloc_buffer((BLOCK,), "int64")
     with T.vectorized(0, BLOCK) as oc:
-        T.buffer_store(n_nat, shift[o * BLOCK + oc].astype("int64"), [oc])
-    store_paired_constants(n_pairs, n_nat)
-    return tuple(tir.BufferLoad(n_pairs, [tir.Ramp(h * _HALF, 1, _HALF)]) for h in range(2))
+        T.buffer_store(nat, shift[o * BLOCK + oc].astype("int64"), [oc])
+    store_paired_constants(pairs, nat)
+    return tuple(tir.BufferLoad(pairs, [tir.Ramp(h * _HALF, 1, _HALF)]) for h in range(2))
 
 
 def store_paired_constants(dst, src, base: tir.PrimExpr | int = 0, lead: tuple = ()) -> None:

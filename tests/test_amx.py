@@ -68,23 +68,35 @@ INT4_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "1x1_144ch", "3x3_s2_wide_re
               "3x3_b1_odd_ob_res", "3x3_b1_64kib_input", "1x1_batch4_pair_ranges"]
 PARAMS += [(name, scheme + "+int4") for name in INT4_CASES for scheme in _schemes(name)]
 # the int32-clamp epilogue (every shift >= 32; int64 products formed in place from the accumulators' lane pairs):
-# residual and not, clamp, odd output-block counts, int4
+# residual and not, clamp, odd output-block counts, int4; its lifted forms (shifts from 28: the accumulator and the
+# rounding constants shifted left by 32 - shift first, proved exact for the case) on some
 GE32_CASES = ["3x3_12x12", "3x3_batch2_res_odd_ob", "3x3_b1_odd_ob_res", "1x1_clamp_4rows", "3x3_s2_odd", "3x3_clamp", "1x1_144ch", "3x3_s2_wide_res", "3x3_zx0"]
 PARAMS += [(name, scheme + "+ge32") for name in GE32_CASES for scheme in _schemes(name)]
 PARAMS += [("3x3_batch3_weight_heavy_res", "c64+int4+ge32"), ("1x1_batch4_pair_ranges", "taps+int4+ge32"),
            ("3x3_batch2_res_odd_ob", "taps+int4+ge32")]
+# shifts 26..35 (multipliers scaled down alike): the lifted form with a right shift; 26..32: without one
+PARAMS += [(name, scheme + "+lifted") for name in ("3x3_batch2_res_odd_ob", "3x3_s2_wide_res")
+           for scheme in _schemes(name)]
+PARAMS += [(name, scheme + "+lifted32") for name in ("1x1_clamp_4rows", "3x3_s2_wide_res") for scheme in _schemes(name)]
+PARAMS += [("3x3_batch2_res_odd_ob", "taps+lifted32"), ("1x1_batch4_pair_ranges", "taps+int4+lifted32")]
 
 
 def _case(name, scheme="c64"):
-    from test_kernels_x86 import _conv_case
+    from test_kernels_x86 import _conv_case, _conv_lifted_bounds, lifted_caps, lifted_form
 
     n, c, h, w, o, k, s, p, residual, extra = AMX_CASES[name]
     scheme, *flags = scheme.split("+")
     int4, ge32 = "int4" in flags, "ge32" in flags
+    lifted = "lifted" in flags or "lifted32" in flags
     zx, zo = extra.get("zx", 3), extra.get("zo", 5)
     lo, hi = extra.get("lo", 0), extra.get("hi", 255)
     cs = _conv_case(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, k, s, p, residual=residual, zx=zx,
-                    zo=zo, lo=lo, hi=hi, int4=int4, min_shift=32 if ge32 else 1)
+                    zo=zo, lo=lo, hi=hi, int4=int4, min_shift=32 if ge32 else 28 if lifted else 1,
+                    max_shift=lifted_caps("lifted" if "lifted32" in flags else "lifted+shift", o) if lifted else 62)
+    epilogue = "int32" if ge32 else lifted_form(cs["sh"]) if lifted else "int64"
+    if lifted:      # the case needs it: shifts below 32, and the builder's proof holds
+        assert cs["sh"].min() < 32 and K.lifted_epilogue_exact(cs["sh"], *_conv_lifted_bounds(cs)), cs["sh"]
+        assert epilogue == ("lifted" if "lifted32" in flags else "lifted+shift")
     wp = K.pack_conv_weight(cs["w"], groups=1, ic_block=64 if scheme == "c64" else 16, isa="vnni")
     b, m, sh = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])
     arrays = [K.nchw_to_nchwc(cs["x"], 16, pad_value=zx), K.pack_amx_int4(wp) if int4 else wp, b, m, sh]
@@ -92,7 +104,7 @@ def _case(name, scheme="c64"):
         arrays += [K.nchw_to_nchwc(cs["r"], 16), K.pack_channel_params(cs["bias"], cs["mr"], cs["sh"])[1]]
     func = K.amx_conv_primfunc("main", arrays[0].shape, wp.shape, (p, p), zx, zo, lo, hi, 7, residual, stride=(s, s),
                                int4=int4, threads=3 if int4 else None,    # int4: pairs split into >= 6 chunks
-                               shift_ge32=ge32)
+                               epilogue=epilogue)
     return cs, arrays, func, o
 
 

@@ -14,7 +14,8 @@ tvm = pytest.importorskip("tvm")
 
 import kernels as K  # noqa: E402
 from kernels.depthwise_vnni import depthwise_vnni_out_shape, depthwise_vnni_primfunc  # noqa: E402
-from test_kernels_x86 import DEPTHWISE_TAPS_CASES, HAS_VNNI, HOST, _conv_case  # noqa: E402
+from test_kernels_x86 import (DEPTHWISE_TAPS_CASES, HAS_VNNI, HOST, _conv_case, _conv_lifted_bounds,  # noqa: E402
+                              lifted_caps, lifted_form)
 
 ICX = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
 CASES = {**DEPTHWISE_TAPS_CASES,
@@ -28,10 +29,15 @@ CASES = {**DEPTHWISE_TAPS_CASES,
          "3x3_w7_batch2_4bit_lo3": (2, 16, 7, 7, 3, 1, 1, 1, False, dict(lo=3, hi=15, zo=3))}
 
 
-def _case(name, threads=5, any_shift=False):
+def _case(name, threads=5, epilogue="int32"):
     n, c, h, w, k, s, p, dh, res, extra = CASES[name]
     rng = np.random.default_rng(sum(map(ord, name)))
-    cs = _conv_case(rng, n, c, h, w, c, k, s, p, (dh, 1), c, res, min_shift=1 if any_shift else 32, **extra)
+    lifted = epilogue.startswith("lifted")
+    cs = _conv_case(rng, n, c, h, w, c, k, s, p, (dh, 1), c, res, min_shift=32 if epilogue == "int32" else
+                    24 if lifted else 1, max_shift=lifted_caps(epilogue, c) if lifted else 62, **extra)
+    if lifted:      # the case needs it: shifts below 32, the builder's proof holds and picks this form
+        assert cs["sh"].min() < 32 and K.lifted_epilogue_exact(cs["sh"], *_conv_lifted_bounds(cs, extra.get("zr", 7)))
+        assert lifted_form(cs["sh"]) == epilogue
     zx = extra.get("zx", 3)
     params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
     arrays = [K.nchw_to_nchwc(cs["x"], 16, zx), K.pack_depthwise_taps(cs["w"]), *params[:3]]
@@ -40,22 +46,25 @@ def _case(name, threads=5, any_shift=False):
     func = depthwise_vnni_primfunc("main", arrays[0].shape, arrays[1].shape, k, (s, s), (p, p), dh, zx,
                                    extra.get("zo", 5), extra.get("lo", 0), extra.get("hi", 255), extra.get("zr", 7),
                                    res, threads=threads,      # 5: row bands with short last bands
-                                   shift_ge32=not any_shift)
+                                   epilogue=epilogue)
     return cs, arrays, func, (k, s, p, dh)
 
 
-# shifts from 1 (shift 1 and 62 on edge channels): the int64 epilogue of vector_tir.paired_requant16
+# shifts from 1 (shift 1 and 62 on edge channels): the int64 epilogue of vector_tir.paired_requant16; from 24: its
+# lifted int32 forms (the accumulator and the rounding constants shifted left by 32 - shift, proved exact): shifts
+# capped at 26..35 per channel (multipliers scaled down alike) with a right shift, at 26..32 without one
 ANY_SHIFT = ["3x3_s2_odd_res", "5x5_batch2_clamp", "mbv2_3x3_s2_odd", "3x3_w28_4bit_residual"]
 
 
-@pytest.mark.parametrize("name,threads,any_shift", [(name, 5, False) for name in CASES]
-                         + [("mbv2_3x3_s2_odd", 1, False), ("3x3_w11_groups_clamped", 2, False)]
-                         + [(name, 3, True) for name in ANY_SHIFT])
-def test_depthwise_vnni_bit_exact(name, threads, any_shift, tmp_path):
+@pytest.mark.parametrize("name,threads,epilogue", [(name, 5, "int32") for name in CASES]
+                         + [("mbv2_3x3_s2_odd", 1, "int32"), ("3x3_w11_groups_clamped", 2, "int32")]
+                         + [(name, 3, form) for name in ANY_SHIFT for form in ("int64", "lifted+shift", "lifted")])
+def test_depthwise_vnni_bit_exact(name, threads, epilogue, tmp_path):
     """Every case equals kernels.reference bit for bit: strides, vertical dilation, 5x5 / 7x7 kernels (two tap
     groups), residual, clamp (4-bit ones too), zero point 0, widths that end in groups of 8, 4 and 1-3 pixels, a
-    one-column image; row bands for 1, 2 and 5 threads; shifts from 1 to 62 (the int64 epilogue) on some."""
-    cs, arrays, func, (k, s, p, dh) = _case(name, threads, any_shift)
+    one-column image; row bands for 1, 2 and 5 threads; shifts from 1 to 62 (the int64 and lifted epilogues) on
+    some."""
+    cs, arrays, func, (k, s, p, dh) = _case(name, threads, epilogue)
     c = cs["x"].shape[1]
     if not HAS_VNNI:
         from ptq2tvm.bench.disasm import count_instructions

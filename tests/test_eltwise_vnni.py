@@ -14,7 +14,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 import kernels as K  # noqa: E402
-from test_kernels_x86 import HAS_VNNI, HOST  # noqa: E402
+from test_kernels_x86 import HAS_VNNI, HOST, _cap_shifts, lifted_form  # noqa: E402
 
 ICX = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
 
@@ -73,15 +73,18 @@ MUL_CASES = {"se_28x28": ((1, 6, 28, 28, 16), (1, 6, 1, 1, 16), (3, 0), 5, 0, 25
              "gate_first_4bit": ((2, 3, 1, 1, 16), (2, 3, 7, 9, 16), (0, 128), 0, 0, 15, 3),
              "same_shape_clamp": ((1, 2, 5, 5, 16), (1, 2, 5, 5, 16), (7, 9), 100, 10, 200, 3),
              # shifts 1..43: the int64 epilogue (W4A4 SE gates have shifts below 32)
-             "se_any_shift": ((1, 3, 9, 9, 16), (1, 3, 1, 1, 16), (5, 0), 8, 0, 15, 2)}
+             "se_any_shift": ((1, 3, 9, 9, 16), (1, 3, 1, 1, 16), (5, 0), 8, 0, 15, 2),
+             # shifts from 18 in the lifted int32 form (each product shifted left by 32 - shift; proved exact)
+             "se_any_shift_lifted": ((1, 3, 9, 9, 16), (1, 3, 1, 1, 16), (5, 0), 8, 0, 15, 2),
+             "se_any_shift_lifted32": ((1, 3, 9, 9, 16), (1, 3, 1, 1, 16), (5, 0), 8, 0, 15, 2)}
 
 
 @pytest.mark.parametrize("name", list(MUL_CASES))
 def test_mul_vnni_bit_exact(name, tmp_path):
     """out == clamp(z + ((a - za) * (b - zb) * m + 2^(s-1)) >> s, lo, hi) per channel (shifts 32..43, or 1..62:
-    the int64 epilogue; extreme codes present)."""
+    the int64 and the lifted epilogues, on the same data; extreme codes present)."""
     a_shape, b_shape, zps, z, lo, hi, threads = MUL_CASES[name]
-    rng = np.random.default_rng(sum(map(ord, name)))
+    rng = np.random.default_rng(sum(map(ord, name.removesuffix("_lifted32").removesuffix("_lifted"))))
     a, b = (rng.integers(0, 256, s, dtype=np.uint8) for s in (a_shape, b_shape))
     a.reshape(-1)[::5] = 255
     b.reshape(-1)[::3] = 0
@@ -93,12 +96,17 @@ def test_mul_vnni_bit_exact(name, tmp_path):
         m = rng.integers(1 << 8, 1 << 14, cb * 16).astype(np.int32)
         s = rng.integers(20, 32, cb * 16).astype(np.int32)
         s[:2], m[0] = (1, 62), 3
+        if "lifted" in name:    # products of up to 2^16 lifted by up to 14 bits; no right shift with "32"
+            m, s = _cap_shifts(m, np.maximum(s, 18), 32 if name.endswith("32") else 62)
     prod = (a.astype(np.int64) - zps[0]) * (b.astype(np.int64) - zps[1])
     mm, ss = (v.astype(np.int64).reshape(1, cb, 1, 1, 16) for v in (m, s))
     ref = np.clip(((prod * mm + (np.int64(1) << (ss - 1))) >> ss) + z, lo, hi).astype(np.uint8)
     assert len(np.unique(ref)) >= min((hi - lo + 1) * 3 // 4, 64), "test data too degenerate"
-    func = K.mul_vnni_primfunc("main", a_shape, b_shape, zps, z, lo, hi, threads=threads,
-                               shift_ge32=int(s.min()) >= 32)
+    epilogue = "int32" if int(s.min()) >= 32 else lifted_form(s) if "lifted" in name else "int64"
+    if "lifted" in name:    # the builder's proof (ops.eltwise.Mul.lifted_epilogue_bounds) holds for the case
+        assert epilogue == ("lifted" if name.endswith("32") else "lifted+shift")
+        assert K.lifted_epilogue_exact(s, [(max(zps[0], 255 - zps[0]) * max(zps[1], 255 - zps[1]), m)])
+    func = K.mul_vnni_primfunc("main", a_shape, b_shape, zps, z, lo, hi, threads=threads, epilogue=epilogue)
     got = _run(func, [a, b, m, s], out_shape, tmp_path, (("vpmuldq",), ("vpackssdw", "vpackuswb")))
     assert np.array_equal(got, ref), int((got != ref).sum())
 
@@ -133,6 +141,32 @@ def test_builder_picks_them_for_silu_and_se(tmp_path):
     assert got.count(K.LUT_VBMI_KIND) >= 1 and got.count(K.MUL_VNNI_KIND) == len(muls), got
 
 
+def test_w4a4_lifted_epilogues_bit_exact(tmp_path):
+    """tests/test_ops.py's "lut" model (SiLU / Hardswish tables after convs) at W4A4: convs with 4-bit weights and
+    inputs feeding an 8-bit table input have shifts below 32, which the builder proves liftable
+    (kernels.layout.lifted_epilogue_exact) and gives the lifted int32 epilogue instead of the int64 one in an AMX
+    build; the .so for this host equals the reference executor on calibration-like and random codes."""
+    from test_ops import _images, _quantize
+
+    from ptq2tvm.api import compile_so, to_integer
+    from ptq2tvm.backend.blocked_builder import build_blocked_module
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.ir.reference import run_reference
+
+    graph = to_integer(_quantize("lut", 4, 4)[1])
+    assert any(int(n.arrays["shift"].min()) < 32 for n in graph.nodes if n.op == "conv2d")
+    mod = build_blocked_module(graph, 2, "vnni", amx=True)[0]     # its convs on AMX tiles (built, not run)
+    forms = [str(f.attrs["epilogue"]) for _, f in mod.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "epilogue" in f.attrs]
+    assert "lifted" in forms and "int64" not in forms, forms
+    compile_so(graph, tmp_path / "m.so", batch=2)
+    cm = CompiledModel(tmp_path / "m.so")
+    q = np.concatenate([graph.input.quantize(_images(4, 6)),
+                        np.random.default_rng(5).integers(0, graph.input.qmax + 1, (4, 3, 8, 8)).astype(np.uint8)])
+    got, ref = cm.run_int(q), run_reference(graph, q)
+    assert np.array_equal(got, ref), int((got != ref).sum())
+
+
 def test_hand_written_kernels_name_bad_arguments():
     """Zero-sized dimensions, zero points outside [0, 255], clamps with lo > hi or outside [0, 255], negative AMX
     padding, a non-7-D AMX weight, a bool where the fused kernel wants a pair of flags, an int8 weight passed as int4:
@@ -153,7 +187,7 @@ def test_hand_written_kernels_name_bad_arguments():
         (lambda: K.mul_vnni_primfunc("m", (1, 0, 4, 4, 16), (1, 0, 4, 4, 16), (0, 0), 0, 0, 255), "a shape"),
         (lambda: depthwise_vnni_primfunc("f", (0, 2, 8, 8, 16), *dw[1:], 0, 0, 0, 255, 0, False), "input shape"),
         (lambda: depthwise_vnni_primfunc("f", *dw, 300, 0, 0, 255, 0, False), "input zero point 300"),
-        (lambda: expand_depthwise_primfunc("f", *ex, 0, 0, 255, 0, 0, 255, 0, False, shift_ge32=False), "a pair"),
+        (lambda: expand_depthwise_primfunc("f", *ex, 0, 0, 255, 0, 0, 255, 0, False, epilogue="int32"), "a pair"),
         (lambda: expand_depthwise_primfunc("f", *ex, 0, 200, 100, 0, 0, 255, 0, False), r"clamp mid"),
         (lambda: expand_depthwise_primfunc("f", *ex, 0, 0, 255, 0, 0, 255, 0, False, int4=True), "two-per-byte"),
         (lambda: K.amx_conv_primfunc("m", (0, 2, 8, 8, 16), wa, (1, 1), 0, 0, 0, 255, 0, False), "input shape"),

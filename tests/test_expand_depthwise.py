@@ -15,7 +15,8 @@ import kernels as K  # noqa: E402
 from kernels import reference as R  # noqa: E402
 from kernels.depthwise_vnni import depthwise_vnni_out_shape  # noqa: E402
 from kernels.expand_depthwise import expand_depthwise_primfunc  # noqa: E402
-from test_kernels_x86 import HAS_VNNI, HOST, _requant_params  # noqa: E402
+from ptq2tvm.fold.bounds import accumulator_range  # noqa: E402
+from test_kernels_x86 import HAS_VNNI, HOST, _cap_shifts, _requant_params, lifted_caps, lifted_form  # noqa: E402
 
 ICX = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2})
 # name: (n, cin, mid, h, w, k, s, p, residual, threads, extra)
@@ -32,6 +33,12 @@ CASES = {
     # shifts from 1 (edge channels 1 and 62) in both stages: the int64 epilogue
     "any_shift_res": (1, 16, 48, 8, 12, 3, 1, 1, True, 3, dict(min_shift=1, z_mid=4)),
     "any_shift_int4_s2": (2, 16, 32, 9, 9, 3, 2, 1, False, 2, dict(min_shift=1, int4=True, mid_hi=15)),
+    # shifts from 24 in the lifted int32 forms (accumulator and rounding constants shifted left by 32 - shift
+    # first; proved exact for the case): per-channel caps of 26..32 (no right shift) or 26..35 per stage
+    "lifted_res": (1, 16, 48, 8, 12, 3, 1, 1, True, 3, dict(min_shift=24, z_mid=4, epilogue="lifted",
+                                                           forms=("lifted", "lifted+shift"))),
+    "lifted_int4_s2": (2, 16, 32, 9, 9, 3, 2, 1, False, 2, dict(min_shift=24, int4=True, mid_hi=15,
+                                                                 epilogue="lifted", forms=("lifted", "lifted"))),
 }
 
 
@@ -47,11 +54,14 @@ def _case(name):
     m1, s1 = _requant_params(rng, R.conv_acc(x, w1, b1), mid)
     min_shift = extra.get("min_shift", 32)       # below 32: the int64 epilogue (vector_tir.paired_requant16)
     s1 = np.maximum(s1, min_shift).astype(np.int32)
+    caps = [lifted_caps(f, mid, 1) for f in extra["forms"]] if "forms" in extra else (62, 62)
+    m1, s1 = _cap_shifts(m1, s1, caps[0])
     y = R.conv2d_requant(x, w1, b1, m1, s1, output_zero_point=z_mid, lo=mid_lo, hi=mid_hi)
     w2 = rng.integers(-128, 128, (mid, 1, k, k), dtype=np.int8)
     b2 = rng.integers(-(1 << 14), 1 << 14, mid).astype(np.int32)
     m2, s2 = _requant_params(rng, R.conv_acc(y, w2, b2, s, p, 1, mid, z_mid), mid)
     s2 = np.maximum(s2, min_shift).astype(np.int32)
+    m2, s2 = _cap_shifts(m2, s2, caps[1])
     oh, ow = R.conv_acc(y, w2, b2, s, p, 1, mid, z_mid).shape[2:]
     r = rng.integers(0, 256, (n, mid, oh, ow), dtype=np.uint8) if res else None
     mr = (np.minimum(np.exp2(s2.astype(np.float64)) / 600.0, 2 ** 31 - 1)).astype(np.int64).astype(np.int32)
@@ -64,9 +74,18 @@ def _case(name):
     arrays = [xb, w1p, *p1[:3], w2p, *p2[:3]]
     if res:
         arrays += [K.nchw_to_nchwc(r, 16, 0), p2[3]]
+    lifted = extra.get("epilogue") == "lifted"
+    forms = tuple("int32" if int(sh.min()) >= 32 else lifted_form(sh) if lifted else "int64" for sh in (s1, s2))
+    if lifted:      # the case needs it: shifts below 32, and the builder's proof holds
+        lo1, hi1 = accumulator_range(w1, np.zeros_like(b1), 255)
+        lo2, hi2 = accumulator_range(w2, np.zeros_like(b2), mid_hi)
+        assert forms == extra["forms"], forms
+        assert K.lifted_epilogue_exact(s1, [(np.maximum(-lo1, hi1), m1)],
+                                       [abs(int(b)) * int(m) for b, m in zip(b1, m1)])
+        assert K.lifted_epilogue_exact(s2, [(np.maximum(-lo2, hi2), m2), (255, mr)],
+                                       [abs(int(b)) * int(m) + 7 * int(r) for b, m, r in zip(b2, m2, mr)])
     func = expand_depthwise_primfunc("main", xb.shape, w1p.shape, w2p.shape, k, (s, s), (p, p), 1, z_mid, mid_lo,
-                                     mid_hi, 5, 0, 255, 7, res, threads=threads, int4=int4,
-                                     shift_ge32=(int(s1.min()) >= 32, int(s2.min()) >= 32))
+                                     mid_hi, 5, 0, 255, 7, res, threads=threads, int4=int4, epilogue=forms)
     out_shape = depthwise_vnni_out_shape((n, w1p.shape[0], h, w, 16), (k, k), (s, s), (p, p))
     return ref, y, arrays, func, out_shape, mid
 

@@ -182,6 +182,24 @@ def test_depthwise_int16_bit_exact(amax, stride):
     assert kern.count_instructions("vpmullw") > 0 and kern.count_instructions("vpmulld") == 0
 
 
+def test_lifted_epilogue_exact_bounds():
+    """kernels.layout.lifted_epilogue_exact at its edges: a lane value lifted by 32 - shift must stay below 2^31, the
+    lifted int64 sum (lanes x multipliers + constant + 2^(shift-1)) below 2^63; shifts >= 32 lift nothing; shifts
+    outside [1, 62] and empty layers are refused."""
+    exact = K.lifted_epilogue_exact
+    m = np.array([3], np.int32)
+    assert exact(np.array([31]), [((1 << 30) - 1, m)])             # (2^30 - 1) << 1 < 2^31
+    assert not exact(np.array([31]), [(1 << 30, m)])               # 2^30 << 1 = 2^31
+    assert exact(np.array([32]), [((1 << 31) - 1, m)])             # no lift
+    big = np.array([(1 << 31) - 1], np.int64)
+    assert exact(np.array([31]), [(1 << 28, big)])                 # ~2^59 << 1
+    assert not exact(np.array([31]), [(1 << 28, big)], const=1 << 62)
+    assert exact(np.array([24]), [(1 << 22, big)])                 # 2^22 << 8 = 2^30, 2^53 << 8 = 2^61
+    assert not exact(np.array([24]), [(1 << 22, big)], const=1 << 55)     # the bias term: 2^55 << 8 = 2^63
+    assert exact(np.array([24, 40]), [(np.array([1 << 10, 1 << 30]), np.array([1 << 20, 1 << 30]))])
+    assert not exact(np.array([0]), [(1, m)]) and not exact(np.array([], np.int32), [])
+
+
 def test_shifts_allow_int32_epilogue():
     assert K.shifts_allow_int32_epilogue(np.array([32, 40, 62], np.int32))
     assert not K.shifts_allow_int32_epilogue(np.array([31, 40], np.int32))

@@ -46,8 +46,41 @@ def _requant_params(rng, acc, out_channels, spread=48.0, per_channel=True):
     return m.astype(np.int32), sh.astype(np.int32)
 
 
+def _cap_shifts(m, sh, max_shift):
+    """(m, shift) with every shift above ``max_shift`` (an int or per channel) lowered to it and its multiplier
+    scaled down alike (about the same requant scale, a smaller multiplier): shifts below 32 for the lifted
+    epilogues with outputs that are not all clamped."""
+    over = np.maximum(sh.astype(np.int64) - max_shift, 0)
+    return (m.astype(np.int64) >> over).astype(np.int32), np.minimum(sh, max_shift).astype(np.int32)
+
+
+def lifted_caps(form, channels, seed=0):
+    """Per-channel shift caps for a test of lifted ``form``: 26..32 ("lifted": no right shift), 26..35 with both
+    sides of 32 present ("lifted+shift")."""
+    caps = np.random.default_rng(seed).integers(26, 33 if form == "lifted" else 36, channels)
+    if form != "lifted":
+        caps[:2] = (27, 35)
+    return caps
+
+
+def lifted_form(sh):
+    """The lifted epilogue form the builder picks for shifts ``sh`` (proved exact): no right shift where every
+    shift is <= 32."""
+    return "lifted" if int(np.max(sh)) <= 32 else "lifted+shift"
+
+
+def _conv_lifted_bounds(cs, zr=7, qmax_in=255):
+    """(lanes, const) of a :func:`_conv_case` for kernels.lifted_epilogue_exact (as ops.weighted computes them):
+    the accumulator without its bias over every input code and the residual's code; |bias * m| + z_r * mr."""
+    from ptq2tvm.fold.bounds import accumulator_range
+
+    lo, hi = accumulator_range(cs["w"], np.zeros_like(cs["bias"]), qmax_in)
+    const = [abs(int(b)) * int(m) + zr * int(mr) for b, m, mr in zip(cs["bias"], cs["m"], cs["mr"])]
+    return [(np.maximum(-lo, hi), cs["m"]), (255, cs["mr"])], const
+
+
 def _conv_case(rng, n, c, h, w, o, k, s, p, d=1, g=1, residual=False, int4=False, zx=3, zo=5, zr=7, lo=0, hi=255,
-               extremes=True, w_bits=None, min_shift=1):
+               extremes=True, w_bits=None, min_shift=1, max_shift=62):
     x = rng.integers(0, 256, (n, c, h, w), dtype=np.uint8)
     wlo, whi = K.layout.WEIGHT_RANGES[w_bits or (4 if int4 else 8)]
     wt = rng.integers(wlo, whi + 1, (o, c // g, k, k), dtype=np.int8)
@@ -64,6 +97,7 @@ def _conv_case(rng, n, c, h, w, o, k, s, p, d=1, g=1, residual=False, int4=False
     acc = R.conv_acc(x, wt, bias, s, p, d, g, zx)
     m, sh = _requant_params(rng, acc, o)
     sh = np.maximum(sh, min_shift).astype(np.int32)     # 32: every shift >= 32 (the int32-clamp epilogue)
+    m, sh = _cap_shifts(m, sh, max_shift)
     oh, ow = acc.shape[2:]
     r = rng.integers(0, 256, (n, o, oh, ow), dtype=np.uint8) if residual else None
     mr = (np.minimum(np.exp2(sh.astype(np.float64)) / 600.0, 2 ** 31 - 1)).astype(np.int64).astype(np.int32)

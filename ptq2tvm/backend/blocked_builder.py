@@ -18,6 +18,7 @@ import tvm
 from tvm import relax
 
 import kernels as K
+from kernels.vector_tir import EPILOGUE_INT32, EPILOGUE_INT64, EPILOGUE_LIFTED, EPILOGUE_LIFTED_SHIFT
 
 from ..ir.graph import IntegerGraph, IntNode
 from ..ops import ir_op
@@ -177,12 +178,22 @@ class _BlockedBuilder:
         return self.shortcuts() and self.isa in ("avx2", "avxvnni") \
             and K.shifts_allow_int32_epilogue(node.arrays["shift"])
 
-    def paired_int32_epilogue(self, node: IntNode) -> bool:
-        """The int32-clamp form of the paired epilogue (:func:`kernels.vector_tir.paired_requant16`) for a layer of
-        the hand-written AVX-512 kernels (AMX convs, depthwise, fused expand + depthwise, multiply): every shift of
-        the layer >= 32 (measured 3-7% faster on the AMX kernels, whose epilogue is a large part of their time);
-        else its int64 form, any shift."""
-        return self.shortcuts() and K.shifts_allow_int32_epilogue(node.arrays["shift"])
+    def paired_epilogue(self, node: IntNode, lanes: list[tuple[Any, np.ndarray]], const: Any = 0) -> str:
+        """The form of the paired epilogue (:func:`kernels.vector_tir.paired_requant16`) for a layer of the
+        hand-written AVX-512 kernels (AMX convs, depthwise, fused expand + depthwise, multiply): "int32" when every
+        shift of the layer is >= 32 (measured 3-7% faster than "int64" on the AMX kernels, whose epilogue is a large
+        part of their time); else a lifted form when :func:`kernels.layout.lifted_epilogue_exact` proves it from
+        the op's ``lanes`` and ``const`` bounds ("lifted" where every shift is <= 32: no right shift at all,
+        "lifted+shift" else); else "int64" (any shift). W4A4 convs feeding an 8-bit table input have shifts of
+        28-31: lifted, they keep the int32 clamp and narrowing."""
+        shift = node.arrays["shift"]
+        if not self.shortcuts():
+            return EPILOGUE_INT64
+        if K.shifts_allow_int32_epilogue(shift):
+            return EPILOGUE_INT32
+        if not K.lifted_epilogue_exact(shift, lanes, const):
+            return EPILOGUE_INT64
+        return EPILOGUE_LIFTED if int(np.max(shift)) <= 32 else EPILOGUE_LIFTED_SHIFT
 
     def emit(self, fn: Any, *args: Any, name: str, **kw: Any) -> relax.Expr:
         return self.bb.emit_te(fn, *args, **kw, primfunc_name_hint=name)
@@ -239,13 +250,13 @@ class _BlockedBuilder:
     def emit_amx_rows_conv(self, rows: relax.Expr, amx: AmxWeight, consts: list, extra: list, *, name: str,
                            in_channels: int, in_width: int, kernel: tuple[int, int], stride: tuple[int, int],
                            padding: tuple[int, int], output_zero_point: int, lo: int, hi: int,
-                           residual_zero_point: int, shift_ge32: bool) -> relax.Expr:
+                           residual_zero_point: int, epilogue: str) -> relax.Expr:
         """The AMX first conv as a ``call_tir`` on the row-layout input: same arguments and integers as
         :func:`kernels.conv2d_rows_requant`."""
         x_shape = self.shape(rows)
         prim = K.amx_rows_conv_primfunc(name, x_shape, amx.shape, in_channels, in_width, kernel, stride, padding,
                                         output_zero_point, lo, hi, residual_zero_point, residual=bool(extra),
-                                        shift_ge32=shift_ge32, int4=amx.int4, threads=self.threads)
+                                        epilogue=epilogue, int4=amx.int4, threads=self.threads)
         return self.call_prim(prim, [rows, self.weight(amx.stored), *consts, *extra],
                               K.amx_rows_out_shape(x_shape, amx.shape, in_channels, in_width, kernel, stride, padding))
 
@@ -263,12 +274,12 @@ class _BlockedBuilder:
     def emit_amx_conv(self, x: relax.Expr, amx: AmxWeight, consts: list, extra: list, *, name: str,
                       stride: tuple[int, int], padding: tuple[int, int], input_zero_point: int,
                       output_zero_point: int, lo: int, hi: int, residual_zero_point: int,
-                      shift_ge32: bool) -> relax.Expr:
+                      epilogue: str) -> relax.Expr:
         """The AMX conv (:func:`kernels.amx_conv_primfunc`) as a ``call_tir`` on the blocked input ``x`` and the
         weight from :meth:`amx_weight`: same arguments and integers as :func:`kernels.conv2d_nchwc_requant`."""
         x_shape = self.shape(x)
         prim = K.amx_conv_primfunc(name, x_shape, amx.shape, padding, input_zero_point, output_zero_point, lo, hi,
-                                   residual_zero_point, residual=bool(extra), shift_ge32=shift_ge32, stride=stride,
+                                   residual_zero_point, residual=bool(extra), epilogue=epilogue, stride=stride,
                                    int4=amx.int4, threads=self.threads)
         return self.call_prim(prim, [x, self.weight(amx.stored), *consts, *extra],
                               K.amx_conv_out_shape(x_shape, amx.shape, padding, stride))
@@ -302,13 +313,13 @@ class _BlockedBuilder:
     def emit_depthwise_vnni(self, x: relax.Expr, packed: np.ndarray, consts: list, extra: list, *, name: str,
                             kernel_width: int, stride: tuple[int, int], padding: tuple[int, int], dilation_h: int,
                             input_zero_point: int, output_zero_point: int, lo: int, hi: int,
-                            residual_zero_point: int, shift_ge32: bool) -> relax.Expr:
+                            residual_zero_point: int, epilogue: str) -> relax.Expr:
         """The depthwise conv (:func:`kernels.depthwise_vnni_primfunc`) as a ``call_tir`` on the blocked input and
         the tap-packed weight: same arguments and integers as :func:`kernels.depthwise_taps_requant`."""
         x_shape = self.shape(x)
         prim = K.depthwise_vnni_primfunc(name, x_shape, packed.shape, kernel_width, stride, padding, dilation_h,
                                          input_zero_point, output_zero_point, lo, hi, residual_zero_point,
-                                         residual=bool(extra), threads=self.threads, shift_ge32=shift_ge32)
+                                         residual=bool(extra), threads=self.threads, epilogue=epilogue)
         return self.call_prim(prim, [x, self.weight(packed), *consts, *extra],
                               K.depthwise_vnni_out_shape(x_shape, (int(packed.shape[1]), kernel_width), stride,
                                                          padding, dilation_h))
@@ -317,7 +328,7 @@ class _BlockedBuilder:
                               extra: list, *, name: str, kernel_width: int, stride: tuple[int, int],
                               padding: tuple[int, int], dilation_h: int, mid: IntNode, output_zero_point: int,
                               lo: int, hi: int, residual_zero_point: int,
-                              shift_ge32: tuple[bool, bool]) -> relax.Expr:
+                              epilogue: tuple[str, str]) -> relax.Expr:
         """The fused 1x1 expand ``mid`` + depthwise conv (:func:`kernels.expand_depthwise_primfunc`) as one
         ``call_tir``: the integers of the two kernels one after the other."""
         a1 = mid.attrs
@@ -325,7 +336,7 @@ class _BlockedBuilder:
         prim = K.expand_depthwise_primfunc(name, x_shape, w1.shape, w2.shape, kernel_width, stride, padding,
                                            dilation_h, a1["output_zero_point"], a1["lo"], a1["hi"],
                                            output_zero_point, lo, hi, residual_zero_point, residual=bool(extra),
-                                           threads=self.threads, int4=w1.dtype == np.uint8, shift_ge32=shift_ge32)
+                                           threads=self.threads, int4=w1.dtype == np.uint8, epilogue=epilogue)
         return self.call_prim(prim, [x, self.weight(w1), *consts1, self.weight(w2), *consts2, *extra],
                               K.depthwise_vnni_out_shape((x_shape[0], int(w1.shape[0]), *x_shape[2:]),
                                                          (int(w2.shape[1]), kernel_width), stride, padding,

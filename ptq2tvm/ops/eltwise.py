@@ -223,6 +223,13 @@ class Mul(OpDef):
         prod = (env[node.inputs[0]].astype(np.int64) - za) * (env[node.inputs[1]].astype(np.int64) - zb)
         return requantize([(prod, arr["multiplier"])], arr["shift"], a["output_zero_point"], a["lo"], a["hi"])
 
+    @staticmethod
+    def lifted_epilogue_bounds(node: Any) -> tuple[list[tuple[int, np.ndarray]], int]:
+        """(lanes, const) for :func:`kernels.layout.lifted_epilogue_exact`: the one int32 lane value, ``(q_a - z_a)
+        (q_b - z_b)`` over uint8 codes, with its multiplier; no constant term."""
+        za, zb = (int(z) for z in node.attrs["zero_points"])
+        return [(max(za, 255 - za) * max(zb, 255 - zb), node.arrays["multiplier"])], 0
+
     def emit_plain(self, e: Any, node: Any) -> Any:
         from ..backend import te_ops
 
@@ -241,7 +248,7 @@ class Mul(OpDef):
         if b.paired_mul(x, y):      # int32 products, the requant on int64 lane pairs (kernels/mul_vnni.py)
             prim = K.mul_vnni_primfunc(b.hint(node), b.shape(x), b.shape(y), tuple(a["zero_points"]),
                                        a["output_zero_point"], a["lo"], a["hi"], threads=b.threads,
-                                       shift_ge32=b.paired_int32_epilogue(node))
+                                       epilogue=b.paired_epilogue(node, *self.lifted_epilogue_bounds(node)))
             return b.call_prim(prim, [x, y, m, s], K.mul_vnni_out_shape(b.shape(x), b.shape(y))), NCHWC
         return b.emit(K.mul_requant_nchwc, x, y, m, s, zero_points=tuple(a["zero_points"]),
                       output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"], name=b.hint(node)), NCHWC

@@ -93,6 +93,30 @@ class _Weighted(OpDef):
         return consts, extra
 
 
+def lifted_epilogue_bounds(b: Any, node: Any) -> tuple[list[tuple[Any, np.ndarray]], list[int]]:
+    """(lanes, const) of a conv node for :func:`kernels.layout.lifted_epilogue_exact`, the builder's choice of
+    epilogue form: the accumulator without its bias over every input code in [0, qmax_in]
+    (:func:`ptq2tvm.fold.bounds.accumulator_range` of a zero bias) and the residual's uint8 code, with their
+    multipliers; the rest of the rounding constant ``|bias * m| + z_r * mr`` per channel (Python ints)."""
+    from ..fold.bounds import accumulator_range
+
+    a, arr = node.attrs, node.arrays
+    bias, m = arr["bias"], arr["multiplier"]
+    lo, hi = accumulator_range(arr["weight"], np.zeros_like(bias), b.graph.tensor(node.inputs[0]).qmax)
+    lanes = [(np.maximum(-lo, hi), m)]
+    const = [abs(int(v)) * abs(int(x)) for v, x in zip(bias, m)]
+    if len(node.inputs) > 1:
+        z, mr = int(a["residual_zero_point"]), arr["residual_multiplier"]
+        lanes.append((255, mr))
+        const = [c + z * abs(int(x)) for c, x in zip(const, mr)]
+    return lanes, const
+
+
+def _epilogue(b: Any, node: Any) -> str:
+    """The builder's paired epilogue form for conv ``node`` (:meth:`BlockedBuilder.paired_epilogue`)."""
+    return b.paired_epilogue(node, *lifted_epilogue_bounds(b, node))
+
+
 def _requant_args(kw: dict[str, Any]) -> dict[str, Any]:
     """The output requant arguments (zero point, clamp, residual zero point) of a conv's kernel keywords."""
     return {k: kw[k] for k in ("output_zero_point", "lo", "hi", "residual_zero_point")}
@@ -152,7 +176,7 @@ class Conv(_Weighted):
             w1 = K.pack_conv_weight(mid.arrays["weight"], groups=1, ic_block=16, isa="vnni", **b.packing(mid))
             return b.emit_expand_depthwise(b.blocked(mid.inputs[0]), w1, consts1, K.pack_depthwise_taps(w),
                                            consts, extra, name=name, kernel_width=int(w.shape[3]),
-                                           shift_ge32=(b.paired_int32_epilogue(mid), b.paired_int32_epilogue(node)),
+                                           epilogue=(_epilogue(b, mid), _epilogue(b, node)),
                                            stride=tuple(a["stride"]), padding=tuple(a["padding"]),
                                            dilation_h=int(a["dilation"][0]), mid=mid, **_requant_args(kw)), NCHWC
         if not b.cuda and layout == "nchw" and a["groups"] == 1 and cin <= 4 and a["dilation"][1] == 1:
@@ -165,7 +189,7 @@ class Conv(_Weighted):
                 return b.emit_amx_rows_conv(rows, amx, consts, extra, name=name, in_channels=cin,
                                             in_width=b.graph.tensor(node.inputs[0]).shape[2],
                                             kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
-                                            padding=tuple(a["padding"]), shift_ge32=b.paired_int32_epilogue(node),
+                                            padding=tuple(a["padding"]), epilogue=_epilogue(b, node),
                                             **_requant_args(kw)), NCHWC
             wp = b.weight(wp)
             kw["shift_ge32"] = b.int32_epilogue(node)
@@ -184,7 +208,7 @@ class Conv(_Weighted):
             # explicit-vector kernel with the paired epilogue (kernels.depthwise_vnni)
             if b.vector_kernels():
                 return b.emit_depthwise_vnni(xb, K.pack_depthwise_taps(w), consts, extra, name=name,
-                                             shift_ge32=b.paired_int32_epilogue(node),
+                                             epilogue=_epilogue(b, node),
                                              kernel_width=int(w.shape[3]), stride=tuple(a["stride"]),
                                              padding=tuple(a["padding"]), dilation_h=int(a["dilation"][0]),
                                              input_zero_point=kw["input_zero_point"], **_requant_args(kw)), NCHWC
@@ -205,7 +229,7 @@ class Conv(_Weighted):
             if amx is not None:
                 return b.emit_amx_conv(xb, amx, consts, extra, name=name, stride=tuple(a["stride"]),
                                        padding=tuple(a["padding"]), input_zero_point=kw["input_zero_point"],
-                                       shift_ge32=b.paired_int32_epilogue(node), **_requant_args(kw)), NCHWC
+                                       epilogue=_epilogue(b, node), **_requant_args(kw)), NCHWC
             wp = b.weight(wp)
         kw["shift_ge32"] = b.int32_epilogue(node)
         out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
