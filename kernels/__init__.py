@@ -22,8 +22,8 @@ from .intrin import (AVX2_INTRIN, DP4A_INTRIN, TAPS_INTRIN, VNNI_INTRIN, patch_t
                      register_avx2_intrinsic, register_dp4a_intrinsic, register_taps_intrinsic, register_vnni_intrinsic)
 from .layout import (BLOCK, FIRST_BLOCK, conv_weight_mode, nchw_to_nchwc, nchw_to_rows, nchwc_to_nchw,
                      pack_channel_params, pack_conv_weight, pack_dense_weight, pack_depthwise_taps, pack_rows_weight,
-                     rows_weight, depthwise_int16_exact, lifted_epilogue_exact, shifts_allow_int32_epilogue, u8s8_int16_group,
-                     u8s8_pairs_exact, unpack_int2, unpack_int4)
+                     rows_weight, depthwise_int16_exact, lifted_epilogue_exact, shifts_allow_int32_epilogue,
+                     u8s8_int16_group, u8s8_pairs_exact, unpack_int2, unpack_int4)
 from .ops import (KERNEL_ATTR, add_requant_nchwc, concat_requant_nchwc, lut_nchwc, mul_requant_nchwc,
                   upsample_nearest_nchwc, avgpool2d_nchwc_requant, clamp_nchwc, conv2d_nchwc_requant,
                   conv2d_rows_requant, dense_requant, depthwise_taps_requant, global_avgpool_nchwc_requant, maxpool2d_nchwc, nchwc_flatten,

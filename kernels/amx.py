@@ -39,8 +39,8 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
-from .vector_tir import (EPILOGUE_INT64, LIFTED_EPILOGUES, LiftedShift, check_epilogue, check_kernel_args,
-                         epilogue_attrs, lift_amount, lift_constant, lifted_right_shift, output_args, pack4_clamp,
+from .vector_tir import (EPILOGUE_INT64, EPILOGUE_LIFTED, LIFTED_EPILOGUES, LiftedShift, check_epilogue,
+                         check_kernel_args, epilogue_attrs, lift_amount, lift_constant, output_args, pack4_clamp,
                          pad_stage, paired_requant16, requant_args, residual16, split_for_threads,
                          store_paired_constants, unpack_nibbles64)
 
@@ -390,7 +390,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
             int64_form, lifted = epilogue == EPILOGUE_INT64, epilogue in LIFTED_EPILOGUES
             kbuf = {"c": T.alloc_buffer((2 * chunks, nt * BLOCK), "int64"),
                     "c2": T.alloc_buffer((2 * chunks, nt * BLOCK), "int64")}
-            if lifted_right_shift(True, epilogue):
+            if epilogue != EPILOGUE_LIFTED:
                 kbuf["n"] = T.alloc_buffer((2 * chunks, nt * BLOCK), "int64" if int64_form else "int32")
             if int64_form:
                 kbuf["n2"] = T.alloc_buffer((2 * chunks, nt * BLOCK), "int64")

@@ -76,7 +76,8 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
         with T.prim_func():
             T.func_name(name)
             T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND, "int32_epilogue": sum(f != EPILOGUE_INT64 for f in epilogue),
+                         "ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND,
+                         "int32_epilogue": sum(f != EPILOGUE_INT64 for f in epilogue),
                          "epilogue": ",".join(epilogue)})
             x = T.arg("x", T.buffer((n, cbin, h, w, BLOCK), "uint8"))
             if int4:

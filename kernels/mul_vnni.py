@@ -19,7 +19,8 @@ from tvm.script.ir_builder import tirx as T
 
 from .depthwise_vnni import channel_constants, requant16
 from .layout import BLOCK
-from .vector_tir import EPILOGUE_INT32, check_epilogue, check_kernel_args, epilogue_attrs, for_pixel_groups, split_for_threads, store_pixel_rows
+from .vector_tir import (EPILOGUE_INT32, check_epilogue, check_kernel_args, epilogue_attrs, for_pixel_groups,
+                         split_for_threads, store_pixel_rows)
 
 MUL_VNNI_KIND = "mul_vnni_paired"   # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
