@@ -67,6 +67,29 @@ def test_conv_space_starts_with_the_hand_choice():
     assert len(set(tiles)) == len(tiles) > 5
 
 
+def _per_task_balance(n, ob, oh, ow, tile, threads=2):
+    from kernels.schedule import _task_chunks
+    nc, rc = _task_chunks(ob // tile.Q, n, oh // tile.R, threads, n * oh * ow)
+    tasks = ob // tile.Q * nc * rc
+    return tasks / (threads * -(-tasks // threads))
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_per_task_tile_balances_the_threads(n):
+    """int4 convs unpack once per task (a whole group of output blocks): the tile is the hand choice where that
+    already splits evenly over the threads, else the first candidate that does (MobileNetV2's 10 blocks at 7x7:
+    Q = 2 gives 5 tasks, Q = 1 gives 10); shapes of MobileNetV2 / ResNet-18 / EfficientNet-B0 at 224."""
+    from kernels.schedule import balanced_task_tile
+    for ob, oh in [(1, 112), (2, 112), (6, 56), (9, 56), (9, 28), (12, 14), (24, 14), (36, 7), (10, 7), (60, 7),
+                   (20, 7), (80, 7), (4, 56), (8, 28), (16, 14), (32, 7), (5, 28), (15, 14), (42, 7), (72, 7)]:
+        hand, tile = K.choose_conv_tile(n, ob, oh, oh), balanced_task_tile(n, ob, oh, oh)
+        if _per_task_balance(n, ob, oh, oh, hand) >= 0.9:
+            assert tile == hand, (ob, oh)
+        else:
+            assert _per_task_balance(n, ob, oh, oh, tile) >= 0.9 and tile.P * tile.Q * tile.R >= 4, (ob, oh, tile)
+    assert balanced_task_tile(1, 10, 7, 7) == K.ConvTile(7, 1, 1) != K.choose_conv_tile(1, 10, 7, 7)
+
+
 @pytest.mark.skipif(not HAS_VNNI, reason="tuning records are checked on the VNNI kernels")
 def test_tuned_build_is_exact_and_a_rebuild_reuses_the_records(tmp_path, capfd):
     from conftest import tiny_integer_graph
