@@ -268,12 +268,6 @@ class LiftedShift(NamedTuple):
     lift: tir.PrimExpr
 
 
-def lifted_right_shift(n: object, epilogue: str) -> object:
-    """``n`` (the right shift ``max(shift - 32, 0)``) unless ``epilogue`` is the lifted form without one (every
-    shift <= 32: ``n`` is 0), then None."""
-    return None if epilogue == EPILOGUE_LIFTED else n
-
-
 def lift_amount(s: tir.PrimExpr, lanes: int = 1) -> tir.PrimExpr:
     """``max(32 - s, 0)`` of an int32 shift (``lanes`` 1) or of int32x``lanes`` shifts: the lifted form's left
     shift."""
@@ -298,7 +292,8 @@ def block_shift(shift, o, epilogue: str):
     if epilogue == EPILOGUE_INT32:
         return n32
     if epilogue in LIFTED_EPILOGUES:
-        return LiftedShift(lifted_right_shift(n32, epilogue), lift_amount(s, BLOCK))
+        # the lifted form without a right shift: every shift <= 32, so n32 is 0
+        return LiftedShift(None if epilogue == EPILOGUE_LIFTED else n32, lift_amount(s, BLOCK))
     nat = T.alloc_buffer((BLOCK,), "int64")
     pairs = T.alloc_buffer((BLOCK,), "int64")
     with T.vectorized(0, BLOCK) as oc:

@@ -178,12 +178,14 @@ class _BlockedBuilder:
         return self.shortcuts() and self.isa in ("avx2", "avxvnni") \
             and K.shifts_allow_int32_epilogue(node.arrays["shift"])
 
-    def paired_epilogue(self, node: IntNode, lanes: list[tuple[Any, np.ndarray]], const: Any = 0) -> str:
+    def paired_epilogue(self, node: IntNode,
+                        bounds: Callable[[], tuple[list[tuple[Any, np.ndarray]], Any]]) -> str:
         """The form of the paired epilogue (:func:`kernels.vector_tir.paired_requant16`) for a layer of the
         hand-written AVX-512 kernels (AMX convs, depthwise, fused expand + depthwise, multiply): "int32" when every
         shift of the layer is >= 32 (measured 3-7% faster than "int64" on the AMX kernels, whose epilogue is a large
         part of their time); else a lifted form when :func:`kernels.layout.lifted_epilogue_exact` proves it from
-        the op's ``lanes`` and ``const`` bounds ("lifted" where every shift is <= 32: no right shift at all,
+        the op's ``(lanes, const)`` bounds, which ``bounds()`` computes only when needed (a conv's walks its
+        weights) ("lifted" where every shift is <= 32: no right shift at all,
         "lifted+shift" else); else "int64" (any shift). W4A4 convs feeding an 8-bit table input have shifts of
         28-31: lifted, they keep the int32 clamp and narrowing."""
         shift = node.arrays["shift"]
@@ -191,7 +193,7 @@ class _BlockedBuilder:
             return EPILOGUE_INT64
         if K.shifts_allow_int32_epilogue(shift):
             return EPILOGUE_INT32
-        if not K.lifted_epilogue_exact(shift, lanes, const):
+        if not K.lifted_epilogue_exact(shift, *bounds()):
             return EPILOGUE_INT64
         return EPILOGUE_LIFTED if int(np.max(shift)) <= 32 else EPILOGUE_LIFTED_SHIFT
 

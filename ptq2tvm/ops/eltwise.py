@@ -248,7 +248,7 @@ class Mul(OpDef):
         if b.paired_mul(x, y):      # int32 products, the requant on int64 lane pairs (kernels/mul_vnni.py)
             prim = K.mul_vnni_primfunc(b.hint(node), b.shape(x), b.shape(y), tuple(a["zero_points"]),
                                        a["output_zero_point"], a["lo"], a["hi"], threads=b.threads,
-                                       epilogue=b.paired_epilogue(node, *self.lifted_epilogue_bounds(node)))
+                                       epilogue=b.paired_epilogue(node, lambda: self.lifted_epilogue_bounds(node)))
             return b.call_prim(prim, [x, y, m, s], K.mul_vnni_out_shape(b.shape(x), b.shape(y))), NCHWC
         return b.emit(K.mul_requant_nchwc, x, y, m, s, zero_points=tuple(a["zero_points"]),
                       output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"], name=b.hint(node)), NCHWC

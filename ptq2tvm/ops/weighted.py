@@ -114,7 +114,7 @@ def lifted_epilogue_bounds(b: Any, node: Any) -> tuple[list[tuple[Any, np.ndarra
 
 def _epilogue(b: Any, node: Any) -> str:
     """The builder's paired epilogue form for conv ``node`` (:meth:`BlockedBuilder.paired_epilogue`)."""
-    return b.paired_epilogue(node, *lifted_epilogue_bounds(b, node))
+    return b.paired_epilogue(node, lambda: lifted_epilogue_bounds(b, node))
 
 
 def _requant_args(kw: dict[str, Any]) -> dict[str, Any]:
