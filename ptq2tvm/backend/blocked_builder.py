@@ -184,8 +184,8 @@ class _BlockedBuilder:
         hand-written AVX-512 kernels (AMX convs, depthwise, fused expand + depthwise, multiply): "int32" when every
         shift of the layer is >= 32 (measured 3-7% faster than "int64" on the AMX kernels, whose epilogue is a large
         part of their time); else a lifted form when :func:`kernels.layout.lifted_epilogue_exact` proves it from
-        the op's ``(lanes, const)`` bounds, which ``bounds()`` computes only when needed (a conv's walks its
-        weights) ("lifted" where every shift is <= 32: no right shift at all,
+        the op's ``(lanes, const)`` bounds, which ``bounds()`` computes only when needed (for a conv it walks
+        the weights) ("lifted" where every shift is <= 32: no right shift at all,
         "lifted+shift" else); else "int64" (any shift). W4A4 convs feeding an 8-bit table input have shifts of
         28-31: lifted, they keep the int32 clamp and narrowing."""
         shift = node.arrays["shift"]
