@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import QuantConfigError
 from ..frontend.qmodel import QuantConfig
 from ..ir.graph import IntegerGraph
-from .ilp import solve_allocation
+from .ilp import smallest_total, solve_allocation
 from .latency import LayerCosts
 from .layerbits import candidate_name
 from .sensitivity import SensitivityReport
@@ -103,6 +103,22 @@ def _value_text(kind: str, v: float) -> str:
     return f"{v:.4g}"
 
 
+def _check_reachable(kind: str, spec: str | float, limit: float, layers_min: float, w8a8: float,
+                     constant: float) -> None:
+    """Raise QuantConfigError, in the budget's own units, when even the cheapest plan (every free layer at its
+    cheapest candidate, the fixed first/last layers at W8A8, plus ``constant``: the latency of the kernels that are
+    not conv/linear layers) exceeds ``limit``."""
+    reach = layers_min + constant
+    if reach <= limit * (1 + 1e-9):
+        return
+    rel = f" ({reach / w8a8:.2f}x W8A8)" if w8a8 > 0 else ""
+    outside = (f"; {_value_text(kind, constant)} of it outside the conv/linear layers, which no bit width changes"
+               if constant > 0 else "")
+    raise QuantConfigError(f"--{kind}-budget {spec}: no bit allocation fits {_value_text(kind, limit)}"
+                           + (f" ({limit / w8a8:.2f}x W8A8)" if w8a8 > 0 else "")
+                           + f"; the cheapest plan is predicted at {_value_text(kind, reach)}{rel}{outside}")
+
+
 def cost_matrices(costs: LayerCosts, layers: list[str], candidates: list[tuple[int, int]],
                   timed: bool) -> dict[str, np.ndarray]:
     """(L, C) cost per budget kind: latency seconds (only if ``timed``), stored bytes, BOPs per image."""
@@ -148,6 +164,9 @@ def allocate(report: SensitivityReport, costs: LayerCosts, graph: IntegerGraph, 
         sens[i, :] = np.nan
         sens[i, ref] = 0.0
     limits = {k: parse_budget(k, v, w8a8[k]) for k, v in budgets.items()}
+    for k, limit in limits.items():
+        _check_reachable(k, budgets[k], limit, smallest_total(mats[k], np.isfinite(sens)), w8a8[k],
+                         costs.constant_seconds if k == "latency" else 0.0)
     if "latency" in limits:
         limits["latency"] -= costs.constant_seconds
     groups: dict[str, list[int]] = {}

@@ -10,6 +10,11 @@ One binary variable x[i, c] per layer i and candidate setting c (e.g. W4A8); exa
 
 solved exactly with ``scipy.optimize.milp`` (HiGHS branch and bound). Costs are additive per layer; a constant part
 (kernels that are not conv/linear layers) is subtracted from the budget by the caller.
+
+The solution does not depend on the unit of the sensitivities: HiGHS stops once its gap is under an *absolute*
+1e-6, so the objective is divided by its largest coefficient (sensitivities of 1e-15..1e-5, as a Hessian trace of
+a small layer gives, would otherwise all look equal to it), the relative gap is 0, and a last pass moves each layer
+to a less sensitive candidate while every budget and tie still holds (what is left below the absolute gap).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class Allocation:
     budgets: dict[str, float] = field(default_factory=dict)
 
 
-def _min_cost(cost: np.ndarray, allowed: np.ndarray) -> float:
+def smallest_total(cost: np.ndarray, allowed: np.ndarray) -> float:
     """The smallest total a budget can reach (every layer at its cheapest allowed candidate; ties ignored)."""
     return float(np.where(allowed, cost, np.inf).min(axis=1).sum())
 
@@ -66,9 +71,9 @@ def solve_allocation(sens: np.ndarray, costs: dict[str, np.ndarray], budgets: di
         cost = np.asarray(costs[k], dtype=np.float64)
         if cost.shape != sens.shape:
             raise ValueError(f"cost {k!r} has shape {cost.shape}, expected {sens.shape}")
-        if _min_cost(cost, allowed) > budget * (1 + 1e-9):
+        if smallest_total(cost, allowed) > budget * (1 + 1e-9):
             raise QuantConfigError(f"no bit allocation fits the {k} budget {budget:.6g}: the smallest reachable "
-                                   f"total is {_min_cost(cost, allowed):.6g}")
+                                   f"total is {smallest_total(cost, allowed):.6g}")
         rows.append(np.where(allowed, cost, 0.0).reshape(n)), lo.append(-np.inf), hi.append(float(budget))
     if tied:
         if a_bits is None:
@@ -81,16 +86,45 @@ def solve_allocation(sens: np.ndarray, costs: dict[str, np.ndarray], budgets: di
                     r[i * n_cand:(i + 1) * n_cand] = a_bits == a
                     r[j * n_cand:(j + 1) * n_cand] -= a_bits == a
                     rows.append(r), lo.append(0.0), hi.append(0.0)
-    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(n),
-               bounds=Bounds(np.zeros(n), allowed.reshape(n).astype(float)))
+    scale = float(np.abs(c).max()) if n else 0.0
+    res = milp(c / scale if scale > 0 else c, constraints=LinearConstraint(np.array(rows), lo, hi),
+               integrality=np.ones(n), bounds=Bounds(np.zeros(n), allowed.reshape(n).astype(float)),
+               options={"mip_rel_gap": 0.0})
     if res.x is None:
         raise QuantConfigError(f"no bit allocation satisfies the budgets {budgets} together "
                                f"(with layers that read the same tensor sharing activation bits): {res.message}")
     x = np.rint(res.x).reshape(n_layers, n_cand)
     choice = [int(v) for v in x.argmax(axis=1)]
+    choice = _improve_locally(choice, sens, {k: np.asarray(costs[k], dtype=np.float64) for k in budgets}, budgets,
+                              None if a_bits is None else np.asarray(a_bits), tied)
     totals = {k: float(sum(np.asarray(costs[k])[i, ch] for i, ch in enumerate(choice))) for k in budgets}
     obj = float(sum(sens[i, ch] for i, ch in enumerate(choice)))
     return Allocation(choice, obj, totals, dict(budgets))
 
 
-__all__ = ["Allocation", "solve_allocation"]
+def _improve_locally(choice: list[int], sens: np.ndarray, costs: dict[str, np.ndarray], budgets: dict[str, float],
+                     a_bits: np.ndarray | None, tied: Sequence[Sequence[int]]) -> list[int]:
+    """Move single layers to a less sensitive allowed candidate while every budget holds; a layer in a ``tied``
+    group keeps its activation bits. Each move lowers the objective, so the loop ends; it only removes what the
+    solver's absolute gap left (see the module docstring)."""
+    choice = list(choice)
+    in_group = {i for g in tied for i in g}
+    totals = {k: float(sum(costs[k][i, ch] for i, ch in enumerate(choice))) for k in budgets}
+    improved = True
+    while improved:
+        improved = False
+        for i, cur in enumerate(choice):
+            for cand in np.argsort(np.where(np.isfinite(sens[i]), sens[i], np.inf)):
+                cand = int(cand)
+                if not np.isfinite(sens[i, cand]) or sens[i, cand] >= sens[i, cur]:
+                    break
+                if i in in_group and a_bits is not None and a_bits[cand] != a_bits[cur]:
+                    continue
+                new = {k: totals[k] - costs[k][i, cur] + costs[k][i, cand] for k in budgets}
+                if all(new[k] <= budgets[k] * (1 + 1e-9) for k in budgets):
+                    choice[i], totals, improved = cand, new, True
+                    break
+    return choice
+
+
+__all__ = ["Allocation", "smallest_total", "solve_allocation"]
