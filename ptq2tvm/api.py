@@ -32,7 +32,7 @@ from . import __version__
 from .backend.compile import CompileResult, compile_graph, file_sha256
 from .atomic import copy_file, write_json  # noqa: F401  (write_json re-exported: ptq2tvm.api.write_json)
 from .backend.runtime import CompiledModel
-from .errors import ArtifactError, DataError, QuantConfigError
+from .errors import ArtifactError, DataError, QuantConfigError, not_found
 from .fold.fold import fold_to_integer
 from .frontend.calibrate import quantize_rtn
 from .frontend.qmodel import QuantConfig, QuantModel, atomic_torch_save, pickled_code
@@ -83,8 +83,7 @@ class RunDir:
 
     def info(self) -> dict[str, Any]:
         if not self.info_path.is_file():
-            raise ArtifactError(f"{self.path} is not a ptq2tvm run directory (no run.json); create one with "
-                                "`ptq2tvm quantize --out DIR`")
+            raise not_found(self.info_path, "run description")
         try:
             return json.loads(self.info_path.read_text())
         except ValueError as e:
@@ -190,10 +189,13 @@ def build_model(spec: ModelSpec, fallback_dir: str | Path | None = None) -> nn.M
             raise ArtifactError(f"model file not found: {file}")
         mod_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
         module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:
+            raise ArtifactError(f"cannot import {file}: {_first_line(e)}") from e
         if not hasattr(module, attr):
             raise ArtifactError(f"{file} has no attribute {attr!r}")
-        model = getattr(module, attr)(**spec.kwargs)
+        model = _call_factory(getattr(module, attr), spec.name, spec.kwargs)
     else:
         from .models import create_model, list_models
 
@@ -203,13 +205,52 @@ def build_model(spec: ModelSpec, fallback_dir: str | Path | None = None) -> nn.M
             close = difflib.get_close_matches(spec.name, list_models(), n=1)
             raise ArtifactError(f"unknown model {spec.name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                                 + f"; available: {', '.join(list_models())}, or path/to/file.py:factory")
-        model = create_model(spec.name, **spec.kwargs)
+        model = _call_factory(lambda **kw: create_model(spec.name, **kw), f"model {spec.name!r}", spec.kwargs)
     if spec.checkpoint:
         load_checkpoint(model, spec.checkpoint)
     return model.eval()
 
 
+def _first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` of an exception (torch's messages run over many lines)."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _call_factory(factory: Any, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """``factory(**kwargs)``, which must return an ``nn.Module``; :class:`ArtifactError` naming ``name`` (and the
+    kwargs) when it raises or returns something else."""
+    try:
+        model = factory(**kwargs)
+    except Exception as e:
+        raise ArtifactError(f"{name} raised {_first_line(e)} (with --model-kwargs '{json.dumps(kwargs)}')") from e
+    if not isinstance(model, nn.Module):
+        raise ArtifactError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _pickled_module(path: Path, e: BaseException) -> str | None:
+    """When ``torch.load(weights_only=True)`` of ``path`` failed with ``e`` because the file holds pickled code: one
+    line saying so (a whole module saved with ``torch.save(model)``, or other Python objects); else None. The globals
+    are read from the pickle without running it."""
+    code = pickled_code(e)
+    if code is None:
+        return None
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - a legacy (non-zip) file: the global the error names
+        names = [code.removeprefix("global ")]
+    if any(n.startswith("torch.nn.modules.") for n in names):
+        return (f"{path} holds a pickled module, not a state_dict: save model.state_dict() "
+                "(torch.save(model.state_dict(), path))")
+    return (f"{path} holds pickled Python objects ({code}), which run code when loaded: give a state_dict of tensors "
+            "(torch.save(model.state_dict(), path))")
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load the state_dict at ``path`` into ``model`` (strict; tensors only: ``weights_only=True``). Raises
+    :class:`ArtifactError` with one line for a missing or unreadable file, a pickled module, or keys / shapes that do
+    not fit the model."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"checkpoint not found: {path}")
@@ -221,7 +262,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ArtifactError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise ArtifactError(_pickled_module(path, e) or f"cannot read checkpoint {path}: {_first_line(e)}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if isinstance(sd, dict):
@@ -300,7 +341,7 @@ def safe_torch_load(path: Path, what: str, trust_code: bool = False) -> Any:
             raise ArtifactError(f"{path}: refusing to load the {what}: the file contains pickled Python objects, "
                                 f"which run code when loaded ({code}). Load it with trust_code=True "
                                 "(CLI: --trust-code) only if you made it yourself") from None
-        raise ArtifactError(f"cannot read the {what} {path}: {type(e).__name__}: {e}") from e
+        raise ArtifactError(f"cannot read the {what} {path}: {_first_line(e)}") from e
 
 
 def load_fp32(path: str | Path, trust_code: bool = False) -> nn.Module:
@@ -328,7 +369,7 @@ def load_fp32(path: str | Path, trust_code: bool = False) -> nn.Module:
     try:
         model.load_state_dict(blob["state_dict"], strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"{path}: the state_dict does not fit the model {spec.name!r}: {e}") from e
+        raise ArtifactError(f"{path}: the state_dict does not fit the model {spec.name!r}: {_first_line(e)}") from e
     return model.eval()
 
 
@@ -393,12 +434,25 @@ def export_onnx(graph: IntegerGraph, path: str | Path, **kwargs: Any) -> Any:
     return _export(graph, path, **kwargs)
 
 
+#: fewer calibration images than this get a warning (:func:`check_calibration`)
+FEW_CALIBRATION_IMAGES = 128
+
+
 def check_calibration(model: nn.Module, images: np.ndarray, source: str | None = None) -> list[str]:
-    """Before quantizing: raise :class:`DataError` if the channels do not fit the model (the hint fits ``source``:
-    folder / preprocess / builtin / array, :func:`ptq2tvm.data.checks.check_input_channels`); return warnings when
-    the data's scale is far from what the model saw in training (see :mod:`ptq2tvm.data.checks`)."""
+    """Before quantizing: raise :class:`UnsupportedModelError` for a model whose forward takes several inputs and
+    :class:`DataError` if the channels (or an ONNX model's fixed input shape) do not fit the model (the hint fits
+    ``source``: folder / preprocess / builtin / array, :func:`ptq2tvm.data.checks.check_input_channels`); return
+    warnings when the data's scale is far from what the model saw in training (see :mod:`ptq2tvm.data.checks`) or
+    when there are fewer than :data:`FEW_CALIBRATION_IMAGES` images."""
+    from .frontend.trace import check_single_input
+
+    check_single_input(model)
     check_input_channels(model, images, source=source)
-    return input_scale_notes(model, images)
+    notes = input_scale_notes(model, images)
+    if len(images) < FEW_CALIBRATION_IMAGES:
+        notes.append(f"only {len(images)} calibration image(s): reconstruction and activation ranges need a few "
+                     f"hundred (at least {FEW_CALIBRATION_IMAGES}, ideally 512: --calib-size and enough data)")
+    return notes
 
 
 def fidelity(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool = True,

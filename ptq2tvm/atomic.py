@@ -27,9 +27,16 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 
     ``suffix`` matters to writers that pick a format from the file name (e.g. ``.so``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        reason = not_writable_reason(e)
+        if reason:
+            raise ArtifactError(f"cannot write {path}: {reason} ({e.filename or path.parent}); nothing was "
+                                f"written") from None
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -37,7 +44,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_path, path)
     except Exception as e:
-        reason = _disk_full(e, path.parent)
+        reason = _disk_full(e, path.parent) or not_writable_reason(e)
         if reason:
             raise ArtifactError(f"cannot write {path}: {reason} ({_free(path.parent)} free in {path.parent}); nothing "
                                 f"was written, {path.name} is unchanged") from None
@@ -62,6 +69,15 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
         except (PermissionError, OverflowError):
             pass
     return removed
+
+
+def not_writable_reason(e: BaseException) -> str | None:
+    """"read-only file system" / "permission denied" when ``e`` (or its cause) is a write refused for that reason
+    (EROFS, EACCES, EPERM); None for any other failure."""
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return "read-only file system" if err.errno == errno.EROFS else "permission denied"
+    return None
 
 
 def _free(d: Path) -> str:

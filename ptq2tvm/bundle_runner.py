@@ -6,6 +6,8 @@
     python run_model.py --input data.npz:images  # an array of an .npz (the key may be left out if it holds one)
     python run_model.py --random 8 --bench 50    # random uint8 inputs; median latency of 50 runs
     python run_model.py --check                  # bit-exact against the reference outputs shipped in the bundle
+    python run_model.py --random 1 --bench 50 --threads 2   # TVM runtime threads (default: $TVM_NUM_THREADS or
+                                                            # the CPU count)
     python run_model.py --input x.npy --output y.npy       # y: float outputs (logits); --output-int: integer codes
     python run_model.py --input x.npy --output y.npz       # a model with several outputs: one array per output
 
@@ -410,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
                    "a model with several outputs needs an .npz (one array per output)")
     p.add_argument("--output-int", action="store_true", help="with --output: write the integer output codes instead")
     p.add_argument("--bench", type=int, default=0, metavar="RUNS", help="time RUNS runs of one compiled batch")
+    p.add_argument("--threads", type=int, metavar="N", help="threads of the TVM runtime (default: $TVM_NUM_THREADS "
+                   f"if set, else the CPU count, {os.cpu_count() or 1})")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    set_threads(args.threads)
     if args.output_int and not args.output:
         p.error("--output-int needs --output FILE (it selects what --output writes)")
     if args.random is not None and args.random < 1:
@@ -423,6 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, OSError, ValueError) as e:
         print(f"run_model.py: error: {e}", file=sys.stderr)
         return 2
+
+
+def set_threads(threads: int | None) -> None:
+    """TVM_NUM_THREADS for the runtime's thread pool (read when the pool starts, i.e. before the first run):
+    ``threads``, else what is set already, else the CPU count."""
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    else:
+        os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -472,7 +488,8 @@ def _run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             model.run_batch(batch)
             times.append((time.perf_counter() - t0) * 1e3)
-        print(f"latency (batch {model.batch}, {'cuda' if model.cuda else 'cpu'}): median "
+        where = "cuda" if model.cuda else f"cpu, {os.environ.get('TVM_NUM_THREADS')} thread(s)"
+        print(f"latency (batch {model.batch}, {where}): median "
               f"{statistics.median(times):.3f} ms over {args.bench} runs")
     return 0
 
@@ -488,5 +505,4 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     sys.exit(main())

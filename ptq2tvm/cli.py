@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -211,9 +212,11 @@ def _data_kwargs(info: dict[str, Any]) -> dict[str, Any]:
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .api import (RunDir, check_calibration, fidelity, quantize_with_report, save_run, stored_weight_bytes,
                       to_integer)
-    from .data import calibration_dataset, holdout_set
+    from .data import calibration_dataset, check_fidelity_images, holdout_set
     from .frontend.qmodel import QuantConfig
     from .reconstruct import ReconSettings
+
+    check_fidelity_images(args.fidelity_images)
     from .reconstruct.checkpoint import Checkpoint
     from .reconstruct import cliargs as recon_cliargs
 
@@ -317,8 +320,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         advice = low_fidelity_advice(args.method, args.adaqtransform, args.iters, (args.w_bits, args.a_bits),
                                      mixed=bool(qm.config.layer_w_bits or qm.config.layer_a_bits))
         print("  " + fid.summary(advice).replace("\n", "\n  "))
-        if notes:
-            print(f"  warning: {len(notes)} data warning(s) above: this fidelity is measured on images like the "
+        looks = [n for n in notes if not n.startswith("only ")]     # not api.check_calibration's too-few-images note
+        if looks:
+            print(f"  warning: {len(looks)} data warning(s) above: this fidelity is measured on images like the "
                   "calibration images, so it cannot show that they are preprocessed differently from what the model "
                   "expects (raw pixels calibrate a model that then fails on normalized inputs)")
     if report is not None:
@@ -429,13 +433,14 @@ def _eval_data(args: argparse.Namespace, info: dict[str, Any]):
     import numpy as np
 
     from .data import calibration_rows_in_test, load_dataset
+    from .data.image_folder import check_seed
 
     spec = args.data or info.get("data") or DEFAULT_DATA
     same = not args.data or _resolve_data(args.data) == info.get("data")
     kwargs = _data_kwargs(info) if same else {}
     if args.data and Path(args.data).is_dir() and not kwargs:
         kwargs = _data_kwargs(info)   # another folder: the run's preprocessing
-    seed = getattr(args, "seed", 0)
+    seed = check_seed(getattr(args, "seed", 0))
     shared = calibration_rows_in_test(spec, int(info["calib_size"]), int(info.get("seed", 0))) \
         if same and info.get("calib_size") else None
     if shared is None:
@@ -755,15 +760,24 @@ OUTPUTS: dict[str, dict[str, str]] = {
 }
 
 
+# Commands that write into their run directory unless the option named here (None: always) points elsewhere.
+RUN_DIR_WRITERS: dict[str, str | None] = {"compile": "out", "export": "out", "bench": "out_dir", "sensitivity": None}
+
+
 def check_outputs(args: argparse.Namespace) -> None:
     """One-line error (exit 2, nothing written) for an output path of this command that cannot be written: an
-    existing file where a folder goes, a folder where a file goes, a file among its parent folders."""
+    existing file where a folder goes, a folder where a file goes, a file among its parent folders, a folder on a
+    read-only file system or without write permission (the run directory too, for the commands that write there)."""
     from .outpaths import check_output_path
 
     for dest, kind in {**OUTPUTS.get(args.command, {}), "json": "file"}.items():
         value = getattr(args, dest, None)
         if value:
             check_output_path(value, kind, "--" + dest.replace("_", "-"))
+    if args.command in RUN_DIR_WRITERS and Path(getattr(args, "run", "") or "").is_dir():
+        option = RUN_DIR_WRITERS[args.command]
+        if option is None or not getattr(args, option, None):
+            check_output_path(args.run, "dir", "run directory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -773,6 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # the load-average note of ptq2tvm.threads names this command's own option where it has one
     threads.set_override_hint("pass --threads N" if hasattr(args, "threads") else None)
+    shown_before = warnings.showwarning
+    warnings.showwarning = _one_line_warning(args.command)
     try:
         check_outputs(args)
         if getattr(args, "threads", None) is not None and args.threads < 1:
@@ -781,13 +797,35 @@ def main(argv: list[str] | None = None) -> int:
     except Ptq2TvmError as e:
         print(f"ptq2tvm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:      # a write refused by the file system that no earlier check caught: one line, not a traceback
+        from .atomic import not_writable_reason
+
+        reason = not_writable_reason(e)
+        if reason is None:
+            raise
+        print(f"ptq2tvm {args.command}: error: cannot write {e.filename or 'an output'}: {reason}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\nptq2tvm {args.command}: {interrupt_message(args)}", file=sys.stderr)
         return 130
     finally:
         threads.set_override_hint(None)
+        warnings.showwarning = shown_before
     _emit(args, result)
     return 0
+
+
+def _one_line_warning(command: str):
+    """``warnings.showwarning`` for the CLI: the project's RuntimeWarning / UserWarning as ``ptq2tvm CMD: warning:
+    message`` (no file:line prefix, no source line: they are about the user's model or data, not a place in the
+    code); any other category keeps its name and origin on the same line."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = (f"ptq2tvm {command}: warning: {message}" if category in (RuntimeWarning, UserWarning)
+                else f"ptq2tvm {command}: {category.__name__}: {message} ({filename}:{lineno})")
+        print(text, file=file if file is not None else sys.stderr)
+
+    return show
 
 
 def interrupt_message(args: argparse.Namespace) -> str:

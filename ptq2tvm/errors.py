@@ -1,5 +1,9 @@
 """Exceptions raised by ptq2tvm. Every message names the layer, file or value at fault."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class Ptq2TvmError(Exception):
     """Base class of all ptq2tvm errors."""
@@ -27,3 +31,27 @@ class InputShapeError(Ptq2TvmError):
 
 class TargetError(Ptq2TvmError, ValueError):
     """A ``--target`` that names no known CPU/GPU target, or a build whose CPU features this host lacks."""
+
+
+#: the files of a run directory (:class:`ptq2tvm.api.RunDir`) an error can name, and the command that writes each
+RUN_FILES = {"run.json": "quantize", "model.qgraph.npz": "quantize", "model.so": "compile"}
+
+
+def not_found(path: str | Path, what: str) -> ArtifactError:
+    """The error for a missing artifact ``path`` (``what``: "integer graph file", "compiled library", ...). For a run
+    directory's own files (:data:`RUN_FILES`) it says whether the folder is a run directory at all (a file, or a
+    folder without run.json / model.qgraph.npz) and which command creates what is missing."""
+    path = Path(path)
+    run = path.parent
+    if path.name not in RUN_FILES:
+        return ArtifactError(f"{what} not found: {path}")
+    quantize = f"`ptq2tvm quantize ... --out {run}`"
+    then = f" (then `ptq2tvm compile {run}`)" if RUN_FILES[path.name] == "compile" else ""
+    if run.is_file():
+        return ArtifactError(f"{run} is a file, not a run directory: pass the folder `ptq2tvm quantize --out DIR` "
+                             "wrote")
+    if not (run / "run.json").is_file() and not (run / "model.qgraph.npz").is_file():
+        key = "run.json" if path.name == "run.json" else "model.qgraph.npz"
+        return ArtifactError(f"{run} is not a run directory (no {key}): create one with {quantize}{then}")
+    fix = f"`ptq2tvm compile {run}`" if RUN_FILES[path.name] == "compile" else quantize
+    return ArtifactError(f"{what} {path} not found: run {fix} first")

@@ -659,7 +659,11 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
             out_name = f"codes:{name}"
             b.node("Identity", [src], [out_name], name=b.uid(f"{name}/out"))
             outputs.append(helper.make_tensor_value_info(out_name, onnx.TensorProto.UINT8, ["batch", *t.shape]))
-    g = helper.make_graph(b.nodes, "ptq2tvm_integer_graph", inputs, outputs, initializer=b.inits)
+    used = {name for n in b.nodes for name in n.input}
+    # an initializer no node reads (e.g. the quantization parameters of a tensor that is only consumed in its integer
+    # form) made ONNX Runtime print "Removing initializer ... It is not used by any node" on every load
+    inits = [t for t in b.inits if t.name in used]
+    g = helper.make_graph(b.nodes, "ptq2tvm_integer_graph", inputs, outputs, initializer=inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="ptq2tvm",
                               producer_version=__version__)
     model.ir_version = min(model.ir_version, 10)  # readable by ONNX Runtime >= 1.18 and OpenVINO

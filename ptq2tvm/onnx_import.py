@@ -268,17 +268,26 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
 
 
 def onnx_to_torch(path: str | Path) -> fx.GraphModule:
-    """An FP32 ONNX model file -> ``fx.GraphModule`` of plain torch layers (eval mode) for the tracer.
+    """An FP32 ONNX model file -> ``fx.GraphModule`` of plain torch layers (eval mode) for the tracer. Its
+    ``fixed_input_shape`` holds the ONNX input's dimensions (an int where fixed, None where dynamic) and
+    ``fixed_input_source`` names the input, for :func:`ptq2tvm.data.checks.check_fixed_input_shape`.
 
     Raises :class:`ArtifactError` (missing, corrupted, fails onnx.checker) or :class:`UnsupportedModelError` (naming
     every unsupported ONNX node)."""
     model, names = prepare_onnx(load_onnx(path), path)
+    inits = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                 for d in inp.type.tensor_type.shape.dim)
     o2t = _import_onnx2torch()
     try:
         gm = o2t.convert(model)
     except Exception as e:  # onnx2torch raises NotImplementedError / KeyError / RuntimeError
         raise UnsupportedModelError(f"onnx2torch cannot convert {path}: {type(e).__name__}: {e}") from e
-    return _rewrite(gm, names, path).eval()
+    gm = _rewrite(gm, names, path).eval()
+    gm.fixed_input_shape = dims
+    gm.fixed_input_source = f"the ONNX model {Path(path).name} (input {inp.name!r})"
+    return gm
 
 
 def onnx_input_shape(path: str | Path) -> tuple[int, ...] | None:

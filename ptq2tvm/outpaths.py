@@ -1,9 +1,11 @@
 """The one check of an output path, used by every command that writes (``quantize --out``, ``compile --out``,
-``export --out``, ``bench --out-dir``, ``bundle --out``, ``demo --out``, ``--json``): before any work is done, so a
-path that cannot be written fails with one line naming it and nothing is written."""
+``export --out``, ``bench --out-dir``, ``bundle --out``, ``demo --out``, ``--json``, and the run directory of the
+commands that write into it): before any work is done, so a path that cannot be written fails with one line naming
+it and nothing is written."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import ArtifactError
@@ -21,13 +23,28 @@ def check_output_path(path: str | Path, kind: str, option: str = "--out") -> Pat
             raise ArtifactError(f"{option} {path}: {p} is an existing file, not a directory")
         if kind == "file" and p.is_dir():
             raise ArtifactError(f"{option} {path}: {p} is a directory, not a file")
+        _check_writable(p if kind == "dir" else p.absolute().parent, option, path)
         return p
-    for parent in p.parents:
+    for parent in p.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise ArtifactError(f"{option} {path}: {parent} is a file, not a directory")
+            _check_writable(parent, option, path)
             break
     return p
+
+
+def _check_writable(folder: Path, option: str, path: str | Path) -> None:
+    """ArtifactError when files cannot be created in ``folder`` (a read-only file system, or no write permission
+    for this user; ``os.access`` answers for the real user, root included on a read-only mount)."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    reason = "is on a read-only file system" if read_only else "is not writable by this user"
+    raise ArtifactError(f"{option} {path}: {folder} {reason}; nothing was written")
 
 
 __all__ = ["check_output_path"]

@@ -132,3 +132,21 @@ def test_failed_save_leaves_no_file(compiled, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     meta = json.loads(sidecar_path(d / "m.so").read_text())
     assert meta["input"]["shape"] == [1, 12, 12] and meta["batch"] == 2
+
+
+def test_cli_warnings_are_one_line_and_the_handler_is_restored(tmp_path, capsys):
+    """A dead-ReLU model's calibration warnings came out with Python's `file.py:158: RuntimeWarning:` prefix and the
+    source line under it (one said torch/utils/_contextlib.py): the CLI prints its warnings as one line each."""
+    import warnings
+
+    from ptq2tvm.cli import _one_line_warning, main
+
+    show = _one_line_warning("quantize")
+    show(RuntimeWarning("calibration: the range of tensor 'mean' collapsed"), RuntimeWarning, "/x/torch/a.py", 124)
+    show(DeprecationWarning("old"), DeprecationWarning, "/x/y.py", 7)
+    assert capsys.readouterr().err.splitlines() == [
+        "ptq2tvm quantize: warning: calibration: the range of tensor 'mean' collapsed",
+        "ptq2tvm quantize: DeprecationWarning: old (/x/y.py:7)"]
+    before = warnings.showwarning
+    assert main(["compile", str(tmp_path / "missing")]) == 2
+    assert warnings.showwarning is before

@@ -66,3 +66,60 @@ def test_quantize_save_on_a_full_disk_names_it_and_leaves_no_directory(tmp_path,
     assert not run.path.exists()
     save_run(run, tiny_model, ModelSpec(f"{src}:make"), qm, graph)      # with room: the same save works
     assert (run.path / "model_src" / "mymodel.py").read_text() == src.read_text() and run.info()
+
+
+def _read_only(monkeypatch, root):
+    """Make ``root`` and everything under it look like a read-only mount to ptq2tvm's checks (root ignores file
+    modes, so a chmod cannot stand in for one) and refuse every temporary file created in it with EROFS."""
+    import errno
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import ptq2tvm.outpaths as outpaths
+
+    root = Path(root).absolute()
+    under = lambda p: Path(p).absolute() == root or root in Path(p).absolute().parents  # noqa: E731
+    real_access, real_statvfs, real_mkstemp = os.access, os.statvfs, tempfile.mkstemp
+
+    class _RO:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(outpaths.os, "access", lambda p, mode: False if under(p) else real_access(p, mode))
+    monkeypatch.setattr(outpaths.os, "statvfs", lambda p: _RO() if under(p) else real_statvfs(p))
+
+    def mkstemp(*a, dir=None, **k):
+        if dir is not None and under(dir):
+            raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / ".x.tmp"))
+        return real_mkstemp(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_read_only_outputs_fail_before_any_work_in_one_line(tmp_path, monkeypatch, capsys):
+    """A new user's run directory on a read-only mount: `compile` built for 6 s, `sensitivity` computed for 66 s,
+    then both ended in a raw OSError traceback. Every output path (and the run directory of the commands that write
+    into it) is now checked for write access before any work; a write refused later is one line too."""
+    from ptq2tvm.atomic import write_text
+    from ptq2tvm.cli import main
+    from ptq2tvm.errors import ArtifactError
+    from ptq2tvm.outpaths import check_output_path
+
+    ro = tmp_path / "ro"
+    (ro / "run").mkdir(parents=True)
+    _read_only(monkeypatch, ro)
+    for path, kind in ((ro / "run", "dir"), (ro / "new" / "sub", "dir"), (ro / "p.json", "file")):
+        with pytest.raises(ArtifactError, match=rf"--out {path}: {ro}\S* is on a read-only file system; nothing"):
+            check_output_path(path, kind)
+    check_output_path(tmp_path / "ok" / "p.json", "file")            # a writable place passes
+    with pytest.raises(ArtifactError, match=rf"cannot write {ro}/x.txt: read-only file system"):
+        write_text(ro / "x.txt", "x")
+    assert [p.name for p in ro.iterdir()] == ["run"]                # nothing left by the refused write
+    for argv in (["compile", str(ro / "run")], ["sensitivity", str(ro / "run")],
+                 ["export", str(ro / "run"), "--format", "onnx"], ["bench", str(ro / "run")],
+                 ["bundle", str(ro / "run"), "--out", str(ro / "b")],
+                 ["parity", str(ro / "run"), "--json", str(ro / "p.json")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "read-only file system" in err and "Traceback" not in err, (argv, err)
+    assert [p.name for p in ro.iterdir()] == ["run"] and not list((ro / "run").iterdir())

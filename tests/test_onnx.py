@@ -67,6 +67,8 @@ def test_export_checker_ort_matches_reference_every_op(tmp_path, w, a, weights, 
             "GlobalAveragePool", "Flatten"} <= ops_used
     # the exact integers: weights of the first conv are the IR's, bias = IR bias + z_x * sum(q_w)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    # every initializer is read by a node (an unused one made ONNX Runtime print a warning on every load)
+    assert set(inits) <= {name for n in model.graph.node for name in n.input}
     stem = graph.nodes[0]
     wq = inits[f"{stem.name}/weight"].astype(np.int64) - (128 if rep.weights == "uint8" else 0)
     assert np.array_equal(wq, stem.arrays["weight"])

@@ -103,7 +103,7 @@ def test_cli_errors_are_clear_and_leave_nothing(tmp_path):
     assert r.returncode == 2 and "w_bits must be an integer in 2..8, got 9" in r.stderr
     assert not (tmp_path / "x").exists()
     r = _cli("compile", str(tmp_path / "nothing"))
-    assert r.returncode == 2 and "model.qgraph.npz" in r.stderr and "not found" in r.stderr
+    assert r.returncode == 2 and "is not a run directory (no model.qgraph.npz)" in r.stderr
     bad = tmp_path / "bad.npy"
     np.save(bad, np.full((4, 1, 8, 8), np.nan, np.float32))
     r = _cli("quantize", "--model", "resnet_small", "--model-kwargs", '{"in_channels": 1, "num_classes": 10}',

@@ -15,7 +15,7 @@ import tvm
 
 from .. import __version__
 from ..atomic import atomic_path, write_json
-from ..errors import ArtifactError, TargetError
+from ..errors import ArtifactError, TargetError, not_found
 from ..ir.graph import IntegerGraph, _tensor_json
 from .cuda_binary import build_cuda_binaries, is_cuda_arch
 from .isa import required_cpu_features
@@ -260,7 +260,7 @@ def read_sidecar(so_path: str | Path) -> dict[str, Any]:
     so_path = Path(so_path)
     meta_path = sidecar_path(so_path)
     if not so_path.is_file():
-        raise ArtifactError(f"compiled library not found: {so_path}")
+        raise not_found(so_path, "compiled library")
     if not meta_path.is_file():
         raise ArtifactError(f"metadata sidecar not found: {meta_path} (compile with `ptq2tvm compile`)")
     try:

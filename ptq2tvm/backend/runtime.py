@@ -144,9 +144,15 @@ class CompiledModel:
 
     def _check(self, q: np.ndarray, dtype: Any) -> np.ndarray:
         q = np.asarray(q)
-        if q.ndim != len(self.input.shape) + 1 or tuple(q.shape[1:]) != tuple(self.input.shape):
-            raise InputShapeError(f"{self.so_path.name} expects input (N, {', '.join(map(str, self.input.shape))}), "
-                                  f"got {tuple(q.shape)}")
+        want = tuple(self.input.shape)
+        if q.ndim != len(want) + 1 or tuple(q.shape[1:]) != want:
+            hint = ""
+            if tuple(q.shape) == want:
+                hint = "; add the batch dimension: x[None]"
+            elif len(want) == 3 and tuple(q.shape[1:]) == (want[1], want[2], want[0]):
+                hint = "; it looks channels-last (N, H, W, C): use x.transpose(0, 3, 1, 2)"
+            raise InputShapeError(f"{self.so_path.name} expects input (N, {', '.join(map(str, want))}), "
+                                  f"got {tuple(q.shape)}{hint}")
         if q.shape[0] == 0:
             raise InputShapeError("empty input batch")
         if dtype is not None and q.dtype != dtype:

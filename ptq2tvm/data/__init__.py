@@ -22,7 +22,7 @@ from .arrays import array_notes, load_array_file, looks_nhwc, read_array_file, s
 from .builtin import (DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
                       load_digits_split, load_fashion_mnist, load_fashion_mnist_raw, read_idx)
 from .image_folder import (IMAGENET_MEAN, IMAGENET_STD, _split_root, index_folder, load_image_folder,
-                           preprocess_image, subsample_indices)
+                           check_seed, preprocess_image, subsample_indices)
 from .transform import CalibrationData, as_images, load_callable
 
 BUILTIN_DATASETS = ("fashion-mnist", "digits")
@@ -118,6 +118,7 @@ def load_dataset(spec: str | Path, split: str = "test", limit: int | None = None
     """
     if limit is not None and limit < 0:
         raise DataError(f"limit must be >= 0, got {limit}")
+    check_seed(seed)
     name = builtin_name(str(spec))
     if name is None and transform is not None and not Path(spec).is_dir():
         raise DataError(f"a preprocess function applies to image folders only, not to {spec}")
@@ -189,7 +190,10 @@ def dataset_size(spec: str | Path, split: str = "train") -> int:
 def holdout_set(spec: str | Path, n_calib: int, n: int, seed: int = 0, **kwargs) -> np.ndarray | None:
     """Up to ``n`` images of the calibration split that :func:`calibration_set` (``n_calib``, ``seed``) did NOT
     draw (seeded), for judging the quantized model on images it was not calibrated on; None when calibration used
-    every image. ``kwargs`` as for :func:`load_dataset`."""
+    every image. ``kwargs`` as for :func:`load_dataset`. :class:`DataError` for a negative ``n`` (CLI
+    ``--fidelity-images``: 0 skips the fidelity report)."""
+    check_fidelity_images(n)
+    check_seed(seed)
     total = dataset_size(spec, "train")
     used = subsample_indices(total, int(n_calib), seed)
     rest = np.setdiff1d(np.arange(total), used)
@@ -198,6 +202,13 @@ def holdout_set(spec: str | Path, n_calib: int, n: int, seed: int = 0, **kwargs)
     pick = np.sort(np.random.default_rng(seed + 1).choice(rest, size=min(int(n), len(rest)), replace=False))
     ds = load_dataset(spec, split="train", indices=pick, **kwargs)
     return validate_images(ds.images, f"held-out data from {ds.name}")
+
+
+def check_fidelity_images(n: int) -> int:
+    """``n`` if it is an integer >= 0 (a number of held-out images; 0: none), else :class:`DataError` naming it."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise DataError(f"--fidelity-images must be an integer >= 0 (0 skips the fidelity report), got {n!r}")
+    return int(n)
 
 
 def calibration_rows_in_test(spec: str | Path, n_calib: int, seed: int = 0) -> tuple[np.ndarray, int] | None:
@@ -247,7 +258,7 @@ def calibration_dataset(spec: str | Path, n: int = 512, seed: int = 0, **kwargs)
 
 
 __all__ = [
-    "BUILTIN_DATASETS", "CalibrationData", "calibration_dataset", "calibration_rows_in_test", "DIGITS_MEAN", "DIGITS_STD", "Dataset", "array_notes", "as_images",
+    "BUILTIN_DATASETS", "CalibrationData", "calibration_dataset", "check_fidelity_images", "check_seed", "calibration_rows_in_test", "DIGITS_MEAN", "DIGITS_STD", "Dataset", "array_notes", "as_images",
     "dataset_size", "holdout_set", "run_data_kwargs", "load_callable", "looks_nhwc", "read_array_file", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "builtin_name", "calibration_set", "is_builtin",
     "load_array_file", "load_dataset", "load_digits_split", "load_fashion_mnist", "load_fashion_mnist_raw",

@@ -227,8 +227,17 @@ def median_shorter_side(root: str | Path, split: str | None = "train", sample: i
     return int(np.median(sides)) if sides else None
 
 
+def check_seed(seed: int) -> int:
+    """``seed`` if it is an integer >= 0 (what numpy's generators take), else :class:`DataError` naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DataError(f"seed must be an integer >= 0 (--seed), got {seed!r}")
+    return int(seed)
+
+
 def subsample_indices(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
-    """All of ``range(n)``, or ``limit`` of them drawn without replacement (seeded), in increasing order."""
+    """All of ``range(n)``, or ``limit`` of them drawn without replacement (seeded), in increasing order. The seed
+    is checked either way (:func:`check_seed`)."""
+    check_seed(seed)
     if limit is None or limit >= n:
         return np.arange(n)
     if limit < 0:

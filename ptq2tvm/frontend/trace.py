@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import io
 import math
+import sys
 from typing import Any
 
 import torch
@@ -290,17 +294,14 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
     """
     if len(input_shape) != 3:
         raise UnsupportedModelError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+    check_single_input(model)
     model = copy.deepcopy(model).eval().float()
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # fx raises many exception types
         raise UnsupportedModelError(f"torch.fx cannot trace the model: {type(e).__name__}: {e}") from e
     dead = remove_dead_layers(gm)
-    try:
-        ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
-    except Exception as e:
-        raise UnsupportedModelError(f"the model does not run on an input of shape (1, {', '.join(map(str, input_shape))})"
-                                    f": {type(e).__name__}: {e}") from e
+    propagate_shapes(gm, input_shape)
     b = _Builder(gm)
     b.run()
     b.errors += collapse_channel_shuffles(b.prims)
@@ -321,6 +322,52 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
     graph.dead_layers = dead
     _check_final(graph)
     return graph
+
+
+def check_single_input(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` when ``model.forward`` needs more than one input (required positional or
+    keyword-only parameters beyond the first): ptq2tvm traces and compiles single-input models."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):     # no signature to read (a C extension): the trace decides
+        return
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    required = [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+    if len(required) > 1:
+        raise UnsupportedModelError(f"model forward() takes {len(required)} inputs ({', '.join(required)}); ptq2tvm "
+                                    "quantizes single-input models (wrap it in a module whose forward(x) supplies "
+                                    "the others)")
+
+
+class _ShapeProp(ShapeProp):
+    """torch.fx's ShapeProp, remembering the node it runs (for the error message)."""
+
+    node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.node = n
+        return super().run_node(n)
+
+
+def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+    """Run ``gm`` once on zeros of shape (1, *input_shape), recording every node's shape. A failure is one line
+    naming the node and the first line of the error (ShapeProp prints its own traceback to stderr: withheld; what
+    the model itself prints on success is passed on)."""
+    sp = _ShapeProp(gm)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            sp.propagate(torch.zeros(1, *input_shape))
+    except Exception as e:
+        cause = e.__cause__ if str(e).startswith("ShapeProp error") and e.__cause__ is not None else e
+        text = (str(cause).strip().splitlines() or [""])[0]
+        n = sp.node
+        where = "" if n is None else f" at layer '{n.target}'" if n.op == "call_module" else f" at node '{n.name}'"
+        raise UnsupportedModelError(f"the model does not run on an input of shape "
+                                    f"(1, {', '.join(map(str, input_shape))}){where}: {type(cause).__name__}"
+                                    + (f": {text}" if text else "")) from e
+    sys.stderr.write(err.getvalue())
 
 
 def remove_dead_layers(gm: fx.GraphModule) -> list[str]:

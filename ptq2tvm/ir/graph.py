@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_path
-from ..errors import ArtifactError
+from ..errors import ArtifactError, not_found
 from .outputs import GraphOutputs
 
 IR_FORMAT = "ptq2tvm-integer-graph"
@@ -138,7 +138,7 @@ class IntegerGraph(GraphOutputs):
     def load(cls, path: str | Path) -> "IntegerGraph":
         path = Path(path)
         if not path.is_file():
-            raise ArtifactError(f"integer graph file not found: {path}")
+            raise not_found(path, "integer graph file")
         try:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}

@@ -131,6 +131,8 @@ class ReconSettings:
             raise QuantConfigError(f"NWQ settings: need 0 < nwq_tau_end <= nwq_tau_start, nwq_mix_start in [0, 1], "
                                    f"nwq_ar_weight >= 0; got {self.nwq_tau_start!r}, {self.nwq_tau_end!r}, "
                                    f"{self.nwq_mix_start!r}, {self.nwq_ar_weight!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise QuantConfigError(f"seed must be an integer >= 0 (--seed), got {self.seed!r}")
         for name in ("lr_w", "lr_adaq"):
             if not getattr(self, name) > 0:
                 raise QuantConfigError(f"{name} must be > 0")

@@ -1,0 +1,229 @@
+"""A new user's mistakes get one clear line naming the model, file or value at fault (never a torch / numpy
+traceback) and leave nothing on disk: a forward() with two inputs, a factory that returns no module or raises, a
+negative seed, a pickled module as --checkpoint, calibration data that does not fit an ONNX model's fixed input,
+a folder or file that is not a run directory, a negative --fidelity-images, very few calibration images, the bundle
+runner's --threads, and one image without its batch dimension."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import TinyNet, randomize_bn, run_cli, tiny_integer_graph
+from ptq2tvm.api import ModelSpec, build_model, check_calibration, load_checkpoint
+from ptq2tvm.data import calibration_dataset, check_seed, holdout_set
+from ptq2tvm.errors import ArtifactError, DataError, QuantConfigError, UnsupportedModelError
+from ptq2tvm.frontend.trace import trace_model
+
+MODELS = '''
+import torch, torch.nn as nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1), 1))
+
+class Two(Net):
+    def forward(self, x, y):
+        return super().forward(x + y)
+
+def net(): return Net()
+def twoin(): return Two()
+def notmodule(): return 3
+def needs(width): return Net()
+'''
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A folder with extra.py (the factories above) and calib.npy (200 N(0, 1) 1x12x12 images), as the cwd."""
+    (tmp_path / "extra.py").write_text(MODELS)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((200, 1, 12, 12)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _quantize(capsys, *argv):
+    return run_cli(capsys, "quantize", "--data", "calib.npy", "--no-progress", "--fidelity-images", 0, *argv)
+
+
+def test_two_input_forward_is_one_line_without_traceback(project, capsys):
+    rc, out, err = _quantize(capsys, "--model", "extra.py:twoin", "--out", "runs/e13")
+    assert rc == 2 and "model forward() takes 2 inputs (x, y); ptq2tvm quantizes single-input models" in err, err
+    assert "Traceback" not in err and not (project / "runs").exists()
+
+
+def test_model_that_does_not_run_is_one_line_naming_the_layer(capsys):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(200, 2))
+    with pytest.raises(UnsupportedModelError) as e:
+        trace_model(model, (1, 10, 10))
+    msg = str(e.value)
+    assert msg.startswith("the model does not run on an input of shape (1, 1, 10, 10) at layer '2': RuntimeError: "
+                          "mat1 and mat2 shapes cannot be multiplied"), msg
+    assert "\n" not in msg and "tlparse" not in msg
+    assert capsys.readouterr().err == ""     # torch.fx's ShapeProp prints a traceback: withheld
+
+
+@pytest.mark.parametrize("attr,kwargs,want", [
+    ("notmodule", {}, "extra.py:notmodule returned int, not a torch.nn.Module"),
+    ("needs", {}, "extra.py:needs raised TypeError: needs() missing 1 required positional argument: 'width' "
+                  "(with --model-kwargs '{}')"),
+    ("net", {"depth": 3}, "extra.py:net raised TypeError: net() got an unexpected keyword argument 'depth'"),
+])
+def test_factory_returning_no_module_or_raising(project, attr, kwargs, want):
+    with pytest.raises(ArtifactError) as e:
+        build_model(ModelSpec(f"extra.py:{attr}", kwargs))
+    assert want in str(e.value) and "\n" not in str(e.value)
+
+
+def test_factory_errors_on_the_command_line(project, capsys):
+    rc, _, err = _quantize(capsys, "--model", "extra.py:notmodule", "--out", "runs/a")
+    assert rc == 2 and "extra.py:notmodule returned int, not a torch.nn.Module" in err and "Traceback" not in err
+    (project / "broken.py").write_text("def f(:\n")
+    with pytest.raises(ArtifactError, match=r"cannot import broken\.py: SyntaxError"):
+        build_model(ModelSpec("broken.py:f"))
+    with pytest.raises(ArtifactError, match=r"model 'resnet_small' raised TypeError: .*'bogus'"):
+        build_model(ModelSpec("resnet_small", {"bogus": 1}))
+
+
+def test_negative_seed(project, capsys):
+    with pytest.raises(DataError, match=r"seed must be an integer >= 0 \(--seed\), got -1"):
+        calibration_dataset("calib.npy", 512, seed=-1)     # every image: no subsample drawn, still refused
+    with pytest.raises(DataError, match="got -1"):
+        check_seed(-1)
+    from conftest import fast_recon
+
+    with pytest.raises(QuantConfigError, match=r"seed must be an integer >= 0 \(--seed\), got -1"):
+        fast_recon(seed=-1).validate()
+    for method in ("rtn", "adaround"):
+        rc, _, err = _quantize(capsys, "--model", "extra.py:net", "--seed", -1, "--calib-size", 100,
+                               "--method", method, "--out", f"runs/{method}")
+        assert rc == 2 and "seed must be an integer >= 0 (--seed), got -1" in err and "Traceback" not in err, err
+    assert not (project / "runs").exists()
+    from ptq2tvm.cli import _eval_data       # eval / parity --n K --seed -1 on an array file (numpy's traceback)
+
+    with pytest.raises(DataError, match=r"seed must be an integer >= 0 \(--seed\), got -1"):
+        _eval_data(argparse.Namespace(data="calib.npy", n=5, seed=-1), {"data": "elsewhere.npy"})
+
+
+def test_pickled_module_as_checkpoint(tmp_path):
+    model = randomize_bn(TinyNet())
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(ArtifactError) as e:
+        load_checkpoint(TinyNet(), tmp_path / "whole.pt")
+    assert str(e.value) == (f"{tmp_path / 'whole.pt'} holds a pickled module, not a state_dict: save "
+                            "model.state_dict() (torch.save(model.state_dict(), path))")
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "other.pt")
+    with pytest.raises(ArtifactError, match=r"holds pickled Python objects \(global argparse\.Namespace\)") as e:
+        load_checkpoint(TinyNet(), tmp_path / "other.pt")
+    assert "\n" not in str(e.value)
+
+
+def _onnx_model(path, shape):
+    """A conv -> relu -> global pool -> flatten -> gemm ONNX classifier with input ``shape`` (None: dynamic)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "fw"),
+             numpy_helper.from_array(np.zeros(10, np.float32), "fb")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)]
+    dims = [d if d is not None else "n" for d in shape]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dims[0], 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_onnx_fixed_input_shape_against_the_data(project, capsys):
+    if importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("onnx2torch is not installed")
+    _onnx_model(project / "fixed.onnx", (1, 1, 28, 28))
+    rc, _, err = _quantize(capsys, "--model", "fixed.onnx", "--out", "runs/e")
+    assert rc == 2 and ("the ONNX model fixed.onnx (input 'x') has the fixed input shape (1, 1, 28, 28), the "
+                        "calibration data has shape (200, 1, 12, 12)") in err, err
+    assert not (project / "runs").exists()
+    model = build_model(ModelSpec(str(_onnx_model(project / "dyn.onnx", (None, 1, None, None)))))
+    images = np.load("calib.npy")[:8]
+    assert model.fixed_input_shape == (None, 1, None, None)
+    check_calibration(model, images)     # dynamic dimensions take any size
+
+
+def test_not_a_run_directory(project, capsys):
+    rc, _, err = run_cli(capsys, "compile", "runs/nothere")
+    assert rc == 2 and err.strip() == ("ptq2tvm compile: error: runs/nothere is not a run directory (no "
+                                       "model.qgraph.npz): create one with `ptq2tvm quantize ... --out runs/nothere`")
+    rc, _, err = run_cli(capsys, "compile", "calib.npy")
+    assert rc == 2 and "calib.npy is a file, not a run directory" in err and "calib.npy/" not in err, err
+    rc, _, err = run_cli(capsys, "bundle", "runs/nothere")
+    assert rc == 2 and "runs/nothere is not a run directory" in err and "`ptq2tvm compile runs/nothere`" in err
+    for cmd in ("eval", "parity", "export", "bench"):
+        rc, _, err = run_cli(capsys, cmd, "calib.npy")
+        assert rc == 2 and "calib.npy is a file, not a run directory" in err, (cmd, err)
+    run = project / "runs" / "r"
+    run.mkdir(parents=True)
+    tiny_integer_graph(8, 8).save(run / "model.qgraph.npz")
+    rc, _, err = run_cli(capsys, "bundle", run)
+    assert rc == 2 and f"compiled library {run / 'model.so'} not found: run `ptq2tvm compile {run}` first" in err
+    assert not (run / "bundle").exists()
+
+
+def test_negative_fidelity_images_and_few_calibration_images(project, capsys):
+    with pytest.raises(DataError, match=r"--fidelity-images must be an integer >= 0 \(0 skips the fidelity "
+                                        r"report\), got -1"):
+        holdout_set("calib.npy", 100, -1)
+    # on the command line too (the report used to be skipped without a word), before any work
+    rc, _, err = _quantize(capsys, "--model", "extra.py:net", "--fidelity-images", -1, "--out", "runs/f")
+    assert rc == 2 and "--fidelity-images must be an integer >= 0" in err and "Traceback" not in err, err
+    assert not (project / "runs").exists()
+    model = build_model(ModelSpec("extra.py:net"))
+    images = np.load("calib.npy")
+    few = [n for n in check_calibration(model, images[:100]) if "calibration image" in n]
+    assert few == ["only 100 calibration image(s): reconstruction and activation ranges need a few hundred (at "
+                   "least 128, ideally 512: --calib-size and enough data)"]
+    assert not [n for n in check_calibration(model, images[:128]) if "calibration image" in n]
+
+
+def test_bundle_runner_threads(monkeypatch, capsys):
+    from ptq2tvm import bundle_runner
+
+    with pytest.raises(SystemExit) as e:
+        bundle_runner.main(["--random", "1", "--threads", "0"])
+    assert e.value.code == 2 and "--threads must be >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setenv("TVM_NUM_THREADS", "5")
+    assert bundle_runner.main(["--so", "missing.so", "--random", "1", "--threads", "3"]) == 2
+    assert os.environ["TVM_NUM_THREADS"] == "3"
+    monkeypatch.setenv("TVM_NUM_THREADS", "5")
+    bundle_runner.set_threads(None)      # the default: what is set, else the CPU count
+    assert os.environ["TVM_NUM_THREADS"] == "5"
+    monkeypatch.delenv("TVM_NUM_THREADS")
+    bundle_runner.set_threads(None)
+    assert os.environ["TVM_NUM_THREADS"] == str(os.cpu_count() or 1)
+
+
+def test_one_image_without_batch_dimension(tmp_path):
+    from ptq2tvm.api import compile_so
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.errors import InputShapeError
+
+    compile_so(tiny_integer_graph(8, 8), tmp_path / "m.so")
+    cm = CompiledModel(tmp_path / "m.so")
+    x = np.zeros((1, 1, 12, 12), np.float32)
+    with pytest.raises(InputShapeError, match=r"expects input \(N, 1, 12, 12\), got \(1, 12, 12\); add the batch "
+                                              r"dimension: x\[None\]"):
+        cm(x[0])
+    with pytest.raises(InputShapeError, match=r"got \(1, 12, 12, 1\); it looks channels-last"):
+        cm(x.transpose(0, 2, 3, 1))
