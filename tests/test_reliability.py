@@ -110,7 +110,7 @@ def _dead_channel_net(bn: bool) -> nn.Module:
 def test_zero_weight_channel_with_bias_folds_exactly(tmp_path, bn, schedule):
     m = _dead_channel_net(bn)
     x = np.random.default_rng(0).standard_normal((16, 3, 16, 16)).astype(np.float32)
-    with pytest.warns(RuntimeWarning, match=r"layer '2' channel\(s\) \[2\].*1 all-zero weight channel"):
+    with pytest.warns(RuntimeWarning, match=r"layer '2' channel\(s\) \[2\].*1 channel\(s\) with all-zero integer weights"):
         qm = quantize(m, x, QuantConfig(8, 8), progress=False)
     graph = to_integer(qm)                      # raised "the int32 bias overflows (6.5e+15)"
     _bounded(graph)

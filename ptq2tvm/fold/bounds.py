@@ -204,7 +204,7 @@ def _fit_weights(qm, max_rounds: int, warn: bool) -> list[LayerFit]:
     if fits and warn:
         warnings.warn("int32 accumulator bound: raised the weight scale of " + "; ".join(
             f"layer '{f.layer}' channel(s) {f.channels[:8]}{'...' if len(f.channels) > 8 else ''} (x{f.factor:.3g}"
-            f"{f', {f.zero_weight_channels} channel(s) whose integer weights round to 0 at the raised scale and output their bias alone: typical of an input that is (nearly) constant on the calibration images' if f.zero_weight_channels else ''})"
+            f"{f', {f.zero_weight_channels} channel(s) with all-zero integer weights: they output their bias alone (zero weights, or weights that round to 0 at the raised scale: typical of an input that is (nearly) constant on the calibration images)' if f.zero_weight_channels else ''})"
             for f in fits), RuntimeWarning, stacklevel=2)
     return fits
 
