@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,38 +130,42 @@ class RunDir:
                                 f"quantized again after compiling): re-run `ptq2tvm compile {self.path}`")
         return cm
 
-    def invalidate(self, new_digest: str) -> list[str]:
+    def invalidate(self, new_digest: str, is_run: bool | None = None) -> list[str]:
         """Remove what a new integer graph (``new_digest``) supersedes: compiled libraries (+ sidecars) and bundles
         built from another graph, benchmark and parity results, ONNX exports of another graph and bench's ONNX
         baselines (:func:`ptq2tvm.onnx_export.remove_stale_exports`). Each library goes before its sidecar, a bundle is
         renamed away before it is deleted, so no half-removed artifact can be mistaken for a current one.
-        Returns the names removed."""
+
+        Only what ptq2tvm wrote goes: a library whose sidecar names another graph (``model.so`` without a sidecar
+        too, in a run directory), a bundle whose model.json names another graph, ONNX files carrying another graph's
+        digest; ``parity.json`` / ``latency.*`` only in a run directory. ``is_run``: whether the folder is one (has
+        run.json or model.qgraph.npz; the default looks now; :func:`save_run` looks before it removes run.json). A
+        user's folder given as ``--out`` keeps their ``libfoo.so``, ``parity.json`` or a folder with a
+        run_model.py. Returns the names removed."""
         removed: list[str] = []
         if not self.path.is_dir():
             return removed
+        if is_run is None:
+            is_run = self.info_path.is_file() or self.qgraph.is_file()
         for so in sorted(self.path.glob("*.so")):
             meta = so.with_suffix(".json")
-            try:
-                digest = json.loads(meta.read_text()).get("graph_sha256") if meta.is_file() else None
-            except (ValueError, OSError):
-                digest = None
+            digest = _json_field(meta, "graph_sha256")
+            if digest is None and not (is_run and so.name == self.so.name and not meta.exists()):
+                continue                                  # not a library ptq2tvm compiled (or not provably)
             if digest != new_digest:
                 so.unlink(missing_ok=True)
                 meta.unlink(missing_ok=True)
                 shutil.rmtree(so.with_name(so.name + ".tuning"), ignore_errors=True)
                 removed.append(so.name)
         for d in sorted(p for p in self.path.iterdir() if p.is_dir() and (p / "run_model.py").is_file()):
-            try:
-                digest = json.loads((d / "model.json").read_text()).get("graph_sha256")
-            except (ValueError, OSError):
-                digest = None
-            if digest != new_digest:
+            digest = _json_field(d / "model.json", "graph_sha256")
+            if digest is not None and digest != new_digest:
                 trash = d.with_name(f".{d.name}.removed")
                 shutil.rmtree(trash, ignore_errors=True)
                 d.rename(trash)
                 shutil.rmtree(trash, ignore_errors=True)
                 removed.append(d.name + "/")
-        for name in ("parity.json", "latency.json", "latency.md", "latency.png"):
+        for name in ("parity.json", "latency.json", "latency.md", "latency.png") if is_run else ():
             if (self.path / name).is_file():
                 (self.path / name).unlink()
                 removed.append(name)
@@ -168,6 +173,15 @@ class RunDir:
 
         removed += remove_stale_exports(self.path, new_digest)
         return removed
+
+
+def _json_field(path: Path, key: str) -> Any:
+    """``json.load(path)[key]``, or None when the file is missing, unreadable, not a JSON object or lacks ``key``."""
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (ValueError, OSError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 # ---- models -------------------------------------------------------------------------------------------------
@@ -189,10 +203,15 @@ def build_model(spec: ModelSpec, fallback_dir: str | Path | None = None) -> nn.M
             raise ArtifactError(f"model file not found: {file}")
         mod_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
         module = importlib.util.module_from_spec(mod_spec)
+        folder = str(Path(file).resolve().parent)       # the file's own imports (from layers import Block) resolve
+        sys.path.insert(0, folder)
         try:
             mod_spec.loader.exec_module(module)
         except Exception as e:
             raise ArtifactError(f"cannot import {file}: {_first_line(e)}") from e
+        finally:
+            if folder in sys.path:
+                sys.path.remove(folder)
         if not hasattr(module, attr):
             raise ArtifactError(f"{file} has no attribute {attr!r}")
         model = _call_factory(getattr(module, attr), spec.name, spec.kwargs)
@@ -247,6 +266,19 @@ def _pickled_module(path: Path, e: BaseException) -> str | None:
             "(torch.save(model.state_dict(), path))")
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript zip archive (it holds ``code/`` and ``constants.pkl``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.split("/", 1)[-1].startswith("code/") for n in names) and any(n.endswith("constants.pkl")
+                                                                              for n in names)
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load the state_dict at ``path`` into ``model`` (strict; tensors only: ``weights_only=True``). Raises
     :class:`ArtifactError` with one line for a missing or unreadable file, a pickled module, or keys / shapes that do
@@ -259,6 +291,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):   # torch.save: zip archive, or legacy pickle
         raise ArtifactError(f"checkpoint {path} is not a PyTorch file written by torch.save (it starts with "
                             f"{head!r}); give the model's state_dict saved with torch.save(model.state_dict(), path)")
+    if _is_torchscript(path):
+        raise ArtifactError(f"{path} is a TorchScript archive (torch.jit.save), not a state_dict: save "
+                            "model.state_dict() (torch.save(model.state_dict(), path))")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -504,8 +539,9 @@ def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantMod
     created = not run.path.exists()
     run.path.mkdir(parents=True, exist_ok=True)
     digest = graph.digest()
+    is_run = run.info_path.is_file() or run.qgraph.is_file()
     run.info_path.unlink(missing_ok=True)
-    run.superseded = run.invalidate(digest)
+    run.superseded = run.invalidate(digest, is_run)
     try:
         if spec is not None and ":" in spec.name and spec.name.split(":")[0].endswith(".py"):
             src = Path(spec.name.rsplit(":", 1)[0])

@@ -44,10 +44,14 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_path, path)
     except Exception as e:
-        reason = _disk_full(e, path.parent) or not_writable_reason(e)
+        reason = _disk_full(e, path.parent)
         if reason:
             raise ArtifactError(f"cannot write {path}: {reason} ({_free(path.parent)} free in {path.parent}); nothing "
                                 f"was written, {path.name} is unchanged") from None
+        reason = not_writable_reason(e)
+        if reason:
+            raise ArtifactError(f"cannot write {path}: {reason}; nothing was written, {path.name} is "
+                                "unchanged") from None
         raise
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -761,7 +761,8 @@ OUTPUTS: dict[str, dict[str, str]] = {
 
 
 # Commands that write into their run directory unless the option named here (None: always) points elsewhere.
-RUN_DIR_WRITERS: dict[str, str | None] = {"compile": "out", "export": "out", "bench": "out_dir", "sensitivity": None}
+RUN_DIR_WRITERS: dict[str, str | None] = {"compile": "out", "export": "out", "bench": "out_dir", "bundle": "out",
+                                          "sensitivity": None}
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -794,16 +795,17 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "threads", None) is not None and args.threads < 1:
             raise Ptq2TvmError(f"--threads must be >= 1, got {args.threads}")
         result = args.func(args)
+        _emit(args, result)
     except Ptq2TvmError as e:
         print(f"ptq2tvm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:      # a write refused by the file system that no earlier check caught: one line, not a traceback
+    except OSError as e:      # access refused by the file system (a read or a write no check caught): one line
         from .atomic import not_writable_reason
 
         reason = not_writable_reason(e)
         if reason is None:
             raise
-        print(f"ptq2tvm {args.command}: error: cannot write {e.filename or 'an output'}: {reason}", file=sys.stderr)
+        print(f"ptq2tvm {args.command}: error: {e.filename or 'a file'}: {reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nptq2tvm {args.command}: {interrupt_message(args)}", file=sys.stderr)
@@ -811,7 +813,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         threads.set_override_hint(None)
         warnings.showwarning = shown_before
-    _emit(args, result)
     return 0
 
 

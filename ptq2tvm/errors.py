@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 
@@ -40,18 +41,20 @@ RUN_FILES = {"run.json": "quantize", "model.qgraph.npz": "quantize", "model.so":
 def not_found(path: str | Path, what: str) -> ArtifactError:
     """The error for a missing artifact ``path`` (``what``: "integer graph file", "compiled library", ...). For a run
     directory's own files (:data:`RUN_FILES`) it says whether the folder is a run directory at all (a file, or a
-    folder without run.json / model.qgraph.npz) and which command creates what is missing."""
+    folder without run.json / model.qgraph.npz) and which command creates what is missing; the paths in the commands
+    it suggests are shell-quoted (:func:`shlex.quote`)."""
     path = Path(path)
     run = path.parent
     if path.name not in RUN_FILES:
         return ArtifactError(f"{what} not found: {path}")
-    quantize = f"`ptq2tvm quantize ... --out {run}`"
-    then = f" (then `ptq2tvm compile {run}`)" if RUN_FILES[path.name] == "compile" else ""
+    arg = shlex.quote(str(run))     # the suggested commands run as printed, a path with spaces included
+    quantize = f"`ptq2tvm quantize ... --out {arg}`"
+    then = f" (then `ptq2tvm compile {arg}`)" if RUN_FILES[path.name] == "compile" else ""
     if run.is_file():
         return ArtifactError(f"{run} is a file, not a run directory: pass the folder `ptq2tvm quantize --out DIR` "
                              "wrote")
     if not (run / "run.json").is_file() and not (run / "model.qgraph.npz").is_file():
         key = "run.json" if path.name == "run.json" else "model.qgraph.npz"
         return ArtifactError(f"{run} is not a run directory (no {key}): create one with {quantize}{then}")
-    fix = f"`ptq2tvm compile {run}`" if RUN_FILES[path.name] == "compile" else quantize
+    fix = f"`ptq2tvm compile {arg}`" if RUN_FILES[path.name] == "compile" else quantize
     return ArtifactError(f"{what} {path} not found: run {fix} first")

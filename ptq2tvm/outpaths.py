@@ -13,12 +13,15 @@ from .errors import ArtifactError
 
 def check_output_path(path: str | Path, kind: str, option: str = "--out") -> Path:
     """Raise :class:`ArtifactError` when ``path`` cannot be created as a ``kind`` ("file" or "dir"): it exists as
-    the other kind, or one of its parent folders exists as a file. Returns ``path`` as a :class:`Path`. Creates
-    nothing."""
+    the other kind, one of its parent folders exists as a file, or (kind "dir") it is a symbolic link to a missing
+    path; a dangling symbolic link as a "file" is fine (it is replaced). Returns ``path`` as a :class:`Path`.
+    Creates nothing."""
     if kind not in ("file", "dir"):
         raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
     p = Path(path)
     if p.exists() or p.is_symlink():
+        if kind == "dir" and p.is_symlink() and not p.exists():
+            raise ArtifactError(f"{option} {path}: {p} is a symbolic link to a missing path ({os.readlink(p)})")
         if kind == "dir" and not p.is_dir():
             raise ArtifactError(f"{option} {path}: {p} is an existing file, not a directory")
         if kind == "file" and p.is_dir():
@@ -26,6 +29,9 @@ def check_output_path(path: str | Path, kind: str, option: str = "--out") -> Pat
         _check_writable(p if kind == "dir" else p.absolute().parent, option, path)
         return p
     for parent in p.absolute().parents:
+        if parent.is_symlink() and not parent.exists():
+            raise ArtifactError(f"{option} {path}: {parent} is a symbolic link to a missing path "
+                                f"({os.readlink(parent)})")
         if parent.exists():
             if not parent.is_dir():
                 raise ArtifactError(f"{option} {path}: {parent} is a file, not a directory")

@@ -333,3 +333,38 @@ def test_run_dir_invalidate_removes_onnx_exports_of_another_graph(tmp_path):
     removed = RunDir(tmp_path).invalidate("bbbb")
     assert "old.onnx" in removed and not (tmp_path / "old.onnx").exists()
     assert (tmp_path / "current.onnx").is_file() and (tmp_path / "users.onnx").is_file()
+
+
+def test_quantize_into_a_users_folder_removes_nothing_of_theirs(tmp_path):
+    """`quantize --out DIR` into an existing folder that is not a run directory deleted every *.so without a
+    ptq2tvm sidecar (libfoo.so, a user's model.so), any subfolder holding a run_model.py, and parity.json /
+    latency.*: only what ptq2tvm wrote, provably for another graph, is removed now; in a run directory the default
+    model.so without a sidecar and the results of the old graph still go."""
+    import json
+
+    from ptq2tvm.api import RunDir
+
+    users = tmp_path / "precious"
+    (users / "tools").mkdir(parents=True)
+    files = {"model.so": "so", "libfoo.so": "so", "parity.json": "{}", "latency.md": "x", "tools/run_model.py": "x",
+             "libfoo.json": "{\"graph_sha256\": null}"}
+    for name, text in files.items():
+        (users / name).write_text(text)
+    assert RunDir(users).invalidate("bbbb") == []
+    assert all((users / name).read_text() == text for name, text in files.items())
+    # a run directory: its own stale artifacts go, a foreign library stays
+    run = tmp_path / "run"
+    (run / "bundle").mkdir(parents=True)
+    (run / "model.qgraph.npz").write_text("x")
+    (run / "model.so").write_text("so")                                   # the default library, no sidecar
+    (run / "fast.so").write_text("so")
+    (run / "fast.json").write_text(json.dumps({"graph_sha256": "aaaa"}))  # compiled from another graph
+    (run / "keep.so").write_text("so")
+    (run / "keep.json").write_text(json.dumps({"graph_sha256": "bbbb"}))  # from this graph
+    (run / "libfoo.so").write_text("so")
+    (run / "bundle" / "run_model.py").write_text("x")
+    (run / "bundle" / "model.json").write_text(json.dumps({"graph_sha256": "aaaa"}))
+    (run / "parity.json").write_text("{}")
+    removed = RunDir(run).invalidate("bbbb")
+    assert sorted(removed) == ["bundle/", "fast.so", "model.so", "parity.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["keep.json", "keep.so", "libfoo.so", "model.qgraph.npz"]

@@ -117,9 +117,25 @@ def test_read_only_outputs_fail_before_any_work_in_one_line(tmp_path, monkeypatc
     assert [p.name for p in ro.iterdir()] == ["run"]                # nothing left by the refused write
     for argv in (["compile", str(ro / "run")], ["sensitivity", str(ro / "run")],
                  ["export", str(ro / "run"), "--format", "onnx"], ["bench", str(ro / "run")],
-                 ["bundle", str(ro / "run"), "--out", str(ro / "b")],
+                 ["bundle", str(ro / "run"), "--out", str(ro / "b")], ["bundle", str(ro / "run")],
                  ["parity", str(ro / "run"), "--json", str(ro / "p.json")]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "read-only file system" in err and "Traceback" not in err, (argv, err)
     assert [p.name for p in ro.iterdir()] == ["run"] and not list((ro / "run").iterdir())
+
+
+def test_a_refused_json_write_after_the_work_is_one_line(tmp_path, monkeypatch, capsys):
+    """--json is written after the command's work: a refusal there (or a file that cannot be read: EACCES is not
+    only about writing) was a traceback with exit status 1."""
+    import errno
+
+    import ptq2tvm.api as api
+    import ptq2tvm.cli as cli
+
+    monkeypatch.setattr(cli, "cmd_compile", lambda args: {"so": "x.so"})
+    monkeypatch.setattr(api, "write_json", lambda path, obj: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", str(path))))
+    assert cli.main(["compile", str(tmp_path), "--out", str(tmp_path / "m.so"), "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"ptq2tvm compile: error: {tmp_path / 'r.json'}: permission denied\n"

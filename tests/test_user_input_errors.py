@@ -227,3 +227,144 @@ def test_one_image_without_batch_dimension(tmp_path):
         cm(x[0])
     with pytest.raises(InputShapeError, match=r"got \(1, 12, 12, 1\); it looks channels-last"):
         cm(x.transpose(0, 2, 3, 1))
+
+
+OPTIONAL_ARGS = '''
+import torch, torch.nn as nn
+from extra import Net
+
+class Opt(Net):
+    def forward(self, x, y=None):
+        out = super().forward(x)
+        return out if y is None else out + y
+
+class KwOnly(Net):
+    def forward(self, x, *, scale=1.0):
+        return super().forward(x) * scale
+
+class Star(Net):
+    def forward(self, *xs):
+        return super().forward(xs[0])
+
+class VarUnused(Net):
+    def forward(self, x, *args, **kwargs):
+        return super().forward(x)
+
+class VarUsed(Net):
+    def forward(self, x, *args):
+        return super().forward(x + args[0])
+
+def opt(): return Opt()
+def kwonly(): return KwOnly()
+def star(): return Star()
+'''
+
+
+def test_optional_forward_arguments_take_their_defaults(project, capsys):
+    """forward(x, y=None) and forward(x, *, scale=1.0) are traced with the defaults (fx concrete_args), as at
+    inference: one graph input, the same output as model(x); unused *args / **kwargs are accepted."""
+    (project / "optargs.py").write_text(OPTIONAL_ARGS)
+    import sys
+
+    sys.path.insert(0, str(project))
+    try:
+        spec = importlib.util.spec_from_file_location("optargs", project / "optargs.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(project))
+    from ptq2tvm.frontend.qmodel import QuantConfig, QuantModel
+
+    x = torch.from_numpy(np.load("calib.npy")[:4])
+    for cls in (mod.Opt, mod.KwOnly, mod.VarUnused):
+        model = cls().eval()
+        graph = trace_model(model, (1, 12, 12))
+        assert graph.input_name == "x" and [n.name for n in graph.nodes if n.op == "input"] == ["x"], cls
+        with torch.no_grad():     # the float graph (quantization off) computes model(x): the defaults were used
+            torch.testing.assert_close(QuantModel(graph, QuantConfig(8, 8)).set_quant(False, False)(x), model(x))
+    with pytest.raises(UnsupportedModelError) as e:
+        trace_model(mod.VarUsed(), (1, 12, 12))
+    assert str(e.value) == ("model forward(x, *args) uses its argument *args as a second input; ptq2tvm supports "
+                            "forward(x) (plus arguments with defaults, which take their defaults)")
+    rc, _, err = _quantize(capsys, "--model", "optargs.py:opt", "--calib-size", 128, "--method", "rtn",
+                           "--out", "runs/opt")
+    assert rc == 0, err
+
+
+def test_var_positional_forward_is_one_line(project, capsys):
+    (project / "optargs.py").write_text(OPTIONAL_ARGS)
+    rc, _, err = _quantize(capsys, "--model", "optargs.py:star", "--out", "runs/star")
+    assert rc == 2 and ("model forward(*xs) takes its input as *xs; ptq2tvm supports forward(x) (plus arguments "
+                        "with defaults, which take their defaults)") in err, err
+    assert "Traceback" not in err and not (project / "runs").exists()
+
+
+def test_onnx_fixed_input_channels_keep_the_channel_hints(project):
+    """An ONNX model's fixed input (N?, 3, 16, 16): channels-last data gets the transpose hint and folder data the
+    --channels hint (the channel check, not the fixed-shape one); 20x20 data gets the fixed-shape message."""
+    if importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("onnx2torch is not installed")
+    import onnx
+    from onnx import numpy_helper
+
+    path = _onnx_model(project / "rgb.onnx", (None, 3, 16, 16))
+    m = onnx.load(str(path))
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    m.graph.initializer[0].CopyFrom(w)
+    onnx.save(m, str(path))
+    model = build_model(ModelSpec(str(path)))
+    with pytest.raises(DataError, match=r"the calibration data has 16 channel\(s\) \(shape \(8, 16, 16, 3\)\); the "
+                                        r"array looks channels-last \(N, H, W, C\): use x\.transpose\(0, 3, 1, 2\)$"):
+        check_calibration(model, np.zeros((8, 16, 16, 3), np.float32))
+    from ptq2tvm.data.checks import check_input_channels
+
+    with pytest.raises(DataError, match=r"has 1 channel\(s\) \(shape \(8, 1, 16, 16\)\); pass --channels 3$"):
+        check_input_channels(model, np.zeros((8, 1, 16, 16), np.float32), source="folder")
+    with pytest.raises(DataError, match=r"has the fixed input shape \(\?, 3, 16, 16\), the calibration data has "
+                                        r"shape \(8, 3, 20, 20\): give images of that size"):
+        check_calibration(model, np.zeros((8, 3, 20, 20), np.float32))
+    check_calibration(model, np.zeros((8, 3, 16, 16), np.float32))
+
+
+def test_not_found_quotes_paths_with_spaces(project):
+    from ptq2tvm.errors import not_found
+
+    run = project / "runs" / "with space"
+    assert str(not_found(run / "model.qgraph.npz", "integer graph file")).endswith(
+        f"is not a run directory (no model.qgraph.npz): create one with `ptq2tvm quantize ... --out '{run}'`")
+    run.mkdir(parents=True)
+    tiny_integer_graph(8, 8).save(run / "model.qgraph.npz")
+    assert str(not_found(run / "model.so", "compiled library")) == (
+        f"compiled library {run / 'model.so'} not found: run `ptq2tvm compile '{run}'` first")
+    plain = str(not_found(project / "runs" / "plain" / "model.so", "compiled library"))
+    assert "'" not in plain and f"`ptq2tvm compile {project / 'runs' / 'plain'}`" in plain
+
+
+def test_dangling_symlink_as_output(project):
+    from ptq2tvm.outpaths import check_output_path
+
+    os.symlink("nowhere/x", "dang")
+    with pytest.raises(ArtifactError) as e:
+        check_output_path("dang", "dir")
+    assert str(e.value) == "--out dang: dang is a symbolic link to a missing path (nowhere/x)"
+    with pytest.raises(ArtifactError, match=r"dang is a symbolic link to a missing path \(nowhere/x\)$"):
+        check_output_path("dang/sub", "dir")
+    assert str(check_output_path("dang", "file", "--json")) == "dang"     # replaced when written: fine
+
+
+def test_model_file_imports_its_neighbours_and_torchscript_checkpoint(tmp_path):
+    """A model file that imports a module next to it (`from layers import Block`) failed with "No module named
+    'layers'"; a TorchScript archive given as --checkpoint got torch's paragraph about weights_only."""
+    import sys
+
+    (tmp_path / "layers_s16.py").write_text("import torch.nn as nn\nBlock = lambda: nn.Conv2d(1, 4, 3)\n")
+    (tmp_path / "net_s16.py").write_text("import torch.nn as nn\nfrom layers_s16 import Block\n"
+                                         "def build():\n    return nn.Sequential(Block(), nn.ReLU())\n")
+    model = build_model(ModelSpec(f"{tmp_path / 'net_s16.py'}:build"))
+    assert isinstance(model[0], nn.Conv2d) and str(tmp_path) not in sys.path
+    torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
+    with pytest.raises(ArtifactError, match=r"scripted.pt is a TorchScript archive \(torch.jit.save\), not a "
+                                            r"state_dict: save model.state_dict\(\)"):
+        load_checkpoint(model, tmp_path / "scripted.pt")
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    load_checkpoint(model, tmp_path / "sd.pt")                       # a plain state_dict still loads

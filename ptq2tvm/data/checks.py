@@ -2,8 +2,9 @@
 
 - :func:`check_input_channels`: the images' channel count against the model's first ``Conv2d`` (``in_channels``),
   with a hint when the array looks channels-last.
-- :func:`check_fixed_input_shape`: the images' (C, H, W) against a model's fixed input dimensions (an ONNX model's
-  input: ``model.fixed_input_shape``, set by :func:`ptq2tvm.onnx_import.onnx_to_torch`).
+- :func:`check_fixed_input_shape`: the images' (H, W) against a model's fixed input dimensions (an ONNX model's
+  input: ``model.fixed_input_shape``, set by :func:`ptq2tvm.onnx_import.onnx_to_torch`); channels are the first
+  check's.
 - :func:`input_scale_notes`: the scale of the first conv's output on the data against the running statistics of
   the ``BatchNorm2d`` after it, i.e. against the inputs the model saw in training. Raw 0..255 pixels given to a model
   trained on normalized inputs come out ~100x off.
@@ -42,27 +43,28 @@ def check_input_channels(model: nn.Module, images: np.ndarray, what: str = "cali
     The hint fits where the images came from (``source``): ``"folder"`` (an image folder: ``--channels``),
     ``"preprocess"`` (a ``--preprocess`` function: what it must return), ``"builtin"`` (the 1-channel built-in
     datasets), ``"array"`` or None (an array: convert its channels); an array that looks channels-last gets the
-    transpose whatever the source. Also :func:`check_fixed_input_shape`."""
-    check_fixed_input_shape(model, images, what)
+    transpose whatever the source. Then :func:`check_fixed_input_shape` (height and width), so that a channel
+    mismatch gets the channel hint even for a model with a fixed input."""
     fc = first_conv(model)
-    if fc is None or images.ndim != 4:
-        return
-    name, conv = fc
-    want, have = int(conv.in_channels), int(images.shape[1])
-    if have != want:
-        raise DataError(f"the model expects {want}-channel input (its first conv '{name}' has "
-                        f"in_channels={want}), the {what} has {have} channel(s) "
-                        f"(shape {tuple(images.shape)}){channel_hint(want, have, images.shape, source)}")
+    if fc is not None and images.ndim == 4:
+        name, conv = fc
+        want, have = int(conv.in_channels), int(images.shape[1])
+        if have != want:
+            raise DataError(f"the model expects {want}-channel input (its first conv '{name}' has "
+                            f"in_channels={want}), the {what} has {have} channel(s) "
+                            f"(shape {tuple(images.shape)}){channel_hint(want, have, images.shape, source)}")
+    check_fixed_input_shape(model, images, what)
 
 
 def check_fixed_input_shape(model: nn.Module, images: np.ndarray, what: str = "calibration data") -> None:
     """Raise :class:`DataError` when ``model.fixed_input_shape`` (e.g. an ONNX input's dims: ints where fixed, None
-    where dynamic) fixes a channel / height / width that differs from the images' (N, C, H, W); the batch dimension
-    is not compared. Models without the attribute pass."""
+    where dynamic) fixes a height / width that differs from the images' (N, C, H, W). The batch dimension is not
+    compared, nor the channels: :func:`check_input_channels` checks them against the first conv, with hints that fit
+    the data (channels-last arrays, ``--channels`` for a folder). Models without the attribute pass."""
     fixed = getattr(model, "fixed_input_shape", None)
     if fixed is None or images.ndim != 4 or len(fixed) != 4:
         return
-    if all(f is None or int(f) == int(h) for f, h in zip(fixed[1:], images.shape[1:])):
+    if all(f is None or int(f) == int(h) for f, h in zip(fixed[2:], images.shape[2:])):
         return
     shown = "(" + ", ".join("?" if f is None else str(f) for f in fixed) + ")"
     source = getattr(model, "fixed_input_source", "the model")

@@ -7,7 +7,9 @@ import copy
 import inspect
 import io
 import math
+import operator
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -296,12 +298,10 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
         raise UnsupportedModelError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
     check_single_input(model)
     model = copy.deepcopy(model).eval().float()
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as e:  # fx raises many exception types
-        raise UnsupportedModelError(f"torch.fx cannot trace the model: {type(e).__name__}: {e}") from e
+    gm = _symbolic_trace(model)
     dead = remove_dead_layers(gm)
     propagate_shapes(gm, input_shape)
+    _drop_identity_arithmetic(gm)
     b = _Builder(gm)
     b.run()
     b.errors += collapse_channel_shuffles(b.prims)
@@ -324,20 +324,129 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
     return graph
 
 
-def check_single_input(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` when ``model.forward`` needs more than one input (required positional or
-    keyword-only parameters beyond the first): ptq2tvm traces and compiles single-input models."""
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_VAR = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+_ONLY_X = "ptq2tvm supports forward(x) (plus arguments with defaults, which take their defaults)"
+
+
+def _forward_params(model: nn.Module) -> list[inspect.Parameter] | None:
+    """The parameters of ``model.forward`` (``self`` excluded), or None when it has no readable signature."""
     try:
-        params = inspect.signature(model.forward).parameters.values()
+        return list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):     # no signature to read (a C extension): the trace decides
+        return None
+
+
+def _signature_text(params: list[inspect.Parameter]) -> str:
+    """``forward(x, *args, scale=...)``: the parameter names of ``forward`` (annotations and defaults left out),
+    for messages."""
+    prefix = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    names = [prefix.get(p.kind, "") + p.name + ("=..." if p.default is not inspect.Parameter.empty else "")
+             for p in params]
+    return f"forward({', '.join(names)})"
+
+
+def check_single_input(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model.forward`` takes one input: a first parameter ``x`` (not
+    ``*xs`` / ``**kw``), and beyond it only parameters with defaults (they take their defaults, as at inference),
+    ``*args`` or ``**kwargs`` (traced empty: :func:`_symbolic_trace` refuses a model that then uses them). ptq2tvm
+    traces and compiles single-input models."""
+    params = _forward_params(model)
+    if params is None:
         return
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-             inspect.Parameter.KEYWORD_ONLY)
+    if not params:
+        raise UnsupportedModelError(f"model forward() takes no input; {_ONLY_X}")
+    if params[0].kind in _VAR:
+        raise UnsupportedModelError(f"model {_signature_text(params)} takes its input as "
+                                    f"{_signature_text(params[:1])[8:-1]}; {_ONLY_X}")
+    kinds = _POSITIONAL + (inspect.Parameter.KEYWORD_ONLY,)
     required = [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
     if len(required) > 1:
         raise UnsupportedModelError(f"model forward() takes {len(required)} inputs ({', '.join(required)}); ptq2tvm "
                                     "quantizes single-input models (wrap it in a module whose forward(x) supplies "
                                     "the others)")
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    """``fx.symbolic_trace(model)`` with one placeholder, the input: every parameter of ``forward`` after the first
+    that has a default is traced with its default (fx ``concrete_args``; the placeholder fx keeps for it and the
+    assertion on its value are removed), and ``*args`` / ``**kwargs`` must go unused (they are traced empty: their
+    placeholders are removed). One line naming the parameter when the model needs one of them."""
+    params = _forward_params(model)
+    concrete = {p.name: p.default for p in (params or [])[1:]
+                if p.kind not in _VAR and p.default is not inspect.Parameter.empty}
+    var = [p for p in (params or [])[1:] if p.kind in _VAR]
+    tracer = fx.Tracer()
+    try:
+        with warnings.catch_warnings():     # "Was not able to add assertion ..." for a non-scalar default
+            warnings.simplefilter("ignore")
+            graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as e:  # fx raises many exception types
+        extra = (f" ({_signature_text(params)}: *args / **kwargs are traced empty; {_ONLY_X})"
+                 if var and params is not None else "")
+        raise UnsupportedModelError(f"torch.fx cannot trace the model: {type(e).__name__}: "
+                                    f"{(str(e).strip().splitlines() or [''])[0]}{extra}") from e
+    # before the GraphModule is made: fx cannot generate code for a placeholder whose default is a tensor
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        for user in list(ph.users):         # the specialization checks fx adds: _assert_is_none(y), _assert(y == 1.0)
+            _erase_assertion(graph, user)
+        if ph.users:
+            raise UnsupportedModelError(f"model {_signature_text(params or [])} uses its argument {ph.target} as a "
+                                        f"second input; {_ONLY_X}")
+        graph.erase_node(ph)
+    graph.lint()
+    try:
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as e:  # code generation: a constant fx cannot print
+        raise UnsupportedModelError(f"torch.fx cannot trace the model: {type(e).__name__}: "
+                                    f"{(str(e).strip().splitlines() or [''])[0]}") from e
+
+
+#: (function, identity element, the positions the tensor may take): x * 1, 1 * x, x / 1, x + 0, 0 + x, x - 0
+_IDENTITY_ARITHMETIC = ((operator.mul, 1, (0, 1)), (torch.mul, 1, (0, 1)), (operator.truediv, 1, (0,)),
+                        (torch.div, 1, (0,)), (operator.add, 0, (0, 1)), (torch.add, 0, (0, 1)),
+                        (operator.sub, 0, (0,)), (torch.sub, 0, (0,)))
+
+
+def _drop_identity_arithmetic(gm: fx.GraphModule) -> None:
+    """Remove ``x * 1``, ``x / 1``, ``x + 0`` and ``x - 0`` on a float tensor (after :func:`propagate_shapes`): an
+    optional argument traced with its default (``forward(x, *, scale=1.0): return y * scale``) leaves them, and they
+    compute nothing."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or len(node.args) != 2 or node.kwargs:
+            continue
+        for fn, unit, positions in _IDENTITY_ARITHMETIC:
+            if node.target is not fn:
+                continue
+            for pos in positions:
+                t, c = node.args[pos], node.args[1 - pos]
+                meta = t.meta.get("tensor_meta") if isinstance(t, fx.Node) else None
+                if (meta is not None and getattr(meta, "dtype", None) in (torch.float32, torch.float64)
+                        and type(c) in (int, float) and c == unit and tuple(meta.shape) == tuple(
+                            getattr(node.meta.get("tensor_meta"), "shape", ()))):
+                    node.replace_all_uses_with(t)
+                    gm.graph.erase_node(node)
+                    changed = True
+                    break
+            break
+    if changed:
+        gm.recompile()
+
+
+def _erase_assertion(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node`` when it is one of fx's checks on a specialized argument (``_assert_is_none(y, msg)``, or
+    ``_assert(y == v, msg)`` with its comparison); leave anything else."""
+    asserts = (torch._assert, getattr(fx._symbolic_trace, "_assert_is_none", None))
+    if node.op != "call_function":
+        return
+    if node.target in asserts and not node.users:
+        graph.erase_node(node)
+    elif node.target is operator.eq and all(u.op == "call_function" and u.target is torch._assert and not u.users
+                                            for u in node.users):
+        for u in list(node.users):
+            graph.erase_node(u)
+        graph.erase_node(node)
 
 
 class _ShapeProp(ShapeProp):

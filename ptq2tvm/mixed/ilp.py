@@ -11,16 +11,19 @@ One binary variable x[i, c] per layer i and candidate setting c (e.g. W4A8); exa
 solved exactly with ``scipy.optimize.milp`` (HiGHS branch and bound). Costs are additive per layer; a constant part
 (kernels that are not conv/linear layers) is subtracted from the budget by the caller.
 
-The solution does not depend on the unit of the sensitivities: HiGHS stops once its gap is under an *absolute*
-1e-6, so the objective is divided by its largest coefficient (sensitivities of 1e-15..1e-5, as a Hessian trace of
-a small layer gives, would otherwise all look equal to it), the relative gap is 0, and a last pass moves each layer
-to a less sensitive candidate while every budget and tie still holds (what is left below the absolute gap).
+The solution does not depend on the units of the sensitivities or the costs. HiGHS stops once its gap is under an
+*absolute* 1e-6 and accepts a row ~1e-7 over its limit, so: each budget row is divided by its budget; each
+layer's least sensitive candidate is shifted to 0 and the objective divided by its largest coefficient (relative gap
+0); when the plan found is under half that coefficient, the candidates above it (which no better plan can hold)
+are dropped and the problem solved again at the new scale (Hessian sensitivities of 1e-15..1e-5 otherwise all look
+equal); a plan over a budget by more than 1e-9 of it is solved again with the budget tightened; a last pass moves
+single layers to less sensitive candidates while every budget and tie holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -61,20 +64,25 @@ def solve_allocation(sens: np.ndarray, costs: dict[str, np.ndarray], budgets: di
     if empty:
         raise QuantConfigError(f"no allowed candidate for layer(s) {', '.join(empty)}")
     n = n_layers * n_cand
-    c = np.where(allowed, sens, 0.0).reshape(n)
+    cost_mats = {k: np.asarray(costs[k], dtype=np.float64) for k in budgets}
     rows, lo, hi = [], [], []
     for i in range(n_layers):                                   # one-hot per layer
         r = np.zeros(n)
         r[i * n_cand:(i + 1) * n_cand] = 1
         rows.append(r), lo.append(1.0), hi.append(1.0)
+    budget_rows = []
     for k, budget in budgets.items():
-        cost = np.asarray(costs[k], dtype=np.float64)
+        cost = cost_mats[k]
         if cost.shape != sens.shape:
             raise ValueError(f"cost {k!r} has shape {cost.shape}, expected {sens.shape}")
         if smallest_total(cost, allowed) > budget * (1 + 1e-9):
             raise QuantConfigError(f"no bit allocation fits the {k} budget {budget:.6g}: the smallest reachable "
                                    f"total is {smallest_total(cost, allowed):.6g}")
-        rows.append(np.where(allowed, cost, 0.0).reshape(n)), lo.append(-np.inf), hi.append(float(budget))
+        # rows in units of the budget: HiGHS's feasibility tolerance is absolute (~1e-7), a real share of a
+        # budget of microseconds given in seconds
+        unit = max(abs(float(budget)), float(np.abs(np.where(allowed, cost, 0.0)).max()), 1e-300)
+        budget_rows.append(len(rows))
+        rows.append(np.where(allowed, cost, 0.0).reshape(n) / unit), lo.append(-np.inf), hi.append(budget / unit)
     if tied:
         if a_bits is None:
             raise ValueError("tied layers need the candidates' a_bits")
@@ -86,20 +94,56 @@ def solve_allocation(sens: np.ndarray, costs: dict[str, np.ndarray], budgets: di
                     r[i * n_cand:(i + 1) * n_cand] = a_bits == a
                     r[j * n_cand:(j + 1) * n_cand] -= a_bits == a
                     rows.append(r), lo.append(0.0), hi.append(0.0)
-    scale = float(np.abs(c).max()) if n else 0.0
-    res = milp(c / scale if scale > 0 else c, constraints=LinearConstraint(np.array(rows), lo, hi),
-               integrality=np.ones(n), bounds=Bounds(np.zeros(n), allowed.reshape(n).astype(float)),
-               options={"mip_rel_gap": 0.0})
-    if res.x is None:
-        raise QuantConfigError(f"no bit allocation satisfies the budgets {budgets} together "
-                               f"(with layers that read the same tensor sharing activation bits): {res.message}")
-    x = np.rint(res.x).reshape(n_layers, n_cand)
-    choice = [int(v) for v in x.argmax(axis=1)]
-    choice = _improve_locally(choice, sens, {k: np.asarray(costs[k], dtype=np.float64) for k in budgets}, budgets,
-                              None if a_bits is None else np.asarray(a_bits), tied)
+    # each layer's least sensitive candidate at 0 (a constant per layer, since exactly one is chosen): every
+    # coefficient >= 0, so a candidate above the best total found cannot be in a better plan
+    rel = np.where(allowed, sens - np.where(allowed, sens, np.inf).min(axis=1, keepdims=True), np.inf)
+
+    def fits(ch: list[int]) -> bool:
+        return all(cost_mats[k][range(n_layers), ch].sum() <= budgets[k] + 1e-9 * abs(budgets[k]) for k in budgets)
+
+    best, usable = None, allowed.copy()
+    for _ in range(8):
+        choice = _solve(rel, usable, np.array(rows), lo, hi, budget_rows, fits, n_layers, n_cand)
+        if choice is None:
+            if best is None:
+                raise QuantConfigError(f"no bit allocation satisfies the budgets {budgets} together (with layers "
+                                       "that read the same tensor sharing activation bits)")
+            break
+        obj = float(rel[range(n_layers), choice].sum())
+        if best is not None and obj >= best[1]:
+            break
+        best = (choice, obj)
+        scale = float(rel[usable].max())
+        if obj == 0.0 or obj > 0.5 * scale:       # the 1e-6 gap is < 2e-6 of this objective: optimal enough
+            break
+        usable = usable & (rel <= obj)          # refine: only candidates that can be in a plan this good
+    choice = _improve_locally(best[0], sens, cost_mats, budgets, None if a_bits is None else np.asarray(a_bits), tied)
     totals = {k: float(sum(np.asarray(costs[k])[i, ch] for i, ch in enumerate(choice))) for k in budgets}
     obj = float(sum(sens[i, ch] for i, ch in enumerate(choice)))
     return Allocation(choice, obj, totals, dict(budgets))
+
+
+def _solve(rel: np.ndarray, usable: np.ndarray, rows: np.ndarray, lo: list[float], hi: list[float],
+           budget_rows: list[int], fits: Callable[[list[int]], bool], n_layers: int,
+           n_cand: int) -> list[int] | None:
+    """One HiGHS solve over the ``usable`` candidates, objective ``rel`` scaled to its largest usable coefficient,
+    relative gap 0. A plan over a budget by more than 1e-9 of it (HiGHS accepts rows ~1e-7 over their limit) is
+    solved again with the budget rows tightened; None when infeasible."""
+    n = n_layers * n_cand
+    c = np.where(usable, rel, 0.0).reshape(n)
+    scale = float(c.max()) if n else 0.0
+    hi = np.array(hi, dtype=np.float64)
+    for tighten in (0.0, 1e-7, 1e-6, 1e-5):
+        h = hi.copy()
+        h[budget_rows] -= tighten * np.maximum(np.abs(h[budget_rows]), 1.0)
+        res = milp(c / scale if scale > 0 else c, constraints=LinearConstraint(rows, lo, h), integrality=np.ones(n),
+                   bounds=Bounds(np.zeros(n), usable.reshape(n).astype(float)), options={"mip_rel_gap": 0.0})
+        if res.x is None:
+            return None
+        choice = [int(v) for v in np.rint(res.x).reshape(n_layers, n_cand).argmax(axis=1)]
+        if fits(choice):
+            return choice
+    return None
 
 
 def _improve_locally(choice: list[int], sens: np.ndarray, costs: dict[str, np.ndarray], budgets: dict[str, float],
