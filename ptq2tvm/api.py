@@ -33,7 +33,7 @@ from . import __version__
 from .backend.compile import CompileResult, compile_graph, file_sha256
 from .atomic import copy_file, write_json  # noqa: F401  (write_json re-exported: ptq2tvm.api.write_json)
 from .backend.runtime import CompiledModel
-from .errors import ArtifactError, DataError, QuantConfigError, not_found
+from .errors import ArtifactError, DataError, QuantConfigError, first_line, not_found
 from .fold.fold import fold_to_integer
 from .frontend.calibrate import quantize_rtn
 from .frontend.qmodel import QuantConfig, QuantModel, atomic_torch_save, pickled_code
@@ -208,7 +208,7 @@ def build_model(spec: ModelSpec, fallback_dir: str | Path | None = None) -> nn.M
         try:
             mod_spec.loader.exec_module(module)
         except Exception as e:
-            raise ArtifactError(f"cannot import {file}: {_first_line(e)}") from e
+            raise ArtifactError(f"cannot import {file}: {first_line(e)}") from e
         finally:
             if folder in sys.path:
                 sys.path.remove(folder)
@@ -230,19 +230,13 @@ def build_model(spec: ModelSpec, fallback_dir: str | Path | None = None) -> nn.M
     return model.eval()
 
 
-def _first_line(e: BaseException) -> str:
-    """``Type: first line of the message`` of an exception (torch's messages run over many lines)."""
-    text = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def _call_factory(factory: Any, name: str, kwargs: dict[str, Any]) -> nn.Module:
     """``factory(**kwargs)``, which must return an ``nn.Module``; :class:`ArtifactError` naming ``name`` (and the
     kwargs) when it raises or returns something else."""
     try:
         model = factory(**kwargs)
     except Exception as e:
-        raise ArtifactError(f"{name} raised {_first_line(e)} (with --model-kwargs '{json.dumps(kwargs)}')") from e
+        raise ArtifactError(f"{name} raised {first_line(e)} (with --model-kwargs '{json.dumps(kwargs)}')") from e
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -297,7 +291,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ArtifactError(_pickled_module(path, e) or f"cannot read checkpoint {path}: {_first_line(e)}") from e
+        raise ArtifactError(_pickled_module(path, e) or f"cannot read checkpoint {path}: {first_line(e)}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if isinstance(sd, dict):
@@ -376,7 +370,7 @@ def safe_torch_load(path: Path, what: str, trust_code: bool = False) -> Any:
             raise ArtifactError(f"{path}: refusing to load the {what}: the file contains pickled Python objects, "
                                 f"which run code when loaded ({code}). Load it with trust_code=True "
                                 "(CLI: --trust-code) only if you made it yourself") from None
-        raise ArtifactError(f"cannot read the {what} {path}: {_first_line(e)}") from e
+        raise ArtifactError(f"cannot read the {what} {path}: {first_line(e)}") from e
 
 
 def load_fp32(path: str | Path, trust_code: bool = False) -> nn.Module:
@@ -404,7 +398,7 @@ def load_fp32(path: str | Path, trust_code: bool = False) -> nn.Module:
     try:
         model.load_state_dict(blob["state_dict"], strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"{path}: the state_dict does not fit the model {spec.name!r}: {_first_line(e)}") from e
+        raise ArtifactError(f"{path}: the state_dict does not fit the model {spec.name!r}: {first_line(e)}") from e
     return model.eval()
 
 

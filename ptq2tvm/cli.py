@@ -215,10 +215,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .data import calibration_dataset, check_fidelity_images, holdout_set
     from .frontend.qmodel import QuantConfig
     from .reconstruct import ReconSettings
-
-    check_fidelity_images(args.fidelity_images)
     from .reconstruct.checkpoint import Checkpoint
     from .reconstruct import cliargs as recon_cliargs
+
+    check_fidelity_images(args.fidelity_images)
 
     t0 = time.perf_counter()
     config = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, first_last_8bit=not args.no_first_last_8bit)

@@ -34,6 +34,12 @@ class TargetError(Ptq2TvmError, ValueError):
     """A ``--target`` that names no known CPU/GPU target, or a build whose CPU features this host lacks."""
 
 
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` of an exception (torch's and fx's messages run over many lines)."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 #: the files of a run directory (:class:`ptq2tvm.api.RunDir`) an error can name, and the command that writes each
 RUN_FILES = {"run.json": "quantize", "model.qgraph.npz": "quantize", "model.so": "compile"}
 

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, first_line
 from ..ops.base import FLOAT_OPS, FUNCTION_HANDLERS, METHOD_HANDLERS, Unsupported, module_handler
 from ..ops.shape import collapse_channel_shuffles
 from .graph import FloatGraph, FloatNode
@@ -384,8 +384,7 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     except Exception as e:  # fx raises many exception types
         extra = (f" ({_signature_text(params)}: *args / **kwargs are traced empty; {_ONLY_X})"
                  if var and params is not None else "")
-        raise UnsupportedModelError(f"torch.fx cannot trace the model: {type(e).__name__}: "
-                                    f"{(str(e).strip().splitlines() or [''])[0]}{extra}") from e
+        raise UnsupportedModelError(f"torch.fx cannot trace the model: {first_line(e)}{extra}") from e
     # before the GraphModule is made: fx cannot generate code for a placeholder whose default is a tensor
     for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
         for user in list(ph.users):         # the specialization checks fx adds: _assert_is_none(y), _assert(y == 1.0)
@@ -398,8 +397,7 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:  # code generation: a constant fx cannot print
-        raise UnsupportedModelError(f"torch.fx cannot trace the model: {type(e).__name__}: "
-                                    f"{(str(e).strip().splitlines() or [''])[0]}") from e
+        raise UnsupportedModelError(f"torch.fx cannot trace the model: {first_line(e)}") from e
 
 
 #: (function, identity element, the positions the tensor may take): x * 1, 1 * x, x / 1, x + 0, 0 + x, x - 0

@@ -165,7 +165,7 @@ def _improve_locally(choice: list[int], sens: np.ndarray, costs: dict[str, np.nd
                 if i in in_group and a_bits is not None and a_bits[cand] != a_bits[cur]:
                     continue
                 new = {k: totals[k] - costs[k][i, cur] + costs[k][i, cand] for k in budgets}
-                if all(new[k] <= budgets[k] * (1 + 1e-9) for k in budgets):
+                if all(new[k] <= budgets[k] + 1e-9 * abs(budgets[k]) for k in budgets):
                     choice[i], totals, improved = cand, new, True
                     break
     return choice
