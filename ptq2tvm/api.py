@@ -79,6 +79,11 @@ class RunDir:
         return self.path / "model.qgraph.npz"
 
     @property
+    def is_run(self) -> bool:
+        """Whether the folder holds a run (run.json, or the integer graph of a save that has not finished)."""
+        return self.info_path.is_file() or self.qgraph.is_file()
+
+    @property
     def so(self) -> Path:
         return self.path / "model.so"
 
@@ -138,15 +143,15 @@ class RunDir:
 
         Only what ptq2tvm wrote goes: a library whose sidecar names another graph (``model.so`` without a sidecar
         too, in a run directory), a bundle whose model.json names another graph, ONNX files carrying another graph's
-        digest; ``parity.json`` / ``latency.*`` only in a run directory. ``is_run``: whether the folder is one (has
-        run.json or model.qgraph.npz; the default looks now; :func:`save_run` looks before it removes run.json). A
+        digest; ``parity.json`` / ``latency.*`` only in a run directory. ``is_run``: whether the folder is one
+        (default :attr:`is_run` now; :func:`save_run` looks before it removes run.json). A
         user's folder given as ``--out`` keeps their ``libfoo.so``, ``parity.json`` or a folder with a
         run_model.py. Returns the names removed."""
         removed: list[str] = []
         if not self.path.is_dir():
             return removed
         if is_run is None:
-            is_run = self.info_path.is_file() or self.qgraph.is_file()
+            is_run = self.is_run
         for so in sorted(self.path.glob("*.so")):
             meta = so.with_suffix(".json")
             digest = _json_field(meta, "graph_sha256")
@@ -463,8 +468,9 @@ def export_onnx(graph: IntegerGraph, path: str | Path, **kwargs: Any) -> Any:
     return _export(graph, path, **kwargs)
 
 
-#: fewer calibration images than this get a warning (:func:`check_calibration`)
+#: fewer calibration images than this get a warning (:func:`check_calibration`), which starts with FEW_IMAGES_NOTE
 FEW_CALIBRATION_IMAGES = 128
+FEW_IMAGES_NOTE = "only {n} calibration image(s)"
 
 
 def check_calibration(model: nn.Module, images: np.ndarray, source: str | None = None) -> list[str]:
@@ -479,7 +485,7 @@ def check_calibration(model: nn.Module, images: np.ndarray, source: str | None =
     check_input_channels(model, images, source=source)
     notes = input_scale_notes(model, images)
     if len(images) < FEW_CALIBRATION_IMAGES:
-        notes.append(f"only {len(images)} calibration image(s): reconstruction and activation ranges need a few "
+        notes.append(FEW_IMAGES_NOTE.format(n=len(images)) + ": reconstruction and activation ranges need a few "
                      f"hundred (at least {FEW_CALIBRATION_IMAGES}, ideally 512: --calib-size and enough data)")
     return notes
 
@@ -533,7 +539,7 @@ def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantMod
     created = not run.path.exists()
     run.path.mkdir(parents=True, exist_ok=True)
     digest = graph.digest()
-    is_run = run.info_path.is_file() or run.qgraph.is_file()
+    is_run = run.is_run
     run.info_path.unlink(missing_ok=True)
     run.superseded = run.invalidate(digest, is_run)
     try:

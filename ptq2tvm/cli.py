@@ -210,8 +210,8 @@ def _data_kwargs(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from .api import (RunDir, check_calibration, fidelity, quantize_with_report, save_run, stored_weight_bytes,
-                      to_integer)
+    from .api import (FEW_IMAGES_NOTE, RunDir, check_calibration, fidelity, quantize_with_report, save_run,
+                      stored_weight_bytes, to_integer)
     from .data import calibration_dataset, check_fidelity_images, holdout_set
     from .frontend.qmodel import QuantConfig
     from .reconstruct import ReconSettings
@@ -320,7 +320,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         advice = low_fidelity_advice(args.method, args.adaqtransform, args.iters, (args.w_bits, args.a_bits),
                                      mixed=bool(qm.config.layer_w_bits or qm.config.layer_a_bits))
         print("  " + fid.summary(advice).replace("\n", "\n  "))
-        looks = [n for n in notes if not n.startswith("only ")]     # not api.check_calibration's too-few-images note
+        few = FEW_IMAGES_NOTE.format(n=len(calib))
+        looks = [n for n in notes if not n.startswith(few)]          # notes on how the images look, not their count
         if looks:
             print(f"  warning: {len(looks)} data warning(s) above: this fidelity is measured on images like the "
                   "calibration images, so it cannot show that they are preprocessed differently from what the model "

@@ -275,10 +275,7 @@ def onnx_to_torch(path: str | Path) -> fx.GraphModule:
     Raises :class:`ArtifactError` (missing, corrupted, fails onnx.checker) or :class:`UnsupportedModelError` (naming
     every unsupported ONNX node)."""
     model, names = prepare_onnx(load_onnx(path), path)
-    inits = {i.name for i in model.graph.initializer}
-    inp = next(i for i in model.graph.input if i.name not in inits)
-    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                 for d in inp.type.tensor_type.shape.dim)
+    inp, dims = _graph_input(model)
     o2t = _import_onnx2torch()
     try:
         gm = o2t.convert(model)
@@ -290,11 +287,16 @@ def onnx_to_torch(path: str | Path) -> fx.GraphModule:
     return gm
 
 
-def onnx_input_shape(path: str | Path) -> tuple[int, ...] | None:
-    """(C, H, W) of the ONNX model's input when fixed, else None."""
-    model = load_onnx(path)
+def _graph_input(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, tuple[int | None, ...]]:
+    """The graph's data input (the first input that is not an initializer) and its dimensions: an int where fixed,
+    None where dynamic (a symbolic or 0 dim)."""
     inits = {i.name for i in model.graph.initializer}
     inp = next(i for i in model.graph.input if i.name not in inits)
-    dims = inp.type.tensor_type.shape.dim
-    vals = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return inp, tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                      for d in inp.type.tensor_type.shape.dim)
+
+
+def onnx_input_shape(path: str | Path) -> tuple[int, ...] | None:
+    """(C, H, W) of the ONNX model's input when fixed, else None."""
+    vals = _graph_input(load_onnx(path))[1]
     return tuple(vals[1:]) if len(vals) == 4 and all(v for v in vals[1:]) else None

@@ -174,6 +174,11 @@ def _bias_limit(qm, name: str) -> float:
     return float(min(FIT_LIMIT, (1 << 27) / max(m_res, 1e-30)))
 
 
+_ZERO_WEIGHTS = (", {n} channel(s) with all-zero integer weights: they output their bias alone (zero weights, or "
+                 "weights that round to 0 at the raised scale: typical of an input that is (nearly) constant on the "
+                 "calibration images)")
+
+
 def _fit_weights(qm, max_rounds: int, warn: bool) -> list[LayerFit]:
     fits: list[LayerFit] = []
     for key, layer in qm.layers.items():
@@ -204,7 +209,7 @@ def _fit_weights(qm, max_rounds: int, warn: bool) -> list[LayerFit]:
     if fits and warn:
         warnings.warn("int32 accumulator bound: raised the weight scale of " + "; ".join(
             f"layer '{f.layer}' channel(s) {f.channels[:8]}{'...' if len(f.channels) > 8 else ''} (x{f.factor:.3g}"
-            f"{f', {f.zero_weight_channels} channel(s) with all-zero integer weights: they output their bias alone (zero weights, or weights that round to 0 at the raised scale: typical of an input that is (nearly) constant on the calibration images)' if f.zero_weight_channels else ''})"
+            f"{_ZERO_WEIGHTS.format(n=f.zero_weight_channels) if f.zero_weight_channels else ''})"
             for f in fits), RuntimeWarning, stacklevel=2)
     return fits
 
