@@ -168,8 +168,12 @@ def test_amx_target_detection(monkeypatch):
     monkeypatch.setenv(K.AMX_ENV, "1")
     assert K.target_has_amx(SPR)
     monkeypatch.delenv(K.AMX_ENV)
+    # a virtualized Sapphire Rapids: cpuinfo has AMX, LLVM names the CPU 'rocketlake' (AVX-512, no AMX); both are
+    # faked so that the check does not depend on this host's CPU
+    monkeypatch.setattr("tvm.target.codegen.llvm_get_system_cpu", lambda: "rocketlake")
     monkeypatch.setattr("ptq2tvm.backend.isa.host_cpu_flags", lambda: {"avx2", "avx512_vnni", "amx_int8",
                                                                         "amx_tile"})
+    assert C.host_target()["mcpu"] == "rocketlake" and C.host_target()["mattr"] == ["+amx-tile", "+amx-int8"]
     assert K.target_has_amx(tvm.target.Target(C.host_target()))
     monkeypatch.setattr("ptq2tvm.backend.isa.host_cpu_flags", lambda: {"avx2", "avx512_vnni", "avx512bw"})
     t = C.host_target()
