@@ -69,7 +69,9 @@ def _resolve_model(args: argparse.Namespace):
 
         if args.model not in list_models():
             build_model(spec)  # the unknown-name error (with a suggestion)
-        notice = training_notice(args.model, args.data)
+        import torch
+
+        notice = training_notice(args.model, args.data, threads=torch.get_num_threads())
         if notice:
             print(notice, file=sys.stderr)
         model, info = train_builtin(args.model, dataset=args.data, progress=not args.no_progress)

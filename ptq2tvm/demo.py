@@ -21,9 +21,10 @@ TRAIN_SECONDS_PER_EPOCH = {("resnet_small", "fashion-mnist"): 97.0, ("mobilenet_
                            ("resnet_small", "digits"): 1.0, ("mobilenet_v2_small", "digits"): 1.0}
 
 
-def training_notice(model: str, data: str, epochs: int | None = None, seed: int = 0) -> str | None:
+def training_notice(model: str, data: str, epochs: int | None = None, seed: int = 0,
+                    threads: int = 2) -> str | None:
     """What :func:`ptq2tvm.train.train_builtin` is about to do when ``model`` is not cached yet (training, how
-    long on 2 cores, where it is cached); None when the cached checkpoint will be loaded."""
+    long with ``threads`` threads, where it is cached); None when the cached checkpoint will be loaded."""
     from .data import builtin_name
     from .train import checkpoint_key, default_cache_dir, recipe_for
 
@@ -35,7 +36,11 @@ def training_notice(model: str, data: str, epochs: int | None = None, seed: int 
     if (cache / f"{checkpoint_key(model, ds, recipe, seed)}.pt").is_file():
         return None
     per_epoch = TRAIN_SECONDS_PER_EPOCH.get((model, ds))
-    how_long = (f"about {per_epoch * recipe.epochs / 60:.0f} min on 2 CPU cores" if per_epoch and per_epoch > 30
+    minutes = per_epoch * recipe.epochs / 60 if per_epoch else 0.0
+    if threads < 2:     # one thread: measured 2.4x the 2-thread time (AVX2 EPYC, resnet_small, 2026-12-02)
+        minutes *= 2.4
+    how_long = (f"about {minutes:.0f} min with {threads} thread{'s' * (threads != 1)} on a recent x86 CPU, more on "
+                "an older one: the progress bar shows the time left" if minutes > 0.5
                 else "under a minute" if per_epoch else "time unknown for this model")
     return (f"no --checkpoint and no cached {model} for {ds}: training it first ({recipe.epochs} epochs, {how_long}; "
             f"once: cached in {cache})")
@@ -71,7 +76,7 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
         threads = auto_threads(2, what="the demo (PyTorch, the .so, ONNX Runtime, OpenVINO) runs")
     torch.set_num_threads(threads)
     set_num_threads(threads)
-    notice = training_notice(model, data)
+    notice = training_notice(model, data, threads=threads)
     if notice:
         print(notice, flush=True)
     fp_model, train_info = train_builtin(model, dataset=data, progress=progress)

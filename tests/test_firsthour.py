@@ -228,7 +228,10 @@ def test_help_shows_defaults_and_training_is_announced(tmp_path, monkeypatch):
     from ptq2tvm.demo import training_notice
 
     note = training_notice("resnet_small", "fashion-mnist")
-    assert note and "training it first (6 epochs, about 10 min on 2 CPU cores" in note and str(tmp_path) in note
+    assert note and "training it first (6 epochs, about 10 min with 2 threads" in note and str(tmp_path) in note
+    assert "the progress bar shows the time left" in note
+    # one thread (a busy machine): the estimate grows with it (2.4x, measured)
+    assert "about 23 min with 1 thread on" in training_notice("resnet_small", "fashion-mnist", threads=1)
 
 
 def test_demo_summary_says_when_the_int8_baselines_have_7_bit_weights(capsys):
