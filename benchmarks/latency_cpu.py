@@ -97,8 +97,10 @@ def markdown_footer(args: argparse.Namespace, host: dict, loads: list[float], ro
     ov = "; ".join(f"{m} b{b} {rt}: {k}" for m, b, rt, k in kernels) or "OpenVINO not installed"
     return (f"Host: {host['model_name']} ({host['logical_cpus']} logical CPUs, LLVM cpu {host['llvm_cpu']}, int8 ISA "
             f"{host['isa']}). 1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run (sampled per "
-            f"group): the machine was shared with other jobs, so absolute times are inflated and noisy; the runtimes "
-            f"of one group run interleaved in one process, so their ratios are the comparable numbers."
+            + ("group; no higher than the core count, which the benchmark's own threads alone reach)"
+               if max(loads) <= (host["logical_cpus"] or 1) else
+               "group): the machine was shared with other jobs, so absolute times are inflated and noisy")
+            + "; the runtimes of one group run interleaved in one process, so their ratios are the comparable numbers."
             + (" One thread per runtime: on a host this oversubscribed, every runtime's parallel regions wait for "
                "descheduled workers (here the 28x28 .so took 0.7 s per call with 2 threads, 1 ms with 1)."
                if args.threads == 1 and max(loads) > 2 * (host["logical_cpus"] or 1) else "")

@@ -196,11 +196,26 @@ def _packed_weight(wt: te.Tensor, layout: str, ric, rkh, rkw, rcf, rcs):
     return lambda o, oc: wt[o, ric, rkh, rkw, rcf, rcs // 2, oc, rcs % 2].astype("int32")
 
 
+#: output-block annotation of a conv that reduces over its real four-channel steps (value: how many)
+CHUNKED_REDUCTION_ATTR = "chunked_reduction"
+
+
+def _real_chunks(in_channels: int | None, cb: int, cf: int, ngroups: int, kh: int, kw: int) -> int | None:
+    """How many four-channel reduction steps a dense 1x1 conv over ``cb`` blocks of ``4 * cf`` channels needs for
+    ``in_channels`` real ones, when that skips at least one all-padding step; else None (the block reduction)."""
+    if in_channels is None or ngroups != 1 or (kh, kw) != (1, 1) or cf != BLOCK // 4:
+        return None
+    chunks = -(-int(in_channels) // 4)
+    if not 0 < chunks <= cb * cf:
+        raise ValueError(f"in_channels={in_channels} does not fit the input's {cb} blocks of {4 * cf} channels")
+    return chunks if chunks < cb * cf else None
+
+
 def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.Tensor, shift: te.Tensor,
                          *residual: te.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
                          input_zero_point: int = 0, output_zero_point: int = 0, lo: int = 0, hi: int = 255,
                          residual_zero_point: int = 0, isa: str = "vnni", ubsw_exact: bool = False,
-                         i16_group: int = 0, shift_ge32: bool = False) -> te.Tensor:
+                         i16_group: int = 0, shift_ge32: bool = False, in_channels: int | None = None) -> te.Tensor:
     """Fused conv + bias + requant (+ residual) in the blocked layout.
 
     x        uint8 (N, CB, H, W, icb)            blocked input (icb = 16 inside the net, 4 for the first conv)
@@ -222,6 +237,10 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     per step and one ``vpmaddwd`` flush per group.
     ``shift_ge32``: the caller proved every channel's shift >= 32
     (:func:`kernels.layout.shifts_allow_int32_epilogue`): the cheaper exact epilogue of :func:`requant_expr`.
+    ``in_channels``: the layer's real input channels (None: every channel of the blocks). A dense 1x1 conv whose
+    channels end inside the last block by at least 4 (MobileNetV2's 24, EfficientNet's 40) reduces over
+    ``ceil(in_channels / 4)`` four-channel steps (one flat ``rq`` axis, :data:`CHUNKED_REDUCTION_ATTR` on the output)
+    instead of whole blocks: the padded channels' products (zero weights) are skipped, same integers.
     Raises ValueError for inconsistent shapes, dtypes or an ``i16_group`` the weights do not allow.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
@@ -279,6 +298,15 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
                              f"of the {cbg} input blocks per group")
         acc = _acc_int16_groups(x_at, wt, (n, ob, oh, ow), cbg, int(i16_group), (kh, kw, cf))
         extra["i16_group"] = int(i16_group)
+    elif (chunks := _real_chunks(in_channels, cb, cf, ngroups, kh, kw)) is not None:
+        rq = te.reduce_axis((0, chunks), "rq")
+        wq = _packed_weight(wt, layout, rq // cf, rkh, rkw, rq % cf, rcs)
+        acc = te.compute((n, ob, oh, ow, BLOCK),
+                         lambda b, o, i, j, oc: te.sum(
+                             x_at(b, o, i, j, rq // cf, rkh, rkw, (rq % cf) * 4 + rcs).astype("int32") * wq(o, oc),
+                             axis=[rq, rkh, rkw, rcs]),
+                         name="acc")
+        extra[CHUNKED_REDUCTION_ATTR] = chunks
     else:
         acc = te.compute((n, ob, oh, ow, BLOCK),
                          lambda b, o, i, j, oc: te.sum(xin(b, o, i, j) * wv(o, oc), axis=[ric, rkh, rkw, rcf, rcs]),

@@ -43,7 +43,7 @@ from .intrin import (register_avx2_intrinsic, register_avx2w_intrinsic, register
                      register_taps_intrinsic, register_ubsw16_intrinsic, register_ubsw_intrinsic,
                      register_vnni_intrinsic, register_widen16_intrinsic)
 from .border import BORDER_ATTR, SKIP_ATTR, skip_zero_border
-from .ops import KERNEL_ATTR
+from .ops import CHUNKED_REDUCTION_ATTR, KERNEL_ATTR
 
 OP_PATTERN_OPAQUE = 8
 SCHEDULED_ATTR = "tirx.is_scheduled"     # TVM 0.27's name (dlight skips these); "tir.is_scheduled" is ignored now
@@ -245,7 +245,12 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
             raise ValueError(f"int16-accumulator conv kernels (i16_group) run only on AVX2 (vpmaddubsw); target ISA "
                              f"{isa or layout}")
         return _schedule_conv_int16(sch, out, acc, acc16, pad, unpack, tile, threads)
-    n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
+    if CHUNKED_REDUCTION_ATTR in sch.get(out).annotations:    # one flat axis of real 4-channel steps (1x1)
+        n, ob, oh, ow, oc, rq, rkh, rkw, rcs = sch.get_loops(acc)
+        reduction, first_step, step = [rq, rkh, rkw], rq, rq
+    else:
+        n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
+        reduction, first_step, step = [ric, rkh, rkw, rcf], ric, rcf
     ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
     per_task = unpack is not None and unpack_at == "task"
     if tile is None and per_task:
@@ -256,19 +261,18 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     if BORDER_ATTR in sch.get(out).annotations and tile.P == ext[3]:
         # a zero border and a register tile spanning the output row: skip the border taps (kernels.border)
         sch.annotate(out, SKIP_ATTR, 1)
-    par, (obi, ohi, owi) = _tile_conv(sch, out, (n, ob, oh, ow), tile, [ric, rkh, rkw, rcf], [oc, rcs], per_task,
-                                      threads)
+    par, (obi, ohi, owi) = _tile_conv(sch, out, (n, ob, oh, ow), tile, reduction, [oc, rcs], per_task, threads)
     ndim = 7 if layout == "vnni" else 8
     if per_task:
         sch.compute_at(unpack, par, preserve_unit_loops=True)
         _schedule_unpack(sch, unpack, layout, ndim, unroll_outer=False)
     elif unpack is not None:
-        sch.compute_at(unpack, rcf, preserve_unit_loops=True)
+        sch.compute_at(unpack, step, preserve_unit_loops=True)
         _schedule_unpack(sch, unpack, layout, ndim)
     if threads > 1:
         sch.parallel(par)
     sch.set_scope(acc, 0, ACC_SCOPE)
-    init = sch.decompose_reduction(acc, ric)
+    init = sch.decompose_reduction(acc, first_step)
     iloops = sch.get_loops(init)
     _vectorize_inner(sch, iloops[-4:])
     sch.tensorize(oc, intrin)

@@ -665,3 +665,55 @@ def test_kernels_make_no_workspace_allocations(fn, arrays, mcpu, attrs):
     alloc_fix_ab.md). Compiled for each ISA here, run nowhere."""
     kern = K.build_standalone(fn, arrays, K.host_target(num_cores=2, mcpu=mcpu), **attrs)
     assert kern.parallel_workspace_allocations() == 0
+
+
+# 1x1 convs whose real input channels end inside the last 16-channel block: the reduction runs over the real
+# 4-channel steps only (kernels.ops CHUNKED_REDUCTION_ATTR); name: (n, c, h, w, o, s, residual, int4, extra)
+PARTIAL_BLOCK_CASES = {
+    "mbv2_24_to_144": (1, 24, 9, 9, 144, 1, False, False, {}),
+    "40_to_32_res_batch2": (2, 40, 6, 7, 32, 1, True, False, dict(zr=200)),
+    "8_to_16_one_block": (1, 8, 5, 5, 16, 1, False, False, dict(lo=3, hi=250, zo=90)),
+    "20_to_24_s2": (1, 20, 11, 11, 24, 2, False, False, {}),
+    "int4_24_to_48": (1, 24, 7, 7, 48, 1, False, True, dict(zx=0)),
+}
+# (packing, schedule ISA, ubsw_exact): the int32 vpmaddubsw (W7A8 / int4 on AVX2), vpmaddwd (W8A8 on AVX2), VNNI
+PARTIAL_BLOCK_KERNELS = [
+    pytest.param("vnni", "avx2", True, id="ubsw", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")),
+    pytest.param("avx2", "avx2", False, id="vpmaddwd",
+                 marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 on this CPU")),
+    pytest.param("vnni", "vnni", False, id="vnni",
+                 marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this CPU")),
+]
+
+
+@pytest.mark.parametrize("packing,isa,ubsw", PARTIAL_BLOCK_KERNELS)
+@pytest.mark.parametrize("name", list(PARTIAL_BLOCK_CASES))
+def test_partial_block_1x1_skips_padding_bit_exact(name, packing, isa, ubsw):
+    """A 1x1 conv over 24 / 40 / 8 / 20 real channels of 32 / 48 / 16 / 32 blocked ones reduces over its real
+    4-channel steps (the annotation says how many) and equals kernels.reference bit for bit."""
+    n, c, h, w, o, s, res, int4, extra = PARTIAL_BLOCK_CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    w_bits = 4 if (int4 or ubsw) else 8     # <= 4-bit weights: vpmaddubsw is proved exact
+    cs = _conv_case(rng, n, c, h, w, o, 1, s, 0, w_bits=w_bits, residual=res, int4=int4, **extra)
+    zx = extra.get("zx", 3)
+    xb = K.nchw_to_nchwc(cs["x"], 16, zx)
+    wp = K.pack_conv_weight(cs["w"], 1, ic_block=16, isa=packing, int4=int4)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [xb, wp, *params[:3]]
+    if res:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, _target(isa), stride=s, input_zero_point=zx,
+                              output_zero_point=extra.get("zo", 5), lo=extra.get("lo", 0), hi=extra.get("hi", 255),
+                              residual_zero_point=extra.get("zr", 7), isa=packing, ubsw_exact=ubsw, in_channels=c)
+    assert f'"{K.ops.CHUNKED_REDUCTION_ATTR}": {-(-c // 4)}' in str(kern.func).replace("T.int64(", "").replace(")", "")
+    got = K.nchwc_to_nchw(kern.run(*arrays), o)
+    assert len(np.unique(cs["ref"])) > 16, "test data too degenerate"
+    assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {cs['ref'].size}"
+
+
+def test_in_channels_that_do_not_fit_the_blocks_are_refused():
+    x = tvm.te.placeholder((1, 2, 4, 4, 16), "uint8")
+    wp = tvm.te.placeholder((2, 2, 1, 1, 4, 16, 4), "int8")
+    consts = [tvm.te.placeholder((32,), "int32") for _ in range(3)]
+    with pytest.raises(ValueError, match="in_channels=33 does not fit the input's 2 blocks of 16 channels"):
+        K.conv2d_nchwc_requant(x, wp, *consts, in_channels=33)

@@ -232,6 +232,8 @@ class Conv(_Weighted):
                                        epilogue=_epilogue(b, node), **_requant_args(kw)), NCHWC
             wp = b.weight(wp)
         kw["shift_ge32"] = b.int32_epilogue(node)
+        if not depthwise and a["groups"] == 1 and not b.cuda:   # a 1x1 conv skips the padded channels' steps
+            kw["in_channels"] = cin
         out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
                      padding=tuple(a["padding"]), dilation=tuple(a["dilation"]), groups=a["groups"], name=name, **kw)
         return out, NCHWC
