@@ -46,7 +46,7 @@ from ptq2tvm.backend.isa import host_isa  # noqa: E402
 from ptq2tvm.backend.runtime import CompiledModel, set_num_threads  # noqa: E402
 from ptq2tvm.bench.disasm import count_instructions, cpu_features  # noqa: E402
 from ptq2tvm.bench.report import print_table, write_chart, write_markdown, write_rows  # noqa: E402
-from ptq2tvm.bench.runner import compare_latency, machine_load  # noqa: E402
+from ptq2tvm.bench.runner import compare_latency, describe_load, machine_load  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
 from ptq2tvm.models import create_model  # noqa: E402
 
@@ -96,11 +96,8 @@ def markdown_footer(args: argparse.Namespace, host: dict, loads: list[float], ro
     kernels = [(r["model"], r["batch"], r["runtime"], json.dumps(r["kernels"])) for r in rows if r.get("kernels")]
     ov = "; ".join(f"{m} b{b} {rt}: {k}" for m, b, rt, k in kernels) or "OpenVINO not installed"
     return (f"Host: {host['model_name']} ({host['logical_cpus']} logical CPUs, LLVM cpu {host['llvm_cpu']}, int8 ISA "
-            f"{host['isa']}). 1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run (sampled per "
-            + ("group; no higher than the core count, which the benchmark's own threads alone reach)"
-               if max(loads) <= (host["logical_cpus"] or 1) else
-               "group): the machine was shared with other jobs, so absolute times are inflated and noisy")
-            + "; the runtimes of one group run interleaved in one process, so their ratios are the comparable numbers."
+            f"{host['isa']}). {describe_load(loads, host['logical_cpus'])} (Sampled per group; the runtimes of one "
+            "group run interleaved in one process, so their ratios are the comparable numbers.)"
             + (" One thread per runtime: on a host this oversubscribed, every runtime's parallel regions wait for "
                "descheduled workers (here the 28x28 .so took 0.7 s per call with 2 threads, 1 ms with 1)."
                if args.threads == 1 and max(loads) > 2 * (host["logical_cpus"] or 1) else "")

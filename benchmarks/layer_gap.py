@@ -42,6 +42,7 @@ from ptq2tvm.backend.isa import host_isa  # noqa: E402
 from ptq2tvm.backend.runtime import set_num_threads  # noqa: E402
 from ptq2tvm.bench.baselines import export_onnx, quantize_onnx_int8  # noqa: E402
 from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
+from ptq2tvm.bench.runner import describe_load  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
 from ptq2tvm.models import create_model  # noqa: E402
 
@@ -235,9 +236,8 @@ def main() -> None:
             ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
             lines.append(f"| {res['model']} | {res['bits']} | {k} | {v['so_layers']} | {v['so_ms']:.2f} | "
                          f"{v['openvino_layers']} | {v['openvino_ms']:.2f} | {ratio} |")
-    lines += ["", f"Host: {host['model_name']} (LLVM cpu {host['llvm_cpu']}, int8 ISA {host['isa']}), 1-minute load "
-              f"average {min(loads):.1f}-{max(loads):.1f} (shared machine: absolute times inflated, ratios of one "
-              f"round-interleaved run are the comparable numbers). Medians of {args.rounds} rounds per layer, "
+    lines += ["", f"Host: {host['model_name']} (LLVM cpu {host['llvm_cpu']}, int8 ISA {host['isa']}). "
+              f"{describe_load(loads)} Medians of {args.rounds} rounds per layer, "
               "summed per type. `other` differs in kind on the two sides (the .so: pools, adds, layout changes, "
               "input quantization; OpenVINO: reorders, fused-op subgraphs, pools).", "",
               f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')})."]

@@ -221,3 +221,13 @@ def test_cpu_features_keys():
     for k in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "vnni"):
         assert isinstance(feats[k], bool)
     assert feats["llvm_cpu"] == "unknown" and isinstance(feats["model_name"], str)
+
+
+def test_load_sentence_says_whether_other_work_competed():
+    """A benchmark's markdown says "other work competed" only where the load went above the core count."""
+    from ptq2tvm.bench.runner import describe_load
+
+    quiet = describe_load([0.4, 1.3], cores=2)
+    busy = describe_load([0.4, 3.3], cores=2)
+    assert "0.4-1.3" in quiet and "competed" not in quiet and "own threads" in quiet
+    assert "0.4-3.3" in busy and "other work competed" in busy and "ratios" in busy

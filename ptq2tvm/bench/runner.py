@@ -27,6 +27,18 @@ def machine_load(warn: bool = True) -> dict[str, float]:
     return {"loadavg_1min": round(load, 2), "cores": cores}
 
 
+def describe_load(loads: list[float], cores: int | None = None) -> str:
+    """One sentence for a benchmark's markdown: the 1-minute load averages sampled during the run and what they
+    mean (no higher than the core count: at most the benchmark's own threads ran; higher: other work competed, so
+    absolute times are inflated and only ratios of interleaved runs compare)."""
+    cores = cores or os.cpu_count() or 1
+    span = f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run"
+    if max(loads) <= cores:
+        return f"{span}, no higher than the {cores} cores, which the benchmark's own threads alone reach."
+    return (f"{span} on {cores} cores: other work competed, so absolute times are inflated and noisy; ratios of "
+            "runtimes interleaved in one process are the comparable numbers.")
+
+
 def host_isa_label() -> str:
     """The best int8 vector ISA of this host ('amx', 'avx512_vnni', 'avx_vnni', 'avx512', 'avx2' or 'none'): what
     ONNX Runtime's MLAS kernels dispatch on at run time (by CPUID)."""
