@@ -30,7 +30,7 @@ import tvm
 from tvm.s_tir import Schedule
 
 from .intrin import register_dp4a_intrinsic
-from .ops import KERNEL_ATTR
+from .ops import CHUNKED_REDUCTION_ATTR, KERNEL_ATTR
 from .schedule import _split, _try_block, finish_scheduled, kernel_kind
 
 THREADS_PER_BLOCK = 256      # the one-thread-per-output kernels (depthwise and the rest)
@@ -78,6 +78,9 @@ def schedule_conv2d_dp4a(sch: Schedule, tile: CudaConvTile | None = None) -> Sch
     kind = str(sch.get(out).annotations[KERNEL_ATTR])
     if kind != "conv2d_nchwc_vnni":
         raise ValueError(f"no CUDA dp4a schedule for kernel {kind!r} (only conv2d_nchwc_vnni)")
+    if CHUNKED_REDUCTION_ATTR in sch.get(out).annotations:
+        raise ValueError("no CUDA dp4a schedule for a conv built with in_channels (its chunked reduction): build it "
+                         "without in_channels")
     acc = sch.get_sblock("acc")
     pad = _try_block(sch, "pad")
     unpack = _try_block(sch, "w_unpack")

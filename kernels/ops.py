@@ -206,7 +206,7 @@ def _real_chunks(in_channels: int | None, cb: int, cf: int, ngroups: int, kh: in
     if in_channels is None or ngroups != 1 or (kh, kw) != (1, 1) or cf != BLOCK // 4:
         return None
     chunks = -(-int(in_channels) // 4)
-    if not 0 < chunks <= cb * cf:
+    if not 0 < chunks <= cb * cf or -(-chunks // cf) != cb:     # fewer channels than blocks: a caller's mistake
         raise ValueError(f"in_channels={in_channels} does not fit the input's {cb} blocks of {4 * cf} channels")
     return chunks if chunks < cb * cf else None
 
@@ -237,10 +237,11 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     per step and one ``vpmaddwd`` flush per group.
     ``shift_ge32``: the caller proved every channel's shift >= 32
     (:func:`kernels.layout.shifts_allow_int32_epilogue`): the cheaper exact epilogue of :func:`requant_expr`.
-    ``in_channels``: the layer's real input channels (None: every channel of the blocks). A dense 1x1 conv whose
-    channels end inside the last block by at least 4 (MobileNetV2's 24, EfficientNet's 40) reduces over
-    ``ceil(in_channels / 4)`` four-channel steps (one flat ``rq`` axis, :data:`CHUNKED_REDUCTION_ATTR` on the output)
-    instead of whole blocks: the padded channels' products (zero weights) are skipped, same integers.
+    ``in_channels``: the layer's real input channels, the first ones of the blocks (None: all of them). A dense
+    1x1 conv without ``i16_group`` whose channels end inside the last block by at least 4 (MobileNetV2's 24,
+    EfficientNet's 40) reduces over ``ceil(in_channels / 4)`` four-channel steps (one flat ``rq`` axis,
+    :data:`CHUNKED_REDUCTION_ATTR` on the output) instead of whole blocks: the padded channels' products (zero
+    weights) are skipped, same integers. The int16-accumulator form (``i16_group``) still reduces whole blocks.
     Raises ValueError for inconsistent shapes, dtypes or an ``i16_group`` the weights do not allow.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)

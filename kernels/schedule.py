@@ -247,10 +247,10 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
         return _schedule_conv_int16(sch, out, acc, acc16, pad, unpack, tile, threads)
     if CHUNKED_REDUCTION_ATTR in sch.get(out).annotations:    # one flat axis of real 4-channel steps (1x1)
         n, ob, oh, ow, oc, rq, rkh, rkw, rcs = sch.get_loops(acc)
-        reduction, first_step, step = [rq, rkh, rkw], rq, rq
+        reduction, reduction_head, unpack_loop = [rq, rkh, rkw], rq, rq
     else:
         n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
-        reduction, first_step, step = [ric, rkh, rkw, rcf], ric, rcf
+        reduction, reduction_head, unpack_loop = [ric, rkh, rkw, rcf], ric, rcf
     ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
     per_task = unpack is not None and unpack_at == "task"
     if tile is None and per_task:
@@ -267,12 +267,12 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
         sch.compute_at(unpack, par, preserve_unit_loops=True)
         _schedule_unpack(sch, unpack, layout, ndim, unroll_outer=False)
     elif unpack is not None:
-        sch.compute_at(unpack, step, preserve_unit_loops=True)
+        sch.compute_at(unpack, unpack_loop, preserve_unit_loops=True)
         _schedule_unpack(sch, unpack, layout, ndim)
     if threads > 1:
         sch.parallel(par)
     sch.set_scope(acc, 0, ACC_SCOPE)
-    init = sch.decompose_reduction(acc, first_step)
+    init = sch.decompose_reduction(acc, reduction_head)
     iloops = sch.get_loops(init)
     _vectorize_inner(sch, iloops[-4:])
     sch.tensorize(oc, intrin)

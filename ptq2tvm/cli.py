@@ -69,9 +69,11 @@ def _resolve_model(args: argparse.Namespace):
 
         if args.model not in list_models():
             build_model(spec)  # the unknown-name error (with a suggestion)
-        import torch
+        from .threads import auto_threads
+        from .train import TRAIN_THREADS
 
-        notice = training_notice(args.model, args.data, threads=torch.get_num_threads())
+        # the threads train_builtin is about to pick (it announces a reduction itself)
+        notice = training_notice(args.model, args.data, threads=auto_threads(TRAIN_THREADS, announce=False))
         if notice:
             print(notice, file=sys.stderr)
         model, info = train_builtin(args.model, dataset=args.data, progress=not args.no_progress)

@@ -63,7 +63,8 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
     set, check parity and time it against PyTorch / ONNX Runtime. Writes ``out/summary.json``."""
     from .bench.runner import compare_latency, machine_load
     from .data import calibration_set, load_dataset
-    from .train import train_builtin
+    from .threads import auto_threads
+    from .train import TRAIN_THREADS, train_builtin
 
     t_start = time.perf_counter()
     settings = [parse_bits(b) for b in (bits or ["8/8", "4/4"])]
@@ -71,12 +72,11 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
         QuantConfig(w, a).validate()
     out = Path(out)
     if threads is None:    # 2 on a quiet machine, 1 on a busy one (spinning thread pools collapse there)
-        from .threads import auto_threads
-
         threads = auto_threads(2, what="the demo (PyTorch, the .so, ONNX Runtime, OpenVINO) runs")
     torch.set_num_threads(threads)
     set_num_threads(threads)
-    notice = training_notice(model, data, threads=threads)
+    # the threads train_builtin is about to pick (it announces a reduction itself)
+    notice = training_notice(model, data, threads=auto_threads(TRAIN_THREADS, announce=False))
     if notice:
         print(notice, flush=True)
     fp_model, train_info = train_builtin(model, dataset=data, progress=progress)

@@ -230,4 +230,4 @@ def test_load_sentence_says_whether_other_work_competed():
     quiet = describe_load([0.4, 1.3], cores=2)
     busy = describe_load([0.4, 3.3], cores=2)
     assert "0.4-1.3" in quiet and "competed" not in quiet and "own threads" in quiet
-    assert "0.4-3.3" in busy and "other work competed" in busy and "ratios" in busy
+    assert "0.4-3.3" in busy and "other work competed" in busy and "inflated" in busy

@@ -675,6 +675,8 @@ PARTIAL_BLOCK_CASES = {
     "8_to_16_one_block": (1, 8, 5, 5, 16, 1, False, False, dict(lo=3, hi=250, zo=90)),
     "20_to_24_s2": (1, 20, 11, 11, 24, 2, False, False, {}),
     "int4_24_to_48": (1, 24, 7, 7, 48, 1, False, True, dict(zx=0)),
+    "4_to_32_one_step": (1, 4, 6, 6, 32, 1, False, False, {}),          # a reduction loop of extent 1
+    "int4_40_to_32_unpack_per_step": (1, 40, 7, 7, 32, 1, True, True, dict(unpack_at="step")),
 }
 # (packing, schedule ISA, ubsw_exact): the int32 vpmaddubsw (W7A8 / int4 on AVX2), vpmaddwd (W8A8 on AVX2), VNNI
 PARTIAL_BLOCK_KERNELS = [
@@ -694,6 +696,8 @@ def test_partial_block_1x1_skips_padding_bit_exact(name, packing, isa, ubsw):
     n, c, h, w, o, s, res, int4, extra = PARTIAL_BLOCK_CASES[name]
     rng = np.random.default_rng(sum(map(ord, name)))
     w_bits = 4 if (int4 or ubsw) else 8     # <= 4-bit weights: vpmaddubsw is proved exact
+    extra = dict(extra)
+    options = {"unpack_at": extra.pop("unpack_at")} if "unpack_at" in extra else None
     cs = _conv_case(rng, n, c, h, w, o, 1, s, 0, w_bits=w_bits, residual=res, int4=int4, **extra)
     zx = extra.get("zx", 3)
     xb = K.nchw_to_nchwc(cs["x"], 16, zx)
@@ -702,18 +706,25 @@ def test_partial_block_1x1_skips_padding_bit_exact(name, packing, isa, ubsw):
     arrays = [xb, wp, *params[:3]]
     if res:
         arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
-    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, _target(isa), stride=s, input_zero_point=zx,
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, _target(isa), options=options, stride=s,
+                              input_zero_point=zx,
                               output_zero_point=extra.get("zo", 5), lo=extra.get("lo", 0), hi=extra.get("hi", 255),
                               residual_zero_point=extra.get("zr", 7), isa=packing, ubsw_exact=ubsw, in_channels=c)
-    assert f'"{K.ops.CHUNKED_REDUCTION_ATTR}": {-(-c // 4)}' in str(kern.func).replace("T.int64(", "").replace(")", "")
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(kern.func)
+    assert int(sch.get(sch.get_sblock("out")).annotations[K.ops.CHUNKED_REDUCTION_ATTR]) == -(-c // 4)
     got = K.nchwc_to_nchw(kern.run(*arrays), o)
     assert len(np.unique(cs["ref"])) > 16, "test data too degenerate"
     assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {cs['ref'].size}"
 
 
-def test_in_channels_that_do_not_fit_the_blocks_are_refused():
+@pytest.mark.parametrize("in_channels", [33, 16, 8, 0])
+def test_in_channels_that_do_not_fit_the_blocks_are_refused(in_channels):
+    """More channels than the blocks hold, or so few that a whole block would go unread (a caller's mistake that
+    would drop real channels silently), raise ValueError naming the value."""
     x = tvm.te.placeholder((1, 2, 4, 4, 16), "uint8")
     wp = tvm.te.placeholder((2, 2, 1, 1, 4, 16, 4), "int8")
     consts = [tvm.te.placeholder((32,), "int32") for _ in range(3)]
-    with pytest.raises(ValueError, match="in_channels=33 does not fit the input's 2 blocks of 16 channels"):
-        K.conv2d_nchwc_requant(x, wp, *consts, in_channels=33)
+    with pytest.raises(ValueError, match=f"in_channels={in_channels} does not fit the input's 2 blocks of 16 channels"):
+        K.conv2d_nchwc_requant(x, wp, *consts, in_channels=in_channels)

@@ -34,9 +34,8 @@ def describe_load(loads: list[float], cores: int | None = None) -> str:
     cores = cores or os.cpu_count() or 1
     span = f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the run"
     if max(loads) <= cores:
-        return f"{span}, no higher than the {cores} cores, which the benchmark's own threads alone reach."
-    return (f"{span} on {cores} cores: other work competed, so absolute times are inflated and noisy; ratios of "
-            "runtimes interleaved in one process are the comparable numbers.")
+        return f"{span}, no higher than the {cores} cores (what the benchmark's own threads can account for)."
+    return f"{span} on {cores} cores: other work competed, so absolute times are inflated and noisy."
 
 
 def host_isa_label() -> str:
