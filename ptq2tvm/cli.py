@@ -69,11 +69,7 @@ def _resolve_model(args: argparse.Namespace):
 
         if args.model not in list_models():
             build_model(spec)  # the unknown-name error (with a suggestion)
-        from .threads import auto_threads
-        from .train import TRAIN_THREADS
-
-        # the threads train_builtin is about to pick (it announces a reduction itself)
-        notice = training_notice(args.model, args.data, threads=auto_threads(TRAIN_THREADS, announce=False))
+        notice = training_notice(args.model, args.data)
         if notice:
             print(notice, file=sys.stderr)
         model, info = train_builtin(args.model, dataset=args.data, progress=not args.no_progress)

@@ -22,11 +22,14 @@ TRAIN_SECONDS_PER_EPOCH = {("resnet_small", "fashion-mnist"): 97.0, ("mobilenet_
 
 
 def training_notice(model: str, data: str, epochs: int | None = None, seed: int = 0,
-                    threads: int = 2) -> str | None:
+                    threads: int | None = None) -> str | None:
     """What :func:`ptq2tvm.train.train_builtin` is about to do when ``model`` is not cached yet (training, how
-    long with ``threads`` threads, where it is cached); None when the cached checkpoint will be loaded."""
+    long with ``threads`` threads, where it is cached); None when the cached checkpoint will be loaded.
+    ``threads`` None: the count train_builtin is about to pick (:func:`ptq2tvm.threads.auto_threads`; it announces
+    a reduction itself)."""
     from .data import builtin_name
-    from .train import checkpoint_key, default_cache_dir, recipe_for
+    from .threads import auto_threads
+    from .train import TRAIN_THREADS, checkpoint_key, default_cache_dir, recipe_for
 
     ds = builtin_name(data)
     if ds is None:
@@ -35,6 +38,8 @@ def training_notice(model: str, data: str, epochs: int | None = None, seed: int 
     cache = default_cache_dir()
     if (cache / f"{checkpoint_key(model, ds, recipe, seed)}.pt").is_file():
         return None
+    if threads is None:
+        threads = auto_threads(TRAIN_THREADS, announce=False)
     per_epoch = TRAIN_SECONDS_PER_EPOCH.get((model, ds))
     minutes = per_epoch * recipe.epochs / 60 if per_epoch else 0.0
     if threads < 2:     # one thread: measured 2.4x the 2-thread time (AVX2 EPYC, resnet_small, 2026-12-02)
@@ -64,7 +69,7 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
     from .bench.runner import compare_latency, machine_load
     from .data import calibration_set, load_dataset
     from .threads import auto_threads
-    from .train import TRAIN_THREADS, train_builtin
+    from .train import train_builtin
 
     t_start = time.perf_counter()
     settings = [parse_bits(b) for b in (bits or ["8/8", "4/4"])]
@@ -75,8 +80,7 @@ def run_demo(out: str | Path = "runs/demo", model: str = "resnet_small", data: s
         threads = auto_threads(2, what="the demo (PyTorch, the .so, ONNX Runtime, OpenVINO) runs")
     torch.set_num_threads(threads)
     set_num_threads(threads)
-    # the threads train_builtin is about to pick (it announces a reduction itself)
-    notice = training_notice(model, data, threads=auto_threads(TRAIN_THREADS, announce=False))
+    notice = training_notice(model, data)
     if notice:
         print(notice, flush=True)
     fp_model, train_info = train_builtin(model, dataset=data, progress=progress)

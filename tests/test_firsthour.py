@@ -227,7 +227,7 @@ def test_help_shows_defaults_and_training_is_announced(tmp_path, monkeypatch):
     monkeypatch.setenv("PTQ2TVM_CACHE", str(tmp_path))
     from ptq2tvm.demo import training_notice
 
-    note = training_notice("resnet_small", "fashion-mnist")
+    note = training_notice("resnet_small", "fashion-mnist", threads=2)
     assert note and "training it first (6 epochs, about 10 min with 2 threads" in note and str(tmp_path) in note
     assert "the progress bar shows the time left" in note
     # one thread (a busy machine): the estimate grows with it (2.4x, measured)
