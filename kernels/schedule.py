@@ -42,7 +42,7 @@ from tvm.target import codegen
 from .intrin import (register_avx2_intrinsic, register_avx2w_intrinsic, register_avxvnni_intrinsic,
                      register_taps_intrinsic, register_ubsw16_intrinsic, register_ubsw_intrinsic,
                      register_vnni_intrinsic, register_widen16_intrinsic)
-from .border import BORDER_ATTR, SKIP_ATTR, skip_zero_border
+from .border import BORDER_ATTR, SKIP_ATTR, VNNI_SKIP_MIN_FRACTION, border_tap_fraction, skip_zero_border
 from .ops import CHUNKED_REDUCTION_ATTR, KERNEL_ATTR
 
 OP_PATTERN_OPAQUE = 8
@@ -258,8 +258,7 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     elif tile is None:
         tile = choose_conv_tile(*ext, isa=tiles, threads=threads,
                                 int4=unpack is not None and unpack_at == "step" and tiles == "vnni")
-    if BORDER_ATTR in sch.get(out).annotations and tile.P == ext[3]:
-        # a zero border and a register tile spanning the output row: skip the border taps (kernels.border)
+    if _skip_border(sch, out, tile, ext[3], (int(sch.get(rkh).extent), int(sch.get(rkw).extent)), tiles):
         sch.annotate(out, SKIP_ATTR, 1)
     par, (obi, ohi, owi) = _tile_conv(sch, out, (n, ob, oh, ow), tile, reduction, [oc, rcs], per_task, threads)
     ndim = 7 if layout == "vnni" else 8
@@ -283,6 +282,20 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     if pad is not None:
         _schedule_pad(sch, pad, threads)
     return sch
+
+
+def _skip_border(sch: Schedule, out, tile: ConvTile, out_width: int, kernel: tuple[int, int], tiles: str) -> bool:
+    """Whether a dense / grouped conv kernel skips its zero-border taps (:mod:`kernels.border`): it has a zero
+    border, and either the register tile spans the output row (the column tests are compile-time constants) or it
+    is a VNNI (zmm) kernel whose border products reach :data:`kernels.border.VNNI_SKIP_MIN_FRACTION` (the runtime
+    column tests cost less than the products they skip there; not on AVX2, measured in kernels/border.py)."""
+    ann = sch.get(out).annotations
+    if BORDER_ATTR not in ann:
+        return False
+    if tile.P == out_width:
+        return True
+    geometry = [int(v) for v in ann[BORDER_ATTR]]
+    return tiles == "vnni" and border_tap_fraction(geometry, kernel) >= VNNI_SKIP_MIN_FRACTION
 
 
 def _schedule_conv_int16(sch: Schedule, out, acc, acc16, pad, unpack, tile: ConvTile | None,

@@ -539,6 +539,41 @@ def test_zero_border_taps_skipped_only_where_exact(layout):
     assert not build(12, 0)
 
 
+@pytest.mark.parametrize("hw,stride,skipped", [(14, 1, True), (28, 2, True), (72, 1, False)])
+def test_vnni_zero_border_skipped_where_it_pays(hw, stride, skipped):
+    """AVX-512 VNNI kernels whose register tile is narrower than the output row (7 of 14 columns here) skip the
+    zero-border taps when those are >= 2% of the products (kernels.border.border_tap_fraction: 9.3% at 14x14, 4.7%
+    for 28x28 / 2), with runtime column tests; at 72x72 (1.8%) they do not. Bit-exact where the host has AVX-512
+    VNNI (compiled for a VNNI CPU everywhere else)."""
+    rng = np.random.default_rng(hw + stride)
+    c = 32 if hw < 72 else 16
+    cs = _conv_case(rng, 1, c, hw, hw, c, 3, stride, 1, zx=0)
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, 0), K.pack_conv_weight(cs["w"]),
+              *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
+    target = HOST if HAS_VNNI else K.host_target(num_cores=2, mcpu="znver4")
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, stride=stride, padding=1, input_zero_point=0,
+                              output_zero_point=5)
+    out_w = (hw + 2 - 3) // stride + 1
+    tile = K.schedule.choose_conv_tile(1, c // 16, out_w, out_w, isa="vnni")
+    assert tile.P < out_w, tile          # the case this test is about: a tile narrower than the row
+    assert ("T.where(" in kern.func.script()) == skipped
+    if HAS_VNNI:
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), c), cs["ref"])
+
+
+def test_border_tap_fraction_counts_taps_on_the_border():
+    from kernels.border import border_tap_fraction
+
+    # 3x3, stride 1, pad 1 at 7x7: per axis 2 of the 21 (position, tap) pairs read the border
+    assert border_tap_fraction([7, 7, 1, 1, 1, 1, 1, 1], (3, 3)) == pytest.approx(1 - (19 / 21) ** 2)
+    # stride 2, 28 -> 14: only the first output row / column reads the top / left border (1 of 42 pairs)
+    assert border_tap_fraction([28, 28, 1, 1, 2, 2, 1, 1], (3, 3)) == pytest.approx(1 - (41 / 42) ** 2)
+    # padding only along the width: a 5x1 kernel (dilation 2) reads no border row, but 4 of its 10 output columns
+    # read only the 2 + 2 padded ones; a 1x5 kernel: 6 of its 6 x 5 column pairs are on the border
+    assert border_tap_fraction([10, 6, 0, 2, 1, 1, 2, 1], (5, 1)) == pytest.approx(0.4)
+    assert border_tap_fraction([10, 6, 0, 2, 1, 1, 1, 1], (1, 5)) == pytest.approx(6 / 30)
+
+
 def test_vnni_kernel_rejected_on_avx2_target():
     rng = np.random.default_rng(15)
     cs = _conv_case(rng, 1, 16, 6, 6, 16, 3, 1, 1)
