@@ -28,7 +28,8 @@ from tvm.s_tir import SBlockRealize, Schedule
 from tvm_ffi.structural import structural_mutate
 
 BORDER_ATTR = "zero_border"       # [H, W, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w] (z_x = 0 only)
-SKIP_ATTR = "zero_border_skip"    # set by the schedule: 1 = skip the border taps in this kernel
+SKIP_ATTR = "zero_border_skip"
+OUTPUT_BLOCKS = ("out", "out_o")  # a kernel's output block: as written, and with its epilogue tensorized    # set by the schedule: 1 = skip the border taps in this kernel
 # the accumulation block as decompose_reduction (+ tensorize: "_o") names it and its block vars of the output row /
 # column and the tap row / column
 VNNI_SKIP_MIN_FRACTION = 0.02     # a VNNI kernel with a tile narrower than the row skips from 2% of border products
@@ -65,12 +66,17 @@ def border_tap_fraction(geometry: list[int], kernel: tuple[int, int]) -> float:
     return 1.0 - (1.0 - rows) * (1.0 - cols)
 
 
-def _out_annotations(func: tirx.PrimFunc):
-    try:
-        sch = Schedule(func)
-        return sch.get(sch.get_sblock("out")).annotations
-    except Exception:  # noqa: BLE001 - not a ptq2tvm kernel (no "out" block)
-        return {}
+def output_annotations(func: tirx.PrimFunc) -> dict:
+    """The annotations of a ptq2tvm kernel's output block, scheduled or not ({} for another PrimFunc): the block
+    ``out``, or ``out_o`` once the schedule tensorized its epilogue (kernels/epilogue_intrin.py; the schedule copies
+    the annotations onto it)."""
+    sch = Schedule(func)
+    for name in OUTPUT_BLOCKS:
+        try:
+            return dict(sch.get(sch.get_sblock(name)).annotations)
+        except Exception:  # noqa: BLE001 - no such block
+            continue
+    return {}
 
 
 def skip_zero_border(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -81,7 +87,7 @@ def skip_zero_border(func: tirx.PrimFunc) -> tirx.PrimFunc:
     Raises ValueError when a kernel marked for skipping has no accumulation block of the expected form (a TVM change
     in the block names that tensorize produces): the marked kernel would otherwise silently lose the optimisation.
     """
-    ann = _out_annotations(func)
+    ann = output_annotations(func)
     if SKIP_ATTR not in ann or int(ann[SKIP_ATTR]) != 1 or BORDER_ATTR not in ann:
         return func
     h, w, ph, pw, sh, sw, dh, dw = (int(v) for v in ann[BORDER_ATTR])
@@ -113,5 +119,5 @@ def skip_zero_border(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return out
 
 
-__all__ = ["BORDER_ATTR", "SKIP_ATTR", "VNNI_SKIP_MIN_FRACTION", "border_geometry", "border_tap_fraction",
-           "skip_zero_border"]
+__all__ = ["BORDER_ATTR", "OUTPUT_BLOCKS", "SKIP_ATTR", "VNNI_SKIP_MIN_FRACTION", "border_geometry", "border_tap_fraction",
+           "output_annotations", "skip_zero_border"]

@@ -27,6 +27,9 @@ from .border import BORDER_ATTR, border_geometry
 from .layout import BLOCK
 
 KERNEL_ATTR = "ptq2tvm_kernel"
+#: the output block's requant parameters [zero point, lo, hi, has residual, residual zero point] (the schedule's
+#: tensorized epilogue, kernels/epilogue_intrin.py, is registered for them)
+REQUANT_ATTR = "requant"
 #: the vpmaddwd (avx2-packed weights) conv kernels widen their input to uint16 in the pad stage, so that the inner
 #: loop broadcasts ready int16 pairs (benchmarks/results/avx2_dot_throughput.md). False: the uint8 input is widened
 #: in the inner loop (broadcast + vpshufb per pair), as before.
@@ -363,7 +366,8 @@ def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, ext
             consts.append((tir.const(-int(z_r), "int32"), rm[c]))
         return requant_expr(terms, shift[c], z_out, lo, hi, const_terms=consts, shift_ge32=shift_ge32)
 
-    attrs = {KERNEL_ATTR: kind, **(extra or {}), **({"int32_epilogue": 1} if shift_ge32 else {})}
+    attrs = {KERNEL_ATTR: kind, **(extra or {}), **({"int32_epilogue": 1} if shift_ge32 else {}),
+             REQUANT_ATTR: [int(z_out), int(lo), int(hi), int(bool(residual)), int(z_r)]}
     return te.compute(_shape(acc), out, name="out", attrs=attrs)
 
 

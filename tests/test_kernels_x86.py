@@ -561,6 +561,39 @@ def test_vnni_zero_border_skipped_where_it_pays(hw, stride, skipped):
         assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), c), cs["ref"])
 
 
+@pytest.mark.parametrize("ge32,residual,k,zx", [(False, False, 1, 3), (True, False, 1, 3), (False, True, 3, 3),
+                                                 (True, True, 1, 3), (False, False, 3, 0)])
+def test_vnni_tensorized_epilogue_bit_exact(ge32, residual, k, zx):
+    """AVX-512 VNNI conv kernels requantize each 16-channel block with the tensorized paired epilogue
+    (kernels/epilogue_intrin.py): the reference's integers for shifts anywhere in [1, 62] (int64 form) and for
+    shifts >= 32 (int32 form), with a fused residual (zero point 200), a clamp and saturating inputs; the tensorized
+    output block 'out_o' keeps the kernel's annotations. A 3x3 conv over a zero border whose tile is narrower than
+    the row (runtime border tests) keeps the TE epilogue (LLVM then left the accumulators in memory, 2x slower).
+    Compiled for a VNNI CPU everywhere, run where the host has AVX-512 VNNI."""
+    from kernels.border import output_annotations
+
+    rng = np.random.default_rng(40 + k + 2 * ge32 + 4 * residual + zx)
+    hw, c, o = (20, 32, 48) if k == 3 else (9, 40, 48)
+    cs = _conv_case(rng, 1, c, hw, hw, o, k, 1, k // 2, residual=residual, zx=zx, zo=17, zr=200, lo=4, hi=250,
+                    min_shift=32 if ge32 else 1)
+    assert int(cs["sh"].min()) < 32 or ge32
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, zx), K.pack_conv_weight(cs["w"]), *params[:3]]
+    if residual:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    target = HOST if HAS_VNNI else K.host_target(num_cores=2, mcpu="znver4")
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, padding=k // 2, input_zero_point=zx,
+                              output_zero_point=17, lo=4, hi=250, residual_zero_point=200, shift_ge32=ge32,
+                              in_channels=c)
+    script = kern.func.script()
+    tensorized = zx != 0
+    assert ("ptq2tvm_requant16" in str(kern.func) or 'sblock("out_o")' in script) == tensorized
+    assert output_annotations(kern.func)[K.ops.KERNEL_ATTR] == "conv2d_nchwc_vnni"
+    if HAS_VNNI:
+        got = K.nchwc_to_nchw(kern.run(*arrays), o)
+        assert len(np.unique(cs["ref"])) > 16 and np.array_equal(got, cs["ref"])
+
+
 def test_border_tap_fraction_counts_taps_on_the_border():
     from kernels.border import border_tap_fraction
 
@@ -745,10 +778,9 @@ def test_partial_block_1x1_skips_padding_bit_exact(name, packing, isa, ubsw):
                               input_zero_point=zx,
                               output_zero_point=extra.get("zo", 5), lo=extra.get("lo", 0), hi=extra.get("hi", 255),
                               residual_zero_point=extra.get("zr", 7), isa=packing, ubsw_exact=ubsw, in_channels=c)
-    from tvm.s_tir import Schedule
+    from kernels.border import output_annotations
 
-    sch = Schedule(kern.func)
-    assert int(sch.get(sch.get_sblock("out")).annotations[K.ops.CHUNKED_REDUCTION_ATTR]) == -(-c // 4)
+    assert int(output_annotations(kern.func)[K.ops.CHUNKED_REDUCTION_ATTR]) == -(-c // 4)
     got = K.nchwc_to_nchw(kern.run(*arrays), o)
     assert len(np.unique(cs["ref"])) > 16, "test data too degenerate"
     assert int((got != cs["ref"]).sum()) == 0, f"{int((got != cs['ref']).sum())} mismatches of {cs['ref'].size}"

@@ -1,0 +1,142 @@
+"""The requant epilogue of the TE conv kernels on AVX-512, as a tensor intrinsic over one output block (16 channels).
+
+The TE kernels (:func:`kernels.ops.conv2d_nchwc_requant`) write their epilogue per channel
+(:func:`kernels.ops.requant_expr`); vectorized over the 16 channels of a block, LLVM computes it on two int64x8
+halves: sign-extend the accumulators, multiply, add, shift, clamp and narrow each half, about 26 vector
+instructions per 16 outputs (the int32-clamp form, ``shift_ge32``, about 20). A 1x1 expand conv from 24 channels
+spends 6 ``vpdpbusd`` per 16 outputs, so the epilogue was most of it (Zen 4: 24 -> 144 at 56x56 ran 2.9x faster
+with the epilogue replaced by a plain narrowing).
+
+:func:`register_requant16_intrinsic` describes that same per-channel integer expression (the description is built
+by :func:`kernels.ops.requant_expr` itself, so that tensorize matches the kernel's block exactly) and implements it
+with :func:`kernels.vector_tir.paired_requant16`, the explicit-vector form the hand-written kernels use: the 16
+int32 lanes read as 8 int64 lanes, ``vpmuldq`` of the even and of the odd channels, then an int32 shift / clamp
+(every shift >= 32) or an int64 one (any shift), about 12 instructions. Same integers (both are
+:func:`ptq2tvm.ir.reference.requantize`); the rounding constants ``bias * mult + 2^(shift - 1) [- z_r * mr]`` are
+formed in the same int64 pairs (the multipliers are >= 0, so ``vpmuldq``'s sign extension equals the zero
+extension :func:`kernels.ops.requant_expr` uses for them).
+"""
+
+from __future__ import annotations
+
+import tvm.tirx as tir
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+from .layout import BLOCK
+from .ops import requant_expr
+from .vector_tir import _even, _i64x8, _odd, paired_requant16
+
+_registered: set[str] = set()
+
+
+def _value(acc, mult, bias, shift, zero_point: int, lo: int, hi: int, shift_ge32: bool, residual=None, z_r: int = 0):
+    """The per-channel expression of :func:`kernels.ops._requant_out` (the description's body)."""
+    terms, consts = [(acc, mult)], [(bias, mult)]
+    if residual is not None:
+        r, rm = residual
+        terms.append((r.astype("int32"), rm))
+        consts.append((tir.const(-int(z_r), "int32"), rm))
+    return requant_expr(terms, shift, zero_point, lo, hi, const_terms=consts, shift_ge32=shift_ge32)
+
+
+def _paired_constants(bias, mult, shift, rm=None, z_r: int = 0) -> tuple[tir.PrimExpr, tir.PrimExpr]:
+    """(even, odd) int64x8 rounding constants ``bias * mult + 2^(shift - 1) [- z_r * rm]`` of 16 channels."""
+    b, m, s = (_i64x8(v) for v in (bias, mult, shift))
+    one = tir.Broadcast(tir.const(1, "int64"), BLOCK // 2)
+    out = []
+    for half in (_even, _odd):
+        c = half(b) * half(m) + tir.shift_left(one, half(s) - one)
+        if rm is not None and z_r:
+            c = c + tir.Broadcast(tir.const(-int(z_r), "int64"), BLOCK // 2) * half(_i64x8(rm))
+        out.append(c)
+    return out[0], out[1]
+
+
+def requant16_intrinsic_name(zero_point: int, lo: int, hi: int, shift_ge32: bool, residual_zero_point: int | None,
+                             scope: str = "global") -> str:
+    res = "none" if residual_zero_point is None else f"r{int(residual_zero_point)}"
+    return (f"ptq2tvm_requant16_z{int(zero_point)}_{int(lo)}_{int(hi)}_{'s32' if shift_ge32 else 's64'}_{res}"
+            f"_{scope}")
+
+
+def register_requant16_intrinsic(zero_point: int, lo: int, hi: int, shift_ge32: bool,
+                                 residual_zero_point: int | None = None, scope: str = "global") -> str:
+    """Register (idempotently) the requant of one 16-channel output block; return its name.
+
+    Buffers: the int32 accumulators (16,) in ``scope`` (the conv's accumulator scope), the int32 ``mult``, ``bias``
+    and ``shift`` of the block's channels (16,) each, with a residual (``residual_zero_point`` not None) its uint8
+    codes (16,) and int32 multipliers (16,), and the uint8 output (16,). ``shift_ge32``: every shift of the layer is
+    >= 32 (:func:`kernels.layout.shifts_allow_int32_epilogue`): the int32 shift and clamp; else int64 ones (any shift
+    in [1, 62]). AVX-512 targets only (int64x8 lanes)."""
+    name = requant16_intrinsic_name(zero_point, lo, hi, shift_ge32, residual_zero_point, scope)
+    if name in _registered:
+        return name
+    z, lo, hi = int(zero_point), int(lo), int(hi)
+    zr = None if residual_zero_point is None else int(residual_zero_point)
+
+    def vector(acc, mult, bias, shift, r=None, rm=None):
+        ce, co = _paired_constants(bias, mult, shift, rm, zr or 0)
+        if shift_ge32:
+            n = tir.max(shift - tir.Broadcast(tir.const(32, "int32"), BLOCK), tir.Broadcast(tir.const(0, "int32"),
+                                                                                          BLOCK))
+        else:
+            s64 = _i64x8(shift)
+            n = (_even(s64), _odd(s64))
+        residual = None if r is None else (r.astype(f"int32x{BLOCK}"), rm)
+        return paired_requant16(acc, mult, ce, co, n, z, lo, hi, residual=residual)
+
+    if zr is None:
+        @T.prim_func(s_tir=True)
+        def desc(A: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
+                 M: T.Buffer((16,), "int32", offset_factor=1), B: T.Buffer((16,), "int32", offset_factor=1),
+                 S: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "uint8", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(A[0:16], M[0:16], B[0:16], S[0:16])
+                T.writes(O[0:16])
+                for i in T.serial(0, 16):
+                    with T.sblock("out"):
+                        vi = T.axis.remap("S", [i])
+                        O[vi] = _value(A[vi], M[vi], B[vi], S[vi], z, lo, hi, shift_ge32)
+
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
+                 M: T.Buffer((16,), "int32", offset_factor=1), B: T.Buffer((16,), "int32", offset_factor=1),
+                 S: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "uint8", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(A[0:16], M[0:16], B[0:16], S[0:16])
+                T.writes(O[0:16])
+                O[T.ramp(T.int32(0), 1, 16)] = vector(A.vload([0], dtype="int32x16"), M.vload([0], dtype="int32x16"),
+                                                      B.vload([0], dtype="int32x16"), S.vload([0], dtype="int32x16"))
+    else:
+        @T.prim_func(s_tir=True)
+        def desc(A: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
+                 M: T.Buffer((16,), "int32", offset_factor=1), B: T.Buffer((16,), "int32", offset_factor=1),
+                 S: T.Buffer((16,), "int32", offset_factor=1), R: T.Buffer((16,), "uint8", offset_factor=1),
+                 RM: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "uint8", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(A[0:16], M[0:16], R[0:16], RM[0:16], B[0:16], S[0:16])     # in the order the block reads
+                T.writes(O[0:16])
+                for i in T.serial(0, 16):
+                    with T.sblock("out"):
+                        vi = T.axis.remap("S", [i])
+                        O[vi] = _value(A[vi], M[vi], B[vi], S[vi], z, lo, hi, shift_ge32, (R[vi], RM[vi]), zr)
+
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
+                 M: T.Buffer((16,), "int32", offset_factor=1), B: T.Buffer((16,), "int32", offset_factor=1),
+                 S: T.Buffer((16,), "int32", offset_factor=1), R: T.Buffer((16,), "uint8", offset_factor=1),
+                 RM: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "uint8", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(A[0:16], M[0:16], R[0:16], RM[0:16], B[0:16], S[0:16])     # in the order the block reads
+                T.writes(O[0:16])
+                O[T.ramp(T.int32(0), 1, 16)] = vector(A.vload([0], dtype="int32x16"), M.vload([0], dtype="int32x16"),
+                                                      B.vload([0], dtype="int32x16"), S.vload([0], dtype="int32x16"),
+                                                      R.vload([0], dtype="uint8x16"), RM.vload([0], dtype="int32x16"))
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _registered.add(name)
+    return name
+
+
+__all__ = ["register_requant16_intrinsic", "requant16_intrinsic_name"]
