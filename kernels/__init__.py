@@ -46,6 +46,7 @@ from .schedule import arithmetic_shortcuts, dot_product, pack_isa
 from .intrin import (AVX2W_INTRIN, AVXVNNI_INTRIN, UBSW16_INTRIN, UBSW_INTRIN, WIDEN16_INTRIN, register_avx2w_intrinsic,
                      register_avxvnni_intrinsic, register_ubsw16_intrinsic, register_ubsw_intrinsic,
                      register_widen16_intrinsic)
+from .epilogue_intrin import register_named_epilogues, register_requant16_intrinsic
 
 __all__ = [
     "AVX2_INTRIN", "DP4A_INTRIN", "TAPS_INTRIN", "VNNI_INTRIN", "patch_tvm_vnni_intrinsic", "register_avx2_intrinsic",
@@ -64,7 +65,8 @@ __all__ = [
     "arithmetic_shortcuts", "dot_product", "pack_isa", "u8s8_pairs_exact", "AVXVNNI_INTRIN", "UBSW_INTRIN", "register_avxvnni_intrinsic",
     "AVX2W_INTRIN", "register_avx2w_intrinsic",
     "register_ubsw_intrinsic", "u8s8_int16_group", "depthwise_int16_exact", "UBSW16_INTRIN", "WIDEN16_INTRIN",
-    "register_ubsw16_intrinsic", "register_widen16_intrinsic",
+    "register_ubsw16_intrinsic", "register_widen16_intrinsic", "register_named_epilogues",
+    "register_requant16_intrinsic",
     "CudaConvTile", "choose_cuda_conv_tile", "launch_shape", "schedule_conv2d_dp4a", "schedule_depthwise_cuda",
     "schedule_module_cuda", "schedule_simple_cuda",
     "DEPTHWISE_VNNI_KIND", "depthwise_vnni_out_shape", "depthwise_vnni_primfunc", "EXPAND_DEPTHWISE_KIND",

@@ -9,11 +9,11 @@ faster than the dot-product loop's throughput allows (kernels/README.md, ``layer
 How: :func:`kernels.ops.conv2d_nchwc_requant` records the geometry on its output block (:data:`BORDER_ATTR`: input
 height and width, padding, stride, dilation) when ``z_x = 0`` and the conv pads; the hand schedule marks the kernels
 where skipping pays (:data:`SKIP_ATTR`: every kernel whose register tile spans the output row, and AVX-512 VNNI
-kernels with narrower tiles where :func:`border_tap_fraction` >= :data:`VNNI_SKIP_MIN_FRACTION`); after scheduling, :func:`skip_zero_border` gives the tensorized accumulation
-block (dense convs: one output pixel x 16 output channels x 4 input channels of one tap; depthwise: one channel of
-one tap, vectorized over 16) the predicate "this tap reads inside the
-image". TVM lowers a block predicate to a branch around the dot product; with the register tile spanning the whole
-output row the column tests are compile-time constants for all but the first and last pixel (the tile loops are
+kernels with narrower tiles where :func:`border_tap_fraction` >= :data:`VNNI_SKIP_MIN_FRACTION`); after scheduling,
+:func:`skip_zero_border` gives the tensorized accumulation block (dense convs: one output pixel x 16 output channels
+x 4 input channels of one tap; depthwise: one channel of one tap, vectorized over 16) the predicate "this tap reads
+inside the image". TVM lowers a block predicate to a branch around the dot product; with the register tile spanning
+the whole output row the column tests are compile-time constants for all but the first and last pixel (the tile loops are
 unrolled), and the row test is the same for the whole tile. With a narrower tile the column tests are runtime
 branches around each ``vpdpbusd``; on AVX-512 VNNI they cost less than the skipped products once those are a few %
 of the conv (Zen 4, standalone 3x3 convs, interleaved, bit-identical: 256 -> 256 at 14x14 1.06-1.09x, 128 -> 128 at
@@ -28,8 +28,8 @@ from tvm.s_tir import SBlockRealize, Schedule
 from tvm_ffi.structural import structural_mutate
 
 BORDER_ATTR = "zero_border"       # [H, W, pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w] (z_x = 0 only)
-SKIP_ATTR = "zero_border_skip"
-OUTPUT_BLOCKS = ("out", "out_o")  # a kernel's output block: as written, and with its epilogue tensorized    # set by the schedule: 1 = skip the border taps in this kernel
+SKIP_ATTR = "zero_border_skip"    # set by the schedule: 1 = skip the border taps in this kernel
+OUTPUT_BLOCKS = ("out", "out_o")  # a kernel's output block: as written, and with its epilogue tensorized
 # the accumulation block as decompose_reduction (+ tensorize: "_o") names it and its block vars of the output row /
 # column and the tap row / column
 VNNI_SKIP_MIN_FRACTION = 0.02     # a VNNI kernel with a tile narrower than the row skips from 2% of border products
@@ -119,5 +119,5 @@ def skip_zero_border(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return out
 
 
-__all__ = ["BORDER_ATTR", "OUTPUT_BLOCKS", "SKIP_ATTR", "VNNI_SKIP_MIN_FRACTION", "border_geometry", "border_tap_fraction",
-           "output_annotations", "skip_zero_border"]
+__all__ = ["BORDER_ATTR", "OUTPUT_BLOCKS", "SKIP_ATTR", "VNNI_SKIP_MIN_FRACTION", "border_geometry",
+           "border_tap_fraction", "output_annotations", "skip_zero_border"]

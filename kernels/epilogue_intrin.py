@@ -19,6 +19,8 @@ extension :func:`kernels.ops.requant_expr` uses for them).
 
 from __future__ import annotations
 
+import re
+
 import tvm.tirx as tir
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
@@ -53,11 +55,28 @@ def _paired_constants(bias, mult, shift, rm=None, z_r: int = 0) -> tuple[tir.Pri
     return out[0], out[1]
 
 
+_NAME = re.compile(r"ptq2tvm_requant16_z(\d+)_(\d+)_(\d+)_(s32|s64)_(none|r\d+)_(global|local)")
+
+
 def requant16_intrinsic_name(zero_point: int, lo: int, hi: int, shift_ge32: bool, residual_zero_point: int | None,
                              scope: str = "global") -> str:
+    """The registered name of :func:`register_requant16_intrinsic`'s intrinsic: every parameter is in it, so
+    :func:`register_named_epilogues` can register it again from a recorded trace."""
     res = "none" if residual_zero_point is None else f"r{int(residual_zero_point)}"
     return (f"ptq2tvm_requant16_z{int(zero_point)}_{int(lo)}_{int(hi)}_{'s32' if shift_ge32 else 's64'}_{res}"
             f"_{scope}")
+
+
+def register_named_epilogues(text: str) -> list[str]:
+    """Register every requant intrinsic whose name (:func:`requant16_intrinsic_name`) occurs in ``text`` (e.g.
+    MetaSchedule's tuning-record file, whose traces tensorize with them: TVM parses the traces when it opens the
+    database and fails on a name not registered in this process); return the names."""
+    names = []
+    for m in sorted(set(_NAME.finditer(text)), key=lambda m: m.group(0)):
+        z, lo, hi, form, res, scope = m.groups()
+        names.append(register_requant16_intrinsic(int(z), int(lo), int(hi), form == "s32",
+                                                  None if res == "none" else int(res[1:]), scope))
+    return names
 
 
 def register_requant16_intrinsic(zero_point: int, lo: int, hi: int, shift_ge32: bool,
@@ -139,4 +158,5 @@ def register_requant16_intrinsic(zero_point: int, lo: int, hi: int, shift_ge32: 
     return name
 
 
-__all__ = ["register_requant16_intrinsic", "requant16_intrinsic_name"]
+__all__ = ["register_named_epilogues", "register_requant16_intrinsic",
+           "requant16_intrinsic_name"]

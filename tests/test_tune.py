@@ -4,6 +4,9 @@ reference executor, and a rebuild from the records measures nothing."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ tvm = pytest.importorskip("tvm")
 
 import kernels as K  # noqa: E402
 from tvm import te  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 from test_kernels_x86 import CONV_CASES, HAS_VNNI, ISAS, _conv_case, _target  # noqa: E402
 
@@ -119,6 +124,31 @@ def test_tuned_build_is_exact_and_a_rebuild_reuses_the_records(tmp_path, capfd):
     assert all(t["from_records"] for t in again.meta["tuning"]["tasks"] if t["kind"].startswith("conv2d"))
     assert np.array_equal(CompiledModel(tmp_path / "b.so").run_int(q), run_reference(graph, q))
 
+    # a rebuild from the records in a fresh process: the traces tensorize each conv's epilogue with an intrinsic
+    # registered per layer's requant constants, which the tuner registers from the record file before TVM parses it
+    # (kernels.register_named_epilogues)
+    graph.save(tmp_path / "g.npz")
+    code = ("import sys, json; from ptq2tvm.api import compile_so; from ptq2tvm.ir.graph import IntegerGraph; "
+            f"r = compile_so(IntegerGraph.load({str(tmp_path / 'g.npz')!r}), {str(tmp_path / 'c.so')!r}, batch=2, "
+            f"tune_trials=2, tune_db={str(tmp_path / 'a.tuning')!r}); print(json.dumps(r.meta['tuning']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fresh["measured"] == 0 and all(t["from_records"] for t in fresh["tasks"] if t["kind"].startswith("conv2d"))
+    assert np.array_equal(CompiledModel(tmp_path / "c.so").run_int(q), run_reference(graph, q))
+
     with pytest.raises(ValueError, match="tune trials must be >= 0"):
-        compile_so(graph, tmp_path / "c.so", tune_trials=-1)
-    assert not (tmp_path / "c.so").exists()
+        compile_so(graph, tmp_path / "d.so", tune_trials=-1)
+    assert not (tmp_path / "d.so").exists()
+
+
+def test_epilogue_intrinsics_register_again_from_their_names():
+    """A recorded trace names its epilogue intrinsics with every parameter in the name, so a fresh process registers
+    the same intrinsic from the record text alone."""
+    from tvm.s_tir import TensorIntrin
+
+    name = K.epilogue_intrin.requant16_intrinsic_name(5, 4, 250, False, 200, "local")
+    assert name == "ptq2tvm_requant16_z5_4_250_s64_r200_local"
+    text = f'[["{name}"], ["ptq2tvm_requant16_z0_0_255_s32_none_global"], ["ptq2tvm_dot_16x4_u8i8i32_vnni"]]'
+    assert K.register_named_epilogues(text) == ["ptq2tvm_requant16_z0_0_255_s32_none_global", name]
+    assert TensorIntrin.get(name) is not None

@@ -105,6 +105,9 @@ class KernelTuner:
         self.db_dir.mkdir(parents=True, exist_ok=True)
         for name in DB_FILES:
             repair_json_lines(self.db_dir / name)
+        records = self.db_dir / DB_FILES[1]
+        if records.is_file():   # its traces name per-layer epilogue intrinsics: TVM parses them on opening
+            K.register_named_epilogues(records.read_text(errors="replace"))
         db = ms.database.JSONDatabase(work_dir=str(self.db_dir))
         idx_path = self.db_dir / TASKS_FILE
         try:
