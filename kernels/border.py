@@ -13,8 +13,8 @@ kernels with narrower tiles where :func:`border_tap_fraction` >= :data:`VNNI_SKI
 :func:`skip_zero_border` gives the tensorized accumulation block (dense convs: one output pixel x 16 output channels
 x 4 input channels of one tap; depthwise: one channel of one tap, vectorized over 16) the predicate "this tap reads
 inside the image". TVM lowers a block predicate to a branch around the dot product; with the register tile spanning
-the whole output row the column tests are compile-time constants for all but the first and last pixel (the tile loops are
-unrolled), and the row test is the same for the whole tile. With a narrower tile the column tests are runtime
+the whole output row the column tests are compile-time constants for all but the first and last pixel (the tile loops
+are unrolled), and the row test is the same for the whole tile. With a narrower tile the column tests are runtime
 branches around each ``vpdpbusd``; on AVX-512 VNNI they cost less than the skipped products once those are a few %
 of the conv (Zen 4, standalone 3x3 convs, interleaved, bit-identical: 256 -> 256 at 14x14 1.06-1.09x, 128 -> 128 at
 28x28 1.02-1.04x, 64 -> 64 at 56x56 1.01-1.02x, 64 -> 64 at 112x112 0.98x), while on AVX2 (4-pixel tiles,
