@@ -8,7 +8,7 @@ spends 6 ``vpdpbusd`` per 16 outputs, so the epilogue was most of it (Zen 4: 24 
 with the epilogue replaced by a plain narrowing).
 
 :func:`register_requant16_intrinsic` describes that same per-channel integer expression (the description is built
-by :func:`kernels.ops.requant_expr` itself, so that tensorize matches the kernel's block exactly) and implements it
+by :func:`kernels.ops.requant_channel`, as the kernel's own block is, so that tensorize matches it exactly) and implements it
 with :func:`kernels.vector_tir.paired_requant16`, the explicit-vector form the hand-written kernels use: the 16
 int32 lanes read as 8 int64 lanes, ``vpmuldq`` of the even and of the odd channels, then an int32 shift / clamp
 (every shift >= 32) or an int64 one (any shift), about 12 instructions. Same integers (both are
@@ -26,20 +26,10 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from .layout import BLOCK
-from .ops import requant_expr
+from .ops import requant_channel
 from .vector_tir import _even, _i64x8, _odd, paired_requant16
 
 _registered: set[str] = set()
-
-
-def _value(acc, mult, bias, shift, zero_point: int, lo: int, hi: int, shift_ge32: bool, residual=None, z_r: int = 0):
-    """The per-channel expression of :func:`kernels.ops._requant_out` (the description's body)."""
-    terms, consts = [(acc, mult)], [(bias, mult)]
-    if residual is not None:
-        r, rm = residual
-        terms.append((r.astype("int32"), rm))
-        consts.append((tir.const(-int(z_r), "int32"), rm))
-    return requant_expr(terms, shift, zero_point, lo, hi, const_terms=consts, shift_ge32=shift_ge32)
 
 
 def _paired_constants(bias, mult, shift, rm=None, z_r: int = 0) -> tuple[tir.PrimExpr, tir.PrimExpr]:
@@ -116,7 +106,7 @@ def register_requant16_intrinsic(zero_point: int, lo: int, hi: int, shift_ge32: 
                 for i in T.serial(0, 16):
                     with T.sblock("out"):
                         vi = T.axis.remap("S", [i])
-                        O[vi] = _value(A[vi], M[vi], B[vi], S[vi], z, lo, hi, shift_ge32)
+                        O[vi] = requant_channel(A[vi], M[vi], B[vi], S[vi], z, lo, hi, shift_ge32=shift_ge32)
 
         @T.prim_func(s_tir=True)
         def impl(A: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
@@ -139,7 +129,7 @@ def register_requant16_intrinsic(zero_point: int, lo: int, hi: int, shift_ge32: 
                 for i in T.serial(0, 16):
                     with T.sblock("out"):
                         vi = T.axis.remap("S", [i])
-                        O[vi] = _value(A[vi], M[vi], B[vi], S[vi], z, lo, hi, shift_ge32, (R[vi], RM[vi]), zr)
+                        O[vi] = requant_channel(A[vi], M[vi], B[vi], S[vi], z, lo, hi, (R[vi], RM[vi]), zr, shift_ge32)
 
         @T.prim_func(s_tir=True)
         def impl(A: T.Buffer((16,), "int32", offset_factor=1, scope=scope),

@@ -355,16 +355,27 @@ def _packed_attrs(bits: int, ubsw_exact: bool, layout: str) -> dict:
     return {"int4": int(bits < 8), "ubsw_exact": int(bool(ubsw_exact) and layout == "vnni")}
 
 
+def requant_channel(acc: tir.PrimExpr, mult: tir.PrimExpr, bias: tir.PrimExpr, shift: tir.PrimExpr, zero_point: int,
+                    lo: int, hi: int, residual: tuple[tir.PrimExpr, tir.PrimExpr] | None = None,
+                    residual_zero_point: int = 0, shift_ge32: bool = False) -> tir.PrimExpr:
+    """One output channel's requant as the conv / depthwise TE kernels write it (:func:`requant_expr` of the int32
+    accumulator ``acc`` with multiplier ``mult``, the bias as a constant term, and a residual ``(r uint8, rm int32)``
+    with its zero point as a term and a constant term) -> uint8. The tensorized epilogue
+    (kernels/epilogue_intrin.py) describes its block with this same function, so that tensorize matches."""
+    terms, consts = [(acc, mult)], [(bias, mult)]
+    if residual is not None:
+        r, rm = residual
+        terms.append((r.astype("int32"), rm))
+        consts.append((tir.const(-int(residual_zero_point), "int32"), rm))
+    return requant_expr(terms, shift, zero_point, lo, hi, const_terms=consts, shift_ge32=shift_ge32)
+
+
 def _requant_out(acc, bias, mult, shift, residual, z_out, lo, hi, z_r, kind, extra=None,
                  shift_ge32: bool = False) -> te.Tensor:
     def out(b, o, i, j, oc):
         c = o * BLOCK + oc
-        terms, consts = [(acc[b, o, i, j, oc], mult[c])], [(bias[c], mult[c])]
-        if residual:
-            r, rm = residual
-            terms.append((r[b, o, i, j, oc].astype("int32"), rm[c]))
-            consts.append((tir.const(-int(z_r), "int32"), rm[c]))
-        return requant_expr(terms, shift[c], z_out, lo, hi, const_terms=consts, shift_ge32=shift_ge32)
+        res = (residual[0][b, o, i, j, oc], residual[1][c]) if residual else None
+        return requant_channel(acc[b, o, i, j, oc], mult[c], bias[c], shift[c], z_out, lo, hi, res, z_r, shift_ge32)
 
     attrs = {KERNEL_ATTR: kind, **(extra or {}), **({"int32_epilogue": 1} if shift_ge32 else {}),
              REQUANT_ATTR: [int(z_out), int(lo), int(hi), int(bool(residual)), int(z_r)]}
