@@ -62,8 +62,8 @@ def register_named_epilogues(text: str) -> list[str]:
     MetaSchedule's tuning-record file, whose traces tensorize with them: TVM parses the traces when it opens the
     database and fails on a name not registered in this process); return the names."""
     names = []
-    for m in sorted(set(_NAME.finditer(text)), key=lambda m: m.group(0)):
-        z, lo, hi, form, res, scope = m.groups()
+    for found in sorted({m.group(0) for m in _NAME.finditer(text)}):
+        z, lo, hi, form, res, scope = _NAME.fullmatch(found).groups()
         names.append(register_requant16_intrinsic(int(z), int(lo), int(hi), form == "s32",
                                                   None if res == "none" else int(res[1:]), scope))
     return names

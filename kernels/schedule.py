@@ -283,27 +283,34 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     oloops = sch.get_loops(out)
     # the tensorized epilogue, except with runtime border tests (a tile narrower than the row): LLVM then kept a
     # 16-accumulator tile in memory, 2x slower (Zen 4, 3x3 64 -> 64 at 56x56)
-    if tiles == "vnni" and not (skip and tile.P != ext[3]):
-        _tensorize_epilogue(sch, out, oloops[-5:])
-    else:
+    if not (tiles == "vnni" and not (skip and tile.P != ext[3]) and _tensorize_epilogue(sch, out, oloops[-5:])):
         _vectorize_inner(sch, oloops[-5:])
     if pad is not None:
         _schedule_pad(sch, pad, threads)
     return sch
 
 
-def _tensorize_epilogue(sch: Schedule, out, loops) -> None:
+def _tensorize_epilogue(sch: Schedule, out, loops) -> bool:
     """The requant epilogue of each output block as :func:`kernels.epilogue_intrin.register_requant16_intrinsic`
-    (AVX-512: int64 lane pairs), the tile loops around it unrolled."""
+    (AVX-512: int64 lane pairs), the tile loops around it unrolled; -> False (``sch`` unchanged) where the block does
+    not match the intrinsic: a clamp with ``lo >= hi`` (TVM folds it to a constant) or any other form tensorize
+    rejects, which then keeps the vectorized epilogue."""
     ann = sch.get(out).annotations
     z, lo, hi, has_res, z_r = (int(v) for v in ann[REQUANT_ATTR])
+    if lo >= hi:
+        return False
     ge32 = "int32_epilogue" in ann and int(ann["int32_epilogue"]) == 1
+    intrin = register_requant16_intrinsic(z, lo, hi, ge32, z_r if has_res else None, ACC_SCOPE)
+    try:        # TVM compares the block with the description before it changes the schedule
+        sch.tensorize(loops[-1], intrin)
+    except tvm.s_tir.ScheduleError:
+        return False
     for lp in loops[:-1]:
         sch.unroll(lp)
-    sch.tensorize(loops[-1], register_requant16_intrinsic(z, lo, hi, ge32, z_r if has_res else None, ACC_SCOPE))
     tensorized = sch.get_sblock(OUTPUT_BLOCKS[1])
     for key, value in ann.items():      # tensorize drops them: the border skip and arithmetic_shortcuts read them
         sch.annotate(tensorized, key, list(value) if isinstance(value, tvm.ir.Array) else value)
+    return True
 
 
 def _skip_border(sch: Schedule, out, tile: ConvTile, out_width: int, kernel: tuple[int, int], tiles: str) -> bool:

@@ -594,6 +594,24 @@ def test_vnni_tensorized_epilogue_bit_exact(ge32, residual, k, zx):
         assert len(np.unique(cs["ref"])) > 16 and np.array_equal(got, cs["ref"])
 
 
+@pytest.mark.parametrize("lo_hi", [(29, 29), (0, 0), (255, 255)])
+def test_constant_clamp_keeps_the_vectorized_epilogue(lo_hi):
+    """A clamp with lo == hi (a constant output, e.g. from an edited integer graph) folds to a constant that the
+    tensorized epilogue cannot match: the kernel keeps the vectorized epilogue and still builds, bit-exact (found by
+    fuzzing: it raised ScheduleError)."""
+    rng = np.random.default_rng(sum(lo_hi))
+    x = rng.integers(0, 256, (1, 16, 6, 6), dtype=np.uint8)
+    w = rng.integers(-128, 128, (16, 16, 1, 1), dtype=np.int8)
+    bias, m, sh = np.zeros(16, np.int32), np.full(16, 1 << 30, np.int32), np.full(16, 40, np.int32)
+    arrays = [K.nchw_to_nchwc(x), K.pack_conv_weight(w), *K.pack_channel_params(bias, m, sh)]
+    target = HOST if HAS_VNNI else K.host_target(num_cores=2, mcpu="znver4")
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, output_zero_point=5, lo=lo_hi[0], hi=lo_hi[1])
+    assert 'sblock("out_o")' not in kern.func.script()
+    if HAS_VNNI:
+        ref = R.conv2d_requant(x, w, bias, m, sh, output_zero_point=5, lo=lo_hi[0], hi=lo_hi[1])
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 16), ref)
+
+
 def test_border_tap_fraction_counts_taps_on_the_border():
     from kernels.border import border_tap_fraction
 

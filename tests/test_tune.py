@@ -149,6 +149,6 @@ def test_epilogue_intrinsics_register_again_from_their_names():
 
     name = K.epilogue_intrin.requant16_intrinsic_name(5, 4, 250, False, 200, "local")
     assert name == "ptq2tvm_requant16_z5_4_250_s64_r200_local"
-    text = f'[["{name}"], ["ptq2tvm_requant16_z0_0_255_s32_none_global"], ["ptq2tvm_dot_16x4_u8i8i32_vnni"]]'
+    text = f'[["{name}"], ["ptq2tvm_requant16_z0_0_255_s32_none_global"], ["ptq2tvm_dot_16x4_u8i8i32_vnni"], ["{name}"]]'
     assert K.register_named_epilogues(text) == ["ptq2tvm_requant16_z0_0_255_s32_none_global", name]
     assert TensorIntrin.get(name) is not None
