@@ -8,9 +8,9 @@ spends 6 ``vpdpbusd`` per 16 outputs, so the epilogue was most of it (Zen 4: 24 
 with the epilogue replaced by a plain narrowing).
 
 :func:`register_requant16_intrinsic` describes that same per-channel integer expression (the description is built
-by :func:`kernels.ops.requant_channel`, as the kernel's own block is, so that tensorize matches it exactly) and implements it
-with :func:`kernels.vector_tir.paired_requant16`, the explicit-vector form the hand-written kernels use: the 16
-int32 lanes read as 8 int64 lanes, ``vpmuldq`` of the even and of the odd channels, then an int32 shift / clamp
+by :func:`kernels.ops.requant_channel`, as the kernel's own block is, so that tensorize matches it exactly) and
+implements it with :func:`kernels.vector_tir.paired_requant16`, the explicit-vector form the hand-written kernels
+use: the 16 int32 lanes read as 8 int64 lanes, ``vpmuldq`` of the even and of the odd channels, then an int32 shift / clamp
 (every shift >= 32) or an int64 one (any shift), about 12 instructions. Same integers (both are
 :func:`ptq2tvm.ir.reference.requantize`); the rounding constants ``bias * mult + 2^(shift - 1) [- z_r * mr]`` are
 formed in the same int64 pairs (the multipliers are >= 0, so ``vpmuldq``'s sign extension equals the zero
@@ -23,13 +23,16 @@ import re
 
 import tvm.tirx as tir
 from tvm.s_tir import TensorIntrin
-from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
 from .ops import requant_channel
 from .vector_tir import _even, _i64x8, _odd, paired_requant16
 
 _registered: set[str] = set()
+#: the buffers in the order the conv's output block reads them (tensorize compares the read regions in order)
+_READ_ORDER = {False: ("A", "M", "B", "S"), True: ("A", "M", "R", "RM", "B", "S")}
 
 
 def _paired_constants(bias, mult, shift, rm=None, z_r: int = 0) -> tuple[tir.PrimExpr, tir.PrimExpr]:
@@ -69,6 +72,23 @@ def register_named_epilogues(text: str) -> list[str]:
     return names
 
 
+def _intrinsic_func(scope: str, residual: bool, body) -> tir.PrimFunc:
+    """A description or implementation PrimFunc of the requant intrinsic: the (16,) buffers A (int32 accumulators,
+    in ``scope``), M, B, S (int32 mult, bias, shift), with ``residual`` R (uint8) and RM (int32), and O (uint8 out),
+    a root block reading them in the order the conv's output block reads them, and ``body(buffers)`` inside."""
+    specs = [("A", "int32"), ("M", "int32"), ("B", "int32"), ("S", "int32")]
+    specs += [("R", "uint8"), ("RM", "int32")] if residual else []
+    with IRBuilder() as ib:
+        with T.prim_func():
+            buf = {k: T.arg(k, T.buffer((BLOCK,), dtype, offset_factor=1, scope=scope if k == "A" else "global"))
+                   for k, dtype in [*specs, ("O", "uint8")]}
+            with T.sblock("root"):
+                T.reads(*[buf[k][0:BLOCK] for k in _READ_ORDER[residual]])
+                T.writes(buf["O"][0:BLOCK])
+                body(buf)
+    return ib.get()
+
+
 def register_requant16_intrinsic(zero_point: int, lo: int, hi: int, shift_ge32: bool,
                                  residual_zero_point: int | None = None, scope: str = "global") -> str:
     """Register (idempotently) the requant of one 16-channel output block; return its name.
@@ -95,54 +115,23 @@ def register_requant16_intrinsic(zero_point: int, lo: int, hi: int, shift_ge32: 
         residual = None if r is None else (r.astype(f"int32x{BLOCK}"), rm)
         return paired_requant16(acc, mult, ce, co, n, z, lo, hi, residual=residual)
 
-    if zr is None:
-        @T.prim_func(s_tir=True)
-        def desc(A: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
-                 M: T.Buffer((16,), "int32", offset_factor=1), B: T.Buffer((16,), "int32", offset_factor=1),
-                 S: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "uint8", offset_factor=1)) -> None:
-            with T.sblock("root"):
-                T.reads(A[0:16], M[0:16], B[0:16], S[0:16])
-                T.writes(O[0:16])
-                for i in T.serial(0, 16):
-                    with T.sblock("out"):
-                        vi = T.axis.remap("S", [i])
-                        O[vi] = requant_channel(A[vi], M[vi], B[vi], S[vi], z, lo, hi, shift_ge32=shift_ge32)
+    def desc_body(buf) -> None:
+        with T.serial(0, BLOCK) as i:
+            with T.sblock("out"):
+                vi = T.axis.spatial(BLOCK, i)
+                T.reads(*[buf[k][vi] for k in _READ_ORDER[zr is not None]])
+                T.writes(buf["O"][vi])
+                residual = None if zr is None else (buf["R"][vi], buf["RM"][vi])
+                T.buffer_store(buf["O"], requant_channel(buf["A"][vi], buf["M"][vi], buf["B"][vi], buf["S"][vi], z, lo,
+                                                         hi, residual, zr or 0, shift_ge32), [vi])
 
-        @T.prim_func(s_tir=True)
-        def impl(A: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
-                 M: T.Buffer((16,), "int32", offset_factor=1), B: T.Buffer((16,), "int32", offset_factor=1),
-                 S: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "uint8", offset_factor=1)) -> None:
-            with T.sblock("root"):
-                T.reads(A[0:16], M[0:16], B[0:16], S[0:16])
-                T.writes(O[0:16])
-                O[T.ramp(T.int32(0), 1, 16)] = vector(A.vload([0], dtype="int32x16"), M.vload([0], dtype="int32x16"),
-                                                      B.vload([0], dtype="int32x16"), S.vload([0], dtype="int32x16"))
-    else:
-        @T.prim_func(s_tir=True)
-        def desc(A: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
-                 M: T.Buffer((16,), "int32", offset_factor=1), B: T.Buffer((16,), "int32", offset_factor=1),
-                 S: T.Buffer((16,), "int32", offset_factor=1), R: T.Buffer((16,), "uint8", offset_factor=1),
-                 RM: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "uint8", offset_factor=1)) -> None:
-            with T.sblock("root"):
-                T.reads(A[0:16], M[0:16], R[0:16], RM[0:16], B[0:16], S[0:16])     # in the order the block reads
-                T.writes(O[0:16])
-                for i in T.serial(0, 16):
-                    with T.sblock("out"):
-                        vi = T.axis.remap("S", [i])
-                        O[vi] = requant_channel(A[vi], M[vi], B[vi], S[vi], z, lo, hi, (R[vi], RM[vi]), zr, shift_ge32)
+    def impl_body(buf) -> None:
+        loads = [buf[k].vload([0], dtype=f"{buf[k].dtype}x{BLOCK}") for k in ("A", "M", "B", "S")]
+        if zr is not None:
+            loads += [buf[k].vload([0], dtype=f"{buf[k].dtype}x{BLOCK}") for k in ("R", "RM")]
+        T.buffer_store(buf["O"], vector(*loads), [tir.Ramp(tir.const(0, "int32"), 1, BLOCK)])
 
-        @T.prim_func(s_tir=True)
-        def impl(A: T.Buffer((16,), "int32", offset_factor=1, scope=scope),
-                 M: T.Buffer((16,), "int32", offset_factor=1), B: T.Buffer((16,), "int32", offset_factor=1),
-                 S: T.Buffer((16,), "int32", offset_factor=1), R: T.Buffer((16,), "uint8", offset_factor=1),
-                 RM: T.Buffer((16,), "int32", offset_factor=1), O: T.Buffer((16,), "uint8", offset_factor=1)) -> None:
-            with T.sblock("root"):
-                T.reads(A[0:16], M[0:16], R[0:16], RM[0:16], B[0:16], S[0:16])     # in the order the block reads
-                T.writes(O[0:16])
-                O[T.ramp(T.int32(0), 1, 16)] = vector(A.vload([0], dtype="int32x16"), M.vload([0], dtype="int32x16"),
-                                                      B.vload([0], dtype="int32x16"), S.vload([0], dtype="int32x16"),
-                                                      R.vload([0], dtype="uint8x16"), RM.vload([0], dtype="int32x16"))
-
+    desc, impl = (_intrinsic_func(scope, zr is not None, body) for body in (desc_body, impl_body))
     TensorIntrin.register(name, desc, impl, override=True)
     _registered.add(name)
     return name
