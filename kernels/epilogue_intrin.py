@@ -10,8 +10,8 @@ with the epilogue replaced by a plain narrowing).
 :func:`register_requant16_intrinsic` describes that same per-channel integer expression (the description is built
 by :func:`kernels.ops.requant_channel`, as the kernel's own block is, so that tensorize matches it exactly) and
 implements it with :func:`kernels.vector_tir.paired_requant16`, the explicit-vector form the hand-written kernels
-use: the 16 int32 lanes read as 8 int64 lanes, ``vpmuldq`` of the even and of the odd channels, then an int32 shift / clamp
-(every shift >= 32) or an int64 one (any shift), about 12 instructions. Same integers (both are
+use: the 16 int32 lanes read as 8 int64 lanes, ``vpmuldq`` of the even and of the odd channels, then an int32
+shift / clamp (every shift >= 32) or an int64 one (any shift), about 12 instructions. Same integers (both are
 :func:`ptq2tvm.ir.reference.requantize`); the rounding constants ``bias * mult + 2^(shift - 1) [- z_r * mr]`` are
 formed in the same int64 pairs (the multipliers are >= 0, so ``vpmuldq``'s sign extension equals the zero
 extension :func:`kernels.ops.requant_expr` uses for them).
