@@ -5,7 +5,8 @@ each) x R rows x P columns (chosen by :func:`choose_conv_tile` from the shape):
 
     pad (own parallel loop, zero point border, written once)           -- not inlined: tensorize needs plain loads
     parallel for (n, ob/Q, oh/R):                                       -- weights of Q blocks stay in L1/L2
-      for ow/P:
+      for ow/P:                                                         -- (whole-row VNNI tiles: the next group's
+                                                                        --  weights prefetched, kernels/prefetch.py)
         acc[Q, R, P, 16] = 0                                             -- int32, a stack tile: LLVM keeps it in regs
         for ic_block, kh, kw, ic/4:
           for q, r, p (unrolled): acc[q, r, p, :] = vpdpbusd(acc[q, r, p, :], bcast(x[4 bytes]), w[q][64 bytes])
@@ -45,6 +46,7 @@ from .intrin import (register_avx2_intrinsic, register_avx2w_intrinsic, register
 from .border import (BORDER_ATTR, OUTPUT_BLOCKS, SKIP_ATTR, VNNI_SKIP_MIN_FRACTION, border_tap_fraction,
                      output_annotations, skip_zero_border)
 from .epilogue_intrin import register_requant16_intrinsic
+from .prefetch import PREFETCH_ATTR, TASK_LOOP_ATTR, prefetch_next_weights
 from .ops import CHUNKED_REDUCTION_ATTR, KERNEL_ATTR, REQUANT_ATTR
 
 OP_PATTERN_OPAQUE = 8
@@ -264,6 +266,11 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     if skip:
         sch.annotate(out, SKIP_ATTR, 1)
     par, (obi, ohi, owi) = _tile_conv(sch, out, (n, ob, oh, ow), tile, reduction, [oc, rcs], per_task, threads)
+    if tiles == "vnni" and tile.P == ext[3] and (per_task or unpack is None):      # kernels/prefetch.py
+        weights = sch.get(unpack if per_task else acc).reads
+        sch.annotate(out, PREFETCH_ATTR, [1 if per_task else ext[2] // tile.R, ext[1] // tile.Q,
+                                          tile.Q * _block_bytes(weights, "uint8" if per_task else "int8")])
+        sch.annotate(par, TASK_LOOP_ATTR, 1)
     ndim = 7 if layout == "vnni" else 8
     if per_task:
         sch.compute_at(unpack, par, preserve_unit_loops=True)
@@ -288,6 +295,17 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     if pad is not None:
         _schedule_pad(sch, pad, threads)
     return sch
+
+
+def _block_bytes(reads, dtype: str) -> int:
+    """Bytes of one output block of the packed weights: the one buffer of ``dtype`` among a block's ``reads``
+    (``[OB, ...]``, blocks contiguous; int8 weights as the accumulation block reads them, or the uint8 packed int4 /
+    int2 weights the unpack block reads)."""
+    (weights,) = [r.source for r in reads if str(r.source.dtype) == dtype]
+    size = 1
+    for dim in weights.shape[1:]:
+        size *= int(dim)
+    return size
 
 
 def _tensorize_epilogue(sch: Schedule, out, loops) -> bool:
@@ -745,10 +763,11 @@ def apply_schedule(sch: Schedule, target=None, **options) -> Schedule:
 
 
 def finish_scheduled(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-    """Finish a scheduled kernel: skip the zero-point border taps where its schedule asked for it
-    (:func:`kernels.border.skip_zero_border`), and mark it so dlight/MetaSchedule skip it and FuseOps leaves it
-    alone (kOpaque)."""
-    return skip_zero_border(func).with_attr(SCHEDULED_ATTR, True).with_attr("op_pattern", OP_PATTERN_OPAQUE)
+    """Finish a scheduled kernel: skip the zero-point border taps and prefetch the next weights where its schedule
+    asked for it (:func:`kernels.border.skip_zero_border`, :func:`kernels.prefetch.prefetch_next_weights`), and
+    mark it so dlight/MetaSchedule skip it and FuseOps leaves it alone (kOpaque)."""
+    func = prefetch_next_weights(skip_zero_border(func), output_annotations(func))
+    return func.with_attr(SCHEDULED_ATTR, True).with_attr("op_pattern", OP_PATTERN_OPAQUE)
 
 
 def schedule_primfunc(func: tvm.tirx.PrimFunc, target=None, **options) -> tvm.tirx.PrimFunc:

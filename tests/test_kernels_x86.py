@@ -813,3 +813,78 @@ def test_in_channels_that_do_not_fit_the_blocks_are_refused(in_channels):
     consts = [tvm.te.placeholder((32,), "int32") for _ in range(3)]
     with pytest.raises(ValueError, match=f"in_channels={in_channels} does not fit the input's 2 blocks of 16 channels"):
         K.conv2d_nchwc_requant(x, wp, *consts, in_channels=in_channels)
+
+
+@pytest.mark.parametrize("n,int4,cores,zx", [(1, False, 2, 0), (2, False, 1, 3), (1, True, 2, 0), (3, True, 2, 3)])
+def test_weight_prefetch_bit_exact(n, int4, cores, zx):
+    """AVX-512 VNNI convs whose tile spans the output row prefetch the next output-block group's weights
+    (kernels/prefetch.py; int4 weights unpacked per task: the packed ones): prefetcht0 in the kernel, the task loop
+    marked, and the reference's integers (batch 1-3, one or two threads, zero border skipped or not). Compiled for a
+    VNNI CPU everywhere, run where the host has AVX-512 VNNI."""
+    from kernels.border import output_annotations
+    from kernels.prefetch import PREFETCH_ATTR, TASK_LOOP_ATTR
+
+    rng = np.random.default_rng(60 + n + 2 * int4 + cores + zx)
+    c, hw, o = 64, 7, 96
+    cs = _conv_case(rng, n, c, hw, hw, o, 3, 1, 1, int4=int4, zx=zx, zo=9, residual=True, zr=0)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, zx), K.pack_conv_weight(cs["w"], 1, 16, int4=int4), *params[:3],
+              K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    target = K.host_target(num_cores=cores, mcpu=None if HAS_VNNI else "znver4")
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, padding=1, input_zero_point=zx,
+                              output_zero_point=9, residual_zero_point=0, in_channels=c)
+    tasks_per_group, groups, group_bytes = (int(v) for v in output_annotations(kern.func)[PREFETCH_ATTR])
+    tile = K.schedule.choose_conv_tile(n, o // 16, hw, hw) if not int4 else None
+    assert groups * group_bytes == arrays[1].nbytes and (int4 or tasks_per_group == hw // tile.R)
+    assert TASK_LOOP_ATTR in kern.func.script() and kern.count_instructions("prefetcht0") > 0
+    if HAS_VNNI:
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), o), cs["ref"])
+
+
+def test_weight_prefetch_only_where_measured():
+    """No prefetch where it was measured to hurt: a tile narrower than the output row (runtime border tests: LLVM
+    then spilled the accumulators) and AVX2 builds."""
+    rng = np.random.default_rng(7)
+    cs = _conv_case(rng, 1, 32, 28, 28, 32, 3, 1, 1, zx=0)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])
+    x = K.nchw_to_nchwc(cs["x"], 16, 0)
+    narrow = K.build_standalone(K.conv2d_nchwc_requant, [x, K.pack_conv_weight(cs["w"]), *params],
+                                K.host_target(2, "znver4"), options={"tile": K.ConvTile(7, 2)}, padding=1,
+                                input_zero_point=0, output_zero_point=5)
+    avx2 = K.build_standalone(K.conv2d_nchwc_requant, [x, K.pack_conv_weight(cs["w"], isa="avx2"), *params],
+                              K.host_target(2, "znver3"), padding=1, input_zero_point=0, output_zero_point=5,
+                              isa="avx2")
+    for kern in (narrow, avx2):
+        assert "weight_prefetch" not in kern.func.script() and kern.count_instructions("prefetcht0") == 0
+
+
+@pytest.mark.parametrize("tasks_per_group,iterations,group_lines", [(7, 32, 2304), (1, 224, 1152), (14, 16, 72),
+                                                                    (3, 5, 1), (2, 8, 17)])
+def test_prefetch_lines_cover_the_next_group_once(tasks_per_group, iterations, group_lines):
+    """The prefetches of one group's tasks reach every line of the next group's slice, and none beyond it."""
+    from kernels.prefetch import per_iteration_lines, prefetch_line
+
+    k = per_iteration_lines(group_lines, tasks_per_group, iterations)
+    lines = [prefetch_line(p, i, j, iterations, k, group_lines)
+             for p in range(tasks_per_group) for i in range(iterations) for j in range(k)]
+    assert set(lines) == set(range(group_lines))
+    assert k * tasks_per_group * iterations < group_lines + tasks_per_group * iterations     # no whole spare round
+
+
+def test_prefetch_pass_refuses_a_kernel_without_its_structure():
+    """A kernel marked for prefetching whose loops do not have the expected form raises (instead of silently
+    losing the prefetch)."""
+    from kernels.prefetch import PREFETCH_ATTR, prefetch_next_weights
+
+    rng = np.random.default_rng(8)
+    cs = _conv_case(rng, 1, 16, 7, 7, 16, 3, 1, 1)
+    arrays = [K.nchw_to_nchwc(cs["x"]), K.pack_conv_weight(cs["w"]),
+              *K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])]
+    unscheduled = K.build_standalone(K.conv2d_nchwc_requant, arrays, K.host_target(2, "znver4"), schedule=False,
+                                     padding=1, input_zero_point=3, output_zero_point=5)
+    with pytest.raises(ValueError, match="0 blocks acc_update_o"):
+        prefetch_next_weights(unscheduled.func, {PREFETCH_ATTR: [7, 1, 9216]})
+    narrow = K.build_standalone(K.conv2d_nchwc_requant, arrays, K.host_target(2, "znver4"),
+                                options={"tile": K.ConvTile(1, 1)}, padding=1, input_zero_point=3, output_zero_point=5)
+    with pytest.raises(ValueError, match="no task loop \\(conv_task_loop\\)"):
+        prefetch_next_weights(narrow.func, {PREFETCH_ATTR: [7, 1, 9216]})
