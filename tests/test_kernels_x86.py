@@ -544,7 +544,8 @@ def test_vnni_zero_border_skipped_where_it_pays(hw, stride, skipped):
     """AVX-512 VNNI kernels whose register tile is narrower than the output row (7 of 14 columns here) skip the
     zero-border taps when those are >= 2% of the products (kernels.border.border_tap_fraction: 9.3% at 14x14, 4.7%
     for 28x28 / 2), with runtime column tests; at 72x72 (1.8%) they do not. Bit-exact where the host has AVX-512
-    VNNI (compiled for a VNNI CPU everywhere else)."""
+    VNNI (compiled for a VNNI CPU everywhere else). Where the border is skipped the kernel reads its input directly:
+    no zero-point-padded copy (kernels.border.read_through_border)."""
     rng = np.random.default_rng(hw + stride)
     c = 32 if hw < 72 else 16
     cs = _conv_case(rng, 1, c, hw, hw, c, 3, stride, 1, zx=0)
@@ -557,8 +558,29 @@ def test_vnni_zero_border_skipped_where_it_pays(hw, stride, skipped):
     tile = K.schedule.choose_conv_tile(1, c // 16, out_w, out_w, isa="vnni")
     assert tile.P < out_w, tile          # the case this test is about: a tile narrower than the row
     assert ("T.where(" in kern.func.script()) == skipped
+    assert ('sblock("pad")' in kern.func.script()) != skipped
     if HAS_VNNI:
         assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), c), cs["ref"])
+
+
+@pytest.mark.parametrize("zx,stride,dilation", [(0, 1, 1), (0, 2, 1), (0, 1, 2), (5, 1, 1)])
+def test_skipped_border_reads_the_input_directly(zx, stride, dilation):
+    """A conv whose zero-border taps are skipped (input zero point 0) reads its input in place, at the shifted
+    coordinates, instead of a padded copy (kernels.border.read_through_border): no 'pad' stage, no read of it, and
+    the reference's integers (padding 2 on a 9x9 input, stride / dilation 2 included). A border of zero point 5 is
+    not skipped and keeps the padded copy."""
+    rng = np.random.default_rng(90 + zx + stride + dilation)
+    cs = _conv_case(rng, 2, 32, 9, 9, 32, 3, stride, 2, d=dilation, zx=zx, residual=True, zr=0)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, zx), K.pack_conv_weight(cs["w"]), *params[:3],
+              K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    target = HOST if HAS_VNNI else K.host_target(num_cores=2, mcpu="znver4")
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, stride=stride, padding=2, dilation=dilation,
+                              input_zero_point=zx, output_zero_point=5, residual_zero_point=0)
+    script = kern.func.script()
+    assert ('sblock("pad")' in script) == (zx != 0) and ("pad[" in script) == (zx != 0)
+    if HAS_VNNI:
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 32), cs["ref"])
 
 
 @pytest.mark.parametrize("ge32,residual,k,zx", [(False, False, 1, 3), (True, False, 1, 3), (False, True, 3, 3),
