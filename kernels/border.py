@@ -204,5 +204,5 @@ def _contains_block(stmt, name: str) -> bool:
     return bool(hit)
 
 
-__all__ = ["BORDER_ATTR", "OUTPUT_BLOCKS", "SKIP_ATTR", "VNNI_SKIP_MIN_FRACTION", "border_geometry", "read_through_border",
-           "border_tap_fraction", "output_annotations", "skip_zero_border"]
+__all__ = ["BORDER_ATTR", "OUTPUT_BLOCKS", "SKIP_ATTR", "VNNI_SKIP_MIN_FRACTION", "border_geometry",
+           "border_tap_fraction", "output_annotations", "read_through_border", "skip_zero_border"]
