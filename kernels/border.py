@@ -24,7 +24,8 @@ With every border tap skipped nothing reads the border any more, so the kernel d
 (:func:`read_through_border`): the dense conv's accumulation block reads the input itself at the shifted coordinates
 and the pad stage, a separate parallel pass over the whole input, is dropped (Zen 4, standalone 3x3 convs,
 interleaved, bit-identical: 1.02-1.06x from 7x7 to 56x56; on AVX2 vpmaddubsw kernels 1.01-1.40x, the most on small
-layers where the extra parallel pass weighs most; whole networks 0.98-1.03x, benchmarks/results/read_through_border_ab.md).
+layers where the extra parallel pass weighs most; whole networks 0.98-1.03x,
+benchmarks/results/read_through_border_ab.md).
 """
 
 from __future__ import annotations
