@@ -176,8 +176,8 @@ def read_through_border(func: tirx.PrimFunc, ph: int, pw: int) -> tirx.PrimFunc:
 
     def drop_pad_stage(stmt, mutator):
         stmt = mutator.default_mutate(stmt)
-        kept = [s for s in stmt.seq if not _contains_block(s, PAD_BLOCK)]
-        return tirx.SeqStmt(kept) if len(kept) > 1 else kept[0]
+        kept = [s for s in stmt.seq if set(_block_names(s)) != {PAD_BLOCK}]
+        return stmt if len(kept) == len(stmt.seq) else tirx.SeqStmt(kept) if len(kept) > 1 else kept[0]
 
     def drop_pad_buffer(block, mutator):
         block = mutator.default_mutate(block)
@@ -188,21 +188,36 @@ def read_through_border(func: tirx.PrimFunc, ph: int, pw: int) -> tirx.PrimFunc:
                       block.annotations)
 
     out = structural_mutate(func, [(SBlockRealize, reads_source)])
+    if _readers(out, padded):
+        return func             # another block still reads the copy: keep it
     out = structural_mutate(out, [(tirx.SeqStmt, drop_pad_stage)])
+    if _block_names(out.body).count(PAD_BLOCK):
+        return func             # the pad stage was not a loop nest of its own: keep the copy
     return structural_mutate(out, [(SBlock, drop_pad_buffer)])
 
 
-def _contains_block(stmt, name: str) -> bool:
-    hit = []
+def _block_names(stmt) -> list[str]:
+    names = []
 
     def visit(realize, mutator):
-        if realize.block.name_hint == name:
-            hit.append(realize)
-            return realize
+        names.append(realize.block.name_hint)
         return mutator.default_mutate(realize)
 
     structural_mutate(stmt, [(SBlockRealize, visit)])
-    return bool(hit)
+    return names
+
+
+def _readers(func: tirx.PrimFunc, buffer) -> list[str]:
+    """Names of the blocks of ``func`` that read ``buffer``."""
+    names = []
+
+    def visit(realize, mutator):
+        if any(r.source.same_as(buffer) for r in realize.block.reads):
+            names.append(realize.block.name_hint)
+        return mutator.default_mutate(realize)
+
+    structural_mutate(func, [(SBlockRealize, visit)])
+    return names
 
 
 __all__ = ["BORDER_ATTR", "OUTPUT_BLOCKS", "SKIP_ATTR", "VNNI_SKIP_MIN_FRACTION", "border_geometry",

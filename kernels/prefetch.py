@@ -144,7 +144,7 @@ def prefetch_next_weights(func: tirx.PrimFunc, annotations: dict) -> tirx.PrimFu
     for lp in loops:            # the loops from the task down to the outermost reduction loop, linearized
         counter = counter * c(int(lp.extent)) + lp.loop_var
         iterations *= int(lp.extent)
-    group_lines = group_bytes // LINE_BYTES
+    group_lines = -(-group_bytes // LINE_BYTES)
     per_iteration = per_iteration_lines(group_lines, tasks_per_group, iterations)
     task = parallel.loop_var
     position = tirx.floormod(task, c(tasks_per_group))
@@ -157,6 +157,8 @@ def prefetch_next_weights(func: tirx.PrimFunc, annotations: dict) -> tirx.PrimFu
         offset = next_group * c(group_bytes) + line * c(LINE_BYTES)
         stmts.append(_prefetch(tirx.handle_add_byte_offset(start, tirx.Cast("int32", offset))))
     outer = loops[-1]
+    if not stmts:
+        return func
 
     def on_for_insert(loop, mutator):
         loop = mutator.default_mutate(loop)

@@ -266,7 +266,8 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     if skip:
         sch.annotate(out, SKIP_ATTR, 1)
     par, (obi, ohi, owi) = _tile_conv(sch, out, (n, ob, oh, ow), tile, reduction, [oc, rcs], per_task, threads)
-    if tiles == "vnni" and tile.P == ext[3] and (per_task or unpack is None):      # kernels/prefetch.py
+    whole_rows = tile.P == ext[3] and ext[2] % tile.R == 0 and ext[1] % tile.Q == 0
+    if tiles == "vnni" and whole_rows and (per_task or unpack is None):      # kernels/prefetch.py
         weights = sch.get(unpack if per_task else acc).reads
         sch.annotate(out, PREFETCH_ATTR, [1 if per_task else ext[2] // tile.R, ext[1] // tile.Q,
                                           tile.Q * _block_bytes(weights, "uint8" if per_task else "int8")])

@@ -910,3 +910,43 @@ def test_prefetch_pass_refuses_a_kernel_without_its_structure():
                                 options={"tile": K.ConvTile(1, 1)}, padding=1, input_zero_point=3, output_zero_point=5)
     with pytest.raises(ValueError, match="no task loop \\(conv_task_loop\\)"):
         prefetch_next_weights(narrow.func, {PREFETCH_ATTR: [7, 1, 9216]})
+
+
+@pytest.mark.parametrize("isa", ["vnni", "ubsw"])
+def test_read_through_with_unequal_padding_and_sizes(isa):
+    """The in-place input read shifts rows by pad_h and columns by pad_w: a 3x5 kernel with padding (1, 2) on a 7x11
+    input (9x5 for AVX2, whose border skip needs a whole-row tile of <= 7 pixels; a swap of the two paddings would
+    read the wrong pixels), on the AVX-512 VNNI kernel and on the AVX2 vpmaddubsw one (int4 weights), both without
+    the padded copy and equal to the reference where the host runs them."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (1, 32, 7, 11) if isa == "vnni" else (1, 32, 9, 5), dtype=np.uint8)
+    lo_w, hi_w = K.layout.WEIGHT_RANGES[8 if isa == "vnni" else 4]
+    w = rng.integers(lo_w, hi_w + 1, (32, 32, 3, 5), dtype=np.int8)
+    bias = rng.integers(-(1 << 12), 1 << 12, 32).astype(np.int32)
+    m, sh = _requant_params(rng, R.conv_acc(x, w, bias, 1, (1, 2)), 32)
+    ref = R.conv2d_requant(x, w, bias, m, sh, padding=(1, 2), output_zero_point=5)
+    layout = "vnni"
+    packed = K.pack_conv_weight(w, 1, 16, isa=layout, int4=isa != "vnni")
+    arrays = [K.nchw_to_nchwc(x, 16, 0), packed, *K.pack_channel_params(bias, m, sh)]
+    target = (HOST if HAS_VNNI else K.host_target(2, "znver4")) if isa == "vnni" else AVX2_TARGET
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, padding=(1, 2), input_zero_point=0,
+                              output_zero_point=5, isa=layout, ubsw_exact=isa != "vnni")
+    assert 'sblock("pad")' not in kern.func.script()
+    if (HAS_VNNI if isa == "vnni" else HAS_AVX2):
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 32), ref)
+
+
+def test_weight_prefetch_of_a_slice_smaller_than_a_line():
+    """A group whose packed weights are smaller than a cache line (1x1 conv over 4 channels, int4: 32 bytes per
+    output block) gets one prefetch per iteration and builds (it raised "A SeqStmt of length 1 is prohibited" in
+    whole-network W2A2 builds before)."""
+    rng = np.random.default_rng(12)
+    cs = _conv_case(rng, 1, 4, 7, 7, 32, 1, 1, 0, int4=True)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 4, 3), K.pack_conv_weight(cs["w"], 1, 4, int4=True), *params]
+    assert arrays[1].nbytes // 2 < 64
+    target = HOST if HAS_VNNI else K.host_target(2, "znver4")
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, input_zero_point=3, output_zero_point=5)
+    assert kern.count_instructions("prefetcht0") > 0
+    if HAS_VNNI:
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 32), cs["ref"])
