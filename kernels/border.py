@@ -146,15 +146,7 @@ def read_through_border(func: tirx.PrimFunc, ph: int, pw: int) -> tirx.PrimFunc:
     (a parallel pass over the whole input, 3-4.5% of a 3x3 conv at 7x7-56x56 on a Zen 4) is dropped. Exact: with
     every border tap skipped, the block reads only the interior, where the copy equals the input. Unchanged when the
     padded copy is not a plain copy of one input (another dtype, a wider right border)."""
-    pads = []
-
-    def find(realize, mutator):
-        if realize.block.name_hint == PAD_BLOCK:
-            pads.append(realize.block)
-            return realize
-        return mutator.default_mutate(realize)
-
-    structural_mutate(func, [(SBlockRealize, find)])
+    pads = [b for b in _blocks(func) if b.name_hint == PAD_BLOCK]
     if len(pads) != 1 or len(pads[0].reads) != 1:
         return func
     padded, source = pads[0].writes[0].source, pads[0].reads[0].source
@@ -176,7 +168,7 @@ def read_through_border(func: tirx.PrimFunc, ph: int, pw: int) -> tirx.PrimFunc:
 
     def drop_pad_stage(stmt, mutator):
         stmt = mutator.default_mutate(stmt)
-        kept = [s for s in stmt.seq if set(_block_names(s)) != {PAD_BLOCK}]
+        kept = [s for s in stmt.seq if {b.name_hint for b in _blocks(s)} != {PAD_BLOCK}]
         return stmt if len(kept) == len(stmt.seq) else tirx.SeqStmt(kept) if len(kept) > 1 else kept[0]
 
     def drop_pad_buffer(block, mutator):
@@ -188,36 +180,24 @@ def read_through_border(func: tirx.PrimFunc, ph: int, pw: int) -> tirx.PrimFunc:
                       block.annotations)
 
     out = structural_mutate(func, [(SBlockRealize, reads_source)])
-    if _readers(out, padded):
+    if any(r.source.same_as(padded) for b in _blocks(out) for r in b.reads):
         return func             # another block still reads the copy: keep it
     out = structural_mutate(out, [(tirx.SeqStmt, drop_pad_stage)])
-    if _block_names(out.body).count(PAD_BLOCK):
+    if any(b.name_hint == PAD_BLOCK for b in _blocks(out)):
         return func             # the pad stage was not a loop nest of its own: keep the copy
     return structural_mutate(out, [(SBlock, drop_pad_buffer)])
 
 
-def _block_names(stmt) -> list[str]:
-    names = []
+def _blocks(node) -> list:
+    """Every block (SBlock) inside ``node`` (a PrimFunc or statement), outer before inner."""
+    blocks = []
 
     def visit(realize, mutator):
-        names.append(realize.block.name_hint)
+        blocks.append(realize.block)
         return mutator.default_mutate(realize)
 
-    structural_mutate(stmt, [(SBlockRealize, visit)])
-    return names
-
-
-def _readers(func: tirx.PrimFunc, buffer) -> list[str]:
-    """Names of the blocks of ``func`` that read ``buffer``."""
-    names = []
-
-    def visit(realize, mutator):
-        if any(r.source.same_as(buffer) for r in realize.block.reads):
-            names.append(realize.block.name_hint)
-        return mutator.default_mutate(realize)
-
-    structural_mutate(func, [(SBlockRealize, visit)])
-    return names
+    structural_mutate(node, [(SBlockRealize, visit)])
+    return blocks
 
 
 __all__ = ["BORDER_ATTR", "OUTPUT_BLOCKS", "SKIP_ATTR", "VNNI_SKIP_MIN_FRACTION", "border_geometry",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.s_tir import SBlockRealize
+from tvm.tirx.analysis import undefined_vars
 from tvm_ffi.structural import structural_mutate
 
 PREFETCH_ATTR = "weight_prefetch"     # [tasks_per_group, groups, group_bytes]: set by the schedule
@@ -44,15 +45,8 @@ _COMM_REDUCE = 2                      # IterVar.iter_type of a reduction block v
 
 
 def _uses(expr, var) -> bool:
-    hit = []
-
-    def visit(v, mutator):
-        if v.same_as(var):
-            hit.append(v)
-        return v
-
-    structural_mutate(expr, [(tirx.Var, visit)])
-    return bool(hit)
+    """Whether ``expr`` reads the variable ``var``."""
+    return any(v.same_as(var) for v in undefined_vars(expr))
 
 
 def _prefetch(address) -> tirx.Stmt:
