@@ -449,12 +449,28 @@ def balanced_task_tile(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", thr
     return cands[0]
 
 
+# What unpacking one 64-byte weight vector (nibbles -> int8, stored in the task's buffer) costs in vpdpbusd steps of
+# the int8 loop that follows: int4 3x3 64 -> 64 at 7x7 (Zen 4, 2 threads, interleaved with its int8 build): 7 pixels
+# per unpack 1.32-1.55x the int8 time, 49 pixels 1.05-1.08x.
+UNPACK_STEPS = 2.2
+
+
+def per_task_time(groups: int, chunks: int, pixels: int, threads: int) -> float:
+    """Estimated time of an int4 conv that unpacks its weights once per parallel task, in vpdpbusd steps per
+    weight vector of one output block: the busiest thread's tasks (TVM splits a parallel loop statically:
+    ``ceil(tasks / threads)``) x (the task's pixels + :data:`UNPACK_STEPS`). ``groups``: output-block groups,
+    ``chunks``: (images x rows) chunks per group, ``pixels``: output pixels of all images."""
+    tasks = groups * chunks
+    return -(-tasks // threads) * (pixels / chunks + UNPACK_STEPS)
+
+
 def _task_chunks(groups: int, n: int, row_tiles: int, threads: int, pixels: int) -> tuple[int, int]:
     """Into how many chunks (images, rows) to cut one output-block group of an int4 conv for its parallel tasks.
 
     Each task unpacks the group's weights once: per output pixel that costs chunks / pixels unpack steps per
-    vpdpbusd step, so the chunks stay <= pixels / 64 (< 2 % of the work); within that budget aim at 8 tasks per
-    thread (load balance), and never fewer than 2 per thread when the shape allows it.
+    vpdpbusd step, so the chunks stay <= pixels / 64 (a few % of the work); within that budget aim at 8 tasks per
+    thread (load balance), else at 2 per thread; where the budget allows neither, the split of least
+    :func:`per_task_time` (more chunks repeat the unpack, fewer leave a thread idle).
     """
     options = sorted(((nc * rc, nc, rc) for nc in _divisors(n) for rc in _divisors(row_tiles)), reverse=True)
     budget = max(1, pixels // 64)
@@ -462,8 +478,10 @@ def _task_chunks(groups: int, n: int, row_tiles: int, threads: int, pixels: int)
         fit = [o for o in options if groups * o[0] >= want and o[0] <= budget]
         if fit:
             return fit[-1][1:]
-    enough = [o for o in options if groups * o[0] >= 2 * threads]
-    return (enough[-1] if enough else options[0])[1:]
+    # no split within the budget gives every thread 2 tasks: the least estimated time (a 3x3 64 -> 64 conv at 7x7
+    # with Q = 2 has 2 groups; 7 one-row chunks each made 2 tasks per thread, each unpacking its weights for 7
+    # pixels: 1.55x the int8 kernel, one chunk 1.08x; Zen 4, 2 threads, standalone, interleaved)
+    return min(options, key=lambda o: (per_task_time(groups, o[0], pixels, threads), -o[0]))[1:]
 
 
 def _unpack_fields(sch: Schedule, block) -> int:

@@ -129,6 +129,8 @@ CONV_CASES = {
     "int4_3x3_batch3_clamp": (3, 32, 7, 7, 48, 3, 1, 1, 1, 1, 16, False, True, dict(lo=3, hi=250, zo=90)),
     # 10 output blocks at 7x7: the per-task tile takes Q = 1 (10 tasks) over Q = 2 (5 tasks, 3 + 2 on 2 threads)
     "int4_1x1_7x7_10blocks_res": (1, 64, 7, 7, 160, 1, 1, 0, 1, 1, 16, True, True, {}),
+    # 4 output blocks at 7x7: one task per group of Q = 2 blocks over all 49 pixels (not 7 one-row chunks)
+    "int4_3x3_7x7_4blocks_res": (1, 64, 7, 7, 64, 3, 1, 1, 1, 1, 16, True, True, dict(zx=0)),
     # input zero point 0 (after a ReLU): the taps on the padding border are skipped where the tile spans a row
     "zp0_3x3_7x7": (1, 32, 7, 7, 32, 3, 1, 1, 1, 1, 16, False, False, dict(zx=0)),
     "zp0_3x3_s2_res": (1, 16, 13, 13, 32, 3, 2, 1, 1, 1, 16, True, False, dict(zx=0, zr=200)),
