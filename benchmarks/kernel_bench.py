@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/kernel_bench.py [--threads 2] [--rounds 9] [--number 10] [--no-int4] [--no-int2]
                                               [--layers 'SUBSTR,...'] [--no-network] [--quick]
+                                              [--cold-weights COPIES]
                                               [--out benchmarks/results/kernel_bench.json]
 
 Every distinct conv shape is built once as a standalone .so with the hand schedule (no tuning); variants (int8,
@@ -17,6 +18,13 @@ plus the ops between convs (input layout, max-pool, global average pool, fc). On
 variants use the VNNI weight layout and vpmaddubsw (<= 4-bit weights are always proved exact for it, as in the
 network build), the int8 variant the int16 vpmaddwd kernel (W8A8). ``--layers`` keeps the conv shapes whose name
 contains one of the given substrings (the estimate then covers only those).
+
+``--cold-weights COPIES`` adds two rows per conv variant, timed by a Python loop over the kernel
+(``StandaloneKernel.rotating_timer``): ``<variant> cold`` cycles through COPIES copies of the weights (8 copies of
+ResNet-18's 3x3 512 -> 512 are 19 MB: each call meets its weights out of the cores' L1 / L2, from L3 or memory,
+as a layer does in a network where 11 MB of other weights pass between two of its calls) and ``<variant> warm`` runs the same loop on one copy; the
+cold row's ``vs`` column is cold / warm. What kernels/prefetch.py was measured with (session 19: 3x3 512 -> 512 at
+7x7, 0.285 ms cold vs 0.218 ms warm before the prefetch).
 """
 
 from __future__ import annotations
@@ -215,10 +223,16 @@ def main(argv=None) -> int:
     ap.add_argument("--isa", default=None, help="vnni | avx2 (default: from this CPU)")
     ap.add_argument("--mcpu", default=None, help="LLVM mcpu (default: this CPU)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
+    ap.add_argument("--cold-weights", type=int, default=0, metavar="COPIES",
+                    help="also time each conv with its weights rotated over COPIES copies (cold, as in a network) "
+                         "against the same loop with one copy (warm)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernel_bench.json"))
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.number = 3, 3
+    # TVM's thread pool reads it when it starts (its default here oversubscribed the 2 cores: 3x3 512 -> 512 at 7x7
+    # took 0.53 ms instead of 0.22)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
     mcpu = args.mcpu or ("haswell" if args.isa == "avx2" else None)
     target = K.host_target(args.threads, mcpu)
     isa = args.isa or K.target_isa(target)
@@ -246,12 +260,18 @@ def main(argv=None) -> int:
             kern, arrays, macs = build_conv(rng, spec, target, isa, bits=bits, residual=res, rows=rows,
                                             ubsw=vname == "int8ubsw")
             timers[(name, vname)] = kern.timer(*arrays, number=args.number)
+            if args.cold_weights:
+                for label, copies in (("warm", 1), ("cold", args.cold_weights)):
+                    timers[(name, f"{vname} {label}")] = kern.rotating_timer(arrays, copies, number=args.number
+                                                                             * max(copies, 4))
             oh = (spec[2] + 2 * spec[6] - spec[4]) // spec[5] + 1
             # int4 weights are unpacked once per task, then the int8 tile runs (unpack_at="task", the default)
             layout, ubsw, _ = _packing(bits, isa, vname == "int8ubsw")
             tile = K.choose_conv_tile(1, -(-spec[3] // 16), oh, oh, isa=K.dot_product(layout, isa, ubsw)[1],
                                       threads=args.threads)
             meta[(name, vname)] = dict(macs=macs, tile=tile.as_list())
+            for label in ("warm", "cold") if args.cold_weights else ():
+                meta[(name, f"{vname} {label}")] = dict(macs=macs, tile=tile.as_list())
     for oname, kern, arrays in other_ops(rng, target, isa):
         timers[(oname, "op")] = kern.timer(*arrays, number=args.number)
         meta[(oname, "op")] = dict(macs=0)
@@ -298,17 +318,18 @@ def main(argv=None) -> int:
     others = sum(r["median_us"] for r in rows if r["variant"] == "op" and "NCHW4c" not in r["layer"])
     others_best = sum(r["best_us"] for r in rows if r["variant"] == "op" and "NCHW4c" not in r["layer"])
 
-    hdr = f"{'layer':28s} {'variant':9s} {'tile P,Q,R':11s} {'median us':>10s} {'best us':>9s} {'GMAC/s':>7s} " \
-          f"{'%peak':>6s} {'vs int8':>7s}"
+    hdr = f"{'layer':28s} {'variant':14s} {'tile P,Q,R':11s} {'median us':>10s} {'best us':>9s} {'GMAC/s':>7s} " \
+          f"{'%peak':>6s} {'vs':>7s}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         tile = ",".join(map(str, r["tile"])) if r.get("tile") else ""
         g = f"{r['gmacs']:7.1f}" if "gmacs" in r else " " * 7
         pp = f"{r['pct_peak']:6.1f}" if "pct_peak" in r else " " * 6
-        base = by.get((r["layer"], "int8"))
+        base = by.get((r["layer"], r["variant"].replace(" cold", " warm") if r["variant"].endswith(" cold")
+                       else "int8"))
         rel = f"{r['median_us'] / base['median_us']:7.2f}" if base and r["variant"] != "op" else " " * 7
-        print(f"{r['layer']:28s} {r['variant']:9s} {tile:11s} {r['median_us']:10.1f} {r['best_us']:9.1f} {g} {pp} "
+        print(f"{r['layer']:28s} {r['variant']:14s} {tile:11s} {r['median_us']:10.1f} {r['best_us']:9.1f} {g} {pp} "
               f"{rel}")
     print()
     print(f"ResNet-18 convs: {conv_macs / 1e9:.3f} GMAC; peak {peak or float('nan'):.0f} GMAC/s -> "
