@@ -21,10 +21,11 @@ contains one of the given substrings (the estimate then covers only those).
 
 ``--cold-weights COPIES`` adds two rows per conv variant, timed by a Python loop over the kernel
 (``StandaloneKernel.rotating_timer``): ``<variant> cold`` cycles through COPIES copies of the weights (8 copies of
-ResNet-18's 3x3 512 -> 512 are 19 MB: each call meets its weights out of the cores' L1 / L2, from L3 or memory,
-as a layer does in a network where 11 MB of other weights pass between two of its calls) and ``<variant> warm`` runs the same loop on one copy; the
-cold row's ``vs`` column is cold / warm. What kernels/prefetch.py was measured with (session 19: 3x3 512 -> 512 at
-7x7, 0.285 ms cold vs 0.218 ms warm before the prefetch).
+ResNet-18's 3x3 512 -> 512 are 19 MB: each call meets its weights out of the cores' L1 / L2, from L3 or memory, as
+a layer does in a network where 11 MB of other weights pass between two of its calls) and ``<variant> warm`` runs
+the same loop on one copy. The ``vs`` column of a cold row is cold / warm, of a warm row warm / the variant's own
+timing (the loop's overhead). What kernels/prefetch.py was measured with (session 19: 3x3 512 -> 512 at 7x7,
+0.285 ms cold vs 0.218 ms warm before the prefetch).
 """
 
 from __future__ import annotations
@@ -326,7 +327,8 @@ def main(argv=None) -> int:
         tile = ",".join(map(str, r["tile"])) if r.get("tile") else ""
         g = f"{r['gmacs']:7.1f}" if "gmacs" in r else " " * 7
         pp = f"{r['pct_peak']:6.1f}" if "pct_peak" in r else " " * 6
-        base = by.get((r["layer"], r["variant"].replace(" cold", " warm") if r["variant"].endswith(" cold")
+        v = r["variant"]        # vs int8; a warm row vs its variant, a cold row vs its warm row
+        base = by.get((r["layer"], v[:-5] + " warm" if v.endswith(" cold") else v[:-5] if v.endswith(" warm")
                        else "int8"))
         rel = f"{r['median_us'] / base['median_us']:7.2f}" if base and r["variant"] != "op" else " " * 7
         print(f"{r['layer']:28s} {r['variant']:14s} {tile:11s} {r['median_us']:10.1f} {r['best_us']:9.1f} {g} {pp} "
