@@ -28,7 +28,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .layout import BLOCK
 from .ops import requant_channel
-from .vector_tir import _even, _i64x8, _odd, paired_requant16
+from .vector_tir import LIFTED_EPILOGUES, LiftedShift, _even, _i64x8, _odd, lift_amount, paired_requant16
 
 _registered: set[str] = set()
 #: the buffers in the order the conv's output block reads them (tensorize compares the read regions in order)
@@ -48,15 +48,17 @@ def _paired_constants(bias, mult, shift, rm=None, z_r: int = 0) -> tuple[tir.Pri
     return out[0], out[1]
 
 
-_NAME = re.compile(r"ptq2tvm_requant16_z(\d+)_(\d+)_(\d+)_(s32|s64)_(none|r\d+)_(global|local)")
+_NAME = re.compile(r"ptq2tvm_requant16_z(\d+)_(\d+)_(\d+)_(s32|s64|l32|ls32)_(none|r\d+)_(global|local)")
+#: the name's form tag: int32-clamp (every shift >= 32), int64, and the two lifted forms
+_FORMS = {(True, None): "s32", (False, None): "s64", (False, "lifted"): "l32", (False, "lifted+shift"): "ls32"}
 
 
 def requant16_intrinsic_name(zero_point: int, lo: int, hi: int, shift_ge32: bool, residual_zero_point: int | None,
-                             scope: str = "global") -> str:
+                             scope: str = "global", lifted: str | None = None) -> str:
     """The registered name of :func:`register_requant16_intrinsic`'s intrinsic: every parameter is in it, so
     :func:`register_named_epilogues` can register it again from a recorded trace."""
     res = "none" if residual_zero_point is None else f"r{int(residual_zero_point)}"
-    return (f"ptq2tvm_requant16_z{int(zero_point)}_{int(lo)}_{int(hi)}_{'s32' if shift_ge32 else 's64'}_{res}"
+    return (f"ptq2tvm_requant16_z{int(zero_point)}_{int(lo)}_{int(hi)}_{_FORMS[(bool(shift_ge32), lifted)]}_{res}"
             f"_{scope}")
 
 
@@ -66,9 +68,10 @@ def register_named_epilogues(text: str) -> list[str]:
     database and fails on a name not registered in this process); return the names."""
     names = []
     for found in sorted({m.group(0) for m in _NAME.finditer(text)}):
-        z, lo, hi, form, res, scope = _NAME.fullmatch(found).groups()
-        names.append(register_requant16_intrinsic(int(z), int(lo), int(hi), form == "s32",
-                                                  None if res == "none" else int(res[1:]), scope))
+        z, lo, hi, tag, res, scope = _NAME.fullmatch(found).groups()
+        shift_ge32, lifted = next(k for k, v in _FORMS.items() if v == tag)
+        names.append(register_requant16_intrinsic(int(z), int(lo), int(hi), shift_ge32,
+                                                  None if res == "none" else int(res[1:]), scope, lifted))
     return names
 
 
@@ -90,15 +93,22 @@ def _intrinsic_func(scope: str, residual: bool, body) -> tir.PrimFunc:
 
 
 def register_requant16_intrinsic(zero_point: int, lo: int, hi: int, shift_ge32: bool,
-                                 residual_zero_point: int | None = None, scope: str = "global") -> str:
+                                 residual_zero_point: int | None = None, scope: str = "global",
+                                 lifted: str | None = None) -> str:
     """Register (idempotently) the requant of one 16-channel output block; return its name.
 
     Buffers: the int32 accumulators (16,) in ``scope`` (the conv's accumulator scope), the int32 ``mult``, ``bias``
     and ``shift`` of the block's channels (16,) each, with a residual (``residual_zero_point`` not None) its uint8
     codes (16,) and int32 multipliers (16,), and the uint8 output (16,). ``shift_ge32``: every shift of the layer is
     >= 32 (:func:`kernels.layout.shifts_allow_int32_epilogue`): the int32 shift and clamp; else int64 ones (any shift
-    in [1, 62]). AVX-512 targets only (int64x8 lanes)."""
-    name = requant16_intrinsic_name(zero_point, lo, hi, shift_ge32, residual_zero_point, scope)
+    in [1, 62]). ``lifted`` ("lifted" / "lifted+shift", with ``shift_ge32`` False): the same int64 description,
+    implemented in the lifted form (:class:`kernels.vector_tir.LiftedShift`: the accumulator, the residual's codes
+    and the rounding constants shifted left by ``max(32 - shift, 0)``, then the int32 form's high words, shift and
+    clamp), exact only where the caller proved it (:func:`kernels.layout.lifted_epilogue_exact`). AVX-512 targets
+    only (int64x8 lanes). Raises ValueError for a ``lifted`` value outside those two or given with ``shift_ge32``."""
+    if lifted is not None and (lifted not in LIFTED_EPILOGUES or shift_ge32):
+        raise ValueError(f"lifted must be one of {LIFTED_EPILOGUES} without shift_ge32, got {lifted!r}")
+    name = requant16_intrinsic_name(zero_point, lo, hi, shift_ge32, residual_zero_point, scope, lifted)
     if name in _registered:
         return name
     z, lo, hi = int(zero_point), int(lo), int(hi)
@@ -106,13 +116,20 @@ def register_requant16_intrinsic(zero_point: int, lo: int, hi: int, shift_ge32: 
 
     def vector(acc, mult, bias, shift, r=None, rm=None):
         ce, co = _paired_constants(bias, mult, shift, rm, zr or 0)
+        residual = None if r is None else (r.astype(f"int32x{BLOCK}"), rm)
+        if lifted is not None:      # the constants lifted like the products: c << max(32 - shift, 0)
+            lift = lift_amount(shift, BLOCK)
+            ce = tir.shift_left(ce, _even(_i64x8(lift)))
+            co = tir.shift_left(co, _odd(_i64x8(lift)))
+            n32 = None if lifted == "lifted" else tir.max(shift - tir.Broadcast(tir.const(32, "int32"), BLOCK),
+                                                          tir.Broadcast(tir.const(0, "int32"), BLOCK))
+            return paired_requant16(acc, mult, ce, co, LiftedShift(n32, lift), z, lo, hi, residual=residual)
         if shift_ge32:
             n = tir.max(shift - tir.Broadcast(tir.const(32, "int32"), BLOCK), tir.Broadcast(tir.const(0, "int32"),
                                                                                           BLOCK))
         else:
             s64 = _i64x8(shift)
             n = (_even(s64), _odd(s64))
-        residual = None if r is None else (r.astype(f"int32x{BLOCK}"), rm)
         return paired_requant16(acc, mult, ce, co, n, z, lo, hi, residual=residual)
 
     def desc_body(buf) -> None:

@@ -30,6 +30,8 @@ KERNEL_ATTR = "ptq2tvm_kernel"
 #: the output block's requant parameters [zero point, lo, hi, has residual, residual zero point] (the schedule's
 #: tensorized epilogue, kernels/epilogue_intrin.py, is registered for them)
 REQUANT_ATTR = "requant"
+#: output-block annotation of a TE conv whose caller proved the lifted paired epilogue exact: "lifted" | "lifted+shift"
+LIFTED_ATTR = "lifted_epilogue"
 #: the vpmaddwd (avx2-packed weights) conv kernels widen their input to uint16 in the pad stage, so that the inner
 #: loop broadcasts ready int16 pairs (benchmarks/results/avx2_dot_throughput.md). False: the uint8 input is widened
 #: in the inner loop (broadcast + vpshufb per pair), as before.
@@ -218,7 +220,8 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
                          *residual: te.Tensor, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
                          input_zero_point: int = 0, output_zero_point: int = 0, lo: int = 0, hi: int = 255,
                          residual_zero_point: int = 0, isa: str = "vnni", ubsw_exact: bool = False,
-                         i16_group: int = 0, shift_ge32: bool = False, in_channels: int | None = None) -> te.Tensor:
+                         i16_group: int = 0, shift_ge32: bool = False, in_channels: int | None = None,
+                         lifted: str | None = None) -> te.Tensor:
     """Fused conv + bias + requant (+ residual) in the blocked layout.
 
     x        uint8 (N, CB, H, W, icb)            blocked input (icb = 16 inside the net, 4 for the first conv)
@@ -240,6 +243,11 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     per step and one ``vpmaddwd`` flush per group.
     ``shift_ge32``: the caller proved every channel's shift >= 32
     (:func:`kernels.layout.shifts_allow_int32_epilogue`): the cheaper exact epilogue of :func:`requant_expr`.
+    ``lifted`` ("lifted" or "lifted+shift", :data:`kernels.vector_tir.LIFTED_EPILOGUES`; not with ``shift_ge32``):
+    the caller proved the lifted form of the paired epilogue exact for the layer
+    (:func:`kernels.layout.lifted_epilogue_exact`); recorded on the output block (:data:`LIFTED_ATTR`), the AVX-512
+    tensorized epilogue then runs it (kernels/epilogue_intrin.py); the block's integers are those of
+    :func:`requant_expr` either way.
     ``in_channels``: the layer's real input channels, the first ones of the blocks (None: all of them). A dense
     1x1 conv without ``i16_group`` whose channels end inside the last block by at least 4 (MobileNetV2's 24,
     EfficientNet's 40) reduces over ``ceil(in_channels / 4)`` four-channel steps (one flat ``rq`` axis,
@@ -315,6 +323,11 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
         acc = te.compute((n, ob, oh, ow, BLOCK),
                          lambda b, o, i, j, oc: te.sum(xin(b, o, i, j) * wv(o, oc), axis=[ric, rkh, rkw, rcf, rcs]),
                          name="acc")
+    if lifted is not None:
+        if lifted not in ("lifted", "lifted+shift") or shift_ge32:
+            raise ValueError(f"lifted must be 'lifted' or 'lifted+shift' and not given with shift_ge32, got "
+                             f"{lifted!r} (shift_ge32={shift_ge32})")
+        extra[LIFTED_ATTR] = lifted
     kind = f"conv2d_nchwc_{layout}"
     return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point, kind,
                         extra, shift_ge32=shift_ge32)

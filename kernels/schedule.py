@@ -47,7 +47,7 @@ from .border import (BORDER_ATTR, OUTPUT_BLOCKS, SKIP_ATTR, VNNI_SKIP_MIN_FRACTI
                      output_annotations, skip_zero_border)
 from .epilogue_intrin import register_requant16_intrinsic
 from .prefetch import PREFETCH_ATTR, TASK_LOOP_ATTR, prefetch_next_weights
-from .ops import CHUNKED_REDUCTION_ATTR, KERNEL_ATTR, REQUANT_ATTR
+from .ops import CHUNKED_REDUCTION_ATTR, KERNEL_ATTR, LIFTED_ATTR, REQUANT_ATTR
 
 OP_PATTERN_OPAQUE = 8
 SCHEDULED_ATTR = "tirx.is_scheduled"     # TVM 0.27's name (dlight skips these); "tir.is_scheduled" is ignored now
@@ -311,7 +311,8 @@ def _block_bytes(reads, dtype: str) -> int:
 
 def _tensorize_epilogue(sch: Schedule, out, loops) -> bool:
     """The requant epilogue of each output block as :func:`kernels.epilogue_intrin.register_requant16_intrinsic`
-    (AVX-512: int64 lane pairs), the tile loops around it unrolled; -> False (``sch`` unchanged) where the block does
+    (AVX-512: int64 lane pairs; in the lifted form where the block carries :data:`kernels.ops.LIFTED_ATTR`), the
+    tile loops around it unrolled; -> False (``sch`` unchanged) where the block does
     not match the intrinsic: a clamp with ``lo >= hi`` (TVM folds it to a constant) or any other form tensorize
     rejects, which then keeps the vectorized epilogue."""
     ann = sch.get(out).annotations
@@ -319,7 +320,8 @@ def _tensorize_epilogue(sch: Schedule, out, loops) -> bool:
     if lo >= hi:
         return False
     ge32 = "int32_epilogue" in ann and int(ann["int32_epilogue"]) == 1
-    intrin = register_requant16_intrinsic(z, lo, hi, ge32, z_r if has_res else None, ACC_SCOPE)
+    lifted = str(ann[LIFTED_ATTR]) if LIFTED_ATTR in ann else None
+    intrin = register_requant16_intrinsic(z, lo, hi, ge32, z_r if has_res else None, ACC_SCOPE, lifted)
     try:        # TVM compares the block with the description before it changes the schedule
         sch.tensorize(loops[-1], intrin)
     except tvm.s_tir.ScheduleError:
@@ -739,9 +741,10 @@ def kernel_kind(func: tvm.tirx.PrimFunc) -> str | None:
 def arithmetic_shortcuts(mod: tvm.IRModule) -> dict[str, int]:
     """How many kernels (PrimFuncs; Relax shares one between layers of identical shape) of a blocked module use each
     proved arithmetic shortcut: ``int16_accumulator`` (vpmaddubsw convs, ``i16_group``), ``int16_depthwise`` and
-    ``int32_epilogue`` (:func:`kernels.ops.requant_expr` ``shift_ge32``), read from the output blocks' annotations
-    (scheduled or not)."""
-    counts = {"int16_accumulator": 0, "int16_depthwise": 0, "int32_epilogue": 0}
+    ``int32_epilogue`` (:func:`kernels.ops.requant_expr` ``shift_ge32``), and ``lifted_epilogue`` (TE convs whose
+    tensorized epilogue runs the lifted form, :data:`kernels.ops.LIFTED_ATTR`), read from the output blocks'
+    annotations (scheduled or not)."""
+    counts = {"int16_accumulator": 0, "int16_depthwise": 0, "int32_epilogue": 0, "lifted_epilogue": 0}
     for func in mod.functions.values():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
@@ -755,6 +758,8 @@ def arithmetic_shortcuts(mod: tvm.IRModule) -> dict[str, int]:
             counts["int16_depthwise" if "depthwise" in str(ann[KERNEL_ATTR]) else "int16_accumulator"] += 1
         if "int32_epilogue" in ann and int(ann["int32_epilogue"]) == 1:
             counts["int32_epilogue"] += 1
+        if LIFTED_ATTR in ann:
+            counts["lifted_epilogue"] += 1
     return counts
 
 

@@ -618,6 +618,60 @@ def test_vnni_tensorized_epilogue_bit_exact(ge32, residual, k, zx):
         assert len(np.unique(cs["ref"])) > 16 and np.array_equal(got, cs["ref"])
 
 
+@pytest.mark.parametrize("form,residual,k", [("lifted", True, 1), ("lifted+shift", True, 3),
+                                             ("lifted+shift", False, 1), ("lifted", False, 3)])
+def test_vnni_tensorized_epilogue_lifted_bit_exact(form, residual, k):
+    """The tensorized TE epilogue in the lifted form (``lifted``, the builder's proof of
+    kernels.layout.lifted_epilogue_exact): accumulator, residual codes and rounding constants shifted left by
+    max(32 - shift, 0) (`vpsllvd`, no int64 `vpsravq`), then the int32 form; the reference's integers for shifts
+    28-32 ("lifted") and 28-36 ("lifted+shift", both sides of 32), with a residual, a clamp and zero points, outputs
+    spread over the range. Compiled for a VNNI CPU everywhere, run where the host has AVX-512 VNNI."""
+    rng = np.random.default_rng(70 + k + 3 * residual + (form == "lifted"))
+    hw, c, o = 9, 48, 32
+    x = rng.integers(0, 256, (1, c, hw, hw), dtype=np.uint8)
+    w = rng.integers(-128, 128, (o, c, k, k), dtype=np.int8)
+    m = rng.integers(1 << 20, 1 << 23, o, dtype=np.int64).astype(np.int32)
+    acc = R.conv_acc(x, w, np.zeros(o, np.int32), 1, k // 2, 1, 1, 3)
+    spread = np.log2(np.maximum(acc.std(axis=(0, 2, 3)), 1.0) * m.astype(np.float64) / 40.0)
+    hi_shift = 32 if form == "lifted" else 36
+    sh = np.clip(np.round(spread), 28, hi_shift).astype(np.int32)
+    sh[:2] = [28, hi_shift]
+    bias = rng.integers(-(1 << 12), 1 << 12, o).astype(np.int32)
+    r = rng.integers(0, 256, (1, o, hw, hw), dtype=np.uint8) if residual else None
+    mr = (m // 3).astype(np.int32) if residual else None
+    ref = R.conv2d_requant(x, w, bias, m, sh, r, mr, stride=1, padding=k // 2, dilation=1, groups=1,
+                           input_zero_point=3, output_zero_point=90, lo=2, hi=253, residual_zero_point=11)
+    assert len(np.unique(ref)) > 64
+    lanes = [(np.abs(acc).max(axis=(0, 2, 3)) + 1, m)] + ([(255, mr)] if residual else [])
+    assert K.lifted_epilogue_exact(sh, lanes, np.abs(bias.astype(np.int64) * m) + (11 * mr if residual else 0))
+    params = K.pack_channel_params(bias, m, sh, mr if residual else m)
+    arrays = [K.nchw_to_nchwc(x, 16, 3), K.pack_conv_weight(w), *params[:3]]
+    if residual:
+        arrays += [K.nchw_to_nchwc(r, 16, 0), params[3]]
+    target = HOST if HAS_VNNI else K.host_target(num_cores=2, mcpu="znver4")
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, padding=k // 2, input_zero_point=3,
+                              output_zero_point=90, lo=2, hi=253, residual_zero_point=11, lifted=form)
+    assert "ptq2tvm_requant16" in str(kern.func) or 'sblock("out_o")' in kern.func.script()
+    assert kern.count_instructions("vpsllvd") > 0 and kern.count_instructions("vpsravq") == 0
+    if HAS_VNNI:
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), o), ref)
+    with pytest.raises(ValueError, match="lifted must be"):
+        K.build_standalone(K.conv2d_nchwc_requant, arrays, target, padding=k // 2, shift_ge32=True, lifted=form)
+
+
+def test_lifted_epilogue_intrinsics_register_again_from_their_names():
+    """Tuning records name the epilogue intrinsics their traces tensorize with; the lifted forms' names parse back
+    to the same intrinsic (kernels.register_named_epilogues), like the int32 / int64 ones."""
+    from kernels.epilogue_intrin import register_named_epilogues, register_requant16_intrinsic
+
+    names = [register_requant16_intrinsic(5, 0, 255, False, 7, "local", lifted)
+             for lifted in (None, "lifted", "lifted+shift")] + [register_requant16_intrinsic(5, 0, 255, True, None)]
+    assert len(set(names)) == 4
+    assert register_named_epilogues(" ".join(names)) == sorted(names)
+    with pytest.raises(ValueError, match="lifted must be"):
+        register_requant16_intrinsic(5, 0, 255, True, None, "global", "lifted")
+
+
 @pytest.mark.parametrize("lo_hi", [(29, 29), (0, 0), (255, 255)])
 def test_constant_clamp_keeps_the_vectorized_epilogue(lo_hi):
     """A clamp with lo == hi (a constant output, e.g. from an edited integer graph) folds to a constant that the

@@ -160,6 +160,7 @@ class Conv(_Weighted):
 
     def emit_blocked(self, b: Any, node: Any) -> tuple[Any, str]:
         import kernels as K
+        from kernels.vector_tir import LIFTED_EPILOGUES
 
         a, arr = node.attrs, node.arrays
         w = arr["weight"]
@@ -232,6 +233,10 @@ class Conv(_Weighted):
                                        epilogue=_epilogue(b, node), **_requant_args(kw)), NCHWC
             wp = b.weight(wp)
         kw["shift_ge32"] = b.int32_epilogue(node)
+        if not depthwise and not kw["shift_ge32"] and not b.cuda and b.vector_kernels():
+            form = _epilogue(b, node)      # AVX-512: the tensorized epilogue runs the lifted form where proved
+            if form in LIFTED_EPILOGUES:
+                kw["lifted"] = form
         if not depthwise and a["groups"] == 1 and not b.cuda:   # a 1x1 conv skips the padded channels' steps
             kw["in_channels"] = cin
         out = b.emit(K.conv2d_nchwc_requant, xb, wp, *consts, *extra, stride=tuple(a["stride"]),
