@@ -243,7 +243,8 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     per step and one ``vpmaddwd`` flush per group.
     ``shift_ge32``: the caller proved every channel's shift >= 32
     (:func:`kernels.layout.shifts_allow_int32_epilogue`): the cheaper exact epilogue of :func:`requant_expr`.
-    ``lifted`` ("lifted" or "lifted+shift", :data:`kernels.vector_tir.LIFTED_EPILOGUES`; not with ``shift_ge32``):
+    ``lifted`` ("lifted" or "lifted+shift", :data:`kernels.vector_tir.LIFTED_EPILOGUES`; not with ``shift_ge32``,
+    not for depthwise weights):
     the caller proved the lifted form of the paired epilogue exact for the layer
     (:func:`kernels.layout.lifted_epilogue_exact`); recorded on the output block (:data:`LIFTED_ATTR`), the AVX-512
     tensorized epilogue then runs it (kernels/epilogue_intrin.py); the block's integers are those of
@@ -262,6 +263,9 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
     if len(residual) not in (0, 2):
         raise ValueError("residual must be given as (r, mr)")
     z_x = int(input_zero_point)
+    if lifted is not None and (lifted not in ("lifted", "lifted+shift") or shift_ge32 or len(w.shape) == 4):
+        raise ValueError(f"lifted must be 'lifted' or 'lifted+shift', not given with shift_ge32 and only for dense or "
+                         f"grouped weights, got {lifted!r} (shift_ge32={shift_ge32}, weight {tuple(w.shape)})")
     if len(w.shape) == 4:                           # depthwise (CB, KH, KW, 16)
         return _depthwise(x, w, bias, mult, shift, residual, stride, padding, dilation, z_x, output_zero_point, lo,
                           hi, residual_zero_point, int16=bool(i16_group), shift_ge32=shift_ge32)
@@ -324,9 +328,6 @@ def conv2d_nchwc_requant(x: te.Tensor, w: te.Tensor, bias: te.Tensor, mult: te.T
                          lambda b, o, i, j, oc: te.sum(xin(b, o, i, j) * wv(o, oc), axis=[ric, rkh, rkw, rcf, rcs]),
                          name="acc")
     if lifted is not None:
-        if lifted not in ("lifted", "lifted+shift") or shift_ge32:
-            raise ValueError(f"lifted must be 'lifted' or 'lifted+shift' and not given with shift_ge32, got "
-                             f"{lifted!r} (shift_ge32={shift_ge32})")
         extra[LIFTED_ATTR] = lifted
     kind = f"conv2d_nchwc_{layout}"
     return _requant_out(acc, bias, mult, shift, residual, output_zero_point, lo, hi, residual_zero_point, kind,

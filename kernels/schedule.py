@@ -741,9 +741,10 @@ def kernel_kind(func: tvm.tirx.PrimFunc) -> str | None:
 def arithmetic_shortcuts(mod: tvm.IRModule) -> dict[str, int]:
     """How many kernels (PrimFuncs; Relax shares one between layers of identical shape) of a blocked module use each
     proved arithmetic shortcut: ``int16_accumulator`` (vpmaddubsw convs, ``i16_group``), ``int16_depthwise`` and
-    ``int32_epilogue`` (:func:`kernels.ops.requant_expr` ``shift_ge32``), and ``lifted_epilogue`` (TE convs whose
-    tensorized epilogue runs the lifted form, :data:`kernels.ops.LIFTED_ATTR`), read from the output blocks'
-    annotations (scheduled or not)."""
+    ``int32_epilogue`` (:func:`kernels.ops.requant_expr` ``shift_ge32``), and ``lifted_epilogue`` (TE convs proved
+    for the lifted form, :data:`kernels.ops.LIFTED_ATTR`: it runs where the schedule tensorizes the epilogue; a 3x3
+    conv with runtime border tests keeps the exact TE epilogue), read from the output blocks' annotations (scheduled
+    or not)."""
     counts = {"int16_accumulator": 0, "int16_depthwise": 0, "int32_epilogue": 0, "lifted_epilogue": 0}
     for func in mod.functions.values():
         if not isinstance(func, tvm.tirx.PrimFunc):

@@ -126,6 +126,36 @@ def test_lut_index_outside_the_table_is_refused_at_fold_and_compile(graph, tmp_p
     assert not list(tmp_path.iterdir())
 
 
+def test_lut_table_values_outside_the_output_grid_are_refused(graph, tmp_path):
+    """A table entry is an output code: an entry above the node's clamp (255 in a 4-bit tensor) would reach a consumer
+    whose bounds (e.g. the lifted epilogue's proof) assume codes <= 15 (found by review: 1024 of 1024 outputs of a
+    1x1 int4 conv after such a table wrong). Refused at compile, nothing written."""
+    from ptq2tvm.api import compile_so
+
+    g, lut = _tampered(graph, "lut")
+    lut.attrs["hi"] = int(lut.arrays["table"].max()) - 1        # a clamp narrower than what the table returns
+    with pytest.raises(QuantConfigError, match=rf"lut '{lut.name}': its table holds codes .* outside its output "
+                                               r"range \[\d+, \d+\]"):
+        check_graph_bounds(g)
+    with pytest.raises(QuantConfigError, match=f"lut '{lut.name}'"):
+        compile_so(g, tmp_path / "m.so", schedule="plain")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("op", ["conv2d", "avgpool2d"])
+def test_input_zero_point_outside_the_input_grid_is_refused(graph, op):
+    """A conv's / pool's padding value is its input zero point, a code of its input: one above qmax_in (a graph
+    edited by hand) padded a 3x3 conv's border with a value its bounds never saw (found by review: 448 of 1024
+    outputs wrong with the lifted epilogue)."""
+    g, node = _tampered(graph, op)
+    qmax = next(n.out for n in g.nodes if n.name == node.inputs[0]).qmax if node.inputs[0] != g.input.name \
+        else g.input.qmax
+    node.attrs["input_zero_point"] = qmax + 1
+    with pytest.raises(QuantConfigError, match=rf"{op} '{node.name}': input zero point {qmax + 1} \(its padding "
+                                               r"value\) is outside its input's"):
+        check_graph_bounds(g)
+
+
 class DisjointProduct(nn.Module):
     """relu(f(x)) * relu(-f(x)): 0 on every input, while each factor has a range of ~1e3."""
 

@@ -237,8 +237,19 @@ def _int64(node, what: str, terms: list[tuple[int, np.ndarray]], shift: np.ndarr
     return worst
 
 
+def _check_input_zero_point(node, tin) -> None:
+    """A conv's / pool's padding value (its input zero point) is a code of its input: in [0, qmax_in], like every
+    code the bounds below assume (the kernels pad with it; a lifted epilogue's proof bounds the accumulator over
+    codes in that range)."""
+    z = node.attrs.get("input_zero_point")
+    if z is not None and not 0 <= int(z) <= tin.qmax:
+        raise QuantConfigError(f"{node.op} '{node.name}': input zero point {int(z)} (its padding value) is outside "
+                               f"its input's {tin.bits}-bit grid [0, {tin.qmax}]")
+
+
 def _bound_weighted(node, tensors) -> dict:
     tin = tensors[node.inputs[0]]
+    _check_input_zero_point(node, tin)
     lo, hi = check_accumulator(node.name, node.arrays["weight"], node.arrays["bias"], tin.qmax)
     terms = [(max(-lo, hi), node.arrays["multiplier"])]
     if len(node.inputs) > 1:
@@ -268,6 +279,7 @@ def _bound_avgpool(node, tensors) -> dict:
     """The window sum sum(q_pad) (q_pad in [0, qmax_in], padding z_in) is formed in int32, then z_in * KH * KW is
     subtracted and the result multiplied in int64."""
     tin = tensors[node.inputs[0]]
+    _check_input_zero_point(node, tin)
     kh, kw = node.attrs["kernel"]
     window = int(kh) * int(kw)
     total = window * tin.qmax
@@ -292,14 +304,23 @@ def _bound_concat(node, tensors) -> dict:
 
 def _bound_lut(node, tensors) -> dict:
     """Every input code indexes the table: codes lie in [0, qmax_in] (each producer clamps to its tensor's qmax), so
-    the table needs qmax_in + 1 entries."""
+    the table needs qmax_in + 1 entries; and every entry it can return is an output code: inside the node's clamp
+    [lo, hi] (else [0, qmax_out]), which the consumers' bounds assume (a table writing 255 into a 4-bit tensor
+    broke a lifted epilogue downstream)."""
     tin = tensors[node.inputs[0]]
-    size = int(np.asarray(node.arrays["table"]).size)
+    table = np.asarray(node.arrays["table"])
+    size = int(table.size)
     if tin.qmax >= size:
         raise QuantConfigError(
             f"lut '{node.name}': its input '{node.inputs[0]}' has {tin.bits}-bit codes (up to {tin.qmax}) but the "
             f"table has {size} entries; the table must be built on the input's grid (ptq2tvm.ops.lut_table with "
             f"bits_in = {tin.bits})")
+    lo, hi = int(node.attrs.get("lo", 0)), int(node.attrs.get("hi", node.out.qmax))
+    used = table.reshape(-1)[: tin.qmax + 1].astype(np.int64)
+    if used.size and not (lo <= int(used.min()) and int(used.max()) <= hi):
+        raise QuantConfigError(
+            f"lut '{node.name}': its table holds codes {int(used.min())}..{int(used.max())}, outside its output "
+            f"range [{lo}, {hi}] ({node.out.bits}-bit tensor '{node.out.name}')")
     return dict(index=(0, tin.qmax))
 
 
@@ -320,7 +341,8 @@ def check_graph_bounds(graph) -> dict[str, dict]:
     - mul: the int32 product ``|q_a - z_a| * |q_b - z_b|`` and its int64 requantization;
     - avgpool2d: the int32 window sum ``KH * KW * qmax_in`` (a refusal names the largest window) and int64;
     - add, concat: the int64 requantization of each input;
-    - lut: every input code is an index inside the table (``qmax_in < len(table)``).
+    - lut: every input code is an index inside the table (``qmax_in < len(table)``), every entry read an output code;
+    - conv2d / dense / avgpool2d: the input zero point (the padding value) is an input code.
 
     Returns {node name: the bounds proven}. Raises :class:`QuantConfigError` naming the node, the quantity and its
     bound."""
