@@ -157,6 +157,11 @@ class CompiledModel:
             raise InputShapeError("empty input batch")
         if dtype is not None and q.dtype != dtype:
             raise InputShapeError(f"expected {np.dtype(dtype).name} input, got {q.dtype}")
+        if dtype == np.uint8 and self.input.qmax < 255 and int(q.max()) > self.input.qmax:
+            # codes the input's bits cannot hold: the kernels' proved bounds assume <= qmax (a lifted epilogue or an
+            # int16 sum would then be wrong, not merely saturated)
+            raise InputShapeError(f"input codes must lie in 0..{self.input.qmax} (the input's {self.input.bits}-bit "
+                                  f"grid), got up to {int(q.max())}")
         return q
 
     def run_batch(self, q: np.ndarray) -> np.ndarray | list[np.ndarray]:
