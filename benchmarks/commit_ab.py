@@ -2,13 +2,13 @@
 both .so timed in one process.
 
     .venv/bin/python benchmarks/commit_ab.py --before REV [--models resnet_small resnet18 mobilenet_v2]
-                                             [--bits 7/8 8/8 4/4] [--threads 1 2] [--repeats 30]
-                                             [--out benchmarks/results/commit_ab]
+                                             [--bits 7/8 8/8 4/4] [--threads 1 2] [--batches 1 8]
+                                             [--repeats 30] [--out benchmarks/results/commit_ab]
 
 For a kernel or schedule change whose old path is not worth keeping behind a switch. ``git archive REV`` of
 ``kernels/`` and ``ptq2tvm/`` goes to a temporary folder; for every (model, bits) the graph is made once by this
 tree (``latency_cpu.seeded_graphs``: seeded random weights and calibration images), saved, and compiled twice: by REV's code in a subprocess (its folder first on ``sys.path``; the
-module path it imported is checked) and by this tree, both for this host (batch 1). Both are checked bit-exact
+module path it imported is checked) and by this tree, both for this host, at each of ``--batches`` (default 1). Both are checked bit-exact
 against the reference executor on random uint8 inputs and timed interleaved
 (``ptq2tvm.bench.timing.time_interleaved``: same input, rotated order, 3 calls back to back per turn) at each thread
 count. Writes ``<out>.json`` (rows with the CPU model, ISA, load) and ``<out>.md`` and prints the table. Exit status 1
@@ -49,7 +49,7 @@ for mod in (kernels, ptq2tvm):
     assert mod.__file__.startswith(sys.argv[1]), f"imported {mod.__file__}, not the archived revision"
 from ptq2tvm.api import compile_so
 from ptq2tvm.ir.graph import IntegerGraph
-compile_so(IntegerGraph.load(sys.argv[2]), sys.argv[3], batch=1)
+compile_so(IntegerGraph.load(sys.argv[2]), sys.argv[3], batch=int(sys.argv[4]))
 """
 
 
@@ -64,10 +64,38 @@ def archive(rev: str, dest: Path) -> str:
     return commit
 
 
-def compile_before(tree: Path, graph_path: Path, so: Path) -> None:
+def compile_before(tree: Path, graph_path: Path, so: Path, batch: int = 1) -> None:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    subprocess.run([sys.executable, "-c", _COMPILE_BEFORE, str(tree), str(graph_path), str(so)], check=True,
+    subprocess.run([sys.executable, "-c", _COMPILE_BEFORE, str(tree), str(graph_path), str(so), str(batch)],
+                   check=True,
                    env=env, cwd=str(tree))
+
+
+def _compare(args: argparse.Namespace, name: str, w: int, a: int, batch: int, graph, graph_path: Path,
+             shape: tuple[int, ...], tmp: Path, host: dict, isa: str) -> list[dict]:
+    """Both builds of one (model, bits, batch): bit-exactness on 2 batches of random codes, interleaved timing."""
+    stem = f"{name}_w{w}a{a}_b{batch}"
+    sos = {"before": tmp / f"{stem}_before.so", "after": tmp / f"{stem}_after.so"}
+    compile_before(tmp / "before", graph_path, sos["before"], batch)
+    compile_so(graph, sos["after"], batch=batch)
+    q = np.random.default_rng(1).integers(0, 256, (2 * batch, *shape), dtype=np.uint8)
+    ref = np.asarray(run_reference(graph, q))
+    rows = []
+    for threads in args.threads:
+        builds = {k: CompiledModel(so, threads=threads) for k, so in sos.items()}
+        exact = {k: bool(np.array_equal(np.asarray(m.run_int(q)), ref)) for k, m in builds.items()}
+        load = os.getloadavg()[0]
+        stats = time_interleaved({k: m.run_int for k, m in builds.items()}, q[:batch], warmup=5,
+                                 repeats=args.repeats, threads=threads, progress=False, calls_per_turn=3)
+        row = dict(model=name, input="x".join(map(str, shape)), batch=batch, w_bits=w, a_bits=a,
+                   threads=threads, before_ms=round(stats["before"].median_ms, 4),
+                   after_ms=round(stats["after"].median_ms, 4),
+                   speedup=round(stats["before"].median_ms / stats["after"].median_ms, 3),
+                   bit_exact=exact, loadavg_1min=round(load, 2), cpu=host.get("model_name"), isa=isa)
+        rows.append(row)
+        print(f"{name:14s} W{w}A{a} b{batch} {threads}T  before {row['before_ms']:8.3f} ms  after "
+              f"{row['after_ms']:8.3f} ms  x{row['speedup']:.2f}  bit-exact {exact}  load {load:.2f}", flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["resnet_small", "resnet18", "mobilenet_v2"])
     p.add_argument("--bits", nargs="+", default=["7/8", "8/8", "4/4"])
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--batches", nargs="+", type=int, default=[1], help="images per call (one build each)")
     p.add_argument("--repeats", type=int, default=30, help="timed turns per build and thread count")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "commit_ab"))
     args = p.parse_args(argv)
@@ -91,39 +120,22 @@ def main(argv: list[str] | None = None) -> int:
             _, images, graphs = seeded_graphs(name, args.bits)
             shape = images.shape[1:]
             for (w, a), graph in graphs.items():
-                stem = f"{name}_w{w}a{a}"
-                graph_path = graph.save(tmp / f"{stem}.qgraph")
-                sos = {"before": tmp / f"{stem}_before.so", "after": tmp / f"{stem}_after.so"}
-                compile_before(tmp / "before", graph_path, sos["before"])
-                compile_so(graph, sos["after"], batch=1)
-                q = np.random.default_rng(1).integers(0, 256, (2, *shape), dtype=np.uint8)
-                ref = np.asarray(run_reference(graph, q))
-                for threads in args.threads:
-                    builds = {k: CompiledModel(so, threads=threads) for k, so in sos.items()}
-                    exact = {k: bool(np.array_equal(np.asarray(m.run_int(q)), ref)) for k, m in builds.items()}
-                    load = os.getloadavg()[0]
-                    stats = time_interleaved({k: m.run_int for k, m in builds.items()}, q[:1], warmup=5,
-                                             repeats=args.repeats, threads=threads, progress=False,
-                                             calls_per_turn=3)
-                    row = dict(model=name, input="x".join(map(str, shape)), batch=1, w_bits=w, a_bits=a,
-                               threads=threads, before_ms=round(stats["before"].median_ms, 4),
-                               after_ms=round(stats["after"].median_ms, 4),
-                               speedup=round(stats["before"].median_ms / stats["after"].median_ms, 3),
-                               bit_exact=exact, loadavg_1min=round(load, 2), cpu=host.get("model_name"), isa=isa)
-                    rows.append(row)
-                    print(f"{name:14s} W{w}A{a} {threads}T  before {row['before_ms']:8.3f} ms  after "
-                          f"{row['after_ms']:8.3f} ms  x{row['speedup']:.2f}  bit-exact {exact}  load {load:.2f}",
-                          flush=True)
+                graph_path = graph.save(tmp / f"{name}_w{w}a{a}.qgraph")
+                for batch in args.batches:
+                    rows += _compare(args, name, w, a, batch, graph, graph_path, shape, tmp, host, isa)
     command = " ".join(["benchmarks/commit_ab.py", *(argv if argv is not None else sys.argv[1:])])
     out = Path(args.out)
     write_json(out.with_suffix(".json"), dict(command=command, before=before, after=after,
                                               created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), rows=rows))
-    lines = [f"# Compiler A/B: {before[:10]} (before) vs {after} (after), batch 1, {host.get('model_name')} ({isa})",
+    batches = "/".join(map(str, args.batches))
+    lines = [f"# Compiler A/B: {before[:10]} (before) vs {after} (after), batch {batches}, "
+             f"{host.get('model_name')} ({isa})",
              "", f"Command: `.venv/bin/python {command}`", "",
-             "| model | W/A | threads | before ms | after ms | speedup | bit-exact (both) | load |",
-             "|---|---|---:|---:|---:|---:|---|---:|"]
+             "| model | W/A | batch | threads | before ms | after ms | speedup | bit-exact (both) | load |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | W{r['w_bits']}A{r['a_bits']} | {r['threads']} | {r['before_ms']:.3f} | "
+        lines.append(f"| {r['model']} | W{r['w_bits']}A{r['a_bits']} | {r['batch']} | {r['threads']} | "
+                     f"{r['before_ms']:.3f} | "
                      f"{r['after_ms']:.3f} | {r['speedup']:.2f}x | {all(r['bit_exact'].values())} | "
                      f"{r['loadavg_1min']} |")
     lines += ["", "Medians of interleaved runs in one process (3 calls back to back per turn); the ratio is the "

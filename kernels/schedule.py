@@ -123,6 +123,13 @@ def dot_product(layout: str, isa: str, ubsw_exact: bool = False, input_dtype: st
                      "ubsw_exact (vpmaddubsw could saturate); pack the weights with isa='avx2'")
 
 
+#: the most accumulators of a conv tile narrower than its output row with runtime border tests (kernels/border.py)
+#: whose requantize epilogue is still tensorized (kernels/epilogue_intrin.py). Zen 4, 2 threads, ResNet-18 W8A8 at
+#: batch 8, each kernel of the network timed with the network's arguments, interleaved: the 3x3 convs at 56x56 and
+#: 28x28 with (7, 2) tiles 0.93-0.97x the time of their vectorized epilogue; 16 accumulators had been 2x slower.
+TENSORIZED_NARROW_MAX_ACC = 14
+
+
 def _num_threads(target) -> int:
     t = _as_target(target)
     if t is not None and "num-cores" in t.attrs:
@@ -154,11 +161,15 @@ def conv_tile_candidates(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", t
     """Every valid register tile for the output shape (N, OB blocks of 16, OH, OW), best first by the heuristic of
     :func:`choose_conv_tile` (the tuning space of the conv kernels).
 
-    VNNI: tiles of up to 16 zmm accumulators (measured on Zen 4/5: 12-16 accumulators run as fast as 28 and leave
-    registers for the Q weight vectors and the broadcasts; 28 + Q spills), Q <= 4 output blocks; among those the
-    fewest loads per vpdpbusd ((P*R + Q) / (P*Q*R)), keeping >= 2 parallel iterations per thread when the shape
-    allows it. ``int4=True``: tiles for int4 weights unpacked inside the reduction (``unpack_at="step"``): Q = 1 and
-    up to 28 accumulators, so that each unpacked weight vector serves many vpdpbusd. (The default int4 schedule
+    VNNI: tiles of up to 14 zmm accumulators, Q <= 4 output blocks; among those the fewest loads per vpdpbusd
+    ((P*R + Q) / (P*Q*R)), keeping >= 2 parallel iterations per thread when the shape allows it. 14, not 16: on a
+    Zen 4 (2 threads, standalone kernels interleaved, batch 1 and 8) the 16-accumulator tiles the rule picked before,
+    (4, 4) and (8, 2), lost to (7, 2) on every shape tried: 3x3 64 -> 64 at 56x56 0.90-0.96x the time, 3x3
+    128 -> 128 at 28x28 0.96-1.0x, 3x3/2 64 -> 128 0.96x, ResNet's row-layout 7x7/2 stem 0.90-0.91x, 1x1 32 -> 192
+    at 28x28 0.80x. In the 3x3 64 -> 64 kernel LLVM emits 72 zmm moves to or from the stack with (4, 4), 30 with
+    (8, 2), 22 with (7, 2) (the unrolled broadcasts stay live next to the accumulators); 28 + Q spills.
+    ``int4=True``: tiles for int4 weights unpacked inside the reduction (``unpack_at="step"``): Q = 1 and up to 28
+    accumulators, so that each unpacked weight vector serves many vpdpbusd. (The default int4 schedule
     unpacks a task's weights once, ``unpack_at="task"``, and uses the int8 tiles.)
     AVX2 (vpmaddwd): 16 ymm registers, an accumulator takes 2 and one weight step 4 (sign-extended pairs) -> P <= 4,
     Q = 1, or the whole row when it has <= 7 pixels (LLVM spills some of the 14 accumulators, and still: 3x3 512->512
@@ -169,7 +180,7 @@ def conv_tile_candidates(n: int, ob: int, oh: int, ow: int, isa: str = "vnni", t
     7x7 (7,1) 2.2x faster than (1,2); loaded host).
     """
     if isa == "vnni":
-        max_acc, max_q = (28, 1) if int4 else (16, 4)
+        max_acc, max_q = (28, 1) if int4 else (14, 4)
     else:       # 'ymm' and 'avx2': a whole row of <= 7 pixels, else <= 4 (measured on Zen 3, see the docstring)
         max_acc, max_q = (ow if ow <= 7 else 4), 1
     scored = []
@@ -289,9 +300,12 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     for lp in (obi, ohi, owi):
         sch.unroll(lp)
     oloops = sch.get_loops(out)
-    # the tensorized epilogue, except with runtime border tests (a tile narrower than the row): LLVM then kept a
-    # 16-accumulator tile in memory, 2x slower (Zen 4, 3x3 64 -> 64 at 56x56)
-    if not (tiles == "vnni" and not (skip and tile.P != ext[3]) and _tensorize_epilogue(sch, out, oloops[-5:])):
+    # the tensorized epilogue, except with runtime border tests (a tile narrower than the row) around more than
+    # TENSORIZED_NARROW_MAX_ACC accumulators: LLVM then kept a 16-accumulator tile in memory, 2x slower (Zen 4, 3x3
+    # 64 -> 64 at 56x56); with the 14 of (7, 2) it stays in registers
+    runtime_tests = skip and tile.P != ext[3]
+    if not (tiles == "vnni" and (not runtime_tests or tile.P * tile.Q * tile.R <= TENSORIZED_NARROW_MAX_ACC)
+            and _tensorize_epilogue(sch, out, oloops[-5:])):
         _vectorize_inner(sch, oloops[-5:])
     if pad is not None:
         _schedule_pad(sch, pad, threads)

@@ -565,6 +565,29 @@ def test_vnni_zero_border_skipped_where_it_pays(hw, stride, skipped):
         assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), c), cs["ref"])
 
 
+@pytest.mark.parametrize("tile,tensorized", [((7, 2), True), ((8, 2), False)])
+def test_narrow_tile_with_border_tests_keeps_the_tensorized_epilogue(tile, tensorized):
+    """A conv whose tile is narrower than the row skips the zero border with runtime column tests; with up to
+    kernels.schedule.TENSORIZED_NARROW_MAX_ACC (14) accumulators, as in the (7, 2) tile the hand schedule picks at
+    56x56, its requantize (+ residual) epilogue stays tensorized (block ``out_o``); a 16-accumulator tile keeps the
+    vectorized epilogue (LLVM had left such a tile in memory, 2x slower). Bit-exact with the residual, shifts on both
+    sides of 32 and saturating inputs where the host has AVX-512 VNNI."""
+    rng = np.random.default_rng(71)
+    cs = _conv_case(rng, 2, 32, 56, 56, 32, 3, 1, 1, zx=0, residual=True, min_shift=20, max_shift=45)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, 0), K.pack_conv_weight(cs["w"]), *params[:3],
+              K.nchw_to_nchwc(cs["r"], 16, 7), params[3]]
+    target = HOST if HAS_VNNI else K.host_target(num_cores=2, mcpu="znver4")
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, options={"tile": K.ConvTile(*tile)},
+                              padding=1, input_zero_point=0, output_zero_point=5, residual_zero_point=7)
+    script = kern.func.script()
+    assert "T.where(" in script and 'sblock("pad")' not in script     # runtime border tests, input read in place
+    assert ('sblock("out_o")' in script) == tensorized
+    if HAS_VNNI:
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), 32), cs["ref"])
+    assert K.schedule.choose_conv_tile(1, 4, 56, 56, isa="vnni") == K.ConvTile(7, 2)
+
+
 @pytest.mark.parametrize("zx,stride,dilation", [(0, 1, 1), (0, 2, 1), (0, 1, 2), (5, 1, 1)])
 def test_skipped_border_reads_the_input_directly(zx, stride, dilation):
     """A conv whose zero-border taps are skipped (input zero point 0) reads its input in place, at the shifted
@@ -591,9 +614,10 @@ def test_vnni_tensorized_epilogue_bit_exact(ge32, residual, k, zx):
     """AVX-512 VNNI conv kernels requantize each 16-channel block with the tensorized paired epilogue
     (kernels/epilogue_intrin.py): the reference's integers for shifts anywhere in [1, 62] (int64 form) and for
     shifts >= 32 (int32 form), with a fused residual (zero point 200), a clamp and saturating inputs; the tensorized
-    output block 'out_o' keeps the kernel's annotations. A 3x3 conv over a zero border whose tile is narrower than
-    the row (runtime border tests) keeps the TE epilogue (LLVM then left the accumulators in memory, 2x slower).
-    Compiled for a VNNI CPU everywhere, run where the host has AVX-512 VNNI."""
+    output block 'out_o' keeps the kernel's annotations. The 3x3 conv over a zero border has a tile narrower than
+    the row (runtime border tests) of 12 accumulators: tensorized too (at most 14,
+    test_narrow_tile_with_border_tests_keeps_the_tensorized_epilogue). Compiled for a VNNI CPU everywhere, run where
+    the host has AVX-512 VNNI."""
     from kernels.border import output_annotations
 
     rng = np.random.default_rng(40 + k + 2 * ge32 + 4 * residual + zx)
@@ -610,8 +634,8 @@ def test_vnni_tensorized_epilogue_bit_exact(ge32, residual, k, zx):
                               output_zero_point=17, lo=4, hi=250, residual_zero_point=200, shift_ge32=ge32,
                               in_channels=c)
     script = kern.func.script()
-    tensorized = zx != 0
-    assert ("ptq2tvm_requant16" in str(kern.func) or 'sblock("out_o")' in script) == tensorized
+    assert "ptq2tvm_requant16" in str(kern.func) or 'sblock("out_o")' in script
+    assert ("T.where(" in script) == (zx == 0)          # the runtime border tests
     assert output_annotations(kern.func)[K.ops.KERNEL_ATTR] == "conv2d_nchwc_vnni"
     if HAS_VNNI:
         got = K.nchwc_to_nchw(kern.run(*arrays), o)
