@@ -7,8 +7,9 @@ both .so timed in one process.
 
 For a kernel or schedule change whose old path is not worth keeping behind a switch. ``git archive REV`` of
 ``kernels/`` and ``ptq2tvm/`` goes to a temporary folder; for every (model, bits) the graph is made once by this
-tree (``latency_cpu.seeded_graphs``: seeded random weights and calibration images), saved, and compiled twice: by REV's code in a subprocess (its folder first on ``sys.path``; the
-module path it imported is checked) and by this tree, both for this host, at each of ``--batches`` (default 1). Both are checked bit-exact
+tree (``latency_cpu.seeded_graphs``: seeded random weights and calibration images), saved, and compiled twice: by
+REV's code in a subprocess (its folder first on ``sys.path``; the module path it imported is checked) and by this
+tree, both for this host, at each of ``--batches`` (default 1). Both are checked bit-exact
 against the reference executor on random uint8 inputs and timed interleaved
 (``ptq2tvm.bench.timing.time_interleaved``: same input, rotated order, 3 calls back to back per turn) at each thread
 count. Writes ``<out>.json`` (rows with the CPU model, ISA, load) and ``<out>.md`` and prints the table. Exit status 1
@@ -67,8 +68,7 @@ def archive(rev: str, dest: Path) -> str:
 def compile_before(tree: Path, graph_path: Path, so: Path, batch: int = 1) -> None:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     subprocess.run([sys.executable, "-c", _COMPILE_BEFORE, str(tree), str(graph_path), str(so), str(batch)],
-                   check=True,
-                   env=env, cwd=str(tree))
+                   check=True, env=env, cwd=str(tree))
 
 
 def _compare(args: argparse.Namespace, name: str, w: int, a: int, batch: int, graph, graph_path: Path,
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | W{r['w_bits']}A{r['a_bits']} | {r['batch']} | {r['threads']} | "
-                     f"{r['before_ms']:.3f} | "
-                     f"{r['after_ms']:.3f} | {r['speedup']:.2f}x | {all(r['bit_exact'].values())} | "
+                     f"{r['before_ms']:.3f} | {r['after_ms']:.3f} | {r['speedup']:.2f}x | "
+                     f"{all(r['bit_exact'].values())} | "
                      f"{r['loadavg_1min']} |")
     lines += ["", "Medians of interleaved runs in one process (3 calls back to back per turn); the ratio is the "
               "comparable number on a shared host. Random weights (benchmarks/latency_cpu.py's models); both "
