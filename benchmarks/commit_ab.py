@@ -3,7 +3,7 @@ both .so timed in one process.
 
     .venv/bin/python benchmarks/commit_ab.py --before REV [--models resnet_small resnet18 mobilenet_v2]
                                              [--bits 7/8 8/8 4/4] [--threads 1 2] [--batches 1 8]
-                                             [--repeats 30] [--out benchmarks/results/commit_ab]
+                                             [--repeats 30] [--kernels] [--out benchmarks/results/commit_ab]
 
 For a kernel or schedule change whose old path is not worth keeping behind a switch. ``git archive REV`` of
 ``kernels/`` and ``ptq2tvm/`` goes to a temporary folder; for every (model, bits) the graph is made once by this
@@ -14,6 +14,10 @@ against the reference executor on random uint8 inputs and timed interleaved
 (``ptq2tvm.bench.timing.time_interleaved``: same input, rotated order, 3 calls back to back per turn) at each thread
 count. Writes ``<out>.json`` (rows with the CPU model, ISA, load) and ``<out>.md`` and prints the table. Exit status 1
 when a build is not bit-exact.
+
+``--kernels``: also the kernels of both builds one by one, in network order with the arguments of one inference
+(``layer_gap.so_kernels``), the two sequences alternating for ``--repeats`` turns: per-kernel medians and their
+sums. On a host where a whole-network ratio within +-5% is noise, a change to a few kernels shows here.
 """
 
 from __future__ import annotations
@@ -92,10 +96,59 @@ def _compare(args: argparse.Namespace, name: str, w: int, a: int, batch: int, gr
                    after_ms=round(stats["after"].median_ms, 4),
                    speedup=round(stats["before"].median_ms / stats["after"].median_ms, 3),
                    bit_exact=exact, loadavg_1min=round(load, 2), cpu=host.get("model_name"), isa=isa)
+        if args.kernels:
+            row["kernels"] = kernel_sequences(sos, graph, (batch, *shape), args.repeats)
         rows.append(row)
         print(f"{name:14s} W{w}A{a} b{batch} {threads}T  before {row['before_ms']:8.3f} ms  after "
               f"{row['after_ms']:8.3f} ms  x{row['speedup']:.2f}  bit-exact {exact}  load {load:.2f}", flush=True)
     return rows
+
+
+def kernel_sequences(sos: dict[str, Path], graph, input_shape: tuple[int, ...], turns: int) -> dict:
+    """Both builds' kernels replayed one by one in network order (``layer_gap.so_kernels``: the arguments of one
+    inference on a seeded float input), the two sequences alternating (order rotated) for ``turns`` turns after one
+    warm-up turn; -> {build: {"kernels": [[symbol, median ms], ...], "sum_ms": median of the sequence's total}}."""
+    from layer_gap import so_kernels
+
+    x = np.random.default_rng(0).random(input_shape, dtype=np.float32)
+    seqs = {k: so_kernels(so, x, graph) for k, so in sos.items()}
+    times = {k: [[] for _ in seq] for k, seq in seqs.items()}
+    totals: dict[str, list[float]] = {k: [] for k in seqs}
+    clock = time.perf_counter_ns
+    for turn in range(turns + 1):
+        for k in (list(seqs) if turn % 2 == 0 else list(seqs)[::-1]):
+            total = 0
+            for i, (_, fn, call_args, _) in enumerate(seqs[k]):
+                t = clock()
+                fn(*call_args)
+                dt = clock() - t
+                total += dt
+                if turn:
+                    times[k][i].append(dt / 1e6)
+            if turn:
+                totals[k].append(total / 1e6)
+    return {k: dict(kernels=[[sym, round(float(np.median(times[k][i])), 4)] for i, (sym, *_) in enumerate(seq)],
+                    sum_ms=round(float(np.median(totals[k])), 4)) for k, seq in seqs.items()}
+
+
+def _kernel_table(rows: list[dict]) -> list[str]:
+    """Markdown of the ``kernels`` of each row: the kernels whose symbol is in one build only or whose median moved
+    by more than 2%, and the sums."""
+    lines = []
+    for r in rows:
+        if "kernels" not in r:
+            continue
+        kb, ka = (dict(r["kernels"][k]["kernels"]) for k in ("before", "after"))
+        lines += ["", f"Kernels of {r['model']} W{r['w_bits']}A{r['a_bits']} batch {r['batch']}, {r['threads']} "
+                  f"thread(s), one by one in network order (medians; only those in one build or moved by > 2%):", "",
+                  "| kernel | before ms | after ms |", "|---|---:|---:|"]
+        for sym in dict.fromkeys([*kb, *ka]):
+            b, a = kb.get(sym), ka.get(sym)
+            if b is None or a is None or abs(a / b - 1) > 0.02:
+                lines.append(f"| {sym} | {'-' if b is None else f'{b:.3f}'} | {'-' if a is None else f'{a:.3f}'} |")
+        sb, sa = r["kernels"]["before"]["sum_ms"], r["kernels"]["after"]["sum_ms"]
+        lines.append(f"| **all kernels (sum)** | **{sb:.3f}** | **{sa:.3f}** ({sb / sa:.3f}x) |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--batches", nargs="+", type=int, default=[1], help="images per call (one build each)")
     p.add_argument("--repeats", type=int, default=30, help="timed turns per build and thread count")
+    p.add_argument("--kernels", action="store_true",
+                   help="also time both builds' kernels one by one in network order (see the module docstring)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "commit_ab"))
     args = p.parse_args(argv)
     host = cpu_features()
@@ -141,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Medians of interleaved runs in one process (3 calls back to back per turn); the ratio is the "
               "comparable number on a shared host. Random weights (benchmarks/latency_cpu.py's models); both "
               "builds compile the same saved integer graph."]
+    lines += _kernel_table(rows)
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     return 0 if all(all(r["bit_exact"].values()) for r in rows) else 1
 

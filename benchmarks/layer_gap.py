@@ -62,13 +62,18 @@ def layer_type(x: tuple, w: tuple | None, out: tuple, depthwise: bool) -> str:
 
 def node_types(graph) -> dict[str, str]:
     """Kernel symbol (``k_<node name>``, as the blocked builder names it) -> layer type of that graph node. Relax
-    merges structurally equal kernels under the first one's name: those nodes have the same shapes, hence type."""
+    merges structurally equal kernels under the first one's name: those nodes have the same shapes, hence type.
+    The first conv and the max pool after it, where AVX-512 VNNI builds run them as one kernel
+    (``k_<conv>_<pool>``, kernels/stem_pool.py), count as ``stem``."""
     from ptq2tvm.backend.blocked_builder import _hint
 
     kinds: dict[str, str] = {}
     first = True
+    stem = None
     for node in graph.nodes:
         kind = "other"
+        if node.op == "maxpool2d" and stem is not None and list(node.inputs) == [stem.name]:
+            kinds.setdefault(f"{_hint(stem)}_{_hint(node)[2:]}", "stem")
         if node.op == "dense":
             kind = "fc"
         elif node.op == "conv2d":
@@ -76,7 +81,7 @@ def node_types(graph) -> dict[str, str]:
             groups = int(node.attrs["groups"])
             cin = ig * groups
             if first and cin <= 4:
-                kind = "stem"
+                kind, stem = "stem", node
             else:
                 stride = "/2" if max(node.attrs["stride"]) >= 2 else ""
                 kind = (f"dw {kh}x{kw}" if groups > 1 and groups == cin and ig == 1 else f"conv {kh}x{kw}") + stride

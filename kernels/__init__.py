@@ -34,6 +34,7 @@ from .ops import nchwc_to_nchw as te_nchwc_to_nchw
 from .standalone import StandaloneKernel, build_standalone, host_target
 from .depthwise_vnni import DEPTHWISE_VNNI_KIND, depthwise_vnni_out_shape, depthwise_vnni_primfunc
 from .expand_depthwise import EXPAND_DEPTHWISE_KIND, expand_depthwise_primfunc
+from .stem_pool import STEM_POOL_KIND, rows_conv_maxpool_out_shape, rows_conv_maxpool_primfunc
 from .lut_vbmi import LUT_VBMI_KIND, lut_vbmi_primfunc, lut_vbmi_supported, pad_lut_table, target_has_vbmi
 from .mul_vnni import MUL_VNNI_KIND, mul_vnni_out_shape, mul_vnni_primfunc
 from .amx import (AMX_ATTR, AMX_ENV, amx_conv_out_shape, amx_conv_primfunc, amx_conv_supported, amx_kernel_count,
@@ -72,7 +73,7 @@ __all__ = [
     "DEPTHWISE_VNNI_KIND", "depthwise_vnni_out_shape", "depthwise_vnni_primfunc", "EXPAND_DEPTHWISE_KIND",
     "LUT_VBMI_KIND", "lut_vbmi_primfunc", "lut_vbmi_supported", "pad_lut_table", "target_has_vbmi", "MUL_VNNI_KIND",
     "mul_vnni_out_shape", "mul_vnni_primfunc",
-    "expand_depthwise_primfunc",
+    "expand_depthwise_primfunc", "STEM_POOL_KIND", "rows_conv_maxpool_out_shape", "rows_conv_maxpool_primfunc",
     "AMX_ATTR", "AMX_ENV", "amx_conv_out_shape", "amx_conv_primfunc", "amx_conv_supported", "amx_kernel_count",
     "amx_rows_conv_primfunc", "amx_rows_out_shape", "pack_amx_int4", "target_has_amx",
 ]

@@ -102,6 +102,7 @@ class _BlockedBuilder:
         self.threads = threads           # the target's threads (the AMX int4 kernels' chunking); None: this host
         self.fuse = fuse                 # False: every layer its own kernel (per-layer latency measurement)
         self.expand_of: dict[str, IntNode] = {}     # depthwise node -> the 1x1 expand fused into its kernel
+        self.pool_of: dict[str, IntNode] = {}       # max pool node -> the first conv fused into its kernel
         self.fused_into: set[str] = set()
         self.bb = relax.BlockBuilder()
         self.env: dict[str, tuple[relax.Expr, str]] = {}
@@ -378,7 +379,7 @@ class _BlockedBuilder:
         return opdef.emit_plain(em, node), (FLAT if len(node.out.shape) == 1 else NCHW)
 
     def node(self, node: IntNode) -> tuple[relax.Expr, str]:
-        if node.name in self.fused_into:        # emitted with its consumer (emit_expand_depthwise)
+        if node.name in self.fused_into:        # emitted with its consumer (emit_expand_depthwise, the stem's pool)
             return None, FUSED
         return ir_op(node.op).emit_blocked(self, node)
 
@@ -419,11 +420,61 @@ class _BlockedBuilder:
                 pairs[d.name] = e
         return pairs
 
+    def stem_pool_pairs(self) -> dict[str, IntNode]:
+        """{max pool node name: the first conv it pools} for the pairs this build runs as one kernel
+        (:func:`kernels.rows_conv_maxpool_primfunc`, the pool taken on the int32 accumulators): a build with
+        :meth:`vector_kernels` and fusion on, without AMX (the AMX row-layout conv stays there: not measured
+        against); a conv on the network input in the row layout (1-4 input channels, groups 1, dilation 1, int8
+        weight storage, no residual, every multiplier >= 0: the requantization is then non-decreasing in the
+        accumulator) read only by a max pool (dilation 1, no ceil-mode padding, padding below its kernel) and not a
+        graph output. ResNet-18's 7x7/2 stem + 3x3/2 pool against the two kernels: see kernels/README.md."""
+        if not (self.vector_kernels() and self.fuse) or self.amx:
+            return {}
+        g = self.graph
+        readers: dict[str, list[IntNode]] = {}
+        for n in g.nodes:
+            for i in n.inputs:
+                readers.setdefault(i, []).append(n)
+        pairs = {}
+        for conv in g.nodes:
+            if conv.op != "conv2d" or list(conv.inputs) != [g.input.name] or len(g.input.shape) != 3:
+                continue
+            a, w = conv.attrs, conv.arrays["weight"]
+            pool = readers.get(conv.name, [None])[0]
+            if len(readers.get(conv.name, [])) != 1 or conv.name in g.output_names or pool.op != "maxpool2d":
+                continue
+            pa = pool.attrs
+            ok = int(a["groups"]) == 1 and int(w.shape[1]) <= 4 and tuple(a["dilation"]) == (1, 1) \
+                and not any(self.packing(conv).values()) and int(np.min(conv.arrays["multiplier"])) >= 0 \
+                and tuple(pa["dilation"]) == (1, 1) and not any(pa.get("padding_end", (0, 0))) \
+                and all(int(p) < int(k) for p, k in zip(pa["padding"], pa["kernel"]))
+            if ok:
+                pairs[pool.name] = conv
+        return pairs
+
+    def emit_rows_conv_maxpool(self, rows: relax.Expr, packed: np.ndarray, consts: list, *, name: str,
+                               in_channels: int, in_width: int, kernel: tuple[int, int], stride: tuple[int, int],
+                               padding: tuple[int, int], pool: IntNode, output_zero_point: int, lo: int, hi: int,
+                               epilogue: str) -> relax.Expr:
+        """The first conv + its max pool (:func:`kernels.rows_conv_maxpool_primfunc`) as one ``call_tir`` on the row
+        layout: the integers of the conv's and the pool's kernels one after the other."""
+        pa = pool.attrs
+        geometry = dict(in_channels=in_channels, in_width=in_width, kernel=kernel, stride=stride, padding=padding,
+                        pool_kernel=tuple(pa["kernel"]), pool_stride=tuple(pa["stride"]),
+                        pool_padding=tuple(pa["padding"]))
+        rows_shape = self.shape(rows)
+        prim = K.rows_conv_maxpool_primfunc(name, rows_shape, packed.shape, **geometry,
+                                            output_zero_point=output_zero_point, lo=lo, hi=hi, threads=self.threads,
+                                            epilogue=epilogue)
+        return self.call_prim(prim, [rows, self.weight(packed), *consts],
+                              K.rows_conv_maxpool_out_shape(rows_shape, packed.shape, **geometry))
+
     def build(self, batch: int) -> tvm.IRModule:
         g = self.graph
         x = relax.Var("x", relax.TensorType((batch, *g.input.shape), "uint8"))
         self.expand_of = self.expand_depthwise_pairs()
-        self.fused_into = {e.name for e in self.expand_of.values()}
+        self.pool_of = self.stem_pool_pairs()
+        self.fused_into = {e.name for e in self.expand_of.values()} | {c.name for c in self.pool_of.values()}
         with self.bb.function("main", [x]):
             with self.bb.dataflow():
                 self.env[g.input.name] = (x, NCHW if len(g.input.shape) == 3 else FLAT)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import OpDef, Unsupported, register
+from .base import OpDef, Unsupported, ir_op, register
 from .common import NCHWC, arg, pair, requantize
 
 
@@ -99,6 +99,9 @@ class MaxPool(OpDef):
     def emit_blocked(self, b: Any, node: Any) -> tuple[Any, str]:
         import kernels as K
 
+        conv = b.pool_of.get(node.name)
+        if conv is not None:        # the first conv and this pool in one kernel, the pool on its accumulators
+            return ir_op(conv.op).emit_blocked_with_maxpool(b, conv, node)
         a = node.attrs
         return b.emit(K.maxpool2d_nchwc, b.blocked(node.inputs[0]), kernel=tuple(a["kernel"]),
                       stride=tuple(a["stride"]), padding=tuple(a["padding"]), dilation=tuple(a["dilation"]),

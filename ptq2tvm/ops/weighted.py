@@ -158,6 +158,32 @@ class Conv(_Weighted):
         kw.update(stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"])
         return e.emit(te_ops.conv2d_requant, *args, **kw)
 
+    @staticmethod
+    def _rows_input(b: Any, node: Any) -> Any:
+        """The network input of a first conv in the row layout (:func:`kernels.te_nchw_to_rows`)."""
+        import kernels as K
+
+        a, w = node.attrs, node.arrays["weight"]
+        return b.emit(K.te_nchw_to_rows, b.env[node.inputs[0]][0], kernel=tuple(w.shape[2:]),
+                      stride=tuple(a["stride"]), padding=tuple(a["padding"]), pad_value=a["input_zero_point"],
+                      name="to_rows")
+
+    def emit_blocked_with_maxpool(self, b: Any, node: Any, pool: Any) -> tuple[Any, str]:
+        """First conv ``node`` and the max pool ``pool`` that alone reads it, as one kernel
+        (:meth:`BlockedBuilder.stem_pool_pairs` decides where; :func:`kernels.rows_conv_maxpool_primfunc`)."""
+        import kernels as K
+
+        a, w = node.attrs, node.arrays["weight"]
+        consts, _ = self._channel_consts(b, node, None)
+        out = b.emit_rows_conv_maxpool(self._rows_input(b, node), K.pack_rows_weight(w, isa="vnni"), consts,
+                                       name=f"{b.hint(node)}_{b.hint(pool)[2:]}", in_channels=int(w.shape[1]),
+                                       in_width=b.graph.tensor(node.inputs[0]).shape[2],
+                                       kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
+                                       padding=tuple(a["padding"]), pool=pool,
+                                       output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"],
+                                       epilogue=_epilogue(b, node))
+        return out, NCHWC
+
     def emit_blocked(self, b: Any, node: Any) -> tuple[Any, str]:
         import kernels as K
         from kernels.vector_tir import LIFTED_EPILOGUES
@@ -181,8 +207,7 @@ class Conv(_Weighted):
                                            stride=tuple(a["stride"]), padding=tuple(a["padding"]),
                                            dilation_h=int(a["dilation"][0]), mid=mid, **_requant_args(kw)), NCHWC
         if not b.cuda and layout == "nchw" and a["groups"] == 1 and cin <= 4 and a["dilation"][1] == 1:
-            rows = b.emit(K.te_nchw_to_rows, xin, kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
-                          padding=tuple(a["padding"]), pad_value=a["input_zero_point"], name="to_rows")
+            rows = self._rows_input(b, node)
             kw["isa"], kw["ubsw_exact"], wp = b.weight_layout(
                 node, lambda isa: K.pack_rows_weight(w, isa=isa, **b.packing(node)))
             amx = b.amx_rows(node, wp, kw["ubsw_exact"])
