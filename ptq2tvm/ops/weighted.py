@@ -170,7 +170,7 @@ class Conv(_Weighted):
 
     def emit_blocked_with_maxpool(self, b: Any, node: Any, pool: Any) -> tuple[Any, str]:
         """First conv ``node`` and the max pool ``pool`` that alone reads it, as one kernel
-        (:meth:`BlockedBuilder.stem_pool_pairs` decides where; :func:`kernels.rows_conv_maxpool_primfunc`)."""
+        (:meth:`_BlockedBuilder.stem_pool_pairs` decides where; :func:`kernels.rows_conv_maxpool_primfunc`)."""
         import kernels as K
 
         a, w = node.attrs, node.arrays["weight"]
