@@ -136,3 +136,56 @@ def test_builder_fuses_the_stem_and_its_pool(tmp_path, monkeypatch):
     res = compile_so(graph, tmp_path / "m.so", batch=3)
     q = np.random.default_rng(0).integers(0, graph.input.qmax + 1, (3, *graph.input.shape)).astype(np.uint8)
     assert np.array_equal(CompiledModel(res.so_path).run_int(q), run_reference(graph, q))
+
+
+def test_rows_conv_maxpool_random_geometries(tmp_path):
+    """Hypothesis draws (seeded, derandomized) of the kernel's whole geometry: channels 1-4, conv kernel 1-7, stride
+    1-3, padding, 8-80 output channels (partial blocks), pool kernel 1-4 / stride 1-3 / padding, zero points, a
+    clamp, threads 1-4, tiles of 1-8 pixels x 1 / 2 / 4 blocks, both epilogue forms; each equals the reference."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @st.composite
+    def geometry(draw):
+        c, k, s = draw(st.integers(1, 4)), draw(st.integers(1, 7)), draw(st.integers(1, 3))
+        p = draw(st.integers(0, k // 2))
+        h, w = draw(st.integers(max(k, 3), 24)), draw(st.integers(max(k, 3), 24))
+        oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        pk = draw(st.integers(1, min(4, oh, ow)))
+        pp = draw(st.integers(0, pk // 2))
+        return dict(n=draw(st.integers(1, 2)), c=c, h=h, w=w, o=draw(st.sampled_from([8, 16, 24, 48, 80])), k=k, s=s,
+                    p=p, pk=pk, ps=draw(st.integers(1, 3)), pp=pp, z=draw(st.integers(0, 20)),
+                    lo=draw(st.integers(0, 10)), hi=draw(st.integers(100, 255)), zx=draw(st.integers(0, 10)),
+                    epilogue=draw(st.sampled_from(["int32", "int64"])), threads=draw(st.integers(1, 4)),
+                    tile=(draw(st.integers(1, 8)), draw(st.sampled_from([1, 2, 4]))), seed=draw(st.integers(0, 99)))
+
+    @hypothesis.settings(max_examples=6, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(geometry())
+    def check(g):
+        rng = np.random.default_rng(g["seed"])
+        x = rng.integers(0, 256, (g["n"], g["c"], g["h"], g["w"]), dtype=np.uint8)
+        wt = rng.integers(-128, 128, (g["o"], g["c"], g["k"], g["k"]), dtype=np.int8)
+        bias = rng.integers(-(1 << 14), 1 << 14, g["o"]).astype(np.int32)
+        m, sh = _requant_params(rng, R.conv_acc(x, wt, bias, g["s"], g["p"], 1, 1, g["zx"]), g["o"])
+        sh = np.maximum(sh, 32 if g["epilogue"] == "int32" else 1).astype(np.int32)
+        conv = R.conv2d_requant(x, wt, bias, m, sh, stride=g["s"], padding=g["p"], input_zero_point=g["zx"],
+                                output_zero_point=g["z"], lo=g["lo"], hi=g["hi"])
+        ref = R.maxpool2d(conv, g["pk"], g["ps"], g["pp"])
+        rows = K.nchw_to_rows(x, (g["k"],) * 2, (g["s"],) * 2, (g["p"],) * 2, g["zx"])
+        wp = K.pack_rows_weight(wt, isa="vnni")
+        geo = dict(in_channels=g["c"], in_width=g["w"], kernel=(g["k"],) * 2, stride=(g["s"],) * 2,
+                   padding=(g["p"],) * 2, pool_kernel=(g["pk"],) * 2, pool_stride=(g["ps"],) * 2,
+                   pool_padding=(g["pp"],) * 2)
+        func = K.rows_conv_maxpool_primfunc("main", rows.shape, wp.shape, **geo, output_zero_point=g["z"],
+                                            lo=g["lo"], hi=g["hi"], threads=g["threads"], epilogue=g["epilogue"],
+                                            tile=g["tile"])
+        if not HAS_VNNI:
+            tvm.compile(tvm.IRModule({"main": func}), target=ICX)
+            return
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=HOST)
+        out_shape = K.rows_conv_maxpool_out_shape(rows.shape, wp.shape, **geo)
+        got = K.StandaloneKernel(lib, out_shape, "uint8", func).run(rows, wp, *K.pack_channel_params(bias, m, sh)[:3])
+        got = K.nchwc_to_nchw(got, g["o"])
+        assert got.shape == ref.shape and np.array_equal(got, ref), g
+
+    check()
