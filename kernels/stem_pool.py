@@ -42,24 +42,19 @@ STEM_POOL_KIND = "rows_conv_maxpool_vnni"      # function attribute ``ptq2tvm_ke
 STEM_POOL_TILE = (6, 2)
 
 
-def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
 def rows_conv_maxpool_out_shape(rows_shape: tuple[int, ...], w_shape: tuple[int, ...], in_channels: int,
                                 in_width: int, kernel: tuple[int, int], stride: tuple[int, int],
                                 padding: tuple[int, int], pool_kernel: tuple[int, int],
                                 pool_stride: tuple[int, int], pool_padding: tuple[int, int],
                                 left: int = 16) -> tuple[int, int, int, int, int]:
     """(N, O/16, PH, PW, 16): the pooled output of :func:`rows_conv_maxpool_primfunc`."""
-    from .ops import rows_layout
+    from .ops import _out_hw, rows_layout
 
     n, rows, _ = (int(v) for v in rows_shape)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     g = rows_layout(int(in_channels), rows - 2 * ph, int(in_width), (kh, kw), (sh, sw), (ph, pw), left)
     oh, ow = (rows - kh) // sh + 1, g["out_width"]
-    return (n, int(w_shape[0]), _out_size(oh, pool_kernel[0], pool_stride[0], pool_padding[0]),
-            _out_size(ow, pool_kernel[1], pool_stride[1], pool_padding[1]), BLOCK)
+    return (n, int(w_shape[0]), *_out_hw(oh, ow, pool_kernel, pool_stride, pool_padding, (1, 1)), BLOCK)
 
 
 def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: tuple[int, ...], in_channels: int,
@@ -81,7 +76,7 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
     blocks 1 where they do not divide the output blocks). Raises ValueError for a weight that does not match the row
     layout, a dimension below 1, a zero point outside [0, 255], a clamp outside 0 <= lo <= hi <= 255, a pool padding
     not below its kernel (a window of padding only) or a pool larger than the conv output."""
-    from .ops import rows_layout
+    from .ops import _out_hw, rows_layout
 
     check_epilogue("rows_conv_maxpool", epilogue)
     check_kernel_args("rows_conv_maxpool", {"row input": rows_shape, "weight": w_shape, "tile": tile},
@@ -101,7 +96,7 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
         raise ValueError(f"rows_conv_maxpool: pool kernel {(kph, kpw)}, stride {(sph, spw)}, padding {(pph, ppw)} "
                          f"needs strides >= 1 and 0 <= padding < kernel")
     oh, ow = (rows - kh) // sh + 1, g["out_width"]
-    poh, pow_ = _out_size(oh, kph, sph, pph), _out_size(ow, kpw, spw, ppw)
+    poh, pow_ = _out_hw(oh, ow, (kph, kpw), (sph, spw), (pph, ppw), (1, 1))
     if min(oh, ow, poh, pow_) < 1:
         raise ValueError(f"rows_conv_maxpool: pool {(kph, kpw)} larger than the conv output {oh}x{ow}")
     tp, tq = (int(v) for v in tile)
@@ -198,7 +193,8 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
                         with T.If(tir.all(r >= 0, r < oh, tir.any(pi == 0, tt >= new_from))):
                             with T.Then():
                                 conv_row(r)
-                    # the window's rows, clamped into the conv output as the columns were
+                    # the window's rows, clamped into the conv output (a padding row then repeats a real row of
+                    # the same window, which leaves the max unchanged)
                     slots = [tir.floormod(tir.min(tir.max(p * sph - pph + u, 0), oh - 1), kph) for u in range(kph)]
                     for q in range(q_blocks):
                         o = og * q_blocks + q

@@ -36,9 +36,11 @@ CASES = {
 }
 
 
-def _case(name):
-    n, c, h, w, o, (k, s, p), (pk, ps, pp), threads, extra = CASES[name]
-    rng = np.random.default_rng(sum(map(ord, name)))
+def _build(rng, n, c, h, w, o, conv, pool, threads, extra):
+    """(reference output, requantized conv output, kernel arguments, PrimFunc, out shape) of one geometry: conv
+    ``(k, s, p)``, pool ``(k, s, p)``, random data from ``rng``; ``extra``: z, lo, hi, zx (input zero point),
+    min_shift (below 32: shifts that need the int64 epilogue), epilogue, tile."""
+    (k, s, p), (pk, ps, pp) = conv, pool
     z, lo, hi, zx = extra.get("z", 0), extra.get("lo", 0), extra.get("hi", 255), extra.get("zx", 0)
     x = rng.integers(0, 256, (n, c, h, w), dtype=np.uint8)
     wt = rng.integers(-128, 128, (o, c, k, k), dtype=np.int8)
@@ -46,9 +48,9 @@ def _case(name):
     acc = R.conv_acc(x, wt, bias, s, p, 1, 1, zx)
     m, sh = _requant_params(rng, acc, o)
     sh = np.maximum(sh, extra.get("min_shift", 32)).astype(np.int32)
-    conv = R.conv2d_requant(x, wt, bias, m, sh, stride=s, padding=p, input_zero_point=zx, output_zero_point=z,
-                            lo=lo, hi=hi)
-    ref = R.maxpool2d(conv, pk, ps, pp)
+    out = R.conv2d_requant(x, wt, bias, m, sh, stride=s, padding=p, input_zero_point=zx, output_zero_point=z,
+                           lo=lo, hi=hi)
+    ref = R.maxpool2d(out, pk, ps, pp)
     rows = K.nchw_to_rows(x, (k, k), (s, s), (p, p), zx)
     wp = K.pack_rows_weight(wt, isa="vnni")
     geometry = dict(in_channels=c, in_width=w, kernel=(k, k), stride=(s, s), padding=(p, p), pool_kernel=(pk, pk),
@@ -57,7 +59,18 @@ def _case(name):
                                         threads=threads, epilogue=extra.get("epilogue", "int32"),
                                         **({"tile": extra["tile"]} if "tile" in extra else {}))
     out_shape = K.rows_conv_maxpool_out_shape(rows.shape, wp.shape, **geometry)
-    return ref, conv, [rows, wp, *K.pack_channel_params(bias, m, sh)[:3]], func, out_shape
+    return ref, out, [rows, wp, *K.pack_channel_params(bias, m, sh)[:3]], func, out_shape
+
+
+def _case(name):
+    n, c, h, w, o, conv, pool, threads, extra = CASES[name]
+    return _build(np.random.default_rng(sum(map(ord, name))), n, c, h, w, o, conv, pool, threads, extra)
+
+
+def _run(func, arrays, out_shape, channels: int) -> np.ndarray:
+    """The kernel built for this host and run on ``arrays``; the output back in NCHW with ``channels``."""
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=HOST)
+    return K.nchwc_to_nchw(K.StandaloneKernel(lib, out_shape, "uint8", func).run(*arrays), channels)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -71,8 +84,7 @@ def test_rows_conv_maxpool_bit_exact(name, tmp_path):
     if not HAS_VNNI:
         tvm.compile(tvm.IRModule({"main": func}), target=ICX).export_library(str(tmp_path / "k.so"))
         pytest.skip("no AVX-512 VNNI on this CPU: compiled only")
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=HOST)
-    got = K.nchwc_to_nchw(K.StandaloneKernel(lib, out_shape, "uint8", func).run(*arrays), ref.shape[1])
+    got = _run(func, arrays, out_shape, ref.shape[1])
     assert int((got != ref).sum()) == 0, f"{int((got != ref).sum())} mismatches of {ref.size}"
 
 
@@ -162,30 +174,15 @@ def test_rows_conv_maxpool_random_geometries(tmp_path):
     @hypothesis.settings(max_examples=6, deadline=None, derandomize=True, database=None)
     @hypothesis.given(geometry())
     def check(g):
-        rng = np.random.default_rng(g["seed"])
-        x = rng.integers(0, 256, (g["n"], g["c"], g["h"], g["w"]), dtype=np.uint8)
-        wt = rng.integers(-128, 128, (g["o"], g["c"], g["k"], g["k"]), dtype=np.int8)
-        bias = rng.integers(-(1 << 14), 1 << 14, g["o"]).astype(np.int32)
-        m, sh = _requant_params(rng, R.conv_acc(x, wt, bias, g["s"], g["p"], 1, 1, g["zx"]), g["o"])
-        sh = np.maximum(sh, 32 if g["epilogue"] == "int32" else 1).astype(np.int32)
-        conv = R.conv2d_requant(x, wt, bias, m, sh, stride=g["s"], padding=g["p"], input_zero_point=g["zx"],
-                                output_zero_point=g["z"], lo=g["lo"], hi=g["hi"])
-        ref = R.maxpool2d(conv, g["pk"], g["ps"], g["pp"])
-        rows = K.nchw_to_rows(x, (g["k"],) * 2, (g["s"],) * 2, (g["p"],) * 2, g["zx"])
-        wp = K.pack_rows_weight(wt, isa="vnni")
-        geo = dict(in_channels=g["c"], in_width=g["w"], kernel=(g["k"],) * 2, stride=(g["s"],) * 2,
-                   padding=(g["p"],) * 2, pool_kernel=(g["pk"],) * 2, pool_stride=(g["ps"],) * 2,
-                   pool_padding=(g["pp"],) * 2)
-        func = K.rows_conv_maxpool_primfunc("main", rows.shape, wp.shape, **geo, output_zero_point=g["z"],
-                                            lo=g["lo"], hi=g["hi"], threads=g["threads"], epilogue=g["epilogue"],
-                                            tile=g["tile"])
+        extra = {key: g[key] for key in ("z", "lo", "hi", "zx", "epilogue", "tile")}
+        extra["min_shift"] = 32 if g["epilogue"] == "int32" else 1
+        ref, _, arrays, func, out_shape = _build(np.random.default_rng(g["seed"]), g["n"], g["c"], g["h"], g["w"],
+                                                 g["o"], (g["k"], g["s"], g["p"]), (g["pk"], g["ps"], g["pp"]),
+                                                 g["threads"], extra)
         if not HAS_VNNI:
             tvm.compile(tvm.IRModule({"main": func}), target=ICX)
             return
-        lib = tvm.compile(tvm.IRModule({"main": func}), target=HOST)
-        out_shape = K.rows_conv_maxpool_out_shape(rows.shape, wp.shape, **geo)
-        got = K.StandaloneKernel(lib, out_shape, "uint8", func).run(rows, wp, *K.pack_channel_params(bias, m, sh)[:3])
-        got = K.nchwc_to_nchw(got, g["o"])
+        got = _run(func, arrays, out_shape, g["o"])
         assert got.shape == ref.shape and np.array_equal(got, ref), g
 
     check()

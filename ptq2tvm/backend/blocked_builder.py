@@ -383,6 +383,14 @@ class _BlockedBuilder:
             return None, FUSED
         return ir_op(node.op).emit_blocked(self, node)
 
+    def readers(self) -> dict[str, list[IntNode]]:
+        """{tensor name: the nodes that read it, in graph order}: what the fusion rules ask of a producer."""
+        readers: dict[str, list[IntNode]] = {}
+        for n in self.graph.nodes:
+            for i in n.inputs:
+                readers.setdefault(i, []).append(n)
+        return readers
+
     def expand_depthwise_pairs(self) -> dict[str, IntNode]:
         """{depthwise node name: its 1x1 expand node} for the pairs this build fuses into one kernel
         (:func:`kernels.expand_depthwise_primfunc`): a build with :meth:`vector_kernels` and fusion on; a depthwise
@@ -397,10 +405,7 @@ class _BlockedBuilder:
             return {}
         g = self.graph
         producers = {n.name: n for n in g.nodes}
-        readers: dict[str, int] = {}
-        for n in g.nodes:
-            for i in n.inputs:
-                readers[i] = readers.get(i, 0) + 1
+        readers = self.readers()
         pairs = {}
         for d in g.nodes:
             if d.op != "conv2d" or not d.inputs:
@@ -411,7 +416,7 @@ class _BlockedBuilder:
                 continue
             w1, a1 = e.arrays["weight"], e.attrs
             depthwise = K.conv_weight_mode(w2.shape[0], w2.shape[1] * a2["groups"], a2["groups"]) == "depthwise"
-            ok = depthwise and a2["dilation"][1] == 1 and readers.get(e.name) == 1 \
+            ok = depthwise and a2["dilation"][1] == 1 and len(readers.get(e.name, [])) == 1 \
                 and e.name not in g.output_names and int(a1["groups"]) == 1 and tuple(w1.shape[2:]) == (1, 1) \
                 and tuple(a1["stride"]) == (1, 1) and tuple(a1["padding"]) == (0, 0) and int(w1.shape[1]) <= 16 \
                 and not self.packing(e)["int2"] \
@@ -431,10 +436,7 @@ class _BlockedBuilder:
         if not (self.vector_kernels() and self.fuse) or self.amx:
             return {}
         g = self.graph
-        readers: dict[str, list[IntNode]] = {}
-        for n in g.nodes:
-            for i in n.inputs:
-                readers.setdefault(i, []).append(n)
+        readers = self.readers()
         pairs = {}
         for conv in g.nodes:
             if conv.op != "conv2d" or list(conv.inputs) != [g.input.name] or len(g.input.shape) != 3:
