@@ -20,9 +20,15 @@ row recomputes the conv rows it shares with the band above (one row for a 3x3/2 
 variables in step order (``T.bind``): as one expression tree per accumulator, LLVM issued one 42-long dependency
 chain after another (1.5x slower).
 
+Fewer products: a kernel row's ``KW * C`` bytes take ceil(KW * C / 4) groups of 4, the last one partly zero weights
+(RGB 7x7: 21 bytes, 5 groups and 1 byte). Where that last group holds 1 or 2 real bytes, the last groups of 4 (or 2)
+kernel rows are packed into one: each pixel's tail bytes gathered from those rows into one int32, the weight groups
+shifted into place and OR-ed (their padding bytes are zero, so the OR is exact). ResNet's stem: 7 x 5 + 2 = 37
+``vpdpbusd`` per accumulator instead of 42; the kernel ran 0.90-0.91x its time (Zen 4, batch 1 and 8).
+
 ResNet-18's stem + pool on a Zen 4 (2 threads, interleaved): 0.89x the time of the TE conv + pool kernels standalone
-(batch 8); in the network, kernel by kernel, 0.90x at batch 8 and 0.93x at batch 1 (kernels/README.md, "The stem and
-its max pool in one kernel").
+(batch 8); in the network, kernel by kernel, 0.90x at batch 8 and 0.93x at batch 1 before the tail packing, about
+0.8x with it (kernels/README.md, "The stem and its max pool in one kernel").
 """
 
 from __future__ import annotations
@@ -111,6 +117,13 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
     # windows start up to carry_n columns before the tile
     tp = max(spw * max(1, tp // spw), spw * -(-(kpw - 1) // spw))
     tiles = -(-ow // tp)
+    # the real bytes of each kernel row's last 4-byte group (KW * C = 21 for an RGB 7x7: 5 groups + 1 byte); where
+    # they are 1 or 2, the last groups of 4 or 2 kernel rows go into one group (ResNet's stem: 7 x 5 + 2 = 37
+    # vpdpbusd per accumulator instead of 7 x 6 = 42)
+    tail = kw * c - 4 * (g["groups"] - 1)
+    per_tail = 4 // tail if tail <= 2 else 1
+    full_groups = g["groups"] - (per_tail > 1)
+    tail_sets = [tuple(range(r0, min(r0 + per_tail, kh))) for r0 in range(0, kh, per_tail)] if per_tail > 1 else []
     c0 = -((kpw - 1 - ppw) // spw)
     carry_n = max(0, ppw - c0 * spw)
 
@@ -132,6 +145,20 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
                 consts = [channel_constants(bias, mult, shift, og * q_blocks + q, z, None, 0, epilogue)
                           for q in range(q_blocks)]
 
+                def weight_group(q: int, r_: int, gg: int):
+                    return tir.BufferLoad(wt, [og * q_blocks + q, 0, r_, 0, gg, 0, tir.Ramp(0, 1, 4 * BLOCK)])
+
+                def tail_weight(q: int, rows_: tuple[int, ...]):
+                    """The last weight group of kernel rows ``rows_`` (``tail`` real bytes each, zeros after them)
+                    as one group: row k's bytes shifted up by ``k * tail`` bytes and OR-ed (bit patterns, exact)."""
+                    v = None
+                    for k, r_ in enumerate(rows_):
+                        w32 = tir.reinterpret(f"int32x{BLOCK}", weight_group(q, r_, g["groups"] - 1))
+                        if k:
+                            w32 = tir.shift_left(w32, tir.Broadcast(tir.const(8 * tail * k, "int32"), BLOCK))
+                        v = w32 if v is None else tir.bitwise_or(v, w32)
+                    return tir.reinterpret(f"int8x{4 * BLOCK}", v)
+
                 def conv_row(r) -> None:
                     """Conv row ``r`` of the group's blocks, max over each pool window's columns, into the ring."""
                     slot = tir.floormod(r, kph)
@@ -142,19 +169,30 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
                         # accumulator, LLVM issued one 42-long dependency chain after another)
                         accs = [[tir.Broadcast(tir.const(0, "int32"), BLOCK) for _ in range(q_blocks)]
                                 for _ in range(size)]
+                        def step(wrows: list, inputs) -> None:
+                            """One vpdpbusd per accumulator: the 4 bytes ``inputs(px)`` (int32) of each pixel
+                            broadcast against the weight rows of each block."""
+                            for px in range(size):
+                                a64 = T.bind(tir.reinterpret("uint8x64", tir.Broadcast(inputs(px), BLOCK)))
+                                for q in range(q_blocks):
+                                    accs[px][q] = T.bind(tir.call_llvm_pure_intrin(
+                                        f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", accs[px][q], a64,
+                                        wrows[q]))
+
+                        def column(px, gg: int):
+                            return (j0 + px) * (sw * c) + off + 4 * gg
+
                         for r_ in range(kh):
-                            for gg in range(g["groups"]):
-                                wrows = [tir.BufferLoad(wt, [og * q_blocks + q, 0, r_, 0, gg, 0,
-                                                             tir.Ramp(0, 1, 4 * BLOCK)]) for q in range(q_blocks)]
-                                for px in range(size):
-                                    col = (j0 + px) * (sw * c) + off + 4 * gg
-                                    a4 = tir.reinterpret("int32", tir.BufferLoad(
-                                        x, [b, r * sh + r_, tir.Ramp(col, 1, 4)]))
-                                    a64 = T.bind(tir.reinterpret("uint8x64", tir.Broadcast(a4, BLOCK)))
-                                    for q in range(q_blocks):
-                                        accs[px][q] = T.bind(tir.call_llvm_pure_intrin(
-                                            f"int32x{BLOCK}", "llvm.x86.avx512.vpdpbusd.512", accs[px][q], a64,
-                                            wrows[q]))
+                            for gg in range(full_groups):
+                                step([weight_group(q, r_, gg) for q in range(q_blocks)],
+                                     lambda px, r_=r_, gg=gg: tir.reinterpret("int32", tir.BufferLoad(
+                                         x, [b, r * sh + r_, tir.Ramp(column(px, gg), 1, 4)])))
+                        # the last group's real bytes of ``tail_rows`` kernel rows packed into one group
+                        for rows_ in tail_sets:
+                            step([tail_weight(q, rows_) for q in range(q_blocks)],
+                                 lambda px, rows_=rows_: _pack_bytes([
+                                     tir.BufferLoad(x, [b, r * sh + r_, column(px, g["groups"] - 1) + i])
+                                     for r_ in rows_ for i in range(tail)]))
                         # the pool columns whose window ends in this tile (the last tile: every one left), from
                         # the registers and the previous tile's last columns (``carry``); columns outside the row
                         # are padding (each window has a real one)
@@ -212,6 +250,17 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
 
                         for_pixel_groups(pow_, group)
     return ib.get()
+
+
+def _pack_bytes(values: list) -> tir.PrimExpr:
+    """uint8 values -> one int32 holding value ``i`` in byte ``i`` (little-endian, as a 4-byte load reads them)."""
+    v = None
+    for i, byte in enumerate(values):
+        term = tir.Cast("int32", byte)
+        if i:
+            term = tir.shift_left(term, tir.const(8 * i, "int32"))
+        v = term if v is None else tir.bitwise_or(v, term)
+    return v
 
 
 __all__ = ["STEM_POOL_KIND", "STEM_POOL_TILE", "rows_conv_maxpool_out_shape", "rows_conv_maxpool_primfunc"]
