@@ -1,11 +1,11 @@
 """Two W/A settings of one model, kernel by kernel and end to end, interleaved in one process.
 
     .venv/bin/python benchmarks/bits_ab.py [--models resnet_small mobilenet_v2_small] [--bits 8/8 4/4]
-        [--threads 2] [--rounds 40] [--calls 20] [--name bits_ab]
+        [--threads 2] [--batch 1] [--rounds 40] [--calls 20] [--name bits_ab]
 
 Issue 12 asks for W4A4 no slower than W8A8 on the same host; `latency_cpu.py` times whole networks, where a 5% gap
 is within a run's noise and says nothing of where it comes from. Here each model (seeded random weights and images,
-as `latency_cpu.seeded_graphs`; batch 1) is built at both settings (`ptq2tvm compile`'s default schedule), the
+as `latency_cpu.seeded_graphs`; batch 1 or ``--batch``) is built at both settings (`ptq2tvm compile`'s default schedule), the
 kernels of one inference of each .so are recorded with the Relax VM's instrument hook (`layer_gap.so_kernels`), and
 every round times, in an order that alternates between rounds, (1) each kernel of A and its counterpart of B
 (``--calls`` back-to-back calls after one untimed call: warm caches, the kernel's own speed) and (2) the whole
@@ -60,14 +60,14 @@ def timed(fn, calls: int) -> float:
     return (time.perf_counter_ns() - t) / calls / 1e3
 
 
-def measure(model: str, bits: list[str], rounds: int, calls: int, work: Path) -> dict:
+def measure(model: str, bits: list[str], rounds: int, calls: int, work: Path, batch: int = 1) -> dict:
     _, images, graphs = seeded_graphs(model, bits)
-    x = images[:1]
+    x = images[:batch]
     sides = []
     for setting in bits:
         w, a = (int(v) for v in setting.split("/"))
-        so = work / f"{model}_w{w}a{a}.so"
-        compile_so(graphs[(w, a)], so)
+        so = work / f"{model}_w{w}a{a}_b{batch}.so"
+        compile_so(graphs[(w, a)], so, batch=batch)
         kernels = so_kernels(so, x, graphs[(w, a)])
         sides.append(dict(label=f"W{w}A{a}", kernels=kernels, network=whole_network(so, x)))
     names = [[k[0] for k in s["kernels"]] for s in sides]
@@ -95,14 +95,15 @@ def measure(model: str, bits: list[str], rounds: int, calls: int, work: Path) ->
         layers.append(dict(kernel=name, kernel_b=names[1][i], type=types[0][i], a_us=a, b_us=b, ratio=b / a))
     net = [float(np.median(v)) for v in network]
     sums = [sum(lay[k] for lay in layers) for k in ("a_us", "b_us")]
-    return dict(model=model, a=sides[0]["label"], b=sides[1]["label"], rounds=rounds, calls=calls,
+    return dict(model=model, a=sides[0]["label"], b=sides[1]["label"], batch=batch, rounds=rounds, calls=calls,
                 network_a_us=net[0], network_b_us=net[1], network_ratio=net[1] / net[0],
                 kernel_sum_a_us=sums[0], kernel_sum_b_us=sums[1], kernel_sum_ratio=sums[1] / sums[0],
                 layers=layers, loadavg_1min=round(os.getloadavg()[0], 2))
 
 
 def markdown(results: list[dict], host: dict, loads: list[float], command: str) -> str:
-    lines = ["# W/A settings A/B: kernel by kernel and end to end, interleaved, batch 1", "",
+    batches = ", ".join(sorted({str(r.get("batch", 1)) for r in results}))
+    lines = [f"# W/A settings A/B: kernel by kernel and end to end, interleaved, batch {batches}", "",
              "| model | A | B | network A us | network B us | B / A | kernel sum B / A | slowest kernel B / A |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in results:
@@ -125,6 +126,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet_small", "mobilenet_v2_small"])
     p.add_argument("--bits", nargs=2, default=["8/8", "4/4"], metavar=("A", "B"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1, help="images per call (<= 16)")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--calls", type=int, default=20, help="back-to-back calls per timing")
     p.add_argument("--work", default=str(ROOT / "runs" / "bits_ab"))
@@ -137,7 +139,7 @@ def main() -> None:
     host = dict(cpu_features(), isa=host_isa())
     results, loads = [], []
     for model in args.models:
-        res = measure(model, args.bits, args.rounds, args.calls, work)
+        res = measure(model, args.bits, args.rounds, args.calls, work, args.batch)
         loads.append(res["loadavg_1min"])
         results.append(res)
         print(f"{model}: {res['a']} {res['network_a_us']:.1f} us, {res['b']} {res['network_b_us']:.1f} us "
