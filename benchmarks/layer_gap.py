@@ -12,7 +12,9 @@ inference of each side; medians over the rounds per layer, summed per layer type
 
 Layer types come from the shapes on both sides (kernel size, stride = input height / output height, depthwise or
 dense weights): `stem` (first conv, <= 4 input channels), `conv KxK[/2]`, `dw KxK[/2]`, `fc`, and `other` (pools,
-adds, layout changes, input quantization; OpenVINO's reorders and fused-op subgraphs). A .so kernel time includes
+adds, layout changes, input quantization; OpenVINO's reorders and fused-op subgraphs). Where the .so computes a 1x1
+expand inside the depthwise conv's kernel (kernels/expand_depthwise.py), that kernel and OpenVINO's two layers of
+the pair (matched by the module path in their ONNX names) are `1x1 + dw KxK[/2]`. A .so kernel time includes
 ~1-2 us of Python call overhead (a few % of a 224x224 layer). The OpenVINO model has 7-bit weights on hosts without
 VNNI (ORT's reduce_range): W7A8 is the like-for-like .so setting there.
 
@@ -60,13 +62,35 @@ def layer_type(x: tuple, w: tuple | None, out: tuple, depthwise: bool) -> str:
     return f"conv {kh}x{kw}{stride}"
 
 
-def node_types(graph) -> dict[str, str]:
+def fused_expand_pairs(graph) -> dict[str, str]:
+    """{depthwise node name: its 1x1 expand node's name} for the pairs this host's build runs as one kernel
+    (kernels/expand_depthwise.py; the builder's own rule, ``_BlockedBuilder.expand_depthwise_pairs``)."""
+    import kernels as K
+    import tvm
+
+    from ptq2tvm.backend.blocked_builder import _BlockedBuilder, x86_isa
+    from ptq2tvm.backend.compile import host_target
+
+    target = host_target()
+    isa, _ = x86_isa(target)
+    if isa is None:
+        return {}
+    tgt = tvm.target.Target(target)
+    builder = _BlockedBuilder(graph, isa, amx=K.target_has_amx(tgt), vbmi=K.target_has_vbmi(tgt))
+    return {d: e.name for d, e in builder.expand_depthwise_pairs().items()}
+
+
+def node_types(graph, fused: dict[str, str] | None = None) -> dict[str, str]:
     """Kernel symbol (``k_<node name>``, as the blocked builder names it) -> layer type of that graph node. Relax
     merges structurally equal kernels under the first one's name: those nodes have the same shapes, hence type.
     The first conv and the max pool after it, where AVX-512 VNNI builds run them as one kernel
-    (``k_<conv>_<pool>``, kernels/stem_pool.py), count as ``stem``."""
+    (``k_<conv>_<pool>``, kernels/stem_pool.py), count as ``stem``. A depthwise conv in ``fused`` (its 1x1 expand
+    computed in its kernel, :func:`fused_expand_pairs`) is ``1x1 + dw KxK[/2]``; so is its expand node (named in
+    the result too, for matching OpenVINO's layers by name: :func:`module_path`)."""
     from ptq2tvm.backend.blocked_builder import _hint
 
+    fused = fused or {}
+    expands = {e: d for d, e in fused.items()}
     kinds: dict[str, str] = {}
     first = True
     stem = None
@@ -87,7 +111,29 @@ def node_types(graph) -> dict[str, str]:
                 kind = (f"dw {kh}x{kw}" if groups > 1 and groups == cin and ig == 1 else f"conv {kh}x{kw}") + stride
             first = False
         kinds.setdefault(_hint(node), kind)
+    by_name = {n.name: n for n in graph.nodes}
+    for d, e in fused.items():
+        merged = "1x1 + " + kinds[_hint(by_name[d])]
+        kinds[_hint(by_name[d])] = merged
+        kinds[f"node:{d}"] = kinds[f"node:{e}"] = merged
     return kinds
+
+
+def module_path(onnx_node_name: str) -> str:
+    """The PyTorch module path in an ONNX node name as torch.onnx.export scopes it:
+    ``/features/features.2/conv/conv.0/conv.0.0/Conv/WithoutBiases`` -> ``features.2.conv.0.0`` (each scope names
+    the module relative to an ancestor: a scope's leading components that repeat the path's last ones are dropped;
+    the op's own segments, which start with an upper-case letter, end the path)."""
+    path: list[str] = []
+    for seg in onnx_node_name.split("/"):
+        if not seg or seg[0].isupper():
+            if path:
+                break
+            continue
+        parts = seg.split(".")
+        k = max((k for k in range(min(len(path), len(parts)) + 1) if path[len(path) - k:] == parts[:k]), default=0)
+        path += parts[k:]
+    return ".".join(path)
 
 
 def so_kernels(so: Path, x: np.ndarray, graph) -> list[tuple[str, object, list, str]]:
@@ -106,7 +152,7 @@ def so_kernels(so: Path, x: np.ndarray, graph) -> list[tuple[str, object, list, 
     vm = relax.VirtualMachine(lib, tvm.cpu())
     vm.set_instrument(instrument)
     vm["main_float"](tvm.runtime.tensor(x))
-    kinds = node_types(graph)
+    kinds = node_types(graph, fused_expand_pairs(graph))
     return [(sym, lib.get_function(sym, query_imports=True),
              [tvm.runtime.tensor(a) if isinstance(a, np.ndarray) else a for a in args], kinds.get(sym, "other"))
             for sym, args in calls]
@@ -153,6 +199,8 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
     compile_so(graph, so, batch=batch)
     build_s = time.perf_counter() - t0
     kernels = so_kernels(so, x, graph)
+    # the .so's fused 1x1 expand + depthwise kernels against OpenVINO's two layers of the pair (matched by name)
+    fused_kinds = {k: v for k, v in node_types(graph, fused_expand_pairs(graph)).items() if k.startswith("node:")}
     onnx = export_onnx(model, x[:1], work / f"{model_name}.onnx")
     q = work / f"{model_name}.int8.onnx"
     if not q.is_file():
@@ -178,7 +226,9 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
                 for p in request.get_profiling_info():
                     if str(p.status).endswith("EXECUTED") and not str(p.status).endswith("NOT_EXECUTED"):
                         if p.node_name not in kinds_ov:
-                            kinds_ov[p.node_name] = ov_type(ops.get(p.node_name), p.node_type, first)
+                            kinds_ov[p.node_name] = fused_kinds.get(
+                                f"node:{module_path(p.node_name)}",
+                                ov_type(ops.get(p.node_name), p.node_type, first))
                         if p.node_type == "Convolution":
                             first = False
                         theirs[p.node_name].append(p.real_time.total_seconds() * 1e3)
