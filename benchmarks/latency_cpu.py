@@ -50,7 +50,12 @@ from ptq2tvm.bench.runner import compare_latency, describe_load, machine_load  #
 from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
 from ptq2tvm.models import create_model  # noqa: E402
 
-VNNI_LIMIT_MS = {"resnet18": 3.9}
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import vnni_peak  # noqa: E402
+
+# multiply-adds per image (G): with the host's `vpdpbusd` rate measured right after each group's timing
+# (benchmarks/vnni_peak.py) -> the "VNNI floor" the .so's time is quoted against on AVX-512 VNNI hosts without AMX
+VNNI_GMAC_PER_IMAGE = {"resnet18": 1.814}
 # input (C, H, W) of the models that are not 3x224x224: the demo's Fashion-MNIST nets (per-call overhead decides)
 MODEL_INPUTS = {"resnet_small": (1, 28, 28), "mobilenet_v2_small": (1, 28, 28)}   # 1.814 GMAC at 64 MAC/cycle/core, 3.63 GHz, 2 cores
 
@@ -70,10 +75,20 @@ def seeded_graphs(name: str, settings: list[str]) -> tuple[torch.nn.Module, np.n
     return model, images, graphs
 
 
+def floor_cell(r: dict, openvino_ms: float | None) -> str:
+    """``floor (ours / floor, OpenVINO's / floor)`` where the row has a measured VNNI floor, else '-'."""
+    floor = r.get("vnni_floor_ms")
+    if not floor:
+        return "-"
+    theirs = f", {openvino_ms / floor:.2f}x" if openvino_ms else ""
+    return f"{floor:.2f} ({r['median_ms'] / floor:.2f}x{theirs})"
+
+
 def ratio_table(rows: list[dict]) -> str:
     """Markdown: per (model, batch, bits) the .so's median over ORT INT8's and OpenVINO INT8's (< 1: .so faster)."""
     lines = ["| model | batch | W/A | ptq2tvm ms | ORT INT8 ms | OpenVINO INT8 ms | ptq2tvm / ORT INT8 | "
-             "ptq2tvm / OpenVINO INT8 |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "ptq2tvm / OpenVINO INT8 | VNNI floor ms (ptq2tvm / floor, OpenVINO INT8 / floor) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["runtime"] != "ptq2tvm":
             continue
@@ -87,7 +102,7 @@ def ratio_table(rows: list[dict]) -> str:
         tuned = " tuned" if r.get("schedule") == "tuned" else ""
         lines.append(f"| {r['model']} | {r['batch']} | W{r['w_bits']}A{r['a_bits']}{tuned} | {ms:.2f} | "
                      f"{cell(ort, '{:.2f}')} | {cell(ov, '{:.2f}')} | {cell(ort and ms / ort, '{:.2f}x')} | "
-                     f"{cell(ov and ms / ov, '{:.2f}x')} |")
+                     f"{cell(ov and ms / ov, '{:.2f}x')} | {floor_cell(r, ov)} |")
     return "\n".join(lines)
 
 
@@ -106,7 +121,12 @@ def markdown_footer(args: argparse.Namespace, host: dict, loads: list[float], ro
                "is W7A8 (every layer on exact vpmaddubsw); W8A8 keeps full 8-bit weights, and its layers that "
                "vpmaddubsw could saturate run the int16 vpmaddwd kernel." if host["isa"] in ("avx2", "avx512") else "")
             + " The Zen 5 (AVX-512 VNNI) results are latency_cpu.{json,md}, measured on another host.\n\n"
-            f"{ratio_table(rows)}\n\nOpenVINO kernels (oneDNN primitives of the runtime model, conv/dense layers): "
+            f"{ratio_table(rows)}\n\n"
+            + ("VNNI floor: the model's multiply-adds (ResNet-18: 1.814 G per image) at the `vpdpbusd` rate that "
+               "benchmarks/vnni_peak.py measured on as many cores as threads right after the group's timing (12 "
+               "independent register chains; one 512-bit `vpdpbusd` = 64 multiply-adds): the time of a network that "
+               "did nothing but its products on VNNI.\n\n" if any(r.get("vnni_floor_ms") for r in rows) else "")
+            + f"OpenVINO kernels (oneDNN primitives of the runtime model, conv/dense layers): "
             f"{ov}.\n\n"
             f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')}). Per turn: 0.1 s idle, "
             f"one untimed call, {args.calls_per_turn} timed calls back to back; {args.warmup} warm-up and "
@@ -176,6 +196,9 @@ def main() -> None:
                                     warmup=args.warmup, work_dir=work / f"onnx_{name}_b{batch}", progress=False,
                                     calls_per_turn=args.calls_per_turn, info=info)
             loads.append(round(os.getloadavg()[0], 2))
+            # the VNNI ceiling now (the 2-core VMs' clock moves by up to 25% within an hour)
+            peak = vnni_peak.measure(args.threads, repeats=3, seconds=0.3) \
+                if name in VNNI_GMAC_PER_IMAGE and host["isa"] == "avx512_vnni" else None
             vnni_of = {f"ptq2tvm_w{b['w_bits']}a{b['a_bits']}" + ("_tuned" if b["schedule"] == "tuned" else ""):
                        b["vpdpbusd_count"] for b in builds if b["model"] == name and b["batch"] == batch}
             for rt, st in stats.items():
@@ -185,6 +208,10 @@ def main() -> None:
                                  runtime="ptq2tvm" if ours else rt, median_ms=st.median_ms,
                                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=args.threads,
                                  vpdpbusd_count=vnni_of.get(rt),
+                                 vnni_floor_ms=(VNNI_GMAC_PER_IMAGE[name] * batch * 1e9 / (
+                                     peak["per_core"] * vnni_peak.MAC_PER_VPDPBUSD * args.threads) * 1e3)
+                                 if ours and peak else None,
+                                 vpdpbusd_per_s_per_core=peak["per_core"] if ours and peak else None,
                                  schedule=("tuned" if rt.endswith("_tuned") else "hand") if ours else None,
                                  cpu=host["model_name"], loadavg_1min=loads[-1], **info.get(rt, {})))
             group = [r for r in rows if r["model"] == name and r["batch"] == batch]
@@ -192,8 +219,9 @@ def main() -> None:
             ov8 = next((r["median_ms"] for r in group if r["runtime"] == "openvino_int8"), None)
             for r in group:
                 if r["runtime"] == "ptq2tvm":
-                    extra = (f", {r['median_ms'] / VNNI_LIMIT_MS[name] / batch:.2f}x the VNNI limit"
-                             if name in VNNI_LIMIT_MS and r.get("isa") == "vnni" else "")
+                    extra = (f", {r['median_ms'] / r['vnni_floor_ms']:.2f}x the VNNI floor measured after it "
+                             f"({r['vnni_floor_ms']:.2f} ms at {r['vpdpbusd_per_s_per_core'] / 1e9:.2f} G vpdpbusd/s "
+                             "per core)" if r.get("vnni_floor_ms") else "")
                     if ov8:
                         extra += f", {r['median_ms'] / ov8:.2f}x OpenVINO INT8 ({ov8:.2f} ms)"
                     print(f"{name} batch {batch} W{r['w_bits']}A{r['a_bits']} {r['schedule']}: {r['median_ms']:.2f} ms = "

@@ -1,0 +1,162 @@
+"""The AVX-512 VNNI product ceiling of this host, measured: 512-bit `vpdpbusd` per second per core with every core
+busy, and what it implies for a network's MACs.
+
+    .venv/bin/python benchmarks/vnni_peak.py [--cores 2] [--repeats 7] [--gmac-per-image 1.814]
+        [--out benchmarks/results/vnni_peak]
+
+Why: on a host without AMX the int8 convs are bound by `vpdpbusd` (64 multiply-adds of u8 x s8 per 512-bit
+instruction), and whether a kernel or a whole network has anything left to gain is its time against that ceiling.
+`benchmarks/latency_cpu.py`'s "VNNI limit" assumes one `vpdpbusd` per cycle per core at 3.63 GHz; the 2-core VMs
+this project is measured on run their cores at 3.0-3.5 GHz depending on the hour (session 24, Zen 4), so the ceiling
+is measured here instead, right before or after the run it qualifies.
+
+How: a C loop of 12 independent `vpdpbusd` chains on registers only (no loads; 12 chains cover the instruction's
+latency at the throughput of one or two per cycle), compiled with the system C compiler (``cc -O2 -mavx512f
+-mavx512vnni``), run as one process per core at the same time (``--cores``, default all) for about half a second,
+``--repeats`` times; the rate is wall-clock instructions per second (the core clock included, as the kernels see
+it). Medians over the repeats, per core. ``--gmac-per-image``: the network's multiply-adds per image (ResNet-18 at
+224x224: 1.814 G) for the floor in milliseconds at batch 1 and 8.
+
+Writes ``<out>.json`` (with the CPU model and load average) and ``<out>.md``; prints the table. Exits 2 with a
+message on a CPU without AVX-512 VNNI or without a C compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptq2tvm.atomic import write_json, write_text  # noqa: E402
+from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
+
+MAC_PER_VPDPBUSD = 64       # 16 int32 lanes x 4 u8 x s8 products
+CHAINS = 12
+
+C_SOURCE = r"""
+#include <immintrin.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+int main(int argc, char **argv) {
+  long n = atol(argv[1]);
+  __m512i a[12], b = _mm512_set1_epi32(0x01010101), c = _mm512_set1_epi32(0x02020202);
+  for (int i = 0; i < 12; i++) a[i] = _mm512_set1_epi32(i);
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (long k = 0; k < n; k++) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++) a[i] = _mm512_dpbusd_epi32(a[i], b, c);
+  }
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  int sum = 0;
+  for (int i = 0; i < 12; i++) sum += _mm512_reduce_add_epi32(a[i]);
+  printf("%.9f %d\n", (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec), sum);
+  return 0;
+}
+"""
+
+
+def build(workdir: Path) -> Path:
+    """Compile the peak loop; -> the executable. SystemExit(2) without a C compiler or if it emits no vpdpbusd."""
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise SystemExit("vnni_peak: no C compiler (cc / gcc / clang) on PATH")
+    src, exe = workdir / "peak.c", workdir / "peak"
+    src.write_text(C_SOURCE)
+    subprocess.run([cc, "-O2", "-mavx512f", "-mavx512vnni", str(src), "-o", str(exe)], check=True)
+    dis = subprocess.run(["objdump", "-d", str(exe)], capture_output=True, text=True).stdout \
+        if shutil.which("objdump") else ""
+    if dis and dis.count("vpdpbusd") < CHAINS:
+        raise SystemExit(f"vnni_peak: the compiled loop has {dis.count('vpdpbusd')} vpdpbusd, expected {CHAINS}")
+    return exe
+
+
+def rate_per_core(exe: Path, cores: int, iterations: int) -> list[float]:
+    """One run of ``cores`` copies at once; -> each copy's vpdpbusd per second."""
+    procs = [subprocess.Popen([str(exe), str(iterations)], stdout=subprocess.PIPE, text=True) for _ in range(cores)]
+    rates = []
+    for p in procs:
+        out, _ = p.communicate()
+        rates.append(iterations * CHAINS / float(out.split()[0]))
+    return rates
+
+
+def has_vnni() -> bool:
+    """Whether /proc/cpuinfo lists AVX-512 VNNI."""
+    try:
+        return "avx512_vnni" in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+def measure(cores: int, repeats: int, seconds: float = 0.5) -> dict | None:
+    """The ceiling now: ``repeats`` runs of ``cores`` copies of the loop at once, each ~``seconds`` long;
+    -> {"per_core": median vpdpbusd per second per copy, "spread": [min, max], "iterations": per run, "runs": all
+    rates}, or None on a CPU without AVX-512 VNNI or without a C compiler (the reason printed to stderr)."""
+    if not has_vnni():
+        print("vnni_peak: this CPU has no AVX-512 VNNI (avx512_vnni in /proc/cpuinfo)", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            exe = build(Path(d))
+        except (SystemExit, subprocess.CalledProcessError) as e:
+            print(e, file=sys.stderr)
+            return None
+        probe = rate_per_core(exe, 1, 2_000_000)[0]
+        iterations = max(1_000_000, int(probe * seconds / CHAINS))
+        runs = [rate_per_core(exe, cores, iterations) for _ in range(repeats)]
+    rates = [r for run in runs for r in run]
+    return dict(per_core=statistics.median(rates), spread=[min(rates), max(rates)], iterations=iterations,
+                runs=runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="copies run at once (default: all)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--gmac-per-image", type=float, default=1.814, help="ResNet-18 at 224x224 by default")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vnni_peak"))
+    args = ap.parse_args(argv)
+    host = cpu_features()
+    loads = [round(os.getloadavg()[0], 2)]
+    m = measure(args.cores, args.repeats)
+    if m is None:
+        return 2
+    loads.append(round(os.getloadavg()[0], 2))
+    per_core, iterations = m["per_core"], m["iterations"]
+    gmacs = per_core * MAC_PER_VPDPBUSD * args.cores / 1e9
+    floor_ms = {b: args.gmac_per_image * b / gmacs * 1e3 for b in (1, 8)}
+    res = dict(host=host, cores=args.cores, repeats=args.repeats, iterations=iterations,
+               vpdpbusd_per_s_per_core=per_core, gmacs=gmacs,
+               spread=m["spread"],
+               gmac_per_image=args.gmac_per_image, floor_ms=floor_ms, loadavg=loads,
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               command=".venv/bin/python " + " ".join(["benchmarks/vnni_peak.py", *(argv or sys.argv[1:])]))
+    lines = [f"# AVX-512 VNNI ceiling: {host.get('model_name', '?')}, {args.cores} core(s) busy", "",
+             "| vpdpbusd / s / core (median) | range over runs | GMAC/s, all cores | floor at batch 1 | floor at batch 8 |",
+             "|---:|---:|---:|---:|---:|",
+             f"| {per_core / 1e9:.3f} G | {res['spread'][0] / 1e9:.3f}-{res['spread'][1] / 1e9:.3f} G | {gmacs:.0f} | "
+             f"{floor_ms[1]:.2f} ms | {floor_ms[8]:.2f} ms |", "",
+             f"Floors: {args.gmac_per_image} GMAC per image at that rate (every product of the network on "
+             "`vpdpbusd`, nothing else). 12 independent register chains, one process per core, "
+             f"{args.repeats} runs of {iterations * CHAINS / 1e6:.0f} M instructions; 1-minute load average "
+             f"{min(loads)}-{max(loads)}.", "", f"Command: `{res['command']}` ({res['date']})."]
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), res)
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
