@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq2tvm.atomic import write_json, write_text  # noqa: E402
+from ptq2tvm.bench.cc import compile_c  # noqa: E402
 from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
 
 C_SOURCE = r"""
@@ -122,15 +122,7 @@ int main(void) {
 
 def build(work: Path) -> Path:
     """Compile the loops; -> the executable. Raises RuntimeError naming the compiler and its message."""
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    src, exe = work / "dot.c", work / "dot"
-    src.write_text(C_SOURCE)
-    proc = subprocess.run([cc, "-O2", "-mavx2", "-o", str(exe), str(src)], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
-    return exe
+    return compile_c(C_SOURCE, work, "dot", ["-mavx2"])
 
 
 def measure(exe: Path, repeats: int) -> list[dict]:

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq2tvm.atomic import write_json, write_text  # noqa: E402
+from ptq2tvm.bench.cc import compile_c  # noqa: E402
 from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
 
 MAC_PER_VPDPBUSD = 64       # 16 int32 lanes x 4 u8 x s8 products
@@ -67,17 +68,13 @@ int main(int argc, char **argv) {
 
 
 def build(workdir: Path) -> Path:
-    """Compile the peak loop; -> the executable. SystemExit(2) without a C compiler or if it emits no vpdpbusd."""
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise SystemExit("vnni_peak: no C compiler (cc / gcc / clang) on PATH")
-    src, exe = workdir / "peak.c", workdir / "peak"
-    src.write_text(C_SOURCE)
-    subprocess.run([cc, "-O2", "-mavx512f", "-mavx512vnni", str(src), "-o", str(exe)], check=True)
+    """Compile the peak loop; -> the executable. RuntimeError without a C compiler, when it fails, or when the
+    binary holds fewer than :data:`CHAINS` ``vpdpbusd``."""
+    exe = compile_c(C_SOURCE, workdir, "peak", ["-mavx512f", "-mavx512vnni"])
     dis = subprocess.run(["objdump", "-d", str(exe)], capture_output=True, text=True).stdout \
         if shutil.which("objdump") else ""
     if dis and dis.count("vpdpbusd") < CHAINS:
-        raise SystemExit(f"vnni_peak: the compiled loop has {dis.count('vpdpbusd')} vpdpbusd, expected {CHAINS}")
+        raise RuntimeError(f"the compiled loop has {dis.count('vpdpbusd')} vpdpbusd, expected {CHAINS}")
     return exe
 
 
@@ -109,8 +106,8 @@ def measure(cores: int, repeats: int, seconds: float = 0.5) -> dict | None:
     with tempfile.TemporaryDirectory() as d:
         try:
             exe = build(Path(d))
-        except (SystemExit, subprocess.CalledProcessError) as e:
-            print(e, file=sys.stderr)
+        except RuntimeError as e:
+            print(f"vnni_peak: {e}", file=sys.stderr)
             return None
         probe = rate_per_core(exe, 1, 2_000_000)[0]
         iterations = max(1_000_000, int(probe * seconds / CHAINS))
