@@ -57,7 +57,7 @@ import vnni_peak  # noqa: E402
 # (benchmarks/vnni_peak.py) -> the "VNNI floor" the .so's time is quoted against on AVX-512 VNNI hosts without AMX
 VNNI_GMAC_PER_IMAGE = {"resnet18": 1.814}
 # input (C, H, W) of the models that are not 3x224x224: the demo's Fashion-MNIST nets (per-call overhead decides)
-MODEL_INPUTS = {"resnet_small": (1, 28, 28), "mobilenet_v2_small": (1, 28, 28)}   # 1.814 GMAC at 64 MAC/cycle/core, 3.63 GHz, 2 cores
+MODEL_INPUTS = {"resnet_small": (1, 28, 28), "mobilenet_v2_small": (1, 28, 28)}
 
 
 def seeded_graphs(name: str, settings: list[str]) -> tuple[torch.nn.Module, np.ndarray, dict[tuple[int, int], object]]:

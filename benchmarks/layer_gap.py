@@ -90,7 +90,6 @@ def node_types(graph, fused: dict[str, str] | None = None) -> dict[str, str]:
     from ptq2tvm.backend.blocked_builder import _hint
 
     fused = fused or {}
-    expands = {e: d for d, e in fused.items()}
     kinds: dict[str, str] = {}
     first = True
     stem = None

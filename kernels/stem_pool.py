@@ -74,7 +74,8 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
     dilation 1, no residual), the same integers.
 
     x uint8 (N, H + 2ph, Wa * C): the row layout of :func:`kernels.nchw_to_rows` (padding applied there); w int8
-    (O/16, 1, KH, 1, G, 16, 4) (:func:`kernels.pack_rows_weight`, VNNI, int8 storage); bias / mult / shift int32
+    (O/16, 1, KH, 1, G, 16, 4) (:func:`kernels.pack_rows_weight`, VNNI, int8 storage; zero past the KW * C real bytes
+    of a kernel row, which the packed tail groups rely on); bias / mult / shift int32
     (O,); out uint8 (N, O/16, PH, PW, 16) (:func:`rows_conv_maxpool_out_shape`). ``epilogue``: the form of
     :func:`kernels.vector_tir.paired_requant16` the caller proved for the conv (:data:`kernels.vector_tir.EPILOGUES`);
     ``threads``: the threads the build runs on (default this machine's cores); ``tile``: (pixels, output blocks)
@@ -169,6 +170,7 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
                         # accumulator, LLVM issued one 42-long dependency chain after another)
                         accs = [[tir.Broadcast(tir.const(0, "int32"), BLOCK) for _ in range(q_blocks)]
                                 for _ in range(size)]
+
                         def step(wrows: list, inputs) -> None:
                             """One vpdpbusd per accumulator: the 4 bytes ``inputs(px)`` (int32) of each pixel
                             broadcast against the weight rows of each block."""
@@ -187,7 +189,7 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
                                 step([weight_group(q, r_, gg) for q in range(q_blocks)],
                                      lambda px, r_=r_, gg=gg: tir.reinterpret("int32", tir.BufferLoad(
                                          x, [b, r * sh + r_, tir.Ramp(column(px, gg), 1, 4)])))
-                        # the last group's real bytes of ``tail_rows`` kernel rows packed into one group
+                        # the last group's real bytes of the kernel rows of each of ``tail_sets`` packed into one group
                         for rows_ in tail_sets:
                             step([tail_weight(q, rows_) for q in range(q_blocks)],
                                  lambda px, rows_=rows_: _pack_bytes([
