@@ -208,8 +208,8 @@ def main() -> None:
                                  runtime="ptq2tvm" if ours else rt, median_ms=st.median_ms,
                                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=args.threads,
                                  vpdpbusd_count=vnni_of.get(rt),
-                                 vnni_floor_ms=(VNNI_GMAC_PER_IMAGE[name] * batch * 1e9 / (
-                                     peak["per_core"] * vnni_peak.MAC_PER_VPDPBUSD * args.threads) * 1e3)
+                                 vnni_floor_ms=vnni_peak.floor_ms(VNNI_GMAC_PER_IMAGE[name], batch,
+                                                                  peak["per_core"], args.threads)
                                  if ours and peak else None,
                                  vpdpbusd_per_s_per_core=peak["per_core"] if ours and peak else None,
                                  schedule=("tuned" if rt.endswith("_tuned") else "hand") if ours else None,

@@ -117,6 +117,12 @@ def measure(cores: int, repeats: int, seconds: float = 0.5) -> dict | None:
                 runs=runs)
 
 
+def floor_ms(gmac_per_image: float, batch: int, per_core: float, cores: int) -> float:
+    """Milliseconds for ``batch`` images of ``gmac_per_image`` G multiply-adds at ``per_core`` ``vpdpbusd`` per
+    second on each of ``cores`` cores: the time of a network doing nothing but its products on VNNI."""
+    return gmac_per_image * 1e9 * batch / (per_core * MAC_PER_VPDPBUSD * cores) * 1e3
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="copies run at once (default: all)")
@@ -132,18 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     loads.append(round(os.getloadavg()[0], 2))
     per_core, iterations = m["per_core"], m["iterations"]
     gmacs = per_core * MAC_PER_VPDPBUSD * args.cores / 1e9
-    floor_ms = {b: args.gmac_per_image * b / gmacs * 1e3 for b in (1, 8)}
+    floors = {b: floor_ms(args.gmac_per_image, b, per_core, args.cores) for b in (1, 8)}
     res = dict(host=host, cores=args.cores, repeats=args.repeats, iterations=iterations,
                vpdpbusd_per_s_per_core=per_core, gmacs=gmacs,
                spread=m["spread"],
-               gmac_per_image=args.gmac_per_image, floor_ms=floor_ms, loadavg=loads,
+               gmac_per_image=args.gmac_per_image, floor_ms=floors, loadavg=loads,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                command=".venv/bin/python " + " ".join(["benchmarks/vnni_peak.py", *(argv or sys.argv[1:])]))
     lines = [f"# AVX-512 VNNI ceiling: {host.get('model_name', '?')}, {args.cores} core(s) busy", "",
              "| vpdpbusd / s / core (median) | range over runs | GMAC/s, all cores | floor at batch 1 | floor at batch 8 |",
              "|---:|---:|---:|---:|---:|",
              f"| {per_core / 1e9:.3f} G | {res['spread'][0] / 1e9:.3f}-{res['spread'][1] / 1e9:.3f} G | {gmacs:.0f} | "
-             f"{floor_ms[1]:.2f} ms | {floor_ms[8]:.2f} ms |", "",
+             f"{floors[1]:.2f} ms | {floors[8]:.2f} ms |", "",
              f"Floors: {args.gmac_per_image} GMAC per image at that rate (every product of the network on "
              "`vpdpbusd`, nothing else). 12 independent register chains, one process per core, "
              f"{args.repeats} runs of {iterations * CHAINS / 1e6:.0f} M instructions; 1-minute load average "
