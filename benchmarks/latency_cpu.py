@@ -48,14 +48,12 @@ from ptq2tvm.bench.disasm import count_instructions, cpu_features  # noqa: E402
 from ptq2tvm.bench.report import print_table, write_chart, write_markdown, write_rows  # noqa: E402
 from ptq2tvm.bench.runner import compare_latency, describe_load, machine_load  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
+from ptq2tvm.mixed.latency import layer_macs  # noqa: E402
 from ptq2tvm.models import create_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import vnni_peak  # noqa: E402
 
-# multiply-adds per image (G): with the host's `vpdpbusd` rate measured right after each group's timing
-# (benchmarks/vnni_peak.py) -> the "VNNI floor" the .so's time is quoted against on AVX-512 VNNI hosts without AMX
-VNNI_GMAC_PER_IMAGE = {"resnet18": 1.814}
 # input (C, H, W) of the models that are not 3x224x224: the demo's Fashion-MNIST nets (per-call overhead decides)
 MODEL_INPUTS = {"resnet_small": (1, 28, 28), "mobilenet_v2_small": (1, 28, 28)}
 
@@ -73,6 +71,16 @@ def seeded_graphs(name: str, settings: list[str]) -> tuple[torch.nn.Module, np.n
         w, a = (int(v) for v in setting.split("/"))
         graphs[(w, a)] = to_integer(quantize(model, images[:8], QuantConfig(w, a), progress=False))
     return model, images, graphs
+
+
+def floor_gmac_per_image(graph) -> float | None:
+    """G multiply-adds per image on real input (padding taps skipped, :func:`ptq2tvm.mixed.latency.layer_macs`) of a
+    network of dense convs and linear layers: with the host's `vpdpbusd` rate measured right after each group's
+    timing (benchmarks/vnni_peak.py), the "VNNI floor" the .so's time is quoted against on AVX-512 VNNI hosts
+    without AMX. None for a network with grouped or depthwise convs (their products do not fill 4-byte groups)."""
+    if any(n.op == "conv2d" and int(n.attrs["groups"]) > 1 for n in graph.nodes):
+        return None
+    return sum(layer_macs(graph, skip_padding=True).values()) / 1e9
 
 
 def floor_cell(r: dict, openvino_ms: float | None) -> str:
@@ -122,10 +130,14 @@ def markdown_footer(args: argparse.Namespace, host: dict, loads: list[float], ro
                "vpmaddubsw could saturate run the int16 vpmaddwd kernel." if host["isa"] in ("avx2", "avx512") else "")
             + " The Zen 5 (AVX-512 VNNI) results are latency_cpu.{json,md}, measured on another host.\n\n"
             f"{ratio_table(rows)}\n\n"
-            + ("VNNI floor: the model's multiply-adds (ResNet-18: 1.814 G per image) at the `vpdpbusd` rate that "
-               "benchmarks/vnni_peak.py measured on as many cores as threads right after the group's timing (12 "
-               "independent register chains; one 512-bit `vpdpbusd` = 64 multiply-adds): the time of a network that "
-               "did nothing but its products on VNNI.\n\n" if any(r.get("vnni_floor_ms") for r in rows) else "")
+            + ("VNNI floor: the model's multiply-adds on real input (padding taps skipped, as the .so's convs do; "
+               "ResNet-18: 1.680 G per image of its 1.814 G) at the `vpdpbusd` rate that benchmarks/vnni_peak.py "
+               "measured on as many cores as threads right after the group's timing (12 independent register "
+               "chains; one 512-bit `vpdpbusd` = 64 multiply-adds): the time of a network that did nothing but its "
+               "products on VNNI. Only for networks of dense convs. A reference, not a bound: on the 2-core Zen 4 VMs the "
+               "loop's rate depends on how long the cores have been busy (3.2-3.4 G per second per core in 0.1 s "
+               "runs, 2.8-2.9 G over 1.2 s).\n\n"
+               if any(r.get("vnni_floor_ms") for r in rows) else "")
             + f"OpenVINO kernels (oneDNN primitives of the runtime model, conv/dense layers): "
             f"{ov}.\n\n"
             f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')}). Per turn: 0.1 s idle, "
@@ -161,6 +173,7 @@ def main() -> None:
     for name in args.models:
         model, calib, graphs = seeded_graphs(name, args.bits)
         shape = calib.shape[1:]
+        floor_gmac = floor_gmac_per_image(next(iter(graphs.values())))
         for batch in args.batches:
             names = {}
             for (w, a), graph in graphs.items():
@@ -198,7 +211,7 @@ def main() -> None:
             loads.append(round(os.getloadavg()[0], 2))
             # the VNNI ceiling now (the 2-core VMs' clock moves by up to 25% within an hour)
             peak = vnni_peak.measure(args.threads, repeats=3, seconds=0.3) \
-                if name in VNNI_GMAC_PER_IMAGE and host["isa"] == "avx512_vnni" else None
+                if floor_gmac and host["isa"] == "avx512_vnni" else None
             vnni_of = {f"ptq2tvm_w{b['w_bits']}a{b['a_bits']}" + ("_tuned" if b["schedule"] == "tuned" else ""):
                        b["vpdpbusd_count"] for b in builds if b["model"] == name and b["batch"] == batch}
             for rt, st in stats.items():
@@ -208,9 +221,9 @@ def main() -> None:
                                  runtime="ptq2tvm" if ours else rt, median_ms=st.median_ms,
                                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=args.threads,
                                  vpdpbusd_count=vnni_of.get(rt),
-                                 vnni_floor_ms=vnni_peak.floor_ms(VNNI_GMAC_PER_IMAGE[name], batch,
-                                                                  peak["per_core"], args.threads)
+                                 vnni_floor_ms=vnni_peak.floor_ms(floor_gmac, batch, peak["per_core"], args.threads)
                                  if ours and peak else None,
+                                 floor_gmac_per_image=round(floor_gmac, 4) if ours and peak else None,
                                  vpdpbusd_per_s_per_core=peak["per_core"] if ours and peak else None,
                                  schedule=("tuned" if rt.endswith("_tuned") else "hand") if ours else None,
                                  cpu=host["model_name"], loadavg_1min=loads[-1], **info.get(rt, {})))

@@ -46,7 +46,11 @@ from ptq2tvm.bench.baselines import export_onnx, quantize_onnx_int8  # noqa: E40
 from ptq2tvm.bench.disasm import cpu_features  # noqa: E402
 from ptq2tvm.bench.runner import describe_load  # noqa: E402
 from ptq2tvm.frontend.qmodel import QuantConfig  # noqa: E402
+from ptq2tvm.mixed.latency import layer_macs  # noqa: E402
 from ptq2tvm.models import create_model  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import vnni_peak  # noqa: E402
 
 
 def layer_type(x: tuple, w: tuple | None, out: tuple, depthwise: bool) -> str:
@@ -135,6 +139,28 @@ def module_path(onnx_node_name: str) -> str:
     return ".".join(path)
 
 
+def kernel_macs(graph, fused: dict[str, str] | None = None) -> dict[str, int]:
+    """Kernel symbol (as :func:`node_types` names them) -> multiply-adds per image on real input
+    (:func:`ptq2tvm.mixed.latency.layer_macs` with ``skip_padding``): a fused 1x1 expand + depthwise kernel counts
+    both layers; the stem + pool kernel ``k_<conv>_<pool>`` counts the conv (:func:`macs_of`)."""
+    from ptq2tvm.backend.blocked_builder import _hint
+
+    macs = layer_macs(graph, skip_padding=True)
+    by_name = {n.name: n for n in graph.nodes}
+    out = {_hint(by_name[name]): v for name, v in macs.items()}
+    for d, e in (fused or {}).items():
+        out[_hint(by_name[d])] += macs[e]
+    return out
+
+
+def macs_of(symbol: str, macs: dict[str, int]) -> int:
+    """``symbol``'s entry of :func:`kernel_macs`, or the entry it extends (``k_conv1`` for ``k_conv1_maxpool``);
+    0 for a kernel without products (pools, adds, layout changes)."""
+    if symbol in macs:
+        return macs[symbol]
+    return next((v for k, v in sorted(macs.items(), key=lambda kv: -len(kv[0])) if symbol.startswith(k + "_")), 0)
+
+
 def so_kernels(so: Path, x: np.ndarray, graph) -> list[tuple[str, object, list, str]]:
     """(symbol, packed function, arguments, type) of every kernel call of one inference of ``so``'s float entry."""
     import tvm
@@ -205,6 +231,14 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
     if not q.is_file():
         q = quantize_onnx_int8(onnx, calib, out_path=q)
     request, ops = openvino_request(q, threads, x.shape)
+    peak_loop = None
+    if host_isa() == "avx512_vnni" and vnni_peak.has_vnni():
+        try:
+            peak_loop = vnni_peak.build(work)
+            iterations = vnni_peak.iterations_for(peak_loop, 0.2)
+        except RuntimeError as e:
+            print(f"layer_gap: no VNNI floor ({e})", file=sys.stderr)
+    rates: list[float] = []
     ours: dict[int, list[float]] = defaultdict(list)
     theirs: dict[str, list[float]] = defaultdict(list)
     kinds_ov: dict[str, str] = {}
@@ -231,14 +265,20 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
                         if p.node_type == "Convolution":
                             first = False
                         theirs[p.node_name].append(p.real_time.total_seconds() * 1e3)
+        if r and peak_loop is not None:             # the VNNI ceiling between rounds: the VM's clock drifts
+            rates += vnni_peak.rate_per_core(peak_loop, threads, iterations)
     by_type: dict[str, dict] = defaultdict(lambda: {"so_ms": 0.0, "so_layers": 0, "openvino_ms": 0.0,
-                                                    "openvino_layers": 0})
+                                                    "openvino_layers": 0, "floor_ms": 0.0})
+    per_core = float(np.median(rates)) if rates else None
+    macs = kernel_macs(graph, fused_expand_pairs(graph))
     layers = []
     for i, (sym, _, _, kind) in enumerate(kernels):
         ms = float(np.median(ours[i]))
+        floor = vnni_peak.floor_ms(macs_of(sym, macs) * batch / 1e9, 1, per_core, threads) if per_core else None
         by_type[kind]["so_ms"] += ms
         by_type[kind]["so_layers"] += 1
-        layers.append(dict(side="ptq2tvm", name=sym, type=kind, median_ms=ms))
+        by_type[kind]["floor_ms"] += floor or 0.0
+        layers.append(dict(side="ptq2tvm", name=sym, type=kind, median_ms=ms, vnni_floor_ms=floor))
     for name, ts in theirs.items():
         ms = float(np.median(ts))
         by_type[kinds_ov[name]]["openvino_ms"] += ms
@@ -246,8 +286,25 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
         layers.append(dict(side="openvino_int8", name=name, type=kinds_ov[name], median_ms=ms))
     for v in by_type.values():
         v["ratio"] = v["so_ms"] / v["openvino_ms"] if v["openvino_ms"] > 0 else None
+    for v in by_type.values():
+        v["floor_ms"] = v["floor_ms"] if per_core else None
     return dict(model=model_name, bits=f"W{w}A{a}", batch=batch, build_seconds=round(build_s, 1), rounds=rounds,
-                by_type=dict(sorted(by_type.items())), layers=layers, loadavg_1min=round(os.getloadavg()[0], 2))
+                by_type=dict(sorted(by_type.items())), layers=layers, loadavg_1min=round(os.getloadavg()[0], 2),
+                vpdpbusd_per_s_per_core=per_core, vpdpbusd_rate_spread=[min(rates), max(rates)] if rates else None)
+
+
+#: what the floor column is and is not (printed under the table)
+CAVEAT = ("A reference, not a bound: on the 2-core Zen 4 VMs the loop's rate depends on how long the cores have "
+          "been busy (3.2-3.4 G per second per core in 0.1 s runs, 2.8-2.9 G over 1.2 s, no steal time), and "
+          "kernels of a few ms ran at 0.84-1.0x their floor in some runs, 1.06-1.19x in others.")
+
+
+def floor_cell(v: dict) -> str:
+    """``floor (.so / floor, OpenVINO / floor)`` of one table row, '-' without a floor or without products."""
+    if not v.get("floor_ms"):
+        return "-"
+    theirs = f", {v['openvino_ms'] / v['floor_ms']:.2f}x" if v["openvino_ms"] else ""
+    return f"{v['floor_ms']:.2f} ({v['so_ms'] / v['floor_ms']:.2f}x{theirs})"
 
 
 def main() -> None:
@@ -278,23 +335,41 @@ def main() -> None:
             print(f"{m} {res['bits']}: " + ", ".join(
                 f"{k} {v['so_ms']:.2f}/{v['openvino_ms']:.2f} ms" for k, v in res["by_type"].items()), flush=True)
     lines = [f"# Per layer type: ptq2tvm .so kernels vs OpenVINO INT8 layers, batch {args.batch}, {args.threads} thread(s)", "",
-             "| model | .so W/A | layer type | .so layers | .so ms | OpenVINO layers | OpenVINO INT8 ms | .so / OpenVINO |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| model | .so W/A | layer type | .so layers | .so ms | OpenVINO layers | OpenVINO INT8 ms | .so / OpenVINO "
+             "| VNNI floor ms (.so / floor, OpenVINO / floor) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for res in results:
         items = list(res["by_type"].items())
         tot_so = sum(v["so_ms"] for _, v in items)
         tot_ov = sum(v["openvino_ms"] for _, v in items)
+        floors = [v["floor_ms"] for _, v in items if v["floor_ms"] is not None]
         for k, v in items + [("total", {"so_layers": sum(v["so_layers"] for _, v in items), "so_ms": tot_so,
                                          "openvino_layers": sum(v["openvino_layers"] for _, v in items),
-                                         "openvino_ms": tot_ov, "ratio": tot_so / tot_ov if tot_ov else None})]:
+                                         "openvino_ms": tot_ov, "ratio": tot_so / tot_ov if tot_ov else None,
+                                         "floor_ms": sum(floors) if floors else None})]:
             ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
             lines.append(f"| {res['model']} | {res['bits']} | {k} | {v['so_layers']} | {v['so_ms']:.2f} | "
-                         f"{v['openvino_layers']} | {v['openvino_ms']:.2f} | {ratio} |")
+                         f"{v['openvino_layers']} | {v['openvino_ms']:.2f} | {ratio} | {floor_cell(v)} |")
     lines += ["", f"Host: {host['model_name']} (LLVM cpu {host['llvm_cpu']}, int8 ISA {host['isa']}). "
               f"{describe_load(loads)} Medians of {args.rounds} rounds per layer, "
               "summed per type. `other` differs in kind on the two sides (the .so: pools, adds, layout changes, "
-              "input quantization; OpenVINO: reorders, fused-op subgraphs, pools).", "",
-              f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')})."]
+              "input quantization; OpenVINO: reorders, fused-op subgraphs, pools).", ""]
+    if any(r["vpdpbusd_per_s_per_core"] for r in results):
+        lines += ["VNNI floor: the layers' multiply-adds on real input (padding taps skipped, as the .so's convs do) at "
+              "the `vpdpbusd` rate benchmarks/vnni_peak.py's loop ran at between the rounds (median; "
+              + ", ".join(f"{r['model']} {r['bits']}: {r['vpdpbusd_per_s_per_core'] / 1e9:.2f} G per second per "
+                          f"core, {r['vpdpbusd_rate_spread'][0] / 1e9:.2f}-{r['vpdpbusd_rate_spread'][1] / 1e9:.2f}"
+                          for r in results if r["vpdpbusd_per_s_per_core"])
+              + "; one 512-bit `vpdpbusd` = 64 multiply-adds): what a layer type would take doing nothing but its "
+              "products (depthwise products do not fill 4-byte groups). AVX-512 VNNI hosts only. " + CAVEAT, ""]
+        lines += ["| model | .so W/A | .so kernel | layer type | .so ms | VNNI floor ms | .so / floor |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for res in results:
+            lines += [f"| {res['model']} | {res['bits']} | {k['name']} | {k['type']} | {k['median_ms']:.3f} | "
+                      f"{k['vnni_floor_ms']:.3f} | {k['median_ms'] / k['vnni_floor_ms']:.2f}x |"
+                      for k in res["layers"] if k["side"] == "ptq2tvm" and k.get("vnni_floor_ms")]
+        lines += [""]
+    lines += [f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')})."]
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{args.name}.json", dict(results=results, host=host, loadavg_samples=loads,
                                                command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d")))

@@ -14,9 +14,10 @@ pytest.importorskip("tvm")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from conftest import tiny_integer_graph  # noqa: E402
-from layer_gap import module_path, node_types  # noqa: E402
+from layer_gap import kernel_macs, macs_of, module_path, node_types  # noqa: E402
 
 from ptq2tvm.backend.blocked_builder import _BlockedBuilder, _hint  # noqa: E402
+from ptq2tvm.mixed.latency import layer_macs  # noqa: E402
 
 
 @pytest.mark.parametrize("name, path", [
@@ -46,3 +47,20 @@ def test_fused_expand_depthwise_pair_is_typed_as_the_pair() -> None:
         assert kinds[f"node:{d}"] == kinds[f"node:{e}"] == kinds[sym]      # OpenVINO's two layers of the pair
     assert {k: v for k, v in kinds.items() if k in plain and k not in fused_syms} == \
         {k: v for k, v in plain.items() if k not in fused_syms}
+
+
+def test_kernel_macs_count_a_fused_pair_and_the_stem_pool_kernel_once() -> None:
+    """The VNNI floor column's products per kernel: a fused 1x1 + depthwise kernel carries both layers' products,
+    the stem + pool kernel ``k_<conv>_<pool>`` its conv's, a kernel without products none; nothing counted twice."""
+    graph = tiny_integer_graph(8, 8)
+    pairs = {d: e.name for d, e in _BlockedBuilder(graph, "vnni").expand_depthwise_pairs().items()}
+    by_name = {n.name: n for n in graph.nodes}
+    real = layer_macs(graph, skip_padding=True)
+    macs = kernel_macs(graph, pairs)
+    for d, e in pairs.items():
+        assert macs[_hint(by_name[d])] == real[d] + real[e]
+    assert sum(v for k, v in macs.items() if k not in {_hint(by_name[e]) for e in pairs.values()}) == \
+        sum(real.values())
+    stem = _hint(by_name["stem"])
+    assert macs_of(stem + "_maxpool", macs) == macs_of(stem, macs) == real["stem"] > 0
+    assert macs_of("k_avgpool", macs) == macs_of("quantize_input", macs) == 0

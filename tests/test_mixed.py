@@ -115,6 +115,33 @@ def test_kernel_class_follows_the_dot_product_the_builder_proves_exact():
     assert not u8s8_pairs_exact(pack_conv_weight(w8, isa="vnni"), 255)   # W8A8: not
 
 
+def test_layer_macs_with_and_without_the_padding_taps():
+    """layer_macs counts output x (C_in / groups) x KH x KW; with skip_padding only the products on real input, which
+    a conv of all-ones weights over an all-ones image counts independently (stride 2, groups, depthwise, 1x1)."""
+    import torch.nn.functional as F
+
+    from conftest import tiny_integer_graph
+    from ptq2tvm.mixed.latency import layer_macs
+
+    graph = tiny_integer_graph(8, 8)
+    every, real = layer_macs(graph), layer_macs(graph, skip_padding=True)
+    assert set(every) == set(real) == set(TINY_LAYERS)
+    for n in graph.nodes:
+        if n.op != "conv2d":
+            continue
+        w = n.arrays["weight"]
+        c, h, wd = graph.tensor(n.inputs[0]).shape
+        ones = F.conv2d(torch.ones(1, c, h, wd), torch.ones(w.shape, dtype=torch.float32), stride=n.attrs["stride"],
+                        padding=n.attrs["padding"], dilation=n.attrs["dilation"], groups=n.attrs["groups"])
+        assert tuple(ones.shape[1:]) == n.out.shape, n.name
+        assert real[n.name] == int(ones.sum()), n.name
+        assert every[n.name] == ones.numel() * int(np.prod(w.shape[1:])), n.name
+        assert (real[n.name] < every[n.name]) == (max(n.attrs["padding"]) > 0), n.name
+    assert real["fc"] == every["fc"] == 16 * 10
+    # the stem: 3x3, padding 1 on 12x12: 34 of 36 taps per axis real
+    assert real["stem"] * 36 * 36 == every["stem"] * 34 * 34
+
+
 def test_layer_bits_spec_and_names_checked():
     assert parse_layer_bits("a=4/8, b.*=2") == [("a", 4, 8), ("b.*", 2, None)]
     w, a = resolve_layer_bits(MIXED_SPEC, TINY_LAYERS)

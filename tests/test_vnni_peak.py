@@ -18,10 +18,21 @@ pytestmark = pytest.mark.skipif(not vnni_peak.has_vnni() or not (shutil.which("c
 
 
 def test_peak_loop_is_the_instruction_it_claims(tmp_path: Path) -> None:
+    """The loop body is 12 512-bit vpdpbusd in a row: the intrinsics loop it replaces had two register copies per
+    product, which the run check would now reject."""
     exe = vnni_peak.build(tmp_path)
     dis = __import__("subprocess").run(["objdump", "-d", str(exe)], capture_output=True, text=True).stdout
-    assert dis.count("vpdpbusd") >= vnni_peak.CHAINS          # 12 independent chains, 512-bit
-    assert "zmm" in dis
+    assert vnni_peak.longest_vpdpbusd_run(dis) == vnni_peak.CHAINS
+    assert len({line.split()[-1] for line in dis.splitlines() if "vpdpbusd" in line}) == vnni_peak.CHAINS
+
+
+def test_run_check_rejects_copies_between_the_products() -> None:
+    line = "  11c6:\tvpdpbusd %zmm0,%zmm1,%zmm{}"
+    copy = "  11cc:\tvmovdqa64 %zmm14,%zmm2"
+    clean = "\n".join(["0000000000001180 <main>:"] + [line.format(r) for r in range(2, 14)])
+    copied = "\n".join(line.format(r) + "\n" + copy for r in range(2, 14))
+    assert vnni_peak.longest_vpdpbusd_run(clean) == 12
+    assert vnni_peak.longest_vpdpbusd_run(copied) == 1
 
 
 def test_measured_rate_is_per_core_and_plausible() -> None:

@@ -107,12 +107,31 @@ def kernel_name(layer: str) -> str:
     return "k_" + "".join(ch if ch.isalnum() else "_" for ch in layer)
 
 
-def layer_macs(graph: IntegerGraph) -> dict[str, int]:
-    """Multiply-accumulates per image of every conv/linear layer: output elements x (C_in / groups) x KH x KW."""
+def _taps_on_input(out_size: int, taps: int, stride: int, padding: int, dilation: int, in_size: int) -> int:
+    """(output position, kernel tap) pairs of one spatial axis whose input index lies inside [0, in_size)."""
+    index = np.arange(out_size)[:, None] * stride - padding + np.arange(taps)[None, :] * dilation
+    return int(((index >= 0) & (index < in_size)).sum())
+
+
+def layer_macs(graph: IntegerGraph, skip_padding: bool = False) -> dict[str, int]:
+    """Multiply-accumulates per image of every conv/linear layer: output elements x (C_in / groups) x KH x KW.
+
+    ``skip_padding``: only the products whose input element is real, not zero padding (a 3x3 conv with padding 1 on
+    7x7: (19 / 21)^2 = 0.82 of them), which is what a kernel that skips the padding taps computes (the VNNI convs
+    do where the input zero point is 0): the lower bound of :mod:`benchmarks.vnni_peak`'s "VNNI floor"."""
     out = {}
     for n in graph.nodes:
-        if n.op in LAYER_OPS:
-            w = n.arrays["weight"]
+        if n.op not in LAYER_OPS:
+            continue
+        w = n.arrays["weight"]
+        if skip_padding and n.op == "conv2d":
+            _, in_h, in_w = graph.tensor(n.inputs[0]).shape
+            out_c, out_h, out_w = n.out.shape
+            (kh, kw), (sh, sw) = w.shape[2:], n.attrs["stride"]
+            (ph, pw), (dh, dw) = n.attrs["padding"], n.attrs.get("dilation", (1, 1))
+            out[n.name] = out_c * int(w.shape[1]) * _taps_on_input(out_h, kh, sh, ph, dh, in_h) \
+                * _taps_on_input(out_w, kw, sw, pw, dw, in_w)
+        else:
             out[n.name] = int(np.prod(n.out.shape)) * int(np.prod(w.shape[1:]))
     return out
 
