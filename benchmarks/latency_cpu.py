@@ -83,15 +83,6 @@ def floor_gmac_per_image(graph) -> float | None:
     return sum(layer_macs(graph, skip_padding=True).values()) / 1e9
 
 
-def floor_cell(r: dict, openvino_ms: float | None) -> str:
-    """``floor (ours / floor, OpenVINO's / floor)`` where the row has a measured VNNI floor, else '-'."""
-    floor = r.get("vnni_floor_ms")
-    if not floor:
-        return "-"
-    theirs = f", {openvino_ms / floor:.2f}x" if openvino_ms else ""
-    return f"{floor:.2f} ({r['median_ms'] / floor:.2f}x{theirs})"
-
-
 def ratio_table(rows: list[dict]) -> str:
     """Markdown: per (model, batch, bits) the .so's median over ORT INT8's and OpenVINO INT8's (< 1: .so faster)."""
     lines = ["| model | batch | W/A | ptq2tvm ms | ORT INT8 ms | OpenVINO INT8 ms | ptq2tvm / ORT INT8 | "
@@ -110,7 +101,7 @@ def ratio_table(rows: list[dict]) -> str:
         tuned = " tuned" if r.get("schedule") == "tuned" else ""
         lines.append(f"| {r['model']} | {r['batch']} | W{r['w_bits']}A{r['a_bits']}{tuned} | {ms:.2f} | "
                      f"{cell(ort, '{:.2f}')} | {cell(ov, '{:.2f}')} | {cell(ort and ms / ort, '{:.2f}x')} | "
-                     f"{cell(ov and ms / ov, '{:.2f}x')} | {floor_cell(r, ov)} |")
+                     f"{cell(ov and ms / ov, '{:.2f}x')} | {vnni_peak.floor_cell(r.get('vnni_floor_ms'), ms, ov)} |")
     return "\n".join(lines)
 
 
@@ -134,9 +125,7 @@ def markdown_footer(args: argparse.Namespace, host: dict, loads: list[float], ro
                "ResNet-18: 1.680 G per image of its 1.814 G) at the `vpdpbusd` rate that benchmarks/vnni_peak.py "
                "measured on as many cores as threads right after the group's timing (12 independent register "
                "chains; one 512-bit `vpdpbusd` = 64 multiply-adds): the time of a network that did nothing but its "
-               "products on VNNI. Only for networks of dense convs. A reference, not a bound: on the 2-core Zen 4 VMs the "
-               "loop's rate depends on how long the cores have been busy (3.2-3.4 G per second per core in 0.1 s "
-               "runs, 2.8-2.9 G over 1.2 s).\n\n"
+               f"products on VNNI. Only for networks of dense convs. {vnni_peak.FLOOR_CAVEAT}.\n\n"
                if any(r.get("vnni_floor_ms") for r in rows) else "")
             + f"OpenVINO kernels (oneDNN primitives of the runtime model, conv/dense layers): "
             f"{ov}.\n\n"

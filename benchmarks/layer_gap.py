@@ -286,7 +286,6 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
         layers.append(dict(side="openvino_int8", name=name, type=kinds_ov[name], median_ms=ms))
     for v in by_type.values():
         v["ratio"] = v["so_ms"] / v["openvino_ms"] if v["openvino_ms"] > 0 else None
-    for v in by_type.values():
         v["floor_ms"] = v["floor_ms"] if per_core else None
     return dict(model=model_name, bits=f"W{w}A{a}", batch=batch, build_seconds=round(build_s, 1), rounds=rounds,
                 by_type=dict(sorted(by_type.items())), layers=layers, loadavg_1min=round(os.getloadavg()[0], 2),
@@ -294,17 +293,8 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
 
 
 #: what the floor column is and is not (printed under the table)
-CAVEAT = ("A reference, not a bound: on the 2-core Zen 4 VMs the loop's rate depends on how long the cores have "
-          "been busy (3.2-3.4 G per second per core in 0.1 s runs, 2.8-2.9 G over 1.2 s, no steal time), and "
-          "kernels of a few ms ran at 0.84-1.0x their floor in some runs, 1.06-1.19x in others.")
-
-
-def floor_cell(v: dict) -> str:
-    """``floor (.so / floor, OpenVINO / floor)`` of one table row, '-' without a floor or without products."""
-    if not v.get("floor_ms"):
-        return "-"
-    theirs = f", {v['openvino_ms'] / v['floor_ms']:.2f}x" if v["openvino_ms"] else ""
-    return f"{v['floor_ms']:.2f} ({v['so_ms'] / v['floor_ms']:.2f}x{theirs})"
+CAVEAT = (vnni_peak.FLOOR_CAVEAT + ", and kernels of a few ms ran at 0.84-1.0x their floor in some runs, 1.06-1.19x "
+          "in others.")
 
 
 def main() -> None:
@@ -348,8 +338,9 @@ def main() -> None:
                                          "openvino_ms": tot_ov, "ratio": tot_so / tot_ov if tot_ov else None,
                                          "floor_ms": sum(floors) if floors else None})]:
             ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
+            floor = vnni_peak.floor_cell(v["floor_ms"], v["so_ms"], v["openvino_ms"])
             lines.append(f"| {res['model']} | {res['bits']} | {k} | {v['so_layers']} | {v['so_ms']:.2f} | "
-                         f"{v['openvino_layers']} | {v['openvino_ms']:.2f} | {ratio} | {floor_cell(v)} |")
+                         f"{v['openvino_layers']} | {v['openvino_ms']:.2f} | {ratio} | {floor} |")
     lines += ["", f"Host: {host['model_name']} (LLVM cpu {host['llvm_cpu']}, int8 ISA {host['isa']}). "
               f"{describe_load(loads)} Medians of {args.rounds} rounds per layer, "
               "summed per type. `other` differs in kind on the two sides (the .so: pools, adds, layout changes, "

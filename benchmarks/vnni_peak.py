@@ -150,6 +150,20 @@ def floor_ms(gmac_per_image: float, batch: int, per_core: float, cores: int) -> 
     return gmac_per_image * 1e9 * batch / (per_core * MAC_PER_VPDPBUSD * cores) * 1e3
 
 
+#: what a floor quoted from this loop is and is not (the benchmarks print it under their floor columns)
+FLOOR_CAVEAT = ("A reference, not a bound: on the 2-core Zen 4 VMs the loop's rate depends on how long the cores "
+                "have been busy (3.2-3.4 G per second per core in 0.1 s runs, 2.8-2.9 G over 1.2 s, no steal time)")
+
+
+def floor_cell(floor: float | None, ours_ms: float, theirs_ms: float | None) -> str:
+    """Markdown cell ``floor (ours / floor, theirs / floor)`` (milliseconds; theirs left out when None or 0), '-'
+    without a floor."""
+    if not floor:
+        return "-"
+    theirs = f", {theirs_ms / floor:.2f}x" if theirs_ms else ""
+    return f"{floor:.2f} ({ours_ms / floor:.2f}x{theirs})"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="copies run at once (default: all)")

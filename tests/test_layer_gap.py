@@ -64,3 +64,12 @@ def test_kernel_macs_count_a_fused_pair_and_the_stem_pool_kernel_once() -> None:
     stem = _hint(by_name["stem"])
     assert macs_of(stem + "_maxpool", macs) == macs_of(stem, macs) == real["stem"] > 0
     assert macs_of("k_avgpool", macs) == macs_of("quantize_input", macs) == 0
+
+
+def test_floor_cell_shared_by_both_benchmarks() -> None:
+    """latency_cpu's and layer_gap's floor column: floor ms, then ours / floor and theirs / floor."""
+    import vnni_peak
+
+    assert vnni_peak.floor_cell(20.0, 22.0, 27.0) == "20.00 (1.10x, 1.35x)"
+    assert vnni_peak.floor_cell(20.0, 22.0, None) == vnni_peak.floor_cell(20.0, 22.0, 0.0) == "20.00 (1.10x)"
+    assert vnni_peak.floor_cell(None, 22.0, 27.0) == vnni_peak.floor_cell(0.0, 22.0, 27.0) == "-"
