@@ -160,13 +160,10 @@ class Conv(_Weighted):
 
     @staticmethod
     def _rows_input(b: Any, node: Any) -> Any:
-        """The network input of a first conv in the row layout (:func:`kernels.te_nchw_to_rows`)."""
-        import kernels as K
-
+        """The network input of a first conv in the row layout (the builder's ``emit_rows``)."""
         a, w = node.attrs, node.arrays["weight"]
-        return b.emit(K.te_nchw_to_rows, b.env[node.inputs[0]][0], kernel=tuple(w.shape[2:]),
-                      stride=tuple(a["stride"]), padding=tuple(a["padding"]), pad_value=a["input_zero_point"],
-                      name="to_rows")
+        return b.emit_rows(b.env[node.inputs[0]][0], kernel=tuple(w.shape[2:]), stride=tuple(a["stride"]),
+                           padding=tuple(a["padding"]), pad_value=a["input_zero_point"])
 
     def emit_blocked_with_maxpool(self, b: Any, node: Any, pool: Any) -> tuple[Any, str]:
         """First conv ``node`` and the max pool ``pool`` that alone reads it, as one kernel
