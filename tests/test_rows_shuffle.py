@@ -130,3 +130,28 @@ def test_network_with_the_shuffle_equals_the_reference_and_keeps_noalias_compute
     res = compile_so(graph, tmp_path / "m.so", batch=2)
     q = np.random.default_rng(1).integers(0, graph.input.qmax + 1, (2, *graph.input.shape)).astype(np.uint8)
     assert np.array_equal(CompiledModel(res.so_path).run_int(q), run_reference(graph, q))
+
+
+def test_rows_shuffle_random_geometries():
+    """Hypothesis draws (seeded, derandomized): 1-4 channels, kernels 1-7, strides 1-3, paddings up to half the
+    kernel, heights 1-40, widths 16-64, pad values 0-255, batch 1-3; each equals the numpy twin."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @st.composite
+    def geometry(draw):
+        k = draw(st.integers(1, 7))
+        return dict(n=draw(st.integers(1, 3)), c=draw(st.integers(1, 4)), h=draw(st.integers(max(1, k - 3), 40)),
+                    w=16 * draw(st.integers(1, 4)), k=k, s=draw(st.integers(1, 3)), p=draw(st.integers(0, k // 2)),
+                    pad=draw(st.integers(0, 255)), seed=draw(st.integers(0, 99)))
+
+    @hypothesis.settings(max_examples=30, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(geometry())
+    def check(g):
+        x = np.random.default_rng(g["seed"]).integers(0, 256, (g["n"], g["c"], g["h"], g["w"]), dtype=np.uint8)
+        if g["h"] + 2 * g["p"] < g["k"]:
+            return                      # no output row: the layout is defined, the conv is not
+        want = K.nchw_to_rows(x, g["k"], g["s"], g["p"], g["pad"])
+        assert np.array_equal(_run(x, g["k"], g["s"], g["p"], g["pad"]), want), g
+
+    check()
