@@ -484,16 +484,19 @@ def _task_chunks(groups: int, n: int, row_tiles: int, threads: int, pixels: int)
     """Into how many chunks (images, rows) to cut one output-block group of an int4 conv for its parallel tasks.
 
     Each task unpacks the group's weights once: per output pixel that costs chunks / pixels unpack steps per
-    vpdpbusd step, so the chunks stay <= pixels / 64 (a few % of the work); within that budget aim at 8 tasks per
-    thread (load balance), else at 2 per thread; where the budget allows neither, the split of least
-    :func:`per_task_time` (more chunks repeat the unpack, fewer leave a thread idle).
+    vpdpbusd step, so the chunks stay <= pixels / 64 (a few % of the work); within that budget aim at >= 8 tasks
+    per thread, else >= 2 per thread, and among those splits take the one of least :func:`per_task_time` (TVM
+    splits a parallel loop statically, so a task count that the threads do not divide leaves one idle at the end:
+    MobileNetV2's 24 -> 144 expand at 56x56, 3 groups, took 7 row chunks, 21 tasks, 11 + 10, and ran 1.045-1.063x its
+    int8 kernel; 8 chunks give 12 + 12); where the budget allows neither, the split of least :func:`per_task_time`
+    overall (more chunks repeat the unpack, fewer leave a thread idle).
     """
     options = sorted(((nc * rc, nc, rc) for nc in _divisors(n) for rc in _divisors(row_tiles)), reverse=True)
     budget = max(1, pixels // 64)
     for want in (8 * threads, 2 * threads):
         fit = [o for o in options if groups * o[0] >= want and o[0] <= budget]
         if fit:
-            return fit[-1][1:]
+            return min(reversed(fit), key=lambda o: (per_task_time(groups, o[0], pixels, threads), o[0]))[1:]
     # no split within the budget gives every thread 2 tasks: the least estimated time (a 3x3 64 -> 64 conv at 7x7
     # with Q = 2 has 2 groups; 7 one-row chunks each made 2 tasks per thread, each unpacking its weights for 7
     # pixels: 1.55x the int8 kernel, one chunk 1.08x; Zen 4, 2 threads, standalone, interleaved)
