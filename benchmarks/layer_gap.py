@@ -274,7 +274,7 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
     layers = []
     for i, (sym, _, _, kind) in enumerate(kernels):
         ms = float(np.median(ours[i]))
-        floor = vnni_peak.floor_ms(macs_of(sym, macs) * batch / 1e9, 1, per_core, threads) if per_core else None
+        floor = vnni_peak.floor_ms(macs_of(sym, macs) / 1e9, batch, per_core, threads) if per_core else None
         by_type[kind]["so_ms"] += ms
         by_type[kind]["so_layers"] += 1
         by_type[kind]["floor_ms"] += floor or 0.0

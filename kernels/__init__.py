@@ -35,7 +35,7 @@ from .standalone import StandaloneKernel, build_standalone, host_target
 from .depthwise_vnni import DEPTHWISE_VNNI_KIND, depthwise_vnni_out_shape, depthwise_vnni_primfunc
 from .expand_depthwise import EXPAND_DEPTHWISE_KIND, expand_depthwise_primfunc
 from .stem_pool import STEM_POOL_KIND, rows_conv_maxpool_out_shape, rows_conv_maxpool_primfunc
-from .rows_shuffle import nchw_to_rows_primfunc, rows_shuffle_supported
+from .rows_shuffle import nchw_to_rows_primfunc, rows_out_shape, rows_shuffle_supported
 from .lut_vbmi import LUT_VBMI_KIND, lut_vbmi_primfunc, lut_vbmi_supported, pad_lut_table, target_has_vbmi
 from .mul_vnni import MUL_VNNI_KIND, mul_vnni_out_shape, mul_vnni_primfunc
 from .amx import (AMX_ATTR, AMX_ENV, amx_conv_out_shape, amx_conv_primfunc, amx_conv_supported, amx_kernel_count,
@@ -54,8 +54,8 @@ __all__ = [
     "AVX2_INTRIN", "DP4A_INTRIN", "TAPS_INTRIN", "VNNI_INTRIN", "patch_tvm_vnni_intrinsic", "register_avx2_intrinsic",
     "register_dp4a_intrinsic", "register_taps_intrinsic", "register_vnni_intrinsic",
     "BLOCK", "FIRST_BLOCK", "conv_weight_mode", "nchw_to_rows", "pack_rows_weight", "rows_weight",
-    "conv2d_rows_requant", "rows_layout", "te_nchw_to_rows", "nchw_to_rows_primfunc", "rows_shuffle_supported",
-    "nchw_to_nchwc", "nchwc_to_nchw", "pack_channel_params",
+    "conv2d_rows_requant", "rows_layout", "te_nchw_to_rows", "nchw_to_rows_primfunc", "rows_out_shape",
+    "rows_shuffle_supported", "nchw_to_nchwc", "nchwc_to_nchw", "pack_channel_params",
     "pack_conv_weight", "pack_dense_weight", "pack_depthwise_taps", "unpack_int2", "unpack_int4",
     "KERNEL_ATTR", "add_requant_nchwc", "concat_requant_nchwc", "lut_nchwc", "mul_requant_nchwc",
     "upsample_nearest_nchwc", "avgpool2d_nchwc_requant", "clamp_nchwc", "conv2d_nchwc_requant",

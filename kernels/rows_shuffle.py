@@ -26,6 +26,14 @@ def rows_shuffle_supported(x_shape: tuple[int, ...]) -> bool:
     return len(x_shape) == 4 and 1 <= int(x_shape[1]) <= 4 and int(x_shape[3]) % CHUNK == 0
 
 
+def rows_out_shape(x_shape: tuple[int, ...], kernel=(7, 7), stride=(2, 2), padding=(3, 3),
+                   left: int = 16) -> tuple[int, int, int]:
+    """(N, H + 2ph, Wa * C): the row layout of an (N, C, H, W) input (:func:`kernels.ops.rows_layout`)."""
+    n, c, h, w = (int(v) for v in x_shape)
+    g = rows_layout(c, h, w, kernel, stride, padding, left)
+    return n, g["rows"], g["row_pixels"] * c
+
+
 def interleave_indices(channels: int, pixels: int = CHUNK) -> list[int]:
     """Shuffle indices over the concatenated channel vectors (channel ``ci``'s lane ``p`` at ``ci * pixels + p``)
     that give the interleaved bytes: output byte ``k`` = channel ``k % channels`` of pixel ``k // channels``."""
@@ -46,9 +54,9 @@ def nchw_to_rows_primfunc(name: str, x_shape: tuple[int, ...], kernel=(7, 7), st
     if not 0 <= int(pad_value) <= 255:
         raise ValueError(f"nchw_to_rows_primfunc: pad value {pad_value} outside [0, 255]")
     n, c, h, w = shape
-    g = rows_layout(c, h, w, kernel, stride, padding, left)
+    out_shape = rows_out_shape(shape, kernel, stride, padding, left)
     ph = _pair(padding)[0]
-    rows, chunks, width = g["rows"], g["row_pixels"] // CHUNK, CHUNK * c
+    rows, chunks, width = out_shape[1], out_shape[2] // (CHUNK * c), CHUNK * c
     first, end = left // CHUNK, (left + w) // CHUNK          # the chunks that hold image columns
     pad = tir.Broadcast(tir.const(int(pad_value), "uint8"), width)
     order = interleave_indices(c)
@@ -61,10 +69,10 @@ def nchw_to_rows_primfunc(name: str, x_shape: tuple[int, ...], kernel=(7, 7), st
             # 4-9% slower; tests/test_rows_shuffle.py checks the scopes)
             T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
             x = T.arg("x", T.buffer(shape, "uint8"))
-            out = T.arg("out", T.buffer((n, rows, g["row_pixels"] * c), "uint8"))
+            out = T.arg("out", T.buffer(out_shape, "uint8"))
             with T.sblock("root"):       # Relax's pattern analysis (RewriteDataflowReshape) needs a root block
                 T.reads(x[0:n, 0:c, 0:h, 0:w])
-                T.writes(out[0:n, 0:rows, 0:g["row_pixels"] * c])
+                T.writes(out[0:n, 0:rows, 0:out_shape[2]])
                 with T.parallel(0, n * rows) as t:
                     b, r = t // rows, t % rows
 
@@ -88,4 +96,4 @@ def nchw_to_rows_primfunc(name: str, x_shape: tuple[int, ...], kernel=(7, 7), st
     return ib.get()
 
 
-__all__ = ["CHUNK", "interleave_indices", "nchw_to_rows_primfunc", "rows_shuffle_supported"]
+__all__ = ["CHUNK", "interleave_indices", "nchw_to_rows_primfunc", "rows_out_shape", "rows_shuffle_supported"]

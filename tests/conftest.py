@@ -117,14 +117,15 @@ def fast_recon(**kw):
     return ReconSettings(**base)
 
 
-def tiny_integer_graph(w_bits: int, a_bits: int):
-    """The seeded TinyNet, calibrated on 8 seeded images and folded to an integer graph (w_bits/a_bits)."""
+def tiny_integer_graph(w_bits: int, a_bits: int, in_ch: int = 1, hw: tuple[int, int] = (12, 12)):
+    """The seeded TinyNet (``in_ch`` input channels, ``hw`` input size), calibrated on 8 seeded images and folded to
+    an integer graph (w_bits/a_bits)."""
     from ptq2tvm.api import quantize, to_integer
     from ptq2tvm.frontend.qmodel import QuantConfig
 
     torch.manual_seed(0)
-    model = randomize_bn(TinyNet()).eval()
-    calib = np.random.default_rng(0).standard_normal((8, 1, 12, 12)).astype(np.float32)
+    model = randomize_bn(TinyNet(in_ch=in_ch)).eval()
+    calib = np.random.default_rng(0).standard_normal((8, in_ch, *hw)).astype(np.float32)
     return to_integer(quantize(model, calib, QuantConfig(w_bits, a_bits), progress=False))
 
 

@@ -80,16 +80,9 @@ def test_rows_shuffle_refuses_what_it_cannot_do():
 
 def _rgb_tiny_graph(width: int):
     """The seeded TinyNet on 3 x 16 x ``width`` input (RGB: the first conv takes the row layout), W8A8."""
-    import torch
-    from conftest import TinyNet, randomize_bn
+    from conftest import tiny_integer_graph
 
-    from ptq2tvm.api import quantize, to_integer
-    from ptq2tvm.frontend.qmodel import QuantConfig
-
-    torch.manual_seed(0)
-    model = randomize_bn(TinyNet(in_ch=3)).eval()
-    calib = np.random.default_rng(0).standard_normal((4, 3, 16, width)).astype(np.float32)
-    return to_integer(quantize(model, calib, QuantConfig(8, 8), progress=False))
+    return tiny_integer_graph(8, 8, in_ch=3, hw=(16, width))
 
 
 def _to_rows(mod) -> tvm.tirx.PrimFunc:

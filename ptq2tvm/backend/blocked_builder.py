@@ -464,9 +464,7 @@ class _BlockedBuilder:
         if not K.rows_shuffle_supported(x_shape):
             return self.emit(K.te_nchw_to_rows, x, **geometry, name="to_rows")
         prim = K.nchw_to_rows_primfunc("to_rows", x_shape, **geometry)
-        n, c, h, w = x_shape
-        g = K.rows_layout(c, h, w, kernel, stride, padding)
-        return self.call_prim(prim, [x], (n, g["rows"], g["row_pixels"] * c))
+        return self.call_prim(prim, [x], K.rows_out_shape(x_shape, kernel, stride, padding))
 
     def emit_rows_conv_maxpool(self, rows: relax.Expr, packed: np.ndarray, consts: list, *, name: str,
                                in_channels: int, in_width: int, kernel: tuple[int, int], stride: tuple[int, int],
