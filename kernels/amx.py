@@ -38,6 +38,7 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .func_attrs import hand_kernel_attrs
 from .layout import BLOCK
 from .vector_tir import (EPILOGUE_INT64, EPILOGUE_LIFTED, LIFTED_EPILOGUES, LiftedShift, check_epilogue,
                          check_kernel_args, epilogue_attrs, lift_amount, lift_constant, output_args, pack4_clamp,
@@ -370,8 +371,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True, AMX_ATTR: scheme,
-                         **epilogue_attrs(epilogue)})
+            T.func_attr(hand_kernel_attrs(name, {AMX_ATTR: scheme, **epilogue_attrs(epilogue)}))
             x = T.arg("x", T.buffer(tuple(int(v) for v in x_shape), "uint8"))
             if int4:
                 wt = T.arg("w", T.buffer((ob, per_block // 2), "uint8"))

@@ -26,6 +26,7 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .func_attrs import hand_kernel_attrs
 from .intrin import TAPS_TRANSPOSE
 from .layout import BLOCK
 from .vector_tir import (EPILOGUE_INT32, LIFTED_EPILOGUES, block_shift, check_epilogue, check_kernel_args,
@@ -119,8 +120,7 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": DEPTHWISE_VNNI_KIND, **epilogue_attrs(epilogue)})
+            T.func_attr(hand_kernel_attrs(name, {"ptq2tvm_kernel": DEPTHWISE_VNNI_KIND, **epilogue_attrs(epilogue)}))
             x = T.arg("x", T.buffer((n, cb, h, w, BLOCK), "uint8"))
             wt = T.arg("w", T.buffer((cb, kh, g, BLOCK, 4), "int8"))
             bias, mult, shift = requant_args(cb)

@@ -16,6 +16,7 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .func_attrs import hand_kernel_attrs
 from .depthwise_vnni import band_layout, channel_constants, check_geometry, depthwise_band, fill_band, requant16
 from .layout import BLOCK
 from .vector_tir import (EPILOGUE_INT32, EPILOGUE_INT64, check_epilogue, check_kernel_args, for_pixel_groups,
@@ -75,10 +76,9 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND,
-                         "int32_epilogue": sum(f != EPILOGUE_INT64 for f in epilogue),
-                         "epilogue": ",".join(epilogue)})
+            T.func_attr(hand_kernel_attrs(name, {"ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND,
+                                                 "int32_epilogue": sum(f != EPILOGUE_INT64 for f in epilogue),
+                                                 "epilogue": ",".join(epilogue)}))
             x = T.arg("x", T.buffer((n, cbin, h, w, BLOCK), "uint8"))
             if int4:
                 w1 = T.arg("w1", T.buffer((cbm, cbin, 1, 1, 4, 32), "uint8"))

@@ -19,6 +19,7 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .func_attrs import hand_kernel_attrs
 from .vector_tir import check_kernel_args
 
 LUT_VBMI_KIND = "lut_vbmi"          # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
@@ -67,8 +68,7 @@ def lut_vbmi_primfunc(name: str, shape: tuple[int, ...]) -> tir.PrimFunc:
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": LUT_VBMI_KIND})
+            T.func_attr(hand_kernel_attrs(name, {"ptq2tvm_kernel": LUT_VBMI_KIND}))
             x = T.arg("x", T.buffer(tuple(int(v) for v in shape), "uint8"))
             table = T.arg("table", T.buffer((_TABLE,), "uint8"))
             out = T.arg("out", T.buffer(tuple(int(v) for v in shape), "uint8"))

@@ -17,6 +17,7 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .func_attrs import hand_kernel_attrs
 from .depthwise_vnni import channel_constants, requant16
 from .layout import BLOCK
 from .vector_tir import (EPILOGUE_INT32, check_epilogue, check_kernel_args, epilogue_attrs, for_pixel_groups,
@@ -61,8 +62,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": MUL_VNNI_KIND, **epilogue_attrs(epilogue)})
+            T.func_attr(hand_kernel_attrs(name, {"ptq2tvm_kernel": MUL_VNNI_KIND, **epilogue_attrs(epilogue)}))
             a = T.arg("a", T.buffer(tuple(int(v) for v in a_shape), "uint8"))
             b = T.arg("b", T.buffer(tuple(int(v) for v in b_shape), "uint8"))
             mult = T.arg("mult", T.buffer((cb * BLOCK,), "int32"))

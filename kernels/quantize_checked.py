@@ -21,6 +21,7 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .func_attrs import hand_kernel_attrs
 from .ops import quantize_expr
 
 _LANES = 16
@@ -60,7 +61,7 @@ def quantize_checked_primfunc(name: str, shape: tuple[int, ...], scale: float, z
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True})
+            T.func_attr(hand_kernel_attrs(name))
             x = T.arg("x", T.buffer(tuple(int(v) for v in shape), "float32", align=4))
             q = T.arg("q", T.buffer(tuple(int(v) for v in shape), "uint8"))
             flags = T.arg("nonfinite", T.buffer((chunks,), "int32"))

@@ -15,6 +15,7 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .func_attrs import hand_kernel_attrs
 from .ops import _pair, rows_layout
 
 CHUNK = 16      # pixels per shuffle (the row layout's left margin and width are multiples of it)
@@ -64,10 +65,10 @@ def nchw_to_rows_primfunc(name: str, x_shape: tuple[int, ...], kernel=(7, 7), st
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            # "tirx.noalias", TVM 0.27's key: with the older "tir.noalias" on this function (it holds a root SBlock)
-            # TVM lowered the whole module without the noalias compute scopes of its kernels (ResNet-18's convs
-            # 4-9% slower; tests/test_rows_shuffle.py checks the scopes)
-            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
+            # TVM 0.27's keys (kernels/func_attrs.py): with the older "tir.noalias" on this function (it holds a root
+            # SBlock) TVM lowered the whole module without the noalias compute scopes of its kernels (ResNet-18's
+            # convs 4-9% slower; tests/test_rows_shuffle.py checks the scopes)
+            T.func_attr(hand_kernel_attrs(name))
             x = T.arg("x", T.buffer(shape, "uint8"))
             out = T.arg("out", T.buffer(out_shape, "uint8"))
             with T.sblock("root"):       # Relax's pattern analysis (RewriteDataflowReshape) needs a root block

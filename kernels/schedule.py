@@ -46,11 +46,11 @@ from .intrin import (register_avx2_intrinsic, register_avx2w_intrinsic, register
 from .border import (BORDER_ATTR, OUTPUT_BLOCKS, SKIP_ATTR, VNNI_SKIP_MIN_FRACTION, border_tap_fraction,
                      output_annotations, skip_zero_border)
 from .epilogue_intrin import register_requant16_intrinsic
+from .func_attrs import SCHEDULED_ATTR   # TVM 0.27's name (dlight skips these); "tir.is_scheduled" is ignored
 from .prefetch import PREFETCH_ATTR, TASK_LOOP_ATTR, prefetch_next_weights
 from .ops import CHUNKED_REDUCTION_ATTR, KERNEL_ATTR, LIFTED_ATTR, REQUANT_ATTR
 
 OP_PATTERN_OPAQUE = 8
-SCHEDULED_ATTR = "tirx.is_scheduled"     # TVM 0.27's name (dlight skips these); "tir.is_scheduled" is ignored now
 _MIN_PARALLEL_ELEMS = 1 << 14
 
 

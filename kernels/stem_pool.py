@@ -37,6 +37,7 @@ import tvm.tirx as tir
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from .func_attrs import hand_kernel_attrs
 from .depthwise_vnni import channel_constants, requant16
 from .layout import BLOCK
 from .vector_tir import (EPILOGUE_INT32, check_epilogue, check_kernel_args, epilogue_attrs, for_pixel_groups,
@@ -131,8 +132,7 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr({"global_symbol": name, "tir.noalias": True, "tirx.is_scheduled": True,
-                         "ptq2tvm_kernel": STEM_POOL_KIND, **epilogue_attrs(epilogue)})
+            T.func_attr(hand_kernel_attrs(name, {"ptq2tvm_kernel": STEM_POOL_KIND, **epilogue_attrs(epilogue)}))
             x = T.arg("x", T.buffer((n, rows, rowbytes), "uint8"))
             wt = T.arg("w", T.buffer((ob, 1, kh, 1, g["groups"], BLOCK, 4), "int8"))
             bias, mult, shift = requant_args(ob)
