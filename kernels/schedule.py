@@ -15,7 +15,8 @@ each) x R rows x P columns (chosen by :func:`choose_conv_tile` from the shape):
 int4 weights (two per byte) and int2 weights (four per byte) are unpacked to int8 once per parallel task, which
 then covers Q output blocks x a chunk of the rows of all images (``unpack_at="task"``: the same inner loop as int8,
 the unpack costs one pass over the packed weights per chunk); ``unpack_at="step"`` unpacks the weight vector inside
-the reduction instead (Q = 1, up to 28 accumulators; a tuning option).
+the reduction instead (Q = 1, up to 28 accumulators; a tuning option; the default, with the int8 tiles, where the conv
+has one output pixel: :func:`default_unpack_at`).
 
 The epilogue is fused: the int32 accumulators never reach memory. Everything else (pools, adds, layout changes) is
 parallelized over the outer loops and vectorized over the 16 channels of a block.
@@ -52,6 +53,14 @@ from .ops import CHUNKED_REDUCTION_ATTR, KERNEL_ATTR, LIFTED_ATTR, REQUANT_ATTR
 
 OP_PATTERN_OPAQUE = 8
 _MIN_PARALLEL_ELEMS = 1 << 14
+#: conv / dense kernels with fewer multiply-adds (padding channels included) run on the calling thread: waking the
+#: pool for a parallel loop costs ~0.7 us, more than such a kernel's work (the squeeze-excitation 1x1 convs at batch
+#: 1). Zen 4, 2 pool threads. Standalone with warm weights (serial vs parallel build, int8): 1x1 672 -> 32 at 1x1
+#: (21.5 K) 0.34 vs 1.01 us, 120 -> 480 (57.6 K) 0.61 vs 1.13, 240 -> 960 (230 K) 2.36 vs 2.12. In a network, with
+#: cold weights (two cores fetch them in parallel), the break-even is lower: timed kernel by kernel in network order
+#: (benchmarks/commit_ab.py --kernels), MobileNetV3-Large's / EfficientNet-B0's SE convs up to 3.8 K took 1.3-2.1 us
+#: serial vs 2.0-3.1 parallel, 15 K-21.5 K about the same, 55 K-118 K 1.2-1.6x longer serial.
+MIN_PARALLEL_MACS = 1 << 14
 
 
 # Storage scope of every accumulator tile (and of the tensor intrinsics' accumulator operand). "global", not
@@ -237,13 +246,13 @@ def _schedule_pad(sch: Schedule, block, threads: int) -> None:
 
 
 def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: int = 2,
-                          p_max: int = 8, unpack_at: str = "task", isa: str | None = None) -> Schedule:
+                          p_max: int = 8, unpack_at: str | None = None, isa: str | None = None) -> Schedule:
     """Schedule a PrimFunc made by :func:`kernels.conv2d_nchwc_requant` / :func:`kernels.conv2d_rows_requant`
     (the weight layout, vnni or avx2, is read from the kernel annotation, the dot product from it and the target's
     ``isa`` (:func:`target_isa`; None: the layout's own ISA), see :func:`dot_product`; ``p_max`` is for depthwise;
-    ``unpack_at`` ("task" or "step") only matters for int4 weights)."""
-    if unpack_at not in ("task", "step"):
-        raise ValueError(f"unpack_at must be 'task' or 'step', got {unpack_at!r}")
+    ``unpack_at`` ("task", "step" or None: :func:`default_unpack_at`) only matters for int4 / int2 weights)."""
+    if unpack_at not in (None, "task", "step"):
+        raise ValueError(f"unpack_at must be 'task', 'step' or None, got {unpack_at!r}")
     out = sch.get_sblock("out")
     kind = str(sch.get(out).annotations[KERNEL_ATTR])
     if kind.endswith("depthwise"):
@@ -253,6 +262,7 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     input_dtype = str(sch.get(pad).writes[0].source.dtype) if pad is not None else "uint8"
     intrin, tiles = dot_product(layout, isa or layout, _ubsw_exact(sch, out), input_dtype)
     acc = sch.get_sblock("acc")
+    threads = parallel_threads(sch, acc, threads)
     unpack = _try_block(sch, "w_unpack")
     acc16 = _try_block(sch, "acc16")
     if acc16 is not None:
@@ -267,12 +277,16 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
         n, ob, oh, ow, oc, ric, rkh, rkw, rcf, rcs = sch.get_loops(acc)
         reduction, reduction_head, unpack_loop = [ric, rkh, rkw, rcf], ric, rcf
     ext = [int(sch.get(lp).extent) for lp in (n, ob, oh, ow)]
+    auto_unpack = unpack_at is None
+    if auto_unpack:
+        unpack_at = default_unpack_at(*ext, tiles)
     per_task = unpack is not None and unpack_at == "task"
     if tile is None and per_task:
         tile = balanced_task_tile(*ext, isa=tiles, threads=threads)
-    elif tile is None:
+    elif tile is None:      # the step tiles (Q = 1, many pixels) unless each weight vector meets one pixel anyway
         tile = choose_conv_tile(*ext, isa=tiles, threads=threads,
-                                int4=unpack is not None and unpack_at == "step" and tiles == "vnni")
+                                int4=unpack is not None and unpack_at == "step" and tiles == "vnni"
+                                and not auto_unpack)
     skip = _skip_border(sch, out, tile, ext[3], (int(sch.get(rkh).extent), int(sch.get(rkw).extent)), tiles)
     if skip:
         sch.annotate(out, SKIP_ATTR, 1)
@@ -310,6 +324,17 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     if pad is not None:
         _schedule_pad(sch, pad, threads)
     return sch
+
+
+def default_unpack_at(n: int, ob: int, oh: int, ow: int, tiles: str) -> str:
+    """Where a conv with int4 / int2 weights unpacks them by default: ``"step"`` (each weight vector inside the
+    reduction, right before its ``vpdpbusd``) for an AVX-512 VNNI conv with one output pixel in all (``n * oh * ow ==
+    1``: the squeeze-excitation 1x1 convs and 1x1 classifiers at batch 1), where every weight vector serves one
+    ``vpdpbusd`` and a per-task unpack would write and read it back once for that one use; else ``"task"``.
+    Zen 4, 2 threads, standalone, warm, interleaved (scratch s27/i4c.py), int4 vs int8 time: 1x1 960 -> 240 at 1x1
+    1.73x per task, 0.85x per step with the int8 tile (Q = 3); 240 -> 960 1.47x / 1.04x; 1280 -> 1008 0.74x per step
+    (the step unpack with the int4 tiles, Q = 1, 1.07-1.25x: one accumulator chain)."""
+    return "step" if tiles == "vnni" and n * oh * ow == 1 else "task"
 
 
 def _block_bytes(reads, dtype: str) -> int:
@@ -581,6 +606,7 @@ def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: s
     layout = str(sch.get(out).annotations[KERNEL_ATTR]).rsplit("_", 1)[1]
     intrin, tiles = dot_product(layout, isa or layout, _ubsw_exact(sch, out))
     acc = sch.get_sblock("acc")
+    threads = parallel_threads(sch, acc, threads)
     pad = _try_block(sch, "pad")
     unpack = _try_block(sch, "w_unpack")
     n, ob, oc, rkf, rks = sch.get_loops(acc)
@@ -615,6 +641,13 @@ def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: s
         ploops = sch.get_loops(pad)
         sch.vectorize(ploops[-1])
     return sch
+
+
+def parallel_threads(sch: Schedule, acc, threads: int) -> int:
+    """``threads``, or 1 for a conv / dense kernel whose accumulation block ``acc`` has fewer than
+    :data:`MIN_PARALLEL_MACS` iterations (multiply-adds, padding included): it then runs on the calling thread, with
+    the tile and task choices of a 1-thread build."""
+    return threads if _elems(sch, acc) >= MIN_PARALLEL_MACS else 1
 
 
 def _elems(sch: Schedule, block) -> int:
@@ -852,6 +885,8 @@ def tuning_space(func: tvm.tirx.PrimFunc, target=None, limit: int | None = None)
         if _try_block(sch, "w_unpack") is not None:     # int4: also unpack inside the reduction, with its own tiles
             step = conv_tile_candidates(n, ob, oh, ow, isa=isa, threads=threads, int4=True)
             space += [{"unpack_at": "step", "tile": t} for t in step[:3]]
+            if default_unpack_at(n, ob, oh, ow, isa) == "step":
+                space.append({"unpack_at": "task"})
     elif kind.startswith("dense"):
         obx = int(sch.get(sch.get_loops(sch.get_sblock("acc"))[1]).extent)
         space += [{"q": d} for d in _divisors(obx) if d <= 24]

@@ -960,6 +960,47 @@ def test_weight_prefetch_only_where_measured():
         assert "weight_prefetch" not in kern.func.script() and kern.count_instructions("prefetcht0") == 0
 
 
+# one-output-pixel convs (squeeze-excitation 1x1 convs, 1x1 classifiers at batch 1), (n, c, o, int4, residual):
+# the MIN_PARALLEL_MACS rule (serial below 16 K multiply-adds) and default_unpack_at ("step" with the int8 tiles
+# where n * oh * ow == 1, else "task")
+ONE_PIXEL_CASES = {
+    "se_squeeze_int4_serial": (1, 96, 16, True, False),     # 96 x 16 = 1.5 K MACs: serial, step
+    "se_expand_int4_res": (1, 240, 240, True, True),        # 57.6 K: parallel, step, 15 blocks -> Q = 3
+    "se_int8_serial": (1, 64, 32, False, False),            # 2 K: serial, no unpack
+    "int4_batch2_task": (2, 240, 240, True, False),         # 2 pixels: per-task unpack
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_PIXEL_CASES))
+def test_one_pixel_convs_serial_and_step_unpack_bit_exact(name):
+    """Tiny convs run on the calling thread (no parallel loop), larger ones in parallel; int4 convs with one output
+    pixel unpack each weight vector inside the reduction with the int8 register tile (the schedule equals the one
+    built with those options given explicitly), others once per task; all equal kernels.reference bit for bit."""
+    n, c, o, int4, res = ONE_PIXEL_CASES[name]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    cs = _conv_case(rng, n, c, 1, 1, o, 1, 1, 0, int4=int4, residual=res, zx=0, zo=4, zr=3)
+    params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+    arrays = [K.nchw_to_nchwc(cs["x"], 16, 0), K.pack_conv_weight(cs["w"], 1, 16, int4=int4), *params[:3]]
+    if res:
+        arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+    target = K.host_target(num_cores=2, mcpu=None if HAS_VNNI else "znver4")
+    attrs = dict(input_zero_point=0, output_zero_point=4, residual_zero_point=3, in_channels=c)
+    kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, **attrs)
+    script = kern.func.script()
+    assert ("T.parallel" in script) == (n * c * o >= K.schedule.MIN_PARALLEL_MACS), name
+    if int4:
+        unpack_at = K.schedule.default_unpack_at(n, o // 16, 1, 1, "vnni")
+        assert unpack_at == ("step" if n == 1 else "task")
+        threads = 2 if n * c * o >= K.schedule.MIN_PARALLEL_MACS else 1
+        tile = (K.schedule.choose_conv_tile(n, o // 16, 1, 1, threads=threads) if unpack_at == "step"
+                else K.schedule.balanced_task_tile(n, o // 16, 1, 1, threads=threads))
+        explicit = K.build_standalone(K.conv2d_nchwc_requant, arrays, target,
+                                      options={"unpack_at": unpack_at, "tile": tile}, **attrs)
+        assert explicit.func.script() == script
+    if HAS_VNNI:
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), o), cs["ref"])
+
+
 @pytest.mark.parametrize("tasks_per_group,iterations,group_lines", [(7, 32, 2304), (1, 224, 1152), (14, 16, 72),
                                                                     (3, 5, 1), (2, 8, 17)])
 def test_prefetch_lines_cover_the_next_group_once(tasks_per_group, iterations, group_lines):
