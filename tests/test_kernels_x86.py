@@ -1001,6 +1001,36 @@ def test_one_pixel_convs_serial_and_step_unpack_bit_exact(name):
         assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), o), cs["ref"])
 
 
+@pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this CPU: the one-pixel schedules are run, not only built")
+def test_small_convs_random_shapes_bit_exact():
+    """Hypothesis draws (seeded, derandomized) around the one-pixel and serial rules: batch 1-3, 1-300 input and
+    1-300 output channels (partial blocks included), 1x1 or 2x2 maps, int8 or int4 weights, with or without a
+    residual; each kernel equals kernels.reference bit for bit and is parallel exactly when it has
+    MIN_PARALLEL_MACS multiply-adds."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=20, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(st.integers(1, 3), st.integers(1, 300), st.integers(1, 300), st.sampled_from([1, 2]),
+                      st.booleans(), st.booleans())
+    def check(n, c, o, hw, int4, res):
+        rng = np.random.default_rng(n * 100003 + c * 307 + o * 7 + hw)
+        cs = _conv_case(rng, n, c, hw, hw, o, 1, 1, 0, int4=int4, residual=res, zx=0, zo=6, zr=2, extremes=o > 1)
+        params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
+        arrays = [K.nchw_to_nchwc(cs["x"], 16, 0), K.pack_conv_weight(cs["w"], 1, 16, int4=int4), *params[:3]]
+        if res:
+            arrays += [K.nchw_to_nchwc(cs["r"], 16, 0), params[3]]
+        kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, K.host_target(num_cores=2),
+                                  input_zero_point=0, output_zero_point=6, residual_zero_point=2, in_channels=c)
+        (_, cb, _, _, _), ob = arrays[0].shape, -(-o // 16)
+        reduction = -(-c // 4) * 4 if c <= 16 * cb - 4 else 16 * cb      # the real 4-channel steps (partial blocks)
+        assert ("T.parallel" in kern.func.script()) == (n * hw * hw * ob * 16 * reduction
+                                                         >= K.schedule.MIN_PARALLEL_MACS), (n, c, o, hw)
+        assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), o), cs["ref"]), (n, c, o, hw, int4, res)
+
+    check()
+
+
 @pytest.mark.parametrize("tasks_per_group,iterations,group_lines", [(7, 32, 2304), (1, 224, 1152), (14, 16, 72),
                                                                     (3, 5, 1), (2, 8, 17)])
 def test_prefetch_lines_cover_the_next_group_once(tasks_per_group, iterations, group_lines):
