@@ -36,10 +36,12 @@ def _run(func, arrays, out_shape, tmp_path, instructions):
     return out.numpy()
 
 
-# shape, table entries: 1.2 MB (several 16 KiB parallel chunks; 98 x 64 + 16 bytes: the last vector overlaps),
-# an SE vector of 60 blocks, 4-bit and 200-entry tables (codes past the table read its last entry), exactly 64 bytes
+# shape, table entries: 1.2 MB (several 16 KiB parallel chunks), an SE vector of 60 blocks, 4-bit and 200-entry
+# tables (codes past the table read its last entry; 52 x 64 + 32 bytes: the last vector overlaps), exactly 64 bytes,
+# a second 16 KiB chunk of 17 vectors whose last one overlaps
 LUT_CASES = {"112x112x96": ((1, 6, 112, 112, 16), 256), "se_vector_4bit": ((1, 60, 1, 1, 16), 16),
-             "odd_200_entries": ((2, 3, 5, 7, 16), 200), "one_vector": ((1, 1, 2, 2, 16), 256)}
+             "odd_200_entries": ((2, 3, 5, 7, 16), 200), "one_vector": ((1, 1, 2, 2, 16), 256),
+             "chunk_tail_17_vectors": ((1, 1, 33, 33, 16), 256)}
 
 
 @pytest.mark.parametrize("name", list(LUT_CASES))
