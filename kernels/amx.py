@@ -371,7 +371,7 @@ def _amx_kernel(name, scheme, x_shape, w_shape, geo, a_bytes, b_rows, prepare, r
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr(hand_kernel_attrs(name, {AMX_ATTR: scheme, **epilogue_attrs(epilogue)}))
+            T.func_attr(hand_kernel_attrs(name, extra={AMX_ATTR: scheme, **epilogue_attrs(epilogue)}))
             x = T.arg("x", T.buffer(tuple(int(v) for v in x_shape), "uint8"))
             if int4:
                 wt = T.arg("w", T.buffer((ob, per_block // 2), "uint8"))

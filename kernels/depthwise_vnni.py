@@ -120,7 +120,7 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr(hand_kernel_attrs(name, {"ptq2tvm_kernel": DEPTHWISE_VNNI_KIND, **epilogue_attrs(epilogue)}))
+            T.func_attr(hand_kernel_attrs(name, DEPTHWISE_VNNI_KIND, epilogue_attrs(epilogue)))
             x = T.arg("x", T.buffer((n, cb, h, w, BLOCK), "uint8"))
             wt = T.arg("w", T.buffer((cb, kh, g, BLOCK, 4), "int8"))
             bias, mult, shift = requant_args(cb)

@@ -76,9 +76,8 @@ def expand_depthwise_primfunc(name: str, x_shape: tuple[int, ...], w1_shape: tup
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr(hand_kernel_attrs(name, {"ptq2tvm_kernel": EXPAND_DEPTHWISE_KIND,
-                                                 "int32_epilogue": sum(f != EPILOGUE_INT64 for f in epilogue),
-                                                 "epilogue": ",".join(epilogue)}))
+            T.func_attr(hand_kernel_attrs(name, EXPAND_DEPTHWISE_KIND, {
+                "int32_epilogue": sum(f != EPILOGUE_INT64 for f in epilogue), "epilogue": ",".join(epilogue)}))
             x = T.arg("x", T.buffer((n, cbin, h, w, BLOCK), "uint8"))
             if int4:
                 w1 = T.arg("w1", T.buffer((cbm, cbin, 1, 1, 4, 32), "uint8"))

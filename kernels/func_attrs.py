@@ -15,24 +15,35 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from .ops import KERNEL_ATTR
+
 NOALIAS_ATTR = "tirx.noalias"
 SCHEDULED_ATTR = "tirx.is_scheduled"
 
 
-def hand_kernel_attrs(name: str, extra: Mapping[str, object] | None = None) -> dict[str, object]:
+def hand_kernel_attrs(name: str, kind: str | None = None, extra: Mapping[str, object] | None = None
+                      ) -> dict[str, object]:
     """The function attributes of a hand-written (IRBuilder) kernel called ``name``.
 
     Args:
         name: the PrimFunc's global symbol.
-        extra: further attributes (the kernel kind, its epilogue forms); they may not override the three set here.
+        kind: the kernel kind under :data:`kernels.ops.KERNEL_ATTR` (what ``kernel_kind`` and the benchmarks read),
+            or None for a kernel without one.
+        extra: further attributes (its epilogue forms, ...); they may not override the keys set here.
 
     Returns:
-        ``{"global_symbol": name, NOALIAS_ATTR: True, SCHEDULED_ATTR: True, **extra}``, for ``T.func_attr``.
+        ``{"global_symbol": name, NOALIAS_ATTR: True, SCHEDULED_ATTR: True, [KERNEL_ATTR: kind,] **extra}``, for
+        ``T.func_attr``.
 
     Raises:
-        ValueError: if ``extra`` sets one of the three keys.
+        TypeError: if ``kind`` is not a string (a mapping meant for ``extra``).
+        ValueError: if ``extra`` sets one of those keys.
     """
+    if kind is not None and not isinstance(kind, str):
+        raise TypeError(f"hand kernel {name!r}: kind must be a str, got {type(kind).__name__} (pass extra=...)")
     attrs: dict[str, object] = {"global_symbol": name, NOALIAS_ATTR: True, SCHEDULED_ATTR: True}
+    if kind is not None:
+        attrs[KERNEL_ATTR] = kind
     clash = sorted(set(attrs) & set(extra or {}))
     if clash:
         raise ValueError(f"hand kernel {name!r}: extra attributes may not override {clash}")

@@ -68,7 +68,7 @@ def lut_vbmi_primfunc(name: str, shape: tuple[int, ...]) -> tir.PrimFunc:
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr(hand_kernel_attrs(name, {"ptq2tvm_kernel": LUT_VBMI_KIND}))
+            T.func_attr(hand_kernel_attrs(name, LUT_VBMI_KIND))
             x = T.arg("x", T.buffer(tuple(int(v) for v in shape), "uint8"))
             table = T.arg("table", T.buffer((_TABLE,), "uint8"))
             out = T.arg("out", T.buffer(tuple(int(v) for v in shape), "uint8"))

@@ -62,7 +62,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr(hand_kernel_attrs(name, {"ptq2tvm_kernel": MUL_VNNI_KIND, **epilogue_attrs(epilogue)}))
+            T.func_attr(hand_kernel_attrs(name, MUL_VNNI_KIND, epilogue_attrs(epilogue)))
             a = T.arg("a", T.buffer(tuple(int(v) for v in a_shape), "uint8"))
             b = T.arg("b", T.buffer(tuple(int(v) for v in b_shape), "uint8"))
             mult = T.arg("mult", T.buffer((cb * BLOCK,), "int32"))

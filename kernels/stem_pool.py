@@ -132,7 +132,7 @@ def rows_conv_maxpool_primfunc(name: str, rows_shape: tuple[int, ...], w_shape: 
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            T.func_attr(hand_kernel_attrs(name, {"ptq2tvm_kernel": STEM_POOL_KIND, **epilogue_attrs(epilogue)}))
+            T.func_attr(hand_kernel_attrs(name, STEM_POOL_KIND, epilogue_attrs(epilogue)))
             x = T.arg("x", T.buffer((n, rows, rowbytes), "uint8"))
             wt = T.arg("w", T.buffer((ob, 1, kh, 1, g["groups"], BLOCK, 4), "int8"))
             bias, mult, shift = requant_args(ob)

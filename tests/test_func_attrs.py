@@ -48,11 +48,15 @@ def test_the_lint_sees_an_old_key(tmp_path):
 
 
 def test_hand_kernel_attrs():
-    attrs = hand_kernel_attrs("k_conv", {"ptq2tvm_kernel": "stem_pool"})
-    assert attrs == {"global_symbol": "k_conv", NOALIAS_ATTR: True, SCHEDULED_ATTR: True, "ptq2tvm_kernel": "stem_pool"}
+    attrs = hand_kernel_attrs("k_conv", "stem_pool", {"int32_epilogue": 1})
+    assert attrs == {"global_symbol": "k_conv", NOALIAS_ATTR: True, SCHEDULED_ATTR: True, "ptq2tvm_kernel": "stem_pool",
+                     "int32_epilogue": 1}
+    assert "ptq2tvm_kernel" not in hand_kernel_attrs("k_quantize")
     assert NOALIAS_ATTR == "tirx.noalias" and SCHEDULED_ATTR == "tirx.is_scheduled"
     with pytest.raises(ValueError, match=r"k_conv.*tirx\.noalias"):
-        hand_kernel_attrs("k_conv", {NOALIAS_ATTR: False})
+        hand_kernel_attrs("k_conv", extra={NOALIAS_ATTR: False})
+    with pytest.raises(TypeError, match=r"k_conv.*extra="):
+        hand_kernel_attrs("k_conv", {"int32_epilogue": 1})
 
 
 def test_a_hand_kernel_gets_its_noalias_compute_scope():
