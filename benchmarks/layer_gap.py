@@ -139,23 +139,28 @@ def module_path(onnx_node_name: str) -> str:
     return ".".join(path)
 
 
-def kernel_macs(graph, fused: dict[str, str] | None = None) -> dict[str, int]:
+def kernel_macs(graph, fused: dict[str, str] | None = None) -> dict[str, int | None]:
     """Kernel symbol (as :func:`node_types` names them) -> multiply-adds per image on real input
-    (:func:`ptq2tvm.mixed.latency.layer_macs` with ``skip_padding``): a fused 1x1 expand + depthwise kernel counts
-    both layers; the stem + pool kernel ``k_<conv>_<pool>`` counts the conv (:func:`macs_of`)."""
+    (:func:`ptq2tvm.mixed.latency.layer_macs` with ``skip_padding``), the products the VNNI floor column is quoted
+    from: a fused 1x1 expand + depthwise kernel counts both layers; the stem + pool kernel ``k_<conv>_<pool>`` counts
+    the conv (:func:`macs_of`). None for a kernel with a grouped or depthwise conv in it: its products do not fill
+    the 4-byte groups of ``vpdpbusd``, so it has no floor (as ``latency_cpu.floor_gmac_per_image`` gives none for a
+    network with one)."""
     from ptq2tvm.backend.blocked_builder import _hint
 
     macs = layer_macs(graph, skip_padding=True)
     by_name = {n.name: n for n in graph.nodes}
-    out = {_hint(by_name[name]): v for name, v in macs.items()}
+    grouped = {n.name for n in graph.nodes if n.op == "conv2d" and int(n.attrs["groups"]) > 1}
+    out: dict[str, int | None] = {_hint(by_name[name]): None if name in grouped else v for name, v in macs.items()}
     for d, e in (fused or {}).items():
-        out[_hint(by_name[d])] += macs[e]
+        sym = _hint(by_name[d])
+        out[sym] = None if out[sym] is None or e in grouped else out[sym] + macs[e]
     return out
 
 
-def macs_of(symbol: str, macs: dict[str, int]) -> int:
+def macs_of(symbol: str, macs: dict[str, int | None]) -> int | None:
     """``symbol``'s entry of :func:`kernel_macs`, or the entry it extends (``k_conv1`` for ``k_conv1_maxpool``);
-    0 for a kernel without products (pools, adds, layout changes)."""
+    0 for a kernel without products (pools, adds, layout changes); None for one without a floor."""
     if symbol in macs:
         return macs[symbol]
     return next((v for k, v in sorted(macs.items(), key=lambda kv: -len(kv[0])) if symbol.startswith(k + "_")), 0)
@@ -268,16 +273,19 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
         if r and peak_loop is not None:             # the VNNI ceiling between rounds: the VM's clock drifts
             rates += vnni_peak.rate_per_core(peak_loop, threads, iterations)
     by_type: dict[str, dict] = defaultdict(lambda: {"so_ms": 0.0, "so_layers": 0, "openvino_ms": 0.0,
-                                                    "openvino_layers": 0, "floor_ms": 0.0})
+                                                    "openvino_layers": 0, "floor_ms": 0.0, "floorless": False})
     per_core = float(np.median(rates)) if rates else None
     macs = kernel_macs(graph, fused_expand_pairs(graph))
     layers = []
     for i, (sym, _, _, kind) in enumerate(kernels):
         ms = float(np.median(ours[i]))
-        floor = vnni_peak.floor_ms(macs_of(sym, macs) / 1e9, batch, per_core, threads) if per_core else None
+        products = macs_of(sym, macs)
+        floor = (vnni_peak.floor_ms(products / 1e9, batch, per_core, threads)
+                 if per_core and products is not None else None)
         by_type[kind]["so_ms"] += ms
         by_type[kind]["so_layers"] += 1
         by_type[kind]["floor_ms"] += floor or 0.0
+        by_type[kind]["floorless"] |= products is None
         layers.append(dict(side="ptq2tvm", name=sym, type=kind, median_ms=ms, vnni_floor_ms=floor))
     for name, ts in theirs.items():
         ms = float(np.median(ts))
@@ -286,7 +294,8 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
         layers.append(dict(side="openvino_int8", name=name, type=kinds_ov[name], median_ms=ms))
     for v in by_type.values():
         v["ratio"] = v["so_ms"] / v["openvino_ms"] if v["openvino_ms"] > 0 else None
-        v["floor_ms"] = v["floor_ms"] if per_core else None
+        floorless = v.pop("floorless")
+        v["floor_ms"] = v["floor_ms"] if per_core and not floorless else None
     return dict(model=model_name, bits=f"W{w}A{a}", batch=batch, build_seconds=round(build_s, 1), rounds=rounds,
                 by_type=dict(sorted(by_type.items())), layers=layers, loadavg_1min=round(os.getloadavg()[0], 2),
                 vpdpbusd_per_s_per_core=per_core, vpdpbusd_rate_spread=[min(rates), max(rates)] if rates else None)
@@ -333,6 +342,8 @@ def main() -> None:
         tot_so = sum(v["so_ms"] for _, v in items)
         tot_ov = sum(v["openvino_ms"] for _, v in items)
         floors = [v["floor_ms"] for _, v in items if v["floor_ms"] is not None]
+        if len(floors) < len(items):        # a type without a floor (grouped convs): no floor for the network
+            floors = []
         for k, v in items + [("total", {"so_layers": sum(v["so_layers"] for _, v in items), "so_ms": tot_so,
                                          "openvino_layers": sum(v["openvino_layers"] for _, v in items),
                                          "openvino_ms": tot_ov, "ratio": tot_so / tot_ov if tot_ov else None,
@@ -352,7 +363,8 @@ def main() -> None:
                           f"core, {r['vpdpbusd_rate_spread'][0] / 1e9:.2f}-{r['vpdpbusd_rate_spread'][1] / 1e9:.2f}"
                           for r in results if r["vpdpbusd_per_s_per_core"])
               + "; one 512-bit `vpdpbusd` = 64 multiply-adds): what a layer type would take doing nothing but its "
-              "products (depthwise products do not fill 4-byte groups). AVX-512 VNNI hosts only. " + CAVEAT, ""]
+              "products; none for a kernel with a depthwise or grouped conv (its products do not fill 4-byte groups) or a type "
+              "or network with such a kernel. AVX-512 VNNI hosts only. " + CAVEAT, ""]
         lines += ["| model | .so W/A | .so kernel | layer type | .so ms | VNNI floor ms | .so / floor |",
                   "|---|---|---|---|---:|---:|---:|"]
         for res in results:

@@ -860,7 +860,7 @@ def tuning_space(func: tvm.tirx.PrimFunc, target=None, limit: int | None = None)
     """The schedule options worth measuring for one kernel PrimFunc, the hand schedule's choice first (``{}``).
 
     Convs: the register tiles of :func:`conv_tile_candidates` (int4 weights: also unpacked per reduction step with
-    their own tiles); depthwise: the column tile ``p_max``; dense: the output
+    their own tiles), ranked for the threads the schedule will use (:func:`parallel_threads`); depthwise: the column tile ``p_max``; dense: the output
     blocks per task ``q``. Other kernels (layout changes, pools, element-wise) have one schedule: ``[{}]``.
     """
     kind = kernel_kind(func)
@@ -875,7 +875,9 @@ def tuning_space(func: tvm.tirx.PrimFunc, target=None, limit: int | None = None)
         space += [{"p_max": d} for d in sorted(_divisors(ow), key=lambda d: abs(d - default))
                   if d <= 16 and d != default]
     elif kind.startswith("conv2d"):
-        n, ob, oh, ow = (int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("acc"))[:4])
+        acc = sch.get_sblock("acc")
+        n, ob, oh, ow = (int(sch.get(lp).extent) for lp in sch.get_loops(acc)[:4])
+        threads = parallel_threads(sch, acc, threads)     # a conv under MIN_PARALLEL_MACS is built serial
         layout = kind.rsplit("_", 1)[1]
         t = _as_target(target)
         isa = dot_product(layout, target_isa(t) if t is not None else layout,

@@ -49,18 +49,22 @@ def test_fused_expand_depthwise_pair_is_typed_as_the_pair() -> None:
         {k: v for k, v in plain.items() if k not in fused_syms}
 
 
-def test_kernel_macs_count_a_fused_pair_and_the_stem_pool_kernel_once() -> None:
-    """The VNNI floor column's products per kernel: a fused 1x1 + depthwise kernel carries both layers' products,
-    the stem + pool kernel ``k_<conv>_<pool>`` its conv's, a kernel without products none; nothing counted twice."""
+def test_kernel_macs_count_dense_kernels_once_and_give_grouped_ones_no_floor() -> None:
+    """The VNNI floor column's products per kernel: the stem + pool kernel ``k_<conv>_<pool>`` carries its conv's,
+    a kernel without products none, every dense conv / linear its own once; a kernel with a depthwise conv in it
+    (alone, or fused after its 1x1 expand) has no floor (None), as latency_cpu gives none for such a network."""
     graph = tiny_integer_graph(8, 8)
     pairs = {d: e.name for d, e in _BlockedBuilder(graph, "vnni").expand_depthwise_pairs().items()}
     by_name = {n.name: n for n in graph.nodes}
+    grouped = {n.name for n in graph.nodes if n.op == "conv2d" and int(n.attrs["groups"]) > 1}
+    assert grouped and set(pairs) <= grouped
     real = layer_macs(graph, skip_padding=True)
     macs = kernel_macs(graph, pairs)
-    for d, e in pairs.items():
-        assert macs[_hint(by_name[d])] == real[d] + real[e]
-    assert sum(v for k, v in macs.items() if k not in {_hint(by_name[e]) for e in pairs.values()}) == \
-        sum(real.values())
+    assert all(macs[_hint(by_name[g])] is None for g in grouped)
+    expands = {_hint(by_name[e]) for e in pairs.values()}
+    dense = {k: v for k, v in macs.items() if v is not None and k not in expands}
+    assert dense and sum(dense.values()) == sum(v for k, v in real.items() if k not in grouped and k not in
+                                                 set(pairs.values()))
     stem = _hint(by_name["stem"])
     assert macs_of(stem + "_maxpool", macs) == macs_of(stem, macs) == real["stem"] > 0
     assert macs_of("k_avgpool", macs) == macs_of("quantize_input", macs) == 0
