@@ -61,6 +61,15 @@ _MIN_PARALLEL_ELEMS = 1 << 14
 #: (benchmarks/commit_ab.py --kernels), MobileNetV3-Large's / EfficientNet-B0's SE convs up to 3.8 K took 1.3-2.1 us
 #: serial vs 2.0-3.1 parallel, 15 K-21.5 K about the same, 55 K-118 K 1.2-1.6x longer serial.
 MIN_PARALLEL_MACS = 1 << 14
+#: ... and so do kernels with fewer than SMALL_KERNEL_MACS multiply-adds whose weights (multiply-adds per output
+#: pixel) are under MIN_PARALLEL_MACS: their products are spread over several pixels, so the weights are few and
+#: nothing streams from memory; the parallel loop's start and end (and the pad stage's own loop) then cost more than
+#: half the work saves. Zen 4, 2 threads, standalone warm kernels, serial / parallel build time: 1x1/2 16 -> 32 at
+#: 14x14 (24 K) 0.37, 32 -> 64 (98 K) 0.69, 1x1 96 -> 24 at 7x7 (110 K) 0.69; 294-392 K already 1.06-1.5 (the VM's
+#: fast stretches; in its slow ones, where a parallel loop costs ~2 us, serial won up to ~1.7 M). In a network (one
+#: process, interleaved, batch 1): the 28x28 MobileNetV2, 6 kernels newly serial, 0.925-0.927x in two runs; the 28x28
+#: ResNet, 2, 0.996-1.024x.
+SMALL_KERNEL_MACS = 1 << 17
 
 
 # Storage scope of every accumulator tile (and of the tensor intrinsics' accumulator operand). "global", not
@@ -262,7 +271,8 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     input_dtype = str(sch.get(pad).writes[0].source.dtype) if pad is not None else "uint8"
     intrin, tiles = dot_product(layout, isa or layout, _ubsw_exact(sch, out), input_dtype)
     acc = sch.get_sblock("acc")
-    threads = parallel_threads(sch, acc, threads)
+    n0, _, oh0, ow0 = (int(sch.get(lp).extent) for lp in sch.get_loops(acc)[:4])
+    threads = parallel_threads(sch, acc, threads, n0 * oh0 * ow0)
     unpack = _try_block(sch, "w_unpack")
     acc16 = _try_block(sch, "acc16")
     if acc16 is not None:
@@ -606,10 +616,10 @@ def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: s
     layout = str(sch.get(out).annotations[KERNEL_ATTR]).rsplit("_", 1)[1]
     intrin, tiles = dot_product(layout, isa or layout, _ubsw_exact(sch, out))
     acc = sch.get_sblock("acc")
-    threads = parallel_threads(sch, acc, threads)
+    n, ob, oc, rkf, rks = sch.get_loops(acc)
+    threads = parallel_threads(sch, acc, threads, int(sch.get(n).extent))
     pad = _try_block(sch, "pad")
     unpack = _try_block(sch, "w_unpack")
-    n, ob, oc, rkf, rks = sch.get_loops(acc)
     nx, obx = int(sch.get(n).extent), int(sch.get(ob).extent)
     max_acc = {"vnni": 24, "ymm": 6}.get(tiles, 4)
     pn = max(d for d in _divisors(nx) if d <= max(1, max_acc // 2))
@@ -643,11 +653,18 @@ def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: s
     return sch
 
 
-def parallel_threads(sch: Schedule, acc, threads: int) -> int:
-    """``threads``, or 1 for a conv / dense kernel whose accumulation block ``acc`` has fewer than
-    :data:`MIN_PARALLEL_MACS` iterations (multiply-adds, padding included): it then runs on the calling thread, with
-    the tile and task choices of a 1-thread build."""
-    return threads if _elems(sch, acc) >= MIN_PARALLEL_MACS else 1
+def runs_serial(macs: int, pixels: int) -> bool:
+    """Whether a conv / dense kernel of ``macs`` multiply-adds (padding included) over ``pixels`` output pixels
+    (images x rows x columns; a dense kernel's rows) runs on the calling thread: under :data:`MIN_PARALLEL_MACS`, or
+    under :data:`SMALL_KERNEL_MACS` with weights (``macs / pixels``) under :data:`MIN_PARALLEL_MACS`."""
+    return macs < MIN_PARALLEL_MACS or (macs < SMALL_KERNEL_MACS and macs < MIN_PARALLEL_MACS * pixels)
+
+
+def parallel_threads(sch: Schedule, acc, threads: int, pixels: int) -> int:
+    """``threads``, or 1 for a conv / dense kernel whose accumulation block ``acc`` (its iterations: the
+    multiply-adds) over ``pixels`` output pixels :func:`runs_serial`: it then runs on the calling thread, with the
+    tile and task choices of a 1-thread build."""
+    return 1 if runs_serial(_elems(sch, acc), pixels) else threads
 
 
 def _elems(sch: Schedule, block) -> int:
@@ -860,8 +877,9 @@ def tuning_space(func: tvm.tirx.PrimFunc, target=None, limit: int | None = None)
     """The schedule options worth measuring for one kernel PrimFunc, the hand schedule's choice first (``{}``).
 
     Convs: the register tiles of :func:`conv_tile_candidates` (int4 weights: also unpacked per reduction step with
-    their own tiles), ranked for the threads the schedule will use (:func:`parallel_threads`); depthwise: the column tile ``p_max``; dense: the output
-    blocks per task ``q``. Other kernels (layout changes, pools, element-wise) have one schedule: ``[{}]``.
+    their own tiles), ranked for the threads the schedule will use (:func:`parallel_threads`); depthwise: the column
+    tile ``p_max``; dense: the output blocks per task ``q``. Other kernels (layout changes, pools, element-wise) have
+    one schedule: ``[{}]``.
     """
     kind = kernel_kind(func)
     if kind is None:
@@ -877,7 +895,7 @@ def tuning_space(func: tvm.tirx.PrimFunc, target=None, limit: int | None = None)
     elif kind.startswith("conv2d"):
         acc = sch.get_sblock("acc")
         n, ob, oh, ow = (int(sch.get(lp).extent) for lp in sch.get_loops(acc)[:4])
-        threads = parallel_threads(sch, acc, threads)     # a conv under MIN_PARALLEL_MACS is built serial
+        threads = parallel_threads(sch, acc, threads, n * oh * ow)     # a small conv is built serial
         layout = kind.rsplit("_", 1)[1]
         t = _as_target(target)
         isa = dot_product(layout, target_isa(t) if t is not None else layout,

@@ -961,14 +961,28 @@ def test_weight_prefetch_only_where_measured():
 
 
 # one-output-pixel convs (squeeze-excitation 1x1 convs, 1x1 classifiers at batch 1), (n, c, o, int4, residual):
-# the MIN_PARALLEL_MACS rule (serial below 16 K multiply-adds) and default_unpack_at ("step" with the int8 tiles
-# where n * oh * ow == 1, else "task")
+# the serial rule (kernels.schedule.runs_serial: under 16 K multiply-adds, or under 128 K with under 16 K weights)
+# and default_unpack_at ("step" with the int8 tiles where n * oh * ow == 1, else "task")
 ONE_PIXEL_CASES = {
     "se_squeeze_int4_serial": (1, 96, 16, True, False),     # 96 x 16 = 1.5 K MACs: serial, step
     "se_expand_int4_res": (1, 240, 240, True, True),        # 57.6 K: parallel, step, 15 blocks -> Q = 3
     "se_int8_serial": (1, 64, 32, False, False),            # 2 K: serial, no unpack
-    "int4_batch2_task": (2, 240, 240, True, False),         # 2 pixels: per-task unpack
+    "int4_batch2_task": (2, 240, 240, True, False),         # 2 pixels, 115 K, 57.6 K weights: parallel, per task
+    "batch3_int8_small_weights": (3, 96, 96, False, False),  # 27.6 K, 9.2 K weights: serial
 }
+
+
+@pytest.mark.parametrize("macs, pixels, serial", [
+    (15_000, 1, True), (57_600, 1, False),              # one pixel: the weights stream, parallel from 16 K
+    (24_576, 49, True), (100_352, 49, True),            # 1x1/2 16 -> 32, 32 -> 64 at 14x14 (28x28 ResNet, batch 1)
+    (110_592, 49, True), (131_071, 8, True),            # 1x1 96 -> 24 at 7x7; weights 16383 x 8
+    (131_072, 49, False), (301_056, 196, False),        # from 128 K: parallel
+    (122_880, 4, False),                                # 30 K weights: they stream, parallel
+])
+def test_runs_serial_rule(macs, pixels, serial):
+    """Conv / dense kernels under 16 K multiply-adds, or under 128 K with under 16 K weights (multiply-adds per output
+    pixel), run on the calling thread (standalone on the Zen 4 such kernels ran 0.37-0.69x their parallel time)."""
+    assert K.schedule.runs_serial(macs, pixels) is serial
 
 
 @pytest.mark.parametrize("name", list(ONE_PIXEL_CASES))
@@ -987,11 +1001,13 @@ def test_one_pixel_convs_serial_and_step_unpack_bit_exact(name):
     attrs = dict(input_zero_point=0, output_zero_point=4, residual_zero_point=3, in_channels=c)
     kern = K.build_standalone(K.conv2d_nchwc_requant, arrays, target, **attrs)
     script = kern.func.script()
-    assert ("T.parallel" in script) == (n * c * o >= K.schedule.MIN_PARALLEL_MACS), name
+    serial = K.schedule.runs_serial(n * c * o, n)
+    assert ("T.parallel" in script) != serial, name
+    assert serial == name.endswith(("_serial", "_small_weights")), name
     if int4:
         unpack_at = K.schedule.default_unpack_at(n, o // 16, 1, 1, "vnni")
         assert unpack_at == ("step" if n == 1 else "task")
-        threads = 2 if n * c * o >= K.schedule.MIN_PARALLEL_MACS else 1
+        threads = 1 if serial else 2
         tile = (K.schedule.choose_conv_tile(n, o // 16, 1, 1, threads=threads) if unpack_at == "step"
                 else K.schedule.balanced_task_tile(n, o // 16, 1, 1, threads=threads))
         explicit = K.build_standalone(K.conv2d_nchwc_requant, arrays, target,
@@ -1005,8 +1021,8 @@ def test_one_pixel_convs_serial_and_step_unpack_bit_exact(name):
 def test_small_convs_random_shapes_bit_exact():
     """Hypothesis draws (seeded, derandomized) around the one-pixel and serial rules: batch 1-3, 1-300 input and
     1-300 output channels (partial blocks included), 1x1 or 2x2 maps, int8 or int4 weights, with or without a
-    residual; each kernel equals kernels.reference bit for bit and is parallel exactly when it has
-    MIN_PARALLEL_MACS multiply-adds."""
+    residual; each kernel equals kernels.reference bit for bit and is parallel exactly when it has 16 K multiply-adds
+    or more and, under 128 K, 16 K weights (multiply-adds per output pixel) or more."""
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
 
@@ -1024,8 +1040,9 @@ def test_small_convs_random_shapes_bit_exact():
                                   input_zero_point=0, output_zero_point=6, residual_zero_point=2, in_channels=c)
         (_, cb, _, _, _), ob = arrays[0].shape, -(-o // 16)
         reduction = -(-c // 4) * 4 if c <= 16 * cb - 4 else 16 * cb      # the real 4-channel steps (partial blocks)
-        assert ("T.parallel" in kern.func.script()) == (n * hw * hw * ob * 16 * reduction
-                                                         >= K.schedule.MIN_PARALLEL_MACS), (n, c, o, hw)
+        macs, pixels = n * hw * hw * ob * 16 * reduction, n * hw * hw
+        parallel = macs >= 1 << 14 and (macs >= 1 << 17 or macs >= (1 << 14) * pixels)
+        assert ("T.parallel" in kern.func.script()) == parallel, (n, c, o, hw)
         assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), o), cs["ref"]), (n, c, o, hw, int4, res)
 
     check()

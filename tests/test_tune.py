@@ -66,17 +66,17 @@ def test_depthwise_taps_tuning_space_is_bit_exact():
 
 
 def test_serial_conv_space_is_ranked_for_one_thread():
-    """A conv under MIN_PARALLEL_MACS runs on the calling thread (kernels.schedule.parallel_threads); its tuning space
+    """A small conv runs on the calling thread (kernels.schedule.parallel_threads); its tuning space
     lists the tiles in the order a 1-thread build ranks them (which differs from the 2-thread order at this shape),
     and the hand schedule's choice, option ``{}``, is that list's first tile. A conv above the threshold keeps the
     target's thread count."""
     rng = np.random.default_rng(3)
     target = K.host_target(num_cores=2, mcpu=None if HAS_VNNI else "znver4")
-    for c, o, h, threads in ((16, 16, 4, 1), (64, 16, 4, 2)):      # 4096 and 16384 multiply-adds
+    for c, o, h, threads in ((16, 16, 4, 1), (1024, 16, 4, 2)):     # 4 K and 256 K multiply-adds
         cs = _conv_case(rng, 1, c, h, h, o, 1, 1, 0, 1, 1, False)
         params = K.pack_channel_params(cs["bias"], cs["m"], cs["sh"], cs["mr"])
         arrays = [K.nchw_to_nchwc(cs["x"], 16, 3), K.pack_conv_weight(cs["w"], 1, 16), *params[:3]]
-        assert (h * h * c * o >= K.schedule.MIN_PARALLEL_MACS) == (threads == 2)
+        assert K.schedule.runs_serial(h * h * c * o, h * h) == (threads == 1)
         space = K.tuning_space(_unscheduled(K.conv2d_nchwc_requant, arrays, input_zero_point=3), target)
         want = K.conv_tile_candidates(1, o // 16, h, h, isa="vnni", threads=threads)
         other = K.conv_tile_candidates(1, o // 16, h, h, isa="vnni", threads=3 - threads)
