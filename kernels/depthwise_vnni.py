@@ -8,7 +8,8 @@ pairs). The TE kernel spends ~19 vector instructions per 16 outputs on the int64
 (3x3); this one ~10. Same integers as :func:`kernels.reference` (tests/test_depthwise_vnni.py).
 
 Work split: one parallel iteration per (image, channel block, band of output rows), as few bands as give 2
-iterations per thread. An iteration copies its band's input rows, padded with the zero point, into its own buffer
+iterations per thread; a kernel of fewer than :data:`kernels.vector_tir.SERIAL_OUTPUTS` outputs runs them on the
+calling thread. An iteration copies its band's input rows, padded with the zero point, into its own buffer
 (L2-resident; a padded copy of the whole input went through memory and took 25-45% of the kernel), forms the 16
 channels' requant constants, and runs output pixels in groups of ``U`` independent accumulators (the last group
 of 8, then 4, then the rest: no pixel computed twice) and clamps and narrows four pixels at a time
@@ -31,7 +32,7 @@ from .intrin import TAPS_TRANSPOSE
 from .layout import BLOCK
 from .vector_tir import (EPILOGUE_INT32, LIFTED_EPILOGUES, block_shift, check_epilogue, check_kernel_args,
                          epilogue_attrs, for_pixel_groups, lift_constant, output_args, paired_requant16, requant_args,
-                         residual16, split_for_threads, store_paired_constants, store_pixel_rows)
+                         residual16, split_for_threads, store_paired_constants, store_pixel_rows, task_loop)
 
 DEPTHWISE_VNNI_KIND = "depthwise_vnni_paired"     # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -125,7 +126,7 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
             wt = T.arg("w", T.buffer((cb, kh, g, BLOCK, 4), "int8"))
             bias, mult, shift = requant_args(cb)
             r, mr, out = output_args((n, cb, oh, ow, BLOCK), residual)
-            with T.parallel(0, n * cb * bands) as t:
+            with task_loop(n * cb * oh * ow * BLOCK)(0, n * cb * bands) as t:
                 b, o, band = t // (cb * bands), t // bands % cb, t % bands
                 i0 = band * band_rows
                 # this band's input rows, padded with the zero point (stays in L2: a whole padded copy of the

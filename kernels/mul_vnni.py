@@ -21,7 +21,7 @@ from .func_attrs import hand_kernel_attrs
 from .depthwise_vnni import channel_constants, requant16
 from .layout import BLOCK
 from .vector_tir import (EPILOGUE_INT32, check_epilogue, check_kernel_args, epilogue_attrs, for_pixel_groups,
-                         split_for_threads, store_pixel_rows)
+                         split_for_threads, store_pixel_rows, task_loop)
 
 MUL_VNNI_KIND = "mul_vnni_paired"   # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -71,7 +71,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
             flat = [T.decl_buffer((planes, int(s[2]) * int(s[3]), BLOCK), "uint8", data=t.data)
                     for t, s in ((a, a_shape), (b, b_shape))]
             of = T.decl_buffer((planes, pixels, BLOCK), "uint8", data=out.data)
-            with T.parallel(0, planes * bands) as t:
+            with task_loop(planes * pixels * BLOCK)(0, planes * bands) as t:      # small: serial
                 plane, band = t // bands, t % bands
                 o = plane % cb
                 start = tir.min(band * per, pixels - per)

@@ -198,6 +198,19 @@ def unpack_nibbles64(packed: tir.PrimExpr) -> tir.PrimExpr:
     return tir.call_llvm_pure_intrin("int8x64", "llvm.x86.vgf2p8affineqb.512", both, matrix, tir.const(0, "int8"))
 
 
+#: a hand-written kernel with fewer output elements than this runs its task loop on the calling thread: a parallel
+#: loop costs ~0.5 us to start and join on the 2-core Zen 4 (~2 us in the VM's slow stretches), more than such a
+#: kernel's work. Depthwise 3x3 (kernels/depthwise_vnni.py), standalone, warm, serial / parallel time: 3-4 K outputs
+#: (c96 at 7x7, c192 at 4x4, stride-2 c96 at 14x14) 0.61-0.72, 6 K 0.92, 9 K 0.97-1.01, 18 K 1.22, 73 K 1.59.
+SERIAL_OUTPUTS = 1 << 13
+
+
+def task_loop(outputs: int):
+    """``T.parallel``, or ``T.serial`` for a kernel of fewer than :data:`SERIAL_OUTPUTS` output elements: the
+    loop constructor of a hand-written kernel's tasks (same iterations either way, so the same integers)."""
+    return T.serial if outputs < SERIAL_OUTPUTS else T.parallel
+
+
 def split_for_threads(count: int, groups: int, threads: int | None) -> tuple[int, int]:
     """(parts, per part): ``count`` items of each of ``groups`` groups split into as few equal parts as give >= 2
     parallel iterations per thread (``threads``, default this machine's cores), no empty part. The hand-written
@@ -360,6 +373,6 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
                     fill(w + pw, right)
 
 
-__all__ = ["block_shift", "check_kernel_args", "for_pixel_groups", "output_args", "pack4_clamp", "pad_stage",
-           "paired_requant16", "pixel_runs", "requant_args", "residual16", "split_for_threads",
-           "store_paired_constants", "store_pixel_rows", "unpack_nibbles64"]
+__all__ = ["SERIAL_OUTPUTS", "block_shift", "check_kernel_args", "for_pixel_groups", "output_args", "pack4_clamp",
+           "pad_stage", "paired_requant16", "pixel_runs", "requant_args", "residual16", "split_for_threads",
+           "store_paired_constants", "store_pixel_rows", "task_loop", "unpack_nibbles64"]

@@ -99,3 +99,17 @@ def test_depthwise_vnni_rejects_bad_weight():
         depthwise_vnni_primfunc("f", (1, 2, 8, 8, 16), (1, 3, 1, 16, 4), 3, (1, 1), (1, 1), 1, 0, 0, 0, 255, 0, False)
     with pytest.raises(ValueError, match="kernel width 5"):
         depthwise_vnni_primfunc("f", (1, 2, 8, 8, 16), (2, 3, 1, 16, 4), 5, (1, 1), (1, 1), 1, 0, 0, 0, 255, 0, False)
+
+
+@pytest.mark.parametrize("name,parallel", [("3x3_w11_groups_clamped", False), ("3x3_one_column", False),
+                                           ("mbv2_3x3_s1_batch2", True), ("mbv2_3x3_s2_odd", True)])
+def test_small_depthwise_runs_on_the_calling_thread(name, parallel):
+    """A depthwise kernel of fewer than kernels.vector_tir.SERIAL_OUTPUTS (8 K) output elements runs its tasks in a
+    serial loop (a parallel loop's start cost more than such a kernel's work: 0.61-0.72x the time at 3-4 K outputs on
+    the Zen 4), a larger one in parallel; test_depthwise_vnni_bit_exact runs both kinds."""
+    from kernels.vector_tir import SERIAL_OUTPUTS
+
+    cs, arrays, func, (k, s, p, dh) = _case(name)
+    outputs = int(np.prod(depthwise_vnni_out_shape(arrays[0].shape, (k, k), (s, s), (p, p), dh)))
+    assert (outputs >= SERIAL_OUTPUTS) == parallel, outputs
+    assert ("T.parallel" in func.script()) == parallel

@@ -218,3 +218,11 @@ def test_cascade_lake_target_keeps_the_te_lookup():
              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None]
     assert K.LUT_VBMI_KIND not in kinds and K.MUL_VNNI_KIND in kinds, kinds
     tvm.compile(mod, target=tvm.target.Target(clx))
+
+
+@pytest.mark.parametrize("shape,parallel", [((1, 6, 4, 4, 16), False), ((1, 60, 7, 7, 16), True)])
+def test_small_se_multiply_runs_on_the_calling_thread(shape, parallel):
+    """The squeeze-excitation multiply of fewer than kernels.vector_tir.SERIAL_OUTPUTS output elements (here 1.5 K)
+    runs its tasks in a serial loop, a larger one (47 K, MobileNetV3-Large's last stage) in parallel."""
+    func = K.mul_vnni_primfunc("m", shape, (*shape[:2], 1, 1, 16), (3, 0), 5, 0, 255, threads=2)
+    assert ("T.parallel" in func.script()) == parallel
