@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import vnni_peak  # noqa: E402
 
 # input (C, H, W) of the models that are not 3x224x224: the demo's Fashion-MNIST nets (per-call overhead decides)
-MODEL_INPUTS = {"resnet_small": (1, 28, 28), "mobilenet_v2_small": (1, 28, 28)}
+MODEL_INPUTS = {"resnet_small": (1, 28, 28), "mobilenet_v2_small": (1, 28, 28), "mobilenet_v3_small_fm": (1, 28, 28),
+                "efficientnet_small_fm": (1, 28, 28)}
 
 
 def seeded_graphs(name: str, settings: list[str]) -> tuple[torch.nn.Module, np.ndarray, dict[tuple[int, int], object]]:
