@@ -363,8 +363,8 @@ def main() -> None:
                           f"core, {r['vpdpbusd_rate_spread'][0] / 1e9:.2f}-{r['vpdpbusd_rate_spread'][1] / 1e9:.2f}"
                           for r in results if r["vpdpbusd_per_s_per_core"])
               + "; one 512-bit `vpdpbusd` = 64 multiply-adds): what a layer type would take doing nothing but its "
-              "products; none for a kernel with a depthwise or grouped conv (its products do not fill 4-byte groups) or a type "
-              "or network with such a kernel. AVX-512 VNNI hosts only. " + CAVEAT, ""]
+              "products; none for a kernel with a depthwise or grouped conv (its products do not fill 4-byte "
+              "groups) or a type or network with such a kernel. AVX-512 VNNI hosts only. " + CAVEAT, ""]
         lines += ["| model | .so W/A | .so kernel | layer type | .so ms | VNNI floor ms | .so / floor |",
                   "|---|---|---|---|---:|---:|---:|"]
         for res in results:

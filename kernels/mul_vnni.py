@@ -21,7 +21,7 @@ from .func_attrs import hand_kernel_attrs
 from .depthwise_vnni import channel_constants, requant16
 from .layout import BLOCK
 from .vector_tir import (EPILOGUE_INT32, check_epilogue, check_kernel_args, epilogue_attrs, for_pixel_groups,
-                         split_for_threads, store_pixel_rows, task_loop)
+                         split_for_threads, store_pixel_rows, task_loop, task_threads)
 
 MUL_VNNI_KIND = "mul_vnni_paired"   # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -57,7 +57,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
     out_shape = mul_vnni_out_shape(a_shape, b_shape)
     n, cb, h, w, _ = out_shape
     planes, pixels = n * cb, h * w
-    bands, per = split_for_threads(pixels, planes, threads)
+    bands, per = split_for_threads(pixels, planes, task_threads(planes * pixels * BLOCK, threads))
     za, zb, z = (int(v) for v in (*zero_points, output_zero_point))
     with IRBuilder() as ib:
         with T.prim_func():

@@ -205,9 +205,16 @@ def unpack_nibbles64(packed: tir.PrimExpr) -> tir.PrimExpr:
 SERIAL_OUTPUTS = 1 << 13
 
 
+def task_threads(outputs: int, threads: int | None) -> int | None:
+    """The threads a hand-written kernel of ``outputs`` output elements splits its work for: 1 under
+    :data:`SERIAL_OUTPUTS` (then :func:`task_loop` runs its tasks serially), else ``threads``."""
+    return 1 if outputs < SERIAL_OUTPUTS else threads
+
+
 def task_loop(outputs: int):
     """``T.parallel``, or ``T.serial`` for a kernel of fewer than :data:`SERIAL_OUTPUTS` output elements: the
-    loop constructor of a hand-written kernel's tasks (same iterations either way, so the same integers)."""
+    loop constructor of a hand-written kernel's tasks (same iterations either way, so the same integers; split them
+    for :func:`task_threads`)."""
     return T.serial if outputs < SERIAL_OUTPUTS else T.parallel
 
 
@@ -375,4 +382,4 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
 
 __all__ = ["SERIAL_OUTPUTS", "block_shift", "check_kernel_args", "for_pixel_groups", "output_args", "pack4_clamp",
            "pad_stage", "paired_requant16", "pixel_runs", "requant_args", "residual16", "split_for_threads",
-           "store_paired_constants", "store_pixel_rows", "task_loop", "unpack_nibbles64"]
+           "store_paired_constants", "store_pixel_rows", "task_loop", "task_threads", "unpack_nibbles64"]
