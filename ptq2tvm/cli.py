@@ -793,8 +793,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _one_line_warning(args.command)
     try:
         check_outputs(args)
-        if getattr(args, "threads", None) is not None and args.threads < 1:
-            raise Ptq2TvmError(f"--threads must be >= 1, got {args.threads}")
+        for option, least in (("threads", 1), ("repeats", 1), ("calls_per_turn", 1), ("warmup", 0)):
+            value = getattr(args, option, None)      # checked before any work (bench exports ONNX models first)
+            if value is not None and value < least:
+                raise Ptq2TvmError(f"--{option.replace('_', '-')} must be >= {least}, got {value}")
         result = args.func(args)
         _emit(args, result)
     except Ptq2TvmError as e:

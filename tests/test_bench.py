@@ -168,6 +168,19 @@ def test_report_json_markdown_png(tmp_path, capsys):
     assert not [p for p in tmp_path.rglob(".*")], "temp files left behind"
 
 
+def test_rows_record_the_precision_each_runtime_ran(tmp_path):
+    """w_bits / a_bits are the compiled run's (they group the rows); ``precision`` says what the row's runtime ran:
+    a W4A4 run's float baselines FP32, ORT's / OpenVINO's own quantization W8A8, the .so W4A4 (the JSON used to say
+    4 / 4 on every baseline row)."""
+    rows = [{**r, "w_bits": 4, "a_bits": 4} for r in _rows()[:4]]
+    rows.append({**rows[0], "runtime": "openvino_int8"})
+    loaded = json.loads(write_rows(rows, tmp_path / "latency.json").read_text())
+    assert [(r["runtime"], r["precision"]) for r in loaded] == [
+        ("ptq2tvm", "W4A4"), ("torch_fp32", "FP32"), ("ort_fp32", "FP32"), ("ort_int8", "W8A8"),
+        ("openvino_int8", "W8A8")]
+    assert read_rows(tmp_path / "latency.json") == loaded
+
+
 def test_report_write_is_atomic(tmp_path):
     path = tmp_path / "latency.json"
     write_rows(_rows(), path)

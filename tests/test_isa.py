@@ -410,6 +410,12 @@ def test_target_strings():
     for bad in ("nosuchcpu", "{not json", "llvm mcpu=znver4"):
         with pytest.raises(TargetError, match="target"):
             resolve_target(bad)
+    # an unknown CPU inside a string, JSON or dict target: refused (LLVM only logs it and builds generic code)
+    for bad in ("llvm -mcpu=notacpu", '{"kind": "llvm", "mcpu": "notacpu"}', {"kind": "llvm", "mcpu": "notacpu"}):
+        with pytest.raises(TargetError, match="unknown CPU 'notacpu'"):
+            resolve_target(bad)
+    with pytest.raises(TargetError, match="-num-cores expects an integer, got 'abc'"):
+        resolve_target("llvm -mcpu=znver4 -num-cores=abc")
     v3 = set(required_cpu_features(resolve_target("x86-64-v3")))
     assert {"avx2", "fma", "bmi2"} <= v3 and not any(f.startswith(("avx512", "amx")) for f in v3)
     spr = set(required_cpu_features(resolve_target("sapphirerapids")))

@@ -178,6 +178,12 @@ def test_bench_times_every_runtime_on_all_outputs(run, capsys):
     rows = rows["rows"] if isinstance(rows, dict) else rows
     runtimes = {r["runtime"] for r in rows}
     assert {"ptq2tvm", "torch_fp32", "ort_fp32", "ort_int8", "ort_ptq2tvm_qdq"} <= runtimes
+    # the saved results say what ran and on what machine, how loaded (not only the printed warning)
+    assert {r["runtime"]: r["precision"] for r in rows}["torch_fp32"] == "FP32"
+    assert all(isinstance(r["loadavg_1min"], float) and r["cpu"] for r in rows)
+    md = (root / f"bench_{kind}" / "latency.md").read_text()
+    assert "logical CPUs, 1 thread(s) per runtime; 1-minute load average" in md
+    assert "wrote " in out and "latency.json" in out
     # every runner returns every output, in the integer graph's order
     fp32 = load_fp32(path / "fp32.pt", trust_code=True)
     x = np.load(root / "data.npz")["images"][:1]

@@ -197,6 +197,19 @@ def test_negative_fidelity_images_and_few_calibration_images(project, capsys):
     assert not [n for n in check_calibration(model, images[:128]) if "calibration image" in n]
 
 
+@pytest.mark.parametrize("option,value,least", [("--repeats", "0", 1), ("--warmup", "-1", 0),
+                                                 ("--calls-per-turn", "0", 1), ("--threads", "0", 1)])
+def test_bench_counts_are_checked_before_any_work(tmp_path, capsys, option, value, least):
+    """bench with a count below its least value stops in one line before it opens the run or exports anything (it
+    used to export the ONNX models for ~20 s, then end in the timing function's traceback)."""
+    from ptq2tvm.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", str(tmp_path / "no_such_run"), option, value, "--out-dir", str(out)]) == 2
+    assert f"{option} must be >= {least}, got {value}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_bundle_runner_threads(monkeypatch, capsys):
     from ptq2tvm import bundle_runner
 

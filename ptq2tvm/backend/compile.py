@@ -54,12 +54,12 @@ def resolve_target(target: str | dict[str, Any] | None) -> dict[str, Any]:
 
     Raises TargetError naming the value when it is none of these.
     """
-    from .isa import PORTABLE_TARGETS, llvm_cpu_target, parse_target_string
+    from .isa import PORTABLE_TARGETS, check_llvm_cpu, llvm_cpu_target, parse_target_string
 
     if target is None or target in ("host", "cpu", "llvm"):
         return host_target()
     if isinstance(target, dict):
-        return target
+        return check_llvm_cpu(target)
     if not isinstance(target, str):
         raise TargetError(f"unknown target {target!r}: use 'host', 'x86-64-v3', 'cuda', a TVM target string or dict")
     text = target.strip()
@@ -70,7 +70,7 @@ def resolve_target(target: str | dict[str, Any] | None) -> dict[str, Any]:
             raise TargetError(f"target {text!r} is not valid JSON: {e}") from e
         if not isinstance(parsed, dict) or "kind" not in parsed:
             raise TargetError(f"JSON target {text!r} must be an object with a 'kind'")
-        return parsed
+        return check_llvm_cpu(parsed, text)
     if text.startswith("cuda"):
         arch = text.split(":", 1)[1] if ":" in text else "sm_80"
         if text.split(":", 1)[0] != "cuda" or not is_cuda_arch(arch):
@@ -79,7 +79,7 @@ def resolve_target(target: str | dict[str, Any] | None) -> dict[str, Any]:
         return {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
                 "thread_warp_size": 32, "registers_per_block": 65536, "host": host_target()}
     if " " in text or text.startswith("llvm"):
-        t = parse_target_string(text)
+        t = check_llvm_cpu(parse_target_string(text), text)
         if t["kind"] == "llvm":
             t.setdefault("num-cores", int(os.cpu_count() or 1))
         return t

@@ -82,10 +82,34 @@ def parse_target_string(text: str) -> dict[str, Any]:
         if key in ("mattr", "libs", "keys"):
             out[key] = [v for v in val.split(",") if v]
         elif key in ("num-cores", "max_num_threads", "opt-level") or val.lstrip("-").isdigit():
-            out[key] = int(val)
+            try:
+                out[key] = int(val)
+            except ValueError:
+                raise TargetError(f"target string {text!r}: -{key} expects an integer, got {val!r}") from None
         else:
             out[key] = val
     return out
+
+
+def check_llvm_cpu(target: dict[str, Any], text: str | None = None) -> dict[str, Any]:
+    """``target`` unchanged if it is not an LLVM target, has no ``mcpu`` or LLVM knows its ``mcpu`` for its
+    ``mtriple`` (default x86-64 Linux); else TargetError naming the CPU (``text``: the ``--target`` value it came
+    from). LLVM itself only logs an unknown CPU and builds for a generic one: a typo would give a slow build."""
+    from tvm.target import codegen
+
+    mcpu = target.get("mcpu")
+    if target.get("kind") != "llvm" or not mcpu:
+        return target
+    triple = str(target.get("mtriple") or "x86_64-unknown-linux-gnu")
+    try:
+        valid = codegen.llvm_is_valid_cpu(str(mcpu), triple)
+    except Exception:  # noqa: BLE001 - a triple this LLVM has no backend for: left to the build's own error
+        return target
+    if not valid:
+        where = f" in target {text!r}" if text else ""
+        raise TargetError(f"unknown CPU {mcpu!r}{where} for {triple}: use an LLVM CPU name (znver4, sapphirerapids, "
+                          f"alderlake, haswell, ...), one of {', '.join(PORTABLE_TARGETS)} or 'host'")
+    return target
 
 
 def llvm_cpu_target(mcpu: str, num_cores: int | None = None) -> dict[str, Any]:
@@ -99,5 +123,5 @@ def llvm_cpu_target(mcpu: str, num_cores: int | None = None) -> dict[str, Any]:
     return {"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores or os.cpu_count() or 1)}
 
 
-__all__ = ["LLVM_TO_CPUINFO", "PORTABLE_TARGETS", "host_cpu_flags", "host_isa", "llvm_cpu_target",
+__all__ = ["LLVM_TO_CPUINFO", "PORTABLE_TARGETS", "check_llvm_cpu", "host_cpu_flags", "host_isa", "llvm_cpu_target",
            "missing_cpu_features", "parse_target_string", "required_cpu_features"]

@@ -1,6 +1,9 @@
 """Benchmark reports: JSON rows (atomic), a markdown table, a PNG bar chart and a plain-text table.
 
-A row is ``{model, input, batch, w_bits, a_bits, runtime, median_ms, p10_ms, p90_ms, threads, vpdpbusd_count}``;
+A row is ``{model, input, batch, w_bits, a_bits, runtime, median_ms, p10_ms, p90_ms, threads, vpdpbusd_count}``
+(``w_bits`` / ``a_bits``: the compiled run's setting, which groups the rows; :func:`validate_row` adds
+``precision``, what the row's runtime itself ran: ``FP32`` for the float baselines, ``W8A8`` for ONNX Runtime's and
+OpenVINO's own INT8 quantization, else ``W<w>A<a>``);
 ``runtime`` is one of :data:`RUNTIMES` (or ``ptq2tvm_<tag>`` for several compiled variants); ``vpdpbusd_count`` is
 ``None`` except for the ptq2tvm .so. Optional ``isa`` (the vector ISA the runtime's kernels used: the .so's
 sidecar, OpenVINO's oneDNN primitives, the host's for ORT / torch) shows as a column; ``cpu`` names the host. An optional ``schedule`` (``hand`` | ``tuned``) tells two builds of the same .so
@@ -53,6 +56,7 @@ def validate_row(row: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"benchmark row has unknown runtime {rt!r}; expected one of {RUNTIMES}")
     out = {k: _plain(row[k]) for k in ROW_KEYS}
     out.update({k: _plain(v) for k, v in row.items() if k not in ROW_KEYS})  # extra keys are kept, at the end
+    out["precision"] = bits_label(out)
     return out
 
 

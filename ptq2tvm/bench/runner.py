@@ -123,27 +123,37 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
         runs["ort_ptq2tvm_qdq"] = ort_qdq_runner(IntegerGraph.load(run.qgraph), out / "onnx" / "ptq2tvm_qdq.onnx",
                                                  threads)
     rt_info: dict[str, dict[str, Any]] = {}
+    loads = [machine_load(warn=False)["loadavg_1min"]]
     stats = compare_latency(runs, fp32, example, calib, threads=threads, repeats=repeats,
                             warmup=warmup, ort_int8=ort_int8, work_dir=out / "onnx", progress=progress,
                             calls_per_turn=calls_per_turn, info=rt_info)
+    loads.append(machine_load(warn=False)["loadavg_1min"])
     cpu = cpu_features(llvm=False)["model_name"]
     vnni = count_instructions(run.so, ("vpdpbusd",)).get("vpdpbusd")
     model_name = model_label((info.get("model") or {}).get("name", "model"))
     rows = [dict(model=model_name, input="x".join(map(str, info["input_shape"])), batch=cm.batch,
                  w_bits=info["w_bits"], a_bits=info["a_bits"], runtime=name, median_ms=st.median_ms,
                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=threads,
-                 vpdpbusd_count=vnni if name == "ptq2tvm" else None, cpu=cpu, **rt_info.get(name, {}))
+                 vpdpbusd_count=vnni if name == "ptq2tvm" else None, cpu=cpu, loadavg_1min=loads[0],
+                 **rt_info.get(name, {}))
             for name, st in stats.items()]
     for r in rows:
         if r["runtime"] == "ort_ptq2tvm_qdq":
             r.update(onnx_weights=runs[r["runtime"]].weights, ort_kernels=runs[r["runtime"]].kernels)
     write_rows(rows, out / "latency.json")
-    write_markdown(rows, out / "latency.md")
+    cores = os.cpu_count() or 1
+    busy = "" if loads[0] <= 0.5 * cores else (     # as machine_load's warning: the load before our own threads
+        "**Warning: other processes competed for the CPU during this run; the latencies are not representative.** ")
+    write_markdown(rows, out / "latency.md", footer=f"{busy}Host: {cpu}, {cores} logical CPUs, {threads} thread(s) "
+                   f"per runtime; {describe_load(loads, cores)}")
     write_chart(rows, out / "latency.png")
     print_table(rows)
     base = {r["runtime"]: r["median_ms"] for r in rows}
     for other in ("torch_fp32", "ort_fp32", "ort_int8", "ort_ptq2tvm_qdq", "openvino_fp32", "openvino_int8"):
         if other in base:
-            print(f"ptq2tvm / {other}: {base['ptq2tvm'] / base[other]:.2f}x")
+            ratio = base["ptq2tvm"] / base[other]
+            verdict = f"{1 / ratio:.3g}x faster" if ratio < 1 else f"{ratio:.3g}x slower"
+            print(f"ptq2tvm / {other}: {ratio:.3g}x (the .so is {verdict})")
+    print(f"wrote {out / 'latency.json'}, latency.md, latency.png and the ONNX exports in {out / 'onnx'}")
     return dict(rows=rows, machine=machine_load(warn=False), json=str(out / "latency.json"), markdown=str(out / "latency.md"),
                 chart=str(out / "latency.png"))
