@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -797,6 +798,11 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, option, None)      # checked before any work (bench exports ONNX models first)
             if value is not None and value < least:
                 raise Ptq2TvmError(f"--{option.replace('_', '-')} must be >= {least}, got {value}")
+        cores = os.cpu_count() or 1
+        if getattr(args, "threads", None) is not None and args.threads > cores:
+            print(f"ptq2tvm {args.command}: warning: --threads {args.threads} is more than this machine's {cores} "
+                  "logical CPUs: the threads share cores (latencies mislead, TVM and OpenMP threads spin)",
+                  file=sys.stderr)
         result = args.func(args)
         _emit(args, result)
     except Ptq2TvmError as e:

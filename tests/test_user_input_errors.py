@@ -210,6 +210,19 @@ def test_bench_counts_are_checked_before_any_work(tmp_path, capsys, option, valu
     assert not out.exists()
 
 
+def test_threads_above_the_core_count_warn_in_one_line(tmp_path, capsys, monkeypatch):
+    """--threads above the logical CPUs: one ptq2tvm warning naming both numbers (before, only TVM's own log line
+    said so); the command then goes on (here it stops at the missing run directory)."""
+    from ptq2tvm.cli import main
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert main(["bench", str(tmp_path / "no_such_run"), "--threads", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: --threads 3 is more than this machine's 2 logical CPUs" in err
+    assert main(["bench", str(tmp_path / "no_such_run"), "--threads", "2"]) == 2
+    assert "warning: --threads" not in capsys.readouterr().err
+
+
 def test_bundle_runner_threads(monkeypatch, capsys):
     from ptq2tvm import bundle_runner
 
