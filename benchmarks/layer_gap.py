@@ -272,9 +272,9 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
                         theirs[p.node_name].append(p.real_time.total_seconds() * 1e3)
         if r and peak_loop is not None:             # the VNNI ceiling between rounds: the VM's clock drifts
             rates += vnni_peak.rate_per_core(peak_loop, threads, iterations)
-    by_type: dict[str, dict] = defaultdict(lambda: {"so_ms": 0.0, "so_layers": 0, "openvino_ms": 0.0,
-                                                    "openvino_layers": 0, "floor_ms": 0.0, "floorless": False})
     per_core = float(np.median(rates)) if rates else None
+    by_type: dict[str, dict] = defaultdict(lambda: {"so_ms": 0.0, "so_layers": 0, "openvino_ms": 0.0,
+                                                    "openvino_layers": 0, "floor_ms": 0.0 if per_core else None})
     macs = kernel_macs(graph, fused_expand_pairs(graph))
     layers = []
     for i, (sym, _, _, kind) in enumerate(kernels):
@@ -282,10 +282,10 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
         products = macs_of(sym, macs)
         floor = (vnni_peak.floor_ms(products / 1e9, batch, per_core, threads)
                  if per_core and products is not None else None)
-        by_type[kind]["so_ms"] += ms
-        by_type[kind]["so_layers"] += 1
-        by_type[kind]["floor_ms"] += floor or 0.0
-        by_type[kind]["floorless"] |= products is None
+        t = by_type[kind]
+        t["so_ms"] += ms
+        t["so_layers"] += 1
+        t["floor_ms"] = None if t["floor_ms"] is None or floor is None else t["floor_ms"] + floor   # one None: none
         layers.append(dict(side="ptq2tvm", name=sym, type=kind, median_ms=ms, vnni_floor_ms=floor))
     for name, ts in theirs.items():
         ms = float(np.median(ts))
@@ -294,8 +294,6 @@ def measure(model_name: str, bits: str, rounds: int, threads: int, work: Path, b
         layers.append(dict(side="openvino_int8", name=name, type=kinds_ov[name], median_ms=ms))
     for v in by_type.values():
         v["ratio"] = v["so_ms"] / v["openvino_ms"] if v["openvino_ms"] > 0 else None
-        floorless = v.pop("floorless")
-        v["floor_ms"] = v["floor_ms"] if per_core and not floorless else None
     return dict(model=model_name, bits=f"W{w}A{a}", batch=batch, build_seconds=round(build_s, 1), rounds=rounds,
                 by_type=dict(sorted(by_type.items())), layers=layers, loadavg_1min=round(os.getloadavg()[0], 2),
                 vpdpbusd_per_s_per_core=per_core, vpdpbusd_rate_spread=[min(rates), max(rates)] if rates else None)

@@ -57,7 +57,8 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
     out_shape = mul_vnni_out_shape(a_shape, b_shape)
     n, cb, h, w, _ = out_shape
     planes, pixels = n * cb, h * w
-    bands, per = split_for_threads(pixels, planes, task_threads(planes * pixels * BLOCK, threads))
+    outputs = planes * pixels * BLOCK
+    bands, per = split_for_threads(pixels, planes, task_threads(outputs, threads))
     za, zb, z = (int(v) for v in (*zero_points, output_zero_point))
     with IRBuilder() as ib:
         with T.prim_func():
@@ -71,7 +72,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
             flat = [T.decl_buffer((planes, int(s[2]) * int(s[3]), BLOCK), "uint8", data=t.data)
                     for t, s in ((a, a_shape), (b, b_shape))]
             of = T.decl_buffer((planes, pixels, BLOCK), "uint8", data=out.data)
-            with task_loop(planes * pixels * BLOCK)(0, planes * bands) as t:      # small: serial
+            with task_loop(outputs)(0, planes * bands) as t:      # small: serial
                 plane, band = t // bands, t % bands
                 o = plane % cb
                 start = tir.min(band * per, pixels - per)

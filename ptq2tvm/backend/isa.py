@@ -106,21 +106,18 @@ def check_llvm_cpu(target: dict[str, Any], text: str | None = None) -> dict[str,
     except Exception:  # noqa: BLE001 - a triple this LLVM has no backend for: left to the build's own error
         return target
     if not valid:
-        where = f" in target {text!r}" if text else ""
-        raise TargetError(f"unknown CPU {mcpu!r}{where} for {triple}: use an LLVM CPU name (znver4, sapphirerapids, "
-                          f"alderlake, haswell, ...), one of {', '.join(PORTABLE_TARGETS)} or 'host'")
+        bare = text == mcpu          # a bare --target word: a target name or a CPU name
+        what, where = ("target or CPU", "") if bare else ("CPU", f" in target {text!r}" if text else "")
+        raise TargetError(f"unknown {what} {mcpu!r}{where} for {triple}: use 'host', one of "
+                          f"{', '.join(PORTABLE_TARGETS)}, an LLVM CPU name (znver4, sapphirerapids, alderlake, "
+                          "haswell, ...), a TVM target string ('llvm -mcpu=znver4') or a JSON target dict")
     return target
 
 
 def llvm_cpu_target(mcpu: str, num_cores: int | None = None) -> dict[str, Any]:
-    """``{"kind": "llvm", "mcpu": mcpu, "num-cores": ...}`` after checking that LLVM knows ``mcpu`` (x86-64)."""
-    from tvm.target import codegen
-
-    if not codegen.llvm_is_valid_cpu(mcpu, "x86_64-unknown-linux-gnu"):
-        raise TargetError(f"unknown target or CPU {mcpu!r}: use 'host', one of {', '.join(PORTABLE_TARGETS)}, an LLVM "
-                         "CPU name (znver4, sapphirerapids, alderlake, haswell, ...), a TVM target string "
-                         "('llvm -mcpu=znver4') or a JSON target dict")
-    return {"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores or os.cpu_count() or 1)}
+    """``{"kind": "llvm", "mcpu": mcpu, "num-cores": ...}`` after checking that LLVM knows ``mcpu`` (x86-64,
+    :func:`check_llvm_cpu`)."""
+    return check_llvm_cpu({"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores or os.cpu_count() or 1)}, mcpu)
 
 
 __all__ = ["LLVM_TO_CPUINFO", "PORTABLE_TARGETS", "check_llvm_cpu", "host_cpu_flags", "host_isa", "llvm_cpu_target",

@@ -17,11 +17,16 @@ from .openvino_rt import openvino_available, openvino_runner, openvino_version
 from .timing import TimingStats, time_interleaved
 
 
+#: a 1-minute load average above this many per core, before a benchmark's own threads start, means other work
+#: competes for the CPU
+BUSY_LOAD_PER_CORE = 0.5
+
+
 def machine_load(warn: bool = True) -> dict[str, float]:
     """1-minute load average and core count; warns when other work competes for the cores (timings then mislead:
     e.g. PyTorch with 2 OpenMP threads slows down ~100x on an oversubscribed machine)."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if warn and load > 0.5 * cores:
+    if warn and load > BUSY_LOAD_PER_CORE * cores:
         print(f"WARNING: load average {load:.1f} on {cores} cores: other processes compete for the CPU, latencies "
               "below are not representative", file=sys.stderr)
     return {"loadavg_1min": round(load, 2), "cores": cores}
@@ -142,7 +147,7 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
             r.update(onnx_weights=runs[r["runtime"]].weights, ort_kernels=runs[r["runtime"]].kernels)
     write_rows(rows, out / "latency.json")
     cores = os.cpu_count() or 1
-    busy = "" if loads[0] <= 0.5 * cores else (     # as machine_load's warning: the load before our own threads
+    busy = "" if loads[0] <= BUSY_LOAD_PER_CORE * cores else (      # the load before our own threads
         "**Warning: other processes competed for the CPU during this run; the latencies are not representative.** ")
     write_markdown(rows, out / "latency.md", footer=f"{busy}Host: {cpu}, {cores} logical CPUs, {threads} thread(s) "
                    f"per runtime; {describe_load(loads, cores)}")
