@@ -21,20 +21,28 @@ from ptq2tvm.reconstruct.device import resolve_device
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("nonneg,z,lsq,drop", [(True, 0, False, None), (False, 3, True, None),
-                                               (True, 0, True, 0.5), (False, 5, False, 0.3)])
-def test_fused_fake_quant_matches_plain_expression(nonneg, z, lsq, drop):
+MASK_SOURCES = {"torch.Generator": lambda: torch.Generator().manual_seed(7), "DropMasks": lambda: DropMasks(7)}
+
+
+@pytest.mark.parametrize("nonneg,z,lsq,drop,source", [(True, 0, False, None, "torch.Generator"),
+                                                      (False, 3, True, None, "torch.Generator"),
+                                                      (True, 0, True, 0.5, "torch.Generator"),
+                                                      (False, 5, False, 0.3, "torch.Generator"),
+                                                      (True, 0, True, 0.5, "DropMasks"),
+                                                      (False, 5, False, 0.3, "DropMasks")])
+def test_fused_fake_quant_matches_plain_expression(nonneg, z, lsq, drop, source):
+    """Both forward paths, with either QDrop mask source (the plain path could not draw from DropMasks before)."""
     q = ActQuantizer(3, nonneg)
     q.scale.data.fill_(0.37)
     q.zero_point.fill_(z)
     q.enabled, q.lsq_grad_scale, q.drop_prob = True, lsq, drop
-    x0 = torch.randn(4, 6, 7, 9, generator=torch.Generator().manual_seed(1)) * 2
+    x0 = torch.randn(4, 6, 28, 56, generator=torch.Generator().manual_seed(1)) * 2   # (>= fused_quant.SMALL elements)
     g = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
     res = []
     for fused in (True, False):
         fused_quant.ENABLED = fused
         try:
-            q.drop_generator = torch.Generator().manual_seed(7)        # the same masks on both paths
+            q.drop_generator = MASK_SOURCES[source]()                  # the same masks on both paths
             x = x0.clone().requires_grad_(True)
             q.scale.grad = None
             y = q(x)
@@ -175,7 +183,7 @@ def test_cuda_reconstruction_runs_and_matches_cpu(tiny_model, calib, method, gra
     """Every tensor of the loop on the GPU (AdaQTransform's xi/eta made after the model moved, NWQ's QDrop masks from
     a CPU generator, the integer-bound fit reading CUDA weights): the three faults the first H200 run found. The
     result comes back on the CPU, folds, and computes what the CPU run computes up to float nondeterminism."""
-    from ptq2tvm.api import to_integer
+    from ptq2tvm.fold.fold import fold_to_integer        # (ptq2tvm.api imports TVM, which GPU hosts may lack)
 
     outs = []
     for device in ("cuda", "cpu"):
@@ -183,7 +191,7 @@ def test_cuda_reconstruction_runs_and_matches_cpu(tiny_model, calib, method, gra
                           chunk=16, device=device)
         qm, rep = reconstruct(tiny_model, calib, QuantConfig(4, 4), s, progress=False)
         assert rep.device == device and next(qm.parameters()).device.type == "cpu"
-        to_integer(qm)                                                  # folds without a device error
+        fold_to_integer(qm)                                             # folds without a device error
         with torch.no_grad():
             outs.append(qm.eval()(torch.from_numpy(calib[:16])))
     gpu, cpu = outs

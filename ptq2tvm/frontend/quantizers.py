@@ -242,14 +242,8 @@ class ActQuantizer(nn.Module):
             return x
         if not fused_quant.ENABLED:
             return self.forward_reference(x)
-        keep = drop = None
-        if self.drop_prob is not None and self.drop_prob < 1.0:
-            src = self.drop_generator
-            if isinstance(src, DropMasks):
-                keep, drop = src.masks(x.shape, self.drop_prob, x)
-            else:
-                keep = (torch.rand(x.shape, generator=src, device=x.device) < self.drop_prob).to(x.dtype)
-                drop = 1.0 - keep
+        keep = self.qdrop_keep(x)
+        drop = None if keep is None else torch.sub(1.0, keep)
         gscale = 1.0 / math.sqrt(x.numel() * self.qmax) if self.lsq_grad_scale else 1.0
         return fake_quant_act(x, self.scale, self._zero_point_float(), self.qmax, keep, drop, gscale)
 
@@ -267,10 +261,24 @@ class ActQuantizer(nn.Module):
         s = grad_scale(self.scale, 1.0 / math.sqrt(x.numel() * self.qmax)) if self.lsq_grad_scale else self.scale
         q = torch.clamp(round_ste(x / s) + z, 0, self.qmax)
         out = (q - z) * s
-        if self.drop_prob is not None and self.drop_prob < 1.0:
-            keep = torch.rand(x.shape, generator=self.drop_generator, device=x.device) < self.drop_prob
-            out = torch.where(keep, out, x)
-        return out
+        keep = self.qdrop_keep(x)
+        return out if keep is None else torch.where(keep.bool(), out, x)
+
+    def qdrop_keep(self, x: torch.Tensor) -> torch.Tensor | None:
+        """QDrop's keep mask for ``x`` (Wei et al. 2022, eq. 7): a float tensor of ``x``'s shape, dtype and device,
+        1 where the element is quantized (probability ``drop_prob``) and 0 where it passes through in full precision;
+        None when QDrop is off. Drawn from ``drop_generator``: a :class:`DropMasks`, or a ``torch.Generator`` that
+        must live on ``x``'s device (``RuntimeError`` naming both devices otherwise; torch's own message named
+        neither the quantizer nor the fix)."""
+        if self.drop_prob is None or self.drop_prob >= 1.0:
+            return None
+        src = self.drop_generator
+        if isinstance(src, DropMasks):
+            return src.masks(x.shape, self.drop_prob, x)[0]
+        if src is not None and src.device.type != x.device.type:
+            raise RuntimeError(f"QDrop mask generator on {src.device} for an activation on {x.device}: make the "
+                               f"generator on the reconstruction device (torch.Generator(device=...)) or use DropMasks")
+        return (torch.rand(x.shape, generator=src, device=x.device) < self.drop_prob).to(x.dtype)
 
     def grid_bounds(self, lo: float, hi: float) -> tuple[int, int]:
         """Integer clamp bounds for a float clamp [lo, hi] applied before this quantizer."""

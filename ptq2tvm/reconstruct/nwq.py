@@ -139,10 +139,13 @@ def run_nwq(qm: QuantModel, fp: QuantModel, images: torch.Tensor, settings: Any,
         q.scale.requires_grad_(True)
     opt_a = torch.optim.Adam([q.scale for q in aqs], lr=lr_a) if aqs else None
     lsq = True if settings.lsq_grad_scale is None else settings.lsq_grad_scale
-    gen = torch.Generator().manual_seed(_seed_for(settings.seed, "nwq", unit.name))
+    seed = _seed_for(settings.seed, "nwq", unit.name)
+    gen = torch.Generator().manual_seed(seed)          # the batches' rows (and on the CPU the QDrop masks: one stream)
+    device = next(qm.parameters()).device              # (the images may stay in pinned host memory)
+    mask_gen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     for q in aqs_all:
         q.lsq_grad_scale = lsq
-        q.drop_generator = gen
+        q.drop_generator = mask_gen
 
     n_rows = images.shape[0]
     bs = min(settings.batch_size * settings.expand_batch, n_rows)

@@ -3,10 +3,11 @@
 #   bash scripts/device/gpu_check.sh [TOTAL_SECONDS] [JOBS]
 # needs .devcarry/ (scripts/device/make_carry.py) carried with the call; writes everything under $OUT.
 # 1. environment; 2. every CUDA bundle: run_model.py --check (bit-exact vs the reference executor) and
-# latency_bundle.py (bundle vs PyTorch FP32 on the GPU); 3. one resnet_small reconstruction alone on the GPU
-# (accuracy_fmnist.py --device cuda, timed, its accuracy against the CPU row); 4. accuracy rows
-# (benchmarks/gpu_sweep.py, JOBS at a time) until TOTAL_SECONDS less the packing time;
-# 5. the sweep's rows and checkpoints packed into $OUT/sweep.tgz.part* (< 16 MiB each).
+# latency_bundle.py (bundle vs PyTorch FP32 on the GPU); 3. the tests that skip without a CUDA device (pytest);
+# 4. resnet_small reconstructions alone on the GPU, one after the other (accuracy_fmnist.py --device cuda, timed, their
+# accuracy against the CPU rows; SOLO="BITS:METHOD ...", default "W2A4:qdrop+adaq"); 5. accuracy rows
+# (benchmarks/gpu_sweep.py, JOBS at a time; JOBS=0 skips them) until TOTAL_SECONDS less the packing time;
+# 6. the rows and checkpoints packed into $OUT/sweep.tgz.part* (< 16 MiB each).
 set -u
 TOTAL_SECONDS=${1:-540}
 JOBS=${2:-14}
@@ -47,18 +48,27 @@ rows = {os.path.basename(p)[4:-5]: json.load(open(p)) for p in sorted(glob.glob(
 json.dump(rows, open(os.path.join(os.environ["OUT"], "latency_bundles.json"), "w"), indent=1)
 EOF
 
-stamp "one resnet_small reconstruction alone on the GPU (its CPU twin: accuracy_fmnist_fidelity.json)"
+stamp "tests/test_recon_runtime.py (its CUDA tests skip without a GPU)"
+timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/test_recon_runtime.py 2>&1 \
+  | tee "$OUT/gpu_tests.txt" | tail -8
+
 rm -rf /tmp/sweep && mkdir -p /tmp/sweep/rows
-timeout 200 python3 benchmarks/accuracy_fmnist.py --models resnet_small --bits W2A4 --methods qdrop+adaq --seeds 0 \
-  --multi-seed-bits all --iters 2000 --no-ray --no-so --device cuda --out /tmp/sweep/rows/solo 2>&1 | tee /tmp/solo_full.txt \
-  | grep -v '^|' | tail -5 | tee /tmp/solo_row.txt
-grep -q Traceback /tmp/solo_full.txt && { echo "the reconstruction failed on the GPU: stopping"; \
-  tar czf "$OUT/sweep.tgz.partaa" -C /tmp sweep; exit 1; }
+for solo in ${SOLO:-W2A4:qdrop+adaq}; do
+  bits=${solo%%:*}; method=${solo#*:}
+  stamp "resnet_small $bits $method alone on the GPU (its CPU twin: accuracy_fmnist_fidelity.json)"
+  timeout 200 python3 benchmarks/accuracy_fmnist.py --models resnet_small --bits "$bits" --methods "$method" --seeds 0 \
+    --multi-seed-bits all --iters 2000 --no-ray --no-so --device cuda --out "/tmp/sweep/rows/solo_${bits}_$method" \
+    2>&1 | tee /tmp/solo_full.txt | grep -v '^|' | tail -5 | tee -a /tmp/solo_row.txt
+  grep -q Traceback /tmp/solo_full.txt && { echo "the reconstruction failed on the GPU: stopping"; \
+    tar czf "$OUT/sweep.tgz.partaa" -C /tmp sweep; exit 1; }
+done
 
 SWEEP_SECONDS=$(( TOTAL_SECONDS - ( $(date +%s) - T0 ) - 25 ))
-stamp "accuracy rows for $SWEEP_SECONDS s, $JOBS at a time"
-python3 benchmarks/gpu_sweep.py run --rows scripts/device/rows.txt --jobs "$JOBS" --deadline "$SWEEP_SECONDS" \
-  --out /tmp/sweep --min-left 90
+if [ "$JOBS" -gt 0 ]; then
+  stamp "accuracy rows for $SWEEP_SECONDS s, $JOBS at a time"
+  python3 benchmarks/gpu_sweep.py run --rows scripts/device/rows.txt --jobs "$JOBS" --deadline "$SWEEP_SECONDS" \
+    --out /tmp/sweep --min-left 90
+fi
 cp /tmp/env.txt /tmp/solo_row.txt /tmp/lat_*.json /tmp/sweep/ 2>/dev/null
 find /tmp/sweep -name '*.png' -delete
 tar czf - -C /tmp sweep | split -b 15M - "$OUT/sweep.tgz.part"

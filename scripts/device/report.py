@@ -1,17 +1,20 @@
 """Write benchmarks/results/gpu_<name>.{json,md} from what scripts/device/gpu_check.sh returned.
 
     .venv/bin/python scripts/device/report.py --bundles /work/.device/1/latency_bundles.json \\
-        --sweep /tmp/sweep [--cpu-results benchmarks/results/accuracy_fmnist_fidelity.json] [--name h200]
+        [--sweep /tmp/sweep] [--env ENV.txt] [--tests gpu_tests.txt] \\
+        [--cpu-results benchmarks/results/accuracy_fmnist_fidelity.json] [--name h200]
 
 ``--bundles``: the bundle checks and timings (latency_bundle.py's rows, per bundle); ``--sweep``: the unpacked
-``sweep.tgz`` (env.txt, rows/solo.json: the reconstruction run alone on the GPU, rows/row*_ckpt: rows stopped at the
-deadline, with their finished units). The solo row is compared with its CPU twin in ``--cpu-results``.
+``sweep.tgz`` (env.txt, rows/solo*.json: the reconstructions run alone on the GPU, rows/row*_ckpt: rows stopped at
+the deadline, with their finished units); ``--env``: the environment lines where the sweep has none (the script's
+log); ``--tests``: pytest's output of the GPU tests. Each solo row is compared with its CPU twin in ``--cpu-results``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -35,21 +38,31 @@ def bundle_rows(path: Path) -> list[dict]:
     return rows
 
 
-def solo_row(sweep: Path, cpu_results: Path) -> dict:
-    gpu = json.loads((sweep / "rows" / "solo.json").read_text())["rows"][0]
+def test_summary(path: Path) -> dict:
+    """pytest's last summary line and the names of the failed tests (from the ``____ name ____`` headers)."""
+    text = path.read_text()
+    lines = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed)", ln)]
+    failed = re.findall(r"^_{3,} (\S+) _{3,}$", text, flags=re.M)
+    return dict(summary=lines[-1].strip("= ") if lines else "no summary line", failed=failed)
+
+
+def solo_row(path: Path, cpu_results: Path) -> dict:
+    gpu = json.loads(path.read_text())["rows"][0]
     cpu_rows = [r for r in json.loads(cpu_results.read_text())["rows"]
                 if all(r.get(k) == gpu.get(k) for k in ("model", "method", "granularity", "adaqtransform", "w_bits",
                                                            "a_bits", "iters", "n_calib"))
                 and r.get("device", "cpu") == "cpu"]
     twin = next(r for r in cpu_rows if r["seed"] == gpu["seed"])
     vals = [r["fakequant_top1"] for r in cpu_rows]
-    return dict(model=gpu["model"], bits=f"W{gpu['w_bits']}A{gpu['a_bits']}", method="qdrop+adaq", seed=gpu["seed"],
+    method = gpu["method"] + (f":{gpu['granularity']}" if gpu.get("granularity") not in (None, "block") else "") \
+        + ("+adaq" if gpu.get("adaqtransform") else "")
+    return dict(model=gpu["model"], bits=f"W{gpu['w_bits']}A{gpu['a_bits']}", method=method, seed=gpu["seed"],
                 iters_per_unit=gpu["iters"], gpu=gpu.get("gpu"), gpu_fakequant_top1=gpu["fakequant_top1"],
                 gpu_recon_seconds=gpu["seconds"], gpu_iters_per_s=gpu["iters_per_s"],
                 cpu_fakequant_top1_same_seed=twin["fakequant_top1"], cpu_so_top1_same_seed=twin["so_top1"],
                 cpu_iters_per_s_same_seed=twin["iters_per_s"], cpu_recon_seconds_same_seed=twin["seconds"],
-                cpu_seeds_mean=statistics.mean(vals), cpu_seeds_min=min(vals), cpu_seeds_max=max(vals), cpu_seeds_std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                cpu_seeds=len(vals))
+                cpu_seeds_mean=statistics.mean(vals), cpu_seeds_min=min(vals), cpu_seeds_max=max(vals),
+                cpu_seeds_std=statistics.stdev(vals) if len(vals) > 1 else 0.0, cpu_seeds=len(vals))
 
 
 def concurrent_rows(sweep: Path) -> dict:
@@ -60,25 +73,46 @@ def concurrent_rows(sweep: Path) -> dict:
                 per_process_it_s_max=round(max(rates), 1)) if states else {}
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as typed, with ``--note``'s text (printed in full at the end) shortened to ``"..."``."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append('"..."' if i and argv[i - 1] == "--note" else a)
+    return " ".join(out)
+
+
+SOLO_NOTE = ("The two runs are not bit-identical and need not be: QDrop masks are drawn by the device's own generator "
+             "(torch.rand on the GPU, numpy's or torch's CPU generator on the CPU) and cuDNN sums convolutions in "
+             "another order.")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundles", required=True)
-    p.add_argument("--sweep", required=True)
+    p.add_argument("--sweep", help="the unpacked sweep.tgz (solo rows, concurrent rows, env.txt)")
+    p.add_argument("--env", help="a file with the environment lines (when the sweep has no env.txt)")
+    p.add_argument("--tests", help="pytest's output of the GPU tests (gpu_tests.txt)")
     p.add_argument("--cpu-results", default=str(ROOT / "benchmarks" / "results" / "accuracy_fmnist_fidelity.json"))
     p.add_argument("--sweep-seconds", type=float, default=141.0, help="wall time of the concurrent rows")
     p.add_argument("--name", default="h200")
+    p.add_argument("--note", default="", help="a closing paragraph (what the run found, what came after it)")
     args = p.parse_args()
-    sweep = Path(args.sweep)
-    env = (sweep / "env.txt").read_text().strip() if (sweep / "env.txt").is_file() else ""
-    res = dict(env=env, bundles=bundle_rows(Path(args.bundles)), solo=solo_row(sweep, Path(args.cpu_results)),
-               concurrent=concurrent_rows(sweep))
-    res["concurrent"]["wall_seconds"] = args.sweep_seconds
+    sweep = Path(args.sweep) if args.sweep else None
+    env_file = Path(args.env) if args.env else (sweep / "env.txt" if sweep else None)
+    env = env_file.read_text().strip() if env_file and env_file.is_file() else ""
+    solos = sorted(sweep.glob("rows/solo*.json")) if sweep else []
+    res = dict(env=env, bundles=bundle_rows(Path(args.bundles)),
+               solo=[solo_row(f, Path(args.cpu_results)) for f in solos],
+               concurrent=concurrent_rows(sweep) if sweep else {},
+               tests=test_summary(Path(args.tests)) if args.tests else None)
+    if res["concurrent"]:
+        res["concurrent"]["wall_seconds"] = args.sweep_seconds
     out = ROOT / "benchmarks" / "results" / f"gpu_{args.name}"
     write_text(out.with_suffix(".json"), json.dumps(res, indent=1) + "\n")
-    s, c = res["solo"], res["concurrent"]
-    lines = [f"# On a lent GPU ({s['gpu']}): CUDA bundles and reconstruction", "",
+    gpu_name = next((ln.split(",")[0] for ln in env.splitlines() if ln.startswith("NVIDIA")), "GPU")
+    lines = [f"# On a lent GPU ({gpu_name}): CUDA bundles and reconstruction", "",
              "Made by `bash scripts/device/gpu_check.sh` on the device machine (scripts/device/README.md), this "
-             f"table by `.venv/bin/python {' '.join(sys.argv)}`.", "", "```", env, "```", "",
+             f"table by `.venv/bin/python {command_line(sys.argv)}`.", "", "```", env, "```", "",
              "## CUDA .so (dp4a kernels, sm_90 fatbin) in a deployment bundle", "",
              "`run_model.py --check`: the bundle's 8 seeded inputs through the .so on the GPU against the reference "
              "executor's integers (no `tvm` package on that machine: numpy + apache-tvm-ffi + TVM's runtime "
@@ -92,39 +126,40 @@ def main() -> int:
                      f"({r['so_p10']:.3f}-{r['so_p90']:.3f}) | {r['torch_fp32_ms']:.3f} | {r['ratio']:.2f}x |")
     lines += ["", "PyTorch FP32 here is eager mode at batch 1-8: launch-bound, not what cuDNN can reach with CUDA "
               "graphs, TensorRT or FP16; it is the peer the bundle script has on that machine, not a claim of the "
-              "fastest GPU runtime. No TensorRT / ORT-GPU row (not installed there).", "",
-              "## One reconstruction on the GPU against the same run on the CPU", "",
-              f"{s['model']} {s['bits']} QDrop + AdaQTransform, seed {s['seed']}, {s['iters_per_unit']} iterations "
-              "per unit, batch 32, 1024 calibration images (the same images: the train file carried to the machine "
-              "keeps exactly the calibration subset), `--device cuda`, run alone on the machine:", "",
-              "| | fake-quant top-1 | reconstruction s | it/s |", "|---|---|---|---|",
-              f"| GPU ({s['gpu']}) | {100 * s['gpu_fakequant_top1']:.2f} | {s['gpu_recon_seconds']:.0f} | "
-              f"{s['gpu_iters_per_s']:.0f} |",
-              f"| CPU (AMD EPYC Zen 3, 1 thread), same seed | {100 * s['cpu_fakequant_top1_same_seed']:.2f} "
-              f"(.so {100 * s['cpu_so_top1_same_seed']:.2f}) | {s['cpu_recon_seconds_same_seed']:.0f} | "
-              f"{s['cpu_iters_per_s_same_seed']:.0f} |",
-              f"| CPU, {s['cpu_seeds']} seeds | {100 * s['cpu_seeds_mean']:.2f} ± {100 * s['cpu_seeds_std']:.2f} "
-              "| | |", "",
-              f"GPU - CPU (same seed): {100 * (s['gpu_fakequant_top1'] - s['cpu_fakequant_top1_same_seed']):+.2f} "
-              f"points ({abs(round(1e4 * (s['gpu_fakequant_top1'] - s['cpu_fakequant_top1_same_seed'])))} of 10,000 test images); "
-              f"the CPU seeds span {100 * s['cpu_seeds_min']:.2f}-{100 * s['cpu_seeds_max']:.2f}. The two runs are "
-              "not bit-identical and need not be: the block-wise QDrop masks are drawn by the device's own "
-              "generator (torch.rand on the GPU, numpy's on the CPU) and cuDNN sums convolutions in another order. "
-              "The CPU row's time was measured on a shared host (its s/run is inflated; the quiet CPU rate is "
-              "~45 it/s, benchmarks/results/recon_speed.md), so the GPU runs one reconstruction 2.8x faster than a "
-              "quiet CPU core.", ""]
+              "fastest GPU runtime. No TensorRT / ORT-GPU row (not installed there).", ""]
+    if res["tests"]:
+        t = res["tests"]
+        lines += ["## The tests that skip without a CUDA device", "",
+                  f"`python3 -m pytest tests/test_recon_runtime.py` on the GPU machine: {t['summary']}"
+                  + (f"; failed: {', '.join(f'`{n}`' for n in t['failed'])}" if t["failed"] else "") + ".", ""]
+    for s in res["solo"]:
+        lines += [f"## {s['model']} {s['bits']} {s['method']} on the GPU against the same run on the CPU", "",
+                  f"seed {s['seed']}, {s['iters_per_unit']} iterations per unit, batch 32, 1024 calibration images "
+                  "(the train file carried to the machine keeps exactly the calibration subset), `--device cuda`, "
+                  "run alone on the machine:", "",
+                  "| | fake-quant top-1 | reconstruction s | it/s |", "|---|---|---|---|",
+                  f"| GPU ({s['gpu']}) | {100 * s['gpu_fakequant_top1']:.2f} | {s['gpu_recon_seconds']:.0f} | "
+                  f"{s['gpu_iters_per_s']:.0f} |",
+                  f"| CPU, same seed | {100 * s['cpu_fakequant_top1_same_seed']:.2f} "
+                  f"(.so {100 * s['cpu_so_top1_same_seed']:.2f}) | {s['cpu_recon_seconds_same_seed']:.0f} | "
+                  f"{s['cpu_iters_per_s_same_seed']:.0f} |",
+                  f"| CPU, {s['cpu_seeds']} seeds | {100 * s['cpu_seeds_mean']:.2f} ± {100 * s['cpu_seeds_std']:.2f} "
+                  "| | |", "",
+                  f"GPU - CPU (same seed): {100 * (s['gpu_fakequant_top1'] - s['cpu_fakequant_top1_same_seed']):+.2f}"
+                  f" points; the CPU seeds span {100 * s['cpu_seeds_min']:.2f}-{100 * s['cpu_seeds_max']:.2f}. "
+                  + SOLO_NOTE, ""]
+    c = res["concurrent"]
     if c:
         lines += ["## Several reconstructions at once on the one GPU", "",
-                  f"{c['processes']} rows (resnet_small W2A2, QDrop / QDrop + AdaQ / QDrop + MRECG (+ AdaQ), 3 seeds) "
-                  f"as separate processes (`benchmarks/gpu_sweep.py`, 14 at a time on 16 CPU cores) for "
-                  f"{c['wall_seconds']:.0f} s of wall time (start-up and calibration included): "
+                  f"{c['processes']} rows (`scripts/device/rows.txt`) as separate processes "
+                  "(`benchmarks/gpu_sweep.py`) "
+                  f"for {c['wall_seconds']:.0f} s of wall time (start-up and calibration included): "
                   f"{c['iterations']} iterations done, **{c['iterations'] / c['wall_seconds']:.0f} it/s together**; "
                   f"per process {c['per_process_it_s_min']}-{c['per_process_it_s_max']} it/s (median "
-                  f"{c['per_process_it_s_median']}) of reconstruction time. The rows were stopped at the lease's "
-                  "deadline after 4-7 of their 8 units; their checkpoints came back and the rows were finished on "
-                  "the CPU (accuracy_fmnist_fidelity.md: `resumed_units` in the JSON). The reconstruction loop is "
-                  "launch-bound at this size (28x28, batch 32): one process leaves the GPU mostly idle, so rows in "
-                  "parallel are the way to use it.", ""]
+                  f"{c['per_process_it_s_median']}) of reconstruction time. Rows stopped at the deadline keep their "
+                  "finished units and resume on the CPU.", ""]
+    if args.note:
+        lines += ["## Note", "", args.note, ""]
     write_text(out.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))
     return 0
