@@ -534,7 +534,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     return bench_run(args.run, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
                      ort_int8=not args.no_ort_int8, progress=not args.no_progress, out_dir=args.out_dir,
-                     calls_per_turn=args.calls_per_turn, trust_code=args.trust_code)
+                     calls_per_turn=args.calls_per_turn, trust_code=args.trust_code, so=args.so)
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -682,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency of the .so vs PyTorch FP32 and ONNX Runtime FP32/INT8")
     b.add_argument("run", help="run directory (compiled)")
+    b.add_argument("--so", help="the .so to time (default RUN/model.so), e.g. one compiled with --batch 8 --out: "
+                   "every runtime then runs its batch")
     b.add_argument("--threads", type=int, default=2, help="threads of every runtime (the .so, PyTorch, ONNX "
                    "Runtime, OpenVINO)")
     b.add_argument("--repeats", type=int, default=20, help="timed turns per runtime")

@@ -191,6 +191,28 @@ def test_bench_times_every_runtime_on_all_outputs(run, capsys):
     assert [o.shape for o in outs] == ([(1, 3, 6, 6), (1, 4)] if kind == "dict" else [(1, 4), (1, 3, 6, 6)])
 
 
+def test_bench_times_the_so_given_at_its_batch(run, capsys):
+    """``bench --so``: a .so compiled with another batch is timed, and every runtime runs that batch; a missing one is
+    one line naming the file and the compile command."""
+    import json
+
+    kind, root, path = run
+    if kind != "tuple":
+        pytest.skip("one output structure is enough for --so")
+    so = path / "model_b3.so"
+    rc, _, err = _cli(capsys, "compile", path, "--batch", 3, "--out", so, "--no-progress")
+    assert rc == 0, err
+    rc, out, err = _cli(capsys, "bench", path, "--so", so, "--repeats", 1, "--warmup", 0, "--calls-per-turn", 1,
+                        "--threads", 1, "--no-ort-int8", "--trust-code", "--no-progress", "--out-dir", root / "bench_b3")
+    assert rc == 0, err
+    rows = json.loads((root / "bench_b3" / "latency.json").read_text())
+    assert {r["batch"] for r in rows} == {3} and len(rows) >= 3
+    assert [r["so"] for r in rows if r["runtime"] == "ptq2tvm"] == ["model_b3.so"]
+    rc, out, err = _cli(capsys, "bench", path, "--so", path / "nope.so", "--trust-code", "--no-progress")
+    assert rc != 0 and "nope.so not found: compile it with `ptq2tvm compile" in err
+    assert "Traceback" not in err
+
+
 def test_bench_onnx_runners_return_every_output(run, tmp_path):
     from ptq2tvm.api import load_fp32
     from ptq2tvm.bench.baselines import export_onnx, ort_fp32_runner, torch_fp32_runner

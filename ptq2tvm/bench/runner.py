@@ -12,6 +12,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..backend.runtime import CompiledModel, set_num_threads
+from ..errors import ArtifactError
 from .baselines import export_onnx, ort_fp32_runner, quantize_onnx_int8, torch_fp32_runner
 from .openvino_rt import openvino_available, openvino_runner, openvino_version
 from .timing import TimingStats, time_interleaved
@@ -103,9 +104,13 @@ def model_label(name: str) -> str:
 
 def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: int = 3, ort_int8: bool = True,
               progress: bool = True, out_dir: str | Path | None = None, calls_per_turn: int = 5,
-              trust_code: bool = False) -> dict[str, Any]:
-    """Benchmark the run's .so at its compiled batch against the baselines; write JSON, markdown and PNG (and the
-    ONNX exports) into ``out_dir`` (default: the run directory). ``trust_code``: see :func:`ptq2tvm.api.load_fp32`."""
+              trust_code: bool = False, so: str | Path | None = None) -> dict[str, Any]:
+    """Benchmark the run's .so (``so``, default ``RUN/model.so``) at its compiled batch against the baselines, which
+    run that batch too; write JSON, markdown and PNG (and the ONNX exports) into ``out_dir`` (default: the run
+    directory). ``trust_code``: see :func:`ptq2tvm.api.load_fp32`.
+
+    Raises :class:`~ptq2tvm.errors.ArtifactError` for a missing .so, one compiled from another integer graph, or a
+    CUDA build (this benchmark times CPU runtimes; a CUDA bundle has ``benchmarks/latency_bundle.py``)."""
     from ..api import RunDir, load_fp32
     from ..data import calibration_set, run_data_kwargs
     from .disasm import count_instructions, cpu_features
@@ -113,7 +118,10 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
 
     run = RunDir(run_dir)
     info = run.info()
-    cm = run.load_compiled(threads=threads)
+    cm = run.load_compiled(so, threads=threads)
+    if cm.meta["target"].get("kind") == "cuda":
+        raise ArtifactError(f"{cm.so_path} is a CUDA build: `ptq2tvm bench` times CPU runtimes against each other; "
+                            "time a CUDA .so on its GPU host with benchmarks/latency_bundle.py (from `ptq2tvm bundle`)")
     fp32 = load_fp32(run.check(run.fp32, info), trust_code=trust_code)
     calib = calibration_set(info["data"], min(int(info.get("calib_size", 256)), 256), seed=0, **run_data_kwargs(info))
     example = calib[: cm.batch]
@@ -134,12 +142,13 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
                             calls_per_turn=calls_per_turn, info=rt_info)
     loads.append(machine_load(warn=False)["loadavg_1min"])
     cpu = cpu_features(llvm=False)["model_name"]
-    vnni = count_instructions(run.so, ("vpdpbusd",)).get("vpdpbusd")
+    vnni = count_instructions(cm.so_path, ("vpdpbusd",)).get("vpdpbusd")
     model_name = model_label((info.get("model") or {}).get("name", "model"))
     rows = [dict(model=model_name, input="x".join(map(str, info["input_shape"])), batch=cm.batch,
                  w_bits=info["w_bits"], a_bits=info["a_bits"], runtime=name, median_ms=st.median_ms,
                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=threads,
-                 vpdpbusd_count=vnni if name == "ptq2tvm" else None, cpu=cpu, loadavg_1min=loads[0],
+                 vpdpbusd_count=vnni if name == "ptq2tvm" else None, so=cm.so_path.name if name == "ptq2tvm" else None,
+                 cpu=cpu, loadavg_1min=loads[0],
                  **rt_info.get(name, {}))
             for name, st in stats.items()]
     for r in rows:
