@@ -33,8 +33,7 @@ from .intrin import TAPS_TRANSPOSE
 from .layout import BLOCK
 from .vector_tir import (EPILOGUE_INT32, LIFTED_EPILOGUES, block_shift, check_epilogue, check_kernel_args,
                          epilogue_attrs, for_pixel_groups, lift_constant, output_args, paired_requant16, requant_args,
-                         residual16, split_for_threads, store_paired_constants, store_pixel_rows, task_loop,
-                         task_threads)
+                         residual16, split_for_threads, store_paired_constants, store_pixel_rows, task_plan)
 
 DEPTHWISE_VNNI_KIND = "depthwise_vnni_paired"     # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -119,8 +118,9 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
                          f"{tuple(x_shape)}")
     (sh, sw), (ph, pw), dh = check_geometry(stride, padding, dilation_h)
     outputs = n * cb * BLOCK * math.prod(depthwise_vnni_out_shape(x_shape, (kh, kw), (sh, sw), (ph, pw), dh)[2:4])
+    task_loop, task_threads = task_plan(outputs, threads)
     oh, ow, width, bands, band_rows, in_rows = band_layout(x_shape, (kh, kw), g, (sh, sw), (ph, pw), dh,
-                                                           task_threads(outputs, threads))
+                                                           task_threads)
     z_out, z_r = int(output_zero_point), int(residual_zero_point)
     with IRBuilder() as ib:
         with T.prim_func():
@@ -130,7 +130,7 @@ def depthwise_vnni_primfunc(name: str, x_shape: tuple[int, ...], w_shape: tuple[
             wt = T.arg("w", T.buffer((cb, kh, g, BLOCK, 4), "int8"))
             bias, mult, shift = requant_args(cb)
             r, mr, out = output_args((n, cb, oh, ow, BLOCK), residual)
-            with task_loop(outputs)(0, n * cb * bands) as t:
+            with task_loop(0, n * cb * bands) as t:
                 b, o, band = t // (cb * bands), t // bands % cb, t % bands
                 i0 = band * band_rows
                 # this band's input rows, padded with the zero point (stays in L2: a whole padded copy of the

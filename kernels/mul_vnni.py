@@ -21,7 +21,7 @@ from .func_attrs import hand_kernel_attrs
 from .depthwise_vnni import channel_constants, requant16
 from .layout import BLOCK
 from .vector_tir import (EPILOGUE_INT32, check_epilogue, check_kernel_args, epilogue_attrs, for_pixel_groups,
-                         split_for_threads, store_pixel_rows, task_loop, task_threads)
+                         split_for_threads, store_pixel_rows, task_plan)
 
 MUL_VNNI_KIND = "mul_vnni_paired"   # function attribute ``ptq2tvm_kernel`` of these PrimFuncs
 
@@ -58,7 +58,8 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
     n, cb, h, w, _ = out_shape
     planes, pixels = n * cb, h * w
     outputs = planes * pixels * BLOCK
-    bands, per = split_for_threads(pixels, planes, task_threads(outputs, threads))
+    task_loop, task_threads = task_plan(outputs, threads)
+    bands, per = split_for_threads(pixels, planes, task_threads)
     za, zb, z = (int(v) for v in (*zero_points, output_zero_point))
     with IRBuilder() as ib:
         with T.prim_func():
@@ -72,7 +73,7 @@ def mul_vnni_primfunc(name: str, a_shape: tuple[int, ...], b_shape: tuple[int, .
             flat = [T.decl_buffer((planes, int(s[2]) * int(s[3]), BLOCK), "uint8", data=t.data)
                     for t, s in ((a, a_shape), (b, b_shape))]
             of = T.decl_buffer((planes, pixels, BLOCK), "uint8", data=out.data)
-            with task_loop(outputs)(0, planes * bands) as t:      # small: serial
+            with task_loop(0, planes * bands) as t:      # small: serial
                 plane, band = t // bands, t % bands
                 o = plane % cb
                 start = tir.min(band * per, pixels - per)

@@ -9,7 +9,7 @@ returns one ``uint8x16`` expression (no buffer), so a caller may keep the accumu
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import tvm.tirx as tir
@@ -205,17 +205,12 @@ def unpack_nibbles64(packed: tir.PrimExpr) -> tir.PrimExpr:
 SERIAL_OUTPUTS = 1 << 13
 
 
-def task_threads(outputs: int, threads: int | None) -> int | None:
-    """The threads a hand-written kernel of ``outputs`` output elements splits its work for: 1 under
-    :data:`SERIAL_OUTPUTS` (then :func:`task_loop` runs its tasks serially), else ``threads``."""
-    return 1 if outputs < SERIAL_OUTPUTS else threads
-
-
-def task_loop(outputs: int):
-    """``T.parallel``, or ``T.serial`` for a kernel of fewer than :data:`SERIAL_OUTPUTS` output elements: the
-    loop constructor of a hand-written kernel's tasks (same iterations either way, so the same integers; split them
-    for :func:`task_threads`)."""
-    return T.serial if outputs < SERIAL_OUTPUTS else T.parallel
+def task_plan(outputs: int, threads: int | None) -> tuple[Any, int | None]:
+    """(loop constructor, threads) of a hand-written kernel of ``outputs`` output elements: ``T.serial`` and 1 thread
+    under :data:`SERIAL_OUTPUTS` (the tasks run on the calling thread: a parallel loop's start and join cost more
+    there), else ``T.parallel`` and ``threads``. The same iterations either way, so the same integers; the kernel
+    splits its tasks for the threads returned."""
+    return (T.serial, 1) if outputs < SERIAL_OUTPUTS else (T.parallel, threads)
 
 
 def split_for_threads(count: int, groups: int, threads: int | None) -> tuple[int, int]:
@@ -382,4 +377,4 @@ def pad_stage(x, xp, n: int, cb: int, cbp: int, h: int, w: int, ph: int, pw: int
 
 __all__ = ["SERIAL_OUTPUTS", "block_shift", "check_kernel_args", "for_pixel_groups", "output_args", "pack4_clamp",
            "pad_stage", "paired_requant16", "pixel_runs", "requant_args", "residual16", "split_for_threads",
-           "store_paired_constants", "store_pixel_rows", "task_loop", "task_threads", "unpack_nibbles64"]
+           "store_paired_constants", "store_pixel_rows", "task_plan", "unpack_nibbles64"]
