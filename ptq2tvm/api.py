@@ -125,14 +125,17 @@ class RunDir:
 
     def load_compiled(self, so: str | Path | None = None, threads: int | None = None) -> CompiledModel:
         """The run's .so (default ``model.so``), loaded only if it was compiled from this run's integer graph."""
+        if so is not None and not str(so).strip():
+            raise ArtifactError("the .so path is empty (leave the option out for the run's model.so)")
         so = Path(so) if so else self.so
-        if not so.is_file():
-            raise ArtifactError(f"{so} not found: compile it with `ptq2tvm compile {self.path}`"
-                                + (f" --out {so}" if so != self.so else ""))
+        if not so.exists():
+            raise ArtifactError(f"{so} not found: compile it with `ptq2tvm compile {self.path}"
+                                + (f" --out {so}`" if so != self.so else "`"))
         cm = CompiledModel(so, threads=threads)
         if cm.meta.get("graph_sha256") != self.graph_digest():
-            raise ArtifactError(f"{so} was compiled from another integer graph than {self.qgraph} (the run was "
-                                f"quantized again after compiling): re-run `ptq2tvm compile {self.path}`")
+            raise ArtifactError(f"{so} was compiled from another integer graph than {self.qgraph} (from another run, "
+                                f"or this run was quantized again after compiling): compile it from this run with "
+                                f"`ptq2tvm compile {self.path}" + (f" --out {so}`" if so != self.so else "`"))
         return cm
 
     def invalidate(self, new_digest: str, is_run: bool | None = None) -> list[str]:

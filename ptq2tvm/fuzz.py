@@ -640,6 +640,70 @@ def _build_pixel_unshuffle(p: dict[str, Any], shape: Shape) -> tuple[nn.Module, 
     return m, (c * r * r, h // r, w // r)
 
 
+class _Stem(nn.Module):
+    """A classifier's first block: a k x k / 2 conv (+ BN) + ReLU + a 3x3 / 2 max pool (ResNet's stem). On the network
+    input with 1-4 channels the x86 build runs it as the row-layout conv fused with its pool
+    (:func:`kernels.rows_conv_maxpool_primfunc`), its input through :func:`kernels.nchw_to_rows_primfunc` when the width
+    is a multiple of 16."""
+
+    def __init__(self, c: int, cout: int, k: int, bn: bool, pool_pad: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, cout, k, 2, k // 2, bias=not bn)
+        self.bn = nn.BatchNorm2d(cout) if bn else nn.Identity()
+        self.pool = nn.MaxPool2d(3, 2, pool_pad)
+
+    def forward(self, x):
+        return self.pool(F.relu(self.bn(self.conv(x))))
+
+
+def _stem_applies(shape: Shape) -> bool:
+    return _spatial(shape) and shape[0] <= 4 and min(shape[1:]) >= 5
+
+
+def _draw_stem(draw: Draw, st: Any, shape: Shape) -> dict[str, Any]:
+    cout = draw(st.integers(1, 40))
+    return dict(cout=cout, k=draw(st.sampled_from([3, 5, 7])), bn=draw(st.booleans()),
+                pool_pad=draw(st.sampled_from([0, 1, 1])), **_draw_degenerate(draw, st, cout))
+
+
+def _build_stem(p: dict[str, Any], shape: Shape) -> tuple[nn.Module, Shape]:
+    m = _Stem(shape[0], p["cout"], p["k"], p["bn"], p["pool_pad"])
+    _apply_degenerate(m.conv.weight, m.conv.bias, p)
+    return m, _shape_after(m, shape)
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand (x t) + BN + ReLU6, depthwise k x k / s + BN + ReLU6, 1x1 project + BN, plus the
+    input when the shape is kept. From 16 or fewer channels the AVX-512 VNNI build fuses the expand into the depthwise
+    kernel (:func:`kernels.expand_depthwise_primfunc`)."""
+
+    def __init__(self, c: int, t: int, k: int, stride: int, cout: int):
+        super().__init__()
+        mid = c * t
+        self.expand = nn.Sequential(nn.Conv2d(c, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(mid, mid, k, stride, k // 2, groups=mid, bias=False), nn.BatchNorm2d(mid),
+                                nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = stride == 1 and cout == c
+
+    def forward(self, x):
+        y = self.project(self.dw(self.expand(x)))
+        return x + y if self.skip else y
+
+
+def _draw_inverted_residual(draw: Draw, st: Any, shape: Shape) -> dict[str, Any]:
+    c = shape[0]
+    t = draw(st.sampled_from([t for t in (1, 2, 3, 4, 6) if c * t <= MAX_CHANNELS] or [1]))
+    return dict(t=t, k=draw(st.sampled_from([3, 3, 5])), stride=draw(st.sampled_from([1, 1, 2])),
+                cout=c if draw(st.booleans()) else draw(st.integers(1, 16)), **_draw_degenerate(draw, st, c * t))
+
+
+def _build_inverted_residual(p: dict[str, Any], shape: Shape) -> tuple[nn.Module, Shape]:
+    m = _InvertedResidual(shape[0], p["t"], p["k"], p["stride"], p["cout"])
+    _apply_degenerate(m.expand[0].weight, None, p)
+    return m, _shape_after(m, shape)
+
+
 # ---- the table --------------------------------------------------------------------------------------------------
 def _grows(shape: Shape, cout: int = 0, hw: int = 1) -> bool:
     return _spatial(shape) and shape[0] + cout <= MAX_CHANNELS and max(shape[1:]) * hw <= MAX_HW
@@ -648,6 +712,9 @@ def _grows(shape: Shape, cout: int = 0, hw: int = 1) -> bool:
 OPS: dict[str, OpEntry] = {
     "conv": OpEntry(_spatial, _draw_conv, _build_conv, ("conv", "bn", "act", "clamp", "identity")),
     "residual": OpEntry(_spatial, _draw_residual, _build_residual, ("conv", "add", "act")),
+    "stem": OpEntry(_stem_applies, _draw_stem, _build_stem, ("conv", "bn", "act", "maxpool")),
+    "inverted_residual": OpEntry(lambda s: _spatial(s) and s[0] <= 16, _draw_inverted_residual,
+                                 _build_inverted_residual, ("conv", "bn", "act", "add")),
     "maxpool": OpEntry(_spatial, _draw_maxpool, _build_maxpool, ("maxpool",)),
     "avgpool": OpEntry(_spatial, _draw_avgpool, _build_avgpool, ("avgpool",)),
     "gap": OpEntry(_spatial, _draw_gap, _build_gap, ("avgpool", "flatten")),
@@ -681,7 +748,7 @@ OPS: dict[str, OpEntry] = {
                                _build_pixel_unshuffle, ("pixel_unshuffle",)),
 }
 #: blocks a graph must contain at least one of (the pipeline needs a conv or linear)
-WEIGHTED = ("conv", "residual", "linear")
+WEIGHTED = ("conv", "residual", "linear", "stem", "inverted_residual")
 
 
 class FuzzNet(nn.Module):
@@ -716,8 +783,8 @@ def graph_specs(max_ops: int = 6, ops: tuple[str, ...] | None = None):
     @st.composite
     def spec(draw: Draw) -> dict[str, Any]:
         c = draw(st.sampled_from([1, 2, 3, 4, 5]))
-        h = draw(st.sampled_from([1, 2, 3, 5, 6, 7, 8, 12]))
-        w = draw(st.sampled_from([h, h, 1, 4, 9]))
+        h = draw(st.sampled_from([1, 2, 3, 5, 6, 7, 8, 12, 16]))
+        w = draw(st.sampled_from([h, h, 1, 4, 9, 16]))      # (16: the row-layout shuffle kernel's widths)
         shape: Shape = (c, h, w)
         chain: list[dict[str, Any]] = []
         for i in range(draw(st.sampled_from([k for k in range(1, max_ops + 1) for _ in range(min(k, 3))]))):

@@ -5,7 +5,9 @@ fake-quant within 1 LSB per node."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +58,7 @@ def _collect(spec):
 
 
 def test_generator_draws_every_registered_op_bit_width_and_degenerate_case():
-    for spec in fresh_specs(20261130, 80):       # independent seeded draws (deterministic)
+    for spec in fresh_specs(20261130, 120):      # independent seeded draws (deterministic)
         _collect(spec)
     real = {name for name, d in FLOAT_OPS.items() if d.kind != "trace"}
     missing = sorted(op for op in real if not _drawn[f"traced:{op}"])
@@ -79,3 +81,13 @@ def test_seeded_random_graphs_fold_and_run_bit_exact_on_both_cpu_backends(spec, 
     assert r.status in ("ok", "named_error"), f"{r.stage}: {r.message}\nspec: {r.spec}"
     if r.status == "ok":
         assert r.schedules == ["auto", "plain"] and r.max_local_lsb <= 1
+
+
+FOUND_GRAPHS = json.loads((Path(__file__).parent / "data" / "fuzz_found_graphs.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(FOUND_GRAPHS))
+def test_graphs_the_fuzzer_found_failing_now_run_bit_exact(name, tmp_path):
+    """Each graph a fuzz run found failing (tests/data/fuzz_found_graphs.json: the spec and what failed), replayed."""
+    r = check_spec(FOUND_GRAPHS[name]["spec"], tmp_path, schedules=("auto",))
+    assert r.status == "ok" and r.max_local_lsb <= 1, f"{r.stage}: {r.message}"

@@ -192,8 +192,8 @@ def test_bench_times_every_runtime_on_all_outputs(run, capsys):
 
 
 def test_bench_times_the_so_given_at_its_batch(run, capsys):
-    """``bench --so``: a .so compiled with another batch is timed, and every runtime runs that batch; a missing one is
-    one line naming the file and the compile command."""
+    """``bench --so``: a .so compiled with another batch is timed, and every runtime runs that batch (latency.md names
+    the file); a missing file, a folder, a sidecar or an empty path is one line saying which."""
     import json
 
     kind, root, path = run
@@ -208,9 +208,13 @@ def test_bench_times_the_so_given_at_its_batch(run, capsys):
     rows = json.loads((root / "bench_b3" / "latency.json").read_text())
     assert {r["batch"] for r in rows} == {3} and len(rows) >= 3
     assert [r["so"] for r in rows if r["runtime"] == "ptq2tvm"] == ["model_b3.so"]
-    rc, out, err = _cli(capsys, "bench", path, "--so", path / "nope.so", "--trust-code", "--no-progress")
-    assert rc != 0 and "nope.so not found: compile it with `ptq2tvm compile" in err
-    assert "Traceback" not in err
+    assert f"The .so: {so} (batch 3)" in (root / "bench_b3" / "latency.md").read_text()
+    for bad, says in ((path / "nope.so", "nope.so not found: compile it with `ptq2tvm compile"),
+                      (path, "is a directory, not a compiled library"),
+                      (path / "model_b3.json", "is a metadata sidecar, not a compiled library"),
+                      ("", "the .so path is empty")):
+        rc, out, err = _cli(capsys, "bench", path, "--so", bad, "--trust-code", "--no-progress")
+        assert rc != 0 and says in err and "Traceback" not in err, (bad, err)
 
 
 def test_bench_onnx_runners_return_every_output(run, tmp_path):

@@ -265,8 +265,18 @@ class _BlockedBuilder:
 
     def call_prim(self, prim: tvm.tirx.PrimFunc, args: list, out_shape: tuple[int, ...]) -> relax.Expr:
         """A hand-written (already scheduled) kernel ``prim`` added to the module under its own name and called on
-        ``args`` with one uint8 output of ``out_shape``: how the AMX, depthwise and fused kernels are emitted."""
-        gv = self.bb.add_func(prim, str(prim.attrs["global_symbol"]))
+        ``args`` with one uint8 output of ``out_shape``: how the AMX, depthwise and fused kernels are emitted. A name
+        the module already has gets a suffix (``to_rows_1``: two inputs in the row layout), since TVM refuses a
+        duplicate global symbol."""
+        name = str(prim.attrs["global_symbol"])
+        taken = {gv.name_hint for gv in self.bb.get().get_global_vars()}
+        unique, k = name, 0
+        while unique in taken:
+            k += 1
+            unique = f"{name}_{k}"
+        if unique != name:
+            prim = prim.with_attr("global_symbol", unique)
+        gv = self.bb.add_func(prim, unique)
         return self.bb.emit(relax.call_tir(gv, relax.Tuple(args), relax.TensorType(list(out_shape), "uint8")))
 
     @staticmethod

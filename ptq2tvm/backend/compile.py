@@ -259,8 +259,14 @@ def read_sidecar(so_path: str | Path) -> dict[str, Any]:
     """Read and validate the sidecar of ``so_path`` (format, version, checksum of the .so)."""
     so_path = Path(so_path)
     meta_path = sidecar_path(so_path)
+    if so_path.is_dir():
+        raise ArtifactError(f"{so_path} is a directory, not a compiled library (the .so file inside it, e.g. "
+                            f"{so_path / 'model.so'})")
     if not so_path.is_file():
         raise not_found(so_path, "compiled library")
+    if meta_path == so_path:
+        raise ArtifactError(f"{so_path} is a metadata sidecar, not a compiled library: pass its .so "
+                            f"({so_path.with_suffix('.so')})")
     if not meta_path.is_file():
         raise ArtifactError(f"metadata sidecar not found: {meta_path} (compile with `ptq2tvm compile`)")
     try:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import torch.nn as nn
 
+from ..backend.compile import read_sidecar
 from ..backend.runtime import CompiledModel, set_num_threads
 from ..errors import ArtifactError
 from .baselines import export_onnx, ort_fp32_runner, quantize_onnx_int8, torch_fp32_runner
@@ -118,10 +119,11 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
 
     run = RunDir(run_dir)
     info = run.info()
-    cm = run.load_compiled(so, threads=threads)
-    if cm.meta["target"].get("kind") == "cuda":
-        raise ArtifactError(f"{cm.so_path} is a CUDA build: `ptq2tvm bench` times CPU runtimes against each other; "
+    so_path = Path(so) if so else run.so
+    if so_path.is_file() and (read_sidecar(so_path).get("target") or {}).get("kind") == "cuda":
+        raise ArtifactError(f"{so_path} is a CUDA build: `ptq2tvm bench` times CPU runtimes against each other; "
                             "time a CUDA .so on its GPU host with benchmarks/latency_bundle.py (from `ptq2tvm bundle`)")
+    cm = run.load_compiled(so, threads=threads)
     fp32 = load_fp32(run.check(run.fp32, info), trust_code=trust_code)
     calib = calibration_set(info["data"], min(int(info.get("calib_size", 256)), 256), seed=0, **run_data_kwargs(info))
     example = calib[: cm.batch]
@@ -158,8 +160,8 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
     cores = os.cpu_count() or 1
     busy = "" if loads[0] <= BUSY_LOAD_PER_CORE * cores else (      # the load before our own threads
         "**Warning: other processes competed for the CPU during this run; the latencies are not representative.** ")
-    write_markdown(rows, out / "latency.md", footer=f"{busy}Host: {cpu}, {cores} logical CPUs, {threads} thread(s) "
-                   f"per runtime; {describe_load(loads, cores)}")
+    write_markdown(rows, out / "latency.md", footer=f"{busy}The .so: {cm.so_path} (batch {cm.batch}). Host: {cpu}, "
+                   f"{cores} logical CPUs, {threads} thread(s) per runtime; {describe_load(loads, cores)}")
     write_chart(rows, out / "latency.png")
     print_table(rows)
     base = {r["runtime"]: r["median_ms"] for r in rows}

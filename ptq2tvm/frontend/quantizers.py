@@ -275,7 +275,7 @@ class ActQuantizer(nn.Module):
         src = self.drop_generator
         if isinstance(src, DropMasks):
             return src.masks(x.shape, self.drop_prob, x)[0]
-        if src is not None and src.device.type != x.device.type:
+        if src is not None and src.device != x.device:
             raise RuntimeError(f"QDrop mask generator on {src.device} for an activation on {x.device}: make the "
                                f"generator on the reconstruction device (torch.Generator(device=...)) or use DropMasks")
         return (torch.rand(x.shape, generator=src, device=x.device) < self.drop_prob).to(x.dtype)
