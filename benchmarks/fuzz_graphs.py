@@ -62,6 +62,14 @@ FOUND_AND_FIXED = [
     "max(s_a, s_b) / s_out instead of s_a s_b / s_out: 'requantization multiplier 2.5e+09 is too large' -> each op "
     "states its multiplier (OpDef.multiplier_numerator; mul: the product) "
     "(tests/test_bounds.py::test_mul_whose_product_collapses_folds_exactly)",
+    "(found by this fuzzer, session 29, once the stem / inverted-residual entries and 16-wide inputs reached the "
+    "AVX-512 hand kernels) a sliced 3-channel tensor of width 32 read by two 1x1 convs: both took the row layout, "
+    "whose shuffle kernel is named 'to_rows' -> 'IRModule contains duplicate global symbol: to_rows' at compile -> "
+    "the builder gives a hand kernel whose name the module already has a suffix "
+    "(tests/test_fuzz.py::test_graphs_the_fuzzer_found_failing_now_run_bit_exact)",
+    "(found by this fuzzer, session 29; a fault of the check, not of a kernel) the CUDA emulation fed a lookup table "
+    "of 8 entries (a 3-bit input) random codes 0-255: both builds read outside the table and disagreed -> the "
+    "emulation draws codes below the table's length (the same test, second graph)",
 ]
 
 
