@@ -477,3 +477,15 @@ def test_training_threads_drop_to_one_on_a_busy_machine(monkeypatch, capsys):
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 1)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert threads.auto_threads(2, what="training") == 1  # never more threads than cores
+
+
+def test_saved_models_are_byte_identical_across_saves(tmp_path):
+    """fakequant.pt / fp32.pt: the same object saved twice gives the same bytes (the zip's records were named after
+    the temporary file, so identical runs had different files and checksums in run.json)."""
+    from ptq2tvm.frontend.qmodel import atomic_torch_save
+
+    obj = {"w": torch.arange(12.0).reshape(3, 4), "meta": {"bits": 4}}
+    atomic_torch_save(obj, tmp_path / "a.pt")
+    atomic_torch_save(obj, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a.pt")["w"], obj["w"])

@@ -416,8 +416,11 @@ def pickled_code(e: BaseException) -> str | None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save(obj)`` to ``path`` atomically (a temporary file, then a rename). Saved through a file object, so
+    the zip's records are named ``archive/...`` rather than after the temporary file: the same object gives the same
+    bytes (and checksum in run.json) from run to run."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def json_dumps(obj: Any) -> str:
