@@ -6,6 +6,7 @@ it and nothing is written."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import ArtifactError
@@ -41,10 +42,17 @@ def check_output_path(path: str | Path, kind: str, option: str = "--out") -> Pat
 
 
 def _check_writable(folder: Path, option: str, path: str | Path) -> None:
-    """ArtifactError when files cannot be created in ``folder`` (a read-only file system, or no write permission
-    for this user; ``os.access`` answers for the real user, root included on a read-only mount)."""
+    """ArtifactError when files cannot be created in ``folder``: a read-only file system, no write permission for
+    this user (``os.access`` answers for the real user, root included on a read-only mount), or a folder that
+    refuses new entries although ``os.access`` allows them (a pseudo file system such as /proc or /sys; found by
+    creating and removing an empty probe folder, so nothing is left behind)."""
     if os.access(folder, os.W_OK | os.X_OK):
-        return
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".ptq2tvm-probe-", dir=folder))
+            return
+        except OSError as e:
+            raise ArtifactError(f"{option} {path}: {folder} does not accept new files or folders "
+                                f"({e.strerror or e}); nothing was written") from None
     try:
         read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except OSError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -123,6 +125,25 @@ def test_read_only_outputs_fail_before_any_work_in_one_line(tmp_path, monkeypatc
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "read-only file system" in err and "Traceback" not in err, (argv, err)
     assert [p.name for p in ro.iterdir()] == ["run"] and not list((ro / "run").iterdir())
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a /proc pseudo file system (Linux)")
+def test_a_folder_that_refuses_new_entries_is_one_line_before_any_work(tmp_path, capsys):
+    """`bench RUN --out-dir /proc/x` passed the write check (os.access allows root to write into /proc) and ended
+    in a FileNotFoundError traceback after the ONNX exports. The check now creates and removes a probe folder."""
+    from ptq2tvm.cli import main
+    from ptq2tvm.errors import ArtifactError
+    from ptq2tvm.outpaths import check_output_path
+
+    for kind in ("dir", "file"):
+        with pytest.raises(ArtifactError, match=r"--out /proc/x: /proc does not accept new files or folders"):
+            check_output_path("/proc/x", kind)
+    (tmp_path / "run").mkdir()
+    assert main(["bench", str(tmp_path / "run"), "--out-dir", "/proc/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out-dir /proc/x: /proc does not accept" in err, err
+    check_output_path(tmp_path / "out", "dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]      # the probe left nothing behind
 
 
 def test_a_refused_json_write_after_the_work_is_one_line(tmp_path, monkeypatch, capsys):
