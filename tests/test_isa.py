@@ -501,3 +501,11 @@ def test_int16_accumulator_fuzz():
         assert np.array_equal(K.nchwc_to_nchw(kern.run(*arrays), cout), ref)
 
     check()
+
+
+def test_kernel_isa_labels_use_the_host_isa_vocabulary():
+    """Benchmark rows named the .so's ISA 'vnni' next to ORT's 'avx512_vnni' for the same instructions."""
+    from ptq2tvm.backend.isa import isa_label
+
+    assert [isa_label(k) for k in ("vnni", "avxvnni", "avx2", "amx", "dp4a", "generic")] == [
+        "avx512_vnni", "avx_vnni", "avx2", "amx", "dp4a", "generic"]

@@ -61,8 +61,16 @@ def test_compare_latency_rows_name_isa(tiny_onnx, tmp_path):
 
     model, data, _, _ = tiny_onnx
     info: dict = {}
-    stats = compare_latency({}, model, data[:8], data, threads=1, repeats=1, warmup=0, work_dir=tmp_path,
-                            progress=False, calls_per_turn=1, info=info)
-    assert {"torch_fp32", "ort_fp32", "ort_int8", "openvino_fp32", "openvino_int8"} <= set(stats)
+
+    class KernelsOnVnni:          # a .so stand-in: its sidecar names the kernel ISA 'vnni'
+        isa = "vnni"
+
+        def __call__(self, x):
+            return x
+
+    stats = compare_latency({"ptq2tvm_w8a8": KernelsOnVnni()}, model, data[:8], data, threads=1, repeats=1,
+                            warmup=0, work_dir=tmp_path, progress=False, calls_per_turn=1, info=info)
+    assert {"ptq2tvm_w8a8", "torch_fp32", "ort_fp32", "ort_int8", "openvino_fp32", "openvino_int8"} <= set(stats)
     assert all(info[k]["isa"] for k in stats)
+    assert info["ptq2tvm_w8a8"]["isa"] == "avx512_vnni"      # one vocabulary with the ORT / OpenVINO rows
     assert info["openvino_int8"]["kernels"] and info["openvino_int8"]["version"]

@@ -39,6 +39,17 @@ PORTABLE_TARGETS = {
 }
 
 
+# kernel ISA (a build's sidecar "isa") -> the host-ISA name of :func:`host_isa`, so that benchmark rows of the .so,
+# ONNX Runtime and OpenVINO name one instruction set one way
+KERNEL_TO_HOST_ISA = {"vnni": "avx512_vnni", "avxvnni": "avx_vnni", "avx2": "avx2", "amx": "amx"}
+
+
+def isa_label(kernel_isa: str) -> str:
+    """A kernel ISA in :func:`host_isa`'s vocabulary ('vnni' -> 'avx512_vnni', 'avxvnni' -> 'avx_vnni'); other
+    names (CUDA 'dp4a', 'generic') unchanged."""
+    return KERNEL_TO_HOST_ISA.get(kernel_isa, kernel_isa)
+
+
 def host_isa(flags: set[str] | None = None) -> str | None:
     """The best int8 dot-product ISA of this host: 'amx', 'avx512_vnni', 'avx_vnni', 'avx512' (AVX-512BW without
     VNNI), 'avx2', or None (no AVX2, or the flags cannot be read)."""
@@ -120,5 +131,5 @@ def llvm_cpu_target(mcpu: str, num_cores: int | None = None) -> dict[str, Any]:
     return check_llvm_cpu({"kind": "llvm", "mcpu": mcpu, "num-cores": int(num_cores or os.cpu_count() or 1)}, mcpu)
 
 
-__all__ = ["LLVM_TO_CPUINFO", "PORTABLE_TARGETS", "check_llvm_cpu", "host_cpu_flags", "host_isa", "llvm_cpu_target",
+__all__ = ["KERNEL_TO_HOST_ISA", "LLVM_TO_CPUINFO", "PORTABLE_TARGETS", "check_llvm_cpu", "host_cpu_flags", "host_isa", "isa_label", "llvm_cpu_target",
            "missing_cpu_features", "parse_target_string", "required_cpu_features"]

@@ -12,6 +12,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..backend.compile import read_sidecar
+from ..backend.isa import isa_label
 from ..backend.runtime import CompiledModel, set_num_threads
 from ..errors import ArtifactError
 from .baselines import export_onnx, ort_fp32_runner, quantize_onnx_int8, torch_fp32_runner
@@ -71,7 +72,8 @@ def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, e
     work_dir = Path(work_dir)
     host = host_isa_label()
     runners: dict[str, Callable[[np.ndarray], Any]] = {name: cm for name, cm in compiled.items()}
-    details: dict[str, dict[str, Any]] = {name: {"isa": getattr(cm, "isa", host)} for name, cm in compiled.items()}
+    details: dict[str, dict[str, Any]] = {name: {"isa": isa_label(getattr(cm, "isa", host))}
+                                           for name, cm in compiled.items()}
     runners["torch_fp32"] = torch_fp32_runner(fp32_model, threads)
     onnx_path = export_onnx(fp32_model, example, work_dir / "fp32.onnx")
     runners["ort_fp32"] = ort_fp32_runner(onnx_path, threads)
