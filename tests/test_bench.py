@@ -161,6 +161,8 @@ def test_report_json_markdown_png(tmp_path, capsys):
     assert "| resnet18 |" in md and "6.00x" in md  # torch 24 ms / ptq2tvm 4 ms
     png = write_chart(rows, tmp_path / "latency.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wide = [{**r, "median_ms": r["median_ms"] * (40 if r["runtime"] == "torch_fp32" else 1)} for r in rows]
+    assert write_chart(wide, tmp_path / "wide.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"   # log axis
     print_table(rows)
     assert "ort_int8" in capsys.readouterr().out and "vpdpbusd" in format_table(rows)
     merged = merge_rows(js, [{**rows[0], "median_ms": 3.0}])

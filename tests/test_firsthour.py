@@ -430,7 +430,7 @@ def test_stored_weight_bytes_and_chart_axis():
     from conftest import tiny_integer_graph
 
     from ptq2tvm.api import stored_weight_bytes
-    from ptq2tvm.bench.report import chart_top
+    from ptq2tvm.bench.report import chart_top, use_log_axis
 
     g8, g4, g2 = (tiny_integer_graph(b, 8) for b in (8, 4, 2))
     n = g8.weight_bytes()
@@ -440,6 +440,8 @@ def test_stored_weight_bytes_and_chart_axis():
     # the y-axis follows the medians, not one runtime's p90 outlier
     assert chart_top([1.0, 1.2, 1.1], [0.1, 0.1, 40.0]) == pytest.approx(2 * 1.2 * 1.15)
     assert chart_top([1.0, 1.2], [0.1, 0.2]) == pytest.approx(1.4 * 1.15)
+    # a panel whose medians span more than 10x (FP32 PyTorch vs an int8 .so) gets a log axis
+    assert use_log_axis([0.18, 0.33, 5.2]) and not use_log_axis([4.0, 24.0, 5.6]) and not use_log_axis([0.0, 3.0])
 
 
 def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch):

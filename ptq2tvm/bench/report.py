@@ -179,6 +179,13 @@ def chart_top(medians: Sequence[float], upper: Sequence[float], spread: float = 
     return min(tallest, spread * peak) * 1.15
 
 
+def use_log_axis(medians: Sequence[float], spread: float = 10.0) -> bool:
+    """A latency panel gets a log y axis when its largest median is more than ``spread`` times its smallest
+    positive one (on a linear axis the fast bars would be a few pixels tall)."""
+    positive = [m for m in medians if m and m > 0]
+    return len(positive) > 1 and max(positive) > spread * min(positive)
+
+
 _COLORS = {"ptq2tvm": "#d62728", "torch_fp32": "#7f7f7f", "ort_fp32": "#1f77b4", "ort_int8": "#2ca02c",
            "tvm_fp32": "#ff7f0e", "ort_ptq2tvm_qdq": "#bcbd22",
            "openvino_fp32": "#17becf", "openvino_int8": "#9467bd"}
@@ -222,17 +229,23 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str | Path, title: str | N
                               else "#9467bd") for k in labels]
         xs = range(len(labels))
         ax.bar(xs, med, yerr=[lo, hi], color=colors, capsize=3, ecolor="black", error_kw={"elinewidth": 0.8})
-        top = chart_top(med, hi)
+        log = use_log_axis(med)
+        if log:       # e.g. FP32 PyTorch 30x an int8 .so: on a linear axis the int8 bars are a few pixels tall
+            positive = [m for m in med if m > 0]
+            bottom, top = min(positive) / 2, max(m + h for m, h in zip(med, hi)) * 2.5
+            ax.set_yscale("log")
+        else:
+            bottom, top = 0.0, chart_top(med, hi)
         for x, m, h in zip(xs, med, hi):
-            clipped = m + h > top / 1.15
-            y = min(m + h, top / 1.15) + 0.02 * top
+            clipped = not log and m + h > top / 1.15
+            y = (m + h) * 1.08 if log else min(m + h, top / 1.15) + 0.02 * top
             ax.text(x, y, _fmt_ms(m) + (f"\n(p90 {_fmt_ms(m + h)})" if clipped else ""), ha="center", va="bottom",
                     fontsize=7)
         ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
         threads = sorted({series[k]["threads"] for k in labels})
         ax.set_title(f"{model}  batch {batch}  ({'/'.join(map(str, threads))} thr)", fontsize=9)
-        ax.set_ylabel("latency ms (median, p10-p90)", fontsize=8)
-        ax.set_ylim(0, top)
+        ax.set_ylabel("latency ms (median, p10-p90)" + (", log scale" if log else ""), fontsize=8)
+        ax.set_ylim(bottom, top)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -246,4 +259,4 @@ def write_chart(rows: Sequence[dict[str, Any]], path: str | Path, title: str | N
 
 
 __all__ = ["RUNTIMES", "ROW_KEYS", "chart_top", "format_table", "markdown_table", "merge_rows", "print_table", "read_rows",
-           "validate_row", "write_chart", "write_markdown", "write_rows"]
+           "use_log_axis", "validate_row", "write_chart", "write_markdown", "write_rows"]
