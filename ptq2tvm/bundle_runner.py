@@ -417,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > 4 * cores:      # the bundle runs without ptq2tvm's CLI
+        p.error(f"--threads {args.threads} is more than 4x this machine's {cores} logical CPUs: oversubscribed "
+                f"thread pools spin-wait for each other (use at most {4 * cores}; {cores} for latency)")
     set_threads(args.threads)
     if args.output_int and not args.output:
         p.error("--output-int needs --output FILE (it selects what --output writes)")

@@ -785,6 +785,11 @@ def check_outputs(args: argparse.Namespace) -> None:
             check_output_path(args.run, "dir", "run directory")
 
 
+# --threads above this many per logical CPU is refused (1000 threads on 2 cores: one parity call ran > 8 minutes
+# with 3000 spinning threads); between 1x and this a warning says the threads share cores.
+MAX_THREADS_PER_CPU = 4
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import threads
 
@@ -801,6 +806,10 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < least:
                 raise Ptq2TvmError(f"--{option.replace('_', '-')} must be >= {least}, got {value}")
         cores = os.cpu_count() or 1
+        if getattr(args, "threads", None) is not None and args.threads > MAX_THREADS_PER_CPU * cores:
+            raise Ptq2TvmError(f"--threads {args.threads} is more than {MAX_THREADS_PER_CPU}x this machine's {cores} "
+                               f"logical CPUs: oversubscribed thread pools spin-wait for each other and a run takes "
+                               f"many times longer (use at most {MAX_THREADS_PER_CPU * cores}; {cores} for latency)")
         if getattr(args, "threads", None) is not None and args.threads > cores:
             print(f"ptq2tvm {args.command}: warning: --threads {args.threads} is more than this machine's {cores} "
                   "logical CPUs: the threads share cores (latencies mislead, TVM and OpenMP threads spin)",

@@ -221,6 +221,18 @@ def test_threads_above_the_core_count_warn_in_one_line(tmp_path, capsys, monkeyp
     assert "warning: --threads 3 is more than this machine's 2 logical CPUs" in err
     assert main(["bench", str(tmp_path / "no_such_run"), "--threads", "2"]) == 2
     assert "warning: --threads" not in capsys.readouterr().err
+    # far above (a breaker's `parity RUN --threads 1000` ran 3000 spinning threads for > 8 minutes): refused first
+    for argv in (["parity", str(tmp_path / "no_such_run"), "--threads", "9"],
+                 ["bench", str(tmp_path / "no_such_run"), "--threads", "1000"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is more than 4x this machine's 2 logical CPUs" in err and "at most 8" in err
+        assert "no_such_run" not in err          # refused before the run directory is even read
+    from ptq2tvm import bundle_runner
+
+    with pytest.raises(SystemExit):
+        bundle_runner.main(["--random", "1", "--threads", "9"])
+    assert "more than 4x this machine's 2 logical CPUs" in capsys.readouterr().err
 
 
 def test_bundle_runner_threads(monkeypatch, capsys):
