@@ -61,7 +61,7 @@ class OnnxParityReport:
     mismatched_elements: int
     max_abs_lsb: int
     lsb_histogram: dict[str, int]
-    top1_agreement_vs_reference: float
+    top1_agreement_vs_reference: float | None     # of the first (N, classes) output; None when none is
     input_codes_exact_fraction: float
     ort_kernels: dict[str, int]
     integer_kernels: int
@@ -90,8 +90,9 @@ class OnnxParityReport:
             f"({sum(f['mismatching_accumulators'] for f in self.requant_fit.values())} accumulator values differ)",
             f"ORT vs reference executor at the output codes: {percent(self.exact_fraction, 4)}% exact "
             f"({self.mismatched_elements} of {self.n_elements} elements differ), max |diff| {self.max_abs_lsb} LSB, "
-            f"histogram {self.lsb_histogram}; float32 output bitwise equal on {percent(self.output_float_exact_fraction, 4)}%; "
-            f"top-1 agreement {percent(self.top1_agreement_vs_reference)}%",
+            f"histogram {self.lsb_histogram}; float32 output bitwise equal on {percent(self.output_float_exact_fraction, 4)}%"
+            + ("" if self.top1_agreement_vs_reference is None else
+               f"; top-1 agreement {percent(self.top1_agreement_vs_reference)}%"),
             f"input quantization (ORT QuantizeLinear vs numpy): {percent(self.input_codes_exact_fraction, 4)}% exact",
             f"ORT kernels after graph optimisation: {self.integer_kernels} integer "
             f"({', '.join(f'{k} {v}' for k, v in self.ort_kernels.items() if k in INTEGER_KERNELS) or 'none'}), "
@@ -150,6 +151,16 @@ def optimized_kernels(optimized_path: str | Path) -> tuple[dict[str, int], dict[
 
 def _as_list(v: Any) -> list[np.ndarray]:
     return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _scored_columns(shapes: list[tuple[int, ...]]) -> Any:
+    """For per-sample output ``shapes``: a function taking the :func:`_flat` array to the first (N, classes) output
+    (what top-1 is computed on, as ``eval`` and ``parity`` do), or None when no output is 1-D per sample."""
+    k = next((i for i, s in enumerate(shapes) if len(s) == 1), None)
+    if k is None:
+        return None
+    start = sum(int(np.prod(s)) for s in shapes[:k])
+    return lambda flat: flat[:, start:start + shapes[k][0]] if len(shapes) > 1 else flat
 
 
 def _flat(outs: list[np.ndarray]) -> np.ndarray:
@@ -261,21 +272,22 @@ def run_onnx_parity(graph: IntegerGraph, images: np.ndarray, labels: np.ndarray 
         if ref_q.shape != ort_q.shape:
             raise ArtifactError(f"reference outputs {ref_q.shape} do not match ORT's {ort_q.shape}")
         exact, max_lsb, hist = _lsb(ort_q, ref_q)
+        scored = _scored_columns([tuple(t.shape) for t in out_ts])
         rep = OnnxParityReport(
             onnx_weights=weights, int4=bool(int4), ort_version=ort.__version__, host_vnni=host_has_vnni(),
             n_inputs=int(len(images)), n_elements=int(ref_q.size), exact_fraction=exact,
             mismatched_elements=int((ort_q != ref_q).sum()), max_abs_lsb=max_lsb, lsb_histogram=hist,
-            top1_agreement_vs_reference=(float((ort_q.argmax(1) == ref_q.argmax(1)).mean())
-                                         if ref_q.ndim == 2 and len(out_ts) == 1 else exact),
+            top1_agreement_vs_reference=(None if scored is None else
+                                         float((scored(ort_q).argmax(1) == scored(ref_q).argmax(1)).mean())),
             input_codes_exact_fraction=1.0, ort_kernels=counts,
             output_float_exact_fraction=float(np.concatenate(float_eq).mean()),
             integer_requant=integer_requant, integer_requant_layers=list(xrep.integer_layers),
             requant_fit=dict(xrep.requant_fit),
             integer_kernels=sum(v for k, v in counts.items() if k in INTEGER_KERNELS),
             float_kernels=sum(v for k, v in counts.items() if k in FLOAT_CONVS))
-        if labels is not None and ref_q.ndim == 2 and len(out_ts) == 1:
-            rep.ort_top1 = float((ort_q.argmax(1) == labels).mean())
-            rep.reference_top1 = float((ref_q.argmax(1) == labels).mean())
+        if labels is not None and scored is not None:
+            rep.ort_top1 = float((scored(ort_q).argmax(1) == labels).mean())
+            rep.reference_top1 = float((scored(ref_q).argmax(1) == labels).mean())
         if per_layer_inputs:
             sub = images[:per_layer_inputs]
             dbg, _ = build_onnx(graph, weights=weights, int4=int4, per_layer_outputs=True,

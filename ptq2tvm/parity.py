@@ -13,6 +13,7 @@ from .backend.runtime import CompiledModel
 from .frontend.qmodel import QuantModel
 from .ir.graph import IntegerGraph, QTensor
 from .ir.reference import run_reference
+from .model_outputs import output_label, structure_keys
 from .units import percent
 
 
@@ -35,13 +36,14 @@ class ParityReport:
     n_elements: int
     exact_fraction_vs_fakequant: float
     max_abs_lsb_vs_fakequant: int
-    top1_agreement_vs_fakequant: float
-    top1_agreement_vs_reference: float
+    top1_agreement_vs_fakequant: float | None      # of the scored (N, classes) output; None when there is none
+    top1_agreement_vs_reference: float | None
     so_top1: float | None = None
     fakequant_top1: float | None = None
     reference_top1: float | None = None
     per_layer: list[LayerParity] = field(default_factory=list)
     per_layer_inputs: int = 0
+    scored_output: str | None = None     # several outputs: "output 1 'logits' (fc)", whose top-1 is reported
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,12 +53,15 @@ class ParityReport:
             f"inputs: {self.n_inputs}",
             f".so vs reference executor: {'BIT-EXACT' if self.bit_exact_vs_reference else 'MISMATCH'} "
             f"({self.mismatched_elements} of {self.n_elements} elements differ)",
-            f"integer vs fake-quant output: {percent(self.exact_fraction_vs_fakequant)}% exact, "
-            f"max |diff| {self.max_abs_lsb_vs_fakequant} LSB, top-1 agreement "
-            f"{percent(self.top1_agreement_vs_fakequant)}%",
+            f"integer vs fake-quant output{'s' if self.scored_output else ''}: "
+            f"{percent(self.exact_fraction_vs_fakequant)}% exact, max |diff| {self.max_abs_lsb_vs_fakequant} LSB"
+            + ("" if self.top1_agreement_vs_fakequant is None else
+               f", top-1 agreement {percent(self.top1_agreement_vs_fakequant)}%"
+               + (f" ({self.scored_output})" if self.scored_output else "")),
         ]
         if self.so_top1 is not None:
-            lines.append(f"top-1: .so {100 * self.so_top1:.2f}%  fake-quant {100 * self.fakequant_top1:.2f}%")
+            lines.append(f"top-1: .so {100 * self.so_top1:.2f}%  fake-quant {100 * self.fakequant_top1:.2f}%"
+                         + (f" ({self.scored_output})" if self.scored_output else ""))
         if self.per_layer:
             lines.append(f"per layer (integer reference vs fake-quant, first {self.per_layer_inputs} inputs):")
             w = max(len(p.name) for p in self.per_layer)
@@ -107,6 +112,18 @@ def _flat_outputs(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
 
 
+def scored_output_index(shapes: list[tuple[int, ...]]) -> int | None:
+    """The output whose argmax is compared (top-1 agreement, top-1 against labels): the first 2-D (N, classes) one,
+    as ``eval`` scores (:func:`ptq2tvm.model_outputs.classification_index`); None when no output is 2-D (top-1
+    agreement has no meaning then and is not reported)."""
+    return next((i for i, s in enumerate(shapes) if len(s) == 2), None)
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of inputs whose argmax over the classes agrees; a and b: (N, classes)."""
+    return float((np.asarray(a).argmax(1) == np.asarray(b).argmax(1)).mean())
+
+
 def run_parity(graph: IntegerGraph, compiled: CompiledModel, qm: QuantModel, images: np.ndarray,
                labels: np.ndarray | None = None, per_layer_inputs: int = 256, batch_size: int = 256,
                progress: bool = True) -> ParityReport:
@@ -119,23 +136,27 @@ def run_parity(graph: IntegerGraph, compiled: CompiledModel, qm: QuantModel, ima
         so_out.append(_as_list(compiled.run_int(chunk)))
         ref_out.append(_as_list(run_reference(graph, chunk)))
     fq_all = _as_list(fakequant_outputs(qm, images, batch_size))
+    n_out = len(graph.output_names)
+    so_list = [np.concatenate([o[j] for o in so_out]) for j in range(n_out)]
+    ref_list = [np.concatenate([o[j] for o in ref_out]) for j in range(n_out)]
     # several outputs (FPN levels, ...): compared as one flat vector per input, in output order
-    so = _flat_outputs([np.concatenate([o[j] for o in so_out]) for j in range(len(graph.output_names))])
-    ref = _flat_outputs([np.concatenate([o[j] for o in ref_out]) for j in range(len(graph.output_names))])
-    fq = _flat_outputs(fq_all)
+    so, ref = _flat_outputs(so_list), _flat_outputs(ref_list)
     fq_int = _flat_outputs([to_grid(f, t) for f, t in zip(fq_all, graph.outputs)])
     exact, max_lsb, _, _ = _lsb_stats(so, fq_int)
     mism = int((so != ref).sum())
+    k = scored_output_index([a.shape for a in so_list])
     report = ParityReport(
         n_inputs=int(len(images)), bit_exact_vs_reference=mism == 0, mismatched_elements=mism,
         n_elements=int(so.size), exact_fraction_vs_fakequant=exact, max_abs_lsb_vs_fakequant=max_lsb,
-        top1_agreement_vs_fakequant=float((so.argmax(1) == fq.argmax(1)).mean()) if so.ndim == 2 and len(graph.output_names) == 1 else exact,
-        top1_agreement_vs_reference=float((so.argmax(1) == ref.argmax(1)).mean()) if so.ndim == 2 and len(graph.output_names) == 1 else float(mism == 0),
+        top1_agreement_vs_fakequant=None if k is None else _agreement(so_list[k], fq_all[k]),
+        top1_agreement_vs_reference=None if k is None else _agreement(so_list[k], ref_list[k]),
+        scored_output=None if k is None or n_out == 1 else
+        output_label(k, structure_keys(compiled.meta.get("output_structure"))) + f" ({graph.output_names[k]})",
     )
-    if labels is not None and so.ndim == 2 and len(graph.output_names) == 1:
-        report.so_top1 = float((so.argmax(1) == labels).mean())
-        report.fakequant_top1 = float((fq.argmax(1) == labels).mean())
-        report.reference_top1 = float((ref.argmax(1) == labels).mean())
+    if labels is not None and k is not None:
+        report.so_top1 = float((so_list[k].argmax(1) == labels).mean())
+        report.fakequant_top1 = float((np.asarray(fq_all[k]).argmax(1) == labels).mean())
+        report.reference_top1 = float((ref_list[k].argmax(1) == labels).mean())
     if per_layer_inputs:
         sub = images[:per_layer_inputs]
         ref_env = run_reference(graph, graph.input.quantize(sub), return_all=True)

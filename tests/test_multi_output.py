@@ -235,6 +235,43 @@ def test_bench_onnx_runners_return_every_output(run, tmp_path):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("onnx", [False, True], ids=["so", "onnx"])
+def test_parity_scores_top1_on_the_classification_output(run, capsys, onnx):
+    """parity's "top-1 agreement" of a two-output model was the fraction of exact elements (99.80% of 397 images,
+    which no count of images gives); it is now the argmax agreement of the first (N, classes) output, named."""
+    import json
+
+    kind, root, path = run
+    js = root / f"parity_{kind}_{onnx}.json"
+    assert cli.main(["parity", str(path), "--data", str(root / "data.npz"), "--per-layer-inputs", "0",
+                     "--no-progress", "--json", str(js)] + (["--onnx"] if onnx else [])) == 0
+    out = capsys.readouterr().out
+    p = json.loads(js.read_text())
+    n = p["n_inputs"]
+    agree = p["top1_agreement_vs_reference"] if onnx else p["top1_agreement_vs_fakequant"]
+    assert agree is not None and abs(agree * n - round(agree * n)) < 1e-9, p       # a share of the images
+    if not onnx:
+        assert p["scored_output"] == ("output 1 'logits' (fc)" if kind == "dict" else "output 0 (fc)"), p
+        assert f"({p['scored_output']})" in out, out
+        assert p["so_top1"] == p["reference_top1"] and p["so_top1"] is not None
+
+
+def test_parity_of_a_model_without_a_classification_output_reports_no_top1(project, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "feat"
+    assert cli.main(["quantize", "--model", f"{project / 'net.py'}:build_feat_only", "--data",
+                     str(project / "data.npz"), "--calib-size", "16", "--fidelity-images", "0", "--out", str(run),
+                     "--no-progress"]) == 0
+    assert cli.main(["compile", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["parity", str(run), "--data", str(project / "data.npz"), "--n", "8", "--per-layer-inputs", "0",
+                     "--no-progress", "--json", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["bit_exact_vs_reference"] and p["top1_agreement_vs_fakequant"] is None and "top-1" not in out, out
+
+
 def test_bundle_checks_and_writes_every_output(run, tmp_path):
     from ptq2tvm.ir.graph import IntegerGraph
     from ptq2tvm.ir.reference import run_reference
