@@ -205,8 +205,7 @@ def build_model(spec: ModelSpec, fallback_dir: str | Path | None = None) -> nn.M
         return onnx_to_torch(spec.name)
     if ":" in spec.name and spec.name.split(":")[0].endswith(".py"):
         file, attr = spec.name.rsplit(":", 1)
-        if not Path(file).is_file() and fallback_dir is not None and (Path(fallback_dir) / Path(file).name).is_file():
-            file = str(Path(fallback_dir) / Path(file).name)
+        file = model_file_that_runs(file, fallback_dir)
         if not Path(file).is_file():
             raise ArtifactError(f"model file not found: {file}")
         mod_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
@@ -229,13 +228,52 @@ def build_model(spec: ModelSpec, fallback_dir: str | Path | None = None) -> nn.M
         if spec.name not in list_models():
             import difflib
 
+            hint = _model_path_hint(spec.name)
+            if hint:
+                raise ArtifactError(hint)
+
             close = difflib.get_close_matches(spec.name, list_models(), n=1)
             raise ArtifactError(f"unknown model {spec.name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                                + f"; available: {', '.join(list_models())}, or path/to/file.py:factory")
+                                + f"; available: {', '.join(list_models())}, or path/to/file.py:factory, or an FP32 "
+                                "model.onnx")
         model = _call_factory(lambda **kw: create_model(spec.name, **kw), f"model {spec.name!r}", spec.kwargs)
     if spec.checkpoint:
         load_checkpoint(model, spec.checkpoint)
     return model.eval()
+
+
+def model_file_that_runs(file: str, fallback_dir: str | Path | None = None) -> str:
+    """The Python file a ``file.py:factory`` model is built from: ``file`` itself, or when it is gone, the run's copy
+    ``fallback_dir/<name>`` (a run directory's ``model_src/``) if that exists."""
+    if not Path(file).is_file() and fallback_dir is not None and (Path(fallback_dir) / Path(file).name).is_file():
+        return str(Path(fallback_dir) / Path(file).name)
+    return file
+
+
+def _model_path_hint(name: str) -> str | None:
+    """One line for a ``--model`` that is a file but not a form :func:`build_model` takes: a .py file without its
+    factory (lists the file's top-level functions and classes, read with ``ast``, nothing run) or a saved PyTorch
+    file (.pt / .pth / .pkl / .bin); None otherwise."""
+    path = Path(name)
+    if path.suffix == ".py":
+        if not path.is_file():
+            return f"model file not found: {name} (give it as path/to/file.py:factory)"
+        import ast
+
+        try:
+            tree = ast.parse(path.read_text(errors="replace"))
+            names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                     and not n.name.startswith("_")]
+        except (SyntaxError, ValueError, OSError):
+            names = []
+        listed = f" (top-level names in it: {', '.join(names)})" if names else ""
+        example = f"{name}:{names[0]}" if names else f"{name}:build"
+        return (f"--model {name}: name the function or class that builds the model too, e.g. --model {example}"
+                f"{listed}")
+    if path.suffix in (".pt", ".pth", ".pkl", ".bin", ".ckpt") and path.is_file():
+        return (f"--model {name} is a saved PyTorch file: --model takes a zoo name, path/to/file.py:factory or an "
+                f"FP32 .onnx file; give the weights (a state_dict) as --checkpoint {name}")
+    return None
 
 
 def _call_factory(factory: Any, name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -399,7 +437,10 @@ def load_fp32(path: str | Path, trust_code: bool = False) -> nn.Module:
                             "ModelSpec): build the model yourself and load_state_dict(torch.load(path, "
                             "weights_only=True)['state_dict'])")
     if _names_code_file(blob["spec"]) and not trust_code:
-        raise ArtifactError(f"{path}: the model is built by the Python file {blob['spec']['name']!r}, which would run "
+        file, attr = str(blob["spec"]["name"]).rsplit(":", 1)
+        runs = model_file_that_runs(file, path.parent / "model_src")
+        copy = f" (the run's copy of {file}, which is gone)" if runs != file else ""
+        raise ArtifactError(f"{path}: the model is built by {attr}() of the Python file {runs}{copy}, which would run "
                             "as code; pass trust_code=True (CLI: --trust-code) if you trust it")
     spec = ModelSpec(**{**blob["spec"], "checkpoint": None})
     model = build_model(spec, fallback_dir=path.parent / "model_src")

@@ -292,8 +292,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         Checkpoint.remove(ckpt_dir)
     superseded = run.superseded + [n for n in stale if n not in run.superseded]
     if superseded:
-        print(f"removed what the new integer graph supersedes in {run.path}: {', '.join(superseded)} (compile "
-              "again)", file=sys.stderr)
+        built = any(n.endswith((".so", "/")) for n in superseded)       # a library or a bundle was removed
+        print(f"removed what the new integer graph supersedes in {run.path}: {', '.join(superseded)}"
+              + (" (compile again)" if built else ""), file=sys.stderr)
     result = dict(run_dir=str(run.path), fakequant=str(run.fakequant), qgraph=str(run.qgraph),
                   w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, calib_size=int(len(calib)),
                   weights=weights, n_layers=sum(1 for n in graph.nodes if n.op in ("conv2d", "dense")),

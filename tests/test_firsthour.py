@@ -207,7 +207,7 @@ def test_raw_pixel_calibration_data_warns(project, capsys, monkeypatch):
     assert "integer dtype uint8" in err
     assert "look like raw pixels" in err
     assert re.search(r"first conv 'stem' sees inputs about \d+(\.\d+)?x larger than in training", err)
-    assert "fidelity vs FP32 (no labels; 16 held-out calibration images)" in out
+    assert "fidelity vs FP32 (no labels; 16 held-out images (not used for calibration))" in out
     assert "only 32 calibration image(s): reconstruction and activation ranges need a few hundred" in err
     assert "3 data warning(s) above: this fidelity is measured on images like the calibration images" in out
     info = RunDir(project / "runs" / "raw").info()
@@ -304,6 +304,11 @@ Q = ["quantize", "--no-progress", "--fidelity-images", 0, "--calib-size", 4, "--
 ERROR_CASES = {
     "zoo_typo_with_npy_data": (Q + ["--model", "resnet_smal", "--data", "x.npy"],
                                r"unknown model 'resnet_smal' \(did you mean 'resnet_small'\?\)", "Traceback"),
+    "py_file_without_its_factory": (Q + ["--model", "{net}", "--data", "x.npy"],
+                                    r"name the function or class that builds the model too, e\.g\. --model "
+                                    r"\S*net\.py:\w+ \(top-level names in it: .*build", "unknown model"),
+    "checkpoint_given_as_model": (Q + ["--model", "junk.pt", "--data", "x.npy"],
+                                  r"--model junk\.pt is a saved PyTorch file: .*--checkpoint junk\.pt", "unknown model"),
     "text_file_named_npz": (Q + ["--model", "resnet_small", "--data", "notes.npz"],
                             r"notes\.npz: it is not a \.npz file", "pickle"),
     "junk_checkpoint": (Q + ["--model", "resnet_small", "--checkpoint", "junk.pt", "--data", "x.npy"],

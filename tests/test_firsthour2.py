@@ -8,6 +8,7 @@ Runs on a user project made here: a model file of one's own (1-channel 16x16 CNN
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -89,6 +90,26 @@ def _parser_options(name: str) -> set[str]:
     p = cli.build_parser()
     sub = p._subparsers._group_actions[0]
     return {o for a in sub.choices[name]._actions for o in a.option_strings}
+
+
+def test_trust_code_refusal_names_the_file_that_would_run(run_dir, proj, tmp_path):
+    """The refusal named the original net.py even where that file was gone and the run's own copy
+    (model_src/net.py) is what --trust-code would run (a new-user helper)."""
+    from ptq2tvm.api import load_fp32
+    from ptq2tvm.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match=rf"built by build\(\) of the Python file {re.escape(str(proj))}/net\.py, "
+                                            r"which would run"):
+        load_fp32(run_dir / "fp32.pt")
+    (proj / "net.py").rename(tmp_path / "net.py")        # the user's file is gone: the run's copy would run
+    try:
+        copy = run_dir / "model_src" / "net.py"
+        with pytest.raises(ArtifactError, match=rf"of the Python file {re.escape(str(copy))} \(the run's copy of "
+                                                rf"{re.escape(str(proj))}/net\.py, which is gone\)"):
+            load_fp32(run_dir / "fp32.pt")
+        assert isinstance(load_fp32(run_dir / "fp32.pt", trust_code=True), torch.nn.Module)
+    finally:
+        (tmp_path / "net.py").rename(proj / "net.py")
 
 
 # ---- 7: an output path that is a file (or under one) -------------------------------------------------------
