@@ -84,7 +84,7 @@ class FidelityReport:
     def summary(self, advice: str | None = None) -> str:
         """The report in lines; a low-fidelity warning ends with ``advice`` (:func:`low_fidelity_advice` of what the
         run already did; default: the advice for a calibration-only run)."""
-        where = f"{self.n_images} held-out images (not used for calibration)" if self.held_out else \
+        where = f"{self.n_images} images not used for calibration" if self.held_out else \
             f"{self.n_images} calibration images (no held-out images left)"
         if len(self.outputs) > 1:
             label = {o.name: o.name if o.name.startswith("output ") else repr(o.name) for o in self.outputs}

@@ -74,8 +74,21 @@ def load_onnx(path: str | Path) -> Any:
     if not path.is_file():
         raise ArtifactError(f"ONNX model not found: {path}")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf DecodeError and friends
+        raise ArtifactError(f"{path} is not a readable ONNX model (corrupted or truncated?): {type(e).__name__}: "
+                            f"{e}") from e
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    for t in model.graph.initializer:          # weights kept in side files (torch.onnx's .onnx.data): say which
+        if uses_external_data(t):
+            side = path.parent / ExternalDataInfo(t).location
+            if not side.is_file():
+                raise ArtifactError(f"{path}: its weights (tensor {t.name!r}) are stored in the external data file "
+                                    f"{side.name}, which is not next to it ({side}): keep the two files together")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:
         raise ArtifactError(f"{path} is not a readable ONNX model (corrupted or truncated?): {type(e).__name__}: "
                             f"{e}") from e
     try:
@@ -126,16 +139,16 @@ def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str,
     """Fold Constant / Identity-of-initializer nodes, check the op types, give every node a clean unique name.
 
     Returns the model (modified in place) and ``onnx2torch module name -> (ONNX node name, op type, layer name)``. Raises
-    :class:`UnsupportedModelError` listing every unsupported ONNX node, and for a model that is not single-input
-    (besides initializers) or not single-output."""
+    :class:`UnsupportedModelError` listing every unsupported ONNX node, and for a model with several data inputs
+    (initializers aside). Several outputs are fine (returned as a dict by ONNX output name: :func:`onnx_to_torch`)."""
     from onnx import numpy_helper
 
     g = model.graph
     inits = {i.name for i in g.initializer}
     real_inputs = [i for i in g.input if i.name not in inits]
-    if len(real_inputs) != 1 or len(g.output) != 1:
-        raise UnsupportedModelError(f"{path}: ptq2tvm takes single-input, single-output models; this ONNX graph has "
-                                    f"inputs {[i.name for i in real_inputs]} and outputs {[o.name for o in g.output]}")
+    if len(real_inputs) != 1:
+        raise UnsupportedModelError(f"{path}: ptq2tvm takes single-input models; this ONNX graph has inputs "
+                                    f"{[i.name for i in real_inputs]}")
     rename: dict[str, str] = {}
     keep = []
     for n in g.node:
@@ -282,9 +295,20 @@ def onnx_to_torch(path: str | Path) -> fx.GraphModule:
     except Exception as e:  # onnx2torch raises NotImplementedError / KeyError / RuntimeError
         raise UnsupportedModelError(f"onnx2torch cannot convert {path}: {type(e).__name__}: {e}") from e
     gm = _rewrite(gm, names, path).eval()
+    _name_outputs(gm, [o.name for o in model.graph.output])
     gm.fixed_input_shape = dims
     gm.fixed_input_source = f"the ONNX model {Path(path).name} (input {inp.name!r})"
     return gm
+
+
+def _name_outputs(gm: fx.GraphModule, onnx_names: list[str]) -> None:
+    """A graph with several outputs returns ``{ONNX output name: tensor}`` (onnx2torch returns a list), so the run,
+    the bundle's ``--output`` .npz and the fidelity report name each output as the ONNX model does."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    values = out.args[0]
+    if isinstance(values, (list, tuple)) and len(values) > 1 and len(values) == len(onnx_names):
+        out.args = (dict(zip(onnx_names, values)),)
+        gm.recompile()
 
 
 def _graph_input(model: onnx.ModelProto) -> tuple[onnx.ValueInfoProto, tuple[int | None, ...]]:

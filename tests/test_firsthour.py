@@ -207,7 +207,7 @@ def test_raw_pixel_calibration_data_warns(project, capsys, monkeypatch):
     assert "integer dtype uint8" in err
     assert "look like raw pixels" in err
     assert re.search(r"first conv 'stem' sees inputs about \d+(\.\d+)?x larger than in training", err)
-    assert "fidelity vs FP32 (no labels; 16 held-out images (not used for calibration))" in out
+    assert "fidelity vs FP32 (no labels; 16 images not used for calibration)" in out
     assert "only 32 calibration image(s): reconstruction and activation ranges need a few hundred" in err
     assert "3 data warning(s) above: this fidelity is measured on images like the calibration images" in out
     info = RunDir(project / "runs" / "raw").info()

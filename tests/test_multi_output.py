@@ -136,7 +136,7 @@ def test_fidelity_summary_prints_one_line_per_output(project):
     qm = quantize(model.eval(), x[:32], progress=False)
     rep = fidelity(model, qm, x[32:])
     lines = rep.summary().splitlines()
-    assert lines[0].startswith("fidelity vs FP32 (no labels; 16 held-out images (not used for calibration)): 2 outputs")
+    assert lines[0].startswith("fidelity vs FP32 (no labels; 16 images not used for calibration): 2 outputs")
     assert lines[1].startswith("  'feat'    (N, 3, 6, 6)  SQNR ") and "top-1" not in lines[1]
     assert lines[2].startswith("  'logits'  (N, 4)        SQNR ") and "top-1 agreement" in lines[2]
     assert len(lines) == 3 and not rep.low

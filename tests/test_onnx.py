@@ -165,6 +165,53 @@ def test_onnx_model_in_matches_torch_and_folds_to_the_same_integers(tmp_path, ti
     assert agree >= 0.95
 
 
+class TwoHeads(torch.nn.Module):
+    """Logits + a per-pixel map: the multi-output shape users export (a classifier with an auxiliary head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.aux = torch.nn.Conv2d(8, 2, 1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1)), self.aux(h)
+
+
+def test_onnx_model_with_two_outputs_comes_in_named_and_compiles_bit_exact(tmp_path, tiny_data, capsys):
+    """An ONNX graph with two outputs was refused ('ptq2tvm takes single-input, single-output models'), though the
+    README says every command handles models with several outputs. It now returns {ONNX output name: tensor}."""
+    import json
+
+    from ptq2tvm import cli
+    from ptq2tvm.onnx_import import onnx_to_torch
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    path = tmp_path / "two.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 12, 12),), str(path), input_names=["x"],
+                      output_names=["logits", "seg"], dynamo=False)
+    gm = onnx_to_torch(path)
+    x = torch.from_numpy(tiny_data[:4])
+    with torch.no_grad():
+        got, want = gm(x), model(x)
+    assert list(got) == ["logits", "seg"]
+    for k, w in zip(got, want):
+        np.testing.assert_allclose(got[k].numpy(), w.numpy(), rtol=1e-4, atol=1e-5)
+    np.save(tmp_path / "data.npy", tiny_data)
+    run = tmp_path / "run"
+    assert cli.main(["quantize", "--model", str(path), "--data", str(tmp_path / "data.npy"), "--calib-size", "16",
+                     "--fidelity-images", "8", "--out", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "'logits'  (N, 4)" in out and "'seg'     (N, 2, 12, 12)" in out, out
+    assert cli.main(["compile", str(run), "--no-progress"]) == 0
+    assert cli.main(["parity", str(run), "--data", str(tmp_path / "data.npy"), "--n", "8", "--per-layer-inputs", "0",
+                     "--no-progress", "--json", str(tmp_path / "p.json")]) == 0
+    p = json.loads((tmp_path / "p.json").read_text())
+    assert p["bit_exact_vs_reference"] and p["scored_output"].startswith("output 0 'logits'"), p
+
+
 def test_onnx_in_errors_name_the_node_or_file(tmp_path):
     from ptq2tvm.onnx_import import onnx_to_torch
 
@@ -186,6 +233,17 @@ def test_onnx_in_errors_name_the_node_or_file(tmp_path):
         onnx_to_torch(tmp_path / "trunc.onnx")
     with pytest.raises(ArtifactError, match="not found"):
         onnx_to_torch(tmp_path / "missing.onnx")
+    # weights in an external data file (torch.onnx writes model.onnx.data for big models) left behind on a copy
+    import onnx
+
+    (tmp_path / "ext").mkdir()
+    onnx.save_model(onnx.load(str(tmp_path / "good.onnx")), str(tmp_path / "ext" / "m.onnx"),
+                    save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    assert isinstance(onnx_to_torch(tmp_path / "ext" / "m.onnx"), torch.nn.Module)   # together: fine
+    (tmp_path / "ext" / "m.onnx").rename(tmp_path / "m.onnx")
+    with pytest.raises(ArtifactError, match=r"m\.onnx: its weights \(tensor '.+'\) are stored in the external data "
+                                            r"file m\.onnx\.data, which is not next to it"):
+        onnx_to_torch(tmp_path / "m.onnx")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
