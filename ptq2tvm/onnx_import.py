@@ -6,9 +6,12 @@ Steps: load + ``onnx.checker`` (clear error for a missing, truncated or corrupte
 onnx2torch cannot read a Conv bias through an Identity) -> the dynamo exporter's ``ReduceMean`` (spatial) /
 ``Reshape`` (to (N, features)) rewritten as ``GlobalAveragePool`` / ``Flatten`` -> check every node against the ONNX
 ops ptq2tvm handles
-(one error naming every unsupported ONNX node and its op type) -> onnx2torch -> rewrite onnx2torch's own modules into
-the plain torch ops the tracer knows (``Add`` -> ``operator.add``, ``GlobalAveragePool`` -> ``AdaptiveAvgPool2d(1)``,
-``Clip(min, max)`` -> ``Hardtanh``). Layers are named after their ONNX nodes (``/layer1/layer1.0/conv1/Conv`` ->
+(one error naming every unsupported ONNX node and its op type, and every Resize that is not an exact nearest
+upsampling by integer factors) -> onnx2torch -> rewrite onnx2torch's own modules into the plain torch ops the tracer
+knows (``Add`` / ``Mul`` of two tensors -> ``operator.add`` / ``operator.mul``, ``Concat`` -> ``torch.cat``,
+``GlobalAveragePool`` -> ``AdaptiveAvgPool2d(1)``, ``Clip(min, max)`` -> ``Hardtanh``, ``HardSigmoid(1/6, 1/2)`` ->
+``Hardsigmoid``, ``Tanh`` -> ``nn.Tanh``, ``Resize`` with constant integer scales -> ``Upsample`` nearest). Several
+outputs come back as a dict keyed by the ONNX output names. Layers are named after their ONNX nodes (``/layer1/layer1.0/conv1/Conv`` ->
 ``layer1_layer1_0_conv1``).
 
 onnx2torch 1.5.15 declares torchvision as a dependency and imports it at import time, only for its NonMaxSuppression
@@ -35,7 +38,13 @@ from .errors import ArtifactError, UnsupportedModelError
 #: ONNX op types the importer accepts (what the tracer can quantize after onnx2torch); anything else is rejected by
 #: name before conversion.
 SUPPORTED_ONNX_OPS = ("Conv", "BatchNormalization", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
-                      "Flatten", "Gemm", "Add", "Identity", "Dropout")
+                      "Flatten", "Gemm", "Add", "Identity", "Dropout", "Mul", "Concat", "Sigmoid", "HardSigmoid",
+                      "HardSwish", "LeakyRelu", "Tanh", "Resize")
+
+# Resize attributes under which ONNX nearest resizing by an integer factor picks floor(x / s), torch's nearest:
+# asymmetric + floor, or a half-pixel transform (x_in = (x + 0.5) / s - 0.5 lies within +-(0.5 - 0.5 / s) of
+# floor(x / s), so every rounding mode gives it)
+_NEAREST_AS_TORCH = {"asymmetric": ("floor",), "half_pixel": None, "pytorch_half_pixel": None}
 
 
 def _import_onnx2torch() -> Any:
@@ -64,6 +73,40 @@ def _import_onnx2torch() -> Any:
         sys.modules.pop("torchvision", None)
         sys.modules.pop("torchvision.ops", None)
     return onnx2torch
+
+
+def _register_resize_converters() -> None:
+    """onnx2torch 1.5.15 converts Resize only up to opset 13; opsets 18 / 19 (what torch exports today) added
+    ``antialias``, ``axes`` and ``keep_aspect_ratio_policy``, which :func:`_check_resize` requires at their defaults,
+    so the opset-13 converter reads them right. Registered once."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription, get_converter
+
+    v13 = get_converter("Resize", 13)
+    for version in (18, 19):
+        key = OperationDescription(domain="", operation_type="Resize", version=version)
+        _CONVERTER_REGISTRY.setdefault(key, v13)
+
+
+def _check_resize(n: Any) -> str | None:
+    """Why the ONNX Resize node ``n`` cannot be read as torch's nearest upsampling (None when it can): only mode
+    'nearest' with a coordinate transform / rounding that picks floor(x / s) at integer factors
+    (:data:`_NEAREST_AS_TORCH`; the factors themselves are checked once the scales are read), no antialias, axes
+    or aspect-ratio policy."""
+    from onnx import helper
+
+    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+    text = {k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()}
+    mode = text.get("mode", "nearest")
+    ctm = text.get("coordinate_transformation_mode", "half_pixel")
+    rounding = text.get("nearest_mode", "round_prefer_floor")
+    if mode != "nearest":
+        return f"Resize mode {mode!r} (only 'nearest', by integer factors)"
+    if ctm not in _NEAREST_AS_TORCH or (_NEAREST_AS_TORCH[ctm] and rounding not in _NEAREST_AS_TORCH[ctm]):
+        return (f"nearest Resize with coordinate_transformation_mode {ctm!r} and nearest_mode {rounding!r} (picks "
+                "other pixels than torch's nearest: use asymmetric + floor or half_pixel)")
+    if text.get("antialias", 0) or "axes" in text or text.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        return "Resize with antialias, axes or keep_aspect_ratio_policy"
+    return None
 
 
 def load_onnx(path: str | Path) -> Any:
@@ -168,6 +211,8 @@ def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str,
     _pool_and_flatten_as_ops(model)
     bad = [f"'{n.name or '(unnamed)'}' ({n.op_type}{'' if n.domain in ('', 'ai.onnx') else ', domain ' + n.domain})"
            for n in g.node if n.op_type not in SUPPORTED_ONNX_OPS or n.domain not in ("", "ai.onnx")]
+    bad += [f"'{n.name or '(unnamed)'}' (Resize): {why}" for n in g.node
+            if n.op_type == "Resize" and (why := _check_resize(n)) is not None]
     if bad:
         raise UnsupportedModelError(f"{len(bad)} unsupported ONNX node(s) in {path}:\n  " + "\n  ".join(bad)
                                     + f"\nSupported ONNX ops: {', '.join(SUPPORTED_ONNX_OPS)}.")
@@ -238,14 +283,36 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
     import torch
     from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
     from onnx2torch.node_converters.clip import OnnxClip
+    from onnx2torch.node_converters.activations import OnnxHardSigmoid
+    from onnx2torch.node_converters.concat import OnnxConcat
+    from onnx2torch.node_converters.functions import OnnxFunction
     from onnx2torch.node_converters.global_average_pool import (OnnxGlobalAveragePool,
                                                                  OnnxGlobalAveragePoolWithKnownInputShape)
+    from onnx2torch.node_converters.resize import OnnxResize
 
+    def is_resize(user: fx.Node) -> bool:
+        return user.op == "call_module" and isinstance(gm.get_submodule(user.target), OnnxResize)
+
+    # constants read here (a Resize's roi / scales / sizes), not operands of the network
+    resize_inputs = {n for n in gm.graph.nodes if n.op == "get_attr" and n.users and all(map(is_resize, n.users))}
     root: dict[str, Any] = {}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     errors: list[str] = []
+    binary = {torch.add: operator.add, torch.mul: operator.mul}
     for node in gm.graph.nodes:
+        if node in resize_inputs:
+            continue
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), OnnxResize):
+            onnx_name = names.get(str(node.target), (str(node.target),))[0]
+            layer = names.get(str(node.target), ("", "", str(node.target)))[2]
+            up, why = _resize_as_upsample(gm, node)
+            if up is None:
+                errors.append(f"ONNX node '{onnx_name}' (Resize): {why}")
+                up = nn.Upsample(scale_factor=1.0)
+            root[layer] = up
+            env[node] = graph.call_module(layer, (env[node.args[0]],))
+            continue
         args = fx.node.map_arg(node.args, lambda a: env[a])
         kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
         if node.op != "call_module":
@@ -260,12 +327,23 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
                                                                   str(node.target)))
         where = f"ONNX node '{onnx_name}' ({op_type})"
         if isinstance(m, OnnxBinaryMathOperation):
-            if getattr(m, "math_op_function", None) is not torch.add or len(args) != 2:
-                errors.append(f"{where}: only Add of two tensors is supported")
-            env[node] = graph.call_function(operator.add, tuple(args))
+            fn = binary.get(getattr(m, "math_op_function", None))
+            if fn is None or len(args) != 2 or getattr(m, "broadcast", None) == 1:
+                errors.append(f"{where}: only Add / Mul of two tensors is supported")
+            env[node] = graph.call_function(fn or operator.add, tuple(args))
+            continue
+        if isinstance(m, OnnxConcat):
+            env[node] = graph.call_function(torch.cat, (list(args),), {"dim": int(m.axis)})
             continue
         if isinstance(m, (OnnxGlobalAveragePool, OnnxGlobalAveragePoolWithKnownInputShape)):
             m = nn.AdaptiveAvgPool2d(1)
+        elif isinstance(m, OnnxHardSigmoid):      # torch's hardsigmoid is HardSigmoid(alpha=1/6, beta=0.5)
+            if abs(float(m.alpha) - 1 / 6) > 1e-6 or abs(float(m.beta) - 0.5) > 1e-6:
+                errors.append(f"{where}: HardSigmoid with alpha {m.alpha}, beta {m.beta} (only alpha 1/6, beta 0.5: "
+                              "torch's hardsigmoid)")
+            m = nn.Hardsigmoid()
+        elif isinstance(m, OnnxFunction) and m.function is torch.tanh:
+            m = nn.Tanh()
         elif isinstance(m, OnnxClip):
             if m.min_val is None or m.max_val is None:
                 errors.append(f"{where}: Clip with only one bound (min {m.min_val}, max {m.max_val})")
@@ -280,6 +358,32 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
     return fx.GraphModule(root, graph)
 
 
+def _resize_as_upsample(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module | None, str]:
+    """onnx2torch's Resize call ``node`` (input, roi, scales[, sizes]: constants) -> ``nn.Upsample`` nearest by the
+    integer factors of its scales (or of its constant sizes, left to the tracer to check), else (None, why)."""
+    import torch
+
+    def const(i: int) -> Any:
+        a = node.args[i] if len(node.args) > i else node.kwargs.get(("input_tensor", "roi", "scales", "sizes")[i])
+        if a is None:
+            return None
+        if not isinstance(a, fx.Node) or a.op != "get_attr":
+            return "dynamic"
+        owner, _, attr = str(a.target).rpartition(".")
+        return getattr(gm.get_submodule(owner) if owner else gm, attr).detach().cpu().reshape(-1).tolist()
+
+    scales, sizes = const(2), const(3)
+    if scales == "dynamic" or sizes == "dynamic":
+        return None, "scales / sizes computed in the graph (only constants)"
+    if scales:
+        if len(scales) != 4 or scales[:2] != [1.0, 1.0] or any(float(v) != int(v) or v < 1 for v in scales[2:]):
+            return None, f"scales {scales} (only 4-D, batch and channels 1, spatial integer factors)"
+        return nn.Upsample(scale_factor=(float(scales[2]), float(scales[3])), mode="nearest"), ""
+    if sizes and len(sizes) == 4:
+        return nn.Upsample(size=(int(sizes[2]), int(sizes[3])), mode="nearest"), ""
+    return None, "no constant scales or sizes"
+
+
 def onnx_to_torch(path: str | Path) -> fx.GraphModule:
     """An FP32 ONNX model file -> ``fx.GraphModule`` of plain torch layers (eval mode) for the tracer. Its
     ``fixed_input_shape`` holds the ONNX input's dimensions (an int where fixed, None where dynamic) and
@@ -290,8 +394,13 @@ def onnx_to_torch(path: str | Path) -> fx.GraphModule:
     model, names = prepare_onnx(load_onnx(path), path)
     inp, dims = _graph_input(model)
     o2t = _import_onnx2torch()
+    _register_resize_converters()
+    import warnings
+
     try:
-        gm = o2t.convert(model)
+        with warnings.catch_warnings():  # its nearest-Resize warnings: _check_resize admitted only exact forms
+            warnings.filterwarnings("ignore", message="Pytorch's nearest neighbor", category=UserWarning)
+            gm = o2t.convert(model)
     except Exception as e:  # onnx2torch raises NotImplementedError / KeyError / RuntimeError
         raise UnsupportedModelError(f"onnx2torch cannot convert {path}: {type(e).__name__}: {e}") from e
     gm = _rewrite(gm, names, path).eval()
