@@ -312,6 +312,20 @@ class BundleModel:
         q = np.rint(q) + np.float32(inp["zero_point"])
         return np.clip(q, 0, (1 << int(inp["bits"])) - 1).astype(np.uint8)
 
+    def saturation_warning(self, x: np.ndarray, limit: float = 0.10) -> str | None:
+        """One line when more than ``limit`` of the float input's values lie outside what the input quantizer
+        represents (scale * (0 - zero_point) .. scale * (qmax - zero_point), half a step of margin): they all become
+        0 or qmax, as raw 0..255 pixels do for a model calibrated on normalized images; None otherwise."""
+        inp = self.meta["input"]
+        s, z, qmax = float(inp["scale"]), int(inp["zero_point"]), (1 << int(inp["bits"])) - 1
+        lo, hi = s * (0 - z) - s / 2, s * (qmax - z) + s / 2
+        outside = float(((x < lo) | (x > hi)).mean())
+        if outside <= limit:
+            return None
+        return (f"{100 * outside:.0f}% of the input values lie outside the input quantizer's range "
+                f"[{lo + s / 2:.4g}, {hi - s / 2:.4g}] (input values {float(x.min()):.4g}..{float(x.max()):.4g}) and "
+                "are clamped: is the input preprocessed like the calibration data (scaled, mean / std normalized)?")
+
     def check_input(self, x: np.ndarray, integer: bool = False) -> np.ndarray:
         """The checks of ptq2tvm's CompiledModel, as one-line :class:`InputError`: shape (N, *input shape), a
         non-empty batch, a float (or, ``integer``, integer codes within the input's bits) dtype, no NaN / Inf.
@@ -462,6 +476,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if bad == 0 else 1
     if args.input:
         x = model.check_input(load_input(args.input))
+        note = model.saturation_warning(x)
+        if note:
+            print(f"run_model.py: warning: {note}", file=sys.stderr)
         q = x if model.main_float is not None else model.quantize(x)
     elif args.input_int:
         q = model.check_input(load_input(args.input_int), integer=True)

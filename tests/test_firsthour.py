@@ -400,6 +400,15 @@ def test_bundle_output_is_float_and_no_library_copies_are_left(bundle, tmp_path)
     y = np.load(tmp_path / "y.npy")
     assert y.dtype == np.float32
     np.testing.assert_array_equal(y, graph.output.dequantize(run_reference(graph, graph.input.quantize(x))))
+    assert "warning" not in r.stderr, r.stderr       # standard-normal input: within the calibrated range
+    # raw 0..255 pixels into a model calibrated on normalized images: every value clamps, exit 0 and no word (a
+    # new-user helper); now one warning line naming the range
+    np.save(tmp_path / "raw.npy", np.random.default_rng(1).integers(0, 256, (3, 1, 12, 12)).astype(np.float32))
+    r = _run_bundle(b, "--input", tmp_path / "raw.npy", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr.count("\n") == 1, r.stderr
+    assert re.match(r"run_model.py: warning: \d+% of the input values lie outside the input quantizer's range "
+                    r"\[-?[\d.]+, [\d.]+\] \(input values \d+\.\.255\) and are clamped: is the input preprocessed",
+                    r.stderr), r.stderr
 
 
 def test_bundle_check_of_a_truncated_so(bundle, tmp_path):
