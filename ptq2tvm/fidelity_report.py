@@ -122,6 +122,8 @@ def low_fidelity_advice(method: str = "rtn", adaqtransform: bool = False, iters:
         tries.append("--adaqtransform")
     if method == "adaround":
         tries.append("block-wise --method qdrop")
+    if method == "brecq":       # its roundings never saw quantized activations (paper / reference code): first
+        tries.insert(0, "--method qdrop (BRECQ learns the roundings with FP activations, QDrop with quantized ones)")
     if more_bits:
         tries.append("more bits (--w-bits / --a-bits)")
     if not mixed and more_bits:
