@@ -32,6 +32,8 @@ def test_cpp_example_runs_a_bundle_bit_exact(tmp_path, batch):
     build = subprocess.run(["bash", str(ROOT / "deploy_examples/cpp/build.sh"), str(bundle)], capture_output=True,
                            text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
     assert build.returncode == 0, build.stderr
+    bundle = Path(shutil.move(str(bundle), str(tmp_path / "shipped")))     # self-contained: rpath $ORIGIN/lib
+    assert (bundle / "lib" / "libtvm_ffi.so").is_file()
     # run from the bundle folder with a bare library name, as a user would; no Python, no LD_LIBRARY_PATH
     r = subprocess.run(["./run_model", "model.so", "check_input.npy", str(tmp_path / "out_"), str(batch)],
                        capture_output=True, text=True, cwd=bundle, env={"PATH": "/usr/bin:/bin"})
