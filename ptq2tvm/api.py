@@ -239,7 +239,21 @@ def build_model(spec: ModelSpec, fallback_dir: str | Path | None = None) -> nn.M
         model = _call_factory(lambda **kw: create_model(spec.name, **kw), f"model {spec.name!r}", spec.kwargs)
     if spec.checkpoint:
         load_checkpoint(model, spec.checkpoint)
-    return model.eval()
+    return as_float32(model, spec.name).eval()
+
+
+def as_float32(model: nn.Module, name: str = "the model") -> nn.Module:
+    """``model`` with float32 parameters and buffers: a float64 / float16 / bfloat16 model (``.double()`` /
+    ``.half()`` in its factory) is converted, with a note on stderr (calibration images and every runtime are
+    float32; such a model used to quantize and then fail in the fidelity step on 'Input type (float) and bias type
+    (double)')."""
+    kinds = {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    other = sorted(str(k).removeprefix("torch.") for k in kinds - {torch.float32})
+    if other:
+        print(f"note: {name} has {', '.join(other)} parameters: converted to float32 (the calibration data and every "
+              "runtime are float32)", file=sys.stderr)
+        model = model.float()
+    return model
 
 
 def model_file_that_runs(file: str, fallback_dir: str | Path | None = None) -> str:

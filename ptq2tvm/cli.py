@@ -770,20 +770,78 @@ RUN_DIR_WRITERS: dict[str, str | None] = {"compile": "out", "export": "out", "be
                                           "sensitivity": None}
 
 
+RUN_OWN_FILES = ("run.json", "model.qgraph.npz", "fp32.pt", "fakequant.pt")
+
+
+def _files_an_output_must_not_replace(args: argparse.Namespace) -> dict[Path, str]:
+    """Resolved path -> what it is, for the files no output option may replace: the run directory's own files (its
+    description, integer graph, models, model source copy) and the inputs of ``quantize`` (model file, checkpoint,
+    data file). A breaker helper's `compile RUN --out RUN/model.qgraph.npz`, `parity RUN --json RUN/run.json` and
+    `quantize ... --json model.py` all succeeded and destroyed what they named."""
+    own: dict[Path, str] = {}
+    run = getattr(args, "run", None)
+    if run and Path(run).is_dir():
+        for name in RUN_OWN_FILES:
+            own[(Path(run) / name).resolve()] = f"the run's {name}"
+        for f in (Path(run) / "model_src").glob("*"):
+            own[f.resolve()] = f"the run's copy of the model source {f.name}"
+    if args.command == "quantize":
+        model = str(getattr(args, "model", "") or "")
+        for label, value in (("the model file", model.rsplit(":", 1)[0] if ".py:" in model else model),
+                             ("the checkpoint", getattr(args, "checkpoint", None)),
+                             ("the calibration data", getattr(args, "data", None))):
+            if value and Path(str(value)).is_file():
+                own[Path(str(value)).resolve()] = label
+    return own
+
+
 def check_outputs(args: argparse.Namespace) -> None:
     """One-line error (exit 2, nothing written) for an output path of this command that cannot be written: an
     existing file where a folder goes, a folder where a file goes, a file among its parent folders, a folder on a
     read-only file system or without write permission (the run directory too, for the commands that write there)."""
     from .outpaths import check_output_path
 
+    protected = _files_an_output_must_not_replace(args)
     for dest, kind in {**OUTPUTS.get(args.command, {}), "json": "file"}.items():
         value = getattr(args, dest, None)
         if value:
-            check_output_path(value, kind, "--" + dest.replace("_", "-"))
+            option = "--" + dest.replace("_", "-")
+            check_output_path(value, kind, option)
+            if kind != "file":
+                continue
+            written = [Path(value)]
+            if args.command == "compile" and dest == "out":     # the library and its sidecar <out>.json
+                if Path(value).suffix == ".json":
+                    raise Ptq2TvmError(f"{option} {value}: a library path ending in .json (its sidecar is written "
+                                       "next to it as <name>.json): use a .so name")
+                written.append(Path(value).with_suffix(".json"))
+                check_output_path(written[-1], "file", f"{option} {value}: its sidecar")
+            for w in written:
+                hit = protected.get(w.resolve())
+                if hit:
+                    raise Ptq2TvmError(f"{option} {value} would overwrite {hit} ({w}): choose another path; nothing "
+                                       "was written")
     if args.command in RUN_DIR_WRITERS and Path(getattr(args, "run", "") or "").is_dir():
         option = RUN_DIR_WRITERS[args.command]
         if option is None or not getattr(args, option, None):
             check_output_path(args.run, "dir", "run directory")
+
+
+# Integer options where 0 means something (none / skip / the default recipe); every other integer option counts
+# something and must be >= 1 (bit widths are checked with their own messages)
+ZERO_ALLOWED = {"fidelity_images", "per_layer_inputs", "tune_trials", "warmup", "seed", "resize"}
+OWN_CHECK = {"w_bits", "a_bits"}
+
+
+def int_option_minimums(parser: argparse.ArgumentParser, command: str) -> dict[str, int]:
+    """dest -> least value of every integer option of ``command`` (a breaker helper found ``--latency-batch 0``,
+    ``--samples -1``, ``--images 0``, ``--recon-threads -1``, ``--n -3`` ... ending in tracebacks, some after minutes
+    of work and with files left behind)."""
+    sub = parser._subparsers._group_actions[0].choices.get(command) if parser._subparsers else None
+    if sub is None:
+        return {}
+    return {a.dest: (0 if a.dest in ZERO_ALLOWED else 1) for a in sub._actions
+            if a.option_strings and a.type is int and a.dest not in OWN_CHECK}
 
 
 # --threads above this many per logical CPU is refused (1000 threads on 2 cores: one parity call ran > 8 minutes
@@ -802,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _one_line_warning(args.command)
     try:
         check_outputs(args)
-        for option, least in (("threads", 1), ("repeats", 1), ("calls_per_turn", 1), ("warmup", 0)):
+        for option, least in int_option_minimums(parser, args.command).items():
             value = getattr(args, option, None)      # checked before any work (bench exports ONNX models first)
             if value is not None and value < least:
                 raise Ptq2TvmError(f"--{option.replace('_', '-')} must be >= {least}, got {value}")
@@ -817,6 +875,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         result = args.func(args)
         _emit(args, result)
+        if (args.command == "parity" and isinstance(result, dict)
+                and result.get("bit_exact_vs_reference") is False):   # like the bundle's run_model.py --check
+            print(f"ptq2tvm parity: the .so differs from the reference executor on {result.get('mismatched_elements')}"
+                  f" of {result.get('n_elements')} output elements", file=sys.stderr)
+            return 1
     except Ptq2TvmError as e:
         print(f"ptq2tvm {args.command}: error: {e}", file=sys.stderr)
         return 2

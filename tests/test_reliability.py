@@ -289,7 +289,7 @@ def test_malicious_pickles_are_refused(tmp_path, tiny_model, tiny_data):
 
 def test_code_file_model_spec_needs_trust(tmp_path, tiny_model):
     save_fp32(tmp_path / "fp32.pt", tiny_model, ModelSpec(str(tmp_path / "evil.py") + ":make"))
-    with pytest.raises(ArtifactError, match=r"built by the Python file .*evil\.py:make.*trust_code=True"):
+    with pytest.raises(ArtifactError, match=r"built by make\(\) of the Python file .*evil\.py, which would run.*trust_code=True"):
         load_fp32(tmp_path / "fp32.pt")
 
 

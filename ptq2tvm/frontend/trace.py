@@ -273,7 +273,8 @@ def _fuse(prims: list[FloatNode], outputs: list[str]) -> tuple[list[FloatNode], 
         if n.op == "act":
             p = by_name.get(n.inputs[0])
             lo, hi = n.attrs["bounds"]
-            if (p is not None and (FLOAT_OPS[p.op].kind in ("weighted", "requant") or p.op == "clamp")
+            if (p is not None and p.op in FLOAT_OPS and (FLOAT_OPS[p.op].kind in ("weighted", "requant")
+                                                        or p.op == "clamp")
                     and _users(nodes, p.name, out) == 1):
                 plo, phi = p.act if p.act else (-INF, INF)
                 # clamp(clamp(x, plo, phi), lo, hi) = clamp(x, clamp(plo, lo, hi), clamp(phi, lo, hi)); (max, min)

@@ -33,6 +33,11 @@ def _tensor_args(b: Any, node: Any, what: str) -> tuple[Any, Any]:
     x, y = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
     if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)):
         raise Unsupported(f"{what} with a constant (only tensor {what} tensor)")
+    for v in (x, y):
+        if v.op == "get_attr":       # nn.Parameter (layer scale), buffer or tensor constant: no quantizer, no tensor
+            raise Unsupported(f"{what} with the parameter / buffer / constant tensor {str(v.target)!r} (only tensor "
+                              f"{what} tensor, both computed from the input; fold a per-channel scale into the "
+                              "conv before it)")
     return x, y
 
 
@@ -124,6 +129,10 @@ class Add(OpDef):
         x, y = _tensor_args(b, node, "add")
         if node.kwargs.get("alpha", 1) != 1:
             raise Unsupported("add with alpha != 1")
+        sx, sy = tuple(b.shape(x)), tuple(b.shape(y))
+        if sx != sy:      # the integer add kernels read both operands at the output's shape
+            raise Unsupported(f"add of tensors of different shapes {sx} + {sy} (broadcasting): only tensors of the "
+                              "same shape (a residual add); expand the smaller one first")
         b.add(FloatNode(name, "add", [b.name(x), b.name(y)]))
 
     def forward(self, qm: Any, n: Any, env: dict[str, torch.Tensor]) -> torch.Tensor:
