@@ -829,8 +829,8 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 # Integer options where 0 means something (none / skip / the default recipe); every other integer option counts
 # something and must be >= 1 (bit widths are checked with their own messages)
-ZERO_ALLOWED = {"fidelity_images", "per_layer_inputs", "tune_trials", "warmup", "seed", "resize"}
-OWN_CHECK = {"w_bits", "a_bits"}
+ZERO_ALLOWED = {"fidelity_images", "per_layer_inputs", "tune_trials", "warmup", "resize"}
+OWN_CHECK = {"w_bits", "a_bits", "seed", "fidelity_images"}
 
 
 def int_option_minimums(parser: argparse.ArgumentParser, command: str) -> dict[str, int]:
