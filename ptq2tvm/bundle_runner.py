@@ -431,10 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
-    cores = os.cpu_count() or 1
-    if args.threads is not None and args.threads > 4 * cores:      # the bundle runs without ptq2tvm's CLI
-        p.error(f"--threads {args.threads} is more than 4x this machine's {cores} logical CPUs: oversubscribed "
-                f"thread pools spin-wait for each other (use at most {4 * cores}; {cores} for latency)")
+    too_many = threads_limit_error(args.threads)
+    if too_many:
+        p.error(too_many)
     set_threads(args.threads)
     if args.output_int and not args.output:
         p.error("--output-int needs --output FILE (it selects what --output writes)")
@@ -448,6 +447,22 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, OSError, ValueError) as e:
         print(f"run_model.py: error: {e}", file=sys.stderr)
         return 2
+
+
+# --threads above this many per logical CPU is refused, here and by ptq2tvm's CLI (1000 threads on 2 cores: one
+# parity call ran > 8 minutes with 3000 spinning threads)
+MAX_THREADS_PER_CPU = 4
+
+
+def threads_limit_error(threads: int | None) -> str | None:
+    """The one-line reason ``--threads`` is refused (more than :data:`MAX_THREADS_PER_CPU` x the logical CPUs), or
+    None."""
+    cores = os.cpu_count() or 1
+    if threads is None or threads <= MAX_THREADS_PER_CPU * cores:
+        return None
+    return (f"--threads {threads} is more than {MAX_THREADS_PER_CPU}x this machine's {cores} logical CPUs: "
+            f"oversubscribed thread pools spin-wait for each other and a run takes many times longer (use at most "
+            f"{MAX_THREADS_PER_CPU * cores}; {cores} for latency)")
 
 
 def set_threads(threads: int | None) -> None:

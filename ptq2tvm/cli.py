@@ -828,8 +828,8 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 # Integer options where 0 means something (none / skip / the default recipe); every other integer option counts
-# something and must be >= 1 (bit widths are checked with their own messages)
-ZERO_ALLOWED = {"fidelity_images", "per_layer_inputs", "tune_trials", "warmup", "resize"}
+# something and must be >= 1 (OWN_CHECK: options checked later with their own messages)
+ZERO_ALLOWED = {"per_layer_inputs", "tune_trials", "warmup", "resize"}
 OWN_CHECK = {"w_bits", "a_bits", "seed", "fidelity_images"}
 
 
@@ -842,11 +842,6 @@ def int_option_minimums(parser: argparse.ArgumentParser, command: str) -> dict[s
         return {}
     return {a.dest: (0 if a.dest in ZERO_ALLOWED else 1) for a in sub._actions
             if a.option_strings and a.type is int and a.dest not in OWN_CHECK}
-
-
-# --threads above this many per logical CPU is refused (1000 threads on 2 cores: one parity call ran > 8 minutes
-# with 3000 spinning threads); between 1x and this a warning says the threads share cores.
-MAX_THREADS_PER_CPU = 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -865,10 +860,11 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < least:
                 raise Ptq2TvmError(f"--{option.replace('_', '-')} must be >= {least}, got {value}")
         cores = os.cpu_count() or 1
-        if getattr(args, "threads", None) is not None and args.threads > MAX_THREADS_PER_CPU * cores:
-            raise Ptq2TvmError(f"--threads {args.threads} is more than {MAX_THREADS_PER_CPU}x this machine's {cores} "
-                               f"logical CPUs: oversubscribed thread pools spin-wait for each other and a run takes "
-                               f"many times longer (use at most {MAX_THREADS_PER_CPU * cores}; {cores} for latency)")
+        from .bundle_runner import threads_limit_error     # the bundle's run_model.py applies the same limit
+
+        too_many = threads_limit_error(getattr(args, "threads", None))
+        if too_many:
+            raise Ptq2TvmError(too_many)
         if getattr(args, "threads", None) is not None and args.threads > cores:
             print(f"ptq2tvm {args.command}: warning: --threads {args.threads} is more than this machine's {cores} "
                   "logical CPUs: the threads share cores (latencies mislead, TVM and OpenMP threads spin)",

@@ -39,12 +39,17 @@ def shape_text(shape: Sequence[int]) -> str:
     return "(N" + "".join(f", {int(d)}" for d in shape[1:]) + ")"
 
 
+def first_classification_output(shapes: Sequence[Sequence[int]]) -> int | None:
+    """Index of the first 2-D (N, classes) output among batch ``shapes``; None when there is none."""
+    return next((i for i, s in enumerate(shapes) if len(s) == 2), None)
+
+
 def classification_index(shapes: Sequence[Sequence[int]], keys: Sequence[str] | None = None,
                          note: bool = True) -> int:
     """The first output that is 2-D (N, classes): what top-1 is computed on. With several outputs, says once on
     stderr which one is scored (``note``). Raises :class:`DataError` (one line, listing every output's shape) when
     no output is 2-D."""
-    idx = next((i for i, s in enumerate(shapes) if len(s) == 2), None)
+    idx = first_classification_output(shapes)
     listing = ", ".join(f"{output_label(i, keys)} {shape_text(s)}" for i, s in enumerate(shapes))
     if idx is None:
         raise DataError(f"no output of the model is (N, classes): {listing}; top-1 accuracy needs a classification "
@@ -58,4 +63,4 @@ def classification_index(shapes: Sequence[Sequence[int]], keys: Sequence[str] | 
     return idx
 
 
-__all__ = ["classification_index", "flatten_outputs", "output_label", "shape_text", "structure_keys"]
+__all__ = ["classification_index", "first_classification_output", "flatten_outputs", "output_label", "shape_text", "structure_keys"]

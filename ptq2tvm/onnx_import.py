@@ -121,19 +121,19 @@ def load_onnx(path: str | Path) -> Any:
     except Exception as e:  # protobuf DecodeError and friends
         raise ArtifactError(f"{path} is not a readable ONNX model (corrupted or truncated?): {type(e).__name__}: "
                             f"{e}") from e
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
 
-    for t in model.graph.initializer:          # weights kept in side files (torch.onnx's .onnx.data): say which
-        if uses_external_data(t):
-            side = path.parent / ExternalDataInfo(t).location
-            if not side.is_file():
-                raise ArtifactError(f"{path}: its weights (tensor {t.name!r}) are stored in the external data file "
-                                    f"{side.name}, which is not next to it ({side}): keep the two files together")
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:
-        raise ArtifactError(f"{path} is not a readable ONNX model (corrupted or truncated?): {type(e).__name__}: "
-                            f"{e}") from e
+    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    for t in external:                 # weights kept in side files (torch.onnx's .onnx.data): say which is missing
+        side = path.parent / ExternalDataInfo(t).location
+        if not side.is_file():
+            raise ArtifactError(f"{path}: its weights (tensor {t.name!r}) are stored in the external data file "
+                                f"{side.name}, which is not next to it ({side}): keep the two files together")
+    if external:
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as e:
+            raise ArtifactError(f"{path}: cannot read its external weight data: {type(e).__name__}: {e}") from e
     try:
         onnx.checker.check_model(model)
     except Exception as e:
@@ -304,8 +304,7 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
         if node in resize_inputs:
             continue
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), OnnxResize):
-            onnx_name = names.get(str(node.target), (str(node.target),))[0]
-            layer = names.get(str(node.target), ("", "", str(node.target)))[2]
+            onnx_name, _, layer = names.get(str(node.target), (str(node.target), "Resize", str(node.target)))
             up, why = _resize_as_upsample(gm, node)
             if up is None:
                 errors.append(f"ONNX node '{onnx_name}' (Resize): {why}")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .errors import ArtifactError
 from .ir.graph import IntegerGraph
 from .ir.reference import run_reference
+from .model_outputs import first_classification_output
 from .onnx_export import INPUT_NAME, build_onnx, choose_weights, graph_output_names, onnx_output_names
 from .units import percent
 
@@ -156,7 +157,7 @@ def _as_list(v: Any) -> list[np.ndarray]:
 def _scored_columns(shapes: list[tuple[int, ...]]) -> Any:
     """For per-sample output ``shapes``: a function taking the :func:`_flat` array to the first (N, classes) output
     (what top-1 is computed on, as ``eval`` and ``parity`` do), or None when no output is 1-D per sample."""
-    k = next((i for i, s in enumerate(shapes) if len(s) == 1), None)
+    k = first_classification_output([(1, *s) for s in shapes])
     if k is None:
         return None
     start = sum(int(np.prod(s)) for s in shapes[:k])

@@ -13,7 +13,7 @@ from .backend.runtime import CompiledModel
 from .frontend.qmodel import QuantModel
 from .ir.graph import IntegerGraph, QTensor
 from .ir.reference import run_reference
-from .model_outputs import output_label, structure_keys
+from .model_outputs import first_classification_output, output_label, structure_keys
 from .units import percent
 
 
@@ -112,13 +112,6 @@ def _flat_outputs(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
 
 
-def scored_output_index(shapes: list[tuple[int, ...]]) -> int | None:
-    """The output whose argmax is compared (top-1 agreement, top-1 against labels): the first 2-D (N, classes) one,
-    as ``eval`` scores (:func:`ptq2tvm.model_outputs.classification_index`); None when no output is 2-D (top-1
-    agreement has no meaning then and is not reported)."""
-    return next((i for i, s in enumerate(shapes) if len(s) == 2), None)
-
-
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of inputs whose argmax over the classes agrees; a and b: (N, classes)."""
     return float((np.asarray(a).argmax(1) == np.asarray(b).argmax(1)).mean())
@@ -144,7 +137,7 @@ def run_parity(graph: IntegerGraph, compiled: CompiledModel, qm: QuantModel, ima
     fq_int = _flat_outputs([to_grid(f, t) for f, t in zip(fq_all, graph.outputs)])
     exact, max_lsb, _, _ = _lsb_stats(so, fq_int)
     mism = int((so != ref).sum())
-    k = scored_output_index([a.shape for a in so_list])
+    k = first_classification_output([a.shape for a in so_list])   # what eval scores
     report = ParityReport(
         n_inputs=int(len(images)), bit_exact_vs_reference=mism == 0, mismatched_elements=mism,
         n_elements=int(so.size), exact_fraction_vs_fakequant=exact, max_abs_lsb_vs_fakequant=max_lsb,
