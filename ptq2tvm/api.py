@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from .ir.graph import IntegerGraph
 from .data.checks import check_input_channels, input_scale_notes
 from .data.transform import CalibrationData, as_images
 from .fidelity_report import FidelityReport, fidelity_report
-from .model_outputs import classification_index, flatten_outputs, structure_keys
+from .model_outputs import batched_forward, classification_index, flatten_outputs, structure_keys
 from .reconstruct import METHODS, ReconReport, ReconSettings, reconstruct
 
 
@@ -117,11 +118,17 @@ class RunDir:
         info = self.info() if info is None else info
         want = (info.get("artifacts") or {}).get(path.name)
         if not path.is_file():
-            raise ArtifactError(f"{path} not found: re-run `ptq2tvm quantize --out {self.path}`")
+            raise ArtifactError(f"{path} not found: re-run `ptq2tvm quantize --out {shlex.quote(str(self.path))}`")
         if want and path.parent.resolve() == self.path.resolve() and file_sha256(path) != want:
             raise ArtifactError(f"{path} is not the file `quantize` wrote with this run's integer graph (checksum "
-                                f"differs: replaced or corrupted); re-run `ptq2tvm quantize --out {self.path}`")
+                                f"differs: replaced or corrupted); re-run `ptq2tvm quantize --out "
+                                f"{shlex.quote(str(self.path))}`")
         return path
+
+    def _compile_command(self, so: Path) -> str:
+        """`ptq2tvm compile RUN [--out SO]` for messages, its paths shell-quoted (pasted as printed)."""
+        out = f" --out {shlex.quote(str(so))}" if so != self.so else ""
+        return f"`ptq2tvm compile {shlex.quote(str(self.path))}{out}`"
 
     def load_compiled(self, so: str | Path | None = None, threads: int | None = None) -> CompiledModel:
         """The run's .so (default ``model.so``), loaded only if it was compiled from this run's integer graph."""
@@ -129,13 +136,12 @@ class RunDir:
             raise ArtifactError("the .so path is empty (leave the option out for the run's model.so)")
         so = Path(so) if so else self.so
         if not so.exists():
-            raise ArtifactError(f"{so} not found: compile it with `ptq2tvm compile {self.path}"
-                                + (f" --out {so}`" if so != self.so else "`"))
+            raise ArtifactError(f"{so} not found: compile it with {self._compile_command(so)}")
         cm = CompiledModel(so, threads=threads)
         if cm.meta.get("graph_sha256") != self.graph_digest():
             raise ArtifactError(f"{so} was compiled from another integer graph than {self.qgraph} (from another run, "
                                 f"or this run was quantized again after compiling): compile it from this run with "
-                                f"`ptq2tvm compile {self.path}" + (f" --out {so}`" if so != self.so else "`"))
+                                f"{self._compile_command(so)}")
         return cm
 
     def invalidate(self, new_digest: str, is_run: bool | None = None) -> list[str]:
@@ -333,10 +339,41 @@ def _is_torchscript(path: Path) -> bool:
                                                                               for n in names)
 
 
+#: keys of a training checkpoint dict that hold the model's state_dict, tried in this order
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def unwrap_state_dict(obj: Any, path: str | Path) -> dict[str, Any]:
+    """The state_dict in what ``torch.load`` returned from ``path``: ``obj`` itself when it is a dict holding tensors,
+    else the dict under its first key of :data:`STATE_DICT_KEYS` (a training checkpoint: ``{"state_dict": ...,
+    "epoch": ...}``). Raises :class:`ArtifactError` naming ``path`` and what it holds for anything else: a list,
+    tuple, tensor or other type, or a dict without tensors and without one of those keys."""
+    accepted = (f"a state_dict (torch.save(model.state_dict(), path)) or a dict holding one under "
+                f"{' / '.join(repr(k) for k in STATE_DICT_KEYS)}")
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        if not obj or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        nested = [repr(k) for k, v in obj.items() if isinstance(v, dict)]
+        keys = ", ".join(repr(k) for k in list(obj)[:6]) + (", ..." if len(obj) > 6 else "")
+        raise ArtifactError(f"checkpoint {path} holds a dict without tensors (keys {keys}): expected {accepted}"
+                            + (f"; {' / '.join(nested)} holds a dict: save that one" if nested else ""))
+    what = type(obj).__name__
+    if isinstance(obj, (list, tuple)):
+        what = f"{what} of {len(obj)} item(s)"
+    elif isinstance(obj, torch.Tensor):
+        what = f"single tensor of shape {tuple(obj.shape)}"
+    raise ArtifactError(f"checkpoint {path} holds a {what}, not a state_dict: expected {accepted}")
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load the state_dict at ``path`` into ``model`` (strict; tensors only: ``weights_only=True``). Raises
-    :class:`ArtifactError` with one line for a missing or unreadable file, a pickled module, or keys / shapes that do
-    not fit the model."""
+    """Load the state_dict at ``path`` into ``model`` (strict; tensors only: ``weights_only=True``): a state_dict, or
+    a dict holding one under 'state_dict' / 'model_state_dict' / 'model' (:func:`unwrap_state_dict`). Raises
+    :class:`ArtifactError` with one line for a missing or unreadable file, a pickled module, a file holding something
+    else (a list, a tensor, a dict without tensors: named with its type), or keys / shapes that do not fit the
+    model."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"checkpoint not found: {path}")
@@ -352,8 +389,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ArtifactError(_pickled_module(path, e) or f"cannot read checkpoint {path}: {first_line(e)}") from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    sd = unwrap_state_dict(sd, path)
     if isinstance(sd, dict):
         problem = state_dict_mismatch(model, sd)
         if problem:
@@ -501,21 +537,28 @@ def quantize_with_report(model: nn.Module, calib_images: np.ndarray, config: Qua
 
 def to_integer(qm: QuantModel) -> IntegerGraph:
     """Fold the fake-quant model into the integer graph; ``meta['layer_bits']`` lists every conv/linear layer's
-    weight bits and input/output tensor bits (copied into the .so's sidecar as ``graph_meta``)."""
+    weight bits and input/output tensor bits (copied into the .so's sidecar as ``graph_meta``). A model with
+    per-layer bits (a mixed-precision plan, ``--layer-bits``) gets ``meta['subbyte_storage'] = 'packed'``: its
+    bits were chosen by (or for) the size and latency of packed sub-byte weights, so x86 builds store them packed
+    (:func:`ptq2tvm.backend.blocked_builder.graph_subbyte_storage`)."""
     from .mixed.layerbits import graph_layer_bits
 
     graph = fold_to_integer(qm)
     graph.meta["layer_bits"] = graph_layer_bits(graph)
+    if qm.config.layer_w_bits or qm.config.layer_a_bits:
+        graph.meta["subbyte_storage"] = "packed"
     return graph
 
 
 def compile_so(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
                target: str | dict[str, Any] | None = None, schedule: str = "auto", tune_trials: int = 0,
-               tune_db: str | Path | None = None, progress: bool = False) -> CompileResult:
+               tune_db: str | Path | None = None, progress: bool = False,
+               subbyte_storage: str | None = None) -> CompileResult:
     """Compile the integer graph to ``so_path`` (+ sidecar). ``schedule``: auto | x86 | plain; ``tune_trials`` /
-    ``tune_db``: measured kernel schedules (see :func:`ptq2tvm.backend.compile.compile_graph`)."""
+    ``tune_db``: measured kernel schedules; ``subbyte_storage``: auto | packed | None (the graph's choice; how x86
+    builds store <= 4-bit weights); see :func:`ptq2tvm.backend.compile.compile_graph`."""
     return compile_graph(graph, so_path, batch=batch, target=target, schedule=schedule, tune_trials=tune_trials,
-                         tune_db=tune_db, progress=progress)
+                         tune_db=tune_db, progress=progress, subbyte_storage=subbyte_storage)
 
 
 def export_onnx(graph: IntegerGraph, path: str | Path, **kwargs: Any) -> Any:
@@ -549,23 +592,30 @@ def check_calibration(model: nn.Module, images: np.ndarray, source: str | None =
 
 
 def fidelity(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool = True,
-             per_layer: bool = False) -> FidelityReport:
+             per_layer: bool = False, model_name: str = "the FP32 model") -> FidelityReport:
     """Label-free fidelity of the fake-quant model against FP32 on ``images`` (ideally held-out calibration
     images): output SQNR, top-1 agreement, per-layer SQNR on request (:mod:`ptq2tvm.fidelity_report`). A model
-    with several outputs (tuple / list / dict) gets them per output (``report.outputs``)."""
-    return fidelity_report(model, qm, images, held_out=held_out, per_layer=per_layer)
+    with several outputs (tuple / list / dict) gets them per output (``report.outputs``); one that only runs at
+    batch 1 is run one image at a time, with a warning naming ``model_name``."""
+    return fidelity_report(model, qm, images, held_out=held_out, per_layer=per_layer, model_name=model_name)
 
 
-def stored_weight_bytes(graph: IntegerGraph, target: str | dict[str, Any] | None = None) -> int:
+def stored_weight_bytes(graph: IntegerGraph, target: str | dict[str, Any] | None = None, batch: int = 1,
+                        subbyte_storage: str | None = None) -> int:
     """Bytes the compiled kernels for ``target`` (:func:`ptq2tvm.backend.compile.resolve_target`; default this CPU)
     store the weights in, before channel padding: one byte per weight at 5..8 bits, two weights per byte at <= 4 bits
     (values in [-8, 7]), four per byte at <= 2 bits (values in [-2, 1]) on targets whose kernels unpack them
-    (every x86 kernel ISA and CUDA, :func:`ptq2tvm.backend.blocked_builder.packs_int2`); depthwise convs keep one byte per weight, and so does the plain backend (targets without the hand-written
-    kernels). The same rules as the blocked builder, which counts the padded bytes it stores."""
-    from .backend.blocked_builder import packs_int2, x86_isa
+    (every x86 kernel ISA and CUDA, :func:`ptq2tvm.backend.blocked_builder.packs_int2`); depthwise convs keep one
+    byte per weight, and so does the plain backend (targets without the hand-written kernels), and so do small x86
+    layers whose weights meet few output pixels per call at ``batch`` unless ``subbyte_storage`` (default: the
+    graph's, :func:`ptq2tvm.backend.blocked_builder.graph_subbyte_storage`) is "packed"
+    (:func:`ptq2tvm.backend.blocked_builder.keeps_int8_storage`). The same rules as the blocked builder, which
+    counts the padded bytes it stores."""
+    from .backend.blocked_builder import graph_subbyte_storage, keeps_int8_storage, packs_int2, x86_isa
     from .backend.compile import resolve_target
 
     tdict = resolve_target(target)
+    storage = subbyte_storage or graph_subbyte_storage(graph)
     cuda = tdict.get("kind") == "cuda"
     isa = None if cuda else x86_isa(tdict)[0]
     if not cuda and isa is None:
@@ -579,7 +629,7 @@ def stored_weight_bytes(graph: IntegerGraph, target: str | dict[str, Any] | None
         bits = int(n.attrs.get("w_bits", 8))
         lo, hi = (int(w.min(initial=0)), int(w.max(initial=0)))
         depthwise = n.op == "conv2d" and int(n.attrs.get("groups", 1)) > 1 and w.shape[1] == 1
-        if depthwise or bits > 4 or lo < -8 or hi > 7:
+        if depthwise or bits > 4 or lo < -8 or hi > 7 or keeps_int8_storage(n, batch, cuda, storage):
             total += w.size
         elif int2 and bits <= 2 and lo >= -2 and hi <= 1:
             total += (w.size + 3) // 4
@@ -626,15 +676,16 @@ def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantMod
 def top1_torch(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
     """Top-1 accuracy (fraction) of a torch model on float32 ``images`` (N, C, H, W) against int ``labels`` (N,).
     A model with several outputs (tuple / list / dict) is scored on its first 2-D (N, classes) output (said once on
-    stderr); :class:`DataError` when it has none (:func:`ptq2tvm.model_outputs.classification_index`)."""
+    stderr); :class:`DataError` when it has none (:func:`ptq2tvm.model_outputs.classification_index`). A model that
+    only runs at batch 1 is run one image at a time, with a warning (:func:`ptq2tvm.model_outputs.batched_forward`)."""
     model.eval()
     correct = 0
     idx = None
-    for i in range(0, len(images), batch_size):
-        outs, keys = flatten_outputs(model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))))
+    for i, j, out in batched_forward(model, images, batch_size):      # one image at a time if only batch 1 runs
+        outs, keys = flatten_outputs(out)
         if idx is None:
             idx = classification_index([tuple(o.shape) for o in outs], keys)
-        correct += int((outs[idx].argmax(1).numpy() == labels[i:i + batch_size]).sum())
+        correct += int((outs[idx].argmax(1).numpy() == labels[i:j]).sum())
     return correct / max(len(images), 1)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -210,7 +211,22 @@ def _data_kwargs(info: dict[str, Any]) -> dict[str, Any]:
     return run_data_kwargs(info)
 
 
+def _quantize_out(args: argparse.Namespace) -> Path:
+    """The run directory of ``quantize``: ``--out``, default ``runs/<model>_w<W>a<A>``."""
+    return Path(args.out or f"runs/{Path(args.model.split(':')[0]).stem}_w{args.w_bits}a{args.a_bits}")
+
+
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    """``ptq2tvm quantize``. On an error nothing this run created remains (a breaker helper found an infeasible
+    ``--size-budget`` leaving layer_costs.json and sensitivity.* in a new folder): a new ``--out`` folder is removed,
+    an existing one loses only the entries this run added (:func:`ptq2tvm.outpaths.removed_on_failure`)."""
+    from .outpaths import removed_on_failure
+
+    with removed_on_failure(_quantize_out(args)):
+        return _quantize(args)
+
+
+def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .api import (FEW_IMAGES_NOTE, RunDir, check_calibration, fidelity, quantize_with_report, save_run,
                       stored_weight_bytes, to_integer)
     from .data import calibration_dataset, check_fidelity_images, holdout_set
@@ -235,7 +251,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                                  expand_batch=args.expand_batch, seed=args.seed, threads=args.recon_threads,
                                  **recon_cliargs.settings_kwargs(args))
         settings.validate()
-    out = Path(args.out or f"runs/{Path(args.model.split(':')[0]).stem}_w{args.w_bits}a{args.a_bits}")
+    out = _quantize_out(args)
     from .outpaths import check_output_path
 
     check_output_path(out, "dir", "--out")
@@ -278,7 +294,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                            **_data_kwargs(dict(preprocess=prep)))
         hold = _sr_calibration(model, args, hold) if hold is not None else None
         fid = fidelity(model, qm, hold if hold is not None else calib[:args.fidelity_images],
-                       held_out=hold is not None, per_layer=args.per_layer)
+                       held_out=hold is not None, per_layer=args.per_layer, model_name=f"the FP32 model {args.model}")
     recon: dict[str, Any] = {}
     stale = _remove_stale(out)   # what RunDir.invalidate does not cover (old loss curves)
     if report is not None:
@@ -369,17 +385,27 @@ def _stored_bytes_target() -> str:
     return f"{isa} kernels: W<=4 two per byte" + (", W<=2 four per byte" if packs_int2(isa, False) else "")
 
 
+TARGET_FORMS = ("'host' (this CPU), 'x86-64-v3' / 'x86-64-v4', an LLVM CPU name (znver4, sapphirerapids, "
+                "alderlake), 'cuda' / 'cuda:sm_90', a TVM target string ('llvm -mcpu=znver4') or a JSON target dict")
+
+
 def _check_target(target: Any) -> dict[str, Any]:
-    """The resolved target, or one clear error: an unknown name, or a CPU of another architecture (the .so is
-    linked by this host's compiler: no cross toolchain)."""
+    """The resolved target, or one clear error (:class:`Ptq2TvmError`): an empty or blank ``--target`` or CPU name
+    (``''``, ``'  '``, ``'llvm -mcpu='``: TVM built for mcpu '' with a warning per kernel, plain kernels), an unknown
+    name, or a CPU of another architecture (the .so is linked by this host's compiler: no cross toolchain)."""
     import platform
 
     from .backend.compile import resolve_target
 
+    if isinstance(target, str) and not target.strip():
+        raise Ptq2TvmError(f"--target {target!r} is empty: give {TARGET_FORMS}, or leave --target out for this CPU")
     try:
         resolved = resolve_target(target)
     except ValueError as e:
         raise Ptq2TvmError(str(e)) from None
+    for t in (resolved, resolved.get("host") if isinstance(resolved.get("host"), dict) else {}):
+        if "mcpu" in t and not str(t["mcpu"]).strip():
+            raise Ptq2TvmError(f"--target {target!r} sets an empty CPU name (mcpu ''): give {TARGET_FORMS}")
     triple = str(resolved.get("mtriple") or (resolved.get("host") or {}).get("mtriple") or "")
     arch = triple.split("-", 1)[0].lower()
     host = platform.machine().lower()
@@ -564,10 +590,11 @@ def cmd_bundle(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out else so.parent / "bundle"
     graph = IntegerGraph.load(run.qgraph) if run.qgraph.is_file() else None
     b = make_bundle(so, out, overwrite=args.force, graph=graph)
+    req, runner = (shlex.quote(str(b.path / name)) for name in ("requirements.txt", "run_model.py"))  # paste-able
     print(f"bundle {b.path}: {len(b.files)} files, {size_text(b.bytes)} (no torch, no ptq2tvm, no TVM compiler)\n"
-          f"  on the target: pip install -r {b.path / 'requirements.txt'} && "
-          + (f"python {b.path / 'run_model.py'} --check && " if graph is not None else "")
-          + f"python {b.path / 'run_model.py'} --random 1 --bench 20")
+          f"  on the target: pip install -r {req} && "
+          + (f"python {runner} --check && " if graph is not None else "")
+          + f"python {runner} --random 1 --bench 20")
     return dict(bundle=str(b.path), files=b.files, bytes=b.bytes)
 
 
@@ -580,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=DEFAULT_MODEL, help="zoo name (see ptq2tvm.models.list_models()), "
                    "path/to/file.py:factory or an FP32 model.onnx")
     q.add_argument("--model-kwargs", help="JSON kwargs for the model constructor, e.g. '{\"width_mult\": 0.5}'")
-    q.add_argument("--checkpoint", help="state_dict to load (strict); without it: built-in zoo model + built-in data "
+    q.add_argument("--checkpoint", help="state_dict to load (strict; or a training checkpoint dict holding it under "
+                   "'state_dict' / 'model_state_dict' / 'model'); without it: built-in zoo model + built-in data "
                    "-> trained once and cached (minutes; announced), otherwise the weights are RANDOM")
     q.add_argument("--data", default=DEFAULT_DATA, help="calibration data: fashion-mnist, digits, an image folder "
                    "(class sub-folders or flat) or a .npy/.npz file of float (N, C, H, W) ('images' or 'arr_0'; "
@@ -821,10 +849,32 @@ def check_outputs(args: argparse.Namespace) -> None:
                 if hit:
                     raise Ptq2TvmError(f"{option} {value} would overwrite {hit} ({w}): choose another path; nothing "
                                        "was written")
+    if args.command == "compile":
+        _check_tune_db(args)
     if args.command in RUN_DIR_WRITERS and Path(getattr(args, "run", "") or "").is_dir():
         option = RUN_DIR_WRITERS[args.command]
         if option is None or not getattr(args, option, None):
             check_output_path(args.run, "dir", "run directory")
+
+
+def _check_tune_db(args: argparse.Namespace) -> None:
+    """The tuning records folder of ``compile`` (``--tune-db``, or ``<out>.tuning/`` with ``--tune-trials``): one
+    line (exit 2, nothing built) when it is an existing file (was a FileExistsError traceback) or cannot be created;
+    a folder that is only read (``--tune-db`` without ``--tune-trials``) need not be writable."""
+    from .outpaths import check_output_path
+
+    if args.tune_db:
+        records, option = Path(args.tune_db), "--tune-db"
+    elif args.tune_trials:
+        from .backend.tune import default_db_dir     # the records' default folder, <out>.tuning/ next to the .so
+
+        records = default_db_dir(args.out or Path(args.run) / "model.so")
+        option = "the tuning records folder of --tune-trials (default of --tune-db)"
+    else:
+        return
+    if records.is_dir() and not args.tune_trials:
+        return
+    check_output_path(records, "dir", option)
 
 
 # Integer options where 0 means something (none / skip / the default recipe); every other integer option counts

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .frontend.qmodel import QuantModel
-from .model_outputs import flatten_outputs, shape_text
+from .model_outputs import batched_forward, flatten_outputs, shape_text
 
 #: below this output SQNR (dB) or top-1 agreement the summary warns
 LOW_SQNR_DB = 10.0
@@ -133,16 +133,19 @@ def low_fidelity_advice(method: str = "rtn", adaqtransform: bool = False, iters:
 
 @torch.no_grad()
 def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool = True,
-                    per_layer: bool = False, batch_size: int = 64) -> FidelityReport:
-    """Compare ``qm`` (fake-quant) with the FP32 ``model`` on ``images`` (float32 NCHW); see the module docstring."""
+                    per_layer: bool = False, batch_size: int = 64,
+                    model_name: str = "the FP32 model") -> FidelityReport:
+    """Compare ``qm`` (fake-quant) with the FP32 ``model`` on ``images`` (float32 NCHW); see the module docstring.
+    A model that only runs at batch 1 is run one image at a time, with a warning naming ``model_name``
+    (:func:`ptq2tvm.model_outputs.batched_forward`)."""
     model.eval()
     qm.eval()
     ref: list[list[np.ndarray]] = []
     got: list[list[np.ndarray]] = []
     keys = None
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))
-        r, keys = flatten_outputs(model(x))
+    for i, j, out in batched_forward(model, images, batch_size, model_name):   # batch 1 if it needs that
+        x = torch.from_numpy(np.ascontiguousarray(images[i:j]))
+        r, keys = flatten_outputs(out)
         g, _ = flatten_outputs(qm(x))
         if len(r) != len(g):
             raise ValueError(f"the FP32 model returns {len(r)} outputs, the fake-quant model {len(g)}")

@@ -5,9 +5,10 @@ output is the classification one (the first 2-D (N, classes) tensor)."""
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+import warnings
+from typing import Any, Iterator, Sequence
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 _printed: set[str] = set()
 
@@ -63,4 +64,36 @@ def classification_index(shapes: Sequence[Sequence[int]], keys: Sequence[str] | 
     return idx
 
 
-__all__ = ["classification_index", "first_classification_output", "flatten_outputs", "output_label", "shape_text", "structure_keys"]
+def batched_forward(model: Any, images: Any, batch_size: int,
+                    name: str | None = None) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(start, stop, model(images[start:stop]))`` over float32 (N, C, H, W) ``images`` in batches of
+    ``batch_size`` (as torch tensors; call it under ``torch.no_grad()``). A model that fails on a batch of several
+    images but runs on one (a forward that hard-codes batch 1, e.g. ``x.view(1, -1)``) runs one image at a time from
+    there on, with a :class:`UserWarning` naming the model (``name``, default its class) and the batch that failed.
+    Raises what the model raises when it fails on one image too."""
+    import numpy as np
+    import torch
+
+    label = name or type(model).__name__
+    start, size = 0, max(int(batch_size), 1)
+    while start < len(images):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + size]))
+        try:
+            out = model(x)
+        except Exception as e:  # noqa: BLE001 - the model's own error: retried at batch 1 below
+            if len(x) <= 1:
+                raise
+            try:
+                model(x[:1])
+            except Exception:  # noqa: BLE001 - it fails on one image too: the first error is the one to see
+                raise e from None
+            warnings.warn(f"{label} fails on a batch of {len(x)} images ({first_line(e)}) and runs on one image: "
+                          "running it one image at a time (its forward probably hard-codes batch 1)", UserWarning,
+                          stacklevel=2)
+            size = 1
+            continue
+        yield start, start + len(x), out
+        start += len(x)
+
+
+__all__ = ["batched_forward", "classification_index", "first_classification_output", "flatten_outputs", "output_label", "shape_text", "structure_keys"]

@@ -5,9 +5,12 @@ it and nothing is written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from .errors import ArtifactError
 
@@ -61,4 +64,32 @@ def _check_writable(folder: Path, option: str, path: str | Path) -> None:
     raise ArtifactError(f"{option} {path}: {folder} {reason}; nothing was written")
 
 
-__all__ = ["check_output_path"]
+@contextlib.contextmanager
+def removed_on_failure(folder: str | Path) -> Iterator[None]:
+    """Run the block; when it raises an ``Exception``, remove what it created in ``folder`` before re-raising: the
+    folder (and the parent folders the block created for it) if it did not exist before, else the entries of
+    ``folder`` that were not there (what was there stays, rewritten or not). A ``KeyboardInterrupt`` removes nothing
+    (a reconstruction checkpoint in the folder resumes the run). Raises whatever the block raises."""
+    folder = Path(folder).absolute()
+    existed = folder.exists() or folder.is_symlink()
+    before = {p.name for p in folder.iterdir()} if existed and folder.is_dir() else set()
+    top = folder                      # the outermost folder of the path that does not exist yet
+    while not existed and not (top.parent.exists() or top.parent.is_symlink()) and top.parent != top:
+        top = top.parent
+    try:
+        yield
+    except Exception:
+        if not existed:
+            if top.is_dir() and not top.is_symlink():
+                shutil.rmtree(top, ignore_errors=True)
+        elif folder.is_dir():
+            for p in folder.iterdir():
+                if p.name not in before:
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["check_output_path", "removed_on_failure"]

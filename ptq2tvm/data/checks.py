@@ -1,6 +1,7 @@
 """Does the calibration data fit the model? Checks run before tracing, so a mismatch gets one clear line.
 
-- :func:`check_input_channels`: the images' channel count against the model's first ``Conv2d`` (``in_channels``),
+- :func:`check_input_channels`: the images' channel count against the ``Conv2d`` that runs first on the input
+  (``in_channels``; :func:`first_conv`: call order, not registration order),
   with a hint when the array looks channels-last.
 - :func:`check_fixed_input_shape`: the images' (H, W) against a model's fixed input dimensions (an ONNX model's
   input: ``model.fixed_input_shape``, set by :func:`ptq2tvm.onnx_import.onnx_to_torch`); channels are the first
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -22,16 +24,94 @@ from ..errors import DataError
 from .arrays import looks_nhwc
 
 
-def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    """The first ``nn.Conv2d`` of ``model`` in registration order (the stem of a usual CNN), or None."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            return name, m
+class _Reached(Exception):
+    """Raised by the probe's forward pre-hook at the first ``nn.Conv2d`` a forward reaches."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _traced_first_conv(model: nn.Module) -> tuple[str, str | None] | None:
+    """(name of the first ``nn.Conv2d`` called in the model's torch.fx graph, name of the module called on its output
+    or None); None when fx cannot trace the model or its graph calls no Conv2d. Every Conv2d is a leaf (a subclass
+    too), so the graph's call order is the order the convs run in."""
+    import torch.fx as fx
+
+    from ..frontend.trace import _forward_params
+
+    class ConvLeaf(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, qualname)
+
+    params = _forward_params(model) or []
+    concrete = {p.name: p.default for p in params[1:]
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.default is not p.empty}
+    modules = dict(model.named_modules())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = ConvLeaf().trace(model, concrete_args=concrete or None)
+    except Exception:  # noqa: BLE001 - fx raises many types; the probe below decides
+        return None
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Conv2d):
+            users = [u for u in node.users if u.op == "call_module"]
+            return str(node.target), (str(users[0].target) if len(node.users) == 1 and users else None)
     return None
 
 
+@torch.no_grad()
+def _probed_first_conv(model: nn.Module) -> str | None:
+    """The name of the first ``nn.Conv2d`` a forward on zeros reaches (forward pre-hooks stop it there), trying each
+    distinct ``in_channels`` of the model's convs at 224x224 and 32x32; the first whose conv takes that many
+    channels. None when no probe reaches one."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+    def stop(name: str):
+        def hook(_module: nn.Module, _args: tuple) -> None:
+            raise _Reached(name)
+        return hook
+
+    handles = [m.register_forward_pre_hook(stop(n)) for n, m in convs]
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for c in dict.fromkeys(int(m.in_channels) for _, m in convs):
+            for size in (224, 32):
+                try:
+                    model(torch.zeros(1, c, size, size))
+                except _Reached as r:
+                    if int(dict(convs)[r.name].in_channels) == c:
+                        return r.name
+                except Exception:  # noqa: BLE001 - this probe does not fit the model: try the next
+                    continue
+    finally:
+        for h in handles:
+            h.remove()
+        for m, was in flags:
+            m.training = was
+    return None
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The ``nn.Conv2d`` that runs first on the input (the stem of a usual CNN), or None when the model has none.
+
+    Found in the model's torch.fx graph (call order), else by a probe forward that stops at the first conv it
+    reaches (:func:`_probed_first_conv`), else the first one registered: a model may register its head before its
+    stem. Raises nothing."""
+    modules = dict(model.named_modules())
+    convs = [(n, m) for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    if len(convs) < 2:
+        return convs[0] if convs else None
+    traced = _traced_first_conv(model)
+    name = traced[0] if traced is not None else _probed_first_conv(model)
+    return (name, modules[name]) if name is not None else convs[0]
+
+
 def expected_channels(model: nn.Module) -> int | None:
-    """Input channels the model expects: ``in_channels`` of its first Conv2d (None if it has none)."""
+    """Input channels the model expects: ``in_channels`` of the Conv2d that runs first (:func:`first_conv`; None if
+    it has none)."""
     fc = first_conv(model)
     return int(fc[1].in_channels) if fc is not None else None
 
@@ -98,12 +178,17 @@ def input_scale_notes(model: nn.Module, images: np.ndarray, max_images: int = 64
     """A warning when the data's scale differs by more than ``factor`` from what the model saw in training, judged
     at the first conv: the RMS of its output on the data (minus the BN running mean) against the BN's running std.
     Empty when the model has no Conv2d followed by a BatchNorm2d, or when the scales agree."""
-    mods = list(model.named_modules())
-    conv_i = next((i for i, (_, m) in enumerate(mods) if isinstance(m, nn.Conv2d)), None)
-    if conv_i is None:
+    modules = dict(model.named_modules())
+    traced = _traced_first_conv(model)
+    fc = first_conv(model) if traced is None else (traced[0], modules[traced[0]])
+    if fc is None:
         return []
-    cname, conv = mods[conv_i]
-    bn = next((m for _, m in mods[conv_i + 1:] if isinstance(m, nn.BatchNorm2d)), None)
+    cname, conv = fc
+    bn = modules.get(traced[1]) if traced is not None and traced[1] is not None else None   # called on its output
+    if not isinstance(bn, nn.BatchNorm2d):            # else the first BatchNorm2d registered after the conv
+        names = list(modules)
+        bn = next((modules[n] for n in names[names.index(cname) + 1:] if isinstance(modules[n], nn.BatchNorm2d)),
+                  None)
     if bn is None or bn.num_features != conv.out_channels or bn.running_var is None:
         return []
     x = torch.from_numpy(np.ascontiguousarray(images[:max_images], dtype=np.float32))

@@ -8,10 +8,15 @@ The default (resize 256, crop 224, ImageNet mean/std, RGB) matches torchvision's
 ``CenterCrop(224)`` + ``ToTensor()`` + ``Normalize(...)`` on PIL images. ``resize=0`` resizes the whole image straight
 to the crop size (aspect ratio not kept, nothing cut off: for images framed like the training images, e.g. 28x28
 digits). A ``transform`` (``fn(PIL.Image.Image) -> (C, H, W)`` array or tensor) replaces all of it.
+
+Labels: positions in the sorted class folder names; with ``train``/``val`` split folders, in ``train``'s list for
+every split (:func:`index_folder`). Images wider than 8 bits are brought to 0..255 first (:func:`as_8bit`: 16-bit
+grayscale by the full 16-bit range, float in [0, 1] by 255, with a note), not clipped.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,17 +57,46 @@ def _split_root(root: Path, split: str | None) -> Path:
     raise DataError(f"{root} has split folders {sorted(subdirs)} but none for split {split!r}")
 
 
+def _class_dir_names(root: Path) -> list[str]:
+    """The sorted names of the (non-hidden) sub-folders of ``root``."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _reference_classes(top: Path, root: Path) -> list[str] | None:
+    """Train's class list when ``root`` is the ``val``/``test`` folder of ``top`` and ``top/train`` has class
+    folders: the labels of every split are positions in it. None otherwise (``root`` numbers its own classes)."""
+    train = top / "train"
+    if root == top or root == train or not train.is_dir():
+        return None
+    return _class_dir_names(train) or None
+
+
 def index_folder(root: str | Path, split: str | None = None) -> FolderIndex:
     """List the images of ``root``: ImageFolder layout if it has class sub-folders with images, else flat.
 
     Classes are sorted by name (label = position); files are sorted within each class (recursively, like
     torchvision's ImageFolder). If ``root`` contains only ``train``/``val``/``test`` folders, ``split`` picks one.
+
+    Every split of such a folder is numbered by ``train``'s class list (its sorted class folder names), so a label
+    means the same class in every split: a ``val`` that lacks some of train's classes (no folder, or an empty one)
+    keeps train's numbers, with a :class:`UserWarning` naming the missing classes (accuracy is then over the others).
+    Raises :class:`DataError` naming the folder for a ``val``/``test`` class folder that ``train`` does not have (its
+    label would be a guess), for class folders without images (in ``train``, or in a folder without splits), and for
+    a folder without any image.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
-    root = _split_root(root, split)
+    top = Path(root)
+    if not top.is_dir():
+        raise DataError(f"image folder not found: {top}")
+    root = _split_root(top, split)
+    reference = _reference_classes(top, root)
     class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    if reference is not None and class_dirs:
+        unknown = [d.name for d in class_dirs if d.name not in reference]
+        if unknown:
+            raise DataError(f"{root}: class folder(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} "
+                            f"not in {top / 'train'} (its classes: {', '.join(reference[:10])}"
+                            f"{' ...' if len(reference) > 10 else ''}): labels are positions in train's sorted class "
+                            "list, so every class of val/test needs a train folder of the same name")
     files: list[Path] = []
     labels: list[int] = []
     classes: list[str] = []
@@ -72,8 +106,16 @@ def index_folder(root: str | Path, split: str | None = None) -> FolderIndex:
             continue  # an empty class folder is an error, as in torchvision's ImageFolder: checked below
         classes.append(d.name)
         files += imgs
-        labels += [len(classes) - 1] * len(imgs)
+        labels += [(reference.index(d.name) if reference is not None else len(classes) - 1)] * len(imgs)
     if classes:
+        if reference is not None:
+            missing = [c for c in reference if c not in classes]
+            if missing:
+                warnings.warn(f"{root} has no images of {len(missing)} of the {len(reference)} classes of "
+                              f"{top / 'train'} ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): "
+                              "labels keep train's numbering; accuracy is over the other classes", UserWarning,
+                              stacklevel=2)
+            return FolderIndex(root, files, np.asarray(labels, dtype=np.int64), list(reference))
         empty = [d.name for d in class_dirs if d.name not in classes]
         if empty:
             raise DataError(f"{root}: class folder(s) without images: {', '.join(empty[:5])}"
@@ -131,22 +173,81 @@ def check_norm(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -
     return out[0], out[1]
 
 
+def _function_label(fn) -> str:
+    """``'name' (file.py)`` of a user's function, for messages (just the name when it has no code object)."""
+    code = getattr(fn, "__code__", None)
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return f"{name!r} ({code.co_filename})" if code is not None else repr(name)
+
+
 def apply_transform(transform, img, where: str) -> np.ndarray:
-    """``transform(img)`` as a float32 (C, H, W) array; DataError naming ``where`` when it fails or is not 3-D."""
+    """``transform(img)`` as a float32 (C, H, W) array. Raises :class:`DataError` naming the function (and its file)
+    and ``where`` when it fails, or returns something that is not a real-valued 3-D array or tensor (a str, None, a
+    dict, a ragged list, a complex array, a 2-D or 4-D array: the returned type and shape are named)."""
+    label = _function_label(transform)
     try:
         x = transform(img)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - user code: report it on one line
-        raise DataError(f"preprocess function {getattr(transform, '__name__', transform)!r} failed on {where}: "
-                        f"{type(e).__name__}: {e}") from e
+        raise DataError(f"preprocess function {label} failed on {where}: {type(e).__name__}: {e}") from e
+    name = type(x).__name__
+    article = "an" if name[:1].lower() in "aeiou" or name == "ndarray" else "a"
+    returned = "None" if x is None else f"{article} {name}"
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 3:
-        raise DataError(f"preprocess function {getattr(transform, '__name__', transform)!r} returned shape "
-                        f"{x.shape} for {where}; expected one (C, H, W) image")
-    return np.ascontiguousarray(x)
+    try:
+        arr = np.asarray(x)
+    except Exception:  # noqa: BLE001 - a ragged list, an object numpy cannot read
+        arr = None
+    if arr is None or arr.dtype.kind not in "biuf":
+        raise DataError(f"preprocess function {label} returned {returned}"
+                        + (f" (dtype {arr.dtype})" if arr is not None and isinstance(x, np.ndarray) else "")
+                        + f" for {where}; expected one float (C, H, W) image as a numpy array or torch tensor")
+    if arr.ndim != 3:
+        raise DataError(f"preprocess function {label} returned {returned} of shape {arr.shape} for {where}; "
+                        "expected one (C, H, W) image")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+#: PIL modes of 16-bit (unsigned) grayscale images: scaled to 8 bits by the full range (65535 -> 255)
+MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def as_8bit(img, path: str | Path):
+    """``img`` (a PIL image) in a mode whose pixels are 0..255, so that ``convert("RGB")`` / ``convert("L")`` keep
+    its contrast (PIL clips wider pixels to 255: a 16-bit PNG came out white, a [0, 1] float TIFF black).
+
+    16-bit grayscale (``I;16``, and ``I`` with pixels in 0..65535: a 16-bit PNG / PGM / TIFF) is scaled by the full
+    16-bit range (v * 255 / 65535, rounded); float (``F``) with pixels in [0, 1] by 255. Either way a
+    :class:`UserWarning` says so (once per kind). Other modes are returned as they are. Raises :class:`DataError`
+    naming ``path``, its mode and its pixel range for ``I`` / ``F`` pixels outside those ranges (no scale to assume:
+    convert such files, or pass ``--preprocess``) and for NaN / Inf pixels."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode not in MODES_16BIT + ("I", "F"):
+        return img
+    arr = np.asarray(img)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise DataError(f"image {path} (PIL mode {mode}) has NaN/Inf pixels")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if mode == "F":
+        if lo < 0 or hi > 1:
+            raise DataError(f"image {path} is a float image (PIL mode F) with pixels in [{lo:.6g}, {hi:.6g}]: ptq2tvm "
+                            "reads float images as [0, 1] (scaled by 255); convert it to 8 or 16 bits, or pass "
+                            "--preprocess file.py:fn")
+        scale, what = 255.0, "float images (PIL mode F, pixels in [0, 1]) are scaled by 255"
+    else:
+        if lo < 0 or hi > 65535:
+            raise DataError(f"image {path} has integer pixels (PIL mode {mode}) in [{lo:.0f}, {hi:.0f}], outside "
+                            "the 16-bit range 0..65535: no scale to 8 bits to assume; convert it, or pass "
+                            "--preprocess file.py:fn")
+        scale, what = 255.0 / 65535.0, (f"16-bit images (PIL mode {mode}) are scaled to 8 bits by the full 16-bit "
+                                         "range (65535 -> 255)")
+    warnings.warn(f"{what} before preprocessing", UserWarning, stacklevel=3)
+    out = np.clip(np.rint(arr.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(out)          # uint8 (H, W): mode L
 
 
 def preprocess_image(path: str | Path, resize: int | None = 256, crop: int | tuple[int, int] | None = 224,
@@ -162,7 +263,7 @@ def preprocess_image(path: str | Path, resize: int | None = 256, crop: int | tup
     path = Path(path)
     try:
         with Image.open(path) as im:
-            img = im.convert("RGB" if channels == 3 else "L")
+            img = as_8bit(im, path).convert("RGB" if channels == 3 else "L")
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     if transform is not None:

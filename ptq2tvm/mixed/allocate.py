@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from ..frontend.qmodel import QuantConfig
 from ..ir.graph import IntegerGraph
 from .ilp import smallest_total, solve_allocation
 from .latency import LayerCosts
-from .layerbits import candidate_name
+from .layerbits import CANDIDATES, candidate_name
 from .sensitivity import SensitivityReport
 
 UNITS = {"latency": {"ms": 1e-3, "s": 1.0, "us": 1e-6},
@@ -130,6 +130,38 @@ def cost_matrices(costs: LayerCosts, layers: list[str], candidates: list[tuple[i
     return out
 
 
+def check_budgets(costs: LayerCosts, graph: IntegerGraph, budgets: dict[str, str | float],
+                  first_last_8bit: bool = True, candidates: Sequence[tuple[int, int]] = CANDIDATES) -> None:
+    """Raise QuantConfigError when a budget is out of reach whatever the sensitivities: even with every free layer at
+    its cheapest candidate (and, with ``first_last_8bit``, the first/last layers at W8A8) the W8A8 fold's ``costs``
+    exceed it; also for an unknown budget kind, a malformed budget, or a latency budget without measured latencies.
+    The costs alone decide, so :func:`ptq2tvm.mixed.pipeline.plan_mixed_precision` checks this before the
+    sensitivity pass; :func:`allocate` checks again with the candidates the sensitivity allows."""
+    bad = set(budgets) - set(UNITS)
+    if bad or not budgets:
+        raise QuantConfigError(f"budgets must be some of {', '.join(UNITS)}; got {sorted(budgets) or 'none'}")
+    layers = [n.name for n in graph.nodes if n.op in ("conv2d", "dense") and n.name in costs.stored_bytes]
+    cands = [tuple(c) for c in candidates]
+    if (8, 8) not in cands:
+        raise QuantConfigError("the candidates must include W8A8 (the reference of the budgets)")
+    timed = all(costs.seconds.get(n) for n in layers)
+    if "latency" in budgets and not timed:
+        raise QuantConfigError("a latency budget needs measured per-layer latencies (measure_layer_costs)")
+    mats = cost_matrices(costs, layers, cands, timed)
+    ref = cands.index((8, 8))
+    allowed = np.ones((len(layers), len(cands)), dtype=bool)
+    if first_last_8bit:
+        first, last = fixed_layers(graph)
+        for i, n in enumerate(layers):
+            if n in first | last:
+                allowed[i, :] = False
+                allowed[i, ref] = True
+    for k, spec in budgets.items():
+        constant = costs.constant_seconds if k == "latency" else 0.0
+        w8a8 = float(mats[k][:, ref].sum()) + constant
+        _check_reachable(k, spec, parse_budget(k, spec, w8a8), smallest_total(mats[k], allowed), w8a8, constant)
+
+
 def allocate(report: SensitivityReport, costs: LayerCosts, graph: IntegerGraph, budgets: dict[str, str | float],
              measure: str = "hessian", first_last_8bit: bool = True) -> MixedPlan:
     """Solve the ILP (:mod:`ptq2tvm.mixed.ilp`) for ``budgets`` (kind -> spec, see the module docstring).
@@ -183,4 +215,4 @@ def allocate(report: SensitivityReport, costs: LayerCosts, graph: IntegerGraph, 
     return MixedPlan(bits, measure, sol.objective, shown, predicted, w8a8, fixed)
 
 
-__all__ = ["MixedPlan", "allocate", "cost_matrices", "fixed_layers", "parse_budget"]
+__all__ = ["MixedPlan", "allocate", "check_budgets", "cost_matrices", "fixed_layers", "parse_budget"]

@@ -16,8 +16,9 @@ from ..frontend.qmodel import QuantConfig
 
 def add_quantize_args(q: argparse.ArgumentParser) -> None:
     g = q.add_argument_group("mixed precision (HAWQ-V3-style bit allocation; see README)")
-    g.add_argument("--layer-bits", metavar="SPEC", help="per-layer bits, e.g. 'layer1.0.conv1=4/8,layer2.*=4/4' "
-                   "(LAYER=W/A or LAYER=W; fnmatch globs; A = bits of the layer's input tensor); names are checked "
+    g.add_argument("--layer-bits", metavar="SPEC", action="append", help="per-layer bits, e.g. "
+                   "'layer1.0.conv1=4/8,layer2.*=4/4' (LAYER=W/A or LAYER=W; fnmatch globs; A = bits of the layer's "
+                   "input tensor; may be repeated: the items add up, each layer named once); names are checked "
                    "against the model")
     g.add_argument("--mixed-precision", action="store_true", help="choose W (2/4/8) and A (4/8) per layer by an ILP "
                    "minimising the summed sensitivity under the budgets below (at least one)")
@@ -62,11 +63,13 @@ def mixed_config(args: argparse.Namespace, model: nn.Module, calib: np.ndarray, 
     if args.mixed_precision and args.layer_bits:
         raise QuantConfigError("use either --mixed-precision or --layer-bits, not both")
     if args.layer_bits:
-        from .layerbits import resolve_layer_bits
+        from .layerbits import parse_layer_bits, resolve_layer_bits
 
-        w, a = resolve_layer_bits(args.layer_bits, _layer_names(model, calib))
+        # --layer-bits given several times: one spec (a layer named in two of them is refused, not the last kept)
+        spec = ",".join(args.layer_bits) if isinstance(args.layer_bits, list) else args.layer_bits
+        w, a = resolve_layer_bits(parse_layer_bits(spec), _layer_names(model, calib))
         config.layer_w_bits, config.layer_a_bits = w, a
-        return config.validate(), dict(layer_bits_spec=args.layer_bits)
+        return config.validate(), dict(layer_bits_spec=spec)
     if not args.mixed_precision:
         return config, {}
     if not budgets:

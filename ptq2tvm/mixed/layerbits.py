@@ -19,8 +19,11 @@ def candidate_name(wa: tuple[int, int]) -> str:
 
 
 def parse_layer_bits(spec: str) -> list[tuple[str, int, int | None]]:
-    """'name=W/A,glob=W,...' -> [(pattern, w_bits, a_bits or None)]. Raises QuantConfigError on malformed items."""
+    """'name=W/A,glob=W,...' -> [(pattern, w_bits, a_bits or None)]. Raises QuantConfigError on malformed items and
+    on a layer name (or glob) given twice (``conv1=4,conv1=8`` kept the last silently); a later *different* pattern
+    may still override an earlier one for the layers both match (``layer2.*=4,layer2.0.conv1=8``)."""
     items = []
+    seen: dict[str, str] = {}
     for raw in (s.strip() for s in spec.split(",")):
         if not raw:
             continue
@@ -31,6 +34,10 @@ def parse_layer_bits(spec: str) -> list[tuple[str, int, int | None]]:
                                    "'layer1.0.conv1=4/8' or 'layer2.*=4')")
         w = check_bits(int(parts[0]), f"weight bits in --layer-bits item {raw!r}")
         a = check_bits(int(parts[1]), f"activation bits in --layer-bits item {raw!r}") if len(parts) == 2 else None
+        if pat.strip() in seen:
+            raise QuantConfigError(f"--layer-bits names layer {pat.strip()!r} twice ({seen[pat.strip()]!r} and "
+                                   f"{raw!r}): give each layer once")
+        seen[pat.strip()] = raw
         items.append((pat.strip(), w, a))
     if not items:
         raise QuantConfigError(f"--layer-bits {spec!r} names no layer")
@@ -39,8 +46,9 @@ def parse_layer_bits(spec: str) -> list[tuple[str, int, int | None]]:
 
 def resolve_layer_bits(items: list[tuple[str, int, int | None]] | str,
                        layer_names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
-    """Expand the patterns over ``layer_names`` -> (layer_w_bits, layer_a_bits); later items win. A pattern that
-    matches no layer raises QuantConfigError listing the valid layer names."""
+    """Expand the patterns over ``layer_names`` -> (layer_w_bits, layer_a_bits); a later pattern overrides an
+    earlier one for the layers both match. A pattern that matches no layer, or one given twice
+    (:func:`parse_layer_bits`), raises QuantConfigError (the first listing the valid layer names)."""
     if isinstance(items, str):
         items = parse_layer_bits(items)
     w_bits: dict[str, int] = {}

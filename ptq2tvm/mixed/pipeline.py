@@ -15,7 +15,7 @@ from ..fold.fold import fold_to_integer
 from ..frontend.calibrate import quantize_rtn
 from ..frontend.qmodel import QuantConfig
 from ..ir.graph import IntegerGraph
-from .allocate import MixedPlan, allocate
+from .allocate import MixedPlan, allocate, check_budgets
 from .latency import LayerCosts, measure_layer_costs
 from .sensitivity import SensitivityReport, analyze_sensitivity, plot_sensitivity
 
@@ -52,13 +52,23 @@ def plan_mixed_precision(model: nn.Module, images: np.ndarray, config: QuantConf
                          run_dir: str | Path, measure: str = "hessian", samples: int = 32, max_images: int = 256,
                          batch: int = 1, seed: int = 0, progress: bool = True,
                          estimator: str = "gauss-newton") -> MixedPlan:
-    """Sensitivity, costs of the W8A8 fold, ILP -> the plan (also saved as ``run_dir/mixed_precision.json``).
-    Latencies are measured only for a latency budget. Raises QuantConfigError when no allocation fits."""
-    rep = run_sensitivity(model, images, run_dir, samples, max_images, seed, config, progress, estimator)
+    """Costs of the W8A8 fold, sensitivity, ILP -> the plan (also saved as ``run_dir/mixed_precision.json``).
+    Latencies are measured only for a latency budget. Raises QuantConfigError when no allocation fits: a budget
+    that even the cheapest bits exceed is refused from the costs alone (:func:`ptq2tvm.mixed.allocate.check_budgets`),
+    before the sensitivity pass and before anything is written for a size / BOPs budget (a latency budget first
+    times the kernels, cached in ``run_dir/latency_cache.json``)."""
     ref = QuantConfig(w_bits=8, a_bits=8, first_last_8bit=config.first_last_8bit, weight_lp=config.weight_lp,
                       act_lp=config.act_lp)
     graph = fold_to_integer(quantize_rtn(model, images, ref, progress=progress))
-    costs = run_layer_costs(graph, run_dir, batch, timed="latency" in budgets, progress=progress)
+    run_dir = Path(run_dir)
+    timed = "latency" in budgets
+    if timed:                                       # kernel times are cached in the run directory
+        run_dir.mkdir(parents=True, exist_ok=True)
+    costs = measure_layer_costs(graph, batch=batch, cache=run_dir / KERNEL_CACHE if timed else None,
+                                progress=progress, timed=timed)
+    check_budgets(costs, graph, budgets, config.first_last_8bit)      # before the expensive sensitivity pass
+    rep = run_sensitivity(model, images, run_dir, samples, max_images, seed, config, progress, estimator)
+    write_json(run_dir / COSTS_FILE, costs.to_dict())
     plan = allocate(rep, costs, graph, budgets, measure, config.first_last_8bit)
     write_json(Path(run_dir) / PLAN_FILE, plan.to_dict())
     return plan
