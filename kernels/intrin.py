@@ -73,6 +73,7 @@ UBSW_INTRIN = "ptq2tvm_dot_16x4_u8i8i32_ubsw"
 UBSW16_INTRIN = "ptq2tvm_dot_16x4_u8i8i16_ubsw"
 WIDEN16_INTRIN = "ptq2tvm_widen_16x2_i16i32"
 DP4A_INTRIN = "ptq2tvm_dp4a_u8i8i32"
+UNPACK4_INTRIN = "ptq2tvm_unpack_int4_16x4_gfni"
 _SCOPES = ("global", "local")
 _registered: set[str] = set()
 
@@ -337,6 +338,38 @@ def _dp4a_pair(scope: str):
     return desc, impl
 
 
+def _unpack4_pair(scope: str):
+    """int4 -> int8 of one VNNI weight vector: the 32 packed bytes ``P`` -> ``W[16, 4]`` (element ``e = 4 i + k`` is
+    nibble ``e // 32`` of byte ``e % 32``, sign-extended: :func:`kernels.ops._unpack_weight`'s formula, which the
+    description repeats so that tensorize matches the ``w_unpack`` block), as one ``vbroadcasti64x4`` + one
+    ``vgf2p8affineqb`` + one 64-byte store (:func:`kernels.vector_tir.unpack_nibbles64`; GFNI + AVX-512 BW).
+    ``scope`` is the storage scope of ``W``."""
+    from .vector_tir import unpack_nibbles64
+
+    @T.prim_func(s_tir=True)
+    def desc(P: T.Buffer((32,), "uint8", offset_factor=1), W: T.Buffer((16, 4), "int8", offset_factor=1, scope=scope)) \
+            -> None:
+        with T.sblock("root"):
+            T.reads(P[0:32])
+            T.writes(W[0:16, 0:4])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("w_unpack"):
+                        vi, vk = T.axis.remap("SS", [i, k])
+                        W[vi, vk] = T.Cast("int8", T.bitwise_xor(T.bitwise_and(T.shift_right(
+                            P[vi % 8 * 4 + vk], T.Cast("uint8", vi // 8 * 4)), T.uint8(15)), T.uint8(8))) - T.int8(8)
+
+    @T.prim_func(s_tir=True)
+    def impl(P: T.Buffer((32,), "uint8", offset_factor=1), W: T.Buffer((16, 4), "int8", offset_factor=1, scope=scope)) \
+            -> None:
+        with T.sblock("root"):
+            T.reads(P[0:32])
+            T.writes(W[0:16, 0:4])
+            W.vstore([0, 0], unpack_nibbles64(P.vload([0], dtype="uint8x32")))
+
+    return desc, impl
+
+
 def _name(base: str, scope: str) -> str:
     return base if scope == "global" else f"{base}_{scope}"
 
@@ -408,6 +441,13 @@ def register_dp4a_intrinsic(scope: str = "local") -> str:
     """Register (idempotently) the CUDA dp4a u8 x s8 dot product of 4 (shared-memory operands, accumulator in
     ``scope``); return its name."""
     return _register(DP4A_INTRIN, _dp4a_pair, scope)
+
+
+def register_unpack4_intrinsic(scope: str = "global") -> str:
+    """Register (idempotently) the int4 -> int8 unpack of one VNNI weight vector (``[32]`` uint8 -> ``[16, 4]``
+    int8, GFNI + AVX-512 BW: one ``vgf2p8affineqb`` on a zmm) for the ``w_unpack`` block of sub-byte convs / dense;
+    return its name. ``scope``: the storage scope of the unpacked buffer."""
+    return _register(UNPACK4_INTRIN, _unpack4_pair, scope)
 
 
 def patch_tvm_vnni_intrinsic() -> str:

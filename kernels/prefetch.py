@@ -39,6 +39,7 @@ PREFETCH_ATTR = "weight_prefetch"     # [tasks_per_group, groups, group_bytes]: 
 TASK_LOOP_ATTR = "conv_task_loop"     # loop annotation: the loop over the parallel tasks (parallel or not)
 ACCUMULATE_BLOCK = "acc_update_o"     # the tensorized accumulation block (decompose_reduction + tensorize)
 UNPACK_BLOCK = "w_unpack"             # sub-byte weights unpacked to int8 (kernels.ops): reads the packed parameter
+UNPACK_BLOCKS = (UNPACK_BLOCK, UNPACK_BLOCK + "_o")     # ... vectorized, or tensorized (the GFNI int4 unpack)
 LINE_BYTES = 64
 LOCALITY = 3                          # llvm.prefetch locality 3: prefetcht0 (measured best of t0 / t1 / t2 on Zen 4)
 _COMM_REDUCE = 2                      # IterVar.iter_type of a reduction block var
@@ -88,7 +89,7 @@ def _find_sites(func: tirx.PrimFunc) -> dict:
 
     def on_realize(realize, mutator):
         block = realize.block
-        if block.name_hint == UNPACK_BLOCK:
+        if block.name_hint in UNPACK_BLOCKS:
             found["unpack"].append(param_reads(block, ("uint8", "int8")))
             return realize
         if block.name_hint != ACCUMULATE_BLOCK:

@@ -43,7 +43,7 @@ from tvm.target import codegen
 
 from .intrin import (register_avx2_intrinsic, register_avx2w_intrinsic, register_avxvnni_intrinsic,
                      register_taps_intrinsic, register_ubsw16_intrinsic, register_ubsw_intrinsic,
-                     register_vnni_intrinsic, register_widen16_intrinsic)
+                     register_unpack4_intrinsic, register_vnni_intrinsic, register_widen16_intrinsic)
 from .border import (BORDER_ATTR, OUTPUT_BLOCKS, SKIP_ATTR, VNNI_SKIP_MIN_FRACTION, border_tap_fraction,
                      output_annotations, skip_zero_border)
 from .epilogue_intrin import register_requant16_intrinsic
@@ -113,6 +113,16 @@ def target_isa(target=None) -> str:
     if codegen.llvm_cpu_has_features(["avx2"], t):
         return "avx2"
     raise ValueError(f"target {t} has neither AVX-512 VNNI nor AVX2 (set mcpu, e.g. 'znver4' or 'haswell')")
+
+
+def target_has_gfni512(target=None) -> bool:
+    """Whether an LLVM x86 target has GFNI and AVX-512 BW: the int4 weight unpack then runs one ``vgf2p8affineqb``
+    on a zmm per 64 weights (:func:`kernels.intrin.register_unpack4_intrinsic`); Ice Lake and later Xeons, Zen 4+,
+    not Cascade Lake. ``target=None``: the current target scope, else this machine's CPU."""
+    t = _as_target(target)
+    if t is None:
+        t = tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+    return t.kind.name == "llvm" and all(codegen.llvm_cpu_has_features([f], t) for f in ("gfni", "avx512bw"))
 
 
 def pack_isa(isa: str) -> str:
@@ -255,11 +265,14 @@ def _schedule_pad(sch: Schedule, block, threads: int) -> None:
 
 
 def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: int = 2,
-                          p_max: int = 8, unpack_at: str | None = None, isa: str | None = None) -> Schedule:
+                          p_max: int = 8, unpack_at: str | None = None, isa: str | None = None,
+                          gfni: bool = False) -> Schedule:
     """Schedule a PrimFunc made by :func:`kernels.conv2d_nchwc_requant` / :func:`kernels.conv2d_rows_requant`
     (the weight layout, vnni or avx2, is read from the kernel annotation, the dot product from it and the target's
     ``isa`` (:func:`target_isa`; None: the layout's own ISA), see :func:`dot_product`; ``p_max`` is for depthwise;
-    ``unpack_at`` ("task", "step" or None: :func:`default_unpack_at`) only matters for int4 / int2 weights)."""
+    ``unpack_at`` ("task", "step" or None: :func:`default_unpack_at`) only matters for int4 / int2 weights; ``gfni``:
+    the target has GFNI + AVX-512 BW, int4 weights are unpacked by one ``vgf2p8affineqb`` per vector, see
+    :func:`_schedule_unpack`)."""
     if unpack_at not in (None, "task", "step"):
         raise ValueError(f"unpack_at must be 'task', 'step' or None, got {unpack_at!r}")
     out = sch.get_sblock("out")
@@ -310,10 +323,10 @@ def schedule_conv2d_nchwc(sch: Schedule, tile: ConvTile | None = None, threads: 
     ndim = 7 if layout == "vnni" else 8
     if per_task:
         sch.compute_at(unpack, par, preserve_unit_loops=True)
-        _schedule_unpack(sch, unpack, layout, ndim, unroll_outer=False)
+        _schedule_unpack(sch, unpack, layout, ndim, unroll_outer=False, gfni=gfni)
     elif unpack is not None:
         sch.compute_at(unpack, unpack_loop, preserve_unit_loops=True)
-        _schedule_unpack(sch, unpack, layout, ndim)
+        _schedule_unpack(sch, unpack, layout, ndim, gfni=gfni)
     if threads > 1:
         sch.parallel(par)
     sch.set_scope(acc, 0, ACC_SCOPE)
@@ -545,13 +558,39 @@ def _unpack_fields(sch: Schedule, block) -> int:
     return 4 if "weight_bits" in ann and int(ann["weight_bits"]) == 2 else 2
 
 
-def _schedule_unpack(sch: Schedule, block, layout: str, ndim: int, unroll_outer: bool = True) -> None:
+def _try_tensorize(sch: Schedule, loop, intrin: str) -> bool:
+    """Tensorize ``loop`` with ``intrin`` if TVM can, tried on a copy of the schedule first (TVM 0.27's blockize
+    fails inside the 1x1 convs that reduce over a flat axis of real 4-channel steps, ``CHUNKED_REDUCTION_ATTR``,
+    with the unpack inside the reduction: an int32 extent for an int64 iterator); False leaves ``sch`` as it was."""
+    try:
+        sch.copy().tensorize(loop, intrin)
+    except RuntimeError:             # tvm.error.InternalError; a ScheduleError is one too
+        return False
+    sch.tensorize(loop, intrin)
+    return True
+
+
+def _schedule_unpack(sch: Schedule, block, layout: str, ndim: int, unroll_outer: bool = True,
+                     gfni: bool = False) -> None:
     """int4 / int2 -> int8 weights: vectorize over the bytes of one field position (32 bytes for int4, 16 for int2)
     and unroll the field index, so every shift amount is a constant (LLVM 22 at -O3 miscompiles the int4 unpack with
     a variable shift, kernels/README.md); unroll the outer block loops when the unpack sits inside the reduction
-    (one register tile step), else leave them as loops (a whole task's weights)."""
+    (one register tile step), else leave them as loops (a whole task's weights).
+
+    ``gfni`` (the target has GFNI + AVX-512 BW, :func:`target_has_gfni512`), int4 in the VNNI layout: each 64-weight
+    vector is one tensorized ``vbroadcasti64x4`` + ``vgf2p8affineqb`` + 64-byte store
+    (:func:`kernels.intrin.register_unpack4_intrinsic`) instead of LLVM's three 256-bit ``vgf2p8affineqb`` and two
+    32-byte stores for the vectorized shifts; inside the reduction (``unpack_at="step"``) the one store also lets
+    the ``vpdpbusd`` that reads the vector take it by store forwarding (a 64-byte load of two 32-byte stores
+    cannot)."""
     fields = _unpack_fields(sch, block)
     loops = sch.get_loops(block)[-ndim:]
+    if layout == "vnni" and fields == 2 and gfni and _try_tensorize(sch, loops[-2], register_unpack4_intrinsic(
+            sch.get(block).writes[0].source.scope())):
+        if unroll_outer:
+            for lp in loops[:-2]:
+                sch.unroll(lp)
+        return
     if layout == "vnni":
         *outer, oci, ics = loops
         hi_, lo_ = sch.split(oci, [fields, 16 // fields])
@@ -609,7 +648,8 @@ def schedule_depthwise(sch: Schedule, threads: int = 2, p_max: int = 8, isa: str
     return sch
 
 
-def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: str | None = None) -> Schedule:
+def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: str | None = None,
+                   gfni: bool = False) -> Schedule:
     """Dense: Q output blocks per parallel task, batch rows unrolled, vpdpbusd (or vpmaddubsw / vpmaddwd, see
     :func:`dot_product`) over K/4 steps."""
     out = sch.get_sblock("out")
@@ -637,7 +677,7 @@ def schedule_dense(sch: Schedule, q: int | None = None, threads: int = 2, isa: s
     sch.set_scope(acc, 0, ACC_SCOPE)
     if unpack is not None:
         sch.compute_at(unpack, rkf, preserve_unit_loops=True)
-        _schedule_unpack(sch, unpack, layout, 4 if layout == "vnni" else 5)
+        _schedule_unpack(sch, unpack, layout, 4 if layout == "vnni" else 5, gfni=gfni)
     init = sch.decompose_reduction(acc, rkf)
     _vectorize_inner(sch, sch.get_loops(init)[-3:])
     sch.tensorize(oc, intrin)
@@ -847,6 +887,7 @@ def apply_schedule(sch: Schedule, target=None, **options) -> Schedule:
             raise ValueError(f"kernel {kind} needs AVX-512 VNNI or AVX-VNNI (or weights proven exact for vpmaddubsw, "
                              f"ubsw_exact), target {t} lacks them; pack with isa='avx2'")
         options.setdefault("isa", isa)
+        options.setdefault("gfni", target_has_gfni512(t))
     elif kind == "depthwise_taps_vnni":
         t = _as_target(target)
         if t is not None and target_isa(t) != "vnni":

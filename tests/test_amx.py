@@ -189,7 +189,7 @@ def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
     from conftest import tiny_integer_graph
 
     from ptq2tvm.api import compile_so
-    from ptq2tvm.backend.blocked_builder import _BlockedBuilder, build_blocked_module
+    from ptq2tvm.backend.blocked_builder import _BlockedBuilder, build_blocked_module, keeps_int8_storage
     from ptq2tvm.backend.runtime import CompiledModel
     from ptq2tvm.ir.reference import run_reference
 
@@ -200,13 +200,16 @@ def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
         return K.conv_weight_mode(o, cg * nd.attrs["groups"], nd.attrs["groups"]) in ("dense", "expanded")
 
     # TinyNet's few channels: "taps" for every stride-1 conv, "rows" for its 1-channel stem (it reads the input)
-    def packed(nd):     # <= 2-bit weights the build stores four per byte: VNNI (the tiles unpack int4 only)
-        wt = nd.arrays["weight"]
-        return int(nd.attrs.get("w_bits", 8)) <= 2 and int(wt.min()) >= -2 and int(wt.max()) <= 1
+    def packed(nd):     # <= 2-bit weights the build stores four per byte: VNNI (the tiles unpack int4 only);
+        wt = nd.arrays["weight"]   # layers whose weights meet few pixels per call keep int8 storage: AMX then
+        return int(nd.attrs.get("w_bits", 8)) <= 2 and int(wt.min()) >= -2 and int(wt.max()) <= 1 \
+            and not keeps_int8_storage(nd, 2)
 
     # a 1x1 conv from <= 16 channels whose only reader is a depthwise conv runs inside that conv's fused kernel
     # (int8 weights, every shift >= 32: kernels.expand_depthwise), not as an AMX kernel
-    fused = {e.name for e in _BlockedBuilder(graph, "vnni", amx=True).expand_depthwise_pairs().values()}
+    builder = _BlockedBuilder(graph, "vnni", amx=True)
+    builder.batch = 2               # as built above (the storage rule counts output pixels per call)
+    fused = {e.name for e in builder.expand_depthwise_pairs().values()}
     eligible = [nd for nd in graph.nodes if nd.op == "conv2d" and dense(nd) and tuple(nd.attrs["dilation"]) == (1, 1)
                 and not packed(nd) and nd.name not in fused
                 and (tuple(nd.attrs["stride"]) == (1, 1) or nd.inputs[0] == graph.input.name)]

@@ -448,9 +448,9 @@ def test_stored_weight_bytes_and_chart_axis():
 
     g8, g4, g2 = (tiny_integer_graph(b, 8) for b in (8, 4, 2))
     n = g8.weight_bytes()
-    b8, b4, b2 = (stored_weight_bytes(g, "x86-64-v3") for g in (g8, g4, g2))
+    b8, b4, b2 = (stored_weight_bytes(g, "x86-64-v3", subbyte_storage="packed") for g in (g8, g4, g2))
     assert b8 == n and b4 < 0.7 * n and b2 < 0.7 * b4    # two per byte at <= 4 bits, four per byte at 2 bits (AVX2)
-    assert stored_weight_bytes(g2, "znver4") == b2       # AVX-512 VNNI stores 2-bit weights four per byte too
+    assert stored_weight_bytes(g2, "znver4", subbyte_storage="packed") == b2     # AVX-512 VNNI: four per byte too
     # the y-axis follows the medians, not one runtime's p90 outlier
     assert chart_top([1.0, 1.2, 1.1], [0.1, 0.1, 40.0]) == pytest.approx(2 * 1.2 * 1.15)
     assert chart_top([1.0, 1.2], [0.1, 0.2]) == pytest.approx(1.4 * 1.15)

@@ -360,7 +360,8 @@ def test_w2_network_four_per_byte_bit_exact_on_avx2(tmp_path):
     expanded block-diagonally) stores four weights per byte and is bit-exact against the reference executor; the
     stored bytes of its packed layers are exactly half those of the W4A4 build (int8 layers unchanged), and the
     size the quantize summary reports (api.stored_weight_bytes) follows the target. The AVX-512 VNNI and AVX-VNNI
-    builds store the same bytes and run bit-exact where the host has those ISAs."""
+    builds store the same bytes and run bit-exact where the host has those ISAs. (``subbyte_storage="packed"``: the
+    default keeps this tiny graph's low-reuse layers one weight per byte, test_int8_storage_of_low_reuse_layers.)"""
     from conftest import tiny_integer_graph
 
     from ptq2tvm.api import compile_so, stored_weight_bytes
@@ -369,31 +370,32 @@ def test_w2_network_four_per_byte_bit_exact_on_avx2(tmp_path):
     from ptq2tvm.ir.reference import run_reference
 
     g2, g4 = tiny_integer_graph(2, 4), tiny_integer_graph(4, 4)
-    res = compile_so(g2, tmp_path / "w2.so", batch=2, target="x86-64-v3")
+    res = compile_so(g2, tmp_path / "w2.so", batch=2, target="x86-64-v3", subbyte_storage="packed")
     assert res.meta["isa"] == "avx2"
     q = np.random.default_rng(3).integers(0, g2.input.qmax + 1, (2, *g2.input.shape)).astype(np.uint8)
     assert np.array_equal(CompiledModel(res.so_path).run_int(q), run_reference(g2, q))
-    mod, stored2 = build_blocked_module(g2, 2, "avx2")
+    mod, stored2 = build_blocked_module(g2, 2, "avx2", subbyte_storage="packed")
     assert stored2 == res.meta["stored_weight_bytes"]
     packed = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
               and any(p.dtype == "uint8" and len(p.shape) in (3, 6) and int(p.shape[-1]) == 16 for p in f.params)}
     low = [n for n in g2.nodes if n.op in ("conv2d", "dense") and int(n.attrs["w_bits"]) <= 2
            and not (n.op == "conv2d" and n.arrays["weight"].shape[1] == 1 and n.attrs["groups"] > 1)]
     assert len(low) == 8 and {f"k_{n.name.replace('.', '_')}" for n in low} <= set(packed), packed.keys()
-    _, stored4 = build_blocked_module(g4, 2, "avx2")
+    _, stored4 = build_blocked_module(g4, 2, "avx2", subbyte_storage="packed")
     int4_bytes = sum(K.pack_conv_weight(n.arrays["weight"], n.attrs["groups"], 16, int4=True).nbytes for n in low)
     assert stored4 - stored2 == int4_bytes // 2 and stored2 < 0.6 * stored4, (stored2, stored4)
-    a2, a4 = (stored_weight_bytes(g, "x86-64-v3") for g in (g2, g4))
+    a2, a4 = (stored_weight_bytes(g, "x86-64-v3", subbyte_storage="packed") for g in (g2, g4))
     assert a4 - a2 == sum(n.arrays["weight"].size for n in low) // 4          # 1/2 -> 1/4 byte per weight
-    assert stored_weight_bytes(g2, "znver4") == a2 and stored_weight_bytes(g4, "znver4") == a4
+    assert stored_weight_bytes(g2, "znver4", subbyte_storage="packed") == a2 and stored_weight_bytes(g4, "znver4", subbyte_storage="packed") == a4
     vnni2 = {}
     for isa in ("vnni", "avxvnni"):          # the same four-per-byte packing on the VNNI dot products
-        vnni2[isa], v4 = (build_blocked_module(g, 2, isa)[1] for g in (g2, g4))
+        vnni2[isa], v4 = (build_blocked_module(g, 2, isa, subbyte_storage="packed")[1] for g in (g2, g4))
         assert v4 - vnni2[isa] == int4_bytes // 2, isa
     flags = host_cpu_flags() or set()
     for mcpu, flag, isa in (("icelake-server", "avx512_vnni", "vnni"), ("alderlake", "avx_vnni", "avxvnni")):
         if flag in flags:                    # run where the host can
-            built = compile_so(g2, tmp_path / f"w2_{mcpu}.so", batch=2, target=mcpu)
+            built = compile_so(g2, tmp_path / f"w2_{mcpu}.so", batch=2, target=mcpu,
+                               subbyte_storage="packed")
             assert built.meta["isa"] == isa and built.meta["stored_weight_bytes"] == vnni2[isa]
             assert np.array_equal(CompiledModel(built.so_path).run_int(q), run_reference(g2, q)), mcpu
 

@@ -38,6 +38,55 @@ def packs_int2(isa: str | None, cuda: bool = False) -> bool:
     return bool(cuda) or isa in ("avx2", "vnni", "avxvnni")
 
 
+#: a <= 4-bit conv / dense whose weights meet fewer output pixels per call than this (batch x OH x OW, more than
+#: one) keeps them one per byte in an x86 build: unpacking costs ~2 vpdpbusd steps per 64-weight vector (one
+#: vgf2p8affineqb and a 64-byte store, kernels/schedule.py UNPACK_STEPS), against one step per pixel. Zen 4, 2
+#: threads, standalone kernels interleaved with their int8 build (session 31, scratch i4.py): 1x1 convs at 4x4 (16
+#: pixels) 1.05-1.16x the int8 time, 96 -> 16 at 7x7 1.07x, 3x3 64 -> 64 at 28x28 1.005x, 128 -> 128 at 14x14 1.01x;
+#: in the network (benchmarks/bits_ab.py, 28x28 MobileNetV2 W4A4 / W8A8) 1.041x with every layer packed, 1.008x
+#: with this rule.
+INT8_STORAGE_MAX_PIXELS = 64
+#: ... and whose int8 weights are at most this many bytes: larger weights are not cache-resident from one call to
+#: the next in a network, where reading half the bytes pays for the unpack (MobileNetV3-Large / EfficientNet-B0
+#: W4A4 0.99x their W8A8 at batch 1 with the kernels 1.01-1.05x slower one by one with warm weights,
+#: benchmarks/results/bits_ab_zoo_b1_zen4_after.md); the file grows by at most half this per layer.
+INT8_STORAGE_MAX_BYTES = 64 * 1024
+#: ``subbyte_storage`` of the x86 builds: "auto" (:func:`keeps_int8_storage` decides per layer) or "packed" (every
+#: <= 4-bit conv / dense two per byte, or four where the build packs 2-bit weights: the smallest file)
+SUBBYTE_STORAGES = ("auto", "packed")
+
+
+def check_subbyte_storage(subbyte_storage: str) -> str:
+    """``subbyte_storage`` if it is one of :data:`SUBBYTE_STORAGES`, else ValueError naming the choices."""
+    if subbyte_storage not in SUBBYTE_STORAGES:
+        raise ValueError(f"subbyte_storage must be one of {', '.join(SUBBYTE_STORAGES)}, got {subbyte_storage!r}")
+    return subbyte_storage
+
+
+def graph_subbyte_storage(graph: IntegerGraph) -> str:
+    """The storage a graph asks for when the caller names none: ``graph.meta["subbyte_storage"]`` ("packed" for a
+    mixed-precision plan, whose size and latency model assumes packed sub-byte weights), else "auto"."""
+    return str(graph.meta.get("subbyte_storage") or "auto")
+
+
+def keeps_int8_storage(node: IntNode, batch: int, cuda: bool = False, subbyte_storage: str = "auto") -> bool:
+    """Whether an x86 build stores this <= 4-bit conv / dense layer's weights one per byte (int8 values in [-8, 7])
+    instead of two (or four) per byte: its weights meet 2..:data:`INT8_STORAGE_MAX_PIXELS` - 1 output pixels per
+    call (``batch`` x the output's spatial size) and take at most :data:`INT8_STORAGE_MAX_BYTES` as int8, so that
+    unpacking them would cost more than it saves. A layer with one output pixel per call (squeeze-excitation convs
+    and classifiers at batch 1) keeps packed weights: unpacked right before each ``vpdpbusd`` it reads half the
+    bytes and runs 0.74-0.85x its int8 kernel (:func:`kernels.schedule.default_unpack_at`). The same integers
+    either way; CUDA builds and ``subbyte_storage="packed"`` always pack."""
+    w = node.arrays.get("weight")
+    if check_subbyte_storage(subbyte_storage) == "packed" or cuda or w is None or node.op not in ("conv2d", "dense") \
+            or int(node.attrs.get("w_bits", 8)) > 4 or int(w.min(initial=0)) < -8 or int(w.max(initial=0)) > 7:
+        return False
+    if node.op == "conv2d" and int(node.attrs.get("groups", 1)) > 1 and int(w.shape[1]) == 1:
+        return False                     # depthwise: one byte per weight anyway
+    pixels = int(batch) * int(np.prod(node.out.shape[1:], dtype=np.int64))
+    return 1 < pixels < INT8_STORAGE_MAX_PIXELS and int(w.size) <= INT8_STORAGE_MAX_BYTES
+
+
 def amx_conv_scheme(weight_shape: tuple[int, ...], groups: int, stride: tuple[int, int], dilation: tuple[int, int],
                     rows_input: bool) -> str | None:
     """The AMX kernel an AMX build gives a conv with an OIHW weight of ``weight_shape`` (kernels/amx.py): "rows"
@@ -93,7 +142,7 @@ class _BlockedBuilder:
     layout (NCHW, blocked NCHW16c or 2-D); ops ask for their inputs in the layout they need."""
 
     def __init__(self, graph: IntegerGraph, isa: str, cuda: bool = False, amx: bool = False,
-                 threads: int | None = None, fuse: bool = True, vbmi: bool = True):
+                 threads: int | None = None, fuse: bool = True, vbmi: bool = True, subbyte_storage: str = "auto"):
         self.graph = graph
         self.isa = isa
         self.vbmi = vbmi                 # AVX-512 VBMI (kernels.lut_vbmi's vpermi2b): not on Cascade Lake
@@ -107,6 +156,8 @@ class _BlockedBuilder:
         self.bb = relax.BlockBuilder()
         self.env: dict[str, tuple[relax.Expr, str]] = {}
         self.weight_bytes = 0
+        self.batch = 1                   # set by build()
+        self.subbyte_storage = check_subbyte_storage(subbyte_storage)     # keeps_int8_storage
 
     # ---- the API op families use ------------------------------------------------------------------------------
     def weight(self, packed: np.ndarray) -> relax.Constant:
@@ -137,7 +188,10 @@ class _BlockedBuilder:
     def packing(self, node: IntNode) -> dict[str, bool]:
         """The sub-byte storage of a conv/dense weight as keyword arguments of :func:`kernels.pack_conv_weight`,
         :func:`kernels.pack_dense_weight` and :func:`kernels.pack_rows_weight`: ``int2`` (four per byte), else
-        ``int4`` (two per byte), else neither (int8)."""
+        ``int4`` (two per byte), else neither (int8; also for a layer whose weights meet few output pixels per call,
+        :func:`keeps_int8_storage`)."""
+        if keeps_int8_storage(node, self.batch, self.cuda, self.subbyte_storage):
+            return {"int4": False, "int2": False}
         two = self.int2(node)
         return {"int4": self.int4(node) and not two, "int2": two}
 
@@ -495,6 +549,7 @@ class _BlockedBuilder:
 
     def build(self, batch: int) -> tvm.IRModule:
         g = self.graph
+        self.batch = batch
         x = relax.Var("x", relax.TensorType((batch, *g.input.shape), "uint8"))
         self.expand_of = self.expand_depthwise_pairs()
         self.pool_of = self.stem_pool_pairs()
@@ -522,9 +577,10 @@ def x86_isa(target: dict[str, Any]) -> tuple[str | None, str]:
 
 def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
                      scheduler: Callable[[tvm.IRModule], tvm.IRModule] | None = None,
-                     fuse: bool = True) -> tuple[tvm.IRModule, int]:
+                     fuse: bool = True, subbyte_storage: str = "auto") -> tuple[tvm.IRModule, int]:
     """The scheduled Relax module for ``target`` (pass it to ``tvm.compile`` unchanged) and the bytes of its packed
-    weights (int4 layers two values per byte, int2 layers four per byte, :func:`packs_int2`). ``scheduler``
+    weights (int4 layers two values per byte, int2 layers four per byte, :func:`packs_int2`, except where
+    ``subbyte_storage`` "auto" keeps a layer one per byte: :func:`keeps_int8_storage`). ``scheduler``
     schedules the kernels (default: the hand schedules, ``kernels.schedule_module``; ``backend.tune.KernelTuner``
     measures and replays records). ``fuse=False``: no layer runs inside another's kernel
     (:meth:`_BlockedBuilder.expand_depthwise_pairs`; the per-layer latency measurement times each layer's own)."""
@@ -534,7 +590,7 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
     tgt = tvm.target.Target(target)
     threads = int(tgt.attrs["num-cores"]) if "num-cores" in tgt.attrs else None
     mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tgt), threads=threads,
-                                             fuse=fuse, vbmi=K.target_has_vbmi(tgt))
+                                             fuse=fuse, vbmi=K.target_has_vbmi(tgt), subbyte_storage=subbyte_storage)
     mod = add_checked_float_entry(mod, graph, batch, threads)
     if scheduler is None:
         return K.schedule_module(mod, tvm.target.Target(target)), weight_bytes
@@ -543,13 +599,16 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
 
 def build_blocked_module(graph: IntegerGraph, batch: int, isa: str, cuda: bool = False,
                          amx: bool = False, threads: int | None = None,
-                         fuse: bool = True, vbmi: bool = True) -> tuple[tvm.IRModule, int]:
+                         fuse: bool = True, vbmi: bool = True,
+                         subbyte_storage: str = "auto") -> tuple[tvm.IRModule, int]:
     """The unscheduled blocked Relax module (with the float entry) and the bytes of its packed weights. ``cuda``
     switches off the x86-only kernels (rows layout, depthwise taps): what the CUDA build schedules. ``amx``: the
     convs :meth:`_BlockedBuilder.amx_scheme` selects are AMX kernels (already scheduled PrimFuncs), chunked for
     ``threads`` (default: this machine's cores); ``fuse``: as in :func:`build_x86_module`; ``vbmi``: the target has
-    AVX-512 VBMI (the table lookups' ``vpermi2b``; Cascade Lake has VNNI without it)."""
-    builder = _BlockedBuilder(graph, isa, cuda=cuda, amx=amx, threads=threads, fuse=fuse, vbmi=vbmi)
+    AVX-512 VBMI (the table lookups' ``vpermi2b``; Cascade Lake has VNNI without it); ``subbyte_storage``: see
+    :func:`keeps_int8_storage` (CUDA always packs)."""
+    builder = _BlockedBuilder(graph, isa, cuda=cuda, amx=amx, threads=threads, fuse=fuse, vbmi=vbmi,
+                              subbyte_storage=subbyte_storage)
     return add_float_entry(builder.build(batch), graph, batch), builder.weight_bytes
 
 

@@ -119,16 +119,19 @@ SCHEDULES = ("auto", "x86", "cuda", "plain")
 
 
 def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedule: str = "auto",
-                 tuner: Any = None) -> tuple[tvm.IRModule, str, int]:
+                 tuner: Any = None, subbyte_storage: str | None = None) -> tuple[tvm.IRModule, str, int]:
     """The Relax module, the name of the backend that made it, and the bytes of the weights stored in it.
 
     ``auto``: the hand-scheduled x86 kernels (kernels/, VNNI or exact AVX2) when the target is an x86 CPU that has
     them, the dp4a kernels (``cuda``) for a CUDA target, else ``plain`` (our NCHW TE definitions through TVM's default
     lowering; portable). ``tuner`` (a :class:`~ptq2tvm.backend.tune.KernelTuner`) schedules the x86 kernels from
-    tuning records.
+    tuning records. ``subbyte_storage`` ("auto" | "packed"; None: the graph's,
+    :func:`ptq2tvm.backend.blocked_builder.graph_subbyte_storage`): how the x86 kernels store <= 4-bit weights
+    (:func:`ptq2tvm.backend.blocked_builder.keeps_int8_storage`).
     """
-    from .blocked_builder import build_cuda_module, build_x86_module, x86_isa
+    from .blocked_builder import build_cuda_module, build_x86_module, graph_subbyte_storage, x86_isa
 
+    subbyte_storage = subbyte_storage or graph_subbyte_storage(graph)
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     is_cuda = target.get("kind") == "cuda"
@@ -143,7 +146,7 @@ def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedu
     if schedule in ("auto", "x86") and isa is not None:
         import kernels as K
 
-        mod, weight_bytes = build_x86_module(graph, batch, target, scheduler=tuner)
+        mod, weight_bytes = build_x86_module(graph, batch, target, scheduler=tuner, subbyte_storage=subbyte_storage)
         isa = "amx" if K.amx_kernel_count(mod) else isa      # AMX convs, AVX-512 VNNI for the rest
         return mod, f"x86-nchw16c-{isa}" + ("-tuned" if tuner is not None else ""), weight_bytes
     if schedule in ("auto", "cuda") and is_cuda:
@@ -157,17 +160,26 @@ def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedu
 
 def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
                   target: str | dict[str, Any] | None = None, schedule: str = "auto", tune_trials: int = 0,
-                  tune_db: str | Path | None = None, progress: bool = False) -> CompileResult:
+                  tune_db: str | Path | None = None, progress: bool = False,
+                  subbyte_storage: str | None = None) -> CompileResult:
     """Build ``graph`` for ``target`` (default: this CPU) at a fixed ``batch`` and export ``so_path`` + sidecar.
 
     ``tune_trials`` > 0 measures up to that many schedules per kernel (MetaSchedule runner, records in ``tune_db``,
     default ``<so>.tuning/``; already measured ones are reused); ``tune_db`` alone rebuilds from existing records
     without measuring. A tuned build is checked bit-exact against the reference executor before it is written.
-    Nothing is left at ``so_path`` if any step fails.
+    Nothing is left at ``so_path`` if any step fails. ``subbyte_storage``: "auto" (x86 builds keep small <= 4-bit
+    layers whose weights meet few output pixels per call one weight per byte, faster; the sidecar's
+    ``int8_storage_layers`` names them) or "packed" (every <= 4-bit layer packed: the smallest file; what a
+    mixed-precision plan's size and latency model assumes); None: the graph's ``meta["subbyte_storage"]`` (quantize
+    sets "packed" for a mixed-precision plan), else "auto"; see
+    :func:`ptq2tvm.backend.blocked_builder.keeps_int8_storage`.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     from ..fold.bounds import check_graph_bounds
+    from .blocked_builder import check_subbyte_storage, graph_subbyte_storage
+
+    subbyte_storage = check_subbyte_storage(subbyte_storage or graph_subbyte_storage(graph))
 
     check_graph_bounds(graph)      # a graph read from a file: no kernel may overflow or index outside its table
     so_path = Path(so_path)
@@ -180,7 +192,8 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
 
         tuner = KernelTuner(target, Path(tune_db) if tune_db is not None else default_db_dir(so_path), tune_trials,
                             progress=progress)
-    mod, backend, stored_weight_bytes = build_module(graph, batch, target, schedule, tuner=tuner)
+    mod, backend, stored_weight_bytes = build_module(graph, batch, target, schedule, tuner=tuner,
+                                                     subbyte_storage=subbyte_storage)
     ex = tvm.compile(mod, target=tvm.target.Target(target))
     cuda_binaries = None
     if target.get("kind") == "cuda":      # kernels compiled now, not by the runtime at every load (cuda_binary.py)
@@ -217,7 +230,12 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
         if backend.startswith("x86-nchw16c"):
             import kernels as K
 
+            from .blocked_builder import keeps_int8_storage
+
             meta["arithmetic_shortcuts"] = K.arithmetic_shortcuts(mod)
+            meta["subbyte_storage"] = subbyte_storage
+            meta["int8_storage_layers"] = [n.name for n in graph.nodes
+                                           if keeps_int8_storage(n, batch, subbyte_storage=subbyte_storage)]
         if tuner is not None:
             meta["tuning"] = tuner.report.to_dict()
         if cuda_binaries is not None:

@@ -318,7 +318,10 @@ def measure_layer_costs(graph: IntegerGraph, batch: int = 1, target: str | dict[
                + ((("int8ubsw", 7),) if isa == "avx2" else ()))
     # unfused: each layer its own kernel (the .so may run a 1x1 expand inside its depthwise conv, a little faster
     # than the sum of the two measured here; the stored bytes are the same)
-    mods = {cls: build_x86_module(variant_graph(graph, bits), batch, tdict, fuse=False)[0] for cls, bits in classes}
+    # packed sub-byte storage (subbyte_storage="packed"): the int4 / int2 classes are what those bits store and cost
+    # when packed; a plan made from these costs is built that way (graph.meta["subbyte_storage"], set by quantize)
+    mods = {cls: build_x86_module(variant_graph(graph, bits), batch, tdict, fuse=False, subbyte_storage="packed")[0]
+            for cls, bits in classes}
     names = {kernel_name(n) for n in layers}
     jobs = []
     for cls, mod in mods.items():

@@ -1,0 +1,113 @@
+"""How x86 builds store <= 4-bit weights (issue 12: W4A4 no slower than W8A8): packed two (four) per byte, or one
+per byte for small layers whose weights meet few output pixels per call (blocked_builder.keeps_int8_storage); the
+GFNI unpack of packed int4 weights (kernels.intrin.register_unpack4_intrinsic). Same integers every way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernels as K
+from ptq2tvm.backend.blocked_builder import (INT8_STORAGE_MAX_BYTES, INT8_STORAGE_MAX_PIXELS, build_blocked_module,
+                                             keeps_int8_storage)
+
+
+def _expected_int8_layers(graph, batch: int) -> list[str]:
+    """The rule written out independently: <= 4-bit conv / dense (not depthwise) with 2..63 output pixels per call
+    and <= 64 KiB of int8 weights."""
+    names = []
+    for n in graph.nodes:
+        w = n.arrays.get("weight")
+        if w is None or n.op not in ("conv2d", "dense") or int(n.attrs["w_bits"]) > 4:
+            continue
+        if n.op == "conv2d" and int(n.attrs["groups"]) > 1 and w.shape[1] == 1:
+            continue
+        pixels = batch * (int(np.prod(n.out.shape[1:])) if len(n.out.shape) > 1 else 1)
+        if 1 < pixels < INT8_STORAGE_MAX_PIXELS and w.size <= INT8_STORAGE_MAX_BYTES:
+            names.append(n.name)
+    return names
+
+
+def test_int8_storage_of_low_reuse_layers(tmp_path):
+    """TinyNet W4A4 (24x24 input) at batch 1: the layers whose weights meet 2..63 output pixels keep one weight per byte (the
+    sidecar names them, the stored bytes grow by half their weights), the 1-pixel classifier and the layers with
+    >= 64 pixels stay packed; "packed" packs every layer; both builds are bit-exact against the reference. At a batch
+    where every layer meets >= 64 pixels nothing is kept as int8."""
+    from conftest import tiny_integer_graph
+
+    from ptq2tvm.api import compile_so, stored_weight_bytes
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.ir.reference import run_reference
+
+    g = tiny_integer_graph(4, 4, hw=(24, 24))         # block1 at 12x12 (144 pixels), block2 and after at <= 6x6
+    expected = _expected_int8_layers(g, 1)
+    low = [n for n in g.nodes if n.op in ("conv2d", "dense") and int(n.attrs["w_bits"]) <= 4
+           and not (n.op == "conv2d" and int(n.attrs["groups"]) > 1 and n.arrays["weight"].shape[1] == 1)]
+    assert expected and len(expected) < len(low), expected         # the tiny graph has both kinds
+    assert not keeps_int8_storage(next(n for n in g.nodes if n.op == "dense"), 1)    # one pixel: packed
+    q = np.random.default_rng(5).integers(0, g.input.qmax + 1, (1, *g.input.shape)).astype(np.uint8)
+    ref = run_reference(g, q)
+    auto = compile_so(g, tmp_path / "auto.so", batch=1)
+    packed = compile_so(g, tmp_path / "packed.so", batch=1, subbyte_storage="packed")
+    for res in (auto, packed):
+        assert np.array_equal(CompiledModel(res.so_path).run_int(q), ref), res.so_path
+    assert auto.meta["int8_storage_layers"] == expected and auto.meta["subbyte_storage"] == "auto"
+    assert packed.meta["int8_storage_layers"] == [] and packed.meta["subbyte_storage"] == "packed"
+    assert auto.meta["stored_weight_bytes"] > packed.meta["stored_weight_bytes"]
+    # the quantize summary's estimate follows the same rule: half a byte more per weight of the int8-stored layers
+    grown = sum(int(n.arrays["weight"].size) - (int(n.arrays["weight"].size) + 1) // 2
+                for n in g.nodes if n.name in expected)
+    assert stored_weight_bytes(g, batch=1) - stored_weight_bytes(g, batch=1, subbyte_storage="packed") == grown
+    # the kernel of an int8-stored layer takes an int8 weight, a packed one uint8 nibbles (a 1x1 expand run inside
+    # its depthwise conv's kernel has no kernel of its own)
+    mod, _ = build_blocked_module(g, 1, K.target_isa())
+    dtypes = {gv.name_hint: {str(p.dtype) for p in f.params} for gv, f in mod.functions.items()
+              if hasattr(f, "params") and gv.name_hint.startswith("k_")}
+    checked = 0
+    for n in low:
+        kern = f"k_{n.name.replace('.', '_')}"
+        if kern in dtypes:
+            checked += 1
+            assert ("int8" in dtypes[kern]) == (n.name in expected), (kern, dtypes[kern])
+    assert checked >= 4
+    # a batch at which every layer meets >= 64 output pixels (the 1-pixel classifier too): all packed
+    assert _expected_int8_layers(g, 64) == [] and not any(keeps_int8_storage(n, 64) for n in g.nodes)
+
+
+def test_subbyte_storage_choice_is_checked(tmp_path):
+    from conftest import tiny_integer_graph
+
+    from ptq2tvm.api import compile_so
+
+    g = tiny_integer_graph(4, 4)
+    with pytest.raises(ValueError, match=r"subbyte_storage must be one of auto, packed, got 'int8'"):
+        compile_so(g, tmp_path / "new" / "never.so", subbyte_storage="int8")
+    assert not (tmp_path / "new").exists()          # refused before anything is written
+
+
+def test_per_layer_bits_graph_is_built_packed(tmp_path):
+    """A graph with per-layer bits (a mixed-precision plan or --layer-bits) was sized and timed by the mixed-precision
+    model with packed sub-byte weights: to_integer marks it, and the build stores it packed unless told otherwise."""
+    import torch
+    from conftest import TinyNet, randomize_bn
+
+    from ptq2tvm.api import compile_so, quantize, stored_weight_bytes, to_integer
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.ir.reference import run_reference
+
+    torch.manual_seed(0)
+    model = randomize_bn(TinyNet()).eval()
+    calib = np.random.default_rng(0).standard_normal((8, 1, 12, 12)).astype(np.float32)
+    g = to_integer(quantize(model, calib, QuantConfig(4, 4, layer_w_bits={"block2.conv1": 8}), progress=False))
+    assert g.meta["subbyte_storage"] == "packed" and _expected_int8_layers(g, 1)     # auto would keep some int8
+    built = compile_so(g, tmp_path / "m.so", batch=1)
+    assert built.meta["subbyte_storage"] == "packed" and built.meta["int8_storage_layers"] == []
+    assert stored_weight_bytes(g) < stored_weight_bytes(g, subbyte_storage="auto")
+    auto = compile_so(g, tmp_path / "a.so", batch=1, subbyte_storage="auto")        # the caller's choice wins
+    assert auto.meta["int8_storage_layers"] == _expected_int8_layers(g, 1)
+    q = np.random.default_rng(2).integers(0, g.input.qmax + 1, (1, *g.input.shape)).astype(np.uint8)
+    for res in (built, auto):
+        assert np.array_equal(CompiledModel(res.so_path).run_int(q), run_reference(g, q))
+    uniform = to_integer(quantize(model, calib, QuantConfig(4, 4), progress=False))
+    assert "subbyte_storage" not in uniform.meta
