@@ -540,7 +540,7 @@ def to_integer(qm: QuantModel) -> IntegerGraph:
     weight bits and input/output tensor bits (copied into the .so's sidecar as ``graph_meta``). A model with
     per-layer bits (a mixed-precision plan, ``--layer-bits``) gets ``meta['subbyte_storage'] = 'packed'``: its
     bits were chosen by (or for) the size and latency of packed sub-byte weights, so x86 builds store them packed
-    (:func:`ptq2tvm.backend.blocked_builder.graph_subbyte_storage`)."""
+    (:func:`ptq2tvm.backend.storage.graph_subbyte_storage`)."""
     from .mixed.layerbits import graph_layer_bits
 
     graph = fold_to_integer(qm)
@@ -608,10 +608,11 @@ def stored_weight_bytes(graph: IntegerGraph, target: str | dict[str, Any] | None
     (every x86 kernel ISA and CUDA, :func:`ptq2tvm.backend.blocked_builder.packs_int2`); depthwise convs keep one
     byte per weight, and so does the plain backend (targets without the hand-written kernels), and so do small x86
     layers whose weights meet few output pixels per call at ``batch`` unless ``subbyte_storage`` (default: the
-    graph's, :func:`ptq2tvm.backend.blocked_builder.graph_subbyte_storage`) is "packed"
-    (:func:`ptq2tvm.backend.blocked_builder.keeps_int8_storage`). The same rules as the blocked builder, which
+    graph's, :func:`ptq2tvm.backend.storage.graph_subbyte_storage`) is "packed"
+    (:func:`ptq2tvm.backend.storage.keeps_int8_storage`). The same rules as the blocked builder, which
     counts the padded bytes it stores."""
-    from .backend.blocked_builder import graph_subbyte_storage, keeps_int8_storage, packs_int2, x86_isa
+    from .backend.blocked_builder import packs_int2, x86_isa
+    from .backend.storage import graph_subbyte_storage, keeps_int8_storage
     from .backend.compile import resolve_target
 
     tdict = resolve_target(target)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .backend.storage import INT8_STORAGE_MAX_PIXELS, SUBBYTE_STORAGES
 from .errors import Ptq2TvmError
 from .units import size_text
 
@@ -431,7 +432,8 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
           + ")", file=sys.stderr)
     try:
         res = compile_so(graph, so, batch=args.batch, target=target, schedule=args.schedule,
-                         tune_trials=args.tune_trials, tune_db=args.tune_db, progress=not args.no_progress)
+                         tune_trials=args.tune_trials, tune_db=args.tune_db, progress=not args.no_progress,
+                         subbyte_storage=args.subbyte_storage)
     except ValueError as e:
         raise Ptq2TvmError(str(e)) from None
     print(f"compiled {so} (batch {args.batch}, {res.meta['backend']}, target {res.meta['target']}) "
@@ -440,10 +442,17 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
     if any(shortcuts.values()):
         print("proved arithmetic shortcuts (kernels): " + ", ".join(f"{k.replace('_', ' ')} {v}"
                                                                     for k, v in shortcuts.items()))
+    int8_kept = res.meta.get("int8_storage_layers") or []
+    if int8_kept:
+        names = ", ".join(int8_kept[:4]) + (", ..." if len(int8_kept) > 4 else "")
+        print(f"{len(int8_kept)} <= 4-bit layer(s) stored one weight per byte, faster than unpacking weights that meet "
+              f"< {INT8_STORAGE_MAX_PIXELS} output pixels per call ({names}); --subbyte-storage packed packs them "
+              "(smallest file)")
     out = dict(so=str(res.so_path), meta=str(res.meta_path), seconds=round(res.seconds, 2), target=res.meta["target"],
                backend=res.meta["backend"], batch=args.batch,
                weight_bytes=res.meta.get("stored_weight_bytes", res.meta["weight_bytes"]),
-               weight_count=res.meta["weight_bytes"], arithmetic_shortcuts=shortcuts)
+               weight_count=res.meta["weight_bytes"], arithmetic_shortcuts=shortcuts,
+               int8_storage_layers=int8_kept)
     if "tuning" in res.meta:
         from .backend.tune import TuneReport
 
@@ -684,6 +693,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "the hand schedules, no measuring)")
     c.add_argument("--tune-db", metavar="DIR", help="tuning records (MetaSchedule JSON database; default "
                    "<out>.tuning/ next to the .so); given without --tune-trials, rebuilds from the records")
+    c.add_argument("--subbyte-storage", choices=SUBBYTE_STORAGES, default=None,
+                   help="how x86 builds store <= 4-bit weights: auto (default; packed two (four) per byte, except "
+                   "small layers whose weights meet few output pixels per call: one per byte, faster) or packed "
+                   "(every such layer packed: the smallest file). Default for a mixed-precision / --layer-bits run: "
+                   "packed, as its size and latency model assumed")
     _add_json(c)
     c.set_defaults(func=cmd_compile)
 

@@ -189,7 +189,8 @@ def test_network_amx_dispatch_bit_exact(tmp_path, w, a):
     from conftest import tiny_integer_graph
 
     from ptq2tvm.api import compile_so
-    from ptq2tvm.backend.blocked_builder import _BlockedBuilder, build_blocked_module, keeps_int8_storage
+    from ptq2tvm.backend.blocked_builder import _BlockedBuilder, build_blocked_module
+    from ptq2tvm.backend.storage import keeps_int8_storage
     from ptq2tvm.backend.runtime import CompiledModel
     from ptq2tvm.ir.reference import run_reference
 

@@ -1,15 +1,17 @@
 """How x86 builds store <= 4-bit weights (issue 12: W4A4 no slower than W8A8): packed two (four) per byte, or one
-per byte for small layers whose weights meet few output pixels per call (blocked_builder.keeps_int8_storage); the
-GFNI unpack of packed int4 weights (kernels.intrin.register_unpack4_intrinsic). Same integers every way."""
+per byte for small layers whose weights meet few output pixels per call (ptq2tvm.backend.storage.keeps_int8_storage);
+the GFNI unpack of packed int4 weights (kernels.intrin.register_unpack4_intrinsic). Same integers every way."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
 import kernels as K
-from ptq2tvm.backend.blocked_builder import (INT8_STORAGE_MAX_BYTES, INT8_STORAGE_MAX_PIXELS, build_blocked_module,
-                                             keeps_int8_storage)
+from ptq2tvm.backend.blocked_builder import build_blocked_module
+from ptq2tvm.backend.storage import INT8_STORAGE_MAX_BYTES, INT8_STORAGE_MAX_PIXELS, keeps_int8_storage
 
 
 def _expected_int8_layers(graph, batch: int) -> list[str]:
@@ -29,10 +31,10 @@ def _expected_int8_layers(graph, batch: int) -> list[str]:
 
 
 def test_int8_storage_of_low_reuse_layers(tmp_path):
-    """TinyNet W4A4 (24x24 input) at batch 1: the layers whose weights meet 2..63 output pixels keep one weight per byte (the
-    sidecar names them, the stored bytes grow by half their weights), the 1-pixel classifier and the layers with
-    >= 64 pixels stay packed; "packed" packs every layer; both builds are bit-exact against the reference. At a batch
-    where every layer meets >= 64 pixels nothing is kept as int8."""
+    """TinyNet W4A4 (24x24 input) at batch 1: the layers whose weights meet 2..63 output pixels keep one weight per
+    byte (the sidecar names them, the stored bytes grow by half their weights), the 1-pixel classifier and the
+    layers with >= 64 pixels stay packed; "packed" packs every layer; both builds are bit-exact against the
+    reference. At a batch where every layer meets >= 64 pixels nothing is kept as int8."""
     from conftest import tiny_integer_graph
 
     from ptq2tvm.api import compile_so, stored_weight_bytes
@@ -111,3 +113,32 @@ def test_per_layer_bits_graph_is_built_packed(tmp_path):
         assert np.array_equal(CompiledModel(res.so_path).run_int(q), run_reference(g, q))
     uniform = to_integer(quantize(model, calib, QuantConfig(4, 4), progress=False))
     assert "subbyte_storage" not in uniform.meta
+
+
+def test_compile_cli_names_the_int8_stored_layers_and_packs_on_request(tmp_path, capsys):
+    """``ptq2tvm compile`` on a W4A4 run of the 28x28 ResNet: the default build names the layers it keeps one weight
+    per byte (its layer3 at 7x7 = 49 pixels) and how to pack them; ``--subbyte-storage packed`` packs every one
+    (smaller stored weights, nothing named); a bad choice is refused by argparse with the choices."""
+    from conftest import run_cli
+
+    from ptq2tvm import cli
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((16, 1, 28, 28)).astype(np.float32))
+    assert cli.main(["quantize", "--model", "resnet_small", "--data", str(tmp_path / "x.npy"), "--calib-size", "8",
+                     "--fidelity-images", "0", "--w-bits", "4", "--a-bits", "4", "--out", str(tmp_path / "run"),
+                     "--no-progress"]) == 0
+    rc, out, _ = run_cli(capsys, "compile", tmp_path / "run", "--out", tmp_path / "auto.so", "--no-progress",
+                         "--json", tmp_path / "auto.json")
+    assert rc == 0
+    auto = json.loads((tmp_path / "auto.json").read_text())
+    assert auto["int8_storage_layers"] and all(n.startswith("layer3") for n in auto["int8_storage_layers"])
+    assert f"{len(auto['int8_storage_layers'])} <= 4-bit layer(s) stored one weight per byte" in out
+    assert "--subbyte-storage packed packs them" in out
+    rc, out, _ = run_cli(capsys, "compile", tmp_path / "run", "--out", tmp_path / "packed.so", "--no-progress",
+                         "--subbyte-storage", "packed", "--json", tmp_path / "packed.json")
+    packed = json.loads((tmp_path / "packed.json").read_text())
+    assert rc == 0 and packed["int8_storage_layers"] == [] and "stored one weight per byte" not in out
+    assert packed["weight_bytes"] < auto["weight_bytes"]
+    with pytest.raises(SystemExit):
+        cli.main(["compile", str(tmp_path / "run"), "--subbyte-storage", "int8"])
+    assert "invalid choice: 'int8' (choose from 'auto', 'packed')" in capsys.readouterr().err

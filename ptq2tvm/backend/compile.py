@@ -126,10 +126,11 @@ def build_module(graph: IntegerGraph, batch: int, target: dict[str, Any], schedu
     them, the dp4a kernels (``cuda``) for a CUDA target, else ``plain`` (our NCHW TE definitions through TVM's default
     lowering; portable). ``tuner`` (a :class:`~ptq2tvm.backend.tune.KernelTuner`) schedules the x86 kernels from
     tuning records. ``subbyte_storage`` ("auto" | "packed"; None: the graph's,
-    :func:`ptq2tvm.backend.blocked_builder.graph_subbyte_storage`): how the x86 kernels store <= 4-bit weights
-    (:func:`ptq2tvm.backend.blocked_builder.keeps_int8_storage`).
+    :func:`ptq2tvm.backend.storage.graph_subbyte_storage`): how the x86 kernels store <= 4-bit weights
+    (:func:`ptq2tvm.backend.storage.keeps_int8_storage`).
     """
-    from .blocked_builder import build_cuda_module, build_x86_module, graph_subbyte_storage, x86_isa
+    from .blocked_builder import build_cuda_module, build_x86_module, x86_isa
+    from .storage import graph_subbyte_storage
 
     subbyte_storage = subbyte_storage or graph_subbyte_storage(graph)
     if schedule not in SCHEDULES:
@@ -172,12 +173,12 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
     ``int8_storage_layers`` names them) or "packed" (every <= 4-bit layer packed: the smallest file; what a
     mixed-precision plan's size and latency model assumes); None: the graph's ``meta["subbyte_storage"]`` (quantize
     sets "packed" for a mixed-precision plan), else "auto"; see
-    :func:`ptq2tvm.backend.blocked_builder.keeps_int8_storage`.
+    :func:`ptq2tvm.backend.storage.keeps_int8_storage`.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     from ..fold.bounds import check_graph_bounds
-    from .blocked_builder import check_subbyte_storage, graph_subbyte_storage
+    from .storage import check_subbyte_storage, graph_subbyte_storage
 
     subbyte_storage = check_subbyte_storage(subbyte_storage or graph_subbyte_storage(graph))
 
@@ -230,7 +231,7 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
         if backend.startswith("x86-nchw16c"):
             import kernels as K
 
-            from .blocked_builder import keeps_int8_storage
+            from .storage import keeps_int8_storage
 
             meta["arithmetic_shortcuts"] = K.arithmetic_shortcuts(mod)
             meta["subbyte_storage"] = subbyte_storage
