@@ -66,22 +66,37 @@ def _check_writable(folder: Path, option: str, path: str | Path) -> None:
 
 @contextlib.contextmanager
 def removed_on_failure(folder: str | Path) -> Iterator[None]:
-    """Run the block; when it raises an ``Exception``, remove what it created in ``folder`` before re-raising: the
-    folder (and the parent folders the block created for it) if it did not exist before, else the entries of
-    ``folder`` that were not there (what was there stays, rewritten or not). A ``KeyboardInterrupt`` removes nothing
-    (a reconstruction checkpoint in the folder resumes the run). Raises whatever the block raises."""
+    """Run the block; when it raises an ``Exception``, remove what it created in ``folder`` before re-raising.
+
+    - ``folder`` did not exist before: it is removed with its contents (this run created it). The parent folders
+      that did not exist either are removed only when they are empty afterwards (``os.rmdir``, innermost first,
+      never a recursive removal): another run may have written into them meanwhile (two runs into a fresh
+      ``root/a`` and ``root/b``: when ``a`` fails, ``root/b`` and ``root`` stay).
+    - ``folder`` existed: the entries of ``folder`` that were not there before are removed (what was there stays,
+      rewritten or not). A concurrent writer into the same ``folder`` is not protected: its new entries look like
+      this run's and are removed too.
+
+    A ``KeyboardInterrupt`` removes nothing (a reconstruction checkpoint in the folder resumes the run). Raises
+    whatever the block raises."""
     folder = Path(folder).absolute()
     existed = folder.exists() or folder.is_symlink()
     before = {p.name for p in folder.iterdir()} if existed and folder.is_dir() else set()
-    top = folder                      # the outermost folder of the path that does not exist yet
+    created_parents: list[Path] = []  # the parent folders of the path that do not exist yet, innermost first
+    top = folder
     while not existed and not (top.parent.exists() or top.parent.is_symlink()) and top.parent != top:
         top = top.parent
+        created_parents.append(top)
     try:
         yield
     except Exception:
         if not existed:
-            if top.is_dir() and not top.is_symlink():
-                shutil.rmtree(top, ignore_errors=True)
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+            for parent in created_parents:
+                try:
+                    os.rmdir(parent)      # only when empty: another run may have written into it
+                except OSError:
+                    break
         elif folder.is_dir():
             for p in folder.iterdir():
                 if p.name not in before:

@@ -1,8 +1,10 @@
 """Does the calibration data fit the model? Checks run before tracing, so a mismatch gets one clear line.
 
 - :func:`check_input_channels`: the images' channel count against the ``Conv2d`` that runs first on the input
-  (``in_channels``; :func:`first_conv`: call order, not registration order),
-  with a hint when the array looks channels-last.
+  (``in_channels``; :func:`first_conv`: call order, not registration order), with a hint when the array looks
+  channels-last. Only when that conv reads the network input itself: a model that changes the channels before its
+  first conv (a space-to-depth ``PixelUnshuffle`` stem, ``torch.cat([x, x, x], 1)`` for grayscale input) or whose
+  first conv cannot be found gets no verdict (the trace and the calibration report a real mismatch).
 - :func:`check_fixed_input_shape`: the images' (H, W) against a model's fixed input dimensions (an ONNX model's
   input: ``model.fixed_input_shape``, set by :func:`ptq2tvm.onnx_import.onnx_to_torch`); channels are the first
   check's.
@@ -25,17 +27,51 @@ from .arrays import looks_nhwc
 
 
 class _Reached(Exception):
-    """Raised by the probe's forward pre-hook at the first ``nn.Conv2d`` a forward reaches."""
+    """Raised by the probe's forward pre-hook at the first ``nn.Conv2d`` a forward reaches; ``reads_input``: the
+    conv was called on the very tensor passed to the model."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, reads_input: bool):
         super().__init__(name)
         self.name = name
+        self.reads_input = reads_input
 
 
-def _traced_first_conv(model: nn.Module) -> tuple[str, str | None] | None:
+#: modules that cannot change the channel count of their input (between the network input and its first conv)
+_SAME_CHANNEL_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+#: tensor methods that keep the shape (``x.float()``, ``x.contiguous()``)
+_SAME_SHAPE_METHODS = ("float", "contiguous", "clone", "detach")
+
+
+def _reads_input(node, modules: dict[str, nn.Module]) -> bool:
+    """True when fx ``node`` is the network input (the graph's first placeholder) or is computed from it only by
+    ops that cannot change its channel count: :data:`_SAME_CHANNEL_MODULES`, :data:`_SAME_SHAPE_METHODS` and
+    ``+ - * /`` by plain numbers (normalization by constants; a tensor operand could broadcast the channels, so it
+    stops the walk). Anything else (``PixelUnshuffle``, ``torch.cat``, a user module) -> False."""
+    import operator
+
+    arith = (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div)
+    while True:
+        if node.op == "placeholder":
+            return next(n for n in node.graph.nodes if n.op == "placeholder") is node
+        if node.op == "call_module" and type(modules.get(str(node.target))) in _SAME_CHANNEL_MODULES and node.args:
+            node = node.args[0]
+        elif node.op == "call_method" and node.target in _SAME_SHAPE_METHODS and len(node.args) == 1:
+            node = node.args[0]
+        elif (node.op == "call_function" and node.target in arith and len(node.args) == 2 and not node.kwargs
+              and sum(hasattr(a, "op") for a in node.args) == 1
+              and all(hasattr(a, "op") or isinstance(a, (int, float)) for a in node.args)):
+            node = next(a for a in node.args if hasattr(a, "op"))
+        else:
+            return False
+        if not hasattr(node, "op"):
+            return False
+
+
+def _traced_first_conv(model: nn.Module) -> tuple[str, str | None, bool] | None:
     """(name of the first ``nn.Conv2d`` called in the model's torch.fx graph, name of the module called on its output
-    or None); None when fx cannot trace the model or its graph calls no Conv2d. Every Conv2d is a leaf (a subclass
-    too), so the graph's call order is the order the convs run in."""
+    or None, whether it reads the network input itself (:func:`_reads_input`)); None when fx cannot trace the model
+    or its graph calls no Conv2d. Every Conv2d is a leaf (a subclass too), so the graph's call order is the order the
+    convs run in."""
     import torch.fx as fx
 
     from ..frontend.trace import _forward_params
@@ -57,20 +93,23 @@ def _traced_first_conv(model: nn.Module) -> tuple[str, str | None] | None:
     for node in graph.nodes:
         if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Conv2d):
             users = [u for u in node.users if u.op == "call_module"]
-            return str(node.target), (str(users[0].target) if len(node.users) == 1 and users else None)
+            reads = bool(node.args) and hasattr(node.args[0], "op") and _reads_input(node.args[0], modules)
+            return str(node.target), (str(users[0].target) if len(node.users) == 1 and users else None), reads
     return None
 
 
 @torch.no_grad()
-def _probed_first_conv(model: nn.Module) -> str | None:
-    """The name of the first ``nn.Conv2d`` a forward on zeros reaches (forward pre-hooks stop it there), trying each
-    distinct ``in_channels`` of the model's convs at 224x224 and 32x32; the first whose conv takes that many
-    channels. None when no probe reaches one."""
+def _probed_first_conv(model: nn.Module) -> tuple[str, bool] | None:
+    """(name of the first ``nn.Conv2d`` a forward on zeros reaches (forward pre-hooks stop it there), whether that
+    conv is called on the tensor passed to the model itself (``is``)), trying each distinct ``in_channels`` of the
+    model's convs at 224x224 and 32x32; the first whose conv takes that many channels. None when no probe reaches
+    one."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    probe: list[torch.Tensor] = []
 
     def stop(name: str):
-        def hook(_module: nn.Module, _args: tuple) -> None:
-            raise _Reached(name)
+        def hook(_module: nn.Module, args: tuple) -> None:
+            raise _Reached(name, bool(args) and bool(probe) and args[0] is probe[0])
         return hook
 
     handles = [m.register_forward_pre_hook(stop(n)) for n, m in convs]
@@ -79,11 +118,12 @@ def _probed_first_conv(model: nn.Module) -> str | None:
     try:
         for c in dict.fromkeys(int(m.in_channels) for _, m in convs):
             for size in (224, 32):
+                probe[:] = [torch.zeros(1, c, size, size)]
                 try:
-                    model(torch.zeros(1, c, size, size))
+                    model(probe[0])
                 except _Reached as r:
                     if int(dict(convs)[r.name].in_channels) == c:
-                        return r.name
+                        return r.name, r.reads_input
                 except Exception:  # noqa: BLE001 - this probe does not fit the model: try the next
                     continue
     finally:
@@ -91,27 +131,34 @@ def _probed_first_conv(model: nn.Module) -> str | None:
             h.remove()
         for m, was in flags:
             m.training = was
+        probe.clear()
     return None
 
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    """The ``nn.Conv2d`` that runs first on the input (the stem of a usual CNN), or None when the model has none.
+    """The ``nn.Conv2d`` that runs first, reading the network input itself (the stem of a usual CNN), or None.
 
-    Found in the model's torch.fx graph (call order), else by a probe forward that stops at the first conv it
-    reaches (:func:`_probed_first_conv`), else the first one registered: a model may register its head before its
-    stem. Raises nothing."""
+    Found in the model's torch.fx graph (call order; the conv's input must be the graph's input, directly or through
+    ops that cannot change the channel count: :func:`_reads_input`), else by a probe forward that stops at the first
+    conv it reaches (:func:`_probed_first_conv`; the conv must be called on the tensor passed in). None when the model
+    has no Conv2d, when its first conv reads something computed from the input (``PixelUnshuffle``, ``torch.cat``,
+    ...: its ``in_channels`` says nothing about the data's channels), and when neither finds the first conv (no guess
+    from registration order: a model may register its head before its stem). Raises nothing."""
     modules = dict(model.named_modules())
-    convs = [(n, m) for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-    if len(convs) < 2:
-        return convs[0] if convs else None
+    if not any(isinstance(m, nn.Conv2d) for m in modules.values()):
+        return None
     traced = _traced_first_conv(model)
-    name = traced[0] if traced is not None else _probed_first_conv(model)
-    return (name, modules[name]) if name is not None else convs[0]
+    if traced is not None:
+        name = traced[0] if traced[2] else None
+    else:
+        probed = _probed_first_conv(model)
+        name = probed[0] if probed is not None and probed[1] else None
+    return (name, modules[name]) if name is not None else None
 
 
 def expected_channels(model: nn.Module) -> int | None:
-    """Input channels the model expects: ``in_channels`` of the Conv2d that runs first (:func:`first_conv`; None if
-    it has none)."""
+    """Input channels the model expects: ``in_channels`` of the Conv2d that runs first on the input
+    (:func:`first_conv`); None when there is none, or it cannot be told."""
     fc = first_conv(model)
     return int(fc[1].in_channels) if fc is not None else None
 
@@ -119,6 +166,7 @@ def expected_channels(model: nn.Module) -> int | None:
 def check_input_channels(model: nn.Module, images: np.ndarray, what: str = "calibration data",
                          source: str | None = None) -> None:
     """Raise :class:`DataError` when ``images`` (N, C, H, W) do not have the channels of the model's first conv.
+    No verdict (nothing raised for the channels) when :func:`first_conv` finds none that reads the input itself.
 
     The hint fits where the images came from (``source``): ``"folder"`` (an image folder: ``--channels``),
     ``"preprocess"`` (a ``--preprocess`` function: what it must return), ``"builtin"`` (the 1-channel built-in
@@ -180,7 +228,10 @@ def input_scale_notes(model: nn.Module, images: np.ndarray, max_images: int = 64
     Empty when the model has no Conv2d followed by a BatchNorm2d, or when the scales agree."""
     modules = dict(model.named_modules())
     traced = _traced_first_conv(model)
-    fc = first_conv(model) if traced is None else (traced[0], modules[traced[0]])
+    if traced is not None:
+        fc = (traced[0], modules[traced[0]]) if traced[2] else None
+    else:
+        fc = first_conv(model)
     if fc is None:
         return []
     cname, conv = fc

@@ -44,17 +44,43 @@ class FolderIndex:
     classes: list[str] | None
 
 
+def _images_under(d: Path) -> list[Path]:
+    """The image files under ``d`` (recursively), sorted by relative path; files and folders whose names start with
+    '.' (``.ipynb_checkpoints``, ``.DS_Store``) are skipped at every level."""
+    imgs = (p for p in d.rglob("*") if is_image_file(p)
+            and not any(part.startswith(".") for part in p.relative_to(d).parts[:-1]))
+    return sorted(imgs, key=lambda p: p.relative_to(d).as_posix())
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    """{'train' / 'val' / 'test': folder} when the (non-hidden) sub-folders of ``root`` are only split folders,
+    named in any case (``Train/``, ``VAL/``); {} otherwise. Raises :class:`DataError` for two folders of one split
+    (``train/`` and ``Train/``)."""
+    subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not subdirs or not {p.name.lower() for p in subdirs} <= {"train", "val", "test"}:
+        return {}
+    out: dict[str, Path] = {}
+    for p in sorted(subdirs, key=lambda p: p.name):
+        if p.name.lower() in out:
+            raise DataError(f"{root} has two folders for split {p.name.lower()!r}: {out[p.name.lower()].name} and "
+                            f"{p.name}; keep one")
+        out[p.name.lower()] = p
+    return out
+
+
 def _split_root(root: Path, split: str | None) -> Path:
-    """``root/train`` or ``root/val`` (``root/test``) when ``root`` holds only split folders, else ``root``."""
+    """``root/train`` or ``root/val`` (``root/test``) when ``root`` holds only split folders (any case), else
+    ``root``."""
     if split is None:
         return root
-    subdirs = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    if not subdirs or not subdirs <= {"train", "val", "test"}:
+    splits = _split_dirs(root)
+    if not splits:
         return root
     for name in SPLIT_DIRS.get(split, (split,)):
-        if name in subdirs:
-            return root / name
-    raise DataError(f"{root} has split folders {sorted(subdirs)} but none for split {split!r}")
+        if name in splits:
+            return splits[name]
+    raise DataError(f"{root} has split folders {sorted(p.name for p in splits.values())} but none for split "
+                    f"{split!r}")
 
 
 def _class_dir_names(root: Path) -> list[str]:
@@ -65,8 +91,8 @@ def _class_dir_names(root: Path) -> list[str]:
 def _reference_classes(top: Path, root: Path) -> list[str] | None:
     """Train's class list when ``root`` is the ``val``/``test`` folder of ``top`` and ``top/train`` has class
     folders: the labels of every split are positions in it. None otherwise (``root`` numbers its own classes)."""
-    train = top / "train"
-    if root == top or root == train or not train.is_dir():
+    train = _split_dirs(top).get("train") if root != top else None
+    if train is None or root == train:
         return None
     return _class_dir_names(train) or None
 
@@ -80,9 +106,11 @@ def index_folder(root: str | Path, split: str | None = None) -> FolderIndex:
     Every split of such a folder is numbered by ``train``'s class list (its sorted class folder names), so a label
     means the same class in every split: a ``val`` that lacks some of train's classes (no folder, or an empty one)
     keeps train's numbers, with a :class:`UserWarning` naming the missing classes (accuracy is then over the others).
-    Raises :class:`DataError` naming the folder for a ``val``/``test`` class folder that ``train`` does not have (its
-    label would be a guess), for class folders without images (in ``train``, or in a folder without splits), and for
-    a folder without any image.
+    Raises :class:`DataError` naming the folder for a ``val``/``test`` class folder with images that ``train`` does
+    not have (its label would be a guess; an empty one is skipped with a :class:`UserWarning`), for class folders
+    without images (in ``train``, or in a folder without splits), and for a folder without any image. Split folder
+    names are matched in any case (``Train/``, ``Val/``); hidden files and folders (names starting with '.') are
+    skipped at every level.
     """
     top = Path(root)
     if not top.is_dir():
@@ -90,18 +118,27 @@ def index_folder(root: str | Path, split: str | None = None) -> FolderIndex:
     root = _split_root(top, split)
     reference = _reference_classes(top, root)
     class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    images = {d.name: _images_under(d) for d in class_dirs}
+    train_dir = _split_dirs(top).get("train", top / "train") if reference is not None else top / "train"
     if reference is not None and class_dirs:
         unknown = [d.name for d in class_dirs if d.name not in reference]
+        empty_unknown = [n for n in unknown if not images[n]]
+        unknown = [n for n in unknown if images[n]]
+        if empty_unknown:
+            warnings.warn(f"{root}: skipping {len(empty_unknown)} empty class folder(s) that {train_dir} does not "
+                          f"have ({', '.join(empty_unknown[:5])}{' ...' if len(empty_unknown) > 5 else ''})",
+                          UserWarning, stacklevel=2)
+            class_dirs = [d for d in class_dirs if d.name not in empty_unknown]
         if unknown:
             raise DataError(f"{root}: class folder(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} "
-                            f"not in {top / 'train'} (its classes: {', '.join(reference[:10])}"
+                            f"not in {train_dir} (its classes: {', '.join(reference[:10])}"
                             f"{' ...' if len(reference) > 10 else ''}): labels are positions in train's sorted class "
                             "list, so every class of val/test needs a train folder of the same name")
     files: list[Path] = []
     labels: list[int] = []
     classes: list[str] = []
     for d in class_dirs:
-        imgs = sorted((p for p in d.rglob("*") if is_image_file(p)), key=lambda p: p.relative_to(d).as_posix())
+        imgs = images[d.name]
         if not imgs:
             continue  # an empty class folder is an error, as in torchvision's ImageFolder: checked below
         classes.append(d.name)
@@ -112,7 +149,7 @@ def index_folder(root: str | Path, split: str | None = None) -> FolderIndex:
             missing = [c for c in reference if c not in classes]
             if missing:
                 warnings.warn(f"{root} has no images of {len(missing)} of the {len(reference)} classes of "
-                              f"{top / 'train'} ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): "
+                              f"{train_dir} ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): "
                               "labels keep train's numbering; accuracy is over the other classes", UserWarning,
                               stacklevel=2)
             return FolderIndex(root, files, np.asarray(labels, dtype=np.int64), list(reference))
@@ -210,24 +247,53 @@ def apply_transform(transform, img, where: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-#: PIL modes of 16-bit (unsigned) grayscale images: scaled to 8 bits by the full range (65535 -> 255)
+#: PIL modes of 16-bit (unsigned) grayscale images: scaled to 8 bits by the full range (65535 -> 255); also the raw
+#: modes (``im.tile``) of a mode ``I`` image read from an unsigned 16-bit file (a 16-bit PNG / PGM)
 MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _raw_mode(img) -> str | None:
+    """The raw mode of ``img``'s file data (from ``img.tile``, before the image is loaded), or None when unknown."""
+    for tile in getattr(img, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        raw = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(raw, str):
+            return raw
+    return None
+
+
+def _raw_depth(raw: str | None) -> str:
+    """'raw mode I;32S: 32-bit signed' for messages (``I`` alone: 32-bit signed; unknown without a raw mode)."""
+    if raw is None:
+        return "raw mode unknown"
+    bits, signed = "32", True
+    if raw.startswith("I;"):
+        rest = raw[2:]
+        digits = "".join(c for c in rest if c.isdigit())
+        bits, signed = digits or "32", "S" in rest[len(digits):]
+    elif raw != "I":
+        return f"raw mode {raw}"
+    return f"raw mode {raw}: {bits}-bit {'signed' if signed else 'unsigned'}"
 
 
 def as_8bit(img, path: str | Path):
     """``img`` (a PIL image) in a mode whose pixels are 0..255, so that ``convert("RGB")`` / ``convert("L")`` keep
     its contrast (PIL clips wider pixels to 255: a 16-bit PNG came out white, a [0, 1] float TIFF black).
 
-    16-bit grayscale (``I;16``, and ``I`` with pixels in 0..65535: a 16-bit PNG / PGM / TIFF) is scaled by the full
-    16-bit range (v * 255 / 65535, rounded); float (``F``) with pixels in [0, 1] by 255. Either way a
-    :class:`UserWarning` says so (once per kind). Other modes are returned as they are. Raises :class:`DataError`
-    naming ``path``, its mode and its pixel range for ``I`` / ``F`` pixels outside those ranges (no scale to assume:
-    convert such files, or pass ``--preprocess``) and for NaN / Inf pixels."""
+    Unsigned 16-bit grayscale (modes ``I;16`` / ``I;16B`` / ``I;16L``, and ``I`` read from an unsigned 16-bit file:
+    its raw mode in ``img.tile`` is one of :data:`MODES_16BIT`, e.g. a 16-bit PNG / PGM) is scaled by the full 16-bit
+    range (v * 255 / 65535, rounded); float (``F``) with pixels in [0, 1] by 255. Either way a :class:`UserWarning`
+    says so (once per kind). Other modes are returned as they are. Raises :class:`DataError` naming ``path``, its mode
+    and its pixel range for ``I`` / ``F`` pixels outside those ranges (no scale to assume: convert such files, or pass
+    ``--preprocess``), for NaN / Inf pixels, and, naming the raw mode / bit depth, for other integer images (a 32-bit
+    or a signed 16-bit TIFF: 0..255 in a 32-bit file is not 16-bit data). ``img`` must not be loaded yet (its raw mode
+    is read from ``img.tile``)."""
     from PIL import Image
 
     mode = img.mode
-    if mode not in MODES_16BIT + ("I", "F"):
+    if mode not in MODES_16BIT + ("F",) and not (mode == "I" or mode.startswith("I;")):
         return img
+    raw = _raw_mode(img) if mode == "I" else mode
     arr = np.asarray(img)
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DataError(f"image {path} (PIL mode {mode}) has NaN/Inf pixels")
@@ -243,6 +309,11 @@ def as_8bit(img, path: str | Path):
             raise DataError(f"image {path} has integer pixels (PIL mode {mode}) in [{lo:.0f}, {hi:.0f}], outside "
                             "the 16-bit range 0..65535: no scale to 8 bits to assume; convert it, or pass "
                             "--preprocess file.py:fn")
+        if raw not in MODES_16BIT:
+            raise DataError(f"image {path} has integer pixels of PIL mode {mode} ({_raw_depth(raw)}): only unsigned "
+                            "16-bit integer images are accepted (PIL modes I;16 / I;16B / I;16L, or I from an "
+                            "unsigned 16-bit file: raw mode I;16 / I;16B), besides 8-bit and float [0, 1] images; "
+                            "convert it to 8 or unsigned 16 bits, or pass --preprocess file.py:fn")
         scale, what = 255.0 / 65535.0, (f"16-bit images (PIL mode {mode}) are scaled to 8 bits by the full 16-bit "
                                          "range (65535 -> 255)")
     warnings.warn(f"{what} before preprocessing", UserWarning, stacklevel=3)

@@ -18,8 +18,8 @@ def add_quantize_args(q: argparse.ArgumentParser) -> None:
     g = q.add_argument_group("mixed precision (HAWQ-V3-style bit allocation; see README)")
     g.add_argument("--layer-bits", metavar="SPEC", action="append", help="per-layer bits, e.g. "
                    "'layer1.0.conv1=4/8,layer2.*=4/4' (LAYER=W/A or LAYER=W; fnmatch globs; A = bits of the layer's "
-                   "input tensor; may be repeated: the items add up, each layer named once); names are checked "
-                   "against the model")
+                   "input tensor; may be repeated: the items add up, each layer named once; a layer named outright "
+                   "wins over any glob, later globs over earlier ones); names are checked against the model")
     g.add_argument("--mixed-precision", action="store_true", help="choose W (2/4/8) and A (4/8) per layer by an ILP "
                    "minimising the summed sensitivity under the budgets below (at least one)")
     g.add_argument("--latency-budget", metavar="B", help="predicted .so latency: fraction of W8A8 (0.8) or absolute "

@@ -1,5 +1,9 @@
 """Per-layer bits from the user: ``--layer-bits 'layer1.0.conv1=4/8,layer2.*=4/4'`` (fnmatch globs), and the bits
-each layer of an integer graph actually got (for run.json, the sidecar and parity)."""
+each layer of an integer graph actually got (for run.json, the sidecar and parity).
+
+Precedence: a layer named explicitly (no ``*``, ``?`` or ``[`` in the pattern) gets its own bits whatever the order
+of the items (``layer1.0.conv1=8,layer1.*=4`` keeps ``layer1.0.conv1`` at 8 bits); among globs a later one overrides
+an earlier one for the layers both match."""
 
 from __future__ import annotations
 
@@ -18,10 +22,16 @@ def candidate_name(wa: tuple[int, int]) -> str:
     return f"W{wa[0]}A{wa[1]}"
 
 
+def is_glob(pattern: str) -> bool:
+    """True when ``pattern`` has fnmatch glob characters (``*``, ``?``, ``[``): it may match several layers."""
+    return any(c in pattern for c in "*?[")
+
+
 def parse_layer_bits(spec: str) -> list[tuple[str, int, int | None]]:
     """'name=W/A,glob=W,...' -> [(pattern, w_bits, a_bits or None)]. Raises QuantConfigError on malformed items and
-    on a layer name (or glob) given twice (``conv1=4,conv1=8`` kept the last silently); a later *different* pattern
-    may still override an earlier one for the layers both match (``layer2.*=4,layer2.0.conv1=8``)."""
+    on a layer name (or glob) given twice (``conv1=4,conv1=8`` kept the last silently). Different patterns may match
+    the same layer: an explicit name wins over every glob in any order, a later glob over an earlier one
+    (:func:`resolve_layer_bits`)."""
     items = []
     seen: dict[str, str] = {}
     for raw in (s.strip() for s in spec.split(",")):
@@ -46,14 +56,16 @@ def parse_layer_bits(spec: str) -> list[tuple[str, int, int | None]]:
 
 def resolve_layer_bits(items: list[tuple[str, int, int | None]] | str,
                        layer_names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
-    """Expand the patterns over ``layer_names`` -> (layer_w_bits, layer_a_bits); a later pattern overrides an
-    earlier one for the layers both match. A pattern that matches no layer, or one given twice
+    """Expand the patterns over ``layer_names`` -> (layer_w_bits, layer_a_bits). A layer named explicitly (a pattern
+    without glob characters, :func:`is_glob`) gets its item's bits whatever the order of the items; globs apply in
+    order among themselves (a later glob overrides an earlier one for the layers both match). A pattern that matches no layer, or one given twice
     (:func:`parse_layer_bits`), raises QuantConfigError (the first listing the valid layer names)."""
     if isinstance(items, str):
         items = parse_layer_bits(items)
     w_bits: dict[str, int] = {}
     a_bits: dict[str, int] = {}
-    for pat, w, a in items:
+    globs_first = [it for it in items if is_glob(it[0])] + [it for it in items if not is_glob(it[0])]
+    for pat, w, a in globs_first:
         hit = [n for n in layer_names if fnmatch.fnmatchcase(n, pat)]
         if not hit:
             raise QuantConfigError(f"--layer-bits: {pat!r} matches no conv/linear layer of this model; valid layer "
@@ -84,5 +96,5 @@ def bits_summary(bits: dict[str, dict[str, Any]]) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-__all__ = ["CANDIDATES", "bits_summary", "candidate_name", "graph_layer_bits", "parse_layer_bits",
+__all__ = ["CANDIDATES", "bits_summary", "candidate_name", "graph_layer_bits", "is_glob", "parse_layer_bits",
            "resolve_layer_bits"]
