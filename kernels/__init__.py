@@ -43,11 +43,12 @@ from .amx import (AMX_ATTR, AMX_ENV, amx_conv_out_shape, amx_conv_primfunc, amx_
 from .cuda import (CudaConvTile, choose_cuda_conv_tile, launch_shape, schedule_conv2d_dp4a, schedule_depthwise_cuda,
                    schedule_module_cuda, schedule_simple_cuda)
 from .schedule import (ConvTile, apply_schedule, choose_conv_tile, conv_tile_candidates, finish_scheduled, kernel_kind,
-                       schedule_conv2d_nchwc, schedule_module, schedule_primfunc, target_isa, tuning_space)
+                       schedule_conv2d_nchwc, schedule_module, schedule_primfunc, target_has_gfni512, target_isa,
+                       tuning_space)
 from .schedule import arithmetic_shortcuts, dot_product, pack_isa
 from .intrin import (AVX2W_INTRIN, AVXVNNI_INTRIN, UBSW16_INTRIN, UBSW_INTRIN, WIDEN16_INTRIN, register_avx2w_intrinsic,
                      register_avxvnni_intrinsic, register_ubsw16_intrinsic, register_ubsw_intrinsic,
-                     register_widen16_intrinsic)
+                     register_unpack4_intrinsic, register_widen16_intrinsic)
 from .epilogue_intrin import register_named_epilogues, register_requant16_intrinsic
 
 __all__ = [
@@ -63,12 +64,12 @@ __all__ = [
     "requant_expr", "shifts_allow_int32_epilogue", "lifted_epilogue_exact",
     "te_nchw_to_nchwc", "te_nchwc_to_nchw",
     "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind",
-    "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc", "target_isa", "tuning_space",
+    "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc", "target_has_gfni512", "target_isa", "tuning_space",
     "StandaloneKernel", "build_standalone", "host_target",
     "arithmetic_shortcuts", "dot_product", "pack_isa", "u8s8_pairs_exact", "AVXVNNI_INTRIN", "UBSW_INTRIN", "register_avxvnni_intrinsic",
     "AVX2W_INTRIN", "register_avx2w_intrinsic",
     "register_ubsw_intrinsic", "u8s8_int16_group", "depthwise_int16_exact", "UBSW16_INTRIN", "WIDEN16_INTRIN",
-    "register_ubsw16_intrinsic", "register_widen16_intrinsic", "register_named_epilogues",
+    "register_ubsw16_intrinsic", "register_widen16_intrinsic", "register_unpack4_intrinsic", "register_named_epilogues",
     "register_requant16_intrinsic",
     "CudaConvTile", "choose_cuda_conv_tile", "launch_shape", "schedule_conv2d_dp4a", "schedule_depthwise_cuda",
     "schedule_module_cuda", "schedule_simple_cuda",

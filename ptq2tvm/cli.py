@@ -330,7 +330,7 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
           f"{', AdaQTransform' if args.adaqtransform and args.method != 'rtn' else ''}, {len(calib)} calibration "
           f"images) -> {run.path}  [{result['seconds']} s]\n  weights: {weights}; stored weights "
           f"{size_text(result['weight_bytes'])} before channel padding "
-          f"in this CPU's default build ({_stored_bytes_target()}; {result['weight_count']} values)"
+          f"in this CPU's default build ({_stored_bytes_target(graph)}; {result['weight_count']} values)"
           + (f"; the plan's predicted {size_text(predicted)} counts the padding the kernels store, as compile "
              "reports it" if predicted else ""))
     if fid is not None:
@@ -375,15 +375,28 @@ def _recon_only_given(args: argparse.Namespace) -> list[str]:
     return [opt for dest, opt in RECON_ONLY if dest in defaults and getattr(args, dest, None) != defaults[dest]]
 
 
-def _stored_bytes_target() -> str:
-    """The kernel family the default build of this host uses, for the stored-size line of ``quantize``."""
+def _stored_bytes_target(graph: Any = None) -> str:
+    """The kernel family the default build of this host uses, for the stored-size line of ``quantize``, and the
+    <= 4-bit layers that build keeps one weight per byte (:func:`ptq2tvm.backend.storage.keeps_int8_storage`, at
+    batch 1) when ``graph`` has any."""
     from .backend.blocked_builder import packs_int2, x86_isa
     from .backend.compile import resolve_target
+    from .backend.storage import graph_subbyte_storage, keeps_int8_storage
 
     isa = x86_isa(resolve_target(None))[0]
     if isa is None:
         return "plain kernels: one byte per weight"
-    return f"{isa} kernels: W<=4 two per byte" + (", W<=2 four per byte" if packs_int2(isa, False) else "")
+    text = f"{isa} kernels: W<=4 two per byte" + (", W<=2 four per byte" if packs_int2(isa, False) else "")
+    kept = [] if graph is None else [n for n in graph.nodes
+                                     if keeps_int8_storage(n, 1, subbyte_storage=graph_subbyte_storage(graph))]
+    if kept:
+        from .api import stored_weight_bytes
+
+        saved = stored_weight_bytes(graph, batch=1) - stored_weight_bytes(graph, batch=1, subbyte_storage="packed")
+        text += (f", except {len(kept)} small layer(s) whose weights meet < {INT8_STORAGE_MAX_PIXELS} output pixels "
+                 f"per call: one per byte, faster; compile --subbyte-storage packed packs them, {size_text(saved)} "
+                 "less")
+    return text
 
 
 TARGET_FORMS = ("'host' (this CPU), 'x86-64-v3' / 'x86-64-v4', an LLVM CPU name (znver4, sapphirerapids, "
@@ -448,6 +461,11 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{len(int8_kept)} <= 4-bit layer(s) stored one weight per byte, faster than unpacking weights that meet "
               f"< {INT8_STORAGE_MAX_PIXELS} output pixels per call ({names}); --subbyte-storage packed packs them "
               "(smallest file)")
+        if graph.meta.get("subbyte_storage") == "packed":      # a mixed-precision / --layer-bits graph, made auto
+            print(f"warning: {args.qgraph or run.qgraph} has per-layer bits chosen for packed sub-byte weights (a "
+                  "mixed-precision plan's size budget counts them packed); this build stores "
+                  f"{size_text(res.meta['stored_weight_bytes'])}: leave out --subbyte-storage auto to keep the plan's "
+                  "size", file=sys.stderr)
     out = dict(so=str(res.so_path), meta=str(res.meta_path), seconds=round(res.seconds, 2), target=res.meta["target"],
                backend=res.meta["backend"], batch=args.batch,
                weight_bytes=res.meta.get("stored_weight_bytes", res.meta["weight_bytes"]),

@@ -142,3 +142,80 @@ def test_compile_cli_names_the_int8_stored_layers_and_packs_on_request(tmp_path,
     with pytest.raises(SystemExit):
         cli.main(["compile", str(tmp_path / "run"), "--subbyte-storage", "int8"])
     assert "invalid choice: 'int8' (choose from 'auto', 'packed')" in capsys.readouterr().err
+
+
+def test_tuned_int4_build_rebuilds_from_its_records_in_a_fresh_process(tmp_path):
+    """A tuned build with packed int4 weights on a GFNI host: its records replay the tensorized unpack
+    (kernels.intrin.register_unpack4_intrinsic), which a fresh process registers before TVM parses them (was:
+    "TensorIntrin 'ptq2tvm_unpack_int4_16x4_gfni' is not registered" on every rebuild / resume)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import tiny_integer_graph
+
+    from ptq2tvm.api import compile_so
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.ir.reference import run_reference
+
+    if K.target_isa() != "vnni" or not K.target_has_gfni512():
+        pytest.skip("the GFNI int4 unpack needs AVX-512 VNNI + GFNI on this CPU")
+    graph = tiny_integer_graph(4, 4)
+    compile_so(graph, tmp_path / "a.so", batch=2, tune_trials=2, subbyte_storage="packed")
+    assert "ptq2tvm_unpack_int4_16x4_gfni" in (tmp_path / "a.tuning" / "database_tuning_record.json").read_text()
+    graph.save(tmp_path / "g.npz")
+    code = ("import json; from ptq2tvm.api import compile_so; from ptq2tvm.ir.graph import IntegerGraph; "
+            f"r = compile_so(IntegerGraph.load({str(tmp_path / 'g.npz')!r}), {str(tmp_path / 'b.so')!r}, batch=2, "
+            f"tune_db={str(tmp_path / 'a.tuning')!r}, subbyte_storage='packed'); print(json.dumps(r.meta['tuning']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["measured"] == 0
+    q = np.random.default_rng(4).integers(0, graph.input.qmax + 1, (2, *graph.input.shape)).astype(np.uint8)
+    assert np.array_equal(CompiledModel(tmp_path / "b.so").run_int(q), run_reference(graph, q))
+
+
+def test_int4_expand_is_not_fused_for_avx512_without_gfni(tmp_path):
+    """Cascade Lake has AVX-512 VNNI without GFNI: the fused expand + depthwise kernel's int4 unpack
+    (vgf2p8affineqb) made LLVM abort the whole process ("Cannot select ... GF2P8AFFINEQB"). Its build keeps the
+    int4 expand as a conv of its own (vectorized unpack) and is bit-exact where the host runs it; an Ice Lake build
+    (GFNI) still fuses it."""
+    from conftest import tiny_integer_graph
+
+    from ptq2tvm.api import compile_so
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.bundle_runner import host_cpu_flags
+    from ptq2tvm.ir.reference import run_reference
+
+    graph = tiny_integer_graph(4, 4)
+    fused = {}
+    for mcpu in ("cascadelake", "icelake-server"):
+        mod, _ = build_blocked_module(graph, 2, "vnni", subbyte_storage="packed",
+                                      gfni=K.target_has_gfni512({"kind": "llvm", "mcpu": mcpu}))
+        fused[mcpu] = sum(1 for f in mod.functions.values() if hasattr(f, "attrs") and f.attrs is not None
+                          and str(f.attrs.get("ptq2tvm_kernel", "")) == K.EXPAND_DEPTHWISE_KIND)
+    assert fused == {"cascadelake": 0, "icelake-server": 1}
+    res = compile_so(graph, tmp_path / "cl.so", batch=2, target="cascadelake", subbyte_storage="packed")
+    if "avx512_vnni" in (host_cpu_flags() or set()):
+        q = np.random.default_rng(6).integers(0, graph.input.qmax + 1, (2, *graph.input.shape)).astype(np.uint8)
+        assert np.array_equal(CompiledModel(res.so_path).run_int(q), run_reference(graph, q))
+
+
+def test_quantize_summary_and_compile_warning_name_the_storage(tmp_path, capsys):
+    """The quantize summary says which small layers the default build keeps one weight per byte and how much packing
+    them saves (it was a size that contradicted "W<=4 two per byte"); compiling a --layer-bits run (packed by
+    default) with --subbyte-storage auto warns that the per-layer bits were chosen for packed weights."""
+    from conftest import run_cli
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((16, 1, 28, 28)).astype(np.float32))
+    base = ["quantize", "--model", "resnet_small", "--data", tmp_path / "x.npy", "--calib-size", 8,
+            "--fidelity-images", 0, "--w-bits", 4, "--a-bits", 4, "--no-progress"]
+    rc, out, _ = run_cli(capsys, *base, "--out", tmp_path / "u")
+    assert rc == 0 and "except 5 small layer(s) whose weights meet < 64 output pixels per call: one per byte" in out
+    assert "compile --subbyte-storage packed packs them" in out
+    rc, out, _ = run_cli(capsys, *base, "--layer-bits", "fc=8", "--out", tmp_path / "m")
+    assert rc == 0 and "small layer(s)" not in out               # per-layer bits: packed, nothing kept
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "m", "--subbyte-storage", "auto", "--no-progress")
+    assert rc == 0 and "has per-layer bits chosen for packed sub-byte weights" in err
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "m", "--no-progress")
+    assert rc == 0 and "per-layer bits" not in err

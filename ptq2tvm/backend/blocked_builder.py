@@ -94,10 +94,12 @@ class _BlockedBuilder:
     layout (NCHW, blocked NCHW16c or 2-D); ops ask for their inputs in the layout they need."""
 
     def __init__(self, graph: IntegerGraph, isa: str, cuda: bool = False, amx: bool = False,
-                 threads: int | None = None, fuse: bool = True, vbmi: bool = True, subbyte_storage: str = "auto"):
+                 threads: int | None = None, fuse: bool = True, vbmi: bool = True, subbyte_storage: str = "auto",
+                 gfni: bool = True):
         self.graph = graph
         self.isa = isa
         self.vbmi = vbmi                 # AVX-512 VBMI (kernels.lut_vbmi's vpermi2b): not on Cascade Lake
+        self.gfni = gfni                 # GFNI (vgf2p8affineqb: the fused expand's int4 unpack): not on Cascade Lake
         self.cuda = cuda
         self.amx = amx and not cuda      # AMX-INT8 conv kernels where they apply (kernels/amx.py)
         self.threads = threads           # the target's threads (the AMX int4 kernels' chunking); None: this host
@@ -416,7 +418,8 @@ class _BlockedBuilder:
         channels at 112x112, stride 2): 1.13x at batch 1, 1.31-1.35x at batch 8 (the whole MobileNetV2 W8A8 1.02x /
         1.04x); with 24-64 input channels the fused VNNI expand mostly lost to the AMX 1x1 (0.78-0.99x, one shape
         1.17x), so only single-block inputs are fused. int4 expand weights stay two per byte (unpacked in the
-        kernel); 2-bit ones (four per byte) are not fused."""
+        kernel, on GFNI targets only: Cascade Lake has AVX-512 VNNI without GFNI, and LLVM aborts the build on its
+        ``vgf2p8affineqb``); 2-bit ones (four per byte) are not fused."""
         if not (self.vector_kernels() and self.fuse):
             return {}
         g = self.graph
@@ -435,7 +438,7 @@ class _BlockedBuilder:
             ok = depthwise and a2["dilation"][1] == 1 and len(readers.get(e.name, [])) == 1 \
                 and e.name not in g.output_names and int(a1["groups"]) == 1 and tuple(w1.shape[2:]) == (1, 1) \
                 and tuple(a1["stride"]) == (1, 1) and tuple(a1["padding"]) == (0, 0) and int(w1.shape[1]) <= 16 \
-                and not self.packing(e)["int2"] \
+                and not self.packing(e)["int2"] and (self.gfni or not self.packing(e)["int4"]) \
                 and int(a2["input_zero_point"]) == int(a1["output_zero_point"])
             if ok:
                 pairs[d.name] = e
@@ -542,7 +545,8 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
     tgt = tvm.target.Target(target)
     threads = int(tgt.attrs["num-cores"]) if "num-cores" in tgt.attrs else None
     mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tgt), threads=threads,
-                                             fuse=fuse, vbmi=K.target_has_vbmi(tgt), subbyte_storage=subbyte_storage)
+                                             fuse=fuse, vbmi=K.target_has_vbmi(tgt), subbyte_storage=subbyte_storage,
+                                             gfni=K.target_has_gfni512(tgt))
     mod = add_checked_float_entry(mod, graph, batch, threads)
     if scheduler is None:
         return K.schedule_module(mod, tvm.target.Target(target)), weight_bytes
@@ -552,15 +556,16 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
 def build_blocked_module(graph: IntegerGraph, batch: int, isa: str, cuda: bool = False,
                          amx: bool = False, threads: int | None = None,
                          fuse: bool = True, vbmi: bool = True,
-                         subbyte_storage: str = "auto") -> tuple[tvm.IRModule, int]:
+                         subbyte_storage: str = "auto", gfni: bool = True) -> tuple[tvm.IRModule, int]:
     """The unscheduled blocked Relax module (with the float entry) and the bytes of its packed weights. ``cuda``
     switches off the x86-only kernels (rows layout, depthwise taps): what the CUDA build schedules. ``amx``: the
     convs :meth:`_BlockedBuilder.amx_scheme` selects are AMX kernels (already scheduled PrimFuncs), chunked for
     ``threads`` (default: this machine's cores); ``fuse``: as in :func:`build_x86_module`; ``vbmi``: the target has
-    AVX-512 VBMI (the table lookups' ``vpermi2b``; Cascade Lake has VNNI without it); ``subbyte_storage``: see
+    AVX-512 VBMI (the table lookups' ``vpermi2b``; Cascade Lake has VNNI without it); ``gfni``: the target has GFNI +
+    AVX-512 BW (the fused expand's int4 unpack); ``subbyte_storage``: see
     :func:`keeps_int8_storage` (CUDA always packs)."""
     builder = _BlockedBuilder(graph, isa, cuda=cuda, amx=amx, threads=threads, fuse=fuse, vbmi=vbmi,
-                              subbyte_storage=subbyte_storage)
+                              subbyte_storage=subbyte_storage, gfni=gfni)
     return add_float_entry(builder.build(batch), graph, batch), builder.weight_bytes
 
 

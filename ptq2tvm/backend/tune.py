@@ -97,7 +97,8 @@ class KernelTuner:
             for register in (K.register_vnni_intrinsic, K.register_avx2_intrinsic,        # written before ACC_SCOPE)
                              K.register_avx2w_intrinsic,
                              K.register_avxvnni_intrinsic, K.register_ubsw_intrinsic,
-                             K.register_ubsw16_intrinsic, K.register_widen16_intrinsic):
+                             K.register_ubsw16_intrinsic, K.register_widen16_intrinsic,
+                             K.register_unpack4_intrinsic):
                 register(scope)
 
     # ---- database ----------------------------------------------------------------------------------------------
