@@ -254,3 +254,23 @@ def test_an_empty_extra_val_class_is_skipped_with_a_warning(tmp_path):
     _png(tmp_path / "val" / "zz" / "0.png", 1)                # a non-empty extra class is still refused
     with pytest.raises(DataError, match=r"class folder\(s\) zz not in .*train"):
         index_folder(tmp_path, "test")
+
+
+def test_bench_rows_of_a_mixed_run_say_mixed():
+    """bench labelled every ptq2tvm row of a mixed-precision run 'W8A8' (the run's nominal bits): the rows of the
+    run's own graph (.so, ORT on its QDQ export) now carry its per-layer summary; the peers' rows keep theirs."""
+    from ptq2tvm.bench.report import bits_label, validate_row
+    from ptq2tvm.bench.runner import run_bits_label
+
+    layer_bits = {"stem": dict(w_bits=8, a_bits=8), "a": dict(w_bits=4, a_bits=8), "b": dict(w_bits=4, a_bits=8),
+                  "c": dict(w_bits=2, a_bits=8)}
+    mixed = run_bits_label(dict(w_bits=8, a_bits=8, mixed_precision={"bits": {}}), dict(layer_bits=layer_bits))
+    assert mixed == "mixed W4A8 x2, W8A8 x1, W2A8 x1"
+    assert run_bits_label(dict(w_bits=4, a_bits=4, layer_bits_spec="stem=8"), dict(layer_bits=layer_bits)) == \
+        "W4A4 with --layer-bits: W4A8 x2, W8A8 x1, W2A8 x1"
+    assert run_bits_label(dict(w_bits=8, a_bits=8), dict(layer_bits=layer_bits)) is None      # one setting
+    row = dict(model="m", input="1x28x28", batch=1, w_bits=8, a_bits=8, median_ms=1.0, p10_ms=1.0, p90_ms=1.0,
+               threads=2, vpdpbusd_count=None)
+    assert validate_row({**row, "runtime": "ptq2tvm", "bits": mixed})["precision"] == mixed
+    assert bits_label({**row, "runtime": "openvino_int8", "bits": None}) == "W8A8"
+    assert bits_label({**row, "runtime": "ptq2tvm"}) == "W8A8"

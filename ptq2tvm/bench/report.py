@@ -100,13 +100,16 @@ def _group_key(r: dict[str, Any]) -> tuple:
 
 def bits_label(r: dict[str, Any]) -> str:
     """The W/A column of a row: 'FP32' for the float baselines (``*_fp32``), 'W8A8' for ONNX Runtime's and
-    OpenVINO's own INT8 quantization of the FP32 model (``ort_int8`` / ``openvino_int8``), else the run's bits.
-    The row's ``w_bits`` / ``a_bits`` stay the run's (they group the rows)."""
+    OpenVINO's own INT8 quantization of the FP32 model (``ort_int8`` / ``openvino_int8``), the row's ``bits`` for a
+    run with per-layer bits ("mixed W4A8 x11, ...": :func:`ptq2tvm.bench.runner.run_bits_label`), else the run's
+    bits. The row's ``w_bits`` / ``a_bits`` stay the run's (they group the rows)."""
     rt = str(r["runtime"])
     if rt.endswith("_fp32"):
         return "FP32"
     if rt in ("ort_int8", "openvino_int8"):
         return "W8A8"
+    if r.get("bits"):
+        return str(r["bits"])
     return f"W{r['w_bits']}A{r['a_bits']}"
 
 

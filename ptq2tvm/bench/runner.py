@@ -105,6 +105,27 @@ def model_label(name: str) -> str:
     return Path(name).name if ("/" in name or "\\" in name) else name
 
 
+def run_bits_label(info: dict[str, Any], graph_meta: dict[str, Any] | None) -> str | None:
+    """The W/A label of a run with per-layer bits (a mixed-precision plan: "mixed W4A8 x11, W2A8 x2, ...";
+    ``--layer-bits``: "W4A4 with --layer-bits: ..."), from its run.json ``info`` and the .so's ``graph_meta``
+    (``layer_bits``); None for a run with one setting (its rows say W{w_bits}A{a_bits})."""
+    from ..mixed.layerbits import bits_summary
+
+    layer_bits = (graph_meta or {}).get("layer_bits")
+    if not layer_bits:
+        return None
+    if info.get("mixed_precision"):
+        return f"mixed {bits_summary(layer_bits)}"
+    if info.get("layer_bits_spec"):
+        return f"W{info['w_bits']}A{info['a_bits']} with --layer-bits: {bits_summary(layer_bits)}"
+    return None
+
+
+def _ptq2tvm_graph(runtime: str) -> bool:
+    """Whether a runtime runs the run's own integer graph (the .so, or ORT on its QDQ export)."""
+    return runtime == "ort_ptq2tvm_qdq" or runtime == "ptq2tvm" or runtime.startswith("ptq2tvm_")
+
+
 def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: int = 3, ort_int8: bool = True,
               progress: bool = True, out_dir: str | Path | None = None, calls_per_turn: int = 5,
               trust_code: bool = False, so: str | Path | None = None) -> dict[str, Any]:
@@ -148,10 +169,12 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
     cpu = cpu_features(llvm=False)["model_name"]
     vnni = count_instructions(cm.so_path, ("vpdpbusd",)).get("vpdpbusd")
     model_name = model_label((info.get("model") or {}).get("name", "model"))
+    mixed_bits = run_bits_label(info, cm.meta.get("graph_meta"))
     rows = [dict(model=model_name, input="x".join(map(str, info["input_shape"])), batch=cm.batch,
                  w_bits=info["w_bits"], a_bits=info["a_bits"], runtime=name, median_ms=st.median_ms,
                  p10_ms=st.p10_ms, p90_ms=st.p90_ms, threads=threads,
                  vpdpbusd_count=vnni if name == "ptq2tvm" else None, so=cm.so_path.name if name == "ptq2tvm" else None,
+                 **({"bits": mixed_bits} if mixed_bits and (_ptq2tvm_graph(name)) else {}),
                  cpu=cpu, loadavg_1min=loads[0],
                  **rt_info.get(name, {}))
             for name, st in stats.items()]
