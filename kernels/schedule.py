@@ -95,15 +95,19 @@ def _as_target(target) -> tvm.target.Target | None:
     return tvm.target.Target(target)
 
 
+def _target_or_host(target=None) -> tvm.target.Target:
+    """``target`` as a Target; None: the current target scope, else this machine's CPU (an llvm target)."""
+    t = _as_target(target)
+    return t if t is not None else tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+
+
 def target_isa(target=None) -> str:
     """The int8 dot product of an LLVM x86 target: 'vnni' (AVX-512 VNNI + BW), 'avxvnni' (256-bit AVX-VNNI, no
     AVX-512 VNNI), 'avx2'; raises ValueError otherwise.
 
     ``target=None``: the current target scope, else this machine's CPU.
     """
-    t = _as_target(target)
-    if t is None:
-        t = tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+    t = _target_or_host(target)
     if t.kind.name != "llvm":
         raise ValueError(f"x86 int8 kernels need an llvm target, got {t.kind.name}")
     if codegen.llvm_cpu_has_features(["avx512vnni"], t) and codegen.llvm_cpu_has_features(["avx512bw"], t):
@@ -119,9 +123,7 @@ def target_has_gfni512(target=None) -> bool:
     """Whether an LLVM x86 target has GFNI and AVX-512 BW: the int4 weight unpack then runs one ``vgf2p8affineqb``
     on a zmm per 64 weights (:func:`kernels.intrin.register_unpack4_intrinsic`); Ice Lake and later Xeons, Zen 4+,
     not Cascade Lake. ``target=None``: the current target scope, else this machine's CPU."""
-    t = _as_target(target)
-    if t is None:
-        t = tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+    t = _target_or_host(target)
     return t.kind.name == "llvm" and all(codegen.llvm_cpu_has_features([f], t) for f in ("gfni", "avx512bw"))
 
 

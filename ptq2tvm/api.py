@@ -612,7 +612,7 @@ def stored_weight_bytes(graph: IntegerGraph, target: str | dict[str, Any] | None
     (:func:`ptq2tvm.backend.storage.keeps_int8_storage`). The same rules as the blocked builder, which
     counts the padded bytes it stores."""
     from .backend.blocked_builder import packs_int2, x86_isa
-    from .backend.storage import graph_subbyte_storage, keeps_int8_storage
+    from .backend.storage import graph_subbyte_storage, int4_weights, is_depthwise, keeps_int8_storage
     from .backend.compile import resolve_target
 
     tdict = resolve_target(target)
@@ -627,12 +627,9 @@ def stored_weight_bytes(graph: IntegerGraph, target: str | dict[str, Any] | None
         w = n.arrays.get("weight")
         if w is None:
             continue
-        bits = int(n.attrs.get("w_bits", 8))
-        lo, hi = (int(w.min(initial=0)), int(w.max(initial=0)))
-        depthwise = n.op == "conv2d" and int(n.attrs.get("groups", 1)) > 1 and w.shape[1] == 1
-        if depthwise or bits > 4 or lo < -8 or hi > 7 or keeps_int8_storage(n, batch, cuda, storage):
+        if is_depthwise(n) or not int4_weights(n) or keeps_int8_storage(n, batch, cuda, storage):
             total += w.size
-        elif int2 and bits <= 2 and lo >= -2 and hi <= 1:
+        elif int2 and int(n.attrs.get("w_bits", 8)) <= 2 and int(w.min(initial=0)) >= -2 and int(w.max(initial=0)) <= 1:
             total += (w.size + 3) // 4
         else:
             total += (w.size + 1) // 2

@@ -330,7 +330,8 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
           f"{', AdaQTransform' if args.adaqtransform and args.method != 'rtn' else ''}, {len(calib)} calibration "
           f"images) -> {run.path}  [{result['seconds']} s]\n  weights: {weights}; stored weights "
           f"{size_text(result['weight_bytes'])} before channel padding "
-          f"in this CPU's default build ({_stored_bytes_target(graph)}; {result['weight_count']} values)"
+          f"in this CPU's default build ({_stored_bytes_target(graph, result['weight_bytes'])}; "
+          f"{result['weight_count']} values)"
           + (f"; the plan's predicted {size_text(predicted)} counts the padding the kernels store, as compile "
              "reports it" if predicted else ""))
     if fid is not None:
@@ -375,10 +376,11 @@ def _recon_only_given(args: argparse.Namespace) -> list[str]:
     return [opt for dest, opt in RECON_ONLY if dest in defaults and getattr(args, dest, None) != defaults[dest]]
 
 
-def _stored_bytes_target(graph: Any = None) -> str:
+def _stored_bytes_target(graph: Any = None, stored: int | None = None) -> str:
     """The kernel family the default build of this host uses, for the stored-size line of ``quantize``, and the
     <= 4-bit layers that build keeps one weight per byte (:func:`ptq2tvm.backend.storage.keeps_int8_storage`, at
-    batch 1) when ``graph`` has any."""
+    batch 1) when ``graph`` has any (``stored``: the graph's :func:`ptq2tvm.api.stored_weight_bytes` at batch 1, if
+    already computed)."""
     from .backend.blocked_builder import packs_int2, x86_isa
     from .backend.compile import resolve_target
     from .backend.storage import graph_subbyte_storage, keeps_int8_storage
@@ -392,7 +394,8 @@ def _stored_bytes_target(graph: Any = None) -> str:
     if kept:
         from .api import stored_weight_bytes
 
-        saved = stored_weight_bytes(graph, batch=1) - stored_weight_bytes(graph, batch=1, subbyte_storage="packed")
+        stored = stored_weight_bytes(graph, batch=1) if stored is None else stored
+        saved = stored - stored_weight_bytes(graph, batch=1, subbyte_storage="packed")
         text += (f", except {len(kept)} small layer(s) whose weights meet < {INT8_STORAGE_MAX_PIXELS} output pixels "
                  f"per call: one per byte, faster; compile --subbyte-storage packed packs them, {size_text(saved)} "
                  "less")

@@ -129,6 +129,18 @@ def tiny_integer_graph(w_bits: int, a_bits: int, in_ch: int = 1, hw: tuple[int, 
     return to_integer(quantize(model, calib, QuantConfig(w_bits, a_bits), progress=False))
 
 
+def quantized_small_run(folder, out_name: str):
+    """``folder`` (a Path) with ``x.npy`` (16 seeded 1x12x12 images) and an RTN W8A8 ``resnet_small`` run quantized
+    from 8 of them by the CLI into ``folder / out_name`` (no fidelity pass); -> ``folder``. For module-scoped
+    fixtures of tests that need any run to compile / refuse."""
+    from ptq2tvm import cli
+
+    np.save(folder / "x.npy", np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32))
+    assert cli.main(["quantize", "--model", "resnet_small", "--data", str(folder / "x.npy"), "--calib-size", "8",
+                     "--fidelity-images", "0", "--out", str(folder / out_name), "--no-progress"]) == 0
+    return folder
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """``ptq2tvm.cli.main(argv)`` (arguments str()-ed) -> (exit status, stdout, stderr) of that call alone."""
     from ptq2tvm import cli

@@ -115,13 +115,9 @@ def test_every_integer_option_is_checked_before_any_work(argv, tmp_path, capsys,
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    from ptq2tvm import cli
+    from conftest import quantized_small_run
 
-    d = tmp_path_factory.mktemp("own")
-    np.save(d / "x.npy", np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32))
-    assert cli.main(["quantize", "--model", "resnet_small", "--data", str(d / "x.npy"), "--calib-size", "8",
-                     "--fidelity-images", "0", "--out", str(d / "r"), "--no-progress"]) == 0
-    return d
+    return quantized_small_run(tmp_path_factory.mktemp("own"), "r")
 
 
 @pytest.mark.parametrize("argv, what", [

@@ -253,13 +253,9 @@ def test_a_failed_mixed_run_removes_only_what_it_added(array_project, capsys, mo
 # ---- 5., 6. compile: empty --target, --tune-db naming a file -----------------------------------------------------
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    from ptq2tvm import cli
+    from conftest import quantized_small_run
 
-    d = tmp_path_factory.mktemp("s31")
-    np.save(d / "x.npy", np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32))
-    assert cli.main(["quantize", "--model", "resnet_small", "--data", str(d / "x.npy"), "--calib-size", "8",
-                     "--fidelity-images", "0", "--out", str(d / "run sp"), "--no-progress"]) == 0
-    return d
+    return quantized_small_run(tmp_path_factory.mktemp("s31"), "run sp")      # a space: quoting tests
 
 
 @pytest.mark.parametrize("target, says", [("", "is empty"), ("   ", "is empty"),

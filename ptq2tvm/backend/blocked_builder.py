@@ -23,7 +23,7 @@ from kernels.vector_tir import EPILOGUE_INT32, EPILOGUE_INT64, EPILOGUE_LIFTED, 
 from ..ir.graph import IntegerGraph, IntNode
 from ..ops import ir_op
 from .relax_builder import PlainEmitter, add_checked_float_entry, add_float_entry
-from .storage import check_subbyte_storage, keeps_int8_storage
+from .storage import check_subbyte_storage, int4_weights, keeps_int8_storage
 
 NCHW, NCHWC, FLAT = "nchw", "nchwc", "flat"
 FUSED = "fused"     # a tensor never materialized: computed inside its only consumer's kernel
@@ -130,8 +130,7 @@ class _BlockedBuilder:
     def int4(node: IntNode) -> bool:
         """Weights of <= 4 bits (values in [-8, 7]) are stored packed and unpacked inside the kernel (not for
         depthwise): two per byte, or four per byte where :meth:`int2` holds."""
-        return int(node.attrs.get("w_bits", 8)) <= 4 and int(node.arrays["weight"].min(initial=0)) >= -8 \
-            and int(node.arrays["weight"].max(initial=0)) <= 7
+        return int4_weights(node)
 
     def int2(self, node: IntNode) -> bool:
         """Weights of <= 2 bits (values in [-2, 1]) are stored four per byte when this build's kernels take them

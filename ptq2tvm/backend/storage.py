@@ -39,6 +39,20 @@ def graph_subbyte_storage(graph: IntegerGraph) -> str:
     return str(graph.meta.get("subbyte_storage") or "auto")
 
 
+def int4_weights(node: IntNode) -> bool:
+    """Whether a layer's weights are <= 4-bit values in [-8, 7]: what the x86 and CUDA kernels can store two (or
+    four) per byte. No weight -> False."""
+    w = node.arrays.get("weight")
+    return w is not None and int(node.attrs.get("w_bits", 8)) <= 4 and int(w.min(initial=0)) >= -8 \
+        and int(w.max(initial=0)) <= 7
+
+
+def is_depthwise(node: IntNode) -> bool:
+    """A conv with one input channel per group and several groups: its weights stay one per byte in every build."""
+    w = node.arrays.get("weight")
+    return node.op == "conv2d" and w is not None and int(node.attrs.get("groups", 1)) > 1 and int(w.shape[1]) == 1
+
+
 def keeps_int8_storage(node: IntNode, batch: int, cuda: bool = False, subbyte_storage: str = "auto") -> bool:
     """Whether an x86 build stores this <= 4-bit conv / dense layer's weights one per byte (int8 values in [-8, 7])
     instead of two (or four) per byte: its weights meet 2..:data:`INT8_STORAGE_MAX_PIXELS` - 1 output pixels per
@@ -47,15 +61,13 @@ def keeps_int8_storage(node: IntNode, batch: int, cuda: bool = False, subbyte_st
     and classifiers at batch 1) keeps packed weights: unpacked right before each ``vpdpbusd`` it reads half the
     bytes and runs 0.74-0.85x its int8 kernel (:func:`kernels.schedule.default_unpack_at`). The same integers
     either way; CUDA builds and ``subbyte_storage="packed"`` always pack."""
-    w = node.arrays.get("weight")
-    if check_subbyte_storage(subbyte_storage) == "packed" or cuda or w is None or node.op not in ("conv2d", "dense") \
-            or int(node.attrs.get("w_bits", 8)) > 4 or int(w.min(initial=0)) < -8 or int(w.max(initial=0)) > 7:
+    if check_subbyte_storage(subbyte_storage) == "packed" or cuda or node.op not in ("conv2d", "dense") \
+            or not int4_weights(node) or is_depthwise(node):   # depthwise: one byte per weight anyway
         return False
-    if node.op == "conv2d" and int(node.attrs.get("groups", 1)) > 1 and int(w.shape[1]) == 1:
-        return False                     # depthwise: one byte per weight anyway
+    w = node.arrays["weight"]
     pixels = int(batch) * int(np.prod(node.out.shape[1:], dtype=np.int64))
     return 1 < pixels < INT8_STORAGE_MAX_PIXELS and int(w.size) <= INT8_STORAGE_MAX_BYTES
 
 
 __all__ = ["INT8_STORAGE_MAX_BYTES", "INT8_STORAGE_MAX_PIXELS", "SUBBYTE_STORAGES", "check_subbyte_storage",
-           "graph_subbyte_storage", "keeps_int8_storage"]
+           "graph_subbyte_storage", "int4_weights", "is_depthwise", "keeps_int8_storage"]
