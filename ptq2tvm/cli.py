@@ -296,6 +296,12 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
         hold = _sr_calibration(model, args, hold) if hold is not None else None
         fid = fidelity(model, qm, hold if hold is not None else calib[:args.fidelity_images],
                        held_out=hold is not None, per_layer=args.per_layer, model_name=f"the FP32 model {args.model}")
+    bits = f"W{args.w_bits}A{args.a_bits}"
+    if qm.config.layer_w_bits or qm.config.layer_a_bits:   # layers per W/A pair (A: bits of the layer's input)
+        from .mixed.layerbits import bits_summary
+
+        per = bits_summary(graph.meta["layer_bits"])
+        bits = f"mixed {per}" if "mixed_precision" in mixed else f"{bits} with --layer-bits: {per}"
     recon: dict[str, Any] = {}
     stale = _remove_stale(out)   # what RunDir.invalidate does not cover (old loss curves)
     if report is not None:
@@ -304,7 +310,7 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
                      recon_seconds=round(report.seconds, 1), loss_curve=str(out / "recon_loss.png"))
     run = save_run(RunDir(out), model, spec, qm, graph, data=data, preprocess=prep, calib_size=int(len(calib)),
                    method=args.method, seed=args.seed, weights=weights, data_warnings=notes,
-                   fidelity=fid.to_dict() if fid else None, **recon, **mixed)
+                   fidelity=fid.to_dict() if fid else None, bits=bits, **recon, **mixed)
     if report is not None:
         Checkpoint.remove(ckpt_dir)
     superseded = run.superseded + [n for n in stale if n not in run.superseded]
@@ -313,18 +319,12 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
         print(f"removed what the new integer graph supersedes in {run.path}: {', '.join(superseded)}"
               + (" (compile again)" if built else ""), file=sys.stderr)
     result = dict(run_dir=str(run.path), fakequant=str(run.fakequant), qgraph=str(run.qgraph),
-                  w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, calib_size=int(len(calib)),
+                  bits=bits, w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, calib_size=int(len(calib)),
                   weights=weights, n_layers=sum(1 for n in graph.nodes if n.op in ("conv2d", "dense")),
                   weight_bytes=stored_weight_bytes(graph), weight_count=graph.weight_bytes(),
                   fidelity=fid.to_dict() if fid else None, data_warnings=notes,
                   seconds=round(time.perf_counter() - t0, 2), **recon,
                   layer_bits=graph.meta.get("layer_bits"))
-    bits = f"W{args.w_bits}A{args.a_bits}"
-    if qm.config.layer_w_bits or qm.config.layer_a_bits:   # layers per W/A pair (A: bits of the layer's input)
-        from .mixed.layerbits import bits_summary
-
-        per = bits_summary(graph.meta["layer_bits"])
-        bits = f"mixed {per}" if "mixed_precision" in mixed else f"{bits} with --layer-bits: {per}"
     predicted = ((mixed.get("mixed_precision") or {}).get("predicted") or {}).get("size")
     print(f"quantized {args.model} {bits} ({args.method}"
           f"{', AdaQTransform' if args.adaqtransform and args.method != 'rtn' else ''}, {len(calib)} calibration "

@@ -170,7 +170,10 @@ def test_mixed_precision_headline_and_sizes(proj, capsys, monkeypatch):
     head = out.splitlines()[[i for i, ln in enumerate(out.splitlines()) if ln.startswith("quantized ")][0]]
     assert "W8A8 (" not in head and all(f"{k} x{v}" in head for k, v in counts.items()), head
     assert head.startswith("quantized net.py:build mixed ")
-    plan = json.loads((proj / "runs/mp3/run.json").read_text())["mixed_precision"]
+    info = json.loads((proj / "runs/mp3/run.json").read_text())
+    assert info["bits"] == res["bits"] == head.split("quantized net.py:build ", 1)[1].split(" (", 1)[0]
+    assert info["bits"].startswith("mixed ") and all(f"{k} x{v}" in info["bits"] for k, v in counts.items())
+    plan = info["mixed_precision"]
     size = plan["predicted"]["size"]
     assert f"size {size_text(size)} with channel padding" in out, out
     assert (f"stored weights {size_text(res['weight_bytes'])} before channel padding" in out

@@ -304,6 +304,10 @@ def test_cli_layer_bits_typo_names_valid_layers(tmp_path, capsys):
     assert info["layer_bits"]["layer2.1.conv2"] == dict(w_bits=4, a_bits=4, out_bits=8)   # read by layer3.0: 8
     assert info["layer_bits"]["layer3.1.conv2"]["w_bits"] == 2 and info["layer_bits"]["layer1.0.conv1"]["w_bits"] == 8
     assert json.loads((tmp_path / "q.json").read_text())["layer_bits"] == info["layer_bits"]
+    pairs = [f"W{b['w_bits']}A{b['a_bits']}" for b in info["layer_bits"].values()]   # the one-line label, counted here
+    assert info["bits"].startswith("W8A8 with --layer-bits: ") and "W2A8 x1" in info["bits"]
+    assert f"W4A4 x{pairs.count('W4A4')}" in info["bits"] and pairs.count("W4A4") >= 3
+    assert json.loads((tmp_path / "q.json").read_text())["bits"] == info["bits"]
     assert main([*args, "--size-budget", "0.5", "--out", str(tmp_path / "y")]) == 2
     assert "need --mixed-precision" in capsys.readouterr().err
 

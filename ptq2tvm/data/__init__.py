@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from ..errors import DataError
 from .arrays import array_notes, load_array_file, looks_nhwc, read_array_file, save_array_file
 from .builtin import (DIGITS_MEAN, DIGITS_STD, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
                       load_digits_split, load_fashion_mnist, load_fashion_mnist_raw, read_idx)
-from .image_folder import (IMAGENET_MEAN, IMAGENET_STD, _split_root, index_folder, load_image_folder,
+from .image_folder import (IMAGENET_MEAN, IMAGENET_STD, _split_root, function_label, index_folder, load_image_folder,
                            check_seed, preprocess_image, subsample_indices)
 from .transform import CalibrationData, as_images, load_callable
 
@@ -152,7 +153,8 @@ def load_dataset(spec: str | Path, split: str = "test", limit: int | None = None
             ds = Dataset(images, labels, str(path), tuple(images.shape[1:]), None if transform else m,
                          None if transform else s, index.classes, split if index.root != path else None,
                          str(index.root), extra=dict(resize=resize, crop=crop, channels=channels,
-                                                     layout="imagefolder" if index.classes else "flat"))
+                                                     layout="imagefolder" if index.classes else "flat",
+                                                     notes=preprocess_notes(images, transform)))
         elif path.suffix.lower() in (".npy", ".npz"):
             raw, labels = read_array_file(path)
             idx = _pick(len(raw), limit, seed, indices)
@@ -172,6 +174,16 @@ def load_dataset(spec: str | Path, split: str = "test", limit: int | None = None
     if limit != 0:
         ds.images = validate_images(ds.images, f"dataset {ds.name} ({split})", rows=ds.extra.get("rows"))
     return ds
+
+
+def preprocess_notes(images: np.ndarray, transform: Callable[..., Any] | None) -> list[str]:
+    """Warnings about the images a ``--preprocess`` function returned (float32 (N, C, H, W)): whole numbers in
+    [0, > 20] look like raw pixels it forgot to normalize (:func:`array_notes`; its layout is judged by the channel
+    check, which knows the model). Empty without a preprocess function."""
+    if transform is None or not len(images):
+        return []
+    what = f"the images the preprocess function {function_label(transform)} returns"
+    return [n for n in array_notes(images, what) if "channels-last" not in n]
 
 
 def dataset_size(spec: str | Path, split: str = "train") -> int:

@@ -16,6 +16,7 @@ grayscale by the full 16-bit range, float in [0, 1] by 255, with a note), not cl
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,22 +46,38 @@ class FolderIndex:
 
 
 def _images_under(d: Path) -> list[Path]:
-    """The image files under ``d`` (recursively), sorted by relative path; files and folders whose names start with
-    '.' (``.ipynb_checkpoints``, ``.DS_Store``) are skipped at every level."""
-    imgs = (p for p in d.rglob("*") if is_image_file(p)
-            and not any(part.startswith(".") for part in p.relative_to(d).parts[:-1]))
+    """The image files under ``d`` (recursively, following symlinked folders like torchvision's ImageFolder, each
+    real folder once), sorted by relative path; files and folders whose names start with '.'
+    (``.ipynb_checkpoints``, ``.DS_Store``) are skipped at every level."""
+    imgs: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:                  # a link back up the tree (or to a folder already listed): once only
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
+        imgs += [p for p in (Path(dirpath) / f for f in filenames) if is_image_file(p)]
     return sorted(imgs, key=lambda p: p.relative_to(d).as_posix())
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
 def _split_dirs(root: Path) -> dict[str, Path]:
-    """{'train' / 'val' / 'test': folder} when the (non-hidden) sub-folders of ``root`` are only split folders,
-    named in any case (``Train/``, ``VAL/``); {} otherwise. Raises :class:`DataError` for two folders of one split
-    (``train/`` and ``Train/``)."""
+    """{'train' / 'val' / 'test': folder} when the (non-hidden) sub-folders of ``root`` are split folders, named in
+    any case (``Train/``, ``VAL/``): only split folders, or a ``train`` and a ``val`` / ``test`` next to other
+    folders (``docs/``: :func:`_split_root` says they are ignored); {} otherwise. Raises :class:`DataError` for two
+    folders of one split (``train/`` and ``Train/``)."""
     subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if not subdirs or not {p.name.lower() for p in subdirs} <= {"train", "val", "test"}:
+    names = {p.name.lower() for p in subdirs}
+    if not subdirs or not (names <= set(SPLIT_NAMES) or ("train" in names and names & {"val", "test"})):
         return {}
     out: dict[str, Path] = {}
     for p in sorted(subdirs, key=lambda p: p.name):
+        if p.name.lower() not in SPLIT_NAMES:
+            continue
         if p.name.lower() in out:
             raise DataError(f"{root} has two folders for split {p.name.lower()!r}: {out[p.name.lower()].name} and "
                             f"{p.name}; keep one")
@@ -69,13 +86,19 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 
 
 def _split_root(root: Path, split: str | None) -> Path:
-    """``root/train`` or ``root/val`` (``root/test``) when ``root`` holds only split folders (any case), else
-    ``root``."""
+    """``root/train`` or ``root/val`` (``root/test``) when ``root`` holds split folders (any case; other folders next
+    to a ``train`` and a ``val`` / ``test`` are ignored with a :class:`UserWarning`), else ``root``."""
     if split is None:
         return root
     splits = _split_dirs(root)
     if not splits:
         return root
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                    and p.name.lower() not in SPLIT_NAMES)
+    if others:
+        warnings.warn(f"{root}: using its split folders ({', '.join(sorted(p.name for p in splits.values()))}) and "
+                      f"ignoring the other folder(s) next to them: {', '.join(others[:5])}"
+                      f"{' ...' if len(others) > 5 else ''}", UserWarning, stacklevel=3)
     for name in SPLIT_DIRS.get(split, (split,)):
         if name in splits:
             return splits[name]
@@ -210,7 +233,7 @@ def check_norm(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -
     return out[0], out[1]
 
 
-def _function_label(fn) -> str:
+def function_label(fn) -> str:
     """``'name' (file.py)`` of a user's function, for messages (just the name when it has no code object)."""
     code = getattr(fn, "__code__", None)
     name = getattr(fn, "__name__", None) or type(fn).__name__
@@ -221,7 +244,7 @@ def apply_transform(transform, img, where: str) -> np.ndarray:
     """``transform(img)`` as a float32 (C, H, W) array. Raises :class:`DataError` naming the function (and its file)
     and ``where`` when it fails, or returns something that is not a real-valued 3-D array or tensor (a str, None, a
     dict, a ragged list, a complex array, a 2-D or 4-D array: the returned type and shape are named)."""
-    label = _function_label(transform)
+    label = function_label(transform)
     try:
         x = transform(img)
     except DataError:
@@ -231,6 +254,10 @@ def apply_transform(transform, img, where: str) -> np.ndarray:
     name = type(x).__name__
     article = "an" if name[:1].lower() in "aeiou" or name == "ndarray" else "a"
     returned = "None" if x is None else f"{article} {name}"
+    if hasattr(x, "getbands") and hasattr(x, "mode"):       # a PIL image: numpy would read it as (H, W, C) uint8
+        raise DataError(f"preprocess function {label} returned a PIL Image (mode {x.mode}, {x.size[0]}x{x.size[1]}) "
+                        f"for {where}; expected one float (C, H, W) image: convert and normalize it, e.g. "
+                        "(np.asarray(img, np.float32).transpose(2, 0, 1) / 255 - mean) / std with mean, std of shape (C, 1, 1)")
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     try:
