@@ -196,7 +196,7 @@ def build_resnet18(rng, target, isa, bits=8, batch=1):
             out = bb.emit_output(t)
         bb.emit_func_output(out)
     mod = K.schedule_module(bb.get(), target)
-    ex = tvm.compile(mod, target)
+    ex = K.compile_module(mod, target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     xin = tvm.runtime.tensor(rng.integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8), tvm.cpu())
     return vm, xin

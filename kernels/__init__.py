@@ -12,7 +12,7 @@ Typical use in a Relax build (see :mod:`kernels.schedule` for the loop structure
                    lo=0, hi=255, isa=isa)
     ...
     mod = K.schedule_module(bb.get(), target)
-    ex = tvm.compile(mod, target)
+    ex = K.compile_module(mod, target)             # tvm.compile, per-task buffers on the stack
 
 Layouts and packing: :mod:`kernels.layout`. Arithmetic: :mod:`kernels.ops` (and :mod:`kernels.reference`, the numpy
 truth).
@@ -32,6 +32,7 @@ from .ops import nchw_to_rows as te_nchw_to_rows
 from .ops import nchw_to_nchwc as te_nchw_to_nchwc
 from .ops import nchwc_to_nchw as te_nchwc_to_nchw
 from .standalone import StandaloneKernel, build_standalone, host_target
+from .task_stack import compile_module
 from .depthwise_vnni import DEPTHWISE_VNNI_KIND, depthwise_vnni_out_shape, depthwise_vnni_primfunc
 from .expand_depthwise import EXPAND_DEPTHWISE_KIND, expand_depthwise_primfunc
 from .stem_pool import STEM_POOL_KIND, rows_conv_maxpool_out_shape, rows_conv_maxpool_primfunc
@@ -65,7 +66,7 @@ __all__ = [
     "te_nchw_to_nchwc", "te_nchwc_to_nchw",
     "ConvTile", "apply_schedule", "choose_conv_tile", "conv_tile_candidates", "finish_scheduled", "kernel_kind",
     "schedule_conv2d_nchwc", "schedule_module", "schedule_primfunc", "target_has_gfni512", "target_isa", "tuning_space",
-    "StandaloneKernel", "build_standalone", "host_target",
+    "StandaloneKernel", "build_standalone", "host_target", "compile_module",
     "arithmetic_shortcuts", "dot_product", "pack_isa", "u8s8_pairs_exact", "AVXVNNI_INTRIN", "UBSW_INTRIN", "register_avxvnni_intrinsic",
     "AVX2W_INTRIN", "register_avx2w_intrinsic",
     "register_ubsw_intrinsic", "u8s8_int16_group", "depthwise_int16_exact", "UBSW16_INTRIN", "WIDEN16_INTRIN",

@@ -25,7 +25,7 @@ Use inside a Relax build::
 
     mod = bb.get()                                   # PrimFuncs emitted with bb.emit_te(kernels.conv2d_nchwc_requant..)
     mod = kernels.schedule_module(mod, target)       # schedules every PrimFunc with a ptq2tvm_kernel block
-    ex = tvm.compile(mod, target)                    # default CPU pipeline; scheduled funcs are left alone
+    ex = kernels.compile_module(mod, target)         # tvm.compile + per-task buffers on the stack
 
 Scheduled PrimFuncs get ``tirx.is_scheduled = True`` (dlight / MetaSchedule skip them) and ``op_pattern = kOpaque``
 so that Relax FuseOps (run by both the default CPU pipeline and ``relax.get_pipeline("zero")``) does not merge

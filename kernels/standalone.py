@@ -14,6 +14,7 @@ import tvm
 from tvm import te
 
 from .schedule import _SCHEDULES, kernel_kind, schedule_primfunc
+from .task_stack import compile_module
 
 
 def host_target(num_cores: int | None = None, mcpu: str | None = None) -> tvm.target.Target:
@@ -115,7 +116,7 @@ def build_standalone(fn: Callable[..., te.Tensor], arrays: Sequence[np.ndarray],
         if kernel_kind(func) not in _SCHEDULES:
             raise ValueError(f"no schedule for {fn.__name__}")
         func = schedule_primfunc(func, target, **(options or {}))
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    lib = compile_module(tvm.IRModule({"main": func}), target)
     return StandaloneKernel(lib, tuple(int(v) for v in out.shape), str(out.dtype), func)
 
 

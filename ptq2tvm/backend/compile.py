@@ -13,6 +13,8 @@ from typing import Any
 
 import tvm
 
+from kernels.task_stack import compile_module
+
 from .. import __version__
 from ..atomic import atomic_path, write_json
 from ..errors import ArtifactError, TargetError, not_found
@@ -195,7 +197,7 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
                             progress=progress)
     mod, backend, stored_weight_bytes = build_module(graph, batch, target, schedule, tuner=tuner,
                                                      subbyte_storage=subbyte_storage)
-    ex = tvm.compile(mod, target=tvm.target.Target(target))
+    ex = compile_module(mod, tvm.target.Target(target))      # per-task buffers on the stack
     cuda_binaries = None
     if target.get("kind") == "cuda":      # kernels compiled now, not by the runtime at every load (cuda_binary.py)
         cuda_binaries = build_cuda_binaries(ex.mod, str(target.get("arch", "sm_80")))

@@ -131,7 +131,7 @@ class KernelTuner:
                     sch = K.apply_schedule(Schedule(mod), self.target, **opt)
                     path = str(Path(tmp) / f"cand{i}.tar")
                     built = _task_module(K.finish_scheduled(sch.mod["main"]))   # as the network build compiles it
-                    tvm.compile(built, target=self.target).export_library(path)
+                    K.compile_module(built, self.target).export_library(path)
                 except Exception:  # noqa: BLE001 - an option that does not schedule or build is a failed candidate
                     traces.append(None)
                     slots.append(None)

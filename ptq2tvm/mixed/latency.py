@@ -53,6 +53,8 @@ import tvm
 import tvm_ffi
 from tqdm.auto import tqdm
 
+from kernels.task_stack import compile_module
+
 from ..atomic import write_json
 from ..backend.compile import resolve_target
 from ..ir.graph import IntegerGraph
@@ -242,7 +244,7 @@ def _kernel_library(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[Any, 
     key = (int(tvm_ffi.structural_hash(mod)), str(target))
     if key in _LIBRARIES:
         return _LIBRARIES[key]
-    ex = tvm.compile(mod, target=target)
+    ex = compile_module(mod, target)
     for m in (ex.mod, *ex.mod.imports):
         try:
             m.get_function(next(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)))
