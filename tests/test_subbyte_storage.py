@@ -15,7 +15,7 @@ from ptq2tvm.backend.storage import INT8_STORAGE_MAX_BYTES, INT8_STORAGE_MAX_PIX
 
 
 def _expected_int8_layers(graph, batch: int) -> list[str]:
-    """The rule written out independently: <= 4-bit conv / dense (not depthwise) with 2..63 output pixels per call
+    """The rule written out independently: <= 4-bit conv / dense (not depthwise) with 2..255 output pixels per call
     and <= 64 KiB of int8 weights."""
     names = []
     for n in graph.nodes:
@@ -31,17 +31,18 @@ def _expected_int8_layers(graph, batch: int) -> list[str]:
 
 
 def test_int8_storage_of_low_reuse_layers(tmp_path):
-    """TinyNet W4A4 (24x24 input) at batch 1: the layers whose weights meet 2..63 output pixels keep one weight per
+    """TinyNet W4A4 (40x40 input) at batch 1: the layers whose weights meet 2..255 output pixels keep one weight per
     byte (the sidecar names them, the stored bytes grow by half their weights), the 1-pixel classifier and the
-    layers with >= 64 pixels stay packed; "packed" packs every layer; both builds are bit-exact against the
-    reference. At a batch where every layer meets >= 64 pixels nothing is kept as int8."""
+    layers with >= 256 pixels stay packed; "packed" packs every layer; both builds are bit-exact against the
+    reference. At a batch where every layer meets >= 256 pixels nothing is kept as int8."""
     from conftest import tiny_integer_graph
 
     from ptq2tvm.api import compile_so, stored_weight_bytes
     from ptq2tvm.backend.runtime import CompiledModel
     from ptq2tvm.ir.reference import run_reference
 
-    g = tiny_integer_graph(4, 4, hw=(24, 24))         # block1 at 12x12 (144 pixels), block2 and after at <= 6x6
+    assert INT8_STORAGE_MAX_PIXELS == 256
+    g = tiny_integer_graph(4, 4, hw=(40, 40))         # block1 at 20x20 (400 pixels), block2 and after at <= 10x10
     expected = _expected_int8_layers(g, 1)
     low = [n for n in g.nodes if n.op in ("conv2d", "dense") and int(n.attrs["w_bits"]) <= 4
            and not (n.op == "conv2d" and int(n.attrs["groups"]) > 1 and n.arrays["weight"].shape[1] == 1)]
@@ -72,8 +73,8 @@ def test_int8_storage_of_low_reuse_layers(tmp_path):
             checked += 1
             assert ("int8" in dtypes[kern]) == (n.name in expected), (kern, dtypes[kern])
     assert checked >= 4
-    # a batch at which every layer meets >= 64 output pixels (the 1-pixel classifier too): all packed
-    assert _expected_int8_layers(g, 64) == [] and not any(keeps_int8_storage(n, 64) for n in g.nodes)
+    # a batch at which every layer meets >= 256 output pixels (the 1-pixel classifier too): all packed
+    assert _expected_int8_layers(g, 256) == [] and not any(keeps_int8_storage(n, 256) for n in g.nodes)
 
 
 def test_subbyte_storage_choice_is_checked(tmp_path):
@@ -117,7 +118,7 @@ def test_per_layer_bits_graph_is_built_packed(tmp_path):
 
 def test_compile_cli_names_the_int8_stored_layers_and_packs_on_request(tmp_path, capsys):
     """``ptq2tvm compile`` on a W4A4 run of the 28x28 ResNet: the default build names the layers it keeps one weight
-    per byte (its layer3 at 7x7 = 49 pixels) and how to pack them; ``--subbyte-storage packed`` packs every one
+    per byte (its layer2 at 14x14 = 196 pixels and layer3 at 7x7 = 49; not layer1 at 28x28) and how to pack them; ``--subbyte-storage packed`` packs every one
     (smaller stored weights, nothing named); a bad choice is refused by argparse with the choices."""
     from conftest import run_cli
 
@@ -131,7 +132,7 @@ def test_compile_cli_names_the_int8_stored_layers_and_packs_on_request(tmp_path,
                          "--json", tmp_path / "auto.json")
     assert rc == 0
     auto = json.loads((tmp_path / "auto.json").read_text())
-    assert auto["int8_storage_layers"] and all(n.startswith("layer3") for n in auto["int8_storage_layers"])
+    assert {n.split(".")[0] for n in auto["int8_storage_layers"]} == {"layer2", "layer3"}, auto["int8_storage_layers"]
     assert f"{len(auto['int8_storage_layers'])} <= 4-bit layer(s) stored one weight per byte" in out
     assert "--subbyte-storage packed packs them" in out
     rc, out, _ = run_cli(capsys, "compile", tmp_path / "run", "--out", tmp_path / "packed.so", "--no-progress",
@@ -211,7 +212,7 @@ def test_quantize_summary_and_compile_warning_name_the_storage(tmp_path, capsys)
     base = ["quantize", "--model", "resnet_small", "--data", tmp_path / "x.npy", "--calib-size", 8,
             "--fidelity-images", 0, "--w-bits", 4, "--a-bits", 4, "--no-progress"]
     rc, out, _ = run_cli(capsys, *base, "--out", tmp_path / "u")
-    assert rc == 0 and "except 5 small layer(s) whose weights meet < 64 output pixels per call: one per byte" in out
+    assert rc == 0 and "except 10 small layer(s) whose weights meet < 256 output pixels per call: one per byte" in out
     assert "compile --subbyte-storage packed packs them" in out
     rc, out, _ = run_cli(capsys, *base, "--layer-bits", "fc=8", "--out", tmp_path / "m")
     assert rc == 0 and "small layer(s)" not in out               # per-layer bits: packed, nothing kept

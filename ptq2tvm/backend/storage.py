@@ -14,8 +14,12 @@ from ..ir.graph import IntegerGraph, IntNode
 #: threads, standalone kernels interleaved with their int8 build (session 31, scratch i4.py): 1x1 convs at 4x4 (16
 #: pixels) 1.05-1.16x the int8 time, 96 -> 16 at 7x7 1.07x, 3x3 64 -> 64 at 28x28 1.005x, 128 -> 128 at 14x14 1.01x;
 #: in the network (benchmarks/bits_ab.py, 28x28 MobileNetV2 W4A4 / W8A8) 1.041x with every layer packed, 1.008x
-#: with this rule.
-INT8_STORAGE_MAX_PIXELS = 64
+#: with the rule at 64 pixels. Raised to 256 (14x14 outputs at batch 1) in session 32, W4A4 against W8A8 kernel by
+#: kernel, interleaved (scratch i4ab3.py, 64 / 256 / 1024): resnet_small's 3x3 convs at 14x14 1.04x -> 1.005-1.013x
+#: (network 1.030 -> 1.009x), MobileNetV2's 14x14 1x1 expands 64 -> 384 1.41-1.57x -> 1.02-1.03x (kernel sum 1.062
+#: -> 1.026x); 1024 (28x28 outputs too) gained 0.006x more on resnet_small and nothing on MobileNetV2, for a larger
+#: file.
+INT8_STORAGE_MAX_PIXELS = 256
 #: ... and whose int8 weights are at most this many bytes: larger weights are not cache-resident from one call to
 #: the next in a network, where reading half the bytes pays for the unpack (MobileNetV3-Large / EfficientNet-B0
 #: W4A4 0.99x their W8A8 at batch 1 with the kernels 1.01-1.05x slower one by one with warm weights,
