@@ -56,6 +56,10 @@ class ModelSpec:
     checkpoint: str | None = None
 
 
+#: the folder of a run directory where ``quantize`` keeps its resumable reconstruction checkpoint
+RECON_CHECKPOINT = "recon_checkpoint"
+
+
 class RunDir:
     """Paths of the artifacts of one run (see module docstring)."""
 
@@ -88,7 +92,50 @@ class RunDir:
     def so(self) -> Path:
         return self.path / "model.so"
 
+    @property
+    def recon_checkpoint(self) -> Path:
+        """Where ``quantize`` keeps its resumable reconstruction checkpoint until the run is saved."""
+        return self.path / RECON_CHECKPOINT
+
+    def pending_quantize(self) -> str | None:
+        """A sentence on an interrupted ``quantize`` into this folder ("W4A4 qdrop, 3/7 units done"), from its
+        reconstruction checkpoint; None when there is none."""
+        state_path = self.recon_checkpoint / "state.json"
+        if not state_path.is_file():
+            return None
+        try:
+            state = json.loads(state_path.read_text())
+        except ValueError:
+            return "its checkpoint state is unreadable"
+        config = (state.get("fingerprint") or {}).get("config") or {}
+        settings = (state.get("fingerprint") or {}).get("settings") or {}
+        what = " ".join(x for x in (f"W{config['w_bits']}A{config['a_bits']}" if "w_bits" in config else "",
+                                    str(settings.get("method") or "")) if x)
+        done, units = len(state.get("done") or []), len(state.get("units") or [])
+        stages = len(((state.get("report") or {}).get("stages")) or []) or 1
+        progress = f"{done}/{units * stages} units done" if units else f"{done} units done"
+        return f"{what}, {progress}" if what else progress
+
+    def check_not_interrupted(self) -> None:
+        """Raise :class:`ArtifactError` when a ``quantize`` into this folder was interrupted (its reconstruction
+        checkpoint is there): run.json and the artifacts then still describe the previous run (or there is none),
+        which a user would otherwise compile and ship believing it the new one."""
+        pending = self.pending_quantize()
+        if pending is None:
+            return
+        previous = _json_field(self.info_path, "bits") if self.info_path.is_file() else None
+        held = (f"its run.json and artifacts still describe the previous run{f' ({previous})' if previous else ''}"
+                if self.info_path.is_file() else "it holds no run yet")
+        drop = (f"delete {shlex.quote(str(self.recon_checkpoint))} to keep the previous run"
+                if self.info_path.is_file() else f"`rm -r {shlex.quote(str(self.path))}` to drop it")
+        raise ArtifactError(f"{self.path}: a `ptq2tvm quantize` into this folder was interrupted ({pending}; "
+                            f"checkpoint {self.recon_checkpoint}), so {held}: re-run that quantize command to "
+                            f"resume and finish it, or {drop}")
+
     def info(self) -> dict[str, Any]:
+        """run.json. Raises :class:`ArtifactError` when it is missing or corrupted, or when a later ``quantize``
+        into this folder was interrupted (:meth:`check_not_interrupted`)."""
+        self.check_not_interrupted()
         if not self.info_path.is_file():
             raise not_found(self.info_path, "run description")
         try:

@@ -256,7 +256,7 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .outpaths import check_output_path
 
     check_output_path(out, "dir", "--out")
-    ckpt_dir = out / "recon_checkpoint"
+    ckpt_dir = RunDir(out).recon_checkpoint
     if args.force and Checkpoint.remove(ckpt_dir):
         print(f"--force: removed the reconstruction checkpoint {ckpt_dir}", file=sys.stderr)
     model, spec, weights = _resolve_model(args)
@@ -940,6 +940,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _one_line_warning(args.command)
     try:
         check_outputs(args)
+        if args.command != "quantize" and isinstance(getattr(args, "run", None), str) and Path(args.run).is_dir():
+            from .api import RunDir
+
+            RunDir(args.run).check_not_interrupted()      # not the previous run's files as if they were the new run
         for option, least in int_option_minimums(parser, args.command).items():
             value = getattr(args, option, None)      # checked before any work (bench exports ONNX models first)
             if value is not None and value < least:

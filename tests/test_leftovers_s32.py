@@ -1,7 +1,9 @@
-"""Leftovers of session 31's breaker passes, fixed in session 32 (each test fails before its fix): a --preprocess
-function returning a PIL Image (read by numpy as channels-last uint8), raw 0..255 outputs of a preprocess function
-with no warning, a top-level folder holding train/, val/ and another folder treated as three classes, and a
-symlinked folder inside a class folder skipped (torchvision's ImageFolder follows it)."""
+"""Leftovers of session 31's breaker passes and a new user's first hour in session 32 (each test fails before its
+fix): a --preprocess function returning a PIL Image (read by numpy as channels-last uint8), raw 0..255 outputs of a
+preprocess function with no warning, a top-level folder holding train/, val/ and another folder treated as three
+classes, a symlinked folder inside a class folder skipped (torchvision's ImageFolder follows it), an interrupted
+quantize into an existing run leaving the previous run to be compiled and shipped as the new one, and fx's bare
+control-flow error."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch.nn as nn
 
 from ptq2tvm.errors import DataError
 
@@ -98,3 +101,76 @@ def test_symlinked_folders_inside_a_class_are_followed_once(tmp_path):
     names = [p.relative_to(tmp_path / "imgs").as_posix() for p in idx.files]
     assert names == ["a/linked/0.png", "a/linked/1.png", "a/own.png", "b/own.png"], names
     assert list(idx.labels) == [0, 0, 0, 1]
+
+
+# ---- an interrupted quantize into an existing run: the old run is refused, not shipped as the new one -------------
+def test_an_interrupted_quantize_over_a_run_is_refused_until_resumed(tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+
+    from ptq2tvm.reconstruct.checkpoint import Checkpoint
+
+    import torch
+
+    from ptq2tvm.models import create_model
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32))
+    torch.manual_seed(0)
+    torch.save(create_model("resnet_small", in_channels=1, num_classes=10).state_dict(), tmp_path / "sd.pt")
+    monkeypatch.chdir(tmp_path)
+    base = ["quantize", "--model", "resnet_small", "--checkpoint", "sd.pt", "--data", "x.npy", "--calib-size", 8,
+            "--fidelity-images", 0, "--no-progress"]
+    rc, _, err = run_cli(capsys, *base, "--out", "runs/r")                       # a finished W8A8 run, compiled
+    assert rc == 0, err
+    assert run_cli(capsys, "compile", "runs/r", "--no-progress")[0] == 0
+    real_save = Checkpoint.save
+
+    def save_then_interrupt(self, *a, **k):
+        real_save(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_interrupt)
+    recon = [*base, "--w-bits", 4, "--a-bits", 4, "--method", "adaround", "--iters", 2, "--batch-size", 4]
+    rc, _, err = run_cli(capsys, *recon, "--out", "runs/r")
+    assert rc == 130 and "interrupted after unit 1/" in err
+    for cmd in (["compile", "runs/r"], ["parity", "runs/r", "--n", 4], ["eval", "runs/r", "--n", 4],
+                ["bundle", "runs/r"], ["export", "runs/r"]):
+        rc, out, err = run_cli(capsys, *cmd)
+        line = [ln for ln in err.splitlines() if ": error: " in ln]
+        assert rc == 2 and len(line) == 1 and "Traceback" not in err, (cmd, err)
+        assert "runs/r: a `ptq2tvm quantize` into this folder was interrupted (W4A4 adaround, 1/" in line[0], line
+        assert "its run.json and artifacts still describe the previous run (W8A8)" in line[0]
+        assert "re-run that quantize command to resume and finish it, or delete runs/r/recon_checkpoint" in line[0]
+    monkeypatch.setattr(Checkpoint, "save", real_save)
+    rc, _, err = run_cli(capsys, *recon, "--out", "runs/r")                     # resumed: the new run, usable
+    assert rc == 0 and "resuming: 1/" in err, err
+    assert run_cli(capsys, "compile", "runs/r", "--no-progress")[0] == 0
+    # a first quantize into a new folder, interrupted: said so, not "not a run directory"
+    monkeypatch.setattr(Checkpoint, "save", save_then_interrupt)
+    assert run_cli(capsys, *recon, "--out", "runs/new")[0] == 130
+    rc, _, err = run_cli(capsys, "compile", "runs/new")
+    assert rc == 2 and "interrupted (W4A4 adaround" in err and "it holds no run yet" in err
+    assert "`rm -r runs/new` to drop it" in err
+
+
+# ---- a model fx cannot trace: where, and what to do ------------------------------------------------------------------
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:                                   # data-dependent control flow
+            return self.conv(x)
+        return self.conv(-x)
+
+
+def test_untraceable_control_flow_names_the_line_and_the_way_out():
+    from ptq2tvm.errors import UnsupportedModelError
+    from ptq2tvm.frontend.trace import trace_model
+
+    with pytest.raises(UnsupportedModelError) as e:
+        trace_model(_Branchy().eval(), (1, 8, 8))
+    msg = str(e.value)
+    assert "torch.fx cannot trace the model at test_leftovers_s32.py:" in msg, msg
+    assert "(`if x.sum() > 0:                                   # data-dependent control flow`)" in msg, msg
+    assert "select with torch.where" in msg and "ONNX export" in msg and "\n" not in msg

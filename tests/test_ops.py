@@ -130,11 +130,33 @@ class PyramidSR(nn.Module):
         return {"p1": p1, "p2": p2, "sr": up}
 
 
+class FunctionalWeights(nn.Module):
+    """Conv and linear layers written as F.conv2d / F.linear over the module's own parameters (no nn.Conv2d /
+    nn.Linear), with and without bias."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w1 = nn.Parameter(torch.randn(16, 3, 3, 3, generator=g) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(16, generator=g) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(8, 16, 1, 1, generator=g) * 0.3)
+        self.fc_w = nn.Parameter(torch.randn(10, 8 * 4 * 4, generator=g) * 0.1)
+        self.fc_b = nn.Parameter(torch.randn(10, generator=g) * 0.1)
+        self.head_w = nn.Parameter(torch.randn(5, 10, generator=g) * 0.3)
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.w1, self.b1, stride=2, padding=1))
+        x = F.relu(F.conv2d(x, self.w2))
+        x = F.relu(F.linear(torch.flatten(x, 1), self.fc_w, self.fc_b))
+        return F.linear(x, self.head_w)
+
+
 OP_MODELS = {
     "lut": (LutChain, {"lut", "conv", "linear", "avgpool", "flatten"}),
     "se": (SqueezeExcite, {"mul", "maxpool", "avgpool", "conv", "lut", "flatten"}),
     "concat": (ConcatShuffle, {"concat", "slice", "channel_shuffle", "conv", "linear", "flatten"}),
     "pyramid": (PyramidSR, {"upsample", "add", "pixel_shuffle", "pixel_unshuffle", "conv"}),
+    "functional": (FunctionalWeights, {"conv", "linear", "flatten"}),
 }
 
 
@@ -167,7 +189,7 @@ def test_trace_finds_the_ops(name):
 
 
 @pytest.mark.parametrize("name,bits", [("lut", (8, 8)), ("se", (8, 8)), ("concat", (8, 8)), ("pyramid", (8, 8)),
-                                       ("se", (4, 4)), ("concat", (4, 4))])
+                                       ("se", (4, 4)), ("concat", (4, 4)), ("functional", (8, 8))])
 def test_reference_matches_fakequant_and_float(name, bits):
     """The integer graph computes the fake-quant model: every output within 1 LSB, nearly all exact; the fake-quant
     model stays close to FP32 at 8 bits."""

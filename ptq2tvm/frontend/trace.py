@@ -10,6 +10,7 @@ import math
 import operator
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -368,6 +369,28 @@ def check_single_input(model: nn.Module) -> None:
                                     "the others)")
 
 
+def _user_line(e: BaseException) -> str:
+    """`` at net.py:42 (`if x.sum() > 0:`)``: the innermost frame of ``e``'s traceback outside torch and ptq2tvm
+    (the model's own code that fx stopped at); empty when there is none."""
+    import traceback
+
+    skip = (str(Path(torch.__file__).parent), str(Path(__file__).resolve().parents[1]))
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        if not frame.filename.startswith(skip) and not frame.filename.startswith("<"):
+            code = f" (`{frame.line.strip()}`)" if frame.line else ""
+            return f" at {Path(frame.filename).name}:{frame.lineno}{code}"
+    return ""
+
+
+def _control_flow_hint(e: BaseException) -> str:
+    """What to do when fx stopped at Python control flow on a tensor value (its TraceError)."""
+    if "control flow" not in str(e):
+        return ""
+    return ("; the model branches on a tensor's value (`if` / `while` / `bool()` on a tensor), which a traced graph "
+            "cannot hold: compute both sides and select with torch.where, or, when every input takes the same "
+            "branch, quantize an ONNX export of the model (it records the branch taken)")
+
+
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     """``fx.symbolic_trace(model)`` with one placeholder, the input: every parameter of ``forward`` after the first
     that has a default is traced with its default (fx ``concrete_args``; the placeholder fx keeps for it and the
@@ -385,7 +408,8 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     except Exception as e:  # fx raises many exception types
         extra = (f" ({_signature_text(params)}: *args / **kwargs are traced empty; {_ONLY_X})"
                  if var and params is not None else "")
-        raise UnsupportedModelError(f"torch.fx cannot trace the model: {first_line(e)}{extra}") from e
+        raise UnsupportedModelError(f"torch.fx cannot trace the model{_user_line(e)}: {first_line(e)}{extra}"
+                                    f"{_control_flow_hint(e)}") from e
     # before the GraphModule is made: fx cannot generate code for a placeholder whose default is a tensor
     for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
         for user in list(ph.users):         # the specialization checks fx adds: _assert_is_none(y), _assert(y == 1.0)

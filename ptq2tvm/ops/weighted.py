@@ -270,7 +270,8 @@ class Conv(_Weighted):
 class Linear(_Weighted):
     op, ir_op = "linear", "dense"
     modules = (nn.Linear,)
-    summary = "Linear (on (N, features))"
+    functions = (F.linear,)
+    summary = "Linear (on (N, features); F.linear with constant weights; not x @ W: use nn.Linear or F.linear)"
 
     def trace(self, b: Any, node: Any, name: str, module: Any | None) -> None:
         from ..frontend.graph import FloatNode
@@ -278,8 +279,13 @@ class Linear(_Weighted):
         shape = b.shape(node.args[0])
         if len(shape) != 2:
             raise Unsupported(f"Linear on a {len(shape)}-D input (only 2-D (N, features))")
-        w = module.weight.detach().clone().float()
-        bias = module.bias.detach().clone().float() if module.bias is not None else torch.zeros(w.shape[0])
+        if module is None:      # F.linear(x, weight, bias), weights constant
+            w = b.constant(arg(node, 1, "weight", None)).detach().clone().float()
+            bias = b.constant(arg(node, 2, "bias", None))
+            bias = bias.detach().clone().float() if bias is not None else torch.zeros(w.shape[0])
+        else:
+            w = module.weight.detach().clone().float()
+            bias = module.bias.detach().clone().float() if module.bias is not None else torch.zeros(w.shape[0])
         b.add(FloatNode(name, "linear", [b.inp(node)], {}, weight=w, bias=bias))
 
     def reference(self, node: Any, env: dict[str, np.ndarray]) -> np.ndarray:
