@@ -304,7 +304,36 @@ class QuantModel(nn.Module):
             if n.act is not None:
                 y = act_clamp(y, n.act[0], n.act[1])
             y = self.act_quant[_key(n.name)](y)
+            if opdef.kind == "requant":
+                y = self._integer_requant(opdef, n, env, y)
         return y
+
+    def _integer_requant(self, opdef: Any, n: FloatNode, env: dict[str, torch.Tensor], y: torch.Tensor
+                         ) -> torch.Tensor:
+        """``y`` (the float path of a requantizing op, through its output quantizer) with the values of the integer
+        op (:meth:`ptq2tvm.ops.OpDef.integer_values`: the fold's dyadic multipliers, RHU, the clamp) and ``y``'s
+        gradient. The float path alone rounds ``float32(s_i (q_i - z_i)) / s_out`` half to even, and calibration
+        makes ``s_i / s_out`` a ratio of small integers whenever an op's output range has the max of one of its
+        inputs (a concat always; an add where the other input is 0, an average pool of a saturated window): e.g. 17/14
+        puts every code 7, 21, 35, ... on a half in real arithmetic, float32 lands on the half, the integer network
+        (float32 scales, ratio 17/14 - 2e-8) just below it, 1 LSB apart on 0.6% of a concat's outputs."""
+        q_out = self.act_quant[_key(n.name)]
+        q_ins = [self.act_quantizer(i) for i in n.inputs]
+        if not (q_out.enabled and all(q.enabled for q in q_ins)):
+            return y                # a float input: only the float path is defined
+        if any(q.drop_prob is not None and q.drop_prob < 1.0 for q in (q_out, *q_ins)):
+            return y                # QDrop: elements passed through in float
+        codes = [torch.round(env[i].detach() / q.scale.detach()).to(torch.int64) for i, q in zip(n.inputs, q_ins)]
+        try:
+            v = opdef.integer_values(n, codes, [float(q.scale.detach()) for q in q_ins], float(q_out.scale.detach()))
+        except QuantConfigError:
+            return y                # multipliers the fold refuses, naming the node
+        if v is None:
+            return y
+        z = int(q_out.zero_point)
+        lo, hi = q_out.grid_bounds(*n.act) if n.act else (0, q_out.qmax)
+        exact = (torch.clamp(v + z, lo, hi) - z).to(y.dtype) * q_out.scale.detach()
+        return y + (exact - y).detach()
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -81,6 +81,15 @@ class OpDef:
     #: True when :meth:`forward` applies the output quantizer itself (lookup tables: exact table values)
     quantizes_itself: ClassVar[bool] = False
 
+    def integer_values(self, n: "FloatNode", codes: list["torch.Tensor"], in_scales: list[float], out_scale: float
+                       ) -> "torch.Tensor | None":
+        """A ``requant`` op's integer requantization as the fake-quant model computes it: from the input codes
+        ``q_i - z_i`` (int64 tensors) and the quantizers' scales, the int64 values ``RHU(...)`` before the output zero
+        point and the clamp, with the fold's own multipliers (:meth:`fold` and this share one helper). The fake-quant
+        model returns them (straight-through gradient of its float path), so the op equals the integer network on
+        every element, ties included (``QuantModel._integer_requant``). None: the float path only."""
+        return None
+
     def multiplier_numerator(self, n: "FloatNode", input_scales: list[float]) -> float:
         """The largest requantization multiplier of a ``requant`` node times its output scale, from the scales of its
         data inputs (``n.data_inputs`` order): ``ptq2tvm.fold.bounds.fit_requant_scales`` keeps it below 2^29 s_out.

@@ -16,7 +16,15 @@ import numpy as np
 import torch
 
 from .base import OpDef, Unsupported, register
-from .common import NCHWC, arg, requantize
+from .common import NCHWC, arg, requantize, rhu
+
+
+def _multipliers(in_scales: list[float], out_scale: float, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(m_i, n_i), the dyadic form of s_i / s_out: the fold's integers and the fake-quant model's."""
+    from ..fold.dyadic import dyadic_multipliers
+
+    mant, shift = dyadic_multipliers(np.array([[float(s) / float(out_scale) for s in in_scales]]), f"concat '{name}'")
+    return mant[0], shift
 
 
 @register
@@ -46,18 +54,22 @@ class Concat(OpDef):
     def forward(self, qm: Any, n: Any, env: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([env[i] for i in n.inputs], dim=1)
 
+    def integer_values(self, n: Any, codes: list[torch.Tensor], in_scales: list[float], out_scale: float
+                       ) -> torch.Tensor:
+        mant, shift = _multipliers(in_scales, out_scale, n.name)
+        return torch.cat([rhu(c, m, s) for c, m, s in zip(codes, mant, shift)], dim=1)
+
     def fold(self, f: Any, n: Any):
-        from ..fold.dyadic import dyadic_multipliers
         from ..ir.graph import IntNode
 
         tins = [f.tensors[i] for i in n.inputs]
         tout = f.qtensor(n.name)
-        mant, shift = dyadic_multipliers(np.array([[t.scale / tout.scale for t in tins]]), f"concat '{n.name}'")
+        mant, shift = _multipliers([t.scale for t in tins], tout.scale, n.name)
         lo, hi = f.clamp_bounds(n.name, n.act)
         return IntNode(n.name, "concat", list(n.inputs), tout,
                        dict(zero_points=[t.zero_point for t in tins], channels=[int(t.shape[0]) for t in tins],
                             output_zero_point=tout.zero_point, lo=lo, hi=hi),
-                       dict(multiplier=mant[0], shift=shift))
+                       dict(multiplier=mant, shift=shift))
 
     def reference(self, node: Any, env: dict[str, np.ndarray]) -> np.ndarray:
         a, arr = node.attrs, node.arrays

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import OpDef, Unsupported, register
-from .common import NCHWC, arg, requantize
+from .common import NCHWC, arg, requantize, rhu
 
 INF = math.inf
 
@@ -138,15 +138,25 @@ class Add(OpDef):
     def forward(self, qm: Any, n: Any, env: dict[str, torch.Tensor]) -> torch.Tensor:
         return env[n.inputs[0]] + env[n.inputs[1]]
 
-    def fold(self, f: Any, n: Any):
+    @staticmethod
+    def _multipliers(sa: float, sb: float, s_out: float, c: int, name: str) -> tuple[np.ndarray, np.ndarray]:
         from ..fold.dyadic import dyadic_multipliers
+
+        return dyadic_multipliers(np.stack([np.full(c, sa / s_out), np.full(c, sb / s_out)]), f"add '{name}'")
+
+    def integer_values(self, n: Any, codes: list[torch.Tensor], in_scales: list[float], out_scale: float
+                       ) -> torch.Tensor:
+        mant, shift = self._multipliers(in_scales[0], in_scales[1], out_scale, 1, n.name)
+        m_a, m_b, sh = int(mant[0, 0]), int(mant[1, 0]), int(shift[0])
+        return rhu(codes[0] * m_a + codes[1] * m_b, 1, sh)
+
+    def fold(self, f: Any, n: Any):
         from ..ir.graph import IntNode
 
         ta, tb = f.tensors[n.inputs[0]], f.tensors[n.inputs[1]]
         tout = f.qtensor(n.name)
         c = tout.shape[0]
-        mant, shift = dyadic_multipliers(
-            np.stack([np.full(c, ta.scale / tout.scale), np.full(c, tb.scale / tout.scale)]), f"add '{n.name}'")
+        mant, shift = self._multipliers(ta.scale, tb.scale, tout.scale, c, n.name)
         lo, hi = f.clamp_bounds(n.name, n.act)
         return IntNode(n.name, "add", list(n.inputs), tout,
                        dict(zero_points=[ta.zero_point, tb.zero_point], output_zero_point=tout.zero_point,
@@ -212,14 +222,24 @@ class Mul(OpDef):
         """The multiplier is s_a s_b / s_out: the product of the input scales (not the larger one)."""
         return float(input_scales[0]) * float(input_scales[1])
 
-    def fold(self, f: Any, n: Any):
+    @staticmethod
+    def _multipliers(sa: float, sb: float, s_out: float, c: int, name: str) -> tuple[np.ndarray, np.ndarray]:
         from ..fold.dyadic import dyadic_multipliers
+
+        return dyadic_multipliers(np.full((1, c), sa * sb / s_out), f"mul '{name}'")
+
+    def integer_values(self, n: Any, codes: list[torch.Tensor], in_scales: list[float], out_scale: float
+                       ) -> torch.Tensor:
+        mant, shift = self._multipliers(in_scales[0], in_scales[1], out_scale, 1, n.name)
+        return rhu(codes[0] * codes[1], mant[0, 0], shift[0])
+
+    def fold(self, f: Any, n: Any):
         from ..ir.graph import IntNode
 
         ta, tb = f.tensors[n.inputs[0]], f.tensors[n.inputs[1]]
         tout = f.qtensor(n.name)
         c = tout.shape[0]
-        mant, shift = dyadic_multipliers(np.full((1, c), ta.scale * tb.scale / tout.scale), f"mul '{n.name}'")
+        mant, shift = self._multipliers(ta.scale, tb.scale, tout.scale, c, n.name)
         lo, hi = f.clamp_bounds(n.name, n.act)
         return IntNode(n.name, "mul", list(n.inputs), tout,
                        dict(zero_points=[ta.zero_point, tb.zero_point], output_zero_point=tout.zero_point,

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import OpDef, Unsupported, ir_op, register
-from .common import NCHWC, arg, pair, requantize
+from .common import NCHWC, arg, pair, requantize, rhu
 
 
 def _pool_attrs(kernel: Any, stride: Any, padding: Any, dilation: Any = 1) -> dict[str, Any]:
@@ -177,14 +177,29 @@ class AvgPool(OpDef):
         a = n.attrs
         return F.avg_pool2d(env[n.inputs[0]], a["kernel"], a["stride"], a["padding"], count_include_pad=True)
 
-    def fold(self, f: Any, n: Any):
+    @staticmethod
+    def _multipliers(n: Any, s_in: float, s_out: float, c: int) -> tuple[np.ndarray, np.ndarray]:
         from ..fold.dyadic import dyadic_multipliers
+
+        kh, kw = n.attrs["kernel"]
+        return dyadic_multipliers(np.full((1, c), s_in / (s_out * kh * kw)), f"avgpool '{n.name}'")
+
+    def integer_values(self, n: Any, codes: list[torch.Tensor], in_scales: list[float], out_scale: float
+                       ) -> torch.Tensor:
+        a = n.attrs
+        # the window sums of q - z (padding is z: 0 here), exact in float64 (|sum| <= 2^31), as the integer op forms them
+        acc = F.avg_pool2d(codes[0].double(), a["kernel"], a["stride"], a["padding"], count_include_pad=True,
+                           divisor_override=1)
+        mant, shift = self._multipliers(n, in_scales[0], out_scale, 1)
+        return rhu(torch.round(acc).to(torch.int64), mant[0, 0], shift[0])
+
+    def fold(self, f: Any, n: Any):
         from ..ir.graph import IntNode
 
         tin, tout = f.tensors[n.inputs[0]], f.qtensor(n.name)
         kh, kw = n.attrs["kernel"]
         c = tout.shape[0]
-        mant, shift = dyadic_multipliers(np.full((1, c), tin.scale / (tout.scale * kh * kw)), f"avgpool '{n.name}'")
+        mant, shift = self._multipliers(n, tin.scale, tout.scale, c)
         lo, hi = f.clamp_bounds(n.name, n.act)
         return IntNode(n.name, "avgpool2d", list(n.inputs), tout,
                        dict(kernel=[kh, kw], stride=list(n.attrs["stride"]), padding=list(n.attrs["padding"]),
