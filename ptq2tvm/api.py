@@ -638,12 +638,13 @@ def check_calibration(model: nn.Module, images: np.ndarray, source: str | None =
     return notes
 
 
-def fidelity(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool = True,
+def fidelity(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool | None = None,
              per_layer: bool = False, model_name: str = "the FP32 model") -> FidelityReport:
     """Label-free fidelity of the fake-quant model against FP32 on ``images`` (ideally held-out calibration
     images): output SQNR, top-1 agreement, per-layer SQNR on request (:mod:`ptq2tvm.fidelity_report`). A model
     with several outputs (tuple / list / dict) gets them per output (``report.outputs``); one that only runs at
-    batch 1 is run one image at a time, with a warning naming ``model_name``."""
+    batch 1 is run one image at a time, with a warning naming ``model_name``. ``held_out``: whether ``images``
+    were left out of calibration (True / False is said in the summary; None, the default: not said)."""
     return fidelity_report(model, qm, images, held_out=held_out, per_layer=per_layer, model_name=model_name)
 
 

@@ -60,7 +60,7 @@ class OutputFidelity:
 @dataclass
 class FidelityReport:
     n_images: int
-    held_out: bool               # False: measured on the calibration images themselves
+    held_out: bool | None        # False: measured on the calibration images themselves; None: not said (API)
     sqnr_db: float               # network output(s), fake-quant vs FP32: the worst output's
     top1_agreement: float | None  # of the first (N, classes) output; None when no output is 2-D
     per_layer: list[LayerFidelity] = field(default_factory=list)
@@ -84,8 +84,9 @@ class FidelityReport:
     def summary(self, advice: str | None = None) -> str:
         """The report in lines; a low-fidelity warning ends with ``advice`` (:func:`low_fidelity_advice` of what the
         run already did; default: the advice for a calibration-only run)."""
-        where = f"{self.n_images} images not used for calibration" if self.held_out else \
-            f"{self.n_images} calibration images (no held-out images left)"
+        where = (f"{self.n_images} images" if self.held_out is None else
+                 f"{self.n_images} images not used for calibration" if self.held_out else
+                 f"{self.n_images} calibration images (no held-out images left)")
         if len(self.outputs) > 1:
             label = {o.name: o.name if o.name.startswith("output ") else repr(o.name) for o in self.outputs}
             wn = max(len(v) for v in label.values())
@@ -132,7 +133,7 @@ def low_fidelity_advice(method: str = "rtn", adaqtransform: bool = False, iters:
 
 
 @torch.no_grad()
-def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool = True,
+def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool | None = None,
                     per_layer: bool = False, batch_size: int = 64,
                     model_name: str = "the FP32 model") -> FidelityReport:
     """Compare ``qm`` (fake-quant) with the FP32 ``model`` on ``images`` (float32 NCHW); see the module docstring.

@@ -174,3 +174,20 @@ def test_untraceable_control_flow_names_the_line_and_the_way_out():
     assert "torch.fx cannot trace the model at test_leftovers_s32.py:" in msg, msg
     assert "(`if x.sum() > 0:                                   # data-dependent control flow`)" in msg, msg
     assert "select with torch.where" in msg and "ONNX export" in msg and "\n" not in msg
+
+
+def test_a_crop_larger_than_the_resized_image_warns_of_the_black_bars(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    from ptq2tvm.data import preprocess_image
+
+    Image.fromarray(np.full((96, 40, 3), 200, np.uint8)).save(tmp_path / "tall.png")     # 40 wide, 96 high
+    with pytest.warns(UserWarning, match=r"tall\.png: resized to 37x88 \(width x height, shorter side 37\), smaller "
+                                         r"than the 48x32 crop in one direction: the crop is padded with black bars"):
+        x = preprocess_image(tmp_path / "tall.png", resize=37, crop=(32, 48), mean=(0.0,), std=(1.0,))
+    assert x.shape == (3, 32, 48) and float(x[:, :, 0].max()) == 0.0          # the bar it warns of
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                          # a crop inside the image: silent
+        preprocess_image(tmp_path / "tall.png", resize=48, crop=(32, 48), mean=(0.0,), std=(1.0,))

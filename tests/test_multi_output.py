@@ -134,7 +134,8 @@ def test_fidelity_summary_prints_one_line_per_output(project):
     model.load_state_dict(torch.load(project / "net.pt"))
     x = np.load(project / "data.npz")["images"]
     qm = quantize(model.eval(), x[:32], progress=False)
-    rep = fidelity(model, qm, x[32:])
+    assert fidelity(model, qm, x[:16]).summary().startswith("fidelity vs FP32 (no labels; 16 images): 2 outputs")
+    rep = fidelity(model, qm, x[32:], held_out=True)        # the API says "not used for calibration" when told so
     lines = rep.summary().splitlines()
     assert lines[0].startswith("fidelity vs FP32 (no labels; 16 images not used for calibration): 2 outputs")
     assert lines[1].startswith("  'feat'    (N, 3, 6, 6)  SQNR ") and "top-1" not in lines[1]

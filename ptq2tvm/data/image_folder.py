@@ -376,7 +376,13 @@ def preprocess_image(path: str | Path, resize: int | None = 256, crop: int | tup
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if crop:
-        arr = center_crop(arr, _size2(crop))
+        ch, cw = _size2(crop)
+        if arr.shape[0] < ch or arr.shape[1] < cw:       # torchvision's CenterCrop pads too, silently
+            warnings.warn(f"{path.name}: resized to {arr.shape[1]}x{arr.shape[0]} (width x height, shorter side "
+                          f"{resize}), smaller than the {cw}x{ch} crop in one direction: the crop is padded with "
+                          f"black bars; give --resize at least {max(ch, cw)} (or 0: straight to the crop size) for "
+                          "images of another aspect ratio", UserWarning, stacklevel=2)
+        arr = center_crop(arr, (ch, cw))
     x = arr.astype(np.float32) * np.float32(1 / 255)
     x = (x - m) / s
     return np.ascontiguousarray(x.transpose(2, 0, 1))

@@ -102,8 +102,8 @@ def describe_nonfinite(qm: QuantModel, batch: torch.Tensor, first_image: int = 0
                 pb = ~torch.isfinite(p)
                 if pb.any():
                     ch = torch.nonzero(pb.reshape(p.shape[0], -1).any(dim=1)).flatten().tolist()
-                    return (f"non-finite activation seen during calibration: {where}: its {pname} (BatchNorm folded "
-                            f"in) has {int(pb.sum())} NaN/Inf value(s) in output channel(s) {ch[:8]}")
+                    return (f"non-finite activation seen during calibration: {where}: its {pname} (with any "
+                            f"BatchNorm after it folded in) has {int(pb.sum())} NaN/Inf value(s) in output channel(s) {ch[:8]}")
             return (f"non-finite activation seen during calibration: {where}: its parameters are finite (max |weight| "
                     f"{float(layer.weight.detach().abs().max()):.3g}), the float32 result overflows")
         return f"non-finite activation seen during calibration: {where}"
