@@ -4,15 +4,17 @@
 Steps: load + ``onnx.checker`` (clear error for a missing, truncated or corrupted file) -> fold ``Constant`` and
 ``Identity``-of-initializer nodes into initializers (torch's exporter writes those for shared parameters, and
 onnx2torch cannot read a Conv bias through an Identity) -> the dynamo exporter's ``ReduceMean`` (spatial) /
-``Reshape`` (to (N, features)) rewritten as ``GlobalAveragePool`` / ``Flatten`` -> check every node against the ONNX
-ops ptq2tvm handles
-(one error naming every unsupported ONNX node and its op type, and every Resize that is not an exact nearest
+``Reshape`` (each sample's features flattened: (N, C, H, W) -> (N, C*H*W), constant or computed target) rewritten as
+``GlobalAveragePool`` / ``Flatten`` -> check every node against the ONNX ops ptq2tvm handles
+(one error naming every unsupported ONNX node and its op type, with the reason for a ReduceMean / Reshape of another
+kind and for every Resize that is not an exact nearest
 upsampling by integer factors) -> onnx2torch -> rewrite onnx2torch's own modules into the plain torch ops the tracer
 knows (``Add`` / ``Mul`` of two tensors -> ``operator.add`` / ``operator.mul``, ``Concat`` -> ``torch.cat``,
 ``GlobalAveragePool`` -> ``AdaptiveAvgPool2d(1)``, ``Clip(min, max)`` -> ``Hardtanh``, ``HardSigmoid(1/6, 1/2)`` ->
 ``Hardsigmoid``, ``Tanh`` -> ``nn.Tanh``, ``Resize`` with constant integer scales -> ``Upsample`` nearest). Several
-outputs come back as a dict keyed by the ONNX output names. Layers are named after their ONNX nodes (``/layer1/layer1.0/conv1/Conv`` ->
-``layer1_layer1_0_conv1``).
+outputs come back as a dict keyed by the ONNX output names. Layers are named by the torch module path the exporter
+recorded, as the torch model's are (``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``; for the dynamo exporter
+the weights' names and each node's ``pkg.torch.onnx.name_scopes`` metadata: :func:`_layer_names`).
 
 onnx2torch 1.5.15 declares torchvision as a dependency and imports it at import time, only for its NonMaxSuppression
 and RoiAlign converters (neither op is accepted here). It is installed with ``--no-deps``; if torchvision cannot be
@@ -158,31 +160,110 @@ def _module_path(name: str, op_type: str) -> str:
     return re.sub(r"[^\w.]", "_", ".".join(path)).strip(".")
 
 
-def _layer_names(nodes: list[Any]) -> list[str]:
-    """A unique layer name per ONNX node: its torch module path when it has one, else op type + index; a name that
-    would also be a parent of another is flattened with '_'."""
-    raw = []
+#: the metadata key under which torch's dynamo exporter records each node's module scopes, e.g.
+#: ``"['', 'stem', 'stem.1', '_native_batch_norm_legit_no_training']"``: the root, each enclosing module's path, then
+#: the FX node's own name
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+#: ops whose second input is a weight: torch's dynamo exporter names that initializer ``<module path>.weight``
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _is_path(p: str) -> bool:
+    """Whether ``p`` reads as a torch module path ('layer1.0.conv1'): dot-separated identifiers / indices."""
+    return bool(p) and all(part.isidentifier() or part.isdigit() for part in p.split("."))
+
+
+def _dynamo_scope(n: Any) -> tuple[str, str] | None:
+    """(module path, FX node name) that torch's dynamo exporter recorded in the metadata of ONNX node ``n`` (the
+    module path is '' for a node of the root module's own forward), or None when the metadata is missing or
+    unreadable (other exporters; a file the onnx version converter rewrote, which drops metadata)."""
+    import ast
+
+    raw = next((p.value for p in n.metadata_props if p.key == _NAME_SCOPES), None)
+    if raw is None:
+        return None
+    try:
+        scopes = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if not isinstance(scopes, list) or not scopes or not all(isinstance(x, str) for x in scopes):
+        return None
+    # a module called again may be recorded as 'blocks.a@1': the same module, so the same path
+    module = ".".join(re.sub(r"@\d+$", "", part) for part in scopes[-2].split(".")) if len(scopes) > 1 else ""
+    return module, scopes[-1]
+
+
+def _layer_names(nodes: list[Any], inits: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """A unique layer name per ONNX node: its torch module path when it has one, else a generated name; a name that
+    would also be a parent of another is flattened with '_'.
+
+    The module path comes from the node's name for torch's legacy exporter ('/layer1/layer1.0/conv1/Conv' ->
+    'layer1.0.conv1'). For other nodes (torch's dynamo exporter names them 'node_conv2d', 'node_Conv_86'): the weight's
+    name for a Conv / Gemm whose weight is the initializer ``<path>.weight`` (the exporter names parameters by their
+    module path; this is also right for a Conv with its BatchNorm folded in, whose metadata names the BatchNorm), else
+    the module path in the node's ``pkg.torch.onnx.name_scopes`` metadata, else for a node of the root module's own
+    forward the FX node name recorded there ('cat', 'view'). Without any of those: today's name (the node's name when
+    it is an identifier, else op type + index). Module paths are given out first, so a generated name never takes one.
+    """
+    raw: list[str] = []
+    primary: list[bool] = []
     for i, n in enumerate(nodes):
+        legacy = n.name.startswith("/")
         p = _module_path(n.name, n.op_type) if n.name else ""
-        ok = p and all(part.isidentifier() or part.isdigit() for part in p.split("."))
-        raw.append(p if ok else f"{n.op_type.lower()}_{i}")
+        fallback = p if _is_path(p) else f"{n.op_type.lower()}_{i}"
+        scope = None if legacy else _dynamo_scope(n)
+        weight = n.input[1] if not legacy and n.op_type in _WEIGHTED_OPS and len(n.input) > 1 else ""
+        if weight in inits and weight.endswith(".weight") and _is_path(weight[: -len(".weight")]):
+            raw.append(weight[: -len(".weight")])
+            primary.append(True)
+        elif scope is not None and _is_path(scope[0]):
+            raw.append(scope[0])
+            primary.append(True)
+        elif scope is not None and scope[1].isidentifier():
+            raw.append(scope[1])
+            primary.append(False)
+        else:
+            raw.append(fallback)
+            primary.append(True)
     parents = {".".join(r.split(".")[:k]) for r in raw for k in range(1, r.count(".") + 1)}
-    out, taken = [], set()
-    for r in raw:
-        base = r.replace(".", "_") if r in parents else r
-        name, k = base, 1
-        while name in taken or name in parents:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        out.append(name)
+    out: list[str] = [""] * len(raw)
+    taken: set[str] = set()
+    for first in (True, False):
+        for i, r in enumerate(raw):
+            if primary[i] != first:
+                continue
+            base = r.replace(".", "_") if r in parents else r
+            name, k = base, 1
+            while name in taken or name in parents:
+                name, k = f"{base}_{k}", k + 1
+            taken.add(name)
+            out[i] = name
     return out
 
 
-def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str, tuple[str, str]]]:
-    """Fold Constant / Identity-of-initializer nodes, check the op types, give every node a clean unique name.
+def _constant_value(n: Any) -> Any:
+    """The array of a ``Constant`` node given by ``value`` or ``value_int(s)`` / ``value_float(s)`` (the dynamo
+    exporter writes shape pieces as ``value_ints`` when its graph optimizer is off), else None (left as a node)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if len(n.attribute) != 1:
+        return None
+    a = n.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    kinds = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32, "value_floats": np.float32}
+    return np.array(helper.get_attribute_value(a), dtype=kinds[a.name]) if a.name in kinds else None
+
+
+def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str, tuple[str, str, str]]]:
+    """Fold Constant / Identity-of-initializer nodes, read the dynamo exporter's global average pool / flatten
+    (:func:`_pool_and_flatten_as_ops`), check the op types, give every node a clean unique layer name
+    (:func:`_layer_names`).
 
     Returns the model (modified in place) and ``onnx2torch module name -> (ONNX node name, op type, layer name)``. Raises
-    :class:`UnsupportedModelError` listing every unsupported ONNX node, and for a model with several data inputs
+    :class:`UnsupportedModelError` listing every unsupported ONNX node (with the reason for a ReduceMean / Reshape /
+    Resize of a form it cannot read), and for a model with several data inputs
     (initializers aside). Several outputs are fine (returned as a dict by ONNX output name: :func:`onnx_to_torch`)."""
     from onnx import numpy_helper
 
@@ -198,8 +279,9 @@ def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str,
         ins = [rename.get(i, i) for i in n.input]
         del n.input[:]
         n.input.extend(ins)
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.attribute and n.attribute[0].name == "value":
-            g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(n.attribute[0].t), n.output[0]))
+        value = _constant_value(n) if n.op_type == "Constant" and n.domain in ("", "ai.onnx") else None
+        if value is not None:
+            g.initializer.append(numpy_helper.from_array(value, n.output[0]))
             inits.add(n.output[0])
             continue
         if n.op_type == "Identity" and n.input and n.input[0] in inits and n.output[0] not in {o.name for o in g.output}:
@@ -208,8 +290,9 @@ def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str,
         keep.append(n)
     del g.node[:]
     g.node.extend(keep)
-    _pool_and_flatten_as_ops(model)
+    reasons = _pool_and_flatten_as_ops(model)
     bad = [f"'{n.name or '(unnamed)'}' ({n.op_type}{'' if n.domain in ('', 'ai.onnx') else ', domain ' + n.domain})"
+           + (f": {reasons[n.output[0]]}" if n.output and n.output[0] in reasons else "")
            for n in g.node if n.op_type not in SUPPORTED_ONNX_OPS or n.domain not in ("", "ai.onnx")]
     bad += [f"'{n.name or '(unnamed)'}' (Resize): {why}" for n in g.node
             if n.op_type == "Resize" and (why := _check_resize(n)) is not None]
@@ -217,36 +300,142 @@ def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str,
         raise UnsupportedModelError(f"{len(bad)} unsupported ONNX node(s) in {path}:\n  " + "\n  ".join(bad)
                                     + f"\nSupported ONNX ops: {', '.join(SUPPORTED_ONNX_OPS)}.")
     names: dict[str, tuple[str, str, str]] = {}
-    for n, layer in zip(g.node, _layer_names(list(g.node))):
+    for n, layer in zip(g.node, _layer_names(list(g.node), inits)):
         ident = layer.replace(".", "__")  # onnx2torch's module names cannot contain dots
         names[ident] = (n.name, n.op_type, layer)
         n.name = ident
     return model, names
 
 
-def _pool_and_flatten_as_ops(model: Any) -> None:
+#: ops that compute shapes (the dynamo exporter's ``x.view(x.size(0), -1)`` without its graph optimizer:
+#: Shape -> Squeeze -> Reshape -> Concat): read by :func:`_shape_value`, dropped once nothing reads them
+_SHAPE_OPS = ("Shape", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Cast", "Reshape", "Flatten", "Identity")
+
+
+def _fmt_shape(dims: list[Any]) -> str:
+    """(1, 16, 5, 5); a symbolic dim by its symbol, an unknown one as '?'."""
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _shape_value(name: str, producers: dict[str, Any], consts: dict[str, Any],
+                 shapes: dict[str, list[Any]], depth: int = 0) -> list[Any] | None:
+    """The values of the small integer tensor ``name`` (a Reshape's target shape, a ReduceMean's axes), flattened: an
+    initializer's ints, or what a chain of Shape / Gather / Slice / Concat / (Un)Squeeze / Reshape / Cast / Identity
+    nodes computes from initializers and from the dims shape inference gives (a dim of a tensor is its size, its
+    symbol when dynamic, or a token equal only to itself when unknown). None when it cannot be read so."""
+    from onnx import helper
+
+    if name in consts:
+        v = consts[name]
+        return [int(x) for x in v.reshape(-1)] if v.dtype.kind in "iu" and v.size <= 64 else None
+    n = producers.get(name)
+    if n is None or depth > 32 or n.domain not in ("", "ai.onnx") or n.op_type not in _SHAPE_OPS:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+
+    def arg(i: int) -> list[Any] | None:
+        if len(n.input) <= i or not n.input[i]:
+            return None
+        return _shape_value(n.input[i], producers, consts, shapes, depth + 1)
+
+    if n.op_type == "Shape":
+        dims = shapes.get(n.input[0])
+        if dims is None:
+            return None
+        start, end = int(attrs.get("start", 0)), attrs.get("end")
+        picked = list(enumerate(dims))[start:None if end is None else int(end)]
+        return [f"?{n.input[0]}[{i}]" if d is None else d for i, d in picked]
+    if n.op_type == "Concat":
+        if int(attrs.get("axis", 0)) != 0:
+            return None
+        parts = [arg(i) for i in range(len(n.input))]
+        return None if any(p is None for p in parts) else [d for p in parts for d in p]
+    if n.op_type == "Gather":
+        data, idx = arg(0), arg(1)
+        if data is None or idx is None or int(attrs.get("axis", 0)) != 0 or not all(isinstance(i, int) for i in idx):
+            return None
+        return [data[i] for i in idx] if all(-len(data) <= i < len(data) for i in idx) else None
+    if n.op_type == "Slice":
+        data, starts, ends = arg(0), arg(1), arg(2)
+        axes = arg(3) if len(n.input) > 3 and n.input[3] else [0]
+        steps = arg(4) if len(n.input) > 4 and n.input[4] else [1]
+        params = [starts, ends, axes, steps]
+        if data is None or any(p is None or len(p) != 1 or not isinstance(p[0], int) for p in params):
+            return None
+        if axes not in ([0], [-1]) or steps == [0]:
+            return None
+        return data[slice(starts[0], ends[0], steps[0])]
+    return arg(0)  # Squeeze / Unsqueeze / Reshape / Flatten / Cast / Identity: the same values
+
+
+def _flatten_reason(dims: list[Any] | None, target: list[Any] | None, allowzero: int) -> str | None:
+    """None when a Reshape of a tensor of shape ``dims`` to ``target`` (read by :func:`_shape_value`) gives
+    (N, product of the other dims), i.e. is ``Flatten(axis=1)``, else why not. Accepted targets: (batch or -1,
+    features), (batch, -1), with 'batch' a 0 (unless ``allowzero``), the same symbol as the input's batch dim, or its
+    size when fixed (the dynamo exporter bakes the example's batch in: the Flatten then takes any batch size); a
+    constant 1 is also read as the batch of an input whose batch is dynamic when the features are spelled out."""
+    why = "only flattening the features of each sample into one dim, (N, C*H*W), is supported"
+    if dims is None:
+        return f"input shape unknown (shape inference failed); {why}"
+    shown = _fmt_shape(dims)
+    if target is None:
+        return f"Reshape of a {shown} tensor to a shape computed in the graph that could not be read; {why}"
+    tgt = _fmt_shape(target)
+    bad = f"Reshape of a {shown} tensor to {tgt}; {why}"
+    if len(dims) < 2 or len(target) != 2:
+        return bad
+    batch, rest = dims[0], dims[1:]
+    features = int(math.prod(rest)) if all(isinstance(d, int) for d in rest) else None
+    a, b = target
+    if not allowzero:
+        a = batch if a == 0 else a
+        b = dims[1] if b == 0 else b
+    if a == -1:
+        ok = features is not None and b == features
+    else:
+        same_batch = a == batch and batch is not None
+        ok = (same_batch and (b == -1 or (features is not None and b == features))) or (
+            a == 1 and not isinstance(batch, int) and features is not None and b == features)
+    return None if ok else bad
+
+
+def _pool_and_flatten_as_ops(model: Any) -> dict[str, str]:
     """Rewrite, in place, the spellings of global average pooling and flattening that torch's dynamo exporter (the
     default of ``torch.onnx.export`` since torch 2.9) writes into the ops the importer handles: ``ReduceMean`` over
-    the two spatial axes of a 4-D tensor -> ``GlobalAveragePool`` (+ ``Flatten`` when ``keepdims=0``), and
-    ``Reshape`` of an (N, C, 1, 1) or (N, F) tensor to a constant 2-D shape that keeps the features together
-    ((1, F), (-1, F), (0, -1), (N, -1): the exporter bakes the example's batch size in) -> ``Flatten(axis=1)``
-    (any batch size). Any other ReduceMean / Reshape is left alone and rejected by name afterwards."""
+    the two spatial axes of a 4-D tensor -> ``GlobalAveragePool`` (+ ``Flatten`` when ``keepdims=0``), and a
+    ``Reshape`` that flattens the features of each sample of a tensor of any rank ((N, C, H, W) -> (N, C*H*W): the
+    targets :func:`_flatten_reason` accepts, constant or computed from the graph's shapes by Shape / Gather / Concat
+    nodes, which are then dropped) -> ``Flatten(axis=1)`` (any batch size). The rewritten nodes keep their names and
+    metadata.
+
+    Returns ``{output name: why}`` for every other ReduceMean / Reshape, left alone and rejected by name afterwards
+    with that reason."""
     import onnx
     from onnx import helper, numpy_helper
 
     g = model.graph
+    why: dict[str, str] = {}
     try:
         inferred = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # noqa: BLE001 - shape inference is best effort; without it nothing is rewritten
-        return
-    shapes: dict[str, list[int | None]] = {}
+    except Exception as e:  # noqa: BLE001 - shape inference is best effort; without it nothing is rewritten
+        for n in g.node:
+            if n.op_type in ("ReduceMean", "Reshape") and n.output:
+                why[n.output[0]] = f"ONNX shape inference failed ({type(e).__name__}), so its shapes are unknown"
+        return why
+    shapes: dict[str, list[Any]] = {}
     for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
-        dims = v.type.tensor_type.shape.dim
-        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        if v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param if d.HasField("dim_param")
+                              else None for d in v.type.tensor_type.shape.dim]
     consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
 
     def attr(n: Any, name: str, default: Any) -> Any:
         return next((helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
+
+    def like(new: Any, n: Any) -> Any:
+        new.metadata_props.extend(n.metadata_props)  # the module path :func:`_layer_names` reads
+        return new
 
     out = []
     for n in g.node:
@@ -254,28 +443,46 @@ def _pool_and_flatten_as_ops(model: Any) -> None:
             out.append(n)
             continue
         shape = shapes.get(n.input[0]) if n.input else None
-        if n.op_type == "ReduceMean" and shape is not None and len(shape) == 4:
-            axes = consts.get(n.input[1]) if len(n.input) > 1 and n.input[1] else attr(n, "axes", None)
-            if axes is not None and sorted(int(a) % 4 for a in list(axes)) == [2, 3]:
+        if n.op_type == "ReduceMean":
+            axes_input = len(n.input) > 1 and bool(n.input[1])
+            axes = _shape_value(n.input[1], producers, consts, shapes) if axes_input else attr(n, "axes", None)
+            if (shape is not None and len(shape) == 4 and axes is not None and all(isinstance(a, int) for a in axes)
+                    and sorted(int(a) % 4 for a in axes) == [2, 3]):
                 if attr(n, "keepdims", 1):
-                    out.append(helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output), name=n.name))
+                    gap = helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output), name=n.name)
+                    out.append(like(gap, n))
                 else:
                     mid = n.output[0] + "__gap"
-                    out.append(helper.make_node("GlobalAveragePool", [n.input[0]], [mid], name=n.name))
-                    out.append(helper.make_node("Flatten", [mid], list(n.output), name=n.name + "__flatten", axis=1))
+                    out.append(like(helper.make_node("GlobalAveragePool", [n.input[0]], [mid], name=n.name), n))
+                    out.append(like(helper.make_node("Flatten", [mid], list(n.output), name=n.name + "__flatten",
+                                                     axis=1), n))
                 continue
-        if n.op_type == "Reshape" and shape is not None and len(n.input) > 1 and n.input[1] in consts:
-            target = [int(v) for v in consts[n.input[1]].reshape(-1)]
-            features = shape[1:]
-            flat = int(math.prod(features)) if features and all(features) else None
-            spatial_ones = len(shape) == 2 or (len(shape) == 4 and shape[2:] == [1, 1])
-            if (len(target) == 2 and spatial_ones and flat is not None and target[1] in (flat, -1)
-                    and (target[0] in (-1, 0, 1) or target[0] == shape[0]) and not (target[0] == -1 == target[1])):
-                out.append(helper.make_node("Flatten", [n.input[0]], list(n.output), name=n.name, axis=1))
+            over = ("axes computed in the graph" if axes is None and axes_input else "all axes" if axes is None
+                    else f"axes {list(axes)}")
+            why[n.output[0]] = (f"ReduceMean of a {'?' if shape is None else _fmt_shape(shape)} tensor over {over}: "
+                                "only the mean over the two spatial axes of an (N, C, H, W) tensor (global average "
+                                "pooling) is supported")
+        if n.op_type == "Reshape" and len(n.input) > 1:
+            target = _shape_value(n.input[1], producers, consts, shapes)
+            reason = _flatten_reason(shape, target, int(attr(n, "allowzero", 0)))
+            if reason is None:
+                out.append(like(helper.make_node("Flatten", [n.input[0]], list(n.output), name=n.name, axis=1), n))
                 continue
+            why[n.output[0]] = reason
         out.append(n)
+    # the shape computations that only fed rewritten Reshapes are read by nothing now: drop them
+    graph_outputs = {o.name for o in g.output}
+    while True:
+        read = {i for n in out for i in n.input} | graph_outputs
+        dead = [n for n in out if n.op_type in _SHAPE_OPS and n.domain in ("", "ai.onnx")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        gone = {id(d) for d in dead}
+        out = [n for n in out if id(n) not in gone]
     del g.node[:]
     g.node.extend(out)
+    return why
 
 
 def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: str | Path) -> fx.GraphModule:
