@@ -311,8 +311,10 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     run = save_run(RunDir(out), model, spec, qm, graph, data=data, preprocess=prep, calib_size=int(len(calib)),
                    method=args.method, seed=args.seed, weights=weights, data_warnings=notes,
                    fidelity=fid.to_dict() if fid else None, bits=bits, **recon, **mixed)
-    if report is not None:
-        Checkpoint.remove(ckpt_dir)
+    pending = None if report is not None else RunDir(out).pending_quantize()
+    if Checkpoint.remove(ckpt_dir) and pending:      # the finished run supersedes an interrupted one of other settings
+        print(f"removed the checkpoint of an interrupted earlier quantize into {out} ({pending}): this run replaces it",
+              file=sys.stderr)
     superseded = run.superseded + [n for n in stale if n not in run.superseded]
     if superseded:
         built = any(n.endswith((".so", "/")) for n in superseded)       # a library or a bundle was removed

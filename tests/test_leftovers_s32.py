@@ -144,6 +144,12 @@ def test_an_interrupted_quantize_over_a_run_is_refused_until_resumed(tmp_path, c
     rc, _, err = run_cli(capsys, *recon, "--out", "runs/r")                     # resumed: the new run, usable
     assert rc == 0 and "resuming: 1/" in err, err
     assert run_cli(capsys, "compile", "runs/r", "--no-progress")[0] == 0
+    # an interrupted run, then an RTN quantize (no reconstruction) into the same folder: the new run replaces it
+    monkeypatch.setattr(Checkpoint, "save", save_then_interrupt)
+    assert run_cli(capsys, *recon, "--seed", 1, "--out", "runs/r")[0] == 130
+    rc, _, err = run_cli(capsys, *base, "--out", "runs/r")
+    assert rc == 0 and "removed the checkpoint of an interrupted earlier quantize into runs/r (W4A4 adaround" in err
+    assert run_cli(capsys, "compile", "runs/r", "--no-progress")[0] == 0
     # a first quantize into a new folder, interrupted: said so, not "not a run directory"
     monkeypatch.setattr(Checkpoint, "save", save_then_interrupt)
     assert run_cli(capsys, *recon, "--out", "runs/new")[0] == 130
