@@ -97,12 +97,27 @@ class RunDir:
         """Where ``quantize`` keeps its resumable reconstruction checkpoint until the run is saved."""
         return self.path / RECON_CHECKPOINT
 
+    @property
+    def pending_marker(self) -> Path:
+        """The file ``quantize`` writes before its long steps and removes with the checkpoint once the run is saved:
+        a Ctrl-C before the first reconstruction unit finishes (or during an RTN / mixed-precision quantize) leaves
+        no checkpoint state, but this."""
+        return self.recon_checkpoint / "pending.json"
+
+    def mark_pending(self, what: str) -> None:
+        """Record that a ``quantize`` of ``what`` ("W2A4 qdrop") into this folder has started (:attr:`pending_marker`)."""
+        write_json(self.pending_marker, {"quantize": what})
+
     def pending_quantize(self) -> str | None:
         """A sentence on an interrupted ``quantize`` into this folder ("W4A4 qdrop, 3/7 units done"), from its
-        reconstruction checkpoint; None when there is none."""
+        reconstruction checkpoint (or its :attr:`pending_marker`: "W2A4 qdrop, stopped before its first
+        reconstruction unit finished"); None when there is none."""
         state_path = self.recon_checkpoint / "state.json"
         if not state_path.is_file():
-            return None
+            what = _json_field(self.pending_marker, "quantize")
+            if what is None:
+                return None
+            return f"{what}, stopped before any reconstruction unit was saved"
         try:
             state = json.loads(state_path.read_text())
         except ValueError:
@@ -130,7 +145,7 @@ class RunDir:
                 if self.info_path.is_file() else f"`rm -r {shlex.quote(str(self.path))}` to drop it")
         raise ArtifactError(f"{self.path}: a `ptq2tvm quantize` into this folder was interrupted ({pending}; "
                             f"checkpoint {self.recon_checkpoint}), so {held}: re-run that quantize command to "
-                            f"resume and finish it, or {drop}")
+                            f"finish it (it resumes from the last saved unit), or {drop}")
 
     def info(self) -> dict[str, Any]:
         """run.json. Raises :class:`ArtifactError` when it is missing or corrupted, or when a later ``quantize``
@@ -181,6 +196,7 @@ class RunDir:
         """The run's .so (default ``model.so``), loaded only if it was compiled from this run's integer graph."""
         if so is not None and not str(so).strip():
             raise ArtifactError("the .so path is empty (leave the option out for the run's model.so)")
+        self.check_not_interrupted()          # before loading a library the folder may not describe
         so = Path(so) if so else self.so
         if not so.exists():
             raise ArtifactError(f"{so} not found: compile it with {self._compile_command(so)}")

@@ -269,6 +269,9 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     notes = list(ds.extra.get("notes", [])) + check_calibration(model, calib, source)
     for n in notes:
         print(f"warning: {n}", file=sys.stderr)
+    # from here on a Ctrl-C leaves a folder that every command refuses (RunDir.check_not_interrupted) until the rerun
+    earlier = RunDir(out).pending_quantize()          # an interrupted quantize before this one
+    RunDir(out).mark_pending(f"W{args.w_bits}A{args.a_bits} {args.method}")
     from .mixed.cli import mixed_config
 
     config, mixed = mixed_config(args, model, calib, config, out)
@@ -311,9 +314,8 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     run = save_run(RunDir(out), model, spec, qm, graph, data=data, preprocess=prep, calib_size=int(len(calib)),
                    method=args.method, seed=args.seed, weights=weights, data_warnings=notes,
                    fidelity=fid.to_dict() if fid else None, bits=bits, **recon, **mixed)
-    pending = None if report is not None else RunDir(out).pending_quantize()
-    if Checkpoint.remove(ckpt_dir) and pending:      # the finished run supersedes an interrupted one of other settings
-        print(f"removed the checkpoint of an interrupted earlier quantize into {out} ({pending}): this run replaces it",
+    if Checkpoint.remove(ckpt_dir) and earlier and report is None:   # this run supersedes an interrupted one
+        print(f"removed the checkpoint of an interrupted earlier quantize into {out} ({earlier}): this run replaces it",
               file=sys.stderr)
     superseded = run.superseded + [n for n in stale if n not in run.superseded]
     if superseded:

@@ -97,7 +97,9 @@ def test_symlinked_folders_inside_a_class_are_followed_once(tmp_path):
     _png(tmp_path / "imgs" / "b" / "own.png", 2)
     os.symlink(tmp_path / "elsewhere", tmp_path / "imgs" / "a" / "linked")
     os.symlink(tmp_path / "imgs" / "b", tmp_path / "imgs" / "b" / "loop")          # a link back up: listed once
-    idx = index_folder(tmp_path / "imgs")
+    os.symlink(tmp_path / "imgs", tmp_path / "imgs" / "b" / "up")                  # to an ancestor: skipped, said
+    with pytest.warns(UserWarning, match=r"b/up links to .*imgs, a folder that holds .*imgs/b itself: skipped"):
+        idx = index_folder(tmp_path / "imgs")
     names = [p.relative_to(tmp_path / "imgs").as_posix() for p in idx.files]
     assert names == ["a/linked/0.png", "a/linked/1.png", "a/own.png", "b/own.png"], names
     assert list(idx.labels) == [0, 0, 0, 1]
@@ -139,8 +141,11 @@ def test_an_interrupted_quantize_over_a_run_is_refused_until_resumed(tmp_path, c
         assert rc == 2 and len(line) == 1 and "Traceback" not in err, (cmd, err)
         assert "runs/r: a `ptq2tvm quantize` into this folder was interrupted (W4A4 adaround, 1/" in line[0], line
         assert "its run.json and artifacts still describe the previous run (W8A8)" in line[0]
-        assert "re-run that quantize command to resume and finish it, or delete runs/r/recon_checkpoint" in line[0]
+        assert "re-run that quantize command to finish it (it resumes from the last saved unit), or delete " \
+            "runs/r/recon_checkpoint" in line[0]
     monkeypatch.setattr(Checkpoint, "save", real_save)
+    rc, _, err = run_cli(capsys, *recon, "--seed", 3, "--out", "runs/r")        # other settings: the checkpoint named
+    assert rc == 2 and "holds a reconstruction checkpoint of a different run (W4A4 adaround, 1 units done)" in err
     rc, _, err = run_cli(capsys, *recon, "--out", "runs/r")                     # resumed: the new run, usable
     assert rc == 0 and "resuming: 1/" in err, err
     assert run_cli(capsys, "compile", "runs/r", "--no-progress")[0] == 0
@@ -187,13 +192,51 @@ def test_a_crop_larger_than_the_resized_image_warns_of_the_black_bars(tmp_path):
 
     from PIL import Image
 
-    from ptq2tvm.data import preprocess_image
+    from ptq2tvm.data import image_folder, preprocess_image
 
+    image_folder._PADDED_CROPS.clear()                                          # warned once per size per process
     Image.fromarray(np.full((96, 40, 3), 200, np.uint8)).save(tmp_path / "tall.png")     # 40 wide, 96 high
-    with pytest.warns(UserWarning, match=r"tall\.png: resized to 37x88 \(width x height, shorter side 37\), smaller "
-                                         r"than the 48x32 crop in one direction: the crop is padded with black bars"):
+    with pytest.warns(UserWarning, match=r"tall\.png \(and any other image of its size\): resized to 88x37 "
+                                         r"\(height x width; shorter side 37\), smaller than the 32x48 center crop: "
+                                         r"the crop is padded with black bars"):
         x = preprocess_image(tmp_path / "tall.png", resize=37, crop=(32, 48), mean=(0.0,), std=(1.0,))
     assert x.shape == (3, 32, 48) and float(x[:, :, 0].max()) == 0.0          # the bar it warns of
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                          # a crop inside the image: silent
         preprocess_image(tmp_path / "tall.png", resize=48, crop=(32, 48), mean=(0.0,), std=(1.0,))
+
+
+def test_an_interrupt_before_the_first_unit_is_saved_is_refused_too(tmp_path, capsys, monkeypatch):
+    """Breaker finding: a Ctrl-C before the first reconstruction unit finished (always for nwq / network: one unit)
+    left no checkpoint state, so every command used the previous run; an error (not an interrupt) leaves the previous
+    run usable."""
+    from conftest import run_cli
+
+    import ptq2tvm.api as api
+    from ptq2tvm.errors import DataError
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    base = ["quantize", "--model", "resnet_small", "--data", "x.npy", "--calib-size", 8, "--fidelity-images", 0,
+            "--no-progress", "--out", "runs/r"]
+    assert run_cli(capsys, *base)[0] == 0
+    real = api.quantize_with_report
+
+    def fail(exc):
+        def quantize_with_report(*a, **k):
+            raise exc
+        return quantize_with_report
+
+    monkeypatch.setattr(api, "quantize_with_report", fail(DataError("simulated failure")))
+    assert run_cli(capsys, *base, "--w-bits", 2, "--a-bits", 4, "--method", "nwq")[0] == 2
+    rc, _, err = run_cli(capsys, "compile", "runs/r", "--no-progress")
+    assert rc == 0, err                                                             # an error: the old run stays usable
+    monkeypatch.setattr(api, "quantize_with_report", fail(KeyboardInterrupt()))
+    assert run_cli(capsys, *base, "--w-bits", 2, "--a-bits", 4, "--method", "nwq")[0] == 130
+    rc, _, err = run_cli(capsys, "parity", "runs/r", "--n", 4)
+    assert rc == 2 and "interrupted (W2A4 nwq, stopped before any reconstruction unit was saved" in err, err
+    assert "still describe the previous run (W8A8)" in err
+    monkeypatch.setattr(api, "quantize_with_report", real)
+    rc, _, err = run_cli(capsys, *base)                                              # a finished run replaces it
+    assert rc == 0 and "removed the checkpoint of an interrupted earlier quantize into runs/r (W2A4 nwq" in err
+    assert run_cli(capsys, "compile", "runs/r", "--no-progress")[0] == 0

@@ -51,9 +51,15 @@ def _images_under(d: Path) -> list[Path]:
     (``.ipynb_checkpoints``, ``.DS_Store``) are skipped at every level."""
     imgs: list[Path] = []
     seen: set[str] = set()
+    top = os.path.realpath(d)
     for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:                  # a link back up the tree (or to a folder already listed): once only
+        if real in seen:                  # a folder already listed (a link to it): once only
+            dirnames[:] = []
+            continue
+        if dirpath != str(d) and (top == real or top.startswith(real + os.sep)):
+            warnings.warn(f"{dirpath} links to {real}, a folder that holds {d} itself: skipped (its images would "
+                          f"be labelled as {d.name}'s)", UserWarning, stacklevel=3)
             dirnames[:] = []
             continue
         seen.add(real)
@@ -348,6 +354,10 @@ def as_8bit(img, path: str | Path):
     return Image.fromarray(out)          # uint8 (H, W): mode L
 
 
+#: (resized (H, W), crop (H, W)) pairs :func:`preprocess_image` has warned of (a padded crop), once each per process
+_PADDED_CROPS: set[tuple[tuple[int, int], tuple[int, int]]] = set()
+
+
 def preprocess_image(path: str | Path, resize: int | None = 256, crop: int | tuple[int, int] | None = 224,
                      mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
                      channels: int = 3, transform=None) -> np.ndarray:
@@ -377,11 +387,12 @@ def preprocess_image(path: str | Path, resize: int | None = 256, crop: int | tup
         arr = arr[:, :, None]
     if crop:
         ch, cw = _size2(crop)
-        if arr.shape[0] < ch or arr.shape[1] < cw:       # torchvision's CenterCrop pads too, silently
-            warnings.warn(f"{path.name}: resized to {arr.shape[1]}x{arr.shape[0]} (width x height, shorter side "
-                          f"{resize}), smaller than the {cw}x{ch} crop in one direction: the crop is padded with "
-                          f"black bars; give --resize at least {max(ch, cw)} (or 0: straight to the crop size) for "
-                          "images of another aspect ratio", UserWarning, stacklevel=2)
+        if (arr.shape[0] < ch or arr.shape[1] < cw) and (arr.shape[:2], (ch, cw)) not in _PADDED_CROPS:
+            _PADDED_CROPS.add((arr.shape[:2], (ch, cw)))   # torchvision's CenterCrop pads too, silently; once per size
+            warnings.warn(f"{path.name} (and any other image of its size): resized to {arr.shape[0]}x{arr.shape[1]} "
+                          f"(height x width; shorter side {resize}), smaller than the {ch}x{cw} center crop: the crop "
+                          f"is padded with black bars; give --resize at least {max(ch, cw)} (or 0: straight to the "
+                          "crop size) for images of another aspect ratio", UserWarning, stacklevel=2)
         arr = center_crop(arr, (ch, cw))
     x = arr.astype(np.float32) * np.float32(1 / 255)
     x = (x - m) / s

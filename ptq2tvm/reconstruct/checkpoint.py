@@ -70,9 +70,13 @@ class Checkpoint:
         except ValueError as e:
             raise ArtifactError(f"{self.state_path}: corrupted reconstruction checkpoint: {e}") from e
         if state.get("fingerprint") != self.fingerprint:
-            raise ArtifactError(f"{self.dir} holds a reconstruction checkpoint of a different run (settings, bits or "
-                                "calibration data differ): delete it, or re-run `ptq2tvm quantize` with --force to "
-                                "start the reconstruction over")
+            saved = state.get("fingerprint") or {}
+            config, settings = saved.get("config") or {}, saved.get("settings") or {}
+            held = (f" (W{config.get('w_bits')}A{config.get('a_bits')} {settings.get('method', '')}, "
+                    f"{len(state.get('done') or [])} units done)" if config else "")
+            raise ArtifactError(f"{self.dir} holds a reconstruction checkpoint of a different run{held}: settings, "
+                                "bits, model or calibration data differ; re-run that quantize command to finish it, "
+                                "or start this one over with --force (deletes the checkpoint)")
         qm = QuantModel.load(self.dir / state["model"])
         self.count = int(state.get("count", 0))
         self._note(len(state.get("done", [])), state.get("units"), (state.get("report") or {}).get("stages"))
