@@ -1,20 +1,21 @@
 """Per-task scratch buffers on the stack: the CPU build pipeline of ptq2tvm's kernels.
 
 An int4 / int2 conv unpacks its weights once per parallel task into a scratch buffer (``w_unpack``,
-:mod:`kernels.schedule`, ``unpack_at="task"``). TVM 0.27 lowers every allocation of 1 KiB or more, and every one
-inside a parallel loop is one, to a ``TVMBackendAllocWorkspace`` / ``TVMBackendFreeWorkspace`` pair per task
-(``tirx.transform.LowerTVMBuiltin``; ~0.08 us each on a Zen 4): at batch 1 on small models that pair, not the unpack
-arithmetic, was most of what int4 weights cost over int8 (kernels/README.md, "Small kernels run serial": an int8
-conv given the same per-task copy cost as much). An allocation annotated ``disable_lower_builtin`` stays an
+:mod:`kernels.schedule`, ``unpack_at="task"``). TVM 0.27 lowers every allocation of 1 KiB or more to a
+``TVMBackendAllocWorkspace`` / ``TVMBackendFreeWorkspace`` pair (``tirx.transform.LowerTVMBuiltin``; ~0.08 us each on
+a Zen 4), one pair per task for a buffer inside a parallel loop: at batch 1 on small models that pair, not the
+unpack arithmetic, was most of what int4 weights cost over int8 (kernels/README.md, "Small kernels run serial": an
+int8 conv given the same per-task copy cost as much). An allocation annotated ``disable_lower_builtin`` stays an
 ``alloca`` in the task's own stack frame instead. TVM 0.27's StorageRewrite drops that annotation and its TVMScript
 cannot set it on a block's buffer, so :func:`stack_task_buffers` sets it on the lowered function, after the whole
 ``s_tir`` pipeline and right before the host finalization (LowerTVMBuiltin); :data:`CPU_PIPELINE` is that pipeline,
 registered with TVM, and :func:`compile_module` builds with it for CPU targets.
 
 Which buffers: global-scope allocations of constant size at most :data:`STACK_TASK_BUFFER_MAX_BYTES` made inside a
-parallel loop (one per task), of vector elements (:data:`STACK_MIN_VECTOR_BYTES`: the AVX-512 unpack buffers). Larger ones keep the workspace (a task that unpacks 32 KiB of weights does enough work
-to hide the call, and a deep alloca could exceed a small thread stack in an embedding application: TVM's own workers
-get the default 8 MiB, musl's threads 128 KiB); allocations outside parallel loops are left alone.
+parallel loop (one per task), of vector elements (:data:`STACK_MIN_VECTOR_BYTES`: the AVX-512 unpack buffers).
+Larger ones keep the workspace (a task that unpacks 32 KiB of weights does enough work to hide the call, and a deep
+alloca could exceed a small thread stack in an embedding application: TVM's own workers get the default 8 MiB,
+musl's threads 128 KiB); allocations outside parallel loops are left alone.
 """
 
 from __future__ import annotations
