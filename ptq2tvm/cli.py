@@ -476,7 +476,7 @@ def cmd_compile(args: argparse.Namespace) -> dict[str, Any]:
     out = dict(so=str(res.so_path), meta=str(res.meta_path), seconds=round(res.seconds, 2), target=res.meta["target"],
                backend=res.meta["backend"], batch=args.batch,
                weight_bytes=res.meta.get("stored_weight_bytes", res.meta["weight_bytes"]),
-               weight_count=res.meta["weight_bytes"], arithmetic_shortcuts=shortcuts,
+               weight_count=res.meta.get("weight_count", res.meta["weight_bytes"]), arithmetic_shortcuts=shortcuts,
                int8_storage_layers=int8_kept)
     if "tuning" in res.meta:
         from .backend.tune import TuneReport
@@ -890,10 +890,23 @@ def check_outputs(args: argparse.Namespace) -> None:
                                        "was written")
     if args.command == "compile":
         _check_tune_db(args)
+        _check_json_is_not_the_library(args)
     if args.command in RUN_DIR_WRITERS and Path(getattr(args, "run", "") or "").is_dir():
         option = RUN_DIR_WRITERS[args.command]
         if option is None or not getattr(args, option, None):
             check_output_path(args.run, "dir", "run directory")
+
+
+def _check_json_is_not_the_library(args: argparse.Namespace) -> None:
+    """``compile --json`` naming the library or its sidecar (``--out x.so --json x.json``; without --out,
+    RUN/model.json): one line, nothing built. The summary overwrote the sidecar, which the .so needs to load."""
+    if not getattr(args, "json", None):
+        return
+    so = Path(args.out) if args.out else Path(args.run) / "model.so"
+    for path, what in ((so, "the library"), (so.with_suffix(".json"), "the library's sidecar (needed to load it)")):
+        if Path(args.json).resolve() == path.resolve():
+            raise Ptq2TvmError(f"--json {args.json} is {what} this compile writes ({path}): choose another path; "
+                               "nothing was written")
 
 
 def _check_tune_db(args: argparse.Namespace) -> None:

@@ -129,17 +129,24 @@ def test_compile_cli_names_the_int8_stored_layers_and_packs_on_request(tmp_path,
                      "--fidelity-images", "0", "--w-bits", "4", "--a-bits", "4", "--out", str(tmp_path / "run"),
                      "--no-progress"]) == 0
     rc, out, _ = run_cli(capsys, "compile", tmp_path / "run", "--out", tmp_path / "auto.so", "--no-progress",
-                         "--json", tmp_path / "auto.json")
+                         "--json", tmp_path / "auto_summary.json")
     assert rc == 0
-    auto = json.loads((tmp_path / "auto.json").read_text())
+    auto = json.loads((tmp_path / "auto_summary.json").read_text())
     assert {n.split(".")[0] for n in auto["int8_storage_layers"]} == {"layer2", "layer3"}, auto["int8_storage_layers"]
     assert f"{len(auto['int8_storage_layers'])} <= 4-bit layer(s) stored one weight per byte" in out
     assert "--subbyte-storage packed packs them" in out
+    rc, _, err = run_cli(capsys, "compile", tmp_path / "run", "--out", tmp_path / "packed.so", "--no-progress",
+                         "--json", tmp_path / "packed.json")          # the sidecar's own path: refused, nothing built
+    assert rc == 2 and "is the library's sidecar (needed to load it) this compile writes" in err
+    assert not (tmp_path / "packed.so").exists()
     rc, out, _ = run_cli(capsys, "compile", tmp_path / "run", "--out", tmp_path / "packed.so", "--no-progress",
-                         "--subbyte-storage", "packed", "--json", tmp_path / "packed.json")
-    packed = json.loads((tmp_path / "packed.json").read_text())
+                         "--subbyte-storage", "packed", "--json", tmp_path / "packed_summary.json")
+    packed = json.loads((tmp_path / "packed_summary.json").read_text())
     assert rc == 0 and packed["int8_storage_layers"] == [] and "stored one weight per byte" not in out
     assert packed["weight_bytes"] < auto["weight_bytes"]
+    sidecar = json.loads((tmp_path / "packed.so").with_suffix(".json").read_text())   # the library's sidecar
+    assert sidecar["weight_count"] == packed["weight_count"] == auto["weight_count"] > packed["weight_bytes"]
+    assert sidecar["stored_weight_bytes"] == packed["weight_bytes"]     # --json's weight_bytes: what the .so stores
     with pytest.raises(SystemExit):
         cli.main(["compile", str(tmp_path / "run"), "--subbyte-storage", "int8"])
     assert "invalid choice: 'int8' (choose from 'auto', 'packed')" in capsys.readouterr().err

@@ -225,8 +225,9 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
             "output_structure": graph.meta.get("output_structure"),
             "graph_sha256": graph.digest(),
             "so_sha256": file_sha256(tmp),
-            "weight_bytes": graph.weight_bytes(),
-            "stored_weight_bytes": stored_weight_bytes,
+            "weight_count": graph.weight_bytes(),           # values (conv / dense weights), whatever their storage
+            "weight_bytes": graph.weight_bytes(),           # the same number (bytes at one per weight): older readers
+            "stored_weight_bytes": stored_weight_bytes,     # what this .so stores (packed sub-byte, channel padding)
             "graph_meta": graph.meta,
             "build_seconds": round(seconds, 3),
         }
