@@ -110,26 +110,21 @@ class RunDir:
 
     def pending_quantize(self) -> str | None:
         """A sentence on an interrupted ``quantize`` into this folder ("W4A4 qdrop, 3/7 units done"), from its
-        reconstruction checkpoint (or its :attr:`pending_marker`: "W2A4 qdrop, stopped before its first
-        reconstruction unit finished"); None when there is none."""
-        state_path = self.recon_checkpoint / "state.json"
+        reconstruction checkpoint (:func:`ptq2tvm.reconstruct.checkpoint.describe_state`) or its
+        :attr:`pending_marker` ("W2A4 qdrop, stopped before any reconstruction unit was saved"); None when there is
+        none."""
+        from .reconstruct.checkpoint import STATE, describe_state
+
+        state_path = self.recon_checkpoint / STATE
         if not state_path.is_file():
             what = _json_field(self.pending_marker, "quantize")
             if what is None:
                 return None
             return f"{what}, stopped before any reconstruction unit was saved"
         try:
-            state = json.loads(state_path.read_text())
+            return describe_state(json.loads(state_path.read_text()))
         except ValueError:
             return "its checkpoint state is unreadable"
-        config = (state.get("fingerprint") or {}).get("config") or {}
-        settings = (state.get("fingerprint") or {}).get("settings") or {}
-        what = " ".join(x for x in (f"W{config['w_bits']}A{config['a_bits']}" if "w_bits" in config else "",
-                                    str(settings.get("method") or "")) if x)
-        done, units = len(state.get("done") or []), len(state.get("units") or [])
-        stages = len(((state.get("report") or {}).get("stages")) or []) or 1
-        progress = f"{done}/{units * stages} units done" if units else f"{done} units done"
-        return f"{what}, {progress}" if what else progress
 
     def check_not_interrupted(self) -> None:
         """Raise :class:`ArtifactError` when a ``quantize`` into this folder was interrupted (its reconstruction

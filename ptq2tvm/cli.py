@@ -256,7 +256,8 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .outpaths import check_output_path
 
     check_output_path(out, "dir", "--out")
-    ckpt_dir = RunDir(out).recon_checkpoint
+    run_dir = RunDir(out)
+    ckpt_dir = run_dir.recon_checkpoint
     if args.force and Checkpoint.remove(ckpt_dir):
         print(f"--force: removed the reconstruction checkpoint {ckpt_dir}", file=sys.stderr)
     model, spec, weights = _resolve_model(args)
@@ -270,8 +271,8 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     for n in notes:
         print(f"warning: {n}", file=sys.stderr)
     # from here on a Ctrl-C leaves a folder that every command refuses (RunDir.check_not_interrupted) until the rerun
-    earlier = RunDir(out).pending_quantize()          # an interrupted quantize before this one
-    RunDir(out).mark_pending(f"W{args.w_bits}A{args.a_bits} {args.method}")
+    earlier = run_dir.pending_quantize()          # an interrupted quantize before this one
+    run_dir.mark_pending(f"W{args.w_bits}A{args.a_bits} {args.method}")
     from .mixed.cli import mixed_config
 
     config, mixed = mixed_config(args, model, calib, config, out)
@@ -311,7 +312,7 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
         report.save(out)
         recon = dict(granularity=report.granularity, adaqtransform=args.adaqtransform, iters=args.iters,
                      recon_seconds=round(report.seconds, 1), loss_curve=str(out / "recon_loss.png"))
-    run = save_run(RunDir(out), model, spec, qm, graph, data=data, preprocess=prep, calib_size=int(len(calib)),
+    run = save_run(run_dir, model, spec, qm, graph, data=data, preprocess=prep, calib_size=int(len(calib)),
                    method=args.method, seed=args.seed, weights=weights, data_warnings=notes,
                    fidelity=fid.to_dict() if fid else None, bits=bits, **recon, **mixed)
     if Checkpoint.remove(ckpt_dir) and earlier and report is None:   # this run supersedes an interrupted one

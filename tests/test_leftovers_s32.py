@@ -140,12 +140,14 @@ def test_an_interrupted_quantize_over_a_run_is_refused_until_resumed(tmp_path, c
         line = [ln for ln in err.splitlines() if ": error: " in ln]
         assert rc == 2 and len(line) == 1 and "Traceback" not in err, (cmd, err)
         assert "runs/r: a `ptq2tvm quantize` into this folder was interrupted (W4A4 adaround, 1/" in line[0], line
+        pending = line[0].split("was interrupted (", 1)[1].split(";", 1)[0]            # "W4A4 adaround, 1/N units done"
         assert "its run.json and artifacts still describe the previous run (W8A8)" in line[0]
         assert "re-run that quantize command to finish it (it resumes from the last saved unit), or delete " \
             "runs/r/recon_checkpoint" in line[0]
     monkeypatch.setattr(Checkpoint, "save", real_save)
     rc, _, err = run_cli(capsys, *recon, "--seed", 3, "--out", "runs/r")        # other settings: the checkpoint named
-    assert rc == 2 and "holds a reconstruction checkpoint of a different run (W4A4 adaround, 1 units done)" in err
+    assert rc == 2 and f"holds a reconstruction checkpoint of a different run ({pending}): settings" in err, err
+    assert pending.startswith("W4A4 adaround, 1/") and pending.endswith(" units done")
     rc, _, err = run_cli(capsys, *recon, "--out", "runs/r")                     # resumed: the new run, usable
     assert rc == 0 and "resuming: 1/" in err, err
     assert run_cli(capsys, "compile", "runs/r", "--no-progress")[0] == 0

@@ -70,11 +70,8 @@ class Checkpoint:
         except ValueError as e:
             raise ArtifactError(f"{self.state_path}: corrupted reconstruction checkpoint: {e}") from e
         if state.get("fingerprint") != self.fingerprint:
-            saved = state.get("fingerprint") or {}
-            config, settings = saved.get("config") or {}, saved.get("settings") or {}
-            held = (f" (W{config.get('w_bits')}A{config.get('a_bits')} {settings.get('method', '')}, "
-                    f"{len(state.get('done') or [])} units done)" if config else "")
-            raise ArtifactError(f"{self.dir} holds a reconstruction checkpoint of a different run{held}: settings, "
+            raise ArtifactError(f"{self.dir} holds a reconstruction checkpoint of a different run "
+                                f"({describe_state(state)}): settings, "
                                 "bits, model or calibration data differ; re-run that quantize command to finish it, "
                                 "or start this one over with --force (deletes the checkpoint)")
         qm = QuantModel.load(self.dir / state["model"])
@@ -103,6 +100,19 @@ class Checkpoint:
         self._note(len(done), report.units, getattr(report, "stages", None))
         if old and old != name:
             (self.dir / old).unlink(missing_ok=True)
+
+
+def describe_state(state: dict[str, Any]) -> str:
+    """What a checkpoint's ``state.json`` records, for messages: "W4A4 qdrop, 3/7 units done" (the bits and method
+    of its fingerprint; a unit is one stage of one reconstruction unit)."""
+    saved = state.get("fingerprint") or {}
+    config, settings = saved.get("config") or {}, saved.get("settings") or {}
+    what = " ".join(x for x in (f"W{config['w_bits']}A{config['a_bits']}" if "w_bits" in config else "",
+                                str(settings.get("method") or "")) if x)
+    done, units = len(state.get("done") or []), len(state.get("units") or [])
+    stages = len(((state.get("report") or {}).get("stages")) or []) or 1
+    progress = f"{done}/{units * stages} units done" if units else f"{done} units done"
+    return f"{what}, {progress}" if what else progress
 
 
 def _light(report: Any) -> dict[str, Any]:
