@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__
 from .backend.storage import INT8_STORAGE_MAX_PIXELS, SUBBYTE_STORAGES
+from .cli_checks import check_int_options, check_outputs, int_option_minimums
 from .errors import Ptq2TvmError
 from .units import size_text
 
@@ -228,8 +229,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from .api import (FEW_IMAGES_NOTE, RunDir, check_calibration, fidelity, quantize_with_report, save_run,
-                      stored_weight_bytes, to_integer)
+    from .api import (FEW_IMAGES_NOTE, RunDir, built_weight_bytes, check_calibration, fidelity, quantize_with_report,
+                      save_run, to_integer)
     from .data import calibration_dataset, check_fidelity_images, holdout_set
     from .frontend.qmodel import QuantConfig
     from .reconstruct import ReconSettings
@@ -326,7 +327,7 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     result = dict(run_dir=str(run.path), fakequant=str(run.fakequant), qgraph=str(run.qgraph),
                   bits=bits, w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, calib_size=int(len(calib)),
                   weights=weights, n_layers=sum(1 for n in graph.nodes if n.op in ("conv2d", "dense")),
-                  weight_bytes=stored_weight_bytes(graph), weight_count=graph.weight_bytes(),
+                  weight_bytes=built_weight_bytes(graph), weight_count=graph.weight_bytes(),
                   fidelity=fid.to_dict() if fid else None, data_warnings=notes,
                   seconds=round(time.perf_counter() - t0, 2), **recon,
                   layer_bits=graph.meta.get("layer_bits"))
@@ -334,11 +335,9 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     print(f"quantized {args.model} {bits} ({args.method}"
           f"{', AdaQTransform' if args.adaqtransform and args.method != 'rtn' else ''}, {len(calib)} calibration "
           f"images) -> {run.path}  [{result['seconds']} s]\n  weights: {weights}; stored weights "
-          f"{size_text(result['weight_bytes'])} before channel padding "
-          f"in this CPU's default build ({_stored_bytes_target(graph, result['weight_bytes'])}; "
-          f"{result['weight_count']} values)"
-          + (f"; the plan's predicted {size_text(predicted)} counts the padding the kernels store, as compile "
-             "reports it" if predicted else ""))
+          f"{size_text(result['weight_bytes'])} in this CPU's default build at batch 1, channel padding included, "
+          f"as compile reports it ({_stored_bytes_target(graph)}; {result['weight_count']} values)"
+          + (f"; the plan predicted {size_text(predicted)}" if predicted else ""))
     if fid is not None:
         from .fidelity_report import low_fidelity_advice
 
@@ -381,11 +380,10 @@ def _recon_only_given(args: argparse.Namespace) -> list[str]:
     return [opt for dest, opt in RECON_ONLY if dest in defaults and getattr(args, dest, None) != defaults[dest]]
 
 
-def _stored_bytes_target(graph: Any = None, stored: int | None = None) -> str:
+def _stored_bytes_target(graph: Any = None) -> str:
     """The kernel family the default build of this host uses, for the stored-size line of ``quantize``, and the
     <= 4-bit layers that build keeps one weight per byte (:func:`ptq2tvm.backend.storage.keeps_int8_storage`, at
-    batch 1) when ``graph`` has any (``stored``: the graph's :func:`ptq2tvm.api.stored_weight_bytes` at batch 1, if
-    already computed)."""
+    batch 1) when ``graph`` has any, with the bytes packing them would save (before channel padding)."""
     from .backend.blocked_builder import packs_int2, x86_isa
     from .backend.compile import resolve_target
     from .backend.storage import graph_subbyte_storage, keeps_int8_storage
@@ -399,8 +397,7 @@ def _stored_bytes_target(graph: Any = None, stored: int | None = None) -> str:
     if kept:
         from .api import stored_weight_bytes
 
-        stored = stored_weight_bytes(graph, batch=1) if stored is None else stored
-        saved = stored - stored_weight_bytes(graph, batch=1, subbyte_storage="packed")
+        saved = stored_weight_bytes(graph, batch=1) - stored_weight_bytes(graph, batch=1, subbyte_storage="packed")
         text += (f", except {len(kept)} small layer(s) whose weights meet < {INT8_STORAGE_MAX_PIXELS} output pixels "
                  f"per call: one per byte, faster; compile --subbyte-storage packed packs them, {size_text(saved)} "
                  "less")
@@ -824,127 +821,8 @@ def finish_parser(p: argparse.ArgumentParser, sub: Any) -> None:
             if a.option_strings and a.help is None and a.default is not None and a.default is not False:
                 a.help = "(default: %(default)s)"
     p.description = (__doc__ or "") + "\n\ncommands: " + ", ".join(sub.choices)
-
-
-# Where each command writes: option dest -> "file" / "dir" (checked before any work by check_output_path).
-OUTPUTS: dict[str, dict[str, str]] = {
-    "quantize": {"out": "dir"}, "compile": {"out": "file"}, "export": {"out": "file"}, "bench": {"out_dir": "dir"},
-    "bundle": {"out": "dir"}, "demo": {"out": "dir"},
-}
-
-
-# Commands that write into their run directory unless the option named here (None: always) points elsewhere.
-RUN_DIR_WRITERS: dict[str, str | None] = {"compile": "out", "export": "out", "bench": "out_dir", "bundle": "out",
-                                          "sensitivity": None}
-
-
-RUN_OWN_FILES = ("run.json", "model.qgraph.npz", "fp32.pt", "fakequant.pt")
-
-
-def _files_an_output_must_not_replace(args: argparse.Namespace) -> dict[Path, str]:
-    """Resolved path -> what it is, for the files no output option may replace: the run directory's own files (its
-    description, integer graph, models, model source copy) and the inputs of ``quantize`` (model file, checkpoint,
-    data file). A breaker helper's `compile RUN --out RUN/model.qgraph.npz`, `parity RUN --json RUN/run.json` and
-    `quantize ... --json model.py` all succeeded and destroyed what they named."""
-    own: dict[Path, str] = {}
-    run = getattr(args, "run", None)
-    if run and Path(run).is_dir():
-        for name in RUN_OWN_FILES:
-            own[(Path(run) / name).resolve()] = f"the run's {name}"
-        for f in (Path(run) / "model_src").glob("*"):
-            own[f.resolve()] = f"the run's copy of the model source {f.name}"
-    if args.command == "quantize":
-        model = str(getattr(args, "model", "") or "")
-        for label, value in (("the model file", model.rsplit(":", 1)[0] if ".py:" in model else model),
-                             ("the checkpoint", getattr(args, "checkpoint", None)),
-                             ("the calibration data", getattr(args, "data", None))):
-            if value and Path(str(value)).is_file():
-                own[Path(str(value)).resolve()] = label
-    return own
-
-
-def check_outputs(args: argparse.Namespace) -> None:
-    """One-line error (exit 2, nothing written) for an output path of this command that cannot be written: an
-    existing file where a folder goes, a folder where a file goes, a file among its parent folders, a folder on a
-    read-only file system or without write permission (the run directory too, for the commands that write there)."""
-    from .outpaths import check_output_path
-
-    protected = _files_an_output_must_not_replace(args)
-    for dest, kind in {**OUTPUTS.get(args.command, {}), "json": "file"}.items():
-        value = getattr(args, dest, None)
-        if value:
-            option = "--" + dest.replace("_", "-")
-            check_output_path(value, kind, option)
-            if kind != "file":
-                continue
-            written = [Path(value)]
-            if args.command == "compile" and dest == "out":     # the library and its sidecar <out>.json
-                if Path(value).suffix == ".json":
-                    raise Ptq2TvmError(f"{option} {value}: a library path ending in .json (its sidecar is written "
-                                       "next to it as <name>.json): use a .so name")
-                written.append(Path(value).with_suffix(".json"))
-                check_output_path(written[-1], "file", f"{option} {value}: its sidecar")
-            for w in written:
-                hit = protected.get(w.resolve())
-                if hit:
-                    raise Ptq2TvmError(f"{option} {value} would overwrite {hit} ({w}): choose another path; nothing "
-                                       "was written")
-    if args.command == "compile":
-        _check_tune_db(args)
-        _check_json_is_not_the_library(args)
-    if args.command in RUN_DIR_WRITERS and Path(getattr(args, "run", "") or "").is_dir():
-        option = RUN_DIR_WRITERS[args.command]
-        if option is None or not getattr(args, option, None):
-            check_output_path(args.run, "dir", "run directory")
-
-
-def _check_json_is_not_the_library(args: argparse.Namespace) -> None:
-    """``compile --json`` naming the library or its sidecar (``--out x.so --json x.json``; without --out,
-    RUN/model.json): one line, nothing built. The summary overwrote the sidecar, which the .so needs to load."""
-    if not getattr(args, "json", None):
-        return
-    so = Path(args.out) if args.out else Path(args.run) / "model.so"
-    for path, what in ((so, "the library"), (so.with_suffix(".json"), "the library's sidecar (needed to load it)")):
-        if Path(args.json).resolve() == path.resolve():
-            raise Ptq2TvmError(f"--json {args.json} is {what} this compile writes ({path}): choose another path; "
-                               "nothing was written")
-
-
-def _check_tune_db(args: argparse.Namespace) -> None:
-    """The tuning records folder of ``compile`` (``--tune-db``, or ``<out>.tuning/`` with ``--tune-trials``): one
-    line (exit 2, nothing built) when it is an existing file (was a FileExistsError traceback) or cannot be created;
-    a folder that is only read (``--tune-db`` without ``--tune-trials``) need not be writable."""
-    from .outpaths import check_output_path
-
-    if args.tune_db:
-        records, option = Path(args.tune_db), "--tune-db"
-    elif args.tune_trials:
-        from .backend.tune import default_db_dir     # the records' default folder, <out>.tuning/ next to the .so
-
-        records = default_db_dir(args.out or Path(args.run) / "model.so")
-        option = "the tuning records folder of --tune-trials (default of --tune-db)"
-    else:
-        return
-    if records.is_dir() and not args.tune_trials:
-        return
-    check_output_path(records, "dir", option)
-
-
-# Integer options where 0 means something (none / skip / the default recipe); every other integer option counts
-# something and must be >= 1 (OWN_CHECK: options checked later with their own messages)
-ZERO_ALLOWED = {"per_layer_inputs", "tune_trials", "warmup", "resize"}
-OWN_CHECK = {"w_bits", "a_bits", "seed", "fidelity_images"}
-
-
-def int_option_minimums(parser: argparse.ArgumentParser, command: str) -> dict[str, int]:
-    """dest -> least value of every integer option of ``command`` (a breaker helper found ``--latency-batch 0``,
-    ``--samples -1``, ``--images 0``, ``--recon-threads -1``, ``--n -3`` ... ending in tracebacks, some after minutes
-    of work and with files left behind)."""
-    sub = parser._subparsers._group_actions[0].choices.get(command) if parser._subparsers else None
-    if sub is None:
-        return {}
-    return {a.dest: (0 if a.dest in ZERO_ALLOWED else 1) for a in sub._actions
-            if a.option_strings and a.type is int and a.dest not in OWN_CHECK}
+    #: command -> {integer option dest: least value}, checked by main before any work
+    p.int_minimums = {name: int_option_minimums(sp._actions) for name, sp in sub.choices.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -962,10 +840,8 @@ def main(argv: list[str] | None = None) -> int:
             from .api import RunDir
 
             RunDir(args.run).check_not_interrupted()      # not the previous run's files as if they were the new run
-        for option, least in int_option_minimums(parser, args.command).items():
-            value = getattr(args, option, None)      # checked before any work (bench exports ONNX models first)
-            if value is not None and value < least:
-                raise Ptq2TvmError(f"--{option.replace('_', '-')} must be >= {least}, got {value}")
+        # checked before any work (bench exports ONNX models first)
+        check_int_options(args, parser.int_minimums.get(args.command, {}))
         cores = os.cpu_count() or 1
         from .bundle_runner import threads_limit_error     # the bundle's run_model.py applies the same limit
 

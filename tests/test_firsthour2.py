@@ -130,10 +130,12 @@ def test_output_path_that_is_a_file_is_one_line_and_writes_nothing(proj, run_dir
     rc, out, err = _cli(capsys, "compile", run_dir, "--out", run_dir, "--no-progress")   # a folder where a file goes
     assert rc == 2 and "is a directory, not a file" in err
     # every command with an --out / --out-dir option is covered by the one check
+    from ptq2tvm.cli_checks import OUTPUTS
+
     p = cli.build_parser()
     for name, sp in p._subparsers._group_actions[0].choices.items():
         dests = {a.dest for a in sp._actions if a.option_strings and a.dest in ("out", "out_dir")}
-        assert dests <= set(cli.OUTPUTS.get(name, {})), name
+        assert dests <= set(OUTPUTS.get(name, {})), name
 
 
 # ---- 2 + 12: every option a message names exists on that command ---------------------------------------------

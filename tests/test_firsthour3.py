@@ -174,10 +174,12 @@ def test_mixed_precision_headline_and_sizes(proj, capsys, monkeypatch):
     assert info["bits"] == res["bits"] == head.split("quantized net.py:build ", 1)[1].split(" (", 1)[0]
     assert info["bits"].startswith("mixed ") and all(f"{k} x{v}" in info["bits"] for k, v in counts.items())
     plan = info["mixed_precision"]
+    assert plan["units"] == {"latency": "s", "size": "bytes", "bops": "BOPs"}      # the figures' units, in the file
     size = plan["predicted"]["size"]
     assert f"size {size_text(size)} with channel padding" in out, out
-    assert (f"stored weights {size_text(res['weight_bytes'])} before channel padding" in out
-            and f"the plan's predicted {size_text(size)} counts the padding" in out), out
+    assert (f"stored weights {size_text(res['weight_bytes'])} in this CPU's default build at batch 1, channel "
+            f"padding included" in out and f"the plan predicted {size_text(size)}" in out), out
+    assert res["weight_bytes"] == size            # the plan's size is what the default build stores
 
 
 # ---- 9: a checkpoint of another model: counts and the first few keys, not hundreds -------------------------

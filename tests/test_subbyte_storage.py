@@ -127,11 +127,13 @@ def test_compile_cli_names_the_int8_stored_layers_and_packs_on_request(tmp_path,
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((16, 1, 28, 28)).astype(np.float32))
     assert cli.main(["quantize", "--model", "resnet_small", "--data", str(tmp_path / "x.npy"), "--calib-size", "8",
                      "--fidelity-images", "0", "--w-bits", "4", "--a-bits", "4", "--out", str(tmp_path / "run"),
-                     "--no-progress"]) == 0
+                     "--no-progress", "--json", str(tmp_path / "quantize.json")]) == 0
     rc, out, _ = run_cli(capsys, "compile", tmp_path / "run", "--out", tmp_path / "auto.so", "--no-progress",
                          "--json", tmp_path / "auto_summary.json")
     assert rc == 0
     auto = json.loads((tmp_path / "auto_summary.json").read_text())
+    quantized = json.loads((tmp_path / "quantize.json").read_text())      # one number, from either command
+    assert quantized["weight_bytes"] == auto["weight_bytes"] and quantized["weight_count"] == auto["weight_count"]
     assert {n.split(".")[0] for n in auto["int8_storage_layers"]} == {"layer2", "layer3"}, auto["int8_storage_layers"]
     assert f"{len(auto['int8_storage_layers'])} <= 4-bit layer(s) stored one weight per byte" in out
     assert "--subbyte-storage packed packs them" in out

@@ -529,6 +529,18 @@ def x86_isa(target: dict[str, Any]) -> tuple[str | None, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
+def x86_build_options(target: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(kernel ISA, the :func:`build_blocked_module` keywords that follow from ``target``: amx, threads, vbmi,
+    gfni). Raises ValueError naming the reason when the x86 kernels do not support ``target``."""
+    isa, why = x86_isa(target)
+    if isa is None:
+        raise ValueError(f"the x86 kernels do not support target {target}: {why}")
+    tgt = tvm.target.Target(target)
+    threads = int(tgt.attrs["num-cores"]) if "num-cores" in tgt.attrs else None
+    return isa, dict(amx=K.target_has_amx(tgt), threads=threads, vbmi=K.target_has_vbmi(tgt),
+                     gfni=K.target_has_gfni512(tgt))
+
+
 def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
                      scheduler: Callable[[tvm.IRModule], tvm.IRModule] | None = None,
                      fuse: bool = True, subbyte_storage: str = "auto") -> tuple[tvm.IRModule, int]:
@@ -538,15 +550,9 @@ def build_x86_module(graph: IntegerGraph, batch: int, target: dict[str, Any],
     schedules the kernels (default: the hand schedules, ``kernels.schedule_module``; ``backend.tune.KernelTuner``
     measures and replays records). ``fuse=False``: no layer runs inside another's kernel
     (:meth:`_BlockedBuilder.expand_depthwise_pairs`; the per-layer latency measurement times each layer's own)."""
-    isa, why = x86_isa(target)
-    if isa is None:
-        raise ValueError(f"the x86 kernels do not support target {target}: {why}")
-    tgt = tvm.target.Target(target)
-    threads = int(tgt.attrs["num-cores"]) if "num-cores" in tgt.attrs else None
-    mod, weight_bytes = build_blocked_module(graph, batch, isa, amx=K.target_has_amx(tgt), threads=threads,
-                                             fuse=fuse, vbmi=K.target_has_vbmi(tgt), subbyte_storage=subbyte_storage,
-                                             gfni=K.target_has_gfni512(tgt))
-    mod = add_checked_float_entry(mod, graph, batch, threads)
+    isa, options = x86_build_options(target)
+    mod, weight_bytes = build_blocked_module(graph, batch, isa, fuse=fuse, subbyte_storage=subbyte_storage, **options)
+    mod = add_checked_float_entry(mod, graph, batch, options["threads"])
     if scheduler is None:
         return K.schedule_module(mod, tvm.target.Target(target)), weight_bytes
     return scheduler(mod), weight_bytes

@@ -60,6 +60,10 @@ def fixed_layers(graph: IntegerGraph) -> tuple[set[str], set[str]]:
     return first, last
 
 
+#: the unit of each budget kind in a plan's ``budgets`` / ``predicted`` / ``w8a8`` (run.json ``mixed_precision``)
+PLAN_UNITS = {"latency": "s", "size": "bytes", "bops": "BOPs"}
+
+
 @dataclass
 class MixedPlan:
     """The chosen bits and what the ILP predicted for them (and for uniform W8A8)."""
@@ -80,7 +84,9 @@ class MixedPlan:
         return QuantConfig(**d).validate()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The plan as run.json records it; ``units`` names the unit of the ``budgets`` / ``predicted`` / ``w8a8``
+        figures (latency in seconds, size in bytes with channel padding, BOPs a count)."""
+        return dict(asdict(self), units=dict(PLAN_UNITS))
 
     def summary(self) -> str:
         counts: dict[str, int] = {}

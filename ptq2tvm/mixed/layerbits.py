@@ -3,7 +3,8 @@ each layer of an integer graph actually got (for run.json, the sidecar and parit
 
 Precedence: a layer named explicitly (no ``*``, ``?`` or ``[`` in the pattern) gets its own bits whatever the order
 of the items (``layer1.0.conv1=8,layer1.*=4`` keeps ``layer1.0.conv1`` at 8 bits); among globs a later one overrides
-an earlier one for the layers both match."""
+an earlier one for the layers both match. A module called more than once (one layer per call: ``blk``, ``blk#1``)
+gets its name's bits on every call, and a call's own name (``blk#1=8``) overrides that."""
 
 from __future__ import annotations
 
@@ -59,14 +60,22 @@ def resolve_layer_bits(items: list[tuple[str, int, int | None]] | str,
     """Expand the patterns over ``layer_names`` -> (layer_w_bits, layer_a_bits). A layer named explicitly (a pattern
     without glob characters, :func:`is_glob`) gets its item's bits whatever the order of the items; globs apply in
     order among themselves (a later glob overrides an earlier one for the layers both match). A pattern that matches no layer, or one given twice
-    (:func:`parse_layer_bits`), raises QuantConfigError (the first listing the valid layer names)."""
+    (:func:`parse_layer_bits`), raises QuantConfigError (the first listing the valid layer names). A module called
+    more than once has one layer per call (``blk``, ``blk#1``, ...): its name sets the bits of every call, and a
+    call's own name (``blk#1``) overrides that."""
     if isinstance(items, str):
         items = parse_layer_bits(items)
     w_bits: dict[str, int] = {}
     a_bits: dict[str, int] = {}
-    globs_first = [it for it in items if is_glob(it[0])] + [it for it in items if not is_glob(it[0])]
-    for pat, w, a in globs_first:
-        hit = [n for n in layer_names if fnmatch.fnmatchcase(n, pat)]
+    globs = [it for it in items if is_glob(it[0])]
+    names = [it for it in items if not is_glob(it[0])]
+    # tiers, later wins: globs in order; a module's name over every call of it (blk -> blk, blk#1, ...); a node's
+    # exact name (blk#1=8 keeps the second call at 8 bits next to blk=4)
+    tiers = [(it, lambda n, p: fnmatch.fnmatchcase(n, p)) for it in globs] \
+        + [(it, lambda n, p: n == p or repeated_call_of(n) == p) for it in names] \
+        + [(it, lambda n, p: n == p) for it in names]
+    for (pat, w, a), matches in tiers:
+        hit = [n for n in layer_names if matches(n, pat)]
         if not hit:
             raise QuantConfigError(f"--layer-bits: {pat!r} matches no conv/linear layer of this model; valid layer "
                                    f"names: {', '.join(layer_names)}")
@@ -75,6 +84,13 @@ def resolve_layer_bits(items: list[tuple[str, int, int | None]] | str,
             if a is not None:
                 a_bits[n] = a
     return w_bits, a_bits
+
+
+def repeated_call_of(layer: str) -> str | None:
+    """The module name behind a later call of the same module (the tracer names the calls ``blk``, ``blk#1``,
+    ``blk#2``, ...; frontend/trace.py), else None."""
+    base, sep, k = layer.rpartition("#")
+    return base if sep and k.isdigit() else None
 
 
 def graph_layer_bits(graph: IntegerGraph) -> dict[str, dict[str, int]]:
@@ -97,4 +113,4 @@ def bits_summary(bits: dict[str, dict[str, Any]]) -> str:
 
 
 __all__ = ["CANDIDATES", "bits_summary", "candidate_name", "graph_layer_bits", "is_glob", "parse_layer_bits",
-           "resolve_layer_bits"]
+           "repeated_call_of", "resolve_layer_bits"]

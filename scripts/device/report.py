@@ -52,14 +52,18 @@ def solo_row(path: Path, cpu_results: Path) -> dict:
                 if all(r.get(k) == gpu.get(k) for k in ("model", "method", "granularity", "adaqtransform", "w_bits",
                                                            "a_bits", "iters", "n_calib"))
                 and r.get("device", "cpu") == "cpu"]
-    twin = next(r for r in cpu_rows if r["seed"] == gpu["seed"])
-    vals = [r["fakequant_top1"] for r in cpu_rows]
     method = gpu["method"] + (f":{gpu['granularity']}" if gpu.get("granularity") not in (None, "block") else "") \
         + ("+adaq" if gpu.get("adaqtransform") else "")
-    return dict(model=gpu["model"], bits=f"W{gpu['w_bits']}A{gpu['a_bits']}", method=method, seed=gpu["seed"],
-                iters_per_unit=gpu["iters"], gpu=gpu.get("gpu"), gpu_fakequant_top1=gpu["fakequant_top1"],
-                gpu_recon_seconds=gpu["seconds"], gpu_iters_per_s=gpu["iters_per_s"],
+    row = dict(model=gpu["model"], bits=f"W{gpu['w_bits']}A{gpu['a_bits']}", method=method, seed=gpu["seed"],
+               iters_per_unit=gpu["iters"], gpu=gpu.get("gpu"), gpu_fakequant_top1=gpu["fakequant_top1"],
+               gpu_recon_seconds=gpu["seconds"], gpu_iters_per_s=gpu["iters_per_s"], gpu_fp32_top1=gpu["fp32_top1"])
+    twin = next((r for r in cpu_rows if r["seed"] == gpu["seed"]), None)
+    if twin is None:  # no CPU row of these settings and seed yet: the GPU row stands alone
+        return dict(row, cpu_fakequant_top1_same_seed=None, cpu_seeds=len(cpu_rows))
+    vals = [r["fakequant_top1"] for r in cpu_rows]
+    return dict(row,
                 cpu_fakequant_top1_same_seed=twin["fakequant_top1"], cpu_so_top1_same_seed=twin["so_top1"],
+                cpu_fp32_top1_same_seed=twin["fp32_top1"],
                 cpu_iters_per_s_same_seed=twin["iters_per_s"], cpu_recon_seconds_same_seed=twin["seconds"],
                 cpu_seeds_mean=statistics.mean(vals), cpu_seeds_min=min(vals), cpu_seeds_max=max(vals),
                 cpu_seeds_std=statistics.stdev(vals) if len(vals) > 1 else 0.0, cpu_seeds=len(vals))
@@ -71,6 +75,24 @@ def concurrent_rows(sweep: Path) -> dict:
     return dict(processes=len(states), iterations=sum(s["iterations"] for s in states),
                 per_process_it_s_min=round(min(rates), 1), per_process_it_s_median=round(statistics.median(rates), 1),
                 per_process_it_s_max=round(max(rates), 1)) if states else {}
+
+
+def finished_rows_vs_cpu(sweep: Path, cpu_results: Path) -> list[dict]:
+    """Each row the concurrent sweep finished, with the CPU rows of the same settings and seed (fake-quant top-1)."""
+    keys = ("model", "method", "granularity", "adaqtransform", "w_bits", "a_bits", "iters", "n_calib", "seed")
+    cpu = [r for r in json.loads(cpu_results.read_text())["rows"] if r.get("device", "cpu") == "cpu"]
+    out = []
+    for path in sorted(sweep.glob("rows/row*.json")):
+        for gpu in json.loads(path.read_text())["rows"]:
+            twins = [r for r in cpu if all(r.get(k) == gpu.get(k) for k in keys)
+                     and r.get("expand_batch", 1) == gpu.get("expand_batch", 1)]
+            method = gpu["method"] + (f":{gpu['granularity']}" if gpu.get("granularity") not in (None, "block")
+                                      else "") + ("+adaq" if gpu.get("adaqtransform") else "")
+            out.append(dict(model=gpu["model"], bits=f"W{gpu['w_bits']}A{gpu['a_bits']}", method=method,
+                            seed=gpu["seed"], gpu_fakequant_top1=gpu["fakequant_top1"], gpu_fp32_top1=gpu["fp32_top1"],
+                            cpu_fakequant_top1=[r["fakequant_top1"] for r in twins],
+                            cpu_fp32_top1=[r["fp32_top1"] for r in twins]))
+    return out
 
 
 def command_line(argv: list[str]) -> str:
@@ -104,6 +126,7 @@ def main() -> int:
     res = dict(env=env, bundles=bundle_rows(Path(args.bundles)),
                solo=[solo_row(f, Path(args.cpu_results)) for f in solos],
                concurrent=concurrent_rows(sweep) if sweep else {},
+               finished=finished_rows_vs_cpu(sweep, Path(args.cpu_results)) if sweep else [],
                tests=test_summary(Path(args.tests)) if args.tests else None)
     if res["concurrent"]:
         res["concurrent"]["wall_seconds"] = args.sweep_seconds
@@ -133,6 +156,13 @@ def main() -> int:
                   f"`python3 -m pytest tests/test_recon_runtime.py` on the GPU machine: {t['summary']}"
                   + (f"; failed: {', '.join(f'`{n}`' for n in t['failed'])}" if t["failed"] else "") + ".", ""]
     for s in res["solo"]:
+        if s["cpu_fakequant_top1_same_seed"] is None:
+            lines += [f"## {s['model']} {s['bits']} {s['method']} on the GPU", "",
+                      f"seed {s['seed']}, {s['iters_per_unit']} iterations per unit, `--device cuda`, run alone: "
+                      f"fake-quant top-1 **{100 * s['gpu_fakequant_top1']:.2f}%** in {s['gpu_recon_seconds']:.0f} s "
+                      f"({s['gpu_iters_per_s']:.0f} it/s). No CPU row of these settings and seed in "
+                      "`accuracy_fmnist_fidelity.json` to compare with.", ""]
+            continue
         lines += [f"## {s['model']} {s['bits']} {s['method']} on the GPU against the same run on the CPU", "",
                   f"seed {s['seed']}, {s['iters_per_unit']} iterations per unit, batch 32, 1024 calibration images "
                   "(the train file carried to the machine keeps exactly the calibration subset), `--device cuda`, "
@@ -147,7 +177,10 @@ def main() -> int:
                   "| | |", "",
                   f"GPU - CPU (same seed): {100 * (s['gpu_fakequant_top1'] - s['cpu_fakequant_top1_same_seed']):+.2f}"
                   f" points; the CPU seeds span {100 * s['cpu_seeds_min']:.2f}-{100 * s['cpu_seeds_max']:.2f}. "
-                  + SOLO_NOTE, ""]
+                  + SOLO_NOTE
+                  + (f" The FP32 checkpoints differ (GPU run {100 * s['gpu_fp32_top1']:.2f}, CPU rows "
+                     f"{100 * s['cpu_fp32_top1_same_seed']:.2f}: the models are trained per host), so this compares "
+                     "two checkpoints too." if s["gpu_fp32_top1"] != s["cpu_fp32_top1_same_seed"] else ""), ""]
     c = res["concurrent"]
     if c:
         lines += ["## Several reconstructions at once on the one GPU", "",
@@ -158,6 +191,21 @@ def main() -> int:
                   f"per process {c['per_process_it_s_min']}-{c['per_process_it_s_max']} it/s (median "
                   f"{c['per_process_it_s_median']}) of reconstruction time. Rows stopped at the deadline keep their "
                   "finished units and resume on the CPU.", ""]
+    if res["finished"]:
+        lines += ["Rows the sweep finished, against the CPU rows of the same settings and seed in "
+                  "`accuracy_fmnist_fidelity.json` (fake-quant top-1 %, and the FP32 checkpoint's top-1: the models "
+                  "are trained per host, so a different FP32 figure is a different checkpoint; not merged there, "
+                  "since the CPU rows exist):",
+                  "", "| model | bits | method | seed | GPU (FP32) | CPU (FP32) | GPU - CPU |",
+                  "|---|---|---|---|---|---|---|"]
+        for f in res["finished"]:
+            cpu = f["cpu_fakequant_top1"]
+            fp32 = "/".join(sorted({f"{100 * v:.2f}" for v in f["cpu_fp32_top1"]}))
+            lines.append(f"| {f['model']} | {f['bits']} | {f['method']} | {f['seed']} | "
+                         f"{100 * f['gpu_fakequant_top1']:.2f} ({100 * f['gpu_fp32_top1']:.2f}) | "
+                         + (" / ".join(f"{100 * v:.2f}" for v in cpu) + f" ({fp32})" if cpu else "none") + " | "
+                         + (f"{100 * (f['gpu_fakequant_top1'] - statistics.mean(cpu)):+.2f}" if cpu else "") + " |")
+        lines.append("")
     if args.note:
         lines += ["## Note", "", args.note, ""]
     write_text(out.with_suffix(".md"), "\n".join(lines))
