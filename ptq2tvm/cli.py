@@ -229,8 +229,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from .api import (FEW_IMAGES_NOTE, RunDir, built_weight_bytes, check_calibration, fidelity, quantize_with_report,
-                      save_run, to_integer)
+    from .api import (FEW_IMAGES_NOTE, RunDir, check_calibration, fidelity, quantize_with_report, save_run,
+                      to_integer)
     from .data import calibration_dataset, check_fidelity_images, holdout_set
     from .frontend.qmodel import QuantConfig
     from .reconstruct import ReconSettings
@@ -324,10 +324,11 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
         built = any(n.endswith((".so", "/")) for n in superseded)       # a library or a bundle was removed
         print(f"removed what the new integer graph supersedes in {run.path}: {', '.join(superseded)}"
               + (" (compile again)" if built else ""), file=sys.stderr)
+    stored, padded = _stored_bytes(graph)
     result = dict(run_dir=str(run.path), fakequant=str(run.fakequant), qgraph=str(run.qgraph),
                   bits=bits, w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, calib_size=int(len(calib)),
                   weights=weights, n_layers=sum(1 for n in graph.nodes if n.op in ("conv2d", "dense")),
-                  weight_bytes=built_weight_bytes(graph), weight_count=graph.weight_bytes(),
+                  weight_bytes=stored, weight_count=graph.weight_bytes(),
                   fidelity=fid.to_dict() if fid else None, data_warnings=notes,
                   seconds=round(time.perf_counter() - t0, 2), **recon,
                   layer_bits=graph.meta.get("layer_bits"))
@@ -335,8 +336,9 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     print(f"quantized {args.model} {bits} ({args.method}"
           f"{', AdaQTransform' if args.adaqtransform and args.method != 'rtn' else ''}, {len(calib)} calibration "
           f"images) -> {run.path}  [{result['seconds']} s]\n  weights: {weights}; stored weights "
-          f"{size_text(result['weight_bytes'])} in this CPU's default build at batch 1, channel padding included, "
-          f"as compile reports it ({_stored_bytes_target(graph)}; {result['weight_count']} values)"
+          f"{size_text(result['weight_bytes'])} in this CPU's default build at batch 1, "
+          + ("channel padding included, as compile reports it" if padded else "before channel padding")
+          + f" ({_stored_bytes_target(graph)}; {result['weight_count']} values)"
           + (f"; the plan predicted {size_text(predicted)}" if predicted else ""))
     if fid is not None:
         from .fidelity_report import low_fidelity_advice
@@ -378,6 +380,21 @@ def _recon_only_given(args: argparse.Namespace) -> list[str]:
     """The reconstruction-only options whose value differs from the parser's default (``args._defaults``)."""
     defaults = getattr(args, "_defaults", {})
     return [opt for dest, opt in RECON_ONLY if dest in defaults and getattr(args, dest, None) != defaults[dest]]
+
+
+def _stored_bytes(graph: Any) -> tuple[int, bool]:
+    """(the bytes this CPU's default batch-1 build stores for ``graph``, :func:`ptq2tvm.api.built_weight_bytes`;
+    True). The run is saved by then: a graph that build refuses (compile will say why) gets (the count before channel
+    padding, False) and a warning instead of a traceback."""
+    from .api import built_weight_bytes, stored_weight_bytes
+
+    try:
+        return built_weight_bytes(graph), True
+    except Exception as e:  # noqa: BLE001 - a size line is not worth losing the finished run's summary
+        print(f"warning: the default build could not be set up to count its stored weight bytes ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); the size below is before channel padding",
+              file=sys.stderr)
+        return stored_weight_bytes(graph), False
 
 
 def _stored_bytes_target(graph: Any = None) -> str:

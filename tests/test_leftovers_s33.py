@@ -63,3 +63,31 @@ def test_layer_bits_reach_both_calls_in_the_integer_graph():
     assert len(calls) == 2, bits
     assert all(bits[n]["w_bits"] == 4 and bits[n]["a_bits"] == 4 for n in calls), bits
     assert bits["stem"]["w_bits"] == 8 and bits["fc"]["w_bits"] == 8
+
+
+def test_quantize_summary_survives_a_build_that_cannot_count_its_bytes(tmp_path, capsys, monkeypatch):
+    """quantize counts the stored bytes by setting up the default build (after the run is saved): a graph that build
+    refuses gets the count before channel padding and a warning, not a traceback that hides the finished run."""
+    import json
+
+    from conftest import run_cli
+
+    import ptq2tvm.api as api
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((16, 1, 28, 28)).astype(np.float32))
+    base = ["quantize", "--model", "resnet_small", "--data", tmp_path / "x.npy", "--calib-size", 8,
+            "--fidelity-images", 0, "--w-bits", 4, "--a-bits", 4, "--no-progress"]
+
+    def refuse(*a, **k):
+        raise ValueError("no kernel for op 'mystery'\nsecond line")
+
+    monkeypatch.setattr(api, "built_weight_bytes", refuse)
+    rc, out, err = run_cli(capsys, *base, "--out", tmp_path / "r", "--json", tmp_path / "q.json")
+    assert rc == 0, err
+    assert ("could not be set up to count its stored weight bytes (ValueError: no kernel for op 'mystery'); the size "
+            "below is before channel padding") in err and "second line" not in err
+    assert "in this CPU's default build at batch 1, before channel padding (" in out, out
+    from ptq2tvm.ir.graph import IntegerGraph
+
+    graph = IntegerGraph.load(tmp_path / "r" / "model.qgraph.npz")
+    assert json.loads((tmp_path / "q.json").read_text())["weight_bytes"] == api.stored_weight_bytes(graph)
