@@ -596,16 +596,21 @@ def clamp_nchwc(x: te.Tensor, lo: int = 0, hi: int = 255) -> te.Tensor:
 
 
 def mul_requant_nchwc(a: te.Tensor, b: te.Tensor, mult: te.Tensor, shift: te.Tensor, zero_points=(0, 0),
-                      output_zero_point: int = 0, lo: int = 0, hi: int = 255) -> te.Tensor:
+                      output_zero_point: int = 0, lo: int = 0, hi: int = 255,
+                      one_channel: tuple[bool, bool] = (False, False)) -> te.Tensor:
     """out = clamp(z + RHU((a - za) * (b - zb) * m, sh), lo, hi) per channel; a size-1 H or W broadcasts
-    (squeeze-excitation: (N, CB, 1, 1, c) x (N, CB, H, W, c))."""
+    (squeeze-excitation: (N, CB, 1, 1, c) x (N, CB, H, W, c)). ``one_channel[i]``: input i holds one real channel
+    (its other lanes are padding) that broadcasts over every channel (a spatial gate: (N, 1, H, W) x (N, C, H, W));
+    its blocked shape alone cannot say so when C <= c."""
     za, zb = (int(v) for v in zero_points)
     sa, sb = _shape(a), _shape(b)
     shape = tuple(max(u, v) for u, v in zip(sa, sb))
     c = shape[-1]
 
     def at(t, st, i):
-        return t[tuple(0 if st[d] == 1 and shape[d] != 1 else i[d] for d in range(5))]
+        lane_broadcast = one_channel[0] if t is a else one_channel[1]
+        return t[tuple(0 if (st[d] == 1 and shape[d] != 1) or (lane_broadcast and d in (1, 4)) else i[d]
+                       for d in range(5))]
 
     def f(*i):
         ch = i[1] * c + i[4]

@@ -6,8 +6,8 @@ Integer contracts (docs/integer_arithmetic.md)::
     mul:  q = clamp(z + RHU((q_a - z_a) * (q_b - z_b) * m, n), lo, hi)                (m / 2^n ~ s_a s_b / s_out)
     clamp: q = clamp(q_in, lo, hi)                                                     (same grid as the input)
 
-``mul`` broadcasts numpy-style: (N, C, 1, 1) x (N, C, H, W) is the SE gate. |(q_a - z_a)(q_b - z_b)| <= 255^2, so
-the product times a 31-bit mantissa stays far inside int64.
+``mul`` broadcasts numpy-style: (N, C, 1, 1) x (N, C, H, W) is the SE gate, (N, 1, H, W) x (N, C, H, W) a spatial
+gate. |(q_a - z_a)(q_b - z_b)| <= 255^2, so the product times a 31-bit mantissa stays far inside int64.
 """
 
 from __future__ import annotations
@@ -197,7 +197,8 @@ class Mul(OpDef):
     kind = "requant"
     functions = (operator.mul, operator.imul, torch.mul)
     methods = ("mul", "mul_")
-    summary = "multiply of two tensors with broadcasting (squeeze-excitation gate)"
+    summary = ("multiply of two tensors with broadcasting (squeeze-excitation gate (N, C, 1, 1), spatial gate "
+               "(N, 1, H, W) or (N, 1, 1, 1))")
 
     def trace(self, b: Any, node: Any, name: str, module: Any | None) -> None:
         from ..frontend.graph import FloatNode
@@ -274,6 +275,12 @@ class Mul(OpDef):
         a, arr = node.attrs, node.arrays
         m, s = (b.const(p) for p in K.pack_channel_params(arr["multiplier"], arr["shift"], kinds="ms"))
         x, y = b.blocked(node.inputs[0]), b.blocked(node.inputs[1])
+        # an input of one channel broadcast over the others (a spatial gate): its lane 0 only, the rest is padding
+        one_channel = tuple(b.graph.tensor(i).shape[0] == 1 < node.out.shape[0] for i in node.inputs)
+        if any(one_channel):
+            return b.emit(K.mul_requant_nchwc, x, y, m, s, zero_points=tuple(a["zero_points"]),
+                          output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"], one_channel=one_channel,
+                          name=b.hint(node)), NCHWC
         if b.paired_mul(x, y):      # int32 products, the requant on int64 lane pairs (kernels/mul_vnni.py)
             prim = K.mul_vnni_primfunc(b.hint(node), b.shape(x), b.shape(y), tuple(a["zero_points"]),
                                        a["output_zero_point"], a["lo"], a["hi"], threads=b.threads,
