@@ -601,6 +601,9 @@ def to_integer(qm: QuantModel) -> IntegerGraph:
     (:func:`ptq2tvm.backend.storage.graph_subbyte_storage`)."""
     from .mixed.layerbits import graph_layer_bits
 
+    if not isinstance(qm, QuantModel):
+        raise TypeError(f"to_integer needs the fake-quant model that quantize returns (a QuantModel), got "
+                        f"{type(qm).__name__}: qm = ptq2tvm.api.quantize(model, images, config)")
     graph = fold_to_integer(qm)
     graph.meta["layer_bits"] = graph_layer_bits(graph)
     if qm.config.layer_w_bits or qm.config.layer_a_bits:

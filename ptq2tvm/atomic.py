@@ -27,6 +27,8 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 
     ``suffix`` matters to writers that pick a format from the file name (e.g. ``.so``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"cannot write {path}: it is an existing directory, not a file; nothing was written")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)

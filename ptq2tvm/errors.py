@@ -30,6 +30,11 @@ class InputShapeError(Ptq2TvmError):
     """Run-time input does not match the compiled shape."""
 
 
+class ModelMismatchError(Ptq2TvmError, ValueError):
+    """Two models that should compute the same thing do not fit together (a fidelity check of a quantized model
+    against another FP32 model: other outputs)."""
+
+
 class TargetError(Ptq2TvmError, ValueError):
     """A ``--target`` that names no known CPU/GPU target, or a build whose CPU features this host lacks."""
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import ModelMismatchError
 from .frontend.qmodel import QuantModel
 from .model_outputs import batched_forward, flatten_outputs, shape_text
 
@@ -138,7 +139,22 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
                     model_name: str = "the FP32 model") -> FidelityReport:
     """Compare ``qm`` (fake-quant) with the FP32 ``model`` on ``images`` (float32 NCHW); see the module docstring.
     A model that only runs at batch 1 is run one image at a time, with a warning naming ``model_name``
-    (:func:`ptq2tvm.model_outputs.batched_forward`)."""
+    (:func:`ptq2tvm.model_outputs.batched_forward`). Raises DataError for images that are not a finite (N, C, H, W)
+    array (numpy or torch), InputShapeError for images of another shape than the quantized model was traced for,
+    and ModelMismatchError when the two models' outputs differ in number or shape. A float16 / bfloat16 / float64
+    ``model`` runs as a float32 copy (the fake-quant model is float32)."""
+    from .data import validate_images
+    from .errors import InputShapeError
+
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().float().numpy()
+    images = validate_images(images, "the fidelity image array")
+    want = qm.graph.input_shape
+    if want is not None and tuple(images.shape[1:]) != tuple(want):
+        raise InputShapeError(f"the fidelity images are {tuple(images.shape)}; the quantized model was traced for "
+                              f"(N, {', '.join(map(str, want))}) (the calibration images' shape)")
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in [*model.parameters(), *model.buffers()]):
+        model = copy.deepcopy(model).float()         # the user's model is left as it is
     model.eval()
     qm.eval()
     ref: list[list[np.ndarray]] = []
@@ -148,8 +164,11 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
         x = torch.from_numpy(np.ascontiguousarray(images[i:j]))
         r, keys = flatten_outputs(out)
         g, _ = flatten_outputs(qm(x))
-        if len(r) != len(g):
-            raise ValueError(f"the FP32 model returns {len(r)} outputs, the fake-quant model {len(g)}")
+        if len(r) != len(g) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(r, g)):
+            raise ModelMismatchError(
+                f"{model_name} returns {len(r)} output(s) of shape(s) {', '.join(shape_text(t.shape) for t in r)}, "
+                f"the fake-quant model {len(g)} of {', '.join(shape_text(t.shape) for t in g)}: compare the "
+                "quantized model with the model it was quantized from")
         ref.append([t.float().numpy() for t in r])
         got.append([t.float().numpy() for t in g])
     outs: list[OutputFidelity] = []

@@ -69,3 +69,135 @@ def test_one_channel_gate_multiply_in_cuda_emulation():
     graph = to_integer(quantize(SpatialGate(24).eval(), calib, QuantConfig(), progress=False))
     checked = emulate_every_kernel(graph, batch=2, seed=3, only=lambda k: "mul" in k)
     assert checked, "no multiply kernel was emulated"
+
+
+class GlobalMeanNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def mean_net():
+    from ptq2tvm.api import quantize
+    from ptq2tvm.frontend.qmodel import QuantConfig
+
+    torch.manual_seed(0)
+    model = GlobalMeanNet().eval()
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((32, 1, 28, 28)).astype(np.float32)
+    return model, quantize(model, calib, QuantConfig(), progress=False), rng.standard_normal((8, 1, 28, 28)).astype(
+        np.float32)
+
+
+def test_fake_quant_model_refuses_another_input_size(mean_net):
+    """Calibrated at 28x28, the fake-quant model's global mean is a 14x14 pool: at 42x42 it averaged the top-left
+    corner and returned wrong logits without a word (top-1 agreement 25%), at 20x20 torch's pool error."""
+    from ptq2tvm.errors import InputShapeError
+
+    model, qm, test = mean_net
+    for shape, hint in (((2, 1, 42, 42), "quantize with images of this size"), ((2, 1, 20, 20), "this size"),
+                        ((1, 28, 28), "add the batch dimension"), ((2, 28, 28, 1), "channels-last")):
+        with pytest.raises(InputShapeError, match=r"traced for input \(N, 1, 28, 28\), got .*" + hint):
+            qm(torch.zeros(shape))
+    assert qm(torch.from_numpy(test)).shape == (8, 10)
+
+
+def test_fidelity_checks_its_inputs_and_takes_any_float_model(mean_net):
+    """fidelity() on one (C, H, W) image, NaN images, images of another size or a model with other outputs: one
+    ptq2tvm error each (were IndexError, a silent 'SQNR nan dB', torch's pool error, a numpy broadcast error); a
+    float16 / float64 FP32 model is compared through a float32 copy (was 'Input type (float) and bias type (Half)'),
+    and the user's model keeps its dtype."""
+    from ptq2tvm.api import fidelity
+    from ptq2tvm.errors import DataError, InputShapeError, ModelMismatchError
+
+    model, qm, test = mean_net
+    with pytest.raises(DataError, match=r"must be \(N, C, H, W\), got shape \(1, 28, 28\)"):
+        fidelity(model, qm, test[0])
+    with pytest.raises(DataError, match="6272 NaN/Inf values"):
+        fidelity(model, qm, np.full_like(test, np.nan))
+    with pytest.raises(InputShapeError, match=r"\(8, 1, 32, 32\); the quantized model was traced for \(N, 1, 28, 28"):
+        fidelity(model, qm, np.zeros((8, 1, 32, 32), np.float32))
+    with pytest.raises(ModelMismatchError, match=r"returns 1 output\(s\) of shape\(s\) \(N, 3, 26, 26\), the "
+                                                 r"fake-quant model 1 of \(N, 10\)"):
+        fidelity(nn.Conv2d(1, 3, 3).eval(), qm, test)
+    ref = fidelity(model, qm, torch.from_numpy(test))            # a torch tensor is fine
+    for dtype in (torch.float16, torch.float64):
+        other = GlobalMeanNet().to(dtype).eval()
+        other.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
+        rep = fidelity(other, qm, test)
+        assert next(other.parameters()).dtype == dtype                       # not converted in place
+        assert rep.top1_agreement == ref.top1_agreement and abs(rep.sqnr_db - ref.sqnr_db) < 3, (dtype, rep)
+
+
+def test_dict_items_give_their_image_or_a_clear_error():
+    """{"image": ..., "label": ...} records (HuggingFace / albumentations style), one by one or collated by a
+    DataLoader, give their image as (image, label) pairs do; a dict without one image key names the fix (was
+    'float() argument must be ... not dict' from numpy)."""
+    from ptq2tvm.data.transform import as_images
+    from ptq2tvm.errors import DataError
+
+    rng = np.random.default_rng(0)
+    items = [{"image": torch.from_numpy(rng.random((1, 8, 8), dtype=np.float32)), "label": i} for i in range(6)]
+    want = np.stack([it["image"].numpy() for it in items])
+    assert np.array_equal(as_images(items), want)
+    loader = torch.utils.data.DataLoader(items, batch_size=4)
+    assert np.array_equal(as_images(loader), want)
+    assert as_images([{"pixel_values": np.zeros((3, 4, 4), np.float16)}]).dtype == np.float32
+    with pytest.raises(DataError, match=r"calibration item 0 is a dict \(keys 'pix', 'y'\) holding none of the keys "
+                                        r".*CalibrationData\(loader, lambda b: b\['pix'\]\)"):
+        as_images([{"pix": np.zeros((1, 8, 8)), "y": 1}])
+    with pytest.raises(DataError, match="holding more than one of the keys"):
+        as_images([{"image": np.zeros((1, 8, 8)), "img": np.zeros((1, 8, 8))}])
+
+
+def test_api_arguments_of_the_wrong_kind_get_clear_errors(mean_net, tmp_path):
+    """to_integer on the FP32 model, compile_so on the fake-quant model, a float or string batch, and an output path
+    that is a folder: a message saying what to pass (were AttributeError, TVM's InternalError, '<' not supported,
+    IsADirectoryError naming a hidden temp file); nothing is written."""
+    from ptq2tvm.api import compile_so, export_onnx, to_integer
+    from ptq2tvm.errors import ArtifactError
+
+    model, qm, _ = mean_net
+    with pytest.raises(TypeError, match=r"to_integer needs the fake-quant model .*got GlobalMeanNet"):
+        to_integer(model)
+    graph = to_integer(qm)
+    with pytest.raises(TypeError, match=r"got QuantModel; fold the fake-quant model first: to_integer\(qm\)"):
+        compile_so(qm, tmp_path / "a.so")
+    for batch in (2.5, "4", True):
+        with pytest.raises(TypeError, match=r"batch must be an int >= 1, got"):
+            compile_so(graph, tmp_path / "b.so", batch=batch)
+    (tmp_path / "dir.so").mkdir()
+    with pytest.raises(ArtifactError, match=r"dir.so is a directory, not a file"):
+        compile_so(graph, tmp_path / "dir.so")
+    (tmp_path / "g.npz").mkdir()
+    with pytest.raises(ArtifactError, match=r"g.npz: it is an existing directory, not a file; nothing was written"):
+        graph.save(tmp_path / "g.npz")
+    (tmp_path / "m.onnx").mkdir()
+    with pytest.raises(ArtifactError, match="existing directory"):
+        export_onnx(graph, tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.so", "g.npz", "m.onnx"]
+
+
+def test_wrapped_models_are_looked_through_and_torchscript_is_named():
+    """nn.DataParallel and torch.compile wrappers quantize as the module they wrap (the error blamed their
+    forward(*inputs, **kwargs)); a TorchScript module is refused with what to pass instead (was fx's assertion)."""
+    from ptq2tvm.api import quantize, to_integer
+    from ptq2tvm.errors import UnsupportedModelError
+    from ptq2tvm.frontend.qmodel import QuantConfig
+
+    torch.manual_seed(0)
+    model = GlobalMeanNet().eval()
+    calib = np.random.default_rng(0).standard_normal((16, 1, 28, 28)).astype(np.float32)
+    want = to_integer(quantize(model, calib, QuantConfig(), progress=False)).digest()
+    assert to_integer(quantize(nn.DataParallel(model), calib, QuantConfig(), progress=False)).digest() == want
+    for scripted in (torch.jit.script(model), torch.jit.trace(model, torch.from_numpy(calib[:1]))):
+        with pytest.raises(UnsupportedModelError, match=r"TorchScript module .*pass the nn.Module itself, or export "
+                                                        r"it to ONNX"):
+            quantize(scripted, calib, QuantConfig(), progress=False)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tvm
 
 from kernels.task_stack import compile_module
@@ -177,10 +178,21 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
     sets "packed" for a mixed-precision plan), else "auto"; see
     :func:`ptq2tvm.backend.storage.keeps_int8_storage`.
     """
+    from ..fold.bounds import check_graph_bounds
+    from ..outpaths import check_output_path
+    from .storage import check_subbyte_storage, graph_subbyte_storage
+
+    if not isinstance(graph, IntegerGraph):
+        hint = ("; fold the fake-quant model first: to_integer(qm)" if hasattr(graph, "graph")
+                and hasattr(graph, "act_quant") else "")
+        raise TypeError(f"compile needs an IntegerGraph (ptq2tvm.api.to_integer), got {type(graph).__name__}{hint}")
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)):
+        raise TypeError(f"batch must be an int >= 1, got {batch!r} ({type(batch).__name__})")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    from ..fold.bounds import check_graph_bounds
-    from .storage import check_subbyte_storage, graph_subbyte_storage
+    batch = int(batch)
+    for path, what in ((so_path, "the library path"), (Path(so_path).with_suffix(".json"), "its sidecar")):
+        check_output_path(path, "file", what)        # before minutes of building, not at the rename
 
     subbyte_storage = check_subbyte_storage(subbyte_storage or graph_subbyte_storage(graph))
 

@@ -40,10 +40,28 @@ def load_callable(spec: str, what: str = "preprocess function") -> Callable[...,
     return fn
 
 
-def _as_array(x: Any) -> np.ndarray:
+#: the dict keys a calibration item's image is taken from without a transform_fn (HuggingFace datasets' "image" /
+#: "pixel_values", albumentations' "image"); an item with exactly one of them gives that value
+IMAGE_KEYS = ("image", "img", "images", "pixel_values")
+
+
+def _as_array(x: Any, index: int | None = None) -> np.ndarray:
+    """One calibration item as float32. Raises DataError for a dict (a dataset of {"image": ..., "label": ...}
+    records), naming its keys and the transform_fn that picks the image, and for anything not array-like."""
+    where = "calibration item" + (f" {index}" if index is not None else "")
+    if isinstance(x, dict):
+        keys = ", ".join(repr(k) for k in list(x)[:6])
+        found = "none" if not set(x) & set(IMAGE_KEYS) else "more than one"
+        raise DataError(f"{where} is a dict (keys {keys}) holding {found} of the keys an image is taken from "
+                        f"({', '.join(IMAGE_KEYS)}): pass CalibrationData(loader, lambda b: b[{next(iter(x), 'image')!r}]) "
+                        "with the key that holds the image")
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
+        x = x.detach().cpu().float().numpy()
+    try:
+        return np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where} ({type(x).__name__}) is not an image array: {e}; use CalibrationData(items, "
+                        "transform_fn) with a transform_fn that returns the image") from e
 
 
 class CalibrationData:
@@ -51,7 +69,8 @@ class CalibrationData:
     one image (C, H, W) or a batch (N, C, H, W), as a numpy array or torch tensor.
 
     Without ``transform_fn`` an item is used as is, except that an ``(image, label)`` pair (what a torch
-    ``DataLoader`` over a labelled dataset yields) gives its first element. :meth:`to_numpy` stops after ``limit``
+    ``DataLoader`` over a labelled dataset yields) gives its first element, and a dict with exactly one of
+    :data:`IMAGE_KEYS` (``{"image": ..., "label": ...}``) gives that value. :meth:`to_numpy` stops after ``limit``
     images; nothing is loaded before it is called."""
 
     def __init__(self, items: Iterable[Any], transform_fn: Callable[[Any], Any] | None = None):
@@ -64,6 +83,8 @@ class CalibrationData:
                 yield self.transform_fn(item)
             elif isinstance(item, (tuple, list)) and len(item) == 2:
                 yield item[0]
+            elif isinstance(item, dict) and len([k for k in item if k in IMAGE_KEYS]) == 1:
+                yield next(item[k] for k in item if k in IMAGE_KEYS)
             else:
                 yield item
 
@@ -73,7 +94,7 @@ class CalibrationData:
         out: list[np.ndarray] = []
         n = 0
         for i, x in enumerate(self):
-            a = _as_array(x)
+            a = _as_array(x, i)
             if a.ndim == 3:
                 a = a[None]
             if a.ndim != 4:

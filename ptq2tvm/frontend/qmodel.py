@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..atomic import atomic_path
-from ..errors import ArtifactError, QuantConfigError
+from ..errors import ArtifactError, InputShapeError, QuantConfigError
 from ..ops import float_op, ops_of_kind
 from .fused_quant import act_clamp
 from .graph import OPS_WITH_WEIGHTS, FloatGraph, FloatNode
@@ -286,8 +286,11 @@ class QuantModel(nn.Module):
     # ---- execution -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, return_all: bool = False) -> Any:
         """The network output(s) in the model's own structure (a tensor, or a tuple / list / dict of tensors);
-        ``return_all``: every tensor by name."""
+        ``return_all``: every tensor by name. Raises InputShapeError when ``x`` is not (N, *the traced input shape):
+        the graph's shapes are those of the calibration images (a global mean became a fixed-window pool), so
+        another size would run and be wrong."""
         g = self.graph
+        self._check_input(x)
         env: dict[str, torch.Tensor] = {g.input_name: self.act_quant[_key(g.input_name)](x)}
         for n in g.nodes:
             if n.op == "input":
@@ -296,6 +299,22 @@ class QuantModel(nn.Module):
         if return_all:
             return env
         return structure_outputs(g, [env[o] for o in g.output_names])
+
+    def _check_input(self, x: Any) -> None:
+        want = self.graph.input_shape
+        shape = tuple(getattr(x, "shape", ()))
+        if want is None or (len(shape) == len(want) + 1 and shape[1:] == tuple(want)):
+            return
+        hint = ""
+        if shape == tuple(want):
+            hint = "; add the batch dimension: x[None]"
+        elif len(shape) == len(want) + 1 and len(want) == 3 and shape[1] == want[0]:
+            hint = ("; its shapes (pool windows, the flatten) are the calibration images': quantize with images of "
+                    "this size to run at it")
+        elif len(want) == 3 and shape[1:] == (want[1], want[2], want[0]):
+            hint = "; it looks channels-last (N, H, W, C): use x.permute(0, 3, 1, 2)"
+        raise InputShapeError(f"the quantized model was traced for input (N, {', '.join(map(str, want))}), got "
+                              f"{shape}{hint}")
 
     def _run_node(self, n: FloatNode, env: dict[str, torch.Tensor]) -> torch.Tensor:
         opdef = float_op(n.op)

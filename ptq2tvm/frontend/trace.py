@@ -298,6 +298,7 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
     """
     if len(input_shape) != 3:
         raise UnsupportedModelError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+    model = unwrap_model(model)
     check_single_input(model)
     model = copy.deepcopy(model).eval().float()
     gm = _symbolic_trace(model)
@@ -348,12 +349,31 @@ def _signature_text(params: list[inspect.Parameter]) -> str:
     return f"forward({', '.join(names)})"
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module a wrapper runs: ``nn.DataParallel`` / ``DistributedDataParallel``'s ``.module``, ``torch.compile``'s
+    ``._orig_mod`` (their forward is ``forward(*inputs, **kwargs)``, which fx cannot take as one input). Raises
+    :class:`UnsupportedModelError` for a TorchScript module (``torch.jit.script`` / ``trace``): it has no Python
+    forward for torch.fx to trace."""
+    while True:
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedModelError(
+                f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script / trace / load): "
+                "torch.fx cannot trace it; pass the nn.Module itself, or export it to ONNX (torch.onnx.export) and "
+                "quantize the .onnx file")
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def check_single_input(model: nn.Module) -> None:
     """Raise :class:`UnsupportedModelError` unless ``model.forward`` takes one input: a first parameter ``x`` (not
     ``*xs`` / ``**kw``), and beyond it only parameters with defaults (they take their defaults, as at inference),
     ``*args`` or ``**kwargs`` (traced empty: :func:`_symbolic_trace` refuses a model that then uses them). ptq2tvm
-    traces and compiles single-input models."""
-    params = _forward_params(model)
+    traces and compiles single-input models; wrappers are looked through (:func:`unwrap_model`)."""
+    params = _forward_params(unwrap_model(model))
     if params is None:
         return
     if not params:
