@@ -52,9 +52,10 @@ def _as_array(x: Any, index: int | None = None) -> np.ndarray:
     if isinstance(x, dict):
         keys = ", ".join(repr(k) for k in list(x)[:6])
         found = "none" if not set(x) & set(IMAGE_KEYS) else "more than one"
+        first = next(iter(x), "image")
         raise DataError(f"{where} is a dict (keys {keys}) holding {found} of the keys an image is taken from "
-                        f"({', '.join(IMAGE_KEYS)}): pass CalibrationData(loader, lambda b: b[{next(iter(x), 'image')!r}]) "
-                        "with the key that holds the image")
+                        f"({', '.join(IMAGE_KEYS)}): pass CalibrationData(loader, lambda b: b[{first!r}]) with the "
+                        "key that holds the image")
     if hasattr(x, "detach"):
         x = x.detach().cpu().float().numpy()
     try:
