@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .errors import ModelMismatchError
 from .frontend.qmodel import QuantModel
-from .model_outputs import batched_forward, flatten_outputs, shape_text
+from .model_outputs import batched_forward, flatten_outputs, shape_text, squashed_outputs
 
 #: below this output SQNR (dB) or top-1 agreement the summary warns
 LOW_SQNR_DB = 10.0
@@ -172,10 +172,11 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
         ref.append([t.float().numpy() for t in r])
         got.append([t.float().numpy() for t in g])
     outs: list[OutputFidelity] = []
+    squashed = squashed_outputs(qm.graph)       # a sigmoid box / probability output: SQNR only, no top-1
     for j in range(len(ref[0])):
         ref_a = np.concatenate([b[j] for b in ref])
         got_a = np.concatenate([b[j] for b in got])
-        agree = float(np.mean(ref_a.argmax(1) == got_a.argmax(1))) if ref_a.ndim == 2 else None
+        agree = float(np.mean(ref_a.argmax(1) == got_a.argmax(1))) if ref_a.ndim == 2 and not squashed[j] else None
         outs.append(OutputFidelity(keys[j] if keys else f"output {j}", list(ref_a.shape), sqnr_db(ref_a, got_a),
                                    agree))
     top1 = next((o.top1_agreement for o in outs if o.top1_agreement is not None), None)

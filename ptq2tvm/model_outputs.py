@@ -40,6 +40,25 @@ def shape_text(shape: Sequence[int]) -> str:
     return "(N" + "".join(f", {int(d)}" for d in shape[1:]) + ")"
 
 
+#: graph ops whose result is squashed into a range (sigmoid / tanh / ... lookup tables, clamps): an (N, k) output
+#: they produce is a probability or a bounded regression (a box), not class scores
+SQUASHING_OPS = ("lut", "clamp")
+
+
+def squashed_outputs(graph: Any) -> list[bool]:
+    """Per output of ``graph`` (a FloatGraph or an IntegerGraph), in ``output_names`` order: whether its last op
+    squashes it into a range (:data:`SQUASHING_OPS`, or a fused activation clamp), so that an (N, k) output is not
+    read as class scores (no softmax-KL sensitivity, no top-1 agreement). ``torch.sigmoid(self.box(f))`` is squashed;
+    a plain ``nn.Linear`` output reads as logits, whatever it means."""
+    by_name = {n.name: n for n in graph.nodes}
+    names = graph.output_names if isinstance(graph.output_names, list) else [graph.output_names]
+    out = []
+    for name in names:
+        n = by_name.get(name)
+        out.append(n is not None and (n.op in SQUASHING_OPS or getattr(n, "act", None) is not None))
+    return out
+
+
 def first_classification_output(shapes: Sequence[Sequence[int]]) -> int | None:
     """Index of the first 2-D (N, classes) output among batch ``shapes``; None when there is none."""
     return next((i for i, s in enumerate(shapes) if len(s) == 2), None)
@@ -96,4 +115,5 @@ def batched_forward(model: Any, images: Any, batch_size: int,
         start += len(x)
 
 
-__all__ = ["batched_forward", "classification_index", "first_classification_output", "flatten_outputs", "output_label", "shape_text", "structure_keys"]
+__all__ = ["SQUASHING_OPS", "batched_forward", "classification_index", "first_classification_output", "flatten_outputs",
+           "output_label", "shape_text", "squashed_outputs", "structure_keys"]

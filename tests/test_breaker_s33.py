@@ -201,3 +201,64 @@ def test_wrapped_models_are_looked_through_and_torchscript_is_named():
         with pytest.raises(UnsupportedModelError, match=r"TorchScript module .*pass the nn.Module itself, or export "
                                                         r"it to ONNX"):
             quantize(scripted, calib, QuantConfig(), progress=False)
+
+
+# ---- a new user's first hour (session 33): a two-headed model, mixed precision --------------------------------------
+class TwoHead(nn.Module):
+    """Class logits (N, 10) and a sigmoid box (N, 4), as a user's detector-like model returns them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.body = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.cls = nn.Linear(16, 10)
+        self.box = nn.Linear(16 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor):
+        f = torch.relu(self.body(torch.relu(self.stem(x))))
+        return self.cls(f.mean((2, 3))), torch.sigmoid(self.box(torch.flatten(f, 1)))
+
+
+def test_a_squashed_output_is_not_read_as_class_scores():
+    """A sigmoid (N, 4) box is not logits: no top-1 agreement for it (its 53% 'agreement' raised the low-fidelity
+    warning on a 56 dB output), and the sensitivity's loss for it is the MSE, not a softmax KL."""
+    from ptq2tvm.api import fidelity, quantize
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.model_outputs import squashed_outputs
+
+    torch.manual_seed(0)
+    model = TwoHead().eval()
+    rng = np.random.default_rng(0)
+    qm = quantize(model, rng.standard_normal((32, 1, 16, 16)).astype(np.float32), QuantConfig(), progress=False)
+    assert squashed_outputs(qm.graph) == [False, True]
+    rep = fidelity(model, qm, rng.standard_normal((16, 1, 16, 16)).astype(np.float32))
+    assert rep.outputs[0].top1_agreement is not None and rep.outputs[1].top1_agreement is None
+    assert "top-1" not in rep.summary().splitlines()[-1]             # the box line: SQNR only
+
+
+def test_mixed_precision_plan_is_measured_against_the_uniform_plans_that_fit(tmp_path):
+    """The ILP's plan against every uniform plan that meets the same budgets (none dominated), by the measured
+    label-free output loss after RTN: the lowest wins and run.json says so (a user's two-head model got an ILP
+    plan at 61% top-1 where uniform W4A8 fitting the budget gave 79%). A bad plan loses to uniform W8A8."""
+    from ptq2tvm.api import quantize, to_integer
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.mixed.allocate import MixedPlan
+    from ptq2tvm.mixed.pipeline import pick_measured_plan, plan_mixed_precision
+
+    torch.manual_seed(0)
+    model = TwoHead().eval()
+    calib = np.random.default_rng(0).standard_normal((64, 1, 16, 16)).astype(np.float32)
+    plan = plan_mixed_precision(model, calib, QuantConfig(), {"size": "0.4"}, tmp_path, samples=2,
+                                progress=False)
+    losses = plan.measured.get("losses", {})
+    assert set(losses) == {"ILP", "uniform W2A8"}, (plan.bits, losses)     # W2A4 is dominated by W2A8
+    assert plan.measured["chosen"] == min(losses, key=losses.get) == plan.label()
+    assert plan.predicted["size"] <= 0.4 * plan.w8a8["size"]
+    # a plan with every free layer at W2A4 against uniform W8A8: the measurement picks W8A8
+    layers = list(to_integer(quantize(model, calib, QuantConfig(), progress=False)).meta["layer_bits"])
+    fixed = ["stem", "cls"]
+    bad = MixedPlan({n: [8, 8] if n in fixed else [2, 4] for n in layers}, "hessian", 0.0, {}, {}, {}, fixed)
+    bad.uniform = [MixedPlan({n: [8, 8] for n in layers}, "hessian", 1.0, {}, {}, {}, fixed, source="uniform W8A8")]
+    chosen = pick_measured_plan(model, calib, QuantConfig(), bad)
+    assert chosen.label() == "uniform W8A8" and chosen.measured["losses"]["ILP"] > chosen.measured["losses"][
+        "uniform W8A8"]

@@ -75,6 +75,16 @@ class MixedPlan:
     predicted: dict[str, float]
     w8a8: dict[str, float]
     fixed: list[str] = field(default_factory=list)
+    #: the uniform plans that meet the budgets (allocate), measured against this one (pipeline.pick_measured_plan)
+    uniform: list["MixedPlan"] = field(default_factory=list, repr=False)
+    #: what the measurement found: {plan label: label-free output loss} and the one chosen (pick_measured_plan)
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    #: where the plan comes from: "ILP" (allocate's solution) or "uniform W4A8" (one candidate on every free layer)
+    source: str = "ILP"
+
+    def label(self) -> str:
+        return self.source
 
     def config(self, base: QuantConfig) -> QuantConfig:
         """``base`` with the plan's per-layer bits (every layer explicit)."""
@@ -86,7 +96,9 @@ class MixedPlan:
     def to_dict(self) -> dict[str, Any]:
         """The plan as run.json records it; ``units`` names the unit of the ``budgets`` / ``predicted`` / ``w8a8``
         figures (latency in seconds, size in bytes with channel padding, BOPs a count)."""
-        return dict(asdict(self), units=dict(PLAN_UNITS))
+        d = asdict(self)
+        d.pop("uniform")
+        return dict(d, units=dict(PLAN_UNITS))
 
     def summary(self) -> str:
         counts: dict[str, int] = {}
@@ -95,7 +107,14 @@ class MixedPlan:
         parts = [f"{k} x{v}" for k, v in sorted(counts.items())]
         pred = ", ".join(f"{k} {_value_text(k, v)} ({v / self.w8a8[k]:.2f} of W8A8)"
                          for k, v in self.predicted.items() if self.w8a8.get(k))
-        return f"mixed precision ({self.measure} sensitivity): {', '.join(parts)}; predicted {pred}"
+        text = f"mixed precision ({self.measure} sensitivity): {', '.join(parts)}; predicted {pred}"
+        if self.measured.get("losses"):
+            losses = ", ".join(f"{k} {v:.4g}" for k, v in self.measured["losses"].items())
+            text += f"\n  measured output loss against FP32 (RTN, {self.measured['images']} images): {losses}"
+            if self.measured["chosen"] != "ILP":
+                text += (f"; the {self.measured['chosen']} plan fits the budgets and measures better than the "
+                         "sensitivity-based one: using it")
+        return text
 
 
 def _value_text(kind: str, v: float) -> str:
@@ -213,12 +232,28 @@ def allocate(report: SensitivityReport, costs: LayerCosts, graph: IntegerGraph, 
     tied = [g for g in groups.values() if len(g) > 1]
     sol = solve_allocation(sens, {k: mats[k] for k in limits}, limits, a_bits=[a for _, a in cands], tied=tied,
                            layer_names=layers)
-    bits = {n: list(cands[c]) for n, c in zip(layers, sol.choice)}
-    predicted = {k: float(sum(m[i, c] for i, c in enumerate(sol.choice))) for k, m in mats.items()}
-    if "latency" in predicted:
-        predicted["latency"] += costs.constant_seconds
     shown = {k: (v + costs.constant_seconds if k == "latency" else v) for k, v in limits.items()}
-    return MixedPlan(bits, measure, sol.objective, shown, predicted, w8a8, fixed)
+
+    def plan(choice: list[int], objective: float, source: str = "ILP") -> MixedPlan:
+        bits = {n: list(cands[c]) for n, c in zip(layers, choice)}
+        predicted = {k: float(sum(m[i, c] for i, c in enumerate(choice))) for k, m in mats.items()}
+        if "latency" in predicted:
+            predicted["latency"] += costs.constant_seconds
+        return MixedPlan(bits, measure, objective, shown, predicted, w8a8, fixed, source=source)
+
+    best = plan(list(sol.choice), sol.objective)
+    # the uniform plans (every free layer at one candidate) that meet every budget, none with both bit widths at or
+    # below another's: what a user would try by hand, measured against the ILP's plan (pipeline.pick_measured_plan)
+    fits = []
+    for c, (w, a) in enumerate(cands):
+        choice = [ref if n in fixed else c for n in layers]
+        if all(sum(mats[k][i, ch] for i, ch in enumerate(choice)) <= limits[k] * (1 + 1e-9) for k in limits):
+            fits.append((w, a, choice))
+    best.uniform = [plan(choice, float(np.nansum([sens[i, ch] for i, ch in enumerate(choice)])), f"uniform W{w}A{a}")
+                    for w, a, choice in fits
+                    if choice != list(sol.choice)
+                    and not any((w2 >= w and a2 >= a) and (w2, a2) != (w, a) for w2, a2, _ in fits)]
+    return best
 
 
 __all__ = ["MixedPlan", "allocate", "check_budgets", "cost_matrices", "fixed_layers", "parse_budget"]

@@ -6,7 +6,7 @@ Two measures for every conv/linear layer i and candidate (w, a) = (weight bits, 
        Omega_i(w, a) = Tr(H_W_i) / n_W_i * ||Q_w(W_i) - W_i||^2  +  Tr(H_x_i) / n_x_i * ||Q_a(x_i) - x_i||^2 / k_i
    H is the Hessian of the label-free loss L = KL(softmax(f32(x)) || softmax(f(x))) (batch mean, nats; a model with
    several outputs: the sum over its outputs, half the mean squared error per element for an output that is not
-   (N, classes) logits, e.g. a feature map) with respect
+   (N, classes) logits, e.g. a feature map, or a sigmoid box: ptq2tvm.model_outputs.squashed_outputs) with respect
    to the layer's weight W_i (n_W_i elements) and to its input activation tensor x_i on the batch (n_x_i elements;
    HAWQ-V3 weights only; the activation term is the same estimate for the input quantizer). At the FP32 point L's
    gradient is zero and its Hessian is the Gauss-Newton / Fisher matrix of the output distribution: positive
@@ -51,9 +51,11 @@ from ..frontend.graph import FloatGraph
 from ..frontend.qmodel import QuantConfig, QuantModel, _key
 from ..frontend.quantizers import WeightQuantizer
 from ..frontend.trace import trace_model
+from ..model_outputs import squashed_outputs
 from .layerbits import CANDIDATES, candidate_name
 
-LOSS = "KL(softmax(fp32 logits) || softmax(logits)), batch mean, nats"
+LOSS = ("KL(softmax(fp32 logits) || softmax(logits)), batch mean, nats; half MSE per element for other outputs "
+        "and squashed (N, k) ones")       # part of the cache key: a changed loss is a new analysis
 
 
 @dataclass
@@ -145,6 +147,7 @@ def _traces(qm: QuantModel, x: torch.Tensor, layers: list[str], points: list[str
     x = x.clone().requires_grad_(True)
     env = qm(x, return_all=True)
     outs = [env[o] for o in qm.graph.output_names]
+    class_scores = [is_logits_shape(y) and not sq for y, sq in zip(outs, squashed_outputs(qm.graph))]
     params = [qm.layer(n).weight for n in layers] + [x if p == qm.graph.input_name else env[p] for p in points]
     gen = torch.Generator().manual_seed(seed)
     est = np.zeros((samples, len(params)))
@@ -152,11 +155,11 @@ def _traces(qm: QuantModel, x: torch.Tensor, layers: list[str], points: list[str
         for s in range(samples):
             # one backward of sum over outputs of <y_k, u_k>, u_k independent with covariance S_k: the cross terms
             # vanish in expectation, so E||g||^2 = B * sum_k Tr(J_k^T S_k J_k)
-            us = [_gauss_newton_draw(y, gen) for y in outs]
+            us = [_gauss_newton_draw(y, gen, logits) for y, logits in zip(outs, class_scores)]
             g = torch.autograd.grad(outs, params, grad_outputs=us, retain_graph=s < samples - 1)
             est[s] = [float(t.double().square().sum()) / len(x) for t in g]
     else:
-        loss = sum(_output_loss(y) for y in outs)
+        loss = sum(output_loss(y, logits) for y, logits in zip(outs, class_scores))
         grads = torch.autograd.grad(loss, params, create_graph=True)
         for s in range(samples):
             vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
@@ -165,17 +168,18 @@ def _traces(qm: QuantModel, x: torch.Tensor, layers: list[str], points: list[str
     return est.mean(axis=0), est.std(axis=0, ddof=1) / np.sqrt(samples) if samples > 1 else np.zeros(len(params))
 
 
-def _is_logits(y: torch.Tensor) -> bool:
-    """A classification output: (N, classes) with at least 2 classes."""
+def is_logits_shape(y: torch.Tensor) -> bool:
+    """A classification output by shape: (N, classes) with at least 2 classes (the caller also asks
+    :func:`ptq2tvm.model_outputs.squashed_outputs`: a sigmoid box is (N, 4) too)."""
     return y.dim() == 2 and y.shape[1] > 1
 
 
-def _gauss_newton_draw(y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _gauss_newton_draw(y: torch.Tensor, gen: torch.Generator, logits: bool) -> torch.Tensor:
     """u with mean 0 and covariance S, the Hessian of the output's loss at its FP32 value (per image): for logits
     S_b = diag(p_b) - p_b p_b^T of the softmax (KL loss), u_b = A_b r_b as in the module docstring; for any other
     output (a feature map, a regression) the mean-squared error per element, S_b = I / n_b (n_b elements per image),
-    u_b = r_b / sqrt(n_b)."""
-    if _is_logits(y):
+    u_b = r_b / sqrt(n_b). ``logits``: whether ``y`` holds class scores."""
+    if logits:
         p_fp = F.softmax(y.detach().double(), dim=1)
         sq = p_fp.sqrt()
         r = torch.randint(0, 2, p_fp.shape, generator=gen).double() * 2 - 1
@@ -184,11 +188,12 @@ def _gauss_newton_draw(y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return r / float(np.sqrt(y[0].numel()))
 
 
-def _output_loss(y: torch.Tensor) -> torch.Tensor:
-    """The label-free loss of one output against its own FP32 value (batch mean): KL of the softmax for logits,
+def output_loss(y: torch.Tensor, logits: bool, target: torch.Tensor | None = None) -> torch.Tensor:
+    """The label-free loss of one output against its own FP32 value (batch mean; or against ``target``, the FP32
+    output, for an output computed elsewhere): KL of the softmax for logits,
     half the squared error per element otherwise (its Hessian at the FP32 point is the S of _gauss_newton_draw)."""
-    target = y.detach()
-    if _is_logits(y):
+    target = y.detach() if target is None else target
+    if logits:
         return F.kl_div(F.log_softmax(y, dim=1), F.softmax(target, dim=1), reduction="batchmean")
     return 0.5 * (y - target).square().sum() / (len(y) * y[0].numel())
 
