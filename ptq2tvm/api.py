@@ -600,12 +600,14 @@ def to_integer(qm: QuantModel) -> IntegerGraph:
     bits were chosen by (or for) the size and latency of packed sub-byte weights, so x86 builds store them packed
     (:func:`ptq2tvm.backend.storage.graph_subbyte_storage`)."""
     from .mixed.layerbits import graph_layer_bits
+    from .model_outputs import squashed_outputs
 
     if not isinstance(qm, QuantModel):
         raise TypeError(f"to_integer needs the fake-quant model that quantize returns (a QuantModel), got "
                         f"{type(qm).__name__}: qm = ptq2tvm.api.quantize(model, images, config)")
     graph = fold_to_integer(qm)
     graph.meta["layer_bits"] = graph_layer_bits(graph)
+    graph.meta["squashed_outputs"] = squashed_outputs(graph)      # not class scores (the bundle's top-1 line)
     if qm.config.layer_w_bits or qm.config.layer_a_bits:
         graph.meta["subbyte_storage"] = "packed"
     return graph

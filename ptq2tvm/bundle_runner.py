@@ -509,13 +509,15 @@ def _run(args: argparse.Namespace) -> int:
         else:
             np.save(args.output, vals[0])
     st = model.meta.get("output_structure")
-    for name, y in zip(names, ys):
+    squashed = (model.meta.get("graph_meta") or {}).get("squashed_outputs") or [False] * len(ys)
+    for name, y, sq in zip(names, ys, squashed):
         label = repr(name) if st and st[0] == "dict" else name          # a dict model's keys quoted: '0', 'logits'
         head = "" if len(ys) == 1 else f"{label} {_shape_text(y.shape)} "
-        if y.ndim == 2:
+        if y.ndim == 2 and not sq:                  # class scores; a sigmoid box / probabilities: their codes
             print(f"{head}top-1:", y.argmax(1).tolist()[:32], "..." if len(y) > 32 else "")
         else:
-            print(f"{head or f'output {_shape_text(y.shape)} '}codes {int(y.min())}..{int(y.max())}")
+            written = " (--output holds them dequantized)" if args.output and not args.output_int else ""
+            print(f"{head or f'output {_shape_text(y.shape)} '}integer codes {int(y.min())}..{int(y.max())}{written}")
     if args.bench:
         batch = np.resize(q, (model.batch, *q.shape[1:]))
         model.run_batch(batch)

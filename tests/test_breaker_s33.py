@@ -262,3 +262,67 @@ def test_mixed_precision_plan_is_measured_against_the_uniform_plans_that_fit(tmp
     chosen = pick_measured_plan(model, calib, QuantConfig(), bad)
     assert chosen.label() == "uniform W8A8" and chosen.measured["losses"]["ILP"] > chosen.measured["losses"][
         "uniform W8A8"]
+
+
+def test_bundle_prints_top1_only_for_class_scores(tmp_path):
+    """The bundle's run_model.py printed 'box (N, 4) top-1: [2, 2, 3 ...]' for a sigmoid box: now the class scores
+    get top-1 and the squashed output its integer codes (and that --output holds them dequantized)."""
+    import subprocess
+    import sys
+
+    from ptq2tvm.api import compile_so, quantize, to_integer
+    from ptq2tvm.bundle import make_bundle
+    from ptq2tvm.frontend.qmodel import QuantConfig
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    graph = to_integer(quantize(TwoHead().eval(), rng.standard_normal((32, 1, 16, 16)).astype(np.float32),
+                                QuantConfig(), progress=False))
+    assert graph.meta["squashed_outputs"] == [False, True]
+    compile_so(graph, tmp_path / "m.so")
+    make_bundle(tmp_path / "m.so", tmp_path / "b", graph=graph)
+    np.save(tmp_path / "x.npy", rng.standard_normal((3, 1, 16, 16)).astype(np.float32))
+    r = subprocess.run([sys.executable, str(tmp_path / "b" / "run_model.py"), "--input", str(tmp_path / "x.npy"),
+                        "--output", str(tmp_path / "y.npz")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    first, second = graph.output_names
+    assert f"{first} (N, 10) top-1:" in r.stdout and f"{second} (N, 4) integer codes " in r.stdout, r.stdout
+    assert "(--output holds them dequantized)" in r.stdout and f"{second} (N, 4) top-1" not in r.stdout
+
+
+def test_loose_images_beside_a_class_folder_are_named(tmp_path):
+    """A flat folder of 35 images plus one stray sub-folder calibrated on the sub-folder's single image, with only
+    'only 1 calibration image(s)' to go by: the unused top-level images are now named in a warning."""
+    from PIL import Image
+
+    from ptq2tvm.data.image_folder import index_folder
+
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), i * 40, np.uint8)).save(tmp_path / f"img {i}.png")
+    (tmp_path / "sub dir").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "sub dir" / "x.png")
+    with pytest.warns(UserWarning, match=r"the 5 image\(s\) directly in it \(img 0.png, ...\) are not used: it has "
+                                         r"class folder\(s\) \(sub dir\) with 1 image\(s\)"):
+        idx = index_folder(tmp_path)
+    assert [p.name for p in idx.files] == ["x.png"]
+
+
+def test_a_wrong_mean_is_noticed_at_the_first_batchnorm():
+    """Grayscale images normalized with ImageNet's mean/std (0.449 / 0.226) for a model trained at 0.05 / 0.2 passed
+    the scale check (RMS 1.9x, under its 4x) and quantized with 100% fidelity agreement; eval then read 12% top-1.
+    The first conv's per-channel mean against its BatchNorm's running mean catches it; the right data does not warn,
+    nor does a model whose BatchNorm never saw a batch."""
+    from ptq2tvm.data.checks import input_scale_notes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8, momentum=None), nn.ReLU())
+    raw = (np.random.default_rng(0).random((64, 1, 16, 16)) < 0.05).astype(np.float32)   # sparse strokes on black
+    right, wrong = (raw - 0.05) / 0.2, (raw - 0.449) / 0.226
+    assert input_scale_notes(model, right) == []                         # untrained BatchNorm: no verdict
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(right))
+    model.eval()
+    assert input_scale_notes(model, right) == []
+    notes = input_scale_notes(model, wrong)
+    assert len(notes) == 1 and "normalized with another mean than the training data (--mean / --std?)" in notes[0]

@@ -222,10 +222,14 @@ def channel_hint(want: int, have: int, shape: tuple[int, ...], source: str | Non
 
 
 @torch.no_grad()
-def input_scale_notes(model: nn.Module, images: np.ndarray, max_images: int = 64, factor: float = 4.0) -> list[str]:
+def input_scale_notes(model: nn.Module, images: np.ndarray, max_images: int = 64, factor: float = 4.0,
+                      mean_shift: float = 1.0) -> list[str]:
     """A warning when the data's scale differs by more than ``factor`` from what the model saw in training, judged
-    at the first conv: the RMS of its output on the data (minus the BN running mean) against the BN's running std.
-    Empty when the model has no Conv2d followed by a BatchNorm2d, or when the scales agree."""
+    at the first conv: the RMS of its output on the data (minus the BN running mean) against the BN's running std;
+    or when its per-channel mean is on average more than ``mean_shift`` running stds from the BN's running mean (a
+    wrong mean, same scale; skipped for a BatchNorm that never saw a batch). Measured on a user's model: right
+    preprocessing 0.00-0.01, ImageNet's mean/std on grayscale data trained at 0.05 / 0.2: 1.5. Empty when the model
+    has no Conv2d followed by a BatchNorm2d, or when the data fits."""
     modules = dict(model.named_modules())
     traced = _traced_first_conv(model)
     if traced is not None:
@@ -252,11 +256,20 @@ def input_scale_notes(model: nn.Module, images: np.ndarray, max_images: int = 64
     dev = (y - bn.running_mean.view(1, -1, 1, 1)).pow(2).mean((0, 2, 3))
     var = bn.running_var.clamp_min(1e-12)
     ratio = math.sqrt(float((dev / var).mean()))
-    if 1 / factor <= ratio <= factor:
-        return []
-    return [f"the first conv '{cname}' sees inputs about {ratio:.3g}x {'larger' if ratio > 1 else 'smaller'} than "
-            "in training (its output against the running statistics of the BatchNorm after it): the data is probably "
-            "not preprocessed like the training data (raw 0..255 pixels? other mean/std?)"]
+    if not 1 / factor <= ratio <= factor:
+        return [f"the first conv '{cname}' sees inputs about {ratio:.3g}x {'larger' if ratio > 1 else 'smaller'} "
+                "than in training (its output against the running statistics of the BatchNorm after it): the data is "
+                "probably not preprocessed like the training data (raw 0..255 pixels? other mean/std?)"]
+    # a wrong mean keeps the scale: grayscale images normalized with ImageNet's 0.449 / 0.226 instead of the
+    # training set's 0.05 / 0.2 shifted every channel of the first conv by 1.5 of its training std (rms ratio 1.9)
+    trained = bn.num_batches_tracked is None or int(bn.num_batches_tracked) > 0
+    shift = float(((y.mean((0, 2, 3)) - bn.running_mean).abs() / var.sqrt()).mean())
+    if trained and shift > mean_shift:
+        return [f"the first conv '{cname}' sees inputs centred {shift:.2g} of its training standard deviation away "
+                "from where they were in training (its output's mean against the running mean of the BatchNorm "
+                "after it, averaged over channels): the data is probably normalized with another mean than the "
+                "training data (--mean / --std?)"]
+    return []
 
 
 __all__ = ["channel_hint", "check_fixed_input_shape", "check_input_channels", "expected_channels", "first_conv", "input_scale_notes"]

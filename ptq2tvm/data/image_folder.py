@@ -174,6 +174,13 @@ def index_folder(root: str | Path, split: str | None = None) -> FolderIndex:
         files += imgs
         labels += [(reference.index(d.name) if reference is not None else len(classes) - 1)] * len(imgs)
     if classes:
+        loose = sorted((p for p in root.iterdir() if is_image_file(p)), key=lambda p: p.name)
+        if loose:       # a flat folder with one stray sub-folder used to calibrate on that sub-folder's images alone
+            warnings.warn(f"{root}: the {len(loose)} image(s) directly in it ({loose[0].name}"
+                          f"{', ...' if len(loose) > 1 else ''}) are not used: it has class folder(s) "
+                          f"({', '.join(classes[:3])}{' ...' if len(classes) > 3 else ''}) with {len(files)} image(s), "
+                          "and only those are read (ImageFolder layout); move the sub-folder(s) out to use the "
+                          "folder's own images", UserWarning, stacklevel=2)
         if reference is not None:
             missing = [c for c in reference if c not in classes]
             if missing:
