@@ -237,7 +237,10 @@ class RunDir:
                 d.rename(trash)
                 shutil.rmtree(trash, ignore_errors=True)
                 removed.append(d.name + "/")
-        for name in ("parity.json", "latency.json", "latency.md", "latency.png") if is_run else ():
+        stale = ["parity.json", "latency.json", "latency.md", "latency.png"] if is_run else []
+        if is_run:       # bench of another .so: latency_<its name>.{json,md,png} (ptq2tvm.bench.runner.bench_run)
+            stale += sorted(p.name for p in self.path.glob("latency_*") if p.suffix in (".json", ".md", ".png"))
+        for name in stale:
             if (self.path / name).is_file():
                 (self.path / name).unlink()
                 removed.append(name)

@@ -137,10 +137,14 @@ def test_one_channel_folder_self_contained_run_and_stale_so(project, tmp_path, c
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["n"] == 16 and e["so_top1"] == e["fakequant_top1"]
 
-    # re-quantizing supersedes the .so: removed; a stale copy put back is refused by every user of the .so
+    # re-quantizing supersedes the .so: removed (with another build's bench results, latency_<so>.*); a stale copy
+    # put back is refused by every user of the .so
+    for suffix in ("json", "md", "png"):
+        (run.path / f"latency_model_b8.{suffix}").write_text("{}")
     monkeypatch.chdir(project)
     rc, out, err = _quantize_folder(capsys, "runs/a", "--w-bits", 4, "--a-bits", 4)
     assert rc == 0 and "removed what the new integer graph supersedes" in err and "model.so" in err
+    assert "latency_model_b8.json" in err and not list(run.path.glob("latency_*"))
     assert not run.so.exists() and not run.so.with_suffix(".json").exists()
     assert "so_top1" not in run.info()
     shutil.copy(stale / "model.so", run.so)

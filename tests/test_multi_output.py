@@ -206,10 +206,11 @@ def test_bench_times_the_so_given_at_its_batch(run, capsys):
     rc, out, err = _cli(capsys, "bench", path, "--so", so, "--repeats", 1, "--warmup", 0, "--calls-per-turn", 1,
                         "--threads", 1, "--no-ort-int8", "--trust-code", "--no-progress", "--out-dir", root / "bench_b3")
     assert rc == 0, err
-    rows = json.loads((root / "bench_b3" / "latency.json").read_text())
+    rows = json.loads((root / "bench_b3" / "latency_model_b3.json").read_text())    # model.so's stay latency.*
     assert {r["batch"] for r in rows} == {3} and len(rows) >= 3
     assert [r["so"] for r in rows if r["runtime"] == "ptq2tvm"] == ["model_b3.so"]
-    assert f"The .so: {so} (batch 3)" in (root / "bench_b3" / "latency.md").read_text()
+    assert f"The .so: {so} (batch 3)" in (root / "bench_b3" / "latency_model_b3.md").read_text()
+    assert (root / "bench_b3" / "latency_model_b3.png").is_file() and not (root / "bench_b3" / "latency.json").exists()
     for bad, says in ((path / "nope.so", "nope.so not found: compile it with `ptq2tvm compile"),
                       (path, "is a directory, not a compiled library"),
                       (path / "model_b3.json", "is a metadata sidecar, not a compiled library"),

@@ -131,7 +131,7 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
               trust_code: bool = False, so: str | Path | None = None) -> dict[str, Any]:
     """Benchmark the run's .so (``so``, default ``RUN/model.so``) at its compiled batch against the baselines, which
     run that batch too; write JSON, markdown and PNG (and the ONNX exports) into ``out_dir`` (default: the run
-    directory). ``trust_code``: see :func:`ptq2tvm.api.load_fp32`.
+    directory), as ``latency.*`` for ``RUN/model.so`` and ``latency_<so name>.*`` for another .so. ``trust_code``: see :func:`ptq2tvm.api.load_fp32`.
 
     Raises :class:`~ptq2tvm.errors.ArtifactError` for a missing .so, one compiled from another integer graph, or a
     CUDA build (this benchmark times CPU runtimes; a CUDA bundle has ``benchmarks/latency_bundle.py``)."""
@@ -153,6 +153,9 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
     if len(example) < cm.batch:
         example = np.resize(example, (cm.batch, *example.shape[1:])).astype(np.float32)
     out = Path(out_dir) if out_dir else run.path
+    # RUN/model.so's results are latency.*; another .so's go beside them as latency_<name>.* (a second build's
+    # bench replaced the first's)
+    stem = "latency" if cm.so_path.resolve() == run.so.resolve() else f"latency_{cm.so_path.stem}"
     runs: dict[str, Any] = {"ptq2tvm": cm}
     if ort_int8 and run.qgraph.is_file():  # ONNX Runtime on ptq2tvm's own QDQ export (ptq2tvm/onnx_export.py)
         from ..ir.graph import IntegerGraph
@@ -181,13 +184,13 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
     for r in rows:
         if r["runtime"] == "ort_ptq2tvm_qdq":
             r.update(onnx_weights=runs[r["runtime"]].weights, ort_kernels=runs[r["runtime"]].kernels)
-    write_rows(rows, out / "latency.json")
+    write_rows(rows, out / f"{stem}.json")
     cores = os.cpu_count() or 1
     busy = "" if loads[0] <= BUSY_LOAD_PER_CORE * cores else (      # the load before our own threads
         "**Warning: other processes competed for the CPU during this run; the latencies are not representative.** ")
-    write_markdown(rows, out / "latency.md", footer=f"{busy}The .so: {cm.so_path} (batch {cm.batch}). Host: {cpu}, "
+    write_markdown(rows, out / f"{stem}.md", footer=f"{busy}The .so: {cm.so_path} (batch {cm.batch}). Host: {cpu}, "
                    f"{cores} logical CPUs, {threads} thread(s) per runtime; {describe_load(loads, cores)}")
-    write_chart(rows, out / "latency.png")
+    write_chart(rows, out / f"{stem}.png")
     print_table(rows)
     base = {r["runtime"]: r["median_ms"] for r in rows}
     for other in ("torch_fp32", "ort_fp32", "ort_int8", "ort_ptq2tvm_qdq", "openvino_fp32", "openvino_int8"):
@@ -195,6 +198,6 @@ def bench_run(run_dir: str | Path, threads: int = 2, repeats: int = 20, warmup: 
             ratio = base["ptq2tvm"] / base[other]
             verdict = f"{1 / ratio:.3g}x faster" if ratio < 1 else f"{ratio:.3g}x slower"
             print(f"ptq2tvm / {other}: {ratio:.3g}x (the .so is {verdict})")
-    print(f"wrote {out / 'latency.json'}, latency.md, latency.png and the ONNX exports in {out / 'onnx'}")
-    return dict(rows=rows, machine=machine_load(warn=False), json=str(out / "latency.json"), markdown=str(out / "latency.md"),
-                chart=str(out / "latency.png"))
+    print(f"wrote {out / stem}.json, {stem}.md, {stem}.png and the ONNX exports in {out / 'onnx'}")
+    return dict(rows=rows, machine=machine_load(warn=False), json=str(out / f"{stem}.json"),
+                markdown=str(out / f"{stem}.md"), chart=str(out / f"{stem}.png"))
