@@ -542,6 +542,9 @@ def _eval_data(args: argparse.Namespace, info: dict[str, Any]):
     if args.n is not None and len(ds.images) == args.n:
         print(f"note: --n {args.n}: a seeded random subset (--seed {seed}) of the "
               f"{f'{total} ' if total is not None else ''}evaluation images, not the first {args.n}", file=sys.stderr)
+    elif args.n is not None and len(ds.images) < args.n:
+        print(f"note: --n {args.n}, but there are only {len(ds.images)} evaluation images: using all of them",
+              file=sys.stderr)
     return ds
 
 

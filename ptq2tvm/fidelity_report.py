@@ -50,12 +50,14 @@ class LayerFidelity:
 @dataclass
 class OutputFidelity:
     """One network output: ``name`` (the dict key of a dict model, else 'output i'), its ``shape`` over the compared
-    images (N first), SQNR in dB, and the top-1 agreement (fraction of images) when it is 2-D (N, classes)."""
+    images (N first), SQNR in dB, the top-1 agreement (fraction of images) when it is 2-D (N, classes), and the
+    per-pixel argmax agreement (fraction of pixels) when it is a (N, classes, H, W) score map (segmentation)."""
 
     name: str
     shape: list[int]
     sqnr_db: float
     top1_agreement: float | None
+    pixel_agreement: float | None = None
 
 
 @dataclass
@@ -95,11 +97,11 @@ class FidelityReport:
             lines = [f"fidelity vs FP32 (no labels; {where}): {len(self.outputs)} outputs"]
             lines += [f"  {label[o.name]:<{wn}}  {shape_text(o.shape):<{ws}}  SQNR {o.sqnr_db:5.1f} dB"
                       + (f", top-1 agreement {100 * o.top1_agreement:.1f}%" if o.top1_agreement is not None else "")
-                      for o in self.outputs]
+                      + _pixel_text(o) for o in self.outputs]
         else:
             lines = [f"fidelity vs FP32 (no labels; {where}): output SQNR {self.sqnr_db:.1f} dB"
                      + (f", top-1 agreement {100 * self.top1_agreement:.1f}%" if self.top1_agreement is not None
-                        else "")]
+                        else "") + (_pixel_text(self.outputs[0]) if self.outputs else "")]
         if self.low:
             lines.append(f"warning: low fidelity (SQNR < {LOW_SQNR_DB:g} dB or agreement < {100 * LOW_AGREEMENT:g}%): "
                          "check the calibration data's preprocessing, or "
@@ -177,8 +179,10 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
         ref_a = np.concatenate([b[j] for b in ref])
         got_a = np.concatenate([b[j] for b in got])
         agree = float(np.mean(ref_a.argmax(1) == got_a.argmax(1))) if ref_a.ndim == 2 and not squashed[j] else None
+        pixels = (float(np.mean(ref_a.argmax(1) == got_a.argmax(1)))
+                  if ref_a.ndim == 4 and ref_a.shape[1] > 1 and not squashed[j] else None)
         outs.append(OutputFidelity(keys[j] if keys else f"output {j}", list(ref_a.shape), sqnr_db(ref_a, got_a),
-                                   agree))
+                                   agree, pixels))
     top1 = next((o.top1_agreement for o in outs if o.top1_agreement is not None), None)
     rep = FidelityReport(int(len(images)), held_out, min(o.sqnr_db for o in outs), top1, outputs=outs)
     if per_layer:
@@ -190,6 +194,11 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
                 rep.per_layer.append(LayerFidelity(n.name, n.op, sqnr_db(env_f[n.name].numpy(),
                                                                          env_q[n.name].numpy())))
     return rep
+
+
+def _pixel_text(o: OutputFidelity) -> str:
+    """', per-pixel argmax agreement 99.1%' for a (N, classes, H, W) score map; '' otherwise."""
+    return "" if o.pixel_agreement is None else f", per-pixel argmax agreement {100 * o.pixel_agreement:.1f}%"
 
 
 def _db(v: float) -> float | None:

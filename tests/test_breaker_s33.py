@@ -326,3 +326,24 @@ def test_a_wrong_mean_is_noticed_at_the_first_batchnorm():
     assert input_scale_notes(model, right) == []
     notes = input_scale_notes(model, wrong)
     assert len(notes) == 1 and "normalized with another mean than the training data (--mean / --std?)" in notes[0]
+
+
+def test_segmentation_output_gets_a_per_pixel_agreement():
+    """A (N, classes, H, W) score map gets the per-pixel argmax agreement next to its SQNR (a new user wrote their
+    own mIoU script to see it); a (N, classes) output keeps top-1, and neither gets the other's figure."""
+    from ptq2tvm.api import fidelity, quantize
+    from ptq2tvm.frontend.qmodel import QuantConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1)).eval()
+    rng = np.random.default_rng(0)
+    calib, test = (rng.standard_normal((n, 1, 12, 12)).astype(np.float32) for n in (32, 8))
+    qm = quantize(model, calib, QuantConfig(), progress=False)
+    rep = fidelity(model, qm, test)
+    o = rep.outputs[0]
+    with torch.no_grad():
+        want = float(np.mean(model(torch.from_numpy(test)).argmax(1).numpy() == qm(torch.from_numpy(test)).argmax(1)
+                             .numpy()))
+    assert o.top1_agreement is None and o.pixel_agreement == want > 0.9
+    assert f"per-pixel argmax agreement {100 * want:.1f}%" in rep.summary()
+    assert rep.to_dict()["outputs"][0]["pixel_agreement"] == want

@@ -234,6 +234,8 @@ def test_eval_on_the_calibration_file_and_random_subset(proj, run_dir, tmp_path,
     calib = calibration_set(str(proj / "data.npz"), 16, seed=0)
     rc, out, err = _cli(capsys, "eval", run_dir, "--trust-code", "--no-progress", "--n", 8)
     assert rc == 0 and "seeded random subset" in err and "(8 images)" in out
+    rc, out, err = _cli(capsys, "eval", run_dir, "--trust-code", "--no-progress", "--n", 5000)   # more than there are
+    assert rc == 0 and "--n 5000, but there are only 32 evaluation images: using all of them" in err
     # the eval rows never include a calibration image
     from ptq2tvm.data import calibration_rows_in_test
 
