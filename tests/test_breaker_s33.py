@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -347,3 +349,26 @@ def test_segmentation_output_gets_a_per_pixel_agreement():
     assert o.top1_agreement is None and o.pixel_agreement == want > 0.9
     assert f"per-pixel argmax agreement {100 * want:.1f}%" in rep.summary()
     assert rep.to_dict()["outputs"][0]["pixel_agreement"] == want
+
+
+@pytest.mark.parametrize("returns,says", [
+    ("{'a': self.d(y), 'b': {'inner': y}}", "in the dict it returns, key 'b' is a dict"),
+    ("(y, (y, y))", "in the tuple it returns, element 1 is a tuple"),
+    ("[self.d(y), 3]", "in the list it returns, element 1 is an int"),
+    ("()", "the model returns an empty tuple")])
+def test_nested_outputs_name_the_element_at_fault(tmp_path, returns, says):
+    """A nested output structure was refused without saying which key or element is nested."""
+    import importlib.util
+
+    from ptq2tvm.api import quantize
+    from ptq2tvm.errors import UnsupportedModelError
+
+    (tmp_path / "nested.py").write_text(
+        "import torch.nn as nn\n\nclass M(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.c, self.d = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 2, 1)\n\n    def forward(self, x):\n"
+        f"        y = self.c(x)\n        return {returns}\n")
+    spec = importlib.util.spec_from_file_location("nested_s33", tmp_path / "nested.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(UnsupportedModelError, match=re.escape(says)):
+        quantize(mod.M().eval(), np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32), progress=False)

@@ -144,14 +144,21 @@ class _Builder:
         if isinstance(out, fx.Node):
             return [self.names[out]]
         if isinstance(out, dict):
-            items = list(out.values())
+            labels, items = [f"key {k!r}" for k in out], list(out.values())
         elif isinstance(out, (tuple, list)):
-            items = list(out)
+            labels, items = [f"element {i}" for i in range(len(out))], list(out)
         else:
             raise UnsupportedModelError(f"the model returns {type(out).__name__}, not a tensor or a tuple/list/dict "
                                         "of tensors")
-        if not items or not all(isinstance(o, fx.Node) and "tensor_meta" in o.meta for o in items):
-            raise UnsupportedModelError("the model must return a tensor or a flat tuple/list/dict of tensors")
+        if not items:
+            raise UnsupportedModelError(f"the model returns an empty {_container_name(out)}: it must return a "
+                                        "tensor or a flat tuple/list/dict of tensors")
+        bad = [(lab, o) for lab, o in zip(labels, items) if not (isinstance(o, fx.Node) and "tensor_meta" in o.meta)]
+        if bad:
+            what = ", ".join(f"{lab} is {_output_kind(o)}" for lab, o in bad[:3]) + (" ..." if len(bad) > 3 else "")
+            raise UnsupportedModelError(f"the model must return a tensor or a flat tuple/list/dict of tensors; in the "
+                                        f"{_container_name(out)} it returns, {what} (return the tensors side by "
+                                        "side)")
         return [self.names[o] for o in items]
 
     def output_structure(self) -> Any:
@@ -162,6 +169,19 @@ class _Builder:
         if isinstance(out, (tuple, list)):
             return [type(out).__name__, len(out)]
         return None
+
+
+def _output_kind(o: Any) -> str:
+    """'a dict', 'a tuple', 'an int' ...: what a model returned in place of a tensor."""
+    if isinstance(o, fx.Node):
+        return "not a tensor"
+    name = _container_name(o)
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
+def _container_name(o: Any) -> str:
+    """'dict' / 'tuple' / 'list' for those and fx's immutable versions of them, else the type's name."""
+    return next((t.__name__ for t in (dict, tuple, list) if isinstance(o, t)), type(o).__name__)
 
 
 def _rename_inputs(nodes: list[FloatNode], old: str, new: str) -> None:
