@@ -74,6 +74,40 @@ class FoldContext:
         return IntNode(n.name, ir_op, list(n.inputs), tout, attrs)
 
 
+def weighted_bias(layer: Any, in_scale: float, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The integers of conv/linear ``layer`` read at input step ``in_scale`` (module docstring): the integer weights
+    ``q_w`` (int64), the bias in accumulator steps ``rint((b + eta) / acc_scale)`` (float64, before the zero-point
+    term) and ``acc_scale = s_w * s_x [* xi]`` (float64, per output channel). The fold and the fake-quant model's exact
+    path (``QuantModel._integer_weighted``) both use it. Raises QuantConfigError naming layer ``name``."""
+    s_w = layer.wq.scale.detach().double().cpu().numpy()
+    q_w = layer.wq.integer(layer.weight.detach()).detach().cpu().numpy().astype(np.int64)
+    if np.any(s_w <= 0):
+        raise QuantConfigError(f"layer '{name}': non-positive weight scale")
+    b = layer.bias.detach().double().cpu().numpy()
+    acc_scale = s_w * in_scale
+    if getattr(layer, "adaq", False):
+        xi = layer.xi.detach().double().cpu().numpy()
+        if not np.all(np.isfinite(xi)) or np.any(xi <= 0):
+            bad = np.flatnonzero(~(np.isfinite(xi) & (xi > 0)))
+            raise QuantConfigError(f"layer '{name}': AdaQTransform scale xi must be finite and > 0 (channels "
+                                   f"{bad[:8].tolist()}{'...' if bad.size > 8 else ''}: {xi[bad[:3]].tolist()}); a "
+                                   f"negative xi would negate integer weights out of their range (reconstruction keeps "
+                                   f"xi >= ptq2tvm.reconstruct.adaq.XI_MIN)")
+        b = b + layer.eta.detach().double().cpu().numpy()
+        acc_scale = acc_scale * xi
+    return q_w, np.rint(b / acc_scale), acc_scale
+
+
+def weighted_multipliers(acc_scale: np.ndarray, out_scale: float, res_scale: float | None, name: str
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Dyadic mantissas (1 or 2, C) and shifts (C,) of ``acc_scale / s_out`` [and the fused residual's ``s_r / s_out``]
+    (the fold and ``QuantModel._integer_weighted``)."""
+    terms = [acc_scale / out_scale]
+    if res_scale is not None:
+        terms.append(np.full_like(acc_scale, res_scale / out_scale))
+    return dyadic_multipliers(np.stack(terms), f"layer '{name}'")
+
+
 def fold_weighted(f: FoldContext, n: Any) -> IntNode:
     """conv / linear -> ``conv2d`` / ``dense`` integer node (module docstring)."""
     qm = f.qm
@@ -81,32 +115,13 @@ def fold_weighted(f: FoldContext, n: Any) -> IntNode:
     tres = f.tensors[n.residual] if n.residual else None
     tout = f.qtensor(n.name)
     layer = qm.layer(n.name)
-    s_w = layer.wq.scale.detach().double().cpu().numpy()
-    q_w = layer.wq.integer(layer.weight.detach()).detach().cpu().numpy().astype(np.int64)
-    if np.any(s_w <= 0):
-        raise QuantConfigError(f"layer '{n.name}': non-positive weight scale")
-    b = layer.bias.detach().double().cpu().numpy()
-    acc_scale = s_w * tin.scale
-    if getattr(layer, "adaq", False):
-        xi = layer.xi.detach().double().cpu().numpy()
-        if not np.all(np.isfinite(xi)) or np.any(xi <= 0):
-            bad = np.flatnonzero(~(np.isfinite(xi) & (xi > 0)))
-            raise QuantConfigError(f"layer '{n.name}': AdaQTransform scale xi must be finite and > 0 (channels "
-                                   f"{bad[:8].tolist()}{'...' if bad.size > 8 else ''}: {xi[bad[:3]].tolist()}); a "
-                                   f"negative xi would negate integer weights out of their range (reconstruction keeps "
-                                   f"xi >= ptq2tvm.reconstruct.adaq.XI_MIN)")
-        b = b + layer.eta.detach().double().cpu().numpy()
-        acc_scale = acc_scale * xi
-    bias = np.rint(b / acc_scale)
+    q_w, bias, acc_scale = weighted_bias(layer, tin.scale, n.name)
     bias = bias - tin.zero_point * q_w.reshape(q_w.shape[0], -1).sum(axis=1)
     if not np.all(np.isfinite(bias)) or np.abs(bias).max(initial=0) > 1 << 62:
         raise QuantConfigError(f"layer '{n.name}': the int32 bias is not representable ({np.abs(bias).max():.3g} "
                                f"accumulator steps); ptq2tvm.fold.bounds.fit_integer_bounds(model) fits it")
     check_accumulator(n.name, q_w, bias.astype(np.int64), tin.qmax)  # proves every input fits int32, or raises
-    terms = [acc_scale / tout.scale]
-    if tres is not None:
-        terms.append(np.full_like(acc_scale, tres.scale / tout.scale))
-    mant, shift = dyadic_multipliers(np.stack(terms), f"layer '{n.name}'")
+    mant, shift = weighted_multipliers(acc_scale, tout.scale, tres.scale if tres is not None else None, n.name)
     lo, hi = _clamp_bounds(qm, n.name, n.act)
     arrays = dict(weight=q_w.astype(np.int8), bias=bias.astype(np.int32), multiplier=mant[0], shift=shift)
     attrs: dict[str, Any] = dict(input_zero_point=tin.zero_point, output_zero_point=tout.zero_point, lo=lo, hi=hi,

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -136,9 +137,179 @@ class QLayer(nn.Module):
         a = self.attrs
         return F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
 
+    def integer_constants(self, in_scale: float, in_vmax: int, out_scale: float, res_scale: float | None,
+                          res_vmax: int, name: str, device: torch.device) -> IntegerConstants:
+        """The layer's integers for the fake-quant model's exact path (:meth:`QuantModel._integer_weighted`), computed
+        by the fold's own functions (``ptq2tvm.fold.fold.weighted_bias``, ``weighted_multipliers``) from the input
+        step ``in_scale`` (codes |q - z| <= ``in_vmax``), the output step and the fused residual's (codes <=
+        ``res_vmax``). Raises what the fold raises (QuantConfigError)."""
+        from ..fold.fold import weighted_bias, weighted_multipliers
+
+        q_w, bias, acc_scale = weighted_bias(self, in_scale, name)
+        if not np.all(np.isfinite(bias)) or np.abs(bias).max(initial=0) > 1 << 62:
+            raise QuantConfigError(f"layer '{name}': the int32 bias is not representable")   # the fold refuses it
+        mant, shift = weighted_multipliers(acc_scale, out_scale, res_scale, name)
+        m, n = mant[0].astype(np.int64), shift.astype(np.int64)
+        mr = mant[1].astype(np.int64) if res_scale is not None else None
+        chunks = None
+        if self.op == "conv" and device.type == "cpu":
+            chunks = _f32_chunks(q_w, int(self.attrs["groups"]), in_vmax)
+        f32 = None if chunks is None else _f32_requant_constants(q_w, bias, m, mr, n, in_vmax, res_vmax, len(chunks))
+
+        def t(v: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(v)).to(device=device, dtype=dtype)
+
+        return IntegerConstants(
+            t(q_w, torch.float32 if chunks is not None else torch.float64), chunks, t(bias), t(m), t(n),
+            t(np.left_shift(np.int64(1), n - 1)), None if mr is None else t(mr),
+            None if f32 is None else (*(t(v, torch.float32) if v is not None else None for v in f32[:3]), f32[3]))
+
+
+#: integers up to 2^24 in magnitude are exact in float32: a float32 conv of integer codes by integer weights is exact
+#: when every partial sum any summation order forms, bounded by sum |q_x| |q_w|, stays within it
+F32_EXACT = 1 << 24
+#: the CPU conv algorithms that sum the products themselves (oneDNN's direct convolution, im2col + GEMM); NNPACK
+#: and Winograd transform the operands and are not exact
+_DIRECT_CONV = frozenset({"Mkldnn", "Slow2d", "SlowDilated2d", "Empty"})
+#: the float32 requantization is used while its error bound is below this (it then re-computes ~2 E of the elements)
+_F32_MAX_ERROR = 1.0 / 64
+
+
+@dataclass
+class IntegerConstants:
+    """A conv/linear layer's integer form on a device (:meth:`QLayer.integer_constants`). ``weight``: the integer
+    weights q_w, float32 when ``chunks`` is set (input-channel ranges whose float32 partial sums stay within
+    :data:`F32_EXACT`), else float64; ``bias``: rint((b + eta) / acc_scale), the fold's bias before its zero-point term
+    (the accumulation runs on ``q - z``, zero padded); the dyadic ``multiplier``, ``shift``, RHU's ``half`` =
+    2^(shift-1) and the fused residual's multiplier, int64 per output channel; ``f32``: the float32 requantization's
+    (multiplier, offset, residual multiplier, threshold) per channel (:func:`_requant_f32`), or None."""
+
+    weight: torch.Tensor
+    chunks: list[tuple[int, int]] | None
+    bias: torch.Tensor
+    multiplier: torch.Tensor
+    shift: torch.Tensor
+    half: torch.Tensor
+    residual_multiplier: torch.Tensor | None
+    f32: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, np.float32] | None
+
+
+def _f32_chunks(q_w: np.ndarray, groups: int, vmax: int) -> list[tuple[int, int]] | None:
+    """Input-channel ranges [lo, hi) over which a float32 conv of codes |v| <= ``vmax`` by ``q_w`` (O, I/g, kh, kw) is
+    exact: per output channel vmax * sum |q_w| over the range <= 2^24. One range for almost every layer (W8A8 with
+    4,608 terms: two or three); None when a grouped conv or a single channel exceeds it (float64 then)."""
+    a = np.abs(q_w).reshape(q_w.shape[0], q_w.shape[1], -1).sum(axis=2)        # (O, I/g)
+    limit = F32_EXACT // max(vmax, 1)
+    if groups != 1:
+        return [(0, q_w.shape[1])] if a.sum(axis=1).max(initial=0) <= limit else None
+    cum = np.concatenate([np.zeros((a.shape[0], 1), a.dtype), np.cumsum(a, axis=1)], axis=1)
+    chunks: list[tuple[int, int]] = []
+    start, n_in = 0, q_w.shape[1]
+    while start < n_in:
+        reach = (cum[:, start + 1:] - cum[:, start:start + 1]).max(axis=0)      # nondecreasing in the range's end
+        k = int(np.searchsorted(reach, limit, side="right"))
+        if k == 0 or len(chunks) == 8:
+            return None
+        chunks.append((start, start + k))
+        start += k
+    return chunks
+
+
+def _f32_requant_constants(q_w: np.ndarray, bias: np.ndarray, m: np.ndarray, mr: np.ndarray | None, shift: np.ndarray,
+                           in_vmax: int, res_vmax: int, parts: int) -> tuple | None:
+    """Per output channel, float64 (cast to float32 by the caller): M = m 2^-n, C = bias M, MR = mr 2^-n; and the
+    threshold 0.5 - max E of :func:`_requant_f32`; None when E reaches :data:`_F32_MAX_ERROR` (the int64 path then).
+
+    t = acc M + C [+ r MR] evaluated in float32 (``parts`` addcmuls of the accumulator chunks, one of the residual)
+    differs from the exact value by at most (parts + 6) u B, u = 2^-24, B = max |acc| M + |C| + 1/2 + max |r| MR
+    bounding every term and partial sum (float32 rounding of M, C and MR: 3 u B; of the products: u B; of the
+    parts + 1 sums: (parts + 1) u B); E = (4 parts + 8) u B is at least 1.7 times that."""
+    scale = np.ldexp(1.0, -shift)
+    M = m * scale
+    C = bias * M
+    MR = mr * scale if mr is not None else np.zeros_like(M)
+    B = in_vmax * np.abs(q_w).reshape(q_w.shape[0], -1).sum(axis=1) * M + np.abs(C) + 0.5 + res_vmax * MR
+    E = (4 * parts + 8) * B * 2.0 ** -24         # the same threshold for every channel (a scalar compare: cheaper)
+    if not np.all(np.isfinite(E)) or E.max(initial=0) >= _F32_MAX_ERROR:
+        return None
+    return M, C, (MR if mr is not None else None), np.float32(0.5 - E.max())
+
+
+def _direct_fp32_conv(codes: torch.Tensor, w: torch.Tensor, a: dict[str, Any]) -> bool:
+    """Whether ``F.conv2d`` runs these float32 CPU tensors through an algorithm that sums the products themselves
+    (exact on integers within :data:`F32_EXACT`), in IEEE float32 (no bf16 / tf32 math mode)."""
+    if codes.device.type != "cpu":
+        return False
+    mk = torch.backends.mkldnn
+    for obj in (torch.backends, mk, getattr(mk, "conv", None)):
+        if getattr(obj, "fp32_precision", "none") not in ("none", "ieee"):
+            return False
+    try:
+        backend = torch._C._select_conv_backend(codes, w, None, list(a["stride"]), list(a["padding"]),
+                                                list(a["dilation"]), False, [0, 0], int(a["groups"]), None)
+    except Exception:           # a private API: without it, float64
+        return False
+    return getattr(backend, "name", "") in _DIRECT_CONV
+
+
+def _conv_f32_parts(codes: torch.Tensor, c: IntegerConstants, a: dict[str, Any]) -> list[torch.Tensor] | None:
+    """The accumulator sum (q_x - z_x) q_w over each window (zero padded) as float32 convolutions over ``c.chunks``,
+    each exact (every partial sum an integer within 2^24): their sum is the accumulator. None: no exact float32 conv
+    here (float64 then)."""
+    if c.chunks is None:
+        return None
+    codes = codes.to(torch.float32)
+    if not _direct_fp32_conv(codes, c.weight, a):
+        return None
+    args = (a["stride"], a["padding"], a["dilation"], a["groups"])
+    if len(c.chunks) == 1:
+        return [F.conv2d(codes, c.weight, None, *args).contiguous()]
+    return [F.conv2d(codes[:, lo:hi], c.weight[:, lo:hi], None, *args).contiguous() for lo, hi in c.chunks]
+
+
+def _requant_int64(acc: torch.Tensor, c: IntegerConstants, r_codes: torch.Tensor | None) -> torch.Tensor:
+    """RHU((acc + bias) m [+ r mr], n): the integer network's requantization (int64, before the output zero point)."""
+    shape = (1, -1) + (1,) * (acc.dim() - 2)
+    v = acc.add_(c.bias.view(shape)).mul_(c.multiplier.view(shape))
+    if r_codes is not None:
+        v.add_(r_codes.to(torch.int64).mul_(c.residual_multiplier.view(shape)))
+    return v.add_(c.half.view(shape)).bitwise_right_shift_(c.shift.view(shape))
+
+
+def _requant_f32(parts: list[torch.Tensor], c: IntegerConstants, r_codes: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_requant_int64`'s values as float32, at float32 cost: RHU(v, n) = round-half-up(t), t = (acc + bias) M
+    [+ r MR] (M = m 2^-n, MR = mr 2^-n) computed in float32 within E of the exact t
+    (:func:`_f32_requant_constants`). round(t) (half to even) is RHU's value wherever no half-integer lies within E of
+    t, i.e. |t - round(t)| < 0.5 - E; the few elements closer to a tie (exact ties included) are recomputed in int64
+    from their exact accumulator."""
+    shape = (1, -1) + (1,) * (parts[0].dim() - 2)
+    mult, off, rmult = (v.view(shape) if v is not None else None for v in c.f32[:3])
+    thr = c.f32[3]
+    t = torch.addcmul(off, parts[0], mult)
+    for p in parts[1:]:
+        t.addcmul_(p, mult)
+    if r_codes is not None:
+        t.addcmul_(r_codes, rmult)
+    q = torch.round(t)
+    d = t.sub_(q).abs_().numpy()                                # CPU only: numpy's compare + flatnonzero are
+    idx = torch.from_numpy(np.flatnonzero(d >= thr))            # ~3x faster than torch.ge + nonzero here
+    if idx.numel():
+        inner = q[0, 0].numel()
+        ch = torch.div(idx, inner, rounding_mode="floor").remainder_(q.shape[1])
+        acc = sum(p.view(-1)[idx].to(torch.int64) for p in parts)
+        v = (acc + c.bias[ch]) * c.multiplier[ch]
+        if r_codes is not None:
+            v += r_codes.reshape(-1)[idx].to(torch.int64) * c.residual_multiplier[ch]
+        q.view(-1)[idx] = ((v + c.half[ch]) >> c.shift[ch]).to(q.dtype)
+    return q
+
 
 class QuantModel(nn.Module):
     """Fake-quant network. ``set_quant(weights=..., acts=...)`` toggles quantization (both off = folded FP model)."""
+
+    #: conv / linear layers compute the integer network's codes when no gradient flows through them
+    #: (:meth:`_integer_weighted`); False: their float path everywhere (as before; for comparisons and benchmarks)
+    exact_weighted: bool = True
 
     def __init__(self, graph: FloatGraph, config: QuantConfig):
         super().__init__()
@@ -318,6 +489,10 @@ class QuantModel(nn.Module):
 
     def _run_node(self, n: FloatNode, env: dict[str, torch.Tensor]) -> torch.Tensor:
         opdef = float_op(n.op)
+        if opdef.kind == "weighted" and self.exact_weighted:
+            y = self._integer_weighted(n, env)
+            if y is not None:
+                return y
         y = opdef.forward(self, n, env)
         if opdef.kind in ("weighted", "requant") and not opdef.quantizes_itself:
             if n.act is not None:
@@ -353,6 +528,70 @@ class QuantModel(nn.Module):
         lo, hi = q_out.grid_bounds(*n.act) if n.act else (0, q_out.qmax)
         exact = (torch.clamp(v + z, lo, hi) - z).to(y.dtype) * q_out.scale.detach()
         return y + (exact - y).detach()
+
+    def _integer_weighted(self, n: FloatNode, env: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The integer network's output of conv/linear ``n`` (its fused residual add and clamp included), on the output
+        grid, or None: the float path runs (:meth:`_run_node`).
+
+        The float path (``F.conv2d`` of ``w_q s_w xi`` by ``x_q s_x`` in float32, then ``round(y / s_out)`` half to
+        even) rounds values within float32 error of a .5 boundary the other way from the integer network (int32
+        accumulator, 31-bit dyadic multiplier, half-up): with AdaQTransform's per-channel xi a W4A4 conv was 1 LSB off
+        on ~1e-4 of its outputs and a squeeze-excitation gate spread it to 26 LSB at the network output. This is the
+        integer op: the input codes ``q - z`` (zero padding of ``q - z`` is the integer network's ``z`` padding), an
+        exact accumulation, the fold's own int32 bias and dyadic multipliers
+        (``ptq2tvm.fold.fold.weighted_bias`` / ``weighted_multipliers``), RHU, the clamp. On the CPU the accumulation
+        is float32 convolutions of the codes (exact: :func:`_f32_chunks`) and the requantization float32 with the few
+        elements near a tie redone in int64 (:func:`_requant_f32`), so it costs about what the float path does; else
+        float64 (exact below 2^53) and int64.
+
+        Only when no gradient flows through the layer (``torch.no_grad()``, or nothing it reads requires one:
+        evaluation, parity, fidelity, reconstruction's caches), and returned instead of the float path, so evaluation
+        costs about what it did; with a gradient (reconstruction's iterations) the float path runs unchanged. None too
+        when the integer form is undefined: weights or an activation unquantized, QDrop passing elements through in
+        float, soft AdaRound weights, the output quantizer observing (calibration), multipliers the fold refuses."""
+        layer = self.layer(n.name)
+        wq = layer.wq
+        q_in, q_out = self.act_quantizer(n.inputs[0]), self.act_quant[_key(n.name)]
+        qs = [q_in, q_out] + ([self.act_quantizer(n.residual)] if n.residual else [])
+        if not wq.enabled or (wq.alpha is not None and wq.soft) or q_out.observing:
+            return None
+        if not all(q.enabled and (q.drop_prob is None or q.drop_prob >= 1.0) for q in qs):
+            return None
+        x = env[n.inputs[0]]
+        r = env[n.residual] if n.residual else None
+        if torch.is_grad_enabled() and (x.requires_grad or (r is not None and r.requires_grad)
+                                        or any(p.requires_grad for p in layer.parameters())
+                                        or any(q.scale.requires_grad for q in qs)):
+            return None
+        s_in, s_out = float(q_in.scale.detach()), float(q_out.scale.detach())
+        z_in = int(q_in.zero_point)
+        s_res = res_vmax = None
+        if r is not None:
+            s_res, z_res = float(qs[2].scale.detach()), int(qs[2].zero_point)
+            res_vmax = max(z_res, qs[2].qmax - z_res)
+        try:
+            c = layer.integer_constants(s_in, max(z_in, q_in.qmax - z_in), s_out, s_res, res_vmax or 0, n.name,
+                                        x.device)
+        except QuantConfigError:
+            return None                 # the fold refuses this layer, naming it; evaluation keeps the float path
+        codes = torch.div(x, s_in).round_()                                 # q - z_in
+        r_codes = torch.div(r, s_res).round_() if r is not None else None  # q_r - z_r
+        parts = _conv_f32_parts(codes, c, n.attrs) if n.op == "conv" else None
+        if parts is not None and c.f32 is not None:
+            q = _requant_f32(parts, c, r_codes)
+        else:
+            if parts is not None:           # the float32 error bound too wide (wide reductions: small outputs)
+                acc = sum(p.to(torch.int64) for p in parts)
+            elif n.op == "linear":
+                acc = torch.round(F.linear(codes.double(), c.weight.double())).to(torch.int64)
+            else:                           # exact below 2^53 (rounded in case an algorithm leaves a residue)
+                a = n.attrs
+                acc = torch.round(F.conv2d(codes.double(), c.weight.double(), None, a["stride"], a["padding"],
+                                           a["dilation"], a["groups"])).to(torch.int64)
+            q = _requant_int64(acc, c, r_codes)
+        z = int(q_out.zero_point)
+        lo, hi = q_out.grid_bounds(*n.act) if n.act else (0, q_out.qmax)
+        return q.clamp_(lo - z, hi - z).to(x.dtype).mul_(q_out.scale.detach())
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
