@@ -610,7 +610,7 @@ def to_integer(qm: QuantModel) -> IntegerGraph:
                         f"{type(qm).__name__}: qm = ptq2tvm.api.quantize(model, images, config)")
     graph = fold_to_integer(qm)
     graph.meta["layer_bits"] = graph_layer_bits(graph)
-    graph.meta["squashed_outputs"] = squashed_outputs(graph)      # not class scores (the bundle's top-1 line)
+    graph.meta["squashed_outputs"] = squashed_outputs(qm.graph)   # not class scores (the bundle's top-1 line)
     if qm.config.layer_w_bits or qm.config.layer_a_bits:
         graph.meta["subbyte_storage"] = "packed"
     return graph
@@ -658,13 +658,15 @@ def check_calibration(model: nn.Module, images: np.ndarray, source: str | None =
 
 
 def fidelity(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool | None = None,
-             per_layer: bool = False, model_name: str = "the FP32 model") -> FidelityReport:
+             per_layer: bool = False, model_name: str = "the FP32 model", image_notes: bool = True) -> FidelityReport:
     """Label-free fidelity of the fake-quant model against FP32 on ``images`` (ideally held-out calibration
     images): output SQNR, top-1 agreement, per-layer SQNR on request (:mod:`ptq2tvm.fidelity_report`). A model
     with several outputs (tuple / list / dict) gets them per output (``report.outputs``); one that only runs at
     batch 1 is run one image at a time, with a warning naming ``model_name``. ``held_out``: whether ``images``
-    were left out of calibration (True / False is said in the summary; None, the default: not said)."""
-    return fidelity_report(model, qm, images, held_out=held_out, per_layer=per_layer, model_name=model_name)
+    were left out of calibration (True / False is said in the summary; None, the default: not said);
+    ``image_notes``: warnings about images that look unprocessed (raw 0..255 pixels) in the report."""
+    return fidelity_report(model, qm, images, held_out=held_out, per_layer=per_layer, model_name=model_name,
+                           image_notes=image_notes)
 
 
 def stored_weight_bytes(graph: IntegerGraph, target: str | dict[str, Any] | None = None, batch: int = 1,

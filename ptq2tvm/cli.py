@@ -300,7 +300,8 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
                            **_data_kwargs(dict(preprocess=prep)))
         hold = _sr_calibration(model, args, hold) if hold is not None else None
         fid = fidelity(model, qm, hold if hold is not None else calib[:args.fidelity_images],
-                       held_out=hold is not None, per_layer=args.per_layer, model_name=f"the FP32 model {args.model}")
+                       held_out=hold is not None, per_layer=args.per_layer, model_name=f"the FP32 model {args.model}",
+                       image_notes=False)           # the data's own warnings are printed above
     bits = f"W{args.w_bits}A{args.a_bits}"
     if qm.config.layer_w_bits or qm.config.layer_a_bits:   # layers per W/A pair (A: bits of the layer's input)
         from .mixed.layerbits import bits_summary

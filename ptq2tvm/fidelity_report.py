@@ -102,6 +102,7 @@ class FidelityReport:
             lines = [f"fidelity vs FP32 (no labels; {where}): output SQNR {self.sqnr_db:.1f} dB"
                      + (f", top-1 agreement {100 * self.top1_agreement:.1f}%" if self.top1_agreement is not None
                         else "") + (_pixel_text(self.outputs[0]) if self.outputs else "")]
+        lines += [f"warning: {n}" for n in self.notes]        # about the images compared (raw pixels, NHWC, ...)
         if self.low:
             lines.append(f"warning: low fidelity (SQNR < {LOW_SQNR_DB:g} dB or agreement < {100 * LOW_AGREEMENT:g}%): "
                          "check the calibration data's preprocessing, or "
@@ -138,18 +139,23 @@ def low_fidelity_advice(method: str = "rtn", adaqtransform: bool = False, iters:
 @torch.no_grad()
 def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool | None = None,
                     per_layer: bool = False, batch_size: int = 64,
-                    model_name: str = "the FP32 model") -> FidelityReport:
+                    model_name: str = "the FP32 model", image_notes: bool = True) -> FidelityReport:
     """Compare ``qm`` (fake-quant) with the FP32 ``model`` on ``images`` (float32 NCHW); see the module docstring.
     A model that only runs at batch 1 is run one image at a time, with a warning naming ``model_name``
     (:func:`ptq2tvm.model_outputs.batched_forward`). Raises DataError for images that are not a finite (N, C, H, W)
     array (numpy or torch), InputShapeError for images of another shape than the quantized model was traced for,
     and ModelMismatchError when the two models' outputs differ in number or shape. A float16 / bfloat16 / float64
-    ``model`` runs as a float32 copy (the fake-quant model is float32)."""
+    ``model`` runs as a float32 copy (the fake-quant model is float32). ``image_notes``: warn in the report about
+    images that look unprocessed (raw 0..255 pixels, an integer dtype, channels-last: ``data.arrays.array_notes``);
+    the command line warns about its data itself."""
     from .data import validate_images
     from .errors import InputShapeError
 
+    from .data.arrays import array_notes
+
     if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().float().numpy()
+        images = images.detach().cpu().numpy()
+    notes = array_notes(images, "the fidelity image array") if image_notes and isinstance(images, np.ndarray) else []
     images = validate_images(images, "the fidelity image array")
     want = qm.graph.input_shape
     if want is not None and tuple(images.shape[1:]) != tuple(want):
@@ -184,7 +190,7 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
         outs.append(OutputFidelity(keys[j] if keys else f"output {j}", list(ref_a.shape), sqnr_db(ref_a, got_a),
                                    agree, pixels))
     top1 = next((o.top1_agreement for o in outs if o.top1_agreement is not None), None)
-    rep = FidelityReport(int(len(images)), held_out, min(o.sqnr_db for o in outs), top1, outputs=outs)
+    rep = FidelityReport(int(len(images)), held_out, min(o.sqnr_db for o in outs), top1, outputs=outs, notes=notes)
     if per_layer:
         fp = copy.deepcopy(qm).set_quant(weights=False, acts=False)
         sub = torch.from_numpy(np.ascontiguousarray(images[:batch_size]))

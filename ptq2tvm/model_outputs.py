@@ -4,6 +4,7 @@ output is the classification one (the first 2-D (N, classes) tensor)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from typing import Any, Iterator, Sequence
@@ -40,22 +41,25 @@ def shape_text(shape: Sequence[int]) -> str:
     return "(N" + "".join(f", {int(d)}" for d in shape[1:]) + ")"
 
 
-#: graph ops whose result is squashed into a range (sigmoid / tanh / ... lookup tables, clamps): an (N, k) output
-#: they produce is a probability or a bounded regression (a box), not class scores
-SQUASHING_OPS = ("lut", "clamp")
+#: graph ops whose result is squashed into a range (sigmoid / tanh / ... lookup tables): an (N, k) output they
+#: produce is a probability or a bounded regression (a box), not class scores; so is a clamp with an upper bound
+#: (ReLU6, Hardtanh; a ReLU alone leaves scores comparable)
+SQUASHING_OPS = ("lut",)
 
 
 def squashed_outputs(graph: Any) -> list[bool]:
-    """Per output of ``graph`` (a FloatGraph or an IntegerGraph), in ``output_names`` order: whether its last op
-    squashes it into a range (:data:`SQUASHING_OPS`, or a fused activation clamp), so that an (N, k) output is not
-    read as class scores (no softmax-KL sensitivity, no top-1 agreement). ``torch.sigmoid(self.box(f))`` is squashed;
-    a plain ``nn.Linear`` output reads as logits, whatever it means."""
+    """Per output of ``graph`` (the fake-quant model's FloatGraph), in ``output_names`` order: whether its last op
+    squashes it into a range (:data:`SQUASHING_OPS`, or a clamp / fused activation with a finite upper bound), so that
+    an (N, k) output is not read as class scores (no softmax-KL sensitivity, no top-1 agreement).
+    ``torch.sigmoid(self.box(f))`` is squashed, ``relu(self.fc(f))`` is not; a plain ``nn.Linear`` output reads as
+    logits, whatever it means."""
     by_name = {n.name: n for n in graph.nodes}
     names = graph.output_names if isinstance(graph.output_names, list) else [graph.output_names]
     out = []
     for name in names:
         n = by_name.get(name)
-        out.append(n is not None and (n.op in SQUASHING_OPS or getattr(n, "act", None) is not None))
+        act = getattr(n, "act", None)
+        out.append(n is not None and (n.op in SQUASHING_OPS or (act is not None and math.isfinite(act[1]))))
     return out
 
 

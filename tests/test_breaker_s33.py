@@ -372,3 +372,86 @@ def test_nested_outputs_name_the_element_at_fault(tmp_path, returns, says):
     spec.loader.exec_module(mod)
     with pytest.raises(UnsupportedModelError, match=re.escape(says)):
         quantize(mod.M().eval(), np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32), progress=False)
+
+
+# ---- breaker pass on this session's changes ---------------------------------------------------------------------
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blk, self.mid = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(
+            8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.blk(torch.relu(self.mid(torch.relu(self.blk(torch.relu(self.stem(x))))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_every_call_of_a_module_gets_its_bits_from_globs_and_the_api():
+    """`--layer-bits '*blk=2'` / `'bl?=2'` and QuantConfig(layer_w_bits={'blk': 4}) reached the first call only
+    (blk#1 stayed W8)."""
+    from ptq2tvm.api import quantize, to_integer
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.mixed.layerbits import resolve_layer_bits
+
+    names = ["stem", "blk", "mid", "blk#1", "fc"]
+    for spec in ("*blk=2", "bl?=2", "blk=2"):
+        assert resolve_layer_bits(spec, names)[0] == {"blk": 2, "blk#1": 2}, spec
+    assert resolve_layer_bits("*blk=2,blk#1=8", names)[0] == {"blk": 2, "blk#1": 8}
+    torch.manual_seed(0)
+    calib = np.random.default_rng(0).standard_normal((16, 1, 10, 10)).astype(np.float32)
+    config = QuantConfig(layer_w_bits={"blk": 4})
+    bits = to_integer(quantize(CalledTwice().eval(), calib, config, progress=False)).meta["layer_bits"]
+    assert bits["blk"]["w_bits"] == bits["blk#1"]["w_bits"] == 4 and bits["mid"]["w_bits"] == 8
+    assert config.layer_w_bits == {"blk": 4}                                  # the caller's config is unchanged
+
+
+def test_a_relu_classifier_is_still_class_scores_and_relu6_is_squashed():
+    """`relu(fc(x))` lost its top-1 agreement (any fused activation counted as squashing); a bounded one (ReLU6)
+    squashes."""
+    from ptq2tvm.api import quantize
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.model_outputs import squashed_outputs
+
+    class Head(nn.Module):
+        def __init__(self, act: nn.Module) -> None:
+            super().__init__()
+            self.c, self.fc, self.act = nn.Conv2d(1, 4, 3), nn.Linear(4, 5), act
+
+        def forward(self, x):
+            return self.act(self.fc(torch.relu(self.c(x)).mean((2, 3))))
+
+    calib = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    for act, squashed in ((nn.ReLU(), False), (nn.ReLU6(), True), (nn.Sigmoid(), True), (nn.Identity(), False)):
+        torch.manual_seed(0)
+        qm = quantize(Head(act).eval(), calib, QuantConfig(), progress=False)
+        assert squashed_outputs(qm.graph) == [squashed], act
+
+
+def test_hf_batch_features_and_pil_images_in_calibration_items():
+    """A HuggingFace BatchFeature (a UserDict) with pixel_values was read as its keys ('could not convert string to
+    float'); a PIL image got a channels-last hint."""
+    from collections import UserDict
+
+    from PIL import Image
+
+    from ptq2tvm.data.transform import as_images
+    from ptq2tvm.errors import DataError
+
+    batch = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
+    assert np.array_equal(as_images([UserDict({"pixel_values": batch})]), batch)
+    with pytest.raises(DataError, match=r"calibration item 0 is a PIL image \(Image, mode L\).*transform_fn"):
+        as_images([{"image": Image.fromarray(np.zeros((8, 8), np.uint8)), "label": 1}])
+
+
+def test_fidelity_warns_about_raw_pixel_images(mean_net):
+    """fidelity() on raw 0..255 images reported SQNR 0.5 dB and blamed the calibration preprocessing; the images
+    passed in are now named."""
+    from ptq2tvm.api import fidelity
+
+    model, qm, test = mean_net
+    raw = np.round(np.random.default_rng(1).random((4, 1, 28, 28)) * 255).astype(np.uint8)
+    text = fidelity(model, qm, raw).summary()
+    assert "warning: the fidelity image array has integer dtype uint8" in text
+    assert "warning: the fidelity image array values lie in [" in text and "look like raw pixels" in text
+    assert "warning: the fidelity image array" not in fidelity(model, qm, test).summary()

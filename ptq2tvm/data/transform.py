@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -49,7 +50,12 @@ def _as_array(x: Any, index: int | None = None) -> np.ndarray:
     """One calibration item as float32. Raises DataError for a dict (a dataset of {"image": ..., "label": ...}
     records), naming its keys and the transform_fn that picks the image, and for anything not array-like."""
     where = "calibration item" + (f" {index}" if index is not None else "")
-    if isinstance(x, dict):
+    if type(x).__module__.startswith("PIL."):
+        raise DataError(f"{where} is a PIL image ({type(x).__name__}, mode {getattr(x, 'mode', '?')}): ptq2tvm takes "
+                        "float arrays preprocessed like the training data; pass CalibrationData(items, transform_fn) "
+                        "with a transform_fn that turns the image into a (C, H, W) float array (resize, /255, "
+                        "normalize), or an image folder on the command line")
+    if isinstance(x, Mapping):
         keys = ", ".join(repr(k) for k in list(x)[:6])
         found = "none" if not set(x) & set(IMAGE_KEYS) else "more than one"
         first = next(iter(x), "image")
@@ -84,8 +90,8 @@ class CalibrationData:
                 yield self.transform_fn(item)
             elif isinstance(item, (tuple, list)) and len(item) == 2:
                 yield item[0]
-            elif isinstance(item, dict) and len([k for k in item if k in IMAGE_KEYS]) == 1:
-                yield next(item[k] for k in item if k in IMAGE_KEYS)
+            elif isinstance(item, Mapping) and len([k for k in item if k in IMAGE_KEYS]) == 1:
+                yield next(item[k] for k in item if k in IMAGE_KEYS)     # a dict, or HF's BatchFeature (UserDict)
             else:
                 yield item
 

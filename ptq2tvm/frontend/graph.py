@@ -64,3 +64,10 @@ class FloatGraph(GraphOutputs):
 
     def users(self, name: str) -> list[FloatNode]:
         return [n for n in self.nodes if name in n.data_inputs]
+
+
+def repeated_call_of(layer: str) -> str | None:
+    """The module name behind a later call of the same module (the tracer names the calls ``blk``, ``blk#1``,
+    ``blk#2``, ...; frontend/trace.py), else None."""
+    base, sep, k = layer.rpartition("#")
+    return base if sep and k.isdigit() else None

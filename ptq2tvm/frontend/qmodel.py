@@ -6,7 +6,7 @@ import json
 import pickle
 import re
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from ..atomic import atomic_path
 from ..errors import ArtifactError, InputShapeError, QuantConfigError
 from ..ops import float_op, ops_of_kind
 from .fused_quant import act_clamp
-from .graph import OPS_WITH_WEIGHTS, FloatGraph, FloatNode
+from .graph import OPS_WITH_WEIGHTS, FloatGraph, FloatNode, repeated_call_of
 from .quantizers import ActQuantizer, WeightQuantizer, check_bits
 
 FAKEQUANT_FORMAT = "ptq2tvm-fakequant"
@@ -304,6 +304,20 @@ def _requant_f32(parts: list[torch.Tensor], c: IntegerConstants, r_codes: torch.
     return q
 
 
+def _with_repeated_calls(config: QuantConfig, graph: FloatGraph) -> QuantConfig:
+    """``config`` with the per-layer bits of a module called more than once (layers ``blk``, ``blk#1``, ...) given to
+    every call that has no entry of its own (``layer_w_bits={"blk": 4}`` covers ``blk#1``, as ``--layer-bits blk=4``
+    does); the caller's config is not changed."""
+    names = [n.name for n in graph.nodes if n.op in OPS_WITH_WEIGHTS]
+    extra = {}
+    for field_name in ("layer_w_bits", "layer_a_bits"):
+        d = getattr(config, field_name)
+        more = {n: d[repeated_call_of(n)] for n in names if n not in d and repeated_call_of(n) in d}
+        if more:
+            extra[field_name] = {**d, **more}
+    return replace(config, **extra) if extra else config
+
+
 class QuantModel(nn.Module):
     """Fake-quant network. ``set_quant(weights=..., acts=...)`` toggles quantization (both off = folded FP model)."""
 
@@ -314,7 +328,7 @@ class QuantModel(nn.Module):
     def __init__(self, graph: FloatGraph, config: QuantConfig):
         super().__init__()
         self.graph = graph
-        self.config = config.validate()
+        self.config = config = _with_repeated_calls(config.validate(), graph)
         self.layers = nn.ModuleDict()
         self.act_quant = nn.ModuleDict()
         first, last = self._first_and_last()

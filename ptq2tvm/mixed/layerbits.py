@@ -12,6 +12,7 @@ import fnmatch
 from typing import Any
 
 from ..errors import QuantConfigError
+from ..frontend.graph import repeated_call_of
 from ..frontend.quantizers import check_bits
 from ..ir.graph import IntegerGraph
 
@@ -69,9 +70,10 @@ def resolve_layer_bits(items: list[tuple[str, int, int | None]] | str,
     a_bits: dict[str, int] = {}
     globs = [it for it in items if is_glob(it[0])]
     names = [it for it in items if not is_glob(it[0])]
-    # tiers, later wins: globs in order; a module's name over every call of it (blk -> blk, blk#1, ...); a node's
-    # exact name (blk#1=8 keeps the second call at 8 bits next to blk=4)
-    tiers = [(it, lambda n, p: fnmatch.fnmatchcase(n, p)) for it in globs] \
+    # tiers, later wins: globs in order (one matching a module's name matches every call of it); a module's name over
+    # every call of it (blk -> blk, blk#1, ...); a node's exact name (blk#1=8 keeps the second call at 8 bits)
+    tiers = [(it, lambda n, p: fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(repeated_call_of(n) or n, p))
+             for it in globs] \
         + [(it, lambda n, p: n == p or repeated_call_of(n) == p) for it in names] \
         + [(it, lambda n, p: n == p) for it in names]
     for (pat, w, a), matches in tiers:
@@ -85,12 +87,6 @@ def resolve_layer_bits(items: list[tuple[str, int, int | None]] | str,
                 a_bits[n] = a
     return w_bits, a_bits
 
-
-def repeated_call_of(layer: str) -> str | None:
-    """The module name behind a later call of the same module (the tracer names the calls ``blk``, ``blk#1``,
-    ``blk#2``, ...; frontend/trace.py), else None."""
-    base, sep, k = layer.rpartition("#")
-    return base if sep and k.isdigit() else None
 
 
 def graph_layer_bits(graph: IntegerGraph) -> dict[str, dict[str, int]]:
