@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import ModelMismatchError
+from .errors import InputShapeError, ModelMismatchError
 from .frontend.qmodel import QuantModel
 from .model_outputs import batched_forward, flatten_outputs, shape_text, squashed_outputs
 
@@ -149,12 +149,11 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
     images that look unprocessed (raw 0..255 pixels, an integer dtype, channels-last: ``data.arrays.array_notes``);
     the command line warns about its data itself."""
     from .data import validate_images
-    from .errors import InputShapeError
-
     from .data.arrays import array_notes
 
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
+    if isinstance(images, torch.Tensor):      # numpy has no bfloat16; integer tensors keep their dtype for the notes
+        images = images.detach().cpu()
+        images = (images.float() if images.dtype == torch.bfloat16 else images).numpy()
     notes = array_notes(images, "the fidelity image array") if image_notes and isinstance(images, np.ndarray) else []
     images = validate_images(images, "the fidelity image array")
     want = qm.graph.input_shape

@@ -87,7 +87,7 @@ def pick_measured_plan(model: nn.Module, images: np.ndarray, config: QuantConfig
     :data:`MEASURE_IMAGES` of ``images``. The sensitivity is a second-order estimate per layer; at 2 bits it can
     miss by far (a user's two-head model: the ILP's W2 on its largest conv measured 61% top-1, uniform W4A8 79%),
     and a plan worse than what a user would try by hand is not a plan. The result records the losses in
-    ``measured``."""
+    ``measured``; ``progress`` says on stderr what is measured."""
     import torch
 
     from ..model_outputs import flatten_outputs, squashed_outputs
@@ -96,6 +96,11 @@ def pick_measured_plan(model: nn.Module, images: np.ndarray, config: QuantConfig
     if not plan.uniform:
         return plan
     x = torch.from_numpy(np.ascontiguousarray(images[:MEASURE_IMAGES]))
+    if progress:
+        import sys
+
+        print(f"measuring the ILP's plan against {len(plan.uniform)} uniform plan(s) that fit the budgets "
+              f"({', '.join(u.label() for u in plan.uniform)}): RTN on {len(x)} images each", file=sys.stderr)
     with torch.no_grad():
         targets = [t.float() for t in flatten_outputs(model.eval()(x))[0]]       # graph order
     losses: dict[str, float] = {}
