@@ -88,7 +88,6 @@ def resolve_layer_bits(items: list[tuple[str, int, int | None]] | str,
     return w_bits, a_bits
 
 
-
 def graph_layer_bits(graph: IntegerGraph) -> dict[str, dict[str, int]]:
     """{layer: {w_bits, a_bits (its input tensor's bits), out_bits}} for every conv2d/dense node of ``graph``."""
     out: dict[str, dict[str, int]] = {}
