@@ -455,3 +455,33 @@ def test_fidelity_warns_about_raw_pixel_images(mean_net):
     assert "warning: the fidelity image array has integer dtype uint8" in text
     assert "warning: the fidelity image array values lie in [" in text and "look like raw pixels" in text
     assert "warning: the fidelity image array" not in fidelity(model, qm, test).summary()
+
+
+def test_compiled_model_returns_the_models_structure_on_request(tmp_path):
+    """`CompiledModel(...)(x)` gives a list for a dict model, so `out["logits"]` broke when the .so replaced the
+    fake-quant model; `.structured(x)` gives the dict (a tuple model's tuple, one model's array), equal to the
+    fake-quant model's outputs under no_grad."""
+    from ptq2tvm.api import compile_so, quantize, to_integer
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.frontend.qmodel import QuantConfig
+
+    class DictHead(TwoHead):
+        def forward(self, x):
+            logits, box = super().forward(x)
+            return {"logits": logits, "box": box}
+
+    rng = np.random.default_rng(0)
+    calib, test = (rng.standard_normal((n, 1, 16, 16)).astype(np.float32) for n in (32, 4))
+    for cls, kind in ((DictHead, dict), (TwoHead, tuple)):
+        torch.manual_seed(0)
+        qm = quantize(cls().eval(), calib, QuantConfig(), progress=False)
+        compile_so(to_integer(qm), tmp_path / f"{cls.__name__}.so")
+        cm = CompiledModel(tmp_path / f"{cls.__name__}.so", threads=1)
+        out = cm.structured(test)
+        with torch.no_grad():
+            fq = qm(torch.from_numpy(test))
+        assert type(out) is kind and type(fq) is kind and isinstance(cm(test), list)
+        pairs = [(out[k], fq[k]) for k in fq] if kind is dict else list(zip(out, fq))
+        assert list(out) == list(fq) if kind is dict else len(out) == 2
+        for got, want in pairs:
+            np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-6)

@@ -228,9 +228,23 @@ class CompiledModel:
         list of arrays for a model with several outputs."""
         return self._single(self._chunked(self._fn, self._check(q, np.uint8)))
 
+    def structured(self, x: np.ndarray) -> Any:
+        """:meth:`__call__`'s outputs arranged as the traced model returned them (the sidecar's ``output_structure``):
+        a dict model's dict (its keys), a tuple or a list, or the one array; a drop-in for the fake-quant model's
+        ``qm(x)`` where code indexes ``out["logits"]``."""
+        outs = self(x)
+        st = self.meta.get("output_structure")
+        if not st:                                  # one tensor
+            return outs
+        outs = outs if isinstance(outs, list) else [outs]
+        if st[0] == "dict":
+            return dict(zip(st[1], outs))
+        return list(outs) if st[0] == "list" else tuple(outs)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float input -> quantize with the model's input scale/zero point (inside the .so when it has the float
-        entry, else in numpy; the same arithmetic) -> run -> dequantized float output."""
+        entry, else in numpy; the same arithmetic) -> run -> dequantized float output; one array per output, in graph
+        order, for a model with several (:meth:`structured`: as the model returned them)."""
         x = self._check(x, None).astype(np.float32, copy=False)   # both entries quantize float32 values
         if self._fn_checked is not None and x.shape[0] == self.batch and x.flags.c_contiguous:
             outs = self._call_checked(x)
