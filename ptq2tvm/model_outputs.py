@@ -26,6 +26,16 @@ def flatten_outputs(out: Any) -> tuple[list[Any], list[str] | None]:
     raise DataError(f"the model returned {type(out).__name__}, not a tensor or a tuple / list / dict of tensors")
 
 
+def arrange_outputs(structure: Any, values: Sequence[Any]) -> Any:
+    """Per-output ``values`` (graph order) arranged as the traced model returned them, by its ``output_structure``
+    (None: the one value; ["tuple", n] / ["list", n]; ["dict", keys])."""
+    if not structure:
+        return values[0]
+    if structure[0] == "dict":
+        return dict(zip(structure[1], values))
+    return list(values) if structure[0] == "list" else tuple(values)
+
+
 def structure_keys(structure: Any) -> list[str] | None:
     """The dict keys of an ``output_structure`` (sidecar / graph meta: None, ["tuple", n], ["dict", keys])."""
     return [str(k) for k in structure[1]] if structure and structure[0] == "dict" else None
@@ -119,5 +129,5 @@ def batched_forward(model: Any, images: Any, batch_size: int,
         start += len(x)
 
 
-__all__ = ["SQUASHING_OPS", "batched_forward", "classification_index", "first_classification_output", "flatten_outputs",
+__all__ = ["SQUASHING_OPS", "arrange_outputs", "batched_forward", "classification_index", "first_classification_output", "flatten_outputs",
            "output_label", "shape_text", "squashed_outputs", "structure_keys"]

@@ -232,14 +232,10 @@ class CompiledModel:
         """:meth:`__call__`'s outputs arranged as the traced model returned them (the sidecar's ``output_structure``):
         a dict model's dict (its keys), a tuple or a list, or the one array; a drop-in for the fake-quant model's
         ``qm(x)`` where code indexes ``out["logits"]``."""
+        from ..model_outputs import arrange_outputs
+
         outs = self(x)
-        st = self.meta.get("output_structure")
-        if not st:                                  # one tensor
-            return outs
-        outs = outs if isinstance(outs, list) else [outs]
-        if st[0] == "dict":
-            return dict(zip(st[1], outs))
-        return list(outs) if st[0] == "list" else tuple(outs)
+        return arrange_outputs(self.meta.get("output_structure"), outs if isinstance(outs, list) else [outs])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float input -> quantize with the model's input scale/zero point (inside the .so when it has the float

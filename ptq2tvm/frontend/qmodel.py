@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..atomic import atomic_path
 from ..errors import ArtifactError, InputShapeError, QuantConfigError
+from ..model_outputs import arrange_outputs
 from ..ops import float_op, ops_of_kind
 from .fused_quant import act_clamp
 from .graph import OPS_WITH_WEIGHTS, FloatGraph, FloatNode, repeated_call_of
@@ -698,12 +699,7 @@ def graph_from_json(d: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> F
 
 def structure_outputs(graph: FloatGraph, values: list[Any]) -> Any:
     """Arrange per-output ``values`` like the traced model returned them (one value, tuple, list or dict)."""
-    st = graph.output_structure
-    if st is None:
-        return values[0]
-    if st[0] == "dict":
-        return dict(zip(st[1], values))
-    return list(values) if st[0] == "list" else tuple(values)
+    return arrange_outputs(graph.output_structure, values)
 
 
 def pickled_code(e: BaseException) -> str | None:
