@@ -277,14 +277,11 @@ class Mul(OpDef):
         x, y = b.blocked(node.inputs[0]), b.blocked(node.inputs[1])
         # an input of one channel broadcast over the others (a spatial gate): its lane 0 only, the rest is padding
         one_channel = tuple(b.graph.tensor(i).shape[0] == 1 < node.out.shape[0] for i in node.inputs)
-        if any(one_channel):
-            return b.emit(K.mul_requant_nchwc, x, y, m, s, zero_points=tuple(a["zero_points"]),
-                          output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"], one_channel=one_channel,
-                          name=b.hint(node)), NCHWC
-        if b.paired_mul(x, y):      # int32 products, the requant on int64 lane pairs (kernels/mul_vnni.py)
+        if not any(one_channel) and b.paired_mul(x, y):   # int32 products, requant on int64 lane pairs (mul_vnni.py)
             prim = K.mul_vnni_primfunc(b.hint(node), b.shape(x), b.shape(y), tuple(a["zero_points"]),
                                        a["output_zero_point"], a["lo"], a["hi"], threads=b.threads,
                                        epilogue=b.paired_epilogue(node, lambda: self.lifted_epilogue_bounds(node)))
             return b.call_prim(prim, [x, y, m, s], K.mul_vnni_out_shape(b.shape(x), b.shape(y))), NCHWC
         return b.emit(K.mul_requant_nchwc, x, y, m, s, zero_points=tuple(a["zero_points"]),
-                      output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"], name=b.hint(node)), NCHWC
+                      output_zero_point=a["output_zero_point"], lo=a["lo"], hi=a["hi"], one_channel=one_channel,
+                      name=b.hint(node)), NCHWC
