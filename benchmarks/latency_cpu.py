@@ -7,9 +7,9 @@ Runtime INT8 (static QDQ, per-channel) and, when the openvino package is install
         [--name latency_cpu_avx2_host]
 
 Rows record the host CPU (``cpu``), the vector ISA each runtime ran (``isa``: the .so's kernels from its sidecar,
-OpenVINO's from the oneDNN primitives of its runtime model, in ``kernels``; ORT / torch: the host's best ISA, which
-they dispatch on) and the load average. ``--name`` sets the output file stem (results of different hosts side by
-side: latency_cpu.* is the Zen 5 AVX-512 VNNI host, latency_cpu_avx2_host.* an AVX2-only Zen 3).
+OpenVINO's from the oneDNN implementations one inference reported with ONEDNN_VERBOSE=1, in ``onednn``, and the
+primitives of its runtime model in ``kernels``; ORT / torch: the host's best ISA, which they dispatch on) and the
+load average. ``--name`` sets the output file stem (results of different hosts side by side: latency_cpu.* is the Zen 5 AVX-512 VNNI host, latency_cpu_avx2_host.* an AVX2-only Zen 3).
 
 Every runtime of one (model, batch) group runs in this process on the same input, same threads, interleaved
 turn by turn with a rotated order after warm-up: per turn a 0.1 s idle gap (other runtimes' spinning workers go to
@@ -110,6 +110,10 @@ def markdown_footer(args: argparse.Namespace, host: dict, loads: list[float], ro
     """The host, the command, the ratios and the timing protocol, under the markdown table."""
     kernels = [(r["model"], r["batch"], r["runtime"], json.dumps(r["kernels"])) for r in rows if r.get("kernels")]
     ov = "; ".join(f"{m} b{b} {rt}: {k}" for m, b, rt, k in kernels) or "OpenVINO not installed"
+    impls = [(r["model"], r["batch"], r["runtime"], json.dumps(r["onednn"])) for r in rows if r.get("onednn")]
+    ov_impls = ("; ".join(f"{m} b{b} {rt}: {k}" for m, b, rt, k in impls) + ". "
+                "The `isa` column of the OpenVINO rows comes from these (its primitive names say avx512 for VNNI "
+                "kernels too)") if impls else ""
     return (f"Host: {host['model_name']} ({host['logical_cpus']} logical CPUs, LLVM cpu {host['llvm_cpu']}, int8 ISA "
             f"{host['isa']}). {describe_load(loads, host['logical_cpus'])} (Sampled per group; the runtimes of one "
             "group run interleaved in one process, so their ratios are the comparable numbers.)"
@@ -130,7 +134,9 @@ def markdown_footer(args: argparse.Namespace, host: dict, loads: list[float], ro
                if any(r.get("vnni_floor_ms") for r in rows) else "")
             + f"OpenVINO kernels (oneDNN primitives of the runtime model, conv/dense layers): "
             f"{ov}.\n\n"
-            f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')}). Per turn: 0.1 s idle, "
+            + (f"oneDNN implementations OpenVINO ran (ONEDNN_VERBOSE=1, one inference in a child process, conv/dense "
+               f"executions): {ov_impls}.\n\n" if ov_impls else "")
+            + f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')}). Per turn: 0.1 s idle, "
             f"one untimed call, {args.calls_per_turn} timed calls back to back; {args.warmup} warm-up and "
             f"{args.repeats} timed turns per runtime, rotated order. Builds and tuning: {args.name}_builds.json.")
 

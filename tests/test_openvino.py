@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("openvino", reason="openvino is not installed (pip install openvino): no OpenVINO baselines")
 
 from ptq2tvm.bench.baselines import export_onnx, ort_fp32_runner, quantize_onnx_int8, torch_fp32_runner  # noqa: E402
-from ptq2tvm.bench.openvino_rt import openvino_runner, primitive_isa  # noqa: E402
+from ptq2tvm.bench.openvino_rt import onednn_isa, openvino_runner, primitive_isa  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,32 @@ def test_openvino_fp32_and_int8(tiny_onnx):
     assert not any(k.endswith("_I8") for k in fp32.kernels), fp32.kernels
     assert int8.isa != "unknown" and int8.config["NUM_STREAMS"] == "1"
     assert int8.config["PERFORMANCE_HINT"] == "LATENCY" and int8.config["INFERENCE_NUM_THREADS"] == "1"
+
+
+def test_onednn_isa_names():
+    assert onednn_isa("brg_conv_fwd:avx512_core_vnni") == "avx512_vnni"
+    assert onednn_isa("brgconv:avx512_core_amx") == "amx"
+    assert onednn_isa("brg_matmul:avx512_core_amx_fp16") == "amx"
+    assert onednn_isa("brg_conv_fwd:avx512_core") == "avx512"
+    assert onednn_isa("jit:avx2_vnni") == "avx_vnni"
+    assert onednn_isa("jit:avx2") == "avx2"
+    assert onednn_isa("gemm:jit") == "unknown" and onednn_isa("ref:any") == "unknown"
+
+
+def test_openvino_isa_is_what_onednn_ran(tiny_onnx):
+    """With the timed shape, the INT8 row's ISA is the one oneDNN reports for its int8 convolutions: on a VNNI host
+    'avx512_vnni' (or 'amx'), which the primitive names ('brgconv_avx512_I8') cannot tell apart from plain AVX-512."""
+    from ptq2tvm.backend.isa import host_isa
+
+    _, data, _, qpath = tiny_onnx
+    int8 = openvino_runner(qpath, 1, data[:8].shape)
+    assert int8.isa_source == "onednn_verbose", "ONEDNN_VERBOSE probe failed"
+    assert int8.onednn and sum(int8.onednn.values()) >= 2, int8.onednn      # TinyNet's two convs (and its fc)
+    host = host_isa()
+    if host in ("amx", "avx512_vnni"):
+        assert int8.isa in ("amx", "avx512_vnni"), (int8.onednn, host)
+    assert int8.isa != "unknown"
+    np.testing.assert_array_equal(int8(data[:8]), int8(data[:8]))            # the probe left the runner usable
 
 
 def test_primitive_isa_names():

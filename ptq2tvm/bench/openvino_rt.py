@@ -9,13 +9,20 @@ the settings of a latency benchmark: ``PERFORMANCE_HINT=LATENCY``, one stream, `
 hint does not slow the INT8 model down: on a Zen 4 (OpenVINO 2026.4, default hint bf16 there) ResNet-18's QDQ model
 at batch 8 ran 46.49 ms with it and 46.42 ms with OpenVINO's defaults (60 interleaved rounds, 2 threads, 2026-12-03).
 ``runner.kernels`` tells which oneDNN primitives the compiled model uses, read from its runtime ("exec") graph
-(e.g. ``{'brgconv_avx2_I8': 20, 'jit_avx2_I8': 1}``), and ``runner.isa`` the vector ISA named by them.
+(e.g. ``{'brgconv_avx2_I8': 20, 'jit_avx2_I8': 1}``), and ``runner.isa`` the vector ISA they ran. OpenVINO's
+primitive names do not say whether an AVX-512 int8 kernel uses VNNI (``brgconv_avx512_I8`` runs oneDNN's
+``brg_conv_fwd:avx512_core_vnni`` on a VNNI host): :func:`onednn_implementations` reads the implementations oneDNN
+itself reports (``ONEDNN_VERBOSE=1``, one inference in a child process), and ``runner.isa`` comes from those when the
+probe works (``runner.isa_source``: ``"onednn_verbose"``, else ``"primitive_name"``).
 OpenVINO is optional (``pip install openvino``): :func:`openvino_available` says whether it can be imported.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -57,6 +64,58 @@ def primitive_isa(primitive: str) -> str:
     return "unknown"
 
 
+# oneDNN's own ISA names (the suffix of an implementation such as "brg_conv_fwd:avx512_core_vnni") -> this
+# project's labels; longest first so that avx512_core_amx is not read as avx512_core.
+_ONEDNN_ISAS = (("avx512_core_amx_fp16", "amx"), ("avx512_core_amx", "amx"), ("avx10_1_512_amx", "amx"),
+                ("avx512_core_fp16", "avx512_vnni"), ("avx512_core_bf16", "avx512_vnni"),
+                ("avx512_core_vnni", "avx512_vnni"), ("avx2_vnni_2", "avx_vnni"), ("avx2_vnni", "avx_vnni"),
+                ("avx512_core", "avx512"), ("avx2", "avx2"), ("avx", "avx"), ("sse41", "sse41"))
+_VERBOSE_OPS = ("convolution", "inner_product", "matmul", "deconvolution")
+
+_PROBE = r"""
+import sys, numpy as np, openvino as ov
+path, threads, shape = sys.argv[1], int(sys.argv[2]), [int(v) for v in sys.argv[3].split(",")]
+c = ov.Core().compile_model(path, "CPU", {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+                                         "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+c.create_infer_request().infer({0: np.zeros(shape, np.float32)})
+"""
+
+
+def onednn_isa(implementation: str) -> str:
+    """This project's ISA label of a oneDNN implementation name as ``ONEDNN_VERBOSE`` prints it, e.g.
+    'brg_conv_fwd:avx512_core_vnni' -> 'avx512_vnni', 'brgconv:avx512_core_amx' -> 'amx', 'jit:avx2' -> 'avx2',
+    'gemm:jit' / 'ref:any' -> 'unknown'."""
+    impl = implementation.lower()
+    for key, isa in _ONEDNN_ISAS:
+        if re.search(rf"(^|[:_]){key}($|[:_,])", impl):
+            return isa
+    return "unknown"
+
+
+def onednn_implementations(onnx_path: str | Path, threads: int, input_shape: tuple[int, ...],
+                           timeout_s: float = 120.0) -> dict[str, int] | None:
+    """How many conv / inner-product / matmul executions of one OpenVINO CPU inference of ``onnx_path`` (zeros of
+    ``input_shape``, float32) ran each oneDNN implementation, as oneDNN reports it with ``ONEDNN_VERBOSE=1``
+    (e.g. ``{'brg_conv_fwd:avx512_core_vnni': 20, 'brgemm:avx512_core_vnni': 1}``). The inference runs in a child
+    process so that the verbose mode never touches the timed runners. None when the probe fails (OpenVINO built
+    without verbose support, a timeout, a model with several inputs): callers fall back to the primitive names."""
+    env = dict(os.environ, ONEDNN_VERBOSE="1")
+    cmd = [sys.executable, "-c", _PROBE, str(onnx_path), str(int(threads)), ",".join(str(int(d)) for d in input_shape)]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    counts: Counter[str] = Counter()
+    for line in out.stdout.splitlines():
+        f = line.split(",")
+        # onednn_verbose,v1,primitive,exec,cpu,<op>,<implementation>,<prop_kind>,...
+        if len(f) > 6 and f[0] == "onednn_verbose" and f[2:5] == ["primitive", "exec", "cpu"] and f[5] in _VERBOSE_OPS:
+            counts[f[6]] += 1
+    return dict(counts.most_common()) or None
+
+
 def runtime_kernels(compiled: Any, layer_types: tuple[str, ...] = ("Convolution", "FullyConnected", "MatMul",
                                                                     "GroupConvolution")) -> dict[str, int]:
     """How many layers of ``layer_types`` run each primitive, from ``compiled.get_runtime_model()`` (each node's
@@ -91,9 +150,14 @@ def _prop_str(v: Any) -> str:
     return str(name()) if callable(name) else str(getattr(v, "name", v))
 
 
-def openvino_runner(onnx_path: str | Path, threads: int) -> Runner:
+def openvino_runner(onnx_path: str | Path, threads: int, input_shape: tuple[int, ...] | None = None) -> Runner:
     """Compile ``onnx_path`` for OpenVINO's CPU plugin (latency hint, 1 stream, ``threads`` threads, f32 precision
-    hint); an INT8 QDQ model runs in int8, an FP32 model in FP32. Raises ImportError without openvino."""
+    hint); an INT8 QDQ model runs in int8, an FP32 model in FP32. Raises ImportError without openvino.
+
+    With ``input_shape`` (the NCHW shape that will be timed), ``runner.onednn`` holds
+    :func:`onednn_implementations` of one inference of that shape and ``runner.isa`` its main ISA (what oneDNN
+    reports it ran); without it, or when that probe fails, ``runner.isa`` is read from the primitive names
+    (``runner.isa_source`` says which)."""
     import openvino as ov
 
     core = ov.Core()
@@ -112,9 +176,17 @@ def openvino_runner(onnx_path: str | Path, threads: int) -> Runner:
     kernels = runtime_kernels(compiled)
     run.compiled = compiled            # type: ignore[attr-defined]
     run.kernels = kernels              # type: ignore[attr-defined]
-    run.isa = _main_isa(kernels)       # type: ignore[attr-defined]
+    impls = onednn_implementations(onnx_path, threads, input_shape) if input_shape is not None else None
+    run.onednn = impls                 # type: ignore[attr-defined]
+    if impls:
+        run.isa = onednn_isa(max(impls.items(), key=lambda kv: kv[1])[0])  # type: ignore[attr-defined]
+        run.isa_source = "onednn_verbose"  # type: ignore[attr-defined]
+    else:
+        run.isa = _main_isa(kernels)   # type: ignore[attr-defined]
+        run.isa_source = "primitive_name"  # type: ignore[attr-defined]
     run.config = {k: _prop_str(compiled.get_property(k)) for k in config}  # type: ignore[attr-defined]
     return run
 
 
-__all__ = ["openvino_available", "openvino_runner", "openvino_version", "primitive_isa", "runtime_kernels"]
+__all__ = ["onednn_implementations", "onednn_isa", "openvino_available", "openvino_runner", "openvino_version",
+           "primitive_isa", "runtime_kernels"]

@@ -66,7 +66,8 @@ def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, e
     ``openvino`` (default: when the package is installed) adds ``openvino_fp32`` (the FP32 ONNX model) and
     ``openvino_int8`` (the QDQ model ORT INT8 runs; with ``ort_int8``). ``info``, when given, receives per runtime
     ``{"isa": ..., "kernels": {...}}``: the ISA each runtime ran (the .so: its sidecar's kernels; OpenVINO: the oneDNN
-    primitives of its runtime model; ORT / torch: the host's best ISA, which their libraries dispatch on)."""
+    primitives of its runtime model, and the ISA the oneDNN implementations reported for one inference, ``onednn``;
+    ORT / torch: the host's best ISA, which their libraries dispatch on)."""
     set_num_threads(threads)
     machine_load()
     work_dir = Path(work_dir)
@@ -82,17 +83,18 @@ def compare_latency(compiled: dict[str, CompiledModel], fp32_model: nn.Module, e
     if openvino is None:
         openvino = openvino_available()
     if openvino:
-        runners["openvino_fp32"] = openvino_runner(onnx_path, threads)
+        runners["openvino_fp32"] = openvino_runner(onnx_path, threads, tuple(example.shape))
     if ort_int8:
         q_path = quantize_onnx_int8(onnx_path, calib)
         runners["ort_int8"] = ort_fp32_runner(q_path, threads)   # same session options; the QDQ model runs in int8
         details["ort_int8"] = {"isa": host}
         if openvino:
-            runners["openvino_int8"] = openvino_runner(q_path, threads)
+            runners["openvino_int8"] = openvino_runner(q_path, threads, tuple(example.shape))
     for name in ("openvino_fp32", "openvino_int8"):
         if name in runners:
             r = runners[name]
-            details[name] = {"isa": r.isa, "kernels": r.kernels, "version": openvino_version()}  # type: ignore
+            details[name] = {"isa": r.isa, "isa_source": r.isa_source, "kernels": r.kernels,  # type: ignore
+                             "onednn": r.onednn, "version": openvino_version()}  # type: ignore
     if info is not None:
         info.update(details)
     return time_interleaved(runners, example, warmup=warmup, repeats=repeats, threads=threads, progress=progress,
