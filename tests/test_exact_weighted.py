@@ -215,6 +215,62 @@ def test_float64_path_is_exact(monkeypatch):
         assert np.count_nonzero(d) == 0, f"{name}: {np.count_nonzero(d)} differ"
 
 
+def test_constants_cache_follows_every_write(monkeypatch):
+    """The layer's integer constants are computed once and reused while nothing they depend on changed; a write of
+    any kind (in place under no_grad, through ``.data`` (which no version counter sees), a new tensor, AdaRound
+    hardening, other weight bits, other input / output steps, another device string) is seen at the next forward:
+    the exact path keeps equalling the integer network after each."""
+    qm = _adaq_model(4, 4)
+    images = _images(64)
+    x = torch.from_numpy(images)
+    computed = []
+    orig = qmodel_mod.QLayer._compute_integer_constants
+
+    def spy(self, *a, **k):
+        computed.append(a[5])                        # the layer's name
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(qmodel_mod.QLayer, "_compute_integer_constants", spy)
+
+    def forward_computes():
+        computed.clear()
+        with torch.no_grad():
+            qm(x)
+        return sorted(computed)
+
+    def exact():
+        for name, (op, d) in _diffs(qm, images).items():
+            assert np.count_nonzero(d) == 0, f"{name}: {np.count_nonzero(d)} differ"
+
+    assert len(forward_computes()) == 7
+    assert forward_computes() == []                  # cached: nothing recomputed
+    c1, lin = qm.layer("c1"), qm.layer("lin")
+    c1.weight.data.mul_(1.07)                        # .data: c1.weight._version does not move
+    assert forward_computes() == ["c1"]
+    exact()
+    with torch.no_grad():
+        lin.bias.add_(0.05 * lin.bias.abs().mean())
+    assert forward_computes() == ["lin"]
+    exact()
+    lin.xi.data[3] *= 1.5
+    lin.eta.data = lin.eta.data + 0.01               # a new tensor under the parameter
+    c1.wq.scale.data[0] *= 1.1
+    assert forward_computes() == ["c1", "lin"]
+    exact()
+    c1.wq.init_adaround(c1.weight)
+    c1.wq.soft = False                               # hard AdaRound integers
+    assert "c1" in forward_computes()
+    exact()
+    c1.wq.alpha.data.neg_()                          # other rounding decisions
+    assert "c1" in forward_computes()
+    exact()
+    c1.wq.clear_adaround()
+    q = qm.act_quant[qm.key("c1")]                   # c1's output step: c1 and its reader c2
+    q.scale.data *= 1.25
+    assert forward_computes() == ["c1", "c2"]
+    exact()
+
+
 @pytest.mark.parametrize("parts", [1, 3])
 def test_float32_requantization_equals_int64_ties_included(parts):
     """:func:`_requant_f32` (float32, elements near a tie redone in int64) equals :func:`_requant_int64` on every

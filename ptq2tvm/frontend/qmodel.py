@@ -138,12 +138,40 @@ class QLayer(nn.Module):
         a = self.attrs
         return F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
 
+    def _integer_inputs(self) -> list[torch.Tensor | None]:
+        """Every tensor :meth:`integer_constants` reads from the layer (weights, bias, weight scales, hard AdaRound
+        rounding variables, AdaQTransform's xi and eta)."""
+        return [self.weight, self.bias, self.wq.scale, self.wq.alpha,
+                self.xi if self.adaq else None, self.eta if self.adaq else None]
+
     def integer_constants(self, in_scale: float, in_vmax: int, out_scale: float, res_scale: float | None,
                           res_vmax: int, name: str, device: torch.device) -> IntegerConstants:
         """The layer's integers for the fake-quant model's exact path (:meth:`QuantModel._integer_weighted`), computed
         by the fold's own functions (``ptq2tvm.fold.fold.weighted_bias``, ``weighted_multipliers``) from the input
         step ``in_scale`` (codes |q - z| <= ``in_vmax``), the output step and the fused residual's (codes <=
-        ``res_vmax``). Raises what the fold raises (QuantConfigError)."""
+        ``res_vmax``). Raises what the fold raises (QuantConfigError).
+
+        Cached: the last result is reused while the arguments, the weight bits and every tensor the layer's integers
+        depend on (:meth:`_integer_inputs`) are bitwise equal to a private copy taken when it was computed. The copy
+        is compared, not a version counter, because writes through ``.data`` (``p.data.copy_(...)``, as
+        reconstruction's hardening and ``fit_integer_bounds`` do) do not bump one; the comparison reads the weights
+        once, a fraction of what recomputing costs (batch 1)."""
+        key = (float(in_scale), int(in_vmax), float(out_scale), None if res_scale is None else float(res_scale),
+               int(res_vmax), name, str(device), self.wq.bits, self.adaq)
+        inputs = [None if t is None else t.detach() for t in self._integer_inputs()]
+        cached = getattr(self, "_constants_cache", None)
+        if cached is not None and cached[0] == key and len(cached[1]) == len(inputs) and all(
+                (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape
+                                              and a.device == b.device and torch.equal(a, b))
+                for a, b in zip(cached[1], inputs)):
+            return cached[2]
+        self._constants_cache = None                     # nothing stale survives a failed computation
+        result = self._compute_integer_constants(in_scale, in_vmax, out_scale, res_scale, res_vmax, name, device)
+        self._constants_cache = (key, [None if t is None else t.clone() for t in inputs], result)
+        return result
+
+    def _compute_integer_constants(self, in_scale: float, in_vmax: int, out_scale: float, res_scale: float | None,
+                                   res_vmax: int, name: str, device: torch.device) -> IntegerConstants:
         from ..fold.fold import weighted_bias, weighted_multipliers
 
         q_w, bias, acc_scale = weighted_bias(self, in_scale, name)
