@@ -767,7 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_json(e)
         e.set_defaults(func=fn)
 
-    b = sub.add_parser("bench", help="latency of the .so vs PyTorch FP32 and ONNX Runtime FP32/INT8")
+    b = sub.add_parser("bench", help="latency of the .so vs PyTorch FP32, ONNX Runtime FP32/INT8 and OpenVINO "
+                       "FP32/INT8 (when installed)")
     b.add_argument("run", help="run directory (compiled)")
     b.add_argument("--so", help="the .so to time (default RUN/model.so), e.g. one compiled with --batch 8 --out: "
                    "every runtime then runs its batch")

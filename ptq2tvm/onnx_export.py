@@ -684,15 +684,15 @@ def build_onnx(graph: IntegerGraph, *, weights: str = "int8", int4: bool = False
     return model, rep
 
 
-def export_onnx(graph: IntegerGraph, path: str | Path, *, weights: str = "int8", int4: bool = False,
+def export_onnx(graph: IntegerGraph, path: str | Path, *, weights: str = "auto", int4: bool = False,
                 int4_activations: bool = False, per_layer_outputs: bool = False,
                 opset: int | None = None, integer_requant: str = "none") -> ExportReport:
     """Write ``graph`` as an ONNX QDQ model to ``path`` (atomic: nothing is written if anything fails).
 
     ``weights``: ``int8`` (symmetric, zero point 0: what TensorRT / OpenVINO expect; ONNX Runtime's u8 x s8 kernels
     saturate on x86 CPUs without VNNI, see docs/onnx.md), ``uint8`` (the same integers + 128, zero point 128:
-    ONNX Runtime's exact u8 x u8 kernels everywhere) or ``auto`` (:func:`choose_weights`: int8 on hosts with VNNI,
-    else uint8; ``ExportReport.weights`` says which). ``int4``: opset 21 INT4 initializers for weights of <= 4
+    ONNX Runtime's exact u8 x u8 kernels everywhere) or ``auto`` (the default, as ``ptq2tvm export``:
+    :func:`choose_weights`: int8 on hosts with VNNI, else uint8; ``ExportReport.weights`` says which). ``int4``: opset 21 INT4 initializers for weights of <= 4
     bits; ``int4_activations``: UINT4 zero points for activations of <= 4 bits (ONNX Runtime 1.32 rejects those at
     its full graph optimisation). Default: 8-bit containers with the exact clamp, opset 17.
     ``per_layer_outputs``: every IR tensor's uint8 codes become graph outputs ``codes:<tensor>``.

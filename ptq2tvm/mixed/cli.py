@@ -39,8 +39,8 @@ def _add_trace_estimator(p: Any) -> None:
     """``--trace-estimator`` (quantize --mixed-precision and sensitivity: one name); ``--estimator``, sensitivity's
     old name, stays as a hidden alias."""
     p.add_argument("--trace-estimator", default="gauss-newton", choices=["gauss-newton", "hutchinson"],
-                   help="Hessian-trace estimator: Gauss-Newton/Fisher with sampled labels (never negative; default) "
-                   "or Hutchinson's (Rademacher vectors, double backward)")
+                   help="Hessian-trace estimator: Gauss-Newton (Rademacher-projected softmax Hessian, a sum of "
+                   "squares: never negative; default) or Hutchinson's (Rademacher vectors, double backward)")
     p.add_argument("--estimator", dest="trace_estimator", choices=["gauss-newton", "hutchinson"],
                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -127,8 +127,8 @@ def register(sub: Any) -> None:
     _add_trace_estimator(s)
     s.add_argument("--images", type=int, default=256, help="calibration images used for the traces / errors")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--latency", action="store_true", help="also time every layer's kernel (int8, packed int4; on AVX2 "
-                   "also packed int2 and int8 on vpmaddubsw) on this host (cached in RUN/latency_cache.json)")
+    s.add_argument("--latency", action="store_true", help="also time every layer's kernel (int8, packed int4, packed "
+                   "int2; on AVX2 also int8 on vpmaddubsw) on this host (cached in RUN/latency_cache.json)")
     s.add_argument("--batch", type=int, default=1, help="batch size of the latency measurement")
     s.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
