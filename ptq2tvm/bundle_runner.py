@@ -32,10 +32,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import tvm_ffi
-
 HERE = Path(__file__).resolve().parent
+
+try:
+    import numpy as np
+    import tvm_ffi
+except ModuleNotFoundError as _missing:     # a deployment host without the requirements: one line, not a traceback
+    if __name__ != "__main__" or _missing.name not in ("numpy", "tvm_ffi"):
+        raise
+    _req = HERE / "requirements.txt"
+    sys.exit(f"run_model.py: error: the Python package {'apache-tvm-ffi' if _missing.name == 'tvm_ffi' else 'numpy'} "
+             f"is not installed: pip install -r {_req if _req.is_file() else 'requirements.txt'}")
 KDL_CPU, KDL_CUDA = 1, 2
 POOLED_ALLOCATOR = 2
 

@@ -595,10 +595,12 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     compiled = run.load_compiled(so, threads=args.threads) if so.exists() else None   # a stale .so fails here
     res: dict[str, Any] = dict(data=ds.name, n=int(len(ds.images)),
                                calibration_images_excluded=ds.extra.get("calibration_images_excluded", 0))
+    qm = QuantModel.load(run.check(run.fakequant, info))
+    qm._check_input(ds.images)    # data of another shape: one line, before the FP32 model fails on it (traceback)
     fp32 = load_fp32(run.check(run.fp32, info), trust_code=args.trust_code)
     res["fp32_top1"] = top1_torch(fp32, ds.images, ds.labels)
     res["scored_output"] = scored_output(fp32, ds.images)   # which output top-1 is computed on (several outputs)
-    res["fakequant_top1"] = top1_torch(QuantModel.load(run.check(run.fakequant, info)), ds.images, ds.labels)
+    res["fakequant_top1"] = top1_torch(qm, ds.images, ds.labels)
     res["so_top1"] = top1_so(compiled, ds.images, ds.labels) if compiled is not None else None
     print(f"top-1 on {ds.name} ({res['n']} images): FP32 {100 * res['fp32_top1']:.2f}%  fake-quant "
           f"{100 * res['fakequant_top1']:.2f}%" + (f"  .so {100 * res['so_top1']:.2f}%" if res["so_top1"] is not None

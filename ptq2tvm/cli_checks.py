@@ -23,6 +23,10 @@ RUN_DIR_WRITERS: dict[str, str | None] = {"compile": "out", "export": "out", "be
 
 
 RUN_OWN_FILES = ("run.json", "model.qgraph.npz", "fp32.pt", "fakequant.pt")
+# The run's compiled library and its sidecar: `compile` writes them (its default --out is RUN/model.so), every other
+# output option must leave them alone (`export RUN --out RUN/model.so`, `parity RUN --json RUN/model.json` replaced
+# them, and every later command refused the run until it was compiled again).
+RUN_LIBRARY_FILES = ("model.so", "model.json")
 
 
 def _files_an_output_must_not_replace(args: argparse.Namespace) -> dict[Path, str]:
@@ -35,6 +39,9 @@ def _files_an_output_must_not_replace(args: argparse.Namespace) -> dict[Path, st
     if run and Path(run).is_dir():
         for name in RUN_OWN_FILES:
             own[(Path(run) / name).resolve()] = f"the run's {name}"
+        for name in RUN_LIBRARY_FILES:
+            what = "compiled library" if name.endswith(".so") else "library sidecar"
+            own[(Path(run) / name).resolve()] = f"the run's {what} {name}"
         for f in (Path(run) / "model_src").glob("*"):
             own[f.resolve()] = f"the run's copy of the model source {f.name}"
     if args.command == "quantize":
@@ -70,6 +77,8 @@ def check_outputs(args: argparse.Namespace) -> None:
                 check_output_path(written[-1], "file", f"{option} {value}: its sidecar")
             for w in written:
                 hit = protected.get(w.resolve())
+                if hit and args.command == "compile" and dest == "out" and w.name in RUN_LIBRARY_FILES:
+                    continue            # compile --out RUN/model.so: the run's default library, rebuilt
                 if hit:
                     raise Ptq2TvmError(f"{option} {value} would overwrite {hit} ({w}): choose another path; nothing "
                                        "was written")
