@@ -295,7 +295,12 @@ def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str,
            + (f": {reasons[n.output[0]]}" if n.output and n.output[0] in reasons else "")
            for n in g.node if n.op_type not in SUPPORTED_ONNX_OPS or n.domain not in ("", "ai.onnx")]
     bad += [f"'{n.name or '(unnamed)'}' (Resize): {why}" for n in g.node
-            if n.op_type == "Resize" and (why := _check_resize(n)) is not None]
+            if n.op_type == "Resize" and (why := reasons.get(n.output[0]) or _check_resize(n)) is not None]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < 11:
+        bad += [f"'{n.name or '(unnamed)'}' (Resize): opset {opset}'s Resize (X, scales) is not read (onnx2torch "
+                "converts Resize from opset 11): export with opset_version >= 11" for n in g.node
+                if n.op_type == "Resize"]
     if bad:
         raise UnsupportedModelError(f"{len(bad)} unsupported ONNX node(s) in {path}:\n  " + "\n  ".join(bad)
                                     + f"\nSupported ONNX ops: {', '.join(SUPPORTED_ONNX_OPS)}.")
@@ -368,6 +373,23 @@ def _shape_value(name: str, producers: dict[str, Any], consts: dict[str, Any],
     return arg(0)  # Squeeze / Unsqueeze / Reshape / Flatten / Cast / Identity: the same values
 
 
+def _resize_scales(shape: list[Any] | None, sizes: list[Any] | None) -> list[float] | None:
+    """The Resize scales equivalent to output ``sizes`` (read by :func:`_shape_value`) for an input of ``shape``:
+    1 where a size is the input's own dim (the same number or the same symbol: a dynamic batch), the whole-number
+    ratio on the spatial axes; None when any axis has no such scale."""
+    if shape is None or sizes is None or len(sizes) != len(shape):
+        return None
+    scales: list[float] = []
+    for d, s in zip(shape, sizes):
+        if s == d and d is not None:
+            scales.append(1.0)
+        elif isinstance(s, int) and isinstance(d, int) and d > 0 and s > 0 and s % d == 0:
+            scales.append(float(s // d))
+        else:
+            return None
+    return scales
+
+
 def _flatten_reason(dims: list[Any] | None, target: list[Any] | None, allowzero: int) -> str | None:
     """None when a Reshape of a tensor of shape ``dims`` to ``target`` (read by :func:`_shape_value`) gives
     (N, product of the other dims), i.e. is ``Flatten(axis=1)``, else why not. Accepted targets: (batch or -1,
@@ -406,10 +428,13 @@ def _pool_and_flatten_as_ops(model: Any) -> dict[str, str]:
     ``Reshape`` that flattens the features of each sample of a tensor of any rank ((N, C, H, W) -> (N, C*H*W): the
     targets :func:`_flatten_reason` accepts, constant or computed from the graph's shapes by Shape / Gather / Concat
     nodes, which are then dropped) -> ``Flatten(axis=1)`` (any batch size). The rewritten nodes keep their names and
-    metadata.
+    metadata. A ``Resize`` whose output sizes are computed from the graph's shapes (torch's legacy exporter writes
+    ``F.interpolate(x, size=skip.shape[-2:])`` as Shape / Slice / Concat) gets the equivalent constant scales
+    (:func:`_resize_scales`) and those shape nodes are dropped.
 
-    Returns ``{output name: why}`` for every other ReduceMean / Reshape, left alone and rejected by name afterwards
+    Returns ``{output name: why}`` for every other ReduceMean / Reshape / such Resize, left alone and rejected by name afterwards
     with that reason."""
+    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
@@ -462,6 +487,20 @@ def _pool_and_flatten_as_ops(model: Any) -> dict[str, str]:
             why[n.output[0]] = (f"ReduceMean of a {'?' if shape is None else _fmt_shape(shape)} tensor over {over}: "
                                 "only the mean over the two spatial axes of an (N, C, H, W) tensor (global average "
                                 "pooling) is supported")
+        if n.op_type == "Resize" and len(n.input) > 3 and n.input[3] and n.input[3] not in consts:
+            scales = _resize_scales(shape, _shape_value(n.input[3], producers, consts, shapes))
+            if scales is not None:       # sizes computed from the graph's shapes (F.interpolate(x, size=y.shape[-2:]))
+                const = n.output[0] + "__scales"
+                g.initializer.append(numpy_helper.from_array(np.asarray(scales, dtype=np.float32), const))
+                consts[const] = np.asarray(scales, dtype=np.float32)
+                inputs = [n.input[0], n.input[1], const]
+                del n.input[:]
+                n.input.extend(inputs)
+            else:
+                why[n.output[0]] = ("its output sizes are computed in the graph (the Shape / Gather / Slice / "
+                                    "Concat nodes listed) and do not resolve to whole-number factors of its "
+                                    f"{'?' if shape is None else _fmt_shape(shape)} input: export with a fixed "
+                                    "input shape (no dynamic H / W), or upsample with scale_factor= instead of size=")
         if n.op_type == "Reshape" and len(n.input) > 1:
             target = _shape_value(n.input[1], producers, consts, shapes)
             reason = _flatten_reason(shape, target, int(attr(n, "allowzero", 0)))

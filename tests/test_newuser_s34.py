@@ -76,3 +76,86 @@ def test_bundle_runner_without_its_requirements_is_one_line(tmp_path, missing):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and "is not installed: pip install -r" in r.stderr, r.stderr
     assert ("apache-tvm-ffi" if missing == "tvm_ffi" else "numpy") in r.stderr
+
+
+class SizeUp:
+    """A U-Net skip: upsample to the skip's size (``F.interpolate(x, size=skip.shape[-2:])``), concat, conv. torch's
+    legacy exporter writes the sizes as Shape / Slice / Concat of the skip's shape."""
+
+    @staticmethod
+    def build():
+        import torch
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c0 = torch.nn.Conv2d(1, 8, 3, padding=1)
+                self.down = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+                self.c2 = torch.nn.Conv2d(16, 4, 3, padding=1)
+
+            def forward(self, x):
+                F = torch.nn.functional
+                s = F.relu(self.c0(x))
+                u = F.interpolate(F.relu(self.down(s)), size=s.shape[-2:], mode="nearest")
+                return self.c2(torch.cat([s, u], 1))
+
+        torch.manual_seed(0)
+        return Net().eval()
+
+
+def test_onnx_resize_to_a_computed_size_is_read_and_compiles_bit_exact(tmp_path):
+    """The new user's U-Net (legacy exporter, opset 17, fixed input shape) was refused, listing '/Shape' and '/Slice'
+    without naming the Resize they feed: the sizes resolve to constant scales now."""
+    import torch
+
+    from ptq2tvm.api import compile_so, quantize, to_integer
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.ir.reference import run_reference
+    from ptq2tvm.onnx_import import onnx_to_torch
+
+    model = SizeUp.build()
+    path = tmp_path / "size.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 12, 12),), str(path), dynamo=False, opset_version=17)
+    import onnx
+
+    assert {"Shape", "Resize"} <= {n.op_type for n in onnx.load(str(path)).graph.node}
+    gm = onnx_to_torch(path)
+    x = np.random.default_rng(0).standard_normal((24, 1, 12, 12)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(gm(torch.from_numpy(x)).numpy(), model(torch.from_numpy(x)).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+    graph = to_integer(quantize(gm, x[:16], QuantConfig(8, 8), progress=False))
+    assert "upsample" in {n.op for n in graph.nodes}
+    compile_so(graph, tmp_path / "size.so")
+    q = graph.input.quantize(x[16:])
+    np.testing.assert_array_equal(CompiledModel(tmp_path / "size.so").run_int(q), run_reference(graph, q))
+
+
+def test_onnx_resize_forms_it_cannot_read_are_named_with_the_fix(tmp_path):
+    """Dynamic H / W sizes: the Resize is named with what to do (it was missing from the list); opset 10's Resize:
+    one line per node saying to export at opset >= 11 (was onnx2torch internals)."""
+    import torch
+
+    from ptq2tvm.errors import UnsupportedModelError
+    from ptq2tvm.onnx_import import onnx_to_torch
+
+    model = SizeUp.build()
+    dyn = tmp_path / "dyn.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 12, 12),), str(dyn), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {2: "h", 3: "w"}})
+    with pytest.raises(UnsupportedModelError) as e:
+        onnx_to_torch(dyn)
+    assert "(Resize): its output sizes are computed in the graph" in str(e.value)
+    assert "scale_factor= instead of size=" in str(e.value)
+
+    class Up(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+
+    old = tmp_path / "op10.onnx"
+    torch.onnx.export(Up().eval(), (torch.zeros(1, 1, 8, 8),), str(old), dynamo=False, opset_version=10)
+    with pytest.raises(UnsupportedModelError) as e:
+        onnx_to_torch(old)
+    assert "opset 10's Resize" in str(e.value) and "opset_version >= 11" in str(e.value)
+    assert "onnx2torch module" not in str(e.value)
