@@ -159,3 +159,20 @@ def test_onnx_resize_forms_it_cannot_read_are_named_with_the_fix(tmp_path):
         onnx_to_torch(old)
     assert "opset 10's Resize" in str(e.value) and "opset_version >= 11" in str(e.value)
     assert "onnx2torch module" not in str(e.value)
+
+
+def test_raw_pixels_resized_with_interpolation_are_flagged():
+    """Raw 0..255 images resized with interpolation are not whole numbers (the new user's: 87%), so the raw-pixel
+    warning stayed silent, and an ONNX model (BatchNorm folded by the exporter) has no other check: any float data
+    from 0 up to at most 255 with a maximum above 20 is flagged now; normalized data is not."""
+    from ptq2tvm.data.arrays import array_notes
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (8, 1, 16, 16)).astype(np.float32)
+    resized = (raw[..., :-1] + raw[..., 1:]) / 2                     # bilinear-like: half-integers
+    assert np.mean(resized == np.round(resized)) < 0.99
+    notes = array_notes(resized, "x.npy")
+    assert len(notes) == 1 and "are on the 0..255 scale: they look like raw pixels" in notes[0], notes
+    assert "are whole numbers" in array_notes(raw, "x.npy")[0]
+    assert array_notes((raw / 255 - 0.45) / 0.22, "x.npy") == []
+    assert array_notes(raw / 255, "x.npy") == []

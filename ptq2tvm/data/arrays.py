@@ -96,8 +96,11 @@ def array_notes(images: np.ndarray, what: str) -> list[str]:
         sample = a.reshape(-1)[:: max(1, a.size // 200_000)].astype(np.float64)
         lo, hi = float(sample.min()), float(sample.max())
         integral = float(np.mean(sample == np.round(sample)))
-        if lo >= 0 and hi > 20 and integral > 0.99:
-            notes.append(f"{what} values lie in [{lo:g}, {hi:g}] and are whole numbers: they look like raw pixels; a "
+        # whole numbers from 0 up, or anything on the 0..255 scale (raw pixels resized with interpolation are not
+        # whole: a new user's 87%); normalized images stay within a few units of 0
+        if lo >= 0 and hi > 20 and (integral > 0.99 or hi <= 255.5):
+            what_kind = "are whole numbers" if integral > 0.99 else "are on the 0..255 scale"
+            notes.append(f"{what} values lie in [{lo:g}, {hi:g}] and {what_kind}: they look like raw pixels; a "
                          "model trained on normalized inputs (x/255, then (x - mean) / std) needs them normalized")
     if looks_nhwc(a.shape):
         notes.append(f"{what} has shape {tuple(a.shape)}, which looks like channels-last (N, H, W, C); ptq2tvm "
