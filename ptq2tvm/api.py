@@ -7,7 +7,8 @@ A run directory holds every artifact of one quantized model::
     fakequant.pt        the fake-quant model (QuantModel.save)
     model.qgraph.npz    the integer graph (the exact arithmetic)
     model.so, model.json  the compiled library and its sidecar
-    model_src/          a copy of the model's .py file (file.py:factory models), used if the original moves
+    model_src/          a copy of the model's .py file (file.py:factory models) or ONNX file (with its external
+                        data), used if the original moves
 
 ``run.json`` records the integer graph's digest and the SHA-256 of ``fp32.pt`` / ``fakequant.pt``: every command
 checks an artifact against them (:meth:`RunDir.check`, :meth:`RunDir.load_compiled`) before using it, and
@@ -269,7 +270,7 @@ def build_model(spec: ModelSpec, fallback_dir: str | Path | None = None) -> nn.M
 
         if spec.checkpoint:
             raise ArtifactError(f"--checkpoint does not apply to an ONNX model ({spec.name} holds its weights)")
-        return onnx_to_torch(spec.name)
+        return onnx_to_torch(model_file_that_runs(spec.name, fallback_dir))
     if ":" in spec.name and spec.name.split(":")[0].endswith(".py"):
         file, attr = spec.name.rsplit(":", 1)
         file = model_file_that_runs(file, fallback_dir)
@@ -323,9 +324,25 @@ def as_float32(model: nn.Module, name: str = "the model") -> nn.Module:
     return model
 
 
+def onnx_files(path: Path) -> list[Path]:
+    """An ONNX model file and the external data files next to it that its initializers name (torch's
+    ``.onnx.data``): what a run directory keeps a copy of. Files that are missing are left out (the import names
+    them)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - unreadable: the import reports it
+        return [path]
+    side = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    return [path] + [path.parent / s for s in sorted(side)
+                     if (path.parent / s).is_file() and Path(s).name == s]     # no paths outside the folder
+
+
 def model_file_that_runs(file: str, fallback_dir: str | Path | None = None) -> str:
-    """The Python file a ``file.py:factory`` model is built from: ``file`` itself, or when it is gone, the run's copy
-    ``fallback_dir/<name>`` (a run directory's ``model_src/``) if that exists."""
+    """The file a ``file.py:factory`` or ``.onnx`` model is built from: ``file`` itself, or when it is gone, the
+    run's copy ``fallback_dir/<name>`` (a run directory's ``model_src/``) if that exists."""
     if not Path(file).is_file() and fallback_dir is not None and (Path(fallback_dir) / Path(file).name).is_file():
         return str(Path(fallback_dir) / Path(file).name)
     return file
@@ -742,6 +759,9 @@ def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantMod
         if spec is not None and ":" in spec.name and spec.name.split(":")[0].endswith(".py"):
             src = Path(spec.name.rsplit(":", 1)[0])
             if src.is_file():
+                copy_file(src, run.path / "model_src" / src.name)
+        if spec is not None and spec.name.lower().endswith(".onnx") and Path(spec.name).is_file():
+            for src in onnx_files(Path(spec.name)):       # the graph and its external weight files
                 copy_file(src, run.path / "model_src" / src.name)
         save_fp32(run.fp32, model, spec, trust_code=trust_code)
         qm.save(run.fakequant)

@@ -725,7 +725,9 @@ def choose_weights(weights: str) -> tuple[str, str]:
     if weights != "auto":
         return weights, "chosen"
     if vnni:
-        return "int8", "auto: this CPU has VNNI, so ONNX Runtime's u8 x s8 kernels are exact"
+        return "int8", ("auto: this CPU has VNNI, so ONNX Runtime's u8 x s8 kernels are exact here; shipping the "
+                        "file to CPUs without VNNI (AVX2 only) for ONNX Runtime? there those kernels saturate: "
+                        "--weights uint8 is exact on every CPU")
     return "uint8", ("auto: this CPU has no VNNI, where ONNX Runtime's u8 x s8 (int8-weight) kernels saturate; uint8 "
                      "weights run its exact u8 x u8 kernels (--weights int8 for TensorRT / OpenVINO)")
 

@@ -176,3 +176,44 @@ def test_raw_pixels_resized_with_interpolation_are_flagged():
     assert "are whole numbers" in array_notes(raw, "x.npy")[0]
     assert array_notes((raw / 255 - 0.45) / 0.22, "x.npy") == []
     assert array_notes(raw / 255, "x.npy") == []
+
+
+def test_onnx_run_directory_survives_the_onnx_file_moving(tmp_path, capsys):
+    """`eval` / `bench` rebuilt the FP32 model from the original .onnx path: moving it broke the run ("ONNX model not
+    found") although the README calls the run directory self-contained. The run keeps a copy (with the dynamo
+    exporter's external data file) in model_src/ and uses it when the original is gone."""
+    import shutil
+
+    import torch
+
+    from ptq2tvm import cli
+
+    model = SizeUp.build()
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / "net.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 12, 12),), str(path), dynamo=False, opset_version=17)
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    m = onnx.load(str(path))
+    convert_model_to_external_data(m, all_tensors_to_one_file=True, location="net.onnx.data", size_threshold=0)
+    onnx.save(m, str(path))
+    assert (src / "net.onnx.data").is_file()
+    x = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", images=x, labels=np.arange(48) % 4)
+    run = tmp_path / "run"
+    assert cli.main(["quantize", "--model", str(path), "--data", str(tmp_path / "d.npz"), "--calib-size", "32",
+                     "--fidelity-images", "0", "--out", str(run), "--no-progress"]) == 0
+    assert {p.name for p in (run / "model_src").iterdir()} == {"net.onnx", "net.onnx.data"}
+    assert cli.main(["compile", str(run), "--no-progress"]) == 0
+    shutil.rmtree(src)
+    capsys.readouterr()
+    assert cli.main(["parity", str(run), "--data", str(tmp_path / "d.npz"), "--n", "8", "--no-progress"]) == 0
+    assert "not found" not in capsys.readouterr().err
+    from ptq2tvm.api import load_fp32
+
+    fp32 = load_fp32(run / "fp32.pt")                  # what eval / bench / fidelity rebuild: from model_src/
+    with torch.no_grad():
+        np.testing.assert_allclose(fp32(torch.from_numpy(x[:4])).numpy(), model(torch.from_numpy(x[:4])).numpy(),
+                                   rtol=1e-4, atol=1e-5)
