@@ -217,3 +217,24 @@ def test_onnx_run_directory_survives_the_onnx_file_moving(tmp_path, capsys):
     with torch.no_grad():
         np.testing.assert_allclose(fp32(torch.from_numpy(x[:4])).numpy(), model(torch.from_numpy(x[:4])).numpy(),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_model_refuses_integer_input_to_the_float_call(tmp_path):
+    """`CompiledModel(so)(x_uint8)` read the codes as float values (every output wrong, no word), while the bundle's
+    run_model.py refused them with a hint."""
+    from conftest import tiny_integer_graph
+    from ptq2tvm.api import compile_so
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.errors import InputShapeError
+
+    graph = tiny_integer_graph(8, 8)
+    compile_so(graph, tmp_path / "m.so", batch=1)
+    cm = CompiledModel(tmp_path / "m.so")
+    x = np.random.default_rng(0).standard_normal((2, *graph.input.shape)).astype(np.float32)
+    q = graph.input.quantize(x)
+    with pytest.raises(InputShapeError, match="got uint8; already quantized input codes go to run_int"):
+        cm(q)
+    with pytest.raises(InputShapeError, match="got int64"):
+        cm(q.astype(np.int64))
+    np.testing.assert_array_equal(cm.run_int(q), np.asarray(cm.run_int(graph.input.quantize(x.astype(np.float64)))))
+    assert np.isfinite(cm(x)).all() and np.isfinite(cm(x.astype(np.float64))).all()

@@ -241,7 +241,12 @@ class CompiledModel:
         """float input -> quantize with the model's input scale/zero point (inside the .so when it has the float
         entry, else in numpy; the same arithmetic) -> run -> dequantized float output; one array per output, in graph
         order, for a model with several (:meth:`structured`: as the model returned them)."""
-        x = self._check(x, None).astype(np.float32, copy=False)   # both entries quantize float32 values
+        x = self._check(x, None)
+        if x.dtype.kind in "uib":       # codes (or integer pixels) read as float values: every output silently wrong
+            raise InputShapeError(f"expected float input (N, C, H, W) preprocessed like the training data, got "
+                                  f"{x.dtype}" + ("; already quantized input codes go to run_int(q)"
+                                                  if x.dtype == np.uint8 else ""))
+        x = x.astype(np.float32, copy=False)                       # both entries quantize float32 values
         if self._fn_checked is not None and x.shape[0] == self.batch and x.flags.c_contiguous:
             outs = self._call_checked(x)
             if outs is not None:
