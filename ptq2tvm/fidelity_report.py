@@ -30,6 +30,13 @@ LOW_SQNR_DB = 10.0
 LOW_AGREEMENT = 0.9
 
 
+
+def percent(fraction: float) -> str:
+    """A fraction as a percentage with one decimal, or two, truncated, where one would round a disagreement up to
+    100.0% (0.9998 -> '99.98%', 0.99996 -> '99.99%', not '100.0%'); exactly 1 -> '100.0%'."""
+    text = f"{100 * fraction:.1f}%"
+    return f"{math.floor(10000 * fraction) / 100:.2f}%" if text == "100.0%" and fraction < 1 else text
+
 def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     """10 log10(|ref|^2 / |got - ref|^2) in dB; +inf when equal."""
     ref = np.asarray(ref, np.float64)
@@ -96,11 +103,11 @@ class FidelityReport:
             ws = max(len(shape_text(o.shape)) for o in self.outputs)
             lines = [f"fidelity vs FP32 (no labels; {where}): {len(self.outputs)} outputs"]
             lines += [f"  {label[o.name]:<{wn}}  {shape_text(o.shape):<{ws}}  SQNR {o.sqnr_db:5.1f} dB"
-                      + (f", top-1 agreement {100 * o.top1_agreement:.1f}%" if o.top1_agreement is not None else "")
+                      + (f", top-1 agreement {percent(o.top1_agreement)}" if o.top1_agreement is not None else "")
                       + _pixel_text(o) for o in self.outputs]
         else:
             lines = [f"fidelity vs FP32 (no labels; {where}): output SQNR {self.sqnr_db:.1f} dB"
-                     + (f", top-1 agreement {100 * self.top1_agreement:.1f}%" if self.top1_agreement is not None
+                     + (f", top-1 agreement {percent(self.top1_agreement)}" if self.top1_agreement is not None
                         else "") + (_pixel_text(self.outputs[0]) if self.outputs else "")]
         lines += [f"warning: {n}" for n in self.notes]        # about the images compared (raw pixels, NHWC, ...)
         if self.low:
@@ -203,7 +210,7 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
 
 def _pixel_text(o: OutputFidelity) -> str:
     """', per-pixel argmax agreement 99.1%' for a (N, classes, H, W) score map; '' otherwise."""
-    return "" if o.pixel_agreement is None else f", per-pixel argmax agreement {100 * o.pixel_agreement:.1f}%"
+    return "" if o.pixel_agreement is None else f", per-pixel argmax agreement {percent(o.pixel_agreement)}"
 
 
 def _db(v: float) -> float | None:

@@ -238,3 +238,11 @@ def test_compiled_model_refuses_integer_input_to_the_float_call(tmp_path):
         cm(q.astype(np.int64))
     np.testing.assert_array_equal(cm.run_int(q), np.asarray(cm.run_int(graph.input.quantize(x.astype(np.float64)))))
     assert np.isfinite(cm(x)).all() and np.isfinite(cm(x.astype(np.float64))).all()
+
+
+def test_fidelity_agreement_never_rounds_a_disagreement_to_100():
+    """The report printed '100.0%' per-pixel agreement for 99.98%."""
+    from ptq2tvm.fidelity_report import percent
+
+    assert percent(0.9998) == "99.98%" and percent(0.99996) == "99.99%"
+    assert percent(1.0) == "100.0%" and percent(0.994) == "99.4%" and percent(0.5) == "50.0%"
