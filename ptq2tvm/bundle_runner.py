@@ -383,7 +383,8 @@ def load_input(spec: str) -> np.ndarray:
     """The array of ``spec``: a .npy file, or an .npz file (``FILE.npz:KEY`` names its array; without a key an .npz
     must hold one array, or one named ``images``). Raises :class:`InputError` with one line."""
     path, key = spec, None
-    if not Path(spec).is_file() and ":" in spec and spec.rsplit(":", 1)[0].endswith(".npz"):
+    if not Path(spec).is_file() and ":" in spec and (spec.rsplit(":", 1)[0].endswith(".npz")
+                                                     or Path(spec.rsplit(":", 1)[0]).is_file()):
         path, key = spec.rsplit(":", 1)
     if not Path(path).is_file():
         raise InputError(f"input file {path} not found")
@@ -525,6 +526,10 @@ def _run(args: argparse.Namespace) -> int:
         else:
             written = " (--output holds them dequantized)" if args.output and not args.output_int else ""
             print(f"{head or f'output {_shape_text(y.shape)} '}integer codes {int(y.min())}..{int(y.max())}{written}")
+    if args.output:
+        kind = "integer codes" if args.output_int else "dequantized float32"
+        print(f"wrote {args.output} ({kind}, {len(q)} input(s)"
+              + (f"; arrays {', '.join(map(repr, names))})" if args.output.endswith(".npz") else ")"))
     if args.bench:
         batch = np.resize(q, (model.batch, *q.shape[1:]))
         model.run_batch(batch)

@@ -246,3 +246,22 @@ def test_fidelity_agreement_never_rounds_a_disagreement_to_100():
 
     assert percent(0.9998) == "99.98%" and percent(0.99996) == "99.99%"
     assert percent(1.0) == "100.0%" and percent(0.994) == "99.4%" and percent(0.5) == "50.0%"
+
+
+def test_bundle_runner_says_what_it_wrote_and_names_a_key_on_an_npy(tmp_path):
+    """`run_model.py --output y.npy` wrote silently; `--input x.npy:images` said 'input file x.npy:images not found'."""
+    from conftest import tiny_integer_graph
+    from ptq2tvm.api import compile_so
+    from ptq2tvm.bundle import make_bundle
+
+    graph = tiny_integer_graph(8, 8)
+    compile_so(graph, tmp_path / "m.so", batch=1)
+    b = make_bundle(tmp_path / "m.so", tmp_path / "bundle")
+    x = np.random.default_rng(0).standard_normal((3, *graph.input.shape)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run = [sys.executable, str(b.path / "run_model.py")]
+    r = subprocess.run(run + ["--input", "x.npy", "--output", "y.npy"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and "wrote y.npy (dequantized float32, 3 input(s))" in r.stdout, r.stdout + r.stderr
+    assert np.load(tmp_path / "y.npy").shape[0] == 3
+    r = subprocess.run(run + ["--input", "x.npy:images"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "x.npy is an .npy file: it has no named arrays (drop ':images')" in r.stderr, r.stderr
