@@ -186,3 +186,30 @@ def test_rows_conv_maxpool_random_geometries(tmp_path):
         assert got.shape == ref.shape and np.array_equal(got, ref), g
 
     check()
+
+
+def test_stem_and_pool_of_one_output_row_compile_bit_exact(tmp_path):
+    """A one-channel signal (N, 1, 1, W) through a conv + ReLU + square MaxPool2d(3, 2, 1): the pool's output has
+    one row. Fused, TVM's CompactBufferAllocation sized the kernel's ring of conv rows by the pool-row loop variable
+    ('variable v has been used before definition!' at compile, every AVX-512 VNNI target); the builder keeps the two
+    kernels there, and the .so equals the reference executor."""
+    import torch
+    import torch.nn as nn
+
+    from ptq2tvm.api import compile_so, quantize, to_integer
+    from ptq2tvm.backend.blocked_builder import _BlockedBuilder
+    from ptq2tvm.backend.runtime import CompiledModel
+    from ptq2tvm.frontend.qmodel import QuantConfig
+    from ptq2tvm.ir.reference import run_reference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, (1, 9), (1, 2), (0, 4)), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                          nn.Conv2d(16, 4, 1)).eval()
+    x = np.random.default_rng(0).standard_normal((8, 1, 1, 100)).astype(np.float32)
+    graph = to_integer(quantize(model, x, QuantConfig(8, 8), progress=False))
+    res = compile_so(graph, tmp_path / "m.so", batch=3, target=None if HAS_VNNI else "icelake-server")
+    assert _BlockedBuilder(graph, "vnni").stem_pool_pairs() == {}
+    if not HAS_VNNI:
+        pytest.skip("no AVX-512 VNNI on this CPU: compiled only")
+    q = np.random.default_rng(1).integers(0, graph.input.qmax + 1, (5, *graph.input.shape)).astype(np.uint8)
+    assert np.array_equal(CompiledModel(res.so_path).run_int(q), run_reference(graph, q))

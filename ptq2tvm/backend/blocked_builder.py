@@ -467,7 +467,11 @@ class _BlockedBuilder:
             ok = int(a["groups"]) == 1 and int(w.shape[1]) <= 4 and tuple(a["dilation"]) == (1, 1) \
                 and not any(self.packing(conv).values()) and int(np.min(conv.arrays["multiplier"])) >= 0 \
                 and tuple(pa["dilation"]) == (1, 1) and not any(pa.get("padding_end", (0, 0))) \
-                and all(int(p) < int(k) for p, k in zip(pa["padding"], pa["kernel"]))
+                and all(int(p) < int(k) for p, k in zip(pa["padding"], pa["kernel"])) \
+                and int(pool.out.shape[1]) >= 2
+            # a pool output of one row: TVM 0.27's CompactBufferAllocation sizes the kernel's ring of conv rows by
+            # the pool-row loop variable once that loop has a single iteration ('variable v has been used before
+            # definition!' at build; e.g. a (1, 1, W) signal with MaxPool2d(3, 2, 1)); the two kernels are exact
             if ok:
                 pairs[pool.name] = conv
         return pairs
