@@ -39,6 +39,11 @@ class TargetError(Ptq2TvmError, ValueError):
     """A ``--target`` that names no known CPU/GPU target, or a build whose CPU features this host lacks."""
 
 
+class CompileError(Ptq2TvmError):
+    """TVM failed to build a graph that ptq2tvm accepted: a ptq2tvm bug (a kernel schedule TVM cannot lower), not
+    the user's; the message names the schedule and the way around it."""
+
+
 def first_line(e: BaseException) -> str:
     """``Type: first line of the message`` of an exception (torch's and fx's messages run over many lines)."""
     text = (str(e).strip().splitlines() or [""])[0]

@@ -265,3 +265,37 @@ def test_bundle_runner_says_what_it_wrote_and_names_a_key_on_an_npy(tmp_path):
     assert np.load(tmp_path / "y.npy").shape[0] == 3
     r = subprocess.run(run + ["--input", "x.npy:images"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and "x.npy is an .npy file: it has no named arrays (drop ':images')" in r.stderr, r.stderr
+
+
+def test_a_tvm_build_failure_is_one_line_with_the_way_around(tmp_path, monkeypatch, capsys):
+    """A breaker's (N, 1, 1, W) signal crashed every AVX-512 VNNI build with TVM's raw InternalError traceback (fixed
+    at its root in the builder, tests/test_stem_pool.py); the whole kind of failure (TVM cannot lower a kernel
+    ptq2tvm scheduled) is now a CompileError naming the schedule, where to report it and `--schedule plain`."""
+    import tvm
+
+    from conftest import quantized_small_run
+    from ptq2tvm import cli
+    from ptq2tvm.api import compile_so
+    from ptq2tvm.backend import compile as compile_mod
+    from ptq2tvm.errors import CompileError
+    from ptq2tvm.ir.graph import IntegerGraph
+
+    def broken(*_a, **_k):
+        raise tvm.error.InternalError("Check failed: (...) is false: variable v has been used before definition!\n"
+                                      "  more lines of the TVM stack")
+
+    monkeypatch.setattr(compile_mod, "compile_module", broken)
+    d = quantized_small_run(tmp_path, "r")
+    graph = IntegerGraph.load(d / "r" / "model.qgraph.npz")
+    with pytest.raises(CompileError) as e:
+        compile_so(graph, tmp_path / "m.so")
+    msg = str(e.value)
+    assert "TVM could not build this graph (--schedule auto" in msg and "used before definition" in msg
+    assert "--schedule plain" in msg and "more lines" not in msg
+    assert not (tmp_path / "m.so").exists()
+    capsys.readouterr()
+    assert cli.main(["compile", str(d / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("ptq2tvm compile: error: TVM could not build this graph"), err
+    assert not any("Traceback" in line or "more lines" in line for line in err), err
+    assert not (d / "r" / "model.so").exists()

@@ -18,7 +18,7 @@ from kernels.task_stack import compile_module
 
 from .. import __version__
 from ..atomic import atomic_path, write_json
-from ..errors import ArtifactError, TargetError, not_found
+from ..errors import ArtifactError, CompileError, TargetError, first_line, not_found
 from ..ir.graph import IntegerGraph, _tensor_json
 from .cuda_binary import build_cuda_binaries, is_cuda_arch
 from .isa import required_cpu_features
@@ -207,9 +207,12 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
 
         tuner = KernelTuner(target, Path(tune_db) if tune_db is not None else default_db_dir(so_path), tune_trials,
                             progress=progress)
-    mod, backend, stored_weight_bytes = build_module(graph, batch, target, schedule, tuner=tuner,
-                                                     subbyte_storage=subbyte_storage)
-    ex = compile_module(mod, tvm.target.Target(target))      # per-task buffers on the stack
+    try:
+        mod, backend, stored_weight_bytes = build_module(graph, batch, target, schedule, tuner=tuner,
+                                                         subbyte_storage=subbyte_storage)
+        ex = compile_module(mod, tvm.target.Target(target))      # per-task buffers on the stack
+    except (tvm.error.InternalError, tvm.error.DiagnosticError, tvm.error.OpError) as e:
+        raise CompileError(tvm_build_failure(e, schedule, target)) from e
     cuda_binaries = None
     if target.get("kind") == "cuda":      # kernels compiled now, not by the runtime at every load (cuda_binary.py)
         cuda_binaries = build_cuda_binaries(ex.mod, str(target.get("arch", "sm_80")))
@@ -263,6 +266,16 @@ def compile_graph(graph: IntegerGraph, so_path: str | Path, batch: int = 1,
         so_path.unlink(missing_ok=True)
         raise
     return CompileResult(so_path, sidecar_path(so_path), seconds, meta)
+
+
+def tvm_build_failure(e: BaseException, schedule: str, target: dict[str, Any]) -> str:
+    """One message for TVM failing to lower a module ptq2tvm built (its kernels' fault, not the model's): TVM's
+    first line, where to report it, and the build that avoids the hand-scheduled kernels."""
+    where = f"--schedule {schedule}" + (f", target {target.get('mcpu') or target.get('kind')}" if target else "")
+    plain = (" `ptq2tvm compile RUN --schedule plain` (compile_so(..., schedule='plain')) builds without the "
+             "hand-scheduled kernels (slower, the same integers)" if schedule != "plain" else "")
+    return (f"TVM could not build this graph ({where}): {first_line(e)}. This is a ptq2tvm bug, not your model's: "
+            f"please report it with the run's model.qgraph.npz.{plain}")
 
 
 def _check_exact(ex: Any, graph: IntegerGraph, batch: int, seed: int = 0, amx: bool = False) -> None:
