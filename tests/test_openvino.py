@@ -65,7 +65,7 @@ def test_openvino_isa_is_what_onednn_ran(tiny_onnx):
     _, data, _, qpath = tiny_onnx
     int8 = openvino_runner(qpath, 1, data[:8].shape)
     assert int8.isa_source == "onednn_verbose", "ONEDNN_VERBOSE probe failed"
-    assert int8.onednn and sum(int8.onednn.values()) >= 2, int8.onednn      # TinyNet's two convs (and its fc)
+    assert int8.onednn and sum(int8.onednn.values()) >= 1, int8.onednn      # its int8 convs (fused ones run as one)
     host = host_isa()
     if host in ("amx", "avx512_vnni"):
         assert int8.isa in ("amx", "avx512_vnni"), (int8.onednn, host)

@@ -78,6 +78,8 @@ path, threads, shape = sys.argv[1], int(sys.argv[2]), [int(v) for v in sys.argv[
 c = ov.Core().compile_model(path, "CPU", {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
                                          "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
 c.create_infer_request().infer({0: np.zeros(shape, np.float32)})
+import ctypes
+ctypes.CDLL(None).fflush(None)          # oneDNN prints with C stdio: every line out before the interpreter exits
 """
 
 
