@@ -513,13 +513,25 @@ def _erase_assertion(graph: fx.Graph, node: fx.Node) -> None:
 
 
 class _ShapeProp(ShapeProp):
-    """torch.fx's ShapeProp, remembering the node it runs (for the error message)."""
+    """torch.fx's ShapeProp, remembering the node it runs (for the error message) and, for a node that computes a
+    plain Python value (``x.shape[2] * 2``, a scale factor), that value as ``meta['py_value']`` (op handlers that
+    must know an argument's value, e.g. :class:`ptq2tvm.ops.shape.Upsample`, read it there)."""
 
     node: fx.Node | None = None
 
     def run_node(self, n: fx.Node) -> Any:
         self.node = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        if _plain_value(result):
+            n.meta["py_value"] = result
+        return result
+
+
+def _plain_value(v: Any) -> bool:
+    """A number, None, or a (nested) tuple / list / torch.Size of them."""
+    if v is None or isinstance(v, (bool, int, float)):
+        return True
+    return isinstance(v, (tuple, list)) and all(_plain_value(u) for u in v)
 
 
 def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:

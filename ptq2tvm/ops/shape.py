@@ -200,6 +200,37 @@ class ChannelShuffle(_Grid):
         return e.emit(te_ops.channel_shuffle, e.x(0), groups=node.attrs["groups"])
 
 
+def _check_picks_repeat(node: Any, module: Any | None, src: tuple[int, ...], scale: tuple[int, int]) -> None:
+    """Raise Unsupported unless the traced resize picks the pixels of a repeat by ``scale``: the output size alone
+    does not say so (torch's nearest maps output pixel i to floor(i / scale_factor) with the scale factor as given:
+    ``scale_factor=3.01`` makes a 2x2 map 6x6 but picks pixels 0, 0, 0, 0, 1, 1; 'nearest-exact' by 2.2 makes 4
+    pixels 8 as 0, 0, 1, 1, 2, 2, 2, 3). Runs the op itself on a map of pixel indices (one image, one channel)."""
+    import torch.fx as fx
+
+    def concrete(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            if "py_value" not in a.meta:
+                raise Unsupported(f"upsampling with a computed argument {a.name!r} whose value is unknown")
+            return a.meta["py_value"]
+        if isinstance(a, (tuple, list)):
+            return type(a)(concrete(u) for u in a)
+        return a
+
+    h, w = int(src[2]), int(src[3])
+    probe = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
+    with torch.no_grad():
+        if module is not None:
+            got = module(probe)
+        else:
+            got = node.target(probe, *(concrete(a) for a in node.args[1:]),
+                              **{k: concrete(v) for k, v in node.kwargs.items()})
+    want = probe.repeat_interleave(scale[0], dim=2).repeat_interleave(scale[1], dim=3)
+    if tuple(got.shape) != tuple(want.shape) or not torch.equal(got, want):
+        raise Unsupported(f"nearest upsampling {src} -> {tuple(src[:2]) + tuple(got.shape[2:])} that does not repeat "
+                          f"each pixel {scale[0]}x{scale[1]} times (a non-integer scale_factor picks other pixels; "
+                          f"give scale_factor={scale} or size=)")
+
+
 @register
 class Upsample(_Grid):
     op = ir_op = "upsample"
@@ -219,7 +250,9 @@ class Upsample(_Grid):
         src, dst = tuple(b.shape(node.args[0])), tuple(b.shape(node))
         if len(src) != 4 or dst[2] % src[2] or dst[3] % src[3]:
             raise Unsupported(f"upsampling {src} -> {dst} (only 4-D by integer factors)")
-        b.add(_float_node(name, "upsample", [b.inp(node)], dict(scale=(dst[2] // src[2], dst[3] // src[3]))))
+        scale = (dst[2] // src[2], dst[3] // src[3])
+        _check_picks_repeat(node, module, src, scale)
+        b.add(_float_node(name, "upsample", [b.inp(node)], dict(scale=scale)))
 
     def forward(self, qm: Any, n: Any, env: dict[str, torch.Tensor]) -> torch.Tensor:
         sh, sw = n.attrs["scale"]
@@ -331,7 +364,10 @@ class Slice(_Grid):
         src_name = b.name(src)
         if src_name in b.chunks:
             inp, ranges = b.chunks[src_name]
-            start, stop = ranges[int(idx)]
+            if isinstance(idx, bool) or not isinstance(idx, int):
+                raise Unsupported(f"indexing the parts of a chunk / split with {idx!r} (only one part, parts[i]: "
+                                  "a, b = x.chunk(2, 1))")
+            start, stop = ranges[idx]
             b.add(_float_node(name, "slice", [inp], dict(start=int(start), stop=int(stop))))
             return
         shape = tuple(b.shape(src))
