@@ -324,22 +324,6 @@ def as_float32(model: nn.Module, name: str = "the model") -> nn.Module:
     return model
 
 
-def onnx_files(path: Path) -> list[Path]:
-    """An ONNX model file and the external data files next to it that its initializers name (torch's
-    ``.onnx.data``): what a run directory keeps a copy of. Files that are missing are left out (the import names
-    them)."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - unreadable: the import reports it
-        return [path]
-    side = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
-    return [path] + [path.parent / s for s in sorted(side)
-                     if (path.parent / s).is_file() and Path(s).name == s]     # no paths outside the folder
-
-
 def model_file_that_runs(file: str, fallback_dir: str | Path | None = None) -> str:
     """The file a ``file.py:factory`` or ``.onnx`` model is built from: ``file`` itself, or when it is gone, the
     run's copy ``fallback_dir/<name>`` (a run directory's ``model_src/``) if that exists."""
@@ -761,6 +745,8 @@ def save_run(run: RunDir, model: nn.Module, spec: ModelSpec | None, qm: QuantMod
             if src.is_file():
                 copy_file(src, run.path / "model_src" / src.name)
         if spec is not None and spec.name.lower().endswith(".onnx") and Path(spec.name).is_file():
+            from .onnx_import import onnx_files
+
             for src in onnx_files(Path(spec.name)):       # the graph and its external weight files
                 copy_file(src, run.path / "model_src" / src.name)
         save_fp32(run.fp32, model, spec, trust_code=trust_code)

@@ -596,7 +596,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = dict(data=ds.name, n=int(len(ds.images)),
                                calibration_images_excluded=ds.extra.get("calibration_images_excluded", 0))
     qm = QuantModel.load(run.check(run.fakequant, info))
-    qm._check_input(ds.images)    # data of another shape: one line, before the FP32 model fails on it (traceback)
+    qm.check_input(ds.images)    # data of another shape: one line, before the FP32 model fails on it (traceback)
     fp32 = load_fp32(run.check(run.fp32, info), trust_code=args.trust_code)
     res["fp32_top1"] = top1_torch(fp32, ds.images, ds.labels)
     res["scored_output"] = scored_output(fp32, ds.images)   # which output top-1 is computed on (several outputs)

@@ -111,6 +111,27 @@ def _check_resize(n: Any) -> str | None:
     return None
 
 
+def external_data_locations(model: Any) -> list[tuple[str, str]]:
+    """(initializer name, file location relative to the model) of every initializer ``model`` keeps in an external
+    data file (torch.onnx's ``.onnx.data``)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    return [(t.name, ExternalDataInfo(t).location) for t in model.graph.initializer if uses_external_data(t)]
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """An ONNX model file and the external data files next to it that its initializers name: what a run directory
+    keeps a copy of. Files that are missing or outside its folder are left out (the import names missing ones)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - unreadable: the import reports it
+        return [path]
+    side = sorted({location for _, location in external_data_locations(model)})
+    return [path] + [path.parent / s for s in side if (path.parent / s).is_file() and Path(s).name == s]
+
+
 def load_onnx(path: str | Path) -> Any:
     """Read and check an ONNX file; :class:`ArtifactError` naming the file if it is missing or unreadable."""
     import onnx
@@ -123,13 +144,13 @@ def load_onnx(path: str | Path) -> Any:
     except Exception as e:  # protobuf DecodeError and friends
         raise ArtifactError(f"{path} is not a readable ONNX model (corrupted or truncated?): {type(e).__name__}: "
                             f"{e}") from e
-    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
+    from onnx.external_data_helper import load_external_data_for_model
 
-    external = [t for t in model.graph.initializer if uses_external_data(t)]
-    for t in external:                 # weights kept in side files (torch.onnx's .onnx.data): say which is missing
-        side = path.parent / ExternalDataInfo(t).location
+    external = external_data_locations(model)
+    for tensor, location in external:  # weights kept in side files (torch.onnx's .onnx.data): say which is missing
+        side = path.parent / location
         if not side.is_file():
-            raise ArtifactError(f"{path}: its weights (tensor {t.name!r}) are stored in the external data file "
+            raise ArtifactError(f"{path}: its weights (tensor {tensor!r}) are stored in the external data file "
                                 f"{side.name}, which is not next to it ({side}): keep the two files together")
     if external:
         try:
@@ -257,9 +278,9 @@ def _constant_value(n: Any) -> Any:
 
 
 def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str, tuple[str, str, str]]]:
-    """Fold Constant / Identity-of-initializer nodes, read the dynamo exporter's global average pool / flatten
-    (:func:`_pool_and_flatten_as_ops`), check the op types, give every node a clean unique layer name
-    (:func:`_layer_names`).
+    """Fold Constant / Identity-of-initializer nodes, read the exporters' spellings of global average pool /
+    flatten / upsampling to a computed size (:func:`_rewrite_exporter_spellings`), check the op types, give every
+    node a clean unique layer name (:func:`_layer_names`).
 
     Returns the model (modified in place) and ``onnx2torch module name -> (ONNX node name, op type, layer name)``. Raises
     :class:`UnsupportedModelError` listing every unsupported ONNX node (with the reason for a ReduceMean / Reshape /
@@ -290,7 +311,7 @@ def prepare_onnx(model: Any, path: str | Path = "model") -> tuple[Any, dict[str,
         keep.append(n)
     del g.node[:]
     g.node.extend(keep)
-    reasons = _pool_and_flatten_as_ops(model)
+    reasons = _rewrite_exporter_spellings(model)
     bad = [f"'{n.name or '(unnamed)'}' ({n.op_type}{'' if n.domain in ('', 'ai.onnx') else ', domain ' + n.domain})"
            + (f": {reasons[n.output[0]]}" if n.output and n.output[0] in reasons else "")
            for n in g.node if n.op_type not in SUPPORTED_ONNX_OPS or n.domain not in ("", "ai.onnx")]
@@ -421,7 +442,7 @@ def _flatten_reason(dims: list[Any] | None, target: list[Any] | None, allowzero:
     return None if ok else bad
 
 
-def _pool_and_flatten_as_ops(model: Any) -> dict[str, str]:
+def _rewrite_exporter_spellings(model: Any) -> dict[str, str]:
     """Rewrite, in place, the spellings of global average pooling and flattening that torch's dynamo exporter (the
     default of ``torch.onnx.export`` since torch 2.9) writes into the ops the importer handles: ``ReduceMean`` over
     the two spatial axes of a 4-D tensor -> ``GlobalAveragePool`` (+ ``Flatten`` when ``keepdims=0``), and a

@@ -19,6 +19,7 @@ OpenVINO is optional (``pip install openvino``): :func:`openvino_available` says
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -73,14 +74,20 @@ _ONEDNN_ISAS = (("avx512_core_amx_fp16", "amx"), ("avx512_core_amx", "amx"), ("a
 _VERBOSE_OPS = ("convolution", "inner_product", "matmul", "deconvolution")
 
 _PROBE = r"""
-import sys, numpy as np, openvino as ov
-path, threads, shape = sys.argv[1], int(sys.argv[2]), [int(v) for v in sys.argv[3].split(",")]
-c = ov.Core().compile_model(path, "CPU", {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
-                                         "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+import json, sys, numpy as np, openvino as ov
+path, config, shape = sys.argv[1], json.loads(sys.argv[2]), [int(v) for v in sys.argv[3].split(",")]
+c = ov.Core().compile_model(path, "CPU", config)
 c.create_infer_request().infer({0: np.zeros(shape, np.float32)})
 import ctypes
 ctypes.CDLL(None).fflush(None)          # oneDNN prints with C stdio: every line out before the interpreter exits
 """
+
+
+def latency_config(threads: int) -> dict[str, Any]:
+    """The CPU plugin settings of every OpenVINO baseline (module docstring): latency hint, one stream, ``threads``
+    threads, f32 precision hint; the timed runner and its oneDNN probe compile with the same."""
+    return {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": int(threads),
+            "INFERENCE_PRECISION_HINT": "f32"}
 
 
 def onednn_isa(implementation: str) -> str:
@@ -102,7 +109,8 @@ def onednn_implementations(onnx_path: str | Path, threads: int, input_shape: tup
     process so that the verbose mode never touches the timed runners. None when the probe fails (OpenVINO built
     without verbose support, a timeout, a model with several inputs): callers fall back to the primitive names."""
     env = dict(os.environ, ONEDNN_VERBOSE="1")
-    cmd = [sys.executable, "-c", _PROBE, str(onnx_path), str(int(threads)), ",".join(str(int(d)) for d in input_shape)]
+    cmd = [sys.executable, "-c", _PROBE, str(onnx_path), json.dumps(latency_config(threads)),
+           ",".join(str(int(d)) for d in input_shape)]
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -164,8 +172,7 @@ def openvino_runner(onnx_path: str | Path, threads: int, input_shape: tuple[int,
 
     core = ov.Core()
     model = core.read_model(str(onnx_path))
-    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": int(threads),
-              "INFERENCE_PRECISION_HINT": "f32"}
+    config = latency_config(threads)
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     ports = list(compiled.outputs)             # every output, in the ONNX model's order

@@ -504,7 +504,7 @@ class QuantModel(nn.Module):
         the graph's shapes are those of the calibration images (a global mean became a fixed-window pool), so
         another size would run and be wrong."""
         g = self.graph
-        self._check_input(x)
+        self.check_input(x)
         env: dict[str, torch.Tensor] = {g.input_name: self.act_quant[_key(g.input_name)](x)}
         for n in g.nodes:
             if n.op == "input":
@@ -514,7 +514,9 @@ class QuantModel(nn.Module):
             return env
         return structure_outputs(g, [env[o] for o in g.output_names])
 
-    def _check_input(self, x: Any) -> None:
+    def check_input(self, x: Any) -> None:
+        """Raise InputShapeError (with a hint: batch axis, channels-last, another image size) unless ``x`` has shape
+        (N, *the traced input shape); what :meth:`forward` checks first."""
         want = self.graph.input_shape
         shape = tuple(getattr(x, "shape", ()))
         if want is None or (len(shape) == len(want) + 1 and shape[1:] == tuple(want)):
