@@ -453,8 +453,8 @@ def _rewrite_exporter_spellings(model: Any) -> dict[str, str]:
     ``F.interpolate(x, size=skip.shape[-2:])`` as Shape / Slice / Concat) gets the equivalent constant scales
     (:func:`_resize_scales`) and those shape nodes are dropped.
 
-    Returns ``{output name: why}`` for every other ReduceMean / Reshape / such Resize, left alone and rejected by name afterwards
-    with that reason."""
+    Returns ``{output name: why}`` for every other ReduceMean / Reshape / such Resize, left alone and rejected by
+    name afterwards with that reason."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
