@@ -7,7 +7,7 @@ Runtime INT8 (static QDQ, per-channel) and, when the openvino package is install
         [--name latency_cpu_avx2_host]
 
 Rows record the host CPU (``cpu``), the vector ISA each runtime ran (``isa``: the .so's kernels from its sidecar,
-OpenVINO's from the oneDNN implementations one inference reported with ONEDNN_VERBOSE=1, in ``onednn``, and the
+OpenVINO's from the oneDNN implementations one inference created (ONEDNN_VERBOSE=profile_create), in ``onednn``, and the
 primitives of its runtime model in ``kernels``; ORT / torch: the host's best ISA, which they dispatch on) and the
 load average. ``--name`` sets the output file stem (results of different hosts side by side: latency_cpu.* is the Zen 5 AVX-512 VNNI host, latency_cpu_avx2_host.* an AVX2-only Zen 3).
 
@@ -134,8 +134,8 @@ def markdown_footer(args: argparse.Namespace, host: dict, loads: list[float], ro
                if any(r.get("vnni_floor_ms") for r in rows) else "")
             + f"OpenVINO kernels (oneDNN primitives of the runtime model, conv/dense layers): "
             f"{ov}.\n\n"
-            + (f"oneDNN implementations OpenVINO ran (ONEDNN_VERBOSE=1, one inference in a child process, conv/dense "
-               f"executions): {ov_impls}.\n\n" if ov_impls else "")
+            + (f"oneDNN implementations OpenVINO ran (ONEDNN_VERBOSE=profile_create, one inference in a child process, conv/dense "
+               f"primitives): {ov_impls}.\n\n" if ov_impls else "")
             + f"Command: `.venv/bin/python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')}). Per turn: 0.1 s idle, "
             f"one untimed call, {args.calls_per_turn} timed calls back to back; {args.warmup} warm-up and "
             f"{args.repeats} timed turns per runtime, rotated order. Builds and tuning: {args.name}_builds.json.")

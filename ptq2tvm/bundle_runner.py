@@ -276,9 +276,18 @@ class BundleModel:
         return [np.concatenate(parts) for parts in zip(*outs)]
 
     def run_int(self, q: np.ndarray) -> np.ndarray | list[np.ndarray]:
-        """Any number of inputs (uint8, or float32 for a .so with the float entry), chunked into the compiled batch
-        (the last chunk padded); a list of arrays for a model with several outputs."""
-        return self._single(self._run_all(q))
+        """Any number of inputs (integer codes in 0..qmax of the input's bits, or float32 for a .so with the float
+        entry), chunked into the compiled batch (the last chunk padded): the integer output codes, a list of arrays
+        for a model with several outputs. Raises :class:`InputError` for a wrong shape, codes outside the input's
+        bits (the kernels' proved int16 / epilogue bounds assume <= qmax: such codes would give wrong integers, not
+        saturated ones), float input to a .so without the float entry, NaN / Inf."""
+        q = np.asarray(q)
+        if q.dtype.kind in "ui":
+            return self._single(self._run_all(self.check_input(q, integer=True)))
+        if self.main_float is None:
+            raise InputError(f"{self.so_name} has no float entry (compiled without it): pass uint8 codes "
+                             "(model.quantize(x)) or call the model on float images")
+        return self._single(self._run_all(self.check_input(q)))
 
     def check_outputs(self, directory: str | Path) -> tuple[list[tuple[str, int, int]], int]:
         """Run ``directory``'s check_input.npy and compare with the reference executor's integers written by

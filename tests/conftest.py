@@ -129,6 +129,22 @@ def tiny_integer_graph(w_bits: int, a_bits: int, in_ch: int = 1, hw: tuple[int, 
     return to_integer(quantize(model, calib, QuantConfig(w_bits, a_bits), progress=False))
 
 
+def four_bit_input_graph(c: int = 16, h: int = 6):
+    """A one-conv integer graph (3x3, ``c`` -> ``c`` channels, ``h`` x ``h``) whose input is 4-bit (codes 0..15), its
+    seeded int4-range weights requantized to 8-bit outputs: for the checks of input codes against the input's bits."""
+    from ptq2tvm.ir.graph import IntegerGraph, IntNode, QTensor
+
+    rng = np.random.default_rng(3)
+    inp = QTensor("x", (c, h, h), 0.1, 0, 4)
+    out = QTensor("conv0", (c, h, h), 0.1, 128, 8)
+    conv = IntNode("conv0", "conv2d", ["x"], out,
+                   dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, input_zero_point=0,
+                        output_zero_point=128, lo=0, hi=255),
+                   dict(weight=rng.integers(-8, 8, (c, c, 3, 3)).astype(np.int8), bias=np.zeros(c, np.int32),
+                        multiplier=np.full(c, 1 << 20, np.int32), shift=np.full(c, 27, np.int32)))
+    return IntegerGraph(inp, [conv], ["conv0"], {})
+
+
 def quantized_small_run(folder, out_name: str):
     """``folder`` (a Path) with ``x.npy`` (16 seeded 1x12x12 images) and an RTN W8A8 ``resnet_small`` run quantized
     from 8 of them by the CLI into ``folder / out_name`` (no fidelity pass); -> ``folder``. For module-scoped

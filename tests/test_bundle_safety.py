@@ -164,3 +164,45 @@ def test_runner_checks_its_input(built, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "y1.npy"), want)
     np.testing.assert_array_equal(np.load(tmp_path / "y2.npy"), want)
     np.testing.assert_array_equal(np.load(tmp_path / "yi.npy"), run_reference(graph, files["u8.npy"]))
+
+
+_RUN_INT_DRIVER = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from run_model import BundleModel, InputError
+model = BundleModel(sys.argv[1] + "/model.so")
+q = np.load(sys.argv[2])
+res = {"ok": model.run_int(q).tolist()}
+for name, bad in (("high", q + 16), ("negative", q.astype(np.int16) - 1), ("one_image", q[0])):
+    try:
+        model.run_int(bad)
+        res[name] = "ran"
+    except InputError as e:
+        res[name] = str(e)
+print(json.dumps(res))
+"""
+
+
+def test_bundle_run_int_refuses_codes_outside_the_input_bits(tmp_path):
+    """The bundle's BundleModel.run_int (the API beside run_model.py's --input-int) checks its codes like
+    CompiledModel.run_int: a 4-bit input's kernels are proved for codes <= 15, so 16..255 would give wrong integers,
+    not saturated ones. Run in a child process (the bundle's libtvm_runtime next to tvm's aborts)."""
+    from conftest import four_bit_input_graph
+
+    graph = four_bit_input_graph()
+    compile_so(graph, tmp_path / "m.so", batch=2)
+    b = make_bundle(tmp_path / "m.so", tmp_path / "b").path
+    q = np.random.default_rng(0).integers(0, 16, size=(3, 16, 6, 6)).astype(np.uint8)
+    np.save(tmp_path / "q.npy", q)
+    r = subprocess.run([sys.executable, "-c", _RUN_INT_DRIVER, str(b), str(tmp_path / "q.npy")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    np.testing.assert_array_equal(np.array(res.pop("ok")), run_reference(graph, q))
+    assert res == {
+        "high": "--input-int codes must lie in 0..15 (the input's 4 bits), got 16..31",
+        "negative": "--input-int codes must lie in 0..15 (the input's 4 bits), got -1..14",
+        "one_image": "model.so expects input (N, 16, 6, 6), got (16, 6, 6); one image without the batch axis: use "
+                     "x[None]",
+    }

@@ -156,19 +156,12 @@ def test_int_input_codes_outside_the_input_grid_are_refused(tmp_path):
     """run_int with a 4-bit input: codes must lie in 0..15. The kernels' proved bounds (lifted epilogue, int16 sums)
     assume the input's grid, so a code of 16 or more would give wrong integers, not a saturated result; it is
     refused with the range. In-range codes run bit-exact."""
-    from ptq2tvm.ir.graph import IntegerGraph, IntNode, QTensor
+    from conftest import four_bit_input_graph
     from ptq2tvm.ir.reference import run_reference
 
+    graph = four_bit_input_graph()
     c, h = 16, 6
     rng = np.random.default_rng(3)
-    inp = QTensor("x", (c, h, h), 0.1, 0, 4)
-    out = QTensor("conv0", (c, h, h), 0.1, 128, 8)
-    conv = IntNode("conv0", "conv2d", ["x"], out,
-                   dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, input_zero_point=0,
-                        output_zero_point=128, lo=0, hi=255),
-                   dict(weight=rng.integers(-8, 8, (c, c, 3, 3)).astype(np.int8), bias=np.zeros(c, np.int32),
-                        multiplier=np.full(c, 1 << 20, np.int32), shift=np.full(c, 27, np.int32)))
-    graph = IntegerGraph(inp, [conv], ["conv0"], {})
     compile_graph(graph, tmp_path / "m.so", batch=1)
     cm = CompiledModel(tmp_path / "m.so")
     q = rng.integers(0, 16, (2, c, h, h)).astype(np.uint8)

@@ -12,7 +12,7 @@ at batch 8 ran 46.49 ms with it and 46.42 ms with OpenVINO's defaults (60 interl
 (e.g. ``{'brgconv_avx2_I8': 20, 'jit_avx2_I8': 1}``), and ``runner.isa`` the vector ISA they ran. OpenVINO's
 primitive names do not say whether an AVX-512 int8 kernel uses VNNI (``brgconv_avx512_I8`` runs oneDNN's
 ``brg_conv_fwd:avx512_core_vnni`` on a VNNI host): :func:`onednn_implementations` reads the implementations oneDNN
-itself reports (``ONEDNN_VERBOSE=1``, one inference in a child process), and ``runner.isa`` comes from those when the
+itself reports (``ONEDNN_VERBOSE=profile_create``, one inference in a child process), and ``runner.isa`` comes from those when the
 probe works (``runner.isa_source``: ``"onednn_verbose"``, else ``"primitive_name"``).
 OpenVINO is optional (``pip install openvino``): :func:`openvino_available` says whether it can be imported.
 """
@@ -103,12 +103,15 @@ def onednn_isa(implementation: str) -> str:
 
 def onednn_implementations(onnx_path: str | Path, threads: int, input_shape: tuple[int, ...],
                            timeout_s: float = 120.0) -> dict[str, int] | None:
-    """How many conv / inner-product / matmul executions of one OpenVINO CPU inference of ``onnx_path`` (zeros of
-    ``input_shape``, float32) ran each oneDNN implementation, as oneDNN reports it with ``ONEDNN_VERBOSE=1``
-    (e.g. ``{'brg_conv_fwd:avx512_core_vnni': 20, 'brgemm:avx512_core_vnni': 1}``). The inference runs in a child
-    process so that the verbose mode never touches the timed runners. None when the probe fails (OpenVINO built
-    without verbose support, a timeout, a model with several inputs): callers fall back to the primitive names."""
-    env = dict(os.environ, ONEDNN_VERBOSE="1")
+    """How many conv / inner-product / matmul primitives of one OpenVINO CPU inference of ``onnx_path`` (zeros of
+    ``input_shape``, float32) use each oneDNN implementation, as oneDNN reports their creation with
+    ``ONEDNN_VERBOSE=profile_create`` (e.g. ``{'brg_conv_fwd:avx512_core_vnni': 16, 'brgconv_1x1:avx512_core_vnni':
+    3, 'brgemm:avx512_core_vnni': 1}``; layers OpenVINO fused, or that share a cached primitive, count once). Not
+    the execution level (``ONEDNN_VERBOSE=1``): with it OpenVINO 2026.4 fails to run a QDQ model's input reorder
+    ("could not execute a primitive"), so the INT8 probe of a ResNet-18 returned nothing. The inference runs in a child process so that the
+    verbose mode never touches the timed runners. None when the probe fails (OpenVINO built without verbose support,
+    a timeout, a model with several inputs): callers fall back to the primitive names."""
+    env = dict(os.environ, ONEDNN_VERBOSE="profile_create")
     cmd = [sys.executable, "-c", _PROBE, str(onnx_path), json.dumps(latency_config(threads)),
            ",".join(str(int(d)) for d in input_shape)]
     try:
@@ -120,8 +123,9 @@ def onednn_implementations(onnx_path: str | Path, threads: int, input_shape: tup
     counts: Counter[str] = Counter()
     for line in out.stdout.splitlines():
         f = line.split(",")
-        # onednn_verbose,v1,primitive,exec,cpu,<op>,<implementation>,<prop_kind>,...
-        if len(f) > 6 and f[0] == "onednn_verbose" and f[2:5] == ["primitive", "exec", "cpu"] and f[5] in _VERBOSE_OPS:
+        # onednn_verbose,v1,primitive,create:cache_miss,cpu,<op>,<implementation>,<prop_kind>,... (cache_hit too)
+        if len(f) > 6 and f[0] == "onednn_verbose" and f[2] == "primitive" and f[3].startswith("create:") \
+                and f[4] == "cpu" and f[5] in _VERBOSE_OPS:
             counts[f[6]] += 1
     return dict(counts.most_common()) or None
 

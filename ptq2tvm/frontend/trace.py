@@ -135,6 +135,8 @@ class _Builder:
             opdef = None
         if opdef is None:
             raise Unsupported("layer type not supported" if module is not None else "operation not supported")
+        if node.op in ("call_function", "call_method") and node.kwargs:
+            _leading_kwargs_to_args(node)
         opdef.trace(self, node, name, module)
 
     def output_names(self) -> list[str]:
@@ -510,6 +512,37 @@ def _erase_assertion(graph: fx.Graph, node: fx.Node) -> None:
         for u in list(node.users):
             graph.erase_node(u)
         graph.erase_node(node)
+
+
+def _leading_kwargs_to_args(node: fx.Node) -> None:
+    """Move keyword arguments that fill the next positional parameters of a function or method call into
+    ``node.args`` (``F.conv2d(input=x, weight=w, padding=1)`` -> ``args (x, w)``, ``padding`` stays a keyword;
+    ``x.transpose(dim0=1, dim1=2)`` -> ``args (x, 1, 2)``): the op handlers read a call's tensors positionally
+    (``node.args[0]``), which raised a raw IndexError for ``input=x``. The same call; the longest prefix over the
+    function's signatures (torch's builtins have several)."""
+    from torch.fx.operator_schemas import get_signature_for_torch_op
+
+    if node.op == "call_method":     # x.transpose(dim0=1, dim1=2): torch.transpose's signature, x its input
+        fn = getattr(torch, str(node.target), None)
+        sigs = (get_signature_for_torch_op(fn) or []) if fn is not None else []
+    else:
+        try:
+            sigs = [inspect.signature(node.target)]
+        except (TypeError, ValueError):
+            sigs = get_signature_for_torch_op(node.target) or []
+    best: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    for sig in sigs:
+        args, kwargs = list(node.args), dict(node.kwargs)
+        params = [p for p in sig.parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        for p in params[len(args):]:
+            if p.name not in kwargs:
+                break
+            args.append(kwargs.pop(p.name))
+        if best is None or len(args) > len(best[0]):
+            best = (tuple(args), kwargs)
+    if best is not None and len(best[0]) > len(node.args):
+        node.args, node.kwargs = best
 
 
 class _ShapeProp(ShapeProp):

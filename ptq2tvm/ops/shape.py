@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -342,6 +343,10 @@ class Chunks(OpDef):
             raise Unsupported(f"{'chunk' if is_chunk else 'split'} along dim {dim} (only the channel dim 1)")
         c = int(shape[1])
         sec = arg(node, 1, "chunks" if is_chunk else "split_size_or_sections", None)
+        if sec is None and not is_chunk:
+            sec = node.kwargs.get("split_size")           # Tensor.split's name for it
+        if sec is None or isinstance(sec, fx.Node):
+            raise Unsupported(f"{'chunk' if is_chunk else 'split'} whose sizes are not constants ({sec!r})")
         if is_chunk:
             step = -(-c // int(sec))
             sizes = [min(step, c - s) for s in range(0, c, step)]
