@@ -38,6 +38,8 @@ CASES = {
     "pixel_shuffle": lambda s, x: F.pixel_unshuffle(F.pixel_shuffle(input=x, upscale_factor=2), 2),
     "channel_shuffle": lambda s, x: F.channel_shuffle(input=x, groups=2),
     "split_method": lambda s, x: torch.cat([x.split(split_size=4, dim=1)[1], x[:, :4]], 1),
+    "split_computed_size": lambda s, x: torch.cat([x.split(x.size(1) // 2, dim=1)[1], x[:, :4]], 1),
+    "chunk_computed_count": lambda s, x: torch.cat([x.chunk(chunks=x.shape[1] // 4, dim=1)[1], x[:, 4:]], 1),
     "transpose_method": lambda s, x: x.view(x.size(0), 2, 4, 8, 8).transpose(dim0=1, dim1=2).reshape(x.size(0), 8, 8, 8),
 }
 

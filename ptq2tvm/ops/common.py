@@ -27,3 +27,18 @@ def arg(node: Any, idx: int, key: str, default: Any) -> Any:
     if len(node.args) > idx:
         return node.args[idx]
     return node.kwargs.get(key, default)
+
+
+def known_value(a: Any, what: str) -> Any:
+    """An fx call argument as a plain Python value: nodes that computed one during tracing (``x.size(1) // 2``, kept
+    by the tracer's shape propagation as ``meta['py_value']``) give that value, tuples / lists element by element.
+    Raises ``Unsupported`` naming ``what`` and the node for a node whose value is unknown (a tensor)."""
+    from .base import Unsupported
+
+    if hasattr(a, "meta") and hasattr(a, "op"):          # an fx.Node
+        if "py_value" not in a.meta:
+            raise Unsupported(f"{what} with a computed argument {a.name!r} whose value is unknown")
+        return a.meta["py_value"]
+    if isinstance(a, (tuple, list)):
+        return type(a)(known_value(u, what) for u in a)
+    return a

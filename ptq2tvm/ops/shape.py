@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import OpDef, Unsupported, register
-from .common import FLAT, NCHWC, arg
+from .common import FLAT, NCHWC, arg, known_value
 
 
 def _float_node(*a: Any, **k: Any):
@@ -206,16 +205,8 @@ def _check_picks_repeat(node: Any, module: Any | None, src: tuple[int, ...], sca
     does not say so (torch's nearest maps output pixel i to floor(i / scale_factor) with the scale factor as given:
     ``scale_factor=3.01`` makes a 2x2 map 6x6 but picks pixels 0, 0, 0, 0, 1, 1; 'nearest-exact' by 2.2 makes 4
     pixels 8 as 0, 0, 1, 1, 2, 2, 2, 3). Runs the op itself on a map of pixel indices (one image, one channel)."""
-    import torch.fx as fx
-
     def concrete(a: Any) -> Any:
-        if isinstance(a, fx.Node):
-            if "py_value" not in a.meta:
-                raise Unsupported(f"upsampling with a computed argument {a.name!r} whose value is unknown")
-            return a.meta["py_value"]
-        if isinstance(a, (tuple, list)):
-            return type(a)(concrete(u) for u in a)
-        return a
+        return known_value(a, "upsampling")
 
     h, w = int(src[2]), int(src[3])
     probe = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
@@ -345,8 +336,9 @@ class Chunks(OpDef):
         sec = arg(node, 1, "chunks" if is_chunk else "split_size_or_sections", None)
         if sec is None and not is_chunk:
             sec = node.kwargs.get("split_size")           # Tensor.split's name for it
-        if sec is None or isinstance(sec, fx.Node):
-            raise Unsupported(f"{'chunk' if is_chunk else 'split'} whose sizes are not constants ({sec!r})")
+        if sec is None:
+            raise Unsupported(f"{'chunk' if is_chunk else 'split'} without its sizes")
+        sec = known_value(sec, "chunk" if is_chunk else "split")
         if is_chunk:
             step = -(-c // int(sec))
             sizes = [min(step, c - s) for s in range(0, c, step)]
