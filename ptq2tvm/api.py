@@ -583,7 +583,18 @@ def quantize_with_report(model: nn.Module, calib_images: np.ndarray, config: Qua
                          method: str = "rtn", progress: bool = True, settings: ReconSettings | None = None,
                          checkpoint_dir: str | Path | None = None) -> tuple[QuantModel, ReconReport | None]:
     """:func:`quantize`, also returning the reconstruction report (None for rtn). A reconstruction with a
-    ``checkpoint_dir`` resumes from the units already finished there."""
+    ``checkpoint_dir`` resumes from the units already finished there.
+
+    Runs outside inference mode even when called inside ``torch.inference_mode()``: tensors made there have no
+    version counter and cannot enter autograd, so the QuantModel built there raised a raw RuntimeError when called
+    (its quantizers read their zero point's version), in ``to_integer`` and in reconstruction."""
+    with torch.inference_mode(False):
+        return _quantize_with_report(model, calib_images, config, method, progress, settings, checkpoint_dir)
+
+
+def _quantize_with_report(model: nn.Module, calib_images: np.ndarray, config: QuantConfig | None,
+                          method: str, progress: bool, settings: ReconSettings | None,
+                          checkpoint_dir: str | Path | None) -> tuple[QuantModel, ReconReport | None]:
     if method not in METHODS:
         raise QuantConfigError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     config = (config or QuantConfig()).validate()

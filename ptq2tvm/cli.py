@@ -245,7 +245,7 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     settings = None
     ignored = _recon_only_given(args)
     if ignored and args.method == "rtn":
-        print(f"warning: {', '.join(ignored)} only affect reconstruction: ignored with --method rtn (calibration "
+        print(f"warning: {', '.join(ignored)} only {'affects' if len(ignored) == 1 else 'affect'} reconstruction: ignored with --method rtn (calibration "
               "only; pick --method adaround/brecq/qdrop/network/nwq)", file=sys.stderr)
     if args.method != "rtn":
         settings = ReconSettings(method=args.method, granularity=args.granularity, adaqtransform=args.adaqtransform,
@@ -607,7 +607,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
                                                  else "  (.so not compiled)"))
     if info.get("weights", "").startswith("random"):
         print("note: this run quantized RANDOM weights (no --checkpoint)", file=sys.stderr)
-    run.update_info(**{k: v for k, v in res.items() if k.endswith("_top1")})
+    # what these figures were measured on goes with them: an `eval --data other.npz` (or --n, --so) replaced the
+    # run's top-1 in run.json while its "data" still named the run's own set
+    run.update_info(**{k: v for k, v in res.items() if k.endswith("_top1")},
+                    top1_on=dict(data=ds.name, n=res["n"], seed=args.seed if args.n is not None else None,
+                                 so=str(so) if res["so_top1"] is not None else None))
     return res
 
 
@@ -852,7 +856,11 @@ def finish_parser(p: argparse.ArgumentParser, sub: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     from . import threads
 
-    parser = build_parser()
+    try:            # building the parser imports torch (~1 s): a Ctrl-C then was a 30-line traceback
+        parser = build_parser()
+    except KeyboardInterrupt:
+        print("\nptq2tvm: interrupted before the command started; nothing was written", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     # the load-average note of ptq2tvm.threads names this command's own option where it has one
     threads.set_override_hint("pass --threads N" if hasattr(args, "threads") else None)
@@ -926,7 +934,10 @@ def interrupt_message(args: argparse.Namespace) -> str:
         if ck is not None:
             done, total = ck.progress()
             return f"interrupted after unit {done}/{total if total else '?'}; re-run the same command to resume"
-        return "interrupted before the first reconstruction unit finished; re-run the same command to start again"
+        planning = (" (the mixed-precision planning, sensitivity and latency, runs before it)"
+                    if getattr(args, "mixed_precision", False) else "")
+        return (f"interrupted before the first reconstruction unit finished{planning}; re-run the same command to "
+                "start again")
     return "interrupted; no artifact was left half-written (re-run the command)"
 
 

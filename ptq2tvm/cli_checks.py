@@ -82,6 +82,8 @@ def check_outputs(args: argparse.Namespace) -> None:
                 if hit:
                     raise Ptq2TvmError(f"{option} {value} would overwrite {hit} ({w}): choose another path; nothing "
                                        "was written")
+    if args.command == "quantize" and getattr(args, "out", None):
+        _check_quantize_out_holds_no_foreign_files(Path(args.out))
     if args.command == "compile":
         _check_tune_db(args)
         _check_json_is_not_the_library(args)
@@ -89,6 +91,38 @@ def check_outputs(args: argparse.Namespace) -> None:
         option = RUN_DIR_WRITERS[args.command]
         if option is None or not getattr(args, option, None):
             check_output_path(args.run, "dir", "run directory")
+
+
+def _is_ptq2tvm_run_json(path: Path) -> bool:
+    """Whether ``path`` is a run.json that ``quantize`` wrote (a JSON object with its graph digest or version)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, OSError):
+        return False
+    return isinstance(data, dict) and ("graph_sha256" in data or "ptq2tvm_version" in data)
+
+
+def _check_quantize_out_holds_no_foreign_files(out: Path) -> None:
+    """``quantize --out DIR`` into an existing folder that is not a ptq2tvm run (no run.json of ours, no interrupted
+    quantize's checkpoint) but holds files of the names a run writes there (run.json, fp32.pt, fakequant.pt,
+    model.qgraph.npz, model.so, model.json): one line, nothing written. They were replaced or deleted without a word: a
+    user's own checkpoint ``proj/fp32.pt`` given as ``--checkpoint proj/fp32.pt --out proj`` was overwritten by the
+    run's FP32 model, a ``model.so`` of theirs deleted ("removed what the new integer graph supersedes") and their
+    ``run.json`` replaced, although the README promises that a folder of yours given as ``--out`` keeps its files."""
+    from .api import RunDir
+
+    if not out.is_dir():
+        return
+    run = RunDir(out)
+    if run.recon_checkpoint.exists() or _is_ptq2tvm_run_json(run.info_path):
+        return                                  # a run (or an interrupted quantize's folder): its files are ours
+    names = [n for n in RUN_OWN_FILES + RUN_LIBRARY_FILES if (out / n).exists()]
+    if names:
+        raise Ptq2TvmError(f"--out {out} is not a ptq2tvm run directory but holds {', '.join(names)}, which quantize "
+                           f"would replace or delete (a run writes files of these names): choose another --out (e.g. "
+                           f"{out / 'run'}) or move them; nothing was written")
 
 
 def _check_json_is_not_the_library(args: argparse.Namespace) -> None:

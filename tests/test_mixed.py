@@ -282,6 +282,17 @@ def test_sensitivity_and_allocation_on_tiny(tmp_path):
         allocate(rep, timed, graph8, {"latency": "0.5ms"})
     with pytest.raises(QuantConfigError, match="latency budget needs measured"):
         allocate(rep, costs, graph8, {"latency": "0.9"})
+    # two budgets each reachable alone but not together (int4 / int2 kernels slower than int8 here, so W8A8 latency
+    # rules out the smaller weights): one line in the budgets' own units (it printed the solver's seconds and bytes)
+    slow_low_bits = dataclasses.replace(timed, seconds={n: {"int8": 1e-4, "int8ubsw": 1e-4, "int4": 3e-4,
+                                                            "int2": 3e-4} for n in costs.stored_bytes})
+    allocate(rep, slow_low_bits, graph8, {"latency": "1.0"})
+    allocate(rep, slow_low_bits, graph8, {"size": "0.6"})
+    with pytest.raises(QuantConfigError, match=r"^no bit allocation meets --latency-budget 1.0 \([\d.]+ ms, 1.00x "
+                       r"W8A8\) and --size-budget 0.6 \([\d.]+ kB with channel padding, 0.60x W8A8\) together "
+                       r"\(each alone is reachable; layers that read the same tensor share activation bits\): relax "
+                       r"one of them$"):
+        allocate(rep, slow_low_bits, graph8, {"latency": "1.0", "size": "0.6"})
 
 
 def test_cli_layer_bits_typo_names_valid_layers(tmp_path, capsys):

@@ -22,6 +22,7 @@ from ..errors import UnsupportedModelError, first_line
 from ..ops.base import FLOAT_OPS, FUNCTION_HANDLERS, METHOD_HANDLERS, Unsupported, module_handler
 from ..ops.shape import collapse_channel_shuffles
 from .graph import FloatGraph, FloatNode
+from .pointwise import collapse_pointwise_activations
 
 INF = math.inf
 
@@ -48,8 +49,10 @@ class _Builder:
         self.chunks: dict[str, tuple[str, list[tuple[int, int]]]] = {}
         self.names: dict[fx.Node, str] = {}
         taken: set[str] = set()
-        for node in gm.graph.nodes:  # module path for layers; a module called twice gets '#k' on later calls
-            base = str(node.target) if node.op == "call_module" else node.name
+        # module path for layers (or the name a rewrite gave, meta['layer_name']: an activation spelled out with
+        # arithmetic, frontend/pointwise.py); a module called twice gets '#k' on later calls
+        for node in gm.graph.nodes:
+            base = node.meta.get("layer_name") or (str(node.target) if node.op == "call_module" else node.name)
             name, k = base, 1
             while name in taken:
                 name, k = f"{base}#{k}", k + 1
@@ -137,7 +140,13 @@ class _Builder:
             raise Unsupported("layer type not supported" if module is not None else "operation not supported")
         if node.op in ("call_function", "call_method") and node.kwargs:
             _leading_kwargs_to_args(node)
-        opdef.trace(self, node, name, module)
+        _constant_shape_arguments(node)
+        try:
+            opdef.trace(self, node, name, module)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+            # a handler that met an argument spelling it does not read: one line naming the node, not a traceback
+            raise Unsupported(f"cannot read its arguments {_arguments_text(node)} ({type(e).__name__}: "
+                              f"{first_line(e)})") from e
 
     def output_names(self) -> list[str]:
         """The graph outputs in order (a tuple / list / dict of tensors is flattened; ``output_keys`` keeps dict
@@ -171,6 +180,26 @@ class _Builder:
         if isinstance(out, (tuple, list)):
             return [type(out).__name__, len(out)]
         return None
+
+
+def _constant_shape_arguments(node: fx.Node) -> None:
+    """Replace the arguments of ``node`` computed from tensor shapes (``F.avg_pool2d(x, x.size()[2:])``,
+    ``x[:, :x.shape[1] // 2]``, ``x.split(c // 2, 1)``, ``x.flatten(x.dim() - 3)``) by their values, which the shape
+    pass recorded (``py_value``): the op handlers read plain ints, and raised a raw TypeError on the fx node (or
+    refused a constant split size). Only values that are the same at batch 2 (:func:`mark_batch_free_values`): one
+    computed from the batch size (``x.size(0)``) stays a node."""
+    def value(a: fx.Node) -> Any:
+        return a.meta["py_value"] if a.meta.get("batch_free") else a
+
+    node.args = fx.node.map_arg(node.args, value)
+    node.kwargs = fx.node.map_arg(node.kwargs, value)
+
+
+def _arguments_text(node: fx.Node) -> str:
+    """``(x, 3, stride=2)``: a call's arguments for messages (nodes by name)."""
+    parts = [repr(a) for a in node.args] + [f"{k}={v!r}" for k, v in node.kwargs.items()]
+    text = f"({', '.join(parts)})"
+    return text if len(text) <= 120 else text[:117] + "...)"
 
 
 def _output_kind(o: Any) -> str:
@@ -324,9 +353,12 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
     check_single_input(model)
     model = copy.deepcopy(model).eval().float()
     gm = _symbolic_trace(model)
-    dead = remove_dead_layers(gm)
     propagate_shapes(gm, input_shape)
+    functionalize_inplace(gm)
+    dead = remove_dead_layers(gm)
+    mark_batch_free_values(gm)
     _drop_identity_arithmetic(gm)
+    collapse_pointwise_activations(gm)
     b = _Builder(gm)
     b.run()
     b.errors += collapse_channel_shuffles(b.prims)
@@ -433,6 +465,32 @@ def _control_flow_hint(e: BaseException) -> str:
             "branch, quantize an ONNX export of the model (it records the branch taken)")
 
 
+#: augmented assignments on a traced tensor -> the in-place function Python calls for them on a real tensor
+_AUGMENTED = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+              "__itruediv__": operator.itruediv}
+
+
+class _Proxy(fx.Proxy):
+    """torch.fx's Proxy, tracing ``y += z`` (``-=``, ``*=``, ``/=``) as the in-place ``operator.iadd(y, z)`` that the
+    model runs. fx's own Proxy has no ``__iadd__``, so Python falls back to ``y = y + z`` and the graph holds a new
+    tensor: a second name of the same tensor (``skip = y; y += z; return conv(skip)``) then read the value before
+    the addition (silently wrong numbers). The in-place node lets :func:`functionalize_inplace` route every later
+    reader of the written tensor to it."""
+
+
+for _name, _fn in _AUGMENTED.items():
+    def _augmented(self: fx.Proxy, other: Any, _fn: Any = _fn) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", _fn, (self, other), {})
+    setattr(_Proxy, _name, _augmented)
+
+
+class _Tracer(fx.Tracer):
+    """fx.Tracer whose proxies are :class:`_Proxy`."""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     """``fx.symbolic_trace(model)`` with one placeholder, the input: every parameter of ``forward`` after the first
     that has a default is traced with its default (fx ``concrete_args``; the placeholder fx keeps for it and the
@@ -442,7 +500,7 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     concrete = {p.name: p.default for p in (params or [])[1:]
                 if p.kind not in _VAR and p.default is not inspect.Parameter.empty}
     var = [p for p in (params or [])[1:] if p.kind in _VAR]
-    tracer = fx.Tracer()
+    tracer = _Tracer()
     try:
         with warnings.catch_warnings():     # "Was not able to add assertion ..." for a non-scalar default
             warnings.simplefilter("ignore")
@@ -467,10 +525,12 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
         raise UnsupportedModelError(f"torch.fx cannot trace the model: {first_line(e)}") from e
 
 
-#: (function, identity element, the positions the tensor may take): x * 1, 1 * x, x / 1, x + 0, 0 + x, x - 0
+#: (function, identity element, the positions the tensor may take): x * 1, 1 * x, x / 1, x + 0, 0 + x, x - 0 (and
+#: x *= 1, x /= 1, x += 0, x -= 0)
 _IDENTITY_ARITHMETIC = ((operator.mul, 1, (0, 1)), (torch.mul, 1, (0, 1)), (operator.truediv, 1, (0,)),
                         (torch.div, 1, (0,)), (operator.add, 0, (0, 1)), (torch.add, 0, (0, 1)),
-                        (operator.sub, 0, (0,)), (torch.sub, 0, (0,)))
+                        (operator.sub, 0, (0,)), (torch.sub, 0, (0,)), (operator.imul, 1, (0,)),
+                        (operator.itruediv, 1, (0,)), (operator.iadd, 0, (0,)), (operator.isub, 0, (0,)))
 
 
 def _drop_identity_arithmetic(gm: fx.GraphModule) -> None:
@@ -554,10 +614,38 @@ class _ShapeProp(ShapeProp):
 
     def run_node(self, n: fx.Node) -> Any:
         self.node = n
+        live = [(m, t, v) for m, val in self.env.items() for t in _tensors_in(val) if (v := _version(t)) is not None]
         result = super().run_node(n)
         if _plain_value(result):
             n.meta["py_value"] = result
+        # in-place writes: the live values whose version counter moved (a view shares its base's counter), and the
+        # live value that ``n`` returns itself (``y.relu_()``, ``F.relu(y, inplace=True)``, ``y += z``: the same
+        # tensor object); read by :func:`functionalize_inplace`
+        mutated = list(dict.fromkeys(m for m, t, v in live if _version(t) != v))
+        if mutated:
+            n.meta["mutates"] = mutated
+        if isinstance(result, torch.Tensor):
+            same = next((m for m, t, _ in live if t is result and isinstance(self.env[m], torch.Tensor)), None)
+            if same is not None:
+                n.meta["same_tensor_as"] = same
         return result
+
+
+def _tensors_in(v: Any) -> list[torch.Tensor]:
+    """The tensors of an interpreter value: a tensor, or those in a (nested) tuple / list (chunk / split parts)."""
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (tuple, list)):
+        return [t for u in v for t in _tensors_in(u)]
+    return []
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None where there is none: inference tensors)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
 
 
 def _plain_value(v: Any) -> bool:
@@ -573,8 +661,8 @@ def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     the model itself prints on success is passed on)."""
     sp = _ShapeProp(gm)
     err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
+    try:   # outside inference mode: its tensors have no version counter (functionalize_inplace reads them)
+        with contextlib.redirect_stderr(err), torch.inference_mode(False), torch.no_grad():
             sp.propagate(torch.zeros(1, *input_shape))
     except Exception as e:
         cause = e.__cause__ if str(e).startswith("ShapeProp error") and e.__cause__ is not None else e
@@ -587,20 +675,108 @@ def propagate_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
     sys.stderr.write(err.getvalue())
 
 
+def functionalize_inplace(gm: fx.GraphModule) -> None:
+    """Make in-place writes explicit data flow (after :func:`propagate_shapes`, which records them): torch.fx records
+    ``y.relu_()``, ``F.relu(y, inplace=True)``, ``nn.ReLU(inplace=True)(y)``, ``y += z`` as a node whose later readers
+    still read ``y``'s node, so the graph (and every stage after it) saw ``y`` before the write while the model reads
+    it after: ``y.relu_(); return self.conv(y)`` was quantized without the ReLU, silently. Each reader of the written
+    tensor that runs after the write now reads the writing node (whose value is that same tensor). A write the graph
+    cannot follow is refused by name: one through another view of the data (``y[:, :4].relu_()``,
+    ``y.view(n, -1).relu_()``, ``y[:, :4] = 0``) when the viewed tensor is read again afterwards."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups: dict[fx.Node, list[fx.Node]] = {}      # node -> the nodes whose value is the same tensor object
+    changed = False
+    for n in list(gm.graph.nodes):
+        same = n.meta.get("same_tensor_as")
+        if same is not None:
+            group = groups.setdefault(same, [same])
+            group.append(n)
+            groups[n] = group
+        mutated = n.meta.get("mutates")
+        if not mutated:
+            continue
+        group = groups.get(n, [])
+        for m in list(dict.fromkeys(group + mutated)):
+            later = [u for u in m.users if order[u] > order[n]]
+            if not later or m is n:
+                continue
+            if m not in group:
+                raise UnsupportedModelError(
+                    f"node '{n.name}' ({_describe_fx(gm, n)}) writes in place into data that '{m.name}' "
+                    f"({_describe_fx(gm, m)}) shares (another view of the same tensor), and '{later[0].name}' reads "
+                    f"'{m.name}' after the write; ptq2tvm follows in-place writes only on the tensor itself: write it "
+                    "out of place (y = F.relu(y), torch.cat of the parts) instead of through a view or y[...] = ...")
+            for u in later:
+                u.replace_input_with(m, n)
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+def _describe_fx(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``Conv2d`` / ``relu_`` / ``Tensor.relu_`` / ``placeholder x``: what an fx node is, for messages."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return f"{node.op} {node.target}"
+
+
+class _Unknown(Exception):
+    pass
+
+
+def mark_batch_free_values(gm: fx.GraphModule) -> None:
+    """Set ``meta['batch_free']`` on each node whose plain value (``py_value``, from :func:`propagate_shapes` at batch
+    1) does not depend on the batch size: the node is evaluated again on shape-only (meta) tensors whose first dim
+    is 2 (parameters and buffers keep theirs), and the value must come out the same. ``x.size()[2:]``,
+    ``x.shape[1] // 2`` are batch-free; ``x.size(0)``, ``x.size()`` are not."""
+    values: dict[fx.Node, Any] = {}
+
+    def at_batch_2(a: fx.Node) -> Any:
+        if a in values:
+            return values[a]
+        meta = a.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise _Unknown
+        shape = list(meta.shape)
+        if a.op != "get_attr" and shape:
+            shape[0] *= 2
+        return torch.empty(shape, dtype=meta.dtype, device="meta")
+
+    for n in gm.graph.nodes:
+        if "py_value" not in n.meta or n.op not in ("call_function", "call_method"):
+            continue
+        try:
+            args, kwargs = fx.node.map_arg(n.args, at_batch_2), fx.node.map_arg(n.kwargs, at_batch_2)
+            if n.op == "call_function":
+                v = n.target(*args, **kwargs)
+            else:
+                v = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+        except Exception:       # anything the meta tensors cannot answer: not known to be batch-free
+            continue
+        if not _plain_value(v):
+            continue
+        values[n] = v
+        if v == n.meta["py_value"]:
+            n.meta["batch_free"] = True
+
+
 def remove_dead_layers(gm: fx.GraphModule) -> list[str]:
     """Delete the fx nodes whose results reach no model output (e.g. an auxiliary head that ``forward`` computes and
     then drops: ``return self.head(x)[0]``), so that they are neither quantized nor compiled nor counted; -> the
     names of the removed layers (module paths, or fx node names for functions), in graph order.
 
-    In-place tensor methods (``x.add_(y)``) are kept: their effect reaches the output through the mutated tensor.
+    Runs after :func:`functionalize_inplace`: an in-place write (``x.add_(y)``) whose effect is read later has those
+    readers as its users by then, so one without users changes nothing the model reads.
     """
     removed: list[str] = []
     for node in reversed(list(gm.graph.nodes)):
         if node.users or node.op not in ("call_module", "call_function", "call_method"):
             continue
-        if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__"):
-            continue
-        if node.is_impure():
+        if node.is_impure() and not node.meta.get("mutates"):
             continue
         removed.append(str(node.target) if node.op == "call_module" else node.name)
         gm.graph.erase_node(node)

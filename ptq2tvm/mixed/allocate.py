@@ -230,9 +230,18 @@ def allocate(report: SensitivityReport, costs: LayerCosts, graph: IntegerGraph, 
     for i, lay in enumerate(report.layers):
         groups.setdefault(lay.input_tensor, []).append(i)
     tied = [g for g in groups.values() if len(g) > 1]
-    sol = solve_allocation(sens, {k: mats[k] for k in limits}, limits, a_bits=[a for _, a in cands], tied=tied,
-                           layer_names=layers)
     shown = {k: (v + costs.constant_seconds if k == "latency" else v) for k, v in limits.items()}
+    try:
+        sol = solve_allocation(sens, {k: mats[k] for k in limits}, limits, a_bits=[a for _, a in cands], tied=tied,
+                               layer_names=layers)
+    except QuantConfigError as e:
+        if len(limits) < 2 or not str(e).startswith("no bit allocation satisfies the budgets"):
+            raise
+        # each budget alone is reachable (checked above): say so in the budgets' own units, not the solver's
+        parts = [f"--{k}-budget {budgets[k]} ({_value_text(k, shown[k])}, {shown[k] / w8a8[k]:.2f}x W8A8)"
+                 for k in limits]
+        raise QuantConfigError(f"no bit allocation meets {' and '.join(parts)} together (each alone is reachable; "
+                               "layers that read the same tensor share activation bits): relax one of them") from e
 
     def plan(choice: list[int], objective: float, source: str = "ILP") -> MixedPlan:
         bits = {n: list(cands[c]) for n, c in zip(layers, choice)}
