@@ -145,6 +145,19 @@ def four_bit_input_graph(c: int = 16, h: int = 6):
     return IntegerGraph(inp, [conv], ["conv0"], {})
 
 
+def fake_quant_w8a8_error(model, shape=(8, 3, 8, 8)) -> float:
+    """Relative L2 error of ``model``'s W8A8 fake-quant output against its FP32 output on seeded normal images of
+    ``shape`` (calibrated on the same images): the check that a traced spelling computes what the model computes."""
+    from ptq2tvm.api import quantize
+    from ptq2tvm.frontend.qmodel import QuantConfig
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    qm = quantize(model, x, QuantConfig(8, 8), progress=False)
+    with torch.no_grad():
+        ref, got = model(torch.from_numpy(x)).numpy(), qm(torch.from_numpy(x)).numpy()
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
 def quantized_small_run(folder, out_name: str):
     """``folder`` (a Path) with ``x.npy`` (16 seeded 1x12x12 images) and an RTN W8A8 ``resnet_small`` run quantized
     from 8 of them by the CLI into ``folder / out_name`` (no fidelity pass); -> ``folder``. For module-scoped

@@ -77,20 +77,22 @@ def _float_meta(node: Any) -> tuple[int, ...] | None:
     return tuple(meta.shape)
 
 
-def _number(v: Any) -> bool:
-    return type(v) in (int, float)
+def _constant(v: Any) -> bool:
+    """A plain argument a region's node may take besides its tensors: a number, a flag, None or a mode string
+    (``approximate="tanh"``)."""
+    return v is None or type(v) in (int, float, bool, str)
 
 
 def _regions(gm: fx.GraphModule) -> list[tuple[fx.Node, list[fx.Node]]]:
     """(x, the region's nodes in graph order) for every connected region of element-wise nodes that reads only
-    ``x`` (every other argument a Python number) and keeps x's shape."""
+    ``x`` (every other argument a :func:`_constant`) and keeps x's shape."""
     root: dict[fx.Node, fx.Node] = {}          # member -> the one tensor its region reads
     for node in gm.graph.nodes:
         if not _elementwise(gm, node) or _float_meta(node) is None:
             continue
         tensors = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
         others = [a for a in list(node.args) + list(node.kwargs.values()) if not isinstance(a, fx.Node)]
-        if not tensors or not all(_number(a) or a is None or isinstance(a, bool) for a in others):
+        if not tensors or not all(_constant(a) for a in others):
             continue
         roots = {root.get(a, a) for a in tensors}
         if len(roots) != 1:
