@@ -9,7 +9,9 @@ onnx2torch cannot read a Conv bias through an Identity) -> the dynamo exporter's
 (one error naming every unsupported ONNX node and its op type, with the reason for a ReduceMean / Reshape of another
 kind and for every Resize that is not an exact nearest
 upsampling by integer factors) -> onnx2torch -> rewrite onnx2torch's own modules into the plain torch ops the tracer
-knows (``Add`` / ``Mul`` of two tensors -> ``operator.add`` / ``operator.mul``, ``Concat`` -> ``torch.cat``,
+knows (``Add`` / ``Sub`` / ``Mul`` / ``Div`` / ``Pow`` -> ``operator`` functions, a one-number constant operand as
+a Python number, ``Erf`` -> ``torch.erf``: the tracer recognizes GELU / Mish / Hardswish written with them and
+refuses other arithmetic with a constant; ``Concat`` -> ``torch.cat``,
 ``GlobalAveragePool`` -> ``AdaptiveAvgPool2d(1)``, ``Clip(min, max)`` -> ``Hardtanh``, ``HardSigmoid(1/6, 1/2)`` ->
 ``Hardsigmoid``, ``Tanh`` -> ``nn.Tanh``, ``Resize`` with constant integer scales -> ``Upsample`` nearest). Several
 outputs come back as a dict keyed by the ONNX output names. Layers are named by the torch module path the exporter
@@ -41,7 +43,8 @@ from .errors import ArtifactError, UnsupportedModelError
 #: name before conversion.
 SUPPORTED_ONNX_OPS = ("Conv", "BatchNormalization", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
                       "Flatten", "Gemm", "Add", "Identity", "Dropout", "Mul", "Concat", "Sigmoid", "HardSigmoid",
-                      "HardSwish", "LeakyRelu", "Tanh", "Resize")
+                      "HardSwish", "LeakyRelu", "Tanh", "Resize", "Softplus", "Sub", "Div", "Pow", "Erf", "Gelu",
+                      "Mish")
 
 # Resize attributes under which ONNX nearest resizing by an integer factor picks floor(x / s), torch's nearest:
 # asymmetric + floor, or a half-pixel transform (x_in = (x + 0.5) / s - 0.5 lies within +-(0.5 - 0.5 / s) of
@@ -87,6 +90,26 @@ def _register_resize_converters() -> None:
     for version in (18, 19):
         key = OperationDescription(domain="", operation_type="Resize", version=version)
         _CONVERTER_REGISTRY.setdefault(key, v13)
+
+
+def _register_activation_converters() -> None:
+    """onnx2torch 1.5.15 has no converter for ``Gelu`` (opset 20, what torch's dynamo exporter writes for nn.GELU)
+    and ``Mish`` (opset 18): they become ``nn.GELU(approximate=...)`` (the node's ``approximate``, "none" or
+    "tanh") and ``nn.Mish()``. Registered once."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    def gelu(node: Any, graph: Any) -> Any:  # noqa: ARG001 - onnx2torch's converter signature
+        approximate = node.attributes.get("approximate", "none")
+        approximate = approximate.decode() if isinstance(approximate, bytes) else str(approximate)
+        return OperationConverterResult(torch_module=nn.GELU(approximate=approximate),
+                                        onnx_mapping=onnx_mapping_from_node(node=node))
+
+    def mish(node: Any, graph: Any) -> Any:  # noqa: ARG001
+        return OperationConverterResult(torch_module=nn.Mish(), onnx_mapping=onnx_mapping_from_node(node=node))
+
+    for op, version, converter in (("Gelu", 20, gelu), ("Mish", 18, mish)):
+        _CONVERTER_REGISTRY.setdefault(OperationDescription(domain="", operation_type=op, version=version), converter)
 
 
 def _check_resize(n: Any) -> str | None:
@@ -550,7 +573,8 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
     import torch
     from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
     from onnx2torch.node_converters.clip import OnnxClip
-    from onnx2torch.node_converters.activations import OnnxHardSigmoid
+    from onnx2torch.node_converters.activations import OnnxErf, OnnxHardSigmoid
+    from onnx2torch.node_converters.pow import OnnxPow
     from onnx2torch.node_converters.concat import OnnxConcat
     from onnx2torch.node_converters.functions import OnnxFunction
     from onnx2torch.node_converters.global_average_pool import (OnnxGlobalAveragePool,
@@ -560,15 +584,31 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
     def is_resize(user: fx.Node) -> bool:
         return user.op == "call_module" and isinstance(gm.get_submodule(user.target), OnnxResize)
 
+    def is_arithmetic(user: fx.Node) -> bool:
+        return user.op == "call_module" and isinstance(gm.get_submodule(user.target), (OnnxBinaryMathOperation,
+                                                                                        OnnxPow))
+
+    def scalar(n: fx.Node) -> float | None:
+        v: Any = gm if n.op == "get_attr" else None
+        for part in str(n.target).split(".") if v is not None else []:
+            v = getattr(v, part, None)
+        return float(v.reshape(())) if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point() \
+            else None
+
     # constants read here (a Resize's roi / scales / sizes), not operands of the network
     resize_inputs = {n for n in gm.graph.nodes if n.op == "get_attr" and n.users and all(map(is_resize, n.users))}
+    # one-number constants of arithmetic (GELU's Div by sqrt(2), Add 1, Mul 0.5; Hardswish's Add 3, Div 6): passed
+    # as Python numbers, so the tracer can recognize the activation they spell (frontend/pointwise.py) and name
+    # any other arithmetic with a constant
+    scalars = {n: v for n in gm.graph.nodes if n.users and all(map(is_arithmetic, n.users))
+               and (v := scalar(n)) is not None}
     root: dict[str, Any] = {}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     errors: list[str] = []
-    binary = {torch.add: operator.add, torch.mul: operator.mul}
+    binary = {torch.add: operator.add, torch.mul: operator.mul, torch.sub: operator.sub}
     for node in gm.graph.nodes:
-        if node in resize_inputs:
+        if node in resize_inputs or node in scalars:
             continue
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), OnnxResize):
             onnx_name, _, layer = names.get(str(node.target), (str(node.target), "Resize", str(node.target)))
@@ -579,7 +619,7 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
             root[layer] = up
             env[node] = graph.call_module(layer, (env[node.args[0]],))
             continue
-        args = fx.node.map_arg(node.args, lambda a: env[a])
+        args = fx.node.map_arg(node.args, lambda a: scalars[a] if a in scalars else env[a])
         kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
         if node.op != "call_module":
             new = graph.node_copy(node, lambda a: env[a])
@@ -592,11 +632,17 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
         onnx_name, op_type, layer = names.get(str(node.target), (str(node.target), type(m).__name__,
                                                                   str(node.target)))
         where = f"ONNX node '{onnx_name}' ({op_type})"
-        if isinstance(m, OnnxBinaryMathOperation):
-            fn = binary.get(getattr(m, "math_op_function", None))
+        if isinstance(m, (OnnxBinaryMathOperation, OnnxPow)):
+            op = getattr(m, "math_op_function", None)
+            fn = (operator.pow if isinstance(m, OnnxPow) else binary.get(op)
+                  or (operator.truediv if getattr(op, "__name__", "") == "_onnx_div" else None))
             if fn is None or len(args) != 2 or getattr(m, "broadcast", None) == 1:
-                errors.append(f"{where}: only Add / Mul of two tensors is supported")
+                errors.append(f"{where}: only Add / Sub / Mul / Div / Pow of tensors and one-number constants is "
+                              "supported")
             env[node] = graph.call_function(fn or operator.add, tuple(args))
+            continue
+        if isinstance(m, OnnxErf):
+            env[node] = graph.call_function(torch.erf, tuple(args))
             continue
         if isinstance(m, OnnxConcat):
             env[node] = graph.call_function(torch.cat, (list(args),), {"dim": int(m.axis)})
@@ -661,6 +707,7 @@ def onnx_to_torch(path: str | Path) -> fx.GraphModule:
     inp, dims = _graph_input(model)
     o2t = _import_onnx2torch()
     _register_resize_converters()
+    _register_activation_converters()
     import warnings
 
     try:

@@ -208,3 +208,39 @@ def test_collapsed_activations_are_named_after_their_module():
     names = [(n.op, n.name) for n in to_integer(qm).nodes]
     assert names[:3] == [("conv2d", "stem"), ("lut", "act"), ("conv2d", "block.conv")]
     assert names[3][0] == "lut" and names[3][1] not in ("block", "act", "block.conv")
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_onnx_gelu_mish_and_gelu_tanh_come_in_as_one_table_each(tmp_path, dynamo):
+    """ONNX has no GELU / Mish before opset 20 / 18: the exporters write Div / Erf / Add / Mul (GELU), Mul / Pow /
+    Tanh (its tanh approximation) and Softplus / Tanh / Mul (Mish), with one-number constants. Imported, each is one
+    lookup table of the right function, and the quantized model equals the PyTorch model's (bit for bit)."""
+    import warnings
+
+    from ptq2tvm.onnx_import import onnx_to_torch
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.o = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+            self.g, self.t, self.m = nn.GELU(), nn.GELU(approximate="tanh"), nn.Mish()
+
+        def forward(self, x):
+            return self.o(self.m(self.b(self.t(self.g(self.a(x))))))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.from_numpy(x[:1]), tmp_path / "m.onnx", dynamo=dynamo,
+                          **({} if dynamo else {"opset_version": 17}))
+    qm = quantize(onnx_to_torch(tmp_path / "m.onnx"), x, QuantConfig(8, 8), progress=False)
+    assert [(n.op, n.attrs.get("fn"), n.attrs.get("params")) for n in to_integer(qm).nodes] == [
+        ("conv2d", None, None), ("lut", "gelu", {"approximate": "none"}), ("lut", "gelu", {"approximate": "tanh"}),
+        ("conv2d", None, None), ("lut", "mish", {}), ("conv2d", None, None)]
+    native = quantize(model, x, QuantConfig(8, 8), progress=False)
+    with torch.no_grad():
+        got, want, ref = qm(torch.from_numpy(x)), native(torch.from_numpy(x)), model(torch.from_numpy(x))
+    assert float(torch.linalg.norm(got - ref) / torch.linalg.norm(ref)) < 0.03
+    assert float(torch.linalg.norm(got - want) / torch.linalg.norm(want)) < 1e-3
