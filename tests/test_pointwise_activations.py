@@ -244,3 +244,66 @@ def test_onnx_gelu_mish_and_gelu_tanh_come_in_as_one_table_each(tmp_path, dynamo
         got, want, ref = qm(torch.from_numpy(x)), native(torch.from_numpy(x)), model(torch.from_numpy(x))
     assert float(torch.linalg.norm(got - ref) / torch.linalg.norm(ref)) < 0.03
     assert float(torch.linalg.norm(got - want) / torch.linalg.norm(want)) < 1e-3
+
+
+@pytest.mark.parametrize("act", [
+    lambda x: F.hardtanh(x, -1500.0, 1500.0) * torch.sigmoid(x),        # SiLU only while |x| <= 1500
+    lambda x: x.clamp(-65504.0, 65504.0) * F.relu6(x + 3.0) / 6.0,     # a float16 guard: Hardswish only inside it
+], ids=["hardtanh_1500_silu", "float16_guard_hardswish"])
+def test_bound_beyond_the_dense_grid_is_no_activation(act):
+    """A clamp bound far out changes the region's value everywhere beyond it: a grid of a few points out to 1e3 took
+    ``F.hardtanh(x, -1500, 1500) * torch.sigmoid(x)`` for SiLU, and on activations beyond 1500 the quantized model
+    was 0.69 relative error off FP32, silently (traced op by op before: hardtanh, sigmoid table, multiply)."""
+    from ptq2tvm.frontend.pointwise import collapse_pointwise_activations
+    from ptq2tvm.frontend.trace import _symbolic_trace, functionalize_inplace, propagate_shapes
+
+    class M(nn.Module):
+        def forward(self, x):
+            return act(x)
+
+    gm = _symbolic_trace(M())
+    propagate_shapes(gm, (4, 5, 5))
+    functionalize_inplace(gm)
+    assert collapse_pointwise_activations(gm) == []
+
+    torch.manual_seed(0)
+    model = _Net(act).eval()
+    x = np.random.default_rng(0).standard_normal((16, 3, 10, 10)).astype(np.float32) * 3000
+    try:
+        qm = quantize(model, x, QuantConfig(8, 8), progress=False)
+    except UnsupportedModelError:
+        return                                                # refused op by op (torch.clamp): not silently wrong
+    t = torch.from_numpy(x)
+    with torch.no_grad():
+        ref, got = model(t), qm(t)
+    assert float(torch.linalg.norm(got - ref) / torch.linalg.norm(ref)) < 0.05
+
+
+def test_each_part_is_evaluated_once(monkeypatch):
+    """Every collapse starts the search over; the regions that are no activation were evaluated again after each
+    one: time quadratic in the model (200 spelled Hardswish each followed by a ReLU-of-Hardtanh region took 33 s
+    to trace, 1 s without those regions)."""
+    from ptq2tvm.frontend import pointwise
+    from ptq2tvm.frontend.trace import trace_model
+
+    class Deep(nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.convs = nn.ModuleList(nn.Conv2d(8, 8, 1) for _ in range(k))
+
+        def forward(self, x):
+            y = self.stem(x)
+            for conv in self.convs:
+                y = conv(y)
+                y = y * F.relu6(y + 3) / 6                 # collapses to hardswish
+                y = F.relu(F.hardtanh(y, -1.0, 5.0))       # a region that is no activation (traced op by op)
+            return y
+
+    calls = []
+    evaluate = pointwise._evaluate
+    monkeypatch.setattr(pointwise, "_evaluate", lambda *a: calls.append(1) or evaluate(*a))
+    k = 30
+    graph = trace_model(Deep(k).eval(), (3, 6, 6))
+    assert sum(n.op == "lut" for n in graph.nodes) == k
+    assert len(calls) < 12 * k, len(calls)      # a few parts per region, each once (was 1485 at k = 30)

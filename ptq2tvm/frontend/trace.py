@@ -618,12 +618,19 @@ class _ShapeProp(ShapeProp):
         result = super().run_node(n)
         if _plain_value(result):
             n.meta["py_value"] = result
-        # in-place writes: the live values whose version counter moved (a view shares its base's counter), and the
-        # live value that ``n`` returns itself (``y.relu_()``, ``F.relu(y, inplace=True)``, ``y += z``: the same
-        # tensor object); read by :func:`functionalize_inplace`
-        mutated = list(dict.fromkeys(m for m, t, v in live if _version(t) != v))
-        if mutated:
-            n.meta["mutates"] = mutated
+        # in-place writes: the live values whose data the write reached, and the live value that ``n`` returns
+        # itself (``y.relu_()``, ``F.relu(y, inplace=True)``, ``y += z``: the same tensor object); read by
+        # :func:`functionalize_inplace`. A write moves the version counter of the tensor written, which its views
+        # share: the data written is that tensor's when ``n`` returns it (else, ``y[:, :4] = 0``, every moved
+        # tensor's), and the values it reached are the live tensors whose memory overlaps it: not a disjoint view
+        # of the same base (``a, b = y.chunk(2, 1); a.relu_()`` leaves ``b`` as it was), and also a tensor with a
+        # counter of its own on the same memory (``y.data.clamp_(min=0)`` writes ``y``)
+        moved = [t for _, t, v in live if _version(t) != v]
+        if moved:
+            written = [result] if any(result is t for t in moved) else moved
+            mutated = list(dict.fromkeys(m for m, t, _ in live if any(_overlap(t, w) for w in written)))
+            if mutated:
+                n.meta["mutates"] = mutated
         if isinstance(result, torch.Tensor):
             same = next((m for m, t, _ in live if t is result and isinstance(self.env[m], torch.Tensor)), None)
             if same is not None:
@@ -638,6 +645,26 @@ def _tensors_in(v: Any) -> list[torch.Tensor]:
     if isinstance(v, (tuple, list)):
         return [t for u in v for t in _tensors_in(u)]
     return []
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether tensors ``a`` and ``b`` share an element of memory (both strided CPU tensors of the shape pass;
+    anything not comparable element by element counts as overlapping)."""
+    if a is b:
+        return True
+    try:
+        sa, sb = a.untyped_storage(), b.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return True
+    if a.numel() == 0 or b.numel() == 0 or sa.data_ptr() != sb.data_ptr():
+        return False
+    if a.element_size() != b.element_size():
+        return True
+
+    def elements(t: torch.Tensor) -> torch.Tensor:
+        return torch.arange(sa.nbytes() // t.element_size()).as_strided(t.shape, t.stride(), t.storage_offset())
+
+    return bool(torch.isin(elements(a).flatten(), elements(b).flatten()).any())
 
 
 def _version(t: torch.Tensor) -> int | None:
