@@ -304,10 +304,9 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
                        image_notes=False)           # the data's own warnings are printed above
     bits = f"W{args.w_bits}A{args.a_bits}"
     if qm.config.layer_w_bits or qm.config.layer_a_bits:   # layers per W/A pair (A: bits of the layer's input)
-        from .mixed.layerbits import bits_summary
+        from .mixed.layerbits import layer_bits_label
 
-        per = bits_summary(graph.meta["layer_bits"])
-        bits = f"mixed {per}" if "mixed_precision" in mixed else f"{bits} with --layer-bits: {per}"
+        bits = layer_bits_label(graph.meta["layer_bits"], "mixed_precision" in mixed, bits)
     recon: dict[str, Any] = {}
     stale = _remove_stale(out)   # what RunDir.invalidate does not cover (old loss curves)
     if report is not None:

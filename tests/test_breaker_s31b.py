@@ -269,6 +269,10 @@ def test_bench_rows_of_a_mixed_run_say_mixed():
     assert run_bits_label(dict(w_bits=4, a_bits=4, layer_bits_spec="stem=8"), dict(layer_bits=layer_bits)) == \
         "W4A4 with --layer-bits: W4A8 x2, W8A8 x1, W2A8 x1"
     assert run_bits_label(dict(w_bits=8, a_bits=8), dict(layer_bits=layer_bits)) is None      # one setting
+    # a budget loose enough for one setting on every layer ("--size-budget 1.5") said "mixed W8A8 x4"
+    all8 = {k: dict(w_bits=8, a_bits=8) for k in layer_bits}
+    assert run_bits_label(dict(w_bits=8, a_bits=8, mixed_precision={"bits": {}}), dict(layer_bits=all8)) == \
+        "W8A8 on every layer (the plan --mixed-precision chose)"
     row = dict(model="m", input="1x28x28", batch=1, w_bits=8, a_bits=8, median_ms=1.0, p10_ms=1.0, p90_ms=1.0,
                threads=2, vpdpbusd_count=None)
     assert validate_row({**row, "runtime": "ptq2tvm", "bits": mixed})["precision"] == mixed

@@ -111,16 +111,12 @@ def run_bits_label(info: dict[str, Any], graph_meta: dict[str, Any] | None) -> s
     """The W/A label of a run with per-layer bits (a mixed-precision plan: "mixed W4A8 x11, W2A8 x2, ...";
     ``--layer-bits``: "W4A4 with --layer-bits: ..."), from its run.json ``info`` and the .so's ``graph_meta``
     (``layer_bits``); None for a run with one setting (its rows say W{w_bits}A{a_bits})."""
-    from ..mixed.layerbits import bits_summary
+    from ..mixed.layerbits import layer_bits_label
 
     layer_bits = (graph_meta or {}).get("layer_bits")
-    if not layer_bits:
+    if not layer_bits or not (info.get("mixed_precision") or info.get("layer_bits_spec")):
         return None
-    if info.get("mixed_precision"):
-        return f"mixed {bits_summary(layer_bits)}"
-    if info.get("layer_bits_spec"):
-        return f"W{info['w_bits']}A{info['a_bits']} with --layer-bits: {bits_summary(layer_bits)}"
-    return None
+    return layer_bits_label(layer_bits, bool(info.get("mixed_precision")), f"W{info['w_bits']}A{info['a_bits']}")
 
 
 def _ptq2tvm_graph(runtime: str) -> bool:

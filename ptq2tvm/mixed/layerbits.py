@@ -107,5 +107,15 @@ def bits_summary(bits: dict[str, dict[str, Any]]) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-__all__ = ["CANDIDATES", "bits_summary", "candidate_name", "graph_layer_bits", "is_glob", "parse_layer_bits",
+def layer_bits_label(bits: dict[str, dict[str, Any]], mixed_precision: bool, nominal: str) -> str:
+    """The W/A label of a run with per-layer bits: a ``--mixed-precision`` plan "mixed W4A8 x11, W2A8 x2, ..." (or,
+    when the budget left one setting everywhere, "W8A8 on every layer (the plan --mixed-precision chose)"), else
+    ``--layer-bits``: "W4A4 with --layer-bits: ..." (``nominal``: the run's W{w}A{a})."""
+    per = bits_summary(bits)
+    if not mixed_precision:
+        return f"{nominal} with --layer-bits: {per}"
+    return f"mixed {per}" if "," in per else f"{per.split(' x')[0]} on every layer (the plan --mixed-precision chose)"
+
+
+__all__ = ["CANDIDATES", "bits_summary", "candidate_name", "layer_bits_label", "graph_layer_bits", "is_glob", "parse_layer_bits",
            "repeated_call_of", "resolve_layer_bits"]
