@@ -686,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fidelity-images", type=int, default=128, metavar="N",
                    help="after quantizing, compare fake-quant with FP32 (output SQNR, top-1 agreement; no labels) on "
                    "N calibration-split images not used for calibration (0: skip)")
-    q.add_argument("--per-layer", action="store_true", help="also report the SQNR of every layer")
+    q.add_argument("--per-layer", action="store_true", help="also report the SQNR of every layer that rounds onto a "
+                   "new grid (conv, linear, add, multiply, lookup table, clamp, concat, average pool)")
     q.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..8")
     q.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..8")
     q.add_argument("--no-first-last-8bit", action="store_true", help="quantize first conv / last layer at the "

@@ -143,6 +143,12 @@ def low_fidelity_advice(method: str = "rtn", adaqtransform: bool = False, iters:
     return f"--method {method} already reconstructed: try " + ", ".join(tries)
 
 
+#: the layers --per-layer reports: every op that rounds onto a new grid (a lookup table's output grid, a squeeze-
+#: excitation multiply, a concat's requantized inputs, an average pool's requantize are error sources of their own,
+#: e.g. a 4-bit SiLU output; data movement (flatten, max pool, slices) only copies codes)
+_REQUANTIZING_OPS = ("conv", "linear", "add", "mul", "lut", "clamp", "concat", "avgpool")
+
+
 @torch.no_grad()
 def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_out: bool | None = None,
                     per_layer: bool = False, batch_size: int = 64,
@@ -202,7 +208,7 @@ def fidelity_report(model: nn.Module, qm: QuantModel, images: np.ndarray, held_o
         sub = torch.from_numpy(np.ascontiguousarray(images[:batch_size]))
         env_q, env_f = qm(sub, return_all=True), fp(sub, return_all=True)
         for n in qm.graph.nodes:
-            if n.op in ("conv", "linear", "add") and n.name in env_q:
+            if n.op in _REQUANTIZING_OPS and n.name in env_q:
                 rep.per_layer.append(LayerFidelity(n.name, n.op, sqnr_db(env_f[n.name].numpy(),
                                                                          env_q[n.name].numpy())))
     return rep
