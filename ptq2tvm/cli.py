@@ -245,7 +245,8 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     settings = None
     ignored = _recon_only_given(args)
     if ignored and args.method == "rtn":
-        print(f"warning: {', '.join(ignored)} only {'affects' if len(ignored) == 1 else 'affect'} reconstruction: ignored with --method rtn (calibration "
+        verb = "affects" if len(ignored) == 1 else "affect"
+        print(f"warning: {', '.join(ignored)} only {verb} reconstruction: ignored with --method rtn (calibration "
               "only; pick --method adaround/brecq/qdrop/network/nwq)", file=sys.stderr)
     if args.method != "rtn":
         settings = ReconSettings(method=args.method, granularity=args.granularity, adaqtransform=args.adaqtransform,
