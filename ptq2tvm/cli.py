@@ -248,6 +248,12 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
         verb = "affects" if len(ignored) == 1 else "affect"
         print(f"warning: {', '.join(ignored)} only {verb} reconstruction: ignored with --method rtn (calibration "
               "only; pick --method adaround/brecq/qdrop/network/nwq)", file=sys.stderr)
+    mrecg_only = [opt for dest, opt in (("mrecg_k", "--mrecg-k"), ("expand_batch", "--expand-batch"))
+                  if opt in ignored or (dest == "mrecg_k" and args.mrecg_k is not None)]
+    if args.method != "rtn" and mrecg_only and not str(args.granularity or "").startswith("mrecg"):
+        verb = "affects" if len(mrecg_only) == 1 else "affect"
+        print(f"warning: {', '.join(mrecg_only)} only {verb} MRECG's mixed granularity: ignored without "
+              "--granularity mrecg-modcap / mrecg-loss / mrecg-authors", file=sys.stderr)
     if args.method != "rtn":
         settings = ReconSettings(method=args.method, granularity=args.granularity, adaqtransform=args.adaqtransform,
                                  iters=args.iters, batch_size=args.batch_size, mrecg_k=args.mrecg_k,

@@ -281,6 +281,11 @@ def test_reconstruction_options_with_rtn_warn(proj, capsys, monkeypatch, tmp_pat
     assert "AdaQTransform" not in out.splitlines()[0]
     rc, out, err = _quantize(capsys, "runs/rtn")
     assert rc == 0 and "ignored with --method rtn" not in err
+    # MRECG's own options without an MRECG granularity (session 35: --mrecg-k 3 with qdrop was ignored silently)
+    rc, out, err = _quantize(capsys, "runs/qd", "--method", "qdrop", "--iters", 2, "--mrecg-k", 3)
+    assert rc == 0, err
+    assert ("warning: --mrecg-k only affects MRECG's mixed granularity: ignored without --granularity mrecg-modcap / "
+            "mrecg-loss / mrecg-authors") in err
     from ptq2tvm.errors import ArtifactError
     from ptq2tvm.reconstruct.checkpoint import Checkpoint
 
