@@ -22,6 +22,7 @@ from ..errors import UnsupportedModelError, first_line
 from ..ops.base import FLOAT_OPS, FUNCTION_HANDLERS, METHOD_HANDLERS, Unsupported, module_handler
 from ..ops.shape import collapse_channel_shuffles
 from .graph import FloatGraph, FloatNode
+from .linear_gates import linear_gates_as_convs
 from .pointwise import collapse_pointwise_activations
 
 INF = math.inf
@@ -359,6 +360,8 @@ def trace_model(model: nn.Module, input_shape: tuple[int, ...]) -> FloatGraph:
     mark_batch_free_values(gm)
     _drop_identity_arithmetic(gm)
     collapse_pointwise_activations(gm)
+    if linear_gates_as_convs(gm):         # Linear squeeze-excitation gates are 1x1 convs now: their shapes changed
+        propagate_shapes(gm, input_shape)
     b = _Builder(gm)
     b.run()
     b.errors += collapse_channel_shuffles(b.prims)
