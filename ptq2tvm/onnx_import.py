@@ -589,9 +589,7 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
                                                                                         OnnxPow))
 
     def scalar(n: fx.Node) -> float | None:
-        v: Any = gm if n.op == "get_attr" else None
-        for part in str(n.target).split(".") if v is not None else []:
-            v = getattr(v, part, None)
+        v = _attr(gm, n) if n.op == "get_attr" else None
         return float(v.reshape(())) if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point() \
             else None
 
@@ -670,6 +668,12 @@ def _rewrite(gm: fx.GraphModule, names: dict[str, tuple[str, str, str]], path: s
     return fx.GraphModule(root, graph)
 
 
+def _attr(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """The object behind a ``get_attr`` fx node (onnx2torch keeps constants as buffers of submodules)."""
+    owner, _, attr = str(node.target).rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
 def _resize_as_upsample(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module | None, str]:
     """onnx2torch's Resize call ``node`` (input, roi, scales[, sizes]: constants) -> ``nn.Upsample`` nearest by the
     integer factors of its scales (or of its constant sizes, left to the tracer to check), else (None, why)."""
@@ -681,8 +685,7 @@ def _resize_as_upsample(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module | 
             return None
         if not isinstance(a, fx.Node) or a.op != "get_attr":
             return "dynamic"
-        owner, _, attr = str(a.target).rpartition(".")
-        return getattr(gm.get_submodule(owner) if owner else gm, attr).detach().cpu().reshape(-1).tolist()
+        return _attr(gm, a).detach().cpu().reshape(-1).tolist()
 
     scales, sizes = const(2), const(3)
     if scales == "dynamic" or sizes == "dynamic":

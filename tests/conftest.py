@@ -69,6 +69,18 @@ class TinyNet(nn.Module):
         return self.fc(self.drop(x))
 
 
+class HSigmoid(nn.Module):
+    """The MobileNetV3 repositories' ``h_sigmoid`` module: ``ReLU6(inplace=True)(x + 3) / 6``, Hardsigmoid spelled
+    out (tests of the tracer's recognition of spelled-out activations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU6(inplace=True)
+
+    def forward(self, x):
+        return self.relu(x + 3) / 6
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():

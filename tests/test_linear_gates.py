@@ -11,18 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import HSigmoid
 from ptq2tvm.api import quantize, to_integer
 from ptq2tvm.errors import UnsupportedModelError
 from ptq2tvm.frontend.qmodel import QuantConfig
-
-
-class HSigmoid(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.relu = nn.ReLU6(inplace=True)
-
-    def forward(self, x):
-        return self.relu(x + 3) / 6
 
 
 class LinearSE(nn.Module):

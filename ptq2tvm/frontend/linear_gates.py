@@ -17,6 +17,7 @@ broadcasts). The float function is unchanged. Before, the reshape to (N, C, 1, 1
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from typing import Any
 
 import torch
@@ -51,13 +52,9 @@ def _elementwise_single(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _chain(gm: fx.GraphModule, unflatten: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+def _chain(gm: fx.GraphModule, unflatten: fx.Node, calls: dict[str, int]) -> tuple[fx.Node, list[fx.Node]] | None:
     """(the flatten, the nodes between it and ``unflatten`` in graph order) when ``unflatten`` closes a Linear gate
-    (module docstring), else None."""
-    calls: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    (module docstring), else None. ``calls``: how many times the graph calls each module."""
     chain: list[fx.Node] = []
     cur = unflatten.args[0]
     while isinstance(cur, fx.Node) and len(cur.users) == 1:
@@ -84,6 +81,7 @@ def linear_gates_as_convs(gm: fx.GraphModule) -> list[str]:
     :func:`ptq2tvm.frontend.trace.propagate_shapes` (the caller propagates them again when anything changed).
     -> the module paths of the Linear layers made convs, in graph order."""
     done: list[str] = []
+    expanded = False
     for node in list(gm.graph.nodes):
         if node.op == "call_method" and str(node.target) == "expand_as" and node.users \
                 and all(u.op in ("call_function", "call_method") and (u.target in _MULTIPLIES or u.target == "mul")
@@ -93,14 +91,15 @@ def linear_gates_as_convs(gm: fx.GraphModule) -> list[str]:
                     and s_in[2:] == (1, 1):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
-                done.append("")
+                expanded = True
+    calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     for node in list(gm.graph.nodes):
         if not _is_reshape(node) or node.op == "call_function" and node.target is torch.flatten:
             continue
         s_in, s_out = _shape(node.args[0] if node.args else None), _shape(node)
         if s_in is None or s_out is None or len(s_in) != 2 or s_out != s_in + (1, 1):
             continue
-        found = _chain(gm, node)
+        found = _chain(gm, node, calls)
         if found is None:
             continue
         flatten, chain = found
@@ -119,10 +118,10 @@ def linear_gates_as_convs(gm: fx.GraphModule) -> list[str]:
         gm.graph.erase_node(node)
         flatten.replace_all_uses_with(flatten.args[0])
         gm.graph.erase_node(flatten)
-    if done:
+    if done or expanded:
         gm.graph.lint()
         gm.recompile()
-    return [d for d in done if d]
+    return done
 
 
 __all__ = ["linear_gates_as_convs"]

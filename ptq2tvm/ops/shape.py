@@ -205,17 +205,14 @@ def _check_picks_repeat(node: Any, module: Any | None, src: tuple[int, ...], sca
     does not say so (torch's nearest maps output pixel i to floor(i / scale_factor) with the scale factor as given:
     ``scale_factor=3.01`` makes a 2x2 map 6x6 but picks pixels 0, 0, 0, 0, 1, 1; 'nearest-exact' by 2.2 makes 4
     pixels 8 as 0, 0, 1, 1, 2, 2, 2, 3). Runs the op itself on a map of pixel indices (one image, one channel)."""
-    def concrete(a: Any) -> Any:
-        return known_value(a, "upsampling")
-
     h, w = int(src[2]), int(src[3])
     probe = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
     with torch.no_grad():
         if module is not None:
             got = module(probe)
         else:
-            got = node.target(probe, *(concrete(a) for a in node.args[1:]),
-                              **{k: concrete(v) for k, v in node.kwargs.items()})
+            got = node.target(probe, *(known_value(a, "upsampling") for a in node.args[1:]),
+                              **{k: known_value(v, "upsampling") for k, v in node.kwargs.items()})
     want = probe.repeat_interleave(scale[0], dim=2).repeat_interleave(scale[1], dim=3)
     if tuple(got.shape) != tuple(want.shape) or not torch.equal(got, want):
         raise Unsupported(f"nearest upsampling {src} -> {tuple(src[:2]) + tuple(got.shape[2:])} that does not repeat "
